@@ -1,0 +1,110 @@
+//! GPU benchmark of the fused GRPO loss (forward + gradient) beside the device's own copy bandwidth
+//! measured in the same run. Timed with CUDA events on the stream around the whole API call
+//! (uploads of cu_seqlens, the four launches, the read-back of the statistics), median and min of
+//! `RUNS` runs after warm-up, L2 flushed before each run (llm.c style).
+//!
+//!   cargo bench --bench gpu_ops            # on a machine with a GPU; prints why it skips otherwise
+//!
+//! Bytes counted: each per-token input read once and the gradient written once.
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaSlice, CudaStream};
+use recap_kernels::cuda::{self, DeviceGrpoInputs, Gpu};
+use recap_kernels::{Advantages, GrpoConfig, GrpoInputs, Mask, ObjectiveKind};
+use std::sync::Arc;
+
+const RUNS: usize = 50;
+const WARMUP: usize = 5;
+
+fn main() {
+    if let Err(e) = run() {
+        println!("gpu_ops: skipped: {e}");
+    }
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0])
+}
+
+fn time_ms(stream: &Arc<CudaStream>, flush: &mut CudaSlice<u8>, mut f: impl FnMut() -> recap_kernels::Result<()>) -> recap_kernels::Result<(f64, f64)> {
+    for _ in 0..WARMUP {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        stream.memset_zeros(flush)?;
+        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        f()?;
+        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        end.synchronize()?;
+        times.push(start.elapsed_ms(&end)? as f64);
+    }
+    Ok(stats(times))
+}
+
+fn run() -> recap_kernels::Result<()> {
+    let gpu = Gpu::new(0)?;
+    let s = gpu.stream().clone();
+    println!("device: {} ({} SMs), kernels for sm_{} ({})", gpu.name(), gpu.multiprocessors(), cuda::CUDA_ARCHS, cuda::NVCC_VERSION);
+    let mut flush = s.alloc_zeros::<u8>(256 << 20)?;
+
+    // Baseline: device-to-device copy of 1 GiB, bytes read + written.
+    let n = 1usize << 28;
+    let src = s.alloc_zeros::<f32>(n)?;
+    let mut dst = s.alloc_zeros::<f32>(n)?;
+    let (copy_med, copy_min) = time_ms(&s, &mut flush, || Ok(s.memcpy_dtod(&src, &mut dst)?))?;
+    let copy_gbs = 2.0 * (n * 4) as f64 / (copy_med * 1e-3) / 1e9;
+    println!("copy d2d 1 GiB: median {:.3} ms (min {:.3}) = {copy_gbs:.0} GB/s (read + write)", copy_med, copy_min);
+    drop((src, dst));
+
+    println!("{:<44} {:>10} {:>10} {:>9} {:>8}", "fused GRPO loss fwd+grad", "median us", "min us", "GB/s", "% copy");
+    for &(t, k, seq_len, with_ref) in &[
+        (16_384usize, 3usize, 1024usize, false),
+        (262_144, 1, 1024, false),
+        (262_144, 3, 1024, false),
+        (262_144, 8, 1024, false),
+        (262_144, 3, 1024, true),
+        (4_194_304, 3, 4096, false),
+        (16_777_216, 3, 4096, false),
+    ] {
+        let b = t / seq_len;
+        let host: Vec<f32> = (0..t).map(|i| -0.5 - ((i * 7919) % 1000) as f32 * 1e-3).collect();
+        let host_old: Vec<f32> = host.iter().enumerate().map(|(i, x)| x + ((i * 104_729) % 200) as f32 * 1e-3 - 0.1).collect();
+        let adv: Vec<f32> = (0..b * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+        let mask: Vec<f32> = (0..t).map(|i| ((i % seq_len) < seq_len * 7 / 8) as u8 as f32).collect();
+        let cu: Vec<i32> = (0..=b).map(|i| (i * seq_len) as i32).collect();
+        let lambda = vec![1.0f32; k];
+        let objectives = vec![ObjectiveKind::Policy; k];
+        let d_logp = s.clone_htod(&host)?;
+        let d_old = s.clone_htod(&host_old)?;
+        let d_ref = s.clone_htod(&host_old)?;
+        let d_adv = s.clone_htod(&adv)?;
+        let d_mask = s.clone_htod(&mask)?;
+        let mut d_grad = s.alloc_zeros::<f32>(t)?;
+        let cfg = GrpoConfig {
+            kl_coef: if with_ref { 0.01 } else { 0.0 },
+            ..GrpoConfig::default()
+        };
+        let inputs: DeviceGrpoInputs = GrpoInputs {
+            logp: d_logp.as_view(),
+            old_logp: d_old.as_view(),
+            ref_logp: with_ref.then(|| d_ref.as_view()),
+            advantages: Advantages::PerSequence(d_adv.as_view()),
+            mask: Mask::F32(d_mask.as_view()),
+            cu_seqlens: &cu,
+            lambda: &lambda,
+            objectives: &objectives,
+            membership: None,
+            normalizers: None,
+        };
+        let (med, min) = time_ms(&s, &mut flush, || {
+            cuda::grpo_loss(&gpu, &s, &inputs, &cfg, &mut d_grad.as_view_mut()).map(|_| ())
+        })?;
+        let bytes = (t * 4 * (4 + with_ref as usize) + b * k * 4) as f64;
+        let gbs = bytes / (med * 1e-3) / 1e9;
+        let name = format!("T={t} K={k}{}", if with_ref { " +kl" } else { "" });
+        println!("{name:<44} {:>10.1} {:>10.1} {gbs:>9.0} {:>7.1}%", med * 1e3, min * 1e3, 100.0 * gbs / copy_gbs);
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+/*
+ * common.cuh — device helpers shared by the kernel families: the packed variable-length layout
+ * (token -> sequence lookup), mask loading, and fixed-order (deterministic) block reductions.
+ *
+ * Layout: T tokens in B sequences, sequence b holds tokens [cu[b], cu[b+1]). Every token kernel gives
+ * each block a tile of blockDim.x * items_per_thread consecutive tokens; thread i of the block takes
+ * tokens tile_start + i, tile_start + i + blockDim.x, ... (coalesced). The sequences a tile overlaps
+ * are found once per block (two binary searches by thread 0) and their boundaries staged in shared
+ * memory, where each thread finds its token's sequence by a short binary search.
+ */
+#ifndef RECAP_COMMON_CUH
+#define RECAP_COMMON_CUH
+
+#include <stdint.h>
+#include "recap_params.h"
+#include "grpo_math.cuh"
+
+#define RECAP_BLOCK 256
+#define RECAP_WARPS (RECAP_BLOCK / 32)
+/* Sequence boundaries a tile can stage in shared memory; more fall back to global searches. */
+#define RECAP_TILE_SEQ_CAP 1024
+
+#define RECAP_OP_SUM 0
+#define RECAP_OP_MIN 1
+#define RECAP_OP_MAX 2
+
+__device__ __forceinline__ float recap_load_mask(const float* m, int64_t t) { return m[t]; }
+__device__ __forceinline__ float recap_load_mask(const uint8_t* m, int64_t t) { return m[t] ? 1.0f : 0.0f; }
+
+/* Largest b in [lo, hi] with cu[b] <= t (cu non-decreasing, cu[lo] <= t). */
+__device__ __forceinline__ int recap_find_seq(const int32_t* cu, int lo, int hi, int64_t t) {
+    while (lo < hi) {
+        int mid = lo + (hi - lo + 1) / 2;
+        if ((int64_t)cu[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* Per-block lookup of the sequences a tile overlaps. */
+struct RecapTileSeqs {
+    int b_lo;    /* sequence of the tile's first token                   */
+    int b_hi;    /* sequence of the tile's last token                    */
+    int staged;  /* 1: boundaries cu[b_lo .. b_hi + 1] are in s_cu       */
+};
+
+/* Must be called by every thread of the block (it synchronizes). Requires t0 < t1 <= T, B >= 1. */
+__device__ __forceinline__ RecapTileSeqs recap_tile_setup(const int32_t* cu, int num_seqs, int64_t t0,
+                                                          int64_t t1, int32_t* s_cu, int* s_meta) {
+    if (threadIdx.x == 0) {
+        int lo = recap_find_seq(cu, 0, num_seqs - 1, t0);
+        int hi = recap_find_seq(cu, lo, num_seqs - 1, t1 - 1);
+        s_meta[0] = lo;
+        s_meta[1] = hi;
+        s_meta[2] = (hi - lo + 2) <= RECAP_TILE_SEQ_CAP;
+    }
+    __syncthreads();
+    RecapTileSeqs ts;
+    ts.b_lo = s_meta[0];
+    ts.b_hi = s_meta[1];
+    ts.staged = s_meta[2];
+    if (ts.staged) {
+        int n = ts.b_hi - ts.b_lo + 2;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) s_cu[i] = cu[ts.b_lo + i];
+    }
+    __syncthreads();
+    return ts;
+}
+
+__device__ __forceinline__ int recap_tile_find(const RecapTileSeqs& ts, const int32_t* cu,
+                                               const int32_t* s_cu, int64_t t) {
+    if (ts.staged) {
+        int lo = 0, hi = ts.b_hi - ts.b_lo;
+        while (lo < hi) {
+            int mid = lo + (hi - lo + 1) / 2;
+            if ((int64_t)s_cu[mid] <= t) lo = mid; else hi = mid - 1;
+        }
+        return ts.b_lo + lo;
+    }
+    return recap_find_seq(cu, ts.b_lo, ts.b_hi, t);
+}
+
+__device__ __forceinline__ double recap_combine(double a, double b, int op) {
+    return op == RECAP_OP_MIN ? fmin(a, b) : (op == RECAP_OP_MAX ? fmax(a, b) : a + b);
+}
+
+/* Warp reduction in a fixed tree order; the result is in lane 0. */
+__device__ __forceinline__ double recap_warp_reduce(double v, int op) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = recap_combine(v, __shfl_down_sync(0xffffffffu, v, off), op);
+    return v;
+}
+
+/* Stage 1 of a block reduction of one slot: lane 0 of each warp leaves its warp's result in
+ * s_red[warp * num_slots + slot]. Call for every slot, then recap_block_reduce_finish. */
+__device__ __forceinline__ void recap_block_reduce_slot(double v, int slot, int num_slots, int op, double* s_red) {
+    v = recap_warp_reduce(v, op);
+    if ((threadIdx.x & 31) == 0) s_red[(threadIdx.x >> 5) * num_slots + slot] = v;
+}
+
+/* Stage 2: thread j < num_slots combines the warps' results for slot j in warp order, writes out[j]. */
+__device__ __forceinline__ void recap_block_reduce_finish(double* out, int num_slots, int min_slot,
+                                                          int max_slot, const double* s_red) {
+    __syncthreads();
+    for (int j = threadIdx.x; j < num_slots; j += blockDim.x) {
+        int op = (j == min_slot) ? RECAP_OP_MIN : ((j == max_slot) ? RECAP_OP_MAX : RECAP_OP_SUM);
+        double acc = s_red[j];
+        for (int w = 1; w < RECAP_WARPS; ++w) acc = recap_combine(acc, s_red[w * num_slots + j], op);
+        out[j] = acc;
+    }
+}
+
+__device__ __forceinline__ double recap_identity(int op) {
+    return op == RECAP_OP_MIN ? (1.0 / 0.0) : (op == RECAP_OP_MAX ? -(1.0 / 0.0) : 0.0);
+}
+
+/* Items per thread a token kernel uses for tile t0 (the host chooses; at least 1). */
+__device__ __forceinline__ int64_t recap_tile_start(int items) {
+    return (int64_t)blockIdx.x * (int64_t)blockDim.x * (int64_t)items;
+}
+
+#endif /* RECAP_COMMON_CUH */

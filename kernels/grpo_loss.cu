@@ -1,0 +1,152 @@
+/*
+ * grpo_loss.cu — kernel 1: the fused GRPO policy loss for K objectives, forward and gradient in one
+ * pass over the token data, with the KL term (kernel 2's formulas) fused in.
+ *
+ * Math (per-token formulas in grpo_math.cuh). For an unmasked token t of sequence b, weight m_t:
+ *   d_t = clamp(logp_t - old_t, -20, 20), r_t = exp(d_t)
+ *   objective k of kind policy (advantage A = adv[b or t, k]): l_tk = max(-A r, -A clip(r, 1-el, 1+eh)),
+ *     for A < 0 with dual-clip l_tk = min(l_tk, -c A); of kind nll: l_tk = -logp_t
+ *   w_tk  = m_t * aggregation weight (token-mean 1/N_k, seq-mean-token-mean 1/(n_b S_k), ...) for
+ *           member sequences (membership bit k), else 0; the KL term uses slot K (every sequence)
+ *   L     = (1/K) sum_k lambda_k sum_t w_tk l_tk + beta sum_t w_tK kl_t
+ *   grad_t = dL/dlogp_t = (1/K) sum_k lambda_k w_tk dl_tk/dlogp + beta w_tK dkl_t/dlogp
+ * The normalizers come from recap_seq_stats_* and recap_norms_finalize (reduce.cu), run first.
+ *
+ * Threads. A block takes a tile of blockDim.x * items consecutive tokens (common.cuh), one thread
+ * per token; the math for all K objectives stays in registers (K <= MAXK, a template parameter, so
+ * the per-objective accumulators are register arrays indexed by unrolled constants). Each block
+ * reduces its 3K + 8 statistics (layout in recap_params.h) in a fixed order into one row of
+ * `partials`; recap_partials_finalize reduces the rows. Masked tokens are never read beyond their
+ * mask, so NaN or Inf there changes nothing; grad is written (0) for every token.
+ */
+#include "common.cuh"
+
+template <int MAXK, typename MT>
+__device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
+    __shared__ int32_t s_cu[RECAP_TILE_SEQ_CAP];
+    __shared__ int s_meta[3];
+    __shared__ double s_red[RECAP_WARPS * (3 * MAXK + RECAP_GRPO_EXTRA_SLOTS)];
+    __shared__ float s_inv_tok[MAXK + 1], s_inv_seq[MAXK + 1];
+
+    const int K = p.num_objectives;
+    const int S = 3 * K + RECAP_GRPO_EXTRA_SLOTS;
+    const double* norms = (const double*)p.norms;
+    if (threadIdx.x <= K) {
+        s_inv_tok[threadIdx.x] = recap_inv_norm(norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + threadIdx.x]);
+        s_inv_seq[threadIdx.x] = recap_inv_norm(norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + threadIdx.x]);
+    }
+    const int32_t* cu = (const int32_t*)p.cu_seqlens;
+    const int64_t t0 = recap_tile_start(p.items_per_thread);
+    const int64_t tile = (int64_t)blockDim.x * p.items_per_thread;
+    const int64_t t1 = (t0 + tile < p.num_tokens) ? t0 + tile : p.num_tokens;
+    const RecapTileSeqs ts = recap_tile_setup(cu, p.num_seqs, t0, t1, s_cu, s_meta);
+
+    const MT* mask = (const MT*)p.mask;
+    const float* logp = (const float*)p.logp;
+    const float* old_logp = (const float*)p.old_logp;
+    const float* ref_logp = (const float*)p.ref_logp;
+    const float* adv = (const float*)p.advantages;
+    const uint32_t* mem = (const uint32_t*)p.membership;
+    const double* seq_tokens = (const double*)p.seq_tokens;
+    float* grad = (float*)p.grad;
+    const float inv_k = 1.0f / (float)K;
+    const float inv_c = (p.sum_norm_const > 0.0f) ? 1.0f / p.sum_norm_const : 0.0f;
+    const uint32_t kbits = (K >= 32) ? 0xffffffffu : ((1u << K) - 1u);
+
+    float agg[MAXK], clip[MAXK], dual[MAXK];
+#pragma unroll
+    for (int k = 0; k < MAXK; ++k) agg[k] = clip[k] = dual[k] = 0.0f;
+    float r_sum = 0.0f, negd_sum = 0.0f, p_tok = 0.0f, kl_agg = 0.0f, kl_sum = 0.0f;
+    float r_min = 1.0f / 0.0f, r_max = -1.0f / 0.0f;
+    unsigned nonfinite = 0;
+
+    for (int i = 0; i < p.items_per_thread; ++i) {
+        const int64_t t = t0 + (int64_t)i * blockDim.x + threadIdx.x;
+        if (t >= t1) break;
+        const float m = recap_load_mask(mask, t);
+        if (m == 0.0f) { grad[t] = 0.0f; continue; }
+        nonfinite += !recap_isfinite(m);
+        const int b = recap_tile_find(ts, cu, s_cu, t);
+        const uint32_t bits = (mem ? mem[b] : 0xffffffffu) & kbits;
+        const uint32_t pol = bits & p.policy_bits;
+        const float lp = logp[t];
+        nonfinite += !recap_isfinite(lp);
+        const float inv_nb = (p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN) ? recap_inv_norm(seq_tokens[b]) : 0.0f;
+
+        RecapRatio q;
+        q.log_ratio = 0.0f; q.ratio = 1.0f; q.saturated = 0;
+        if (pol) {
+            const float old = old_logp[t];
+            nonfinite += !recap_isfinite(old);
+            q = recap_ratio(lp, old, p.log_ratio_clamp);
+            r_sum += m * q.ratio;
+            negd_sum -= m * q.log_ratio;
+            p_tok += m;
+            r_min = fminf(r_min, q.ratio);
+            r_max = fmaxf(r_max, q.ratio);
+        }
+        const float* arow = adv + (p.adv_per_token ? t : (int64_t)b) * K;
+        float g = 0.0f;
+#pragma unroll
+        for (int k = 0; k < MAXK; ++k) {
+            if (k < K && ((bits >> k) & 1u)) {
+                const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[k], s_inv_seq[k], inv_nb, inv_c);
+                if ((pol >> k) & 1u) {
+                    const float a = arow[k];
+                    nonfinite += !recap_isfinite(a);
+                    const RecapPolicyToken pt = recap_policy_token(q, a, p.clip_low, p.clip_high, p.dual_clip, p.clip_c);
+                    agg[k] += w * pt.loss;
+                    clip[k] += pt.clipped ? m : 0.0f;
+                    dual[k] += pt.dual ? m : 0.0f;
+                    g += p.lambda[k] * w * pt.grad;
+                } else {
+                    agg[k] -= w * lp;
+                    g -= p.lambda[k] * w;
+                }
+            }
+        }
+        g *= inv_k;
+        if (ref_logp) {
+            const float ref = ref_logp[t];
+            nonfinite += !recap_isfinite(ref);
+            const RecapKlToken kt = recap_kl_token(lp, ref, p.kl_estimator);
+            const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[K], s_inv_seq[K], inv_nb, inv_c);
+            kl_agg += w * kt.value;
+            kl_sum += m * kt.value;
+            g += p.beta * w * kt.grad;
+        }
+        grad[t] = g;
+    }
+
+#pragma unroll
+    for (int k = 0; k < MAXK; ++k) {
+        if (k < K) {
+            recap_block_reduce_slot((double)agg[k], k, S, RECAP_OP_SUM, s_red);
+            recap_block_reduce_slot((double)clip[k], K + k, S, RECAP_OP_SUM, s_red);
+            recap_block_reduce_slot((double)dual[k], 2 * K + k, S, RECAP_OP_SUM, s_red);
+        }
+    }
+    const int e = 3 * K;
+    recap_block_reduce_slot((double)r_sum, e + 0, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot((double)negd_sum, e + 1, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot((double)p_tok, e + 2, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot((double)r_min, e + 3, S, RECAP_OP_MIN, s_red);
+    recap_block_reduce_slot((double)r_max, e + 4, S, RECAP_OP_MAX, s_red);
+    recap_block_reduce_slot((double)nonfinite, e + 5, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot((double)kl_agg, e + 6, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot((double)kl_sum, e + 7, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_finish((double*)p.partials + (int64_t)blockIdx.x * S, S, e + 3, e + 4, s_red);
+}
+
+#define RECAP_GRPO_INST(MAXK)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_grpo_loss_k##MAXK##_f32(const RecapGrpoParams p) { \
+        grpo_token_pass<MAXK, float>(p);                                                                           \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_grpo_loss_k##MAXK##_u8(const RecapGrpoParams p) {  \
+        grpo_token_pass<MAXK, uint8_t>(p);                                                                         \
+    }
+RECAP_GRPO_INST(1)
+RECAP_GRPO_INST(2)
+RECAP_GRPO_INST(4)
+RECAP_GRPO_INST(8)
+RECAP_GRPO_INST(16)

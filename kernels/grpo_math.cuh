@@ -1,0 +1,144 @@
+/*
+ * grpo_math.cuh — the per-token formulas of the GRPO loss family, one definition for the GPU and the
+ * host. Every kernel includes this file (compiled by nvcc as __host__ __device__), and `build.rs`
+ * compiles it for the host too, through `kernels/host_shim.c` with the C compiler, so the exact
+ * device arithmetic (float32, the same branch rules) is tested against the f64 Rust reference on
+ * machines without a GPU (`tests/device_math.rs`).
+ *
+ * Plain C99 that is also valid CUDA C++: no templates, no overloading.
+ *
+ * Ratio (verl core_algos.compute_policy_loss_vanilla):
+ *   d = clamp(logp - old_logp, -c0, c0)      c0 = log_ratio_clamp = 20; NaN stays NaN
+ *   r = exp(d)                               dd/dlogp = 1 inside the clamp, 0 where it saturates
+ * Clipped surrogate with advantage A:
+ *   l1 = -A r,  l2 = -A clip(r, 1 - eps_low, 1 + eps_high),  l = max(l1, l2)
+ *   clipped  <=> l2 > l1  (verl's pg_clipfrac)           dl/dlogp = 0
+ *   else                                                  dl/dlogp = -A r
+ *   dual-clip (A < 0): l = min(l, -c A); active <=> l > -c A (pg_clipfrac_lower), then dl/dlogp = 0
+ * Supervised replay (nll): l = -logp, dl/dlogp = -1.
+ * KL to the reference (verl core_algos.kl_penalty), diff = logp - ref_logp:
+ *   k1   diff                           grad 1
+ *   abs  |diff|                         grad sign(diff)
+ *   k2   diff^2 / 2                     grad diff
+ *   k3   x = clamp(-diff, -20, 20); clamp(exp(x) - x - 1, -10, 10)
+ *                                       grad 1 - exp(x), 0 where either clamp saturates
+ *   k1+, k3+  value of k1 / k3, gradient of k2 (straight-through)
+ * Aggregation weight of one unmasked token (its mask weight m multiplies it):
+ *   token-mean 1/N_tokens; seq-mean-token-mean 1/(n_seq * N_seqs); seq-mean-token-sum 1/N_seqs;
+ *   token-sum-norm 1/C. A zero normalizer gives weight 0 (nothing to average).
+ */
+#ifndef RECAP_GRPO_MATH_CUH
+#define RECAP_GRPO_MATH_CUH
+
+#include "recap_params.h"
+
+#ifdef __CUDACC__
+#define RECAP_HD static __host__ __device__ __forceinline__
+#else
+#include <math.h>
+#define RECAP_HD static inline
+#endif
+
+/* Clamp of the k3 estimator's log-ratio and value, fixed by verl. */
+#define RECAP_KL_LOG_RATIO_CLAMP 20.0f
+#define RECAP_KL_VALUE_CLAMP 10.0f
+
+/* clamp(x, lo, hi) that keeps NaN (as torch.clamp does), unlike fminf/fmaxf. */
+RECAP_HD float recap_clampf(float x, float lo, float hi) {
+    return (x != x) ? x : fminf(fmaxf(x, lo), hi);
+}
+
+RECAP_HD int recap_isfinite(float x) { return (x == x) && (x - x == 0.0f); }
+
+typedef struct RecapRatio {
+    float log_ratio; /* d, clamped                              */
+    float ratio;     /* r = exp(d)                              */
+    int saturated;   /* the clamp saturated: dd/dlogp = 0       */
+} RecapRatio;
+
+RECAP_HD RecapRatio recap_ratio(float logp, float old_logp, float clamp) {
+    RecapRatio out;
+    float raw = logp - old_logp;
+    out.log_ratio = recap_clampf(raw, -clamp, clamp);
+    out.saturated = (raw < -clamp) || (raw > clamp);
+    out.ratio = expf(out.log_ratio);
+    return out;
+}
+
+typedef struct RecapPolicyToken {
+    float loss;  /* l                        */
+    float grad;  /* dl/dlogp                 */
+    int clipped; /* l2 > l1                  */
+    int dual;    /* dual-clip branch active  */
+} RecapPolicyToken;
+
+RECAP_HD RecapPolicyToken recap_policy_token(RecapRatio q, float adv, float clip_low, float clip_high,
+                                             int dual_clip, float clip_c) {
+    RecapPolicyToken out;
+    float r = q.ratio;
+    float l1 = -adv * r;
+    float l2 = -adv * recap_clampf(r, 1.0f - clip_low, 1.0f + clip_high);
+    out.clipped = l2 > l1;
+    out.loss = out.clipped ? l2 : l1;
+    out.grad = (out.clipped || q.saturated) ? 0.0f : -adv * r;
+    out.dual = 0;
+    if (dual_clip && adv < 0.0f) {
+        float l3 = -clip_c * adv;
+        if (out.loss > l3) {
+            out.dual = 1;
+            out.loss = l3;
+            out.grad = 0.0f;
+        }
+    }
+    return out;
+}
+
+typedef struct RecapKlToken {
+    float value; /* kl_t          */
+    float grad;  /* d kl_t/d logp */
+} RecapKlToken;
+
+RECAP_HD RecapKlToken recap_kl_token(float logp, float ref_logp, int estimator) {
+    RecapKlToken out;
+    float diff = logp - ref_logp;
+    if (estimator == RECAP_KL_K3 || estimator == RECAP_KL_K3_PLUS) {
+        float raw = ref_logp - logp;
+        float x = recap_clampf(raw, -RECAP_KL_LOG_RATIO_CLAMP, RECAP_KL_LOG_RATIO_CLAMP);
+        float e = expf(x);
+        float kld = e - x - 1.0f;
+        int sat = (raw < -RECAP_KL_LOG_RATIO_CLAMP) || (raw > RECAP_KL_LOG_RATIO_CLAMP) ||
+                  (kld > RECAP_KL_VALUE_CLAMP) || (kld < -RECAP_KL_VALUE_CLAMP);
+        out.value = recap_clampf(kld, -RECAP_KL_VALUE_CLAMP, RECAP_KL_VALUE_CLAMP);
+        out.grad = (estimator == RECAP_KL_K3_PLUS) ? diff : (sat ? 0.0f : 1.0f - e);
+    } else if (estimator == RECAP_KL_ABS) {
+        out.value = fabsf(diff);
+        out.grad = (diff > 0.0f) ? 1.0f : ((diff < 0.0f) ? -1.0f : ((diff != diff) ? diff : 0.0f));
+    } else if (estimator == RECAP_KL_K2) {
+        out.value = 0.5f * diff * diff;
+        out.grad = diff;
+    } else { /* k1, k1+ */
+        out.value = diff;
+        out.grad = (estimator == RECAP_KL_K1_PLUS) ? diff : 1.0f;
+    }
+    return out;
+}
+
+/*
+ * Aggregation weight of one token of sequence b for one objective (before its mask weight), from the
+ * reciprocals of the objective's token normalizer, sequence normalizer, the sequence's own token
+ * weight, and the token-sum-norm constant (each 0 where the normalizer is 0).
+ */
+RECAP_HD float recap_agg_weight(int mode, float inv_tokens, float inv_seqs, float inv_seq_tokens,
+                                float inv_const) {
+    switch (mode) {
+    case RECAP_AGG_SEQ_MEAN_TOKEN_MEAN: return inv_seqs * inv_seq_tokens;
+    case RECAP_AGG_SEQ_MEAN_TOKEN_SUM: return inv_seqs;
+    case RECAP_AGG_TOKEN_SUM_NORM: return inv_const;
+    default: return inv_tokens;
+    }
+}
+
+/* 1/x for a normalizer, 0 where there is nothing to normalize. */
+RECAP_HD float recap_inv_norm(double x) { return (x > 0.0) ? (float)(1.0 / x) : 0.0f; }
+
+#endif /* RECAP_GRPO_MATH_CUH */

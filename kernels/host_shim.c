@@ -1,0 +1,84 @@
+/*
+ * host_shim.c — compiled for the host by build.rs (with `cc`), never by nvcc.
+ *
+ * It exposes the device's per-token formulas (grpo_math.cuh, the very functions the kernels inline)
+ * and the layout of the kernel-parameter structs (recap_params.h) to Rust, so that tests check the
+ * device arithmetic against the f64 reference and the `#[repr(C)]` mirrors against the C layout on
+ * machines without a GPU.
+ */
+#include <stddef.h>
+#include "grpo_math.cuh"
+
+void recap_host_ratio(float logp, float old_logp, float clamp, RecapRatio* out) {
+    *out = recap_ratio(logp, old_logp, clamp);
+}
+
+void recap_host_policy_token(const RecapRatio* q, float adv, float clip_low, float clip_high, int dual_clip,
+                             float clip_c, RecapPolicyToken* out) {
+    *out = recap_policy_token(*q, adv, clip_low, clip_high, dual_clip, clip_c);
+}
+
+void recap_host_kl_token(float logp, float ref_logp, int estimator, RecapKlToken* out) {
+    *out = recap_kl_token(logp, ref_logp, estimator);
+}
+
+float recap_host_agg_weight(int mode, float inv_tokens, float inv_seqs, float inv_seq_tokens, float inv_const) {
+    return recap_agg_weight(mode, inv_tokens, inv_seqs, inv_seq_tokens, inv_const);
+}
+
+#define F(S, f) offsetof(S, f)
+static const size_t grpo_layout[] = {
+    sizeof(RecapGrpoParams), F(RecapGrpoParams, logp), F(RecapGrpoParams, old_logp), F(RecapGrpoParams, ref_logp),
+    F(RecapGrpoParams, advantages), F(RecapGrpoParams, mask), F(RecapGrpoParams, cu_seqlens),
+    F(RecapGrpoParams, membership), F(RecapGrpoParams, seq_tokens), F(RecapGrpoParams, norms),
+    F(RecapGrpoParams, grad), F(RecapGrpoParams, partials), F(RecapGrpoParams, num_tokens),
+    F(RecapGrpoParams, num_seqs), F(RecapGrpoParams, num_objectives), F(RecapGrpoParams, items_per_thread),
+    F(RecapGrpoParams, adv_per_token), F(RecapGrpoParams, agg_mode), F(RecapGrpoParams, kl_estimator),
+    F(RecapGrpoParams, dual_clip), F(RecapGrpoParams, policy_bits), F(RecapGrpoParams, clip_low),
+    F(RecapGrpoParams, clip_high), F(RecapGrpoParams, clip_c), F(RecapGrpoParams, log_ratio_clamp),
+    F(RecapGrpoParams, beta), F(RecapGrpoParams, sum_norm_const), F(RecapGrpoParams, lambda)};
+static const size_t seq_layout[] = {
+    sizeof(RecapSeqParams), F(RecapSeqParams, mask), F(RecapSeqParams, cu_seqlens), F(RecapSeqParams, membership),
+    F(RecapSeqParams, seq_tokens), F(RecapSeqParams, norms), F(RecapSeqParams, num_tokens),
+    F(RecapSeqParams, num_seqs), F(RecapSeqParams, num_objectives), F(RecapSeqParams, has_override),
+    F(RecapSeqParams, pad0), F(RecapSeqParams, override_tokens), F(RecapSeqParams, override_seqs)};
+static const size_t reduce_layout[] = {
+    sizeof(RecapReduceParams), F(RecapReduceParams, losses), F(RecapReduceParams, mask),
+    F(RecapReduceParams, cu_seqlens), F(RecapReduceParams, membership), F(RecapReduceParams, seq_tokens),
+    F(RecapReduceParams, norms), F(RecapReduceParams, grad), F(RecapReduceParams, partials),
+    F(RecapReduceParams, num_tokens), F(RecapReduceParams, num_seqs), F(RecapReduceParams, num_objectives),
+    F(RecapReduceParams, items_per_thread), F(RecapReduceParams, agg_mode), F(RecapReduceParams, sum_norm_const),
+    F(RecapReduceParams, pad0), F(RecapReduceParams, lambda)};
+static const size_t kl_layout[] = {
+    sizeof(RecapKlParams), F(RecapKlParams, logp), F(RecapKlParams, ref_logp), F(RecapKlParams, mask),
+    F(RecapKlParams, kl), F(RecapKlParams, grad), F(RecapKlParams, num_tokens), F(RecapKlParams, kl_estimator),
+    F(RecapKlParams, pad0)};
+static const size_t finalize_layout[] = {
+    sizeof(RecapFinalizeParams), F(RecapFinalizeParams, partials), F(RecapFinalizeParams, out),
+    F(RecapFinalizeParams, num_blocks), F(RecapFinalizeParams, num_slots), F(RecapFinalizeParams, min_slot),
+    F(RecapFinalizeParams, max_slot)};
+#undef F
+
+/* Size then field offsets (declaration order) of struct `which`: 0 grpo, 1 seq, 2 reduce, 3 kl,
+ * 4 finalize. Returns the number of entries, writes at most `cap` of them. */
+size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
+    const size_t* src;
+    size_t n;
+    switch (which) {
+    case 0: src = grpo_layout; n = sizeof(grpo_layout) / sizeof(size_t); break;
+    case 1: src = seq_layout; n = sizeof(seq_layout) / sizeof(size_t); break;
+    case 2: src = reduce_layout; n = sizeof(reduce_layout) / sizeof(size_t); break;
+    case 3: src = kl_layout; n = sizeof(kl_layout) / sizeof(size_t); break;
+    case 4: src = finalize_layout; n = sizeof(finalize_layout) / sizeof(size_t); break;
+    default: return 0;
+    }
+    for (size_t i = 0; i < n && i < cap; ++i) out[i] = src[i];
+    return n;
+}
+
+/* Constants of recap_params.h, in this order: max objectives, norm slots, extra GRPO slots. */
+void recap_host_constants(int* out) {
+    out[0] = RECAP_MAX_OBJECTIVES;
+    out[1] = RECAP_NORM_SLOTS;
+    out[2] = RECAP_GRPO_EXTRA_SLOTS;
+}

@@ -1,0 +1,157 @@
+/*
+ * recap_params.h — the one definition of every kernel-parameter struct and the constants they use.
+ *
+ * Included by every kernel (nvcc, C++), by the host shim that `build.rs` compiles with `cc` (C), and
+ * mirrored by `#[repr(C)]` structs in `src/cuda/params.rs`; the test `tests/device_math.rs` checks
+ * the size and every field offset of the Rust mirror against this file, as compiled by the C
+ * compiler, so the two cannot drift apart silently.
+ *
+ * Device addresses travel as uint64_t (CUdeviceptr); a zero address means "absent".
+ */
+#ifndef RECAP_PARAMS_H
+#define RECAP_PARAMS_H
+
+#include <stdint.h>
+
+/* Objectives per launch: 1 <= K <= RECAP_MAX_OBJECTIVES. */
+#define RECAP_MAX_OBJECTIVES 16
+/* Slots of per-objective normalizers: K objectives plus one for the KL term ("all sequences"). */
+#define RECAP_NORM_SLOTS (RECAP_MAX_OBJECTIVES + 1)
+
+/* Aggregation modes (verl's loss_agg_mode). */
+#define RECAP_AGG_TOKEN_MEAN 0          /* sum(M*l) / N_tokens                                     */
+#define RECAP_AGG_SEQ_MEAN_TOKEN_MEAN 1 /* mean over sequences with >= 1 token of their token mean  */
+#define RECAP_AGG_SEQ_MEAN_TOKEN_SUM 2  /* sum(M*l) / N_sequences                                  */
+#define RECAP_AGG_TOKEN_SUM_NORM 3      /* sum(M*l) / C  (Dr. GRPO)                                */
+
+/* KL estimators (verl's kl_loss_type). The "+" variants: value of kX, gradient of k2. */
+#define RECAP_KL_K1 0
+#define RECAP_KL_ABS 1
+#define RECAP_KL_K2 2
+#define RECAP_KL_K3 3
+#define RECAP_KL_K1_PLUS 4
+#define RECAP_KL_K3_PLUS 5
+
+/*
+ * Layout of the normalizer buffer `norms` (double[4 * RECAP_NORM_SLOTS]), slot j < K an objective,
+ * slot K the KL term (every sequence):
+ *   [0 * S + j]  local token weight   sum of mask over member tokens of this batch
+ *   [1 * S + j]  local sequence count member sequences with a mask sum > 0
+ *   [2 * S + j]  token normalizer     the local value, or the caller's global override
+ *   [3 * S + j]  sequence normalizer  likewise
+ * with S = RECAP_NORM_SLOTS.
+ */
+#define RECAP_NORM_LOCAL_TOKENS 0
+#define RECAP_NORM_LOCAL_SEQS 1
+#define RECAP_NORM_TOKENS 2
+#define RECAP_NORM_SEQS 3
+
+/*
+ * Layout of the reduction slots of the fused GRPO loss (double[recap_grpo_slots(K)]), each the sum
+ * over unmasked tokens, in a fixed order, of:
+ *   [k]            w_tk * l_tk          the objective's aggregate agg(l_k)          (k < K)
+ *   [K + k]        m_t * 1[clipped]     pg_clipfrac numerator                        (k < K)
+ *   [2K + k]       m_t * 1[dual-clip]   pg_clipfrac_lower numerator                  (k < K)
+ *   [3K + 0]       m_t * r_t            over policy tokens (ratio mean numerator)
+ *   [3K + 1]       m_t * (old - logp)   over policy tokens (ppo_kl numerator, clamped log-ratio)
+ *   [3K + 2]       m_t                  over policy tokens (their weight)
+ *   [3K + 3]       min r_t              over policy tokens (a min, not a sum; +inf if none)
+ *   [3K + 4]       max r_t              over policy tokens (a max, not a sum; -inf if none)
+ *   [3K + 5]       count of non-finite inputs read at unmasked tokens
+ *   [3K + 6]       w_t * kl_t           agg(kl) over every unmasked token (0 without ref_logp)
+ *   [3K + 7]       m_t * kl_t           masked kl sum (for the kl mean metric)
+ * A "policy token" is an unmasked token of a sequence that is a member of at least one objective of
+ * kind policy.
+ */
+#define RECAP_GRPO_EXTRA_SLOTS 8
+
+/* Per-launch parameters of the fused GRPO loss (kernel 1), passed by value. */
+typedef struct RecapGrpoParams {
+    uint64_t logp;         /* const float[T]                                  */
+    uint64_t old_logp;     /* const float[T]                                  */
+    uint64_t ref_logp;     /* const float[T], or 0 without a KL term          */
+    uint64_t advantages;   /* const float[B, K] or [T, K] (adv_per_token)     */
+    uint64_t mask;         /* const float[T] or const uint8_t[T] (by kernel)  */
+    uint64_t cu_seqlens;   /* const int32_t[B + 1]                            */
+    uint64_t membership;   /* const uint32_t[B], bit k = member of objective k */
+    uint64_t seq_tokens;   /* const double[B], mask sum of each sequence      */
+    uint64_t norms;        /* const double[4 * RECAP_NORM_SLOTS]              */
+    uint64_t grad;         /* float[T], dL/dlogp                              */
+    uint64_t partials;     /* double[num_blocks, slots]                       */
+    int64_t num_tokens;    /* T                                               */
+    int32_t num_seqs;      /* B                                               */
+    int32_t num_objectives;/* K                                               */
+    int32_t items_per_thread; /* tokens per thread (tile = blockDim * items)   */
+    int32_t adv_per_token; /* 1: advantages [T, K]; 0: [B, K]                 */
+    int32_t agg_mode;      /* RECAP_AGG_*                                     */
+    int32_t kl_estimator;  /* RECAP_KL_*                                      */
+    int32_t dual_clip;     /* 1: dual-clip on for A < 0                       */
+    uint32_t policy_bits;  /* bit k set: objective k is policy; else nll      */
+    float clip_low;        /* eps_low                                         */
+    float clip_high;       /* eps_high                                        */
+    float clip_c;          /* dual-clip constant c > 1                        */
+    float log_ratio_clamp; /* 20                                              */
+    float beta;            /* KL coefficient                                  */
+    float sum_norm_const;  /* C of token-sum-norm                             */
+    float lambda[RECAP_MAX_OBJECTIVES]; /* objective weights                  */
+} RecapGrpoParams;
+
+/* Parameters of the per-sequence statistics and normalizer kernels (shared by kernels 1 and 3). */
+typedef struct RecapSeqParams {
+    uint64_t mask;        /* const float[T] or const uint8_t[T]                      */
+    uint64_t cu_seqlens;  /* const int32_t[B + 1]                                    */
+    uint64_t membership;  /* const uint32_t[B]                                       */
+    uint64_t seq_tokens;  /* double[B], written by recap_seq_stats                   */
+    uint64_t norms;       /* double[4 * RECAP_NORM_SLOTS], written by norms_finalize */
+    int64_t num_tokens;
+    int32_t num_seqs;
+    int32_t num_objectives;
+    int32_t has_override; /* 1: take the normalizers below instead of the local ones */
+    int32_t pad0;
+    double override_tokens[RECAP_NORM_SLOTS];
+    double override_seqs[RECAP_NORM_SLOTS];
+} RecapSeqParams;
+
+/* Parameters of the standalone weighted reduction (kernel 3) over per-token losses [T, K]. */
+typedef struct RecapReduceParams {
+    uint64_t losses;      /* const float[T, K]                  */
+    uint64_t mask;        /* const float[T] or const uint8_t[T] */
+    uint64_t cu_seqlens;  /* const int32_t[B + 1]               */
+    uint64_t membership;  /* const uint32_t[B]                  */
+    uint64_t seq_tokens;  /* const double[B]                    */
+    uint64_t norms;       /* const double[4 * RECAP_NORM_SLOTS] */
+    uint64_t grad;        /* float[T, K], dTotal/dl_tk          */
+    uint64_t partials;    /* double[num_blocks, K + 1]          */
+    int64_t num_tokens;
+    int32_t num_seqs;
+    int32_t num_objectives;
+    int32_t items_per_thread;
+    int32_t agg_mode;
+    float sum_norm_const;
+    float pad0;
+    float lambda[RECAP_MAX_OBJECTIVES];
+} RecapReduceParams;
+
+/* Parameters of the standalone KL kernel (kernel 2). */
+typedef struct RecapKlParams {
+    uint64_t logp;       /* const float[T]                      */
+    uint64_t ref_logp;   /* const float[T]                      */
+    uint64_t mask;       /* const float[T] / uint8_t[T], or 0   */
+    uint64_t kl;         /* float[T]: the estimator's value      */
+    uint64_t grad;       /* float[T]: d kl_t / d logp_t          */
+    int64_t num_tokens;
+    int32_t kl_estimator;
+    int32_t pad0;
+} RecapKlParams;
+
+/* Parameters of the final fixed-order reduction of block partials. */
+typedef struct RecapFinalizeParams {
+    uint64_t partials;   /* const double[num_blocks, num_slots]           */
+    uint64_t out;        /* double[num_slots]                             */
+    int32_t num_blocks;
+    int32_t num_slots;
+    int32_t min_slot;    /* slot reduced with min (or -1)                 */
+    int32_t max_slot;    /* slot reduced with max (or -1)                 */
+} RecapFinalizeParams;
+
+#endif /* RECAP_PARAMS_H */

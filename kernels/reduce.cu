@@ -1,0 +1,155 @@
+/*
+ * reduce.cu — kernel 3: per-objective weighted loss reduction, and the per-sequence statistics and
+ * fixed-order finalization that the fused GRPO loss (grpo_loss.cu) shares.
+ *
+ * Math. Per-token losses l[t, k] for K objectives, mask weights m[t], sequences [cu[b], cu[b+1]),
+ * membership bits mem[b] (bit k: sequence b belongs to objective k), objective weights lambda[k]:
+ *   n_b       = sum_{t in b} m_t                          (recap_seq_stats_*)
+ *   N_k, S_k  = sum of n_b, count of n_b > 0, over member sequences, or the caller's global
+ *               normalizers                                (recap_norms_finalize)
+ *   w_tk      = m_t * weight(mode; 1/N_k, 1/S_k, 1/n_b, 1/C)  for member tokens, else 0
+ *   agg_k     = sum_t w_tk l_tk,  total = (1/K) sum_k lambda_k agg_k
+ *   grad[t,k] = d total / d l_tk = lambda_k w_tk / K       (recap_reduce_k*_*)
+ *
+ * Threads. recap_seq_stats_*: one warp per sequence, lanes stride over its tokens (warp-tree sum).
+ * recap_norms_finalize and recap_partials_finalize: a single block; each thread walks a fixed
+ * strided subset, then a fixed warp-tree and warp order. recap_reduce_k*_*: a tile of
+ * blockDim.x * items tokens per block (common.cuh), one thread per token and objective loop in
+ * registers; each block writes its K partial sums, reduced by recap_partials_finalize. No atomics:
+ * the same inputs and launch shape give the same bits.
+ */
+#include "common.cuh"
+
+template <typename MT>
+__device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
+    const int64_t gthread = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t b = gthread >> 5;
+    const int lane = threadIdx.x & 31;
+    if (b >= p.num_seqs) return; /* whole warps leave together */
+    const int32_t* cu = (const int32_t*)p.cu_seqlens;
+    const MT* mask = (const MT*)p.mask;
+    const int64_t s = cu[b], e = cu[b + 1];
+    double acc = 0.0;
+    for (int64_t t = s + lane; t < e; t += 32) acc += (double)recap_load_mask(mask, t);
+    acc = recap_warp_reduce(acc, RECAP_OP_SUM);
+    if (lane == 0) ((double*)p.seq_tokens)[b] = acc;
+}
+
+extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_seq_stats_f32(const RecapSeqParams p) { seq_stats<float>(p); }
+extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_seq_stats_u8(const RecapSeqParams p) { seq_stats<uint8_t>(p); }
+
+/* One block. Writes norms (see recap_params.h) for slots 0..K (slot K: every sequence). */
+extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_norms_finalize(const RecapSeqParams p) {
+    __shared__ double s_red[RECAP_WARPS * 2];
+    __shared__ double s_out[2];
+    const uint32_t* mem = (const uint32_t*)p.membership;
+    const double* n = (const double*)p.seq_tokens;
+    double* norms = (double*)p.norms;
+    for (int j = 0; j <= p.num_objectives; ++j) {
+        double tok = 0.0, seq = 0.0;
+        for (int b = threadIdx.x; b < p.num_seqs; b += blockDim.x) {
+            uint32_t bits = mem ? mem[b] : 0xffffffffu;
+            if (j == p.num_objectives || ((bits >> j) & 1u)) {
+                double nb = n[b];
+                tok += nb;
+                seq += (nb > 0.0) ? 1.0 : 0.0;
+            }
+        }
+        recap_block_reduce_slot(tok, 0, 2, RECAP_OP_SUM, s_red);
+        recap_block_reduce_slot(seq, 1, 2, RECAP_OP_SUM, s_red);
+        recap_block_reduce_finish(s_out, 2, -1, -1, s_red);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            norms[RECAP_NORM_LOCAL_TOKENS * RECAP_NORM_SLOTS + j] = s_out[0];
+            norms[RECAP_NORM_LOCAL_SEQS * RECAP_NORM_SLOTS + j] = s_out[1];
+            norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_tokens[j] : s_out[0];
+            norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_seqs[j] : s_out[1];
+        }
+        __syncthreads();
+    }
+}
+
+/* One block. out[j] = fixed-order reduction over blocks of partials[:, j] (sum, or min / max). */
+#define RECAP_MAX_FINAL_SLOTS 64
+extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_partials_finalize(const RecapFinalizeParams p) {
+    __shared__ double s_red[RECAP_WARPS * RECAP_MAX_FINAL_SLOTS];
+    const double* part = (const double*)p.partials;
+    for (int j = 0; j < p.num_slots; ++j) {
+        const int op = (j == p.min_slot) ? RECAP_OP_MIN : ((j == p.max_slot) ? RECAP_OP_MAX : RECAP_OP_SUM);
+        double acc = recap_identity(op);
+        for (int i = threadIdx.x; i < p.num_blocks; i += blockDim.x)
+            acc = recap_combine(acc, part[(int64_t)i * p.num_slots + j], op);
+        recap_block_reduce_slot(acc, j, p.num_slots, op, s_red);
+    }
+    recap_block_reduce_finish((double*)p.out, p.num_slots, p.min_slot, p.max_slot, s_red);
+}
+
+template <int MAXK, typename MT>
+__device__ __forceinline__ void reduce_token_pass(const RecapReduceParams& p) {
+    __shared__ int32_t s_cu[RECAP_TILE_SEQ_CAP];
+    __shared__ int s_meta[3];
+    __shared__ double s_red[RECAP_WARPS * MAXK];
+    __shared__ float s_inv_tok[MAXK], s_inv_seq[MAXK];
+
+    const int K = p.num_objectives;
+    const double* norms = (const double*)p.norms;
+    if (threadIdx.x < K) {
+        s_inv_tok[threadIdx.x] = recap_inv_norm(norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + threadIdx.x]);
+        s_inv_seq[threadIdx.x] = recap_inv_norm(norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + threadIdx.x]);
+    }
+    const int32_t* cu = (const int32_t*)p.cu_seqlens;
+    const int64_t t0 = recap_tile_start(p.items_per_thread);
+    const int64_t tile = (int64_t)blockDim.x * p.items_per_thread;
+    const int64_t t1 = (t0 + tile < p.num_tokens) ? t0 + tile : p.num_tokens;
+    const RecapTileSeqs ts = recap_tile_setup(cu, p.num_seqs, t0, t1, s_cu, s_meta);
+
+    const MT* mask = (const MT*)p.mask;
+    const float* losses = (const float*)p.losses;
+    const uint32_t* mem = (const uint32_t*)p.membership;
+    const double* seq_tokens = (const double*)p.seq_tokens;
+    float* grad = (float*)p.grad;
+    const float inv_k = 1.0f / (float)K;
+    const float inv_c = (p.sum_norm_const > 0.0f) ? 1.0f / p.sum_norm_const : 0.0f;
+
+    float acc[MAXK];
+#pragma unroll
+    for (int k = 0; k < MAXK; ++k) acc[k] = 0.0f;
+
+    for (int i = 0; i < p.items_per_thread; ++i) {
+        const int64_t t = t0 + (int64_t)i * blockDim.x + threadIdx.x;
+        if (t >= t1) break;
+        const float m = recap_load_mask(mask, t);
+        const int b = recap_tile_find(ts, cu, s_cu, t);
+        const uint32_t bits = mem ? mem[b] : 0xffffffffu;
+        const float inv_nb = (p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN) ? recap_inv_norm(seq_tokens[b]) : 0.0f;
+#pragma unroll
+        for (int k = 0; k < MAXK; ++k) {
+            if (k < K) {
+                float g = 0.0f;
+                if (m != 0.0f && ((bits >> k) & 1u)) {
+                    const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[k], s_inv_seq[k], inv_nb, inv_c);
+                    acc[k] += w * losses[t * K + k];
+                    g = p.lambda[k] * w * inv_k;
+                }
+                grad[t * K + k] = g;
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < MAXK; ++k)
+        if (k < K) recap_block_reduce_slot((double)acc[k], k, K, RECAP_OP_SUM, s_red);
+    recap_block_reduce_finish((double*)p.partials + (int64_t)blockIdx.x * K, K, -1, -1, s_red);
+}
+
+#define RECAP_REDUCE_INST(MAXK)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_reduce_k##MAXK##_f32(const RecapReduceParams p) { \
+        reduce_token_pass<MAXK, float>(p);                                                                       \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_reduce_k##MAXK##_u8(const RecapReduceParams p) {  \
+        reduce_token_pass<MAXK, uint8_t>(p);                                                                     \
+    }
+RECAP_REDUCE_INST(1)
+RECAP_REDUCE_INST(2)
+RECAP_REDUCE_INST(4)
+RECAP_REDUCE_INST(8)
+RECAP_REDUCE_INST(16)

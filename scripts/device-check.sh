@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The device check, in one call: run on a machine with a GPU from the project root, after
+# `../shared/gpu/bundle` built the release test and bench executables into .gpu/:
+#
+#   run(command="bash scripts/device-check.sh", carry=[".gpu"])
+#
+# Runs the WHOLE GPU test suite with RECAP_REQUIRE_GPU=1 (a GPU test that cannot run fails), then
+# the GPU benchmark. Full logs go to $OUT (or /tmp); a short summary is printed last.
+set -uo pipefail
+out=${OUT:-/tmp}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
+RECAP_REQUIRE_GPU=1 bash .gpu/run-tests.sh >"$out/tests.log" 2>&1
+rc=$?
+grep -E "^(===|test result|FAILED|failures:)|panicked|fused loss:" "$out/tests.log" | head -80
+tail -n 2 "$out/tests.log"
+for b in .gpu/bin/gpu_ops-*; do
+  [ -x "$b" ] && timeout 300 "$b" 2>&1 | tee "$out/bench.log"
+done
+exit $rc

@@ -1,0 +1,199 @@
+//! Runtime choice of backend: CUDA when a driver and a GPU are present and the kernels were
+//! compiled, else the CPU reference. The methods here take host data on either backend (the CUDA
+//! path uploads, computes and downloads); for device-resident data call [`crate::cuda`] directly.
+
+use crate::config::{GrpoConfig, KlEstimator};
+use crate::cuda::{self, Gpu};
+use crate::error::{Error, Result};
+use crate::layout::{check_len, validate_grpo, validate_reduce, Advantages, GrpoInputs, HostGrpoInputs, HostMask, HostReduceInputs, Mask, ReduceInputs};
+use crate::output::{GrpoOutput, ReduceOutput};
+use crate::cpu;
+use cudarc::driver::{CudaSlice, CudaStream, CudaView};
+use std::sync::Arc;
+
+/// Where the ops run.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// The CPU reference (f64).
+    Cpu,
+    /// A CUDA GPU.
+    Cuda(Arc<Gpu>),
+}
+
+impl Backend {
+    /// CUDA device 0 if usable, else the CPU. `RECAP_BACKEND=cpu` forces the CPU,
+    /// `RECAP_BACKEND=cuda` makes [`Backend::auto_with_reason`] report why CUDA is unusable.
+    pub fn auto() -> Backend {
+        Self::auto_with_reason().0
+    }
+
+    /// Like [`Backend::auto`], with the reason the CPU was chosen (if it was).
+    pub fn auto_with_reason() -> (Backend, Option<String>) {
+        if std::env::var("RECAP_BACKEND").is_ok_and(|v| v == "cpu") {
+            return (Backend::Cpu, Some("RECAP_BACKEND=cpu".into()));
+        }
+        match Gpu::new(0) {
+            Ok(gpu) => (Backend::Cuda(gpu), None),
+            Err(e) => (Backend::Cpu, Some(e.to_string())),
+        }
+    }
+
+    /// CUDA device `ordinal`, or the reason it cannot be used.
+    pub fn cuda(ordinal: usize) -> Result<Backend> {
+        Ok(Backend::Cuda(Gpu::new(ordinal)?))
+    }
+
+    /// `"cpu"` or `"cuda:<device name>"`.
+    pub fn name(&self) -> String {
+        match self {
+            Backend::Cpu => "cpu".into(),
+            Backend::Cuda(g) => format!("cuda:{}", g.name()),
+        }
+    }
+
+    /// The fused GRPO loss on host data: `dL/dlogp` into `grad` (`[T]`).
+    pub fn grpo_loss(&self, inputs: &HostGrpoInputs<'_>, config: &GrpoConfig, grad: &mut [f32]) -> Result<GrpoOutput> {
+        let gpu = match self {
+            Backend::Cpu => return cpu::grpo_loss(inputs, config, grad),
+            Backend::Cuda(g) => g,
+        };
+        let shape = validate_grpo(inputs, config)?;
+        check_len("grad", grad.len(), shape.t, "[T]")?;
+        let s = gpu.stream();
+        let logp = cuda::upload(s, inputs.logp)?;
+        let old = cuda::upload(s, inputs.old_logp)?;
+        let refp = inputs.ref_logp.map(|r| cuda::upload(s, r)).transpose()?;
+        let (adv_h, per_token) = match inputs.advantages {
+            Advantages::PerSequence(a) => (a, false),
+            Advantages::PerToken(a) => (a, true),
+        };
+        let adv = cuda::upload(s, adv_h)?;
+        let mask = DeviceMask::upload(s, &inputs.mask)?;
+        let mut g = s.alloc_zeros::<f32>(shape.t.max(1))?;
+        let adv_v = adv.slice(..adv_h.len());
+        let dev = GrpoInputs {
+            logp: logp.slice(..shape.t),
+            old_logp: old.slice(..shape.t),
+            ref_logp: refp.as_ref().map(|r| r.slice(..shape.t)),
+            advantages: if per_token { Advantages::PerToken(adv_v) } else { Advantages::PerSequence(adv_v) },
+            mask: mask.view(shape.t),
+            cu_seqlens: inputs.cu_seqlens,
+            lambda: inputs.lambda,
+            objectives: inputs.objectives,
+            membership: inputs.membership,
+            normalizers: inputs.normalizers,
+        };
+        let out = cuda::grpo_loss(gpu, s, &dev, config, &mut g.slice_mut(..shape.t));
+        download(s, &g, grad)?;
+        out
+    }
+
+    /// Per-token KL value and gradient on host data.
+    pub fn kl(
+        &self,
+        logp: &[f32],
+        ref_logp: &[f32],
+        mask: Option<HostMask<'_>>,
+        estimator: KlEstimator,
+        kl_out: &mut [f32],
+        grad: &mut [f32],
+    ) -> Result<()> {
+        let gpu = match self {
+            Backend::Cpu => return cpu::kl(logp, ref_logp, mask, estimator, kl_out, grad),
+            Backend::Cuda(g) => g,
+        };
+        let t = logp.len();
+        check_len("kl_out", kl_out.len(), t, "[T]")?;
+        check_len("grad", grad.len(), t, "[T]")?;
+        let s = gpu.stream();
+        let l = cuda::upload(s, logp)?;
+        let r = cuda::upload(s, ref_logp)?;
+        let m = mask.as_ref().map(|m| DeviceMask::upload(s, m)).transpose()?;
+        let mut kd = s.alloc_zeros::<f32>(t.max(1))?;
+        let mut gd = s.alloc_zeros::<f32>(t.max(1))?;
+        cuda::kl(
+            gpu,
+            s,
+            &l.slice(..t),
+            &r.slice(..ref_logp.len()),
+            m.as_ref().map(|m| m.view(m.len)),
+            estimator,
+            &mut kd.slice_mut(..t),
+            &mut gd.slice_mut(..t),
+        )?;
+        download(s, &kd, kl_out)?;
+        download(s, &gd, grad)
+    }
+
+    /// The weighted reduction on host data: `d total / d l_tk` into `grad` (`[T, K]`).
+    pub fn weighted_reduce(&self, inputs: &HostReduceInputs<'_>, config: &GrpoConfig, grad: &mut [f32]) -> Result<ReduceOutput> {
+        let gpu = match self {
+            Backend::Cpu => return cpu::weighted_reduce(inputs, config, grad),
+            Backend::Cuda(g) => g,
+        };
+        let shape = validate_reduce(inputs, config.agg_mode, config.norm_constant)?;
+        check_len("grad", grad.len(), shape.t * shape.k, "[T, K]")?;
+        let s = gpu.stream();
+        let losses = cuda::upload(s, inputs.losses)?;
+        let mask = DeviceMask::upload(s, &inputs.mask)?;
+        let n = shape.t * shape.k;
+        let mut g = s.alloc_zeros::<f32>(n.max(1))?;
+        let dev = ReduceInputs {
+            losses: losses.slice(..n),
+            mask: mask.view(shape.t),
+            cu_seqlens: inputs.cu_seqlens,
+            lambda: inputs.lambda,
+            membership: inputs.membership,
+            normalizers: inputs.normalizers,
+        };
+        let out = cuda::weighted_reduce(gpu, s, &dev, config, &mut g.slice_mut(..n));
+        download(s, &g, grad)?;
+        out
+    }
+}
+
+/// A device copy of a host mask.
+enum DeviceMaskBuf {
+    F32(CudaSlice<f32>),
+    U8(CudaSlice<u8>),
+}
+
+struct DeviceMask {
+    buf: DeviceMaskBuf,
+    len: usize,
+}
+
+impl DeviceMask {
+    fn upload(s: &Arc<CudaStream>, m: &HostMask<'_>) -> Result<Self> {
+        Ok(match m {
+            Mask::F32(x) => DeviceMask {
+                buf: DeviceMaskBuf::F32(cuda::upload(s, x)?),
+                len: x.len(),
+            },
+            Mask::U8(x) => DeviceMask {
+                buf: DeviceMaskBuf::U8(cuda::upload(s, x)?),
+                len: x.len(),
+            },
+        })
+    }
+
+    fn view(&self, n: usize) -> Mask<CudaView<'_, f32>, CudaView<'_, u8>> {
+        let n = n.min(self.len);
+        match &self.buf {
+            DeviceMaskBuf::F32(b) => Mask::F32(b.slice(..n)),
+            DeviceMaskBuf::U8(b) => Mask::U8(b.slice(..n)),
+        }
+    }
+}
+
+fn download(s: &Arc<CudaStream>, d: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    if d.len() < out.len() {
+        return Err(Error::arg("grad", "device buffer shorter than the host output"));
+    }
+    s.memcpy_dtoh(&d.slice(..out.len()), out)?;
+    s.synchronize()?;
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! Configuration shared by both backends: loss variants, aggregation modes, KL estimators.
+
+use crate::error::{Error, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// Most objectives one launch handles (`1 <= K <= MAX_OBJECTIVES`).
+pub const MAX_OBJECTIVES: usize = 16;
+
+/// How per-token losses are aggregated (verl's `loss_agg_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AggMode {
+    /// `sum(M*l) / N_tokens` (verl's default).
+    #[default]
+    TokenMean,
+    /// Mean over sequences with at least one token of each sequence's token mean.
+    SeqMeanTokenMean,
+    /// Mean over sequences with at least one token of each sequence's token sum.
+    SeqMeanTokenSum,
+    /// `sum(M*l) / C` for the constant `GrpoConfig::norm_constant` (Dr. GRPO).
+    TokenSumNorm,
+}
+
+impl AggMode {
+    /// Every mode, in code order.
+    pub const ALL: [AggMode; 4] = [
+        AggMode::TokenMean,
+        AggMode::SeqMeanTokenMean,
+        AggMode::SeqMeanTokenSum,
+        AggMode::TokenSumNorm,
+    ];
+
+    /// The name verl uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggMode::TokenMean => "token-mean",
+            AggMode::SeqMeanTokenMean => "seq-mean-token-mean",
+            AggMode::SeqMeanTokenSum => "seq-mean-token-sum",
+            AggMode::TokenSumNorm => "token-sum-norm",
+        }
+    }
+
+    /// The code the kernels use (`RECAP_AGG_*` in `kernels/recap_params.h`).
+    pub(crate) fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+impl fmt::Display for AggMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AggMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "token-mean" => AggMode::TokenMean,
+            "seq-mean-token-mean" => AggMode::SeqMeanTokenMean,
+            "seq-mean-token-sum" => AggMode::SeqMeanTokenSum,
+            "token-sum-norm" | "seq-mean-token-sum-norm" => AggMode::TokenSumNorm,
+            _ => {
+                return Err(Error::arg(
+                    "agg_mode",
+                    format!(
+                        "unknown aggregation mode {s:?}; expected token-mean, seq-mean-token-mean, \
+                         seq-mean-token-sum or token-sum-norm"
+                    ),
+                ))
+            }
+        })
+    }
+}
+
+/// KL estimator (verl's `kl_loss_type`), with `diff = logp - ref_logp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KlEstimator {
+    /// `diff` (verl `kl`/`k1`).
+    K1,
+    /// `|diff|` (verl `abs`).
+    Abs,
+    /// `diff^2 / 2` (verl `mse`/`k2`).
+    K2,
+    /// `clamp(exp(x) - x - 1, -10, 10)`, `x = clamp(-diff, -20, 20)` (verl `low_var_kl`/`k3`, its default).
+    #[default]
+    K3,
+    /// Value of k1, gradient of k2 (verl `k1+`).
+    K1Plus,
+    /// Value of k3, gradient of k2 (verl `k3+`/`low_var_kl+`).
+    K3Plus,
+}
+
+impl KlEstimator {
+    /// Every estimator, in code order.
+    pub const ALL: [KlEstimator; 6] = [
+        KlEstimator::K1,
+        KlEstimator::Abs,
+        KlEstimator::K2,
+        KlEstimator::K3,
+        KlEstimator::K1Plus,
+        KlEstimator::K3Plus,
+    ];
+
+    /// The name verl uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KlEstimator::K1 => "k1",
+            KlEstimator::Abs => "abs",
+            KlEstimator::K2 => "k2",
+            KlEstimator::K3 => "low_var_kl",
+            KlEstimator::K1Plus => "k1+",
+            KlEstimator::K3Plus => "k3+",
+        }
+    }
+
+    /// The code the kernels use (`RECAP_KL_*`).
+    pub(crate) fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+impl fmt::Display for KlEstimator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KlEstimator {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "kl" | "k1" => KlEstimator::K1,
+            "abs" => KlEstimator::Abs,
+            "mse" | "k2" => KlEstimator::K2,
+            "low_var_kl" | "k3" => KlEstimator::K3,
+            "k1+" | "kl+" => KlEstimator::K1Plus,
+            "k3+" | "low_var_kl+" => KlEstimator::K3Plus,
+            _ => {
+                return Err(Error::arg(
+                    "kl_estimator",
+                    format!("unknown KL estimator {s:?}; expected k1, abs, k2 (mse), k3 (low_var_kl), k1+ or k3+"),
+                ))
+            }
+        })
+    }
+}
+
+/// What an objective computes per token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ObjectiveKind {
+    /// The clipped GRPO/PPO surrogate with this objective's advantage.
+    #[default]
+    Policy,
+    /// Supervised replay: `l = -logp` (RECAP's next-token objective); advantages are not read.
+    Nll,
+}
+
+/// The loss configuration, one type for both backends. `Default` gives verl's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrpoConfig {
+    /// Lower clip `eps_low`: the ratio is clipped below at `1 - clip_low` (verl `clip_ratio_low`, 0.2).
+    pub clip_low: f32,
+    /// Upper clip `eps_high`: clipped above at `1 + clip_high` (verl `clip_ratio_high`, 0.2; DAPO 0.28).
+    pub clip_high: f32,
+    /// Dual-clip constant `c > 1` for negative advantages (verl `clip_ratio_c`, 3.0); `None` disables it.
+    pub dual_clip: Option<f32>,
+    /// Clamp of the log-ratio `logp - old_logp` before `exp` (verl: 20).
+    pub log_ratio_clamp: f32,
+    /// Aggregation of per-token losses (verl `loss_agg_mode`, default token-mean).
+    pub agg_mode: AggMode,
+    /// The constant `C` of `token-sum-norm` (required for that mode, ignored otherwise).
+    pub norm_constant: Option<f32>,
+    /// KL coefficient `beta` (verl `kl_loss_coef`); 0 by default, as in RECAP.
+    pub kl_coef: f32,
+    /// KL estimator (verl `kl_loss_type`, default `low_var_kl`).
+    pub kl_estimator: KlEstimator,
+    /// Return results even when unmasked tokens hold NaN/Inf inputs (they are counted either way).
+    pub allow_nonfinite: bool,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig {
+            clip_low: 0.2,
+            clip_high: 0.2,
+            dual_clip: Some(3.0),
+            log_ratio_clamp: 20.0,
+            agg_mode: AggMode::TokenMean,
+            norm_constant: None,
+            kl_coef: 0.0,
+            kl_estimator: KlEstimator::K3,
+            allow_nonfinite: false,
+        }
+    }
+}
+
+impl GrpoConfig {
+    /// Checks every field; the error names the field and the accepted range.
+    pub fn validate(&self) -> Result<()> {
+        let finite = |name: &'static str, v: f32| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::arg(name, format!("must be finite, got {v}")))
+            }
+        };
+        finite("config.clip_low", self.clip_low)?;
+        finite("config.clip_high", self.clip_high)?;
+        if !(0.0..1.0).contains(&self.clip_low) {
+            return Err(Error::arg(
+                "config.clip_low",
+                format!("expected 0 <= clip_low < 1, got {}", self.clip_low),
+            ));
+        }
+        if self.clip_high < 0.0 {
+            return Err(Error::arg(
+                "config.clip_high",
+                format!("expected clip_high >= 0, got {}", self.clip_high),
+            ));
+        }
+        if let Some(c) = self.dual_clip {
+            if !(c.is_finite() && c > 1.0) {
+                return Err(Error::arg(
+                    "config.dual_clip",
+                    format!("the dual-clip constant must be finite and > 1, got {c}"),
+                ));
+            }
+        }
+        if !(self.log_ratio_clamp.is_finite() && self.log_ratio_clamp > 0.0) {
+            return Err(Error::arg(
+                "config.log_ratio_clamp",
+                format!("expected a finite value > 0, got {}", self.log_ratio_clamp),
+            ));
+        }
+        if !(self.kl_coef.is_finite() && self.kl_coef >= 0.0) {
+            return Err(Error::arg(
+                "config.kl_coef",
+                format!("expected a finite value >= 0, got {}", self.kl_coef),
+            ));
+        }
+        validate_norm_constant(self.agg_mode, self.norm_constant)
+    }
+}
+
+pub(crate) fn validate_norm_constant(mode: AggMode, c: Option<f32>) -> Result<()> {
+    if mode == AggMode::TokenSumNorm {
+        match c {
+            Some(c) if c.is_finite() && c > 0.0 => {}
+            Some(c) => {
+                return Err(Error::arg(
+                    "config.norm_constant",
+                    format!("token-sum-norm needs a finite constant C > 0, got {c}"),
+                ))
+            }
+            None => {
+                return Err(Error::arg(
+                    "config.norm_constant",
+                    "token-sum-norm needs the constant C (e.g. the maximum response length)",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Global normalizers for micro-batches and data-parallel ranks: per objective (and one more slot,
+/// index `K`, for the KL term over every sequence) the token weight and the sequence count of the
+/// *whole* batch. With them, the gradients of micro-batches sum to the gradient of the whole batch.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Normalizers {
+    /// `[K + 1]` token weights (sum of the mask over member tokens).
+    pub tokens: Vec<f64>,
+    /// `[K + 1]` counts of member sequences with at least one unmasked token.
+    pub seqs: Vec<f64>,
+}
+
+impl Normalizers {
+    /// Adds another micro-batch's counts (e.g. from [`crate::count_normalizers`]).
+    pub fn add(&mut self, other: &Normalizers) -> Result<()> {
+        if self.tokens.is_empty() && self.seqs.is_empty() {
+            *self = other.clone();
+            return Ok(());
+        }
+        if self.tokens.len() != other.tokens.len() || self.seqs.len() != other.seqs.len() {
+            return Err(Error::arg(
+                "normalizers",
+                format!(
+                    "cannot add normalizers of {} slots to normalizers of {} slots",
+                    other.tokens.len(),
+                    self.tokens.len()
+                ),
+            ));
+        }
+        for (a, b) in self.tokens.iter_mut().zip(&other.tokens) {
+            *a += b;
+        }
+        for (a, b) in self.seqs.iter_mut().zip(&other.seqs) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn validate(&self, k: usize) -> Result<()> {
+        if self.tokens.len() != k + 1 || self.seqs.len() != k + 1 {
+            return Err(Error::arg(
+                "normalizers",
+                format!(
+                    "expected tokens and seqs of length K + 1 = {} (K objectives and the KL slot), got {} and {}",
+                    k + 1,
+                    self.tokens.len(),
+                    self.seqs.len()
+                ),
+            ));
+        }
+        if let Some(v) = self.tokens.iter().chain(&self.seqs).find(|v| !(v.is_finite() && **v >= 0.0)) {
+            return Err(Error::arg(
+                "normalizers",
+                format!("every normalizer must be finite and >= 0, got {v}"),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,101 @@
+//! Reference of kernel 1, the fused GRPO loss (formulas in `kernels/grpo_loss.cu`).
+
+use super::math::{agg_weight, kl_token, policy_token, ratio};
+use super::norms::{mask_weight, norms, seq_tokens};
+use crate::config::{GrpoConfig, ObjectiveKind};
+use crate::error::Result;
+use crate::layout::{check_len, validate_grpo, Advantages, HostGrpoInputs};
+use crate::output::{finish_grpo, grpo_slots, GrpoOutput, GrpoSums, NORM_SEQS, NORM_SLOTS, NORM_TOKENS};
+
+/// The fused GRPO loss on the CPU: writes `dL/dlogp` into `grad` (`[T]`) and returns the loss,
+/// per-objective aggregates and metrics. Validation errors name the argument; non-finite inputs at
+/// unmasked tokens are an error unless `config.allow_nonfinite`.
+pub fn grpo_loss(inputs: &HostGrpoInputs<'_>, config: &GrpoConfig, grad: &mut [f32]) -> Result<GrpoOutput> {
+    let shape = validate_grpo(inputs, config)?;
+    check_len("grad", grad.len(), shape.t, "[T]")?;
+    let sums = grpo_sums(inputs, config, grad);
+    finish_grpo(&sums, inputs.lambda, config, inputs.ref_logp.is_some())
+}
+
+fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> GrpoSums {
+    let k = inp.lambda.len();
+    let cu = inp.cu_seqlens;
+    let n_b = seq_tokens(&inp.mask, cu);
+    let norms = norms(&n_b, inp.membership, k, inp.normalizers);
+    let mut s = vec![0.0f64; grpo_slots(k)];
+    let e = 3 * k;
+    s[e + 3] = f64::INFINITY;
+    s[e + 4] = f64::NEG_INFINITY;
+    let c = cfg.norm_constant.unwrap_or(0.0) as f64;
+    let weight = |j: usize, nb: f64| {
+        agg_weight(
+            cfg.agg_mode,
+            norms[NORM_TOKENS * NORM_SLOTS + j],
+            norms[NORM_SEQS * NORM_SLOTS + j],
+            nb,
+            c,
+        )
+    };
+    let nonfinite = |v: f32| if v.is_finite() { 0.0 } else { 1.0 };
+    for b in 0..cu.len() - 1 {
+        let bits = inp.membership.map_or(u32::MAX, |m| m[b]) & ((1u64 << k) - 1) as u32;
+        let pol = (0..k).any(|j| (bits >> j) & 1 == 1 && inp.objectives[j] == ObjectiveKind::Policy);
+        for t in cu[b] as usize..cu[b + 1] as usize {
+            let m = mask_weight(&inp.mask, t);
+            if m == 0.0 {
+                grad[t] = 0.0;
+                continue;
+            }
+            s[e + 5] += if m.is_finite() { 0.0 } else { 1.0 };
+            let lp = inp.logp[t];
+            s[e + 5] += nonfinite(lp);
+            let q = if pol {
+                let old = inp.old_logp[t];
+                s[e + 5] += nonfinite(old);
+                let q = ratio(lp, old, cfg.log_ratio_clamp);
+                s[e] += m * q.ratio;
+                s[e + 1] -= m * q.log_ratio;
+                s[e + 2] += m;
+                s[e + 3] = s[e + 3].min(q.ratio);
+                s[e + 4] = s[e + 4].max(q.ratio);
+                Some(q)
+            } else {
+                None
+            };
+            let mut g = 0.0f64;
+            for j in (0..k).filter(|j| (bits >> j) & 1 == 1) {
+                let w = m * weight(j, n_b[b]);
+                match (inp.objectives[j], q) {
+                    (ObjectiveKind::Policy, Some(q)) => {
+                        let a = match inp.advantages {
+                            Advantages::PerSequence(a) => a[b * k + j],
+                            Advantages::PerToken(a) => a[t * k + j],
+                        };
+                        s[e + 5] += nonfinite(a);
+                        let pt = policy_token(q, a, cfg.clip_low, cfg.clip_high, cfg.dual_clip);
+                        s[j] += w * pt.loss;
+                        s[k + j] += if pt.clipped { m } else { 0.0 };
+                        s[2 * k + j] += if pt.dual { m } else { 0.0 };
+                        g += inp.lambda[j] as f64 * w * pt.grad;
+                    }
+                    _ => {
+                        s[j] -= w * lp as f64;
+                        g -= inp.lambda[j] as f64 * w;
+                    }
+                }
+            }
+            g /= k as f64;
+            if let Some(r) = inp.ref_logp {
+                let rv = r[t];
+                s[e + 5] += nonfinite(rv);
+                let kt = kl_token(lp, rv, cfg.kl_estimator);
+                let w = m * weight(k, n_b[b]);
+                s[e + 6] += w * kt.value;
+                s[e + 7] += m * kt.value;
+                g += cfg.kl_coef as f64 * w * kt.grad;
+            }
+            grad[t] = g as f32;
+        }
+    }
+    GrpoSums { slots: s, norms }
+}

@@ -1,0 +1,141 @@
+//! Per-token formulas in f64: the reference for `kernels/grpo_math.cuh` (same rules, higher precision).
+
+use crate::config::{AggMode, KlEstimator};
+
+/// Clamped log-ratio and ratio.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ratio {
+    /// `d = clamp(logp - old_logp, -c0, c0)` (NaN stays NaN).
+    pub log_ratio: f64,
+    /// `r = exp(d)`.
+    pub ratio: f64,
+    /// The clamp saturated, so `dd/dlogp = 0`.
+    pub saturated: bool,
+}
+
+/// `d` and `r` for one token.
+pub fn ratio(logp: f32, old_logp: f32, clamp: f32) -> Ratio {
+    let raw = logp as f64 - old_logp as f64;
+    let c = clamp as f64;
+    let log_ratio = if raw.is_nan() { raw } else { raw.clamp(-c, c) };
+    Ratio {
+        log_ratio,
+        ratio: log_ratio.exp(),
+        saturated: raw < -c || raw > c,
+    }
+}
+
+/// Loss, gradient and branch flags of the clipped surrogate at one token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PolicyToken {
+    /// `l`.
+    pub loss: f64,
+    /// `dl/dlogp`.
+    pub grad: f64,
+    /// The clipped branch is active (`l2 > l1`).
+    pub clipped: bool,
+    /// The dual-clip branch is active.
+    pub dual: bool,
+}
+
+/// `l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))`, then for `A < 0` with dual-clip
+/// `min(l, -c A)`; the gradient follows the active branch.
+pub fn policy_token(q: Ratio, adv: f32, clip_low: f32, clip_high: f32, dual_clip: Option<f32>) -> PolicyToken {
+    let a = adv as f64;
+    let r = q.ratio;
+    let (lo, hi) = (1.0 - clip_low as f64, 1.0 + clip_high as f64);
+    let rc = if r.is_nan() { r } else { r.clamp(lo, hi) };
+    let l1 = -a * r;
+    let l2 = -a * rc;
+    let clipped = l2 > l1;
+    let mut out = PolicyToken {
+        loss: if clipped { l2 } else { l1 },
+        grad: if clipped || q.saturated { 0.0 } else { -a * r },
+        clipped,
+        dual: false,
+    };
+    if let Some(c) = dual_clip {
+        if a < 0.0 {
+            let l3 = -(c as f64) * a;
+            if out.loss > l3 {
+                out = PolicyToken {
+                    loss: l3,
+                    grad: 0.0,
+                    clipped,
+                    dual: true,
+                };
+            }
+        }
+    }
+    out
+}
+
+/// Value and gradient of a KL estimator at one token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KlToken {
+    /// `kl_t`.
+    pub value: f64,
+    /// `d kl_t / d logp_t`.
+    pub grad: f64,
+}
+
+/// The KL estimators of verl's `kl_penalty`, `diff = logp - ref_logp`.
+pub fn kl_token(logp: f32, ref_logp: f32, est: KlEstimator) -> KlToken {
+    let diff = logp as f64 - ref_logp as f64;
+    match est {
+        KlEstimator::K1 => KlToken { value: diff, grad: 1.0 },
+        KlEstimator::K1Plus => KlToken { value: diff, grad: diff },
+        KlEstimator::Abs => KlToken {
+            value: diff.abs(),
+            grad: if diff > 0.0 {
+                1.0
+            } else if diff < 0.0 {
+                -1.0
+            } else if diff.is_nan() {
+                diff
+            } else {
+                0.0
+            },
+        },
+        KlEstimator::K2 => KlToken {
+            value: 0.5 * diff * diff,
+            grad: diff,
+        },
+        KlEstimator::K3 | KlEstimator::K3Plus => {
+            let raw = -diff;
+            let x = if raw.is_nan() { raw } else { raw.clamp(-20.0, 20.0) };
+            let e = x.exp();
+            let kld = e - x - 1.0;
+            let sat = raw < -20.0 || raw > 20.0 || kld > 10.0 || kld < -10.0;
+            let value = if kld.is_nan() { kld } else { kld.clamp(-10.0, 10.0) };
+            let grad = if est == KlEstimator::K3Plus {
+                diff
+            } else if sat {
+                0.0
+            } else {
+                1.0 - e
+            };
+            KlToken { value, grad }
+        }
+    }
+}
+
+fn inv(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0 / x
+    } else {
+        0.0
+    }
+}
+
+/// Aggregation weight of one unmasked token (before its mask weight): token-mean `1/N_tokens`,
+/// seq-mean-token-mean `1/(n_seq N_seqs)`, seq-mean-token-sum `1/N_seqs`, token-sum-norm `1/C`;
+/// 0 where a normalizer is 0.
+pub fn agg_weight(mode: AggMode, tokens: f64, seqs: f64, seq_tokens: f64, norm_constant: f64) -> f64 {
+    match mode {
+        AggMode::TokenMean => inv(tokens),
+        AggMode::SeqMeanTokenMean => inv(seqs) * inv(seq_tokens),
+        AggMode::SeqMeanTokenSum => inv(seqs),
+        AggMode::TokenSumNorm => inv(norm_constant),
+    }
+}

@@ -1,0 +1,14 @@
+//! The CPU reference backend: every op in plain Rust with f64 arithmetic and accumulation from the
+//! f32 inputs. It is the default backend and the reference the GPU kernels are tested against.
+
+mod grpo;
+mod kl;
+mod math;
+mod norms;
+mod reduce;
+
+pub use grpo::grpo_loss;
+pub use kl::kl;
+pub use math::{agg_weight, kl_token, policy_token, ratio, KlToken, PolicyToken, Ratio};
+pub use norms::count_normalizers;
+pub use reduce::weighted_reduce;

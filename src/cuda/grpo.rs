@@ -1,0 +1,129 @@
+//! Kernel 1 on the GPU: the fused GRPO loss (`kernels/grpo_loss.cu`).
+
+use super::{addr, addr_mut, addr_slice, finalize, maxk, params::GrpoParams, seq_stats, Gpu, Module, BLOCK};
+use crate::config::GrpoConfig;
+use crate::error::Result;
+use crate::layout::{check_len, policy_bits, validate_grpo, Advantages, GrpoInputs, Mask};
+use crate::output::{finish_grpo, grpo_slots, GrpoOutput, GrpoSums};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use std::sync::Arc;
+
+/// Device inputs of the fused GRPO loss: per-token arrays as CUDA views, the small per-batch arrays
+/// (`cu_seqlens`, `lambda`, `objectives`, `membership`) on the host.
+pub type DeviceGrpoInputs<'a> = GrpoInputs<'a, CudaView<'a, f32>, CudaView<'a, u8>>;
+
+/// The fused GRPO loss on the GPU, on `stream`: writes `dL/dlogp` into `grad` (`[T]`) and returns
+/// the loss, per-objective aggregates and metrics (this synchronizes `stream` to read them).
+/// Every argument is validated on the host before any launch.
+pub fn grpo_loss(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    inputs: &DeviceGrpoInputs<'_>,
+    config: &GrpoConfig,
+    grad: &mut CudaViewMut<'_, f32>,
+) -> Result<GrpoOutput> {
+    let shape = validate_grpo(inputs, config)?;
+    check_len("grad", grad.len(), shape.t, "[T]")?;
+    gpu.check_stream(stream)?;
+    let (t, b, k) = (shape.t, shape.b, shape.k);
+
+    let (mask_view, suffix) = match &inputs.mask {
+        Mask::F32(m) => (MaskView::F32(m), "f32"),
+        Mask::U8(m) => (MaskView::U8(m), "u8"),
+    };
+    let (mask_a, _gm) = mask_view.addr(stream);
+    let stats = seq_stats(gpu, stream, mask_a, suffix, t, inputs.cu_seqlens, inputs.membership, k, inputs.normalizers)?;
+
+    let items = gpu.items_per_thread(t);
+    let blocks = t.div_ceil(BLOCK as usize * items);
+    let slots = grpo_slots(k);
+    let partials = stream.alloc_zeros::<f64>((blocks * slots).max(1))?;
+    {
+        let (logp_a, _g0) = addr(&inputs.logp, stream);
+        let (old_a, _g1) = addr(&inputs.old_logp, stream);
+        let (ref_a, _g2) = match &inputs.ref_logp {
+            Some(r) => {
+                let (a, g) = addr(r, stream);
+                (a, Some(g))
+            }
+            None => (0, None),
+        };
+        let (adv_view, per_token) = match &inputs.advantages {
+            Advantages::PerSequence(a) => (a, 0),
+            Advantages::PerToken(a) => (a, 1),
+        };
+        let (adv_a, _g3) = addr(adv_view, stream);
+        let (cu_a, _g4) = addr_slice(&stats.cu, stream);
+        let (mem_a, _g5) = match &stats.membership {
+            Some(m) => {
+                let (a, g) = addr_slice(m, stream);
+                (a, Some(g))
+            }
+            None => (0, None),
+        };
+        let (st_a, _g6) = addr_slice(&stats.seq_tokens, stream);
+        let (n_a, _g7) = addr_slice(&stats.norms, stream);
+        let (grad_a, _g8) = addr_mut(grad, stream);
+        let (part_a, _g9) = addr_slice(&partials, stream);
+        let mut lambda = [0f32; 16];
+        lambda[..k].copy_from_slice(inputs.lambda);
+        let p = GrpoParams {
+            logp: logp_a,
+            old_logp: old_a,
+            ref_logp: ref_a,
+            advantages: adv_a,
+            mask: mask_a,
+            cu_seqlens: cu_a,
+            membership: mem_a,
+            seq_tokens: st_a,
+            norms: n_a,
+            grad: grad_a,
+            partials: part_a,
+            num_tokens: t as i64,
+            num_seqs: b as i32,
+            num_objectives: k as i32,
+            items_per_thread: items as i32,
+            adv_per_token: per_token,
+            agg_mode: config.agg_mode.code(),
+            kl_estimator: config.kl_estimator.code(),
+            dual_clip: config.dual_clip.is_some() as i32,
+            policy_bits: policy_bits(inputs.objectives),
+            clip_low: config.clip_low,
+            clip_high: config.clip_high,
+            clip_c: config.dual_clip.unwrap_or(0.0),
+            log_ratio_clamp: config.log_ratio_clamp,
+            beta: config.kl_coef,
+            sum_norm_const: config.norm_constant.unwrap_or(0.0),
+            lambda,
+        };
+        let name = format!("recap_grpo_loss_k{}_{suffix}", maxk(k));
+        gpu.launch(stream, Module::GrpoLoss, &name, blocks, &p)?;
+    }
+    let e = 3 * k as i32;
+    let slots_h = finalize(gpu, stream, &partials, blocks, slots, e + 3, e + 4)?;
+    let norms_h = stream.clone_dtoh(&stats.norms)?;
+    finish_grpo(
+        &GrpoSums {
+            slots: slots_h,
+            norms: norms_h,
+        },
+        inputs.lambda,
+        config,
+        inputs.ref_logp.is_some(),
+    )
+}
+
+/// A mask view of either dtype.
+pub(crate) enum MaskView<'v, 'a> {
+    F32(&'v CudaView<'a, f32>),
+    U8(&'v CudaView<'a, u8>),
+}
+
+impl<'v, 'a> MaskView<'v, 'a> {
+    pub(crate) fn addr(&self, stream: &'v CudaStream) -> (u64, cudarc::driver::SyncOnDrop<'v>) {
+        match self {
+            MaskView::F32(m) => addr(m, stream),
+            MaskView::U8(m) => addr(m, stream),
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Kernel 2 on the GPU: the standalone per-token KL (`kernels/kl.cu`).
+
+use super::grpo::MaskView;
+use super::{addr, addr_mut, params::KlParams, Gpu, Module, BLOCK};
+use crate::config::KlEstimator;
+use crate::error::Result;
+use crate::layout::{check_len, Mask};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use std::sync::Arc;
+
+/// Per-token KL value and gradient `d kl_t / d logp_t` on `stream` into `kl_out` and `grad`
+/// (`[T]` each); masked tokens get 0. `mask = None` computes every token.
+#[allow(clippy::too_many_arguments)]
+pub fn kl(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logp: &CudaView<'_, f32>,
+    ref_logp: &CudaView<'_, f32>,
+    mask: Option<Mask<CudaView<'_, f32>, CudaView<'_, u8>>>,
+    estimator: KlEstimator,
+    kl_out: &mut CudaViewMut<'_, f32>,
+    grad: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let t = logp.len();
+    check_len("ref_logp", ref_logp.len(), t, "[T] (the length of logp)")?;
+    if let Some(m) = &mask {
+        check_len("mask", m.array_len(), t, "[T]")?;
+    }
+    check_len("kl_out", kl_out.len(), t, "[T]")?;
+    check_len("grad", grad.len(), t, "[T]")?;
+    gpu.check_stream(stream)?;
+    let (mask_view, suffix) = match &mask {
+        Some(Mask::F32(m)) => (Some(MaskView::F32(m)), "f32"),
+        Some(Mask::U8(m)) => (Some(MaskView::U8(m)), "u8"),
+        None => (None, "f32"),
+    };
+    let (mask_a, _gm) = match &mask_view {
+        Some(v) => {
+            let (a, g) = v.addr(stream);
+            (a, Some(g))
+        }
+        None => (0, None),
+    };
+    let (l_a, _g0) = addr(logp, stream);
+    let (r_a, _g1) = addr(ref_logp, stream);
+    let (k_a, _g2) = addr_mut(kl_out, stream);
+    let (g_a, _g3) = addr_mut(grad, stream);
+    let p = KlParams {
+        logp: l_a,
+        ref_logp: r_a,
+        mask: mask_a,
+        kl: k_a,
+        grad: g_a,
+        num_tokens: t as i64,
+        kl_estimator: estimator.code(),
+        pad0: 0,
+    };
+    let blocks = t.div_ceil(BLOCK as usize).min(64 * gpu.multiprocessors() as usize);
+    gpu.launch(stream, Module::Kl, &format!("recap_kl_{suffix}"), blocks, &p)
+}

@@ -1,0 +1,319 @@
+//! The CUDA backend: one module per kernel family, a load-once module cache per device, and safe
+//! wrappers that validate every argument on the host before any launch.
+//!
+//! Inputs are `CudaView`s, outputs `&mut CudaViewMut`, and every op takes the stream it runs on.
+//! `unsafe` appears only around the launches. On a build without kernels (no nvcc at build time)
+//! every entry point returns [`Error::NoKernels`].
+
+mod grpo;
+mod kl;
+pub mod params;
+mod reduce;
+
+pub use grpo::{grpo_loss, DeviceGrpoInputs};
+pub use kl::kl;
+pub use reduce::{weighted_reduce, DeviceReduceInputs};
+
+use crate::config::{Normalizers, MAX_OBJECTIVES};
+use crate::error::{Error, Result};
+use crate::output::NORM_SLOTS;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+mod images {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Whether this build embeds compiled kernels (nvcc was found at build time).
+pub const KERNELS_COMPILED: bool = images::KERNELS_COMPILED;
+/// The architectures the kernels were compiled for (`RECAP_CUDA_ARCHS`), e.g. `"80,90"`.
+pub const CUDA_ARCHS: &str = images::CUDA_ARCHS;
+/// The nvcc that compiled them.
+pub const NVCC_VERSION: &str = images::NVCC_VERSION;
+
+/// Threads per block of every kernel (`RECAP_BLOCK` in `kernels/common.cuh`).
+pub(crate) const BLOCK: u32 = 256;
+
+/// The kernel families, one embedded module image each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Module {
+    GrpoLoss,
+    Kl,
+    Reduce,
+}
+
+impl Module {
+    fn image(self) -> &'static [u8] {
+        match self {
+            Module::GrpoLoss => images::GRPO_LOSS,
+            Module::Kl => images::KL,
+            Module::Reduce => images::REDUCE,
+        }
+    }
+}
+
+/// Whether a CUDA driver library can be loaded on this machine (without it, creating a context
+/// would fail inside cudarc).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library by its usual names; no driver call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// One GPU: its context, default stream and the cache of loaded modules and functions.
+#[derive(Debug)]
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    sms: u32,
+    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`. Errors (never panics) when the build has no kernels, no driver is
+    /// present, or the device does not exist.
+    pub fn new(ordinal: usize) -> Result<Arc<Gpu>> {
+        if !KERNELS_COMPILED {
+            return Err(Error::NoKernels);
+        }
+        if !driver_present() {
+            return Err(Error::NoDevice("no CUDA driver library (libcuda) found".into()));
+        }
+        let count = CudaContext::device_count()?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::NoDevice(format!(
+                "device {ordinal} requested, {count} CUDA device(s) present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.default_stream();
+        let name = ctx.name()?;
+        let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            name,
+            sms: sms.max(1) as u32,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The context's default stream.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn multiprocessors(&self) -> u32 {
+        self.sms
+    }
+
+    fn module(&self, m: Module) -> Result<Arc<CudaModule>> {
+        let mut cache = self.modules.lock().map_err(|_| Error::NoDevice("module cache poisoned".into()))?;
+        if let Some(module) = cache.get(&m) {
+            return Ok(module.clone());
+        }
+        let module = self.ctx.load_module(Ptx::from_binary(m.image().to_vec()))?;
+        cache.insert(m, module.clone());
+        Ok(module)
+    }
+
+    pub(crate) fn function(&self, m: Module, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .map_err(|_| Error::NoDevice("function cache poisoned".into()))?
+            .get(name)
+        {
+            return Ok(f.clone());
+        }
+        let f = self.module(m)?.load_function(name)?;
+        self.functions
+            .lock()
+            .map_err(|_| Error::NoDevice("function cache poisoned".into()))?
+            .insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Errors unless `stream` belongs to this GPU's context.
+    pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(Error::arg("stream", "the stream belongs to another CUDA context than this Gpu"));
+        }
+        Ok(())
+    }
+
+    /// Tokens per thread for a token kernel over `t` tokens: enough blocks to fill the device
+    /// (about 4 per multiprocessor), at most 16 tokens per thread.
+    pub(crate) fn items_per_thread(&self, t: usize) -> usize {
+        let blocks = 4 * self.sms as usize;
+        t.div_ceil(blocks * BLOCK as usize).clamp(1, 16)
+    }
+
+    /// Launches `name` from module `m` with `grid` blocks of [`BLOCK`] threads and the by-value
+    /// parameter struct `params`. A grid of 0 launches nothing.
+    pub(crate) fn launch<P: DeviceRepr>(&self, stream: &CudaStream, m: Module, name: &str, grid: usize, params: &P) -> Result<()> {
+        if grid == 0 {
+            return Ok(());
+        }
+        let grid = u32::try_from(grid).map_err(|_| Error::arg("logp", format!("{grid} blocks exceed the CUDA grid limit")))?;
+        let f = self.function(m, name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(params);
+        // SAFETY: every kernel takes exactly one by-value parameter struct whose #[repr(C)] mirror is
+        // `P` (layouts checked against recap_params.h by tests/device_math.rs); the caller validated
+        // every array length on the host and holds the device buffers borrowed until after this
+        // launch is enqueued on `stream`.
+        unsafe { builder.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+/// Smallest compiled objective-count specialization (`MAXK` of the kernels) that fits `k`.
+pub(crate) fn maxk(k: usize) -> usize {
+    debug_assert!((1..=MAX_OBJECTIVES).contains(&k));
+    k.next_power_of_two()
+}
+
+/// Device address of a view, for a parameter struct; the guard must outlive the launch.
+pub(crate) fn addr<'a, T>(v: &'a CudaView<'_, T>, s: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+    let (p, g) = v.device_ptr(s);
+    (p as u64, g)
+}
+
+/// Device address of a mutable view, for an output of a parameter struct.
+pub(crate) fn addr_mut<'a, T>(v: &'a mut CudaViewMut<'_, T>, s: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+    let (p, g) = v.device_ptr_mut(s);
+    (p as u64, g)
+}
+
+/// Device address of an owned buffer.
+pub(crate) fn addr_slice<'a, T>(v: &'a CudaSlice<T>, s: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+    let (p, g) = v.device_ptr(s);
+    (p as u64, g)
+}
+
+/// Copies a host slice to a new device buffer of at least one element (a zero-length allocation is
+/// not portable), so `buf.slice(..x.len())` is the data.
+pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(stream: &Arc<CudaStream>, x: &[T]) -> Result<CudaSlice<T>> {
+    let mut d = stream.alloc_zeros::<T>(x.len().max(1))?;
+    if !x.is_empty() {
+        stream.memcpy_htod(x, &mut d.slice_mut(..x.len()))?;
+    }
+    Ok(d)
+}
+
+/// The per-sequence token weights and normalizers on the device, shared by kernels 1 and 3.
+pub(crate) struct SeqStats {
+    pub cu: CudaSlice<i32>,
+    pub membership: Option<CudaSlice<u32>>,
+    pub seq_tokens: CudaSlice<f64>,
+    pub norms: CudaSlice<f64>,
+}
+
+/// Uploads the layout arrays and runs `recap_seq_stats_*` and `recap_norms_finalize`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn seq_stats(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    mask_addr: u64,
+    mask_suffix: &str,
+    t: usize,
+    cu_seqlens: &[i32],
+    membership: Option<&[u32]>,
+    k: usize,
+    global: Option<&Normalizers>,
+) -> Result<SeqStats> {
+    let b = cu_seqlens.len() - 1;
+    let cu = upload(stream, cu_seqlens)?;
+    let membership = membership.map(|m| upload(stream, m)).transpose()?;
+    let seq_tokens = stream.alloc_zeros::<f64>(b.max(1))?;
+    let norms = stream.alloc_zeros::<f64>(4 * NORM_SLOTS)?;
+    let mut p = params::SeqParams {
+        mask: mask_addr,
+        num_tokens: t as i64,
+        num_seqs: b as i32,
+        num_objectives: k as i32,
+        ..Default::default()
+    };
+    if let Some(g) = global {
+        p.has_override = 1;
+        p.override_tokens[..=k].copy_from_slice(&g.tokens);
+        p.override_seqs[..=k].copy_from_slice(&g.seqs);
+    }
+    {
+        let (cu_a, _g0) = addr_slice(&cu, stream);
+        let (mem_a, _g1) = match &membership {
+            Some(m) => {
+                let (a, g) = addr_slice(m, stream);
+                (a, Some(g))
+            }
+            None => (0, None),
+        };
+        let (st_a, _g2) = addr_slice(&seq_tokens, stream);
+        let (n_a, _g3) = addr_slice(&norms, stream);
+        p.cu_seqlens = cu_a;
+        p.membership = mem_a;
+        p.seq_tokens = st_a;
+        p.norms = n_a;
+        let warps_per_block = (BLOCK / 32) as usize;
+        gpu.launch(stream, Module::Reduce, &format!("recap_seq_stats_{mask_suffix}"), b.div_ceil(warps_per_block), &p)?;
+        gpu.launch(stream, Module::Reduce, "recap_norms_finalize", 1, &p)?;
+    }
+    Ok(SeqStats {
+        cu,
+        membership,
+        seq_tokens,
+        norms,
+    })
+}
+
+/// Runs `recap_partials_finalize` over `partials` (`[num_blocks, num_slots]`) and copies the
+/// reduced slots to the host.
+pub(crate) fn finalize(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    partials: &CudaSlice<f64>,
+    num_blocks: usize,
+    num_slots: usize,
+    min_slot: i32,
+    max_slot: i32,
+) -> Result<Vec<f64>> {
+    let out = stream.alloc_zeros::<f64>(num_slots)?;
+    {
+        let (pa, _g0) = addr_slice(partials, stream);
+        let (oa, _g1) = addr_slice(&out, stream);
+        let p = params::FinalizeParams {
+            partials: pa,
+            out: oa,
+            num_blocks: num_blocks as i32,
+            num_slots: num_slots as i32,
+            min_slot,
+            max_slot,
+        };
+        gpu.launch(stream, Module::Reduce, "recap_partials_finalize", 1, &p)?;
+    }
+    Ok(stream.clone_dtoh(&out)?)
+}

@@ -1,0 +1,77 @@
+//! Kernel 3 on the GPU: the per-objective weighted loss reduction (`kernels/reduce.cu`).
+
+use super::grpo::MaskView;
+use super::{addr, addr_mut, addr_slice, finalize, maxk, params::ReduceParams, seq_stats, Gpu, Module, BLOCK};
+use crate::config::GrpoConfig;
+use crate::error::Result;
+use crate::layout::{check_len, validate_reduce, Mask, ReduceInputs};
+use crate::output::{finish_reduce, ReduceOutput};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use std::sync::Arc;
+
+/// Device inputs of the weighted reduction.
+pub type DeviceReduceInputs<'a> = ReduceInputs<'a, CudaView<'a, f32>, CudaView<'a, u8>>;
+
+/// Aggregates per-token losses `[T, K]` per objective with `config.agg_mode` on `stream`, returns
+/// the aggregates and `(1/K) sum_k lambda_k agg_k` (this synchronizes `stream`), and writes
+/// `d total / d l_tk` into `grad` (`[T, K]`).
+pub fn weighted_reduce(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    inputs: &DeviceReduceInputs<'_>,
+    config: &GrpoConfig,
+    grad: &mut CudaViewMut<'_, f32>,
+) -> Result<ReduceOutput> {
+    let shape = validate_reduce(inputs, config.agg_mode, config.norm_constant)?;
+    let (t, b, k) = (shape.t, shape.b, shape.k);
+    check_len("grad", grad.len(), t * k, "[T, K]")?;
+    gpu.check_stream(stream)?;
+    let (mask_view, suffix) = match &inputs.mask {
+        Mask::F32(m) => (MaskView::F32(m), "f32"),
+        Mask::U8(m) => (MaskView::U8(m), "u8"),
+    };
+    let (mask_a, _gm) = mask_view.addr(stream);
+    let stats = seq_stats(gpu, stream, mask_a, suffix, t, inputs.cu_seqlens, inputs.membership, k, inputs.normalizers)?;
+    let items = gpu.items_per_thread(t);
+    let blocks = t.div_ceil(BLOCK as usize * items);
+    let partials = stream.alloc_zeros::<f64>((blocks * k).max(1))?;
+    {
+        let (l_a, _g0) = addr(&inputs.losses, stream);
+        let (cu_a, _g1) = addr_slice(&stats.cu, stream);
+        let (mem_a, _g2) = match &stats.membership {
+            Some(m) => {
+                let (a, g) = addr_slice(m, stream);
+                (a, Some(g))
+            }
+            None => (0, None),
+        };
+        let (st_a, _g3) = addr_slice(&stats.seq_tokens, stream);
+        let (n_a, _g4) = addr_slice(&stats.norms, stream);
+        let (g_a, _g5) = addr_mut(grad, stream);
+        let (p_a, _g6) = addr_slice(&partials, stream);
+        let mut lambda = [0f32; 16];
+        lambda[..k].copy_from_slice(inputs.lambda);
+        let p = ReduceParams {
+            losses: l_a,
+            mask: mask_a,
+            cu_seqlens: cu_a,
+            membership: mem_a,
+            seq_tokens: st_a,
+            norms: n_a,
+            grad: g_a,
+            partials: p_a,
+            num_tokens: t as i64,
+            num_seqs: b as i32,
+            num_objectives: k as i32,
+            items_per_thread: items as i32,
+            agg_mode: config.agg_mode.code(),
+            sum_norm_const: config.norm_constant.unwrap_or(0.0),
+            pad0: 0.0,
+            lambda,
+        };
+        gpu.launch(stream, Module::Reduce, &format!("recap_reduce_k{}_{suffix}", maxk(k)), blocks, &p)?;
+    }
+    let agg = finalize(gpu, stream, &partials, blocks, k, -1, -1)?;
+    let norms = stream.clone_dtoh(&stats.norms)?;
+    Ok(finish_reduce(agg, &norms, inputs.lambda))
+}

@@ -1,0 +1,101 @@
+//! The device's per-token formulas (`kernels/grpo_math.cuh`) and parameter-struct layouts
+//! (`kernels/recap_params.h`), compiled for the host by `build.rs` with the C compiler. For tests:
+//! they check the exact device arithmetic and the `#[repr(C)]` mirrors on machines without a GPU.
+
+use std::os::raw::c_int;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct CRatio {
+    log_ratio: f32,
+    ratio: f32,
+    saturated: c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct CPolicy {
+    loss: f32,
+    grad: f32,
+    clipped: c_int,
+    dual: c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct CKl {
+    value: f32,
+    grad: f32,
+}
+
+extern "C" {
+    fn recap_host_ratio(logp: f32, old_logp: f32, clamp: f32, out: *mut CRatio);
+    fn recap_host_policy_token(q: *const CRatio, adv: f32, lo: f32, hi: f32, dual: c_int, c: f32, out: *mut CPolicy);
+    fn recap_host_kl_token(logp: f32, ref_logp: f32, est: c_int, out: *mut CKl);
+    fn recap_host_agg_weight(mode: c_int, inv_tokens: f32, inv_seqs: f32, inv_seq_tokens: f32, inv_const: f32) -> f32;
+    fn recap_host_params_layout(which: c_int, out: *mut usize, cap: usize) -> usize;
+    fn recap_host_constants(out: *mut c_int);
+}
+
+/// One token of the policy loss as the device computes it (f32).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DevicePolicyToken {
+    pub log_ratio: f32,
+    pub ratio: f32,
+    pub saturated: bool,
+    pub loss: f32,
+    pub grad: f32,
+    pub clipped: bool,
+    pub dual: bool,
+}
+
+/// `recap_ratio` then `recap_policy_token` of grpo_math.cuh.
+pub fn policy_token(logp: f32, old_logp: f32, clamp: f32, adv: f32, clip_low: f32, clip_high: f32, dual_clip: Option<f32>) -> DevicePolicyToken {
+    let mut q = CRatio::default();
+    let mut p = CPolicy::default();
+    // SAFETY: plain C functions over scalars writing into the valid, properly aligned locals given.
+    unsafe {
+        recap_host_ratio(logp, old_logp, clamp, &mut q);
+        recap_host_policy_token(&q, adv, clip_low, clip_high, dual_clip.is_some() as c_int, dual_clip.unwrap_or(0.0), &mut p);
+    }
+    DevicePolicyToken {
+        log_ratio: q.log_ratio,
+        ratio: q.ratio,
+        saturated: q.saturated != 0,
+        loss: p.loss,
+        grad: p.grad,
+        clipped: p.clipped != 0,
+        dual: p.dual != 0,
+    }
+}
+
+/// `recap_kl_token` of grpo_math.cuh: (value, gradient).
+pub fn kl_token(logp: f32, ref_logp: f32, est: crate::KlEstimator) -> (f32, f32) {
+    let mut o = CKl::default();
+    // SAFETY: plain C function over scalars writing into a valid local.
+    unsafe { recap_host_kl_token(logp, ref_logp, est.code(), &mut o) };
+    (o.value, o.grad)
+}
+
+/// `recap_agg_weight` of grpo_math.cuh.
+pub fn agg_weight(mode: crate::AggMode, inv_tokens: f32, inv_seqs: f32, inv_seq_tokens: f32, inv_const: f32) -> f32 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_agg_weight(mode.code(), inv_tokens, inv_seqs, inv_seq_tokens, inv_const) }
+}
+
+/// Size and field offsets of C struct `which` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize) as the
+/// C compiler lays out recap_params.h.
+pub fn params_layout(which: i32) -> Vec<usize> {
+    let mut buf = [0usize; 64];
+    // SAFETY: the C function writes at most `cap` entries into the buffer given.
+    let n = unsafe { recap_host_params_layout(which, buf.as_mut_ptr(), buf.len()) };
+    buf[..n.min(buf.len())].to_vec()
+}
+
+/// `[RECAP_MAX_OBJECTIVES, RECAP_NORM_SLOTS, RECAP_GRPO_EXTRA_SLOTS]` from recap_params.h.
+pub fn constants() -> [i32; 3] {
+    let mut c = [0 as c_int; 3];
+    // SAFETY: the C function writes exactly three ints.
+    unsafe { recap_host_constants(c.as_mut_ptr()) };
+    c
+}

@@ -1,0 +1,30 @@
+//! # recap-kernels
+//!
+//! Handwritten CUDA kernels for RL post-training of language models, with a CPU reference backend:
+//!
+//! - **kernel 1** the fused GRPO policy loss for K objectives (ratio clipping, dual-clip, KL to a
+//!   reference, per-objective weights), forward and gradient in one pass: [`cpu::grpo_loss`],
+//!   [`cuda::grpo_loss`], [`Backend::grpo_loss`];
+//! - **kernel 2** per-token KL estimators: [`cpu::kl`], [`cuda::kl`];
+//! - **kernel 3** per-objective weighted loss reduction in every verl aggregation mode, with global
+//!   normalizers for micro-batches: [`cpu::weighted_reduce`], [`cuda::weighted_reduce`].
+//!
+//! Data layout: packed variable-length tokens (see [`layout`]). Formulas: `kernels/grpo_math.cuh`
+//! and the README.
+
+pub mod backend;
+pub mod config;
+pub mod cpu;
+pub mod cuda;
+#[doc(hidden)]
+pub mod device_math;
+pub mod error;
+pub mod layout;
+pub mod output;
+
+pub use backend::Backend;
+pub use config::{AggMode, GrpoConfig, KlEstimator, Normalizers, ObjectiveKind, MAX_OBJECTIVES};
+pub use cpu::count_normalizers;
+pub use error::{Error, Result};
+pub use layout::{Advantages, GrpoInputs, HostGrpoInputs, HostMask, HostReduceInputs, Mask, ReduceInputs};
+pub use output::{GrpoMetrics, GrpoOutput, ReduceOutput};

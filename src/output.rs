@@ -1,0 +1,174 @@
+//! Results of the ops, derived in one place from the raw sums both backends produce (the slot
+//! layout of `kernels/recap_params.h`), so the two backends cannot differ in how a metric is defined.
+
+use crate::config::GrpoConfig;
+use crate::error::{Error, Result};
+
+/// Normalizer slots: `MAX_OBJECTIVES` objectives plus the KL slot (`RECAP_NORM_SLOTS`).
+pub(crate) const NORM_SLOTS: usize = crate::config::MAX_OBJECTIVES + 1;
+/// Extra reduction slots of the fused loss after the 3K per-objective ones (`RECAP_GRPO_EXTRA_SLOTS`).
+pub(crate) const GRPO_EXTRA_SLOTS: usize = 8;
+pub(crate) const NORM_LOCAL_TOKENS: usize = 0;
+pub(crate) const NORM_LOCAL_SEQS: usize = 1;
+pub(crate) const NORM_TOKENS: usize = 2;
+pub(crate) const NORM_SEQS: usize = 3;
+
+pub(crate) fn grpo_slots(k: usize) -> usize {
+    3 * k + GRPO_EXTRA_SLOTS
+}
+
+/// Raw sums of the fused loss: `slots` (`3K + 8`, layout in recap_params.h) and `norms`
+/// (`4 * NORM_SLOTS`).
+#[derive(Clone, Debug)]
+pub(crate) struct GrpoSums {
+    pub slots: Vec<f64>,
+    pub norms: Vec<f64>,
+}
+
+/// Metrics of one fused-loss call, named as verl names them (see [`GrpoMetrics::named`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrpoMetrics {
+    /// `[K]` fraction of each policy objective's tokens where the clipped branch is active (0 for nll).
+    pub pg_clipfrac: Vec<f64>,
+    /// `[K]` fraction where the dual-clip branch is active (A < 0 and the loss capped at -c A).
+    pub pg_clipfrac_lower: Vec<f64>,
+    /// Masked mean of `old_logp - logp` (clamped log-ratio) over policy tokens.
+    pub ppo_kl: f64,
+    /// Smallest ratio over policy tokens (0 if there are none).
+    pub ratio_min: f64,
+    /// Masked mean ratio over policy tokens (0 if there are none).
+    pub ratio_mean: f64,
+    /// Largest ratio over policy tokens (0 if there are none).
+    pub ratio_max: f64,
+    /// Masked mean of the per-token KL estimator over all tokens (0 without `ref_logp`).
+    pub kl_mean: f64,
+    /// Token weight (sum of the mask) of the whole batch.
+    pub num_tokens: f64,
+    /// Sequences with at least one unmasked token.
+    pub num_seqs: u64,
+    /// `[K]` token weight of each objective's member tokens (this batch, not the global normalizer).
+    pub objective_tokens: Vec<f64>,
+    /// `[K]` member sequences with at least one unmasked token.
+    pub objective_seqs: Vec<u64>,
+    /// Token weight of the policy tokens (unmasked tokens of sequences in a policy objective).
+    pub policy_tokens: f64,
+    /// Non-finite input values (NaN/Inf) read at unmasked tokens.
+    pub nonfinite: u64,
+}
+
+impl GrpoMetrics {
+    /// The metrics under verl's names (`actor/pg_clipfrac`, ...); per-objective values get the
+    /// objective's name (or its index) as a suffix, e.g. `actor/pg_clipfrac/accuracy`.
+    pub fn named(&self, objective_names: Option<&[&str]>) -> Vec<(String, f64)> {
+        let name = |k: usize| -> String {
+            objective_names
+                .and_then(|n| n.get(k))
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| k.to_string())
+        };
+        let mut out = Vec::new();
+        for k in 0..self.pg_clipfrac.len() {
+            out.push((format!("actor/pg_clipfrac/{}", name(k)), self.pg_clipfrac[k]));
+            out.push((format!("actor/pg_clipfrac_lower/{}", name(k)), self.pg_clipfrac_lower[k]));
+            out.push((format!("actor/num_tokens/{}", name(k)), self.objective_tokens[k]));
+            out.push((format!("actor/num_seqs/{}", name(k)), self.objective_seqs[k] as f64));
+        }
+        out.push(("actor/ppo_kl".into(), self.ppo_kl));
+        out.push(("actor/ratio_min".into(), self.ratio_min));
+        out.push(("actor/ratio_mean".into(), self.ratio_mean));
+        out.push(("actor/ratio_max".into(), self.ratio_max));
+        out.push(("actor/kl_mean".into(), self.kl_mean));
+        out.push(("actor/num_tokens".into(), self.num_tokens));
+        out.push(("actor/num_seqs".into(), self.num_seqs as f64));
+        out.push(("actor/policy_tokens".into(), self.policy_tokens));
+        out.push(("actor/nonfinite_inputs".into(), self.nonfinite as f64));
+        out
+    }
+}
+
+/// Result of the fused GRPO loss (the gradient goes to the caller's buffer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrpoOutput {
+    /// `L = (1/K) sum_k lambda_k agg(l_k) + beta agg(kl)`.
+    pub loss: f64,
+    /// `[K]` each objective's aggregate `agg(l_k)` (verl `actor/pg_loss` per objective).
+    pub objective_loss: Vec<f64>,
+    /// `agg(kl)` (verl `actor/kl_loss`); 0 without `ref_logp`.
+    pub kl_loss: f64,
+    /// The metrics.
+    pub metrics: GrpoMetrics,
+}
+
+fn ratio(num: f64, den: f64) -> f64 {
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
+}
+
+pub(crate) fn finish_grpo(sums: &GrpoSums, lambda: &[f32], cfg: &GrpoConfig, has_ref: bool) -> Result<GrpoOutput> {
+    let k = lambda.len();
+    let s = &sums.slots;
+    let n = &sums.norms;
+    let e = 3 * k;
+    let local_tokens = |j: usize| n[NORM_LOCAL_TOKENS * NORM_SLOTS + j];
+    let local_seqs = |j: usize| n[NORM_LOCAL_SEQS * NORM_SLOTS + j];
+    let objective_loss: Vec<f64> = s[..k].to_vec();
+    let kl_loss = if has_ref { s[e + 6] } else { 0.0 };
+    let weighted: f64 = lambda.iter().zip(&objective_loss).map(|(l, a)| *l as f64 * a).sum();
+    let loss = weighted / k as f64 + if has_ref { cfg.kl_coef as f64 * kl_loss } else { 0.0 };
+    let policy_tokens = s[e + 2];
+    let any_policy = policy_tokens > 0.0;
+    let nonfinite = s[e + 5].round() as u64;
+    let metrics = GrpoMetrics {
+        pg_clipfrac: (0..k).map(|i| ratio(s[k + i], local_tokens(i))).collect(),
+        pg_clipfrac_lower: (0..k).map(|i| ratio(s[2 * k + i], local_tokens(i))).collect(),
+        ppo_kl: ratio(s[e + 1], policy_tokens),
+        ratio_min: if any_policy { s[e + 3] } else { 0.0 },
+        ratio_mean: ratio(s[e], policy_tokens),
+        ratio_max: if any_policy { s[e + 4] } else { 0.0 },
+        kl_mean: if has_ref { ratio(s[e + 7], local_tokens(k)) } else { 0.0 },
+        num_tokens: local_tokens(k),
+        num_seqs: local_seqs(k).round() as u64,
+        objective_tokens: (0..k).map(local_tokens).collect(),
+        objective_seqs: (0..k).map(|j| local_seqs(j).round() as u64).collect(),
+        policy_tokens,
+        nonfinite,
+    };
+    if nonfinite > 0 && !cfg.allow_nonfinite {
+        return Err(Error::NonFinite { count: nonfinite });
+    }
+    Ok(GrpoOutput {
+        loss,
+        objective_loss,
+        kl_loss,
+        metrics,
+    })
+}
+
+/// Result of the standalone weighted reduction (the gradient goes to the caller's buffer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReduceOutput {
+    /// `(1/K) sum_k lambda_k agg_k`.
+    pub total: f64,
+    /// `[K]` per-objective aggregates.
+    pub objective_loss: Vec<f64>,
+    /// `[K]` token weight of each objective's member tokens in this batch.
+    pub objective_tokens: Vec<f64>,
+    /// `[K]` member sequences with at least one unmasked token in this batch.
+    pub objective_seqs: Vec<u64>,
+}
+
+pub(crate) fn finish_reduce(agg: Vec<f64>, norms: &[f64], lambda: &[f32]) -> ReduceOutput {
+    let k = lambda.len();
+    let total = lambda.iter().zip(&agg).map(|(l, a)| *l as f64 * a).sum::<f64>() / k as f64;
+    ReduceOutput {
+        total,
+        objective_tokens: (0..k).map(|j| norms[NORM_LOCAL_TOKENS * NORM_SLOTS + j]).collect(),
+        objective_seqs: (0..k)
+            .map(|j| norms[NORM_LOCAL_SEQS * NORM_SLOTS + j].round() as u64)
+            .collect(),
+        objective_loss: agg,
+    }
+}

@@ -1,0 +1,230 @@
+//! Shared test support: a seeded RNG, random packed batches, backend selection and tolerances.
+#![allow(dead_code)]
+
+use recap_kernels::{Advantages, Backend, GrpoConfig, HostGrpoInputs, Mask, Normalizers, ObjectiveKind};
+
+/// SplitMix64: small, seeded, reproducible.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// The GPU backend if one is usable; otherwise prints why and returns None, or panics (fails the
+/// test) when RECAP_REQUIRE_GPU=1.
+pub fn gpu(test: &str) -> Option<Backend> {
+    let require = std::env::var("RECAP_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let why = if !recap_kernels::cuda::driver_present() {
+        "no CUDA driver (libcuda) present".to_string()
+    } else {
+        match Backend::cuda(0) {
+            Ok(b) => return Some(b),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert!(!require, "{test}: RECAP_REQUIRE_GPU=1 but the GPU backend is unusable: {why}");
+    // Written to the stderr handle, not eprintln!, so the reason shows under the test harness's capture.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipping {test} on the GPU: {why}");
+    None
+}
+
+/// The CPU backend, plus the GPU one when usable: "one test body run on every device".
+pub fn backends(test: &str) -> Vec<Backend> {
+    let mut v = vec![Backend::Cpu];
+    v.extend(gpu(test));
+    v
+}
+
+/// `|got - want| <= abs + rel * |want|`, with NaN never passing unless both are NaN.
+pub fn close(got: f64, want: f64, abs: f64, rel: f64) -> bool {
+    if got.is_nan() || want.is_nan() {
+        return got.is_nan() && want.is_nan();
+    }
+    if got.is_infinite() || want.is_infinite() {
+        return got == want;
+    }
+    (got - want).abs() <= abs + rel * want.abs()
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, got: f64, want: f64, abs: f64, rel: f64) {
+    assert!(close(got, want, abs, rel), "{what}: got {got:e}, want {want:e} (abs {abs:e} + rel {rel:e})");
+}
+
+#[track_caller]
+pub fn assert_all_close(what: &str, got: &[f32], want: &[f32], abs: f64, rel: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            close(*g as f64, *w as f64, abs, rel),
+            "{what}[{i}]: got {g:e}, want {w:e} (abs {abs:e} + rel {rel:e})"
+        );
+    }
+}
+
+/// An owned random batch for the fused loss.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub logp: Vec<f32>,
+    pub old_logp: Vec<f32>,
+    pub ref_logp: Vec<f32>,
+    pub adv: Vec<f32>,
+    pub adv_per_token: bool,
+    pub mask_f32: Vec<f32>,
+    pub mask_u8: Vec<u8>,
+    pub use_u8: bool,
+    pub cu: Vec<i32>,
+    pub lambda: Vec<f32>,
+    pub objectives: Vec<ObjectiveKind>,
+    pub membership: Option<Vec<u32>>,
+    pub with_ref: bool,
+}
+
+/// Ratios at which a branch of the loss switches for the configs the tests use; random tokens are
+/// kept away from them so that f32 (GPU) and f64 (CPU) take the same branch.
+const KINKS: [f64; 6] = [0.8, 1.2, 1.28, 0.72, 3.0, 2.5];
+
+impl Batch {
+    /// Random batch with the given sequence lengths, K objectives; `fully_masked` sequences get a
+    /// zero mask; options vary with the seed.
+    pub fn random(seed: u64, lens: &[usize], k: usize) -> Batch {
+        let mut rng = Rng::new(seed);
+        let t: usize = lens.iter().sum();
+        let b = lens.len();
+        let mut cu = vec![0i32];
+        for l in lens {
+            cu.push(cu.last().unwrap() + *l as i32);
+        }
+        let mut logp = Vec::with_capacity(t);
+        let mut old = Vec::with_capacity(t);
+        let mut refp = Vec::with_capacity(t);
+        for _ in 0..t {
+            let o = -(rng.uniform() * 4.0) as f32 - 0.01;
+            let mut d = (rng.normal() * 0.35) as f32;
+            // a few saturated log-ratios
+            if rng.below(500) == 0 {
+                d = if rng.below(2) == 0 { 25.0 } else { -25.0 };
+            }
+            let mut l = o + d;
+            let r = ((l - o) as f64).exp();
+            if KINKS.iter().any(|kink| (r - kink).abs() < 2e-4 * kink) {
+                l += 1e-3;
+            }
+            logp.push(l);
+            old.push(o);
+            refp.push(l + (rng.normal() * 0.3) as f32);
+        }
+        let adv_per_token = seed % 3 == 0;
+        let rows = if adv_per_token { t } else { b };
+        let adv = (0..rows * k).map(|_| (rng.normal() * 1.2) as f32).collect();
+        let mut mask_f32 = vec![0f32; t];
+        for s in 0..b {
+            let fully_masked = rng.below(7) == 0;
+            for i in cu[s] as usize..cu[s + 1] as usize {
+                mask_f32[i] = if fully_masked || rng.below(10) == 0 { 0.0 } else { 1.0 };
+            }
+        }
+        let mask_u8 = mask_f32.iter().map(|m| (*m != 0.0) as u8).collect();
+        let objectives = (0..k)
+            .map(|j| if k > 1 && j == k - 1 { ObjectiveKind::Nll } else { ObjectiveKind::Policy })
+            .collect();
+        let lambda = (0..k).map(|_| (0.25 + rng.uniform() * 1.5) as f32).collect();
+        let full = if k >= 32 { u32::MAX } else { (1u32 << k) - 1 };
+        let membership = (seed % 2 == 1).then(|| (0..b).map(|_| (rng.next_u64() as u32) & full).collect());
+        Batch {
+            logp,
+            old_logp: old,
+            ref_logp: refp,
+            adv,
+            adv_per_token,
+            mask_f32,
+            mask_u8,
+            use_u8: seed % 4 == 1,
+            cu,
+            lambda,
+            objectives,
+            membership,
+            with_ref: seed % 5 != 2,
+        }
+    }
+
+    pub fn t(&self) -> usize {
+        self.logp.len()
+    }
+
+    pub fn inputs<'a>(&'a self, normalizers: Option<&'a Normalizers>) -> HostGrpoInputs<'a> {
+        HostGrpoInputs {
+            logp: &self.logp,
+            old_logp: &self.old_logp,
+            ref_logp: self.with_ref.then_some(&self.ref_logp[..]),
+            advantages: if self.adv_per_token {
+                Advantages::PerToken(&self.adv)
+            } else {
+                Advantages::PerSequence(&self.adv)
+            },
+            mask: if self.use_u8 { Mask::U8(&self.mask_u8) } else { Mask::F32(&self.mask_f32) },
+            cu_seqlens: &self.cu,
+            lambda: &self.lambda,
+            objectives: &self.objectives,
+            membership: self.membership.as_deref(),
+            normalizers,
+        }
+    }
+}
+
+/// A config that varies with the seed (clip values, dual-clip, KL estimator, beta).
+pub fn config_for(seed: u64, agg: recap_kernels::AggMode) -> GrpoConfig {
+    let est = recap_kernels::KlEstimator::ALL[(seed % 6) as usize];
+    GrpoConfig {
+        clip_high: if seed % 2 == 0 { 0.2 } else { 0.28 },
+        clip_low: if seed % 3 == 0 { 0.28 } else { 0.2 },
+        dual_clip: match seed % 3 {
+            0 => Some(3.0),
+            1 => Some(2.5),
+            _ => None,
+        },
+        agg_mode: agg,
+        norm_constant: Some(64.0),
+        kl_coef: if seed % 2 == 0 { 0.05 } else { 0.0 },
+        kl_estimator: est,
+        ..GrpoConfig::default()
+    }
+}
+
+/// The sequences [a, b) of a batch, as a batch of its own.
+pub fn sub_batch(w: &Batch, a: usize, b: usize, k: usize) -> Batch {
+    let (t0, t1) = (w.cu[a] as usize, w.cu[b] as usize);
+    let mut s = w.clone();
+    s.logp = w.logp[t0..t1].to_vec();
+    s.old_logp = w.old_logp[t0..t1].to_vec();
+    s.ref_logp = w.ref_logp[t0..t1].to_vec();
+    s.mask_f32 = w.mask_f32[t0..t1].to_vec();
+    s.mask_u8 = w.mask_u8[t0..t1].to_vec();
+    s.adv = if w.adv_per_token { w.adv[t0 * k..t1 * k].to_vec() } else { w.adv[a * k..b * k].to_vec() };
+    s.cu = w.cu[a..=b].iter().map(|c| c - w.cu[a]).collect();
+    s.membership = w.membership.as_ref().map(|m| m[a..b].to_vec());
+    s
+}

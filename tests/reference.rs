@@ -1,0 +1,452 @@
+//! Hand-computed cases for every op, run on every backend (the CPU reference always, the GPU when
+//! one is usable), and finite-difference checks of the reference gradient.
+
+mod common;
+
+use common::{assert_all_close, assert_close, backends, Batch};
+use recap_kernels::{
+    cpu, Advantages, AggMode, Backend, Error, GrpoConfig, HostGrpoInputs, HostReduceInputs, KlEstimator, Mask,
+    ObjectiveKind,
+};
+
+const TOL: f64 = 1e-6;
+
+/// Two sequences, K = 1 policy objective; tokens chosen to hit every branch:
+/// t0 A=+1 r=1.1 (unclipped), t1 A=+1 r=1.5 (clipped high), t2 A=-0.5 r=0.5 (clipped low),
+/// t3 masked (NaN inputs: must change nothing), t4 A=-0.5 r=4 (dual-clip at c=3).
+struct Branches {
+    logp: Vec<f32>,
+    old: Vec<f32>,
+    adv: Vec<f32>,
+    mask: Vec<f32>,
+    cu: Vec<i32>,
+}
+
+fn branches() -> Branches {
+    let old = vec![-1.0f32, -2.0, -0.5, -1.0, -3.0];
+    let ratios = [1.1f64, 1.5, 0.5, 1.0, 4.0];
+    let mut logp: Vec<f32> = old.iter().zip(ratios).map(|(o, r)| (*o as f64 + r.ln()) as f32).collect();
+    logp[3] = f32::NAN;
+    Branches {
+        logp,
+        old,
+        adv: vec![1.0, -0.5],
+        mask: vec![1.0, 1.0, 1.0, 0.0, 1.0],
+        cu: vec![0, 2, 5],
+    }
+}
+
+fn branch_inputs<'a>(b: &'a Branches, lambda: &'a [f32]) -> HostGrpoInputs<'a> {
+    HostGrpoInputs {
+        logp: &b.logp,
+        old_logp: &b.old,
+        ref_logp: None,
+        advantages: Advantages::PerSequence(&b.adv),
+        mask: Mask::F32(&b.mask),
+        cu_seqlens: &b.cu,
+        lambda,
+        objectives: &[ObjectiveKind::Policy],
+        membership: None,
+        normalizers: None,
+    }
+}
+
+fn actual_ratio(b: &Branches, t: usize) -> f64 {
+    (b.logp[t] as f64 - b.old[t] as f64).exp()
+}
+
+#[test]
+fn every_clip_branch_by_hand() {
+    let b = branches();
+    for be in backends("every_clip_branch_by_hand") {
+        // per-token losses by hand: -1.1, -1.2, 0.4, (masked), 1.5 (dual-clip: -c A = 1.5)
+        let r0 = actual_ratio(&b, 0);
+        let losses = [-r0, -1.2, 0.5 * 0.8, 1.5];
+        let sum: f64 = losses.iter().sum();
+        let cases = [
+            (AggMode::TokenMean, None, sum / 4.0, -r0 / 4.0),
+            (
+                AggMode::SeqMeanTokenMean,
+                None,
+                ((losses[0] + losses[1]) / 2.0 + (losses[2] + losses[3]) / 2.0) / 2.0,
+                -r0 / 4.0,
+            ),
+            (AggMode::SeqMeanTokenSum, None, sum / 2.0, -r0 / 2.0),
+            (AggMode::TokenSumNorm, Some(10.0), sum / 10.0, -r0 / 10.0),
+        ];
+        for (mode, c, want_loss, want_g0) in cases {
+            let cfg = GrpoConfig {
+                agg_mode: mode,
+                norm_constant: c,
+                ..GrpoConfig::default()
+            };
+            let mut grad = vec![f32::NAN; 5];
+            let out = be.grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut grad).unwrap();
+            let what = format!("{} {mode}", be.name());
+            assert_close(&format!("{what} loss"), out.loss, want_loss, TOL, 1e-5);
+            assert_close(&format!("{what} objective_loss"), out.objective_loss[0], want_loss, TOL, 1e-5);
+            assert_all_close(&format!("{what} grad"), &grad, &[want_g0 as f32, 0.0, 0.0, 0.0, 0.0], TOL, 1e-5);
+            let m = &out.metrics;
+            assert_close("pg_clipfrac", m.pg_clipfrac[0], 0.5, TOL, 0.0);
+            assert_close("pg_clipfrac_lower", m.pg_clipfrac_lower[0], 0.25, TOL, 0.0);
+            let ratios: Vec<f64> = [0, 1, 2, 4].iter().map(|&t| actual_ratio(&b, t)).collect();
+            assert_close("ratio_mean", m.ratio_mean, ratios.iter().sum::<f64>() / 4.0, TOL, 1e-5);
+            assert_close("ratio_min", m.ratio_min, ratios[2], TOL, 1e-5);
+            assert_close("ratio_max", m.ratio_max, ratios[3], TOL, 1e-5);
+            assert_close("ppo_kl", m.ppo_kl, -ratios.iter().map(|r| r.ln()).sum::<f64>() / 4.0, TOL, 1e-5);
+            assert_eq!(m.num_seqs, 2);
+            assert_close("num_tokens", m.num_tokens, 4.0, 0.0, 0.0);
+            assert_eq!(m.nonfinite, 0, "masked NaN must not count");
+        }
+    }
+}
+
+#[test]
+fn dual_clip_off_and_lambda_scale() {
+    let b = branches();
+    for be in backends("dual_clip_off_and_lambda_scale") {
+        let cfg = GrpoConfig {
+            dual_clip: None,
+            ..GrpoConfig::default()
+        };
+        let mut grad = vec![0f32; 5];
+        let out = be.grpo_loss(&branch_inputs(&b, &[2.0]), &cfg, &mut grad).unwrap();
+        // without dual-clip, t4 keeps l1 = -A r = 0.5 * 4 = 2 and its gradient -A r = 2
+        let r0 = actual_ratio(&b, 0);
+        let r4 = actual_ratio(&b, 4);
+        let agg = (-r0 - 1.2 + 0.4 + 0.5 * r4) / 4.0;
+        assert_close("objective_loss", out.objective_loss[0], agg, TOL, 1e-5);
+        assert_close("loss = lambda * agg", out.loss, 2.0 * agg, TOL, 1e-5);
+        assert_all_close("grad", &grad, &[(2.0 * -r0 / 4.0) as f32, 0.0, 0.0, 0.0, (2.0 * 0.5 * r4 / 4.0) as f32], TOL, 1e-5);
+        assert_eq!(out.metrics.pg_clipfrac_lower[0], 0.0);
+    }
+}
+
+#[test]
+fn log_ratio_clamp_saturates_gradient() {
+    for be in backends("log_ratio_clamp_saturates_gradient") {
+        // d = +25 -> clamped to 20; A = -1e-9 keeps the loss finite, A<0 and r = e^20 > 3 -> dual
+        // clip; A = +1: r = e^20 clipped high. d = -25: r = e^-20, A = +1 -> unclipped but saturated.
+        let logp = [0.0f32, 0.0, -25.0];
+        let old = [-25.0f32, -25.0, 0.0];
+        let adv = [-1e-9f32, 1.0, 1.0];
+        let inputs = HostGrpoInputs {
+            logp: &logp,
+            old_logp: &old,
+            ref_logp: None,
+            advantages: Advantages::PerToken(&adv),
+            mask: Mask::U8(&[1, 1, 1]),
+            cu_seqlens: &[0, 3],
+            lambda: &[1.0],
+            objectives: &[ObjectiveKind::Policy],
+            membership: None,
+            normalizers: None,
+        };
+        let mut grad = vec![1f32; 3];
+        let out = be.grpo_loss(&inputs, &GrpoConfig::default(), &mut grad).unwrap();
+        assert_eq!(grad, vec![0.0, 0.0, 0.0], "{}: clamped or clipped tokens have zero gradient", be.name());
+        let e20 = 20f64.exp();
+        let e_20 = (-20f64).exp();
+        let want = (3.0 * 1e-9 - 1.2 - e_20) / 3.0;
+        assert_close("loss", out.loss, want, TOL, 1e-5);
+        assert_close("ratio_max", out.metrics.ratio_max, e20, 0.0, 1e-5);
+        assert_close("ppo_kl", out.metrics.ppo_kl, -(20.0 + 20.0 - 20.0) / 3.0, TOL, 1e-5);
+    }
+}
+
+#[test]
+fn kl_estimators_by_hand() {
+    // diff = logp - ref = 0.5 and -30 (k3 clamps: x = 30 -> 20, value clamps at 10)
+    let logp = [0.0f32, -30.0, 1.0];
+    let refp = [-0.5f32, 0.0, 1.0];
+    let e = (-0.5f64).exp();
+    let cases: [(KlEstimator, [f64; 3], [f64; 3]); 6] = [
+        (KlEstimator::K1, [0.5, -30.0, 0.0], [1.0, 1.0, 1.0]),
+        (KlEstimator::Abs, [0.5, 30.0, 0.0], [1.0, -1.0, 0.0]),
+        (KlEstimator::K2, [0.125, 450.0, 0.0], [0.5, -30.0, 0.0]),
+        (KlEstimator::K3, [e + 0.5 - 1.0, 10.0, 0.0], [1.0 - e, 0.0, 0.0]),
+        (KlEstimator::K1Plus, [0.5, -30.0, 0.0], [0.5, -30.0, 0.0]),
+        (KlEstimator::K3Plus, [e + 0.5 - 1.0, 10.0, 0.0], [0.5, -30.0, 0.0]),
+    ];
+    for be in backends("kl_estimators_by_hand") {
+        for (est, want_v, want_g) in cases {
+            let mut v = vec![f32::NAN; 3];
+            let mut g = vec![f32::NAN; 3];
+            be.kl(&logp, &refp, None, est, &mut v, &mut g).unwrap();
+            let f = |x: [f64; 3]| x.map(|y| y as f32).to_vec();
+            assert_all_close(&format!("{} {est} value", be.name()), &v, &f(want_v), TOL, 1e-5);
+            assert_all_close(&format!("{} {est} grad", be.name()), &g, &f(want_g), TOL, 1e-5);
+        }
+        // masked tokens give 0 even with NaN inputs
+        let mut v = vec![1f32; 2];
+        let mut g = vec![1f32; 2];
+        be.kl(&[f32::NAN, 0.5], &[0.0, 0.0], Some(Mask::U8(&[0, 1])), KlEstimator::K2, &mut v, &mut g)
+            .unwrap();
+        assert_eq!(v, vec![0.0, 0.125]);
+        assert_eq!(g, vec![0.0, 0.5]);
+    }
+}
+
+/// Losses [T, 2]: seq0 [1,2,3], seq1 [4], seq2 empty, seq3 [5,6] fully masked; objective 1 is 10x
+/// objective 0 and only seq1..seq3 are its members.
+#[test]
+fn every_aggregation_mode_by_hand() {
+    let l0 = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let losses: Vec<f32> = l0.iter().flat_map(|x| [*x, 10.0 * x]).collect();
+    let mask = [1.0f32, 1.0, 1.0, 1.0, 0.0, 0.0];
+    let cu = [0, 3, 4, 4, 6];
+    let membership = [0b01u32, 0b11, 0b11, 0b11];
+    let lambda = [1.0f32, 3.0];
+    // (mode, C, agg0, agg1, grad of token 0 for objective 0, grad of token 3 for objective 1)
+    let cases = [
+        (AggMode::TokenMean, None, 10.0 / 4.0, 40.0, 0.25 / 2.0, 3.0 / 2.0),
+        (AggMode::SeqMeanTokenMean, None, 3.0, 40.0, 1.0 / 6.0 / 2.0, 3.0 / 2.0),
+        (AggMode::SeqMeanTokenSum, None, 5.0, 40.0, 0.5 / 2.0, 3.0 / 2.0),
+        (AggMode::TokenSumNorm, Some(4.0f32), 2.5, 10.0, 0.25 / 2.0, 3.0 * 0.25 / 2.0),
+    ];
+    for be in backends("every_aggregation_mode_by_hand") {
+        for (mode, c, a0, a1, g0, g3) in cases {
+            let cfg = GrpoConfig {
+                agg_mode: mode,
+                norm_constant: c,
+                ..GrpoConfig::default()
+            };
+            let inputs = HostReduceInputs {
+                losses: &losses,
+                mask: Mask::F32(&mask),
+                cu_seqlens: &cu,
+                lambda: &lambda,
+                membership: Some(&membership),
+                normalizers: None,
+            };
+            let mut grad = vec![f32::NAN; 12];
+            let out = be.weighted_reduce(&inputs, &cfg, &mut grad).unwrap();
+            let what = format!("{} {mode}", be.name());
+            assert_close(&format!("{what} agg0"), out.objective_loss[0], a0, TOL, 1e-6);
+            assert_close(&format!("{what} agg1"), out.objective_loss[1], a1, TOL, 1e-6);
+            assert_close(&format!("{what} total"), out.total, (a0 + 3.0 * a1) / 2.0, TOL, 1e-6);
+            assert_close(&format!("{what} grad[0,0]"), grad[0] as f64, g0, TOL, 1e-6);
+            assert_close(&format!("{what} grad[3,1]"), grad[7] as f64, g3, TOL, 1e-6);
+            assert_eq!(grad[1], 0.0, "non-member token has no gradient");
+            assert_eq!(&grad[8..], &[0.0; 4], "masked tokens have no gradient");
+            assert_eq!(out.objective_seqs, vec![2, 1]);
+            assert_eq!(out.objective_tokens, vec![4.0, 1.0]);
+        }
+    }
+}
+
+/// RL rollouts and replay sequences in one batch: objective 0 policy (seq 0), objective 1 nll (seq 1).
+#[test]
+fn policy_and_replay_objectives_share_a_batch() {
+    let logp = [-0.5f32, -0.7, -1.0, -2.0, -3.0];
+    let old = [-0.5f32, -0.7, f32::NAN, f32::NAN, f32::NAN]; // old_logp is never read for replay
+    let adv = [2.0f32, f32::NAN, f32::NAN, f32::NAN]; // [B, K]: only (seq 0, obj 0) is read
+    for be in backends("policy_and_replay_objectives_share_a_batch") {
+        let inputs = HostGrpoInputs {
+            logp: &logp,
+            old_logp: &old,
+            ref_logp: None,
+            advantages: Advantages::PerSequence(&adv),
+            mask: Mask::F32(&[1.0, 1.0, 1.0, 0.0, 1.0]),
+            cu_seqlens: &[0, 2, 5],
+            lambda: &[1.0, 0.5],
+            objectives: &[ObjectiveKind::Policy, ObjectiveKind::Nll],
+            membership: Some(&[0b01, 0b10]),
+            normalizers: None,
+        };
+        let mut grad = vec![f32::NAN; 5];
+        let out = be.grpo_loss(&inputs, &GrpoConfig::default(), &mut grad).unwrap();
+        assert_close("policy agg", out.objective_loss[0], -2.0, TOL, 1e-6);
+        assert_close("nll agg", out.objective_loss[1], (1.0 + 3.0) / 2.0, TOL, 1e-6);
+        assert_close("loss", out.loss, (-2.0 + 0.5 * 2.0) / 2.0, TOL, 1e-6);
+        assert_all_close(&format!("{} grad", be.name()), &grad, &[-0.5, -0.5, -0.125, 0.0, -0.125], TOL, 1e-6);
+        assert_eq!(out.metrics.objective_tokens, vec![2.0, 2.0]);
+        assert_eq!(out.metrics.objective_seqs, vec![1, 1]);
+        assert_close("policy_tokens", out.metrics.policy_tokens, 2.0, 0.0, 0.0);
+        assert_close("ratio_mean over policy tokens only", out.metrics.ratio_mean, 1.0, TOL, 0.0);
+    }
+}
+
+#[test]
+fn empty_and_fully_masked_batches_are_defined() {
+    for be in backends("empty_and_fully_masked_batches_are_defined") {
+        let cfg = GrpoConfig::default();
+        // T = 0, B = 0
+        let empty = HostGrpoInputs {
+            logp: &[],
+            old_logp: &[],
+            ref_logp: Some(&[]),
+            advantages: Advantages::PerSequence(&[]),
+            mask: Mask::F32(&[]),
+            cu_seqlens: &[0],
+            lambda: &[1.0],
+            objectives: &[ObjectiveKind::Policy],
+            membership: None,
+            normalizers: None,
+        };
+        let out = be.grpo_loss(&empty, &cfg, &mut []).unwrap();
+        assert_eq!((out.loss, out.metrics.num_seqs, out.metrics.ratio_min), (0.0, 0, 0.0));
+        // every token masked, with garbage inputs
+        let nan = [f32::NAN; 3];
+        let all_masked = HostGrpoInputs {
+            logp: &nan,
+            old_logp: &nan,
+            ref_logp: Some(&nan),
+            advantages: Advantages::PerToken(&nan),
+            mask: Mask::U8(&[0, 0, 0]),
+            cu_seqlens: &[0, 0, 3, 3],
+            ..empty
+        };
+        let mut grad = vec![f32::NAN; 3];
+        let out = be.grpo_loss(&all_masked, &cfg, &mut grad).unwrap();
+        assert_eq!(out.loss, 0.0);
+        assert_eq!(grad, vec![0.0; 3]);
+        assert_eq!(out.metrics.num_tokens, 0.0);
+        assert_eq!(out.metrics.nonfinite, 0);
+    }
+}
+
+#[test]
+fn nonfinite_unmasked_input_is_an_error_unless_allowed() {
+    for be in backends("nonfinite_unmasked_input_is_an_error_unless_allowed") {
+        let logp = [-1.0f32, f32::NAN, -1.0];
+        let inputs = HostGrpoInputs {
+            logp: &logp,
+            old_logp: &[-1.0, -1.0, f32::NAN],
+            ref_logp: None,
+            advantages: Advantages::PerSequence(&[1.0]),
+            mask: Mask::F32(&[1.0, 1.0, 0.0]),
+            cu_seqlens: &[0, 3],
+            lambda: &[1.0],
+            objectives: &[ObjectiveKind::Policy],
+            membership: None,
+            normalizers: None,
+        };
+        let mut grad = vec![0f32; 3];
+        match be.grpo_loss(&inputs, &GrpoConfig::default(), &mut grad) {
+            Err(Error::NonFinite { count }) => assert_eq!(count, 1),
+            other => panic!("{}: expected NonFinite, got {other:?}", be.name()),
+        }
+        let cfg = GrpoConfig {
+            allow_nonfinite: true,
+            ..GrpoConfig::default()
+        };
+        let out = be.grpo_loss(&inputs, &cfg, &mut grad).unwrap();
+        assert_eq!(out.metrics.nonfinite, 1);
+        assert!(!out.loss.is_finite(), "the non-finite input is reported, not hidden");
+    }
+}
+
+/// Micro-batches normalized by the whole batch's counts have gradients that concatenate to the
+/// whole batch's gradient, and losses that sum to its loss.
+#[test]
+fn micro_batches_with_global_normalizers_match_the_whole_batch() {
+    let lens = [5usize, 0, 17, 1, 9, 12, 3, 8];
+    for seed in 0..8u64 {
+        let whole = Batch::random(seed, &lens, 3);
+        for mode in AggMode::ALL {
+            let cfg = common::config_for(seed, mode);
+            let k = 3;
+            let mut g_whole = vec![0f32; whole.t()];
+            let out_whole = cpu::grpo_loss(&whole.inputs(None), &cfg, &mut g_whole).unwrap();
+            let split = 3; // sequences [0, 3) and [3, 8)
+            let parts = [(0usize, split), (split, lens.len())];
+            let mut global = recap_kernels::Normalizers::default();
+            let subs: Vec<Batch> = parts.iter().map(|&(a, b)| common::sub_batch(&whole, a, b, k)).collect();
+            for s in &subs {
+                let n = recap_kernels::count_normalizers(s.inputs(None).mask, &s.cu, s.membership.as_deref(), k).unwrap();
+                global.add(&n).unwrap();
+            }
+            let mut loss = 0.0;
+            let mut g_cat = Vec::new();
+            for s in &subs {
+                let mut g = vec![0f32; s.t()];
+                loss += cpu::grpo_loss(&s.inputs(Some(&global)), &cfg, &mut g).unwrap().loss;
+                g_cat.extend(g);
+            }
+            assert_close(&format!("seed {seed} {mode} loss"), loss, out_whole.loss, 1e-9, 1e-9);
+            assert_all_close(&format!("seed {seed} {mode} grad"), &g_cat, &g_whole, 1e-9, 1e-6);
+        }
+    }
+}
+
+/// Central differences of the f64 reference loss against its analytic gradient, for every mode,
+/// KL estimator (with beta > 0) and both objective kinds. Tokens near a kink are skipped.
+#[test]
+fn reference_gradient_matches_finite_differences() {
+    for seed in 0..12u64 {
+        let mut b = Batch::random(seed, &[7, 3, 0, 11, 6], 2);
+        b.with_ref = true;
+        for mode in AggMode::ALL {
+            let mut cfg = common::config_for(seed, mode);
+            cfg.kl_coef = 0.3;
+            let mut grad = vec![0f32; b.t()];
+            cpu::grpo_loss(&b.inputs(None), &cfg, &mut grad).unwrap();
+            // the straight-through estimators carry k2's gradient: differentiate the k2 loss
+            let mut fd_cfg = cfg.clone();
+            if matches!(cfg.kl_estimator, KlEstimator::K1Plus | KlEstimator::K3Plus) {
+                fd_cfg.kl_estimator = KlEstimator::K2;
+            }
+            let h = 1e-3f32;
+            let mut checked = 0;
+            for t in 0..b.t() {
+                let near_kink = |x: f32| {
+                    let r = ((x - b.old_logp[t]) as f64).exp();
+                    let d = (x - b.ref_logp[t]) as f64;
+                    [1.0 - cfg.clip_low as f64, 1.0 + cfg.clip_high as f64, cfg.dual_clip.unwrap_or(0.0) as f64]
+                        .iter()
+                        .any(|k| (r - k).abs() < 0.02)
+                        || (x - b.old_logp[t]).abs() > 19.0
+                        || d.abs() < 0.01
+                };
+                if near_kink(b.logp[t]) {
+                    continue;
+                }
+                let eval = |x: f32| {
+                    let mut bb = b.clone();
+                    bb.logp[t] = x;
+                    let mut g = vec![0f32; bb.t()];
+                    cpu::grpo_loss(&bb.inputs(None), &fd_cfg, &mut g).unwrap().loss
+                };
+                let (xp, xm) = (b.logp[t] + h, b.logp[t] - h);
+                let fd = (eval(xp) - eval(xm)) / (xp as f64 - xm as f64);
+                assert!(
+                    common::close(grad[t] as f64, fd, 2e-5, 2e-3),
+                    "seed {seed} {mode} {} token {t}: analytic {} vs finite difference {fd}",
+                    cfg.kl_estimator,
+                    grad[t]
+                );
+                checked += 1;
+            }
+            assert!(checked * 2 > b.t(), "seed {seed} {mode}: only {checked} of {} tokens checked", b.t());
+        }
+    }
+}
+
+/// The KL gradient of every estimator against central differences of its value (away from clamps).
+#[test]
+fn kl_gradient_matches_finite_differences() {
+    let h = 1e-3f64;
+    for est in [KlEstimator::K1, KlEstimator::Abs, KlEstimator::K2, KlEstimator::K3] {
+        for &(lp, rf) in &[(-1.0f32, -1.7f32), (-2.0, -0.4), (0.0, -3.0), (-5.0, -4.5)] {
+            let v = |x: f64| cpu::kl_token(x as f32, rf, est).value;
+            let x = lp as f64;
+            let fd = (v(x + h) - v(x - h)) / (2.0 * h);
+            let g = cpu::kl_token(lp, rf, est).grad;
+            assert_close(&format!("{est} at ({lp}, {rf})"), g, fd, 1e-5, 1e-3);
+        }
+    }
+}
+
+#[test]
+fn backend_auto_never_panics() {
+    let (b, why) = Backend::auto_with_reason();
+    match b {
+        Backend::Cpu => assert!(why.is_some(), "the CPU choice comes with a reason"),
+        Backend::Cuda(_) => assert!(why.is_none()),
+    }
+    if !recap_kernels::cuda::driver_present() {
+        let e = Backend::cuda(0).unwrap_err();
+        assert!(matches!(e, Error::NoDevice(_) | Error::NoKernels), "{e}");
+    }
+}
