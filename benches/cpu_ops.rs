@@ -1,16 +1,28 @@
 //! Criterion benchmarks of the CPU reference ops (the GPU is measured by `gpu_ops`).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use recap_kernels::{cpu, Advantages, GrpoConfig, HostGrpoInputs, HostReduceInputs, KlEstimator, Mask, ObjectiveKind};
+use recap_kernels::{
+    cpu, Advantages, GrpoConfig, HostGrpoInputs, HostReduceInputs, KlEstimator, Mask, ObjectiveKind,
+};
 use std::hint::black_box;
 
 fn bench(c: &mut Criterion) {
     let (t, k, seq_len) = (16_384usize, 3usize, 512usize);
     let b = t / seq_len;
-    let logp: Vec<f32> = (0..t).map(|i| -0.5 - ((i * 7919) % 1000) as f32 * 1e-3).collect();
-    let old: Vec<f32> = logp.iter().enumerate().map(|(i, x)| x + ((i * 104_729) % 200) as f32 * 1e-3 - 0.1).collect();
-    let adv: Vec<f32> = (0..b * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-    let mask: Vec<u8> = (0..t).map(|i| (i % seq_len < seq_len * 7 / 8) as u8).collect();
+    let logp: Vec<f32> = (0..t)
+        .map(|i| -0.5 - ((i * 7919) % 1000) as f32 * 1e-3)
+        .collect();
+    let old: Vec<f32> = logp
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x + ((i * 104_729) % 200) as f32 * 1e-3 - 0.1)
+        .collect();
+    let adv: Vec<f32> = (0..b * k)
+        .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+        .collect();
+    let mask: Vec<u8> = (0..t)
+        .map(|i| (i % seq_len < seq_len * 7 / 8) as u8)
+        .collect();
     let cu: Vec<i32> = (0..=b).map(|i| (i * seq_len) as i32).collect();
     let lambda = vec![1.0f32; k];
     let objectives = vec![ObjectiveKind::Policy; k];
@@ -35,7 +47,17 @@ fn bench(c: &mut Criterion) {
     });
     let (mut v, mut gk) = (vec![0f32; t], vec![0f32; t]);
     g.bench_function("kl k3 T=16384", |bch| {
-        bch.iter(|| cpu::kl(black_box(&logp), &old, None, KlEstimator::K3, &mut v, &mut gk).unwrap())
+        bch.iter(|| {
+            cpu::kl(
+                black_box(&logp),
+                &old,
+                None,
+                KlEstimator::K3,
+                &mut v,
+                &mut gk,
+            )
+            .unwrap()
+        })
     });
     let losses: Vec<f32> = (0..t * k).map(|i| (i % 13) as f32 * 0.1).collect();
     let mut gr = vec![0f32; t * k];

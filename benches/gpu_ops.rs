@@ -27,7 +27,11 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
     (v[v.len() / 2], v[0])
 }
 
-fn time_ms(stream: &Arc<CudaStream>, flush: &mut CudaSlice<u8>, mut f: impl FnMut() -> recap_kernels::Result<()>) -> recap_kernels::Result<(f64, f64)> {
+fn time_ms(
+    stream: &Arc<CudaStream>,
+    flush: &mut CudaSlice<u8>,
+    mut f: impl FnMut() -> recap_kernels::Result<()>,
+) -> recap_kernels::Result<(f64, f64)> {
     for _ in 0..WARMUP {
         f()?;
     }
@@ -46,7 +50,13 @@ fn time_ms(stream: &Arc<CudaStream>, flush: &mut CudaSlice<u8>, mut f: impl FnMu
 fn run() -> recap_kernels::Result<()> {
     let gpu = Gpu::new(0)?;
     let s = gpu.stream().clone();
-    println!("device: {} ({} SMs), kernels for sm_{} ({})", gpu.name(), gpu.multiprocessors(), cuda::CUDA_ARCHS, cuda::NVCC_VERSION);
+    println!(
+        "device: {} ({} SMs), kernels for sm_{} ({})",
+        gpu.name(),
+        gpu.multiprocessors(),
+        cuda::CUDA_ARCHS,
+        cuda::NVCC_VERSION
+    );
     let mut flush = s.alloc_zeros::<u8>(256 << 20)?;
 
     // Baseline: device-to-device copy of 1 GiB, bytes read + written.
@@ -55,10 +65,16 @@ fn run() -> recap_kernels::Result<()> {
     let mut dst = s.alloc_zeros::<f32>(n)?;
     let (copy_med, copy_min) = time_ms(&s, &mut flush, || Ok(s.memcpy_dtod(&src, &mut dst)?))?;
     let copy_gbs = 2.0 * (n * 4) as f64 / (copy_med * 1e-3) / 1e9;
-    println!("copy d2d 1 GiB: median {:.3} ms (min {:.3}) = {copy_gbs:.0} GB/s (read + write)", copy_med, copy_min);
+    println!(
+        "copy d2d 1 GiB: median {:.3} ms (min {:.3}) = {copy_gbs:.0} GB/s (read + write)",
+        copy_med, copy_min
+    );
     drop((src, dst));
 
-    println!("{:<44} {:>10} {:>10} {:>9} {:>8}", "fused GRPO loss fwd+grad", "median us", "min us", "GB/s", "% copy");
+    println!(
+        "{:<44} {:>10} {:>10} {:>9} {:>8}",
+        "fused GRPO loss fwd+grad", "median us", "min us", "GB/s", "% copy"
+    );
     for &(t, k, seq_len, with_ref) in &[
         (16_384usize, 3usize, 1024usize, false),
         (262_144, 1, 1024, false),
@@ -69,10 +85,20 @@ fn run() -> recap_kernels::Result<()> {
         (16_777_216, 3, 4096, false),
     ] {
         let b = t / seq_len;
-        let host: Vec<f32> = (0..t).map(|i| -0.5 - ((i * 7919) % 1000) as f32 * 1e-3).collect();
-        let host_old: Vec<f32> = host.iter().enumerate().map(|(i, x)| x + ((i * 104_729) % 200) as f32 * 1e-3 - 0.1).collect();
-        let adv: Vec<f32> = (0..b * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-        let mask: Vec<f32> = (0..t).map(|i| ((i % seq_len) < seq_len * 7 / 8) as u8 as f32).collect();
+        let host: Vec<f32> = (0..t)
+            .map(|i| -0.5 - ((i * 7919) % 1000) as f32 * 1e-3)
+            .collect();
+        let host_old: Vec<f32> = host
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x + ((i * 104_729) % 200) as f32 * 1e-3 - 0.1)
+            .collect();
+        let adv: Vec<f32> = (0..b * k)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        let mask: Vec<f32> = (0..t)
+            .map(|i| ((i % seq_len) < seq_len * 7 / 8) as u8 as f32)
+            .collect();
         let cu: Vec<i32> = (0..=b).map(|i| (i * seq_len) as i32).collect();
         let lambda = vec![1.0f32; k];
         let objectives = vec![ObjectiveKind::Policy; k];
@@ -104,7 +130,12 @@ fn run() -> recap_kernels::Result<()> {
         let bytes = (t * 4 * (4 + with_ref as usize) + b * k * 4) as f64;
         let gbs = bytes / (med * 1e-3) / 1e9;
         let name = format!("T={t} K={k}{}", if with_ref { " +kl" } else { "" });
-        println!("{name:<44} {:>10.1} {:>10.1} {gbs:>9.0} {:>7.1}%", med * 1e3, min * 1e3, 100.0 * gbs / copy_gbs);
+        println!(
+            "{name:<44} {:>10.1} {:>10.1} {gbs:>9.0} {:>7.1}%",
+            med * 1e3,
+            min * 1e3,
+            100.0 * gbs / copy_gbs
+        );
     }
     Ok(())
 }

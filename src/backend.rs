@@ -3,11 +3,14 @@
 //! path uploads, computes and downloads); for device-resident data call [`crate::cuda`] directly.
 
 use crate::config::{GrpoConfig, KlEstimator};
+use crate::cpu;
 use crate::cuda::{self, Gpu};
 use crate::error::{Error, Result};
-use crate::layout::{check_len, validate_grpo, validate_reduce, Advantages, GrpoInputs, HostGrpoInputs, HostMask, HostReduceInputs, Mask, ReduceInputs};
+use crate::layout::{
+    check_len, validate_grpo, validate_reduce, Advantages, GrpoInputs, HostGrpoInputs, HostMask,
+    HostReduceInputs, Mask, ReduceInputs,
+};
 use crate::output::{GrpoOutput, ReduceOutput};
-use crate::cpu;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use std::sync::Arc;
 
@@ -52,7 +55,12 @@ impl Backend {
     }
 
     /// The fused GRPO loss on host data: `dL/dlogp` into `grad` (`[T]`).
-    pub fn grpo_loss(&self, inputs: &HostGrpoInputs<'_>, config: &GrpoConfig, grad: &mut [f32]) -> Result<GrpoOutput> {
+    pub fn grpo_loss(
+        &self,
+        inputs: &HostGrpoInputs<'_>,
+        config: &GrpoConfig,
+        grad: &mut [f32],
+    ) -> Result<GrpoOutput> {
         let gpu = match self {
             Backend::Cpu => return cpu::grpo_loss(inputs, config, grad),
             Backend::Cuda(g) => g,
@@ -75,7 +83,11 @@ impl Backend {
             logp: logp.slice(..shape.t),
             old_logp: old.slice(..shape.t),
             ref_logp: refp.as_ref().map(|r| r.slice(..shape.t)),
-            advantages: if per_token { Advantages::PerToken(adv_v) } else { Advantages::PerSequence(adv_v) },
+            advantages: if per_token {
+                Advantages::PerToken(adv_v)
+            } else {
+                Advantages::PerSequence(adv_v)
+            },
             mask: mask.view(shape.t),
             cu_seqlens: inputs.cu_seqlens,
             lambda: inputs.lambda,
@@ -108,7 +120,10 @@ impl Backend {
         let s = gpu.stream();
         let l = cuda::upload(s, logp)?;
         let r = cuda::upload(s, ref_logp)?;
-        let m = mask.as_ref().map(|m| DeviceMask::upload(s, m)).transpose()?;
+        let m = mask
+            .as_ref()
+            .map(|m| DeviceMask::upload(s, m))
+            .transpose()?;
         let mut kd = s.alloc_zeros::<f32>(t.max(1))?;
         let mut gd = s.alloc_zeros::<f32>(t.max(1))?;
         cuda::kl(
@@ -126,7 +141,12 @@ impl Backend {
     }
 
     /// The weighted reduction on host data: `d total / d l_tk` into `grad` (`[T, K]`).
-    pub fn weighted_reduce(&self, inputs: &HostReduceInputs<'_>, config: &GrpoConfig, grad: &mut [f32]) -> Result<ReduceOutput> {
+    pub fn weighted_reduce(
+        &self,
+        inputs: &HostReduceInputs<'_>,
+        config: &GrpoConfig,
+        grad: &mut [f32],
+    ) -> Result<ReduceOutput> {
         let gpu = match self {
             Backend::Cpu => return cpu::weighted_reduce(inputs, config, grad),
             Backend::Cuda(g) => g,
@@ -191,7 +211,10 @@ fn download(s: &Arc<CudaStream>, d: &CudaSlice<f32>, out: &mut [f32]) -> Result<
         return Ok(());
     }
     if d.len() < out.len() {
-        return Err(Error::arg("grad", "device buffer shorter than the host output"));
+        return Err(Error::arg(
+            "grad",
+            "device buffer shorter than the host output",
+        ));
     }
     s.memcpy_dtoh(&d.slice(..out.len()), out)?;
     s.synchronize()?;

@@ -313,7 +313,12 @@ impl Normalizers {
                 ),
             ));
         }
-        if let Some(v) = self.tokens.iter().chain(&self.seqs).find(|v| !(v.is_finite() && **v >= 0.0)) {
+        if let Some(v) = self
+            .tokens
+            .iter()
+            .chain(&self.seqs)
+            .find(|v| !(v.is_finite() && **v >= 0.0))
+        {
             return Err(Error::arg(
                 "normalizers",
                 format!("every normalizer must be finite and >= 0, got {v}"),

@@ -30,9 +30,23 @@ struct CKl {
 
 extern "C" {
     fn recap_host_ratio(logp: f32, old_logp: f32, clamp: f32, out: *mut CRatio);
-    fn recap_host_policy_token(q: *const CRatio, adv: f32, lo: f32, hi: f32, dual: c_int, c: f32, out: *mut CPolicy);
+    fn recap_host_policy_token(
+        q: *const CRatio,
+        adv: f32,
+        lo: f32,
+        hi: f32,
+        dual: c_int,
+        c: f32,
+        out: *mut CPolicy,
+    );
     fn recap_host_kl_token(logp: f32, ref_logp: f32, est: c_int, out: *mut CKl);
-    fn recap_host_agg_weight(mode: c_int, inv_tokens: f32, inv_seqs: f32, inv_seq_tokens: f32, inv_const: f32) -> f32;
+    fn recap_host_agg_weight(
+        mode: c_int,
+        inv_tokens: f32,
+        inv_seqs: f32,
+        inv_seq_tokens: f32,
+        inv_const: f32,
+    ) -> f32;
     fn recap_host_params_layout(which: c_int, out: *mut usize, cap: usize) -> usize;
     fn recap_host_constants(out: *mut c_int);
 }
@@ -50,13 +64,29 @@ pub struct DevicePolicyToken {
 }
 
 /// `recap_ratio` then `recap_policy_token` of grpo_math.cuh.
-pub fn policy_token(logp: f32, old_logp: f32, clamp: f32, adv: f32, clip_low: f32, clip_high: f32, dual_clip: Option<f32>) -> DevicePolicyToken {
+pub fn policy_token(
+    logp: f32,
+    old_logp: f32,
+    clamp: f32,
+    adv: f32,
+    clip_low: f32,
+    clip_high: f32,
+    dual_clip: Option<f32>,
+) -> DevicePolicyToken {
     let mut q = CRatio::default();
     let mut p = CPolicy::default();
     // SAFETY: plain C functions over scalars writing into the valid, properly aligned locals given.
     unsafe {
         recap_host_ratio(logp, old_logp, clamp, &mut q);
-        recap_host_policy_token(&q, adv, clip_low, clip_high, dual_clip.is_some() as c_int, dual_clip.unwrap_or(0.0), &mut p);
+        recap_host_policy_token(
+            &q,
+            adv,
+            clip_low,
+            clip_high,
+            dual_clip.is_some() as c_int,
+            dual_clip.unwrap_or(0.0),
+            &mut p,
+        );
     }
     DevicePolicyToken {
         log_ratio: q.log_ratio,
@@ -78,7 +108,13 @@ pub fn kl_token(logp: f32, ref_logp: f32, est: crate::KlEstimator) -> (f32, f32)
 }
 
 /// `recap_agg_weight` of grpo_math.cuh.
-pub fn agg_weight(mode: crate::AggMode, inv_tokens: f32, inv_seqs: f32, inv_seq_tokens: f32, inv_const: f32) -> f32 {
+pub fn agg_weight(
+    mode: crate::AggMode,
+    inv_tokens: f32,
+    inv_seqs: f32,
+    inv_seq_tokens: f32,
+    inv_const: f32,
+) -> f32 {
     // SAFETY: pure C function over scalars.
     unsafe { recap_host_agg_weight(mode.code(), inv_tokens, inv_seqs, inv_seq_tokens, inv_const) }
 }

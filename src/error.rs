@@ -38,7 +38,9 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::InvalidArgument { arg, message } => write!(f, "invalid argument `{arg}`: {message}"),
+            Error::InvalidArgument { arg, message } => {
+                write!(f, "invalid argument `{arg}`: {message}")
+            }
             Error::NoKernels => write!(
                 f,
                 "built without CUDA kernels: install nvcc (scripts/install-nvcc.sh) and rebuild"

@@ -130,7 +130,10 @@ pub fn validate_cu_seqlens(cu: &[i32], t: usize) -> Result<usize> {
         ));
     }
     if cu[0] != 0 {
-        return Err(Error::arg("cu_seqlens", format!("cu_seqlens[0] must be 0, got {}", cu[0])));
+        return Err(Error::arg(
+            "cu_seqlens",
+            format!("cu_seqlens[0] must be 0, got {}", cu[0]),
+        ));
     }
     if let Some(i) = cu.windows(2).position(|w| w[1] < w[0]) {
         return Err(Error::arg(
@@ -175,7 +178,11 @@ fn validate_k(k: usize, what: &'static str) -> Result<()> {
 }
 
 fn validate_lambda(lambda: &[f32]) -> Result<()> {
-    if let Some((i, v)) = lambda.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
+    if let Some((i, v)) = lambda
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+    {
         return Err(Error::arg(
             "lambda",
             format!("objective weights must be finite and >= 0, lambda[{i}] = {v}"),
@@ -198,13 +205,21 @@ fn validate_membership(membership: Option<&[u32]>, b: usize, k: usize) -> Result
     Ok(())
 }
 
-pub(crate) fn validate_grpo<F: Array, U: Array>(inputs: &GrpoInputs<'_, F, U>, cfg: &GrpoConfig) -> Result<Shape> {
+pub(crate) fn validate_grpo<F: Array, U: Array>(
+    inputs: &GrpoInputs<'_, F, U>,
+    cfg: &GrpoConfig,
+) -> Result<Shape> {
     cfg.validate()?;
     let t = inputs.logp.array_len();
     let b = validate_cu_seqlens(inputs.cu_seqlens, t)?;
     let k = inputs.lambda.len();
     validate_k(k, "lambda")?;
-    check_len("objectives", inputs.objectives.len(), k, "[K] (the length of lambda)")?;
+    check_len(
+        "objectives",
+        inputs.objectives.len(),
+        k,
+        "[K] (the length of lambda)",
+    )?;
     check_len("old_logp", inputs.old_logp.array_len(), t, "[T]")?;
     if let Some(r) = &inputs.ref_logp {
         check_len("ref_logp", r.array_len(), t, "[T]")?;

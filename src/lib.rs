@@ -26,5 +26,7 @@ pub use backend::Backend;
 pub use config::{AggMode, GrpoConfig, KlEstimator, Normalizers, ObjectiveKind, MAX_OBJECTIVES};
 pub use cpu::count_normalizers;
 pub use error::{Error, Result};
-pub use layout::{Advantages, GrpoInputs, HostGrpoInputs, HostMask, HostReduceInputs, Mask, ReduceInputs};
+pub use layout::{
+    Advantages, GrpoInputs, HostGrpoInputs, HostMask, HostReduceInputs, Mask, ReduceInputs,
+};
 pub use output::{GrpoMetrics, GrpoOutput, ReduceOutput};

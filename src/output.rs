@@ -68,10 +68,22 @@ impl GrpoMetrics {
         };
         let mut out = Vec::new();
         for k in 0..self.pg_clipfrac.len() {
-            out.push((format!("actor/pg_clipfrac/{}", name(k)), self.pg_clipfrac[k]));
-            out.push((format!("actor/pg_clipfrac_lower/{}", name(k)), self.pg_clipfrac_lower[k]));
-            out.push((format!("actor/num_tokens/{}", name(k)), self.objective_tokens[k]));
-            out.push((format!("actor/num_seqs/{}", name(k)), self.objective_seqs[k] as f64));
+            out.push((
+                format!("actor/pg_clipfrac/{}", name(k)),
+                self.pg_clipfrac[k],
+            ));
+            out.push((
+                format!("actor/pg_clipfrac_lower/{}", name(k)),
+                self.pg_clipfrac_lower[k],
+            ));
+            out.push((
+                format!("actor/num_tokens/{}", name(k)),
+                self.objective_tokens[k],
+            ));
+            out.push((
+                format!("actor/num_seqs/{}", name(k)),
+                self.objective_seqs[k] as f64,
+            ));
         }
         out.push(("actor/ppo_kl".into(), self.ppo_kl));
         out.push(("actor/ratio_min".into(), self.ratio_min));
@@ -107,7 +119,12 @@ fn ratio(num: f64, den: f64) -> f64 {
     }
 }
 
-pub(crate) fn finish_grpo(sums: &GrpoSums, lambda: &[f32], cfg: &GrpoConfig, has_ref: bool) -> Result<GrpoOutput> {
+pub(crate) fn finish_grpo(
+    sums: &GrpoSums,
+    lambda: &[f32],
+    cfg: &GrpoConfig,
+    has_ref: bool,
+) -> Result<GrpoOutput> {
     let k = lambda.len();
     let s = &sums.slots;
     let n = &sums.norms;
@@ -116,19 +133,34 @@ pub(crate) fn finish_grpo(sums: &GrpoSums, lambda: &[f32], cfg: &GrpoConfig, has
     let local_seqs = |j: usize| n[NORM_LOCAL_SEQS * NORM_SLOTS + j];
     let objective_loss: Vec<f64> = s[..k].to_vec();
     let kl_loss = if has_ref { s[e + 6] } else { 0.0 };
-    let weighted: f64 = lambda.iter().zip(&objective_loss).map(|(l, a)| *l as f64 * a).sum();
-    let loss = weighted / k as f64 + if has_ref { cfg.kl_coef as f64 * kl_loss } else { 0.0 };
+    let weighted: f64 = lambda
+        .iter()
+        .zip(&objective_loss)
+        .map(|(l, a)| *l as f64 * a)
+        .sum();
+    let loss = weighted / k as f64
+        + if has_ref {
+            cfg.kl_coef as f64 * kl_loss
+        } else {
+            0.0
+        };
     let policy_tokens = s[e + 2];
     let any_policy = policy_tokens > 0.0;
     let nonfinite = s[e + 5].round() as u64;
     let metrics = GrpoMetrics {
         pg_clipfrac: (0..k).map(|i| ratio(s[k + i], local_tokens(i))).collect(),
-        pg_clipfrac_lower: (0..k).map(|i| ratio(s[2 * k + i], local_tokens(i))).collect(),
+        pg_clipfrac_lower: (0..k)
+            .map(|i| ratio(s[2 * k + i], local_tokens(i)))
+            .collect(),
         ppo_kl: ratio(s[e + 1], policy_tokens),
         ratio_min: if any_policy { s[e + 3] } else { 0.0 },
         ratio_mean: ratio(s[e], policy_tokens),
         ratio_max: if any_policy { s[e + 4] } else { 0.0 },
-        kl_mean: if has_ref { ratio(s[e + 7], local_tokens(k)) } else { 0.0 },
+        kl_mean: if has_ref {
+            ratio(s[e + 7], local_tokens(k))
+        } else {
+            0.0
+        },
         num_tokens: local_tokens(k),
         num_seqs: local_seqs(k).round() as u64,
         objective_tokens: (0..k).map(local_tokens).collect(),
@@ -162,10 +194,17 @@ pub struct ReduceOutput {
 
 pub(crate) fn finish_reduce(agg: Vec<f64>, norms: &[f64], lambda: &[f32]) -> ReduceOutput {
     let k = lambda.len();
-    let total = lambda.iter().zip(&agg).map(|(l, a)| *l as f64 * a).sum::<f64>() / k as f64;
+    let total = lambda
+        .iter()
+        .zip(&agg)
+        .map(|(l, a)| *l as f64 * a)
+        .sum::<f64>()
+        / k as f64;
     ReduceOutput {
         total,
-        objective_tokens: (0..k).map(|j| norms[NORM_LOCAL_TOKENS * NORM_SLOTS + j]).collect(),
+        objective_tokens: (0..k)
+            .map(|j| norms[NORM_LOCAL_TOKENS * NORM_SLOTS + j])
+            .collect(),
         objective_seqs: (0..k)
             .map(|j| norms[NORM_LOCAL_SEQS * NORM_SLOTS + j].round() as u64)
             .collect(),

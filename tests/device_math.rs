@@ -13,7 +13,10 @@ fn parameter_structs_have_the_c_layout() {
     assert_eq!(rust.len(), 5);
     for (which, r) in rust.iter().enumerate() {
         let c = device_math::params_layout(which as i32);
-        assert!(!c.is_empty(), "struct {which}: the C shim reports no layout");
+        assert!(
+            !c.is_empty(),
+            "struct {which}: the C shim reports no layout"
+        );
         assert_eq!(&c, r, "struct {which}: C [size, offsets...] vs Rust mirror");
     }
     let [max_k, norm_slots, extra] = device_math::constants();
@@ -25,7 +28,11 @@ fn parameter_structs_have_the_c_layout() {
 #[test]
 fn device_policy_math_matches_reference() {
     let mut rng = Rng::new(7);
-    let configs = [(0.2f32, 0.2f32, Some(3.0f32)), (0.2, 0.28, None), (0.1, 0.3, Some(1.5))];
+    let configs = [
+        (0.2f32, 0.2f32, Some(3.0f32)),
+        (0.2, 0.28, None),
+        (0.1, 0.3, Some(1.5)),
+    ];
     let mut flags = [0usize; 3];
     for i in 0..200_000 {
         let old = -(rng.uniform() * 6.0) as f32;
@@ -37,22 +44,46 @@ fn device_policy_math_matches_reference() {
         let q = cpu::ratio(logp, old, 20.0);
         let r = cpu::policy_token(q, adv, lo, hi, dual);
         let what = format!("logp {logp} old {old} adv {adv} clip ({lo}, {hi}, {dual:?})");
-        assert!(close(d.log_ratio as f64, q.log_ratio, 1e-6, 1e-6), "{what}: log-ratio {} vs {}", d.log_ratio, q.log_ratio);
-        assert!(close(d.ratio as f64, q.ratio, 0.0, 1e-6), "{what}: ratio {} vs {}", d.ratio, q.ratio);
+        assert!(
+            close(d.log_ratio as f64, q.log_ratio, 1e-6, 1e-6),
+            "{what}: log-ratio {} vs {}",
+            d.log_ratio,
+            q.log_ratio
+        );
+        assert!(
+            close(d.ratio as f64, q.ratio, 0.0, 1e-6),
+            "{what}: ratio {} vs {}",
+            d.ratio,
+            q.ratio
+        );
         assert_eq!(d.saturated, q.saturated, "{what}: saturation");
         // Branch decisions agree except within float rounding of a kink.
         let near = |k: f64| (q.ratio - k).abs() <= 1e-6 * k;
-        let kinked = near(1.0 - lo as f64) || near(1.0 + hi as f64) || dual.is_some_and(|c| near(c as f64));
+        let kinked =
+            near(1.0 - lo as f64) || near(1.0 + hi as f64) || dual.is_some_and(|c| near(c as f64));
         if !kinked {
             assert_eq!((d.clipped, d.dual), (r.clipped, r.dual), "{what}: branch");
-            assert!(close(d.loss as f64, r.loss, 1e-6, 1e-5), "{what}: loss {} vs {}", d.loss, r.loss);
-            assert!(close(d.grad as f64, r.grad, 1e-6, 1e-5), "{what}: grad {} vs {}", d.grad, r.grad);
+            assert!(
+                close(d.loss as f64, r.loss, 1e-6, 1e-5),
+                "{what}: loss {} vs {}",
+                d.loss,
+                r.loss
+            );
+            assert!(
+                close(d.grad as f64, r.grad, 1e-6, 1e-5),
+                "{what}: grad {} vs {}",
+                d.grad,
+                r.grad
+            );
         }
         flags[0] += d.clipped as usize;
         flags[1] += d.dual as usize;
         flags[2] += d.saturated as usize;
     }
-    assert!(flags.iter().all(|&n| n > 100), "every branch exercised: {flags:?}");
+    assert!(
+        flags.iter().all(|&n| n > 100),
+        "every branch exercised: {flags:?}"
+    );
 }
 
 #[test]
@@ -65,24 +96,49 @@ fn device_kl_math_matches_reference() {
         for est in KlEstimator::ALL {
             let (v, g) = device_math::kl_token(lp, r, est);
             let want = cpu::kl_token(lp, r, est);
-            assert!(close(v as f64, want.value, 1e-6, 1e-5), "{est} ({lp}, {r}): value {v} vs {}", want.value);
-            assert!(close(g as f64, want.grad, 1e-6, 1e-5), "{est} ({lp}, {r}): grad {g} vs {}", want.grad);
+            assert!(
+                close(v as f64, want.value, 1e-6, 1e-5),
+                "{est} ({lp}, {r}): value {v} vs {}",
+                want.value
+            );
+            assert!(
+                close(g as f64, want.grad, 1e-6, 1e-5),
+                "{est} ({lp}, {r}): grad {g} vs {}",
+                want.grad
+            );
         }
     }
     // NaN propagates (torch.clamp keeps NaN; no silent clamp to a bound)
     for est in KlEstimator::ALL {
-        assert!(device_math::kl_token(f32::NAN, 0.0, est).0.is_nan(), "{est}");
+        assert!(
+            device_math::kl_token(f32::NAN, 0.0, est).0.is_nan(),
+            "{est}"
+        );
     }
-    assert!(device_math::policy_token(f32::NAN, 0.0, 20.0, 1.0, 0.2, 0.2, Some(3.0)).loss.is_nan());
+    assert!(
+        device_math::policy_token(f32::NAN, 0.0, 20.0, 1.0, 0.2, 0.2, Some(3.0))
+            .loss
+            .is_nan()
+    );
 }
 
 #[test]
 fn device_agg_weight_matches_reference() {
     let (tokens, seqs, n_b, c) = (37.0f64, 5.0f64, 8.0f64, 64.0f64);
     for mode in AggMode::ALL {
-        let d = device_math::agg_weight(mode, (1.0 / tokens) as f32, (1.0 / seqs) as f32, (1.0 / n_b) as f32, (1.0 / c) as f32);
+        let d = device_math::agg_weight(
+            mode,
+            (1.0 / tokens) as f32,
+            (1.0 / seqs) as f32,
+            (1.0 / n_b) as f32,
+            (1.0 / c) as f32,
+        );
         let want = cpu::agg_weight(mode, tokens, seqs, n_b, c);
         assert!(close(d as f64, want, 0.0, 1e-6), "{mode}: {d} vs {want}");
     }
-    assert_eq!(cpu::agg_weight(AggMode::TokenMean, 0.0, 0.0, 0.0, 1.0), 0.0, "empty objective: weight 0");
+    assert_eq!(
+        cpu::agg_weight(AggMode::TokenMean, 0.0, 0.0, 0.0, 1.0),
+        0.0,
+        "empty objective: weight 0"
+    );
 }

@@ -18,8 +18,20 @@ fn compare(what: &str, g: &GrpoOutput, c: &GrpoOutput) {
     assert_close(&format!("{what} loss"), g.loss, c.loss, ABS, REL);
     assert_close(&format!("{what} kl_loss"), g.kl_loss, c.kl_loss, ABS, REL);
     for k in 0..c.objective_loss.len() {
-        assert_close(&format!("{what} objective_loss[{k}]"), g.objective_loss[k], c.objective_loss[k], ABS, REL);
-        assert_close(&format!("{what} pg_clipfrac[{k}]"), g.metrics.pg_clipfrac[k], c.metrics.pg_clipfrac[k], ABS, REL);
+        assert_close(
+            &format!("{what} objective_loss[{k}]"),
+            g.objective_loss[k],
+            c.objective_loss[k],
+            ABS,
+            REL,
+        );
+        assert_close(
+            &format!("{what} pg_clipfrac[{k}]"),
+            g.metrics.pg_clipfrac[k],
+            c.metrics.pg_clipfrac[k],
+            ABS,
+            REL,
+        );
         assert_close(
             &format!("{what} pg_clipfrac_lower[{k}]"),
             g.metrics.pg_clipfrac_lower[k],
@@ -30,14 +42,38 @@ fn compare(what: &str, g: &GrpoOutput, c: &GrpoOutput) {
     }
     let (gm, cm) = (&g.metrics, &c.metrics);
     assert_close(&format!("{what} ppo_kl"), gm.ppo_kl, cm.ppo_kl, ABS, REL);
-    assert_close(&format!("{what} ratio_min"), gm.ratio_min, cm.ratio_min, ABS, REL);
-    assert_close(&format!("{what} ratio_mean"), gm.ratio_mean, cm.ratio_mean, ABS, REL);
-    assert_close(&format!("{what} ratio_max"), gm.ratio_max, cm.ratio_max, ABS, REL);
+    assert_close(
+        &format!("{what} ratio_min"),
+        gm.ratio_min,
+        cm.ratio_min,
+        ABS,
+        REL,
+    );
+    assert_close(
+        &format!("{what} ratio_mean"),
+        gm.ratio_mean,
+        cm.ratio_mean,
+        ABS,
+        REL,
+    );
+    assert_close(
+        &format!("{what} ratio_max"),
+        gm.ratio_max,
+        cm.ratio_max,
+        ABS,
+        REL,
+    );
     assert_close(&format!("{what} kl_mean"), gm.kl_mean, cm.kl_mean, ABS, REL);
     assert_eq!(gm.num_tokens, cm.num_tokens, "{what} num_tokens");
     assert_eq!(gm.num_seqs, cm.num_seqs, "{what} num_seqs");
-    assert_eq!(gm.objective_tokens, cm.objective_tokens, "{what} objective_tokens");
-    assert_eq!(gm.objective_seqs, cm.objective_seqs, "{what} objective_seqs");
+    assert_eq!(
+        gm.objective_tokens, cm.objective_tokens,
+        "{what} objective_tokens"
+    );
+    assert_eq!(
+        gm.objective_seqs, cm.objective_seqs,
+        "{what} objective_seqs"
+    );
     assert_eq!(gm.policy_tokens, cm.policy_tokens, "{what} policy_tokens");
     assert_eq!(gm.nonfinite, cm.nonfinite, "{what} nonfinite");
 }
@@ -63,7 +99,9 @@ fn length_sets() -> Vec<Vec<usize>> {
 
 #[test]
 fn fused_loss_matches_reference() {
-    let Some(be) = gpu("fused_loss_matches_reference") else { return };
+    let Some(be) = gpu("fused_loss_matches_reference") else {
+        return;
+    };
     let mut cases = 0;
     for (li, lens) in length_sets().iter().enumerate() {
         for k in 1..=8usize {
@@ -71,11 +109,17 @@ fn fused_loss_matches_reference() {
                 let seed = (li * 1000 + k * 10 + mi) as u64;
                 let b = Batch::random(seed, lens, k);
                 let cfg = config_for(seed, mode);
-                let what = format!("lens#{li} T={} K={k} {mode} seed {seed} kl {}", b.t(), cfg.kl_estimator);
+                let what = format!(
+                    "lens#{li} T={} K={k} {mode} seed {seed} kl {}",
+                    b.t(),
+                    cfg.kl_estimator
+                );
                 let mut g_gpu = vec![f32::NAN; b.t()];
                 let mut g_cpu = vec![f32::NAN; b.t()];
                 let o_gpu = be.grpo_loss(&b.inputs(None), &cfg, &mut g_gpu).unwrap();
-                let o_cpu = Backend::Cpu.grpo_loss(&b.inputs(None), &cfg, &mut g_cpu).unwrap();
+                let o_cpu = Backend::Cpu
+                    .grpo_loss(&b.inputs(None), &cfg, &mut g_cpu)
+                    .unwrap();
                 compare(&what, &o_gpu, &o_cpu);
                 assert_all_close(&format!("{what} grad"), &g_gpu, &g_cpu, ABS, REL);
                 cases += 1;
@@ -88,16 +132,27 @@ fn fused_loss_matches_reference() {
 /// Sizes where each thread takes several tokens (items_per_thread > 1) and K = 16.
 #[test]
 fn fused_loss_matches_reference_at_scale() {
-    let Some(be) = gpu("fused_loss_matches_reference_at_scale") else { return };
-    for (seed, t, seq_len, k) in [(1u64, 300_000usize, 1000usize, 3usize), (2, 1_200_000, 4096, 16), (3, 2_500_003, 977, 5)] {
-        let lens: Vec<usize> = (0..t / seq_len).map(|_| seq_len).chain([t % seq_len]).collect();
+    let Some(be) = gpu("fused_loss_matches_reference_at_scale") else {
+        return;
+    };
+    for (seed, t, seq_len, k) in [
+        (1u64, 300_000usize, 1000usize, 3usize),
+        (2, 1_200_000, 4096, 16),
+        (3, 2_500_003, 977, 5),
+    ] {
+        let lens: Vec<usize> = (0..t / seq_len)
+            .map(|_| seq_len)
+            .chain([t % seq_len])
+            .collect();
         let b = Batch::random(seed, &lens, k);
         for mode in [AggMode::TokenMean, AggMode::SeqMeanTokenMean] {
             let cfg = config_for(seed, mode);
             let mut g_gpu = vec![0f32; b.t()];
             let mut g_cpu = vec![0f32; b.t()];
             let o_gpu = be.grpo_loss(&b.inputs(None), &cfg, &mut g_gpu).unwrap();
-            let o_cpu = Backend::Cpu.grpo_loss(&b.inputs(None), &cfg, &mut g_cpu).unwrap();
+            let o_cpu = Backend::Cpu
+                .grpo_loss(&b.inputs(None), &cfg, &mut g_cpu)
+                .unwrap();
             let what = format!("T={t} K={k} {mode}");
             compare(&what, &o_gpu, &o_cpu);
             assert_all_close(&format!("{what} grad"), &g_gpu, &g_cpu, ABS, REL);
@@ -107,7 +162,9 @@ fn fused_loss_matches_reference_at_scale() {
 
 #[test]
 fn gpu_runs_are_bitwise_identical() {
-    let Some(be) = gpu("gpu_runs_are_bitwise_identical") else { return };
+    let Some(be) = gpu("gpu_runs_are_bitwise_identical") else {
+        return;
+    };
     let lens: Vec<usize> = (0..300).map(|i| 1 + (i * 37) % 900).collect();
     let b = Batch::random(5, &lens, 4);
     let cfg = config_for(5, AggMode::SeqMeanTokenMean);
@@ -127,7 +184,9 @@ fn gpu_runs_are_bitwise_identical() {
 
 #[test]
 fn micro_batches_match_whole_batch_on_gpu() {
-    let Some(be) = gpu("micro_batches_match_whole_batch_on_gpu") else { return };
+    let Some(be) = gpu("micro_batches_match_whole_batch_on_gpu") else {
+        return;
+    };
     let lens: Vec<usize> = (0..64).map(|i| (i * 53) % 300).collect();
     let k = 3;
     for seed in 0..4u64 {
@@ -135,20 +194,36 @@ fn micro_batches_match_whole_batch_on_gpu() {
         for mode in AggMode::ALL {
             let cfg = config_for(seed, mode);
             let mut g_whole = vec![0f32; whole.t()];
-            let o_whole = be.grpo_loss(&whole.inputs(None), &cfg, &mut g_whole).unwrap();
+            let o_whole = be
+                .grpo_loss(&whole.inputs(None), &cfg, &mut g_whole)
+                .unwrap();
             let cuts = [0usize, 10, 11, 40, 64];
-            let subs: Vec<Batch> = cuts.windows(2).map(|w| common::sub_batch(&whole, w[0], w[1], k)).collect();
+            let subs: Vec<Batch> = cuts
+                .windows(2)
+                .map(|w| common::sub_batch(&whole, w[0], w[1], k))
+                .collect();
             let mut global = recap_kernels::Normalizers::default();
             for s in &subs {
                 global
-                    .add(&recap_kernels::count_normalizers(s.inputs(None).mask, &s.cu, s.membership.as_deref(), k).unwrap())
+                    .add(
+                        &recap_kernels::count_normalizers(
+                            s.inputs(None).mask,
+                            &s.cu,
+                            s.membership.as_deref(),
+                            k,
+                        )
+                        .unwrap(),
+                    )
                     .unwrap();
             }
             let mut loss = 0.0;
             let mut g_cat = Vec::new();
             for s in &subs {
                 let mut g = vec![0f32; s.t()];
-                loss += be.grpo_loss(&s.inputs(Some(&global)), &cfg, &mut g).unwrap().loss;
+                loss += be
+                    .grpo_loss(&s.inputs(Some(&global)), &cfg, &mut g)
+                    .unwrap()
+                    .loss;
                 g_cat.extend(g);
             }
             let what = format!("seed {seed} {mode}");
@@ -160,17 +235,28 @@ fn micro_batches_match_whole_batch_on_gpu() {
 
 #[test]
 fn kl_matches_reference() {
-    let Some(be) = gpu("kl_matches_reference") else { return };
+    let Some(be) = gpu("kl_matches_reference") else {
+        return;
+    };
     for (li, lens) in length_sets().iter().enumerate() {
         let b = Batch::random(li as u64, lens, 1);
         let t = b.t();
         for est in KlEstimator::ALL {
             for masked in [false, true] {
-                let mask = masked.then(|| if b.use_u8 { Mask::U8(&b.mask_u8[..]) } else { Mask::F32(&b.mask_f32[..]) });
+                let mask = masked.then(|| {
+                    if b.use_u8 {
+                        Mask::U8(&b.mask_u8[..])
+                    } else {
+                        Mask::F32(&b.mask_f32[..])
+                    }
+                });
                 let (mut vg, mut gg) = (vec![f32::NAN; t], vec![f32::NAN; t]);
                 let (mut vc, mut gc) = (vec![f32::NAN; t], vec![f32::NAN; t]);
-                be.kl(&b.logp, &b.ref_logp, mask, est, &mut vg, &mut gg).unwrap();
-                Backend::Cpu.kl(&b.logp, &b.ref_logp, mask, est, &mut vc, &mut gc).unwrap();
+                be.kl(&b.logp, &b.ref_logp, mask, est, &mut vg, &mut gg)
+                    .unwrap();
+                Backend::Cpu
+                    .kl(&b.logp, &b.ref_logp, mask, est, &mut vc, &mut gc)
+                    .unwrap();
                 assert_all_close(&format!("lens#{li} {est} value"), &vg, &vc, ABS, REL);
                 assert_all_close(&format!("lens#{li} {est} grad"), &gg, &gc, ABS, REL);
             }
@@ -180,7 +266,9 @@ fn kl_matches_reference() {
 
 #[test]
 fn weighted_reduce_matches_reference() {
-    let Some(be) = gpu("weighted_reduce_matches_reference") else { return };
+    let Some(be) = gpu("weighted_reduce_matches_reference") else {
+        return;
+    };
     let mut rng = Rng::new(3);
     for (li, lens) in length_sets().iter().enumerate() {
         for k in [1usize, 2, 3, 5, 8, 16] {
@@ -188,12 +276,19 @@ fn weighted_reduce_matches_reference() {
             let t = b.t();
             let losses: Vec<f32> = (0..t * k).map(|_| (rng.normal() * 2.0) as f32).collect();
             let full = if k >= 32 { u32::MAX } else { (1u32 << k) - 1 };
-            let membership: Option<Vec<u32>> = b.membership.as_ref().map(|m| m.iter().map(|x| x & full).collect());
+            let membership: Option<Vec<u32>> = b
+                .membership
+                .as_ref()
+                .map(|m| m.iter().map(|x| x & full).collect());
             for mode in AggMode::ALL {
                 let cfg = config_for(k as u64, mode);
                 let inputs = HostReduceInputs {
                     losses: &losses,
-                    mask: if b.use_u8 { Mask::U8(&b.mask_u8) } else { Mask::F32(&b.mask_f32) },
+                    mask: if b.use_u8 {
+                        Mask::U8(&b.mask_u8)
+                    } else {
+                        Mask::F32(&b.mask_f32)
+                    },
                     cu_seqlens: &b.cu,
                     lambda: &b.lambda,
                     membership: membership.as_deref(),
@@ -201,11 +296,19 @@ fn weighted_reduce_matches_reference() {
                 };
                 let (mut gg, mut gc) = (vec![f32::NAN; t * k], vec![f32::NAN; t * k]);
                 let og = be.weighted_reduce(&inputs, &cfg, &mut gg).unwrap();
-                let oc = Backend::Cpu.weighted_reduce(&inputs, &cfg, &mut gc).unwrap();
+                let oc = Backend::Cpu
+                    .weighted_reduce(&inputs, &cfg, &mut gc)
+                    .unwrap();
                 let what = format!("lens#{li} K={k} {mode}");
                 assert_close(&format!("{what} total"), og.total, oc.total, ABS, REL);
                 for j in 0..k {
-                    assert_close(&format!("{what} agg[{j}]"), og.objective_loss[j], oc.objective_loss[j], ABS, REL);
+                    assert_close(
+                        &format!("{what} agg[{j}]"),
+                        og.objective_loss[j],
+                        oc.objective_loss[j],
+                        ABS,
+                        REL,
+                    );
                 }
                 assert_eq!(og.objective_tokens, oc.objective_tokens, "{what}");
                 assert_eq!(og.objective_seqs, oc.objective_seqs, "{what}");

@@ -1,12 +1,14 @@
 //! Hand-computed cases for every op, run on every backend (the CPU reference always, the GPU when
 //! one is usable), and finite-difference checks of the reference gradient.
 
+#![allow(clippy::needless_range_loop)] // token loops index several arrays
+
 mod common;
 
 use common::{assert_all_close, assert_close, backends, Batch};
 use recap_kernels::{
-    cpu, Advantages, AggMode, Backend, Error, GrpoConfig, HostGrpoInputs, HostReduceInputs, KlEstimator, Mask,
-    ObjectiveKind,
+    cpu, Advantages, AggMode, Backend, Error, GrpoConfig, HostGrpoInputs, HostReduceInputs,
+    KlEstimator, Mask, ObjectiveKind,
 };
 
 const TOL: f64 = 1e-6;
@@ -25,7 +27,11 @@ struct Branches {
 fn branches() -> Branches {
     let old = vec![-1.0f32, -2.0, -0.5, -1.0, -3.0];
     let ratios = [1.1f64, 1.5, 0.5, 1.0, 4.0];
-    let mut logp: Vec<f32> = old.iter().zip(ratios).map(|(o, r)| (*o as f64 + r.ln()) as f32).collect();
+    let mut logp: Vec<f32> = old
+        .iter()
+        .zip(ratios)
+        .map(|(o, r)| (*o as f64 + r.ln()) as f32)
+        .collect();
     logp[3] = f32::NAN;
     Branches {
         logp,
@@ -81,19 +87,45 @@ fn every_clip_branch_by_hand() {
                 ..GrpoConfig::default()
             };
             let mut grad = vec![f32::NAN; 5];
-            let out = be.grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut grad).unwrap();
+            let out = be
+                .grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut grad)
+                .unwrap();
             let what = format!("{} {mode}", be.name());
             assert_close(&format!("{what} loss"), out.loss, want_loss, TOL, 1e-5);
-            assert_close(&format!("{what} objective_loss"), out.objective_loss[0], want_loss, TOL, 1e-5);
-            assert_all_close(&format!("{what} grad"), &grad, &[want_g0 as f32, 0.0, 0.0, 0.0, 0.0], TOL, 1e-5);
+            assert_close(
+                &format!("{what} objective_loss"),
+                out.objective_loss[0],
+                want_loss,
+                TOL,
+                1e-5,
+            );
+            assert_all_close(
+                &format!("{what} grad"),
+                &grad,
+                &[want_g0 as f32, 0.0, 0.0, 0.0, 0.0],
+                TOL,
+                1e-5,
+            );
             let m = &out.metrics;
             assert_close("pg_clipfrac", m.pg_clipfrac[0], 0.5, TOL, 0.0);
             assert_close("pg_clipfrac_lower", m.pg_clipfrac_lower[0], 0.25, TOL, 0.0);
             let ratios: Vec<f64> = [0, 1, 2, 4].iter().map(|&t| actual_ratio(&b, t)).collect();
-            assert_close("ratio_mean", m.ratio_mean, ratios.iter().sum::<f64>() / 4.0, TOL, 1e-5);
+            assert_close(
+                "ratio_mean",
+                m.ratio_mean,
+                ratios.iter().sum::<f64>() / 4.0,
+                TOL,
+                1e-5,
+            );
             assert_close("ratio_min", m.ratio_min, ratios[2], TOL, 1e-5);
             assert_close("ratio_max", m.ratio_max, ratios[3], TOL, 1e-5);
-            assert_close("ppo_kl", m.ppo_kl, -ratios.iter().map(|r| r.ln()).sum::<f64>() / 4.0, TOL, 1e-5);
+            assert_close(
+                "ppo_kl",
+                m.ppo_kl,
+                -ratios.iter().map(|r| r.ln()).sum::<f64>() / 4.0,
+                TOL,
+                1e-5,
+            );
             assert_eq!(m.num_seqs, 2);
             assert_close("num_tokens", m.num_tokens, 4.0, 0.0, 0.0);
             assert_eq!(m.nonfinite, 0, "masked NaN must not count");
@@ -110,14 +142,28 @@ fn dual_clip_off_and_lambda_scale() {
             ..GrpoConfig::default()
         };
         let mut grad = vec![0f32; 5];
-        let out = be.grpo_loss(&branch_inputs(&b, &[2.0]), &cfg, &mut grad).unwrap();
+        let out = be
+            .grpo_loss(&branch_inputs(&b, &[2.0]), &cfg, &mut grad)
+            .unwrap();
         // without dual-clip, t4 keeps l1 = -A r = 0.5 * 4 = 2 and its gradient -A r = 2
         let r0 = actual_ratio(&b, 0);
         let r4 = actual_ratio(&b, 4);
         let agg = (-r0 - 1.2 + 0.4 + 0.5 * r4) / 4.0;
         assert_close("objective_loss", out.objective_loss[0], agg, TOL, 1e-5);
         assert_close("loss = lambda * agg", out.loss, 2.0 * agg, TOL, 1e-5);
-        assert_all_close("grad", &grad, &[(2.0 * -r0 / 4.0) as f32, 0.0, 0.0, 0.0, (2.0 * 0.5 * r4 / 4.0) as f32], TOL, 1e-5);
+        assert_all_close(
+            "grad",
+            &grad,
+            &[
+                (2.0 * -r0 / 4.0) as f32,
+                0.0,
+                0.0,
+                0.0,
+                (2.0 * 0.5 * r4 / 4.0) as f32,
+            ],
+            TOL,
+            1e-5,
+        );
         assert_eq!(out.metrics.pg_clipfrac_lower[0], 0.0);
     }
 }
@@ -143,14 +189,27 @@ fn log_ratio_clamp_saturates_gradient() {
             normalizers: None,
         };
         let mut grad = vec![1f32; 3];
-        let out = be.grpo_loss(&inputs, &GrpoConfig::default(), &mut grad).unwrap();
-        assert_eq!(grad, vec![0.0, 0.0, 0.0], "{}: clamped or clipped tokens have zero gradient", be.name());
+        let out = be
+            .grpo_loss(&inputs, &GrpoConfig::default(), &mut grad)
+            .unwrap();
+        assert_eq!(
+            grad,
+            vec![0.0, 0.0, 0.0],
+            "{}: clamped or clipped tokens have zero gradient",
+            be.name()
+        );
         let e20 = 20f64.exp();
         let e_20 = (-20f64).exp();
         let want = (3.0 * 1e-9 - 1.2 - e_20) / 3.0;
         assert_close("loss", out.loss, want, TOL, 1e-5);
         assert_close("ratio_max", out.metrics.ratio_max, e20, 0.0, 1e-5);
-        assert_close("ppo_kl", out.metrics.ppo_kl, -(20.0 + 20.0 - 20.0) / 3.0, TOL, 1e-5);
+        assert_close(
+            "ppo_kl",
+            out.metrics.ppo_kl,
+            -(20.0 + 20.0 - 20.0) / 3.0,
+            TOL,
+            1e-5,
+        );
     }
 }
 
@@ -164,9 +223,17 @@ fn kl_estimators_by_hand() {
         (KlEstimator::K1, [0.5, -30.0, 0.0], [1.0, 1.0, 1.0]),
         (KlEstimator::Abs, [0.5, 30.0, 0.0], [1.0, -1.0, 0.0]),
         (KlEstimator::K2, [0.125, 450.0, 0.0], [0.5, -30.0, 0.0]),
-        (KlEstimator::K3, [e + 0.5 - 1.0, 10.0, 0.0], [1.0 - e, 0.0, 0.0]),
+        (
+            KlEstimator::K3,
+            [e + 0.5 - 1.0, 10.0, 0.0],
+            [1.0 - e, 0.0, 0.0],
+        ),
         (KlEstimator::K1Plus, [0.5, -30.0, 0.0], [0.5, -30.0, 0.0]),
-        (KlEstimator::K3Plus, [e + 0.5 - 1.0, 10.0, 0.0], [0.5, -30.0, 0.0]),
+        (
+            KlEstimator::K3Plus,
+            [e + 0.5 - 1.0, 10.0, 0.0],
+            [0.5, -30.0, 0.0],
+        ),
     ];
     for be in backends("kl_estimators_by_hand") {
         for (est, want_v, want_g) in cases {
@@ -174,14 +241,33 @@ fn kl_estimators_by_hand() {
             let mut g = vec![f32::NAN; 3];
             be.kl(&logp, &refp, None, est, &mut v, &mut g).unwrap();
             let f = |x: [f64; 3]| x.map(|y| y as f32).to_vec();
-            assert_all_close(&format!("{} {est} value", be.name()), &v, &f(want_v), TOL, 1e-5);
-            assert_all_close(&format!("{} {est} grad", be.name()), &g, &f(want_g), TOL, 1e-5);
+            assert_all_close(
+                &format!("{} {est} value", be.name()),
+                &v,
+                &f(want_v),
+                TOL,
+                1e-5,
+            );
+            assert_all_close(
+                &format!("{} {est} grad", be.name()),
+                &g,
+                &f(want_g),
+                TOL,
+                1e-5,
+            );
         }
         // masked tokens give 0 even with NaN inputs
         let mut v = vec![1f32; 2];
         let mut g = vec![1f32; 2];
-        be.kl(&[f32::NAN, 0.5], &[0.0, 0.0], Some(Mask::U8(&[0, 1])), KlEstimator::K2, &mut v, &mut g)
-            .unwrap();
+        be.kl(
+            &[f32::NAN, 0.5],
+            &[0.0, 0.0],
+            Some(Mask::U8(&[0, 1])),
+            KlEstimator::K2,
+            &mut v,
+            &mut g,
+        )
+        .unwrap();
         assert_eq!(v, vec![0.0, 0.125]);
         assert_eq!(g, vec![0.0, 0.5]);
     }
@@ -199,10 +285,38 @@ fn every_aggregation_mode_by_hand() {
     let lambda = [1.0f32, 3.0];
     // (mode, C, agg0, agg1, grad of token 0 for objective 0, grad of token 3 for objective 1)
     let cases = [
-        (AggMode::TokenMean, None, 10.0 / 4.0, 40.0, 0.25 / 2.0, 3.0 / 2.0),
-        (AggMode::SeqMeanTokenMean, None, 3.0, 40.0, 1.0 / 6.0 / 2.0, 3.0 / 2.0),
-        (AggMode::SeqMeanTokenSum, None, 5.0, 40.0, 0.5 / 2.0, 3.0 / 2.0),
-        (AggMode::TokenSumNorm, Some(4.0f32), 2.5, 10.0, 0.25 / 2.0, 3.0 * 0.25 / 2.0),
+        (
+            AggMode::TokenMean,
+            None,
+            10.0 / 4.0,
+            40.0,
+            0.25 / 2.0,
+            3.0 / 2.0,
+        ),
+        (
+            AggMode::SeqMeanTokenMean,
+            None,
+            3.0,
+            40.0,
+            1.0 / 6.0 / 2.0,
+            3.0 / 2.0,
+        ),
+        (
+            AggMode::SeqMeanTokenSum,
+            None,
+            5.0,
+            40.0,
+            0.5 / 2.0,
+            3.0 / 2.0,
+        ),
+        (
+            AggMode::TokenSumNorm,
+            Some(4.0f32),
+            2.5,
+            10.0,
+            0.25 / 2.0,
+            3.0 * 0.25 / 2.0,
+        ),
     ];
     for be in backends("every_aggregation_mode_by_hand") {
         for (mode, c, a0, a1, g0, g3) in cases {
@@ -222,9 +336,27 @@ fn every_aggregation_mode_by_hand() {
             let mut grad = vec![f32::NAN; 12];
             let out = be.weighted_reduce(&inputs, &cfg, &mut grad).unwrap();
             let what = format!("{} {mode}", be.name());
-            assert_close(&format!("{what} agg0"), out.objective_loss[0], a0, TOL, 1e-6);
-            assert_close(&format!("{what} agg1"), out.objective_loss[1], a1, TOL, 1e-6);
-            assert_close(&format!("{what} total"), out.total, (a0 + 3.0 * a1) / 2.0, TOL, 1e-6);
+            assert_close(
+                &format!("{what} agg0"),
+                out.objective_loss[0],
+                a0,
+                TOL,
+                1e-6,
+            );
+            assert_close(
+                &format!("{what} agg1"),
+                out.objective_loss[1],
+                a1,
+                TOL,
+                1e-6,
+            );
+            assert_close(
+                &format!("{what} total"),
+                out.total,
+                (a0 + 3.0 * a1) / 2.0,
+                TOL,
+                1e-6,
+            );
             assert_close(&format!("{what} grad[0,0]"), grad[0] as f64, g0, TOL, 1e-6);
             assert_close(&format!("{what} grad[3,1]"), grad[7] as f64, g3, TOL, 1e-6);
             assert_eq!(grad[1], 0.0, "non-member token has no gradient");
@@ -255,15 +387,35 @@ fn policy_and_replay_objectives_share_a_batch() {
             normalizers: None,
         };
         let mut grad = vec![f32::NAN; 5];
-        let out = be.grpo_loss(&inputs, &GrpoConfig::default(), &mut grad).unwrap();
+        let out = be
+            .grpo_loss(&inputs, &GrpoConfig::default(), &mut grad)
+            .unwrap();
         assert_close("policy agg", out.objective_loss[0], -2.0, TOL, 1e-6);
-        assert_close("nll agg", out.objective_loss[1], (1.0 + 3.0) / 2.0, TOL, 1e-6);
+        assert_close(
+            "nll agg",
+            out.objective_loss[1],
+            (1.0 + 3.0) / 2.0,
+            TOL,
+            1e-6,
+        );
         assert_close("loss", out.loss, (-2.0 + 0.5 * 2.0) / 2.0, TOL, 1e-6);
-        assert_all_close(&format!("{} grad", be.name()), &grad, &[-0.5, -0.5, -0.125, 0.0, -0.125], TOL, 1e-6);
+        assert_all_close(
+            &format!("{} grad", be.name()),
+            &grad,
+            &[-0.5, -0.5, -0.125, 0.0, -0.125],
+            TOL,
+            1e-6,
+        );
         assert_eq!(out.metrics.objective_tokens, vec![2.0, 2.0]);
         assert_eq!(out.metrics.objective_seqs, vec![1, 1]);
         assert_close("policy_tokens", out.metrics.policy_tokens, 2.0, 0.0, 0.0);
-        assert_close("ratio_mean over policy tokens only", out.metrics.ratio_mean, 1.0, TOL, 0.0);
+        assert_close(
+            "ratio_mean over policy tokens only",
+            out.metrics.ratio_mean,
+            1.0,
+            TOL,
+            0.0,
+        );
     }
 }
 
@@ -285,7 +437,10 @@ fn empty_and_fully_masked_batches_are_defined() {
             normalizers: None,
         };
         let out = be.grpo_loss(&empty, &cfg, &mut []).unwrap();
-        assert_eq!((out.loss, out.metrics.num_seqs, out.metrics.ratio_min), (0.0, 0, 0.0));
+        assert_eq!(
+            (out.loss, out.metrics.num_seqs, out.metrics.ratio_min),
+            (0.0, 0, 0.0)
+        );
         // every token masked, with garbage inputs
         let nan = [f32::NAN; 3];
         let all_masked = HostGrpoInputs {
@@ -333,7 +488,10 @@ fn nonfinite_unmasked_input_is_an_error_unless_allowed() {
         };
         let out = be.grpo_loss(&inputs, &cfg, &mut grad).unwrap();
         assert_eq!(out.metrics.nonfinite, 1);
-        assert!(!out.loss.is_finite(), "the non-finite input is reported, not hidden");
+        assert!(
+            !out.loss.is_finite(),
+            "the non-finite input is reported, not hidden"
+        );
     }
 }
 
@@ -352,20 +510,43 @@ fn micro_batches_with_global_normalizers_match_the_whole_batch() {
             let split = 3; // sequences [0, 3) and [3, 8)
             let parts = [(0usize, split), (split, lens.len())];
             let mut global = recap_kernels::Normalizers::default();
-            let subs: Vec<Batch> = parts.iter().map(|&(a, b)| common::sub_batch(&whole, a, b, k)).collect();
+            let subs: Vec<Batch> = parts
+                .iter()
+                .map(|&(a, b)| common::sub_batch(&whole, a, b, k))
+                .collect();
             for s in &subs {
-                let n = recap_kernels::count_normalizers(s.inputs(None).mask, &s.cu, s.membership.as_deref(), k).unwrap();
+                let n = recap_kernels::count_normalizers(
+                    s.inputs(None).mask,
+                    &s.cu,
+                    s.membership.as_deref(),
+                    k,
+                )
+                .unwrap();
                 global.add(&n).unwrap();
             }
             let mut loss = 0.0;
             let mut g_cat = Vec::new();
             for s in &subs {
                 let mut g = vec![0f32; s.t()];
-                loss += cpu::grpo_loss(&s.inputs(Some(&global)), &cfg, &mut g).unwrap().loss;
+                loss += cpu::grpo_loss(&s.inputs(Some(&global)), &cfg, &mut g)
+                    .unwrap()
+                    .loss;
                 g_cat.extend(g);
             }
-            assert_close(&format!("seed {seed} {mode} loss"), loss, out_whole.loss, 1e-9, 1e-9);
-            assert_all_close(&format!("seed {seed} {mode} grad"), &g_cat, &g_whole, 1e-9, 1e-6);
+            assert_close(
+                &format!("seed {seed} {mode} loss"),
+                loss,
+                out_whole.loss,
+                1e-9,
+                1e-9,
+            );
+            assert_all_close(
+                &format!("seed {seed} {mode} grad"),
+                &g_cat,
+                &g_whole,
+                1e-9,
+                1e-6,
+            );
         }
     }
 }
@@ -393,9 +574,13 @@ fn reference_gradient_matches_finite_differences() {
                 let near_kink = |x: f32| {
                     let r = ((x - b.old_logp[t]) as f64).exp();
                     let d = (x - b.ref_logp[t]) as f64;
-                    [1.0 - cfg.clip_low as f64, 1.0 + cfg.clip_high as f64, cfg.dual_clip.unwrap_or(0.0) as f64]
-                        .iter()
-                        .any(|k| (r - k).abs() < 0.02)
+                    [
+                        1.0 - cfg.clip_low as f64,
+                        1.0 + cfg.clip_high as f64,
+                        cfg.dual_clip.unwrap_or(0.0) as f64,
+                    ]
+                    .iter()
+                    .any(|k| (r - k).abs() < 0.02)
                         || (x - b.old_logp[t]).abs() > 19.0
                         || d.abs() < 0.01
                 };
@@ -406,7 +591,9 @@ fn reference_gradient_matches_finite_differences() {
                     let mut bb = b.clone();
                     bb.logp[t] = x;
                     let mut g = vec![0f32; bb.t()];
-                    cpu::grpo_loss(&bb.inputs(None), &fd_cfg, &mut g).unwrap().loss
+                    cpu::grpo_loss(&bb.inputs(None), &fd_cfg, &mut g)
+                        .unwrap()
+                        .loss
                 };
                 let (xp, xm) = (b.logp[t] + h, b.logp[t] - h);
                 let fd = (eval(xp) - eval(xm)) / (xp as f64 - xm as f64);
@@ -418,7 +605,11 @@ fn reference_gradient_matches_finite_differences() {
                 );
                 checked += 1;
             }
-            assert!(checked * 2 > b.t(), "seed {seed} {mode}: only {checked} of {} tokens checked", b.t());
+            assert!(
+                checked * 2 > b.t(),
+                "seed {seed} {mode}: only {checked} of {} tokens checked",
+                b.t()
+            );
         }
     }
 }
@@ -427,7 +618,12 @@ fn reference_gradient_matches_finite_differences() {
 #[test]
 fn kl_gradient_matches_finite_differences() {
     let h = 1e-3f64;
-    for est in [KlEstimator::K1, KlEstimator::Abs, KlEstimator::K2, KlEstimator::K3] {
+    for est in [
+        KlEstimator::K1,
+        KlEstimator::Abs,
+        KlEstimator::K2,
+        KlEstimator::K3,
+    ] {
         for &(lp, rf) in &[(-1.0f32, -1.7f32), (-2.0, -0.4), (0.0, -3.0), (-5.0, -4.5)] {
             let v = |x: f64| cpu::kl_token(x as f32, rf, est).value;
             let x = lp as f64;

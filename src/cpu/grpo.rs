@@ -5,12 +5,18 @@ use super::norms::{mask_weight, norms, seq_tokens};
 use crate::config::{GrpoConfig, ObjectiveKind};
 use crate::error::Result;
 use crate::layout::{check_len, validate_grpo, Advantages, HostGrpoInputs};
-use crate::output::{finish_grpo, grpo_slots, GrpoOutput, GrpoSums, NORM_SEQS, NORM_SLOTS, NORM_TOKENS};
+use crate::output::{
+    finish_grpo, grpo_slots, GrpoOutput, GrpoSums, NORM_SEQS, NORM_SLOTS, NORM_TOKENS,
+};
 
 /// The fused GRPO loss on the CPU: writes `dL/dlogp` into `grad` (`[T]`) and returns the loss,
 /// per-objective aggregates and metrics. Validation errors name the argument; non-finite inputs at
 /// unmasked tokens are an error unless `config.allow_nonfinite`.
-pub fn grpo_loss(inputs: &HostGrpoInputs<'_>, config: &GrpoConfig, grad: &mut [f32]) -> Result<GrpoOutput> {
+pub fn grpo_loss(
+    inputs: &HostGrpoInputs<'_>,
+    config: &GrpoConfig,
+    grad: &mut [f32],
+) -> Result<GrpoOutput> {
     let shape = validate_grpo(inputs, config)?;
     check_len("grad", grad.len(), shape.t, "[T]")?;
     let sums = grpo_sums(inputs, config, grad);
@@ -39,7 +45,8 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
     let nonfinite = |v: f32| if v.is_finite() { 0.0 } else { 1.0 };
     for b in 0..cu.len() - 1 {
         let bits = inp.membership.map_or(u32::MAX, |m| m[b]) & ((1u64 << k) - 1) as u32;
-        let pol = (0..k).any(|j| (bits >> j) & 1 == 1 && inp.objectives[j] == ObjectiveKind::Policy);
+        let pol =
+            (0..k).any(|j| (bits >> j) & 1 == 1 && inp.objectives[j] == ObjectiveKind::Policy);
         for t in cu[b] as usize..cu[b + 1] as usize {
             let m = mask_weight(&inp.mask, t);
             if m == 0.0 {

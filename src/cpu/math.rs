@@ -40,7 +40,13 @@ pub struct PolicyToken {
 
 /// `l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))`, then for `A < 0` with dual-clip
 /// `min(l, -c A)`; the gradient follows the active branch.
-pub fn policy_token(q: Ratio, adv: f32, clip_low: f32, clip_high: f32, dual_clip: Option<f32>) -> PolicyToken {
+pub fn policy_token(
+    q: Ratio,
+    adv: f32,
+    clip_low: f32,
+    clip_high: f32,
+    dual_clip: Option<f32>,
+) -> PolicyToken {
     let a = adv as f64;
     let r = q.ratio;
     let (lo, hi) = (1.0 - clip_low as f64, 1.0 + clip_high as f64);
@@ -83,8 +89,14 @@ pub struct KlToken {
 pub fn kl_token(logp: f32, ref_logp: f32, est: KlEstimator) -> KlToken {
     let diff = logp as f64 - ref_logp as f64;
     match est {
-        KlEstimator::K1 => KlToken { value: diff, grad: 1.0 },
-        KlEstimator::K1Plus => KlToken { value: diff, grad: diff },
+        KlEstimator::K1 => KlToken {
+            value: diff,
+            grad: 1.0,
+        },
+        KlEstimator::K1Plus => KlToken {
+            value: diff,
+            grad: diff,
+        },
         KlEstimator::Abs => KlToken {
             value: diff.abs(),
             grad: if diff > 0.0 {
@@ -103,11 +115,21 @@ pub fn kl_token(logp: f32, ref_logp: f32, est: KlEstimator) -> KlToken {
         },
         KlEstimator::K3 | KlEstimator::K3Plus => {
             let raw = -diff;
-            let x = if raw.is_nan() { raw } else { raw.clamp(-20.0, 20.0) };
+            let x = if raw.is_nan() {
+                raw
+            } else {
+                raw.clamp(-20.0, 20.0)
+            };
             let e = x.exp();
             let kld = e - x - 1.0;
+            // comparisons, not ranges: NaN is not "saturated", as on the device (NaN propagates)
+            #[allow(clippy::manual_range_contains)]
             let sat = raw < -20.0 || raw > 20.0 || kld > 10.0 || kld < -10.0;
-            let value = if kld.is_nan() { kld } else { kld.clamp(-10.0, 10.0) };
+            let value = if kld.is_nan() {
+                kld
+            } else {
+                kld.clamp(-10.0, 10.0)
+            };
             let grad = if est == KlEstimator::K3Plus {
                 diff
             } else if sat {
@@ -131,7 +153,13 @@ fn inv(x: f64) -> f64 {
 /// Aggregation weight of one unmasked token (before its mask weight): token-mean `1/N_tokens`,
 /// seq-mean-token-mean `1/(n_seq N_seqs)`, seq-mean-token-sum `1/N_seqs`, token-sum-norm `1/C`;
 /// 0 where a normalizer is 0.
-pub fn agg_weight(mode: AggMode, tokens: f64, seqs: f64, seq_tokens: f64, norm_constant: f64) -> f64 {
+pub fn agg_weight(
+    mode: AggMode,
+    tokens: f64,
+    seqs: f64,
+    seq_tokens: f64,
+    norm_constant: f64,
+) -> f64 {
     match mode {
         AggMode::TokenMean => inv(tokens),
         AggMode::SeqMeanTokenMean => inv(seqs) * inv(seq_tokens),

@@ -22,12 +22,21 @@ pub(crate) fn mask_weight(mask: &HostMask<'_>, t: usize) -> f64 {
 /// `n_b`: the mask sum of each sequence.
 pub(crate) fn seq_tokens(mask: &HostMask<'_>, cu: &[i32]) -> Vec<f64> {
     cu.windows(2)
-        .map(|w| (w[0] as usize..w[1] as usize).map(|t| mask_weight(mask, t)).sum())
+        .map(|w| {
+            (w[0] as usize..w[1] as usize)
+                .map(|t| mask_weight(mask, t))
+                .sum()
+        })
         .collect()
 }
 
 /// The `norms` buffer (layout in `kernels/recap_params.h`) for K objectives plus the KL slot.
-pub(crate) fn norms(seq_tokens: &[f64], membership: Option<&[u32]>, k: usize, global: Option<&Normalizers>) -> Vec<f64> {
+pub(crate) fn norms(
+    seq_tokens: &[f64],
+    membership: Option<&[u32]>,
+    k: usize,
+    global: Option<&Normalizers>,
+) -> Vec<f64> {
     let mut out = vec![0.0; 4 * NORM_SLOTS];
     for j in 0..=k {
         let (mut tok, mut seq) = (0.0, 0.0);
@@ -48,7 +57,12 @@ pub(crate) fn norms(seq_tokens: &[f64], membership: Option<&[u32]>, k: usize, gl
 
 /// This batch's normalizers for `k` objectives (and the KL slot): sum them over micro-batches or
 /// ranks with [`Normalizers::add`] and pass the total to every part to normalize by the global batch.
-pub fn count_normalizers(mask: HostMask<'_>, cu_seqlens: &[i32], membership: Option<&[u32]>, k: usize) -> Result<Normalizers> {
+pub fn count_normalizers(
+    mask: HostMask<'_>,
+    cu_seqlens: &[i32],
+    membership: Option<&[u32]>,
+    k: usize,
+) -> Result<Normalizers> {
     let t = match &mask {
         Mask::F32(m) => m.len(),
         Mask::U8(m) => m.len(),

@@ -10,7 +10,11 @@ use crate::output::{finish_reduce, ReduceOutput, NORM_SEQS, NORM_SLOTS, NORM_TOK
 /// Aggregates per-token losses `[T, K]` per objective with `config.agg_mode` (and
 /// `config.norm_constant`), returns the aggregates and `(1/K) sum_k lambda_k agg_k`, and writes
 /// `d total / d l_tk` into `grad` (`[T, K]`).
-pub fn weighted_reduce(inputs: &HostReduceInputs<'_>, config: &GrpoConfig, grad: &mut [f32]) -> Result<ReduceOutput> {
+pub fn weighted_reduce(
+    inputs: &HostReduceInputs<'_>,
+    config: &GrpoConfig,
+    grad: &mut [f32],
+) -> Result<ReduceOutput> {
     let shape = validate_reduce(inputs, config.agg_mode, config.norm_constant)?;
     let k = shape.k;
     check_len("grad", grad.len(), shape.t * k, "[T, K]")?;

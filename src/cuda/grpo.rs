@@ -1,6 +1,8 @@
 //! Kernel 1 on the GPU: the fused GRPO loss (`kernels/grpo_loss.cu`).
 
-use super::{addr, addr_mut, addr_slice, finalize, maxk, params::GrpoParams, seq_stats, Gpu, Module, BLOCK};
+use super::{
+    addr, addr_mut, addr_slice, finalize, maxk, params::GrpoParams, seq_stats, Gpu, Module, BLOCK,
+};
 use crate::config::GrpoConfig;
 use crate::error::Result;
 use crate::layout::{check_len, policy_bits, validate_grpo, Advantages, GrpoInputs, Mask};
@@ -32,7 +34,17 @@ pub fn grpo_loss(
         Mask::U8(m) => (MaskView::U8(m), "u8"),
     };
     let (mask_a, _gm) = mask_view.addr(stream);
-    let stats = seq_stats(gpu, stream, mask_a, suffix, t, inputs.cu_seqlens, inputs.membership, k, inputs.normalizers)?;
+    let stats = seq_stats(
+        gpu,
+        stream,
+        mask_a,
+        suffix,
+        t,
+        inputs.cu_seqlens,
+        inputs.membership,
+        k,
+        inputs.normalizers,
+    )?;
 
     let items = gpu.items_per_thread(t);
     let blocks = t.div_ceil(BLOCK as usize * items);

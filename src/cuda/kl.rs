@@ -55,6 +55,14 @@ pub fn kl(
         kl_estimator: estimator.code(),
         pad0: 0,
     };
-    let blocks = t.div_ceil(BLOCK as usize).min(64 * gpu.multiprocessors() as usize);
-    gpu.launch(stream, Module::Kl, &format!("recap_kl_{suffix}"), blocks, &p)
+    let blocks = t
+        .div_ceil(BLOCK as usize)
+        .min(64 * gpu.multiprocessors() as usize);
+    gpu.launch(
+        stream,
+        Module::Kl,
+        &format!("recap_kl_{suffix}"),
+        blocks,
+        &p,
+    )
 }

@@ -18,8 +18,8 @@ use crate::config::{Normalizers, MAX_OBJECTIVES};
 use crate::error::{Error, Result};
 use crate::output::NORM_SLOTS;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
@@ -83,7 +83,9 @@ impl Gpu {
             return Err(Error::NoKernels);
         }
         if !driver_present() {
-            return Err(Error::NoDevice("no CUDA driver library (libcuda) found".into()));
+            return Err(Error::NoDevice(
+                "no CUDA driver library (libcuda) found".into(),
+            ));
         }
         let count = CudaContext::device_count()?;
         if ordinal >= count.max(0) as usize {
@@ -94,7 +96,9 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.default_stream();
         let name = ctx.name()?;
-        let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let sms = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )?;
         Ok(Arc::new(Gpu {
             ctx,
             stream,
@@ -126,7 +130,10 @@ impl Gpu {
     }
 
     fn module(&self, m: Module) -> Result<Arc<CudaModule>> {
-        let mut cache = self.modules.lock().map_err(|_| Error::NoDevice("module cache poisoned".into()))?;
+        let mut cache = self
+            .modules
+            .lock()
+            .map_err(|_| Error::NoDevice("module cache poisoned".into()))?;
         if let Some(module) = cache.get(&m) {
             return Ok(module.clone());
         }
@@ -155,7 +162,10 @@ impl Gpu {
     /// Errors unless `stream` belongs to this GPU's context.
     pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
         if stream.context().cu_ctx() != self.ctx.cu_ctx() {
-            return Err(Error::arg("stream", "the stream belongs to another CUDA context than this Gpu"));
+            return Err(Error::arg(
+                "stream",
+                "the stream belongs to another CUDA context than this Gpu",
+            ));
         }
         Ok(())
     }
@@ -169,11 +179,19 @@ impl Gpu {
 
     /// Launches `name` from module `m` with `grid` blocks of [`BLOCK`] threads and the by-value
     /// parameter struct `params`. A grid of 0 launches nothing.
-    pub(crate) fn launch<P: DeviceRepr>(&self, stream: &CudaStream, m: Module, name: &str, grid: usize, params: &P) -> Result<()> {
+    pub(crate) fn launch<P: DeviceRepr>(
+        &self,
+        stream: &CudaStream,
+        m: Module,
+        name: &str,
+        grid: usize,
+        params: &P,
+    ) -> Result<()> {
         if grid == 0 {
             return Ok(());
         }
-        let grid = u32::try_from(grid).map_err(|_| Error::arg("logp", format!("{grid} blocks exceed the CUDA grid limit")))?;
+        let grid = u32::try_from(grid)
+            .map_err(|_| Error::arg("logp", format!("{grid} blocks exceed the CUDA grid limit")))?;
         let f = self.function(m, name)?;
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
@@ -200,24 +218,30 @@ pub(crate) fn maxk(k: usize) -> usize {
 /// Device address of a view, for a parameter struct; the guard must outlive the launch.
 pub(crate) fn addr<'a, T>(v: &'a CudaView<'_, T>, s: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
     let (p, g) = v.device_ptr(s);
-    (p as u64, g)
+    (p, g)
 }
 
 /// Device address of a mutable view, for an output of a parameter struct.
-pub(crate) fn addr_mut<'a, T>(v: &'a mut CudaViewMut<'_, T>, s: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+pub(crate) fn addr_mut<'a, T>(
+    v: &'a mut CudaViewMut<'_, T>,
+    s: &'a CudaStream,
+) -> (u64, SyncOnDrop<'a>) {
     let (p, g) = v.device_ptr_mut(s);
-    (p as u64, g)
+    (p, g)
 }
 
 /// Device address of an owned buffer.
 pub(crate) fn addr_slice<'a, T>(v: &'a CudaSlice<T>, s: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
     let (p, g) = v.device_ptr(s);
-    (p as u64, g)
+    (p, g)
 }
 
 /// Copies a host slice to a new device buffer of at least one element (a zero-length allocation is
 /// not portable), so `buf.slice(..x.len())` is the data.
-pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(stream: &Arc<CudaStream>, x: &[T]) -> Result<CudaSlice<T>> {
+pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    x: &[T],
+) -> Result<CudaSlice<T>> {
     let mut d = stream.alloc_zeros::<T>(x.len().max(1))?;
     if !x.is_empty() {
         stream.memcpy_htod(x, &mut d.slice_mut(..x.len()))?;
@@ -279,7 +303,13 @@ pub(crate) fn seq_stats(
         p.seq_tokens = st_a;
         p.norms = n_a;
         let warps_per_block = (BLOCK / 32) as usize;
-        gpu.launch(stream, Module::Reduce, &format!("recap_seq_stats_{mask_suffix}"), b.div_ceil(warps_per_block), &p)?;
+        gpu.launch(
+            stream,
+            Module::Reduce,
+            &format!("recap_seq_stats_{mask_suffix}"),
+            b.div_ceil(warps_per_block),
+            &p,
+        )?;
         gpu.launch(stream, Module::Reduce, "recap_norms_finalize", 1, &p)?;
     }
     Ok(SeqStats {

@@ -1,7 +1,9 @@
 //! Kernel 3 on the GPU: the per-objective weighted loss reduction (`kernels/reduce.cu`).
 
 use super::grpo::MaskView;
-use super::{addr, addr_mut, addr_slice, finalize, maxk, params::ReduceParams, seq_stats, Gpu, Module, BLOCK};
+use super::{
+    addr, addr_mut, addr_slice, finalize, maxk, params::ReduceParams, seq_stats, Gpu, Module, BLOCK,
+};
 use crate::config::GrpoConfig;
 use crate::error::Result;
 use crate::layout::{check_len, validate_reduce, Mask, ReduceInputs};
@@ -31,7 +33,17 @@ pub fn weighted_reduce(
         Mask::U8(m) => (MaskView::U8(m), "u8"),
     };
     let (mask_a, _gm) = mask_view.addr(stream);
-    let stats = seq_stats(gpu, stream, mask_a, suffix, t, inputs.cu_seqlens, inputs.membership, k, inputs.normalizers)?;
+    let stats = seq_stats(
+        gpu,
+        stream,
+        mask_a,
+        suffix,
+        t,
+        inputs.cu_seqlens,
+        inputs.membership,
+        k,
+        inputs.normalizers,
+    )?;
     let items = gpu.items_per_thread(t);
     let blocks = t.div_ceil(BLOCK as usize * items);
     let partials = stream.alloc_zeros::<f64>((blocks * k).max(1))?;
@@ -69,7 +81,13 @@ pub fn weighted_reduce(
             pad0: 0.0,
             lambda,
         };
-        gpu.launch(stream, Module::Reduce, &format!("recap_reduce_k{}_{suffix}", maxk(k)), blocks, &p)?;
+        gpu.launch(
+            stream,
+            Module::Reduce,
+            &format!("recap_reduce_k{}_{suffix}", maxk(k)),
+            blocks,
+            &p,
+        )?;
     }
     let agg = finalize(gpu, stream, &partials, blocks, k, -1, -1)?;
     let norms = stream.clone_dtoh(&stats.norms)?;

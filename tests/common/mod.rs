@@ -1,7 +1,9 @@
 //! Shared test support: a seeded RNG, random packed batches, backend selection and tolerances.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::needless_range_loop)]
 
-use recap_kernels::{Advantages, Backend, GrpoConfig, HostGrpoInputs, Mask, Normalizers, ObjectiveKind};
+use recap_kernels::{
+    Advantages, Backend, GrpoConfig, HostGrpoInputs, Mask, Normalizers, ObjectiveKind,
+};
 
 /// SplitMix64: small, seeded, reproducible.
 pub struct Rng(u64);
@@ -44,7 +46,10 @@ pub fn gpu(test: &str) -> Option<Backend> {
             Err(e) => e.to_string(),
         }
     };
-    assert!(!require, "{test}: RECAP_REQUIRE_GPU=1 but the GPU backend is unusable: {why}");
+    assert!(
+        !require,
+        "{test}: RECAP_REQUIRE_GPU=1 but the GPU backend is unusable: {why}"
+    );
     // Written to the stderr handle, not eprintln!, so the reason shows under the test harness's capture.
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "skipping {test} on the GPU: {why}");
@@ -71,7 +76,10 @@ pub fn close(got: f64, want: f64, abs: f64, rel: f64) -> bool {
 
 #[track_caller]
 pub fn assert_close(what: &str, got: f64, want: f64, abs: f64, rel: f64) {
-    assert!(close(got, want, abs, rel), "{what}: got {got:e}, want {want:e} (abs {abs:e} + rel {rel:e})");
+    assert!(
+        close(got, want, abs, rel),
+        "{what}: got {got:e}, want {want:e} (abs {abs:e} + rel {rel:e})"
+    );
 }
 
 #[track_caller]
@@ -144,16 +152,29 @@ impl Batch {
         for s in 0..b {
             let fully_masked = rng.below(7) == 0;
             for i in cu[s] as usize..cu[s + 1] as usize {
-                mask_f32[i] = if fully_masked || rng.below(10) == 0 { 0.0 } else { 1.0 };
+                mask_f32[i] = if fully_masked || rng.below(10) == 0 {
+                    0.0
+                } else {
+                    1.0
+                };
             }
         }
         let mask_u8 = mask_f32.iter().map(|m| (*m != 0.0) as u8).collect();
         let objectives = (0..k)
-            .map(|j| if k > 1 && j == k - 1 { ObjectiveKind::Nll } else { ObjectiveKind::Policy })
+            .map(|j| {
+                if k > 1 && j == k - 1 {
+                    ObjectiveKind::Nll
+                } else {
+                    ObjectiveKind::Policy
+                }
+            })
             .collect();
-        let lambda = (0..k).map(|_| (0.25 + rng.uniform() * 1.5) as f32).collect();
+        let lambda = (0..k)
+            .map(|_| (0.25 + rng.uniform() * 1.5) as f32)
+            .collect();
         let full = if k >= 32 { u32::MAX } else { (1u32 << k) - 1 };
-        let membership = (seed % 2 == 1).then(|| (0..b).map(|_| (rng.next_u64() as u32) & full).collect());
+        let membership =
+            (seed % 2 == 1).then(|| (0..b).map(|_| (rng.next_u64() as u32) & full).collect());
         Batch {
             logp,
             old_logp: old,
@@ -185,7 +206,11 @@ impl Batch {
             } else {
                 Advantages::PerSequence(&self.adv)
             },
-            mask: if self.use_u8 { Mask::U8(&self.mask_u8) } else { Mask::F32(&self.mask_f32) },
+            mask: if self.use_u8 {
+                Mask::U8(&self.mask_u8)
+            } else {
+                Mask::F32(&self.mask_f32)
+            },
             cu_seqlens: &self.cu,
             lambda: &self.lambda,
             objectives: &self.objectives,
@@ -223,7 +248,11 @@ pub fn sub_batch(w: &Batch, a: usize, b: usize, k: usize) -> Batch {
     s.ref_logp = w.ref_logp[t0..t1].to_vec();
     s.mask_f32 = w.mask_f32[t0..t1].to_vec();
     s.mask_u8 = w.mask_u8[t0..t1].to_vec();
-    s.adv = if w.adv_per_token { w.adv[t0 * k..t1 * k].to_vec() } else { w.adv[a * k..b * k].to_vec() };
+    s.adv = if w.adv_per_token {
+        w.adv[t0 * k..t1 * k].to_vec()
+    } else {
+        w.adv[a * k..b * k].to_vec()
+    };
     s.cu = w.cu[a..=b].iter().map(|c| c - w.cu[a]).collect();
     s.membership = w.membership.as_ref().map(|m| m[a..b].to_vec());
     s
