@@ -177,13 +177,7 @@ fn compile_all(
                 s.spawn(move || {
                     let out = out_dir.join(format!("{}.fatbin", stem(k)));
                     let output = Command::new(nvcc)
-                        .args([
-                            "--fatbin",
-                            "-O3",
-                            "-std=c++17",
-                            "-Ikernels",
-                            "-Xptxas=-warn-spills",
-                        ])
+                        .args(["--fatbin", "-O3", "-std=c++17", "-Ikernels"])
                         .args(gencode)
                         .arg("-o")
                         .arg(&out)

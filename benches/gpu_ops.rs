@@ -75,14 +75,16 @@ fn run() -> recap_kernels::Result<()> {
         "{:<44} {:>10} {:>10} {:>9} {:>8}",
         "fused GRPO loss fwd+grad", "median us", "min us", "GB/s", "% copy"
     );
-    for &(t, k, seq_len, with_ref) in &[
-        (16_384usize, 3usize, 1024usize, false),
-        (262_144, 1, 1024, false),
-        (262_144, 3, 1024, false),
-        (262_144, 8, 1024, false),
-        (262_144, 3, 1024, true),
-        (4_194_304, 3, 4096, false),
-        (16_777_216, 3, 4096, false),
+    for &(t, k, seq_len, with_ref, u8_mask) in &[
+        (16_384usize, 3usize, 1024usize, false, false),
+        (262_144, 1, 1024, false, false),
+        (262_144, 3, 1024, false, false),
+        (262_144, 8, 1024, false, false),
+        (262_144, 3, 1024, true, false),
+        (4_194_304, 3, 4096, false, false),
+        (16_777_216, 3, 4096, false, false),
+        (16_777_216, 3, 4096, false, true),
+        (16_777_216, 8, 4096, true, true),
     ] {
         let b = t / seq_len;
         let host: Vec<f32> = (0..t)
@@ -107,6 +109,8 @@ fn run() -> recap_kernels::Result<()> {
         let d_ref = s.clone_htod(&host_old)?;
         let d_adv = s.clone_htod(&adv)?;
         let d_mask = s.clone_htod(&mask)?;
+        let mask_u8: Vec<u8> = mask.iter().map(|m| (*m != 0.0) as u8).collect();
+        let d_mask_u8 = s.clone_htod(&mask_u8)?;
         let mut d_grad = s.alloc_zeros::<f32>(t)?;
         let cfg = GrpoConfig {
             kl_coef: if with_ref { 0.01 } else { 0.0 },
@@ -117,7 +121,11 @@ fn run() -> recap_kernels::Result<()> {
             old_logp: d_old.as_view(),
             ref_logp: with_ref.then(|| d_ref.as_view()),
             advantages: Advantages::PerSequence(d_adv.as_view()),
-            mask: Mask::F32(d_mask.as_view()),
+            mask: if u8_mask {
+                Mask::U8(d_mask_u8.as_view())
+            } else {
+                Mask::F32(d_mask.as_view())
+            },
             cu_seqlens: &cu,
             lambda: &lambda,
             objectives: &objectives,
@@ -127,9 +135,14 @@ fn run() -> recap_kernels::Result<()> {
         let (med, min) = time_ms(&s, &mut flush, || {
             cuda::grpo_loss(&gpu, &s, &inputs, &cfg, &mut d_grad.as_view_mut()).map(|_| ())
         })?;
-        let bytes = (t * 4 * (4 + with_ref as usize) + b * k * 4) as f64;
+        let mask_bytes = if u8_mask { 1 } else { 4 };
+        let bytes = (t * (4 * (3 + with_ref as usize) + mask_bytes) + b * k * 4) as f64;
         let gbs = bytes / (med * 1e-3) / 1e9;
-        let name = format!("T={t} K={k}{}", if with_ref { " +kl" } else { "" });
+        let name = format!(
+            "T={t} K={k}{}{}",
+            if with_ref { " +kl" } else { "" },
+            if u8_mask { " u8 mask" } else { "" }
+        );
         println!(
             "{name:<44} {:>10.1} {:>10.1} {gbs:>9.0} {:>7.1}%",
             med * 1e3,

@@ -21,6 +21,9 @@
  */
 #include "common.cuh"
 
+/* Tokens per thread whose loads are issued together. */
+#define RECAP_UNROLL 4
+
 template <int MAXK, typename MT>
 __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     __shared__ int32_t s_cu[RECAP_TILE_SEQ_CAP];
@@ -60,62 +63,77 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     float r_min = 1.0f / 0.0f, r_max = -1.0f / 0.0f;
     unsigned nonfinite = 0;
 
-    for (int i = 0; i < p.items_per_thread; ++i) {
-        const int64_t t = t0 + (int64_t)i * blockDim.x + threadIdx.x;
-        if (t >= t1) break;
-        const float m = recap_load_mask(mask, t);
-        if (m == 0.0f) { grad[t] = 0.0f; continue; }
-        nonfinite += !recap_isfinite(m);
-        const int b = recap_tile_find(ts, cu, s_cu, t);
-        const uint32_t bits = (mem ? mem[b] : 0xffffffffu) & kbits;
-        const uint32_t pol = bits & p.policy_bits;
-        const float lp = logp[t];
-        nonfinite += !recap_isfinite(lp);
-        const float inv_nb = (p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN) ? recap_inv_norm(seq_tokens[b]) : 0.0f;
-
-        RecapRatio q;
-        q.log_ratio = 0.0f; q.ratio = 1.0f; q.saturated = 0;
-        if (pol) {
-            const float old = old_logp[t];
-            nonfinite += !recap_isfinite(old);
-            q = recap_ratio(lp, old, p.log_ratio_clamp);
-            r_sum += m * q.ratio;
-            negd_sum -= m * q.log_ratio;
-            p_tok += m;
-            r_min = fminf(r_min, q.ratio);
-            r_max = fmaxf(r_max, q.ratio);
-        }
-        const float* arow = adv + (p.adv_per_token ? t : (int64_t)b) * K;
-        float g = 0.0f;
+    /* RECAP_UNROLL tokens per step: their mask, logp and old_logp loads are all issued before the
+     * first use (predicated, in bounds, whether or not the token turns out masked or non-policy), so
+     * each thread keeps several independent loads in flight. */
+    for (int i0 = 0; i0 < p.items_per_thread; i0 += RECAP_UNROLL) {
+        float mv[RECAP_UNROLL], lpv[RECAP_UNROLL], oldv[RECAP_UNROLL];
 #pragma unroll
-        for (int k = 0; k < MAXK; ++k) {
-            if (k < K && ((bits >> k) & 1u)) {
-                const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[k], s_inv_seq[k], inv_nb, inv_c);
-                if ((pol >> k) & 1u) {
-                    const float a = arow[k];
-                    nonfinite += !recap_isfinite(a);
-                    const RecapPolicyToken pt = recap_policy_token(q, a, p.clip_low, p.clip_high, p.dual_clip, p.clip_c);
-                    agg[k] += w * pt.loss;
-                    clip[k] += pt.clipped ? m : 0.0f;
-                    dual[k] += pt.dual ? m : 0.0f;
-                    g += p.lambda[k] * w * pt.grad;
-                } else {
-                    agg[k] -= w * lp;
-                    g -= p.lambda[k] * w;
+        for (int u = 0; u < RECAP_UNROLL; ++u) {
+            const int64_t t = t0 + (int64_t)(i0 + u) * blockDim.x + threadIdx.x;
+            const bool in = (i0 + u < p.items_per_thread) && t < t1;
+            mv[u] = in ? recap_load_mask(mask, t) : 0.0f;
+            lpv[u] = in ? logp[t] : 0.0f;
+            oldv[u] = in ? old_logp[t] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < RECAP_UNROLL; ++u) {
+            const int64_t t = t0 + (int64_t)(i0 + u) * blockDim.x + threadIdx.x;
+            if (i0 + u >= p.items_per_thread || t >= t1) break;
+            const float m = mv[u];
+            if (m == 0.0f) { grad[t] = 0.0f; continue; }
+            nonfinite += !recap_isfinite(m);
+            const int b = recap_tile_find(ts, cu, s_cu, t);
+            const uint32_t bits = (mem ? mem[b] : 0xffffffffu) & kbits;
+            const uint32_t pol = bits & p.policy_bits;
+            const float lp = lpv[u];
+            nonfinite += !recap_isfinite(lp);
+            const float inv_nb = (p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN) ? recap_inv_norm(seq_tokens[b]) : 0.0f;
+
+            RecapRatio q;
+            q.log_ratio = 0.0f; q.ratio = 1.0f; q.saturated = 0;
+            if (pol) {
+                const float old = oldv[u];
+                nonfinite += !recap_isfinite(old);
+                q = recap_ratio(lp, old, p.log_ratio_clamp);
+                r_sum += m * q.ratio;
+                negd_sum -= m * q.log_ratio;
+                p_tok += m;
+                r_min = fminf(r_min, q.ratio);
+                r_max = fmaxf(r_max, q.ratio);
+            }
+            const float* arow = adv + (p.adv_per_token ? t : (int64_t)b) * K;
+            float g = 0.0f;
+#pragma unroll
+            for (int k = 0; k < MAXK; ++k) {
+                if (k < K && ((bits >> k) & 1u)) {
+                    const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[k], s_inv_seq[k], inv_nb, inv_c);
+                    if ((pol >> k) & 1u) {
+                        const float a = arow[k];
+                        nonfinite += !recap_isfinite(a);
+                        const RecapPolicyToken pt = recap_policy_token(q, a, p.clip_low, p.clip_high, p.dual_clip, p.clip_c);
+                        agg[k] += w * pt.loss;
+                        clip[k] += pt.clipped ? m : 0.0f;
+                        dual[k] += pt.dual ? m : 0.0f;
+                        g += p.lambda[k] * w * pt.grad;
+                    } else {
+                        agg[k] -= w * lp;
+                        g -= p.lambda[k] * w;
+                    }
                 }
             }
+            g *= inv_k;
+            if (ref_logp) {
+                const float ref = ref_logp[t];
+                nonfinite += !recap_isfinite(ref);
+                const RecapKlToken kt = recap_kl_token(lp, ref, p.kl_estimator);
+                const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[K], s_inv_seq[K], inv_nb, inv_c);
+                kl_agg += w * kt.value;
+                kl_sum += m * kt.value;
+                g += p.beta * w * kt.grad;
+            }
+            grad[t] = g;
         }
-        g *= inv_k;
-        if (ref_logp) {
-            const float ref = ref_logp[t];
-            nonfinite += !recap_isfinite(ref);
-            const RecapKlToken kt = recap_kl_token(lp, ref, p.kl_estimator);
-            const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[K], s_inv_seq[K], inv_nb, inv_c);
-            kl_agg += w * kt.value;
-            kl_sum += m * kt.value;
-            g += p.beta * w * kt.grad;
-        }
-        grad[t] = g;
     }
 
 #pragma unroll

@@ -29,9 +29,16 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
     const int32_t* cu = (const int32_t*)p.cu_seqlens;
     const MT* mask = (const MT*)p.mask;
     const int64_t s = cu[b], e = cu[b + 1];
-    double acc = 0.0;
-    for (int64_t t = s + lane; t < e; t += 32) acc += (double)recap_load_mask(mask, t);
-    acc = recap_warp_reduce(acc, RECAP_OP_SUM);
+    /* four independent loads per lane and step, summed in a fixed order */
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+    int64_t t = s + lane;
+    for (; t + 96 < e; t += 128) {
+        const float x0 = recap_load_mask(mask, t), x1 = recap_load_mask(mask, t + 32);
+        const float x2 = recap_load_mask(mask, t + 64), x3 = recap_load_mask(mask, t + 96);
+        a0 += x0; a1 += x1; a2 += x2; a3 += x3;
+    }
+    for (; t < e; t += 32) a0 += (double)recap_load_mask(mask, t);
+    double acc = recap_warp_reduce((a0 + a1) + (a2 + a3), RECAP_OP_SUM);
     if (lane == 0) ((double*)p.seq_tokens)[b] = acc;
 }
 

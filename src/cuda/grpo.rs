@@ -1,7 +1,7 @@
 //! Kernel 1 on the GPU: the fused GRPO loss (`kernels/grpo_loss.cu`).
 
 use super::{
-    addr, addr_mut, addr_slice, finalize, maxk, params::GrpoParams, seq_stats, Gpu, Module, BLOCK,
+    addr, addr_mut, finalize, maxk, params::GrpoParams, seq_stats, Gpu, Module, Workspace, BLOCK,
 };
 use crate::config::GrpoConfig;
 use crate::error::Result;
@@ -34,23 +34,13 @@ pub fn grpo_loss(
         Mask::U8(m) => (MaskView::U8(m), "u8"),
     };
     let (mask_a, _gm) = mask_view.addr(stream);
-    let stats = seq_stats(
-        gpu,
-        stream,
-        mask_a,
-        suffix,
-        t,
-        inputs.cu_seqlens,
-        inputs.membership,
-        k,
-        inputs.normalizers,
-    )?;
-
     let items = gpu.items_per_thread(t);
     let blocks = t.div_ceil(BLOCK as usize * items);
     let slots = grpo_slots(k);
-    let partials = stream.alloc_zeros::<f64>((blocks * slots).max(1))?;
+    let ws = Workspace::new(stream, inputs.cu_seqlens, inputs.membership, slots, blocks)?;
     {
+        let (w, _gw) = ws.addrs(stream);
+        seq_stats(gpu, stream, &w, mask_a, suffix, t, b, k, inputs.normalizers)?;
         let (logp_a, _g0) = addr(&inputs.logp, stream);
         let (old_a, _g1) = addr(&inputs.old_logp, stream);
         let (ref_a, _g2) = match &inputs.ref_logp {
@@ -65,18 +55,7 @@ pub fn grpo_loss(
             Advantages::PerToken(a) => (a, 1),
         };
         let (adv_a, _g3) = addr(adv_view, stream);
-        let (cu_a, _g4) = addr_slice(&stats.cu, stream);
-        let (mem_a, _g5) = match &stats.membership {
-            Some(m) => {
-                let (a, g) = addr_slice(m, stream);
-                (a, Some(g))
-            }
-            None => (0, None),
-        };
-        let (st_a, _g6) = addr_slice(&stats.seq_tokens, stream);
-        let (n_a, _g7) = addr_slice(&stats.norms, stream);
-        let (grad_a, _g8) = addr_mut(grad, stream);
-        let (part_a, _g9) = addr_slice(&partials, stream);
+        let (grad_a, _g4) = addr_mut(grad, stream);
         let mut lambda = [0f32; 16];
         lambda[..k].copy_from_slice(inputs.lambda);
         let p = GrpoParams {
@@ -85,12 +64,12 @@ pub fn grpo_loss(
             ref_logp: ref_a,
             advantages: adv_a,
             mask: mask_a,
-            cu_seqlens: cu_a,
-            membership: mem_a,
-            seq_tokens: st_a,
-            norms: n_a,
+            cu_seqlens: w.cu_seqlens,
+            membership: w.membership,
+            seq_tokens: w.seq_tokens,
+            norms: w.norms,
             grad: grad_a,
-            partials: part_a,
+            partials: w.partials,
             num_tokens: t as i64,
             num_seqs: b as i32,
             num_objectives: k as i32,
@@ -110,15 +89,12 @@ pub fn grpo_loss(
         };
         let name = format!("recap_grpo_loss_k{}_{suffix}", maxk(k));
         gpu.launch(stream, Module::GrpoLoss, &name, blocks, &p)?;
+        let e = 3 * k as i32;
+        finalize(gpu, stream, &ws, &w, e + 3, e + 4)?;
     }
-    let e = 3 * k as i32;
-    let slots_h = finalize(gpu, stream, &partials, blocks, slots, e + 3, e + 4)?;
-    let norms_h = stream.clone_dtoh(&stats.norms)?;
+    let (norms, slots) = ws.read_back(stream)?;
     finish_grpo(
-        &GrpoSums {
-            slots: slots_h,
-            norms: norms_h,
-        },
+        &GrpoSums { slots, norms },
         inputs.lambda,
         config,
         inputs.ref_logp.is_some(),

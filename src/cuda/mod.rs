@@ -249,34 +249,116 @@ pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(
     Ok(d)
 }
 
-/// The per-sequence token weights and normalizers on the device, shared by kernels 1 and 3.
-pub(crate) struct SeqStats {
-    pub cu: CudaSlice<i32>,
-    pub membership: Option<CudaSlice<u32>>,
-    pub seq_tokens: CudaSlice<f64>,
-    pub norms: CudaSlice<f64>,
+/// One call's device scratch: a single f64 buffer `[norms | out | seq_tokens | partials]` and a
+/// single i32 buffer `[cu_seqlens | membership]`, so a call makes one allocation of each, one upload
+/// and one read-back (`norms` and `out` are adjacent).
+pub(crate) struct Workspace {
+    scratch: CudaSlice<f64>,
+    layout: CudaSlice<i32>,
+    b: usize,
+    slots: usize,
+    pub blocks: usize,
+    has_membership: bool,
 }
 
-/// Uploads the layout arrays and runs `recap_seq_stats_*` and `recap_norms_finalize`.
+const NORMS_LEN: usize = 4 * NORM_SLOTS;
+
+impl Workspace {
+    /// Scratch for `blocks` token-pass blocks of `slots` statistics each, with the layout uploaded.
+    pub(crate) fn new(
+        stream: &Arc<CudaStream>,
+        cu_seqlens: &[i32],
+        membership: Option<&[u32]>,
+        slots: usize,
+        blocks: usize,
+    ) -> Result<Self> {
+        let b = cu_seqlens.len() - 1;
+        let mut host: Vec<i32> = cu_seqlens.to_vec();
+        if let Some(m) = membership {
+            host.extend(m.iter().map(|x| *x as i32)); // same bits; the kernels read them as u32
+        }
+        let layout = upload(stream, &host)?;
+        let len = NORMS_LEN + slots + b.max(1) + blocks * slots;
+        // SAFETY: uninitialized device memory of `len` f64. Every element a kernel reads is written
+        // first by an earlier launch on the same stream: norms by recap_norms_finalize, seq_tokens[b]
+        // for every b by recap_seq_stats_*, each block's row of partials by its token-pass block, and
+        // out by recap_partials_finalize; nothing else is read.
+        let scratch = unsafe { stream.alloc::<f64>(len) }?;
+        Ok(Workspace {
+            scratch,
+            layout,
+            b,
+            slots,
+            blocks,
+            has_membership: membership.is_some(),
+        })
+    }
+
+    /// Device addresses `(cu_seqlens, membership or 0, seq_tokens, norms, partials, out)`, with the
+    /// guards that must outlive the launches using them.
+    pub(crate) fn addrs<'a>(
+        &'a self,
+        stream: &'a CudaStream,
+    ) -> (WorkspaceAddrs, [SyncOnDrop<'a>; 2]) {
+        let (base, g0) = addr_slice(&self.scratch, stream);
+        let (lay, g1) = addr_slice(&self.layout, stream);
+        let f = |off: usize| base + (off * 8) as u64;
+        let a = WorkspaceAddrs {
+            cu_seqlens: lay,
+            membership: if self.has_membership {
+                lay + ((self.b + 1) * 4) as u64
+            } else {
+                0
+            },
+            norms: f(0),
+            out: f(NORMS_LEN),
+            seq_tokens: f(NORMS_LEN + self.slots),
+            partials: f(NORMS_LEN + self.slots + self.b.max(1)),
+        };
+        (a, [g0, g1])
+    }
+
+    /// Reads `norms` and the reduced statistics back (one copy; synchronizes the stream).
+    pub(crate) fn read_back(&self, stream: &Arc<CudaStream>) -> Result<(Vec<f64>, Vec<f64>)> {
+        let mut host = vec![0f64; NORMS_LEN + self.slots];
+        stream.memcpy_dtoh(&self.scratch.slice(..host.len()), &mut host)?;
+        stream.synchronize()?;
+        let out = host.split_off(NORMS_LEN);
+        Ok((host, out))
+    }
+}
+
+/// Device addresses inside a [`Workspace`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WorkspaceAddrs {
+    pub cu_seqlens: u64,
+    pub membership: u64,
+    pub seq_tokens: u64,
+    pub norms: u64,
+    pub partials: u64,
+    pub out: u64,
+}
+
+/// Runs `recap_seq_stats_*` and `recap_norms_finalize`: the per-sequence token weights and the
+/// normalizers, shared by kernels 1 and 3.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn seq_stats(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
+    a: &WorkspaceAddrs,
     mask_addr: u64,
     mask_suffix: &str,
     t: usize,
-    cu_seqlens: &[i32],
-    membership: Option<&[u32]>,
+    b: usize,
     k: usize,
     global: Option<&Normalizers>,
-) -> Result<SeqStats> {
-    let b = cu_seqlens.len() - 1;
-    let cu = upload(stream, cu_seqlens)?;
-    let membership = membership.map(|m| upload(stream, m)).transpose()?;
-    let seq_tokens = stream.alloc_zeros::<f64>(b.max(1))?;
-    let norms = stream.alloc_zeros::<f64>(4 * NORM_SLOTS)?;
+) -> Result<()> {
     let mut p = params::SeqParams {
         mask: mask_addr,
+        cu_seqlens: a.cu_seqlens,
+        membership: a.membership,
+        seq_tokens: a.seq_tokens,
+        norms: a.norms,
         num_tokens: t as i64,
         num_seqs: b as i32,
         num_objectives: k as i32,
@@ -287,63 +369,33 @@ pub(crate) fn seq_stats(
         p.override_tokens[..=k].copy_from_slice(&g.tokens);
         p.override_seqs[..=k].copy_from_slice(&g.seqs);
     }
-    {
-        let (cu_a, _g0) = addr_slice(&cu, stream);
-        let (mem_a, _g1) = match &membership {
-            Some(m) => {
-                let (a, g) = addr_slice(m, stream);
-                (a, Some(g))
-            }
-            None => (0, None),
-        };
-        let (st_a, _g2) = addr_slice(&seq_tokens, stream);
-        let (n_a, _g3) = addr_slice(&norms, stream);
-        p.cu_seqlens = cu_a;
-        p.membership = mem_a;
-        p.seq_tokens = st_a;
-        p.norms = n_a;
-        let warps_per_block = (BLOCK / 32) as usize;
-        gpu.launch(
-            stream,
-            Module::Reduce,
-            &format!("recap_seq_stats_{mask_suffix}"),
-            b.div_ceil(warps_per_block),
-            &p,
-        )?;
-        gpu.launch(stream, Module::Reduce, "recap_norms_finalize", 1, &p)?;
-    }
-    Ok(SeqStats {
-        cu,
-        membership,
-        seq_tokens,
-        norms,
-    })
+    let warps_per_block = (BLOCK / 32) as usize;
+    gpu.launch(
+        stream,
+        Module::Reduce,
+        &format!("recap_seq_stats_{mask_suffix}"),
+        b.div_ceil(warps_per_block),
+        &p,
+    )?;
+    gpu.launch(stream, Module::Reduce, "recap_norms_finalize", 1, &p)
 }
 
-/// Runs `recap_partials_finalize` over `partials` (`[num_blocks, num_slots]`) and copies the
-/// reduced slots to the host.
+/// Runs `recap_partials_finalize`: the fixed-order reduction of the token-pass blocks' rows.
 pub(crate) fn finalize(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
-    partials: &CudaSlice<f64>,
-    num_blocks: usize,
-    num_slots: usize,
+    ws: &Workspace,
+    a: &WorkspaceAddrs,
     min_slot: i32,
     max_slot: i32,
-) -> Result<Vec<f64>> {
-    let out = stream.alloc_zeros::<f64>(num_slots)?;
-    {
-        let (pa, _g0) = addr_slice(partials, stream);
-        let (oa, _g1) = addr_slice(&out, stream);
-        let p = params::FinalizeParams {
-            partials: pa,
-            out: oa,
-            num_blocks: num_blocks as i32,
-            num_slots: num_slots as i32,
-            min_slot,
-            max_slot,
-        };
-        gpu.launch(stream, Module::Reduce, "recap_partials_finalize", 1, &p)?;
-    }
-    Ok(stream.clone_dtoh(&out)?)
+) -> Result<()> {
+    let p = params::FinalizeParams {
+        partials: a.partials,
+        out: a.out,
+        num_blocks: ws.blocks as i32,
+        num_slots: ws.slots as i32,
+        min_slot,
+        max_slot,
+    };
+    gpu.launch(stream, Module::Reduce, "recap_partials_finalize", 1, &p)
 }

@@ -2,7 +2,7 @@
 
 use super::grpo::MaskView;
 use super::{
-    addr, addr_mut, addr_slice, finalize, maxk, params::ReduceParams, seq_stats, Gpu, Module, BLOCK,
+    addr, addr_mut, finalize, maxk, params::ReduceParams, seq_stats, Gpu, Module, Workspace, BLOCK,
 };
 use crate::config::GrpoConfig;
 use crate::error::Result;
@@ -33,45 +33,25 @@ pub fn weighted_reduce(
         Mask::U8(m) => (MaskView::U8(m), "u8"),
     };
     let (mask_a, _gm) = mask_view.addr(stream);
-    let stats = seq_stats(
-        gpu,
-        stream,
-        mask_a,
-        suffix,
-        t,
-        inputs.cu_seqlens,
-        inputs.membership,
-        k,
-        inputs.normalizers,
-    )?;
     let items = gpu.items_per_thread(t);
     let blocks = t.div_ceil(BLOCK as usize * items);
-    let partials = stream.alloc_zeros::<f64>((blocks * k).max(1))?;
+    let ws = Workspace::new(stream, inputs.cu_seqlens, inputs.membership, k, blocks)?;
     {
+        let (w, _gw) = ws.addrs(stream);
+        seq_stats(gpu, stream, &w, mask_a, suffix, t, b, k, inputs.normalizers)?;
         let (l_a, _g0) = addr(&inputs.losses, stream);
-        let (cu_a, _g1) = addr_slice(&stats.cu, stream);
-        let (mem_a, _g2) = match &stats.membership {
-            Some(m) => {
-                let (a, g) = addr_slice(m, stream);
-                (a, Some(g))
-            }
-            None => (0, None),
-        };
-        let (st_a, _g3) = addr_slice(&stats.seq_tokens, stream);
-        let (n_a, _g4) = addr_slice(&stats.norms, stream);
-        let (g_a, _g5) = addr_mut(grad, stream);
-        let (p_a, _g6) = addr_slice(&partials, stream);
+        let (g_a, _g1) = addr_mut(grad, stream);
         let mut lambda = [0f32; 16];
         lambda[..k].copy_from_slice(inputs.lambda);
         let p = ReduceParams {
             losses: l_a,
             mask: mask_a,
-            cu_seqlens: cu_a,
-            membership: mem_a,
-            seq_tokens: st_a,
-            norms: n_a,
+            cu_seqlens: w.cu_seqlens,
+            membership: w.membership,
+            seq_tokens: w.seq_tokens,
+            norms: w.norms,
             grad: g_a,
-            partials: p_a,
+            partials: w.partials,
             num_tokens: t as i64,
             num_seqs: b as i32,
             num_objectives: k as i32,
@@ -88,8 +68,8 @@ pub fn weighted_reduce(
             blocks,
             &p,
         )?;
+        finalize(gpu, stream, &ws, &w, -1, -1)?;
     }
-    let agg = finalize(gpu, stream, &partials, blocks, k, -1, -1)?;
-    let norms = stream.clone_dtoh(&stats.norms)?;
+    let (norms, agg) = ws.read_back(stream)?;
     Ok(finish_reduce(agg, &norms, inputs.lambda))
 }
