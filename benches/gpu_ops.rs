@@ -4,6 +4,7 @@
 //! `RUNS` runs after warm-up, L2 flushed before each run (llm.c style).
 //!
 //!   cargo bench --bench gpu_ops            # on a machine with a GPU; prints why it skips otherwise
+//!   GPU_OPS_FILTER="T=16777216 K=3" ...    # only the cases whose name contains the text
 //!
 //! Bytes counted: each per-token input read once and the gradient written once.
 
@@ -86,6 +87,14 @@ fn run() -> recap_kernels::Result<()> {
         (16_777_216, 3, 4096, false, true),
         (16_777_216, 8, 4096, true, true),
     ] {
+        let name = format!(
+            "T={t} K={k}{}{}",
+            if with_ref { " +kl" } else { "" },
+            if u8_mask { " u8 mask" } else { "" }
+        );
+        if std::env::var("GPU_OPS_FILTER").is_ok_and(|f| !name.contains(&f)) {
+            continue;
+        }
         let b = t / seq_len;
         let host: Vec<f32> = (0..t)
             .map(|i| -0.5 - ((i * 7919) % 1000) as f32 * 1e-3)
@@ -138,11 +147,6 @@ fn run() -> recap_kernels::Result<()> {
         let mask_bytes = if u8_mask { 1 } else { 4 };
         let bytes = (t * (4 * (3 + with_ref as usize) + mask_bytes) + b * k * 4) as f64;
         let gbs = bytes / (med * 1e-3) / 1e9;
-        let name = format!(
-            "T={t} K={k}{}{}",
-            if with_ref { " +kl" } else { "" },
-            if u8_mask { " u8 mask" } else { "" }
-        );
         println!(
             "{name:<44} {:>10.1} {:>10.1} {gbs:>9.0} {:>7.1}%",
             med * 1e3,

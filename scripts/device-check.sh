@@ -16,4 +16,10 @@ grep -E "^(===|test result|FAILED|failures:)|panicked|fused loss:" "$out/tests.l
 # GPU benchmark's table
 sed -n '/^=== .gpu\/tests\/gpu_ops/,/^===/p' "$out/tests.log" | grep -v '^===' | head -30
 tail -n 2 "$out/tests.log"
+# PROFILE=1: Nsight Compute's basic sections for the kernels of one large fused-loss call
+if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
+  GPU_OPS_FILTER="${PROFILE_CASE:-T=16777216 K=3 u8 mask}" timeout 240 ncu --kernel-name regex:recap_ --launch-count 4 \
+    .gpu/tests/gpu_ops-* >"$out/ncu.log" 2>&1
+  grep -E "recap_[a-z0-9_]+|Duration|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy" "$out/ncu.log" | head -60
+fi
 exit $rc
