@@ -83,6 +83,10 @@ __device__ __forceinline__ double recap_combine(double a, double b, int op) {
     return op == RECAP_OP_MIN ? fmin(a, b) : (op == RECAP_OP_MAX ? fmax(a, b) : a + b);
 }
 
+__device__ __forceinline__ double recap_identity_op(int op) {
+    return op == RECAP_OP_MIN ? (1.0 / 0.0) : (op == RECAP_OP_MAX ? -(1.0 / 0.0) : 0.0);
+}
+
 /* Warp reduction in a fixed tree order; the result is in lane 0. */
 __device__ __forceinline__ double recap_warp_reduce(double v, int op) {
 #pragma unroll
@@ -97,21 +101,41 @@ __device__ __forceinline__ void recap_block_reduce_slot(double v, int slot, int 
     if ((threadIdx.x & 31) == 0) s_red[(threadIdx.x >> 5) * num_slots + slot] = v;
 }
 
-/* Stage 2: thread j < num_slots combines the warps' results for slot j in warp order, writes out[j]. */
-__device__ __forceinline__ void recap_block_reduce_finish(double* out, int num_slots, int min_slot,
+/* Stage 2: thread j < num_slots combines the warps' results for slot j in warp order and writes
+ * out[j * stride] (stride = number of blocks for the slot-major partials of a token pass). */
+__device__ __forceinline__ void recap_block_reduce_finish(double* out, int64_t stride, int num_slots, int min_slot,
                                                           int max_slot, const double* s_red) {
     __syncthreads();
     for (int j = threadIdx.x; j < num_slots; j += blockDim.x) {
         int op = (j == min_slot) ? RECAP_OP_MIN : ((j == max_slot) ? RECAP_OP_MAX : RECAP_OP_SUM);
         double acc = s_red[j];
         for (int w = 1; w < RECAP_WARPS; ++w) acc = recap_combine(acc, s_red[w * num_slots + j], op);
-        out[j] = acc;
+        out[(int64_t)j * stride] = acc;
     }
 }
 
-__device__ __forceinline__ double recap_identity(int op) {
-    return op == RECAP_OP_MIN ? (1.0 / 0.0) : (op == RECAP_OP_MAX ? -(1.0 / 0.0) : 0.0);
+/* Reduces x[0..n) (stride 1) with `op` across the whole block in a fixed order: four interleaved
+ * accumulators per thread, then the warp tree and warp order. The result is valid in thread 0. */
+__device__ __forceinline__ double recap_block_reduce_array(const double* __restrict__ x, int64_t n, int op,
+                                                           double* s_red) {
+    double a0 = recap_identity_op(op), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = threadIdx.x;
+    const int64_t step = blockDim.x;
+    for (; i + 3 * step < n; i += 4 * step) {
+        const double x0 = x[i], x1 = x[i + step], x2 = x[i + 2 * step], x3 = x[i + 3 * step];
+        a0 = recap_combine(a0, x0, op); a1 = recap_combine(a1, x1, op);
+        a2 = recap_combine(a2, x2, op); a3 = recap_combine(a3, x3, op);
+    }
+    for (; i < n; i += step) a0 = recap_combine(a0, x[i], op);
+    double v = recap_warp_reduce(recap_combine(recap_combine(a0, a1, op), recap_combine(a2, a3, op), op), op);
+    if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    double acc = s_red[0];
+    if (threadIdx.x == 0)
+        for (int w = 1; w < RECAP_WARPS; ++w) acc = recap_combine(acc, s_red[w], op);
+    return acc;
 }
+
 
 /* Items per thread a token kernel uses for tile t0 (the host chooses; at least 1). */
 __device__ __forceinline__ int64_t recap_tile_start(int items) {

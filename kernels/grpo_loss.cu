@@ -14,15 +14,19 @@
  *
  * Threads. A block takes a tile of blockDim.x * items consecutive tokens (common.cuh), one thread
  * per token; the math for all K objectives stays in registers (K <= MAXK, a template parameter, so
- * the per-objective accumulators are register arrays indexed by unrolled constants). Each block
- * reduces its 3K + 8 statistics (layout in recap_params.h) in a fixed order into one row of
- * `partials`; recap_partials_finalize reduces the rows. Masked tokens are never read beyond their
+ * the per-objective accumulators are register arrays indexed by unrolled constants). The tile's
+ * per-sequence data (membership, 1/n_b, advantage rows) is staged in shared memory when it spans at
+ * most RECAP_TILE_SEQ_DATA sequences. Each block reduces its 3K + 8 statistics (layout in
+ * recap_params.h) in a fixed order into column blockIdx.x of the slot-major `partials`;
+ * recap_partials_finalize reduces each row. Masked tokens are never read beyond their
  * mask, so NaN or Inf there changes nothing; grad is written (0) for every token.
  */
 #include "common.cuh"
 
 /* Tokens per thread whose loads are issued together. */
 #define RECAP_UNROLL 4
+/* Sequences per tile whose per-sequence data is staged in shared memory. */
+#define RECAP_TILE_SEQ_DATA 256
 
 template <int MAXK, typename MT>
 __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
@@ -30,31 +34,51 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     __shared__ int s_meta[3];
     __shared__ double s_red[RECAP_WARPS * (3 * MAXK + RECAP_GRPO_EXTRA_SLOTS)];
     __shared__ float s_inv_tok[MAXK + 1], s_inv_seq[MAXK + 1];
+    /* per-sequence data of the tile's sequences: membership bits, 1/n_b, advantage rows */
+    __shared__ uint32_t s_bits[RECAP_TILE_SEQ_DATA];
+    __shared__ float s_inv_nb[RECAP_TILE_SEQ_DATA];
+    __shared__ float s_adv[RECAP_TILE_SEQ_DATA * MAXK];
 
     const int K = p.num_objectives;
     const int S = 3 * K + RECAP_GRPO_EXTRA_SLOTS;
-    const double* norms = (const double*)p.norms;
+    const double* __restrict__ norms = (const double*)p.norms;
     if (threadIdx.x <= K) {
         s_inv_tok[threadIdx.x] = recap_inv_norm(norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + threadIdx.x]);
         s_inv_seq[threadIdx.x] = recap_inv_norm(norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + threadIdx.x]);
     }
-    const int32_t* cu = (const int32_t*)p.cu_seqlens;
+    const int32_t* __restrict__ cu = (const int32_t*)p.cu_seqlens;
     const int64_t t0 = recap_tile_start(p.items_per_thread);
     const int64_t tile = (int64_t)blockDim.x * p.items_per_thread;
     const int64_t t1 = (t0 + tile < p.num_tokens) ? t0 + tile : p.num_tokens;
     const RecapTileSeqs ts = recap_tile_setup(cu, p.num_seqs, t0, t1, s_cu, s_meta);
 
-    const MT* mask = (const MT*)p.mask;
-    const float* logp = (const float*)p.logp;
-    const float* old_logp = (const float*)p.old_logp;
-    const float* ref_logp = (const float*)p.ref_logp;
-    const float* adv = (const float*)p.advantages;
-    const uint32_t* mem = (const uint32_t*)p.membership;
-    const double* seq_tokens = (const double*)p.seq_tokens;
-    float* grad = (float*)p.grad;
+    const MT* __restrict__ mask = (const MT*)p.mask;
+    const float* __restrict__ logp = (const float*)p.logp;
+    const float* __restrict__ old_logp = (const float*)p.old_logp;
+    const float* __restrict__ ref_logp = (const float*)p.ref_logp;
+    const float* __restrict__ adv = (const float*)p.advantages;
+    const uint32_t* __restrict__ mem = (const uint32_t*)p.membership;
+    const double* __restrict__ seq_tokens = (const double*)p.seq_tokens;
+    float* __restrict__ grad = (float*)p.grad;
     const float inv_k = 1.0f / (float)K;
     const float inv_c = (p.sum_norm_const > 0.0f) ? 1.0f / p.sum_norm_const : 0.0f;
     const uint32_t kbits = (K >= 32) ? 0xffffffffu : ((1u << K) - 1u);
+    const bool smtm = p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN;
+
+    /* Stage the per-sequence data when the tile's sequences fit (block-uniform decision). */
+    const int nseq = ts.b_hi - ts.b_lo + 1;
+    const bool staged = nseq <= RECAP_TILE_SEQ_DATA;
+    if (staged) {
+        for (int i = threadIdx.x; i < nseq; i += blockDim.x) {
+            const int b = ts.b_lo + i;
+            s_bits[i] = (mem ? mem[b] : 0xffffffffu) & kbits;
+            s_inv_nb[i] = smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f;
+        }
+        if (!p.adv_per_token)
+            for (int i = threadIdx.x; i < nseq * K; i += blockDim.x)
+                s_adv[(i / K) * MAXK + (i % K)] = adv[(int64_t)ts.b_lo * K + i];
+        __syncthreads();
+    }
 
     float agg[MAXK], clip[MAXK], dual[MAXK];
 #pragma unroll
@@ -63,11 +87,11 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     float r_min = 1.0f / 0.0f, r_max = -1.0f / 0.0f;
     unsigned nonfinite = 0;
 
-    /* RECAP_UNROLL tokens per step: their mask, logp and old_logp loads are all issued before the
-     * first use (predicated, in bounds, whether or not the token turns out masked or non-policy), so
-     * each thread keeps several independent loads in flight. */
+    /* RECAP_UNROLL tokens per step: their mask, logp, old_logp (and ref_logp) loads are all issued
+     * before the first use (predicated, in bounds, whether or not the token turns out masked or
+     * non-policy), so each thread keeps several independent loads in flight. */
     for (int i0 = 0; i0 < p.items_per_thread; i0 += RECAP_UNROLL) {
-        float mv[RECAP_UNROLL], lpv[RECAP_UNROLL], oldv[RECAP_UNROLL];
+        float mv[RECAP_UNROLL], lpv[RECAP_UNROLL], oldv[RECAP_UNROLL], refv[RECAP_UNROLL];
 #pragma unroll
         for (int u = 0; u < RECAP_UNROLL; ++u) {
             const int64_t t = t0 + (int64_t)(i0 + u) * blockDim.x + threadIdx.x;
@@ -75,6 +99,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
             mv[u] = in ? recap_load_mask(mask, t) : 0.0f;
             lpv[u] = in ? logp[t] : 0.0f;
             oldv[u] = in ? old_logp[t] : 0.0f;
+            refv[u] = (in && ref_logp) ? ref_logp[t] : 0.0f;
         }
 #pragma unroll
         for (int u = 0; u < RECAP_UNROLL; ++u) {
@@ -84,11 +109,12 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
             if (m == 0.0f) { grad[t] = 0.0f; continue; }
             nonfinite += !recap_isfinite(m);
             const int b = recap_tile_find(ts, cu, s_cu, t);
-            const uint32_t bits = (mem ? mem[b] : 0xffffffffu) & kbits;
+            const int sb = b - ts.b_lo;
+            const uint32_t bits = staged ? s_bits[sb] : ((mem ? mem[b] : 0xffffffffu) & kbits);
             const uint32_t pol = bits & p.policy_bits;
             const float lp = lpv[u];
             nonfinite += !recap_isfinite(lp);
-            const float inv_nb = (p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN) ? recap_inv_norm(seq_tokens[b]) : 0.0f;
+            const float inv_nb = staged ? s_inv_nb[sb] : (smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f);
 
             RecapRatio q;
             q.log_ratio = 0.0f; q.ratio = 1.0f; q.saturated = 0;
@@ -102,6 +128,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                 r_min = fminf(r_min, q.ratio);
                 r_max = fmaxf(r_max, q.ratio);
             }
+            const bool adv_smem = staged && !p.adv_per_token;
             const float* arow = adv + (p.adv_per_token ? t : (int64_t)b) * K;
             float g = 0.0f;
 #pragma unroll
@@ -109,7 +136,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                 if (k < K && ((bits >> k) & 1u)) {
                     const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[k], s_inv_seq[k], inv_nb, inv_c);
                     if ((pol >> k) & 1u) {
-                        const float a = arow[k];
+                        const float a = adv_smem ? s_adv[sb * MAXK + k] : arow[k];
                         nonfinite += !recap_isfinite(a);
                         const RecapPolicyToken pt = recap_policy_token(q, a, p.clip_low, p.clip_high, p.dual_clip, p.clip_c);
                         agg[k] += w * pt.loss;
@@ -124,7 +151,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
             }
             g *= inv_k;
             if (ref_logp) {
-                const float ref = ref_logp[t];
+                const float ref = refv[u];
                 nonfinite += !recap_isfinite(ref);
                 const RecapKlToken kt = recap_kl_token(lp, ref, p.kl_estimator);
                 const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[K], s_inv_seq[K], inv_nb, inv_c);
@@ -153,7 +180,8 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     recap_block_reduce_slot((double)nonfinite, e + 5, S, RECAP_OP_SUM, s_red);
     recap_block_reduce_slot((double)kl_agg, e + 6, S, RECAP_OP_SUM, s_red);
     recap_block_reduce_slot((double)kl_sum, e + 7, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_finish((double*)p.partials + (int64_t)blockIdx.x * S, S, e + 3, e + 4, s_red);
+    /* slot-major: statistic j of this block at partials[j * gridDim.x + blockIdx.x] */
+    recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, S, e + 3, e + 4, s_red);
 }
 
 #define RECAP_GRPO_INST(MAXK)                                                                                     \
@@ -161,6 +189,12 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
         grpo_token_pass<MAXK, float>(p);                                                                           \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_grpo_loss_k##MAXK##_u8(const RecapGrpoParams p) {  \
+        grpo_token_pass<MAXK, uint8_t>(p);                                                                         \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK, 4) recap_grpo_loss_k##MAXK##_f32_o4(const RecapGrpoParams p) { \
+        grpo_token_pass<MAXK, float>(p);                                                                           \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK, 4) recap_grpo_loss_k##MAXK##_u8_o4(const RecapGrpoParams p) {  \
         grpo_token_pass<MAXK, uint8_t>(p);                                                                         \
     }
 RECAP_GRPO_INST(1)

@@ -12,11 +12,13 @@
  *   grad[t,k] = d total / d l_tk = lambda_k w_tk / K       (recap_reduce_k*_*)
  *
  * Threads. recap_seq_stats_*: one warp per sequence, lanes stride over its tokens (warp-tree sum).
- * recap_norms_finalize and recap_partials_finalize: a single block; each thread walks a fixed
+ * recap_norms_finalize: one block per objective slot; recap_partials_finalize: one block per
+ * statistic, over that statistic's slot-major row of block partials; each thread walks a fixed
  * strided subset, then a fixed warp-tree and warp order. recap_reduce_k*_*: a tile of
  * blockDim.x * items tokens per block (common.cuh), one thread per token and objective loop in
- * registers; each block writes its K partial sums, reduced by recap_partials_finalize. No atomics:
- * the same inputs and launch shape give the same bits.
+ * registers; each block writes its K partial sums into column blockIdx.x of the slot-major
+ * partials, reduced by recap_partials_finalize. No atomics: the same inputs and launch shape give
+ * the same bits.
  */
 #include "common.cuh"
 
@@ -45,50 +47,43 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_seq_stats_f32(const RecapSeqParams p) { seq_stats<float>(p); }
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_seq_stats_u8(const RecapSeqParams p) { seq_stats<uint8_t>(p); }
 
-/* One block. Writes norms (see recap_params.h) for slots 0..K (slot K: every sequence). */
+/* Grid of K + 1 blocks, block j for slot j (slot K: every sequence): writes norms (recap_params.h). */
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_norms_finalize(const RecapSeqParams p) {
     __shared__ double s_red[RECAP_WARPS * 2];
-    __shared__ double s_out[2];
-    const uint32_t* mem = (const uint32_t*)p.membership;
-    const double* n = (const double*)p.seq_tokens;
+    const uint32_t* __restrict__ mem = (const uint32_t*)p.membership;
+    const double* __restrict__ n = (const double*)p.seq_tokens;
     double* norms = (double*)p.norms;
-    for (int j = 0; j <= p.num_objectives; ++j) {
-        double tok = 0.0, seq = 0.0;
-        for (int b = threadIdx.x; b < p.num_seqs; b += blockDim.x) {
-            uint32_t bits = mem ? mem[b] : 0xffffffffu;
-            if (j == p.num_objectives || ((bits >> j) & 1u)) {
-                double nb = n[b];
-                tok += nb;
-                seq += (nb > 0.0) ? 1.0 : 0.0;
-            }
+    const int j = blockIdx.x;
+    double tok = 0.0, seq = 0.0;
+    for (int b = threadIdx.x; b < p.num_seqs; b += blockDim.x) {
+        uint32_t bits = mem ? mem[b] : 0xffffffffu;
+        if (j == p.num_objectives || ((bits >> j) & 1u)) {
+            double nb = n[b];
+            tok += nb;
+            seq += (nb > 0.0) ? 1.0 : 0.0;
         }
-        recap_block_reduce_slot(tok, 0, 2, RECAP_OP_SUM, s_red);
-        recap_block_reduce_slot(seq, 1, 2, RECAP_OP_SUM, s_red);
-        recap_block_reduce_finish(s_out, 2, -1, -1, s_red);
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            norms[RECAP_NORM_LOCAL_TOKENS * RECAP_NORM_SLOTS + j] = s_out[0];
-            norms[RECAP_NORM_LOCAL_SEQS * RECAP_NORM_SLOTS + j] = s_out[1];
-            norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_tokens[j] : s_out[0];
-            norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_seqs[j] : s_out[1];
-        }
-        __syncthreads();
+    }
+    recap_block_reduce_slot(tok, 0, 2, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(seq, 1, 2, RECAP_OP_SUM, s_red);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = s_red[0], q = s_red[1];
+        for (int w = 1; w < RECAP_WARPS; ++w) { t += s_red[w * 2]; q += s_red[w * 2 + 1]; }
+        norms[RECAP_NORM_LOCAL_TOKENS * RECAP_NORM_SLOTS + j] = t;
+        norms[RECAP_NORM_LOCAL_SEQS * RECAP_NORM_SLOTS + j] = q;
+        norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_tokens[j] : t;
+        norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_seqs[j] : q;
     }
 }
 
-/* One block. out[j] = fixed-order reduction over blocks of partials[:, j] (sum, or min / max). */
-#define RECAP_MAX_FINAL_SLOTS 64
+/* Grid of num_slots blocks, block j: out[j] = fixed-order reduction of the slot-major row
+ * partials[j * num_blocks .. (j + 1) * num_blocks) (a sum, or min / max for those slots). */
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_partials_finalize(const RecapFinalizeParams p) {
-    __shared__ double s_red[RECAP_WARPS * RECAP_MAX_FINAL_SLOTS];
-    const double* part = (const double*)p.partials;
-    for (int j = 0; j < p.num_slots; ++j) {
-        const int op = (j == p.min_slot) ? RECAP_OP_MIN : ((j == p.max_slot) ? RECAP_OP_MAX : RECAP_OP_SUM);
-        double acc = recap_identity(op);
-        for (int i = threadIdx.x; i < p.num_blocks; i += blockDim.x)
-            acc = recap_combine(acc, part[(int64_t)i * p.num_slots + j], op);
-        recap_block_reduce_slot(acc, j, p.num_slots, op, s_red);
-    }
-    recap_block_reduce_finish((double*)p.out, p.num_slots, p.min_slot, p.max_slot, s_red);
+    __shared__ double s_red[RECAP_WARPS];
+    const int j = blockIdx.x;
+    const int op = (j == p.min_slot) ? RECAP_OP_MIN : ((j == p.max_slot) ? RECAP_OP_MAX : RECAP_OP_SUM);
+    const double v = recap_block_reduce_array((const double*)p.partials + (int64_t)j * p.num_blocks, p.num_blocks, op, s_red);
+    if (threadIdx.x == 0) ((double*)p.out)[j] = v;
 }
 
 template <int MAXK, typename MT>
@@ -145,7 +140,7 @@ __device__ __forceinline__ void reduce_token_pass(const RecapReduceParams& p) {
 #pragma unroll
     for (int k = 0; k < MAXK; ++k)
         if (k < K) recap_block_reduce_slot((double)acc[k], k, K, RECAP_OP_SUM, s_red);
-    recap_block_reduce_finish((double*)p.partials + (int64_t)blockIdx.x * K, K, -1, -1, s_red);
+    recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, K, -1, -1, s_red);
 }
 
 #define RECAP_REDUCE_INST(MAXK)                                                                                  \

@@ -87,7 +87,13 @@ pub fn grpo_loss(
             sum_norm_const: config.norm_constant.unwrap_or(0.0),
             lambda,
         };
-        let name = format!("recap_grpo_loss_k{}_{suffix}", maxk(k));
+        // EXPERIMENT (to be removed): RECAP_GRPO_O4=1 picks the 4-blocks-per-SM launch bounds
+        let o4 = if std::env::var("RECAP_GRPO_O4").is_ok_and(|v| v == "1") {
+            "_o4"
+        } else {
+            ""
+        };
+        let name = format!("recap_grpo_loss_k{}_{suffix}{o4}", maxk(k));
         gpu.launch(stream, Module::GrpoLoss, &name, blocks, &p)?;
         let e = 3 * k as i32;
         finalize(gpu, stream, &ws, &w, e + 3, e + 4)?;
