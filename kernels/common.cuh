@@ -38,28 +38,22 @@ __device__ __forceinline__ int recap_find_seq(const int32_t* cu, int lo, int hi,
 
 /* Per-block lookup of the sequences a tile overlaps. */
 struct RecapTileSeqs {
-    int b_lo;    /* sequence of the tile's first token                   */
-    int b_hi;    /* sequence of the tile's last token                    */
-    int staged;  /* 1: boundaries cu[b_lo .. b_hi + 1] are in s_cu       */
+    int b_lo;    /* sequence of the tile's first token                               */
+    int b_hi;    /* a bound >= the sequence of its last token (that of the next tile) */
+    int staged;  /* 1: boundaries cu[b_lo .. b_hi + 1] are in s_cu                   */
 };
 
-/* Must be called by every thread of the block (it synchronizes). Requires t0 < t1 <= T, B >= 1. */
-__device__ __forceinline__ RecapTileSeqs recap_tile_setup(const int32_t* cu, int num_seqs, int64_t t0,
-                                                          int64_t t1, int32_t* s_cu, int* s_meta) {
-    if (threadIdx.x == 0) {
-        int lo = recap_find_seq(cu, 0, num_seqs - 1, t0);
-        int hi = recap_find_seq(cu, lo, num_seqs - 1, t1 - 1);
-        s_meta[0] = lo;
-        s_meta[1] = hi;
-        s_meta[2] = (hi - lo + 2) <= RECAP_TILE_SEQ_CAP;
-    }
-    __syncthreads();
+/* Must be called by every thread of the block (it synchronizes). tile_seq[i] is the sequence of
+ * tile i's first token (written by recap_seq_stats_*). Requires t0 < T, B >= 1. */
+__device__ __forceinline__ RecapTileSeqs recap_tile_setup(const int32_t* __restrict__ cu,
+                                                          const int32_t* __restrict__ tile_seq, int num_seqs,
+                                                          int32_t* s_cu) {
     RecapTileSeqs ts;
-    ts.b_lo = s_meta[0];
-    ts.b_hi = s_meta[1];
-    ts.staged = s_meta[2];
+    ts.b_lo = tile_seq[blockIdx.x];
+    ts.b_hi = (blockIdx.x + 1 < gridDim.x) ? tile_seq[blockIdx.x + 1] : num_seqs - 1;
+    ts.staged = (ts.b_hi - ts.b_lo + 2) <= RECAP_TILE_SEQ_CAP;
     if (ts.staged) {
-        int n = ts.b_hi - ts.b_lo + 2;
+        const int n = ts.b_hi - ts.b_lo + 2;
         for (int i = threadIdx.x; i < n; i += blockDim.x) s_cu[i] = cu[ts.b_lo + i];
     }
     __syncthreads();
@@ -87,18 +81,26 @@ __device__ __forceinline__ double recap_identity_op(int op) {
     return op == RECAP_OP_MIN ? (1.0 / 0.0) : (op == RECAP_OP_MAX ? -(1.0 / 0.0) : 0.0);
 }
 
+__device__ __forceinline__ float recap_combine(float a, float b, int op) {
+    return op == RECAP_OP_MIN ? fminf(a, b) : (op == RECAP_OP_MAX ? fmaxf(a, b) : a + b);
+}
+
 /* Warp reduction in a fixed tree order; the result is in lane 0. */
-__device__ __forceinline__ double recap_warp_reduce(double v, int op) {
+template <typename V>
+__device__ __forceinline__ V recap_warp_reduce(V v, int op) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v = recap_combine(v, __shfl_down_sync(0xffffffffu, v, off), op);
     return v;
 }
 
 /* Stage 1 of a block reduction of one slot: lane 0 of each warp leaves its warp's result in
- * s_red[warp * num_slots + slot]. Call for every slot, then recap_block_reduce_finish. */
-__device__ __forceinline__ void recap_block_reduce_slot(double v, int slot, int num_slots, int op, double* s_red) {
+ * s_red[warp * num_slots + slot] (as a double; the 32-lane tree runs in the type of v: float for the
+ * token passes' per-thread sums, double where the inputs are double). Call for every slot, then
+ * recap_block_reduce_finish. */
+template <typename V>
+__device__ __forceinline__ void recap_block_reduce_slot(V v, int slot, int num_slots, int op, double* s_red) {
     v = recap_warp_reduce(v, op);
-    if ((threadIdx.x & 31) == 0) s_red[(threadIdx.x >> 5) * num_slots + slot] = v;
+    if ((threadIdx.x & 31) == 0) s_red[(threadIdx.x >> 5) * num_slots + slot] = (double)v;
 }
 
 /* Stage 2: thread j < num_slots combines the warps' results for slot j in warp order and writes

@@ -31,26 +31,26 @@
 template <int MAXK, typename MT>
 __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     __shared__ int32_t s_cu[RECAP_TILE_SEQ_CAP];
-    __shared__ int s_meta[3];
     __shared__ double s_red[RECAP_WARPS * (3 * MAXK + RECAP_GRPO_EXTRA_SLOTS)];
-    __shared__ float s_inv_tok[MAXK + 1], s_inv_seq[MAXK + 1];
+    __shared__ float s_base[MAXK + 1]; /* per-objective aggregation base weight (recap_agg_base) */
     /* per-sequence data of the tile's sequences: membership bits, 1/n_b, advantage rows */
     __shared__ uint32_t s_bits[RECAP_TILE_SEQ_DATA];
-    __shared__ float s_inv_nb[RECAP_TILE_SEQ_DATA];
+    __shared__ float s_seq_factor[RECAP_TILE_SEQ_DATA];
     __shared__ float s_adv[RECAP_TILE_SEQ_DATA * MAXK];
 
     const int K = p.num_objectives;
     const int S = 3 * K + RECAP_GRPO_EXTRA_SLOTS;
     const double* __restrict__ norms = (const double*)p.norms;
-    if (threadIdx.x <= K) {
-        s_inv_tok[threadIdx.x] = recap_inv_norm(norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + threadIdx.x]);
-        s_inv_seq[threadIdx.x] = recap_inv_norm(norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + threadIdx.x]);
-    }
+    const float inv_c = (p.sum_norm_const > 0.0f) ? 1.0f / p.sum_norm_const : 0.0f;
+    if (threadIdx.x <= K)
+        s_base[threadIdx.x] = recap_agg_base(p.agg_mode,
+                                             recap_inv_norm(norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + threadIdx.x]),
+                                             recap_inv_norm(norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + threadIdx.x]), inv_c);
     const int32_t* __restrict__ cu = (const int32_t*)p.cu_seqlens;
     const int64_t t0 = recap_tile_start(p.items_per_thread);
     const int64_t tile = (int64_t)blockDim.x * p.items_per_thread;
     const int64_t t1 = (t0 + tile < p.num_tokens) ? t0 + tile : p.num_tokens;
-    const RecapTileSeqs ts = recap_tile_setup(cu, p.num_seqs, t0, t1, s_cu, s_meta);
+    const RecapTileSeqs ts = recap_tile_setup(cu, (const int32_t*)p.tile_seq, p.num_seqs, s_cu);
 
     const MT* __restrict__ mask = (const MT*)p.mask;
     const float* __restrict__ logp = (const float*)p.logp;
@@ -61,7 +61,6 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     const double* __restrict__ seq_tokens = (const double*)p.seq_tokens;
     float* __restrict__ grad = (float*)p.grad;
     const float inv_k = 1.0f / (float)K;
-    const float inv_c = (p.sum_norm_const > 0.0f) ? 1.0f / p.sum_norm_const : 0.0f;
     const uint32_t kbits = (K >= 32) ? 0xffffffffu : ((1u << K) - 1u);
     const bool smtm = p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN;
 
@@ -72,7 +71,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
         for (int i = threadIdx.x; i < nseq; i += blockDim.x) {
             const int b = ts.b_lo + i;
             s_bits[i] = (mem ? mem[b] : 0xffffffffu) & kbits;
-            s_inv_nb[i] = smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f;
+            s_seq_factor[i] = recap_agg_seq_factor(p.agg_mode, smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f);
         }
         if (!p.adv_per_token)
             for (int i = threadIdx.x; i < nseq * K; i += blockDim.x)
@@ -114,7 +113,9 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
             const uint32_t pol = bits & p.policy_bits;
             const float lp = lpv[u];
             nonfinite += !recap_isfinite(lp);
-            const float inv_nb = staged ? s_inv_nb[sb] : (smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f);
+            /* m times the per-sequence factor of the aggregation weight */
+            const float mf = m * (staged ? s_seq_factor[sb]
+                                         : recap_agg_seq_factor(p.agg_mode, smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f));
 
             RecapRatio q;
             q.log_ratio = 0.0f; q.ratio = 1.0f; q.saturated = 0;
@@ -134,7 +135,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
 #pragma unroll
             for (int k = 0; k < MAXK; ++k) {
                 if (k < K && ((bits >> k) & 1u)) {
-                    const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[k], s_inv_seq[k], inv_nb, inv_c);
+                    const float w = mf * s_base[k];
                     if ((pol >> k) & 1u) {
                         const float a = adv_smem ? s_adv[sb * MAXK + k] : arow[k];
                         nonfinite += !recap_isfinite(a);
@@ -154,7 +155,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                 const float ref = refv[u];
                 nonfinite += !recap_isfinite(ref);
                 const RecapKlToken kt = recap_kl_token(lp, ref, p.kl_estimator);
-                const float w = m * recap_agg_weight(p.agg_mode, s_inv_tok[K], s_inv_seq[K], inv_nb, inv_c);
+                const float w = mf * s_base[K];
                 kl_agg += w * kt.value;
                 kl_sum += m * kt.value;
                 g += p.beta * w * kt.grad;
@@ -166,39 +167,33 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
 #pragma unroll
     for (int k = 0; k < MAXK; ++k) {
         if (k < K) {
-            recap_block_reduce_slot((double)agg[k], k, S, RECAP_OP_SUM, s_red);
-            recap_block_reduce_slot((double)clip[k], K + k, S, RECAP_OP_SUM, s_red);
-            recap_block_reduce_slot((double)dual[k], 2 * K + k, S, RECAP_OP_SUM, s_red);
+            recap_block_reduce_slot(agg[k], k, S, RECAP_OP_SUM, s_red);
+            recap_block_reduce_slot(clip[k], K + k, S, RECAP_OP_SUM, s_red);
+            recap_block_reduce_slot(dual[k], 2 * K + k, S, RECAP_OP_SUM, s_red);
         }
     }
     const int e = 3 * K;
-    recap_block_reduce_slot((double)r_sum, e + 0, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot((double)negd_sum, e + 1, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot((double)p_tok, e + 2, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot((double)r_min, e + 3, S, RECAP_OP_MIN, s_red);
-    recap_block_reduce_slot((double)r_max, e + 4, S, RECAP_OP_MAX, s_red);
-    recap_block_reduce_slot((double)nonfinite, e + 5, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot((double)kl_agg, e + 6, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot((double)kl_sum, e + 7, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(r_sum, e + 0, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(negd_sum, e + 1, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(p_tok, e + 2, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(r_min, e + 3, S, RECAP_OP_MIN, s_red);
+    recap_block_reduce_slot(r_max, e + 4, S, RECAP_OP_MAX, s_red);
+    recap_block_reduce_slot((float)nonfinite, e + 5, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(kl_agg, e + 6, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(kl_sum, e + 7, S, RECAP_OP_SUM, s_red);
     /* slot-major: statistic j of this block at partials[j * gridDim.x + blockIdx.x] */
     recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, S, e + 3, e + 4, s_red);
 }
 
-#define RECAP_GRPO_INST(MAXK)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_grpo_loss_k##MAXK##_f32(const RecapGrpoParams p) { \
-        grpo_token_pass<MAXK, float>(p);                                                                           \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_grpo_loss_k##MAXK##_u8(const RecapGrpoParams p) {  \
-        grpo_token_pass<MAXK, uint8_t>(p);                                                                         \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK, 4) recap_grpo_loss_k##MAXK##_f32_o4(const RecapGrpoParams p) { \
-        grpo_token_pass<MAXK, float>(p);                                                                           \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK, 4) recap_grpo_loss_k##MAXK##_u8_o4(const RecapGrpoParams p) {  \
-        grpo_token_pass<MAXK, uint8_t>(p);                                                                         \
-    }
-RECAP_GRPO_INST(1)
-RECAP_GRPO_INST(2)
-RECAP_GRPO_INST(4)
-RECAP_GRPO_INST(8)
-RECAP_GRPO_INST(16)
+/* Registers capped for 4 blocks per SM with MAXK <= 8 and 2 with MAXK = 16: more loads in flight
+ * beat the few registers spilled (measured on an H100). */
+#define RECAP_GRPO_INST(MAXK, MINB)                                                                               \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK, MINB)                                               \
+        recap_grpo_loss_k##MAXK##_f32(const RecapGrpoParams p) { grpo_token_pass<MAXK, float>(p); }               \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK, MINB)                                               \
+        recap_grpo_loss_k##MAXK##_u8(const RecapGrpoParams p) { grpo_token_pass<MAXK, uint8_t>(p); }
+RECAP_GRPO_INST(1, 4)
+RECAP_GRPO_INST(2, 4)
+RECAP_GRPO_INST(4, 4)
+RECAP_GRPO_INST(8, 4)
+RECAP_GRPO_INST(16, 2)

@@ -126,16 +126,26 @@ RECAP_HD RecapKlToken recap_kl_token(float logp, float ref_logp, int estimator) 
 /*
  * Aggregation weight of one token of sequence b for one objective (before its mask weight), from the
  * reciprocals of the objective's token normalizer, sequence normalizer, the sequence's own token
- * weight, and the token-sum-norm constant (each 0 where the normalizer is 0).
+ * weight, and the token-sum-norm constant (each 0 where the normalizer is 0). It factors into a
+ * per-objective base (recap_agg_base) and a per-sequence factor (recap_agg_seq_factor), which the
+ * kernels compute once per block and once per token.
  */
-RECAP_HD float recap_agg_weight(int mode, float inv_tokens, float inv_seqs, float inv_seq_tokens,
-                                float inv_const) {
+RECAP_HD float recap_agg_base(int mode, float inv_tokens, float inv_seqs, float inv_const) {
     switch (mode) {
-    case RECAP_AGG_SEQ_MEAN_TOKEN_MEAN: return inv_seqs * inv_seq_tokens;
+    case RECAP_AGG_SEQ_MEAN_TOKEN_MEAN:
     case RECAP_AGG_SEQ_MEAN_TOKEN_SUM: return inv_seqs;
     case RECAP_AGG_TOKEN_SUM_NORM: return inv_const;
     default: return inv_tokens;
     }
+}
+
+RECAP_HD float recap_agg_seq_factor(int mode, float inv_seq_tokens) {
+    return (mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN) ? inv_seq_tokens : 1.0f;
+}
+
+RECAP_HD float recap_agg_weight(int mode, float inv_tokens, float inv_seqs, float inv_seq_tokens,
+                                float inv_const) {
+    return recap_agg_base(mode, inv_tokens, inv_seqs, inv_const) * recap_agg_seq_factor(mode, inv_seq_tokens);
 }
 
 /* 1/x for a normalizer, 0 where there is nothing to normalize. */

@@ -31,7 +31,7 @@ static const size_t grpo_layout[] = {
     sizeof(RecapGrpoParams), F(RecapGrpoParams, logp), F(RecapGrpoParams, old_logp), F(RecapGrpoParams, ref_logp),
     F(RecapGrpoParams, advantages), F(RecapGrpoParams, mask), F(RecapGrpoParams, cu_seqlens),
     F(RecapGrpoParams, membership), F(RecapGrpoParams, seq_tokens), F(RecapGrpoParams, norms),
-    F(RecapGrpoParams, grad), F(RecapGrpoParams, partials), F(RecapGrpoParams, num_tokens),
+    F(RecapGrpoParams, grad), F(RecapGrpoParams, partials), F(RecapGrpoParams, tile_seq), F(RecapGrpoParams, num_tokens),
     F(RecapGrpoParams, num_seqs), F(RecapGrpoParams, num_objectives), F(RecapGrpoParams, items_per_thread),
     F(RecapGrpoParams, adv_per_token), F(RecapGrpoParams, agg_mode), F(RecapGrpoParams, kl_estimator),
     F(RecapGrpoParams, dual_clip), F(RecapGrpoParams, policy_bits), F(RecapGrpoParams, clip_low),
@@ -39,13 +39,14 @@ static const size_t grpo_layout[] = {
     F(RecapGrpoParams, beta), F(RecapGrpoParams, sum_norm_const), F(RecapGrpoParams, lambda)};
 static const size_t seq_layout[] = {
     sizeof(RecapSeqParams), F(RecapSeqParams, mask), F(RecapSeqParams, cu_seqlens), F(RecapSeqParams, membership),
-    F(RecapSeqParams, seq_tokens), F(RecapSeqParams, norms), F(RecapSeqParams, num_tokens),
-    F(RecapSeqParams, num_seqs), F(RecapSeqParams, num_objectives), F(RecapSeqParams, has_override),
-    F(RecapSeqParams, pad0), F(RecapSeqParams, override_tokens), F(RecapSeqParams, override_seqs)};
+    F(RecapSeqParams, seq_tokens), F(RecapSeqParams, norms), F(RecapSeqParams, tile_seq),
+    F(RecapSeqParams, num_tokens), F(RecapSeqParams, tile_tokens), F(RecapSeqParams, num_seqs),
+    F(RecapSeqParams, num_objectives), F(RecapSeqParams, has_override), F(RecapSeqParams, num_tiles),
+    F(RecapSeqParams, override_tokens), F(RecapSeqParams, override_seqs)};
 static const size_t reduce_layout[] = {
     sizeof(RecapReduceParams), F(RecapReduceParams, losses), F(RecapReduceParams, mask),
     F(RecapReduceParams, cu_seqlens), F(RecapReduceParams, membership), F(RecapReduceParams, seq_tokens),
-    F(RecapReduceParams, norms), F(RecapReduceParams, grad), F(RecapReduceParams, partials),
+    F(RecapReduceParams, norms), F(RecapReduceParams, grad), F(RecapReduceParams, partials), F(RecapReduceParams, tile_seq),
     F(RecapReduceParams, num_tokens), F(RecapReduceParams, num_seqs), F(RecapReduceParams, num_objectives),
     F(RecapReduceParams, items_per_thread), F(RecapReduceParams, agg_mode), F(RecapReduceParams, sum_norm_const),
     F(RecapReduceParams, pad0), F(RecapReduceParams, lambda)};

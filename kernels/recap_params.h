@@ -77,7 +77,8 @@ typedef struct RecapGrpoParams {
     uint64_t seq_tokens;   /* const double[B], mask sum of each sequence      */
     uint64_t norms;        /* const double[4 * RECAP_NORM_SLOTS]              */
     uint64_t grad;         /* float[T], dL/dlogp                              */
-    uint64_t partials;     /* double[num_blocks, slots]                       */
+    uint64_t partials;     /* double[slots, num_blocks] (slot-major)          */
+    uint64_t tile_seq;     /* const int32_t[num_blocks], from recap_seq_stats */
     int64_t num_tokens;    /* T                                               */
     int32_t num_seqs;      /* B                                               */
     int32_t num_objectives;/* K                                               */
@@ -103,11 +104,13 @@ typedef struct RecapSeqParams {
     uint64_t membership;  /* const uint32_t[B]                                       */
     uint64_t seq_tokens;  /* double[B], written by recap_seq_stats                   */
     uint64_t norms;       /* double[4 * RECAP_NORM_SLOTS], written by norms_finalize */
+    uint64_t tile_seq;    /* int32_t[num_tiles]: sequence of each token tile's first token (written) */
     int64_t num_tokens;
+    int64_t tile_tokens;  /* tokens per tile of the token pass that follows                */
     int32_t num_seqs;
     int32_t num_objectives;
     int32_t has_override; /* 1: take the normalizers below instead of the local ones */
-    int32_t pad0;
+    int32_t num_tiles;
     double override_tokens[RECAP_NORM_SLOTS];
     double override_seqs[RECAP_NORM_SLOTS];
 } RecapSeqParams;
@@ -121,7 +124,8 @@ typedef struct RecapReduceParams {
     uint64_t seq_tokens;  /* const double[B]                    */
     uint64_t norms;       /* const double[4 * RECAP_NORM_SLOTS] */
     uint64_t grad;        /* float[T, K], dTotal/dl_tk          */
-    uint64_t partials;    /* double[num_blocks, K + 1]          */
+    uint64_t partials;    /* double[K, num_blocks] (slot-major) */
+    uint64_t tile_seq;    /* const int32_t[num_blocks]          */
     int64_t num_tokens;
     int32_t num_seqs;
     int32_t num_objectives;
@@ -146,7 +150,7 @@ typedef struct RecapKlParams {
 
 /* Parameters of the final fixed-order reduction of block partials. */
 typedef struct RecapFinalizeParams {
-    uint64_t partials;   /* const double[num_blocks, num_slots]           */
+    uint64_t partials;   /* const double[num_slots, num_blocks] (slot-major) */
     uint64_t out;        /* double[num_slots]                             */
     int32_t num_blocks;
     int32_t num_slots;

@@ -11,7 +11,9 @@
  *   agg_k     = sum_t w_tk l_tk,  total = (1/K) sum_k lambda_k agg_k
  *   grad[t,k] = d total / d l_tk = lambda_k w_tk / K       (recap_reduce_k*_*)
  *
- * Threads. recap_seq_stats_*: one warp per sequence, lanes stride over its tokens (warp-tree sum).
+ * Threads. recap_seq_stats_*: one warp per sequence, lanes stride over its tokens (warp-tree sum);
+ * it also records, for each token tile of the pass that follows, the sequence of the tile's first
+ * token (tile_seq), so no block of that pass searches cu_seqlens in global memory.
  * recap_norms_finalize: one block per objective slot; recap_partials_finalize: one block per
  * statistic, over that statistic's slot-major row of block partials; each thread walks a fixed
  * strided subset, then a fixed warp-tree and warp order. recap_reduce_k*_*: a tile of
@@ -42,6 +44,12 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
     for (; t < e; t += 32) a0 += (double)recap_load_mask(mask, t);
     double acc = recap_warp_reduce((a0 + a1) + (a2 + a3), RECAP_OP_SUM);
     if (lane == 0) ((double*)p.seq_tokens)[b] = acc;
+    /* tile_seq[i] = b for every token tile whose first token i * tile_tokens lies in [s, e) */
+    if (e > s && p.tile_seq) {
+        const int64_t first = (s + p.tile_tokens - 1) / p.tile_tokens;
+        const int64_t last = (e + p.tile_tokens - 1) / p.tile_tokens; /* exclusive */
+        for (int64_t i = first + lane; i < last && i < p.num_tiles; i += 32) ((int32_t*)p.tile_seq)[i] = (int32_t)b;
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_seq_stats_f32(const RecapSeqParams p) { seq_stats<float>(p); }
@@ -63,8 +71,8 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_norms_finalize(c
             seq += (nb > 0.0) ? 1.0 : 0.0;
         }
     }
-    recap_block_reduce_slot(tok, 0, 2, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(seq, 1, 2, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot<double>(tok, 0, 2, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot<double>(seq, 1, 2, RECAP_OP_SUM, s_red);
     __syncthreads();
     if (threadIdx.x == 0) {
         double t = s_red[0], q = s_red[1];
@@ -89,7 +97,6 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_partials_finaliz
 template <int MAXK, typename MT>
 __device__ __forceinline__ void reduce_token_pass(const RecapReduceParams& p) {
     __shared__ int32_t s_cu[RECAP_TILE_SEQ_CAP];
-    __shared__ int s_meta[3];
     __shared__ double s_red[RECAP_WARPS * MAXK];
     __shared__ float s_inv_tok[MAXK], s_inv_seq[MAXK];
 
@@ -103,7 +110,7 @@ __device__ __forceinline__ void reduce_token_pass(const RecapReduceParams& p) {
     const int64_t t0 = recap_tile_start(p.items_per_thread);
     const int64_t tile = (int64_t)blockDim.x * p.items_per_thread;
     const int64_t t1 = (t0 + tile < p.num_tokens) ? t0 + tile : p.num_tokens;
-    const RecapTileSeqs ts = recap_tile_setup(cu, p.num_seqs, t0, t1, s_cu, s_meta);
+    const RecapTileSeqs ts = recap_tile_setup(cu, (const int32_t*)p.tile_seq, p.num_seqs, s_cu);
 
     const MT* mask = (const MT*)p.mask;
     const float* losses = (const float*)p.losses;
@@ -139,7 +146,7 @@ __device__ __forceinline__ void reduce_token_pass(const RecapReduceParams& p) {
     }
 #pragma unroll
     for (int k = 0; k < MAXK; ++k)
-        if (k < K) recap_block_reduce_slot((double)acc[k], k, K, RECAP_OP_SUM, s_red);
+        if (k < K) recap_block_reduce_slot(acc[k], k, K, RECAP_OP_SUM, s_red);
     recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, K, -1, -1, s_red);
 }
 

@@ -40,7 +40,18 @@ pub fn grpo_loss(
     let ws = Workspace::new(stream, inputs.cu_seqlens, inputs.membership, slots, blocks)?;
     {
         let (w, _gw) = ws.addrs(stream);
-        seq_stats(gpu, stream, &w, mask_a, suffix, t, b, k, inputs.normalizers)?;
+        seq_stats(
+            gpu,
+            stream,
+            &ws,
+            &w,
+            mask_a,
+            suffix,
+            t,
+            BLOCK as usize * items,
+            k,
+            inputs.normalizers,
+        )?;
         let (logp_a, _g0) = addr(&inputs.logp, stream);
         let (old_a, _g1) = addr(&inputs.old_logp, stream);
         let (ref_a, _g2) = match &inputs.ref_logp {
@@ -70,6 +81,7 @@ pub fn grpo_loss(
             norms: w.norms,
             grad: grad_a,
             partials: w.partials,
+            tile_seq: w.tile_seq,
             num_tokens: t as i64,
             num_seqs: b as i32,
             num_objectives: k as i32,
@@ -87,13 +99,7 @@ pub fn grpo_loss(
             sum_norm_const: config.norm_constant.unwrap_or(0.0),
             lambda,
         };
-        // EXPERIMENT (to be removed): RECAP_GRPO_O4=1 picks the 4-blocks-per-SM launch bounds
-        let o4 = if std::env::var("RECAP_GRPO_O4").is_ok_and(|v| v == "1") {
-            "_o4"
-        } else {
-            ""
-        };
-        let name = format!("recap_grpo_loss_k{}_{suffix}{o4}", maxk(k));
+        let name = format!("recap_grpo_loss_k{}_{suffix}", maxk(k));
         gpu.launch(stream, Module::GrpoLoss, &name, blocks, &p)?;
         let e = 3 * k as i32;
         finalize(gpu, stream, &ws, &w, e + 3, e + 4)?;

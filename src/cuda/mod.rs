@@ -277,7 +277,10 @@ impl Workspace {
         if let Some(m) = membership {
             host.extend(m.iter().map(|x| *x as i32)); // same bits; the kernels read them as u32
         }
-        let layout = upload(stream, &host)?;
+        // SAFETY: uninitialized i32s; the first host.len() are copied in right below, the remaining
+        // `blocks` (tile_seq) are all written by recap_seq_stats_* before the token pass reads them.
+        let mut layout = unsafe { stream.alloc::<i32>(host.len() + blocks) }?;
+        stream.memcpy_htod(&host, &mut layout.slice_mut(..host.len()))?;
         let len = NORMS_LEN + slots + b.max(1) + blocks * slots;
         // SAFETY: uninitialized device memory of `len` f64. Every element a kernel reads is written
         // first by an earlier launch on the same stream: norms by recap_norms_finalize, seq_tokens[b]
@@ -294,8 +297,7 @@ impl Workspace {
         })
     }
 
-    /// Device addresses `(cu_seqlens, membership or 0, seq_tokens, norms, partials, out)`, with the
-    /// guards that must outlive the launches using them.
+    /// Device addresses of the parts, with the guards that must outlive the launches using them.
     pub(crate) fn addrs<'a>(
         &'a self,
         stream: &'a CudaStream,
@@ -303,6 +305,7 @@ impl Workspace {
         let (base, g0) = addr_slice(&self.scratch, stream);
         let (lay, g1) = addr_slice(&self.layout, stream);
         let f = |off: usize| base + (off * 8) as u64;
+        let membership_len = if self.has_membership { self.b } else { 0 };
         let a = WorkspaceAddrs {
             cu_seqlens: lay,
             membership: if self.has_membership {
@@ -310,6 +313,7 @@ impl Workspace {
             } else {
                 0
             },
+            tile_seq: lay + ((self.b + 1 + membership_len) * 4) as u64,
             norms: f(0),
             out: f(NORMS_LEN),
             seq_tokens: f(NORMS_LEN + self.slots),
@@ -333,35 +337,42 @@ impl Workspace {
 pub(crate) struct WorkspaceAddrs {
     pub cu_seqlens: u64,
     pub membership: u64,
+    pub tile_seq: u64,
     pub seq_tokens: u64,
     pub norms: u64,
     pub partials: u64,
     pub out: u64,
 }
 
-/// Runs `recap_seq_stats_*` and `recap_norms_finalize`: the per-sequence token weights and the
-/// normalizers, shared by kernels 1 and 3.
+/// Runs `recap_seq_stats_*` and `recap_norms_finalize`: the per-sequence token weights, the
+/// normalizers and the tile-to-sequence map of the token pass (tiles of `tile_tokens` tokens, one
+/// per block of the workspace), shared by kernels 1 and 3.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn seq_stats(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
+    ws: &Workspace,
     a: &WorkspaceAddrs,
     mask_addr: u64,
     mask_suffix: &str,
     t: usize,
-    b: usize,
+    tile_tokens: usize,
     k: usize,
     global: Option<&Normalizers>,
 ) -> Result<()> {
+    let b = ws.b;
     let mut p = params::SeqParams {
         mask: mask_addr,
         cu_seqlens: a.cu_seqlens,
         membership: a.membership,
         seq_tokens: a.seq_tokens,
         norms: a.norms,
+        tile_seq: a.tile_seq,
         num_tokens: t as i64,
+        tile_tokens: tile_tokens.max(1) as i64,
         num_seqs: b as i32,
         num_objectives: k as i32,
+        num_tiles: ws.blocks as i32,
         ..Default::default()
     };
     if let Some(g) = global {
@@ -377,7 +388,7 @@ pub(crate) fn seq_stats(
         b.div_ceil(warps_per_block),
         &p,
     )?;
-    gpu.launch(stream, Module::Reduce, "recap_norms_finalize", 1, &p)
+    gpu.launch(stream, Module::Reduce, "recap_norms_finalize", k + 1, &p)
 }
 
 /// Runs `recap_partials_finalize`: the fixed-order reduction of the token-pass blocks' rows.
@@ -397,5 +408,11 @@ pub(crate) fn finalize(
         min_slot,
         max_slot,
     };
-    gpu.launch(stream, Module::Reduce, "recap_partials_finalize", 1, &p)
+    gpu.launch(
+        stream,
+        Module::Reduce,
+        "recap_partials_finalize",
+        ws.slots,
+        &p,
+    )
 }

@@ -38,7 +38,18 @@ pub fn weighted_reduce(
     let ws = Workspace::new(stream, inputs.cu_seqlens, inputs.membership, k, blocks)?;
     {
         let (w, _gw) = ws.addrs(stream);
-        seq_stats(gpu, stream, &w, mask_a, suffix, t, b, k, inputs.normalizers)?;
+        seq_stats(
+            gpu,
+            stream,
+            &ws,
+            &w,
+            mask_a,
+            suffix,
+            t,
+            BLOCK as usize * items,
+            k,
+            inputs.normalizers,
+        )?;
         let (l_a, _g0) = addr(&inputs.losses, stream);
         let (g_a, _g1) = addr_mut(grad, stream);
         let mut lambda = [0f32; 16];
@@ -52,6 +63,7 @@ pub fn weighted_reduce(
             norms: w.norms,
             grad: g_a,
             partials: w.partials,
+            tile_seq: w.tile_seq,
             num_tokens: t as i64,
             num_seqs: b as i32,
             num_objectives: k as i32,
