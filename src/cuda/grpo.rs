@@ -1,11 +1,9 @@
 //! Kernel 1 on the GPU: the fused GRPO loss (`kernels/grpo_loss.cu`).
 
-use super::{
-    addr, addr_mut, finalize, maxk, params::GrpoParams, seq_stats, Gpu, Module, Workspace, BLOCK,
-};
+use super::{addr, addr_mut, begin_token_pass, finalize, maxk, params::GrpoParams, Gpu, Module};
 use crate::config::GrpoConfig;
 use crate::error::Result;
-use crate::layout::{check_len, policy_bits, validate_grpo, Advantages, GrpoInputs, Mask};
+use crate::layout::{check_len, policy_bits, validate_grpo, Advantages, GrpoInputs};
 use crate::output::{finish_grpo, grpo_slots, GrpoOutput, GrpoSums};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
@@ -29,29 +27,21 @@ pub fn grpo_loss(
     gpu.check_stream(stream)?;
     let (t, b, k) = (shape.t, shape.b, shape.k);
 
-    let (mask_view, suffix) = match &inputs.mask {
-        Mask::F32(m) => (MaskView::F32(m), "f32"),
-        Mask::U8(m) => (MaskView::U8(m), "u8"),
-    };
-    let (mask_a, _gm) = mask_view.addr(stream);
-    let items = gpu.items_per_thread(t);
-    let blocks = t.div_ceil(BLOCK as usize * items);
     let slots = grpo_slots(k);
-    let ws = Workspace::new(stream, inputs.cu_seqlens, inputs.membership, slots, blocks)?;
+    let pass = begin_token_pass(
+        gpu,
+        stream,
+        &inputs.mask,
+        t,
+        inputs.cu_seqlens,
+        inputs.membership,
+        slots,
+        k,
+        inputs.normalizers,
+    )?;
+    let (ws, items, suffix) = (&pass.ws, pass.items, pass.suffix);
     {
         let (w, _gw) = ws.addrs(stream);
-        seq_stats(
-            gpu,
-            stream,
-            &ws,
-            &w,
-            mask_a,
-            suffix,
-            t,
-            BLOCK as usize * items,
-            k,
-            inputs.normalizers,
-        )?;
         let (logp_a, _g0) = addr(&inputs.logp, stream);
         let (old_a, _g1) = addr(&inputs.old_logp, stream);
         let (ref_a, _g2) = match &inputs.ref_logp {
@@ -74,7 +64,7 @@ pub fn grpo_loss(
             old_logp: old_a,
             ref_logp: ref_a,
             advantages: adv_a,
-            mask: mask_a,
+            mask: pass.mask_addr,
             cu_seqlens: w.cu_seqlens,
             membership: w.membership,
             seq_tokens: w.seq_tokens,
@@ -100,9 +90,9 @@ pub fn grpo_loss(
             lambda,
         };
         let name = format!("recap_grpo_loss_k{}_{suffix}", maxk(k));
-        gpu.launch(stream, Module::GrpoLoss, &name, blocks, &p)?;
+        gpu.launch(stream, Module::GrpoLoss, &name, ws.blocks, &p)?;
         let e = 3 * k as i32;
-        finalize(gpu, stream, &ws, &w, e + 3, e + 4)?;
+        finalize(gpu, stream, ws, &w, e + 3, e + 4)?;
     }
     let (norms, slots) = ws.read_back(stream)?;
     finish_grpo(

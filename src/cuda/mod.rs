@@ -16,6 +16,7 @@ pub use reduce::{weighted_reduce, DeviceReduceInputs};
 
 use crate::config::{Normalizers, MAX_OBJECTIVES};
 use crate::error::{Error, Result};
+use crate::layout::Mask;
 use crate::output::NORM_SLOTS;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
@@ -348,7 +349,7 @@ pub(crate) struct WorkspaceAddrs {
 /// normalizers and the tile-to-sequence map of the token pass (tiles of `tile_tokens` tokens, one
 /// per block of the workspace), shared by kernels 1 and 3.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn seq_stats(
+fn seq_stats(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
     ws: &Workspace,
@@ -389,6 +390,67 @@ pub(crate) fn seq_stats(
         &p,
     )?;
     gpu.launch(stream, Module::Reduce, "recap_norms_finalize", k + 1, &p)
+}
+
+/// What a token pass (kernels 1 and 3) has set up before its own launch: the workspace with the
+/// per-sequence statistics computed, the tokens per thread, and the mask's address and kernel-name
+/// suffix (the guard keeps the mask borrowed for the launches).
+pub(crate) struct TokenPass<'m> {
+    pub ws: Workspace,
+    pub items: usize,
+    pub suffix: &'static str,
+    pub mask_addr: u64,
+    _mask_guard: SyncOnDrop<'m>,
+}
+
+/// Tiling, workspace and `seq_stats` for a token pass over `t` tokens with `slots` statistics.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn begin_token_pass<'m>(
+    gpu: &Gpu,
+    stream: &'m Arc<CudaStream>,
+    mask: &'m Mask<CudaView<'_, f32>, CudaView<'_, u8>>,
+    t: usize,
+    cu_seqlens: &[i32],
+    membership: Option<&[u32]>,
+    slots: usize,
+    k: usize,
+    normalizers: Option<&Normalizers>,
+) -> Result<TokenPass<'m>> {
+    let (mask_addr, guard, suffix) = match mask {
+        Mask::F32(m) => {
+            let (a, g) = addr(m, stream);
+            (a, g, "f32")
+        }
+        Mask::U8(m) => {
+            let (a, g) = addr(m, stream);
+            (a, g, "u8")
+        }
+    };
+    let items = gpu.items_per_thread(t);
+    let tile = BLOCK as usize * items;
+    let ws = Workspace::new(stream, cu_seqlens, membership, slots, t.div_ceil(tile))?;
+    {
+        let (w, _gw) = ws.addrs(stream);
+        seq_stats(
+            gpu,
+            stream,
+            &ws,
+            &w,
+            mask_addr,
+            suffix,
+            t,
+            tile,
+            k,
+            normalizers,
+        )?;
+    }
+    Ok(TokenPass {
+        ws,
+        items,
+        suffix,
+        mask_addr,
+        _mask_guard: guard,
+    })
 }
 
 /// Runs `recap_partials_finalize`: the fixed-order reduction of the token-pass blocks' rows.

@@ -1,12 +1,9 @@
 //! Kernel 3 on the GPU: the per-objective weighted loss reduction (`kernels/reduce.cu`).
 
-use super::grpo::MaskView;
-use super::{
-    addr, addr_mut, finalize, maxk, params::ReduceParams, seq_stats, Gpu, Module, Workspace, BLOCK,
-};
+use super::{addr, addr_mut, begin_token_pass, finalize, maxk, params::ReduceParams, Gpu, Module};
 use crate::config::GrpoConfig;
 use crate::error::Result;
-use crate::layout::{check_len, validate_reduce, Mask, ReduceInputs};
+use crate::layout::{check_len, validate_reduce, ReduceInputs};
 use crate::output::{finish_reduce, ReduceOutput};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
@@ -28,35 +25,27 @@ pub fn weighted_reduce(
     let (t, b, k) = (shape.t, shape.b, shape.k);
     check_len("grad", grad.len(), t * k, "[T, K]")?;
     gpu.check_stream(stream)?;
-    let (mask_view, suffix) = match &inputs.mask {
-        Mask::F32(m) => (MaskView::F32(m), "f32"),
-        Mask::U8(m) => (MaskView::U8(m), "u8"),
-    };
-    let (mask_a, _gm) = mask_view.addr(stream);
-    let items = gpu.items_per_thread(t);
-    let blocks = t.div_ceil(BLOCK as usize * items);
-    let ws = Workspace::new(stream, inputs.cu_seqlens, inputs.membership, k, blocks)?;
+    let pass = begin_token_pass(
+        gpu,
+        stream,
+        &inputs.mask,
+        t,
+        inputs.cu_seqlens,
+        inputs.membership,
+        k,
+        k,
+        inputs.normalizers,
+    )?;
+    let (ws, items, suffix) = (&pass.ws, pass.items, pass.suffix);
     {
         let (w, _gw) = ws.addrs(stream);
-        seq_stats(
-            gpu,
-            stream,
-            &ws,
-            &w,
-            mask_a,
-            suffix,
-            t,
-            BLOCK as usize * items,
-            k,
-            inputs.normalizers,
-        )?;
         let (l_a, _g0) = addr(&inputs.losses, stream);
         let (g_a, _g1) = addr_mut(grad, stream);
         let mut lambda = [0f32; 16];
         lambda[..k].copy_from_slice(inputs.lambda);
         let p = ReduceParams {
             losses: l_a,
-            mask: mask_a,
+            mask: pass.mask_addr,
             cu_seqlens: w.cu_seqlens,
             membership: w.membership,
             seq_tokens: w.seq_tokens,
@@ -77,10 +66,10 @@ pub fn weighted_reduce(
             stream,
             Module::Reduce,
             &format!("recap_reduce_k{}_{suffix}", maxk(k)),
-            blocks,
+            ws.blocks,
             &p,
         )?;
-        finalize(gpu, stream, &ws, &w, -1, -1)?;
+        finalize(gpu, stream, ws, &w, -1, -1)?;
     }
     let (norms, agg) = ws.read_back(stream)?;
     Ok(finish_reduce(agg, &norms, inputs.lambda))
