@@ -11,7 +11,9 @@
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream};
 use recap_kernels::cuda::{self, DeviceGrpoInputs, Gpu};
-use recap_kernels::{Advantages, GrpoConfig, GrpoInputs, Mask, ObjectiveKind};
+use recap_kernels::{
+    Advantages, GrpoConfig, GrpoInputs, LogitElem, Logits, LogprobConfig, Mask, ObjectiveKind,
+};
 use std::sync::Arc;
 
 const RUNS: usize = 50;
@@ -154,5 +156,113 @@ fn run() -> recap_kernels::Result<()> {
             100.0 * gbs / copy_gbs
         );
     }
+    logits_cases(&gpu, &s, &mut flush, copy_gbs)?;
+    Ok(())
+}
+
+fn logits_cases(
+    gpu: &Gpu,
+    s: &Arc<CudaStream>,
+    flush: &mut CudaSlice<u8>,
+    copy_gbs: f64,
+) -> recap_kernels::Result<()> {
+    println!(
+        "{:<44} {:>10} {:>10} {:>9} {:>8}",
+        "logprob + entropy from logits", "median us", "min us", "GB/s", "% copy"
+    );
+    for &(t, v, dtype) in &[
+        (4096usize, 151_936usize, "bf16"),
+        (16_384, 151_936, "bf16"),
+        (4096, 32_768, "f32"),
+    ] {
+        match dtype {
+            "bf16" => logits_case::<half::bf16>(gpu, s, flush, copy_gbs, t, v)?,
+            _ => logits_case::<f32>(gpu, s, flush, copy_gbs, t, v)?,
+        }
+    }
+    Ok(())
+}
+
+fn logits_case<E: LogitElem>(
+    gpu: &Gpu,
+    s: &Arc<CudaStream>,
+    flush: &mut CudaSlice<u8>,
+    copy_gbs: f64,
+    t: usize,
+    v: usize,
+) -> recap_kernels::Result<()> {
+    let name = format!("T={t} V={v} {}", E::SUFFIX);
+    if std::env::var("GPU_OPS_FILTER").is_ok_and(|f| !name.contains(&f)) {
+        return Ok(());
+    }
+    let host: Vec<E> = (0..t * v)
+        .map(|i| E::from_f32(((i * 2_654_435_761usize) % 1000) as f32 * 0.01 - 5.0))
+        .collect();
+    let labels: Vec<i32> = (0..t).map(|r| ((r * 7919) % v) as i32).collect();
+    let g: Vec<f32> = (0..t).map(|r| ((r % 7) as f32 - 3.0) * 1e-3).collect();
+    let mut z = s.clone_htod(&host)?;
+    let y = s.clone_htod(&labels)?;
+    let gd = s.clone_htod(&g)?;
+    let (mut lp, mut h, mut l) = (
+        s.alloc_zeros::<f32>(t)?,
+        s.alloc_zeros::<f32>(t)?,
+        s.alloc_zeros::<f32>(t)?,
+    );
+    let cfg = LogprobConfig::default();
+    let (med_f, min_f) = time_ms(s, flush, || {
+        let zl = Logits::dense(z.as_view(), t, v);
+        cuda::logprob_forward(
+            gpu,
+            s,
+            &zl,
+            &y.as_view(),
+            &cfg,
+            &mut lp.as_view_mut(),
+            &mut h.as_view_mut(),
+            &mut l.as_view_mut(),
+        )
+    })?;
+    let (med_b, min_b) = time_ms(s, flush, || {
+        let (yv, lv, hv, gv) = (y.as_view(), l.as_view(), h.as_view(), gd.as_view());
+        let grads = cuda::LogprobGrads {
+            labels: &yv,
+            lse: &lv,
+            entropy: &hv,
+            g_logp: &gv,
+            g_entropy: Some(&gv),
+        };
+        cuda::logprob_backward_inplace(
+            gpu,
+            s,
+            &mut Logits::dense(z.as_view_mut(), t, v),
+            &grads,
+            &cfg,
+        )
+    })?;
+    let bytes = (t * v * std::mem::size_of::<E>()) as f64;
+    for (what, med, min, b) in [
+        ("forward", med_f, min_f, bytes),
+        ("backward in place", med_b, min_b, 2.0 * bytes),
+        (
+            "forward + backward",
+            med_f + med_b,
+            min_f + min_b,
+            3.0 * bytes,
+        ),
+    ] {
+        let gbs = b / (med * 1e-3) / 1e9;
+        println!(
+            "{:<44} {:>10.1} {:>10.1} {gbs:>9.0} {:>7.1}%",
+            format!("{name} {what}"),
+            med * 1e3,
+            min * 1e3,
+            100.0 * gbs / copy_gbs
+        );
+    }
+    println!(
+        "{:<44} {} bytes (logp, entropy, lse: 3 x T x 4 B, + a 4 B label check); gradient written over the logits",
+        format!("{name} extra device memory"),
+        3 * t * 4 + 4
+    );
     Ok(())
 }

@@ -39,6 +39,8 @@
 #define RECAP_HD static inline
 #endif
 
+#define RECAP_NEG_INF (-__builtin_huge_valf())
+
 /* Clamp of the k3 estimator's log-ratio and value, fixed by verl. */
 #define RECAP_KL_LOG_RATIO_CLAMP 20.0f
 #define RECAP_KL_VALUE_CLAMP 10.0f
@@ -146,6 +148,69 @@ RECAP_HD float recap_agg_seq_factor(int mode, float inv_seq_tokens) {
 RECAP_HD float recap_agg_weight(int mode, float inv_tokens, float inv_seqs, float inv_seq_tokens,
                                 float inv_const) {
     return recap_agg_base(mode, inv_tokens, inv_seqs, inv_const) * recap_agg_seq_factor(mode, inv_seq_tokens);
+}
+
+/*
+ * Online softmax statistics of one row of x = z / tau, shifted by the running maximum m:
+ *   s = sum_j exp(x_j - m),  a = sum_j exp(x_j - m) (x_j - m)
+ * so that LSE = m + log s and the entropy H = -sum p log p = log s - a / s (no cancellation
+ * against m). Terms with exp(x_j - m) = 0 (x_j = -inf) add nothing. Merging two states is exact:
+ * moving a state to a larger maximum M scales s by e = exp(m - M) and a to e (a + (m - M) s).
+ */
+typedef struct RecapSoftmaxState {
+    float m;
+    float s;
+    float a;
+} RecapSoftmaxState;
+
+RECAP_HD RecapSoftmaxState recap_softmax_init(void) {
+    RecapSoftmaxState st;
+    st.m = RECAP_NEG_INF;
+    st.s = 0.0f;
+    st.a = 0.0f;
+    return st;
+}
+
+RECAP_HD RecapSoftmaxState recap_softmax_rebase(RecapSoftmaxState st, float m_new) {
+    if (st.s == 0.0f || m_new == st.m) { st.m = m_new; return st; }
+    const float d = st.m - m_new; /* <= 0 */
+    const float e = expf(d);
+    st.a = e * (st.a + d * st.s);
+    st.s = e * st.s;
+    st.m = m_new;
+    return st;
+}
+
+/* Adds x (already divided by tau) to a state whose m >= x. */
+RECAP_HD RecapSoftmaxState recap_softmax_add(RecapSoftmaxState st, float x) {
+    const float d = x - st.m;
+    const float e = expf(d);
+    if (e > 0.0f) {
+        st.s += e;
+        st.a += e * d;
+    }
+    return st;
+}
+
+RECAP_HD RecapSoftmaxState recap_softmax_merge(RecapSoftmaxState u, RecapSoftmaxState v) {
+    const float m = fmaxf(u.m, v.m);
+    if (m == RECAP_NEG_INF) return u;
+    u = recap_softmax_rebase(u, m);
+    v = recap_softmax_rebase(v, m);
+    u.s += v.s;
+    u.a += v.a;
+    return u;
+}
+
+/* Gradient of one logit: dz_j = (1/tau) (g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H)), with
+ * log p_j = x_j - lse; a zero probability contributes only through 1[j = y]. */
+RECAP_HD float recap_logit_grad(float x, int is_label, float lse, float entropy, float g_logp, float g_ent,
+                                float inv_tau) {
+    const float lp = x - lse;
+    const float p = expf(lp);
+    float d = g_logp * ((is_label ? 1.0f : 0.0f) - p);
+    if (p > 0.0f) d -= g_ent * p * (lp + entropy);
+    return inv_tau * d;
 }
 
 /* 1/x for a normalizer, 0 where there is nothing to normalize. */

@@ -26,6 +26,40 @@ float recap_host_agg_weight(int mode, float inv_tokens, float inv_seqs, float in
     return recap_agg_weight(mode, inv_tokens, inv_seqs, inv_seq_tokens, inv_const);
 }
 
+/* The device's row statistics for one row x[0..n) (already divided by tau), folded element by
+ * element in order (the device folds per thread and merges; the arithmetic per step is the same). */
+void recap_host_softmax_row(const float* x, long n, float* lse, float* entropy) {
+    RecapSoftmaxState st = recap_softmax_init();
+    for (long i = 0; i < n; ++i) {
+        if (x[i] > st.m) st = recap_softmax_rebase(st, x[i]);
+        if (st.m == RECAP_NEG_INF) continue;
+        st = recap_softmax_add(st, x[i]);
+    }
+    *lse = st.m + logf(st.s);
+    *entropy = logf(st.s) - st.a / st.s;
+}
+
+/* Merges the states of two halves of a row, as the device's warp tree does. */
+void recap_host_softmax_split(const float* x, long n, long split, float* lse, float* entropy) {
+    RecapSoftmaxState h[2];
+    long lo[2] = {0, split}, hi[2] = {split, n};
+    for (int k = 0; k < 2; ++k) {
+        h[k] = recap_softmax_init();
+        for (long i = lo[k]; i < hi[k]; ++i) {
+            if (x[i] > h[k].m) h[k] = recap_softmax_rebase(h[k], x[i]);
+            if (h[k].m == RECAP_NEG_INF) continue;
+            h[k] = recap_softmax_add(h[k], x[i]);
+        }
+    }
+    RecapSoftmaxState st = recap_softmax_merge(h[0], h[1]);
+    *lse = st.m + logf(st.s);
+    *entropy = logf(st.s) - st.a / st.s;
+}
+
+float recap_host_logit_grad(float x, int is_label, float lse, float entropy, float g_logp, float g_ent, float inv_tau) {
+    return recap_logit_grad(x, is_label, lse, entropy, g_logp, g_ent, inv_tau);
+}
+
 #define F(S, f) offsetof(S, f)
 static const size_t grpo_layout[] = {
     sizeof(RecapGrpoParams), F(RecapGrpoParams, logp), F(RecapGrpoParams, old_logp), F(RecapGrpoParams, ref_logp),
@@ -58,10 +92,18 @@ static const size_t finalize_layout[] = {
     sizeof(RecapFinalizeParams), F(RecapFinalizeParams, partials), F(RecapFinalizeParams, out),
     F(RecapFinalizeParams, num_blocks), F(RecapFinalizeParams, num_slots), F(RecapFinalizeParams, min_slot),
     F(RecapFinalizeParams, max_slot)};
+static const size_t logits_layout[] = {
+    sizeof(RecapLogitsParams), F(RecapLogitsParams, logits), F(RecapLogitsParams, labels), F(RecapLogitsParams, logp),
+    F(RecapLogitsParams, entropy), F(RecapLogitsParams, lse), F(RecapLogitsParams, bad_labels),
+    F(RecapLogitsParams, mask), F(RecapLogitsParams, valid), F(RecapLogitsParams, g_logp),
+    F(RecapLogitsParams, g_entropy), F(RecapLogitsParams, dlogits), F(RecapLogitsParams, num_rows),
+    F(RecapLogitsParams, vocab), F(RecapLogitsParams, ld), F(RecapLogitsParams, out_ld),
+    F(RecapLogitsParams, ignore_index), F(RecapLogitsParams, mask_u8), F(RecapLogitsParams, inv_temperature),
+    F(RecapLogitsParams, g_entropy_scale)};
 #undef F
 
 /* Size then field offsets (declaration order) of struct `which`: 0 grpo, 1 seq, 2 reduce, 3 kl,
- * 4 finalize. Returns the number of entries, writes at most `cap` of them. */
+ * 4 finalize, 5 logits. Returns the number of entries, writes at most `cap` of them. */
 size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     const size_t* src;
     size_t n;
@@ -71,6 +113,7 @@ size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     case 2: src = reduce_layout; n = sizeof(reduce_layout) / sizeof(size_t); break;
     case 3: src = kl_layout; n = sizeof(kl_layout) / sizeof(size_t); break;
     case 4: src = finalize_layout; n = sizeof(finalize_layout) / sizeof(size_t); break;
+    case 5: src = logits_layout; n = sizeof(logits_layout) / sizeof(size_t); break;
     default: return 0;
     }
     for (size_t i = 0; i < n && i < cap; ++i) out[i] = src[i];

@@ -158,4 +158,31 @@ typedef struct RecapFinalizeParams {
     int32_t max_slot;    /* slot reduced with max (or -1)                 */
 } RecapFinalizeParams;
 
+/*
+ * Parameters of the log-probability / entropy kernels (kernels 4 and 5, logits.cu). Logits are
+ * [T, V] rows of `ld` elements (ld >= V) in the kernel's dtype; dlogits rows have `out_ld` elements
+ * (equal to logits and ld for the in-place backward).
+ */
+typedef struct RecapLogitsParams {
+    uint64_t logits;     /* const bf16/f16/f32 [T, ld]                                        */
+    uint64_t labels;     /* const int32_t[T]                                                  */
+    uint64_t logp;       /* float[T] out (forward)                                            */
+    uint64_t entropy;    /* float[T] out (forward, or 0); in (backward with g_entropy)        */
+    uint64_t lse;        /* float[T] out (forward); in (backward): logsumexp of logits / tau  */
+    uint64_t bad_labels; /* uint32_t counter of labels outside [0, V) and not ignore_index    */
+    uint64_t mask;       /* const float[T] or uint8_t[T] (mask_u8), or 0 (forward)             */
+    uint64_t valid;      /* float[T] out, or 0: mask weight, 0 where the label is ignored     */
+    uint64_t g_logp;     /* const float[T] upstream gradient of logp (backward), or 0          */
+    uint64_t g_entropy;  /* const float[T] upstream gradient of entropy (backward), or 0       */
+    uint64_t dlogits;    /* bf16/f16/f32 [T, out_ld] out (backward)                            */
+    int64_t num_rows;    /* T                                                                 */
+    int64_t vocab;       /* V                                                                 */
+    int64_t ld;          /* row stride of logits, elements                                    */
+    int64_t out_ld;      /* row stride of dlogits, elements                                   */
+    int32_t ignore_index;
+    int32_t mask_u8;     /* 1: mask is uint8_t                                                 */
+    float inv_temperature;
+    float g_entropy_scale; /* multiplies g_entropy                                            */
+} RecapLogitsParams;
+
 #endif /* RECAP_PARAMS_H */

@@ -10,6 +10,7 @@ use crate::layout::{
     check_len, validate_grpo, validate_reduce, Advantages, GrpoInputs, HostGrpoInputs, HostMask,
     HostReduceInputs, Mask, ReduceInputs,
 };
+use crate::logits::{LogitElem, Logits, LogprobConfig};
 use crate::output::{GrpoOutput, ReduceOutput};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use std::sync::Arc;
@@ -169,6 +170,148 @@ impl Backend {
         let out = cuda::weighted_reduce(gpu, s, &dev, config, &mut g.slice_mut(..n));
         download(s, &g, grad)?;
         out
+    }
+}
+
+impl Backend {
+    /// Kernel 4 on host data: logp, entropy and LSE (`[T]` each) of each row of `logits / tau`.
+    pub fn logprob_forward<E: LogitElem>(
+        &self,
+        logits: &Logits<&[E]>,
+        labels: &[i32],
+        config: &LogprobConfig,
+        logp: &mut [f32],
+        entropy: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        let gpu = match self {
+            Backend::Cpu => {
+                return cpu::logprob_forward(logits, labels, config, logp, entropy, lse)
+            }
+            Backend::Cuda(g) => g,
+        };
+        config.validate()?;
+        logits.validate("logits")?;
+        let t = logits.rows;
+        for (arg, n) in [
+            ("labels", labels.len()),
+            ("logp", logp.len()),
+            ("entropy", entropy.len()),
+            ("lse", lse.len()),
+        ] {
+            check_len(arg, n, t, "[T] (the rows of logits)")?;
+        }
+        let s = gpu.stream();
+        let z = cuda::upload(s, logits.data)?;
+        let y = cuda::upload(s, labels)?;
+        let mut out = s.alloc_zeros::<f32>(3 * t.max(1))?;
+        {
+            let (mut a, mut rest) = out.split_at_mut(t.max(1));
+            let (mut b, mut c) = rest.split_at_mut(t.max(1));
+            cuda::logprob_forward(
+                gpu,
+                s,
+                &Logits {
+                    data: z.slice(..logits.data.len()),
+                    rows: logits.rows,
+                    vocab: logits.vocab,
+                    ld: logits.ld,
+                },
+                &y.slice(..t),
+                config,
+                &mut a.slice_mut(..t),
+                &mut b.slice_mut(..t),
+                &mut c.slice_mut(..t),
+            )?;
+        }
+        let host = s.clone_dtoh(&out)?;
+        let n = t.max(1);
+        logp.copy_from_slice(&host[..t]);
+        entropy.copy_from_slice(&host[n..n + t]);
+        lse.copy_from_slice(&host[2 * n..2 * n + t]);
+        Ok(())
+    }
+
+    /// Kernel 5 on host data (the CUDA path runs kernel 4 first for the row statistics), out of place.
+    pub fn logprob_backward<E: LogitElem>(
+        &self,
+        logits: &Logits<&[E]>,
+        labels: &[i32],
+        config: &LogprobConfig,
+        g_logp: &[f32],
+        g_entropy: Option<&[f32]>,
+        dlogits: &mut Logits<&mut [E]>,
+    ) -> Result<()> {
+        let gpu = match self {
+            Backend::Cpu => {
+                return cpu::logprob_backward(logits, labels, config, g_logp, g_entropy, dlogits)
+            }
+            Backend::Cuda(g) => g,
+        };
+        config.validate()?;
+        logits.validate("logits")?;
+        dlogits.check("dlogits", dlogits.data.len())?;
+        let t = logits.rows;
+        check_len("labels", labels.len(), t, "[T] (the rows of logits)")?;
+        check_len("g_logp", g_logp.len(), t, "[T]")?;
+        if let Some(g) = g_entropy {
+            check_len("g_entropy", g.len(), t, "[T]")?;
+        }
+        let s = gpu.stream();
+        let z = cuda::upload(s, logits.data)?;
+        let y = cuda::upload(s, labels)?;
+        let g = cuda::upload(s, g_logp)?;
+        let ge = g_entropy.map(|x| cuda::upload(s, x)).transpose()?;
+        let mut stats = s.alloc_zeros::<f32>(3 * t.max(1))?;
+        let mut dz = cuda::upload(s, dlogits.data)?;
+        let n = t.max(1);
+        let zv = Logits {
+            data: z.slice(..logits.data.len()),
+            rows: logits.rows,
+            vocab: logits.vocab,
+            ld: logits.ld,
+        };
+        let yv = y.slice(..t);
+        {
+            let (mut a, mut rest) = stats.split_at_mut(n);
+            let (mut b, mut c) = rest.split_at_mut(n);
+            cuda::logprob_forward(
+                gpu,
+                s,
+                &zv,
+                &yv,
+                config,
+                &mut a.slice_mut(..t),
+                &mut b.slice_mut(..t),
+                &mut c.slice_mut(..t),
+            )?;
+        }
+        {
+            let h = stats.slice(n..n + t);
+            let l = stats.slice(2 * n..2 * n + t);
+            let gv = g.slice(..t);
+            let gev = ge.as_ref().map(|x| x.slice(..t));
+            let grads = cuda::LogprobGrads {
+                labels: &yv,
+                lse: &l,
+                entropy: &h,
+                g_logp: &gv,
+                g_entropy: gev.as_ref(),
+            };
+            let len = dlogits.data.len();
+            let mut out = Logits {
+                data: dz.slice_mut(..len),
+                rows: dlogits.rows,
+                vocab: dlogits.vocab,
+                ld: dlogits.ld,
+            };
+            cuda::logprob_backward(gpu, s, &zv, &grads, config, &mut out)?;
+        }
+        if !dlogits.data.is_empty() {
+            s.memcpy_dtoh(&dz.slice(..dlogits.data.len()), dlogits.data)?;
+        }
+        s.synchronize()?;
+        Ok(())
     }
 }
 

@@ -49,6 +49,63 @@ extern "C" {
     ) -> f32;
     fn recap_host_params_layout(which: c_int, out: *mut usize, cap: usize) -> usize;
     fn recap_host_constants(out: *mut c_int);
+    fn recap_host_softmax_row(
+        x: *const f32,
+        n: std::os::raw::c_long,
+        lse: *mut f32,
+        entropy: *mut f32,
+    );
+    fn recap_host_softmax_split(
+        x: *const f32,
+        n: std::os::raw::c_long,
+        split: std::os::raw::c_long,
+        lse: *mut f32,
+        entropy: *mut f32,
+    );
+    fn recap_host_logit_grad(
+        x: f32,
+        is_label: c_int,
+        lse: f32,
+        entropy: f32,
+        g_logp: f32,
+        g_ent: f32,
+        inv_tau: f32,
+    ) -> f32;
+}
+
+/// `(LSE, entropy)` of a row (already divided by tau) by the device's online softmax state, folded
+/// in order, or, with `split`, as two halves merged (`recap_softmax_merge`).
+pub fn softmax_row(x: &[f32], split: Option<usize>) -> (f32, f32) {
+    let (mut lse, mut h) = (0f32, 0f32);
+    let n = x.len() as std::os::raw::c_long;
+    // SAFETY: the C functions read exactly n floats from x and write one float to each output.
+    unsafe {
+        match split {
+            None => recap_host_softmax_row(x.as_ptr(), n, &mut lse, &mut h),
+            Some(s) => recap_host_softmax_split(
+                x.as_ptr(),
+                n,
+                s.min(x.len()) as std::os::raw::c_long,
+                &mut lse,
+                &mut h,
+            ),
+        }
+    }
+    (lse, h)
+}
+
+/// `recap_logit_grad` of grpo_math.cuh.
+pub fn logit_grad(
+    x: f32,
+    is_label: bool,
+    lse: f32,
+    entropy: f32,
+    g_logp: f32,
+    g_ent: f32,
+    inv_tau: f32,
+) -> f32 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_logit_grad(x, is_label as c_int, lse, entropy, g_logp, g_ent, inv_tau) }
 }
 
 /// One token of the policy loss as the device computes it (f32).

@@ -28,6 +28,12 @@ impl<T> Array for cudarc::driver::CudaView<'_, T> {
     }
 }
 
+impl<T> Array for cudarc::driver::CudaViewMut<'_, T> {
+    fn array_len(&self) -> usize {
+        self.len()
+    }
+}
+
 /// Token mask `[T]`: f32 weights, or u8/bool (nonzero = 1).
 #[derive(Clone, Copy, Debug)]
 pub enum Mask<F, U> {

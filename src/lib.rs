@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod device_math;
 pub mod error;
 pub mod layout;
+pub mod logits;
 pub mod output;
 
 pub use backend::Backend;
@@ -29,4 +30,5 @@ pub use error::{Error, Result};
 pub use layout::{
     Advantages, GrpoInputs, HostGrpoInputs, HostMask, HostReduceInputs, Mask, ReduceInputs,
 };
+pub use logits::{LogitElem, Logits, LogprobConfig};
 pub use output::{GrpoMetrics, GrpoOutput, ReduceOutput};

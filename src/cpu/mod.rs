@@ -3,12 +3,14 @@
 
 mod grpo;
 mod kl;
+mod logits;
 mod math;
 mod norms;
 mod reduce;
 
 pub use grpo::grpo_loss;
 pub use kl::kl;
+pub use logits::{logprob_backward, logprob_forward};
 pub use math::{agg_weight, kl_token, policy_token, ratio, KlToken, PolicyToken, Ratio};
 pub use norms::count_normalizers;
 pub use reduce::weighted_reduce;

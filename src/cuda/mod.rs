@@ -7,11 +7,13 @@
 
 mod grpo;
 mod kl;
+mod logits;
 pub mod params;
 mod reduce;
 
 pub use grpo::{grpo_loss, DeviceGrpoInputs};
 pub use kl::kl;
+pub use logits::{logprob_backward, logprob_backward_inplace, logprob_forward, LogprobGrads};
 pub use reduce::{weighted_reduce, DeviceReduceInputs};
 
 use crate::config::{Normalizers, MAX_OBJECTIVES};
@@ -45,6 +47,7 @@ pub(crate) const BLOCK: u32 = 256;
 pub(crate) enum Module {
     GrpoLoss,
     Kl,
+    Logits,
     Reduce,
 }
 
@@ -53,6 +56,7 @@ impl Module {
         match self {
             Module::GrpoLoss => images::GRPO_LOSS,
             Module::Kl => images::KL,
+            Module::Logits => images::LOGITS,
             Module::Reduce => images::REDUCE,
         }
     }

@@ -108,6 +108,31 @@ pub struct FinalizeParams {
     pub max_slot: i32,
 }
 
+/// Mirror of `RecapLogitsParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogitsParams {
+    pub logits: u64,
+    pub labels: u64,
+    pub logp: u64,
+    pub entropy: u64,
+    pub lse: u64,
+    pub bad_labels: u64,
+    pub mask: u64,
+    pub valid: u64,
+    pub g_logp: u64,
+    pub g_entropy: u64,
+    pub dlogits: u64,
+    pub num_rows: i64,
+    pub vocab: i64,
+    pub ld: i64,
+    pub out_ld: i64,
+    pub ignore_index: i32,
+    pub mask_u8: i32,
+    pub inv_temperature: f32,
+    pub g_entropy_scale: f32,
+}
+
 // SAFETY: each struct is #[repr(C)], Copy, holds only plain integers and floats, and has the layout
 // of its C twin (checked by tests/device_math.rs), which the kernels take by value.
 unsafe impl DeviceRepr for GrpoParams {}
@@ -119,13 +144,15 @@ unsafe impl DeviceRepr for ReduceParams {}
 unsafe impl DeviceRepr for KlParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for FinalizeParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for LogitsParams {}
 
 macro_rules! layout {
     ($t:ty; $($f:ident),*) => { vec![size_of::<$t>() $(, offset_of!($t, $f))*] };
 }
 
 /// Size and field offsets, in declaration order, of each mirror, indexed as the C shim's
-/// `recap_host_params_layout` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize).
+/// `recap_host_params_layout` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits).
 pub fn layouts() -> Vec<Vec<usize>> {
     vec![
         layout!(GrpoParams; logp, old_logp, ref_logp, advantages, mask, cu_seqlens, membership, seq_tokens,
@@ -138,5 +165,7 @@ pub fn layouts() -> Vec<Vec<usize>> {
             tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, agg_mode, sum_norm_const, pad0, lambda),
         layout!(KlParams; logp, ref_logp, mask, kl, grad, num_tokens, kl_estimator, pad0),
         layout!(FinalizeParams; partials, out, num_blocks, num_slots, min_slot, max_slot),
+        layout!(LogitsParams; logits, labels, logp, entropy, lse, bad_labels, mask, valid, g_logp, g_entropy,
+            dlogits, num_rows, vocab, ld, out_ld, ignore_index, mask_u8, inv_temperature, g_entropy_scale),
     ]
 }

@@ -1,0 +1,156 @@
+/*
+ * logits.cu — kernels 4 and 5: log-probabilities and entropy straight from logits, and their
+ * gradient back into the logits, with no [T, V] temporaries.
+ *
+ * Math (grpo_math.cuh). Row t of logits z (V entries, row stride ld >= V, dtype bf16/f16/f32), label
+ * y_t, temperature tau, x = z / tau:
+ *   forward:  LSE_t = log sum_j exp(x_j);  logp_t = x_y - LSE_t;  H_t = LSE_t - sum_j p_j x_j
+ *             (computed as log s - a / s from the online state, see RecapSoftmaxState); a label
+ *             equal to ignore_index gives logp = 0 (and valid = 0), one outside [0, V) counts in
+ *             bad_labels and gives logp = 0.
+ *   backward: dz_j = (1/tau) (g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H)),  p_j = exp(x_j - LSE)
+ *             written in the logits' dtype, into a separate buffer or over the logits themselves.
+ * fp32 arithmetic throughout; 64-bit row offsets, so T * V beyond 2^31 elements is fine.
+ *
+ * Threads. One block per row. Each thread walks the row in 16-byte vectors (8 bf16/f16 or 4 f32)
+ * when every row start is 16-byte aligned, else element by element; the forward keeps an online
+ * (max, sum, sum of shifted x) state per thread, merged in a fixed warp-tree and warp order, so the
+ * result is deterministic. The backward reads each element once and writes it once, in place or not:
+ * the same thread reads z_j before writing dz_j, so in-place equals out-of-place bit for bit.
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include "common.cuh"
+
+__device__ __forceinline__ float recap_to_float(float v) { return v; }
+__device__ __forceinline__ float recap_to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float recap_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T recap_from_float(float v);
+template <> __device__ __forceinline__ float recap_from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half recap_from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 recap_from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ RecapSoftmaxState recap_shfl_state(RecapSoftmaxState st, int off) {
+    RecapSoftmaxState o;
+    o.m = __shfl_down_sync(0xffffffffu, st.m, off);
+    o.s = __shfl_down_sync(0xffffffffu, st.s, off);
+    o.a = __shfl_down_sync(0xffffffffu, st.a, off);
+    return o;
+}
+
+/* Folds values v[0..n) (already divided by tau) into the state: one rebase to their maximum. */
+template <int N>
+__device__ __forceinline__ RecapSoftmaxState recap_softmax_add_vec(RecapSoftmaxState st, const float* v) {
+    float mx = v[0];
+#pragma unroll
+    for (int i = 1; i < N; ++i) mx = fmaxf(mx, v[i]);
+    if (mx > st.m) st = recap_softmax_rebase(st, mx);
+    if (st.m == RECAP_NEG_INF) return st; /* every value so far is -inf */
+#pragma unroll
+    for (int i = 0; i < N; ++i) st = recap_softmax_add(st, v[i]);
+    return st;
+}
+
+template <typename T, bool VEC>
+__device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
+    __shared__ RecapSoftmaxState s_warp[RECAP_WARPS];
+    const int64_t row = blockIdx.x;
+    const T* __restrict__ z = (const T*)p.logits + row * p.ld;
+    const float inv_tau = p.inv_temperature;
+    const int64_t V = p.vocab;
+    RecapSoftmaxState st = recap_softmax_init();
+    int64_t j0 = 0;
+    if (VEC) {
+        constexpr int W = 16 / sizeof(T);
+        const int64_t nvec = V / W;
+        const uint4* __restrict__ zv = (const uint4*)z;
+        for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+            uint4 raw = zv[i];
+            const T* e = (const T*)&raw;
+            float v[W];
+#pragma unroll
+            for (int k = 0; k < W; ++k) v[k] = recap_to_float(e[k]) * inv_tau;
+            st = recap_softmax_add_vec<W>(st, v);
+        }
+        j0 = nvec * W;
+    }
+    for (int64_t j = j0 + threadIdx.x; j < V; j += blockDim.x) {
+        float v = recap_to_float(z[j]) * inv_tau;
+        st = recap_softmax_add_vec<1>(st, &v);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) st = recap_softmax_merge(st, recap_shfl_state(st, off));
+    if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x >> 5] = st;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        RecapSoftmaxState acc = s_warp[0];
+        for (int w = 1; w < RECAP_WARPS; ++w) acc = recap_softmax_merge(acc, s_warp[w]);
+        const float log_s = logf(acc.s);
+        const float lse = acc.m + log_s;
+        const int y = ((const int32_t*)p.labels)[row];
+        const bool ignored = y == p.ignore_index;
+        const bool bad = !ignored && (y < 0 || (int64_t)y >= V);
+        if (bad) atomicAdd((unsigned*)p.bad_labels, 1u); /* an integer count: order does not matter */
+        const bool use = !ignored && !bad;
+        ((float*)p.logp)[row] = use ? recap_to_float(z[y]) * inv_tau - lse : 0.0f;
+        ((float*)p.lse)[row] = lse;
+        if (p.entropy) ((float*)p.entropy)[row] = log_s - acc.a / acc.s;
+        if (p.valid) {
+            float m = 1.0f;
+            if (p.mask) m = p.mask_u8 ? (((const uint8_t*)p.mask)[row] ? 1.0f : 0.0f) : ((const float*)p.mask)[row];
+            ((float*)p.valid)[row] = use ? m : 0.0f;
+        }
+    }
+}
+
+template <typename T, bool VEC>
+__device__ __forceinline__ void logprob_backward(const RecapLogitsParams& p) {
+    const int64_t row = blockIdx.x;
+    const T* z = (const T*)p.logits + row * p.ld;  /* may alias dz (in place): no __restrict__ */
+    T* dz = (T*)p.dlogits + row * p.out_ld;
+    const float inv_tau = p.inv_temperature;
+    const int64_t V = p.vocab;
+    const int y = ((const int32_t*)p.labels)[row];
+    const bool use = y != p.ignore_index && y >= 0 && (int64_t)y < V;
+    const float g = (use && p.g_logp) ? ((const float*)p.g_logp)[row] : 0.0f;
+    const float ge = p.g_entropy ? p.g_entropy_scale * ((const float*)p.g_entropy)[row] : 0.0f;
+    const float lse = ((const float*)p.lse)[row];
+    const float h = (ge != 0.0f) ? ((const float*)p.entropy)[row] : 0.0f;
+    int64_t j0 = 0;
+    if (VEC) {
+        constexpr int W = 16 / sizeof(T);
+        const int64_t nvec = V / W;
+        for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+            uint4 raw = ((const uint4*)z)[i];
+            const T* e = (const T*)&raw;
+            uint4 out;
+            T* o = (T*)&out;
+#pragma unroll
+            for (int k = 0; k < W; ++k) {
+                const int64_t j = i * W + k;
+                o[k] = recap_from_float<T>(recap_logit_grad(recap_to_float(e[k]) * inv_tau, j == y, lse, h, g, ge, inv_tau));
+            }
+            ((uint4*)dz)[i] = out;
+        }
+        j0 = nvec * W;
+    }
+    for (int64_t j = j0 + threadIdx.x; j < V; j += blockDim.x)
+        dz[j] = recap_from_float<T>(recap_logit_grad(recap_to_float(z[j]) * inv_tau, j == y, lse, h, g, ge, inv_tau));
+}
+
+#define RECAP_LOGITS_INST(T, SUF)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_logprob_fwd_##SUF(const RecapLogitsParams p) {  \
+        logprob_forward<T, false>(p);                                                                               \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_logprob_fwd_vec_##SUF(const RecapLogitsParams p) { \
+        logprob_forward<T, true>(p);                                                                                \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_logprob_bwd_##SUF(const RecapLogitsParams p) {  \
+        logprob_backward<T, false>(p);                                                                              \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_logprob_bwd_vec_##SUF(const RecapLogitsParams p) { \
+        logprob_backward<T, true>(p);                                                                               \
+    }
+RECAP_LOGITS_INST(float, f32)
+RECAP_LOGITS_INST(__half, f16)
+RECAP_LOGITS_INST(__nv_bfloat16, bf16)

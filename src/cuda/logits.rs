@@ -1,0 +1,259 @@
+//! Kernels 4 and 5 on the GPU: log-probabilities and entropy from logits, and the gradient back into
+//! the logits, out of place or in place (`kernels/logits.cu`).
+
+use super::{addr, addr_mut, params::LogitsParams, Gpu, Module};
+use crate::error::{Error, Result};
+use crate::layout::check_len;
+use crate::logits::{LogitElem, Logits, LogprobConfig};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use std::sync::Arc;
+
+fn vec_ok<E>(addr: u64, ld: usize) -> bool {
+    addr % 16 == 0 && (ld * std::mem::size_of::<E>()) % 16 == 0
+}
+
+fn check_rows(arg: &'static str, got: usize, t: usize) -> Result<()> {
+    check_len(arg, got, t, "[T] (the rows of logits)")
+}
+
+/// Kernel 4 on `stream`: per row, `logp = z_y/tau - LSE(z/tau)` (0 for ignored labels), the entropy
+/// of `softmax(z/tau)` and the LSE (which the backward needs), each `[T]` f32. A label outside
+/// `[0, V)` that is not `ignore_index` is an error (detected on the device; this synchronizes).
+#[allow(clippy::too_many_arguments)]
+pub fn logprob_forward<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logits: &Logits<CudaView<'_, E>>,
+    labels: &CudaView<'_, i32>,
+    config: &LogprobConfig,
+    logp: &mut CudaViewMut<'_, f32>,
+    entropy: &mut CudaViewMut<'_, f32>,
+    lse: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    config.validate()?;
+    logits.validate("logits")?;
+    let t = logits.rows;
+    check_rows("labels", labels.len(), t)?;
+    check_rows("logp", logp.len(), t)?;
+    check_rows("entropy", entropy.len(), t)?;
+    check_rows("lse", lse.len(), t)?;
+    gpu.check_stream(stream)?;
+    let (lp_a, _g0) = addr_mut(logp, stream);
+    let (h_a, _g1) = addr_mut(entropy, stream);
+    let (lse_a, _g2) = addr_mut(lse, stream);
+    forward_raw(
+        gpu, stream, logits, labels, config, lp_a, h_a, lse_a, None, 0,
+    )
+}
+
+/// The forward with optional mask in and `valid` out (mask weight, 0 at ignored labels), for
+/// [`crate::cuda::grpo_loss_from_logits`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_raw<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logits: &Logits<CudaView<'_, E>>,
+    labels: &CudaView<'_, i32>,
+    config: &LogprobConfig,
+    logp: u64,
+    entropy: u64,
+    lse: u64,
+    mask: Option<(u64, bool)>,
+    valid: u64,
+) -> Result<()> {
+    if logits.rows == 0 {
+        return Ok(());
+    }
+    let bad = stream.alloc_zeros::<u32>(1)?;
+    {
+        let (z_a, _g0) = addr(&logits.data, stream);
+        let (y_a, _g1) = addr(labels, stream);
+        let (bad_a, _g2) = super::addr_slice(&bad, stream);
+        let p = LogitsParams {
+            logits: z_a,
+            labels: y_a,
+            logp,
+            entropy,
+            lse,
+            bad_labels: bad_a,
+            mask: mask.map_or(0, |m| m.0),
+            mask_u8: mask.is_some_and(|m| m.1) as i32,
+            valid,
+            num_rows: logits.rows as i64,
+            vocab: logits.vocab as i64,
+            ld: logits.ld as i64,
+            out_ld: logits.ld as i64,
+            ignore_index: config.ignore_index,
+            inv_temperature: 1.0 / config.temperature,
+            ..Default::default()
+        };
+        let v = if vec_ok::<E>(z_a, logits.ld) {
+            "vec_"
+        } else {
+            ""
+        };
+        gpu.launch(
+            stream,
+            Module::Logits,
+            &format!("recap_logprob_fwd_{v}{}", E::SUFFIX),
+            logits.rows,
+            &p,
+        )?;
+    }
+    let n = stream.clone_dtoh(&bad)?[0];
+    if n > 0 {
+        return Err(Error::arg(
+            "labels",
+            format!(
+                "{n} label(s) outside [0, V = {}) and not ignore_index = {}",
+                logits.vocab, config.ignore_index
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Inputs of the backward besides the logits.
+#[derive(Clone, Copy, Debug)]
+pub struct LogprobGrads<'a, 'b> {
+    /// `[T]` labels.
+    pub labels: &'a CudaView<'b, i32>,
+    /// `[T]` LSE from the forward.
+    pub lse: &'a CudaView<'b, f32>,
+    /// `[T]` entropy from the forward (read only with `g_entropy`).
+    pub entropy: &'a CudaView<'b, f32>,
+    /// `[T]` upstream gradient of logp.
+    pub g_logp: &'a CudaView<'b, f32>,
+    /// `[T]` upstream gradient of the entropy, if any.
+    pub g_entropy: Option<&'a CudaView<'b, f32>>,
+}
+
+impl LogprobGrads<'_, '_> {
+    fn check(&self, t: usize) -> Result<()> {
+        check_rows("labels", self.labels.len(), t)?;
+        check_rows("lse", self.lse.len(), t)?;
+        check_rows("g_logp", self.g_logp.len(), t)?;
+        if let Some(g) = self.g_entropy {
+            check_rows("g_entropy", g.len(), t)?;
+            check_rows("entropy", self.entropy.len(), t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Kernel 5 on `stream`, out of place: `dz_j = (1/tau)(g_logp (1[j = y] - p_j) - g_ent p_j (log p_j
+/// + H))` into `dlogits` (same `[T, V]`, its own row stride), in the logits' dtype.
+pub fn logprob_backward<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logits: &Logits<CudaView<'_, E>>,
+    grads: &LogprobGrads<'_, '_>,
+    config: &LogprobConfig,
+    dlogits: &mut Logits<CudaViewMut<'_, E>>,
+) -> Result<()> {
+    config.validate()?;
+    logits.validate("logits")?;
+    dlogits.check("dlogits", dlogits.data.len())?;
+    if dlogits.rows != logits.rows || dlogits.vocab != logits.vocab {
+        return Err(Error::arg(
+            "dlogits",
+            format!(
+                "expected [T = {}, V = {}], got [{}, {}]",
+                logits.rows, logits.vocab, dlogits.rows, dlogits.vocab
+            ),
+        ));
+    }
+    grads.check(logits.rows)?;
+    gpu.check_stream(stream)?;
+    let (z_a, _g0) = addr(&logits.data, stream);
+    let (o_a, _g1) = addr_mut(&mut dlogits.data, stream);
+    backward_raw::<E>(
+        gpu,
+        stream,
+        z_a,
+        logits.ld,
+        o_a,
+        dlogits.ld,
+        logits.rows,
+        logits.vocab,
+        grads,
+        config,
+        1.0,
+    )
+}
+
+/// Kernel 5 on `stream`, in place: the gradient overwrites the logits, so training needs no extra
+/// `[T, V]` memory. Bit for bit the same values as [`logprob_backward`].
+pub fn logprob_backward_inplace<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logits: &mut Logits<CudaViewMut<'_, E>>,
+    grads: &LogprobGrads<'_, '_>,
+    config: &LogprobConfig,
+) -> Result<()> {
+    config.validate()?;
+    logits.check("logits", logits.data.len())?;
+    grads.check(logits.rows)?;
+    gpu.check_stream(stream)?;
+    let (rows, vocab, ld) = (logits.rows, logits.vocab, logits.ld);
+    let (z_a, _g0) = addr_mut(&mut logits.data, stream);
+    backward_raw::<E>(
+        gpu, stream, z_a, ld, z_a, ld, rows, vocab, grads, config, 1.0,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_raw<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    z_a: u64,
+    ld: usize,
+    out_a: u64,
+    out_ld: usize,
+    rows: usize,
+    vocab: usize,
+    grads: &LogprobGrads<'_, '_>,
+    config: &LogprobConfig,
+    g_entropy_scale: f32,
+) -> Result<()> {
+    let (y_a, _g0) = addr(grads.labels, stream);
+    let (lse_a, _g1) = addr(grads.lse, stream);
+    let (h_a, _g2) = addr(grads.entropy, stream);
+    let (g_a, _g3) = addr(grads.g_logp, stream);
+    let (ge_a, _g4) = match grads.g_entropy {
+        Some(g) => {
+            let (a, guard) = addr(g, stream);
+            (a, Some(guard))
+        }
+        None => (0, None),
+    };
+    let p = LogitsParams {
+        logits: z_a,
+        labels: y_a,
+        lse: lse_a,
+        entropy: h_a,
+        g_logp: g_a,
+        g_entropy: ge_a,
+        dlogits: out_a,
+        num_rows: rows as i64,
+        vocab: vocab as i64,
+        ld: ld as i64,
+        out_ld: out_ld as i64,
+        ignore_index: config.ignore_index,
+        inv_temperature: 1.0 / config.temperature,
+        g_entropy_scale,
+        ..Default::default()
+    };
+    let v = if vec_ok::<E>(z_a, ld) && vec_ok::<E>(out_a, out_ld) {
+        "vec_"
+    } else {
+        ""
+    };
+    gpu.launch(
+        stream,
+        Module::Logits,
+        &format!("recap_logprob_bwd_{v}{}", E::SUFFIX),
+        rows,
+        &p,
+    )
+}

@@ -1,0 +1,162 @@
+//! Types of the logits ops (kernels 4 and 5): element dtypes, a strided `[T, V]` logits view and the
+//! configuration.
+
+use crate::error::{Error, Result};
+use crate::layout::Array;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+
+/// A logits element type: f32, f16 or bf16 (`half`). Arithmetic is f32 whatever the storage.
+pub trait LogitElem:
+    Copy + Default + DeviceRepr + ValidAsZeroBits + Send + Sync + std::fmt::Debug + 'static
+{
+    /// The dtype suffix of the kernel names (`recap_logprob_fwd_bf16`, ...).
+    const SUFFIX: &'static str;
+    /// To f32 (exact).
+    fn to_f32(self) -> f32;
+    /// From f32, rounding to nearest even.
+    fn from_f32(v: f32) -> Self;
+}
+
+impl LogitElem for f32 {
+    const SUFFIX: &'static str = "f32";
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl LogitElem for half::f16 {
+    const SUFFIX: &'static str = "f16";
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}
+
+impl LogitElem for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+/// A `[rows, vocab]` logits matrix whose rows start `ld` elements apart (`ld >= vocab`), so views of
+/// a padded buffer work. `L` is a host slice or a CUDA view.
+#[derive(Clone, Copy, Debug)]
+pub struct Logits<L> {
+    /// The elements; row t is `data[t * ld .. t * ld + vocab]`.
+    pub data: L,
+    /// T.
+    pub rows: usize,
+    /// V.
+    pub vocab: usize,
+    /// Row stride in elements.
+    pub ld: usize,
+}
+
+impl<L> Logits<L> {
+    /// A dense `[rows, vocab]` matrix (`ld = vocab`).
+    pub fn dense(data: L, rows: usize, vocab: usize) -> Self {
+        Logits {
+            data,
+            rows,
+            vocab,
+            ld: vocab,
+        }
+    }
+
+    /// Elements the layout needs: `(rows - 1) * ld + vocab`, or 0 without rows.
+    pub fn span(&self) -> usize {
+        if self.rows == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.ld + self.vocab
+        }
+    }
+
+    pub(crate) fn check(&self, arg: &'static str, len: usize) -> Result<()> {
+        if self.vocab == 0 {
+            return Err(Error::arg(arg, "expected a vocabulary V >= 1, got V = 0"));
+        }
+        if self.ld < self.vocab {
+            return Err(Error::arg(
+                arg,
+                format!(
+                    "row stride ld = {} is smaller than V = {}",
+                    self.ld, self.vocab
+                ),
+            ));
+        }
+        if self.vocab > i32::MAX as usize {
+            return Err(Error::arg(
+                arg,
+                format!("V = {} exceeds the i32 label range", self.vocab),
+            ));
+        }
+        let need = self
+            .rows
+            .checked_sub(1)
+            .map_or(Some(0), |r| {
+                r.checked_mul(self.ld)
+                    .and_then(|x| x.checked_add(self.vocab))
+            })
+            .ok_or_else(|| Error::arg(arg, "rows * ld overflows"))?;
+        if len < need {
+            return Err(Error::arg(
+                arg,
+                format!(
+                    "[T = {}, V = {}] with row stride {} needs {need} elements, the buffer has {len}",
+                    self.rows, self.vocab, self.ld
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<L: Array> Logits<L> {
+    pub(crate) fn validate(&self, arg: &'static str) -> Result<()> {
+        self.check(arg, self.data.array_len())
+    }
+}
+
+/// Configuration of the logits ops.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LogprobConfig {
+    /// Temperature tau > 0: log-probabilities of `logits / tau` (verl's `temperature`).
+    pub temperature: f32,
+    /// Label that marks a token to ignore: its logp is 0 and it gets no gradient (default -100).
+    pub ignore_index: i32,
+}
+
+impl Default for LogprobConfig {
+    fn default() -> Self {
+        LogprobConfig {
+            temperature: 1.0,
+            ignore_index: -100,
+        }
+    }
+}
+
+impl LogprobConfig {
+    /// Checks the temperature.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(Error::arg(
+                "config.temperature",
+                format!(
+                    "expected a finite temperature > 0, got {}",
+                    self.temperature
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
