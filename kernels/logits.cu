@@ -30,6 +30,11 @@ template <> __device__ __forceinline__ float recap_from_float<float>(float v) { 
 template <> __device__ __forceinline__ __half recap_from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 recap_from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+/* x = z / tau as a rounded product (__fmul_rn: never contracted into a later FMA), so the forward's
+ * LSE and the backward's x - LSE see the same x. */
+template <typename T>
+__device__ __forceinline__ float recap_scaled(T z, float inv_tau) { return __fmul_rn(recap_to_float(z), inv_tau); }
+
 __device__ __forceinline__ RecapSoftmaxState recap_shfl_state(RecapSoftmaxState st, int off) {
     RecapSoftmaxState o;
     o.m = __shfl_down_sync(0xffffffffu, st.m, off);
@@ -69,13 +74,13 @@ __device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
             const T* e = (const T*)&raw;
             float v[W];
 #pragma unroll
-            for (int k = 0; k < W; ++k) v[k] = recap_to_float(e[k]) * inv_tau;
+            for (int k = 0; k < W; ++k) v[k] = recap_scaled(e[k], inv_tau);
             st = recap_softmax_add_vec<W>(st, v);
         }
         j0 = nvec * W;
     }
     for (int64_t j = j0 + threadIdx.x; j < V; j += blockDim.x) {
-        float v = recap_to_float(z[j]) * inv_tau;
+        float v = recap_scaled(z[j], inv_tau);
         st = recap_softmax_add_vec<1>(st, &v);
     }
 #pragma unroll
@@ -92,7 +97,7 @@ __device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
         const bool bad = !ignored && (y < 0 || (int64_t)y >= V);
         if (bad) atomicAdd((unsigned*)p.bad_labels, 1u); /* an integer count: order does not matter */
         const bool use = !ignored && !bad;
-        ((float*)p.logp)[row] = use ? recap_to_float(z[y]) * inv_tau - lse : 0.0f;
+        ((float*)p.logp)[row] = use ? recap_scaled(z[y], inv_tau) - lse : 0.0f;
         ((float*)p.lse)[row] = lse;
         if (p.entropy) ((float*)p.entropy)[row] = log_s - acc.a / acc.s;
         if (p.valid) {
@@ -128,14 +133,14 @@ __device__ __forceinline__ void logprob_backward(const RecapLogitsParams& p) {
 #pragma unroll
             for (int k = 0; k < W; ++k) {
                 const int64_t j = i * W + k;
-                o[k] = recap_from_float<T>(recap_logit_grad(recap_to_float(e[k]) * inv_tau, j == y, lse, h, g, ge, inv_tau));
+                o[k] = recap_from_float<T>(recap_logit_grad(recap_scaled(e[k], inv_tau), j == y, lse, h, g, ge, inv_tau));
             }
             ((uint4*)dz)[i] = out;
         }
         j0 = nvec * W;
     }
     for (int64_t j = j0 + threadIdx.x; j < V; j += blockDim.x)
-        dz[j] = recap_from_float<T>(recap_logit_grad(recap_to_float(z[j]) * inv_tau, j == y, lse, h, g, ge, inv_tau));
+        dz[j] = recap_from_float<T>(recap_logit_grad(recap_scaled(z[j], inv_tau), j == y, lse, h, g, ge, inv_tau));
 }
 
 #define RECAP_LOGITS_INST(T, SUF)                                                                                   \

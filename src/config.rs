@@ -175,6 +175,9 @@ pub struct GrpoConfig {
     pub kl_coef: f32,
     /// KL estimator (verl `kl_loss_type`, default `low_var_kl`).
     pub kl_estimator: KlEstimator,
+    /// Entropy bonus coefficient of the loss from logits (verl `entropy_coeff`): the loss becomes
+    /// `L - entropy_coef * agg(entropy)`. 0 by default; the other ops ignore it.
+    pub entropy_coef: f32,
     /// Return results even when unmasked tokens hold NaN/Inf inputs (they are counted either way).
     pub allow_nonfinite: bool,
 }
@@ -190,6 +193,7 @@ impl Default for GrpoConfig {
             norm_constant: None,
             kl_coef: 0.0,
             kl_estimator: KlEstimator::K3,
+            entropy_coef: 0.0,
             allow_nonfinite: false,
         }
     }
@@ -237,6 +241,12 @@ impl GrpoConfig {
             return Err(Error::arg(
                 "config.kl_coef",
                 format!("expected a finite value >= 0, got {}", self.kl_coef),
+            ));
+        }
+        if !self.entropy_coef.is_finite() {
+            return Err(Error::arg(
+                "config.entropy_coef",
+                format!("expected a finite value, got {}", self.entropy_coef),
             ));
         }
         validate_norm_constant(self.agg_mode, self.norm_constant)

@@ -30,5 +30,7 @@ pub use error::{Error, Result};
 pub use layout::{
     Advantages, GrpoInputs, HostGrpoInputs, HostMask, HostReduceInputs, Mask, ReduceInputs,
 };
-pub use logits::{LogitElem, Logits, LogprobConfig};
+pub use logits::{
+    HostLogitsLossInputs, LogitElem, Logits, LogitsLossInputs, LogitsLossOutput, LogprobConfig,
+};
 pub use output::{GrpoMetrics, GrpoOutput, ReduceOutput};

@@ -127,6 +127,60 @@ impl<L: Array> Logits<L> {
     }
 }
 
+/// Inputs of the loss from logits besides the logits themselves: the fused GRPO loss's inputs with
+/// `labels` in place of `logp` (computed from the logits). `I` is the i32 array type.
+#[derive(Clone, Copy, Debug)]
+pub struct LogitsLossInputs<'a, F, U, I> {
+    /// `[T]` sampled token ids (`ignore_index` excludes a token).
+    pub labels: I,
+    /// `[T]` log-probabilities of the sampling policy.
+    pub old_logp: F,
+    /// `[T]` reference log-probabilities (KL term), if any.
+    pub ref_logp: Option<F>,
+    /// `[B, K]` or `[T, K]` advantages.
+    pub advantages: crate::layout::Advantages<F>,
+    /// `[T]` token mask (tokens with ignored labels are excluded on top of it).
+    pub mask: crate::layout::Mask<F, U>,
+    /// `[B + 1]` sequence boundaries.
+    pub cu_seqlens: &'a [i32],
+    /// `[K]` objective weights.
+    pub lambda: &'a [f32],
+    /// `[K]` objective kinds.
+    pub objectives: &'a [crate::config::ObjectiveKind],
+    /// `[B]` membership bits, or `None` for all.
+    pub membership: Option<&'a [u32]>,
+    /// Global normalizers, or `None` for this batch's own.
+    pub normalizers: Option<&'a crate::config::Normalizers>,
+}
+
+/// Host inputs of the loss from logits.
+pub type HostLogitsLossInputs<'a> = LogitsLossInputs<'a, &'a [f32], &'a [u8], &'a [i32]>;
+
+/// Result of the loss from logits (the gradient goes into the logits' gradient buffer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogitsLossOutput {
+    /// `grpo.loss - entropy_coef * entropy_loss`.
+    pub loss: f64,
+    /// The fused GRPO loss on the computed log-probabilities (loss, per-objective terms, metrics).
+    pub grpo: crate::output::GrpoOutput,
+    /// `agg(entropy)` over the valid tokens in the configured aggregation mode.
+    pub entropy_loss: f64,
+    /// Masked mean entropy over the valid tokens (verl's `actor/entropy`).
+    pub entropy_mean: f64,
+}
+
+/// Normalizers of the entropy term (one objective over every sequence): the KL slot of the loss's.
+pub(crate) fn entropy_normalizers(n: &crate::config::Normalizers) -> crate::config::Normalizers {
+    let (t, s) = (
+        *n.tokens.last().unwrap_or(&0.0),
+        *n.seqs.last().unwrap_or(&0.0),
+    );
+    crate::config::Normalizers {
+        tokens: vec![t, t],
+        seqs: vec![s, s],
+    }
+}
+
 /// Configuration of the logits ops.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LogprobConfig {

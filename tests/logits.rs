@@ -527,3 +527,213 @@ fn huge_logits_rows_match_reference() {
         );
     }
 }
+
+/// The loss straight from logits, end to end in f64: its gradient with respect to the logits (through
+/// the log-probabilities, the clipped surrogate, the KL term and the entropy bonus, at a temperature)
+/// against central differences of its loss.
+#[test]
+fn loss_from_logits_gradient_matches_finite_differences() {
+    use recap_kernels::{
+        Advantages, AggMode, GrpoConfig, HostLogitsLossInputs, Mask, ObjectiveKind,
+    };
+    let mut rng = Rng::new(17);
+    let (t, v) = (7usize, 6usize);
+    let z: Vec<f32> = (0..t * v).map(|_| (rng.normal() * 1.2) as f32).collect();
+    let labels = [0, 3, 5, -100, 2, 1, 4];
+    let old: Vec<f32> = (0..t).map(|_| -1.0 - rng.uniform() as f32).collect();
+    let refp: Vec<f32> = (0..t).map(|_| -1.5 - rng.uniform() as f32).collect();
+    let adv = [0.8f32, -0.6];
+    let mask = [1u8, 1, 1, 1, 0, 1, 1];
+    for mode in [AggMode::TokenMean, AggMode::SeqMeanTokenMean] {
+        let cfg = GrpoConfig {
+            agg_mode: mode,
+            kl_coef: 0.2,
+            kl_estimator: recap_kernels::KlEstimator::K2,
+            entropy_coef: 0.05,
+            dual_clip: None,
+            clip_low: 0.9,
+            clip_high: 5.0,
+            ..GrpoConfig::default()
+        };
+        let lcfg = LogprobConfig {
+            temperature: 0.8,
+            ..LogprobConfig::default()
+        };
+        let inputs = HostLogitsLossInputs {
+            labels: &labels,
+            old_logp: &old,
+            ref_logp: Some(&refp),
+            advantages: Advantages::PerSequence(&adv),
+            mask: Mask::U8(&mask),
+            cu_seqlens: &[0, 3, 7],
+            lambda: &[1.0],
+            objectives: &[ObjectiveKind::Policy],
+            membership: None,
+            normalizers: None,
+        };
+        let run = |zz: &[f32]| {
+            let mut dz = vec![0f32; t * v];
+            let out = cpu::grpo_loss_from_logits(
+                &Logits::dense(zz, t, v),
+                &inputs,
+                &cfg,
+                &lcfg,
+                &mut Logits::dense(&mut dz[..], t, v),
+            )
+            .unwrap();
+            (out, dz)
+        };
+        let (out, dz) = run(&z);
+        assert!(
+            out.entropy_mean > 0.0 && out.grpo.metrics.num_tokens == 5.0,
+            "ignored label and masked token excluded"
+        );
+        for i in 0..t * v {
+            let h = 1e-2f32;
+            let (mut zp, mut zm) = (z.clone(), z.clone());
+            zp[i] += h;
+            zm[i] -= h;
+            let fd = (run(&zp).0.loss - run(&zm).0.loss) / (zp[i] as f64 - zm[i] as f64);
+            assert!(
+                close(dz[i] as f64, fd, 2e-4, 3e-3),
+                "{mode} element {i}: analytic {} vs fd {fd}",
+                dz[i]
+            );
+        }
+    }
+}
+
+/// The loss from logits on the GPU (gradient written over the logits) against the CPU reference.
+#[test]
+fn loss_from_logits_matches_reference_on_gpu() {
+    use recap_kernels::{
+        Advantages, AggMode, GrpoConfig, HostLogitsLossInputs, LogitsLossInputs, Mask,
+        ObjectiveKind,
+    };
+    let Some(Backend::Cuda(g)) = gpu("loss_from_logits_matches_reference_on_gpu") else {
+        return;
+    };
+    let s = g.stream().clone();
+    let mut rng = Rng::new(31);
+    for (t_lens, v, mode) in [
+        (vec![5usize, 0, 40, 33, 1], 1000usize, AggMode::TokenMean),
+        (vec![300, 17, 4097], 50_257, AggMode::SeqMeanTokenMean),
+    ] {
+        let t: usize = t_lens.iter().sum();
+        let cu: Vec<i32> = std::iter::once(0)
+            .chain(t_lens.iter().scan(0, |a, l| {
+                *a += *l as i32;
+                Some(*a)
+            }))
+            .collect();
+        let b = t_lens.len();
+        let z: Vec<bf16> = random_logits(&mut rng, t, v, v);
+        let labels: Vec<i32> = (0..t)
+            .map(|r| {
+                if r % 13 == 4 {
+                    -100
+                } else {
+                    rng.below(v) as i32
+                }
+            })
+            .collect();
+        let old: Vec<f32> = (0..t).map(|_| -8.0 - 4.0 * rng.uniform() as f32).collect();
+        let refp: Vec<f32> = old.iter().map(|o| o + 0.1 * rng.normal() as f32).collect();
+        let adv: Vec<f32> = (0..b * 2).map(|_| rng.normal() as f32).collect();
+        let mask: Vec<f32> = (0..t).map(|_| (rng.below(8) != 0) as u8 as f32).collect();
+        let cfg = GrpoConfig {
+            agg_mode: mode,
+            kl_coef: 0.1,
+            entropy_coef: 0.01,
+            ..GrpoConfig::default()
+        };
+        let lcfg = LogprobConfig {
+            temperature: 0.9,
+            ..LogprobConfig::default()
+        };
+        let objectives = [ObjectiveKind::Policy, ObjectiveKind::Nll];
+        let host_inputs = HostLogitsLossInputs {
+            labels: &labels,
+            old_logp: &old,
+            ref_logp: Some(&refp),
+            advantages: Advantages::PerSequence(&adv),
+            mask: Mask::F32(&mask),
+            cu_seqlens: &cu,
+            lambda: &[1.0, 0.5],
+            objectives: &objectives,
+            membership: None,
+            normalizers: None,
+        };
+        let mut dz_cpu = vec![bf16::ZERO; t * v];
+        let want = cpu::grpo_loss_from_logits(
+            &Logits::dense(&z[..], t, v),
+            &host_inputs,
+            &cfg,
+            &lcfg,
+            &mut Logits::dense(&mut dz_cpu[..], t, v),
+        )
+        .unwrap();
+        let mut zd = s.clone_htod(&z).unwrap();
+        let (yd, od, rd, ad, md) = (
+            s.clone_htod(&labels).unwrap(),
+            s.clone_htod(&old).unwrap(),
+            s.clone_htod(&refp).unwrap(),
+            s.clone_htod(&adv).unwrap(),
+            s.clone_htod(&mask).unwrap(),
+        );
+        let dev_inputs = LogitsLossInputs {
+            labels: yd.as_view(),
+            old_logp: od.as_view(),
+            ref_logp: Some(rd.as_view()),
+            advantages: Advantages::PerSequence(ad.as_view()),
+            mask: Mask::F32(md.as_view()),
+            cu_seqlens: &cu,
+            lambda: &[1.0, 0.5],
+            objectives: &objectives,
+            membership: None,
+            normalizers: None,
+        };
+        let got = cuda::grpo_loss_from_logits(
+            &g,
+            &s,
+            &mut Logits::dense(zd.as_view_mut(), t, v),
+            &dev_inputs,
+            &cfg,
+            &lcfg,
+        )
+        .unwrap();
+        let what = format!("T={t} V={v} {mode}");
+        assert_close(&format!("{what} loss"), got.loss, want.loss, 2e-5, 1e-4);
+        assert_close(
+            &format!("{what} entropy_loss"),
+            got.entropy_loss,
+            want.entropy_loss,
+            2e-5,
+            1e-4,
+        );
+        assert_close(
+            &format!("{what} entropy_mean"),
+            got.entropy_mean,
+            want.entropy_mean,
+            2e-5,
+            1e-4,
+        );
+        assert_close(
+            &format!("{what} kl_loss"),
+            got.grpo.kl_loss,
+            want.grpo.kl_loss,
+            2e-5,
+            1e-4,
+        );
+        assert_eq!(got.grpo.metrics.num_tokens, want.grpo.metrics.num_tokens);
+        let dz_gpu = s.clone_dtoh(&zd).unwrap();
+        let (abs, rel) = tolerance::<bf16>();
+        for i in 0..t * v {
+            let (a, b) = (dz_gpu[i].to_f32() as f64, dz_cpu[i].to_f32() as f64);
+            assert!(
+                close(a, b, abs.max(1e-9), rel),
+                "{what} dz[{i}]: {a:e} vs {b:e}"
+            );
+        }
+    }
+}

@@ -137,3 +137,98 @@ pub fn logprob_backward<E: LogitElem>(
     }
     Ok(())
 }
+
+/// The GRPO loss straight from logits on the CPU (the reference of
+/// [`crate::cuda::grpo_loss_from_logits`]): kernel 4, the fused GRPO loss on the log-probabilities
+/// (tokens with ignored labels excluded), the entropy bonus, then kernel 5 into `dlogits`.
+pub fn grpo_loss_from_logits<E: LogitElem>(
+    logits: &Logits<&[E]>,
+    inputs: &crate::logits::HostLogitsLossInputs<'_>,
+    config: &crate::config::GrpoConfig,
+    logits_config: &LogprobConfig,
+    dlogits: &mut Logits<&mut [E]>,
+) -> Result<crate::logits::LogitsLossOutput> {
+    use crate::layout::{GrpoInputs, Mask, ReduceInputs};
+    config.validate()?;
+    logits_config.validate()?;
+    logits.validate("logits")?;
+    let t = logits.rows;
+    check_len("labels", inputs.labels.len(), t, "[T] (the rows of logits)")?;
+    check_len("mask", inputs.mask.array_len(), t, "[T]")?;
+    let (mut logp, mut ent, mut lse) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
+    logprob_forward(
+        logits,
+        inputs.labels,
+        logits_config,
+        &mut logp,
+        &mut ent,
+        &mut lse,
+    )?;
+    let valid: Vec<f32> = (0..t)
+        .map(|r| {
+            if inputs.labels[r] == logits_config.ignore_index {
+                0.0
+            } else {
+                super::norms::mask_weight(&inputs.mask, r) as f32
+            }
+        })
+        .collect();
+    let mut g_logp = vec![0f32; t];
+    let grpo = super::grpo_loss(
+        &GrpoInputs {
+            logp: &logp,
+            old_logp: inputs.old_logp,
+            ref_logp: inputs.ref_logp,
+            advantages: inputs.advantages,
+            mask: Mask::F32(&valid),
+            cu_seqlens: inputs.cu_seqlens,
+            lambda: inputs.lambda,
+            objectives: inputs.objectives,
+            membership: inputs.membership,
+            normalizers: inputs.normalizers,
+        },
+        config,
+        &mut g_logp,
+    )?;
+    let ent_norms = inputs.normalizers.map(crate::logits::entropy_normalizers);
+    let mut w = vec![0f32; t];
+    let ent_out = super::weighted_reduce(
+        &ReduceInputs {
+            losses: &ent,
+            mask: Mask::F32(&valid),
+            cu_seqlens: inputs.cu_seqlens,
+            lambda: &[1.0],
+            membership: None,
+            normalizers: ent_norms.as_ref(),
+        },
+        config,
+        &mut w,
+    )?;
+    let vsum: f64 = valid.iter().map(|v| *v as f64).sum();
+    let entropy_mean = if vsum > 0.0 {
+        valid
+            .iter()
+            .zip(&ent)
+            .map(|(v, h)| *v as f64 * *h as f64)
+            .sum::<f64>()
+            / vsum
+    } else {
+        0.0
+    };
+    let entropy_loss = ent_out.objective_loss[0];
+    let g_ent: Vec<f32> = w.iter().map(|x| -config.entropy_coef * x).collect();
+    logprob_backward(
+        logits,
+        inputs.labels,
+        logits_config,
+        &g_logp,
+        Some(&g_ent),
+        dlogits,
+    )?;
+    Ok(crate::logits::LogitsLossOutput {
+        loss: grpo.loss - config.entropy_coef as f64 * entropy_loss,
+        grpo,
+        entropy_loss,
+        entropy_mean,
+    })
+}

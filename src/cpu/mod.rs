@@ -10,7 +10,7 @@ mod reduce;
 
 pub use grpo::grpo_loss;
 pub use kl::kl;
-pub use logits::{logprob_backward, logprob_forward};
+pub use logits::{grpo_loss_from_logits, logprob_backward, logprob_forward};
 pub use math::{agg_weight, kl_token, policy_token, ratio, KlToken, PolicyToken, Ratio};
 pub use norms::count_normalizers;
 pub use reduce::weighted_reduce;

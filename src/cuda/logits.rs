@@ -257,3 +257,165 @@ pub(crate) fn backward_raw<E: LogitElem>(
         &p,
     )
 }
+
+/// Device inputs of the loss from logits (everything but the logits).
+pub type DeviceLogitsLossInputs<'a> =
+    crate::logits::LogitsLossInputs<'a, CudaView<'a, f32>, CudaView<'a, u8>, CudaView<'a, i32>>;
+
+/// The GRPO loss straight from logits on `stream`, with the gradient written **over the logits** in
+/// their dtype (no `[T, V]` temporary): kernel 4 (log-probabilities, entropy, LSE; tokens with
+/// ignored labels leave the mask), the fused GRPO loss with its KL term, the entropy bonus
+/// (`config.entropy_coef`, aggregated like the loss), then kernel 5 in place. Extra device memory:
+/// 6 floats per token.
+pub fn grpo_loss_from_logits<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logits: &mut Logits<CudaViewMut<'_, E>>,
+    inputs: &DeviceLogitsLossInputs<'_>,
+    config: &crate::config::GrpoConfig,
+    logits_config: &LogprobConfig,
+) -> Result<crate::logits::LogitsLossOutput> {
+    use crate::config::AggMode;
+    use crate::layout::{Advantages, GrpoInputs, Mask, ReduceInputs};
+    config.validate()?;
+    logits_config.validate()?;
+    logits.check("logits", logits.data.len())?;
+    let t = logits.rows;
+    check_rows("labels", inputs.labels.len(), t)?;
+    check_rows("mask", inputs.mask.array_len(), t)?;
+    gpu.check_stream(stream)?;
+    let n = t.max(1);
+    // [logp | entropy | lse | valid | g_logp | entropy weights], T floats each
+    let mut work = stream.alloc_zeros::<f32>(6 * n)?;
+    let (mut p0, mut rest) = work.split_at_mut(n);
+    let (mut p1, mut rest) = rest.split_at_mut(n);
+    let (mut p2, mut rest) = rest.split_at_mut(n);
+    let (mut p3, mut rest) = rest.split_at_mut(n);
+    let (mut p4, mut p5) = rest.split_at_mut(n);
+    let (mut logp, mut ent, mut lse) = (p0.slice_mut(..t), p1.slice_mut(..t), p2.slice_mut(..t));
+    let (mut valid, mut g_logp, mut w_ent) =
+        (p3.slice_mut(..t), p4.slice_mut(..t), p5.slice_mut(..t));
+    {
+        let zv = Logits {
+            data: logits.data.as_view(),
+            rows: t,
+            vocab: logits.vocab,
+            ld: logits.ld,
+        };
+        let (mask_a, _gm, is_u8) = match &inputs.mask {
+            Mask::F32(m) => {
+                let (a, g) = addr(m, stream);
+                (a, g, false)
+            }
+            Mask::U8(m) => {
+                let (a, g) = addr(m, stream);
+                (a, g, true)
+            }
+        };
+        let (lp_a, _g0) = addr_mut(&mut logp, stream);
+        let (h_a, _g1) = addr_mut(&mut ent, stream);
+        let (l_a, _g2) = addr_mut(&mut lse, stream);
+        let (v_a, _g3) = addr_mut(&mut valid, stream);
+        forward_raw(
+            gpu,
+            stream,
+            &zv,
+            &inputs.labels,
+            logits_config,
+            lp_a,
+            h_a,
+            l_a,
+            Some((mask_a, is_u8)),
+            v_a,
+        )?;
+    }
+    let (logp, ent, lse, valid) = (
+        logp.as_view(),
+        ent.as_view(),
+        lse.as_view(),
+        valid.as_view(),
+    );
+    let advantages = match &inputs.advantages {
+        Advantages::PerSequence(a) => Advantages::PerSequence(a.slice(..)),
+        Advantages::PerToken(a) => Advantages::PerToken(a.slice(..)),
+    };
+    let grpo = super::grpo_loss(
+        gpu,
+        stream,
+        &GrpoInputs {
+            logp,
+            old_logp: inputs.old_logp.slice(..),
+            ref_logp: inputs.ref_logp.as_ref().map(|r| r.slice(..)),
+            advantages,
+            mask: Mask::F32(valid.slice(..)),
+            cu_seqlens: inputs.cu_seqlens,
+            lambda: inputs.lambda,
+            objectives: inputs.objectives,
+            membership: inputs.membership,
+            normalizers: inputs.normalizers,
+        },
+        config,
+        &mut g_logp,
+    )?;
+    let ent_norms = inputs.normalizers.map(crate::logits::entropy_normalizers);
+    let reduce = |cfg: &crate::config::GrpoConfig,
+                  norms: Option<&crate::config::Normalizers>,
+                  out: &mut CudaViewMut<'_, f32>| {
+        super::weighted_reduce(
+            gpu,
+            stream,
+            &ReduceInputs {
+                losses: ent.slice(..),
+                mask: Mask::F32(valid.slice(..)),
+                cu_seqlens: inputs.cu_seqlens,
+                lambda: &[1.0],
+                membership: None,
+                normalizers: norms,
+            },
+            cfg,
+            out,
+        )
+    };
+    let entropy_loss = reduce(config, ent_norms.as_ref(), &mut w_ent)?.objective_loss[0];
+    let entropy_mean = if config.agg_mode == AggMode::TokenMean && ent_norms.is_none() {
+        entropy_loss
+    } else {
+        let mean_cfg = crate::config::GrpoConfig {
+            agg_mode: AggMode::TokenMean,
+            ..config.clone()
+        };
+        let mut scratch = stream.alloc_zeros::<f32>(n)?;
+        reduce(&mean_cfg, None, &mut scratch.slice_mut(..t))?.objective_loss[0]
+    };
+    let (gv, wv) = (g_logp.as_view(), w_ent.as_view());
+    let grads = LogprobGrads {
+        labels: &inputs.labels,
+        lse: &lse,
+        entropy: &ent,
+        g_logp: &gv,
+        g_entropy: (config.entropy_coef != 0.0).then_some(&wv),
+    };
+    if t > 0 {
+        let (rows, vocab, ld) = (logits.rows, logits.vocab, logits.ld);
+        let (z_a, _g) = addr_mut(&mut logits.data, stream);
+        backward_raw::<E>(
+            gpu,
+            stream,
+            z_a,
+            ld,
+            z_a,
+            ld,
+            rows,
+            vocab,
+            &grads,
+            logits_config,
+            -config.entropy_coef,
+        )?;
+    }
+    Ok(crate::logits::LogitsLossOutput {
+        loss: grpo.loss - config.entropy_coef as f64 * entropy_loss,
+        grpo,
+        entropy_loss,
+        entropy_mean,
+    })
+}

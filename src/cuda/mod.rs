@@ -13,7 +13,10 @@ mod reduce;
 
 pub use grpo::{grpo_loss, DeviceGrpoInputs};
 pub use kl::kl;
-pub use logits::{logprob_backward, logprob_backward_inplace, logprob_forward, LogprobGrads};
+pub use logits::{
+    grpo_loss_from_logits, logprob_backward, logprob_backward_inplace, logprob_forward,
+    DeviceLogitsLossInputs, LogprobGrads,
+};
 pub use reduce::{weighted_reduce, DeviceReduceInputs};
 
 use crate::config::{Normalizers, MAX_OBJECTIVES};
