@@ -5,7 +5,7 @@ use super::{addr, addr_mut, params::LogitsParams, Gpu, Module};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
 use crate::logits::{LogitElem, Logits, LogprobConfig};
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
 
 fn vec_ok<E>(addr: u64, ld: usize) -> bool {
@@ -262,79 +262,99 @@ pub(crate) fn backward_raw<E: LogitElem>(
 pub type DeviceLogitsLossInputs<'a> =
     crate::logits::LogitsLossInputs<'a, CudaView<'a, f32>, CudaView<'a, u8>, CudaView<'a, i32>>;
 
-/// The GRPO loss straight from logits on `stream`, with the gradient written **over the logits** in
-/// their dtype (no `[T, V]` temporary): kernel 4 (log-probabilities, entropy, LSE; tokens with
-/// ignored labels leave the mask), the fused GRPO loss with its KL term, the entropy bonus
-/// (`config.entropy_coef`, aggregated like the loss), then kernel 5 in place. Extra device memory:
-/// 6 floats per token.
-pub fn grpo_loss_from_logits<E: LogitElem>(
+/// Per-token f32 work of the loss from logits, T each (6 floats per token: the only extra memory
+/// besides the logits or a chunk of them).
+pub(crate) struct TokenWork {
+    pub logp: CudaSlice<f32>,
+    pub entropy: CudaSlice<f32>,
+    pub lse: CudaSlice<f32>,
+    /// mask weight, 0 at ignored labels
+    pub valid: CudaSlice<f32>,
+    /// dL/dlogp
+    pub g_logp: CudaSlice<f32>,
+    /// aggregation weights of the entropy term
+    pub w_ent: CudaSlice<f32>,
+    pub t: usize,
+}
+
+impl TokenWork {
+    pub(crate) fn new(stream: &Arc<CudaStream>, t: usize) -> Result<Self> {
+        let n = t.max(1);
+        Ok(TokenWork {
+            logp: stream.alloc_zeros::<f32>(n)?,
+            entropy: stream.alloc_zeros::<f32>(n)?,
+            lse: stream.alloc_zeros::<f32>(n)?,
+            valid: stream.alloc_zeros::<f32>(n)?,
+            g_logp: stream.alloc_zeros::<f32>(n)?,
+            w_ent: stream.alloc_zeros::<f32>(n)?,
+            t,
+        })
+    }
+}
+
+/// Kernel 4 for rows `rows` of the batch, whose logits (those rows only) are `logits`: log-probs,
+/// entropy, LSE and the valid mask into `work` at those rows.
+pub(crate) fn forward_rows<E: LogitElem>(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
-    logits: &mut Logits<CudaViewMut<'_, E>>,
+    logits: &Logits<CudaView<'_, E>>,
+    inputs: &DeviceLogitsLossInputs<'_>,
+    rows: std::ops::Range<usize>,
+    config: &LogprobConfig,
+    work: &mut TokenWork,
+) -> Result<()> {
+    use crate::layout::Mask;
+    let labels = inputs.labels.slice(rows.clone());
+    let r0 = rows.start as u64;
+    let (mask_a, _gm, is_u8) = match &inputs.mask {
+        Mask::F32(m) => {
+            let (a, g) = addr(m, stream);
+            (a + 4 * r0, g, false)
+        }
+        Mask::U8(m) => {
+            let (a, g) = addr(m, stream);
+            (a + r0, g, true)
+        }
+    };
+    let (lp, _g0) = super::addr_slice_mut(&mut work.logp, stream);
+    let (h, _g1) = super::addr_slice_mut(&mut work.entropy, stream);
+    let (l, _g2) = super::addr_slice_mut(&mut work.lse, stream);
+    let (v, _g3) = super::addr_slice_mut(&mut work.valid, stream);
+    forward_raw(
+        gpu,
+        stream,
+        logits,
+        &labels,
+        config,
+        lp + 4 * r0,
+        h + 4 * r0,
+        l + 4 * r0,
+        Some((mask_a, is_u8)),
+        v + 4 * r0,
+    )
+}
+
+/// The loss on the log-probabilities in `work` (all T rows): the fused GRPO loss with its KL term
+/// (dL/dlogp into `work.g_logp`) and the entropy term (its aggregation weights into `work.w_ent`).
+pub(crate) fn loss_on_logprobs(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
     inputs: &DeviceLogitsLossInputs<'_>,
     config: &crate::config::GrpoConfig,
-    logits_config: &LogprobConfig,
+    work: &mut TokenWork,
 ) -> Result<crate::logits::LogitsLossOutput> {
     use crate::config::AggMode;
     use crate::layout::{Advantages, GrpoInputs, Mask, ReduceInputs};
-    config.validate()?;
-    logits_config.validate()?;
-    logits.check("logits", logits.data.len())?;
-    let t = logits.rows;
-    check_rows("labels", inputs.labels.len(), t)?;
-    check_rows("mask", inputs.mask.array_len(), t)?;
-    gpu.check_stream(stream)?;
-    let n = t.max(1);
-    // [logp | entropy | lse | valid | g_logp | entropy weights], T floats each
-    let mut work = stream.alloc_zeros::<f32>(6 * n)?;
-    let (mut p0, mut rest) = work.split_at_mut(n);
-    let (mut p1, mut rest) = rest.split_at_mut(n);
-    let (mut p2, mut rest) = rest.split_at_mut(n);
-    let (mut p3, mut rest) = rest.split_at_mut(n);
-    let (mut p4, mut p5) = rest.split_at_mut(n);
-    let (mut logp, mut ent, mut lse) = (p0.slice_mut(..t), p1.slice_mut(..t), p2.slice_mut(..t));
-    let (mut valid, mut g_logp, mut w_ent) =
-        (p3.slice_mut(..t), p4.slice_mut(..t), p5.slice_mut(..t));
-    {
-        let zv = Logits {
-            data: logits.data.as_view(),
-            rows: t,
-            vocab: logits.vocab,
-            ld: logits.ld,
-        };
-        let (mask_a, _gm, is_u8) = match &inputs.mask {
-            Mask::F32(m) => {
-                let (a, g) = addr(m, stream);
-                (a, g, false)
-            }
-            Mask::U8(m) => {
-                let (a, g) = addr(m, stream);
-                (a, g, true)
-            }
-        };
-        let (lp_a, _g0) = addr_mut(&mut logp, stream);
-        let (h_a, _g1) = addr_mut(&mut ent, stream);
-        let (l_a, _g2) = addr_mut(&mut lse, stream);
-        let (v_a, _g3) = addr_mut(&mut valid, stream);
-        forward_raw(
-            gpu,
-            stream,
-            &zv,
-            &inputs.labels,
-            logits_config,
-            lp_a,
-            h_a,
-            l_a,
-            Some((mask_a, is_u8)),
-            v_a,
-        )?;
-    }
-    let (logp, ent, lse, valid) = (
-        logp.as_view(),
-        ent.as_view(),
-        lse.as_view(),
-        valid.as_view(),
-    );
+    let t = work.t;
+    let TokenWork {
+        logp,
+        entropy,
+        valid,
+        g_logp,
+        w_ent,
+        ..
+    } = work;
+    let (logp, ent, valid) = (logp.slice(..t), entropy.slice(..t), valid.slice(..t));
     let advantages = match &inputs.advantages {
         Advantages::PerSequence(a) => Advantages::PerSequence(a.slice(..)),
         Advantages::PerToken(a) => Advantages::PerToken(a.slice(..)),
@@ -355,7 +375,7 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
             normalizers: inputs.normalizers,
         },
         config,
-        &mut g_logp,
+        &mut g_logp.slice_mut(..t),
     )?;
     let ent_norms = inputs.normalizers.map(crate::logits::entropy_normalizers);
     let reduce = |cfg: &crate::config::GrpoConfig,
@@ -376,7 +396,8 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
             out,
         )
     };
-    let entropy_loss = reduce(config, ent_norms.as_ref(), &mut w_ent)?.objective_loss[0];
+    let entropy_loss =
+        reduce(config, ent_norms.as_ref(), &mut w_ent.slice_mut(..t))?.objective_loss[0];
     let entropy_mean = if config.agg_mode == AggMode::TokenMean && ent_norms.is_none() {
         entropy_loss
     } else {
@@ -384,38 +405,104 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
             agg_mode: AggMode::TokenMean,
             ..config.clone()
         };
-        let mut scratch = stream.alloc_zeros::<f32>(n)?;
+        let mut scratch = stream.alloc_zeros::<f32>(t.max(1))?;
         reduce(&mean_cfg, None, &mut scratch.slice_mut(..t))?.objective_loss[0]
     };
-    let (gv, wv) = (g_logp.as_view(), w_ent.as_view());
-    let grads = LogprobGrads {
-        labels: &inputs.labels,
-        lse: &lse,
-        entropy: &ent,
-        g_logp: &gv,
-        g_entropy: (config.entropy_coef != 0.0).then_some(&wv),
-    };
-    if t > 0 {
-        let (rows, vocab, ld) = (logits.rows, logits.vocab, logits.ld);
-        let (z_a, _g) = addr_mut(&mut logits.data, stream);
-        backward_raw::<E>(
-            gpu,
-            stream,
-            z_a,
-            ld,
-            z_a,
-            ld,
-            rows,
-            vocab,
-            &grads,
-            logits_config,
-            -config.entropy_coef,
-        )?;
-    }
     Ok(crate::logits::LogitsLossOutput {
         loss: grpo.loss - config.entropy_coef as f64 * entropy_loss,
         grpo,
         entropy_loss,
         entropy_mean,
     })
+}
+
+/// Kernel 5 in place over the logits of rows `rows` (`logits` holds those rows only), from the
+/// gradients in `work`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_rows<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logits: &mut Logits<CudaViewMut<'_, E>>,
+    labels: &CudaView<'_, i32>,
+    rows: std::ops::Range<usize>,
+    config: &LogprobConfig,
+    entropy_coef: f32,
+    work: &TokenWork,
+) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let (y, l, h, g, w) = (
+        labels.slice(rows.clone()),
+        work.lse.slice(rows.clone()),
+        work.entropy.slice(rows.clone()),
+        work.g_logp.slice(rows.clone()),
+        work.w_ent.slice(rows.clone()),
+    );
+    let grads = LogprobGrads {
+        labels: &y,
+        lse: &l,
+        entropy: &h,
+        g_logp: &g,
+        g_entropy: (entropy_coef != 0.0).then_some(&w),
+    };
+    let (n, vocab, ld) = (logits.rows, logits.vocab, logits.ld);
+    let (z_a, _g) = addr_mut(&mut logits.data, stream);
+    backward_raw::<E>(
+        gpu,
+        stream,
+        z_a,
+        ld,
+        z_a,
+        ld,
+        n,
+        vocab,
+        &grads,
+        config,
+        -entropy_coef,
+    )
+}
+
+/// The GRPO loss straight from logits on `stream`, with the gradient written **over the logits** in
+/// their dtype (no `[T, V]` temporary): kernel 4 (log-probabilities, entropy, LSE; tokens with
+/// ignored labels leave the mask), the fused GRPO loss with its KL term, the entropy bonus
+/// (`config.entropy_coef`, aggregated like the loss), then kernel 5 in place. Extra device memory:
+/// 6 floats per token.
+pub fn grpo_loss_from_logits<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logits: &mut Logits<CudaViewMut<'_, E>>,
+    inputs: &DeviceLogitsLossInputs<'_>,
+    config: &crate::config::GrpoConfig,
+    logits_config: &LogprobConfig,
+) -> Result<crate::logits::LogitsLossOutput> {
+    config.validate()?;
+    logits_config.validate()?;
+    logits.check("logits", logits.data.len())?;
+    let t = logits.rows;
+    check_rows("labels", inputs.labels.len(), t)?;
+    check_rows("mask", inputs.mask.array_len(), t)?;
+    gpu.check_stream(stream)?;
+    let mut work = TokenWork::new(stream, t)?;
+    {
+        let zv = Logits {
+            data: logits.data.as_view(),
+            rows: t,
+            vocab: logits.vocab,
+            ld: logits.ld,
+        };
+        forward_rows(gpu, stream, &zv, inputs, 0..t, logits_config, &mut work)?;
+    }
+    let out = loss_on_logprobs(gpu, stream, inputs, config, &mut work)?;
+    backward_rows(
+        gpu,
+        stream,
+        logits,
+        &inputs.labels,
+        0..t,
+        logits_config,
+        config.entropy_coef,
+        &work,
+    )?;
+    Ok(out)
 }

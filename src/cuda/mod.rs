@@ -238,6 +238,14 @@ pub(crate) fn addr_mut<'a, T>(
     (p, g)
 }
 
+/// Device address of an owned buffer, for writing.
+pub(crate) fn addr_slice_mut<'a, T>(
+    v: &'a mut CudaSlice<T>,
+    s: &'a CudaStream,
+) -> (u64, SyncOnDrop<'a>) {
+    v.device_ptr_mut(s)
+}
+
 /// Device address of an owned buffer.
 pub(crate) fn addr_slice<'a, T>(v: &'a CudaSlice<T>, s: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
     let (p, g) = v.device_ptr(s);
