@@ -33,13 +33,23 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
 fn time_ms(
     stream: &Arc<CudaStream>,
     flush: &mut CudaSlice<u8>,
+    f: impl FnMut() -> recap_kernels::Result<()>,
+) -> recap_kernels::Result<(f64, f64)> {
+    time_ms_n(stream, flush, WARMUP, RUNS, f)
+}
+
+fn time_ms_n(
+    stream: &Arc<CudaStream>,
+    flush: &mut CudaSlice<u8>,
+    warmup: usize,
+    runs: usize,
     mut f: impl FnMut() -> recap_kernels::Result<()>,
 ) -> recap_kernels::Result<(f64, f64)> {
-    for _ in 0..WARMUP {
+    for _ in 0..warmup {
         f()?;
     }
-    let mut times = Vec::with_capacity(RUNS);
-    for _ in 0..RUNS {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
         stream.memset_zeros(flush)?;
         let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         f()?;
@@ -157,6 +167,107 @@ fn run() -> recap_kernels::Result<()> {
         );
     }
     logits_cases(&gpu, &s, &mut flush, copy_gbs)?;
+    fused_linear_cases(&gpu, &s, &mut flush)?;
+    Ok(())
+}
+
+/// The fused-linear loss at T = 8192, H = 4096, V = 151,936 bf16: default chunks against one chunk
+/// of all T tokens (the unfused path: materialized [T, V] logits, three GEMMs), same run.
+fn fused_linear_cases(
+    gpu: &Gpu,
+    s: &Arc<CudaStream>,
+    flush: &mut CudaSlice<u8>,
+) -> recap_kernels::Result<()> {
+    use cuda::{FusedLinearConfig, LinearHead};
+    let (t, h, v) = (8192usize, 4096usize, 151_936usize);
+    if std::env::var("GPU_OPS_FILTER").is_ok_and(|f| !"fused-linear".contains(&f)) {
+        return Ok(());
+    }
+    println!(
+        "{:<44} {:>10} {:>10} {:>22}",
+        "fused-linear GRPO loss T=8192 H=4096 V=151936",
+        "median ms",
+        "min ms",
+        "extra device memory"
+    );
+    let q = |i: usize| {
+        half::bf16::from_f32((((i * 2_654_435_761usize) >> 7) % 2001) as f32 * 1e-5 - 0.01)
+    };
+    let hidden: Vec<half::bf16> = (0..t * h).map(q).collect();
+    let weight: Vec<half::bf16> = (0..v * h).map(|i| q(i + 17)).collect();
+    let labels: Vec<i32> = (0..t).map(|r| ((r * 7919) % v) as i32).collect();
+    let old: Vec<f32> = vec![-12.0; t];
+    let adv: Vec<f32> = (0..8).map(|i| i as f32 / 4.0 - 1.0).collect();
+    let mask = vec![1u8; t];
+    let cu: Vec<i32> = (0..=8).map(|i| (i * t / 8) as i32).collect();
+    let (x, w) = (s.clone_htod(&hidden)?, s.clone_htod(&weight)?);
+    let (y, o, a, m) = (
+        s.clone_htod(&labels)?,
+        s.clone_htod(&old)?,
+        s.clone_htod(&adv)?,
+        s.clone_htod(&mask)?,
+    );
+    let mut dh = s.alloc_zeros::<half::bf16>(t * h)?;
+    let mut dw = s.alloc_zeros::<f32>(v * h)?;
+    let cfg = GrpoConfig::default();
+    let lcfg = LogprobConfig::default();
+    for (name, opt) in [
+        ("fused, default chunks", FusedLinearConfig::default()),
+        (
+            "fused, fp32 logits",
+            FusedLinearConfig {
+                fp32_logits: true,
+                ..FusedLinearConfig::default()
+            },
+        ),
+        (
+            "unfused (one chunk of T)",
+            FusedLinearConfig {
+                chunk_tokens: Some(t),
+                ..FusedLinearConfig::default()
+            },
+        ),
+    ] {
+        let inputs = recap_kernels::LogitsLossInputs {
+            labels: y.as_view(),
+            old_logp: o.as_view(),
+            ref_logp: None,
+            advantages: Advantages::PerSequence(a.as_view()),
+            mask: Mask::U8(m.as_view()),
+            cu_seqlens: &cu,
+            lambda: &[1.0],
+            objectives: &[ObjectiveKind::Policy],
+            membership: None,
+            normalizers: None,
+        };
+        let head = LinearHead {
+            hidden: x.as_view(),
+            weight: w.as_view(),
+            hidden_size: h,
+            vocab: v,
+        };
+        let (med, min) = time_ms_n(s, flush, 2, 10, || {
+            cuda::fused_linear_grpo_loss(
+                gpu,
+                s,
+                &head,
+                &inputs,
+                &cfg,
+                &lcfg,
+                &opt,
+                &mut dh.as_view_mut(),
+                &mut dw.as_view_mut(),
+            )
+            .map(|_| ())
+        })?;
+        let c = opt.chunk(t, v);
+        let extra = c * v * if opt.fp32_logits { 4 + 2 } else { 2 } + 6 * t * 4;
+        println!(
+            "{:<44} {med:>10.2} {min:>10.2} {:>18.1} MiB  (chunk {c})",
+            name,
+            extra as f64 / (1 << 20) as f64
+        );
+    }
     Ok(())
 }
 

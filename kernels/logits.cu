@@ -159,3 +159,14 @@ __device__ __forceinline__ void logprob_backward(const RecapLogitsParams& p) {
 RECAP_LOGITS_INST(float, f32)
 RECAP_LOGITS_INST(__half, f16)
 RECAP_LOGITS_INST(__nv_bfloat16, bf16)
+
+/* f32 -> bf16 rounding of a [T, V] gradient chunk, for the GEMMs of the fused-linear path when the
+ * logits are kept in f32. Params: logits = const float* in, dlogits = bf16* out, num_rows = number of
+ * elements. One thread per element, grid-stride. */
+extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_f32_to_bf16(const RecapLogitsParams p) {
+    const float* __restrict__ in = (const float*)p.logits;
+    __nv_bfloat16* __restrict__ out = (__nv_bfloat16*)p.dlogits;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.num_rows; i += stride)
+        out[i] = __float2bfloat16_rn(in[i]);
+}

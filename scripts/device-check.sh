@@ -8,6 +8,13 @@
 # the GPU benchmark. Full logs go to $OUT (or /tmp); a short summary is printed last.
 set -uo pipefail
 out=${OUT:-/tmp}
+# cuBLAS (fused-linear path) is loaded at run time: put the toolkit's or PyTorch's copy on the path
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+         $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+  for f in "$d"/libcublas.so* "$d"/nvidia/*/lib/libcublas.so* "$d"/nvidia/cu*/lib/libcublas.so*; do
+    [ -e "$f" ] && { export LD_LIBRARY_PATH="$(dirname "$f")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; echo "cuBLAS: $f"; break 2; }
+  done
+done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
 RECAP_REQUIRE_GPU=1 bash .gpu/run-tests.sh >"$out/tests.log" 2>&1
 rc=$?

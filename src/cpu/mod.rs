@@ -1,6 +1,7 @@
 //! The CPU reference backend: every op in plain Rust with f64 arithmetic and accumulation from the
 //! f32 inputs. It is the default backend and the reference the GPU kernels are tested against.
 
+mod fused_linear;
 mod grpo;
 mod kl;
 mod logits;
@@ -8,6 +9,7 @@ mod math;
 mod norms;
 mod reduce;
 
+pub use fused_linear::fused_linear_grpo_loss;
 pub use grpo::grpo_loss;
 pub use kl::kl;
 pub use logits::{grpo_loss_from_logits, logprob_backward, logprob_forward};

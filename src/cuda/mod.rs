@@ -5,12 +5,14 @@
 //! `unsafe` appears only around the launches. On a build without kernels (no nvcc at build time)
 //! every entry point returns [`Error::NoKernels`].
 
+mod fused_linear;
 mod grpo;
 mod kl;
 mod logits;
 pub mod params;
 mod reduce;
 
+pub use fused_linear::{fused_linear_grpo_loss, FusedLinearConfig, LinearHead};
 pub use grpo::{grpo_loss, DeviceGrpoInputs};
 pub use kl::kl;
 pub use logits::{
@@ -81,6 +83,7 @@ pub struct Gpu {
     sms: u32,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    blas: Mutex<Option<cudarc::cublas::CudaBlas>>,
 }
 
 impl Gpu {
@@ -114,6 +117,7 @@ impl Gpu {
             sms: sms.max(1) as u32,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            blas: Mutex::new(None),
         }))
     }
 
@@ -165,6 +169,37 @@ impl Gpu {
             .map_err(|_| Error::NoDevice("function cache poisoned".into()))?
             .insert(name.to_string(), f.clone());
         Ok(f)
+    }
+
+    /// Runs `f` with this GPU's cuBLAS handle (created on first use), bound to `stream`.
+    pub(crate) fn with_blas<R>(
+        &self,
+        stream: &Arc<CudaStream>,
+        f: impl FnOnce(&cudarc::cublas::CudaBlas) -> Result<R>,
+    ) -> Result<R> {
+        // SAFETY: only tries to dlopen cuBLAS by its usual names.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::NoDevice(
+                "cuBLAS (libcublas) not found: the fused-linear path needs it on the library path"
+                    .into(),
+            ));
+        }
+        let mut guard = self
+            .blas
+            .lock()
+            .map_err(|_| Error::NoDevice("cuBLAS handle poisoned".into()))?;
+        if guard.is_none() {
+            let blas = cudarc::cublas::CudaBlas::new(stream.clone())
+                .map_err(|e| Error::NoDevice(format!("cuBLAS handle: {e:?}")))?;
+            *guard = Some(blas);
+        }
+        let blas = guard
+            .as_mut()
+            .ok_or_else(|| Error::NoDevice("cuBLAS handle missing".into()))?;
+        // SAFETY: the handle is used only under this lock, on `stream`, which belongs to this context.
+        unsafe { blas.set_stream(stream.clone()) }
+            .map_err(|e| Error::NoDevice(format!("cuBLAS stream: {e:?}")))?;
+        f(blas)
     }
 
     /// Errors unless `stream` belongs to this GPU's context.

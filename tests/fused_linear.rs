@@ -1,0 +1,274 @@
+//! The chunked fused-linear path: the f64 reference against finite differences of its loss with
+//! respect to the hidden states, and on the GPU against the reference and across chunk sizes (one
+//! chunk of all T tokens is the unfused path with materialized logits).
+
+mod common;
+
+use common::{close, gpu, Rng};
+use half::bf16;
+use recap_kernels::cuda::{self, FusedLinearConfig, LinearHead};
+use recap_kernels::{
+    cpu, Advantages, AggMode, Backend, GrpoConfig, HostLogitsLossInputs, LogitsLossInputs,
+    LogprobConfig, Mask, ObjectiveKind,
+};
+
+struct Case {
+    hidden: Vec<bf16>,
+    weight: Vec<bf16>,
+    h: usize,
+    v: usize,
+    labels: Vec<i32>,
+    old: Vec<f32>,
+    adv: Vec<f32>,
+    mask: Vec<u8>,
+    cu: Vec<i32>,
+}
+
+impl Case {
+    fn new(seed: u64, lens: &[usize], h: usize, v: usize) -> Case {
+        let mut rng = Rng::new(seed);
+        let t: usize = lens.iter().sum();
+        // multiples of 1/64 in [-1, 1]: exact in bf16, so finite differences can step by 1/64
+        let q = |rng: &mut Rng| bf16::from_f32((rng.below(129) as f32 - 64.0) / 64.0);
+        let hidden = (0..t * h).map(|_| q(&mut rng)).collect();
+        let weight = (0..v * h).map(|_| q(&mut rng)).collect();
+        let labels = (0..t)
+            .map(|r| {
+                if r % 17 == 3 {
+                    -100
+                } else {
+                    rng.below(v) as i32
+                }
+            })
+            .collect();
+        let old = (0..t)
+            .map(|_| -(v as f32).ln() + 0.3 * rng.normal() as f32)
+            .collect();
+        let adv = (0..lens.len()).map(|_| rng.normal() as f32).collect();
+        let mask = (0..t).map(|_| (rng.below(9) != 0) as u8).collect();
+        let mut cu = vec![0i32];
+        for l in lens {
+            cu.push(cu.last().unwrap() + *l as i32);
+        }
+        Case {
+            hidden,
+            weight,
+            h,
+            v,
+            labels,
+            old,
+            adv,
+            mask,
+            cu,
+        }
+    }
+
+    fn inputs(&self) -> HostLogitsLossInputs<'_> {
+        HostLogitsLossInputs {
+            labels: &self.labels,
+            old_logp: &self.old,
+            ref_logp: Some(&self.old),
+            advantages: Advantages::PerSequence(&self.adv),
+            mask: Mask::U8(&self.mask),
+            cu_seqlens: &self.cu,
+            lambda: &[1.0],
+            objectives: &[ObjectiveKind::Policy],
+            membership: None,
+            normalizers: None,
+        }
+    }
+
+    fn t(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+fn config(mode: AggMode) -> GrpoConfig {
+    GrpoConfig {
+        agg_mode: mode,
+        kl_coef: 0.1,
+        entropy_coef: 0.02,
+        clip_low: 0.9,
+        clip_high: 9.0,
+        dual_clip: None,
+        ..GrpoConfig::default()
+    }
+}
+
+#[test]
+fn reference_hidden_gradient_matches_finite_differences() {
+    let c = Case::new(3, &[4, 3], 8, 11);
+    let cfg = config(AggMode::SeqMeanTokenMean);
+    let lcfg = LogprobConfig {
+        temperature: 0.9,
+        ..LogprobConfig::default()
+    };
+    let (t, h, v) = (c.t(), c.h, c.v);
+    let run = |hidden: &[bf16]| {
+        let (mut dh, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
+        let out = cpu::fused_linear_grpo_loss(
+            hidden,
+            &c.weight,
+            h,
+            &c.inputs(),
+            &cfg,
+            &lcfg,
+            true,
+            &mut dh,
+            &mut dw,
+        )
+        .unwrap();
+        (out.loss, dh)
+    };
+    let (_, dh) = run(&c.hidden);
+    let step = 1.0 / 64.0;
+    for i in 0..t * h {
+        let (mut hp, mut hm) = (c.hidden.clone(), c.hidden.clone());
+        hp[i] = bf16::from_f32(hp[i].to_f32() + step);
+        hm[i] = bf16::from_f32(hm[i].to_f32() - step);
+        let fd = (run(&hp).0 - run(&hm).0) / (hp[i].to_f64() - hm[i].to_f64());
+        // the analytic gradient passes through a bf16 rounding of dlogits (as on the GPU)
+        assert!(
+            close(dh[i] as f64, fd, 2e-4, 2e-2),
+            "hidden[{i}]: analytic {} vs finite difference {fd}",
+            dh[i]
+        );
+    }
+}
+
+fn gpu_case(
+    g: &std::sync::Arc<cuda::Gpu>,
+    c: &Case,
+    cfg: &GrpoConfig,
+    lcfg: &LogprobConfig,
+    opt: &FusedLinearConfig,
+) -> (f64, f64, Vec<f32>, Vec<f32>) {
+    let s = g.stream().clone();
+    let (t, h, v) = (c.t(), c.h, c.v);
+    let (x, w) = (
+        s.clone_htod(&c.hidden).unwrap(),
+        s.clone_htod(&c.weight).unwrap(),
+    );
+    let (y, o, a, m) = (
+        s.clone_htod(&c.labels).unwrap(),
+        s.clone_htod(&c.old).unwrap(),
+        s.clone_htod(&c.adv).unwrap(),
+        s.clone_htod(&c.mask).unwrap(),
+    );
+    let inputs = LogitsLossInputs {
+        labels: y.as_view(),
+        old_logp: o.as_view(),
+        ref_logp: Some(o.as_view()),
+        advantages: Advantages::PerSequence(a.as_view()),
+        mask: Mask::U8(m.as_view()),
+        cu_seqlens: &c.cu,
+        lambda: &[1.0],
+        objectives: &[ObjectiveKind::Policy],
+        membership: None,
+        normalizers: None,
+    };
+    let head = LinearHead {
+        hidden: x.as_view(),
+        weight: w.as_view(),
+        hidden_size: h,
+        vocab: v,
+    };
+    let mut dh = s.alloc_zeros::<bf16>(t * h).unwrap();
+    let mut dw = s.alloc_zeros::<f32>(v * h).unwrap();
+    let out = cuda::fused_linear_grpo_loss(
+        g,
+        &s,
+        &head,
+        &inputs,
+        cfg,
+        lcfg,
+        opt,
+        &mut dh.as_view_mut(),
+        &mut dw.as_view_mut(),
+    )
+    .unwrap();
+    let dh: Vec<f32> = s
+        .clone_dtoh(&dh)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    (out.loss, out.entropy_mean, dh, s.clone_dtoh(&dw).unwrap())
+}
+
+fn assert_grad_close(what: &str, got: &[f32], want: &[f32], rel: f64) {
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            close(*a as f64, *b as f64, 2e-3 * scale, rel),
+            "{what}[{i}]: {a:e} vs {b:e} (max |ref| {scale:e})"
+        );
+    }
+}
+
+#[test]
+fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
+    let Some(Backend::Cuda(g)) = gpu("fused_linear_matches_reference_and_chunk_sizes_on_gpu")
+    else {
+        return;
+    };
+    let c = Case::new(9, &[30, 0, 25, 15, 1], 64, 1003);
+    let (t, h, v) = (c.t(), c.h, c.v);
+    let lcfg = LogprobConfig {
+        temperature: 0.8,
+        ..LogprobConfig::default()
+    };
+    for mode in [AggMode::TokenMean, AggMode::SeqMeanTokenMean] {
+        let cfg = config(mode);
+        for fp32 in [false, true] {
+            let (mut dh, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
+            let want = cpu::fused_linear_grpo_loss(
+                &c.hidden,
+                &c.weight,
+                h,
+                &c.inputs(),
+                &cfg,
+                &lcfg,
+                fp32,
+                &mut dh,
+                &mut dw,
+            )
+            .unwrap();
+            let whole = FusedLinearConfig {
+                chunk_tokens: Some(t),
+                fp32_logits: fp32,
+                ..FusedLinearConfig::default()
+            };
+            let (l_whole, e_whole, dh_whole, dw_whole) = gpu_case(&g, &c, &cfg, &lcfg, &whole);
+            let what = format!("{mode} fp32_logits={fp32}");
+            assert!(
+                close(l_whole, want.loss, 1e-4, 1e-3),
+                "{what}: loss {l_whole} vs reference {}",
+                want.loss
+            );
+            assert!(
+                close(e_whole, want.entropy_mean, 1e-4, 1e-3),
+                "{what}: entropy {e_whole} vs {}",
+                want.entropy_mean
+            );
+            assert_grad_close(&format!("{what} d_hidden"), &dh_whole, &dh, 2e-2);
+            assert_grad_close(&format!("{what} d_weight"), &dw_whole, &dw, 2e-2);
+            for chunk in [16usize, 37] {
+                let opt = FusedLinearConfig {
+                    chunk_tokens: Some(chunk),
+                    fp32_logits: fp32,
+                    ..FusedLinearConfig::default()
+                };
+                let (l, e, dhc, dwc) = gpu_case(&g, &c, &cfg, &lcfg, &opt);
+                let w = format!("{what} chunk {chunk} vs one chunk");
+                assert!(close(l, l_whole, 1e-6, 1e-5), "{w}: loss {l} vs {l_whole}");
+                assert!(
+                    close(e, e_whole, 1e-6, 1e-5),
+                    "{w}: entropy {e} vs {e_whole}"
+                );
+                assert_grad_close(&format!("{w} d_hidden"), &dhc, &dh_whole, 1e-2);
+                assert_grad_close(&format!("{w} d_weight"), &dwc, &dw_whole, 1e-2);
+            }
+        }
+    }
+}
