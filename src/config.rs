@@ -283,6 +283,9 @@ pub struct Normalizers {
     pub tokens: Vec<f64>,
     /// `[K + 1]` counts of member sequences with at least one unmasked token.
     pub seqs: Vec<f64>,
+    /// `[B]` token weight of each sequence of *this* part in the whole batch, for parts that split a
+    /// sequence (only `seq-mean-token-mean` reads it); `None`: each sequence is whole in the part.
+    pub seq_tokens: Option<Vec<f64>>,
 }
 
 impl Normalizers {
@@ -308,10 +311,25 @@ impl Normalizers {
         for (a, b) in self.seqs.iter_mut().zip(&other.seqs) {
             *a += b;
         }
+        self.seq_tokens = None; // per-part sequence weights do not add up
         Ok(())
     }
 
-    pub(crate) fn validate(&self, k: usize) -> Result<()> {
+    pub(crate) fn validate(&self, k: usize, b: usize) -> Result<()> {
+        if let Some(st) = &self.seq_tokens {
+            if st.len() != b {
+                return Err(Error::arg(
+                    "normalizers",
+                    format!("seq_tokens must have B = {b} entries (one per sequence of this part), got {}", st.len()),
+                ));
+            }
+            if let Some(v) = st.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+                return Err(Error::arg(
+                    "normalizers",
+                    format!("seq_tokens must be finite and >= 0, got {v}"),
+                ));
+            }
+        }
         if self.tokens.len() != k + 1 || self.seqs.len() != k + 1 {
             return Err(Error::arg(
                 "normalizers",

@@ -238,7 +238,7 @@ pub(crate) fn validate_grpo<F: Array, U: Array>(
     validate_lambda(inputs.lambda)?;
     validate_membership(inputs.membership, b, k)?;
     if let Some(n) = inputs.normalizers {
-        n.validate(k)?;
+        n.validate(k, b)?;
     }
     Ok(Shape { t, b, k })
 }
@@ -257,7 +257,7 @@ pub(crate) fn validate_reduce<F: Array, U: Array>(
     validate_lambda(inputs.lambda)?;
     validate_membership(inputs.membership, b, k)?;
     if let Some(n) = inputs.normalizers {
-        n.validate(k)?;
+        n.validate(k, b)?;
     }
     Ok(Shape { t, b, k })
 }

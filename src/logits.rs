@@ -178,6 +178,7 @@ pub(crate) fn entropy_normalizers(n: &crate::config::Normalizers) -> crate::conf
     crate::config::Normalizers {
         tokens: vec![t, t],
         seqs: vec![s, s],
+        seq_tokens: n.seq_tokens.clone(),
     }
 }
 

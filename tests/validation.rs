@@ -43,10 +43,12 @@ fn malformed_fused_loss_inputs_are_rejected() {
         std::sync::LazyLock::new(|| Normalizers {
             tokens: vec![4.0],
             seqs: vec![2.0],
+            seq_tokens: None,
         });
     static NORM_NEG: std::sync::LazyLock<Normalizers> = std::sync::LazyLock::new(|| Normalizers {
         tokens: vec![4.0, -1.0],
         seqs: vec![2.0, 2.0],
+        seq_tokens: None,
     });
     let cfg = GrpoConfig::default();
     let cases: Vec<(&str, HostGrpoInputs<'static>, GrpoConfig, &str)> = vec![

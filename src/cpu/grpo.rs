@@ -26,8 +26,12 @@ pub fn grpo_loss(
 fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> GrpoSums {
     let k = inp.lambda.len();
     let cu = inp.cu_seqlens;
-    let n_b = seq_tokens(&inp.mask, cu);
-    let norms = norms(&n_b, inp.membership, k, inp.normalizers);
+    let local_n_b = seq_tokens(&inp.mask, cu);
+    let norms = norms(&local_n_b, inp.membership, k, inp.normalizers);
+    let n_b = inp
+        .normalizers
+        .and_then(|g| g.seq_tokens.clone())
+        .unwrap_or(local_n_b);
     let mut s = vec![0.0f64; grpo_slots(k)];
     let e = 3 * k;
     s[e + 3] = f64::INFINITY;

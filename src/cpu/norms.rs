@@ -81,5 +81,6 @@ pub fn count_normalizers(
     Ok(Normalizers {
         tokens: n[NORM_LOCAL_TOKENS * NORM_SLOTS..][..=k].to_vec(),
         seqs: n[NORM_LOCAL_SEQS * NORM_SLOTS..][..=k].to_vec(),
+        seq_tokens: None,
     })
 }

@@ -19,8 +19,12 @@ pub fn weighted_reduce(
     let k = shape.k;
     check_len("grad", grad.len(), shape.t * k, "[T, K]")?;
     let cu = inputs.cu_seqlens;
-    let n_b = seq_tokens(&inputs.mask, cu);
-    let norms = norms(&n_b, inputs.membership, k, inputs.normalizers);
+    let local_n_b = seq_tokens(&inputs.mask, cu);
+    let norms = norms(&local_n_b, inputs.membership, k, inputs.normalizers);
+    let n_b = inputs
+        .normalizers
+        .and_then(|g| g.seq_tokens.clone())
+        .unwrap_or(local_n_b);
     let c = config.norm_constant.unwrap_or(0.0) as f64;
     let mut agg = vec![0.0f64; k];
     for b in 0..shape.b {

@@ -373,6 +373,15 @@ impl Workspace {
         (a, [g0, g1])
     }
 
+    /// Overwrites the per-sequence token weights (`[B]`) on the stream.
+    pub(crate) fn set_seq_tokens(&mut self, stream: &Arc<CudaStream>, st: &[f64]) -> Result<()> {
+        let off = NORMS_LEN + self.slots;
+        if !st.is_empty() {
+            stream.memcpy_htod(st, &mut self.scratch.slice_mut(off..off + st.len()))?;
+        }
+        Ok(())
+    }
+
     /// Reads `norms` and the reduced statistics back (one copy; synchronizes the stream).
     pub(crate) fn read_back(&self, stream: &Arc<CudaStream>) -> Result<(Vec<f64>, Vec<f64>)> {
         let mut host = vec![0f64; NORMS_LEN + self.slots];
@@ -478,7 +487,7 @@ pub(crate) fn begin_token_pass<'m>(
     };
     let items = gpu.items_per_thread(t);
     let tile = BLOCK as usize * items;
-    let ws = Workspace::new(stream, cu_seqlens, membership, slots, t.div_ceil(tile))?;
+    let mut ws = Workspace::new(stream, cu_seqlens, membership, slots, t.div_ceil(tile))?;
     {
         let (w, _gw) = ws.addrs(stream);
         seq_stats(
@@ -493,6 +502,11 @@ pub(crate) fn begin_token_pass<'m>(
             k,
             normalizers,
         )?;
+    }
+    if let Some(st) = normalizers.and_then(|n| n.seq_tokens.as_ref()) {
+        // the whole batch's per-sequence token weights replace this part's (after the local
+        // counts were taken), for the seq-mean-token-mean weights of sequences split across parts
+        ws.set_seq_tokens(stream, st)?;
     }
     Ok(TokenPass {
         ws,

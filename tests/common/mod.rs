@@ -257,3 +257,53 @@ pub fn sub_batch(w: &Batch, a: usize, b: usize, k: usize) -> Batch {
     s.membership = w.membership.as_ref().map(|m| m[a..b].to_vec());
     s
 }
+
+/// The batch cut at token `cut` into two parts; the sequence containing `cut` is split between
+/// them (its per-sequence rows repeated in both).
+pub fn split_at_token(w: &Batch, cut: usize, k: usize) -> (Batch, Batch) {
+    let b = w.cu.len() - 1;
+    let s = (0..b)
+        .find(|&i| (w.cu[i] as usize) <= cut && cut < w.cu[i + 1] as usize)
+        .expect("cut inside a sequence");
+    let part = |t0: usize, t1: usize, seqs: std::ops::Range<usize>| {
+        let mut p = w.clone();
+        p.logp = w.logp[t0..t1].to_vec();
+        p.old_logp = w.old_logp[t0..t1].to_vec();
+        p.ref_logp = w.ref_logp[t0..t1].to_vec();
+        p.mask_f32 = w.mask_f32[t0..t1].to_vec();
+        p.mask_u8 = w.mask_u8[t0..t1].to_vec();
+        p.adv = if w.adv_per_token {
+            w.adv[t0 * k..t1 * k].to_vec()
+        } else {
+            w.adv[seqs.start * k..seqs.end * k].to_vec()
+        };
+        p.cu = std::iter::once(0)
+            .chain(
+                seqs.clone()
+                    .map(|i| (w.cu[i + 1] as usize).clamp(t0, t1) as i32 - t0 as i32),
+            )
+            .collect();
+        p.membership = w.membership.as_ref().map(|m| m[seqs.clone()].to_vec());
+        p
+    };
+    let t = w.logp.len();
+    (part(0, cut, 0..s + 1), part(cut, t, s..b))
+}
+
+/// The whole batch's per-sequence token weights for the sequences of a part starting at sequence
+/// `first` (as `Normalizers::seq_tokens`).
+pub fn whole_seq_tokens(w: &Batch, first: usize, count: usize) -> Vec<f64> {
+    (first..first + count)
+        .map(|i| {
+            (w.cu[i] as usize..w.cu[i + 1] as usize)
+                .map(|t| {
+                    if w.use_u8 {
+                        (w.mask_u8[t] != 0) as u8 as f64
+                    } else {
+                        w.mask_f32[t] as f64
+                    }
+                })
+                .sum()
+        })
+        .collect()
+}
