@@ -170,3 +170,16 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_f32_to_bf16(cons
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.num_rows; i += stride)
         out[i] = __float2bfloat16_rn(in[i]);
 }
+
+/* valid[t] = mask weight of token t, or 0 where labels[t] == ignore_index (the fused-linear path
+ * needs the whole batch's mask before any logits exist). Params: labels, mask (+ mask_u8), valid,
+ * num_rows = T, ignore_index. One thread per token, grid-stride. */
+extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_valid_mask(const RecapLogitsParams p) {
+    const int32_t* __restrict__ y = (const int32_t*)p.labels;
+    float* __restrict__ valid = (float*)p.valid;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < p.num_rows; t += stride) {
+        const float m = p.mask_u8 ? (((const uint8_t*)p.mask)[t] ? 1.0f : 0.0f) : ((const float*)p.mask)[t];
+        valid[t] = (y[t] == p.ignore_index) ? 0.0f : m;
+    }
+}

@@ -211,3 +211,74 @@ pub(crate) fn finish_reduce(agg: Vec<f64>, norms: &[f64], lambda: &[f32]) -> Red
         objective_loss: agg,
     }
 }
+
+impl GrpoOutput {
+    /// Combines the outputs of parts of one batch that were each normalized by the whole batch's
+    /// `global` normalizers (so their losses add): sums, token-weighted means, min and max; sequence
+    /// counts come from `global` (a sequence split across parts counts once).
+    pub fn merge_parts(
+        parts: &[GrpoOutput],
+        global: &crate::config::Normalizers,
+    ) -> Option<GrpoOutput> {
+        let first = parts.first()?;
+        let k = first.objective_loss.len();
+        let sum = |f: &dyn Fn(&GrpoOutput) -> f64| parts.iter().map(f).sum::<f64>();
+        let wmean = |f: &dyn Fn(&GrpoOutput) -> f64, w: &dyn Fn(&GrpoOutput) -> f64| {
+            let den = sum(w);
+            if den > 0.0 {
+                parts.iter().map(|p| f(p) * w(p)).sum::<f64>() / den
+            } else {
+                0.0
+            }
+        };
+        let with_policy: Vec<&GrpoOutput> = parts
+            .iter()
+            .filter(|p| p.metrics.policy_tokens > 0.0)
+            .collect();
+        let m = GrpoMetrics {
+            pg_clipfrac: (0..k)
+                .map(|j| {
+                    wmean(&|p| p.metrics.pg_clipfrac[j], &|p| {
+                        p.metrics.objective_tokens[j]
+                    })
+                })
+                .collect(),
+            pg_clipfrac_lower: (0..k)
+                .map(|j| {
+                    wmean(&|p| p.metrics.pg_clipfrac_lower[j], &|p| {
+                        p.metrics.objective_tokens[j]
+                    })
+                })
+                .collect(),
+            ppo_kl: wmean(&|p| p.metrics.ppo_kl, &|p| p.metrics.policy_tokens),
+            ratio_min: with_policy
+                .iter()
+                .map(|p| p.metrics.ratio_min)
+                .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))))
+                .unwrap_or(0.0),
+            ratio_mean: wmean(&|p| p.metrics.ratio_mean, &|p| p.metrics.policy_tokens),
+            ratio_max: with_policy
+                .iter()
+                .map(|p| p.metrics.ratio_max)
+                .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))))
+                .unwrap_or(0.0),
+            kl_mean: wmean(&|p| p.metrics.kl_mean, &|p| p.metrics.num_tokens),
+            num_tokens: sum(&|p| p.metrics.num_tokens),
+            num_seqs: global.seqs.get(k).copied().unwrap_or(0.0).round() as u64,
+            objective_tokens: (0..k)
+                .map(|j| sum(&|p| p.metrics.objective_tokens[j]))
+                .collect(),
+            objective_seqs: (0..k)
+                .map(|j| global.seqs.get(j).copied().unwrap_or(0.0).round() as u64)
+                .collect(),
+            policy_tokens: sum(&|p| p.metrics.policy_tokens),
+            nonfinite: parts.iter().map(|p| p.metrics.nonfinite).sum(),
+        };
+        Some(GrpoOutput {
+            loss: sum(&|p| p.loss),
+            objective_loss: (0..k).map(|j| sum(&|p| p.objective_loss[j])).collect(),
+            kl_loss: sum(&|p| p.kl_loss),
+            metrics: m,
+        })
+    }
+}

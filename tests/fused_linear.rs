@@ -142,7 +142,7 @@ fn gpu_case(
     cfg: &GrpoConfig,
     lcfg: &LogprobConfig,
     opt: &FusedLinearConfig,
-) -> (f64, f64, Vec<f32>, Vec<f32>) {
+) -> (recap_kernels::LogitsLossOutput, Vec<f32>, Vec<f32>) {
     let s = g.stream().clone();
     let (t, h, v) = (c.t(), c.h, c.v);
     let (x, w) = (
@@ -193,7 +193,7 @@ fn gpu_case(
         .iter()
         .map(|x| x.to_f32())
         .collect();
-    (out.loss, out.entropy_mean, dh, s.clone_dtoh(&dw).unwrap())
+    (out, dh, s.clone_dtoh(&dw).unwrap())
 }
 
 fn assert_grad_close(what: &str, got: &[f32], want: &[f32], rel: f64) {
@@ -239,7 +239,8 @@ fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
                 fp32_logits: fp32,
                 ..FusedLinearConfig::default()
             };
-            let (l_whole, e_whole, dh_whole, dw_whole) = gpu_case(&g, &c, &cfg, &lcfg, &whole);
+            let (o_whole, dh_whole, dw_whole) = gpu_case(&g, &c, &cfg, &lcfg, &whole);
+            let (l_whole, e_whole) = (o_whole.loss, o_whole.entropy_mean);
             let what = format!("{mode} fp32_logits={fp32}");
             assert!(
                 close(l_whole, want.loss, 1e-4, 1e-3),
@@ -259,8 +260,24 @@ fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
                     fp32_logits: fp32,
                     ..FusedLinearConfig::default()
                 };
-                let (l, e, dhc, dwc) = gpu_case(&g, &c, &cfg, &lcfg, &opt);
+                let (o, dhc, dwc) = gpu_case(&g, &c, &cfg, &lcfg, &opt);
+                let (l, e) = (o.loss, o.entropy_mean);
                 let w = format!("{what} chunk {chunk} vs one chunk");
+                let (m, mw) = (&o.grpo.metrics, &o_whole.grpo.metrics);
+                for (name, a, b) in [
+                    ("pg_clipfrac", m.pg_clipfrac[0], mw.pg_clipfrac[0]),
+                    ("ratio_mean", m.ratio_mean, mw.ratio_mean),
+                    ("ratio_max", m.ratio_max, mw.ratio_max),
+                    ("ppo_kl", m.ppo_kl, mw.ppo_kl),
+                    ("kl_loss", o.grpo.kl_loss, o_whole.grpo.kl_loss),
+                ] {
+                    assert!(close(a, b, 1e-6, 1e-5), "{w}: {name} {a} vs {b}");
+                }
+                assert_eq!(
+                    (m.num_tokens, m.num_seqs, m.objective_seqs.clone()),
+                    (mw.num_tokens, mw.num_seqs, mw.objective_seqs.clone()),
+                    "{w}: counts"
+                );
                 assert!(close(l, l_whole, 1e-6, 1e-5), "{w}: loss {l} vs {l_whole}");
                 assert!(
                     close(e, e_whole, 1e-6, 1e-5),

@@ -1,21 +1,27 @@
 //! The chunked fused-linear path: the GRPO loss of a policy whose last layer is
 //! `logits = hidden [T, H] x W [V, H]^T`, without ever holding `[T, V]` logits.
 //!
-//! Tokens go in chunks of `c`. Pass 1, per chunk: logits by cuBLAS (bf16 inputs, fp32 accumulation,
-//! bf16 or fp32 logits), then kernel 4 into per-token log-probs, entropy and LSE. Then the loss on
-//! all T log-probs at once (the fused GRPO loss with global normalizers, KL, entropy bonus), which
-//! gives dL/dlogp for every token, whatever the aggregation mode. Pass 2, per chunk: the logits
-//! again (except the last), kernel 5 in place (dlogits), `dH_chunk = dlogits x W` and `dW += dlogits^T x hidden_chunk`
-//! (fp32 accumulator). The result does not depend on the chunk size beyond GEMM rounding; peak extra
-//! memory is one chunk of logits (c x V) plus 6 floats per token, never O(T x V).
+//! First the whole batch's mask (ignored labels out) and normalizers are counted on the device,
+//! including each sequence's token weight, so that any chunk's tokens are weighted exactly as in the
+//! whole batch, in every aggregation mode and whether or not a chunk cuts a sequence. Then, in one
+//! pass over chunks of `c` tokens: logits by cuBLAS (bf16 inputs, fp32 accumulation, bf16 or fp32
+//! logits), kernel 4 (log-probs, entropy, LSE), the fused GRPO loss on the chunk's tokens with the
+//! global normalizers (dL/dlogp, KL, entropy bonus), kernel 5 in place (dlogits), then
+//! `dH_chunk = dlogits x W` and `dW += dlogits^T x hidden_chunk` (fp32 accumulator): three GEMMs
+//! per chunk, as the unfused path. The result does not depend on the chunk size beyond GEMM
+//! rounding; peak extra memory is one chunk of logits (c x V) plus 7 floats per token, never
+//! O(T x V).
 
 use super::logits::{
-    backward_rows, forward_rows, loss_on_logprobs, DeviceLogitsLossInputs, TokenWork,
+    backward_rows, forward_rows, loss_on_logprobs, valid_mask, DeviceLogitsLossInputs, TokenWork,
 };
-use super::{addr, addr_mut, addr_slice, params::LogitsParams, Gpu, Module, BLOCK};
-use crate::config::GrpoConfig;
+use super::{
+    addr, addr_mut, addr_slice, device_normalizers, params::LogitsParams, Gpu, Module, BLOCK,
+};
+use crate::config::{GrpoConfig, Normalizers};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
+use crate::layout::Mask;
 use crate::logits::{LogitElem, Logits, LogitsLossOutput, LogprobConfig};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
@@ -210,59 +216,97 @@ fn run<E: LogitElem>(
     let (h, v) = (head.hidden_size, head.vocab);
     let c = options.chunk(t, v);
     let mut work = TokenWork::new(stream, t)?;
+    // The whole batch's mask (ignored labels out) and normalizers, before any logits: each chunk's
+    // loss then weighs its tokens exactly as the whole batch would, in every aggregation mode.
+    valid_mask(gpu, stream, inputs, logits_config, &mut work.valid)?;
+    let k = inputs.lambda.len();
+    let counted = {
+        let vv = work.valid.slice(..t);
+        device_normalizers(
+            gpu,
+            stream,
+            &Mask::F32(vv),
+            t,
+            inputs.cu_seqlens,
+            inputs.membership,
+            k,
+        )?
+    };
+    let global = match inputs.normalizers {
+        Some(n) => Normalizers {
+            seq_tokens: n.seq_tokens.clone().or(counted.seq_tokens),
+            ..n.clone()
+        },
+        None => counted,
+    };
+    let mut valid_chunk = stream.alloc_zeros::<f32>(t.max(1))?;
     let mut chunk = stream.alloc_zeros::<E>((c * v).max(1))?;
     let mut chunk_bf16: Option<CudaSlice<bf16>> = if E::SUFFIX == "f32" {
         Some(stream.alloc_zeros::<bf16>((c * v).max(1))?)
     } else {
         None
     };
-    let (x_a, _gx) = addr(&head.hidden, stream);
-    let (w_a, _gw) = addr(&head.weight, stream);
     let (ct, bf) = (data_type::<E>(), cudaDataType::CUDA_R_16BF);
-    let logits_gemm =
-        |blas: &CudaBlas, chunk: &mut CudaSlice<E>, t0: usize, n: usize| -> Result<()> {
-            let (c_a, _g) = super::addr_slice_mut(chunk, stream);
-            gemm(
-                blas,
-                T,
-                N,
-                (v, n, h),
-                (w_a, bf, h),
-                (x_a + (t0 * h * 2) as u64, bf, h),
-                (c_a, ct, v),
-                0.0,
-            )
-        };
-    // pass 1: log-probs, entropy, LSE of every token
-    for t0 in (0..t).step_by(c) {
-        let n = c.min(t - t0);
-        gpu.with_blas(stream, |blas| logits_gemm(blas, &mut chunk, t0, n))?;
-        let zv = Logits::dense(chunk.slice(..n * v), n, v);
-        forward_rows(
-            gpu,
-            stream,
-            &zv,
-            inputs,
-            t0..t0 + n,
-            logits_config,
-            &mut work,
-        )?;
-    }
-    let out = loss_on_logprobs(gpu, stream, inputs, config, &mut work)?;
-    // pass 2: gradients
     if t == 0 {
         stream.memset_zeros(d_weight)?;
+        let out = loss_on_logprobs(
+            gpu,
+            stream,
+            inputs,
+            config,
+            &mut work,
+            Some(&valid_chunk),
+            Some(&global),
+        )?;
+        return Ok(out);
     }
-    let (dh_a, _gdh) = addr_mut(d_hidden, stream);
-    let (dw_a, _gdw) = addr_mut(d_weight, stream);
-    // In reverse: the last chunk's logits are still in the buffer from pass 1 (one GEMM saved; with a
-    // single chunk this is exactly the unfused three-GEMM path).
-    let starts: Vec<usize> = (0..t).step_by(c).collect();
-    for (i, &t0) in starts.iter().rev().enumerate() {
+    let mut parts: Vec<LogitsLossOutput> = Vec::new();
+    for (i, t0) in (0..t).step_by(c).enumerate() {
         let n = c.min(t - t0);
-        if i > 0 {
-            gpu.with_blas(stream, |blas| logits_gemm(blas, &mut chunk, t0, n))?;
+        {
+            let (x_a, _gx) = addr(&head.hidden, stream);
+            let (w_a, _gw) = addr(&head.weight, stream);
+            let (c_a, _gc) = super::addr_slice_mut(&mut chunk, stream);
+            // logits^T[V, n] = W[V, H] x X_chunk^T[H, n]
+            gpu.with_blas(stream, |blas| {
+                gemm(
+                    blas,
+                    T,
+                    N,
+                    (v, n, h),
+                    (w_a, bf, h),
+                    (x_a + (t0 * h * 2) as u64, bf, h),
+                    (c_a, ct, v),
+                    0.0,
+                )
+            })?;
         }
+        {
+            let zv = Logits::dense(chunk.slice(..n * v), n, v);
+            forward_rows(
+                gpu,
+                stream,
+                &zv,
+                inputs,
+                t0..t0 + n,
+                logits_config,
+                &mut work,
+            )?;
+        }
+        stream.memcpy_dtod(
+            &work.valid.slice(t0..t0 + n),
+            &mut valid_chunk.slice_mut(t0..t0 + n),
+        )?;
+        parts.push(loss_on_logprobs(
+            gpu,
+            stream,
+            inputs,
+            config,
+            &mut work,
+            Some(&valid_chunk),
+            Some(&global),
+        )?);
+        stream.memset_zeros(&mut valid_chunk.slice_mut(t0..t0 + n))?;
         {
             let mut zl = Logits::dense(chunk.slice_mut(..n * v), n, v);
             backward_rows(
@@ -277,28 +321,31 @@ fn run<E: LogitElem>(
             )?;
         }
         // the gradient chunk as bf16 for the GEMMs
-        let dl_a = match chunk_bf16.as_mut() {
-            Some(b16) => {
-                let (src, _g0) = addr_slice(&chunk, stream);
-                let (dst, g1) = super::addr_slice_mut(b16, stream);
-                let p = LogitsParams {
-                    logits: src,
-                    dlogits: dst,
-                    num_rows: (n * v) as i64,
-                    ..Default::default()
-                };
-                gpu.launch(
-                    stream,
-                    Module::Logits,
-                    "recap_f32_to_bf16",
-                    (n * v).div_ceil(BLOCK as usize).min(65_535),
-                    &p,
-                )?;
-                drop(g1);
-                super::addr_slice(b16, stream).0
-            }
-            None => addr_slice(&chunk, stream).0,
+        if let Some(b16) = chunk_bf16.as_mut() {
+            let (src, _g0) = addr_slice(&chunk, stream);
+            let (dst, _g1) = super::addr_slice_mut(b16, stream);
+            let p = LogitsParams {
+                logits: src,
+                dlogits: dst,
+                num_rows: (n * v) as i64,
+                ..Default::default()
+            };
+            gpu.launch(
+                stream,
+                Module::Logits,
+                "recap_f32_to_bf16",
+                (n * v).div_ceil(BLOCK as usize).min(65_535),
+                &p,
+            )?;
+        }
+        let (x_a, _gx) = addr(&head.hidden, stream);
+        let (w_a, _gw) = addr(&head.weight, stream);
+        let (dl_a, _gdl) = match chunk_bf16.as_ref() {
+            Some(b16) => addr_slice(b16, stream),
+            None => addr_slice(&chunk, stream),
         };
+        let (dh_a, _gdh) = addr_mut(d_hidden, stream);
+        let (dw_a, _gdw) = addr_mut(d_weight, stream);
         gpu.with_blas(stream, |blas| {
             // dH rows [t0, t0 + n): (dH^T)[H, n] = W^T[H, V] x dL^T[V, n]
             gemm(
@@ -324,5 +371,24 @@ fn run<E: LogitElem>(
             )
         })?;
     }
-    Ok(out)
+    let grpo: Vec<crate::output::GrpoOutput> = parts.iter().map(|p| p.grpo.clone()).collect();
+    let grpo = crate::output::GrpoOutput::merge_parts(&grpo, &global)
+        .ok_or_else(|| Error::arg("head.hidden", "no tokens"))?;
+    let tokens: f64 = parts.iter().map(|p| p.grpo.metrics.num_tokens).sum();
+    let entropy_mean = if tokens > 0.0 {
+        parts
+            .iter()
+            .map(|p| p.entropy_mean * p.grpo.metrics.num_tokens)
+            .sum::<f64>()
+            / tokens
+    } else {
+        0.0
+    };
+    let entropy_loss: f64 = parts.iter().map(|p| p.entropy_loss).sum();
+    Ok(LogitsLossOutput {
+        loss: grpo.loss - config.entropy_coef as f64 * entropy_loss,
+        grpo,
+        entropy_loss,
+        entropy_mean,
+    })
 }

@@ -336,12 +336,16 @@ pub(crate) fn forward_rows<E: LogitElem>(
 
 /// The loss on the log-probabilities in `work` (all T rows): the fused GRPO loss with its KL term
 /// (dL/dlogp into `work.g_logp`) and the entropy term (its aggregation weights into `work.w_ent`).
+/// `valid` replaces `work.valid` as the mask (the fused-linear path passes one chunk's rows) and
+/// `normalizers` replaces `inputs.normalizers`.
 pub(crate) fn loss_on_logprobs(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
     inputs: &DeviceLogitsLossInputs<'_>,
     config: &crate::config::GrpoConfig,
     work: &mut TokenWork,
+    valid: Option<&CudaSlice<f32>>,
+    normalizers: Option<&crate::config::Normalizers>,
 ) -> Result<crate::logits::LogitsLossOutput> {
     use crate::config::AggMode;
     use crate::layout::{Advantages, GrpoInputs, Mask, ReduceInputs};
@@ -349,12 +353,13 @@ pub(crate) fn loss_on_logprobs(
     let TokenWork {
         logp,
         entropy,
-        valid,
+        valid: work_valid,
         g_logp,
         w_ent,
         ..
     } = work;
-    let (logp, ent, valid) = (logp.slice(..t), entropy.slice(..t), valid.slice(..t));
+    let valid = valid.map_or_else(|| work_valid.slice(..t), |v| v.slice(..t));
+    let (logp, ent) = (logp.slice(..t), entropy.slice(..t));
     let advantages = match &inputs.advantages {
         Advantages::PerSequence(a) => Advantages::PerSequence(a.slice(..)),
         Advantages::PerToken(a) => Advantages::PerToken(a.slice(..)),
@@ -372,12 +377,12 @@ pub(crate) fn loss_on_logprobs(
             lambda: inputs.lambda,
             objectives: inputs.objectives,
             membership: inputs.membership,
-            normalizers: inputs.normalizers,
+            normalizers,
         },
         config,
         &mut g_logp.slice_mut(..t),
     )?;
-    let ent_norms = inputs.normalizers.map(crate::logits::entropy_normalizers);
+    let ent_norms = normalizers.map(crate::logits::entropy_normalizers);
     let reduce = |cfg: &crate::config::GrpoConfig,
                   norms: Option<&crate::config::Normalizers>,
                   out: &mut CudaViewMut<'_, f32>| {
@@ -493,7 +498,15 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
         };
         forward_rows(gpu, stream, &zv, inputs, 0..t, logits_config, &mut work)?;
     }
-    let out = loss_on_logprobs(gpu, stream, inputs, config, &mut work)?;
+    let out = loss_on_logprobs(
+        gpu,
+        stream,
+        inputs,
+        config,
+        &mut work,
+        None,
+        inputs.normalizers,
+    )?;
     backward_rows(
         gpu,
         stream,
@@ -505,4 +518,39 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
         &work,
     )?;
     Ok(out)
+}
+
+/// `valid[t] = mask[t]`, or 0 where `labels[t]` is `ignore_index` (before any logits exist).
+pub(crate) fn valid_mask(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    inputs: &DeviceLogitsLossInputs<'_>,
+    config: &LogprobConfig,
+    valid: &mut CudaSlice<f32>,
+) -> Result<()> {
+    use crate::layout::Mask;
+    let t = inputs.labels.len();
+    let (mask_a, _gm, is_u8) = match &inputs.mask {
+        Mask::F32(m) => {
+            let (a, g) = addr(m, stream);
+            (a, g, false)
+        }
+        Mask::U8(m) => {
+            let (a, g) = addr(m, stream);
+            (a, g, true)
+        }
+    };
+    let (y_a, _gy) = addr(&inputs.labels, stream);
+    let (v_a, _gv) = super::addr_slice_mut(valid, stream);
+    let p = LogitsParams {
+        labels: y_a,
+        mask: mask_a,
+        mask_u8: is_u8 as i32,
+        valid: v_a,
+        num_rows: t as i64,
+        ignore_index: config.ignore_index,
+        ..Default::default()
+    };
+    let blocks = t.div_ceil(super::BLOCK as usize).min(4096);
+    gpu.launch(stream, Module::Logits, "recap_valid_mask", blocks, &p)
 }

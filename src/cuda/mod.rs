@@ -517,6 +517,33 @@ pub(crate) fn begin_token_pass<'m>(
     })
 }
 
+/// The whole batch's normalizers (K objectives and the KL slot) and per-sequence token weights,
+/// counted on the device from `mask`.
+pub(crate) fn device_normalizers(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    mask: &Mask<CudaView<'_, f32>, CudaView<'_, u8>>,
+    t: usize,
+    cu_seqlens: &[i32],
+    membership: Option<&[u32]>,
+    k: usize,
+) -> Result<Normalizers> {
+    let pass = begin_token_pass(gpu, stream, mask, t, cu_seqlens, membership, 1, k, None)?;
+    let (norms, _) = pass.ws.read_back(stream)?;
+    let b = cu_seqlens.len() - 1;
+    let off = NORMS_LEN + 1;
+    let mut st = vec![0f64; b];
+    if b > 0 {
+        stream.memcpy_dtoh(&pass.ws.scratch.slice(off..off + b), &mut st)?;
+        stream.synchronize()?;
+    }
+    Ok(Normalizers {
+        tokens: norms[..=k].to_vec(),
+        seqs: norms[NORM_SLOTS..NORM_SLOTS + k + 1].to_vec(),
+        seq_tokens: Some(st),
+    })
+}
+
 /// Runs `recap_partials_finalize`: the fixed-order reduction of the token-pass blocks' rows.
 pub(crate) fn finalize(
     gpu: &Gpu,
