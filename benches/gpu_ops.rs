@@ -261,7 +261,7 @@ fn fused_linear_cases(
             .map(|_| ())
         })?;
         let c = opt.chunk(t, v);
-        let extra = c * v * if opt.fp32_logits { 4 + 2 } else { 2 } + 6 * t * 4;
+        let extra = c * v * if opt.fp32_logits { 4 + 2 } else { 2 } + 7 * t * 4;
         println!(
             "{:<44} {med:>10.2} {min:>10.2} {:>18.1} MiB  (chunk {c})",
             name,

@@ -47,7 +47,8 @@ pub struct LinearHead<'a> {
 pub struct FusedLinearConfig {
     /// Tokens per chunk; `None` sizes chunks from `memory_budget`.
     pub chunk_tokens: Option<usize>,
-    /// Bytes for one chunk of logits when `chunk_tokens` is `None` (default 512 MiB).
+    /// Bytes for one chunk of logits (with fp32 logits: and its bf16 copy) when `chunk_tokens` is
+    /// `None` (default 512 MiB).
     pub memory_budget: usize,
     /// Keep the logits in fp32 (bf16 GEMM inputs, fp32 output), as users who find bf16 LM heads
     /// hurt RL ask; the gradient is rounded to bf16 for the two backward GEMMs.
@@ -67,7 +68,8 @@ impl Default for FusedLinearConfig {
 impl FusedLinearConfig {
     /// The chunk size used for `t` tokens and vocabulary `v`.
     pub fn chunk(&self, t: usize, v: usize) -> usize {
-        let elem = if self.fp32_logits { 4 } else { 2 };
+        // bf16 logits, or fp32 logits plus their bf16 copy for the backward GEMMs
+        let elem = if self.fp32_logits { 4 + 2 } else { 2 };
         let c = self
             .chunk_tokens
             .unwrap_or(self.memory_budget / (v.max(1) * elem));
