@@ -70,9 +70,14 @@ impl FusedLinearConfig {
     pub fn chunk(&self, t: usize, v: usize) -> usize {
         // bf16 logits, or fp32 logits plus their bf16 copy for the backward GEMMs
         let elem = if self.fp32_logits { 4 + 2 } else { 2 };
-        let c = self
-            .chunk_tokens
-            .unwrap_or(self.memory_budget / (v.max(1) * elem));
+        let c = self.chunk_tokens.unwrap_or_else(|| {
+            let c = self.memory_budget / (v.max(1) * elem);
+            if c >= 128 {
+                c / 64 * 64 // GEMM-friendly
+            } else {
+                c
+            }
+        });
         c.clamp(1, t.max(1))
     }
 }
@@ -259,6 +264,7 @@ fn run<E: LogitElem>(
             &mut work,
             Some(&valid_chunk),
             Some(&global),
+            true,
         )?;
         return Ok(out);
     }
@@ -307,6 +313,7 @@ fn run<E: LogitElem>(
             &mut work,
             Some(&valid_chunk),
             Some(&global),
+            false,
         )?);
         stream.memset_zeros(&mut valid_chunk.slice_mut(t0..t0 + n))?;
         {
@@ -373,24 +380,54 @@ fn run<E: LogitElem>(
             )
         })?;
     }
+    work.check_labels(stream, v, logits_config)?;
     let grpo: Vec<crate::output::GrpoOutput> = parts.iter().map(|p| p.grpo.clone()).collect();
     let grpo = crate::output::GrpoOutput::merge_parts(&grpo, &global)
         .ok_or_else(|| Error::arg("head.hidden", "no tokens"))?;
-    let tokens: f64 = parts.iter().map(|p| p.grpo.metrics.num_tokens).sum();
-    let entropy_mean = if tokens > 0.0 {
-        parts
-            .iter()
-            .map(|p| p.entropy_mean * p.grpo.metrics.num_tokens)
-            .sum::<f64>()
-            / tokens
-    } else {
-        0.0
-    };
-    let entropy_loss: f64 = parts.iter().map(|p| p.entropy_loss).sum();
+    // the entropy term and mean over the whole batch, once (work holds every token's entropy)
+    let (entropy_loss, entropy_mean) = entropy_stats(gpu, stream, inputs, config, &work, &global)?;
     Ok(LogitsLossOutput {
         loss: grpo.loss - config.entropy_coef as f64 * entropy_loss,
         grpo,
         entropy_loss,
         entropy_mean,
     })
+}
+
+/// `agg(entropy)` in the configured mode with the whole batch's normalizers, and its masked mean.
+fn entropy_stats(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    inputs: &DeviceLogitsLossInputs<'_>,
+    config: &GrpoConfig,
+    work: &TokenWork,
+    global: &Normalizers,
+) -> Result<(f64, f64)> {
+    use crate::layout::ReduceInputs;
+    let t = work.t;
+    let norms = crate::logits::entropy_normalizers(global);
+    let mut scratch = stream.alloc_zeros::<f32>(t.max(1))?;
+    let mut reduce = |cfg: &GrpoConfig, n: Option<&Normalizers>| -> Result<f64> {
+        Ok(super::weighted_reduce(
+            gpu,
+            stream,
+            &ReduceInputs {
+                losses: work.entropy.slice(..t),
+                mask: Mask::F32(work.valid.slice(..t)),
+                cu_seqlens: inputs.cu_seqlens,
+                lambda: &[1.0],
+                membership: None,
+                normalizers: n,
+            },
+            cfg,
+            &mut scratch.slice_mut(..t),
+        )?
+        .objective_loss[0])
+    };
+    let agg = reduce(config, Some(&norms))?;
+    let mean_cfg = GrpoConfig {
+        agg_mode: crate::config::AggMode::TokenMean,
+        ..config.clone()
+    };
+    Ok((agg, reduce(&mean_cfg, None)?))
 }

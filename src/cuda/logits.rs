@@ -42,7 +42,7 @@ pub fn logprob_forward<E: LogitElem>(
     let (h_a, _g1) = addr_mut(entropy, stream);
     let (lse_a, _g2) = addr_mut(lse, stream);
     forward_raw(
-        gpu, stream, logits, labels, config, lp_a, h_a, lse_a, None, 0,
+        gpu, stream, logits, labels, config, lp_a, h_a, lse_a, None, 0, None,
     )
 }
 
@@ -60,15 +60,21 @@ pub(crate) fn forward_raw<E: LogitElem>(
     lse: u64,
     mask: Option<(u64, bool)>,
     valid: u64,
+    counter: Option<&mut CudaSlice<u32>>,
 ) -> Result<()> {
     if logits.rows == 0 {
         return Ok(());
     }
-    let bad = stream.alloc_zeros::<u32>(1)?;
+    // with the caller's counter, the caller checks it (once, after several launches)
+    let mut own = None;
+    let bad = match counter {
+        Some(c) => c,
+        None => own.insert(stream.alloc_zeros::<u32>(1)?),
+    };
     {
         let (z_a, _g0) = addr(&logits.data, stream);
         let (y_a, _g1) = addr(labels, stream);
-        let (bad_a, _g2) = super::addr_slice(&bad, stream);
+        let (bad_a, _g2) = super::addr_slice_mut(bad, stream);
         let p = LogitsParams {
             logits: z_a,
             labels: y_a,
@@ -100,13 +106,26 @@ pub(crate) fn forward_raw<E: LogitElem>(
             &p,
         )?;
     }
-    let n = stream.clone_dtoh(&bad)?[0];
+    match own {
+        Some(c) => check_bad_labels(stream, &c, logits.vocab, config),
+        None => Ok(()),
+    }
+}
+
+/// Errors if the label counter of kernel 4 is not zero (reads it back: synchronizes).
+pub(crate) fn check_bad_labels(
+    stream: &Arc<CudaStream>,
+    counter: &CudaSlice<u32>,
+    vocab: usize,
+    config: &LogprobConfig,
+) -> Result<()> {
+    let n = stream.clone_dtoh(counter)?[0];
     if n > 0 {
         return Err(Error::arg(
             "labels",
             format!(
-                "{n} label(s) outside [0, V = {}) and not ignore_index = {}",
-                logits.vocab, config.ignore_index
+                "{n} label(s) outside [0, V = {vocab}) and not ignore_index = {}",
+                config.ignore_index
             ),
         ));
     }
@@ -274,6 +293,8 @@ pub(crate) struct TokenWork {
     pub g_logp: CudaSlice<f32>,
     /// aggregation weights of the entropy term
     pub w_ent: CudaSlice<f32>,
+    /// labels outside [0, V) seen by kernel 4 (checked by `check_labels`)
+    pub bad_labels: CudaSlice<u32>,
     pub t: usize,
 }
 
@@ -287,8 +308,19 @@ impl TokenWork {
             valid: stream.alloc_zeros::<f32>(n)?,
             g_logp: stream.alloc_zeros::<f32>(n)?,
             w_ent: stream.alloc_zeros::<f32>(n)?,
+            bad_labels: stream.alloc_zeros::<u32>(1)?,
             t,
         })
+    }
+
+    /// Errors if kernel 4 met a label outside `[0, V)` (synchronizes).
+    pub(crate) fn check_labels(
+        &self,
+        stream: &Arc<CudaStream>,
+        vocab: usize,
+        config: &LogprobConfig,
+    ) -> Result<()> {
+        check_bad_labels(stream, &self.bad_labels, vocab, config)
     }
 }
 
@@ -331,13 +363,17 @@ pub(crate) fn forward_rows<E: LogitElem>(
         l + 4 * r0,
         Some((mask_a, is_u8)),
         v + 4 * r0,
+        Some(&mut work.bad_labels),
     )
 }
 
 /// The loss on the log-probabilities in `work` (all T rows): the fused GRPO loss with its KL term
 /// (dL/dlogp into `work.g_logp`) and the entropy term (its aggregation weights into `work.w_ent`).
 /// `valid` replaces `work.valid` as the mask (the fused-linear path passes one chunk's rows) and
-/// `normalizers` replaces `inputs.normalizers`.
+/// `normalizers` replaces `inputs.normalizers`. Without `entropy_stats` the entropy term is reduced
+/// only when it has a gradient (`entropy_coef != 0`) and `entropy_mean` is left 0: the caller
+/// computes both once for the whole batch.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn loss_on_logprobs(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
@@ -346,6 +382,7 @@ pub(crate) fn loss_on_logprobs(
     work: &mut TokenWork,
     valid: Option<&CudaSlice<f32>>,
     normalizers: Option<&crate::config::Normalizers>,
+    entropy_stats: bool,
 ) -> Result<crate::logits::LogitsLossOutput> {
     use crate::config::AggMode;
     use crate::layout::{Advantages, GrpoInputs, Mask, ReduceInputs};
@@ -401,9 +438,14 @@ pub(crate) fn loss_on_logprobs(
             out,
         )
     };
-    let entropy_loss =
-        reduce(config, ent_norms.as_ref(), &mut w_ent.slice_mut(..t))?.objective_loss[0];
-    let entropy_mean = if config.agg_mode == AggMode::TokenMean && ent_norms.is_none() {
+    let entropy_loss = if entropy_stats || config.entropy_coef != 0.0 {
+        reduce(config, ent_norms.as_ref(), &mut w_ent.slice_mut(..t))?.objective_loss[0]
+    } else {
+        0.0
+    };
+    let entropy_mean = if !entropy_stats {
+        0.0
+    } else if config.agg_mode == AggMode::TokenMean && ent_norms.is_none() {
         entropy_loss
     } else {
         let mean_cfg = crate::config::GrpoConfig {
@@ -498,6 +540,7 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
         };
         forward_rows(gpu, stream, &zv, inputs, 0..t, logits_config, &mut work)?;
     }
+    work.check_labels(stream, logits.vocab, logits_config)?;
     let out = loss_on_logprobs(
         gpu,
         stream,
@@ -506,6 +549,7 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
         &mut work,
         None,
         inputs.normalizers,
+        true,
     )?;
     backward_rows(
         gpu,
