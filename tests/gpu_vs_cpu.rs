@@ -325,50 +325,5 @@ fn parts_splitting_a_sequence_match_whole_batch_on_gpu() {
     let Some(be) = gpu("parts_splitting_a_sequence_match_whole_batch_on_gpu") else {
         return;
     };
-    let lens = [5usize, 400, 9, 1200, 33];
-    let k = 3;
-    for seed in 0..4u64 {
-        let whole = Batch::random(seed, &lens, k);
-        let total = recap_kernels::count_normalizers(
-            whole.inputs(None).mask,
-            &whole.cu,
-            whole.membership.as_deref(),
-            k,
-        )
-        .unwrap();
-        for cut in [100usize, 900] {
-            let (a, b) = common::split_at_token(&whole, cut, k);
-            let first_b = (0..lens.len())
-                .find(|&i| whole.cu[i + 1] as usize > cut)
-                .unwrap();
-            for mode in AggMode::ALL {
-                let cfg = config_for(seed, mode);
-                let mut g_whole = vec![0f32; whole.t()];
-                let out = be
-                    .grpo_loss(&whole.inputs(None), &cfg, &mut g_whole)
-                    .unwrap();
-                let mut loss = 0.0;
-                let mut g_cat = Vec::new();
-                for (part, first) in [(&a, 0usize), (&b, first_b)] {
-                    let n = recap_kernels::Normalizers {
-                        seq_tokens: Some(common::whole_seq_tokens(
-                            &whole,
-                            first,
-                            part.cu.len() - 1,
-                        )),
-                        ..total.clone()
-                    };
-                    let mut g = vec![0f32; part.t()];
-                    loss += be
-                        .grpo_loss(&part.inputs(Some(&n)), &cfg, &mut g)
-                        .unwrap()
-                        .loss;
-                    g_cat.extend(g);
-                }
-                let what = format!("seed {seed} cut {cut} {mode}");
-                assert_close(&format!("{what} loss"), loss, out.loss, ABS, REL);
-                assert_all_close(&format!("{what} grad"), &g_cat, &g_whole, 1e-9, 1e-6);
-            }
-        }
-    }
+    common::check_split_parts(&be, &[5, 400, 9, 1200, 33], 3, 0..4, &[100, 900], ABS, REL);
 }

@@ -652,58 +652,13 @@ fn backend_auto_never_panics() {
 /// in every aggregation mode.
 #[test]
 fn parts_splitting_a_sequence_match_the_whole_batch() {
-    let lens = [5usize, 40, 9, 12];
-    let k = 2;
-    for seed in 0..6u64 {
-        let whole = Batch::random(seed, &lens, k);
-        for cut in [7usize, 20, 44] {
-            let (a, b) = common::split_at_token(&whole, cut, k);
-            let total = recap_kernels::count_normalizers(
-                whole.inputs(None).mask,
-                &whole.cu,
-                whole.membership.as_deref(),
-                k,
-            )
-            .unwrap();
-            let first_b = (0..lens.len())
-                .find(|&i| whole.cu[i + 1] as usize > cut)
-                .unwrap();
-            for mode in AggMode::ALL {
-                let cfg = common::config_for(seed, mode);
-                let mut g_whole = vec![0f32; whole.t()];
-                let out = cpu::grpo_loss(&whole.inputs(None), &cfg, &mut g_whole).unwrap();
-                let mut loss = 0.0;
-                let mut g_cat = Vec::new();
-                for (part, first) in [(&a, 0usize), (&b, first_b)] {
-                    let n = recap_kernels::Normalizers {
-                        seq_tokens: Some(common::whole_seq_tokens(
-                            &whole,
-                            first,
-                            part.cu.len() - 1,
-                        )),
-                        ..total.clone()
-                    };
-                    let mut g = vec![0f32; part.t()];
-                    loss += cpu::grpo_loss(&part.inputs(Some(&n)), &cfg, &mut g)
-                        .unwrap()
-                        .loss;
-                    g_cat.extend(g);
-                }
-                assert_close(
-                    &format!("seed {seed} cut {cut} {mode} loss"),
-                    loss,
-                    out.loss,
-                    1e-9,
-                    1e-9,
-                );
-                assert_all_close(
-                    &format!("seed {seed} cut {cut} {mode} grad"),
-                    &g_cat,
-                    &g_whole,
-                    1e-9,
-                    1e-6,
-                );
-            }
-        }
-    }
+    common::check_split_parts(
+        &Backend::Cpu,
+        &[5, 40, 9, 12],
+        2,
+        0..6,
+        &[7, 20, 44],
+        1e-9,
+        1e-9,
+    );
 }

@@ -307,3 +307,57 @@ pub fn whole_seq_tokens(w: &Batch, first: usize, count: usize) -> Vec<f64> {
         })
         .collect()
 }
+
+/// Parts that cut a sequence in two (at each of `cuts`), with the whole batch's normalizers and
+/// per-sequence token weights, reproduce the whole batch on `be` in every aggregation mode: their
+/// losses sum to its loss (`abs`, `rel`) and their gradients concatenate to its gradient.
+pub fn check_split_parts(
+    be: &Backend,
+    lens: &[usize],
+    k: usize,
+    seeds: std::ops::Range<u64>,
+    cuts: &[usize],
+    abs: f64,
+    rel: f64,
+) {
+    for seed in seeds {
+        let whole = Batch::random(seed, lens, k);
+        let total = recap_kernels::count_normalizers(
+            whole.inputs(None).mask,
+            &whole.cu,
+            whole.membership.as_deref(),
+            k,
+        )
+        .unwrap();
+        for &cut in cuts {
+            let (a, b) = split_at_token(&whole, cut, k);
+            let first_b = (0..lens.len())
+                .find(|&i| whole.cu[i + 1] as usize > cut)
+                .unwrap();
+            for mode in recap_kernels::AggMode::ALL {
+                let cfg = config_for(seed, mode);
+                let mut g_whole = vec![0f32; whole.t()];
+                let out = be
+                    .grpo_loss(&whole.inputs(None), &cfg, &mut g_whole)
+                    .unwrap();
+                let mut loss = 0.0;
+                let mut g_cat = Vec::new();
+                for (part, first) in [(&a, 0usize), (&b, first_b)] {
+                    let n = Normalizers {
+                        seq_tokens: Some(whole_seq_tokens(&whole, first, part.cu.len() - 1)),
+                        ..total.clone()
+                    };
+                    let mut g = vec![0f32; part.t()];
+                    loss += be
+                        .grpo_loss(&part.inputs(Some(&n)), &cfg, &mut g)
+                        .unwrap()
+                        .loss;
+                    g_cat.extend(g);
+                }
+                let what = format!("{} seed {seed} cut {cut} {mode}", be.name());
+                assert_close(&format!("{what} loss"), loss, out.loss, abs, rel);
+                assert_all_close(&format!("{what} grad"), &g_cat, &g_whole, 1e-9, 1e-6);
+            }
+        }
+    }
+}
