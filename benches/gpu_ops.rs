@@ -329,7 +329,7 @@ fn logits_case<E: LogitElem>(
             &y.as_view(),
             &cfg,
             &mut lp.as_view_mut(),
-            &mut h.as_view_mut(),
+            Some(&mut h.as_view_mut()),
             &mut l.as_view_mut(),
         )
     })?;

@@ -220,7 +220,7 @@ impl Backend {
                 &y.slice(..t),
                 config,
                 &mut a.slice_mut(..t),
-                &mut b.slice_mut(..t),
+                Some(&mut b.slice_mut(..t)),
                 &mut c.slice_mut(..t),
             )?;
         }
@@ -282,7 +282,7 @@ impl Backend {
                 &yv,
                 config,
                 &mut a.slice_mut(..t),
-                &mut b.slice_mut(..t),
+                Some(&mut b.slice_mut(..t)),
                 &mut c.slice_mut(..t),
             )?;
         }

@@ -256,6 +256,7 @@ fn gpu_vs_cpu<E: LogitElem>(be: &Backend) {
         (4097, 7),
         (4097, 1000),
         (33, 1000),
+        (5, 262_144),
     ];
     let (abs, rel) = tolerance::<E>();
     for (i, &(t, v)) in shapes.iter().enumerate() {
@@ -393,7 +394,7 @@ fn device_forward<E: LogitElem>(
         &labels.as_view(),
         cfg,
         &mut lp.as_view_mut(),
-        &mut h.as_view_mut(),
+        Some(&mut h.as_view_mut()),
         &mut l.as_view_mut(),
     )
     .unwrap();

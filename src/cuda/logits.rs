@@ -16,8 +16,9 @@ fn check_rows(arg: &'static str, got: usize, t: usize) -> Result<()> {
     check_len(arg, got, t, "[T] (the rows of logits)")
 }
 
-/// Kernel 4 on `stream`: per row, `logp = z_y/tau - LSE(z/tau)` (0 for ignored labels), the entropy
-/// of `softmax(z/tau)` and the LSE (which the backward needs), each `[T]` f32. A label outside
+/// Kernel 4 on `stream`: per row, `logp = z_y/tau - LSE(z/tau)` (0 for ignored labels), optionally
+/// the entropy of `softmax(z/tau)` (`None` skips writing it), and the LSE (which the backward
+/// needs), each `[T]` f32. A label outside
 /// `[0, V)` that is not `ignore_index` is an error (detected on the device; this synchronizes).
 #[allow(clippy::too_many_arguments)]
 pub fn logprob_forward<E: LogitElem>(
@@ -27,7 +28,7 @@ pub fn logprob_forward<E: LogitElem>(
     labels: &CudaView<'_, i32>,
     config: &LogprobConfig,
     logp: &mut CudaViewMut<'_, f32>,
-    entropy: &mut CudaViewMut<'_, f32>,
+    entropy: Option<&mut CudaViewMut<'_, f32>>,
     lse: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     config.validate()?;
@@ -35,11 +36,19 @@ pub fn logprob_forward<E: LogitElem>(
     let t = logits.rows;
     check_rows("labels", labels.len(), t)?;
     check_rows("logp", logp.len(), t)?;
-    check_rows("entropy", entropy.len(), t)?;
+    if let Some(h) = &entropy {
+        check_rows("entropy", h.len(), t)?;
+    }
     check_rows("lse", lse.len(), t)?;
     gpu.check_stream(stream)?;
     let (lp_a, _g0) = addr_mut(logp, stream);
-    let (h_a, _g1) = addr_mut(entropy, stream);
+    let (h_a, _g1) = match entropy {
+        Some(h) => {
+            let (a, g) = addr_mut(h, stream);
+            (a, Some(g))
+        }
+        None => (0, None),
+    };
     let (lse_a, _g2) = addr_mut(lse, stream);
     forward_raw(
         gpu, stream, logits, labels, config, lp_a, h_a, lse_a, None, 0, None,
