@@ -22,6 +22,7 @@ pub mod error;
 pub mod layout;
 pub mod logits;
 pub mod output;
+pub mod recap;
 
 pub use backend::Backend;
 pub use config::{AggMode, GrpoConfig, KlEstimator, Normalizers, ObjectiveKind, MAX_OBJECTIVES};
@@ -34,3 +35,4 @@ pub use logits::{
     HostLogitsLossInputs, LogitElem, Logits, LogitsLossInputs, LogitsLossOutput, LogprobConfig,
 };
 pub use output::{GrpoMetrics, GrpoOutput, ReduceOutput};
+pub use recap::{Orientation, RecapConfig, RecapScheduler};
