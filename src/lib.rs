@@ -12,6 +12,7 @@
 //! Data layout: packed variable-length tokens (see [`layout`]). Formulas: `kernels/grpo_math.cuh`
 //! and the README.
 
+pub mod advantages;
 pub mod backend;
 pub mod config;
 pub mod cpu;
@@ -24,6 +25,9 @@ pub mod logits;
 pub mod output;
 pub mod recap;
 
+pub use advantages::{
+    group_advantages, AdvantageConfig, AdvantageMode, DifficultyWeights, Groups, LeadOptions,
+};
 pub use backend::Backend;
 pub use config::{AggMode, GrpoConfig, KlEstimator, Normalizers, ObjectiveKind, MAX_OBJECTIVES};
 pub use cpu::count_normalizers;

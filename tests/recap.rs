@@ -184,3 +184,36 @@ fn checkpoint_and_resume_give_identical_weights() {
     assert!(ws.windows(2).any(|w| w[0] != w[1]), "the weights move");
     assert!(RecapScheduler::from_json("{\"config\": 3}").is_err());
 }
+
+/// A saturated objective loses weight to an improving one; a volatile one gains instability.
+#[test]
+fn saturated_improving_and_volatile_objectives() {
+    let mut s = RecapScheduler::new(
+        &[Orientation::Reward, Orientation::Reward, Orientation::Loss],
+        RecapConfig::default(),
+    )
+    .unwrap();
+    let mut rng = Rng::new(4);
+    for step in 0..40 {
+        let format = 1.0; // saturated
+        let accuracy = 0.1 + 0.02 * step as f64; // improving
+        let replay = 2.0 + if step % 2 == 0 { 0.8 } else { -0.8 } + 0.05 * rng.normal(); // volatile
+        s.observe(&[format, accuracy, replay]).unwrap();
+    }
+    let sig = s.signals().unwrap();
+    let w = s.weights();
+    assert_eq!(
+        (sig[0].convergence, sig[0].instability),
+        (1.0, 0.0),
+        "saturated: no change, no noise"
+    );
+    assert!(sig[1].convergence > 1.0, "improving reward: c > 1");
+    assert!(
+        sig[2].instability > sig[1].instability,
+        "volatile replay is the unstable one"
+    );
+    assert!(
+        w[0] < 1.0 && w[1] > 1.0,
+        "the saturated objective's weight falls below 1, the improving one's rises: {w:?}"
+    );
+}

@@ -1,0 +1,259 @@
+//! Group advantages for GRPO-style training (CPU reference; host, f64).
+//!
+//! Rewards `[B, K]` of B rollouts, grouped by prompt (G consecutive rollouts, or an explicit group id
+//! per rollout). Per objective k, with the group's rewards r_1..r_n and their mean m:
+//!
+//! ```text
+//! grpo      (r - m) / (std + eps)       unbiased std; a group of one rollout gives 0
+//! dr_grpo   r - m                       (Dr. GRPO: no std scaling)
+//! rloo      r - (sum - r) / (n - 1)     leave-one-out baseline; a group of one gives 0
+//! batch     (r - m) / (std_batch + eps) TRL's scale_rewards="batch": unbiased std of all B rewards
+//! ```
+//!
+//! GRPO-LEAD options on a designated correctness objective c (rewards 0/1):
+//! - length-dependent accuracy reward: a correct response (r > 0) gets `exp(-alpha z)`, z its length
+//!   standardized over the group's correct responses (0 when fewer than two or no spread), an
+//!   incorrect one gets -1; applied to objective c's rewards before the advantages;
+//! - difficulty-aware reweighting of every objective's advantage by the group's accuracy rho on c:
+//!   `w(rho) = A + (B - A) / (1 + exp(k (rho - rho0)))`, adv * w(rho) where adv > 0 and
+//!   adv * w(1 - rho) where adv <= 0 (A = 0.4, B = 1.5, rho0 = 0.75, k = 10).
+
+use crate::error::{Error, Result};
+use crate::layout::check_len;
+
+/// How an objective's rewards become advantages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AdvantageMode {
+    /// `(r - mean_g) / (std_g + eps)`.
+    #[default]
+    Grpo,
+    /// `r - mean_g`.
+    DrGrpo,
+    /// `r - mean of the others`.
+    Rloo,
+    /// `(r - mean_g) / (std of the batch + eps)`.
+    BatchStd,
+}
+
+/// Rollout groups.
+#[derive(Clone, Copy, Debug)]
+pub enum Groups<'a> {
+    /// Groups of G consecutive rollouts (B must be a multiple of G).
+    Consecutive(usize),
+    /// `[B]` group id of each rollout (any order).
+    Ids(&'a [i32]),
+}
+
+/// GRPO-LEAD's difficulty-aware weights `w(rho) = a + (b - a) / (1 + exp(k (rho - rho0)))`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DifficultyWeights {
+    pub a: f64,
+    pub b: f64,
+    pub rho0: f64,
+    pub k: f64,
+}
+
+impl Default for DifficultyWeights {
+    fn default() -> Self {
+        DifficultyWeights {
+            a: 0.4,
+            b: 1.5,
+            rho0: 0.75,
+            k: 10.0,
+        }
+    }
+}
+
+impl DifficultyWeights {
+    /// `w(rho)`.
+    pub fn weight(&self, rho: f64) -> f64 {
+        self.a + (self.b - self.a) / (1.0 + (self.k * (rho - self.rho0)).exp())
+    }
+}
+
+/// GRPO-LEAD options.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LeadOptions {
+    /// The correctness objective (rewards 0/1; > 0 counts as correct).
+    pub correctness: usize,
+    /// Difficulty-aware reweighting of every objective's advantage.
+    pub difficulty: Option<DifficultyWeights>,
+    /// Length-dependent accuracy reward `exp(-alpha z)` (alpha, default 0.05); needs `lengths`.
+    pub length_alpha: Option<f64>,
+}
+
+/// Advantage settings: one mode per objective.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdvantageConfig {
+    /// `[K]` mode of each objective.
+    pub modes: Vec<AdvantageMode>,
+    /// Added to the std (1e-6, as verl).
+    pub eps: f64,
+    /// GRPO-LEAD options.
+    pub lead: Option<LeadOptions>,
+}
+
+/// Group ids and members, from either form.
+fn group_members(groups: Groups<'_>, b: usize) -> Result<Vec<Vec<usize>>> {
+    match groups {
+        Groups::Consecutive(g) => {
+            if g == 0 || b % g != 0 {
+                return Err(Error::arg(
+                    "groups",
+                    format!(
+                        "B = {b} rollouts do not split into groups of G = {g} consecutive rollouts"
+                    ),
+                ));
+            }
+            Ok((0..b / g).map(|i| (i * g..(i + 1) * g).collect()).collect())
+        }
+        Groups::Ids(ids) => {
+            check_len("groups", ids.len(), b, "[B] group ids")?;
+            let mut order: Vec<i32> = ids.to_vec();
+            order.sort_unstable();
+            order.dedup();
+            let mut members = vec![Vec::new(); order.len()];
+            for (i, id) in ids.iter().enumerate() {
+                let g = order
+                    .binary_search(id)
+                    .map_err(|_| Error::arg("groups", "group id lookup"))?;
+                members[g].push(i);
+            }
+            Ok(members)
+        }
+    }
+}
+
+fn mean(x: &[f64]) -> f64 {
+    if x.is_empty() {
+        0.0
+    } else {
+        x.iter().sum::<f64>() / x.len() as f64
+    }
+}
+
+fn unbiased_std(x: &[f64]) -> f64 {
+    if x.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(x);
+    (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64).sqrt()
+}
+
+/// Advantages `[B, K]` of rewards `[B, K]` (row-major) into `out`. `lengths` (`[B]` response
+/// lengths) is needed by the length-dependent accuracy reward.
+pub fn group_advantages(
+    rewards: &[f32],
+    groups: Groups<'_>,
+    lengths: Option<&[i32]>,
+    config: &AdvantageConfig,
+    out: &mut [f32],
+) -> Result<()> {
+    let k = config.modes.len();
+    if k == 0 {
+        return Err(Error::arg(
+            "config.modes",
+            "expected one mode per objective, got none",
+        ));
+    }
+    if rewards.len() % k != 0 {
+        return Err(Error::arg(
+            "rewards",
+            format!("expected [B, K = {k}], got {} values", rewards.len()),
+        ));
+    }
+    let b = rewards.len() / k;
+    check_len("out", out.len(), b * k, "[B, K]")?;
+    if !(config.eps.is_finite() && config.eps >= 0.0) {
+        return Err(Error::arg(
+            "config.eps",
+            format!("expected a finite eps >= 0, got {}", config.eps),
+        ));
+    }
+    if let Some((i, v)) = rewards.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::arg(
+            "rewards",
+            format!("rewards[{i}] = {v} is not finite"),
+        ));
+    }
+    let members = group_members(groups, b)?;
+    let mut r: Vec<f64> = rewards.iter().map(|x| *x as f64).collect();
+    if let Some(lead) = &config.lead {
+        if lead.correctness >= k {
+            return Err(Error::arg(
+                "config.lead",
+                format!("correctness objective {} >= K = {k}", lead.correctness),
+            ));
+        }
+        if let Some(alpha) = lead.length_alpha {
+            let len = lengths.ok_or_else(|| {
+                Error::arg("lengths", "the length-dependent reward needs [B] lengths")
+            })?;
+            check_len("lengths", len.len(), b, "[B]")?;
+            let c = lead.correctness;
+            for m in &members {
+                let correct: Vec<f64> = m
+                    .iter()
+                    .filter(|&&i| r[i * k + c] > 0.0)
+                    .map(|&i| len[i] as f64)
+                    .collect();
+                let (mu, sd) = (mean(&correct), unbiased_std(&correct));
+                for &i in m {
+                    r[i * k + c] = if r[i * k + c] > 0.0 {
+                        let z = if sd > 0.0 {
+                            (len[i] as f64 - mu) / sd
+                        } else {
+                            0.0
+                        };
+                        (-alpha * z).exp()
+                    } else {
+                        -1.0
+                    };
+                }
+            }
+        }
+    }
+    for j in 0..k {
+        let col: Vec<f64> = (0..b).map(|i| r[i * k + j]).collect();
+        let batch_std = unbiased_std(&col);
+        for m in &members {
+            let x: Vec<f64> = m.iter().map(|&i| col[i]).collect();
+            let (mu, sd, sum, n) = (mean(&x), unbiased_std(&x), x.iter().sum::<f64>(), x.len());
+            for (&i, &v) in m.iter().zip(&x) {
+                let a = match config.modes[j] {
+                    AdvantageMode::Grpo if n < 2 => 0.0,
+                    AdvantageMode::Grpo => (v - mu) / (sd + config.eps),
+                    AdvantageMode::DrGrpo => v - mu,
+                    AdvantageMode::Rloo if n < 2 => 0.0,
+                    AdvantageMode::Rloo => v - (sum - v) / (n - 1) as f64,
+                    AdvantageMode::BatchStd => (v - mu) / (batch_std + config.eps),
+                };
+                out[i * k + j] = a as f32;
+            }
+        }
+    }
+    if let Some(lead) = &config.lead {
+        if let Some(dw) = &lead.difficulty {
+            let c = lead.correctness;
+            for m in &members {
+                let rho = mean(
+                    &m.iter()
+                        .map(|&i| (rewards[i * k + c] > 0.0) as u8 as f64)
+                        .collect::<Vec<_>>(),
+                );
+                for &i in m {
+                    for j in 0..k {
+                        let a = out[i * k + j] as f64;
+                        let w = if a > 0.0 {
+                            dw.weight(rho)
+                        } else {
+                            dw.weight(1.0 - rho)
+                        };
+                        out[i * k + j] = (a * w) as f32;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! Group advantages against hand-computed cases, every mode, explicit group ids, and the GRPO-LEAD
+//! options.
+
+mod common;
+
+use common::assert_close;
+use recap_kernels::{
+    group_advantages, AdvantageConfig, AdvantageMode, DifficultyWeights, Error, Groups, LeadOptions,
+};
+
+fn adv(
+    rewards: &[f32],
+    groups: Groups<'_>,
+    modes: &[AdvantageMode],
+    lead: Option<LeadOptions>,
+    lengths: Option<&[i32]>,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; rewards.len()];
+    let cfg = AdvantageConfig {
+        modes: modes.to_vec(),
+        eps: 1e-6,
+        lead,
+    };
+    group_advantages(rewards, groups, lengths, &cfg, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn every_mode_by_hand() {
+    // one group of four: [1, 0, 1, 0]: mean 0.5, unbiased std sqrt(1/3)
+    let r = [1.0f32, 0.0, 1.0, 0.0];
+    let g = adv(
+        &r,
+        Groups::Consecutive(4),
+        &[AdvantageMode::Grpo],
+        None,
+        None,
+    );
+    let s = (1.0f64 / 3.0).sqrt();
+    for (i, want) in [
+        0.5 / (s + 1e-6),
+        -0.5 / (s + 1e-6),
+        0.5 / (s + 1e-6),
+        -0.5 / (s + 1e-6),
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_close(&format!("grpo[{i}]"), g[i] as f64, *want, 1e-6, 1e-6);
+    }
+    assert_eq!(
+        adv(
+            &r,
+            Groups::Consecutive(4),
+            &[AdvantageMode::DrGrpo],
+            None,
+            None
+        ),
+        vec![0.5, -0.5, 0.5, -0.5]
+    );
+    // rloo on [1, 0, 0]: 1 - 0, 0 - 0.5, 0 - 0.5
+    assert_eq!(
+        adv(
+            &[1.0, 0.0, 0.0],
+            Groups::Consecutive(3),
+            &[AdvantageMode::Rloo],
+            None,
+            None
+        ),
+        vec![1.0, -0.5, -0.5]
+    );
+    // batch std: groups [1, 0] and [1, 1]; batch rewards [1, 0, 1, 1] have unbiased std 0.5
+    let b = adv(
+        &[1.0, 0.0, 1.0, 1.0],
+        Groups::Consecutive(2),
+        &[AdvantageMode::BatchStd],
+        None,
+        None,
+    );
+    for (i, want) in [1.0, -1.0, 0.0, 0.0].iter().enumerate() {
+        assert_close(&format!("batch[{i}]"), b[i] as f64, *want, 1e-5, 0.0);
+    }
+    // a group of one rollout: 0 in every mode
+    for m in [
+        AdvantageMode::Grpo,
+        AdvantageMode::DrGrpo,
+        AdvantageMode::Rloo,
+    ] {
+        assert_eq!(
+            adv(&[0.7, 0.2, 0.9], Groups::Ids(&[0, 1, 1]), &[m], None, None)[0],
+            0.0,
+            "{m:?}"
+        );
+    }
+}
+
+#[test]
+fn objectives_are_independent_and_ids_match_consecutive_groups() {
+    // K = 2 objectives with different modes; rewards [B = 6, K = 2] in groups of 3
+    let r = [
+        1.0f32, 0.2, 0.0, 0.9, 1.0, 0.1, 0.0, 0.5, 0.0, 0.4, 1.0, 0.3,
+    ];
+    let modes = [AdvantageMode::Grpo, AdvantageMode::DrGrpo];
+    let consecutive = adv(&r, Groups::Consecutive(3), &modes, None, None);
+    // the same rollouts in another order with explicit ids give the permuted advantages
+    let perm = [4usize, 0, 5, 2, 1, 3];
+    let rp: Vec<f32> = perm
+        .iter()
+        .flat_map(|&i| [r[2 * i], r[2 * i + 1]])
+        .collect();
+    let ids: Vec<i32> = perm.iter().map(|&i| (i / 3) as i32 + 7).collect();
+    let by_id = adv(&rp, Groups::Ids(&ids), &modes, None, None);
+    for (p, &i) in perm.iter().enumerate() {
+        assert_eq!(
+            [by_id[2 * p], by_id[2 * p + 1]],
+            [consecutive[2 * i], consecutive[2 * i + 1]],
+            "rollout {i}"
+        );
+    }
+    // dr_grpo of objective 1, group 0: [0.2, 0.9, 0.1] - 0.4
+    for (i, want) in [-0.2f64, 0.5, -0.3].iter().enumerate() {
+        assert_close(
+            &format!("dr_grpo[{i}]"),
+            consecutive[2 * i + 1] as f64,
+            *want,
+            1e-6,
+            0.0,
+        );
+    }
+}
+
+#[test]
+fn grpo_lead_difficulty_weights() {
+    let dw = DifficultyWeights::default();
+    assert_close("w(0.75)", dw.weight(0.75), 0.95, 1e-12, 0.0);
+    assert_close(
+        "w(0.25)",
+        dw.weight(0.25),
+        0.4 + 1.1 / (1.0 + (-5f64).exp()),
+        1e-12,
+        0.0,
+    );
+    // group accuracy 0.75: positive advantages x w(0.75), negative x w(0.25)
+    let r = [1.0f32, 1.0, 1.0, 0.0];
+    let lead = LeadOptions {
+        correctness: 0,
+        difficulty: Some(dw),
+        length_alpha: None,
+    };
+    let plain = adv(
+        &r,
+        Groups::Consecutive(4),
+        &[AdvantageMode::Grpo],
+        None,
+        None,
+    );
+    let lead_adv = adv(
+        &r,
+        Groups::Consecutive(4),
+        &[AdvantageMode::Grpo],
+        Some(lead),
+        None,
+    );
+    for i in 0..4 {
+        let w = if plain[i] > 0.0 {
+            dw.weight(0.75)
+        } else {
+            dw.weight(0.25)
+        };
+        assert_close(
+            &format!("lead[{i}]"),
+            lead_adv[i] as f64,
+            plain[i] as f64 * w,
+            1e-6,
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn grpo_lead_length_reward() {
+    // correct responses of lengths 10, 20, 30 (z = -1, 0, 1) and one incorrect: rewards
+    // e^0.05, 1, e^-0.05 and -1, then dr_grpo
+    let r = [1.0f32, 1.0, 1.0, 0.0];
+    let lead = LeadOptions {
+        correctness: 0,
+        difficulty: None,
+        length_alpha: Some(0.05),
+    };
+    let a = adv(
+        &r,
+        Groups::Consecutive(4),
+        &[AdvantageMode::DrGrpo],
+        Some(lead),
+        Some(&[10, 20, 30, 5]),
+    );
+    let shaped = [0.05f64.exp(), 1.0, (-0.05f64).exp(), -1.0];
+    let m = shaped.iter().sum::<f64>() / 4.0;
+    for i in 0..4 {
+        assert_close(
+            &format!("length reward adv[{i}]"),
+            a[i] as f64,
+            shaped[i] - m,
+            1e-6,
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn bad_inputs_name_the_argument() {
+    let cfg = AdvantageConfig {
+        modes: vec![AdvantageMode::Grpo],
+        eps: 1e-6,
+        lead: None,
+    };
+    let mut out = vec![0f32; 5];
+    let arg = |e: Error| match e {
+        Error::InvalidArgument { arg, .. } => arg,
+        other => panic!("{other}"),
+    };
+    assert_eq!(
+        arg(group_advantages(&[0.0; 5], Groups::Consecutive(2), None, &cfg, &mut out).unwrap_err()),
+        "groups"
+    );
+    assert_eq!(
+        arg(group_advantages(
+            &[0.0, f32::NAN, 0.0, 0.0, 0.0],
+            Groups::Consecutive(5),
+            None,
+            &cfg,
+            &mut out
+        )
+        .unwrap_err()),
+        "rewards"
+    );
+    assert_eq!(
+        arg(group_advantages(&[0.0; 5], Groups::Ids(&[0, 1]), None, &cfg, &mut out).unwrap_err()),
+        "groups"
+    );
+    assert_eq!(
+        arg(
+            group_advantages(&[0.0; 5], Groups::Consecutive(5), None, &cfg, &mut out[..4])
+                .unwrap_err()
+        ),
+        "out"
+    );
+    let lead = AdvantageConfig {
+        lead: Some(LeadOptions {
+            correctness: 0,
+            difficulty: None,
+            length_alpha: Some(0.05),
+        }),
+        ..cfg.clone()
+    };
+    assert_eq!(
+        arg(
+            group_advantages(&[0.0; 5], Groups::Consecutive(5), None, &lead, &mut out).unwrap_err()
+        ),
+        "lengths"
+    );
+    let none = AdvantageConfig {
+        modes: vec![],
+        ..cfg
+    };
+    assert_eq!(
+        arg(
+            group_advantages(&[0.0; 5], Groups::Consecutive(5), None, &none, &mut out).unwrap_err()
+        ),
+        "config.modes"
+    );
+}
