@@ -24,6 +24,7 @@ pub mod layout;
 pub mod logits;
 pub mod output;
 pub mod recap;
+pub mod train;
 
 pub use advantages::{
     group_advantages, AdvantageConfig, AdvantageMode, DifficultyWeights, Groups, LeadOptions,
