@@ -46,6 +46,9 @@ enum Command {
         /// Passes of the loss per step.
         #[arg(long, default_value_t = 2)]
         ppo_epochs: usize,
+        /// AdamW learning rate.
+        #[arg(long, default_value_t = 0.05)]
+        lr: f32,
     },
 }
 
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
             vocab,
             hidden,
             ppo_epochs,
+            lr,
         } => {
             if device != "cpu" && device != "auto" {
                 eprintln!("recap train: --device {device}: only the CPU path exists so far (use cpu or auto)");
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
                 vocab,
                 hidden,
                 ppo_epochs,
+                lr,
                 progress: true,
                 ..TrainConfig::default()
             };
