@@ -253,11 +253,37 @@ impl Task {
             .collect()
     }
 
-    fn logp(&self, w: &[f32], f: usize, tok: usize) -> f64 {
-        let z = self.logits(w, f);
-        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-        z[tok] - lse
+    /// The softmax of every feature row under weights `w`, computed once per use of `w` (all
+    /// rollouts of a prompt share its rows).
+    fn softmax_rows(&self, w: &[f32]) -> Vec<SoftmaxRow> {
+        (0..self.phi.len() / self.cfg.hidden)
+            .map(|f| {
+                let z = self.logits(w, f);
+                let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = z.iter().map(|x| (x - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                SoftmaxRow {
+                    lse: m + sum.ln(),
+                    z,
+                    e,
+                    sum,
+                }
+            })
+            .collect()
+    }
+}
+
+/// One feature row's logits `z`, `e = exp(z - max)`, their sum and the log-sum-exp.
+struct SoftmaxRow {
+    z: Vec<f64>,
+    e: Vec<f64>,
+    sum: f64,
+    lse: f64,
+}
+
+impl SoftmaxRow {
+    fn logp(&self, tok: usize) -> f64 {
+        self.z[tok] - self.lse
     }
 }
 
@@ -306,8 +332,10 @@ pub fn train(cfg: &TrainConfig) -> Result<Vec<StepMetrics>> {
         .map(|i| if i < rollouts { 0b0111 } else { 0b1000 })
         .collect();
     let mut records = Vec::new();
+    let reference_rows = task.softmax_rows(&task.w_ref); // the reference policy is frozen
     for step in 0..cfg.steps {
         let started = Instant::now();
+        let rows = task.softmax_rows(&task.w);
         // sample
         let mut tokens = vec![0usize; t];
         let mut feat = vec![0usize; t];
@@ -316,14 +344,11 @@ pub fn train(cfg: &TrainConfig) -> Result<Vec<StepMetrics>> {
                 let roll = q * g + gi;
                 for pos in 0..l {
                     let f = q * l + pos;
-                    let z = task.logits(&task.w, f);
-                    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = z.iter().map(|x| (x - m).exp()).collect();
-                    let sum: f64 = e.iter().sum();
-                    let u = draw(cfg.seed, ((step * rollouts + roll) * l + pos) as u64) * sum;
+                    let row = &rows[f];
+                    let u = draw(cfg.seed, ((step * rollouts + roll) * l + pos) as u64) * row.sum;
                     let mut acc = 0.0;
                     let mut tok = v - 1;
-                    for (j, x) in e.iter().enumerate() {
+                    for (j, x) in row.e.iter().enumerate() {
                         acc += x;
                         if u < acc {
                             tok = j;
@@ -375,10 +400,10 @@ pub fn train(cfg: &TrainConfig) -> Result<Vec<StepMetrics>> {
             adv[i * 4..i * 4 + 3].copy_from_slice(&adv3[i * 3..i * 3 + 3]);
         }
         let old: Vec<f32> = (0..t)
-            .map(|i| task.logp(&task.w, feat[i], tokens[i]) as f32)
+            .map(|i| rows[feat[i]].logp(tokens[i]) as f32)
             .collect();
         let reference: Vec<f32> = (0..t)
-            .map(|i| task.logp(&task.w_ref, feat[i], tokens[i]) as f32)
+            .map(|i| reference_rows[feat[i]].logp(tokens[i]) as f32)
             .collect();
         let replay_nll =
             -(rollouts * l..t).map(|i| old[i] as f64).sum::<f64>() / (r * l).max(1) as f64;
