@@ -138,6 +138,17 @@ __device__ __forceinline__ double recap_block_reduce_array(const double* __restr
     return acc;
 }
 
+/* Reduces one double per thread over the whole block (blockDim.x == RECAP_BLOCK) in a fixed order
+ * (the warp tree, then warp order); every thread gets the result. Call from every thread. */
+__device__ __forceinline__ double recap_block_allreduce(double v, int op, double* s_red) {
+    v = recap_warp_reduce(v, op);
+    __syncthreads(); /* s_red may still be read from a previous call */
+    if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    double acc = s_red[0];
+    for (int w = 1; w < RECAP_WARPS; ++w) acc = recap_combine(acc, s_red[w], op);
+    return acc;
+}
 
 /* Items per thread a token kernel uses for tile t0 (the host chooses; at least 1). */
 __device__ __forceinline__ int64_t recap_tile_start(int items) {

@@ -8,6 +8,7 @@
  */
 #include <stddef.h>
 #include "grpo_math.cuh"
+#include "train_math.cuh"
 
 void recap_host_ratio(float logp, float old_logp, float clamp, RecapRatio* out) {
     *out = recap_ratio(logp, old_logp, clamp);
@@ -100,10 +101,27 @@ static const size_t logits_layout[] = {
     F(RecapLogitsParams, vocab), F(RecapLogitsParams, ld), F(RecapLogitsParams, out_ld),
     F(RecapLogitsParams, ignore_index), F(RecapLogitsParams, mask_u8), F(RecapLogitsParams, inv_temperature),
     F(RecapLogitsParams, g_entropy_scale)};
+static const size_t adv_layout[] = {
+    sizeof(RecapAdvParams), F(RecapAdvParams, rewards), F(RecapAdvParams, group_ids), F(RecapAdvParams, lengths),
+    F(RecapAdvParams, work), F(RecapAdvParams, batch_std), F(RecapAdvParams, out), F(RecapAdvParams, counts),
+    F(RecapAdvParams, num_rollouts), F(RecapAdvParams, num_objectives), F(RecapAdvParams, num_groups),
+    F(RecapAdvParams, group_size), F(RecapAdvParams, modes), F(RecapAdvParams, correctness),
+    F(RecapAdvParams, has_length), F(RecapAdvParams, has_difficulty), F(RecapAdvParams, eps),
+    F(RecapAdvParams, length_alpha), F(RecapAdvParams, diff_a), F(RecapAdvParams, diff_b),
+    F(RecapAdvParams, diff_rho0), F(RecapAdvParams, diff_k)};
+static const size_t train_layout[] = {
+    sizeof(RecapTrainParams), F(RecapTrainParams, logits), F(RecapTrainParams, row_max), F(RecapTrainParams, row_sum),
+    F(RecapTrainParams, row_lse), F(RecapTrainParams, tokens), F(RecapTrainParams, feat), F(RecapTrainParams, logp),
+    F(RecapTrainParams, w), F(RecapTrainParams, m), F(RecapTrainParams, v), F(RecapTrainParams, grad),
+    F(RecapTrainParams, w_bf16), F(RecapTrainParams, seed), F(RecapTrainParams, num_rows), F(RecapTrainParams, vocab),
+    F(RecapTrainParams, num_tokens), F(RecapTrainParams, n), F(RecapTrainParams, counter_base),
+    F(RecapTrainParams, group), F(RecapTrainParams, resp_len), F(RecapTrainParams, lr), F(RecapTrainParams, beta1),
+    F(RecapTrainParams, beta2), F(RecapTrainParams, eps), F(RecapTrainParams, weight_decay), F(RecapTrainParams, bias1),
+    F(RecapTrainParams, bias2), F(RecapTrainParams, pad0)};
 #undef F
 
 /* Size then field offsets (declaration order) of struct `which`: 0 grpo, 1 seq, 2 reduce, 3 kl,
- * 4 finalize, 5 logits. Returns the number of entries, writes at most `cap` of them. */
+ * 4 finalize, 5 logits, 6 advantages, 7 train. Returns the number of entries, writes at most `cap` of them. */
 size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     const size_t* src;
     size_t n;
@@ -114,6 +132,8 @@ size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     case 3: src = kl_layout; n = sizeof(kl_layout) / sizeof(size_t); break;
     case 4: src = finalize_layout; n = sizeof(finalize_layout) / sizeof(size_t); break;
     case 5: src = logits_layout; n = sizeof(logits_layout) / sizeof(size_t); break;
+    case 6: src = adv_layout; n = sizeof(adv_layout) / sizeof(size_t); break;
+    case 7: src = train_layout; n = sizeof(train_layout) / sizeof(size_t); break;
     default: return 0;
     }
     for (size_t i = 0; i < n && i < cap; ++i) out[i] = src[i];
@@ -125,4 +145,21 @@ void recap_host_constants(int* out) {
     out[0] = RECAP_MAX_OBJECTIVES;
     out[1] = RECAP_NORM_SLOTS;
     out[2] = RECAP_GRPO_EXTRA_SLOTS;
+}
+
+/* train_math.cuh for the host: the driver's counter-based draw and AdamW (the CPU backend of
+ * `recap train` calls these, so both backends run one definition), and the advantage formulas. */
+double recap_host_draw(uint64_t seed, uint64_t counter) { return recap_draw(seed, counter); }
+
+double recap_host_advantage(int mode, double v, double mu, double sd, double sum, int n, double batch_sd, double eps) {
+    return recap_advantage(mode, v, mu, sd, sum, n, batch_sd, eps);
+}
+
+double recap_host_difficulty_weight(double rho, double a, double b, double rho0, double k) {
+    return recap_difficulty_weight(rho, a, b, rho0, k);
+}
+
+void recap_host_adamw(float* w, float* m, float* v, const float* g, size_t n, float lr, float b1, float b2, float eps,
+                      float wd, float c1, float c2) {
+    for (size_t i = 0; i < n; ++i) w[i] = recap_adamw(w[i], g[i], &m[i], &v[i], lr, b1, b2, eps, wd, c1, c2);
 }

@@ -185,4 +185,73 @@ typedef struct RecapLogitsParams {
     float g_entropy_scale; /* multiplies g_entropy                                            */
 } RecapLogitsParams;
 
+/* Advantage modes (2 bits per objective in RecapAdvParams.modes). */
+#define RECAP_ADV_GRPO 0     /* (r - mean_g) / (std_g + eps), unbiased std; a group of one gives 0 */
+#define RECAP_ADV_DR_GRPO 1  /* r - mean_g                                                        */
+#define RECAP_ADV_RLOO 2     /* r - mean of the others; a group of one gives 0                      */
+#define RECAP_ADV_BATCH_STD 3 /* (r - mean_g) / (std of the batch + eps)                            */
+
+/*
+ * Parameters of the group-advantage kernels (advantages.cu). Rollout i belongs to group
+ * i / group_size (group_ids == 0) or group_ids[i] (dense ids in [0, num_groups)).
+ */
+typedef struct RecapAdvParams {
+    uint64_t rewards;    /* const float[B, K]                                                  */
+    uint64_t group_ids;  /* const int32_t[B], or 0: consecutive groups of group_size           */
+    uint64_t lengths;    /* const int32_t[B] (length-dependent reward), or 0                   */
+    uint64_t work;       /* double[B, K]: rewards after the GRPO-LEAD length reward (written)  */
+    uint64_t batch_std;  /* double[K]: unbiased std of each column of work (written)           */
+    uint64_t out;        /* float[B, K] advantages                                              */
+    uint64_t counts;     /* int32_t[num_groups]: members of each group (written)                */
+    int32_t num_rollouts;
+    int32_t num_objectives;
+    int32_t num_groups;
+    int32_t group_size;  /* for consecutive groups                                               */
+    uint32_t modes;      /* bits 2k..2k+1: RECAP_ADV_* of objective k                            */
+    int32_t correctness; /* GRPO-LEAD correctness objective, or -1                              */
+    int32_t has_length;  /* 1: length-dependent accuracy reward on objective `correctness`      */
+    int32_t has_difficulty; /* 1: difficulty-aware reweighting                                  */
+    double eps;
+    double length_alpha;
+    double diff_a;
+    double diff_b;
+    double diff_rho0;
+    double diff_k;
+} RecapAdvParams;
+
+/*
+ * Parameters of the `recap train` driver kernels (train.cu): policy logits of feature rows, their
+ * row statistics, sampling, gathered log-probabilities and the AdamW update.
+ */
+typedef struct RecapTrainParams {
+    uint64_t logits;     /* const float[num_rows, vocab]                                        */
+    uint64_t row_max;    /* float[num_rows]                                                     */
+    uint64_t row_sum;    /* double[num_rows]: sum_j exp(z_j - max)                              */
+    uint64_t row_lse;    /* double[num_rows]: max + log(sum)                                    */
+    uint64_t tokens;     /* int32_t[num_tokens]: sampled (written) or given tokens              */
+    uint64_t feat;       /* const int32_t[num_tokens]: feature row of each token                */
+    uint64_t logp;       /* float[num_tokens]: z[feat, token] - lse[feat] (written)             */
+    uint64_t w;          /* float[n] master weights (AdamW)                                     */
+    uint64_t m;          /* float[n] first moment                                               */
+    uint64_t v;          /* float[n] second moment                                              */
+    uint64_t grad;       /* const float[n] gradient                                             */
+    uint64_t w_bf16;     /* bf16[n] copy of the updated weights (written)                       */
+    uint64_t seed;       /* sampling seed                                                       */
+    int64_t num_rows;
+    int64_t vocab;
+    int64_t num_tokens;
+    int64_t n;           /* AdamW elements                                                      */
+    int64_t counter_base; /* draw counter of the first rollout token of this step              */
+    int32_t group;       /* rollouts per prompt (G); row r = q * resp_len + pos                 */
+    int32_t resp_len;    /* L                                                                   */
+    float lr;
+    float beta1;
+    float beta2;
+    float eps;
+    float weight_decay;
+    float bias1;         /* 1 - beta1^t                                                         */
+    float bias2;         /* 1 - beta2^t                                                         */
+    float pad0;
+} RecapTrainParams;
+
 #endif /* RECAP_PARAMS_H */

@@ -140,6 +140,99 @@ fn unbiased_std(x: &[f64]) -> f64 {
     (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64).sqrt()
 }
 
+impl AdvantageMode {
+    /// `RECAP_ADV_*` of kernels/recap_params.h.
+    pub fn code(self) -> u32 {
+        match self {
+            AdvantageMode::Grpo => 0,
+            AdvantageMode::DrGrpo => 1,
+            AdvantageMode::Rloo => 2,
+            AdvantageMode::BatchStd => 3,
+        }
+    }
+}
+
+/// Objectives one call handles at most (2 bits of mode each in the kernels' parameters).
+pub const MAX_ADV_OBJECTIVES: usize = 16;
+
+/// Checks the shapes and options of a call on `n_rewards` rewards; returns `(B, K)`.
+pub(crate) fn validate(
+    n_rewards: usize,
+    lengths: Option<usize>,
+    config: &AdvantageConfig,
+    n_out: usize,
+) -> Result<(usize, usize)> {
+    let k = config.modes.len();
+    if k == 0 || k > MAX_ADV_OBJECTIVES {
+        return Err(Error::arg(
+            "config.modes",
+            format!("expected one mode per objective, 1 to {MAX_ADV_OBJECTIVES}, got {k}"),
+        ));
+    }
+    if n_rewards % k != 0 {
+        return Err(Error::arg(
+            "rewards",
+            format!("expected [B, K = {k}], got {n_rewards} values"),
+        ));
+    }
+    let b = n_rewards / k;
+    if b > i32::MAX as usize {
+        return Err(Error::arg(
+            "rewards",
+            format!("B = {b} rollouts exceed 2^31 - 1"),
+        ));
+    }
+    check_len("out", n_out, b * k, "[B, K]")?;
+    if !(config.eps.is_finite() && config.eps >= 0.0) {
+        return Err(Error::arg(
+            "config.eps",
+            format!("expected a finite eps >= 0, got {}", config.eps),
+        ));
+    }
+    if let Some(lead) = &config.lead {
+        if lead.correctness >= k {
+            return Err(Error::arg(
+                "config.lead",
+                format!("correctness objective {} >= K = {k}", lead.correctness),
+            ));
+        }
+        if let Some(alpha) = lead.length_alpha {
+            if !alpha.is_finite() {
+                return Err(Error::arg(
+                    "config.lead.length_alpha",
+                    format!("expected a finite alpha, got {alpha}"),
+                ));
+            }
+            let len = lengths.ok_or_else(|| {
+                Error::arg("lengths", "the length-dependent reward needs [B] lengths")
+            })?;
+            check_len("lengths", len, b, "[B]")?;
+        }
+        if let Some(d) = &lead.difficulty {
+            if ![d.a, d.b, d.rho0, d.k].iter().all(|x| x.is_finite()) {
+                return Err(Error::arg(
+                    "config.lead.difficulty",
+                    format!("expected finite A, B, rho0, k, got {d:?}"),
+                ));
+            }
+        }
+    }
+    Ok((b, k))
+}
+
+/// Dense group ids `[B]` in `[0, groups)` (groups in ascending order of their ids) and the number
+/// of groups.
+pub(crate) fn dense_group_ids(groups: Groups<'_>, b: usize) -> Result<(Vec<i32>, usize)> {
+    let members = group_members(groups, b)?;
+    let mut ids = vec![0i32; b];
+    for (g, m) in members.iter().enumerate() {
+        for &i in m {
+            ids[i] = g as i32;
+        }
+    }
+    Ok((ids, members.len()))
+}
+
 /// Advantages `[B, K]` of rewards `[B, K]` (row-major) into `out`. `lengths` (`[B]` response
 /// lengths) is needed by the length-dependent accuracy reward.
 pub fn group_advantages(
@@ -149,27 +242,7 @@ pub fn group_advantages(
     config: &AdvantageConfig,
     out: &mut [f32],
 ) -> Result<()> {
-    let k = config.modes.len();
-    if k == 0 {
-        return Err(Error::arg(
-            "config.modes",
-            "expected one mode per objective, got none",
-        ));
-    }
-    if rewards.len() % k != 0 {
-        return Err(Error::arg(
-            "rewards",
-            format!("expected [B, K = {k}], got {} values", rewards.len()),
-        ));
-    }
-    let b = rewards.len() / k;
-    check_len("out", out.len(), b * k, "[B, K]")?;
-    if !(config.eps.is_finite() && config.eps >= 0.0) {
-        return Err(Error::arg(
-            "config.eps",
-            format!("expected a finite eps >= 0, got {}", config.eps),
-        ));
-    }
+    let (b, k) = validate(rewards.len(), lengths.map(|l| l.len()), config, out.len())?;
     if let Some((i, v)) = rewards.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(Error::arg(
             "rewards",
@@ -179,17 +252,10 @@ pub fn group_advantages(
     let members = group_members(groups, b)?;
     let mut r: Vec<f64> = rewards.iter().map(|x| *x as f64).collect();
     if let Some(lead) = &config.lead {
-        if lead.correctness >= k {
-            return Err(Error::arg(
-                "config.lead",
-                format!("correctness objective {} >= K = {k}", lead.correctness),
-            ));
-        }
         if let Some(alpha) = lead.length_alpha {
             let len = lengths.ok_or_else(|| {
                 Error::arg("lengths", "the length-dependent reward needs [B] lengths")
             })?;
-            check_len("lengths", len.len(), b, "[B]")?;
             let c = lead.correctness;
             for m in &members {
                 let correct: Vec<f64> = m

@@ -174,6 +174,55 @@ impl Backend {
 }
 
 impl Backend {
+    /// Group advantages `[B, K]` of host rewards `[B, K]` into `out` (see
+    /// [`crate::advantages::group_advantages`]; the CUDA path maps the group ids to dense ids on
+    /// the host, then runs `kernels/advantages.cu`).
+    pub fn group_advantages(
+        &self,
+        rewards: &[f32],
+        groups: crate::advantages::Groups<'_>,
+        lengths: Option<&[i32]>,
+        config: &crate::advantages::AdvantageConfig,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let gpu = match self {
+            Backend::Cpu => {
+                return crate::advantages::group_advantages(rewards, groups, lengths, config, out)
+            }
+            Backend::Cuda(g) => g,
+        };
+        let (b, _) = crate::advantages::validate(
+            rewards.len(),
+            lengths.map(|l| l.len()),
+            config,
+            out.len(),
+        )?;
+        let (ids, num_groups) = crate::advantages::dense_group_ids(groups, b)?;
+        let s = gpu.stream();
+        let r = cuda::upload(s, rewards)?;
+        let i = cuda::upload(s, &ids)?;
+        let l = match lengths {
+            Some(l) => Some(cuda::upload(s, l)?),
+            None => None,
+        };
+        let mut o = s.alloc_zeros::<f32>(out.len().max(1))?;
+        cuda::group_advantages(
+            gpu,
+            s,
+            &r.slice(..rewards.len()),
+            cuda::DeviceGroups::Ids {
+                ids: i.slice(..b),
+                num_groups,
+            },
+            l.as_ref().map(|l| l.slice(..b)).as_ref(),
+            config,
+            &mut o.slice_mut(..out.len()),
+        )?;
+        s.memcpy_dtoh(&o.slice(..out.len()), out)?;
+        s.synchronize()?;
+        Ok(())
+    }
+
     /// Kernel 4 on host data: logp, entropy and LSE (`[T]` each) of each row of `logits / tau`.
     pub fn logprob_forward<E: LogitElem>(
         &self,

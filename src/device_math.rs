@@ -62,6 +62,33 @@ extern "C" {
         lse: *mut f32,
         entropy: *mut f32,
     );
+    fn recap_host_draw(seed: u64, counter: u64) -> f64;
+    fn recap_host_advantage(
+        mode: c_int,
+        v: f64,
+        mu: f64,
+        sd: f64,
+        sum: f64,
+        n: c_int,
+        batch_sd: f64,
+        eps: f64,
+    ) -> f64;
+    fn recap_host_difficulty_weight(rho: f64, a: f64, b: f64, rho0: f64, k: f64) -> f64;
+    #[allow(clippy::too_many_arguments)]
+    fn recap_host_adamw(
+        w: *mut f32,
+        m: *mut f32,
+        v: *mut f32,
+        g: *const f32,
+        n: usize,
+        lr: f32,
+        b1: f32,
+        b2: f32,
+        eps: f32,
+        wd: f32,
+        c1: f32,
+        c2: f32,
+    );
     fn recap_host_logit_grad(
         x: f32,
         is_label: c_int,
@@ -176,7 +203,91 @@ pub fn agg_weight(
     unsafe { recap_host_agg_weight(mode.code(), inv_tokens, inv_seqs, inv_seq_tokens, inv_const) }
 }
 
-/// Size and field offsets of C struct `which` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize) as the
+/// `recap_draw` of train_math.cuh: the counter-based uniform draw in [0, 1) of the driver (the
+/// device's sampling kernel and the CPU backend use this one definition).
+pub fn draw(seed: u64, counter: u64) -> f64 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_draw(seed, counter) }
+}
+
+/// `recap_advantage` of train_math.cuh (mode: `RECAP_ADV_*`).
+#[allow(clippy::too_many_arguments)]
+pub fn advantage(
+    mode: i32,
+    v: f64,
+    mu: f64,
+    sd: f64,
+    sum: f64,
+    n: i32,
+    batch_sd: f64,
+    eps: f64,
+) -> f64 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_advantage(mode, v, mu, sd, sum, n, batch_sd, eps) }
+}
+
+/// `recap_difficulty_weight` of train_math.cuh.
+pub fn difficulty_weight(rho: f64, a: f64, b: f64, rho0: f64, k: f64) -> f64 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_difficulty_weight(rho, a, b, rho0, k) }
+}
+
+/// AdamW hyper-parameters of the driver (betas 0.9 / 0.999, eps 1e-8, weight decay 0.01 as
+/// `torch.optim.AdamW`'s defaults besides the decay).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl AdamW {
+    /// `(1 - beta1^t, 1 - beta2^t)` of step `t` (from 1).
+    pub fn bias_corrections(&self, t: i32) -> (f32, f32) {
+        (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t))
+    }
+}
+
+/// Step `t` (from 1) of `recap_adamw` of train_math.cuh over every element, in place. Errors
+/// unless the four slices have the same length.
+pub fn adamw(
+    opt: &AdamW,
+    t: i32,
+    w: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+) -> crate::Result<()> {
+    let n = w.len();
+    for (name, len) in [("adam_m", m.len()), ("adam_v", v.len()), ("grad", g.len())] {
+        crate::layout::check_len(name, len, n, "[n] (the length of the weights)")?;
+    }
+    let (c1, c2) = opt.bias_corrections(t);
+    // SAFETY: the four pointers are valid for n elements (checked above); the C loop reads g and
+    // reads/writes w, m, v at indices < n only.
+    unsafe {
+        recap_host_adamw(
+            w.as_mut_ptr(),
+            m.as_mut_ptr(),
+            v.as_mut_ptr(),
+            g.as_ptr(),
+            n,
+            opt.lr,
+            opt.beta1,
+            opt.beta2,
+            opt.eps,
+            opt.weight_decay,
+            c1,
+            c2,
+        )
+    };
+    Ok(())
+}
+
+/// Size and field offsets of C struct `which` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits,
+/// 6 advantages, 7 train) as the
 /// C compiler lays out recap_params.h.
 pub fn params_layout(which: i32) -> Vec<usize> {
     let mut buf = [0usize; 64];

@@ -270,3 +270,183 @@ fn bad_inputs_name_the_argument() {
         "config.modes"
     );
 }
+
+/// The device kernels (`kernels/advantages.cu`) against the CPU reference on random batches: every
+/// mode, explicit shuffled group ids and consecutive groups, the GRPO-LEAD options, group sizes 1,
+/// 31, 32, 33 and B up to 4097, an empty batch; then invalid ids and non-finite rewards.
+#[test]
+fn gpu_matches_the_cpu_reference() {
+    let Some(gpu) = common::gpu("gpu_matches_the_cpu_reference") else {
+        return;
+    };
+    let mut rng = common::Rng::new(11);
+    let modes = [
+        AdvantageMode::Grpo,
+        AdvantageMode::DrGrpo,
+        AdvantageMode::Rloo,
+        AdvantageMode::BatchStd,
+    ];
+    let mut cases = 0;
+    for (b, g) in [
+        (0, 4),
+        (1, 1),
+        (31, 31),
+        (64, 32),
+        (99, 33),
+        (4097, 17),
+        (256, 8),
+    ] {
+        for lead in [false, true] {
+            let k = 1 + rng.below(5);
+            let mut rewards: Vec<f32> = (0..b * k)
+                .map(|_| {
+                    if rng.below(2) == 0 {
+                        rng.below(2) as f32
+                    } else {
+                        rng.normal() as f32
+                    }
+                })
+                .collect();
+            let lengths: Vec<i32> = (0..b).map(|_| 1 + rng.below(500) as i32).collect();
+            let cfg = AdvantageConfig {
+                modes: (0..k).map(|j| modes[(j + b) % 4]).collect(),
+                eps: 1e-6,
+                lead: lead.then(|| LeadOptions {
+                    correctness: 0,
+                    difficulty: Some(DifficultyWeights::default()),
+                    length_alpha: Some(0.05),
+                }),
+            };
+            if lead {
+                for i in 0..b {
+                    rewards[i * k] = rng.below(2) as f32; // 0/1 correctness
+                }
+            }
+            // shuffled explicit ids (b / g groups, sizes uneven) and consecutive groups
+            let ids: Vec<i32> = (0..b).map(|_| (rng.below(b / g + 1) * 7) as i32).collect();
+            let by_ids = (b > 0).then_some(Groups::Ids(&ids));
+            for groups in [Some(Groups::Consecutive(g)), by_ids].into_iter().flatten() {
+                let mut want = vec![0f32; b * k];
+                let mut got = vec![f32::NAN; b * k];
+                recap_kernels::Backend::Cpu
+                    .group_advantages(&rewards, groups, Some(&lengths), &cfg, &mut want)
+                    .unwrap();
+                gpu.group_advantages(&rewards, groups, Some(&lengths), &cfg, &mut got)
+                    .unwrap();
+                common::assert_all_close(
+                    &format!("advantages B={b} G={g} K={k} lead={lead} {groups:?}"),
+                    &got,
+                    &want,
+                    1e-5,
+                    1e-5,
+                );
+                cases += 1;
+            }
+        }
+    }
+    assert!(cases >= 20);
+    // errors: a non-finite reward, and (device ids) a group id outside [0, num_groups)
+    let cfg = AdvantageConfig {
+        modes: vec![AdvantageMode::Grpo],
+        eps: 1e-6,
+        lead: None,
+    };
+    let mut out = vec![0f32; 4];
+    let err = gpu
+        .group_advantages(
+            &[1.0, f32::NAN, 0.0, 1.0],
+            Groups::Consecutive(2),
+            None,
+            &cfg,
+            &mut out,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("rewards"), "{err}");
+    if let recap_kernels::Backend::Cuda(dev) = &gpu {
+        let s = dev.stream();
+        let r = s.clone_htod(&[1.0f32, 0.0, 1.0, 0.0]).unwrap();
+        let ids = s.clone_htod(&[0i32, 0, 1, 5]).unwrap();
+        let mut o = s.alloc_zeros::<f32>(4).unwrap();
+        let err = recap_kernels::cuda::group_advantages(
+            dev,
+            s,
+            &r.slice(..),
+            recap_kernels::cuda::DeviceGroups::Ids {
+                ids: ids.slice(..),
+                num_groups: 2,
+            },
+            None,
+            &cfg,
+            &mut o.slice_mut(..),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("1 of B = 4"), "{err}");
+    }
+}
+
+/// The advantage and difficulty formulas the kernels inline (`kernels/train_math.cuh`, compiled
+/// for the host) against hand-computed values.
+#[test]
+fn device_formulas_by_hand() {
+    use recap_kernels::device_math::{advantage, difficulty_weight};
+    // group [1, 0, 1, 0]: mean 0.5, unbiased std sqrt(1/3), sum 2
+    let sd = (1.0f64 / 3.0).sqrt();
+    assert_close(
+        "grpo",
+        advantage(0, 1.0, 0.5, sd, 2.0, 4, 0.0, 1e-6),
+        0.5 / (sd + 1e-6),
+        0.0,
+        1e-15,
+    );
+    assert_close(
+        "grpo n=1",
+        advantage(0, 1.0, 1.0, 0.0, 1.0, 1, 0.0, 1e-6),
+        0.0,
+        0.0,
+        0.0,
+    );
+    assert_close(
+        "dr_grpo",
+        advantage(1, 0.0, 0.5, sd, 2.0, 4, 0.0, 1e-6),
+        -0.5,
+        0.0,
+        1e-15,
+    );
+    assert_close(
+        "rloo",
+        advantage(2, 1.0, 0.5, sd, 2.0, 4, 0.0, 1e-6),
+        1.0 - 1.0 / 3.0,
+        0.0,
+        1e-15,
+    );
+    assert_close(
+        "batch",
+        advantage(3, 1.0, 0.5, sd, 2.0, 4, 2.0, 0.0),
+        0.25,
+        0.0,
+        1e-15,
+    );
+    // w(rho0) = (A + B) / 2; w(0) ~ B; w(1) ~ A + (B - A) / (1 + e^2.5)
+    let d = DifficultyWeights::default();
+    assert_close(
+        "w(rho0)",
+        difficulty_weight(0.75, d.a, d.b, d.rho0, d.k),
+        0.95,
+        0.0,
+        1e-15,
+    );
+    assert_close(
+        "w(1)",
+        difficulty_weight(1.0, d.a, d.b, d.rho0, d.k),
+        0.4 + 1.1 / (1.0 + 2.5f64.exp()),
+        0.0,
+        1e-15,
+    );
+    assert_close(
+        "rust w",
+        d.weight(0.3),
+        difficulty_weight(0.3, d.a, d.b, d.rho0, d.k),
+        0.0,
+        0.0,
+    );
+}

@@ -10,7 +10,7 @@ use recap_kernels::{cpu, cuda::params, device_math, AggMode, KlEstimator, MAX_OB
 #[test]
 fn parameter_structs_have_the_c_layout() {
     let rust = params::layouts();
-    assert_eq!(rust.len(), 6);
+    assert_eq!(rust.len(), 8);
     for (which, r) in rust.iter().enumerate() {
         let c = device_math::params_layout(which as i32);
         assert!(

@@ -1,12 +1,16 @@
-//! `recap`: the command-line driver. `recap train` runs RECAP training of a small synthetic policy.
+//! `recap`: the command-line driver. `recap train` runs RECAP training of a small synthetic policy
+//! on the CPU or the GPU.
 
 use clap::{Args, Parser, Subcommand};
-use recap_kernels::train::{summary, train, TrainConfig, Weighting};
+use recap_kernels::train::{
+    summary, train_with, Device, Event, Preset, StepMetrics, TrainConfig, Weighting,
+};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "recap", about = "RECAP kernels: training driver")]
+#[command(name = "recap", version, about = "RECAP kernels: training driver")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,73 +22,134 @@ enum Command {
     Train(TrainArgs),
 }
 
+/// Sizes left out take the preset's value.
 #[derive(Args)]
 struct TrainArgs {
-    /// Where to run (the CUDA path of the driver is not implemented yet: cpu).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Sizes and defaults: small (seconds on a CPU) or h100 (V = 32,768, H = 1,024, 65,536 rollout
+    /// tokens per step).
+    #[arg(long, value_enum, default_value_t = Preset::Small)]
+    preset: Preset,
+    /// Where to run: auto (CUDA when usable, else CPU), cpu or cuda. Default: auto.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
     #[arg(long, value_enum, default_value_t = Weighting::Recap)]
     weighting: Weighting,
-    #[arg(long, default_value_t = 60)]
-    steps: usize,
+    #[arg(long)]
+    steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Directory for metrics.jsonl.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Prompts per step.
-    #[arg(long, default_value_t = 8)]
-    prompts: usize,
+    #[arg(long)]
+    prompts: Option<usize>,
     /// Rollouts per prompt (G).
-    #[arg(long, default_value_t = 8)]
-    group: usize,
+    #[arg(long)]
+    group: Option<usize>,
     /// Response length (L).
-    #[arg(long, default_value_t = 8)]
-    resp_len: usize,
+    #[arg(long)]
+    resp_len: Option<usize>,
     /// Vocabulary (V).
-    #[arg(long, default_value_t = 64)]
-    vocab: usize,
+    #[arg(long)]
+    vocab: Option<usize>,
     /// Feature width (H).
-    #[arg(long, default_value_t = 32)]
-    hidden: usize,
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Replay sequences per step.
+    #[arg(long)]
+    replay_seqs: Option<usize>,
     /// Passes of the loss per step.
-    #[arg(long, default_value_t = 2)]
-    ppo_epochs: usize,
+    #[arg(long)]
+    ppo_epochs: Option<usize>,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 0.05)]
-    lr: f32,
+    #[arg(long)]
+    lr: Option<f32>,
 }
 
 impl From<TrainArgs> for TrainConfig {
     fn from(a: TrainArgs) -> Self {
+        let p = TrainConfig::preset(a.preset);
         TrainConfig {
-            steps: a.steps,
-            seed: a.seed,
+            device: a.device,
             weighting: a.weighting,
+            seed: a.seed,
             out: a.out,
-            prompts: a.prompts,
-            group: a.group,
-            resp_len: a.resp_len,
-            vocab: a.vocab,
-            hidden: a.hidden,
-            ppo_epochs: a.ppo_epochs,
-            lr: a.lr,
-            progress: true,
-            ..TrainConfig::default()
+            steps: a.steps.unwrap_or(p.steps),
+            prompts: a.prompts.unwrap_or(p.prompts),
+            group: a.group.unwrap_or(p.group),
+            resp_len: a.resp_len.unwrap_or(p.resp_len),
+            vocab: a.vocab.unwrap_or(p.vocab),
+            hidden: a.hidden.unwrap_or(p.hidden),
+            replay_seqs: a.replay_seqs.unwrap_or(p.replay_seqs),
+            ppo_epochs: a.ppo_epochs.unwrap_or(p.ppo_epochs),
+            lr: a.lr.unwrap_or(p.lr),
         }
     }
 }
 
+/// A progress bar on a terminal; one log line per 5 % of the steps otherwise.
+struct Progress {
+    steps: usize,
+    tty: bool,
+}
+
+impl Progress {
+    fn event(&self, e: Event<'_>) {
+        let mut err = std::io::stderr().lock();
+        match e {
+            Event::Info(line) => {
+                let _ = writeln!(err, "recap train: {line}");
+            }
+            Event::Step(m) => {
+                let done = m.step + 1;
+                let line = status(m);
+                if self.tty {
+                    let width = 24;
+                    let fill = done * width / self.steps.max(1);
+                    let _ = write!(
+                        err,
+                        "\r[{}{}] {done}/{} {line}\x1b[K",
+                        "#".repeat(fill),
+                        ".".repeat(width - fill),
+                        self.steps
+                    );
+                    if done == self.steps {
+                        let _ = writeln!(err);
+                    }
+                } else if done % (self.steps / 20).max(1) == 0 || done == self.steps {
+                    let _ = writeln!(err, "step {done}/{} {line}", self.steps);
+                }
+            }
+        }
+    }
+}
+
+fn status(m: &StepMetrics) -> String {
+    format!(
+        "format {:.3} accuracy {:.3} overlap {:.3} replay_nll {:.3} lambda [{}] {:.0} ms {:.0} tok/s",
+        m.format,
+        m.accuracy,
+        m.overlap,
+        m.replay_nll,
+        m.lambda
+            .iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        m.step_time_ms,
+        m.tokens_per_s
+    )
+}
+
 fn main() -> ExitCode {
     let Command::Train(args) = Cli::parse().command;
-    if args.device != "cpu" && args.device != "auto" {
-        eprintln!(
-            "recap train: --device {}: only the CPU path exists so far (use cpu or auto)",
-            args.device
-        );
-        return ExitCode::FAILURE;
-    }
-    match train(&args.into()) {
+    let cfg: TrainConfig = args.into();
+    let progress = Progress {
+        steps: cfg.steps,
+        tty: std::io::stderr().is_terminal(),
+    };
+    match train_with(&cfg, &mut |e| progress.event(e)) {
         Ok(records) => {
             println!("{}", summary(&records));
             ExitCode::SUCCESS

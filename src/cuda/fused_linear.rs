@@ -88,7 +88,7 @@ fn blas_err(e: cudarc::cublas::result::CublasError) -> Error {
 
 /// `C[m, n] (col-major, ldc) = op(A) op(B) + beta C` with fp32 accumulation.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+pub(crate) fn gemm(
     blas: &CudaBlas,
     ta: cublasOperation_t,
     tb: cublasOperation_t,

@@ -5,13 +5,15 @@
 //! `unsafe` appears only around the launches. On a build without kernels (no nvcc at build time)
 //! every entry point returns [`Error::NoKernels`].
 
-mod fused_linear;
+mod advantages;
+pub(crate) mod fused_linear;
 mod grpo;
 mod kl;
 mod logits;
 pub mod params;
 mod reduce;
 
+pub use advantages::{group_advantages, DeviceGroups};
 pub use fused_linear::{fused_linear_grpo_loss, FusedLinearConfig, LinearHead};
 pub use grpo::{grpo_loss, DeviceGrpoInputs};
 pub use kl::kl;
@@ -50,19 +52,23 @@ pub(crate) const BLOCK: u32 = 256;
 /// The kernel families, one embedded module image each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Module {
+    Advantages,
     GrpoLoss,
     Kl,
     Logits,
     Reduce,
+    Train,
 }
 
 impl Module {
     fn image(self) -> &'static [u8] {
         match self {
+            Module::Advantages => images::ADVANTAGES,
             Module::GrpoLoss => images::GRPO_LOSS,
             Module::Kl => images::KL,
             Module::Logits => images::LOGITS,
             Module::Reduce => images::REDUCE,
+            Module::Train => images::TRAIN,
         }
     }
 }

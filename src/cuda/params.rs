@@ -151,8 +151,75 @@ macro_rules! layout {
     ($t:ty; $($f:ident),*) => { vec![size_of::<$t>() $(, offset_of!($t, $f))*] };
 }
 
+/// Mirror of `RecapAdvParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AdvParams {
+    pub rewards: u64,
+    pub group_ids: u64,
+    pub lengths: u64,
+    pub work: u64,
+    pub batch_std: u64,
+    pub out: u64,
+    pub counts: u64,
+    pub num_rollouts: i32,
+    pub num_objectives: i32,
+    pub num_groups: i32,
+    pub group_size: i32,
+    pub modes: u32,
+    pub correctness: i32,
+    pub has_length: i32,
+    pub has_difficulty: i32,
+    pub eps: f64,
+    pub length_alpha: f64,
+    pub diff_a: f64,
+    pub diff_b: f64,
+    pub diff_rho0: f64,
+    pub diff_k: f64,
+}
+
+/// Mirror of `RecapTrainParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrainParams {
+    pub logits: u64,
+    pub row_max: u64,
+    pub row_sum: u64,
+    pub row_lse: u64,
+    pub tokens: u64,
+    pub feat: u64,
+    pub logp: u64,
+    pub w: u64,
+    pub m: u64,
+    pub v: u64,
+    pub grad: u64,
+    pub w_bf16: u64,
+    pub seed: u64,
+    pub num_rows: i64,
+    pub vocab: i64,
+    pub num_tokens: i64,
+    pub n: i64,
+    pub counter_base: i64,
+    pub group: i32,
+    pub resp_len: i32,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub bias1: f32,
+    pub bias2: f32,
+    pub pad0: f32,
+}
+
+// SAFETY: as above.
+unsafe impl DeviceRepr for AdvParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for TrainParams {}
+
 /// Size and field offsets, in declaration order, of each mirror, indexed as the C shim's
-/// `recap_host_params_layout` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits).
+/// `recap_host_params_layout` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits, 6 advantages,
+/// 7 train).
 pub fn layouts() -> Vec<Vec<usize>> {
     vec![
         layout!(GrpoParams; logp, old_logp, ref_logp, advantages, mask, cu_seqlens, membership, seq_tokens,
@@ -167,5 +234,11 @@ pub fn layouts() -> Vec<Vec<usize>> {
         layout!(FinalizeParams; partials, out, num_blocks, num_slots, min_slot, max_slot),
         layout!(LogitsParams; logits, labels, logp, entropy, lse, bad_labels, mask, valid, g_logp, g_entropy,
             dlogits, num_rows, vocab, ld, out_ld, ignore_index, mask_u8, inv_temperature, g_entropy_scale),
+        layout!(AdvParams; rewards, group_ids, lengths, work, batch_std, out, counts, num_rollouts, num_objectives,
+            num_groups, group_size, modes, correctness, has_length, has_difficulty, eps, length_alpha, diff_a,
+            diff_b, diff_rho0, diff_k),
+        layout!(TrainParams; logits, row_max, row_sum, row_lse, tokens, feat, logp, w, m, v, grad, w_bf16, seed,
+            num_rows, vocab, num_tokens, n, counter_base, group, resp_len, lr, beta1, beta2, eps, weight_decay,
+            bias1, bias2, pad0),
     ]
 }

@@ -1,4 +1,5 @@
-//! `recap train`: RECAP training of a small synthetic policy, end to end, on the CPU reference.
+//! `recap train`: RECAP training of a small synthetic policy, end to end, on the CPU reference or
+//! on the GPU (the same step, one definition, over either engine).
 //!
 //! The policy's last layer is the fused-linear path: `logits = W phi(prompt, position)`, with fixed
 //! features `phi = [one-hot(position) | random(prompt, position)]` of width H, vocabulary V,
@@ -10,17 +11,23 @@
 //! - `overlap` (reward in [0, 1]): fraction of body positions equal to the prompt's hidden target;
 //! - `replay` (nll): next-token loss on fixed "general" sequences that RL updates can erode.
 //!
-//! Each step: sample G rollouts per prompt (counter-based RNG: a seed reproduces a run), score,
-//! group advantages (GRPO) per RL objective, `ppo_epochs` passes of the fused GRPO loss with lambda
-//! from the RECAP scheduler (or uniform) through the fused-linear path, AdamW, scheduler update.
+//! Before RL the replay sequences are learnt (a "pretrained" policy that RL can make forget), then
+//! modest mass is put on the tags and the answer tokens, and that policy is frozen as the reference.
+//! Each step: sample G rollouts per prompt from the current policy (counter-based draws: a seed
+//! reproduces a run on either engine), score, group advantages (GRPO) per RL objective, old and
+//! reference log-probs, `ppo_epochs` passes of the fused GRPO loss with lambda from the RECAP
+//! scheduler (or uniform) through the fused-linear path, AdamW after each, scheduler update.
 
-use crate::advantages::{group_advantages, AdvantageConfig, AdvantageMode, Groups};
+mod cpu;
+mod cuda;
+
+use crate::backend::Backend;
 use crate::config::{GrpoConfig, ObjectiveKind};
+use crate::device_math::{draw, AdamW};
 use crate::error::{Error, Result};
 use crate::layout::{Advantages, Mask};
-use crate::logits::{LogitsLossInputs, LogprobConfig};
+use crate::logits::{HostLogitsLossInputs, LogitsLossOutput};
 use crate::recap::{Orientation, RecapConfig, RecapScheduler};
-use half::bf16;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -30,6 +37,8 @@ pub const OBJECTIVES: [&str; 4] = ["format", "accuracy", "overlap", "replay"];
 const OPEN: usize = 0;
 const CLOSE: usize = 1;
 const ANSWERS: std::ops::Range<usize> = 2..18;
+/// Adam steps on the replay sequences before RL.
+const PRETRAIN_STEPS: usize = 300;
 
 /// How objective weights are set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -40,9 +49,30 @@ pub enum Weighting {
     Uniform,
 }
 
-/// Settings of a run (the defaults finish in seconds on a 2-core CPU).
+/// Where the step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// CUDA device 0 when usable, else the CPU (the reason is reported).
+    Auto,
+    /// The CPU reference.
+    Cpu,
+    /// CUDA device 0 (an error when unusable).
+    Cuda,
+}
+
+/// Named sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// Finishes in seconds on a 2-core CPU.
+    Small,
+    /// Exercises an H100: V = 32,768, H = 1,024, 65,536 rollout tokens per step.
+    H100,
+}
+
+/// Settings of a run.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
+    pub device: Device,
     pub steps: usize,
     pub seed: u64,
     pub prompts: usize,
@@ -54,14 +84,21 @@ pub struct TrainConfig {
     pub ppo_epochs: usize,
     pub lr: f32,
     pub weighting: Weighting,
+    /// Directory for `metrics.jsonl`.
     pub out: Option<PathBuf>,
-    /// Print a progress line per step.
-    pub progress: bool,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig {
+        TrainConfig::preset(Preset::Small)
+    }
+}
+
+impl TrainConfig {
+    /// The sizes of a preset (CPU backend unless `device` is changed).
+    pub fn preset(p: Preset) -> TrainConfig {
+        let small = TrainConfig {
+            device: Device::Cpu,
             steps: 60,
             seed: 0,
             prompts: 8,
@@ -74,8 +111,34 @@ impl Default for TrainConfig {
             lr: 0.05,
             weighting: Weighting::Recap,
             out: None,
-            progress: false,
+        };
+        match p {
+            Preset::Small => small,
+            Preset::H100 => TrainConfig {
+                device: Device::Auto,
+                steps: 40,
+                prompts: 64,
+                group: 16,
+                resp_len: 64,
+                vocab: 32_768,
+                hidden: 1024,
+                replay_seqs: 16,
+                // per-element Adam steps move a logit by about lr * sum|phi| ~ lr sqrt(H): scaled
+                // so a step moves the logits about as much as in the small preset
+                lr: 0.01,
+                ..small
+            },
         }
+    }
+
+    /// Rollouts per step (prompts x group).
+    pub fn rollouts(&self) -> usize {
+        self.prompts * self.group
+    }
+
+    /// Tokens per step (rollouts and replay sequences).
+    pub fn tokens(&self) -> usize {
+        (self.rollouts() + self.replay_seqs) * self.resp_len
     }
 }
 
@@ -91,19 +154,42 @@ pub struct StepMetrics {
     pub loss: f64,
     pub pg_clipfrac: f64,
     pub ppo_kl: f64,
+    pub kl: f64,
     pub entropy: f64,
     pub step_time_ms: f64,
+    /// Sampling, old and reference log-probs.
+    pub sample_ms: f64,
+    /// Rewards and group advantages.
+    pub advantages_ms: f64,
+    /// The fused-linear loss and gradient (GEMMs and loss kernels), all epochs.
+    pub loss_ms: f64,
+    /// AdamW, all epochs.
+    pub optimizer_ms: f64,
     pub tokens_per_s: f64,
 }
 
-/// Counter-based RNG (SplitMix64 of seed and counter): the same (seed, counter) gives the same draw.
-fn draw(seed: u64, counter: u64) -> f64 {
-    let mut z =
-        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ counter.wrapping_add(0x632B_E59B_D9B4_E019);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
+impl StepMetrics {
+    /// The record without its timing fields (the only ones two runs of one seed may differ in).
+    pub fn without_timing(&self) -> StepMetrics {
+        StepMetrics {
+            step_time_ms: 0.0,
+            sample_ms: 0.0,
+            advantages_ms: 0.0,
+            loss_ms: 0.0,
+            optimizer_ms: 0.0,
+            tokens_per_s: 0.0,
+            ..self.clone()
+        }
+    }
+}
+
+/// What a run reports as it goes.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A line of information (backend chosen, phase).
+    Info(String),
+    /// A finished step.
+    Step(&'a StepMetrics),
 }
 
 fn normal(seed: u64, counter: u64) -> f64 {
@@ -112,19 +198,29 @@ fn normal(seed: u64, counter: u64) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
-/// The synthetic task and policy state.
-struct Task {
-    cfg: TrainConfig,
-    /// `[P + R, L, H]` features: prompts then replay sequences.
-    phi: Vec<f32>,
-    answer: Vec<usize>,
-    target: Vec<Vec<usize>>,
-    replay: Vec<Vec<usize>>,
-    w: Vec<f32>,
-    w_ref: Vec<f32>,
-    adam_m: Vec<f32>,
-    adam_v: Vec<f32>,
-    adam_t: i32,
+/// The synthetic task: features, hidden answers and targets, replay sequences, the token layout of
+/// a step and the initial weights. Host data, shared by both engines.
+pub(crate) struct Task {
+    pub cfg: TrainConfig,
+    /// `[(P + R) L, H]` features: prompt rows `q L + pos`, then the replay sequences' rows.
+    pub phi: Vec<f32>,
+    pub answer: Vec<usize>,
+    pub target: Vec<Vec<usize>>,
+    /// `[T]` feature row of each token of a step (rollout `q G + g` at `pos` uses row `q L + pos`).
+    pub feat: Vec<i32>,
+    /// `[T]` tokens with the replay part filled in (the rollout part is sampled each step).
+    pub tokens: Vec<i32>,
+    /// `[V, H]` initial weights (small noise).
+    pub w0: Vec<f32>,
+}
+
+/// Which tokens of the step's layout a loss pass covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Part {
+    /// Every token (rollouts, then replay sequences).
+    All,
+    /// The replay sequences only (the last `R L` tokens).
+    Replay,
 }
 
 impl Task {
@@ -136,13 +232,27 @@ impl Task {
             cfg.hidden,
             cfg.vocab,
         );
-        if l < 3 || h <= l || v < ANSWERS.end + 2 || cfg.group < 2 || p == 0 {
+        if l < 3 || h <= l || v < ANSWERS.end + 2 || cfg.group < 2 || p == 0 || cfg.ppo_epochs == 0
+        {
             return Err(Error::arg(
                 "train",
                 format!(
-                    "need resp_len >= 3, hidden > resp_len, vocab >= {}, group >= 2, prompts >= 1",
+                    "need resp_len >= 3, hidden > resp_len, vocab >= {}, group >= 2, prompts >= 1, \
+                     ppo_epochs >= 1",
                     ANSWERS.end + 2
                 ),
+            ));
+        }
+        if cfg.tokens() > i32::MAX as usize || v * h > i32::MAX as usize {
+            return Err(Error::arg(
+                "train",
+                "tokens per step and V x H must stay below 2^31",
+            ));
+        }
+        if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
+            return Err(Error::arg(
+                "lr",
+                format!("expected a finite lr > 0, got {}", cfg.lr),
             ));
         }
         let s = cfg.seed ^ 0xA5A5;
@@ -169,135 +279,212 @@ impl Task {
                     .collect()
             })
             .collect();
-        let replay = (0..r)
-            .map(|q| {
-                (0..l)
-                    .map(|pos| pick((50_000 + q * l + pos) as u64, v))
-                    .collect()
-            })
-            .collect();
-        // initial W: small noise, modest mass on the tags and on the answer tokens at the slot
-        let w: Vec<f32> = (0..v * h)
+        let rollouts = cfg.rollouts();
+        let mut feat = vec![0i32; cfg.tokens()];
+        let mut tokens = vec![0i32; cfg.tokens()];
+        for roll in 0..rollouts {
+            for pos in 0..l {
+                feat[roll * l + pos] = ((roll / cfg.group) * l + pos) as i32;
+            }
+        }
+        for ri in 0..r {
+            for pos in 0..l {
+                let t = (rollouts + ri) * l + pos;
+                feat[t] = ((p + ri) * l + pos) as i32;
+                tokens[t] = pick((50_000 + ri * l + pos) as u64, v) as i32;
+            }
+        }
+        let w0 = (0..v * h)
             .map(|i| (0.05 * normal(s ^ 0x99, i as u64)) as f32)
             .collect();
-        let mut task = Task {
+        Ok(Task {
             cfg: cfg.clone(),
             phi,
             answer,
             target,
-            replay,
-            w_ref: Vec::new(),
-            adam_m: vec![0.0; w.len()],
-            adam_v: vec![0.0; w.len()],
-            w,
-            adam_t: 0,
-        };
-        task.pretrain_replay(300, 0.05);
-        // then modest mass on the tags at their positions and on the answer tokens at the slot
-        task.w[OPEN * h] += 4.0;
-        task.w[CLOSE * h + (l - 1)] += 4.0;
-        for a in ANSWERS {
-            task.w[a * h + 1] += 4.0;
+            feat,
+            tokens,
+            w0,
+        })
+    }
+
+    /// Token range of a part.
+    pub fn range(&self, part: Part) -> std::ops::Range<usize> {
+        let t = self.cfg.tokens();
+        match part {
+            Part::All => 0..t,
+            Part::Replay => self.cfg.rollouts() * self.cfg.resp_len..t,
         }
-        task.w_ref = task.w.clone();
-        Ok(task)
     }
 
-    /// The "pretrained" starting point: the replay sequences are learnt first (Adam on their NLL),
-    /// so RL starts from a policy that knows them and can erode them.
-    fn pretrain_replay(&mut self, steps: usize, lr: f32) {
-        let (p, l, h, v) = (
-            self.cfg.prompts,
-            self.cfg.resp_len,
-            self.cfg.hidden,
-            self.cfg.vocab,
-        );
-        let n = (self.replay.len() * l).max(1) as f64;
-        for _ in 0..steps {
-            let mut grad = vec![0f32; v * h];
-            for (ri, seq) in self.replay.iter().enumerate() {
-                for (pos, &y) in seq.iter().enumerate() {
-                    let f = (p + ri) * l + pos;
-                    let z = self.logits(&self.w, f);
-                    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = z.iter().map(|x| (x - m).exp()).collect();
-                    let sum: f64 = e.iter().sum();
-                    let x = &self.phi[f * h..(f + 1) * h];
-                    for (tok, ez) in e.iter().enumerate() {
-                        let d = (ez / sum - (tok == y) as u8 as f64) / n;
-                        for (gj, xj) in grad[tok * h..(tok + 1) * h].iter_mut().zip(x) {
-                            *gj += (d * *xj as f64) as f32;
-                        }
-                    }
-                }
-            }
-            adamw(self, &grad, lr);
+    /// Rewards `[rollouts, 3]` (format, accuracy, overlap) of sampled tokens.
+    fn rewards(&self, tokens: &[i32]) -> Vec<f32> {
+        let (g, l) = (self.cfg.group, self.cfg.resp_len);
+        let mut rewards = vec![0f32; self.cfg.rollouts() * 3];
+        for (roll, r) in rewards.chunks_exact_mut(3).enumerate() {
+            let q = roll / g;
+            let y = &tokens[roll * l..(roll + 1) * l];
+            let is = |pos: usize, tok: usize| (y[pos] == tok as i32) as u8 as f32;
+            r[0] = 0.5 * is(0, OPEN) + 0.5 * is(l - 1, CLOSE);
+            r[1] = is(1, self.answer[q]);
+            let body = 2..l - 1;
+            let hits: f32 = body.clone().map(|pos| is(pos, self.target[q][pos])).sum();
+            r[2] = hits / body.len().max(1) as f32;
         }
-        self.adam_m.iter_mut().for_each(|x| *x = 0.0);
-        self.adam_v.iter_mut().for_each(|x| *x = 0.0);
-        self.adam_t = 0;
-    }
-
-    /// Logits of feature row `f` under weights `w`.
-    fn logits(&self, w: &[f32], f: usize) -> Vec<f64> {
-        let h = self.cfg.hidden;
-        let x = &self.phi[f * h..(f + 1) * h];
-        (0..self.cfg.vocab)
-            .map(|t| {
-                w[t * h..(t + 1) * h]
-                    .iter()
-                    .zip(x)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum()
-            })
-            .collect()
-    }
-
-    /// The softmax of every feature row under weights `w`, computed once per use of `w` (all
-    /// rollouts of a prompt share its rows).
-    fn softmax_rows(&self, w: &[f32]) -> Vec<SoftmaxRow> {
-        (0..self.phi.len() / self.cfg.hidden)
-            .map(|f| {
-                let z = self.logits(w, f);
-                let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = z.iter().map(|x| (x - m).exp()).collect();
-                let sum: f64 = e.iter().sum();
-                SoftmaxRow {
-                    lse: m + sum.ln(),
-                    z,
-                    e,
-                    sum,
-                }
-            })
-            .collect()
+        rewards
     }
 }
 
-/// One feature row's logits `z`, `e = exp(z - max)`, their sum and the log-sum-exp.
-struct SoftmaxRow {
-    z: Vec<f64>,
-    e: Vec<f64>,
-    sum: f64,
-    lse: f64,
+/// One backend's implementation of the step's heavy parts.
+pub(crate) trait Engine {
+    /// Samples the rollout tokens of `step` into `tokens[..rollouts L]` and writes the old
+    /// (current policy) and reference log-probs of every token of the step.
+    fn rollout(
+        &mut self,
+        step: usize,
+        tokens: &mut [i32],
+        old: &mut [f32],
+        reference: &mut [f32],
+    ) -> Result<()>;
+    /// Group advantages (GRPO) of rewards `[rollouts, K]`.
+    fn advantages(&mut self, rewards: &[f32], out: &mut [f32]) -> Result<()>;
+    /// The fused-linear loss and gradient over `part` (inputs indexed from the part's first token).
+    fn loss(
+        &mut self,
+        part: Part,
+        inputs: &HostLogitsLossInputs<'_>,
+        config: &GrpoConfig,
+    ) -> Result<LogitsLossOutput>;
+    /// One AdamW step with the last loss's weight gradient.
+    fn adamw(&mut self, opt: &AdamW) -> Result<()>;
+    /// The current weights `[V, H]`.
+    fn weights(&mut self) -> Result<Vec<f32>>;
+    /// Replaces the weights and resets the optimizer; with `freeze`, they also become the frozen
+    /// reference policy.
+    fn set_weights(&mut self, w: &[f32], freeze: bool) -> Result<()>;
+    /// Waits for queued work (for phase timings).
+    fn sync(&mut self) -> Result<()>;
 }
 
-impl SoftmaxRow {
-    fn logp(&self, tok: usize) -> f64 {
-        self.z[tok] - self.lse
+/// The backend `cfg.device` resolves to, and a line saying why when `auto` fell back to the CPU.
+fn resolve(device: Device) -> Result<(Backend, Option<String>)> {
+    match device {
+        Device::Cpu => Ok((Backend::Cpu, None)),
+        Device::Cuda => Ok((Backend::cuda(0)?, None)),
+        Device::Auto => {
+            let (b, why) = Backend::auto_with_reason();
+            Ok((
+                b,
+                why.map(|w| format!("no usable GPU ({w}): running on the CPU")),
+            ))
+        }
     }
 }
 
 /// Runs the training; returns one record per step (and writes `metrics.jsonl` when `cfg.out`).
 pub fn train(cfg: &TrainConfig) -> Result<Vec<StepMetrics>> {
-    let mut task = Task::new(cfg)?;
-    let (p, g, l, h, v, r) = (
+    train_with(cfg, &mut |_| {})
+}
+
+/// [`train`], reporting progress to `on_event`.
+pub fn train_with(
+    cfg: &TrainConfig,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<Vec<StepMetrics>> {
+    let task = Task::new(cfg)?;
+    let (backend, why) = resolve(cfg.device)?;
+    if let Some(w) = why {
+        on_event(Event::Info(w));
+    }
+    on_event(Event::Info(format!(
+        "backend {}; {} prompts x {} rollouts x {} tokens + {} replay sequences = {} tokens per step, V = {}, H = {}",
+        backend.name(),
         cfg.prompts,
         cfg.group,
         cfg.resp_len,
-        cfg.hidden,
-        cfg.vocab,
         cfg.replay_seqs,
-    );
+        cfg.tokens(),
+        cfg.vocab,
+        cfg.hidden
+    )));
+    if matches!(backend, Backend::Cpu) && (cfg.tokens() * cfg.vocab * cfg.hidden) as f64 > 1e10 {
+        on_event(Event::Info(
+            "these sizes are meant for a GPU: on the CPU reference a step takes minutes".into(),
+        ));
+    }
+    match backend {
+        Backend::Cpu => run(&task, &mut cpu::CpuEngine::new(&task), on_event),
+        Backend::Cuda(gpu) => run(&task, &mut cuda::CudaEngine::new(&task, gpu)?, on_event),
+    }
+}
+
+fn optimizer(lr: f32) -> AdamW {
+    AdamW {
+        lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    }
+}
+
+/// The "pretrained" starting point: the replay sequences are learnt first (Adam on their NLL through
+/// the fused-linear path), then modest mass goes on the tags at their positions and on the answer
+/// tokens at the slot; that policy is frozen as the reference.
+fn pretrain(task: &Task, engine: &mut dyn Engine) -> Result<()> {
+    let (l, h, r) = (task.cfg.resp_len, task.cfg.hidden, task.cfg.replay_seqs);
+    engine.set_weights(&task.w0, false)?;
+    let range = task.range(Part::Replay);
+    let labels = &task.tokens[range.clone()];
+    let zeros = vec![0f32; range.len()];
+    let adv = vec![0f32; r];
+    let mask = vec![1u8; range.len()];
+    let cu: Vec<i32> = (0..=r).map(|i| (i * l) as i32).collect();
+    let inputs = HostLogitsLossInputs {
+        labels,
+        old_logp: &zeros,
+        ref_logp: None,
+        advantages: Advantages::PerSequence(&adv),
+        mask: Mask::U8(&mask),
+        cu_seqlens: &cu,
+        lambda: &[1.0],
+        objectives: &[ObjectiveKind::Nll],
+        membership: None,
+        normalizers: None,
+    };
+    let opt = optimizer(0.05);
+    if r > 0 {
+        for _ in 0..PRETRAIN_STEPS {
+            engine.loss(Part::Replay, &inputs, &GrpoConfig::default())?;
+            engine.adamw(&opt)?;
+        }
+    }
+    let mut w = engine.weights()?;
+    w[OPEN * h] += 4.0;
+    w[CLOSE * h + (l - 1)] += 4.0;
+    for a in ANSWERS {
+        w[a * h + 1] += 4.0;
+    }
+    engine.set_weights(&w, true)
+}
+
+fn open_metrics(out: &Option<PathBuf>) -> Result<Option<std::fs::File>> {
+    let Some(dir) = out else { return Ok(None) };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::arg("out", format!("cannot create {}: {e}", dir.display())))?;
+    let path = dir.join("metrics.jsonl");
+    std::fs::File::create(&path)
+        .map(Some)
+        .map_err(|e| Error::arg("out", format!("cannot write {}: {e}", path.display())))
+}
+
+fn run(
+    task: &Task,
+    engine: &mut dyn Engine,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<Vec<StepMetrics>> {
+    let cfg = &task.cfg;
+    let (l, r) = (cfg.resp_len, cfg.replay_seqs);
     let kinds = [
         ObjectiveKind::Policy,
         ObjectiveKind::Policy,
@@ -311,152 +498,75 @@ pub fn train(cfg: &TrainConfig) -> Result<Vec<StepMetrics>> {
         Orientation::Loss,
     ];
     let mut sched = RecapScheduler::new(&orient, RecapConfig::default())?;
-    let mut file = match &cfg.out {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::arg("out", format!("cannot create {}: {e}", dir.display())))?;
-            let path = dir.join("metrics.jsonl");
-            Some(
-                std::fs::File::create(&path).map_err(|e| {
-                    Error::arg("out", format!("cannot write {}: {e}", path.display()))
-                })?,
-            )
-        }
-        None => None,
-    };
-    let rollouts = p * g;
+    let mut file = open_metrics(&cfg.out)?;
+    on_event(Event::Info(format!(
+        "pretraining on the replay sequences ({PRETRAIN_STEPS} Adam steps)"
+    )));
+    pretrain(task, engine)?;
+    let rollouts = cfg.rollouts();
     let b = rollouts + r;
-    let t = b * l;
+    let t = cfg.tokens();
     let cu: Vec<i32> = (0..=b).map(|i| (i * l) as i32).collect();
     let membership: Vec<u32> = (0..b)
         .map(|i| if i < rollouts { 0b0111 } else { 0b1000 })
         .collect();
+    let mask = vec![1u8; t];
+    let opt = optimizer(cfg.lr);
+    let config = GrpoConfig::default();
     let mut records = Vec::new();
-    let reference_rows = task.softmax_rows(&task.w_ref); // the reference policy is frozen
+    let mut tokens = task.tokens.clone();
+    let mut old = vec![0f32; t];
+    let mut reference = vec![0f32; t];
     for step in 0..cfg.steps {
         let started = Instant::now();
-        let rows = task.softmax_rows(&task.w);
-        // sample
-        let mut tokens = vec![0usize; t];
-        let mut feat = vec![0usize; t];
-        for q in 0..p {
-            for gi in 0..g {
-                let roll = q * g + gi;
-                for pos in 0..l {
-                    let f = q * l + pos;
-                    let row = &rows[f];
-                    let u = draw(cfg.seed, ((step * rollouts + roll) * l + pos) as u64) * row.sum;
-                    let mut acc = 0.0;
-                    let mut tok = v - 1;
-                    for (j, x) in row.e.iter().enumerate() {
-                        acc += x;
-                        if u < acc {
-                            tok = j;
-                            break;
-                        }
-                    }
-                    tokens[roll * l + pos] = tok;
-                    feat[roll * l + pos] = f;
-                }
-            }
-        }
-        for (ri, seq) in task.replay.iter().enumerate() {
-            for pos in 0..l {
-                tokens[(rollouts + ri) * l + pos] = seq[pos];
-                feat[(rollouts + ri) * l + pos] = (p + ri) * l + pos;
-            }
-        }
-        // rewards [rollouts, 3]
-        let mut rewards = vec![0f32; rollouts * 3];
-        for q in 0..p {
-            for gi in 0..g {
-                let roll = q * g + gi;
-                let y = &tokens[roll * l..(roll + 1) * l];
-                rewards[roll * 3] =
-                    0.5 * (y[0] == OPEN) as u8 as f32 + 0.5 * (y[l - 1] == CLOSE) as u8 as f32;
-                rewards[roll * 3 + 1] = (y[1] == task.answer[q]) as u8 as f32;
-                let body = 2..l - 1;
-                let hits = body
-                    .clone()
-                    .filter(|&pos| y[pos] == task.target[q][pos])
-                    .count();
-                rewards[roll * 3 + 2] = hits as f32 / body.len().max(1) as f32;
-            }
-        }
+        engine.rollout(step, &mut tokens, &mut old, &mut reference)?;
+        let sampled = Instant::now();
+        let rewards = task.rewards(&tokens);
         let mut adv3 = vec![0f32; rollouts * 3];
-        group_advantages(
-            &rewards,
-            Groups::Consecutive(g),
-            None,
-            &AdvantageConfig {
-                modes: vec![AdvantageMode::Grpo; 3],
-                eps: 1e-6,
-                lead: None,
-            },
-            &mut adv3,
-        )?;
+        engine.advantages(&rewards, &mut adv3)?;
         let mut adv = vec![0f32; b * 4];
         for i in 0..rollouts {
             adv[i * 4..i * 4 + 3].copy_from_slice(&adv3[i * 3..i * 3 + 3]);
         }
-        let old: Vec<f32> = (0..t)
-            .map(|i| rows[feat[i]].logp(tokens[i]) as f32)
-            .collect();
-        let reference: Vec<f32> = (0..t)
-            .map(|i| reference_rows[feat[i]].logp(tokens[i]) as f32)
-            .collect();
         let replay_nll =
             -(rollouts * l..t).map(|i| old[i] as f64).sum::<f64>() / (r * l).max(1) as f64;
         let lambda = match cfg.weighting {
             Weighting::Recap => sched.weights(),
             Weighting::Uniform => vec![1.0; 4],
         };
-        let labels: Vec<i32> = tokens.iter().map(|x| *x as i32).collect();
-        let mask = vec![1u8; t];
-        let hidden: Vec<bf16> = feat
-            .iter()
-            .flat_map(|&f| {
-                task.phi[f * h..(f + 1) * h]
-                    .iter()
-                    .map(|x| bf16::from_f32(*x))
-            })
-            .collect();
-        let config = GrpoConfig::default();
-        let mut last = None;
+        let advantaged = Instant::now();
+        let inputs = HostLogitsLossInputs {
+            labels: &tokens,
+            old_logp: &old,
+            ref_logp: Some(&reference),
+            advantages: Advantages::PerSequence(&adv),
+            mask: Mask::U8(&mask),
+            cu_seqlens: &cu,
+            lambda: &lambda,
+            objectives: &kinds,
+            membership: Some(&membership),
+            normalizers: None,
+        };
+        let (mut loss_s, mut opt_s) = (0.0, 0.0);
+        let mut first = None;
         for _ in 0..cfg.ppo_epochs {
-            let weight: Vec<bf16> = task.w.iter().map(|x| bf16::from_f32(*x)).collect();
-            let inputs = LogitsLossInputs {
-                labels: &labels[..],
-                old_logp: &old[..],
-                ref_logp: Some(&reference[..]),
-                advantages: Advantages::PerSequence(&adv[..]),
-                mask: Mask::U8(&mask[..]),
-                cu_seqlens: &cu,
-                lambda: &lambda,
-                objectives: &kinds,
-                membership: Some(&membership),
-                normalizers: None,
-            };
-            let mut dh = vec![0f32; t * h];
-            let mut dw = vec![0f32; v * h];
-            let out = crate::cpu::fused_linear_grpo_loss(
-                &hidden,
-                &weight,
-                h,
-                &inputs,
-                &config,
-                &LogprobConfig::default(),
-                false,
-                &mut dh,
-                &mut dw,
-            )?;
-            adamw(&mut task, &dw, cfg.lr);
-            last = Some(out);
+            let t0 = Instant::now();
+            let out = engine.loss(Part::All, &inputs, &config)?;
+            let t1 = Instant::now();
+            engine.adamw(&opt)?;
+            engine.sync()?;
+            loss_s += (t1 - t0).as_secs_f64();
+            opt_s += t1.elapsed().as_secs_f64();
+            first.get_or_insert(out);
         }
-        let out = last.ok_or_else(|| Error::arg("ppo_epochs", "expected at least one epoch"))?;
+        // the first epoch's loss and metrics: those of the sampling policy's own batch
+        let out = first.ok_or_else(|| Error::arg("ppo_epochs", "expected at least one epoch"))?;
         let mean = |j: usize| {
-            (0..rollouts)
-                .map(|i| rewards[i * 3 + j] as f64)
+            rewards
+                .iter()
+                .skip(j)
+                .step_by(3)
+                .map(|x| *x as f64)
                 .sum::<f64>()
                 / rollouts as f64
         };
@@ -473,52 +583,27 @@ pub fn train(cfg: &TrainConfig) -> Result<Vec<StepMetrics>> {
             loss: out.loss,
             pg_clipfrac: out.grpo.metrics.pg_clipfrac.iter().take(3).sum::<f64>() / 3.0,
             ppo_kl: out.grpo.metrics.ppo_kl,
+            kl: out.grpo.metrics.kl_mean,
             entropy: out.entropy_mean,
             step_time_ms: secs * 1e3,
+            sample_ms: (sampled - started).as_secs_f64() * 1e3,
+            advantages_ms: (advantaged - sampled).as_secs_f64() * 1e3,
+            loss_ms: loss_s * 1e3,
+            optimizer_ms: opt_s * 1e3,
             tokens_per_s: (t * cfg.ppo_epochs) as f64 / secs.max(1e-9),
         };
         if let Some(f) = file.as_mut() {
             let line = serde_json::to_string(&m).map_err(|e| Error::arg("out", e.to_string()))?;
             writeln!(f, "{line}").map_err(|e| Error::arg("out", e.to_string()))?;
         }
-        if cfg.progress {
-            eprintln!(
-                "step {:>4}/{}  format {:.3}  accuracy {:.3}  overlap {:.3}  replay_nll {:.3}  lambda {:?}  {:.0} ms",
-                step + 1,
-                cfg.steps,
-                fmt,
-                acc,
-                ovl,
-                replay_nll,
-                lambda.iter().map(|x| (x * 100.0).round() / 100.0).collect::<Vec<_>>(),
-                secs * 1e3
-            );
-        }
+        on_event(Event::Step(&m));
         records.push(m);
     }
     Ok(records)
 }
 
-/// AdamW on the policy weights (betas 0.9 / 0.999, eps 1e-8, weight decay 0.01).
-fn adamw(task: &mut Task, grad: &[f32], lr: f32) {
-    task.adam_t += 1;
-    let (b1, b2, eps, wd) = (0.9f32, 0.999f32, 1e-8f32, 0.01f32);
-    let (c1, c2) = (1.0 - b1.powi(task.adam_t), 1.0 - b2.powi(task.adam_t));
-    for (((w, m), v), g) in task
-        .w
-        .iter_mut()
-        .zip(task.adam_m.iter_mut())
-        .zip(task.adam_v.iter_mut())
-        .zip(grad)
-    {
-        *m = b1 * *m + (1.0 - b1) * g;
-        *v = b2 * *v + (1.0 - b2) * g * g;
-        let update = (*m / c1) / ((*v / c2).sqrt() + eps);
-        *w -= lr * (update + wd * *w);
-    }
-}
-
-/// The summary table comparing the first and the last window of `records` (W = 10 steps).
+/// The summary table comparing the first and the last window of `records` (W = 10 steps), with
+/// the mean phase times.
 pub fn summary(records: &[StepMetrics]) -> String {
     let w = 10.min(records.len().max(1));
     let avg = |rs: &[StepMetrics], f: &dyn Fn(&StepMetrics) -> f64| {
@@ -528,29 +613,40 @@ pub fn summary(records: &[StepMetrics]) -> String {
         &records[..w.min(records.len())],
         &records[records.len().saturating_sub(w)..],
     );
-    let mut s = format!("{:<12} {:>12} {:>12}\n", "", "first steps", "last steps");
-    for (name, f) in [
-        (
-            "format",
-            &(|m: &StepMetrics| m.format) as &dyn Fn(&StepMetrics) -> f64,
-        ),
-        ("accuracy", &|m: &StepMetrics| m.accuracy),
-        ("overlap", &|m: &StepMetrics| m.overlap),
-        ("replay_nll", &|m: &StepMetrics| m.replay_nll),
-    ] {
+    type Field = (&'static str, fn(&StepMetrics) -> f64);
+    let fields: [Field; 6] = [
+        ("format", |m| m.format),
+        ("accuracy", |m| m.accuracy),
+        ("overlap", |m| m.overlap),
+        ("replay_nll", |m| m.replay_nll),
+        ("entropy", |m| m.entropy),
+        ("pg_clipfrac", |m| m.pg_clipfrac),
+    ];
+    let mut s = format!("{:<18} {:>12} {:>12}\n", "", "first steps", "last steps");
+    for (name, f) in fields {
         s += &format!(
-            "{name:<12} {:>12.4} {:>12.4}\n",
-            avg(first, f),
-            avg(last, f)
+            "{name:<18} {:>12.4} {:>12.4}\n",
+            avg(first, &f),
+            avg(last, &f)
         );
     }
     for (k, name) in OBJECTIVES.iter().enumerate() {
         s += &format!(
-            "{:<12} {:>12.4} {:>12.4}\n",
+            "{:<18} {:>12.4} {:>12.4}\n",
             format!("lambda {name}"),
             avg(first, &|m| m.lambda[k] as f64),
             avg(last, &|m| m.lambda[k] as f64)
         );
     }
+    let all = |f: &dyn Fn(&StepMetrics) -> f64| avg(records, f);
+    s += &format!(
+        "step {:.1} ms (sampling {:.1}, advantages {:.1}, loss {:.1}, optimizer {:.1}), {:.0} tokens/s",
+        all(&|m| m.step_time_ms),
+        all(&|m| m.sample_ms),
+        all(&|m| m.advantages_ms),
+        all(&|m| m.loss_ms),
+        all(&|m| m.optimizer_ms),
+        all(&|m| m.tokens_per_s),
+    );
     s
 }

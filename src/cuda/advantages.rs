@@ -1,0 +1,152 @@
+//! Group advantages on the GPU (`kernels/advantages.cu`); the CPU reference is
+//! [`crate::advantages::group_advantages`].
+
+use super::{addr, addr_mut, addr_slice_mut, params::AdvParams, Gpu, Module};
+use crate::advantages::{validate, AdvantageConfig};
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use std::sync::Arc;
+
+/// Rollout groups of device data.
+#[derive(Debug)]
+pub enum DeviceGroups<'a> {
+    /// Groups of G consecutive rollouts (B must be a multiple of G).
+    Consecutive(usize),
+    /// `[B]` dense group ids in `[0, num_groups)`: every group id a rollout carries must be in range
+    /// (checked after the launch: an error names how many rollouts were outside every group).
+    Ids {
+        ids: CudaView<'a, i32>,
+        num_groups: usize,
+    },
+}
+
+/// Advantages `[B, K]` of rewards `[B, K]` on `stream` into `out`, as the CPU reference (same
+/// modes and GRPO-LEAD options). `lengths` (`[B]`) is needed by the length-dependent reward.
+/// Synchronizes the stream once, to read back the group sizes and the count of non-finite rewards
+/// (an error when any).
+pub fn group_advantages(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    rewards: &CudaView<'_, f32>,
+    groups: DeviceGroups<'_>,
+    lengths: Option<&CudaView<'_, i32>>,
+    config: &AdvantageConfig,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (b, k) = validate(rewards.len(), lengths.map(|l| l.len()), config, out.len())?;
+    gpu.check_stream(stream)?;
+    let (group_size, num_groups, ids) = match &groups {
+        DeviceGroups::Consecutive(g) => {
+            if *g == 0 || b % g != 0 {
+                return Err(Error::arg(
+                    "groups",
+                    format!(
+                        "B = {b} rollouts do not split into groups of G = {g} consecutive rollouts"
+                    ),
+                ));
+            }
+            (*g, b / g, None)
+        }
+        DeviceGroups::Ids { ids, num_groups } => {
+            crate::layout::check_len("groups", ids.len(), b, "[B] group ids")?;
+            if *num_groups > b.max(1) {
+                return Err(Error::arg(
+                    "groups",
+                    format!("num_groups = {num_groups} exceeds B = {b} rollouts"),
+                ));
+            }
+            (0, *num_groups, Some(ids))
+        }
+    };
+    if b == 0 || num_groups == 0 {
+        return Ok(());
+    }
+    // work[B, K] then batch_std[K]; zeroed, so rollouts with an invalid group id (reported below)
+    // read zeros rather than stale memory
+    let mut scratch = stream.alloc_zeros::<f64>(b * k + k)?;
+    let mut counts = stream.alloc_zeros::<i32>(num_groups + 1)?;
+    {
+        let (s_a, _gs) = addr_slice_mut(&mut scratch, stream);
+        let (c_a, _gc) = addr_slice_mut(&mut counts, stream);
+        let (r_a, _gr) = addr(rewards, stream);
+        let (o_a, _go) = addr_mut(out, stream);
+        let (i_a, _gi) = match ids {
+            Some(v) => {
+                let (a, g) = addr(v, stream);
+                (a, Some(g))
+            }
+            None => (0, None),
+        };
+        let (l_a, _gl) = match lengths {
+            Some(v) => {
+                let (a, g) = addr(v, stream);
+                (a, Some(g))
+            }
+            None => (0, None),
+        };
+        let lead = config.lead.as_ref();
+        let diff = lead.and_then(|l| l.difficulty);
+        let length_alpha = lead.and_then(|l| l.length_alpha);
+        let p = AdvParams {
+            rewards: r_a,
+            group_ids: i_a,
+            lengths: if length_alpha.is_some() { l_a } else { 0 },
+            work: s_a,
+            batch_std: s_a + (b * k * 8) as u64,
+            out: o_a,
+            counts: c_a,
+            num_rollouts: b as i32,
+            num_objectives: k as i32,
+            num_groups: num_groups as i32,
+            group_size: group_size as i32,
+            modes: config
+                .modes
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (j, m)| acc | (m.code() << (2 * j))),
+            correctness: lead.map_or(-1, |l| l.correctness as i32),
+            has_length: length_alpha.is_some() as i32,
+            has_difficulty: diff.is_some() as i32,
+            eps: config.eps,
+            length_alpha: length_alpha.unwrap_or(0.0),
+            diff_a: diff.map_or(0.0, |d| d.a),
+            diff_b: diff.map_or(0.0, |d| d.b),
+            diff_rho0: diff.map_or(0.0, |d| d.rho0),
+            diff_k: diff.map_or(0.0, |d| d.k),
+        };
+        gpu.launch(
+            stream,
+            Module::Advantages,
+            "recap_adv_prepare",
+            num_groups,
+            &p,
+        )?;
+        gpu.launch(stream, Module::Advantages, "recap_adv_batch_std", k, &p)?;
+        gpu.launch(
+            stream,
+            Module::Advantages,
+            "recap_adv_apply",
+            num_groups,
+            &p,
+        )?;
+    }
+    let host = stream.clone_dtoh(&counts)?;
+    stream.synchronize()?;
+    let members: usize = host[..num_groups].iter().map(|c| *c as usize).sum();
+    if members != b {
+        return Err(Error::arg(
+            "groups",
+            format!(
+                "{} of B = {b} rollouts carry a group id outside [0, {num_groups})",
+                b - members.min(b)
+            ),
+        ));
+    }
+    if host[num_groups] > 0 {
+        return Err(Error::arg(
+            "rewards",
+            format!("{} rewards are not finite", host[num_groups]),
+        ));
+    }
+    Ok(())
+}
