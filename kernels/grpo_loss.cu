@@ -5,7 +5,9 @@
  * Math (per-token formulas in grpo_math.cuh). For an unmasked token t of sequence b, weight m_t:
  *   d_t = clamp(logp_t - old_t, -20, 20), r_t = exp(d_t)
  *   objective k of kind policy (advantage A = adv[b or t, k]): l_tk = max(-A r, -A clip(r, 1-el, 1+eh)),
- *     for A < 0 with dual-clip l_tk = min(l_tk, -c A); of kind nll: l_tk = -logp_t
+ *     for A < 0 with dual-clip l_tk = min(l_tk, -c A), or the CISPO / SAPO / two-sided variants
+ *     (recap_policy_token); of kind nll: l_tk = -logp_t
+ *   kl_t  = the estimator at (logp, ref), times r_t at policy tokens with kl_is_correction
  *   w_tk  = m_t * aggregation weight (token-mean 1/N_k, seq-mean-token-mean 1/(n_b S_k), ...) for
  *           member sequences (membership bit k), else 0; the KL term uses slot K (every sequence)
  *   L     = (1/K) sum_k lambda_k sum_t w_tk l_tk + beta sum_t w_tK kl_t
@@ -63,6 +65,15 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     const float inv_k = 1.0f / (float)K;
     const uint32_t kbits = (K >= 32) ? 0xffffffffu : ((1u << K) - 1u);
     const bool smtm = p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN;
+    RecapPolicyOpts opts;
+    opts.loss_type = p.loss_type;
+    opts.dual_clip = p.dual_clip;
+    opts.clip_low = p.clip_low;
+    opts.clip_high = p.clip_high;
+    opts.clip_c = p.clip_c;
+    opts.delta = p.delta;
+    opts.tau_pos = p.tau_pos;
+    opts.tau_neg = p.tau_neg;
 
     /* Stage the per-sequence data when the tile's sequences fit (block-uniform decision). */
     const int nseq = ts.b_hi - ts.b_lo + 1;
@@ -139,7 +150,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                     if ((pol >> k) & 1u) {
                         const float a = adv_smem ? s_adv[sb * MAXK + k] : arow[k];
                         nonfinite += !recap_isfinite(a);
-                        const RecapPolicyToken pt = recap_policy_token(q, a, p.clip_low, p.clip_high, p.dual_clip, p.clip_c);
+                        const RecapPolicyToken pt = recap_policy_token(q, a, lp, opts);
                         agg[k] += w * pt.loss;
                         clip[k] += pt.clipped ? m : 0.0f;
                         dual[k] += pt.dual ? m : 0.0f;
@@ -154,7 +165,8 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
             if (ref_logp) {
                 const float ref = refv[u];
                 nonfinite += !recap_isfinite(ref);
-                const RecapKlToken kt = recap_kl_token(lp, ref, p.kl_estimator);
+                RecapKlToken kt = recap_kl_token(lp, ref, p.kl_estimator);
+                if (p.kl_is_correction && pol) kt = recap_kl_is_corrected(kt, q);
                 const float w = mf * s_base[K];
                 kl_agg += w * kt.value;
                 kl_sum += m * kt.value;

@@ -15,6 +15,8 @@
  *   clipped  <=> l2 > l1  (verl's pg_clipfrac)           dl/dlogp = 0
  *   else                                                  dl/dlogp = -A r
  *   dual-clip (A < 0): l = min(l, -c A); active <=> l > -c A (pg_clipfrac_lower), then dl/dlogp = 0
+ * Variants (recap_policy_token): CISPO, SAPO, two-sided clipping `delta`; the KL term optionally
+ * multiplied by r (recap_kl_is_corrected).
  * Supervised replay (nll): l = -logp, dl/dlogp = -1.
  * KL to the reference (verl core_algos.kl_penalty), diff = logp - ref_logp:
  *   k1   diff                           grad 1
@@ -68,24 +70,64 @@ RECAP_HD RecapRatio recap_ratio(float logp, float old_logp, float clamp) {
 }
 
 typedef struct RecapPolicyToken {
-    float loss;  /* l                        */
-    float grad;  /* dl/dlogp                 */
-    int clipped; /* l2 > l1                  */
-    int dual;    /* dual-clip branch active  */
+    float loss;  /* l                                                   */
+    float grad;  /* dl/dlogp                                            */
+    int clipped; /* vanilla: l2 > l1; CISPO, SAPO: r outside the clip band */
+    int dual;    /* dual-clip branch active                             */
 } RecapPolicyToken;
 
-RECAP_HD RecapPolicyToken recap_policy_token(RecapRatio q, float adv, float clip_low, float clip_high,
-                                             int dual_clip, float clip_c) {
+/* The policy-loss options of a launch. */
+typedef struct RecapPolicyOpts {
+    int loss_type;   /* RECAP_LOSS_*                                   */
+    int dual_clip;   /* vanilla only: dual-clip on for A < 0           */
+    float clip_low;  /* eps_low                                        */
+    float clip_high; /* eps_high                                       */
+    float clip_c;    /* dual-clip constant c > 1                       */
+    float delta;     /* vanilla two-sided clipping bound, or 0 (off)   */
+    float tau_pos;   /* SAPO temperature, A > 0                        */
+    float tau_neg;   /* SAPO temperature, A <= 0                       */
+} RecapPolicyOpts;
+
+/*
+ * One token of the policy loss with advantage `adv` (dr/dlogp = r inside the log-ratio clamp, 0 where
+ * it saturates):
+ *   vanilla  l1 = -A min(r, delta) (delta > 0; else -A r), l2 = -A clip(r, 1 - el, 1 + eh),
+ *            l = max(l1, l2); clipped <=> l2 > l1 (grad 0), else grad -A r (0 where r > delta);
+ *            dual-clip (A < 0): l = min(l, -c A), active <=> l > -c A (grad 0)
+ *   CISPO    l = -sg(clip(r, 1 - el, 1 + eh)) A logp, grad = -clip(r) A  (MiniMax-M1; verl "cispo")
+ *   SAPO     tau = tau_pos if A > 0 else tau_neg, s = sigmoid(tau (r - 1)),
+ *            l = -A (4 / tau) s, grad = -4 A s (1 - s) r                 (verl/TRL "sapo")
+ */
+RECAP_HD RecapPolicyToken recap_policy_token(RecapRatio q, float adv, float logp, RecapPolicyOpts o) {
     RecapPolicyToken out;
-    float r = q.ratio;
-    float l1 = -adv * r;
-    float l2 = -adv * recap_clampf(r, 1.0f - clip_low, 1.0f + clip_high);
+    const float r = q.ratio;
+    const float rc = recap_clampf(r, 1.0f - o.clip_low, 1.0f + o.clip_high);
+    out.dual = 0;
+    if (o.loss_type == RECAP_LOSS_CISPO) {
+        out.loss = -rc * adv * logp;
+        out.grad = -rc * adv;
+        out.clipped = rc != r;
+        return out;
+    }
+    if (o.loss_type == RECAP_LOSS_SAPO) {
+        const float tau = adv > 0.0f ? o.tau_pos : o.tau_neg;
+        /* s = 1 / (1 + e), 1 - s = e / (1 + e) with e = exp(-tau (r - 1)): no cancellation in 1 - s */
+        const float e = expf(-tau * (r - 1.0f));
+        const float s = 1.0f / (1.0f + e);
+        const float s1 = e / (1.0f + e);
+        out.loss = -adv * (4.0f / tau) * s;
+        out.grad = q.saturated ? 0.0f : -4.0f * adv * s * s1 * r;
+        out.clipped = rc != r;
+        return out;
+    }
+    const int capped = o.delta > 0.0f && r > o.delta;
+    float l1 = -adv * (capped ? o.delta : r);
+    float l2 = -adv * rc;
     out.clipped = l2 > l1;
     out.loss = out.clipped ? l2 : l1;
-    out.grad = (out.clipped || q.saturated) ? 0.0f : -adv * r;
-    out.dual = 0;
-    if (dual_clip && adv < 0.0f) {
-        float l3 = -clip_c * adv;
+    out.grad = (out.clipped || q.saturated || capped) ? 0.0f : -adv * r;
+    if (o.dual_clip && adv < 0.0f) {
+        float l3 = -o.clip_c * adv;
         if (out.loss > l3) {
             out.dual = 1;
             out.loss = l3;
@@ -122,6 +164,15 @@ RECAP_HD RecapKlToken recap_kl_token(float logp, float ref_logp, int estimator) 
         out.value = diff;
         out.grad = (estimator == RECAP_KL_K1_PLUS) ? diff : 1.0f;
     }
+    return out;
+}
+
+/* TRL's use_bias_correction_kl: kl_t -> kl_t r_t, d/dlogp = kl' r + kl r (the second term is 0 where
+ * the log-ratio clamp saturates). */
+RECAP_HD RecapKlToken recap_kl_is_corrected(RecapKlToken kt, RecapRatio q) {
+    RecapKlToken out;
+    out.value = kt.value * q.ratio;
+    out.grad = kt.grad * q.ratio + (q.saturated ? 0.0f : kt.value * q.ratio);
     return out;
 }
 

@@ -14,9 +14,13 @@ void recap_host_ratio(float logp, float old_logp, float clamp, RecapRatio* out) 
     *out = recap_ratio(logp, old_logp, clamp);
 }
 
-void recap_host_policy_token(const RecapRatio* q, float adv, float clip_low, float clip_high, int dual_clip,
-                             float clip_c, RecapPolicyToken* out) {
-    *out = recap_policy_token(*q, adv, clip_low, clip_high, dual_clip, clip_c);
+void recap_host_policy_token(const RecapRatio* q, float adv, float logp, const RecapPolicyOpts* o,
+                             RecapPolicyToken* out) {
+    *out = recap_policy_token(*q, adv, logp, *o);
+}
+
+void recap_host_kl_is_corrected(const RecapKlToken* kt, const RecapRatio* q, RecapKlToken* out) {
+    *out = recap_kl_is_corrected(*kt, *q);
 }
 
 void recap_host_kl_token(float logp, float ref_logp, int estimator, RecapKlToken* out) {
@@ -71,7 +75,9 @@ static const size_t grpo_layout[] = {
     F(RecapGrpoParams, adv_per_token), F(RecapGrpoParams, agg_mode), F(RecapGrpoParams, kl_estimator),
     F(RecapGrpoParams, dual_clip), F(RecapGrpoParams, policy_bits), F(RecapGrpoParams, clip_low),
     F(RecapGrpoParams, clip_high), F(RecapGrpoParams, clip_c), F(RecapGrpoParams, log_ratio_clamp),
-    F(RecapGrpoParams, beta), F(RecapGrpoParams, sum_norm_const), F(RecapGrpoParams, lambda)};
+    F(RecapGrpoParams, beta), F(RecapGrpoParams, sum_norm_const), F(RecapGrpoParams, lambda),
+    F(RecapGrpoParams, loss_type), F(RecapGrpoParams, kl_is_correction), F(RecapGrpoParams, delta),
+    F(RecapGrpoParams, tau_pos), F(RecapGrpoParams, tau_neg), F(RecapGrpoParams, pad1)};
 static const size_t seq_layout[] = {
     sizeof(RecapSeqParams), F(RecapSeqParams, mask), F(RecapSeqParams, cu_seqlens), F(RecapSeqParams, membership),
     F(RecapSeqParams, seq_tokens), F(RecapSeqParams, norms), F(RecapSeqParams, tile_seq),

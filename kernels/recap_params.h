@@ -32,6 +32,11 @@
 #define RECAP_KL_K1_PLUS 4
 #define RECAP_KL_K3_PLUS 5
 
+/* Policy-loss variants (RecapGrpoParams.loss_type; formulas in grpo_math.cuh). */
+#define RECAP_LOSS_VANILLA 0 /* PPO/GRPO clipped surrogate (+ dual-clip, + two-sided delta)      */
+#define RECAP_LOSS_CISPO 1   /* -sg(clip(r, 1 - el, 1 + eh)) A logp                              */
+#define RECAP_LOSS_SAPO 2    /* -A (4 / tau) sigmoid(tau (r - 1))                                  */
+
 /*
  * Layout of the normalizer buffer `norms` (double[4 * RECAP_NORM_SLOTS]), slot j < K an objective,
  * slot K the KL term (every sequence):
@@ -95,6 +100,12 @@ typedef struct RecapGrpoParams {
     float beta;            /* KL coefficient                                  */
     float sum_norm_const;  /* C of token-sum-norm                             */
     float lambda[RECAP_MAX_OBJECTIVES]; /* objective weights                  */
+    int32_t loss_type;     /* RECAP_LOSS_*                                    */
+    int32_t kl_is_correction; /* 1: the KL term is multiplied by r (TRL use_bias_correction_kl) */
+    float delta;           /* two-sided clipping: r -> min(r, delta) in -A r; 0: off */
+    float tau_pos;         /* SAPO temperature for A > 0                      */
+    float tau_neg;         /* SAPO temperature for A <= 0                     */
+    float pad1;
 } RecapGrpoParams;
 
 /* Parameters of the per-sequence statistics and normalizer kernels (shared by kernels 1 and 3). */

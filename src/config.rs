@@ -146,6 +146,47 @@ impl FromStr for KlEstimator {
     }
 }
 
+/// The policy-loss variant of objectives of kind policy (verl `policy_loss.loss_mode`, TRL
+/// `loss_type`); formulas in `kernels/grpo_math.cuh`.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum PolicyLoss {
+    /// PPO/GRPO clipped surrogate `max(-A r, -A clip(r, 1 - el, 1 + eh))`, with dual-clip and
+    /// two-sided clipping (`GrpoConfig::delta`) as configured (verl "vanilla", TRL "grpo"/"dapo").
+    #[default]
+    Vanilla,
+    /// CISPO (MiniMax-M1): `-sg(clip(r, 1 - el, 1 + eh)) A logp`; every token keeps a gradient.
+    Cispo,
+    /// SAPO: `-A (4 / tau) sigmoid(tau (r - 1))`, `tau = tau_pos` for `A > 0`, else `tau_neg`.
+    Sapo { tau_pos: f32, tau_neg: f32 },
+}
+
+impl PolicyLoss {
+    /// SAPO with the paper's (and TRL's) temperatures, 1.0 and 1.05.
+    pub fn sapo() -> PolicyLoss {
+        PolicyLoss::Sapo {
+            tau_pos: 1.0,
+            tau_neg: 1.05,
+        }
+    }
+
+    /// `RECAP_LOSS_*` of kernels/recap_params.h.
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            PolicyLoss::Vanilla => 0,
+            PolicyLoss::Cispo => 1,
+            PolicyLoss::Sapo { .. } => 2,
+        }
+    }
+
+    /// `(tau_pos, tau_neg)`, or zeros outside SAPO.
+    pub(crate) fn taus(self) -> (f32, f32) {
+        match self {
+            PolicyLoss::Sapo { tau_pos, tau_neg } => (tau_pos, tau_neg),
+            _ => (0.0, 0.0),
+        }
+    }
+}
+
 /// What an objective computes per token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ObjectiveKind {
@@ -164,7 +205,16 @@ pub struct GrpoConfig {
     /// Upper clip `eps_high`: clipped above at `1 + clip_high` (verl `clip_ratio_high`, 0.2; DAPO 0.28).
     pub clip_high: f32,
     /// Dual-clip constant `c > 1` for negative advantages (verl `clip_ratio_c`, 3.0); `None` disables it.
+    /// Applies to [`PolicyLoss::Vanilla`] only.
     pub dual_clip: Option<f32>,
+    /// The policy-loss variant (default the clipped surrogate).
+    pub policy_loss: PolicyLoss,
+    /// Two-sided clipping (INTELLECT-2, TRL `delta`): `r -> min(r, delta)` in the unclipped term of
+    /// [`PolicyLoss::Vanilla`], bounding the loss of negative-advantage tokens; `None`: off.
+    pub delta: Option<f32>,
+    /// Multiply the KL term by the ratio `r` at policy tokens (TRL `use_bias_correction_kl`,
+    /// DeepSeek-V3.2), gradient through both factors.
+    pub kl_is_correction: bool,
     /// Clamp of the log-ratio `logp - old_logp` before `exp` (verl: 20).
     pub log_ratio_clamp: f32,
     /// Aggregation of per-token losses (verl `loss_agg_mode`, default token-mean).
@@ -188,6 +238,9 @@ impl Default for GrpoConfig {
             clip_low: 0.2,
             clip_high: 0.2,
             dual_clip: Some(3.0),
+            policy_loss: PolicyLoss::Vanilla,
+            delta: None,
+            kl_is_correction: false,
             log_ratio_clamp: 20.0,
             agg_mode: AggMode::TokenMean,
             norm_constant: None,
@@ -228,6 +281,33 @@ impl GrpoConfig {
                 return Err(Error::arg(
                     "config.dual_clip",
                     format!("the dual-clip constant must be finite and > 1, got {c}"),
+                ));
+            }
+        }
+        if let Some(d) = self.delta {
+            if !(d.is_finite() && d > 1.0) {
+                return Err(Error::arg(
+                    "config.delta",
+                    format!("the two-sided clipping bound must be finite and > 1, got {d}"),
+                ));
+            }
+            if self.policy_loss != PolicyLoss::Vanilla {
+                return Err(Error::arg(
+                    "config.delta",
+                    format!(
+                        "two-sided clipping applies to the vanilla loss only, not {:?}",
+                        self.policy_loss
+                    ),
+                ));
+            }
+        }
+        if let PolicyLoss::Sapo { tau_pos, tau_neg } = self.policy_loss {
+            if !(tau_pos.is_finite() && tau_pos > 0.0 && tau_neg.is_finite() && tau_neg > 0.0) {
+                return Err(Error::arg(
+                    "config.policy_loss",
+                    format!(
+                        "SAPO temperatures must be finite and > 0, got tau_pos {tau_pos}, tau_neg {tau_neg}"
+                    ),
                 ));
             }
         }

@@ -21,6 +21,20 @@ struct CPolicy {
     dual: c_int,
 }
 
+/// Mirror of `RecapPolicyOpts` (grpo_math.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct COpts {
+    loss_type: c_int,
+    dual_clip: c_int,
+    clip_low: f32,
+    clip_high: f32,
+    clip_c: f32,
+    delta: f32,
+    tau_pos: f32,
+    tau_neg: f32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct CKl {
@@ -33,12 +47,11 @@ extern "C" {
     fn recap_host_policy_token(
         q: *const CRatio,
         adv: f32,
-        lo: f32,
-        hi: f32,
-        dual: c_int,
-        c: f32,
+        logp: f32,
+        opts: *const COpts,
         out: *mut CPolicy,
     );
+    fn recap_host_kl_is_corrected(kt: *const CKl, q: *const CRatio, out: *mut CKl);
     fn recap_host_kl_token(logp: f32, ref_logp: f32, est: c_int, out: *mut CKl);
     fn recap_host_agg_weight(
         mode: c_int,
@@ -147,30 +160,31 @@ pub struct DevicePolicyToken {
     pub dual: bool,
 }
 
-/// `recap_ratio` then `recap_policy_token` of grpo_math.cuh.
+/// `recap_ratio` then `recap_policy_token` of grpo_math.cuh, with the options of `cfg` (its
+/// `log_ratio_clamp`, clip range, dual-clip, policy-loss variant and `delta`).
 pub fn policy_token(
     logp: f32,
     old_logp: f32,
-    clamp: f32,
     adv: f32,
-    clip_low: f32,
-    clip_high: f32,
-    dual_clip: Option<f32>,
+    cfg: &crate::GrpoConfig,
 ) -> DevicePolicyToken {
     let mut q = CRatio::default();
     let mut p = CPolicy::default();
-    // SAFETY: plain C functions over scalars writing into the valid, properly aligned locals given.
+    let (tau_pos, tau_neg) = cfg.policy_loss.taus();
+    let o = COpts {
+        loss_type: cfg.policy_loss.code(),
+        dual_clip: cfg.dual_clip.is_some() as c_int,
+        clip_low: cfg.clip_low,
+        clip_high: cfg.clip_high,
+        clip_c: cfg.dual_clip.unwrap_or(0.0),
+        delta: cfg.delta.unwrap_or(0.0),
+        tau_pos,
+        tau_neg,
+    };
+    // SAFETY: plain C functions over scalars and valid, properly aligned locals given by pointer.
     unsafe {
-        recap_host_ratio(logp, old_logp, clamp, &mut q);
-        recap_host_policy_token(
-            &q,
-            adv,
-            clip_low,
-            clip_high,
-            dual_clip.is_some() as c_int,
-            dual_clip.unwrap_or(0.0),
-            &mut p,
-        );
+        recap_host_ratio(logp, old_logp, cfg.log_ratio_clamp, &mut q);
+        recap_host_policy_token(&q, adv, logp, &o, &mut p);
     }
     DevicePolicyToken {
         log_ratio: q.log_ratio,
@@ -181,6 +195,26 @@ pub fn policy_token(
         clipped: p.clipped != 0,
         dual: p.dual != 0,
     }
+}
+
+/// `recap_kl_token`, then `recap_kl_is_corrected` with the ratio of `(logp, old_logp)` (clamp 20):
+/// (value, gradient).
+pub fn kl_token_is_corrected(
+    logp: f32,
+    old_logp: f32,
+    ref_logp: f32,
+    est: crate::KlEstimator,
+) -> (f32, f32) {
+    let mut q = CRatio::default();
+    let mut k = CKl::default();
+    let mut o = CKl::default();
+    // SAFETY: plain C functions over scalars writing into valid locals.
+    unsafe {
+        recap_host_ratio(logp, old_logp, 20.0, &mut q);
+        recap_host_kl_token(logp, ref_logp, est.code(), &mut k);
+        recap_host_kl_is_corrected(&k, &q, &mut o);
+    }
+    (o.value, o.grad)
 }
 
 /// `recap_kl_token` of grpo_math.cuh: (value, gradient).

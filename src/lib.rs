@@ -30,7 +30,9 @@ pub use advantages::{
     group_advantages, AdvantageConfig, AdvantageMode, DifficultyWeights, Groups, LeadOptions,
 };
 pub use backend::Backend;
-pub use config::{AggMode, GrpoConfig, KlEstimator, Normalizers, ObjectiveKind, MAX_OBJECTIVES};
+pub use config::{
+    AggMode, GrpoConfig, KlEstimator, Normalizers, ObjectiveKind, PolicyLoss, MAX_OBJECTIVES,
+};
 pub use cpu::count_normalizers;
 pub use error::{Error, Result};
 pub use layout::{

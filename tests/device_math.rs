@@ -5,7 +5,9 @@
 mod common;
 
 use common::{close, Rng};
-use recap_kernels::{cpu, cuda::params, device_math, AggMode, KlEstimator, MAX_OBJECTIVES};
+use recap_kernels::{
+    cpu, cuda::params, device_math, AggMode, GrpoConfig, KlEstimator, PolicyLoss, MAX_OBJECTIVES,
+};
 
 #[test]
 fn parameter_structs_have_the_c_layout() {
@@ -25,33 +27,63 @@ fn parameter_structs_have_the_c_layout() {
     assert_eq!(extra, 8);
 }
 
+/// The policy configurations the device math is checked under: vanilla with and without dual-clip,
+/// DAPO's asymmetric clip, two-sided clipping, CISPO and SAPO.
+fn policy_configs() -> Vec<GrpoConfig> {
+    let base = GrpoConfig::default();
+    vec![
+        base.clone(),
+        GrpoConfig {
+            clip_high: 0.28,
+            dual_clip: None,
+            ..base.clone()
+        },
+        GrpoConfig {
+            clip_low: 0.1,
+            clip_high: 0.3,
+            dual_clip: Some(1.5),
+            ..base.clone()
+        },
+        GrpoConfig {
+            delta: Some(1.6),
+            dual_clip: None,
+            ..base.clone()
+        },
+        GrpoConfig {
+            policy_loss: PolicyLoss::Cispo,
+            ..base.clone()
+        },
+        GrpoConfig {
+            policy_loss: PolicyLoss::sapo(),
+            ..base
+        },
+    ]
+}
+
 #[test]
 fn device_policy_math_matches_reference() {
     let mut rng = Rng::new(7);
-    let configs = [
-        (0.2f32, 0.2f32, Some(3.0f32)),
-        (0.2, 0.28, None),
-        (0.1, 0.3, Some(1.5)),
-    ];
-    let mut flags = [0usize; 3];
-    for i in 0..200_000 {
+    let configs = policy_configs();
+    let mut flags = [0usize; 4];
+    for i in 0..300_000 {
         let old = -(rng.uniform() * 6.0) as f32;
         let spread = if i % 100 == 0 { 30.0 } else { 1.0 };
         let logp = old + (rng.normal() * spread) as f32;
         let adv = (rng.normal() * 2.0) as f32;
-        let (lo, hi, dual) = configs[i % 3];
-        let d = device_math::policy_token(logp, old, 20.0, adv, lo, hi, dual);
+        let cfg = &configs[i % configs.len()];
+        let d = device_math::policy_token(logp, old, adv, cfg);
         let q = cpu::ratio(logp, old, 20.0);
-        let r = cpu::policy_token(q, adv, lo, hi, dual);
-        let what = format!("logp {logp} old {old} adv {adv} clip ({lo}, {hi}, {dual:?})");
+        let r = cpu::policy_token(q, adv, logp, cfg);
+        let what = format!("logp {logp} old {old} adv {adv} {cfg:?}");
         assert!(
             close(d.log_ratio as f64, q.log_ratio, 1e-6, 1e-6),
             "{what}: log-ratio {} vs {}",
             d.log_ratio,
             q.log_ratio
         );
+        // float rounding of logp - old (up to half an ulp of |d| <= 20, ~1e-6) scales r
         assert!(
-            close(d.ratio as f64, q.ratio, 0.0, 1e-6),
+            close(d.ratio as f64, q.ratio, 0.0, 4e-6),
             "{what}: ratio {} vs {}",
             d.ratio,
             q.ratio
@@ -59,8 +91,10 @@ fn device_policy_math_matches_reference() {
         assert_eq!(d.saturated, q.saturated, "{what}: saturation");
         // Branch decisions agree except within float rounding of a kink.
         let near = |k: f64| (q.ratio - k).abs() <= 1e-6 * k;
-        let kinked =
-            near(1.0 - lo as f64) || near(1.0 + hi as f64) || dual.is_some_and(|c| near(c as f64));
+        let kinked = near(1.0 - cfg.clip_low as f64)
+            || near(1.0 + cfg.clip_high as f64)
+            || cfg.dual_clip.is_some_and(|c| near(c as f64))
+            || cfg.delta.is_some_and(|c| near(c as f64));
         if !kinked {
             assert_eq!((d.clipped, d.dual), (r.clipped, r.dual), "{what}: branch");
             assert!(
@@ -79,11 +113,32 @@ fn device_policy_math_matches_reference() {
         flags[0] += d.clipped as usize;
         flags[1] += d.dual as usize;
         flags[2] += d.saturated as usize;
+        flags[3] += (cfg.delta.is_some_and(|x| q.ratio > x as f64) && !d.clipped) as usize;
     }
     assert!(
         flags.iter().all(|&n| n > 100),
-        "every branch exercised: {flags:?}"
+        "every branch exercised (clipped, dual, saturated, delta-capped): {flags:?}"
     );
+}
+
+/// TRL's KL bias correction on the device math against the reference.
+#[test]
+fn device_kl_is_correction_matches_reference() {
+    let mut rng = Rng::new(13);
+    for i in 0..50_000 {
+        let old = -(rng.uniform() * 6.0) as f32;
+        let spread = if i % 50 == 0 { 30.0 } else { 0.5 };
+        let lp = old + (rng.normal() * spread) as f32;
+        let rf = old + (rng.normal() * spread) as f32;
+        for est in KlEstimator::ALL {
+            let (v, g) = device_math::kl_token_is_corrected(lp, old, rf, est);
+            let want = cpu::kl_is_corrected(cpu::kl_token(lp, rf, est), cpu::ratio(lp, old, 20.0));
+            assert!(
+                close(v as f64, want.value, 1e-6, 1e-5) && close(g as f64, want.grad, 1e-6, 1e-5),
+                "{est} ({lp}, {old}, {rf}): ({v}, {g}) vs {want:?}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -116,7 +171,7 @@ fn device_kl_math_matches_reference() {
         );
     }
     assert!(
-        device_math::policy_token(f32::NAN, 0.0, 20.0, 1.0, 0.2, 0.2, Some(3.0))
+        device_math::policy_token(f32::NAN, 0.0, 1.0, &GrpoConfig::default())
             .loss
             .is_nan()
     );

@@ -8,7 +8,7 @@ mod common;
 use common::{assert_all_close, assert_close, backends, Batch};
 use recap_kernels::{
     cpu, Advantages, AggMode, Backend, Error, GrpoConfig, HostGrpoInputs, HostReduceInputs,
-    KlEstimator, Mask, ObjectiveKind,
+    KlEstimator, Mask, ObjectiveKind, PolicyLoss,
 };
 
 const TOL: f64 = 1e-6;
@@ -129,6 +129,193 @@ fn every_clip_branch_by_hand() {
             assert_eq!(m.num_seqs, 2);
             assert_close("num_tokens", m.num_tokens, 4.0, 0.0, 0.0);
             assert_eq!(m.nonfinite, 0, "masked NaN must not count");
+        }
+    }
+}
+
+/// CISPO, SAPO and two-sided clipping on the branch batch, against the formulas of verl's
+/// `compute_policy_loss_cispo` / `compute_policy_loss_sapo` and TRL's `delta`, written out per token
+/// (token-mean over the 4 unmasked tokens, K = 1).
+#[test]
+fn policy_loss_variants_by_hand() {
+    let b = branches();
+    let toks = [0usize, 1, 2, 4];
+    let adv = [1.0f64, 1.0, -0.5, -0.5];
+    let r: Vec<f64> = toks.iter().map(|&t| actual_ratio(&b, t)).collect();
+    let lp: Vec<f64> = toks.iter().map(|&t| b.logp[t] as f64).collect();
+    // (config, per-token loss, per-token dl/dlogp, clipped tokens)
+    let cispo: Vec<(f64, f64)> = (0..4)
+        .map(|i| {
+            let rc = r[i].clamp(0.8, 1.2);
+            (-rc * adv[i] * lp[i], -rc * adv[i])
+        })
+        .collect();
+    let sapo: Vec<(f64, f64)> = (0..4)
+        .map(|i| {
+            let tau = if adv[i] > 0.0 { 1.0 } else { 1.05 };
+            let s = 1.0 / (1.0 + (-tau * (r[i] - 1.0)).exp());
+            (
+                -adv[i] * 4.0 / tau * s,
+                -4.0 * adv[i] * s * (1.0 - s) * r[i],
+            )
+        })
+        .collect();
+    // delta = 1.3, no dual-clip: t0 unclipped; t1 l1 = -1.3 < l2 = -1.2 (clipped); t2 clipped low;
+    // t4 r = 4 > delta: l1 = 0.5 * 1.3 = 0.65 > l2 = 0.6, so l = 0.65 with no gradient
+    let two_sided = vec![(-r[0], -r[0]), (-1.2, 0.0), (0.4, 0.0), (0.65, 0.0)];
+    let cases = [
+        (
+            GrpoConfig {
+                policy_loss: PolicyLoss::Cispo,
+                ..GrpoConfig::default()
+            },
+            cispo,
+            0.75,
+        ),
+        (
+            GrpoConfig {
+                policy_loss: PolicyLoss::sapo(),
+                ..GrpoConfig::default()
+            },
+            sapo,
+            0.75,
+        ),
+        (
+            GrpoConfig {
+                delta: Some(1.3),
+                dual_clip: None,
+                ..GrpoConfig::default()
+            },
+            two_sided,
+            0.5,
+        ),
+    ];
+    for be in backends("policy_loss_variants_by_hand") {
+        for (cfg, per_token, clipfrac) in &cases {
+            let what = format!("{} {:?} delta {:?}", be.name(), cfg.policy_loss, cfg.delta);
+            let mut grad = vec![f32::NAN; 5];
+            let out = be
+                .grpo_loss(&branch_inputs(&b, &[1.0]), cfg, &mut grad)
+                .unwrap();
+            let want_loss = per_token.iter().map(|x| x.0).sum::<f64>() / 4.0;
+            assert_close(&format!("{what} loss"), out.loss, want_loss, TOL, 1e-5);
+            let mut want_grad = [0f32; 5];
+            for (i, &t) in toks.iter().enumerate() {
+                want_grad[t] = (per_token[i].1 / 4.0) as f32;
+            }
+            assert_all_close(&format!("{what} grad"), &grad, &want_grad, TOL, 1e-5);
+            assert_close(
+                &format!("{what} pg_clipfrac"),
+                out.metrics.pg_clipfrac[0],
+                *clipfrac,
+                TOL,
+                0.0,
+            );
+            assert_close(
+                &format!("{what} pg_clipfrac_lower"),
+                out.metrics.pg_clipfrac_lower[0],
+                0.0,
+                0.0,
+                0.0,
+            );
+        }
+    }
+}
+
+/// TRL's `use_bias_correction_kl`: the KL term is `kl * r` at policy tokens, gradient through both.
+#[test]
+fn kl_is_correction_by_hand() {
+    let b = branches();
+    let reference: Vec<f32> = b.logp.iter().map(|x| x - 0.3).collect();
+    let cfg = GrpoConfig {
+        kl_coef: 0.5,
+        kl_is_correction: true,
+        kl_estimator: KlEstimator::K3,
+        ..GrpoConfig::default()
+    };
+    let plain = GrpoConfig {
+        kl_is_correction: false,
+        ..cfg.clone()
+    };
+    // k3 at diff = logp - ref = 0.3: x = -0.3, kl = e^x - x - 1, dkl/dlogp = 1 - e^x
+    let x = -0.3f64;
+    let (kl, dkl) = (x.exp() - x - 1.0, 1.0 - x.exp());
+    for be in backends("kl_is_correction_by_hand") {
+        let mut inputs = branch_inputs(&b, &[1.0]);
+        inputs.ref_logp = Some(&reference);
+        let (mut g1, mut g0) = (vec![0f32; 5], vec![0f32; 5]);
+        let with = be.grpo_loss(&inputs, &cfg, &mut g1).unwrap();
+        let without = be.grpo_loss(&inputs, &plain, &mut g0).unwrap();
+        let r: Vec<f64> = [0usize, 1, 2, 4]
+            .iter()
+            .map(|&t| actual_ratio(&b, t))
+            .collect();
+        let what = be.name();
+        assert_close(
+            &format!("{what} kl term"),
+            with.loss - without.loss,
+            0.5 * kl * (r.iter().sum::<f64>() - 4.0) / 4.0,
+            TOL,
+            1e-5,
+        );
+        assert_close(
+            &format!("{what} kl_mean"),
+            with.metrics.kl_mean,
+            kl * r.iter().sum::<f64>() / 4.0,
+            TOL,
+            1e-5,
+        );
+        for (i, t) in [0usize, 1, 2, 4].into_iter().enumerate() {
+            let extra = 0.5 * (dkl * r[i] + kl * r[i] - dkl) / 4.0;
+            assert_close(
+                &format!("{what} grad[{t}]"),
+                (g1[t] - g0[t]) as f64,
+                extra,
+                1e-6,
+                1e-4,
+            );
+        }
+    }
+}
+
+/// Bad variant options are errors naming the field.
+#[test]
+fn policy_loss_options_are_validated() {
+    let b = branches();
+    let bad = [
+        (
+            GrpoConfig {
+                delta: Some(0.9),
+                ..GrpoConfig::default()
+            },
+            "config.delta",
+        ),
+        (
+            GrpoConfig {
+                delta: Some(2.0),
+                policy_loss: PolicyLoss::Cispo,
+                ..GrpoConfig::default()
+            },
+            "config.delta",
+        ),
+        (
+            GrpoConfig {
+                policy_loss: PolicyLoss::Sapo {
+                    tau_pos: 0.0,
+                    tau_neg: 1.0,
+                },
+                ..GrpoConfig::default()
+            },
+            "config.policy_loss",
+        ),
+    ];
+    for be in backends("policy_loss_options_are_validated") {
+        for (cfg, arg) in &bad {
+            let mut grad = vec![0f32; 5];
+            let err = be
+                .grpo_loss(&branch_inputs(&b, &[1.0]), cfg, &mut grad)
+                .unwrap_err();
+            assert!(err.to_string().contains(arg), "{}: {err}", be.name());
         }
     }
 }
@@ -561,6 +748,11 @@ fn reference_gradient_matches_finite_differences() {
         for mode in AggMode::ALL {
             let mut cfg = common::config_for(seed, mode);
             cfg.kl_coef = 0.3;
+            if cfg.policy_loss == PolicyLoss::Cispo {
+                // a stop-gradient loss: its gradient is not the derivative of its value
+                // (policy_loss_variants_by_hand checks it)
+                continue;
+            }
             let mut grad = vec![0f32; b.t()];
             cpu::grpo_loss(&b.inputs(None), &cfg, &mut grad).unwrap();
             // the straight-through estimators carry k2's gradient: differentiate the k2 loss
@@ -578,6 +770,7 @@ fn reference_gradient_matches_finite_differences() {
                         1.0 - cfg.clip_low as f64,
                         1.0 + cfg.clip_high as f64,
                         cfg.dual_clip.unwrap_or(0.0) as f64,
+                        cfg.delta.unwrap_or(0.0) as f64,
                     ]
                     .iter()
                     .any(|k| (r - k).abs() < 0.02)

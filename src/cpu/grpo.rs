@@ -1,6 +1,6 @@
 //! Reference of kernel 1, the fused GRPO loss (formulas in `kernels/grpo_loss.cu`).
 
-use super::math::{agg_weight, kl_token, policy_token, ratio};
+use super::math::{agg_weight, kl_is_corrected, kl_token, policy_token, ratio};
 use super::norms::{mask_weight, norms, seq_tokens};
 use crate::config::{GrpoConfig, ObjectiveKind};
 use crate::error::Result;
@@ -83,7 +83,7 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                             Advantages::PerToken(a) => a[t * k + j],
                         };
                         s[e + 5] += nonfinite(a);
-                        let pt = policy_token(q, a, cfg.clip_low, cfg.clip_high, cfg.dual_clip);
+                        let pt = policy_token(q, a, lp, cfg);
                         s[j] += w * pt.loss;
                         s[k + j] += if pt.clipped { m } else { 0.0 };
                         s[2 * k + j] += if pt.dual { m } else { 0.0 };
@@ -99,7 +99,10 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
             if let Some(r) = inp.ref_logp {
                 let rv = r[t];
                 s[e + 5] += nonfinite(rv);
-                let kt = kl_token(lp, rv, cfg.kl_estimator);
+                let mut kt = kl_token(lp, rv, cfg.kl_estimator);
+                if let (true, Some(q)) = (cfg.kl_is_correction, q) {
+                    kt = kl_is_corrected(kt, q);
+                }
                 let w = m * weight(k, n_b[b]);
                 s[e + 6] += w * kt.value;
                 s[e + 7] += m * kt.value;

@@ -1,6 +1,6 @@
 //! Per-token formulas in f64: the reference for `kernels/grpo_math.cuh` (same rules, higher precision).
 
-use crate::config::{AggMode, KlEstimator};
+use crate::config::{AggMode, GrpoConfig, KlEstimator, PolicyLoss};
 
 /// Clamped log-ratio and ratio.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,29 +38,55 @@ pub struct PolicyToken {
     pub dual: bool,
 }
 
-/// `l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))`, then for `A < 0` with dual-clip
-/// `min(l, -c A)`; the gradient follows the active branch.
-pub fn policy_token(
-    q: Ratio,
-    adv: f32,
-    clip_low: f32,
-    clip_high: f32,
-    dual_clip: Option<f32>,
-) -> PolicyToken {
+/// One token of the policy loss of `cfg.policy_loss` (see `kernels/grpo_math.cuh`): the clipped
+/// surrogate `max(-A min(r, delta), -A clip(r, 1 - el, 1 + eh))` with dual-clip `min(l, -c A)` for
+/// `A < 0`, or CISPO `-sg(clip(r)) A logp`, or SAPO `-A (4/tau) sigmoid(tau (r - 1))`; the
+/// gradient follows the active branch.
+pub fn policy_token(q: Ratio, adv: f32, logp: f32, cfg: &GrpoConfig) -> PolicyToken {
     let a = adv as f64;
     let r = q.ratio;
-    let (lo, hi) = (1.0 - clip_low as f64, 1.0 + clip_high as f64);
+    let (lo, hi) = (1.0 - cfg.clip_low as f64, 1.0 + cfg.clip_high as f64);
     let rc = if r.is_nan() { r } else { r.clamp(lo, hi) };
-    let l1 = -a * r;
+    match cfg.policy_loss {
+        PolicyLoss::Cispo => {
+            return PolicyToken {
+                loss: -rc * a * logp as f64,
+                grad: -rc * a,
+                clipped: rc != r,
+                dual: false,
+            }
+        }
+        PolicyLoss::Sapo { tau_pos, tau_neg } => {
+            let tau = if a > 0.0 { tau_pos } else { tau_neg } as f64;
+            let s = 1.0 / (1.0 + (-tau * (r - 1.0)).exp());
+            return PolicyToken {
+                loss: -a * (4.0 / tau) * s,
+                grad: if q.saturated {
+                    0.0
+                } else {
+                    -4.0 * a * s * (1.0 - s) * r
+                },
+                clipped: rc != r,
+                dual: false,
+            };
+        }
+        PolicyLoss::Vanilla => {}
+    }
+    let capped = cfg.delta.is_some_and(|d| r > d as f64);
+    let l1 = -a * cfg.delta.filter(|_| capped).map_or(r, |d| d as f64);
     let l2 = -a * rc;
     let clipped = l2 > l1;
     let mut out = PolicyToken {
         loss: if clipped { l2 } else { l1 },
-        grad: if clipped || q.saturated { 0.0 } else { -a * r },
+        grad: if clipped || q.saturated || capped {
+            0.0
+        } else {
+            -a * r
+        },
         clipped,
         dual: false,
     };
-    if let Some(c) = dual_clip {
+    if let Some(c) = cfg.dual_clip {
         if a < 0.0 {
             let l3 = -(c as f64) * a;
             if out.loss > l3 {
@@ -74,6 +100,15 @@ pub fn policy_token(
         }
     }
     out
+}
+
+/// TRL's `use_bias_correction_kl`: `kl r`, gradient `kl' r + kl r` (the second term 0 where the
+/// log-ratio clamp saturates).
+pub fn kl_is_corrected(kt: KlToken, q: Ratio) -> KlToken {
+    KlToken {
+        value: kt.value * q.ratio,
+        grad: kt.grad * q.ratio + if q.saturated { 0.0 } else { kt.value * q.ratio },
+    }
 }
 
 /// Value and gradient of a KL estimator at one token.

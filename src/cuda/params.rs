@@ -37,6 +37,12 @@ pub struct GrpoParams {
     pub beta: f32,
     pub sum_norm_const: f32,
     pub lambda: [f32; 16],
+    pub loss_type: i32,
+    pub kl_is_correction: i32,
+    pub delta: f32,
+    pub tau_pos: f32,
+    pub tau_neg: f32,
+    pub pad1: f32,
 }
 
 /// Mirror of `RecapSeqParams`.
@@ -225,7 +231,7 @@ pub fn layouts() -> Vec<Vec<usize>> {
         layout!(GrpoParams; logp, old_logp, ref_logp, advantages, mask, cu_seqlens, membership, seq_tokens,
             norms, grad, partials, tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, adv_per_token,
             agg_mode, kl_estimator, dual_clip, policy_bits, clip_low, clip_high, clip_c, log_ratio_clamp,
-            beta, sum_norm_const, lambda),
+            beta, sum_norm_const, lambda, loss_type, kl_is_correction, delta, tau_pos, tau_neg, pad1),
         layout!(SeqParams; mask, cu_seqlens, membership, seq_tokens, norms, tile_seq, num_tokens, tile_tokens,
             num_seqs, num_objectives, has_override, num_tiles, override_tokens, override_seqs),
         layout!(ReduceParams; losses, mask, cu_seqlens, membership, seq_tokens, norms, grad, partials,

@@ -220,10 +220,19 @@ impl Batch {
     }
 }
 
-/// A config that varies with the seed (clip values, dual-clip, KL estimator, beta).
+/// A config that varies with the seed (clip values, dual-clip, KL estimator, beta, the policy-loss
+/// variant, two-sided clipping, the KL's IS correction).
 pub fn config_for(seed: u64, agg: recap_kernels::AggMode) -> GrpoConfig {
     let est = recap_kernels::KlEstimator::ALL[(seed % 6) as usize];
+    use recap_kernels::PolicyLoss;
     GrpoConfig {
+        policy_loss: match seed % 4 {
+            2 => PolicyLoss::Cispo,
+            3 => PolicyLoss::sapo(),
+            _ => PolicyLoss::Vanilla,
+        },
+        delta: (seed % 4 == 1).then_some(1.6),
+        kl_is_correction: seed % 5 == 2,
         clip_high: if seed % 2 == 0 { 0.2 } else { 0.28 },
         clip_low: if seed % 3 == 0 { 0.28 } else { 0.2 },
         dual_clip: match seed % 3 {
