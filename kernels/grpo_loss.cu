@@ -5,8 +5,9 @@
  * Math (per-token formulas in grpo_math.cuh). For an unmasked token t of sequence b, weight m_t:
  *   d_t = clamp(logp_t - old_t, -20, 20), r_t = exp(d_t)
  *   objective k of kind policy (advantage A = adv[b or t, k]): l_tk = max(-A r, -A clip(r, 1-el, 1+eh)),
- *     for A < 0 with dual-clip l_tk = min(l_tk, -c A), or the CISPO / SAPO / two-sided variants
- *     (recap_policy_token); of kind nll: l_tk = -logp_t
+ *     for A < 0 with dual-clip l_tk = min(l_tk, -c A), or the CISPO / SAPO / two-sided / GSPO
+ *     variants (recap_policy_token; GSPO's r is the sequence ratio from recap_seq_stats); of kind
+ *     nll: l_tk = -logp_t
  *   kl_t  = the estimator at (logp, ref), times r_t at policy tokens with kl_is_correction
  *   w_tk  = m_t * aggregation weight (token-mean 1/N_k, seq-mean-token-mean 1/(n_b S_k), ...) for
  *           member sequences (membership bit k), else 0; the KL term uses slot K (every sequence)
@@ -61,6 +62,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     const float* __restrict__ adv = (const float*)p.advantages;
     const uint32_t* __restrict__ mem = (const uint32_t*)p.membership;
     const double* __restrict__ seq_tokens = (const double*)p.seq_tokens;
+    const double* __restrict__ seq_lr = (const double*)p.seq_log_ratio;
     float* __restrict__ grad = (float*)p.grad;
     const float inv_k = 1.0f / (float)K;
     const uint32_t kbits = (K >= 32) ? 0xffffffffu : ((1u << K) - 1u);
@@ -134,8 +136,9 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                 const float old = oldv[u];
                 nonfinite += !recap_isfinite(old);
                 q = recap_ratio(lp, old, p.log_ratio_clamp);
+                negd_sum -= m * q.log_ratio; /* ppo_kl: the token log-ratio in every variant */
+                if (p.loss_type == RECAP_LOSS_GSPO) q = recap_gspo_ratio((float)seq_lr[b]);
                 r_sum += m * q.ratio;
-                negd_sum -= m * q.log_ratio;
                 p_tok += m;
                 r_min = fminf(r_min, q.ratio);
                 r_max = fmaxf(r_max, q.ratio);

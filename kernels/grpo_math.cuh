@@ -88,6 +88,19 @@ typedef struct RecapPolicyOpts {
     float tau_neg;   /* SAPO temperature, A <= 0                       */
 } RecapPolicyOpts;
 
+/* The loss clamps GSPO's sequence log-ratio above at this value (verl: 10). */
+#define RECAP_GSPO_LOG_RATIO_MAX 10.0f
+
+/* GSPO's ratio at a token of a sequence with mean log-ratio `lr` (GSPO-token form: value
+ * s = exp(min(lr, 10)), d s / d logp_t = s, 0 where the clamp saturates; NaN stays NaN). */
+RECAP_HD RecapRatio recap_gspo_ratio(float lr) {
+    RecapRatio out;
+    out.log_ratio = (lr != lr) ? lr : fminf(lr, RECAP_GSPO_LOG_RATIO_MAX);
+    out.saturated = lr > RECAP_GSPO_LOG_RATIO_MAX;
+    out.ratio = expf(out.log_ratio);
+    return out;
+}
+
 /*
  * One token of the policy loss with advantage `adv` (dr/dlogp = r inside the log-ratio clamp, 0 where
  * it saturates):
@@ -97,6 +110,7 @@ typedef struct RecapPolicyOpts {
  *   CISPO    l = -sg(clip(r, 1 - el, 1 + eh)) A logp, grad = -clip(r) A  (MiniMax-M1; verl "cispo")
  *   SAPO     tau = tau_pos if A > 0 else tau_neg, s = sigmoid(tau (r - 1)),
  *            l = -A (4 / tau) s, grad = -4 A s (1 - s) r                 (verl/TRL "sapo")
+ *   GSPO     the vanilla surrogate without dual-clip or delta, on q = recap_gspo_ratio (verl "gspo")
  */
 RECAP_HD RecapPolicyToken recap_policy_token(RecapRatio q, float adv, float logp, RecapPolicyOpts o) {
     RecapPolicyToken out;
@@ -120,13 +134,14 @@ RECAP_HD RecapPolicyToken recap_policy_token(RecapRatio q, float adv, float logp
         out.clipped = rc != r;
         return out;
     }
-    const int capped = o.delta > 0.0f && r > o.delta;
+    const int vanilla = o.loss_type == RECAP_LOSS_VANILLA; /* else GSPO: no dual-clip, no delta */
+    const int capped = vanilla && o.delta > 0.0f && r > o.delta;
     float l1 = -adv * (capped ? o.delta : r);
     float l2 = -adv * rc;
     out.clipped = l2 > l1;
     out.loss = out.clipped ? l2 : l1;
     out.grad = (out.clipped || q.saturated || capped) ? 0.0f : -adv * r;
-    if (o.dual_clip && adv < 0.0f) {
+    if (vanilla && o.dual_clip && adv < 0.0f) {
         float l3 = -o.clip_c * adv;
         if (out.loss > l3) {
             out.dual = 1;

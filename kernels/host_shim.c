@@ -19,6 +19,8 @@ void recap_host_policy_token(const RecapRatio* q, float adv, float logp, const R
     *out = recap_policy_token(*q, adv, logp, *o);
 }
 
+void recap_host_gspo_ratio(float lr, RecapRatio* out) { *out = recap_gspo_ratio(lr); }
+
 void recap_host_kl_is_corrected(const RecapKlToken* kt, const RecapRatio* q, RecapKlToken* out) {
     *out = recap_kl_is_corrected(*kt, *q);
 }
@@ -77,13 +79,15 @@ static const size_t grpo_layout[] = {
     F(RecapGrpoParams, clip_high), F(RecapGrpoParams, clip_c), F(RecapGrpoParams, log_ratio_clamp),
     F(RecapGrpoParams, beta), F(RecapGrpoParams, sum_norm_const), F(RecapGrpoParams, lambda),
     F(RecapGrpoParams, loss_type), F(RecapGrpoParams, kl_is_correction), F(RecapGrpoParams, delta),
-    F(RecapGrpoParams, tau_pos), F(RecapGrpoParams, tau_neg), F(RecapGrpoParams, pad1)};
+    F(RecapGrpoParams, tau_pos), F(RecapGrpoParams, tau_neg), F(RecapGrpoParams, pad1),
+    F(RecapGrpoParams, seq_log_ratio)};
 static const size_t seq_layout[] = {
     sizeof(RecapSeqParams), F(RecapSeqParams, mask), F(RecapSeqParams, cu_seqlens), F(RecapSeqParams, membership),
     F(RecapSeqParams, seq_tokens), F(RecapSeqParams, norms), F(RecapSeqParams, tile_seq),
     F(RecapSeqParams, num_tokens), F(RecapSeqParams, tile_tokens), F(RecapSeqParams, num_seqs),
     F(RecapSeqParams, num_objectives), F(RecapSeqParams, has_override), F(RecapSeqParams, num_tiles),
-    F(RecapSeqParams, override_tokens), F(RecapSeqParams, override_seqs)};
+    F(RecapSeqParams, override_tokens), F(RecapSeqParams, override_seqs), F(RecapSeqParams, logp),
+    F(RecapSeqParams, old_logp), F(RecapSeqParams, seq_log_ratio)};
 static const size_t reduce_layout[] = {
     sizeof(RecapReduceParams), F(RecapReduceParams, losses), F(RecapReduceParams, mask),
     F(RecapReduceParams, cu_seqlens), F(RecapReduceParams, membership), F(RecapReduceParams, seq_tokens),

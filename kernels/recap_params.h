@@ -36,6 +36,7 @@
 #define RECAP_LOSS_VANILLA 0 /* PPO/GRPO clipped surrogate (+ dual-clip, + two-sided delta)      */
 #define RECAP_LOSS_CISPO 1   /* -sg(clip(r, 1 - el, 1 + eh)) A logp                              */
 #define RECAP_LOSS_SAPO 2    /* -A (4 / tau) sigmoid(tau (r - 1))                                  */
+#define RECAP_LOSS_GSPO 3    /* clipped surrogate on the sequence ratio (GSPO-token form)          */
 
 /*
  * Layout of the normalizer buffer `norms` (double[4 * RECAP_NORM_SLOTS]), slot j < K an objective,
@@ -106,6 +107,7 @@ typedef struct RecapGrpoParams {
     float tau_pos;         /* SAPO temperature for A > 0                      */
     float tau_neg;         /* SAPO temperature for A <= 0                     */
     float pad1;
+    uint64_t seq_log_ratio; /* const double[B], GSPO: mean of logp - old over each sequence's tokens */
 } RecapGrpoParams;
 
 /* Parameters of the per-sequence statistics and normalizer kernels (shared by kernels 1 and 3). */
@@ -124,6 +126,9 @@ typedef struct RecapSeqParams {
     int32_t num_tiles;
     double override_tokens[RECAP_NORM_SLOTS];
     double override_seqs[RECAP_NORM_SLOTS];
+    uint64_t logp;          /* const float[T], or 0: GSPO's per-sequence log-ratio is not needed  */
+    uint64_t old_logp;      /* const float[T]                                                     */
+    uint64_t seq_log_ratio; /* double[B] (written when logp): sum m (logp - old) / sum m, 0 if empty */
 } RecapSeqParams;
 
 /* Parameters of the standalone weighted reduction (kernel 3) over per-token losses [T, K]. */

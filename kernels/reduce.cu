@@ -4,7 +4,8 @@
  *
  * Math. Per-token losses l[t, k] for K objectives, mask weights m[t], sequences [cu[b], cu[b+1]),
  * membership bits mem[b] (bit k: sequence b belongs to objective k), objective weights lambda[k]:
- *   n_b       = sum_{t in b} m_t                          (recap_seq_stats_*)
+ *   n_b       = sum_{t in b} m_t                          (recap_seq_stats_*; for GSPO also the
+ *               sequence's mean log-ratio sum m (logp - old) / n_b)
  *   N_k, S_k  = sum of n_b, count of n_b > 0, over member sequences, or the caller's global
  *               normalizers                                (recap_norms_finalize)
  *   w_tk      = m_t * weight(mode; 1/N_k, 1/S_k, 1/n_b, 1/C)  for member tokens, else 0
@@ -44,6 +45,18 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
     for (; t < e; t += 32) a0 += (double)recap_load_mask(mask, t);
     double acc = recap_warp_reduce((a0 + a1) + (a2 + a3), RECAP_OP_SUM);
     if (lane == 0) ((double*)p.seq_tokens)[b] = acc;
+    if (p.logp) {
+        /* GSPO: the sequence's mean log-ratio over its unmasked tokens (masked ones are not read) */
+        const float* lp = (const float*)p.logp;
+        const float* old = (const float*)p.old_logp;
+        double d = 0.0;
+        for (int64_t u = s + lane; u < e; u += 32) {
+            const float m = recap_load_mask(mask, u);
+            if (m != 0.0f) d += (double)m * ((double)lp[u] - (double)old[u]);
+        }
+        d = recap_warp_reduce(d, RECAP_OP_SUM);
+        if (lane == 0) ((double*)p.seq_log_ratio)[b] = acc != 0.0 ? d / acc : 0.0;
+    }
     /* tile_seq[i] = b for every token tile whose first token i * tile_tokens lies in [s, e) */
     if (e > s && p.tile_seq) {
         const int64_t first = (s + p.tile_tokens - 1) / p.tile_tokens;

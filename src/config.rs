@@ -158,6 +158,12 @@ pub enum PolicyLoss {
     Cispo,
     /// SAPO: `-A (4 / tau) sigmoid(tau (r - 1))`, `tau = tau_pos` for `A > 0`, else `tau_neg`.
     Sapo { tau_pos: f32, tau_neg: f32 },
+    /// GSPO: the clipped surrogate (no dual-clip, no `delta`) on the sequence ratio
+    /// `s_i = exp(min(sum_t m (logp - old) / sum_t m, 10))` in its GSPO-token form
+    /// `log s_it = sg(log s_i) + logp - sg(logp)` (verl "gspo", TRL importance_sampling_level
+    /// "sequence_token"); with per-sequence advantages it has the value and gradient of
+    /// sequence-level GSPO (TRL "sequence") in every aggregation mode. See [`GrpoConfig::gspo`].
+    Gspo,
 }
 
 impl PolicyLoss {
@@ -175,6 +181,7 @@ impl PolicyLoss {
             PolicyLoss::Vanilla => 0,
             PolicyLoss::Cispo => 1,
             PolicyLoss::Sapo { .. } => 2,
+            PolicyLoss::Gspo => 3,
         }
     }
 
@@ -253,6 +260,19 @@ impl Default for GrpoConfig {
 }
 
 impl GrpoConfig {
+    /// GSPO's settings: [`PolicyLoss::Gspo`], clip range 3e-4 / 4e-4 (the paper's), seq-mean-token-mean
+    /// aggregation (verl forces it for GSPO), no dual-clip.
+    pub fn gspo() -> GrpoConfig {
+        GrpoConfig {
+            policy_loss: PolicyLoss::Gspo,
+            clip_low: 3e-4,
+            clip_high: 4e-4,
+            agg_mode: AggMode::SeqMeanTokenMean,
+            dual_clip: None,
+            ..GrpoConfig::default()
+        }
+    }
+
     /// Checks every field; the error names the field and the accepted range.
     pub fn validate(&self) -> Result<()> {
         let finite = |name: &'static str, v: f32| {

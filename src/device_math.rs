@@ -52,6 +52,7 @@ extern "C" {
         out: *mut CPolicy,
     );
     fn recap_host_kl_is_corrected(kt: *const CKl, q: *const CRatio, out: *mut CKl);
+    fn recap_host_gspo_ratio(lr: f32, out: *mut CRatio);
     fn recap_host_kl_token(logp: f32, ref_logp: f32, est: c_int, out: *mut CKl);
     fn recap_host_agg_weight(
         mode: c_int,
@@ -195,6 +196,14 @@ pub fn policy_token(
         clipped: p.clipped != 0,
         dual: p.dual != 0,
     }
+}
+
+/// `recap_gspo_ratio` of grpo_math.cuh: (log-ratio, ratio, saturated) at a sequence mean log-ratio.
+pub fn gspo_ratio(lr: f32) -> (f32, f32, bool) {
+    let mut q = CRatio::default();
+    // SAFETY: plain C function over a scalar writing into a valid local.
+    unsafe { recap_host_gspo_ratio(lr, &mut q) };
+    (q.log_ratio, q.ratio, q.saturated != 0)
 }
 
 /// `recap_kl_token`, then `recap_kl_is_corrected` with the ratio of `(logp, old_logp)` (clamp 20):

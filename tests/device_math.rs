@@ -55,9 +55,33 @@ fn policy_configs() -> Vec<GrpoConfig> {
         },
         GrpoConfig {
             policy_loss: PolicyLoss::sapo(),
+            ..base.clone()
+        },
+        GrpoConfig {
+            policy_loss: PolicyLoss::Gspo,
             ..base
         },
     ]
+}
+
+/// GSPO's sequence ratio: the clamp at 10 (saturating the gradient) and NaN propagation.
+#[test]
+fn device_gspo_ratio_matches_reference() {
+    for lr in [-30.0f32, -2.5, -1e-4, 0.0, 0.3, 9.99, 10.0, 10.01, 50.0] {
+        let (d, r, sat) = device_math::gspo_ratio(lr);
+        let want = cpu::gspo_ratio(lr as f64);
+        assert!(
+            close(d as f64, want.log_ratio, 1e-7, 1e-7),
+            "{lr}: {d} vs {want:?}"
+        );
+        assert!(
+            close(r as f64, want.ratio, 0.0, 1e-6),
+            "{lr}: {r} vs {want:?}"
+        );
+        assert_eq!(sat, want.saturated, "{lr}");
+    }
+    assert!(device_math::gspo_ratio(f32::NAN).1.is_nan());
+    assert!(device_math::gspo_ratio(10.5).2 && !device_math::gspo_ratio(9.5).2);
 }
 
 #[test]

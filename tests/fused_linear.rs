@@ -142,7 +142,7 @@ fn gpu_case(
     cfg: &GrpoConfig,
     lcfg: &LogprobConfig,
     opt: &FusedLinearConfig,
-) -> (recap_kernels::LogitsLossOutput, Vec<f32>, Vec<f32>) {
+) -> recap_kernels::Result<(recap_kernels::LogitsLossOutput, Vec<f32>, Vec<f32>)> {
     let s = g.stream().clone();
     let (t, h, v) = (c.t(), c.h, c.v);
     let (x, w) = (
@@ -185,15 +185,14 @@ fn gpu_case(
         opt,
         &mut dh.as_view_mut(),
         &mut dw.as_view_mut(),
-    )
-    .unwrap();
+    )?;
     let dh: Vec<f32> = s
         .clone_dtoh(&dh)
         .unwrap()
         .iter()
         .map(|x| x.to_f32())
         .collect();
-    (out, dh, s.clone_dtoh(&dw).unwrap())
+    Ok((out, dh, s.clone_dtoh(&dw).unwrap()))
 }
 
 fn assert_grad_close(what: &str, got: &[f32], want: &[f32], rel: f64) {
@@ -239,7 +238,7 @@ fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
                 fp32_logits: fp32,
                 ..FusedLinearConfig::default()
             };
-            let (o_whole, dh_whole, dw_whole) = gpu_case(&g, &c, &cfg, &lcfg, &whole);
+            let (o_whole, dh_whole, dw_whole) = gpu_case(&g, &c, &cfg, &lcfg, &whole).unwrap();
             let (l_whole, e_whole) = (o_whole.loss, o_whole.entropy_mean);
             let what = format!("{mode} fp32_logits={fp32}");
             assert!(
@@ -260,7 +259,7 @@ fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
                     fp32_logits: fp32,
                     ..FusedLinearConfig::default()
                 };
-                let (o, dhc, dwc) = gpu_case(&g, &c, &cfg, &lcfg, &opt);
+                let (o, dhc, dwc) = gpu_case(&g, &c, &cfg, &lcfg, &opt).unwrap();
                 let (l, e) = (o.loss, o.entropy_mean);
                 let w = format!("{what} chunk {chunk} vs one chunk");
                 let (m, mw) = (&o.grpo.metrics, &o_whole.grpo.metrics);
@@ -288,4 +287,53 @@ fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
             }
         }
     }
+}
+
+/// GSPO through the fused-linear path: one chunk matches the reference; chunks that would cut the
+/// sequences' means are refused with an error naming the option.
+#[test]
+fn gspo_needs_one_chunk() {
+    let Some(Backend::Cuda(g)) = common::gpu("gspo_needs_one_chunk") else {
+        return;
+    };
+    let c = Case::new(5, &[9, 4, 12], 16, 300);
+    let (t, h, v) = (c.t(), c.h, c.v);
+    let cfg = GrpoConfig {
+        clip_low: 0.2,
+        clip_high: 0.28,
+        ..GrpoConfig::gspo()
+    };
+    let lcfg = LogprobConfig::default();
+    let (mut dh, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
+    let want = cpu::fused_linear_grpo_loss(
+        &c.hidden,
+        &c.weight,
+        h,
+        &c.inputs(),
+        &cfg,
+        &lcfg,
+        false,
+        &mut dh,
+        &mut dw,
+    )
+    .unwrap();
+    let one = FusedLinearConfig {
+        chunk_tokens: Some(t),
+        ..FusedLinearConfig::default()
+    };
+    let (out, dh_gpu, dw_gpu) = gpu_case(&g, &c, &cfg, &lcfg, &one).unwrap();
+    assert!(
+        close(out.loss, want.loss, 1e-4, 1e-3),
+        "loss {} vs {}",
+        out.loss,
+        want.loss
+    );
+    assert_grad_close("gspo d_hidden", &dh_gpu, &dh, 2e-2);
+    assert_grad_close("gspo d_weight", &dw_gpu, &dw, 2e-2);
+    let chunked = FusedLinearConfig {
+        chunk_tokens: Some(8),
+        ..FusedLinearConfig::default()
+    };
+    let err = gpu_case(&g, &c, &cfg, &lcfg, &chunked).unwrap_err();
+    assert!(err.to_string().contains("options.chunk_tokens"), "{err}");
 }

@@ -222,6 +222,71 @@ fn policy_loss_variants_by_hand() {
     }
 }
 
+/// GSPO (verl `compute_policy_loss_gspo`) on the branch batch with the paper's clip range: sequence
+/// ratios s_0 = sqrt(1.1 * 1.5), s_1 = sqrt(0.5 * 4) (the masked NaN token is not read);
+/// seq-mean-token-mean over 2 sequences of 2 tokens.
+#[test]
+fn gspo_by_hand() {
+    let b = branches();
+    let (s0, s1) = ((1.1f64 * 1.5).sqrt(), 2.0f64.sqrt());
+    let cfg = GrpoConfig::gspo();
+    // seq 0, A = +1: -A s0 < -A (1 + 4e-4): clipped, no gradient; seq 1, A = -0.5: -A s1 = 0.707 >
+    // -A (1 + 4e-4) = 0.5002: unclipped, dl/dlogp_t = -A s1 at each of its tokens
+    let l0 = -(1.0 + 4e-4);
+    let l1 = 0.5 * s1;
+    let want_loss = (l0 + l1) / 2.0;
+    let g = (0.5 * s1 / 4.0) as f32;
+    for be in backends("gspo_by_hand") {
+        let what = be.name();
+        let mut grad = vec![f32::NAN; 5];
+        let out = be
+            .grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut grad)
+            .unwrap();
+        assert_close(&format!("{what} loss"), out.loss, want_loss, TOL, 1e-5);
+        assert_all_close(
+            &format!("{what} grad"),
+            &grad,
+            &[0.0, 0.0, g, 0.0, g],
+            TOL,
+            1e-5,
+        );
+        let m = &out.metrics;
+        assert_close(
+            &format!("{what} pg_clipfrac"),
+            m.pg_clipfrac[0],
+            0.5,
+            TOL,
+            0.0,
+        );
+        assert_close(
+            &format!("{what} pg_clipfrac_lower"),
+            m.pg_clipfrac_lower[0],
+            0.0,
+            0.0,
+            0.0,
+        );
+        assert_close(
+            &format!("{what} ratio_mean"),
+            m.ratio_mean,
+            (s0 + s1) / 2.0,
+            TOL,
+            1e-5,
+        );
+        // ppo_kl stays the token-level -mean(logp - old)
+        let token_lr: f64 = [0usize, 1, 2, 4]
+            .iter()
+            .map(|&t| actual_ratio(&b, t).ln())
+            .sum();
+        assert_close(
+            &format!("{what} ppo_kl"),
+            m.ppo_kl,
+            -token_lr / 4.0,
+            TOL,
+            1e-5,
+        );
+    }
+}
+
 /// TRL's `use_bias_correction_kl`: the KL term is `kl * r` at policy tokens, gradient through both.
 #[test]
 fn kl_is_correction_by_hand() {
@@ -748,11 +813,32 @@ fn reference_gradient_matches_finite_differences() {
         for mode in AggMode::ALL {
             let mut cfg = common::config_for(seed, mode);
             cfg.kl_coef = 0.3;
-            if cfg.policy_loss == PolicyLoss::Cispo {
-                // a stop-gradient loss: its gradient is not the derivative of its value
-                // (policy_loss_variants_by_hand checks it)
+            if cfg.policy_loss == PolicyLoss::Cispo
+                || (cfg.policy_loss == PolicyLoss::Gspo && b.adv_per_token)
+            {
+                // stop-gradient losses: the gradient is not the derivative of the value (CISPO;
+                // GSPO-token with per-token advantages); policy_loss_variants_by_hand checks them.
+                // GSPO with per-sequence advantages is sequence-level GSPO: checked here.
                 continue;
             }
+            let seq_of = |t: usize| b.cu.iter().rposition(|&c| c as usize <= t).unwrap();
+            let seq_ratio = |t: usize, x: f32| {
+                let s = seq_of(t);
+                let (mut d, mut n) = (0.0, 0.0);
+                for u in b.cu[s] as usize..b.cu[s + 1] as usize {
+                    let lp = if u == t { x } else { b.logp[u] };
+                    let m = if b.use_u8 {
+                        b.mask_u8[u] as f64
+                    } else {
+                        b.mask_f32[u] as f64
+                    };
+                    if m != 0.0 {
+                        d += m * (lp - b.old_logp[u]) as f64;
+                        n += m;
+                    }
+                }
+                (d / n).exp()
+            };
             let mut grad = vec![0f32; b.t()];
             cpu::grpo_loss(&b.inputs(None), &cfg, &mut grad).unwrap();
             // the straight-through estimators carry k2's gradient: differentiate the k2 loss
@@ -764,7 +850,11 @@ fn reference_gradient_matches_finite_differences() {
             let mut checked = 0;
             for t in 0..b.t() {
                 let near_kink = |x: f32| {
-                    let r = ((x - b.old_logp[t]) as f64).exp();
+                    let r = if cfg.policy_loss == PolicyLoss::Gspo {
+                        seq_ratio(t, x)
+                    } else {
+                        ((x - b.old_logp[t]) as f64).exp()
+                    };
                     let d = (x - b.ref_logp[t]) as f64;
                     [
                         1.0 - cfg.clip_low as f64,

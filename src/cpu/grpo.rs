@@ -1,8 +1,8 @@
 //! Reference of kernel 1, the fused GRPO loss (formulas in `kernels/grpo_loss.cu`).
 
-use super::math::{agg_weight, kl_is_corrected, kl_token, policy_token, ratio};
+use super::math::{agg_weight, gspo_ratio, kl_is_corrected, kl_token, policy_token, ratio};
 use super::norms::{mask_weight, norms, seq_tokens};
-use crate::config::{GrpoConfig, ObjectiveKind};
+use crate::config::{GrpoConfig, ObjectiveKind, PolicyLoss};
 use crate::error::Result;
 use crate::layout::{check_len, validate_grpo, Advantages, HostGrpoInputs};
 use crate::output::{
@@ -47,7 +47,26 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
         )
     };
     let nonfinite = |v: f32| if v.is_finite() { 0.0 } else { 1.0 };
+    let gspo = cfg.policy_loss == PolicyLoss::Gspo;
     for b in 0..cu.len() - 1 {
+        // GSPO: the sequence's mean log-ratio over its unmasked tokens (this call's tokens)
+        let seq_lr = if gspo {
+            let (mut d, mut n) = (0.0f64, 0.0f64);
+            for t in cu[b] as usize..cu[b + 1] as usize {
+                let m = mask_weight(&inp.mask, t);
+                if m != 0.0 {
+                    d += m * (inp.logp[t] as f64 - inp.old_logp[t] as f64);
+                    n += m;
+                }
+            }
+            if n != 0.0 {
+                d / n
+            } else {
+                0.0
+            }
+        } else {
+            0.0
+        };
         let bits = inp.membership.map_or(u32::MAX, |m| m[b]) & ((1u64 << k) - 1) as u32;
         let pol =
             (0..k).any(|j| (bits >> j) & 1 == 1 && inp.objectives[j] == ObjectiveKind::Policy);
@@ -64,8 +83,9 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                 let old = inp.old_logp[t];
                 s[e + 5] += nonfinite(old);
                 let q = ratio(lp, old, cfg.log_ratio_clamp);
+                s[e + 1] -= m * q.log_ratio; // ppo_kl: the token log-ratio in every variant
+                let q = if gspo { gspo_ratio(seq_lr) } else { q };
                 s[e] += m * q.ratio;
-                s[e + 1] -= m * q.log_ratio;
                 s[e + 2] += m;
                 s[e + 3] = s[e + 3].min(q.ratio);
                 s[e + 4] = s[e + 4].max(q.ratio);

@@ -70,9 +70,10 @@ pub fn policy_token(q: Ratio, adv: f32, logp: f32, cfg: &GrpoConfig) -> PolicyTo
                 dual: false,
             };
         }
-        PolicyLoss::Vanilla => {}
+        PolicyLoss::Vanilla | PolicyLoss::Gspo => {}
     }
-    let capped = cfg.delta.is_some_and(|d| r > d as f64);
+    let vanilla = cfg.policy_loss == PolicyLoss::Vanilla; // GSPO: no dual-clip, no delta
+    let capped = vanilla && cfg.delta.is_some_and(|d| r > d as f64);
     let l1 = -a * cfg.delta.filter(|_| capped).map_or(r, |d| d as f64);
     let l2 = -a * rc;
     let clipped = l2 > l1;
@@ -86,7 +87,7 @@ pub fn policy_token(q: Ratio, adv: f32, logp: f32, cfg: &GrpoConfig) -> PolicyTo
         clipped,
         dual: false,
     };
-    if let Some(c) = cfg.dual_clip {
+    if let (true, Some(c)) = (vanilla, cfg.dual_clip) {
         if a < 0.0 {
             let l3 = -(c as f64) * a;
             if out.loss > l3 {
@@ -100,6 +101,17 @@ pub fn policy_token(q: Ratio, adv: f32, logp: f32, cfg: &GrpoConfig) -> PolicyTo
         }
     }
     out
+}
+
+/// GSPO's ratio at a token of a sequence with mean log-ratio `lr`: `exp(min(lr, 10))`, saturated
+/// (no gradient) above 10; NaN stays NaN.
+pub fn gspo_ratio(lr: f64) -> Ratio {
+    let log_ratio = if lr.is_nan() { lr } else { lr.min(10.0) };
+    Ratio {
+        log_ratio,
+        ratio: log_ratio.exp(),
+        saturated: lr > 10.0,
+    }
 }
 
 /// TRL's `use_bias_correction_kl`: `kl r`, gradient `kl' r + kl r` (the second term 0 where the

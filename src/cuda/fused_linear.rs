@@ -222,6 +222,17 @@ fn run<E: LogitElem>(
     use cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
     let (h, v) = (head.hidden_size, head.vocab);
     let c = options.chunk(t, v);
+    if config.policy_loss == crate::config::PolicyLoss::Gspo && c < t {
+        // GSPO's ratio is a mean over each whole sequence: a chunk's loss needs the log-probs of
+        // tokens in later chunks
+        return Err(Error::arg(
+            "options.chunk_tokens",
+            format!(
+                "GSPO needs the whole batch in one chunk ({t} tokens, got chunks of {c}): set \
+                 chunk_tokens or raise memory_budget"
+            ),
+        ));
+    }
     let mut work = TokenWork::new(stream, t)?;
     // The whole batch's mask (ignored labels out) and normalizers, before any logits: each chunk's
     // loss then weighs its tokens exactly as the whole batch would, in every aggregation mode.

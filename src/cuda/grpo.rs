@@ -1,7 +1,7 @@
 //! Kernel 1 on the GPU: the fused GRPO loss (`kernels/grpo_loss.cu`).
 
 use super::{addr, addr_mut, begin_token_pass, finalize, maxk, params::GrpoParams, Gpu, Module};
-use crate::config::GrpoConfig;
+use crate::config::{GrpoConfig, PolicyLoss};
 use crate::error::Result;
 use crate::layout::{check_len, policy_bits, validate_grpo, Advantages, GrpoInputs};
 use crate::output::{finish_grpo, grpo_slots, GrpoOutput, GrpoSums};
@@ -28,6 +28,11 @@ pub fn grpo_loss(
     let (t, b, k) = (shape.t, shape.b, shape.k);
 
     let slots = grpo_slots(k);
+    // GSPO: recap_seq_stats also takes each sequence's mean log-ratio (the guards keep the views
+    // borrowed until the launches are enqueued)
+    let gspo = config.policy_loss == PolicyLoss::Gspo;
+    let (lp_addr, _gl) = addr(&inputs.logp, stream);
+    let (old_addr, _go) = addr(&inputs.old_logp, stream);
     let pass = begin_token_pass(
         gpu,
         stream,
@@ -38,6 +43,7 @@ pub fn grpo_loss(
         slots,
         k,
         inputs.normalizers,
+        gspo.then_some((lp_addr, old_addr)),
     )?;
     let (ws, items, suffix) = (&pass.ws, pass.items, pass.suffix);
     {
@@ -90,6 +96,7 @@ pub fn grpo_loss(
             tau_pos: config.policy_loss.taus().0,
             tau_neg: config.policy_loss.taus().1,
             pad1: 0.0,
+            seq_log_ratio: w.seq_log_ratio,
             log_ratio_clamp: config.log_ratio_clamp,
             beta: config.kl_coef,
             sum_norm_const: config.norm_constant.unwrap_or(0.0),

@@ -306,7 +306,8 @@ pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(
     Ok(d)
 }
 
-/// One call's device scratch: a single f64 buffer `[norms | out | seq_tokens | partials]` and a
+/// One call's device scratch: a single f64 buffer
+/// `[norms | out | seq_tokens | seq_log_ratio | partials]` and a
 /// single i32 buffer `[cu_seqlens | membership]`, so a call makes one allocation of each, one upload
 /// and one read-back (`norms` and `out` are adjacent).
 pub(crate) struct Workspace {
@@ -338,11 +339,12 @@ impl Workspace {
         // `blocks` (tile_seq) are all written by recap_seq_stats_* before the token pass reads them.
         let mut layout = unsafe { stream.alloc::<i32>(host.len() + blocks) }?;
         stream.memcpy_htod(&host, &mut layout.slice_mut(..host.len()))?;
-        let len = NORMS_LEN + slots + b.max(1) + blocks * slots;
+        let len = NORMS_LEN + slots + 2 * b.max(1) + blocks * slots;
         // SAFETY: uninitialized device memory of `len` f64. Every element a kernel reads is written
         // first by an earlier launch on the same stream: norms by recap_norms_finalize, seq_tokens[b]
-        // for every b by recap_seq_stats_*, each block's row of partials by its token-pass block, and
-        // out by recap_partials_finalize; nothing else is read.
+        // (and seq_log_ratio[b] when GSPO reads it) for every b by recap_seq_stats_*, each block's
+        // row of partials by its token-pass block, and out by recap_partials_finalize; nothing else
+        // is read.
         let scratch = unsafe { stream.alloc::<f64>(len) }?;
         Ok(Workspace {
             scratch,
@@ -374,7 +376,8 @@ impl Workspace {
             norms: f(0),
             out: f(NORMS_LEN),
             seq_tokens: f(NORMS_LEN + self.slots),
-            partials: f(NORMS_LEN + self.slots + self.b.max(1)),
+            seq_log_ratio: f(NORMS_LEN + self.slots + self.b.max(1)),
+            partials: f(NORMS_LEN + self.slots + 2 * self.b.max(1)),
         };
         (a, [g0, g1])
     }
@@ -405,6 +408,7 @@ pub(crate) struct WorkspaceAddrs {
     pub membership: u64,
     pub tile_seq: u64,
     pub seq_tokens: u64,
+    pub seq_log_ratio: u64,
     pub norms: u64,
     pub partials: u64,
     pub out: u64,
@@ -425,6 +429,7 @@ fn seq_stats(
     tile_tokens: usize,
     k: usize,
     global: Option<&Normalizers>,
+    gspo: Option<(u64, u64)>,
 ) -> Result<()> {
     let b = ws.b;
     let mut p = params::SeqParams {
@@ -439,6 +444,9 @@ fn seq_stats(
         num_seqs: b as i32,
         num_objectives: k as i32,
         num_tiles: ws.blocks as i32,
+        logp: gspo.map_or(0, |g| g.0),
+        old_logp: gspo.map_or(0, |g| g.1),
+        seq_log_ratio: a.seq_log_ratio,
         ..Default::default()
     };
     if let Some(g) = global {
@@ -468,7 +476,9 @@ pub(crate) struct TokenPass<'m> {
     _mask_guard: SyncOnDrop<'m>,
 }
 
-/// Tiling, workspace and `seq_stats` for a token pass over `t` tokens with `slots` statistics.
+/// Tiling, workspace and `seq_stats` for a token pass over `t` tokens with `slots` statistics;
+/// `gspo` = the device addresses of `(logp, old_logp)` when the pass needs GSPO's per-sequence
+/// log-ratio.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn begin_token_pass<'m>(
     gpu: &Gpu,
@@ -480,6 +490,7 @@ pub(crate) fn begin_token_pass<'m>(
     slots: usize,
     k: usize,
     normalizers: Option<&Normalizers>,
+    gspo: Option<(u64, u64)>,
 ) -> Result<TokenPass<'m>> {
     let (mask_addr, guard, suffix) = match mask {
         Mask::F32(m) => {
@@ -507,6 +518,7 @@ pub(crate) fn begin_token_pass<'m>(
             tile,
             k,
             normalizers,
+            gspo,
         )?;
     }
     if let Some(st) = normalizers.and_then(|n| n.seq_tokens.as_ref()) {
@@ -534,7 +546,9 @@ pub(crate) fn device_normalizers(
     membership: Option<&[u32]>,
     k: usize,
 ) -> Result<Normalizers> {
-    let pass = begin_token_pass(gpu, stream, mask, t, cu_seqlens, membership, 1, k, None)?;
+    let pass = begin_token_pass(
+        gpu, stream, mask, t, cu_seqlens, membership, 1, k, None, None,
+    )?;
     let (norms, _) = pass.ws.read_back(stream)?;
     let b = cu_seqlens.len() - 1;
     let off = NORMS_LEN + 1;

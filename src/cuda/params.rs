@@ -43,6 +43,7 @@ pub struct GrpoParams {
     pub tau_pos: f32,
     pub tau_neg: f32,
     pub pad1: f32,
+    pub seq_log_ratio: u64,
 }
 
 /// Mirror of `RecapSeqParams`.
@@ -63,6 +64,9 @@ pub struct SeqParams {
     pub num_tiles: i32,
     pub override_tokens: [f64; 17],
     pub override_seqs: [f64; 17],
+    pub logp: u64,
+    pub old_logp: u64,
+    pub seq_log_ratio: u64,
 }
 
 /// Mirror of `RecapReduceParams`.
@@ -231,9 +235,11 @@ pub fn layouts() -> Vec<Vec<usize>> {
         layout!(GrpoParams; logp, old_logp, ref_logp, advantages, mask, cu_seqlens, membership, seq_tokens,
             norms, grad, partials, tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, adv_per_token,
             agg_mode, kl_estimator, dual_clip, policy_bits, clip_low, clip_high, clip_c, log_ratio_clamp,
-            beta, sum_norm_const, lambda, loss_type, kl_is_correction, delta, tau_pos, tau_neg, pad1),
+            beta, sum_norm_const, lambda, loss_type, kl_is_correction, delta, tau_pos, tau_neg, pad1,
+            seq_log_ratio),
         layout!(SeqParams; mask, cu_seqlens, membership, seq_tokens, norms, tile_seq, num_tokens, tile_tokens,
-            num_seqs, num_objectives, has_override, num_tiles, override_tokens, override_seqs),
+            num_seqs, num_objectives, has_override, num_tiles, override_tokens, override_seqs, logp, old_logp,
+            seq_log_ratio),
         layout!(ReduceParams; losses, mask, cu_seqlens, membership, seq_tokens, norms, grad, partials,
             tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, agg_mode, sum_norm_const, pad0, lambda),
         layout!(KlParams; logp, ref_logp, mask, kl, grad, num_tokens, kl_estimator, pad0),

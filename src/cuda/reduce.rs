@@ -35,6 +35,7 @@ pub fn weighted_reduce(
         k,
         k,
         inputs.normalizers,
+        None,
     )?;
     let (ws, items, suffix) = (&pass.ws, pass.items, pass.suffix);
     {
