@@ -35,6 +35,7 @@ fn bench(c: &mut Criterion) {
             logp: &logp,
             old_logp: &old,
             ref_logp: Some(&old),
+            rollout_logp: None,
             advantages: Advantages::PerSequence(&adv),
             mask: Mask::U8(&mask),
             cu_seqlens: &cu,

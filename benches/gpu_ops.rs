@@ -141,6 +141,7 @@ fn run() -> recap_kernels::Result<()> {
             logp: d_logp.as_view(),
             old_logp: d_old.as_view(),
             ref_logp: with_ref.then(|| d_ref.as_view()),
+            rollout_logp: None,
             advantages: Advantages::PerSequence(d_adv.as_view()),
             mask: if u8_mask {
                 Mask::U8(d_mask_u8.as_view())
@@ -232,6 +233,7 @@ fn fused_linear_cases(
             labels: y.as_view(),
             old_logp: o.as_view(),
             ref_logp: None,
+            rollout_logp: None,
             advantages: Advantages::PerSequence(a.as_view()),
             mask: Mask::U8(m.as_view()),
             cu_seqlens: &cu,

@@ -48,6 +48,7 @@ fn run() -> recap_kernels::Result<()> {
         logp: &logp,
         old_logp: &old_logp,
         ref_logp: Some(&ref_logp),
+        rollout_logp: None,
         advantages: Advantages::PerSequence(&advantages),
         mask: Mask::U8(&mask),
         cu_seqlens: &cu,

@@ -103,13 +103,19 @@ __device__ __forceinline__ void recap_block_reduce_slot(V v, int slot, int num_s
     if ((threadIdx.x & 31) == 0) s_red[(threadIdx.x >> 5) * num_slots + slot] = (double)v;
 }
 
-/* Stage 2: thread j < num_slots combines the warps' results for slot j in warp order and writes
- * out[j * stride] (stride = number of blocks for the slot-major partials of a token pass). */
-__device__ __forceinline__ void recap_block_reduce_finish(double* out, int64_t stride, int num_slots, int min_slot,
-                                                          int max_slot, const double* s_red) {
+/* Stage 2: thread j < num_slots combines the warps' results for slot j in warp order (with min for
+ * the slots whose bit is set in min_bits, max for max_bits, else a sum) and writes out[j * stride]
+ * (stride = number of blocks for the slot-major partials of a token pass). */
+__device__ __forceinline__ int recap_slot_op(int j, uint64_t min_bits, uint64_t max_bits) {
+    if (j >= 64) return RECAP_OP_SUM;
+    return ((min_bits >> j) & 1u) ? RECAP_OP_MIN : (((max_bits >> j) & 1u) ? RECAP_OP_MAX : RECAP_OP_SUM);
+}
+
+__device__ __forceinline__ void recap_block_reduce_finish(double* out, int64_t stride, int num_slots, uint64_t min_bits,
+                                                          uint64_t max_bits, const double* s_red) {
     __syncthreads();
     for (int j = threadIdx.x; j < num_slots; j += blockDim.x) {
-        int op = (j == min_slot) ? RECAP_OP_MIN : ((j == max_slot) ? RECAP_OP_MAX : RECAP_OP_SUM);
+        int op = recap_slot_op(j, min_bits, max_bits);
         double acc = s_red[j];
         for (int w = 1; w < RECAP_WARPS; ++w) acc = recap_combine(acc, s_red[w * num_slots + j], op);
         out[(int64_t)j * stride] = acc;

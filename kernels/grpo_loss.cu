@@ -9,6 +9,8 @@
  *     variants (recap_policy_token; GSPO's r is the sequence ratio from recap_seq_stats); of kind
  *     nll: l_tk = -logp_t
  *   kl_t  = the estimator at (logp, ref), times r_t at policy tokens with kl_is_correction
+ *   with rollout_logp, each policy token's policy terms are multiplied by its rollout IS weight
+ *   (recap_rollout_is of old - rollout, or of its sequence's sum or mean from recap_seq_stats)
  *   w_tk  = m_t * aggregation weight (token-mean 1/N_k, seq-mean-token-mean 1/(n_b S_k), ...) for
  *           member sequences (membership bit k), else 0; the KL term uses slot K (every sequence)
  *   L     = (1/K) sum_k lambda_k sum_t w_tk l_tk + beta sum_t w_tK kl_t
@@ -31,7 +33,9 @@
 /* Sequences per tile whose per-sequence data is staged in shared memory. */
 #define RECAP_TILE_SEQ_DATA 256
 
-template <int MAXK, typename MT>
+/* EXT = false: the plain clipped surrogate (vanilla, no delta, no rollout IS, no KL IS correction),
+ * the variant code compiled out so the common case keeps its registers; EXT = true: every variant. */
+template <int MAXK, typename MT, bool EXT>
 __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     __shared__ int32_t s_cu[RECAP_TILE_SEQ_CAP];
     __shared__ double s_red[RECAP_WARPS * (3 * MAXK + RECAP_GRPO_EXTRA_SLOTS)];
@@ -63,17 +67,19 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     const uint32_t* __restrict__ mem = (const uint32_t*)p.membership;
     const double* __restrict__ seq_tokens = (const double*)p.seq_tokens;
     const double* __restrict__ seq_lr = (const double*)p.seq_log_ratio;
+    const double* __restrict__ seq_is = (const double*)p.seq_is_log;
+    const float* __restrict__ rollout = EXT ? (const float*)p.rollout_logp : (const float*)0;
     float* __restrict__ grad = (float*)p.grad;
     const float inv_k = 1.0f / (float)K;
     const uint32_t kbits = (K >= 32) ? 0xffffffffu : ((1u << K) - 1u);
     const bool smtm = p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN;
     RecapPolicyOpts opts;
-    opts.loss_type = p.loss_type;
+    opts.loss_type = EXT ? p.loss_type : RECAP_LOSS_VANILLA;
     opts.dual_clip = p.dual_clip;
     opts.clip_low = p.clip_low;
     opts.clip_high = p.clip_high;
     opts.clip_c = p.clip_c;
-    opts.delta = p.delta;
+    opts.delta = EXT ? p.delta : 0.0f;
     opts.tau_pos = p.tau_pos;
     opts.tau_neg = p.tau_neg;
 
@@ -97,13 +103,14 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     for (int k = 0; k < MAXK; ++k) agg[k] = clip[k] = dual[k] = 0.0f;
     float r_sum = 0.0f, negd_sum = 0.0f, p_tok = 0.0f, kl_agg = 0.0f, kl_sum = 0.0f;
     float r_min = 1.0f / 0.0f, r_max = -1.0f / 0.0f;
+    float is_sum = 0.0f, is_corr = 0.0f, is_min = 1.0f / 0.0f, is_max = -1.0f / 0.0f;
     unsigned nonfinite = 0;
 
     /* RECAP_UNROLL tokens per step: their mask, logp, old_logp (and ref_logp) loads are all issued
      * before the first use (predicated, in bounds, whether or not the token turns out masked or
      * non-policy), so each thread keeps several independent loads in flight. */
     for (int i0 = 0; i0 < p.items_per_thread; i0 += RECAP_UNROLL) {
-        float mv[RECAP_UNROLL], lpv[RECAP_UNROLL], oldv[RECAP_UNROLL], refv[RECAP_UNROLL];
+        float mv[RECAP_UNROLL], lpv[RECAP_UNROLL], oldv[RECAP_UNROLL], refv[RECAP_UNROLL], rolv[RECAP_UNROLL];
 #pragma unroll
         for (int u = 0; u < RECAP_UNROLL; ++u) {
             const int64_t t = t0 + (int64_t)(i0 + u) * blockDim.x + threadIdx.x;
@@ -112,6 +119,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
             lpv[u] = in ? logp[t] : 0.0f;
             oldv[u] = in ? old_logp[t] : 0.0f;
             refv[u] = (in && ref_logp) ? ref_logp[t] : 0.0f;
+            rolv[u] = (in && rollout && p.is_level == RECAP_IS_TOKEN) ? rollout[t] : 0.0f;
         }
 #pragma unroll
         for (int u = 0; u < RECAP_UNROLL; ++u) {
@@ -132,14 +140,31 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
 
             RecapRatio q;
             q.log_ratio = 0.0f; q.ratio = 1.0f; q.saturated = 0;
+            float isw = 1.0f; /* rollout IS weight of the policy terms */
             if (pol) {
                 const float old = oldv[u];
                 nonfinite += !recap_isfinite(old);
                 q = recap_ratio(lp, old, p.log_ratio_clamp);
                 negd_sum -= m * q.log_ratio; /* ppo_kl: the token log-ratio in every variant */
-                if (p.loss_type == RECAP_LOSS_GSPO) q = recap_gspo_ratio((float)seq_lr[b]);
+                if (EXT && p.loss_type == RECAP_LOSS_GSPO) q = recap_gspo_ratio((float)seq_lr[b]);
                 r_sum += m * q.ratio;
                 p_tok += m;
+                if (rollout) {
+                    /* rollout IS weight of this policy token (multiplies the policy terms below) */
+                    float lw;
+                    if (p.is_level == RECAP_IS_TOKEN) {
+                        nonfinite += !recap_isfinite(rolv[u]);
+                        lw = old - rolv[u];
+                    } else {
+                        lw = (float)seq_is[b];
+                    }
+                    const RecapIsWeight iw = recap_rollout_is(lw, p.is_mode, p.is_lower, p.is_upper);
+                    is_sum += m * iw.ratio;
+                    is_min = fminf(is_min, iw.ratio);
+                    is_max = fmaxf(is_max, iw.ratio);
+                    is_corr += iw.corrected ? m : 0.0f;
+                    isw = iw.weight;
+                }
                 r_min = fminf(r_min, q.ratio);
                 r_max = fmaxf(r_max, q.ratio);
             }
@@ -154,10 +179,10 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                         const float a = adv_smem ? s_adv[sb * MAXK + k] : arow[k];
                         nonfinite += !recap_isfinite(a);
                         const RecapPolicyToken pt = recap_policy_token(q, a, lp, opts);
-                        agg[k] += w * pt.loss;
+                        agg[k] += w * isw * pt.loss;
                         clip[k] += pt.clipped ? m : 0.0f;
                         dual[k] += pt.dual ? m : 0.0f;
-                        g += p.lambda[k] * w * pt.grad;
+                        g += p.lambda[k] * w * isw * pt.grad;
                     } else {
                         agg[k] -= w * lp;
                         g -= p.lambda[k] * w;
@@ -169,7 +194,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                 const float ref = refv[u];
                 nonfinite += !recap_isfinite(ref);
                 RecapKlToken kt = recap_kl_token(lp, ref, p.kl_estimator);
-                if (p.kl_is_correction && pol) kt = recap_kl_is_corrected(kt, q);
+                if (EXT && p.kl_is_correction && pol) kt = recap_kl_is_corrected(kt, q);
                 const float w = mf * s_base[K];
                 kl_agg += w * kt.value;
                 kl_sum += m * kt.value;
@@ -196,17 +221,27 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     recap_block_reduce_slot((float)nonfinite, e + 5, S, RECAP_OP_SUM, s_red);
     recap_block_reduce_slot(kl_agg, e + 6, S, RECAP_OP_SUM, s_red);
     recap_block_reduce_slot(kl_sum, e + 7, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(is_sum, e + 8, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(is_min, e + 9, S, RECAP_OP_MIN, s_red);
+    recap_block_reduce_slot(is_max, e + 10, S, RECAP_OP_MAX, s_red);
+    recap_block_reduce_slot(is_corr, e + 11, S, RECAP_OP_SUM, s_red);
     /* slot-major: statistic j of this block at partials[j * gridDim.x + blockIdx.x] */
-    recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, S, e + 3, e + 4, s_red);
+    const uint64_t one = 1;
+    recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, S, (one << (e + 3)) | (one << (e + 9)),
+                              (one << (e + 4)) | (one << (e + 10)), s_red);
 }
 
 /* Registers capped for 4 blocks per SM with MAXK <= 8 and 2 with MAXK = 16: more loads in flight
  * beat the few registers spilled (measured on an H100). */
 #define RECAP_GRPO_INST(MAXK, MINB)                                                                               \
     extern "C" __global__ void __launch_bounds__(RECAP_BLOCK, MINB)                                               \
-        recap_grpo_loss_k##MAXK##_f32(const RecapGrpoParams p) { grpo_token_pass<MAXK, float>(p); }               \
+        recap_grpo_loss_k##MAXK##_f32(const RecapGrpoParams p) { grpo_token_pass<MAXK, float, false>(p); }        \
     extern "C" __global__ void __launch_bounds__(RECAP_BLOCK, MINB)                                               \
-        recap_grpo_loss_k##MAXK##_u8(const RecapGrpoParams p) { grpo_token_pass<MAXK, uint8_t>(p); }
+        recap_grpo_loss_k##MAXK##_u8(const RecapGrpoParams p) { grpo_token_pass<MAXK, uint8_t, false>(p); }       \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK, MINB)                                               \
+        recap_grpo_loss_ext_k##MAXK##_f32(const RecapGrpoParams p) { grpo_token_pass<MAXK, float, true>(p); }     \
+    extern "C" __global__ void __launch_bounds__(RECAP_BLOCK, MINB)                                               \
+        recap_grpo_loss_ext_k##MAXK##_u8(const RecapGrpoParams p) { grpo_token_pass<MAXK, uint8_t, true>(p); }
 RECAP_GRPO_INST(1, 4)
 RECAP_GRPO_INST(2, 4)
 RECAP_GRPO_INST(4, 4)

@@ -182,6 +182,35 @@ RECAP_HD RecapKlToken recap_kl_token(float logp, float ref_logp, int estimator) 
     return out;
 }
 
+/* Rollout importance-sampling weight from its log (old - rollout, or the sequence's sum or mean):
+ *   ratio = exp(clamp(log_w, -20, 20))  (verl's safety bound; NaN stays NaN)
+ *   truncate: weight = min(ratio, upper), corrected <=> ratio > upper            (verl TIS)
+ *   mask:     weight = ratio inside [lower, upper], else 0, corrected <=> outside (verl MIS)
+ *   metrics:  weight = 1 (the ratio is only reported)
+ * The weight multiplies the policy objectives' loss and gradient at that token (not nll, not KL). */
+typedef struct RecapIsWeight {
+    float ratio;
+    float weight;
+    int corrected;
+} RecapIsWeight;
+
+RECAP_HD RecapIsWeight recap_rollout_is(float log_w, int mode, float lower, float upper) {
+    RecapIsWeight out;
+    out.ratio = expf(recap_clampf(log_w, -20.0f, 20.0f));
+    if (mode == RECAP_IS_TRUNCATE) {
+        out.corrected = out.ratio > upper;
+        out.weight = out.corrected ? upper : out.ratio;
+    } else if (mode == RECAP_IS_MASK) {
+        const int in = out.ratio >= lower && out.ratio <= upper;
+        out.corrected = !in;
+        out.weight = in ? out.ratio : 0.0f;
+    } else {
+        out.corrected = 0;
+        out.weight = 1.0f;
+    }
+    return out;
+}
+
 /* TRL's use_bias_correction_kl: kl_t -> kl_t r_t, d/dlogp = kl' r + kl r (the second term is 0 where
  * the log-ratio clamp saturates). */
 RECAP_HD RecapKlToken recap_kl_is_corrected(RecapKlToken kt, RecapRatio q) {

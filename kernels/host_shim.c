@@ -21,6 +21,10 @@ void recap_host_policy_token(const RecapRatio* q, float adv, float logp, const R
 
 void recap_host_gspo_ratio(float lr, RecapRatio* out) { *out = recap_gspo_ratio(lr); }
 
+void recap_host_rollout_is(float log_w, int mode, float lower, float upper, RecapIsWeight* out) {
+    *out = recap_rollout_is(log_w, mode, lower, upper);
+}
+
 void recap_host_kl_is_corrected(const RecapKlToken* kt, const RecapRatio* q, RecapKlToken* out) {
     *out = recap_kl_is_corrected(*kt, *q);
 }
@@ -80,14 +84,16 @@ static const size_t grpo_layout[] = {
     F(RecapGrpoParams, beta), F(RecapGrpoParams, sum_norm_const), F(RecapGrpoParams, lambda),
     F(RecapGrpoParams, loss_type), F(RecapGrpoParams, kl_is_correction), F(RecapGrpoParams, delta),
     F(RecapGrpoParams, tau_pos), F(RecapGrpoParams, tau_neg), F(RecapGrpoParams, pad1),
-    F(RecapGrpoParams, seq_log_ratio)};
+    F(RecapGrpoParams, seq_log_ratio), F(RecapGrpoParams, rollout_logp), F(RecapGrpoParams, seq_is_log),
+    F(RecapGrpoParams, is_level), F(RecapGrpoParams, is_mode), F(RecapGrpoParams, is_lower), F(RecapGrpoParams, is_upper)};
 static const size_t seq_layout[] = {
     sizeof(RecapSeqParams), F(RecapSeqParams, mask), F(RecapSeqParams, cu_seqlens), F(RecapSeqParams, membership),
     F(RecapSeqParams, seq_tokens), F(RecapSeqParams, norms), F(RecapSeqParams, tile_seq),
     F(RecapSeqParams, num_tokens), F(RecapSeqParams, tile_tokens), F(RecapSeqParams, num_seqs),
     F(RecapSeqParams, num_objectives), F(RecapSeqParams, has_override), F(RecapSeqParams, num_tiles),
     F(RecapSeqParams, override_tokens), F(RecapSeqParams, override_seqs), F(RecapSeqParams, logp),
-    F(RecapSeqParams, old_logp), F(RecapSeqParams, seq_log_ratio)};
+    F(RecapSeqParams, old_logp), F(RecapSeqParams, seq_log_ratio), F(RecapSeqParams, rollout_logp),
+    F(RecapSeqParams, seq_is_log), F(RecapSeqParams, is_geometric), F(RecapSeqParams, pad0)};
 static const size_t reduce_layout[] = {
     sizeof(RecapReduceParams), F(RecapReduceParams, losses), F(RecapReduceParams, mask),
     F(RecapReduceParams, cu_seqlens), F(RecapReduceParams, membership), F(RecapReduceParams, seq_tokens),
@@ -101,8 +107,8 @@ static const size_t kl_layout[] = {
     F(RecapKlParams, pad0)};
 static const size_t finalize_layout[] = {
     sizeof(RecapFinalizeParams), F(RecapFinalizeParams, partials), F(RecapFinalizeParams, out),
-    F(RecapFinalizeParams, num_blocks), F(RecapFinalizeParams, num_slots), F(RecapFinalizeParams, min_slot),
-    F(RecapFinalizeParams, max_slot)};
+    F(RecapFinalizeParams, num_blocks), F(RecapFinalizeParams, num_slots), F(RecapFinalizeParams, min_bits),
+    F(RecapFinalizeParams, max_bits)};
 static const size_t logits_layout[] = {
     sizeof(RecapLogitsParams), F(RecapLogitsParams, logits), F(RecapLogitsParams, labels), F(RecapLogitsParams, logp),
     F(RecapLogitsParams, entropy), F(RecapLogitsParams, lse), F(RecapLogitsParams, bad_labels),

@@ -38,6 +38,15 @@
 #define RECAP_LOSS_SAPO 2    /* -A (4 / tau) sigmoid(tau (r - 1))                                  */
 #define RECAP_LOSS_GSPO 3    /* clipped surrogate on the sequence ratio (GSPO-token form)          */
 
+/* Rollout importance-sampling correction (trainer vs inference-engine log-probs). */
+#define RECAP_IS_OFF -1      /* no rollout_logp                                                    */
+#define RECAP_IS_TOKEN 0     /* w_t = exp(old_t - rollout_t)                                       */
+#define RECAP_IS_SEQUENCE 1  /* w_t = exp(sum over the sequence of m (old - rollout))              */
+#define RECAP_IS_GEOMETRIC 2 /* w_t = exp(mean over the sequence of old - rollout)                 */
+#define RECAP_IS_METRICS 0   /* mode: weights 1, metrics only                                      */
+#define RECAP_IS_TRUNCATE 1  /* mode: min(w, upper)                                                */
+#define RECAP_IS_MASK 2      /* mode: w inside [lower, upper], else 0                              */
+
 /*
  * Layout of the normalizer buffer `norms` (double[4 * RECAP_NORM_SLOTS]), slot j < K an objective,
  * slot K the KL term (every sequence):
@@ -66,10 +75,14 @@
  *   [3K + 5]       count of non-finite inputs read at unmasked tokens
  *   [3K + 6]       w_t * kl_t           agg(kl) over every unmasked token (0 without ref_logp)
  *   [3K + 7]       m_t * kl_t           masked kl sum (for the kl mean metric)
+ *   [3K + 8]       m_t * w_t            over policy tokens, the rollout IS ratio (0 without rollout_logp)
+ *   [3K + 9]       min w_t              (a min; +inf if none)
+ *   [3K + 10]      max w_t              (a max; -inf if none)
+ *   [3K + 11]      m_t * 1[corrected]   tokens whose IS weight was truncated or masked
  * A "policy token" is an unmasked token of a sequence that is a member of at least one objective of
  * kind policy.
  */
-#define RECAP_GRPO_EXTRA_SLOTS 8
+#define RECAP_GRPO_EXTRA_SLOTS 12
 
 /* Per-launch parameters of the fused GRPO loss (kernel 1), passed by value. */
 typedef struct RecapGrpoParams {
@@ -108,6 +121,12 @@ typedef struct RecapGrpoParams {
     float tau_neg;         /* SAPO temperature for A <= 0                     */
     float pad1;
     uint64_t seq_log_ratio; /* const double[B], GSPO: mean of logp - old over each sequence's tokens */
+    uint64_t rollout_logp;  /* const float[T], or 0 (is_level = RECAP_IS_OFF)                 */
+    uint64_t seq_is_log;    /* const double[B]: sum (sequence) or mean (geometric) of old - rollout */
+    int32_t is_level;       /* RECAP_IS_OFF / _TOKEN / _SEQUENCE / _GEOMETRIC                    */
+    int32_t is_mode;        /* RECAP_IS_METRICS / _TRUNCATE / _MASK                              */
+    float is_lower;         /* mask: lower bound of the band                                     */
+    float is_upper;         /* truncate: cap; mask: upper bound                                  */
 } RecapGrpoParams;
 
 /* Parameters of the per-sequence statistics and normalizer kernels (shared by kernels 1 and 3). */
@@ -129,6 +148,11 @@ typedef struct RecapSeqParams {
     uint64_t logp;          /* const float[T], or 0: GSPO's per-sequence log-ratio is not needed  */
     uint64_t old_logp;      /* const float[T]                                                     */
     uint64_t seq_log_ratio; /* double[B] (written when logp): sum m (logp - old) / sum m, 0 if empty */
+    uint64_t rollout_logp;  /* const float[T], or 0: no sequence-level IS weight needed          */
+    uint64_t seq_is_log;    /* double[B] (written when rollout_logp): sum m (old - rollout), divided
+                               by sum m when is_geometric                                         */
+    int32_t is_geometric;
+    int32_t pad0;
 } RecapSeqParams;
 
 /* Parameters of the standalone weighted reduction (kernel 3) over per-token losses [T, K]. */
@@ -170,8 +194,8 @@ typedef struct RecapFinalizeParams {
     uint64_t out;        /* double[num_slots]                             */
     int32_t num_blocks;
     int32_t num_slots;
-    int32_t min_slot;    /* slot reduced with min (or -1)                 */
-    int32_t max_slot;    /* slot reduced with max (or -1)                 */
+    uint64_t min_bits;   /* bit j set: slot j is reduced with min (j < 64)  */
+    uint64_t max_bits;   /* bit j set: slot j is reduced with max           */
 } RecapFinalizeParams;
 
 /*

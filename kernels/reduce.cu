@@ -57,6 +57,18 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
         d = recap_warp_reduce(d, RECAP_OP_SUM);
         if (lane == 0) ((double*)p.seq_log_ratio)[b] = acc != 0.0 ? d / acc : 0.0;
     }
+    if (p.rollout_logp) {
+        /* sequence-level rollout IS: sum (or mean) of m (old - rollout) over the unmasked tokens */
+        const float* old = (const float*)p.old_logp;
+        const float* roll = (const float*)p.rollout_logp;
+        double d = 0.0;
+        for (int64_t u = s + lane; u < e; u += 32) {
+            const float m = recap_load_mask(mask, u);
+            if (m != 0.0f) d += (double)m * ((double)old[u] - (double)roll[u]);
+        }
+        d = recap_warp_reduce(d, RECAP_OP_SUM);
+        if (lane == 0) ((double*)p.seq_is_log)[b] = p.is_geometric ? (acc != 0.0 ? d / acc : 0.0) : d;
+    }
     /* tile_seq[i] = b for every token tile whose first token i * tile_tokens lies in [s, e) */
     if (e > s && p.tile_seq) {
         const int64_t first = (s + p.tile_tokens - 1) / p.tile_tokens;
@@ -102,7 +114,7 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_norms_finalize(c
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_partials_finalize(const RecapFinalizeParams p) {
     __shared__ double s_red[RECAP_WARPS];
     const int j = blockIdx.x;
-    const int op = (j == p.min_slot) ? RECAP_OP_MIN : ((j == p.max_slot) ? RECAP_OP_MAX : RECAP_OP_SUM);
+    const int op = recap_slot_op(j, p.min_bits, p.max_bits);
     const double v = recap_block_reduce_array((const double*)p.partials + (int64_t)j * p.num_blocks, p.num_blocks, op, s_red);
     if (threadIdx.x == 0) ((double*)p.out)[j] = v;
 }
@@ -160,7 +172,7 @@ __device__ __forceinline__ void reduce_token_pass(const RecapReduceParams& p) {
 #pragma unroll
     for (int k = 0; k < MAXK; ++k)
         if (k < K) recap_block_reduce_slot(acc[k], k, K, RECAP_OP_SUM, s_red);
-    recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, K, -1, -1, s_red);
+    recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, K, 0, 0, s_red);
 }
 
 #define RECAP_REDUCE_INST(MAXK)                                                                                  \

@@ -72,6 +72,10 @@ impl Backend {
         let logp = cuda::upload(s, inputs.logp)?;
         let old = cuda::upload(s, inputs.old_logp)?;
         let refp = inputs.ref_logp.map(|r| cuda::upload(s, r)).transpose()?;
+        let rollp = inputs
+            .rollout_logp
+            .map(|r| cuda::upload(s, r))
+            .transpose()?;
         let (adv_h, per_token) = match inputs.advantages {
             Advantages::PerSequence(a) => (a, false),
             Advantages::PerToken(a) => (a, true),
@@ -84,6 +88,7 @@ impl Backend {
             logp: logp.slice(..shape.t),
             old_logp: old.slice(..shape.t),
             ref_logp: refp.as_ref().map(|r| r.slice(..shape.t)),
+            rollout_logp: rollp.as_ref().map(|r| r.slice(..shape.t)),
             advantages: if per_token {
                 Advantages::PerToken(adv_v)
             } else {

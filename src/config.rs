@@ -194,6 +194,77 @@ impl PolicyLoss {
     }
 }
 
+/// Where the rollout importance-sampling weight is taken (verl `rollout_is_level`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IsLevel {
+    /// `w_t = exp(old_t - rollout_t)`.
+    #[default]
+    Token,
+    /// `w = exp(sum over the sequence of m (old - rollout))`: the product of its token ratios.
+    Sequence,
+    /// `w = exp(mean over the sequence of old - rollout)`: their geometric mean.
+    Geometric,
+}
+
+/// What the rollout importance-sampling weight does (verl `rollout_is_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IsMode {
+    /// Truncated IS (TIS): the policy terms are multiplied by `min(w, upper)`.
+    #[default]
+    Truncate,
+    /// Masked IS (MIS): multiplied by `w` inside `[lower, upper]`, by 0 outside (the token stays in
+    /// the normalizers, unlike verl's mask mode, which also drops it from the loss denominator).
+    Mask,
+    /// Weights 1: the ratios are only reported in the metrics.
+    MetricsOnly,
+}
+
+/// Correction of the mismatch between the trainer's log-probs (`old_logp`) and the inference
+/// engine's (`rollout_logp`), applied to the policy objectives' terms (not nll, not KL).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RolloutCorrection {
+    pub level: IsLevel,
+    pub mode: IsMode,
+    /// Truncation cap, or the upper bound of the mask band (verl `rollout_is_threshold`, 2.0).
+    pub upper: f32,
+    /// Lower bound of the mask band; `None`: `1 / upper` (verl's default).
+    pub lower: Option<f32>,
+}
+
+impl Default for RolloutCorrection {
+    fn default() -> Self {
+        RolloutCorrection {
+            level: IsLevel::Token,
+            mode: IsMode::Truncate,
+            upper: 2.0,
+            lower: None,
+        }
+    }
+}
+
+impl RolloutCorrection {
+    /// The lower bound of the mask band.
+    pub fn lower_bound(&self) -> f32 {
+        self.lower.unwrap_or(1.0 / self.upper)
+    }
+
+    pub(crate) fn level_code(&self) -> i32 {
+        match self.level {
+            IsLevel::Token => 0,
+            IsLevel::Sequence => 1,
+            IsLevel::Geometric => 2,
+        }
+    }
+
+    pub(crate) fn mode_code(&self) -> i32 {
+        match self.mode {
+            IsMode::MetricsOnly => 0,
+            IsMode::Truncate => 1,
+            IsMode::Mask => 2,
+        }
+    }
+}
+
 /// What an objective computes per token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ObjectiveKind {
@@ -222,6 +293,9 @@ pub struct GrpoConfig {
     /// Multiply the KL term by the ratio `r` at policy tokens (TRL `use_bias_correction_kl`,
     /// DeepSeek-V3.2), gradient through both factors.
     pub kl_is_correction: bool,
+    /// Rollout importance-sampling correction; needs `rollout_logp` in the inputs. With
+    /// `rollout_logp` and `None` here, the ratios are reported in the metrics only.
+    pub rollout_correction: Option<RolloutCorrection>,
     /// Clamp of the log-ratio `logp - old_logp` before `exp` (verl: 20).
     pub log_ratio_clamp: f32,
     /// Aggregation of per-token losses (verl `loss_agg_mode`, default token-mean).
@@ -248,6 +322,7 @@ impl Default for GrpoConfig {
             policy_loss: PolicyLoss::Vanilla,
             delta: None,
             kl_is_correction: false,
+            rollout_correction: None,
             log_ratio_clamp: 20.0,
             agg_mode: AggMode::TokenMean,
             norm_constant: None,
@@ -260,6 +335,14 @@ impl Default for GrpoConfig {
 }
 
 impl GrpoConfig {
+    /// Whether the loss needs the kernels' variant path (anything beyond the plain clipped surrogate).
+    pub(crate) fn extended(&self, has_rollout: bool) -> bool {
+        self.policy_loss != PolicyLoss::Vanilla
+            || self.delta.is_some()
+            || self.kl_is_correction
+            || has_rollout
+    }
+
     /// GSPO's settings: [`PolicyLoss::Gspo`], clip range 3e-4 / 4e-4 (the paper's), seq-mean-token-mean
     /// aggregation (verl forces it for GSPO), no dual-clip.
     pub fn gspo() -> GrpoConfig {
@@ -328,6 +411,21 @@ impl GrpoConfig {
                     format!(
                         "SAPO temperatures must be finite and > 0, got tau_pos {tau_pos}, tau_neg {tau_neg}"
                     ),
+                ));
+            }
+        }
+        if let Some(rc) = &self.rollout_correction {
+            if !(rc.upper.is_finite() && rc.upper > 0.0) {
+                return Err(Error::arg(
+                    "config.rollout_correction.upper",
+                    format!("expected a finite bound > 0, got {}", rc.upper),
+                ));
+            }
+            let lo = rc.lower_bound();
+            if !(lo.is_finite() && lo >= 0.0 && lo <= rc.upper) {
+                return Err(Error::arg(
+                    "config.rollout_correction.lower",
+                    format!("expected 0 <= lower <= upper = {}, got {lo}", rc.upper),
                 ));
             }
         }

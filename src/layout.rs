@@ -74,6 +74,10 @@ pub struct GrpoInputs<'a, F, U> {
     pub old_logp: F,
     /// `[T]` reference log-probabilities; `Some` adds the KL term (`config.kl_coef`) and its metrics.
     pub ref_logp: Option<F>,
+    /// `[T]` the inference engine's log-probabilities of the sampled tokens, for the rollout
+    /// importance-sampling correction (`config.rollout_correction`) and its metrics; read at policy
+    /// tokens only.
+    pub rollout_logp: Option<F>,
     /// `[B, K]` or `[T, K]` advantages (read for policy objectives only).
     pub advantages: Advantages<F>,
     /// `[T]` token mask.
@@ -227,6 +231,14 @@ pub(crate) fn validate_grpo<F: Array, U: Array>(
         "[K] (the length of lambda)",
     )?;
     check_len("old_logp", inputs.old_logp.array_len(), t, "[T]")?;
+    if let Some(r) = &inputs.rollout_logp {
+        check_len("rollout_logp", r.array_len(), t, "[T]")?;
+    } else if cfg.rollout_correction.is_some() {
+        return Err(Error::arg(
+            "rollout_logp",
+            "config.rollout_correction needs the [T] rollout log-probabilities",
+        ));
+    }
     if let Some(r) = &inputs.ref_logp {
         check_len("ref_logp", r.array_len(), t, "[T]")?;
     }

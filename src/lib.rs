@@ -31,7 +31,8 @@ pub use advantages::{
 };
 pub use backend::Backend;
 pub use config::{
-    AggMode, GrpoConfig, KlEstimator, Normalizers, ObjectiveKind, PolicyLoss, MAX_OBJECTIVES,
+    AggMode, GrpoConfig, IsLevel, IsMode, KlEstimator, Normalizers, ObjectiveKind, PolicyLoss,
+    RolloutCorrection, MAX_OBJECTIVES,
 };
 pub use cpu::count_normalizers;
 pub use error::{Error, Result};

@@ -137,6 +137,8 @@ pub struct LogitsLossInputs<'a, F, U, I> {
     pub old_logp: F,
     /// `[T]` reference log-probabilities (KL term), if any.
     pub ref_logp: Option<F>,
+    /// `[T]` the inference engine's log-probabilities (rollout IS correction), if any.
+    pub rollout_logp: Option<F>,
     /// `[B, K]` or `[T, K]` advantages.
     pub advantages: crate::layout::Advantages<F>,
     /// `[T]` token mask (tokens with ignored labels are excluded on top of it).

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 /// Normalizer slots: `MAX_OBJECTIVES` objectives plus the KL slot (`RECAP_NORM_SLOTS`).
 pub(crate) const NORM_SLOTS: usize = crate::config::MAX_OBJECTIVES + 1;
 /// Extra reduction slots of the fused loss after the 3K per-objective ones (`RECAP_GRPO_EXTRA_SLOTS`).
-pub(crate) const GRPO_EXTRA_SLOTS: usize = 8;
+pub(crate) const GRPO_EXTRA_SLOTS: usize = 12;
 pub(crate) const NORM_LOCAL_TOKENS: usize = 0;
 pub(crate) const NORM_LOCAL_SEQS: usize = 1;
 pub(crate) const NORM_TOKENS: usize = 2;
@@ -17,7 +17,7 @@ pub(crate) fn grpo_slots(k: usize) -> usize {
     3 * k + GRPO_EXTRA_SLOTS
 }
 
-/// Raw sums of the fused loss: `slots` (`3K + 8`, layout in recap_params.h) and `norms`
+/// Raw sums of the fused loss: `slots` (`3K + 12`, layout in recap_params.h) and `norms`
 /// (`4 * NORM_SLOTS`).
 #[derive(Clone, Debug)]
 pub(crate) struct GrpoSums {
@@ -54,6 +54,16 @@ pub struct GrpoMetrics {
     pub policy_tokens: f64,
     /// Non-finite input values (NaN/Inf) read at unmasked tokens.
     pub nonfinite: u64,
+    /// Masked mean of the rollout IS ratio (before truncation or masking) over policy tokens (0
+    /// without `rollout_logp`); verl `mismatch/rollout_is_mean`.
+    pub rollout_is_mean: f64,
+    /// Its minimum (0 without `rollout_logp`).
+    pub rollout_is_min: f64,
+    /// Its maximum (0 without `rollout_logp`).
+    pub rollout_is_max: f64,
+    /// Fraction of policy tokens whose weight was truncated (truncate) or masked (mask); verl
+    /// `mismatch/rollout_is_masked_fraction` in mask mode.
+    pub rollout_is_corrected_fraction: f64,
 }
 
 impl GrpoMetrics {
@@ -94,6 +104,13 @@ impl GrpoMetrics {
         out.push(("actor/num_seqs".into(), self.num_seqs as f64));
         out.push(("actor/policy_tokens".into(), self.policy_tokens));
         out.push(("actor/nonfinite_inputs".into(), self.nonfinite as f64));
+        out.push(("mismatch/rollout_is_mean".into(), self.rollout_is_mean));
+        out.push(("mismatch/rollout_is_min".into(), self.rollout_is_min));
+        out.push(("mismatch/rollout_is_max".into(), self.rollout_is_max));
+        out.push((
+            "mismatch/rollout_is_corrected_fraction".into(),
+            self.rollout_is_corrected_fraction,
+        ));
         out
     }
 }
@@ -124,6 +141,7 @@ pub(crate) fn finish_grpo(
     lambda: &[f32],
     cfg: &GrpoConfig,
     has_ref: bool,
+    has_rollout: bool,
 ) -> Result<GrpoOutput> {
     let k = lambda.len();
     let s = &sums.slots;
@@ -167,6 +185,18 @@ pub(crate) fn finish_grpo(
         objective_seqs: (0..k).map(|j| local_seqs(j).round() as u64).collect(),
         policy_tokens,
         nonfinite,
+        rollout_is_mean: ratio(s[e + 8], policy_tokens),
+        rollout_is_min: if has_rollout && any_policy {
+            s[e + 9]
+        } else {
+            0.0
+        },
+        rollout_is_max: if has_rollout && any_policy {
+            s[e + 10]
+        } else {
+            0.0
+        },
+        rollout_is_corrected_fraction: ratio(s[e + 11], policy_tokens),
     };
     if nonfinite > 0 && !cfg.allow_nonfinite {
         return Err(Error::NonFinite { count: nonfinite });
@@ -273,6 +303,21 @@ impl GrpoOutput {
                 .collect(),
             policy_tokens: sum(&|p| p.metrics.policy_tokens),
             nonfinite: parts.iter().map(|p| p.metrics.nonfinite).sum(),
+            rollout_is_mean: wmean(&|p| p.metrics.rollout_is_mean, &|p| p.metrics.policy_tokens),
+            rollout_is_min: with_policy
+                .iter()
+                .map(|p| p.metrics.rollout_is_min)
+                .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))))
+                .unwrap_or(0.0),
+            rollout_is_max: with_policy
+                .iter()
+                .map(|p| p.metrics.rollout_is_max)
+                .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))))
+                .unwrap_or(0.0),
+            rollout_is_corrected_fraction: wmean(
+                &|p| p.metrics.rollout_is_corrected_fraction,
+                &|p| p.metrics.policy_tokens,
+            ),
         };
         Some(GrpoOutput {
             loss: sum(&|p| p.loss),

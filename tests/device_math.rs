@@ -24,7 +24,7 @@ fn parameter_structs_have_the_c_layout() {
     let [max_k, norm_slots, extra] = device_math::constants();
     assert_eq!(max_k as usize, MAX_OBJECTIVES);
     assert_eq!(norm_slots as usize, MAX_OBJECTIVES + 1);
-    assert_eq!(extra, 8);
+    assert_eq!(extra, 12);
 }
 
 /// The policy configurations the device math is checked under: vanilla with and without dual-clip,

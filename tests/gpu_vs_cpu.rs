@@ -42,6 +42,18 @@ fn compare(what: &str, g: &GrpoOutput, c: &GrpoOutput) {
     }
     let (gm, cm) = (&g.metrics, &c.metrics);
     assert_close(&format!("{what} ppo_kl"), gm.ppo_kl, cm.ppo_kl, ABS, REL);
+    for (name, a, b) in [
+        ("rollout_is_mean", gm.rollout_is_mean, cm.rollout_is_mean),
+        ("rollout_is_min", gm.rollout_is_min, cm.rollout_is_min),
+        ("rollout_is_max", gm.rollout_is_max, cm.rollout_is_max),
+        (
+            "rollout_is_corrected_fraction",
+            gm.rollout_is_corrected_fraction,
+            cm.rollout_is_corrected_fraction,
+        ),
+    ] {
+        assert_close(&format!("{what} {name}"), a, b, ABS, REL);
+    }
     assert_close(
         &format!("{what} ratio_min"),
         gm.ratio_min,

@@ -8,7 +8,7 @@ mod common;
 use common::{assert_all_close, assert_close, backends, Batch};
 use recap_kernels::{
     cpu, Advantages, AggMode, Backend, Error, GrpoConfig, HostGrpoInputs, HostReduceInputs,
-    KlEstimator, Mask, ObjectiveKind, PolicyLoss,
+    IsLevel, IsMode, KlEstimator, Mask, ObjectiveKind, PolicyLoss, RolloutCorrection,
 };
 
 const TOL: f64 = 1e-6;
@@ -47,6 +47,7 @@ fn branch_inputs<'a>(b: &'a Branches, lambda: &'a [f32]) -> HostGrpoInputs<'a> {
         logp: &b.logp,
         old_logp: &b.old,
         ref_logp: None,
+        rollout_logp: None,
         advantages: Advantages::PerSequence(&b.adv),
         mask: Mask::F32(&b.mask),
         cu_seqlens: &b.cu,
@@ -287,6 +288,120 @@ fn gspo_by_hand() {
     }
 }
 
+/// Rollout importance-sampling correction on the branch batch (verl's TIS / MIS): the inference
+/// engine's log-probs give IS ratios w = [1, 3, 0.25, -, 1.5] at the unmasked tokens; the policy
+/// loss of each token is multiplied by its weight (clipped surrogate with dual-clip, as in
+/// every_clip_branch_by_hand: per-token losses -r0, -1.2, 0.4, 1.5, only t0 with a gradient -r0).
+#[test]
+fn rollout_correction_by_hand() {
+    let b = branches();
+    let w = [1.0f64, 3.0, 0.25, 1.0, 1.5];
+    let rollout: Vec<f32> = (0..5)
+        .map(|t| (b.old[t] as f64 - w[t].ln()) as f32)
+        .collect();
+    let r0 = actual_ratio(&b, 0);
+    let base = [-r0, -1.2, 0.4, 1.5];
+    let (s0, s1) = (1.0f64 * 3.0, 0.25f64 * 1.5); // sequence level: products over the unmasked tokens
+    let (g0, g1) = (s0.sqrt(), s1.sqrt()); // geometric means
+    let rc = |level, mode| RolloutCorrection {
+        level,
+        mode,
+        upper: 2.0,
+        lower: None,
+    };
+    // (correction, IS ratio per token, weight per token)
+    type Case = (RolloutCorrection, [f64; 4], [f64; 4]);
+    let tok_ratio = [1.0, 3.0, 0.25, 1.5];
+    let cases: Vec<Case> = vec![
+        (
+            rc(IsLevel::Token, IsMode::Truncate),
+            tok_ratio,
+            [1.0, 2.0, 0.25, 1.5],
+        ),
+        (
+            rc(IsLevel::Token, IsMode::Mask),
+            tok_ratio,
+            [1.0, 0.0, 0.0, 1.5],
+        ),
+        (rc(IsLevel::Token, IsMode::MetricsOnly), tok_ratio, [1.0; 4]),
+        (
+            rc(IsLevel::Sequence, IsMode::Truncate),
+            [s0, s0, s1, s1],
+            [2.0, 2.0, s1, s1],
+        ),
+        (
+            rc(IsLevel::Sequence, IsMode::Mask),
+            [s0, s0, s1, s1],
+            [0.0, 0.0, 0.0, 0.0],
+        ),
+        (
+            rc(IsLevel::Geometric, IsMode::Mask),
+            [g0, g0, g1, g1],
+            [g0, g0, g1, g1],
+        ),
+    ];
+    for be in backends("rollout_correction_by_hand") {
+        for (corr, ratio, weight) in &cases {
+            let what = format!("{} {:?} {:?}", be.name(), corr.level, corr.mode);
+            let cfg = GrpoConfig {
+                rollout_correction: Some(*corr),
+                ..GrpoConfig::default()
+            };
+            let mut inputs = branch_inputs(&b, &[1.0]);
+            inputs.rollout_logp = Some(&rollout);
+            let mut grad = vec![f32::NAN; 5];
+            let out = be.grpo_loss(&inputs, &cfg, &mut grad).unwrap();
+            let want: f64 = (0..4).map(|i| base[i] * weight[i]).sum::<f64>() / 4.0;
+            assert_close(&format!("{what} loss"), out.loss, want, TOL, 1e-5);
+            let g = (-r0 * weight[0] / 4.0) as f32;
+            assert_all_close(
+                &format!("{what} grad"),
+                &grad,
+                &[g, 0.0, 0.0, 0.0, 0.0],
+                TOL,
+                1e-5,
+            );
+            let m = &out.metrics;
+            let mean = ratio.iter().sum::<f64>() / 4.0;
+            let lo = ratio.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = ratio.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let corrected = (0..4)
+                .filter(|&i| match corr.mode {
+                    IsMode::Truncate => ratio[i] > 2.0,
+                    IsMode::Mask => !(0.5..=2.0).contains(&ratio[i]),
+                    IsMode::MetricsOnly => false,
+                })
+                .count() as f64
+                / 4.0;
+            assert_close(
+                &format!("{what} is mean"),
+                m.rollout_is_mean,
+                mean,
+                TOL,
+                1e-5,
+            );
+            assert_close(&format!("{what} is min"), m.rollout_is_min, lo, TOL, 1e-5);
+            assert_close(&format!("{what} is max"), m.rollout_is_max, hi, TOL, 1e-5);
+            assert_close(
+                &format!("{what} corrected"),
+                m.rollout_is_corrected_fraction,
+                corrected,
+                TOL,
+                0.0,
+            );
+        }
+    }
+    // the correction without rollout log-probs is an error naming them
+    let cfg = GrpoConfig {
+        rollout_correction: Some(RolloutCorrection::default()),
+        ..GrpoConfig::default()
+    };
+    let err = Backend::Cpu
+        .grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut [0f32; 5])
+        .unwrap_err();
+    assert!(err.to_string().contains("rollout_logp"), "{err}");
+}
+
 /// TRL's `use_bias_correction_kl`: the KL term is `kl * r` at policy tokens, gradient through both.
 #[test]
 fn kl_is_correction_by_hand() {
@@ -432,6 +547,7 @@ fn log_ratio_clamp_saturates_gradient() {
             logp: &logp,
             old_logp: &old,
             ref_logp: None,
+            rollout_logp: None,
             advantages: Advantages::PerToken(&adv),
             mask: Mask::U8(&[1, 1, 1]),
             cu_seqlens: &[0, 3],
@@ -630,6 +746,7 @@ fn policy_and_replay_objectives_share_a_batch() {
             logp: &logp,
             old_logp: &old,
             ref_logp: None,
+            rollout_logp: None,
             advantages: Advantages::PerSequence(&adv),
             mask: Mask::F32(&[1.0, 1.0, 1.0, 0.0, 1.0]),
             cu_seqlens: &[0, 2, 5],
@@ -680,6 +797,7 @@ fn empty_and_fully_masked_batches_are_defined() {
             logp: &[],
             old_logp: &[],
             ref_logp: Some(&[]),
+            rollout_logp: None,
             advantages: Advantages::PerSequence(&[]),
             mask: Mask::F32(&[]),
             cu_seqlens: &[0],
@@ -721,6 +839,7 @@ fn nonfinite_unmasked_input_is_an_error_unless_allowed() {
             logp: &logp,
             old_logp: &[-1.0, -1.0, f32::NAN],
             ref_logp: None,
+            rollout_logp: None,
             advantages: Advantages::PerSequence(&[1.0]),
             mask: Mask::F32(&[1.0, 1.0, 0.0]),
             cu_seqlens: &[0, 3],

@@ -17,6 +17,7 @@ fn good() -> HostGrpoInputs<'static> {
         logp: &LOGP,
         old_logp: &LOGP,
         ref_logp: Some(&LOGP),
+        rollout_logp: None,
         advantages: Advantages::PerSequence(&ADV),
         mask: Mask::F32(&MASK),
         cu_seqlens: &[0, 1, 4],

@@ -1,8 +1,10 @@
 //! Reference of kernel 1, the fused GRPO loss (formulas in `kernels/grpo_loss.cu`).
 
-use super::math::{agg_weight, gspo_ratio, kl_is_corrected, kl_token, policy_token, ratio};
+use super::math::{
+    agg_weight, gspo_ratio, kl_is_corrected, kl_token, policy_token, ratio, rollout_is,
+};
 use super::norms::{mask_weight, norms, seq_tokens};
-use crate::config::{GrpoConfig, ObjectiveKind, PolicyLoss};
+use crate::config::{GrpoConfig, IsLevel, ObjectiveKind, PolicyLoss};
 use crate::error::Result;
 use crate::layout::{check_len, validate_grpo, Advantages, HostGrpoInputs};
 use crate::output::{
@@ -20,9 +22,16 @@ pub fn grpo_loss(
     let shape = validate_grpo(inputs, config)?;
     check_len("grad", grad.len(), shape.t, "[T]")?;
     let sums = grpo_sums(inputs, config, grad);
-    finish_grpo(&sums, inputs.lambda, config, inputs.ref_logp.is_some())
+    finish_grpo(
+        &sums,
+        inputs.lambda,
+        config,
+        inputs.ref_logp.is_some(),
+        inputs.rollout_logp.is_some(),
+    )
 }
 
+#[allow(clippy::needless_range_loop)] // token loops index several arrays
 fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> GrpoSums {
     let k = inp.lambda.len();
     let cu = inp.cu_seqlens;
@@ -36,6 +45,10 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
     let e = 3 * k;
     s[e + 3] = f64::INFINITY;
     s[e + 4] = f64::NEG_INFINITY;
+    s[e + 9] = f64::INFINITY;
+    s[e + 10] = f64::NEG_INFINITY;
+    let rc = cfg.rollout_correction.as_ref();
+    let is_level = rc.map_or(IsLevel::Token, |r| r.level);
     let c = cfg.norm_constant.unwrap_or(0.0) as f64;
     let weight = |j: usize, nb: f64| {
         agg_weight(
@@ -67,6 +80,25 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
         } else {
             0.0
         };
+        // sequence-level rollout IS: sum (or mean) of m (old - rollout) over unmasked tokens
+        let seq_is = match (inp.rollout_logp, is_level) {
+            (Some(roll), IsLevel::Sequence | IsLevel::Geometric) => {
+                let (mut d, mut n) = (0.0f64, 0.0f64);
+                for t in cu[b] as usize..cu[b + 1] as usize {
+                    let m = mask_weight(&inp.mask, t);
+                    if m != 0.0 {
+                        d += m * (inp.old_logp[t] as f64 - roll[t] as f64);
+                        n += m;
+                    }
+                }
+                match (is_level, n != 0.0) {
+                    (IsLevel::Geometric, true) => d / n,
+                    (IsLevel::Geometric, false) => 0.0,
+                    _ => d,
+                }
+            }
+            _ => 0.0,
+        };
         let bits = inp.membership.map_or(u32::MAX, |m| m[b]) & ((1u64 << k) - 1) as u32;
         let pol =
             (0..k).any(|j| (bits >> j) & 1 == 1 && inp.objectives[j] == ObjectiveKind::Policy);
@@ -79,6 +111,7 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
             s[e + 5] += if m.is_finite() { 0.0 } else { 1.0 };
             let lp = inp.logp[t];
             s[e + 5] += nonfinite(lp);
+            let mut isw = 1.0f64; // rollout IS weight of the policy terms
             let q = if pol {
                 let old = inp.old_logp[t];
                 s[e + 5] += nonfinite(old);
@@ -86,6 +119,20 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                 s[e + 1] -= m * q.log_ratio; // ppo_kl: the token log-ratio in every variant
                 let q = if gspo { gspo_ratio(seq_lr) } else { q };
                 s[e] += m * q.ratio;
+                if let Some(roll) = inp.rollout_logp {
+                    let lw = if is_level == IsLevel::Token {
+                        s[e + 5] += nonfinite(roll[t]);
+                        old as f64 - roll[t] as f64
+                    } else {
+                        seq_is
+                    };
+                    let (ratio, weight, corrected) = rollout_is(lw, rc);
+                    s[e + 8] += m * ratio;
+                    s[e + 9] = s[e + 9].min(ratio);
+                    s[e + 10] = s[e + 10].max(ratio);
+                    s[e + 11] += if corrected { m } else { 0.0 };
+                    isw = weight;
+                }
                 s[e + 2] += m;
                 s[e + 3] = s[e + 3].min(q.ratio);
                 s[e + 4] = s[e + 4].max(q.ratio);
@@ -104,10 +151,10 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                         };
                         s[e + 5] += nonfinite(a);
                         let pt = policy_token(q, a, lp, cfg);
-                        s[j] += w * pt.loss;
+                        s[j] += w * isw * pt.loss;
                         s[k + j] += if pt.clipped { m } else { 0.0 };
                         s[2 * k + j] += if pt.dual { m } else { 0.0 };
-                        g += inp.lambda[j] as f64 * w * pt.grad;
+                        g += inp.lambda[j] as f64 * w * isw * pt.grad;
                     }
                     _ => {
                         s[j] -= w * lp as f64;

@@ -179,6 +179,7 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
             logp: &logp,
             old_logp: inputs.old_logp,
             ref_logp: inputs.ref_logp,
+            rollout_logp: inputs.rollout_logp,
             advantages: inputs.advantages,
             mask: Mask::F32(&valid),
             cu_seqlens: inputs.cu_seqlens,

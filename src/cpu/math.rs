@@ -1,6 +1,6 @@
 //! Per-token formulas in f64: the reference for `kernels/grpo_math.cuh` (same rules, higher precision).
 
-use crate::config::{AggMode, GrpoConfig, KlEstimator, PolicyLoss};
+use crate::config::{AggMode, GrpoConfig, IsMode, KlEstimator, PolicyLoss, RolloutCorrection};
 
 /// Clamped log-ratio and ratio.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -111,6 +111,29 @@ pub fn gspo_ratio(lr: f64) -> Ratio {
         log_ratio,
         ratio: log_ratio.exp(),
         saturated: lr > 10.0,
+    }
+}
+
+/// Rollout IS ratio and weight at a log-weight `log_w` (see `recap_rollout_is`): the ratio
+/// `exp(clamp(log_w, -20, 20))`, truncated (`min(ratio, upper)`), masked (ratio inside
+/// `[lower, upper]`, else 0) or 1 (metrics only); and whether the weight was corrected.
+pub fn rollout_is(log_w: f64, rc: Option<&RolloutCorrection>) -> (f64, f64, bool) {
+    let lw = if log_w.is_nan() {
+        log_w
+    } else {
+        log_w.clamp(-20.0, 20.0)
+    };
+    let ratio = lw.exp();
+    match rc.map(|r| (r.mode, r.lower_bound() as f64, r.upper as f64)) {
+        Some((IsMode::Truncate, _, up)) => {
+            let c = ratio > up;
+            (ratio, if c { up } else { ratio }, c)
+        }
+        Some((IsMode::Mask, lo, up)) => {
+            let inside = ratio >= lo && ratio <= up;
+            (ratio, if inside { ratio } else { 0.0 }, !inside)
+        }
+        _ => (ratio, 1.0, false),
     }
 }
 

@@ -222,14 +222,18 @@ fn run<E: LogitElem>(
     use cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
     let (h, v) = (head.hidden_size, head.vocab);
     let c = options.chunk(t, v);
-    if config.policy_loss == crate::config::PolicyLoss::Gspo && c < t {
-        // GSPO's ratio is a mean over each whole sequence: a chunk's loss needs the log-probs of
-        // tokens in later chunks
+    let seq_level_is = inputs.rollout_logp.is_some()
+        && config
+            .rollout_correction
+            .is_some_and(|r| r.level != crate::config::IsLevel::Token);
+    if (config.policy_loss == crate::config::PolicyLoss::Gspo || seq_level_is) && c < t {
+        // GSPO's ratio and a sequence-level IS weight span each whole sequence: a chunk's loss
+        // would need the log-probs of tokens in later chunks
         return Err(Error::arg(
             "options.chunk_tokens",
             format!(
-                "GSPO needs the whole batch in one chunk ({t} tokens, got chunks of {c}): set \
-                 chunk_tokens or raise memory_budget"
+                "GSPO and sequence-level rollout IS need the whole batch in one chunk ({t} tokens, \
+                 got chunks of {c}): set chunk_tokens or raise memory_budget"
             ),
         ));
     }

@@ -1,7 +1,9 @@
 //! Kernel 1 on the GPU: the fused GRPO loss (`kernels/grpo_loss.cu`).
 
-use super::{addr, addr_mut, begin_token_pass, finalize, maxk, params::GrpoParams, Gpu, Module};
-use crate::config::{GrpoConfig, PolicyLoss};
+use super::{
+    addr, addr_mut, begin_token_pass, finalize, maxk, params::GrpoParams, Gpu, Module, SeqExtras,
+};
+use crate::config::{GrpoConfig, IsLevel, IsMode, PolicyLoss, RolloutCorrection};
 use crate::error::Result;
 use crate::layout::{check_len, policy_bits, validate_grpo, Advantages, GrpoInputs};
 use crate::output::{finish_grpo, grpo_slots, GrpoOutput, GrpoSums};
@@ -28,11 +30,33 @@ pub fn grpo_loss(
     let (t, b, k) = (shape.t, shape.b, shape.k);
 
     let slots = grpo_slots(k);
-    // GSPO: recap_seq_stats also takes each sequence's mean log-ratio (the guards keep the views
-    // borrowed until the launches are enqueued)
-    let gspo = config.policy_loss == PolicyLoss::Gspo;
+    // GSPO and sequence-level rollout IS: recap_seq_stats also takes each sequence's mean
+    // log-ratio / IS log-weight (the guards keep the views borrowed until the launches are enqueued)
     let (lp_addr, _gl) = addr(&inputs.logp, stream);
     let (old_addr, _go) = addr(&inputs.old_logp, stream);
+    let (roll_addr, _gr) = match &inputs.rollout_logp {
+        Some(r) => {
+            let (a, g) = addr(r, stream);
+            (a, Some(g))
+        }
+        None => (0, None),
+    };
+    let rc = config.rollout_correction.unwrap_or(RolloutCorrection {
+        mode: IsMode::MetricsOnly,
+        ..RolloutCorrection::default()
+    });
+    let has_rollout = inputs.rollout_logp.is_some();
+    let extras = SeqExtras {
+        gspo: config.policy_loss == PolicyLoss::Gspo,
+        logp: lp_addr,
+        old_logp: old_addr,
+        seq_rollout: if has_rollout && rc.level != IsLevel::Token {
+            roll_addr
+        } else {
+            0
+        },
+        is_geometric: rc.level == IsLevel::Geometric,
+    };
     let pass = begin_token_pass(
         gpu,
         stream,
@@ -43,7 +67,7 @@ pub fn grpo_loss(
         slots,
         k,
         inputs.normalizers,
-        gspo.then_some((lp_addr, old_addr)),
+        &extras,
     )?;
     let (ws, items, suffix) = (&pass.ws, pass.items, pass.suffix);
     {
@@ -97,15 +121,34 @@ pub fn grpo_loss(
             tau_neg: config.policy_loss.taus().1,
             pad1: 0.0,
             seq_log_ratio: w.seq_log_ratio,
+            rollout_logp: roll_addr,
+            seq_is_log: w.seq_is_log,
+            is_level: if has_rollout { rc.level_code() } else { -1 },
+            is_mode: rc.mode_code(),
+            is_lower: rc.lower_bound(),
+            is_upper: rc.upper,
             log_ratio_clamp: config.log_ratio_clamp,
             beta: config.kl_coef,
             sum_norm_const: config.norm_constant.unwrap_or(0.0),
             lambda,
         };
-        let name = format!("recap_grpo_loss_k{}_{suffix}", maxk(k));
+        let ext = if config.extended(has_rollout) {
+            "ext_"
+        } else {
+            ""
+        };
+        let name = format!("recap_grpo_loss_{ext}k{}_{suffix}", maxk(k));
         gpu.launch(stream, Module::GrpoLoss, &name, ws.blocks, &p)?;
         let e = 3 * k as i32;
-        finalize(gpu, stream, ws, &w, e + 3, e + 4)?;
+        let bit = |j: i32| 1u64 << j;
+        finalize(
+            gpu,
+            stream,
+            ws,
+            &w,
+            bit(e + 3) | bit(e + 9),
+            bit(e + 4) | bit(e + 10),
+        )?;
     }
     let (norms, slots) = ws.read_back(stream)?;
     finish_grpo(
@@ -113,6 +156,7 @@ pub fn grpo_loss(
         inputs.lambda,
         config,
         inputs.ref_logp.is_some(),
+        has_rollout,
     )
 }
 

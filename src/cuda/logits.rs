@@ -417,6 +417,7 @@ pub(crate) fn loss_on_logprobs(
             logp,
             old_logp: inputs.old_logp.slice(..),
             ref_logp: inputs.ref_logp.as_ref().map(|r| r.slice(..)),
+            rollout_logp: inputs.rollout_logp.as_ref().map(|r| r.slice(..)),
             advantages,
             mask: Mask::F32(valid.slice(..)),
             cu_seqlens: inputs.cu_seqlens,

@@ -307,7 +307,7 @@ pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(
 }
 
 /// One call's device scratch: a single f64 buffer
-/// `[norms | out | seq_tokens | seq_log_ratio | partials]` and a
+/// `[norms | out | seq_tokens | seq_log_ratio | seq_is_log | partials]` and a
 /// single i32 buffer `[cu_seqlens | membership]`, so a call makes one allocation of each, one upload
 /// and one read-back (`norms` and `out` are adjacent).
 pub(crate) struct Workspace {
@@ -339,10 +339,11 @@ impl Workspace {
         // `blocks` (tile_seq) are all written by recap_seq_stats_* before the token pass reads them.
         let mut layout = unsafe { stream.alloc::<i32>(host.len() + blocks) }?;
         stream.memcpy_htod(&host, &mut layout.slice_mut(..host.len()))?;
-        let len = NORMS_LEN + slots + 2 * b.max(1) + blocks * slots;
+        let len = NORMS_LEN + slots + 3 * b.max(1) + blocks * slots;
         // SAFETY: uninitialized device memory of `len` f64. Every element a kernel reads is written
         // first by an earlier launch on the same stream: norms by recap_norms_finalize, seq_tokens[b]
-        // (and seq_log_ratio[b] when GSPO reads it) for every b by recap_seq_stats_*, each block's
+        // (and seq_log_ratio[b], seq_is_log[b] when the pass reads them) for every b by
+        // recap_seq_stats_*, each block's
         // row of partials by its token-pass block, and out by recap_partials_finalize; nothing else
         // is read.
         let scratch = unsafe { stream.alloc::<f64>(len) }?;
@@ -377,7 +378,8 @@ impl Workspace {
             out: f(NORMS_LEN),
             seq_tokens: f(NORMS_LEN + self.slots),
             seq_log_ratio: f(NORMS_LEN + self.slots + self.b.max(1)),
-            partials: f(NORMS_LEN + self.slots + 2 * self.b.max(1)),
+            seq_is_log: f(NORMS_LEN + self.slots + 2 * self.b.max(1)),
+            partials: f(NORMS_LEN + self.slots + 3 * self.b.max(1)),
         };
         (a, [g0, g1])
     }
@@ -409,6 +411,7 @@ pub(crate) struct WorkspaceAddrs {
     pub tile_seq: u64,
     pub seq_tokens: u64,
     pub seq_log_ratio: u64,
+    pub seq_is_log: u64,
     pub norms: u64,
     pub partials: u64,
     pub out: u64,
@@ -429,7 +432,7 @@ fn seq_stats(
     tile_tokens: usize,
     k: usize,
     global: Option<&Normalizers>,
-    gspo: Option<(u64, u64)>,
+    extras: &SeqExtras,
 ) -> Result<()> {
     let b = ws.b;
     let mut p = params::SeqParams {
@@ -444,9 +447,12 @@ fn seq_stats(
         num_seqs: b as i32,
         num_objectives: k as i32,
         num_tiles: ws.blocks as i32,
-        logp: gspo.map_or(0, |g| g.0),
-        old_logp: gspo.map_or(0, |g| g.1),
+        logp: if extras.gspo { extras.logp } else { 0 },
+        old_logp: extras.old_logp,
         seq_log_ratio: a.seq_log_ratio,
+        rollout_logp: extras.seq_rollout,
+        seq_is_log: a.seq_is_log,
+        is_geometric: extras.is_geometric as i32,
         ..Default::default()
     };
     if let Some(g) = global {
@@ -476,9 +482,19 @@ pub(crate) struct TokenPass<'m> {
     _mask_guard: SyncOnDrop<'m>,
 }
 
-/// Tiling, workspace and `seq_stats` for a token pass over `t` tokens with `slots` statistics;
-/// `gspo` = the device addresses of `(logp, old_logp)` when the pass needs GSPO's per-sequence
-/// log-ratio.
+/// What the per-sequence statistics pass computes beyond the token weights: GSPO's mean
+/// log-ratio and the sequence-level rollout IS log-weight (device addresses; 0 when absent).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SeqExtras {
+    pub gspo: bool,
+    pub logp: u64,
+    pub old_logp: u64,
+    /// `rollout_logp` when the IS weight is sequence-level, else 0.
+    pub seq_rollout: u64,
+    pub is_geometric: bool,
+}
+
+/// Tiling, workspace and `seq_stats` for a token pass over `t` tokens with `slots` statistics.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn begin_token_pass<'m>(
     gpu: &Gpu,
@@ -490,7 +506,7 @@ pub(crate) fn begin_token_pass<'m>(
     slots: usize,
     k: usize,
     normalizers: Option<&Normalizers>,
-    gspo: Option<(u64, u64)>,
+    extras: &SeqExtras,
 ) -> Result<TokenPass<'m>> {
     let (mask_addr, guard, suffix) = match mask {
         Mask::F32(m) => {
@@ -518,7 +534,7 @@ pub(crate) fn begin_token_pass<'m>(
             tile,
             k,
             normalizers,
-            gspo,
+            extras,
         )?;
     }
     if let Some(st) = normalizers.and_then(|n| n.seq_tokens.as_ref()) {
@@ -547,7 +563,16 @@ pub(crate) fn device_normalizers(
     k: usize,
 ) -> Result<Normalizers> {
     let pass = begin_token_pass(
-        gpu, stream, mask, t, cu_seqlens, membership, 1, k, None, None,
+        gpu,
+        stream,
+        mask,
+        t,
+        cu_seqlens,
+        membership,
+        1,
+        k,
+        None,
+        &SeqExtras::default(),
     )?;
     let (norms, _) = pass.ws.read_back(stream)?;
     let b = cu_seqlens.len() - 1;
@@ -564,22 +589,23 @@ pub(crate) fn device_normalizers(
     })
 }
 
-/// Runs `recap_partials_finalize`: the fixed-order reduction of the token-pass blocks' rows.
+/// Runs `recap_partials_finalize`: the fixed-order reduction of the token-pass blocks' rows (slots
+/// whose bit is set in `min_bits` / `max_bits` reduce with min / max, the others sum).
 pub(crate) fn finalize(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
     ws: &Workspace,
     a: &WorkspaceAddrs,
-    min_slot: i32,
-    max_slot: i32,
+    min_bits: u64,
+    max_bits: u64,
 ) -> Result<()> {
     let p = params::FinalizeParams {
         partials: a.partials,
         out: a.out,
         num_blocks: ws.blocks as i32,
         num_slots: ws.slots as i32,
-        min_slot,
-        max_slot,
+        min_bits,
+        max_bits,
     };
     gpu.launch(
         stream,

@@ -44,6 +44,12 @@ pub struct GrpoParams {
     pub tau_neg: f32,
     pub pad1: f32,
     pub seq_log_ratio: u64,
+    pub rollout_logp: u64,
+    pub seq_is_log: u64,
+    pub is_level: i32,
+    pub is_mode: i32,
+    pub is_lower: f32,
+    pub is_upper: f32,
 }
 
 /// Mirror of `RecapSeqParams`.
@@ -67,6 +73,10 @@ pub struct SeqParams {
     pub logp: u64,
     pub old_logp: u64,
     pub seq_log_ratio: u64,
+    pub rollout_logp: u64,
+    pub seq_is_log: u64,
+    pub is_geometric: i32,
+    pub pad0: i32,
 }
 
 /// Mirror of `RecapReduceParams`.
@@ -114,8 +124,8 @@ pub struct FinalizeParams {
     pub out: u64,
     pub num_blocks: i32,
     pub num_slots: i32,
-    pub min_slot: i32,
-    pub max_slot: i32,
+    pub min_bits: u64,
+    pub max_bits: u64,
 }
 
 /// Mirror of `RecapLogitsParams`.
@@ -236,14 +246,14 @@ pub fn layouts() -> Vec<Vec<usize>> {
             norms, grad, partials, tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, adv_per_token,
             agg_mode, kl_estimator, dual_clip, policy_bits, clip_low, clip_high, clip_c, log_ratio_clamp,
             beta, sum_norm_const, lambda, loss_type, kl_is_correction, delta, tau_pos, tau_neg, pad1,
-            seq_log_ratio),
+            seq_log_ratio, rollout_logp, seq_is_log, is_level, is_mode, is_lower, is_upper),
         layout!(SeqParams; mask, cu_seqlens, membership, seq_tokens, norms, tile_seq, num_tokens, tile_tokens,
             num_seqs, num_objectives, has_override, num_tiles, override_tokens, override_seqs, logp, old_logp,
-            seq_log_ratio),
+            seq_log_ratio, rollout_logp, seq_is_log, is_geometric, pad0),
         layout!(ReduceParams; losses, mask, cu_seqlens, membership, seq_tokens, norms, grad, partials,
             tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, agg_mode, sum_norm_const, pad0, lambda),
         layout!(KlParams; logp, ref_logp, mask, kl, grad, num_tokens, kl_estimator, pad0),
-        layout!(FinalizeParams; partials, out, num_blocks, num_slots, min_slot, max_slot),
+        layout!(FinalizeParams; partials, out, num_blocks, num_slots, min_bits, max_bits),
         layout!(LogitsParams; logits, labels, logp, entropy, lse, bad_labels, mask, valid, g_logp, g_entropy,
             dlogits, num_rows, vocab, ld, out_ld, ignore_index, mask_u8, inv_temperature, g_entropy_scale),
         layout!(AdvParams; rewards, group_ids, lengths, work, batch_std, out, counts, num_rollouts, num_objectives,

@@ -35,7 +35,7 @@ pub fn weighted_reduce(
         k,
         k,
         inputs.normalizers,
-        None,
+        &super::SeqExtras::default(),
     )?;
     let (ws, items, suffix) = (&pass.ws, pass.items, pass.suffix);
     {
@@ -70,7 +70,7 @@ pub fn weighted_reduce(
             ws.blocks,
             &p,
         )?;
-        finalize(gpu, stream, ws, &w, -1, -1)?;
+        finalize(gpu, stream, ws, &w, 0, 0)?;
     }
     let (norms, agg) = ws.read_back(stream)?;
     Ok(finish_reduce(agg, &norms, inputs.lambda))

@@ -300,6 +300,7 @@ impl Engine for CudaEngine<'_> {
             ref_logp: reference
                 .as_ref()
                 .map(|r| r.slice(..inputs.ref_logp.map_or(0, |x| x.len()))),
+            rollout_logp: None,
             advantages: match inputs.advantages {
                 Advantages::PerSequence(_) => Advantages::PerSequence(adv_view),
                 Advantages::PerToken(_) => Advantages::PerToken(adv_view),

@@ -109,6 +109,9 @@ pub struct Batch {
     pub objectives: Vec<ObjectiveKind>,
     pub membership: Option<Vec<u32>>,
     pub with_ref: bool,
+    pub rollout_logp: Vec<f32>,
+    /// `rollout_logp` is passed (seed % 3 == 1, as `config_for` sets a rollout correction).
+    pub with_rollout: bool,
 }
 
 /// Ratios at which a branch of the loss switches for the configs the tests use; random tokens are
@@ -175,7 +178,17 @@ impl Batch {
         let full = if k >= 32 { u32::MAX } else { (1u32 << k) - 1 };
         let membership =
             (seed % 2 == 1).then(|| (0..b).map(|_| (rng.next_u64() as u32) & full).collect());
+        // the inference engine's log-probs: the trainer's plus a small mismatch, a few large ones
+        let rollout_logp = old
+            .iter()
+            .map(|o| {
+                let spread = if rng.below(50) == 0 { 2.0 } else { 0.05 };
+                o + (rng.normal() * spread) as f32
+            })
+            .collect();
         Batch {
+            rollout_logp,
+            with_rollout: seed % 3 == 1,
             logp,
             old_logp: old,
             ref_logp: refp,
@@ -201,6 +214,7 @@ impl Batch {
             logp: &self.logp,
             old_logp: &self.old_logp,
             ref_logp: self.with_ref.then_some(&self.ref_logp[..]),
+            rollout_logp: self.with_rollout.then_some(&self.rollout_logp[..]),
             advantages: if self.adv_per_token {
                 Advantages::PerToken(&self.adv)
             } else {
@@ -234,6 +248,20 @@ pub fn config_for(seed: u64, agg: recap_kernels::AggMode) -> GrpoConfig {
     GrpoConfig {
         policy_loss,
         delta: (seed % 4 == 1 && policy_loss == PolicyLoss::Vanilla).then_some(1.6),
+        rollout_correction: (seed % 3 == 1).then(|| recap_kernels::RolloutCorrection {
+            level: [
+                recap_kernels::IsLevel::Token,
+                recap_kernels::IsLevel::Sequence,
+                recap_kernels::IsLevel::Geometric,
+            ][(seed / 3 % 3) as usize],
+            mode: [
+                recap_kernels::IsMode::Truncate,
+                recap_kernels::IsMode::Mask,
+                recap_kernels::IsMode::MetricsOnly,
+            ][(seed / 9 % 3) as usize],
+            upper: 2.0,
+            lower: None,
+        }),
         kl_is_correction: seed % 5 == 2,
         clip_high: if seed % 2 == 0 { 0.2 } else { 0.28 },
         clip_low: if seed % 3 == 0 { 0.28 } else { 0.2 },
@@ -257,6 +285,7 @@ pub fn sub_batch(w: &Batch, a: usize, b: usize, k: usize) -> Batch {
     s.logp = w.logp[t0..t1].to_vec();
     s.old_logp = w.old_logp[t0..t1].to_vec();
     s.ref_logp = w.ref_logp[t0..t1].to_vec();
+    s.rollout_logp = w.rollout_logp[t0..t1].to_vec();
     s.mask_f32 = w.mask_f32[t0..t1].to_vec();
     s.mask_u8 = w.mask_u8[t0..t1].to_vec();
     s.adv = if w.adv_per_token {
@@ -281,6 +310,7 @@ pub fn split_at_token(w: &Batch, cut: usize, k: usize) -> (Batch, Batch) {
         p.logp = w.logp[t0..t1].to_vec();
         p.old_logp = w.old_logp[t0..t1].to_vec();
         p.ref_logp = w.ref_logp[t0..t1].to_vec();
+        p.rollout_logp = w.rollout_logp[t0..t1].to_vec();
         p.mask_f32 = w.mask_f32[t0..t1].to_vec();
         p.mask_u8 = w.mask_u8[t0..t1].to_vec();
         p.adv = if w.adv_per_token {
@@ -347,8 +377,14 @@ pub fn check_split_parts(
                 .unwrap();
             for mode in recap_kernels::AggMode::ALL {
                 let cfg = config_for(seed, mode);
-                if cfg.policy_loss == recap_kernels::PolicyLoss::Gspo {
-                    continue; // GSPO's ratio is a mean over a whole sequence: parts must not cut one
+                if cfg.policy_loss == recap_kernels::PolicyLoss::Gspo
+                    || cfg
+                        .rollout_correction
+                        .is_some_and(|r| r.level != recap_kernels::IsLevel::Token)
+                {
+                    // GSPO's ratio and sequence-level IS weights span a whole sequence: parts must
+                    // not cut one
+                    continue;
                 }
                 let mut g_whole = vec![0f32; whole.t()];
                 let out = be
