@@ -36,6 +36,7 @@ fn bench(c: &mut Criterion) {
             old_logp: &old,
             ref_logp: Some(&old),
             rollout_logp: None,
+            policy_weight: None,
             advantages: Advantages::PerSequence(&adv),
             mask: Mask::U8(&mask),
             cu_seqlens: &cu,

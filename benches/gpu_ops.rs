@@ -142,6 +142,7 @@ fn run() -> recap_kernels::Result<()> {
             old_logp: d_old.as_view(),
             ref_logp: with_ref.then(|| d_ref.as_view()),
             rollout_logp: None,
+            policy_weight: None,
             advantages: Advantages::PerSequence(d_adv.as_view()),
             mask: if u8_mask {
                 Mask::U8(d_mask_u8.as_view())

@@ -49,6 +49,7 @@ fn run() -> recap_kernels::Result<()> {
         old_logp: &old_logp,
         ref_logp: Some(&ref_logp),
         rollout_logp: None,
+        policy_weight: None,
         advantages: Advantages::PerSequence(&advantages),
         mask: Mask::U8(&mask),
         cu_seqlens: &cu,

@@ -10,7 +10,8 @@
  *     nll: l_tk = -logp_t
  *   kl_t  = the estimator at (logp, ref), times r_t at policy tokens with kl_is_correction
  *   with rollout_logp, each policy token's policy terms are multiplied by its rollout IS weight
- *   (recap_rollout_is of old - rollout, or of its sequence's sum or mean from recap_seq_stats)
+ *   (recap_rollout_is of old - rollout, or of its sequence's sum or mean from recap_seq_stats), and
+ *   by policy_weight[t] when given (TRL's top-entropy-quantile mask)
  *   w_tk  = m_t * aggregation weight (token-mean 1/N_k, seq-mean-token-mean 1/(n_b S_k), ...) for
  *           member sequences (membership bit k), else 0; the KL term uses slot K (every sequence)
  *   L     = (1/K) sum_k lambda_k sum_t w_tk l_tk + beta sum_t w_tK kl_t
@@ -165,6 +166,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                     is_corr += iw.corrected ? m : 0.0f;
                     isw = iw.weight;
                 }
+                if (EXT && p.policy_weight) isw *= ((const float*)p.policy_weight)[t];
                 r_min = fminf(r_min, q.ratio);
                 r_max = fmaxf(r_max, q.ratio);
             }

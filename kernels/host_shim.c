@@ -85,7 +85,8 @@ static const size_t grpo_layout[] = {
     F(RecapGrpoParams, loss_type), F(RecapGrpoParams, kl_is_correction), F(RecapGrpoParams, delta),
     F(RecapGrpoParams, tau_pos), F(RecapGrpoParams, tau_neg), F(RecapGrpoParams, pad1),
     F(RecapGrpoParams, seq_log_ratio), F(RecapGrpoParams, rollout_logp), F(RecapGrpoParams, seq_is_log),
-    F(RecapGrpoParams, is_level), F(RecapGrpoParams, is_mode), F(RecapGrpoParams, is_lower), F(RecapGrpoParams, is_upper)};
+    F(RecapGrpoParams, is_level), F(RecapGrpoParams, is_mode), F(RecapGrpoParams, is_lower), F(RecapGrpoParams, is_upper),
+    F(RecapGrpoParams, policy_weight)};
 static const size_t seq_layout[] = {
     sizeof(RecapSeqParams), F(RecapSeqParams, mask), F(RecapSeqParams, cu_seqlens), F(RecapSeqParams, membership),
     F(RecapSeqParams, seq_tokens), F(RecapSeqParams, norms), F(RecapSeqParams, tile_seq),

@@ -127,6 +127,7 @@ typedef struct RecapGrpoParams {
     int32_t is_mode;        /* RECAP_IS_METRICS / _TRUNCATE / _MASK                              */
     float is_lower;         /* mask: lower bound of the band                                     */
     float is_upper;         /* truncate: cap; mask: upper bound                                  */
+    uint64_t policy_weight; /* const float[T], or 0: multiplies the policy terms (e.g. TRL's entropy mask) */
 } RecapGrpoParams;
 
 /* Parameters of the per-sequence statistics and normalizer kernels (shared by kernels 1 and 3). */

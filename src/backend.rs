@@ -76,6 +76,10 @@ impl Backend {
             .rollout_logp
             .map(|r| cuda::upload(s, r))
             .transpose()?;
+        let pw = inputs
+            .policy_weight
+            .map(|r| cuda::upload(s, r))
+            .transpose()?;
         let (adv_h, per_token) = match inputs.advantages {
             Advantages::PerSequence(a) => (a, false),
             Advantages::PerToken(a) => (a, true),
@@ -89,6 +93,7 @@ impl Backend {
             old_logp: old.slice(..shape.t),
             ref_logp: refp.as_ref().map(|r| r.slice(..shape.t)),
             rollout_logp: rollp.as_ref().map(|r| r.slice(..shape.t)),
+            policy_weight: pw.as_ref().map(|r| r.slice(..shape.t)),
             advantages: if per_token {
                 Advantages::PerToken(adv_v)
             } else {

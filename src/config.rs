@@ -293,6 +293,11 @@ pub struct GrpoConfig {
     /// Multiply the KL term by the ratio `r` at policy tokens (TRL `use_bias_correction_kl`,
     /// DeepSeek-V3.2), gradient through both factors.
     pub kl_is_correction: bool,
+    /// TRL's `top_entropy_quantile`: in the loss from logits, only the tokens whose entropy is at
+    /// or above the `1 - q` quantile of the batch's valid tokens' entropies (linear interpolation,
+    /// as `torch.quantile`) keep their policy terms; 1.0 (default) keeps all. The normalizers, nll
+    /// and KL terms are unchanged.
+    pub top_entropy_quantile: f32,
     /// Rollout importance-sampling correction; needs `rollout_logp` in the inputs. With
     /// `rollout_logp` and `None` here, the ratios are reported in the metrics only.
     pub rollout_correction: Option<RolloutCorrection>,
@@ -323,6 +328,7 @@ impl Default for GrpoConfig {
             delta: None,
             kl_is_correction: false,
             rollout_correction: None,
+            top_entropy_quantile: 1.0,
             log_ratio_clamp: 20.0,
             agg_mode: AggMode::TokenMean,
             norm_constant: None,
@@ -413,6 +419,15 @@ impl GrpoConfig {
                     ),
                 ));
             }
+        }
+        if !(self.top_entropy_quantile > 0.0 && self.top_entropy_quantile <= 1.0) {
+            return Err(Error::arg(
+                "config.top_entropy_quantile",
+                format!(
+                    "expected 0 < q <= 1 (1 keeps every token), got {}",
+                    self.top_entropy_quantile
+                ),
+            ));
         }
         if let Some(rc) = &self.rollout_correction {
             if !(rc.upper.is_finite() && rc.upper > 0.0) {

@@ -78,6 +78,9 @@ pub struct GrpoInputs<'a, F, U> {
     /// importance-sampling correction (`config.rollout_correction`) and its metrics; read at policy
     /// tokens only.
     pub rollout_logp: Option<F>,
+    /// `[T]` per-token weights of the policy objectives' terms (not nll, not KL; normalizers
+    /// unchanged), e.g. TRL's top-entropy-quantile mask; `None`: all 1.
+    pub policy_weight: Option<F>,
     /// `[B, K]` or `[T, K]` advantages (read for policy objectives only).
     pub advantages: Advantages<F>,
     /// `[T]` token mask.
@@ -238,6 +241,9 @@ pub(crate) fn validate_grpo<F: Array, U: Array>(
             "rollout_logp",
             "config.rollout_correction needs the [T] rollout log-probabilities",
         ));
+    }
+    if let Some(w) = &inputs.policy_weight {
+        check_len("policy_weight", w.array_len(), t, "[T]")?;
     }
     if let Some(r) = &inputs.ref_logp {
         check_len("ref_logp", r.array_len(), t, "[T]")?;

@@ -40,7 +40,8 @@ pub use layout::{
     Advantages, GrpoInputs, HostGrpoInputs, HostMask, HostReduceInputs, Mask, ReduceInputs,
 };
 pub use logits::{
-    HostLogitsLossInputs, LogitElem, Logits, LogitsLossInputs, LogitsLossOutput, LogprobConfig,
+    top_entropy_mask, HostLogitsLossInputs, LogitElem, Logits, LogitsLossInputs, LogitsLossOutput,
+    LogprobConfig,
 };
 pub use output::{GrpoMetrics, GrpoOutput, ReduceOutput};
 pub use recap::{Orientation, RecapConfig, RecapScheduler};

@@ -217,3 +217,28 @@ impl LogprobConfig {
         Ok(())
     }
 }
+
+/// TRL's top-entropy-quantile mask: 1 at valid tokens (`valid != 0`) whose entropy is at or above
+/// the `1 - q` quantile of the valid tokens' entropies (linear interpolation between order
+/// statistics, as `torch.quantile`), else 0. `q = 1` keeps every valid token.
+pub fn top_entropy_mask(entropy: &[f32], valid: &[f32], q: f32) -> Vec<f32> {
+    let mut vals: Vec<f64> = entropy
+        .iter()
+        .zip(valid)
+        .filter(|(_, v)| **v != 0.0)
+        .map(|(e, _)| *e as f64)
+        .collect();
+    if vals.is_empty() {
+        return vec![0.0; entropy.len()];
+    }
+    vals.sort_by(|a, b| a.total_cmp(b));
+    let pos = (1.0 - q as f64).clamp(0.0, 1.0) * (vals.len() - 1) as f64;
+    let (lo, frac) = (pos.floor() as usize, pos - pos.floor());
+    let hi = (lo + 1).min(vals.len() - 1);
+    let threshold = vals[lo] + frac * (vals[hi] - vals[lo]);
+    entropy
+        .iter()
+        .zip(valid)
+        .map(|(e, v)| (*v != 0.0 && *e as f64 >= threshold) as u8 as f32)
+        .collect()
+}

@@ -630,9 +630,15 @@ fn loss_from_logits_matches_reference_on_gpu() {
     };
     let s = g.stream().clone();
     let mut rng = Rng::new(31);
-    for (t_lens, v, mode) in [
-        (vec![5usize, 0, 40, 33, 1], 1000usize, AggMode::TokenMean),
-        (vec![300, 17, 4097], 50_257, AggMode::SeqMeanTokenMean),
+    for (t_lens, v, mode, q) in [
+        (
+            vec![5usize, 0, 40, 33, 1],
+            1000usize,
+            AggMode::TokenMean,
+            1.0f32,
+        ),
+        (vec![300, 17, 4097], 50_257, AggMode::SeqMeanTokenMean, 1.0),
+        (vec![31, 32, 33, 200], 4000, AggMode::TokenMean, 0.4),
     ] {
         let t: usize = t_lens.iter().sum();
         let cu: Vec<i32> = std::iter::once(0)
@@ -660,6 +666,7 @@ fn loss_from_logits_matches_reference_on_gpu() {
             agg_mode: mode,
             kl_coef: 0.1,
             entropy_coef: 0.01,
+            top_entropy_quantile: q,
             ..GrpoConfig::default()
         };
         let lcfg = LogprobConfig {
@@ -753,4 +760,141 @@ fn loss_from_logits_matches_reference_on_gpu() {
             );
         }
     }
+}
+
+/// TRL's top-entropy-quantile mask: the `1 - q` quantile by linear interpolation (as
+/// `torch.quantile`), over valid tokens only.
+#[test]
+fn top_entropy_mask_by_hand() {
+    let ent = [0.1f32, 0.5, 0.3, 0.9, 0.7];
+    let valid = [1.0f32, 1.0, 0.0, 1.0, 1.0];
+    // valid entropies sorted: 0.1 0.5 0.7 0.9; q = 0.5: position 1.5, threshold 0.6
+    assert_eq!(
+        recap_kernels::top_entropy_mask(&ent, &valid, 0.5),
+        vec![0.0, 0.0, 0.0, 1.0, 1.0]
+    );
+    // q = 1 keeps every valid token (threshold = the minimum); q = 0.25: position 2.25 -> 0.745
+    assert_eq!(
+        recap_kernels::top_entropy_mask(&ent, &valid, 1.0),
+        vec![1.0, 1.0, 0.0, 1.0, 1.0]
+    );
+    assert_eq!(
+        recap_kernels::top_entropy_mask(&ent, &valid, 0.25),
+        vec![0.0, 0.0, 0.0, 1.0, 0.0]
+    );
+    assert_eq!(
+        recap_kernels::top_entropy_mask(&ent, &[0.0; 5], 0.5),
+        vec![0.0; 5]
+    );
+}
+
+/// The loss from logits with `top_entropy_quantile < 1` is the loss on its log-probabilities with
+/// the policy terms weighted by the entropy mask (nll and KL terms and the normalizers unchanged).
+#[test]
+fn top_entropy_quantile_weights_only_the_policy_terms() {
+    use recap_kernels::{
+        Advantages, GrpoConfig, HostGrpoInputs, HostLogitsLossInputs, Mask, ObjectiveKind,
+    };
+    let mut rng = Rng::new(5);
+    let (t, v) = (40usize, 30usize);
+    let z: Vec<f32> = (0..t * v).map(|_| (rng.normal() * 2.0) as f32).collect();
+    let labels: Vec<i32> = (0..t).map(|_| rng.below(v) as i32).collect();
+    let old: Vec<f32> = (0..t).map(|_| -3.0 - rng.uniform() as f32).collect();
+    let refp: Vec<f32> = old.iter().map(|o| o - 0.2).collect();
+    let adv = [0.7f32, 1.0, -0.4, 1.0];
+    let mask = vec![1u8; t];
+    let cu = [0, 25, 40];
+    let objectives = [ObjectiveKind::Policy, ObjectiveKind::Nll];
+    let cfg = GrpoConfig {
+        kl_coef: 0.1,
+        top_entropy_quantile: 0.3,
+        ..GrpoConfig::default()
+    };
+    let inputs = HostLogitsLossInputs {
+        labels: &labels,
+        old_logp: &old,
+        ref_logp: Some(&refp),
+        rollout_logp: None,
+        advantages: Advantages::PerSequence(&adv),
+        mask: Mask::U8(&mask),
+        cu_seqlens: &cu,
+        lambda: &[1.0, 0.5],
+        objectives: &objectives,
+        membership: None,
+        normalizers: None,
+    };
+    let mut dz = vec![0f32; t * v];
+    let out = cpu::grpo_loss_from_logits(
+        &Logits::dense(&z[..], t, v),
+        &inputs,
+        &cfg,
+        &LogprobConfig::default(),
+        &mut Logits::dense(&mut dz[..], t, v),
+    )
+    .unwrap();
+    let (mut lp, mut ent, mut lse) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
+    cpu::logprob_forward(
+        &Logits::dense(&z[..], t, v),
+        &labels,
+        &LogprobConfig::default(),
+        &mut lp,
+        &mut ent,
+        &mut lse,
+    )
+    .unwrap();
+    let weights = recap_kernels::top_entropy_mask(&ent, &vec![1.0; t], 0.3);
+    let kept = weights.iter().sum::<f32>();
+    assert!(
+        (11.0..=13.0).contains(&kept),
+        "about 30 % of 40 tokens kept: {kept}"
+    );
+    let plain = GrpoConfig {
+        top_entropy_quantile: 1.0,
+        ..cfg.clone()
+    };
+    let manual = cpu::grpo_loss(
+        &HostGrpoInputs {
+            logp: &lp,
+            old_logp: &old,
+            ref_logp: Some(&refp),
+            rollout_logp: None,
+            policy_weight: Some(&weights),
+            advantages: Advantages::PerSequence(&adv),
+            mask: Mask::U8(&mask),
+            cu_seqlens: &cu,
+            lambda: &[1.0, 0.5],
+            objectives: &objectives,
+            membership: None,
+            normalizers: None,
+        },
+        &plain,
+        &mut vec![0f32; t],
+    )
+    .unwrap();
+    assert!(
+        close(out.grpo.loss, manual.loss, 1e-12, 1e-9),
+        "{} vs {}",
+        out.grpo.loss,
+        manual.loss
+    );
+    let unmasked = cpu::grpo_loss_from_logits(
+        &Logits::dense(&z[..], t, v),
+        &inputs,
+        &plain,
+        &LogprobConfig::default(),
+        &mut Logits::dense(&mut dz[..], t, v),
+    )
+    .unwrap();
+    assert!(
+        (out.loss - unmasked.loss).abs() > 1e-6,
+        "the mask changes the loss"
+    );
+    // the nll objective and the KL term are not masked
+    assert!(close(
+        out.grpo.objective_loss[1],
+        unmasked.grpo.objective_loss[1],
+        1e-12,
+        1e-9
+    ));
+    assert!(close(out.grpo.kl_loss, unmasked.grpo.kl_loss, 1e-12, 1e-9));
 }

@@ -48,6 +48,7 @@ fn branch_inputs<'a>(b: &'a Branches, lambda: &'a [f32]) -> HostGrpoInputs<'a> {
         old_logp: &b.old,
         ref_logp: None,
         rollout_logp: None,
+        policy_weight: None,
         advantages: Advantages::PerSequence(&b.adv),
         mask: Mask::F32(&b.mask),
         cu_seqlens: &b.cu,
@@ -402,6 +403,40 @@ fn rollout_correction_by_hand() {
     assert!(err.to_string().contains("rollout_logp"), "{err}");
 }
 
+/// Per-token policy weights (e.g. TRL's entropy mask) multiply the policy terms only.
+#[test]
+fn policy_weight_by_hand() {
+    let b = branches();
+    let weights = [0.5f32, 0.0, 2.0, 7.0, 1.0];
+    let r0 = actual_ratio(&b, 0);
+    let base = [-r0, -1.2, 0.4, 1.5];
+    let want = (base[0] * 0.5 + base[2] * 2.0 + base[3]) / 4.0;
+    for be in backends("policy_weight_by_hand") {
+        let mut inputs = branch_inputs(&b, &[1.0]);
+        inputs.policy_weight = Some(&weights);
+        let mut grad = vec![f32::NAN; 5];
+        let out = be
+            .grpo_loss(&inputs, &GrpoConfig::default(), &mut grad)
+            .unwrap();
+        let what = be.name();
+        assert_close(&format!("{what} loss"), out.loss, want, TOL, 1e-5);
+        assert_all_close(
+            &format!("{what} grad"),
+            &grad,
+            &[(-r0 * 0.5 / 4.0) as f32, 0.0, 0.0, 0.0, 0.0],
+            TOL,
+            1e-5,
+        );
+        assert_close(
+            &format!("{what} tokens"),
+            out.metrics.num_tokens,
+            4.0,
+            0.0,
+            0.0,
+        );
+    }
+}
+
 /// TRL's `use_bias_correction_kl`: the KL term is `kl * r` at policy tokens, gradient through both.
 #[test]
 fn kl_is_correction_by_hand() {
@@ -548,6 +583,7 @@ fn log_ratio_clamp_saturates_gradient() {
             old_logp: &old,
             ref_logp: None,
             rollout_logp: None,
+            policy_weight: None,
             advantages: Advantages::PerToken(&adv),
             mask: Mask::U8(&[1, 1, 1]),
             cu_seqlens: &[0, 3],
@@ -747,6 +783,7 @@ fn policy_and_replay_objectives_share_a_batch() {
             old_logp: &old,
             ref_logp: None,
             rollout_logp: None,
+            policy_weight: None,
             advantages: Advantages::PerSequence(&adv),
             mask: Mask::F32(&[1.0, 1.0, 1.0, 0.0, 1.0]),
             cu_seqlens: &[0, 2, 5],
@@ -798,6 +835,7 @@ fn empty_and_fully_masked_batches_are_defined() {
             old_logp: &[],
             ref_logp: Some(&[]),
             rollout_logp: None,
+            policy_weight: None,
             advantages: Advantages::PerSequence(&[]),
             mask: Mask::F32(&[]),
             cu_seqlens: &[0],
@@ -840,6 +878,7 @@ fn nonfinite_unmasked_input_is_an_error_unless_allowed() {
             old_logp: &[-1.0, -1.0, f32::NAN],
             ref_logp: None,
             rollout_logp: None,
+            policy_weight: None,
             advantages: Advantages::PerSequence(&[1.0]),
             mask: Mask::F32(&[1.0, 1.0, 0.0]),
             cu_seqlens: &[0, 3],

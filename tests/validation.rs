@@ -18,6 +18,7 @@ fn good() -> HostGrpoInputs<'static> {
         old_logp: &LOGP,
         ref_logp: Some(&LOGP),
         rollout_logp: None,
+        policy_weight: None,
         advantages: Advantages::PerSequence(&ADV),
         mask: Mask::F32(&MASK),
         cu_seqlens: &[0, 1, 4],

@@ -133,6 +133,9 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                     s[e + 11] += if corrected { m } else { 0.0 };
                     isw = weight;
                 }
+                if let Some(pw) = inp.policy_weight {
+                    isw *= pw[t] as f64;
+                }
                 s[e + 2] += m;
                 s[e + 3] = s[e + 3].min(q.ratio);
                 s[e + 4] = s[e + 4].max(q.ratio);

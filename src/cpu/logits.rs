@@ -174,12 +174,15 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
         })
         .collect();
     let mut g_logp = vec![0f32; t];
+    let policy_weight = (config.top_entropy_quantile < 1.0)
+        .then(|| crate::logits::top_entropy_mask(&ent, &valid, config.top_entropy_quantile));
     let grpo = super::grpo_loss(
         &GrpoInputs {
             logp: &logp,
             old_logp: inputs.old_logp,
             ref_logp: inputs.ref_logp,
             rollout_logp: inputs.rollout_logp,
+            policy_weight: policy_weight.as_deref(),
             advantages: inputs.advantages,
             mask: Mask::F32(&valid),
             cu_seqlens: inputs.cu_seqlens,

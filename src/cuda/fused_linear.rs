@@ -226,14 +226,18 @@ fn run<E: LogitElem>(
         && config
             .rollout_correction
             .is_some_and(|r| r.level != crate::config::IsLevel::Token);
-    if (config.policy_loss == crate::config::PolicyLoss::Gspo || seq_level_is) && c < t {
+    let whole_batch = config.policy_loss == crate::config::PolicyLoss::Gspo
+        || seq_level_is
+        || config.top_entropy_quantile < 1.0;
+    if whole_batch && c < t {
         // GSPO's ratio and a sequence-level IS weight span each whole sequence: a chunk's loss
         // would need the log-probs of tokens in later chunks
         return Err(Error::arg(
             "options.chunk_tokens",
             format!(
-                "GSPO and sequence-level rollout IS need the whole batch in one chunk ({t} tokens, \
-                 got chunks of {c}): set chunk_tokens or raise memory_budget"
+                "GSPO, sequence-level rollout IS and the top-entropy-quantile mask need the whole \
+                 batch in one chunk ({t} tokens, got chunks of {c}): set chunk_tokens or raise \
+                 memory_budget"
             ),
         ));
     }
@@ -320,6 +324,8 @@ fn run<E: LogitElem>(
             &work.valid.slice(t0..t0 + n),
             &mut valid_chunk.slice_mut(t0..t0 + n),
         )?;
+        // one chunk holds the batch here when the mask is on (checked above)
+        work.set_entropy_mask(stream, config.top_entropy_quantile)?;
         parts.push(loss_on_logprobs(
             gpu,
             stream,

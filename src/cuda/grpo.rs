@@ -46,6 +46,13 @@ pub fn grpo_loss(
         ..RolloutCorrection::default()
     });
     let has_rollout = inputs.rollout_logp.is_some();
+    let (pw_addr, _gp) = match &inputs.policy_weight {
+        Some(w) => {
+            let (a, g) = addr(w, stream);
+            (a, Some(g))
+        }
+        None => (0, None),
+    };
     let extras = SeqExtras {
         gspo: config.policy_loss == PolicyLoss::Gspo,
         logp: lp_addr,
@@ -127,6 +134,7 @@ pub fn grpo_loss(
             is_mode: rc.mode_code(),
             is_lower: rc.lower_bound(),
             is_upper: rc.upper,
+            policy_weight: pw_addr,
             log_ratio_clamp: config.log_ratio_clamp,
             beta: config.kl_coef,
             sum_norm_const: config.norm_constant.unwrap_or(0.0),

@@ -304,6 +304,8 @@ pub(crate) struct TokenWork {
     pub w_ent: CudaSlice<f32>,
     /// labels outside [0, V) seen by kernel 4 (checked by `check_labels`)
     pub bad_labels: CudaSlice<u32>,
+    /// TRL's top-entropy-quantile mask of the policy terms, once every entropy is known
+    pub policy_weight: Option<CudaSlice<f32>>,
     pub t: usize,
 }
 
@@ -318,8 +320,28 @@ impl TokenWork {
             g_logp: stream.alloc_zeros::<f32>(n)?,
             w_ent: stream.alloc_zeros::<f32>(n)?,
             bad_labels: stream.alloc_zeros::<u32>(1)?,
+            policy_weight: None,
             t,
         })
+    }
+
+    /// With `q < 1`, the top-entropy-quantile mask of every token from the entropies and valid
+    /// mask kernel 4 wrote (read back and computed on the host: one sort, deterministic).
+    pub(crate) fn set_entropy_mask(&mut self, stream: &Arc<CudaStream>, q: f32) -> Result<()> {
+        if q >= 1.0 {
+            return Ok(());
+        }
+        let t = self.t;
+        let mut ent = vec![0f32; t];
+        let mut valid = vec![0f32; t];
+        if t > 0 {
+            stream.memcpy_dtoh(&self.entropy.slice(..t), &mut ent)?;
+            stream.memcpy_dtoh(&self.valid.slice(..t), &mut valid)?;
+            stream.synchronize()?;
+        }
+        let mask = crate::logits::top_entropy_mask(&ent, &valid, q);
+        self.policy_weight = Some(super::upload(stream, &mask)?);
+        Ok(())
     }
 
     /// Errors if kernel 4 met a label outside `[0, V)` (synchronizes).
@@ -402,6 +424,7 @@ pub(crate) fn loss_on_logprobs(
         valid: work_valid,
         g_logp,
         w_ent,
+        policy_weight,
         ..
     } = work;
     let valid = valid.map_or_else(|| work_valid.slice(..t), |v| v.slice(..t));
@@ -418,6 +441,7 @@ pub(crate) fn loss_on_logprobs(
             old_logp: inputs.old_logp.slice(..),
             ref_logp: inputs.ref_logp.as_ref().map(|r| r.slice(..)),
             rollout_logp: inputs.rollout_logp.as_ref().map(|r| r.slice(..)),
+            policy_weight: policy_weight.as_ref().map(|w| w.slice(..t)),
             advantages,
             mask: Mask::F32(valid.slice(..)),
             cu_seqlens: inputs.cu_seqlens,
@@ -551,6 +575,7 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
         forward_rows(gpu, stream, &zv, inputs, 0..t, logits_config, &mut work)?;
     }
     work.check_labels(stream, logits.vocab, logits_config)?;
+    work.set_entropy_mask(stream, config.top_entropy_quantile)?;
     let out = loss_on_logprobs(
         gpu,
         stream,

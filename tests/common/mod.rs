@@ -215,6 +215,7 @@ impl Batch {
             old_logp: &self.old_logp,
             ref_logp: self.with_ref.then_some(&self.ref_logp[..]),
             rollout_logp: self.with_rollout.then_some(&self.rollout_logp[..]),
+            policy_weight: None,
             advantages: if self.adv_per_token {
                 Advantages::PerToken(&self.adv)
             } else {
