@@ -1,4 +1,4 @@
-//! Criterion benchmarks of the CPU reference ops (the GPU is measured by `gpu_ops`).
+//! Criterion benchmarks of the CPU reference ops (`recap bench` measures both backends).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use recap_kernels::{

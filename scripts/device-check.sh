@@ -5,7 +5,7 @@
 #   run(command="bash scripts/device-check.sh", carry=[".gpu"])
 #
 # Runs the WHOLE GPU test suite with RECAP_REQUIRE_GPU=1 (a GPU test that cannot run fails), then
-# the GPU benchmark. Full logs go to $OUT (or /tmp); a short summary is printed last.
+# `recap bench` on the GPU. Full logs go to $OUT (or /tmp); a short summary is printed last.
 set -uo pipefail
 out=${OUT:-/tmp}
 # cuBLAS (fused-linear path) is loaded at run time: put the toolkit's or PyTorch's copy on the path
@@ -19,14 +19,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 RECAP_REQUIRE_GPU=1 bash .gpu/run-tests.sh >"$out/tests.log" 2>&1
 rc=$?
 grep -E "^(===|test result|FAILED|failures:)|panicked|fused loss:" "$out/tests.log" | head -80
-# the benchmark executables are bundled among the tests (cargo builds them in test mode); show the
-# GPU benchmark's table
-sed -n '/^=== .gpu\/tests\/gpu_ops/,/^===/p' "$out/tests.log" | grep -v '^===' | head -30
 tail -n 2 "$out/tests.log"
-# PROFILE=1: Nsight Compute's basic sections for the kernels of one large fused-loss call
+# the benchmark: `recap bench` (BENCH_ARGS, e.g. "--quick" or "--filter T=262144"), JSON to $out
+.gpu/bin/recap bench --device cuda --json "$out/bench.json" ${BENCH_ARGS:-} 2>"$out/bench.log" || { rc=1; tail -5 "$out/bench.log"; }
+# PROFILE=1: Nsight Compute's basic sections for the kernels of one large fused-loss case
 if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
-  GPU_OPS_FILTER="${PROFILE_CASE:-T=16777216 K=3 u8 mask}" timeout 240 ncu --kernel-name regex:recap_ --launch-count 4 \
-    .gpu/tests/gpu_ops-* >"$out/ncu.log" 2>&1
+  timeout 240 ncu --kernel-name regex:recap_grpo --launch-count 4 \
+    .gpu/bin/recap bench --device cuda --quick --filter "${PROFILE_CASE:-T=262144 K=3}" >"$out/ncu.log" 2>&1
   grep -E "recap_[a-z0-9_]+|Duration|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy" "$out/ncu.log" | head -60
 fi
 exit $rc

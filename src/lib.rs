@@ -14,6 +14,7 @@
 
 pub mod advantages;
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod cuda;

@@ -1,5 +1,5 @@
 //! `recap`: the command-line driver. `recap train` runs RECAP training of a small synthetic policy
-//! on the CPU or the GPU.
+//! on the CPU or the GPU; `recap bench` measures every op and a training step.
 
 use clap::{Args, Parser, Subcommand};
 use recap_kernels::train::{
@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "recap", version, about = "RECAP kernels: training driver")]
+#[command(
+    name = "recap",
+    version,
+    about = "RECAP kernels: training driver and benchmark"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,6 +24,24 @@ struct Cli {
 enum Command {
     /// RECAP training of a small synthetic policy through the fused-linear GRPO loss.
     Train(TrainArgs),
+    /// Times every op and a training step beside the copy bandwidth measured in the same run.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// auto (CUDA when usable, else the CPU reference), cpu or cuda.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// Only the cases whose name contains this text (e.g. "T=262144", "V=151936", "train_step").
+    #[arg(long)]
+    filter: Option<String>,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Fewer sizes and runs: a smoke test, not for timing.
+    #[arg(long)]
+    quick: bool,
 }
 
 /// Sizes left out take the preset's value.
@@ -142,8 +164,36 @@ fn status(m: &StepMetrics) -> String {
     )
 }
 
+fn bench(args: BenchArgs) -> ExitCode {
+    let cfg = recap_kernels::bench::BenchConfig {
+        device: Some(args.device),
+        filter: args.filter,
+        quick: args.quick,
+    };
+    let report = match recap_kernels::bench::run(&cfg, &mut |line| eprintln!("recap bench: {line}"))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("recap bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", recap_kernels::bench::table(&report));
+    if let Some(path) = args.json {
+        if let Err(e) = recap_kernels::bench::write_json(&report, &path) {
+            eprintln!("recap bench: {e}");
+            return ExitCode::FAILURE;
+        }
+        eprintln!("recap bench: wrote {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
-    let Command::Train(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Train(a) => a,
+        Command::Bench(a) => return bench(a),
+    };
     let cfg: TrainConfig = args.into();
     let progress = Progress {
         steps: cfg.steps,

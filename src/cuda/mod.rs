@@ -221,7 +221,7 @@ impl Gpu {
 
     /// Tokens per thread for a token kernel over `t` tokens: enough blocks to fill the device
     /// (about 4 per multiprocessor), at most 16 tokens per thread.
-    pub(crate) fn items_per_thread(&self, t: usize) -> usize {
+    pub fn items_per_thread(&self, t: usize) -> usize {
         let blocks = 4 * self.sms as usize;
         t.div_ceil(blocks * BLOCK as usize).clamp(1, 16)
     }

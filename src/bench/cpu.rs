@@ -1,0 +1,274 @@
+//! `recap bench` on the CPU reference backend (host clock, against a host memcpy).
+
+use super::{inputs, record, stats, BenchConfig, BenchRecord, BenchReport};
+use crate::advantages::{group_advantages, AdvantageConfig, AdvantageMode, Groups};
+use crate::config::{GrpoConfig, ObjectiveKind};
+use crate::error::Result;
+use crate::layout::{Advantages, HostGrpoInputs, Mask};
+use crate::logits::{Logits, LogprobConfig};
+use std::time::Instant;
+
+/// Median and min microseconds of `f` over the configured runs.
+fn time_us(cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> Result<((f64, f64), usize)> {
+    let (warm, runs) = cfg.runs();
+    for _ in 0..warm {
+        f()?;
+    }
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        f()?;
+        v.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((stats(v), runs))
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|x| x.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    let mut records: Vec<BenchRecord> = Vec::new();
+    let mut push = |r: BenchRecord, progress: &mut dyn FnMut(&str)| {
+        progress(&format!(
+            "{} {}: median {:.1} us, min {:.1} us",
+            r.op, r.case, r.median_us, r.min_us
+        ));
+        records.push(r);
+    };
+    // baseline: host memcpy, bytes read + written
+    let n = if cfg.quick { 4 << 20 } else { 64 << 20 }; // f32 elements: 16 MiB / 256 MiB
+    let src = vec![1f32; n];
+    let mut dst = vec![0f32; n];
+    let (copy, runs) = time_us(cfg, || {
+        dst.copy_from_slice(&src);
+        Ok(())
+    })?;
+    std::hint::black_box(&dst);
+    let bytes = 2.0 * (n * 4) as f64;
+    let copy_gb_s = bytes / (copy.0 * 1e-6) / 1e9;
+    push(
+        record(
+            "copy",
+            format!("host memcpy {} MiB", (n * 4) >> 20),
+            copy,
+            runs,
+            bytes,
+            0.0,
+            copy_gb_s,
+        ),
+        progress,
+    );
+    drop((src, dst));
+
+    // fused GRPO loss
+    let sizes: &[usize] = if cfg.quick {
+        &[16_384]
+    } else {
+        &[16_384, 262_144]
+    };
+    let ks: &[usize] = if cfg.quick { &[3] } else { &[1, 3, 8] };
+    for &t in sizes {
+        for &k in ks {
+            let case = format!("T={t} K={k}");
+            if !cfg.wants(&case) {
+                continue;
+            }
+            let (logp, old, adv, mask, cu) = inputs::grpo(t, k, 1024);
+            let lambda = vec![1.0f32; k];
+            let objectives = vec![ObjectiveKind::Policy; k];
+            let inp = HostGrpoInputs {
+                logp: &logp,
+                old_logp: &old,
+                ref_logp: None,
+                rollout_logp: None,
+                policy_weight: None,
+                advantages: Advantages::PerSequence(&adv),
+                mask: Mask::U8(&mask),
+                cu_seqlens: &cu,
+                lambda: &lambda,
+                objectives: &objectives,
+                membership: None,
+                normalizers: None,
+            };
+            let mut grad = vec![0f32; t];
+            let conf = GrpoConfig::default();
+            let (tm, runs) = time_us(cfg, || {
+                crate::cpu::grpo_loss(&inp, &conf, &mut grad).map(|_| ())
+            })?;
+            let bytes = (t * (4 * 3 + 1) + adv.len() * 4) as f64;
+            push(
+                record("fused_loss", case, tm, runs, bytes, 0.0, copy_gb_s),
+                progress,
+            );
+        }
+    }
+
+    // log-probs and entropy from f32 logits
+    let shapes: &[(usize, usize)] = if cfg.quick {
+        &[(16, 32_768)]
+    } else {
+        &[(64, 32_768), (256, 32_768)]
+    };
+    for &(t, v) in shapes {
+        let case = format!("T={t} V={v} f32");
+        if !cfg.wants(&case) {
+            continue;
+        }
+        let z: Vec<f32> = (0..t * v).map(inputs::logit).collect();
+        let labels: Vec<i32> = (0..t).map(|r| ((r * 7919) % v) as i32).collect();
+        let lc = LogprobConfig::default();
+        let (mut lp, mut h, mut l) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
+        let (fwd, runs) = time_us(cfg, || {
+            crate::cpu::logprob_forward(
+                &Logits::dense(&z[..], t, v),
+                &labels,
+                &lc,
+                &mut lp,
+                &mut h,
+                &mut l,
+            )
+        })?;
+        let g = vec![1e-3f32; t];
+        let mut dz = vec![0f32; t * v];
+        let (bwd, _) = time_us(cfg, || {
+            crate::cpu::logprob_backward(
+                &Logits::dense(&z[..], t, v),
+                &labels,
+                &lc,
+                &g,
+                Some(&g),
+                &mut Logits::dense(&mut dz[..], t, v),
+            )
+        })?;
+        let bytes = (t * v * 4) as f64;
+        push(
+            record(
+                "logits",
+                format!("{case} forward"),
+                fwd,
+                runs,
+                bytes,
+                0.0,
+                copy_gb_s,
+            ),
+            progress,
+        );
+        push(
+            record(
+                "logits",
+                format!("{case} backward"),
+                bwd,
+                runs,
+                2.0 * bytes,
+                0.0,
+                copy_gb_s,
+            ),
+            progress,
+        );
+    }
+
+    // group advantages
+    for &b in if cfg.quick {
+        &[4096usize][..]
+    } else {
+        &[4096usize, 65_536][..]
+    } {
+        let case = format!("B={b} K=3 G=16 grpo");
+        if !cfg.wants(&case) {
+            continue;
+        }
+        let r = inputs::rewards(b, 3);
+        let mut out = vec![0f32; b * 3];
+        let ac = AdvantageConfig {
+            modes: vec![AdvantageMode::Grpo; 3],
+            eps: 1e-6,
+            lead: None,
+        };
+        let (tm, runs) = time_us(cfg, || {
+            group_advantages(&r, Groups::Consecutive(16), None, &ac, &mut out)
+        })?;
+        push(
+            record(
+                "advantages",
+                case,
+                tm,
+                runs,
+                (b * 3 * 8) as f64,
+                0.0,
+                copy_gb_s,
+            ),
+            progress,
+        );
+    }
+
+    // one training step of the small preset, by phase
+    if cfg.wants("train_step") {
+        let tc = crate::train::TrainConfig {
+            steps: if cfg.quick { 2 } else { 10 },
+            device: crate::train::Device::Cpu,
+            ..crate::train::TrainConfig::default()
+        };
+        for r in train_records(&tc, copy_gb_s)? {
+            push(r, progress);
+        }
+    }
+    Ok(BenchReport {
+        backend: "cpu".into(),
+        device: cpu_name(),
+        copy_gb_s,
+        quick: cfg.quick,
+        crate_version: env!("CARGO_PKG_VERSION").into(),
+        nvcc: crate::cuda::NVCC_VERSION.into(),
+        records,
+    })
+}
+
+/// Per-phase medians and minima of a short `recap train` run (the first step, which warms up, is
+/// left out when there are more).
+pub(super) fn train_records(
+    tc: &crate::train::TrainConfig,
+    copy_gb_s: f64,
+) -> Result<Vec<BenchRecord>> {
+    let steps = crate::train::train(tc)?;
+    let timed = if steps.len() > 1 {
+        &steps[1..]
+    } else {
+        &steps[..]
+    };
+    let preset = format!(
+        "{}x{}x{} V={} H={}",
+        tc.prompts, tc.group, tc.resp_len, tc.vocab, tc.hidden
+    );
+    type Phase = (&'static str, fn(&crate::train::StepMetrics) -> f64);
+    let phases: [Phase; 5] = [
+        ("step", |m| m.step_time_ms),
+        ("sampling", |m| m.sample_ms),
+        ("advantages", |m| m.advantages_ms),
+        ("loss (all epochs)", |m| m.loss_ms),
+        ("optimizer (all epochs)", |m| m.optimizer_ms),
+    ];
+    Ok(phases
+        .iter()
+        .map(|(name, f)| {
+            let us = stats(timed.iter().map(|m| f(m) * 1e3).collect());
+            record(
+                "train_step",
+                format!("{preset} {name}"),
+                us,
+                timed.len(),
+                0.0,
+                0.0,
+                copy_gb_s,
+            )
+        })
+        .collect())
+}

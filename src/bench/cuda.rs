@@ -1,0 +1,457 @@
+//! `recap bench` on the GPU: CUDA events around each API call, L2 flushed before each timed run,
+//! against a 1 GiB device-to-device copy timed in the same run.
+
+use super::{inputs, record, stats, BenchConfig, BenchRecord, BenchReport};
+use crate::advantages::{AdvantageConfig, AdvantageMode};
+use crate::config::{GrpoConfig, ObjectiveKind};
+use crate::cuda::{self, DeviceGroups, FusedLinearConfig, Gpu, LinearHead, LogprobGrads};
+use crate::error::Result;
+use crate::layout::{Advantages, GrpoInputs, Mask};
+use crate::logits::{LogitElem, Logits, LogitsLossInputs, LogprobConfig};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+use std::sync::Arc;
+
+struct Timer {
+    stream: Arc<CudaStream>,
+    /// Written before each timed run to evict the L2 cache.
+    flush: CudaSlice<u8>,
+    warm: usize,
+    runs: usize,
+}
+
+impl Timer {
+    /// Median and min microseconds of `f` (events on the stream), with `runs` override.
+    fn time(
+        &mut self,
+        runs: Option<(usize, usize)>,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<((f64, f64), usize)> {
+        let (warm, runs) = runs.unwrap_or((self.warm, self.runs));
+        for _ in 0..warm {
+            f()?;
+        }
+        let mut v = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            self.stream.memset_zeros(&mut self.flush)?;
+            let start = self
+                .stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            f()?;
+            let end = self
+                .stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            end.synchronize()?;
+            v.push(start.elapsed_ms(&end)? as f64 * 1e3);
+        }
+        Ok((stats(v), runs))
+    }
+}
+
+pub(super) fn run(
+    gpu: &Arc<Gpu>,
+    cfg: &BenchConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
+    let s = gpu.stream().clone();
+    let (warm, runs) = cfg.runs();
+    let mut timer = Timer {
+        flush: s.alloc_zeros::<u8>(256 << 20)?,
+        stream: s.clone(),
+        warm,
+        runs,
+    };
+    let mut records: Vec<BenchRecord> = Vec::new();
+    let mut push = |r: BenchRecord, progress: &mut dyn FnMut(&str)| {
+        progress(&format!(
+            "{} {}: median {:.1} us, min {:.1} us{}",
+            r.op,
+            r.case,
+            r.median_us,
+            r.min_us,
+            if r.bytes > 0.0 {
+                format!(", {:.0} GB/s ({:.1}% of copy)", r.gb_s, r.pct_of_copy)
+            } else {
+                String::new()
+            }
+        ));
+        records.push(r);
+    };
+    progress(&format!(
+        "device {} ({} SMs), kernels for sm_{} ({})",
+        gpu.name(),
+        gpu.multiprocessors(),
+        cuda::CUDA_ARCHS,
+        cuda::NVCC_VERSION
+    ));
+
+    // baseline: device-to-device copy of 1 GiB (256 MiB with --quick), bytes read + written
+    let n = if cfg.quick {
+        1usize << 26
+    } else {
+        1usize << 28
+    };
+    let copy_gb_s = {
+        let src = s.alloc_zeros::<f32>(n)?;
+        let mut dst = s.alloc_zeros::<f32>(n)?;
+        let (tm, r) = timer.time(None, || Ok(s.memcpy_dtod(&src, &mut dst)?))?;
+        let bytes = 2.0 * (n * 4) as f64;
+        let gbs = bytes / (tm.0 * 1e-6) / 1e9;
+        push(
+            record(
+                "copy",
+                format!("d2d {} MiB", (n * 4) >> 20),
+                tm,
+                r,
+                bytes,
+                0.0,
+                gbs,
+            ),
+            progress,
+        );
+        gbs
+    };
+
+    // fused GRPO loss, forward + gradient
+    let sizes: &[usize] = if cfg.quick {
+        &[16_384, 262_144]
+    } else {
+        &[16_384, 262_144, 4_194_304, 16_777_216]
+    };
+    let ks: &[usize] = if cfg.quick { &[3] } else { &[1, 3, 8] };
+    for &t in sizes {
+        for &k in ks {
+            let case = format!("T={t} K={k}");
+            if !cfg.wants(&case) {
+                continue;
+            }
+            let (logp, old, adv, mask, cu) = inputs::grpo(t, k, 4096.min(t));
+            let (dl, d_old, da, dm) = (
+                s.clone_htod(&logp)?,
+                s.clone_htod(&old)?,
+                s.clone_htod(&adv)?,
+                s.clone_htod(&mask)?,
+            );
+            let mut dg = s.alloc_zeros::<f32>(t)?;
+            let lambda = vec![1.0f32; k];
+            let objectives = vec![ObjectiveKind::Policy; k];
+            let inp: cuda::DeviceGrpoInputs = GrpoInputs {
+                logp: dl.as_view(),
+                old_logp: d_old.as_view(),
+                ref_logp: None,
+                rollout_logp: None,
+                policy_weight: None,
+                advantages: Advantages::PerSequence(da.as_view()),
+                mask: Mask::U8(dm.as_view()),
+                cu_seqlens: &cu,
+                lambda: &lambda,
+                objectives: &objectives,
+                membership: None,
+                normalizers: None,
+            };
+            let conf = GrpoConfig::default();
+            let (tm, r) = timer.time(None, || {
+                cuda::grpo_loss(gpu, &s, &inp, &conf, &mut dg.as_view_mut()).map(|_| ())
+            })?;
+            let bytes = (t * (4 * 3 + 1) + adv.len() * 4) as f64;
+            // per-call scratch: normalizers, per-sequence stats, block partials (a few KiB)
+            let blocks = t.div_ceil(256 * gpu.items_per_thread(t));
+            let extra = (8 * (4 * 17 + 3 * k + 12 + 3 * cu.len() + blocks * (3 * k + 12))
+                + 4 * (cu.len() + blocks)) as f64;
+            push(
+                record("fused_loss", case, tm, r, bytes, extra, copy_gb_s),
+                progress,
+            );
+        }
+    }
+
+    // log-probs and entropy from logits: forward, in-place backward, both
+    let shapes: &[(usize, usize)] = if cfg.quick {
+        &[(1024, 32_768)]
+    } else {
+        &[
+            (1024, 32_768),
+            (4096, 32_768),
+            (16_384, 32_768),
+            (1024, 151_936),
+            (4096, 151_936),
+            (16_384, 151_936),
+        ]
+    };
+    for &(t, v) in shapes {
+        for dtype in ["bf16", "f32"] {
+            if dtype == "f32" && t * v > 4096 * 151_936 {
+                continue; // 10 GB of f32 logits: not a shape anyone trains with
+            }
+            let case = format!("T={t} V={v} {dtype}");
+            if !cfg.wants(&case) {
+                continue;
+            }
+            let recs = if dtype == "bf16" {
+                logits_case::<bf16>(gpu, &mut timer, t, v, &case, copy_gb_s)?
+            } else {
+                logits_case::<f32>(gpu, &mut timer, t, v, &case, copy_gb_s)?
+            };
+            for r in recs {
+                push(r, progress);
+            }
+        }
+    }
+
+    // fused-linear loss against the unfused path (one chunk of all T tokens)
+    let (t, h, v) = if cfg.quick {
+        (1024, 1024, 32_768)
+    } else {
+        (8192, 4096, 151_936)
+    };
+    let fl_case = format!("T={t} H={h} V={v} bf16");
+    if cfg.wants(&fl_case) || cfg.wants("fused_linear") {
+        for r in fused_linear_cases(gpu, &mut timer, t, h, v, &fl_case)? {
+            push(r, progress);
+        }
+    }
+
+    // group advantages
+    for &b in if cfg.quick {
+        &[4096usize][..]
+    } else {
+        &[4096usize, 65_536][..]
+    } {
+        let case = format!("B={b} K=3 G=16 grpo");
+        if !cfg.wants(&case) {
+            continue;
+        }
+        let r = s.clone_htod(&inputs::rewards(b, 3))?;
+        let mut out = s.alloc_zeros::<f32>(b * 3)?;
+        let ac = AdvantageConfig {
+            modes: vec![AdvantageMode::Grpo; 3],
+            eps: 1e-6,
+            lead: None,
+        };
+        let (tm, runs) = timer.time(None, || {
+            cuda::group_advantages(
+                gpu,
+                &s,
+                &r.as_view(),
+                DeviceGroups::Consecutive(16),
+                None,
+                &ac,
+                &mut out.as_view_mut(),
+            )
+        })?;
+        push(
+            record(
+                "advantages",
+                case,
+                tm,
+                runs,
+                (b * 3 * 8) as f64,
+                (b * 3 * 8 + 24) as f64,
+                copy_gb_s,
+            ),
+            progress,
+        );
+    }
+
+    // a training step of the h100 preset (small preset with --quick), by phase
+    if cfg.wants("train_step") {
+        let preset = if cfg.quick {
+            crate::train::Preset::Small
+        } else {
+            crate::train::Preset::H100
+        };
+        let tc = crate::train::TrainConfig {
+            steps: if cfg.quick { 2 } else { 6 },
+            device: crate::train::Device::Cuda,
+            ..crate::train::TrainConfig::preset(preset)
+        };
+        for r in super::cpu::train_records(&tc, copy_gb_s)? {
+            push(r, progress);
+        }
+    }
+    Ok(BenchReport {
+        backend: "cuda".into(),
+        device: gpu.name().into(),
+        copy_gb_s,
+        quick: cfg.quick,
+        crate_version: env!("CARGO_PKG_VERSION").into(),
+        nvcc: cuda::NVCC_VERSION.into(),
+        records,
+    })
+}
+
+fn logits_case<E: LogitElem>(
+    gpu: &Arc<Gpu>,
+    timer: &mut Timer,
+    t: usize,
+    v: usize,
+    case: &str,
+    copy_gb_s: f64,
+) -> Result<Vec<BenchRecord>> {
+    let s = timer.stream.clone();
+    let host: Vec<E> = (0..t * v).map(|i| E::from_f32(inputs::logit(i))).collect();
+    let labels: Vec<i32> = (0..t).map(|r| ((r * 7919) % v) as i32).collect();
+    let g: Vec<f32> = (0..t).map(|r| ((r % 7) as f32 - 3.0) * 1e-3).collect();
+    let mut z = s.clone_htod(&host)?;
+    drop(host);
+    let (y, gd) = (s.clone_htod(&labels)?, s.clone_htod(&g)?);
+    let (mut lp, mut h, mut l) = (
+        s.alloc_zeros::<f32>(t)?,
+        s.alloc_zeros::<f32>(t)?,
+        s.alloc_zeros::<f32>(t)?,
+    );
+    let lc = LogprobConfig::default();
+    let (fwd, runs) = timer.time(None, || {
+        cuda::logprob_forward(
+            gpu,
+            &s,
+            &Logits::dense(z.as_view(), t, v),
+            &y.as_view(),
+            &lc,
+            &mut lp.as_view_mut(),
+            Some(&mut h.as_view_mut()),
+            &mut l.as_view_mut(),
+        )
+    })?;
+    let (bwd, _) = timer.time(None, || {
+        let (yv, lv, hv, gv) = (y.as_view(), l.as_view(), h.as_view(), gd.as_view());
+        let grads = LogprobGrads {
+            labels: &yv,
+            lse: &lv,
+            entropy: &hv,
+            g_logp: &gv,
+            g_entropy: Some(&gv),
+        };
+        cuda::logprob_backward_inplace(
+            gpu,
+            &s,
+            &mut Logits::dense(z.as_view_mut(), t, v),
+            &grads,
+            &lc,
+        )
+    })?;
+    let bytes = (t * v * std::mem::size_of::<E>()) as f64;
+    let extra = (3 * t * 4 + 4) as f64; // logp, entropy, LSE and the label check
+    Ok(vec![
+        record(
+            "logits",
+            format!("{case} forward"),
+            fwd,
+            runs,
+            bytes,
+            extra,
+            copy_gb_s,
+        ),
+        record(
+            "logits",
+            format!("{case} backward"),
+            bwd,
+            runs,
+            2.0 * bytes,
+            0.0,
+            copy_gb_s,
+        ),
+        record(
+            "logits",
+            format!("{case} both"),
+            (fwd.0 + bwd.0, fwd.1 + bwd.1),
+            runs,
+            3.0 * bytes,
+            extra,
+            copy_gb_s,
+        ),
+    ])
+}
+
+fn fused_linear_cases(
+    gpu: &Arc<Gpu>,
+    timer: &mut Timer,
+    t: usize,
+    h: usize,
+    v: usize,
+    case: &str,
+) -> Result<Vec<BenchRecord>> {
+    let s = timer.stream.clone();
+    let q = |i: usize| {
+        bf16::from_f32((((i.wrapping_mul(2_654_435_761)) >> 7) % 2001) as f32 * 1e-5 - 0.01)
+    };
+    let x = s.clone_htod(&(0..t * h).map(q).collect::<Vec<_>>())?;
+    let w = s.clone_htod(&(0..v * h).map(|i| q(i + 17)).collect::<Vec<_>>())?;
+    let labels: Vec<i32> = (0..t).map(|r| ((r * 7919) % v) as i32).collect();
+    let cu: Vec<i32> = (0..=8).map(|i| (i * t / 8) as i32).collect();
+    let (y, o, a, m) = (
+        s.clone_htod(&labels)?,
+        s.clone_htod(&vec![-12.0f32; t])?,
+        s.clone_htod(&(0..8).map(|i| i as f32 / 4.0 - 1.0).collect::<Vec<f32>>())?,
+        s.clone_htod(&vec![1u8; t])?,
+    );
+    let mut dh = s.alloc_zeros::<bf16>(t * h)?;
+    let mut dw = s.alloc_zeros::<f32>(v * h)?;
+    let (conf, lc) = (GrpoConfig::default(), LogprobConfig::default());
+    let mut out = Vec::new();
+    for (name, opt) in [
+        ("fused, default chunks", FusedLinearConfig::default()),
+        (
+            "fused, fp32 logits",
+            FusedLinearConfig {
+                fp32_logits: true,
+                ..FusedLinearConfig::default()
+            },
+        ),
+        (
+            "unfused (one chunk of T)",
+            FusedLinearConfig {
+                chunk_tokens: Some(t),
+                ..FusedLinearConfig::default()
+            },
+        ),
+    ] {
+        let inputs = LogitsLossInputs {
+            labels: y.as_view(),
+            old_logp: o.as_view(),
+            ref_logp: None,
+            rollout_logp: None,
+            advantages: Advantages::PerSequence(a.as_view()),
+            mask: Mask::U8(m.as_view()),
+            cu_seqlens: &cu,
+            lambda: &[1.0],
+            objectives: &[ObjectiveKind::Policy],
+            membership: None,
+            normalizers: None,
+        };
+        let head = LinearHead {
+            hidden: x.as_view(),
+            weight: w.as_view(),
+            hidden_size: h,
+            vocab: v,
+        };
+        let runs = if timer.runs >= 20 { (2, 20) } else { (1, 3) };
+        let (tm, r) = timer.time(Some(runs), || {
+            cuda::fused_linear_grpo_loss(
+                gpu,
+                &s,
+                &head,
+                &inputs,
+                &conf,
+                &lc,
+                &opt,
+                &mut dh.as_view_mut(),
+                &mut dw.as_view_mut(),
+            )
+            .map(|_| ())
+        })?;
+        let c = opt.chunk(t, v);
+        let extra = (c * v * if opt.fp32_logits { 4 + 2 } else { 2 } + 7 * t * 4) as f64;
+        out.push(record(
+            "fused_linear",
+            format!("{case} {name} (chunk {c})"),
+            tm,
+            r,
+            0.0,
+            extra,
+            0.0,
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,245 @@
+//! `recap bench`: timings of every op and of a training step, beside the machine's own copy
+//! bandwidth measured in the same run, as a table and as JSON.
+//!
+//! On a GPU: CUDA events on the stream around each whole API call (uploads of the small per-batch
+//! arrays, launches, read-back of the statistics), the L2 cache flushed before each timed run
+//! (llm.c style), median and min over at least 20 timed runs after warm-up; the baseline is a
+//! 1 GiB device-to-device copy. Without a GPU the CPU reference backend is timed the same way with
+//! the host clock, against a host memcpy, on smaller sizes (and the report says so).
+//!
+//! Bytes are what the op must move at least: each per-token input read once and each output
+//! written once (the logits read once forward, read and written once by the in-place backward).
+//! "Extra memory" is what the call allocates beyond its inputs and outputs (from the sizes it
+//! allocates: the chunk of logits and per-token work of the logits paths; the fused loss's few
+//! per-block statistics are counted too).
+
+mod cpu;
+mod cuda;
+
+use crate::error::{Error, Result};
+use crate::train::Device;
+use std::io::Write;
+
+/// Settings of a run.
+#[derive(Clone, Debug, Default)]
+pub struct BenchConfig {
+    pub device: Option<Device>,
+    /// Only cases whose name contains this text.
+    pub filter: Option<String>,
+    /// Fewer sizes and runs (a smoke test, not for timing).
+    pub quick: bool,
+}
+
+impl BenchConfig {
+    fn wants(&self, name: &str) -> bool {
+        self.filter.as_deref().map_or(true, |f| name.contains(f))
+    }
+
+    /// (warm-up, timed) runs.
+    fn runs(&self) -> (usize, usize) {
+        if self.quick {
+            (1, 3)
+        } else {
+            (3, 20)
+        }
+    }
+}
+
+/// One measured case.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct BenchRecord {
+    /// `fused_loss`, `logits`, `fused_linear`, `advantages`, `train_step`, `copy`.
+    pub op: String,
+    /// The case, e.g. `T=262144 K=3`.
+    pub case: String,
+    pub median_us: f64,
+    pub min_us: f64,
+    pub runs: usize,
+    /// Bytes the op moves at least (0 where not meaningful).
+    pub bytes: f64,
+    /// `bytes / median`.
+    pub gb_s: f64,
+    /// `gb_s` as a percentage of the copy bandwidth measured in the same run.
+    pub pct_of_copy: f64,
+    /// Device (or host) memory the call allocates beyond its inputs and outputs.
+    pub extra_bytes: f64,
+    /// A result to check peers against: the loss (fused loss, fused-linear), the sum of the
+    /// log-probabilities (logits forward); `None` elsewhere.
+    #[serde(default)]
+    pub value: Option<f64>,
+}
+
+/// A whole run.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct BenchReport {
+    /// `cuda` or `cpu`.
+    pub backend: String,
+    /// The GPU's name, or the host's CPU model.
+    pub device: String,
+    /// Copy bandwidth of the baseline (read + write), GB/s.
+    pub copy_gb_s: f64,
+    pub quick: bool,
+    pub crate_version: String,
+    pub nvcc: String,
+    pub records: Vec<BenchRecord>,
+}
+
+/// Median and min of a sample, in the unit given.
+pub(crate) fn stats(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0])
+}
+
+/// A record from a timing (microseconds) against the copy baseline.
+pub(crate) fn record(
+    op: &str,
+    case: String,
+    (median_us, min_us): (f64, f64),
+    runs: usize,
+    bytes: f64,
+    extra_bytes: f64,
+    copy_gb_s: f64,
+) -> BenchRecord {
+    let gb_s = if median_us > 0.0 && bytes > 0.0 {
+        bytes / (median_us * 1e-6) / 1e9
+    } else {
+        0.0
+    };
+    BenchRecord {
+        op: op.into(),
+        case,
+        median_us,
+        min_us,
+        runs,
+        bytes,
+        gb_s,
+        pct_of_copy: if copy_gb_s > 0.0 {
+            100.0 * gb_s / copy_gb_s
+        } else {
+            0.0
+        },
+        extra_bytes,
+        value: None,
+    }
+}
+
+/// Runs the benchmark; `progress` gets a line per case.
+pub fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    let device = cfg.device.unwrap_or(Device::Auto);
+    let gpu = match device {
+        Device::Cpu => None,
+        Device::Cuda => Some(crate::cuda::Gpu::new(0)?),
+        Device::Auto => match crate::cuda::Gpu::new(0) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                progress(&format!(
+                    "no usable GPU ({e}): benchmarking the CPU reference backend"
+                ));
+                None
+            }
+        },
+    };
+    match gpu {
+        Some(g) => cuda::run(&g, cfg, progress),
+        None => cpu::run(cfg, progress),
+    }
+}
+
+fn human_bytes(b: f64) -> String {
+    if b <= 0.0 {
+        "-".into()
+    } else if b < 1024.0 * 1024.0 {
+        format!("{:.0} KiB", b / 1024.0)
+    } else {
+        format!("{:.0} MiB", b / (1024.0 * 1024.0))
+    }
+}
+
+/// The report as a text table.
+pub fn table(r: &BenchReport) -> String {
+    let mut s = format!(
+        "recap bench: {} backend on {}; copy baseline {:.0} GB/s (read + write){}\n",
+        r.backend,
+        r.device,
+        r.copy_gb_s,
+        if r.quick {
+            "; --quick: not for timing"
+        } else {
+            ""
+        }
+    );
+    s += &format!(
+        "{:<14} {:<40} {:>12} {:>12} {:>9} {:>8} {:>10}\n",
+        "op", "case", "median us", "min us", "GB/s", "% copy", "extra mem"
+    );
+    for x in &r.records {
+        let (gbs, pct) = if x.bytes > 0.0 {
+            let gbs = if x.gb_s < 10.0 {
+                format!("{:.2}", x.gb_s)
+            } else {
+                format!("{:.0}", x.gb_s)
+            };
+            (gbs, format!("{:.1}%", x.pct_of_copy))
+        } else {
+            ("-".into(), "-".into())
+        };
+        s += &format!(
+            "{:<14} {:<40} {:>12.1} {:>12.1} {:>9} {:>8} {:>10}\n",
+            x.op,
+            x.case,
+            x.median_us,
+            x.min_us,
+            gbs,
+            pct,
+            human_bytes(x.extra_bytes)
+        );
+    }
+    s
+}
+
+/// Writes the report as JSON to `path`.
+pub fn write_json(r: &BenchReport, path: &std::path::Path) -> Result<()> {
+    let json = serde_json::to_string_pretty(r).map_err(|e| Error::arg("json", e.to_string()))?;
+    let mut f = std::fs::File::create(path)
+        .map_err(|e| Error::arg("json", format!("cannot write {}: {e}", path.display())))?;
+    writeln!(f, "{json}").map_err(|e| Error::arg("json", e.to_string()))
+}
+
+/// Deterministic pseudo-random inputs shared by both backends' cases.
+pub(crate) mod inputs {
+    /// `[T]` log-probs, `[T]` old log-probs, `[B, K]` advantages, `[T]` mask, `[B + 1]` cu_seqlens.
+    #[allow(clippy::type_complexity)]
+    pub fn grpo(
+        t: usize,
+        k: usize,
+        seq_len: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<u8>, Vec<i32>) {
+        let b = t.div_ceil(seq_len);
+        let logp: Vec<f32> = (0..t)
+            .map(|i| -0.5 - ((i * 7919) % 1000) as f32 * 1e-3)
+            .collect();
+        let old = logp
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x + ((i * 104_729) % 200) as f32 * 1e-3 - 0.1)
+            .collect();
+        let adv = (0..b * k)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        let mask = (0..t)
+            .map(|i| (i % seq_len < seq_len * 7 / 8) as u8)
+            .collect();
+        let cu = (0..=b).map(|i| (i * seq_len).min(t) as i32).collect();
+        (logp, old, adv, mask, cu)
+    }
+
+    /// A logit value in [-5, 5).
+    pub fn logit(i: usize) -> f32 {
+        ((i.wrapping_mul(2_654_435_761)) % 1000) as f32 * 0.01 - 5.0
+    }
+
+    /// Rewards `[B, K]` (0/1 and fractions).
+    pub fn rewards(b: usize, k: usize) -> Vec<f32> {
+        (0..b * k).map(|i| ((i * 7919) % 5) as f32 / 4.0).collect()
+    }
+}
