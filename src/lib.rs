@@ -21,6 +21,7 @@ pub mod cuda;
 #[doc(hidden)]
 pub mod device_math;
 pub mod error;
+pub mod ffi;
 pub mod layout;
 pub mod logits;
 pub mod output;

@@ -1,0 +1,113 @@
+/*
+ * recap_kernels.h — the C ABI of recap-kernels (librecap_kernels.so, built by `cargo build`).
+ *
+ * Device functions take raw device pointers and sizes in the primary context of `device` (the one
+ * PyTorch uses) and a CUstream (NULL: the context's default stream); the small per-batch arrays
+ * (cu_seqlens, lambda, objectives, membership, modes) are host pointers. Work is enqueued on the
+ * stream; the fused loss and group advantages synchronize it to read their statistics back.
+ * Every function returns a status code; recap_last_error() gives the message of the last failure
+ * on the calling thread. Arguments are checked before anything touches the device; no panic
+ * crosses this boundary. Written by hand; tests/c_abi.rs compiles tests/c/abi_test.c against it and
+ * checks the struct sizes against the Rust definitions (src/ffi.rs).
+ */
+#ifndef RECAP_KERNELS_H
+#define RECAP_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define RECAP_OK 0
+#define RECAP_ERR_ARGUMENT 1  /* an argument has the wrong shape or value; nothing was launched */
+#define RECAP_ERR_NONFINITE 2 /* NaN/Inf inputs at unmasked tokens (allow_nonfinite off)        */
+#define RECAP_ERR_DEVICE 3    /* no kernels, driver or device, or a CUDA error                  */
+#define RECAP_ERR_INTERNAL 4  /* a caught panic: please report                                  */
+
+/* The message of the last failed call on this thread ("" after a success). */
+const char* recap_last_error(void);
+/* The library version, e.g. "0.1.0". */
+const char* recap_version(void);
+
+/* Loss options; recap_grpo_config_default fills verl's defaults. See README "Loss variants". */
+typedef struct RecapGrpoConfig {
+    float clip_low;            /* 0.2                                                  */
+    float clip_high;           /* 0.2                                                  */
+    float dual_clip;           /* 3.0; <= 0: off                                       */
+    float log_ratio_clamp;     /* 20                                                   */
+    int32_t agg_mode;          /* 0 token-mean, 1 seq-mean-token-mean, 2 seq-mean-token-sum, 3 token-sum-norm */
+    float norm_constant;       /* C of token-sum-norm                                  */
+    float kl_coef;             /* 0                                                    */
+    int32_t kl_estimator;      /* 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl), 4 k1+, 5 k3+   */
+    float entropy_coef;        /* 0                                                    */
+    int32_t allow_nonfinite;   /* 0                                                    */
+    int32_t policy_loss;       /* 0 vanilla, 1 CISPO, 2 SAPO, 3 GSPO                   */
+    float tau_pos;             /* SAPO, 1.0                                            */
+    float tau_neg;             /* SAPO, 1.05                                           */
+    float delta;               /* two-sided clipping; <= 0: off                        */
+    int32_t kl_is_correction;  /* TRL use_bias_correction_kl                           */
+    float top_entropy_quantile;/* 1.0 (loss from logits only)                          */
+    int32_t rollout_level;     /* -1 off, 0 token, 1 sequence, 2 geometric             */
+    int32_t rollout_mode;      /* 0 truncate, 1 mask, 2 metrics only                   */
+    float rollout_upper;       /* 2.0                                                  */
+    float rollout_lower;       /* <= 0: 1 / upper                                      */
+} RecapGrpoConfig;
+
+/* Scalar results of the fused loss (verl's metric names in the README). */
+typedef struct RecapGrpoResult {
+    double loss, kl_loss, ppo_kl, ratio_mean, ratio_min, ratio_max, kl_mean;
+    double num_tokens, num_seqs, policy_tokens, nonfinite;
+    double rollout_is_mean, rollout_is_min, rollout_is_max, rollout_is_corrected_fraction;
+} RecapGrpoResult;
+
+int recap_grpo_config_default(RecapGrpoConfig* cfg);
+
+/* The fused GRPO loss and dL/dlogp. Device: logp, old_logp, ref_logp (nullable), rollout_logp
+ * (nullable), mask [T] (uint8 when mask_is_u8, else float), advantages [B, K] ([T, K] with
+ * adv_per_token), grad [T] (written). Host: cu_seqlens [B + 1], lambda [K], objectives [K]
+ * (0 policy, 1 nll), membership [B] (nullable), objective_loss [K] (nullable, written). */
+int recap_grpo_loss(int32_t device, void* stream, int64_t num_tokens, const float* logp, const float* old_logp,
+                    const float* ref_logp, const float* rollout_logp, const float* advantages,
+                    int32_t adv_per_token, const void* mask, int32_t mask_is_u8, const int32_t* cu_seqlens,
+                    int64_t num_seqs, const float* lambda, const int32_t* objectives, const uint32_t* membership,
+                    int32_t num_objectives, const RecapGrpoConfig* cfg, float* grad, RecapGrpoResult* result,
+                    double* objective_loss);
+
+/* Log-probabilities, entropy (nullable) and log-sum-exp of logits [rows, ld] (dtype 0 f32, 1 f16,
+ * 2 bf16) at `temperature`; labels equal to ignore_index give 0. */
+int recap_logprob_forward(int32_t device, void* stream, const void* logits, int32_t dtype, int64_t rows,
+                          int64_t vocab, int64_t ld, const int32_t* labels, float temperature,
+                          int32_t ignore_index, float* logp, float* entropy, float* lse);
+
+/* d(g_logp . logp + g_entropy . entropy)/d logits, written over the logits (g_entropy nullable). */
+int recap_logprob_backward_inplace(int32_t device, void* stream, void* logits, int32_t dtype, int64_t rows,
+                                   int64_t vocab, int64_t ld, const int32_t* labels, const float* lse,
+                                   const float* entropy, const float* g_logp, const float* g_entropy,
+                                   float temperature, int32_t ignore_index);
+
+/* Group advantages of rewards [B, K] into out [B, K]: groups of group_size consecutive rollouts,
+ * or dense group_ids [B] in [0, num_groups) (device, nullable); modes [K] host
+ * (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std). */
+int recap_group_advantages(int32_t device, void* stream, const float* rewards, int64_t num_rollouts,
+                           int32_t num_objectives, int64_t group_size, const int32_t* group_ids,
+                           int64_t num_groups, const int32_t* modes, double eps, float* out);
+
+/* The RECAP scheduler (host). orientations [K]: 0 loss, 1 reward; window <= 0: 10;
+ * temperature <= 0: 5; alpha < 0: priority c + i, else alpha c + (1 - alpha) i. NULL on error. */
+typedef struct RecapSchedulerHandle RecapScheduler;
+RecapScheduler* recap_scheduler_new(const int32_t* orientations, int32_t k, int32_t window, double temperature,
+                                    double alpha);
+int recap_scheduler_observe(RecapScheduler* s, const double* values, int32_t k);
+int recap_scheduler_weights(RecapScheduler* s, float* out, int32_t k);
+/* JSON state into buf (cap bytes, NUL-terminated); *needed = its length + 1 (RECAP_ERR_ARGUMENT
+ * when buf is NULL or too small: call again with *needed bytes). */
+int recap_scheduler_to_json(RecapScheduler* s, char* buf, int64_t cap, int64_t* needed);
+RecapScheduler* recap_scheduler_from_json(const char* json);
+void recap_scheduler_free(RecapScheduler* s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* RECAP_KERNELS_H */
