@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device check, in one call: run on a machine with a GPU from the project root, after
-# `../shared/gpu/bundle` built the release test and bench executables into .gpu/:
+# `../shared/gpu/bundle` built the release test and bench executables into .gpu/ (and, for the
+# PyTorch tests, `cp target/release/librecap_kernels.so .gpu/`):
 #
 #   run(command="bash scripts/device-check.sh", carry=[".gpu"])
 #
@@ -22,6 +23,12 @@ grep -E "^(===|test result|FAILED|failures:)|panicked|fused loss:" "$out/tests.l
 tail -n 2 "$out/tests.log"
 # the benchmark: `recap bench` (BENCH_ARGS, e.g. "--quick" or "--filter T=262144"), JSON to $out
 .gpu/bin/recap bench --device cuda --json "$out/bench.json" ${BENCH_ARGS:-} 2>"$out/bench.log" || { rc=1; tail -5 "$out/bench.log"; }
+# the PyTorch package's tests, when the library was bundled too (after ../shared/gpu/bundle:
+# cargo build --release --lib && cp target/release/librecap_kernels.so .gpu/)
+if [ -e .gpu/librecap_kernels.so ] && python3 -c "import torch, pytest" 2>/dev/null; then
+  RECAP_KERNELS_LIB=.gpu/librecap_kernels.so python3 -m pytest python/tests -q >"$out/pytest.log" 2>&1 || rc=1
+  tail -n 3 "$out/pytest.log"
+fi
 # PROFILE=1: Nsight Compute's basic sections for the kernels of one large fused-loss case
 if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
   timeout 240 ncu --kernel-name regex:recap_grpo --launch-count 4 \

@@ -36,7 +36,10 @@ fn c_abi_from_c() {
         .arg(format!("-Wl,-rpath,{}", lib.parent().unwrap().display()))
         .status()
         .expect("a C compiler (cc) to build tests/c/abi_test.c");
-    assert!(status.success(), "compiling tests/c/abi_test.c against the header");
+    assert!(
+        status.success(),
+        "compiling tests/c/abi_test.c against the header"
+    );
     let driver = recap_kernels::cuda::driver_present();
     let run = Command::new(&out)
         .arg(if driver { "1" } else { "0" })
