@@ -339,3 +339,81 @@ fn parts_splitting_a_sequence_match_whole_batch_on_gpu() {
     };
     common::check_split_parts(&be, &[5, 400, 9, 1200, 33], 3, 0..4, &[100, 900], ABS, REL);
 }
+
+/// Ten runs of each GPU op on the same inputs give the same bits (no float atomics in final sums):
+/// the fused loss in its plain and variant kernels, log-probs forward and backward, group
+/// advantages.
+#[test]
+fn every_kernel_is_deterministic() {
+    let Some(be) = gpu("every_kernel_is_deterministic") else {
+        return;
+    };
+    let b = Batch::random(7, &[300, 4097, 1, 0, 33, 2000], 3);
+    for cfg in [
+        config_for(0, AggMode::TokenMean),
+        recap_kernels::GrpoConfig {
+            policy_loss: recap_kernels::PolicyLoss::sapo(),
+            kl_is_correction: true,
+            ..config_for(2, AggMode::SeqMeanTokenMean)
+        },
+    ] {
+        let mut first: Option<(u64, Vec<u32>)> = None;
+        for _ in 0..10 {
+            let mut g = vec![0f32; b.t()];
+            let out = be.grpo_loss(&b.inputs(None), &cfg, &mut g).unwrap();
+            let bits = (out.loss.to_bits(), g.iter().map(|x| x.to_bits()).collect());
+            match &first {
+                None => first = Some(bits),
+                Some(f) => assert_eq!(&bits, f, "fused loss run to run ({:?})", cfg.policy_loss),
+            }
+        }
+    }
+    let (t, v) = (257usize, 5000usize);
+    let mut rng = Rng::new(9);
+    let z: Vec<half::bf16> = (0..t * v)
+        .map(|_| half::bf16::from_f32((rng.normal() * 3.0) as f32))
+        .collect();
+    let labels: Vec<i32> = (0..t).map(|_| rng.below(v) as i32).collect();
+    let g: Vec<f32> = (0..t).map(|_| rng.normal() as f32).collect();
+    let mut first: Option<Vec<u16>> = None;
+    for _ in 0..10 {
+        let mut dz = vec![half::bf16::ZERO; t * v];
+        be.logprob_backward(
+            &recap_kernels::Logits::dense(&z[..], t, v),
+            &labels,
+            &recap_kernels::LogprobConfig::default(),
+            &g,
+            Some(&g),
+            &mut recap_kernels::Logits::dense(&mut dz[..], t, v),
+        )
+        .unwrap();
+        let bits: Vec<u16> = dz.iter().map(|x| x.to_bits()).collect();
+        match &first {
+            None => first = Some(bits),
+            Some(f) => assert!(&bits == f, "logits backward run to run"),
+        }
+    }
+    let rewards: Vec<f32> = (0..4096 * 3).map(|_| rng.below(3) as f32 / 2.0).collect();
+    let cfg = recap_kernels::AdvantageConfig {
+        modes: vec![recap_kernels::AdvantageMode::BatchStd; 3],
+        eps: 1e-6,
+        lead: None,
+    };
+    let mut first: Option<Vec<u32>> = None;
+    for _ in 0..10 {
+        let mut out = vec![0f32; rewards.len()];
+        be.group_advantages(
+            &rewards,
+            recap_kernels::Groups::Consecutive(16),
+            None,
+            &cfg,
+            &mut out,
+        )
+        .unwrap();
+        let bits: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
+        match &first {
+            None => first = Some(bits),
+            Some(f) => assert!(&bits == f, "group advantages run to run"),
+        }
+    }
+}
