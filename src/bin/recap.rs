@@ -87,6 +87,12 @@ struct TrainArgs {
     /// AdamW learning rate.
     #[arg(long)]
     lr: Option<f32>,
+    /// Write a checkpoint into this directory after the last step.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Continue from a checkpoint directory up to --steps (metrics.jsonl is appended to).
+    #[arg(long)]
+    resume: Option<PathBuf>,
 }
 
 impl From<TrainArgs> for TrainConfig {
@@ -106,6 +112,8 @@ impl From<TrainArgs> for TrainConfig {
             replay_seqs: a.replay_seqs.unwrap_or(p.replay_seqs),
             ppo_epochs: a.ppo_epochs.unwrap_or(p.ppo_epochs),
             lr: a.lr.unwrap_or(p.lr),
+            checkpoint: a.checkpoint,
+            resume: a.resume,
         }
     }
 }

@@ -194,4 +194,16 @@ impl Engine for CpuEngine<'_> {
     fn sync(&mut self) -> Result<()> {
         Ok(())
     }
+
+    fn adam_state(&mut self) -> Result<(Vec<f32>, Vec<f32>, i32)> {
+        Ok((self.m.clone(), self.v.clone(), self.adam_t))
+    }
+
+    fn restore(&mut self, w: &[f32], m: &[f32], v: &[f32], t: i32) -> Result<()> {
+        self.w.copy_from_slice(w);
+        self.m.copy_from_slice(m);
+        self.v.copy_from_slice(v);
+        self.adam_t = t;
+        Ok(())
+    }
 }

@@ -401,4 +401,23 @@ impl Engine for CudaEngine<'_> {
         self.stream.synchronize()?;
         Ok(())
     }
+
+    fn adam_state(&mut self) -> Result<(Vec<f32>, Vec<f32>, i32)> {
+        let m = self.stream.clone_dtoh(&self.m)?;
+        let v = self.stream.clone_dtoh(&self.v)?;
+        self.stream.synchronize()?;
+        Ok((m, v, self.adam_t))
+    }
+
+    fn restore(&mut self, w: &[f32], m: &[f32], v: &[f32], t: i32) -> Result<()> {
+        let s = self.stream.clone();
+        s.memcpy_htod(w, &mut self.w)?;
+        let wb: Vec<bf16> = w.iter().map(|x| bf16::from_f32(*x)).collect();
+        s.memcpy_htod(&wb, &mut self.w_bf16)?;
+        s.memcpy_htod(m, &mut self.m)?;
+        s.memcpy_htod(v, &mut self.v)?;
+        self.adam_t = t;
+        s.synchronize()?;
+        Ok(())
+    }
 }

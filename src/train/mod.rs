@@ -86,6 +86,11 @@ pub struct TrainConfig {
     pub weighting: Weighting,
     /// Directory for `metrics.jsonl`.
     pub out: Option<PathBuf>,
+    /// Directory to write a checkpoint into after the last step (resume it with `resume`).
+    pub checkpoint: Option<PathBuf>,
+    /// A checkpoint directory to continue from (its next step up to `steps`); `metrics.jsonl` is
+    /// then appended to.
+    pub resume: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -111,6 +116,8 @@ impl TrainConfig {
             lr: 0.05,
             weighting: Weighting::Recap,
             out: None,
+            checkpoint: None,
+            resume: None,
         };
         match p {
             Preset::Small => small,
@@ -364,6 +371,95 @@ pub(crate) trait Engine {
     fn set_weights(&mut self, w: &[f32], freeze: bool) -> Result<()>;
     /// Waits for queued work (for phase timings).
     fn sync(&mut self) -> Result<()>;
+    /// The optimizer state: AdamW's moments and step count (the weights come from `weights`).
+    fn adam_state(&mut self) -> Result<(Vec<f32>, Vec<f32>, i32)>;
+    /// Restores the weights and the optimizer state of a checkpoint (the reference is unchanged).
+    fn restore(&mut self, w: &[f32], m: &[f32], v: &[f32], t: i32) -> Result<()>;
+}
+
+/// A run's state after a step, enough to continue it exactly: written by `checkpoint` into a
+/// directory as `state.json` (the step, AdamW's step count, the scheduler, a fingerprint of the
+/// config) and `tensors.bin` (the weights, both AdamW moments and the frozen reference weights, as
+/// little-endian f32, bit for bit).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    next_step: usize,
+    adam_t: i32,
+    scheduler: String,
+    fingerprint: String,
+    tensor_len: usize,
+}
+
+fn fingerprint(cfg: &TrainConfig) -> String {
+    format!(
+        "seed {} prompts {} group {} resp_len {} vocab {} hidden {} replay {} epochs {} lr {} weighting {:?}",
+        cfg.seed,
+        cfg.prompts,
+        cfg.group,
+        cfg.resp_len,
+        cfg.vocab,
+        cfg.hidden,
+        cfg.replay_seqs,
+        cfg.ppo_epochs,
+        cfg.lr,
+        cfg.weighting
+    )
+}
+
+fn io_err(arg: &'static str, path: &std::path::Path, e: std::io::Error) -> Error {
+    Error::arg(arg, format!("{}: {e}", path.display()))
+}
+
+fn write_checkpoint(dir: &std::path::Path, ck: &Checkpoint, tensors: [&[f32]; 4]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io_err("checkpoint", dir, e))?;
+    let json = serde_json::to_string(ck).map_err(|e| Error::arg("checkpoint", e.to_string()))?;
+    let p = dir.join("state.json");
+    std::fs::write(&p, json).map_err(|e| io_err("checkpoint", &p, e))?;
+    let bytes: Vec<u8> = tensors
+        .iter()
+        .flat_map(|t| t.iter().flat_map(|x| x.to_le_bytes()))
+        .collect();
+    let p = dir.join("tensors.bin");
+    std::fs::write(&p, bytes).map_err(|e| io_err("checkpoint", &p, e))
+}
+
+/// `(checkpoint, [weights, adam m, adam v, reference weights])`.
+fn read_checkpoint(
+    dir: &std::path::Path,
+    cfg: &TrainConfig,
+) -> Result<(Checkpoint, Vec<Vec<f32>>)> {
+    let p = dir.join("state.json");
+    let json = std::fs::read_to_string(&p).map_err(|e| io_err("resume", &p, e))?;
+    let ck: Checkpoint = serde_json::from_str(&json)
+        .map_err(|e| Error::arg("resume", format!("{}: {e}", p.display())))?;
+    if ck.fingerprint != fingerprint(cfg) {
+        return Err(Error::arg(
+            "resume",
+            format!(
+                "the checkpoint is of another run ({}), this run is {}",
+                ck.fingerprint,
+                fingerprint(cfg)
+            ),
+        ));
+    }
+    let p = dir.join("tensors.bin");
+    let bytes = std::fs::read(&p).map_err(|e| io_err("resume", &p, e))?;
+    let n = cfg.vocab * cfg.hidden;
+    if ck.tensor_len != n || bytes.len() != 4 * 4 * n {
+        return Err(Error::arg(
+            "resume",
+            format!(
+                "{}: expected 4 x {n} f32, got {} bytes",
+                p.display(),
+                bytes.len()
+            ),
+        ));
+    }
+    let all: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((ck, all.chunks_exact(n).map(|c| c.to_vec()).collect()))
 }
 
 /// The backend `cfg.device` resolves to, and a line saying why when `auto` fell back to the CPU.
@@ -469,12 +565,17 @@ fn pretrain(task: &Task, engine: &mut dyn Engine) -> Result<()> {
     engine.set_weights(&w, true)
 }
 
-fn open_metrics(out: &Option<PathBuf>) -> Result<Option<std::fs::File>> {
+fn open_metrics(out: &Option<PathBuf>, append: bool) -> Result<Option<std::fs::File>> {
     let Some(dir) = out else { return Ok(None) };
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::arg("out", format!("cannot create {}: {e}", dir.display())))?;
     let path = dir.join("metrics.jsonl");
-    std::fs::File::create(&path)
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(&path)
         .map(Some)
         .map_err(|e| Error::arg("out", format!("cannot write {}: {e}", path.display())))
 }
@@ -499,11 +600,28 @@ fn run(
         Orientation::Loss,
     ];
     let mut sched = RecapScheduler::new(&orient, RecapConfig::default())?;
-    let mut file = open_metrics(&cfg.out)?;
-    on_event(Event::Info(format!(
-        "pretraining on the replay sequences ({PRETRAIN_STEPS} Adam steps)"
-    )));
-    pretrain(task, engine)?;
+    let mut file = open_metrics(&cfg.out, cfg.resume.is_some())?;
+    let (first_step, w_ref) = match &cfg.resume {
+        Some(dir) => {
+            let (ck, t) = read_checkpoint(dir, cfg)?;
+            engine.set_weights(&t[3], true)?;
+            engine.restore(&t[0], &t[1], &t[2], ck.adam_t)?;
+            sched = RecapScheduler::from_json(&ck.scheduler)?;
+            on_event(Event::Info(format!(
+                "resuming {} at step {}",
+                dir.display(),
+                ck.next_step
+            )));
+            (ck.next_step, t[3].clone())
+        }
+        None => {
+            on_event(Event::Info(format!(
+                "pretraining on the replay sequences ({PRETRAIN_STEPS} Adam steps)"
+            )));
+            pretrain(task, engine)?;
+            (0, engine.weights()?)
+        }
+    };
     let rollouts = cfg.rollouts();
     let b = rollouts + r;
     let t = cfg.tokens();
@@ -518,7 +636,7 @@ fn run(
     let mut tokens = task.tokens.clone();
     let mut old = vec![0f32; t];
     let mut reference = vec![0f32; t];
-    for step in 0..cfg.steps {
+    for step in first_step..cfg.steps {
         let started = Instant::now();
         engine.rollout(step, &mut tokens, &mut old, &mut reference)?;
         let sampled = Instant::now();
@@ -600,6 +718,22 @@ fn run(
         }
         on_event(Event::Step(&m));
         records.push(m);
+    }
+    if let Some(dir) = &cfg.checkpoint {
+        let (m, v, adam_t) = engine.adam_state()?;
+        let w = engine.weights()?;
+        let ck = Checkpoint {
+            next_step: cfg.steps.max(first_step),
+            adam_t,
+            scheduler: sched.to_json()?,
+            fingerprint: fingerprint(cfg),
+            tensor_len: w.len(),
+        };
+        write_checkpoint(dir, &ck, [&w, &m, &v, &w_ref])?;
+        on_event(Event::Info(format!(
+            "checkpoint written to {}",
+            dir.display()
+        )));
     }
     Ok(records)
 }
