@@ -158,6 +158,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                         lw = old - rolv[u];
                     } else {
                         lw = (float)seq_is[b];
+                        nonfinite += !recap_isfinite(lw); /* a NaN/Inf rollout log-prob in the sequence */
                     }
                     const RecapIsWeight iw = recap_rollout_is(lw, p.is_mode, p.is_lower, p.is_upper);
                     is_sum += m * iw.ratio;

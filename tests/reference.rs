@@ -392,6 +392,24 @@ fn rollout_correction_by_hand() {
             );
         }
     }
+    // a NaN rollout log-prob at an unmasked token is a counted non-finite input at every level
+    let mut bad = rollout.clone();
+    bad[1] = f32::NAN;
+    for level in [IsLevel::Token, IsLevel::Sequence, IsLevel::Geometric] {
+        let cfg = GrpoConfig {
+            rollout_correction: Some(rc(level, IsMode::Truncate)),
+            ..GrpoConfig::default()
+        };
+        let mut inputs = branch_inputs(&b, &[1.0]);
+        inputs.rollout_logp = Some(&bad);
+        let err = Backend::Cpu
+            .grpo_loss(&inputs, &cfg, &mut [0f32; 5])
+            .unwrap_err();
+        assert!(
+            matches!(err, recap_kernels::Error::NonFinite { .. }),
+            "{level:?}: {err}"
+        );
+    }
     // the correction without rollout log-probs is an error naming them
     let cfg = GrpoConfig {
         rollout_correction: Some(RolloutCorrection::default()),

@@ -124,6 +124,7 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                         s[e + 5] += nonfinite(roll[t]);
                         old as f64 - roll[t] as f64
                     } else {
+                        s[e + 5] += if seq_is.is_finite() { 0.0 } else { 1.0 };
                         seq_is
                     };
                     let (ratio, weight, corrected) = rollout_is(lw, rc);
