@@ -51,17 +51,7 @@ pub(crate) struct CpuEngine<'t> {
 
 impl<'t> CpuEngine<'t> {
     pub fn new(task: &'t Task) -> Self {
-        let h = task.cfg.hidden;
-        let hidden = task
-            .feat
-            .iter()
-            .flat_map(|&f| {
-                let f = f as usize;
-                task.phi[f * h..(f + 1) * h]
-                    .iter()
-                    .map(|x| bf16::from_f32(*x))
-            })
-            .collect();
+        let hidden = task.hidden_bf16();
         let n = task.w0.len();
         CpuEngine {
             task,

@@ -130,16 +130,7 @@ impl<'t> CudaEngine<'t> {
         let cfg = &task.cfg;
         let (h, v, t) = (cfg.hidden, cfg.vocab, cfg.tokens());
         let rows = task.phi.len() / h;
-        let hidden: Vec<bf16> = task
-            .feat
-            .iter()
-            .flat_map(|&f| {
-                let f = f as usize;
-                task.phi[f * h..(f + 1) * h]
-                    .iter()
-                    .map(|x| bf16::from_f32(*x))
-            })
-            .collect();
+        let hidden = task.hidden_bf16();
         Ok(CudaEngine {
             task,
             phi: upload(&stream, &task.phi)?,

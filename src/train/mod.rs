@@ -315,6 +315,20 @@ impl Task {
         })
     }
 
+    /// `[T, H]` features of every token of a step, rounded to bf16 (the fused-linear inputs).
+    pub fn hidden_bf16(&self) -> Vec<half::bf16> {
+        let h = self.cfg.hidden;
+        self.feat
+            .iter()
+            .flat_map(|&f| {
+                let f = f as usize;
+                self.phi[f * h..(f + 1) * h]
+                    .iter()
+                    .map(|x| half::bf16::from_f32(*x))
+            })
+            .collect()
+    }
+
     /// Token range of a part.
     pub fn range(&self, part: Part) -> std::ops::Range<usize> {
         let t = self.cfg.tokens();
