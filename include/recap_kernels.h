@@ -93,6 +93,31 @@ int recap_group_advantages(int32_t device, void* stream, const float* rewards, i
                            int32_t num_objectives, int64_t group_size, const int32_t* group_ids,
                            int64_t num_groups, const int32_t* modes, double eps, float* out);
 
+/* Per-token KL value and d kl / d logp (device [T] each); mask nullable (every token);
+ * estimator 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl), 4 k1+, 5 k3+. */
+int recap_kl(int32_t device, void* stream, int64_t num_tokens, const float* logp, const float* ref_logp,
+             const void* mask, int32_t mask_is_u8, int32_t estimator, float* kl, float* grad);
+
+/* Per-objective weighted reduction of losses [T, K] (device): grad [T, K] (device, written), total
+ * and objective_loss [K] (nullable) on the host; aggregation from cfg. */
+int recap_weighted_reduce(int32_t device, void* stream, int64_t num_tokens, const float* losses, const void* mask,
+                          int32_t mask_is_u8, const int32_t* cu_seqlens, int64_t num_seqs, const float* lambda,
+                          const uint32_t* membership, int32_t num_objectives, const RecapGrpoConfig* cfg,
+                          float* grad, double* total, double* objective_loss);
+
+/* The chunked fused-linear GRPO loss from hidden [T, H] and weight [V, H] (bf16, device): d_hidden
+ * [T, H] (bf16) and d_weight [V, H] (float, overwritten); labels, old_logp, ref_logp (nullable),
+ * advantages, mask (uint8) as recap_grpo_loss. chunk_tokens <= 0: from memory_budget bytes (<= 0:
+ * 512 MiB). result->loss includes the entropy bonus. */
+int recap_fused_linear_grpo_loss(int32_t device, void* stream, int64_t num_tokens, int64_t hidden_size, int64_t vocab,
+                                 const void* hidden, const void* weight, const int32_t* labels,
+                                 const float* old_logp, const float* ref_logp, const float* advantages,
+                                 int32_t adv_per_token, const uint8_t* mask, const int32_t* cu_seqlens,
+                                 int64_t num_seqs, const float* lambda, const int32_t* objectives,
+                                 const uint32_t* membership, int32_t num_objectives, const RecapGrpoConfig* cfg,
+                                 float temperature, int64_t chunk_tokens, int64_t memory_budget, int32_t fp32_logits,
+                                 void* d_hidden, float* d_weight, RecapGrpoResult* result, double* objective_loss);
+
 /* The RECAP scheduler (host). orientations [K]: 0 loss, 1 reward; window <= 0: 10;
  * temperature <= 0: 5; alpha < 0: priority c + i, else alpha c + (1 - alpha) i. NULL on error. */
 typedef struct RecapSchedulerHandle RecapScheduler;

@@ -784,6 +784,331 @@ pub unsafe extern "C" fn recap_group_advantages(
     })
 }
 
+/// Per-token KL to the reference: value and `d kl / d logp` (`[T]` each, device), masked tokens 0
+/// (`mask` nullable: every token). `estimator`: 0 k1, 1 abs, 2 k2, 3 k3, 4 k1+, 5 k3+.
+///
+/// # Safety
+/// Device pointers of `device`'s primary context holding `num_tokens` elements.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_kl(
+    device: i32,
+    stream: *mut c_void,
+    num_tokens: i64,
+    logp: *const f32,
+    ref_logp: *const f32,
+    mask: *const c_void,
+    mask_is_u8: i32,
+    estimator: i32,
+    kl: *mut f32,
+    grad: *mut f32,
+) -> i32 {
+    guard(|| {
+        let t = len("num_tokens", num_tokens)?;
+        let est = pick("estimator", &KlEstimator::ALL, estimator)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let g = gpu(device)?;
+        let bw = borrow_stream(&g, stream);
+        let (lp, rf) = (
+            bw.slice::<f32>("logp", logp as _, t)?,
+            bw.slice::<f32>("ref_logp", ref_logp as _, t)?,
+        );
+        let m_len = if mask.is_null() { 0 } else { t };
+        let (m8, m32) = if mask_is_u8 != 0 {
+            (bw.slice::<u8>("mask", mask, m_len)?, Lent(None))
+        } else {
+            (Lent(None), bw.slice::<f32>("mask", mask, m_len)?)
+        };
+        let (mut k, mut gr) = (
+            bw.slice::<f32>("kl", kl as _, t)?,
+            bw.slice::<f32>("grad", grad as _, t)?,
+        );
+        let mask = match (m8.get(), m32.get()) {
+            (Some(m), _) => Some(Mask::U8(m.slice(..t))),
+            (_, Some(m)) => Some(Mask::F32(m.slice(..t))),
+            _ => None,
+        };
+        match (lp.get(), rf.get(), k.get_mut(), gr.get_mut()) {
+            (Some(lp), Some(rf), Some(k), Some(gr)) => crate::cuda::kl(
+                &g,
+                &bw.stream,
+                &lp.slice(..t),
+                &rf.slice(..t),
+                mask,
+                est,
+                &mut k.slice_mut(..t),
+                &mut gr.slice_mut(..t),
+            ),
+            _ => Err(Error::arg("logp", "null device pointer")),
+        }
+    })
+}
+
+/// The per-objective weighted reduction of losses `[T, K]` (device) with the mask and layout of the
+/// fused loss: `d total / d l` into `grad` `[T, K]` (device); `total` and `objective_loss` `[K]`
+/// (nullable) on the host. Aggregation, `norm_constant` from `cfg`.
+///
+/// # Safety
+/// As `recap_grpo_loss`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_weighted_reduce(
+    device: i32,
+    stream: *mut c_void,
+    num_tokens: i64,
+    losses: *const f32,
+    mask: *const c_void,
+    mask_is_u8: i32,
+    cu_seqlens: *const i32,
+    num_seqs: i64,
+    lambda: *const f32,
+    membership: *const u32,
+    num_objectives: i32,
+    cfg: *const RecapGrpoConfig,
+    grad: *mut f32,
+    total: *mut f64,
+    objective_loss: *mut f64,
+) -> i32 {
+    guard(|| {
+        let t = len("num_tokens", num_tokens)?;
+        let b = len("num_seqs", num_seqs)?;
+        let k = len("num_objectives", num_objectives as i64)?;
+        // SAFETY: checked for null; the caller guarantees a valid struct.
+        let cfg = unsafe { cfg.as_ref() }
+            .ok_or_else(|| Error::arg("cfg", "null pointer"))?
+            .to_config()?;
+        let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
+        let lambda = host("lambda", lambda, k)?;
+        let membership = if membership.is_null() {
+            None
+        } else {
+            Some(host("membership", membership, b)?)
+        };
+        if total.is_null() {
+            return Err(Error::arg("total", "null pointer"));
+        }
+        let out = if t == 0 {
+            let zero: [f32; 0] = [];
+            crate::cpu::weighted_reduce(
+                &crate::layout::ReduceInputs {
+                    losses: &zero[..],
+                    mask: Mask::U8(&[]),
+                    cu_seqlens: cu,
+                    lambda,
+                    membership,
+                    normalizers: None,
+                },
+                &cfg,
+                &mut [],
+            )?
+        } else {
+            let g = gpu(device)?;
+            let bw = borrow_stream(&g, stream);
+            let l = bw.slice::<f32>("losses", losses as _, t * k)?;
+            let (m8, m32) = if mask_is_u8 != 0 {
+                (bw.slice::<u8>("mask", mask, t)?, Lent(None))
+            } else {
+                (Lent(None), bw.slice::<f32>("mask", mask, t)?)
+            };
+            let mut gr = bw.slice::<f32>("grad", grad as _, t * k)?;
+            let mask = match (m8.get(), m32.get()) {
+                (Some(m), _) => Mask::U8(m.slice(..t)),
+                (_, Some(m)) => Mask::F32(m.slice(..t)),
+                _ => return Err(Error::arg("mask", "null device pointer")),
+            };
+            let (Some(l), Some(gr)) = (l.get(), gr.get_mut()) else {
+                return Err(Error::arg("losses", "null device pointer"));
+            };
+            crate::cuda::weighted_reduce(
+                &g,
+                &bw.stream,
+                &crate::layout::ReduceInputs {
+                    losses: l.slice(..t * k),
+                    mask,
+                    cu_seqlens: cu,
+                    lambda,
+                    membership,
+                    normalizers: None,
+                },
+                &cfg,
+                &mut gr.slice_mut(..t * k),
+            )?
+        };
+        // SAFETY: checked non-null; the caller guarantees a writable double (and K for the array).
+        unsafe {
+            *total = out.total;
+            if !objective_loss.is_null() {
+                std::slice::from_raw_parts_mut(objective_loss, k)
+                    .copy_from_slice(&out.objective_loss);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The chunked fused-linear GRPO loss: `hidden` `[T, H]` and `weight` `[V, H]` (bf16, device),
+/// per-token `labels`, `old_logp`, `ref_logp` (nullable), `mask` (u8), advantages as in
+/// `recap_grpo_loss`; writes `d_hidden` `[T, H]` (bf16) and `d_weight` `[V, H]` (f32, overwritten).
+/// `chunk_tokens` <= 0: sized from `memory_budget` bytes (<= 0: 512 MiB); `fp32_logits` keeps the
+/// logits in f32. `result.loss` includes the entropy bonus.
+///
+/// # Safety
+/// As `recap_grpo_loss`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
+    device: i32,
+    stream: *mut c_void,
+    num_tokens: i64,
+    hidden_size: i64,
+    vocab: i64,
+    hidden: *const c_void,
+    weight: *const c_void,
+    labels: *const i32,
+    old_logp: *const f32,
+    ref_logp: *const f32,
+    advantages: *const f32,
+    adv_per_token: i32,
+    mask: *const u8,
+    cu_seqlens: *const i32,
+    num_seqs: i64,
+    lambda: *const f32,
+    objectives: *const i32,
+    membership: *const u32,
+    num_objectives: i32,
+    cfg: *const RecapGrpoConfig,
+    temperature: f32,
+    chunk_tokens: i64,
+    memory_budget: i64,
+    fp32_logits: i32,
+    d_hidden: *mut c_void,
+    d_weight: *mut f32,
+    result: *mut RecapGrpoResult,
+    objective_loss: *mut f64,
+) -> i32 {
+    guard(|| {
+        let (t, h, v) = (
+            len("num_tokens", num_tokens)?,
+            len("hidden_size", hidden_size)?,
+            len("vocab", vocab)?,
+        );
+        let b = len("num_seqs", num_seqs)?;
+        let k = len("num_objectives", num_objectives as i64)?;
+        // SAFETY: checked for null; the caller guarantees a valid struct.
+        let cfg = unsafe { cfg.as_ref() }
+            .ok_or_else(|| Error::arg("cfg", "null pointer"))?
+            .to_config()?;
+        let lc = LogprobConfig {
+            temperature,
+            ..LogprobConfig::default()
+        };
+        lc.validate()?;
+        let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
+        let lambda = host("lambda", lambda, k)?;
+        let kinds: Vec<ObjectiveKind> = host("objectives", objectives, k)?
+            .iter()
+            .map(|&o| {
+                pick(
+                    "objectives",
+                    &[ObjectiveKind::Policy, ObjectiveKind::Nll],
+                    o,
+                )
+            })
+            .collect::<Result<_>>()?;
+        let membership = if membership.is_null() {
+            None
+        } else {
+            Some(host("membership", membership, b)?)
+        };
+        if result.is_null() {
+            return Err(Error::arg("result", "null pointer"));
+        }
+        if t == 0 || h == 0 || v == 0 {
+            return Err(Error::arg(
+                "num_tokens",
+                format!("expected T, H, V >= 1, got {t}, {h}, {v}"),
+            ));
+        }
+        let opts = crate::cuda::FusedLinearConfig {
+            chunk_tokens: (chunk_tokens > 0).then_some(chunk_tokens as usize),
+            memory_budget: if memory_budget > 0 {
+                memory_budget as usize
+            } else {
+                512 << 20
+            },
+            fp32_logits: fp32_logits != 0,
+        };
+        let adv_rows = if adv_per_token != 0 { t } else { b };
+        let g = gpu(device)?;
+        let bw = borrow_stream(&g, stream);
+        let x = bw.slice::<half::bf16>("hidden", hidden, t * h)?;
+        let w = bw.slice::<half::bf16>("weight", weight, v * h)?;
+        let y = bw.slice::<i32>("labels", labels as _, t)?;
+        let old = bw.slice::<f32>("old_logp", old_logp as _, t)?;
+        let rf = bw.slice::<f32>(
+            "ref_logp",
+            ref_logp as _,
+            if ref_logp.is_null() { 0 } else { t },
+        )?;
+        let adv = bw.slice::<f32>("advantages", advantages as _, adv_rows * k)?;
+        let m = bw.slice::<u8>("mask", mask as _, t)?;
+        let mut dh = bw.slice::<half::bf16>("d_hidden", d_hidden, t * h)?;
+        let mut dw = bw.slice::<f32>("d_weight", d_weight as _, v * h)?;
+        let (Some(x), Some(w), Some(y), Some(old), Some(adv), Some(m), Some(dh), Some(dw)) = (
+            x.get(),
+            w.get(),
+            y.get(),
+            old.get(),
+            adv.get(),
+            m.get(),
+            dh.get_mut(),
+            dw.get_mut(),
+        ) else {
+            return Err(Error::arg("hidden", "null device pointer"));
+        };
+        let advv = adv.slice(..adv_rows * k);
+        let inputs = crate::cuda::DeviceLogitsLossInputs {
+            labels: y.slice(..t),
+            old_logp: old.slice(..t),
+            ref_logp: rf.get().map(|r| r.slice(..t)),
+            rollout_logp: None,
+            advantages: if adv_per_token != 0 {
+                Advantages::PerToken(advv)
+            } else {
+                Advantages::PerSequence(advv)
+            },
+            mask: Mask::U8(m.slice(..t)),
+            cu_seqlens: cu,
+            lambda,
+            objectives: &kinds,
+            membership,
+            normalizers: None,
+        };
+        let head = crate::cuda::LinearHead {
+            hidden: x.slice(..t * h),
+            weight: w.slice(..v * h),
+            hidden_size: h,
+            vocab: v,
+        };
+        let out = crate::cuda::fused_linear_grpo_loss(
+            &g,
+            &bw.stream,
+            &head,
+            &inputs,
+            &cfg,
+            &lc,
+            &opts,
+            &mut dh.slice_mut(..t * h),
+            &mut dw.slice_mut(..v * h),
+        )?;
+        let mut grpo = out.grpo.clone();
+        grpo.loss = out.loss;
+        write_result(&grpo, result, objective_loss, k)
+    })
+}
+
 /// An opaque RECAP scheduler.
 pub struct RecapSchedulerHandle(RecapScheduler);
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["grpo_loss", "logprobs_from_logits", "group_advantages", "RecapWeights", "RecapError"]
+__all__ = ["grpo_loss", "logprobs_from_logits", "fused_linear_grpo_loss", "group_advantages", "RecapWeights",
+           "RecapError"]
 
 RECAP_OK = 0
 
@@ -72,6 +73,9 @@ def _lib():
     lib.recap_logprob_forward.argtypes = [I32, P, P, I32, I64, I64, I64, P, F, I32, P, P, P]
     lib.recap_logprob_backward_inplace.argtypes = [I32, P, P, I32, I64, I64, I64, P, P, P, P, P, F, I32]
     lib.recap_group_advantages.argtypes = [I32, P, P, I64, I32, I64, P, I64, P, D, P]
+    lib.recap_fused_linear_grpo_loss.argtypes = [I32, P, I64, I64, I64, P, P, P, P, P, P, I32, P, P, I64, P, P, P,
+                                                 I32, ctypes.POINTER(_Config), F, I64, I64, I32, P, P,
+                                                 ctypes.POINTER(_Result), P]
     lib.recap_scheduler_new.restype = P
     lib.recap_scheduler_new.argtypes = [P, I32, I32, D, D]
     lib.recap_scheduler_observe.argtypes = [P, P, I32]
@@ -281,6 +285,76 @@ def logprobs_from_logits(logits, labels, temperature=1.0, entropy=True, inplace_
     logp, ent = _Logprobs.apply(z, y, float(temperature), int(ignore_index), bool(inplace_backward))
     logp, ent = logp.view(shape), ent.view(shape)
     return (logp, ent) if entropy else logp
+
+
+class _FusedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, args):
+        t, h = hidden.shape
+        v = weight.shape[0]
+        d_hidden = torch.empty_like(hidden)
+        d_weight = torch.empty(v, h, device=hidden.device, dtype=torch.float32)
+        res = _Result()
+        k = args["k"]
+        obj = (ctypes.c_double * k)()
+        _check(_lib().recap_fused_linear_grpo_loss(
+            hidden.device.index or 0, _stream(hidden.device), t, h, v, _ptr(hidden), _ptr(weight), _ptr(args["labels"]),
+            _ptr(args["old"]), _ptr(args["ref"]), _ptr(args["adv"]), int(args["per_token"]), _ptr(args["mask"]),
+            args["cu"].ctypes, args["b"], args["lambda"].ctypes, args["objectives"].ctypes, None, k,
+            ctypes.byref(args["cfg"]), args["temperature"], args["chunk_tokens"], args["memory_budget"],
+            int(args["fp32_logits"]), _ptr(d_hidden), _ptr(d_weight), ctypes.byref(res), obj))
+        args["result"], args["objective_loss"] = res, list(obj)
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.weight_dtype = weight.dtype
+        return torch.tensor(res.loss, device=hidden.device, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):
+        d_hidden, d_weight = ctx.saved_tensors
+        return (d_hidden * g.to(d_hidden.dtype)), (d_weight * g).to(ctx.weight_dtype), None
+
+
+def fused_linear_grpo_loss(hidden, weight, labels, old_logp, advantages, mask, cu_seqlens, ref_logp=None,
+                           temperature=1.0, chunk_tokens=None, memory_budget=512 << 20, fp32_logits=False,
+                           lambda_=None, objectives=None, objective_names=None, **config):
+    """The GRPO loss of a policy whose last layer is `hidden [T, H] @ weight[V, H]^T` (bf16), chunk
+    by chunk, never holding [T, V] logits; differentiable with respect to `hidden` and `weight`.
+    Per-token `labels`, `old_logp`, `mask` [T] (packed, `cu_seqlens` [B + 1]); advantages [B] /
+    [B, K] per sequence or [T] per token; `config` as `grpo_loss` (entropy_coeff adds the bonus).
+    Returns (loss, metrics)."""
+    dev = hidden.device
+    x = _cuda("hidden", hidden, (torch.bfloat16,))
+    w = _cuda("weight", weight, (torch.bfloat16,), dev)
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"hidden [T, H] and weight [V, H]: got {tuple(x.shape)} and {tuple(w.shape)}")
+    t = x.shape[0]
+    y = _cuda("labels", labels.to(torch.int32).contiguous(), (torch.int32,), dev)
+    old = _cuda("old_logp", old_logp, (torch.float32,), dev)
+    m = _cuda("mask", mask.to(torch.uint8).contiguous(), (torch.uint8,), dev)
+    adv = _cuda("advantages", advantages, (torch.float32,), dev)
+    for name, a in (("labels", y), ("old_logp", old), ("mask", m)):
+        if a.numel() != t:
+            raise ValueError(f"{name}: expected [T = {t}], got {tuple(a.shape)}")
+    cu = [int(c) for c in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)]
+    b = len(cu) - 1
+    per_token = adv.dim() == 1 and adv.shape[0] == t and t != b
+    k = 1 if adv.dim() == 1 else adv.shape[1]
+    args = {
+        "labels": y, "old": old, "mask": m, "adv": adv, "per_token": per_token, "k": k, "b": b,
+        "ref": _cuda("ref_logp", ref_logp, (torch.float32,), dev) if ref_logp is not None else None,
+        "cu": _HostArray(cu, ctypes.c_int32),
+        "lambda": _HostArray([1.0] * k if lambda_ is None else [float(v) for v in lambda_], ctypes.c_float),
+        "objectives": _HostArray([0] * k if objectives is None else [0 if o in ("policy", 0) else 1 for o in objectives],
+                                 ctypes.c_int32),
+        "cfg": _config(**config), "temperature": float(temperature), "chunk_tokens": chunk_tokens or 0,
+        "memory_budget": memory_budget, "fp32_logits": fp32_logits,
+    }
+    loss = _FusedLinear.apply(x, w, args)
+    res = args["result"]
+    names = objective_names or [str(i) for i in range(k)]
+    return loss, {"actor/pg_loss": dict(zip(names, args["objective_loss"])), "actor/ppo_kl": res.ppo_kl,
+                  "actor/kl_loss": res.kl_loss, "actor/ratio_mean": res.ratio_mean,
+                  "actor/num_tokens": res.num_tokens}
 
 
 def group_advantages(rewards, group_size, mode="grpo", eps=1e-6):

@@ -156,3 +156,27 @@ def test_group_advantages(rk):
     want = torch.tensor([0.5, -0.5, 0.5, -0.5, 0, 0, 0, 0], device="cuda") / (s + 1e-6)
     want[4:] = 0
     torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_linear_matches_unfused_autograd(rk):
+    g = torch.Generator(device="cuda").manual_seed(11)
+    t, h, v = 96, 64, 3001
+    hidden = (torch.randn(t, h, device="cuda", generator=g) * 0.1).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device="cuda", generator=g) * 0.1).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, v, (t,), device="cuda", generator=g)
+    old = -torch.rand(t, device="cuda", generator=g) * 8 - 4
+    adv = torch.randn(3, device="cuda", generator=g)
+    mask = torch.ones(t, device="cuda", dtype=torch.uint8)
+    cu = [0, 40, 70, 96]
+    loss, _ = rk.fused_linear_grpo_loss(hidden, weight, labels, old, adv, mask, cu, chunk_tokens=32,
+                                        fp32_logits=True)
+    loss.backward()
+    x = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    logp = torch.log_softmax((x @ w.T).float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    seq = torch.repeat_interleave(torch.arange(3, device="cuda"), torch.tensor([40, 30, 26], device="cuda"))
+    want = verl_policy_loss(old, logp, adv[seq], mask.float(), 0.2, 0.2, 3.0, "token-mean")
+    want.backward()
+    assert abs(loss.item() - want.item()) <= 1e-3 * abs(want.item()) + 1e-4
+    torch.testing.assert_close(hidden.grad.float(), x.grad.float(), rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(weight.grad.float(), w.grad.float(), rtol=5e-2, atol=5e-3)

@@ -83,6 +83,19 @@ int main(int argc, char** argv) {
     int32_t modes[1] = {7};
     CHECK(recap_group_advantages(0, NULL, dummy, 4, 1, 2, NULL, 0, modes, 1e-6, dummy) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "modes") != NULL);
+    CHECK(recap_kl(0, NULL, 4, dummy, dummy, NULL, 0, 9, dummy, dummy) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "estimator") != NULL);
+    CHECK(recap_weighted_reduce(0, NULL, 4, dummy, dummy, 0, cu, 2, lambda, NULL, 1, &cfg, dummy, NULL, NULL) ==
+          RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "total") != NULL);
+    uint8_t m8[4] = {1, 1, 1, 1};
+    CHECK(recap_fused_linear_grpo_loss(0, NULL, 4, 2, 4, dummy, dummy, labels, dummy, NULL, dummy, 0, m8, cu, 2, lambda,
+                                       kinds, NULL, 1, &cfg, 0.0f, 0, 0, 0, dummy, dummy, &res, NULL) ==
+          RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "temperature") != NULL);
+    double total = -1.0;
+    CHECK(recap_weighted_reduce(0, NULL, 0, NULL, NULL, 0, cu0, 1, lambda, NULL, 1, &cfg, NULL, &total, NULL) ==
+          RECAP_OK && total == 0.0);
     if (!has_driver) {
         /* valid arguments, no GPU: a device error that says why */
         CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, dummy, 0, dummy, 0, cu, 2, lambda, kinds, NULL, 1,
