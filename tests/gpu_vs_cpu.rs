@@ -417,3 +417,36 @@ fn every_kernel_is_deterministic() {
         }
     }
 }
+
+/// More than 2^24 tokens (beyond exact f32 token counts and 24-bit indices): the loss, metrics and
+/// a sample of the gradient against the CPU reference. Skipped under the sanitizer (RECAP_SANITIZE).
+#[test]
+fn fused_loss_beyond_2_pow_24_tokens() {
+    let Some(be) = gpu("fused_loss_beyond_2_pow_24_tokens") else {
+        return;
+    };
+    if std::env::var("RECAP_SANITIZE").is_ok() {
+        eprintln!("fused_loss_beyond_2_pow_24_tokens: skipped under the sanitizer (too slow)");
+        return;
+    }
+    let t = (1usize << 24) + 4099;
+    let lens: Vec<usize> = (0..t / 4096).map(|_| 4096).chain([t % 4096]).collect();
+    let b = Batch::random(13, &lens, 2);
+    for mode in [AggMode::TokenMean, AggMode::SeqMeanTokenMean] {
+        let cfg = config_for(13, mode);
+        let (mut gg, mut gc) = (vec![0f32; t], vec![0f32; t]);
+        let og = be.grpo_loss(&b.inputs(None), &cfg, &mut gg).unwrap();
+        let oc = Backend::Cpu
+            .grpo_loss(&b.inputs(None), &cfg, &mut gc)
+            .unwrap();
+        compare(&format!("T = {t} {mode}"), &og, &oc);
+        let mut rng = Rng::new(1);
+        for _ in 0..20_000 {
+            let i = rng.below(t);
+            assert_close(&format!("grad[{i}]"), gg[i] as f64, gc[i] as f64, ABS, REL);
+        }
+        for i in t - 4099..t {
+            assert_close(&format!("grad[{i}]"), gg[i] as f64, gc[i] as f64, ABS, REL);
+        }
+    }
+}
