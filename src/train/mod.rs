@@ -682,7 +682,7 @@ fn run(
             normalizers: None,
         };
         let (mut loss_s, mut opt_s) = (0.0, 0.0);
-        let mut first = None;
+        let mut outs = Vec::with_capacity(cfg.ppo_epochs);
         for _ in 0..cfg.ppo_epochs {
             let t0 = Instant::now();
             let out = engine.loss(Part::All, &inputs, &config)?;
@@ -691,10 +691,12 @@ fn run(
             engine.sync()?;
             loss_s += (t1 - t0).as_secs_f64();
             opt_s += t1.elapsed().as_secs_f64();
-            first.get_or_insert(out);
+            outs.push(out);
         }
-        // the first epoch's loss and metrics: those of the sampling policy's own batch
-        let out = first.ok_or_else(|| Error::arg("ppo_epochs", "expected at least one epoch"))?;
+        // loss metrics averaged over the epochs' updates, as verl reports them
+        let avg = |f: &dyn Fn(&LogitsLossOutput) -> f64| {
+            outs.iter().map(f).sum::<f64>() / outs.len().max(1) as f64
+        };
         let mean = |j: usize| {
             rewards
                 .iter()
@@ -714,11 +716,11 @@ fn run(
             overlap: ovl,
             replay_nll,
             lambda: lambda.clone(),
-            loss: out.loss,
-            pg_clipfrac: out.grpo.metrics.pg_clipfrac.iter().take(3).sum::<f64>() / 3.0,
-            ppo_kl: out.grpo.metrics.ppo_kl,
-            kl: out.grpo.metrics.kl_mean,
-            entropy: out.entropy_mean,
+            loss: avg(&|o| o.loss),
+            pg_clipfrac: avg(&|o| o.grpo.metrics.pg_clipfrac.iter().take(3).sum::<f64>() / 3.0),
+            ppo_kl: avg(&|o| o.grpo.metrics.ppo_kl),
+            kl: avg(&|o| o.grpo.metrics.kl_mean),
+            entropy: avg(&|o| o.entropy_mean),
             step_time_ms: secs * 1e3,
             sample_ms: (sampled - started).as_secs_f64() * 1e3,
             advantages_ms: (advantaged - sampled).as_secs_f64() * 1e3,
