@@ -324,6 +324,30 @@ impl Borrowed {
     }
 }
 
+/// A caller's `[n]` mask, u8 or f32 (null with `n = 0` gives none).
+struct LentMask(Lent<u8>, Lent<f32>);
+
+impl LentMask {
+    fn new(bw: &Borrowed, mask: *const c_void, is_u8: i32, n: usize) -> Result<Self> {
+        Ok(if is_u8 != 0 {
+            LentMask(bw.slice::<u8>("mask", mask, n)?, Lent(None))
+        } else {
+            LentMask(Lent(None), bw.slice::<f32>("mask", mask, n)?)
+        })
+    }
+
+    fn view(
+        &self,
+        n: usize,
+    ) -> Option<Mask<cudarc::driver::CudaView<'_, f32>, cudarc::driver::CudaView<'_, u8>>> {
+        match (self.0.get(), self.1.get()) {
+            (Some(m), _) => Some(Mask::U8(m.slice(..n))),
+            (_, Some(m)) => Some(Mask::F32(m.slice(..n))),
+            _ => None,
+        }
+    }
+}
+
 fn borrow_stream(g: &Arc<Gpu>, stream: *mut c_void) -> Borrowed {
     let s = if stream.is_null() {
         g.stream().clone()
@@ -442,11 +466,7 @@ pub unsafe extern "C" fn recap_grpo_loss(
             if rollout_logp.is_null() { 0 } else { t },
         )?;
         let adv = bw.slice::<f32>("advantages", advantages as _, adv_rows * k)?;
-        let (m8, m32) = if mask_is_u8 != 0 {
-            (bw.slice::<u8>("mask", mask, t)?, Lent(None))
-        } else {
-            (Lent(None), bw.slice::<f32>("mask", mask, t)?)
-        };
+        let lm = LentMask::new(&bw, mask, mask_is_u8, t)?;
         let mut gr = bw.slice::<f32>("grad", grad as _, t)?;
         let s = bw.stream.clone();
         let out = {
@@ -461,11 +481,9 @@ pub unsafe extern "C" fn recap_grpo_loss(
                     "empty batch: num_tokens = 0 needs no call",
                 ));
             };
-            let mask = match (m8.get(), m32.get()) {
-                (Some(m), _) => Mask::U8(m.slice(..t)),
-                (_, Some(m)) => Mask::F32(m.slice(..t)),
-                _ => return Err(Error::arg("mask", "null device pointer")),
-            };
+            let mask = lm
+                .view(t)
+                .ok_or_else(|| Error::arg("mask", "null device pointer"))?;
             let inputs = GrpoInputs {
                 logp: lpv,
                 old_logp: oldv,
@@ -816,20 +834,12 @@ pub unsafe extern "C" fn recap_kl(
             bw.slice::<f32>("ref_logp", ref_logp as _, t)?,
         );
         let m_len = if mask.is_null() { 0 } else { t };
-        let (m8, m32) = if mask_is_u8 != 0 {
-            (bw.slice::<u8>("mask", mask, m_len)?, Lent(None))
-        } else {
-            (Lent(None), bw.slice::<f32>("mask", mask, m_len)?)
-        };
+        let lm = LentMask::new(&bw, mask, mask_is_u8, m_len)?;
         let (mut k, mut gr) = (
             bw.slice::<f32>("kl", kl as _, t)?,
             bw.slice::<f32>("grad", grad as _, t)?,
         );
-        let mask = match (m8.get(), m32.get()) {
-            (Some(m), _) => Some(Mask::U8(m.slice(..t))),
-            (_, Some(m)) => Some(Mask::F32(m.slice(..t))),
-            _ => None,
-        };
+        let mask = lm.view(t);
         match (lp.get(), rf.get(), k.get_mut(), gr.get_mut()) {
             (Some(lp), Some(rf), Some(k), Some(gr)) => crate::cuda::kl(
                 &g,
@@ -907,17 +917,11 @@ pub unsafe extern "C" fn recap_weighted_reduce(
             let g = gpu(device)?;
             let bw = borrow_stream(&g, stream);
             let l = bw.slice::<f32>("losses", losses as _, t * k)?;
-            let (m8, m32) = if mask_is_u8 != 0 {
-                (bw.slice::<u8>("mask", mask, t)?, Lent(None))
-            } else {
-                (Lent(None), bw.slice::<f32>("mask", mask, t)?)
-            };
+            let lm = LentMask::new(&bw, mask, mask_is_u8, t)?;
             let mut gr = bw.slice::<f32>("grad", grad as _, t * k)?;
-            let mask = match (m8.get(), m32.get()) {
-                (Some(m), _) => Mask::U8(m.slice(..t)),
-                (_, Some(m)) => Mask::F32(m.slice(..t)),
-                _ => return Err(Error::arg("mask", "null device pointer")),
-            };
+            let mask = lm
+                .view(t)
+                .ok_or_else(|| Error::arg("mask", "null device pointer"))?;
             let (Some(l), Some(gr)) = (l.get(), gr.get_mut()) else {
                 return Err(Error::arg("losses", "null device pointer"));
             };
