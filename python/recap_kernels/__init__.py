@@ -163,7 +163,7 @@ class _GrpoLoss(torch.autograd.Function):
             _ptr(args["ref"]), _ptr(args["rollout"]), _ptr(args["adv"]), int(args["per_token"]), _ptr(args["mask"]),
             int(args["mask"].dtype == torch.uint8), args["cu"].ctypes, args["b"], args["lambda"].ctypes,
             args["objectives"].ctypes, args["membership"].ctypes if args["membership"] is not None else None, k,
-            ctypes.byref(args["cfg"]), _ptr(grad), ctypes.byref(res), obj))
+            ctypes.byref(args["cfg"]), _ptr(grad), ctypes.byref(res), ctypes.cast(obj, ctypes.c_void_p)))
         ctx.save_for_backward(grad)
         args["result"], args["objective_loss"] = res, list(obj)  # read back by grpo_loss
         return torch.tensor(res.loss, device=logp.device, dtype=torch.float32)
@@ -302,7 +302,8 @@ class _FusedLinear(torch.autograd.Function):
             _ptr(args["old"]), _ptr(args["ref"]), _ptr(args["adv"]), int(args["per_token"]), _ptr(args["mask"]),
             args["cu"].ctypes, args["b"], args["lambda"].ctypes, args["objectives"].ctypes, None, k,
             ctypes.byref(args["cfg"]), args["temperature"], args["chunk_tokens"], args["memory_budget"],
-            int(args["fp32_logits"]), _ptr(d_hidden), _ptr(d_weight), ctypes.byref(res), obj))
+            int(args["fp32_logits"]), _ptr(d_hidden), _ptr(d_weight), ctypes.byref(res),
+            ctypes.cast(obj, ctypes.c_void_p)))
         args["result"], args["objective_loss"] = res, list(obj)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
