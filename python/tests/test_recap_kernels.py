@@ -180,3 +180,52 @@ def test_fused_linear_matches_unfused_autograd(rk):
     assert abs(loss.item() - want.item()) <= 1e-3 * abs(want.item()) + 1e-4
     torch.testing.assert_close(hidden.grad.float(), x.grad.float(), rtol=5e-2, atol=5e-3)
     torch.testing.assert_close(weight.grad.float(), w.grad.float(), rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("mask shape", ValueError, "mask"),
+        ("old_logp shape", ValueError, "old_logp"),
+        ("packed without cu_seqlens", ValueError, "cu_seqlens"),
+        ("non-contiguous", ValueError, "contiguous"),
+        ("unknown agg mode", ValueError, "loss_agg_mode"),
+        ("unknown kl", ValueError, "kl_loss_type"),
+        ("dual-clip c <= 1", "recap", "dual_clip"),
+        ("cu_seqlens not ending at T", "recap", "cu_seqlens"),
+        ("advantages length", "recap", "advantages"),
+        ("K above the maximum", "recap", "lambda"),
+        ("temperature 0", "recap", "temperature"),
+        ("labels length", ValueError, "labels"),
+        ("label out of range", "recap", "labels"),
+        ("bf16 logp", TypeError, "dtype"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(rk, case, exc, match):
+    exc = rk.RecapError if exc == "recap" else exc
+    x = torch.full((4, 8), -1.0, device="cuda")
+    m = torch.ones(4, 8, device="cuda")
+    a = torch.zeros(4, device="cuda")
+    calls = {
+        "mask shape": lambda: rk.grpo_loss(x, x, a, m[:, :7].contiguous()),
+        "old_logp shape": lambda: rk.grpo_loss(x, x[:3].contiguous(), a, m),
+        "packed without cu_seqlens": lambda: rk.grpo_loss(x.view(-1), x.view(-1), a, m.view(-1)),
+        "non-contiguous": lambda: rk.grpo_loss(x.t(), x.t(), a, m.t()),
+        "unknown agg mode": lambda: rk.grpo_loss(x, x, a, m, loss_agg_mode="seq-mean"),
+        "unknown kl": lambda: rk.grpo_loss(x, x, a, m, kl_loss_type="k9"),
+        "dual-clip c <= 1": lambda: rk.grpo_loss(x, x, a, m, clip_ratio_c=0.5),
+        "cu_seqlens not ending at T": lambda: rk.grpo_loss(x.view(-1), x.view(-1), a, m.view(-1),
+                                                           cu_seqlens=[0, 8, 16, 24, 30]),
+        "advantages length": lambda: rk.grpo_loss(x.view(-1), x.view(-1), a[:3].contiguous(), m.view(-1),
+                                                  cu_seqlens=[0, 8, 16, 24, 32]),
+        "K above the maximum": lambda: rk.grpo_loss(x, x, torch.zeros(4, 17, device="cuda"), m),
+        "temperature 0": lambda: rk.logprobs_from_logits(torch.zeros(2, 5, device="cuda"),
+                                                         torch.zeros(2, dtype=torch.long, device="cuda"), 0.0),
+        "labels length": lambda: rk.logprobs_from_logits(torch.zeros(2, 5, device="cuda"),
+                                                         torch.zeros(3, dtype=torch.long, device="cuda")),
+        "label out of range": lambda: rk.logprobs_from_logits(torch.zeros(2, 5, device="cuda"),
+                                                              torch.full((2,), 7, dtype=torch.long, device="cuda")),
+        "bf16 logp": lambda: rk.grpo_loss(x.bfloat16(), x, a, m),
+    }
+    with pytest.raises(exc, match=match):
+        calls[case]()
