@@ -23,9 +23,30 @@ fn c_abi_from_c() {
         );
         return;
     };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // the crate's sources: where cargo built it, or the current directory (a bundled copy runs from
+    // the project root)
+    let root = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        PathBuf::from("."),
+    ]
+    .into_iter()
+    .find(|r| r.join("include/recap_kernels.h").exists());
+    let Some(root) = root else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping c_abi_from_c: include/recap_kernels.h not found"
+        );
+        return;
+    };
     let out = std::env::temp_dir().join(format!("recap-abi-test-{}", std::process::id()));
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    if Command::new(&cc).arg("--version").output().is_err() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping c_abi_from_c: no C compiler `{cc}`"
+        );
+        return;
+    }
     let status = Command::new(&cc)
         .args(["-std=c99", "-Wall", "-Werror", "-o"])
         .arg(&out)
@@ -35,7 +56,7 @@ fn c_abi_from_c() {
         .arg(&lib)
         .arg(format!("-Wl,-rpath,{}", lib.parent().unwrap().display()))
         .status()
-        .expect("a C compiler (cc) to build tests/c/abi_test.c");
+        .unwrap();
     assert!(
         status.success(),
         "compiling tests/c/abi_test.c against the header"
