@@ -546,6 +546,39 @@ fn write_result(
     Ok(())
 }
 
+/// The checked shape and options of a C call on logits.
+struct LogitsShape {
+    t: usize,
+    v: usize,
+    ld: usize,
+    /// Elements the rows span: `(t - 1) ld + v`.
+    span: usize,
+    lc: LogprobConfig,
+}
+
+fn logits_shape(
+    rows: i64,
+    vocab: i64,
+    ld: i64,
+    temperature: f32,
+    ignore_index: i32,
+) -> Result<LogitsShape> {
+    let (t, v, ld) = (len("rows", rows)?, len("vocab", vocab)?, len("ld", ld)?);
+    let lc = LogprobConfig {
+        temperature,
+        ignore_index,
+    };
+    lc.validate()?;
+    if ld < v {
+        return Err(Error::arg(
+            "ld",
+            format!("expected ld >= vocab = {v}, got {ld}"),
+        ));
+    }
+    let span = if t == 0 { 0 } else { (t - 1) * ld + v };
+    Ok(LogitsShape { t, v, ld, span, lc })
+}
+
 /// Log-probabilities, entropy (nullable) and LSE of `rows` rows of `vocab` logits (row stride `ld`
 /// elements; `dtype` 0 f32, 1 f16, 2 bf16) at `temperature`, labels `ignore_index` giving 0.
 ///
@@ -570,19 +603,8 @@ pub unsafe extern "C" fn recap_logprob_forward(
     lse: *mut f32,
 ) -> i32 {
     guard(|| {
-        let (t, v, ld) = (len("rows", rows)?, len("vocab", vocab)?, len("ld", ld)?);
-        let lc = LogprobConfig {
-            temperature,
-            ignore_index,
-        };
-        lc.validate()?;
-        if ld < v {
-            return Err(Error::arg(
-                "ld",
-                format!("expected ld >= vocab = {v}, got {ld}"),
-            ));
-        }
-        let span = if t == 0 { 0 } else { (t - 1) * ld + v };
+        let LogitsShape { t, v, ld, span, lc } =
+            logits_shape(rows, vocab, ld, temperature, ignore_index)?;
         let g = gpu(device)?;
         let bw = borrow_stream(&g, stream);
         let y = bw.slice::<i32>("labels", labels as _, t)?;
@@ -654,19 +676,8 @@ pub unsafe extern "C" fn recap_logprob_backward_inplace(
     ignore_index: i32,
 ) -> i32 {
     guard(|| {
-        let (t, v, ld) = (len("rows", rows)?, len("vocab", vocab)?, len("ld", ld)?);
-        let lc = LogprobConfig {
-            temperature,
-            ignore_index,
-        };
-        lc.validate()?;
-        if ld < v {
-            return Err(Error::arg(
-                "ld",
-                format!("expected ld >= vocab = {v}, got {ld}"),
-            ));
-        }
-        let span = if t == 0 { 0 } else { (t - 1) * ld + v };
+        let LogitsShape { t, v, ld, span, lc } =
+            logits_shape(rows, vocab, ld, temperature, ignore_index)?;
         let g = gpu(device)?;
         let bw = borrow_stream(&g, stream);
         let y = bw.slice::<i32>("labels", labels as _, t)?;

@@ -2,7 +2,7 @@
 //! fused-linear reference, the host-compiled AdamW and draw of `kernels/train_math.cuh`).
 
 use super::{Engine, Part, Task};
-use crate::advantages::{AdvantageConfig, AdvantageMode, Groups};
+use crate::advantages::Groups;
 use crate::config::GrpoConfig;
 use crate::device_math::{adamw, draw, AdamW};
 use crate::error::Result;
@@ -122,11 +122,7 @@ impl Engine for CpuEngine<'_> {
             rewards,
             Groups::Consecutive(self.task.cfg.group),
             None,
-            &AdvantageConfig {
-                modes: vec![AdvantageMode::Grpo; 3],
-                eps: 1e-6,
-                lead: None,
-            },
+            &super::advantage_config(),
             out,
         )
     }

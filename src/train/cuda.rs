@@ -11,7 +11,6 @@
 //! reference) plus the fused-linear path's chunk.
 
 use super::{Engine, Part, Task};
-use crate::advantages::{AdvantageConfig, AdvantageMode};
 use crate::config::GrpoConfig;
 use crate::cuda::fused_linear::gemm;
 use crate::cuda::params::TrainParams;
@@ -247,11 +246,7 @@ impl Engine for CudaEngine<'_> {
             &r.slice(..rewards.len()),
             DeviceGroups::Consecutive(self.task.cfg.group),
             None,
-            &AdvantageConfig {
-                modes: vec![AdvantageMode::Grpo; 3],
-                eps: 1e-6,
-                lead: None,
-            },
+            &super::advantage_config(),
             &mut o.slice_mut(..out.len()),
         )?;
         s.memcpy_dtoh(&o.slice(..out.len()), out)?;

@@ -476,6 +476,15 @@ fn read_checkpoint(
     Ok((ck, all.chunks_exact(n).map(|c| c.to_vec()).collect()))
 }
 
+/// The advantages of the driver's three RL objectives: GRPO, eps 1e-6 (verl's).
+pub(crate) fn advantage_config() -> crate::advantages::AdvantageConfig {
+    crate::advantages::AdvantageConfig {
+        modes: vec![crate::advantages::AdvantageMode::Grpo; 3],
+        eps: 1e-6,
+        lead: None,
+    }
+}
+
 /// The backend `cfg.device` resolves to, and a line saying why when `auto` fell back to the CPU.
 fn resolve(device: Device) -> Result<(Backend, Option<String>)> {
     match device {
