@@ -546,6 +546,22 @@ fn write_result(
     Ok(())
 }
 
+/// Runs the caller's macro `$go!(E)` with the logits element type of C code `dtype` (0 f32, 1 f16,
+/// 2 bf16), or returns an error naming `dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $go:ident) => {
+        match $dtype {
+            0 => $go!(f32),
+            1 => $go!(half::f16),
+            2 => $go!(half::bf16),
+            x => Err(Error::arg(
+                "dtype",
+                format!("expected 0 (f32), 1 (f16) or 2 (bf16), got {x}"),
+            )),
+        }
+    };
+}
+
 /// The checked shape and options of a C call on logits.
 struct LogitsShape {
     t: usize,
@@ -639,15 +655,7 @@ pub unsafe extern "C" fn recap_logprob_forward(
                 }
             }};
         }
-        match dtype {
-            0 => go!(f32),
-            1 => go!(half::f16),
-            2 => go!(half::bf16),
-            x => Err(Error::arg(
-                "dtype",
-                format!("expected 0 (f32), 1 (f16) or 2 (bf16), got {x}"),
-            )),
-        }
+        by_dtype!(dtype, go)
     })
 }
 
@@ -722,15 +730,7 @@ pub unsafe extern "C" fn recap_logprob_backward_inplace(
                 }
             }};
         }
-        match dtype {
-            0 => go!(f32),
-            1 => go!(half::f16),
-            2 => go!(half::bf16),
-            x => Err(Error::arg(
-                "dtype",
-                format!("expected 0 (f32), 1 (f16) or 2 (bf16), got {x}"),
-            )),
-        }
+        by_dtype!(dtype, go)
     })
 }
 

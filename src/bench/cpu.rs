@@ -38,10 +38,7 @@ fn cpu_name() -> String {
 pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     let mut records: Vec<BenchRecord> = Vec::new();
     let mut push = |r: BenchRecord, progress: &mut dyn FnMut(&str)| {
-        progress(&format!(
-            "{} {}: median {:.1} us, min {:.1} us",
-            r.op, r.case, r.median_us, r.min_us
-        ));
+        progress(&r.progress_line());
         records.push(r);
     };
     // baseline: host memcpy, bytes read + written

@@ -64,18 +64,7 @@ pub(super) fn run(
     };
     let mut records: Vec<BenchRecord> = Vec::new();
     let mut push = |r: BenchRecord, progress: &mut dyn FnMut(&str)| {
-        progress(&format!(
-            "{} {}: median {:.1} us, min {:.1} us{}",
-            r.op,
-            r.case,
-            r.median_us,
-            r.min_us,
-            if r.bytes > 0.0 {
-                format!(", {:.0} GB/s ({:.1}% of copy)", r.gb_s, r.pct_of_copy)
-            } else {
-                String::new()
-            }
-        ));
+        progress(&r.progress_line());
         records.push(r);
     };
     progress(&format!(

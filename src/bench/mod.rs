@@ -69,6 +69,21 @@ pub struct BenchRecord {
     pub value: Option<f64>,
 }
 
+impl BenchRecord {
+    /// The progress line of a finished case.
+    pub fn progress_line(&self) -> String {
+        let rate = if self.bytes > 0.0 {
+            format!(", {:.2} GB/s ({:.1}% of copy)", self.gb_s, self.pct_of_copy)
+        } else {
+            String::new()
+        };
+        format!(
+            "{} {}: median {:.1} us, min {:.1} us{rate}",
+            self.op, self.case, self.median_us, self.min_us
+        )
+    }
+}
+
 /// A whole run.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct BenchReport {
