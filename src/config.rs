@@ -342,11 +342,13 @@ impl Default for GrpoConfig {
 
 impl GrpoConfig {
     /// Whether the loss needs the kernels' variant path (anything beyond the plain clipped surrogate).
-    pub(crate) fn extended(&self, has_rollout: bool) -> bool {
+    /// `has_rollout`: rollout log-probs given; `has_policy_weight`: per-token policy weights given.
+    pub(crate) fn extended(&self, has_rollout: bool, has_policy_weight: bool) -> bool {
         self.policy_loss != PolicyLoss::Vanilla
             || self.delta.is_some()
             || self.kl_is_correction
             || has_rollout
+            || has_policy_weight
     }
 
     /// GSPO's settings: [`PolicyLoss::Gspo`], clip range 3e-4 / 4e-4 (the paper's), seq-mean-token-mean

@@ -140,7 +140,7 @@ pub fn grpo_loss(
             sum_norm_const: config.norm_constant.unwrap_or(0.0),
             lambda,
         };
-        let ext = if config.extended(has_rollout) {
+        let ext = if config.extended(has_rollout, pw_addr != 0) {
             "ext_"
         } else {
             ""
