@@ -111,6 +111,22 @@ def _cuda(name, t, dtypes, device=None):
     return t
 
 
+def _check_sizes(t, b, k, adv, per_token, lam, kinds, membership=None, **per_token_tensors):
+    """The C ABI takes raw pointers: every length is checked here, before the call, against T, B, K."""
+    want = t if per_token else b * k
+    if adv.numel() != want:
+        shape = f"[T = {t}] per token" if per_token else f"[B = {b}] or [B, K] = [{b}, {k}] per sequence"
+        raise ValueError(f"advantages: expected {shape}, got shape {tuple(adv.shape)}")
+    for name, x in per_token_tensors.items():
+        if x is not None and x.numel() != t:
+            raise ValueError(f"{name}: expected [T = {t}] elements like logp, got shape {tuple(x.shape)}")
+    for name, x in (("lambda_", lam), ("objectives", kinds)):
+        if len(x) != k:
+            raise ValueError(f"{name}: expected K = {k} entries (one per advantage column), got {len(x)}")
+    if membership is not None and len(membership) != b:
+        raise ValueError(f"membership: expected B = {b} bit masks, got {len(membership)}")
+
+
 def _stream(device):
     return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
 
@@ -216,13 +232,17 @@ def grpo_loss(logp, old_logp, advantages, mask, cu_seqlens=None, ref_logp=None, 
     k = 1 if per_token or adv.dim() == 1 else adv.shape[-1]
     lam = [1.0] * k if lambda_ is None else [float(x) for x in lambda_]
     kinds = [0] * k if objectives is None else [0 if o in ("policy", 0) else 1 for o in objectives]
+    ref = _cuda("ref_logp", ref_logp, (torch.float32,), dev) if ref_logp is not None else None
+    rollout = _cuda("rollout_logp", rollout_logp, (torch.float32,), dev) if rollout_logp is not None else None
+    if membership is not None:
+        membership = [int(x) for x in membership]
+    _check_sizes(logp.numel(), b, k, adv, per_token, lam, kinds, membership, ref_logp=ref, rollout_logp=rollout)
     args = {
         "old": old, "mask": mask, "adv": adv, "per_token": per_token, "k": k, "b": b,
-        "ref": _cuda("ref_logp", ref_logp, (torch.float32,), dev) if ref_logp is not None else None,
-        "rollout": _cuda("rollout_logp", rollout_logp, (torch.float32,), dev) if rollout_logp is not None else None,
+        "ref": ref, "rollout": rollout,
         "cu": _HostArray(cu, ctypes.c_int32), "lambda": _HostArray(lam, ctypes.c_float),
         "objectives": _HostArray(kinds, ctypes.c_int32),
-        "membership": _HostArray([int(x) for x in membership], ctypes.c_uint32) if membership is not None else None,
+        "membership": _HostArray(membership, ctypes.c_uint32) if membership is not None else None,
         "cfg": _config(**config),
     }
     loss = _GrpoLoss.apply(logp, args)
@@ -340,13 +360,14 @@ def fused_linear_grpo_loss(hidden, weight, labels, old_logp, advantages, mask, c
     b = len(cu) - 1
     per_token = adv.dim() == 1 and adv.shape[0] == t and t != b
     k = 1 if adv.dim() == 1 else adv.shape[1]
+    lam = [1.0] * k if lambda_ is None else [float(v) for v in lambda_]
+    kinds = [0] * k if objectives is None else [0 if o in ("policy", 0) else 1 for o in objectives]
+    ref = _cuda("ref_logp", ref_logp, (torch.float32,), dev) if ref_logp is not None else None
+    _check_sizes(t, b, k, adv, per_token, lam, kinds, ref_logp=ref)
     args = {
         "labels": y, "old": old, "mask": m, "adv": adv, "per_token": per_token, "k": k, "b": b,
-        "ref": _cuda("ref_logp", ref_logp, (torch.float32,), dev) if ref_logp is not None else None,
-        "cu": _HostArray(cu, ctypes.c_int32),
-        "lambda": _HostArray([1.0] * k if lambda_ is None else [float(v) for v in lambda_], ctypes.c_float),
-        "objectives": _HostArray([0] * k if objectives is None else [0 if o in ("policy", 0) else 1 for o in objectives],
-                                 ctypes.c_int32),
+        "ref": ref, "cu": _HostArray(cu, ctypes.c_int32),
+        "lambda": _HostArray(lam, ctypes.c_float), "objectives": _HostArray(kinds, ctypes.c_int32),
         "cfg": _config(**config), "temperature": float(temperature), "chunk_tokens": chunk_tokens or 0,
         "memory_budget": memory_budget, "fp32_logits": fp32_logits,
     }
