@@ -94,7 +94,7 @@ static const size_t seq_layout[] = {
     F(RecapSeqParams, num_objectives), F(RecapSeqParams, has_override), F(RecapSeqParams, num_tiles),
     F(RecapSeqParams, override_tokens), F(RecapSeqParams, override_seqs), F(RecapSeqParams, logp),
     F(RecapSeqParams, old_logp), F(RecapSeqParams, seq_log_ratio), F(RecapSeqParams, rollout_logp),
-    F(RecapSeqParams, seq_is_log), F(RecapSeqParams, is_geometric), F(RecapSeqParams, pad0)};
+    F(RecapSeqParams, seq_is_log), F(RecapSeqParams, is_geometric), F(RecapSeqParams, warps_per_seq)};
 static const size_t reduce_layout[] = {
     sizeof(RecapReduceParams), F(RecapReduceParams, losses), F(RecapReduceParams, mask),
     F(RecapReduceParams, cu_seqlens), F(RecapReduceParams, membership), F(RecapReduceParams, seq_tokens),

@@ -153,7 +153,7 @@ typedef struct RecapSeqParams {
     uint64_t seq_is_log;    /* double[B] (written when rollout_logp): sum m (old - rollout), divided
                                by sum m when is_geometric                                         */
     int32_t is_geometric;
-    int32_t pad0;
+    int32_t warps_per_seq;  /* 1, 2, 4 or 8 warps (of one block) share a sequence's tokens          */
 } RecapSeqParams;
 
 /* Parameters of the standalone weighted reduction (kernel 3) over per-token losses [T, K]. */

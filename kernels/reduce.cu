@@ -12,8 +12,9 @@
  *   agg_k     = sum_t w_tk l_tk,  total = (1/K) sum_k lambda_k agg_k
  *   grad[t,k] = d total / d l_tk = lambda_k w_tk / K       (recap_reduce_k*_*)
  *
- * Threads. recap_seq_stats_*: one warp per sequence, lanes stride over its tokens (warp-tree sum);
- * it also records, for each token tile of the pass that follows, the sequence of the tile's first
+ * Threads. recap_seq_stats_*: warps_per_seq (1, 2, 4 or 8, more for longer sequences) warps of
+ * one block per sequence, lanes stride over its tokens (warp-tree sums, then the warps' sums added
+ * in warp order through shared memory); it also records, for each token tile of the pass that follows, the sequence of the tile's first
  * token (tile_seq), so no block of that pass searches cu_seqlens in global memory.
  * recap_norms_finalize: one block per objective slot; recap_partials_finalize: one block per
  * statistic, over that statistic's slot-major row of block partials; each thread walks a fixed
@@ -27,53 +28,64 @@
 
 template <typename MT>
 __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
-    const int64_t gthread = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const int64_t b = gthread >> 5;
+    __shared__ double s_part[RECAP_WARPS][3];
+    const int wps = p.warps_per_seq; /* divides RECAP_WARPS: a sequence's warps share a block */
+    const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
-    if (b >= p.num_seqs) return; /* whole warps leave together */
+    const int sub = warp % wps;      /* this warp's share of the sequence */
+    const int64_t b = ((int64_t)blockIdx.x * RECAP_WARPS + warp) / wps;
+    const bool live = b < p.num_seqs; /* no early return: the block synchronizes below */
     const int32_t* cu = (const int32_t*)p.cu_seqlens;
     const MT* mask = (const MT*)p.mask;
-    const int64_t s = cu[b], e = cu[b + 1];
+    const int64_t s = live ? cu[b] : 0, e = live ? cu[b + 1] : 0;
+    const int64_t stride = 32 * (int64_t)wps;
     /* four independent loads per lane and step, summed in a fixed order */
     double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
-    int64_t t = s + lane;
-    for (; t + 96 < e; t += 128) {
-        const float x0 = recap_load_mask(mask, t), x1 = recap_load_mask(mask, t + 32);
-        const float x2 = recap_load_mask(mask, t + 64), x3 = recap_load_mask(mask, t + 96);
+    int64_t t = s + sub * 32 + lane;
+    for (; t + 3 * stride < e; t += 4 * stride) {
+        const float x0 = recap_load_mask(mask, t), x1 = recap_load_mask(mask, t + stride);
+        const float x2 = recap_load_mask(mask, t + 2 * stride), x3 = recap_load_mask(mask, t + 3 * stride);
         a0 += x0; a1 += x1; a2 += x2; a3 += x3;
     }
-    for (; t < e; t += 32) a0 += (double)recap_load_mask(mask, t);
-    double acc = recap_warp_reduce((a0 + a1) + (a2 + a3), RECAP_OP_SUM);
-    if (lane == 0) ((double*)p.seq_tokens)[b] = acc;
+    for (; t < e; t += stride) a0 += (double)recap_load_mask(mask, t);
+    double parts[3] = {recap_warp_reduce((a0 + a1) + (a2 + a3), RECAP_OP_SUM), 0.0, 0.0};
     if (p.logp) {
         /* GSPO: the sequence's mean log-ratio over its unmasked tokens (masked ones are not read) */
         const float* lp = (const float*)p.logp;
         const float* old = (const float*)p.old_logp;
         double d = 0.0;
-        for (int64_t u = s + lane; u < e; u += 32) {
+        for (int64_t u = s + sub * 32 + lane; u < e; u += stride) {
             const float m = recap_load_mask(mask, u);
             if (m != 0.0f) d += (double)m * ((double)lp[u] - (double)old[u]);
         }
-        d = recap_warp_reduce(d, RECAP_OP_SUM);
-        if (lane == 0) ((double*)p.seq_log_ratio)[b] = acc != 0.0 ? d / acc : 0.0;
+        parts[1] = recap_warp_reduce(d, RECAP_OP_SUM);
     }
     if (p.rollout_logp) {
         /* sequence-level rollout IS: sum (or mean) of m (old - rollout) over the unmasked tokens */
         const float* old = (const float*)p.old_logp;
         const float* roll = (const float*)p.rollout_logp;
         double d = 0.0;
-        for (int64_t u = s + lane; u < e; u += 32) {
+        for (int64_t u = s + sub * 32 + lane; u < e; u += stride) {
             const float m = recap_load_mask(mask, u);
             if (m != 0.0f) d += (double)m * ((double)old[u] - (double)roll[u]);
         }
-        d = recap_warp_reduce(d, RECAP_OP_SUM);
-        if (lane == 0) ((double*)p.seq_is_log)[b] = p.is_geometric ? (acc != 0.0 ? d / acc : 0.0) : d;
+        parts[2] = recap_warp_reduce(d, RECAP_OP_SUM);
+    }
+    /* the sequence's warps combine their sums in warp order (fixed: the same bits every run) */
+    if (lane == 0) { s_part[warp][0] = parts[0]; s_part[warp][1] = parts[1]; s_part[warp][2] = parts[2]; }
+    __syncthreads();
+    if (live && sub == 0 && lane == 0) {
+        double acc = s_part[warp][0], d1 = s_part[warp][1], d2 = s_part[warp][2];
+        for (int w = 1; w < wps; ++w) { acc += s_part[warp + w][0]; d1 += s_part[warp + w][1]; d2 += s_part[warp + w][2]; }
+        ((double*)p.seq_tokens)[b] = acc;
+        if (p.logp) ((double*)p.seq_log_ratio)[b] = acc != 0.0 ? d1 / acc : 0.0;
+        if (p.rollout_logp) ((double*)p.seq_is_log)[b] = p.is_geometric ? (acc != 0.0 ? d2 / acc : 0.0) : d2;
     }
     /* tile_seq[i] = b for every token tile whose first token i * tile_tokens lies in [s, e) */
-    if (e > s && p.tile_seq) {
+    if (live && e > s && p.tile_seq) {
         const int64_t first = (s + p.tile_tokens - 1) / p.tile_tokens;
         const int64_t last = (e + p.tile_tokens - 1) / p.tile_tokens; /* exclusive */
-        for (int64_t i = first + lane; i < last && i < p.num_tiles; i += 32) ((int32_t*)p.tile_seq)[i] = (int32_t)b;
+        for (int64_t i = first + sub * 32 + lane; i < last && i < p.num_tiles; i += stride) ((int32_t*)p.tile_seq)[i] = (int32_t)b;
     }
 }
 

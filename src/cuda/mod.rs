@@ -345,8 +345,12 @@ impl Workspace {
         // (and seq_log_ratio[b], seq_is_log[b] when the pass reads them) for every b by
         // recap_seq_stats_*, each block's
         // row of partials by its token-pass block, and out by recap_partials_finalize; nothing else
-        // is read.
-        let scratch = unsafe { stream.alloc::<f64>(len) }?;
+        // is read by a kernel (norms and out are zeroed below for the host's read-back).
+        let mut scratch = unsafe { stream.alloc::<f64>(len) }?;
+        // norms and out are read back whole in one copy (read_back) though a pass may leave some
+        // slots unwritten (the variant slots of the plain path, say): zeroed, so the copy reads
+        // defined memory (compute-sanitizer initcheck) and unused slots read back as 0
+        stream.memset_zeros(&mut scratch.slice_mut(..NORMS_LEN + slots))?;
         Ok(Workspace {
             scratch,
             layout,
@@ -417,6 +421,17 @@ pub(crate) struct WorkspaceAddrs {
     pub out: u64,
 }
 
+/// Warps per sequence of `recap_seq_stats_*`: a power of two up to `warps_per_block` (so one
+/// block holds all of a sequence's warps), with at least 256 tokens per warp on average.
+pub(crate) fn warps_per_seq(t: usize, b: usize, warps_per_block: usize) -> usize {
+    let per_seq = t / b.max(1);
+    let mut w = 1;
+    while w < warps_per_block && per_seq >= 512 * w {
+        w *= 2;
+    }
+    w
+}
+
 /// Runs `recap_seq_stats_*` and `recap_norms_finalize`: the per-sequence token weights, the
 /// normalizers and the tile-to-sequence map of the token pass (tiles of `tile_tokens` tokens, one
 /// per block of the workspace), shared by kernels 1 and 3.
@@ -461,11 +476,14 @@ fn seq_stats(
         p.override_seqs[..=k].copy_from_slice(&g.seqs);
     }
     let warps_per_block = (BLOCK / 32) as usize;
+    // more warps per sequence for long sequences (a few long ones would leave most SMs idle);
+    // 256 tokens (8 per lane) or more per warp
+    p.warps_per_seq = warps_per_seq(t, b, warps_per_block) as i32;
     gpu.launch(
         stream,
         Module::Reduce,
         &format!("recap_seq_stats_{mask_suffix}"),
-        b.div_ceil(warps_per_block),
+        (b * p.warps_per_seq as usize).div_ceil(warps_per_block),
         &p,
     )?;
     gpu.launch(stream, Module::Reduce, "recap_norms_finalize", k + 1, &p)
@@ -614,4 +632,23 @@ pub(crate) fn finalize(
         ws.slots,
         &p,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::warps_per_seq;
+
+    #[test]
+    fn warps_per_seq_grows_with_sequence_length_up_to_a_block() {
+        assert_eq!(warps_per_seq(0, 0, 8), 1);
+        assert_eq!(warps_per_seq(300, 10, 8), 1); // 30 tokens per sequence
+        assert_eq!(warps_per_seq(1023, 1, 8), 2);
+        assert_eq!(warps_per_seq(1024, 1, 8), 4);
+        assert_eq!(warps_per_seq(262_144, 64, 8), 8);
+        assert_eq!(warps_per_seq(1 << 24, 1, 8), 8);
+        for (t, b) in [(5usize, 1usize), (4097, 3), (1 << 20, 7)] {
+            let w = warps_per_seq(t, b, 8);
+            assert!(w.is_power_of_two() && 8 % w == 0 && (w == 1 || t / b >= 256 * w));
+        }
+    }
 }
