@@ -5,10 +5,16 @@
 #
 #   run(command="bash scripts/device-check.sh", carry=[".gpu"])
 #
-# Runs the WHOLE GPU test suite with RECAP_REQUIRE_GPU=1 (a GPU test that cannot run fails), then
-# `recap bench` on the GPU. Full logs go to $OUT (or /tmp); a short summary is printed last.
+# Runs the WHOLE GPU test suite with RECAP_REQUIRE_GPU=1 (a GPU test that cannot run fails), the
+# PyTorch package's tests, `recap bench` on the GPU, then (PEERS=1) the PyTorch / Liger-Kernel peers
+# on the same shapes and the merged markdown table. Liger-Kernel travels as a wheel in .whl/ (carry
+# it too): `pip download --no-deps -d .whl liger-kernel`. Full logs go to $OUT (or /tmp).
+# SANITIZE=1 runs scripts/sanitize.sh (SANITIZE_BUDGET seconds, ONLY=...) beside the tests and waits
+# for it before the bench. The device tool brings back at most 8 files: the logs come back as one
+# device-check.tgz beside bench.json, peers.json and table.md.
 set -uo pipefail
-out=${OUT:-/tmp}
+final=${OUT:-/tmp}
+out=$(mktemp -d)
 # cuBLAS (fused-linear path) is loaded at run time: put the toolkit's or PyTorch's copy on the path
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
          $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
@@ -17,22 +23,56 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
   done
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
-RECAP_REQUIRE_GPU=1 bash .gpu/run-tests.sh >"$out/tests.log" 2>&1
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+SECONDS=0
+if [ "${SANITIZE:-0}" = 1 ]; then
+  OUT=$out PARALLEL=1 bash scripts/sanitize.sh >"$out/sanitize.txt" 2>&1 &
+  sanitize_pid=$!
+fi
+timeout "${TESTS_TIMEOUT:-300}" env RECAP_REQUIRE_GPU=1 bash .gpu/run-tests.sh >"$out/tests.log" 2>&1
 rc=$?
 grep -E "^(===|test result|FAILED|failures:)|panicked|fused loss:" "$out/tests.log" | head -80
 tail -n 2 "$out/tests.log"
-# the benchmark: `recap bench` (BENCH_ARGS, e.g. "--quick" or "--filter T=262144"), JSON to $out
-.gpu/bin/recap bench --device cuda --json "$out/bench.json" ${BENCH_ARGS:-} 2>"$out/bench.log" || { rc=1; tail -5 "$out/bench.log"; }
+echo "tests: ${SECONDS}s"
 # the PyTorch package's tests, when the library was bundled too (after ../shared/gpu/bundle:
 # cargo build --release --lib && cp target/release/librecap_kernels.so .gpu/)
 if [ -e .gpu/librecap_kernels.so ] && python3 -c "import torch, pytest" 2>/dev/null; then
-  RECAP_KERNELS_LIB=.gpu/librecap_kernels.so python3 -m pytest python/tests -q >"$out/pytest.log" 2>&1 || rc=1
-  tail -n 3 "$out/pytest.log"
+  RECAP_KERNELS_LIB=.gpu/librecap_kernels.so timeout "${PYTEST_TIMEOUT:-120}" python3 -m pytest python/tests -q >"$out/pytest.log" 2>&1 || rc=1
+  tail -n 3 "$out/pytest.log"; echo "pytest done at ${SECONDS}s"
 fi
-# PROFILE=1: Nsight Compute's basic sections for the kernels of one large fused-loss case
+if [ -n "${sanitize_pid:-}" ]; then
+  wait "$sanitize_pid" || rc=1
+  cat "$out/sanitize.txt"; echo "sanitizer done at ${SECONDS}s"
+fi
+# the benchmark: `recap bench` (BENCH_ARGS, e.g. "--quick" or "--filter T=262144"), JSON to $out
+timeout "${BENCH_TIMEOUT:-240}" .gpu/bin/recap bench --device cuda --json "$out/bench.json" ${BENCH_ARGS:-} >"$out/bench.txt" 2>"$out/bench.log" || { rc=1; tail -5 "$out/bench.log"; }
+cut -c1-150 "$out/bench.txt" | grep -v " forward\| backward" | head -60
+echo "bench done at ${SECONDS}s"
+# the peers on the same GPU and shapes, then one table (PEERS=1; PEERS_ARGS e.g. "--quick")
+if [ "${PEERS:-0}" = 1 ] && [ -s "$out/bench.json" ]; then
+  timeout "${PEERS_TIMEOUT:-240}" python3 benches/peers/grpo_peers.py --recap "$out/bench.json" \
+    --json "$out/peers.json" ${PEERS_ARGS:-} >"$out/peers.log" 2>&1 || { rc=1; tail -5 "$out/peers.log"; }
+  [ -s "$out/peers.json" ] && python3 benches/peers/merge.py "$out/bench.json" "$out/peers.json" >"$out/table.md"
+  grep -E "MISMATCH|failed|not importable" "$out/peers.log" | head -20
+  echo "peers done at ${SECONDS}s"
+fi
+# PROFILE=1: Nsight Compute's basic sections for the kernels of the first call of each bench case
+# in PROFILE_CASES ('|'-separated --filter strings)
 if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
-  timeout 240 ncu --kernel-name regex:recap_grpo --launch-count 4 \
-    .gpu/bin/recap bench --device cuda --quick --filter "${PROFILE_CASE:-T=262144 K=3}" >"$out/ncu.log" 2>&1
-  grep -E "recap_[a-z0-9_]+|Duration|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy" "$out/ncu.log" | head -60
+  IFS='|' read -ra cases <<<"${PROFILE_CASES:-T=262144 K=3|T=16777216 K=3}"
+  for c in "${cases[@]}"; do
+    log="$out/ncu-${c// /_}.log"
+    timeout "${PROFILE_TIMEOUT:-120}" ncu --kernel-name regex:recap_ --launch-count "${PROFILE_LAUNCHES:-6}" \
+      .gpu/bin/recap bench --device cuda --filter "$c" >"$log" 2>&1
+    echo "--- ncu: $c"
+    grep -E "^  recap_[a-z0-9_]+|^    (Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy)" "$log" | head -60
+  done
+  echo "profile done at ${SECONDS}s"
 fi
+for f in bench.json peers.json table.md; do [ -s "$out/$f" ] && cp "$out/$f" "$final/"; done
+tar czf "$final/device-check.tgz" -C "$out" . && echo "logs: device-check.tgz"
 exit $rc

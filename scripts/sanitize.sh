@@ -17,16 +17,39 @@ for d in /usr/local/cuda/lib64 $(python3 -c 'import site; print(" ".join(site.ge
   done
 done
 export RECAP_REQUIRE_GPU=1 RECAP_SANITIZE=1
-rc=0
-for tool in ${TOOLS:-memcheck racecheck initcheck synccheck}; do
+# ONLY="gpu_vs_cpu logits" limits the run to the executables whose names start so; PARALLEL=1 runs
+# the tools side by side (each over the executables in turn); SANITIZE_BUDGET (seconds) stops every
+# tool when it is spent (the executable then running is cut short and reported "timed out").
+one_tool() {
+  local tool=$1 t name log status summary r=0
   for t in .gpu/tests/*; do
     [ -x "$t" ] || continue
     name=$(basename "$t")
-    log="$out/sanitize-$tool-$name.log"
-    "$san" --tool "$tool" --error-exitcode 99 --target-processes all "$t" ${FILTER:-} >"$log" 2>&1
+    if [ -n "${ONLY:-}" ]; then
+      local keep=0 p
+      for p in $ONLY; do case "$name" in "$p"-*|"$p") keep=1 ;; esac; done
+      [ $keep = 1 ] || continue
+    fi
+    log="$out/sanitize-$tool-${name%%-*}.log"
+    local left=$((deadline - $(date +%s)))
+    if [ $left -le 5 ]; then r=1; echo "$tool $name: not run (budget spent)"; continue; fi
+    timeout "$left" "$san" --tool "$tool" --error-exitcode 99 --target-processes all "$t" ${FILTER:-} >"$log" 2>&1
     status=$?
     summary=$(grep -E "ERROR SUMMARY|LEAK SUMMARY" "$log" | tail -1)
-    if [ $status -eq 0 ]; then echo "$tool $name: clean ${summary}"; else rc=1; echo "$tool $name: exit $status ${summary}"; fi
+    if [ $status -eq 0 ]; then echo "$tool $name: clean ${summary}"
+    elif [ $status -eq 124 ]; then r=1; echo "$tool $name: timed out (budget) ${summary}"
+    else r=1; echo "$tool $name: exit $status ${summary}"; grep -m3 -E "^=+ +(Invalid|Race|Uninitialized|Barrier|ERROR)" "$log"; fi
   done
-done
+  return $r
+}
+deadline=$(( $(date +%s) + ${SANITIZE_BUDGET:-86400} ))
+rc=0
+if [ "${PARALLEL:-0}" = 1 ]; then
+  pids=()
+  for tool in ${TOOLS:-memcheck racecheck initcheck synccheck}; do one_tool "$tool" >"$out/sanitize-$tool.txt" 2>&1 & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  cat "$out"/sanitize-*.txt
+else
+  for tool in ${TOOLS:-memcheck racecheck initcheck synccheck}; do one_tool "$tool" || rc=1; done
+fi
 exit $rc

@@ -35,11 +35,17 @@ def main():
             continue
         print(f"| {r['op']} | {r['case']} | recap-kernels | {fmt_us(r['median_us'])} | {fmt_us(r['min_us'])} "
               f"| {fmt_mem(r['extra_bytes'])} | |")
+        # the peers' rows go under our record of the same work: logits fwd + bwd ("both"), the
+        # fused-linear loss with its default chunks
         key_case = r["case"]
         if r["op"] == "logits":
             if not key_case.endswith(" both"):
                 continue
             key_case = key_case[: -len(" both")]
+        elif r["op"] == "fused_linear":
+            if " fused, default chunks" not in key_case:
+                continue
+            key_case = key_case.split(" fused, default chunks")[0]
         for p in by_case.get((r["op"], key_case), []):
             ratio = (f"{p['median_us'] / r['median_us']:.1f}x" if p.get("median_us") and r["median_us"] else
                      p.get("note", "-"))

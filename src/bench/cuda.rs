@@ -140,6 +140,8 @@ pub(super) fn run(
                 normalizers: None,
             };
             let conf = GrpoConfig::default();
+            // the loss, for the peers' value check (grpo_peers.py) before they are timed
+            let value = cuda::grpo_loss(gpu, &s, &inp, &conf, &mut dg.as_view_mut())?.loss;
             let (tm, r) = timer.time(None, || {
                 cuda::grpo_loss(gpu, &s, &inp, &conf, &mut dg.as_view_mut()).map(|_| ())
             })?;
@@ -148,10 +150,9 @@ pub(super) fn run(
             let blocks = t.div_ceil(256 * gpu.items_per_thread(t));
             let extra = (8 * (4 * 17 + 3 * k + 12 + 3 * cu.len() + blocks * (3 * k + 12))
                 + 4 * (cu.len() + blocks)) as f64;
-            push(
-                record("fused_loss", case, tm, r, bytes, extra, copy_gb_s),
-                progress,
-            );
+            let mut rec = record("fused_loss", case, tm, r, bytes, extra, copy_gb_s);
+            rec.value = Some(value);
+            push(rec, progress);
         }
     }
 
@@ -322,16 +323,20 @@ fn logits_case<E: LogitElem>(
     })?;
     let bytes = (t * v * std::mem::size_of::<E>()) as f64;
     let extra = (3 * t * 4 + 4) as f64; // logp, entropy, LSE and the label check
+                                        // sum of the log-probs, for the peers' value check (grpo_peers.py)
+    let logp_sum: f64 = s.clone_dtoh(&lp)?.iter().map(|&x| x as f64).sum();
+    let mut forward = record(
+        "logits",
+        format!("{case} forward"),
+        fwd,
+        runs,
+        bytes,
+        extra,
+        copy_gb_s,
+    );
+    forward.value = Some(logp_sum);
     Ok(vec![
-        record(
-            "logits",
-            format!("{case} forward"),
-            fwd,
-            runs,
-            bytes,
-            extra,
-            copy_gb_s,
-        ),
+        forward,
         record(
             "logits",
             format!("{case} backward"),
@@ -416,6 +421,19 @@ fn fused_linear_cases(
             vocab: v,
         };
         let runs = if timer.runs >= 20 { (2, 20) } else { (1, 3) };
+        // the loss, for the peers' value check (grpo_peers.py)
+        let value = cuda::fused_linear_grpo_loss(
+            gpu,
+            &s,
+            &head,
+            &inputs,
+            &conf,
+            &lc,
+            &opt,
+            &mut dh.as_view_mut(),
+            &mut dw.as_view_mut(),
+        )?
+        .loss;
         let (tm, r) = timer.time(Some(runs), || {
             cuda::fused_linear_grpo_loss(
                 gpu,
@@ -432,7 +450,7 @@ fn fused_linear_cases(
         })?;
         let c = opt.chunk(t, v);
         let extra = (c * v * if opt.fp32_logits { 4 + 2 } else { 2 } + 7 * t * 4) as f64;
-        out.push(record(
+        let mut rec = record(
             "fused_linear",
             format!("{case} {name} (chunk {c})"),
             tm,
@@ -440,7 +458,9 @@ fn fused_linear_cases(
             0.0,
             extra,
             0.0,
-        ));
+        );
+        rec.value = Some(value);
+        out.push(rec);
     }
     Ok(out)
 }
