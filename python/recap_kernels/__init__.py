@@ -399,6 +399,10 @@ class RecapWeights:
     `state_dict()` / `load_state_dict()` checkpoint it exactly."""
 
     def __init__(self, orientations, window=10, temperature=5.0, alpha=None):
+        bad = [x for x in orientations if x not in ("reward", "loss", 1, 0)]
+        if bad:
+            raise ValueError(f"orientations: expected 'reward' (higher is better) or 'loss' (lower is "
+                             f"better) per objective, got {bad!r}")
         o = [1 if x in ("reward", 1) else 0 for x in orientations]
         self.k = len(o)
         arr = _HostArray(o, ctypes.c_int32)
