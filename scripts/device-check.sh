@@ -5,6 +5,10 @@
 #
 #   run(command="bash scripts/device-check.sh", carry=[".gpu"])
 #
+# The bundle is about 75 MiB with the library, over the 64 MiB a device call carries: pack it
+# (`mkdir -p .gpz && tar cJf .gpz/gpu.tar.xz .gpu`, about 5 MiB; keep .gpz out of git) and run
+# `tar xJf .gpz/gpu.tar.xz && bash scripts/device-check.sh` with carry=[".gpz", ".whl"].
+#
 # Runs the WHOLE GPU test suite with RECAP_REQUIRE_GPU=1 (a GPU test that cannot run fails), the
 # PyTorch package's tests, `recap bench` on the GPU, then (PEERS=1) the PyTorch / Liger-Kernel peers
 # on the same shapes and the merged markdown table. Liger-Kernel travels as a wheel in .whl/ (carry
