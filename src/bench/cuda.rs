@@ -141,10 +141,9 @@ pub(super) fn run(
             };
             let conf = GrpoConfig::default();
             // the loss, for the peers' value check (grpo_peers.py) before they are timed
-            let value = cuda::grpo_loss(gpu, &s, &inp, &conf, &mut dg.as_view_mut())?.loss;
-            let (tm, r) = timer.time(None, || {
-                cuda::grpo_loss(gpu, &s, &inp, &conf, &mut dg.as_view_mut()).map(|_| ())
-            })?;
+            let mut call = || cuda::grpo_loss(gpu, &s, &inp, &conf, &mut dg.as_view_mut());
+            let value = call()?.loss;
+            let (tm, r) = timer.time(None, || call().map(|_| ()))?;
             let bytes = (t * (4 * 3 + 1) + adv.len() * 4) as f64;
             // per-call scratch: normalizers, per-sequence stats, block partials (a few KiB)
             let blocks = t.div_ceil(256 * gpu.items_per_thread(t));
@@ -421,20 +420,7 @@ fn fused_linear_cases(
             vocab: v,
         };
         let runs = if timer.runs >= 20 { (2, 20) } else { (1, 3) };
-        // the loss, for the peers' value check (grpo_peers.py)
-        let value = cuda::fused_linear_grpo_loss(
-            gpu,
-            &s,
-            &head,
-            &inputs,
-            &conf,
-            &lc,
-            &opt,
-            &mut dh.as_view_mut(),
-            &mut dw.as_view_mut(),
-        )?
-        .loss;
-        let (tm, r) = timer.time(Some(runs), || {
+        let mut call = || {
             cuda::fused_linear_grpo_loss(
                 gpu,
                 &s,
@@ -446,8 +432,10 @@ fn fused_linear_cases(
                 &mut dh.as_view_mut(),
                 &mut dw.as_view_mut(),
             )
-            .map(|_| ())
-        })?;
+        };
+        // the loss, for the peers' value check (grpo_peers.py)
+        let value = call()?.loss;
+        let (tm, r) = timer.time(Some(runs), || call().map(|_| ()))?;
         let c = opt.chunk(t, v);
         let extra = (c * v * if opt.fp32_logits { 4 + 2 } else { 2 } + 7 * t * 4) as f64;
         let mut rec = record(
