@@ -1,6 +1,6 @@
 //! `recap bench` on the CPU reference backend (host clock, against a host memcpy).
 
-use super::{inputs, record, stats, BenchConfig, BenchRecord, BenchReport};
+use super::{inputs, logits_records, record, stats, BenchConfig, BenchRecord, BenchReport};
 use crate::advantages::{group_advantages, AdvantageConfig, AdvantageMode, Groups};
 use crate::config::{GrpoConfig, ObjectiveKind};
 use crate::error::Result;
@@ -147,30 +147,9 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
             )
         })?;
         let bytes = (t * v * 4) as f64;
-        push(
-            record(
-                "logits",
-                format!("{case} forward"),
-                fwd,
-                runs,
-                bytes,
-                0.0,
-                copy_gb_s,
-            ),
-            progress,
-        );
-        push(
-            record(
-                "logits",
-                format!("{case} backward"),
-                bwd,
-                runs,
-                2.0 * bytes,
-                0.0,
-                copy_gb_s,
-            ),
-            progress,
-        );
+        let [forward, backward, _] = logits_records(&case, fwd, bwd, runs, bytes, 0.0, copy_gb_s);
+        push(forward, progress);
+        push(backward, progress);
     }
 
     // group advantages

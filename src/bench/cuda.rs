@@ -1,7 +1,7 @@
 //! `recap bench` on the GPU: CUDA events around each API call, L2 flushed before each timed run,
 //! against a 1 GiB device-to-device copy timed in the same run.
 
-use super::{inputs, record, stats, BenchConfig, BenchRecord, BenchReport};
+use super::{inputs, logits_records, record, stats, BenchConfig, BenchRecord, BenchReport};
 use crate::advantages::{AdvantageConfig, AdvantageMode};
 use crate::config::{GrpoConfig, ObjectiveKind};
 use crate::cuda::{self, DeviceGroups, FusedLinearConfig, Gpu, LinearHead, LogprobGrads};
@@ -322,39 +322,11 @@ fn logits_case<E: LogitElem>(
     })?;
     let bytes = (t * v * std::mem::size_of::<E>()) as f64;
     let extra = (3 * t * 4 + 4) as f64; // logp, entropy, LSE and the label check
-                                        // sum of the log-probs, for the peers' value check (grpo_peers.py)
-    let logp_sum: f64 = s.clone_dtoh(&lp)?.iter().map(|&x| x as f64).sum();
-    let mut forward = record(
-        "logits",
-        format!("{case} forward"),
-        fwd,
-        runs,
-        bytes,
-        extra,
-        copy_gb_s,
-    );
-    forward.value = Some(logp_sum);
-    Ok(vec![
-        forward,
-        record(
-            "logits",
-            format!("{case} backward"),
-            bwd,
-            runs,
-            2.0 * bytes,
-            0.0,
-            copy_gb_s,
-        ),
-        record(
-            "logits",
-            format!("{case} both"),
-            (fwd.0 + bwd.0, fwd.1 + bwd.1),
-            runs,
-            3.0 * bytes,
-            extra,
-            copy_gb_s,
-        ),
-    ])
+    let [mut forward, backward, both] =
+        logits_records(case, fwd, bwd, runs, bytes, extra, copy_gb_s);
+    // the sum of the log-probs, for the peers' value check (grpo_peers.py)
+    forward.value = Some(s.clone_dtoh(&lp)?.iter().map(|&x| x as f64).sum());
+    Ok(vec![forward, backward, both])
 }
 
 fn fused_linear_cases(

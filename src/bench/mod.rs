@@ -138,6 +138,35 @@ pub(crate) fn record(
     }
 }
 
+/// The records of one logits case: forward (reads the logits once), in-place backward (reads and
+/// writes them), and both; `bytes` is the size of the logits, `extra` the forward's extra memory.
+pub(crate) fn logits_records(
+    case: &str,
+    fwd: (f64, f64),
+    bwd: (f64, f64),
+    runs: usize,
+    bytes: f64,
+    extra: f64,
+    copy_gb_s: f64,
+) -> [BenchRecord; 3] {
+    let rec = |part: &str, tm, bytes, extra| {
+        record(
+            "logits",
+            format!("{case} {part}"),
+            tm,
+            runs,
+            bytes,
+            extra,
+            copy_gb_s,
+        )
+    };
+    [
+        rec("forward", fwd, bytes, extra),
+        rec("backward", bwd, 2.0 * bytes, 0.0),
+        rec("both", (fwd.0 + bwd.0, fwd.1 + bwd.1), 3.0 * bytes, extra),
+    ]
+}
+
 /// Runs the benchmark; `progress` gets a line per case.
 pub fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     let device = cfg.device.unwrap_or(Device::Auto);
