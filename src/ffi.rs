@@ -257,6 +257,41 @@ fn len(arg: &'static str, n: i64) -> Result<usize> {
     usize::try_from(n).map_err(|_| Error::arg(arg, format!("expected a size >= 0, got {n}")))
 }
 
+/// The host arrays of a batch's layout that the loss entry points take: `cu_seqlens [B + 1]`,
+/// `lambda [K]` and, when not null, `membership [B]`.
+type HostLayout<'a> = (&'a [i32], &'a [f32], Option<&'a [u32]>);
+
+fn host_layout<'a>(
+    cu_seqlens: *const i32,
+    b: usize,
+    lambda: *const f32,
+    k: usize,
+    membership: *const u32,
+) -> Result<HostLayout<'a>> {
+    let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
+    let lambda = host("lambda", lambda, k)?;
+    let membership = if membership.is_null() {
+        None
+    } else {
+        Some(host("membership", membership, b)?)
+    };
+    Ok((cu, lambda, membership))
+}
+
+/// `objectives [K]` (0 policy, 1 NLL) as objective kinds.
+fn host_objectives(objectives: *const i32, k: usize) -> Result<Vec<ObjectiveKind>> {
+    host("objectives", objectives, k)?
+        .iter()
+        .map(|&o| {
+            pick(
+                "objectives",
+                &[ObjectiveKind::Policy, ObjectiveKind::Nll],
+                o,
+            )
+        })
+        .collect()
+}
+
 /// The primary context of device `ordinal`, opened once per process.
 fn gpu(ordinal: i32) -> Result<Arc<Gpu>> {
     static GPUS: OnceLock<Mutex<HashMap<i32, Arc<Gpu>>>> = OnceLock::new();
@@ -404,23 +439,8 @@ pub unsafe extern "C" fn recap_grpo_loss(
         let cfg = unsafe { cfg.as_ref() }
             .ok_or_else(|| Error::arg("cfg", "null pointer"))?
             .to_config()?;
-        let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
-        let lambda = host("lambda", lambda, k)?;
-        let kinds: Vec<ObjectiveKind> = host("objectives", objectives, k)?
-            .iter()
-            .map(|&o| {
-                pick(
-                    "objectives",
-                    &[ObjectiveKind::Policy, ObjectiveKind::Nll],
-                    o,
-                )
-            })
-            .collect::<Result<_>>()?;
-        let membership = if membership.is_null() {
-            None
-        } else {
-            Some(host("membership", membership, b)?)
-        };
+        let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
+        let kinds = host_objectives(objectives, k)?;
         if result.is_null() {
             return Err(Error::arg("result", "null pointer"));
         }
@@ -900,13 +920,7 @@ pub unsafe extern "C" fn recap_weighted_reduce(
         let cfg = unsafe { cfg.as_ref() }
             .ok_or_else(|| Error::arg("cfg", "null pointer"))?
             .to_config()?;
-        let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
-        let lambda = host("lambda", lambda, k)?;
-        let membership = if membership.is_null() {
-            None
-        } else {
-            Some(host("membership", membership, b)?)
-        };
+        let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
         if total.is_null() {
             return Err(Error::arg("total", "null pointer"));
         }
@@ -1020,23 +1034,8 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
             ..LogprobConfig::default()
         };
         lc.validate()?;
-        let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
-        let lambda = host("lambda", lambda, k)?;
-        let kinds: Vec<ObjectiveKind> = host("objectives", objectives, k)?
-            .iter()
-            .map(|&o| {
-                pick(
-                    "objectives",
-                    &[ObjectiveKind::Policy, ObjectiveKind::Nll],
-                    o,
-                )
-            })
-            .collect::<Result<_>>()?;
-        let membership = if membership.is_null() {
-            None
-        } else {
-            Some(host("membership", membership, b)?)
-        };
+        let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
+        let kinds = host_objectives(objectives, k)?;
         if result.is_null() {
             return Err(Error::arg("result", "null pointer"));
         }
