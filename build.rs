@@ -4,7 +4,7 @@
 //! for the host with `cc` (`kernels/host_shim.c`) so tests check it without a GPU.
 //!
 //! nvcc is looked up in `NVCC`, then `CUDA_PATH`/`CUDA_HOME` (`bin/nvcc`), `/usr/local/cuda/bin/nvcc`,
-//! then `PATH`. Without nvcc the crate builds its CPU backend only and prints a warning; with
+//! `PATH`, then the pinned compiler `scripts/install-nvcc.sh` installs. Without nvcc the crate builds its CPU backend only and prints a warning; with
 //! `RECAP_REQUIRE_NVCC=1` that is a build error. A kernel that fails to compile always fails the build.
 
 use std::env;
@@ -25,6 +25,9 @@ fn main() -> Result<(), String> {
         "PATH",
         "RECAP_CUDA_ARCHS",
         "RECAP_REQUIRE_NVCC",
+        "RECAP_NVCC_VENV",
+        "XDG_CACHE_HOME",
+        "HOME",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -75,9 +78,10 @@ fn main() -> Result<(), String> {
         }
         None => {
             let msg =
-                "nvcc not found (looked in NVCC, CUDA_PATH, CUDA_HOME, /usr/local/cuda, PATH): \
-                       building the CPU backend only; GPU entry points will return an error. \
-                       Run scripts/install-nvcc.sh and set NVCC to build the kernels.";
+                "nvcc not found (looked in NVCC, CUDA_PATH, CUDA_HOME, /usr/local/cuda, PATH and \
+                       scripts/install-nvcc.sh's cache): building the CPU backend only; GPU entry \
+                       points will return an error. Run scripts/install-nvcc.sh, then rebuild, to \
+                       build the kernels.";
             if require {
                 return Err(format!("RECAP_REQUIRE_NVCC=1 but {msg}"));
             }
@@ -137,7 +141,39 @@ fn find_nvcc() -> Option<PathBuf> {
     if let Some(p) = exe(PathBuf::from("/usr/local/cuda/bin/nvcc")) {
         return Some(p);
     }
-    env::split_paths(&env::var_os("PATH")?).find_map(|d| exe(d.join("nvcc")))
+    if let Some(p) = env::var_os("PATH")
+        .and_then(|path| env::split_paths(&path).find_map(|d| exe(d.join("nvcc"))))
+    {
+        return Some(p);
+    }
+    pinned_nvcc()
+}
+
+/// The compiler `scripts/install-nvcc.sh` installs (its virtual environment in `RECAP_NVCC_VENV`,
+/// default `$XDG_CACHE_HOME/recap-kernels/cuda-13.0` or `~/.cache/recap-kernels/cuda-13.0`), so
+/// a build (`cargo build`, `pip install`) finds it without `NVCC` set.
+fn pinned_nvcc() -> Option<PathBuf> {
+    let venv = match env::var_os("RECAP_NVCC_VENV").filter(|v| !v.is_empty()) {
+        Some(v) => PathBuf::from(v),
+        None => env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
+            .join("recap-kernels")
+            .join("cuda-13.0"),
+    };
+    let mut found: Vec<PathBuf> = fs::read_dir(venv.join("lib"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
+        })
+        .map(|p| p.join("site-packages/nvidia/cu13/bin/nvcc"))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop()
 }
 
 fn nvcc_version(nvcc: &Path) -> Result<String, String> {

@@ -71,7 +71,7 @@ fn run() -> recap_kernels::Result<()> {
     println!("loss: {:.6}", out.loss);
     println!("objective losses: {:?}", out.objective_loss);
     println!("actor/kl_loss: {:.6}", out.kl_loss);
-    for (name, value) in out.metrics.named(Some(&["format", "accuracy", "replay"])) {
+    for (name, value) in out.named(Some(&["format", "accuracy", "replay"])) {
         println!("{name}: {value:.6}");
     }
     let norm = grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();

@@ -1,10 +1,12 @@
 /*
  * recap_kernels.h — the C ABI of recap-kernels (librecap_kernels.so, built by `cargo build`).
  *
- * Device functions take raw device pointers and sizes in the primary context of `device` (the one
- * PyTorch uses) and a CUstream (NULL: the context's default stream); the small per-batch arrays
- * (cu_seqlens, lambda, objectives, membership, modes) are host pointers. Work is enqueued on the
- * stream; the fused loss and group advantages synchronize it to read their statistics back.
+ * The ops take raw pointers and sizes: device pointers in the primary context of `device` (the one
+ * PyTorch uses) and a CUstream (NULL: the context's default stream), or, with device < 0, host
+ * pointers (the CPU reference computes; the stream is ignored). The small per-batch arrays
+ * (cu_seqlens, lambda, objectives, membership, normalizers, modes) are host pointers. Work is
+ * enqueued on the stream; the fused loss, the normalizers and group advantages synchronize it to
+ * read their statistics back. An output may not overlap another array of the same call.
  * Every function returns a status code; recap_last_error() gives the message of the last failure
  * on the calling thread. Arguments are checked before anything touches the device; no panic
  * crosses this boundary. Written by hand; tests/c_abi.rs compiles tests/c/abi_test.c against it and
@@ -63,19 +65,37 @@ typedef struct RecapGrpoResult {
 
 int recap_grpo_config_default(RecapGrpoConfig* cfg);
 
-/* The fused GRPO loss and dL/dlogp. Device: logp, old_logp, ref_logp (nullable), rollout_logp
- * (nullable), mask [T] (uint8 when mask_is_u8, else float), advantages [B, K] ([T, K] with
- * adv_per_token), grad [T] (written). Host: cu_seqlens [B + 1], lambda [K], objectives [K]
- * (0 policy, 1 nll), membership [B] (nullable), objective_loss [K] (nullable, written). */
+/* The flat statistics array of the fused loss for K objectives: its length, and field `index`'s
+ * name (verl's, e.g. "actor/pg_clipfrac"; static storage), offset and length (1, or K per
+ * objective: actor/pg_loss, actor/pg_clipfrac, actor/pg_clipfrac_lower, ...). */
+int64_t recap_grpo_stats_len(int32_t num_objectives);
+int recap_grpo_stat_field(int32_t num_objectives, int32_t index, const char** name, int64_t* offset, int64_t* len);
+
+/* The fused GRPO loss and dL/dlogp. Per-token arrays on the device (device >= 0), or on the host
+ * for device < 0 (the CPU reference computes): logp, old_logp, ref_logp / rollout_logp /
+ * policy_weight (nullable) [T], mask [T] (uint8 when mask_is_u8, else float), advantages [B, K]
+ * ([T, K] with adv_per_token), grad [T] (written). Host: cu_seqlens [B + 1], lambda [K],
+ * objectives [K] (0 policy, 1 nll), membership [B] (nullable), normalizers [2, K + 1] (the whole
+ * batch's token weights then sequence counts, summed from recap_count_normalizers over the
+ * micro-batches / ranks; nullable), seq_tokens [B] (nullable), stats [recap_grpo_stats_len(K)]
+ * (nullable, written). On a device this synchronizes the stream to read the statistics back. */
 int recap_grpo_loss(int32_t device, void* stream, int64_t num_tokens, const float* logp, const float* old_logp,
-                    const float* ref_logp, const float* rollout_logp, const float* advantages,
-                    int32_t adv_per_token, const void* mask, int32_t mask_is_u8, const int32_t* cu_seqlens,
-                    int64_t num_seqs, const float* lambda, const int32_t* objectives, const uint32_t* membership,
-                    int32_t num_objectives, const RecapGrpoConfig* cfg, float* grad, RecapGrpoResult* result,
-                    double* objective_loss);
+                    const float* ref_logp, const float* rollout_logp, const float* policy_weight,
+                    const float* advantages, int32_t adv_per_token, const void* mask, int32_t mask_is_u8,
+                    const int32_t* cu_seqlens, int64_t num_seqs, const float* lambda, const int32_t* objectives,
+                    const uint32_t* membership, int32_t num_objectives, const double* normalizers,
+                    const double* seq_tokens, const RecapGrpoConfig* cfg, float* grad, RecapGrpoResult* result,
+                    double* stats);
+
+/* This part's normalizers from its mask [T] (device, or host for device < 0): normalizers
+ * [2, K + 1] (host, written: token weights then sequence counts, the KL slot last in each) and
+ * seq_tokens [B] (host, nullable, written). Synchronizes the stream. */
+int recap_count_normalizers(int32_t device, void* stream, int64_t num_tokens, const void* mask, int32_t mask_is_u8,
+                            const int32_t* cu_seqlens, int64_t num_seqs, const uint32_t* membership,
+                            int32_t num_objectives, double* normalizers, double* seq_tokens);
 
 /* Log-probabilities, entropy (nullable) and log-sum-exp of logits [rows, ld] (dtype 0 f32, 1 f16,
- * 2 bf16) at `temperature`; labels equal to ignore_index give 0. */
+ * 2 bf16) at `temperature`; labels equal to ignore_index give 0. Device arrays (host: device < 0). */
 int recap_logprob_forward(int32_t device, void* stream, const void* logits, int32_t dtype, int64_t rows,
                           int64_t vocab, int64_t ld, const int32_t* labels, float temperature,
                           int32_t ignore_index, float* logp, float* entropy, float* lse);
@@ -87,36 +107,40 @@ int recap_logprob_backward_inplace(int32_t device, void* stream, void* logits, i
                                    float temperature, int32_t ignore_index);
 
 /* Group advantages of rewards [B, K] into out [B, K]: groups of group_size consecutive rollouts,
- * or dense group_ids [B] in [0, num_groups) (device, nullable); modes [K] host
- * (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std). */
+ * or group_ids [B] (nullable; dense ids in [0, num_groups) on a device, any ids on the host);
+ * modes [K] host (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std). */
 int recap_group_advantages(int32_t device, void* stream, const float* rewards, int64_t num_rollouts,
                            int32_t num_objectives, int64_t group_size, const int32_t* group_ids,
                            int64_t num_groups, const int32_t* modes, double eps, float* out);
 
-/* Per-token KL value and d kl / d logp (device [T] each); mask nullable (every token);
+/* Per-token KL value and d kl / d logp ([T] each); mask nullable (every token);
  * estimator 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl), 4 k1+, 5 k3+. */
 int recap_kl(int32_t device, void* stream, int64_t num_tokens, const float* logp, const float* ref_logp,
              const void* mask, int32_t mask_is_u8, int32_t estimator, float* kl, float* grad);
 
-/* Per-objective weighted reduction of losses [T, K] (device): grad [T, K] (device, written), total
- * and objective_loss [K] (nullable) on the host; aggregation from cfg. */
+/* Per-objective weighted reduction of losses [T, K]: grad [T, K] (written), total and
+ * objective_loss [K] (nullable) on the host; normalizers / seq_tokens as recap_grpo_loss;
+ * aggregation from cfg. */
 int recap_weighted_reduce(int32_t device, void* stream, int64_t num_tokens, const float* losses, const void* mask,
                           int32_t mask_is_u8, const int32_t* cu_seqlens, int64_t num_seqs, const float* lambda,
-                          const uint32_t* membership, int32_t num_objectives, const RecapGrpoConfig* cfg,
-                          float* grad, double* total, double* objective_loss);
+                          const uint32_t* membership, int32_t num_objectives, const double* normalizers,
+                          const double* seq_tokens, const RecapGrpoConfig* cfg, float* grad, double* total,
+                          double* objective_loss);
 
-/* The chunked fused-linear GRPO loss from hidden [T, H] and weight [V, H] (bf16, device): d_hidden
- * [T, H] (bf16) and d_weight [V, H] (float, overwritten); labels, old_logp, ref_logp (nullable),
- * advantages, mask (uint8) as recap_grpo_loss. chunk_tokens <= 0: from memory_budget bytes (<= 0:
- * 512 MiB). result->loss includes the entropy bonus. */
+/* The chunked fused-linear GRPO loss from hidden [T, H] and weight [V, H] (bf16): d_hidden [T, H]
+ * (bf16) and d_weight [V, H] (float, overwritten); labels, old_logp, ref_logp (nullable),
+ * advantages, mask (uint8), normalizers (nullable), stats (nullable) as recap_grpo_loss.
+ * chunk_tokens <= 0: from memory_budget bytes (<= 0: 512 MiB); on the host (device < 0) the
+ * reference materializes the logits. result->loss includes the entropy bonus. */
 int recap_fused_linear_grpo_loss(int32_t device, void* stream, int64_t num_tokens, int64_t hidden_size, int64_t vocab,
                                  const void* hidden, const void* weight, const int32_t* labels,
                                  const float* old_logp, const float* ref_logp, const float* advantages,
                                  int32_t adv_per_token, const uint8_t* mask, const int32_t* cu_seqlens,
                                  int64_t num_seqs, const float* lambda, const int32_t* objectives,
-                                 const uint32_t* membership, int32_t num_objectives, const RecapGrpoConfig* cfg,
-                                 float temperature, int64_t chunk_tokens, int64_t memory_budget, int32_t fp32_logits,
-                                 void* d_hidden, float* d_weight, RecapGrpoResult* result, double* objective_loss);
+                                 const uint32_t* membership, int32_t num_objectives, const double* normalizers,
+                                 const RecapGrpoConfig* cfg, float temperature, int64_t chunk_tokens,
+                                 int64_t memory_budget, int32_t fp32_logits, void* d_hidden, float* d_weight,
+                                 RecapGrpoResult* result, double* stats);
 
 /* The RECAP scheduler (host). orientations [K]: 0 loss, 1 reward; window <= 0: 10;
  * temperature <= 0: 5; alpha < 0: priority c + i, else alpha c + (1 - alpha) i. NULL on error. */

@@ -1,8 +1,32 @@
 //! Configuration shared by both backends: loss variants, aggregation modes, KL estimators.
 
 use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
+
+/// Serializes an option enum as its name (`Display`) and parses it with `FromStr`, so the names
+/// (and the error listing the accepted ones) are defined once.
+macro_rules! serde_by_name {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> std::result::Result<Self, D::Error> {
+                let name = String::deserialize(d)?;
+                name.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
 
 /// Most objectives one launch handles (`1 <= K <= MAX_OBJECTIVES`).
 pub const MAX_OBJECTIVES: usize = 16;
@@ -45,6 +69,8 @@ impl AggMode {
         self as i32
     }
 }
+
+serde_by_name!(AggMode);
 
 impl fmt::Display for AggMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -120,6 +146,8 @@ impl KlEstimator {
     }
 }
 
+serde_by_name!(KlEstimator);
+
 impl fmt::Display for KlEstimator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -148,7 +176,12 @@ impl FromStr for KlEstimator {
 
 /// The policy-loss variant of objectives of kind policy (verl `policy_loss.loss_mode`, TRL
 /// `loss_type`); formulas in `kernels/grpo_math.cuh`.
-#[derive(Clone, Copy, Debug, PartialEq, Default)]
+///
+/// Serialized as its name (`"vanilla"`, `"cispo"`, `"gspo"`) or, for SAPO,
+/// `{"sapo": {"tau_pos": 1.0, "tau_neg": 1.05}}`; the name `"sapo"` alone gives the default
+/// temperatures.
+#[derive(Clone, Copy, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", try_from = "PolicyLossRepr")]
 pub enum PolicyLoss {
     /// PPO/GRPO clipped surrogate `max(-A r, -A clip(r, 1 - el, 1 + eh))`, with dual-clip and
     /// two-sided clipping (`GrpoConfig::delta`) as configured (verl "vanilla", TRL "grpo"/"dapo").
@@ -164,6 +197,52 @@ pub enum PolicyLoss {
     /// "sequence_token"); with per-sequence advantages it has the value and gradient of
     /// sequence-level GSPO (TRL "sequence") in every aggregation mode. See [`GrpoConfig::gspo`].
     Gspo,
+}
+
+/// The accepted serialized forms of [`PolicyLoss`]: a name, or the tagged SAPO form.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PolicyLossRepr {
+    Name(String),
+    Tagged(PolicyLossTagged),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum PolicyLossTagged {
+    Sapo { tau_pos: f32, tau_neg: f32 },
+}
+
+impl TryFrom<PolicyLossRepr> for PolicyLoss {
+    type Error = Error;
+    fn try_from(r: PolicyLossRepr) -> Result<Self> {
+        match r {
+            PolicyLossRepr::Name(n) => n.parse(),
+            PolicyLossRepr::Tagged(PolicyLossTagged::Sapo { tau_pos, tau_neg }) => {
+                Ok(PolicyLoss::Sapo { tau_pos, tau_neg })
+            }
+        }
+    }
+}
+
+impl FromStr for PolicyLoss {
+    type Err = Error;
+    /// verl's `loss_mode` names (`vanilla`, `cispo`, `sapo` with its default temperatures, `gspo`);
+    /// TRL's `grpo` is an alias of `vanilla`.
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "vanilla" | "grpo" => PolicyLoss::Vanilla,
+            "cispo" => PolicyLoss::Cispo,
+            "sapo" => PolicyLoss::sapo(),
+            "gspo" => PolicyLoss::Gspo,
+            _ => {
+                return Err(Error::arg(
+                    "policy_loss",
+                    format!("unknown policy loss {s:?}; expected vanilla, cispo, sapo or gspo"),
+                ))
+            }
+        })
+    }
 }
 
 impl PolicyLoss {
@@ -195,7 +274,8 @@ impl PolicyLoss {
 }
 
 /// Where the rollout importance-sampling weight is taken (verl `rollout_is_level`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum IsLevel {
     /// `w_t = exp(old_t - rollout_t)`.
     #[default]
@@ -207,7 +287,8 @@ pub enum IsLevel {
 }
 
 /// What the rollout importance-sampling weight does (verl `rollout_is_mode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum IsMode {
     /// Truncated IS (TIS): the policy terms are multiplied by `min(w, upper)`.
     #[default]
@@ -221,7 +302,8 @@ pub enum IsMode {
 
 /// Correction of the mismatch between the trainer's log-probs (`old_logp`) and the inference
 /// engine's (`rollout_logp`), applied to the policy objectives' terms (not nll, not KL).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RolloutCorrection {
     pub level: IsLevel,
     pub mode: IsMode,
@@ -266,7 +348,8 @@ impl RolloutCorrection {
 }
 
 /// What an objective computes per token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ObjectiveKind {
     /// The clipped GRPO/PPO surrogate with this objective's advantage.
     #[default]
@@ -275,8 +358,26 @@ pub enum ObjectiveKind {
     Nll,
 }
 
+impl FromStr for ObjectiveKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "policy" => Ok(ObjectiveKind::Policy),
+            "nll" => Ok(ObjectiveKind::Nll),
+            _ => Err(Error::arg(
+                "objectives",
+                format!("unknown objective kind {s:?}; expected policy or nll"),
+            )),
+        }
+    }
+}
+
 /// The loss configuration, one type for both backends. `Default` gives verl's defaults.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// It (de)serializes with serde under the field names below (absent fields take their defaults,
+/// unknown ones are an error): the form in which the bindings pass options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GrpoConfig {
     /// Lower clip `eps_low`: the ratio is clipped below at `1 - clip_low` (verl `clip_ratio_low`, 0.2).
     pub clip_low: f32,
@@ -362,6 +463,22 @@ impl GrpoConfig {
             dual_clip: None,
             ..GrpoConfig::default()
         }
+    }
+
+    /// A validated configuration from its JSON form (the bindings' way of passing options):
+    /// absent fields take verl's defaults; an unknown field, a wrong type or a value out of range
+    /// is an error naming it.
+    pub fn from_json(json: &str) -> Result<GrpoConfig> {
+        let c: GrpoConfig = serde_json::from_str(json)
+            .map_err(|e| Error::arg("config", format!("{e} (in {json})")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The JSON form read by [`GrpoConfig::from_json`].
+    pub fn to_json(&self) -> String {
+        // a struct of numbers, strings and options: serializing it cannot fail
+        serde_json::to_string(self).unwrap_or_default()
     }
 
     /// Checks every field; the error names the field and the accepted range.

@@ -1,28 +1,29 @@
-//! The C ABI (`include/recap_kernels.h`): raw device pointers, sizes and a `CUstream` in the
-//! caller's device's primary context (the one PyTorch uses). Every function returns a status code
+//! The C ABI (`include/recap_kernels.h`): raw pointers, sizes and a `CUstream` in the caller's
+//! device's primary context (the one PyTorch uses), or host pointers for `device < 0` (the CPU
+//! reference computes). Every function returns a status code
 //! (`RECAP_OK` = 0) and `recap_last_error()` gives the message of the last failure on the calling
 //! thread; no panic crosses the boundary (each body runs under `catch_unwind`). Arguments are
 //! checked (null pointers, sizes, options) before anything touches the device.
 //!
-//! Device buffers are borrowed for the call only: they are wrapped with
-//! `CudaStream::upgrade_device_ptr` and released with `leak` (never freed here); the caller's stream
-//! is wrapped with `wrap_borrowed_stream` (never destroyed here).
+//! Each entry point translates its arguments into [`crate::raw`]'s arrays, which borrow the
+//! caller's buffers for the call (device buffers are never freed here, the caller's stream never
+//! destroyed) and check that outputs overlap nothing.
 
 use crate::advantages::{AdvantageConfig, AdvantageMode};
 use crate::config::{
-    AggMode, GrpoConfig, IsLevel, IsMode, KlEstimator, ObjectiveKind, PolicyLoss, RolloutCorrection,
+    AggMode, GrpoConfig, IsLevel, IsMode, KlEstimator, Normalizers, ObjectiveKind, PolicyLoss,
+    RolloutCorrection,
 };
-use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::layout::{Advantages, GrpoInputs, Mask};
-use crate::logits::{Logits, LogprobConfig};
+use crate::layout::{Advantages, GrpoInputs, Mask, ReduceInputs};
+use crate::logits::{Logits, LogitsLossInputs, LogprobConfig};
+use crate::output::GrpoOutput;
+use crate::raw::{self, In, Out, Place};
 use crate::recap::{Orientation, RecapConfig, RecapScheduler};
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// Success.
 pub const RECAP_OK: i32 = 0;
@@ -280,128 +281,170 @@ fn host_layout<'a>(
 
 /// `objectives [K]` (0 policy, 1 NLL) as objective kinds.
 fn host_objectives(objectives: *const i32, k: usize) -> Result<Vec<ObjectiveKind>> {
-    host("objectives", objectives, k)?
-        .iter()
-        .map(|&o| {
-            pick(
-                "objectives",
-                &[ObjectiveKind::Policy, ObjectiveKind::Nll],
-                o,
-            )
-        })
-        .collect()
+    raw::objective_kinds(host("objectives", objectives, k)?)
 }
 
-/// The primary context of device `ordinal`, opened once per process.
-fn gpu(ordinal: i32) -> Result<Arc<Gpu>> {
-    static GPUS: OnceLock<Mutex<HashMap<i32, Arc<Gpu>>>> = OnceLock::new();
-    let ord = usize::try_from(ordinal)
-        .map_err(|_| Error::arg("device", format!("expected >= 0, got {ordinal}")))?;
-    let mut map = GPUS
-        .get_or_init(|| Mutex::new(HashMap::new()))
-        .lock()
-        .map_err(|_| Error::NoDevice("device table poisoned".into()))?;
-    if let Some(g) = map.get(&ordinal) {
-        return Ok(g.clone());
-    }
-    let g = Gpu::new(ord)?;
-    map.insert(ordinal, g.clone());
-    Ok(g)
-}
-
-/// A caller's device buffer borrowed for one call: released with `leak` (never freed) when
-/// dropped, on every path out of the call.
-struct Lent<T>(Option<CudaSlice<T>>);
-
-impl<T> Lent<T> {
-    fn get(&self) -> Option<&CudaSlice<T>> {
-        self.0.as_ref()
-    }
-
-    fn get_mut(&mut self) -> Option<&mut CudaSlice<T>> {
-        self.0.as_mut()
-    }
-}
-
-impl<T> Drop for Lent<T> {
-    fn drop(&mut self) {
-        if let Some(s) = self.0.take() {
-            let _ = s.leak();
+/// Global normalizers from the host arrays `normalizers [2, K + 1]` (token weights, then sequence
+/// counts; null: none) and `seq_tokens [B]` (nullable).
+fn host_normalizers(
+    normalizers: *const f64,
+    seq_tokens: *const f64,
+    k: usize,
+    b: usize,
+) -> Result<Option<Normalizers>> {
+    if normalizers.is_null() {
+        if !seq_tokens.is_null() {
+            return Err(Error::arg(
+                "seq_tokens",
+                "given without normalizers (pass both, or neither)",
+            ));
         }
+        return Ok(None);
     }
-}
-
-/// The caller's stream, wrapped for one call.
-struct Borrowed {
-    stream: Arc<CudaStream>,
-}
-
-impl Borrowed {
-    /// `n` elements at device address `p` (0 elements: a null pointer is fine).
-    fn slice<T: DeviceRepr>(
-        &self,
-        arg: &'static str,
-        p: *const c_void,
-        n: usize,
-    ) -> Result<Lent<T>> {
-        if p.is_null() {
-            return if n == 0 {
-                Ok(Lent(None))
-            } else {
-                Err(Error::arg(arg, "null device pointer"))
-            };
-        }
-        // SAFETY: the caller guarantees `p` is a device allocation of this context holding at
-        // least `n` elements of T, alive for the call; `Lent` leaks (never frees) it on drop.
-        Ok(Lent(Some(unsafe {
-            self.stream.upgrade_device_ptr::<T>(p as u64, n.max(1))
-        })))
-    }
-}
-
-/// A caller's `[n]` mask, u8 or f32 (null with `n = 0` gives none).
-struct LentMask(Lent<u8>, Lent<f32>);
-
-impl LentMask {
-    fn new(bw: &Borrowed, mask: *const c_void, is_u8: i32, n: usize) -> Result<Self> {
-        Ok(if is_u8 != 0 {
-            LentMask(bw.slice::<u8>("mask", mask, n)?, Lent(None))
-        } else {
-            LentMask(Lent(None), bw.slice::<f32>("mask", mask, n)?)
-        })
-    }
-
-    fn view(
-        &self,
-        n: usize,
-    ) -> Option<Mask<cudarc::driver::CudaView<'_, f32>, cudarc::driver::CudaView<'_, u8>>> {
-        match (self.0.get(), self.1.get()) {
-            (Some(m), _) => Some(Mask::U8(m.slice(..n))),
-            (_, Some(m)) => Some(Mask::F32(m.slice(..n))),
-            _ => None,
-        }
-    }
-}
-
-fn borrow_stream(g: &Arc<Gpu>, stream: *mut c_void) -> Borrowed {
-    let s = if stream.is_null() {
-        g.stream().clone()
+    let n = host("normalizers", normalizers, 2 * (k + 1))?;
+    let st = if seq_tokens.is_null() {
+        None
     } else {
-        // SAFETY: the caller passes a live CUstream of this device's primary context and keeps it
-        // alive for the call; the wrapper does not destroy it.
-        unsafe {
-            g.context()
-                .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream)
-        }
+        Some(host("seq_tokens", seq_tokens, b)?.to_vec())
     };
-    Borrowed { stream: s }
+    Ok(Some(Normalizers {
+        tokens: n[..=k].to_vec(),
+        seqs: n[k + 1..].to_vec(),
+        seq_tokens: st,
+    }))
 }
 
-/// The fused GRPO loss on device data. Host arrays: `cu_seqlens` [B + 1], `lambda` [K],
-/// `objectives` [K] (0 policy, 1 nll), `membership` [B] (nullable). Device arrays: `logp`,
-/// `old_logp`, `ref_logp` (nullable), `rollout_logp` (nullable), `mask` ([T] u8 or f32), `advantages`
-/// ([B, K], or [T, K] with `adv_per_token`), `grad` [T] (written). `objective_loss` [K] (nullable,
-/// host) receives each objective's aggregate.
+/// Where a call runs: the host (the CPU reference, on host pointers) for `device < 0`, else CUDA
+/// device `device` on `stream`.
+fn place(device: i32, stream: *mut c_void) -> Place {
+    match usize::try_from(device) {
+        Ok(d) => Place::Cuda {
+            device: d,
+            stream: stream as usize,
+        },
+        Err(_) => Place::Host,
+    }
+}
+
+/// A caller's array of `n` elements (a null pointer gives an empty one, which the op rejects
+/// where it needs `n > 0` elements).
+fn arr<T>(p: *const T, n: usize) -> In<T> {
+    let n = if p.is_null() { 0 } else { n };
+    // SAFETY: the C caller guarantees `n` readable elements at every non-null pointer, in the
+    // memory of the call's place, for the call (documented in the header).
+    unsafe { In::new(p as usize, n) }
+}
+
+fn opt_arr<T>(p: *const T, n: usize) -> Option<In<T>> {
+    (!p.is_null()).then(|| arr(p, n))
+}
+
+fn out_arr<T>(p: *mut T, n: usize) -> Out<T> {
+    let n = if p.is_null() { 0 } else { n };
+    // SAFETY: as `arr`, for writable elements used by nobody else during the call.
+    unsafe { Out::new(p as usize, n) }
+}
+
+/// A caller's mask `[n]`, u8 or f32.
+fn mask_arr(mask: *const c_void, is_u8: i32, n: usize) -> Mask<In<f32>, In<u8>> {
+    if is_u8 != 0 {
+        Mask::U8(arr(mask as *const u8, n))
+    } else {
+        Mask::F32(arr(mask as *const f32, n))
+    }
+}
+
+fn adv_arr(
+    advantages: *const f32,
+    per_token: i32,
+    t: usize,
+    b: usize,
+    k: usize,
+) -> Advantages<In<f32>> {
+    if per_token != 0 {
+        Advantages::PerToken(arr(advantages, t * k))
+    } else {
+        Advantages::PerSequence(arr(advantages, b * k))
+    }
+}
+
+/// Writes `values` to the caller's host array `out` when it is not null.
+fn write_host(out: *mut f64, values: &[f64]) {
+    if !out.is_null() {
+        // SAFETY: the caller guarantees `values.len()` writable doubles (documented per function).
+        unsafe { std::slice::from_raw_parts_mut(out, values.len()) }.copy_from_slice(values);
+    }
+}
+
+/// The length of the `stats` array of the fused loss for `num_objectives` objectives (< 0 on a bad
+/// count).
+#[no_mangle]
+pub extern "C" fn recap_grpo_stats_len(num_objectives: i32) -> i64 {
+    match usize::try_from(num_objectives) {
+        Ok(k) => crate::output::grpo_stat_layout(k)
+            .last()
+            .map_or(0, |f| (f.offset + f.len) as i64),
+        Err(_) => -1,
+    }
+}
+
+/// Field `index` of the `stats` array for `num_objectives` objectives: its name (verl's, static
+/// storage), offset and length (1, or K for a per-objective statistic). `RECAP_ERR_ARGUMENT` past
+/// the last field.
+///
+/// # Safety
+/// `name`, `offset` and `len` must be null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn recap_grpo_stat_field(
+    num_objectives: i32,
+    index: i32,
+    name: *mut *const c_char,
+    offset: *mut i64,
+    len: *mut i64,
+) -> i32 {
+    static NAMES: OnceLock<Vec<CString>> = OnceLock::new();
+    guard(|| {
+        let k = self::len("num_objectives", num_objectives as i64)?;
+        let fields = crate::output::grpo_stat_layout(k);
+        let names = NAMES.get_or_init(|| {
+            fields
+                .iter()
+                .map(|f| CString::new(f.name).unwrap_or_default())
+                .collect()
+        });
+        let i = usize::try_from(index)
+            .ok()
+            .filter(|i| *i < fields.len())
+            .ok_or_else(|| {
+                Error::arg(
+                    "index",
+                    format!("expected 0 <= index < {}, got {index}", fields.len()),
+                )
+            })?;
+        // SAFETY: each pointer is null or writable (the caller's contract).
+        unsafe {
+            if let Some(n) = name.as_mut() {
+                *n = names[i].as_ptr();
+            }
+            if let Some(o) = offset.as_mut() {
+                *o = fields[i].offset as i64;
+            }
+            if let Some(l) = len.as_mut() {
+                *l = fields[i].len as i64;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The fused GRPO loss. Arrays on the device (`device >= 0`; on the host for `device < 0`, where
+/// the CPU reference computes): `logp`, `old_logp`, `ref_logp`, `rollout_logp` and
+/// `policy_weight` (nullable) [T], `mask` ([T] u8 or f32), `advantages` ([B, K], or [T, K] with
+/// `adv_per_token`), `grad` [T] (written). Host arrays: `cu_seqlens` [B + 1], `lambda` [K],
+/// `objectives` [K] (0 policy, 1 nll), `membership` [B] (nullable), `normalizers` [2, K + 1]
+/// (the whole batch's token weights then sequence counts, from `recap_count_normalizers` summed
+/// over the parts; nullable), `seq_tokens` [B] (nullable), `stats` [`recap_grpo_stats_len(K)`]
+/// (nullable, written; fields from `recap_grpo_stat_field`).
 ///
 /// # Safety
 /// Every non-null pointer must hold the number of elements stated above; device pointers must
@@ -416,6 +459,7 @@ pub unsafe extern "C" fn recap_grpo_loss(
     old_logp: *const f32,
     ref_logp: *const f32,
     rollout_logp: *const f32,
+    policy_weight: *const f32,
     advantages: *const f32,
     adv_per_token: i32,
     mask: *const c_void,
@@ -426,122 +470,58 @@ pub unsafe extern "C" fn recap_grpo_loss(
     objectives: *const i32,
     membership: *const u32,
     num_objectives: i32,
+    normalizers: *const f64,
+    seq_tokens: *const f64,
     cfg: *const RecapGrpoConfig,
     grad: *mut f32,
     result: *mut RecapGrpoResult,
-    objective_loss: *mut f64,
+    stats: *mut f64,
 ) -> i32 {
     guard(|| {
         let t = len("num_tokens", num_tokens)?;
         let b = len("num_seqs", num_seqs)?;
         let k = len("num_objectives", num_objectives as i64)?;
-        // SAFETY: checked for null; the caller guarantees a valid struct.
-        let cfg = unsafe { cfg.as_ref() }
-            .ok_or_else(|| Error::arg("cfg", "null pointer"))?
-            .to_config()?;
+        let cfg = config(cfg)?;
         let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
         let kinds = host_objectives(objectives, k)?;
+        let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
         if result.is_null() {
             return Err(Error::arg("result", "null pointer"));
         }
-        let adv_rows = if adv_per_token != 0 { t } else { b };
-        if t == 0 {
-            // an empty batch: the defined result (loss 0, counts 0) without touching the device
-            let (zeros, adv0) = (vec![0f32; 0], vec![0f32; adv_rows * k]);
-            let out = crate::cpu::grpo_loss(
-                &GrpoInputs {
-                    logp: &zeros[..],
-                    old_logp: &zeros[..],
-                    ref_logp: None,
-                    rollout_logp: None,
-                    policy_weight: None,
-                    advantages: Advantages::PerSequence(&adv0[..]),
-                    mask: Mask::U8(&[]),
-                    cu_seqlens: cu,
-                    lambda,
-                    objectives: &kinds,
-                    membership,
-                    normalizers: None,
-                },
-                &GrpoConfig {
-                    rollout_correction: None,
-                    ..cfg
-                },
-                &mut [],
-            )?;
-            return write_result(&out, result, objective_loss, k);
-        }
-        let g = gpu(device)?;
-        let bw = borrow_stream(&g, stream);
-        let lp = bw.slice::<f32>("logp", logp as _, t)?;
-        let old = bw.slice::<f32>("old_logp", old_logp as _, t)?;
-        let rf = bw.slice::<f32>(
-            "ref_logp",
-            ref_logp as _,
-            if ref_logp.is_null() { 0 } else { t },
-        )?;
-        let ro = bw.slice::<f32>(
-            "rollout_logp",
-            rollout_logp as _,
-            if rollout_logp.is_null() { 0 } else { t },
-        )?;
-        let adv = bw.slice::<f32>("advantages", advantages as _, adv_rows * k)?;
-        let lm = LentMask::new(&bw, mask, mask_is_u8, t)?;
-        let mut gr = bw.slice::<f32>("grad", grad as _, t)?;
-        let s = bw.stream.clone();
-        let out = {
-            fn view(x: &Lent<f32>, t: usize) -> Option<cudarc::driver::CudaView<'_, f32>> {
-                x.get().map(|x| x.slice(..t))
-            }
-            let (lpv, oldv) = (view(&lp, t), view(&old, t));
-            let advv = adv.get().map(|a| a.slice(..adv_rows * k));
-            let (Some(lpv), Some(oldv), Some(advv)) = (lpv, oldv, advv) else {
-                return Err(Error::arg(
-                    "logp",
-                    "empty batch: num_tokens = 0 needs no call",
-                ));
-            };
-            let mask = lm
-                .view(t)
-                .ok_or_else(|| Error::arg("mask", "null device pointer"))?;
-            let inputs = GrpoInputs {
-                logp: lpv,
-                old_logp: oldv,
-                ref_logp: view(&rf, t),
-                rollout_logp: view(&ro, t),
-                policy_weight: None,
-                advantages: if adv_per_token != 0 {
-                    Advantages::PerToken(advv)
-                } else {
-                    Advantages::PerSequence(advv)
-                },
-                mask,
-                cu_seqlens: cu,
-                lambda,
-                objectives: &kinds,
-                membership,
-                normalizers: None,
-            };
-            let gslice = gr
-                .get_mut()
-                .ok_or_else(|| Error::arg("grad", "null device pointer"))?;
-            crate::cuda::grpo_loss(&g, &s, &inputs, &cfg, &mut gslice.slice_mut(..t))
+        let inputs = GrpoInputs {
+            logp: arr(logp, t),
+            old_logp: arr(old_logp, t),
+            ref_logp: opt_arr(ref_logp, t),
+            rollout_logp: opt_arr(rollout_logp, t),
+            policy_weight: opt_arr(policy_weight, t),
+            advantages: adv_arr(advantages, adv_per_token, t, b, k),
+            mask: mask_arr(mask, mask_is_u8, t),
+            cu_seqlens: cu,
+            lambda,
+            objectives: &kinds,
+            membership,
+            normalizers: norms.as_ref(),
         };
-        write_result(&out?, result, objective_loss, k)
+        let out = raw::grpo_loss(place(device, stream), &inputs, &cfg, out_arr(grad, t))?;
+        write_result(&out, out.loss, result, stats);
+        Ok(())
     })
 }
 
-fn write_result(
-    out: &crate::output::GrpoOutput,
-    result: *mut RecapGrpoResult,
-    objective_loss: *mut f64,
-    k: usize,
-) -> Result<()> {
+/// The options behind a C config pointer.
+fn config(cfg: *const RecapGrpoConfig) -> Result<GrpoConfig> {
+    // SAFETY: checked for null; the caller guarantees a valid struct.
+    unsafe { cfg.as_ref() }
+        .ok_or_else(|| Error::arg("cfg", "null pointer"))?
+        .to_config()
+}
+
+fn write_result(out: &GrpoOutput, loss: f64, result: *mut RecapGrpoResult, stats: *mut f64) {
     let m = &out.metrics;
     // SAFETY: checked non-null by the caller; the C caller guarantees a writable struct.
     unsafe {
         *result = RecapGrpoResult {
-            loss: out.loss,
+            loss,
             kl_loss: out.kl_loss,
             ppo_kl: m.ppo_kl,
             ratio_mean: m.ratio_mean,
@@ -558,12 +538,57 @@ fn write_result(
             rollout_is_corrected_fraction: m.rollout_is_corrected_fraction,
         }
     };
-    if !objective_loss.is_null() {
-        // SAFETY: the caller guarantees K writable doubles.
-        unsafe { std::slice::from_raw_parts_mut(objective_loss, k) }
-            .copy_from_slice(&out.objective_loss);
-    }
-    Ok(())
+    write_host(stats, &out.stats());
+}
+
+/// This batch's normalizers from its mask ([T] u8 or f32, on the device or, for `device < 0`, the
+/// host): `normalizers` [2, K + 1] (host, written: token weights then sequence counts, the KL slot
+/// last in each) and `seq_tokens` [B] (host, nullable, written). Sum the parts' `normalizers` and
+/// pass the total to `recap_grpo_loss` of every part. Synchronizes the stream.
+///
+/// # Safety
+/// As `recap_grpo_loss`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_count_normalizers(
+    device: i32,
+    stream: *mut c_void,
+    num_tokens: i64,
+    mask: *const c_void,
+    mask_is_u8: i32,
+    cu_seqlens: *const i32,
+    num_seqs: i64,
+    membership: *const u32,
+    num_objectives: i32,
+    normalizers: *mut f64,
+    seq_tokens: *mut f64,
+) -> i32 {
+    guard(|| {
+        let t = len("num_tokens", num_tokens)?;
+        let b = len("num_seqs", num_seqs)?;
+        let k = len("num_objectives", num_objectives as i64)?;
+        let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
+        let membership = if membership.is_null() {
+            None
+        } else {
+            Some(host("membership", membership, b)?)
+        };
+        if normalizers.is_null() {
+            return Err(Error::arg("normalizers", "null pointer"));
+        }
+        let n = raw::count_normalizers(
+            place(device, stream),
+            &mask_arr(mask, mask_is_u8, t),
+            cu,
+            membership,
+            k,
+        )?;
+        write_host(normalizers, &[&n.tokens[..], &n.seqs[..]].concat());
+        if let Some(st) = &n.seq_tokens {
+            write_host(seq_tokens, st);
+        }
+        Ok(())
+    })
 }
 
 /// Runs the caller's macro `$go!(E)` with the logits element type of C code `dtype` (0 f32, 1 f16,
@@ -619,8 +644,8 @@ fn logits_shape(
 /// elements; `dtype` 0 f32, 1 f16, 2 bf16) at `temperature`, labels `ignore_index` giving 0.
 ///
 /// # Safety
-/// Device pointers of `device`'s primary context: `logits` [rows, ld], `labels`, `logp`, `entropy`,
-/// `lse` [rows]; `stream` nullable.
+/// Arrays on the device (`device >= 0`) or the host (`device < 0`): `logits` [rows, ld], `labels`,
+/// `logp`, `entropy`, `lse` [rows]; `stream` nullable.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn recap_logprob_forward(
@@ -641,39 +666,24 @@ pub unsafe extern "C" fn recap_logprob_forward(
     guard(|| {
         let LogitsShape { t, v, ld, span, lc } =
             logits_shape(rows, vocab, ld, temperature, ignore_index)?;
-        let g = gpu(device)?;
-        let bw = borrow_stream(&g, stream);
-        let y = bw.slice::<i32>("labels", labels as _, t)?;
-        let mut lp = bw.slice::<f32>("logp", logp as _, t)?;
-        let mut h = bw.slice::<f32>(
-            "entropy",
-            entropy as _,
-            if entropy.is_null() { 0 } else { t },
-        )?;
-        let mut l = bw.slice::<f32>("lse", lse as _, t)?;
-        let s = bw.stream.clone();
+        let entropy = (!entropy.is_null()).then(|| out_arr(entropy, t));
         macro_rules! go {
-            ($e:ty) => {{
-                let z = bw.slice::<$e>("logits", logits, span)?;
-                match (z.get(), y.get(), lp.get_mut(), l.get_mut()) {
-                    (Some(z), Some(y), Some(lp), Some(l)) => crate::cuda::logprob_forward(
-                        &g,
-                        &s,
-                        &Logits {
-                            data: z.slice(..span),
-                            rows: t,
-                            vocab: v,
-                            ld,
-                        },
-                        &y.slice(..t),
-                        &lc,
-                        &mut lp.slice_mut(..t),
-                        h.get_mut().map(|h| h.slice_mut(..t)).as_mut(),
-                        &mut l.slice_mut(..t),
-                    ),
-                    _ => Ok(()), // rows = 0
-                }
-            }};
+            ($e:ty) => {
+                raw::logprob_forward::<$e>(
+                    place(device, stream),
+                    &Logits {
+                        data: arr(logits as *const $e, span),
+                        rows: t,
+                        vocab: v,
+                        ld,
+                    },
+                    arr(labels, t),
+                    &lc,
+                    out_arr(logp, t),
+                    entropy,
+                    out_arr(lse, t),
+                )
+            };
         }
         by_dtype!(dtype, go)
     })
@@ -706,60 +716,38 @@ pub unsafe extern "C" fn recap_logprob_backward_inplace(
     guard(|| {
         let LogitsShape { t, v, ld, span, lc } =
             logits_shape(rows, vocab, ld, temperature, ignore_index)?;
-        let g = gpu(device)?;
-        let bw = borrow_stream(&g, stream);
-        let y = bw.slice::<i32>("labels", labels as _, t)?;
-        let l = bw.slice::<f32>("lse", lse as _, t)?;
-        let h = bw.slice::<f32>("entropy", entropy as _, t)?;
-        let gl = bw.slice::<f32>("g_logp", g_logp as _, t)?;
-        let ge = bw.slice::<f32>(
-            "g_entropy",
-            g_entropy as _,
-            if g_entropy.is_null() { 0 } else { t },
-        )?;
-        let s = bw.stream.clone();
+        let grads = raw::LogprobGrads {
+            labels: arr(labels, t),
+            lse: arr(lse, t),
+            entropy: arr(entropy, t),
+            g_logp: arr(g_logp, t),
+            g_entropy: opt_arr(g_entropy, t),
+        };
         macro_rules! go {
-            ($e:ty) => {{
-                let mut z = bw.slice::<$e>("logits", logits, span)?;
-                match (z.get_mut(), y.get(), l.get(), h.get(), gl.get()) {
-                    (Some(z), Some(y), Some(l), Some(h), Some(gl)) => {
-                        let (yv, lv, hv, gv) =
-                            (y.slice(..t), l.slice(..t), h.slice(..t), gl.slice(..t));
-                        let gev = ge.get().map(|x| x.slice(..t));
-                        let grads = crate::cuda::LogprobGrads {
-                            labels: &yv,
-                            lse: &lv,
-                            entropy: &hv,
-                            g_logp: &gv,
-                            g_entropy: gev.as_ref(),
-                        };
-                        crate::cuda::logprob_backward_inplace(
-                            &g,
-                            &s,
-                            &mut Logits {
-                                data: z.slice_mut(..span),
-                                rows: t,
-                                vocab: v,
-                                ld,
-                            },
-                            &grads,
-                            &lc,
-                        )
-                    }
-                    _ => Ok(()),
-                }
-            }};
+            ($e:ty) => {
+                raw::logprob_backward_inplace::<$e>(
+                    place(device, stream),
+                    &Logits {
+                        data: out_arr(logits as *mut $e, span),
+                        rows: t,
+                        vocab: v,
+                        ld,
+                    },
+                    &grads,
+                    &lc,
+                )
+            };
         }
         by_dtype!(dtype, go)
     })
 }
 
-/// Group advantages of device rewards [B, K] into `out` [B, K]: groups of `group_size`
-/// consecutive rollouts, or (`group_ids` non-null) dense ids in [0, num_groups); `modes` [K] host
-/// (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std).
+/// Group advantages of rewards [B, K] into `out` [B, K]: groups of `group_size` consecutive
+/// rollouts, or (`group_ids` non-null) dense ids in [0, num_groups) (any ids on the host);
+/// `modes` [K] host (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std).
 ///
 /// # Safety
-/// Device pointers of `device`'s primary context; `modes` K host ints.
+/// Arrays on the device (`device >= 0`) or the host (`device < 0`); `modes` K host ints.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn recap_group_advantages(
@@ -798,46 +786,31 @@ pub unsafe extern "C" fn recap_group_advantages(
             eps,
             lead: None,
         };
-        crate::advantages::validate(b * k, None, &cfg, b * k)?;
-        let g = gpu(device)?;
-        let bw = borrow_stream(&g, stream);
-        let r = bw.slice::<f32>("rewards", rewards as _, b * k)?;
-        let ids = bw.slice::<i32>(
-            "group_ids",
-            group_ids as _,
-            if group_ids.is_null() { 0 } else { b },
-        )?;
-        let mut o = bw.slice::<f32>("out", out as _, b * k)?;
-        let s = bw.stream.clone();
-        match (r.get(), o.get_mut()) {
-            (Some(r), Some(o)) => {
-                let groups = match ids.get() {
-                    Some(i) => crate::cuda::DeviceGroups::Ids {
-                        ids: i.slice(..b),
-                        num_groups: len("num_groups", num_groups)?,
-                    },
-                    None => crate::cuda::DeviceGroups::Consecutive(len("group_size", group_size)?),
-                };
-                crate::cuda::group_advantages(
-                    &g,
-                    &s,
-                    &r.slice(..b * k),
-                    groups,
-                    None,
-                    &cfg,
-                    &mut o.slice_mut(..b * k),
-                )
+        let groups = if group_ids.is_null() {
+            raw::RawGroups::Consecutive(len("group_size", group_size)?)
+        } else {
+            raw::RawGroups::Ids {
+                ids: arr(group_ids, b),
+                num_groups: len("num_groups", num_groups)?,
             }
-            _ => Ok(()),
-        }
+        };
+        raw::group_advantages(
+            place(device, stream),
+            arr(rewards, b * k),
+            groups,
+            None,
+            &cfg,
+            out_arr(out, b * k),
+        )
     })
 }
 
-/// Per-token KL to the reference: value and `d kl / d logp` (`[T]` each, device), masked tokens 0
-/// (`mask` nullable: every token). `estimator`: 0 k1, 1 abs, 2 k2, 3 k3, 4 k1+, 5 k3+.
+/// Per-token KL to the reference: value and `d kl / d logp` (`[T]` each, on the device or, for
+/// `device < 0`, the host), masked tokens 0 (`mask` nullable: every token). `estimator`: 0 k1, 1
+/// abs, 2 k2, 3 k3, 4 k1+, 5 k3+.
 ///
 /// # Safety
-/// Device pointers of `device`'s primary context holding `num_tokens` elements.
+/// Arrays of `num_tokens` elements in the memory of the call's place.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn recap_kl(
@@ -855,41 +828,22 @@ pub unsafe extern "C" fn recap_kl(
     guard(|| {
         let t = len("num_tokens", num_tokens)?;
         let est = pick("estimator", &KlEstimator::ALL, estimator)?;
-        if t == 0 {
-            return Ok(());
-        }
-        let g = gpu(device)?;
-        let bw = borrow_stream(&g, stream);
-        let (lp, rf) = (
-            bw.slice::<f32>("logp", logp as _, t)?,
-            bw.slice::<f32>("ref_logp", ref_logp as _, t)?,
-        );
-        let m_len = if mask.is_null() { 0 } else { t };
-        let lm = LentMask::new(&bw, mask, mask_is_u8, m_len)?;
-        let (mut k, mut gr) = (
-            bw.slice::<f32>("kl", kl as _, t)?,
-            bw.slice::<f32>("grad", grad as _, t)?,
-        );
-        let mask = lm.view(t);
-        match (lp.get(), rf.get(), k.get_mut(), gr.get_mut()) {
-            (Some(lp), Some(rf), Some(k), Some(gr)) => crate::cuda::kl(
-                &g,
-                &bw.stream,
-                &lp.slice(..t),
-                &rf.slice(..t),
-                mask,
-                est,
-                &mut k.slice_mut(..t),
-                &mut gr.slice_mut(..t),
-            ),
-            _ => Err(Error::arg("logp", "null device pointer")),
-        }
+        raw::kl(
+            place(device, stream),
+            arr(logp, t),
+            arr(ref_logp, t),
+            (!mask.is_null()).then(|| mask_arr(mask, mask_is_u8, t)),
+            est,
+            out_arr(kl, t),
+            out_arr(grad, t),
+        )
     })
 }
 
-/// The per-objective weighted reduction of losses `[T, K]` (device) with the mask and layout of the
-/// fused loss: `d total / d l` into `grad` `[T, K]` (device); `total` and `objective_loss` `[K]`
-/// (nullable) on the host. Aggregation, `norm_constant` from `cfg`.
+/// The per-objective weighted reduction of losses `[T, K]` with the mask and layout of the fused
+/// loss: `d total / d l` into `grad` `[T, K]` (on the device or, for `device < 0`, the host);
+/// `total` and `objective_loss` `[K]` (nullable) on the host; `normalizers` and `seq_tokens` as in
+/// `recap_grpo_loss`. Aggregation and `norm_constant` from `cfg`.
 ///
 /// # Safety
 /// As `recap_grpo_loss`.
@@ -907,6 +861,8 @@ pub unsafe extern "C" fn recap_weighted_reduce(
     lambda: *const f32,
     membership: *const u32,
     num_objectives: i32,
+    normalizers: *const f64,
+    seq_tokens: *const f64,
     cfg: *const RecapGrpoConfig,
     grad: *mut f32,
     total: *mut f64,
@@ -916,72 +872,37 @@ pub unsafe extern "C" fn recap_weighted_reduce(
         let t = len("num_tokens", num_tokens)?;
         let b = len("num_seqs", num_seqs)?;
         let k = len("num_objectives", num_objectives as i64)?;
-        // SAFETY: checked for null; the caller guarantees a valid struct.
-        let cfg = unsafe { cfg.as_ref() }
-            .ok_or_else(|| Error::arg("cfg", "null pointer"))?
-            .to_config()?;
+        let cfg = config(cfg)?;
         let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
+        let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
         if total.is_null() {
             return Err(Error::arg("total", "null pointer"));
         }
-        let out = if t == 0 {
-            let zero: [f32; 0] = [];
-            crate::cpu::weighted_reduce(
-                &crate::layout::ReduceInputs {
-                    losses: &zero[..],
-                    mask: Mask::U8(&[]),
-                    cu_seqlens: cu,
-                    lambda,
-                    membership,
-                    normalizers: None,
-                },
-                &cfg,
-                &mut [],
-            )?
-        } else {
-            let g = gpu(device)?;
-            let bw = borrow_stream(&g, stream);
-            let l = bw.slice::<f32>("losses", losses as _, t * k)?;
-            let lm = LentMask::new(&bw, mask, mask_is_u8, t)?;
-            let mut gr = bw.slice::<f32>("grad", grad as _, t * k)?;
-            let mask = lm
-                .view(t)
-                .ok_or_else(|| Error::arg("mask", "null device pointer"))?;
-            let (Some(l), Some(gr)) = (l.get(), gr.get_mut()) else {
-                return Err(Error::arg("losses", "null device pointer"));
-            };
-            crate::cuda::weighted_reduce(
-                &g,
-                &bw.stream,
-                &crate::layout::ReduceInputs {
-                    losses: l.slice(..t * k),
-                    mask,
-                    cu_seqlens: cu,
-                    lambda,
-                    membership,
-                    normalizers: None,
-                },
-                &cfg,
-                &mut gr.slice_mut(..t * k),
-            )?
-        };
-        // SAFETY: checked non-null; the caller guarantees a writable double (and K for the array).
-        unsafe {
-            *total = out.total;
-            if !objective_loss.is_null() {
-                std::slice::from_raw_parts_mut(objective_loss, k)
-                    .copy_from_slice(&out.objective_loss);
-            }
-        }
+        let out = raw::weighted_reduce(
+            place(device, stream),
+            &ReduceInputs {
+                losses: arr(losses, t * k),
+                mask: mask_arr(mask, mask_is_u8, t),
+                cu_seqlens: cu,
+                lambda,
+                membership,
+                normalizers: norms.as_ref(),
+            },
+            &cfg,
+            out_arr(grad, t * k),
+        )?;
+        write_host(total, &[out.total]);
+        write_host(objective_loss, &out.objective_loss);
         Ok(())
     })
 }
 
-/// The chunked fused-linear GRPO loss: `hidden` `[T, H]` and `weight` `[V, H]` (bf16, device),
-/// per-token `labels`, `old_logp`, `ref_logp` (nullable), `mask` (u8), advantages as in
-/// `recap_grpo_loss`; writes `d_hidden` `[T, H]` (bf16) and `d_weight` `[V, H]` (f32, overwritten).
+/// The chunked fused-linear GRPO loss: `hidden` `[T, H]` and `weight` `[V, H]` (bf16), per-token
+/// `labels`, `old_logp`, `ref_logp` (nullable), `mask` (u8), advantages as in `recap_grpo_loss`;
+/// writes `d_hidden` `[T, H]` (bf16) and `d_weight` `[V, H]` (f32, overwritten); arrays on the
+/// device, or on the host for `device < 0` (the reference, which ignores the chunking).
 /// `chunk_tokens` <= 0: sized from `memory_budget` bytes (<= 0: 512 MiB); `fp32_logits` keeps the
-/// logits in f32. `result.loss` includes the entropy bonus.
+/// logits in f32. `result.loss` includes the entropy bonus; `stats` as in `recap_grpo_loss`.
 ///
 /// # Safety
 /// As `recap_grpo_loss`.
@@ -1007,6 +928,7 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
     objectives: *const i32,
     membership: *const u32,
     num_objectives: i32,
+    normalizers: *const f64,
     cfg: *const RecapGrpoConfig,
     temperature: f32,
     chunk_tokens: i64,
@@ -1015,7 +937,7 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
     d_hidden: *mut c_void,
     d_weight: *mut f32,
     result: *mut RecapGrpoResult,
-    objective_loss: *mut f64,
+    stats: *mut f64,
 ) -> i32 {
     guard(|| {
         let (t, h, v) = (
@@ -1025,10 +947,7 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
         );
         let b = len("num_seqs", num_seqs)?;
         let k = len("num_objectives", num_objectives as i64)?;
-        // SAFETY: checked for null; the caller guarantees a valid struct.
-        let cfg = unsafe { cfg.as_ref() }
-            .ok_or_else(|| Error::arg("cfg", "null pointer"))?
-            .to_config()?;
+        let cfg = config(cfg)?;
         let lc = LogprobConfig {
             temperature,
             ..LogprobConfig::default()
@@ -1036,6 +955,7 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
         lc.validate()?;
         let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
         let kinds = host_objectives(objectives, k)?;
+        let norms = host_normalizers(normalizers, std::ptr::null(), k, b)?;
         if result.is_null() {
             return Err(Error::arg("result", "null pointer"));
         }
@@ -1054,72 +974,36 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
             },
             fp32_logits: fp32_logits != 0,
         };
-        let adv_rows = if adv_per_token != 0 { t } else { b };
-        let g = gpu(device)?;
-        let bw = borrow_stream(&g, stream);
-        let x = bw.slice::<half::bf16>("hidden", hidden, t * h)?;
-        let w = bw.slice::<half::bf16>("weight", weight, v * h)?;
-        let y = bw.slice::<i32>("labels", labels as _, t)?;
-        let old = bw.slice::<f32>("old_logp", old_logp as _, t)?;
-        let rf = bw.slice::<f32>(
-            "ref_logp",
-            ref_logp as _,
-            if ref_logp.is_null() { 0 } else { t },
-        )?;
-        let adv = bw.slice::<f32>("advantages", advantages as _, adv_rows * k)?;
-        let m = bw.slice::<u8>("mask", mask as _, t)?;
-        let mut dh = bw.slice::<half::bf16>("d_hidden", d_hidden, t * h)?;
-        let mut dw = bw.slice::<f32>("d_weight", d_weight as _, v * h)?;
-        let (Some(x), Some(w), Some(y), Some(old), Some(adv), Some(m), Some(dh), Some(dw)) = (
-            x.get(),
-            w.get(),
-            y.get(),
-            old.get(),
-            adv.get(),
-            m.get(),
-            dh.get_mut(),
-            dw.get_mut(),
-        ) else {
-            return Err(Error::arg("hidden", "null device pointer"));
-        };
-        let advv = adv.slice(..adv_rows * k);
-        let inputs = crate::cuda::DeviceLogitsLossInputs {
-            labels: y.slice(..t),
-            old_logp: old.slice(..t),
-            ref_logp: rf.get().map(|r| r.slice(..t)),
+        let inputs = LogitsLossInputs {
+            labels: arr(labels, t),
+            old_logp: arr(old_logp, t),
+            ref_logp: opt_arr(ref_logp, t),
             rollout_logp: None,
-            advantages: if adv_per_token != 0 {
-                Advantages::PerToken(advv)
-            } else {
-                Advantages::PerSequence(advv)
-            },
-            mask: Mask::U8(m.slice(..t)),
+            advantages: adv_arr(advantages, adv_per_token, t, b, k),
+            mask: Mask::U8(arr(mask, t)),
             cu_seqlens: cu,
             lambda,
             objectives: &kinds,
             membership,
-            normalizers: None,
+            normalizers: norms.as_ref(),
         };
-        let head = crate::cuda::LinearHead {
-            hidden: x.slice(..t * h),
-            weight: w.slice(..v * h),
+        let head = raw::RawHead {
+            hidden: arr(hidden as *const half::bf16, t * h),
+            weight: arr(weight as *const half::bf16, v * h),
             hidden_size: h,
-            vocab: v,
         };
-        let out = crate::cuda::fused_linear_grpo_loss(
-            &g,
-            &bw.stream,
+        let out = raw::fused_linear_grpo_loss(
+            place(device, stream),
             &head,
             &inputs,
             &cfg,
             &lc,
             &opts,
-            &mut dh.slice_mut(..t * h),
-            &mut dw.slice_mut(..v * h),
+            out_arr(d_hidden as *mut half::bf16, t * h),
+            out_arr(d_weight, v * h),
         )?;
-        let mut grpo = out.grpo.clone();
-        grpo.loss = out.loss;
-        write_result(&grpo, result, objective_loss, k)
+        write_result(&out.grpo, out.loss, result, stats);
+        Ok(())
     })
 }
 

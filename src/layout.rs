@@ -204,7 +204,7 @@ fn validate_lambda(lambda: &[f32]) -> Result<()> {
     Ok(())
 }
 
-fn validate_membership(membership: Option<&[u32]>, b: usize, k: usize) -> Result<()> {
+pub(crate) fn validate_membership(membership: Option<&[u32]>, b: usize, k: usize) -> Result<()> {
     if let Some(m) = membership {
         check_len("membership", m.len(), b, "[B]")?;
         let allowed = if k >= 32 { u32::MAX } else { (1u32 << k) - 1 };

@@ -25,6 +25,7 @@ pub mod ffi;
 pub mod layout;
 pub mod logits;
 pub mod output;
+pub mod raw;
 pub mod recap;
 pub mod train;
 
@@ -45,5 +46,7 @@ pub use logits::{
     top_entropy_mask, HostLogitsLossInputs, LogitElem, Logits, LogitsLossInputs, LogitsLossOutput,
     LogprobConfig,
 };
-pub use output::{GrpoMetrics, GrpoOutput, ReduceOutput};
+pub use output::{
+    grpo_stat_layout, logits_stat_layout, GrpoMetrics, GrpoOutput, ReduceOutput, StatField,
+};
 pub use recap::{Orientation, RecapConfig, RecapScheduler};

@@ -3,6 +3,7 @@
 
 use crate::config::GrpoConfig;
 use crate::error::{Error, Result};
+use crate::logits::LogitsLossOutput;
 
 /// Normalizer slots: `MAX_OBJECTIVES` objectives plus the KL slot (`RECAP_NORM_SLOTS`).
 pub(crate) const NORM_SLOTS: usize = crate::config::MAX_OBJECTIVES + 1;
@@ -66,51 +67,159 @@ pub struct GrpoMetrics {
     pub rollout_is_corrected_fraction: f64,
 }
 
-impl GrpoMetrics {
-    /// The metrics under verl's names (`actor/pg_clipfrac`, ...); per-objective values get the
+/// How a statistic is read off a [`GrpoOutput`]: one value, or one per objective.
+#[derive(Clone, Copy)]
+enum Getter {
+    Scalar(fn(&GrpoOutput) -> f64),
+    PerObjective(fn(&GrpoOutput) -> Vec<f64>),
+}
+
+/// The fused loss's statistics in their flat order (verl's names): the one definition of the
+/// layout that [`GrpoOutput::stats`], [`GrpoOutput::named`], [`grpo_stat_layout`] and the bindings
+/// (the C ABI's `stats` array, the Python metrics) use.
+const GRPO_STATS: &[(&str, Getter)] = {
+    use Getter::{PerObjective as K, Scalar as S};
+    &[
+        ("actor/pg_loss", K(|o| o.objective_loss.clone())),
+        ("actor/pg_clipfrac", K(|o| o.metrics.pg_clipfrac.clone())),
+        (
+            "actor/pg_clipfrac_lower",
+            K(|o| o.metrics.pg_clipfrac_lower.clone()),
+        ),
+        (
+            "actor/objective_tokens",
+            K(|o| o.metrics.objective_tokens.clone()),
+        ),
+        (
+            "actor/objective_seqs",
+            K(|o| o.metrics.objective_seqs.iter().map(|&x| x as f64).collect()),
+        ),
+        ("actor/kl_loss", S(|o| o.kl_loss)),
+        ("actor/ppo_kl", S(|o| o.metrics.ppo_kl)),
+        ("actor/ratio_min", S(|o| o.metrics.ratio_min)),
+        ("actor/ratio_mean", S(|o| o.metrics.ratio_mean)),
+        ("actor/ratio_max", S(|o| o.metrics.ratio_max)),
+        ("actor/kl_mean", S(|o| o.metrics.kl_mean)),
+        ("actor/num_tokens", S(|o| o.metrics.num_tokens)),
+        ("actor/num_seqs", S(|o| o.metrics.num_seqs as f64)),
+        ("actor/policy_tokens", S(|o| o.metrics.policy_tokens)),
+        ("actor/nonfinite_inputs", S(|o| o.metrics.nonfinite as f64)),
+        ("mismatch/rollout_is_mean", S(|o| o.metrics.rollout_is_mean)),
+        ("mismatch/rollout_is_min", S(|o| o.metrics.rollout_is_min)),
+        ("mismatch/rollout_is_max", S(|o| o.metrics.rollout_is_max)),
+        (
+            "mismatch/rollout_is_corrected_fraction",
+            S(|o| o.metrics.rollout_is_corrected_fraction),
+        ),
+    ]
+};
+
+/// One entry of a flat statistics vector: its name, where it starts and how many values it holds
+/// (1, or K for a per-objective statistic).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatField {
+    /// verl's name, e.g. `actor/pg_clipfrac`.
+    pub name: &'static str,
+    /// Index of its first value.
+    pub offset: usize,
+    /// 1, or K.
+    pub len: usize,
+    /// Whether it has one value per objective.
+    pub per_objective: bool,
+}
+
+fn layout_of(table: &[(&'static str, Getter)], k: usize, offset: usize) -> Vec<StatField> {
+    let mut at = offset;
+    table
+        .iter()
+        .map(|(name, g)| {
+            let per_objective = matches!(g, Getter::PerObjective(_));
+            let len = if per_objective { k } else { 1 };
+            let f = StatField {
+                name,
+                offset: at,
+                len,
+                per_objective,
+            };
+            at += len;
+            f
+        })
+        .collect()
+}
+
+/// The layout of [`GrpoOutput::stats`] for `k` objectives.
+pub fn grpo_stat_layout(k: usize) -> Vec<StatField> {
+    layout_of(GRPO_STATS, k, 0)
+}
+
+/// The statistics the loss from logits adds after the fused loss's (verl's `actor/entropy` is the
+/// masked mean entropy; `actor/entropy_loss` its aggregate in the loss's mode).
+type EntropyGetter = fn(&LogitsLossOutput) -> f64;
+
+const ENTROPY_STATS: &[(&str, EntropyGetter)] = &[
+    ("actor/entropy_loss", |o| o.entropy_loss),
+    ("actor/entropy", |o| o.entropy_mean),
+];
+
+/// The layout of [`LogitsLossOutput::stats`] for `k` objectives: the fused loss's, then the
+/// entropy statistics.
+pub fn logits_stat_layout(k: usize) -> Vec<StatField> {
+    let mut l = grpo_stat_layout(k);
+    let start = l.last().map_or(0, |f| f.offset + f.len);
+    l.extend(
+        ENTROPY_STATS
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| StatField {
+                name,
+                offset: start + i,
+                len: 1,
+                per_objective: false,
+            }),
+    );
+    l
+}
+
+impl LogitsLossOutput {
+    /// The statistics in the flat order of [`logits_stat_layout`].
+    pub fn stats(&self) -> Vec<f64> {
+        let mut v = self.grpo.stats();
+        v.extend(ENTROPY_STATS.iter().map(|(_, f)| f(self)));
+        v
+    }
+}
+
+impl GrpoOutput {
+    /// The statistics in the flat order of [`grpo_stat_layout`] (the loss itself is not among
+    /// them).
+    pub fn stats(&self) -> Vec<f64> {
+        let mut v = Vec::new();
+        for (_, g) in GRPO_STATS {
+            match g {
+                Getter::Scalar(f) => v.push(f(self)),
+                Getter::PerObjective(f) => v.extend(f(self)),
+            }
+        }
+        v
+    }
+
+    /// The statistics under verl's names (`actor/pg_clipfrac`, ...); per-objective values get the
     /// objective's name (or its index) as a suffix, e.g. `actor/pg_clipfrac/accuracy`.
     pub fn named(&self, objective_names: Option<&[&str]>) -> Vec<(String, f64)> {
-        let name = |k: usize| -> String {
-            objective_names
-                .and_then(|n| n.get(k))
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| k.to_string())
-        };
+        let values = self.stats();
         let mut out = Vec::new();
-        for k in 0..self.pg_clipfrac.len() {
-            out.push((
-                format!("actor/pg_clipfrac/{}", name(k)),
-                self.pg_clipfrac[k],
-            ));
-            out.push((
-                format!("actor/pg_clipfrac_lower/{}", name(k)),
-                self.pg_clipfrac_lower[k],
-            ));
-            out.push((
-                format!("actor/num_tokens/{}", name(k)),
-                self.objective_tokens[k],
-            ));
-            out.push((
-                format!("actor/num_seqs/{}", name(k)),
-                self.objective_seqs[k] as f64,
-            ));
+        for f in grpo_stat_layout(self.objective_loss.len()) {
+            if f.per_objective {
+                for j in 0..f.len {
+                    let obj = objective_names
+                        .and_then(|n| n.get(j))
+                        .map_or_else(|| j.to_string(), |s| s.to_string());
+                    out.push((format!("{}/{obj}", f.name), values[f.offset + j]));
+                }
+            } else {
+                out.push((f.name.to_string(), values[f.offset]));
+            }
         }
-        out.push(("actor/ppo_kl".into(), self.ppo_kl));
-        out.push(("actor/ratio_min".into(), self.ratio_min));
-        out.push(("actor/ratio_mean".into(), self.ratio_mean));
-        out.push(("actor/ratio_max".into(), self.ratio_max));
-        out.push(("actor/kl_mean".into(), self.kl_mean));
-        out.push(("actor/num_tokens".into(), self.num_tokens));
-        out.push(("actor/num_seqs".into(), self.num_seqs as f64));
-        out.push(("actor/policy_tokens".into(), self.policy_tokens));
-        out.push(("actor/nonfinite_inputs".into(), self.nonfinite as f64));
-        out.push(("mismatch/rollout_is_mean".into(), self.rollout_is_mean));
-        out.push(("mismatch/rollout_is_min".into(), self.rollout_is_min));
-        out.push(("mismatch/rollout_is_max".into(), self.rollout_is_max));
-        out.push((
-            "mismatch/rollout_is_corrected_fraction".into(),
-            self.rollout_is_corrected_fraction,
-        ));
         out
     }
 }

@@ -7,6 +7,65 @@
 
 #define CHECK(c) do { if (!(c)) { printf("FAILED line %d: %s (last error: %s)\n", __LINE__, #c, recap_last_error()); return 1; } } while (0)
 
+/* The same entry points on host memory (device -1, the CPU reference), against hand-computed
+ * values: with logp = old_logp every ratio is 1, so under token-mean the loss is -mean(A) over the
+ * tokens and dL/dlogp = -A / T. */
+static int host_checks(const RecapGrpoConfig* cfg) {
+    float logp[4] = {-1.0f, -2.0f, -0.5f, -1.5f};
+    float adv[2] = {0.5f, -1.0f};
+    uint8_t mask[4] = {1, 1, 1, 1};
+    int32_t cu[3] = {0, 2, 4};
+    float lambda[1] = {1.0f};
+    int32_t kinds[1] = {0};
+    float grad[4];
+    double stats[32];
+    RecapGrpoResult res;
+    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
+                          NULL, NULL, cfg, grad, &res, stats) == RECAP_OK);
+    CHECK(res.loss > 0.2499 && res.loss < 0.2501 && res.num_tokens == 4.0 && res.ratio_mean == 1.0);
+    CHECK(grad[0] == -0.125f && grad[1] == -0.125f && grad[2] == 0.25f && grad[3] == 0.25f);
+    /* the fields of stats: names, offsets and lengths */
+    int found = 0;
+    for (int32_t i = 0; recap_grpo_stat_field(1, i, NULL, NULL, NULL) == RECAP_OK; ++i) {
+        const char* name;
+        int64_t off, len;
+        CHECK(recap_grpo_stat_field(1, i, &name, &off, &len) == RECAP_OK && len == 1);
+        CHECK(off + len <= recap_grpo_stats_len(1));
+        if (strcmp(name, "actor/pg_loss") == 0) { CHECK(stats[off] > 0.2499 && stats[off] < 0.2501); ++found; }
+        if (strcmp(name, "actor/pg_clipfrac") == 0) { CHECK(stats[off] == 0.0); ++found; }
+        if (strcmp(name, "actor/num_tokens") == 0) { CHECK(stats[off] == 4.0); ++found; }
+    }
+    CHECK(found == 3 && strstr(recap_last_error(), "index") != NULL);
+    /* global normalizers of twice the tokens halve the loss and the gradient */
+    double norms[4];
+    CHECK(recap_count_normalizers(-1, NULL, 4, mask, 1, cu, 2, NULL, 1, norms, NULL) == RECAP_OK);
+    CHECK(norms[0] == 4.0 && norms[1] == 4.0 && norms[2] == 2.0 && norms[3] == 2.0);
+    for (int i = 0; i < 4; ++i) norms[i] *= 2.0;
+    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
+                          norms, NULL, cfg, grad, &res, NULL) == RECAP_OK);
+    CHECK(res.loss > 0.12499 && res.loss < 0.12501 && grad[0] == -0.0625f);
+    /* an output overlapping an input is refused */
+    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
+                          NULL, NULL, cfg, logp, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "grad") != NULL);
+    /* log-probabilities of a uniform row: -log V, entropy log V */
+    float logits[8] = {0};
+    int32_t labels[2] = {1, 3};
+    float lp[2], ent[2], lse[2];
+    CHECK(recap_logprob_forward(-1, NULL, logits, 0, 2, 4, 4, labels, 1.0f, -100, lp, ent, lse) == RECAP_OK);
+    CHECK(lp[0] > -1.3863f && lp[0] < -1.3862f && ent[1] > 1.3862f && ent[1] < 1.3863f);
+    /* KL k1 is the log-ratio */
+    float ref[4] = {-1.5f, -2.0f, -0.5f, -1.0f}, kl[4], kg[4];
+    CHECK(recap_kl(-1, NULL, 4, logp, ref, NULL, 0, 0, kl, kg) == RECAP_OK);
+    CHECK(kl[0] == 0.5f && kl[3] == -0.5f && kg[0] == 1.0f);
+    /* Dr. GRPO advantages: reward minus the group mean */
+    float rewards[4] = {1.0f, 0.0f, 2.0f, 4.0f}, out[4];
+    int32_t modes[1] = {1};
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, modes, 1e-6, out) == RECAP_OK);
+    CHECK(out[0] == 0.5f && out[1] == -0.5f && out[2] == -1.0f && out[3] == 1.0f);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     int has_driver = argc > 1 && argv[1][0] == '1';
     printf("sizes %zu %zu\n", sizeof(RecapGrpoConfig), sizeof(RecapGrpoResult));
@@ -59,21 +118,23 @@ int main(int argc, char** argv) {
     RecapGrpoResult res;
     RecapGrpoConfig badcfg = cfg;
     badcfg.clip_low = 2.0f;
-    CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, dummy, 0, dummy, 0, cu, 2, lambda, kinds, NULL, 1,
-                          &badcfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, NULL, dummy, 0, dummy, 0, cu, 2, lambda, kinds, NULL, 1,
+                          NULL, NULL, &badcfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "config.clip_low") != NULL);
-    CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, dummy, 0, dummy, 0, NULL, 2, lambda, kinds, NULL, 1,
-                          &cfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, NULL, dummy, 0, dummy, 0, NULL, 2, lambda, kinds, NULL, 1,
+                          NULL, NULL, &cfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "cu_seqlens") != NULL);
     int32_t bad_kind[1] = {7};
-    CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, dummy, 0, dummy, 0, cu, 2, lambda, bad_kind, NULL, 1,
-                          &cfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, NULL, dummy, 0, dummy, 0, cu, 2, lambda, bad_kind, NULL, 1,
+                          NULL, NULL, &cfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "objectives") != NULL);
     /* an empty batch is defined without a device */
     int32_t cu0[2] = {0, 0};
-    double obj[1] = {-1.0};
-    CHECK(recap_grpo_loss(0, NULL, 0, NULL, NULL, NULL, NULL, dummy, 0, NULL, 0, cu0, 1, lambda, kinds, NULL, 1, &cfg,
-                          NULL, &res, obj) == RECAP_OK);
+    double obj[32];
+    obj[0] = -1.0;
+    CHECK(recap_grpo_stats_len(1) > 5 && recap_grpo_stats_len(1) < 32 && recap_grpo_stats_len(-1) < 0);
+    CHECK(recap_grpo_loss(0, NULL, 0, NULL, NULL, NULL, NULL, NULL, dummy, 0, NULL, 0, cu0, 1, lambda, kinds, NULL, 1,
+                          NULL, NULL, &cfg, NULL, &res, obj) == RECAP_OK);
     CHECK(res.loss == 0.0 && res.num_tokens == 0.0 && obj[0] == 0.0);
     int32_t labels[2] = {0, 1};
     CHECK(recap_logprob_forward(0, NULL, dummy, 0, 2, 4, 4, labels, 0.0f, -100, dummy, NULL, dummy) ==
@@ -85,23 +146,24 @@ int main(int argc, char** argv) {
     CHECK(strstr(recap_last_error(), "modes") != NULL);
     CHECK(recap_kl(0, NULL, 4, dummy, dummy, NULL, 0, 9, dummy, dummy) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "estimator") != NULL);
-    CHECK(recap_weighted_reduce(0, NULL, 4, dummy, dummy, 0, cu, 2, lambda, NULL, 1, &cfg, dummy, NULL, NULL) ==
-          RECAP_ERR_ARGUMENT);
+    CHECK(recap_weighted_reduce(0, NULL, 4, dummy, dummy, 0, cu, 2, lambda, NULL, 1, NULL, NULL, &cfg, dummy, NULL,
+                                NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "total") != NULL);
     uint8_t m8[4] = {1, 1, 1, 1};
     CHECK(recap_fused_linear_grpo_loss(0, NULL, 4, 2, 4, dummy, dummy, labels, dummy, NULL, dummy, 0, m8, cu, 2, lambda,
-                                       kinds, NULL, 1, &cfg, 0.0f, 0, 0, 0, dummy, dummy, &res, NULL) ==
+                                       kinds, NULL, 1, NULL, &cfg, 0.0f, 0, 0, 0, dummy, dummy, &res, NULL) ==
           RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "temperature") != NULL);
     double total = -1.0;
-    CHECK(recap_weighted_reduce(0, NULL, 0, NULL, NULL, 0, cu0, 1, lambda, NULL, 1, &cfg, NULL, &total, NULL) ==
-          RECAP_OK && total == 0.0);
+    CHECK(recap_weighted_reduce(0, NULL, 0, NULL, NULL, 0, cu0, 1, lambda, NULL, 1, NULL, NULL, &cfg, NULL, &total,
+                                NULL) == RECAP_OK && total == 0.0);
     if (!has_driver) {
         /* valid arguments, no GPU: a device error that says why */
-        CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, dummy, 0, dummy, 0, cu, 2, lambda, kinds, NULL, 1,
-                              &cfg, dummy, &res, NULL) == RECAP_ERR_DEVICE);
+        CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, NULL, dummy, 0, dummy, 0, cu, 2, lambda, kinds, NULL,
+                              1, NULL, NULL, &cfg, dummy, &res, NULL) == RECAP_ERR_DEVICE);
         CHECK(strlen(recap_last_error()) > 0);
     }
+    if (host_checks(&cfg) != 0) return 1;
     printf("ok\n");
     return 0;
 }

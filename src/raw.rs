@@ -1,0 +1,1034 @@
+//! Pointer-level entry points for the bindings (the C ABI in [`crate::ffi`], the Python package):
+//! the caller's arrays given as addresses and lengths, on the host (computed by the CPU reference)
+//! or on a CUDA device (computed by the kernels, on the caller's stream, in the device's primary
+//! context, which is the one PyTorch uses).
+//!
+//! This module is the one definition of how a binding's buffers are borrowed: an [`In`] or [`Out`]
+//! is turned into a host slice or a CUDA view of exactly its length (so every length is then
+//! checked by the op itself, before any launch), device buffers are wrapped without being owned
+//! (never freed here), an output that overlaps another array of the same call is an error, and a
+//! misaligned address is an error. The bindings only translate their own types into these.
+
+use crate::advantages::{AdvantageConfig, Groups};
+use crate::config::{GrpoConfig, KlEstimator, Normalizers, ObjectiveKind};
+use crate::cuda::{self, FusedLinearConfig, Gpu};
+use crate::error::{Error, Result};
+use crate::layout::{Advantages, Array, GrpoInputs, Mask, ReduceInputs};
+use crate::logits::{LogitElem, Logits, LogitsLossInputs, LogitsLossOutput, LogprobConfig};
+use crate::output::{GrpoOutput, ReduceOutput};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::mem::{align_of, size_of};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Where a call's arrays live and where it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Host memory: the CPU reference backend computes.
+    Host,
+    /// Memory of CUDA device `device` (its primary context); the work is enqueued on `stream`, a
+    /// `CUstream` of that context (0: the context's default stream).
+    Cuda {
+        /// Device ordinal.
+        device: usize,
+        /// The `CUstream` handle as an integer (0: the default stream).
+        stream: usize,
+    },
+}
+
+/// A caller's read-only array: `len` elements of `T` at address `addr` in the memory of the
+/// call's [`Place`].
+#[derive(Debug)]
+pub struct In<T> {
+    addr: usize,
+    len: usize,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for In<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for In<T> {}
+
+/// A caller's writable array: `len` elements of `T` at address `addr`.
+#[derive(Debug)]
+pub struct Out<T> {
+    addr: usize,
+    len: usize,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Out<T> {}
+
+impl<T> In<T> {
+    /// `len` elements at `addr` (0 is allowed when `len == 0`).
+    ///
+    /// # Safety
+    /// `addr` must hold `len` initialized values of `T` in the memory of the place the array is
+    /// used with, alive and not written by anyone else until the call that uses it returns.
+    pub unsafe fn new(addr: usize, len: usize) -> Self {
+        In {
+            addr,
+            len,
+            _t: PhantomData,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<T> Out<T> {
+    /// `len` writable elements at `addr` (0 is allowed when `len == 0`).
+    ///
+    /// # Safety
+    /// `addr` must hold `len` values of `T` in the memory of the place the array is used with,
+    /// alive, and neither read nor written by anyone else until the call that uses it returns.
+    pub unsafe fn new(addr: usize, len: usize) -> Self {
+        Out {
+            addr,
+            len,
+            _t: PhantomData,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The same memory, read-only.
+    pub fn as_in(&self) -> In<T> {
+        In {
+            addr: self.addr,
+            len: self.len,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T> Array for In<T> {
+    fn array_len(&self) -> usize {
+        self.len
+    }
+}
+
+/// The byte ranges a call has borrowed: a writable range may not overlap any other.
+#[derive(Default)]
+struct Ranges(RefCell<Vec<(&'static str, usize, usize, bool)>>);
+
+impl Ranges {
+    fn add<T>(&self, arg: &'static str, addr: usize, len: usize, writable: bool) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if addr == 0 {
+            return Err(Error::arg(arg, "null pointer"));
+        }
+        if addr % align_of::<T>() != 0 {
+            return Err(Error::arg(
+                arg,
+                format!(
+                    "address {addr:#x} is not aligned to {} bytes (its element size)",
+                    align_of::<T>()
+                ),
+            ));
+        }
+        let end = len
+            .checked_mul(size_of::<T>())
+            .and_then(|b| b.checked_add(addr))
+            .ok_or_else(|| Error::arg(arg, "address range overflows"))?;
+        let mut r = self.0.borrow_mut();
+        if let Some((other, ..)) = r
+            .iter()
+            .find(|(_, s, e, w)| (writable || *w) && addr < *e && *s < end)
+        {
+            return Err(Error::arg(
+                arg,
+                format!("overlaps `{other}`: an output may not share memory with another array"),
+            ));
+        }
+        r.push((arg, addr, end, writable));
+        Ok(())
+    }
+}
+
+/// Views of a call's arrays in one kind of memory: host slices or CUDA views.
+pub(crate) trait Memory {
+    /// A read-only view.
+    type Ro<'m, T: 'm>: Array
+    where
+        Self: 'm;
+    /// A writable view.
+    type Rw<'m, T: 'm>
+    where
+        Self: 'm;
+    fn ro<'m, T: DeviceRepr + 'm>(&'m self, arg: &'static str, a: In<T>)
+        -> Result<Self::Ro<'m, T>>;
+    fn rw<'m, T: DeviceRepr + 'm>(
+        &'m self,
+        arg: &'static str,
+        a: Out<T>,
+    ) -> Result<Self::Rw<'m, T>>;
+}
+
+/// Host memory.
+#[derive(Default)]
+pub(crate) struct HostMemory {
+    ranges: Ranges,
+}
+
+impl Memory for HostMemory {
+    type Ro<'m, T: 'm> = &'m [T];
+    type Rw<'m, T: 'm> = &'m mut [T];
+
+    fn ro<'m, T: DeviceRepr + 'm>(&'m self, arg: &'static str, a: In<T>) -> Result<&'m [T]> {
+        self.ranges.add::<T>(arg, a.addr, a.len, false)?;
+        if a.len == 0 {
+            return Ok(&[]);
+        }
+        // SAFETY: non-null and aligned (checked); `In::new`'s contract: `len` initialized values
+        // alive and unwritten for the call; no output of this call overlaps it (checked).
+        Ok(unsafe { std::slice::from_raw_parts(a.addr as *const T, a.len) })
+    }
+
+    fn rw<'m, T: DeviceRepr + 'm>(&'m self, arg: &'static str, a: Out<T>) -> Result<&'m mut [T]> {
+        self.ranges.add::<T>(arg, a.addr, a.len, true)?;
+        if a.len == 0 {
+            return Ok(&mut []);
+        }
+        // SAFETY: non-null and aligned (checked); `Out::new`'s contract: `len` values alive and
+        // used by nobody else for the call; no other array of this call overlaps it (checked).
+        Ok(unsafe { std::slice::from_raw_parts_mut(a.addr as *mut T, a.len) })
+    }
+}
+
+/// A device buffer held for one call: a caller's (released with `leak`, never freed) or a
+/// placeholder this call allocated for an empty array (freed).
+struct Lent {
+    slice: Option<CudaSlice<u8>>,
+    borrowed: bool,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(s) = self.slice.take() {
+            if self.borrowed {
+                let _ = s.leak();
+            }
+        }
+    }
+}
+
+/// Device memory of one call: the GPU, the caller's stream and the buffers borrowed so far.
+pub(crate) struct DeviceMemory {
+    pub gpu: Arc<Gpu>,
+    pub stream: Arc<CudaStream>,
+    lent: typed_arena::Arena<Lent>,
+    ranges: Ranges,
+}
+
+/// The primary context of device `ordinal` (the one PyTorch uses), opened once per process.
+pub fn shared_gpu(ordinal: usize) -> Result<Arc<Gpu>> {
+    static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+    let mut map = GPUS
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .map_err(|_| Error::NoDevice("device table poisoned".into()))?;
+    if let Some(g) = map.get(&ordinal) {
+        return Ok(g.clone());
+    }
+    let g = Gpu::new(ordinal)?;
+    map.insert(ordinal, g.clone());
+    Ok(g)
+}
+
+impl DeviceMemory {
+    fn new(device: usize, stream: usize) -> Result<Self> {
+        let gpu = shared_gpu(device)?;
+        let stream = if stream == 0 {
+            gpu.stream().clone()
+        } else {
+            // SAFETY: the caller passes a live CUstream of this device's primary context and keeps
+            // it alive for the call (`Place::Cuda`'s contract); the wrapper does not destroy it.
+            unsafe {
+                gpu.context()
+                    .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream)
+            }
+        };
+        Ok(DeviceMemory {
+            gpu,
+            stream,
+            lent: typed_arena::Arena::new(),
+            ranges: Ranges::default(),
+        })
+    }
+
+    /// The caller's `bytes` at `addr` (or, for an empty array, a placeholder of this call). Each
+    /// call hands out a distinct arena slot, so the `&mut` never aliases.
+    #[allow(clippy::mut_from_ref)]
+    fn lend(&self, addr: usize, bytes: usize) -> Result<&mut CudaSlice<u8>> {
+        let lent = if bytes == 0 {
+            Lent {
+                slice: Some(self.stream.alloc_zeros::<u8>(16)?),
+                borrowed: false,
+            }
+        } else {
+            Lent {
+                // SAFETY: `In::new` / `Out::new`'s contract: `bytes` bytes of a device allocation of
+                // this context at `addr`, alive for the call; `Lent` leaks (never frees) it.
+                slice: Some(unsafe { self.stream.upgrade_device_ptr::<u8>(addr as u64, bytes) }),
+                borrowed: true,
+            }
+        };
+        self.lent
+            .alloc(lent)
+            .slice
+            .as_mut()
+            .ok_or_else(|| Error::NoDevice("internal: lost a borrowed buffer".into()))
+    }
+}
+
+impl Memory for DeviceMemory {
+    type Ro<'m, T: 'm> = CudaView<'m, T>;
+    type Rw<'m, T: 'm> = CudaViewMut<'m, T>;
+
+    fn ro<'m, T: DeviceRepr + 'm>(
+        &'m self,
+        arg: &'static str,
+        a: In<T>,
+    ) -> Result<CudaView<'m, T>> {
+        self.ranges.add::<T>(arg, a.addr, a.len, false)?;
+        let s = self.lend(a.addr, a.len * size_of::<T>())?;
+        // SAFETY: the buffer holds `len` values of T (`In::new`'s contract; aligned, checked).
+        unsafe { s.transmute::<T>(a.len) }
+            .ok_or_else(|| Error::arg(arg, "internal: view larger than its buffer"))
+    }
+
+    fn rw<'m, T: DeviceRepr + 'm>(
+        &'m self,
+        arg: &'static str,
+        a: Out<T>,
+    ) -> Result<CudaViewMut<'m, T>> {
+        self.ranges.add::<T>(arg, a.addr, a.len, true)?;
+        let s = self.lend(a.addr, a.len * size_of::<T>())?;
+        // SAFETY: the buffer holds `len` values of T (`Out::new`'s contract; aligned, checked).
+        unsafe { s.transmute_mut::<T>(a.len) }
+            .ok_or_else(|| Error::arg(arg, "internal: view larger than its buffer"))
+    }
+}
+
+fn mask<'m, M: Memory>(
+    m: &'m M,
+    arg: &'static str,
+    x: &Mask<In<f32>, In<u8>>,
+) -> Result<Mask<M::Ro<'m, f32>, M::Ro<'m, u8>>> {
+    Ok(match x {
+        Mask::F32(a) => Mask::F32(m.ro(arg, *a)?),
+        Mask::U8(a) => Mask::U8(m.ro(arg, *a)?),
+    })
+}
+
+fn advantages<'m, M: Memory>(
+    m: &'m M,
+    x: &Advantages<In<f32>>,
+) -> Result<Advantages<M::Ro<'m, f32>>> {
+    Ok(match x {
+        Advantages::PerSequence(a) => Advantages::PerSequence(m.ro("advantages", *a)?),
+        Advantages::PerToken(a) => Advantages::PerToken(m.ro("advantages", *a)?),
+    })
+}
+
+fn opt<'m, M: Memory>(
+    m: &'m M,
+    arg: &'static str,
+    a: Option<In<f32>>,
+) -> Result<Option<M::Ro<'m, f32>>> {
+    a.map(|a| m.ro(arg, a)).transpose()
+}
+
+/// The fused loss's inputs as views in `m`.
+fn grpo_inputs<'a: 'm, 'm, M: Memory>(
+    m: &'m M,
+    x: &GrpoInputs<'a, In<f32>, In<u8>>,
+) -> Result<GrpoInputs<'m, M::Ro<'m, f32>, M::Ro<'m, u8>>> {
+    Ok(GrpoInputs {
+        logp: m.ro("logp", x.logp)?,
+        old_logp: m.ro("old_logp", x.old_logp)?,
+        ref_logp: opt(m, "ref_logp", x.ref_logp)?,
+        rollout_logp: opt(m, "rollout_logp", x.rollout_logp)?,
+        policy_weight: opt(m, "policy_weight", x.policy_weight)?,
+        advantages: advantages(m, &x.advantages)?,
+        mask: mask(m, "mask", &x.mask)?,
+        cu_seqlens: x.cu_seqlens,
+        lambda: x.lambda,
+        objectives: x.objectives,
+        membership: x.membership,
+        normalizers: x.normalizers,
+    })
+}
+
+/// The loss-from-logits inputs as views in memory `M`.
+type LogitsViews<'m, M> = LogitsLossInputs<
+    'm,
+    <M as Memory>::Ro<'m, f32>,
+    <M as Memory>::Ro<'m, u8>,
+    <M as Memory>::Ro<'m, i32>,
+>;
+
+/// The loss-from-logits inputs as views in `m`.
+fn logits_inputs<'a: 'm, 'm, M: Memory>(
+    m: &'m M,
+    x: &LogitsLossInputs<'a, In<f32>, In<u8>, In<i32>>,
+) -> Result<LogitsViews<'m, M>> {
+    Ok(LogitsLossInputs {
+        labels: m.ro("labels", x.labels)?,
+        old_logp: m.ro("old_logp", x.old_logp)?,
+        ref_logp: opt(m, "ref_logp", x.ref_logp)?,
+        rollout_logp: opt(m, "rollout_logp", x.rollout_logp)?,
+        advantages: advantages(m, &x.advantages)?,
+        mask: mask(m, "mask", &x.mask)?,
+        cu_seqlens: x.cu_seqlens,
+        lambda: x.lambda,
+        objectives: x.objectives,
+        membership: x.membership,
+        normalizers: x.normalizers,
+    })
+}
+
+/// Runs `host` on host views or `device` on device views of the call's arrays.
+fn run<R>(
+    place: Place,
+    host: impl FnOnce(&HostMemory) -> Result<R>,
+    device: impl FnOnce(&DeviceMemory) -> Result<R>,
+) -> Result<R> {
+    match place {
+        Place::Host => host(&HostMemory::default()),
+        Place::Cuda { device: d, stream } => device(&DeviceMemory::new(d, stream)?),
+    }
+}
+
+/// The fused GRPO loss: `dL/dlogp` into `grad` (`[T]`); see [`crate::cpu::grpo_loss`] and
+/// [`crate::cuda::grpo_loss`] (which synchronizes the stream to read the statistics back).
+pub fn grpo_loss(
+    place: Place,
+    inputs: &GrpoInputs<'_, In<f32>, In<u8>>,
+    config: &GrpoConfig,
+    grad: Out<f32>,
+) -> Result<GrpoOutput> {
+    if inputs.logp.len == 0 && place != Place::Host {
+        // an empty batch: the defined result (loss 0, counts 0), nothing on the device to read
+        return empty_grpo_loss(inputs, config);
+    }
+    run(
+        place,
+        |m| crate::cpu::grpo_loss(&grpo_inputs(m, inputs)?, config, m.rw("grad", grad)?),
+        |m| {
+            let x = grpo_inputs(m, inputs)?;
+            let mut g = m.rw("grad", grad)?;
+            cuda::grpo_loss(&m.gpu, &m.stream, &x, config, &mut g)
+        },
+    )
+}
+
+/// Zero advantages standing in for a call without tokens (whose `[B, K]` advantages, on a device,
+/// are never read): the reference then computes the defined empty result on the host.
+fn empty_advantages(adv: &Advantages<In<f32>>, cu_seqlens: &[i32], k: usize) -> Vec<f32> {
+    match adv {
+        Advantages::PerSequence(_) => vec![0f32; cu_seqlens.len().saturating_sub(1) * k],
+        Advantages::PerToken(_) => Vec::new(),
+    }
+}
+
+fn host_advantages<'v>(adv: &Advantages<In<f32>>, zeros: &'v [f32]) -> Advantages<&'v [f32]> {
+    match adv {
+        Advantages::PerSequence(_) => Advantages::PerSequence(zeros),
+        Advantages::PerToken(_) => Advantages::PerToken(zeros),
+    }
+}
+
+fn empty_grpo_loss(
+    inputs: &GrpoInputs<'_, In<f32>, In<u8>>,
+    config: &GrpoConfig,
+) -> Result<GrpoOutput> {
+    let adv = empty_advantages(&inputs.advantages, inputs.cu_seqlens, inputs.lambda.len());
+    let empty: [f32; 0] = [];
+    crate::cpu::grpo_loss(
+        &GrpoInputs {
+            logp: &empty[..],
+            old_logp: &empty[..],
+            ref_logp: inputs.ref_logp.map(|_| &empty[..]),
+            rollout_logp: inputs.rollout_logp.map(|_| &empty[..]),
+            policy_weight: inputs.policy_weight.map(|_| &empty[..]),
+            advantages: host_advantages(&inputs.advantages, &adv),
+            mask: Mask::U8(&[]),
+            cu_seqlens: inputs.cu_seqlens,
+            lambda: inputs.lambda,
+            objectives: inputs.objectives,
+            membership: inputs.membership,
+            normalizers: inputs.normalizers,
+        },
+        config,
+        &mut [],
+    )
+}
+
+/// Per-token KL value and `d kl / d logp` (`[T]` each); masked tokens give 0 (`mask = None`: every
+/// token counts).
+pub fn kl(
+    place: Place,
+    logp: In<f32>,
+    ref_logp: In<f32>,
+    mask_in: Option<Mask<In<f32>, In<u8>>>,
+    estimator: KlEstimator,
+    kl_out: Out<f32>,
+    grad: Out<f32>,
+) -> Result<()> {
+    run(
+        place,
+        |m| {
+            let mk = mask_in.map(|x| mask(m, "mask", &x)).transpose()?;
+            crate::cpu::kl(
+                m.ro("logp", logp)?,
+                m.ro("ref_logp", ref_logp)?,
+                mk,
+                estimator,
+                m.rw("kl", kl_out)?,
+                m.rw("grad", grad)?,
+            )
+        },
+        |m| {
+            if logp.len == 0 {
+                return crate::layout::check_len("ref_logp", ref_logp.len, 0, "[T]");
+            }
+            let mk = mask_in.map(|x| mask(m, "mask", &x)).transpose()?;
+            cuda::kl(
+                &m.gpu,
+                &m.stream,
+                &m.ro("logp", logp)?,
+                &m.ro("ref_logp", ref_logp)?,
+                mk,
+                estimator,
+                &mut m.rw("kl", kl_out)?,
+                &mut m.rw("grad", grad)?,
+            )
+        },
+    )
+}
+
+fn reduce_inputs<'a: 'm, 'm, M: Memory>(
+    m: &'m M,
+    x: &ReduceInputs<'a, In<f32>, In<u8>>,
+) -> Result<ReduceInputs<'m, M::Ro<'m, f32>, M::Ro<'m, u8>>> {
+    Ok(ReduceInputs {
+        losses: m.ro("losses", x.losses)?,
+        mask: mask(m, "mask", &x.mask)?,
+        cu_seqlens: x.cu_seqlens,
+        lambda: x.lambda,
+        membership: x.membership,
+        normalizers: x.normalizers,
+    })
+}
+
+/// The per-objective weighted reduction of `[T, K]` losses: `d total / d l` into `grad`.
+pub fn weighted_reduce(
+    place: Place,
+    inputs: &ReduceInputs<'_, In<f32>, In<u8>>,
+    config: &GrpoConfig,
+    grad: Out<f32>,
+) -> Result<ReduceOutput> {
+    // no tokens: every array is empty, so the reference computes the defined result on the host
+    let place = if inputs.mask.array_len() == 0 {
+        Place::Host
+    } else {
+        place
+    };
+    run(
+        place,
+        |m| crate::cpu::weighted_reduce(&reduce_inputs(m, inputs)?, config, m.rw("grad", grad)?),
+        |m| {
+            let x = reduce_inputs(m, inputs)?;
+            cuda::weighted_reduce(&m.gpu, &m.stream, &x, config, &mut m.rw("grad", grad)?)
+        },
+    )
+}
+
+/// This batch's normalizers (K objectives and the KL slot) and per-sequence token weights, from
+/// its mask; on a device this synchronizes the stream to read them.
+pub fn count_normalizers(
+    place: Place,
+    mask_in: &Mask<In<f32>, In<u8>>,
+    cu_seqlens: &[i32],
+    membership: Option<&[u32]>,
+    k: usize,
+) -> Result<Normalizers> {
+    let host = |m: &HostMemory| {
+        let mk = mask(m, "mask", mask_in)?;
+        crate::cpu::count_normalizers(mk, cu_seqlens, membership, k)
+    };
+    if mask_in.array_len() == 0 {
+        return host(&HostMemory::default());
+    }
+    run(place, host, |m| {
+        let mk = mask(m, "mask", mask_in)?;
+        let t = mk.array_len();
+        let b = crate::layout::validate_cu_seqlens(cu_seqlens, t)?;
+        crate::layout::validate_membership(membership, b, k)?;
+        if k == 0 || k > crate::config::MAX_OBJECTIVES {
+            return Err(Error::arg(
+                "k",
+                format!(
+                    "expected 1 <= K <= {} objectives, got K = {k}",
+                    crate::config::MAX_OBJECTIVES
+                ),
+            ));
+        }
+        cuda::device_normalizers(&m.gpu, &m.stream, &mk, t, cu_seqlens, membership, k)
+    })
+}
+
+fn logits_ro<'m, M: Memory, E: LogitElem>(
+    m: &'m M,
+    z: &Logits<In<E>>,
+) -> Result<Logits<M::Ro<'m, E>>> {
+    Ok(Logits {
+        data: m.ro("logits", z.data)?,
+        rows: z.rows,
+        vocab: z.vocab,
+        ld: z.ld,
+    })
+}
+
+fn logits_rw<'m, M: Memory, E: LogitElem>(
+    m: &'m M,
+    z: &Logits<Out<E>>,
+) -> Result<Logits<M::Rw<'m, E>>> {
+    Ok(Logits {
+        data: m.rw("logits", z.data)?,
+        rows: z.rows,
+        vocab: z.vocab,
+        ld: z.ld,
+    })
+}
+
+/// Log-probabilities, entropy (optional) and LSE (`[T]` each) of `logits` at the configured
+/// temperature.
+pub fn logprob_forward<E: LogitElem>(
+    place: Place,
+    logits: &Logits<In<E>>,
+    labels: In<i32>,
+    config: &LogprobConfig,
+    logp: Out<f32>,
+    entropy: Option<Out<f32>>,
+    lse: Out<f32>,
+) -> Result<()> {
+    if logits.rows == 0 {
+        config.validate()?;
+        for (arg, n) in [("labels", labels.len), ("logp", logp.len), ("lse", lse.len)] {
+            crate::layout::check_len(arg, n, 0, "[T] (the rows of logits)")?;
+        }
+        return Ok(());
+    }
+    run(
+        place,
+        |m| {
+            let mut scratch;
+            let h = match entropy {
+                Some(e) => m.rw("entropy", e)?,
+                None => {
+                    scratch = vec![0f32; logits.rows];
+                    &mut scratch[..]
+                }
+            };
+            crate::cpu::logprob_forward(
+                &logits_ro(m, logits)?,
+                m.ro("labels", labels)?,
+                config,
+                m.rw("logp", logp)?,
+                h,
+                m.rw("lse", lse)?,
+            )
+        },
+        |m| {
+            let mut h = entropy.map(|e| m.rw("entropy", e)).transpose()?;
+            cuda::logprob_forward(
+                &m.gpu,
+                &m.stream,
+                &logits_ro(m, logits)?,
+                &m.ro("labels", labels)?,
+                config,
+                &mut m.rw("logp", logp)?,
+                h.as_mut(),
+                &mut m.rw("lse", lse)?,
+            )
+        },
+    )
+}
+
+/// The upstream gradients of the logits backward, `[T]` each.
+#[derive(Clone, Copy, Debug)]
+pub struct LogprobGrads {
+    /// Labels of the forward.
+    pub labels: In<i32>,
+    /// LSE from the forward.
+    pub lse: In<f32>,
+    /// Entropy from the forward.
+    pub entropy: In<f32>,
+    /// Gradient of the loss with respect to logp.
+    pub g_logp: In<f32>,
+    /// Gradient with respect to the entropy, if any.
+    pub g_entropy: Option<In<f32>>,
+}
+
+/// The gradient of `g_logp . logp + g_entropy . entropy` with respect to the logits, written over
+/// the logits (same dtype and layout).
+pub fn logprob_backward_inplace<E: LogitElem>(
+    place: Place,
+    logits: &Logits<Out<E>>,
+    grads: &LogprobGrads,
+    config: &LogprobConfig,
+) -> Result<()> {
+    if logits.rows == 0 {
+        return config.validate();
+    }
+    run(
+        place,
+        |m| {
+            let mut z = logits_rw(m, logits)?;
+            let copy: Vec<E> = z.data.to_vec();
+            let g_entropy = grads.g_entropy.map(|g| m.ro("g_entropy", g)).transpose()?;
+            // the reference recomputes the row statistics from the logits (lse and entropy are
+            // checked for their length only)
+            crate::layout::check_len("lse", grads.lse.len, z.rows, "[T]")?;
+            crate::layout::check_len("entropy", grads.entropy.len, z.rows, "[T]")?;
+            crate::cpu::logprob_backward(
+                &Logits {
+                    data: &copy[..],
+                    rows: z.rows,
+                    vocab: z.vocab,
+                    ld: z.ld,
+                },
+                m.ro("labels", grads.labels)?,
+                config,
+                m.ro("g_logp", grads.g_logp)?,
+                g_entropy,
+                &mut z,
+            )
+        },
+        |m| {
+            let (labels, lse, entropy, g_logp) = (
+                m.ro("labels", grads.labels)?,
+                m.ro("lse", grads.lse)?,
+                m.ro("entropy", grads.entropy)?,
+                m.ro("g_logp", grads.g_logp)?,
+            );
+            let g_entropy = grads.g_entropy.map(|g| m.ro("g_entropy", g)).transpose()?;
+            let g = cuda::LogprobGrads {
+                labels: &labels,
+                lse: &lse,
+                entropy: &entropy,
+                g_logp: &g_logp,
+                g_entropy: g_entropy.as_ref(),
+            };
+            cuda::logprob_backward_inplace(
+                &m.gpu,
+                &m.stream,
+                &mut logits_rw(m, logits)?,
+                &g,
+                config,
+            )
+        },
+    )
+}
+
+/// The GRPO loss straight from logits with its entropy bonus; the gradient is written over the
+/// logits (same dtype and layout).
+pub fn grpo_loss_from_logits<E: LogitElem>(
+    place: Place,
+    logits: &Logits<Out<E>>,
+    inputs: &LogitsLossInputs<'_, In<f32>, In<u8>, In<i32>>,
+    config: &GrpoConfig,
+    logits_config: &LogprobConfig,
+) -> Result<LogitsLossOutput> {
+    if logits.rows == 0 && place != Place::Host {
+        let adv = empty_advantages(&inputs.advantages, inputs.cu_seqlens, inputs.lambda.len());
+        let (e32, ei32): ([f32; 0], [i32; 0]) = ([], []);
+        let empty: [E; 0] = [];
+        return crate::cpu::grpo_loss_from_logits(
+            &Logits {
+                data: &empty[..],
+                rows: 0,
+                vocab: logits.vocab,
+                ld: logits.ld,
+            },
+            &LogitsLossInputs {
+                labels: &ei32[..],
+                old_logp: &e32[..],
+                ref_logp: inputs.ref_logp.map(|_| &e32[..]),
+                rollout_logp: inputs.rollout_logp.map(|_| &e32[..]),
+                advantages: host_advantages(&inputs.advantages, &adv),
+                mask: Mask::U8(&[]),
+                cu_seqlens: inputs.cu_seqlens,
+                lambda: inputs.lambda,
+                objectives: inputs.objectives,
+                membership: inputs.membership,
+                normalizers: inputs.normalizers,
+            },
+            config,
+            logits_config,
+            &mut Logits {
+                data: &mut [],
+                rows: 0,
+                vocab: logits.vocab,
+                ld: logits.ld,
+            },
+        );
+    }
+    run(
+        place,
+        |m| {
+            let mut z = logits_rw(m, logits)?;
+            let copy: Vec<E> = z.data.to_vec();
+            let x = logits_inputs(m, inputs)?;
+            let zin = Logits {
+                data: &copy[..],
+                rows: z.rows,
+                vocab: z.vocab,
+                ld: z.ld,
+            };
+            crate::cpu::grpo_loss_from_logits(&zin, &x, config, logits_config, &mut z)
+        },
+        |m| {
+            let x = logits_inputs(m, inputs)?;
+            let mut z = logits_rw(m, logits)?;
+            cuda::grpo_loss_from_logits(&m.gpu, &m.stream, &mut z, &x, config, logits_config)
+        },
+    )
+}
+
+/// The last layer of a policy: `hidden [T, H]` and the LM head `weight [V, H]`, bf16.
+#[derive(Clone, Copy, Debug)]
+pub struct RawHead {
+    /// `[T, H]` row-major.
+    pub hidden: In<half::bf16>,
+    /// `[V, H]` row-major.
+    pub weight: In<half::bf16>,
+    /// H.
+    pub hidden_size: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+/// The chunked fused-linear GRPO loss: writes `d_hidden` (`[T, H]`, bf16) and `d_weight` (`[V, H]`,
+/// f32, overwritten). On the host the reference materializes the logits (f64 GEMMs) and ignores
+/// the chunking options.
+pub fn fused_linear_grpo_loss(
+    place: Place,
+    head: &RawHead,
+    inputs: &LogitsLossInputs<'_, In<f32>, In<u8>, In<i32>>,
+    config: &GrpoConfig,
+    logits_config: &LogprobConfig,
+    options: &FusedLinearConfig,
+    d_hidden: Out<half::bf16>,
+    d_weight: Out<f32>,
+) -> Result<LogitsLossOutput> {
+    let h = head.hidden_size;
+    if h == 0 || head.weight.len == 0 || head.hidden.len % h != 0 || head.weight.len % h != 0 {
+        return Err(Error::arg(
+            "weight",
+            format!(
+                "expected hidden [T, H] and weight [V, H] with H = {h} >= 1 and V >= 1, got {} \
+                 and {} elements",
+                head.hidden.len, head.weight.len
+            ),
+        ));
+    }
+    run(
+        place,
+        |m| {
+            let x = logits_inputs(m, inputs)?;
+            let dh = m.rw("d_hidden", d_hidden)?;
+            let mut dh32 = vec![0f32; dh.len()];
+            let out = crate::cpu::fused_linear_grpo_loss(
+                m.ro("hidden", head.hidden)?,
+                m.ro("weight", head.weight)?,
+                h,
+                &x,
+                config,
+                logits_config,
+                options.fp32_logits,
+                &mut dh32,
+                m.rw("d_weight", d_weight)?,
+            )?;
+            for (o, v) in dh.iter_mut().zip(&dh32) {
+                *o = half::bf16::from_f32(*v);
+            }
+            Ok(out)
+        },
+        |m| {
+            let x = logits_inputs(m, inputs)?;
+            let lh = cuda::LinearHead {
+                hidden: m.ro("hidden", head.hidden)?,
+                weight: m.ro("weight", head.weight)?,
+                hidden_size: h,
+                vocab: head.weight.len / h,
+            };
+            cuda::fused_linear_grpo_loss(
+                &m.gpu,
+                &m.stream,
+                &lh,
+                &x,
+                config,
+                logits_config,
+                options,
+                &mut m.rw("d_hidden", d_hidden)?,
+                &mut m.rw("d_weight", d_weight)?,
+            )
+        },
+    )
+}
+
+/// Rollout groups of a raw call.
+#[derive(Clone, Copy, Debug)]
+pub enum RawGroups {
+    /// Groups of G consecutive rollouts.
+    Consecutive(usize),
+    /// `[B]` group ids: any values on the host; dense ids in `[0, num_groups)` on a device.
+    Ids {
+        /// The ids.
+        ids: In<i32>,
+        /// The number of groups (read on a device only).
+        num_groups: usize,
+    },
+}
+
+/// Group advantages of rewards `[B, K]` into `out` (`[B, K]`); `lengths` (`[B]`) for GRPO-LEAD's
+/// length-dependent reward.
+pub fn group_advantages(
+    place: Place,
+    rewards: In<f32>,
+    groups: RawGroups,
+    lengths: Option<In<i32>>,
+    config: &AdvantageConfig,
+    out: Out<f32>,
+) -> Result<()> {
+    run(
+        place,
+        |m| {
+            let ids;
+            let g = match groups {
+                RawGroups::Consecutive(g) => Groups::Consecutive(g),
+                RawGroups::Ids { ids: i, .. } => {
+                    ids = m.ro("group_ids", i)?;
+                    Groups::Ids(ids)
+                }
+            };
+            let len = lengths.map(|l| m.ro("lengths", l)).transpose()?;
+            crate::advantages::group_advantages(
+                m.ro("rewards", rewards)?,
+                g,
+                len,
+                config,
+                m.rw("out", out)?,
+            )
+        },
+        |m| {
+            let g = match groups {
+                RawGroups::Consecutive(g) => cuda::DeviceGroups::Consecutive(g),
+                RawGroups::Ids { ids, num_groups } => cuda::DeviceGroups::Ids {
+                    ids: m.ro("group_ids", ids)?,
+                    num_groups,
+                },
+            };
+            let len = lengths.map(|l| m.ro("lengths", l)).transpose()?;
+            cuda::group_advantages(
+                &m.gpu,
+                &m.stream,
+                &m.ro("rewards", rewards)?,
+                g,
+                len.as_ref(),
+                config,
+                &mut m.rw("out", out)?,
+            )
+        },
+    )
+}
+
+/// Copies an array to the host (on a device: enqueued on the stream, which this synchronizes).
+pub fn read<T: DeviceRepr + Default + Clone>(
+    place: Place,
+    arg: &'static str,
+    a: In<T>,
+) -> Result<Vec<T>> {
+    run(
+        place,
+        |m| Ok(m.ro(arg, a)?.to_vec()),
+        |m| {
+            let mut host = vec![T::default(); a.len];
+            if a.len > 0 {
+                m.stream.memcpy_dtoh(&m.ro(arg, a)?, &mut host)?;
+                m.stream.synchronize()?;
+            }
+            Ok(host)
+        },
+    )
+}
+
+/// Copies `values` into an array (on a device: enqueued on the stream; the host values are staged
+/// before this returns).
+pub fn write<T: DeviceRepr + Copy>(
+    place: Place,
+    arg: &'static str,
+    out: Out<T>,
+    values: &[T],
+) -> Result<()> {
+    crate::layout::check_len(arg, out.len, values.len(), "the values' length")?;
+    run(
+        place,
+        |m| {
+            m.rw(arg, out)?.copy_from_slice(values);
+            Ok(())
+        },
+        |m| {
+            if !values.is_empty() {
+                m.stream.memcpy_htod(values, &mut m.rw(arg, out)?)?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Objective kinds from their codes (0 policy, 1 nll), as the bindings pass them.
+pub fn objective_kinds(codes: &[i32]) -> Result<Vec<ObjectiveKind>> {
+    codes
+        .iter()
+        .map(|&c| match c {
+            0 => Ok(ObjectiveKind::Policy),
+            1 => Ok(ObjectiveKind::Nll),
+            _ => Err(Error::arg(
+                "objectives",
+                format!("expected 0 (policy) or 1 (nll), got {c}"),
+            )),
+        })
+        .collect()
+}
