@@ -35,6 +35,23 @@ pub enum AdvantageMode {
     BatchStd,
 }
 
+impl std::str::FromStr for AdvantageMode {
+    type Err = Error;
+    /// `grpo`, `dr_grpo`, `rloo` or `batch` (TRL's `scale_rewards="batch"`).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "grpo" => Ok(AdvantageMode::Grpo),
+            "dr_grpo" => Ok(AdvantageMode::DrGrpo),
+            "rloo" => Ok(AdvantageMode::Rloo),
+            "batch" => Ok(AdvantageMode::BatchStd),
+            _ => Err(Error::arg(
+                "modes",
+                format!("unknown advantage mode {s:?}; expected grpo, dr_grpo, rloo or batch"),
+            )),
+        }
+    }
+}
+
 /// Rollout groups.
 #[derive(Clone, Copy, Debug)]
 pub enum Groups<'a> {

@@ -574,8 +574,8 @@ pub fn weighted_reduce(
     )
 }
 
-/// This batch's normalizers (K objectives and the KL slot) and per-sequence token weights, from
-/// its mask; on a device this synchronizes the stream to read them.
+/// This batch's normalizers (K objectives and the KL slot) and per-sequence token weights
+/// (`seq_tokens`, always set), from its mask; on a device this synchronizes the stream to read them.
 pub fn count_normalizers(
     place: Place,
     mask_in: &Mask<In<f32>, In<u8>>,
@@ -585,7 +585,9 @@ pub fn count_normalizers(
 ) -> Result<Normalizers> {
     let host = |m: &HostMemory| {
         let mk = mask(m, "mask", mask_in)?;
-        crate::cpu::count_normalizers(mk, cu_seqlens, membership, k)
+        let mut n = crate::cpu::count_normalizers(mk, cu_seqlens, membership, k)?;
+        n.seq_tokens = Some(crate::cpu::seq_tokens(&mk, cu_seqlens));
+        Ok(n)
     };
     if mask_in.array_len() == 0 {
         return host(&HostMemory::default());
@@ -974,8 +976,17 @@ pub fn group_advantages(
     )
 }
 
+/// The element types of the arrays [`read`] and [`write`] copy.
+pub trait Element: DeviceRepr + Copy + Default + Send + Sync + 'static {}
+impl Element for f32 {}
+impl Element for f64 {}
+impl Element for i32 {}
+impl Element for i64 {}
+impl Element for u8 {}
+impl Element for u32 {}
+
 /// Copies an array to the host (on a device: enqueued on the stream, which this synchronizes).
-pub fn read<T: DeviceRepr + Default + Clone>(
+pub fn read<T: Element>(
     place: Place,
     arg: &'static str,
     a: In<T>,
@@ -996,7 +1007,7 @@ pub fn read<T: DeviceRepr + Default + Clone>(
 
 /// Copies `values` into an array (on a device: enqueued on the stream; the host values are staged
 /// before this returns).
-pub fn write<T: DeviceRepr + Copy>(
+pub fn write<T: Element>(
     place: Place,
     arg: &'static str,
     out: Out<T>,

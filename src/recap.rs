@@ -38,8 +38,25 @@ pub enum Orientation {
     Reward,
 }
 
-/// Scheduler settings (the paper's defaults).
+impl std::str::FromStr for Orientation {
+    type Err = Error;
+    /// `"loss"` (lower is better) or `"reward"` (higher is better).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "loss" => Ok(Orientation::Loss),
+            "reward" => Ok(Orientation::Reward),
+            _ => Err(Error::arg(
+                "orientations",
+                format!("expected \"reward\" (higher is better) or \"loss\" (lower is better), got {s:?}"),
+            )),
+        }
+    }
+}
+
+/// Scheduler settings (the paper's defaults). Deserializes from any subset of its fields (the rest
+/// default; unknown ones are an error), the form in which the bindings pass them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RecapConfig {
     /// W: values per half-window (the buffer holds 2W).
     pub window: usize,

@@ -18,4 +18,5 @@ pub use math::{
     Ratio,
 };
 pub use norms::count_normalizers;
+pub(crate) use norms::seq_tokens;
 pub use reduce::weighted_reduce;

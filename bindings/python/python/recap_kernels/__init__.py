@@ -1,0 +1,34 @@
+"""recap-kernels for PyTorch: the fused GRPO loss family, log-probabilities and entropy from logits
+(with the gradient written back over the logits), the chunked fused-linear loss, group advantages
+and RECAP's objective weights, as ``torch.library`` custom ops (``torch.ops.recap.*``) on CPU
+tensors (the f64 reference) and CUDA tensors (the kernels, on the current stream).
+
+    import recap_kernels as rk
+    logp, entropy = rk.logprobs_from_logits(logits, labels, temperature=1.0)
+    loss, metrics = rk.grpo_loss(logp, old_logp, advantages, response_mask, ref_logp=ref_logp, kl_coef=0.01)
+    loss.backward()
+
+Drop-ins: ``recap_kernels.verl`` (verl's policy-loss signature and registry), ``recap_kernels.trl``
+(TRL's GRPO loss); data parallelism: ``recap_kernels.distributed.global_normalizers``.
+"""
+import warnings
+
+import torch
+
+from . import _native, ops
+from ._native import CUDA_ARCHS, KERNELS_COMPILED, RecapError
+from .functional import (count_normalizers, fused_linear_grpo_loss, group_advantages, grpo_config, grpo_loss,
+                         grpo_loss_from_logits, kl_penalty, logprobs_from_logits, weighted_reduce)
+from .weights import RecapWeights
+from . import distributed, trl, verl  # noqa: E402  (the drop-ins; they import verl / TRL only when asked)
+
+__version__ = _native.__version__
+
+__all__ = ["__version__", "KERNELS_COMPILED", "CUDA_ARCHS", "RecapError", "RecapWeights", "grpo_config", "grpo_loss",
+           "kl_penalty", "weighted_reduce", "count_normalizers", "logprobs_from_logits", "grpo_loss_from_logits",
+           "fused_linear_grpo_loss", "group_advantages", "ops", "distributed", "trl", "verl"]
+
+if not KERNELS_COMPILED and torch.cuda.is_available():
+    warnings.warn("recap_kernels was built without CUDA kernels (no nvcc at build time): CUDA tensors will raise "
+                  "RecapError. Run scripts/install-nvcc.sh, then reinstall (pip install ./bindings/python).",
+                  RuntimeWarning, stacklevel=2)

@@ -1,0 +1,343 @@
+"""The ops as functions of PyTorch tensors in the shapes verl and TRL use, returning the loss and
+metrics as tensors (0-dim, or ``[K]`` per objective) on the inputs' device; differentiable, and
+traceable by ``torch.compile(fullgraph=True)``.
+
+Shapes: per-token tensors come padded ``[B, L]`` (with the mask; the sequence layout then follows
+from the shape) or packed ``[T]`` with ``cu_seqlens`` ``[B + 1]`` (a list or a CPU tensor: it is read
+on the host, so a CUDA tensor is refused rather than synchronized). Options are the fields of the
+crate's ``GrpoConfig`` (``grpo_config`` lists them with their defaults, which are verl's).
+
+Under ``torch.compile``, pass ``lambda_`` as a CPU tensor: a Python list is a constant of the graph,
+so new weights every step would recompile it.
+"""
+import json
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _native, ops
+from ._native import RecapError
+
+__all__ = ["grpo_config", "grpo_loss", "kl_penalty", "weighted_reduce", "count_normalizers", "logprobs_from_logits",
+           "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "RecapError"]
+
+_OBJECTIVES = {"policy": 0, "nll": 1, 0: 0, 1: 1}
+
+
+@torch.compiler.assume_constant_result
+def _config_json(items: Tuple[Tuple[str, object], ...]) -> str:
+    return _native.grpo_config(json.dumps(dict(items)))
+
+
+def grpo_config(**options) -> dict:
+    """The complete, validated loss configuration for ``options`` (the crate's ``GrpoConfig`` field
+    names; unknown names and values out of range raise ``RecapError`` naming them)."""
+    return json.loads(_native.grpo_config(json.dumps(options)))
+
+
+def _config(options: dict) -> str:
+    return _config_json(tuple(sorted(options.items())))
+
+
+@torch.compiler.assume_constant_result
+def _layout(k: int, logits: bool) -> Tuple[Tuple[str, int, int, bool], ...]:
+    return tuple(tuple(f) for f in (_native.logits_stat_layout(k) if logits else _native.grpo_stat_layout(k)))
+
+
+def _metrics(stats: Tensor, k: int, names: Optional[Sequence[str]], logits: bool = False) -> Dict[str, Tensor]:
+    """Statistics as verl names them: 0-dim tensors, and ``[K]`` tensors for per-objective ones (with
+    ``names``, also one 0-dim entry per objective, ``actor/pg_clipfrac/<name>``)."""
+    out = {}
+    stats = stats.detach()
+    for name, off, n, per_objective in _layout(k, logits):
+        if per_objective:
+            out[name] = stats[off:off + n]
+            if names is not None:
+                for j, obj in enumerate(names):
+                    out[f"{name}/{obj}"] = stats[off + j]
+        else:
+            out[name] = stats[off]
+    return out
+
+
+def _float(name: str, x: Optional[Tensor]) -> Optional[Tensor]:
+    if x is None:
+        return None
+    if not isinstance(x, Tensor):
+        raise RecapError(f"invalid argument `{name}`: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise RecapError(f"invalid argument `{name}`: expected a floating-point tensor, got {x.dtype}")
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _mask(x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise RecapError(f"invalid argument `mask`: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool:
+        return x.contiguous().view(torch.uint8)
+    if x.dtype in (torch.uint8, torch.float32):
+        return x
+    return x.float()  # other dtypes act as weights, as in verl
+
+
+def _host(name: str, x, dtype) -> Tensor:
+    """A small host array (list, tuple or CPU tensor) as a CPU tensor of ``dtype``."""
+    if isinstance(x, Tensor):
+        if x.device.type != "cpu":
+            raise RecapError(f"invalid argument `{name}`: expected a CPU tensor or a list (it is read on the host "
+                             f"before any launch; reading it from {x.device} would synchronize), got a tensor on "
+                             f"{x.device}")
+        return x.to(dtype).contiguous()
+    return torch.tensor(list(x), dtype=dtype)
+
+
+def _padded_cu(b: int, length: int) -> Tensor:
+    if length == 0:
+        return torch.zeros(b + 1, dtype=torch.int32)
+    return torch.arange(0, b * length + 1, length, dtype=torch.int32)
+
+
+def _batch(shape, cu_seqlens) -> Tuple[Tensor, int]:
+    """``cu_seqlens`` (CPU int32) and B, from the argument or from a padded ``[B, L]`` token shape."""
+    if cu_seqlens is None:
+        if len(shape) != 2:
+            raise RecapError(f"invalid argument `cu_seqlens`: required for packed inputs (got per-token shape "
+                             f"{tuple(shape)}; pass cu_seqlens [B + 1] or padded [B, L] tensors)")
+        return _padded_cu(shape[0], shape[1]), shape[0]
+    cu = _host("cu_seqlens", cu_seqlens, torch.int32)
+    return cu, cu.shape[0] - 1
+
+
+def _advantages(adv: Tensor, shape, b: int, per_token: Optional[bool]) -> Tuple[Tensor, bool, int]:
+    """Advantages as ``[B, K]`` (per sequence) or ``[T, K]`` (per token, for tokens of ``shape``),
+    with K."""
+    shape = tuple(shape)
+    if per_token is None:
+        per_token = tuple(adv.shape) == shape or (adv.dim() == len(shape) + 1 and tuple(adv.shape[:-1]) == shape)
+    if per_token:
+        k = 1 if tuple(adv.shape) == shape else adv.shape[-1]
+    else:
+        k = 1 if adv.dim() == 1 else adv.shape[-1]
+        if adv.shape[0] != b:
+            raise RecapError(f"invalid argument `advantages`: expected per-token advantages shaped like the "
+                             f"tokens {shape} (or with a last dimension K), or per-sequence [B = {b}] / "
+                             f"[B, K], got shape {tuple(adv.shape)}")
+    return adv.reshape(-1), bool(per_token), k
+
+
+def _weights(lambda_, k: int) -> Tensor:
+    if lambda_ is None:
+        return torch.ones(k, dtype=torch.float32)
+    lam = _host("lambda_", lambda_, torch.float32)
+    if lam.shape != (k,):
+        raise RecapError(f"invalid argument `lambda_`: expected K = {k} objective weights (one per advantage "
+                         f"column), got shape {tuple(lam.shape)}")
+    return lam
+
+
+def _same_device(first: Tensor, **tensors) -> None:
+    """Every per-token tensor on the device of the first one (the op runs there)."""
+    for name, x in tensors.items():
+        if x is not None and x.device != first.device:
+            raise RecapError(f"invalid argument `{name}`: expected a tensor on {first.device} like the others, got "
+                             f"one on {x.device}")
+
+
+def _kinds(objectives, k: int):
+    if objectives is None:
+        return [0] * k
+    try:
+        return [_OBJECTIVES[o] for o in objectives]
+    except KeyError as e:
+        raise RecapError(f"invalid argument `objectives`: expected 'policy' or 'nll' per objective, got {e.args[0]!r}")
+
+
+def _normalizers(normalizers, seq_tokens):
+    if isinstance(normalizers, (tuple, list)):  # (normalizers, seq_tokens) as count_normalizers returns them
+        normalizers, seq_tokens = normalizers
+    return normalizers, seq_tokens
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, cu_seqlens=None, *,
+              ref_logp: Optional[Tensor] = None, rollout_logp: Optional[Tensor] = None,
+              policy_weight: Optional[Tensor] = None, lambda_=None, objectives=None, membership=None,
+              normalizers=None, seq_tokens: Optional[Tensor] = None, objective_names: Optional[Sequence[str]] = None,
+              advantages_per_token: Optional[bool] = None, **options) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The fused GRPO loss of K objectives (verl's policy loss + ``agg_loss`` + the KL term) and its
+    metrics; differentiable with respect to ``logp``.
+
+    ``advantages``: per token, shaped like ``logp`` (one objective) or with a last dimension K, or per
+    sequence ``[B]`` / ``[B, K]`` (``advantages_per_token`` decides when the shape is ambiguous).
+    ``lambda_`` ``[K]`` objective weights (default 1), ``objectives`` ``[K]`` ("policy" or "nll"),
+    ``membership`` ``[B]`` bit masks, ``normalizers`` the whole batch's (``count_normalizers``,
+    ``distributed.global_normalizers``) for micro-batches and data-parallel ranks. ``options``: the
+    ``GrpoConfig`` fields (``clip_low``, ``clip_high``, ``dual_clip``, ``agg_mode``, ``kl_coef``,
+    ``kl_estimator``, ``policy_loss``, ...). Returns ``(loss, metrics)``.
+    """
+    logp = _float("logp", logp)
+    cu, b = _batch(logp.shape, cu_seqlens)
+    adv, per_token, k = _advantages(_float("advantages", advantages), logp.shape, b, advantages_per_token)
+    lam = _weights(lambda_, k)
+    kinds = _kinds(objectives, lam.shape[0])
+    memb = None if membership is None else _host("membership", membership, torch.int64)
+    normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
+    flat = [None if x is None else x.reshape(-1) for x in
+            (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
+             _float("rollout_logp", rollout_logp), _float("policy_weight", policy_weight))]
+    old, m, ref, roll, pw = flat
+    _same_device(logp, old_logp=old, advantages=adv, mask=m, ref_logp=ref, rollout_logp=roll, policy_weight=pw)
+    loss, _, stats = ops.grpo_loss(logp.reshape(-1), old, adv, m, cu, lam, kinds, memb, ref, roll, pw, normalizers,
+                                   seq_tokens, per_token, _config(options))
+    return loss, _metrics(stats, lam.shape[0], objective_names)
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_penalty: str = "low_var_kl", mask: Optional[Tensor] = None) -> Tensor:
+    """verl's ``kl_penalty``: the per-token KL estimator (k1/kl, abs, k2/mse, k3/low_var_kl, k1+, k3+),
+    shaped like ``logp``, differentiable with respect to ``logp`` (masked tokens: 0)."""
+    shape = logp.shape
+    m = None if mask is None else _mask(mask).reshape(-1)
+    _same_device(logp, ref_logp=ref_logp, mask=m)
+    out, _ = ops.kl(_float("logp", logp).reshape(-1), _float("ref_logp", ref_logp).reshape(-1), m, kl_penalty)
+    return out.view(shape)
+
+
+def weighted_reduce(losses: Tensor, mask: Tensor, cu_seqlens=None, *, lambda_=None, membership=None,
+                    normalizers=None, seq_tokens=None, **options) -> Tuple[Tensor, Tensor]:
+    """verl's ``agg_loss`` for K objectives at once: ``losses`` shaped like ``mask`` (one objective)
+    or with a last dimension K. Returns ``(total, per_objective [K])`` with
+    ``total = (1/K) sum_k lambda_k agg_k``, differentiable with respect to ``losses``."""
+    one = losses.shape == mask.shape
+    k = 1 if one else losses.shape[-1]
+    cu, b = _batch(mask.shape, cu_seqlens)
+    lam = _weights(lambda_, k)
+    memb = None if membership is None else _host("membership", membership, torch.int64)
+    normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
+    _same_device(losses, mask=mask)
+    total, _, stats = ops.weighted_reduce(_float("losses", losses).reshape(-1), _mask(mask).reshape(-1), cu, lam,
+                                          memb, normalizers, seq_tokens, _config(options))
+    return total, stats[:k]
+
+
+def count_normalizers(mask: Tensor, cu_seqlens=None, membership=None, num_objectives: int = 1) -> Tuple[Tensor, Tensor]:
+    """This batch's normalizers: ``([2, K + 1] float64, [B] float64)`` on the mask's device: token
+    weights then sequence counts per objective (the KL slot last), and each sequence's token weight.
+    Add them over micro-batches / ranks and pass the sum as ``normalizers=`` to every part (a part
+    that cuts a sequence also passes the whole batch's ``seq_tokens`` of its sequences)."""
+    cu, _ = _batch(mask.shape, cu_seqlens)
+    memb = None if membership is None else _host("membership", membership, torch.int64)
+    return ops.count_normalizers(_mask(mask).reshape(-1), cu, memb, int(num_objectives))
+
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0, *, entropy: bool = True,
+                         inplace_backward: bool = True, ignore_index: int = -100):
+    """Per-token log-probabilities of ``labels`` under ``logits / temperature`` (verl's
+    ``logprobs_from_logits``) and the entropy of each row, in one read of the logits ``[..., V]``
+    (bf16, f16 or f32; the arithmetic is fp32). Differentiable with respect to ``logits``; with
+    ``inplace_backward`` the gradient is written over the logits' storage (no ``[T, V]``
+    temporary), so the logits must not be used by anything else that needs them for backward
+    (autograd's version check then fails loudly). Returns ``(logp, entropy)`` shaped like
+    ``labels`` (``logp`` alone with ``entropy=False``)."""
+    if not isinstance(logits, Tensor) or logits.dtype not in _LOGIT_DTYPES:
+        raise RecapError(f"invalid argument `logits`: expected a float32, float16 or bfloat16 tensor, got "
+                         f"{getattr(logits, 'dtype', type(logits).__name__)}")
+    shape = logits.shape[:-1]
+    z = logits.reshape(-1, logits.shape[-1])
+    if z.shape[0] > 1 and z.stride(-1) != 1:
+        z = z.contiguous()
+    y = labels.reshape(-1).to(torch.int32)
+    _same_device(z, labels=y)
+    if y.shape[0] != z.shape[0]:
+        raise RecapError(f"invalid argument `labels`: expected {z.shape[0]} labels (one per row of logits "
+                         f"{tuple(logits.shape)}), got shape {tuple(labels.shape)}")
+    logp, ent, _ = ops.logprob_forward(z, y, float(temperature), int(ignore_index), bool(inplace_backward))
+    logp, ent = logp.view(shape), ent.view(shape)
+    return (logp, ent) if entropy else logp
+
+
+def grpo_loss_from_logits(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                          cu_seqlens=None, *, ref_logp=None, rollout_logp=None, lambda_=None, objectives=None,
+                          membership=None, normalizers=None, seq_tokens=None, temperature: float = 1.0,
+                          ignore_index: int = -100, objective_names=None, advantages_per_token=None,
+                          **options) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The GRPO loss straight from logits ``[B, L, V]`` / ``[T, V]``: log-probabilities, the fused
+    loss with its KL term and the entropy bonus (``entropy_coef``, verl's ``entropy_coeff``), with
+    the gradient computed in the same call. Metrics add ``actor/entropy`` and ``actor/entropy_loss``.
+    Allocates the ``[T, V]`` gradient (in the logits' dtype); for the in-place backward use
+    ``logprobs_from_logits`` followed by ``grpo_loss``."""
+    v = logits.shape[-1]
+    lead = logits.shape[:-1]
+    z = logits.reshape(-1, v)
+    y = labels.reshape(-1).to(torch.int32)
+    cu, b = _batch(lead, cu_seqlens)
+    adv, per_token, k = _advantages(_float("advantages", advantages), lead, b, advantages_per_token)
+    lam = _weights(lambda_, k)
+    kinds = _kinds(objectives, lam.shape[0])
+    memb = None if membership is None else _host("membership", membership, torch.int64)
+    normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
+    old, m, ref, roll = [None if x is None else x.reshape(-1) for x in
+                         (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
+                          _float("rollout_logp", rollout_logp))]
+    _same_device(z, labels=y, old_logp=old, advantages=adv, mask=m, ref_logp=ref, rollout_logp=roll)
+    loss, stats, _ = ops.grpo_loss_from_logits(z, y, old, adv, m, cu, lam, kinds, memb, ref, roll, normalizers,
+                                               seq_tokens, per_token, _config(options), float(temperature),
+                                               int(ignore_index))
+    return loss, _metrics(stats, lam.shape[0], objective_names, logits=True)
+
+
+def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,
+                           mask: Tensor, cu_seqlens=None, *, ref_logp=None, lambda_=None, objectives=None,
+                           membership=None, normalizers=None, temperature: float = 1.0,
+                           chunk_tokens: Optional[int] = None, memory_budget: int = 512 << 20,
+                           fp32_logits: bool = False, objective_names=None, advantages_per_token=None,
+                           **options) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The GRPO loss of a policy whose last layer is ``hidden [..., H] @ weight[V, H]^T`` (bf16), chunk
+    by chunk, never holding the ``[T, V]`` logits; differentiable with respect to ``hidden`` and
+    ``weight``. ``chunk_tokens`` (default: sized from ``memory_budget`` bytes) and ``fp32_logits``
+    tune the chunks. Returns ``(loss, metrics)`` as ``grpo_loss_from_logits``."""
+    lead = hidden.shape[:-1]
+    x = hidden.reshape(-1, hidden.shape[-1])
+    cu, b = _batch(lead, cu_seqlens)
+    adv, per_token, k = _advantages(_float("advantages", advantages), lead, b, advantages_per_token)
+    lam = _weights(lambda_, k)
+    kinds = _kinds(objectives, lam.shape[0])
+    memb = None if membership is None else _host("membership", membership, torch.int64)
+    normalizers, _ = _normalizers(normalizers, None)
+    old, m, ref = [None if t is None else t.reshape(-1) for t in
+                   (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp))]
+    _same_device(x, weight=weight, labels=labels, old_logp=old, advantages=adv, mask=m, ref_logp=ref)
+    loss, stats, _, _ = ops.fused_linear_grpo_loss(
+        x, weight, labels.reshape(-1).to(torch.int32), old, adv, m, cu, lam, kinds, memb, ref, normalizers, per_token,
+        _config(options), float(temperature), int(chunk_tokens or 0), int(memory_budget), bool(fp32_logits))
+    return loss, _metrics(stats, lam.shape[0], objective_names, logits=True)
+
+
+def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group_ids: Optional[Tensor] = None,
+                     num_groups: Optional[int] = None, mode: Union[str, Sequence[str]] = "grpo",
+                     eps: float = 1e-6) -> Tensor:
+    """GRPO group advantages of ``rewards`` ``[B]`` or ``[B, K]``: groups of ``group_size``
+    consecutive rollouts, or ``group_ids`` ``[B]`` (any ids on the CPU; on a GPU dense ids in
+    ``[0, num_groups)`` with ``num_groups`` given, so nothing is read back). ``mode``: grpo
+    (``(r - mean) / (std + eps)``), dr_grpo, rloo or batch, one for all objectives or one each.
+    Not differentiable."""
+    r = _float("rewards", rewards)
+    one = r.dim() == 1
+    r2 = r.reshape(r.shape[0], -1) if not one else r.reshape(-1, 1)
+    k = r2.shape[1]
+    modes = [mode] * k if isinstance(mode, str) else list(mode)
+    if group_ids is not None:
+        ids = group_ids.to(torch.int32)
+        if num_groups is None:
+            if ids.device.type != "cpu":
+                raise RecapError("invalid argument `num_groups`: required with group ids on a GPU (counting them "
+                                 "would synchronize)")
+            num_groups = 0  # any ids on the CPU
+        out = ops.group_advantages(r2, ids, 0, int(num_groups), ",".join(modes), float(eps))
+    else:
+        if group_size is None:
+            raise RecapError("invalid argument `group_size`: give group_size or group_ids")
+        out = ops.group_advantages(r2, None, int(group_size), 0, ",".join(modes), float(eps))
+    return out.view(r.shape)

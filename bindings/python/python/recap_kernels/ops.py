@@ -1,0 +1,335 @@
+"""The raw ops as ``torch.library`` custom ops in namespace ``recap`` (``torch.ops.recap.*``).
+
+Each op has one implementation for CPU and CUDA tensors (the Rust extension dispatches on the
+tensors' device: the f64 CPU reference, or the kernels on ``torch.cuda.current_stream()``), a fake
+implementation (output shapes and dtypes, for FakeTensor and ``torch.compile``) and, where the op is
+differentiable, a registered autograd formula. Outputs are allocated here, by the same function for
+the real and the fake implementation, so the two cannot disagree.
+
+Conventions: per-token arrays are float32 (masks float32, uint8 or bool); ``cu_seqlens``
+``[B + 1]``, ``lambda_`` ``[K]`` and ``membership`` ``[B]`` are CPU tensors (read on the host before
+any launch, so no device synchronization); ``objectives`` is a list of codes (0 policy, 1 nll);
+``config`` is the JSON form of the crate's ``GrpoConfig`` (see ``functional.grpo_config``). The
+CUDA path of the Rust crate still reads the loss and statistics back synchronously (the result is
+then written into the output tensors on the device); removing that is tracked separately.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _native
+
+__all__ = ["grpo_stats_len", "logits_stats_len"]
+
+
+def _affine(layout):
+    """``(scalars, per_objective)``: a layout of K objectives holds ``scalars + per_objective * K``
+    values (so the fake implementations also take a symbolic K)."""
+    fields = layout(1)
+    return sum(1 for f in fields if not f[3]), sum(1 for f in fields if f[3])
+
+
+_GRPO_LEN = _affine(_native.grpo_stat_layout)
+_LOGITS_LEN = _affine(_native.logits_stat_layout)
+
+
+def grpo_stats_len(k):
+    """Length of the fused loss's statistics vector for ``k`` objectives."""
+    return _GRPO_LEN[0] + _GRPO_LEN[1] * k
+
+
+def logits_stats_len(k):
+    """Length of the loss-from-logits statistics vector for ``k`` objectives."""
+    return _LOGITS_LEN[0] + _LOGITS_LEN[1] * k
+
+
+def _empty(like: Tensor, shape, dtype) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _contig(*xs):
+    return [x.contiguous() if x is not None else None for x in xs]
+
+
+# --- the fused GRPO loss ------------------------------------------------------------------------
+def _grpo_outputs(logp: Tensor, lambda_: Tensor):
+    return (_empty(logp, (), torch.float32), _empty(logp, logp.shape, torch.float32),
+            _empty(logp, (grpo_stats_len(lambda_.shape[0]),), torch.float64))
+
+
+@torch.library.custom_op("recap::grpo_loss", mutates_args=())
+def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, cu_seqlens: Tensor,
+              lambda_: Tensor, objectives: List[int], membership: Optional[Tensor], ref_logp: Optional[Tensor],
+              rollout_logp: Optional[Tensor], policy_weight: Optional[Tensor], normalizers: Optional[Tensor],
+              seq_tokens: Optional[Tensor], adv_per_token: bool, config: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fused GRPO loss of K objectives: ``(loss, dloss/dlogp, stats)``."""
+    loss, grad, stats = _grpo_outputs(logp, lambda_)
+    logp, old_logp, advantages, mask, ref_logp, rollout_logp, policy_weight = _contig(
+        logp, old_logp, advantages, mask, ref_logp, rollout_logp, policy_weight)
+    _native.grpo_loss(logp, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp,
+                      rollout_logp, policy_weight, normalizers, seq_tokens, adv_per_token, config, grad, loss, stats)
+    return loss, grad, stats
+
+
+@grpo_loss.register_fake
+def _(logp, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp, rollout_logp,
+      policy_weight, normalizers, seq_tokens, adv_per_token, config):
+    return _grpo_outputs(logp, lambda_)
+
+
+def _save_grad(index):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[index])
+    return setup_context
+
+
+def _grpo_backward(ctx, g_loss, g_grad, g_stats):
+    (grad,) = ctx.saved_tensors
+    return (grad * g_loss,) + (None,) * 14
+
+
+grpo_loss.register_autograd(_grpo_backward, setup_context=_save_grad(1))
+
+
+# --- KL -----------------------------------------------------------------------------------------
+@torch.library.custom_op("recap::kl", mutates_args=())
+def kl(logp: Tensor, ref_logp: Tensor, mask: Optional[Tensor], estimator: str) -> Tuple[Tensor, Tensor]:
+    """Per-token KL estimator and its gradient with respect to ``logp`` (masked tokens: 0)."""
+    out, grad = _empty(logp, logp.shape, torch.float32), _empty(logp, logp.shape, torch.float32)
+    logp, ref_logp, mask = _contig(logp, ref_logp, mask)
+    _native.kl(logp, ref_logp, mask, estimator, out, grad)
+    return out, grad
+
+
+@kl.register_fake
+def _(logp, ref_logp, mask, estimator):
+    return _empty(logp, logp.shape, torch.float32), _empty(logp, logp.shape, torch.float32)
+
+
+def _kl_backward(ctx, g_kl, g_grad):
+    (grad,) = ctx.saved_tensors
+    return grad * g_kl, None, None, None
+
+
+kl.register_autograd(_kl_backward, setup_context=_save_grad(1))
+
+
+# --- weighted reduction -------------------------------------------------------------------------
+def _reduce_outputs(losses: Tensor, lambda_: Tensor):
+    return (_empty(losses, (), torch.float32), _empty(losses, losses.shape, torch.float32),
+            _empty(losses, (3 * lambda_.shape[0],), torch.float64))
+
+
+@torch.library.custom_op("recap::weighted_reduce", mutates_args=())
+def weighted_reduce(losses: Tensor, mask: Tensor, cu_seqlens: Tensor, lambda_: Tensor, membership: Optional[Tensor],
+                    normalizers: Optional[Tensor], seq_tokens: Optional[Tensor],
+                    config: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-objective aggregation of ``losses`` [T, K]: ``(total, dtotal/dlosses, stats [3K])``."""
+    total, grad, stats = _reduce_outputs(losses, lambda_)
+    losses, mask = _contig(losses, mask)
+    _native.weighted_reduce(losses, mask, cu_seqlens, lambda_, membership, normalizers, seq_tokens, config, grad,
+                            total, stats)
+    return total, grad, stats
+
+
+@weighted_reduce.register_fake
+def _(losses, mask, cu_seqlens, lambda_, membership, normalizers, seq_tokens, config):
+    return _reduce_outputs(losses, lambda_)
+
+
+def _reduce_backward(ctx, g_total, g_grad, g_stats):
+    (grad,) = ctx.saved_tensors
+    return (grad * g_total,) + (None,) * 7
+
+
+weighted_reduce.register_autograd(_reduce_backward, setup_context=_save_grad(1))
+
+
+# --- normalizers --------------------------------------------------------------------------------
+def _norm_outputs(mask: Tensor, cu_seqlens: Tensor, k: int):
+    return (_empty(mask, (2, k + 1), torch.float64), _empty(mask, (cu_seqlens.shape[0] - 1,), torch.float64))
+
+
+@torch.library.custom_op("recap::count_normalizers", mutates_args=())
+def count_normalizers(mask: Tensor, cu_seqlens: Tensor, membership: Optional[Tensor], k: int) -> Tuple[Tensor, Tensor]:
+    """This batch's normalizers ``[2, K + 1]`` (token weights, then sequence counts; the KL slot last)
+    and per-sequence token weights ``[B]``, float64 on the mask's device."""
+    normalizers, seq_tokens = _norm_outputs(mask, cu_seqlens, k)
+    (mask,) = _contig(mask)
+    _native.count_normalizers(mask, cu_seqlens, membership, k, normalizers, seq_tokens)
+    return normalizers, seq_tokens
+
+
+@count_normalizers.register_fake
+def _(mask, cu_seqlens, membership, k):
+    return _norm_outputs(mask, cu_seqlens, k)
+
+
+# --- log-probabilities and entropy from logits --------------------------------------------------
+def _rows(logits: Tensor):
+    return logits.shape[0]
+
+
+@torch.library.custom_op("recap::logprob_forward", mutates_args=())
+def logprob_forward(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
+                    inplace_backward: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse)`` [T] float32 of ``logits`` [T, V] (rows may be strided) at
+    ``temperature``; the backward writes the gradient over the logits when ``inplace_backward``."""
+    t = _rows(logits)
+    logp, ent, lse = (_empty(logits, (t,), torch.float32) for _ in range(3))
+    (labels,) = _contig(labels)
+    _native.logprob_forward(logits, labels, temperature, ignore_index, logp, ent, lse)
+    return logp, ent, lse
+
+
+@logprob_forward.register_fake
+def _(logits, labels, temperature, ignore_index, inplace_backward):
+    t = _rows(logits)
+    return tuple(_empty(logits, (t,), torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("recap::logprob_backward_", mutates_args=("logits",))
+def logprob_backward_(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, g_logp: Tensor,
+                      g_entropy: Optional[Tensor], temperature: float, ignore_index: int) -> None:
+    """The gradient of ``g_logp . logp + g_entropy . entropy`` with respect to ``logits``, written
+    over ``logits`` (same dtype and layout)."""
+    labels, lse, entropy, g_logp, g_entropy = _contig(labels, lse, entropy, g_logp, g_entropy)
+    _native.logprob_backward_(logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index)
+
+
+@logprob_backward_.register_fake
+def _(logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index):
+    return None
+
+
+@torch.library.custom_op("recap::logprob_backward", mutates_args=())
+def logprob_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, g_logp: Tensor,
+                     g_entropy: Optional[Tensor], temperature: float, ignore_index: int) -> Tensor:
+    """Out of place: the same gradient as a new tensor (a contiguous copy of the logits' shape)."""
+    out = logits.clone(memory_format=torch.contiguous_format)
+    logprob_backward_(out, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index)
+    return out
+
+
+@logprob_backward.register_fake
+def _(logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _logprob_setup(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, inplace = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(logits, labels, lse, ent)
+    ctx.options = (float(temperature), int(ignore_index), bool(inplace))
+
+
+def _logprob_autograd(ctx, g_logp, g_ent, g_lse):
+    logits, labels, lse, ent = ctx.saved_tensors
+    temperature, ignore_index, inplace = ctx.options
+    g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
+    g_ent = None if g_ent is None else g_ent.float()
+    if inplace:
+        # the gradient overwrites the saved logits: a later use of them by autograd fails its
+        # version check instead of reading the gradient
+        logprob_backward_(logits, labels, lse, ent, g_logp, g_ent, temperature, ignore_index)
+        return logits, None, None, None, None
+    return logprob_backward(logits, labels, lse, ent, g_logp, g_ent, temperature, ignore_index), None, None, None, None
+
+
+logprob_forward.register_autograd(_logprob_autograd, setup_context=_logprob_setup)
+
+
+# --- the loss from logits -----------------------------------------------------------------------
+@torch.library.custom_op("recap::grpo_loss_from_logits", mutates_args=())
+def grpo_loss_from_logits(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                          cu_seqlens: Tensor, lambda_: Tensor, objectives: List[int], membership: Optional[Tensor],
+                          ref_logp: Optional[Tensor], rollout_logp: Optional[Tensor], normalizers: Optional[Tensor],
+                          seq_tokens: Optional[Tensor], adv_per_token: bool, config: str, temperature: float,
+                          ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Log-probs, the fused loss (with KL) and the entropy bonus in one call:
+    ``(loss, stats, dloss/dlogits)``."""
+    loss = _empty(logits, (), torch.float32)
+    stats = _empty(logits, (logits_stats_len(lambda_.shape[0]),), torch.float64)
+    dlogits = logits.clone(memory_format=torch.contiguous_format)
+    labels, old_logp, advantages, mask, ref_logp, rollout_logp = _contig(
+        labels, old_logp, advantages, mask, ref_logp, rollout_logp)
+    _native.grpo_loss_from_logits_(dlogits, labels, old_logp, advantages, mask, cu_seqlens, lambda_, objectives,
+                                   membership, ref_logp, rollout_logp, normalizers, seq_tokens, adv_per_token, config,
+                                   temperature, ignore_index, loss, stats)
+    return loss, stats, dlogits
+
+
+@grpo_loss_from_logits.register_fake
+def _(logits, labels, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp,
+      rollout_logp, normalizers, seq_tokens, adv_per_token, config, temperature, ignore_index):
+    return (_empty(logits, (), torch.float32), _empty(logits, (logits_stats_len(lambda_.shape[0]),), torch.float64),
+            torch.empty_like(logits, memory_format=torch.contiguous_format))
+
+
+def _from_logits_backward(ctx, g_loss, g_stats, g_dlogits):
+    (dlogits,) = ctx.saved_tensors
+    return (dlogits * g_loss.to(dlogits.dtype),) + (None,) * 16
+
+
+grpo_loss_from_logits.register_autograd(_from_logits_backward, setup_context=_save_grad(2))
+
+
+# --- the fused-linear loss ----------------------------------------------------------------------
+def _linear_outputs(hidden: Tensor, weight: Tensor, lambda_: Tensor):
+    return (_empty(hidden, (), torch.float32), _empty(hidden, (logits_stats_len(lambda_.shape[0]),), torch.float64),
+            _empty(hidden, hidden.shape, hidden.dtype), _empty(hidden, weight.shape, torch.float32))
+
+
+@torch.library.custom_op("recap::fused_linear_grpo_loss", mutates_args=())
+def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,
+                           mask: Tensor, cu_seqlens: Tensor, lambda_: Tensor, objectives: List[int],
+                           membership: Optional[Tensor], ref_logp: Optional[Tensor], normalizers: Optional[Tensor],
+                           adv_per_token: bool, config: str, temperature: float, chunk_tokens: int,
+                           memory_budget: int, fp32_logits: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The GRPO loss of ``hidden [T, H] @ weight[V, H]^T`` chunk by chunk, never holding [T, V]
+    logits: ``(loss, stats, dloss/dhidden, dloss/dweight)`` (the last in float32)."""
+    loss, stats, d_hidden, d_weight = _linear_outputs(hidden, weight, lambda_)
+    hidden, weight, labels, old_logp, advantages, mask, ref_logp = _contig(
+        hidden, weight, labels, old_logp, advantages, mask, ref_logp)
+    _native.fused_linear_grpo_loss(hidden, weight, labels, old_logp, advantages, mask, cu_seqlens, lambda_,
+                                   objectives, membership, ref_logp, normalizers, adv_per_token, config, temperature,
+                                   chunk_tokens if chunk_tokens > 0 else None, memory_budget, fp32_logits, d_hidden,
+                                   d_weight, loss, stats)
+    return loss, stats, d_hidden, d_weight
+
+
+@fused_linear_grpo_loss.register_fake
+def _(hidden, weight, labels, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp,
+      normalizers, adv_per_token, config, temperature, chunk_tokens, memory_budget, fp32_logits):
+    return _linear_outputs(hidden, weight, lambda_)
+
+
+def _linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2], output[3])
+    ctx.weight_dtype = inputs[1].dtype
+
+
+def _linear_backward(ctx, g_loss, g_stats, g_dh, g_dw):
+    d_hidden, d_weight = ctx.saved_tensors
+    return (d_hidden * g_loss.to(d_hidden.dtype), (d_weight * g_loss).to(ctx.weight_dtype)) + (None,) * 16
+
+
+fused_linear_grpo_loss.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# --- group advantages ---------------------------------------------------------------------------
+@torch.library.custom_op("recap::group_advantages", mutates_args=())
+def group_advantages(rewards: Tensor, group_ids: Optional[Tensor], group_size: int, num_groups: int,
+                     modes: str, eps: float) -> Tensor:
+    """Group advantages of ``rewards`` [B, K]; ``modes``: one per objective, comma-separated (grpo,
+    dr_grpo, rloo, batch). Not differentiable."""
+    out = _empty(rewards, rewards.shape, torch.float32)
+    rewards, group_ids = _contig(rewards, group_ids)
+    _native.group_advantages(rewards, group_ids, group_size, num_groups, modes.split(","), eps, out)
+    return out
+
+
+@group_advantages.register_fake
+def _(rewards, group_ids, group_size, num_groups, modes, eps):
+    return _empty(rewards, rewards.shape, torch.float32)

@@ -1,0 +1,204 @@
+"""TRL's GRPO loss (``GRPOTrainer._compute_loss``) as a function of TRL's per-token tensors, and a
+mixin that puts it into a ``GRPOTrainer``.
+
+    from recap_kernels import trl as rk_trl
+    loss, metrics = rk_trl.grpo_loss(per_token_logps, old_per_token_logps, advantages, completion_mask,
+                                     ref_per_token_logps, loss_type="dapo", beta=0.04, epsilon=0.2,
+                                     epsilon_high=0.28, num_items_in_batch=num_items_in_batch)
+
+    from trl import GRPOTrainer
+    class Trainer(rk_trl.RecapGRPOMixin, GRPOTrainer):   # the mixin first: its _compute_loss wins
+        pass
+
+Loss types: grpo, bnpo, dr_grpo, dapo (clipped surrogate, ``delta`` two-sided clipping), cispo
+(the ratio capped at ``epsilon_high``), sapo (``sapo_temperature_pos`` / ``_neg``), with
+``importance_sampling_level`` "token" or "sequence" (GSPO; per-sequence advantages), ``beta`` (k3
+KL to the reference, ``use_bias_correction_kl``), TRL's entropy mask (``entropy_mask``, or
+``entropies`` with ``top_entropy_quantile``) and vLLM's ``importance_sampling_ratio``, each
+normalized as TRL normalizes that loss type (``num_items_in_batch``, ``num_processes``,
+``max_completion_length``, ``gradient_accumulation_steps``).
+
+Differences from TRL: the log-ratio is clamped to +-20 before ``exp`` (verl's guard; TRL has none);
+the k3 estimator is clamped to [-10, 10] with its exponent to +-20 (verl's ``low_var_kl``); GSPO's
+log sequence ratio is capped at 10; CISPO has a lower clip at 1 - 2^-24 (TRL none); the quantile of
+``top_entropy_quantile`` is this process's (TRL gathers the entropies of every process first).
+Not available: luspo, vespo, ``off_policy_mask_threshold``.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._native import RecapError
+
+__all__ = ["grpo_loss", "high_entropy_mask", "RecapGRPOMixin"]
+
+# the largest float32 below 1: CISPO's lower clip bound 1 - clip_low is then 2^-24, below any ratio
+# that matters (TRL's CISPO clips only above)
+_NO_LOWER_CLIP = 1.0 - 2.0 ** -24
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, top_entropy_quantile: float) -> Tensor:
+    """TRL's ``get_high_entropy_mask`` on this process's tokens: 1 where a valid token's entropy is
+    at or above the ``1 - q`` quantile of the valid tokens' entropies."""
+    valid = mask.bool()
+    local = entropies[valid].float()
+    if local.numel() == 0:
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    threshold = torch.quantile(local, 1.0 - top_entropy_quantile)
+    return (entropies * mask.float() >= threshold) & valid
+
+
+def _options(loss_type: str, epsilon: float, epsilon_high: Optional[float], delta: Optional[float],
+             importance_sampling_level: str, sapo_temperature_pos: float, sapo_temperature_neg: float,
+             beta: float, use_bias_correction_kl: bool) -> dict:
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    o = {"dual_clip": None, "clip_low": float(epsilon), "clip_high": float(eps_high), "kl_coef": float(beta),
+         "kl_estimator": "k3", "kl_is_correction": bool(use_bias_correction_kl)}
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        if delta is not None:
+            o["delta"] = float(delta)
+    elif loss_type == "cispo":
+        if eps_high < 1.0:
+            raise RecapError(f"invalid argument `epsilon_high`: TRL's cispo caps the ratio at epsilon_high (e.g. "
+                             f"5.0); expected a cap >= 1, got {eps_high}")
+        o.update(policy_loss="cispo", clip_low=_NO_LOWER_CLIP, clip_high=float(eps_high) - 1.0)
+    elif loss_type == "sapo":
+        o.update(policy_loss={"sapo": {"tau_pos": float(sapo_temperature_pos),
+                                       "tau_neg": float(sapo_temperature_neg)}})
+    else:
+        raise RecapError(f"invalid argument `loss_type`: expected grpo, bnpo, dr_grpo, dapo, cispo or sapo, got "
+                         f"{loss_type!r} (luspo and vespo are not available)")
+    if importance_sampling_level == "sequence":
+        if loss_type in ("cispo", "sapo"):
+            raise RecapError(f"invalid argument `importance_sampling_level`: 'sequence' is available for the "
+                             f"clipped surrogate (grpo, bnpo, dr_grpo, dapo), not {loss_type}")
+        o["policy_loss"] = "gspo"
+    elif importance_sampling_level != "token":
+        raise RecapError(f"invalid argument `importance_sampling_level`: expected 'token' or 'sequence', got "
+                         f"{importance_sampling_level!r}")
+    return o
+
+
+def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], advantages: Tensor,
+              completion_mask: Tensor, ref_per_token_logps: Optional[Tensor] = None, *, loss_type: str = "dapo",
+              beta: float = 0.0, epsilon: float = 0.2, epsilon_high: Optional[float] = None,
+              delta: Optional[float] = None, importance_sampling_level: str = "token",
+              use_bias_correction_kl: bool = False, sapo_temperature_pos: float = 1.0,
+              sapo_temperature_neg: float = 1.05, entropy_mask: Optional[Tensor] = None,
+              entropies: Optional[Tensor] = None, top_entropy_quantile: float = 1.0,
+              importance_sampling_ratio: Optional[Tensor] = None, num_items_in_batch=None, num_processes: int = 1,
+              max_completion_length: Optional[int] = None,
+              gradient_accumulation_steps: int = 1) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """TRL's GRPO loss for ``[B, T]`` per-token tensors (``advantages`` ``[B]``, ``[B, 1]`` or
+    ``[B, T]``; ``old_per_token_logps`` None: ``per_token_logps.detach()``, as TRL). Returns the
+    loss (scaled for gradient accumulation as TRL scales it) and metrics under TRL's names
+    (``clip_ratio/region_mean``, ``kl``, ``policy_loss``) plus verl's (``actor/...``)."""
+    if old_per_token_logps is None:
+        old_per_token_logps = per_token_logps.detach()
+    b = per_token_logps.shape[0]
+    if advantages.dim() == 2 and advantages.shape[1] == 1:
+        advantages = advantages[:, 0]
+    if importance_sampling_level == "sequence" and advantages.dim() != 1:
+        raise RecapError("invalid argument `advantages`: importance_sampling_level='sequence' takes per-sequence "
+                         f"advantages [B], got shape {tuple(advantages.shape)}")
+    options = _options(loss_type, epsilon, epsilon_high, delta, importance_sampling_level, sapo_temperature_pos,
+                       sapo_temperature_neg, beta, use_bias_correction_kl)
+    mask = completion_mask
+    if entropy_mask is None and top_entropy_quantile < 1.0:
+        if entropies is None:
+            raise RecapError("invalid argument `entropies`: top_entropy_quantile < 1 needs the per-token entropies")
+        entropy_mask = high_entropy_mask(entropies, mask, top_entropy_quantile)
+    weight = None if entropy_mask is None else entropy_mask.float()
+    if importance_sampling_ratio is not None:
+        is_ratio = importance_sampling_ratio.float().expand(per_token_logps.shape)
+        weight = is_ratio if weight is None else weight * is_ratio
+    normalizers, scale = None, 1.0 / gradient_accumulation_steps
+    if loss_type in ("grpo", "sapo"):
+        # the mean over all B sequences (an empty one counts, with loss 0), for the policy and KL terms
+        options["agg_mode"] = "seq-mean-token-mean"
+        normalizers = torch.full((2, 2), float(b), dtype=torch.float64)
+    elif loss_type == "bnpo":
+        options["agg_mode"] = "token-mean"
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise RecapError("invalid argument `max_completion_length`: dr_grpo normalizes by B * "
+                             "max_completion_length")
+        options.update(agg_mode="token-sum-norm", norm_constant=float(b * max_completion_length))
+    else:  # dapo, cispo: the sum over the batch's tokens over the global token count per process
+        options["agg_mode"] = "token-mean"
+        scale = 1.0
+    loss, m = F.grpo_loss(per_token_logps, old_per_token_logps, advantages, mask, ref_logp=ref_per_token_logps,
+                          policy_weight=weight, normalizers=normalizers, **options)
+    if loss_type in ("dapo", "cispo") and num_items_in_batch is not None:
+        # token-mean over this batch times (its tokens / the global count per process): TRL's sum over
+        # num_items_in_batch / num_processes, without reading either back to the host
+        local = mask.sum().to(loss.dtype)
+        per_process = torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype) / num_processes
+        loss = loss * (local / per_process.clamp(min=1.0))
+    policy_loss = loss.detach()
+    loss = loss * scale if scale != 1.0 else loss
+    metrics = dict(m)
+    metrics.update({"clip_ratio/region_mean": m["actor/pg_clipfrac"][0], "kl": m["actor/kl_mean"],
+                    "policy_loss": policy_loss})
+    return loss, metrics
+
+
+class RecapGRPOMixin:
+    """Put first in the bases of a ``trl.GRPOTrainer`` subclass: its ``_compute_loss`` computes the
+    per-token log-probabilities and entropies with the trainer's own
+    ``_get_per_token_logps_and_entropies`` and the loss with :func:`grpo_loss`, reading the
+    trainer's settings (``loss_type``, ``beta``, ``epsilon_low`` / ``epsilon_high``,
+    ``importance_sampling_level``, ``top_entropy_quantile``, ``args.delta``, ...), and logs
+    ``clip_ratio/region_mean``, ``kl`` and ``entropy`` into ``self._metrics`` as TRL does (as
+    tensors, read back by ``log`` once per logging step). Multimodal inputs are passed through as
+    TRL passes them."""
+
+    _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        extra = {k: inputs.get(k) for k in self._MODEL_INPUTS if inputs.get(k) is not None}
+        per_token_logps, entropies, *_ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True, **extra)
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        use_is = getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False)
+        loss, metrics = grpo_loss(
+            per_token_logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
+            inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            loss_type=self.loss_type, beta=self.beta, epsilon=self.epsilon_low, epsilon_high=self.epsilon_high,
+            delta=getattr(args, "delta", None),
+            importance_sampling_level=getattr(self, "importance_sampling_level", "token"),
+            use_bias_correction_kl=getattr(args, "use_bias_correction_kl", False),
+            sapo_temperature_pos=getattr(args, "sapo_temperature_pos", 1.0),
+            sapo_temperature_neg=getattr(args, "sapo_temperature_neg", 1.05), entropies=entropies,
+            top_entropy_quantile=getattr(self, "top_entropy_quantile", 1.0),
+            importance_sampling_ratio=inputs.get("importance_sampling_ratio") if use_is else None,
+            num_items_in_batch=inputs.get("num_items_in_batch"),
+            num_processes=self.accelerator.num_processes,
+            max_completion_length=getattr(self, "max_completion_length", None),
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps if mode == "train" else 1)
+        # metrics stay tensors here; log() reads them back once per logging step
+        log = self._metrics[mode]
+        if self.beta != 0.0:
+            log["kl"].append(self.accelerator.gather(metrics["kl"].detach()).nanmean())
+        ent = (entropies * mask).sum() / mask.sum().clamp(min=1.0)
+        log["entropy"].append(self.accelerator.gather(ent.detach()).nanmean())
+        log["clip_ratio/region_mean"].append(
+            self.accelerator.gather(metrics["clip_ratio/region_mean"].detach()).nanmean())
+        return loss
+
+    def log(self, logs, start_time=None):
+        # TRL averages plain floats: the tensors recorded by _compute_loss become floats here, once
+        # per logging step rather than once per micro-batch
+        for values in self._metrics.values():
+            for key, val in values.items():
+                values[key] = [float(v) if isinstance(v, Tensor) else v for v in val]
+        return super().log(logs, start_time)

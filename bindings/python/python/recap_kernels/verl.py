@@ -1,0 +1,170 @@
+"""Drop-ins for verl (``verl.trainer.ppo.core_algos``): the policy losses with verl's signature and
+metric names, ``agg_loss`` and ``kl_penalty``, and ``register()`` to add them to verl's policy-loss
+registry.
+
+    from recap_kernels import verl as rk_verl
+    rk_verl.register()                       # actor.policy_loss.loss_mode: recap_vanilla (or recap_gspo, ...)
+    pg_loss, pg_metrics = rk_verl.compute_policy_loss(old_log_prob, log_prob, advantages, response_mask,
+                                                      loss_agg_mode="token-mean", config=actor_config)
+
+The config is read from any object with attributes or ``.get`` (verl's ``ActorConfig``, an
+OmegaConf ``DictConfig``, a dict): ``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high``,
+``clip_ratio_c``, ``tau_pos``, ``tau_neg``, ``policy_loss.loss_mode`` and ``global_batch_info``
+(``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``). Metric values are
+0-dim tensors (verl's ``Metric`` accepts them); nothing here reads a value back to the host (a
+``global_batch_info`` count given as a GPU tensor is read by the op, which synchronizes: pass
+Python numbers or CPU tensors).
+
+Differences from verl: an empty micro-batch gives loss 0 (verl divides by zero); SAPO and CISPO
+report ``pg_clipfrac`` as the fraction of tokens whose ratio lies outside the clip band (verl: 0 for
+SAPO); ``seq-mean-token-mean`` divides by each sequence's token count exactly (verl adds 1e-8).
+"""
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._native import RecapError
+
+__all__ = ["compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
+           "compute_policy_loss_sapo", "compute_policy_loss_cispo", "agg_loss", "kl_penalty", "register",
+           "POLICY_LOSSES"]
+
+_MISSING = object()
+
+
+def _get(config: Any, name: str, default=None):
+    """``config.name`` or ``config.get(name)`` or ``config[name]``; ``default`` when absent or None."""
+    if config is None:
+        return default
+    value = getattr(config, name, _MISSING)
+    if value is _MISSING and hasattr(config, "get"):
+        value = config.get(name, _MISSING)
+    return default if value is _MISSING or value is None else value
+
+
+def _agg(mode: str, mask: Tensor, info) -> Tuple[dict, Optional[Tensor]]:
+    """Our aggregation options and global normalizers for verl's ``loss_agg_mode`` and
+    ``global_batch_info`` (verl multiplies by ``dp_size`` what it divides by the global count: the
+    same as dividing by the global count over ``dp_size``)."""
+    if mode == "seq-mean-token-sum-norm":
+        scale = _get(info, "loss_scale_factor", mask.shape[-1])
+        return {"agg_mode": "token-sum-norm", "norm_constant": float(scale)}, None
+    if mode not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        raise RecapError(f"invalid argument `loss_agg_mode`: expected token-mean, seq-mean-token-mean, "
+                         f"seq-mean-token-sum or seq-mean-token-sum-norm, got {mode!r}")
+    dp = _get(info, "dp_size", 1)
+    count = _get(info, "batch_num_tokens") if mode == "token-mean" else _get(info, "global_batch_size")
+    if count is None:
+        return {"agg_mode": mode}, None
+    per_rank = torch.as_tensor(count, dtype=torch.float64) / dp
+    # one objective and the KL slot; only the slots of this mode are read (tokens or sequences)
+    n = per_rank.reshape(1).expand(4).reshape(2, 2).contiguous()
+    return {"agg_mode": mode}, n
+
+
+def _policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                 loss_agg_mode: str, config, rollout_is_weights: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
+    clip = _get(config, "clip_ratio", 0.2)
+    options = {"clip_low": float(_get(config, "clip_ratio_low", clip)),
+               "clip_high": float(_get(config, "clip_ratio_high", clip))}
+    if loss_mode == "vanilla":
+        options["dual_clip"] = float(_get(config, "clip_ratio_c", 3.0))
+    elif loss_mode == "gspo":
+        options.update(policy_loss="gspo", dual_clip=None)
+        loss_agg_mode = "seq-mean-token-mean"  # verl aggregates GSPO per sequence whatever the mode
+    elif loss_mode == "sapo":
+        options.update(policy_loss={"sapo": {"tau_pos": float(_get(config, "tau_pos", 1.0)),
+                                             "tau_neg": float(_get(config, "tau_neg", 1.05))}}, dual_clip=None)
+        loss_agg_mode = "seq-mean-token-mean"
+    elif loss_mode == "cispo":
+        options.update(policy_loss="cispo", dual_clip=None)
+    else:
+        raise RecapError(f"invalid argument `loss_mode`: expected vanilla, gspo, sapo or cispo, got {loss_mode!r}")
+    agg, normalizers = _agg(loss_agg_mode, response_mask, _get(config, "global_batch_info"))
+    options.update(agg)
+    loss, m = F.grpo_loss(log_prob, old_log_prob, advantages, response_mask, policy_weight=rollout_is_weights,
+                          normalizers=normalizers, **options)
+    metrics = {"actor/pg_clipfrac": m["actor/pg_clipfrac"][0], "actor/ppo_kl": m["actor/ppo_kl"],
+               "actor/pg_clipfrac_lower": m["actor/pg_clipfrac_lower"][0]}
+    return loss, metrics
+
+
+def compute_policy_loss_vanilla(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                loss_agg_mode: str = "token-mean", config=None,
+                                rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's ``compute_policy_loss_vanilla``: the dual-clip PPO surrogate, ``(pg_loss, pg_metrics)``."""
+    return _policy_loss("vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                             loss_agg_mode: str = "seq-mean-token-mean", config=None,
+                             rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's ``compute_policy_loss_gspo`` (sequence ratio in its GSPO-token form)."""
+    return _policy_loss("gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def compute_policy_loss_sapo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                             loss_agg_mode: str = "seq-mean-token-mean", config=None,
+                             rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's ``compute_policy_loss_sapo`` (soft gates, ``tau_pos`` / ``tau_neg``)."""
+    return _policy_loss("sapo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def compute_policy_loss_cispo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                              loss_agg_mode: str = "token-mean", config=None,
+                              rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's ``compute_policy_loss_cispo`` (clipped, stop-gradient IS weights times log-probs)."""
+    return _policy_loss("cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+POLICY_LOSSES = {"vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo,
+                 "sapo": compute_policy_loss_sapo, "cispo": compute_policy_loss_cispo}
+
+
+def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                        loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None,
+                        loss_mode: Optional[str] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The policy loss of ``loss_mode`` (default: ``config.policy_loss.loss_mode``, else vanilla;
+    a ``recap_`` prefix is accepted), with verl's signature and metrics."""
+    if loss_mode is None:
+        loss_mode = _get(_get(config, "policy_loss"), "loss_mode", "vanilla")
+    loss_mode = loss_mode[len("recap_"):] if loss_mode.startswith("recap_") else loss_mode
+    return _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: int = 1,
+             batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None) -> Tensor:
+    """verl's ``agg_loss`` (same modes and global-batch arguments), differentiable in ``loss_mat``."""
+    info = {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size,
+            "loss_scale_factor": loss_scale_factor}
+    options, normalizers = _agg(loss_agg_mode, loss_mask, info)
+    total, _ = F.weighted_reduce(loss_mat, loss_mask, normalizers=normalizers, **options)
+    return total
+
+
+def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
+    """verl's ``kl_penalty``: kl/k1, abs, mse/k2, low_var_kl/k3, and the straight-through k1+ / k3+."""
+    return F.kl_penalty(logprob, ref_logprob, kl_penalty)
+
+
+def register(prefix: str = "recap_") -> list:
+    """Adds these losses to verl's policy-loss registry as ``recap_vanilla``, ``recap_gspo``,
+    ``recap_sapo`` and ``recap_cispo`` (select one with ``actor.policy_loss.loss_mode``). Returns
+    the names registered; raises ImportError when verl is not installed."""
+    from verl.trainer.ppo import core_algos
+
+    names = []
+    for mode, fn in POLICY_LOSSES.items():
+        name = prefix + mode
+        registry = getattr(core_algos, "POLICY_LOSS_REGISTRY", {})
+        if name not in registry:
+            core_algos.register_policy_loss(name)(fn)
+        names.append(name)
+    return names

@@ -1,0 +1,48 @@
+"""RECAP's dynamic objective weights (the crate's scheduler, in Rust)."""
+import json
+from typing import Sequence
+
+import torch
+
+from . import _native
+
+
+class RecapWeights:
+    """RECAP's objective weights: ``observe([...])`` one monitored value per objective once per
+    step (an RL objective's mean reward, orientation "reward"; a replay objective's NLL, "loss"),
+    ``weights()`` gives the K weights (all 1 until 2W steps exist; they average 1), ``tensor()`` the
+    same as a CPU float32 tensor for ``lambda_=`` (no recompilation under ``torch.compile``).
+    ``options``: the scheduler's fields (``window`` W = 10, ``temperature`` T = 5, ``alpha``).
+    ``state_dict()`` / ``load_state_dict()`` checkpoint it exactly."""
+
+    def __init__(self, orientations: Sequence[str], **options):
+        self._s = _native.RecapScheduler(list(orientations), json.dumps(options))
+
+    @property
+    def num_objectives(self) -> int:
+        return self._s.num_objectives
+
+    @property
+    def steps(self) -> int:
+        return self._s.steps
+
+    def observe(self, values) -> None:
+        """Records one step's monitored values (K floats, or a tensor of K values; a tensor on a
+        GPU is read back, which synchronizes)."""
+        if isinstance(values, torch.Tensor):
+            values = values.detach().double().cpu().tolist()
+        self._s.observe([float(v) for v in values])
+
+    def weights(self):
+        """The current weights, K floats."""
+        return self._s.weights()
+
+    def tensor(self) -> torch.Tensor:
+        """The current weights as a CPU float32 tensor, as ``lambda_`` takes them."""
+        return torch.tensor(self._s.weights(), dtype=torch.float32)
+
+    def state_dict(self) -> dict:
+        return {"recap_scheduler": json.loads(self._s.to_json())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._s = _native.RecapScheduler.from_json(json.dumps(state["recap_scheduler"]))

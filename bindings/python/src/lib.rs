@@ -1,0 +1,1053 @@
+//! `recap_kernels._native`: the Python extension of recap-kernels.
+//!
+//! Each function takes PyTorch tensors (read through their `data_ptr`, `shape`, `stride`, `dtype`
+//! and `device`, without linking libtorch), checks them (dtype, device, contiguity; the error names
+//! the argument) and calls the crate's pointer-level layer [`recap_kernels::raw`]: CPU tensors run
+//! the f64 CPU reference, CUDA tensors the kernels on PyTorch's current stream of their device.
+//! Outputs are tensors the caller allocated (the Python package's `torch.library` custom ops do,
+//! with the same shapes as their fake implementations); loss and statistics are written into them
+//! on the tensors' device. Options arrive as the JSON form of [`GrpoConfig`]: one definition, in
+//! Rust. The GIL is released while an op runs.
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::PyAny;
+use recap_kernels::advantages::{AdvantageConfig, AdvantageMode};
+use recap_kernels::cuda::FusedLinearConfig;
+use recap_kernels::raw::{self, In, Out, Place, RawGroups};
+use recap_kernels::{
+    Advantages, GrpoConfig, GrpoInputs, KlEstimator, Logits, LogitsLossInputs,
+    LogprobConfig, Mask, Normalizers, Orientation, RecapConfig, RecapScheduler, ReduceInputs,
+};
+
+pyo3::create_exception!(
+    _native,
+    RecapError,
+    PyRuntimeError,
+    "A failed recap-kernels call: a bad argument (the message names it and the expected shape), \
+     non-finite inputs, or a CUDA error."
+);
+
+fn err(e: recap_kernels::Error) -> PyErr {
+    RecapError::new_err(e.to_string())
+}
+
+fn arg_err(arg: &str, msg: impl std::fmt::Display) -> PyErr {
+    RecapError::new_err(format!("invalid argument `{arg}`: {msg}"))
+}
+
+/// The tensor dtypes the ops take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DType {
+    F32,
+    F16,
+    BF16,
+    F64,
+    U8,
+    Bool,
+    I32,
+    I64,
+    Other,
+}
+
+impl DType {
+    fn parse(s: &str) -> DType {
+        match s {
+            "torch.float32" => DType::F32,
+            "torch.float16" => DType::F16,
+            "torch.bfloat16" => DType::BF16,
+            "torch.float64" => DType::F64,
+            "torch.uint8" => DType::U8,
+            "torch.bool" => DType::Bool,
+            "torch.int32" => DType::I32,
+            "torch.int64" => DType::I64,
+            _ => DType::Other,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "torch.float32",
+            DType::F16 => "torch.float16",
+            DType::BF16 => "torch.bfloat16",
+            DType::F64 => "torch.float64",
+            DType::U8 => "torch.uint8",
+            DType::Bool => "torch.bool",
+            DType::I32 => "torch.int32",
+            DType::I64 => "torch.int64",
+            DType::Other => "another dtype",
+        }
+    }
+}
+
+/// Where a tensor lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// What the ops need to know of a `torch.Tensor`.
+struct Tensor {
+    name: &'static str,
+    addr: usize,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    dtype: DType,
+    device: Device,
+    contiguous: bool,
+}
+
+impl Tensor {
+    fn of(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+        if !obj.hasattr("data_ptr")? || !obj.hasattr("dtype")? {
+            return Err(arg_err(
+                name,
+                format!(
+                    "expected a torch.Tensor, got {}",
+                    obj.get_type().name()?.to_string()
+                ),
+            ));
+        }
+        let dev = obj.getattr("device")?;
+        let kind: String = dev.getattr("type")?.extract()?;
+        let device = match kind.as_str() {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda(dev.getattr("index")?.extract::<Option<usize>>()?.unwrap_or(0)),
+            other => {
+                return Err(arg_err(
+                    name,
+                    format!("expected a CPU or CUDA tensor, got one on {other}"),
+                ))
+            }
+        };
+        let dtype = DType::parse(&obj.getattr("dtype")?.str()?.to_string());
+        let shape: Vec<usize> = obj.getattr("shape")?.extract()?;
+        let strides: Vec<usize> = obj
+            .call_method0("stride")?
+            .extract::<Vec<i64>>()?
+            .into_iter()
+            .map(|s| s.max(0) as usize)
+            .collect();
+        Ok(Tensor {
+            name,
+            addr: obj.call_method0("data_ptr")?.extract()?,
+            contiguous: obj.call_method0("is_contiguous")?.extract()?,
+            shape,
+            strides,
+            dtype,
+            device,
+        })
+    }
+
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn shape_str(&self) -> String {
+        format!("{:?}", self.shape)
+    }
+
+    fn want(&self, dtypes: &[DType]) -> PyResult<DType> {
+        if !dtypes.contains(&self.dtype) {
+            let names: Vec<&str> = dtypes.iter().map(|d| d.name()).collect();
+            return Err(arg_err(
+                self.name,
+                format!(
+                    "expected dtype {}, got {}",
+                    names.join(" or "),
+                    self.dtype.name()
+                ),
+            ));
+        }
+        if !self.contiguous {
+            return Err(arg_err(
+                self.name,
+                format!(
+                    "expected a contiguous tensor, got shape {} with strides {:?} (call .contiguous())",
+                    self.shape_str(),
+                    self.strides
+                ),
+            ));
+        }
+        Ok(self.dtype)
+    }
+
+    /// The elements as a raw array.
+    fn arr<T>(&self) -> In<T> {
+        // SAFETY: the tensor is alive for the call (the caller holds it); `numel` elements of its
+        // dtype (checked by `want`, contiguous) start at `data_ptr` in its device's memory.
+        unsafe { In::new(self.addr, self.numel()) }
+    }
+
+    fn out<T>(&self) -> Out<T> {
+        // SAFETY: as `arr`; outputs are fresh tensors of the calling op, written by this call only.
+        unsafe { Out::new(self.addr, self.numel()) }
+    }
+}
+
+/// One op call: where its tensors live (the device of its first tensor, which every per-token
+/// tensor must share) and the stream it runs on.
+struct Call {
+    device: Device,
+    place: Place,
+    first: &'static str,
+}
+
+impl Call {
+    fn new(py: Python<'_>, first: &Tensor) -> PyResult<Call> {
+        let place = match first.device {
+            Device::Cpu => Place::Host,
+            Device::Cuda(i) => {
+                let stream: usize = py
+                    .import("torch.cuda")?
+                    .call_method1("current_stream", (i,))?
+                    .getattr("cuda_stream")?
+                    .extract()?;
+                Place::Cuda { device: i, stream }
+            }
+        };
+        Ok(Call {
+            device: first.device,
+            place,
+            first: first.name,
+        })
+    }
+
+    fn tensor(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+        let t = Tensor::of(name, obj)?;
+        if t.device != self.device {
+            return Err(arg_err(
+                name,
+                format!(
+                    "expected a tensor on {} like `{}`, got one on {}",
+                    self.device, self.first, t.device
+                ),
+            ));
+        }
+        Ok(t)
+    }
+
+    fn f32(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<In<f32>> {
+        let t = self.tensor(name, obj)?;
+        t.want(&[DType::F32])?;
+        Ok(t.arr())
+    }
+
+    fn opt_f32(
+        &self,
+        name: &'static str,
+        obj: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<In<f32>>> {
+        obj.map(|o| self.f32(name, o)).transpose()
+    }
+
+    fn i32(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<In<i32>> {
+        let t = self.tensor(name, obj)?;
+        t.want(&[DType::I32])?;
+        Ok(t.arr())
+    }
+
+    fn out_f32(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Out<f32>> {
+        let t = self.tensor(name, obj)?;
+        t.want(&[DType::F32])?;
+        Ok(t.out())
+    }
+
+    fn out_f64(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Out<f64>> {
+        let t = self.tensor(name, obj)?;
+        t.want(&[DType::F64])?;
+        Ok(t.out())
+    }
+
+    /// A `[T]` mask: float32 weights, or uint8 / bool flags.
+    fn mask(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Mask<In<f32>, In<u8>>> {
+        let t = self.tensor(name, obj)?;
+        Ok(match t.want(&[DType::F32, DType::U8, DType::Bool])? {
+            DType::F32 => Mask::F32(t.arr()),
+            _ => Mask::U8(t.arr()), // torch.bool is one byte, 0 or 1
+        })
+    }
+
+    /// A small array the op reads on the host: a CPU tensor, or (for the normalizers) one on this
+    /// call's device, read back with a synchronization.
+    fn host_f64(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
+        let t = Tensor::of(name, obj)?;
+        let place = if t.device == Device::Cpu {
+            Place::Host
+        } else if t.device == self.device {
+            self.place
+        } else {
+            return Err(arg_err(
+                name,
+                format!("expected a CPU tensor or one on {}, got one on {}", self.device, t.device),
+            ));
+        };
+        match t.want(&[DType::F64, DType::F32])? {
+            DType::F64 => raw::read::<f64>(place, name, t.arr()).map_err(err),
+            _ => Ok(raw::read::<f32>(place, name, t.arr())
+                .map_err(err)?
+                .into_iter()
+                .map(f64::from)
+                .collect()),
+        }
+    }
+
+    /// Writes an op's scalar results into its output tensors.
+    fn write<T: raw::Element>(&self, name: &'static str, out: Out<T>, v: &[T]) -> PyResult<()> {
+        raw::write(self.place, name, out, v).map_err(err)
+    }
+}
+
+/// A CPU tensor of small host values (`cu_seqlens`, `lambda_`, `membership`).
+fn host_tensor(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    let t = Tensor::of(name, obj)?;
+    if t.device != Device::Cpu {
+        return Err(arg_err(
+            name,
+            format!(
+                "expected a CPU tensor (it is read on the host before any launch; reading it from \
+                 {} would synchronize), got one on {}",
+                t.device, t.device
+            ),
+        ));
+    }
+    Ok(t)
+}
+
+fn host_i64(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<i64>> {
+    let t = host_tensor(name, obj)?;
+    Ok(match t.want(&[DType::I32, DType::I64])? {
+        DType::I32 => raw::read::<i32>(Place::Host, name, t.arr())
+            .map_err(err)?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        _ => raw::read::<i64>(Place::Host, name, t.arr()).map_err(err)?,
+    })
+}
+
+fn host_i32(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
+    host_i64(name, obj)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            i32::try_from(v).map_err(|_| arg_err(name, format!("{name}[{i}] = {v} exceeds the int32 range")))
+        })
+        .collect()
+}
+
+fn host_u32(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    host_i64(name, obj)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            u32::try_from(v).map_err(|_| {
+                arg_err(name, format!("{name}[{i}] = {v} is not a bit mask of objectives"))
+            })
+        })
+        .collect()
+}
+
+fn host_f32(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
+    let t = host_tensor(name, obj)?;
+    t.want(&[DType::F32])?;
+    raw::read::<f32>(Place::Host, name, t.arr()).map_err(err)
+}
+
+/// The batch layout every loss takes: `cu_seqlens`, `lambda_`, `membership`, objectives and the
+/// global normalizers, read on the host.
+struct Layout {
+    cu: Vec<i32>,
+    lambda: Vec<f32>,
+    kinds: Vec<recap_kernels::ObjectiveKind>,
+    membership: Option<Vec<u32>>,
+    normalizers: Option<Normalizers>,
+}
+
+impl Layout {
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        call: &Call,
+        cu_seqlens: &Bound<'_, PyAny>,
+        lambda_: &Bound<'_, PyAny>,
+        objectives: &[i32],
+        membership: Option<&Bound<'_, PyAny>>,
+        normalizers: Option<&Bound<'_, PyAny>>,
+        seq_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Layout> {
+        let cu = host_i32("cu_seqlens", cu_seqlens)?;
+        let lambda = host_f32("lambda_", lambda_)?;
+        let kinds = raw::objective_kinds(objectives).map_err(err)?;
+        let membership = membership.map(|m| host_u32("membership", m)).transpose()?;
+        let k = lambda.len();
+        let normalizers = match normalizers {
+            None => {
+                if seq_tokens.is_some() {
+                    return Err(arg_err("seq_tokens", "given without normalizers"));
+                }
+                None
+            }
+            Some(n) => {
+                let v = call.host_f64("normalizers", n)?;
+                if v.len() != 2 * (k + 1) {
+                    return Err(arg_err(
+                        "normalizers",
+                        format!(
+                            "expected [2, K + 1] = [2, {}] (token weights, then sequence counts; the \
+                             KL slot last), got {} elements",
+                            k + 1,
+                            v.len()
+                        ),
+                    ));
+                }
+                Some(Normalizers {
+                    tokens: v[..=k].to_vec(),
+                    seqs: v[k + 1..].to_vec(),
+                    seq_tokens: seq_tokens.map(|s| call.host_f64("seq_tokens", s)).transpose()?,
+                })
+            }
+        };
+        Ok(Layout {
+            cu,
+            lambda,
+            kinds,
+            membership,
+            normalizers,
+        })
+    }
+}
+
+fn advantages(call: &Call, obj: &Bound<'_, PyAny>, per_token: bool) -> PyResult<Advantages<In<f32>>> {
+    let a = call.f32("advantages", obj)?;
+    Ok(if per_token {
+        Advantages::PerToken(a)
+    } else {
+        Advantages::PerSequence(a)
+    })
+}
+
+fn config(json: &str) -> PyResult<GrpoConfig> {
+    GrpoConfig::from_json(json).map_err(err)
+}
+
+/// The validated, canonical JSON form of a loss configuration given as JSON (absent fields take
+/// verl's defaults; an unknown field or a value out of range is a RecapError naming it).
+#[pyfunction]
+fn grpo_config(json: &str) -> PyResult<String> {
+    Ok(config(json)?.to_json())
+}
+
+/// The fields of the fused loss's statistics vector for `k` objectives: `(name, offset, length,
+/// per_objective)`.
+#[pyfunction]
+fn grpo_stat_layout(k: usize) -> Vec<(&'static str, usize, usize, bool)> {
+    recap_kernels::grpo_stat_layout(k)
+        .into_iter()
+        .map(|f| (f.name, f.offset, f.len, f.per_objective))
+        .collect()
+}
+
+/// The same for the loss from logits (the fused loss's fields, then the entropy statistics).
+#[pyfunction]
+fn logits_stat_layout(k: usize) -> Vec<(&'static str, usize, usize, bool)> {
+    recap_kernels::logits_stat_layout(k)
+        .into_iter()
+        .map(|f| (f.name, f.offset, f.len, f.per_objective))
+        .collect()
+}
+
+/// The fused GRPO loss: `grad` [T] gets dL/dlogp, `loss` (0-dim float32) the loss, `stats`
+/// [grpo_stat_layout] the statistics.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logp, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership,
+                    ref_logp, rollout_logp, policy_weight, normalizers, seq_tokens, adv_per_token,
+                    config_json, grad, loss, stats))]
+fn grpo_loss(
+    py: Python<'_>,
+    logp: &Bound<'_, PyAny>,
+    old_logp: &Bound<'_, PyAny>,
+    advantages: &Bound<'_, PyAny>,
+    mask: &Bound<'_, PyAny>,
+    cu_seqlens: &Bound<'_, PyAny>,
+    lambda_: &Bound<'_, PyAny>,
+    objectives: Vec<i32>,
+    membership: Option<&Bound<'_, PyAny>>,
+    ref_logp: Option<&Bound<'_, PyAny>>,
+    rollout_logp: Option<&Bound<'_, PyAny>>,
+    policy_weight: Option<&Bound<'_, PyAny>>,
+    normalizers: Option<&Bound<'_, PyAny>>,
+    seq_tokens: Option<&Bound<'_, PyAny>>,
+    adv_per_token: bool,
+    config_json: &str,
+    grad: &Bound<'_, PyAny>,
+    loss: &Bound<'_, PyAny>,
+    stats: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("logp", logp)?;
+    let call = Call::new(py, &first)?;
+    let cfg = config(config_json)?;
+    let lay = Layout::read(&call, cu_seqlens, lambda_, &objectives, membership, normalizers, seq_tokens)?;
+    let inputs = GrpoInputs {
+        logp: call.f32("logp", logp)?,
+        old_logp: call.f32("old_logp", old_logp)?,
+        ref_logp: call.opt_f32("ref_logp", ref_logp)?,
+        rollout_logp: call.opt_f32("rollout_logp", rollout_logp)?,
+        policy_weight: call.opt_f32("policy_weight", policy_weight)?,
+        advantages: self::advantages(&call, advantages, adv_per_token)?,
+        mask: call.mask("mask", mask)?,
+        cu_seqlens: &lay.cu,
+        lambda: &lay.lambda,
+        objectives: &lay.kinds,
+        membership: lay.membership.as_deref(),
+        normalizers: lay.normalizers.as_ref(),
+    };
+    let (g, l, s) = (
+        call.out_f32("grad", grad)?,
+        call.out_f32("loss", loss)?,
+        call.out_f64("stats", stats)?,
+    );
+    let out = py
+        .detach(|| raw::grpo_loss(call.place, &inputs, &cfg, g))
+        .map_err(err)?;
+    call.write("loss", l, &[out.loss as f32])?;
+    call.write("stats", s, &out.stats())
+}
+
+/// Per-token KL value and d kl / d logp into `kl` and `grad` ([T] each).
+#[pyfunction]
+#[pyo3(signature = (logp, ref_logp, mask, estimator, kl, grad))]
+fn kl(
+    py: Python<'_>,
+    logp: &Bound<'_, PyAny>,
+    ref_logp: &Bound<'_, PyAny>,
+    mask: Option<&Bound<'_, PyAny>>,
+    estimator: &str,
+    kl: &Bound<'_, PyAny>,
+    grad: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("logp", logp)?;
+    let call = Call::new(py, &first)?;
+    let est: KlEstimator = estimator.parse().map_err(err)?;
+    let (lp, rf) = (call.f32("logp", logp)?, call.f32("ref_logp", ref_logp)?);
+    let m = mask.map(|m| call.mask("mask", m)).transpose()?;
+    let (k, g) = (call.out_f32("kl", kl)?, call.out_f32("grad", grad)?);
+    py.detach(|| raw::kl(call.place, lp, rf, m, est, k, g))
+        .map_err(err)
+}
+
+/// The per-objective weighted reduction of `losses` [T, K]: `grad` [T, K], `total` (0-dim
+/// float32) and `stats` ([3K]: each objective's aggregate, token weight and sequence count).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (losses, mask, cu_seqlens, lambda_, membership, normalizers, seq_tokens,
+                    config_json, grad, total, stats))]
+fn weighted_reduce(
+    py: Python<'_>,
+    losses: &Bound<'_, PyAny>,
+    mask: &Bound<'_, PyAny>,
+    cu_seqlens: &Bound<'_, PyAny>,
+    lambda_: &Bound<'_, PyAny>,
+    membership: Option<&Bound<'_, PyAny>>,
+    normalizers: Option<&Bound<'_, PyAny>>,
+    seq_tokens: Option<&Bound<'_, PyAny>>,
+    config_json: &str,
+    grad: &Bound<'_, PyAny>,
+    total: &Bound<'_, PyAny>,
+    stats: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("losses", losses)?;
+    let call = Call::new(py, &first)?;
+    let cfg = config(config_json)?;
+    let lay = Layout::read(&call, cu_seqlens, lambda_, &[], membership, normalizers, seq_tokens)?;
+    let inputs = ReduceInputs {
+        losses: call.f32("losses", losses)?,
+        mask: call.mask("mask", mask)?,
+        cu_seqlens: &lay.cu,
+        lambda: &lay.lambda,
+        membership: lay.membership.as_deref(),
+        normalizers: lay.normalizers.as_ref(),
+    };
+    let (g, t, s) = (
+        call.out_f32("grad", grad)?,
+        call.out_f32("total", total)?,
+        call.out_f64("stats", stats)?,
+    );
+    let out = py
+        .detach(|| raw::weighted_reduce(call.place, &inputs, &cfg, g))
+        .map_err(err)?;
+    call.write("total", t, &[out.total as f32])?;
+    let objective_seqs: Vec<f64> = out.objective_seqs.iter().map(|&x| x as f64).collect();
+    call.write(
+        "stats",
+        s,
+        &[&out.objective_loss[..], &out.objective_tokens[..], &objective_seqs[..]].concat(),
+    )
+}
+
+/// This batch's normalizers ([2, K + 1] float64: token weights, then sequence counts, the KL slot
+/// last) and per-sequence token weights ([B] float64), on the mask's device.
+#[pyfunction]
+#[pyo3(signature = (mask, cu_seqlens, membership, k, normalizers, seq_tokens))]
+fn count_normalizers(
+    py: Python<'_>,
+    mask: &Bound<'_, PyAny>,
+    cu_seqlens: &Bound<'_, PyAny>,
+    membership: Option<&Bound<'_, PyAny>>,
+    k: usize,
+    normalizers: &Bound<'_, PyAny>,
+    seq_tokens: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("mask", mask)?;
+    let call = Call::new(py, &first)?;
+    let cu = host_i32("cu_seqlens", cu_seqlens)?;
+    let membership = membership.map(|m| host_u32("membership", m)).transpose()?;
+    let m = call.mask("mask", mask)?;
+    let (n_out, st_out) = (
+        call.out_f64("normalizers", normalizers)?,
+        call.out_f64("seq_tokens", seq_tokens)?,
+    );
+    let n = py
+        .detach(|| raw::count_normalizers(call.place, &m, &cu, membership.as_deref(), k))
+        .map_err(err)?;
+    call.write("normalizers", n_out, &[&n.tokens[..], &n.seqs[..]].concat())?;
+    let st = n.seq_tokens.unwrap_or_default();
+    call.write("seq_tokens", st_out, &st)
+}
+
+/// A `[T, V]` logits tensor (rows may be `ld >= V` elements apart) as raw logits of element `E`.
+fn logits_layout(call: &Call, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, usize, usize, usize)> {
+    let t = call.tensor(name, obj)?;
+    if t.shape.len() != 2 {
+        return Err(arg_err(name, format!("expected [T, V] logits, got shape {}", t.shape_str())));
+    }
+    let (rows, vocab) = (t.shape[0], t.shape[1]);
+    let ld = if rows <= 1 { vocab } else { t.strides[0] };
+    if vocab > 1 && t.strides[1] != 1 || ld < vocab {
+        return Err(arg_err(
+            name,
+            format!(
+                "expected rows of contiguous elements (strides [ld >= V, 1]), got shape {} with \
+                 strides {:?} (call .contiguous())",
+                t.shape_str(),
+                t.strides
+            ),
+        ));
+    }
+    if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(arg_err(
+            name,
+            format!("expected dtype torch.float32, torch.float16 or torch.bfloat16, got {}", t.dtype.name()),
+        ));
+    }
+    Ok((t, rows, vocab, ld))
+}
+
+fn span(rows: usize, vocab: usize, ld: usize) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        (rows - 1) * ld + vocab
+    }
+}
+
+fn logits_in<E>(t: &Tensor, rows: usize, vocab: usize, ld: usize) -> Logits<In<E>> {
+    Logits {
+        // SAFETY: a live tensor whose rows of `vocab` elements start `ld` apart (checked by
+        // `logits_layout`): `span` elements of E from `data_ptr`.
+        data: unsafe { In::new(t.addr, span(rows, vocab, ld)) },
+        rows,
+        vocab,
+        ld,
+    }
+}
+
+fn logits_out<E>(t: &Tensor, rows: usize, vocab: usize, ld: usize) -> Logits<Out<E>> {
+    Logits {
+        // SAFETY: as `logits_in`; the op that writes it declares the mutation (mutates_args).
+        data: unsafe { Out::new(t.addr, span(rows, vocab, ld)) },
+        rows,
+        vocab,
+        ld,
+    }
+}
+
+/// Runs `$go!(E)` for the element type of a logits tensor.
+macro_rules! by_dtype {
+    ($t:expr, $go:ident) => {
+        match $t.dtype {
+            DType::F32 => $go!(f32),
+            DType::F16 => $go!(half::f16),
+            _ => $go!(half::bf16),
+        }
+    };
+}
+
+/// Log-probabilities, entropy and LSE ([T] float32 each) of `logits` [T, V].
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, labels, temperature, ignore_index, logp, entropy, lse))]
+fn logprob_forward(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    labels: &Bound<'_, PyAny>,
+    temperature: f32,
+    ignore_index: i32,
+    logp: &Bound<'_, PyAny>,
+    entropy: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("logits", logits)?;
+    let call = Call::new(py, &first)?;
+    let (t, rows, vocab, ld) = logits_layout(&call, "logits", logits)?;
+    let y = call.i32("labels", labels)?;
+    let (lp, h, l) = (
+        call.out_f32("logp", logp)?,
+        call.out_f32("entropy", entropy)?,
+        call.out_f32("lse", lse)?,
+    );
+    let lc = LogprobConfig {
+        temperature,
+        ignore_index,
+    };
+    macro_rules! go {
+        ($e:ty) => {{
+            let z = logits_in::<$e>(&t, rows, vocab, ld);
+            py.detach(|| raw::logprob_forward::<$e>(call.place, &z, y, &lc, lp, Some(h), l))
+        }};
+    }
+    by_dtype!(t, go).map_err(err)
+}
+
+/// The gradient of `g_logp . logp + g_entropy . entropy` with respect to `logits`, written over
+/// `logits` in place.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index))]
+fn logprob_backward_(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    labels: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    entropy: &Bound<'_, PyAny>,
+    g_logp: &Bound<'_, PyAny>,
+    g_entropy: Option<&Bound<'_, PyAny>>,
+    temperature: f32,
+    ignore_index: i32,
+) -> PyResult<()> {
+    let first = Tensor::of("logits", logits)?;
+    let call = Call::new(py, &first)?;
+    let (t, rows, vocab, ld) = logits_layout(&call, "logits", logits)?;
+    let grads = raw::LogprobGrads {
+        labels: call.i32("labels", labels)?,
+        lse: call.f32("lse", lse)?,
+        entropy: call.f32("entropy", entropy)?,
+        g_logp: call.f32("g_logp", g_logp)?,
+        g_entropy: call.opt_f32("g_entropy", g_entropy)?,
+    };
+    let lc = LogprobConfig {
+        temperature,
+        ignore_index,
+    };
+    macro_rules! go {
+        ($e:ty) => {{
+            let z = logits_out::<$e>(&t, rows, vocab, ld);
+            py.detach(|| raw::logprob_backward_inplace::<$e>(call.place, &z, &grads, &lc))
+        }};
+    }
+    by_dtype!(t, go).map_err(err)
+}
+
+/// The inputs of the losses computed from logits or from the last layer.
+#[allow(clippy::too_many_arguments)]
+fn logits_inputs<'l>(
+    call: &Call,
+    lay: &'l Layout,
+    labels: &Bound<'_, PyAny>,
+    old_logp: &Bound<'_, PyAny>,
+    advantages: &Bound<'_, PyAny>,
+    adv_per_token: bool,
+    mask: &Bound<'_, PyAny>,
+    ref_logp: Option<&Bound<'_, PyAny>>,
+    rollout_logp: Option<&Bound<'_, PyAny>>,
+) -> PyResult<LogitsLossInputs<'l, In<f32>, In<u8>, In<i32>>> {
+    Ok(LogitsLossInputs {
+        labels: call.i32("labels", labels)?,
+        old_logp: call.f32("old_logp", old_logp)?,
+        ref_logp: call.opt_f32("ref_logp", ref_logp)?,
+        rollout_logp: call.opt_f32("rollout_logp", rollout_logp)?,
+        advantages: self::advantages(call, advantages, adv_per_token)?,
+        mask: call.mask("mask", mask)?,
+        cu_seqlens: &lay.cu,
+        lambda: &lay.lambda,
+        objectives: &lay.kinds,
+        membership: lay.membership.as_deref(),
+        normalizers: lay.normalizers.as_ref(),
+    })
+}
+
+/// The GRPO loss from logits (log-probs, the fused loss with its KL term, the entropy bonus); the
+/// gradient is written over `logits` in place. `loss` (0-dim float32), `stats`
+/// [logits_stat_layout].
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, labels, old_logp, advantages, mask, cu_seqlens, lambda_, objectives,
+                    membership, ref_logp, rollout_logp, normalizers, seq_tokens, adv_per_token,
+                    config_json, temperature, ignore_index, loss, stats))]
+fn grpo_loss_from_logits_(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    labels: &Bound<'_, PyAny>,
+    old_logp: &Bound<'_, PyAny>,
+    advantages: &Bound<'_, PyAny>,
+    mask: &Bound<'_, PyAny>,
+    cu_seqlens: &Bound<'_, PyAny>,
+    lambda_: &Bound<'_, PyAny>,
+    objectives: Vec<i32>,
+    membership: Option<&Bound<'_, PyAny>>,
+    ref_logp: Option<&Bound<'_, PyAny>>,
+    rollout_logp: Option<&Bound<'_, PyAny>>,
+    normalizers: Option<&Bound<'_, PyAny>>,
+    seq_tokens: Option<&Bound<'_, PyAny>>,
+    adv_per_token: bool,
+    config_json: &str,
+    temperature: f32,
+    ignore_index: i32,
+    loss: &Bound<'_, PyAny>,
+    stats: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("logits", logits)?;
+    let call = Call::new(py, &first)?;
+    let cfg = config(config_json)?;
+    let (t, rows, vocab, ld) = logits_layout(&call, "logits", logits)?;
+    let lay = Layout::read(&call, cu_seqlens, lambda_, &objectives, membership, normalizers, seq_tokens)?;
+    let inputs = logits_inputs(
+        &call, &lay, labels, old_logp, advantages, adv_per_token, mask, ref_logp, rollout_logp,
+    )?;
+    let lc = LogprobConfig {
+        temperature,
+        ignore_index,
+    };
+    let (l, s) = (call.out_f32("loss", loss)?, call.out_f64("stats", stats)?);
+    macro_rules! go {
+        ($e:ty) => {{
+            let z = logits_out::<$e>(&t, rows, vocab, ld);
+            py.detach(|| raw::grpo_loss_from_logits::<$e>(call.place, &z, &inputs, &cfg, &lc))
+        }};
+    }
+    let out = by_dtype!(t, go).map_err(err)?;
+    call.write("loss", l, &[out.loss as f32])?;
+    call.write("stats", s, &out.stats())
+}
+
+/// The chunked fused-linear GRPO loss from `hidden` [T, H] and `weight` [V, H] (bf16):
+/// `d_hidden` [T, H] (bf16), `d_weight` [V, H] (float32), `loss`, `stats` [logits_stat_layout].
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (hidden, weight, labels, old_logp, advantages, mask, cu_seqlens, lambda_,
+                    objectives, membership, ref_logp, normalizers, adv_per_token, config_json,
+                    temperature, chunk_tokens, memory_budget, fp32_logits, d_hidden, d_weight,
+                    loss, stats))]
+fn fused_linear_grpo_loss(
+    py: Python<'_>,
+    hidden: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    labels: &Bound<'_, PyAny>,
+    old_logp: &Bound<'_, PyAny>,
+    advantages: &Bound<'_, PyAny>,
+    mask: &Bound<'_, PyAny>,
+    cu_seqlens: &Bound<'_, PyAny>,
+    lambda_: &Bound<'_, PyAny>,
+    objectives: Vec<i32>,
+    membership: Option<&Bound<'_, PyAny>>,
+    ref_logp: Option<&Bound<'_, PyAny>>,
+    normalizers: Option<&Bound<'_, PyAny>>,
+    adv_per_token: bool,
+    config_json: &str,
+    temperature: f32,
+    chunk_tokens: Option<usize>,
+    memory_budget: usize,
+    fp32_logits: bool,
+    d_hidden: &Bound<'_, PyAny>,
+    d_weight: &Bound<'_, PyAny>,
+    loss: &Bound<'_, PyAny>,
+    stats: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("hidden", hidden)?;
+    let call = Call::new(py, &first)?;
+    let cfg = config(config_json)?;
+    let (x, w) = (call.tensor("hidden", hidden)?, call.tensor("weight", weight)?);
+    x.want(&[DType::BF16])?;
+    w.want(&[DType::BF16])?;
+    if x.shape.len() != 2 || w.shape.len() != 2 || x.shape[1] != w.shape[1] {
+        return Err(arg_err(
+            "weight",
+            format!(
+                "expected hidden [T, H] and weight [V, H], got {} and {}",
+                x.shape_str(),
+                w.shape_str()
+            ),
+        ));
+    }
+    let dh = call.tensor("d_hidden", d_hidden)?;
+    dh.want(&[DType::BF16])?;
+    let lay = Layout::read(&call, cu_seqlens, lambda_, &objectives, membership, normalizers, None)?;
+    let inputs = logits_inputs(&call, &lay, labels, old_logp, advantages, adv_per_token, mask, ref_logp, None)?;
+    let head = raw::RawHead {
+        hidden: x.arr(),
+        weight: w.arr(),
+        hidden_size: x.shape[1],
+    };
+    let lc = LogprobConfig {
+        temperature,
+        ..LogprobConfig::default()
+    };
+    let opts = FusedLinearConfig {
+        chunk_tokens,
+        memory_budget,
+        fp32_logits,
+    };
+    let (dw, l, s) = (
+        call.out_f32("d_weight", d_weight)?,
+        call.out_f32("loss", loss)?,
+        call.out_f64("stats", stats)?,
+    );
+    let dho = dh.out();
+    let out = py
+        .detach(|| {
+            raw::fused_linear_grpo_loss(call.place, &head, &inputs, &cfg, &lc, &opts, dho, dw)
+        })
+        .map_err(err)?;
+    call.write("loss", l, &[out.loss as f32])?;
+    call.write("stats", s, &out.stats())
+}
+
+/// Group advantages of `rewards` [B, K] into `out` [B, K]: groups of `group_size` consecutive
+/// rollouts, or `group_ids` [B] (any ids on the CPU; dense ids in [0, num_groups) on a GPU); one
+/// mode per objective (grpo, dr_grpo, rloo, batch).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (rewards, group_ids, group_size, num_groups, modes, eps, out))]
+fn group_advantages(
+    py: Python<'_>,
+    rewards: &Bound<'_, PyAny>,
+    group_ids: Option<&Bound<'_, PyAny>>,
+    group_size: usize,
+    num_groups: usize,
+    modes: Vec<String>,
+    eps: f64,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("rewards", rewards)?;
+    let call = Call::new(py, &first)?;
+    let modes = modes
+        .iter()
+        .map(|m| m.parse::<AdvantageMode>())
+        .collect::<recap_kernels::Result<Vec<_>>>()
+        .map_err(err)?;
+    let r = call.f32("rewards", rewards)?;
+    let groups = match group_ids {
+        Some(g) => RawGroups::Ids {
+            ids: call.i32("group_ids", g)?,
+            num_groups,
+        },
+        None => RawGroups::Consecutive(group_size),
+    };
+    let o = call.out_f32("out", out)?;
+    let cfg = AdvantageConfig {
+        modes,
+        eps,
+        lead: None,
+    };
+    py.detach(|| raw::group_advantages(call.place, r, groups, None, &cfg, o))
+        .map_err(err)
+}
+
+/// RECAP's dynamic objective weights (the crate's `RecapScheduler`): `observe` one monitored value
+/// per objective and step, `weights` gives the K objective weights.
+#[pyclass(name = "RecapScheduler", module = "recap_kernels._native")]
+struct PyRecapScheduler(RecapScheduler);
+
+#[pymethods]
+impl PyRecapScheduler {
+    /// `orientations`: "reward" (higher is better) or "loss" per objective; `config_json`: the
+    /// scheduler options as JSON (absent fields take the paper's defaults).
+    #[new]
+    #[pyo3(signature = (orientations, config_json="{}"))]
+    fn new(orientations: Vec<String>, config_json: &str) -> PyResult<Self> {
+        let o = orientations
+            .iter()
+            .map(|x| x.parse::<Orientation>())
+            .collect::<recap_kernels::Result<Vec<_>>>()
+            .map_err(err)?;
+        let cfg: RecapConfig = serde_json::from_str(config_json)
+            .map_err(|e| arg_err("config", e))?;
+        Ok(PyRecapScheduler(RecapScheduler::new(&o, cfg).map_err(err)?))
+    }
+
+    /// Records one step's monitored values (K floats).
+    fn observe(&mut self, values: Vec<f64>) -> PyResult<()> {
+        self.0.observe(&values).map_err(err)
+    }
+
+    /// The current K weights.
+    fn weights(&self) -> Vec<f32> {
+        self.0.weights()
+    }
+
+    /// The number of objectives.
+    #[getter]
+    fn num_objectives(&self) -> usize {
+        self.0.num_objectives()
+    }
+
+    /// The number of observed steps.
+    #[getter]
+    fn steps(&self) -> u64 {
+        self.0.steps()
+    }
+
+    /// The whole state as JSON (a checkpoint).
+    fn to_json(&self) -> PyResult<String> {
+        self.0.to_json().map_err(err)
+    }
+
+    /// A scheduler restored from `to_json`'s output.
+    #[staticmethod]
+    fn from_json(json: &str) -> PyResult<Self> {
+        Ok(PyRecapScheduler(RecapScheduler::from_json(json).map_err(err)?))
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("KERNELS_COMPILED", recap_kernels::cuda::KERNELS_COMPILED)?;
+    m.add("CUDA_ARCHS", recap_kernels::cuda::CUDA_ARCHS)?;
+    m.add("NVCC_VERSION", recap_kernels::cuda::NVCC_VERSION)?;
+    m.add("RecapError", m.py().get_type::<RecapError>())?;
+    m.add_class::<PyRecapScheduler>()?;
+    m.add_function(wrap_pyfunction!(grpo_config, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_stat_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(logits_stat_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(kl, m)?)?;
+    m.add_function(wrap_pyfunction!(weighted_reduce, m)?)?;
+    m.add_function(wrap_pyfunction!(count_normalizers, m)?)?;
+    m.add_function(wrap_pyfunction!(logprob_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(logprob_backward_, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_loss_from_logits_, m)?)?;
+    m.add_function(wrap_pyfunction!(fused_linear_grpo_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(group_advantages, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,121 @@
+"""verl's and TRL's formulas written out in PyTorch (our own code, from their definitions), the
+references the package is checked against."""
+import torch
+
+
+def masked_mean(x, m):
+    return (x * m).sum() / m.sum()
+
+
+def agg_loss(x, m, mode, num_tokens=None, num_seqs=None, dp=1, scale=None):
+    """verl's agg_loss: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    if mode == "token-mean":
+        n = m.sum() if num_tokens is None else num_tokens
+        return (x * m).sum() / n * dp
+    if mode == "seq-mean-token-sum-norm":
+        return (x * m).sum() / (m.shape[-1] if scale is None else scale)
+    n_b = m.sum(-1)
+    per = (x * m).sum(-1)
+    if mode == "seq-mean-token-mean":
+        per = per / n_b.clamp(min=1e-30)
+    elif mode != "seq-mean-token-sum":
+        raise ValueError(mode)
+    s = (n_b > 0).sum() if num_seqs is None else num_seqs
+    return (per * (n_b > 0)).sum() / s * dp
+
+
+def kl_penalty(logp, ref, kind):
+    d = logp - ref
+    if kind in ("k1", "kl"):
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind in ("k2", "mse"):
+        return 0.5 * d * d
+    if kind in ("k3", "low_var_kl", "k1+", "k3+"):
+        if kind == "k1+":
+            fwd = d
+        else:
+            x = torch.clamp(-d, -20, 20)
+            fwd = torch.clamp(torch.exp(x) - x - 1, -10, 10)
+        if kind in ("k1+", "k3+"):
+            k2 = 0.5 * d * d
+            return k2 - k2.detach() + fwd.detach()
+        return fwd
+    raise ValueError(kind)
+
+
+def ratio(logp, old):
+    return torch.exp(torch.clamp(logp - old, -20.0, 20.0))
+
+
+def verl_vanilla(old, logp, adv, m, lo=0.2, hi=0.2, c=3.0):
+    """Per-token dual-clip PPO loss and verl's metrics (pg_clipfrac, ppo_kl, pg_clipfrac_lower)."""
+    d = torch.clamp(logp - old, -20.0, 20.0)
+    r = torch.exp(d)
+    l1, l2 = -adv * r, -adv * torch.clamp(r, 1 - lo, 1 + hi)
+    cl = torch.maximum(l1, l2)
+    clipfrac = masked_mean((l2 > l1).float(), m)
+    if c is None:
+        return cl, clipfrac, masked_mean(-d, m), torch.zeros(())
+    l3 = -adv * c
+    lower = masked_mean(((cl > l3) & (adv < 0)).float(), m)
+    return torch.where(adv < 0, torch.minimum(l3, cl), cl), clipfrac, masked_mean(-d, m), lower
+
+
+def verl_gspo(old, logp, adv, m, lo, hi):
+    n = m.sum(-1).clamp(min=1)
+    seq = ((logp - old) * m).sum(-1) / n
+    log_s = torch.clamp(logp - logp.detach() + seq.detach()[:, None], max=10.0)
+    s = torch.exp(log_s)
+    l1, l2 = -adv * s, -adv * torch.clamp(s, 1 - lo, 1 + hi)
+    return torch.maximum(l1, l2)
+
+
+def sapo(old, logp, adv, m, tau_pos=1.0, tau_neg=1.05):
+    r = ratio(logp, old)
+    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+    return -torch.sigmoid(tau * (r - 1)) * 4 / tau * adv
+
+
+def cispo(old, logp, adv, m, lo, hi):
+    r = ratio(logp, old)
+    return -torch.clamp(r, 1 - lo, 1 + hi).detach() * adv * logp
+
+
+def trl_loss(logp, old, adv, mask, ref=None, *, loss_type="dapo", beta=0.0, eps=0.2, eps_high=None, delta=None,
+             level="token", weight=None, num_items=None, num_processes=1, max_len=None, gas=1, bias_kl=False,
+             tau_pos=1.0, tau_neg=1.05):
+    """TRL's GRPOTrainer._compute_loss formulas for [B, T] tensors."""
+    eps_high = eps if eps_high is None else eps_high
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    lr = logp - old
+    if level == "sequence":
+        lr = ((lr * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+    c1 = torch.exp(lr)
+    if loss_type == "cispo":
+        per = -torch.clamp(c1, max=eps_high).detach() * adv * logp
+    elif loss_type == "sapo":
+        t = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+        per = -torch.sigmoid(t * (c1 - 1)) * 4 / t * adv
+    else:
+        c2 = torch.clamp(c1, 1 - eps, 1 + eps_high)
+        if delta is not None:
+            c1 = torch.clamp(c1, max=delta)
+        per = -torch.min(c1 * adv, c2 * adv)
+    if weight is not None:
+        per = per * weight
+    if beta != 0.0:
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if bias_kl:
+            kl = kl * c1
+        per = per + beta * kl
+    per = per.expand(mask.shape) if per.shape != mask.shape else per
+    if loss_type in ("grpo", "sapo"):
+        return ((per * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / gas
+    if loss_type == "bnpo":
+        return (per * mask).sum() / mask.sum().clamp(min=1.0) / gas
+    if loss_type == "dr_grpo":
+        return (per * mask).sum() / (per.shape[0] * max_len) / gas
+    n = mask.sum() if num_items is None else torch.as_tensor(float(num_items))
+    return (per * mask).sum() / (n.clamp(min=1.0) / num_processes)

@@ -1,0 +1,255 @@
+"""The verl and TRL drop-ins against PyTorch implementations of verl's core_algos and TRL's
+GRPOTrainer._compute_loss formulas: every loss variant, aggregation mode and normalization."""
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import recap_kernels as rk
+from reference import agg_loss, cispo, kl_penalty, sapo, trl_loss, verl_gspo, verl_vanilla
+
+
+def batch(device, gen, b=6, l=21):
+    old = -torch.rand(b, l, generator=gen) * 3
+    logp = old + torch.randn(b, l, generator=gen) * 0.3
+    ref = old + torch.randn(b, l, generator=gen) * 0.2
+    adv = torch.randn(b, generator=gen)
+    mask = (torch.rand(b, l, generator=gen) > 0.25).float()
+    mask[3] = 0
+    return [x.to(device) for x in (old, logp, ref, adv, mask)]
+
+
+@dataclass
+class PolicyLossConfig:
+    loss_mode: str = "vanilla"
+
+
+@dataclass
+class ActorConfig:
+    """The fields of verl's ActorConfig the policy losses read."""
+    clip_ratio: float = 0.2
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: float = 3.0
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    global_batch_info: dict = field(default_factory=dict)
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "gspo", "sapo", "cispo"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_verl_policy_losses(device, gen, mode, agg):
+    old, logp, ref, adv, mask = batch(device, gen)
+    a = adv[:, None].expand_as(logp)  # verl passes per-token advantages
+    cfg = ActorConfig(policy_loss=PolicyLossConfig(mode))
+    x = logp.clone().requires_grad_()
+    loss, metrics = rk.verl.compute_policy_loss(old, x, a, mask, agg, cfg)
+    loss.backward()
+    y = logp.clone().requires_grad_()
+    if mode == "vanilla":
+        per, clipfrac, ppo_kl, lower = verl_vanilla(old, y, a, mask, 0.2, 0.28, 3.0)
+        close(metrics["actor/pg_clipfrac_lower"], lower)
+        close(metrics["actor/pg_clipfrac"], clipfrac)
+    elif mode == "gspo":
+        per = verl_gspo(old, y, a, mask, 0.2, 0.28)
+    elif mode == "sapo":
+        per = sapo(old, y, a, mask)
+    else:
+        per = cispo(old, y, a, mask, 0.2, 0.28)
+    want = agg_loss(per, mask, "seq-mean-token-mean" if mode in ("gspo", "sapo") else agg)
+    want.backward()
+    close(loss, want)
+    close(x.grad, y.grad, atol=1e-7)
+    assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+    assert all(v.dim() == 0 and v.device == device for v in metrics.values())
+    close(metrics["actor/ppo_kl"], ((old - logp) * mask).sum() / mask.sum())
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_verl_global_batch_info(device, gen, agg):
+    """global_batch_info (dp_size, batch_num_tokens, global_batch_size) as verl's agg_loss uses it,
+    from a dict config, with rollout IS weights."""
+    old, logp, ref, adv, mask = batch(device, gen)
+    w = torch.rand(logp.shape, generator=gen).to(device) + 0.5
+    info = {"dp_size": 4, "batch_num_tokens": 321, "global_batch_size": 17}
+    cfg = {"clip_ratio": 0.2, "clip_ratio_low": None, "clip_ratio_high": 0.3, "global_batch_info": info}
+    x = logp.clone().requires_grad_()
+    loss, _ = rk.verl.compute_policy_loss_vanilla(old, x, adv[:, None].expand_as(x), mask, agg, cfg,
+                                                  rollout_is_weights=w)
+    loss.backward()
+    y = logp.clone().requires_grad_()
+    per = verl_vanilla(old, y, adv[:, None].expand_as(y), mask, 0.2, 0.3, 3.0)[0] * w
+    want = agg_loss(per, mask, agg, num_tokens=321, num_seqs=17, dp=4)
+    want.backward()
+    close(loss, want)
+    close(x.grad, y.grad, atol=1e-7)
+
+
+def test_verl_agg_loss_and_kl_penalty(device, gen):
+    old, logp, ref, adv, mask = batch(device, gen)
+    x = torch.randn(logp.shape, generator=gen).to(device).requires_grad_()
+    for mode in ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]:
+        got = rk.verl.agg_loss(x, mask, mode, dp_size=2, batch_num_tokens=50, global_batch_size=9,
+                               loss_scale_factor=40)
+        close(got, agg_loss(x, mask, mode, num_tokens=50, num_seqs=9, dp=2, scale=40))
+    for kind in ["kl", "abs", "mse", "low_var_kl", "k3+"]:
+        close(rk.verl.kl_penalty(logp, ref, kind), kl_penalty(logp, ref, kind))
+
+
+def test_verl_register_adds_our_losses_to_the_registry(monkeypatch, gen):
+    """register() against a stand-in of verl.trainer.ppo.core_algos (verl itself when installed)."""
+    try:
+        from verl.trainer.ppo import core_algos  # noqa: F401
+        real = True
+    except ImportError:
+        real = False
+        registry = {}
+        core = types.ModuleType("verl.trainer.ppo.core_algos")
+        core.POLICY_LOSS_REGISTRY = registry
+
+        def register_policy_loss(name):
+            def deco(fn):
+                registry[name] = fn
+                return fn
+            return deco
+
+        core.register_policy_loss = register_policy_loss
+        core.get_policy_loss_fn = lambda name: registry[name]
+        for name in ["verl", "verl.trainer", "verl.trainer.ppo"]:
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", core)
+        sys.modules["verl.trainer.ppo"].core_algos = core
+    from verl.trainer.ppo import core_algos
+
+    names = rk.verl.register()
+    assert names == ["recap_vanilla", "recap_gspo", "recap_sapo", "recap_cispo"]
+    assert rk.verl.register() == names  # idempotent
+    fn = core_algos.get_policy_loss_fn("recap_vanilla")
+    old, logp, ref, adv, mask = batch(torch.device("cpu"), gen)
+    loss, metrics = fn(old, logp, adv[:, None].expand_as(logp), mask, "token-mean", ActorConfig())
+    close(loss, agg_loss(verl_vanilla(old, logp, adv[:, None].expand_as(logp), mask, 0.2, 0.28)[0], mask,
+                         "token-mean"))
+    assert real or "actor/pg_clipfrac" in metrics
+
+
+TRL_CASES = [
+    dict(loss_type="dapo", num_items=230, num_processes=2),
+    dict(loss_type="dapo", beta=0.04, eps_high=0.28),
+    dict(loss_type="grpo", gas=4),
+    dict(loss_type="grpo", beta=0.1, bias_kl=True),
+    dict(loss_type="bnpo", delta=1.5, gas=2),
+    dict(loss_type="dr_grpo", max_len=30),
+    dict(loss_type="cispo", eps_high=5.0, num_items=230),
+    dict(loss_type="sapo", tau_pos=1.0, tau_neg=1.05),
+    dict(loss_type="dapo", level="sequence"),
+    dict(loss_type="grpo", level="sequence", eps=3e-4, eps_high=4e-4),
+]
+
+
+@pytest.mark.parametrize("case", TRL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_trl_loss_types(device, gen, case):
+    old, logp, ref, adv, mask = batch(device, gen)
+    logp = old + torch.randn(logp.shape, generator=gen).to(device) * 0.05  # KL well inside the k3 clamps
+    w = (torch.rand(logp.shape, generator=gen) > 0.3).float().to(device)  # an entropy mask
+    kw = dict(loss_type=case["loss_type"], beta=case.get("beta", 0.0), epsilon=case.get("eps", 0.2),
+              epsilon_high=case.get("eps_high"), delta=case.get("delta"),
+              importance_sampling_level=case.get("level", "token"), use_bias_correction_kl=case.get("bias_kl", False),
+              sapo_temperature_pos=case.get("tau_pos", 1.0), sapo_temperature_neg=case.get("tau_neg", 1.05),
+              num_items_in_batch=case.get("num_items"), num_processes=case.get("num_processes", 1),
+              max_completion_length=case.get("max_len"), gradient_accumulation_steps=case.get("gas", 1))
+    x = logp.clone().requires_grad_()
+    entropy_mask = None if case.get("level") == "sequence" else w.bool()
+    loss, metrics = rk.trl.grpo_loss(x, old, adv, mask, ref, entropy_mask=entropy_mask, **kw)
+    loss.backward()
+    y = logp.clone().requires_grad_()
+    want = trl_loss(y, old, adv, mask, ref, loss_type=kw["loss_type"], beta=kw["beta"], eps=kw["epsilon"],
+                    eps_high=kw["epsilon_high"], delta=kw["delta"], level=kw["importance_sampling_level"],
+                    weight=None if entropy_mask is None else w, num_items=kw["num_items_in_batch"],
+                    num_processes=kw["num_processes"], max_len=kw["max_completion_length"],
+                    gas=kw["gradient_accumulation_steps"], bias_kl=kw["use_bias_correction_kl"],
+                    tau_pos=kw["sapo_temperature_pos"], tau_neg=kw["sapo_temperature_neg"])
+    want.backward()
+    close(loss, want)
+    close(x.grad, y.grad, atol=1e-7)
+    assert metrics["clip_ratio/region_mean"].dim() == 0 and metrics["policy_loss"].device == device
+
+
+def test_trl_top_entropy_quantile(gen):
+    b, t = 4, 10
+    ent = torch.rand(b, t, generator=gen)
+    mask = (torch.rand(b, t, generator=gen) > 0.2).float()
+    m = rk.trl.high_entropy_mask(ent, mask, 0.3)
+    kept = ent[m]
+    assert m.sum() >= 1 and (kept >= torch.quantile(ent[mask.bool()], 0.7)).all()
+    assert not m[mask == 0].any()
+
+
+class _Accelerator:
+    num_processes = 1
+
+    @staticmethod
+    def gather(x):
+        return x.reshape(-1)
+
+
+class _StandInTrainer:
+    """The parts of trl.GRPOTrainer that RecapGRPOMixin uses (TRL is not a test dependency)."""
+
+    def __init__(self, logits):
+        self.args = types.SimpleNamespace(delta=None, use_bias_correction_kl=False)
+        self.model = types.SimpleNamespace(training=True)
+        self.accelerator = _Accelerator()
+        self.loss_type, self.beta, self.epsilon_low, self.epsilon_high = "dapo", 0.04, 0.2, 0.28
+        self.importance_sampling_level, self.top_entropy_quantile, self.max_completion_length = "token", 1.0, 8
+        self.current_gradient_accumulation_steps = 1
+        self._metrics = {"train": __import__("collections").defaultdict(list)}
+        self.logits = logits
+        self.logged = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           compute_entropy=True, **kw):
+        ls = torch.log_softmax(self.logits, -1)
+        ids = input_ids[:, -logits_to_keep:]
+        return ls.gather(-1, ids[..., None]).squeeze(-1), -(ls.exp() * ls).sum(-1), None
+
+    def log(self, logs, start_time=None):
+        self.logged = {k: sum(v) / len(v) for k, v in self._metrics["train"].items()}
+
+
+class _Trainer(rk.trl.RecapGRPOMixin, _StandInTrainer):
+    pass
+
+
+def test_trl_mixin_with_a_stand_in_trainer(gen):
+    b, p, t, v = 3, 2, 8, 11
+    logits = torch.randn(b, t, v, generator=gen, requires_grad=True)
+    completion = torch.randint(0, v, (b, t), generator=gen)
+    mask = torch.ones(b, t)
+    mask[1, 5:] = 0
+    inputs = {"prompt_ids": torch.zeros(b, p, dtype=torch.long), "prompt_mask": torch.ones(b, p),
+              "completion_ids": completion, "completion_mask": mask, "advantages": torch.randn(b, generator=gen),
+              "ref_per_token_logps": -torch.rand(b, t, generator=gen) - 2, "num_items_in_batch": mask.sum()}
+    trainer = _Trainer(logits)
+    loss = trainer._compute_loss(None, inputs)
+    loss.backward()
+    y = logits.detach().clone().requires_grad_()
+    lp = torch.log_softmax(y, -1).gather(-1, completion[..., None]).squeeze(-1)
+    want = trl_loss(lp, lp.detach(), inputs["advantages"], mask, inputs["ref_per_token_logps"], beta=0.04,
+                    eps_high=0.28, num_items=mask.sum())
+    want.backward()
+    close(loss, want, rtol=1e-4, atol=1e-5)
+    close(logits.grad, y.grad, rtol=1e-4, atol=1e-6)
+    assert all(isinstance(v[0], torch.Tensor) for v in trainer._metrics["train"].values())
+    trainer.log({})
+    assert set(trainer.logged) == {"kl", "entropy", "clip_ratio/region_mean"}
+    assert all(isinstance(v, float) for v in trainer.logged.values())

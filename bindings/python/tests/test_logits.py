@@ -1,0 +1,160 @@
+"""Log-probabilities and entropy from logits against autograd through log_softmax; the in-place
+backward; the loss from logits and the fused-linear loss against their unfused PyTorch forms."""
+import pytest
+import torch
+
+import recap_kernels as rk
+from reference import agg_loss, verl_vanilla
+
+
+def torch_logprobs(logits, labels, temperature, ignore_index=-100):
+    ls = torch.log_softmax(logits.float() / temperature, -1)
+    valid = labels != ignore_index
+    lp = ls.gather(-1, labels.clamp(min=0).long()[:, None]).squeeze(-1) * valid
+    return lp, -(ls.exp() * ls).sum(-1)
+
+
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 1.0),
+                                               (torch.float16, 1.3)])
+@pytest.mark.parametrize("t", [1, 31, 33])
+def test_logprobs_match_log_softmax(device, gen, dtype, temperature, t):
+    v = 1031
+    logits = (torch.randn(t, v, generator=gen) * 3).to(dtype).to(device)
+    labels = torch.randint(0, v, (t,), generator=gen).to(device)
+    labels[t // 2] = -100
+    g_lp, g_h = torch.randn(t, generator=gen).to(device), torch.randn(t, generator=gen).to(device)
+    for inplace in (False, True):
+        z = logits.clone().requires_grad_()
+        lp, h = rk.logprobs_from_logits(z * 1, labels, temperature=temperature, inplace_backward=inplace)
+        ((lp * g_lp).sum() + (h * g_h).sum()).backward()
+        x = logits.clone().requires_grad_()
+        want_lp, want_h = torch_logprobs(x, labels, temperature)
+        ((want_lp * g_lp).sum() + (want_h * g_h).sum()).backward()
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lp, want_lp, **tol)
+        torch.testing.assert_close(h, want_h, **tol)
+        torch.testing.assert_close(z.grad.float(), x.grad.float(), **tol)
+
+
+def test_inplace_backward_writes_over_the_logits(device):
+    t, v = 8, 100
+    w = torch.randn(t, v, device=device, requires_grad=True)
+    logits = w * 2.0  # non-leaf, as an LM head's output
+    ptr = logits.data_ptr()
+    grads = {}
+    logits.register_hook(lambda g: grads.update(ptr=g.data_ptr()))
+    lp = rk.logprobs_from_logits(logits, torch.zeros(t, dtype=torch.long, device=device), entropy=False)
+    lp.sum().backward()
+    assert grads["ptr"] == ptr, "the gradient reuses the logits' storage"
+    y = w.detach().clone().requires_grad_()
+    torch.log_softmax(y * 2.0, -1)[:, 0].sum().backward()
+    torch.testing.assert_close(w.grad, y.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_inplace_backward_misuse_is_caught(device):
+    """Logits saved by another op before ours: the in-place backward would corrupt them, and
+    autograd's version counter says so."""
+    w = torch.randn(4, 50, device=device, requires_grad=True)
+    logits = w * 2.0
+    other = (logits ** 2).mean()  # saves logits for its backward
+    lp = rk.logprobs_from_logits(logits, torch.zeros(4, dtype=torch.long, device=device), entropy=False)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + other).backward()
+
+
+def test_strided_rows_and_batched_shapes(device, gen):
+    big = torch.randn(2, 5, 70, generator=gen).to(device)
+    view = big[..., :64]  # rows 70 elements apart
+    labels = torch.randint(0, 64, (2, 5), generator=gen).to(device)
+    lp, h = rk.logprobs_from_logits(view, labels)
+    want_lp, want_h = torch_logprobs(view.reshape(-1, 64), labels.reshape(-1), 1.0)
+    assert lp.shape == (2, 5)
+    torch.testing.assert_close(lp.reshape(-1), want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.reshape(-1), want_h, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_from_logits_matches_the_composition(device, gen):
+    """grpo_loss_from_logits = log-probs -> policy loss + KL - entropy bonus, in one call."""
+    b, l, v = 3, 11, 257
+    logits = torch.randn(b, l, v, generator=gen).to(device)
+    labels = torch.randint(0, v, (b, l), generator=gen).to(device)
+    labels[1, 3] = -100
+    old = torch_logprobs(logits.reshape(-1, v), labels.reshape(-1), 1.0)[0].reshape(b, l) + 0.1
+    ref = old - 0.05
+    adv = torch.randn(b, generator=gen).to(device)
+    mask = torch.ones(b, l, device=device)
+    mask[2, 7:] = 0
+    z = logits.clone().requires_grad_()
+    loss, m = rk.grpo_loss_from_logits(z, labels, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy_coef=0.01,
+                                       temperature=0.9)
+    loss.backward()
+    x = logits.clone().requires_grad_()
+    lp, h = torch_logprobs(x.reshape(-1, v), labels.reshape(-1), 0.9)
+    lp, h = lp.reshape(b, l), h.reshape(b, l)
+    valid = mask * (labels != -100)
+    pg = verl_vanilla(old, lp, adv[:, None].expand(b, l), valid)[0]
+    d = -torch.clamp(lp - ref, -20, 20)
+    k3 = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+    want = agg_loss(pg, valid, "token-mean") + 0.1 * agg_loss(k3, valid, "token-mean") - 0.01 * agg_loss(
+        h, valid, "token-mean")
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z.grad, x.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m["actor/entropy"].float(), ((h * valid).sum() / valid.sum()).detach(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_fused_linear_matches_unfused_autograd(device, gen):
+    t, h, v = 96, 32, 301
+    hidden = (torch.randn(t, h, generator=gen) * 0.1).to(torch.bfloat16).to(device)
+    weight = (torch.randn(v, h, generator=gen) * 0.1).to(torch.bfloat16).to(device)
+    labels = torch.randint(0, v, (t,), generator=gen).to(device)
+    old = (-torch.rand(t, generator=gen) * 2 - 5).to(device)
+    adv = torch.randn(3, generator=gen).to(device)
+    mask = torch.ones(t, device=device, dtype=torch.uint8)
+    cu = [0, 40, 70, 96]
+    x0, w0 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, m = rk.fused_linear_grpo_loss(x0, w0, labels, old, adv, mask, cu, chunk_tokens=32, fp32_logits=True)
+    loss.backward()
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = torch.log_softmax((x.float() @ w.float().T), -1).gather(-1, labels[:, None]).squeeze(-1)
+    seq = torch.repeat_interleave(torch.arange(3, device=device), torch.tensor([40, 30, 26], device=device))
+    pg = verl_vanilla(old, logp, adv[seq], mask.float())[0]
+    want = (pg * mask).sum() / mask.sum()
+    want.backward()
+    assert abs(loss.item() - want.item()) <= 1e-3 * abs(want.item()) + 1e-4
+    assert x0.grad.dtype == torch.bfloat16 and w0.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x0.grad.float(), x.grad.float(), rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(w0.grad.float(), w.grad.float(), rtol=5e-2, atol=5e-3)
+    assert m["actor/num_tokens"].item() == t
+
+
+def test_group_advantages(device):
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0], device=device)
+    s = (1.0 / 3.0) ** 0.5
+    want = torch.tensor([0.5, -0.5, 0.5, -0.5, 0, 0, 0, 0], device=device) / (s + 1e-6)
+    torch.testing.assert_close(rk.group_advantages(r, 4), want, rtol=1e-5, atol=1e-6)
+    ids = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], device=device)
+    two = torch.stack([r, r * 2], -1)
+    a = rk.group_advantages(two, group_ids=ids, num_groups=2, mode=["dr_grpo", "rloo"])
+    g1, g0 = r[ids == 1], r[ids == 0]
+    torch.testing.assert_close(a[ids == 1, 0], g1 - g1.mean())
+    loo = (2 * g0.sum() - 2 * g0) / (len(g0) - 1)
+    torch.testing.assert_close(a[ids == 0, 1], 2 * g0 - loo)
+
+
+def test_recap_weights():
+    w = rk.RecapWeights(["reward", "loss"])
+    assert w.weights() == [1.0, 1.0]
+    for i in range(25):
+        w.observe([0.1 + 0.02 * i, 2.0 - 0.001 * i])
+    before = w.weights()
+    assert abs(sum(before) - 2.0) < 1e-4 and before[0] > 1.0 > before[1]
+    assert w.tensor().dtype == torch.float32 and w.steps == 25
+    w2 = rk.RecapWeights(["reward", "loss"])
+    w2.load_state_dict(w.state_dict())
+    assert w2.weights() == before
+    w3 = rk.RecapWeights(["reward", "loss"], window=2, temperature=1.0)
+    for i in range(4):
+        w3.observe([i, 1.0])
+    assert w3.weights() != [1.0, 1.0]
