@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device check, in one call: run on a machine with a GPU from the project root, after
 # `../shared/gpu/bundle` built the release test and bench executables into .gpu/ (and, for the
-# PyTorch tests, `cp target/release/librecap_kernels.so .gpu/`):
+# PyTorch package's tests, `maturin build --release -m bindings/python/Cargo.toml -o .gpu` put its
+# wheel there, with the kernels: the pinned nvcc is found by build.rs):
 #
 #   run(command="bash scripts/device-check.sh", carry=[".gpu"])
 #
@@ -42,11 +43,14 @@ rc=$?
 grep -E "^(===|test result|FAILED|failures:)|panicked|fused loss:" "$out/tests.log" | head -80
 tail -n 2 "$out/tests.log"
 echo "tests: ${SECONDS}s"
-# the PyTorch package's tests, when the library was bundled too (after ../shared/gpu/bundle:
-# cargo build --release --lib && cp target/release/librecap_kernels.so .gpu/)
-if [ -e .gpu/librecap_kernels.so ] && python3 -c "import torch, pytest" 2>/dev/null; then
-  RECAP_KERNELS_LIB=.gpu/librecap_kernels.so timeout "${PYTEST_TIMEOUT:-120}" python3 -m pytest python/tests -q >"$out/pytest.log" 2>&1 || rc=1
-  tail -n 3 "$out/pytest.log"; echo "pytest done at ${SECONDS}s"
+# the PyTorch package's tests on CPU and CUDA (RECAP_REQUIRE_GPU=1: a CUDA case that cannot run
+# fails), when its wheel was bundled: installed without dependencies beside the machine's PyTorch
+if ls .gpu/recap_kernels-*.whl >/dev/null 2>&1 && python3 -c "import torch, pytest" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/recap_kernels-*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  (cd /tmp && RECAP_REQUIRE_GPU=1 timeout "${PYTEST_TIMEOUT:-180}" python3 -m pytest "$OLDPWD/bindings/python/tests" -q \
+    -p no:cacheprovider) >"$out/pytest.log" 2>&1 || rc=1
+  grep -E "^FAILED|passed|failed" "$out/pytest.log" | tail -n 20; echo "pytest done at ${SECONDS}s"
 fi
 if [ -n "${sanitize_pid:-}" ]; then
   wait "$sanitize_pid" || rc=1

@@ -1,5 +1,7 @@
 """Peers of `recap bench` on the same GPU and the same shapes: verl's formulas in PyTorch (eager and
-torch.compile) and Liger-Kernel's Triton GRPO loss when the package is importable.
+torch.compile), Liger-Kernel's Triton GRPO loss when the package is importable, and our own fused
+loss called from PyTorch (`recap_kernels`, when installed), timed as the peers are, so the binding's
+overhead shows beside the Rust call of `recap bench`.
 
     recap bench --device cuda --json recap.json          # ours (values to check against, and times)
     python3 benches/peers/grpo_peers.py --recap recap.json --json peers.json [--quick]
@@ -119,6 +121,11 @@ def main():
     if args.recap:
         for r in json.load(open(args.recap))["records"]:
             ours[(r["op"], r["case"])] = r.get("value")
+    try:
+        import recap_kernels  # ours again, called from PyTorch: the binding's overhead beside the Rust call
+    except Exception as e:  # the package is optional here
+        recap_kernels = None
+        print(f"grpo_peers: recap_kernels not importable ({e}); its PyTorch rows are skipped", file=sys.stderr)
     timer = Timer(1, 3) if args.quick else Timer(3, 20)
     timer_fl = Timer(1, 3) if args.quick else Timer(2, 10)
     try:
@@ -181,6 +188,18 @@ def main():
                     return l, (l.detach() if check else None)
 
                 measure("fused_loss", case, impl, fn)
+            if recap_kernels is not None:
+                seq_len = min(4096, t)
+                cu = torch.tensor(list(range(0, t, seq_len)) + [t], dtype=torch.int32)  # a CPU tensor: no sync
+                lam = torch.ones(k)
+                x = logp.clone().requires_grad_()
+
+                def fn(check, x=x, cu=cu, lam=lam):
+                    x.grad = None
+                    l, _ = recap_kernels.grpo_loss(x, old, adv, mask, cu, lambda_=lam)
+                    return l, (l.detach() if check else None)
+
+                measure("fused_loss", case, "recap-kernels from PyTorch (torch.ops.recap)", fn)
     shapes = [(1024, 32768)] if args.quick else [(1024, 32768), (4096, 32768), (16384, 32768),
                                                  (1024, 151936), (4096, 151936), (16384, 151936)]
     for t, v in shapes if args.only in (None, "logits") else []:
