@@ -986,11 +986,7 @@ impl Element for u8 {}
 impl Element for u32 {}
 
 /// Copies an array to the host (on a device: enqueued on the stream, which this synchronizes).
-pub fn read<T: Element>(
-    place: Place,
-    arg: &'static str,
-    a: In<T>,
-) -> Result<Vec<T>> {
+pub fn read<T: Element>(place: Place, arg: &'static str, a: In<T>) -> Result<Vec<T>> {
     run(
         place,
         |m| Ok(m.ro(arg, a)?.to_vec()),
@@ -1007,12 +1003,7 @@ pub fn read<T: Element>(
 
 /// Copies `values` into an array (on a device: enqueued on the stream; the host values are staged
 /// before this returns).
-pub fn write<T: Element>(
-    place: Place,
-    arg: &'static str,
-    out: Out<T>,
-    values: &[T],
-) -> Result<()> {
+pub fn write<T: Element>(place: Place, arg: &'static str, out: Out<T>, values: &[T]) -> Result<()> {
     crate::layout::check_len(arg, out.len, values.len(), "the values' length")?;
     run(
         place,

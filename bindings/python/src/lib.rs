@@ -16,8 +16,8 @@ use recap_kernels::advantages::{AdvantageConfig, AdvantageMode};
 use recap_kernels::cuda::FusedLinearConfig;
 use recap_kernels::raw::{self, In, Out, Place, RawGroups};
 use recap_kernels::{
-    Advantages, GrpoConfig, GrpoInputs, KlEstimator, Logits, LogitsLossInputs,
-    LogprobConfig, Mask, Normalizers, Orientation, RecapConfig, RecapScheduler, ReduceInputs,
+    Advantages, GrpoConfig, GrpoInputs, KlEstimator, Logits, LogitsLossInputs, LogprobConfig, Mask,
+    Normalizers, Orientation, RecapConfig, RecapScheduler, ReduceInputs,
 };
 
 pyo3::create_exception!(
@@ -112,17 +112,18 @@ impl Tensor {
         if !obj.hasattr("data_ptr")? || !obj.hasattr("dtype")? {
             return Err(arg_err(
                 name,
-                format!(
-                    "expected a torch.Tensor, got {}",
-                    obj.get_type().name()?.to_string()
-                ),
+                format!("expected a torch.Tensor, got {}", obj.get_type().name()?),
             ));
         }
         let dev = obj.getattr("device")?;
         let kind: String = dev.getattr("type")?.extract()?;
         let device = match kind.as_str() {
             "cpu" => Device::Cpu,
-            "cuda" => Device::Cuda(dev.getattr("index")?.extract::<Option<usize>>()?.unwrap_or(0)),
+            "cuda" => Device::Cuda(
+                dev.getattr("index")?
+                    .extract::<Option<usize>>()?
+                    .unwrap_or(0),
+            ),
             other => {
                 return Err(arg_err(
                     name,
@@ -289,7 +290,10 @@ impl Call {
         } else {
             return Err(arg_err(
                 name,
-                format!("expected a CPU tensor or one on {}, got one on {}", self.device, t.device),
+                format!(
+                    "expected a CPU tensor or one on {}, got one on {}",
+                    self.device, t.device
+                ),
             ));
         };
         match t.want(&[DType::F64, DType::F32])? {
@@ -341,7 +345,8 @@ fn host_i32(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
         .into_iter()
         .enumerate()
         .map(|(i, v)| {
-            i32::try_from(v).map_err(|_| arg_err(name, format!("{name}[{i}] = {v} exceeds the int32 range")))
+            i32::try_from(v)
+                .map_err(|_| arg_err(name, format!("{name}[{i}] = {v} exceeds the int32 range")))
         })
         .collect()
 }
@@ -352,7 +357,10 @@ fn host_u32(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
         .enumerate()
         .map(|(i, v)| {
             u32::try_from(v).map_err(|_| {
-                arg_err(name, format!("{name}[{i}] = {v} is not a bit mask of objectives"))
+                arg_err(
+                    name,
+                    format!("{name}[{i}] = {v} is not a bit mask of objectives"),
+                )
             })
         })
         .collect()
@@ -413,7 +421,9 @@ impl Layout {
                 Some(Normalizers {
                     tokens: v[..=k].to_vec(),
                     seqs: v[k + 1..].to_vec(),
-                    seq_tokens: seq_tokens.map(|s| call.host_f64("seq_tokens", s)).transpose()?,
+                    seq_tokens: seq_tokens
+                        .map(|s| call.host_f64("seq_tokens", s))
+                        .transpose()?,
                 })
             }
         };
@@ -427,7 +437,11 @@ impl Layout {
     }
 }
 
-fn advantages(call: &Call, obj: &Bound<'_, PyAny>, per_token: bool) -> PyResult<Advantages<In<f32>>> {
+fn advantages(
+    call: &Call,
+    obj: &Bound<'_, PyAny>,
+    per_token: bool,
+) -> PyResult<Advantages<In<f32>>> {
     let a = call.f32("advantages", obj)?;
     Ok(if per_token {
         Advantages::PerToken(a)
@@ -497,7 +511,15 @@ fn grpo_loss(
     let first = Tensor::of("logp", logp)?;
     let call = Call::new(py, &first)?;
     let cfg = config(config_json)?;
-    let lay = Layout::read(&call, cu_seqlens, lambda_, &objectives, membership, normalizers, seq_tokens)?;
+    let lay = Layout::read(
+        &call,
+        cu_seqlens,
+        lambda_,
+        &objectives,
+        membership,
+        normalizers,
+        seq_tokens,
+    )?;
     let inputs = GrpoInputs {
         logp: call.f32("logp", logp)?,
         old_logp: call.f32("old_logp", old_logp)?,
@@ -569,7 +591,15 @@ fn weighted_reduce(
     let first = Tensor::of("losses", losses)?;
     let call = Call::new(py, &first)?;
     let cfg = config(config_json)?;
-    let lay = Layout::read(&call, cu_seqlens, lambda_, &[], membership, normalizers, seq_tokens)?;
+    let lay = Layout::read(
+        &call,
+        cu_seqlens,
+        lambda_,
+        &[],
+        membership,
+        normalizers,
+        seq_tokens,
+    )?;
     let inputs = ReduceInputs {
         losses: call.f32("losses", losses)?,
         mask: call.mask("mask", mask)?,
@@ -591,7 +621,12 @@ fn weighted_reduce(
     call.write(
         "stats",
         s,
-        &[&out.objective_loss[..], &out.objective_tokens[..], &objective_seqs[..]].concat(),
+        &[
+            &out.objective_loss[..],
+            &out.objective_tokens[..],
+            &objective_seqs[..],
+        ]
+        .concat(),
     )
 }
 
@@ -626,10 +661,17 @@ fn count_normalizers(
 }
 
 /// A `[T, V]` logits tensor (rows may be `ld >= V` elements apart) as raw logits of element `E`.
-fn logits_layout(call: &Call, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, usize, usize, usize)> {
+fn logits_layout(
+    call: &Call,
+    name: &'static str,
+    obj: &Bound<'_, PyAny>,
+) -> PyResult<(Tensor, usize, usize, usize)> {
     let t = call.tensor(name, obj)?;
     if t.shape.len() != 2 {
-        return Err(arg_err(name, format!("expected [T, V] logits, got shape {}", t.shape_str())));
+        return Err(arg_err(
+            name,
+            format!("expected [T, V] logits, got shape {}", t.shape_str()),
+        ));
     }
     let (rows, vocab) = (t.shape[0], t.shape[1]);
     let ld = if rows <= 1 { vocab } else { t.strides[0] };
@@ -647,7 +689,10 @@ fn logits_layout(call: &Call, name: &'static str, obj: &Bound<'_, PyAny>) -> PyR
     if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(arg_err(
             name,
-            format!("expected dtype torch.float32, torch.float16 or torch.bfloat16, got {}", t.dtype.name()),
+            format!(
+                "expected dtype torch.float32, torch.float16 or torch.bfloat16, got {}",
+                t.dtype.name()
+            ),
         ));
     }
     Ok((t, rows, vocab, ld))
@@ -830,9 +875,25 @@ fn grpo_loss_from_logits_(
     let call = Call::new(py, &first)?;
     let cfg = config(config_json)?;
     let (t, rows, vocab, ld) = logits_layout(&call, "logits", logits)?;
-    let lay = Layout::read(&call, cu_seqlens, lambda_, &objectives, membership, normalizers, seq_tokens)?;
+    let lay = Layout::read(
+        &call,
+        cu_seqlens,
+        lambda_,
+        &objectives,
+        membership,
+        normalizers,
+        seq_tokens,
+    )?;
     let inputs = logits_inputs(
-        &call, &lay, labels, old_logp, advantages, adv_per_token, mask, ref_logp, rollout_logp,
+        &call,
+        &lay,
+        labels,
+        old_logp,
+        advantages,
+        adv_per_token,
+        mask,
+        ref_logp,
+        rollout_logp,
     )?;
     let lc = LogprobConfig {
         temperature,
@@ -886,7 +947,10 @@ fn fused_linear_grpo_loss(
     let first = Tensor::of("hidden", hidden)?;
     let call = Call::new(py, &first)?;
     let cfg = config(config_json)?;
-    let (x, w) = (call.tensor("hidden", hidden)?, call.tensor("weight", weight)?);
+    let (x, w) = (
+        call.tensor("hidden", hidden)?,
+        call.tensor("weight", weight)?,
+    );
     x.want(&[DType::BF16])?;
     w.want(&[DType::BF16])?;
     if x.shape.len() != 2 || w.shape.len() != 2 || x.shape[1] != w.shape[1] {
@@ -901,8 +965,26 @@ fn fused_linear_grpo_loss(
     }
     let dh = call.tensor("d_hidden", d_hidden)?;
     dh.want(&[DType::BF16])?;
-    let lay = Layout::read(&call, cu_seqlens, lambda_, &objectives, membership, normalizers, None)?;
-    let inputs = logits_inputs(&call, &lay, labels, old_logp, advantages, adv_per_token, mask, ref_logp, None)?;
+    let lay = Layout::read(
+        &call,
+        cu_seqlens,
+        lambda_,
+        &objectives,
+        membership,
+        normalizers,
+        None,
+    )?;
+    let inputs = logits_inputs(
+        &call,
+        &lay,
+        labels,
+        old_logp,
+        advantages,
+        adv_per_token,
+        mask,
+        ref_logp,
+        None,
+    )?;
     let head = raw::RawHead {
         hidden: x.arr(),
         weight: w.arr(),
@@ -990,8 +1072,8 @@ impl PyRecapScheduler {
             .map(|x| x.parse::<Orientation>())
             .collect::<recap_kernels::Result<Vec<_>>>()
             .map_err(err)?;
-        let cfg: RecapConfig = serde_json::from_str(config_json)
-            .map_err(|e| arg_err("config", e))?;
+        let cfg: RecapConfig =
+            serde_json::from_str(config_json).map_err(|e| arg_err("config", e))?;
         Ok(PyRecapScheduler(RecapScheduler::new(&o, cfg).map_err(err)?))
     }
 
@@ -1025,7 +1107,9 @@ impl PyRecapScheduler {
     /// A scheduler restored from `to_json`'s output.
     #[staticmethod]
     fn from_json(json: &str) -> PyResult<Self> {
-        Ok(PyRecapScheduler(RecapScheduler::from_json(json).map_err(err)?))
+        Ok(PyRecapScheduler(
+            RecapScheduler::from_json(json).map_err(err)?,
+        ))
     }
 }
 

@@ -99,3 +99,23 @@ def test_compiled_verl_step_has_no_graph_break_and_matches_eager():
     lam[0] = 0.7
     again = run(torch.compile(verl_step, fullgraph=True))
     torch.testing.assert_close(again[0], run(verl_step)[0])
+
+
+def test_version_is_the_crates():
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[3]
+    text = (root / "Cargo.toml").read_text()
+    version = re.search(r'\[workspace\.package\]\s*version\s*=\s*"([^"]+)"', text).group(1)
+    assert rk.__version__ == version
+
+
+def test_stat_lengths_follow_the_layout():
+    from recap_kernels import _native, ops
+
+    for k in (1, 2, 5, 16):
+        *_, (name, off, n, _) = _native.grpo_stat_layout(k)
+        assert ops.grpo_stats_len(k) == off + n
+        *_, (name, off, n, _) = _native.logits_stat_layout(k)
+        assert ops.logits_stats_len(k) == off + n
