@@ -142,11 +142,11 @@ int recap_fused_linear_grpo_loss(int32_t device, void* stream, int64_t num_token
                                  int64_t memory_budget, int32_t fp32_logits, void* d_hidden, float* d_weight,
                                  RecapGrpoResult* result, double* stats);
 
-/* The RECAP scheduler (host). orientations [K]: 0 loss, 1 reward; window <= 0: 10;
- * temperature <= 0: 5; alpha < 0: priority c + i, else alpha c + (1 - alpha) i. NULL on error. */
+/* The RECAP scheduler (host). orientations [K]: 0 loss, 1 reward; options_json: the fields of
+ * RecapConfig as JSON (NULL or "": the paper's equations), e.g. {"window": 10, "priority":
+ * "alpha_mix", "alpha": 0.5} (README, "RECAP weights"). NULL on error. */
 typedef struct RecapSchedulerHandle RecapScheduler;
-RecapScheduler* recap_scheduler_new(const int32_t* orientations, int32_t k, int32_t window, double temperature,
-                                    double alpha);
+RecapScheduler* recap_scheduler_new(const int32_t* orientations, int32_t k, const char* options_json);
 int recap_scheduler_observe(RecapScheduler* s, const double* values, int32_t k);
 int recap_scheduler_weights(RecapScheduler* s, float* out, int32_t k);
 /* JSON state into buf (cap bytes, NUL-terminated); *needed = its length + 1 (RECAP_ERR_ARGUMENT

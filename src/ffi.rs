@@ -1010,19 +1010,18 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
 /// An opaque RECAP scheduler.
 pub struct RecapSchedulerHandle(RecapScheduler);
 
-/// A scheduler for `k` objectives (`orientations` [K]: 0 loss, 1 reward), half-window `window`
-/// (<= 0: 10), softmax temperature (<= 0: 5), `alpha` in [0, 1] for `alpha c + (1 - alpha) i`
-/// (< 0: `c + i`). Null on error (see `recap_last_error`).
+/// A scheduler for `k` objectives (`orientations` [K]: 0 loss, 1 reward) with the options in
+/// `options_json` (the fields of `RecapConfig`, e.g. `{"window": 10, "priority": "alpha_mix",
+/// "alpha": 0.5}`; null or "" for the defaults, the paper's equations). Null on error (see
+/// `recap_last_error`).
 ///
 /// # Safety
-/// `orientations` must hold `k` ints.
+/// `orientations` must hold `k` ints; `options_json` null or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn recap_scheduler_new(
     orientations: *const i32,
     k: i32,
-    window: i32,
-    temperature: f64,
-    alpha: f64,
+    options_json: *const c_char,
 ) -> *mut RecapSchedulerHandle {
     let mut h = std::ptr::null_mut();
     guard(|| {
@@ -1031,20 +1030,15 @@ pub unsafe extern "C" fn recap_scheduler_new(
             .iter()
             .map(|&x| pick("orientations", &[Orientation::Loss, Orientation::Reward], x))
             .collect::<Result<Vec<_>>>()?;
-        let d = RecapConfig::default();
-        let cfg = RecapConfig {
-            window: if window > 0 {
-                window as usize
-            } else {
-                d.window
-            },
-            temperature: if temperature > 0.0 {
-                temperature
-            } else {
-                d.temperature
-            },
-            alpha: (alpha >= 0.0).then_some(alpha),
+        let json = if options_json.is_null() {
+            ""
+        } else {
+            // SAFETY: non-null NUL-terminated string (the caller's contract).
+            unsafe { CStr::from_ptr(options_json) }
+                .to_str()
+                .map_err(|_| Error::arg("options_json", "not UTF-8"))?
         };
+        let cfg = RecapConfig::from_json(if json.is_empty() { "{}" } else { json })?;
         h = Box::into_raw(Box::new(RecapSchedulerHandle(RecapScheduler::new(
             &o, cfg,
         )?)));

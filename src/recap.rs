@@ -2,25 +2,30 @@
 //! instability (host side, pure Rust).
 //!
 //! Each of K objectives reports one scalar per step, with an orientation: a loss (lower is better)
-//! or a reward (higher is better). The scheduler keeps the last `2W` values of each (W = 10). While
-//! fewer than `2W` exist, every weight is 1. Then, per objective:
+//! or a reward (higher is better). The scheduler keeps the last `2W` values of each (W = 10). By
+//! default (the paper's equations, arXiv 2510.21978 v2), while fewer than `2W` exist every weight
+//! is 1; then, per objective:
 //!
 //! ```text
 //! mu      = mean of the latest W values      mu_prev = mean of the W before them
-//! sigma   = sample standard deviation of the 2W values
+//! sigma   = sqrt(sum over the 2W values of (x - mu)^2 / (2W - 1))
 //! c       = mu_prev / mu (loss)  or  mu / mu_prev (reward)      (c > 1: improving)
 //! i       = sigma / (|mu| + |mu_prev|)
-//! s       = c + i                (or alpha c + (1 - alpha) i, the paper's appendix, alpha = 0.5)
+//! s       = c + i
 //! lambda  = K softmax(s / T)     (T = 5; the weights average 1)
 //! ```
 //!
-//! and the step loss is `(1/K) sum_k lambda_k L_k` (the `lambda` input of the fused loss).
+//! and the step loss is `(1/K) sum_k lambda_k L_k` (the `lambda` input of the fused loss). Each
+//! place where the paper's equations, its pseudocode, its appendix and its authors' code differ is
+//! an option of [`RecapConfig`], named after what it is ([`Sigma`], [`Denominator`],
+//! [`Priority`] with [`Alpha`], `warmup`, [`Convergence`]); [`RecapConfig::authors_code`] selects
+//! all of the authors' choices at once.
 //!
 //! Guards (never a NaN weight): an observation that is not finite is rejected with an error and
-//! leaves the state unchanged; `c = 1` (no evidence either way) when `mu` or `mu_prev` is 0 or the
-//! two have opposite signs; `i = 0` when `|mu| + |mu_prev| = 0`; `c` and `i` are capped at
-//! [`SIGNAL_CAP`]; the softmax subtracts its maximum. The state serializes (serde, JSON), so a run
-//! resumes from a checkpoint with identical weights.
+//! leaves the state unchanged; `c = 1` (no evidence either way) when `mu` or `mu_prev` is 0, missing
+//! or of the other sign; `i = 0` when its denominator is 0; `c` and `i` are capped at
+//! [`SIGNAL_CAP`]; the softmax subtracts its maximum. The state serializes (serde, JSON) with its
+//! options, so a run resumes from a checkpoint with identical weights.
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -53,8 +58,86 @@ impl std::str::FromStr for Orientation {
     }
 }
 
-/// Scheduler settings (the paper's defaults). Deserializes from any subset of its fields (the rest
-/// default; unknown ones are an error), the form in which the bindings pass them.
+/// Where the instability's standard deviation is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sigma {
+    /// The paper's equation: deviations of the 2W values about the current window's mean `mu`,
+    /// divided by `2W - 1`.
+    #[default]
+    Equation,
+    /// The paper's pseudocode: the unbiased standard deviation of the 2W values (about their mean).
+    Pseudocode,
+    /// The authors' code: the population standard deviation of the 2W values (divided by `2W`).
+    Population,
+}
+
+/// The denominator of the instability `i = sigma / d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Denominator {
+    /// `|mu| + |mu_prev|` (this crate's guard: positive whatever the signs).
+    #[default]
+    AbsSum,
+    /// `mu + mu_prev` (the paper's equation).
+    Sum,
+    /// The mean of the 2W values (the authors' code).
+    Mean,
+}
+
+/// How the signals become weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// `s = c + i`, `lambda = K softmax(s / T)` (the paper's equation).
+    #[default]
+    Sum,
+    /// `s = alpha c + (1 - alpha) i`, `lambda = K softmax(s / T)` (the paper's appendix).
+    AlphaMix,
+    /// `lambda = K [alpha softmax(c / T) + (1 - alpha) softmax(i / T)]` (the authors' code).
+    SoftmaxMixture,
+}
+
+/// The `alpha` of [`Priority::AlphaMix`] and [`Priority::SoftmaxMixture`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Alpha {
+    /// A constant in [0, 1] (0.5 in the paper's configs, 1.0 the authors' code's default).
+    Constant(f64),
+    /// `1 - step / max_steps` (the authors' code's `alpha = -1`); needs `max_steps`.
+    Annealed(AlphaSchedule),
+}
+
+/// The name of the annealed schedule (`"annealed"` in JSON).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlphaSchedule {
+    /// `1 - step / max_steps`.
+    Annealed,
+}
+
+impl Default for Alpha {
+    fn default() -> Self {
+        Alpha::Constant(0.5)
+    }
+}
+
+/// Which way the convergence ratio `c` points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Convergence {
+    /// `c > 1` means improving: `mu_prev / mu` for a loss (the paper's equation), `mu / mu_prev` for
+    /// a reward (this crate's orientation for rewards).
+    #[default]
+    Improving,
+    /// `c > 1` means getting worse, for losses (`mu / mu_prev`) and rewards (`mu_prev / mu`) alike
+    /// (the authors' code).
+    Worsening,
+}
+
+/// Scheduler settings: the paper's equations with this crate's guards by default. Deserializes
+/// from any subset of its fields (the rest default; unknown ones are an error), the form in which
+/// the bindings pass them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RecapConfig {
@@ -62,8 +145,22 @@ pub struct RecapConfig {
     pub window: usize,
     /// T: softmax temperature.
     pub temperature: f64,
-    /// `Some(alpha)`: priority `alpha c + (1 - alpha) i`; `None`: `c + i`.
-    pub alpha: Option<f64>,
+    /// How the signals become weights.
+    pub priority: Priority,
+    /// `alpha` of the mixed priorities.
+    pub alpha: Alpha,
+    /// The run's length, for [`Alpha::Annealed`].
+    pub max_steps: Option<u64>,
+    /// The instability's standard deviation.
+    pub sigma: Sigma,
+    /// The instability's denominator.
+    pub denominator: Denominator,
+    /// `true` (the paper): weights 1 until 2W values exist; `false` (the authors' code): the
+    /// signals of whatever history exists (the latest min(n, W) values are the current window, the
+    /// ones before the previous; `c = 1` without previous values).
+    pub warmup: bool,
+    /// Which way `c` points.
+    pub convergence: Convergence,
 }
 
 impl Default for RecapConfig {
@@ -71,7 +168,76 @@ impl Default for RecapConfig {
         RecapConfig {
             window: 10,
             temperature: 5.0,
-            alpha: None,
+            priority: Priority::Sum,
+            alpha: Alpha::default(),
+            max_steps: None,
+            sigma: Sigma::Equation,
+            denominator: Denominator::AbsSum,
+            warmup: true,
+            convergence: Convergence::Improving,
+        }
+    }
+}
+
+impl RecapConfig {
+    /// The authors' code: the mixture of softmaxes with `alpha` (1.0 by default there, 0.5 in the
+    /// paper's configs), the population std over the mean of the 2W values, no warm-up, `c > 1`
+    /// when getting worse.
+    pub fn authors_code(alpha: Alpha) -> RecapConfig {
+        RecapConfig {
+            priority: Priority::SoftmaxMixture,
+            alpha,
+            sigma: Sigma::Population,
+            denominator: Denominator::Mean,
+            warmup: false,
+            convergence: Convergence::Worsening,
+            ..RecapConfig::default()
+        }
+    }
+
+    /// A validated configuration from its JSON form (any subset of the fields).
+    pub fn from_json(json: &str) -> Result<RecapConfig> {
+        let c: RecapConfig = serde_json::from_str(json)
+            .map_err(|e| Error::arg("config", format!("{e} (in {json})")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks every field; the error names it.
+    pub fn validate(&self) -> Result<()> {
+        if self.window == 0 {
+            return Err(Error::arg("config.window", "expected a window W >= 1"));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(Error::arg(
+                "config.temperature",
+                format!(
+                    "expected a finite temperature > 0, got {}",
+                    self.temperature
+                ),
+            ));
+        }
+        match self.alpha {
+            Alpha::Constant(a) if !(0.0..=1.0).contains(&a) => Err(Error::arg(
+                "config.alpha",
+                format!("expected 0 <= alpha <= 1, got {a}"),
+            )),
+            Alpha::Annealed(_) if self.max_steps.is_none_or(|m| m == 0) => Err(Error::arg(
+                "config.max_steps",
+                "an annealed alpha (1 - step / max_steps) needs max_steps >= 1",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `alpha` after `steps` observed steps.
+    pub fn alpha_at(&self, steps: u64) -> f64 {
+        match self.alpha {
+            Alpha::Constant(a) => a,
+            Alpha::Annealed(_) => {
+                let m = self.max_steps.unwrap_or(1).max(1) as f64;
+                (1.0 - steps as f64 / m).clamp(0.0, 1.0)
+            }
         }
     }
 }
@@ -83,11 +249,11 @@ pub struct Signals {
     pub mu: f64,
     /// Mean of the W values before them.
     pub mu_prev: f64,
-    /// Convergence `c` (> 1: improving).
+    /// Convergence `c` (> 1: improving, or getting worse with [`Convergence::Worsening`]).
     pub convergence: f64,
     /// Instability `i`.
     pub instability: f64,
-    /// Priority `s`.
+    /// Priority `s` (for [`Priority::SoftmaxMixture`], `alpha c + (1 - alpha) i`, for display).
     pub priority: f64,
 }
 
@@ -109,26 +275,7 @@ impl RecapScheduler {
                 "expected at least one objective",
             ));
         }
-        if config.window == 0 {
-            return Err(Error::arg("config.window", "expected a window W >= 1"));
-        }
-        if !(config.temperature.is_finite() && config.temperature > 0.0) {
-            return Err(Error::arg(
-                "config.temperature",
-                format!(
-                    "expected a finite temperature > 0, got {}",
-                    config.temperature
-                ),
-            ));
-        }
-        if let Some(a) = config.alpha {
-            if !(0.0..=1.0).contains(&a) {
-                return Err(Error::arg(
-                    "config.alpha",
-                    format!("expected 0 <= alpha <= 1, got {a}"),
-                ));
-            }
-        }
+        config.validate()?;
         let cap = 2 * config.window;
         Ok(RecapScheduler {
             history: vec![VecDeque::with_capacity(cap); orientations.len()],
@@ -178,42 +325,73 @@ impl RecapScheduler {
         Ok(())
     }
 
-    /// Each objective's signals, or `None` while fewer than 2W values exist.
+    /// The options.
+    pub fn config(&self) -> &RecapConfig {
+        &self.config
+    }
+
+    /// Each objective's signals, or `None` while warming up (fewer than 2W values; with
+    /// `warmup = false`, until one value exists).
     pub fn signals(&self) -> Option<Vec<Signals>> {
-        let w = self.config.window;
-        if self.history.iter().any(|h| h.len() < 2 * w) {
+        let cfg = &self.config;
+        let w = cfg.window;
+        let n = self.history.first().map_or(0, |h| h.len());
+        if n == 0 || (cfg.warmup && n < 2 * w) {
             return None;
         }
+        let alpha = cfg.alpha_at(self.steps);
         Some(
             self.history
                 .iter()
                 .zip(&self.orientations)
                 .map(|(h, o)| {
-                    let prev = h.iter().take(w).sum::<f64>() / w as f64;
-                    let mu = h.iter().skip(w).sum::<f64>() / w as f64;
-                    let mean = (prev + mu) / 2.0;
-                    let var =
-                        h.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (2 * w - 1) as f64;
-                    let sigma = var.sqrt();
-                    let comparable = mu != 0.0 && prev != 0.0 && (mu > 0.0) == (prev > 0.0);
-                    let c = if comparable {
-                        match o {
-                            Orientation::Loss => prev / mu,
-                            Orientation::Reward => mu / prev,
-                        }
+                    let values: Vec<f64> = h.iter().copied().collect();
+                    let split = values.len().saturating_sub(w);
+                    let (prev_v, cur_v) = values.split_at(split);
+                    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+                    let mu = mean(cur_v);
+                    let prev = if prev_v.is_empty() {
+                        None
                     } else {
-                        1.0
+                        Some(mean(prev_v))
                     };
-                    let den = mu.abs() + prev.abs();
-                    let i = if den > 0.0 { sigma / den } else { 0.0 };
+                    let m = values.len() as f64;
+                    let all = mean(&values);
+                    let ss = |about: f64| values.iter().map(|x| (x - about).powi(2)).sum::<f64>();
+                    let sigma = match cfg.sigma {
+                        Sigma::Equation if m >= 2.0 => (ss(mu) / (m - 1.0)).sqrt(),
+                        Sigma::Pseudocode if m >= 2.0 => (ss(all) / (m - 1.0)).sqrt(),
+                        Sigma::Population => (ss(all) / m).sqrt(),
+                        _ => 0.0,
+                    };
+                    let p = prev.unwrap_or(0.0);
+                    let comparable =
+                        prev.is_some() && mu != 0.0 && p != 0.0 && (mu > 0.0) == (p > 0.0);
+                    let improving_ratio = match o {
+                        Orientation::Loss => p / mu,
+                        Orientation::Reward => mu / p,
+                    };
+                    let c = match (comparable, cfg.convergence) {
+                        (false, _) => 1.0,
+                        (true, Convergence::Improving) => improving_ratio,
+                        (true, Convergence::Worsening) => 1.0 / improving_ratio,
+                    };
+                    let den = match cfg.denominator {
+                        Denominator::AbsSum => mu.abs() + p.abs(),
+                        Denominator::Sum => mu + p,
+                        Denominator::Mean => all,
+                    };
+                    let i = if den != 0.0 { sigma / den } else { 0.0 };
                     let (c, i) = (cap(c), cap(i));
-                    let s = match self.config.alpha {
-                        Some(a) => a * c + (1.0 - a) * i,
-                        None => c + i,
+                    let s = match cfg.priority {
+                        Priority::Sum => c + i,
+                        Priority::AlphaMix | Priority::SoftmaxMixture => {
+                            alpha * c + (1.0 - alpha) * i
+                        }
                     };
                     Signals {
                         mu,
-                        mu_prev: prev,
+                        mu_prev: p,
                         convergence: c,
                         instability: i,
                         priority: s,
@@ -229,14 +407,20 @@ impl RecapScheduler {
         let Some(sig) = self.signals() else {
             return vec![1.0; k];
         };
-        let z: Vec<f64> = sig
-            .iter()
-            .map(|s| s.priority / self.config.temperature)
-            .collect();
-        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = z.iter().map(|x| (x - m).exp()).collect();
-        let sum: f64 = e.iter().sum();
-        e.iter().map(|x| (k as f64 * x / sum) as f32).collect()
+        let t = self.config.temperature;
+        let lambda: Vec<f64> = match self.config.priority {
+            Priority::Sum | Priority::AlphaMix => softmax(sig.iter().map(|s| s.priority / t), k),
+            Priority::SoftmaxMixture => {
+                let a = self.config.alpha_at(self.steps);
+                let sc = softmax(sig.iter().map(|s| s.convergence / t), k);
+                let si = softmax(sig.iter().map(|s| s.instability / t), k);
+                sc.iter()
+                    .zip(&si)
+                    .map(|(c, i)| a * c + (1.0 - a) * i)
+                    .collect()
+            }
+        };
+        lambda.iter().map(|x| *x as f32).collect()
     }
 
     /// The state as JSON (a checkpoint).
@@ -260,6 +444,15 @@ impl RecapScheduler {
         }
         Ok(s)
     }
+}
+
+/// `K softmax(z)`, its maximum subtracted.
+fn softmax(z: impl Iterator<Item = f64>, k: usize) -> Vec<f64> {
+    let z: Vec<f64> = z.collect();
+    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = z.iter().map(|x| (x - m).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|x| k as f64 * x / sum).collect()
 }
 
 fn cap(x: f64) -> f64 {

@@ -6,11 +6,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The cdylib built with this test (beside it in `deps/`, from the same profile), else the one
+/// cargo uplifted to `target/<profile>/` (a bundled copy).
 fn cdylib() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?; // target/<profile>/deps -> target/<profile>
-    let lib = dir.join("librecap_kernels.so");
-    lib.exists().then_some(lib)
+    let deps = exe.parent()?;
+    [deps, deps.parent()?]
+        .iter()
+        .map(|d| d.join("librecap_kernels.so"))
+        .find(|l| l.exists())
 }
 
 #[test]

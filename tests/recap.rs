@@ -32,14 +32,15 @@ fn weights_are_one_while_warming_up() {
 
 #[test]
 fn weights_by_hand() {
-    // W = 2. Loss [4, 4, 2, 2]: mu = 2, mu_prev = 4, c = 4 / 2 = 2 (improving), sigma = sqrt(4/3),
-    // i = sigma / 6. Reward [1, 1, 1, 1]: c = 1, i = 0.
+    // W = 2, the paper's equations. Loss [4, 4, 2, 2]: mu = 2, mu_prev = 4, c = 4 / 2 = 2
+    // (improving), sigma about mu = sqrt((2^2 + 2^2 + 0 + 0) / 3), i = sigma / 6. Reward
+    // [1, 1, 1, 1]: c = 1, i = 0.
     let mut s = sched(2);
     for (l, r) in [(4.0, 1.0), (4.0, 1.0), (2.0, 1.0), (2.0, 1.0)] {
         s.observe(&[l, r]).unwrap();
     }
     let sig = s.signals().unwrap();
-    let i0 = (4.0f64 / 3.0).sqrt() / 6.0;
+    let i0 = (8.0f64 / 3.0).sqrt() / 6.0;
     assert_close("c loss", sig[0].convergence, 2.0, 1e-12, 0.0);
     assert_close("i loss", sig[0].instability, i0, 1e-12, 0.0);
     assert_close("c reward", sig[1].convergence, 1.0, 1e-12, 0.0);
@@ -63,29 +64,227 @@ fn weights_by_hand() {
     );
 }
 
-#[test]
-fn alpha_option_mixes_the_signals() {
+/// `K softmax(z)`.
+fn softmax(z: &[f64]) -> Vec<f64> {
+    let e: Vec<f64> = z.iter().map(|x| x.exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|x| z.len() as f64 * x / sum).collect()
+}
+
+/// W = 2 and three objectives: a falling loss [4, 4, 2, 2], a rising reward [1, 1, 2, 2] and a
+/// falling negative reward [-1, -1, -2, -2] (for the denominators' signs), under `cfg`.
+fn three(cfg: RecapConfig) -> RecapScheduler {
     let mut s = RecapScheduler::new(
-        &[Orientation::Loss],
-        RecapConfig {
-            window: 2,
-            alpha: Some(0.5),
-            ..RecapConfig::default()
-        },
+        &[Orientation::Loss, Orientation::Reward, Orientation::Reward],
+        RecapConfig { window: 2, ..cfg },
     )
     .unwrap();
-    for v in [4.0, 4.0, 2.0, 2.0] {
-        s.observe(&[v]).unwrap();
+    for (l, r) in [(4.0, 1.0), (4.0, 1.0), (2.0, 2.0), (2.0, 2.0)] {
+        s.observe(&[l, r, -r]).unwrap();
     }
-    let sig = s.signals().unwrap()[0];
+    s
+}
+
+fn check(what: &str, s: &RecapScheduler, c: [f64; 3], i: [f64; 3], lambda: Vec<f64>) {
+    let sig = s.signals().unwrap();
+    for k in 0..3 {
+        assert_close(
+            &format!("{what}: c[{k}]"),
+            sig[k].convergence,
+            c[k],
+            1e-12,
+            0.0,
+        );
+        assert_close(
+            &format!("{what}: i[{k}]"),
+            sig[k].instability,
+            i[k],
+            1e-12,
+            0.0,
+        );
+    }
+    let w = s.weights();
+    for k in 0..3 {
+        assert_close(
+            &format!("{what}: lambda[{k}]"),
+            w[k] as f64,
+            lambda[k],
+            1e-6,
+            0.0,
+        );
+    }
+}
+
+/// Every option, against weights computed by hand from the definitions.
+#[test]
+fn every_option_by_hand() {
+    use recap_kernels::recap::{Alpha, AlphaSchedule, Convergence, Denominator, Priority, Sigma};
+    let t = 5.0;
+    // the paper's equations: sigma about the current mean mu over 2W - 1; |mu| + |mu_prev|
+    // loss: ss about 2 = 8; reward: ss about 2 = 2; negative reward: ss about -2 = 2
+    let eq = [
+        (8.0f64 / 3.0).sqrt() / 6.0,
+        (2.0f64 / 3.0).sqrt() / 3.0,
+        (2.0f64 / 3.0).sqrt() / 3.0,
+    ];
+    // c: loss 4 / 2, reward 2 / 1, negative reward (-2) / (-1) (same sign: the ratio, 2)
+    let c = [2.0, 2.0, 2.0];
+    let sum = |c: [f64; 3], i: [f64; 3]| {
+        softmax(&[(c[0] + i[0]) / t, (c[1] + i[1]) / t, (c[2] + i[2]) / t])
+    };
+    let d = RecapConfig::default;
+    check("paper equation", &three(d()), c, eq, sum(c, eq));
+    // the pseudocode's sigma: the unbiased std about the mean of the 2W values
+    // loss: about 3 -> 4 / 3; rewards: about 1.5 -> 1 / 3
+    let ps = [
+        (4.0f64 / 3.0).sqrt() / 6.0,
+        (1.0f64 / 3.0).sqrt() / 3.0,
+        (1.0f64 / 3.0).sqrt() / 3.0,
+    ];
+    let cfg = RecapConfig {
+        sigma: Sigma::Pseudocode,
+        ..d()
+    };
+    check("pseudocode sigma", &three(cfg), c, ps, sum(c, ps));
+    // the population std (over 2W = 4): loss 1, rewards 0.5
+    let pop = [1.0 / 6.0, 0.5 / 3.0, 0.5 / 3.0];
+    let cfg = RecapConfig {
+        sigma: Sigma::Population,
+        ..d()
+    };
+    check("population sigma", &three(cfg), c, pop, sum(c, pop));
+    // denominators: mu + mu_prev (the negative reward's is -3), the mean of the 2W values
+    let sd = [eq[0], eq[1], -eq[2]];
+    let cfg = RecapConfig {
+        denominator: Denominator::Sum,
+        ..d()
+    };
+    check("mu + mu_prev", &three(cfg), c, sd, sum(c, sd));
+    let md = [eq[0] * 6.0 / 3.0, eq[1] * 3.0 / 1.5, -eq[2] * 3.0 / 1.5];
+    let cfg = RecapConfig {
+        denominator: Denominator::Mean,
+        ..d()
+    };
+    check("mean of the 2W", &three(cfg), c, md, sum(c, md));
+    // c > 1 when getting worse: the ratios inverted
+    let cw = [0.5, 0.5, 0.5];
+    let cfg = RecapConfig {
+        convergence: Convergence::Worsening,
+        ..d()
+    };
+    check("worsening", &three(cfg), cw, eq, sum(cw, eq));
+    // the appendix: s = alpha c + (1 - alpha) i
+    let a = 0.25;
+    let mix: Vec<f64> = (0..3).map(|k| (a * c[k] + (1.0 - a) * eq[k]) / t).collect();
+    let cfg = RecapConfig {
+        priority: Priority::AlphaMix,
+        alpha: Alpha::Constant(a),
+        ..d()
+    };
+    check("alpha mix", &three(cfg), c, eq, softmax(&mix));
+    // the authors' mixture of softmaxes: K [alpha softmax(c / T) + (1 - alpha) softmax(i / T)]
+    let mixture = |a: f64| {
+        let sc = softmax(&c.map(|x| x / t));
+        let si = softmax(&eq.map(|x| x / t));
+        (0..3)
+            .map(|k| a * sc[k] + (1.0 - a) * si[k])
+            .collect::<Vec<_>>()
+    };
+    let cfg = RecapConfig {
+        priority: Priority::SoftmaxMixture,
+        alpha: Alpha::Constant(a),
+        ..d()
+    };
+    check("softmax mixture", &three(cfg), c, eq, mixture(a));
+    // an annealed alpha: 1 - step / max_steps = 1 - 4 / 8 after 4 steps
+    let cfg = RecapConfig {
+        priority: Priority::SoftmaxMixture,
+        alpha: Alpha::Annealed(AlphaSchedule::Annealed),
+        max_steps: Some(8),
+        ..d()
+    };
+    check("annealed alpha", &three(cfg), c, eq, mixture(0.5));
+    // the authors' code as a whole: population std over the mean, worsening, mixture, alpha 1
+    let pm = [1.0 / 3.0, 0.5 / 1.5, -0.5 / 1.5];
+    let cfg = RecapConfig::authors_code(Alpha::Constant(1.0));
+    check(
+        "authors' code",
+        &three(cfg),
+        cw,
+        pm,
+        softmax(&cw.map(|x| x / t)),
+    );
+}
+
+#[test]
+fn without_warm_up_the_history_so_far_counts() {
+    use recap_kernels::recap::Sigma;
+    let cfg = RecapConfig {
+        window: 2,
+        warmup: false,
+        ..RecapConfig::default()
+    };
+    let mut s = RecapScheduler::new(&[Orientation::Loss, Orientation::Reward], cfg).unwrap();
+    assert!(s.signals().is_none() && s.weights() == vec![1.0, 1.0]);
+    s.observe(&[4.0, 1.0]).unwrap();
+    // one value: no previous window (c = 1), no spread (i = 0): equal weights
+    let sig = s.signals().unwrap();
+    assert_eq!((sig[0].convergence, sig[0].instability), (1.0, 0.0));
+    assert_eq!(s.weights(), vec![1.0, 1.0]);
+    s.observe(&[4.0, 1.0]).unwrap();
+    s.observe(&[2.0, 2.0]).unwrap();
+    // [4, 4, 2]: current [4, 2] (mu 3), previous [4]: c = 4 / 3; sigma about 3 over 3 - 1
+    let sig = s.signals().unwrap();
+    assert_close("c", sig[0].convergence, 4.0 / 3.0, 1e-12, 0.0);
     assert_close(
-        "s = 0.5 c + 0.5 i",
-        sig.priority,
-        0.5 * sig.convergence + 0.5 * sig.instability,
+        "i",
+        sig[0].instability,
+        (3.0f64 / 2.0).sqrt() / 7.0,
         1e-12,
         0.0,
     );
-    assert_eq!(s.weights(), vec![1.0], "one objective: weight K * 1 = 1");
+    // reward [1, 1, 2]: current [1, 2] (1.5), previous [1]: c = 1.5
+    assert_close("c reward", sig[1].convergence, 1.5, 1e-12, 0.0);
+    let pop = RecapScheduler::new(
+        &[Orientation::Loss],
+        RecapConfig {
+            sigma: Sigma::Population,
+            ..s.config().clone()
+        },
+    );
+    assert!(pop.is_ok());
+}
+
+#[test]
+fn options_round_trip_through_json_and_checkpoints() {
+    use recap_kernels::recap::{Alpha, AlphaSchedule, Priority};
+    let cfg = RecapConfig::from_json(
+        r#"{"window": 3, "priority": "softmax_mixture", "alpha": "annealed", "max_steps": 50,
+            "sigma": "population", "denominator": "mean", "warmup": false, "convergence": "worsening"}"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.priority, Priority::SoftmaxMixture);
+    assert_eq!(cfg.alpha, Alpha::Annealed(AlphaSchedule::Annealed));
+    assert_eq!(
+        RecapConfig::from_json(r#"{"alpha": 0.3}"#).unwrap().alpha,
+        Alpha::Constant(0.3)
+    );
+    for bad in [
+        r#"{"windw": 3}"#,
+        r#"{"alpha": 1.5}"#,
+        r#"{"alpha": "annealed"}"#,
+        r#"{"sigma": "sample"}"#,
+    ] {
+        assert!(RecapConfig::from_json(bad).is_err(), "{bad}");
+    }
+    let mut s =
+        RecapScheduler::new(&[Orientation::Loss, Orientation::Reward], cfg.clone()).unwrap();
+    for i in 0..7 {
+        s.observe(&[1.0 + i as f64, 0.5]).unwrap();
+    }
+    let back = RecapScheduler::from_json(&s.to_json().unwrap()).unwrap();
+    assert_eq!(back.config(), &cfg);
+    assert_eq!(back.weights(), s.weights());
 }
 
 #[test]
@@ -149,7 +348,7 @@ fn guards_never_give_nan_weights() {
     assert!(RecapScheduler::new(
         &[Orientation::Loss],
         RecapConfig {
-            alpha: Some(1.5),
+            alpha: recap_kernels::recap::Alpha::Constant(1.5),
             ..RecapConfig::default()
         }
     )

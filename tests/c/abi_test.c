@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
 
     /* scheduler: weights 1 during warm-up, then they move and average 1; JSON round trip */
     int32_t orient[2] = {1, 0};
-    RecapScheduler* s = recap_scheduler_new(orient, 2, 0, 0.0, -1.0);
+    RecapScheduler* s = recap_scheduler_new(orient, 2, NULL);
     CHECK(s != NULL);
     float w[2];
     CHECK(recap_scheduler_weights(s, w, 2) == RECAP_OK && w[0] == 1.0f && w[1] == 1.0f);
@@ -106,8 +106,12 @@ int main(int argc, char** argv) {
     recap_scheduler_free(s);
     recap_scheduler_free(NULL);
     int32_t bad_orient[1] = {5};
-    CHECK(recap_scheduler_new(bad_orient, 1, 0, 0.0, -1.0) == NULL);
+    CHECK(recap_scheduler_new(bad_orient, 1, NULL) == NULL);
     CHECK(strstr(recap_last_error(), "orientations") != NULL);
+    CHECK(recap_scheduler_new(orient, 2, "{\"windw\": 3}") == NULL && strstr(recap_last_error(), "windw") != NULL);
+    RecapScheduler* a = recap_scheduler_new(orient, 2, "{\"window\": 2, \"priority\": \"softmax_mixture\"}");
+    CHECK(a != NULL);
+    recap_scheduler_free(a);
     CHECK(recap_scheduler_from_json("{not json") == NULL && strlen(recap_last_error()) > 0);
 
     /* argument errors name the argument, before any device work */
