@@ -222,7 +222,7 @@ impl RecapConfig {
                 "config.alpha",
                 format!("expected 0 <= alpha <= 1, got {a}"),
             )),
-            Alpha::Annealed(_) if self.max_steps.is_none_or(|m| m == 0) => Err(Error::arg(
+            Alpha::Annealed(_) if self.max_steps.unwrap_or(0) == 0 => Err(Error::arg(
                 "config.max_steps",
                 "an annealed alpha (1 - step / max_steps) needs max_steps >= 1",
             )),
