@@ -11,6 +11,8 @@
  *                        advantage of each member, GRPO-LEAD's difficulty weight w(rho) (w(1 - rho)
  *                        for advantages <= 0, rho the group's fraction correct), out[B, K] (float);
  *                        counts[g] = members, counts[groups] += non-finite rewards.
+ * With reward weights (TRL's sum-then-normalize) the value of rollout i is sum_k w_k work[i, k] and
+ * there is one output column.
  * Threads. One block per group (or column); thread i takes candidates i, i + blockDim, ... : the
  * group's G consecutive rollouts, or every rollout whose group id is g. Sums are fixed-order block
  * reductions in double (no float atomics; the one atomic counts integers).
@@ -27,6 +29,16 @@ __device__ __forceinline__ int64_t adv_range(const RecapAdvParams& p) {
 __device__ __forceinline__ int64_t adv_member(const RecapAdvParams& p, int g, int64_t j) {
     if (p.group_ids) return ((const int32_t*)p.group_ids)[j] == g ? j : -1;
     return (int64_t)g * p.group_size + j;
+}
+
+/* The value output column k of rollout i is the advantage of: work[i, k], or with reward weights
+ * sum_j w_j work[i, j] (fixed order). */
+__device__ __forceinline__ double adv_value(const RecapAdvParams& p, const double* work, int64_t i, int k) {
+    const int k_all = p.num_objectives;
+    if (!p.has_reward_weights) return work[i * k_all + k];
+    double x = 0.0;
+    for (int j = 0; j < k_all; ++j) x += p.reward_weights[j] * work[i * k_all + j];
+    return x;
 }
 
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_adv_prepare(const RecapAdvParams p) {
@@ -73,15 +85,14 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_adv_prepare(cons
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_adv_batch_std(const RecapAdvParams p) {
     __shared__ double s_red[RECAP_WARPS];
     const int k = blockIdx.x;
-    const int k_all = p.num_objectives;
     const int64_t b = p.num_rollouts;
     const double* work = (const double*)p.work;
     double sum = 0.0;
-    for (int64_t i = threadIdx.x; i < b; i += blockDim.x) sum += work[i * k_all + k];
+    for (int64_t i = threadIdx.x; i < b; i += blockDim.x) sum += adv_value(p, work, i, k);
     sum = recap_block_allreduce(sum, RECAP_OP_SUM, s_red);
     const double mu = b > 0 ? sum / (double)b : 0.0;
     double ss = 0.0;
-    for (int64_t i = threadIdx.x; i < b; i += blockDim.x) { const double d = work[i * k_all + k] - mu; ss += d * d; }
+    for (int64_t i = threadIdx.x; i < b; i += blockDim.x) { const double d = adv_value(p, work, i, k) - mu; ss += d * d; }
     ss = recap_block_allreduce(ss, RECAP_OP_SUM, s_red);
     if (threadIdx.x == 0) ((double*)p.batch_std)[k] = b >= 2 ? sqrt(ss / (double)(b - 1)) : 0.0;
 }
@@ -111,18 +122,19 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_adv_apply(const 
     const double rho = n > 0 ? correct / cnt : 0.0;
     const double w_pos = recap_difficulty_weight(rho, p.diff_a, p.diff_b, p.diff_rho0, p.diff_k);
     const double w_neg = recap_difficulty_weight(1.0 - rho, p.diff_a, p.diff_b, p.diff_rho0, p.diff_k);
-    for (int k = 0; k < k_all; ++k) {
+    const int k_out = p.num_outputs;
+    for (int k = 0; k < k_out; ++k) {
         double sum = 0.0;
         for (int64_t j = threadIdx.x; j < range; j += blockDim.x) {
             const int64_t i = adv_member(p, g, j);
-            if (i >= 0) sum += work[i * k_all + k];
+            if (i >= 0) sum += adv_value(p, work, i, k);
         }
         sum = recap_block_allreduce(sum, RECAP_OP_SUM, s_red);
         const double mu = n > 0 ? sum / cnt : 0.0;
         double ss = 0.0;
         for (int64_t j = threadIdx.x; j < range; j += blockDim.x) {
             const int64_t i = adv_member(p, g, j);
-            if (i >= 0) { const double d = work[i * k_all + k] - mu; ss += d * d; }
+            if (i >= 0) { const double d = adv_value(p, work, i, k) - mu; ss += d * d; }
         }
         ss = recap_block_allreduce(ss, RECAP_OP_SUM, s_red);
         const double sd = n >= 2 ? sqrt(ss / (cnt - 1.0)) : 0.0;
@@ -131,9 +143,9 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_adv_apply(const 
         for (int64_t j = threadIdx.x; j < range; j += blockDim.x) {
             const int64_t i = adv_member(p, g, j);
             if (i < 0) continue;
-            float a = (float)recap_advantage(mode, work[i * k_all + k], mu, sd, sum, n, batch_sd, p.eps);
+            float a = (float)recap_advantage(mode, adv_value(p, work, i, k), mu, sd, sum, n, batch_sd, p.eps);
             if (p.has_difficulty) a = (float)((double)a * (a > 0.0f ? w_pos : w_neg));
-            out[i * k_all + k] = a;
+            out[i * k_out + k] = a;
         }
     }
 }

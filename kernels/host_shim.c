@@ -125,7 +125,8 @@ static const size_t adv_layout[] = {
     F(RecapAdvParams, group_size), F(RecapAdvParams, modes), F(RecapAdvParams, correctness),
     F(RecapAdvParams, has_length), F(RecapAdvParams, has_difficulty), F(RecapAdvParams, eps),
     F(RecapAdvParams, length_alpha), F(RecapAdvParams, diff_a), F(RecapAdvParams, diff_b),
-    F(RecapAdvParams, diff_rho0), F(RecapAdvParams, diff_k)};
+    F(RecapAdvParams, diff_rho0), F(RecapAdvParams, diff_k), F(RecapAdvParams, num_outputs),
+    F(RecapAdvParams, has_reward_weights), F(RecapAdvParams, reward_weights)};
 static const size_t train_layout[] = {
     sizeof(RecapTrainParams), F(RecapTrainParams, logits), F(RecapTrainParams, row_max), F(RecapTrainParams, row_sum),
     F(RecapTrainParams, row_lse), F(RecapTrainParams, tokens), F(RecapTrainParams, feat), F(RecapTrainParams, logp),

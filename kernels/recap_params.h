@@ -234,7 +234,9 @@ typedef struct RecapLogitsParams {
 
 /*
  * Parameters of the group-advantage kernels (advantages.cu). Rollout i belongs to group
- * i / group_size (group_ids == 0) or group_ids[i] (dense ids in [0, num_groups)).
+ * i / group_size (group_ids == 0) or group_ids[i] (dense ids in [0, num_groups)). With reward
+ * weights the K reward columns are combined, sum_k w_k r_k, into one column before the advantage
+ * (out is then [B, 1] and modes bits 0..1 apply).
  */
 typedef struct RecapAdvParams {
     uint64_t rewards;    /* const float[B, K]                                                  */
@@ -258,6 +260,9 @@ typedef struct RecapAdvParams {
     double diff_b;
     double diff_rho0;
     double diff_k;
+    int32_t num_outputs;        /* K, or 1 with reward weights                                   */
+    int32_t has_reward_weights; /* 1: the advantage of sum_k w_k r_k (TRL's sum-then-normalize)  */
+    double reward_weights[16];  /* w_k of the K reward columns                                   */
 } RecapAdvParams;
 
 /*

@@ -102,12 +102,42 @@ pub struct LeadOptions {
 /// Advantage settings: one mode per objective.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdvantageConfig {
-    /// `[K]` mode of each objective.
+    /// `[K]` mode of each objective (one mode, of the combined column, with `reward_weights`).
     pub modes: Vec<AdvantageMode>,
     /// Added to the std (1e-6, as verl).
     pub eps: f64,
     /// GRPO-LEAD options.
     pub lead: Option<LeadOptions>,
+    /// `[K]` weights of the reward columns: the advantage is then that of `sum_k w_k r_k` (TRL's
+    /// `reward_weights` with `multi_objective_aggregation = "sum_then_normalize"`, RECAP's weights
+    /// applied to the rewards), one output column; `None`: one advantage per column.
+    pub reward_weights: Option<Vec<f64>>,
+}
+
+impl Default for AdvantageConfig {
+    /// GRPO for one objective, eps 1e-6.
+    fn default() -> Self {
+        AdvantageConfig {
+            modes: vec![AdvantageMode::Grpo],
+            eps: 1e-6,
+            lead: None,
+            reward_weights: None,
+        }
+    }
+}
+
+impl AdvantageConfig {
+    /// Reward columns K of the input.
+    pub fn num_inputs(&self) -> usize {
+        self.reward_weights
+            .as_ref()
+            .map_or(self.modes.len(), |w| w.len())
+    }
+
+    /// Advantage columns of the output (1 with reward weights).
+    pub fn num_outputs(&self) -> usize {
+        self.modes.len()
+    }
 }
 
 /// Group ids and members, from either form.
@@ -179,11 +209,32 @@ pub(crate) fn validate(
     config: &AdvantageConfig,
     n_out: usize,
 ) -> Result<(usize, usize)> {
-    let k = config.modes.len();
+    let k = config.num_inputs();
+    if let Some(w) = &config.reward_weights {
+        if config.modes.len() != 1 {
+            return Err(Error::arg(
+                "config.modes",
+                format!(
+                    "with reward weights the advantage is of one combined column: expected one mode, got {}",
+                    config.modes.len()
+                ),
+            ));
+        }
+        if let Some((j, v)) = w.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::arg(
+                "config.reward_weights",
+                format!("reward_weights[{j}] = {v} is not finite"),
+            ));
+        }
+    }
     if k == 0 || k > MAX_ADV_OBJECTIVES {
         return Err(Error::arg(
-            "config.modes",
-            format!("expected one mode per objective, 1 to {MAX_ADV_OBJECTIVES}, got {k}"),
+            if config.reward_weights.is_some() {
+                "config.reward_weights"
+            } else {
+                "config.modes"
+            },
+            format!("expected one entry per objective, 1 to {MAX_ADV_OBJECTIVES}, got {k}"),
         ));
     }
     if n_rewards % k != 0 {
@@ -199,7 +250,13 @@ pub(crate) fn validate(
             format!("B = {b} rollouts exceed 2^31 - 1"),
         ));
     }
-    check_len("out", n_out, b * k, "[B, K]")?;
+    let k_out = config.num_outputs();
+    check_len(
+        "out",
+        n_out,
+        b * k_out,
+        if k_out == k { "[B, K]" } else { "[B, 1]" },
+    )?;
     if !(config.eps.is_finite() && config.eps >= 0.0) {
         return Err(Error::arg(
             "config.eps",
@@ -296,8 +353,14 @@ pub fn group_advantages(
             }
         }
     }
-    for j in 0..k {
-        let col: Vec<f64> = (0..b).map(|i| r[i * k + j]).collect();
+    // the value of each output column: a reward column, or the weighted sum of all of them
+    let k_out = config.num_outputs();
+    let value = |i: usize, j: usize| match &config.reward_weights {
+        None => r[i * k + j],
+        Some(w) => w.iter().enumerate().map(|(c, wc)| wc * r[i * k + c]).sum(),
+    };
+    for j in 0..k_out {
+        let col: Vec<f64> = (0..b).map(|i| value(i, j)).collect();
         let batch_std = unbiased_std(&col);
         for m in &members {
             let x: Vec<f64> = m.iter().map(|&i| col[i]).collect();
@@ -311,7 +374,7 @@ pub fn group_advantages(
                     AdvantageMode::Rloo => v - (sum - v) / (n - 1) as f64,
                     AdvantageMode::BatchStd => (v - mu) / (batch_std + config.eps),
                 };
-                out[i * k + j] = a as f32;
+                out[i * k_out + j] = a as f32;
             }
         }
     }
@@ -325,14 +388,14 @@ pub fn group_advantages(
                         .collect::<Vec<_>>(),
                 );
                 for &i in m {
-                    for j in 0..k {
-                        let a = out[i * k + j] as f64;
+                    for j in 0..k_out {
+                        let a = out[i * k_out + j] as f64;
                         let w = if a > 0.0 {
                             dw.weight(rho)
                         } else {
                             dw.weight(1.0 - rho)
                         };
-                        out[i * k + j] = (a * w) as f32;
+                        out[i * k_out + j] = (a * w) as f32;
                     }
                 }
             }

@@ -785,6 +785,7 @@ pub unsafe extern "C" fn recap_group_advantages(
             modes,
             eps,
             lead: None,
+            reward_weights: None,
         };
         let groups = if group_ids.is_null() {
             raw::RawGroups::Consecutive(len("group_size", group_size)?)

@@ -20,9 +20,53 @@ fn adv(
         modes: modes.to_vec(),
         eps: 1e-6,
         lead,
+        reward_weights: None,
     };
     group_advantages(rewards, groups, lengths, &cfg, &mut out).unwrap();
     out
+}
+
+/// TRL's sum-then-normalize (RECAP's weights on the rewards): the advantage of `sum_k w_k r_k`.
+#[test]
+fn reward_weights_combine_before_the_advantage() {
+    // one group of four, two rewards, weights [2, 1]: combined [2, 1, 3, 0], mean 1.5,
+    // unbiased std sqrt((0.25 + 0.25 + 2.25 + 2.25) / 3)
+    let rewards = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0];
+    let cfg = AdvantageConfig {
+        reward_weights: Some(vec![2.0, 1.0]),
+        ..AdvantageConfig::default()
+    };
+    let mut out = vec![f32::NAN; 4];
+    group_advantages(&rewards, Groups::Consecutive(4), None, &cfg, &mut out).unwrap();
+    let sd = (5.0f64 / 3.0).sqrt() + 1e-6;
+    for (got, x) in out.iter().zip([2.0, 1.0, 3.0, 0.0]) {
+        assert_close("weighted advantage", *got as f64, (x - 1.5) / sd, 1e-6, 0.0);
+    }
+    // weights [1, 1] are the plain sum; Dr. GRPO of it is the sum minus the group mean
+    let sum = AdvantageConfig {
+        modes: vec![AdvantageMode::DrGrpo],
+        reward_weights: Some(vec![1.0, 1.0]),
+        ..AdvantageConfig::default()
+    };
+    group_advantages(&rewards, Groups::Consecutive(2), None, &sum, &mut out).unwrap();
+    assert_eq!(out, vec![0.0, 0.0, 1.0, -1.0]);
+    // one mode for the combined column, an output of [B, 1], finite weights
+    let two_modes = AdvantageConfig {
+        modes: vec![AdvantageMode::Grpo; 2],
+        ..cfg.clone()
+    };
+    let e =
+        group_advantages(&rewards, Groups::Consecutive(4), None, &two_modes, &mut out).unwrap_err();
+    assert!(e.to_string().contains("config.modes"), "{e}");
+    let mut wide = vec![0f32; 8];
+    let e = group_advantages(&rewards, Groups::Consecutive(4), None, &cfg, &mut wide).unwrap_err();
+    assert!(e.to_string().contains("[B, 1]"), "{e}");
+    let nan = AdvantageConfig {
+        reward_weights: Some(vec![1.0, f64::NAN]),
+        ..cfg
+    };
+    let e = group_advantages(&rewards, Groups::Consecutive(4), None, &nan, &mut out).unwrap_err();
+    assert!(e.to_string().contains("reward_weights"), "{e}");
 }
 
 #[test]
@@ -213,6 +257,7 @@ fn bad_inputs_name_the_argument() {
         modes: vec![AdvantageMode::Grpo],
         eps: 1e-6,
         lead: None,
+        reward_weights: None,
     };
     let mut out = vec![0f32; 5];
     let arg = |e: Error| match e {
@@ -316,6 +361,7 @@ fn gpu_matches_the_cpu_reference() {
                     difficulty: Some(DifficultyWeights::default()),
                     length_alpha: Some(0.05),
                 }),
+                reward_weights: None,
             };
             if lead {
                 for i in 0..b {
@@ -325,22 +371,34 @@ fn gpu_matches_the_cpu_reference() {
             // shuffled explicit ids (b / g groups, sizes uneven) and consecutive groups
             let ids: Vec<i32> = (0..b).map(|_| (rng.below(b / g + 1) * 7) as i32).collect();
             let by_ids = (b > 0).then_some(Groups::Ids(&ids));
+            // and the same rewards combined with weights into one column (sum-then-normalize)
+            let weighted = AdvantageConfig {
+                modes: vec![cfg.modes[0]],
+                reward_weights: Some((0..k).map(|j| 0.5 + j as f64).collect()),
+                ..cfg.clone()
+            };
             for groups in [Some(Groups::Consecutive(g)), by_ids].into_iter().flatten() {
-                let mut want = vec![0f32; b * k];
-                let mut got = vec![f32::NAN; b * k];
-                recap_kernels::Backend::Cpu
-                    .group_advantages(&rewards, groups, Some(&lengths), &cfg, &mut want)
-                    .unwrap();
-                gpu.group_advantages(&rewards, groups, Some(&lengths), &cfg, &mut got)
-                    .unwrap();
-                common::assert_all_close(
-                    &format!("advantages B={b} G={g} K={k} lead={lead} {groups:?}"),
-                    &got,
-                    &want,
-                    1e-5,
-                    1e-5,
-                );
-                cases += 1;
+                for c in [&cfg, &weighted] {
+                    let n = b * c.num_outputs();
+                    let mut want = vec![0f32; n];
+                    let mut got = vec![f32::NAN; n];
+                    recap_kernels::Backend::Cpu
+                        .group_advantages(&rewards, groups, Some(&lengths), c, &mut want)
+                        .unwrap();
+                    gpu.group_advantages(&rewards, groups, Some(&lengths), c, &mut got)
+                        .unwrap();
+                    common::assert_all_close(
+                        &format!(
+                            "advantages B={b} G={g} K={k} lead={lead} {groups:?} weights {:?}",
+                            c.reward_weights
+                        ),
+                        &got,
+                        &want,
+                        1e-5,
+                        1e-5,
+                    );
+                    cases += 1;
+                }
             }
         }
     }
@@ -350,6 +408,7 @@ fn gpu_matches_the_cpu_reference() {
         modes: vec![AdvantageMode::Grpo],
         eps: 1e-6,
         lead: None,
+        reward_weights: None,
     };
     let mut out = vec![0f32; 4];
     let err = gpu

@@ -69,7 +69,12 @@ fn cases(be: &Backend) -> Vec<Case<'_>> {
             &rewards,
             Groups::Consecutive(groups),
             None,
-            &AdvantageConfig { modes, eps, lead },
+            &AdvantageConfig {
+                modes,
+                eps,
+                lead,
+                reward_weights: None,
+            },
             &mut out,
         )
     };

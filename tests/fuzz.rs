@@ -252,6 +252,7 @@ fn random_inputs_never_panic() {
                 .collect(),
             eps: if rng.below(20) == 0 { -1.0 } else { 1e-6 },
             lead: None,
+            reward_weights: None,
         };
         let r = catch_unwind(AssertUnwindSafe(|| {
             group_advantages(&rewards, Groups::Consecutive(g), None, &ac, &mut out)

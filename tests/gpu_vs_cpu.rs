@@ -398,6 +398,7 @@ fn every_kernel_is_deterministic() {
         modes: vec![recap_kernels::AdvantageMode::BatchStd; 3],
         eps: 1e-6,
         lead: None,
+        reward_weights: None,
     };
     let mut first: Option<Vec<u32>> = None;
     for _ in 0..10 {

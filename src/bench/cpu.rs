@@ -168,6 +168,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
             modes: vec![AdvantageMode::Grpo; 3],
             eps: 1e-6,
             lead: None,
+            reward_weights: None,
         };
         let (tm, runs) = time_us(cfg, || {
             group_advantages(&r, Groups::Consecutive(16), None, &ac, &mut out)

@@ -217,6 +217,7 @@ pub(super) fn run(
             modes: vec![AdvantageMode::Grpo; 3],
             eps: 1e-6,
             lead: None,
+            reward_weights: None,
         };
         let (tm, runs) = timer.time(None, || {
             cuda::group_advantages(

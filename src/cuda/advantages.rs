@@ -113,6 +113,15 @@ pub fn group_advantages(
             diff_b: diff.map_or(0.0, |d| d.b),
             diff_rho0: diff.map_or(0.0, |d| d.rho0),
             diff_k: diff.map_or(0.0, |d| d.k),
+            num_outputs: config.num_outputs() as i32,
+            has_reward_weights: config.reward_weights.is_some() as i32,
+            reward_weights: {
+                let mut w = [0f64; 16];
+                if let Some(rw) = &config.reward_weights {
+                    w[..rw.len()].copy_from_slice(rw);
+                }
+                w
+            },
         };
         gpu.launch(
             stream,
@@ -121,7 +130,13 @@ pub fn group_advantages(
             num_groups,
             &p,
         )?;
-        gpu.launch(stream, Module::Advantages, "recap_adv_batch_std", k, &p)?;
+        gpu.launch(
+            stream,
+            Module::Advantages,
+            "recap_adv_batch_std",
+            config.num_outputs(),
+            &p,
+        )?;
         gpu.launch(
             stream,
             Module::Advantages,

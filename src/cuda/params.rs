@@ -197,6 +197,9 @@ pub struct AdvParams {
     pub diff_b: f64,
     pub diff_rho0: f64,
     pub diff_k: f64,
+    pub num_outputs: i32,
+    pub has_reward_weights: i32,
+    pub reward_weights: [f64; 16],
 }
 
 /// Mirror of `RecapTrainParams`.
@@ -259,7 +262,7 @@ pub fn layouts() -> Vec<Vec<usize>> {
             dlogits, num_rows, vocab, ld, out_ld, ignore_index, mask_u8, inv_temperature, g_entropy_scale),
         layout!(AdvParams; rewards, group_ids, lengths, work, batch_std, out, counts, num_rollouts, num_objectives,
             num_groups, group_size, modes, correctness, has_length, has_difficulty, eps, length_alpha, diff_a,
-            diff_b, diff_rho0, diff_k),
+            diff_b, diff_rho0, diff_k, num_outputs, has_reward_weights, reward_weights),
         layout!(TrainParams; logits, row_max, row_sum, row_lse, tokens, feat, logp, w, m, v, grad, w_bf16, seed,
             num_rows, vocab, num_tokens, n, counter_base, group, resp_len, lr, beta1, beta2, eps, weight_decay,
             bias1, bias2, pad0),

@@ -482,6 +482,7 @@ pub(crate) fn advantage_config() -> crate::advantages::AdvantageConfig {
         modes: vec![crate::advantages::AdvantageMode::Grpo; 3],
         eps: 1e-6,
         lead: None,
+        reward_weights: None,
     }
 }
 

@@ -1050,6 +1050,7 @@ fn group_advantages(
         modes,
         eps,
         lead: None,
+        reward_weights: None,
     };
     py.detach(|| raw::group_advantages(call.place, r, groups, None, &cfg, o))
         .map_err(err)
