@@ -1,9 +1,11 @@
 //! `recap`: the command-line driver. `recap train` runs RECAP training of a small synthetic policy
-//! on the CPU or the GPU; `recap bench` measures every op and a training step.
+//! on the CPU or the GPU; `recap experiment` compares the weightings over seeds; `recap bench`
+//! measures every op and a training step.
 
 use clap::{Args, Parser, Subcommand};
+use recap_kernels::train::experiment::{self, ExperimentConfig};
 use recap_kernels::train::{
-    summary, train_with, Device, Event, Preset, StepMetrics, TrainConfig, Weighting,
+    summary, train_with, Apply, Device, Event, Preset, StepMetrics, TrainConfig, Weighting,
 };
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -26,6 +28,27 @@ enum Command {
     Train(TrainArgs),
     /// Times every op and a training step beside the copy bandwidth measured in the same run.
     Bench(BenchArgs),
+    /// The paper's comparison in miniature: every weighting (rl-only, uniform, recap) x where the
+    /// weights act (loss, reward) x seeds, then a table of in-task rewards and general capability.
+    Experiment(ExperimentArgs),
+}
+
+#[derive(Args)]
+struct ExperimentArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Seeds 0..N.
+    #[arg(long, default_value_t = 5)]
+    seeds: u64,
+    /// Weightings to compare (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Weighting::RlOnly, Weighting::Uniform, Weighting::Recap])]
+    weightings: Vec<Weighting>,
+    /// Where the weights act (comma-separated).
+    #[arg(long = "apply", value_enum, value_delimiter = ',', default_values_t = [Apply::Loss, Apply::Reward])]
+    applies: Vec<Apply>,
+    /// Directory for every run's metrics.jsonl, the table (table.md) and the results (results.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -44,9 +67,9 @@ struct BenchArgs {
     quick: bool,
 }
 
-/// Sizes left out take the preset's value.
+/// The settings `recap train` and `recap experiment` share; sizes left out take the preset's value.
 #[derive(Args)]
-struct TrainArgs {
+struct RunArgs {
     /// Sizes and defaults: small (seconds on a CPU) or h100 (V = 32,768, H = 1,024, 65,536 rollout
     /// tokens per step).
     #[arg(long, value_enum, default_value_t = Preset::Small)]
@@ -54,18 +77,9 @@ struct TrainArgs {
     /// Where to run: auto (CUDA when usable, else CPU), cpu or cuda. Default: auto.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
-    /// How the objectives are weighted.
-    #[arg(long, value_enum, default_value_t = Weighting::Recap)]
-    weighting: Weighting,
     /// Training steps (the preset's: 60 small, 40 h100).
     #[arg(long)]
     steps: Option<usize>,
-    /// Seed of the task, the initial weights and the sampling (a seed reproduces a run).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Directory for metrics.jsonl.
-    #[arg(long)]
-    out: Option<PathBuf>,
     /// Prompts per step.
     #[arg(long)]
     prompts: Option<usize>,
@@ -84,40 +98,107 @@ struct TrainArgs {
     /// Replay sequences per step.
     #[arg(long)]
     replay_seqs: Option<usize>,
+    /// Held-out general sequences (learnt before RL, never replayed, measured every step).
+    #[arg(long)]
+    heldout_seqs: Option<usize>,
     /// Passes of the loss per step.
     #[arg(long)]
     ppo_epochs: Option<usize>,
     /// AdamW learning rate.
     #[arg(long)]
     lr: Option<f32>,
-    /// Write a checkpoint into this directory after the last step.
+    /// The RECAP scheduler's options: `paper` (its equations, the default) or `authors` (its
+    /// authors' code: mixture of softmaxes, population std over the mean, no warm-up, c > 1 when
+    /// worse), then any `--recap KEY=VALUE` (window, temperature, priority, alpha, max_steps, sigma,
+    /// denominator, warmup, convergence; README "RECAP weights").
+    #[arg(long, default_value = "paper", value_parser = ["paper", "authors"])]
+    recap_preset: String,
+    /// A scheduler option, KEY=VALUE (repeatable), e.g. --recap sigma=population --recap alpha=annealed.
+    #[arg(long = "recap", value_name = "KEY=VALUE")]
+    recap: Vec<String>,
+}
+
+impl RunArgs {
+    fn config(&self) -> Result<TrainConfig, String> {
+        let p = TrainConfig::preset(self.preset);
+        let base = match self.recap_preset.as_str() {
+            "authors" => {
+                recap_kernels::RecapConfig::authors_code(recap_kernels::recap::Alpha::Constant(1.0))
+            }
+            _ => recap_kernels::RecapConfig::default(),
+        };
+        let mut json = serde_json::to_value(&base).map_err(|e| e.to_string())?;
+        for kv in &self.recap {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--recap {kv}: expected KEY=VALUE"))?;
+            // numbers and booleans as such, anything else as a string
+            let value =
+                serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()));
+            json[k] = value;
+        }
+        let recap =
+            recap_kernels::RecapConfig::from_json(&json.to_string()).map_err(|e| e.to_string())?;
+        Ok(TrainConfig {
+            device: self.device,
+            steps: self.steps.unwrap_or(p.steps),
+            prompts: self.prompts.unwrap_or(p.prompts),
+            group: self.group.unwrap_or(p.group),
+            resp_len: self.resp_len.unwrap_or(p.resp_len),
+            vocab: self.vocab.unwrap_or(p.vocab),
+            hidden: self.hidden.unwrap_or(p.hidden),
+            replay_seqs: self.replay_seqs.unwrap_or(p.replay_seqs),
+            heldout_seqs: self.heldout_seqs.unwrap_or(p.heldout_seqs),
+            ppo_epochs: self.ppo_epochs.unwrap_or(p.ppo_epochs),
+            lr: self.lr.unwrap_or(p.lr),
+            recap,
+            ..p
+        })
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// How the objectives are weighted.
+    #[arg(long, value_enum, default_value_t = Weighting::Recap)]
+    weighting: Weighting,
+    /// Where the weights act: on the per-objective losses, or on the rewards before their group
+    /// normalization (the authors' code, TRL's reward_weights).
+    #[arg(long, value_enum, default_value_t = Apply::Loss)]
+    apply: Apply,
+    /// Seed of the task, the initial weights and the sampling (a seed reproduces a run).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Directory for metrics.jsonl.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write checkpoints into this directory (checkpoint.safetensors, atomically): after the last
+    /// step, and every --checkpoint-every steps.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
-    /// Continue from a checkpoint directory up to --steps (metrics.jsonl is appended to).
+    /// With --checkpoint: a checkpoint every N steps.
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Continue from a checkpoint directory up to --steps (metrics.jsonl keeps the steps before
+    /// it and is appended to).
     #[arg(long)]
     resume: Option<PathBuf>,
 }
 
-impl From<TrainArgs> for TrainConfig {
-    fn from(a: TrainArgs) -> Self {
-        let p = TrainConfig::preset(a.preset);
-        TrainConfig {
-            device: a.device,
-            weighting: a.weighting,
-            seed: a.seed,
-            out: a.out,
-            steps: a.steps.unwrap_or(p.steps),
-            prompts: a.prompts.unwrap_or(p.prompts),
-            group: a.group.unwrap_or(p.group),
-            resp_len: a.resp_len.unwrap_or(p.resp_len),
-            vocab: a.vocab.unwrap_or(p.vocab),
-            hidden: a.hidden.unwrap_or(p.hidden),
-            replay_seqs: a.replay_seqs.unwrap_or(p.replay_seqs),
-            ppo_epochs: a.ppo_epochs.unwrap_or(p.ppo_epochs),
-            lr: a.lr.unwrap_or(p.lr),
-            checkpoint: a.checkpoint,
-            resume: a.resume,
-        }
+impl TrainArgs {
+    fn config(self) -> Result<TrainConfig, String> {
+        Ok(TrainConfig {
+            weighting: self.weighting,
+            apply: self.apply,
+            seed: self.seed,
+            out: self.out,
+            checkpoint: self.checkpoint,
+            checkpoint_every: self.checkpoint_every,
+            resume: self.resume,
+            ..self.run.config()?
+        })
     }
 }
 
@@ -160,11 +241,11 @@ impl Progress {
 
 fn status(m: &StepMetrics) -> String {
     format!(
-        "format {:.3} accuracy {:.3} overlap {:.3} replay_nll {:.3} lambda [{}] {:.0} ms {:.0} tok/s",
+        "format {:.3} accuracy {:.3} overlap {:.3} general_nll {:.3} lambda [{}] {:.0} ms {:.0} tok/s",
         m.format,
         m.accuracy,
         m.overlap,
-        m.replay_nll,
+        m.general_nll.or(m.heldout_nll).unwrap_or(f64::NAN),
         m.lambda
             .iter()
             .map(|x| format!("{x:.2}"))
@@ -200,12 +281,65 @@ fn bench(args: BenchArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn experiment(args: ExperimentArgs) -> ExitCode {
+    let base = match args.run.config() {
+        Ok(c) => TrainConfig {
+            out: args.out.clone(),
+            ..c
+        },
+        Err(e) => {
+            eprintln!("recap experiment: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = ExperimentConfig {
+        seeds: (0..args.seeds).collect(),
+        weightings: args.weightings,
+        applies: args.applies,
+        ..ExperimentConfig::new(base)
+    };
+    let runs = match experiment::run(&cfg, &mut |e| {
+        if let Event::Info(line) = e {
+            eprintln!("recap experiment: {line}");
+        }
+    }) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("recap experiment: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let table = experiment::table(&runs);
+    print!("{table}");
+    if let Some(dir) = &args.out {
+        let json = serde_json::to_string_pretty(&runs).unwrap_or_default();
+        for (name, text) in [
+            ("table.md", table.as_str()),
+            ("results.json", json.as_str()),
+        ] {
+            if let Err(e) = recap_kernels::train::write_atomic(&dir.join(name), text.as_bytes()) {
+                eprintln!("recap experiment: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        eprintln!("recap experiment: wrote {}", dir.join("table.md").display());
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args = match Cli::parse().command {
         Command::Train(a) => a,
         Command::Bench(a) => return bench(a),
+        Command::Experiment(a) => return experiment(a),
     };
-    let cfg: TrainConfig = args.into();
+    let cfg = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("recap train: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let progress = Progress {
         steps: cfg.steps,
         tty: std::io::stderr().is_terminal(),

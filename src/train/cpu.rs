@@ -1,7 +1,8 @@
 //! The CPU engine of `recap train`: the reference ops on host data (f64 softmax rows, the
 //! fused-linear reference, the host-compiled AdamW and draw of `kernels/train_math.cuh`).
 
-use super::{Engine, Part, Task};
+use super::task::{Part, Task};
+use super::Engine;
 use crate::advantages::Groups;
 use crate::config::GrpoConfig;
 use crate::device_math::{adamw, draw, AdamW};
@@ -117,12 +118,17 @@ impl Engine for CpuEngine<'_> {
         Ok(())
     }
 
-    fn advantages(&mut self, rewards: &[f32], out: &mut [f32]) -> Result<()> {
+    fn advantages(
+        &mut self,
+        rewards: &[f32],
+        config: &crate::advantages::AdvantageConfig,
+        out: &mut [f32],
+    ) -> Result<()> {
         crate::advantages::group_advantages(
             rewards,
             Groups::Consecutive(self.task.cfg.group),
             None,
-            &super::advantage_config(),
+            config,
             out,
         )
     }

@@ -10,7 +10,8 @@
 //! weights the next GEMMs read). Memory: two `[(P + R) L, V]` fp32 logits buffers (policy and
 //! reference) plus the fused-linear path's chunk.
 
-use super::{Engine, Part, Task};
+use super::task::{Part, Task};
+use super::Engine;
 use crate::config::GrpoConfig;
 use crate::cuda::fused_linear::gemm;
 use crate::cuda::params::TrainParams;
@@ -127,7 +128,7 @@ impl<'t> CudaEngine<'t> {
     pub fn new(task: &'t Task, gpu: Arc<Gpu>) -> Result<Self> {
         let stream = gpu.stream().clone();
         let cfg = &task.cfg;
-        let (h, v, t) = (cfg.hidden, cfg.vocab, cfg.tokens());
+        let (h, v, t) = (cfg.hidden, cfg.vocab, task.layout_len());
         let rows = task.phi.len() / h;
         let hidden = task.hidden_bf16();
         Ok(CudaEngine {
@@ -151,9 +152,9 @@ impl<'t> CudaEngine<'t> {
         })
     }
 
-    /// `logp[which] = z[feat, token] - lse[feat]` for every token of the step.
+    /// `logp[which] = z[feat, token] - lse[feat]` for every token of the layout.
     fn gather(&mut self, which: usize) -> Result<()> {
-        let t = self.task.cfg.tokens();
+        let t = self.task.layout_len();
         let v = self.task.cfg.vocab;
         let s = &self.stream;
         let rl = if which == 0 {
@@ -195,7 +196,7 @@ impl Engine for CudaEngine<'_> {
         reference: &mut [f32],
     ) -> Result<()> {
         let cfg = &self.task.cfg;
-        let (l, v, t) = (cfg.resp_len, cfg.vocab, cfg.tokens());
+        let (l, v, t) = (cfg.resp_len, cfg.vocab, self.task.layout_len());
         let n = cfg.rollouts() * l;
         row_logits(
             &self.gpu,
@@ -236,7 +237,12 @@ impl Engine for CudaEngine<'_> {
         Ok(())
     }
 
-    fn advantages(&mut self, rewards: &[f32], out: &mut [f32]) -> Result<()> {
+    fn advantages(
+        &mut self,
+        rewards: &[f32],
+        config: &crate::advantages::AdvantageConfig,
+        out: &mut [f32],
+    ) -> Result<()> {
         let s = &self.stream;
         let r = upload(s, rewards)?;
         let mut o = s.alloc_zeros::<f32>(out.len().max(1))?;
@@ -246,7 +252,7 @@ impl Engine for CudaEngine<'_> {
             &r.slice(..rewards.len()),
             DeviceGroups::Consecutive(self.task.cfg.group),
             None,
-            &super::advantage_config(),
+            config,
             &mut o.slice_mut(..out.len()),
         )?;
         s.memcpy_dtoh(&o.slice(..out.len()), out)?;

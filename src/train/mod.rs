@@ -11,184 +11,50 @@
 //! - `overlap` (reward in [0, 1]): fraction of body positions equal to the prompt's hidden target;
 //! - `replay` (nll): next-token loss on fixed "general" sequences that RL updates can erode.
 //!
-//! Before RL the replay sequences are learnt (a "pretrained" policy that RL can make forget), then
-//! modest mass is put on the tags and the answer tokens, and that policy is frozen as the reference.
-//! Each step: sample G rollouts per prompt from the current policy (counter-based draws: a seed
-//! reproduces a run on either engine), score, group advantages (GRPO) per RL objective, old and
-//! reference log-probs, `ppo_epochs` passes of the fused GRPO loss with lambda from the RECAP
-//! scheduler (or uniform) through the fused-linear path, AdamW after each, scheduler update.
+//! Before RL the general sequences (the replay ones and held-out ones, which are never replayed)
+//! are learnt: a "pretrained" policy that RL can make forget; then modest mass is put on the tags
+//! and the answer tokens, and that policy is frozen as the reference. Each step: sample G rollouts
+//! per prompt from the current policy (counter-based draws: a seed reproduces a run on either
+//! engine), score, group advantages (GRPO), old and reference log-probs, `ppo_epochs` passes of the
+//! fused GRPO loss with lambda from the RECAP scheduler (or uniform, or the RL objectives only)
+//! through the fused-linear path, AdamW after each, scheduler update. The weights act on the
+//! losses (one GRPO objective per reward) or on the rewards before their group normalization
+//! ([`Apply`]). Every step measures what RL erodes: the NLL of the replay and of the held-out
+//! sequences, pass@k and the support of correct answers relative to the initial policy.
+//!
+//! Files: [`config`] (settings, presets), `task` (the synthetic task and its rewards), `checkpoint`
+//! (the atomic safetensors checkpoints), [`metrics`] (a step's record and the diagnostics),
+//! `summary`, [`experiment`] (`recap experiment`), this file (the loop), and the two engines.
 
+mod checkpoint;
+pub mod config;
 mod cpu;
 mod cuda;
+pub mod experiment;
+pub mod metrics;
+mod summary;
+mod task;
 
+pub use config::{Apply, Device, Preset, TrainConfig, Weighting};
+pub use metrics::StepMetrics;
+pub use summary::summary;
+pub use task::OBJECTIVES;
+
+use crate::advantages::{AdvantageConfig, AdvantageMode};
 use crate::backend::Backend;
 use crate::config::{GrpoConfig, ObjectiveKind};
-use crate::device_math::{draw, AdamW};
+use crate::device_math::AdamW;
 use crate::error::{Error, Result};
 use crate::layout::{Advantages, Mask};
 use crate::logits::{HostLogitsLossInputs, LogitsLossOutput};
-use crate::recap::{Orientation, RecapConfig, RecapScheduler};
+use crate::recap::{Orientation, RecapScheduler};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Instant;
+use task::{Part, Task, ANSWERS, CLOSE, OPEN};
 
-/// Objective names, in order.
-pub const OBJECTIVES: [&str; 4] = ["format", "accuracy", "overlap", "replay"];
-const OPEN: usize = 0;
-const CLOSE: usize = 1;
-const ANSWERS: std::ops::Range<usize> = 2..18;
-/// Adam steps on the replay sequences before RL.
+/// Adam steps on the general sequences before RL.
 const PRETRAIN_STEPS: usize = 300;
-
-/// How objective weights are set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Weighting {
-    /// RECAP's dynamic weights.
-    Recap,
-    /// All weights 1.
-    Uniform,
-}
-
-/// Where the step runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
-    /// CUDA device 0 when usable, else the CPU (the reason is reported).
-    Auto,
-    /// The CPU reference.
-    Cpu,
-    /// CUDA device 0 (an error when unusable).
-    Cuda,
-}
-
-/// Named sizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Preset {
-    /// Finishes in seconds on a 2-core CPU.
-    Small,
-    /// Exercises an H100: V = 32,768, H = 1,024, 65,536 rollout tokens per step.
-    H100,
-}
-
-/// Settings of a run.
-#[derive(Clone, Debug)]
-pub struct TrainConfig {
-    pub device: Device,
-    pub steps: usize,
-    pub seed: u64,
-    pub prompts: usize,
-    pub group: usize,
-    pub resp_len: usize,
-    pub vocab: usize,
-    pub hidden: usize,
-    pub replay_seqs: usize,
-    pub ppo_epochs: usize,
-    pub lr: f32,
-    pub weighting: Weighting,
-    /// Directory for `metrics.jsonl`.
-    pub out: Option<PathBuf>,
-    /// Directory to write a checkpoint into after the last step (resume it with `resume`).
-    pub checkpoint: Option<PathBuf>,
-    /// A checkpoint directory to continue from (its next step up to `steps`); `metrics.jsonl` is
-    /// then appended to.
-    pub resume: Option<PathBuf>,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig::preset(Preset::Small)
-    }
-}
-
-impl TrainConfig {
-    /// The sizes of a preset (CPU backend unless `device` is changed).
-    pub fn preset(p: Preset) -> TrainConfig {
-        let small = TrainConfig {
-            device: Device::Cpu,
-            steps: 60,
-            seed: 0,
-            prompts: 8,
-            group: 8,
-            resp_len: 8,
-            vocab: 64,
-            hidden: 32,
-            replay_seqs: 8,
-            ppo_epochs: 2,
-            lr: 0.05,
-            weighting: Weighting::Recap,
-            out: None,
-            checkpoint: None,
-            resume: None,
-        };
-        match p {
-            Preset::Small => small,
-            Preset::H100 => TrainConfig {
-                device: Device::Auto,
-                steps: 40,
-                prompts: 64,
-                group: 16,
-                resp_len: 64,
-                vocab: 32_768,
-                hidden: 1024,
-                replay_seqs: 16,
-                // per-element Adam steps move a logit by about lr * sum|phi| ~ lr sqrt(H): scaled
-                // so a step moves the logits about as much as in the small preset
-                lr: 0.01,
-                ..small
-            },
-        }
-    }
-
-    /// Rollouts per step (prompts x group).
-    pub fn rollouts(&self) -> usize {
-        self.prompts * self.group
-    }
-
-    /// Tokens per step (rollouts and replay sequences).
-    pub fn tokens(&self) -> usize {
-        (self.rollouts() + self.replay_seqs) * self.resp_len
-    }
-}
-
-/// One step's record (one line of `metrics.jsonl`).
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct StepMetrics {
-    pub step: usize,
-    pub format: f64,
-    pub accuracy: f64,
-    pub overlap: f64,
-    pub replay_nll: f64,
-    pub lambda: Vec<f32>,
-    pub loss: f64,
-    pub pg_clipfrac: f64,
-    pub ppo_kl: f64,
-    pub kl: f64,
-    pub entropy: f64,
-    pub step_time_ms: f64,
-    /// Sampling, old and reference log-probs.
-    pub sample_ms: f64,
-    /// Rewards and group advantages.
-    pub advantages_ms: f64,
-    /// The fused-linear loss and gradient (GEMMs and loss kernels), all epochs.
-    pub loss_ms: f64,
-    /// AdamW, all epochs.
-    pub optimizer_ms: f64,
-    pub tokens_per_s: f64,
-}
-
-impl StepMetrics {
-    /// The record without its timing fields (the only ones two runs of one seed may differ in).
-    pub fn without_timing(&self) -> StepMetrics {
-        StepMetrics {
-            step_time_ms: 0.0,
-            sample_ms: 0.0,
-            advantages_ms: 0.0,
-            loss_ms: 0.0,
-            optimizer_ms: 0.0,
-            tokens_per_s: 0.0,
-            ..self.clone()
-        }
-    }
-}
 
 /// What a run reports as it goes.
 #[derive(Debug)]
@@ -199,167 +65,10 @@ pub enum Event<'a> {
     Step(&'a StepMetrics),
 }
 
-fn normal(seed: u64, counter: u64) -> f64 {
-    let u1 = draw(seed, 2 * counter).max(1e-300);
-    let u2 = draw(seed, 2 * counter + 1);
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
-/// The synthetic task: features, hidden answers and targets, replay sequences, the token layout of
-/// a step and the initial weights. Host data, shared by both engines.
-pub(crate) struct Task {
-    pub cfg: TrainConfig,
-    /// `[(P + R) L, H]` features: prompt rows `q L + pos`, then the replay sequences' rows.
-    pub phi: Vec<f32>,
-    pub answer: Vec<usize>,
-    pub target: Vec<Vec<usize>>,
-    /// `[T]` feature row of each token of a step (rollout `q G + g` at `pos` uses row `q L + pos`).
-    pub feat: Vec<i32>,
-    /// `[T]` tokens with the replay part filled in (the rollout part is sampled each step).
-    pub tokens: Vec<i32>,
-    /// `[V, H]` initial weights (small noise).
-    pub w0: Vec<f32>,
-}
-
-/// Which tokens of the step's layout a loss pass covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Part {
-    /// Every token (rollouts, then replay sequences).
-    All,
-    /// The replay sequences only (the last `R L` tokens).
-    Replay,
-}
-
-impl Task {
-    fn new(cfg: &TrainConfig) -> Result<Task> {
-        let (p, r, l, h, v) = (
-            cfg.prompts,
-            cfg.replay_seqs,
-            cfg.resp_len,
-            cfg.hidden,
-            cfg.vocab,
-        );
-        if l < 3 || h <= l || v < ANSWERS.end + 2 || cfg.group < 2 || p == 0 || cfg.ppo_epochs == 0
-        {
-            return Err(Error::arg(
-                "train",
-                format!(
-                    "need resp_len >= 3, hidden > resp_len, vocab >= {}, group >= 2, prompts >= 1, \
-                     ppo_epochs >= 1",
-                    ANSWERS.end + 2
-                ),
-            ));
-        }
-        if cfg.tokens() > i32::MAX as usize || v * h > i32::MAX as usize {
-            return Err(Error::arg(
-                "train",
-                "tokens per step and V x H must stay below 2^31",
-            ));
-        }
-        if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-            return Err(Error::arg(
-                "lr",
-                format!("expected a finite lr > 0, got {}", cfg.lr),
-            ));
-        }
-        let s = cfg.seed ^ 0xA5A5;
-        let mut phi = vec![0f32; (p + r) * l * h];
-        for q in 0..p + r {
-            for pos in 0..l {
-                let row = &mut phi[(q * l + pos) * h..(q * l + pos + 1) * h];
-                row[pos] = 1.0;
-                let scale = 1.0 / ((h - l) as f64).sqrt();
-                for (j, x) in row.iter_mut().enumerate().skip(l) {
-                    *x = (normal(s, ((q * l + pos) * h + j) as u64) * scale) as f32;
-                }
-            }
-        }
-        let pick = |c: u64, n: usize| (draw(s ^ 0x77, c) * n as f64) as usize % n;
-        let answer = (0..p)
-            .map(|q| ANSWERS.start + pick(q as u64, ANSWERS.len()))
-            .collect();
-        let body = ANSWERS.end..v;
-        let target = (0..p)
-            .map(|q| {
-                (0..l)
-                    .map(|pos| body.start + pick((1000 + q * l + pos) as u64, body.len()))
-                    .collect()
-            })
-            .collect();
-        let rollouts = cfg.rollouts();
-        let mut feat = vec![0i32; cfg.tokens()];
-        let mut tokens = vec![0i32; cfg.tokens()];
-        for roll in 0..rollouts {
-            for pos in 0..l {
-                feat[roll * l + pos] = ((roll / cfg.group) * l + pos) as i32;
-            }
-        }
-        for ri in 0..r {
-            for pos in 0..l {
-                let t = (rollouts + ri) * l + pos;
-                feat[t] = ((p + ri) * l + pos) as i32;
-                tokens[t] = pick((50_000 + ri * l + pos) as u64, v) as i32;
-            }
-        }
-        let w0 = (0..v * h)
-            .map(|i| (0.05 * normal(s ^ 0x99, i as u64)) as f32)
-            .collect();
-        Ok(Task {
-            cfg: cfg.clone(),
-            phi,
-            answer,
-            target,
-            feat,
-            tokens,
-            w0,
-        })
-    }
-
-    /// `[T, H]` features of every token of a step, rounded to bf16 (the fused-linear inputs).
-    pub fn hidden_bf16(&self) -> Vec<half::bf16> {
-        let h = self.cfg.hidden;
-        self.feat
-            .iter()
-            .flat_map(|&f| {
-                let f = f as usize;
-                self.phi[f * h..(f + 1) * h]
-                    .iter()
-                    .map(|x| half::bf16::from_f32(*x))
-            })
-            .collect()
-    }
-
-    /// Token range of a part.
-    pub fn range(&self, part: Part) -> std::ops::Range<usize> {
-        let t = self.cfg.tokens();
-        match part {
-            Part::All => 0..t,
-            Part::Replay => self.cfg.rollouts() * self.cfg.resp_len..t,
-        }
-    }
-
-    /// Rewards `[rollouts, 3]` (format, accuracy, overlap) of sampled tokens.
-    fn rewards(&self, tokens: &[i32]) -> Vec<f32> {
-        let (g, l) = (self.cfg.group, self.cfg.resp_len);
-        let mut rewards = vec![0f32; self.cfg.rollouts() * 3];
-        for (roll, r) in rewards.chunks_exact_mut(3).enumerate() {
-            let q = roll / g;
-            let y = &tokens[roll * l..(roll + 1) * l];
-            let is = |pos: usize, tok: usize| (y[pos] == tok as i32) as u8 as f32;
-            r[0] = 0.5 * is(0, OPEN) + 0.5 * is(l - 1, CLOSE);
-            r[1] = is(1, self.answer[q]);
-            let body = 2..l - 1;
-            let hits: f32 = body.clone().map(|pos| is(pos, self.target[q][pos])).sum();
-            r[2] = hits / body.len().max(1) as f32;
-        }
-        rewards
-    }
-}
-
 /// One backend's implementation of the step's heavy parts.
 pub(crate) trait Engine {
     /// Samples the rollout tokens of `step` into `tokens[..rollouts L]` and writes the old
-    /// (current policy) and reference log-probs of every token of the step.
+    /// (current policy) and reference log-probs of every token of the layout.
     fn rollout(
         &mut self,
         step: usize,
@@ -367,8 +76,13 @@ pub(crate) trait Engine {
         old: &mut [f32],
         reference: &mut [f32],
     ) -> Result<()>;
-    /// Group advantages (GRPO) of rewards `[rollouts, K]`.
-    fn advantages(&mut self, rewards: &[f32], out: &mut [f32]) -> Result<()>;
+    /// Group advantages of rewards `[rollouts, K]` (G consecutive rollouts per group).
+    fn advantages(
+        &mut self,
+        rewards: &[f32],
+        config: &AdvantageConfig,
+        out: &mut [f32],
+    ) -> Result<()>;
     /// The fused-linear loss and gradient over `part` (inputs indexed from the part's first token).
     fn loss(
         &mut self,
@@ -391,98 +105,14 @@ pub(crate) trait Engine {
     fn restore(&mut self, w: &[f32], m: &[f32], v: &[f32], t: i32) -> Result<()>;
 }
 
-/// A run's state after a step, enough to continue it exactly: written by `checkpoint` into a
-/// directory as `state.json` (the step, AdamW's step count, the scheduler, a fingerprint of the
-/// config) and `tensors.bin` (the weights, both AdamW moments and the frozen reference weights, as
-/// little-endian f32, bit for bit).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Checkpoint {
-    next_step: usize,
-    adam_t: i32,
-    scheduler: String,
-    fingerprint: String,
-    tensor_len: usize,
-}
-
-fn fingerprint(cfg: &TrainConfig) -> String {
-    format!(
-        "seed {} prompts {} group {} resp_len {} vocab {} hidden {} replay {} epochs {} lr {} weighting {:?}",
-        cfg.seed,
-        cfg.prompts,
-        cfg.group,
-        cfg.resp_len,
-        cfg.vocab,
-        cfg.hidden,
-        cfg.replay_seqs,
-        cfg.ppo_epochs,
-        cfg.lr,
-        cfg.weighting
-    )
-}
-
-fn io_err(arg: &'static str, path: &std::path::Path, e: std::io::Error) -> Error {
-    Error::arg(arg, format!("{}: {e}", path.display()))
-}
-
-fn write_checkpoint(dir: &std::path::Path, ck: &Checkpoint, tensors: [&[f32]; 4]) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| io_err("checkpoint", dir, e))?;
-    let json = serde_json::to_string(ck).map_err(|e| Error::arg("checkpoint", e.to_string()))?;
-    let p = dir.join("state.json");
-    std::fs::write(&p, json).map_err(|e| io_err("checkpoint", &p, e))?;
-    let bytes: Vec<u8> = tensors
-        .iter()
-        .flat_map(|t| t.iter().flat_map(|x| x.to_le_bytes()))
-        .collect();
-    let p = dir.join("tensors.bin");
-    std::fs::write(&p, bytes).map_err(|e| io_err("checkpoint", &p, e))
-}
-
-/// `(checkpoint, [weights, adam m, adam v, reference weights])`.
-fn read_checkpoint(
-    dir: &std::path::Path,
-    cfg: &TrainConfig,
-) -> Result<(Checkpoint, Vec<Vec<f32>>)> {
-    let p = dir.join("state.json");
-    let json = std::fs::read_to_string(&p).map_err(|e| io_err("resume", &p, e))?;
-    let ck: Checkpoint = serde_json::from_str(&json)
-        .map_err(|e| Error::arg("resume", format!("{}: {e}", p.display())))?;
-    if ck.fingerprint != fingerprint(cfg) {
-        return Err(Error::arg(
-            "resume",
-            format!(
-                "the checkpoint is of another run ({}), this run is {}",
-                ck.fingerprint,
-                fingerprint(cfg)
-            ),
-        ));
-    }
-    let p = dir.join("tensors.bin");
-    let bytes = std::fs::read(&p).map_err(|e| io_err("resume", &p, e))?;
-    let n = cfg.vocab * cfg.hidden;
-    if ck.tensor_len != n || bytes.len() != 4 * 4 * n {
-        return Err(Error::arg(
-            "resume",
-            format!(
-                "{}: expected 4 x {n} f32, got {} bytes",
-                p.display(),
-                bytes.len()
-            ),
-        ));
-    }
-    let all: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok((ck, all.chunks_exact(n).map(|c| c.to_vec()).collect()))
-}
-
-/// The advantages of the driver's three RL objectives: GRPO, eps 1e-6 (verl's).
-pub(crate) fn advantage_config() -> crate::advantages::AdvantageConfig {
-    crate::advantages::AdvantageConfig {
-        modes: vec![crate::advantages::AdvantageMode::Grpo; 3],
+/// The advantages of `rewards_k` RL objectives: GRPO per objective (eps 1e-6, verl's), or with
+/// `weights` GRPO of their weighted sum.
+pub(crate) fn advantage_config(rewards_k: usize, weights: Option<Vec<f64>>) -> AdvantageConfig {
+    AdvantageConfig {
+        modes: vec![AdvantageMode::Grpo; if weights.is_some() { 1 } else { rewards_k }],
         eps: 1e-6,
         lead: None,
-        reward_weights: None,
+        reward_weights: weights,
     }
 }
 
@@ -517,15 +147,19 @@ pub fn train_with(
         on_event(Event::Info(w));
     }
     on_event(Event::Info(format!(
-        "backend {}; {} prompts x {} rollouts x {} tokens + {} replay sequences = {} tokens per step, V = {}, H = {}",
+        "backend {}; {} prompts x {} rollouts x {} tokens + {} replay sequences = {} tokens per step, \
+         {} held-out sequences, V = {}, H = {}; weighting {:?}, weights on the {:?}",
         backend.name(),
         cfg.prompts,
         cfg.group,
         cfg.resp_len,
         cfg.replay_seqs,
         cfg.tokens(),
+        cfg.heldout_seqs,
         cfg.vocab,
-        cfg.hidden
+        cfg.hidden,
+        cfg.weighting,
+        cfg.apply
     )));
     if matches!(backend, Backend::Cpu) && (cfg.tokens() * cfg.vocab * cfg.hidden) as f64 > 1e10 {
         on_event(Event::Info(
@@ -548,18 +182,19 @@ fn optimizer(lr: f32) -> AdamW {
     }
 }
 
-/// The "pretrained" starting point: the replay sequences are learnt first (Adam on their NLL through
-/// the fused-linear path), then modest mass goes on the tags at their positions and on the answer
-/// tokens at the slot; that policy is frozen as the reference.
+/// The "pretrained" starting point: the general sequences (replay and held-out) are learnt first
+/// (Adam on their NLL through the fused-linear path), then modest mass goes on the tags at their
+/// positions and on the answer tokens at the slot; that policy is frozen as the reference.
 fn pretrain(task: &Task, engine: &mut dyn Engine) -> Result<()> {
-    let (l, h, r) = (task.cfg.resp_len, task.cfg.hidden, task.cfg.replay_seqs);
+    let (l, h) = (task.cfg.resp_len, task.cfg.hidden);
+    let seqs = task.cfg.replay_seqs + task.cfg.heldout_seqs;
     engine.set_weights(&task.w0, false)?;
-    let range = task.range(Part::Replay);
+    let range = task.range(Part::General);
     let labels = &task.tokens[range.clone()];
     let zeros = vec![0f32; range.len()];
-    let adv = vec![0f32; r];
+    let adv = vec![0f32; seqs];
     let mask = vec![1u8; range.len()];
-    let cu: Vec<i32> = (0..=r).map(|i| (i * l) as i32).collect();
+    let cu: Vec<i32> = (0..=seqs).map(|i| (i * l) as i32).collect();
     let inputs = HostLogitsLossInputs {
         labels,
         old_logp: &zeros,
@@ -574,9 +209,9 @@ fn pretrain(task: &Task, engine: &mut dyn Engine) -> Result<()> {
         normalizers: None,
     };
     let opt = optimizer(0.05);
-    if r > 0 {
+    if seqs > 0 {
         for _ in 0..PRETRAIN_STEPS {
-            engine.loss(Part::Replay, &inputs, &GrpoConfig::default())?;
+            engine.loss(Part::General, &inputs, &GrpoConfig::default())?;
             engine.adamw(&opt)?;
         }
     }
@@ -589,19 +224,123 @@ fn pretrain(task: &Task, engine: &mut dyn Engine) -> Result<()> {
     engine.set_weights(&w, true)
 }
 
-fn open_metrics(out: &Option<PathBuf>, append: bool) -> Result<Option<std::fs::File>> {
+fn metrics_path(dir: &Path) -> std::path::PathBuf {
+    dir.join("metrics.jsonl")
+}
+
+/// `metrics.jsonl` for writing: new, or (resuming at `keep` steps) its records of the steps before
+/// `keep` only, rewritten atomically first, so the steps a killed run logged after its last
+/// checkpoint (and a half-written last line) are not kept twice.
+fn open_metrics(
+    out: &Option<std::path::PathBuf>,
+    keep: Option<usize>,
+) -> Result<Option<std::fs::File>> {
     let Some(dir) = out else { return Ok(None) };
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::arg("out", format!("cannot create {}: {e}", dir.display())))?;
-    let path = dir.join("metrics.jsonl");
+    let path = metrics_path(dir);
+    let err =
+        |e: std::io::Error| Error::arg("out", format!("cannot write {}: {e}", path.display()));
+    if let Some(keep) = keep {
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let kept: String = old
+            .lines()
+            .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step < keep))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&path, kept.as_bytes())?;
+    }
     std::fs::OpenOptions::new()
         .create(true)
         .write(true)
-        .append(append)
-        .truncate(!append)
+        .append(keep.is_some())
+        .truncate(keep.is_none())
         .open(&path)
         .map(Some)
-        .map_err(|e| Error::arg("out", format!("cannot write {}: {e}", path.display())))
+        .map_err(err)
+}
+
+/// How a step's batch is laid out for the loss under `cfg.apply`: objective kinds, membership,
+/// the loss's weights from the scheduler's and the advantages from the rewards.
+struct Objectives {
+    kinds: Vec<ObjectiveKind>,
+    membership: Vec<u32>,
+}
+
+impl Objectives {
+    fn new(cfg: &TrainConfig) -> Objectives {
+        let (rollouts, b) = (cfg.rollouts(), cfg.rollouts() + cfg.replay_seqs);
+        let (kinds, rl_bits, replay_bit) = match cfg.apply {
+            // one GRPO objective per reward, then the replay NLL
+            Apply::Loss => (
+                vec![
+                    ObjectiveKind::Policy,
+                    ObjectiveKind::Policy,
+                    ObjectiveKind::Policy,
+                    ObjectiveKind::Nll,
+                ],
+                0b0111,
+                0b1000,
+            ),
+            // one GRPO objective for the weighted sum of the rewards, then the replay NLL
+            Apply::Reward => (vec![ObjectiveKind::Policy, ObjectiveKind::Nll], 0b01, 0b10),
+        };
+        Objectives {
+            kinds,
+            membership: (0..b)
+                .map(|i| if i < rollouts { rl_bits } else { replay_bit })
+                .collect(),
+        }
+    }
+
+    /// The loss's lambda for the scheduler's weights (format, accuracy, overlap, replay).
+    fn lambda(&self, apply: Apply, w: &[f32]) -> Vec<f32> {
+        match apply {
+            Apply::Loss => w.to_vec(),
+            Apply::Reward => vec![1.0, w[3]],
+        }
+    }
+
+    /// Per-sequence advantages `[B, K]` of the step from its rewards `[rollouts, 3]`.
+    fn advantages(
+        &self,
+        cfg: &TrainConfig,
+        engine: &mut dyn Engine,
+        rewards: &[f32],
+        w: &[f32],
+    ) -> Result<Vec<f32>> {
+        let (rollouts, b, k) = (
+            cfg.rollouts(),
+            cfg.rollouts() + cfg.replay_seqs,
+            self.kinds.len(),
+        );
+        let weights =
+            (cfg.apply == Apply::Reward).then(|| w[..3].iter().map(|x| *x as f64).collect());
+        let ac = advantage_config(3, weights);
+        let per = ac.num_outputs();
+        let mut rl = vec![0f32; rollouts * per];
+        engine.advantages(rewards, &ac, &mut rl)?;
+        let mut adv = vec![0f32; b * k];
+        for i in 0..rollouts {
+            adv[i * k..i * k + per].copy_from_slice(&rl[i * per..(i + 1) * per]);
+        }
+        Ok(adv)
+    }
+}
+
+/// The scheduler's weights this step: RECAP's, all 1, or the RL objectives' only.
+fn scheduler_weights(cfg: &TrainConfig, sched: &RecapScheduler) -> Vec<f32> {
+    match cfg.weighting {
+        Weighting::Recap => sched.weights(),
+        Weighting::Uniform => vec![1.0; 4],
+        Weighting::RlOnly => vec![1.0, 1.0, 1.0, 0.0],
+    }
+}
+
+/// Mean `-logp` over a part of the layout, `None` when it is empty.
+fn nll(old: &[f32], range: std::ops::Range<usize>) -> Option<f64> {
+    (!range.is_empty())
+        .then(|| -old[range.clone()].iter().map(|x| *x as f64).sum::<f64>() / range.len() as f64)
 }
 
 fn run(
@@ -610,85 +349,73 @@ fn run(
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<Vec<StepMetrics>> {
     let cfg = &task.cfg;
-    let (l, r) = (cfg.resp_len, cfg.replay_seqs);
-    let kinds = [
-        ObjectiveKind::Policy,
-        ObjectiveKind::Policy,
-        ObjectiveKind::Policy,
-        ObjectiveKind::Nll,
-    ];
+    let (l, g) = (cfg.resp_len, cfg.group);
     let orient = [
         Orientation::Reward,
         Orientation::Reward,
         Orientation::Reward,
         Orientation::Loss,
     ];
-    let mut sched = RecapScheduler::new(&orient, RecapConfig::default())?;
-    let mut file = open_metrics(&cfg.out, cfg.resume.is_some())?;
+    let mut sched = RecapScheduler::new(&orient, cfg.recap.clone())?;
     let (first_step, w_ref) = match &cfg.resume {
         Some(dir) => {
-            let (ck, t) = read_checkpoint(dir, cfg)?;
+            let (state, t) = checkpoint::read(dir, cfg)?;
             engine.set_weights(&t[3], true)?;
-            engine.restore(&t[0], &t[1], &t[2], ck.adam_t)?;
-            sched = RecapScheduler::from_json(&ck.scheduler)?;
+            engine.restore(&t[0], &t[1], &t[2], state.adam_t)?;
+            sched = RecapScheduler::from_json(&state.scheduler)?;
             on_event(Event::Info(format!(
                 "resuming {} at step {}",
                 dir.display(),
-                ck.next_step
+                state.next_step
             )));
-            (ck.next_step, t[3].clone())
+            let [_, _, _, reference] = t;
+            (state.next_step, reference)
         }
         None => {
             on_event(Event::Info(format!(
-                "pretraining on the replay sequences ({PRETRAIN_STEPS} Adam steps)"
+                "pretraining on the general sequences ({PRETRAIN_STEPS} Adam steps)"
             )));
             pretrain(task, engine)?;
             (0, engine.weights()?)
         }
     };
+    let mut file = open_metrics(&cfg.out, cfg.resume.as_ref().map(|_| first_step))?;
+    let objectives = Objectives::new(cfg);
     let rollouts = cfg.rollouts();
-    let b = rollouts + r;
+    let b = rollouts + cfg.replay_seqs;
     let t = cfg.tokens();
     let cu: Vec<i32> = (0..=b).map(|i| (i * l) as i32).collect();
-    let membership: Vec<u32> = (0..b)
-        .map(|i| if i < rollouts { 0b0111 } else { 0b1000 })
-        .collect();
     let mask = vec![1u8; t];
     let opt = optimizer(cfg.lr);
     let config = GrpoConfig::default();
     let mut records = Vec::new();
     let mut tokens = task.tokens.clone();
-    let mut old = vec![0f32; t];
-    let mut reference = vec![0f32; t];
+    let n = task.layout_len();
+    let mut old = vec![0f32; n];
+    let mut reference = vec![0f32; n];
+    let probes = task.range(Part::Probes);
     for step in first_step..cfg.steps {
         let started = Instant::now();
         engine.rollout(step, &mut tokens, &mut old, &mut reference)?;
         let sampled = Instant::now();
         let rewards = task.rewards(&tokens);
-        let mut adv3 = vec![0f32; rollouts * 3];
-        engine.advantages(&rewards, &mut adv3)?;
-        let mut adv = vec![0f32; b * 4];
-        for i in 0..rollouts {
-            adv[i * 4..i * 4 + 3].copy_from_slice(&adv3[i * 3..i * 3 + 3]);
-        }
-        let replay_nll =
-            -(rollouts * l..t).map(|i| old[i] as f64).sum::<f64>() / (r * l).max(1) as f64;
-        let lambda = match cfg.weighting {
-            Weighting::Recap => sched.weights(),
-            Weighting::Uniform => vec![1.0; 4],
-        };
+        let w = scheduler_weights(cfg, &sched);
+        let adv = objectives.advantages(cfg, engine, &rewards, &w)?;
+        let lambda = objectives.lambda(cfg.apply, &w);
+        let general_nll = nll(&old, task.range(Part::Replay));
+        let heldout_nll = nll(&old, task.range(Part::Heldout));
         let advantaged = Instant::now();
         let inputs = HostLogitsLossInputs {
-            labels: &tokens,
-            old_logp: &old,
-            ref_logp: Some(&reference),
+            labels: &tokens[..t],
+            old_logp: &old[..t],
+            ref_logp: Some(&reference[..t]),
             rollout_logp: None,
             advantages: Advantages::PerSequence(&adv),
             mask: Mask::U8(&mask),
             cu_seqlens: &cu,
             lambda: &lambda,
-            objectives: &kinds,
-            membership: Some(&membership),
+            objectives: &objectives.kinds,
+            membership: Some(&objectives.membership),
             normalizers: None,
         };
         let (mut loss_s, mut opt_s) = (0.0, 0.0);
@@ -717,17 +444,42 @@ fn run(
                 / rollouts as f64
         };
         let (fmt, acc, ovl) = (mean(0), mean(1), mean(2));
-        sched.observe(&[fmt.max(1e-6), acc.max(1e-6), ovl.max(1e-6), replay_nll])?;
+        // the replay objective monitors the replay NLL (the held-out NLL without replay sequences)
+        let monitored = general_nll.or(heldout_nll).unwrap_or(0.0);
+        sched.observe(&[fmt.max(1e-6), acc.max(1e-6), ovl.max(1e-6), monitored])?;
+        let correct: Vec<usize> = (0..cfg.prompts)
+            .map(|q| {
+                (0..g)
+                    .filter(|j| rewards[(q * g + j) * 3 + 1] > 0.0)
+                    .count()
+            })
+            .collect();
+        let (kept, lost, new, answer_entropy) = metrics::support(
+            &old[probes.clone()],
+            &reference[probes.clone()],
+            &task.answer,
+        );
         let secs = started.elapsed().as_secs_f64();
         let m = StepMetrics {
             step,
             format: fmt,
             accuracy: acc,
             overlap: ovl,
-            replay_nll,
-            lambda: lambda.clone(),
+            general_nll,
+            heldout_nll,
+            pass_at_1: metrics::mean_pass_at_k(&correct, g, 1),
+            pass_at_half: metrics::mean_pass_at_k(&correct, g, (g / 2).max(1)),
+            pass_at_g: metrics::mean_pass_at_k(&correct, g, g),
+            support_kept: kept,
+            support_lost: lost,
+            support_new: new,
+            answer_entropy,
+            lambda: w.clone(),
             loss: avg(&|o| o.loss),
-            pg_clipfrac: avg(&|o| o.grpo.metrics.pg_clipfrac.iter().take(3).sum::<f64>() / 3.0),
+            pg_clipfrac: avg(&|o| {
+                let k = objectives.kinds.len() - 1;
+                o.grpo.metrics.pg_clipfrac.iter().take(k).sum::<f64>() / k as f64
+            }),
             ppo_kl: avg(&|o| o.grpo.metrics.ppo_kl),
             kl: avg(&|o| o.grpo.metrics.kl_mean),
             entropy: avg(&|o| o.entropy_mean),
@@ -744,71 +496,76 @@ fn run(
         }
         on_event(Event::Step(&m));
         records.push(m);
-    }
-    if let Some(dir) = &cfg.checkpoint {
-        let (m, v, adam_t) = engine.adam_state()?;
-        let w = engine.weights()?;
-        let ck = Checkpoint {
-            next_step: cfg.steps.max(first_step),
-            adam_t,
-            scheduler: sched.to_json()?,
-            fingerprint: fingerprint(cfg),
-            tensor_len: w.len(),
-        };
-        write_checkpoint(dir, &ck, [&w, &m, &v, &w_ref])?;
-        on_event(Event::Info(format!(
-            "checkpoint written to {}",
-            dir.display()
-        )));
+        let done = step + 1;
+        let periodic = cfg.checkpoint_every.is_some_and(|k| k > 0 && done % k == 0);
+        if let Some(dir) = cfg
+            .checkpoint
+            .as_ref()
+            .filter(|_| periodic || done == cfg.steps)
+        {
+            if let Some(f) = file.as_mut() {
+                // the log reaches the disk before the checkpoint that covers it
+                f.sync_data()
+                    .map_err(|e| Error::arg("out", e.to_string()))?;
+            }
+            save(dir, task, engine, &sched, done, &w_ref)?;
+            if done == cfg.steps {
+                on_event(Event::Info(format!(
+                    "checkpoint written to {}",
+                    dir.display()
+                )));
+            }
+        }
     }
     Ok(records)
 }
 
-/// The summary table comparing the first and the last window of `records` (W = 10 steps), with
-/// the mean phase times.
-pub fn summary(records: &[StepMetrics]) -> String {
-    let w = 10.min(records.len().max(1));
-    let avg = |rs: &[StepMetrics], f: &dyn Fn(&StepMetrics) -> f64| {
-        rs.iter().map(f).sum::<f64>() / rs.len().max(1) as f64
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsynced, then renamed over it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let err =
+        |e: std::io::Error| Error::arg("out", format!("cannot write {}: {e}", path.display()));
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(bytes).map_err(err)?;
+        f.sync_all().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Writes the checkpoint of the state after `next_step` steps.
+fn save(
+    dir: &Path,
+    task: &Task,
+    engine: &mut dyn Engine,
+    sched: &RecapScheduler,
+    next_step: usize,
+    w_ref: &[f32],
+) -> Result<()> {
+    let (m, v, adam_t) = engine.adam_state()?;
+    let w = engine.weights()?;
+    let state = checkpoint::State {
+        next_step,
+        adam_t,
+        scheduler: sched.to_json()?,
+        fingerprint: task.cfg.fingerprint(),
     };
-    let (first, last) = (
-        &records[..w.min(records.len())],
-        &records[records.len().saturating_sub(w)..],
-    );
-    type Field = (&'static str, fn(&StepMetrics) -> f64);
-    let fields: [Field; 6] = [
-        ("format", |m| m.format),
-        ("accuracy", |m| m.accuracy),
-        ("overlap", |m| m.overlap),
-        ("replay_nll", |m| m.replay_nll),
-        ("entropy", |m| m.entropy),
-        ("pg_clipfrac", |m| m.pg_clipfrac),
-    ];
-    let mut s = format!("{:<18} {:>12} {:>12}\n", "", "first steps", "last steps");
-    for (name, f) in fields {
-        s += &format!(
-            "{name:<18} {:>12.4} {:>12.4}\n",
-            avg(first, &f),
-            avg(last, &f)
-        );
-    }
-    for (k, name) in OBJECTIVES.iter().enumerate() {
-        s += &format!(
-            "{:<18} {:>12.4} {:>12.4}\n",
-            format!("lambda {name}"),
-            avg(first, &|m| m.lambda[k] as f64),
-            avg(last, &|m| m.lambda[k] as f64)
-        );
-    }
-    let all = |f: &dyn Fn(&StepMetrics) -> f64| avg(records, f);
-    s += &format!(
-        "step {:.1} ms (sampling {:.1}, advantages {:.1}, loss {:.1}, optimizer {:.1}), {:.0} tokens/s",
-        all(&|m| m.step_time_ms),
-        all(&|m| m.sample_ms),
-        all(&|m| m.advantages_ms),
-        all(&|m| m.loss_ms),
-        all(&|m| m.optimizer_ms),
-        all(&|m| m.tokens_per_s),
-    );
-    s
+    checkpoint::write(
+        dir,
+        &state,
+        [&w, &m, &v, w_ref],
+        task.cfg.vocab,
+        task.cfg.hidden,
+    )?;
+    Ok(())
 }
