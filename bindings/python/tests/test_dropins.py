@@ -253,3 +253,31 @@ def test_trl_mixin_with_a_stand_in_trainer(gen):
     trainer.log({})
     assert set(trainer.logged) == {"kl", "entropy", "clip_ratio/region_mean"}
     assert all(isinstance(v, float) for v in trainer.logged.values())
+
+
+def test_recap_reward_weights_callback_with_a_stand_in_trainer():
+    """The callback reads each reward function's logged batch means since the last step, feeds them
+    to the scheduler and sets trainer.reward_weights (TRL's sum-then-normalize weights)."""
+    from collections import defaultdict
+
+    trainer = types.SimpleNamespace(reward_func_names=["format", "accuracy"], _metrics={"train": defaultdict(list)},
+                                    reward_weights=torch.ones(2))
+    cb = rk.trl.RecapRewardWeights(trainer, window=3)
+    reference = rk.RecapWeights(["reward", "reward"], window=3)
+    for step in range(10):
+        # two generation batches per optimizer step (gradient accumulation)
+        for half in (0, 1):
+            trainer._metrics["train"]["rewards/format/mean"].append(1.0)
+            trainer._metrics["train"]["rewards/accuracy/mean"].append(0.1 + 0.05 * step + 0.01 * half)
+        cb.on_step_end()
+        reference.observe([1.0, 0.1 + 0.05 * step + 0.005])
+        if step == 4:
+            trainer._metrics["train"].clear()  # what the trainer's log() does
+    assert torch.equal(trainer.reward_weights, reference.tensor())
+    w = trainer.reward_weights.tolist()
+    assert w[1] > 1.0 > w[0], "the improving reward gains weight, the saturated one loses it"
+    again = rk.trl.RecapRewardWeights(trainer, window=3)
+    again.load_state_dict(cb.state_dict())
+    assert again.weights.weights() == cb.weights.weights()
+    cb.on_step_end()  # nothing logged since: no observation
+    assert cb.weights.steps == 10

@@ -10,6 +10,8 @@ mixin that puts it into a ``GRPOTrainer``.
     class Trainer(rk_trl.RecapGRPOMixin, GRPOTrainer):   # the mixin first: its _compute_loss wins
         pass
 
+    trainer.add_callback(rk_trl.RecapRewardWeights(trainer))  # RECAP's weights on the reward functions
+
 Loss types: grpo, bnpo, dr_grpo, dapo (clipped surrogate, ``delta`` two-sided clipping), cispo
 (the ratio capped at ``epsilon_high``), sapo (``sapo_temperature_pos`` / ``_neg``), with
 ``importance_sampling_level`` "token" or "sequence" (GSPO; per-sequence advantages), ``beta`` (k3
@@ -32,7 +34,7 @@ from torch import Tensor
 from . import functional as F
 from ._native import RecapError
 
-__all__ = ["grpo_loss", "high_entropy_mask", "RecapGRPOMixin"]
+__all__ = ["grpo_loss", "high_entropy_mask", "RecapGRPOMixin", "RecapRewardWeights"]
 
 # the largest float32 below 1: CISPO's lower clip bound 1 - clip_low is then 2^-24, below any ratio
 # that matters (TRL's CISPO clips only above)
@@ -202,3 +204,60 @@ class RecapGRPOMixin:
             for key, val in values.items():
                 values[key] = [float(v) if isinstance(v, Tensor) else v for v in val]
         return super().log(logs, start_time)
+
+
+try:  # a transformers TrainerCallback when transformers is installed (it is with TRL)
+    from transformers import TrainerCallback as _CallbackBase
+except ImportError:  # the callback still works when driven by hand
+    class _CallbackBase:  # type: ignore[no-redef]
+        pass
+
+
+class RecapRewardWeights(_CallbackBase):
+    """RECAP's weights on a ``GRPOTrainer``'s reward functions, as the RECAP authors apply them:
+    after every optimizer step, each reward function's batch-mean reward (what the trainer logged
+    as ``rewards/<name>/mean`` since the last step) goes to the scheduler (orientation "reward"),
+    and the new weights become ``trainer.reward_weights``, which TRL multiplies into the rewards
+    before their group normalization (``multi_objective_aggregation="sum_then_normalize"``).
+
+        trainer = GRPOTrainer(..., reward_funcs=[format_reward, accuracy_reward])
+        trainer.add_callback(rk_trl.RecapRewardWeights(trainer))          # scheduler options as kwargs
+
+    ``options`` are the scheduler's (``recap_kernels.RecapWeights``); ``state_dict`` /
+    ``load_state_dict`` checkpoint it."""
+
+    def __init__(self, trainer, **options):
+        from .weights import RecapWeights
+
+        self.trainer = trainer
+        self.names = list(trainer.reward_func_names)
+        self.weights = RecapWeights(["reward"] * len(self.names), **options)
+        self._seen = {}
+
+    def _step_means(self):
+        log = self.trainer._metrics["train"]
+        means = []
+        for name in self.names:
+            values = log.get(f"rewards/{name}/mean", [])
+            start = self._seen.get(name, 0)
+            if start > len(values):  # the trainer's log() cleared its lists
+                start = 0
+            new = values[start:]
+            self._seen[name] = len(values)
+            if not new:
+                return None
+            means.append(sum(float(v) for v in new) / len(new))
+        return means
+
+    def on_step_end(self, args=None, state=None, control=None, **kwargs):
+        means = self._step_means()
+        if means is not None:
+            self.weights.observe(means)
+            self.trainer.reward_weights = self.weights.tensor()
+        return control
+
+    def state_dict(self):
+        return self.weights.state_dict()
+
+    def load_state_dict(self, state):
+        self.weights.load_state_dict(state)
