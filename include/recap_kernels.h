@@ -106,6 +106,22 @@ int recap_logprob_backward_inplace(int32_t device, void* stream, void* logits, i
                                    const float* entropy, const float* g_logp, const float* g_entropy,
                                    float temperature, int32_t ignore_index);
 
+/* Vocabulary (tensor) parallelism in three steps, the collective between 1 and 2 (README
+ * "Tensor parallelism"). 1: one shard's partials [3, T] (LSE, entropy, label logit or -inf) of
+ * logits holding the vocabulary columns [vocab_start, vocab_start + vocab); labels are global. */
+int recap_tp_partials(int32_t device, void* stream, const void* logits, int32_t dtype, int64_t rows, int64_t vocab,
+                      int64_t ld, const int32_t* labels, int64_t vocab_start, float temperature, int32_t ignore_index,
+                      float* partials);
+/* 2: the combine of P shards' partials [P, 3, T], in ascending vocab_start, into logp, entropy and
+ * lse [T] over the whole vocabulary (the same bits on every rank). */
+int recap_tp_combine(int32_t device, void* stream, const float* partials, int32_t shards, int64_t rows,
+                     const int32_t* labels, int32_t ignore_index, float* logp, float* entropy, float* lse);
+/* 3: the shard's slice of the whole gradient, over its logits, from the combined lse and entropy. */
+int recap_tp_backward_inplace(int32_t device, void* stream, void* logits, int32_t dtype, int64_t rows, int64_t vocab,
+                              int64_t ld, const int32_t* labels, int64_t vocab_start, const float* lse,
+                              const float* entropy, const float* g_logp, const float* g_entropy, float temperature,
+                              int32_t ignore_index);
+
 /* Group advantages of rewards [B, K] into out [B, K]: groups of group_size consecutive rollouts,
  * or group_ids [B] (nullable; dense ids in [0, num_groups) on a device, any ids on the host);
  * modes [K] host (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std). */

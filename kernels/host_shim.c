@@ -117,7 +117,12 @@ static const size_t logits_layout[] = {
     F(RecapLogitsParams, g_entropy), F(RecapLogitsParams, dlogits), F(RecapLogitsParams, num_rows),
     F(RecapLogitsParams, vocab), F(RecapLogitsParams, ld), F(RecapLogitsParams, out_ld),
     F(RecapLogitsParams, ignore_index), F(RecapLogitsParams, mask_u8), F(RecapLogitsParams, inv_temperature),
-    F(RecapLogitsParams, g_entropy_scale)};
+    F(RecapLogitsParams, g_entropy_scale), F(RecapLogitsParams, label_logit), F(RecapLogitsParams, label_offset),
+    F(RecapLogitsParams, sharded), F(RecapLogitsParams, pad0)};
+static const size_t tp_layout[] = {
+    sizeof(RecapTpParams), F(RecapTpParams, partials), F(RecapTpParams, logp), F(RecapTpParams, entropy),
+    F(RecapTpParams, lse), F(RecapTpParams, labels), F(RecapTpParams, missing), F(RecapTpParams, num_rows),
+    F(RecapTpParams, num_shards), F(RecapTpParams, ignore_index)};
 static const size_t adv_layout[] = {
     sizeof(RecapAdvParams), F(RecapAdvParams, rewards), F(RecapAdvParams, group_ids), F(RecapAdvParams, lengths),
     F(RecapAdvParams, work), F(RecapAdvParams, batch_std), F(RecapAdvParams, out), F(RecapAdvParams, counts),
@@ -139,7 +144,7 @@ static const size_t train_layout[] = {
 #undef F
 
 /* Size then field offsets (declaration order) of struct `which`: 0 grpo, 1 seq, 2 reduce, 3 kl,
- * 4 finalize, 5 logits, 6 advantages, 7 train. Returns the number of entries, writes at most `cap` of them. */
+ * 4 finalize, 5 logits, 6 advantages, 7 train, 8 tensor-parallel combine. Returns the number of entries, writes at most `cap` of them. */
 size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     const size_t* src;
     size_t n;
@@ -152,6 +157,7 @@ size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     case 5: src = logits_layout; n = sizeof(logits_layout) / sizeof(size_t); break;
     case 6: src = adv_layout; n = sizeof(adv_layout) / sizeof(size_t); break;
     case 7: src = train_layout; n = sizeof(train_layout) / sizeof(size_t); break;
+    case 8: src = tp_layout; n = sizeof(tp_layout) / sizeof(size_t); break;
     default: return 0;
     }
     for (size_t i = 0; i < n && i < cap; ++i) out[i] = src[i];

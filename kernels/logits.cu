@@ -10,6 +10,14 @@
  *             bad_labels and gives logp = 0.
  *   backward: dz_j = (1/tau) (g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H)),  p_j = exp(x_j - LSE)
  *             written in the logits' dtype, into a separate buffer or over the logits themselves.
+ * Vocabulary shards (tensor parallelism, `sharded`): the logits are columns [label_offset,
+ * label_offset + V) of the whole vocabulary; the forward gives each row's partial statistics
+ * (LSE and entropy of the shard, the label's logit x_y or -inf when it is another shard's), which
+ * recap_tp_combine merges over the P shards into the whole vocabulary's logp, entropy and LSE:
+ *   M = max_r lse_r,  LSE = M + log sum_r exp(lse_r - M),  w_r = exp(lse_r - LSE),
+ *   H = sum_r w_r (H_r - log w_r),  logp = x_y - LSE;
+ * the backward on a shard is the formula above with the combined LSE and H (no one-hot where the
+ * label is elsewhere), so each shard gets its slice of the whole gradient without a collective.
  * fp32 arithmetic throughout; 64-bit row offsets, so T * V beyond 2^31 elements is fine.
  *
  * Threads. One block per row. Each thread walks the row in 16-byte vectors (8 bf16/f16 or 4 f32)
@@ -94,10 +102,14 @@ __device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
         const float lse = acc.m + log_s;
         const int y = ((const int32_t*)p.labels)[row];
         const bool ignored = y == p.ignore_index;
-        const bool bad = !ignored && (y < 0 || (int64_t)y >= V);
+        const int64_t yl = (int64_t)y - p.label_offset;
+        const bool here = yl >= 0 && yl < V;
+        const bool bad = !ignored && !here && !p.sharded;
         if (bad) atomicAdd((unsigned*)p.bad_labels, 1u); /* an integer count: order does not matter */
-        const bool use = !ignored && !bad;
-        ((float*)p.logp)[row] = use ? recap_scaled(z[y], inv_tau) - lse : 0.0f;
+        const bool use = !ignored && here;
+        const float x_y = use ? recap_scaled(z[yl], inv_tau) : RECAP_NEG_INF;
+        if (p.logp) ((float*)p.logp)[row] = use ? x_y - lse : 0.0f;
+        if (p.label_logit) ((float*)p.label_logit)[row] = x_y;
         ((float*)p.lse)[row] = lse;
         if (p.entropy) ((float*)p.entropy)[row] = log_s - acc.a / acc.s;
         if (p.valid) {
@@ -115,8 +127,12 @@ __device__ __forceinline__ void logprob_backward(const RecapLogitsParams& p) {
     T* dz = (T*)p.dlogits + row * p.out_ld;
     const float inv_tau = p.inv_temperature;
     const int64_t V = p.vocab;
-    const int y = ((const int32_t*)p.labels)[row];
-    const bool use = y != p.ignore_index && y >= 0 && (int64_t)y < V;
+    const int y0 = ((const int32_t*)p.labels)[row];
+    const int64_t yl = (int64_t)y0 - p.label_offset;
+    const bool here = yl >= 0 && yl < V;
+    /* the one-hot column (none when the label is another shard's) */
+    const int64_t y = here ? yl : -1;
+    const bool use = y0 != p.ignore_index && (here || p.sharded);
     const float g = (use && p.g_logp) ? ((const float*)p.g_logp)[row] : 0.0f;
     const float ge = p.g_entropy ? p.g_entropy_scale * ((const float*)p.g_entropy)[row] : 0.0f;
     const float lse = ((const float*)p.lse)[row];
@@ -159,6 +175,42 @@ __device__ __forceinline__ void logprob_backward(const RecapLogitsParams& p) {
 RECAP_LOGITS_INST(float, f32)
 RECAP_LOGITS_INST(__half, f16)
 RECAP_LOGITS_INST(__nv_bfloat16, bf16)
+
+/* The combine of the P shards' partials (ascending vocab_start) into each row's logp, entropy and
+ * LSE, in shard order (so the same partials give the same bits whatever order the collective
+ * delivered them in, once sorted). One thread per row, grid-stride. */
+extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_tp_combine(const RecapTpParams p) {
+    const float* __restrict__ part = (const float*)p.partials;
+    const int64_t T = p.num_rows;
+    const int P = p.num_shards;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    /* shard r's planes: lse at (3 r) T, entropy at (3 r + 1) T, label logit at (3 r + 2) T */
+#define RECAP_TP_AT(r, c, t) part[((int64_t)(r) * 3 + (c)) * T + (t)]
+    for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < T; t += stride) {
+        float m = RECAP_NEG_INF, x_y = RECAP_NEG_INF;
+        for (int r = 0; r < P; ++r) {
+            m = fmaxf(m, RECAP_TP_AT(r, 0, t));
+            const float xr = RECAP_TP_AT(r, 2, t);
+            if (xr > RECAP_NEG_INF) x_y = xr;
+        }
+        float s = 0.0f;
+        for (int r = 0; r < P; ++r) s += expf(RECAP_TP_AT(r, 0, t) - m);
+        const float lse = m + logf(s);
+        float h = 0.0f;
+        for (int r = 0; r < P; ++r) {
+            const float lw = RECAP_TP_AT(r, 0, t) - lse;
+            const float w = expf(lw);
+            if (w > 0.0f) h += w * (RECAP_TP_AT(r, 1, t) - lw);
+        }
+#undef RECAP_TP_AT
+        const int y = ((const int32_t*)p.labels)[t];
+        const bool ignored = y == p.ignore_index;
+        if (!ignored && !(x_y > RECAP_NEG_INF)) atomicAdd((unsigned*)p.missing, 1u);
+        ((float*)p.logp)[t] = (ignored || !(x_y > RECAP_NEG_INF)) ? 0.0f : x_y - lse;
+        ((float*)p.entropy)[t] = h;
+        ((float*)p.lse)[t] = lse;
+    }
+}
 
 /* f32 -> bf16 rounding of a [T, V] gradient chunk, for the GEMMs of the fused-linear path when the
  * logits are kept in f32. Params: logits = const float* in, dlogits = bf16* out, num_rows = number of

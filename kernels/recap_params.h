@@ -207,7 +207,7 @@ typedef struct RecapFinalizeParams {
 typedef struct RecapLogitsParams {
     uint64_t logits;     /* const bf16/f16/f32 [T, ld]                                        */
     uint64_t labels;     /* const int32_t[T]                                                  */
-    uint64_t logp;       /* float[T] out (forward)                                            */
+    uint64_t logp;       /* float[T] out (forward), or 0 (sharded partials)                     */
     uint64_t entropy;    /* float[T] out (forward, or 0); in (backward with g_entropy)        */
     uint64_t lse;        /* float[T] out (forward); in (backward): logsumexp of logits / tau  */
     uint64_t bad_labels; /* uint32_t counter of labels outside [0, V) and not ignore_index    */
@@ -224,7 +224,30 @@ typedef struct RecapLogitsParams {
     int32_t mask_u8;     /* 1: mask is uint8_t                                                 */
     float inv_temperature;
     float g_entropy_scale; /* multiplies g_entropy                                            */
+    /* Vocabulary shards (tensor parallelism): the logits are the columns [label_offset,
+     * label_offset + V) of the whole vocabulary; a label is local at y - label_offset. */
+    uint64_t label_logit; /* float[T] out (forward), or 0: x_y, -inf where the label is elsewhere */
+    int64_t label_offset; /* the shard's first vocabulary index (0 unsharded)                   */
+    int32_t sharded;      /* 1: a label outside the shard is another shard's (not bad): no      */
+                          /* logp (forward); g_logp kept, no one-hot (backward)                 */
+    int32_t pad0;
 } RecapLogitsParams;
+
+/*
+ * Parameters of recap_tp_combine (logits.cu): the P shards' partial statistics of each row, in
+ * ascending order of their vocab_start, into the whole vocabulary's log-probability, entropy and LSE.
+ */
+typedef struct RecapTpParams {
+    uint64_t partials;   /* const float[P, 3, T]: planes lse, entropy, label logit (or -inf) */
+    uint64_t logp;       /* float[T] out                                                      */
+    uint64_t entropy;    /* float[T] out                                                      */
+    uint64_t lse;        /* float[T] out                                                      */
+    uint64_t labels;     /* const int32_t[T]: ignore_index gives logp 0                        */
+    uint64_t missing;    /* uint32_t counter of rows with a label in no shard (and not ignored) */
+    int64_t num_rows;    /* T                                                                 */
+    int32_t num_shards;  /* P                                                                 */
+    int32_t ignore_index;
+} RecapTpParams;
 
 /* Advantage modes (2 bits per objective in RecapAdvParams.modes). */
 #define RECAP_ADV_GRPO 0     /* (r - mean_g) / (std_g + eps), unbiased std; a group of one gives 0 */

@@ -742,6 +742,151 @@ pub unsafe extern "C" fn recap_logprob_backward_inplace(
     })
 }
 
+/// Vocabulary parallelism, step 1: one shard's partial statistics of each row into `partials`
+/// [3, T] (the shard's LSE, entropy, label logit or -inf) for logits [rows, ld] holding the columns
+/// [vocab_start, vocab_start + vocab) of the whole vocabulary; `labels` are global. All-gather the
+/// partials (and each shard's vocab_start) over the tensor-parallel group, then
+/// `recap_tp_combine`.
+///
+/// # Safety
+/// As `recap_logprob_forward`; `partials` 3 * rows writable floats.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_tp_partials(
+    device: i32,
+    stream: *mut c_void,
+    logits: *const c_void,
+    dtype: i32,
+    rows: i64,
+    vocab: i64,
+    ld: i64,
+    labels: *const i32,
+    vocab_start: i64,
+    temperature: f32,
+    ignore_index: i32,
+    partials: *mut f32,
+) -> i32 {
+    guard(|| {
+        let LogitsShape { t, v, ld, span, lc } =
+            logits_shape(rows, vocab, ld, temperature, ignore_index)?;
+        let start = len("vocab_start", vocab_start)?;
+        macro_rules! go {
+            ($e:ty) => {
+                raw::tp_partials::<$e>(
+                    place(device, stream),
+                    &Logits {
+                        data: arr(logits as *const $e, span),
+                        rows: t,
+                        vocab: v,
+                        ld,
+                    },
+                    arr(labels, t),
+                    start,
+                    &lc,
+                    out_arr(partials, 3 * t),
+                )
+            };
+        }
+        by_dtype!(dtype, go)
+    })
+}
+
+/// Vocabulary parallelism, step 2: the combine of `shards` shards' partials [P, 3, T] (ordered by
+/// ascending vocab_start) into `logp`, `entropy` and `lse` [T] over the whole vocabulary (labels
+/// equal to ignore_index give logp 0; a label in no shard is an error).
+///
+/// # Safety
+/// Arrays on the device (host for device < 0) of the stated sizes.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_tp_combine(
+    device: i32,
+    stream: *mut c_void,
+    partials: *const f32,
+    shards: i32,
+    rows: i64,
+    labels: *const i32,
+    ignore_index: i32,
+    logp: *mut f32,
+    entropy: *mut f32,
+    lse: *mut f32,
+) -> i32 {
+    guard(|| {
+        let t = len("rows", rows)?;
+        let p = len("shards", shards as i64)?;
+        let lc = LogprobConfig {
+            ignore_index,
+            ..LogprobConfig::default()
+        };
+        raw::tp_combine(
+            place(device, stream),
+            arr(partials, p * 3 * t),
+            p,
+            arr(labels, t),
+            &lc,
+            out_arr(logp, t),
+            out_arr(entropy, t),
+            out_arr(lse, t),
+        )
+    })
+}
+
+/// Vocabulary parallelism, step 3: the shard's slice of the gradient of
+/// `g_logp . logp + g_entropy . entropy` over the whole vocabulary, written over the shard's
+/// logits, from the combined `lse` and `entropy` of `recap_tp_combine` (no collective).
+///
+/// # Safety
+/// As `recap_logprob_backward_inplace`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_tp_backward_inplace(
+    device: i32,
+    stream: *mut c_void,
+    logits: *mut c_void,
+    dtype: i32,
+    rows: i64,
+    vocab: i64,
+    ld: i64,
+    labels: *const i32,
+    vocab_start: i64,
+    lse: *const f32,
+    entropy: *const f32,
+    g_logp: *const f32,
+    g_entropy: *const f32,
+    temperature: f32,
+    ignore_index: i32,
+) -> i32 {
+    guard(|| {
+        let LogitsShape { t, v, ld, span, lc } =
+            logits_shape(rows, vocab, ld, temperature, ignore_index)?;
+        let start = len("vocab_start", vocab_start)?;
+        let grads = raw::LogprobGrads {
+            labels: arr(labels, t),
+            lse: arr(lse, t),
+            entropy: arr(entropy, t),
+            g_logp: arr(g_logp, t),
+            g_entropy: opt_arr(g_entropy, t),
+        };
+        macro_rules! go {
+            ($e:ty) => {
+                raw::tp_backward_inplace::<$e>(
+                    place(device, stream),
+                    &Logits {
+                        data: out_arr(logits as *mut $e, span),
+                        rows: t,
+                        vocab: v,
+                        ld,
+                    },
+                    &grads,
+                    start,
+                    &lc,
+                )
+            };
+        }
+        by_dtype!(dtype, go)
+    })
+}
+
 /// Group advantages of rewards [B, K] into `out` [B, K]: groups of `group_size` consecutive
 /// rollouts, or (`group_ids` non-null) dense ids in [0, num_groups) (any ids on the host);
 /// `modes` [K] host (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std).

@@ -27,6 +27,7 @@ pub mod logits;
 pub mod output;
 pub mod raw;
 pub mod recap;
+pub mod tensor_parallel;
 pub mod train;
 
 pub use advantages::{

@@ -829,6 +829,150 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
     )
 }
 
+/// A vocabulary shard's partial statistics of each row (`partials` `[3, T]`: the shard's LSE, its
+/// entropy, the label's logit or -inf), for the columns `[vocab_start, vocab_start + V)`.
+pub fn tp_partials<E: LogitElem>(
+    place: Place,
+    logits: &Logits<In<E>>,
+    labels: In<i32>,
+    vocab_start: usize,
+    config: &LogprobConfig,
+    partials: Out<f32>,
+) -> Result<()> {
+    if logits.rows == 0 {
+        config.validate()?;
+        crate::layout::check_len("partials", partials.len, 0, "[3, T]")?;
+        return crate::layout::check_len("labels", labels.len, 0, "[T] (the rows of logits)");
+    }
+    run(
+        place,
+        |m| {
+            crate::cpu::tp_partials(
+                &logits_ro(m, logits)?,
+                m.ro("labels", labels)?,
+                vocab_start,
+                config,
+                m.rw("partials", partials)?,
+            )
+        },
+        |m| {
+            cuda::tp_partials(
+                &m.gpu,
+                &m.stream,
+                &logits_ro(m, logits)?,
+                &m.ro("labels", labels)?,
+                vocab_start,
+                config,
+                &mut m.rw("partials", partials)?,
+            )
+        },
+    )
+}
+
+/// The combine of `shards` shards' partials (`[P, 3, T]`, ascending vocab_start) into logp,
+/// entropy and LSE (`[T]` each) over the whole vocabulary.
+#[allow(clippy::too_many_arguments)]
+pub fn tp_combine(
+    place: Place,
+    partials: In<f32>,
+    shards: usize,
+    labels: In<i32>,
+    config: &LogprobConfig,
+    logp: Out<f32>,
+    entropy: Out<f32>,
+    lse: Out<f32>,
+) -> Result<()> {
+    run(
+        place,
+        |m| {
+            crate::cpu::tp_combine(
+                m.ro("partials", partials)?,
+                shards,
+                m.ro("labels", labels)?,
+                config,
+                m.rw("logp", logp)?,
+                m.rw("entropy", entropy)?,
+                m.rw("lse", lse)?,
+            )
+        },
+        |m| {
+            cuda::tp_combine(
+                &m.gpu,
+                &m.stream,
+                &m.ro("partials", partials)?,
+                shards,
+                &m.ro("labels", labels)?,
+                config,
+                &mut m.rw("logp", logp)?,
+                &mut m.rw("entropy", entropy)?,
+                &mut m.rw("lse", lse)?,
+            )
+        },
+    )
+}
+
+/// The backward on one vocabulary shard, in place (from the combined LSE and entropy of
+/// [`tp_combine`]).
+pub fn tp_backward_inplace<E: LogitElem>(
+    place: Place,
+    logits: &Logits<Out<E>>,
+    grads: &LogprobGrads,
+    vocab_start: usize,
+    config: &LogprobConfig,
+) -> Result<()> {
+    if logits.rows == 0 {
+        return config.validate();
+    }
+    run(
+        place,
+        |m| {
+            let mut z = logits_rw(m, logits)?;
+            let copy: Vec<E> = z.data.to_vec();
+            let g_entropy = grads.g_entropy.map(|g| m.ro("g_entropy", g)).transpose()?;
+            crate::cpu::tp_backward(
+                &Logits {
+                    data: &copy[..],
+                    rows: z.rows,
+                    vocab: z.vocab,
+                    ld: z.ld,
+                },
+                m.ro("labels", grads.labels)?,
+                vocab_start,
+                m.ro("lse", grads.lse)?,
+                m.ro("entropy", grads.entropy)?,
+                m.ro("g_logp", grads.g_logp)?,
+                g_entropy,
+                config,
+                &mut z,
+            )
+        },
+        |m| {
+            let (labels, lse, entropy, g_logp) = (
+                m.ro("labels", grads.labels)?,
+                m.ro("lse", grads.lse)?,
+                m.ro("entropy", grads.entropy)?,
+                m.ro("g_logp", grads.g_logp)?,
+            );
+            let g_entropy = grads.g_entropy.map(|g| m.ro("g_entropy", g)).transpose()?;
+            let g = cuda::LogprobGrads {
+                labels: &labels,
+                lse: &lse,
+                entropy: &entropy,
+                g_logp: &g_logp,
+                g_entropy: g_entropy.as_ref(),
+            };
+            cuda::tp_backward_inplace(
+                &m.gpu,
+                &m.stream,
+                &mut logits_rw(m, logits)?,
+                &g,
+                vocab_start,
+                config,
+            )
+        },
+    )
+}
+
 /// The last layer of a policy: `hidden [T, H]` and the LM head `weight [V, H]`, bf16.
 #[derive(Clone, Copy, Debug)]
 pub struct RawHead {

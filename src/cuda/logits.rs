@@ -51,8 +51,29 @@ pub fn logprob_forward<E: LogitElem>(
     };
     let (lse_a, _g2) = addr_mut(lse, stream);
     forward_raw(
-        gpu, stream, logits, labels, config, lp_a, h_a, lse_a, None, 0, None,
+        gpu,
+        stream,
+        logits,
+        labels,
+        config,
+        lp_a,
+        h_a,
+        lse_a,
+        None,
+        0,
+        None,
+        Shard::default(),
     )
+}
+
+/// A vocabulary shard of the logits (tensor parallelism): the rows are columns `[offset, offset +
+/// V)` of the whole vocabulary; `sharded` makes a label outside them another shard's (no logp, no
+/// one-hot) instead of an error; `label_logit`, when not 0, receives `x_y` (-inf elsewhere).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Shard {
+    pub offset: i64,
+    pub sharded: bool,
+    pub label_logit: u64,
 }
 
 /// The forward with optional mask in and `valid` out (mask weight, 0 at ignored labels), for
@@ -70,6 +91,7 @@ pub(crate) fn forward_raw<E: LogitElem>(
     mask: Option<(u64, bool)>,
     valid: u64,
     counter: Option<&mut CudaSlice<u32>>,
+    shard: Shard,
 ) -> Result<()> {
     if logits.rows == 0 {
         return Ok(());
@@ -100,6 +122,9 @@ pub(crate) fn forward_raw<E: LogitElem>(
             out_ld: logits.ld as i64,
             ignore_index: config.ignore_index,
             inv_temperature: 1.0 / config.temperature,
+            label_logit: shard.label_logit,
+            label_offset: shard.offset,
+            sharded: shard.sharded as i32,
             ..Default::default()
         };
         let v = if vec_ok::<E>(z_a, logits.ld) {
@@ -207,6 +232,7 @@ pub fn logprob_backward<E: LogitElem>(
         grads,
         config,
         1.0,
+        Shard::default(),
     )
 }
 
@@ -226,7 +252,18 @@ pub fn logprob_backward_inplace<E: LogitElem>(
     let (rows, vocab, ld) = (logits.rows, logits.vocab, logits.ld);
     let (z_a, _g0) = addr_mut(&mut logits.data, stream);
     backward_raw::<E>(
-        gpu, stream, z_a, ld, z_a, ld, rows, vocab, grads, config, 1.0,
+        gpu,
+        stream,
+        z_a,
+        ld,
+        z_a,
+        ld,
+        rows,
+        vocab,
+        grads,
+        config,
+        1.0,
+        Shard::default(),
     )
 }
 
@@ -243,6 +280,7 @@ pub(crate) fn backward_raw<E: LogitElem>(
     grads: &LogprobGrads<'_, '_>,
     config: &LogprobConfig,
     g_entropy_scale: f32,
+    shard: Shard,
 ) -> Result<()> {
     let (y_a, _g0) = addr(grads.labels, stream);
     let (lse_a, _g1) = addr(grads.lse, stream);
@@ -270,6 +308,8 @@ pub(crate) fn backward_raw<E: LogitElem>(
         ignore_index: config.ignore_index,
         inv_temperature: 1.0 / config.temperature,
         g_entropy_scale,
+        label_offset: shard.offset,
+        sharded: shard.sharded as i32,
         ..Default::default()
     };
     let v = if vec_ok::<E>(z_a, ld) && vec_ok::<E>(out_a, out_ld) {
@@ -395,6 +435,7 @@ pub(crate) fn forward_rows<E: LogitElem>(
         Some((mask_a, is_u8)),
         v + 4 * r0,
         Some(&mut work.bad_labels),
+        Shard::default(),
     )
 }
 
@@ -541,6 +582,7 @@ pub(crate) fn backward_rows<E: LogitElem>(
         &grads,
         config,
         -entropy_coef,
+        Shard::default(),
     )
 }
 

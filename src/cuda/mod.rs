@@ -12,6 +12,7 @@ mod kl;
 mod logits;
 pub mod params;
 mod reduce;
+mod tensor_parallel;
 
 pub use advantages::{group_advantages, DeviceGroups};
 pub use fused_linear::{fused_linear_grpo_loss, FusedLinearConfig, LinearHead};
@@ -22,6 +23,7 @@ pub use logits::{
     DeviceLogitsLossInputs, LogprobGrads,
 };
 pub use reduce::{weighted_reduce, DeviceReduceInputs};
+pub use tensor_parallel::{tp_backward_inplace, tp_combine, tp_partials};
 
 use crate::config::{Normalizers, MAX_OBJECTIVES};
 use crate::error::{Error, Result};

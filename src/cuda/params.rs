@@ -152,6 +152,25 @@ pub struct LogitsParams {
     pub mask_u8: i32,
     pub inv_temperature: f32,
     pub g_entropy_scale: f32,
+    pub label_logit: u64,
+    pub label_offset: i64,
+    pub sharded: i32,
+    pub pad0: i32,
+}
+
+/// Mirror of `RecapTpParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TpParams {
+    pub partials: u64,
+    pub logp: u64,
+    pub entropy: u64,
+    pub lse: u64,
+    pub labels: u64,
+    pub missing: u64,
+    pub num_rows: i64,
+    pub num_shards: i32,
+    pub ignore_index: i32,
 }
 
 // SAFETY: each struct is #[repr(C)], Copy, holds only plain integers and floats, and has the layout
@@ -167,6 +186,8 @@ unsafe impl DeviceRepr for KlParams {}
 unsafe impl DeviceRepr for FinalizeParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for LogitsParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for TpParams {}
 
 macro_rules! layout {
     ($t:ty; $($f:ident),*) => { vec![size_of::<$t>() $(, offset_of!($t, $f))*] };
@@ -243,7 +264,7 @@ unsafe impl DeviceRepr for TrainParams {}
 
 /// Size and field offsets, in declaration order, of each mirror, indexed as the C shim's
 /// `recap_host_params_layout` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits, 6 advantages,
-/// 7 train).
+/// 7 train, 8 tensor-parallel combine).
 pub fn layouts() -> Vec<Vec<usize>> {
     vec![
         layout!(GrpoParams; logp, old_logp, ref_logp, advantages, mask, cu_seqlens, membership, seq_tokens,
@@ -259,12 +280,14 @@ pub fn layouts() -> Vec<Vec<usize>> {
         layout!(KlParams; logp, ref_logp, mask, kl, grad, num_tokens, kl_estimator, pad0),
         layout!(FinalizeParams; partials, out, num_blocks, num_slots, min_bits, max_bits),
         layout!(LogitsParams; logits, labels, logp, entropy, lse, bad_labels, mask, valid, g_logp, g_entropy,
-            dlogits, num_rows, vocab, ld, out_ld, ignore_index, mask_u8, inv_temperature, g_entropy_scale),
+            dlogits, num_rows, vocab, ld, out_ld, ignore_index, mask_u8, inv_temperature, g_entropy_scale,
+            label_logit, label_offset, sharded, pad0),
         layout!(AdvParams; rewards, group_ids, lengths, work, batch_std, out, counts, num_rollouts, num_objectives,
             num_groups, group_size, modes, correctness, has_length, has_difficulty, eps, length_alpha, diff_a,
             diff_b, diff_rho0, diff_k, num_outputs, has_reward_weights, reward_weights),
         layout!(TrainParams; logits, row_max, row_sum, row_lse, tokens, feat, logp, w, m, v, grad, w_bf16, seed,
             num_rows, vocab, num_tokens, n, counter_base, group, resp_len, lr, beta1, beta2, eps, weight_decay,
             bias1, bias2, pad0),
+        layout!(TpParams; partials, logp, entropy, lse, labels, missing, num_rows, num_shards, ignore_index),
     ]
 }

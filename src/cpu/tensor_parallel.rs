@@ -1,0 +1,189 @@
+//! Reference of the vocabulary-parallel log-probabilities (`kernels/logits.cu` with `sharded`, and
+//! `recap_tp_combine`), in f64: a shard's partial statistics, their combine over the shards, and
+//! the backward on one shard from the combined statistics.
+
+use crate::error::{Error, Result};
+use crate::layout::check_len;
+use crate::logits::{LogitElem, Logits, LogprobConfig};
+
+/// Planes of a shard's partials: `[3, T]`.
+pub(crate) const PLANES: usize = 3;
+
+/// One shard's partial statistics of each row into `partials` (`[3, T]`: the shard's LSE, its
+/// entropy, and the label's logit `x_y`, or -inf where the label is another shard's or ignored).
+/// The shard holds the vocabulary columns `[vocab_start, vocab_start + V)`; labels are global.
+pub fn tp_partials<E: LogitElem>(
+    logits: &Logits<&[E]>,
+    labels: &[i32],
+    vocab_start: usize,
+    config: &LogprobConfig,
+    partials: &mut [f32],
+) -> Result<()> {
+    config.validate()?;
+    logits.validate("logits")?;
+    let t = logits.rows;
+    check_len("labels", labels.len(), t, "[T] (the rows of logits)")?;
+    check_len("partials", partials.len(), PLANES * t, "[3, T]")?;
+    let inv_tau = 1.0 / config.temperature as f64;
+    for r in 0..t {
+        let row = &logits.data[r * logits.ld..r * logits.ld + logits.vocab];
+        let x: Vec<f64> = row.iter().map(|z| z.to_f32() as f64 * inv_tau).collect();
+        let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let (lse, h) = if m == f64::NEG_INFINITY {
+            (f64::NEG_INFINITY, 0.0)
+        } else {
+            let s: f64 = x.iter().map(|v| (v - m).exp()).sum();
+            let lse = m + s.ln();
+            let h = -x
+                .iter()
+                .map(|v| {
+                    let lp = v - lse;
+                    let p = lp.exp();
+                    if p > 0.0 {
+                        p * lp
+                    } else {
+                        0.0
+                    }
+                })
+                .sum::<f64>();
+            (lse, h)
+        };
+        let y = labels[r];
+        let local = y as i64 - vocab_start as i64;
+        let here = y != config.ignore_index && local >= 0 && (local as usize) < logits.vocab;
+        partials[r] = lse as f32;
+        partials[t + r] = h as f32;
+        partials[2 * t + r] = if here {
+            x[local as usize] as f32
+        } else {
+            f32::NEG_INFINITY
+        };
+    }
+    Ok(())
+}
+
+/// The combine of `shards` shards' partials (`[P, 3, T]`, in ascending order of their
+/// `vocab_start`) into each row's log-probability (0 for ignored labels), entropy and LSE over the
+/// whole vocabulary: `LSE = M + log sum_r exp(lse_r - M)`, `w_r = exp(lse_r - LSE)`,
+/// `H = sum_r w_r (H_r - log w_r)`, `logp = x_y - LSE`. A label in no shard is an error.
+#[allow(clippy::too_many_arguments)]
+pub fn tp_combine(
+    partials: &[f32],
+    shards: usize,
+    labels: &[i32],
+    config: &LogprobConfig,
+    logp: &mut [f32],
+    entropy: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    let t = labels.len();
+    if shards == 0 {
+        return Err(Error::arg("partials", "expected at least one shard"));
+    }
+    check_len("partials", partials.len(), shards * PLANES * t, "[P, 3, T]")?;
+    check_len("logp", logp.len(), t, "[T]")?;
+    check_len("entropy", entropy.len(), t, "[T]")?;
+    check_len("lse", lse.len(), t, "[T]")?;
+    let at = |r: usize, c: usize, row: usize| partials[(r * PLANES + c) * t + row] as f64;
+    let mut missing = 0usize;
+    for row in 0..t {
+        let m = (0..shards)
+            .map(|r| at(r, 0, row))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let x_y = (0..shards)
+            .map(|r| at(r, 2, row))
+            .find(|x| *x > f64::NEG_INFINITY);
+        let s: f64 = (0..shards).map(|r| (at(r, 0, row) - m).exp()).sum();
+        let l = m + s.ln();
+        let h: f64 = (0..shards)
+            .map(|r| {
+                let lw = at(r, 0, row) - l;
+                let w = lw.exp();
+                if w > 0.0 {
+                    w * (at(r, 1, row) - lw)
+                } else {
+                    0.0
+                }
+            })
+            .sum();
+        let ignored = labels[row] == config.ignore_index;
+        if !ignored && x_y.is_none() {
+            missing += 1;
+        }
+        logp[row] = match (ignored, x_y) {
+            (false, Some(x)) => (x - l) as f32,
+            _ => 0.0,
+        };
+        entropy[row] = h as f32;
+        lse[row] = l as f32;
+    }
+    if missing > 0 {
+        return Err(Error::arg(
+            "labels",
+            format!(
+                "{missing} label(s) in no shard's vocabulary (and not ignore_index = {})",
+                config.ignore_index
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The backward on one shard: the shard's slice of the gradient of
+/// `g_logp . logp + g_entropy . entropy` over the whole vocabulary, from the combined `lse` and
+/// `entropy`: `dz_j = (1/tau)(g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H))`,
+/// `p_j = exp(x_j - LSE)`, with no one-hot where the label is another shard's, into `dlogits`.
+#[allow(clippy::too_many_arguments)]
+pub fn tp_backward<E: LogitElem>(
+    logits: &Logits<&[E]>,
+    labels: &[i32],
+    vocab_start: usize,
+    lse: &[f32],
+    entropy: &[f32],
+    g_logp: &[f32],
+    g_entropy: Option<&[f32]>,
+    config: &LogprobConfig,
+    dlogits: &mut Logits<&mut [E]>,
+) -> Result<()> {
+    config.validate()?;
+    logits.validate("logits")?;
+    let t = logits.rows;
+    dlogits.check("dlogits", dlogits.data.len())?;
+    for (arg, n) in [
+        ("labels", labels.len()),
+        ("lse", lse.len()),
+        ("entropy", entropy.len()),
+        ("g_logp", g_logp.len()),
+    ] {
+        check_len(arg, n, t, "[T] (the rows of logits)")?;
+    }
+    if let Some(g) = g_entropy {
+        check_len("g_entropy", g.len(), t, "[T]")?;
+    }
+    let inv_tau = 1.0 / config.temperature as f64;
+    for r in 0..t {
+        let y = labels[r];
+        let local = y as i64 - vocab_start as i64;
+        let here = local >= 0 && (local as usize) < logits.vocab;
+        let g = if y == config.ignore_index {
+            0.0
+        } else {
+            g_logp[r] as f64
+        };
+        let ge = g_entropy.map_or(0.0, |e| e[r] as f64);
+        let (l, h) = (lse[r] as f64, entropy[r] as f64);
+        let row = &logits.data[r * logits.ld..r * logits.ld + logits.vocab];
+        let out = &mut dlogits.data[r * dlogits.ld..r * dlogits.ld + dlogits.vocab];
+        for (j, (o, z)) in out.iter_mut().zip(row).enumerate() {
+            let lp = z.to_f32() as f64 * inv_tau - l;
+            let p = lp.exp();
+            let hot = if here && j as i64 == local { 1.0 } else { 0.0 };
+            let mut d = g * (hot - p);
+            if p > 0.0 {
+                d -= ge * p * (lp + h);
+            }
+            *o = E::from_f32((inv_tau * d) as f32);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Vocabulary-parallel log-probabilities on the GPU: a shard's partials (kernel 4 with `sharded`),
+//! their combine (`recap_tp_combine`) and the backward on a shard (kernel 5 with `sharded`); the
+//! CPU references are [`crate::cpu::tp_partials`], [`crate::cpu::tp_combine`] and
+//! [`crate::cpu::tp_backward`].
+
+use super::logits::{backward_raw, forward_raw, LogprobGrads, Shard};
+use super::{addr, addr_mut, params::TpParams, Gpu, Module};
+use crate::error::{Error, Result};
+use crate::layout::check_len;
+use crate::logits::{LogitElem, Logits, LogprobConfig};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use std::sync::Arc;
+
+fn offset(vocab_start: usize) -> Result<i64> {
+    i64::try_from(vocab_start)
+        .ok()
+        .filter(|v| *v <= i32::MAX as i64)
+        .ok_or_else(|| {
+            Error::arg(
+                "vocab_start",
+                format!("{vocab_start} exceeds the i32 label range"),
+            )
+        })
+}
+
+/// One shard's partials of each row into `partials` (`[3, T]`: LSE, entropy, label logit or
+/// -inf), for the vocabulary columns `[vocab_start, vocab_start + V)`; labels are global.
+#[allow(clippy::too_many_arguments)]
+pub fn tp_partials<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logits: &Logits<CudaView<'_, E>>,
+    labels: &CudaView<'_, i32>,
+    vocab_start: usize,
+    config: &LogprobConfig,
+    partials: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    config.validate()?;
+    logits.validate("logits")?;
+    let t = logits.rows;
+    check_len("labels", labels.len(), t, "[T] (the rows of logits)")?;
+    check_len("partials", partials.len(), 3 * t, "[3, T]")?;
+    gpu.check_stream(stream)?;
+    let off = offset(vocab_start)?;
+    let (p_a, _g) = addr_mut(partials, stream);
+    // sharded: no label is bad here (one outside the shard is another's), so nothing is read back
+    let mut counter = stream.alloc_zeros::<u32>(1)?;
+    forward_raw(
+        gpu,
+        stream,
+        logits,
+        labels,
+        config,
+        0,
+        p_a + 4 * t as u64,
+        p_a,
+        None,
+        0,
+        Some(&mut counter),
+        Shard {
+            offset: off,
+            sharded: true,
+            label_logit: p_a + 8 * t as u64,
+        },
+    )
+}
+
+/// The combine of `shards` shards' partials (`[P, 3, T]`, ascending `vocab_start`) into each row's
+/// logp, entropy and LSE over the whole vocabulary. A label in no shard is an error (the count is
+/// read back: this synchronizes).
+#[allow(clippy::too_many_arguments)]
+pub fn tp_combine(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    partials: &CudaView<'_, f32>,
+    shards: usize,
+    labels: &CudaView<'_, i32>,
+    config: &LogprobConfig,
+    logp: &mut CudaViewMut<'_, f32>,
+    entropy: &mut CudaViewMut<'_, f32>,
+    lse: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let t = labels.len();
+    if shards == 0 || shards > i32::MAX as usize {
+        return Err(Error::arg(
+            "partials",
+            format!("expected 1 or more shards, got {shards}"),
+        ));
+    }
+    check_len("partials", partials.len(), shards * 3 * t, "[P, 3, T]")?;
+    check_len("logp", logp.len(), t, "[T]")?;
+    check_len("entropy", entropy.len(), t, "[T]")?;
+    check_len("lse", lse.len(), t, "[T]")?;
+    gpu.check_stream(stream)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let mut missing = stream.alloc_zeros::<u32>(1)?;
+    {
+        let (part_a, _g0) = addr(partials, stream);
+        let (y_a, _g1) = addr(labels, stream);
+        let (lp_a, _g2) = addr_mut(logp, stream);
+        let (h_a, _g3) = addr_mut(entropy, stream);
+        let (l_a, _g4) = addr_mut(lse, stream);
+        let (m_a, _g5) = super::addr_slice_mut(&mut missing, stream);
+        let p = TpParams {
+            partials: part_a,
+            logp: lp_a,
+            entropy: h_a,
+            lse: l_a,
+            labels: y_a,
+            missing: m_a,
+            num_rows: t as i64,
+            num_shards: shards as i32,
+            ignore_index: config.ignore_index,
+        };
+        let grid = t
+            .div_ceil(super::BLOCK as usize)
+            .clamp(1, 8 * gpu.multiprocessors() as usize);
+        gpu.launch(stream, Module::Logits, "recap_tp_combine", grid, &p)?;
+    }
+    let n = stream.clone_dtoh(&missing)?[0];
+    if n > 0 {
+        return Err(Error::arg(
+            "labels",
+            format!(
+                "{n} label(s) in no shard's vocabulary (and not ignore_index = {})",
+                config.ignore_index
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The backward on one shard, in place: the shard's slice of the whole-vocabulary gradient from the
+/// combined `grads.lse` and `grads.entropy` (no one-hot where the label is another shard's).
+pub fn tp_backward_inplace<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logits: &mut Logits<CudaViewMut<'_, E>>,
+    grads: &LogprobGrads<'_, '_>,
+    vocab_start: usize,
+    config: &LogprobConfig,
+) -> Result<()> {
+    config.validate()?;
+    logits.check("logits", logits.data.len())?;
+    let t = logits.rows;
+    for (arg, n) in [
+        ("labels", grads.labels.len()),
+        ("lse", grads.lse.len()),
+        ("entropy", grads.entropy.len()),
+        ("g_logp", grads.g_logp.len()),
+    ] {
+        check_len(arg, n, t, "[T] (the rows of logits)")?;
+    }
+    if let Some(g) = grads.g_entropy {
+        check_len("g_entropy", g.len(), t, "[T]")?;
+    }
+    gpu.check_stream(stream)?;
+    let off = offset(vocab_start)?;
+    let (rows, vocab, ld) = (logits.rows, logits.vocab, logits.ld);
+    let (z_a, _g0) = addr_mut(&mut logits.data, stream);
+    backward_raw::<E>(
+        gpu,
+        stream,
+        z_a,
+        ld,
+        z_a,
+        ld,
+        rows,
+        vocab,
+        grads,
+        config,
+        1.0,
+        Shard {
+            offset: off,
+            sharded: true,
+            label_logit: 0,
+        },
+    )
+}

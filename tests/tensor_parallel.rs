@@ -1,0 +1,348 @@
+//! Vocabulary-parallel log-probabilities: the three steps (partials of each shard, their combine,
+//! the backward on a shard) on simulated shards against the whole-vocabulary reference, for V not
+//! divisible by the shards, labels in every shard and ignored, a temperature; the combine gives the
+//! same bits for every order of arrival once sorted by vocab_start; the GPU kernels against the CPU
+//! reference.
+
+mod common;
+
+use common::{assert_close, Rng};
+use recap_kernels::tensor_parallel::{shard_order, shard_range};
+use recap_kernels::{cpu, Backend, Logits, LogprobConfig};
+
+struct Case {
+    t: usize,
+    v: usize,
+    z: Vec<f32>,
+    labels: Vec<i32>,
+    g_logp: Vec<f32>,
+    g_ent: Vec<f32>,
+}
+
+fn case(seed: u64, t: usize, v: usize) -> Case {
+    let mut rng = Rng::new(seed);
+    let z = (0..t * v).map(|_| (3.0 * rng.normal()) as f32).collect();
+    let labels = (0..t)
+        .map(|i| {
+            if i % 7 == 3 {
+                -100
+            } else {
+                rng.below(v) as i32
+            }
+        })
+        .collect();
+    let g_logp = (0..t).map(|_| rng.normal() as f32).collect();
+    let g_ent = (0..t).map(|_| rng.normal() as f32).collect();
+    Case {
+        t,
+        v,
+        z,
+        labels,
+        g_logp,
+        g_ent,
+    }
+}
+
+/// Shard `r` of `p`: its columns of every row.
+fn shard(c: &Case, p: usize, r: usize) -> (usize, Vec<f32>) {
+    let range = shard_range(c.v, p, r);
+    let data = (0..c.t)
+        .flat_map(|row| c.z[row * c.v + range.start..row * c.v + range.end].to_vec())
+        .collect();
+    (range.start, data)
+}
+
+/// The three steps on the host for `p` shards combined in the order `arrival` (then sorted):
+/// (logp, entropy, lse, the shards' gradients joined back into [T, V]).
+fn sharded(
+    c: &Case,
+    p: usize,
+    arrival: &[usize],
+    cfg: &LogprobConfig,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let shards: Vec<(usize, Vec<f32>)> = (0..p).map(|r| shard(c, p, r)).collect();
+    let mut gathered = Vec::new();
+    for &r in arrival {
+        let (start, data) = &shards[r];
+        let vr = data.len() / c.t.max(1);
+        let mut part = vec![0f32; 3 * c.t];
+        cpu::tp_partials(
+            &Logits::dense(&data[..], c.t, vr),
+            &c.labels,
+            *start,
+            cfg,
+            &mut part,
+        )
+        .unwrap();
+        gathered.push((*start as i64, part));
+    }
+    let starts: Vec<i64> = gathered.iter().map(|g| g.0).collect();
+    let sorted: Vec<f32> = shard_order(&starts)
+        .into_iter()
+        .flat_map(|i| gathered[i].1.clone())
+        .collect();
+    let (mut logp, mut ent, mut lse) = (vec![0f32; c.t], vec![0f32; c.t], vec![0f32; c.t]);
+    cpu::tp_combine(&sorted, p, &c.labels, cfg, &mut logp, &mut ent, &mut lse).unwrap();
+    let mut grad = vec![0f32; c.t * c.v];
+    for (start, data) in &shards {
+        let vr = data.len() / c.t.max(1);
+        let mut d = vec![0f32; data.len()];
+        cpu::tp_backward(
+            &Logits::dense(&data[..], c.t, vr),
+            &c.labels,
+            *start,
+            &lse,
+            &ent,
+            &c.g_logp,
+            Some(&c.g_ent),
+            cfg,
+            &mut Logits::dense(&mut d[..], c.t, vr),
+        )
+        .unwrap();
+        for row in 0..c.t {
+            grad[row * c.v + start..row * c.v + start + vr]
+                .copy_from_slice(&d[row * vr..(row + 1) * vr]);
+        }
+    }
+    (logp, ent, lse, grad)
+}
+
+#[test]
+fn shards_reproduce_the_whole_vocabulary() {
+    let cfg = LogprobConfig {
+        temperature: 0.7,
+        ignore_index: -100,
+    };
+    for (seed, t, v) in [
+        (1u64, 1usize, 37usize),
+        (2, 31, 37),
+        (3, 33, 101),
+        (4, 32, 8),
+    ] {
+        let c = case(seed, t, v);
+        let (mut lp, mut h, mut l) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
+        cpu::logprob_forward(
+            &Logits::dense(&c.z[..], t, v),
+            &c.labels,
+            &cfg,
+            &mut lp,
+            &mut h,
+            &mut l,
+        )
+        .unwrap();
+        let mut whole_grad = vec![0f32; t * v];
+        cpu::logprob_backward(
+            &Logits::dense(&c.z[..], t, v),
+            &c.labels,
+            &cfg,
+            &c.g_logp,
+            Some(&c.g_ent),
+            &mut Logits::dense(&mut whole_grad[..], t, v),
+        )
+        .unwrap();
+        for p in [1usize, 2, 3, 4, 7] {
+            let (logp, ent, lse, grad) = sharded(&c, p, &(0..p).collect::<Vec<_>>(), &cfg);
+            for row in 0..t {
+                let what = format!("T={t} V={v} P={p} row {row}");
+                assert_close(
+                    &format!("{what} logp"),
+                    logp[row] as f64,
+                    lp[row] as f64,
+                    1e-5,
+                    1e-5,
+                );
+                assert_close(
+                    &format!("{what} entropy"),
+                    ent[row] as f64,
+                    h[row] as f64,
+                    1e-5,
+                    1e-5,
+                );
+                assert_close(
+                    &format!("{what} lse"),
+                    lse[row] as f64,
+                    l[row] as f64,
+                    1e-5,
+                    1e-6,
+                );
+            }
+            common::assert_all_close(
+                &format!("T={t} V={v} P={p} gradient"),
+                &grad,
+                &whole_grad,
+                1e-6,
+                1e-4,
+            );
+        }
+    }
+}
+
+/// Every order of arrival of four shards' partials gives the same bits once sorted by vocab_start.
+#[test]
+fn the_combine_is_the_same_for_every_order_of_arrival() {
+    let cfg = LogprobConfig::default();
+    let c = case(9, 33, 37);
+    let first = sharded(&c, 4, &[0, 1, 2, 3], &cfg);
+    let mut perms = Vec::new();
+    permute(&mut vec![0, 1, 2, 3], 0, &mut perms);
+    assert_eq!(perms.len(), 24);
+    for perm in perms {
+        let got = sharded(&c, 4, &perm, &cfg);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.0), bits(&first.0), "logp, arrival {perm:?}");
+        assert_eq!(bits(&got.1), bits(&first.1), "entropy, arrival {perm:?}");
+    }
+}
+
+fn permute(v: &mut Vec<usize>, k: usize, out: &mut Vec<Vec<usize>>) {
+    if k == v.len() {
+        out.push(v.clone());
+        return;
+    }
+    for i in k..v.len() {
+        v.swap(k, i);
+        permute(v, k + 1, out);
+        v.swap(k, i);
+    }
+}
+
+#[test]
+fn a_label_in_no_shard_is_an_error() {
+    let cfg = LogprobConfig::default();
+    let c = case(5, 4, 10);
+    let (start, data) = shard(&c, 2, 0);
+    let mut part = vec![0f32; 12];
+    cpu::tp_partials(
+        &Logits::dense(&data[..], 4, 5),
+        &[1, 2, 300, 3],
+        start,
+        &cfg,
+        &mut part,
+    )
+    .unwrap();
+    let (mut a, mut b, mut d) = (vec![0f32; 4], vec![0f32; 4], vec![0f32; 4]);
+    let e = cpu::tp_combine(&part, 1, &[1, 2, 300, 3], &cfg, &mut a, &mut b, &mut d).unwrap_err();
+    assert!(e.to_string().contains("no shard"), "{e}");
+    assert!(
+        cpu::tp_combine(&part, 2, &[1, 2, 300, 3], &cfg, &mut a, &mut b, &mut d).is_err(),
+        "wrong P"
+    );
+}
+
+/// The kernels (partials, combine, backward on a shard) on simulated shards against the CPU
+/// reference, f32 and bf16.
+#[test]
+fn gpu_tensor_parallel_matches_the_reference() {
+    let Some(Backend::Cuda(gpu)) = common::gpu("gpu_tensor_parallel_matches_the_reference") else {
+        return;
+    };
+    use recap_kernels::cuda;
+    let s = gpu.stream().clone();
+    let cfg = LogprobConfig {
+        temperature: 0.9,
+        ignore_index: -100,
+    };
+    for (seed, t, v, p) in [
+        (11u64, 33usize, 151usize, 4usize),
+        (12, 1, 37, 3),
+        (13, 4097, 64, 2),
+    ] {
+        let c = case(seed, t, v);
+        let (want_lp, want_h, want_lse, want_grad) =
+            sharded(&c, p, &(0..p).collect::<Vec<_>>(), &cfg);
+        let labels = s.clone_htod(&c.labels).unwrap();
+        let mut parts = s.alloc_zeros::<f32>(p * 3 * t).unwrap();
+        let mut shards = Vec::new();
+        for r in 0..p {
+            let (start, data) = shard(&c, p, r);
+            let vr = data.len() / t;
+            let z = s.clone_htod(&data).unwrap();
+            cuda::tp_partials(
+                &gpu,
+                &s,
+                &Logits::dense(z.slice(..), t, vr),
+                &labels.slice(..),
+                start,
+                &cfg,
+                &mut parts.slice_mut(r * 3 * t..(r + 1) * 3 * t),
+            )
+            .unwrap();
+            shards.push((start, vr, z));
+        }
+        let (mut lp, mut h, mut lse) = (
+            s.alloc_zeros::<f32>(t).unwrap(),
+            s.alloc_zeros::<f32>(t).unwrap(),
+            s.alloc_zeros::<f32>(t).unwrap(),
+        );
+        cuda::tp_combine(
+            &gpu,
+            &s,
+            &parts.slice(..),
+            p,
+            &labels.slice(..),
+            &cfg,
+            &mut lp.slice_mut(..),
+            &mut h.slice_mut(..),
+            &mut lse.slice_mut(..),
+        )
+        .unwrap();
+        let what = format!("GPU T={t} V={v} P={p}");
+        common::assert_all_close(
+            &format!("{what} logp"),
+            &s.clone_dtoh(&lp).unwrap(),
+            &want_lp,
+            1e-5,
+            1e-5,
+        );
+        common::assert_all_close(
+            &format!("{what} entropy"),
+            &s.clone_dtoh(&h).unwrap(),
+            &want_h,
+            1e-5,
+            1e-5,
+        );
+        common::assert_all_close(
+            &format!("{what} lse"),
+            &s.clone_dtoh(&lse).unwrap(),
+            &want_lse,
+            1e-5,
+            1e-6,
+        );
+        let (gl, ge) = (
+            s.clone_htod(&c.g_logp).unwrap(),
+            s.clone_htod(&c.g_ent).unwrap(),
+        );
+        let mut grad = vec![0f32; t * v];
+        for (start, vr, z) in shards.iter_mut() {
+            let (yv, lv, hv, glv, gev) = (
+                labels.slice(..),
+                lse.slice(..),
+                h.slice(..),
+                gl.slice(..),
+                ge.slice(..),
+            );
+            let grads = cuda::LogprobGrads {
+                labels: &yv,
+                lse: &lv,
+                entropy: &hv,
+                g_logp: &glv,
+                g_entropy: Some(&gev),
+            };
+            cuda::tp_backward_inplace(
+                &gpu,
+                &s,
+                &mut Logits::dense(z.slice_mut(..), t, *vr),
+                &grads,
+                *start,
+                &cfg,
+            )
+            .unwrap();
+            let d = s.clone_dtoh(z).unwrap();
+            for row in 0..t {
+                grad[row * v + *start..row * v + *start + *vr]
+                    .copy_from_slice(&d[row * *vr..(row + 1) * *vr]);
+            }
+        }
+        common::assert_all_close(&format!("{what} gradient"), &grad, &want_grad, 1e-6, 1e-4);
+    }
+}
