@@ -152,6 +152,57 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         push(backward, progress);
     }
 
+    // tensor parallelism: one rank's shard of 2, partials, combine and backward
+    let (t, v) = if cfg.quick {
+        (16, 32_768)
+    } else {
+        (64, 32_768)
+    };
+    let case = format!("tp=2 T={t} V={v} f32 per rank");
+    if cfg.wants(&case) || cfg.wants("tensor_parallel") {
+        let vr = crate::tensor_parallel::shard_range(v, 2, 0).len();
+        let z: Vec<f32> = (0..t * vr)
+            .map(|i| inputs::logit((i / vr) * v + i % vr))
+            .collect();
+        // labels in this shard: the stand-in partials of the other ranks are copies of its own
+        let labels: Vec<i32> = (0..t).map(|r| ((r * 7919) % vr) as i32).collect();
+        let lc = LogprobConfig::default();
+        let g = vec![1e-3f32; t];
+        let (mut part, mut both) = (vec![0f32; 3 * t], vec![0f32; 6 * t]);
+        let (mut lp, mut h, mut l) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
+        let mut dz = vec![0f32; t * vr];
+        let (tm, runs) = time_us(cfg, || {
+            crate::cpu::tp_partials(&Logits::dense(&z[..], t, vr), &labels, 0, &lc, &mut part)?;
+            both[..3 * t].copy_from_slice(&part);
+            both[3 * t..].copy_from_slice(&part);
+            // the other shard's partials stand in for a peer's: labels there are this shard's too
+            crate::cpu::tp_combine(&both, 2, &labels, &lc, &mut lp, &mut h, &mut l)?;
+            crate::cpu::tp_backward(
+                &Logits::dense(&z[..], t, vr),
+                &labels,
+                0,
+                &l,
+                &h,
+                &g,
+                Some(&g),
+                &lc,
+                &mut Logits::dense(&mut dz[..], t, vr),
+            )
+        })?;
+        push(
+            record(
+                "tensor_parallel",
+                case,
+                tm,
+                runs,
+                (3 * t * vr * 4) as f64,
+                0.0,
+                copy_gb_s,
+            ),
+            progress,
+        );
+    }
+
     // group advantages
     for &b in if cfg.quick {
         &[4096usize][..]

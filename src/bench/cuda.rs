@@ -188,6 +188,27 @@ pub(super) fn run(
         }
     }
 
+    // tensor parallelism: one rank's sharded forward (partials), the combine of tp partials and the
+    // in-place backward on its shard, beside the unsharded logits rows above
+    let (t, v) = if cfg.quick {
+        (1024, 32_768)
+    } else {
+        (16_384, 151_936)
+    };
+    for &tp in if cfg.quick {
+        &[2usize][..]
+    } else {
+        &[2usize, 4, 8][..]
+    } {
+        let case = format!("tp={tp} T={t} V={v} bf16 per rank");
+        if cfg.wants(&case) || cfg.wants("tensor_parallel") {
+            push(
+                tp_case(gpu, &mut timer, t, v, tp, &case, copy_gb_s)?,
+                progress,
+            );
+        }
+    }
+
     // fused-linear loss against the unfused path (one chunk of all T tokens)
     let (t, h, v) = if cfg.quick {
         (1024, 1024, 32_768)
@@ -328,6 +349,104 @@ fn logits_case<E: LogitElem>(
     // the sum of the log-probs, for the peers' value check (grpo_peers.py)
     forward.value = Some(s.clone_dtoh(&lp)?.iter().map(|&x| x as f64).sum());
     Ok(vec![forward, backward, both])
+}
+
+/// One rank of `tp`: its shard (the first, the widest), the partials, the combine of `tp` partials
+/// (this rank's, standing in for the gathered ones) and the in-place backward; the bytes are the
+/// shard's logits read by the forward and read and written by the backward.
+fn tp_case(
+    gpu: &Arc<Gpu>,
+    timer: &mut Timer,
+    t: usize,
+    v: usize,
+    tp: usize,
+    case: &str,
+    copy_gb_s: f64,
+) -> Result<BenchRecord> {
+    let s = timer.stream.clone();
+    let range = crate::tensor_parallel::shard_range(v, tp, 0);
+    let vr = range.len();
+    let host: Vec<bf16> = (0..t * vr)
+        .map(|i| bf16::from_f32(inputs::logit((i / vr) * v + i % vr)))
+        .collect();
+    // labels in this shard: the stand-in partials of the other ranks are copies of its own
+    let labels: Vec<i32> = (0..t).map(|r| ((r * 7919) % vr) as i32).collect();
+    let g: Vec<f32> = (0..t).map(|r| ((r % 7) as f32 - 3.0) * 1e-3).collect();
+    let mut z = s.clone_htod(&host)?;
+    drop(host);
+    let (y, gd) = (s.clone_htod(&labels)?, s.clone_htod(&g)?);
+    let mut part = s.alloc_zeros::<f32>(3 * t)?;
+    let mut gathered = s.alloc_zeros::<f32>(tp * 3 * t)?;
+    let (mut lp, mut h, mut l) = (
+        s.alloc_zeros::<f32>(t)?,
+        s.alloc_zeros::<f32>(t)?,
+        s.alloc_zeros::<f32>(t)?,
+    );
+    let lc = LogprobConfig::default();
+    cuda::tp_partials(
+        gpu,
+        &s,
+        &Logits::dense(z.as_view(), t, vr),
+        &y.as_view(),
+        0,
+        &lc,
+        &mut part.as_view_mut(),
+    )?;
+    for r in 0..tp {
+        s.memcpy_dtod(
+            &part.slice(..),
+            &mut gathered.slice_mut(r * 3 * t..(r + 1) * 3 * t),
+        )?;
+    }
+    let (tm, runs) = timer.time(None, || {
+        cuda::tp_partials(
+            gpu,
+            &s,
+            &Logits::dense(z.as_view(), t, vr),
+            &y.as_view(),
+            0,
+            &lc,
+            &mut part.as_view_mut(),
+        )?;
+        cuda::tp_combine(
+            gpu,
+            &s,
+            &gathered.as_view(),
+            tp,
+            &y.as_view(),
+            &lc,
+            &mut lp.as_view_mut(),
+            &mut h.as_view_mut(),
+            &mut l.as_view_mut(),
+        )?;
+        let (yv, lv, hv, gv) = (y.as_view(), l.as_view(), h.as_view(), gd.as_view());
+        let grads = LogprobGrads {
+            labels: &yv,
+            lse: &lv,
+            entropy: &hv,
+            g_logp: &gv,
+            g_entropy: Some(&gv),
+        };
+        cuda::tp_backward_inplace(
+            gpu,
+            &s,
+            &mut Logits::dense(z.as_view_mut(), t, vr),
+            &grads,
+            0,
+            &lc,
+        )
+    })?;
+    let bytes = (3 * t * vr * 2) as f64;
+    let extra = ((3 + 3 * tp + 3) * t * 4) as f64;
+    Ok(record(
+        "tensor_parallel",
+        case.into(),
+        tm,
+        runs,
+        bytes,
+        extra,
+        copy_gb_s,
+    ))
 }
 
 fn fused_linear_cases(

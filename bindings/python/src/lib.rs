@@ -813,6 +813,116 @@ fn logprob_backward_(
     by_dtype!(t, go).map_err(err)
 }
 
+/// Tensor parallelism, step 1: a vocabulary shard's partials `[3, T]` (LSE, entropy, label logit
+/// or -inf) of `logits` [T, V_r] holding the columns from `vocab_start` on.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, labels, vocab_start, temperature, ignore_index, partials))]
+fn tp_partials(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    labels: &Bound<'_, PyAny>,
+    vocab_start: usize,
+    temperature: f32,
+    ignore_index: i32,
+    partials: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("logits", logits)?;
+    let call = Call::new(py, &first)?;
+    let (t, rows, vocab, ld) = logits_layout(&call, "logits", logits)?;
+    let y = call.i32("labels", labels)?;
+    let out = call.out_f32("partials", partials)?;
+    let lc = LogprobConfig {
+        temperature,
+        ignore_index,
+    };
+    macro_rules! go {
+        ($e:ty) => {{
+            let z = logits_in::<$e>(&t, rows, vocab, ld);
+            py.detach(|| raw::tp_partials::<$e>(call.place, &z, y, vocab_start, &lc, out))
+        }};
+    }
+    by_dtype!(t, go).map_err(err)
+}
+
+/// Tensor parallelism, step 2: the combine of the shards' partials `[P, 3, T]` (ascending
+/// vocab_start) into `logp`, `entropy` and `lse` [T].
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (partials, labels, ignore_index, logp, entropy, lse))]
+fn tp_combine(
+    py: Python<'_>,
+    partials: &Bound<'_, PyAny>,
+    labels: &Bound<'_, PyAny>,
+    ignore_index: i32,
+    logp: &Bound<'_, PyAny>,
+    entropy: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("partials", partials)?;
+    let call = Call::new(py, &first)?;
+    if first.shape.len() != 3 || first.shape[1] != 3 {
+        return Err(arg_err(
+            "partials",
+            format!("expected [P, 3, T], got shape {}", first.shape_str()),
+        ));
+    }
+    let shards = first.shape[0];
+    let part = call.f32("partials", partials)?;
+    let y = call.i32("labels", labels)?;
+    let (lp, h, l) = (
+        call.out_f32("logp", logp)?,
+        call.out_f32("entropy", entropy)?,
+        call.out_f32("lse", lse)?,
+    );
+    let lc = LogprobConfig {
+        ignore_index,
+        ..LogprobConfig::default()
+    };
+    py.detach(|| raw::tp_combine(call.place, part, shards, y, &lc, lp, h, l))
+        .map_err(err)
+}
+
+/// Tensor parallelism, step 3: the shard's slice of the whole-vocabulary gradient, written over
+/// the shard's `logits`, from the combined `lse` and `entropy`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, labels, vocab_start, lse, entropy, g_logp, g_entropy, temperature, ignore_index))]
+fn tp_backward_(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    labels: &Bound<'_, PyAny>,
+    vocab_start: usize,
+    lse: &Bound<'_, PyAny>,
+    entropy: &Bound<'_, PyAny>,
+    g_logp: &Bound<'_, PyAny>,
+    g_entropy: Option<&Bound<'_, PyAny>>,
+    temperature: f32,
+    ignore_index: i32,
+) -> PyResult<()> {
+    let first = Tensor::of("logits", logits)?;
+    let call = Call::new(py, &first)?;
+    let (t, rows, vocab, ld) = logits_layout(&call, "logits", logits)?;
+    let grads = raw::LogprobGrads {
+        labels: call.i32("labels", labels)?,
+        lse: call.f32("lse", lse)?,
+        entropy: call.f32("entropy", entropy)?,
+        g_logp: call.f32("g_logp", g_logp)?,
+        g_entropy: call.opt_f32("g_entropy", g_entropy)?,
+    };
+    let lc = LogprobConfig {
+        temperature,
+        ignore_index,
+    };
+    macro_rules! go {
+        ($e:ty) => {{
+            let z = logits_out::<$e>(&t, rows, vocab, ld);
+            py.detach(|| raw::tp_backward_inplace::<$e>(call.place, &z, &grads, vocab_start, &lc))
+        }};
+    }
+    by_dtype!(t, go).map_err(err)
+}
+
 /// The inputs of the losses computed from logits or from the last layer.
 #[allow(clippy::too_many_arguments)]
 fn logits_inputs<'l>(
@@ -1134,5 +1244,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(grpo_loss_from_logits_, m)?)?;
     m.add_function(wrap_pyfunction!(fused_linear_grpo_loss, m)?)?;
     m.add_function(wrap_pyfunction!(group_advantages, m)?)?;
+    m.add_function(wrap_pyfunction!(tp_partials, m)?)?;
+    m.add_function(wrap_pyfunction!(tp_combine, m)?)?;
+    m.add_function(wrap_pyfunction!(tp_backward_, m)?)?;
     Ok(())
 }

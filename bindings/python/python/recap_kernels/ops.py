@@ -333,3 +333,49 @@ def group_advantages(rewards: Tensor, group_ids: Optional[Tensor], group_size: i
 @group_advantages.register_fake
 def _(rewards, group_ids, group_size, num_groups, modes, eps):
     return _empty(rewards, rewards.shape, torch.float32)
+
+
+# --- tensor parallelism: vocabulary shards ------------------------------------------------------
+@torch.library.custom_op("recap::tp_partials", mutates_args=())
+def tp_partials(logits: Tensor, labels: Tensor, vocab_start: int, temperature: float, ignore_index: int) -> Tensor:
+    """A vocabulary shard's partials ``[3, T]`` (its LSE, its entropy, the label's logit or -inf) of
+    ``logits`` ``[T, V_r]`` holding the columns ``[vocab_start, vocab_start + V_r)``."""
+    out = _empty(logits, (3, _rows(logits)), torch.float32)
+    (labels,) = _contig(labels)
+    _native.tp_partials(logits, labels, vocab_start, temperature, ignore_index, out)
+    return out
+
+
+@tp_partials.register_fake
+def _(logits, labels, vocab_start, temperature, ignore_index):
+    return _empty(logits, (3, _rows(logits)), torch.float32)
+
+
+@torch.library.custom_op("recap::tp_combine", mutates_args=())
+def tp_combine(partials: Tensor, labels: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The shards' partials ``[P, 3, T]`` (ascending vocab_start) combined into the whole
+    vocabulary's ``(logp, entropy, lse)``."""
+    t = partials.shape[2]
+    logp, ent, lse = (_empty(partials, (t,), torch.float32) for _ in range(3))
+    partials, labels = _contig(partials, labels)
+    _native.tp_combine(partials, labels, ignore_index, logp, ent, lse)
+    return logp, ent, lse
+
+
+@tp_combine.register_fake
+def _(partials, labels, ignore_index):
+    t = partials.shape[2]
+    return tuple(_empty(partials, (t,), torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("recap::tp_backward_", mutates_args=("logits",))
+def tp_backward_(logits: Tensor, labels: Tensor, vocab_start: int, lse: Tensor, entropy: Tensor, g_logp: Tensor,
+                 g_entropy: Optional[Tensor], temperature: float, ignore_index: int) -> None:
+    """The shard's slice of the whole-vocabulary gradient, over the shard's ``logits``."""
+    labels, lse, entropy, g_logp, g_entropy = _contig(labels, lse, entropy, g_logp, g_entropy)
+    _native.tp_backward_(logits, labels, vocab_start, lse, entropy, g_logp, g_entropy, temperature, ignore_index)
+
+
+@tp_backward_.register_fake
+def _(logits, labels, vocab_start, lse, entropy, g_logp, g_entropy, temperature, ignore_index):
+    return None
