@@ -175,7 +175,6 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
             crate::cpu::tp_partials(&Logits::dense(&z[..], t, vr), &labels, 0, &lc, &mut part)?;
             both[..3 * t].copy_from_slice(&part);
             both[3 * t..].copy_from_slice(&part);
-            // the other shard's partials stand in for a peer's: labels there are this shard's too
             crate::cpu::tp_combine(&both, 2, &labels, &lc, &mut lp, &mut h, &mut l)?;
             crate::cpu::tp_backward(
                 &Logits::dense(&z[..], t, vr),
