@@ -714,32 +714,60 @@ pub unsafe extern "C" fn recap_logprob_backward_inplace(
     ignore_index: i32,
 ) -> i32 {
     guard(|| {
-        let LogitsShape { t, v, ld, span, lc } =
-            logits_shape(rows, vocab, ld, temperature, ignore_index)?;
-        let grads = raw::LogprobGrads {
-            labels: arr(labels, t),
-            lse: arr(lse, t),
-            entropy: arr(entropy, t),
-            g_logp: arr(g_logp, t),
-            g_entropy: opt_arr(g_entropy, t),
-        };
-        macro_rules! go {
-            ($e:ty) => {
-                raw::logprob_backward_inplace::<$e>(
-                    place(device, stream),
-                    &Logits {
-                        data: out_arr(logits as *mut $e, span),
-                        rows: t,
-                        vocab: v,
-                        ld,
-                    },
-                    &grads,
-                    &lc,
-                )
-            };
-        }
-        by_dtype!(dtype, go)
+        backward(
+            (device, stream),
+            (logits, dtype, rows, vocab, ld),
+            None,
+            [
+                labels as _,
+                lse as _,
+                entropy as _,
+                g_logp as _,
+                g_entropy as _,
+            ],
+            (temperature, ignore_index),
+        )
     })
+}
+
+/// The logits backward of the C entry points: `logits` = (pointer, dtype, rows, vocab, ld), the
+/// per-row arrays `[labels, lse, entropy, g_logp, g_entropy]`, and the shard's first vocabulary
+/// index for tensor parallelism.
+fn backward(
+    (device, stream): (i32, *mut c_void),
+    (logits, dtype, rows, vocab, ld): (*mut c_void, i32, i64, i64, i64),
+    vocab_start: Option<i64>,
+    arrays: [*const c_void; 5],
+    (temperature, ignore_index): (f32, i32),
+) -> Result<()> {
+    let LogitsShape { t, v, ld, span, lc } =
+        logits_shape(rows, vocab, ld, temperature, ignore_index)?;
+    let start = vocab_start.map(|s| len("vocab_start", s)).transpose()?;
+    let [labels, lse, entropy, g_logp, g_entropy] = arrays;
+    let grads = raw::LogprobGrads {
+        labels: arr(labels as *const i32, t),
+        lse: arr(lse as *const f32, t),
+        entropy: arr(entropy as *const f32, t),
+        g_logp: arr(g_logp as *const f32, t),
+        g_entropy: opt_arr(g_entropy as *const f32, t),
+    };
+    macro_rules! go {
+        ($e:ty) => {
+            raw::logprob_backward_inplace::<$e>(
+                place(device, stream),
+                &Logits {
+                    data: out_arr(logits as *mut $e, span),
+                    rows: t,
+                    vocab: v,
+                    ld,
+                },
+                &grads,
+                &lc,
+                start,
+            )
+        };
+    }
+    by_dtype!(dtype, go)
 }
 
 /// Vocabulary parallelism, step 1: one shard's partial statistics of each row into `partials`
@@ -857,33 +885,19 @@ pub unsafe extern "C" fn recap_tp_backward_inplace(
     ignore_index: i32,
 ) -> i32 {
     guard(|| {
-        let LogitsShape { t, v, ld, span, lc } =
-            logits_shape(rows, vocab, ld, temperature, ignore_index)?;
-        let start = len("vocab_start", vocab_start)?;
-        let grads = raw::LogprobGrads {
-            labels: arr(labels, t),
-            lse: arr(lse, t),
-            entropy: arr(entropy, t),
-            g_logp: arr(g_logp, t),
-            g_entropy: opt_arr(g_entropy, t),
-        };
-        macro_rules! go {
-            ($e:ty) => {
-                raw::tp_backward_inplace::<$e>(
-                    place(device, stream),
-                    &Logits {
-                        data: out_arr(logits as *mut $e, span),
-                        rows: t,
-                        vocab: v,
-                        ld,
-                    },
-                    &grads,
-                    start,
-                    &lc,
-                )
-            };
-        }
-        by_dtype!(dtype, go)
+        backward(
+            (device, stream),
+            (logits, dtype, rows, vocab, ld),
+            Some(vocab_start),
+            [
+                labels as _,
+                lse as _,
+                entropy as _,
+                g_logp as _,
+                g_entropy as _,
+            ],
+            (temperature, ignore_index),
+        )
     })
 }
 

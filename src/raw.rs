@@ -704,12 +704,15 @@ pub struct LogprobGrads {
 }
 
 /// The gradient of `g_logp . logp + g_entropy . entropy` with respect to the logits, written over
-/// the logits (same dtype and layout).
+/// the logits (same dtype and layout). With `vocab_start` the logits are that vocabulary shard's
+/// and `grads.lse` / `grads.entropy` the whole vocabulary's (tensor parallelism,
+/// [`tp_combine`]): the shard's slice of the whole gradient.
 pub fn logprob_backward_inplace<E: LogitElem>(
     place: Place,
     logits: &Logits<Out<E>>,
     grads: &LogprobGrads,
     config: &LogprobConfig,
+    vocab_start: Option<usize>,
 ) -> Result<()> {
     if logits.rows == 0 {
         return config.validate();
@@ -719,24 +722,27 @@ pub fn logprob_backward_inplace<E: LogitElem>(
         |m| {
             let mut z = logits_rw(m, logits)?;
             let copy: Vec<E> = z.data.to_vec();
+            let zin = Logits {
+                data: &copy[..],
+                rows: z.rows,
+                vocab: z.vocab,
+                ld: z.ld,
+            };
+            let (labels, g_logp) = (m.ro("labels", grads.labels)?, m.ro("g_logp", grads.g_logp)?);
             let g_entropy = grads.g_entropy.map(|g| m.ro("g_entropy", g)).transpose()?;
-            // the reference recomputes the row statistics from the logits (lse and entropy are
-            // checked for their length only)
-            crate::layout::check_len("lse", grads.lse.len, z.rows, "[T]")?;
-            crate::layout::check_len("entropy", grads.entropy.len, z.rows, "[T]")?;
-            crate::cpu::logprob_backward(
-                &Logits {
-                    data: &copy[..],
-                    rows: z.rows,
-                    vocab: z.vocab,
-                    ld: z.ld,
-                },
-                m.ro("labels", grads.labels)?,
-                config,
-                m.ro("g_logp", grads.g_logp)?,
-                g_entropy,
-                &mut z,
-            )
+            let (lse, entropy) = (m.ro("lse", grads.lse)?, m.ro("entropy", grads.entropy)?);
+            match vocab_start {
+                Some(start) => crate::cpu::tp_backward(
+                    &zin, labels, start, lse, entropy, g_logp, g_entropy, config, &mut z,
+                ),
+                // the reference recomputes the row statistics from the logits (lse and entropy
+                // are checked for their length only)
+                None => {
+                    crate::layout::check_len("lse", lse.len(), z.rows, "[T]")?;
+                    crate::layout::check_len("entropy", entropy.len(), z.rows, "[T]")?;
+                    crate::cpu::logprob_backward(&zin, labels, config, g_logp, g_entropy, &mut z)
+                }
+            }
         },
         |m| {
             let (labels, lse, entropy, g_logp) = (
@@ -753,13 +759,13 @@ pub fn logprob_backward_inplace<E: LogitElem>(
                 g_logp: &g_logp,
                 g_entropy: g_entropy.as_ref(),
             };
-            cuda::logprob_backward_inplace(
-                &m.gpu,
-                &m.stream,
-                &mut logits_rw(m, logits)?,
-                &g,
-                config,
-            )
+            let mut z = logits_rw(m, logits)?;
+            match vocab_start {
+                Some(start) => {
+                    cuda::tp_backward_inplace(&m.gpu, &m.stream, &mut z, &g, start, config)
+                }
+                None => cuda::logprob_backward_inplace(&m.gpu, &m.stream, &mut z, &g, config),
+            }
         },
     )
 }
@@ -906,68 +912,6 @@ pub fn tp_combine(
                 &mut m.rw("logp", logp)?,
                 &mut m.rw("entropy", entropy)?,
                 &mut m.rw("lse", lse)?,
-            )
-        },
-    )
-}
-
-/// The backward on one vocabulary shard, in place (from the combined LSE and entropy of
-/// [`tp_combine`]).
-pub fn tp_backward_inplace<E: LogitElem>(
-    place: Place,
-    logits: &Logits<Out<E>>,
-    grads: &LogprobGrads,
-    vocab_start: usize,
-    config: &LogprobConfig,
-) -> Result<()> {
-    if logits.rows == 0 {
-        return config.validate();
-    }
-    run(
-        place,
-        |m| {
-            let mut z = logits_rw(m, logits)?;
-            let copy: Vec<E> = z.data.to_vec();
-            let g_entropy = grads.g_entropy.map(|g| m.ro("g_entropy", g)).transpose()?;
-            crate::cpu::tp_backward(
-                &Logits {
-                    data: &copy[..],
-                    rows: z.rows,
-                    vocab: z.vocab,
-                    ld: z.ld,
-                },
-                m.ro("labels", grads.labels)?,
-                vocab_start,
-                m.ro("lse", grads.lse)?,
-                m.ro("entropy", grads.entropy)?,
-                m.ro("g_logp", grads.g_logp)?,
-                g_entropy,
-                config,
-                &mut z,
-            )
-        },
-        |m| {
-            let (labels, lse, entropy, g_logp) = (
-                m.ro("labels", grads.labels)?,
-                m.ro("lse", grads.lse)?,
-                m.ro("entropy", grads.entropy)?,
-                m.ro("g_logp", grads.g_logp)?,
-            );
-            let g_entropy = grads.g_entropy.map(|g| m.ro("g_entropy", g)).transpose()?;
-            let g = cuda::LogprobGrads {
-                labels: &labels,
-                lse: &lse,
-                entropy: &entropy,
-                g_logp: &g_logp,
-                g_entropy: g_entropy.as_ref(),
-            };
-            cuda::tp_backward_inplace(
-                &m.gpu,
-                &m.stream,
-                &mut logits_rw(m, logits)?,
-                &g,
-                vocab_start,
-                config,
             )
         },
     )

@@ -5,7 +5,7 @@ use crate::layout::check_len;
 use crate::logits::{LogitElem, Logits, LogprobConfig};
 
 /// Row statistics in f64: `(LSE, entropy)` of `x = z / tau`.
-fn row_stats<E: LogitElem>(row: &[E], inv_tau: f64) -> (f64, f64) {
+pub(crate) fn row_stats<E: LogitElem>(row: &[E], inv_tau: f64) -> (f64, f64) {
     let m = row
         .iter()
         .map(|z| z.to_f32() as f64 * inv_tau)
@@ -114,10 +114,39 @@ pub fn logprob_backward<E: LogitElem>(
     }
     check_labels(labels, logits.vocab, config.ignore_index)?;
     let inv_tau = 1.0 / config.temperature as f64;
-    for r in 0..t {
+    grad_rows(
+        logits,
+        labels,
+        0,
+        config,
+        g_logp,
+        g_entropy,
+        dlogits,
+        |_, row| row_stats(row, inv_tau),
+    );
+    Ok(())
+}
+
+/// `dz_j = (1/tau)(g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H))` for every row, with row
+/// `r`'s `(LSE, H)` from `stats(r, row)`; the label's column is `y - vocab_start` (no one-hot where
+/// it falls outside the logits: another vocabulary shard's); ignored labels take no logp gradient.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn grad_rows<E: LogitElem>(
+    logits: &Logits<&[E]>,
+    labels: &[i32],
+    vocab_start: usize,
+    config: &LogprobConfig,
+    g_logp: &[f32],
+    g_entropy: Option<&[f32]>,
+    dlogits: &mut Logits<&mut [E]>,
+    stats: impl Fn(usize, &[E]) -> (f64, f64),
+) {
+    let inv_tau = 1.0 / config.temperature as f64;
+    for r in 0..logits.rows {
         let row = &logits.data[r * logits.ld..r * logits.ld + logits.vocab];
-        let (l, h) = row_stats(row, inv_tau);
+        let (l, h) = stats(r, row);
         let y = labels[r];
+        let local = y as i64 - vocab_start as i64;
         let g = if y == config.ignore_index {
             0.0
         } else {
@@ -128,14 +157,13 @@ pub fn logprob_backward<E: LogitElem>(
         for (j, (o, z)) in out.iter_mut().zip(row).enumerate() {
             let lp = z.to_f32() as f64 * inv_tau - l;
             let p = lp.exp();
-            let mut d = g * (if j as i32 == y { 1.0 } else { 0.0 } - p);
+            let mut d = g * (if j as i64 == local { 1.0 } else { 0.0 } - p);
             if p > 0.0 {
                 d -= ge * p * (lp + h);
             }
             *o = E::from_f32((inv_tau * d) as f32);
         }
     }
-    Ok(())
 }
 
 /// The GRPO loss straight from logits on the CPU (the reference of

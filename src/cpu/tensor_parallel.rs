@@ -2,6 +2,7 @@
 //! `recap_tp_combine`), in f64: a shard's partial statistics, their combine over the shards, and
 //! the backward on one shard from the combined statistics.
 
+use super::logits::{grad_rows, row_stats};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
 use crate::logits::{LogitElem, Logits, LogprobConfig};
@@ -27,26 +28,9 @@ pub fn tp_partials<E: LogitElem>(
     let inv_tau = 1.0 / config.temperature as f64;
     for r in 0..t {
         let row = &logits.data[r * logits.ld..r * logits.ld + logits.vocab];
-        let x: Vec<f64> = row.iter().map(|z| z.to_f32() as f64 * inv_tau).collect();
-        let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let (lse, h) = if m == f64::NEG_INFINITY {
-            (f64::NEG_INFINITY, 0.0)
-        } else {
-            let s: f64 = x.iter().map(|v| (v - m).exp()).sum();
-            let lse = m + s.ln();
-            let h = -x
-                .iter()
-                .map(|v| {
-                    let lp = v - lse;
-                    let p = lp.exp();
-                    if p > 0.0 {
-                        p * lp
-                    } else {
-                        0.0
-                    }
-                })
-                .sum::<f64>();
-            (lse, h)
+        let (lse, h) = match row_stats(row, inv_tau) {
+            (l, _) if l == f64::NEG_INFINITY => (l, 0.0), // every logit -inf: an empty shard row
+            stats => stats,
         };
         let y = labels[r];
         let local = y as i64 - vocab_start as i64;
@@ -54,7 +38,7 @@ pub fn tp_partials<E: LogitElem>(
         partials[r] = lse as f32;
         partials[t + r] = h as f32;
         partials[2 * t + r] = if here {
-            x[local as usize] as f32
+            (row[local as usize].to_f32() as f64 * inv_tau) as f32
         } else {
             f32::NEG_INFINITY
         };
@@ -160,30 +144,15 @@ pub fn tp_backward<E: LogitElem>(
     if let Some(g) = g_entropy {
         check_len("g_entropy", g.len(), t, "[T]")?;
     }
-    let inv_tau = 1.0 / config.temperature as f64;
-    for r in 0..t {
-        let y = labels[r];
-        let local = y as i64 - vocab_start as i64;
-        let here = local >= 0 && (local as usize) < logits.vocab;
-        let g = if y == config.ignore_index {
-            0.0
-        } else {
-            g_logp[r] as f64
-        };
-        let ge = g_entropy.map_or(0.0, |e| e[r] as f64);
-        let (l, h) = (lse[r] as f64, entropy[r] as f64);
-        let row = &logits.data[r * logits.ld..r * logits.ld + logits.vocab];
-        let out = &mut dlogits.data[r * dlogits.ld..r * dlogits.ld + dlogits.vocab];
-        for (j, (o, z)) in out.iter_mut().zip(row).enumerate() {
-            let lp = z.to_f32() as f64 * inv_tau - l;
-            let p = lp.exp();
-            let hot = if here && j as i64 == local { 1.0 } else { 0.0 };
-            let mut d = g * (hot - p);
-            if p > 0.0 {
-                d -= ge * p * (lp + h);
-            }
-            *o = E::from_f32((inv_tau * d) as f32);
-        }
-    }
+    grad_rows(
+        logits,
+        labels,
+        vocab_start,
+        config,
+        g_logp,
+        g_entropy,
+        dlogits,
+        |r, _| (lse[r] as f64, entropy[r] as f64),
+    );
     Ok(())
 }

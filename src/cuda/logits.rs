@@ -245,6 +245,18 @@ pub fn logprob_backward_inplace<E: LogitElem>(
     grads: &LogprobGrads<'_, '_>,
     config: &LogprobConfig,
 ) -> Result<()> {
+    backward_inplace(gpu, stream, logits, grads, config, Shard::default())
+}
+
+/// Kernel 5 in place for the logits of `shard` (the whole vocabulary when unsharded).
+pub(crate) fn backward_inplace<E: LogitElem>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    logits: &mut Logits<CudaViewMut<'_, E>>,
+    grads: &LogprobGrads<'_, '_>,
+    config: &LogprobConfig,
+    shard: Shard,
+) -> Result<()> {
     config.validate()?;
     logits.check("logits", logits.data.len())?;
     grads.check(logits.rows)?;
@@ -252,18 +264,7 @@ pub fn logprob_backward_inplace<E: LogitElem>(
     let (rows, vocab, ld) = (logits.rows, logits.vocab, logits.ld);
     let (z_a, _g0) = addr_mut(&mut logits.data, stream);
     backward_raw::<E>(
-        gpu,
-        stream,
-        z_a,
-        ld,
-        z_a,
-        ld,
-        rows,
-        vocab,
-        grads,
-        config,
-        1.0,
-        Shard::default(),
+        gpu, stream, z_a, ld, z_a, ld, rows, vocab, grads, config, 1.0, shard,
     )
 }
 

@@ -3,7 +3,7 @@
 //! CPU references are [`crate::cpu::tp_partials`], [`crate::cpu::tp_combine`] and
 //! [`crate::cpu::tp_backward`].
 
-use super::logits::{backward_raw, forward_raw, LogprobGrads, Shard};
+use super::logits::{backward_inplace, forward_raw, LogprobGrads, Shard};
 use super::{addr, addr_mut, params::TpParams, Gpu, Module};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
@@ -142,40 +142,16 @@ pub fn tp_backward_inplace<E: LogitElem>(
     vocab_start: usize,
     config: &LogprobConfig,
 ) -> Result<()> {
-    config.validate()?;
-    logits.check("logits", logits.data.len())?;
-    let t = logits.rows;
-    for (arg, n) in [
-        ("labels", grads.labels.len()),
-        ("lse", grads.lse.len()),
-        ("entropy", grads.entropy.len()),
-        ("g_logp", grads.g_logp.len()),
-    ] {
-        check_len(arg, n, t, "[T] (the rows of logits)")?;
-    }
-    if let Some(g) = grads.g_entropy {
-        check_len("g_entropy", g.len(), t, "[T]")?;
-    }
-    gpu.check_stream(stream)?;
-    let off = offset(vocab_start)?;
-    let (rows, vocab, ld) = (logits.rows, logits.vocab, logits.ld);
-    let (z_a, _g0) = addr_mut(&mut logits.data, stream);
-    backward_raw::<E>(
-        gpu,
-        stream,
-        z_a,
-        ld,
-        z_a,
-        ld,
-        rows,
-        vocab,
-        grads,
-        config,
-        1.0,
-        Shard {
-            offset: off,
-            sharded: true,
-            label_logit: 0,
-        },
-    )
+    check_len(
+        "entropy",
+        grads.entropy.len(),
+        logits.rows,
+        "[T] (the rows of logits)",
+    )?;
+    let shard = Shard {
+        offset: offset(vocab_start)?,
+        sharded: true,
+        label_logit: 0,
+    };
+    backward_inplace(gpu, stream, logits, grads, config, shard)
 }

@@ -790,27 +790,14 @@ fn logprob_backward_(
     temperature: f32,
     ignore_index: i32,
 ) -> PyResult<()> {
-    let first = Tensor::of("logits", logits)?;
-    let call = Call::new(py, &first)?;
-    let (t, rows, vocab, ld) = logits_layout(&call, "logits", logits)?;
-    let grads = raw::LogprobGrads {
-        labels: call.i32("labels", labels)?,
-        lse: call.f32("lse", lse)?,
-        entropy: call.f32("entropy", entropy)?,
-        g_logp: call.f32("g_logp", g_logp)?,
-        g_entropy: call.opt_f32("g_entropy", g_entropy)?,
-    };
-    let lc = LogprobConfig {
-        temperature,
-        ignore_index,
-    };
-    macro_rules! go {
-        ($e:ty) => {{
-            let z = logits_out::<$e>(&t, rows, vocab, ld);
-            py.detach(|| raw::logprob_backward_inplace::<$e>(call.place, &z, &grads, &lc))
-        }};
-    }
-    by_dtype!(t, go).map_err(err)
+    backward(
+        py,
+        logits,
+        [labels, lse, entropy, g_logp],
+        g_entropy,
+        None,
+        (temperature, ignore_index),
+    )
 }
 
 /// Tensor parallelism, step 1: a vocabulary shard's partials `[3, T]` (LSE, entropy, label logit
@@ -900,6 +887,26 @@ fn tp_backward_(
     temperature: f32,
     ignore_index: i32,
 ) -> PyResult<()> {
+    backward(
+        py,
+        logits,
+        [labels, lse, entropy, g_logp],
+        g_entropy,
+        Some(vocab_start),
+        (temperature, ignore_index),
+    )
+}
+
+/// The logits backward of both entry points: in place over `logits`, from `[labels, lse, entropy,
+/// g_logp]` and `g_entropy`; with `vocab_start`, the shard's slice of the whole gradient.
+fn backward(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    [labels, lse, entropy, g_logp]: [&Bound<'_, PyAny>; 4],
+    g_entropy: Option<&Bound<'_, PyAny>>,
+    vocab_start: Option<usize>,
+    (temperature, ignore_index): (f32, i32),
+) -> PyResult<()> {
     let first = Tensor::of("logits", logits)?;
     let call = Call::new(py, &first)?;
     let (t, rows, vocab, ld) = logits_layout(&call, "logits", logits)?;
@@ -917,7 +924,9 @@ fn tp_backward_(
     macro_rules! go {
         ($e:ty) => {{
             let z = logits_out::<$e>(&t, rows, vocab, ld);
-            py.detach(|| raw::tp_backward_inplace::<$e>(call.place, &z, &grads, vocab_start, &lc))
+            py.detach(|| {
+                raw::logprob_backward_inplace::<$e>(call.place, &z, &grads, &lc, vocab_start)
+            })
         }};
     }
     by_dtype!(t, go).map_err(err)
