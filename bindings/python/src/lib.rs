@@ -484,55 +484,33 @@ fn logits_stat_layout(k: usize) -> Vec<(&'static str, usize, usize, bool)> {
 /// [grpo_stat_layout] the statistics.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (logp, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership,
-                    ref_logp, rollout_logp, policy_weight, normalizers, seq_tokens, adv_per_token,
-                    config_json, grad, loss, stats))]
+#[pyo3(signature = (logp, old_logp, policy_weight, batch, grad, loss, stats))]
 fn grpo_loss(
     py: Python<'_>,
     logp: &Bound<'_, PyAny>,
     old_logp: &Bound<'_, PyAny>,
-    advantages: &Bound<'_, PyAny>,
-    mask: &Bound<'_, PyAny>,
-    cu_seqlens: &Bound<'_, PyAny>,
-    lambda_: &Bound<'_, PyAny>,
-    objectives: Vec<i32>,
-    membership: Option<&Bound<'_, PyAny>>,
-    ref_logp: Option<&Bound<'_, PyAny>>,
-    rollout_logp: Option<&Bound<'_, PyAny>>,
     policy_weight: Option<&Bound<'_, PyAny>>,
-    normalizers: Option<&Bound<'_, PyAny>>,
-    seq_tokens: Option<&Bound<'_, PyAny>>,
-    adv_per_token: bool,
-    config_json: &str,
+    batch: Batch<'_>,
     grad: &Bound<'_, PyAny>,
     loss: &Bound<'_, PyAny>,
     stats: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let first = Tensor::of("logp", logp)?;
     let call = Call::new(py, &first)?;
-    let cfg = config(config_json)?;
-    let lay = Layout::read(
-        &call,
-        cu_seqlens,
-        lambda_,
-        &objectives,
-        membership,
-        normalizers,
-        seq_tokens,
-    )?;
+    let b = batch.load(&call)?;
     let inputs = GrpoInputs {
         logp: call.f32("logp", logp)?,
         old_logp: call.f32("old_logp", old_logp)?,
-        ref_logp: call.opt_f32("ref_logp", ref_logp)?,
-        rollout_logp: call.opt_f32("rollout_logp", rollout_logp)?,
+        ref_logp: b.ref_logp,
+        rollout_logp: b.rollout_logp,
         policy_weight: call.opt_f32("policy_weight", policy_weight)?,
-        advantages: self::advantages(&call, advantages, adv_per_token)?,
-        mask: call.mask("mask", mask)?,
-        cu_seqlens: &lay.cu,
-        lambda: &lay.lambda,
-        objectives: &lay.kinds,
-        membership: lay.membership.as_deref(),
-        normalizers: lay.normalizers.as_ref(),
+        advantages: b.advantages,
+        mask: b.mask,
+        cu_seqlens: &b.lay.cu,
+        lambda: &b.lay.lambda,
+        objectives: &b.lay.kinds,
+        membership: b.lay.membership.as_deref(),
+        normalizers: b.lay.normalizers.as_ref(),
     };
     let (g, l, s) = (
         call.out_f32("grad", grad)?,
@@ -540,7 +518,7 @@ fn grpo_loss(
         call.out_f64("stats", stats)?,
     );
     let out = py
-        .detach(|| raw::grpo_loss(call.place, &inputs, &cfg, g))
+        .detach(|| raw::grpo_loss(call.place, &inputs, &b.cfg, g))
         .map_err(err)?;
     call.write("loss", l, &[out.loss as f32])?;
     call.write("stats", s, &out.stats())
@@ -932,32 +910,78 @@ fn backward(
     by_dtype!(t, go).map_err(err)
 }
 
-/// The inputs of the losses computed from logits or from the last layer.
-#[allow(clippy::too_many_arguments)]
-fn logits_inputs<'l>(
-    call: &Call,
-    lay: &'l Layout,
-    labels: &Bound<'_, PyAny>,
-    old_logp: &Bound<'_, PyAny>,
-    advantages: &Bound<'_, PyAny>,
+/// The batch every loss takes besides its per-token policy inputs: a dict the Python op passes
+/// (`recap_kernels.ops._batch`), its keys the field names.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct Batch<'py> {
+    advantages: Bound<'py, PyAny>,
+    mask: Bound<'py, PyAny>,
+    cu_seqlens: Bound<'py, PyAny>,
+    lambda_: Bound<'py, PyAny>,
+    objectives: Vec<i32>,
+    membership: Option<Bound<'py, PyAny>>,
+    ref_logp: Option<Bound<'py, PyAny>>,
+    rollout_logp: Option<Bound<'py, PyAny>>,
+    normalizers: Option<Bound<'py, PyAny>>,
+    seq_tokens: Option<Bound<'py, PyAny>>,
     adv_per_token: bool,
-    mask: &Bound<'_, PyAny>,
-    ref_logp: Option<&Bound<'_, PyAny>>,
-    rollout_logp: Option<&Bound<'_, PyAny>>,
-) -> PyResult<LogitsLossInputs<'l, In<f32>, In<u8>, In<i32>>> {
-    Ok(LogitsLossInputs {
-        labels: call.i32("labels", labels)?,
-        old_logp: call.f32("old_logp", old_logp)?,
-        ref_logp: call.opt_f32("ref_logp", ref_logp)?,
-        rollout_logp: call.opt_f32("rollout_logp", rollout_logp)?,
-        advantages: self::advantages(call, advantages, adv_per_token)?,
-        mask: call.mask("mask", mask)?,
-        cu_seqlens: &lay.cu,
-        lambda: &lay.lambda,
-        objectives: &lay.kinds,
-        membership: lay.membership.as_deref(),
-        normalizers: lay.normalizers.as_ref(),
-    })
+    config: String,
+}
+
+/// A [`Batch`] read for one call: the host layout, the per-token arrays and the options.
+struct Loaded {
+    lay: Layout,
+    advantages: Advantages<In<f32>>,
+    mask: Mask<In<f32>, In<u8>>,
+    ref_logp: Option<In<f32>>,
+    rollout_logp: Option<In<f32>>,
+    cfg: GrpoConfig,
+}
+
+impl Batch<'_> {
+    fn load(&self, call: &Call) -> PyResult<Loaded> {
+        Ok(Loaded {
+            cfg: config(&self.config)?,
+            lay: Layout::read(
+                call,
+                &self.cu_seqlens,
+                &self.lambda_,
+                &self.objectives,
+                self.membership.as_ref(),
+                self.normalizers.as_ref(),
+                self.seq_tokens.as_ref(),
+            )?,
+            advantages: advantages(call, &self.advantages, self.adv_per_token)?,
+            mask: call.mask("mask", &self.mask)?,
+            ref_logp: call.opt_f32("ref_logp", self.ref_logp.as_ref())?,
+            rollout_logp: call.opt_f32("rollout_logp", self.rollout_logp.as_ref())?,
+        })
+    }
+}
+
+impl Loaded {
+    /// The inputs of the losses from logits or from the last layer, with these `labels` and
+    /// `old_logp`.
+    fn logits_inputs(
+        &self,
+        labels: In<i32>,
+        old_logp: In<f32>,
+    ) -> LogitsLossInputs<'_, In<f32>, In<u8>, In<i32>> {
+        LogitsLossInputs {
+            labels,
+            old_logp,
+            ref_logp: self.ref_logp,
+            rollout_logp: self.rollout_logp,
+            advantages: self.advantages,
+            mask: self.mask,
+            cu_seqlens: &self.lay.cu,
+            lambda: &self.lay.lambda,
+            objectives: &self.lay.kinds,
+            membership: self.lay.membership.as_deref(),
+            normalizers: self.lay.normalizers.as_ref(),
+        }
+    }
 }
 
 /// The GRPO loss from logits (log-probs, the fused loss with its KL term, the entropy bonus); the
@@ -965,26 +989,13 @@ fn logits_inputs<'l>(
 /// [logits_stat_layout].
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (logits, labels, old_logp, advantages, mask, cu_seqlens, lambda_, objectives,
-                    membership, ref_logp, rollout_logp, normalizers, seq_tokens, adv_per_token,
-                    config_json, temperature, ignore_index, loss, stats))]
+#[pyo3(signature = (logits, labels, old_logp, batch, temperature, ignore_index, loss, stats))]
 fn grpo_loss_from_logits_(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
     labels: &Bound<'_, PyAny>,
     old_logp: &Bound<'_, PyAny>,
-    advantages: &Bound<'_, PyAny>,
-    mask: &Bound<'_, PyAny>,
-    cu_seqlens: &Bound<'_, PyAny>,
-    lambda_: &Bound<'_, PyAny>,
-    objectives: Vec<i32>,
-    membership: Option<&Bound<'_, PyAny>>,
-    ref_logp: Option<&Bound<'_, PyAny>>,
-    rollout_logp: Option<&Bound<'_, PyAny>>,
-    normalizers: Option<&Bound<'_, PyAny>>,
-    seq_tokens: Option<&Bound<'_, PyAny>>,
-    adv_per_token: bool,
-    config_json: &str,
+    batch: Batch<'_>,
     temperature: f32,
     ignore_index: i32,
     loss: &Bound<'_, PyAny>,
@@ -992,28 +1003,9 @@ fn grpo_loss_from_logits_(
 ) -> PyResult<()> {
     let first = Tensor::of("logits", logits)?;
     let call = Call::new(py, &first)?;
-    let cfg = config(config_json)?;
     let (t, rows, vocab, ld) = logits_layout(&call, "logits", logits)?;
-    let lay = Layout::read(
-        &call,
-        cu_seqlens,
-        lambda_,
-        &objectives,
-        membership,
-        normalizers,
-        seq_tokens,
-    )?;
-    let inputs = logits_inputs(
-        &call,
-        &lay,
-        labels,
-        old_logp,
-        advantages,
-        adv_per_token,
-        mask,
-        ref_logp,
-        rollout_logp,
-    )?;
+    let b = batch.load(&call)?;
+    let inputs = b.logits_inputs(call.i32("labels", labels)?, call.f32("old_logp", old_logp)?);
     let lc = LogprobConfig {
         temperature,
         ignore_index,
@@ -1022,7 +1014,7 @@ fn grpo_loss_from_logits_(
     macro_rules! go {
         ($e:ty) => {{
             let z = logits_out::<$e>(&t, rows, vocab, ld);
-            py.detach(|| raw::grpo_loss_from_logits::<$e>(call.place, &z, &inputs, &cfg, &lc))
+            py.detach(|| raw::grpo_loss_from_logits::<$e>(call.place, &z, &inputs, &b.cfg, &lc))
         }};
     }
     let out = by_dtype!(t, go).map_err(err)?;
@@ -1034,26 +1026,15 @@ fn grpo_loss_from_logits_(
 /// `d_hidden` [T, H] (bf16), `d_weight` [V, H] (float32), `loss`, `stats` [logits_stat_layout].
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (hidden, weight, labels, old_logp, advantages, mask, cu_seqlens, lambda_,
-                    objectives, membership, ref_logp, normalizers, adv_per_token, config_json,
-                    temperature, chunk_tokens, memory_budget, fp32_logits, d_hidden, d_weight,
-                    loss, stats))]
+#[pyo3(signature = (hidden, weight, labels, old_logp, batch, temperature, chunk_tokens,
+                    memory_budget, fp32_logits, d_hidden, d_weight, loss, stats))]
 fn fused_linear_grpo_loss(
     py: Python<'_>,
     hidden: &Bound<'_, PyAny>,
     weight: &Bound<'_, PyAny>,
     labels: &Bound<'_, PyAny>,
     old_logp: &Bound<'_, PyAny>,
-    advantages: &Bound<'_, PyAny>,
-    mask: &Bound<'_, PyAny>,
-    cu_seqlens: &Bound<'_, PyAny>,
-    lambda_: &Bound<'_, PyAny>,
-    objectives: Vec<i32>,
-    membership: Option<&Bound<'_, PyAny>>,
-    ref_logp: Option<&Bound<'_, PyAny>>,
-    normalizers: Option<&Bound<'_, PyAny>>,
-    adv_per_token: bool,
-    config_json: &str,
+    batch: Batch<'_>,
     temperature: f32,
     chunk_tokens: Option<usize>,
     memory_budget: usize,
@@ -1065,7 +1046,6 @@ fn fused_linear_grpo_loss(
 ) -> PyResult<()> {
     let first = Tensor::of("hidden", hidden)?;
     let call = Call::new(py, &first)?;
-    let cfg = config(config_json)?;
     let (x, w) = (
         call.tensor("hidden", hidden)?,
         call.tensor("weight", weight)?,
@@ -1084,26 +1064,8 @@ fn fused_linear_grpo_loss(
     }
     let dh = call.tensor("d_hidden", d_hidden)?;
     dh.want(&[DType::BF16])?;
-    let lay = Layout::read(
-        &call,
-        cu_seqlens,
-        lambda_,
-        &objectives,
-        membership,
-        normalizers,
-        None,
-    )?;
-    let inputs = logits_inputs(
-        &call,
-        &lay,
-        labels,
-        old_logp,
-        advantages,
-        adv_per_token,
-        mask,
-        ref_logp,
-        None,
-    )?;
+    let b = batch.load(&call)?;
+    let inputs = b.logits_inputs(call.i32("labels", labels)?, call.f32("old_logp", old_logp)?);
     let head = raw::RawHead {
         hidden: x.arr(),
         weight: w.arr(),
@@ -1126,7 +1088,7 @@ fn fused_linear_grpo_loss(
     let dho = dh.out();
     let out = py
         .detach(|| {
-            raw::fused_linear_grpo_loss(call.place, &head, &inputs, &cfg, &lc, &opts, dho, dw)
+            raw::fused_linear_grpo_loss(call.place, &head, &inputs, &b.cfg, &lc, &opts, dho, dw)
         })
         .map_err(err)?;
     call.write("loss", l, &[out.loss as f32])?;

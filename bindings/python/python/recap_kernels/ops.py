@@ -52,6 +52,15 @@ def _contig(*xs):
     return [x.contiguous() if x is not None else None for x in xs]
 
 
+def _batch(advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp, rollout_logp, normalizers,
+           seq_tokens, adv_per_token, config):
+    """The batch arguments every loss passes to the extension (its `Batch`), contiguous."""
+    advantages, mask, ref_logp, rollout_logp = _contig(advantages, mask, ref_logp, rollout_logp)
+    return dict(advantages=advantages, mask=mask, cu_seqlens=cu_seqlens, lambda_=lambda_, objectives=objectives,
+                membership=membership, ref_logp=ref_logp, rollout_logp=rollout_logp, normalizers=normalizers,
+                seq_tokens=seq_tokens, adv_per_token=adv_per_token, config=config)
+
+
 # --- the fused GRPO loss ------------------------------------------------------------------------
 def _grpo_outputs(logp: Tensor, lambda_: Tensor):
     return (_empty(logp, (), torch.float32), _empty(logp, logp.shape, torch.float32),
@@ -65,10 +74,10 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
               seq_tokens: Optional[Tensor], adv_per_token: bool, config: str) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused GRPO loss of K objectives: ``(loss, dloss/dlogp, stats)``."""
     loss, grad, stats = _grpo_outputs(logp, lambda_)
-    logp, old_logp, advantages, mask, ref_logp, rollout_logp, policy_weight = _contig(
-        logp, old_logp, advantages, mask, ref_logp, rollout_logp, policy_weight)
-    _native.grpo_loss(logp, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp,
-                      rollout_logp, policy_weight, normalizers, seq_tokens, adv_per_token, config, grad, loss, stats)
+    logp, old_logp, policy_weight = _contig(logp, old_logp, policy_weight)
+    batch = _batch(advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp, rollout_logp, normalizers,
+                   seq_tokens, adv_per_token, config)
+    _native.grpo_loss(logp, old_logp, policy_weight, batch, grad, loss, stats)
     return loss, grad, stats
 
 
@@ -252,11 +261,10 @@ def grpo_loss_from_logits(logits: Tensor, labels: Tensor, old_logp: Tensor, adva
     loss = _empty(logits, (), torch.float32)
     stats = _empty(logits, (logits_stats_len(lambda_.shape[0]),), torch.float64)
     dlogits = logits.clone(memory_format=torch.contiguous_format)
-    labels, old_logp, advantages, mask, ref_logp, rollout_logp = _contig(
-        labels, old_logp, advantages, mask, ref_logp, rollout_logp)
-    _native.grpo_loss_from_logits_(dlogits, labels, old_logp, advantages, mask, cu_seqlens, lambda_, objectives,
-                                   membership, ref_logp, rollout_logp, normalizers, seq_tokens, adv_per_token, config,
-                                   temperature, ignore_index, loss, stats)
+    labels, old_logp = _contig(labels, old_logp)
+    batch = _batch(advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp, rollout_logp, normalizers,
+                   seq_tokens, adv_per_token, config)
+    _native.grpo_loss_from_logits_(dlogits, labels, old_logp, batch, temperature, ignore_index, loss, stats)
     return loss, stats, dlogits
 
 
@@ -290,10 +298,10 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_l
     """The GRPO loss of ``hidden [T, H] @ weight[V, H]^T`` chunk by chunk, never holding [T, V]
     logits: ``(loss, stats, dloss/dhidden, dloss/dweight)`` (the last in float32)."""
     loss, stats, d_hidden, d_weight = _linear_outputs(hidden, weight, lambda_)
-    hidden, weight, labels, old_logp, advantages, mask, ref_logp = _contig(
-        hidden, weight, labels, old_logp, advantages, mask, ref_logp)
-    _native.fused_linear_grpo_loss(hidden, weight, labels, old_logp, advantages, mask, cu_seqlens, lambda_,
-                                   objectives, membership, ref_logp, normalizers, adv_per_token, config, temperature,
+    hidden, weight, labels, old_logp = _contig(hidden, weight, labels, old_logp)
+    batch = _batch(advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp, None, normalizers, None,
+                   adv_per_token, config)
+    _native.fused_linear_grpo_loss(hidden, weight, labels, old_logp, batch, temperature,
                                    chunk_tokens if chunk_tokens > 0 else None, memory_budget, fp32_logits, d_hidden,
                                    d_weight, loss, stats)
     return loss, stats, d_hidden, d_weight
