@@ -216,22 +216,23 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
         }
     }
     const int e = 3 * K;
-    recap_block_reduce_slot(r_sum, e + 0, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(negd_sum, e + 1, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(p_tok, e + 2, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(r_min, e + 3, S, RECAP_OP_MIN, s_red);
-    recap_block_reduce_slot(r_max, e + 4, S, RECAP_OP_MAX, s_red);
-    recap_block_reduce_slot((float)nonfinite, e + 5, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(kl_agg, e + 6, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(kl_sum, e + 7, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(is_sum, e + 8, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(is_min, e + 9, S, RECAP_OP_MIN, s_red);
-    recap_block_reduce_slot(is_max, e + 10, S, RECAP_OP_MAX, s_red);
-    recap_block_reduce_slot(is_corr, e + 11, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(r_sum, e + RECAP_SLOT_RATIO_SUM, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(negd_sum, e + RECAP_SLOT_NEG_LOG_RATIO_SUM, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(p_tok, e + RECAP_SLOT_POLICY_TOKENS, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(r_min, e + RECAP_SLOT_RATIO_MIN, S, RECAP_OP_MIN, s_red);
+    recap_block_reduce_slot(r_max, e + RECAP_SLOT_RATIO_MAX, S, RECAP_OP_MAX, s_red);
+    recap_block_reduce_slot((float)nonfinite, e + RECAP_SLOT_NONFINITE, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(kl_agg, e + RECAP_SLOT_KL_AGG, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(kl_sum, e + RECAP_SLOT_KL_SUM, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(is_sum, e + RECAP_SLOT_IS_SUM, S, RECAP_OP_SUM, s_red);
+    recap_block_reduce_slot(is_min, e + RECAP_SLOT_IS_MIN, S, RECAP_OP_MIN, s_red);
+    recap_block_reduce_slot(is_max, e + RECAP_SLOT_IS_MAX, S, RECAP_OP_MAX, s_red);
+    recap_block_reduce_slot(is_corr, e + RECAP_SLOT_IS_CORRECTED, S, RECAP_OP_SUM, s_red);
     /* slot-major: statistic j of this block at partials[j * gridDim.x + blockIdx.x] */
     const uint64_t one = 1;
-    recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, S, (one << (e + 3)) | (one << (e + 9)),
-                              (one << (e + 4)) | (one << (e + 10)), s_red);
+    const uint64_t min_bits = (one << (e + RECAP_SLOT_RATIO_MIN)) | (one << (e + RECAP_SLOT_IS_MIN));
+    const uint64_t max_bits = (one << (e + RECAP_SLOT_RATIO_MAX)) | (one << (e + RECAP_SLOT_IS_MAX));
+    recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, S, min_bits, max_bits, s_red);
 }
 
 /* Registers capped for 4 blocks per SM with MAXK <= 8 and 2 with MAXK = 16: more loads in flight

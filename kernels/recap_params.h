@@ -67,21 +67,24 @@
  *   [k]            w_tk * l_tk          the objective's aggregate agg(l_k)          (k < K)
  *   [K + k]        m_t * 1[clipped]     pg_clipfrac numerator                        (k < K)
  *   [2K + k]       m_t * 1[dual-clip]   pg_clipfrac_lower numerator                  (k < K)
- *   [3K + 0]       m_t * r_t            over policy tokens (ratio mean numerator)
- *   [3K + 1]       m_t * (old - logp)   over policy tokens (ppo_kl numerator, clamped log-ratio)
- *   [3K + 2]       m_t                  over policy tokens (their weight)
- *   [3K + 3]       min r_t              over policy tokens (a min, not a sum; +inf if none)
- *   [3K + 4]       max r_t              over policy tokens (a max, not a sum; -inf if none)
- *   [3K + 5]       count of non-finite inputs read at unmasked tokens
- *   [3K + 6]       w_t * kl_t           agg(kl) over every unmasked token (0 without ref_logp)
- *   [3K + 7]       m_t * kl_t           masked kl sum (for the kl mean metric)
- *   [3K + 8]       m_t * w_t            over policy tokens, the rollout IS ratio (0 without rollout_logp)
- *   [3K + 9]       min w_t              (a min; +inf if none)
- *   [3K + 10]      max w_t              (a max; -inf if none)
- *   [3K + 11]      m_t * 1[corrected]   tokens whose IS weight was truncated or masked
+ * then the RECAP_GRPO_EXTRA_SLOTS slots at 3K + RECAP_SLOT_* below.
  * A "policy token" is an unmasked token of a sequence that is a member of at least one objective of
- * kind policy.
+ * kind policy. This list is the one definition of the slots: the kernels use the names, build.rs
+ * generates the Rust constants (`crate::slots`) from these lines for the CPU reference and the
+ * output decoder.
  */
+#define RECAP_SLOT_RATIO_SUM 0        /* m_t * r_t over policy tokens (ratio mean numerator)        */
+#define RECAP_SLOT_NEG_LOG_RATIO_SUM 1 /* m_t * (old - logp) over policy tokens (ppo_kl numerator)  */
+#define RECAP_SLOT_POLICY_TOKENS 2    /* m_t over policy tokens (their weight)                      */
+#define RECAP_SLOT_RATIO_MIN 3        /* min r_t over policy tokens (a min; +inf if none)           */
+#define RECAP_SLOT_RATIO_MAX 4        /* max r_t over policy tokens (a max; -inf if none)           */
+#define RECAP_SLOT_NONFINITE 5        /* count of non-finite inputs read at unmasked tokens         */
+#define RECAP_SLOT_KL_AGG 6           /* w_t * kl_t: agg(kl) over every unmasked token              */
+#define RECAP_SLOT_KL_SUM 7           /* m_t * kl_t: masked kl sum (the kl mean metric)             */
+#define RECAP_SLOT_IS_SUM 8           /* m_t * w_t over policy tokens, the rollout IS ratio         */
+#define RECAP_SLOT_IS_MIN 9           /* min w_t (a min; +inf if none)                              */
+#define RECAP_SLOT_IS_MAX 10          /* max w_t (a max; -inf if none)                              */
+#define RECAP_SLOT_IS_CORRECTED 11    /* m_t * 1[the IS weight was truncated or masked]             */
 #define RECAP_GRPO_EXTRA_SLOTS 12
 
 /* Per-launch parameters of the fused GRPO loss (kernel 1), passed by value. */

@@ -44,7 +44,7 @@ impl std::str::FromStr for AdvantageMode {
             "dr_grpo" => Ok(AdvantageMode::DrGrpo),
             "rloo" => Ok(AdvantageMode::Rloo),
             "batch" => Ok(AdvantageMode::BatchStd),
-            _ => Err(Error::arg(
+            _ => Err(Error::invalid_argument(
                 "modes",
                 format!("unknown advantage mode {s:?}; expected grpo, dr_grpo, rloo or batch"),
             )),
@@ -145,7 +145,7 @@ fn group_members(groups: Groups<'_>, b: usize) -> Result<Vec<Vec<usize>>> {
     match groups {
         Groups::Consecutive(g) => {
             if g == 0 || b % g != 0 {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "groups",
                     format!(
                         "B = {b} rollouts do not split into groups of G = {g} consecutive rollouts"
@@ -163,7 +163,7 @@ fn group_members(groups: Groups<'_>, b: usize) -> Result<Vec<Vec<usize>>> {
             for (i, id) in ids.iter().enumerate() {
                 let g = order
                     .binary_search(id)
-                    .map_err(|_| Error::arg("groups", "group id lookup"))?;
+                    .map_err(|_| Error::invalid_argument("groups", "group id lookup"))?;
                 members[g].push(i);
             }
             Ok(members)
@@ -212,7 +212,7 @@ pub(crate) fn validate(
     let k = config.num_inputs();
     if let Some(w) = &config.reward_weights {
         if config.modes.len() != 1 {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.modes",
                 format!(
                     "with reward weights the advantage is of one combined column: expected one mode, got {}",
@@ -221,14 +221,14 @@ pub(crate) fn validate(
             ));
         }
         if let Some((j, v)) = w.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.reward_weights",
                 format!("reward_weights[{j}] = {v} is not finite"),
             ));
         }
     }
     if k == 0 || k > MAX_ADV_OBJECTIVES {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             if config.reward_weights.is_some() {
                 "config.reward_weights"
             } else {
@@ -238,14 +238,14 @@ pub(crate) fn validate(
         ));
     }
     if n_rewards % k != 0 {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "rewards",
             format!("expected [B, K = {k}], got {n_rewards} values"),
         ));
     }
     let b = n_rewards / k;
     if b > i32::MAX as usize {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "rewards",
             format!("B = {b} rollouts exceed 2^31 - 1"),
         ));
@@ -258,33 +258,33 @@ pub(crate) fn validate(
         if k_out == k { "[B, K]" } else { "[B, 1]" },
     )?;
     if !(config.eps.is_finite() && config.eps >= 0.0) {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "config.eps",
             format!("expected a finite eps >= 0, got {}", config.eps),
         ));
     }
     if let Some(lead) = &config.lead {
         if lead.correctness >= k {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.lead",
                 format!("correctness objective {} >= K = {k}", lead.correctness),
             ));
         }
         if let Some(alpha) = lead.length_alpha {
             if !alpha.is_finite() {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "config.lead.length_alpha",
                     format!("expected a finite alpha, got {alpha}"),
                 ));
             }
             let len = lengths.ok_or_else(|| {
-                Error::arg("lengths", "the length-dependent reward needs [B] lengths")
+                Error::invalid_argument("lengths", "the length-dependent reward needs [B] lengths")
             })?;
             check_len("lengths", len, b, "[B]")?;
         }
         if let Some(d) = &lead.difficulty {
             if ![d.a, d.b, d.rho0, d.k].iter().all(|x| x.is_finite()) {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "config.lead.difficulty",
                     format!("expected finite A, B, rho0, k, got {d:?}"),
                 ));
@@ -318,7 +318,7 @@ pub fn group_advantages(
 ) -> Result<()> {
     let (b, k) = validate(rewards.len(), lengths.map(|l| l.len()), config, out.len())?;
     if let Some((i, v)) = rewards.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "rewards",
             format!("rewards[{i}] = {v} is not finite"),
         ));
@@ -328,7 +328,7 @@ pub fn group_advantages(
     if let Some(lead) = &config.lead {
         if let Some(alpha) = lead.length_alpha {
             let len = lengths.ok_or_else(|| {
-                Error::arg("lengths", "the length-dependent reward needs [B] lengths")
+                Error::invalid_argument("lengths", "the length-dependent reward needs [B] lengths")
             })?;
             let c = lead.correctness;
             for m in &members {

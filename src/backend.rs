@@ -413,7 +413,7 @@ fn download(s: &Arc<CudaStream>, d: &CudaSlice<f32>, out: &mut [f32]) -> Result<
         return Ok(());
     }
     if d.len() < out.len() {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "grad",
             "device buffer shorter than the host output",
         ));

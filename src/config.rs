@@ -29,7 +29,7 @@ macro_rules! serde_by_name {
 }
 
 /// Most objectives one launch handles (`1 <= K <= MAX_OBJECTIVES`).
-pub const MAX_OBJECTIVES: usize = 16;
+pub const MAX_OBJECTIVES: usize = crate::kernel_layout::MAX_OBJECTIVES;
 
 /// How per-token losses are aggregated (verl's `loss_agg_mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -87,7 +87,7 @@ impl FromStr for AggMode {
             "seq-mean-token-sum" => AggMode::SeqMeanTokenSum,
             "token-sum-norm" | "seq-mean-token-sum-norm" => AggMode::TokenSumNorm,
             _ => {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "agg_mode",
                     format!(
                         "unknown aggregation mode {s:?}; expected token-mean, seq-mean-token-mean, \
@@ -165,7 +165,7 @@ impl FromStr for KlEstimator {
             "k1+" | "kl+" => KlEstimator::K1Plus,
             "k3+" | "low_var_kl+" => KlEstimator::K3Plus,
             _ => {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "kl_estimator",
                     format!("unknown KL estimator {s:?}; expected k1, abs, k2 (mse), k3 (low_var_kl), k1+ or k3+"),
                 ))
@@ -236,7 +236,7 @@ impl FromStr for PolicyLoss {
             "sapo" => PolicyLoss::sapo(),
             "gspo" => PolicyLoss::Gspo,
             _ => {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "policy_loss",
                     format!("unknown policy loss {s:?}; expected vanilla, cispo, sapo or gspo"),
                 ))
@@ -364,7 +364,7 @@ impl FromStr for ObjectiveKind {
         match s {
             "policy" => Ok(ObjectiveKind::Policy),
             "nll" => Ok(ObjectiveKind::Nll),
-            _ => Err(Error::arg(
+            _ => Err(Error::invalid_argument(
                 "objectives",
                 format!("unknown objective kind {s:?}; expected policy or nll"),
             )),
@@ -470,7 +470,7 @@ impl GrpoConfig {
     /// is an error naming it.
     pub fn from_json(json: &str) -> Result<GrpoConfig> {
         let c: GrpoConfig = serde_json::from_str(json)
-            .map_err(|e| Error::arg("config", format!("{e} (in {json})")))?;
+            .map_err(|e| Error::invalid_argument("config", format!("{e} (in {json})")))?;
         c.validate()?;
         Ok(c)
     }
@@ -487,26 +487,29 @@ impl GrpoConfig {
             if v.is_finite() {
                 Ok(())
             } else {
-                Err(Error::arg(name, format!("must be finite, got {v}")))
+                Err(Error::invalid_argument(
+                    name,
+                    format!("must be finite, got {v}"),
+                ))
             }
         };
         finite("config.clip_low", self.clip_low)?;
         finite("config.clip_high", self.clip_high)?;
         if !(0.0..1.0).contains(&self.clip_low) {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.clip_low",
                 format!("expected 0 <= clip_low < 1, got {}", self.clip_low),
             ));
         }
         if self.clip_high < 0.0 {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.clip_high",
                 format!("expected clip_high >= 0, got {}", self.clip_high),
             ));
         }
         if let Some(c) = self.dual_clip {
             if !(c.is_finite() && c > 1.0) {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "config.dual_clip",
                     format!("the dual-clip constant must be finite and > 1, got {c}"),
                 ));
@@ -514,13 +517,13 @@ impl GrpoConfig {
         }
         if let Some(d) = self.delta {
             if !(d.is_finite() && d > 1.0) {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "config.delta",
                     format!("the two-sided clipping bound must be finite and > 1, got {d}"),
                 ));
             }
             if self.policy_loss != PolicyLoss::Vanilla {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "config.delta",
                     format!(
                         "two-sided clipping applies to the vanilla loss only, not {:?}",
@@ -531,7 +534,7 @@ impl GrpoConfig {
         }
         if let PolicyLoss::Sapo { tau_pos, tau_neg } = self.policy_loss {
             if !(tau_pos.is_finite() && tau_pos > 0.0 && tau_neg.is_finite() && tau_neg > 0.0) {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "config.policy_loss",
                     format!(
                         "SAPO temperatures must be finite and > 0, got tau_pos {tau_pos}, tau_neg {tau_neg}"
@@ -540,7 +543,7 @@ impl GrpoConfig {
             }
         }
         if !(self.top_entropy_quantile > 0.0 && self.top_entropy_quantile <= 1.0) {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.top_entropy_quantile",
                 format!(
                     "expected 0 < q <= 1 (1 keeps every token), got {}",
@@ -550,33 +553,33 @@ impl GrpoConfig {
         }
         if let Some(rc) = &self.rollout_correction {
             if !(rc.upper.is_finite() && rc.upper > 0.0) {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "config.rollout_correction.upper",
                     format!("expected a finite bound > 0, got {}", rc.upper),
                 ));
             }
             let lo = rc.lower_bound();
             if !(lo.is_finite() && lo >= 0.0 && lo <= rc.upper) {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "config.rollout_correction.lower",
                     format!("expected 0 <= lower <= upper = {}, got {lo}", rc.upper),
                 ));
             }
         }
         if !(self.log_ratio_clamp.is_finite() && self.log_ratio_clamp > 0.0) {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.log_ratio_clamp",
                 format!("expected a finite value > 0, got {}", self.log_ratio_clamp),
             ));
         }
         if !(self.kl_coef.is_finite() && self.kl_coef >= 0.0) {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.kl_coef",
                 format!("expected a finite value >= 0, got {}", self.kl_coef),
             ));
         }
         if !self.entropy_coef.is_finite() {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.entropy_coef",
                 format!("expected a finite value, got {}", self.entropy_coef),
             ));
@@ -590,13 +593,13 @@ pub(crate) fn validate_norm_constant(mode: AggMode, c: Option<f32>) -> Result<()
         match c {
             Some(c) if c.is_finite() && c > 0.0 => {}
             Some(c) => {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "config.norm_constant",
                     format!("token-sum-norm needs a finite constant C > 0, got {c}"),
                 ))
             }
             None => {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "config.norm_constant",
                     "token-sum-norm needs the constant C (e.g. the maximum response length)",
                 ))
@@ -628,7 +631,7 @@ impl Normalizers {
             return Ok(());
         }
         if self.tokens.len() != other.tokens.len() || self.seqs.len() != other.seqs.len() {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "normalizers",
                 format!(
                     "cannot add normalizers of {} slots to normalizers of {} slots",
@@ -650,20 +653,20 @@ impl Normalizers {
     pub(crate) fn validate(&self, k: usize, b: usize) -> Result<()> {
         if let Some(st) = &self.seq_tokens {
             if st.len() != b {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "normalizers",
                     format!("seq_tokens must have B = {b} entries (one per sequence of this part), got {}", st.len()),
                 ));
             }
             if let Some(v) = st.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "normalizers",
                     format!("seq_tokens must be finite and >= 0, got {v}"),
                 ));
             }
         }
         if self.tokens.len() != k + 1 || self.seqs.len() != k + 1 {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "normalizers",
                 format!(
                     "expected tokens and seqs of length K + 1 = {} (K objectives and the KL slot), got {} and {}",
@@ -679,7 +682,7 @@ impl Normalizers {
             .chain(&self.seqs)
             .find(|v| !(v.is_finite() && **v >= 0.0))
         {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "normalizers",
                 format!("every normalizer must be finite and >= 0, got {v}"),
             ));

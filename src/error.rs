@@ -3,8 +3,10 @@
 
 use std::fmt;
 
-/// Everything that can go wrong in a call.
+/// Everything that can go wrong in a call. New variants may come in a minor release: match with a
+/// wildcard arm.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// An argument does not have the expected shape or value; nothing was launched.
     InvalidArgument {
@@ -27,7 +29,8 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn arg(arg: &'static str, message: impl Into<String>) -> Self {
+    /// [`Error::InvalidArgument`] for the argument `arg` (its name as in the API).
+    pub fn invalid_argument(arg: &'static str, message: impl Into<String>) -> Self {
         Error::InvalidArgument {
             arg,
             message: message.into(),

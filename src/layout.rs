@@ -131,25 +131,25 @@ pub(crate) struct Shape {
 /// Checks `cu_seqlens` against `T`; returns `B`.
 pub fn validate_cu_seqlens(cu: &[i32], t: usize) -> Result<usize> {
     if cu.is_empty() {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "cu_seqlens",
             "expected [B + 1] boundaries starting at 0, got an empty array",
         ));
     }
     if t > i32::MAX as usize {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "logp",
             format!("T = {t} tokens exceeds the i32 range of cu_seqlens"),
         ));
     }
     if cu[0] != 0 {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "cu_seqlens",
             format!("cu_seqlens[0] must be 0, got {}", cu[0]),
         ));
     }
     if let Some(i) = cu.windows(2).position(|w| w[1] < w[0]) {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "cu_seqlens",
             format!(
                 "must be non-decreasing, but cu_seqlens[{}] = {} > cu_seqlens[{}] = {}",
@@ -162,7 +162,7 @@ pub fn validate_cu_seqlens(cu: &[i32], t: usize) -> Result<usize> {
     }
     let last = *cu.last().unwrap_or(&0);
     if last as i64 != t as i64 {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "cu_seqlens",
             format!("must end at T = {t} (the length of logp), ends at {last}"),
         ));
@@ -172,7 +172,7 @@ pub fn validate_cu_seqlens(cu: &[i32], t: usize) -> Result<usize> {
 
 pub(crate) fn check_len(arg: &'static str, got: usize, expected: usize, shape: &str) -> Result<()> {
     if got != expected {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             arg,
             format!("expected {shape} = {expected} elements, got {got}"),
         ));
@@ -182,7 +182,7 @@ pub(crate) fn check_len(arg: &'static str, got: usize, expected: usize, shape: &
 
 fn validate_k(k: usize, what: &'static str) -> Result<()> {
     if k == 0 || k > MAX_OBJECTIVES {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             what,
             format!("expected 1 <= K <= {MAX_OBJECTIVES} objectives, got K = {k}"),
         ));
@@ -196,7 +196,7 @@ fn validate_lambda(lambda: &[f32]) -> Result<()> {
         .enumerate()
         .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
     {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "lambda",
             format!("objective weights must be finite and >= 0, lambda[{i}] = {v}"),
         ));
@@ -209,7 +209,7 @@ pub(crate) fn validate_membership(membership: Option<&[u32]>, b: usize, k: usize
         check_len("membership", m.len(), b, "[B]")?;
         let allowed = if k >= 32 { u32::MAX } else { (1u32 << k) - 1 };
         if let Some((i, v)) = m.iter().enumerate().find(|(_, v)| **v & !allowed != 0) {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "membership",
                 format!("membership[{i}] = {v:#x} has bits at or above K = {k}"),
             ));
@@ -237,7 +237,7 @@ pub(crate) fn validate_grpo<F: Array, U: Array>(
     if let Some(r) = &inputs.rollout_logp {
         check_len("rollout_logp", r.array_len(), t, "[T]")?;
     } else if cfg.rollout_correction.is_some() {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "rollout_logp",
             "config.rollout_correction needs the [T] rollout log-probabilities",
         ));

@@ -14,6 +14,7 @@
 
 pub mod advantages;
 pub mod backend;
+#[cfg(feature = "tools")]
 pub mod bench;
 pub mod config;
 pub mod cpu;
@@ -21,13 +22,18 @@ pub mod cuda;
 #[doc(hidden)]
 pub mod device_math;
 pub mod error;
-pub mod ffi;
+/// The slot and normalizer layout of `kernels/recap_params.h`, generated from it by build.rs.
+#[allow(dead_code)]
+pub(crate) mod kernel_layout {
+    include!(concat!(env!("OUT_DIR"), "/layout.rs"));
+}
 pub mod layout;
 pub mod logits;
 pub mod output;
 pub mod raw;
 pub mod recap;
 pub mod tensor_parallel;
+#[cfg(feature = "tools")]
 pub mod train;
 
 pub use advantages::{

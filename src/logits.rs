@@ -83,10 +83,13 @@ impl<L> Logits<L> {
 
     pub(crate) fn check(&self, arg: &'static str, len: usize) -> Result<()> {
         if self.vocab == 0 {
-            return Err(Error::arg(arg, "expected a vocabulary V >= 1, got V = 0"));
+            return Err(Error::invalid_argument(
+                arg,
+                "expected a vocabulary V >= 1, got V = 0",
+            ));
         }
         if self.ld < self.vocab {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 arg,
                 format!(
                     "row stride ld = {} is smaller than V = {}",
@@ -95,7 +98,7 @@ impl<L> Logits<L> {
             ));
         }
         if self.vocab > i32::MAX as usize {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 arg,
                 format!("V = {} exceeds the i32 label range", self.vocab),
             ));
@@ -107,9 +110,9 @@ impl<L> Logits<L> {
                 r.checked_mul(self.ld)
                     .and_then(|x| x.checked_add(self.vocab))
             })
-            .ok_or_else(|| Error::arg(arg, "rows * ld overflows"))?;
+            .ok_or_else(|| Error::invalid_argument(arg, "rows * ld overflows"))?;
         if len < need {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 arg,
                 format!(
                     "[T = {}, V = {}] with row stride {} needs {need} elements, the buffer has {len}",
@@ -206,7 +209,7 @@ impl LogprobConfig {
     /// Checks the temperature.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.temperature",
                 format!(
                     "expected a finite temperature > 0, got {}",

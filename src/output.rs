@@ -5,20 +5,18 @@ use crate::config::GrpoConfig;
 use crate::error::{Error, Result};
 use crate::logits::LogitsLossOutput;
 
+pub(crate) use crate::kernel_layout::{
+    slots, GRPO_EXTRA_SLOTS, NORM_LOCAL_SEQS, NORM_LOCAL_TOKENS, NORM_SEQS, NORM_TOKENS,
+};
+
 /// Normalizer slots: `MAX_OBJECTIVES` objectives plus the KL slot (`RECAP_NORM_SLOTS`).
 pub(crate) const NORM_SLOTS: usize = crate::config::MAX_OBJECTIVES + 1;
-/// Extra reduction slots of the fused loss after the 3K per-objective ones (`RECAP_GRPO_EXTRA_SLOTS`).
-pub(crate) const GRPO_EXTRA_SLOTS: usize = 12;
-pub(crate) const NORM_LOCAL_TOKENS: usize = 0;
-pub(crate) const NORM_LOCAL_SEQS: usize = 1;
-pub(crate) const NORM_TOKENS: usize = 2;
-pub(crate) const NORM_SEQS: usize = 3;
 
 pub(crate) fn grpo_slots(k: usize) -> usize {
     3 * k + GRPO_EXTRA_SLOTS
 }
 
-/// Raw sums of the fused loss: `slots` (`3K + 12`, layout in recap_params.h) and `norms`
+/// Raw sums of the fused loss: `slots` (`3K + RECAP_GRPO_EXTRA_SLOTS`, layout in recap_params.h) and `norms`
 /// (`4 * NORM_SLOTS`).
 #[derive(Clone, Debug)]
 pub(crate) struct GrpoSums {
@@ -259,7 +257,7 @@ pub(crate) fn finish_grpo(
     let local_tokens = |j: usize| n[NORM_LOCAL_TOKENS * NORM_SLOTS + j];
     let local_seqs = |j: usize| n[NORM_LOCAL_SEQS * NORM_SLOTS + j];
     let objective_loss: Vec<f64> = s[..k].to_vec();
-    let kl_loss = if has_ref { s[e + 6] } else { 0.0 };
+    let kl_loss = if has_ref { s[e + slots::KL_AGG] } else { 0.0 };
     let weighted: f64 = lambda
         .iter()
         .zip(&objective_loss)
@@ -271,20 +269,28 @@ pub(crate) fn finish_grpo(
         } else {
             0.0
         };
-    let policy_tokens = s[e + 2];
+    let policy_tokens = s[e + slots::POLICY_TOKENS];
     let any_policy = policy_tokens > 0.0;
-    let nonfinite = s[e + 5].round() as u64;
+    let nonfinite = s[e + slots::NONFINITE].round() as u64;
     let metrics = GrpoMetrics {
         pg_clipfrac: (0..k).map(|i| ratio(s[k + i], local_tokens(i))).collect(),
         pg_clipfrac_lower: (0..k)
             .map(|i| ratio(s[2 * k + i], local_tokens(i)))
             .collect(),
-        ppo_kl: ratio(s[e + 1], policy_tokens),
-        ratio_min: if any_policy { s[e + 3] } else { 0.0 },
+        ppo_kl: ratio(s[e + slots::NEG_LOG_RATIO_SUM], policy_tokens),
+        ratio_min: if any_policy {
+            s[e + slots::RATIO_MIN]
+        } else {
+            0.0
+        },
         ratio_mean: ratio(s[e], policy_tokens),
-        ratio_max: if any_policy { s[e + 4] } else { 0.0 },
+        ratio_max: if any_policy {
+            s[e + slots::RATIO_MAX]
+        } else {
+            0.0
+        },
         kl_mean: if has_ref {
-            ratio(s[e + 7], local_tokens(k))
+            ratio(s[e + slots::KL_SUM], local_tokens(k))
         } else {
             0.0
         },
@@ -294,18 +300,18 @@ pub(crate) fn finish_grpo(
         objective_seqs: (0..k).map(|j| local_seqs(j).round() as u64).collect(),
         policy_tokens,
         nonfinite,
-        rollout_is_mean: ratio(s[e + 8], policy_tokens),
+        rollout_is_mean: ratio(s[e + slots::IS_SUM], policy_tokens),
         rollout_is_min: if has_rollout && any_policy {
-            s[e + 9]
+            s[e + slots::IS_MIN]
         } else {
             0.0
         },
         rollout_is_max: if has_rollout && any_policy {
-            s[e + 10]
+            s[e + slots::IS_MAX]
         } else {
             0.0
         },
-        rollout_is_corrected_fraction: ratio(s[e + 11], policy_tokens),
+        rollout_is_corrected_fraction: ratio(s[e + slots::IS_CORRECTED], policy_tokens),
     };
     if nonfinite > 0 && !cfg.allow_nonfinite {
         return Err(Error::NonFinite { count: nonfinite });

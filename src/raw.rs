@@ -144,10 +144,10 @@ impl Ranges {
             return Ok(());
         }
         if addr == 0 {
-            return Err(Error::arg(arg, "null pointer"));
+            return Err(Error::invalid_argument(arg, "null pointer"));
         }
         if addr % align_of::<T>() != 0 {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 arg,
                 format!(
                     "address {addr:#x} is not aligned to {} bytes (its element size)",
@@ -158,13 +158,13 @@ impl Ranges {
         let end = len
             .checked_mul(size_of::<T>())
             .and_then(|b| b.checked_add(addr))
-            .ok_or_else(|| Error::arg(arg, "address range overflows"))?;
+            .ok_or_else(|| Error::invalid_argument(arg, "address range overflows"))?;
         let mut r = self.0.borrow_mut();
         if let Some((other, ..)) = r
             .iter()
             .find(|(_, s, e, w)| (writable || *w) && addr < *e && *s < end)
         {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 arg,
                 format!("overlaps `{other}`: an output may not share memory with another array"),
             ));
@@ -323,7 +323,7 @@ impl Memory for DeviceMemory {
         let s = self.lend(a.addr, a.len * size_of::<T>())?;
         // SAFETY: the buffer holds `len` values of T (`In::new`'s contract; aligned, checked).
         unsafe { s.transmute::<T>(a.len) }
-            .ok_or_else(|| Error::arg(arg, "internal: view larger than its buffer"))
+            .ok_or_else(|| Error::invalid_argument(arg, "internal: view larger than its buffer"))
     }
 
     fn rw<'m, T: DeviceRepr + 'm>(
@@ -335,7 +335,7 @@ impl Memory for DeviceMemory {
         let s = self.lend(a.addr, a.len * size_of::<T>())?;
         // SAFETY: the buffer holds `len` values of T (`Out::new`'s contract; aligned, checked).
         unsafe { s.transmute_mut::<T>(a.len) }
-            .ok_or_else(|| Error::arg(arg, "internal: view larger than its buffer"))
+            .ok_or_else(|| Error::invalid_argument(arg, "internal: view larger than its buffer"))
     }
 }
 
@@ -598,7 +598,7 @@ pub fn count_normalizers(
         let b = crate::layout::validate_cu_seqlens(cu_seqlens, t)?;
         crate::layout::validate_membership(membership, b, k)?;
         if k == 0 || k > crate::config::MAX_OBJECTIVES {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "k",
                 format!(
                     "expected 1 <= K <= {} objectives, got K = {k}",
@@ -944,7 +944,7 @@ pub fn fused_linear_grpo_loss(
 ) -> Result<LogitsLossOutput> {
     let h = head.hidden_size;
     if h == 0 || head.weight.len == 0 || head.hidden.len % h != 0 || head.weight.len % h != 0 {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "weight",
             format!(
                 "expected hidden [T, H] and weight [V, H] with H = {h} >= 1 and V >= 1, got {} \
@@ -1115,7 +1115,7 @@ pub fn objective_kinds(codes: &[i32]) -> Result<Vec<ObjectiveKind>> {
         .map(|&c| match c {
             0 => Ok(ObjectiveKind::Policy),
             1 => Ok(ObjectiveKind::Nll),
-            _ => Err(Error::arg(
+            _ => Err(Error::invalid_argument(
                 "objectives",
                 format!("expected 0 (policy) or 1 (nll), got {c}"),
             )),

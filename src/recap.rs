@@ -50,7 +50,7 @@ impl std::str::FromStr for Orientation {
         match s {
             "loss" => Ok(Orientation::Loss),
             "reward" => Ok(Orientation::Reward),
-            _ => Err(Error::arg(
+            _ => Err(Error::invalid_argument(
                 "orientations",
                 format!("expected \"reward\" (higher is better) or \"loss\" (lower is better), got {s:?}"),
             )),
@@ -198,7 +198,7 @@ impl RecapConfig {
     /// A validated configuration from its JSON form (any subset of the fields).
     pub fn from_json(json: &str) -> Result<RecapConfig> {
         let c: RecapConfig = serde_json::from_str(json)
-            .map_err(|e| Error::arg("config", format!("{e} (in {json})")))?;
+            .map_err(|e| Error::invalid_argument("config", format!("{e} (in {json})")))?;
         c.validate()?;
         Ok(c)
     }
@@ -206,10 +206,13 @@ impl RecapConfig {
     /// Checks every field; the error names it.
     pub fn validate(&self) -> Result<()> {
         if self.window == 0 {
-            return Err(Error::arg("config.window", "expected a window W >= 1"));
+            return Err(Error::invalid_argument(
+                "config.window",
+                "expected a window W >= 1",
+            ));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "config.temperature",
                 format!(
                     "expected a finite temperature > 0, got {}",
@@ -218,11 +221,11 @@ impl RecapConfig {
             ));
         }
         match self.alpha {
-            Alpha::Constant(a) if !(0.0..=1.0).contains(&a) => Err(Error::arg(
+            Alpha::Constant(a) if !(0.0..=1.0).contains(&a) => Err(Error::invalid_argument(
                 "config.alpha",
                 format!("expected 0 <= alpha <= 1, got {a}"),
             )),
-            Alpha::Annealed(_) if self.max_steps.unwrap_or(0) == 0 => Err(Error::arg(
+            Alpha::Annealed(_) if self.max_steps.unwrap_or(0) == 0 => Err(Error::invalid_argument(
                 "config.max_steps",
                 "an annealed alpha (1 - step / max_steps) needs max_steps >= 1",
             )),
@@ -270,7 +273,7 @@ impl RecapScheduler {
     /// A scheduler for objectives with these orientations.
     pub fn new(orientations: &[Orientation], config: RecapConfig) -> Result<Self> {
         if orientations.is_empty() {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "orientations",
                 "expected at least one objective",
             ));
@@ -299,7 +302,7 @@ impl RecapScheduler {
     /// is an error naming its objective, and nothing is recorded.
     pub fn observe(&mut self, values: &[f64]) -> Result<()> {
         if values.len() != self.orientations.len() {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "values",
                 format!(
                     "expected K = {} values, got {}",
@@ -309,7 +312,7 @@ impl RecapScheduler {
             ));
         }
         if let Some((k, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "values",
                 format!("values[{k}] = {v} is not finite; nothing was recorded"),
             ));
@@ -426,13 +429,13 @@ impl RecapScheduler {
     /// The state as JSON (a checkpoint).
     pub fn to_json(&self) -> Result<String> {
         serde_json::to_string(self)
-            .map_err(|e| Error::arg("scheduler", format!("cannot serialize: {e}")))
+            .map_err(|e| Error::invalid_argument("scheduler", format!("cannot serialize: {e}")))
     }
 
     /// A state from [`RecapScheduler::to_json`]'s output; checked like [`RecapScheduler::new`].
     pub fn from_json(json: &str) -> Result<Self> {
         let s: RecapScheduler = serde_json::from_str(json)
-            .map_err(|e| Error::arg("json", format!("not a scheduler state: {e}")))?;
+            .map_err(|e| Error::invalid_argument("json", format!("not a scheduler state: {e}")))?;
         let fresh = RecapScheduler::new(&s.orientations, s.config.clone())?;
         let cap = 2 * s.config.window;
         if s.history.len() != fresh.history.len()
@@ -440,7 +443,10 @@ impl RecapScheduler {
                 .iter()
                 .any(|h| h.len() > cap || h.iter().any(|v| !v.is_finite()))
         {
-            return Err(Error::arg("json", "inconsistent scheduler state (history)"));
+            return Err(Error::invalid_argument(
+                "json",
+                "inconsistent scheduler state (history)",
+            ));
         }
         Ok(s)
     }

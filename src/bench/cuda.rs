@@ -147,7 +147,9 @@ pub(super) fn run(
             let bytes = (t * (4 * 3 + 1) + adv.len() * 4) as f64;
             // per-call scratch: normalizers, per-sequence stats, block partials (a few KiB)
             let blocks = t.div_ceil(256 * gpu.items_per_thread(t));
-            let extra = (8 * (4 * 17 + 3 * k + 12 + 3 * cu.len() + blocks * (3 * k + 12))
+            let slots = crate::output::grpo_slots(k);
+            let extra = (8
+                * (4 * crate::output::NORM_SLOTS + slots + 3 * cu.len() + blocks * slots)
                 + 4 * (cu.len() + blocks)) as f64;
             let mut rec = record("fused_loss", case, tm, r, bytes, extra, copy_gb_s);
             rec.value = Some(value);

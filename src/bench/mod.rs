@@ -243,10 +243,12 @@ pub fn table(r: &BenchReport) -> String {
 
 /// Writes the report as JSON to `path`.
 pub fn write_json(r: &BenchReport, path: &std::path::Path) -> Result<()> {
-    let json = serde_json::to_string_pretty(r).map_err(|e| Error::arg("json", e.to_string()))?;
-    let mut f = std::fs::File::create(path)
-        .map_err(|e| Error::arg("json", format!("cannot write {}: {e}", path.display())))?;
-    writeln!(f, "{json}").map_err(|e| Error::arg("json", e.to_string()))
+    let json = serde_json::to_string_pretty(r)
+        .map_err(|e| Error::invalid_argument("json", e.to_string()))?;
+    let mut f = std::fs::File::create(path).map_err(|e| {
+        Error::invalid_argument("json", format!("cannot write {}: {e}", path.display()))
+    })?;
+    writeln!(f, "{json}").map_err(|e| Error::invalid_argument("json", e.to_string()))
 }
 
 /// Deterministic pseudo-random inputs shared by both backends' cases.

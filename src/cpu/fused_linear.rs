@@ -24,7 +24,7 @@ pub fn fused_linear_grpo_loss(
 ) -> Result<LogitsLossOutput> {
     let h = hidden_size;
     if h == 0 || hidden.len() % h != 0 || weight.len() % h != 0 || weight.is_empty() {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "head",
             format!("expected hidden [T, H] and weight [V, H] with H = {h} >= 1"),
         ));

@@ -8,7 +8,7 @@ use crate::config::{GrpoConfig, IsLevel, ObjectiveKind, PolicyLoss};
 use crate::error::Result;
 use crate::layout::{check_len, validate_grpo, Advantages, HostGrpoInputs};
 use crate::output::{
-    finish_grpo, grpo_slots, GrpoOutput, GrpoSums, NORM_SEQS, NORM_SLOTS, NORM_TOKENS,
+    finish_grpo, grpo_slots, slots, GrpoOutput, GrpoSums, NORM_SEQS, NORM_SLOTS, NORM_TOKENS,
 };
 
 /// The fused GRPO loss on the CPU: writes `dL/dlogp` into `grad` (`[T]`) and returns the loss,
@@ -43,10 +43,10 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
         .unwrap_or(local_n_b);
     let mut s = vec![0.0f64; grpo_slots(k)];
     let e = 3 * k;
-    s[e + 3] = f64::INFINITY;
-    s[e + 4] = f64::NEG_INFINITY;
-    s[e + 9] = f64::INFINITY;
-    s[e + 10] = f64::NEG_INFINITY;
+    s[e + slots::RATIO_MIN] = f64::INFINITY;
+    s[e + slots::RATIO_MAX] = f64::NEG_INFINITY;
+    s[e + slots::IS_MIN] = f64::INFINITY;
+    s[e + slots::IS_MAX] = f64::NEG_INFINITY;
     let rc = cfg.rollout_correction.as_ref();
     let is_level = rc.map_or(IsLevel::Token, |r| r.level);
     let c = cfg.norm_constant.unwrap_or(0.0) as f64;
@@ -108,38 +108,38 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                 grad[t] = 0.0;
                 continue;
             }
-            s[e + 5] += if m.is_finite() { 0.0 } else { 1.0 };
+            s[e + slots::NONFINITE] += if m.is_finite() { 0.0 } else { 1.0 };
             let lp = inp.logp[t];
-            s[e + 5] += nonfinite(lp);
+            s[e + slots::NONFINITE] += nonfinite(lp);
             let mut isw = 1.0f64; // rollout IS weight of the policy terms
             let q = if pol {
                 let old = inp.old_logp[t];
-                s[e + 5] += nonfinite(old);
+                s[e + slots::NONFINITE] += nonfinite(old);
                 let q = ratio(lp, old, cfg.log_ratio_clamp);
-                s[e + 1] -= m * q.log_ratio; // ppo_kl: the token log-ratio in every variant
+                s[e + slots::NEG_LOG_RATIO_SUM] -= m * q.log_ratio; // ppo_kl: the token log-ratio in every variant
                 let q = if gspo { gspo_ratio(seq_lr) } else { q };
                 s[e] += m * q.ratio;
                 if let Some(roll) = inp.rollout_logp {
                     let lw = if is_level == IsLevel::Token {
-                        s[e + 5] += nonfinite(roll[t]);
+                        s[e + slots::NONFINITE] += nonfinite(roll[t]);
                         old as f64 - roll[t] as f64
                     } else {
-                        s[e + 5] += if seq_is.is_finite() { 0.0 } else { 1.0 };
+                        s[e + slots::NONFINITE] += if seq_is.is_finite() { 0.0 } else { 1.0 };
                         seq_is
                     };
                     let (ratio, weight, corrected) = rollout_is(lw, rc);
-                    s[e + 8] += m * ratio;
-                    s[e + 9] = s[e + 9].min(ratio);
-                    s[e + 10] = s[e + 10].max(ratio);
-                    s[e + 11] += if corrected { m } else { 0.0 };
+                    s[e + slots::IS_SUM] += m * ratio;
+                    s[e + slots::IS_MIN] = s[e + slots::IS_MIN].min(ratio);
+                    s[e + slots::IS_MAX] = s[e + slots::IS_MAX].max(ratio);
+                    s[e + slots::IS_CORRECTED] += if corrected { m } else { 0.0 };
                     isw = weight;
                 }
                 if let Some(pw) = inp.policy_weight {
                     isw *= pw[t] as f64;
                 }
-                s[e + 2] += m;
-                s[e + 3] = s[e + 3].min(q.ratio);
-                s[e + 4] = s[e + 4].max(q.ratio);
+                s[e + slots::POLICY_TOKENS] += m;
+                s[e + slots::RATIO_MIN] = s[e + slots::RATIO_MIN].min(q.ratio);
+                s[e + slots::RATIO_MAX] = s[e + slots::RATIO_MAX].max(q.ratio);
                 Some(q)
             } else {
                 None
@@ -153,7 +153,7 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                             Advantages::PerSequence(a) => a[b * k + j],
                             Advantages::PerToken(a) => a[t * k + j],
                         };
-                        s[e + 5] += nonfinite(a);
+                        s[e + slots::NONFINITE] += nonfinite(a);
                         let pt = policy_token(q, a, lp, cfg);
                         s[j] += w * isw * pt.loss;
                         s[k + j] += if pt.clipped { m } else { 0.0 };
@@ -169,14 +169,14 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
             g /= k as f64;
             if let Some(r) = inp.ref_logp {
                 let rv = r[t];
-                s[e + 5] += nonfinite(rv);
+                s[e + slots::NONFINITE] += nonfinite(rv);
                 let mut kt = kl_token(lp, rv, cfg.kl_estimator);
                 if let (true, Some(q)) = (cfg.kl_is_correction, q) {
                     kt = kl_is_corrected(kt, q);
                 }
                 let w = m * weight(k, n_b[b]);
-                s[e + 6] += w * kt.value;
-                s[e + 7] += m * kt.value;
+                s[e + slots::KL_AGG] += w * kt.value;
+                s[e + slots::KL_SUM] += m * kt.value;
                 g += cfg.kl_coef as f64 * w * kt.grad;
             }
             grad[t] = g as f32;

@@ -39,7 +39,7 @@ pub(crate) fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<
         .enumerate()
         .find(|(_, y)| **y != ignore && (**y < 0 || **y as usize >= vocab))
     {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "labels",
             format!(
                 "labels[{t}] = {y} is outside [0, V = {vocab}) and is not ignore_index = {ignore}"
@@ -99,7 +99,7 @@ pub fn logprob_backward<E: LogitElem>(
     let t = logits.rows;
     dlogits.check("dlogits", dlogits.data.len())?;
     if dlogits.rows != t || dlogits.vocab != logits.vocab {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "dlogits",
             format!(
                 "expected [T = {t}, V = {}], got [{}, {}]",

@@ -69,7 +69,7 @@ pub fn count_normalizers(
     };
     let b = validate_cu_seqlens(cu_seqlens, t)?;
     if k == 0 || k > MAX_OBJECTIVES {
-        return Err(crate::Error::arg(
+        return Err(crate::Error::invalid_argument(
             "k",
             format!("expected 1 <= K <= {MAX_OBJECTIVES}, got {k}"),
         ));

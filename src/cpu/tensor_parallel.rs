@@ -62,7 +62,10 @@ pub fn tp_combine(
 ) -> Result<()> {
     let t = labels.len();
     if shards == 0 {
-        return Err(Error::arg("partials", "expected at least one shard"));
+        return Err(Error::invalid_argument(
+            "partials",
+            "expected at least one shard",
+        ));
     }
     check_len("partials", partials.len(), shards * PLANES * t, "[P, 3, T]")?;
     check_len("logp", logp.len(), t, "[T]")?;
@@ -102,7 +105,7 @@ pub fn tp_combine(
         lse[row] = l as f32;
     }
     if missing > 0 {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "labels",
             format!(
                 "{missing} label(s) in no shard's vocabulary (and not ignore_index = {})",

@@ -38,7 +38,7 @@ pub fn group_advantages(
     let (group_size, num_groups, ids) = match &groups {
         DeviceGroups::Consecutive(g) => {
             if *g == 0 || b % g != 0 {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "groups",
                     format!(
                         "B = {b} rollouts do not split into groups of G = {g} consecutive rollouts"
@@ -50,7 +50,7 @@ pub fn group_advantages(
         DeviceGroups::Ids { ids, num_groups } => {
             crate::layout::check_len("groups", ids.len(), b, "[B] group ids")?;
             if *num_groups > b.max(1) {
-                return Err(Error::arg(
+                return Err(Error::invalid_argument(
                     "groups",
                     format!("num_groups = {num_groups} exceeds B = {b} rollouts"),
                 ));
@@ -149,7 +149,7 @@ pub fn group_advantages(
     stream.synchronize()?;
     let members: usize = host[..num_groups].iter().map(|c| *c as usize).sum();
     if members != b {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "groups",
             format!(
                 "{} of B = {b} rollouts carry a group id outside [0, {num_groups})",
@@ -158,7 +158,7 @@ pub fn group_advantages(
         ));
     }
     if host[num_groups] > 0 {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "rewards",
             format!("{} rewards are not finite", host[num_groups]),
         ));

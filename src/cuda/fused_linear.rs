@@ -100,8 +100,9 @@ pub(crate) fn gemm(
 ) -> Result<()> {
     let alpha = 1.0f32;
     let dim = |x: usize, what: &'static str| {
-        i32::try_from(x)
-            .map_err(|_| Error::arg(what, format!("{x} exceeds cuBLAS's i32 dimensions")))
+        i32::try_from(x).map_err(|_| {
+            Error::invalid_argument(what, format!("{x} exceeds cuBLAS's i32 dimensions"))
+        })
     };
     // SAFETY: the addresses are device buffers of this context holding at least the m x k, k x n and
     // m x n column-major operands with the given leading dimensions (checked by the caller's shape
@@ -151,13 +152,13 @@ pub fn fused_linear_grpo_loss(
     logits_config.validate()?;
     let (h, v) = (head.hidden_size, head.vocab);
     if h == 0 || v == 0 {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "head",
             format!("expected H >= 1 and V >= 1, got H = {h}, V = {v}"),
         ));
     }
     if head.hidden.len() % h != 0 {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "head.hidden",
             format!("expected [T, H = {h}], got {} elements", head.hidden.len()),
         ));
@@ -232,7 +233,7 @@ fn run<E: LogitElem>(
     if whole_batch && c < t {
         // GSPO's ratio and a sequence-level IS weight span each whole sequence: a chunk's loss
         // would need the log-probs of tokens in later chunks
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "options.chunk_tokens",
             format!(
                 "GSPO, sequence-level rollout IS and the top-entropy-quantile mask need the whole \
@@ -404,7 +405,7 @@ fn run<E: LogitElem>(
     work.check_labels(stream, v, logits_config)?;
     let grpo: Vec<crate::output::GrpoOutput> = parts.iter().map(|p| p.grpo.clone()).collect();
     let grpo = crate::output::GrpoOutput::merge_parts(&grpo, &global)
-        .ok_or_else(|| Error::arg("head.hidden", "no tokens"))?;
+        .ok_or_else(|| Error::invalid_argument("head.hidden", "no tokens"))?;
     // the entropy term and mean over the whole batch, once (work holds every token's entropy)
     let (entropy_loss, entropy_mean) = entropy_stats(gpu, stream, inputs, config, &work, &global)?;
     Ok(LogitsLossOutput {

@@ -6,7 +6,7 @@ use super::{
 use crate::config::{GrpoConfig, IsLevel, IsMode, PolicyLoss, RolloutCorrection};
 use crate::error::Result;
 use crate::layout::{check_len, policy_bits, validate_grpo, Advantages, GrpoInputs};
-use crate::output::{finish_grpo, grpo_slots, GrpoOutput, GrpoSums};
+use crate::output::{finish_grpo, grpo_slots, slots, GrpoOutput, GrpoSums};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
 
@@ -147,15 +147,15 @@ pub fn grpo_loss(
         };
         let name = format!("recap_grpo_loss_{ext}k{}_{suffix}", maxk(k));
         gpu.launch(stream, Module::GrpoLoss, &name, ws.blocks, &p)?;
-        let e = 3 * k as i32;
-        let bit = |j: i32| 1u64 << j;
+        let e = 3 * k;
+        let bit = |j: usize| 1u64 << j;
         finalize(
             gpu,
             stream,
             ws,
             &w,
-            bit(e + 3) | bit(e + 9),
-            bit(e + 4) | bit(e + 10),
+            bit(e + slots::RATIO_MIN) | bit(e + slots::IS_MIN),
+            bit(e + slots::RATIO_MAX) | bit(e + slots::IS_MAX),
         )?;
     }
     let (norms, slots) = ws.read_back(stream)?;

@@ -155,7 +155,7 @@ pub(crate) fn check_bad_labels(
 ) -> Result<()> {
     let n = stream.clone_dtoh(counter)?[0];
     if n > 0 {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "labels",
             format!(
                 "{n} label(s) outside [0, V = {vocab}) and not ignore_index = {}",
@@ -208,7 +208,7 @@ pub fn logprob_backward<E: LogitElem>(
     logits.validate("logits")?;
     dlogits.check("dlogits", dlogits.data.len())?;
     if dlogits.rows != logits.rows || dlogits.vocab != logits.vocab {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "dlogits",
             format!(
                 "expected [T = {}, V = {}], got [{}, {}]",

@@ -213,7 +213,7 @@ impl Gpu {
     /// Errors unless `stream` belongs to this GPU's context.
     pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
         if stream.context().cu_ctx() != self.ctx.cu_ctx() {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "stream",
                 "the stream belongs to another CUDA context than this Gpu",
             ));
@@ -241,8 +241,9 @@ impl Gpu {
         if grid == 0 {
             return Ok(());
         }
-        let grid = u32::try_from(grid)
-            .map_err(|_| Error::arg("logp", format!("{grid} blocks exceed the CUDA grid limit")))?;
+        let grid = u32::try_from(grid).map_err(|_| {
+            Error::invalid_argument("logp", format!("{grid} blocks exceed the CUDA grid limit"))
+        })?;
         let f = self.function(m, name)?;
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),

@@ -16,7 +16,7 @@ fn offset(vocab_start: usize) -> Result<i64> {
         .ok()
         .filter(|v| *v <= i32::MAX as i64)
         .ok_or_else(|| {
-            Error::arg(
+            Error::invalid_argument(
                 "vocab_start",
                 format!("{vocab_start} exceeds the i32 label range"),
             )
@@ -82,7 +82,7 @@ pub fn tp_combine(
 ) -> Result<()> {
     let t = labels.len();
     if shards == 0 || shards > i32::MAX as usize {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "partials",
             format!("expected 1 or more shards, got {shards}"),
         ));
@@ -121,7 +121,7 @@ pub fn tp_combine(
     }
     let n = stream.clone_dtoh(&missing)?[0];
     if n > 0 {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "labels",
             format!(
                 "{n} label(s) in no shard's vocabulary (and not ignore_index = {})",

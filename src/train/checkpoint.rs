@@ -31,7 +31,7 @@ pub(crate) struct State {
 pub(crate) type Tensors = [Vec<f32>; 4];
 
 fn io_err(arg: &'static str, path: &Path, e: std::io::Error) -> Error {
-    Error::arg(arg, format!("{}: {e}", path.display()))
+    Error::invalid_argument(arg, format!("{}: {e}", path.display()))
 }
 
 fn le_bytes(t: &[f32]) -> Vec<u8> {
@@ -59,7 +59,8 @@ pub(crate) fn write(
     let mut meta = HashMap::new();
     meta.insert(
         "recap".to_string(),
-        serde_json::to_string(state).map_err(|e| Error::arg("checkpoint", e.to_string()))?,
+        serde_json::to_string(state)
+            .map_err(|e| Error::invalid_argument("checkpoint", e.to_string()))?,
     );
     meta.insert("sha256".to_string(), digest(bytes.iter().map(|b| &b[..])));
     let views = NAMES
@@ -68,13 +69,14 @@ pub(crate) fn write(
         .map(|(n, b)| {
             TensorView::new(Dtype::F32, vec![v, h], b)
                 .map(|t| (n.to_string(), t))
-                .map_err(|e| Error::arg("checkpoint", e.to_string()))
+                .map_err(|e| Error::invalid_argument("checkpoint", e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
     let file = safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::arg("checkpoint", e.to_string()))?;
+        .map_err(|e| Error::invalid_argument("checkpoint", e.to_string()))?;
     let path = dir.join(FILE);
-    super::write_atomic(&path, &file).map_err(|e| Error::arg("checkpoint", e.to_string()))?;
+    super::write_atomic(&path, &file)
+        .map_err(|e| Error::invalid_argument("checkpoint", e.to_string()))?;
     Ok(path)
 }
 
@@ -83,7 +85,8 @@ pub(crate) fn write(
 pub(crate) fn read(dir: &Path, cfg: &TrainConfig) -> Result<(State, Tensors)> {
     let path = dir.join(FILE);
     let bytes = std::fs::read(&path).map_err(|e| io_err("resume", &path, e))?;
-    let bad = |what: String| Error::arg("resume", format!("{}: {what}", path.display()));
+    let bad =
+        |what: String| Error::invalid_argument("resume", format!("{}: {what}", path.display()));
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         bad(format!(
             "not a readable checkpoint (truncated or corrupt): {e}"
@@ -123,7 +126,7 @@ pub(crate) fn read(dir: &Path, cfg: &TrainConfig) -> Result<(State, Tensors)> {
         )));
     }
     if state.fingerprint != cfg.fingerprint() {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "resume",
             format!(
                 "the checkpoint is of another run ({}), this run is {}",

@@ -4,55 +4,105 @@
 use crate::recap::RecapConfig;
 use std::path::PathBuf;
 
-/// How objective weights are set.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-#[value(rename_all = "kebab-case")]
-pub enum Weighting {
-    /// RECAP's dynamic weights.
-    Recap,
-    /// All weights 1.
-    Uniform,
-    /// The RL objectives only, weight 1: the replay objective is left out of the loss (its
-    /// sequences are still measured), the baseline that forgets.
-    RlOnly,
+/// An option enum named on the command line and in results: its variants with their names, `ALL`,
+/// `Display`, `FromStr` (the error names the option and lists the accepted names) and serde by name,
+/// all from one list.
+macro_rules! named_options {
+    ($(#[$meta:meta])* $vis:vis enum $t:ident as $arg:literal {
+        $($(#[$vmeta:meta])* $v:ident = $name:literal,)+
+    }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        $vis enum $t {
+            $($(#[$vmeta])* $v,)+
+        }
+        impl $t {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$t] = &[$($t::$v),+];
+            /// The name on the command line and in results.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($t::$v => $name,)+
+                }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl std::str::FromStr for $t {
+            type Err = crate::error::Error;
+            fn from_str(s: &str) -> crate::error::Result<Self> {
+                $t::ALL.iter().copied().find(|v| v.as_str() == s).ok_or_else(|| {
+                    let names: Vec<&str> = $t::ALL.iter().map(|v| v.as_str()).collect();
+                    crate::error::Error::invalid_argument(
+                        $arg,
+                        format!("unknown value {s:?}; expected one of {}", names.join(", ")),
+                    )
+                })
+            }
+        }
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let name = String::deserialize(d)?;
+                name.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
 }
 
-/// Where the objective weights act.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Apply {
-    /// On the losses: one GRPO objective per reward with its own advantages, and the replay NLL,
-    /// `L = (1/K) sum_k lambda_k L_k`.
-    Loss,
-    /// On the rewards (the authors' code, TRL's `reward_weights`): the advantage of
-    /// `sum_k lambda_k r_k` (sum, then group-normalize) for one policy objective, and the replay
-    /// NLL weighted by its lambda.
-    Reward,
+named_options! {
+    /// How objective weights are set.
+    pub enum Weighting as "weighting" {
+        /// RECAP's dynamic weights.
+        Recap = "recap",
+        /// All weights 1.
+        Uniform = "uniform",
+        /// The RL objectives only, weight 1: the replay objective is left out of the loss (its
+        /// sequences are still measured), the baseline that forgets.
+        RlOnly = "rl-only",
+    }
 }
 
-/// Where the step runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
-    /// CUDA device 0 when usable, else the CPU (the reason is reported).
-    Auto,
-    /// The CPU reference.
-    Cpu,
-    /// CUDA device 0 (an error when unusable).
-    Cuda,
+named_options! {
+    /// Where the objective weights act.
+    pub enum Apply as "apply" {
+        /// On the losses: one GRPO objective per reward with its own advantages, and the replay
+        /// NLL, `L = (1/K) sum_k lambda_k L_k`.
+        Loss = "loss",
+        /// On the rewards (the authors' code, TRL's `reward_weights`): the advantage of
+        /// `sum_k lambda_k r_k` (sum, then group-normalize) for one policy objective, and the
+        /// replay NLL weighted by its lambda.
+        Reward = "reward",
+    }
 }
 
-/// Named sizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Preset {
-    /// Finishes in seconds on a 2-core CPU.
-    Small,
-    /// Exercises an H100: V = 32,768, H = 1,024, 65,536 rollout tokens per step.
-    H100,
+named_options! {
+    /// Where the step runs.
+    pub enum Device as "device" {
+        /// CUDA device 0 when usable, else the CPU (the reason is reported).
+        Auto = "auto",
+        /// The CPU reference.
+        Cpu = "cpu",
+        /// CUDA device 0 (an error when unusable).
+        Cuda = "cuda",
+    }
+}
+
+named_options! {
+    /// Named sizes.
+    pub enum Preset as "preset" {
+        /// Finishes in seconds on a 2-core CPU.
+        Small = "small",
+        /// Exercises an H100: V = 32,768, H = 1,024, 65,536 rollout tokens per step.
+        H100 = "h100",
+    }
 }
 
 /// Settings of a run.

@@ -305,7 +305,10 @@ impl Engine for CudaEngine<'_> {
             normalizers: inputs.normalizers,
         };
         if n * h > self.d_hidden.len() {
-            return Err(Error::arg("train", "part larger than the step's tokens"));
+            return Err(Error::invalid_argument(
+                "train",
+                "part larger than the step's tokens",
+            ));
         }
         let head = LinearHead {
             hidden: self.hidden.slice(range.start * h..range.end * h),

@@ -101,7 +101,7 @@ fn result(
 /// Runs every weighting x apply x seed; `on_run` hears of each finished run.
 pub fn run(cfg: &ExperimentConfig, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Vec<RunResult>> {
     if cfg.seeds.is_empty() || cfg.weightings.is_empty() || cfg.applies.is_empty() {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "experiment",
             "expected at least one seed, weighting and apply",
         ));

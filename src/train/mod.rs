@@ -236,11 +236,13 @@ fn open_metrics(
     keep: Option<usize>,
 ) -> Result<Option<std::fs::File>> {
     let Some(dir) = out else { return Ok(None) };
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::arg("out", format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::invalid_argument("out", format!("cannot create {}: {e}", dir.display()))
+    })?;
     let path = metrics_path(dir);
-    let err =
-        |e: std::io::Error| Error::arg("out", format!("cannot write {}: {e}", path.display()));
+    let err = |e: std::io::Error| {
+        Error::invalid_argument("out", format!("cannot write {}: {e}", path.display()))
+    };
     if let Some(keep) = keep {
         let old = std::fs::read_to_string(&path).unwrap_or_default();
         let kept: String = old
@@ -491,8 +493,9 @@ fn run(
             tokens_per_s: (t * cfg.ppo_epochs) as f64 / secs.max(1e-9),
         };
         if let Some(f) = file.as_mut() {
-            let line = serde_json::to_string(&m).map_err(|e| Error::arg("out", e.to_string()))?;
-            writeln!(f, "{line}").map_err(|e| Error::arg("out", e.to_string()))?;
+            let line = serde_json::to_string(&m)
+                .map_err(|e| Error::invalid_argument("out", e.to_string()))?;
+            writeln!(f, "{line}").map_err(|e| Error::invalid_argument("out", e.to_string()))?;
         }
         on_event(Event::Step(&m));
         records.push(m);
@@ -506,7 +509,7 @@ fn run(
             if let Some(f) = file.as_mut() {
                 // the log reaches the disk before the checkpoint that covers it
                 f.sync_data()
-                    .map_err(|e| Error::arg("out", e.to_string()))?;
+                    .map_err(|e| Error::invalid_argument("out", e.to_string()))?;
             }
             save(dir, task, engine, &sched, done, &w_ref)?;
             if done == cfg.steps {
@@ -522,8 +525,9 @@ fn run(
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsynced, then renamed over it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let err =
-        |e: std::io::Error| Error::arg("out", format!("cannot write {}: {e}", path.display()));
+    let err = |e: std::io::Error| {
+        Error::invalid_argument("out", format!("cannot write {}: {e}", path.display()))
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(err)?;
     let name = path

@@ -67,7 +67,7 @@ impl Task {
         );
         if l < 3 || h <= l || v < ANSWERS.end + 2 || cfg.group < 2 || p == 0 || cfg.ppo_epochs == 0
         {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "train",
                 format!(
                     "need resp_len >= 3, hidden > resp_len, vocab >= {}, group >= 2, prompts >= 1, \
@@ -78,13 +78,13 @@ impl Task {
         }
         let layout = (cfg.rollouts() + r + hh) * l + p * ANSWERS.len();
         if layout > i32::MAX as usize || v * h > i32::MAX as usize {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "train",
                 "tokens per step and V x H must stay below 2^31",
             ));
         }
         if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "lr",
                 format!("expected a finite lr > 0, got {}", cfg.lr),
             ));

@@ -1,25 +1,26 @@
-//! The C ABI (`include/recap_kernels.h`): raw pointers, sizes and a `CUstream` in the caller's
+//! The C ABI of recap-kernels (`capi/include/recap_kernels.h`, generated from this file by
+//! cbindgen): raw pointers, sizes and a `CUstream` in the caller's
 //! device's primary context (the one PyTorch uses), or host pointers for `device < 0` (the CPU
 //! reference computes). Every function returns a status code
 //! (`RECAP_OK` = 0) and `recap_last_error()` gives the message of the last failure on the calling
 //! thread; no panic crosses the boundary (each body runs under `catch_unwind`). Arguments are
 //! checked (null pointers, sizes, options) before anything touches the device.
 //!
-//! Each entry point translates its arguments into [`crate::raw`]'s arrays, which borrow the
+//! Each entry point translates its arguments into [`recap::raw`]'s arrays, which borrow the
 //! caller's buffers for the call (device buffers are never freed here, the caller's stream never
 //! destroyed) and check that outputs overlap nothing.
 
-use crate::advantages::{AdvantageConfig, AdvantageMode};
-use crate::config::{
+use recap::advantages::{AdvantageConfig, AdvantageMode};
+use recap::config::{
     AggMode, GrpoConfig, IsLevel, IsMode, KlEstimator, Normalizers, ObjectiveKind, PolicyLoss,
     RolloutCorrection,
 };
-use crate::error::{Error, Result};
-use crate::layout::{Advantages, GrpoInputs, Mask, ReduceInputs};
-use crate::logits::{Logits, LogitsLossInputs, LogprobConfig};
-use crate::output::GrpoOutput;
-use crate::raw::{self, In, Out, Place};
-use crate::recap::{Orientation, RecapConfig, RecapScheduler};
+use recap::error::{Error, Result};
+use recap::layout::{Advantages, GrpoInputs, Mask, ReduceInputs};
+use recap::logits::{Logits, LogitsLossInputs, LogprobConfig};
+use recap::output::GrpoOutput;
+use recap::raw::{self, In, Out, Place};
+use recap::recap::{Orientation, RecapConfig, RecapScheduler};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -50,6 +51,8 @@ fn code(e: &Error) -> i32 {
         Error::InvalidArgument { .. } => RECAP_ERR_ARGUMENT,
         Error::NonFinite { .. } => RECAP_ERR_NONFINITE,
         Error::NoKernels | Error::NoDevice(_) | Error::Driver(_) => RECAP_ERR_DEVICE,
+        // a kind of error this ABI version does not know: the message says what it was
+        _ => RECAP_ERR_INTERNAL,
     }
 }
 
@@ -93,34 +96,46 @@ pub extern "C" fn recap_version() -> *const c_char {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct RecapGrpoConfig {
+    /// Lower ratio clip epsilon (default 0.2).
     pub clip_low: f32,
+    /// Upper ratio clip epsilon (default 0.2).
     pub clip_high: f32,
-    /// Dual-clip constant; <= 0: off.
+    /// Dual-clip constant (default 3.0); <= 0: off.
     pub dual_clip: f32,
+    /// Clamp of `logp - old_logp` before `exp` (default 20).
     pub log_ratio_clamp: f32,
-    /// 0 token-mean, 1 seq-mean-token-mean, 2 seq-mean-token-sum, 3 token-sum-norm.
+    /// 0 token-mean (default), 1 seq-mean-token-mean, 2 seq-mean-token-sum, 3 token-sum-norm.
     pub agg_mode: i32,
     /// C of token-sum-norm (> 0 when that mode is used).
     pub norm_constant: f32,
+    /// KL-to-reference coefficient (default 0: no KL term).
     pub kl_coef: f32,
-    /// 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl), 4 k1+, 5 k3+.
+    /// 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl, default), 4 k1+, 5 k3+.
     pub kl_estimator: i32,
+    /// Entropy bonus coefficient (default 0; the loss from logits only).
     pub entropy_coef: f32,
+    /// Nonzero: return non-finite results instead of `RECAP_ERR_NONFINITE` (default 0).
     pub allow_nonfinite: i32,
-    /// 0 vanilla, 1 CISPO, 2 SAPO, 3 GSPO.
+    /// 0 vanilla (default), 1 CISPO, 2 SAPO, 3 GSPO.
     pub policy_loss: i32,
+    /// SAPO temperature for positive advantages (default 1.0).
     pub tau_pos: f32,
+    /// SAPO temperature for negative advantages (default 1.05).
     pub tau_neg: f32,
-    /// Two-sided clipping bound; <= 0: off.
+    /// Two-sided clipping bound; <= 0: off (default).
     pub delta: f32,
+    /// Nonzero: the KL term importance-weighted by the ratio (TRL `use_bias_correction_kl`).
     pub kl_is_correction: i32,
+    /// Only the tokens of the top entropy quantile get the policy gradient (default 1.0: all; the
+    /// loss from logits only).
     pub top_entropy_quantile: f32,
-    /// Rollout IS: -1 off, 0 token, 1 sequence, 2 geometric.
+    /// Rollout importance sampling: -1 off (default), 0 token, 1 sequence, 2 geometric.
     pub rollout_level: i32,
-    /// 0 truncate, 1 mask, 2 metrics only.
+    /// 0 truncate (default), 1 mask, 2 metrics only.
     pub rollout_mode: i32,
+    /// Upper rollout IS threshold (default 2.0).
     pub rollout_upper: f32,
-    /// <= 0: 1 / upper.
+    /// Lower rollout IS threshold; <= 0: 1 / upper (default).
     pub rollout_lower: f32,
 }
 
@@ -132,7 +147,8 @@ pub struct RecapGrpoConfig {
 pub unsafe extern "C" fn recap_grpo_config_default(cfg: *mut RecapGrpoConfig) -> i32 {
     guard(|| {
         // SAFETY: checked non-null; the caller guarantees it points to a writable struct.
-        let out = unsafe { cfg.as_mut() }.ok_or_else(|| Error::arg("cfg", "null pointer"))?;
+        let out = unsafe { cfg.as_mut() }
+            .ok_or_else(|| Error::invalid_argument("cfg", "null pointer"))?;
         let d = GrpoConfig::default();
         *out = RecapGrpoConfig {
             clip_low: d.clip_low,
@@ -164,7 +180,9 @@ fn pick<T: Copy>(arg: &'static str, table: &[T], i: i32) -> Result<T> {
     usize::try_from(i)
         .ok()
         .and_then(|i| table.get(i).copied())
-        .ok_or_else(|| Error::arg(arg, format!("expected 0..{}, got {i}", table.len())))
+        .ok_or_else(|| {
+            Error::invalid_argument(arg, format!("expected 0..{}, got {i}", table.len()))
+        })
 }
 
 impl RecapGrpoConfig {
@@ -189,7 +207,7 @@ impl RecapGrpoConfig {
                 },
                 3 => PolicyLoss::Gspo,
                 x => {
-                    return Err(Error::arg(
+                    return Err(Error::invalid_argument(
                         "cfg.policy_loss",
                         format!("expected 0..4, got {x}"),
                     ))
@@ -225,20 +243,35 @@ impl RecapGrpoConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RecapGrpoResult {
+    /// The total loss (policy terms weighted by lambda, plus `kl_coef` times the KL loss).
     pub loss: f64,
+    /// `actor/kl_loss`.
     pub kl_loss: f64,
+    /// `actor/ppo_kl`: the mean of `old_logp - logp` over policy tokens.
     pub ppo_kl: f64,
+    /// Mean ratio over policy tokens.
     pub ratio_mean: f64,
+    /// Smallest ratio over policy tokens.
     pub ratio_min: f64,
+    /// Largest ratio over policy tokens.
     pub ratio_max: f64,
+    /// Masked mean of the per-token KL.
     pub kl_mean: f64,
+    /// Token weight (the sum of the mask) of this call.
     pub num_tokens: f64,
+    /// Sequences with at least one unmasked token.
     pub num_seqs: f64,
+    /// Token weight of the policy objectives' tokens.
     pub policy_tokens: f64,
+    /// Non-finite input values read at unmasked tokens.
     pub nonfinite: f64,
+    /// Rollout IS weight: mean.
     pub rollout_is_mean: f64,
+    /// Rollout IS weight: minimum.
     pub rollout_is_min: f64,
+    /// Rollout IS weight: maximum.
     pub rollout_is_max: f64,
+    /// Fraction of tokens whose rollout IS weight was truncated or masked.
     pub rollout_is_corrected_fraction: f64,
 }
 
@@ -248,14 +281,15 @@ fn host<'a, T>(arg: &'static str, p: *const T, n: usize) -> Result<&'a [T]> {
         return Ok(&[]);
     }
     if p.is_null() {
-        return Err(Error::arg(arg, "null pointer"));
+        return Err(Error::invalid_argument(arg, "null pointer"));
     }
     // SAFETY: non-null; the C caller guarantees `n` readable elements (documented in the header).
     Ok(unsafe { std::slice::from_raw_parts(p, n) })
 }
 
 fn len(arg: &'static str, n: i64) -> Result<usize> {
-    usize::try_from(n).map_err(|_| Error::arg(arg, format!("expected a size >= 0, got {n}")))
+    usize::try_from(n)
+        .map_err(|_| Error::invalid_argument(arg, format!("expected a size >= 0, got {n}")))
 }
 
 /// The host arrays of a batch's layout that the loss entry points take: `cu_seqlens [B + 1]`,
@@ -294,7 +328,7 @@ fn host_normalizers(
 ) -> Result<Option<Normalizers>> {
     if normalizers.is_null() {
         if !seq_tokens.is_null() {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "seq_tokens",
                 "given without normalizers (pass both, or neither)",
             ));
@@ -381,7 +415,7 @@ fn write_host(out: *mut f64, values: &[f64]) {
 #[no_mangle]
 pub extern "C" fn recap_grpo_stats_len(num_objectives: i32) -> i64 {
     match usize::try_from(num_objectives) {
-        Ok(k) => crate::output::grpo_stat_layout(k)
+        Ok(k) => recap::output::grpo_stat_layout(k)
             .last()
             .map_or(0, |f| (f.offset + f.len) as i64),
         Err(_) => -1,
@@ -405,7 +439,7 @@ pub unsafe extern "C" fn recap_grpo_stat_field(
     static NAMES: OnceLock<Vec<CString>> = OnceLock::new();
     guard(|| {
         let k = self::len("num_objectives", num_objectives as i64)?;
-        let fields = crate::output::grpo_stat_layout(k);
+        let fields = recap::output::grpo_stat_layout(k);
         let names = NAMES.get_or_init(|| {
             fields
                 .iter()
@@ -416,7 +450,7 @@ pub unsafe extern "C" fn recap_grpo_stat_field(
             .ok()
             .filter(|i| *i < fields.len())
             .ok_or_else(|| {
-                Error::arg(
+                Error::invalid_argument(
                     "index",
                     format!("expected 0 <= index < {}, got {index}", fields.len()),
                 )
@@ -486,7 +520,7 @@ pub unsafe extern "C" fn recap_grpo_loss(
         let kinds = host_objectives(objectives, k)?;
         let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
         if result.is_null() {
-            return Err(Error::arg("result", "null pointer"));
+            return Err(Error::invalid_argument("result", "null pointer"));
         }
         let inputs = GrpoInputs {
             logp: arr(logp, t),
@@ -512,7 +546,7 @@ pub unsafe extern "C" fn recap_grpo_loss(
 fn config(cfg: *const RecapGrpoConfig) -> Result<GrpoConfig> {
     // SAFETY: checked for null; the caller guarantees a valid struct.
     unsafe { cfg.as_ref() }
-        .ok_or_else(|| Error::arg("cfg", "null pointer"))?
+        .ok_or_else(|| Error::invalid_argument("cfg", "null pointer"))?
         .to_config()
 }
 
@@ -574,7 +608,7 @@ pub unsafe extern "C" fn recap_count_normalizers(
             Some(host("membership", membership, b)?)
         };
         if normalizers.is_null() {
-            return Err(Error::arg("normalizers", "null pointer"));
+            return Err(Error::invalid_argument("normalizers", "null pointer"));
         }
         let n = raw::count_normalizers(
             place(device, stream),
@@ -599,7 +633,7 @@ macro_rules! by_dtype {
             0 => $go!(f32),
             1 => $go!(half::f16),
             2 => $go!(half::bf16),
-            x => Err(Error::arg(
+            x => Err(Error::invalid_argument(
                 "dtype",
                 format!("expected 0 (f32), 1 (f16) or 2 (bf16), got {x}"),
             )),
@@ -631,7 +665,7 @@ fn logits_shape(
     };
     lc.validate()?;
     if ld < v {
-        return Err(Error::arg(
+        return Err(Error::invalid_argument(
             "ld",
             format!("expected ld >= vocab = {v}, got {ld}"),
         ));
@@ -1036,7 +1070,7 @@ pub unsafe extern "C" fn recap_weighted_reduce(
         let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
         let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
         if total.is_null() {
-            return Err(Error::arg("total", "null pointer"));
+            return Err(Error::invalid_argument("total", "null pointer"));
         }
         let out = raw::weighted_reduce(
             place(device, stream),
@@ -1117,15 +1151,15 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
         let kinds = host_objectives(objectives, k)?;
         let norms = host_normalizers(normalizers, std::ptr::null(), k, b)?;
         if result.is_null() {
-            return Err(Error::arg("result", "null pointer"));
+            return Err(Error::invalid_argument("result", "null pointer"));
         }
         if t == 0 || h == 0 || v == 0 {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "num_tokens",
                 format!("expected T, H, V >= 1, got {t}, {h}, {v}"),
             ));
         }
-        let opts = crate::cuda::FusedLinearConfig {
+        let opts = recap::cuda::FusedLinearConfig {
             chunk_tokens: (chunk_tokens > 0).then_some(chunk_tokens as usize),
             memory_budget: if memory_budget > 0 {
                 memory_budget as usize
@@ -1196,7 +1230,7 @@ pub unsafe extern "C" fn recap_scheduler_new(
             // SAFETY: non-null NUL-terminated string (the caller's contract).
             unsafe { CStr::from_ptr(options_json) }
                 .to_str()
-                .map_err(|_| Error::arg("options_json", "not UTF-8"))?
+                .map_err(|_| Error::invalid_argument("options_json", "not UTF-8"))?
         };
         let cfg = RecapConfig::from_json(if json.is_empty() { "{}" } else { json })?;
         h = Box::into_raw(Box::new(RecapSchedulerHandle(RecapScheduler::new(
@@ -1212,7 +1246,7 @@ fn handle<'a>(h: *mut RecapSchedulerHandle) -> Result<&'a mut RecapScheduler> {
     // (the caller's contract).
     unsafe { h.as_mut() }
         .map(|x| &mut x.0)
-        .ok_or_else(|| Error::arg("scheduler", "null handle"))
+        .ok_or_else(|| Error::invalid_argument("scheduler", "null handle"))
 }
 
 /// Records one step's monitored values (`values` [K]).
@@ -1246,7 +1280,7 @@ pub unsafe extern "C" fn recap_scheduler_weights(
         let s = handle(h)?;
         let k = len("k", k as i64)?;
         if k != s.num_objectives() {
-            return Err(Error::arg(
+            return Err(Error::invalid_argument(
                 "k",
                 format!(
                     "the scheduler has {} objectives, got k = {k}",
@@ -1255,7 +1289,7 @@ pub unsafe extern "C" fn recap_scheduler_weights(
             ));
         }
         if out.is_null() {
-            return Err(Error::arg("out", "null pointer"));
+            return Err(Error::invalid_argument("out", "null pointer"));
         }
         // SAFETY: non-null; the caller guarantees k writable floats.
         unsafe { std::slice::from_raw_parts_mut(out, k) }.copy_from_slice(&s.weights());
@@ -1284,7 +1318,10 @@ pub unsafe extern "C" fn recap_scheduler_to_json(
             *nd = n as i64;
         }
         if buf.is_null() || (cap as usize) < n || cap < 0 {
-            return Err(Error::arg("buf", format!("needs {n} bytes, got {cap}")));
+            return Err(Error::invalid_argument(
+                "buf",
+                format!("needs {n} bytes, got {cap}"),
+            ));
         }
         // SAFETY: buf holds at least n bytes (checked); the JSON has no interior NUL.
         unsafe {
@@ -1306,12 +1343,12 @@ pub unsafe extern "C" fn recap_scheduler_from_json(
     let mut h = std::ptr::null_mut();
     guard(|| {
         if json.is_null() {
-            return Err(Error::arg("json", "null pointer"));
+            return Err(Error::invalid_argument("json", "null pointer"));
         }
         // SAFETY: non-null NUL-terminated string (the caller's contract).
         let s = unsafe { CStr::from_ptr(json) }
             .to_str()
-            .map_err(|_| Error::arg("json", "not UTF-8"))?;
+            .map_err(|_| Error::invalid_argument("json", "not UTF-8"))?;
         h = Box::into_raw(Box::new(RecapSchedulerHandle(RecapScheduler::from_json(
             s,
         )?)));
@@ -1331,3 +1368,6 @@ pub unsafe extern "C" fn recap_scheduler_free(h: *mut RecapSchedulerHandle) {
         drop(unsafe { Box::from_raw(h) });
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,5 +1,6 @@
 //! `recap train` on the CPU: a seed reproduces a run, the rewards improve, metrics.jsonl is written.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use recap_kernels::train::{summary, train, Device, StepMetrics, TrainConfig, Weighting};
@@ -522,4 +523,40 @@ fn the_experiment_cli_and_scheduler_options() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("windw"));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Malformed training settings: an error naming the setting, never a panic.
+#[test]
+fn bad_settings_name_the_argument() {
+    let cases = [
+        (
+            "train",
+            TrainConfig {
+                resp_len: 2,
+                steps: 1,
+                ..TrainConfig::default()
+            },
+        ),
+        (
+            "lr",
+            TrainConfig {
+                lr: 0.0,
+                steps: 1,
+                ..TrainConfig::default()
+            },
+        ),
+    ];
+    for (arg, cfg) in cases {
+        let r = std::panic::catch_unwind(|| train(&cfg));
+        match r {
+            Ok(Err(recap_kernels::Error::InvalidArgument { arg: a, message })) => {
+                assert!(a.contains(arg), "named `{a}`, expected `{arg}` ({message})")
+            }
+            Ok(other) => panic!(
+                "expected an error naming `{arg}`, got {:?}",
+                other.map(|_| ())
+            ),
+            Err(_) => panic!("{arg}: panicked"),
+        }
+    }
 }

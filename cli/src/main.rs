@@ -2,6 +2,7 @@
 //! on the CPU or the GPU; `recap experiment` compares the weightings over seeds; `recap bench`
 //! measures every op and a training step.
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use recap_kernels::train::experiment::{self, ExperimentConfig};
 use recap_kernels::train::{
@@ -10,6 +11,16 @@ use recap_kernels::train::{
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// A parser for one of the library's named options: its names are the possible values (listed in
+/// `--help` and in the error for any other), parsed by the option's own `FromStr`.
+fn one_of<T>(all: &'static [T]) -> impl TypedValueParser<Value = T>
+where
+    T: Copy + std::fmt::Display + std::str::FromStr + Send + Sync + 'static,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(all.iter().map(|v| v.to_string())).try_map(|s| s.parse::<T>())
+}
 
 #[derive(Parser)]
 #[command(
@@ -41,10 +52,10 @@ struct ExperimentArgs {
     #[arg(long, default_value_t = 5)]
     seeds: u64,
     /// Weightings to compare (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Weighting::RlOnly, Weighting::Uniform, Weighting::Recap])]
+    #[arg(long, value_parser = one_of(Weighting::ALL), value_delimiter = ',', default_values_t = [Weighting::RlOnly, Weighting::Uniform, Weighting::Recap])]
     weightings: Vec<Weighting>,
     /// Where the weights act (comma-separated).
-    #[arg(long = "apply", value_enum, value_delimiter = ',', default_values_t = [Apply::Loss, Apply::Reward])]
+    #[arg(long = "apply", value_parser = one_of(Apply::ALL), value_delimiter = ',', default_values_t = [Apply::Loss, Apply::Reward])]
     applies: Vec<Apply>,
     /// Directory for every run's metrics.jsonl, the table (table.md) and the results (results.json).
     #[arg(long)]
@@ -54,7 +65,7 @@ struct ExperimentArgs {
 #[derive(Args)]
 struct BenchArgs {
     /// auto (CUDA when usable, else the CPU reference), cpu or cuda.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    #[arg(long, value_parser = one_of(Device::ALL), default_value_t = Device::Auto)]
     device: Device,
     /// Only the cases whose name contains this text (e.g. "T=262144", "V=151936", "train_step").
     #[arg(long)]
@@ -72,10 +83,10 @@ struct BenchArgs {
 struct RunArgs {
     /// Sizes and defaults: small (seconds on a CPU) or h100 (V = 32,768, H = 1,024, 65,536 rollout
     /// tokens per step).
-    #[arg(long, value_enum, default_value_t = Preset::Small)]
+    #[arg(long, value_parser = one_of(Preset::ALL), default_value_t = Preset::Small)]
     preset: Preset,
     /// Where to run: auto (CUDA when usable, else CPU), cpu or cuda. Default: auto.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    #[arg(long, value_parser = one_of(Device::ALL), default_value_t = Device::Auto)]
     device: Device,
     /// Training steps (the preset's: 60 small, 40 h100).
     #[arg(long)]
@@ -162,11 +173,11 @@ struct TrainArgs {
     #[command(flatten)]
     run: RunArgs,
     /// How the objectives are weighted.
-    #[arg(long, value_enum, default_value_t = Weighting::Recap)]
+    #[arg(long, value_parser = one_of(Weighting::ALL), default_value_t = Weighting::Recap)]
     weighting: Weighting,
     /// Where the weights act: on the per-objective losses, or on the rewards before their group
     /// normalization (the authors' code, TRL's reward_weights).
-    #[arg(long, value_enum, default_value_t = Apply::Loss)]
+    #[arg(long, value_parser = one_of(Apply::ALL), default_value_t = Apply::Loss)]
     apply: Apply,
     /// Seed of the task, the initial weights and the sampling (a seed reproduces a run).
     #[arg(long, default_value_t = 0)]
