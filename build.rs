@@ -15,7 +15,10 @@ use std::process::Command;
 
 const DEFAULT_ARCHS: &str = "80,90";
 
+include!("tests/common/gpu_cfg.rs");
+
 fn main() -> Result<(), String> {
+    gpu_tests_cfg();
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build.rs");
     for var in [

@@ -10,7 +10,7 @@
 # (`mkdir -p .gpz && tar cJf .gpz/gpu.tar.xz .gpu`, about 5 MiB; keep .gpz out of git) and run
 # `tar xJf .gpz/gpu.tar.xz && bash scripts/device-check.sh` with carry=[".gpz", ".whl"].
 #
-# Runs the WHOLE GPU test suite with RECAP_REQUIRE_GPU=1 (a GPU test that cannot run fails), the
+# Runs the WHOLE GPU test suite (the ignored GPU-only tests included) with RECAP_REQUIRE_GPU=1 (a GPU test that cannot run fails), the
 # PyTorch package's tests, `recap bench` on the GPU, then (PEERS=1) the PyTorch / Liger-Kernel peers
 # on the same shapes and the merged markdown table. Liger-Kernel travels as a wheel in .whl/ (carry
 # it too): `pip download --no-deps -d .whl liger-kernel`. Full logs go to $OUT (or /tmp).
@@ -38,7 +38,8 @@ if [ "${SANITIZE:-0}" = 1 ]; then
   OUT=$out PARALLEL=1 bash scripts/sanitize.sh >"$out/sanitize.txt" 2>&1 &
   sanitize_pid=$!
 fi
-timeout "${TESTS_TIMEOUT:-300}" env RECAP_REQUIRE_GPU=1 bash .gpu/run-tests.sh >"$out/tests.log" 2>&1
+# --include-ignored: the GPU-only tests, compiled as ignored on the build machine without a GPU
+timeout "${TESTS_TIMEOUT:-300}" env RECAP_REQUIRE_GPU=1 bash .gpu/run-tests.sh --include-ignored >"$out/tests.log" 2>&1
 rc=$?
 grep -E "^(===|test result|FAILED|failures:)|panicked|fused loss:" "$out/tests.log" | head -80
 tail -n 2 "$out/tests.log"

@@ -33,7 +33,7 @@ one_tool() {
     log="$out/sanitize-$tool-${name%%-*}.log"
     local left=$((deadline - $(date +%s)))
     if [ $left -le 5 ]; then r=1; echo "$tool $name: not run (budget spent)"; continue; fi
-    timeout "$left" "$san" --tool "$tool" --error-exitcode 99 --target-processes all "$t" ${FILTER:-} >"$log" 2>&1
+    timeout "$left" "$san" --tool "$tool" --error-exitcode 99 --target-processes all "$t" --include-ignored ${FILTER:-} >"$log" 2>&1
     status=$?
     summary=$(grep -E "ERROR SUMMARY|LEAK SUMMARY" "$log" | tail -1)
     if [ $status -eq 0 ]; then echo "$tool $name: clean ${summary}"

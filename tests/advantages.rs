@@ -320,10 +320,9 @@ fn bad_inputs_name_the_argument() {
 /// mode, explicit shuffled group ids and consecutive groups, the GRPO-LEAD options, group sizes 1,
 /// 31, 32, 33 and B up to 4097, an empty batch; then invalid ids and non-finite rewards.
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn gpu_matches_the_cpu_reference() {
-    let Some(gpu) = common::gpu("gpu_matches_the_cpu_reference") else {
-        return;
-    };
+    let gpu = common::require_gpu("gpu_matches_the_cpu_reference");
     let mut rng = common::Rng::new(11);
     let modes = [
         AdvantageMode::Grpo,

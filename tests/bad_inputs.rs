@@ -7,7 +7,6 @@
 
 mod common;
 
-use common::backends;
 use recap_kernels::{
     AdvantageConfig, AdvantageMode, Backend, Error, Groups, GrpoConfig, HostGrpoInputs, IsLevel,
     LeadOptions, Logits, LogprobConfig, Mask, ObjectiveKind, Orientation, PolicyLoss, RecapConfig,
@@ -446,73 +445,71 @@ fn cases(be: &Backend) -> Vec<Case<'_>> {
     ]
 }
 
-#[test]
-fn malformed_inputs_name_the_argument_and_never_panic() {
-    let mut tried = 0;
-    for be in backends("malformed_inputs_name_the_argument_and_never_panic") {
+on_every_backend! {
+    fn malformed_inputs_name_the_argument_and_never_panic(be) {
+        let mut tried = 0;
         for (what, arg, f) in cases(&be) {
             expect(&format!("{} {what}", be.name()), arg, &*f);
             tried += 1;
         }
+        // host-only APIs: the scheduler
+        let host: Vec<Case<'static>> = vec![
+            (
+                "scheduler without objectives",
+                "orientations",
+                Box::new(|| RecapScheduler::new(&[], RecapConfig::default()).map(|_| ())),
+            ),
+            (
+                "scheduler window 0",
+                "config.window",
+                Box::new(|| {
+                    RecapScheduler::new(
+                        &[Orientation::Loss],
+                        RecapConfig {
+                            window: 0,
+                            ..RecapConfig::default()
+                        },
+                    )
+                    .map(|_| ())
+                }),
+            ),
+            (
+                "observe wrong length",
+                "values",
+                Box::new(|| {
+                    RecapScheduler::new(&[Orientation::Loss], RecapConfig::default())?
+                        .observe(&[1.0, 2.0])
+                }),
+            ),
+            (
+                "observe NaN",
+                "values",
+                Box::new(|| {
+                    RecapScheduler::new(&[Orientation::Loss], RecapConfig::default())?
+                        .observe(&[f64::NAN])
+                }),
+            ),
+            (
+                "state not JSON",
+                "json",
+                Box::new(|| RecapScheduler::from_json("{").map(|_| ())),
+            ),
+        ];
+        for (what, arg, f) in &host {
+            expect(what, arg, &**f);
+            tried += 1;
+        }
+        eprintln!(
+            "bad inputs: {tried} malformed calls, each an error naming its argument, none panicked"
+        );
+        assert!(tried >= 34);
     }
-    // host-only APIs: the scheduler
-    let host: Vec<Case<'static>> = vec![
-        (
-            "scheduler without objectives",
-            "orientations",
-            Box::new(|| RecapScheduler::new(&[], RecapConfig::default()).map(|_| ())),
-        ),
-        (
-            "scheduler window 0",
-            "config.window",
-            Box::new(|| {
-                RecapScheduler::new(
-                    &[Orientation::Loss],
-                    RecapConfig {
-                        window: 0,
-                        ..RecapConfig::default()
-                    },
-                )
-                .map(|_| ())
-            }),
-        ),
-        (
-            "observe wrong length",
-            "values",
-            Box::new(|| {
-                RecapScheduler::new(&[Orientation::Loss], RecapConfig::default())?
-                    .observe(&[1.0, 2.0])
-            }),
-        ),
-        (
-            "observe NaN",
-            "values",
-            Box::new(|| {
-                RecapScheduler::new(&[Orientation::Loss], RecapConfig::default())?
-                    .observe(&[f64::NAN])
-            }),
-        ),
-        (
-            "state not JSON",
-            "json",
-            Box::new(|| RecapScheduler::from_json("{").map(|_| ())),
-        ),
-    ];
-    for (what, arg, f) in &host {
-        expect(what, arg, &**f);
-        tried += 1;
-    }
-    eprintln!(
-        "bad inputs: {tried} malformed calls, each an error naming its argument, none panicked"
-    );
-    assert!(tried >= 34);
 }
 
-/// Extreme values: logits of +-1e4, rows of -inf but one, one-hot rows, V = 1; log-ratios of
-/// +-1e4 at unmasked tokens: finite, log-probs <= 0, entropy >= 0.
-#[test]
-fn extreme_values_stay_finite_and_in_range() {
-    for be in backends("extreme_values_stay_finite_and_in_range") {
+on_every_backend! {
+    /// Extreme values: logits of +-1e4, rows of -inf but one, one-hot rows, V = 1; log-ratios of
+    /// +-1e4 at unmasked tokens: finite, log-probs <= 0, entropy >= 0.
+    fn extreme_values_stay_finite_and_in_range(be) {
         let v = 6;
         let ninf = f32::NEG_INFINITY;
         let rows: Vec<Vec<f32>> = vec![

@@ -154,11 +154,14 @@ fn device_kl_is_correction_matches_reference() {
         let spread = if i % 50 == 0 { 30.0 } else { 0.5 };
         let lp = old + (rng.normal() * spread) as f32;
         let rf = old + (rng.normal() * spread) as f32;
+        // log-ratios up to the clamp (20) in the wide draws: the f32 gradient of k3+ is a
+        // difference of terms near e^20, so it keeps about 5 digits there
+        let rel = if spread > 1.0 { 1e-4 } else { 1e-5 };
         for est in KlEstimator::ALL {
             let (v, g) = device_math::kl_token_is_corrected(lp, old, rf, est);
             let want = cpu::kl_is_corrected(cpu::kl_token(lp, rf, est), cpu::ratio(lp, old, 20.0));
             assert!(
-                close(v as f64, want.value, 1e-6, 1e-5) && close(g as f64, want.grad, 1e-6, 1e-5),
+                close(v as f64, want.value, 1e-6, rel) && close(g as f64, want.grad, 1e-6, rel),
                 "{est} ({lp}, {old}, {rf}): ({v}, {g}) vs {want:?}"
             );
         }

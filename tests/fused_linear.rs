@@ -4,12 +4,12 @@
 
 mod common;
 
-use common::{close, gpu, Rng};
+use common::{close, Rng};
 use half::bf16;
 use recap_kernels::cuda::{self, FusedLinearConfig, LinearHead};
 use recap_kernels::{
-    cpu, Advantages, AggMode, Backend, GrpoConfig, HostLogitsLossInputs, LogitsLossInputs,
-    LogprobConfig, Mask, ObjectiveKind,
+    cpu, Advantages, AggMode, GrpoConfig, HostLogitsLossInputs, LogitsLossInputs, LogprobConfig,
+    Mask, ObjectiveKind,
 };
 
 struct Case {
@@ -208,11 +208,9 @@ fn assert_grad_close(what: &str, got: &[f32], want: &[f32], rel: f64) {
 }
 
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
-    let Some(Backend::Cuda(g)) = gpu("fused_linear_matches_reference_and_chunk_sizes_on_gpu")
-    else {
-        return;
-    };
+    let g = common::require_cuda("fused_linear_matches_reference_and_chunk_sizes_on_gpu");
     let c = Case::new(9, &[30, 0, 25, 15, 1], 64, 1003);
     let (t, h, v) = (c.t(), c.h, c.v);
     let lcfg = LogprobConfig {
@@ -294,10 +292,9 @@ fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
 /// GSPO through the fused-linear path: one chunk matches the reference; chunks that would cut the
 /// sequences' means are refused with an error naming the option.
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn gspo_needs_one_chunk() {
-    let Some(Backend::Cuda(g)) = common::gpu("gspo_needs_one_chunk") else {
-        return;
-    };
+    let g = common::require_cuda("gspo_needs_one_chunk");
     let c = Case::new(5, &[9, 4, 12], 16, 300);
     let (t, h, v) = (c.t(), c.h, c.v);
     let cfg = GrpoConfig {

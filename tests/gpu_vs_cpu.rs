@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{assert_all_close, assert_close, config_for, gpu, Batch, Rng};
+use common::{assert_all_close, assert_close, config_for, Batch, Rng};
 use recap_kernels::{AggMode, Backend, GrpoOutput, HostReduceInputs, KlEstimator, Mask};
 
 const ABS: f64 = 1e-6;
@@ -110,10 +110,9 @@ fn length_sets() -> Vec<Vec<usize>> {
 }
 
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn fused_loss_matches_reference() {
-    let Some(be) = gpu("fused_loss_matches_reference") else {
-        return;
-    };
+    let be = common::require_gpu("fused_loss_matches_reference");
     let mut cases = 0;
     for (li, lens) in length_sets().iter().enumerate() {
         for k in 1..=8usize {
@@ -143,10 +142,9 @@ fn fused_loss_matches_reference() {
 
 /// Sizes where each thread takes several tokens (items_per_thread > 1) and K = 16.
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn fused_loss_matches_reference_at_scale() {
-    let Some(be) = gpu("fused_loss_matches_reference_at_scale") else {
-        return;
-    };
+    let be = common::require_gpu("fused_loss_matches_reference_at_scale");
     for (seed, t, seq_len, k) in [
         (1u64, 300_000usize, 1000usize, 3usize),
         (2, 1_200_000, 4096, 16),
@@ -173,10 +171,9 @@ fn fused_loss_matches_reference_at_scale() {
 }
 
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn gpu_runs_are_bitwise_identical() {
-    let Some(be) = gpu("gpu_runs_are_bitwise_identical") else {
-        return;
-    };
+    let be = common::require_gpu("gpu_runs_are_bitwise_identical");
     let lens: Vec<usize> = (0..300).map(|i| 1 + (i * 37) % 900).collect();
     let b = Batch::random(5, &lens, 4);
     let cfg = config_for(5, AggMode::SeqMeanTokenMean);
@@ -195,10 +192,9 @@ fn gpu_runs_are_bitwise_identical() {
 }
 
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn micro_batches_match_whole_batch_on_gpu() {
-    let Some(be) = gpu("micro_batches_match_whole_batch_on_gpu") else {
-        return;
-    };
+    let be = common::require_gpu("micro_batches_match_whole_batch_on_gpu");
     let lens: Vec<usize> = (0..64).map(|i| (i * 53) % 300).collect();
     let k = 3;
     for seed in 0..4u64 {
@@ -246,10 +242,9 @@ fn micro_batches_match_whole_batch_on_gpu() {
 }
 
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn kl_matches_reference() {
-    let Some(be) = gpu("kl_matches_reference") else {
-        return;
-    };
+    let be = common::require_gpu("kl_matches_reference");
     for (li, lens) in length_sets().iter().enumerate() {
         let b = Batch::random(li as u64, lens, 1);
         let t = b.t();
@@ -277,10 +272,9 @@ fn kl_matches_reference() {
 }
 
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn weighted_reduce_matches_reference() {
-    let Some(be) = gpu("weighted_reduce_matches_reference") else {
-        return;
-    };
+    let be = common::require_gpu("weighted_reduce_matches_reference");
     let mut rng = Rng::new(3);
     for (li, lens) in length_sets().iter().enumerate() {
         for k in [1usize, 2, 3, 5, 8, 16] {
@@ -333,10 +327,9 @@ fn weighted_reduce_matches_reference() {
 /// Parts that cut a sequence in two, with the whole batch's normalizers and per-sequence token
 /// weights, reproduce the whole batch on the GPU in every mode.
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn parts_splitting_a_sequence_match_whole_batch_on_gpu() {
-    let Some(be) = gpu("parts_splitting_a_sequence_match_whole_batch_on_gpu") else {
-        return;
-    };
+    let be = common::require_gpu("parts_splitting_a_sequence_match_whole_batch_on_gpu");
     common::check_split_parts(&be, &[5, 400, 9, 1200, 33], 3, 0..4, &[100, 900], ABS, REL);
 }
 
@@ -344,10 +337,9 @@ fn parts_splitting_a_sequence_match_whole_batch_on_gpu() {
 /// the fused loss in its plain and variant kernels, log-probs forward and backward, group
 /// advantages.
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn every_kernel_is_deterministic() {
-    let Some(be) = gpu("every_kernel_is_deterministic") else {
-        return;
-    };
+    let be = common::require_gpu("every_kernel_is_deterministic");
     let b = Batch::random(7, &[300, 4097, 1, 0, 33, 2000], 3);
     for cfg in [
         config_for(0, AggMode::TokenMean),
@@ -422,10 +414,9 @@ fn every_kernel_is_deterministic() {
 /// More than 2^24 tokens (beyond exact f32 token counts and 24-bit indices): the loss, metrics and
 /// a sample of the gradient against the CPU reference. Skipped under the sanitizer (RECAP_SANITIZE).
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn fused_loss_beyond_2_pow_24_tokens() {
-    let Some(be) = gpu("fused_loss_beyond_2_pow_24_tokens") else {
-        return;
-    };
+    let be = common::require_gpu("fused_loss_beyond_2_pow_24_tokens");
     if std::env::var("RECAP_SANITIZE").is_ok() {
         eprintln!("fused_loss_beyond_2_pow_24_tokens: skipped under the sanitizer (too slow)");
         return;

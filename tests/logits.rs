@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_close, backends, close, gpu, Rng};
+use common::{assert_close, close, Rng};
 use half::{bf16, f16};
 use recap_kernels::{cpu, cuda, device_math, Backend, Error, LogitElem, Logits, LogprobConfig};
 
@@ -28,10 +28,9 @@ fn by_hand(x: &[f64]) -> (f64, f64) {
     (lse, h)
 }
 
-#[test]
-fn logprob_and_entropy_by_hand() {
-    let z = [1.0f32, 2.0, 3.0, -1.0, 0.5, 0.5, 0.5, 0.5];
-    for be in backends("logprob_and_entropy_by_hand") {
+on_every_backend! {
+    fn logprob_and_entropy_by_hand(be) {
+        let z = [1.0f32, 2.0, 3.0, -1.0, 0.5, 0.5, 0.5, 0.5];
         for tau in [1.0f32, 2.0, 0.7] {
             let cfg = LogprobConfig {
                 temperature: tau,
@@ -71,12 +70,11 @@ fn logprob_and_entropy_by_hand() {
     }
 }
 
-#[test]
-fn gradient_by_hand_and_ignore_index() {
-    // V = 3, z = [0, ln 2, ln 5] -> p = [1/8, 2/8, 5/8]; label 1; g_logp = 2, no entropy term:
-    // dz = 2 (1[j = 1] - p) = [-0.25, 1.5, -1.25]
-    let z = [0.0f32, 2f32.ln(), 5f32.ln(), 1.0, 2.0, 3.0];
-    for be in backends("gradient_by_hand_and_ignore_index") {
+on_every_backend! {
+    fn gradient_by_hand_and_ignore_index(be) {
+        // V = 3, z = [0, ln 2, ln 5] -> p = [1/8, 2/8, 5/8]; label 1; g_logp = 2, no entropy term:
+        // dz = 2 (1[j = 1] - p) = [-0.25, 1.5, -1.25]
+        let z = [0.0f32, 2f32.ln(), 5f32.ln(), 1.0, 2.0, 3.0];
         let cfg = LogprobConfig::default();
         let mut dz = [f32::NAN; 6];
         be.logprob_backward(
@@ -360,10 +358,9 @@ fn gpu_vs_cpu<E: LogitElem>(be: &Backend) {
 }
 
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn logits_ops_match_reference_on_gpu() {
-    let Some(be) = gpu("logits_ops_match_reference_on_gpu") else {
-        return;
-    };
+    let be = common::require_gpu("logits_ops_match_reference_on_gpu");
     gpu_vs_cpu::<f32>(&be);
     gpu_vs_cpu::<f16>(&be);
     gpu_vs_cpu::<bf16>(&be);
@@ -403,10 +400,9 @@ fn device_forward<E: LogitElem>(
 
 /// In-place and out-of-place backward give the same bits, and two runs give the same bits.
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn inplace_backward_equals_out_of_place_bitwise() {
-    let Some(Backend::Cuda(g)) = gpu("inplace_backward_equals_out_of_place_bitwise") else {
-        return;
-    };
+    let g = common::require_cuda("inplace_backward_equals_out_of_place_bitwise");
     let s = g.stream().clone();
     let (t, v) = (37usize, 50_257usize);
     let mut rng = Rng::new(5);
@@ -493,10 +489,9 @@ fn inplace_backward_equals_out_of_place_bitwise() {
 /// T * V beyond 2^31 elements (64-bit indexing): rows sampled against the CPU reference. Skipped
 /// under the sanitizer (RECAP_SANITIZE).
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn huge_logits_rows_match_reference() {
-    let Some(Backend::Cuda(g)) = gpu("huge_logits_rows_match_reference") else {
-        return;
-    };
+    let g = common::require_cuda("huge_logits_rows_match_reference");
     if std::env::var("RECAP_SANITIZE").is_ok() {
         eprintln!("huge_logits_rows_match_reference: skipped under the sanitizer (too slow)");
         return;
@@ -504,14 +499,9 @@ fn huge_logits_rows_match_reference() {
     let s = g.stream().clone();
     let (t, v) = (14_200usize, 151_936usize);
     assert!(t * v > 1usize << 31);
-    let mut state = 0x1234_5678_9abc_def0u64;
+    let mut rng = common::Rng::new(0x1234);
     let z: Vec<bf16> = (0..t * v)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            bf16::from_f32(((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0)
-        })
+        .map(|_| bf16::from_f32(((rng.uniform() - 0.5) * 8.0) as f32))
         .collect();
     let y: Vec<i32> = (0..t).map(|r| ((r * 7919) % v) as i32).collect();
     let cfg = LogprobConfig::default();
@@ -625,14 +615,13 @@ fn loss_from_logits_gradient_matches_finite_differences() {
 
 /// The loss from logits on the GPU (gradient written over the logits) against the CPU reference.
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn loss_from_logits_matches_reference_on_gpu() {
     use recap_kernels::{
         Advantages, AggMode, GrpoConfig, HostLogitsLossInputs, LogitsLossInputs, Mask,
         ObjectiveKind,
     };
-    let Some(Backend::Cuda(g)) = gpu("loss_from_logits_matches_reference_on_gpu") else {
-        return;
-    };
+    let g = common::require_cuda("loss_from_logits_matches_reference_on_gpu");
     let s = g.stream().clone();
     let mut rng = Rng::new(31);
     for (t_lens, v, mode, q) in [

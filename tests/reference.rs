@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_all_close, assert_close, backends, Batch};
+use common::{assert_all_close, assert_close, Batch};
 use recap_kernels::{
     cpu, Advantages, AggMode, Backend, Error, GrpoConfig, HostGrpoInputs, HostReduceInputs,
     IsLevel, IsMode, KlEstimator, Mask, ObjectiveKind, PolicyLoss, RolloutCorrection,
@@ -63,10 +63,9 @@ fn actual_ratio(b: &Branches, t: usize) -> f64 {
     (b.logp[t] as f64 - b.old[t] as f64).exp()
 }
 
-#[test]
-fn every_clip_branch_by_hand() {
-    let b = branches();
-    for be in backends("every_clip_branch_by_hand") {
+on_every_backend! {
+    fn every_clip_branch_by_hand(be) {
+        let b = branches();
         // per-token losses by hand: -1.1, -1.2, 0.4, (masked), 1.5 (dual-clip: -c A = 1.5)
         let r0 = actual_ratio(&b, 0);
         let losses = [-r0, -1.2, 0.5 * 0.8, 1.5];
@@ -135,64 +134,63 @@ fn every_clip_branch_by_hand() {
     }
 }
 
-/// CISPO, SAPO and two-sided clipping on the branch batch, against the formulas of verl's
-/// `compute_policy_loss_cispo` / `compute_policy_loss_sapo` and TRL's `delta`, written out per token
-/// (token-mean over the 4 unmasked tokens, K = 1).
-#[test]
-fn policy_loss_variants_by_hand() {
-    let b = branches();
-    let toks = [0usize, 1, 2, 4];
-    let adv = [1.0f64, 1.0, -0.5, -0.5];
-    let r: Vec<f64> = toks.iter().map(|&t| actual_ratio(&b, t)).collect();
-    let lp: Vec<f64> = toks.iter().map(|&t| b.logp[t] as f64).collect();
-    // (config, per-token loss, per-token dl/dlogp, clipped tokens)
-    let cispo: Vec<(f64, f64)> = (0..4)
-        .map(|i| {
-            let rc = r[i].clamp(0.8, 1.2);
-            (-rc * adv[i] * lp[i], -rc * adv[i])
-        })
-        .collect();
-    let sapo: Vec<(f64, f64)> = (0..4)
-        .map(|i| {
-            let tau = if adv[i] > 0.0 { 1.0 } else { 1.05 };
-            let s = 1.0 / (1.0 + (-tau * (r[i] - 1.0)).exp());
+on_every_backend! {
+    /// CISPO, SAPO and two-sided clipping on the branch batch, against the formulas of verl's
+    /// `compute_policy_loss_cispo` / `compute_policy_loss_sapo` and TRL's `delta`, written out per token
+    /// (token-mean over the 4 unmasked tokens, K = 1).
+    fn policy_loss_variants_by_hand(be) {
+        let b = branches();
+        let toks = [0usize, 1, 2, 4];
+        let adv = [1.0f64, 1.0, -0.5, -0.5];
+        let r: Vec<f64> = toks.iter().map(|&t| actual_ratio(&b, t)).collect();
+        let lp: Vec<f64> = toks.iter().map(|&t| b.logp[t] as f64).collect();
+        // (config, per-token loss, per-token dl/dlogp, clipped tokens)
+        let cispo: Vec<(f64, f64)> = (0..4)
+            .map(|i| {
+                let rc = r[i].clamp(0.8, 1.2);
+                (-rc * adv[i] * lp[i], -rc * adv[i])
+            })
+            .collect();
+        let sapo: Vec<(f64, f64)> = (0..4)
+            .map(|i| {
+                let tau = if adv[i] > 0.0 { 1.0 } else { 1.05 };
+                let s = 1.0 / (1.0 + (-tau * (r[i] - 1.0)).exp());
+                (
+                    -adv[i] * 4.0 / tau * s,
+                    -4.0 * adv[i] * s * (1.0 - s) * r[i],
+                )
+            })
+            .collect();
+        // delta = 1.3, no dual-clip: t0 unclipped; t1 l1 = -1.3 < l2 = -1.2 (clipped); t2 clipped low;
+        // t4 r = 4 > delta: l1 = 0.5 * 1.3 = 0.65 > l2 = 0.6, so l = 0.65 with no gradient
+        let two_sided = vec![(-r[0], -r[0]), (-1.2, 0.0), (0.4, 0.0), (0.65, 0.0)];
+        let cases = [
             (
-                -adv[i] * 4.0 / tau * s,
-                -4.0 * adv[i] * s * (1.0 - s) * r[i],
-            )
-        })
-        .collect();
-    // delta = 1.3, no dual-clip: t0 unclipped; t1 l1 = -1.3 < l2 = -1.2 (clipped); t2 clipped low;
-    // t4 r = 4 > delta: l1 = 0.5 * 1.3 = 0.65 > l2 = 0.6, so l = 0.65 with no gradient
-    let two_sided = vec![(-r[0], -r[0]), (-1.2, 0.0), (0.4, 0.0), (0.65, 0.0)];
-    let cases = [
-        (
-            GrpoConfig {
-                policy_loss: PolicyLoss::Cispo,
-                ..GrpoConfig::default()
-            },
-            cispo,
-            0.75,
-        ),
-        (
-            GrpoConfig {
-                policy_loss: PolicyLoss::sapo(),
-                ..GrpoConfig::default()
-            },
-            sapo,
-            0.75,
-        ),
-        (
-            GrpoConfig {
-                delta: Some(1.3),
-                dual_clip: None,
-                ..GrpoConfig::default()
-            },
-            two_sided,
-            0.5,
-        ),
-    ];
-    for be in backends("policy_loss_variants_by_hand") {
+                GrpoConfig {
+                    policy_loss: PolicyLoss::Cispo,
+                    ..GrpoConfig::default()
+                },
+                cispo,
+                0.75,
+            ),
+            (
+                GrpoConfig {
+                    policy_loss: PolicyLoss::sapo(),
+                    ..GrpoConfig::default()
+                },
+                sapo,
+                0.75,
+            ),
+            (
+                GrpoConfig {
+                    delta: Some(1.3),
+                    dual_clip: None,
+                    ..GrpoConfig::default()
+                },
+                two_sided,
+                0.5,
+            ),
+        ];
         for (cfg, per_token, clipfrac) in &cases {
             let what = format!("{} {:?} delta {:?}", be.name(), cfg.policy_loss, cfg.delta);
             let mut grad = vec![f32::NAN; 5];
@@ -224,21 +222,20 @@ fn policy_loss_variants_by_hand() {
     }
 }
 
-/// GSPO (verl `compute_policy_loss_gspo`) on the branch batch with the paper's clip range: sequence
-/// ratios s_0 = sqrt(1.1 * 1.5), s_1 = sqrt(0.5 * 4) (the masked NaN token is not read);
-/// seq-mean-token-mean over 2 sequences of 2 tokens.
-#[test]
-fn gspo_by_hand() {
-    let b = branches();
-    let (s0, s1) = ((1.1f64 * 1.5).sqrt(), 2.0f64.sqrt());
-    let cfg = GrpoConfig::gspo();
-    // seq 0, A = +1: -A s0 < -A (1 + 4e-4): clipped, no gradient; seq 1, A = -0.5: -A s1 = 0.707 >
-    // -A (1 + 4e-4) = 0.5002: unclipped, dl/dlogp_t = -A s1 at each of its tokens
-    let l0 = -(1.0 + 4e-4);
-    let l1 = 0.5 * s1;
-    let want_loss = (l0 + l1) / 2.0;
-    let g = (0.5 * s1 / 4.0) as f32;
-    for be in backends("gspo_by_hand") {
+on_every_backend! {
+    /// GSPO (verl `compute_policy_loss_gspo`) on the branch batch with the paper's clip range: sequence
+    /// ratios s_0 = sqrt(1.1 * 1.5), s_1 = sqrt(0.5 * 4) (the masked NaN token is not read);
+    /// seq-mean-token-mean over 2 sequences of 2 tokens.
+    fn gspo_by_hand(be) {
+        let b = branches();
+        let (s0, s1) = ((1.1f64 * 1.5).sqrt(), 2.0f64.sqrt());
+        let cfg = GrpoConfig::gspo();
+        // seq 0, A = +1: -A s0 < -A (1 + 4e-4): clipped, no gradient; seq 1, A = -0.5: -A s1 = 0.707 >
+        // -A (1 + 4e-4) = 0.5002: unclipped, dl/dlogp_t = -A s1 at each of its tokens
+        let l0 = -(1.0 + 4e-4);
+        let l1 = 0.5 * s1;
+        let want_loss = (l0 + l1) / 2.0;
+        let g = (0.5 * s1 / 4.0) as f32;
         let what = be.name();
         let mut grad = vec![f32::NAN; 5];
         let out = be
@@ -289,59 +286,58 @@ fn gspo_by_hand() {
     }
 }
 
-/// Rollout importance-sampling correction on the branch batch (verl's TIS / MIS): the inference
-/// engine's log-probs give IS ratios w = [1, 3, 0.25, -, 1.5] at the unmasked tokens; the policy
-/// loss of each token is multiplied by its weight (clipped surrogate with dual-clip, as in
-/// every_clip_branch_by_hand: per-token losses -r0, -1.2, 0.4, 1.5, only t0 with a gradient -r0).
-#[test]
-fn rollout_correction_by_hand() {
-    let b = branches();
-    let w = [1.0f64, 3.0, 0.25, 1.0, 1.5];
-    let rollout: Vec<f32> = (0..5)
-        .map(|t| (b.old[t] as f64 - w[t].ln()) as f32)
-        .collect();
-    let r0 = actual_ratio(&b, 0);
-    let base = [-r0, -1.2, 0.4, 1.5];
-    let (s0, s1) = (1.0f64 * 3.0, 0.25f64 * 1.5); // sequence level: products over the unmasked tokens
-    let (g0, g1) = (s0.sqrt(), s1.sqrt()); // geometric means
-    let rc = |level, mode| RolloutCorrection {
-        level,
-        mode,
-        upper: 2.0,
-        lower: None,
-    };
-    // (correction, IS ratio per token, weight per token)
-    type Case = (RolloutCorrection, [f64; 4], [f64; 4]);
-    let tok_ratio = [1.0, 3.0, 0.25, 1.5];
-    let cases: Vec<Case> = vec![
-        (
-            rc(IsLevel::Token, IsMode::Truncate),
-            tok_ratio,
-            [1.0, 2.0, 0.25, 1.5],
-        ),
-        (
-            rc(IsLevel::Token, IsMode::Mask),
-            tok_ratio,
-            [1.0, 0.0, 0.0, 1.5],
-        ),
-        (rc(IsLevel::Token, IsMode::MetricsOnly), tok_ratio, [1.0; 4]),
-        (
-            rc(IsLevel::Sequence, IsMode::Truncate),
-            [s0, s0, s1, s1],
-            [2.0, 2.0, s1, s1],
-        ),
-        (
-            rc(IsLevel::Sequence, IsMode::Mask),
-            [s0, s0, s1, s1],
-            [0.0, 0.0, 0.0, 0.0],
-        ),
-        (
-            rc(IsLevel::Geometric, IsMode::Mask),
-            [g0, g0, g1, g1],
-            [g0, g0, g1, g1],
-        ),
-    ];
-    for be in backends("rollout_correction_by_hand") {
+on_every_backend! {
+    /// Rollout importance-sampling correction on the branch batch (verl's TIS / MIS): the inference
+    /// engine's log-probs give IS ratios w = [1, 3, 0.25, -, 1.5] at the unmasked tokens; the policy
+    /// loss of each token is multiplied by its weight (clipped surrogate with dual-clip, as in
+    /// every_clip_branch_by_hand: per-token losses -r0, -1.2, 0.4, 1.5, only t0 with a gradient -r0).
+    fn rollout_correction_by_hand(be) {
+        let b = branches();
+        let w = [1.0f64, 3.0, 0.25, 1.0, 1.5];
+        let rollout: Vec<f32> = (0..5)
+            .map(|t| (b.old[t] as f64 - w[t].ln()) as f32)
+            .collect();
+        let r0 = actual_ratio(&b, 0);
+        let base = [-r0, -1.2, 0.4, 1.5];
+        let (s0, s1) = (1.0f64 * 3.0, 0.25f64 * 1.5); // sequence level: products over the unmasked tokens
+        let (g0, g1) = (s0.sqrt(), s1.sqrt()); // geometric means
+        let rc = |level, mode| RolloutCorrection {
+            level,
+            mode,
+            upper: 2.0,
+            lower: None,
+        };
+        // (correction, IS ratio per token, weight per token)
+        type Case = (RolloutCorrection, [f64; 4], [f64; 4]);
+        let tok_ratio = [1.0, 3.0, 0.25, 1.5];
+        let cases: Vec<Case> = vec![
+            (
+                rc(IsLevel::Token, IsMode::Truncate),
+                tok_ratio,
+                [1.0, 2.0, 0.25, 1.5],
+            ),
+            (
+                rc(IsLevel::Token, IsMode::Mask),
+                tok_ratio,
+                [1.0, 0.0, 0.0, 1.5],
+            ),
+            (rc(IsLevel::Token, IsMode::MetricsOnly), tok_ratio, [1.0; 4]),
+            (
+                rc(IsLevel::Sequence, IsMode::Truncate),
+                [s0, s0, s1, s1],
+                [2.0, 2.0, s1, s1],
+            ),
+            (
+                rc(IsLevel::Sequence, IsMode::Mask),
+                [s0, s0, s1, s1],
+                [0.0, 0.0, 0.0, 0.0],
+            ),
+            (
+                rc(IsLevel::Geometric, IsMode::Mask),
+                [g0, g0, g1, g1],
+                [g0, g0, g1, g1],
+            ),
+        ];
         for (corr, ratio, weight) in &cases {
             let what = format!("{} {:?} {:?}", be.name(), corr.level, corr.mode);
             let cfg = GrpoConfig {
@@ -391,45 +387,44 @@ fn rollout_correction_by_hand() {
                 0.0,
             );
         }
-    }
-    // a NaN rollout log-prob at an unmasked token is a counted non-finite input at every level
-    let mut bad = rollout.clone();
-    bad[1] = f32::NAN;
-    for level in [IsLevel::Token, IsLevel::Sequence, IsLevel::Geometric] {
+        // a NaN rollout log-prob at an unmasked token is a counted non-finite input at every level
+        let mut bad = rollout.clone();
+        bad[1] = f32::NAN;
+        for level in [IsLevel::Token, IsLevel::Sequence, IsLevel::Geometric] {
+            let cfg = GrpoConfig {
+                rollout_correction: Some(rc(level, IsMode::Truncate)),
+                ..GrpoConfig::default()
+            };
+            let mut inputs = branch_inputs(&b, &[1.0]);
+            inputs.rollout_logp = Some(&bad);
+            let err = Backend::Cpu
+                .grpo_loss(&inputs, &cfg, &mut [0f32; 5])
+                .unwrap_err();
+            assert!(
+                matches!(err, recap_kernels::Error::NonFinite { .. }),
+                "{level:?}: {err}"
+            );
+        }
+        // the correction without rollout log-probs is an error naming them
         let cfg = GrpoConfig {
-            rollout_correction: Some(rc(level, IsMode::Truncate)),
+            rollout_correction: Some(RolloutCorrection::default()),
             ..GrpoConfig::default()
         };
-        let mut inputs = branch_inputs(&b, &[1.0]);
-        inputs.rollout_logp = Some(&bad);
         let err = Backend::Cpu
-            .grpo_loss(&inputs, &cfg, &mut [0f32; 5])
+            .grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut [0f32; 5])
             .unwrap_err();
-        assert!(
-            matches!(err, recap_kernels::Error::NonFinite { .. }),
-            "{level:?}: {err}"
-        );
+        assert!(err.to_string().contains("rollout_logp"), "{err}");
     }
-    // the correction without rollout log-probs is an error naming them
-    let cfg = GrpoConfig {
-        rollout_correction: Some(RolloutCorrection::default()),
-        ..GrpoConfig::default()
-    };
-    let err = Backend::Cpu
-        .grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut [0f32; 5])
-        .unwrap_err();
-    assert!(err.to_string().contains("rollout_logp"), "{err}");
 }
 
-/// Per-token policy weights (e.g. TRL's entropy mask) multiply the policy terms only.
-#[test]
-fn policy_weight_by_hand() {
-    let b = branches();
-    let weights = [0.5f32, 0.0, 2.0, 7.0, 1.0];
-    let r0 = actual_ratio(&b, 0);
-    let base = [-r0, -1.2, 0.4, 1.5];
-    let want = (base[0] * 0.5 + base[2] * 2.0 + base[3]) / 4.0;
-    for be in backends("policy_weight_by_hand") {
+on_every_backend! {
+    /// Per-token policy weights (e.g. TRL's entropy mask) multiply the policy terms only.
+    fn policy_weight_by_hand(be) {
+        let b = branches();
+        let weights = [0.5f32, 0.0, 2.0, 7.0, 1.0];
+        let r0 = actual_ratio(&b, 0);
+        let base = [-r0, -1.2, 0.4, 1.5];
+        let want = (base[0] * 0.5 + base[2] * 2.0 + base[3]) / 4.0;
         let mut inputs = branch_inputs(&b, &[1.0]);
         inputs.policy_weight = Some(&weights);
         let mut grad = vec![f32::NAN; 5];
@@ -455,25 +450,24 @@ fn policy_weight_by_hand() {
     }
 }
 
-/// TRL's `use_bias_correction_kl`: the KL term is `kl * r` at policy tokens, gradient through both.
-#[test]
-fn kl_is_correction_by_hand() {
-    let b = branches();
-    let reference: Vec<f32> = b.logp.iter().map(|x| x - 0.3).collect();
-    let cfg = GrpoConfig {
-        kl_coef: 0.5,
-        kl_is_correction: true,
-        kl_estimator: KlEstimator::K3,
-        ..GrpoConfig::default()
-    };
-    let plain = GrpoConfig {
-        kl_is_correction: false,
-        ..cfg.clone()
-    };
-    // k3 at diff = logp - ref = 0.3: x = -0.3, kl = e^x - x - 1, dkl/dlogp = 1 - e^x
-    let x = -0.3f64;
-    let (kl, dkl) = (x.exp() - x - 1.0, 1.0 - x.exp());
-    for be in backends("kl_is_correction_by_hand") {
+on_every_backend! {
+    /// TRL's `use_bias_correction_kl`: the KL term is `kl * r` at policy tokens, gradient through both.
+    fn kl_is_correction_by_hand(be) {
+        let b = branches();
+        let reference: Vec<f32> = b.logp.iter().map(|x| x - 0.3).collect();
+        let cfg = GrpoConfig {
+            kl_coef: 0.5,
+            kl_is_correction: true,
+            kl_estimator: KlEstimator::K3,
+            ..GrpoConfig::default()
+        };
+        let plain = GrpoConfig {
+            kl_is_correction: false,
+            ..cfg.clone()
+        };
+        // k3 at diff = logp - ref = 0.3: x = -0.3, kl = e^x - x - 1, dkl/dlogp = 1 - e^x
+        let x = -0.3f64;
+        let (kl, dkl) = (x.exp() - x - 1.0, 1.0 - x.exp());
         let mut inputs = branch_inputs(&b, &[1.0]);
         inputs.ref_logp = Some(&reference);
         let (mut g1, mut g0) = (vec![0f32; 5], vec![0f32; 5]);
@@ -511,38 +505,37 @@ fn kl_is_correction_by_hand() {
     }
 }
 
-/// Bad variant options are errors naming the field.
-#[test]
-fn policy_loss_options_are_validated() {
-    let b = branches();
-    let bad = [
-        (
-            GrpoConfig {
-                delta: Some(0.9),
-                ..GrpoConfig::default()
-            },
-            "config.delta",
-        ),
-        (
-            GrpoConfig {
-                delta: Some(2.0),
-                policy_loss: PolicyLoss::Cispo,
-                ..GrpoConfig::default()
-            },
-            "config.delta",
-        ),
-        (
-            GrpoConfig {
-                policy_loss: PolicyLoss::Sapo {
-                    tau_pos: 0.0,
-                    tau_neg: 1.0,
+on_every_backend! {
+    /// Bad variant options are errors naming the field.
+    fn policy_loss_options_are_validated(be) {
+        let b = branches();
+        let bad = [
+            (
+                GrpoConfig {
+                    delta: Some(0.9),
+                    ..GrpoConfig::default()
                 },
-                ..GrpoConfig::default()
-            },
-            "config.policy_loss",
-        ),
-    ];
-    for be in backends("policy_loss_options_are_validated") {
+                "config.delta",
+            ),
+            (
+                GrpoConfig {
+                    delta: Some(2.0),
+                    policy_loss: PolicyLoss::Cispo,
+                    ..GrpoConfig::default()
+                },
+                "config.delta",
+            ),
+            (
+                GrpoConfig {
+                    policy_loss: PolicyLoss::Sapo {
+                        tau_pos: 0.0,
+                        tau_neg: 1.0,
+                    },
+                    ..GrpoConfig::default()
+                },
+                "config.policy_loss",
+            ),
+        ];
         for (cfg, arg) in &bad {
             let mut grad = vec![0f32; 5];
             let err = be
@@ -553,10 +546,9 @@ fn policy_loss_options_are_validated() {
     }
 }
 
-#[test]
-fn dual_clip_off_and_lambda_scale() {
-    let b = branches();
-    for be in backends("dual_clip_off_and_lambda_scale") {
+on_every_backend! {
+    fn dual_clip_off_and_lambda_scale(be) {
+        let b = branches();
         let cfg = GrpoConfig {
             dual_clip: None,
             ..GrpoConfig::default()
@@ -588,9 +580,8 @@ fn dual_clip_off_and_lambda_scale() {
     }
 }
 
-#[test]
-fn log_ratio_clamp_saturates_gradient() {
-    for be in backends("log_ratio_clamp_saturates_gradient") {
+on_every_backend! {
+    fn log_ratio_clamp_saturates_gradient(be) {
         // d = +25 -> clamped to 20; A = -1e-9 keeps the loss finite, A<0 and r = e^20 > 3 -> dual
         // clip; A = +1: r = e^20 clipped high. d = -25: r = e^-20, A = +1 -> unclipped but saturated.
         let logp = [0.0f32, 0.0, -25.0];
@@ -635,29 +626,28 @@ fn log_ratio_clamp_saturates_gradient() {
     }
 }
 
-#[test]
-fn kl_estimators_by_hand() {
-    // diff = logp - ref = 0.5 and -30 (k3 clamps: x = 30 -> 20, value clamps at 10)
-    let logp = [0.0f32, -30.0, 1.0];
-    let refp = [-0.5f32, 0.0, 1.0];
-    let e = (-0.5f64).exp();
-    let cases: [(KlEstimator, [f64; 3], [f64; 3]); 6] = [
-        (KlEstimator::K1, [0.5, -30.0, 0.0], [1.0, 1.0, 1.0]),
-        (KlEstimator::Abs, [0.5, 30.0, 0.0], [1.0, -1.0, 0.0]),
-        (KlEstimator::K2, [0.125, 450.0, 0.0], [0.5, -30.0, 0.0]),
-        (
-            KlEstimator::K3,
-            [e + 0.5 - 1.0, 10.0, 0.0],
-            [1.0 - e, 0.0, 0.0],
-        ),
-        (KlEstimator::K1Plus, [0.5, -30.0, 0.0], [0.5, -30.0, 0.0]),
-        (
-            KlEstimator::K3Plus,
-            [e + 0.5 - 1.0, 10.0, 0.0],
-            [0.5, -30.0, 0.0],
-        ),
-    ];
-    for be in backends("kl_estimators_by_hand") {
+on_every_backend! {
+    fn kl_estimators_by_hand(be) {
+        // diff = logp - ref = 0.5 and -30 (k3 clamps: x = 30 -> 20, value clamps at 10)
+        let logp = [0.0f32, -30.0, 1.0];
+        let refp = [-0.5f32, 0.0, 1.0];
+        let e = (-0.5f64).exp();
+        let cases: [(KlEstimator, [f64; 3], [f64; 3]); 6] = [
+            (KlEstimator::K1, [0.5, -30.0, 0.0], [1.0, 1.0, 1.0]),
+            (KlEstimator::Abs, [0.5, 30.0, 0.0], [1.0, -1.0, 0.0]),
+            (KlEstimator::K2, [0.125, 450.0, 0.0], [0.5, -30.0, 0.0]),
+            (
+                KlEstimator::K3,
+                [e + 0.5 - 1.0, 10.0, 0.0],
+                [1.0 - e, 0.0, 0.0],
+            ),
+            (KlEstimator::K1Plus, [0.5, -30.0, 0.0], [0.5, -30.0, 0.0]),
+            (
+                KlEstimator::K3Plus,
+                [e + 0.5 - 1.0, 10.0, 0.0],
+                [0.5, -30.0, 0.0],
+            ),
+        ];
         for (est, want_v, want_g) in cases {
             let mut v = vec![f32::NAN; 3];
             let mut g = vec![f32::NAN; 3];
@@ -695,52 +685,51 @@ fn kl_estimators_by_hand() {
     }
 }
 
-/// Losses [T, 2]: seq0 [1,2,3], seq1 [4], seq2 empty, seq3 [5,6] fully masked; objective 1 is 10x
-/// objective 0 and only seq1..seq3 are its members.
-#[test]
-fn every_aggregation_mode_by_hand() {
-    let l0 = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-    let losses: Vec<f32> = l0.iter().flat_map(|x| [*x, 10.0 * x]).collect();
-    let mask = [1.0f32, 1.0, 1.0, 1.0, 0.0, 0.0];
-    let cu = [0, 3, 4, 4, 6];
-    let membership = [0b01u32, 0b11, 0b11, 0b11];
-    let lambda = [1.0f32, 3.0];
-    // (mode, C, agg0, agg1, grad of token 0 for objective 0, grad of token 3 for objective 1)
-    let cases = [
-        (
-            AggMode::TokenMean,
-            None,
-            10.0 / 4.0,
-            40.0,
-            0.25 / 2.0,
-            3.0 / 2.0,
-        ),
-        (
-            AggMode::SeqMeanTokenMean,
-            None,
-            3.0,
-            40.0,
-            1.0 / 6.0 / 2.0,
-            3.0 / 2.0,
-        ),
-        (
-            AggMode::SeqMeanTokenSum,
-            None,
-            5.0,
-            40.0,
-            0.5 / 2.0,
-            3.0 / 2.0,
-        ),
-        (
-            AggMode::TokenSumNorm,
-            Some(4.0f32),
-            2.5,
-            10.0,
-            0.25 / 2.0,
-            3.0 * 0.25 / 2.0,
-        ),
-    ];
-    for be in backends("every_aggregation_mode_by_hand") {
+on_every_backend! {
+    /// Losses [T, 2]: seq0 [1,2,3], seq1 [4], seq2 empty, seq3 [5,6] fully masked; objective 1 is 10x
+    /// objective 0 and only seq1..seq3 are its members.
+    fn every_aggregation_mode_by_hand(be) {
+        let l0 = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let losses: Vec<f32> = l0.iter().flat_map(|x| [*x, 10.0 * x]).collect();
+        let mask = [1.0f32, 1.0, 1.0, 1.0, 0.0, 0.0];
+        let cu = [0, 3, 4, 4, 6];
+        let membership = [0b01u32, 0b11, 0b11, 0b11];
+        let lambda = [1.0f32, 3.0];
+        // (mode, C, agg0, agg1, grad of token 0 for objective 0, grad of token 3 for objective 1)
+        let cases = [
+            (
+                AggMode::TokenMean,
+                None,
+                10.0 / 4.0,
+                40.0,
+                0.25 / 2.0,
+                3.0 / 2.0,
+            ),
+            (
+                AggMode::SeqMeanTokenMean,
+                None,
+                3.0,
+                40.0,
+                1.0 / 6.0 / 2.0,
+                3.0 / 2.0,
+            ),
+            (
+                AggMode::SeqMeanTokenSum,
+                None,
+                5.0,
+                40.0,
+                0.5 / 2.0,
+                3.0 / 2.0,
+            ),
+            (
+                AggMode::TokenSumNorm,
+                Some(4.0f32),
+                2.5,
+                10.0,
+                0.25 / 2.0,
+                3.0 * 0.25 / 2.0,
+            ),
+        ];
         for (mode, c, a0, a1, g0, g3) in cases {
             let cfg = GrpoConfig {
                 agg_mode: mode,
@@ -789,13 +778,12 @@ fn every_aggregation_mode_by_hand() {
     }
 }
 
-/// RL rollouts and replay sequences in one batch: objective 0 policy (seq 0), objective 1 nll (seq 1).
-#[test]
-fn policy_and_replay_objectives_share_a_batch() {
-    let logp = [-0.5f32, -0.7, -1.0, -2.0, -3.0];
-    let old = [-0.5f32, -0.7, f32::NAN, f32::NAN, f32::NAN]; // old_logp is never read for replay
-    let adv = [2.0f32, f32::NAN, f32::NAN, f32::NAN]; // [B, K]: only (seq 0, obj 0) is read
-    for be in backends("policy_and_replay_objectives_share_a_batch") {
+on_every_backend! {
+    /// RL rollouts and replay sequences in one batch: objective 0 policy (seq 0), objective 1 nll (seq 1).
+    fn policy_and_replay_objectives_share_a_batch(be) {
+        let logp = [-0.5f32, -0.7, -1.0, -2.0, -3.0];
+        let old = [-0.5f32, -0.7, f32::NAN, f32::NAN, f32::NAN]; // old_logp is never read for replay
+        let adv = [2.0f32, f32::NAN, f32::NAN, f32::NAN]; // [B, K]: only (seq 0, obj 0) is read
         let inputs = HostGrpoInputs {
             logp: &logp,
             old_logp: &old,
@@ -843,9 +831,8 @@ fn policy_and_replay_objectives_share_a_batch() {
     }
 }
 
-#[test]
-fn empty_and_fully_masked_batches_are_defined() {
-    for be in backends("empty_and_fully_masked_batches_are_defined") {
+on_every_backend! {
+    fn empty_and_fully_masked_batches_are_defined(be) {
         let cfg = GrpoConfig::default();
         // T = 0, B = 0
         let empty = HostGrpoInputs {
@@ -887,9 +874,8 @@ fn empty_and_fully_masked_batches_are_defined() {
     }
 }
 
-#[test]
-fn nonfinite_unmasked_input_is_an_error_unless_allowed() {
-    for be in backends("nonfinite_unmasked_input_is_an_error_unless_allowed") {
+on_every_backend! {
+    fn nonfinite_unmasked_input_is_an_error_unless_allowed(be) {
         let logp = [-1.0f32, f32::NAN, -1.0];
         let inputs = HostGrpoInputs {
             logp: &logp,

@@ -8,7 +8,7 @@ mod common;
 
 use common::{assert_close, Rng};
 use recap_kernels::tensor_parallel::{shard_order, shard_range};
-use recap_kernels::{cpu, Backend, Logits, LogprobConfig};
+use recap_kernels::{cpu, Logits, LogprobConfig};
 
 struct Case {
     t: usize,
@@ -232,10 +232,9 @@ fn a_label_in_no_shard_is_an_error() {
 /// The kernels (partials, combine, backward on a shard) on simulated shards against the CPU
 /// reference, f32 and bf16.
 #[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn gpu_tensor_parallel_matches_the_reference() {
-    let Some(Backend::Cuda(gpu)) = common::gpu("gpu_tensor_parallel_matches_the_reference") else {
-        return;
-    };
+    let gpu = common::require_cuda("gpu_tensor_parallel_matches_the_reference");
     use recap_kernels::cuda;
     let s = gpu.stream().clone();
     let cfg = LogprobConfig {

@@ -2,7 +2,6 @@
 
 mod common;
 
-use common::backends;
 use recap_kernels::{
     Advantages, AggMode, Error, GrpoConfig, HostGrpoInputs, HostReduceInputs, KlEstimator, Mask,
     Normalizers, ObjectiveKind,
@@ -39,288 +38,287 @@ fn expect_arg(what: &str, r: recap_kernels::Result<impl std::fmt::Debug>, arg: &
     }
 }
 
-#[test]
-fn malformed_fused_loss_inputs_are_rejected() {
-    static NORM_SHORT: std::sync::LazyLock<Normalizers> =
-        std::sync::LazyLock::new(|| Normalizers {
-            tokens: vec![4.0],
-            seqs: vec![2.0],
+on_every_backend! {
+    fn malformed_fused_loss_inputs_are_rejected(be) {
+        static NORM_SHORT: std::sync::LazyLock<Normalizers> =
+            std::sync::LazyLock::new(|| Normalizers {
+                tokens: vec![4.0],
+                seqs: vec![2.0],
+                seq_tokens: None,
+            });
+        static NORM_NEG: std::sync::LazyLock<Normalizers> = std::sync::LazyLock::new(|| Normalizers {
+            tokens: vec![4.0, -1.0],
+            seqs: vec![2.0, 2.0],
             seq_tokens: None,
         });
-    static NORM_NEG: std::sync::LazyLock<Normalizers> = std::sync::LazyLock::new(|| Normalizers {
-        tokens: vec![4.0, -1.0],
-        seqs: vec![2.0, 2.0],
-        seq_tokens: None,
-    });
-    let cfg = GrpoConfig::default();
-    let cases: Vec<(&str, HostGrpoInputs<'static>, GrpoConfig, &str)> = vec![
-        (
-            "cu_seqlens empty",
-            HostGrpoInputs {
-                cu_seqlens: &[],
-                ..good()
-            },
-            cfg.clone(),
-            "cu_seqlens",
-        ),
-        (
-            "cu_seqlens not from 0",
-            HostGrpoInputs {
-                cu_seqlens: &[1, 4],
-                ..good()
-            },
-            cfg.clone(),
-            "cu_seqlens",
-        ),
-        (
-            "cu_seqlens decreasing",
-            HostGrpoInputs {
-                cu_seqlens: &[0, 3, 2, 4],
-                ..good()
-            },
-            cfg.clone(),
-            "cu_seqlens",
-        ),
-        (
-            "cu_seqlens short of T",
-            HostGrpoInputs {
-                cu_seqlens: &[0, 1, 3],
-                ..good()
-            },
-            cfg.clone(),
-            "cu_seqlens",
-        ),
-        (
-            "cu_seqlens past T",
-            HostGrpoInputs {
-                cu_seqlens: &[0, 1, 5],
-                ..good()
-            },
-            cfg.clone(),
-            "cu_seqlens",
-        ),
-        (
-            "old_logp length",
-            HostGrpoInputs {
-                old_logp: &LOGP[..3],
-                ..good()
-            },
-            cfg.clone(),
-            "old_logp",
-        ),
-        (
-            "ref_logp length",
-            HostGrpoInputs {
-                ref_logp: Some(&LOGP[..1]),
-                ..good()
-            },
-            cfg.clone(),
-            "ref_logp",
-        ),
-        (
-            "mask length",
-            HostGrpoInputs {
-                mask: Mask::U8(&[1, 1]),
-                ..good()
-            },
-            cfg.clone(),
-            "mask",
-        ),
-        (
-            "advantages [B,K]",
-            HostGrpoInputs {
-                advantages: Advantages::PerSequence(&ADV[..1]),
-                ..good()
-            },
-            cfg.clone(),
-            "advantages",
-        ),
-        (
-            "advantages [T,K]",
-            HostGrpoInputs {
-                advantages: Advantages::PerToken(&ADV),
-                ..good()
-            },
-            cfg.clone(),
-            "advantages",
-        ),
-        (
-            "K = 0",
-            HostGrpoInputs {
-                lambda: &[],
-                objectives: &[],
-                ..good()
-            },
-            cfg.clone(),
-            "lambda",
-        ),
-        (
-            "K = 17",
-            HostGrpoInputs {
-                lambda: &[1.0; 17],
-                objectives: &[ObjectiveKind::Policy; 17],
-                ..good()
-            },
-            cfg.clone(),
-            "lambda",
-        ),
-        (
-            "objectives length",
-            HostGrpoInputs {
-                objectives: &[ObjectiveKind::Policy; 2],
-                ..good()
-            },
-            cfg.clone(),
-            "objectives",
-        ),
-        (
-            "lambda NaN",
-            HostGrpoInputs {
-                lambda: &[f32::NAN],
-                ..good()
-            },
-            cfg.clone(),
-            "lambda",
-        ),
-        (
-            "lambda negative",
-            HostGrpoInputs {
-                lambda: &[-1.0],
-                ..good()
-            },
-            cfg.clone(),
-            "lambda",
-        ),
-        (
-            "membership length",
-            HostGrpoInputs {
-                membership: Some(&[1]),
-                ..good()
-            },
-            cfg.clone(),
-            "membership",
-        ),
-        (
-            "membership bit >= K",
-            HostGrpoInputs {
-                membership: Some(&[1, 2]),
-                ..good()
-            },
-            cfg.clone(),
-            "membership",
-        ),
-        (
-            "normalizers length",
-            HostGrpoInputs {
-                normalizers: Some(&NORM_SHORT),
-                ..good()
-            },
-            cfg.clone(),
-            "normalizers",
-        ),
-        (
-            "normalizers negative",
-            HostGrpoInputs {
-                normalizers: Some(&NORM_NEG),
-                ..good()
-            },
-            cfg.clone(),
-            "normalizers",
-        ),
-        (
-            "clip_low = 1",
-            good(),
-            GrpoConfig {
-                clip_low: 1.0,
-                ..cfg.clone()
-            },
-            "config.clip_low",
-        ),
-        (
-            "clip_low < 0",
-            good(),
-            GrpoConfig {
-                clip_low: -0.1,
-                ..cfg.clone()
-            },
-            "config.clip_low",
-        ),
-        (
-            "clip_high NaN",
-            good(),
-            GrpoConfig {
-                clip_high: f32::NAN,
-                ..cfg.clone()
-            },
-            "config.clip_high",
-        ),
-        (
-            "clip_high < 0",
-            good(),
-            GrpoConfig {
-                clip_high: -0.2,
-                ..cfg.clone()
-            },
-            "config.clip_high",
-        ),
-        (
-            "dual clip c = 1",
-            good(),
-            GrpoConfig {
-                dual_clip: Some(1.0),
-                ..cfg.clone()
-            },
-            "config.dual_clip",
-        ),
-        (
-            "dual clip c = 0.5",
-            good(),
-            GrpoConfig {
-                dual_clip: Some(0.5),
-                ..cfg.clone()
-            },
-            "config.dual_clip",
-        ),
-        (
-            "log ratio clamp 0",
-            good(),
-            GrpoConfig {
-                log_ratio_clamp: 0.0,
-                ..cfg.clone()
-            },
-            "config.log_ratio_clamp",
-        ),
-        (
-            "kl_coef negative",
-            good(),
-            GrpoConfig {
-                kl_coef: -1.0,
-                ..cfg.clone()
-            },
-            "config.kl_coef",
-        ),
-        (
-            "token-sum-norm without C",
-            good(),
-            GrpoConfig {
-                agg_mode: AggMode::TokenSumNorm,
-                ..cfg.clone()
-            },
-            "config.norm_constant",
-        ),
-        (
-            "token-sum-norm C = 0",
-            good(),
-            GrpoConfig {
-                agg_mode: AggMode::TokenSumNorm,
-                norm_constant: Some(0.0),
-                ..cfg.clone()
-            },
-            "config.norm_constant",
-        ),
-    ];
-    let mut tried = 0;
-    for be in backends("malformed_fused_loss_inputs_are_rejected") {
+        let cfg = GrpoConfig::default();
+        let cases: Vec<(&str, HostGrpoInputs<'static>, GrpoConfig, &str)> = vec![
+            (
+                "cu_seqlens empty",
+                HostGrpoInputs {
+                    cu_seqlens: &[],
+                    ..good()
+                },
+                cfg.clone(),
+                "cu_seqlens",
+            ),
+            (
+                "cu_seqlens not from 0",
+                HostGrpoInputs {
+                    cu_seqlens: &[1, 4],
+                    ..good()
+                },
+                cfg.clone(),
+                "cu_seqlens",
+            ),
+            (
+                "cu_seqlens decreasing",
+                HostGrpoInputs {
+                    cu_seqlens: &[0, 3, 2, 4],
+                    ..good()
+                },
+                cfg.clone(),
+                "cu_seqlens",
+            ),
+            (
+                "cu_seqlens short of T",
+                HostGrpoInputs {
+                    cu_seqlens: &[0, 1, 3],
+                    ..good()
+                },
+                cfg.clone(),
+                "cu_seqlens",
+            ),
+            (
+                "cu_seqlens past T",
+                HostGrpoInputs {
+                    cu_seqlens: &[0, 1, 5],
+                    ..good()
+                },
+                cfg.clone(),
+                "cu_seqlens",
+            ),
+            (
+                "old_logp length",
+                HostGrpoInputs {
+                    old_logp: &LOGP[..3],
+                    ..good()
+                },
+                cfg.clone(),
+                "old_logp",
+            ),
+            (
+                "ref_logp length",
+                HostGrpoInputs {
+                    ref_logp: Some(&LOGP[..1]),
+                    ..good()
+                },
+                cfg.clone(),
+                "ref_logp",
+            ),
+            (
+                "mask length",
+                HostGrpoInputs {
+                    mask: Mask::U8(&[1, 1]),
+                    ..good()
+                },
+                cfg.clone(),
+                "mask",
+            ),
+            (
+                "advantages [B,K]",
+                HostGrpoInputs {
+                    advantages: Advantages::PerSequence(&ADV[..1]),
+                    ..good()
+                },
+                cfg.clone(),
+                "advantages",
+            ),
+            (
+                "advantages [T,K]",
+                HostGrpoInputs {
+                    advantages: Advantages::PerToken(&ADV),
+                    ..good()
+                },
+                cfg.clone(),
+                "advantages",
+            ),
+            (
+                "K = 0",
+                HostGrpoInputs {
+                    lambda: &[],
+                    objectives: &[],
+                    ..good()
+                },
+                cfg.clone(),
+                "lambda",
+            ),
+            (
+                "K = 17",
+                HostGrpoInputs {
+                    lambda: &[1.0; 17],
+                    objectives: &[ObjectiveKind::Policy; 17],
+                    ..good()
+                },
+                cfg.clone(),
+                "lambda",
+            ),
+            (
+                "objectives length",
+                HostGrpoInputs {
+                    objectives: &[ObjectiveKind::Policy; 2],
+                    ..good()
+                },
+                cfg.clone(),
+                "objectives",
+            ),
+            (
+                "lambda NaN",
+                HostGrpoInputs {
+                    lambda: &[f32::NAN],
+                    ..good()
+                },
+                cfg.clone(),
+                "lambda",
+            ),
+            (
+                "lambda negative",
+                HostGrpoInputs {
+                    lambda: &[-1.0],
+                    ..good()
+                },
+                cfg.clone(),
+                "lambda",
+            ),
+            (
+                "membership length",
+                HostGrpoInputs {
+                    membership: Some(&[1]),
+                    ..good()
+                },
+                cfg.clone(),
+                "membership",
+            ),
+            (
+                "membership bit >= K",
+                HostGrpoInputs {
+                    membership: Some(&[1, 2]),
+                    ..good()
+                },
+                cfg.clone(),
+                "membership",
+            ),
+            (
+                "normalizers length",
+                HostGrpoInputs {
+                    normalizers: Some(&NORM_SHORT),
+                    ..good()
+                },
+                cfg.clone(),
+                "normalizers",
+            ),
+            (
+                "normalizers negative",
+                HostGrpoInputs {
+                    normalizers: Some(&NORM_NEG),
+                    ..good()
+                },
+                cfg.clone(),
+                "normalizers",
+            ),
+            (
+                "clip_low = 1",
+                good(),
+                GrpoConfig {
+                    clip_low: 1.0,
+                    ..cfg.clone()
+                },
+                "config.clip_low",
+            ),
+            (
+                "clip_low < 0",
+                good(),
+                GrpoConfig {
+                    clip_low: -0.1,
+                    ..cfg.clone()
+                },
+                "config.clip_low",
+            ),
+            (
+                "clip_high NaN",
+                good(),
+                GrpoConfig {
+                    clip_high: f32::NAN,
+                    ..cfg.clone()
+                },
+                "config.clip_high",
+            ),
+            (
+                "clip_high < 0",
+                good(),
+                GrpoConfig {
+                    clip_high: -0.2,
+                    ..cfg.clone()
+                },
+                "config.clip_high",
+            ),
+            (
+                "dual clip c = 1",
+                good(),
+                GrpoConfig {
+                    dual_clip: Some(1.0),
+                    ..cfg.clone()
+                },
+                "config.dual_clip",
+            ),
+            (
+                "dual clip c = 0.5",
+                good(),
+                GrpoConfig {
+                    dual_clip: Some(0.5),
+                    ..cfg.clone()
+                },
+                "config.dual_clip",
+            ),
+            (
+                "log ratio clamp 0",
+                good(),
+                GrpoConfig {
+                    log_ratio_clamp: 0.0,
+                    ..cfg.clone()
+                },
+                "config.log_ratio_clamp",
+            ),
+            (
+                "kl_coef negative",
+                good(),
+                GrpoConfig {
+                    kl_coef: -1.0,
+                    ..cfg.clone()
+                },
+                "config.kl_coef",
+            ),
+            (
+                "token-sum-norm without C",
+                good(),
+                GrpoConfig {
+                    agg_mode: AggMode::TokenSumNorm,
+                    ..cfg.clone()
+                },
+                "config.norm_constant",
+            ),
+            (
+                "token-sum-norm C = 0",
+                good(),
+                GrpoConfig {
+                    agg_mode: AggMode::TokenSumNorm,
+                    norm_constant: Some(0.0),
+                    ..cfg.clone()
+                },
+                "config.norm_constant",
+            ),
+        ];
+        let mut tried = 0;
         for (what, inputs, c, arg) in &cases {
             let mut grad = vec![0f32; inputs.logp.len()];
             expect_arg(
@@ -339,14 +337,13 @@ fn malformed_fused_loss_inputs_are_rejected() {
         // and the good inputs pass, so the table above tests validation, not a broken fixture
         let mut grad = vec![0f32; 4];
         be.grpo_loss(&good(), &cfg, &mut grad).unwrap();
+        assert!(tried >= cases.len());
     }
-    assert!(tried >= cases.len());
 }
 
-#[test]
-fn malformed_kl_and_reduce_inputs_are_rejected() {
-    let cfg = GrpoConfig::default();
-    for be in backends("malformed_kl_and_reduce_inputs_are_rejected") {
+on_every_backend! {
+    fn malformed_kl_and_reduce_inputs_are_rejected(be) {
+        let cfg = GrpoConfig::default();
         let (mut v, mut g) = (vec![0f32; 4], vec![0f32; 4]);
         expect_arg(
             "kl ref",

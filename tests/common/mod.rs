@@ -1,66 +1,92 @@
-//! Shared test support: a seeded RNG, random packed batches, backend selection and tolerances.
+//! Shared test support: seeded random data (rand_chacha), random packed batches, backend selection
+//! and tolerances (`abs + rel * |want|`, compared with approx).
 #![allow(dead_code, clippy::needless_range_loop)]
 
 use recap_kernels::{
     Advantages, Backend, GrpoConfig, HostGrpoInputs, Mask, Normalizers, ObjectiveKind,
 };
 
-/// SplitMix64: small, seeded, reproducible.
-pub struct Rng(u64);
+/// Seeded, portable test data: ChaCha8 (`rand_chacha`), the same stream on every platform.
+pub struct Rng(rand_chacha::ChaCha8Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        use rand::SeedableRng;
+        Rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        rand::RngCore::next_u64(&mut self.0)
     }
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        rand::Rng::random(&mut self.0)
     }
+    /// Uniform in `0..n` (0 for `n = 0`).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
+        rand::Rng::random_range(&mut self.0, 0..n.max(1))
     }
-    /// Standard normal (Box-Muller).
+    /// Standard normal.
     pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        rand::Rng::sample(&mut self.0, rand_distr::StandardNormal)
     }
 }
 
-/// The GPU backend if one is usable; otherwise prints why and returns None, or panics (fails the
-/// test) when RECAP_REQUIRE_GPU=1.
-pub fn gpu(test: &str) -> Option<Backend> {
-    let require = std::env::var("RECAP_REQUIRE_GPU").is_ok_and(|v| v == "1");
+/// The GPU backend for a GPU-only test, which is `#[ignore]`d unless the `recap_gpu_tests` cfg is
+/// set (tests/common/gpu_cfg.rs) or the test runs with `--include-ignored`: when it runs, an
+/// unusable GPU fails it, with the reason.
+#[track_caller]
+pub fn require_gpu(test: &str) -> Backend {
     let why = if !recap_kernels::cuda::driver_present() {
         "no CUDA driver (libcuda) present".to_string()
     } else {
         match Backend::cuda(0) {
-            Ok(b) => return Some(b),
+            Ok(b) => return b,
             Err(e) => e.to_string(),
         }
     };
-    assert!(
-        !require,
-        "{test}: RECAP_REQUIRE_GPU=1 but the GPU backend is unusable: {why}"
-    );
-    // Written to the stderr handle, not eprintln!, so the reason shows under the test harness's capture.
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipping {test} on the GPU: {why}");
-    None
+    panic!("{test} needs a usable CUDA GPU: {why}")
 }
 
-/// The CPU backend, plus the GPU one when usable: "one test body run on every device".
-pub fn backends(test: &str) -> Vec<Backend> {
-    let mut v = vec![Backend::Cpu];
-    v.extend(gpu(test));
-    v
+/// [`require_gpu`]'s device.
+#[track_caller]
+pub fn require_cuda(test: &str) -> std::sync::Arc<recap_kernels::cuda::Gpu> {
+    match require_gpu(test) {
+        Backend::Cuda(g) => g,
+        Backend::Cpu => unreachable!("require_gpu returns the CUDA backend"),
+    }
+}
+
+/// One test body on every backend: `NAME::cpu` always runs; `NAME::gpu` is a GPU-only test
+/// (ignored without a GPU, see [`require_gpu`]), so the summary says which halves ran.
+///
+/// ```ignore
+/// on_every_backend! {
+///     /// docs
+///     fn name(be) { /* a body using `be: Backend` */ }
+/// }
+/// ```
+#[macro_export]
+macro_rules! on_every_backend {
+    ($(#[$meta:meta])* fn $name:ident($be:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn body($be: recap_kernels::Backend) $body
+
+            #[test]
+            fn cpu() {
+                body(recap_kernels::Backend::Cpu)
+            }
+
+            #[test]
+            #[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+            fn gpu() {
+                body($crate::common::require_gpu(concat!(stringify!($name), "::gpu")))
+            }
+        }
+    };
 }
 
 /// `|got - want| <= abs + rel * |want|`, with NaN never passing unless both are NaN.
@@ -71,7 +97,7 @@ pub fn close(got: f64, want: f64, abs: f64, rel: f64) -> bool {
     if got.is_infinite() || want.is_infinite() {
         return got == want;
     }
-    (got - want).abs() <= abs + rel * want.abs()
+    approx::abs_diff_eq!(got, want, epsilon = abs + rel * want.abs())
 }
 
 #[track_caller]
