@@ -62,10 +62,7 @@ fn run() -> recap_kernels::Result<()> {
         membership: Some(&membership),
         normalizers: None,
     };
-    let config = GrpoConfig {
-        kl_coef: 0.01,
-        ..GrpoConfig::default()
-    };
+    let config = GrpoConfig::default().with_kl_coef(0.01);
     let mut grad = vec![0f32; t];
     let out = backend.grpo_loss(&inputs, &config, &mut grad)?;
     println!("loss: {:.6}", out.loss);

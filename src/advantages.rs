@@ -64,9 +64,13 @@ pub enum Groups<'a> {
 /// GRPO-LEAD's difficulty-aware weights `w(rho) = a + (b - a) / (1 + exp(k (rho - rho0)))`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DifficultyWeights {
+    /// Weight of the easiest prompts (`rho` well above `rho0`).
     pub a: f64,
+    /// Weight of the hardest prompts (`rho` well below `rho0`).
     pub b: f64,
+    /// Accuracy at the midpoint of the sigmoid.
     pub rho0: f64,
+    /// Steepness of the sigmoid.
     pub k: f64,
 }
 

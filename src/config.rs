@@ -190,7 +190,12 @@ pub enum PolicyLoss {
     /// CISPO (MiniMax-M1): `-sg(clip(r, 1 - el, 1 + eh)) A logp`; every token keeps a gradient.
     Cispo,
     /// SAPO: `-A (4 / tau) sigmoid(tau (r - 1))`, `tau = tau_pos` for `A > 0`, else `tau_neg`.
-    Sapo { tau_pos: f32, tau_neg: f32 },
+    Sapo {
+        /// Temperature for positive advantages (1.0).
+        tau_pos: f32,
+        /// Temperature for negative advantages (1.05).
+        tau_neg: f32,
+    },
     /// GSPO: the clipped surrogate (no dual-clip, no `delta`) on the sequence ratio
     /// `s_i = exp(min(sum_t m (logp - old) / sum_t m, 10))` in its GSPO-token form
     /// `log s_it = sg(log s_i) + logp - sg(logp)` (verl "gspo", TRL importance_sampling_level
@@ -210,7 +215,12 @@ enum PolicyLossRepr {
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 enum PolicyLossTagged {
-    Sapo { tau_pos: f32, tau_neg: f32 },
+    Sapo {
+        /// Temperature for positive advantages (1.0).
+        tau_pos: f32,
+        /// Temperature for negative advantages (1.05).
+        tau_neg: f32,
+    },
 }
 
 impl TryFrom<PolicyLossRepr> for PolicyLoss {
@@ -305,7 +315,9 @@ pub enum IsMode {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RolloutCorrection {
+    /// Token, sequence or geometric weights.
     pub level: IsLevel,
+    /// Truncate, mask, or metrics only.
     pub mode: IsMode,
     /// Truncation cap, or the upper bound of the mask band (verl `rollout_is_threshold`, 2.0).
     pub upper: f32,
@@ -376,8 +388,22 @@ impl FromStr for ObjectiveKind {
 ///
 /// It (de)serializes with serde under the field names below (absent fields take their defaults,
 /// unknown ones are an error): the form in which the bindings pass options.
+///
+/// New options may come in a minor release, so outside this crate it is built from
+/// [`GrpoConfig::default`] (or a preset such as [`GrpoConfig::gspo`]) with the `with_*` setters,
+/// or by assigning its public fields:
+///
+/// ```
+/// use recap_kernels::{AggMode, GrpoConfig};
+/// let cfg = GrpoConfig::default()
+///     .with_clip_high(0.28)
+///     .with_agg_mode(AggMode::SeqMeanTokenMean)
+///     .with_kl_coef(0.01);
+/// assert_eq!(cfg.clip_high, 0.28);
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct GrpoConfig {
     /// Lower clip `eps_low`: the ratio is clipped below at `1 - clip_low` (verl `clip_ratio_low`, 0.2).
     pub clip_low: f32,
@@ -439,6 +465,40 @@ impl Default for GrpoConfig {
             allow_nonfinite: false,
         }
     }
+}
+
+/// `with_<field>(value)` setters, one per field of [`GrpoConfig`].
+macro_rules! with_setters {
+    ($($with:ident => $field:ident: $t:ty),* $(,)?) => {
+        impl GrpoConfig {
+            $(
+                #[doc = concat!("This configuration with [`", stringify!($field), "`](GrpoConfig::", stringify!($field), ") set.")]
+                #[must_use]
+                pub fn $with(mut self, value: $t) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+with_setters! {
+    with_clip_low => clip_low: f32,
+    with_clip_high => clip_high: f32,
+    with_dual_clip => dual_clip: Option<f32>,
+    with_policy_loss => policy_loss: PolicyLoss,
+    with_delta => delta: Option<f32>,
+    with_kl_is_correction => kl_is_correction: bool,
+    with_top_entropy_quantile => top_entropy_quantile: f32,
+    with_rollout_correction => rollout_correction: Option<RolloutCorrection>,
+    with_log_ratio_clamp => log_ratio_clamp: f32,
+    with_agg_mode => agg_mode: AggMode,
+    with_norm_constant => norm_constant: Option<f32>,
+    with_kl_coef => kl_coef: f32,
+    with_kl_estimator => kl_estimator: KlEstimator,
+    with_entropy_coef => entropy_coef: f32,
+    with_allow_nonfinite => allow_nonfinite: bool,
 }
 
 impl GrpoConfig {

@@ -12,6 +12,8 @@
 //! Data layout: packed variable-length tokens (see [`layout`]). Formulas: `kernels/grpo_math.cuh`
 //! and the README.
 
+#![warn(missing_docs)]
+
 pub mod advantages;
 pub mod backend;
 #[cfg(feature = "tools")]
@@ -57,3 +59,8 @@ pub use output::{
     grpo_stat_layout, logits_stat_layout, GrpoMetrics, GrpoOutput, ReduceOutput, StatField,
 };
 pub use recap::{Orientation, RecapConfig, RecapScheduler};
+
+/// The README's Rust examples, compiled and run as doctests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -24,7 +24,7 @@ pub(crate) struct GrpoSums {
     pub norms: Vec<f64>,
 }
 
-/// Metrics of one fused-loss call, named as verl names them (see [`GrpoMetrics::named`]).
+/// Metrics of one fused-loss call, named as verl names them (see [`GrpoOutput::named`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct GrpoMetrics {
     /// `[K]` fraction of each policy objective's tokens where the clipped branch is active (0 for nll).

@@ -1,4 +1,4 @@
-//! Pointer-level entry points for the bindings (the C ABI in [`crate::ffi`], the Python package):
+//! Pointer-level entry points for the bindings (the C ABI crate `capi/`, the Python package):
 //! the caller's arrays given as addresses and lengths, on the host (computed by the CPU reference)
 //! or on a CUDA device (computed by the kernels, on the caller's stream, in the device's primary
 //! context, which is the one PyTorch uses).
@@ -1064,7 +1064,7 @@ pub fn group_advantages(
     )
 }
 
-/// The element types of the arrays [`read`] and [`write`] copy.
+/// The element types of the arrays [`read`] and [`write()`] copy.
 pub trait Element: DeviceRepr + Copy + Default + Send + Sync + 'static {}
 impl Element for f32 {}
 impl Element for f64 {}

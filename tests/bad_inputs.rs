@@ -286,26 +286,15 @@ fn cases(be: &Backend) -> Vec<Case<'_>> {
         (
             "delta <= 1",
             "config.delta",
-            Box::new(move || {
-                loss(
-                    GrpoConfig {
-                        delta: Some(1.0),
-                        ..g()
-                    },
-                    None,
-                )
-            }),
+            Box::new(move || loss(g().with_delta(Some(1.0)), None)),
         ),
         (
             "delta with SAPO",
             "config.delta",
             Box::new(move || {
                 loss(
-                    GrpoConfig {
-                        delta: Some(2.0),
-                        policy_loss: PolicyLoss::sapo(),
-                        ..g()
-                    },
+                    g().with_delta(Some(2.0))
+                        .with_policy_loss(PolicyLoss::sapo()),
                     None,
                 )
             }),
@@ -315,13 +304,10 @@ fn cases(be: &Backend) -> Vec<Case<'_>> {
             "config.policy_loss",
             Box::new(move || {
                 loss(
-                    GrpoConfig {
-                        policy_loss: PolicyLoss::Sapo {
-                            tau_pos: 1.0,
-                            tau_neg: -1.0,
-                        },
-                        ..g()
-                    },
+                    g().with_policy_loss(PolicyLoss::Sapo {
+                        tau_pos: 1.0,
+                        tau_neg: -1.0,
+                    }),
                     None,
                 )
             }),
@@ -331,10 +317,7 @@ fn cases(be: &Backend) -> Vec<Case<'_>> {
             "rollout_logp",
             Box::new(move || {
                 loss(
-                    GrpoConfig {
-                        rollout_correction: Some(RolloutCorrection::default()),
-                        ..g()
-                    },
+                    g().with_rollout_correction(Some(RolloutCorrection::default())),
                     None,
                 )
             }),
@@ -349,13 +332,10 @@ fn cases(be: &Backend) -> Vec<Case<'_>> {
             "config.rollout_correction.upper",
             Box::new(move || {
                 loss(
-                    GrpoConfig {
-                        rollout_correction: Some(RolloutCorrection {
-                            upper: 0.0,
-                            ..Default::default()
-                        }),
-                        ..g()
-                    },
+                    g().with_rollout_correction(Some(RolloutCorrection {
+                        upper: 0.0,
+                        ..Default::default()
+                    })),
                     Some(vec![-1.0; 4]),
                 )
             }),
@@ -365,14 +345,11 @@ fn cases(be: &Backend) -> Vec<Case<'_>> {
             "config.rollout_correction.lower",
             Box::new(move || {
                 loss(
-                    GrpoConfig {
-                        rollout_correction: Some(RolloutCorrection {
-                            lower: Some(3.0),
-                            level: IsLevel::Sequence,
-                            ..Default::default()
-                        }),
-                        ..g()
-                    },
+                    g().with_rollout_correction(Some(RolloutCorrection {
+                        lower: Some(3.0),
+                        level: IsLevel::Sequence,
+                        ..Default::default()
+                    })),
                     Some(vec![-1.0; 4]),
                 )
             }),
@@ -380,67 +357,27 @@ fn cases(be: &Backend) -> Vec<Case<'_>> {
         (
             "top entropy quantile 0",
             "config.top_entropy_quantile",
-            Box::new(move || {
-                loss(
-                    GrpoConfig {
-                        top_entropy_quantile: 0.0,
-                        ..g()
-                    },
-                    None,
-                )
-            }),
+            Box::new(move || loss(g().with_top_entropy_quantile(0.0), None)),
         ),
         (
             "top entropy quantile > 1",
             "config.top_entropy_quantile",
-            Box::new(move || {
-                loss(
-                    GrpoConfig {
-                        top_entropy_quantile: 1.5,
-                        ..g()
-                    },
-                    None,
-                )
-            }),
+            Box::new(move || loss(g().with_top_entropy_quantile(1.5), None)),
         ),
         (
             "dual-clip c = 1",
             "config.dual_clip",
-            Box::new(move || {
-                loss(
-                    GrpoConfig {
-                        dual_clip: Some(1.0),
-                        ..g()
-                    },
-                    None,
-                )
-            }),
+            Box::new(move || loss(g().with_dual_clip(Some(1.0)), None)),
         ),
         (
             "clip_high NaN",
             "config.clip_high",
-            Box::new(move || {
-                loss(
-                    GrpoConfig {
-                        clip_high: f32::NAN,
-                        ..g()
-                    },
-                    None,
-                )
-            }),
+            Box::new(move || loss(g().with_clip_high(f32::NAN), None)),
         ),
         (
             "log-ratio clamp Inf",
             "config.log_ratio_clamp",
-            Box::new(move || {
-                loss(
-                    GrpoConfig {
-                        log_ratio_clamp: f32::INFINITY,
-                        ..g()
-                    },
-                    None,
-                )
-            }),
+            Box::new(move || loss(g().with_log_ratio_clamp(f32::INFINITY), None)),
         ),
     ]
 }
@@ -568,19 +505,9 @@ on_every_backend! {
         let old = [-1e4f32, -1.0, -1.0, -1.0];
         for cfg in [
             GrpoConfig::default(),
-            GrpoConfig {
-                policy_loss: PolicyLoss::sapo(),
-                ..GrpoConfig::default()
-            },
-            GrpoConfig {
-                policy_loss: PolicyLoss::Cispo,
-                ..GrpoConfig::default()
-            },
-            GrpoConfig {
-                kl_coef: 0.1,
-                kl_is_correction: true,
-                ..GrpoConfig::default()
-            },
+            GrpoConfig::default().with_policy_loss(PolicyLoss::sapo()),
+            GrpoConfig::default().with_policy_loss(PolicyLoss::Cispo),
+            GrpoConfig::default().with_kl_coef(0.1).with_kl_is_correction(true),
         ] {
             let mut grad = vec![f32::NAN; 4];
             let out = be

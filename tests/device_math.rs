@@ -33,34 +33,15 @@ fn policy_configs() -> Vec<GrpoConfig> {
     let base = GrpoConfig::default();
     vec![
         base.clone(),
-        GrpoConfig {
-            clip_high: 0.28,
-            dual_clip: None,
-            ..base.clone()
-        },
-        GrpoConfig {
-            clip_low: 0.1,
-            clip_high: 0.3,
-            dual_clip: Some(1.5),
-            ..base.clone()
-        },
-        GrpoConfig {
-            delta: Some(1.6),
-            dual_clip: None,
-            ..base.clone()
-        },
-        GrpoConfig {
-            policy_loss: PolicyLoss::Cispo,
-            ..base.clone()
-        },
-        GrpoConfig {
-            policy_loss: PolicyLoss::sapo(),
-            ..base.clone()
-        },
-        GrpoConfig {
-            policy_loss: PolicyLoss::Gspo,
-            ..base
-        },
+        base.clone().with_clip_high(0.28).with_dual_clip(None),
+        base.clone()
+            .with_clip_low(0.1)
+            .with_clip_high(0.3)
+            .with_dual_clip(Some(1.5)),
+        base.clone().with_delta(Some(1.6)).with_dual_clip(None),
+        base.clone().with_policy_loss(PolicyLoss::Cispo),
+        base.clone().with_policy_loss(PolicyLoss::sapo()),
+        base.clone().with_policy_loss(PolicyLoss::Gspo),
     ]
 }
 

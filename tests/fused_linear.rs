@@ -85,15 +85,13 @@ impl Case {
 }
 
 fn config(mode: AggMode) -> GrpoConfig {
-    GrpoConfig {
-        agg_mode: mode,
-        kl_coef: 0.1,
-        entropy_coef: 0.02,
-        clip_low: 0.9,
-        clip_high: 9.0,
-        dual_clip: None,
-        ..GrpoConfig::default()
-    }
+    GrpoConfig::default()
+        .with_agg_mode(mode)
+        .with_kl_coef(0.1)
+        .with_entropy_coef(0.02)
+        .with_clip_low(0.9)
+        .with_clip_high(9.0)
+        .with_dual_clip(None)
 }
 
 #[test]
@@ -297,11 +295,7 @@ fn gspo_needs_one_chunk() {
     let g = common::require_cuda("gspo_needs_one_chunk");
     let c = Case::new(5, &[9, 4, 12], 16, 300);
     let (t, h, v) = (c.t(), c.h, c.v);
-    let cfg = GrpoConfig {
-        clip_low: 0.2,
-        clip_high: 0.28,
-        ..GrpoConfig::gspo()
-    };
+    let cfg = GrpoConfig::gspo().with_clip_low(0.2).with_clip_high(0.28);
     let lcfg = LogprobConfig::default();
     let (mut dh, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
     let want = cpu::fused_linear_grpo_loss(

@@ -70,19 +70,19 @@ fn config() -> impl Strategy<Value = GrpoConfig> {
             (clip_low, clip_high, dual_clip, delta),
             (policy_loss, kl_is_correction, agg_mode, norm_constant),
             (kl_coef, kl_estimator, allow_nonfinite),
-        )| GrpoConfig {
-            clip_low,
-            clip_high,
-            dual_clip,
-            delta,
-            policy_loss,
-            kl_is_correction,
-            agg_mode,
-            norm_constant,
-            kl_coef,
-            kl_estimator,
-            allow_nonfinite,
-            ..GrpoConfig::default()
+        )| {
+            GrpoConfig::default()
+                .with_clip_low(clip_low)
+                .with_clip_high(clip_high)
+                .with_dual_clip(dual_clip)
+                .with_delta(delta)
+                .with_policy_loss(policy_loss)
+                .with_kl_is_correction(kl_is_correction)
+                .with_agg_mode(agg_mode)
+                .with_norm_constant(norm_constant)
+                .with_kl_coef(kl_coef)
+                .with_kl_estimator(kl_estimator)
+                .with_allow_nonfinite(allow_nonfinite)
         },
     )
 }

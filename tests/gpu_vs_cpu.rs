@@ -343,11 +343,9 @@ fn every_kernel_is_deterministic() {
     let b = Batch::random(7, &[300, 4097, 1, 0, 33, 2000], 3);
     for cfg in [
         config_for(0, AggMode::TokenMean),
-        recap_kernels::GrpoConfig {
-            policy_loss: recap_kernels::PolicyLoss::sapo(),
-            kl_is_correction: true,
-            ..config_for(2, AggMode::SeqMeanTokenMean)
-        },
+        config_for(2, AggMode::SeqMeanTokenMean)
+            .with_policy_loss(recap_kernels::PolicyLoss::sapo())
+            .with_kl_is_correction(true),
     ] {
         let mut first: Option<(u64, Vec<u32>)> = None;
         for _ in 0..10 {

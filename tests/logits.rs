@@ -554,16 +554,14 @@ fn loss_from_logits_gradient_matches_finite_differences() {
     let adv = [0.8f32, -0.6];
     let mask = [1u8, 1, 1, 1, 0, 1, 1];
     for mode in [AggMode::TokenMean, AggMode::SeqMeanTokenMean] {
-        let cfg = GrpoConfig {
-            agg_mode: mode,
-            kl_coef: 0.2,
-            kl_estimator: recap_kernels::KlEstimator::K2,
-            entropy_coef: 0.05,
-            dual_clip: None,
-            clip_low: 0.9,
-            clip_high: 5.0,
-            ..GrpoConfig::default()
-        };
+        let cfg = GrpoConfig::default()
+            .with_agg_mode(mode)
+            .with_kl_coef(0.2)
+            .with_kl_estimator(recap_kernels::KlEstimator::K2)
+            .with_entropy_coef(0.05)
+            .with_dual_clip(None)
+            .with_clip_low(0.9)
+            .with_clip_high(5.0);
         let lcfg = LogprobConfig {
             temperature: 0.8,
             ..LogprobConfig::default()
@@ -656,13 +654,11 @@ fn loss_from_logits_matches_reference_on_gpu() {
         let refp: Vec<f32> = old.iter().map(|o| o + 0.1 * rng.normal() as f32).collect();
         let adv: Vec<f32> = (0..b * 2).map(|_| rng.normal() as f32).collect();
         let mask: Vec<f32> = (0..t).map(|_| (rng.below(8) != 0) as u8 as f32).collect();
-        let cfg = GrpoConfig {
-            agg_mode: mode,
-            kl_coef: 0.1,
-            entropy_coef: 0.01,
-            top_entropy_quantile: q,
-            ..GrpoConfig::default()
-        };
+        let cfg = GrpoConfig::default()
+            .with_agg_mode(mode)
+            .with_kl_coef(0.1)
+            .with_entropy_coef(0.01)
+            .with_top_entropy_quantile(q);
         let lcfg = LogprobConfig {
             temperature: 0.9,
             ..LogprobConfig::default()
@@ -799,11 +795,9 @@ fn top_entropy_quantile_weights_only_the_policy_terms() {
     let mask = vec![1u8; t];
     let cu = [0, 25, 40];
     let objectives = [ObjectiveKind::Policy, ObjectiveKind::Nll];
-    let cfg = GrpoConfig {
-        kl_coef: 0.1,
-        top_entropy_quantile: 0.3,
-        ..GrpoConfig::default()
-    };
+    let cfg = GrpoConfig::default()
+        .with_kl_coef(0.1)
+        .with_top_entropy_quantile(0.3);
     let inputs = HostLogitsLossInputs {
         labels: &labels,
         old_logp: &old,
@@ -842,10 +836,7 @@ fn top_entropy_quantile_weights_only_the_policy_terms() {
         (11.0..=13.0).contains(&kept),
         "about 30 % of 40 tokens kept: {kept}"
     );
-    let plain = GrpoConfig {
-        top_entropy_quantile: 1.0,
-        ..cfg.clone()
-    };
+    let plain = cfg.clone().with_top_entropy_quantile(1.0);
     let manual = cpu::grpo_loss(
         &HostGrpoInputs {
             logp: &lp,

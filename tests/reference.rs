@@ -82,11 +82,7 @@ on_every_backend! {
             (AggMode::TokenSumNorm, Some(10.0), sum / 10.0, -r0 / 10.0),
         ];
         for (mode, c, want_loss, want_g0) in cases {
-            let cfg = GrpoConfig {
-                agg_mode: mode,
-                norm_constant: c,
-                ..GrpoConfig::default()
-            };
+            let cfg = GrpoConfig::default().with_agg_mode(mode).with_norm_constant(c);
             let mut grad = vec![f32::NAN; 5];
             let out = be
                 .grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut grad)
@@ -166,27 +162,17 @@ on_every_backend! {
         let two_sided = vec![(-r[0], -r[0]), (-1.2, 0.0), (0.4, 0.0), (0.65, 0.0)];
         let cases = [
             (
-                GrpoConfig {
-                    policy_loss: PolicyLoss::Cispo,
-                    ..GrpoConfig::default()
-                },
+                GrpoConfig::default().with_policy_loss(PolicyLoss::Cispo),
                 cispo,
                 0.75,
             ),
             (
-                GrpoConfig {
-                    policy_loss: PolicyLoss::sapo(),
-                    ..GrpoConfig::default()
-                },
+                GrpoConfig::default().with_policy_loss(PolicyLoss::sapo()),
                 sapo,
                 0.75,
             ),
             (
-                GrpoConfig {
-                    delta: Some(1.3),
-                    dual_clip: None,
-                    ..GrpoConfig::default()
-                },
+                GrpoConfig::default().with_delta(Some(1.3)).with_dual_clip(None),
                 two_sided,
                 0.5,
             ),
@@ -340,10 +326,7 @@ on_every_backend! {
         ];
         for (corr, ratio, weight) in &cases {
             let what = format!("{} {:?} {:?}", be.name(), corr.level, corr.mode);
-            let cfg = GrpoConfig {
-                rollout_correction: Some(*corr),
-                ..GrpoConfig::default()
-            };
+            let cfg = GrpoConfig::default().with_rollout_correction(Some(*corr));
             let mut inputs = branch_inputs(&b, &[1.0]);
             inputs.rollout_logp = Some(&rollout);
             let mut grad = vec![f32::NAN; 5];
@@ -391,10 +374,7 @@ on_every_backend! {
         let mut bad = rollout.clone();
         bad[1] = f32::NAN;
         for level in [IsLevel::Token, IsLevel::Sequence, IsLevel::Geometric] {
-            let cfg = GrpoConfig {
-                rollout_correction: Some(rc(level, IsMode::Truncate)),
-                ..GrpoConfig::default()
-            };
+            let cfg = GrpoConfig::default().with_rollout_correction(Some(rc(level, IsMode::Truncate)));
             let mut inputs = branch_inputs(&b, &[1.0]);
             inputs.rollout_logp = Some(&bad);
             let err = Backend::Cpu
@@ -406,10 +386,7 @@ on_every_backend! {
             );
         }
         // the correction without rollout log-probs is an error naming them
-        let cfg = GrpoConfig {
-            rollout_correction: Some(RolloutCorrection::default()),
-            ..GrpoConfig::default()
-        };
+        let cfg = GrpoConfig::default().with_rollout_correction(Some(RolloutCorrection::default()));
         let err = Backend::Cpu
             .grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut [0f32; 5])
             .unwrap_err();
@@ -455,16 +432,8 @@ on_every_backend! {
     fn kl_is_correction_by_hand(be) {
         let b = branches();
         let reference: Vec<f32> = b.logp.iter().map(|x| x - 0.3).collect();
-        let cfg = GrpoConfig {
-            kl_coef: 0.5,
-            kl_is_correction: true,
-            kl_estimator: KlEstimator::K3,
-            ..GrpoConfig::default()
-        };
-        let plain = GrpoConfig {
-            kl_is_correction: false,
-            ..cfg.clone()
-        };
+        let cfg = GrpoConfig::default().with_kl_coef(0.5).with_kl_is_correction(true).with_kl_estimator(KlEstimator::K3);
+        let plain = cfg.clone().with_kl_is_correction(false);
         // k3 at diff = logp - ref = 0.3: x = -0.3, kl = e^x - x - 1, dkl/dlogp = 1 - e^x
         let x = -0.3f64;
         let (kl, dkl) = (x.exp() - x - 1.0, 1.0 - x.exp());
@@ -511,28 +480,18 @@ on_every_backend! {
         let b = branches();
         let bad = [
             (
-                GrpoConfig {
-                    delta: Some(0.9),
-                    ..GrpoConfig::default()
-                },
+                GrpoConfig::default().with_delta(Some(0.9)),
                 "config.delta",
             ),
             (
-                GrpoConfig {
-                    delta: Some(2.0),
-                    policy_loss: PolicyLoss::Cispo,
-                    ..GrpoConfig::default()
-                },
+                GrpoConfig::default().with_delta(Some(2.0)).with_policy_loss(PolicyLoss::Cispo),
                 "config.delta",
             ),
             (
-                GrpoConfig {
-                    policy_loss: PolicyLoss::Sapo {
+                GrpoConfig::default().with_policy_loss(PolicyLoss::Sapo {
                         tau_pos: 0.0,
                         tau_neg: 1.0,
-                    },
-                    ..GrpoConfig::default()
-                },
+                    }),
                 "config.policy_loss",
             ),
         ];
@@ -549,10 +508,7 @@ on_every_backend! {
 on_every_backend! {
     fn dual_clip_off_and_lambda_scale(be) {
         let b = branches();
-        let cfg = GrpoConfig {
-            dual_clip: None,
-            ..GrpoConfig::default()
-        };
+        let cfg = GrpoConfig::default().with_dual_clip(None);
         let mut grad = vec![0f32; 5];
         let out = be
             .grpo_loss(&branch_inputs(&b, &[2.0]), &cfg, &mut grad)
@@ -731,11 +687,7 @@ on_every_backend! {
             ),
         ];
         for (mode, c, a0, a1, g0, g3) in cases {
-            let cfg = GrpoConfig {
-                agg_mode: mode,
-                norm_constant: c,
-                ..GrpoConfig::default()
-            };
+            let cfg = GrpoConfig::default().with_agg_mode(mode).with_norm_constant(c);
             let inputs = HostReduceInputs {
                 losses: &losses,
                 mask: Mask::F32(&mask),
@@ -896,10 +848,7 @@ on_every_backend! {
             Err(Error::NonFinite { count }) => assert_eq!(count, 1),
             other => panic!("{}: expected NonFinite, got {other:?}", be.name()),
         }
-        let cfg = GrpoConfig {
-            allow_nonfinite: true,
-            ..GrpoConfig::default()
-        };
+        let cfg = GrpoConfig::default().with_allow_nonfinite(true);
         let out = be.grpo_loss(&inputs, &cfg, &mut grad).unwrap();
         assert_eq!(out.metrics.nonfinite, 1);
         assert!(

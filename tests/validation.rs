@@ -229,92 +229,61 @@ on_every_backend! {
             (
                 "clip_low = 1",
                 good(),
-                GrpoConfig {
-                    clip_low: 1.0,
-                    ..cfg.clone()
-                },
+                cfg.clone().with_clip_low(1.0),
                 "config.clip_low",
             ),
             (
                 "clip_low < 0",
                 good(),
-                GrpoConfig {
-                    clip_low: -0.1,
-                    ..cfg.clone()
-                },
+                cfg.clone().with_clip_low(-0.1),
                 "config.clip_low",
             ),
             (
                 "clip_high NaN",
                 good(),
-                GrpoConfig {
-                    clip_high: f32::NAN,
-                    ..cfg.clone()
-                },
+                cfg.clone().with_clip_high(f32::NAN),
                 "config.clip_high",
             ),
             (
                 "clip_high < 0",
                 good(),
-                GrpoConfig {
-                    clip_high: -0.2,
-                    ..cfg.clone()
-                },
+                cfg.clone().with_clip_high(-0.2),
                 "config.clip_high",
             ),
             (
                 "dual clip c = 1",
                 good(),
-                GrpoConfig {
-                    dual_clip: Some(1.0),
-                    ..cfg.clone()
-                },
+                cfg.clone().with_dual_clip(Some(1.0)),
                 "config.dual_clip",
             ),
             (
                 "dual clip c = 0.5",
                 good(),
-                GrpoConfig {
-                    dual_clip: Some(0.5),
-                    ..cfg.clone()
-                },
+                cfg.clone().with_dual_clip(Some(0.5)),
                 "config.dual_clip",
             ),
             (
                 "log ratio clamp 0",
                 good(),
-                GrpoConfig {
-                    log_ratio_clamp: 0.0,
-                    ..cfg.clone()
-                },
+                cfg.clone().with_log_ratio_clamp(0.0),
                 "config.log_ratio_clamp",
             ),
             (
                 "kl_coef negative",
                 good(),
-                GrpoConfig {
-                    kl_coef: -1.0,
-                    ..cfg.clone()
-                },
+                cfg.clone().with_kl_coef(-1.0),
                 "config.kl_coef",
             ),
             (
                 "token-sum-norm without C",
                 good(),
-                GrpoConfig {
-                    agg_mode: AggMode::TokenSumNorm,
-                    ..cfg.clone()
-                },
+                cfg.clone().with_agg_mode(AggMode::TokenSumNorm),
                 "config.norm_constant",
             ),
             (
                 "token-sum-norm C = 0",
                 good(),
-                GrpoConfig {
-                    agg_mode: AggMode::TokenSumNorm,
-                    norm_constant: Some(0.0),
-                    ..cfg.clone()
-                },
+                cfg.clone().with_agg_mode(AggMode::TokenSumNorm).with_norm_constant(Some(0.0)),
                 "config.norm_constant",
             ),
         ];

@@ -187,18 +187,22 @@ fn pick<T: Copy>(arg: &'static str, table: &[T], i: i32) -> Result<T> {
 
 impl RecapGrpoConfig {
     fn to_config(self) -> Result<GrpoConfig> {
-        let c = GrpoConfig {
-            clip_low: self.clip_low,
-            clip_high: self.clip_high,
-            dual_clip: (self.dual_clip > 0.0).then_some(self.dual_clip),
-            log_ratio_clamp: self.log_ratio_clamp,
-            agg_mode: pick("cfg.agg_mode", &AggMode::ALL, self.agg_mode)?,
-            norm_constant: (self.norm_constant > 0.0).then_some(self.norm_constant),
-            kl_coef: self.kl_coef,
-            kl_estimator: pick("cfg.kl_estimator", &KlEstimator::ALL, self.kl_estimator)?,
-            entropy_coef: self.entropy_coef,
-            allow_nonfinite: self.allow_nonfinite != 0,
-            policy_loss: match self.policy_loss {
+        let c = GrpoConfig::default()
+            .with_clip_low(self.clip_low)
+            .with_clip_high(self.clip_high)
+            .with_dual_clip((self.dual_clip > 0.0).then_some(self.dual_clip))
+            .with_log_ratio_clamp(self.log_ratio_clamp)
+            .with_agg_mode(pick("cfg.agg_mode", &AggMode::ALL, self.agg_mode)?)
+            .with_norm_constant((self.norm_constant > 0.0).then_some(self.norm_constant))
+            .with_kl_coef(self.kl_coef)
+            .with_kl_estimator(pick(
+                "cfg.kl_estimator",
+                &KlEstimator::ALL,
+                self.kl_estimator,
+            )?)
+            .with_entropy_coef(self.entropy_coef)
+            .with_allow_nonfinite(self.allow_nonfinite != 0)
+            .with_policy_loss(match self.policy_loss {
                 0 => PolicyLoss::Vanilla,
                 1 => PolicyLoss::Cispo,
                 2 => PolicyLoss::Sapo {
@@ -212,11 +216,11 @@ impl RecapGrpoConfig {
                         format!("expected 0..4, got {x}"),
                     ))
                 }
-            },
-            delta: (self.delta > 0.0).then_some(self.delta),
-            kl_is_correction: self.kl_is_correction != 0,
-            top_entropy_quantile: self.top_entropy_quantile,
-            rollout_correction: match self.rollout_level {
+            })
+            .with_delta((self.delta > 0.0).then_some(self.delta))
+            .with_kl_is_correction(self.kl_is_correction != 0)
+            .with_top_entropy_quantile(self.top_entropy_quantile)
+            .with_rollout_correction(match self.rollout_level {
                 -1 => None,
                 l => Some(RolloutCorrection {
                     level: pick(
@@ -232,8 +236,7 @@ impl RecapGrpoConfig {
                     upper: self.rollout_upper,
                     lower: (self.rollout_lower > 0.0).then_some(self.rollout_lower),
                 }),
-            },
-        };
+            });
         c.validate()?;
         Ok(c)
     }

@@ -23,6 +23,7 @@ use std::io::Write;
 /// Settings of a run.
 #[derive(Clone, Debug, Default)]
 pub struct BenchConfig {
+    /// Where to run (`None`: auto, CUDA when usable).
     pub device: Option<Device>,
     /// Only cases whose name contains this text.
     pub filter: Option<String>,
@@ -52,8 +53,11 @@ pub struct BenchRecord {
     pub op: String,
     /// The case, e.g. `T=262144 K=3`.
     pub case: String,
+    /// Median time of one call, microseconds.
     pub median_us: f64,
+    /// Fastest call, microseconds.
     pub min_us: f64,
+    /// Timed calls.
     pub runs: usize,
     /// Bytes the op moves at least (0 where not meaningful).
     pub bytes: f64,
@@ -93,9 +97,13 @@ pub struct BenchReport {
     pub device: String,
     /// Copy bandwidth of the baseline (read + write), GB/s.
     pub copy_gb_s: f64,
+    /// Whether the run was a `--quick` smoke run (not for timing).
     pub quick: bool,
+    /// The crate version that ran.
     pub crate_version: String,
+    /// The nvcc that compiled the kernels (empty without kernels).
     pub nvcc: String,
+    /// One record per op and case.
     pub records: Vec<BenchRecord>,
 }
 

@@ -15,7 +15,9 @@ pub enum DeviceGroups<'a> {
     /// `[B]` dense group ids in `[0, num_groups)`: every group id a rollout carries must be in range
     /// (checked after the launch: an error names how many rollouts were outside every group).
     Ids {
+        /// `[B]` group id of each rollout.
         ids: CudaView<'a, i32>,
+        /// Number of groups (ids are in `[0, num_groups)`).
         num_groups: usize,
     },
 }

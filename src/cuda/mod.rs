@@ -10,6 +10,7 @@ pub(crate) mod fused_linear;
 mod grpo;
 mod kl;
 mod logits;
+#[doc(hidden)]
 pub mod params;
 mod reduce;
 mod tensor_parallel;
@@ -37,6 +38,8 @@ use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+// the training driver's module image is used with the `tools` feature only
+#[cfg_attr(not(feature = "tools"), allow(dead_code))]
 mod images {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
@@ -59,6 +62,8 @@ pub(crate) enum Module {
     Kl,
     Logits,
     Reduce,
+    /// The training driver's kernels (`recap train`, feature `tools`).
+    #[cfg(feature = "tools")]
     Train,
 }
 
@@ -70,6 +75,7 @@ impl Module {
             Module::Kl => images::KL,
             Module::Logits => images::LOGITS,
             Module::Reduce => images::REDUCE,
+            #[cfg(feature = "tools")]
             Module::Train => images::TRAIN,
         }
     }

@@ -108,21 +108,32 @@ named_options! {
 /// Settings of a run.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
+    /// Where the step runs.
     pub device: Device,
+    /// Training steps.
     pub steps: usize,
+    /// Seed of the task, the initial policy and the sampling.
     pub seed: u64,
+    /// Prompts per step.
     pub prompts: usize,
+    /// Rollouts per prompt (the GRPO group).
     pub group: usize,
+    /// Tokens per response.
     pub resp_len: usize,
+    /// Vocabulary size V.
     pub vocab: usize,
+    /// Hidden size H of the policy's (fixed) features.
     pub hidden: usize,
     /// Replay sequences per step (learnt before RL; RL can erode them).
     pub replay_seqs: usize,
     /// Held-out general sequences: learnt before RL with the replay sequences but never replayed,
     /// measured every step (`heldout_nll`).
     pub heldout_seqs: usize,
+    /// Optimizer passes over each step's rollouts.
     pub ppo_epochs: usize,
+    /// AdamW learning rate.
     pub lr: f32,
+    /// How the objective weights are set.
     pub weighting: Weighting,
     /// Where the weights act.
     pub apply: Apply,

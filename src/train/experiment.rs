@@ -19,7 +19,9 @@ pub struct ExperimentConfig {
     pub base: TrainConfig,
     /// Seeds (at least 2 for a std).
     pub seeds: Vec<u64>,
+    /// The weightings compared.
     pub weightings: Vec<Weighting>,
+    /// Where the weights act, each compared.
     pub applies: Vec<Apply>,
     /// Steps at the end of a run averaged into its result (and at the start, for the change).
     pub window: usize,
@@ -41,12 +43,17 @@ impl ExperimentConfig {
 /// One run's result: the means of its last `window` steps, and of its first ones.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RunResult {
+    /// The run's weighting.
     pub weighting: Weighting,
+    /// Where its weights acted.
     pub apply: Apply,
+    /// Its seed.
     pub seed: u64,
+    /// Steps it ran.
     pub steps: usize,
+    /// Its wall time, seconds.
     pub wall_s: f64,
-    /// `(name, first window, last window)` of every field of [`COLUMNS`].
+    /// `(name, first window, last window)` of every column of the table.
     pub values: Vec<(String, f64, f64)>,
 }
 

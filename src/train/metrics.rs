@@ -7,10 +7,13 @@ use super::task::ANSWERS;
 /// One step's record (one line of `metrics.jsonl`).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct StepMetrics {
+    /// The step (0-based).
     pub step: usize,
-    /// Batch-mean rewards of the three RL objectives.
+    /// Batch-mean format reward (the three RL objectives: format, accuracy, overlap).
     pub format: f64,
+    /// Batch-mean accuracy reward.
     pub accuracy: f64,
+    /// Batch-mean overlap reward.
     pub overlap: f64,
     /// NLL per token of the replay sequences under the current policy (measured whether or not
     /// they are trained on); `None` without replay sequences.
@@ -20,24 +23,34 @@ pub struct StepMetrics {
     pub heldout_nll: Option<f64>,
     /// The unbiased pass@k over each prompt's G rollouts (accuracy), for k = 1, G/2 and G.
     pub pass_at_1: f64,
+    /// pass@(G/2).
     pub pass_at_half: f64,
+    /// pass@G.
     pub pass_at_g: f64,
     /// Fractions of the prompts whose correct answer is in the policy's support (probability at
     /// least [`SUPPORT_EPS`] at the answer slot) and was in the initial policy's (kept), was and is
     /// no longer (lost), or was not and now is (new).
     pub support_kept: f64,
+    /// See `support_kept`: lost.
     pub support_lost: f64,
+    /// See `support_kept`: new.
     pub support_new: f64,
     /// Mean over prompts of the entropy (nats) of the policy's distribution over the answer tokens
     /// at the answer slot (renormalized over the answers).
     pub answer_entropy: f64,
     /// The objective weights (format, accuracy, overlap, replay).
     pub lambda: Vec<f32>,
+    /// The loss of the last epoch.
     pub loss: f64,
+    /// verl's `actor/pg_clipfrac` (mean over the policy objectives).
     pub pg_clipfrac: f64,
+    /// verl's `actor/ppo_kl`.
     pub ppo_kl: f64,
+    /// Mean per-token KL to the reference.
     pub kl: f64,
+    /// Mean per-token entropy of the policy.
     pub entropy: f64,
+    /// Wall time of the step, milliseconds.
     pub step_time_ms: f64,
     /// Sampling, old and reference log-probs.
     pub sample_ms: f64,
@@ -47,6 +60,7 @@ pub struct StepMetrics {
     pub loss_ms: f64,
     /// AdamW, all epochs.
     pub optimizer_ms: f64,
+    /// Loss tokens per second of the step.
     pub tokens_per_s: f64,
 }
 

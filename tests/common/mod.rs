@@ -272,10 +272,10 @@ pub fn config_for(seed: u64, agg: recap_kernels::AggMode) -> GrpoConfig {
         (_, 3) => PolicyLoss::sapo(),
         _ => PolicyLoss::Vanilla,
     };
-    GrpoConfig {
-        policy_loss,
-        delta: (seed % 4 == 1 && policy_loss == PolicyLoss::Vanilla).then_some(1.6),
-        rollout_correction: (seed % 3 == 1).then(|| recap_kernels::RolloutCorrection {
+    GrpoConfig::default()
+        .with_policy_loss(policy_loss)
+        .with_delta((seed % 4 == 1 && policy_loss == PolicyLoss::Vanilla).then_some(1.6))
+        .with_rollout_correction((seed % 3 == 1).then(|| recap_kernels::RolloutCorrection {
             level: [
                 recap_kernels::IsLevel::Token,
                 recap_kernels::IsLevel::Sequence,
@@ -288,21 +288,19 @@ pub fn config_for(seed: u64, agg: recap_kernels::AggMode) -> GrpoConfig {
             ][(seed / 9 % 3) as usize],
             upper: 2.0,
             lower: None,
-        }),
-        kl_is_correction: seed % 5 == 2,
-        clip_high: if seed % 2 == 0 { 0.2 } else { 0.28 },
-        clip_low: if seed % 3 == 0 { 0.28 } else { 0.2 },
-        dual_clip: match seed % 3 {
+        }))
+        .with_kl_is_correction(seed % 5 == 2)
+        .with_clip_high(if seed % 2 == 0 { 0.2 } else { 0.28 })
+        .with_clip_low(if seed % 3 == 0 { 0.28 } else { 0.2 })
+        .with_dual_clip(match seed % 3 {
             0 => Some(3.0),
             1 => Some(2.5),
             _ => None,
-        },
-        agg_mode: agg,
-        norm_constant: Some(64.0),
-        kl_coef: if seed % 2 == 0 { 0.05 } else { 0.0 },
-        kl_estimator: est,
-        ..GrpoConfig::default()
-    }
+        })
+        .with_agg_mode(agg)
+        .with_norm_constant(Some(64.0))
+        .with_kl_coef(if seed % 2 == 0 { 0.05 } else { 0.0 })
+        .with_kl_estimator(est)
 }
 
 /// The sequences [a, b) of a batch, as a batch of its own.
