@@ -83,6 +83,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     opts.delta = EXT ? p.delta : 0.0f;
     opts.tau_pos = p.tau_pos;
     opts.tau_neg = p.tau_neg;
+    opts.dro_beta = p.dro_beta;
 
     /* Stage the per-sequence data when the tile's sequences fit (block-uniform decision). */
     const int nseq = ts.b_hi - ts.b_lo + 1;
@@ -181,7 +182,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                     if ((pol >> k) & 1u) {
                         const float a = adv_smem ? s_adv[sb * MAXK + k] : arow[k];
                         nonfinite += !recap_isfinite(a);
-                        const RecapPolicyToken pt = recap_policy_token(q, a, lp, opts);
+                        const RecapPolicyToken pt = recap_policy_token(q, a, lp, oldv[u], opts);
                         agg[k] += w * isw * pt.loss;
                         clip[k] += pt.clipped ? m : 0.0f;
                         dual[k] += pt.dual ? m : 0.0f;

@@ -25,6 +25,7 @@
  *   k3   x = clamp(-diff, -20, 20); clamp(exp(x) - x - 1, -10, 10)
  *                                       grad 1 - exp(x), 0 where either clamp saturates
  *   k1+, k3+  value of k1 / k3, gradient of k2 (straight-through)
+ *   k3-unclamped  x = -diff; exp(x) - x - 1, grad 1 - exp(x), no clamp (TRL's per_token_kl)
  * Aggregation weight of one unmasked token (its mask weight m multiplies it):
  *   token-mean 1/N_tokens; seq-mean-token-mean 1/(n_seq * N_seqs); seq-mean-token-sum 1/N_seqs;
  *   token-sum-norm 1/C. A zero normalizer gives weight 0 (nothing to average).
@@ -86,6 +87,7 @@ typedef struct RecapPolicyOpts {
     float delta;     /* vanilla two-sided clipping bound, or 0 (off)   */
     float tau_pos;   /* SAPO temperature, A > 0                        */
     float tau_neg;   /* SAPO temperature, A <= 0                       */
+    float dro_beta;  /* DRO coefficient of the squared log-ratio       */
 } RecapPolicyOpts;
 
 /* The loss clamps GSPO's sequence log-ratio above at this value (verl: 10). */
@@ -111,12 +113,51 @@ RECAP_HD RecapRatio recap_gspo_ratio(float lr) {
  *   SAPO     tau = tau_pos if A > 0 else tau_neg, s = sigmoid(tau (r - 1)),
  *            l = -A (4 / tau) s, grad = -4 A s (1 - s) r                 (verl/TRL "sapo")
  *   GSPO     the vanilla surrogate without dual-clip or delta, on q = recap_gspo_ratio (verl "gspo")
+ *   GPG      l = -A logp, grad -A                                         (verl "gpg")
+ *   DPPO     p = exp(logp), po = exp(old_logp), a token is valid inside the trust region:
+ *            TV   A > 0: p - po <= eh;  A <= 0: p - po >= -el             (verl "dppo_tv")
+ *            KL   bkl = po (old - logp) + (1 - po) log((1 - po + 1e-8) / (1 - p + 1e-8));
+ *                 A > 0: bkl <= eh or p <= po;  A <= 0: bkl <= el or p >= po  (verl "dppo_kl")
+ *            l = -A sg(min(r, c)) logp on valid tokens (c the dual-clip constant, none when off),
+ *            grad -A min(r, c); clipped <=> not valid (pg_clipfrac), dual <=> valid and r > c
+ *   DRO      d = logp - old_logp (unclamped), l = -(A logp - beta d^2 / 2), grad -(A - beta d)
  */
-RECAP_HD RecapPolicyToken recap_policy_token(RecapRatio q, float adv, float logp, RecapPolicyOpts o) {
+RECAP_HD RecapPolicyToken recap_policy_token(RecapRatio q, float adv, float logp, float old_logp,
+                                             RecapPolicyOpts o) {
     RecapPolicyToken out;
     const float r = q.ratio;
     const float rc = recap_clampf(r, 1.0f - o.clip_low, 1.0f + o.clip_high);
     out.dual = 0;
+    if (o.loss_type == RECAP_LOSS_GPG) {
+        out.loss = -adv * logp;
+        out.grad = -adv;
+        out.clipped = 0;
+        return out;
+    }
+    if (o.loss_type == RECAP_LOSS_DRO) {
+        const float d = logp - old_logp;
+        out.loss = -(adv * logp - 0.5f * o.dro_beta * d * d);
+        out.grad = -(adv - o.dro_beta * d);
+        out.clipped = 0;
+        return out;
+    }
+    if (o.loss_type == RECAP_LOSS_DPPO_TV || o.loss_type == RECAP_LOSS_DPPO_KL) {
+        const float p = expf(logp), po = expf(old_logp);
+        int valid;
+        if (o.loss_type == RECAP_LOSS_DPPO_TV) {
+            valid = adv > 0.0f ? (p - po <= o.clip_high) : (p - po >= -o.clip_low);
+        } else {
+            const float bkl = po * (old_logp - logp) + (1.0f - po) * logf((1.0f - po + 1e-8f) / (1.0f - p + 1e-8f));
+            valid = adv > 0.0f ? (bkl <= o.clip_high || p <= po) : (bkl <= o.clip_low || p >= po);
+        }
+        const int truncated = o.dual_clip && r > o.clip_c;
+        const float tr = truncated ? o.clip_c : r;
+        out.loss = valid ? -adv * tr * logp : 0.0f;
+        out.grad = valid ? -adv * tr : 0.0f;
+        out.clipped = !valid;
+        out.dual = valid && truncated;
+        return out;
+    }
     if (o.loss_type == RECAP_LOSS_CISPO) {
         out.loss = -rc * adv * logp;
         out.grad = -rc * adv;
@@ -169,6 +210,11 @@ RECAP_HD RecapKlToken recap_kl_token(float logp, float ref_logp, int estimator) 
                   (kld > RECAP_KL_VALUE_CLAMP) || (kld < -RECAP_KL_VALUE_CLAMP);
         out.value = recap_clampf(kld, -RECAP_KL_VALUE_CLAMP, RECAP_KL_VALUE_CLAMP);
         out.grad = (estimator == RECAP_KL_K3_PLUS) ? diff : (sat ? 0.0f : 1.0f - e);
+    } else if (estimator == RECAP_KL_K3_UNCLAMPED) {
+        const float x = ref_logp - logp;
+        const float e = expf(x);
+        out.value = e - x - 1.0f;
+        out.grad = 1.0f - e;
     } else if (estimator == RECAP_KL_ABS) {
         out.value = fabsf(diff);
         out.grad = (diff > 0.0f) ? 1.0f : ((diff < 0.0f) ? -1.0f : ((diff != diff) ? diff : 0.0f));

@@ -14,9 +14,9 @@ void recap_host_ratio(float logp, float old_logp, float clamp, RecapRatio* out) 
     *out = recap_ratio(logp, old_logp, clamp);
 }
 
-void recap_host_policy_token(const RecapRatio* q, float adv, float logp, const RecapPolicyOpts* o,
-                             RecapPolicyToken* out) {
-    *out = recap_policy_token(*q, adv, logp, *o);
+void recap_host_policy_token(const RecapRatio* q, float adv, float logp, float old_logp,
+                             const RecapPolicyOpts* o, RecapPolicyToken* out) {
+    *out = recap_policy_token(*q, adv, logp, old_logp, *o);
 }
 
 void recap_host_gspo_ratio(float lr, RecapRatio* out) { *out = recap_gspo_ratio(lr); }
@@ -83,7 +83,7 @@ static const size_t grpo_layout[] = {
     F(RecapGrpoParams, clip_high), F(RecapGrpoParams, clip_c), F(RecapGrpoParams, log_ratio_clamp),
     F(RecapGrpoParams, beta), F(RecapGrpoParams, sum_norm_const), F(RecapGrpoParams, lambda),
     F(RecapGrpoParams, loss_type), F(RecapGrpoParams, kl_is_correction), F(RecapGrpoParams, delta),
-    F(RecapGrpoParams, tau_pos), F(RecapGrpoParams, tau_neg), F(RecapGrpoParams, pad1),
+    F(RecapGrpoParams, tau_pos), F(RecapGrpoParams, tau_neg), F(RecapGrpoParams, dro_beta),
     F(RecapGrpoParams, seq_log_ratio), F(RecapGrpoParams, rollout_logp), F(RecapGrpoParams, seq_is_log),
     F(RecapGrpoParams, is_level), F(RecapGrpoParams, is_mode), F(RecapGrpoParams, is_lower), F(RecapGrpoParams, is_upper),
     F(RecapGrpoParams, policy_weight)};

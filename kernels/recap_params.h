@@ -31,12 +31,17 @@
 #define RECAP_KL_K3 3
 #define RECAP_KL_K1_PLUS 4
 #define RECAP_KL_K3_PLUS 5
+#define RECAP_KL_K3_UNCLAMPED 6 /* exp(x) - x - 1, x = ref - logp, no clamp (TRL) */
 
 /* Policy-loss variants (RecapGrpoParams.loss_type; formulas in grpo_math.cuh). */
 #define RECAP_LOSS_VANILLA 0 /* PPO/GRPO clipped surrogate (+ dual-clip, + two-sided delta)      */
 #define RECAP_LOSS_CISPO 1   /* -sg(clip(r, 1 - el, 1 + eh)) A logp                              */
 #define RECAP_LOSS_SAPO 2    /* -A (4 / tau) sigmoid(tau (r - 1))                                  */
 #define RECAP_LOSS_GSPO 3    /* clipped surrogate on the sequence ratio (GSPO-token form)          */
+#define RECAP_LOSS_GPG 4     /* -A logp (verl "gpg")                                               */
+#define RECAP_LOSS_DPPO_TV 5 /* -A sg(min(r, c)) logp inside the probability-difference trust region */
+#define RECAP_LOSS_DPPO_KL 6 /* likewise inside the binary-KL trust region (verl "dppo_kl")        */
+#define RECAP_LOSS_DRO 7     /* -(A logp - beta/2 (logp - old)^2) (verl "dro")                      */
 
 /* Rollout importance-sampling correction (trainer vs inference-engine log-probs). */
 #define RECAP_IS_OFF -1      /* no rollout_logp                                                    */
@@ -122,7 +127,7 @@ typedef struct RecapGrpoParams {
     float delta;           /* two-sided clipping: r -> min(r, delta) in -A r; 0: off */
     float tau_pos;         /* SAPO temperature for A > 0                      */
     float tau_neg;         /* SAPO temperature for A <= 0                     */
-    float pad1;
+    float dro_beta;        /* DRO: coefficient of the squared log-ratio       */
     uint64_t seq_log_ratio; /* const double[B], GSPO: mean of logp - old over each sequence's tokens */
     uint64_t rollout_logp;  /* const float[T], or 0 (is_level = RECAP_IS_OFF)                 */
     uint64_t seq_is_log;    /* const double[B]: sum (sequence) or mean (geometric) of old - rollout */

@@ -115,17 +115,21 @@ pub enum KlEstimator {
     K1Plus,
     /// Value of k3, gradient of k2 (verl `k3+`/`low_var_kl+`).
     K3Plus,
+    /// `exp(x) - x - 1`, `x = -diff`, without k3's clamps: TRL's `per_token_kl` (it overflows where
+    /// TRL's does).
+    K3Unclamped,
 }
 
 impl KlEstimator {
     /// Every estimator, in code order.
-    pub const ALL: [KlEstimator; 6] = [
+    pub const ALL: [KlEstimator; 7] = [
         KlEstimator::K1,
         KlEstimator::Abs,
         KlEstimator::K2,
         KlEstimator::K3,
         KlEstimator::K1Plus,
         KlEstimator::K3Plus,
+        KlEstimator::K3Unclamped,
     ];
 
     /// The name verl uses.
@@ -137,6 +141,7 @@ impl KlEstimator {
             KlEstimator::K3 => "low_var_kl",
             KlEstimator::K1Plus => "k1+",
             KlEstimator::K3Plus => "k3+",
+            KlEstimator::K3Unclamped => "k3-unclamped",
         }
     }
 
@@ -162,12 +167,13 @@ impl FromStr for KlEstimator {
             "abs" => KlEstimator::Abs,
             "mse" | "k2" => KlEstimator::K2,
             "low_var_kl" | "k3" => KlEstimator::K3,
+            "k3-unclamped" => KlEstimator::K3Unclamped,
             "k1+" | "kl+" => KlEstimator::K1Plus,
             "k3+" | "low_var_kl+" => KlEstimator::K3Plus,
             _ => {
                 return Err(Error::invalid_argument(
                     "kl_estimator",
-                    format!("unknown KL estimator {s:?}; expected k1, abs, k2 (mse), k3 (low_var_kl), k1+ or k3+"),
+                    format!("unknown KL estimator {s:?}; expected k1, abs, k2 (mse), k3 (low_var_kl), k1+, k3+ or k3-unclamped"),
                 ))
             }
         })
@@ -177,9 +183,9 @@ impl FromStr for KlEstimator {
 /// The policy-loss variant of objectives of kind policy (verl `policy_loss.loss_mode`, TRL
 /// `loss_type`); formulas in `kernels/grpo_math.cuh`.
 ///
-/// Serialized as its name (`"vanilla"`, `"cispo"`, `"gspo"`) or, for SAPO,
-/// `{"sapo": {"tau_pos": 1.0, "tau_neg": 1.05}}`; the name `"sapo"` alone gives the default
-/// temperatures.
+/// Serialized as its name (`"vanilla"`, `"cispo"`, `"gspo"`, `"gpg"`, `"dppo_tv"`, `"dppo_kl"`)
+/// or, for SAPO, `{"sapo": {"tau_pos": 1.0, "tau_neg": 1.05}}` (the name `"sapo"` alone gives the
+/// default temperatures) and, for DRO, `{"dro": {"beta": 0.1}}`.
 #[derive(Clone, Copy, Debug, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", try_from = "PolicyLossRepr")]
 pub enum PolicyLoss {
@@ -202,9 +208,27 @@ pub enum PolicyLoss {
     /// "sequence_token"); with per-sequence advantages it has the value and gradient of
     /// sequence-level GSPO (TRL "sequence") in every aggregation mode. See [`GrpoConfig::gspo`].
     Gspo,
+    /// GPG: `-A logp`, no ratio and no clipping (verl "gpg").
+    Gpg,
+    /// DPPO with the total-variation trust region (verl "dppo_tv"): with `p = exp(logp)` and
+    /// `po = exp(old_logp)`, a token is valid when `p - po <= clip_high` (`A > 0`) or
+    /// `p - po >= -clip_low` (`A <= 0`; the clip values are the divergence thresholds here); valid
+    /// tokens get `-A sg(min(r, c)) logp` with `c` the dual-clip constant (no truncation when
+    /// `dual_clip` is `None`), the others nothing. `pg_clipfrac` counts the invalid tokens,
+    /// `pg_clipfrac_lower` the truncated valid ones.
+    DppoTv,
+    /// DPPO with the binary-KL trust region (verl "dppo_kl"): as [`PolicyLoss::DppoTv`] with
+    /// `bkl = po (old - logp) + (1 - po) log((1 - po + 1e-8) / (1 - p + 1e-8))`, valid when
+    /// `bkl <= clip_high` or `p <= po` (`A > 0`), `bkl <= clip_low` or `p >= po` (`A <= 0`).
+    DppoKl,
+    /// DRO (verl "dro"): `-(A logp - beta (logp - old_logp)^2 / 2)`.
+    Dro {
+        /// The coefficient of the squared log-ratio (verl `policy_loss.dro_beta`, > 0).
+        beta: f32,
+    },
 }
 
-/// The accepted serialized forms of [`PolicyLoss`]: a name, or the tagged SAPO form.
+/// The accepted serialized forms of [`PolicyLoss`]: a name, or the tagged SAPO or DRO form.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum PolicyLossRepr {
@@ -221,6 +245,10 @@ enum PolicyLossTagged {
         /// Temperature for negative advantages (1.05).
         tau_neg: f32,
     },
+    Dro {
+        /// The coefficient of the squared log-ratio.
+        beta: f32,
+    },
 }
 
 impl TryFrom<PolicyLossRepr> for PolicyLoss {
@@ -231,24 +259,38 @@ impl TryFrom<PolicyLossRepr> for PolicyLoss {
             PolicyLossRepr::Tagged(PolicyLossTagged::Sapo { tau_pos, tau_neg }) => {
                 Ok(PolicyLoss::Sapo { tau_pos, tau_neg })
             }
+            PolicyLossRepr::Tagged(PolicyLossTagged::Dro { beta }) => Ok(PolicyLoss::Dro { beta }),
         }
     }
 }
 
 impl FromStr for PolicyLoss {
     type Err = Error;
-    /// verl's `loss_mode` names (`vanilla`, `cispo`, `sapo` with its default temperatures, `gspo`);
-    /// TRL's `grpo` is an alias of `vanilla`.
+    /// verl's `loss_mode` names (`vanilla`, `cispo`, `sapo` with its default temperatures, `gspo`,
+    /// `gpg`, `dppo_tv`, `dppo_kl`; `dro` takes its beta in the tagged form
+    /// `{"dro": {"beta": 0.1}}`); TRL's `grpo` is an alias of `vanilla`.
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "vanilla" | "grpo" => PolicyLoss::Vanilla,
             "cispo" => PolicyLoss::Cispo,
             "sapo" => PolicyLoss::sapo(),
             "gspo" => PolicyLoss::Gspo,
+            "gpg" => PolicyLoss::Gpg,
+            "dppo_tv" => PolicyLoss::DppoTv,
+            "dppo_kl" => PolicyLoss::DppoKl,
+            "dro" => {
+                return Err(Error::invalid_argument(
+                    "policy_loss",
+                    "dro needs its beta: {\"dro\": {\"beta\": ...}} (verl policy_loss.dro_beta)",
+                ))
+            }
             _ => {
                 return Err(Error::invalid_argument(
                     "policy_loss",
-                    format!("unknown policy loss {s:?}; expected vanilla, cispo, sapo or gspo"),
+                    format!(
+                        "unknown policy loss {s:?}; expected vanilla, cispo, sapo, gspo, gpg, \
+                         dppo_tv, dppo_kl or dro"
+                    ),
                 ))
             }
         })
@@ -271,6 +313,18 @@ impl PolicyLoss {
             PolicyLoss::Cispo => 1,
             PolicyLoss::Sapo { .. } => 2,
             PolicyLoss::Gspo => 3,
+            PolicyLoss::Gpg => 4,
+            PolicyLoss::DppoTv => 5,
+            PolicyLoss::DppoKl => 6,
+            PolicyLoss::Dro { .. } => 7,
+        }
+    }
+
+    /// DRO's beta, or 0 outside DRO.
+    pub(crate) fn dro_beta(self) -> f32 {
+        match self {
+            PolicyLoss::Dro { beta } => beta,
+            _ => 0.0,
         }
     }
 
@@ -599,6 +653,14 @@ impl GrpoConfig {
                     format!(
                         "SAPO temperatures must be finite and > 0, got tau_pos {tau_pos}, tau_neg {tau_neg}"
                     ),
+                ));
+            }
+        }
+        if let PolicyLoss::Dro { beta } = self.policy_loss {
+            if !(beta.is_finite() && beta > 0.0) {
+                return Err(Error::invalid_argument(
+                    "config.policy_loss",
+                    format!("DRO's beta must be finite and > 0, got {beta}"),
                 ));
             }
         }

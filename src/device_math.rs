@@ -33,6 +33,7 @@ struct COpts {
     delta: f32,
     tau_pos: f32,
     tau_neg: f32,
+    dro_beta: f32,
 }
 
 #[repr(C)]
@@ -48,6 +49,7 @@ extern "C" {
         q: *const CRatio,
         adv: f32,
         logp: f32,
+        old_logp: f32,
         opts: *const COpts,
         out: *mut CPolicy,
     );
@@ -181,11 +183,12 @@ pub fn policy_token(
         delta: cfg.delta.unwrap_or(0.0),
         tau_pos,
         tau_neg,
+        dro_beta: cfg.policy_loss.dro_beta(),
     };
     // SAFETY: plain C functions over scalars and valid, properly aligned locals given by pointer.
     unsafe {
         recap_host_ratio(logp, old_logp, cfg.log_ratio_clamp, &mut q);
-        recap_host_policy_token(&q, adv, logp, &o, &mut p);
+        recap_host_policy_token(&q, adv, logp, old_logp, &o, &mut p);
     }
     DevicePolicyToken {
         log_ratio: q.log_ratio,

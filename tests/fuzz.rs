@@ -54,7 +54,11 @@ fn config() -> impl Strategy<Value = GrpoConfig> {
             Just(PolicyLoss::Vanilla),
             Just(PolicyLoss::Cispo),
             Just(PolicyLoss::sapo()),
-            Just(PolicyLoss::Gspo)
+            Just(PolicyLoss::Gspo),
+            Just(PolicyLoss::Gpg),
+            Just(PolicyLoss::DppoTv),
+            Just(PolicyLoss::DppoKl),
+            Just(PolicyLoss::Dro { beta: 0.1 })
         ],
         any::<bool>(),
         prop::sample::select(AggMode::ALL.to_vec()),

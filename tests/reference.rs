@@ -209,6 +209,88 @@ on_every_backend! {
 }
 
 on_every_backend! {
+    /// verl's GPG, DRO, DPPO-TV and DPPO-KL on the branch batch, per token from the formulas of
+    /// verl's `compute_policy_loss_gpg` / `_dro` / `_dppo_tv` / `_dppo_kl` (token-mean over the 4
+    /// unmasked tokens; DPPO truncates the ratio at the dual-clip constant 3).
+    fn verl_policy_losses_by_hand(be) {
+        let b = branches();
+        let toks = [0usize, 1, 2, 4];
+        let adv = [1.0f64, 1.0, -0.5, -0.5];
+        let lp: Vec<f64> = toks.iter().map(|&t| b.logp[t] as f64).collect();
+        let old: Vec<f64> = toks.iter().map(|&t| b.old[t] as f64).collect();
+        let r: Vec<f64> = toks.iter().map(|&t| actual_ratio(&b, t)).collect();
+        let gpg: Vec<(f64, f64)> = (0..4).map(|i| (-adv[i] * lp[i], -adv[i])).collect();
+        let beta = 0.1;
+        let dro: Vec<(f64, f64)> = (0..4)
+            .map(|i| {
+                let d = lp[i] - old[i];
+                (-(adv[i] * lp[i] - 0.5 * beta * d * d), -(adv[i] - beta * d))
+            })
+            .collect();
+        // DPPO: -A sg(min(r, 3)) logp on the valid tokens
+        let dppo = |valid: [bool; 4]| -> Vec<(f64, f64)> {
+            (0..4)
+                .map(|i| {
+                    let tr = r[i].min(3.0);
+                    if valid[i] {
+                        (-adv[i] * tr * lp[i], -adv[i] * tr)
+                    } else {
+                        (0.0, 0.0)
+                    }
+                })
+                .collect()
+        };
+        let p: Vec<f64> = lp.iter().map(|x| x.exp()).collect();
+        let po: Vec<f64> = old.iter().map(|x| x.exp()).collect();
+        // TV, thresholds 0.2: t2 (A < 0) has p - po = 0.303 - 0.607 < -0.2, the others are inside
+        let tv_valid: [bool; 4] = std::array::from_fn(|i| {
+            if adv[i] > 0.0 { p[i] - po[i] <= 0.2 } else { p[i] - po[i] >= -0.2 }
+        });
+        assert_eq!(tv_valid, [true, true, false, true]);
+        // binary KL with clip_low 0.1: t2's is 0.196 > 0.1 while p < po; t4 has p > po
+        let bkl = |i: usize| {
+            po[i] * (old[i] - lp[i]) + (1.0 - po[i]) * ((1.0 - po[i] + 1e-8) / (1.0 - p[i] + 1e-8)).ln()
+        };
+        let kl_valid: [bool; 4] = std::array::from_fn(|i| {
+            if adv[i] > 0.0 { bkl(i) <= 0.2 || p[i] <= po[i] } else { bkl(i) <= 0.1 || p[i] >= po[i] }
+        });
+        assert_eq!(kl_valid, [true, true, false, true]);
+        // (config, per token (loss, grad), pg_clipfrac, pg_clipfrac_lower)
+        let cases = [
+            (GrpoConfig::default().with_policy_loss(PolicyLoss::Gpg), gpg, 0.0, 0.0),
+            (GrpoConfig::default().with_policy_loss(PolicyLoss::Dro { beta: 0.1 }), dro, 0.0, 0.0),
+            (GrpoConfig::default().with_policy_loss(PolicyLoss::DppoTv), dppo(tv_valid), 0.25, 0.25),
+            (
+                GrpoConfig::default().with_policy_loss(PolicyLoss::DppoKl).with_clip_low(0.1),
+                dppo(kl_valid),
+                0.25,
+                0.25,
+            ),
+        ];
+        for (cfg, per_token, clipfrac, lower) in &cases {
+            let what = format!("{} {:?}", be.name(), cfg.policy_loss);
+            let mut grad = vec![f32::NAN; 5];
+            let out = be.grpo_loss(&branch_inputs(&b, &[1.0]), cfg, &mut grad).unwrap();
+            let want_loss = per_token.iter().map(|x| x.0).sum::<f64>() / 4.0;
+            assert_close(&format!("{what} loss"), out.loss, want_loss, TOL, 1e-5);
+            let mut want_grad = [0f32; 5];
+            for (i, &t) in toks.iter().enumerate() {
+                want_grad[t] = (per_token[i].1 / 4.0) as f32;
+            }
+            assert_all_close(&format!("{what} grad"), &grad, &want_grad, TOL, 1e-5);
+            assert_close(&format!("{what} pg_clipfrac"), out.metrics.pg_clipfrac[0], *clipfrac, TOL, 0.0);
+            assert_close(&format!("{what} pg_clipfrac_lower"), out.metrics.pg_clipfrac_lower[0], *lower, TOL, 0.0);
+        }
+        // DRO needs a positive beta; a bare "dro" names what is missing
+        let bad = GrpoConfig::default().with_policy_loss(PolicyLoss::Dro { beta: 0.0 });
+        let err = be.grpo_loss(&branch_inputs(&b, &[1.0]), &bad, &mut [0f32; 5]).unwrap_err();
+        assert!(err.to_string().contains("beta"), "{err}");
+        let err = "dro".parse::<PolicyLoss>().unwrap_err();
+        assert!(err.to_string().contains("beta"), "{err}");
+    }
+}
+
+on_every_backend! {
     /// GSPO (verl `compute_policy_loss_gspo`) on the branch batch with the paper's clip range: sequence
     /// ratios s_0 = sqrt(1.1 * 1.5), s_1 = sqrt(0.5 * 4) (the masked NaN token is not read);
     /// seq-mean-token-mean over 2 sequences of 2 tokens.
@@ -588,7 +670,8 @@ on_every_backend! {
         let logp = [0.0f32, -30.0, 1.0];
         let refp = [-0.5f32, 0.0, 1.0];
         let e = (-0.5f64).exp();
-        let cases: [(KlEstimator, [f64; 3], [f64; 3]); 6] = [
+        let e30 = 30f64.exp();
+        let cases: [(KlEstimator, [f64; 3], [f64; 3]); 7] = [
             (KlEstimator::K1, [0.5, -30.0, 0.0], [1.0, 1.0, 1.0]),
             (KlEstimator::Abs, [0.5, 30.0, 0.0], [1.0, -1.0, 0.0]),
             (KlEstimator::K2, [0.125, 450.0, 0.0], [0.5, -30.0, 0.0]),
@@ -602,6 +685,12 @@ on_every_backend! {
                 KlEstimator::K3Plus,
                 [e + 0.5 - 1.0, 10.0, 0.0],
                 [0.5, -30.0, 0.0],
+            ),
+            // TRL's k3: no clamp of x = 30 or of the value
+            (
+                KlEstimator::K3Unclamped,
+                [e + 0.5 - 1.0, e30 - 31.0, 0.0],
+                [1.0 - e, 1.0 - e30, 0.0],
             ),
         ];
         for (est, want_v, want_g) in cases {

@@ -54,7 +54,7 @@ typedef struct RecapGrpoConfig {
     float norm_constant;
     // KL-to-reference coefficient (default 0: no KL term).
     float kl_coef;
-    // 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl, default), 4 k1+, 5 k3+.
+    // 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl, default), 4 k1+, 5 k3+, 6 k3 without clamps (TRL).
     int32_t kl_estimator;
     // Entropy bonus coefficient (default 0; the loss from logits only).
     float entropy_coef;
@@ -327,7 +327,7 @@ int32_t recap_group_advantages(int32_t device,
 
 // Per-token KL to the reference: value and `d kl / d logp` (`[T]` each, on the device or, for
 // `device < 0`, the host), masked tokens 0 (`mask` nullable: every token). `estimator`: 0 k1, 1
-// abs, 2 k2, 3 k3, 4 k1+, 5 k3+.
+// abs, 2 k2, 3 k3, 4 k1+, 5 k3+, 6 k3-unclamped.
 //
 // # Safety
 // Arrays of `num_tokens` elements in the memory of the call's place.

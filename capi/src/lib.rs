@@ -110,7 +110,7 @@ pub struct RecapGrpoConfig {
     pub norm_constant: f32,
     /// KL-to-reference coefficient (default 0: no KL term).
     pub kl_coef: f32,
-    /// 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl, default), 4 k1+, 5 k3+.
+    /// 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl, default), 4 k1+, 5 k3+, 6 k3 without clamps (TRL).
     pub kl_estimator: i32,
     /// Entropy bonus coefficient (default 0; the loss from logits only).
     pub entropy_coef: f32,
@@ -1004,7 +1004,7 @@ pub unsafe extern "C" fn recap_group_advantages(
 
 /// Per-token KL to the reference: value and `d kl / d logp` (`[T]` each, on the device or, for
 /// `device < 0`, the host), masked tokens 0 (`mask` nullable: every token). `estimator`: 0 k1, 1
-/// abs, 2 k2, 3 k3, 4 k1+, 5 k3+.
+/// abs, 2 k2, 3 k3, 4 k1+, 5 k3+, 6 k3-unclamped.
 ///
 /// # Safety
 /// Arrays of `num_tokens` elements in the memory of the call's place.

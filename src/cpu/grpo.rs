@@ -154,7 +154,7 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                             Advantages::PerToken(a) => a[t * k + j],
                         };
                         s[e + slots::NONFINITE] += nonfinite(a);
-                        let pt = policy_token(q, a, lp, cfg);
+                        let pt = policy_token(q, a, lp, inp.old_logp[t], cfg);
                         s[j] += w * isw * pt.loss;
                         s[k + j] += if pt.clipped { m } else { 0.0 };
                         s[2 * k + j] += if pt.dual { m } else { 0.0 };

@@ -40,14 +40,64 @@ pub struct PolicyToken {
 
 /// One token of the policy loss of `cfg.policy_loss` (see `kernels/grpo_math.cuh`): the clipped
 /// surrogate `max(-A min(r, delta), -A clip(r, 1 - el, 1 + eh))` with dual-clip `min(l, -c A)` for
-/// `A < 0`, or CISPO `-sg(clip(r)) A logp`, or SAPO `-A (4/tau) sigmoid(tau (r - 1))`; the
-/// gradient follows the active branch.
-pub fn policy_token(q: Ratio, adv: f32, logp: f32, cfg: &GrpoConfig) -> PolicyToken {
+/// `A < 0`, or CISPO `-sg(clip(r)) A logp`, or SAPO `-A (4/tau) sigmoid(tau (r - 1))`, GPG
+/// `-A logp`, DPPO `-A sg(min(r, c)) logp` inside its trust region, DRO
+/// `-(A logp - beta d^2 / 2)`; the gradient follows the active branch.
+pub fn policy_token(q: Ratio, adv: f32, logp: f32, old_logp: f32, cfg: &GrpoConfig) -> PolicyToken {
     let a = adv as f64;
     let r = q.ratio;
     let (lo, hi) = (1.0 - cfg.clip_low as f64, 1.0 + cfg.clip_high as f64);
     let rc = if r.is_nan() { r } else { r.clamp(lo, hi) };
+    let (lp, old) = (logp as f64, old_logp as f64);
     match cfg.policy_loss {
+        PolicyLoss::Gpg => {
+            return PolicyToken {
+                loss: -a * lp,
+                grad: -a,
+                clipped: false,
+                dual: false,
+            }
+        }
+        PolicyLoss::Dro { beta } => {
+            let (beta, d) = (beta as f64, lp - old);
+            return PolicyToken {
+                loss: -(a * lp - 0.5 * beta * d * d),
+                grad: -(a - beta * d),
+                clipped: false,
+                dual: false,
+            };
+        }
+        PolicyLoss::DppoTv | PolicyLoss::DppoKl => {
+            let (p, po) = (lp.exp(), old.exp());
+            let (el, eh) = (cfg.clip_low as f64, cfg.clip_high as f64);
+            let valid = if cfg.policy_loss == PolicyLoss::DppoTv {
+                if a > 0.0 {
+                    p - po <= eh
+                } else {
+                    p - po >= -el
+                }
+            } else {
+                let bkl =
+                    po * (old - lp) + (1.0 - po) * ((1.0 - po + 1e-8) / (1.0 - p + 1e-8)).ln();
+                if a > 0.0 {
+                    bkl <= eh || p <= po
+                } else {
+                    bkl <= el || p >= po
+                }
+            };
+            let truncated = cfg.dual_clip.is_some_and(|c| r > c as f64);
+            let tr = if truncated {
+                cfg.dual_clip.map_or(r, |c| c as f64)
+            } else {
+                r
+            };
+            return PolicyToken {
+                loss: if valid { -a * tr * lp } else { 0.0 },
+                grad: if valid { -a * tr } else { 0.0 },
+                clipped: !valid,
+                dual: valid && truncated,
+            };
+        }
         PolicyLoss::Cispo => {
             return PolicyToken {
                 loss: -rc * a * logp as f64,
@@ -183,6 +233,14 @@ pub fn kl_token(logp: f32, ref_logp: f32, est: KlEstimator) -> KlToken {
             value: 0.5 * diff * diff,
             grad: diff,
         },
+        KlEstimator::K3Unclamped => {
+            let x = -diff;
+            let e = x.exp();
+            KlToken {
+                value: e - x - 1.0,
+                grad: 1.0 - e,
+            }
+        }
         KlEstimator::K3 | KlEstimator::K3Plus => {
             let raw = -diff;
             let x = if raw.is_nan() {

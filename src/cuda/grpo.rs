@@ -126,7 +126,7 @@ pub fn grpo_loss(
             delta: config.delta.unwrap_or(0.0),
             tau_pos: config.policy_loss.taus().0,
             tau_neg: config.policy_loss.taus().1,
-            pad1: 0.0,
+            dro_beta: config.policy_loss.dro_beta(),
             seq_log_ratio: w.seq_log_ratio,
             rollout_logp: roll_addr,
             seq_is_log: w.seq_is_log,

@@ -262,12 +262,14 @@ impl Batch {
 }
 
 /// A config that varies with the seed (clip values, dual-clip, KL estimator, beta, the policy-loss
-/// variant, two-sided clipping, the KL's IS correction).
+/// variant (vanilla, GSPO, CISPO, SAPO, GPG, DRO), two-sided clipping, the KL's IS correction).
 pub fn config_for(seed: u64, agg: recap_kernels::AggMode) -> GrpoConfig {
-    let est = recap_kernels::KlEstimator::ALL[(seed % 6) as usize];
+    let est = recap_kernels::KlEstimator::ALL[(seed % 7) as usize];
     use recap_kernels::PolicyLoss;
     let policy_loss = match (seed % 7, seed % 4) {
         (4, _) => PolicyLoss::Gspo,
+        (5, 0) => PolicyLoss::Gpg,
+        (6, 0) => PolicyLoss::Dro { beta: 0.2 },
         (_, 2) => PolicyLoss::Cispo,
         (_, 3) => PolicyLoss::sapo(),
         _ => PolicyLoss::Vanilla,

@@ -8,12 +8,17 @@ def masked_mean(x, m):
 
 
 def agg_loss(x, m, mode, num_tokens=None, num_seqs=None, dp=1, scale=None):
-    """verl's agg_loss: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    """verl's agg_loss (0.9): token-mean, token-sum, seq-mean-token-mean, seq-mean-token-sum,
+    seq-mean-token-sum-norm."""
     if mode == "token-mean":
         n = m.sum() if num_tokens is None else num_tokens
         return (x * m).sum() / n * dp
-    if mode == "seq-mean-token-sum-norm":
-        return (x * m).sum() / (m.shape[-1] if scale is None else scale)
+    if mode == "token-sum":
+        return (x * m).sum() * dp
+    factor = 1.0
+    if mode == "seq-mean-token-sum-norm":  # verl 0.9: seq-mean-token-sum over the constant
+        factor = 1.0 / (m.shape[-1] if scale is None else scale)
+        mode = "seq-mean-token-sum"
     n_b = m.sum(-1)
     per = (x * m).sum(-1)
     if mode == "seq-mean-token-mean":
@@ -21,7 +26,7 @@ def agg_loss(x, m, mode, num_tokens=None, num_seqs=None, dp=1, scale=None):
     elif mode != "seq-mean-token-sum":
         raise ValueError(mode)
     s = (n_b > 0).sum() if num_seqs is None else num_seqs
-    return (per * (n_b > 0)).sum() / s * dp
+    return (per * (n_b > 0)).sum() / s * dp * factor
 
 
 def kl_penalty(logp, ref, kind):
@@ -81,6 +86,38 @@ def sapo(old, logp, adv, m, tau_pos=1.0, tau_neg=1.05):
 def cispo(old, logp, adv, m, lo, hi):
     r = ratio(logp, old)
     return -torch.clamp(r, 1 - lo, 1 + hi).detach() * adv * logp
+
+
+def gpg(old, logp, adv, m):
+    return -logp * adv
+
+
+def dro(old, logp, adv, m, beta):
+    d = logp - old
+    return -(logp * adv - 0.5 * beta * d * d)
+
+
+def dppo(old, logp, adv, m, lo, hi, c, kind):
+    """verl's DPPO-TV / DPPO-KL per-token loss and metrics (pg_clipfrac, pg_clipfrac_lower)."""
+    r = ratio(logp, old)
+    tr = torch.clamp(r, max=c).detach()
+    p, po = torch.exp(logp), torch.exp(old)
+    if kind == "tv":
+        pos, neg = (p - po) <= hi, (p - po) >= -lo
+    else:
+        bkl = po * (old - logp) + (1 - po) * torch.log((1.0 - po + 1e-8) / (1.0 - p + 1e-8))
+        pos, neg = (bkl <= hi) | (p <= po), (bkl <= lo) | (p >= po)
+    valid = torch.where(adv > 0, pos, neg).detach().float()
+    per = -adv * tr * logp * valid
+    return per, masked_mean(1.0 - valid, m), masked_mean((r > c).float() * valid, m)
+
+
+def trl_off_policy_mask(adv, logp, sampling, mask, threshold):
+    """TRL's get_off_policy_mask: [B, 1], keep a sequence when A >= 0 or its mean
+    sampling - logp over valid tokens (NaN as 0) is at most the threshold."""
+    kl = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
+    mean = (kl * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0)
+    return ((adv[:, None] >= 0) | (mean <= threshold)).to(mask.dtype)
 
 
 def trl_loss(logp, old, adv, mask, ref=None, *, loss_type="dapo", beta=0.0, eps=0.2, eps_high=None, delta=None,

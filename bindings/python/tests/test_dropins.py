@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import recap_kernels as rk
-from reference import agg_loss, cispo, kl_penalty, sapo, trl_loss, verl_gspo, verl_vanilla
+from reference import (agg_loss, cispo, dppo, dro, gpg, kl_penalty, sapo, trl_loss, trl_off_policy_mask, verl_gspo,
+                       verl_vanilla)
 
 
 def batch(device, gen, b=6, l=21):
@@ -24,6 +25,7 @@ def batch(device, gen, b=6, l=21):
 @dataclass
 class PolicyLossConfig:
     loss_mode: str = "vanilla"
+    dro_beta: float = 0.1
 
 
 @dataclass
@@ -66,13 +68,45 @@ def test_verl_policy_losses(device, gen, mode, agg):
         per = sapo(old, y, a, mask)
     else:
         per = cispo(old, y, a, mask, 0.2, 0.28)
-    want = agg_loss(per, mask, "seq-mean-token-mean" if mode in ("gspo", "sapo") else agg)
+    want = agg_loss(per, mask, "seq-mean-token-mean" if mode == "sapo" else agg)  # verl 0.9 forces it for SAPO
     want.backward()
     close(loss, want)
     close(x.grad, y.grad, atol=1e-7)
     assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
     assert all(v.dim() == 0 and v.device == device for v in metrics.values())
     close(metrics["actor/ppo_kl"], ((old - logp) * mask).sum() / mask.sum())
+
+
+@pytest.mark.parametrize("mode", ["gpg", "dro", "dppo_tv", "dppo_kl"])
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-mean"])
+def test_verl_newer_policy_losses(device, gen, mode, agg):
+    """verl's gpg, dro, dppo_tv and dppo_kl (and its token-sum aggregation): values, gradients and
+    the metrics verl's own functions return."""
+    old, logp, ref, adv, mask = batch(device, gen)
+    a = adv[:, None].expand_as(logp)
+    cfg = ActorConfig(policy_loss=PolicyLossConfig(mode), clip_ratio_low=0.1, clip_ratio_high=0.2)
+    cfg.global_batch_info = {"dp_size": 2} if agg == "token-sum" else {}
+    x = logp.clone().requires_grad_()
+    loss, metrics = rk.verl.compute_policy_loss(old, x, a, mask, agg, cfg)
+    loss.backward()
+    y = logp.clone().requires_grad_()
+    if mode == "gpg":
+        per, keys = gpg(old, y, a, mask), set()
+    elif mode == "dro":
+        per, keys = dro(old, y, a, mask, 0.1), {"actor/ppo_kl"}
+    else:
+        per, clipfrac, lower = dppo(old, y, a, mask, 0.1, 0.2, 3.0, mode[len("dppo_"):])
+        keys = {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+        assert 0 < clipfrac < 1, "the batch exercises the trust region"
+        close(metrics["actor/pg_clipfrac"], clipfrac)
+        close(metrics["actor/pg_clipfrac_lower"], lower)
+    want = agg_loss(per, mask, agg, dp=2 if agg == "token-sum" else 1)
+    want.backward()
+    close(loss, want)
+    close(x.grad, y.grad, atol=1e-7)
+    assert set(metrics) == keys
+    with pytest.raises(rk.RecapError, match="dro_beta"):
+        rk.verl.compute_policy_loss(old, x, a, mask, agg, ActorConfig(policy_loss=PolicyLossConfig("dro", 0.0)))
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
@@ -132,7 +166,8 @@ def test_verl_register_adds_our_losses_to_the_registry(monkeypatch, gen):
     from verl.trainer.ppo import core_algos
 
     names = rk.verl.register()
-    assert names == ["recap_vanilla", "recap_gspo", "recap_sapo", "recap_cispo"]
+    assert names == ["recap_vanilla", "recap_gspo", "recap_sapo", "recap_cispo", "recap_gpg", "recap_dppo_tv",
+                     "recap_dppo_kl", "recap_dro"]
     assert rk.verl.register() == names  # idempotent
     fn = core_algos.get_policy_loss_fn("recap_vanilla")
     old, logp, ref, adv, mask = batch(torch.device("cpu"), gen)
@@ -182,6 +217,30 @@ def test_trl_loss_types(device, gen, case):
     close(loss, want)
     close(x.grad, y.grad, atol=1e-7)
     assert metrics["clip_ratio/region_mean"].dim() == 0 and metrics["policy_loss"].device == device
+
+
+def test_trl_unclamped_k3_and_off_policy_mask(device, gen):
+    """TRL's k3 has no clamps (a log-ratio to the reference of 25 counts in full), and its off-policy
+    sequence mask drops the negative-advantage sequences that drifted from the sampler."""
+    old, logp, ref, adv, mask = batch(device, gen)
+    ref = ref.clone()
+    ref[0, :3] = logp[0, :3] + 25.0  # x = ref - logp beyond k3's clamp at 20 (and its value clamp at 10)
+    sampling = old.clone()
+    sampling[2:5] += 0.5  # three sequences drift: mean KL 0.5 > 0.3
+    adv = adv.clone()
+    adv[2], adv[3], adv[4] = -1.0, 1.0, -0.5  # dropped, kept (A >= 0), dropped
+    keep = trl_off_policy_mask(adv, logp, sampling, mask, 0.3)
+    assert keep[:, 0].tolist()[2:5] == [0.0, 1.0, 0.0]
+    close(rk.trl.off_policy_mask(adv, logp, sampling, mask, 0.3), keep)
+    x = logp.clone().requires_grad_()
+    loss, _ = rk.trl.grpo_loss(x, old, adv, mask, ref, loss_type="dapo", beta=0.04, off_policy_mask_threshold=0.3,
+                               sampling_per_token_logps=sampling)
+    loss.backward()
+    y = logp.clone().requires_grad_()
+    want = trl_loss(y, old, adv, mask, ref, loss_type="dapo", beta=0.04, weight=keep.expand_as(y))
+    want.backward()
+    close(loss, want)
+    close(x.grad, y.grad, atol=1e-6)
 
 
 def test_trl_top_entropy_quantile(gen):

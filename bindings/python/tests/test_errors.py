@@ -78,7 +78,7 @@ def test_verl_and_trl_options():
     with pytest.raises(rk.RecapError, match="loss_mode"):
         rk.verl.compute_policy_loss(x, x, a, m, config={"clip_ratio": 0.2}, loss_mode="ppo")
     with pytest.raises(rk.RecapError, match="loss_agg_mode"):
-        rk.verl.agg_loss(x, m, "token-sum")
+        rk.verl.agg_loss(x, m, "token-max")
     with pytest.raises(rk.RecapError, match="loss_type"):
         rk.trl.grpo_loss(x, x, a, m, loss_type="vespo")
     with pytest.raises(rk.RecapError, match="max_completion_length"):

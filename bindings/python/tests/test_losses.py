@@ -198,8 +198,8 @@ def test_token_sum_norm(device, gen):
     old, logp, ref, adv, mask = batch(device, gen)
     x = logp.clone().requires_grad_()
     loss, _ = rk.grpo_loss(x, old, adv, mask, agg_mode="token-sum-norm", norm_constant=64.0)
-    want = agg_loss(verl_vanilla(old, logp, adv[:, None].expand_as(logp), mask)[0], mask, "seq-mean-token-sum-norm",
-                    scale=64.0)
+    # sum(M * l) / C (Dr. GRPO; verl's seq-mean-token-sum-norm before 0.9)
+    want = (verl_vanilla(old, logp, adv[:, None].expand_as(logp), mask)[0] * mask).sum() / 64.0
     close(loss, want)
 
 

@@ -14,17 +14,17 @@ mixin that puts it into a ``GRPOTrainer``.
 
 Loss types: grpo, bnpo, dr_grpo, dapo (clipped surrogate, ``delta`` two-sided clipping), cispo
 (the ratio capped at ``epsilon_high``), sapo (``sapo_temperature_pos`` / ``_neg``), with
-``importance_sampling_level`` "token" or "sequence" (GSPO; per-sequence advantages), ``beta`` (k3
-KL to the reference, ``use_bias_correction_kl``), TRL's entropy mask (``entropy_mask``, or
-``entropies`` with ``top_entropy_quantile``) and vLLM's ``importance_sampling_ratio``, each
-normalized as TRL normalizes that loss type (``num_items_in_batch``, ``num_processes``,
-``max_completion_length``, ``gradient_accumulation_steps``).
+``importance_sampling_level`` "token" or "sequence" (GSPO; per-sequence advantages), ``beta`` (TRL's
+k3 KL to the reference, unclamped, ``use_bias_correction_kl``), TRL's entropy mask (``entropy_mask``,
+or ``entropies`` with ``top_entropy_quantile``), vLLM's ``importance_sampling_ratio`` and the
+off-policy sequence mask (``off_policy_mask_threshold``, from ``sampling_per_token_logps``, else the
+old log-probs), each normalized as TRL normalizes that loss type (``num_items_in_batch``,
+``num_processes``, ``max_completion_length``, ``gradient_accumulation_steps``).
 
 Differences from TRL: the log-ratio is clamped to +-20 before ``exp`` (verl's guard; TRL has none);
-the k3 estimator is clamped to [-10, 10] with its exponent to +-20 (verl's ``low_var_kl``); GSPO's
-log sequence ratio is capped at 10; CISPO has a lower clip at 1 - 2^-24 (TRL none); the quantile of
-``top_entropy_quantile`` is this process's (TRL gathers the entropies of every process first).
-Not available: luspo, vespo, ``off_policy_mask_threshold``.
+GSPO's log sequence ratio is capped at 10; CISPO has a lower clip at 1 - 2^-24 (TRL none); the
+quantile of ``top_entropy_quantile`` is this process's (TRL gathers the entropies of every process
+first). Not available: luspo, vespo.
 """
 from typing import Dict, Optional, Tuple
 
@@ -34,7 +34,7 @@ from torch import Tensor
 from . import functional as F
 from ._native import RecapError
 
-__all__ = ["grpo_loss", "high_entropy_mask", "RecapGRPOMixin", "RecapRewardWeights"]
+__all__ = ["grpo_loss", "high_entropy_mask", "off_policy_mask", "RecapGRPOMixin", "RecapRewardWeights"]
 
 # the largest float32 below 1: CISPO's lower clip bound 1 - clip_low is then 2^-24, below any ratio
 # that matters (TRL's CISPO clips only above)
@@ -52,12 +52,24 @@ def high_entropy_mask(entropies: Tensor, mask: Tensor, top_entropy_quantile: flo
     return (entropies * mask.float() >= threshold) & valid
 
 
+def off_policy_mask(advantages: Tensor, per_token_logps: Tensor, sampling_per_token_logps: Tensor, mask: Tensor,
+                    off_policy_threshold: float) -> Tensor:
+    """TRL's ``get_off_policy_mask`` (DeepSeek-V3.2's off-policy sequence masking): ``[B, 1]``, 1 where
+    a sequence is kept: its advantage is >= 0, or the mean over its tokens of
+    ``sampling_logp - logp`` (unscorable NaN tokens counting 0) is at most the threshold."""
+    kl = torch.nan_to_num(sampling_per_token_logps - per_token_logps.detach(), nan=0.0)
+    m = mask.to(kl.dtype)
+    mean_kl = (kl * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
+    adv = advantages.reshape(advantages.shape[0], -1)[:, :1] if advantages.dim() > 1 else advantages[:, None]
+    return ((adv >= 0) | (mean_kl <= off_policy_threshold)).to(dtype=mask.dtype)
+
+
 def _options(loss_type: str, epsilon: float, epsilon_high: Optional[float], delta: Optional[float],
              importance_sampling_level: str, sapo_temperature_pos: float, sapo_temperature_neg: float,
              beta: float, use_bias_correction_kl: bool) -> dict:
     eps_high = epsilon if epsilon_high is None else epsilon_high
     o = {"dual_clip": None, "clip_low": float(epsilon), "clip_high": float(eps_high), "kl_coef": float(beta),
-         "kl_estimator": "k3", "kl_is_correction": bool(use_bias_correction_kl)}
+         "kl_estimator": "k3-unclamped", "kl_is_correction": bool(use_bias_correction_kl)}
     if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
         if delta is not None:
             o["delta"] = float(delta)
@@ -90,7 +102,8 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], ad
               use_bias_correction_kl: bool = False, sapo_temperature_pos: float = 1.0,
               sapo_temperature_neg: float = 1.05, entropy_mask: Optional[Tensor] = None,
               entropies: Optional[Tensor] = None, top_entropy_quantile: float = 1.0,
-              importance_sampling_ratio: Optional[Tensor] = None, num_items_in_batch=None, num_processes: int = 1,
+              importance_sampling_ratio: Optional[Tensor] = None, off_policy_mask_threshold: Optional[float] = None,
+              sampling_per_token_logps: Optional[Tensor] = None, num_items_in_batch=None, num_processes: int = 1,
               max_completion_length: Optional[int] = None,
               gradient_accumulation_steps: int = 1) -> Tuple[Tensor, Dict[str, Tensor]]:
     """TRL's GRPO loss for ``[B, T]`` per-token tensors (``advantages`` ``[B]``, ``[B, 1]`` or
@@ -113,6 +126,11 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], ad
             raise RecapError("invalid argument `entropies`: top_entropy_quantile < 1 needs the per-token entropies")
         entropy_mask = high_entropy_mask(entropies, mask, top_entropy_quantile)
     weight = None if entropy_mask is None else entropy_mask.float()
+    if off_policy_mask_threshold is not None:
+        sampling = old_per_token_logps if sampling_per_token_logps is None else sampling_per_token_logps
+        keep = off_policy_mask(advantages, per_token_logps, sampling, mask, off_policy_mask_threshold).float()
+        keep = keep.expand(per_token_logps.shape)
+        weight = keep if weight is None else weight * keep
     if importance_sampling_ratio is not None:
         is_ratio = importance_sampling_ratio.float().expand(per_token_logps.shape)
         weight = is_ratio if weight is None else weight * is_ratio
@@ -183,6 +201,8 @@ class RecapGRPOMixin:
             sapo_temperature_neg=getattr(args, "sapo_temperature_neg", 1.05), entropies=entropies,
             top_entropy_quantile=getattr(self, "top_entropy_quantile", 1.0),
             importance_sampling_ratio=inputs.get("importance_sampling_ratio") if use_is else None,
+            off_policy_mask_threshold=getattr(self, "off_policy_mask_threshold", None),
+            sampling_per_token_logps=inputs.get("sampling_per_token_logps"),
             num_items_in_batch=inputs.get("num_items_in_batch"),
             num_processes=self.accelerator.num_processes,
             max_completion_length=getattr(self, "max_completion_length", None),

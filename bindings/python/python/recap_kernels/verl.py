@@ -9,15 +9,21 @@ registry.
 
 The config is read from any object with attributes or ``.get`` (verl's ``ActorConfig``, an
 OmegaConf ``DictConfig``, a dict): ``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high``,
-``clip_ratio_c``, ``tau_pos``, ``tau_neg``, ``policy_loss.loss_mode`` and ``global_batch_info``
+``clip_ratio_c``, ``tau_pos``, ``tau_neg``, ``policy_loss.loss_mode``, ``policy_loss.dro_beta`` and
+``global_batch_info``
 (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``). Metric values are
 0-dim tensors (verl's ``Metric`` accepts them); nothing here reads a value back to the host (a
 ``global_batch_info`` count given as a GPU tensor is read by the op, which synchronizes: pass
 Python numbers or CPU tensors).
 
-Differences from verl: an empty micro-batch gives loss 0 (verl divides by zero); SAPO and CISPO
-report ``pg_clipfrac`` as the fraction of tokens whose ratio lies outside the clip band (verl: 0 for
-SAPO); ``seq-mean-token-mean`` divides by each sequence's token count exactly (verl adds 1e-8).
+Where verl changed between versions, these follow the installed verl (the newest, 0.9, when none is
+installed): ``seq-mean-token-sum-norm`` is the sum of the sequences' token sums over
+``loss_scale_factor`` before 0.9 and ``seq-mean-token-sum`` over it from 0.9; GSPO is aggregated
+``seq-mean-token-mean`` before 0.9 and by ``loss_agg_mode`` from 0.9.
+
+Differences from verl: an empty micro-batch gives loss 0 (verl divides by zero); CISPO reports
+``pg_clipfrac`` as the fraction of tokens whose ratio lies outside the clip band;
+``seq-mean-token-mean`` divides by each sequence's token count exactly (verl adds 1e-8).
 """
 from typing import Any, Dict, Optional, Tuple
 
@@ -28,7 +34,8 @@ from . import functional as F
 from ._native import RecapError
 
 __all__ = ["compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
-           "compute_policy_loss_sapo", "compute_policy_loss_cispo", "agg_loss", "kl_penalty", "register",
+           "compute_policy_loss_sapo", "compute_policy_loss_cispo", "compute_policy_loss_gpg",
+           "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_dro", "agg_loss", "kl_penalty", "register",
            "POLICY_LOSSES"]
 
 _MISSING = object()
@@ -44,24 +51,48 @@ def _get(config: Any, name: str, default=None):
     return default if value is _MISSING or value is None else value
 
 
-def _agg(mode: str, mask: Tensor, info) -> Tuple[dict, Optional[Tensor]]:
-    """Our aggregation options and global normalizers for verl's ``loss_agg_mode`` and
-    ``global_batch_info`` (verl multiplies by ``dp_size`` what it divides by the global count: the
-    same as dividing by the global count over ``dp_size``)."""
-    if mode == "seq-mean-token-sum-norm":
-        scale = _get(info, "loss_scale_factor", mask.shape[-1])
-        return {"agg_mode": "token-sum-norm", "norm_constant": float(scale)}, None
-    if mode not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-        raise RecapError(f"invalid argument `loss_agg_mode`: expected token-mean, seq-mean-token-mean, "
-                         f"seq-mean-token-sum or seq-mean-token-sum-norm, got {mode!r}")
+_VERSION = []
+
+
+def _verl_version() -> Tuple[int, int]:
+    """The installed verl's (major, minor); (0, 9) when verl is not installed (the newest semantics)."""
+    if not _VERSION:
+        try:
+            import verl
+
+            parts = str(getattr(verl, "__version__", "0.9")).split(".")
+            _VERSION.append((int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)))
+        except Exception:
+            _VERSION.append((0, 9))
+    return _VERSION[0]
+
+
+def _agg(mode: str, mask: Tensor, info) -> Tuple[dict, Optional[Tensor], float]:
+    """Our aggregation options, global normalizers and a factor on the loss for verl's
+    ``loss_agg_mode`` and ``global_batch_info`` (verl multiplies by ``dp_size`` what it divides by the
+    global count: the same as dividing by the global count over ``dp_size``)."""
     dp = _get(info, "dp_size", 1)
+    factor = 1.0
+    if mode == "seq-mean-token-sum-norm":
+        scale = float(_get(info, "loss_scale_factor", mask.shape[-1]))
+        if _verl_version() < (0, 9):
+            # verl before 0.9: the sum of the sequences' token sums over the constant
+            return {"agg_mode": "token-sum-norm", "norm_constant": scale}, None, 1.0
+        # verl 0.9: seq-mean-token-sum over the constant
+        mode, factor = "seq-mean-token-sum", 1.0 / scale
+    if mode == "token-sum":
+        # verl: the masked sum times dp_size (DDP then averages the ranks' gradients)
+        return {"agg_mode": "token-sum-norm", "norm_constant": 1.0 / float(dp)}, None, 1.0
+    if mode not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        raise RecapError(f"invalid argument `loss_agg_mode`: expected token-mean, token-sum, seq-mean-token-mean, "
+                         f"seq-mean-token-sum or seq-mean-token-sum-norm, got {mode!r}")
     count = _get(info, "batch_num_tokens") if mode == "token-mean" else _get(info, "global_batch_size")
     if count is None:
-        return {"agg_mode": mode}, None
+        return {"agg_mode": mode}, None, factor
     per_rank = torch.as_tensor(count, dtype=torch.float64) / dp
     # one objective and the KL slot; only the slots of this mode are read (tokens or sequences)
     n = per_rank.reshape(1).expand(4).reshape(2, 2).contiguous()
-    return {"agg_mode": mode}, n
+    return {"agg_mode": mode}, n, factor
 
 
 def _policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
@@ -73,21 +104,43 @@ def _policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor, advanta
         options["dual_clip"] = float(_get(config, "clip_ratio_c", 3.0))
     elif loss_mode == "gspo":
         options.update(policy_loss="gspo", dual_clip=None)
-        loss_agg_mode = "seq-mean-token-mean"  # verl aggregates GSPO per sequence whatever the mode
+        if _verl_version() < (0, 9):
+            loss_agg_mode = "seq-mean-token-mean"  # verl before 0.9 aggregates GSPO per sequence
     elif loss_mode == "sapo":
         options.update(policy_loss={"sapo": {"tau_pos": float(_get(config, "tau_pos", 1.0)),
                                              "tau_neg": float(_get(config, "tau_neg", 1.05))}}, dual_clip=None)
         loss_agg_mode = "seq-mean-token-mean"
     elif loss_mode == "cispo":
         options.update(policy_loss="cispo", dual_clip=None)
+    elif loss_mode == "gpg":
+        options.update(policy_loss="gpg", dual_clip=None)
+    elif loss_mode in ("dppo_tv", "dppo_kl"):
+        # the clip values are the trust region's thresholds; the ratio is truncated at clip_ratio_c
+        options.update(policy_loss=loss_mode, dual_clip=float(_get(config, "clip_ratio_c", 20.0)))
+    elif loss_mode == "dro":
+        beta = _get(_get(config, "policy_loss"), "dro_beta")
+        if beta is None or not float(beta) > 0:
+            raise RecapError("invalid argument `config.policy_loss.dro_beta`: DRO needs a positive beta, "
+                             f"got {beta!r}")
+        options.update(policy_loss={"dro": {"beta": float(beta)}}, dual_clip=None)
     else:
-        raise RecapError(f"invalid argument `loss_mode`: expected vanilla, gspo, sapo or cispo, got {loss_mode!r}")
-    agg, normalizers = _agg(loss_agg_mode, response_mask, _get(config, "global_batch_info"))
+        raise RecapError(f"invalid argument `loss_mode`: expected {', '.join(POLICY_LOSSES)}, got {loss_mode!r}")
+    agg, normalizers, factor = _agg(loss_agg_mode, response_mask, _get(config, "global_batch_info"))
     options.update(agg)
     loss, m = F.grpo_loss(log_prob, old_log_prob, advantages, response_mask, policy_weight=rollout_is_weights,
                           normalizers=normalizers, **options)
+    if factor != 1.0:
+        loss = loss * factor
     metrics = {"actor/pg_clipfrac": m["actor/pg_clipfrac"][0], "actor/ppo_kl": m["actor/ppo_kl"],
                "actor/pg_clipfrac_lower": m["actor/pg_clipfrac_lower"][0]}
+    if loss_mode == "sapo":
+        # verl reports no clip fractions for SAPO (our native metrics count the ratios outside the band)
+        zero = torch.zeros((), dtype=metrics["actor/ppo_kl"].dtype, device=metrics["actor/ppo_kl"].device)
+        metrics["actor/pg_clipfrac"], metrics["actor/pg_clipfrac_lower"] = zero, zero
+    # the metrics verl's own function returns for this mode
+    keep = {"gpg": (), "dro": ("actor/ppo_kl",)}.get(loss_mode)
+    if keep is not None:
+        metrics = {k: v for k, v in metrics.items() if k in keep}
     return loss, metrics
 
 
@@ -123,8 +176,44 @@ def compute_policy_loss_cispo(old_log_prob: Tensor, log_prob: Tensor, advantages
                         rollout_is_weights)
 
 
+def compute_policy_loss_gpg(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                            loss_agg_mode: str = "token-mean", config=None,
+                            rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's ``compute_policy_loss_gpg``: ``-A logp``, no ratio (no metrics, as verl)."""
+    return _policy_loss("gpg", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def compute_policy_loss_dppo_tv(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                loss_agg_mode: str = "token-mean", config=None,
+                                rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's ``compute_policy_loss_dppo_tv``: ``-A sg(min(r, clip_ratio_c)) logp`` on the tokens whose
+    probability moved less than the clip thresholds."""
+    return _policy_loss("dppo_tv", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def compute_policy_loss_dppo_kl(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                loss_agg_mode: str = "token-mean", config=None,
+                                rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's ``compute_policy_loss_dppo_kl``: as DPPO-TV with the binary-KL trust region."""
+    return _policy_loss("dppo_kl", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def compute_policy_loss_dro(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                            loss_agg_mode: str = "token-mean", config=None,
+                            rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's ``compute_policy_loss_dro``: ``-(A logp - beta (logp - old)^2 / 2)``, beta from
+    ``config.policy_loss.dro_beta``."""
+    return _policy_loss("dro", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
 POLICY_LOSSES = {"vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo,
-                 "sapo": compute_policy_loss_sapo, "cispo": compute_policy_loss_cispo}
+                 "sapo": compute_policy_loss_sapo, "cispo": compute_policy_loss_cispo,
+                 "gpg": compute_policy_loss_gpg, "dppo_tv": compute_policy_loss_dppo_tv,
+                 "dppo_kl": compute_policy_loss_dppo_kl, "dro": compute_policy_loss_dro}
 
 
 def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
@@ -144,9 +233,9 @@ def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: i
     """verl's ``agg_loss`` (same modes and global-batch arguments), differentiable in ``loss_mat``."""
     info = {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size,
             "loss_scale_factor": loss_scale_factor}
-    options, normalizers = _agg(loss_agg_mode, loss_mask, info)
+    options, normalizers, factor = _agg(loss_agg_mode, loss_mask, info)
     total, _ = F.weighted_reduce(loss_mat, loss_mask, normalizers=normalizers, **options)
-    return total
+    return total * factor if factor != 1.0 else total
 
 
 def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
@@ -156,7 +245,8 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
 
 def register(prefix: str = "recap_") -> list:
     """Adds these losses to verl's policy-loss registry as ``recap_vanilla``, ``recap_gspo``,
-    ``recap_sapo`` and ``recap_cispo`` (select one with ``actor.policy_loss.loss_mode``). Returns
+    ``recap_sapo``, ``recap_cispo``, ``recap_gpg``, ``recap_dppo_tv``, ``recap_dppo_kl`` and
+    ``recap_dro`` (select one with ``actor.policy_loss.loss_mode``). Returns
     the names registered; raises ImportError when verl is not installed."""
     from verl.trainer.ppo import core_algos
 

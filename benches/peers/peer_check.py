@@ -1,0 +1,158 @@
+"""Our verl drop-ins against verl's own functions, called (not copied) from the installed package:
+every policy loss x aggregation mode, agg_loss, kl_penalty and the group advantage estimators, on
+random batches; values, gradients and metrics. Run by scripts/peer-check.sh, which installs verl
+(and TRL, whose off-policy mask is checked too) into a cached directory.
+
+    python3 benches/peers/peer_check.py [--batches 20] [--json out.json]
+
+Prints one line per check with its count of agreeing batches and exits non-zero on a mismatch.
+"""
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+
+import recap_kernels as rk
+
+
+def actor_config(mode, info):
+    """verl's own ActorConfig (some losses check its type) with the fields the losses read; built
+    without its __post_init__, which validates trainer settings that play no part here."""
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    cfg = ActorConfig.__new__(ActorConfig)
+    fields = dict(clip_ratio=0.2, clip_ratio_low=0.1, clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=1.0,
+                  tau_neg=1.05, policy_loss=PolicyLossConfig(loss_mode=mode, dro_beta=0.1), global_batch_info=info,
+                  loss_agg_mode="token-mean")
+    for k, v in fields.items():
+        object.__setattr__(cfg, k, v)
+    return cfg
+
+
+def batch(gen, b=8, length=33):
+    old = -torch.rand(b, length, generator=gen, dtype=torch.float64).float() * 3
+    logp = old + torch.randn(b, length, generator=gen) * 0.3
+    ref = old + torch.randn(b, length, generator=gen) * 0.2
+    adv = torch.randn(b, generator=gen)
+    mask = (torch.rand(b, length, generator=gen) > 0.2).float()
+    mask[1] = 0  # a fully masked sequence
+    return old, logp, ref, adv[:, None].expand_as(logp).contiguous(), mask
+
+
+def close(a, b, rtol=2e-5, atol=2e-6):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True))
+
+
+class Tally:
+    def __init__(self):
+        self.rows = {}
+
+    def add(self, name, ok, why=""):
+        n, good, first = self.rows.get(name, (0, 0, ""))
+        self.rows[name] = (n + 1, good + bool(ok), first or ("" if ok else why))
+
+
+def check_policy_losses(core, tally, gen, batches):
+    modes = ["vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "dro"]
+    aggs = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+    for _ in range(batches):
+        old, logp, _, adv, mask = batch(gen)
+        for mode in modes:
+            theirs_fn = core.get_policy_loss_fn(mode)
+            for agg in aggs:
+                info = {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": int((mask.sum(-1) > 0).sum())}
+                if agg == "seq-mean-token-sum-norm":
+                    info["loss_scale_factor"] = 64
+                cfg = actor_config(mode, info)
+                x = logp.clone().requires_grad_()
+                their_loss, their_metrics = theirs_fn(old, x, adv, mask, agg, cfg)
+                their_loss.backward()
+                y = logp.clone().requires_grad_()
+                our_loss, our_metrics = rk.verl.compute_policy_loss(old, y, adv, mask, agg, cfg, loss_mode=mode)
+                our_loss.backward()
+                why = f"loss {float(our_loss.detach()):.7g} vs {float(their_loss.detach()):.7g}"
+                ok = close(our_loss, their_loss) and close(y.grad, x.grad, atol=1e-6)
+                for k, v in their_metrics.items():
+                    if k in our_metrics and not close(our_metrics[k], v, atol=1e-6):
+                        ok, why = False, f"{k} {float(our_metrics[k]):.6g} vs {float(v):.6g}"
+                tally.add(f"policy loss {mode} / {agg}", ok, why)
+
+
+def check_agg_and_kl(core, tally, gen, batches):
+    for _ in range(batches):
+        old, logp, ref, _, mask = batch(gen)
+        x = torch.randn(logp.shape, generator=gen)
+        for agg in ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]:
+            args = dict(dp_size=2, batch_num_tokens=150, global_batch_size=11, loss_scale_factor=40)
+            tally.add(f"agg_loss {agg}", close(rk.verl.agg_loss(x, mask, agg, **args), core.agg_loss(x, mask, agg, **args)))
+        for kind in ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+"]:
+            a = logp.clone().requires_grad_()
+            b = logp.clone().requires_grad_()
+            ours, theirs = rk.verl.kl_penalty(a, ref, kind), core.kl_penalty(b, ref, kind)
+            (ours * mask).sum().backward()
+            (theirs * mask).sum().backward()
+            tally.add(f"kl_penalty {kind}", close(ours, theirs) and close(a.grad, b.grad))
+
+
+def check_advantages(core, tally, gen, batches):
+    for _ in range(batches):
+        g, n = 4, 6
+        scores = torch.randint(0, 3, (g * n,), generator=gen).float() / 2
+        mask = torch.ones(g * n, 5)
+        token_rewards = torch.zeros(g * n, 5)
+        token_rewards[:, -1] = scores
+        index = np.repeat(np.arange(g), n)
+        for name, mode, kwargs in [("grpo", "grpo", {}), ("grpo (norm_adv_by_std_in_grpo=False)", "dr_grpo",
+                                                             {"norm_adv_by_std_in_grpo": False}), ("rloo", "rloo", {})]:
+            fn = core.compute_rloo_outcome_advantage if mode == "rloo" else core.compute_grpo_outcome_advantage
+            theirs, _ = fn(token_rewards, mask, index, epsilon=1e-6, **kwargs)
+            ours = rk.group_advantages(scores, group_size=n, mode=mode, eps=1e-6)
+            tally.add(f"advantages {name}", close(ours, theirs[:, 0], atol=1e-5))
+
+
+def check_trl(tally, gen, batches):
+    try:
+        from trl.trainer.grpo_trainer import GRPOTrainer
+    except Exception as e:  # TRL needs more of its dependencies than this check installs
+        tally.add("TRL off-policy mask (GRPOTrainer.get_off_policy_mask)", False, f"not importable: {e}")
+        return
+    for _ in range(batches):
+        old, logp, _, adv, mask = batch(gen)
+        rollout = old + torch.randn(old.shape, generator=gen) * 0.3
+        theirs = GRPOTrainer.get_off_policy_mask(adv[:, :1], logp, rollout, mask, 0.05)  # TRL's [B, 1]
+        ours = rk.trl.off_policy_mask(adv[:, 0], logp, rollout, mask, 0.05)
+        tally.add("TRL off-policy mask (GRPOTrainer.get_off_policy_mask)", close(ours, theirs))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    from verl.trainer.ppo import core_algos as core
+
+    import verl
+    gen = torch.Generator().manual_seed(0)
+    tally = Tally()
+    check_policy_losses(core, tally, gen, args.batches)
+    check_agg_and_kl(core, tally, gen, args.batches)
+    check_advantages(core, tally, gen, args.batches)
+    check_trl(tally, gen, args.batches)
+    failed = 0
+    print(f"peer check: verl {verl.__version__}, recap_kernels {rk.__version__}, {args.batches} batches per check")
+    for name, (n, good, why) in tally.rows.items():
+        failed += good < n
+        print(f"{'ok      ' if good == n else 'MISMATCH'} {good:3d}/{n:<3d} {name}" + (f"  (first: {why})" if why else ""))
+    print(f"peer check: {len(tally.rows) - failed} of {len(tally.rows)} checks agree on every batch")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: {"batches": n, "agree": g, "first_mismatch": w} for k, (n, g, w) in tally.rows.items()}, f,
+                      indent=1)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
