@@ -143,7 +143,8 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_adv_apply(const 
         for (int64_t j = threadIdx.x; j < range; j += blockDim.x) {
             const int64_t i = adv_member(p, g, j);
             if (i < 0) continue;
-            float a = (float)recap_advantage(mode, adv_value(p, work, i, k), mu, sd, sum, n, batch_sd, p.eps);
+            float a = (float)recap_advantage(mode, adv_value(p, work, i, k), mu, sd, sum, n, batch_sd, p.eps,
+                                               p.verl_singletons);
             if (p.has_difficulty) a = (float)((double)a * (a > 0.0f ? w_pos : w_neg));
             out[i * k_out + k] = a;
         }

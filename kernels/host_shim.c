@@ -131,7 +131,8 @@ static const size_t adv_layout[] = {
     F(RecapAdvParams, has_length), F(RecapAdvParams, has_difficulty), F(RecapAdvParams, eps),
     F(RecapAdvParams, length_alpha), F(RecapAdvParams, diff_a), F(RecapAdvParams, diff_b),
     F(RecapAdvParams, diff_rho0), F(RecapAdvParams, diff_k), F(RecapAdvParams, num_outputs),
-    F(RecapAdvParams, has_reward_weights), F(RecapAdvParams, reward_weights)};
+    F(RecapAdvParams, has_reward_weights),
+    F(RecapAdvParams, verl_singletons), F(RecapAdvParams, pad0), F(RecapAdvParams, reward_weights)};
 static const size_t train_layout[] = {
     sizeof(RecapTrainParams), F(RecapTrainParams, logits), F(RecapTrainParams, row_max), F(RecapTrainParams, row_sum),
     F(RecapTrainParams, row_lse), F(RecapTrainParams, tokens), F(RecapTrainParams, feat), F(RecapTrainParams, logp),
@@ -175,8 +176,9 @@ void recap_host_constants(int* out) {
  * `recap train` calls these, so both backends run one definition), and the advantage formulas. */
 double recap_host_draw(uint64_t seed, uint64_t counter) { return recap_draw(seed, counter); }
 
-double recap_host_advantage(int mode, double v, double mu, double sd, double sum, int n, double batch_sd, double eps) {
-    return recap_advantage(mode, v, mu, sd, sum, n, batch_sd, eps);
+double recap_host_advantage(int mode, double v, double mu, double sd, double sum, int n, double batch_sd, double eps,
+                            int verl_singletons) {
+    return recap_advantage(mode, v, mu, sd, sum, n, batch_sd, eps, verl_singletons);
 }
 
 double recap_host_difficulty_weight(double rho, double a, double b, double rho0, double k) {

@@ -293,6 +293,8 @@ typedef struct RecapAdvParams {
     double diff_k;
     int32_t num_outputs;        /* K, or 1 with reward weights                                   */
     int32_t has_reward_weights; /* 1: the advantage of sum_k w_k r_k (TRL's sum-then-normalize)  */
+    int32_t verl_singletons;    /* 1: a group of one rollout has mean 0 and std 1 (verl), else 0 */
+    int32_t pad0;
     double reward_weights[16];  /* w_k of the K reward columns                                   */
 } RecapAdvParams;
 

@@ -28,8 +28,19 @@ RECAP_HD double recap_draw(uint64_t seed, uint64_t counter) {
     return (double)(z >> 11) / 9007199254740992.0; /* 2^53 */
 }
 
+/* The advantage of value v in a group of n with mean mu, unbiased std sd and sum `sum`. A group of one
+ * gives 0 (no baseline to compare with), or with verl_singletons verl's convention: mean 0 and std 1,
+ * so GRPO gives v / (1 + eps), Dr. GRPO and RLOO v, batch std v / (batch_sd + eps). */
 RECAP_HD double recap_advantage(int mode, double v, double mu, double sd, double sum, int n, double batch_sd,
-                                double eps) {
+                                double eps, int verl_singletons) {
+    if (n == 1 && verl_singletons) {
+        switch (mode) {
+        case RECAP_ADV_GRPO: return v / (1.0 + eps);
+        case RECAP_ADV_DR_GRPO:
+        case RECAP_ADV_RLOO: return v;
+        default: return v / (batch_sd + eps);
+        }
+    }
     switch (mode) {
     case RECAP_ADV_GRPO: return n < 2 ? 0.0 : (v - mu) / (sd + eps);
     case RECAP_ADV_DR_GRPO: return v - mu;

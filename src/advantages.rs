@@ -10,6 +10,10 @@
 //! batch     (r - m) / (std_batch + eps) TRL's scale_rewards="batch": unbiased std of all B rewards
 //! ```
 //!
+//! A group of one rollout gives 0 in every mode (nothing to compare it with), or with
+//! [`Singletons::Verl`] verl's convention: mean 0 and std 1 (GRPO `r / (1 + eps)`, Dr. GRPO and RLOO
+//! `r`, batch `r / (std_batch + eps)`).
+//!
 //! GRPO-LEAD options on a designated correctness objective c (rewards 0/1):
 //! - length-dependent accuracy reward: a correct response (r > 0) gets `exp(-alpha z)`, z its length
 //!   standardized over the group's correct responses (0 when fewer than two or no spread), an
@@ -47,6 +51,33 @@ impl std::str::FromStr for AdvantageMode {
             _ => Err(Error::invalid_argument(
                 "modes",
                 format!("unknown advantage mode {s:?}; expected grpo, dr_grpo, rloo or batch"),
+            )),
+        }
+    }
+}
+
+/// What a group of one rollout gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Singletons {
+    /// 0 in every mode: one rollout has no baseline to compare with (its signal would be its raw
+    /// reward).
+    #[default]
+    Zero,
+    /// verl's convention: the group's mean is 0 and its std 1, so GRPO gives `r / (1 + eps)`,
+    /// Dr. GRPO and RLOO `r`, batch std `r / (std_batch + eps)`.
+    Verl,
+}
+
+impl std::str::FromStr for Singletons {
+    type Err = Error;
+    /// `zero` or `verl`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "zero" => Ok(Singletons::Zero),
+            "verl" => Ok(Singletons::Verl),
+            _ => Err(Error::invalid_argument(
+                "singletons",
+                format!("unknown convention {s:?} for groups of one; expected zero or verl"),
             )),
         }
     }
@@ -116,6 +147,8 @@ pub struct AdvantageConfig {
     /// `reward_weights` with `multi_objective_aggregation = "sum_then_normalize"`, RECAP's weights
     /// applied to the rewards), one output column; `None`: one advantage per column.
     pub reward_weights: Option<Vec<f64>>,
+    /// What a group of one rollout gets (0 by default; verl's convention as an option).
+    pub singletons: Singletons,
 }
 
 impl Default for AdvantageConfig {
@@ -126,6 +159,7 @@ impl Default for AdvantageConfig {
             eps: 1e-6,
             lead: None,
             reward_weights: None,
+            singletons: Singletons::Zero,
         }
     }
 }
@@ -369,8 +403,13 @@ pub fn group_advantages(
         for m in &members {
             let x: Vec<f64> = m.iter().map(|&i| col[i]).collect();
             let (mu, sd, sum, n) = (mean(&x), unbiased_std(&x), x.iter().sum::<f64>(), x.len());
+            let verl_one = n == 1 && config.singletons == Singletons::Verl;
             for (&i, &v) in m.iter().zip(&x) {
                 let a = match config.modes[j] {
+                    // verl's groups of one: mean 0, std 1
+                    AdvantageMode::Grpo if verl_one => v / (1.0 + config.eps),
+                    AdvantageMode::DrGrpo | AdvantageMode::Rloo if verl_one => v,
+                    AdvantageMode::BatchStd if verl_one => v / (batch_std + config.eps),
                     AdvantageMode::Grpo if n < 2 => 0.0,
                     AdvantageMode::Grpo => (v - mu) / (sd + config.eps),
                     AdvantageMode::DrGrpo => v - mu,

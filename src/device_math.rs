@@ -88,6 +88,7 @@ extern "C" {
         n: c_int,
         batch_sd: f64,
         eps: f64,
+        verl_singletons: c_int,
     ) -> f64;
     fn recap_host_difficulty_weight(rho: f64, a: f64, b: f64, rho0: f64, k: f64) -> f64;
     #[allow(clippy::too_many_arguments)]
@@ -267,9 +268,22 @@ pub fn advantage(
     n: i32,
     batch_sd: f64,
     eps: f64,
+    verl_singletons: bool,
 ) -> f64 {
     // SAFETY: pure C function over scalars.
-    unsafe { recap_host_advantage(mode, v, mu, sd, sum, n, batch_sd, eps) }
+    unsafe {
+        recap_host_advantage(
+            mode,
+            v,
+            mu,
+            sd,
+            sum,
+            n,
+            batch_sd,
+            eps,
+            verl_singletons as c_int,
+        )
+    }
 }
 
 /// `recap_difficulty_weight` of train_math.cuh.

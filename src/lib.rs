@@ -40,6 +40,7 @@ pub mod train;
 
 pub use advantages::{
     group_advantages, AdvantageConfig, AdvantageMode, DifficultyWeights, Groups, LeadOptions,
+    Singletons,
 };
 pub use backend::Backend;
 pub use config::{

@@ -5,7 +5,8 @@ mod common;
 
 use common::assert_close;
 use recap_kernels::{
-    group_advantages, AdvantageConfig, AdvantageMode, DifficultyWeights, Error, Groups, LeadOptions,
+    group_advantages, AdvantageConfig, AdvantageMode, DifficultyWeights, Error, Groups,
+    LeadOptions, Singletons,
 };
 
 fn adv(
@@ -21,9 +22,71 @@ fn adv(
         eps: 1e-6,
         lead,
         reward_weights: None,
+        singletons: recap_kernels::Singletons::Zero,
     };
     group_advantages(rewards, groups, lengths, &cfg, &mut out).unwrap();
     out
+}
+
+/// Groups of one rollout: 0 in every mode by default; verl's convention (mean 0, std 1) on request,
+/// as verl's compute_grpo_outcome_advantage / rloo give it. Groups of several are unchanged.
+#[test]
+fn groups_of_one_by_hand() {
+    // ids: rollout 0 alone in group 7, rollouts 1..4 in group 3 (rewards 1, 0, 1)
+    let rewards = [2.0f32, 1.0, 0.0, 1.0];
+    let ids = [7, 3, 3, 3];
+    let modes = [
+        AdvantageMode::Grpo,
+        AdvantageMode::DrGrpo,
+        AdvantageMode::Rloo,
+        AdvantageMode::BatchStd,
+    ];
+    // batch std of [2, 1, 0, 1]: mean 1, unbiased var 2/3
+    let batch_sd = (2.0f64 / 3.0).sqrt();
+    let verl_one = [2.0 / (1.0 + 1e-6), 2.0, 2.0, 2.0 / (batch_sd + 1e-6)];
+    for (mode, want) in modes.into_iter().zip(verl_one) {
+        for singletons in [
+            recap_kernels::Singletons::Zero,
+            recap_kernels::Singletons::Verl,
+        ] {
+            let cfg = AdvantageConfig {
+                modes: vec![mode],
+                eps: 1e-6,
+                lead: None,
+                reward_weights: None,
+                singletons,
+            };
+            let mut out = vec![f32::NAN; 4];
+            group_advantages(&rewards, Groups::Ids(&ids), None, &cfg, &mut out).unwrap();
+            let lone = if singletons == recap_kernels::Singletons::Verl {
+                want
+            } else {
+                0.0
+            };
+            assert_close(
+                &format!("{mode:?} {singletons:?} lone"),
+                out[0] as f64,
+                lone,
+                1e-6,
+                1e-6,
+            );
+            let rest = adv(&rewards, Groups::Ids(&ids), &[mode], None, None);
+            assert_eq!(
+                &out[1..],
+                &rest[1..],
+                "{mode:?}: the group of three is unchanged"
+            );
+        }
+    }
+    assert_eq!(
+        "verl".parse::<recap_kernels::Singletons>().unwrap(),
+        recap_kernels::Singletons::Verl
+    );
+    assert!("one"
+        .parse::<recap_kernels::Singletons>()
+        .unwrap_err()
+        .to_string()
+        .contains("singletons"));
 }
 
 /// TRL's sum-then-normalize (RECAP's weights on the rewards): the advantage of `sum_k w_k r_k`.
@@ -258,6 +321,7 @@ fn bad_inputs_name_the_argument() {
         eps: 1e-6,
         lead: None,
         reward_weights: None,
+        singletons: recap_kernels::Singletons::Zero,
     };
     let mut out = vec![0f32; 5];
     let arg = |e: Error| match e {
@@ -361,6 +425,11 @@ fn gpu_matches_the_cpu_reference() {
                     length_alpha: Some(0.05),
                 }),
                 reward_weights: None,
+                singletons: if b % 2 == 0 {
+                    Singletons::Verl
+                } else {
+                    Singletons::Zero
+                },
             };
             if lead {
                 for i in 0..b {
@@ -408,6 +477,7 @@ fn gpu_matches_the_cpu_reference() {
         eps: 1e-6,
         lead: None,
         reward_weights: None,
+        singletons: recap_kernels::Singletons::Zero,
     };
     let mut out = vec![0f32; 4];
     let err = gpu
@@ -451,35 +521,55 @@ fn device_formulas_by_hand() {
     let sd = (1.0f64 / 3.0).sqrt();
     assert_close(
         "grpo",
-        advantage(0, 1.0, 0.5, sd, 2.0, 4, 0.0, 1e-6),
+        advantage(0, 1.0, 0.5, sd, 2.0, 4, 0.0, 1e-6, false),
         0.5 / (sd + 1e-6),
         0.0,
         1e-15,
     );
     assert_close(
         "grpo n=1",
-        advantage(0, 1.0, 1.0, 0.0, 1.0, 1, 0.0, 1e-6),
+        advantage(0, 1.0, 1.0, 0.0, 1.0, 1, 0.0, 1e-6, false),
         0.0,
         0.0,
         0.0,
     );
+    // verl's groups of one: mean 0, std 1
+    for (mode, want) in [
+        (0, 3.0 / (1.0 + 1e-6)),
+        (1, 3.0),
+        (2, 3.0),
+        (3, 3.0 / (2.5 + 1e-6)),
+    ] {
+        assert_close(
+            &format!("mode {mode} n=1 (verl)"),
+            advantage(mode, 3.0, 3.0, 0.0, 3.0, 1, 2.5, 1e-6, true),
+            want,
+            0.0,
+            1e-15,
+        );
+        // larger groups are not affected by the convention
+        assert_eq!(
+            advantage(mode, 1.0, 0.5, sd, 2.0, 4, 2.0, 1e-6, true),
+            advantage(mode, 1.0, 0.5, sd, 2.0, 4, 2.0, 1e-6, false)
+        );
+    }
     assert_close(
         "dr_grpo",
-        advantage(1, 0.0, 0.5, sd, 2.0, 4, 0.0, 1e-6),
+        advantage(1, 0.0, 0.5, sd, 2.0, 4, 0.0, 1e-6, false),
         -0.5,
         0.0,
         1e-15,
     );
     assert_close(
         "rloo",
-        advantage(2, 1.0, 0.5, sd, 2.0, 4, 0.0, 1e-6),
+        advantage(2, 1.0, 0.5, sd, 2.0, 4, 0.0, 1e-6, false),
         1.0 - 1.0 / 3.0,
         0.0,
         1e-15,
     );
     assert_close(
         "batch",
-        advantage(3, 1.0, 0.5, sd, 2.0, 4, 2.0, 0.0),
+        advantage(3, 1.0, 0.5, sd, 2.0, 4, 2.0, 0.0, false),
         0.25,
         0.0,
         1e-15,

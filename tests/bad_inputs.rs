@@ -74,6 +74,7 @@ fn cases(be: &Backend) -> Vec<Case<'_>> {
                 eps,
                 lead,
                 reward_weights: None,
+                singletons: recap_kernels::Singletons::Zero,
             },
             &mut out,
         )

@@ -13,6 +13,7 @@ use proptest::prelude::*;
 use recap_kernels::{
     cpu, group_advantages, AdvantageConfig, AdvantageMode, AggMode, Groups, GrpoConfig,
     HostGrpoInputs, KlEstimator, Logits, LogprobConfig, Mask, ObjectiveKind, PolicyLoss,
+    Singletons,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -312,6 +313,7 @@ proptest! {
             eps: c.eps,
             lead: None,
             reward_weights: None,
+            singletons: if c.group % 2 == 0 { Singletons::Zero } else { Singletons::Verl },
         };
         let mut out = vec![0f32; c.out_len];
         let r = catch_unwind(AssertUnwindSafe(|| {

@@ -389,6 +389,7 @@ fn every_kernel_is_deterministic() {
         eps: 1e-6,
         lead: None,
         reward_weights: None,
+        singletons: recap_kernels::Singletons::Zero,
     };
     let mut first: Option<Vec<u32>> = None;
     for _ in 0..10 {

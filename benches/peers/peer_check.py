@@ -99,18 +99,22 @@ def check_agg_and_kl(core, tally, gen, batches):
 
 def check_advantages(core, tally, gen, batches):
     for _ in range(batches):
-        g, n = 4, 6
-        scores = torch.randint(0, 3, (g * n,), generator=gen).float() / 2
-        mask = torch.ones(g * n, 5)
-        token_rewards = torch.zeros(g * n, 5)
+        # three groups of 6 rollouts and a group of one (verl's convention there: mean 0, std 1)
+        sizes = [6, 6, 6, 1]
+        index = np.repeat(np.arange(len(sizes)), sizes)
+        b = len(index)
+        scores = torch.randint(0, 3, (b,), generator=gen).float() / 2
+        mask = torch.ones(b, 5)
+        token_rewards = torch.zeros(b, 5)
         token_rewards[:, -1] = scores
-        index = np.repeat(np.arange(g), n)
+        ids = torch.as_tensor(index, dtype=torch.int32)
         for name, mode, kwargs in [("grpo", "grpo", {}), ("grpo (norm_adv_by_std_in_grpo=False)", "dr_grpo",
                                                              {"norm_adv_by_std_in_grpo": False}), ("rloo", "rloo", {})]:
             fn = core.compute_rloo_outcome_advantage if mode == "rloo" else core.compute_grpo_outcome_advantage
             theirs, _ = fn(token_rewards, mask, index, epsilon=1e-6, **kwargs)
-            ours = rk.group_advantages(scores, group_size=n, mode=mode, eps=1e-6)
-            tally.add(f"advantages {name}", close(ours, theirs[:, 0], atol=1e-5))
+            ours = rk.group_advantages(scores, group_ids=ids, mode=mode, eps=1e-6, singletons="verl")
+            tally.add(f"advantages {name}, a group of one included (singletons='verl')",
+                      close(ours, theirs[:, 0], atol=1e-5))
 
 
 def check_trl(tally, gen, batches):

@@ -982,6 +982,7 @@ pub unsafe extern "C" fn recap_group_advantages(
             eps,
             lead: None,
             reward_weights: None,
+            singletons: recap::Singletons::Zero,
         };
         let groups = if group_ids.is_null() {
             raw::RawGroups::Consecutive(len("group_size", group_size)?)

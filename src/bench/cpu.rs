@@ -219,6 +219,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
             eps: 1e-6,
             lead: None,
             reward_weights: None,
+            singletons: crate::Singletons::Zero,
         };
         let (tm, runs) = time_us(cfg, || {
             group_advantages(&r, Groups::Consecutive(16), None, &ac, &mut out)

@@ -241,6 +241,7 @@ pub(super) fn run(
             eps: 1e-6,
             lead: None,
             reward_weights: None,
+            singletons: crate::Singletons::Zero,
         };
         let (tm, runs) = timer.time(None, || {
             cuda::group_advantages(

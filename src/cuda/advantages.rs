@@ -2,7 +2,7 @@
 //! [`crate::advantages::group_advantages`].
 
 use super::{addr, addr_mut, addr_slice_mut, params::AdvParams, Gpu, Module};
-use crate::advantages::{validate, AdvantageConfig};
+use crate::advantages::{validate, AdvantageConfig, Singletons};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
@@ -117,6 +117,8 @@ pub fn group_advantages(
             diff_k: diff.map_or(0.0, |d| d.k),
             num_outputs: config.num_outputs() as i32,
             has_reward_weights: config.reward_weights.is_some() as i32,
+            verl_singletons: (config.singletons == Singletons::Verl) as i32,
+            pad0: 0,
             reward_weights: {
                 let mut w = [0f64; 16];
                 if let Some(rw) = &config.reward_weights {

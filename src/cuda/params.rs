@@ -224,6 +224,8 @@ pub struct AdvParams {
     pub diff_k: f64,
     pub num_outputs: i32,
     pub has_reward_weights: i32,
+    pub verl_singletons: i32,
+    pub pad0: i32,
     pub reward_weights: [f64; 16],
 }
 
@@ -288,7 +290,7 @@ pub fn layouts() -> Vec<Vec<usize>> {
             label_logit, label_offset, sharded, pad0),
         layout!(AdvParams; rewards, group_ids, lengths, work, batch_std, out, counts, num_rollouts, num_objectives,
             num_groups, group_size, modes, correctness, has_length, has_difficulty, eps, length_alpha, diff_a,
-            diff_b, diff_rho0, diff_k, num_outputs, has_reward_weights, reward_weights),
+            diff_b, diff_rho0, diff_k, num_outputs, has_reward_weights, verl_singletons, pad0, reward_weights),
         layout!(TrainParams; logits, row_max, row_sum, row_lse, tokens, feat, logp, w, m, v, grad, w_bf16, seed,
             num_rows, vocab, num_tokens, n, counter_base, group, resp_len, lr, beta1, beta2, eps, weight_decay,
             bias1, bias2, pad0),

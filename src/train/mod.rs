@@ -113,6 +113,7 @@ pub(crate) fn advantage_config(rewards_k: usize, weights: Option<Vec<f64>>) -> A
         eps: 1e-6,
         lead: None,
         reward_weights: weights,
+        singletons: crate::Singletons::Zero,
     }
 }
 

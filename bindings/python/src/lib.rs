@@ -1100,7 +1100,7 @@ fn fused_linear_grpo_loss(
 /// mode per objective (grpo, dr_grpo, rloo, batch).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (rewards, group_ids, group_size, num_groups, modes, eps, out))]
+#[pyo3(signature = (rewards, group_ids, group_size, num_groups, modes, eps, singletons, out))]
 fn group_advantages(
     py: Python<'_>,
     rewards: &Bound<'_, PyAny>,
@@ -1109,6 +1109,7 @@ fn group_advantages(
     num_groups: usize,
     modes: Vec<String>,
     eps: f64,
+    singletons: &str,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let first = Tensor::of("rewards", rewards)?;
@@ -1132,6 +1133,7 @@ fn group_advantages(
         eps,
         lead: None,
         reward_weights: None,
+        singletons: singletons.parse().map_err(err)?,
     };
     py.detach(|| raw::group_advantages(call.place, r, groups, None, &cfg, o))
         .map_err(err)

@@ -141,6 +141,13 @@ def test_group_advantages(device):
     torch.testing.assert_close(a[ids == 1, 0], g1 - g1.mean())
     loo = (2 * g0.sum() - 2 * g0) / (len(g0) - 1)
     torch.testing.assert_close(a[ids == 0, 1], 2 * g0 - loo)
+    # a group of one: 0, or verl's mean 0 / std 1
+    lone = torch.tensor([3.0, 1.0, 0.0, 1.0], device=device)
+    gid = torch.tensor([5, 2, 2, 2], device=device)
+    for mode, want in [("grpo", 3.0 / (1 + 1e-6)), ("dr_grpo", 3.0), ("rloo", 3.0)]:
+        assert rk.group_advantages(lone, group_ids=gid, num_groups=6, mode=mode)[0].item() == 0.0
+        got = rk.group_advantages(lone, group_ids=gid, num_groups=6, mode=mode, singletons="verl")
+        torch.testing.assert_close(got[0], torch.tensor(want, device=device))
 
 
 def test_recap_weights():

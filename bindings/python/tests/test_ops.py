@@ -54,7 +54,7 @@ def cases():
                                                                         None, None, False, s["cfg"], 1.0, 5, 0,
                                                                         True)),
         "group_advantages": (ops.group_advantages.default, (torch.randn(8, 2, generator=g), None, 4, 0,
-                                                            "grpo,rloo", 1e-6)),
+                                                            "grpo,rloo", 1e-6, "verl")),
     }
 
 

@@ -317,12 +317,13 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_l
 
 def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group_ids: Optional[Tensor] = None,
                      num_groups: Optional[int] = None, mode: Union[str, Sequence[str]] = "grpo",
-                     eps: float = 1e-6) -> Tensor:
+                     eps: float = 1e-6, singletons: str = "zero") -> Tensor:
     """GRPO group advantages of ``rewards`` ``[B]`` or ``[B, K]``: groups of ``group_size``
     consecutive rollouts, or ``group_ids`` ``[B]`` (any ids on the CPU; on a GPU dense ids in
     ``[0, num_groups)`` with ``num_groups`` given, so nothing is read back). ``mode``: grpo
     (``(r - mean) / (std + eps)``), dr_grpo, rloo or batch, one for all objectives or one each.
-    Not differentiable."""
+    A group of one rollout gets 0, or with ``singletons="verl"`` verl's convention (mean 0, std 1:
+    grpo ``r / (1 + eps)``, dr_grpo and rloo ``r``). Not differentiable."""
     r = _float("rewards", rewards)
     one = r.dim() == 1
     r2 = r.reshape(r.shape[0], -1) if not one else r.reshape(-1, 1)
@@ -335,9 +336,9 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
                 raise RecapError("invalid argument `num_groups`: required with group ids on a GPU (counting them "
                                  "would synchronize)")
             num_groups = 0  # any ids on the CPU
-        out = ops.group_advantages(r2, ids, 0, int(num_groups), ",".join(modes), float(eps))
+        out = ops.group_advantages(r2, ids, 0, int(num_groups), ",".join(modes), float(eps), str(singletons))
     else:
         if group_size is None:
             raise RecapError("invalid argument `group_size`: give group_size or group_ids")
-        out = ops.group_advantages(r2, None, int(group_size), 0, ",".join(modes), float(eps))
+        out = ops.group_advantages(r2, None, int(group_size), 0, ",".join(modes), float(eps), str(singletons))
     return out.view(r.shape)

@@ -329,17 +329,18 @@ fused_linear_grpo_loss.register_autograd(_linear_backward, setup_context=_linear
 # --- group advantages ---------------------------------------------------------------------------
 @torch.library.custom_op("recap::group_advantages", mutates_args=())
 def group_advantages(rewards: Tensor, group_ids: Optional[Tensor], group_size: int, num_groups: int,
-                     modes: str, eps: float) -> Tensor:
+                     modes: str, eps: float, singletons: str) -> Tensor:
     """Group advantages of ``rewards`` [B, K]; ``modes``: one per objective, comma-separated (grpo,
-    dr_grpo, rloo, batch). Not differentiable."""
+    dr_grpo, rloo, batch); ``singletons``: what a group of one gets, ``zero`` or ``verl``. Not
+    differentiable."""
     out = _empty(rewards, rewards.shape, torch.float32)
     rewards, group_ids = _contig(rewards, group_ids)
-    _native.group_advantages(rewards, group_ids, group_size, num_groups, modes.split(","), eps, out)
+    _native.group_advantages(rewards, group_ids, group_size, num_groups, modes.split(","), eps, singletons, out)
     return out
 
 
 @group_advantages.register_fake
-def _(rewards, group_ids, group_size, num_groups, modes, eps):
+def _(rewards, group_ids, group_size, num_groups, modes, eps, singletons):
     return _empty(rewards, rewards.shape, torch.float32)
 
 
