@@ -245,7 +245,7 @@ impl Backend {
     ) -> Result<()> {
         let gpu = match self {
             Backend::Cpu => {
-                return cpu::logprob_forward(logits, labels, config, logp, entropy, lse)
+                return cpu::logprob_forward(logits, labels, config, logp, Some(entropy), lse)
             }
             Backend::Cuda(g) => g,
         };

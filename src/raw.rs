@@ -655,14 +655,7 @@ pub fn logprob_forward<E: LogitElem>(
     run(
         place,
         |m| {
-            let mut scratch;
-            let h = match entropy {
-                Some(e) => m.rw("entropy", e)?,
-                None => {
-                    scratch = vec![0f32; logits.rows];
-                    &mut scratch[..]
-                }
-            };
+            let h = entropy.map(|e| m.rw("entropy", e)).transpose()?;
             crate::cpu::logprob_forward(
                 &logits_ro(m, logits)?,
                 m.ro("labels", labels)?,

@@ -286,7 +286,7 @@ proptest! {
                 &c.labels,
                 &LogprobConfig { temperature: c.temperature, ..LogprobConfig::default() },
                 &mut lp,
-                &mut h,
+                Some(&mut h),
                 &mut lse,
             )
         }));

@@ -126,7 +126,7 @@ fn shards_reproduce_the_whole_vocabulary() {
             &c.labels,
             &cfg,
             &mut lp,
-            &mut h,
+            Some(&mut h),
             &mut l,
         )
         .unwrap();

@@ -130,7 +130,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
                 &labels,
                 &lc,
                 &mut lp,
-                &mut h,
+                Some(&mut h),
                 &mut l,
             )
         })?;

@@ -50,13 +50,14 @@ pub(crate) fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<
 }
 
 /// Kernel 4 on the CPU: per row, `logp = z_y/tau - LSE(z/tau)` (0 for ignored labels), the entropy
-/// of `softmax(z/tau)` and the LSE, into `[T]` outputs.
+/// of `softmax(z/tau)` (when `entropy` is given) and the LSE, into `[T]` outputs: the arguments of
+/// `cuda::logprob_forward` on host slices.
 pub fn logprob_forward<E: LogitElem>(
     logits: &Logits<&[E]>,
     labels: &[i32],
     config: &LogprobConfig,
     logp: &mut [f32],
-    entropy: &mut [f32],
+    mut entropy: Option<&mut [f32]>,
     lse: &mut [f32],
 ) -> Result<()> {
     config.validate()?;
@@ -64,7 +65,9 @@ pub fn logprob_forward<E: LogitElem>(
     let t = logits.rows;
     check_len("labels", labels.len(), t, "[T] (the rows of logits)")?;
     check_len("logp", logp.len(), t, "[T]")?;
-    check_len("entropy", entropy.len(), t, "[T]")?;
+    if let Some(h) = &entropy {
+        check_len("entropy", h.len(), t, "[T]")?;
+    }
     check_len("lse", lse.len(), t, "[T]")?;
     check_labels(labels, logits.vocab, config.ignore_index)?;
     let inv_tau = 1.0 / config.temperature as f64;
@@ -77,7 +80,9 @@ pub fn logprob_forward<E: LogitElem>(
         } else {
             (row[y as usize].to_f32() as f64 * inv_tau - l) as f32
         };
-        entropy[r] = h as f32;
+        if let Some(e) = entropy.as_deref_mut() {
+            e[r] = h as f32;
+        }
         lse[r] = l as f32;
     }
     Ok(())
@@ -189,7 +194,7 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
         inputs.labels,
         logits_config,
         &mut logp,
-        &mut ent,
+        Some(&mut ent),
         &mut lse,
     )?;
     let valid: Vec<f32> = (0..t)
