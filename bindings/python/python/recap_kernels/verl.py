@@ -144,76 +144,40 @@ def _policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor, advanta
     return loss, metrics
 
 
-def compute_policy_loss_vanilla(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                                loss_agg_mode: str = "token-mean", config=None,
-                                rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """verl's ``compute_policy_loss_vanilla``: the dual-clip PPO surrogate, ``(pg_loss, pg_metrics)``."""
-    return _policy_loss("vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                        rollout_is_weights)
+def _verl_loss(mode: str, doc: str):
+    """verl's ``compute_policy_loss_<mode>``, with verl's signature."""
+
+    def loss_fn(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                loss_agg_mode: str = "token-mean", config=None,
+                rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+        return _policy_loss(mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                            rollout_is_weights)
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"compute_policy_loss_{mode}"
+    loss_fn.__doc__ = doc
+    return loss_fn
 
 
-def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                             loss_agg_mode: str = "seq-mean-token-mean", config=None,
-                             rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """verl's ``compute_policy_loss_gspo`` (sequence ratio in its GSPO-token form)."""
-    return _policy_loss("gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                        rollout_is_weights)
+compute_policy_loss_vanilla = _verl_loss(
+    "vanilla", "verl's ``compute_policy_loss_vanilla``: the dual-clip PPO surrogate, ``(pg_loss, pg_metrics)``.")
+compute_policy_loss_gspo = _verl_loss(
+    "gspo", "verl's ``compute_policy_loss_gspo`` (sequence ratio in its GSPO-token form).")
+compute_policy_loss_sapo = _verl_loss(
+    "sapo", "verl's ``compute_policy_loss_sapo`` (soft gates, ``tau_pos`` / ``tau_neg``).")
+compute_policy_loss_cispo = _verl_loss(
+    "cispo", "verl's ``compute_policy_loss_cispo`` (clipped, stop-gradient IS weights times log-probs).")
+compute_policy_loss_gpg = _verl_loss("gpg", "verl's ``compute_policy_loss_gpg``: ``-A logp``, no ratio (no metrics, as verl).")
+compute_policy_loss_dppo_tv = _verl_loss(
+    "dppo_tv", "verl's ``compute_policy_loss_dppo_tv``: ``-A sg(min(r, clip_ratio_c)) logp`` on the tokens whose "
+               "probability moved less than the clip thresholds.")
+compute_policy_loss_dppo_kl = _verl_loss(
+    "dppo_kl", "verl's ``compute_policy_loss_dppo_kl``: as DPPO-TV with the binary-KL trust region.")
+compute_policy_loss_dro = _verl_loss(
+    "dro", "verl's ``compute_policy_loss_dro``: ``-(A logp - beta (logp - old)^2 / 2)``, beta from "
+           "``config.policy_loss.dro_beta``.")
 
-
-def compute_policy_loss_sapo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                             loss_agg_mode: str = "seq-mean-token-mean", config=None,
-                             rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """verl's ``compute_policy_loss_sapo`` (soft gates, ``tau_pos`` / ``tau_neg``)."""
-    return _policy_loss("sapo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                        rollout_is_weights)
-
-
-def compute_policy_loss_cispo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                              loss_agg_mode: str = "token-mean", config=None,
-                              rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """verl's ``compute_policy_loss_cispo`` (clipped, stop-gradient IS weights times log-probs)."""
-    return _policy_loss("cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                        rollout_is_weights)
-
-
-def compute_policy_loss_gpg(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                            loss_agg_mode: str = "token-mean", config=None,
-                            rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """verl's ``compute_policy_loss_gpg``: ``-A logp``, no ratio (no metrics, as verl)."""
-    return _policy_loss("gpg", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                        rollout_is_weights)
-
-
-def compute_policy_loss_dppo_tv(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                                loss_agg_mode: str = "token-mean", config=None,
-                                rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """verl's ``compute_policy_loss_dppo_tv``: ``-A sg(min(r, clip_ratio_c)) logp`` on the tokens whose
-    probability moved less than the clip thresholds."""
-    return _policy_loss("dppo_tv", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                        rollout_is_weights)
-
-
-def compute_policy_loss_dppo_kl(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                                loss_agg_mode: str = "token-mean", config=None,
-                                rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """verl's ``compute_policy_loss_dppo_kl``: as DPPO-TV with the binary-KL trust region."""
-    return _policy_loss("dppo_kl", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                        rollout_is_weights)
-
-
-def compute_policy_loss_dro(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                            loss_agg_mode: str = "token-mean", config=None,
-                            rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """verl's ``compute_policy_loss_dro``: ``-(A logp - beta (logp - old)^2 / 2)``, beta from
-    ``config.policy_loss.dro_beta``."""
-    return _policy_loss("dro", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                        rollout_is_weights)
-
-
-POLICY_LOSSES = {"vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo,
-                 "sapo": compute_policy_loss_sapo, "cispo": compute_policy_loss_cispo,
-                 "gpg": compute_policy_loss_gpg, "dppo_tv": compute_policy_loss_dppo_tv,
-                 "dppo_kl": compute_policy_loss_dppo_kl, "dro": compute_policy_loss_dro}
+POLICY_LOSSES = {mode: globals()[f"compute_policy_loss_{mode}"]
+                 for mode in ["vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "dro"]}
 
 
 def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
