@@ -125,14 +125,13 @@ static const size_t tp_layout[] = {
     F(RecapTpParams, num_shards), F(RecapTpParams, ignore_index)};
 static const size_t adv_layout[] = {
     sizeof(RecapAdvParams), F(RecapAdvParams, rewards), F(RecapAdvParams, group_ids), F(RecapAdvParams, lengths),
-    F(RecapAdvParams, work), F(RecapAdvParams, batch_std), F(RecapAdvParams, out), F(RecapAdvParams, counts),
-    F(RecapAdvParams, num_rollouts), F(RecapAdvParams, num_objectives), F(RecapAdvParams, num_groups),
-    F(RecapAdvParams, group_size), F(RecapAdvParams, modes), F(RecapAdvParams, correctness),
-    F(RecapAdvParams, has_length), F(RecapAdvParams, has_difficulty), F(RecapAdvParams, eps),
-    F(RecapAdvParams, length_alpha), F(RecapAdvParams, diff_a), F(RecapAdvParams, diff_b),
-    F(RecapAdvParams, diff_rho0), F(RecapAdvParams, diff_k), F(RecapAdvParams, num_outputs),
-    F(RecapAdvParams, has_reward_weights),
-    F(RecapAdvParams, verl_singletons), F(RecapAdvParams, pad0), F(RecapAdvParams, reward_weights)};
+    F(RecapAdvParams, work), F(RecapAdvParams, batch_std), F(RecapAdvParams, pre), F(RecapAdvParams, out),
+    F(RecapAdvParams, counts), F(RecapAdvParams, num_rollouts), F(RecapAdvParams, num_objectives),
+    F(RecapAdvParams, num_groups), F(RecapAdvParams, group_size), F(RecapAdvParams, modes),
+    F(RecapAdvParams, correctness), F(RecapAdvParams, has_length), F(RecapAdvParams, has_difficulty),
+    F(RecapAdvParams, verl_singletons), F(RecapAdvParams, eps), F(RecapAdvParams, length_alpha),
+    F(RecapAdvParams, diff_a), F(RecapAdvParams, diff_b), F(RecapAdvParams, diff_rho0), F(RecapAdvParams, diff_k),
+    F(RecapAdvParams, num_outputs), F(RecapAdvParams, has_reward_weights), F(RecapAdvParams, reward_weights)};
 static const size_t train_layout[] = {
     sizeof(RecapTrainParams), F(RecapTrainParams, logits), F(RecapTrainParams, row_max), F(RecapTrainParams, row_sum),
     F(RecapTrainParams, row_lse), F(RecapTrainParams, tokens), F(RecapTrainParams, feat), F(RecapTrainParams, logp),
@@ -176,10 +175,16 @@ void recap_host_constants(int* out) {
  * `recap train` calls these, so both backends run one definition), and the advantage formulas. */
 double recap_host_draw(uint64_t seed, uint64_t counter) { return recap_draw(seed, counter); }
 
-double recap_host_advantage(int mode, double v, double mu, double sd, double sum, int n, double batch_sd, double eps,
+double recap_host_advantage(int mode, double v, double mu, double sd, double sum, int n, double vmax, double v2nd,
+                            int n_max, double len_mean, double batch_sd, double batch_alpha, double eps,
                             int verl_singletons) {
-    return recap_advantage(mode, v, mu, sd, sum, n, batch_sd, eps, verl_singletons);
+    return recap_advantage(mode, v, mu, sd, sum, n, vmax, v2nd, n_max, len_mean, batch_sd, batch_alpha, eps,
+                           verl_singletons);
 }
+
+double recap_host_whiten(double x, double m, double var, double n_tokens) { return recap_whiten(x, m, var, n_tokens); }
+
+double recap_host_batch_normalize(double x, double m, double sd, double eps) { return recap_batch_normalize(x, m, sd, eps); }
 
 double recap_host_difficulty_weight(double rho, double a, double b, double rho0, double k) {
     return recap_difficulty_weight(rho, a, b, rho0, k);

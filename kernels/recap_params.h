@@ -257,34 +257,46 @@ typedef struct RecapTpParams {
     int32_t ignore_index;
 } RecapTpParams;
 
-/* Advantage modes (2 bits per objective in RecapAdvParams.modes). */
-#define RECAP_ADV_GRPO 0     /* (r - mean_g) / (std_g + eps), unbiased std; a group of one gives 0 */
-#define RECAP_ADV_DR_GRPO 1  /* r - mean_g                                                        */
-#define RECAP_ADV_RLOO 2     /* r - mean of the others; a group of one gives 0                      */
-#define RECAP_ADV_BATCH_STD 3 /* (r - mean_g) / (std of the batch + eps)                            */
+/* Advantage modes (4 bits per objective in RecapAdvParams.modes). n: group size, mu: group mean. */
+#define RECAP_ADV_GRPO 0      /* (r - mu) / (std_g + eps), unbiased std; a group of one gives 0       */
+#define RECAP_ADV_DR_GRPO 1   /* r - mu                                                               */
+#define RECAP_ADV_RLOO 2      /* r - mean of the others; a group of one gives 0                       */
+#define RECAP_ADV_BATCH_STD 3 /* (r - mu) / (std of the batch + eps)                                  */
+#define RECAP_ADV_PASSK 4     /* the group's unique best: (r_max - r_2nd) / (std_g + eps), others 0   */
+#define RECAP_ADV_PASSK_DR 5  /* as PASSK without the std: r_max - r_2nd                              */
+#define RECAP_ADV_OPO 6       /* r - sum_g(len r) / sum_g(len), the length-weighted group baseline    */
+#define RECAP_ADV_GPG 7       /* (B / max(1, nonzero rewards of the batch)) (r - mu)                  */
+#define RECAP_ADV_RFPP 8      /* REINFORCE++ (gamma 1): r whitened over the batch's tokens            */
+#define RECAP_ADV_RFPP_BASELINE 9 /* REINFORCE++ baseline: r - mu whitened over the batch's tokens    */
+#define RECAP_ADV_GDPO 10     /* GDPO: sum_k w_k (r_k - mu_k) / (std_k + eps), normalized over the batch */
+#define RECAP_ADV_MODES 11    /* number of modes                                                      */
 
 /*
  * Parameters of the group-advantage kernels (advantages.cu). Rollout i belongs to group
  * i / group_size (group_ids == 0) or group_ids[i] (dense ids in [0, num_groups)). With reward
  * weights the K reward columns are combined, sum_k w_k r_k, into one column before the advantage
- * (out is then [B, 1] and modes bits 0..1 apply).
+ * (out is then [B, 1] and modes bits 0..3 apply).
  */
 typedef struct RecapAdvParams {
     uint64_t rewards;    /* const float[B, K]                                                  */
     uint64_t group_ids;  /* const int32_t[B], or 0: consecutive groups of group_size           */
-    uint64_t lengths;    /* const int32_t[B] (length-dependent reward), or 0                   */
+    uint64_t lengths;    /* const int32_t[B] response lengths (tokens), or 0                    */
     uint64_t work;       /* double[B, K]: rewards after the GRPO-LEAD length reward (written)  */
-    uint64_t batch_std;  /* double[K]: unbiased std of each column of work (written)           */
+    uint64_t batch_std;  /* double[2 K_out]: per output column the unbiased std of the batch's
+                            values, then the count of its non-zero values (written)             */
+    uint64_t pre;        /* double[B, K_out]: REINFORCE++ / GDPO values before the batch step (written) */
     uint64_t out;        /* float[B, K] advantages                                              */
-    uint64_t counts;     /* int32_t[num_groups]: members of each group (written)                */
+    uint64_t counts;     /* int32_t[num_groups + 2]: members of each group, then the non-finite
+                            rewards, then the negative lengths (written)                        */
     int32_t num_rollouts;
     int32_t num_objectives;
     int32_t num_groups;
     int32_t group_size;  /* for consecutive groups                                               */
-    uint32_t modes;      /* bits 2k..2k+1: RECAP_ADV_* of objective k                            */
+    uint64_t modes;      /* bits 4k..4k+3: RECAP_ADV_* of output column k                        */
     int32_t correctness; /* GRPO-LEAD correctness objective, or -1                              */
     int32_t has_length;  /* 1: length-dependent accuracy reward on objective `correctness`      */
     int32_t has_difficulty; /* 1: difficulty-aware reweighting                                  */
+    int32_t verl_singletons; /* 1: a group of one rollout has mean 0 and std 1 (verl), else 0   */
     double eps;
     double length_alpha;
     double diff_a;
@@ -293,8 +305,6 @@ typedef struct RecapAdvParams {
     double diff_k;
     int32_t num_outputs;        /* K, or 1 with reward weights                                   */
     int32_t has_reward_weights; /* 1: the advantage of sum_k w_k r_k (TRL's sum-then-normalize)  */
-    int32_t verl_singletons;    /* 1: a group of one rollout has mean 0 and std 1 (verl), else 0 */
-    int32_t pad0;
     double reward_weights[16];  /* w_k of the K reward columns                                   */
 } RecapAdvParams;
 

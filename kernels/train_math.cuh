@@ -9,7 +9,11 @@
  *   on every backend, so a seed reproduces a run.
  * Advantage of reward v in a group of n rollouts with mean mu, unbiased std sd and sum s:
  *   grpo (v - mu) / (sd + eps) (0 when n < 2); dr_grpo v - mu; rloo v - (s - v) / (n - 1)
- *   (0 when n < 2); batch_std (v - mu) / (batch_sd + eps).
+ *   (0 when n < 2); batch_std (v - mu) / (batch_sd + eps); grpo_passk (vmax - v2nd) / (sd + eps)
+ *   for the group's unique best, 0 for the others; opo v - sum(len v) / sum(len); gpg
+ *   B / max(1, nonzero) (v - mu); reinforce_plus_plus v and its baseline v - mu, whitened over the
+ *   batch's tokens (recap_whiten); gdpo the grpo value of each reward column, their weighted sum
+ *   normalized over the batch (recap_batch_normalize).
  * GRPO-LEAD difficulty weight: w(rho) = a + (b - a) / (1 + exp(k (rho - rho0))).
  * AdamW (decoupled weight decay, as torch.optim.AdamW):
  *   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
@@ -28,26 +32,63 @@ RECAP_HD double recap_draw(uint64_t seed, uint64_t counter) {
     return (double)(z >> 11) / 9007199254740992.0; /* 2^53 */
 }
 
-/* The advantage of value v in a group of n with mean mu, unbiased std sd and sum `sum`. A group of one
- * gives 0 (no baseline to compare with), or with verl_singletons verl's convention: mean 0 and std 1,
- * so GRPO gives v / (1 + eps), Dr. GRPO and RLOO v, batch std v / (batch_sd + eps). */
-RECAP_HD double recap_advantage(int mode, double v, double mu, double sd, double sum, int n, double batch_sd,
+/* The advantage of value v in a group of n with mean mu, unbiased std sd, sum `sum`, largest value
+ * vmax held by n_max members, largest value below it v2nd (vmax when n_max >= 2) and length-weighted
+ * mean len_mean (sum len v / sum len; mu when the lengths sum to 0); batch_sd is the unbiased std of
+ * the batch's values, batch_alpha = B / max(1, non-zero values of the batch) (GPG). REINFORCE++'s
+ * modes return the value before the whitening (recap_whiten). A group of one gives 0 in the
+ * group-relative modes (its own mean is its baseline), or with verl_singletons verl's convention:
+ * mean 0 and std 1, so GRPO gives v / (1 + eps), Dr. GRPO, RLOO and OPO v, batch std
+ * v / (batch_sd + eps), GPG batch_alpha v, the REINFORCE++ baseline v before the whitening; Pass@k
+ * gives 0 either way (verl raises). */
+RECAP_HD double recap_advantage(int mode, double v, double mu, double sd, double sum, int n, double vmax,
+                                double v2nd, int n_max, double len_mean, double batch_sd, double batch_alpha,
                                 double eps, int verl_singletons) {
+    if (mode == RECAP_ADV_RFPP) return v;
+    if (mode == RECAP_ADV_GDPO) mode = RECAP_ADV_GRPO; /* per reward column, before the weighted sum */
     if (n == 1 && verl_singletons) {
         switch (mode) {
         case RECAP_ADV_GRPO: return v / (1.0 + eps);
-        case RECAP_ADV_DR_GRPO:
-        case RECAP_ADV_RLOO: return v;
-        default: return v / (batch_sd + eps);
+        case RECAP_ADV_BATCH_STD: return v / (batch_sd + eps);
+        case RECAP_ADV_PASSK:
+        case RECAP_ADV_PASSK_DR: return 0.0;
+        case RECAP_ADV_GPG: return batch_alpha * v;
+        default: return v; /* dr_grpo, rloo, opo, the REINFORCE++ baseline */
         }
     }
     switch (mode) {
     case RECAP_ADV_GRPO: return n < 2 ? 0.0 : (v - mu) / (sd + eps);
     case RECAP_ADV_DR_GRPO: return v - mu;
     case RECAP_ADV_RLOO: return n < 2 ? 0.0 : v - (sum - v) / (double)(n - 1);
-    default: return (v - mu) / (batch_sd + eps);
+    case RECAP_ADV_BATCH_STD: return (v - mu) / (batch_sd + eps);
+    case RECAP_ADV_PASSK:
+    case RECAP_ADV_PASSK_DR: {
+        if (n < 2 || n_max != 1 || v != vmax) return 0.0;
+        const double gap = vmax - v2nd;
+        return mode == RECAP_ADV_PASSK ? gap / (sd + eps) : gap;
+    }
+    case RECAP_ADV_OPO: return v - len_mean;
+    case RECAP_ADV_GPG: return batch_alpha * (v - mu);
+    default: return v - mu; /* the REINFORCE++ baseline, before the whitening */
     }
 }
+
+/* 1: the mode's advantages take a second, batch-wide step (REINFORCE++'s whitening over the
+ * tokens, GDPO's normalization over the rollouts). */
+RECAP_HD int recap_adv_whitened(int mode) {
+    return mode == RECAP_ADV_RFPP || mode == RECAP_ADV_RFPP_BASELINE || mode == RECAP_ADV_GDPO;
+}
+
+/* verl's masked_whiten of a value x constant over each rollout's tokens: with N = sum len, the token
+ * mean m = S / (N + 1e-8) (S = sum len x) and the unbiased token variance
+ * var = (sum len (x - m)^2) / (N + 1e-8) * N / (N - 1), (x - m) / sqrt(var + 1e-8); 0 when N < 2. */
+RECAP_HD double recap_whiten(double x, double m, double var, double n_tokens) {
+    return n_tokens < 2.0 ? 0.0 : (x - m) / sqrt(var + 1e-8);
+}
+
+/* GDPO's (TRL's normalize_then_sum) last step: (x - m) / (sd + eps), m and sd the mean and unbiased
+ * std of the batch's combined values (sd 0 for fewer than two rollouts). */
+RECAP_HD double recap_batch_normalize(double x, double m, double sd, double eps) { return (x - m) / (sd + eps); }
 
 RECAP_HD double recap_difficulty_weight(double rho, double a, double b, double rho0, double k) {
     return a + (b - a) / (1.0 + exp(k * (rho - rho0)));

@@ -8,11 +8,28 @@
 //! dr_grpo   r - m                       (Dr. GRPO: no std scaling)
 //! rloo      r - (sum - r) / (n - 1)     leave-one-out baseline; a group of one gives 0
 //! batch     (r - m) / (std_batch + eps) TRL's scale_rewards="batch": unbiased std of all B rewards
+//! grpo_passk    the group's unique best gets (r_max - r_2nd) / (std + eps), the others 0 (a tie for
+//!               the best gives 0 to all); Pass@k training, verl's grpo_passk
+//! dr_grpo_passk the same without the std (verl's norm_adv_by_std_in_grpo = False)
+//! opo       r - sum(len r) / sum(len)   length-weighted baseline (the plain mean when sum(len) = 0)
+//! gpg       (B / max(1, nnz)) (r - m)   nnz: the batch's non-zero rewards (verl's gpg, f_norm 1)
+//! reinforce_plus_plus           r, whitened over the batch's tokens (gamma 1)
+//! reinforce_plus_plus_baseline  r - m, whitened over the batch's tokens
+//! gdpo      x = sum_k w_k grpo_k(r_k) (grpo of each reward column), then (x - mean_B) / (std_B + eps)
+//!           (TRL's multi_objective_aggregation="normalize_then_sum"; without weights, one column)
 //! ```
 //!
-//! A group of one rollout gives 0 in every mode (nothing to compare it with), or with
-//! [`Singletons::Verl`] verl's convention: mean 0 and std 1 (GRPO `r / (1 + eps)`, Dr. GRPO and RLOO
-//! `r`, batch `r / (std_batch + eps)`).
+//! REINFORCE++'s whitening is verl's `masked_whiten` of a value constant over each rollout's
+//! tokens: with `len` the response lengths and N = sum(len) over the batch, the token mean
+//! `mu = sum(len x) / (N + 1e-8)`, the unbiased token variance
+//! `var = sum(len (x - mu)^2) / (N + 1e-8) * N / (N - 1)`, then `(x - mu) / sqrt(var + 1e-8)`
+//! (0 when N < 2, where verl raises). opo and both REINFORCE++ modes need `lengths`.
+//!
+//! A group of one rollout gives 0 in the group-relative modes (nothing to compare it with; its own
+//! mean is its baseline, so REINFORCE++'s baseline form whitens a 0), or with [`Singletons::Verl`]
+//! verl's convention: mean 0 and std 1 (GRPO `r / (1 + eps)`, Dr. GRPO, RLOO and OPO `r`, batch
+//! `r / (std_batch + eps)`, GPG `alpha r`, REINFORCE++'s baseline form `r` before the whitening).
+//! Pass@k gives a group of one 0 either way (verl raises).
 //!
 //! GRPO-LEAD options on a designated correctness objective c (rewards 0/1):
 //! - length-dependent accuracy reward: a correct response (r > 0) gets `exp(-alpha z)`, z its length
@@ -37,22 +54,97 @@ pub enum AdvantageMode {
     Rloo,
     /// `(r - mean_g) / (std of the batch + eps)`.
     BatchStd,
+    /// Pass@k: the group's unique best `(r_max - r_2nd) / (std_g + eps)`, the others 0.
+    PassK,
+    /// Pass@k without the std: `r_max - r_2nd`.
+    PassKDr,
+    /// OPO: `r - sum_g(len r) / sum_g(len)` (needs lengths).
+    Opo,
+    /// GPG: `(B / max(1, non-zero rewards)) (r - mean_g)`.
+    Gpg,
+    /// REINFORCE++ (gamma 1): `r` whitened over the batch's tokens (needs lengths).
+    ReinforcePlusPlus,
+    /// REINFORCE++ baseline: `r - mean_g` whitened over the batch's tokens (needs lengths).
+    ReinforcePlusPlusBaseline,
+    /// GDPO (TRL's `multi_objective_aggregation="normalize_then_sum"`): each reward column's GRPO
+    /// value, their weighted sum (with `reward_weights`), normalized over the batch.
+    Gdpo,
+}
+
+impl AdvantageMode {
+    /// Every mode, in the order of their codes.
+    pub const ALL: [AdvantageMode; 11] = [
+        AdvantageMode::Grpo,
+        AdvantageMode::DrGrpo,
+        AdvantageMode::Rloo,
+        AdvantageMode::BatchStd,
+        AdvantageMode::PassK,
+        AdvantageMode::PassKDr,
+        AdvantageMode::Opo,
+        AdvantageMode::Gpg,
+        AdvantageMode::ReinforcePlusPlus,
+        AdvantageMode::ReinforcePlusPlusBaseline,
+        AdvantageMode::Gdpo,
+    ];
+
+    /// The mode's name (`FromStr` reads it back).
+    pub fn name(self) -> &'static str {
+        match self {
+            AdvantageMode::Grpo => "grpo",
+            AdvantageMode::DrGrpo => "dr_grpo",
+            AdvantageMode::Rloo => "rloo",
+            AdvantageMode::BatchStd => "batch",
+            AdvantageMode::PassK => "grpo_passk",
+            AdvantageMode::PassKDr => "dr_grpo_passk",
+            AdvantageMode::Opo => "opo",
+            AdvantageMode::Gpg => "gpg",
+            AdvantageMode::ReinforcePlusPlus => "reinforce_plus_plus",
+            AdvantageMode::ReinforcePlusPlusBaseline => "reinforce_plus_plus_baseline",
+            AdvantageMode::Gdpo => "gdpo",
+        }
+    }
+
+    /// Whether the mode reads the response lengths.
+    pub fn needs_lengths(self) -> bool {
+        matches!(
+            self,
+            AdvantageMode::Opo
+                | AdvantageMode::ReinforcePlusPlus
+                | AdvantageMode::ReinforcePlusPlusBaseline
+        )
+    }
+
+    /// Whether the mode takes a second, batch-wide step after the group one (REINFORCE++'s
+    /// whitening over the tokens, GDPO's normalization over the rollouts).
+    pub fn whitened(self) -> bool {
+        matches!(
+            self,
+            AdvantageMode::ReinforcePlusPlus
+                | AdvantageMode::ReinforcePlusPlusBaseline
+                | AdvantageMode::Gdpo
+        )
+    }
 }
 
 impl std::str::FromStr for AdvantageMode {
     type Err = Error;
-    /// `grpo`, `dr_grpo`, `rloo` or `batch` (TRL's `scale_rewards="batch"`).
+    /// `grpo`, `dr_grpo`, `rloo`, `batch` (TRL's `scale_rewards="batch"`), `grpo_passk`,
+    /// `dr_grpo_passk`, `opo`, `gpg`, `reinforce_plus_plus`, `reinforce_plus_plus_baseline` or
+    /// `gdpo`.
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "grpo" => Ok(AdvantageMode::Grpo),
-            "dr_grpo" => Ok(AdvantageMode::DrGrpo),
-            "rloo" => Ok(AdvantageMode::Rloo),
-            "batch" => Ok(AdvantageMode::BatchStd),
-            _ => Err(Error::invalid_argument(
-                "modes",
-                format!("unknown advantage mode {s:?}; expected grpo, dr_grpo, rloo or batch"),
-            )),
-        }
+        AdvantageMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = AdvantageMode::ALL.iter().map(|m| m.name()).collect();
+                Error::invalid_argument(
+                    "modes",
+                    format!(
+                        "unknown advantage mode {s:?}; expected one of {}",
+                        names.join(", ")
+                    ),
+                )
+            })
     }
 }
 
@@ -228,16 +320,24 @@ fn unbiased_std(x: &[f64]) -> f64 {
 impl AdvantageMode {
     /// `RECAP_ADV_*` of kernels/recap_params.h.
     pub fn code(self) -> u32 {
-        match self {
-            AdvantageMode::Grpo => 0,
-            AdvantageMode::DrGrpo => 1,
-            AdvantageMode::Rloo => 2,
-            AdvantageMode::BatchStd => 3,
-        }
+        use crate::kernel_layout as h;
+        (match self {
+            AdvantageMode::Grpo => h::ADV_GRPO,
+            AdvantageMode::DrGrpo => h::ADV_DR_GRPO,
+            AdvantageMode::Rloo => h::ADV_RLOO,
+            AdvantageMode::BatchStd => h::ADV_BATCH_STD,
+            AdvantageMode::PassK => h::ADV_PASSK,
+            AdvantageMode::PassKDr => h::ADV_PASSK_DR,
+            AdvantageMode::Opo => h::ADV_OPO,
+            AdvantageMode::Gpg => h::ADV_GPG,
+            AdvantageMode::ReinforcePlusPlus => h::ADV_RFPP,
+            AdvantageMode::ReinforcePlusPlusBaseline => h::ADV_RFPP_BASELINE,
+            AdvantageMode::Gdpo => h::ADV_GDPO,
+        }) as u32
     }
 }
 
-/// Objectives one call handles at most (2 bits of mode each in the kernels' parameters).
+/// Objectives one call handles at most (4 bits of mode each in the kernels' parameters).
 pub const MAX_ADV_OBJECTIVES: usize = 16;
 
 /// Checks the shapes and options of a call on `n_rewards` rewards; returns `(B, K)`.
@@ -301,7 +401,24 @@ pub(crate) fn validate(
             format!("expected a finite eps >= 0, got {}", config.eps),
         ));
     }
+    if let Some(len) = lengths {
+        check_len("lengths", len, b, "[B]")?;
+    } else if let Some(m) = config.modes.iter().find(|m| m.needs_lengths()) {
+        return Err(Error::invalid_argument(
+            "lengths",
+            format!("advantage mode {} needs the [B] response lengths", m.name()),
+        ));
+    }
     if let Some(lead) = &config.lead {
+        if let (Some(_), Some(m)) = (lead.difficulty, config.modes.iter().find(|m| m.whitened())) {
+            return Err(Error::invalid_argument(
+                "config.lead.difficulty",
+                format!(
+                    "GRPO-LEAD's difficulty weights do not combine with {} (whitened over the batch)",
+                    m.name()
+                ),
+            ));
+        }
         if lead.correctness >= k {
             return Err(Error::invalid_argument(
                 "config.lead",
@@ -361,6 +478,17 @@ pub fn group_advantages(
             format!("rewards[{i}] = {v} is not finite"),
         ));
     }
+    if let Some((i, l)) = lengths
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .find(|(_, l)| **l < 0)
+    {
+        return Err(Error::invalid_argument(
+            "lengths",
+            format!("lengths[{i}] = {l} is negative"),
+        ));
+    }
     let members = group_members(groups, b)?;
     let mut r: Vec<f64> = rewards.iter().map(|x| *x as f64).collect();
     if let Some(lead) = &config.lead {
@@ -397,28 +525,124 @@ pub fn group_advantages(
         None => r[i * k + j],
         Some(w) => w.iter().enumerate().map(|(c, wc)| wc * r[i * k + c]).sum(),
     };
+    let len = |i: usize| lengths.map_or(0.0, |l| l[i] as f64);
+    // GRPO's value in a group of n with mean mu and std sd (GDPO applies it to each reward column)
+    let grpo = |v: f64, mu: f64, sd: f64, n: usize| {
+        if n == 1 && config.singletons == Singletons::Verl {
+            v / (1.0 + config.eps)
+        } else if n < 2 {
+            0.0
+        } else {
+            (v - mu) / (sd + config.eps)
+        }
+    };
     for j in 0..k_out {
         let col: Vec<f64> = (0..b).map(|i| value(i, j)).collect();
         let batch_std = unbiased_std(&col);
+        let nnz = col.iter().filter(|v| **v != 0.0).count();
+        let alpha = b as f64 / nnz.max(1) as f64;
+        let mode = config.modes[j];
+        let mut adv = vec![0.0f64; b];
         for m in &members {
             let x: Vec<f64> = m.iter().map(|&i| col[i]).collect();
             let (mu, sd, sum, n) = (mean(&x), unbiased_std(&x), x.iter().sum::<f64>(), x.len());
             let verl_one = n == 1 && config.singletons == Singletons::Verl;
+            // Pass@k: the best value, whether one member alone holds it, and the runner-up
+            let best = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let holders = x.iter().filter(|v| **v == best).count();
+            let second = if holders >= 2 {
+                best
+            } else {
+                x.iter()
+                    .cloned()
+                    .filter(|v| *v < best)
+                    .fold(f64::NEG_INFINITY, f64::max)
+            };
+            // OPO: the length-weighted mean (the plain mean when the lengths sum to 0)
+            let sum_len: f64 = m.iter().map(|&i| len(i)).sum();
+            let len_mean = if sum_len > 0.0 {
+                m.iter().map(|&i| len(i) * col[i]).sum::<f64>() / sum_len
+            } else {
+                mu
+            };
+            // GDPO: each reward column's GRPO value in the group, weighted and summed
+            let col_stats: Vec<(f64, f64)> = match (&config.reward_weights, mode) {
+                (Some(_), AdvantageMode::Gdpo) => (0..k)
+                    .map(|c| {
+                        let xc: Vec<f64> = m.iter().map(|&q| r[q * k + c]).collect();
+                        (mean(&xc), unbiased_std(&xc))
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let gdpo = |i: usize, v: f64| match &config.reward_weights {
+                None => grpo(v, mu, sd, n),
+                Some(w) => (0..k)
+                    .map(|c| w[c] * grpo(r[i * k + c], col_stats[c].0, col_stats[c].1, n))
+                    .sum(),
+            };
             for (&i, &v) in m.iter().zip(&x) {
-                let a = match config.modes[j] {
+                adv[i] = match mode {
+                    AdvantageMode::Gdpo => gdpo(i, v),
+                    AdvantageMode::ReinforcePlusPlus => v,
+                    AdvantageMode::PassK | AdvantageMode::PassKDr if n < 2 => 0.0,
                     // verl's groups of one: mean 0, std 1
                     AdvantageMode::Grpo if verl_one => v / (1.0 + config.eps),
-                    AdvantageMode::DrGrpo | AdvantageMode::Rloo if verl_one => v,
                     AdvantageMode::BatchStd if verl_one => v / (batch_std + config.eps),
+                    AdvantageMode::Gpg if verl_one => alpha * v,
+                    AdvantageMode::DrGrpo
+                    | AdvantageMode::Rloo
+                    | AdvantageMode::Opo
+                    | AdvantageMode::ReinforcePlusPlusBaseline
+                        if verl_one =>
+                    {
+                        v
+                    }
                     AdvantageMode::Grpo if n < 2 => 0.0,
                     AdvantageMode::Grpo => (v - mu) / (sd + config.eps),
-                    AdvantageMode::DrGrpo => v - mu,
+                    AdvantageMode::DrGrpo | AdvantageMode::ReinforcePlusPlusBaseline => v - mu,
                     AdvantageMode::Rloo if n < 2 => 0.0,
                     AdvantageMode::Rloo => v - (sum - v) / (n - 1) as f64,
                     AdvantageMode::BatchStd => (v - mu) / (batch_std + config.eps),
+                    AdvantageMode::PassK | AdvantageMode::PassKDr => {
+                        if holders == 1 && v == best {
+                            let gap = best - second;
+                            if mode == AdvantageMode::PassK {
+                                gap / (sd + config.eps)
+                            } else {
+                                gap
+                            }
+                        } else {
+                            0.0
+                        }
+                    }
+                    AdvantageMode::Opo => v - len_mean,
+                    AdvantageMode::Gpg => alpha * (v - mu),
                 };
-                out[i * k_out + j] = a as f32;
             }
+        }
+        if mode == AdvantageMode::Gdpo {
+            // TRL's normalize_then_sum: the combined values normalized over the batch
+            let (mu, sd) = (mean(&adv), unbiased_std(&adv));
+            for a in adv.iter_mut() {
+                *a = (*a - mu) / (sd + config.eps);
+            }
+        } else if mode.whitened() {
+            // verl's masked_whiten over the tokens: rollout i's value repeated len_i times
+            let n_tok: f64 = (0..b).map(len).sum();
+            let mu = (0..b).map(|i| len(i) * adv[i]).sum::<f64>() / (n_tok + 1e-8);
+            let ss: f64 = (0..b).map(|i| len(i) * (adv[i] - mu).powi(2)).sum();
+            for a in adv.iter_mut() {
+                *a = if n_tok < 2.0 {
+                    0.0
+                } else {
+                    let var = ss / (n_tok + 1e-8) * n_tok / (n_tok - 1.0);
+                    (*a - mu) / (var + 1e-8).sqrt()
+                };
+            }
+        }
+        for (i, a) in adv.into_iter().enumerate() {
+            out[i * k_out + j] = a as f32;
         }
     }
     if let Some(lead) = &config.lead {

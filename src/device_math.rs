@@ -86,10 +86,17 @@ extern "C" {
         sd: f64,
         sum: f64,
         n: c_int,
+        vmax: f64,
+        v2nd: f64,
+        n_max: c_int,
+        len_mean: f64,
         batch_sd: f64,
+        batch_alpha: f64,
         eps: f64,
         verl_singletons: c_int,
     ) -> f64;
+    fn recap_host_whiten(x: f64, m: f64, var: f64, n_tokens: f64) -> f64;
+    fn recap_host_batch_normalize(x: f64, m: f64, sd: f64, eps: f64) -> f64;
     fn recap_host_difficulty_weight(rho: f64, a: f64, b: f64, rho0: f64, k: f64) -> f64;
     #[allow(clippy::too_many_arguments)]
     fn recap_host_adamw(
@@ -257,33 +264,65 @@ pub fn draw(seed: u64, counter: u64) -> f64 {
     unsafe { recap_host_draw(seed, counter) }
 }
 
-/// `recap_advantage` of train_math.cuh (mode: `RECAP_ADV_*`).
-#[allow(clippy::too_many_arguments)]
-pub fn advantage(
-    mode: i32,
-    v: f64,
-    mu: f64,
-    sd: f64,
-    sum: f64,
-    n: i32,
-    batch_sd: f64,
-    eps: f64,
-    verl_singletons: bool,
-) -> f64 {
+/// The statistics `recap_advantage` reads: of the value's group, and of the batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GroupStats {
+    /// The group's mean.
+    pub mu: f64,
+    /// The group's unbiased std.
+    pub sd: f64,
+    /// The group's sum.
+    pub sum: f64,
+    /// Members of the group.
+    pub n: i32,
+    /// The group's largest value.
+    pub vmax: f64,
+    /// The largest value below `vmax` (`vmax` when two or more members hold it).
+    pub v2nd: f64,
+    /// Members holding `vmax`.
+    pub n_max: i32,
+    /// `sum len v / sum len` over the group (OPO's baseline; `mu` when the lengths sum to 0).
+    pub len_mean: f64,
+    /// The unbiased std of the batch's values.
+    pub batch_sd: f64,
+    /// `B / max(1, non-zero values of the batch)` (GPG).
+    pub batch_alpha: f64,
+}
+
+/// `recap_advantage` of train_math.cuh (mode: `RECAP_ADV_*`): the advantage of value `v`, or for
+/// REINFORCE++'s modes the value before the whitening ([`whiten`]).
+pub fn advantage(mode: i32, v: f64, g: &GroupStats, eps: f64, verl_singletons: bool) -> f64 {
     // SAFETY: pure C function over scalars.
     unsafe {
         recap_host_advantage(
             mode,
             v,
-            mu,
-            sd,
-            sum,
-            n,
-            batch_sd,
+            g.mu,
+            g.sd,
+            g.sum,
+            g.n,
+            g.vmax,
+            g.v2nd,
+            g.n_max,
+            g.len_mean,
+            g.batch_sd,
+            g.batch_alpha,
             eps,
             verl_singletons as c_int,
         )
     }
+}
+
+/// `recap_whiten` of train_math.cuh: `(x - m) / sqrt(var + 1e-8)`, 0 when `n_tokens < 2`.
+pub fn whiten(x: f64, m: f64, var: f64, n_tokens: f64) -> f64 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_whiten(x, m, var, n_tokens) }
+}
+
+/// `recap_batch_normalize` of train_math.cuh: `(x - m) / (sd + eps)` (GDPO's batch step).
+pub fn batch_normalize(x: f64, m: f64, sd: f64, eps: f64) -> f64 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_batch_normalize(x, m, sd, eps) }
 }
 
 /// `recap_difficulty_weight` of train_math.cuh.

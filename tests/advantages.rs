@@ -201,6 +201,214 @@ fn every_mode_by_hand() {
     }
 }
 
+/// verl's further estimators, from their formulas: Pass@k, OPO, GPG, REINFORCE++ and its baseline.
+#[test]
+fn verl_estimators_by_hand() {
+    use AdvantageMode::*;
+    // Pass@k: group [0.2, 0.9, 0.5] has a unique best 0.9 over 0.5; group [1, 1, 0] a tie (all 0)
+    let r = [0.2f32, 0.9, 0.5, 1.0, 1.0, 0.0];
+    let x = [0.2f32 as f64, 0.9f32 as f64, 0.5f32 as f64];
+    let m = (x[0] + x[1] + x[2]) / 3.0;
+    let sd = (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / 2.0).sqrt();
+    let p = adv(&r, Groups::Consecutive(3), &[PassK], None, None);
+    assert_close(
+        "passk best",
+        p[1] as f64,
+        (x[1] - x[2]) / (sd + 1e-6),
+        1e-6,
+        1e-6,
+    );
+    for i in [0, 2, 3, 4, 5] {
+        assert_eq!(p[i], 0.0, "passk[{i}]");
+    }
+    let p = adv(&r, Groups::Consecutive(3), &[PassKDr], None, None);
+    assert_close("passk_dr best", p[1] as f64, x[1] - x[2], 1e-7, 1e-6);
+    // OPO: group [1, 0, 1] of lengths [10, 20, 30]: baseline (10 + 30) / 60 = 2/3
+    let o = adv(
+        &[1.0, 0.0, 1.0],
+        Groups::Consecutive(3),
+        &[Opo],
+        None,
+        Some(&[10, 20, 30]),
+    );
+    for (i, want) in [1.0 / 3.0, -2.0 / 3.0, 1.0 / 3.0].iter().enumerate() {
+        assert_close(&format!("opo[{i}]"), o[i] as f64, *want, 1e-7, 1e-6);
+    }
+    // GPG: one non-zero reward of four, alpha = 4; groups [1, 0] (mean 0.5) and [0, 0]
+    assert_eq!(
+        adv(
+            &[1.0, 0.0, 0.0, 0.0],
+            Groups::Consecutive(2),
+            &[Gpg],
+            None,
+            None
+        ),
+        vec![2.0, -2.0, 0.0, 0.0]
+    );
+    // REINFORCE++: rewards [1, 0] over 1 and 3 tokens: token mean 1/4, unbiased token variance
+    // (0.75^2 + 3 * 0.25^2) / 3 = 0.25, so (1 - 1/4) / 0.5 and (0 - 1/4) / 0.5
+    let w = adv(
+        &[1.0, 0.0],
+        Groups::Consecutive(1),
+        &[ReinforcePlusPlus],
+        None,
+        Some(&[1, 3]),
+    );
+    assert_close("rf++[0]", w[0] as f64, 1.5, 1e-6, 1e-6);
+    assert_close("rf++[1]", w[1] as f64, -0.5, 1e-6, 1e-6);
+    // its baseline form: groups [1, 0] and [1, 1] centred, [0.5, -0.5, 0, 0], over 1, 3, 2, 2
+    // tokens: token mean -1/8, variance 0.875 / 7 = 0.125
+    let w = adv(
+        &[1.0, 0.0, 1.0, 1.0],
+        Groups::Consecutive(2),
+        &[ReinforcePlusPlusBaseline],
+        None,
+        Some(&[1, 3, 2, 2]),
+    );
+    let s = 0.125f64.sqrt();
+    for (i, want) in [0.625 / s, -0.375 / s, 0.125 / s, 0.125 / s]
+        .iter()
+        .enumerate()
+    {
+        assert_close(
+            &format!("rf++ baseline[{i}]"),
+            w[i] as f64,
+            *want,
+            1e-6,
+            1e-6,
+        );
+    }
+    // rollouts of length 0 weigh nothing in the statistics; fewer than two tokens give 0
+    let w = adv(
+        &[1.0, 0.0, 5.0],
+        Groups::Consecutive(1),
+        &[ReinforcePlusPlus],
+        None,
+        Some(&[1, 3, 0]),
+    );
+    assert_close(
+        "rf++ weightless",
+        w[2] as f64,
+        (5.0 - 0.25) / 0.5,
+        1e-5,
+        1e-6,
+    );
+    assert_eq!(
+        adv(
+            &[1.0, 0.0],
+            Groups::Consecutive(1),
+            &[ReinforcePlusPlus],
+            None,
+            Some(&[1, 0])
+        ),
+        vec![0.0, 0.0]
+    );
+    // GDPO, rewards [B = 4, K = 2] in groups of 2, weights [1, 2]: group 0's columns [1, 0] and [0, 1]
+    // normalize to [a, -a] and [-a, a] (a = 0.5 / (sqrt(0.5) + eps)), summed [-a, a]; group 1's
+    // [1, 1] gives 0 (no spread), [1, 0] gives [a, -a], summed [2a, -2a]; over the batch the mean is
+    // 0 and the unbiased std a sqrt(10/3), so [-1, 1, 2, -2] / sqrt(10/3)
+    let cfg = AdvantageConfig {
+        modes: vec![Gdpo],
+        reward_weights: Some(vec![1.0, 2.0]),
+        ..AdvantageConfig::default()
+    };
+    let mut o = [0.0f32; 4];
+    group_advantages(
+        &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        Groups::Consecutive(2),
+        None,
+        &cfg,
+        &mut o,
+    )
+    .unwrap();
+    let z = (10.0f64 / 3.0).sqrt();
+    for (i, want) in [-1.0 / z, 1.0 / z, 2.0 / z, -2.0 / z].iter().enumerate() {
+        assert_close(&format!("gdpo[{i}]"), o[i] as f64, *want, 1e-5, 1e-5);
+    }
+    // without weights, one column: its GRPO values normalized over the batch
+    let g = adv(
+        &[1.0, 0.0, 1.0, 1.0],
+        Groups::Consecutive(2),
+        &[Gdpo],
+        None,
+        None,
+    );
+    let a = 0.5 / (0.5f64.sqrt() + 1e-6);
+    let sd = (2.0 * a * a / 3.0).sqrt();
+    for (i, want) in [a / sd, -a / sd, 0.0, 0.0].iter().enumerate() {
+        assert_close(
+            &format!("gdpo one column[{i}]"),
+            g[i] as f64,
+            *want,
+            1e-5,
+            1e-5,
+        );
+    }
+    // every mode's name reads back
+    for m in AdvantageMode::ALL {
+        assert_eq!(m.name().parse::<AdvantageMode>().unwrap(), m);
+    }
+}
+
+/// The modes that read the lengths refuse to run without them, and negative lengths are an error.
+#[test]
+fn lengths_are_required_and_checked() {
+    for m in [
+        AdvantageMode::Opo,
+        AdvantageMode::ReinforcePlusPlus,
+        AdvantageMode::ReinforcePlusPlusBaseline,
+    ] {
+        let cfg = AdvantageConfig {
+            modes: vec![m],
+            ..AdvantageConfig::default()
+        };
+        let mut out = [0.0f32; 2];
+        let e = group_advantages(&[1.0, 0.0], Groups::Consecutive(2), None, &cfg, &mut out)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("lengths") && e.to_string().contains(m.name()),
+            "{e}"
+        );
+        let e = group_advantages(
+            &[1.0, 0.0],
+            Groups::Consecutive(2),
+            Some(&[3, -1]),
+            &cfg,
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("lengths[1] = -1"), "{e}");
+        let e = group_advantages(
+            &[1.0, 0.0],
+            Groups::Consecutive(2),
+            Some(&[3]),
+            &cfg,
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("lengths"), "{e}");
+    }
+    // the difficulty weights do not combine with a whitened mode
+    let cfg = AdvantageConfig {
+        modes: vec![AdvantageMode::ReinforcePlusPlus],
+        lead: Some(LeadOptions {
+            correctness: 0,
+            difficulty: Some(DifficultyWeights::default()),
+            length_alpha: None,
+        }),
+        ..AdvantageConfig::default()
+    };
+    let e = group_advantages(
+        &[1.0, 0.0],
+        Groups::Consecutive(2),
+        Some(&[1, 1]),
+        &cfg,
+        &mut [0.0; 2],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("config.lead.difficulty"), "{e}");
+}
+
 #[test]
 fn objectives_are_independent_and_ids_match_consecutive_groups() {
     // K = 2 objectives with different modes; rewards [B = 6, K = 2] in groups of 3
@@ -388,12 +596,9 @@ fn bad_inputs_name_the_argument() {
 fn gpu_matches_the_cpu_reference() {
     let gpu = common::require_gpu("gpu_matches_the_cpu_reference");
     let mut rng = common::Rng::new(11);
-    let modes = [
-        AdvantageMode::Grpo,
-        AdvantageMode::DrGrpo,
-        AdvantageMode::Rloo,
-        AdvantageMode::BatchStd,
-    ];
+    // every mode; GRPO-LEAD's difficulty weights do not combine with the whitened ones
+    let all = AdvantageMode::ALL;
+    let unwhitened: Vec<AdvantageMode> = all.into_iter().filter(|m| !m.whitened()).collect();
     let mut cases = 0;
     for (b, g) in [
         (0, 4),
@@ -415,9 +620,13 @@ fn gpu_matches_the_cpu_reference() {
                     }
                 })
                 .collect();
-            let lengths: Vec<i32> = (0..b).map(|_| 1 + rng.below(500) as i32).collect();
+            // some of length 0 (they weigh nothing in OPO's and REINFORCE++'s statistics)
+            let lengths: Vec<i32> = (0..b).map(|_| rng.below(500) as i32).collect();
+            let pool: &[AdvantageMode] = if lead { &unwhitened } else { &all };
             let cfg = AdvantageConfig {
-                modes: (0..k).map(|j| modes[(j + b) % 4]).collect(),
+                modes: (0..k)
+                    .map(|j| pool[(3 * j + b + cases) % pool.len()])
+                    .collect(),
                 eps: 1e-6,
                 lead: lead.then(|| LeadOptions {
                     correctness: 0,
@@ -490,6 +699,20 @@ fn gpu_matches_the_cpu_reference() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("rewards"), "{err}");
+    let opo = AdvantageConfig {
+        modes: vec![AdvantageMode::Opo],
+        ..cfg.clone()
+    };
+    let err = gpu
+        .group_advantages(
+            &[1.0, 0.0, 0.0, 1.0],
+            Groups::Consecutive(2),
+            Some(&[3, -2, 1, 1]),
+            &opo,
+            &mut out,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("lengths"), "{err}");
     if let recap_kernels::Backend::Cuda(dev) = &gpu {
         let s = dev.stream();
         let r = s.clone_htod(&[1.0f32, 0.0, 1.0, 0.0]).unwrap();
@@ -516,64 +739,115 @@ fn gpu_matches_the_cpu_reference() {
 /// for the host) against hand-computed values.
 #[test]
 fn device_formulas_by_hand() {
-    use recap_kernels::device_math::{advantage, difficulty_weight};
-    // group [1, 0, 1, 0]: mean 0.5, unbiased std sqrt(1/3), sum 2
+    use recap_kernels::device_math::{
+        advantage, batch_normalize, difficulty_weight, whiten, GroupStats,
+    };
+    // group [1, 0, 1, 0]: mean 0.5, unbiased std sqrt(1/3), sum 2, best 1 held twice
     let sd = (1.0f64 / 3.0).sqrt();
-    assert_close(
-        "grpo",
-        advantage(0, 1.0, 0.5, sd, 2.0, 4, 0.0, 1e-6, false),
-        0.5 / (sd + 1e-6),
-        0.0,
-        1e-15,
-    );
-    assert_close(
-        "grpo n=1",
-        advantage(0, 1.0, 1.0, 0.0, 1.0, 1, 0.0, 1e-6, false),
-        0.0,
-        0.0,
-        0.0,
-    );
-    // verl's groups of one: mean 0, std 1
-    for (mode, want) in [
-        (0, 3.0 / (1.0 + 1e-6)),
-        (1, 3.0),
-        (2, 3.0),
-        (3, 3.0 / (2.5 + 1e-6)),
+    let g4 = GroupStats {
+        mu: 0.5,
+        sd,
+        sum: 2.0,
+        n: 4,
+        vmax: 1.0,
+        v2nd: 1.0,
+        n_max: 2,
+        len_mean: 0.25,
+        batch_sd: 2.0,
+        batch_alpha: 1.5,
+    };
+    let one = GroupStats {
+        mu: 3.0,
+        sum: 3.0,
+        n: 1,
+        vmax: 3.0,
+        v2nd: f64::NEG_INFINITY,
+        n_max: 1,
+        len_mean: 3.0,
+        batch_sd: 2.5,
+        batch_alpha: 2.0,
+        ..GroupStats::default()
+    };
+    let code = |m: AdvantageMode| m.code() as i32;
+    use AdvantageMode::*;
+    for (m, v, want) in [
+        (Grpo, 1.0, 0.5 / (sd + 1e-6)),
+        (DrGrpo, 0.0, -0.5),
+        (Rloo, 1.0, 1.0 - 1.0 / 3.0),
+        (BatchStd, 1.0, 0.5 / (2.0 + 1e-6)),
+        (PassK, 1.0, 0.0), // a tie for the best: 0
+        (Opo, 1.0, 0.75),
+        (Gpg, 0.0, -0.75),
+        (ReinforcePlusPlus, 0.3, 0.3),
+        (ReinforcePlusPlusBaseline, 0.0, -0.5),
+        (Gdpo, 1.0, 0.5 / (sd + 1e-6)), // the GRPO value, before the batch step
     ] {
         assert_close(
-            &format!("mode {mode} n=1 (verl)"),
-            advantage(mode, 3.0, 3.0, 0.0, 3.0, 1, 2.5, 1e-6, true),
+            &format!("{m:?}"),
+            advantage(code(m), v, &g4, 1e-6, false),
             want,
             0.0,
             1e-15,
         );
-        // larger groups are not affected by the convention
+        // larger groups are not affected by the convention for groups of one
         assert_eq!(
-            advantage(mode, 1.0, 0.5, sd, 2.0, 4, 2.0, 1e-6, true),
-            advantage(mode, 1.0, 0.5, sd, 2.0, 4, 2.0, 1e-6, false)
+            advantage(code(m), v, &g4, 1e-6, true),
+            advantage(code(m), v, &g4, 1e-6, false)
         );
     }
+    // Pass@k with a unique best 2 over a runner-up 0.5: (2 - 0.5) / (sd + eps), others 0
+    let pk = GroupStats {
+        vmax: 2.0,
+        v2nd: 0.5,
+        n_max: 1,
+        ..g4
+    };
     assert_close(
-        "dr_grpo",
-        advantage(1, 0.0, 0.5, sd, 2.0, 4, 0.0, 1e-6, false),
-        -0.5,
+        "passk",
+        advantage(code(PassK), 2.0, &pk, 1e-6, false),
+        1.5 / (sd + 1e-6),
         0.0,
         1e-15,
     );
+    assert_eq!(advantage(code(PassKDr), 2.0, &pk, 1e-6, false), 1.5);
+    assert_eq!(advantage(code(PassK), 0.5, &pk, 1e-6, false), 0.0);
+    // a group of one: 0 in the group-relative modes (REINFORCE++ is not group-relative) ...
+    for m in AdvantageMode::ALL {
+        let want = if m == ReinforcePlusPlus { 3.0 } else { 0.0 };
+        assert_eq!(advantage(code(m), 3.0, &one, 1e-6, false), want, "{m:?}");
+    }
+    // ... and verl's convention on request: mean 0, std 1 (Pass@k: 0, where verl raises)
+    for (m, want) in [
+        (Grpo, 3.0 / (1.0 + 1e-6)),
+        (DrGrpo, 3.0),
+        (Rloo, 3.0),
+        (BatchStd, 3.0 / (2.5 + 1e-6)),
+        (PassK, 0.0),
+        (PassKDr, 0.0),
+        (Opo, 3.0),
+        (Gpg, 6.0),
+        (ReinforcePlusPlus, 3.0),
+        (ReinforcePlusPlusBaseline, 3.0),
+        (Gdpo, 3.0 / (1.0 + 1e-6)),
+    ] {
+        assert_close(
+            &format!("{m:?} n=1 (verl)"),
+            advantage(code(m), 3.0, &one, 1e-6, true),
+            want,
+            0.0,
+            1e-15,
+        );
+    }
+    // whitening: (x - m) / sqrt(var + 1e-8); fewer than two tokens give 0
     assert_close(
-        "rloo",
-        advantage(2, 1.0, 0.5, sd, 2.0, 4, 0.0, 1e-6, false),
-        1.0 - 1.0 / 3.0,
+        "whiten",
+        whiten(3.0, 1.0, 4.0, 10.0),
+        2.0 / (4.0f64 + 1e-8).sqrt(),
         0.0,
         1e-15,
     );
-    assert_close(
-        "batch",
-        advantage(3, 1.0, 0.5, sd, 2.0, 4, 2.0, 0.0, false),
-        0.25,
-        0.0,
-        1e-15,
-    );
+    assert_eq!(whiten(3.0, 1.0, 4.0, 1.0), 0.0);
+    assert_eq!(batch_normalize(3.0, 1.0, 1.0, 0.0), 2.0);
     // w(rho0) = (A + B) / 2; w(0) ~ B; w(1) ~ A + (B - A) / (1 + e^2.5)
     let d = DifficultyWeights::default();
     assert_close(

@@ -224,6 +224,10 @@ struct AdvantageCase {
     group: usize,
     k: usize,
     eps: f64,
+    /// `[B]` response lengths (some negative, the length sometimes wrong), or none
+    lengths: Option<Vec<i32>>,
+    /// first of the K modes in `AdvantageMode::ALL`
+    mode0: usize,
 }
 
 fn advantage_case() -> impl Strategy<Value = AdvantageCase> {
@@ -234,13 +238,17 @@ fn advantage_case() -> impl Strategy<Value = AdvantageCase> {
             about(b * k),
             0usize..4,
             mostly(1e-6f64, -1.0),
+            prop_oneof![4 => about(b).prop_flat_map(|n| vec(prop_oneof![12 => 0i32..5, 1 => Just(-1)], n)).prop_map(Some), 1 => Just(None)],
+            0usize..AdvantageMode::ALL.len(),
         )
-            .prop_map(move |(rewards, out_len, group, eps)| AdvantageCase {
+            .prop_map(move |(rewards, out_len, group, eps, lengths, mode0)| AdvantageCase {
                 rewards,
                 out_len,
                 group,
                 k,
                 eps,
+                lengths,
+                mode0,
             })
     })
 }
@@ -306,10 +314,9 @@ proptest! {
 
     #[test]
     fn group_advantages_never_panic(c in advantage_case()) {
-        const MODES: [AdvantageMode; 4] =
-            [AdvantageMode::Grpo, AdvantageMode::DrGrpo, AdvantageMode::Rloo, AdvantageMode::BatchStd];
+        let all = AdvantageMode::ALL;
         let ac = AdvantageConfig {
-            modes: (0..c.k).map(|j| MODES[j % 4]).collect(),
+            modes: (0..c.k).map(|j| all[(c.mode0 + j) % all.len()]).collect(),
             eps: c.eps,
             lead: None,
             reward_weights: None,
@@ -317,7 +324,7 @@ proptest! {
         };
         let mut out = vec![0f32; c.out_len];
         let r = catch_unwind(AssertUnwindSafe(|| {
-            group_advantages(&c.rewards, Groups::Consecutive(c.group), None, &ac, &mut out)
+            group_advantages(&c.rewards, Groups::Consecutive(c.group), c.lengths.as_deref(), &ac, &mut out)
         }));
         prop_assert!(r.is_ok(), "group_advantages panicked");
         if let Ok(Ok(())) = r {

@@ -117,6 +117,44 @@ def check_advantages(core, tally, gen, batches):
                       close(ours, theirs[:, 0], atol=1e-5))
 
 
+def check_more_advantages(core, tally, gen, batches):
+    """verl's Pass@k, OPO, GPG and REINFORCE++ estimators (token level, from an outcome reward on
+    each response's last token) against ours (per rollout, from the scores and the response mask)."""
+    from types import SimpleNamespace
+
+    for _ in range(batches):
+        sizes = [5, 5, 4, 1]
+        index = np.repeat(np.arange(len(sizes)), sizes)
+        b, length = len(index), 7
+        scores = torch.randn(b, generator=gen)
+        scores[torch.rand(b, generator=gen) < 0.2] = 0.0  # GPG counts the non-zero scores
+        lens = torch.randint(1, length + 1, (b,), generator=gen)
+        mask = (torch.arange(length)[None, :] < lens[:, None]).float()
+        token_rewards = torch.zeros(b, length)
+        token_rewards[torch.arange(b), lens - 1] = scores
+        ids = torch.as_tensor(index, dtype=torch.int32)
+        cases = [
+            ("grpo_passk", "grpo_passk", lambda r, m, i: core.compute_grpo_passk_outcome_advantage(
+                r, m, i, epsilon=1e-6, config={"norm_adv_by_std_in_grpo": True})),
+            ("grpo_passk (norm_adv_by_std_in_grpo=False)", "dr_grpo_passk",
+             lambda r, m, i: core.compute_grpo_passk_outcome_advantage(
+                 r, m, i, epsilon=1e-6, config={"norm_adv_by_std_in_grpo": False})),
+            ("opo", "opo", lambda r, m, i: core.compute_opo_outcome_advantage(r, m, i, epsilon=1e-6)),
+            ("gpg", "gpg", lambda r, m, i: core.compute_gpg_outcome_advantage(r, m, i, epsilon=1e-6)),
+            ("reinforce_plus_plus (gamma 1)", "reinforce_plus_plus",
+             lambda r, m, i: core.compute_reinforce_plus_plus_outcome_advantage(r, m, config=SimpleNamespace(gamma=1.0))),
+            ("reinforce_plus_plus_baseline", "reinforce_plus_plus_baseline",
+             lambda r, m, i: core.compute_reinforce_plus_plus_baseline_outcome_advantage(r, m, i, epsilon=1e-6)),
+        ]
+        for name, mode, theirs_fn in cases:
+            keep = slice(0, 14) if mode.endswith("passk") else slice(None)  # verl's Pass@k refuses a group of one
+            theirs, _ = theirs_fn(token_rewards[keep].clone(), mask[keep], index[keep])
+            ours = rk.group_advantages(scores[keep], group_ids=ids[keep], mode=mode, eps=1e-6, singletons="verl",
+                                       response_mask=mask[keep])
+            tally.add(f"advantages {name}, a group of one included where verl allows it",
+                      close(ours[:, None] * mask[keep], theirs, atol=1e-5))
+
+
 def check_trl(tally, gen, batches):
     try:
         from trl.trainer.grpo_trainer import GRPOTrainer
@@ -144,6 +182,7 @@ def main():
     check_policy_losses(core, tally, gen, args.batches)
     check_agg_and_kl(core, tally, gen, args.batches)
     check_advantages(core, tally, gen, args.batches)
+    check_more_advantages(core, tally, gen, args.batches)
     check_trl(tally, gen, args.batches)
     failed = 0
     print(f"peer check: verl {verl.__version__}, recap_kernels {rk.__version__}, {args.batches} batches per check")

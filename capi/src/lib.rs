@@ -940,7 +940,10 @@ pub unsafe extern "C" fn recap_tp_backward_inplace(
 
 /// Group advantages of rewards [B, K] into `out` [B, K]: groups of `group_size` consecutive
 /// rollouts, or (`group_ids` non-null) dense ids in [0, num_groups) (any ids on the host);
-/// `modes` [K] host (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std).
+/// `lengths` (nullable) [B] response lengths, needed by opo and REINFORCE++; `modes` [K] host
+/// (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std, 4 grpo_passk, 5 dr_grpo_passk, 6 opo, 7 gpg,
+/// 8 reinforce_plus_plus, 9 reinforce_plus_plus_baseline, 10 gdpo); `singletons`: what a group of one
+/// rollout gets (0: 0, 1: verl's mean 0 and std 1).
 ///
 /// # Safety
 /// Arrays on the device (`device >= 0`) or the host (`device < 0`); `modes` K host ints.
@@ -955,8 +958,10 @@ pub unsafe extern "C" fn recap_group_advantages(
     group_size: i64,
     group_ids: *const i32,
     num_groups: i64,
+    lengths: *const i32,
     modes: *const i32,
     eps: f64,
+    singletons: i32,
     out: *mut f32,
 ) -> i32 {
     guard(|| {
@@ -964,25 +969,18 @@ pub unsafe extern "C" fn recap_group_advantages(
         let k = len("num_objectives", num_objectives as i64)?;
         let modes = host("modes", modes, k)?
             .iter()
-            .map(|&m| {
-                pick(
-                    "modes",
-                    &[
-                        AdvantageMode::Grpo,
-                        AdvantageMode::DrGrpo,
-                        AdvantageMode::Rloo,
-                        AdvantageMode::BatchStd,
-                    ],
-                    m,
-                )
-            })
+            .map(|&m| pick("modes", &AdvantageMode::ALL, m))
             .collect::<Result<Vec<_>>>()?;
         let cfg = AdvantageConfig {
             modes,
             eps,
             lead: None,
             reward_weights: None,
-            singletons: recap::Singletons::Zero,
+            singletons: pick(
+                "singletons",
+                &[recap::Singletons::Zero, recap::Singletons::Verl],
+                singletons,
+            )?,
         };
         let groups = if group_ids.is_null() {
             raw::RawGroups::Consecutive(len("group_size", group_size)?)
@@ -996,7 +994,7 @@ pub unsafe extern "C" fn recap_group_advantages(
             place(device, stream),
             arr(rewards, b * k),
             groups,
-            None,
+            opt_arr(lengths, b),
             &cfg,
             out_arr(out, b * k),
         )

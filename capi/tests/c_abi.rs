@@ -21,6 +21,25 @@ fn cdylib() -> Option<PathBuf> {
 #[test]
 fn c_abi_from_c() {
     use std::io::Write;
+    // under cargo, (re)build the cdylib first: `cargo test` builds the tests, not the library
+    // target of a cdylib-only crate, so without this the library could be missing or stale
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let profile_dir = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent()?.parent().map(|p| p.to_path_buf()));
+        let release = profile_dir
+            .as_ref()
+            .is_some_and(|p| p.file_name().is_some_and(|n| n == "release"));
+        let mut build = Command::new(cargo);
+        build.args(["build", "-q", "-p", "recap-kernels-capi", "--lib"]);
+        if release {
+            build.arg("--release");
+        }
+        assert!(
+            build.status().is_ok_and(|s| s.success()),
+            "building librecap_kernels.so (cargo build -p recap-kernels-capi)"
+        );
+    }
     let Some(lib) = cdylib() else {
         let _ = writeln!(
             std::io::stderr(),

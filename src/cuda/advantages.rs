@@ -23,7 +23,8 @@ pub enum DeviceGroups<'a> {
 }
 
 /// Advantages `[B, K]` of rewards `[B, K]` on `stream` into `out`, as the CPU reference (same
-/// modes and GRPO-LEAD options). `lengths` (`[B]`) is needed by the length-dependent reward.
+/// modes and GRPO-LEAD options). `lengths` (`[B]`) is needed by the length-dependent reward, opo
+/// and REINFORCE++.
 /// Synchronizes the stream once, to read back the group sizes and the count of non-finite rewards
 /// (an error when any).
 pub fn group_advantages(
@@ -63,10 +64,11 @@ pub fn group_advantages(
     if b == 0 || num_groups == 0 {
         return Ok(());
     }
-    // work[B, K] then batch_std[K]; zeroed, so rollouts with an invalid group id (reported below)
-    // read zeros rather than stale memory
-    let mut scratch = stream.alloc_zeros::<f64>(b * k + k)?;
-    let mut counts = stream.alloc_zeros::<i32>(num_groups + 1)?;
+    // work[B, K], batch statistics [2 K_out], then pre[B, K_out]; zeroed, so rollouts with an
+    // invalid group id (reported below) read zeros rather than stale memory
+    let k_out = config.num_outputs();
+    let mut scratch = stream.alloc_zeros::<f64>(b * k + 2 * k_out + b * k_out)?;
+    let mut counts = stream.alloc_zeros::<i32>(num_groups + 2)?;
     {
         let (s_a, _gs) = addr_slice_mut(&mut scratch, stream);
         let (c_a, _gc) = addr_slice_mut(&mut counts, stream);
@@ -92,9 +94,10 @@ pub fn group_advantages(
         let p = AdvParams {
             rewards: r_a,
             group_ids: i_a,
-            lengths: if length_alpha.is_some() { l_a } else { 0 },
+            lengths: l_a,
             work: s_a,
             batch_std: s_a + (b * k * 8) as u64,
+            pre: s_a + ((b * k + 2 * k_out) * 8) as u64,
             out: o_a,
             counts: c_a,
             num_rollouts: b as i32,
@@ -105,7 +108,7 @@ pub fn group_advantages(
                 .modes
                 .iter()
                 .enumerate()
-                .fold(0u32, |acc, (j, m)| acc | (m.code() << (2 * j))),
+                .fold(0u64, |acc, (j, m)| acc | (u64::from(m.code()) << (4 * j))),
             correctness: lead.map_or(-1, |l| l.correctness as i32),
             has_length: length_alpha.is_some() as i32,
             has_difficulty: diff.is_some() as i32,
@@ -118,7 +121,6 @@ pub fn group_advantages(
             num_outputs: config.num_outputs() as i32,
             has_reward_weights: config.reward_weights.is_some() as i32,
             verl_singletons: (config.singletons == Singletons::Verl) as i32,
-            pad0: 0,
             reward_weights: {
                 let mut w = [0f64; 16];
                 if let Some(rw) = &config.reward_weights {
@@ -134,13 +136,7 @@ pub fn group_advantages(
             num_groups,
             &p,
         )?;
-        gpu.launch(
-            stream,
-            Module::Advantages,
-            "recap_adv_batch_std",
-            config.num_outputs(),
-            &p,
-        )?;
+        gpu.launch(stream, Module::Advantages, "recap_adv_batch_std", k_out, &p)?;
         gpu.launch(
             stream,
             Module::Advantages,
@@ -148,6 +144,9 @@ pub fn group_advantages(
             num_groups,
             &p,
         )?;
+        if config.modes.iter().any(|m| m.whitened()) {
+            gpu.launch(stream, Module::Advantages, "recap_adv_whiten", k_out, &p)?;
+        }
     }
     let host = stream.clone_dtoh(&counts)?;
     stream.synchronize()?;
@@ -165,6 +164,12 @@ pub fn group_advantages(
         return Err(Error::invalid_argument(
             "rewards",
             format!("{} rewards are not finite", host[num_groups]),
+        ));
+    }
+    if host[num_groups + 1] > 0 {
+        return Err(Error::invalid_argument(
+            "lengths",
+            format!("{} lengths are negative", host[num_groups + 1]),
         ));
     }
     Ok(())

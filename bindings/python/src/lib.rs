@@ -1097,19 +1097,23 @@ fn fused_linear_grpo_loss(
 
 /// Group advantages of `rewards` [B, K] into `out` [B, K]: groups of `group_size` consecutive
 /// rollouts, or `group_ids` [B] (any ids on the CPU; dense ids in [0, num_groups) on a GPU); one
-/// mode per objective (grpo, dr_grpo, rloo, batch).
+/// mode per objective (the crate's `AdvantageMode` names); `lengths` [B] int32 response lengths
+/// (opo, reinforce_plus_plus*); `reward_weights` [K]: one advantage of the weighted columns
+/// (sum-then-normalize, or normalize-then-sum with gdpo), `out` [B, 1].
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (rewards, group_ids, group_size, num_groups, modes, eps, singletons, out))]
+#[pyo3(signature = (rewards, group_ids, lengths, group_size, num_groups, modes, eps, singletons, reward_weights, out))]
 fn group_advantages(
     py: Python<'_>,
     rewards: &Bound<'_, PyAny>,
     group_ids: Option<&Bound<'_, PyAny>>,
+    lengths: Option<&Bound<'_, PyAny>>,
     group_size: usize,
     num_groups: usize,
     modes: Vec<String>,
     eps: f64,
     singletons: &str,
+    reward_weights: Option<Vec<f64>>,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let first = Tensor::of("rewards", rewards)?;
@@ -1127,15 +1131,16 @@ fn group_advantages(
         },
         None => RawGroups::Consecutive(group_size),
     };
+    let lengths = lengths.map(|l| call.i32("lengths", l)).transpose()?;
     let o = call.out_f32("out", out)?;
     let cfg = AdvantageConfig {
         modes,
         eps,
         lead: None,
-        reward_weights: None,
+        reward_weights,
         singletons: singletons.parse().map_err(err)?,
     };
-    py.detach(|| raw::group_advantages(call.place, r, groups, None, &cfg, o))
+    py.detach(|| raw::group_advantages(call.place, r, groups, lengths, &cfg, o))
         .map_err(err)
 }
 

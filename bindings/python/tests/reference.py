@@ -156,3 +156,60 @@ def trl_loss(logp, old, adv, mask, ref=None, *, loss_type="dapo", beta=0.0, eps=
         return (per * mask).sum() / (per.shape[0] * max_len) / gas
     n = mask.sum() if num_items is None else torch.as_tensor(float(num_items))
     return (per * mask).sum() / (n.clamp(min=1.0) / num_processes)
+
+
+def masked_whiten(x, m):
+    """verl's masked_whiten: token mean and unbiased token variance over the mask."""
+    n = m.sum()
+    mean = (x * m).sum() / (n + 1e-8)
+    var = ((x - mean) ** 2 * m).sum() / (n + 1e-8) * n / (n - 1)
+    return (x - mean) * torch.rsqrt(var + 1e-8)
+
+
+def verl_outcome_advantages(scores, mask, index, mode, eps=1e-6):
+    """verl's outcome advantage estimators, token level ([B, L]) from the scores [B] and the
+    response mask: grpo_passk (norm by std, or dr_ without), opo, gpg, reinforce_plus_plus (gamma 1)
+    and reinforce_plus_plus_baseline; groups of one as verl (mean 0, std 1)."""
+    scores = scores.double()
+    m = mask.double()
+    lens = m.sum(-1)
+    out = torch.zeros_like(scores)
+    groups = {}
+    for i, g in enumerate(index):
+        groups.setdefault(int(g), []).append(i)
+    nnz = int((scores != 0).sum())
+    for rows in groups.values():
+        x = scores[rows]
+        one = len(rows) == 1
+        mu = torch.tensor(0.0, dtype=x.dtype) if one else x.mean()
+        if mode in ("grpo_passk", "dr_grpo_passk"):
+            top = torch.topk(x, 2).values
+            best = rows[int(torch.argmax(x))]
+            gap = top[0] - top[1]
+            out[best] = gap / (x.std() + eps) if mode == "grpo_passk" else gap
+        elif mode == "opo":
+            bsl = mu if one else (lens[rows] * x).sum() / lens[rows].sum()
+            out[rows] = x - bsl
+        elif mode == "gpg":
+            out[rows] = len(scores) / max(nnz, 1) * (x - mu)
+        elif mode == "reinforce_plus_plus_baseline":
+            out[rows] = x - mu
+        elif mode == "reinforce_plus_plus":
+            out[rows] = x
+    adv = out[:, None] * m
+    if mode.startswith("reinforce_plus_plus"):
+        adv = masked_whiten(adv, m) * m
+    return adv
+
+
+def trl_multi_objective(rewards, g, weights, aggregation, eps=1e-4):
+    """TRL's multi_objective_aggregation over rewards [B, K] in consecutive groups of g (group
+    scaling): sum_then_normalize or normalize_then_sum."""
+    w = torch.as_tensor(weights, dtype=rewards.dtype)
+    if aggregation == "sum_then_normalize":
+        x = (rewards * w).sum(1).view(-1, g)
+        return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + eps)).reshape(-1)
+    grouped = rewards.view(-1, g, rewards.shape[1])
+    z = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)
+    x = (z.reshape(-1, rewards.shape[1]) * w).sum(1)
+    return (x - x.mean()) / (x.std() + eps)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import recap_kernels as rk
-from reference import agg_loss, verl_vanilla
+from reference import agg_loss, trl_multi_objective, verl_outcome_advantages, verl_vanilla
 
 
 def torch_logprobs(logits, labels, temperature, ignore_index=-100):
@@ -148,6 +148,42 @@ def test_group_advantages(device):
         assert rk.group_advantages(lone, group_ids=gid, num_groups=6, mode=mode)[0].item() == 0.0
         got = rk.group_advantages(lone, group_ids=gid, num_groups=6, mode=mode, singletons="verl")
         torch.testing.assert_close(got[0], torch.tensor(want, device=device))
+
+
+@pytest.mark.parametrize("mode", ["grpo_passk", "dr_grpo_passk", "opo", "gpg", "reinforce_plus_plus",
+                                  "reinforce_plus_plus_baseline"])
+def test_verl_estimators(device, mode):
+    """verl's further estimators against their token-level formulas (tests/reference.py): outcome
+    scores, groups of uneven sizes with unique bests, response masks of different lengths."""
+    g = torch.Generator().manual_seed(5)
+    index = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    scores = torch.randn(len(index), generator=g)
+    scores[3] = 0.0  # a zero (GPG counts the non-zero scores)
+    lens = torch.randint(1, 9, (len(index),), generator=g)
+    mask = (torch.arange(8)[None, :] < lens[:, None]).float()
+    singletons = "zero" if mode.endswith("passk") else "verl"  # verl raises for Pass@k groups of one
+    keep = index != 3 if mode.endswith("passk") else torch.ones(len(index), dtype=torch.bool)
+    want = verl_outcome_advantages(scores[keep], mask[keep], index[keep], mode)
+    got = rk.group_advantages(scores[keep].to(device), group_ids=index[keep].to(device), num_groups=4, mode=mode,
+                              singletons=singletons, response_mask=mask[keep].to(device))
+    torch.testing.assert_close((got.cpu()[:, None] * mask[keep]).double(), want, rtol=1e-5, atol=1e-6)
+    if mode in ("opo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"):
+        with pytest.raises(rk.RecapError, match="lengths"):
+            rk.group_advantages(scores.to(device), 2, mode=mode)
+
+
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_trl_multi_objective_aggregation(device, aggregation):
+    """TRL's reward_weights with both multi_objective_aggregation settings (normalize_then_sum is
+    GDPO), against their formulas (tests/reference.py), TRL's eps 1e-4."""
+    g = torch.Generator().manual_seed(9)
+    rewards = torch.cat([torch.randint(0, 2, (12, 1), generator=g).float(), torch.randn(12, 2, generator=g)], 1)
+    weights = [1.0, 0.5, 2.0]
+    want = trl_multi_objective(rewards.double(), 4, weights, aggregation)
+    mode = "gdpo" if aggregation == "normalize_then_sum" else "grpo"
+    got = rk.group_advantages(rewards.to(device), 4, mode=mode, eps=1e-4, reward_weights=weights)
+    assert got.shape == (12,)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_recap_weights():

@@ -53,8 +53,13 @@ def cases():
                                                                         s["mask"], s["cu"], s["lam"], [0, 1], None,
                                                                         None, None, False, s["cfg"], 1.0, 5, 0,
                                                                         True)),
-        "group_advantages": (ops.group_advantages.default, (torch.randn(8, 2, generator=g), None, 4, 0,
+        "group_advantages": (ops.group_advantages.default, (torch.randn(8, 2, generator=g), None, None, 4, 0,
                                                             "grpo,rloo", 1e-6, "verl")),
+        "group_advantages lengths": (ops.group_advantages.default,
+                                     (torch.randn(8, 2, generator=g), None, torch.arange(8, dtype=torch.int32), 4,
+                                      0, "opo,reinforce_plus_plus_baseline", 1e-6, "zero")),
+        "group_advantages gdpo": (ops.group_advantages.default, (torch.randn(8, 3, generator=g), None, None, 4, 0,
+                                                                 "gdpo", 1e-4, "zero", [1.0, 0.5, 2.0])),
     }
 
 

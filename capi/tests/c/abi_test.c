@@ -61,8 +61,20 @@ static int host_checks(const RecapGrpoConfig* cfg) {
     /* Dr. GRPO advantages: reward minus the group mean */
     float rewards[4] = {1.0f, 0.0f, 2.0f, 4.0f}, out[4];
     int32_t modes[1] = {1};
-    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, modes, 1e-6, out) == RECAP_OK);
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, NULL, modes, 1e-6, 0, out) == RECAP_OK);
     CHECK(out[0] == 0.5f && out[1] == -0.5f && out[2] == -1.0f && out[3] == 1.0f);
+    /* OPO: the length-weighted baseline, (1 * 1 + 3 * 0) / 4 and (1 * 2 + 1 * 4) / 2 */
+    int32_t lengths[4] = {1, 3, 1, 1}, opo[1] = {6};
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, lengths, opo, 1e-6, 0, out) == RECAP_OK);
+    CHECK(out[0] == 0.75f && out[1] == -0.25f && out[2] == -1.0f && out[3] == 1.0f);
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, NULL, opo, 1e-6, 0, out) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "lengths") != NULL);
+    /* a group of one: 0, or verl's convention (Dr. GRPO: the reward) */
+    int32_t lone[4] = {0, 1, 1, 1};
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 0, lone, 2, NULL, modes, 1e-6, 0, out) == RECAP_OK);
+    CHECK(out[0] == 0.0f);
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 0, lone, 2, NULL, modes, 1e-6, 1, out) == RECAP_OK);
+    CHECK(out[0] == 1.0f);
     return 0;
 }
 
@@ -144,9 +156,14 @@ int main(int argc, char** argv) {
           RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "temperature") != NULL);
     CHECK(recap_logprob_forward(0, NULL, dummy, 9, 2, 4, 4, labels, 1.0f, -100, dummy, NULL, dummy) != RECAP_OK);
-    int32_t modes[1] = {7};
-    CHECK(recap_group_advantages(0, NULL, dummy, 4, 1, 2, NULL, 0, modes, 1e-6, dummy) == RECAP_ERR_ARGUMENT);
+    int32_t modes[1] = {99};
+    CHECK(recap_group_advantages(0, NULL, dummy, 4, 1, 2, NULL, 0, NULL, modes, 1e-6, 0, dummy) ==
+          RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "modes") != NULL);
+    modes[0] = 0;
+    CHECK(recap_group_advantages(0, NULL, dummy, 4, 1, 2, NULL, 0, NULL, modes, 1e-6, 2, dummy) ==
+          RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "singletons") != NULL);
     CHECK(recap_kl(0, NULL, 4, dummy, dummy, NULL, 0, 9, dummy, dummy) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "estimator") != NULL);
     CHECK(recap_weighted_reduce(0, NULL, 4, dummy, dummy, 0, cu, 2, lambda, NULL, 1, NULL, NULL, &cfg, dummy, NULL,

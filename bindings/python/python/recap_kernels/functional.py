@@ -317,18 +317,40 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_l
 
 def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group_ids: Optional[Tensor] = None,
                      num_groups: Optional[int] = None, mode: Union[str, Sequence[str]] = "grpo",
-                     eps: float = 1e-6, singletons: str = "zero") -> Tensor:
+                     eps: float = 1e-6, singletons: str = "zero", lengths: Optional[Tensor] = None,
+                     response_mask: Optional[Tensor] = None,
+                     reward_weights: Optional[Sequence[float]] = None) -> Tensor:
     """GRPO group advantages of ``rewards`` ``[B]`` or ``[B, K]``: groups of ``group_size``
     consecutive rollouts, or ``group_ids`` ``[B]`` (any ids on the CPU; on a GPU dense ids in
-    ``[0, num_groups)`` with ``num_groups`` given, so nothing is read back). ``mode``: grpo
-    (``(r - mean) / (std + eps)``), dr_grpo, rloo or batch, one for all objectives or one each.
-    A group of one rollout gets 0, or with ``singletons="verl"`` verl's convention (mean 0, std 1:
-    grpo ``r / (1 + eps)``, dr_grpo and rloo ``r``). Not differentiable."""
+    ``[0, num_groups)`` with ``num_groups`` given, so nothing is read back). ``mode``, one for all
+    objectives or one each: grpo (``(r - mean) / (std + eps)``), dr_grpo, rloo, batch, and verl's
+    grpo_passk (the group's unique best gets ``(r_max - r_2nd) / (std + eps)``), dr_grpo_passk
+    (without the std), opo (length-weighted baseline), gpg (``B / nnz (r - mean)``),
+    reinforce_plus_plus and reinforce_plus_plus_baseline (whitened over the batch's tokens,
+    gamma 1). opo and REINFORCE++ read the response lengths: ``lengths`` ``[B]``, or
+    ``response_mask`` ``[B, L]`` (its row sums). A group of one rollout gets 0, or with
+    ``singletons="verl"`` verl's convention (mean 0, std 1: grpo ``r / (1 + eps)``, dr_grpo, rloo
+    and opo ``r``). ``reward_weights`` ``[K]`` (one ``mode``): one advantage ``[B]`` of the K
+    columns, TRL's ``multi_objective_aggregation``: ``sum_then_normalize`` with any mode (the mode
+    of ``sum_k w_k r_k``), ``normalize_then_sum`` with ``mode="gdpo"`` (each column's GRPO value,
+    weighted and summed, then normalized over the batch; TRL's eps is 1e-4). Not
+    differentiable."""
     r = _float("rewards", rewards)
     one = r.dim() == 1
     r2 = r.reshape(r.shape[0], -1) if not one else r.reshape(-1, 1)
     k = r2.shape[1]
-    modes = [mode] * k if isinstance(mode, str) else list(mode)
+    weights = None if reward_weights is None else [float(w) for w in reward_weights]
+    modes = ([mode] * (k if weights is None else 1)) if isinstance(mode, str) else list(mode)
+    if lengths is not None and response_mask is not None:
+        raise RecapError("invalid argument `lengths`: give lengths or response_mask, not both")
+    if response_mask is not None:
+        if response_mask.dim() != 2 or response_mask.shape[0] != r2.shape[0]:
+            raise RecapError(f"invalid argument `response_mask`: expected [B = {r2.shape[0]}, L], "
+                             f"got {list(response_mask.shape)}")
+        lengths = response_mask.sum(-1)
+    if lengths is not None:
+        _same_device(r2, lengths=lengths)
+        lengths = lengths.to(torch.int32)
     if group_ids is not None:
         ids = group_ids.to(torch.int32)
         if num_groups is None:
@@ -336,9 +358,11 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
                 raise RecapError("invalid argument `num_groups`: required with group ids on a GPU (counting them "
                                  "would synchronize)")
             num_groups = 0  # any ids on the CPU
-        out = ops.group_advantages(r2, ids, 0, int(num_groups), ",".join(modes), float(eps), str(singletons))
+        out = ops.group_advantages(r2, ids, lengths, 0, int(num_groups), ",".join(modes), float(eps),
+                                   str(singletons), weights)
     else:
         if group_size is None:
             raise RecapError("invalid argument `group_size`: give group_size or group_ids")
-        out = ops.group_advantages(r2, None, int(group_size), 0, ",".join(modes), float(eps), str(singletons))
-    return out.view(r.shape)
+        out = ops.group_advantages(r2, None, lengths, int(group_size), 0, ",".join(modes), float(eps),
+                                   str(singletons), weights)
+    return out.view(r.shape) if weights is None else out.view(-1)

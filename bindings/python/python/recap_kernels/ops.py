@@ -328,20 +328,28 @@ fused_linear_grpo_loss.register_autograd(_linear_backward, setup_context=_linear
 
 # --- group advantages ---------------------------------------------------------------------------
 @torch.library.custom_op("recap::group_advantages", mutates_args=())
-def group_advantages(rewards: Tensor, group_ids: Optional[Tensor], group_size: int, num_groups: int,
-                     modes: str, eps: float, singletons: str) -> Tensor:
+def group_advantages(rewards: Tensor, group_ids: Optional[Tensor], lengths: Optional[Tensor], group_size: int,
+                     num_groups: int, modes: str, eps: float, singletons: str,
+                     reward_weights: Optional[list[float]] = None) -> Tensor:
     """Group advantages of ``rewards`` [B, K]; ``modes``: one per objective, comma-separated (grpo,
-    dr_grpo, rloo, batch); ``singletons``: what a group of one gets, ``zero`` or ``verl``. Not
-    differentiable."""
-    out = _empty(rewards, rewards.shape, torch.float32)
-    rewards, group_ids = _contig(rewards, group_ids)
-    _native.group_advantages(rewards, group_ids, group_size, num_groups, modes.split(","), eps, singletons, out)
+    dr_grpo, rloo, batch, grpo_passk, dr_grpo_passk, opo, gpg, reinforce_plus_plus,
+    reinforce_plus_plus_baseline); ``lengths`` [B] int32 response lengths (opo and REINFORCE++);
+    ``singletons``: what a group of one gets, ``zero`` or ``verl``; ``reward_weights`` [K]: one
+    advantage [B, 1] of the weighted columns. Not differentiable."""
+    out = _empty(rewards, _adv_shape(rewards, reward_weights), torch.float32)
+    rewards, group_ids, lengths = _contig(rewards, group_ids, lengths)
+    _native.group_advantages(rewards, group_ids, lengths, group_size, num_groups, modes.split(","), eps, singletons,
+                             reward_weights, out)
     return out
 
 
+def _adv_shape(rewards, reward_weights):
+    return rewards.shape if reward_weights is None else (rewards.shape[0], 1)
+
+
 @group_advantages.register_fake
-def _(rewards, group_ids, group_size, num_groups, modes, eps, singletons):
-    return _empty(rewards, rewards.shape, torch.float32)
+def _(rewards, group_ids, lengths, group_size, num_groups, modes, eps, singletons, reward_weights=None):
+    return _empty(rewards, _adv_shape(rewards, reward_weights), torch.float32)
 
 
 # --- tensor parallelism: vocabulary shards ------------------------------------------------------
