@@ -312,7 +312,9 @@ int32_t recap_tp_backward_inplace(int32_t device,
 // `lengths` (nullable) [B] response lengths, needed by opo and REINFORCE++; `modes` [K] host
 // (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std, 4 grpo_passk, 5 dr_grpo_passk, 6 opo, 7 gpg,
 // 8 reinforce_plus_plus, 9 reinforce_plus_plus_baseline, 10 gdpo); `singletons`: what a group of one
-// rollout gets (0: 0, 1: verl's mean 0 and std 1).
+// rollout gets (0: 0, 1: verl's mean 0 and std 1); `reward_weights` (nullable) [K] host: one
+// advantage of the weighted columns (TRL's sum-then-normalize, normalize-then-sum with gdpo), one
+// mode in `modes` and `out` [B, 1].
 //
 // # Safety
 // Arrays on the device (`device >= 0`) or the host (`device < 0`); `modes` K host ints.
@@ -328,6 +330,7 @@ int32_t recap_group_advantages(int32_t device,
                                const int32_t *modes,
                                double eps,
                                int32_t singletons,
+                               const double *reward_weights,
                                float *out);
 
 // Per-token KL to the reference: value and `d kl / d logp` (`[T]` each, on the device or, for

@@ -943,7 +943,9 @@ pub unsafe extern "C" fn recap_tp_backward_inplace(
 /// `lengths` (nullable) [B] response lengths, needed by opo and REINFORCE++; `modes` [K] host
 /// (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std, 4 grpo_passk, 5 dr_grpo_passk, 6 opo, 7 gpg,
 /// 8 reinforce_plus_plus, 9 reinforce_plus_plus_baseline, 10 gdpo); `singletons`: what a group of one
-/// rollout gets (0: 0, 1: verl's mean 0 and std 1).
+/// rollout gets (0: 0, 1: verl's mean 0 and std 1); `reward_weights` (nullable) [K] host: one
+/// advantage of the weighted columns (TRL's sum-then-normalize, normalize-then-sum with gdpo), one
+/// mode in `modes` and `out` [B, 1].
 ///
 /// # Safety
 /// Arrays on the device (`device >= 0`) or the host (`device < 0`); `modes` K host ints.
@@ -962,12 +964,17 @@ pub unsafe extern "C" fn recap_group_advantages(
     modes: *const i32,
     eps: f64,
     singletons: i32,
+    reward_weights: *const f64,
     out: *mut f32,
 ) -> i32 {
     guard(|| {
         let b = len("num_rollouts", num_rollouts)?;
         let k = len("num_objectives", num_objectives as i64)?;
-        let modes = host("modes", modes, k)?
+        let weights = (!reward_weights.is_null())
+            .then(|| host("reward_weights", reward_weights, k).map(<[f64]>::to_vec))
+            .transpose()?;
+        let k_out = if weights.is_some() { 1 } else { k };
+        let modes = host("modes", modes, k_out)?
             .iter()
             .map(|&m| pick("modes", &AdvantageMode::ALL, m))
             .collect::<Result<Vec<_>>>()?;
@@ -975,7 +982,7 @@ pub unsafe extern "C" fn recap_group_advantages(
             modes,
             eps,
             lead: None,
-            reward_weights: None,
+            reward_weights: weights,
             singletons: pick(
                 "singletons",
                 &[recap::Singletons::Zero, recap::Singletons::Verl],
@@ -996,7 +1003,7 @@ pub unsafe extern "C" fn recap_group_advantages(
             groups,
             opt_arr(lengths, b),
             &cfg,
-            out_arr(out, b * k),
+            out_arr(out, b * k_out),
         )
     })
 }

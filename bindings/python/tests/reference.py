@@ -202,13 +202,17 @@ def verl_outcome_advantages(scores, mask, index, mode, eps=1e-6):
     return adv
 
 
-def trl_multi_objective(rewards, g, weights, aggregation, eps=1e-4):
-    """TRL's multi_objective_aggregation over rewards [B, K] in consecutive groups of g (group
-    scaling): sum_then_normalize or normalize_then_sum."""
+def trl_multi_objective(rewards, g, weights, aggregation, eps=1e-4, scale_rewards="group"):
+    """TRL's multi_objective_aggregation over rewards [B, K] in consecutive groups of g:
+    sum_then_normalize (scale_rewards group, batch or none) or normalize_then_sum."""
     w = torch.as_tensor(weights, dtype=rewards.dtype)
     if aggregation == "sum_then_normalize":
-        x = (rewards * w).sum(1).view(-1, g)
-        return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + eps)).reshape(-1)
+        x = (rewards * w).sum(1)
+        centred = (x.view(-1, g) - x.view(-1, g).mean(1, keepdim=True)).reshape(-1)
+        if scale_rewards == "none":
+            return centred
+        std = x.std().expand_as(x) if scale_rewards == "batch" else x.view(-1, g).std(1).repeat_interleave(g)
+        return centred / (std + eps)
     grouped = rewards.view(-1, g, rewards.shape[1])
     z = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)
     x = (z.reshape(-1, rewards.shape[1]) * w).sum(1)

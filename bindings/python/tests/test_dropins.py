@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import recap_kernels as rk
-from reference import (agg_loss, cispo, dppo, dro, gpg, kl_penalty, sapo, trl_loss, trl_off_policy_mask, verl_gspo,
-                       verl_vanilla)
+from reference import (agg_loss, cispo, dppo, dro, gpg, kl_penalty, sapo, trl_loss, trl_multi_objective,
+                       trl_off_policy_mask, verl_gspo, verl_vanilla)
 
 
 def batch(device, gen, b=6, l=21):
@@ -241,6 +241,19 @@ def test_trl_unclamped_k3_and_off_policy_mask(device, gen):
     want.backward()
     close(loss, want)
     close(x.grad, y.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation,scale", [("sum_then_normalize", "group"), ("sum_then_normalize", "batch"),
+                                               ("sum_then_normalize", "none"), ("normalize_then_sum", "group")])
+def test_trl_compute_advantages(device, gen, aggregation, scale):
+    rewards = torch.cat([torch.randint(0, 2, (16, 1), generator=gen).float(), torch.randn(16, 2, generator=gen)], 1)
+    weights = [1.0, 0.25, 2.0]
+    want = trl_multi_objective(rewards.double(), 8, weights, aggregation, scale_rewards=scale)
+    got = rk.trl.compute_advantages(rewards.to(device), 8, weights, scale_rewards=scale,
+                                    multi_objective_aggregation=aggregation)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(rk.RecapError, match="scale_rewards"):
+        rk.trl.compute_advantages(rewards, 8, scale_rewards="global")
 
 
 def test_trl_top_entropy_quantile(gen):

@@ -12,6 +12,9 @@ mixin that puts it into a ``GRPOTrainer``.
 
     trainer.add_callback(rk_trl.RecapRewardWeights(trainer))  # RECAP's weights on the reward functions
 
+    advantages = rk_trl.compute_advantages(rewards_per_func, num_generations, reward_weights,
+                                           scale_rewards="group", multi_objective_aggregation="normalize_then_sum")
+
 Loss types: grpo, bnpo, dr_grpo, dapo (clipped surrogate, ``delta`` two-sided clipping), cispo
 (the ratio capped at ``epsilon_high``), sapo (``sapo_temperature_pos`` / ``_neg``), with
 ``importance_sampling_level`` "token" or "sequence" (GSPO; per-sequence advantages), ``beta`` (TRL's
@@ -34,11 +37,38 @@ from torch import Tensor
 from . import functional as F
 from ._native import RecapError
 
-__all__ = ["grpo_loss", "high_entropy_mask", "off_policy_mask", "RecapGRPOMixin", "RecapRewardWeights"]
+__all__ = ["compute_advantages", "grpo_loss", "high_entropy_mask", "off_policy_mask", "RecapGRPOMixin",
+           "RecapRewardWeights"]
 
 # the largest float32 below 1: CISPO's lower clip bound 1 - clip_low is then 2^-24, below any ratio
 # that matters (TRL's CISPO clips only above)
 _NO_LOWER_CLIP = 1.0 - 2.0 ** -24
+
+
+def compute_advantages(rewards_per_func: Tensor, num_generations: int, reward_weights=None,
+                       scale_rewards: str = "group",
+                       multi_objective_aggregation: str = "sum_then_normalize") -> Tensor:
+    """The advantages ``[B]`` GRPOTrainer computes from ``rewards_per_func`` ``[B, K]`` (its
+    ``_generate_and_score_completions``), groups of ``num_generations`` consecutive completions, its
+    eps 1e-4: ``sum_then_normalize`` takes the weighted sum, minus the group mean, over the group's
+    std (``scale_rewards="group"``), the batch's (``"batch"``) or none (``"none"``);
+    ``normalize_then_sum`` (GDPO) normalizes each reward function's column in its group, sums them
+    weighted and normalizes over the batch (``scale_rewards`` plays no part there, as in TRL).
+    ``reward_weights``: ``[K]``, default ones. Differences from TRL: a non-finite reward is an error
+    (TRL turns a completion every function failed to score into advantage 0); a group of one gives 0."""
+    r = rewards_per_func if rewards_per_func.dim() == 2 else rewards_per_func[:, None]
+    weights = [1.0] * r.shape[1] if reward_weights is None else [float(w) for w in reward_weights]
+    if multi_objective_aggregation == "normalize_then_sum":
+        mode = "gdpo"
+    elif multi_objective_aggregation == "sum_then_normalize":
+        modes = {"group": "grpo", "batch": "batch", "none": "dr_grpo"}
+        if scale_rewards not in modes:
+            raise RecapError(f"invalid argument `scale_rewards`: expected group, batch or none, got {scale_rewards!r}")
+        mode = modes[scale_rewards]
+    else:
+        raise RecapError("invalid argument `multi_objective_aggregation`: expected sum_then_normalize or "
+                         f"normalize_then_sum, got {multi_objective_aggregation!r}")
+    return F.group_advantages(r, num_generations, mode=mode, eps=1e-4, reward_weights=weights)
 
 
 def high_entropy_mask(entropies: Tensor, mask: Tensor, top_entropy_quantile: float) -> Tensor:
