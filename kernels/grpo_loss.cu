@@ -6,7 +6,8 @@
  *   d_t = clamp(logp_t - old_t, -20, 20), r_t = exp(d_t)
  *   objective k of kind policy (advantage A = adv[b or t, k]): l_tk = max(-A r, -A clip(r, 1-el, 1+eh)),
  *     for A < 0 with dual-clip l_tk = min(l_tk, -c A), or the CISPO / SAPO / two-sided / GSPO
- *     variants (recap_policy_token; GSPO's r is the sequence ratio from recap_seq_stats); of kind
+ *     variants (recap_policy_token; GSPO's r is the sequence ratio from recap_seq_stats, GMPO's the
+ *     exp of the sequence's mean sign-clipped log-ratio for the token's advantage sign); of kind
  *     nll: l_tk = -logp_t
  *   kl_t  = the estimator at (logp, ref), times r_t at policy tokens with kl_is_correction
  *   with rollout_logp, each policy token's policy terms are multiplied by its rollout IS weight
@@ -182,7 +183,11 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                     if ((pol >> k) & 1u) {
                         const float a = adv_smem ? s_adv[sb * MAXK + k] : arow[k];
                         nonfinite += !recap_isfinite(a);
-                        const RecapPolicyToken pt = recap_policy_token(q, a, lp, oldv[u], opts);
+                        const RecapPolicyToken pt = recap_policy_token(
+                            (EXT && p.loss_type == RECAP_LOSS_GEO_MEAN)
+                                ? recap_geo_mean_ratio(q.log_ratio, (float)seq_lr[a > 0.0f ? b : p.num_seqs + b])
+                                : q,
+                            a, lp, oldv[u], opts);
                         agg[k] += w * isw * pt.loss;
                         clip[k] += pt.clipped ? m : 0.0f;
                         dual[k] += pt.dual ? m : 0.0f;

@@ -93,6 +93,17 @@ typedef struct RecapPolicyOpts {
 /* The loss clamps GSPO's sequence log-ratio above at this value (verl: 10). */
 #define RECAP_GSPO_LOG_RATIO_MAX 10.0f
 
+/* GMPO's ratio at a token with log-ratio d in a sequence whose sign-clipped mean log-ratio (for
+ * the token's advantage sign) is `mean`: ratio = exp(min(mean, 10)) (saturated above 10, no
+ * gradient), log_ratio = d (the token's own, for its clip test in recap_policy_token). */
+RECAP_HD RecapRatio recap_geo_mean_ratio(float d, float mean) {
+    RecapRatio out;
+    out.log_ratio = d;
+    out.saturated = mean > RECAP_GSPO_LOG_RATIO_MAX;
+    out.ratio = expf((mean != mean) ? mean : fminf(mean, RECAP_GSPO_LOG_RATIO_MAX));
+    return out;
+}
+
 /* GSPO's ratio at a token of a sequence with mean log-ratio `lr` (GSPO-token form: value
  * s = exp(min(lr, 10)), d s / d logp_t = s, 0 where the clamp saturates; NaN stays NaN). */
 RECAP_HD RecapRatio recap_gspo_ratio(float lr) {
@@ -121,6 +132,10 @@ RECAP_HD RecapRatio recap_gspo_ratio(float lr) {
  *            l = -A sg(min(r, c)) logp on valid tokens (c the dual-clip constant, none when off),
  *            grad -A min(r, c); clipped <=> not valid (pg_clipfrac), dual <=> valid and r > c
  *   DRO      d = logp - old_logp (unclamped), l = -(A logp - beta d^2 / 2), grad -(A - beta d)
+ *   GMPO     q from recap_geo_mean_ratio: R = q.ratio the sequence's geometric-mean ratio, d = q.log_ratio;
+ *            l = -A R, grad = -A R where the token's clip is inactive (A > 0: d <= eh; A < 0:
+ *            d >= -el), else 0; clipped <=> d outside [-el, eh] and A > 0 (verl's pg_clipfrac),
+ *            dual <=> outside and A < 0 (its pg_clipfrac_lower)             (verl "geo_mean")
  */
 RECAP_HD RecapPolicyToken recap_policy_token(RecapRatio q, float adv, float logp, float old_logp,
                                              RecapPolicyOpts o) {
@@ -132,6 +147,16 @@ RECAP_HD RecapPolicyToken recap_policy_token(RecapRatio q, float adv, float logp
         out.loss = -adv * logp;
         out.grad = -adv;
         out.clipped = 0;
+        return out;
+    }
+    if (o.loss_type == RECAP_LOSS_GEO_MEAN) {
+        const float d = q.log_ratio;
+        const int outside = d > o.clip_high || d < -o.clip_low;
+        const int live = adv > 0.0f ? d <= o.clip_high : d >= -o.clip_low;
+        out.loss = -adv * r;
+        out.grad = (live && !q.saturated) ? -adv * r : 0.0f;
+        out.clipped = outside && adv > 0.0f;
+        out.dual = outside && adv < 0.0f;
         return out;
     }
     if (o.loss_type == RECAP_LOSS_DRO) {

@@ -21,6 +21,8 @@ void recap_host_policy_token(const RecapRatio* q, float adv, float logp, float o
 
 void recap_host_gspo_ratio(float lr, RecapRatio* out) { *out = recap_gspo_ratio(lr); }
 
+void recap_host_geo_mean_ratio(float d, float mean, RecapRatio* out) { *out = recap_geo_mean_ratio(d, mean); }
+
 void recap_host_rollout_is(float log_w, int mode, float lower, float upper, RecapIsWeight* out) {
     *out = recap_rollout_is(log_w, mode, lower, upper);
 }
@@ -94,7 +96,8 @@ static const size_t seq_layout[] = {
     F(RecapSeqParams, num_objectives), F(RecapSeqParams, has_override), F(RecapSeqParams, num_tiles),
     F(RecapSeqParams, override_tokens), F(RecapSeqParams, override_seqs), F(RecapSeqParams, logp),
     F(RecapSeqParams, old_logp), F(RecapSeqParams, seq_log_ratio), F(RecapSeqParams, rollout_logp),
-    F(RecapSeqParams, seq_is_log), F(RecapSeqParams, is_geometric), F(RecapSeqParams, warps_per_seq)};
+    F(RecapSeqParams, seq_is_log), F(RecapSeqParams, is_geometric), F(RecapSeqParams, warps_per_seq),
+    F(RecapSeqParams, geo_mean), F(RecapSeqParams, clip_low), F(RecapSeqParams, clip_high), F(RecapSeqParams, pad0)};
 static const size_t reduce_layout[] = {
     sizeof(RecapReduceParams), F(RecapReduceParams, losses), F(RecapReduceParams, mask),
     F(RecapReduceParams, cu_seqlens), F(RecapReduceParams, membership), F(RecapReduceParams, seq_tokens),

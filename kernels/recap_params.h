@@ -42,6 +42,7 @@
 #define RECAP_LOSS_DPPO_TV 5 /* -A sg(min(r, c)) logp inside the probability-difference trust region */
 #define RECAP_LOSS_DPPO_KL 6 /* likewise inside the binary-KL trust region (verl "dppo_kl")        */
 #define RECAP_LOSS_DRO 7     /* -(A logp - beta/2 (logp - old)^2) (verl "dro")                      */
+#define RECAP_LOSS_GEO_MEAN 8 /* -A exp(mean of the sign-clipped log-ratio) (GMPO, verl "geo_mean")  */
 
 /* Rollout importance-sampling correction (trainer vs inference-engine log-probs). */
 #define RECAP_IS_OFF -1      /* no rollout_logp                                                    */
@@ -154,14 +155,20 @@ typedef struct RecapSeqParams {
     int32_t num_tiles;
     double override_tokens[RECAP_NORM_SLOTS];
     double override_seqs[RECAP_NORM_SLOTS];
-    uint64_t logp;          /* const float[T], or 0: GSPO's per-sequence log-ratio is not needed  */
+    uint64_t logp;          /* const float[T], or 0: no per-sequence log-ratio is needed (GSPO, GMPO) */
     uint64_t old_logp;      /* const float[T]                                                     */
-    uint64_t seq_log_ratio; /* double[B] (written when logp): sum m (logp - old) / sum m, 0 if empty */
+    uint64_t seq_log_ratio; /* double[B] (written when logp): sum m (logp - old) / sum m, 0 if empty;
+                               GMPO (geo_mean): double[2B], sum m min(d, clip_high) / sum m, then
+                               sum m max(d, -clip_low) / sum m, d = logp - old                     */
     uint64_t rollout_logp;  /* const float[T], or 0: no sequence-level IS weight needed          */
     uint64_t seq_is_log;    /* double[B] (written when rollout_logp): sum m (old - rollout), divided
                                by sum m when is_geometric                                         */
     int32_t is_geometric;
     int32_t warps_per_seq;  /* 1, 2, 4 or 8 warps (of one block) share a sequence's tokens          */
+    int32_t geo_mean;       /* 1: seq_log_ratio holds GMPO's two sign-clipped means                */
+    float clip_low;         /* GMPO: el                                                            */
+    float clip_high;        /* GMPO: eh                                                            */
+    int32_t pad0;
 } RecapSeqParams;
 
 /* Parameters of the standalone weighted reduction (kernel 3) over per-token losses [T, K]. */

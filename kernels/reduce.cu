@@ -5,7 +5,8 @@
  * Math. Per-token losses l[t, k] for K objectives, mask weights m[t], sequences [cu[b], cu[b+1]),
  * membership bits mem[b] (bit k: sequence b belongs to objective k), objective weights lambda[k]:
  *   n_b       = sum_{t in b} m_t                          (recap_seq_stats_*; for GSPO also the
- *               sequence's mean log-ratio sum m (logp - old) / n_b)
+ *               sequence's mean log-ratio sum m (logp - old) / n_b, for GMPO the means of
+ *               min(d, eh) and max(d, -el))
  *   N_k, S_k  = sum of n_b, count of n_b > 0, over member sequences, or the caller's global
  *               normalizers                                (recap_norms_finalize)
  *   w_tk      = m_t * weight(mode; 1/N_k, 1/S_k, 1/n_b, 1/C)  for member tokens, else 0
@@ -28,7 +29,7 @@
 
 template <typename MT>
 __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
-    __shared__ double s_part[RECAP_WARPS][3];
+    __shared__ double s_part[RECAP_WARPS][4];
     const int wps = p.warps_per_seq; /* divides RECAP_WARPS: a sequence's warps share a block */
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
@@ -48,8 +49,22 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
         a0 += x0; a1 += x1; a2 += x2; a3 += x3;
     }
     for (; t < e; t += stride) a0 += (double)recap_load_mask(mask, t);
-    double parts[3] = {recap_warp_reduce((a0 + a1) + (a2 + a3), RECAP_OP_SUM), 0.0, 0.0};
-    if (p.logp) {
+    double parts[4] = {recap_warp_reduce((a0 + a1) + (a2 + a3), RECAP_OP_SUM), 0.0, 0.0, 0.0};
+    if (p.logp && p.geo_mean) {
+        /* GMPO: the means of min(d, eh) (for A > 0) and max(d, -el) (for A < 0), d = logp - old */
+        const float* lp = (const float*)p.logp;
+        const float* old = (const float*)p.old_logp;
+        double up = 0.0, lo = 0.0;
+        for (int64_t u = s + sub * 32 + lane; u < e; u += stride) {
+            const float m = recap_load_mask(mask, u);
+            if (m == 0.0f) continue;
+            const double d = (double)lp[u] - (double)old[u];
+            up += (double)m * fmin(d, (double)p.clip_high);
+            lo += (double)m * fmax(d, -(double)p.clip_low);
+        }
+        parts[1] = recap_warp_reduce(up, RECAP_OP_SUM);
+        parts[3] = recap_warp_reduce(lo, RECAP_OP_SUM);
+    } else if (p.logp) {
         /* GSPO: the sequence's mean log-ratio over its unmasked tokens (masked ones are not read) */
         const float* lp = (const float*)p.logp;
         const float* old = (const float*)p.old_logp;
@@ -72,13 +87,18 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
         parts[2] = recap_warp_reduce(d, RECAP_OP_SUM);
     }
     /* the sequence's warps combine their sums in warp order (fixed: the same bits every run) */
-    if (lane == 0) { s_part[warp][0] = parts[0]; s_part[warp][1] = parts[1]; s_part[warp][2] = parts[2]; }
+    if (lane == 0) {
+        s_part[warp][0] = parts[0]; s_part[warp][1] = parts[1]; s_part[warp][2] = parts[2]; s_part[warp][3] = parts[3];
+    }
     __syncthreads();
     if (live && sub == 0 && lane == 0) {
-        double acc = s_part[warp][0], d1 = s_part[warp][1], d2 = s_part[warp][2];
-        for (int w = 1; w < wps; ++w) { acc += s_part[warp + w][0]; d1 += s_part[warp + w][1]; d2 += s_part[warp + w][2]; }
+        double acc = s_part[warp][0], d1 = s_part[warp][1], d2 = s_part[warp][2], d3 = s_part[warp][3];
+        for (int w = 1; w < wps; ++w) {
+            acc += s_part[warp + w][0]; d1 += s_part[warp + w][1]; d2 += s_part[warp + w][2]; d3 += s_part[warp + w][3];
+        }
         ((double*)p.seq_tokens)[b] = acc;
         if (p.logp) ((double*)p.seq_log_ratio)[b] = acc != 0.0 ? d1 / acc : 0.0;
+        if (p.logp && p.geo_mean) ((double*)p.seq_log_ratio)[p.num_seqs + b] = acc != 0.0 ? d3 / acc : 0.0;
         if (p.rollout_logp) ((double*)p.seq_is_log)[b] = p.is_geometric ? (acc != 0.0 ? d2 / acc : 0.0) : d2;
     }
     /* tile_seq[i] = b for every token tile whose first token i * tile_tokens lies in [s, e) */

@@ -183,7 +183,8 @@ impl FromStr for KlEstimator {
 /// The policy-loss variant of objectives of kind policy (verl `policy_loss.loss_mode`, TRL
 /// `loss_type`); formulas in `kernels/grpo_math.cuh`.
 ///
-/// Serialized as its name (`"vanilla"`, `"cispo"`, `"gspo"`, `"gpg"`, `"dppo_tv"`, `"dppo_kl"`)
+/// Serialized as its name (`"vanilla"`, `"cispo"`, `"gspo"`, `"gpg"`, `"dppo_tv"`, `"dppo_kl"`,
+/// `"geo_mean"`)
 /// or, for SAPO, `{"sapo": {"tau_pos": 1.0, "tau_neg": 1.05}}` (the name `"sapo"` alone gives the
 /// default temperatures) and, for DRO, `{"dro": {"beta": 0.1}}`.
 #[derive(Clone, Copy, Debug, PartialEq, Default, Serialize, Deserialize)]
@@ -226,6 +227,15 @@ pub enum PolicyLoss {
         /// The coefficient of the squared log-ratio (verl `policy_loss.dro_beta`, > 0).
         beta: f32,
     },
+    /// GMPO (verl "geo_mean"): the sequence's geometric-mean ratio with a sign-aware clip,
+    /// `R = exp(min(M, 10))`, `M = sum_t m c_t / sum_t m` with `c_t = min(d_t, clip_high)` for
+    /// `A > 0` and `max(d_t, -clip_low)` for `A < 0` (`d_t = logp - old`), and the token loss
+    /// `-A R` with gradient `-A R` where the token's clip is inactive. With
+    /// `seq-mean-token-mean` (as [`GrpoConfig::geo_mean`] sets) and per-sequence advantages this
+    /// is sequence-level GMPO, value and gradient (its GMPO-token form, as GSPO's). `pg_clipfrac`
+    /// counts tokens with `d` outside `[-clip_low, clip_high]` and `A > 0`, `pg_clipfrac_lower`
+    /// those with `A < 0`, as verl.
+    GeoMean,
 }
 
 /// The accepted serialized forms of [`PolicyLoss`]: a name, or the tagged SAPO or DRO form.
@@ -267,7 +277,7 @@ impl TryFrom<PolicyLossRepr> for PolicyLoss {
 impl FromStr for PolicyLoss {
     type Err = Error;
     /// verl's `loss_mode` names (`vanilla`, `cispo`, `sapo` with its default temperatures, `gspo`,
-    /// `gpg`, `dppo_tv`, `dppo_kl`; `dro` takes its beta in the tagged form
+    /// `gpg`, `dppo_tv`, `dppo_kl`, `geo_mean`; `dro` takes its beta in the tagged form
     /// `{"dro": {"beta": 0.1}}`); TRL's `grpo` is an alias of `vanilla`.
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
@@ -278,6 +288,7 @@ impl FromStr for PolicyLoss {
             "gpg" => PolicyLoss::Gpg,
             "dppo_tv" => PolicyLoss::DppoTv,
             "dppo_kl" => PolicyLoss::DppoKl,
+            "geo_mean" => PolicyLoss::GeoMean,
             "dro" => {
                 return Err(Error::invalid_argument(
                     "policy_loss",
@@ -289,7 +300,7 @@ impl FromStr for PolicyLoss {
                     "policy_loss",
                     format!(
                         "unknown policy loss {s:?}; expected vanilla, cispo, sapo, gspo, gpg, \
-                         dppo_tv, dppo_kl or dro"
+                         dppo_tv, dppo_kl, geo_mean or dro"
                     ),
                 ))
             }
@@ -317,6 +328,7 @@ impl PolicyLoss {
             PolicyLoss::DppoTv => 5,
             PolicyLoss::DppoKl => 6,
             PolicyLoss::Dro { .. } => 7,
+            PolicyLoss::GeoMean => 8,
         }
     }
 
@@ -573,6 +585,19 @@ impl GrpoConfig {
             policy_loss: PolicyLoss::Gspo,
             clip_low: 3e-4,
             clip_high: 4e-4,
+            agg_mode: AggMode::SeqMeanTokenMean,
+            dual_clip: None,
+            ..GrpoConfig::default()
+        }
+    }
+
+    /// GMPO's settings: [`PolicyLoss::GeoMean`], clip range 0.4 / 0.4 on the log-ratio (the
+    /// paper's), seq-mean-token-mean aggregation, no dual-clip.
+    pub fn geo_mean() -> GrpoConfig {
+        GrpoConfig {
+            policy_loss: PolicyLoss::GeoMean,
+            clip_low: 0.4,
+            clip_high: 0.4,
             agg_mode: AggMode::SeqMeanTokenMean,
             dual_clip: None,
             ..GrpoConfig::default()

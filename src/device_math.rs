@@ -55,6 +55,7 @@ extern "C" {
     );
     fn recap_host_kl_is_corrected(kt: *const CKl, q: *const CRatio, out: *mut CKl);
     fn recap_host_gspo_ratio(lr: f32, out: *mut CRatio);
+    fn recap_host_geo_mean_ratio(d: f32, mean: f32, out: *mut CRatio);
     fn recap_host_kl_token(logp: f32, ref_logp: f32, est: c_int, out: *mut CKl);
     fn recap_host_agg_weight(
         mode: c_int,
@@ -214,6 +215,15 @@ pub fn gspo_ratio(lr: f32) -> (f32, f32, bool) {
     let mut q = CRatio::default();
     // SAFETY: plain C function over a scalar writing into a valid local.
     unsafe { recap_host_gspo_ratio(lr, &mut q) };
+    (q.log_ratio, q.ratio, q.saturated != 0)
+}
+
+/// `recap_geo_mean_ratio` of grpo_math.cuh: (log-ratio, ratio, saturated) of a token of log-ratio
+/// `d` in a sequence with sign-clipped mean log-ratio `mean`.
+pub fn geo_mean_ratio(d: f32, mean: f32) -> (f32, f32, bool) {
+    let mut q = CRatio::default();
+    // SAFETY: plain C function over scalars writing into a valid local.
+    unsafe { recap_host_geo_mean_ratio(d, mean, &mut q) };
     (q.log_ratio, q.ratio, q.saturated != 0)
 }
 

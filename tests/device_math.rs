@@ -45,6 +45,7 @@ fn policy_configs() -> Vec<GrpoConfig> {
         base.clone().with_policy_loss(PolicyLoss::Gpg),
         base.clone().with_policy_loss(PolicyLoss::Dro { beta: 0.1 }),
         base.clone().with_policy_loss(PolicyLoss::DppoTv),
+        base.clone().with_policy_loss(PolicyLoss::GeoMean),
         base.clone()
             .with_policy_loss(PolicyLoss::DppoKl)
             .with_clip_low(0.05),
@@ -69,6 +70,28 @@ fn device_gspo_ratio_matches_reference() {
     }
     assert!(device_math::gspo_ratio(f32::NAN).1.is_nan());
     assert!(device_math::gspo_ratio(10.5).2 && !device_math::gspo_ratio(9.5).2);
+}
+
+/// GMPO's sequence ratio: the token's log-ratio kept for its clip test, the mean clamped at 10.
+#[test]
+fn device_geo_mean_ratio_matches_reference() {
+    for (d, mean) in [
+        (0.3f32, -2.5f32),
+        (-1.0, 0.0),
+        (5.0, 9.99),
+        (0.1, 10.01),
+        (-0.2, 50.0),
+    ] {
+        let (ld, r, sat) = device_math::geo_mean_ratio(d, mean);
+        let want = cpu::geo_mean_ratio(d as f64, mean as f64);
+        assert_eq!(ld as f64, want.log_ratio, "{d} {mean}");
+        assert!(
+            close(r as f64, want.ratio, 0.0, 1e-6),
+            "{d} {mean}: {r} vs {want:?}"
+        );
+        assert_eq!(sat, want.saturated, "{d} {mean}");
+    }
+    assert!(device_math::geo_mean_ratio(0.0, f32::NAN).1.is_nan());
 }
 
 #[test]
@@ -116,6 +139,10 @@ fn device_policy_math_matches_reference() {
                     || (bkl - eh).abs() < 1e-5
                     || (bkl - el).abs() < 1e-5
                     || (p - po).abs() < 1e-6
+            }
+            // GMPO's clip test is on the log-ratio (here the token's own: q as the device gets it)
+            PolicyLoss::GeoMean => {
+                (q.log_ratio - eh).abs() < 1e-6 || (q.log_ratio + el).abs() < 1e-6
             }
             _ => false,
         };

@@ -59,7 +59,8 @@ fn config() -> impl Strategy<Value = GrpoConfig> {
             Just(PolicyLoss::Gpg),
             Just(PolicyLoss::DppoTv),
             Just(PolicyLoss::DppoKl),
-            Just(PolicyLoss::Dro { beta: 0.1 })
+            Just(PolicyLoss::Dro { beta: 0.1 }),
+            Just(PolicyLoss::GeoMean)
         ],
         any::<bool>(),
         prop::sample::select(AggMode::ALL.to_vec()),

@@ -16,6 +16,7 @@ const TOL: f64 = 1e-6;
 /// Two sequences, K = 1 policy objective; tokens chosen to hit every branch:
 /// t0 A=+1 r=1.1 (unclipped), t1 A=+1 r=1.5 (clipped high), t2 A=-0.5 r=0.5 (clipped low),
 /// t3 masked (NaN inputs: must change nothing), t4 A=-0.5 r=4 (dual-clip at c=3).
+#[derive(Clone)]
 struct Branches {
     logp: Vec<f32>,
     old: Vec<f32>,
@@ -351,6 +352,56 @@ on_every_backend! {
             TOL,
             1e-5,
         );
+    }
+}
+
+on_every_backend! {
+    /// GMPO (verl `compute_policy_loss_geo_mean`) on the branch batch with the paper's clip range
+    /// 0.4: sequence 0 (A = +1) has log-ratios ln 1.1, ln 1.5 and clips the second above (0.405 >
+    /// 0.4): M0 = (ln 1.1 + 0.4) / 2; sequence 1 (A = -0.5) has ln 0.5, ln 4 and clips the first
+    /// below: M1 = (-0.4 + ln 4) / 2. The loss is the mean of -A exp(M) over the 2 sequences, the
+    /// gradient -A exp(M) / (2 * 2) at the unclipped tokens, and central differences agree.
+    fn geo_mean_by_hand(be) {
+        let b = branches();
+        let cfg = GrpoConfig::geo_mean();
+        let m0 = (1.1f64.ln() + 0.4) / 2.0;
+        let m1 = (-0.4 + 4.0f64.ln()) / 2.0;
+        let (r0, r1) = (m0.exp(), m1.exp());
+        let want_loss = (-r0 + 0.5 * r1) / 2.0;
+        let what = be.name();
+        let mut grad = vec![f32::NAN; 5];
+        let out = be
+            .grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut grad)
+            .unwrap();
+        assert_close(&format!("{what} loss"), out.loss, want_loss, TOL, 1e-5);
+        let g = [(-r0 / 4.0) as f32, 0.0, 0.0, 0.0, (0.5 * r1 / 4.0) as f32];
+        assert_all_close(&format!("{what} grad"), &grad, &g, TOL, 1e-5);
+        // verl's clip fractions: log-ratios outside [-0.4, 0.4], with A > 0 (token 1) and with
+        // A < 0 (tokens 2 and 4; token 4 lies above 0.4 though A < 0 clips only below)
+        let m = &out.metrics;
+        assert_close(&format!("{what} pg_clipfrac"), m.pg_clipfrac[0], 0.25, TOL, 0.0);
+        assert_close(
+            &format!("{what} pg_clipfrac_lower"),
+            m.pg_clipfrac_lower[0],
+            0.5,
+            TOL,
+            0.0,
+        );
+        // central differences of the loss at the two unclipped tokens
+        let h = 1e-3f32;
+        for t in [0usize, 4] {
+            let eval = |x: f32| {
+                let mut bb = b.clone();
+                bb.logp[t] = x;
+                be.grpo_loss(&branch_inputs(&bb, &[1.0]), &cfg, &mut [0f32; 5])
+                    .unwrap()
+                    .loss
+            };
+            let (xp, xm) = (b.logp[t] + h, b.logp[t] - h);
+            let fd = (eval(xp) - eval(xm)) / (xp as f64 - xm as f64);
+            assert_close(&format!("{what} fd token {t}"), grad[t] as f64, fd, 1e-4, 2e-3);
+        }
+        assert_eq!("geo_mean".parse::<PolicyLoss>().unwrap(), PolicyLoss::GeoMean);
     }
 }
 
@@ -1014,11 +1065,12 @@ fn reference_gradient_matches_finite_differences() {
             let mut cfg = common::config_for(seed, mode);
             cfg.kl_coef = 0.3;
             if cfg.policy_loss == PolicyLoss::Cispo
-                || (cfg.policy_loss == PolicyLoss::Gspo && b.adv_per_token)
+                || (matches!(cfg.policy_loss, PolicyLoss::Gspo | PolicyLoss::GeoMean)
+                    && b.adv_per_token)
             {
                 // stop-gradient losses: the gradient is not the derivative of the value (CISPO;
                 // GSPO-token with per-token advantages); policy_loss_variants_by_hand checks them.
-                // GSPO with per-sequence advantages is sequence-level GSPO: checked here.
+                // GSPO (GMPO) with per-sequence advantages is sequence-level GSPO (GMPO): checked here.
                 continue;
             }
             let seq_of = |t: usize| b.cu.iter().rposition(|&c| c as usize <= t).unwrap();
@@ -1064,6 +1116,10 @@ fn reference_gradient_matches_finite_differences() {
                     ]
                     .iter()
                     .any(|k| (r - k).abs() < 0.02)
+                        // GMPO's sign-aware clip acts on the log-ratio
+                        || (cfg.policy_loss == PolicyLoss::GeoMean
+                            && (((x - b.old_logp[t]) as f64 - cfg.clip_high as f64).abs() < 0.02
+                                || ((x - b.old_logp[t]) as f64 + cfg.clip_low as f64).abs() < 0.02))
                         || (x - b.old_logp[t]).abs() > 19.0
                         || d.abs() < 0.01
                 };

@@ -56,7 +56,7 @@ class Tally:
 
 
 def check_policy_losses(core, tally, gen, batches):
-    modes = ["vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "dro"]
+    modes = ["vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean"]
     aggs = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
     for _ in range(batches):
         old, logp, _, adv, mask = batch(gen)

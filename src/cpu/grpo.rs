@@ -1,7 +1,8 @@
 //! Reference of kernel 1, the fused GRPO loss (formulas in `kernels/grpo_loss.cu`).
 
 use super::math::{
-    agg_weight, gspo_ratio, kl_is_corrected, kl_token, policy_token, ratio, rollout_is,
+    agg_weight, geo_mean_ratio, gspo_ratio, kl_is_corrected, kl_token, policy_token, ratio,
+    rollout_is,
 };
 use super::norms::{mask_weight, norms, seq_tokens};
 use crate::config::{GrpoConfig, IsLevel, ObjectiveKind, PolicyLoss};
@@ -61,7 +62,29 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
     };
     let nonfinite = |v: f32| if v.is_finite() { 0.0 } else { 1.0 };
     let gspo = cfg.policy_loss == PolicyLoss::Gspo;
+    let geo = cfg.policy_loss == PolicyLoss::GeoMean;
+    let (el, eh) = (cfg.clip_low as f64, cfg.clip_high as f64);
     for b in 0..cu.len() - 1 {
+        // GMPO: the sequence's means of min(d, eh) (for A > 0) and max(d, -el) (for A < 0)
+        let (geo_up, geo_lo) = if geo {
+            let (mut up, mut lo, mut n) = (0.0f64, 0.0f64, 0.0f64);
+            for t in cu[b] as usize..cu[b + 1] as usize {
+                let m = mask_weight(&inp.mask, t);
+                if m != 0.0 {
+                    let d = inp.logp[t] as f64 - inp.old_logp[t] as f64;
+                    up += m * d.min(eh);
+                    lo += m * d.max(-el);
+                    n += m;
+                }
+            }
+            if n != 0.0 {
+                (up / n, lo / n)
+            } else {
+                (0.0, 0.0)
+            }
+        } else {
+            (0.0, 0.0)
+        };
         // GSPO: the sequence's mean log-ratio over its unmasked tokens (this call's tokens)
         let seq_lr = if gspo {
             let (mut d, mut n) = (0.0f64, 0.0f64);
@@ -154,6 +177,11 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                             Advantages::PerToken(a) => a[t * k + j],
                         };
                         s[e + slots::NONFINITE] += nonfinite(a);
+                        let q = if geo {
+                            geo_mean_ratio(q.log_ratio, if a > 0.0 { geo_up } else { geo_lo })
+                        } else {
+                            q
+                        };
                         let pt = policy_token(q, a, lp, inp.old_logp[t], cfg);
                         s[j] += w * isw * pt.loss;
                         s[k + j] += if pt.clipped { m } else { 0.0 };

@@ -42,7 +42,8 @@ pub struct PolicyToken {
 /// surrogate `max(-A min(r, delta), -A clip(r, 1 - el, 1 + eh))` with dual-clip `min(l, -c A)` for
 /// `A < 0`, or CISPO `-sg(clip(r)) A logp`, or SAPO `-A (4/tau) sigmoid(tau (r - 1))`, GPG
 /// `-A logp`, DPPO `-A sg(min(r, c)) logp` inside its trust region, DRO
-/// `-(A logp - beta d^2 / 2)`; the gradient follows the active branch.
+/// `-(A logp - beta d^2 / 2)`, GMPO `-A R` (`q` from [`geo_mean_ratio`]); the gradient follows
+/// the active branch.
 pub fn policy_token(q: Ratio, adv: f32, logp: f32, old_logp: f32, cfg: &GrpoConfig) -> PolicyToken {
     let a = adv as f64;
     let r = q.ratio;
@@ -120,6 +121,18 @@ pub fn policy_token(q: Ratio, adv: f32, logp: f32, old_logp: f32, cfg: &GrpoConf
                 dual: false,
             };
         }
+        PolicyLoss::GeoMean => {
+            // q: the sequence's ratio R, the token's own log-ratio d (geo_mean_ratio)
+            let (d, el, eh) = (q.log_ratio, cfg.clip_low as f64, cfg.clip_high as f64);
+            let outside = d > eh || d < -el;
+            let live = if a > 0.0 { d <= eh } else { d >= -el };
+            return PolicyToken {
+                loss: -a * r,
+                grad: if live && !q.saturated { -a * r } else { 0.0 },
+                clipped: outside && a > 0.0,
+                dual: outside && a < 0.0,
+            };
+        }
         PolicyLoss::Vanilla | PolicyLoss::Gspo => {}
     }
     let vanilla = cfg.policy_loss == PolicyLoss::Vanilla; // GSPO: no dual-clip, no delta
@@ -151,6 +164,16 @@ pub fn policy_token(q: Ratio, adv: f32, logp: f32, old_logp: f32, cfg: &GrpoConf
         }
     }
     out
+}
+
+/// GMPO's ratio at a token of log-ratio `d` in a sequence whose sign-clipped mean log-ratio (for the
+/// token's advantage sign) is `mean`: ratio `exp(min(mean, 10))` (saturated above 10), log-ratio `d`.
+pub fn geo_mean_ratio(d: f64, mean: f64) -> Ratio {
+    Ratio {
+        log_ratio: d,
+        ratio: if mean.is_nan() { mean } else { mean.min(10.0) }.exp(),
+        saturated: mean > 10.0,
+    }
 }
 
 /// GSPO's ratio at a token of a sequence with mean log-ratio `lr`: `exp(min(lr, 10))`, saturated

@@ -15,8 +15,8 @@ pub use grpo::grpo_loss;
 pub use kl::kl;
 pub use logits::{grpo_loss_from_logits, logprob_backward, logprob_forward};
 pub use math::{
-    agg_weight, gspo_ratio, kl_is_corrected, kl_token, policy_token, ratio, KlToken, PolicyToken,
-    Ratio,
+    agg_weight, geo_mean_ratio, gspo_ratio, kl_is_corrected, kl_token, policy_token, ratio,
+    KlToken, PolicyToken, Ratio,
 };
 pub use norms::count_normalizers;
 pub(crate) use norms::seq_tokens;

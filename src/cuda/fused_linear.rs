@@ -227,16 +227,18 @@ fn run<E: LogitElem>(
         && config
             .rollout_correction
             .is_some_and(|r| r.level != crate::config::IsLevel::Token);
-    let whole_batch = config.policy_loss == crate::config::PolicyLoss::Gspo
-        || seq_level_is
+    let whole_batch = matches!(
+        config.policy_loss,
+        crate::config::PolicyLoss::Gspo | crate::config::PolicyLoss::GeoMean
+    ) || seq_level_is
         || config.top_entropy_quantile < 1.0;
     if whole_batch && c < t {
-        // GSPO's ratio and a sequence-level IS weight span each whole sequence: a chunk's loss
+        // GSPO's and GMPO's ratios and a sequence-level IS weight span each whole sequence: a chunk's loss
         // would need the log-probs of tokens in later chunks
         return Err(Error::invalid_argument(
             "options.chunk_tokens",
             format!(
-                "GSPO, sequence-level rollout IS and the top-entropy-quantile mask need the whole \
+                "GSPO, GMPO, sequence-level rollout IS and the top-entropy-quantile mask need the whole \
                  batch in one chunk ({t} tokens, got chunks of {c}): set chunk_tokens or raise \
                  memory_budget"
             ),

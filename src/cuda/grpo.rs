@@ -55,6 +55,8 @@ pub fn grpo_loss(
     };
     let extras = SeqExtras {
         gspo: config.policy_loss == PolicyLoss::Gspo,
+        geo_mean: (config.policy_loss == PolicyLoss::GeoMean)
+            .then_some((config.clip_low, config.clip_high)),
         logp: lp_addr,
         old_logp: old_addr,
         seq_rollout: if has_rollout && rc.level != IsLevel::Token {

@@ -316,7 +316,7 @@ pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(
 }
 
 /// One call's device scratch: a single f64 buffer
-/// `[norms | out | seq_tokens | seq_log_ratio | seq_is_log | partials]` and a
+/// `[norms | out | seq_tokens | seq_log_ratio (2B) | seq_is_log | partials]` and a
 /// single i32 buffer `[cu_seqlens | membership]`, so a call makes one allocation of each, one upload
 /// and one read-back (`norms` and `out` are adjacent).
 pub(crate) struct Workspace {
@@ -348,7 +348,7 @@ impl Workspace {
         // `blocks` (tile_seq) are all written by recap_seq_stats_* before the token pass reads them.
         let mut layout = unsafe { stream.alloc::<i32>(host.len() + blocks) }?;
         stream.memcpy_htod(&host, &mut layout.slice_mut(..host.len()))?;
-        let len = NORMS_LEN + slots + 3 * b.max(1) + blocks * slots;
+        let len = NORMS_LEN + slots + 4 * b.max(1) + blocks * slots;
         // SAFETY: uninitialized device memory of `len` f64. Every element a kernel reads is written
         // first by an earlier launch on the same stream: norms by recap_norms_finalize, seq_tokens[b]
         // (and seq_log_ratio[b], seq_is_log[b] when the pass reads them) for every b by
@@ -391,8 +391,8 @@ impl Workspace {
             out: f(NORMS_LEN),
             seq_tokens: f(NORMS_LEN + self.slots),
             seq_log_ratio: f(NORMS_LEN + self.slots + self.b.max(1)),
-            seq_is_log: f(NORMS_LEN + self.slots + 2 * self.b.max(1)),
-            partials: f(NORMS_LEN + self.slots + 3 * self.b.max(1)),
+            seq_is_log: f(NORMS_LEN + self.slots + 3 * self.b.max(1)),
+            partials: f(NORMS_LEN + self.slots + 4 * self.b.max(1)),
         };
         (a, [g0, g1])
     }
@@ -471,12 +471,19 @@ fn seq_stats(
         num_seqs: b as i32,
         num_objectives: k as i32,
         num_tiles: ws.blocks as i32,
-        logp: if extras.gspo { extras.logp } else { 0 },
+        logp: if extras.gspo || extras.geo_mean.is_some() {
+            extras.logp
+        } else {
+            0
+        },
         old_logp: extras.old_logp,
         seq_log_ratio: a.seq_log_ratio,
         rollout_logp: extras.seq_rollout,
         seq_is_log: a.seq_is_log,
         is_geometric: extras.is_geometric as i32,
+        geo_mean: extras.geo_mean.is_some() as i32,
+        clip_low: extras.geo_mean.map_or(0.0, |c| c.0),
+        clip_high: extras.geo_mean.map_or(0.0, |c| c.1),
         ..Default::default()
     };
     if let Some(g) = global {
@@ -510,10 +517,13 @@ pub(crate) struct TokenPass<'m> {
 }
 
 /// What the per-sequence statistics pass computes beyond the token weights: GSPO's mean
-/// log-ratio and the sequence-level rollout IS log-weight (device addresses; 0 when absent).
+/// log-ratio, GMPO's two sign-clipped means and the sequence-level rollout IS log-weight (device
+/// addresses; 0 when absent).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct SeqExtras {
     pub gspo: bool,
+    /// GMPO: `(clip_low, clip_high)`.
+    pub geo_mean: Option<(f32, f32)>,
     pub logp: u64,
     pub old_logp: u64,
     /// `rollout_logp` when the IS weight is sequence-level, else 0.

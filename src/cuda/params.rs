@@ -82,6 +82,10 @@ pub struct SeqParams {
     pub seq_is_log: u64,
     pub is_geometric: i32,
     pub warps_per_seq: i32,
+    pub geo_mean: i32,
+    pub clip_low: f32,
+    pub clip_high: f32,
+    pub pad0: i32,
 }
 
 /// Mirror of `RecapReduceParams`.
@@ -280,7 +284,8 @@ pub fn layouts() -> Vec<Vec<usize>> {
             seq_log_ratio, rollout_logp, seq_is_log, is_level, is_mode, is_lower, is_upper, policy_weight),
         layout!(SeqParams; mask, cu_seqlens, membership, seq_tokens, norms, tile_seq, num_tokens, tile_tokens,
             num_seqs, num_objectives, has_override, num_tiles, override_tokens, override_seqs, logp, old_logp,
-            seq_log_ratio, rollout_logp, seq_is_log, is_geometric, warps_per_seq),
+            seq_log_ratio, rollout_logp, seq_is_log, is_geometric, warps_per_seq, geo_mean, clip_low, clip_high,
+            pad0),
         layout!(ReduceParams; losses, mask, cu_seqlens, membership, seq_tokens, norms, grad, partials,
             tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, agg_mode, sum_norm_const, pad0, lambda),
         layout!(KlParams; logp, ref_logp, mask, kl, grad, num_tokens, kl_estimator, pad0),

@@ -269,6 +269,7 @@ pub fn config_for(seed: u64, agg: recap_kernels::AggMode) -> GrpoConfig {
     let policy_loss = match (seed % 7, seed % 4) {
         (4, _) => PolicyLoss::Gspo,
         (5, 0) => PolicyLoss::Gpg,
+        (5, 1) => PolicyLoss::GeoMean,
         (6, 0) => PolicyLoss::Dro { beta: 0.2 },
         (_, 2) => PolicyLoss::Cispo,
         (_, 3) => PolicyLoss::sapo(),
@@ -404,12 +405,14 @@ pub fn check_split_parts(
                 .unwrap();
             for mode in recap_kernels::AggMode::ALL {
                 let cfg = config_for(seed, mode);
-                if cfg.policy_loss == recap_kernels::PolicyLoss::Gspo
-                    || cfg
-                        .rollout_correction
-                        .is_some_and(|r| r.level != recap_kernels::IsLevel::Token)
+                if matches!(
+                    cfg.policy_loss,
+                    recap_kernels::PolicyLoss::Gspo | recap_kernels::PolicyLoss::GeoMean
+                ) || cfg
+                    .rollout_correction
+                    .is_some_and(|r| r.level != recap_kernels::IsLevel::Token)
                 {
-                    // GSPO's ratio and sequence-level IS weights span a whole sequence: parts must
+                    // GSPO's and GMPO's ratios and sequence-level IS weights span a whole sequence: parts must
                     // not cut one
                     continue;
                 }

@@ -217,3 +217,19 @@ def trl_multi_objective(rewards, g, weights, aggregation, eps=1e-4, scale_reward
     z = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)
     x = (z.reshape(-1, rewards.shape[1]) * w).sum(1)
     return (x - x.mean()) / (x.std() + eps)
+
+
+def geo_mean(old, logp, adv, m, lo, hi, is_weights=None):
+    """verl's GMPO (geo_mean): per sequence -A exp(mean of the sign-clipped log-ratio), the mean over
+    the batch's rows; (loss, pg_clipfrac, pg_clipfrac_lower)."""
+    d = logp - old
+    s = torch.sign(adv)
+    c = s * torch.minimum(s * d, s * d.clamp(-lo, hi))
+    n = m.sum(-1)
+    ratio = torch.exp((c * m).sum(-1) / (n + 1e-8))
+    a = (adv * m).sum(-1) / (n + 1e-8)
+    per = -a * ratio
+    if is_weights is not None:
+        per = per * torch.exp((torch.log(is_weights + 1e-10) * m).sum(-1) / (n + 1e-8))
+    outside = (d != d.clamp(-lo, hi)).float()
+    return per.mean(), masked_mean(outside * (adv > 0), m), masked_mean(outside * (adv < 0), m)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import recap_kernels as rk
-from reference import (agg_loss, cispo, dppo, dro, gpg, kl_penalty, sapo, trl_loss, trl_multi_objective,
+from reference import (agg_loss, cispo, dppo, dro, geo_mean, gpg, kl_penalty, sapo, trl_loss, trl_multi_objective,
                        trl_off_policy_mask, verl_gspo, verl_vanilla)
 
 
@@ -109,6 +109,29 @@ def test_verl_newer_policy_losses(device, gen, mode, agg):
         rk.verl.compute_policy_loss(old, x, a, mask, agg, ActorConfig(policy_loss=PolicyLossConfig("dro", 0.0)))
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("with_is", [False, True])
+def test_verl_geo_mean(device, gen, agg, with_is):
+    """verl's GMPO (geo_mean) with per-sequence advantages, a fully masked row and rollout IS
+    weights: value, gradient (sequence-level GMPO) and verl's clip fractions; loss_agg_mode plays
+    no part, as in verl."""
+    old, logp, ref, adv, mask = batch(device, gen)
+    a = adv[:, None].expand_as(logp)
+    w = (torch.rand(logp.shape, generator=gen) + 0.5).to(device) if with_is else None
+    cfg = ActorConfig(policy_loss=PolicyLossConfig("geo_mean"), clip_ratio_low=0.2, clip_ratio_high=0.25)
+    x = logp.clone().requires_grad_()
+    loss, metrics = rk.verl.compute_policy_loss(old, x, a, mask, agg, cfg, rollout_is_weights=w)
+    loss.backward()
+    y = logp.clone().requires_grad_()
+    want, clipfrac, lower = geo_mean(old, y, a, mask, 0.2, 0.25, w)
+    want.backward()
+    assert 0 < clipfrac < 1 and 0 < lower < 1, "the batch exercises both clip sides"
+    close(loss, want)
+    close(x.grad, y.grad, atol=1e-7)
+    close(metrics["actor/pg_clipfrac"], clipfrac)
+    close(metrics["actor/pg_clipfrac_lower"], lower)
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_verl_global_batch_info(device, gen, agg):
     """global_batch_info (dp_size, batch_num_tokens, global_batch_size) as verl's agg_loss uses it,
@@ -167,7 +190,7 @@ def test_verl_register_adds_our_losses_to_the_registry(monkeypatch, gen):
 
     names = rk.verl.register()
     assert names == ["recap_vanilla", "recap_gspo", "recap_sapo", "recap_cispo", "recap_gpg", "recap_dppo_tv",
-                     "recap_dppo_kl", "recap_dro"]
+                     "recap_dppo_kl", "recap_dro", "recap_geo_mean"]
     assert rk.verl.register() == names  # idempotent
     fn = core_algos.get_policy_loss_fn("recap_vanilla")
     old, logp, ref, adv, mask = batch(torch.device("cpu"), gen)

@@ -21,6 +21,9 @@ installed): ``seq-mean-token-sum-norm`` is the sum of the sequences' token sums 
 ``loss_scale_factor`` before 0.9 and ``seq-mean-token-sum`` over it from 0.9; GSPO is aggregated
 ``seq-mean-token-mean`` before 0.9 and by ``loss_agg_mode`` from 0.9.
 
+GMPO (``geo_mean``) is exact for advantages constant over each sequence (verl supports only those);
+its sequence ratio is capped at exp(10), as GSPO's.
+
 Differences from verl: an empty micro-batch gives loss 0 (verl divides by zero); CISPO reports
 ``pg_clipfrac`` as the fraction of tokens whose ratio lies outside the clip band;
 ``seq-mean-token-mean`` divides by each sequence's token count exactly (verl adds 1e-8).
@@ -35,8 +38,8 @@ from ._native import RecapError
 
 __all__ = ["compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
            "compute_policy_loss_sapo", "compute_policy_loss_cispo", "compute_policy_loss_gpg",
-           "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_dro", "agg_loss", "kl_penalty", "register",
-           "POLICY_LOSSES"]
+           "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_dro",
+           "compute_policy_loss_geo_mean", "agg_loss", "kl_penalty", "register", "POLICY_LOSSES"]
 
 _MISSING = object()
 
@@ -123,9 +126,21 @@ def _policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor, advanta
             raise RecapError("invalid argument `config.policy_loss.dro_beta`: DRO needs a positive beta, "
                              f"got {beta!r}")
         options.update(policy_loss={"dro": {"beta": float(beta)}}, dual_clip=None)
+    elif loss_mode == "geo_mean":
+        options.update(policy_loss="geo_mean", dual_clip=None)
     else:
         raise RecapError(f"invalid argument `loss_mode`: expected {', '.join(POLICY_LOSSES)}, got {loss_mode!r}")
-    agg, normalizers, factor = _agg(loss_agg_mode, response_mask, _get(config, "global_batch_info"))
+    if loss_mode == "geo_mean":
+        # verl's GMPO ignores loss_agg_mode: the mean over the batch's rows (empty ones included) of
+        # each sequence's loss; its rollout IS weight is the geometric mean of the tokens' weights
+        rows = torch.full((2, 2), float(response_mask.shape[0]), dtype=torch.float64)
+        agg, normalizers, factor = {"agg_mode": "seq-mean-token-mean"}, rows, 1.0
+        if rollout_is_weights is not None:
+            m = response_mask.to(rollout_is_weights.dtype)
+            seq = torch.exp((torch.log(rollout_is_weights + 1e-10) * m).sum(-1) / (m.sum(-1) + 1e-8))
+            rollout_is_weights = seq[:, None].expand_as(rollout_is_weights)
+    else:
+        agg, normalizers, factor = _agg(loss_agg_mode, response_mask, _get(config, "global_batch_info"))
     options.update(agg)
     loss, m = F.grpo_loss(log_prob, old_log_prob, advantages, response_mask, policy_weight=rollout_is_weights,
                           normalizers=normalizers, **options)
@@ -172,12 +187,15 @@ compute_policy_loss_dppo_tv = _verl_loss(
                "probability moved less than the clip thresholds.")
 compute_policy_loss_dppo_kl = _verl_loss(
     "dppo_kl", "verl's ``compute_policy_loss_dppo_kl``: as DPPO-TV with the binary-KL trust region.")
+compute_policy_loss_geo_mean = _verl_loss(
+    "geo_mean", "verl's ``compute_policy_loss_geo_mean`` (GMPO): ``-A exp(mean of the sign-clipped log-ratio)`` "
+                "per sequence, averaged over the batch's rows.")
 compute_policy_loss_dro = _verl_loss(
     "dro", "verl's ``compute_policy_loss_dro``: ``-(A logp - beta (logp - old)^2 / 2)``, beta from "
            "``config.policy_loss.dro_beta``.")
 
 POLICY_LOSSES = {mode: globals()[f"compute_policy_loss_{mode}"]
-                 for mode in ["vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "dro"]}
+                 for mode in ["vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean"]}
 
 
 def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
@@ -209,8 +227,8 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
 
 def register(prefix: str = "recap_") -> list:
     """Adds these losses to verl's policy-loss registry as ``recap_vanilla``, ``recap_gspo``,
-    ``recap_sapo``, ``recap_cispo``, ``recap_gpg``, ``recap_dppo_tv``, ``recap_dppo_kl`` and
-    ``recap_dro`` (select one with ``actor.policy_loss.loss_mode``). Returns
+    ``recap_sapo``, ``recap_cispo``, ``recap_gpg``, ``recap_dppo_tv``, ``recap_dppo_kl``,
+    ``recap_dro`` and ``recap_geo_mean`` (select one with ``actor.policy_loss.loss_mode``). Returns
     the names registered; raises ImportError when verl is not installed."""
     from verl.trainer.ppo import core_algos
 
