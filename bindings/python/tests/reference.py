@@ -1,5 +1,7 @@
 """verl's and TRL's formulas written out in PyTorch (our own code, from their definitions), the
 references the package is checked against."""
+import math
+
 import torch
 
 
@@ -132,6 +134,14 @@ def trl_loss(logp, old, adv, mask, ref=None, *, loss_type="dapo", beta=0.0, eps=
     c1 = torch.exp(lr)
     if loss_type == "cispo":
         per = -torch.clamp(c1, max=eps_high).detach() * adv * logp
+    elif loss_type == "vespo":
+        # the gamma weight of the sequence ratio (TRL's defaults k 2 / 3, lambda 3 / 2), detached
+        with torch.no_grad():
+            log_w = ((logp - old).clamp(-20, 20) * mask).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+            k = torch.where(adv >= 0, 2.0, 3.0)
+            lam = torch.where(adv >= 0, 3.0, 2.0)
+            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(0.0, 0.0, 0.0)
+        per = -phi * adv * logp
     elif loss_type == "sapo":
         t = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
         per = -torch.sigmoid(t * (c1 - 1)) * 4 / t * adv
@@ -154,6 +164,8 @@ def trl_loss(logp, old, adv, mask, ref=None, *, loss_type="dapo", beta=0.0, eps=
         return (per * mask).sum() / mask.sum().clamp(min=1.0) / gas
     if loss_type == "dr_grpo":
         return (per * mask).sum() / (per.shape[0] * max_len) / gas
+    if loss_type == "luspo":
+        return (per * mask).sum(-1).mean() / gas
     n = mask.sum() if num_items is None else torch.as_tensor(float(num_items))
     return (per * mask).sum() / (n.clamp(min=1.0) / num_processes)
 

@@ -211,6 +211,10 @@ TRL_CASES = [
     dict(loss_type="sapo", tau_pos=1.0, tau_neg=1.05),
     dict(loss_type="dapo", level="sequence"),
     dict(loss_type="grpo", level="sequence", eps=3e-4, eps_high=4e-4),
+    dict(loss_type="luspo", gas=2),
+    dict(loss_type="luspo", level="sequence", beta=0.04),
+    dict(loss_type="vespo", num_items=230, num_processes=2),
+    dict(loss_type="vespo", beta=0.04),
 ]
 
 

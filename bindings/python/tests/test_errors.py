@@ -80,7 +80,9 @@ def test_verl_and_trl_options():
     with pytest.raises(rk.RecapError, match="loss_agg_mode"):
         rk.verl.agg_loss(x, m, "token-max")
     with pytest.raises(rk.RecapError, match="loss_type"):
-        rk.trl.grpo_loss(x, x, a, m, loss_type="vespo")
+        rk.trl.grpo_loss(x, x, a, m, loss_type="ppo")
+    with pytest.raises(rk.RecapError, match="importance_sampling_level"):
+        rk.trl.grpo_loss(x, x, a, m, loss_type="vespo", importance_sampling_level="sequence")
     with pytest.raises(rk.RecapError, match="max_completion_length"):
         rk.trl.grpo_loss(x, x, a, m, loss_type="dr_grpo")
     with pytest.raises(rk.RecapError, match="importance_sampling_level"):

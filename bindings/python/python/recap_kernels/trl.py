@@ -15,8 +15,10 @@ mixin that puts it into a ``GRPOTrainer``.
     advantages = rk_trl.compute_advantages(rewards_per_func, num_generations, reward_weights,
                                            scale_rewards="group", multi_objective_aggregation="normalize_then_sum")
 
-Loss types: grpo, bnpo, dr_grpo, dapo (clipped surrogate, ``delta`` two-sided clipping), cispo
-(the ratio capped at ``epsilon_high``), sapo (``sapo_temperature_pos`` / ``_neg``), with
+Loss types: grpo, bnpo, dr_grpo, dapo (clipped surrogate, ``delta`` two-sided clipping), luspo
+(the same surrogate, each sequence's token sum averaged over the sequences), cispo (the ratio
+capped at ``epsilon_high``), sapo (``sapo_temperature_pos`` / ``_neg``), vespo (``-phi A logp``
+with the detached gamma weight ``phi`` of the sequence's ratio, ``vespo_weights``), with
 ``importance_sampling_level`` "token" or "sequence" (GSPO; per-sequence advantages), ``beta`` (TRL's
 k3 KL to the reference, unclamped, ``use_bias_correction_kl``), TRL's entropy mask (``entropy_mask``,
 or ``entropies`` with ``top_entropy_quantile``), vLLM's ``importance_sampling_ratio`` and the
@@ -27,8 +29,9 @@ old log-probs), each normalized as TRL normalizes that loss type (``num_items_in
 Differences from TRL: the log-ratio is clamped to +-20 before ``exp`` (verl's guard; TRL has none);
 GSPO's log sequence ratio is capped at 10; CISPO has a lower clip at 1 - 2^-24 (TRL none); the
 quantile of ``top_entropy_quantile`` is this process's (TRL gathers the entropies of every process
-first). Not available: luspo, vespo.
+first).
 """
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -37,7 +40,7 @@ from torch import Tensor
 from . import functional as F
 from ._native import RecapError
 
-__all__ = ["compute_advantages", "grpo_loss", "high_entropy_mask", "off_policy_mask", "RecapGRPOMixin",
+__all__ = ["compute_advantages", "vespo_weights", "grpo_loss", "high_entropy_mask", "off_policy_mask", "RecapGRPOMixin",
            "RecapRewardWeights"]
 
 # the largest float32 below 1: CISPO's lower clip bound 1 - clip_low is then 2^-24, below any ratio
@@ -100,9 +103,15 @@ def _options(loss_type: str, epsilon: float, epsilon_high: Optional[float], delt
     eps_high = epsilon if epsilon_high is None else epsilon_high
     o = {"dual_clip": None, "clip_low": float(epsilon), "clip_high": float(eps_high), "kl_coef": float(beta),
          "kl_estimator": "k3-unclamped", "kl_is_correction": bool(use_bias_correction_kl)}
-    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         if delta is not None:
             o["delta"] = float(delta)
+    elif loss_type == "vespo":
+        # -phi A logp with phi the detached gamma weight (a per-token policy weight, vespo_weights)
+        if importance_sampling_level != "token":
+            raise RecapError("invalid argument `importance_sampling_level`: vespo weighs sequences itself; TRL "
+                             f"requires 'token', got {importance_sampling_level!r}")
+        o.update(policy_loss="gpg")
     elif loss_type == "cispo":
         if eps_high < 1.0:
             raise RecapError(f"invalid argument `epsilon_high`: TRL's cispo caps the ratio at epsilon_high (e.g. "
@@ -112,17 +121,42 @@ def _options(loss_type: str, epsilon: float, epsilon_high: Optional[float], delt
         o.update(policy_loss={"sapo": {"tau_pos": float(sapo_temperature_pos),
                                        "tau_neg": float(sapo_temperature_neg)}})
     else:
-        raise RecapError(f"invalid argument `loss_type`: expected grpo, bnpo, dr_grpo, dapo, cispo or sapo, got "
-                         f"{loss_type!r} (luspo and vespo are not available)")
+        raise RecapError(f"invalid argument `loss_type`: expected grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo or "
+                         f"vespo, got {loss_type!r}")
     if importance_sampling_level == "sequence":
         if loss_type in ("cispo", "sapo"):
             raise RecapError(f"invalid argument `importance_sampling_level`: 'sequence' is available for the "
-                             f"clipped surrogate (grpo, bnpo, dr_grpo, dapo), not {loss_type}")
+                             f"clipped surrogate (grpo, bnpo, dr_grpo, dapo, luspo), not {loss_type}")
         o["policy_loss"] = "gspo"
     elif importance_sampling_level != "token":
         raise RecapError(f"invalid argument `importance_sampling_level`: expected 'token' or 'sequence', got "
                          f"{importance_sampling_level!r}")
     return o
+
+
+def vespo_weights(advantages: Tensor, per_token_logps: Tensor, old_per_token_logps: Tensor, mask: Tensor,
+                  importance_sampling_ratio: Optional[Tensor] = None, k_pos: float = 2.0, lambda_pos: float = 3.0,
+                  k_neg: float = 3.0, lambda_neg: float = 2.0) -> Tensor:
+    """VESPO's gamma weight of each sequence, ``[B, 1]`` (detached), as TRL's
+    ``GRPOTrainer.get_gamma_weights``: ``w`` the sequence's ratio ``exp`` of the masked sum of the
+    log-ratios (each clamped to +-20), plus the log vLLM IS ratios (clamped to [log 1e-8, 20]), the
+    sum clamped to [log 1e-8, 20]; ``phi = exp(lambda + k log w - lambda w)`` with ``(k, lambda)``
+    ``(k_pos, lambda_pos)`` for ``A >= 0`` else ``(k_neg, lambda_neg)`` (lambda at least 1e-4);
+    non-finite weights give 0."""
+    with torch.no_grad():
+        lower = math.log(1e-8)
+        lr = (per_token_logps - old_per_token_logps).clamp(-20.0, 20.0)
+        seq = (lr * mask).sum(-1, keepdim=True)
+        if importance_sampling_ratio is not None:
+            log_is = torch.log(importance_sampling_ratio.expand(per_token_logps.shape)).clamp(lower, 20.0)
+            seq = seq + log_is.sum(-1, keepdim=True)
+        log_w = seq.clamp(lower, 20.0)
+        a = advantages if advantages.dim() == 2 else advantages[:, None]
+        nonneg = a >= 0
+        k = torch.where(nonneg, torch.full_like(log_w, k_pos), torch.full_like(log_w, k_neg))
+        lam = torch.where(nonneg, torch.full_like(log_w, lambda_pos), torch.full_like(log_w, lambda_neg)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], advantages: Tensor,
@@ -135,7 +169,8 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], ad
               importance_sampling_ratio: Optional[Tensor] = None, off_policy_mask_threshold: Optional[float] = None,
               sampling_per_token_logps: Optional[Tensor] = None, num_items_in_batch=None, num_processes: int = 1,
               max_completion_length: Optional[int] = None,
-              gradient_accumulation_steps: int = 1) -> Tuple[Tensor, Dict[str, Tensor]]:
+              gradient_accumulation_steps: int = 1, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+              vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0) -> Tuple[Tensor, Dict[str, Tensor]]:
     """TRL's GRPO loss for ``[B, T]`` per-token tensors (``advantages`` ``[B]``, ``[B, 1]`` or
     ``[B, T]``; ``old_per_token_logps`` None: ``per_token_logps.detach()``, as TRL). Returns the
     loss (scaled for gradient accumulation as TRL scales it) and metrics under TRL's names
@@ -161,13 +196,24 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], ad
         keep = off_policy_mask(advantages, per_token_logps, sampling, mask, off_policy_mask_threshold).float()
         keep = keep.expand(per_token_logps.shape)
         weight = keep if weight is None else weight * keep
-    if importance_sampling_ratio is not None:
+    phi = None
+    if loss_type == "vespo":
+        # the vLLM IS ratio enters the gamma weight, not the loss (as TRL)
+        phi = vespo_weights(advantages, per_token_logps, old_per_token_logps, mask, importance_sampling_ratio,
+                            vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        w = phi.float().expand(per_token_logps.shape)
+        weight = w if weight is None else weight * w
+    elif importance_sampling_ratio is not None:
         is_ratio = importance_sampling_ratio.float().expand(per_token_logps.shape)
         weight = is_ratio if weight is None else weight * is_ratio
     normalizers, scale = None, 1.0 / gradient_accumulation_steps
     if loss_type in ("grpo", "sapo"):
         # the mean over all B sequences (an empty one counts, with loss 0), for the policy and KL terms
         options["agg_mode"] = "seq-mean-token-mean"
+        normalizers = torch.full((2, 2), float(b), dtype=torch.float64)
+    elif loss_type == "luspo":
+        # each sequence's token sum, the mean over all B sequences
+        options["agg_mode"] = "seq-mean-token-sum"
         normalizers = torch.full((2, 2), float(b), dtype=torch.float64)
     elif loss_type == "bnpo":
         options["agg_mode"] = "token-mean"
@@ -176,12 +222,12 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], ad
             raise RecapError("invalid argument `max_completion_length`: dr_grpo normalizes by B * "
                              "max_completion_length")
         options.update(agg_mode="token-sum-norm", norm_constant=float(b * max_completion_length))
-    else:  # dapo, cispo: the sum over the batch's tokens over the global token count per process
+    else:  # dapo, cispo, vespo: the sum over the batch's tokens over the global token count per process
         options["agg_mode"] = "token-mean"
         scale = 1.0
     loss, m = F.grpo_loss(per_token_logps, old_per_token_logps, advantages, mask, ref_logp=ref_per_token_logps,
                           policy_weight=weight, normalizers=normalizers, **options)
-    if loss_type in ("dapo", "cispo") and num_items_in_batch is not None:
+    if loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is not None:
         # token-mean over this batch times (its tokens / the global count per process): TRL's sum over
         # num_items_in_batch / num_processes, without reading either back to the host
         local = mask.sum().to(loss.dtype)
@@ -192,6 +238,9 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], ad
     metrics = dict(m)
     metrics.update({"clip_ratio/region_mean": m["actor/pg_clipfrac"][0], "kl": m["actor/kl_mean"],
                     "policy_loss": policy_loss})
+    if phi is not None:
+        mf = mask.to(phi.dtype)
+        metrics["vespo/phi_seq_mean"] = (phi * mf).sum() / mf.sum().clamp(min=1.0)
     return loss, metrics
 
 
@@ -236,7 +285,9 @@ class RecapGRPOMixin:
             num_items_in_batch=inputs.get("num_items_in_batch"),
             num_processes=self.accelerator.num_processes,
             max_completion_length=getattr(self, "max_completion_length", None),
-            gradient_accumulation_steps=self.current_gradient_accumulation_steps if mode == "train" else 1)
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps if mode == "train" else 1,
+            vespo_k_pos=getattr(args, "vespo_k_pos", 2.0), vespo_lambda_pos=getattr(args, "vespo_lambda_pos", 3.0),
+            vespo_k_neg=getattr(args, "vespo_k_neg", 3.0), vespo_lambda_neg=getattr(args, "vespo_lambda_neg", 2.0))
         # metrics stay tensors here; log() reads them back once per logging step
         log = self._metrics[mode]
         if self.beta != 0.0:
