@@ -60,7 +60,8 @@ typedef struct RecapGrpoConfig {
     float entropy_coef;
     // Nonzero: return non-finite results instead of `RECAP_ERR_NONFINITE` (default 0).
     int32_t allow_nonfinite;
-    // 0 vanilla (default), 1 CISPO, 2 SAPO, 3 GSPO.
+    // 0 vanilla (default), 1 CISPO, 2 SAPO, 3 GSPO, 4 GPG, 5 DPPO-TV, 6 DPPO-KL, 7 DRO
+    // (`dro_beta`), 8 GMPO (verl's geo_mean).
     int32_t policy_loss;
     // SAPO temperature for positive advantages (default 1.0).
     float tau_pos;
@@ -81,6 +82,8 @@ typedef struct RecapGrpoConfig {
     float rollout_upper;
     // Lower rollout IS threshold; <= 0: 1 / upper (default).
     float rollout_lower;
+    // DRO's coefficient of the squared log-ratio (> 0 with `policy_loss` 7; default 0.1).
+    float dro_beta;
 } RecapGrpoConfig;
 
 // Scalar results of the fused loss (per-objective values go to the caller's arrays).

@@ -116,7 +116,8 @@ pub struct RecapGrpoConfig {
     pub entropy_coef: f32,
     /// Nonzero: return non-finite results instead of `RECAP_ERR_NONFINITE` (default 0).
     pub allow_nonfinite: i32,
-    /// 0 vanilla (default), 1 CISPO, 2 SAPO, 3 GSPO.
+    /// 0 vanilla (default), 1 CISPO, 2 SAPO, 3 GSPO, 4 GPG, 5 DPPO-TV, 6 DPPO-KL, 7 DRO
+    /// (`dro_beta`), 8 GMPO (verl's geo_mean).
     pub policy_loss: i32,
     /// SAPO temperature for positive advantages (default 1.0).
     pub tau_pos: f32,
@@ -137,6 +138,8 @@ pub struct RecapGrpoConfig {
     pub rollout_upper: f32,
     /// Lower rollout IS threshold; <= 0: 1 / upper (default).
     pub rollout_lower: f32,
+    /// DRO's coefficient of the squared log-ratio (> 0 with `policy_loss` 7; default 0.1).
+    pub dro_beta: f32,
 }
 
 /// Fills `cfg` with the defaults (verl's).
@@ -171,6 +174,7 @@ pub unsafe extern "C" fn recap_grpo_config_default(cfg: *mut RecapGrpoConfig) ->
             rollout_mode: 0,
             rollout_upper: 2.0,
             rollout_lower: 0.0,
+            dro_beta: 0.1,
         };
         Ok(())
     })
@@ -210,10 +214,17 @@ impl RecapGrpoConfig {
                     tau_neg: self.tau_neg,
                 },
                 3 => PolicyLoss::Gspo,
+                4 => PolicyLoss::Gpg,
+                5 => PolicyLoss::DppoTv,
+                6 => PolicyLoss::DppoKl,
+                7 => PolicyLoss::Dro {
+                    beta: self.dro_beta,
+                },
+                8 => PolicyLoss::GeoMean,
                 x => {
                     return Err(Error::invalid_argument(
                         "cfg.policy_loss",
-                        format!("expected 0..4, got {x}"),
+                        format!("expected 0 to 8, got {x}"),
                     ))
                 }
             })

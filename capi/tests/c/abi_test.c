@@ -24,6 +24,22 @@ static int host_checks(const RecapGrpoConfig* cfg) {
                           NULL, NULL, cfg, grad, &res, stats) == RECAP_OK);
     CHECK(res.loss > 0.2499 && res.loss < 0.2501 && res.num_tokens == 4.0 && res.ratio_mean == 1.0);
     CHECK(grad[0] == -0.125f && grad[1] == -0.125f && grad[2] == 0.25f && grad[3] == 0.25f);
+    /* GMPO (8) at ratio 1: the sequence ratio is exp(mean min(0, eh)) = 1, the same loss and gradient */
+    RecapGrpoConfig gmpo = *cfg;
+    gmpo.policy_loss = 8;
+    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
+                          NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_OK);
+    CHECK(res.loss > 0.2499 && res.loss < 0.2501 && grad[0] == -0.125f && grad[3] == 0.25f);
+    /* DRO (7) needs a positive beta; 9 is no policy loss */
+    gmpo.policy_loss = 7;
+    gmpo.dro_beta = 0.0f;
+    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
+                          NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "beta") != NULL);
+    gmpo.policy_loss = 9;
+    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
+                          NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "policy_loss") != NULL);
     /* the fields of stats: names, offsets and lengths */
     int found = 0;
     for (int32_t i = 0; recap_grpo_stat_field(1, i, NULL, NULL, NULL) == RECAP_OK; ++i) {
