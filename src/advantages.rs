@@ -414,7 +414,7 @@ pub(crate) fn validate(
             return Err(Error::invalid_argument(
                 "config.lead.difficulty",
                 format!(
-                    "GRPO-LEAD's difficulty weights do not combine with {} (whitened over the batch)",
+                    "GRPO-LEAD's difficulty weights do not combine with {} (a batch-wide second step)",
                     m.name()
                 ),
             ));
