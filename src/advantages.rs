@@ -539,27 +539,41 @@ pub fn group_advantages(
     for j in 0..k_out {
         let col: Vec<f64> = (0..b).map(|i| value(i, j)).collect();
         let batch_std = unbiased_std(&col);
-        let nnz = col.iter().filter(|v| **v != 0.0).count();
-        let alpha = b as f64 / nnz.max(1) as f64;
         let mode = config.modes[j];
+        // GPG's scale: B over the batch's non-zero values
+        let alpha = if mode == AdvantageMode::Gpg {
+            b as f64 / col.iter().filter(|v| **v != 0.0).count().max(1) as f64
+        } else {
+            1.0
+        };
         let mut adv = vec![0.0f64; b];
         for m in &members {
             let x: Vec<f64> = m.iter().map(|&i| col[i]).collect();
             let (mu, sd, sum, n) = (mean(&x), unbiased_std(&x), x.iter().sum::<f64>(), x.len());
             let verl_one = n == 1 && config.singletons == Singletons::Verl;
             // Pass@k: the best value, whether one member alone holds it, and the runner-up
-            let best = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let holders = x.iter().filter(|v| **v == best).count();
-            let second = if holders >= 2 {
-                best
-            } else {
-                x.iter()
-                    .cloned()
-                    .filter(|v| *v < best)
-                    .fold(f64::NEG_INFINITY, f64::max)
-            };
+            let (best, holders, second) =
+                if matches!(mode, AdvantageMode::PassK | AdvantageMode::PassKDr) {
+                    let best = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let holders = x.iter().filter(|v| **v == best).count();
+                    let second = if holders >= 2 {
+                        best
+                    } else {
+                        x.iter()
+                            .cloned()
+                            .filter(|v| *v < best)
+                            .fold(f64::NEG_INFINITY, f64::max)
+                    };
+                    (best, holders, second)
+                } else {
+                    (0.0, 0, 0.0)
+                };
             // OPO: the length-weighted mean (the plain mean when the lengths sum to 0)
-            let sum_len: f64 = m.iter().map(|&i| len(i)).sum();
+            let sum_len: f64 = if mode == AdvantageMode::Opo {
+                m.iter().map(|&i| len(i)).sum()
+            } else {
+                0.0
+            };
             let len_mean = if sum_len > 0.0 {
                 m.iter().map(|&i| len(i) * col[i]).sum::<f64>() / sum_len
             } else {
