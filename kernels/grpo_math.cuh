@@ -317,6 +317,24 @@ RECAP_HD float recap_agg_weight(int mode, float inv_tokens, float inv_seqs, floa
 }
 
 /*
+ * Rollout rejection sampling (verl's rollout_rs): the statistic of the log-ratio lr = old - rollout,
+ * clamped to [-20, 20] (a NaN stays NaN): k1 = -lr, k2 = lr^2 / 2, k3 = exp(lr) - 1 - lr; and whether
+ * a value passes a criterion: inside [lower, upper] for k1, at most upper otherwise (NaN fails).
+ */
+RECAP_HD double recap_rs_stat(double lr, int statistic) {
+    if (lr == lr) lr = lr < -20.0 ? -20.0 : (lr > 20.0 ? 20.0 : lr);
+    switch (statistic) {
+    case RECAP_RS_K1: return -lr;
+    case RECAP_RS_K2: return 0.5 * lr * lr;
+    default: return exp(lr) - 1.0 - lr;
+    }
+}
+
+RECAP_HD int recap_rs_keep(double v, int statistic, double lower, double upper) {
+    return statistic == RECAP_RS_K1 ? (v >= lower && v <= upper) : (v <= upper);
+}
+
+/*
  * Online softmax statistics of one row of x = z / tau, shifted by the running maximum m:
  *   s = sum_j exp(x_j - m),  a = sum_j exp(x_j - m) (x_j - m)
  * so that LSE = m + log s and the entropy H = -sum p log p = log s - a / s (no cancellation

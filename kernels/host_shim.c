@@ -35,6 +35,12 @@ void recap_host_kl_token(float logp, float ref_logp, int estimator, RecapKlToken
     *out = recap_kl_token(logp, ref_logp, estimator);
 }
 
+double recap_host_rs_stat(double lr, int statistic) { return recap_rs_stat(lr, statistic); }
+
+int recap_host_rs_keep(double v, int statistic, double lower, double upper) {
+    return recap_rs_keep(v, statistic, lower, upper);
+}
+
 float recap_host_agg_weight(int mode, float inv_tokens, float inv_seqs, float inv_seq_tokens, float inv_const) {
     return recap_agg_weight(mode, inv_tokens, inv_seqs, inv_seq_tokens, inv_const);
 }
@@ -144,10 +150,16 @@ static const size_t train_layout[] = {
     F(RecapTrainParams, group), F(RecapTrainParams, resp_len), F(RecapTrainParams, lr), F(RecapTrainParams, beta1),
     F(RecapTrainParams, beta2), F(RecapTrainParams, eps), F(RecapTrainParams, weight_decay), F(RecapTrainParams, bias1),
     F(RecapTrainParams, bias2), F(RecapTrainParams, pad0)};
+static const size_t reject_layout[] = {
+    sizeof(RecapRejectParams), F(RecapRejectParams, log_ratio), F(RecapRejectParams, mask),
+    F(RecapRejectParams, cu_seqlens), F(RecapRejectParams, flags), F(RecapRejectParams, num_tokens),
+    F(RecapRejectParams, num_seqs), F(RecapRejectParams, num_criteria), F(RecapRejectParams, level),
+    F(RecapRejectParams, statistic), F(RecapRejectParams, lower), F(RecapRejectParams, upper)};
 #undef F
 
 /* Size then field offsets (declaration order) of struct `which`: 0 grpo, 1 seq, 2 reduce, 3 kl,
- * 4 finalize, 5 logits, 6 advantages, 7 train, 8 tensor-parallel combine. Returns the number of entries, writes at most `cap` of them. */
+ * 4 finalize, 5 logits, 6 advantages, 7 train, 8 tensor-parallel combine, 9 rollout rejection. Returns the number of entries, writes at most `cap` of them. */
+
 size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     const size_t* src;
     size_t n;
@@ -161,6 +173,7 @@ size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     case 6: src = adv_layout; n = sizeof(adv_layout) / sizeof(size_t); break;
     case 7: src = train_layout; n = sizeof(train_layout) / sizeof(size_t); break;
     case 8: src = tp_layout; n = sizeof(tp_layout) / sizeof(size_t); break;
+    case 9: src = reject_layout; n = sizeof(reject_layout) / sizeof(size_t); break;
     default: return 0;
     }
     for (size_t i = 0; i < n && i < cap; ++i) out[i] = src[i];

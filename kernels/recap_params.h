@@ -204,6 +204,34 @@ typedef struct RecapKlParams {
     int32_t pad0;
 } RecapKlParams;
 
+/*
+ * Rollout rejection sampling (verl's rollout_rs), kl.cu: criteria on the log-ratio
+ * lr = clamp(old_logp - rollout_logp, -20, 20) at the token or over the sequence's unmasked tokens.
+ */
+#define RECAP_RS_MAX_CRITERIA 16 /* criteria per call (bit i of the flags: criterion i rejects)      */
+#define RECAP_RS_TOKEN 0         /* level: the token's own statistic                                */
+#define RECAP_RS_SEQ_SUM 1       /* level: sum over the sequence's unmasked tokens                  */
+#define RECAP_RS_SEQ_MEAN 2      /* level: that sum over (their weight + 1e-8)                      */
+#define RECAP_RS_SEQ_MAX 3       /* level: max over them (0 for an empty sequence)                  */
+#define RECAP_RS_K1 0            /* statistic: -lr, kept inside [lower, upper]                      */
+#define RECAP_RS_K2 1            /* statistic: lr^2 / 2, kept at most upper                         */
+#define RECAP_RS_K3 2            /* statistic: exp(lr) - 1 - lr, kept at most upper                 */
+
+/* Parameters of the rollout rejection kernel (kl.cu). */
+typedef struct RecapRejectParams {
+    uint64_t log_ratio;  /* const float[T]: old_logp - rollout_logp                              */
+    uint64_t mask;       /* const float[T] / uint8_t[T]                                          */
+    uint64_t cu_seqlens; /* const int32_t[B + 1]                                                 */
+    uint64_t flags;      /* int32_t[T] (written): bit i where criterion i rejects the token; 0 masked */
+    int64_t num_tokens;
+    int32_t num_seqs;
+    int32_t num_criteria;
+    int32_t level[RECAP_RS_MAX_CRITERIA];     /* RECAP_RS_TOKEN ... RECAP_RS_SEQ_MAX         */
+    int32_t statistic[RECAP_RS_MAX_CRITERIA]; /* RECAP_RS_K1 ... RECAP_RS_K3                 */
+    double lower[RECAP_RS_MAX_CRITERIA];      /* K1: the lower bound (of -lr); else unused   */
+    double upper[RECAP_RS_MAX_CRITERIA];      /* the upper bound                             */
+} RecapRejectParams;
+
 /* Parameters of the final fixed-order reduction of block partials. */
 typedef struct RecapFinalizeParams {
     uint64_t partials;   /* const double[num_slots, num_blocks] (slot-major) */

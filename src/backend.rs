@@ -12,6 +12,7 @@ use crate::layout::{
 };
 use crate::logits::{LogitElem, Logits, LogprobConfig};
 use crate::output::{GrpoOutput, ReduceOutput};
+use crate::rejection::RejectionCriterion;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use std::sync::Arc;
 
@@ -149,6 +150,39 @@ impl Backend {
         )?;
         download(s, &kd, kl_out)?;
         download(s, &gd, grad)
+    }
+
+    /// Rollout rejection flags on host data (see [`crate::rejection`]).
+    pub fn rollout_rejection(
+        &self,
+        log_ratio: &[f32],
+        mask: HostMask<'_>,
+        cu_seqlens: &[i32],
+        criteria: &[RejectionCriterion],
+        flags: &mut [i32],
+    ) -> Result<()> {
+        let gpu = match self {
+            Backend::Cpu => {
+                return cpu::rollout_rejection(log_ratio, mask, cu_seqlens, criteria, flags)
+            }
+            Backend::Cuda(g) => g,
+        };
+        let t = log_ratio.len();
+        check_len("flags", flags.len(), t, "[T] (the length of log_ratio)")?;
+        let s = gpu.stream();
+        let l = cuda::upload(s, log_ratio)?;
+        let m = DeviceMask::upload(s, &mask)?;
+        let mut fd = s.alloc_zeros::<i32>(t.max(1))?;
+        cuda::rollout_rejection(
+            gpu,
+            s,
+            &l.slice(..t),
+            m.view(m.len),
+            cu_seqlens,
+            criteria,
+            &mut fd.slice_mut(..t),
+        )?;
+        download(s, &fd, flags)
     }
 
     /// The weighted reduction on host data: `d total / d l_tk` into `grad` (`[T, K]`).
@@ -408,7 +442,11 @@ impl DeviceMask {
     }
 }
 
-fn download(s: &Arc<CudaStream>, d: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
+fn download<T: cudarc::driver::DeviceRepr>(
+    s: &Arc<CudaStream>,
+    d: &CudaSlice<T>,
+    out: &mut [T],
+) -> Result<()> {
     if out.is_empty() {
         return Ok(());
     }

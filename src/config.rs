@@ -471,7 +471,8 @@ impl FromStr for ObjectiveKind {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct GrpoConfig {
-    /// Lower clip `eps_low`: the ratio is clipped below at `1 - clip_low` (verl `clip_ratio_low`, 0.2).
+    /// Lower clip `eps_low`: the ratio is clipped below at `1 - clip_low` (verl `clip_ratio_low`, 0.2);
+    /// at most 1 (1: no lower clip, the ratio is positive).
     pub clip_low: f32,
     /// Upper clip `eps_high`: clipped above at `1 + clip_high` (verl `clip_ratio_high`, 0.2; DAPO 0.28).
     pub clip_high: f32,
@@ -634,10 +635,10 @@ impl GrpoConfig {
         };
         finite("config.clip_low", self.clip_low)?;
         finite("config.clip_high", self.clip_high)?;
-        if !(0.0..1.0).contains(&self.clip_low) {
+        if !(0.0..=1.0).contains(&self.clip_low) {
             return Err(Error::invalid_argument(
                 "config.clip_low",
-                format!("expected 0 <= clip_low < 1, got {}", self.clip_low),
+                format!("expected 0 <= clip_low <= 1, got {}", self.clip_low),
             ));
         }
         if self.clip_high < 0.0 {

@@ -64,6 +64,8 @@ extern "C" {
         inv_seq_tokens: f32,
         inv_const: f32,
     ) -> f32;
+    fn recap_host_rs_stat(lr: f64, statistic: c_int) -> f64;
+    fn recap_host_rs_keep(v: f64, statistic: c_int, lower: f64, upper: f64) -> c_int;
     fn recap_host_params_layout(which: c_int, out: *mut usize, cap: usize) -> usize;
     fn recap_host_constants(out: *mut c_int);
     fn recap_host_softmax_row(
@@ -255,6 +257,31 @@ pub fn kl_token(logp: f32, ref_logp: f32, est: crate::KlEstimator) -> (f32, f32)
     (o.value, o.grad)
 }
 
+/// `recap_rs_stat` of grpo_math.cuh: the rejection statistic of the log-ratio `lr`.
+pub fn rs_stat(lr: f64, statistic: crate::RsStatistic) -> f64 {
+    let c = crate::RejectionCriterion {
+        level: crate::RsLevel::Token,
+        statistic,
+        lower: 0.0,
+        upper: 0.0,
+    };
+    // SAFETY: plain C function over scalars.
+    unsafe { recap_host_rs_stat(lr, c.statistic_code()) }
+}
+
+/// `recap_rs_keep` of grpo_math.cuh: whether `v` passes `criterion`'s bounds.
+pub fn rs_keep(v: f64, criterion: &crate::RejectionCriterion) -> bool {
+    // SAFETY: plain C function over scalars.
+    unsafe {
+        recap_host_rs_keep(
+            v,
+            criterion.statistic_code(),
+            criterion.lower,
+            criterion.upper,
+        ) != 0
+    }
+}
+
 /// `recap_agg_weight` of grpo_math.cuh.
 pub fn agg_weight(
     mode: crate::AggMode,
@@ -396,8 +423,8 @@ pub fn adamw(
 }
 
 /// Size and field offsets of C struct `which` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits,
-/// 6 advantages, 7 train) as the
-/// C compiler lays out recap_params.h.
+/// 6 advantages, 7 train, 8 tensor-parallel combine, 9 rollout rejection) as the C compiler lays
+/// out recap_params.h.
 pub fn params_layout(which: i32) -> Vec<usize> {
     let mut buf = [0usize; 64];
     // SAFETY: the C function writes at most `cap` entries into the buffer given.

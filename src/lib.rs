@@ -34,6 +34,7 @@ pub mod logits;
 pub mod output;
 pub mod raw;
 pub mod recap;
+pub mod rejection;
 pub mod tensor_parallel;
 #[cfg(feature = "tools")]
 pub mod train;
@@ -60,6 +61,7 @@ pub use output::{
     grpo_stat_layout, logits_stat_layout, GrpoMetrics, GrpoOutput, ReduceOutput, StatField,
 };
 pub use recap::{Orientation, RecapConfig, RecapScheduler};
+pub use rejection::{RejectionCriterion, RsLevel, RsStatistic};
 
 /// The README's Rust examples, compiled and run as doctests (`cargo test --doc`).
 #[cfg(doctest)]

@@ -537,6 +537,47 @@ pub fn kl(
     )
 }
 
+/// Rollout rejection flags `[T]` (i32; see [`crate::rejection`]) of the log-ratios
+/// `old_logp - rollout_logp`.
+pub fn rollout_rejection(
+    place: Place,
+    log_ratio: In<f32>,
+    mask_in: Mask<In<f32>, In<u8>>,
+    cu_seqlens: &[i32],
+    criteria: &[crate::RejectionCriterion],
+    flags: Out<i32>,
+) -> Result<()> {
+    run(
+        place,
+        |m| {
+            crate::cpu::rollout_rejection(
+                m.ro("log_ratio", log_ratio)?,
+                mask(m, "mask", &mask_in)?,
+                cu_seqlens,
+                criteria,
+                m.rw("flags", flags)?,
+            )
+        },
+        |m| {
+            if log_ratio.len == 0 {
+                // nothing on the device to read: the checks alone
+                let n = mask_in.array_len();
+                return crate::rejection::validate(0, n, cu_seqlens, criteria, flags.len)
+                    .map(|_| ());
+            }
+            cuda::rollout_rejection(
+                &m.gpu,
+                &m.stream,
+                &m.ro("log_ratio", log_ratio)?,
+                mask(m, "mask", &mask_in)?,
+                cu_seqlens,
+                criteria,
+                &mut m.rw("flags", flags)?,
+            )
+        },
+    )
+}
+
 fn reduce_inputs<'a: 'm, 'm, M: Memory>(
     m: &'m M,
     x: &ReduceInputs<'a, In<f32>, In<u8>>,

@@ -132,6 +132,32 @@ on_every_backend! {
 }
 
 on_every_backend! {
+    /// `clip_low = 1` with an upper clip beyond any ratio and no dual-clip: no clip band at all, the
+    /// plain `-A r` (verl's KL-Cov policy term), value and gradient at every token.
+    fn no_clip_band_by_hand(be) {
+        let b = branches();
+        let cfg = GrpoConfig::default()
+            .with_clip_low(1.0)
+            .with_clip_high(1e30)
+            .with_dual_clip(None);
+        let toks = [0usize, 1, 2, 4];
+        let adv = [1.0f64, 1.0, -0.5, -0.5];
+        let mut grad = vec![f32::NAN; 5];
+        let out = be.grpo_loss(&branch_inputs(&b, &[1.0]), &cfg, &mut grad).unwrap();
+        let per: Vec<f64> = toks.iter().zip(adv).map(|(&t, a)| -a * actual_ratio(&b, t)).collect();
+        let what = be.name();
+        assert_close(&format!("{what} loss"), out.loss, per.iter().sum::<f64>() / 4.0, TOL, 1e-5);
+        let mut want = [0.0f32; 5];
+        for (&t, l) in toks.iter().zip(&per) {
+            want[t] = (l / 4.0) as f32;
+        }
+        assert_all_close(&format!("{what} grad"), &grad, &want, TOL, 1e-5);
+        assert_eq!(out.metrics.pg_clipfrac[0], 0.0);
+        assert_eq!(out.metrics.pg_clipfrac_lower[0], 0.0);
+    }
+}
+
+on_every_backend! {
     /// CISPO, SAPO and two-sided clipping on the branch batch, against the formulas of verl's
     /// `compute_policy_loss_cispo` / `compute_policy_loss_sapo` and TRL's `delta`, written out per token
     /// (token-mean over the 4 unmasked tokens, K = 1).

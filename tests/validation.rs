@@ -227,9 +227,9 @@ on_every_backend! {
                 "normalizers",
             ),
             (
-                "clip_low = 1",
+                "clip_low > 1",
                 good(),
-                cfg.clone().with_clip_low(1.0),
+                cfg.clone().with_clip_low(1.5),
                 "config.clip_low",
             ),
             (

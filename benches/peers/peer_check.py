@@ -1,6 +1,7 @@
 """Our verl drop-ins against verl's own functions, called (not copied) from the installed package:
-every policy loss x aggregation mode, agg_loss, kl_penalty and the group advantage estimators, on
-random batches; values, gradients and metrics. Run by scripts/peer-check.sh, which installs verl
+every policy loss (Clip-Cov's random draw under the same seed) x aggregation mode, agg_loss,
+kl_penalty, the group advantage estimators and the rollout rejection mask, on random batches;
+values, gradients and metrics. Run by scripts/peer-check.sh, which installs verl
 (and TRL, whose off-policy mask is checked too) into a cached directory.
 
     python3 benches/peers/peer_check.py [--batches 20] [--json out.json]
@@ -24,7 +25,9 @@ def actor_config(mode, info):
 
     cfg = ActorConfig.__new__(ActorConfig)
     fields = dict(clip_ratio=0.2, clip_ratio_low=0.1, clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=1.0,
-                  tau_neg=1.05, policy_loss=PolicyLossConfig(loss_mode=mode, dro_beta=0.1), global_batch_info=info,
+                  tau_neg=1.05, policy_loss=PolicyLossConfig(loss_mode=mode, dro_beta=0.1, clip_cov_ratio=0.05,
+                                                             kl_cov_ratio=0.05, ppo_kl_coef=0.5),
+                  global_batch_info=info,
                   loss_agg_mode="token-mean")
     for k, v in fields.items():
         object.__setattr__(cfg, k, v)
@@ -56,7 +59,7 @@ class Tally:
 
 
 def check_policy_losses(core, tally, gen, batches):
-    modes = ["vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean"]
+    modes = ["vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean", "clip_cov", "kl_cov"]
     aggs = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
     for _ in range(batches):
         old, logp, _, adv, mask = batch(gen)
@@ -68,9 +71,11 @@ def check_policy_losses(core, tally, gen, batches):
                     info["loss_scale_factor"] = 64
                 cfg = actor_config(mode, info)
                 x = logp.clone().requires_grad_()
+                torch.manual_seed(17)  # Clip-Cov's draw (torch.randperm): the same for both
                 their_loss, their_metrics = theirs_fn(old, x, adv, mask, agg, cfg)
                 their_loss.backward()
                 y = logp.clone().requires_grad_()
+                torch.manual_seed(17)
                 our_loss, our_metrics = rk.verl.compute_policy_loss(old, y, adv, mask, agg, cfg, loss_mode=mode)
                 our_loss.backward()
                 why = f"loss {float(our_loss.detach()):.7g} vs {float(their_loss.detach()):.7g}"
@@ -155,6 +160,27 @@ def check_more_advantages(core, tally, gen, batches):
                       close(ours[:, None] * mask[keep], theirs, atol=1e-5))
 
 
+def check_rollout_rejection(tally, gen, batches):
+    """verl's compute_rollout_rejection_mask (rollout_corr_helper) against ours: the new mask and the
+    fraction metrics verl reports, for single and chained options."""
+    from verl.trainer.ppo import rollout_corr_helper as rch
+
+    cases = [("token_k1", "0.8_1.25"), ("token_k2", "0.02"), ("token_k3", "0.02"), ("seq_sum_k1", "0.5_2.0"),
+             ("seq_sum_k3", "0.3"), ("seq_mean_k2", "0.01"), ("seq_mean_k3", "0.01"), ("seq_max_k2", "0.1"),
+             ("seq_max_k3", "0.1"), ("token_k1,seq_mean_k3,seq_max_k2", "1.3,0.012,0.1")]
+    for _ in range(batches):
+        old, _, _, _, mask = batch(gen)
+        lr = torch.randn(old.shape, generator=gen) * 0.15
+        for rs, th in cases:
+            theirs, their_metrics = rch.compute_rollout_rejection_mask(lr, mask, rs, th)
+            ours, our_metrics = rk.verl.compute_rollout_rejection_mask(lr, mask, rs, th)
+            ok, why = close(ours, theirs), "mask"
+            for k, v in our_metrics.items():
+                if k not in their_metrics or not close(v, their_metrics[k], atol=1e-6):
+                    ok, why = False, f"{k} {float(v):.6g} vs {their_metrics.get(k)}"
+            tally.add(f"rollout rejection {rs}", ok, why)
+
+
 def check_trl(tally, gen, batches):
     try:
         from trl.trainer.grpo_trainer import GRPOTrainer
@@ -183,6 +209,7 @@ def main():
     check_agg_and_kl(core, tally, gen, args.batches)
     check_advantages(core, tally, gen, args.batches)
     check_more_advantages(core, tally, gen, args.batches)
+    check_rollout_rejection(tally, gen, args.batches)
     check_trl(tally, gen, args.batches)
     failed = 0
     print(f"peer check: verl {verl.__version__}, recap_kernels {rk.__version__}, {args.batches} batches per check")

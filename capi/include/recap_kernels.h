@@ -353,6 +353,27 @@ int32_t recap_kl(int32_t device,
                  float *kl,
                  float *grad);
 
+// Rollout rejection sampling (verl's `rollout_rs`): int32 flags `[T]` (on the device or, for
+// `device < 0`, the host) of the log-ratios `old_logp - rollout_logp`, bit i set where option i of
+// `rollout_rs` (comma-separated verl names, e.g. `"token_k1,seq_mean_k3"`) rejects the token, 0 at
+// masked tokens; `rollout_rs_threshold` as verl's (e.g. `"0.5_2.0,0.01"`). The new mask is the mask
+// where the flags are 0. `cu_seqlens` `[num_seqs + 1]` on the host.
+//
+// # Safety
+// Arrays of `num_tokens` elements in the memory of the call's place; the two strings non-null and
+// NUL-terminated.
+int32_t recap_rollout_rejection(int32_t device,
+                                void *stream,
+                                int64_t num_tokens,
+                                const float *log_ratio,
+                                const void *mask,
+                                int32_t mask_is_u8,
+                                const int32_t *cu_seqlens,
+                                int64_t num_seqs,
+                                const char *rollout_rs,
+                                const char *rollout_rs_threshold,
+                                int32_t *flags);
+
 // The per-objective weighted reduction of losses `[T, K]` with the mask and layout of the fused
 // loss: `d total / d l` into `grad` `[T, K]` (on the device or, for `device < 0`, the host);
 // `total` and `objective_loss` `[K]` (nullable) on the host; `normalizers` and `seq_tokens` as in

@@ -21,6 +21,7 @@ use recap::logits::{Logits, LogitsLossInputs, LogprobConfig};
 use recap::output::GrpoOutput;
 use recap::raw::{self, In, Out, Place};
 use recap::recap::{Orientation, RecapConfig, RecapScheduler};
+use recap::rejection::RejectionCriterion;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -1050,6 +1051,58 @@ pub unsafe extern "C" fn recap_kl(
             est,
             out_arr(kl, t),
             out_arr(grad, t),
+        )
+    })
+}
+
+/// Rollout rejection sampling (verl's `rollout_rs`): int32 flags `[T]` (on the device or, for
+/// `device < 0`, the host) of the log-ratios `old_logp - rollout_logp`, bit i set where option i of
+/// `rollout_rs` (comma-separated verl names, e.g. `"token_k1,seq_mean_k3"`) rejects the token, 0 at
+/// masked tokens; `rollout_rs_threshold` as verl's (e.g. `"0.5_2.0,0.01"`). The new mask is the mask
+/// where the flags are 0. `cu_seqlens` `[num_seqs + 1]` on the host.
+///
+/// # Safety
+/// Arrays of `num_tokens` elements in the memory of the call's place; the two strings non-null and
+/// NUL-terminated.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_rollout_rejection(
+    device: i32,
+    stream: *mut c_void,
+    num_tokens: i64,
+    log_ratio: *const f32,
+    mask: *const c_void,
+    mask_is_u8: i32,
+    cu_seqlens: *const i32,
+    num_seqs: i64,
+    rollout_rs: *const c_char,
+    rollout_rs_threshold: *const c_char,
+    flags: *mut i32,
+) -> i32 {
+    guard(|| {
+        let t = len("num_tokens", num_tokens)?;
+        let b = len("num_seqs", num_seqs)?;
+        let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
+        let text = |name: &'static str, p: *const c_char| -> Result<&str> {
+            if p.is_null() {
+                return Err(Error::invalid_argument(name, "null pointer"));
+            }
+            // SAFETY: non-null NUL-terminated string (the caller's contract).
+            unsafe { CStr::from_ptr(p) }
+                .to_str()
+                .map_err(|_| Error::invalid_argument(name, "not UTF-8"))
+        };
+        let criteria = RejectionCriterion::parse_verl(
+            text("rollout_rs", rollout_rs)?,
+            text("rollout_rs_threshold", rollout_rs_threshold)?,
+        )?;
+        raw::rollout_rejection(
+            place(device, stream),
+            arr(log_ratio, t),
+            mask_arr(mask, mask_is_u8, t),
+            cu,
+            &criteria,
+            out_arr(flags, t),
         )
     })
 }

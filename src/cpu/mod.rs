@@ -8,6 +8,7 @@ mod logits;
 mod math;
 mod norms;
 mod reduce;
+mod rejection;
 mod tensor_parallel;
 
 pub use fused_linear::fused_linear_grpo_loss;
@@ -21,4 +22,5 @@ pub use math::{
 pub use norms::count_normalizers;
 pub(crate) use norms::seq_tokens;
 pub use reduce::weighted_reduce;
+pub use rejection::rollout_rejection;
 pub use tensor_parallel::{tp_backward, tp_combine, tp_partials};

@@ -1,10 +1,11 @@
-//! Kernel 2 on the GPU: the standalone per-token KL (`kernels/kl.cu`).
+//! Kernel 2 on the GPU: the standalone per-token KL and the rollout rejection flags (`kernels/kl.cu`).
 
 use super::grpo::MaskView;
-use super::{addr, addr_mut, params::KlParams, Gpu, Module, BLOCK};
+use super::{addr, addr_mut, params::KlParams, params::RejectParams, Gpu, Module, BLOCK};
 use crate::config::KlEstimator;
 use crate::error::Result;
 use crate::layout::{check_len, Mask};
+use crate::rejection::{validate, RejectionCriterion};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
 
@@ -63,6 +64,58 @@ pub fn kl(
         Module::Kl,
         &format!("recap_kl_{suffix}"),
         blocks,
+        &p,
+    )
+}
+
+/// Rollout rejection flags `[T]` on `stream` (see [`crate::rejection`]): bit i set where
+/// criterion i rejects the token, 0 at masked tokens. `cu_seqlens` is uploaded here.
+pub fn rollout_rejection(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    log_ratio: &CudaView<'_, f32>,
+    mask: Mask<CudaView<'_, f32>, CudaView<'_, u8>>,
+    cu_seqlens: &[i32],
+    criteria: &[RejectionCriterion],
+    flags: &mut CudaViewMut<'_, i32>,
+) -> Result<()> {
+    let t = log_ratio.len();
+    let b = validate(t, mask.array_len(), cu_seqlens, criteria, flags.len())?;
+    gpu.check_stream(stream)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let (mask_view, suffix) = match &mask {
+        Mask::F32(m) => (MaskView::F32(m), "f32"),
+        Mask::U8(m) => (MaskView::U8(m), "u8"),
+    };
+    let cu = super::upload(stream, cu_seqlens)?;
+    let (m_a, _gm) = mask_view.addr(stream);
+    let (l_a, _g0) = addr(log_ratio, stream);
+    let (c_a, _g1) = super::addr_slice(&cu, stream);
+    let (f_a, _g2) = addr_mut(flags, stream);
+    let mut p = RejectParams {
+        log_ratio: l_a,
+        mask: m_a,
+        cu_seqlens: c_a,
+        flags: f_a,
+        num_tokens: t as i64,
+        num_seqs: b as i32,
+        num_criteria: criteria.len() as i32,
+        ..Default::default()
+    };
+    for (i, c) in criteria.iter().enumerate() {
+        p.level[i] = c.level_code();
+        p.statistic[i] = c.statistic_code();
+        p.lower[i] = c.lower;
+        p.upper[i] = c.upper;
+    }
+    let warps = (BLOCK / 32) as usize;
+    gpu.launch(
+        stream,
+        Module::Kl,
+        &format!("recap_rejection_{suffix}"),
+        b.div_ceil(warps),
         &p,
     )
 }

@@ -18,7 +18,7 @@ mod tensor_parallel;
 pub use advantages::{group_advantages, DeviceGroups};
 pub use fused_linear::{fused_linear_grpo_loss, FusedLinearConfig, LinearHead};
 pub use grpo::{grpo_loss, DeviceGrpoInputs};
-pub use kl::kl;
+pub use kl::{kl, rollout_rejection};
 pub use logits::{
     grpo_loss_from_logits, logprob_backward, logprob_backward_inplace, logprob_forward,
     DeviceLogitsLossInputs, LogprobGrads,

@@ -125,6 +125,23 @@ pub struct KlParams {
     pub pad0: i32,
 }
 
+/// Mirror of `RecapRejectParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RejectParams {
+    pub log_ratio: u64,
+    pub mask: u64,
+    pub cu_seqlens: u64,
+    pub flags: u64,
+    pub num_tokens: i64,
+    pub num_seqs: i32,
+    pub num_criteria: i32,
+    pub level: [i32; 16],
+    pub statistic: [i32; 16],
+    pub lower: [f64; 16],
+    pub upper: [f64; 16],
+}
+
 /// Mirror of `RecapFinalizeParams`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -190,6 +207,8 @@ unsafe impl DeviceRepr for SeqParams {}
 unsafe impl DeviceRepr for ReduceParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for KlParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for RejectParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for FinalizeParams {}
 // SAFETY: as above.
@@ -274,7 +293,7 @@ unsafe impl DeviceRepr for TrainParams {}
 
 /// Size and field offsets, in declaration order, of each mirror, indexed as the C shim's
 /// `recap_host_params_layout` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits, 6 advantages,
-/// 7 train, 8 tensor-parallel combine).
+/// 7 train, 8 tensor-parallel combine, 9 rollout rejection).
 pub fn layouts() -> Vec<Vec<usize>> {
     vec![
         layout!(GrpoParams; logp, old_logp, ref_logp, advantages, mask, cu_seqlens, membership, seq_tokens,
@@ -301,5 +320,7 @@ pub fn layouts() -> Vec<Vec<usize>> {
             num_rows, vocab, num_tokens, n, counter_base, group, resp_len, lr, beta1, beta2, eps, weight_decay,
             bias1, bias2, pad0),
         layout!(TpParams; partials, logp, entropy, lse, labels, missing, num_rows, num_shards, ignore_index),
+        layout!(RejectParams; log_ratio, mask, cu_seqlens, flags, num_tokens, num_seqs, num_criteria, level,
+            statistic, lower, upper),
     ]
 }

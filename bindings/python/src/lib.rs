@@ -17,7 +17,7 @@ use recap_kernels::cuda::FusedLinearConfig;
 use recap_kernels::raw::{self, In, Out, Place, RawGroups};
 use recap_kernels::{
     Advantages, GrpoConfig, GrpoInputs, KlEstimator, Logits, LogitsLossInputs, LogprobConfig, Mask,
-    Normalizers, Orientation, RecapConfig, RecapScheduler, ReduceInputs,
+    Normalizers, Orientation, RecapConfig, RecapScheduler, ReduceInputs, RejectionCriterion,
 };
 
 pyo3::create_exception!(
@@ -261,6 +261,12 @@ impl Call {
     fn out_f32(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Out<f32>> {
         let t = self.tensor(name, obj)?;
         t.want(&[DType::F32])?;
+        Ok(t.out())
+    }
+
+    fn out_i32(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Out<i32>> {
+        let t = self.tensor(name, obj)?;
+        t.want(&[DType::I32])?;
         Ok(t.out())
     }
 
@@ -543,6 +549,29 @@ fn kl(
     let m = mask.map(|m| call.mask("mask", m)).transpose()?;
     let (k, g) = (call.out_f32("kl", kl)?, call.out_f32("grad", grad)?);
     py.detach(|| raw::kl(call.place, lp, rf, m, est, k, g))
+        .map_err(err)
+}
+
+/// Rollout rejection flags into `flags` ([T] int32: bit i where option i of verl's `rollout_rs`
+/// rejects the token, 0 at masked tokens) of `log_ratio` = old_logp - rollout_logp ([T]).
+#[pyfunction]
+#[pyo3(signature = (log_ratio, mask, cu_seqlens, rollout_rs, rollout_rs_threshold, flags))]
+fn rollout_rejection(
+    py: Python<'_>,
+    log_ratio: &Bound<'_, PyAny>,
+    mask: &Bound<'_, PyAny>,
+    cu_seqlens: &Bound<'_, PyAny>,
+    rollout_rs: &str,
+    rollout_rs_threshold: &str,
+    flags: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("log_ratio", log_ratio)?;
+    let call = Call::new(py, &first)?;
+    let criteria = RejectionCriterion::parse_verl(rollout_rs, rollout_rs_threshold).map_err(err)?;
+    let cu = host_i32("cu_seqlens", cu_seqlens)?;
+    let (lr, m) = (call.f32("log_ratio", log_ratio)?, call.mask("mask", mask)?);
+    let f = call.out_i32("flags", flags)?;
+    py.detach(|| raw::rollout_rejection(call.place, lr, m, &cu, &criteria, f))
         .map_err(err)
 }
 
@@ -1215,6 +1244,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(logits_stat_layout, m)?)?;
     m.add_function(wrap_pyfunction!(grpo_loss, m)?)?;
     m.add_function(wrap_pyfunction!(kl, m)?)?;
+    m.add_function(wrap_pyfunction!(rollout_rejection, m)?)?;
     m.add_function(wrap_pyfunction!(weighted_reduce, m)?)?;
     m.add_function(wrap_pyfunction!(count_normalizers, m)?)?;
     m.add_function(wrap_pyfunction!(logprob_forward, m)?)?;

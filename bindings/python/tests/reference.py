@@ -245,3 +245,70 @@ def geo_mean(old, logp, adv, m, lo, hi, is_weights=None):
         per = per * torch.exp((torch.log(is_weights + 1e-10) * m).sum(-1) / (n + 1e-8))
     outside = (d != d.clamp(-lo, hi)).float()
     return per.mean(), masked_mean(outside * (adv > 0), m), masked_mean(outside * (adv < 0), m)
+
+
+def covariance(adv, logp, m):
+    """(A - mean A)(logp - mean logp) per token, the means over the valid tokens (Clip-Cov, KL-Cov)."""
+    v = m > 0
+    return (adv - adv[v].mean()) * (logp - logp[v].mean())
+
+
+def clip_cov(old, logp, adv, m, lo, hi, ratio, lb, ub, seed):
+    """verl's Clip-Cov, written out token by token: the clipped surrogate (no dual-clip) with
+    max(int(ratio N), 1) tokens dropped, drawn (torch.randperm under `seed`) in row-major order among
+    the valid, unclipped tokens of covariance strictly inside (lb, ub). Returns (loss, dropped)."""
+    per, _, _, _ = verl_vanilla(old, logp, adv, m, lo, hi, None)
+    with torch.no_grad():
+        r = torch.exp(logp - old)
+        cov = covariance(adv, logp, m)
+        candidates = [(i, j) for i in range(m.shape[0]) for j in range(m.shape[1])
+                      if m[i, j] > 0 and not (-adv[i, j] * min(max(r[i, j], 1 - lo), 1 + hi) > -adv[i, j] * r[i, j])
+                      and lb < cov[i, j] < ub]
+        keep = torch.ones_like(m)
+        if candidates:
+            torch.manual_seed(seed)
+            count = max(int(ratio * float(m.sum())), 1)
+            for k in torch.randperm(len(candidates))[:count].tolist():
+                keep[candidates[k]] = 0
+    return per * keep, keep == 0
+
+
+def kl_cov(old, logp, adv, m, ratio, coef):
+    """verl's KL-Cov: -A r plus coef |logp - old| at the max(1, int(N ratio)) valid tokens of largest
+    covariance. Returns (per-token loss, selected)."""
+    with torch.no_grad():
+        cov = covariance(adv, logp, m).masked_fill(m == 0, float("-inf"))
+        k = max(1, int(float(m.sum()) * ratio))
+        selected = torch.zeros_like(m, dtype=torch.bool)
+        selected.view(-1)[cov.reshape(-1).argsort(descending=True)[:k]] = True
+    return -adv * torch.exp(logp - old) + coef * (logp - old).abs() * selected, selected
+
+
+def rollout_rejection(log_ratio, mask, options, thresholds):
+    """verl's rollout_rs written out per sequence and token (f64): for each option its keep mask;
+    k1 options keep -lr (or its sequence sum / mean) inside [log lower, log upper], the others keep
+    the statistic at most the threshold. Returns (new mask, [per-option rejected bool])."""
+    lr = log_ratio.double().clamp(-20, 20)
+    m = mask.double()
+    stats = {"k1": -lr, "k2": 0.5 * lr ** 2, "k3": torch.exp(lr) - 1 - lr}
+    rejected = []
+    for opt, th in zip(options, thresholds):
+        level, est = opt.rsplit("_", 1)
+        v = stats[est]
+        if level == "token":
+            s = v
+        elif level == "seq_sum":
+            s = (v * m).sum(-1, keepdim=True).expand_as(v)
+        elif level == "seq_mean":
+            s = ((v * m).sum(-1) / (m.sum(-1) + 1e-8))[:, None].expand_as(v)
+        else:
+            mx = v.masked_fill(m == 0, float("-inf")).max(-1).values
+            s = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)[:, None].expand_as(v)
+        if est == "k1":
+            lo, hi = th
+            keep = (s >= math.log(lo)) & (s <= math.log(hi))
+        else:
+            keep = s <= th
+        rejected.append(~keep & (m > 0))
+    any_rejected = torch.stack(rejected).any(0)
+    return mask * (~any_rejected), rejected

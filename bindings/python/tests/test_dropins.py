@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import recap_kernels as rk
-from reference import (agg_loss, cispo, dppo, dro, geo_mean, gpg, kl_penalty, sapo, trl_loss, trl_multi_objective,
-                       trl_off_policy_mask, verl_gspo, verl_vanilla)
+from reference import (agg_loss, cispo, clip_cov, dppo, dro, geo_mean, gpg, kl_cov, kl_penalty, rollout_rejection,
+                       sapo, trl_loss, trl_multi_objective, trl_off_policy_mask, verl_gspo, verl_vanilla)
 
 
 def batch(device, gen, b=6, l=21):
@@ -26,6 +26,11 @@ def batch(device, gen, b=6, l=21):
 class PolicyLossConfig:
     loss_mode: str = "vanilla"
     dro_beta: float = 0.1
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002
+    ppo_kl_coef: float = 0.1
 
 
 @dataclass
@@ -132,6 +137,112 @@ def test_verl_geo_mean(device, gen, agg, with_is):
     close(metrics["actor/pg_clipfrac_lower"], lower)
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-mean"])
+@pytest.mark.parametrize("with_is", [False, True])
+def test_verl_clip_cov_and_kl_cov(device, gen, agg, with_is):
+    """verl's Clip-Cov (its random draw under a seed) and KL-Cov against the token-by-token
+    formulas: value, gradient, the tokens chosen and verl's metrics; rollout IS weights multiply
+    the whole per-token loss, KL-Cov's penalty included."""
+    old, logp, ref, adv, mask = batch(device, gen, b=8, l=33)
+    a = adv[:, None].expand_as(logp).contiguous()
+    w = (torch.rand(logp.shape, generator=gen) + 0.5).to(device) if with_is else None
+    pl = PolicyLossConfig("clip_cov", clip_cov_ratio=0.05, clip_cov_lb=0.5, clip_cov_ub=3.0, kl_cov_ratio=0.05,
+                          ppo_kl_coef=0.5)
+    cfg = ActorConfig(policy_loss=pl, clip_ratio_low=0.1, clip_ratio_high=0.2)
+    cfg.global_batch_info = {"dp_size": 2} if agg == "token-sum" else {}
+    dp = 2 if agg == "token-sum" else 1
+    cpu = [t.cpu() for t in (old, logp, a, mask)]
+    for mode in ["clip_cov", "kl_cov"]:
+        x = logp.clone().requires_grad_()
+        torch.manual_seed(5)
+        loss, metrics = rk.verl.compute_policy_loss(old, x, a, mask, agg, cfg, rollout_is_weights=w, loss_mode=mode)
+        loss.backward()
+        y = cpu[1].clone().requires_grad_()
+        if mode == "clip_cov":
+            per, chosen = clip_cov(cpu[0], y, cpu[2], cpu[3], 0.1, 0.2, 0.05, 0.5, 3.0, seed=5)
+            assert int(chosen.sum()) == max(int(0.05 * float(mask.sum())), 1), "enough candidates to draw from"
+            close(metrics["actor/pg_clipfrac"], chosen.float().sum() / mask.sum())
+            close(metrics["actor/ppo_kl"], ((old - logp) * mask).sum() / mask.sum())
+            assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl"}
+        else:
+            per, chosen = kl_cov(cpu[0], y, cpu[2], cpu[3], 0.05, 0.5)
+            assert int(chosen.sum()) == int(0.05 * float(mask.sum())) > 1
+            close(metrics["actor/ppo_kl"], ((logp - old).abs() * mask).sum() / mask.sum())
+            assert set(metrics) == {"actor/ppo_kl"}
+        if w is not None:
+            per = per * w.cpu()
+        want = agg_loss(per, cpu[3], agg, dp=dp)
+        want.backward()
+        close(loss.cpu(), want)
+        close(x.grad.cpu(), y.grad, atol=1e-7)
+        # the chosen tokens are the ones treated differently: no gradient (Clip-Cov), the penalty's (KL-Cov)
+        unselected = (verl_vanilla(cpu[0], cpu[1], cpu[2], cpu[3], 0.1, 0.2, None)[0] if mode == "clip_cov"
+                      else -cpu[2] * torch.exp(cpu[1] - cpu[0]))
+        plain = agg_loss(unselected * (1 if w is None else w.cpu()), cpu[3], agg, dp=dp)
+        assert not torch.allclose(want, plain), "the selection changes the loss"
+    # an empty micro-batch selects nothing and gives 0; a ratio outside (0, 1] is refused
+    empty = torch.zeros_like(mask)
+    for mode in ["clip_cov", "kl_cov"]:
+        loss, _ = rk.verl.compute_policy_loss(old, logp, a, empty, agg, cfg, loss_mode=mode)
+        assert float(loss) == 0.0
+    bad = ActorConfig(policy_loss=PolicyLossConfig("kl_cov", kl_cov_ratio=0.0))
+    with pytest.raises(rk.RecapError, match="kl_cov_ratio"):
+        rk.verl.compute_policy_loss(old, logp, a, mask, agg, bad)
+    bad = ActorConfig(policy_loss=PolicyLossConfig("clip_cov", clip_cov_ratio=1.5))
+    with pytest.raises(rk.RecapError, match="clip_cov_ratio"):
+        rk.verl.compute_policy_loss(old, logp, a, mask, agg, bad)
+
+
+@pytest.mark.parametrize("rs,threshold,parsed", [
+    ("token_k1", "0.8_1.25", [(0.8, 1.25)]),
+    ("token_k2,seq_mean_k3", "0.02", [0.02, 0.02]),
+    ("seq_sum_k1,seq_max_k3,token_k3", "0.5_2.0,0.05,0.04", [(0.5, 2.0), 0.05, 0.04]),
+    ("seq_mean_k1,seq_sum_k2,seq_max_k2", "1.05,0.5,0.1", [(1 / 1.05, 1.05), 0.5, 0.1]),
+])
+def test_verl_rollout_rejection(device, gen, rs, threshold, parsed):
+    """verl's compute_rollout_rejection_mask against the criteria written out: the new mask, which
+    option rejected which token, verl's fraction metrics; a NaN log-ratio rejects its token and, for
+    sequence options, its sequence; the rejected tokens leave the loss's normalizers."""
+    old, logp, ref, adv, mask = batch(device, gen, b=8, l=33)
+    rollout = old + (torch.randn(old.shape, generator=gen) * 0.15).to(device)
+    lr = old - rollout
+    lr[5, 7] = float("nan")
+    mask[5, 7] = 1.0
+    new_mask, metrics = rk.verl.compute_rollout_rejection_mask(lr, mask, rs, threshold)
+    options = rs.split(",")
+    want, rejected = rollout_rejection(lr.cpu(), mask.cpu(), options, parsed)
+    close(new_mask.cpu(), want)
+    assert new_mask.dtype == mask.dtype
+    assert 0 < float(new_mask.sum()) < float(mask.sum()), "some tokens rejected, some kept"
+    assert float(new_mask[5, 7]) == 0.0
+    if any(o.startswith("seq") for o in options):
+        assert float(new_mask[5].sum()) == 0.0, "a NaN rejects its sequence under a sequence option"
+    m = mask.cpu()
+    for opt, r in zip(options, rejected):
+        close(metrics[f"rollout_rs_{opt}_masked_fraction"], r.double().sum() / m.sum())
+        seqs = (m.sum(-1) > 0).double()
+        close(metrics[f"rollout_rs_{opt}_seq_masked_fraction"], (r.any(-1).double() * seqs).sum() / seqs.sum())
+    close(metrics["rollout_rs_masked_fraction"], 1 - want.sum() / m.sum())
+    close(metrics["rollout_rs_seq_masked_fraction"], ((m - want).sum(-1) > 0).double().mean())
+    # the flags name the rejecting options; the loss counts only the kept tokens
+    _, flags = rk.rollout_rejection(lr, mask, rollout_rs=rs, rollout_rs_threshold=threshold)
+    for i, r in enumerate(rejected):
+        assert torch.equal(((flags.cpu() >> i) & 1) == 1, r)
+    _, met = rk.grpo_loss(logp, old, adv, new_mask)
+    assert float(met["actor/num_tokens"]) == float(want.sum())
+
+
+def test_verl_rollout_rejection_errors(gen):
+    old, logp, ref, adv, mask = batch(torch.device("cpu"), gen)
+    for rs, th, arg in [("token_k4", "1", "rollout_rs"), ("seq_max_k1", "2", "rollout_rs"),
+                        ("token_k2", "0.1_2", "rollout_rs_threshold"), ("token_k1,token_k2", "1,2,3", "threshold"),
+                        ("token_k2", None, "rollout_rs_threshold")]:
+        with pytest.raises(rk.RecapError, match=arg):
+            rk.verl.compute_rollout_rejection_mask(old - logp, mask, rs, th)
+    with pytest.raises(rk.RecapError, match="mask"):
+        rk.rollout_rejection(old - logp, mask[:, :5], rollout_rs="token_k2", rollout_rs_threshold=1.0)
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_verl_global_batch_info(device, gen, agg):
     """global_batch_info (dp_size, batch_num_tokens, global_batch_size) as verl's agg_loss uses it,
@@ -190,7 +301,7 @@ def test_verl_register_adds_our_losses_to_the_registry(monkeypatch, gen):
 
     names = rk.verl.register()
     assert names == ["recap_vanilla", "recap_gspo", "recap_sapo", "recap_cispo", "recap_gpg", "recap_dppo_tv",
-                     "recap_dppo_kl", "recap_dro", "recap_geo_mean"]
+                     "recap_dppo_kl", "recap_dro", "recap_geo_mean", "recap_clip_cov", "recap_kl_cov"]
     assert rk.verl.register() == names  # idempotent
     fn = core_algos.get_policy_loss_fn("recap_vanilla")
     old, logp, ref, adv, mask = batch(torch.device("cpu"), gen)

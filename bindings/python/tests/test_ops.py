@@ -36,6 +36,8 @@ def cases():
                                               torch.tensor([3, 1, 2]), s["ref"], None, None, norms, None, False,
                                               s["cfg"])),
         "kl": (ops.kl.default, (s["logp"], s["ref"], s["mask"], "k3+")),
+        "rollout_rejection": (ops.rollout_rejection.default, ((s["old"] - s["logp"]).detach(), s["mask"], s["cu"],
+                                                              "token_k1,seq_mean_k3", "0.8_1.25,0.01")),
         "weighted_reduce": (ops.weighted_reduce.default, (torch.randn(T, 2, generator=g, requires_grad=True),
                                                           s["mask"], s["cu"], s["lam"], None, None, None, s["cfg"])),
         "count_normalizers": (ops.count_normalizers.default, (s["mask"], s["cu"], None, 2)),

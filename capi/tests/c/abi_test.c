@@ -74,6 +74,14 @@ static int host_checks(const RecapGrpoConfig* cfg) {
     float ref[4] = {-1.5f, -2.0f, -0.5f, -1.0f}, kl[4], kg[4];
     CHECK(recap_kl(-1, NULL, 4, logp, ref, NULL, 0, 0, kl, kg) == RECAP_OK);
     CHECK(kl[0] == 0.5f && kl[3] == -0.5f && kg[0] == 1.0f);
+    /* rollout rejection: token k2 = lr^2 / 2 at most 0.1 rejects lr = 1; seq sum k1 (-lr in
+     * [log 0.5, log 2]) rejects the second sequence, whose -lr sum is -1.4 */
+    float lr[4] = {0.1f, -0.2f, 1.0f, 0.4f};
+    int32_t rs[4];
+    CHECK(recap_rollout_rejection(-1, NULL, 4, lr, mask, 1, cu, 2, "token_k2,seq_sum_k1", "0.1,0.5_2", rs) == RECAP_OK);
+    CHECK(rs[0] == 0 && rs[1] == 0 && rs[2] == 3 && rs[3] == 2);
+    CHECK(recap_rollout_rejection(-1, NULL, 4, lr, mask, 1, cu, 2, "token_k9", "0.1", rs) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "rollout_rs") != NULL);
     /* Dr. GRPO advantages: reward minus the group mean */
     float rewards[4] = {1.0f, 0.0f, 2.0f, 4.0f}, out[4];
     int32_t modes[1] = {1};

@@ -19,8 +19,8 @@ from torch import Tensor
 from . import _native, ops
 from ._native import RecapError
 
-__all__ = ["grpo_config", "grpo_loss", "kl_penalty", "weighted_reduce", "count_normalizers", "logprobs_from_logits",
-           "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "RecapError"]
+__all__ = ["grpo_config", "grpo_loss", "kl_penalty", "rollout_rejection", "weighted_reduce", "count_normalizers",
+           "logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "RecapError"]
 
 _OBJECTIVES = {"policy": 0, "nll": 1, 0: 0, 1: 1}
 
@@ -200,6 +200,26 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_penalty: str = "low_var_kl", m
     _same_device(logp, ref_logp=ref_logp, mask=m)
     out, _ = ops.kl(_float("logp", logp).reshape(-1), _float("ref_logp", ref_logp).reshape(-1), m, kl_penalty)
     return out.view(shape)
+
+
+def rollout_rejection(log_ratio: Tensor, mask: Tensor, cu_seqlens=None, *, rollout_rs: str = "token_k1",
+                      rollout_rs_threshold) -> Tuple[Tensor, Tensor]:
+    """verl's rollout rejection sampling of ``log_ratio = old_logp - rollout_logp``:
+    ``(new_mask, flags)``. ``flags`` (int32, shaped like the mask) has bit i set where option i of
+    ``rollout_rs`` (comma-separated, repeats dropped; verl's names ``token_k1/k2/k3``,
+    ``seq_sum_k1/k2/k3``, ``seq_mean_k1/k2/k3``, ``seq_max_k2/k3``) rejects the token, 0 at masked
+    tokens; ``new_mask`` is the mask (its dtype) with every rejected token set to 0. Thresholds as
+    verl's ``rollout_rs_threshold``: one for all options or one per option, comma-separated;
+    ``lower_upper`` ratio bounds (or one upper bound u: ``1/u`` to u) for k1 options. Pass
+    ``new_mask`` to ``count_normalizers`` and the loss: rejected tokens leave the normalizers, the KL
+    term and the metrics. Not differentiable (a selection)."""
+    shape = mask.shape
+    cu, _ = _batch(shape, cu_seqlens)
+    lr = _float("log_ratio", log_ratio).reshape(-1)
+    m = _mask(mask).reshape(-1)
+    _same_device(lr, mask=m)
+    flags = ops.rollout_rejection(lr.detach(), m, cu, str(rollout_rs), str(rollout_rs_threshold)).view(shape)
+    return torch.where(flags == 0, mask, torch.zeros((), dtype=mask.dtype, device=mask.device)), flags
 
 
 def weighted_reduce(losses: Tensor, mask: Tensor, cu_seqlens=None, *, lambda_=None, membership=None,

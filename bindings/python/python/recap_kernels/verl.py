@@ -9,12 +9,12 @@ registry.
 
 The config is read from any object with attributes or ``.get`` (verl's ``ActorConfig``, an
 OmegaConf ``DictConfig``, a dict): ``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high``,
-``clip_ratio_c``, ``tau_pos``, ``tau_neg``, ``policy_loss.loss_mode``, ``policy_loss.dro_beta`` and
-``global_batch_info``
+``clip_ratio_c``, ``tau_pos``, ``tau_neg``, ``policy_loss.loss_mode``, ``policy_loss.dro_beta``, the
+Clip-Cov / KL-Cov fields of ``policy_loss`` (below) and ``global_batch_info``
 (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``). Metric values are
-0-dim tensors (verl's ``Metric`` accepts them); nothing here reads a value back to the host (a
-``global_batch_info`` count given as a GPU tensor is read by the op, which synchronizes: pass
-Python numbers or CPU tensors).
+0-dim tensors (verl's ``Metric`` accepts them); nothing here but Clip-Cov and KL-Cov reads a value
+back to the host (a ``global_batch_info`` count given as a GPU tensor is read by the op, which
+synchronizes: pass Python numbers or CPU tensors).
 
 Where verl changed between versions, these follow the installed verl (the newest, 0.9, when none is
 installed): ``seq-mean-token-sum-norm`` is the sum of the sequences' token sums over
@@ -23,6 +23,15 @@ installed): ``seq-mean-token-sum-norm`` is the sum of the sequences' token sums 
 
 GMPO (``geo_mean``) is exact for advantages constant over each sequence (verl supports only those);
 its sequence ratio is capped at exp(10), as GSPO's.
+
+Clip-Cov and KL-Cov (``clip_cov``, ``kl_cov``; ``policy_loss.clip_cov_ratio``, ``clip_cov_lb``,
+``clip_cov_ub``, ``kl_cov_ratio``, ``ppo_kl_coef``) choose their tokens over the whole micro-batch
+as verl does, in PyTorch on the inputs' device: the covariance ``(A - mean A)(logp - mean logp)`` over
+the valid tokens; Clip-Cov draws its tokens with ``torch.randperm`` on the default generator (the
+same draw as verl's under the same seed) and the fused loss drops them (a zero policy weight);
+KL-Cov adds ``ppo_kl_coef |logp - old|`` at its top ``kl_cov_ratio`` tokens to the unclipped
+``-A r`` (the penalty through ``agg_loss``, with the same normalizers). Both read counts back to the
+host to size the selection (verl's do too).
 
 Differences from verl: an empty micro-batch gives loss 0 (verl divides by zero); CISPO reports
 ``pg_clipfrac`` as the fraction of tokens whose ratio lies outside the clip band;
@@ -39,7 +48,8 @@ from ._native import RecapError
 __all__ = ["compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
            "compute_policy_loss_sapo", "compute_policy_loss_cispo", "compute_policy_loss_gpg",
            "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_dro",
-           "compute_policy_loss_geo_mean", "agg_loss", "kl_penalty", "register", "POLICY_LOSSES"]
+           "compute_policy_loss_geo_mean", "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov", "agg_loss",
+           "kl_penalty", "compute_rollout_rejection_mask", "register", "POLICY_LOSSES"]
 
 _MISSING = object()
 
@@ -128,6 +138,14 @@ def _policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor, advanta
         options.update(policy_loss={"dro": {"beta": float(beta)}}, dual_clip=None)
     elif loss_mode == "geo_mean":
         options.update(policy_loss="geo_mean", dual_clip=None)
+    elif loss_mode == "clip_cov":
+        options["dual_clip"] = None
+        keep = _clip_cov_keep(old_log_prob, log_prob, advantages, response_mask, options, config)
+        rollout_is_weights = keep if rollout_is_weights is None else keep * rollout_is_weights
+    elif loss_mode == "kl_cov":
+        # the unclipped -A r: a lower bound of 0 and no upper one (the ratio is at most e^20)
+        options.update(clip_low=1.0, clip_high=1e30, dual_clip=None)
+        selected, kl_coef = _kl_cov_selection(log_prob, advantages, response_mask, config)
     else:
         raise RecapError(f"invalid argument `loss_mode`: expected {', '.join(POLICY_LOSSES)}, got {loss_mode!r}")
     if loss_mode == "geo_mean":
@@ -144,6 +162,11 @@ def _policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor, advanta
     options.update(agg)
     loss, m = F.grpo_loss(log_prob, old_log_prob, advantages, response_mask, policy_weight=rollout_is_weights,
                           normalizers=normalizers, **options)
+    if loss_mode == "kl_cov":
+        penalty = kl_coef * (log_prob - old_log_prob).abs() * selected
+        if rollout_is_weights is not None:
+            penalty = penalty * rollout_is_weights
+        loss = loss + F.weighted_reduce(penalty, response_mask, normalizers=normalizers, **agg)[0]
     if factor != 1.0:
         loss = loss * factor
     metrics = {"actor/pg_clipfrac": m["actor/pg_clipfrac"][0], "actor/ppo_kl": m["actor/ppo_kl"],
@@ -152,11 +175,71 @@ def _policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor, advanta
         # verl reports no clip fractions for SAPO (our native metrics count the ratios outside the band)
         zero = torch.zeros((), dtype=metrics["actor/ppo_kl"].dtype, device=metrics["actor/ppo_kl"].device)
         metrics["actor/pg_clipfrac"], metrics["actor/pg_clipfrac_lower"] = zero, zero
+    if loss_mode == "clip_cov":
+        # verl's Clip-Cov reports the fraction of tokens it dropped
+        metrics["actor/pg_clipfrac"] = _masked_mean((keep == 0).to(log_prob.dtype), response_mask).detach()
+    if loss_mode == "kl_cov":
+        metrics["actor/ppo_kl"] = _masked_mean((log_prob - old_log_prob).abs(), response_mask).detach()
     # the metrics verl's own function returns for this mode
-    keep = {"gpg": (), "dro": ("actor/ppo_kl",)}.get(loss_mode)
-    if keep is not None:
-        metrics = {k: v for k, v in metrics.items() if k in keep}
+    names = {"gpg": (), "dro": ("actor/ppo_kl",), "clip_cov": ("actor/pg_clipfrac", "actor/ppo_kl"),
+             "kl_cov": ("actor/ppo_kl",)}.get(loss_mode)
+    if names is not None:
+        metrics = {k: v for k, v in metrics.items() if k in names}
     return loss, metrics
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """verl's ``masked_mean``: the masked sum over the mask's sum plus 1e-8."""
+    return (x * mask).sum() / (mask.sum() + 1e-8)
+
+
+def _cov_ratio(config, name: str) -> float:
+    ratio = float(_get(_get(config, "policy_loss"), name, 0.0002))
+    if not 0.0 < ratio <= 1.0:
+        raise RecapError(f"invalid argument `config.policy_loss.{name}`: expected a fraction in (0, 1], got {ratio!r}")
+    return ratio
+
+
+def _clip_cov_keep(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                   options: dict, config) -> Tensor:
+    """verl's Clip-Cov selection, as a policy weight: 0 at up to ``max(int(clip_cov_ratio N), 1)`` tokens
+    drawn (``torch.randperm``) among the valid, unclipped tokens whose covariance
+    ``(A - mean A)(logp - mean logp)`` lies strictly inside ``(clip_cov_lb, clip_cov_ub)``, 1 elsewhere."""
+    ratio = _cov_ratio(config, "clip_cov_ratio")
+    lb = float(_get(_get(config, "policy_loss"), "clip_cov_lb", 1.0))
+    ub = float(_get(_get(config, "policy_loss"), "clip_cov_ub", 5.0))
+    with torch.no_grad():
+        valid = response_mask > 0
+        r = torch.exp(log_prob - old_log_prob)
+        clipped = (-advantages * torch.clamp(r, 1 - options["clip_low"], 1 + options["clip_high"])
+                   > -advantages * r) & valid
+        cov = (advantages - _masked_mean(advantages, response_mask)) * (
+            log_prob - _masked_mean(log_prob, response_mask))
+        cov = cov.masked_fill(~valid | clipped, float("-inf"))
+        candidates = torch.nonzero((cov < ub) & (cov > lb) & valid)
+        keep = torch.ones_like(log_prob)
+        if len(candidates) > 0:
+            count = max(int(ratio * response_mask.sum().item()), 1)
+            drop = candidates[torch.randperm(len(candidates))[:min(count, len(candidates))]]
+            keep[tuple(drop.t())] = 0
+    return keep
+
+
+def _kl_cov_selection(log_prob: Tensor, advantages: Tensor, response_mask: Tensor, config) -> Tuple[Tensor, float]:
+    """verl's KL-Cov selection: 1 at the ``max(1, int(N kl_cov_ratio))`` valid tokens of largest
+    covariance ``(A - mean A)(logp - mean logp)`` (means over the valid tokens), 0 elsewhere; and
+    ``ppo_kl_coef`` (default 1)."""
+    ratio = _cov_ratio(config, "kl_cov_ratio")
+    coef = float(_get(_get(config, "policy_loss"), "ppo_kl_coef", 1.0))
+    with torch.no_grad():
+        valid = (response_mask > 0).reshape(-1)
+        index = torch.nonzero(valid, as_tuple=True)[0]
+        adv, logp = advantages.reshape(-1)[index], log_prob.reshape(-1)[index]
+        selected = torch.zeros(log_prob.numel(), dtype=log_prob.dtype, device=log_prob.device)
+        if index.numel() > 0:
+            cov = (adv - adv.mean()) * (logp - logp.mean())
+            selected[index[torch.topk(cov, max(1, int(index.numel() * ratio))).indices]] = 1
+    return selected.view_as(log_prob), coef
 
 
 def _verl_loss(mode: str, doc: str):
@@ -190,12 +273,19 @@ compute_policy_loss_dppo_kl = _verl_loss(
 compute_policy_loss_geo_mean = _verl_loss(
     "geo_mean", "verl's ``compute_policy_loss_geo_mean`` (GMPO): ``-A exp(mean of the sign-clipped log-ratio)`` "
                 "per sequence, averaged over the batch's rows.")
+compute_policy_loss_clip_cov = _verl_loss(
+    "clip_cov", "verl's ``compute_policy_loss_clip_cov``: the clipped surrogate without dual-clip, with a random "
+                "``clip_cov_ratio`` of the tokens of covariance in ``(clip_cov_lb, clip_cov_ub)`` dropped.")
+compute_policy_loss_kl_cov = _verl_loss(
+    "kl_cov", "verl's ``compute_policy_loss_kl_cov``: ``-A r`` plus ``ppo_kl_coef |logp - old|`` at the "
+              "``kl_cov_ratio`` tokens of largest covariance.")
 compute_policy_loss_dro = _verl_loss(
     "dro", "verl's ``compute_policy_loss_dro``: ``-(A logp - beta (logp - old)^2 / 2)``, beta from "
            "``config.policy_loss.dro_beta``.")
 
 POLICY_LOSSES = {mode: globals()[f"compute_policy_loss_{mode}"]
-                 for mode in ["vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean"]}
+                 for mode in ["vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "dro", "geo_mean",
+                              "clip_cov", "kl_cov"]}
 
 
 def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
@@ -220,6 +310,40 @@ def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: i
     return total * factor if factor != 1.0 else total
 
 
+def compute_rollout_rejection_mask(log_ratio: Tensor, response_mask: Tensor, rollout_rs: str = "token_k1",
+                                   rollout_rs_threshold=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's ``compute_rollout_rejection_mask`` (``rollout_corr_helper``): the response mask with the
+    tokens that any ``rollout_rs`` option rejects set to 0, and verl's fraction metrics
+    (``rollout_rs_<option>_masked_fraction``, ``rollout_rs_<option>_seq_masked_fraction``,
+    ``rollout_rs_masked_fraction``, ``rollout_rs_seq_masked_fraction``) as 0-dim tensors; verl's
+    summaries of the statistics (``_mean``, ``_max``, ``_std``, ...) are not computed."""
+    if rollout_rs_threshold is None:
+        raise RecapError("invalid argument `rollout_rs_threshold`: rejection sampling needs a threshold")
+    if response_mask.shape[0] == 0:
+        return response_mask, {}
+    new_mask, flags = F.rollout_rejection(log_ratio, response_mask, rollout_rs=rollout_rs,
+                                          rollout_rs_threshold=rollout_rs_threshold)
+    valid = response_mask > 0
+    seq_valid = valid.any(-1).to(torch.float32)
+    n_seq = seq_valid.sum()
+
+    def fractions(rejected: Tensor) -> Tuple[Tensor, Tensor]:
+        token = _masked_mean(rejected.to(torch.float32), response_mask)
+        seq = (rejected & valid).any(-1).to(torch.float32)
+        return token, torch.where(n_seq > 0, (seq * seq_valid).sum() / n_seq.clamp(min=1), torch.zeros_like(n_seq))
+
+    metrics = {}
+    options = list(dict.fromkeys(o.strip() for o in str(rollout_rs).split(",") if o.strip()))
+    for i, name in enumerate(options):
+        token, seq = fractions((flags >> i) & 1 == 1)
+        metrics[f"rollout_rs_{name}_masked_fraction"] = token
+        metrics[f"rollout_rs_{name}_seq_masked_fraction"] = seq
+    rejected = flags != 0
+    metrics["rollout_rs_masked_fraction"] = _masked_mean(rejected.to(torch.float32), response_mask)
+    metrics["rollout_rs_seq_masked_fraction"] = (rejected & valid).any(-1).to(torch.float32).mean()
+    return new_mask, metrics
+
+
 def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     """verl's ``kl_penalty``: kl/k1, abs, mse/k2, low_var_kl/k3, and the straight-through k1+ / k3+."""
     return F.kl_penalty(logprob, ref_logprob, kl_penalty)
@@ -228,7 +352,7 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
 def register(prefix: str = "recap_") -> list:
     """Adds these losses to verl's policy-loss registry as ``recap_vanilla``, ``recap_gspo``,
     ``recap_sapo``, ``recap_cispo``, ``recap_gpg``, ``recap_dppo_tv``, ``recap_dppo_kl``,
-    ``recap_dro`` and ``recap_geo_mean`` (select one with ``actor.policy_loss.loss_mode``). Returns
+    ``recap_dro``, ``recap_geo_mean``, ``recap_clip_cov`` and ``recap_kl_cov`` (select one with ``actor.policy_loss.loss_mode``). Returns
     the names registered; raises ImportError when verl is not installed."""
     from verl.trainer.ppo import core_algos
 
