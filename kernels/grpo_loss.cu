@@ -14,7 +14,8 @@
  *   (recap_rollout_is of old - rollout, or of its sequence's sum or mean from recap_seq_stats), and
  *   by policy_weight[t] when given (TRL's top-entropy-quantile mask)
  *   w_tk  = m_t * aggregation weight (token-mean 1/N_k, seq-mean-token-mean 1/(n_b S_k), ...) for
- *           member sequences (membership bit k), else 0; the KL term uses slot K (every sequence)
+ *           member sequences (membership bit k), else 0, in the objectives' mode (policy_agg_mode,
+ *           EXT only; else agg_mode); the KL term uses slot K (every sequence) and agg_mode
  *   L     = (1/K) sum_k lambda_k sum_t w_tk l_tk + beta sum_t w_tK kl_t
  *   grad_t = dL/dlogp_t = (1/K) sum_k lambda_k w_tk dl_tk/dlogp + beta w_tK dkl_t/dlogp
  * The normalizers come from recap_seq_stats_* and recap_norms_finalize (reduce.cu), run first.
@@ -51,8 +52,10 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     const int S = 3 * K + RECAP_GRPO_EXTRA_SLOTS;
     const double* __restrict__ norms = (const double*)p.norms;
     const float inv_c = (p.sum_norm_const > 0.0f) ? 1.0f / p.sum_norm_const : 0.0f;
+    /* the objectives' aggregation (slots k < K) and the KL term's (slot K, agg_mode) */
+    const int pol_mode = EXT ? p.policy_agg_mode : p.agg_mode;
     if (threadIdx.x <= K)
-        s_base[threadIdx.x] = recap_agg_base(p.agg_mode,
+        s_base[threadIdx.x] = recap_agg_base(threadIdx.x < K ? pol_mode : p.agg_mode,
                                              recap_inv_norm(norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + threadIdx.x]),
                                              recap_inv_norm(norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + threadIdx.x]), inv_c);
     const int32_t* __restrict__ cu = (const int32_t*)p.cu_seqlens;
@@ -74,7 +77,8 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     float* __restrict__ grad = (float*)p.grad;
     const float inv_k = 1.0f / (float)K;
     const uint32_t kbits = (K >= 32) ? 0xffffffffu : ((1u << K) - 1u);
-    const bool smtm = p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN;
+    const bool smtm = pol_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN;
+    const bool kl_own_mode = EXT && pol_mode != p.agg_mode; /* per-term aggregation */
     RecapPolicyOpts opts;
     opts.loss_type = EXT ? p.loss_type : RECAP_LOSS_VANILLA;
     opts.dual_clip = p.dual_clip;
@@ -93,7 +97,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
         for (int i = threadIdx.x; i < nseq; i += blockDim.x) {
             const int b = ts.b_lo + i;
             s_bits[i] = (mem ? mem[b] : 0xffffffffu) & kbits;
-            s_seq_factor[i] = recap_agg_seq_factor(p.agg_mode, smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f);
+            s_seq_factor[i] = recap_agg_seq_factor(pol_mode, smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f);
         }
         if (!p.adv_per_token)
             for (int i = threadIdx.x; i < nseq * K; i += blockDim.x)
@@ -137,9 +141,9 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
             const uint32_t pol = bits & p.policy_bits;
             const float lp = lpv[u];
             nonfinite += !recap_isfinite(lp);
-            /* m times the per-sequence factor of the aggregation weight */
+            /* m times the per-sequence factor of the objectives' aggregation weight */
             const float mf = m * (staged ? s_seq_factor[sb]
-                                         : recap_agg_seq_factor(p.agg_mode, smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f));
+                                         : recap_agg_seq_factor(pol_mode, smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f));
 
             RecapRatio q;
             q.log_ratio = 0.0f; q.ratio = 1.0f; q.saturated = 0;
@@ -204,7 +208,13 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                 nonfinite += !recap_isfinite(ref);
                 RecapKlToken kt = recap_kl_token(lp, ref, p.kl_estimator);
                 if (EXT && p.kl_is_correction && pol) kt = recap_kl_is_corrected(kt, q);
-                const float w = mf * s_base[K];
+                /* the KL term's own per-sequence factor when its aggregation differs */
+                const float mk = kl_own_mode
+                                     ? m * recap_agg_seq_factor(p.agg_mode, p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN
+                                                                                ? recap_inv_norm(seq_tokens[b])
+                                                                                : 0.0f)
+                                     : mf;
+                const float w = mk * s_base[K];
                 kl_agg += w * kt.value;
                 kl_sum += m * kt.value;
                 g += p.beta * w * kt.grad;

@@ -137,6 +137,8 @@ typedef struct RecapGrpoParams {
     float is_lower;         /* mask: lower bound of the band                                     */
     float is_upper;         /* truncate: cap; mask: upper bound                                  */
     uint64_t policy_weight; /* const float[T], or 0: multiplies the policy terms (e.g. TRL's entropy mask) */
+    int32_t policy_agg_mode; /* RECAP_AGG_* of the objectives' terms (ext kernels; else agg_mode) */
+    int32_t pad1;
 } RecapGrpoParams;
 
 /* Parameters of the per-sequence statistics and normalizer kernels (shared by kernels 1 and 3). */

@@ -25,7 +25,9 @@ pins=(
   rpds-py==2026.9.1 safetensors==0.8.0 sentencepiece==0.2.3 tensordict==0.15.3 tokenizers==0.23.3
   tqdm==4.70.1 transformers==5.24.0 truststore==0.10.5 urllib3==2.8.0 xxhash==4.1.0
 )
-hash=$(echo "${pins[*]}" | sha256sum | cut -c1-12)
+# the older verl API's rollout_token_veto_threshold (gone from verl 0.8 on), beside it
+old_verl=verl==0.7.0
+hash=$(echo "${pins[*]} $old_verl" | sha256sum | cut -c1-12)
 peers="${RECAP_PEERS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/recap-kernels/peers-$hash}"
 
 python_line=$(scripts/install-torch.sh)
@@ -34,8 +36,9 @@ if [ ! -f "$peers/.complete" ]; then
   echo "peer-check: installing ${#pins[@]} packages into $peers" >&2
   rm -rf "$peers"
   "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps --target "$peers" "${pins[@]}" >&2
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps --target "$peers/older" "$old_verl" >&2
   touch "$peers/.complete"
 fi
 "$PYTHON" -m pip install --quiet --disable-pip-version-check ./bindings/python >&2
 cd "$(mktemp -d)"   # the installed package, not the source tree
-PYTHONPATH="$peers${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -W ignore "$root/benches/peers/peer_check.py" "$@"
+RECAP_OLD_VERL="$peers/older" PYTHONPATH="$peers${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -W ignore "$root/benches/peers/peer_check.py" "$@"

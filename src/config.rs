@@ -499,6 +499,12 @@ pub struct GrpoConfig {
     pub log_ratio_clamp: f32,
     /// Aggregation of per-token losses (verl `loss_agg_mode`, default token-mean).
     pub agg_mode: AggMode,
+    /// Aggregation of the objectives' terms (policy and nll) in the fused loss when it differs from
+    /// [`agg_mode`](GrpoConfig::agg_mode), which the KL and entropy terms keep: verl before 0.9
+    /// aggregates GSPO's and SAPO's policy term with seq-mean-token-mean whatever its
+    /// `loss_agg_mode`. `None` (default): `agg_mode` for every term.
+    /// [`Backend::weighted_reduce`](crate::Backend::weighted_reduce) aggregates with `agg_mode`.
+    pub policy_agg_mode: Option<AggMode>,
     /// The constant `C` of `token-sum-norm` (required for that mode, ignored otherwise).
     pub norm_constant: Option<f32>,
     /// KL coefficient `beta` (verl `kl_loss_coef`); 0 by default, as in RECAP.
@@ -525,6 +531,7 @@ impl Default for GrpoConfig {
             top_entropy_quantile: 1.0,
             log_ratio_clamp: 20.0,
             agg_mode: AggMode::TokenMean,
+            policy_agg_mode: None,
             norm_constant: None,
             kl_coef: 0.0,
             kl_estimator: KlEstimator::K3,
@@ -561,6 +568,7 @@ with_setters! {
     with_rollout_correction => rollout_correction: Option<RolloutCorrection>,
     with_log_ratio_clamp => log_ratio_clamp: f32,
     with_agg_mode => agg_mode: AggMode,
+    with_policy_agg_mode => policy_agg_mode: Option<AggMode>,
     with_norm_constant => norm_constant: Option<f32>,
     with_kl_coef => kl_coef: f32,
     with_kl_estimator => kl_estimator: KlEstimator,
@@ -575,8 +583,15 @@ impl GrpoConfig {
         self.policy_loss != PolicyLoss::Vanilla
             || self.delta.is_some()
             || self.kl_is_correction
+            || self.objective_agg_mode() != self.agg_mode
             || has_rollout
             || has_policy_weight
+    }
+
+    /// The aggregation of the objectives' terms: [`policy_agg_mode`](GrpoConfig::policy_agg_mode),
+    /// else [`agg_mode`](GrpoConfig::agg_mode).
+    pub fn objective_agg_mode(&self) -> AggMode {
+        self.policy_agg_mode.unwrap_or(self.agg_mode)
     }
 
     /// GSPO's settings: [`PolicyLoss::Gspo`], clip range 3e-4 / 4e-4 (the paper's), seq-mean-token-mean
@@ -732,7 +747,8 @@ impl GrpoConfig {
                 format!("expected a finite value, got {}", self.entropy_coef),
             ));
         }
-        validate_norm_constant(self.agg_mode, self.norm_constant)
+        validate_norm_constant(self.agg_mode, self.norm_constant)?;
+        validate_norm_constant(self.objective_agg_mode(), self.norm_constant)
     }
 }
 

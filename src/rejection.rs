@@ -22,6 +22,11 @@
 //! verl's syntax (`rollout_rs="token_k1,seq_mean_k3"`, `rollout_rs_threshold="0.5_2.0,0.01"`) is
 //! read by [`RejectionCriterion::parse_verl`]: a k1 threshold is a pair of ratio bounds
 //! `lower_upper` (or one upper bound `u`, with `lower = 1/u`), compared in log space.
+//!
+//! The older verl API's veto (`rollout_token_veto_threshold = t`, verl 0.6-0.7: reject a sequence
+//! with any unmasked token whose ratio is below `t`) is [`RejectionCriterion::token_veto`], the
+//! criterion `seq_max_k1` with bounds `(-inf, -ln t]`. Unlike verl's veto, a sequence with a NaN
+//! log-ratio is rejected by it too (verl's comparison with NaN is false, so verl keeps it).
 
 use crate::error::{Error, Result};
 
@@ -176,6 +181,51 @@ impl RejectionCriterion {
                 lower,
                 upper,
             });
+        }
+        Ok(out)
+    }
+
+    /// The older verl API's `rollout_token_veto_threshold` (verl 0.6-0.7): a sequence holding an
+    /// unmasked token with ratio `exp(lr) < threshold` is rejected whole. It is `seq_max_k1` with an
+    /// open lower bound and `upper = -ln(threshold)` (the max of `-lr` over the sequence). The
+    /// threshold must lie in `(e^-20, e^20)` (about `2.1e-9` to `4.9e8`), where the reference's ±20
+    /// clamp of `lr` cannot change the verdict.
+    pub fn token_veto(threshold: f64) -> Result<RejectionCriterion> {
+        let ln = threshold.ln();
+        if !(threshold > 0.0 && ln > -20.0 && ln < 20.0) {
+            return Err(Error::invalid_argument(
+                "rollout_token_veto_threshold",
+                format!(
+                    "expected a ratio in (e^-20, e^20), about (2.1e-9, 4.9e8), got {threshold}"
+                ),
+            ));
+        }
+        Ok(RejectionCriterion {
+            level: RsLevel::SeqMax,
+            statistic: RsStatistic::K1,
+            lower: f64::NEG_INFINITY,
+            upper: -ln,
+        })
+    }
+
+    /// [`parse_verl`](Self::parse_verl)'s criteria (none when `rollout_rs` is blank), then the
+    /// [`token_veto`](Self::token_veto) when `veto` is given, as the last criterion (its flag is the
+    /// last bit). At least one of the two is needed.
+    pub fn parse_verl_with_veto(
+        rollout_rs: &str,
+        threshold: &str,
+        veto: Option<f64>,
+    ) -> Result<Vec<RejectionCriterion>> {
+        let mut out = match (rollout_rs.trim().is_empty(), veto) {
+            (true, Some(_)) => Vec::new(),
+            (true, None) => return Err(Error::invalid_argument(
+                "rollout_rs",
+                "expected at least one option (comma-separated) or rollout_token_veto_threshold",
+            )),
+            (false, _) => Self::parse_verl(rollout_rs, threshold)?,
+        };
+        if let Some(v) = veto {
+            out.push(Self::token_veto(v)?);
         }
         Ok(out)
     }

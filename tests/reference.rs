@@ -158,6 +158,64 @@ on_every_backend! {
 }
 
 on_every_backend! {
+    /// Per-term aggregation (`policy_agg_mode`): the policy term in one mode, the KL term in
+    /// `agg_mode`, as verl before 0.9 aggregates GSPO and SAPO. Seq 0 [t0], seq 1 [t1, t2, (t3
+    /// masked), t4]; no clip band, so l_t = -A r_t; KL k1 (value logp - ref, gradient 1), beta 0.5.
+    fn per_term_aggregation_by_hand(be) {
+        let b = Branches { cu: vec![0, 1, 5], ..branches() };
+        let refp = [-1.2f32, -2.5, -0.25, 0.0, -2.0];
+        let adv_of = [1.0f64, -0.5, -0.5, -0.5, -0.5];
+        let toks = [0usize, 1, 2, 4];
+        let l: Vec<f64> = toks.iter().map(|&t| -adv_of[t] * actual_ratio(&b, t)).collect();
+        let diff: Vec<f64> = toks.iter().map(|&t| b.logp[t] as f64 - refp[t] as f64).collect();
+        // smtm weights: seq 0 has 1 token, seq 1 has 3: 1/2 and 1/6; token-mean: 1/4
+        let smtm = [0.5f64, 1.0 / 6.0, 1.0 / 6.0, 1.0 / 6.0];
+        let tm = [0.25f64; 4];
+        let beta = 0.5f64;
+        for (pol_mode, kl_mode, wp, wk) in [
+            (AggMode::SeqMeanTokenMean, AggMode::TokenMean, smtm, tm),
+            (AggMode::TokenMean, AggMode::SeqMeanTokenMean, tm, smtm),
+        ] {
+            let cfg = GrpoConfig::default()
+                .with_clip_low(1.0)
+                .with_clip_high(1e30)
+                .with_dual_clip(None)
+                .with_agg_mode(kl_mode)
+                .with_policy_agg_mode(Some(pol_mode))
+                .with_kl_coef(beta as f32)
+                .with_kl_estimator(KlEstimator::K1);
+            let mut inputs = branch_inputs(&b, &[1.0]);
+            inputs.ref_logp = Some(&refp);
+            let mut grad = vec![f32::NAN; 5];
+            let out = be.grpo_loss(&inputs, &cfg, &mut grad).unwrap();
+            let what = format!("{} policy {pol_mode} kl {kl_mode}", be.name());
+            let pol: f64 = (0..4).map(|i| wp[i] * l[i]).sum();
+            let kl: f64 = (0..4).map(|i| wk[i] * diff[i]).sum();
+            assert_close(&format!("{what} policy"), out.objective_loss[0], pol, TOL, 1e-5);
+            assert_close(&format!("{what} kl_loss"), out.kl_loss, kl, TOL, 1e-5);
+            assert_close(&format!("{what} loss"), out.loss, pol + beta * kl, TOL, 1e-5);
+            let mut want = [0.0f32; 5];
+            for (i, &t) in toks.iter().enumerate() {
+                want[t] = (wp[i] * l[i] + beta * wk[i]) as f32;
+            }
+            assert_all_close(&format!("{what} grad"), &grad, &want, TOL, 1e-5);
+            // the same mode twice is the plain configuration, bit for bit
+            let same = cfg.clone().with_policy_agg_mode(Some(kl_mode));
+            let plain = cfg.clone().with_policy_agg_mode(None);
+            let (mut g1, mut g2) = (vec![0f32; 5], vec![0f32; 5]);
+            let o1 = be.grpo_loss(&inputs, &same, &mut g1).unwrap();
+            let o2 = be.grpo_loss(&inputs, &plain, &mut g2).unwrap();
+            assert_eq!((o1.loss.to_bits(), g1), (o2.loss.to_bits(), g2), "{what}");
+        }
+        // the objectives' mode is validated like agg_mode
+        let bad = GrpoConfig::default().with_policy_agg_mode(Some(AggMode::TokenSumNorm));
+        let mut grad = vec![0f32; 5];
+        let e = be.grpo_loss(&branch_inputs(&b, &[1.0]), &bad, &mut grad).unwrap_err();
+        assert!(e.to_string().contains("norm_constant"), "{e}");
+    }
+}
+
+on_every_backend! {
     /// CISPO, SAPO and two-sided clipping on the branch batch, against the formulas of verl's
     /// `compute_policy_loss_cispo` / `compute_policy_loss_sapo` and TRL's `delta`, written out per token
     /// (token-mean over the 4 unmasked tokens, K = 1).

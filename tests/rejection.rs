@@ -85,6 +85,57 @@ on_every_backend! {
     }
 }
 
+on_every_backend! {
+    /// The older verl API's veto (`rollout_token_veto_threshold`), alone and after a verl option:
+    /// seq 0 [0.1, -2.0 (masked), 0.3] keeps (the low ratio is masked), seq 1 [0.0, -1.5] is vetoed
+    /// at t = 0.25 (ln 0.25 = -1.386), seq 2 [-1.3, 0.2] is not, seq 3 is empty.
+    fn veto_by_hand(be) {
+        let lr = [0.1f32, -2.0, 0.3, 0.0, -1.5, -1.3, 0.2];
+        let mask = [1.0f32, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+        let cu = [0, 3, 5, 7, 7];
+        let veto = RejectionCriterion::token_veto(0.25).unwrap();
+        assert_eq!((veto.level, veto.statistic), (RsLevel::SeqMax, RsStatistic::K1));
+        let mut flags = vec![-1i32; lr.len()];
+        be.rollout_rejection(&lr, Mask::F32(&mask), &cu, &[veto], &mut flags).unwrap();
+        assert_eq!(flags, [0, 0, 0, 1, 1, 0, 0], "{}", be.name());
+        // after token_k2 <= 1 (rejects only lr = -1.5, k2 = 1.125; -1.3 gives 0.845): the veto is bit 1
+        let c = RejectionCriterion::parse_verl_with_veto("token_k2", "1.0", Some(0.25)).unwrap();
+        assert_eq!(c.len(), 2);
+        be.rollout_rejection(&lr, Mask::F32(&mask), &cu, &c, &mut flags).unwrap();
+        assert_eq!(flags, [0, 0, 0, 2, 1 | 2, 0, 0], "{}", be.name());
+        // a looser veto (t = 0.2, ln = -1.609) keeps seq 1
+        let loose = RejectionCriterion::token_veto(0.2).unwrap();
+        be.rollout_rejection(&lr, Mask::F32(&mask), &cu, &[loose], &mut flags).unwrap();
+        assert_eq!(flags, [0; 7]);
+    }
+}
+
+#[test]
+fn veto_arguments() {
+    let only = RejectionCriterion::parse_verl_with_veto(" ", "", Some(1e-4)).unwrap();
+    assert_eq!(only.len(), 1);
+    assert!((only[0].upper - 1e4f64.ln()).abs() < 1e-12 && only[0].lower == f64::NEG_INFINITY);
+    let plain = RejectionCriterion::parse_verl_with_veto("seq_mean_k3", "0.01", None).unwrap();
+    assert_eq!(
+        plain,
+        RejectionCriterion::parse_verl("seq_mean_k3", "0.01").unwrap()
+    );
+    for t in [0.0, -1.0, f64::NAN, 1e-9, 1e9, f64::INFINITY] {
+        let e = RejectionCriterion::token_veto(t).unwrap_err();
+        assert!(
+            e.to_string().contains("rollout_token_veto_threshold"),
+            "{t}: {e}"
+        );
+    }
+    let e = RejectionCriterion::parse_verl_with_veto("", "", None).unwrap_err();
+    assert!(
+        e.to_string().contains("rollout_token_veto_threshold"),
+        "{e}"
+    );
+    let e = RejectionCriterion::parse_verl_with_veto("token_k2", "", Some(0.1)).unwrap_err();
+    assert!(e.to_string().contains("rollout_rs_threshold"), "{e}");
+}
+
 #[test]
 fn verl_option_syntax() {
     let c =
@@ -204,7 +255,7 @@ fn gpu_matches_the_cpu_reference() {
             mask[a..b].iter_mut().for_each(|m| *m = 0.0); // a fully masked sequence
         }
         let mask_u8: Vec<u8> = mask.iter().map(|m| *m as u8).collect();
-        let criteria: Vec<RejectionCriterion> = (0..1 + rng.below(6))
+        let mut criteria: Vec<RejectionCriterion> = (0..1 + rng.below(6))
             .map(|_| {
                 let s = stats[rng.below(3)];
                 let level = levels[rng.below(4)];
@@ -212,6 +263,8 @@ fn gpu_matches_the_cpu_reference() {
                 crit(level, s, -u, u)
             })
             .collect();
+        // the older verl API's veto (an open lower bound)
+        criteria.push(RejectionCriterion::token_veto((-0.6f64).exp()).unwrap());
         for m in [Mask::F32(&mask[..]), Mask::U8(&mask_u8[..])] {
             let mut want = vec![0i32; t];
             let mut got = vec![-1i32; t];

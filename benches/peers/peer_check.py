@@ -1,6 +1,7 @@
 """Our verl drop-ins against verl's own functions, called (not copied) from the installed package:
 every policy loss (Clip-Cov's random draw under the same seed) x aggregation mode, agg_loss,
-kl_penalty, the group advantage estimators and the rollout rejection mask, on random batches;
+kl_penalty, the group advantage estimators, the rollout rejection mask and the older API's veto
+(verl 0.7), on random batches;
 values, gradients and metrics. Run by scripts/peer-check.sh, which installs verl
 (and TRL, whose off-policy mask is checked too) into a cached directory.
 
@@ -181,6 +182,56 @@ def check_rollout_rejection(tally, gen, batches):
             tally.add(f"rollout rejection {rs}", ok, why)
 
 
+def older_verl_rollout_corr_helper():
+    """verl 0.7's rollout_corr_helper (the older API, with rollout_token_veto_threshold), loaded from
+    the copy that scripts/peer-check.sh installs beside the current verl ($RECAP_OLD_VERL); its
+    imports resolve to the current verl."""
+    import importlib.util
+    import os
+
+    root = os.environ.get("RECAP_OLD_VERL")
+    if not root:
+        raise RuntimeError("RECAP_OLD_VERL is not set (scripts/peer-check.sh sets it)")
+    path = os.path.join(root, "verl", "trainer", "ppo", "rollout_corr_helper.py")
+    spec = importlib.util.spec_from_file_location("verl_older_rollout_corr_helper", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_token_veto(tally, gen, batches):
+    """The older verl API's veto: verl 0.7's compute_rollout_correction_and_rejection_mask (no IS
+    weights, no rollout_rs) against ours, the new mask and the two veto metrics; alone and after a
+    current rollout_rs option (verl 0.7 cannot chain that, so the chain is checked as the product
+    of verl 0.7's veto mask and the current verl's rollout_rs mask)."""
+    name = "older verl API: rollout_token_veto_threshold"
+    try:
+        old_rch = older_verl_rollout_corr_helper()
+        from verl.trainer.ppo import rollout_corr_helper as rch
+    except Exception as e:
+        tally.add(name, False, f"not importable: {e}")
+        return
+    for _ in range(batches):
+        old, _, _, _, mask = batch(gen)
+        rollout = old + torch.randn(old.shape, generator=gen) * 0.3
+        lr = old - rollout
+        for t in (0.5, 0.7):
+            _, theirs, their_metrics = old_rch.compute_rollout_correction_and_rejection_mask(
+                old, rollout, mask, rollout_is=None, rollout_rs=None, rollout_token_veto_threshold=t)
+            ours, our_metrics = rk.verl.compute_rollout_rejection_mask(lr, mask, None, None,
+                                                                       rollout_token_veto_threshold=t)
+            ok, why = close(ours, theirs), "mask"
+            for k in ("rollout_is_veto_fraction", "rollout_is_catastrophic_token_fraction"):
+                theirs_k = their_metrics.get(f"rollout_corr/{k}", their_metrics.get(k))
+                if theirs_k is None or not close(our_metrics[k], theirs_k, atol=1e-6):
+                    ok, why = False, f"{k} {float(our_metrics[k]):.6g} vs {theirs_k}"
+            tally.add(name, ok, why)
+            chained, _ = rk.verl.compute_rollout_rejection_mask(lr, mask, "seq_mean_k3", "0.05",
+                                                                rollout_token_veto_threshold=t)
+            rs_mask, _ = rch.compute_rollout_rejection_mask(lr, mask, "seq_mean_k3", "0.05")
+            tally.add(name + " after seq_mean_k3", close(chained, theirs * rs_mask))
+
+
 def check_trl(tally, gen, batches):
     try:
         from trl.trainer.grpo_trainer import GRPOTrainer
@@ -210,6 +261,7 @@ def main():
     check_advantages(core, tally, gen, args.batches)
     check_more_advantages(core, tally, gen, args.batches)
     check_rollout_rejection(tally, gen, args.batches)
+    check_token_veto(tally, gen, args.batches)
     check_trl(tally, gen, args.batches)
     failed = 0
     print(f"peer check: verl {verl.__version__}, recap_kernels {rk.__version__}, {args.batches} batches per check")

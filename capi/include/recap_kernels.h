@@ -84,6 +84,9 @@ typedef struct RecapGrpoConfig {
     float rollout_lower;
     // DRO's coefficient of the squared log-ratio (> 0 with `policy_loss` 7; default 0.1).
     float dro_beta;
+    // Aggregation of the objectives' terms when it differs from `agg_mode` (which the KL and
+    // entropy terms keep), codes as `agg_mode`; -1: `agg_mode` (default).
+    int32_t policy_agg_mode;
 } RecapGrpoConfig;
 
 // Scalar results of the fused loss (per-objective values go to the caller's arrays).
@@ -356,7 +359,9 @@ int32_t recap_kl(int32_t device,
 // Rollout rejection sampling (verl's `rollout_rs`): int32 flags `[T]` (on the device or, for
 // `device < 0`, the host) of the log-ratios `old_logp - rollout_logp`, bit i set where option i of
 // `rollout_rs` (comma-separated verl names, e.g. `"token_k1,seq_mean_k3"`) rejects the token, 0 at
-// masked tokens; `rollout_rs_threshold` as verl's (e.g. `"0.5_2.0,0.01"`). The new mask is the mask
+// masked tokens; `rollout_rs_threshold` as verl's (e.g. `"0.5_2.0,0.01"`). With
+// `rollout_token_veto_threshold > 0` (the older verl API's veto; 0: none) the last bit rejects every
+// sequence holding a token of ratio below it, and `rollout_rs` may be empty. The new mask is the mask
 // where the flags are 0. `cu_seqlens` `[num_seqs + 1]` on the host.
 //
 // # Safety
@@ -372,6 +377,7 @@ int32_t recap_rollout_rejection(int32_t device,
                                 int64_t num_seqs,
                                 const char *rollout_rs,
                                 const char *rollout_rs_threshold,
+                                double rollout_token_veto_threshold,
                                 int32_t *flags);
 
 // The per-objective weighted reduction of losses `[T, K]` with the mask and layout of the fused

@@ -141,6 +141,9 @@ pub struct RecapGrpoConfig {
     pub rollout_lower: f32,
     /// DRO's coefficient of the squared log-ratio (> 0 with `policy_loss` 7; default 0.1).
     pub dro_beta: f32,
+    /// Aggregation of the objectives' terms when it differs from `agg_mode` (which the KL and
+    /// entropy terms keep), codes as `agg_mode`; -1: `agg_mode` (default).
+    pub policy_agg_mode: i32,
 }
 
 /// Fills `cfg` with the defaults (verl's).
@@ -176,6 +179,7 @@ pub unsafe extern "C" fn recap_grpo_config_default(cfg: *mut RecapGrpoConfig) ->
             rollout_upper: 2.0,
             rollout_lower: 0.0,
             dro_beta: 0.1,
+            policy_agg_mode: -1,
         };
         Ok(())
     })
@@ -198,6 +202,10 @@ impl RecapGrpoConfig {
             .with_dual_clip((self.dual_clip > 0.0).then_some(self.dual_clip))
             .with_log_ratio_clamp(self.log_ratio_clamp)
             .with_agg_mode(pick("cfg.agg_mode", &AggMode::ALL, self.agg_mode)?)
+            .with_policy_agg_mode(match self.policy_agg_mode {
+                -1 => None,
+                m => Some(pick("cfg.policy_agg_mode", &AggMode::ALL, m)?),
+            })
             .with_norm_constant((self.norm_constant > 0.0).then_some(self.norm_constant))
             .with_kl_coef(self.kl_coef)
             .with_kl_estimator(pick(
@@ -1058,7 +1066,9 @@ pub unsafe extern "C" fn recap_kl(
 /// Rollout rejection sampling (verl's `rollout_rs`): int32 flags `[T]` (on the device or, for
 /// `device < 0`, the host) of the log-ratios `old_logp - rollout_logp`, bit i set where option i of
 /// `rollout_rs` (comma-separated verl names, e.g. `"token_k1,seq_mean_k3"`) rejects the token, 0 at
-/// masked tokens; `rollout_rs_threshold` as verl's (e.g. `"0.5_2.0,0.01"`). The new mask is the mask
+/// masked tokens; `rollout_rs_threshold` as verl's (e.g. `"0.5_2.0,0.01"`). With
+/// `rollout_token_veto_threshold > 0` (the older verl API's veto; 0: none) the last bit rejects every
+/// sequence holding a token of ratio below it, and `rollout_rs` may be empty. The new mask is the mask
 /// where the flags are 0. `cu_seqlens` `[num_seqs + 1]` on the host.
 ///
 /// # Safety
@@ -1077,6 +1087,7 @@ pub unsafe extern "C" fn recap_rollout_rejection(
     num_seqs: i64,
     rollout_rs: *const c_char,
     rollout_rs_threshold: *const c_char,
+    rollout_token_veto_threshold: f64,
     flags: *mut i32,
 ) -> i32 {
     guard(|| {
@@ -1092,9 +1103,11 @@ pub unsafe extern "C" fn recap_rollout_rejection(
                 .to_str()
                 .map_err(|_| Error::invalid_argument(name, "not UTF-8"))
         };
-        let criteria = RejectionCriterion::parse_verl(
+        let veto = rollout_token_veto_threshold;
+        let criteria = RejectionCriterion::parse_verl_with_veto(
             text("rollout_rs", rollout_rs)?,
             text("rollout_rs_threshold", rollout_rs_threshold)?,
+            (veto != 0.0).then_some(veto),
         )?;
         raw::rollout_rejection(
             place(device, stream),

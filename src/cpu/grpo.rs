@@ -51,9 +51,14 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
     let rc = cfg.rollout_correction.as_ref();
     let is_level = rc.map_or(IsLevel::Token, |r| r.level);
     let c = cfg.norm_constant.unwrap_or(0.0) as f64;
+    // slots j < k: the objectives' aggregation; slot k: the KL term's (agg_mode)
     let weight = |j: usize, nb: f64| {
         agg_weight(
-            cfg.agg_mode,
+            if j < k {
+                cfg.objective_agg_mode()
+            } else {
+                cfg.agg_mode
+            },
             norms[NORM_TOKENS * NORM_SLOTS + j],
             norms[NORM_SEQS * NORM_SLOTS + j],
             nb,

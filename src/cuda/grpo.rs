@@ -137,6 +137,8 @@ pub fn grpo_loss(
             is_lower: rc.lower_bound(),
             is_upper: rc.upper,
             policy_weight: pw_addr,
+            policy_agg_mode: config.objective_agg_mode().code(),
+            pad1: 0,
             log_ratio_clamp: config.log_ratio_clamp,
             beta: config.kl_coef,
             sum_norm_const: config.norm_constant.unwrap_or(0.0),

@@ -55,6 +55,8 @@ pub struct GrpoParams {
     pub is_lower: f32,
     pub is_upper: f32,
     pub policy_weight: u64,
+    pub policy_agg_mode: i32,
+    pub pad1: i32,
 }
 
 /// Mirror of `RecapSeqParams`.
@@ -300,7 +302,8 @@ pub fn layouts() -> Vec<Vec<usize>> {
             norms, grad, partials, tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, adv_per_token,
             agg_mode, kl_estimator, dual_clip, policy_bits, clip_low, clip_high, clip_c, log_ratio_clamp,
             beta, sum_norm_const, lambda, loss_type, kl_is_correction, delta, tau_pos, tau_neg, dro_beta,
-            seq_log_ratio, rollout_logp, seq_is_log, is_level, is_mode, is_lower, is_upper, policy_weight),
+            seq_log_ratio, rollout_logp, seq_is_log, is_level, is_mode, is_lower, is_upper, policy_weight,
+            policy_agg_mode, pad1),
         layout!(SeqParams; mask, cu_seqlens, membership, seq_tokens, norms, tile_seq, num_tokens, tile_tokens,
             num_seqs, num_objectives, has_override, num_tiles, override_tokens, override_seqs, logp, old_logp,
             seq_log_ratio, rollout_logp, seq_is_log, is_geometric, warps_per_seq, geo_mean, clip_low, clip_high,

@@ -301,6 +301,10 @@ pub fn config_for(seed: u64, agg: recap_kernels::AggMode) -> GrpoConfig {
             _ => None,
         })
         .with_agg_mode(agg)
+        // per-term aggregation on some seeds with a KL term (the objectives in another mode)
+        .with_policy_agg_mode(
+            (seed % 6 == 4).then(|| recap_kernels::AggMode::ALL[(seed / 6 % 4) as usize]),
+        )
         .with_norm_constant(Some(64.0))
         .with_kl_coef(if seed % 2 == 0 { 0.05 } else { 0.0 })
         .with_kl_estimator(est)

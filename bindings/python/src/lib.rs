@@ -553,9 +553,11 @@ fn kl(
 }
 
 /// Rollout rejection flags into `flags` ([T] int32: bit i where option i of verl's `rollout_rs`
-/// rejects the token, 0 at masked tokens) of `log_ratio` = old_logp - rollout_logp ([T]).
+/// rejects the token, 0 at masked tokens; the veto, when given, last) of `log_ratio` =
+/// old_logp - rollout_logp ([T]).
 #[pyfunction]
-#[pyo3(signature = (log_ratio, mask, cu_seqlens, rollout_rs, rollout_rs_threshold, flags))]
+#[pyo3(signature = (log_ratio, mask, cu_seqlens, rollout_rs, rollout_rs_threshold, veto_threshold, flags))]
+#[allow(clippy::too_many_arguments)]
 fn rollout_rejection(
     py: Python<'_>,
     log_ratio: &Bound<'_, PyAny>,
@@ -563,11 +565,14 @@ fn rollout_rejection(
     cu_seqlens: &Bound<'_, PyAny>,
     rollout_rs: &str,
     rollout_rs_threshold: &str,
+    veto_threshold: Option<f64>,
     flags: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let first = Tensor::of("log_ratio", log_ratio)?;
     let call = Call::new(py, &first)?;
-    let criteria = RejectionCriterion::parse_verl(rollout_rs, rollout_rs_threshold).map_err(err)?;
+    let criteria =
+        RejectionCriterion::parse_verl_with_veto(rollout_rs, rollout_rs_threshold, veto_threshold)
+            .map_err(err)?;
     let cu = host_i32("cu_seqlens", cu_seqlens)?;
     let (lr, m) = (call.f32("log_ratio", log_ratio)?, call.mask("mask", mask)?);
     let f = call.out_i32("flags", flags)?;

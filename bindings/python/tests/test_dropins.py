@@ -1,5 +1,6 @@
 """The verl and TRL drop-ins against PyTorch implementations of verl's core_algos and TRL's
 GRPOTrainer._compute_loss formulas: every loss variant, aggregation mode and normalization."""
+import math
 import sys
 import types
 from dataclasses import dataclass, field
@@ -230,6 +231,41 @@ def test_verl_rollout_rejection(device, gen, rs, threshold, parsed):
         assert torch.equal(((flags.cpu() >> i) & 1) == 1, r)
     _, met = rk.grpo_loss(logp, old, adv, new_mask)
     assert float(met["actor/num_tokens"]) == float(want.sum())
+
+
+@pytest.mark.parametrize("rs", [None, "seq_mean_k3"])
+def test_verl_token_veto(device, gen, rs):
+    """The older verl API's rollout_token_veto_threshold (verl 0.7's
+    compute_rollout_correction_and_rejection_mask, written out): a sequence with an unmasked token of
+    ratio below the threshold leaves the mask whole, alone or chained after a rollout_rs option;
+    verl 0.7's veto metrics."""
+    old, logp, ref, adv, mask = batch(device, gen, b=8, l=33)
+    lr = torch.randn(old.shape, generator=gen) * 0.2
+    lr[0, 4], mask[0, 4] = -2.0, 1.0  # vetoed: ratio 0.14 < 0.5
+    lr[2, 3], mask[2, 3] = -0.68, 1.0  # kept: ratio 0.507
+    lr = lr.to(device)
+    t = 0.5
+    catastrophic = (lr.cpu() < math.log(t)) & (mask.cpu() > 0)
+    vetoed = catastrophic.any(-1, keepdim=True)
+    want = mask.cpu() * ~vetoed
+    if rs:
+        want = want * rollout_rejection(lr.cpu(), mask.cpu(), [rs], [0.02])[0]
+    new_mask, metrics = rk.verl.compute_rollout_rejection_mask(lr, mask, rs, 0.02 if rs else None,
+                                                               rollout_token_veto_threshold=t)
+    close(new_mask.cpu(), want)
+    assert 0 < int(vetoed.sum()) < vetoed.shape[0], "some sequences vetoed, some kept"
+    close(metrics["rollout_is_veto_fraction"], vetoed.double().mean())
+    close(metrics["rollout_is_catastrophic_token_fraction"], catastrophic.double().sum() / mask.cpu().sum())
+    close(metrics["rollout_rs_masked_fraction"], 1 - want.sum() / mask.cpu().sum())
+    _, flags = rk.rollout_rejection(lr, mask, rollout_rs=rs, rollout_rs_threshold=0.02,
+                                    rollout_token_veto_threshold=t)
+    bit = 1 if rs else 0
+    assert torch.equal(((flags.cpu() >> bit) & 1) == 1, vetoed.expand_as(lr) & (mask.cpu() > 0))
+    for bad in [0.0, -1.0, 1e-12]:
+        with pytest.raises(rk.RecapError, match="rollout_token_veto_threshold"):
+            rk.verl.compute_rollout_rejection_mask(lr, mask, rs, 0.02, rollout_token_veto_threshold=bad)
+    with pytest.raises(rk.RecapError, match="rollout_rs"):
+        rk.rollout_rejection(lr, mask, rollout_rs=None)
 
 
 def test_verl_rollout_rejection_errors(gen):

@@ -73,8 +73,10 @@ def test_strided_rows_and_batched_shapes(device, gen):
     torch.testing.assert_close(h.reshape(-1), want_h, rtol=1e-5, atol=1e-5)
 
 
-def test_loss_from_logits_matches_the_composition(device, gen):
-    """grpo_loss_from_logits = log-probs -> policy loss + KL - entropy bonus, in one call."""
+@pytest.mark.parametrize("agg,policy_agg", [("token-mean", None), ("seq-mean-token-sum", "seq-mean-token-mean")])
+def test_loss_from_logits_matches_the_composition(device, gen, agg, policy_agg):
+    """grpo_loss_from_logits = log-probs -> policy loss + KL - entropy bonus, in one call; with
+    policy_agg_mode the policy term in its own mode, KL and entropy in agg_mode."""
     b, l, v = 3, 11, 257
     logits = torch.randn(b, l, v, generator=gen).to(device)
     labels = torch.randint(0, v, (b, l), generator=gen).to(device)
@@ -86,7 +88,7 @@ def test_loss_from_logits_matches_the_composition(device, gen):
     mask[2, 7:] = 0
     z = logits.clone().requires_grad_()
     loss, m = rk.grpo_loss_from_logits(z, labels, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy_coef=0.01,
-                                       temperature=0.9)
+                                       temperature=0.9, agg_mode=agg, policy_agg_mode=policy_agg)
     loss.backward()
     x = logits.clone().requires_grad_()
     lp, h = torch_logprobs(x.reshape(-1, v), labels.reshape(-1), 0.9)
@@ -95,8 +97,7 @@ def test_loss_from_logits_matches_the_composition(device, gen):
     pg = verl_vanilla(old, lp, adv[:, None].expand(b, l), valid)[0]
     d = -torch.clamp(lp - ref, -20, 20)
     k3 = torch.clamp(torch.exp(d) - d - 1, -10, 10)
-    want = agg_loss(pg, valid, "token-mean") + 0.1 * agg_loss(k3, valid, "token-mean") - 0.01 * agg_loss(
-        h, valid, "token-mean")
+    want = agg_loss(pg, valid, policy_agg or agg) + 0.1 * agg_loss(k3, valid, agg) - 0.01 * agg_loss(h, valid, agg)
     want.backward()
     torch.testing.assert_close(loss.double(), want.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(z.grad, x.grad, rtol=1e-4, atol=1e-6)

@@ -78,6 +78,34 @@ def test_variants_match_verl(device, gen, variant, agg):
     close(x.grad, y.grad, atol=1e-7)
 
 
+@pytest.mark.parametrize("variant", ["gspo", "sapo"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+def test_per_term_aggregation_as_verl_before_0_9(device, gen, variant, agg):
+    """policy_agg_mode: verl before 0.9 aggregates GSPO's and SAPO's policy term with
+    seq-mean-token-mean while the KL term follows loss_agg_mode; one fused call."""
+    old, logp, ref, adv, mask = batch(device, gen)
+    x = logp.clone().requires_grad_()
+    y = logp.clone().requires_grad_()
+    a = adv[:, None].expand_as(y)
+    if variant == "gspo":
+        opts = dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, dual_clip=None)
+        per = verl_gspo(old, y, a, mask, 3e-4, 4e-4)
+    else:
+        opts = dict(policy_loss={"sapo": {"tau_pos": 1.0, "tau_neg": 1.05}}, dual_clip=None)
+        per = sapo(old, y, a, mask)
+    loss, m = rk.grpo_loss(x, old, adv, mask, ref_logp=ref, agg_mode=agg, policy_agg_mode="seq-mean-token-mean",
+                           kl_coef=0.1, kl_estimator="low_var_kl", **opts)
+    loss.backward()
+    kl = agg_loss(kl_penalty(y, ref, "low_var_kl"), mask, agg)
+    want = agg_loss(per, mask, "seq-mean-token-mean") + 0.1 * kl
+    want.backward()
+    close(loss, want)
+    close(x.grad, y.grad, atol=1e-7)
+    close(m["actor/kl_loss"], kl)
+    with pytest.raises(rk.RecapError, match="policy_agg_mode"):
+        rk.grpo_loss(logp, old, adv, mask, policy_agg_mode="seq-mean")
+
+
 def test_rollout_weights_and_policy_weight(device, gen):
     """verl's rollout_is_weights multiply the per-token policy loss: our policy_weight."""
     old, logp, ref, adv, mask = batch(device, gen)

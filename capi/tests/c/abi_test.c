@@ -40,6 +40,15 @@ static int host_checks(const RecapGrpoConfig* cfg) {
     CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
                           NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "policy_loss") != NULL);
+    /* per-term aggregation: seq-mean-token-mean (1) for the policy term; 7 is no mode */
+    gmpo = *cfg;
+    gmpo.policy_agg_mode = 1;
+    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
+                          NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_OK);
+    gmpo.policy_agg_mode = 7;
+    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
+                          NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "policy_agg_mode") != NULL);
     /* the fields of stats: names, offsets and lengths */
     int found = 0;
     for (int32_t i = 0; recap_grpo_stat_field(1, i, NULL, NULL, NULL) == RECAP_OK; ++i) {
@@ -78,10 +87,15 @@ static int host_checks(const RecapGrpoConfig* cfg) {
      * [log 0.5, log 2]) rejects the second sequence, whose -lr sum is -1.4 */
     float lr[4] = {0.1f, -0.2f, 1.0f, 0.4f};
     int32_t rs[4];
-    CHECK(recap_rollout_rejection(-1, NULL, 4, lr, mask, 1, cu, 2, "token_k2,seq_sum_k1", "0.1,0.5_2", rs) == RECAP_OK);
+    CHECK(recap_rollout_rejection(-1, NULL, 4, lr, mask, 1, cu, 2, "token_k2,seq_sum_k1", "0.1,0.5_2", 0.0, rs) == RECAP_OK);
     CHECK(rs[0] == 0 && rs[1] == 0 && rs[2] == 3 && rs[3] == 2);
-    CHECK(recap_rollout_rejection(-1, NULL, 4, lr, mask, 1, cu, 2, "token_k9", "0.1", rs) == RECAP_ERR_ARGUMENT);
+    CHECK(recap_rollout_rejection(-1, NULL, 4, lr, mask, 1, cu, 2, "token_k9", "0.1", 0.0, rs) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "rollout_rs") != NULL);
+    /* the older verl API's veto alone: ratio exp(-0.2) < 0.85 rejects the first sequence whole */
+    CHECK(recap_rollout_rejection(-1, NULL, 4, lr, mask, 1, cu, 2, "", "", 0.85, rs) == RECAP_OK);
+    CHECK(rs[0] == 1 && rs[1] == 1 && rs[2] == 0 && rs[3] == 0);
+    CHECK(recap_rollout_rejection(-1, NULL, 4, lr, mask, 1, cu, 2, "", "", -1.0, rs) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "rollout_token_veto_threshold") != NULL);
     /* Dr. GRPO advantages: reward minus the group mean */
     float rewards[4] = {1.0f, 0.0f, 2.0f, 4.0f}, out[4];
     int32_t modes[1] = {1};

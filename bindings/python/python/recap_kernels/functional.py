@@ -202,8 +202,9 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_penalty: str = "low_var_kl", m
     return out.view(shape)
 
 
-def rollout_rejection(log_ratio: Tensor, mask: Tensor, cu_seqlens=None, *, rollout_rs: str = "token_k1",
-                      rollout_rs_threshold) -> Tuple[Tensor, Tensor]:
+def rollout_rejection(log_ratio: Tensor, mask: Tensor, cu_seqlens=None, *, rollout_rs: Optional[str] = "token_k1",
+                      rollout_rs_threshold=None,
+                      rollout_token_veto_threshold: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """verl's rollout rejection sampling of ``log_ratio = old_logp - rollout_logp``:
     ``(new_mask, flags)``. ``flags`` (int32, shaped like the mask) has bit i set where option i of
     ``rollout_rs`` (comma-separated, repeats dropped; verl's names ``token_k1/k2/k3``,
@@ -212,13 +213,17 @@ def rollout_rejection(log_ratio: Tensor, mask: Tensor, cu_seqlens=None, *, rollo
     verl's ``rollout_rs_threshold``: one for all options or one per option, comma-separated;
     ``lower_upper`` ratio bounds (or one upper bound u: ``1/u`` to u) for k1 options. Pass
     ``new_mask`` to ``count_normalizers`` and the loss: rejected tokens leave the normalizers, the KL
-    term and the metrics. Not differentiable (a selection)."""
+    term and the metrics. ``rollout_token_veto_threshold`` (the older verl API's veto; ``rollout_rs``
+    may then be ``None``) rejects every sequence holding an unmasked token of ratio
+    ``exp(log_ratio)`` below it; its flag is the last bit. Not differentiable (a selection)."""
+    veto = None if rollout_token_veto_threshold is None else float(rollout_token_veto_threshold)
     shape = mask.shape
     cu, _ = _batch(shape, cu_seqlens)
     lr = _float("log_ratio", log_ratio).reshape(-1)
     m = _mask(mask).reshape(-1)
     _same_device(lr, mask=m)
-    flags = ops.rollout_rejection(lr.detach(), m, cu, str(rollout_rs), str(rollout_rs_threshold)).view(shape)
+    flags = ops.rollout_rejection(lr.detach(), m, cu, str(rollout_rs or ""), str(rollout_rs_threshold or ""),
+                                  veto).view(shape)
     return torch.where(flags == 0, mask, torch.zeros((), dtype=mask.dtype, device=mask.device)), flags
 
 

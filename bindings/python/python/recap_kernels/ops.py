@@ -127,17 +127,18 @@ kl.register_autograd(_kl_backward, setup_context=_save_grad(1))
 # --- rollout rejection --------------------------------------------------------------------------
 @torch.library.custom_op("recap::rollout_rejection", mutates_args=())
 def rollout_rejection(log_ratio: Tensor, mask: Tensor, cu_seqlens: Tensor, rollout_rs: str,
-                      rollout_rs_threshold: str) -> Tensor:
+                      rollout_rs_threshold: str, veto_threshold: Optional[float] = None) -> Tensor:
     """verl's rollout rejection criteria: ``[T]`` int32 flags, bit i where option i rejects the
-    token (0 at masked tokens). Not differentiable (a selection)."""
+    token (0 at masked tokens), the veto (if given) last. Not differentiable (a selection)."""
     flags = _empty(log_ratio, log_ratio.shape, torch.int32)
     log_ratio, mask = _contig(log_ratio, mask)
-    _native.rollout_rejection(log_ratio, mask, cu_seqlens, rollout_rs, rollout_rs_threshold, flags)
+    _native.rollout_rejection(log_ratio, mask, cu_seqlens, rollout_rs, rollout_rs_threshold, veto_threshold,
+                              flags)
     return flags
 
 
 @rollout_rejection.register_fake
-def _(log_ratio, mask, cu_seqlens, rollout_rs, rollout_rs_threshold):
+def _(log_ratio, mask, cu_seqlens, rollout_rs, rollout_rs_threshold, veto_threshold=None):
     return _empty(log_ratio, log_ratio.shape, torch.int32)
 
 

@@ -37,6 +37,7 @@ Differences from verl: an empty micro-batch gives loss 0 (verl divides by zero);
 ``pg_clipfrac`` as the fraction of tokens whose ratio lies outside the clip band;
 ``seq-mean-token-mean`` divides by each sequence's token count exactly (verl adds 1e-8).
 """
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -310,19 +311,28 @@ def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: i
     return total * factor if factor != 1.0 else total
 
 
-def compute_rollout_rejection_mask(log_ratio: Tensor, response_mask: Tensor, rollout_rs: str = "token_k1",
-                                   rollout_rs_threshold=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+def compute_rollout_rejection_mask(log_ratio: Tensor, response_mask: Tensor, rollout_rs: Optional[str] = "token_k1",
+                                   rollout_rs_threshold=None, rollout_token_veto_threshold: Optional[float] = None
+                                   ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """verl's ``compute_rollout_rejection_mask`` (``rollout_corr_helper``): the response mask with the
     tokens that any ``rollout_rs`` option rejects set to 0, and verl's fraction metrics
     (``rollout_rs_<option>_masked_fraction``, ``rollout_rs_<option>_seq_masked_fraction``,
     ``rollout_rs_masked_fraction``, ``rollout_rs_seq_masked_fraction``) as 0-dim tensors; verl's
-    summaries of the statistics (``_mean``, ``_max``, ``_std``, ...) are not computed."""
-    if rollout_rs_threshold is None:
+    summaries of the statistics (``_mean``, ``_max``, ``_std``, ...) are not computed.
+
+    ``rollout_token_veto_threshold`` is the older verl API's veto (verl 0.6-0.7, in
+    ``compute_rollout_correction_and_rejection_mask``): every sequence holding an unmasked token of
+    ratio ``exp(log_ratio)`` below it is rejected, in the same kernel call, with verl 0.7's metrics
+    ``rollout_is_veto_fraction`` (of the sequences) and ``rollout_is_catastrophic_token_fraction``
+    (of the unmasked tokens); ``rollout_rs`` may then be ``None``. The overall ``rollout_rs_*``
+    fractions count the veto's rejections too."""
+    if rollout_rs and rollout_rs_threshold is None:
         raise RecapError("invalid argument `rollout_rs_threshold`: rejection sampling needs a threshold")
     if response_mask.shape[0] == 0:
         return response_mask, {}
     new_mask, flags = F.rollout_rejection(log_ratio, response_mask, rollout_rs=rollout_rs,
-                                          rollout_rs_threshold=rollout_rs_threshold)
+                                          rollout_rs_threshold=rollout_rs_threshold,
+                                          rollout_token_veto_threshold=rollout_token_veto_threshold)
     valid = response_mask > 0
     seq_valid = valid.any(-1).to(torch.float32)
     n_seq = seq_valid.sum()
@@ -333,11 +343,17 @@ def compute_rollout_rejection_mask(log_ratio: Tensor, response_mask: Tensor, rol
         return token, torch.where(n_seq > 0, (seq * seq_valid).sum() / n_seq.clamp(min=1), torch.zeros_like(n_seq))
 
     metrics = {}
-    options = list(dict.fromkeys(o.strip() for o in str(rollout_rs).split(",") if o.strip()))
+    options = list(dict.fromkeys(o.strip() for o in str(rollout_rs or "").split(",") if o.strip()))
     for i, name in enumerate(options):
         token, seq = fractions((flags >> i) & 1 == 1)
         metrics[f"rollout_rs_{name}_masked_fraction"] = token
         metrics[f"rollout_rs_{name}_seq_masked_fraction"] = seq
+    if rollout_token_veto_threshold is not None:
+        vetoed = ((flags >> len(options)) & 1 == 1) & valid
+        metrics["rollout_is_veto_fraction"] = vetoed.any(-1).to(torch.float32).mean()
+        catastrophic = log_ratio.detach() < math.log(rollout_token_veto_threshold)
+        metrics["rollout_is_catastrophic_token_fraction"] = _masked_mean(catastrophic.to(torch.float32),
+                                                                         response_mask)
     rejected = flags != 0
     metrics["rollout_rs_masked_fraction"] = _masked_mean(rejected.to(torch.float32), response_mask)
     metrics["rollout_rs_seq_masked_fraction"] = (rejected & valid).any(-1).to(torch.float32).mean()
