@@ -14,7 +14,8 @@
  *                        GRPO-LEAD's difficulty weight w(rho) (w(1 - rho) for advantages <= 0, rho the
  *                        group's fraction correct), out[B, K_out] (float), or for REINFORCE++ the value
  *                        before the whitening into pre[B, K_out] (double); counts[g] = members,
- *                        counts[groups] += non-finite rewards, counts[groups + 1] += negative lengths.
+ *                        counts[groups] += non-finite rewards, counts[groups + 1] += negative lengths,
+ *                        counts[groups + 2] += non-finite ReMax baselines.
  *   recap_adv_whiten     grid = K_out, REINFORCE++ and GDPO columns only: REINFORCE++ the token-weighted
  *                        mean and unbiased variance of pre over the batch (each rollout weighs its
  *                        length); GDPO the mean and unbiased std over the rollouts; out.
@@ -129,17 +130,21 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_adv_apply(const 
     double* pre = (double*)p.pre;
     const int64_t range = adv_range(p);
     double cnt = 0.0, correct = 0.0;
-    int bad = 0, bad_len = 0;
+    int bad = 0, bad_len = 0, bad_base = 0;
     for (int64_t j = threadIdx.x; j < range; j += blockDim.x) {
         const int64_t i = adv_member(p, g, j);
         if (i < 0) continue;
         cnt += 1.0;
         if (p.has_difficulty && r[i * k_all + p.correctness] > 0.0f) correct += 1.0;
         for (int k = 0; k < k_all; ++k) bad += !recap_isfinite(r[i * k_all + k]);
+        if (p.baselines)
+            for (int k = 0; k < p.num_outputs; ++k)
+                bad_base += !recap_isfinite(((const float*)p.baselines)[i * p.num_outputs + k]);
         if (p.lengths) bad_len += ((const int32_t*)p.lengths)[i] < 0;
     }
     if (bad) atomicAdd((int*)p.counts + p.num_groups, bad);
     if (bad_len) atomicAdd((int*)p.counts + p.num_groups + 1, bad_len);
+    if (bad_base) atomicAdd((int*)p.counts + p.num_groups + 2, bad_base);
     cnt = recap_block_allreduce(cnt, RECAP_OP_SUM, s_red);
     correct = recap_block_allreduce(correct, RECAP_OP_SUM, s_red);
     const int n = (int)cnt;
@@ -223,7 +228,7 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_adv_apply(const 
                     if (i < 0) continue;
                     pre[i * k_out + k] += p.reward_weights[c] *
                                           recap_advantage(RECAP_ADV_GRPO, work[i * k_all + c], mc, sdc, sc, n, 0.0, 0.0,
-                                                          0, mc, 0.0, 0.0, p.eps, p.verl_singletons);
+                                                          0, mc, 0.0, 0.0, p.eps, p.verl_singletons, 0.0);
                 }
             }
             continue;
@@ -233,8 +238,9 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_adv_apply(const 
         for (int64_t j = threadIdx.x; j < range; j += blockDim.x) {
             const int64_t i = adv_member(p, g, j);
             if (i < 0) continue;
+            const double base = p.baselines ? (double)((const float*)p.baselines)[i * k_out + k] : 0.0;
             const double x = recap_advantage(mode, adv_value(p, work, i, k), mu, sd, sum, n, vmax, v2nd, n_max,
-                                             len_mean, batch_sd, alpha, p.eps, p.verl_singletons);
+                                             len_mean, batch_sd, alpha, p.eps, p.verl_singletons, base);
             if (recap_adv_whitened(mode)) { pre[i * k_out + k] = x; continue; }
             float a = (float)x;
             if (p.has_difficulty) a = (float)((double)a * (a > 0.0f ? w_pos : w_neg));

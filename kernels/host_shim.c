@@ -140,7 +140,8 @@ static const size_t adv_layout[] = {
     F(RecapAdvParams, correctness), F(RecapAdvParams, has_length), F(RecapAdvParams, has_difficulty),
     F(RecapAdvParams, verl_singletons), F(RecapAdvParams, eps), F(RecapAdvParams, length_alpha),
     F(RecapAdvParams, diff_a), F(RecapAdvParams, diff_b), F(RecapAdvParams, diff_rho0), F(RecapAdvParams, diff_k),
-    F(RecapAdvParams, num_outputs), F(RecapAdvParams, has_reward_weights), F(RecapAdvParams, reward_weights)};
+    F(RecapAdvParams, num_outputs), F(RecapAdvParams, has_reward_weights), F(RecapAdvParams, reward_weights),
+    F(RecapAdvParams, baselines)};
 static const size_t train_layout[] = {
     sizeof(RecapTrainParams), F(RecapTrainParams, logits), F(RecapTrainParams, row_max), F(RecapTrainParams, row_sum),
     F(RecapTrainParams, row_lse), F(RecapTrainParams, tokens), F(RecapTrainParams, feat), F(RecapTrainParams, logp),
@@ -193,9 +194,9 @@ double recap_host_draw(uint64_t seed, uint64_t counter) { return recap_draw(seed
 
 double recap_host_advantage(int mode, double v, double mu, double sd, double sum, int n, double vmax, double v2nd,
                             int n_max, double len_mean, double batch_sd, double batch_alpha, double eps,
-                            int verl_singletons) {
+                            int verl_singletons, double baseline) {
     return recap_advantage(mode, v, mu, sd, sum, n, vmax, v2nd, n_max, len_mean, batch_sd, batch_alpha, eps,
-                           verl_singletons);
+                           verl_singletons, baseline);
 }
 
 double recap_host_whiten(double x, double m, double var, double n_tokens) { return recap_whiten(x, m, var, n_tokens); }

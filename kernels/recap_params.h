@@ -306,7 +306,8 @@ typedef struct RecapTpParams {
 #define RECAP_ADV_RFPP 8      /* REINFORCE++ (gamma 1): r whitened over the batch's tokens            */
 #define RECAP_ADV_RFPP_BASELINE 9 /* REINFORCE++ baseline: r - mu whitened over the batch's tokens    */
 #define RECAP_ADV_GDPO 10     /* GDPO: sum_k w_k (r_k - mu_k) / (std_k + eps), normalized over the batch */
-#define RECAP_ADV_MODES 11    /* number of modes                                                      */
+#define RECAP_ADV_REMAX 11    /* ReMax: r - b, b the rollout's baseline reward (the greedy response's)  */
+#define RECAP_ADV_MODES 12    /* number of modes                                                      */
 
 /*
  * Parameters of the group-advantage kernels (advantages.cu). Rollout i belongs to group
@@ -323,8 +324,8 @@ typedef struct RecapAdvParams {
                             values, then the count of its non-zero values (written)             */
     uint64_t pre;        /* double[B, K_out]: REINFORCE++ / GDPO values before the batch step (written) */
     uint64_t out;        /* float[B, K] advantages                                              */
-    uint64_t counts;     /* int32_t[num_groups + 2]: members of each group, then the non-finite
-                            rewards, then the negative lengths (written)                        */
+    uint64_t counts;     /* int32_t[num_groups + 3]: members of each group, then the non-finite
+                            rewards, the negative lengths, the non-finite baselines (written)   */
     int32_t num_rollouts;
     int32_t num_objectives;
     int32_t num_groups;
@@ -343,6 +344,7 @@ typedef struct RecapAdvParams {
     int32_t num_outputs;        /* K, or 1 with reward weights                                   */
     int32_t has_reward_weights; /* 1: the advantage of sum_k w_k r_k (TRL's sum-then-normalize)  */
     double reward_weights[16];  /* w_k of the K reward columns                                   */
+    uint64_t baselines;         /* const float[B, K_out] ReMax baselines, or 0                    */
 } RecapAdvParams;
 
 /*

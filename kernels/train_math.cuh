@@ -13,7 +13,7 @@
  *   for the group's unique best, 0 for the others; opo v - sum(len v) / sum(len); gpg
  *   B / max(1, nonzero) (v - mu); reinforce_plus_plus v and its baseline v - mu, whitened over the
  *   batch's tokens (recap_whiten); gdpo the grpo value of each reward column, their weighted sum
- *   normalized over the batch (recap_batch_normalize).
+ *   normalized over the batch (recap_batch_normalize); remax v - b, b the rollout's baseline.
  * GRPO-LEAD difficulty weight: w(rho) = a + (b - a) / (1 + exp(k (rho - rho0))).
  * AdamW (decoupled weight decay, as torch.optim.AdamW):
  *   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
@@ -40,11 +40,12 @@ RECAP_HD double recap_draw(uint64_t seed, uint64_t counter) {
  * group-relative modes (its own mean is its baseline), or with verl_singletons verl's convention:
  * mean 0 and std 1, so GRPO gives v / (1 + eps), Dr. GRPO, RLOO and OPO v, batch std
  * v / (batch_sd + eps), GPG batch_alpha v, the REINFORCE++ baseline v before the whitening; Pass@k
- * gives 0 either way (verl raises). */
+ * gives 0 either way (verl raises). ReMax gives v - baseline whatever the group. */
 RECAP_HD double recap_advantage(int mode, double v, double mu, double sd, double sum, int n, double vmax,
                                 double v2nd, int n_max, double len_mean, double batch_sd, double batch_alpha,
-                                double eps, int verl_singletons) {
+                                double eps, int verl_singletons, double baseline) {
     if (mode == RECAP_ADV_RFPP) return v;
+    if (mode == RECAP_ADV_REMAX) return v - baseline;
     if (mode == RECAP_ADV_GDPO) mode = RECAP_ADV_GRPO; /* per reward column, before the weighted sum */
     if (n == 1 && verl_singletons) {
         switch (mode) {

@@ -17,6 +17,7 @@
 //! reinforce_plus_plus_baseline  r - m, whitened over the batch's tokens
 //! gdpo      x = sum_k w_k grpo_k(r_k) (grpo of each reward column), then (x - mean_B) / (std_B + eps)
 //!           (TRL's multi_objective_aggregation="normalize_then_sum"; without weights, one column)
+//! remax     r - b, b the rollout's baseline reward (ReMax: the greedy response's; needs baselines)
 //! ```
 //!
 //! REINFORCE++'s whitening is verl's `masked_whiten` of a value constant over each rollout's
@@ -69,11 +70,13 @@ pub enum AdvantageMode {
     /// GDPO (TRL's `multi_objective_aggregation="normalize_then_sum"`): each reward column's GRPO
     /// value, their weighted sum (with `reward_weights`), normalized over the batch.
     Gdpo,
+    /// ReMax: `r - b`, `b` the rollout's baseline reward (the greedy response's; needs baselines).
+    Remax,
 }
 
 impl AdvantageMode {
     /// Every mode, in the order of their codes.
-    pub const ALL: [AdvantageMode; 11] = [
+    pub const ALL: [AdvantageMode; 12] = [
         AdvantageMode::Grpo,
         AdvantageMode::DrGrpo,
         AdvantageMode::Rloo,
@@ -85,6 +88,7 @@ impl AdvantageMode {
         AdvantageMode::ReinforcePlusPlus,
         AdvantageMode::ReinforcePlusPlusBaseline,
         AdvantageMode::Gdpo,
+        AdvantageMode::Remax,
     ];
 
     /// The mode's name (`FromStr` reads it back).
@@ -101,6 +105,7 @@ impl AdvantageMode {
             AdvantageMode::ReinforcePlusPlus => "reinforce_plus_plus",
             AdvantageMode::ReinforcePlusPlusBaseline => "reinforce_plus_plus_baseline",
             AdvantageMode::Gdpo => "gdpo",
+            AdvantageMode::Remax => "remax",
         }
     }
 
@@ -112,6 +117,11 @@ impl AdvantageMode {
                 | AdvantageMode::ReinforcePlusPlus
                 | AdvantageMode::ReinforcePlusPlusBaseline
         )
+    }
+
+    /// Whether the mode reads the baselines (ReMax).
+    pub fn needs_baselines(self) -> bool {
+        self == AdvantageMode::Remax
     }
 
     /// Whether the mode takes a second, batch-wide step after the group one (REINFORCE++'s
@@ -129,8 +139,8 @@ impl AdvantageMode {
 impl std::str::FromStr for AdvantageMode {
     type Err = Error;
     /// `grpo`, `dr_grpo`, `rloo`, `batch` (TRL's `scale_rewards="batch"`), `grpo_passk`,
-    /// `dr_grpo_passk`, `opo`, `gpg`, `reinforce_plus_plus`, `reinforce_plus_plus_baseline` or
-    /// `gdpo`.
+    /// `dr_grpo_passk`, `opo`, `gpg`, `reinforce_plus_plus`, `reinforce_plus_plus_baseline`,
+    /// `gdpo` or `remax`.
     fn from_str(s: &str) -> Result<Self> {
         AdvantageMode::ALL
             .into_iter()
@@ -333,6 +343,7 @@ impl AdvantageMode {
             AdvantageMode::ReinforcePlusPlus => h::ADV_RFPP,
             AdvantageMode::ReinforcePlusPlusBaseline => h::ADV_RFPP_BASELINE,
             AdvantageMode::Gdpo => h::ADV_GDPO,
+            AdvantageMode::Remax => h::ADV_REMAX,
         }) as u32
     }
 }
@@ -344,6 +355,7 @@ pub const MAX_ADV_OBJECTIVES: usize = 16;
 pub(crate) fn validate(
     n_rewards: usize,
     lengths: Option<usize>,
+    baselines: Option<usize>,
     config: &AdvantageConfig,
     n_out: usize,
 ) -> Result<(usize, usize)> {
@@ -399,6 +411,19 @@ pub(crate) fn validate(
         return Err(Error::invalid_argument(
             "config.eps",
             format!("expected a finite eps >= 0, got {}", config.eps),
+        ));
+    }
+    if let Some(n) = baselines {
+        check_len(
+            "baselines",
+            n,
+            b * k_out,
+            if k_out == 1 { "[B]" } else { "[B, K]" },
+        )?;
+    } else if config.modes.iter().any(|m| m.needs_baselines()) {
+        return Err(Error::invalid_argument(
+            "baselines",
+            "advantage mode remax needs the baseline rewards (the greedy responses'), one per rollout and objective",
         ));
     }
     if let Some(len) = lengths {
@@ -463,20 +488,35 @@ pub(crate) fn dense_group_ids(groups: Groups<'_>, b: usize) -> Result<(Vec<i32>,
 }
 
 /// Advantages `[B, K]` of rewards `[B, K]` (row-major) into `out`. `lengths` (`[B]` response
-/// lengths) is needed by the length-dependent accuracy reward.
+/// lengths) is needed by the length-dependent accuracy reward; `baselines` (`[B, K]`, as the
+/// output) by ReMax.
 pub fn group_advantages(
     rewards: &[f32],
     groups: Groups<'_>,
     lengths: Option<&[i32]>,
+    baselines: Option<&[f32]>,
     config: &AdvantageConfig,
     out: &mut [f32],
 ) -> Result<()> {
-    let (b, k) = validate(rewards.len(), lengths.map(|l| l.len()), config, out.len())?;
-    if let Some((i, v)) = rewards.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(Error::invalid_argument(
-            "rewards",
-            format!("rewards[{i}] = {v} is not finite"),
-        ));
+    let (b, k) = validate(
+        rewards.len(),
+        lengths.map(|l| l.len()),
+        baselines.map(|l| l.len()),
+        config,
+        out.len(),
+    )?;
+    for (name, values) in [("rewards", Some(rewards)), ("baselines", baselines)] {
+        if let Some((i, v)) = values
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+        {
+            return Err(Error::invalid_argument(
+                name,
+                format!("{name}[{i}] = {v} is not finite"),
+            ));
+        }
     }
     if let Some((i, l)) = lengths
         .into_iter()
@@ -599,6 +639,7 @@ pub fn group_advantages(
                 adv[i] = match mode {
                     AdvantageMode::Gdpo => gdpo(i, v),
                     AdvantageMode::ReinforcePlusPlus => v,
+                    AdvantageMode::Remax => v - baselines.map_or(0.0, |x| x[i * k_out + j] as f64),
                     AdvantageMode::PassK | AdvantageMode::PassKDr if n < 2 => 0.0,
                     // verl's groups of one: mean 0, std 1
                     AdvantageMode::Grpo if verl_one => v / (1.0 + config.eps),

@@ -226,18 +226,22 @@ impl Backend {
         rewards: &[f32],
         groups: crate::advantages::Groups<'_>,
         lengths: Option<&[i32]>,
+        baselines: Option<&[f32]>,
         config: &crate::advantages::AdvantageConfig,
         out: &mut [f32],
     ) -> Result<()> {
         let gpu = match self {
             Backend::Cpu => {
-                return crate::advantages::group_advantages(rewards, groups, lengths, config, out)
+                return crate::advantages::group_advantages(
+                    rewards, groups, lengths, baselines, config, out,
+                )
             }
             Backend::Cuda(g) => g,
         };
         let (b, _) = crate::advantages::validate(
             rewards.len(),
             lengths.map(|l| l.len()),
+            baselines.map(|l| l.len()),
             config,
             out.len(),
         )?;
@@ -247,6 +251,10 @@ impl Backend {
         let i = cuda::upload(s, &ids)?;
         let l = match lengths {
             Some(l) => Some(cuda::upload(s, l)?),
+            None => None,
+        };
+        let base = match baselines {
+            Some(x) => Some(cuda::upload(s, x)?),
             None => None,
         };
         let mut o = s.alloc_zeros::<f32>(out.len().max(1))?;
@@ -259,6 +267,10 @@ impl Backend {
                 num_groups,
             },
             l.as_ref().map(|l| l.slice(..b)).as_ref(),
+            base.as_ref()
+                .zip(baselines)
+                .map(|(d, h)| d.slice(..h.len()))
+                .as_ref(),
             config,
             &mut o.slice_mut(..out.len()),
         )?;

@@ -97,6 +97,7 @@ extern "C" {
         batch_alpha: f64,
         eps: f64,
         verl_singletons: c_int,
+        baseline: f64,
     ) -> f64;
     fn recap_host_whiten(x: f64, m: f64, var: f64, n_tokens: f64) -> f64;
     fn recap_host_batch_normalize(x: f64, m: f64, sd: f64, eps: f64) -> f64;
@@ -324,6 +325,8 @@ pub struct GroupStats {
     pub batch_sd: f64,
     /// `B / max(1, non-zero values of the batch)` (GPG).
     pub batch_alpha: f64,
+    /// The value's own baseline (ReMax's `b`; the other modes ignore it).
+    pub baseline: f64,
 }
 
 /// `recap_advantage` of train_math.cuh (mode: `RECAP_ADV_*`): the advantage of value `v`, or for
@@ -346,6 +349,7 @@ pub fn advantage(mode: i32, v: f64, g: &GroupStats, eps: f64, verl_singletons: b
             g.batch_alpha,
             eps,
             verl_singletons as c_int,
+            g.baseline,
         )
     }
 }

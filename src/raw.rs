@@ -1047,12 +1047,14 @@ pub enum RawGroups {
 }
 
 /// Group advantages of rewards `[B, K]` into `out` (`[B, K]`); `lengths` (`[B]`) for GRPO-LEAD's
-/// length-dependent reward.
+/// length-dependent reward, opo and REINFORCE++; `baselines` (`[B, K]`, as `out`) for ReMax.
+#[allow(clippy::too_many_arguments)]
 pub fn group_advantages(
     place: Place,
     rewards: In<f32>,
     groups: RawGroups,
     lengths: Option<In<i32>>,
+    baselines: Option<In<f32>>,
     config: &AdvantageConfig,
     out: Out<f32>,
 ) -> Result<()> {
@@ -1068,10 +1070,12 @@ pub fn group_advantages(
                 }
             };
             let len = lengths.map(|l| m.ro("lengths", l)).transpose()?;
+            let base = baselines.map(|l| m.ro("baselines", l)).transpose()?;
             crate::advantages::group_advantages(
                 m.ro("rewards", rewards)?,
                 g,
                 len,
+                base,
                 config,
                 m.rw("out", out)?,
             )
@@ -1085,12 +1089,14 @@ pub fn group_advantages(
                 },
             };
             let len = lengths.map(|l| m.ro("lengths", l)).transpose()?;
+            let base = baselines.map(|l| m.ro("baselines", l)).transpose()?;
             cuda::group_advantages(
                 &m.gpu,
                 &m.stream,
                 &m.ro("rewards", rewards)?,
                 g,
                 len.as_ref(),
+                base.as_ref(),
                 config,
                 &mut m.rw("out", out)?,
             )

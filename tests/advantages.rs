@@ -24,7 +24,7 @@ fn adv(
         reward_weights: None,
         singletons: recap_kernels::Singletons::Zero,
     };
-    group_advantages(rewards, groups, lengths, &cfg, &mut out).unwrap();
+    group_advantages(rewards, groups, lengths, None, &cfg, &mut out).unwrap();
     out
 }
 
@@ -57,7 +57,7 @@ fn groups_of_one_by_hand() {
                 singletons,
             };
             let mut out = vec![f32::NAN; 4];
-            group_advantages(&rewards, Groups::Ids(&ids), None, &cfg, &mut out).unwrap();
+            group_advantages(&rewards, Groups::Ids(&ids), None, None, &cfg, &mut out).unwrap();
             let lone = if singletons == recap_kernels::Singletons::Verl {
                 want
             } else {
@@ -100,7 +100,7 @@ fn reward_weights_combine_before_the_advantage() {
         ..AdvantageConfig::default()
     };
     let mut out = vec![f32::NAN; 4];
-    group_advantages(&rewards, Groups::Consecutive(4), None, &cfg, &mut out).unwrap();
+    group_advantages(&rewards, Groups::Consecutive(4), None, None, &cfg, &mut out).unwrap();
     let sd = (5.0f64 / 3.0).sqrt() + 1e-6;
     for (got, x) in out.iter().zip([2.0, 1.0, 3.0, 0.0]) {
         assert_close("weighted advantage", *got as f64, (x - 1.5) / sd, 1e-6, 0.0);
@@ -111,24 +111,40 @@ fn reward_weights_combine_before_the_advantage() {
         reward_weights: Some(vec![1.0, 1.0]),
         ..AdvantageConfig::default()
     };
-    group_advantages(&rewards, Groups::Consecutive(2), None, &sum, &mut out).unwrap();
+    group_advantages(&rewards, Groups::Consecutive(2), None, None, &sum, &mut out).unwrap();
     assert_eq!(out, vec![0.0, 0.0, 1.0, -1.0]);
     // one mode for the combined column, an output of [B, 1], finite weights
     let two_modes = AdvantageConfig {
         modes: vec![AdvantageMode::Grpo; 2],
         ..cfg.clone()
     };
-    let e =
-        group_advantages(&rewards, Groups::Consecutive(4), None, &two_modes, &mut out).unwrap_err();
+    let e = group_advantages(
+        &rewards,
+        Groups::Consecutive(4),
+        None,
+        None,
+        &two_modes,
+        &mut out,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("config.modes"), "{e}");
     let mut wide = vec![0f32; 8];
-    let e = group_advantages(&rewards, Groups::Consecutive(4), None, &cfg, &mut wide).unwrap_err();
+    let e = group_advantages(
+        &rewards,
+        Groups::Consecutive(4),
+        None,
+        None,
+        &cfg,
+        &mut wide,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("[B, 1]"), "{e}");
     let nan = AdvantageConfig {
         reward_weights: Some(vec![1.0, f64::NAN]),
         ..cfg
     };
-    let e = group_advantages(&rewards, Groups::Consecutive(4), None, &nan, &mut out).unwrap_err();
+    let e =
+        group_advantages(&rewards, Groups::Consecutive(4), None, None, &nan, &mut out).unwrap_err();
     assert!(e.to_string().contains("reward_weights"), "{e}");
 }
 
@@ -317,6 +333,7 @@ fn verl_estimators_by_hand() {
         &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0],
         Groups::Consecutive(2),
         None,
+        None,
         &cfg,
         &mut o,
     )
@@ -363,8 +380,15 @@ fn lengths_are_required_and_checked() {
             ..AdvantageConfig::default()
         };
         let mut out = [0.0f32; 2];
-        let e = group_advantages(&[1.0, 0.0], Groups::Consecutive(2), None, &cfg, &mut out)
-            .unwrap_err();
+        let e = group_advantages(
+            &[1.0, 0.0],
+            Groups::Consecutive(2),
+            None,
+            None,
+            &cfg,
+            &mut out,
+        )
+        .unwrap_err();
         assert!(
             e.to_string().contains("lengths") && e.to_string().contains(m.name()),
             "{e}"
@@ -373,6 +397,7 @@ fn lengths_are_required_and_checked() {
             &[1.0, 0.0],
             Groups::Consecutive(2),
             Some(&[3, -1]),
+            None,
             &cfg,
             &mut out,
         )
@@ -382,6 +407,7 @@ fn lengths_are_required_and_checked() {
             &[1.0, 0.0],
             Groups::Consecutive(2),
             Some(&[3]),
+            None,
             &cfg,
             &mut out,
         )
@@ -402,6 +428,7 @@ fn lengths_are_required_and_checked() {
         &[1.0, 0.0],
         Groups::Consecutive(2),
         Some(&[1, 1]),
+        None,
         &cfg,
         &mut [0.0; 2],
     )
@@ -537,13 +564,22 @@ fn bad_inputs_name_the_argument() {
         other => panic!("{other}"),
     };
     assert_eq!(
-        arg(group_advantages(&[0.0; 5], Groups::Consecutive(2), None, &cfg, &mut out).unwrap_err()),
+        arg(group_advantages(
+            &[0.0; 5],
+            Groups::Consecutive(2),
+            None,
+            None,
+            &cfg,
+            &mut out
+        )
+        .unwrap_err()),
         "groups"
     );
     assert_eq!(
         arg(group_advantages(
             &[0.0, f32::NAN, 0.0, 0.0, 0.0],
             Groups::Consecutive(5),
+            None,
             None,
             &cfg,
             &mut out
@@ -552,14 +588,22 @@ fn bad_inputs_name_the_argument() {
         "rewards"
     );
     assert_eq!(
-        arg(group_advantages(&[0.0; 5], Groups::Ids(&[0, 1]), None, &cfg, &mut out).unwrap_err()),
+        arg(
+            group_advantages(&[0.0; 5], Groups::Ids(&[0, 1]), None, None, &cfg, &mut out)
+                .unwrap_err()
+        ),
         "groups"
     );
     assert_eq!(
-        arg(
-            group_advantages(&[0.0; 5], Groups::Consecutive(5), None, &cfg, &mut out[..4])
-                .unwrap_err()
-        ),
+        arg(group_advantages(
+            &[0.0; 5],
+            Groups::Consecutive(5),
+            None,
+            None,
+            &cfg,
+            &mut out[..4]
+        )
+        .unwrap_err()),
         "out"
     );
     let lead = AdvantageConfig {
@@ -571,9 +615,15 @@ fn bad_inputs_name_the_argument() {
         ..cfg.clone()
     };
     assert_eq!(
-        arg(
-            group_advantages(&[0.0; 5], Groups::Consecutive(5), None, &lead, &mut out).unwrap_err()
-        ),
+        arg(group_advantages(
+            &[0.0; 5],
+            Groups::Consecutive(5),
+            None,
+            None,
+            &lead,
+            &mut out
+        )
+        .unwrap_err()),
         "lengths"
     );
     let none = AdvantageConfig {
@@ -581,11 +631,55 @@ fn bad_inputs_name_the_argument() {
         ..cfg
     };
     assert_eq!(
-        arg(
-            group_advantages(&[0.0; 5], Groups::Consecutive(5), None, &none, &mut out).unwrap_err()
-        ),
+        arg(group_advantages(
+            &[0.0; 5],
+            Groups::Consecutive(5),
+            None,
+            None,
+            &none,
+            &mut out
+        )
+        .unwrap_err()),
         "config.modes"
     );
+}
+
+/// ReMax (verl's compute_remax_outcome_advantage from an outcome reward): `r - b` per rollout and
+/// objective, whatever the groups, beside a GRPO column the baselines do not touch; the baselines
+/// are required, shaped `[B, K]` and finite.
+#[test]
+fn remax_by_hand() {
+    let rewards = [1.0f32, 1.0, 0.0, 0.0, 2.0, 1.0, 0.5, 0.0]; // [B = 4, K = 2]
+    let baselines = [0.25f32, 9.0, 0.5, 9.0, 2.0, 9.0, -1.0, 9.0];
+    let cfg = AdvantageConfig {
+        modes: vec![AdvantageMode::Remax, AdvantageMode::DrGrpo],
+        eps: 1e-6,
+        lead: None,
+        reward_weights: None,
+        singletons: Singletons::Zero,
+    };
+    for groups in [Groups::Consecutive(2), Groups::Ids(&[4, 4, 1, 9])] {
+        let mut out = vec![f32::NAN; 8];
+        group_advantages(&rewards, groups, None, Some(&baselines), &cfg, &mut out).unwrap();
+        let remax: Vec<f32> = (0..4).map(|i| out[2 * i]).collect();
+        assert_eq!(remax, [0.75, -0.5, 0.0, 1.5], "{groups:?}");
+        if let Groups::Consecutive(_) = groups {
+            // Dr. GRPO in groups of two: r - the pair's mean
+            let dr: Vec<f32> = (0..4).map(|i| out[2 * i + 1]).collect();
+            assert_eq!(dr, [0.5, -0.5, 0.5, -0.5]);
+        }
+    }
+    let mut out = vec![0f32; 8];
+    let err = |b: Option<&[f32]>, out: &mut [f32]| {
+        group_advantages(&rewards, Groups::Consecutive(2), None, b, &cfg, out)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(None, &mut out).contains("baselines"));
+    assert!(err(Some(&baselines[..4]), &mut out).contains("baselines"));
+    let mut bad = baselines;
+    bad[3] = f32::NAN;
+    assert!(err(Some(&bad), &mut out).contains("baselines[3]"));
 }
 
 /// The device kernels (`kernels/advantages.cu`) against the CPU reference on random batches: every
@@ -622,6 +716,8 @@ fn gpu_matches_the_cpu_reference() {
                 .collect();
             // some of length 0 (they weigh nothing in OPO's and REINFORCE++'s statistics)
             let lengths: Vec<i32> = (0..b).map(|_| rng.below(500) as i32).collect();
+            // ReMax's baselines (read by remax columns only)
+            let baselines: Vec<f32> = (0..b * k).map(|_| rng.normal() as f32).collect();
             let pool: &[AdvantageMode] = if lead { &unwhitened } else { &all };
             let cfg = AdvantageConfig {
                 modes: (0..k)
@@ -660,10 +756,24 @@ fn gpu_matches_the_cpu_reference() {
                     let mut want = vec![0f32; n];
                     let mut got = vec![f32::NAN; n];
                     recap_kernels::Backend::Cpu
-                        .group_advantages(&rewards, groups, Some(&lengths), c, &mut want)
+                        .group_advantages(
+                            &rewards,
+                            groups,
+                            Some(&lengths),
+                            Some(&baselines[..n]),
+                            c,
+                            &mut want,
+                        )
                         .unwrap();
-                    gpu.group_advantages(&rewards, groups, Some(&lengths), c, &mut got)
-                        .unwrap();
+                    gpu.group_advantages(
+                        &rewards,
+                        groups,
+                        Some(&lengths),
+                        Some(&baselines[..n]),
+                        c,
+                        &mut got,
+                    )
+                    .unwrap();
                     common::assert_all_close(
                         &format!(
                             "advantages B={b} G={g} K={k} lead={lead} {groups:?} weights {:?}",
@@ -694,6 +804,7 @@ fn gpu_matches_the_cpu_reference() {
             &[1.0, f32::NAN, 0.0, 1.0],
             Groups::Consecutive(2),
             None,
+            None,
             &cfg,
             &mut out,
         )
@@ -708,11 +819,27 @@ fn gpu_matches_the_cpu_reference() {
             &[1.0, 0.0, 0.0, 1.0],
             Groups::Consecutive(2),
             Some(&[3, -2, 1, 1]),
+            None,
             &opo,
             &mut out,
         )
         .unwrap_err();
     assert!(err.to_string().contains("lengths"), "{err}");
+    let remax = AdvantageConfig {
+        modes: vec![AdvantageMode::Remax],
+        ..cfg.clone()
+    };
+    let err = gpu
+        .group_advantages(
+            &[1.0, 0.0, 0.0, 1.0],
+            Groups::Consecutive(2),
+            None,
+            Some(&[0.5, f32::INFINITY, 0.0, 0.0]),
+            &remax,
+            &mut out,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("baselines"), "{err}");
     if let recap_kernels::Backend::Cuda(dev) = &gpu {
         let s = dev.stream();
         let r = s.clone_htod(&[1.0f32, 0.0, 1.0, 0.0]).unwrap();
@@ -726,6 +853,7 @@ fn gpu_matches_the_cpu_reference() {
                 ids: ids.slice(..),
                 num_groups: 2,
             },
+            None,
             None,
             &cfg,
             &mut o.slice_mut(..),
@@ -755,6 +883,7 @@ fn device_formulas_by_hand() {
         len_mean: 0.25,
         batch_sd: 2.0,
         batch_alpha: 1.5,
+        baseline: 0.4,
     };
     let one = GroupStats {
         mu: 3.0,
@@ -781,6 +910,7 @@ fn device_formulas_by_hand() {
         (ReinforcePlusPlus, 0.3, 0.3),
         (ReinforcePlusPlusBaseline, 0.0, -0.5),
         (Gdpo, 1.0, 0.5 / (sd + 1e-6)), // the GRPO value, before the batch step
+        (Remax, 1.0, 0.6),              // r - b, the group's statistics unread
     ] {
         assert_close(
             &format!("{m:?}"),
@@ -811,9 +941,14 @@ fn device_formulas_by_hand() {
     );
     assert_eq!(advantage(code(PassKDr), 2.0, &pk, 1e-6, false), 1.5);
     assert_eq!(advantage(code(PassK), 0.5, &pk, 1e-6, false), 0.0);
-    // a group of one: 0 in the group-relative modes (REINFORCE++ is not group-relative) ...
+    // a group of one: 0 in the group-relative modes (REINFORCE++ and ReMax, with baseline 0 here,
+    // are not group-relative) ...
     for m in AdvantageMode::ALL {
-        let want = if m == ReinforcePlusPlus { 3.0 } else { 0.0 };
+        let want = if matches!(m, ReinforcePlusPlus | Remax) {
+            3.0
+        } else {
+            0.0
+        };
         assert_eq!(advantage(code(m), 3.0, &one, 1e-6, false), want, "{m:?}");
     }
     // ... and verl's convention on request: mean 0, std 1 (Pass@k: 0, where verl raises)
@@ -829,6 +964,7 @@ fn device_formulas_by_hand() {
         (ReinforcePlusPlus, 3.0),
         (ReinforcePlusPlusBaseline, 3.0),
         (Gdpo, 3.0 / (1.0 + 1e-6)),
+        (Remax, 3.0),
     ] {
         assert_close(
             &format!("{m:?} n=1 (verl)"),

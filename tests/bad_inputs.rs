@@ -69,6 +69,7 @@ fn cases(be: &Backend) -> Vec<Case<'_>> {
             &rewards,
             Groups::Consecutive(groups),
             None,
+            None,
             &AdvantageConfig {
                 modes,
                 eps,

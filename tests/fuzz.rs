@@ -325,7 +325,7 @@ proptest! {
         };
         let mut out = vec![0f32; c.out_len];
         let r = catch_unwind(AssertUnwindSafe(|| {
-            group_advantages(&c.rewards, Groups::Consecutive(c.group), c.lengths.as_deref(), &ac, &mut out)
+            group_advantages(&c.rewards, Groups::Consecutive(c.group), c.lengths.as_deref(), None, &ac, &mut out)
         }));
         prop_assert!(r.is_ok(), "group_advantages panicked");
         if let Ok(Ok(())) = r {

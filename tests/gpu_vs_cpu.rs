@@ -398,6 +398,7 @@ fn every_kernel_is_deterministic() {
             &rewards,
             recap_kernels::Groups::Consecutive(16),
             None,
+            None,
             &cfg,
             &mut out,
         )

@@ -161,6 +161,22 @@ def check_more_advantages(core, tally, gen, batches):
                       close(ours[:, None] * mask[keep], theirs, atol=1e-5))
 
 
+def check_remax(core, tally, gen, batches):
+    """verl's ReMax (the reward-to-go of an outcome reward minus the greedy response's reward, over
+    the response mask) against mode="remax" with the baselines."""
+    for _ in range(batches):
+        b, length = 12, 7
+        scores, base = torch.randn(b, generator=gen), torch.randn(b, generator=gen)
+        lens = torch.randint(1, length + 1, (b,), generator=gen)
+        mask = (torch.arange(length)[None, :] < lens[:, None]).float()
+        token_rewards = torch.zeros(b, length)
+        token_rewards[torch.arange(b), lens - 1] = scores
+        theirs, _ = core.compute_remax_outcome_advantage(token_rewards, base, mask)
+        ours = rk.group_advantages(scores, 1, mode="remax", baselines=base)
+        tally.add("advantages remax (compute_remax_outcome_advantage)", close(ours[:, None] * mask, theirs,
+                                                                              atol=1e-6))
+
+
 def check_rollout_rejection(tally, gen, batches):
     """verl's compute_rollout_rejection_mask (rollout_corr_helper) against ours: the new mask and the
     fraction metrics verl reports, for single and chained options."""
@@ -260,6 +276,7 @@ def main():
     check_agg_and_kl(core, tally, gen, args.batches)
     check_advantages(core, tally, gen, args.batches)
     check_more_advantages(core, tally, gen, args.batches)
+    check_remax(core, tally, gen, args.batches)
     check_rollout_rejection(tally, gen, args.batches)
     check_token_veto(tally, gen, args.batches)
     check_trl(tally, gen, args.batches)

@@ -315,9 +315,10 @@ int32_t recap_tp_backward_inplace(int32_t device,
 
 // Group advantages of rewards [B, K] into `out` [B, K]: groups of `group_size` consecutive
 // rollouts, or (`group_ids` non-null) dense ids in [0, num_groups) (any ids on the host);
-// `lengths` (nullable) [B] response lengths, needed by opo and REINFORCE++; `modes` [K] host
+// `lengths` (nullable) [B] response lengths, needed by opo and REINFORCE++; `baselines`
+// (nullable) [B, K] (as `out`) baseline rewards, needed by remax; `modes` [K] host
 // (0 grpo, 1 dr_grpo, 2 rloo, 3 batch std, 4 grpo_passk, 5 dr_grpo_passk, 6 opo, 7 gpg,
-// 8 reinforce_plus_plus, 9 reinforce_plus_plus_baseline, 10 gdpo); `singletons`: what a group of one
+// 8 reinforce_plus_plus, 9 reinforce_plus_plus_baseline, 10 gdpo, 11 remax: `r - b`); `singletons`: what a group of one
 // rollout gets (0: 0, 1: verl's mean 0 and std 1); `reward_weights` (nullable) [K] host: one
 // advantage of the weighted columns (TRL's sum-then-normalize, normalize-then-sum with gdpo), one
 // mode in `modes` and `out` [B, 1].
@@ -333,6 +334,7 @@ int32_t recap_group_advantages(int32_t device,
                                const int32_t *group_ids,
                                int64_t num_groups,
                                const int32_t *lengths,
+                               const float *baselines,
                                const int32_t *modes,
                                double eps,
                                int32_t singletons,

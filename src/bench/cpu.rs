@@ -222,7 +222,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
             singletons: crate::Singletons::Zero,
         };
         let (tm, runs) = time_us(cfg, || {
-            group_advantages(&r, Groups::Consecutive(16), None, &ac, &mut out)
+            group_advantages(&r, Groups::Consecutive(16), None, None, &ac, &mut out)
         })?;
         push(
             record(

@@ -250,6 +250,7 @@ pub(super) fn run(
                 &r.as_view(),
                 DeviceGroups::Consecutive(16),
                 None,
+                None,
                 &ac,
                 &mut out.as_view_mut(),
             )

@@ -4,7 +4,7 @@ use super::math::kl_token;
 use super::norms::mask_weight;
 use crate::config::KlEstimator;
 use crate::error::Result;
-use crate::layout::{check_len, HostMask, Mask};
+use crate::layout::{check_len, HostMask};
 
 /// Per-token KL value and gradient `d kl_t / d logp_t` into `kl_out` and `grad` (`[T]` each);
 /// masked tokens (weight 0) get 0 in both. `mask = None` computes every token.
@@ -19,11 +19,7 @@ pub fn kl(
     let t = logp.len();
     check_len("ref_logp", ref_logp.len(), t, "[T] (the length of logp)")?;
     if let Some(m) = &mask {
-        let n = match m {
-            Mask::F32(m) => m.len(),
-            Mask::U8(m) => m.len(),
-        };
-        check_len("mask", n, t, "[T]")?;
+        check_len("mask", m.array_len(), t, "[T]")?;
     }
     check_len("kl_out", kl_out.len(), t, "[T]")?;
     check_len("grad", grad.len(), t, "[T]")?;

@@ -63,10 +63,7 @@ pub fn count_normalizers(
     membership: Option<&[u32]>,
     k: usize,
 ) -> Result<Normalizers> {
-    let t = match &mask {
-        Mask::F32(m) => m.len(),
-        Mask::U8(m) => m.len(),
-    };
+    let t = mask.array_len();
     let b = validate_cu_seqlens(cu_seqlens, t)?;
     if k == 0 || k > MAX_OBJECTIVES {
         return Err(crate::Error::invalid_argument(

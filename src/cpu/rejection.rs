@@ -2,7 +2,7 @@
 
 use super::norms::mask_weight;
 use crate::error::Result;
-use crate::layout::{HostMask, Mask};
+use crate::layout::HostMask;
 use crate::rejection::{validate, RejectionCriterion, RsLevel, RsStatistic};
 
 fn statistic(lr: f64, s: RsStatistic) -> f64 {
@@ -34,11 +34,13 @@ pub fn rollout_rejection(
     criteria: &[RejectionCriterion],
     flags: &mut [i32],
 ) -> Result<()> {
-    let mask_len = match &mask {
-        Mask::F32(m) => m.len(),
-        Mask::U8(m) => m.len(),
-    };
-    let b = validate(log_ratio.len(), mask_len, cu_seqlens, criteria, flags.len())?;
+    let b = validate(
+        log_ratio.len(),
+        mask.array_len(),
+        cu_seqlens,
+        criteria,
+        flags.len(),
+    )?;
     for s in 0..b {
         let toks = cu_seqlens[s] as usize..cu_seqlens[s + 1] as usize;
         let live: Vec<(usize, f64)> = toks

@@ -24,19 +24,27 @@ pub enum DeviceGroups<'a> {
 
 /// Advantages `[B, K]` of rewards `[B, K]` on `stream` into `out`, as the CPU reference (same
 /// modes and GRPO-LEAD options). `lengths` (`[B]`) is needed by the length-dependent reward, opo
-/// and REINFORCE++.
+/// and REINFORCE++; `baselines` (`[B, K]`, as `out`) by ReMax.
 /// Synchronizes the stream once, to read back the group sizes and the count of non-finite rewards
 /// (an error when any).
+#[allow(clippy::too_many_arguments)]
 pub fn group_advantages(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
     rewards: &CudaView<'_, f32>,
     groups: DeviceGroups<'_>,
     lengths: Option<&CudaView<'_, i32>>,
+    baselines: Option<&CudaView<'_, f32>>,
     config: &AdvantageConfig,
     out: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let (b, k) = validate(rewards.len(), lengths.map(|l| l.len()), config, out.len())?;
+    let (b, k) = validate(
+        rewards.len(),
+        lengths.map(|l| l.len()),
+        baselines.map(|l| l.len()),
+        config,
+        out.len(),
+    )?;
     gpu.check_stream(stream)?;
     let (group_size, num_groups, ids) = match &groups {
         DeviceGroups::Consecutive(g) => {
@@ -68,7 +76,7 @@ pub fn group_advantages(
     // invalid group id (reported below) read zeros rather than stale memory
     let k_out = config.num_outputs();
     let mut scratch = stream.alloc_zeros::<f64>(b * k + 2 * k_out + b * k_out)?;
-    let mut counts = stream.alloc_zeros::<i32>(num_groups + 2)?;
+    let mut counts = stream.alloc_zeros::<i32>(num_groups + 3)?;
     {
         let (s_a, _gs) = addr_slice_mut(&mut scratch, stream);
         let (c_a, _gc) = addr_slice_mut(&mut counts, stream);
@@ -82,6 +90,13 @@ pub fn group_advantages(
             None => (0, None),
         };
         let (l_a, _gl) = match lengths {
+            Some(v) => {
+                let (a, g) = addr(v, stream);
+                (a, Some(g))
+            }
+            None => (0, None),
+        };
+        let (b_a, _gb) = match baselines {
             Some(v) => {
                 let (a, g) = addr(v, stream);
                 (a, Some(g))
@@ -128,6 +143,7 @@ pub fn group_advantages(
                 }
                 w
             },
+            baselines: b_a,
         };
         gpu.launch(
             stream,
@@ -170,6 +186,12 @@ pub fn group_advantages(
         return Err(Error::invalid_argument(
             "lengths",
             format!("{} lengths are negative", host[num_groups + 1]),
+        ));
+    }
+    if host[num_groups + 2] > 0 {
+        return Err(Error::invalid_argument(
+            "baselines",
+            format!("{} baselines are not finite", host[num_groups + 2]),
         ));
     }
     Ok(())

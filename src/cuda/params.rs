@@ -252,6 +252,7 @@ pub struct AdvParams {
     pub num_outputs: i32,
     pub has_reward_weights: i32,
     pub reward_weights: [f64; 16],
+    pub baselines: u64,
 }
 
 /// Mirror of `RecapTrainParams`.
@@ -318,7 +319,7 @@ pub fn layouts() -> Vec<Vec<usize>> {
         layout!(AdvParams; rewards, group_ids, lengths, work, batch_std, pre, out, counts, num_rollouts,
             num_objectives, num_groups, group_size, modes, correctness, has_length, has_difficulty,
             verl_singletons, eps, length_alpha, diff_a, diff_b, diff_rho0, diff_k, num_outputs,
-            has_reward_weights, reward_weights),
+            has_reward_weights, reward_weights, baselines),
         layout!(TrainParams; logits, row_max, row_sum, row_lse, tokens, feat, logp, w, m, v, grad, w_bf16, seed,
             num_rows, vocab, num_tokens, n, counter_base, group, resp_len, lr, beta1, beta2, eps, weight_decay,
             bias1, bias2, pad0),

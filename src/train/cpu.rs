@@ -128,6 +128,7 @@ impl Engine for CpuEngine<'_> {
             rewards,
             Groups::Consecutive(self.task.cfg.group),
             None,
+            None,
             config,
             out,
         )

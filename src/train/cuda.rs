@@ -252,6 +252,7 @@ impl Engine for CudaEngine<'_> {
             &r.slice(..rewards.len()),
             DeviceGroups::Consecutive(self.task.cfg.group),
             None,
+            None,
             config,
             &mut o.slice_mut(..out.len()),
         )?;

@@ -1132,16 +1132,18 @@ fn fused_linear_grpo_loss(
 /// Group advantages of `rewards` [B, K] into `out` [B, K]: groups of `group_size` consecutive
 /// rollouts, or `group_ids` [B] (any ids on the CPU; dense ids in [0, num_groups) on a GPU); one
 /// mode per objective (the crate's `AdvantageMode` names); `lengths` [B] int32 response lengths
-/// (opo, reinforce_plus_plus*); `reward_weights` [K]: one advantage of the weighted columns
+/// (opo, reinforce_plus_plus*); `baselines` [B, K] float32 (as `out`; remax);
+/// `reward_weights` [K]: one advantage of the weighted columns
 /// (sum-then-normalize, or normalize-then-sum with gdpo), `out` [B, 1].
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (rewards, group_ids, lengths, group_size, num_groups, modes, eps, singletons, reward_weights, out))]
+#[pyo3(signature = (rewards, group_ids, lengths, baselines, group_size, num_groups, modes, eps, singletons, reward_weights, out))]
 fn group_advantages(
     py: Python<'_>,
     rewards: &Bound<'_, PyAny>,
     group_ids: Option<&Bound<'_, PyAny>>,
     lengths: Option<&Bound<'_, PyAny>>,
+    baselines: Option<&Bound<'_, PyAny>>,
     group_size: usize,
     num_groups: usize,
     modes: Vec<String>,
@@ -1166,6 +1168,7 @@ fn group_advantages(
         None => RawGroups::Consecutive(group_size),
     };
     let lengths = lengths.map(|l| call.i32("lengths", l)).transpose()?;
+    let baselines = baselines.map(|b| call.f32("baselines", b)).transpose()?;
     let o = call.out_f32("out", out)?;
     let cfg = AdvantageConfig {
         modes,
@@ -1174,7 +1177,7 @@ fn group_advantages(
         reward_weights,
         singletons: singletons.parse().map_err(err)?,
     };
-    py.detach(|| raw::group_advantages(call.place, r, groups, lengths, &cfg, o))
+    py.detach(|| raw::group_advantages(call.place, r, groups, lengths, baselines, &cfg, o))
         .map_err(err)
 }
 

@@ -173,6 +173,26 @@ def test_verl_estimators(device, mode):
             rk.group_advantages(scores.to(device), 2, mode=mode)
 
 
+def test_verl_remax(device):
+    """verl's compute_remax_outcome_advantage written out (the reward-to-go of an outcome reward on
+    each response's last token, minus the greedy response's reward, over the response mask) against
+    mode="remax" with the baselines; without baselines an error naming them."""
+    g = torch.Generator().manual_seed(6)
+    scores, base = torch.randn(7, generator=g), torch.randn(7, generator=g)
+    lens = torch.randint(1, 9, (7,), generator=g)
+    mask = (torch.arange(8)[None, :] < lens[:, None]).float()
+    token_rewards = torch.zeros(7, 8)
+    token_rewards[torch.arange(7), lens - 1] = scores
+    returns = (token_rewards * mask).flip(-1).cumsum(-1).flip(-1)
+    want = returns - base[:, None] * mask
+    got = rk.group_advantages(scores.to(device), 1, mode="remax", baselines=base.to(device))
+    torch.testing.assert_close(got.cpu()[:, None] * mask, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(rk.RecapError, match="baselines"):
+        rk.group_advantages(scores.to(device), 1, mode="remax")
+    with pytest.raises(rk.RecapError, match="baselines"):
+        rk.group_advantages(scores.to(device), 1, mode="remax", baselines=base[:3].to(device))
+
+
 @pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
 def test_trl_multi_objective_aggregation(device, aggregation):
     """TRL's reward_weights with both multi_objective_aggregation settings (normalize_then_sum is

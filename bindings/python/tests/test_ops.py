@@ -62,6 +62,9 @@ def cases():
                                       0, "opo,reinforce_plus_plus_baseline", 1e-6, "zero")),
         "group_advantages gdpo": (ops.group_advantages.default, (torch.randn(8, 3, generator=g), None, None, 4, 0,
                                                                  "gdpo", 1e-4, "zero", [1.0, 0.5, 2.0])),
+        "group_advantages remax": (ops.group_advantages.default, (torch.randn(8, 2, generator=g), None, None, 4, 0,
+                                                                  "remax,grpo", 1e-6, "zero", None,
+                                                                  torch.randn(8, 2, generator=g))),
     }
 
 

@@ -99,25 +99,32 @@ static int host_checks(const RecapGrpoConfig* cfg) {
     /* Dr. GRPO advantages: reward minus the group mean */
     float rewards[4] = {1.0f, 0.0f, 2.0f, 4.0f}, out[4];
     int32_t modes[1] = {1};
-    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, NULL, modes, 1e-6, 0, NULL, out) == RECAP_OK);
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, NULL, NULL, modes, 1e-6, 0, NULL, out) == RECAP_OK);
     CHECK(out[0] == 0.5f && out[1] == -0.5f && out[2] == -1.0f && out[3] == 1.0f);
     /* OPO: the length-weighted baseline, (1 * 1 + 3 * 0) / 4 and (1 * 2 + 1 * 4) / 2 */
     int32_t lengths[4] = {1, 3, 1, 1}, opo[1] = {6};
-    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, lengths, opo, 1e-6, 0, NULL, out) == RECAP_OK);
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, lengths, NULL, opo, 1e-6, 0, NULL, out) == RECAP_OK);
     CHECK(out[0] == 0.75f && out[1] == -0.25f && out[2] == -1.0f && out[3] == 1.0f);
-    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, NULL, opo, 1e-6, 0, NULL, out) == RECAP_ERR_ARGUMENT);
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, NULL, NULL, opo, 1e-6, 0, NULL, out) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "lengths") != NULL);
     /* a group of one: 0, or verl's convention (Dr. GRPO: the reward) */
     int32_t lone[4] = {0, 1, 1, 1};
-    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 0, lone, 2, NULL, modes, 1e-6, 0, NULL, out) == RECAP_OK);
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 0, lone, 2, NULL, NULL, modes, 1e-6, 0, NULL, out) == RECAP_OK);
     CHECK(out[0] == 0.0f);
-    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 0, lone, 2, NULL, modes, 1e-6, 1, NULL, out) == RECAP_OK);
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 0, lone, 2, NULL, NULL, modes, 1e-6, 1, NULL, out) == RECAP_OK);
     CHECK(out[0] == 1.0f);
     /* reward weights: Dr. GRPO of 1 * r0 + 2 * r1 over rewards [B = 2, K = 2] in one group:
      * values 1 + 0 = 1 and 2 + 8 = 10 (rewards read as [[1, 0], [2, 4]]), mean 5.5 */
     double w[2] = {1.0, 2.0};
-    CHECK(recap_group_advantages(-1, NULL, rewards, 2, 2, 2, NULL, 0, NULL, modes, 1e-6, 0, w, out) == RECAP_OK);
+    CHECK(recap_group_advantages(-1, NULL, rewards, 2, 2, 2, NULL, 0, NULL, NULL, modes, 1e-6, 0, w, out) == RECAP_OK);
     CHECK(out[0] == -4.5f && out[1] == 4.5f);
+    /* ReMax (11): r - b whatever the groups; without baselines an error naming them */
+    float base[4] = {0.5f, 0.5f, 3.0f, 1.0f};
+    int32_t remax[1] = {11};
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, NULL, base, remax, 1e-6, 0, NULL, out) == RECAP_OK);
+    CHECK(out[0] == 0.5f && out[1] == -0.5f && out[2] == -1.0f && out[3] == 3.0f);
+    CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, NULL, NULL, remax, 1e-6, 0, NULL, out) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "baselines") != NULL);
     return 0;
 }
 
@@ -200,11 +207,11 @@ int main(int argc, char** argv) {
     CHECK(strstr(recap_last_error(), "temperature") != NULL);
     CHECK(recap_logprob_forward(0, NULL, dummy, 9, 2, 4, 4, labels, 1.0f, -100, dummy, NULL, dummy) != RECAP_OK);
     int32_t modes[1] = {99};
-    CHECK(recap_group_advantages(0, NULL, dummy, 4, 1, 2, NULL, 0, NULL, modes, 1e-6, 0, NULL, dummy) ==
+    CHECK(recap_group_advantages(0, NULL, dummy, 4, 1, 2, NULL, 0, NULL, NULL, modes, 1e-6, 0, NULL, dummy) ==
           RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "modes") != NULL);
     modes[0] = 0;
-    CHECK(recap_group_advantages(0, NULL, dummy, 4, 1, 2, NULL, 0, NULL, modes, 1e-6, 2, NULL, dummy) ==
+    CHECK(recap_group_advantages(0, NULL, dummy, 4, 1, 2, NULL, 0, NULL, NULL, modes, 1e-6, 2, NULL, dummy) ==
           RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "singletons") != NULL);
     CHECK(recap_kl(0, NULL, 4, dummy, dummy, NULL, 0, 9, dummy, dummy) == RECAP_ERR_ARGUMENT);

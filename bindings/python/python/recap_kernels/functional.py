@@ -344,7 +344,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
                      num_groups: Optional[int] = None, mode: Union[str, Sequence[str]] = "grpo",
                      eps: float = 1e-6, singletons: str = "zero", lengths: Optional[Tensor] = None,
                      response_mask: Optional[Tensor] = None,
-                     reward_weights: Optional[Sequence[float]] = None) -> Tensor:
+                     reward_weights: Optional[Sequence[float]] = None, baselines: Optional[Tensor] = None) -> Tensor:
     """GRPO group advantages of ``rewards`` ``[B]`` or ``[B, K]``: groups of ``group_size``
     consecutive rollouts, or ``group_ids`` ``[B]`` (any ids on the CPU; on a GPU dense ids in
     ``[0, num_groups)`` with ``num_groups`` given, so nothing is read back). ``mode``, one for all
@@ -352,7 +352,8 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     grpo_passk (the group's unique best gets ``(r_max - r_2nd) / (std + eps)``), dr_grpo_passk
     (without the std), opo (length-weighted baseline), gpg (``B / nnz (r - mean)``),
     reinforce_plus_plus and reinforce_plus_plus_baseline (whitened over the batch's tokens,
-    gamma 1). opo and REINFORCE++ read the response lengths: ``lengths`` ``[B]``, or
+    gamma 1), remax (``r - b``, ``b`` from ``baselines``: the greedy responses' rewards, shaped as
+    the result). opo and REINFORCE++ read the response lengths: ``lengths`` ``[B]``, or
     ``response_mask`` ``[B, L]`` (its row sums). A group of one rollout gets 0, or with
     ``singletons="verl"`` verl's convention (mean 0, std 1: grpo ``r / (1 + eps)``, dr_grpo, rloo
     and opo ``r``). ``reward_weights`` ``[K]`` (one ``mode``): one advantage ``[B]`` of the K
@@ -376,6 +377,10 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     if lengths is not None:
         _same_device(r2, lengths=lengths)
         lengths = lengths.to(torch.int32)
+    base = None
+    if baselines is not None:
+        base = _float("baselines", baselines).reshape(-1)
+        _same_device(r2, baselines=base)
     if group_ids is not None:
         ids = group_ids.to(torch.int32)
         if num_groups is None:
@@ -384,10 +389,10 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
                                  "would synchronize)")
             num_groups = 0  # any ids on the CPU
         out = ops.group_advantages(r2, ids, lengths, 0, int(num_groups), ",".join(modes), float(eps),
-                                   str(singletons), weights)
+                                   str(singletons), weights, base)
     else:
         if group_size is None:
             raise RecapError("invalid argument `group_size`: give group_size or group_ids")
         out = ops.group_advantages(r2, None, lengths, int(group_size), 0, ",".join(modes), float(eps),
-                                   str(singletons), weights)
+                                   str(singletons), weights, base)
     return out.view(r.shape) if weights is None else out.view(-1)

@@ -348,16 +348,17 @@ fused_linear_grpo_loss.register_autograd(_linear_backward, setup_context=_linear
 @torch.library.custom_op("recap::group_advantages", mutates_args=())
 def group_advantages(rewards: Tensor, group_ids: Optional[Tensor], lengths: Optional[Tensor], group_size: int,
                      num_groups: int, modes: str, eps: float, singletons: str,
-                     reward_weights: Optional[list[float]] = None) -> Tensor:
+                     reward_weights: Optional[list[float]] = None, baselines: Optional[Tensor] = None) -> Tensor:
     """Group advantages of ``rewards`` [B, K]; ``modes``: one per objective, comma-separated (grpo,
     dr_grpo, rloo, batch, grpo_passk, dr_grpo_passk, opo, gpg, reinforce_plus_plus,
-    reinforce_plus_plus_baseline); ``lengths`` [B] int32 response lengths (opo and REINFORCE++);
-    ``singletons``: what a group of one gets, ``zero`` or ``verl``; ``reward_weights`` [K]: one
-    advantage [B, 1] of the weighted columns. Not differentiable."""
+    reinforce_plus_plus_baseline, gdpo, remax); ``lengths`` [B] int32 response lengths (opo and
+    REINFORCE++); ``singletons``: what a group of one gets, ``zero`` or ``verl``; ``reward_weights``
+    [K]: one advantage [B, 1] of the weighted columns; ``baselines`` (shaped as the output; remax).
+    Not differentiable."""
     out = _empty(rewards, _adv_shape(rewards, reward_weights), torch.float32)
-    rewards, group_ids, lengths = _contig(rewards, group_ids, lengths)
-    _native.group_advantages(rewards, group_ids, lengths, group_size, num_groups, modes.split(","), eps, singletons,
-                             reward_weights, out)
+    rewards, group_ids, lengths, baselines = _contig(rewards, group_ids, lengths, baselines)
+    _native.group_advantages(rewards, group_ids, lengths, baselines, group_size, num_groups, modes.split(","), eps,
+                             singletons, reward_weights, out)
     return out
 
 
@@ -366,7 +367,7 @@ def _adv_shape(rewards, reward_weights):
 
 
 @group_advantages.register_fake
-def _(rewards, group_ids, lengths, group_size, num_groups, modes, eps, singletons, reward_weights=None):
+def _(rewards, group_ids, lengths, group_size, num_groups, modes, eps, singletons, reward_weights=None, baselines=None):
     return _empty(rewards, _adv_shape(rewards, reward_weights), torch.float32)
 
 
