@@ -54,6 +54,17 @@ def test_vanilla_matches_verl(device, gen, clip, kl, agg):
     assert m["actor/num_seqs"].item() == 5
 
 
+def variant_case(variant, old, y, a, mask):
+    """The options of a loss variant and verl's per-token loss of it (differentiable in ``y``)."""
+    if variant == "gspo":
+        return (dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, dual_clip=None),
+                verl_gspo(old, y, a, mask, 3e-4, 4e-4))
+    if variant == "sapo":
+        return dict(policy_loss={"sapo": {"tau_pos": 1.0, "tau_neg": 1.05}}, dual_clip=None), sapo(old, y, a, mask)
+    return (dict(policy_loss="cispo", clip_low=0.2, clip_high=0.28, dual_clip=None),
+            cispo(old, y, a, mask, 0.2, 0.28))
+
+
 @pytest.mark.parametrize("variant", ["gspo", "sapo", "cispo"])
 @pytest.mark.parametrize("agg", AGG)
 def test_variants_match_verl(device, gen, variant, agg):
@@ -61,15 +72,7 @@ def test_variants_match_verl(device, gen, variant, agg):
     x = logp.clone().requires_grad_()
     y = logp.clone().requires_grad_()
     a = adv[:, None].expand_as(y)
-    if variant == "gspo":
-        opts = dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, dual_clip=None)
-        per = verl_gspo(old, y, a, mask, 3e-4, 4e-4)
-    elif variant == "sapo":
-        opts = dict(policy_loss={"sapo": {"tau_pos": 1.0, "tau_neg": 1.05}}, dual_clip=None)
-        per = sapo(old, y, a, mask)
-    else:
-        opts = dict(policy_loss="cispo", clip_low=0.2, clip_high=0.28, dual_clip=None)
-        per = cispo(old, y, a, mask, 0.2, 0.28)
+    opts, per = variant_case(variant, old, y, a, mask)
     loss, _ = rk.grpo_loss(x, old, adv, mask, agg_mode=agg, **opts)
     loss.backward()
     want = agg_loss(per, mask, agg)
@@ -87,12 +90,7 @@ def test_per_term_aggregation_as_verl_before_0_9(device, gen, variant, agg):
     x = logp.clone().requires_grad_()
     y = logp.clone().requires_grad_()
     a = adv[:, None].expand_as(y)
-    if variant == "gspo":
-        opts = dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, dual_clip=None)
-        per = verl_gspo(old, y, a, mask, 3e-4, 4e-4)
-    else:
-        opts = dict(policy_loss={"sapo": {"tau_pos": 1.0, "tau_neg": 1.05}}, dual_clip=None)
-        per = sapo(old, y, a, mask)
+    opts, per = variant_case(variant, old, y, a, mask)
     loss, m = rk.grpo_loss(x, old, adv, mask, ref_logp=ref, agg_mode=agg, policy_agg_mode="seq-mean-token-mean",
                            kl_coef=0.1, kl_estimator="low_var_kl", **opts)
     loss.backward()
