@@ -281,7 +281,7 @@ impl AdvantageConfig {
 }
 
 /// Group ids and members, from either form.
-fn group_members(groups: Groups<'_>, b: usize) -> Result<Vec<Vec<usize>>> {
+pub(crate) fn group_members(groups: Groups<'_>, b: usize) -> Result<Vec<Vec<usize>>> {
     match groups {
         Groups::Consecutive(g) => {
             if g == 0 || b % g != 0 {

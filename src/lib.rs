@@ -36,6 +36,7 @@ pub mod raw;
 pub mod recap;
 pub mod rejection;
 pub mod tensor_parallel;
+pub mod token_baseline;
 #[cfg(feature = "tools")]
 pub mod train;
 
@@ -62,6 +63,7 @@ pub use output::{
 };
 pub use recap::{Orientation, RecapConfig, RecapScheduler};
 pub use rejection::{RejectionCriterion, RsLevel, RsStatistic};
+pub use token_baseline::{optimal_token_baseline, TokenBaselineConfig, TokenBaselineInputs};
 
 /// The README's Rust examples, compiled and run as doctests (`cargo test --doc`).
 #[cfg(doctest)]
