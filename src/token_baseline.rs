@@ -26,7 +26,8 @@
 //! non-finite value at an unmasked token is an error naming the argument, and masked tokens are not
 //! read (verl multiplies by the mask, so a NaN there spreads).
 //!
-//! Only the host reference exists so far (every backend calls it on host data); there is no kernel.
+//! Only the host reference exists so far: [`crate::raw::optimal_token_baseline`] (the C and Python
+//! entry points) runs it on host data, copying device arrays to the host and back; there is no kernel.
 
 use crate::advantages::{group_members, Groups};
 use crate::cpu::mask_weight;

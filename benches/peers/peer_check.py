@@ -1,6 +1,6 @@
 """Our verl drop-ins against verl's own functions, called (not copied) from the installed package:
 every policy loss (Clip-Cov's random draw under the same seed) x aggregation mode, agg_loss,
-kl_penalty, the group advantage estimators, the rollout rejection mask and the older API's veto
+kl_penalty, the group advantage estimators, the optimal token baseline, the rollout rejection mask and the older API's veto
 (verl 0.7), on random batches;
 values, gradients and metrics. Run by scripts/peer-check.sh, which installs verl
 (and TRL, whose off-policy mask is checked too) into a cached directory.
@@ -177,6 +177,37 @@ def check_remax(core, tally, gen, batches):
                                                                               atol=1e-6))
 
 
+def check_token_baseline(core, tally, gen, batches):
+    """verl's optimal token baseline, single-turn and multi-turn (tool-output holes in the mask, a
+    fully masked row, a group of one), with and without rollout IS weights and the zero tail,
+    against rk.verl's drop-ins of the same name and arguments."""
+    fns = {"optimal_token_baseline": ("compute_optimal_token_baseline_advantage", False),
+           "tir_optimal_token_baseline": ("compute_multi_turn_optimal_token_baseline_advantage", True)}
+    for _ in range(batches):
+        b, length = 13, 29
+        lens = torch.randint(1, length + 1, (b,), generator=gen)
+        mask = (torch.arange(length)[None, :] < lens[:, None]).float()
+        mask[2] = 0.0
+        rewards = torch.randn(b, length, generator=gen) * (torch.rand(b, length, generator=gen) < 0.3)
+        old = -torch.rand(b, length, generator=gen) * 3
+        pi = old.exp()  # a real distribution: sum p^2 lies in [pi^2, pi^2 + (1 - pi)^2], so w >= 0
+        spp = pi ** 2 + torch.rand(b, length, generator=gen) * (1 - pi) ** 2
+        rho = torch.rand(b, length, generator=gen) * 1.5 + 0.2
+        index = np.array([f"uid-{i % 4}" for i in torch.randperm(b - 1, generator=gen).tolist()] + ["alone"],
+                         dtype=object)
+        for name, (fn, multi_turn) in fns.items():
+            m = mask * (torch.rand(b, length, generator=gen) > 0.25).float() if multi_turn else mask
+            for zero_tail in (False, True):
+                for w in (None, rho):
+                    args = (rewards, m, index, old, spp)
+                    theirs = getattr(core, fn)(*args, rollout_is_weights=w, handle_zero_tail=zero_tail)
+                    ours = getattr(rk.verl, fn)(*args, rollout_is_weights=w, handle_zero_tail=zero_tail)
+                    label = f"advantages {name} ({fn}){' zero tail' if zero_tail else ''}" \
+                            f"{' IS weights' if w is not None else ''}"
+                    tally.add(label, close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+                              and close(ours[1], theirs[1], rtol=1e-5, atol=1e-5))
+
+
 def check_rollout_rejection(tally, gen, batches):
     """verl's compute_rollout_rejection_mask (rollout_corr_helper) against ours: the new mask and the
     fraction metrics verl reports, for single and chained options."""
@@ -277,6 +308,7 @@ def main():
     check_advantages(core, tally, gen, args.batches)
     check_more_advantages(core, tally, gen, args.batches)
     check_remax(core, tally, gen, args.batches)
+    check_token_baseline(core, tally, gen, args.batches)
     check_rollout_rejection(tally, gen, args.batches)
     check_token_veto(tally, gen, args.batches)
     check_trl(tally, gen, args.batches)

@@ -341,6 +341,39 @@ int32_t recap_group_advantages(int32_t device,
                                const double *reward_weights,
                                float *out);
 
+// verl's optimal token baseline (`optimal_token_baseline`; with `multi_turn` nonzero the positions
+// are indices among unmasked tokens, verl's `tir_optimal_token_baseline`): advantages and returns
+// (`[T]` each) of `num_seqs` packed sequences (`cu_seqlens` [B + 1], host). Per token
+// `w = (1 - 2 exp(old_logp) + sum_pi_squared) rho^2` (`rollout_is_weights` rho, nullable: 1), `W`
+// its masked cumulative sum, `G` the masked reward to go; per group and position
+// `B = sum m G W / (sum m W + eps)`, `A = (G - B) m`, returns `G`. Groups of `group_size`
+// consecutive sequences, or (`group_ids` non-null) `[B]` ids; `handle_zero_tail` nonzero: the
+// strictly longest member's positions past the second longest length get baseline 0 (verl: 1e-8
+// for `eps`). No kernel yet: on a device the arrays are copied to the host (the stream is
+// synchronized) and the results copied back.
+//
+// # Safety
+// Arrays of `num_tokens` elements (`group_ids`: `num_seqs`) on the device (`device >= 0`) or the
+// host (`device < 0`); `cu_seqlens` on the host.
+int32_t recap_optimal_token_baseline(int32_t device,
+                                     void *stream,
+                                     int64_t num_tokens,
+                                     const float *token_rewards,
+                                     const float *old_logp,
+                                     const float *sum_pi_squared,
+                                     const float *rollout_is_weights,
+                                     const void *mask,
+                                     int32_t mask_is_u8,
+                                     const int32_t *cu_seqlens,
+                                     int64_t num_seqs,
+                                     int64_t group_size,
+                                     const int32_t *group_ids,
+                                     int32_t multi_turn,
+                                     int32_t handle_zero_tail,
+                                     double eps,
+                                     float *advantages,
+                                     float *returns);
+
 // Per-token KL to the reference: value and `d kl / d logp` (`[T]` each, on the device or, for
 // `device < 0`, the host), masked tokens 0 (`mask` nullable: every token). `estimator`: 0 k1, 1
 // abs, 2 k2, 3 k3, 4 k1+, 5 k3+, 6 k3-unclamped.

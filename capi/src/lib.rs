@@ -1031,6 +1031,77 @@ pub unsafe extern "C" fn recap_group_advantages(
     })
 }
 
+/// verl's optimal token baseline (`optimal_token_baseline`; with `multi_turn` nonzero the positions
+/// are indices among unmasked tokens, verl's `tir_optimal_token_baseline`): advantages and returns
+/// (`[T]` each) of `num_seqs` packed sequences (`cu_seqlens` [B + 1], host). Per token
+/// `w = (1 - 2 exp(old_logp) + sum_pi_squared) rho^2` (`rollout_is_weights` rho, nullable: 1), `W`
+/// its masked cumulative sum, `G` the masked reward to go; per group and position
+/// `B = sum m G W / (sum m W + eps)`, `A = (G - B) m`, returns `G`. Groups of `group_size`
+/// consecutive sequences, or (`group_ids` non-null) `[B]` ids; `handle_zero_tail` nonzero: the
+/// strictly longest member's positions past the second longest length get baseline 0 (verl: 1e-8
+/// for `eps`). No kernel yet: on a device the arrays are copied to the host (the stream is
+/// synchronized) and the results copied back.
+///
+/// # Safety
+/// Arrays of `num_tokens` elements (`group_ids`: `num_seqs`) on the device (`device >= 0`) or the
+/// host (`device < 0`); `cu_seqlens` on the host.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_optimal_token_baseline(
+    device: i32,
+    stream: *mut c_void,
+    num_tokens: i64,
+    token_rewards: *const f32,
+    old_logp: *const f32,
+    sum_pi_squared: *const f32,
+    rollout_is_weights: *const f32,
+    mask: *const c_void,
+    mask_is_u8: i32,
+    cu_seqlens: *const i32,
+    num_seqs: i64,
+    group_size: i64,
+    group_ids: *const i32,
+    multi_turn: i32,
+    handle_zero_tail: i32,
+    eps: f64,
+    advantages: *mut f32,
+    returns: *mut f32,
+) -> i32 {
+    guard(|| {
+        let t = len("num_tokens", num_tokens)?;
+        let b = len("num_seqs", num_seqs)?;
+        let groups = if group_ids.is_null() {
+            raw::RawGroups::Consecutive(len("group_size", group_size)?)
+        } else {
+            raw::RawGroups::Ids {
+                ids: arr(group_ids, b),
+                num_groups: 0,
+            }
+        };
+        let x = raw::RawTokenBaseline {
+            token_rewards: arr(token_rewards, t),
+            old_logp: arr(old_logp, t),
+            sum_pi_squared: arr(sum_pi_squared, t),
+            rollout_is_weights: opt_arr(rollout_is_weights, t),
+            mask: mask_arr(mask, mask_is_u8, t),
+            cu_seqlens: host("cu_seqlens", cu_seqlens, b + 1)?,
+            groups,
+        };
+        let config = recap::TokenBaselineConfig {
+            multi_turn: multi_turn != 0,
+            handle_zero_tail: handle_zero_tail != 0,
+            eps,
+        };
+        raw::optimal_token_baseline(
+            place(device, stream),
+            &x,
+            &config,
+            out_arr(advantages, t),
+            out_arr(returns, t),
+        )
+    })
+}
+
 /// Per-token KL to the reference: value and `d kl / d logp` (`[T]` each, on the device or, for
 /// `device < 0`, the host), masked tokens 0 (`mask` nullable: every token). `estimator`: 0 k1, 1
 /// abs, 2 k2, 3 k3, 4 k1+, 5 k3+, 6 k3-unclamped.

@@ -1181,6 +1181,60 @@ fn group_advantages(
         .map_err(err)
 }
 
+/// verl's optimal token baseline into `advantages` and `returns` ([T] float32 each) of packed
+/// per-token inputs; groups of `group_size` consecutive sequences, or `group_ids` [B] int32 (any
+/// ids). No kernel yet: CUDA tensors are copied to the host and back (a synchronization).
+#[pyfunction]
+#[pyo3(signature = (token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, cu_seqlens, group_ids, group_size, multi_turn, handle_zero_tail, eps, advantages, returns))]
+#[allow(clippy::too_many_arguments)]
+fn optimal_token_baseline(
+    py: Python<'_>,
+    token_rewards: &Bound<'_, PyAny>,
+    old_logp: &Bound<'_, PyAny>,
+    sum_pi_squared: &Bound<'_, PyAny>,
+    rollout_is_weights: Option<&Bound<'_, PyAny>>,
+    mask: &Bound<'_, PyAny>,
+    cu_seqlens: &Bound<'_, PyAny>,
+    group_ids: Option<&Bound<'_, PyAny>>,
+    group_size: usize,
+    multi_turn: bool,
+    handle_zero_tail: bool,
+    eps: f64,
+    advantages: &Bound<'_, PyAny>,
+    returns: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("token_rewards", token_rewards)?;
+    let call = Call::new(py, &first)?;
+    let cu = host_i32("cu_seqlens", cu_seqlens)?;
+    let groups = match group_ids {
+        Some(g) => RawGroups::Ids {
+            ids: call.i32("group_ids", g)?,
+            num_groups: 0,
+        },
+        None => RawGroups::Consecutive(group_size),
+    };
+    let x = raw::RawTokenBaseline {
+        token_rewards: call.f32("token_rewards", token_rewards)?,
+        old_logp: call.f32("old_logp", old_logp)?,
+        sum_pi_squared: call.f32("sum_pi_squared", sum_pi_squared)?,
+        rollout_is_weights: call.opt_f32("rollout_is_weights", rollout_is_weights)?,
+        mask: call.mask("mask", mask)?,
+        cu_seqlens: &cu,
+        groups,
+    };
+    let config = recap_kernels::TokenBaselineConfig {
+        multi_turn,
+        handle_zero_tail,
+        eps,
+    };
+    let (a, r) = (
+        call.out_f32("advantages", advantages)?,
+        call.out_f32("returns", returns)?,
+    );
+    py.detach(|| raw::optimal_token_baseline(call.place, &x, &config, a, r))
+        .map_err(err)
+}
+
 /// RECAP's dynamic objective weights (the crate's `RecapScheduler`): `observe` one monitored value
 /// per objective and step, `weights` gives the K objective weights.
 #[pyclass(name = "RecapScheduler", module = "recap_kernels._native")]
@@ -1260,6 +1314,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(grpo_loss_from_logits_, m)?)?;
     m.add_function(wrap_pyfunction!(fused_linear_grpo_loss, m)?)?;
     m.add_function(wrap_pyfunction!(group_advantages, m)?)?;
+    m.add_function(wrap_pyfunction!(optimal_token_baseline, m)?)?;
     m.add_function(wrap_pyfunction!(tp_partials, m)?)?;
     m.add_function(wrap_pyfunction!(tp_combine, m)?)?;
     m.add_function(wrap_pyfunction!(tp_backward_, m)?)?;

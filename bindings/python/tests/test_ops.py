@@ -65,6 +65,14 @@ def cases():
         "group_advantages remax": (ops.group_advantages.default, (torch.randn(8, 2, generator=g), None, None, 4, 0,
                                                                   "remax,grpo", 1e-6, "zero", None,
                                                                   torch.randn(8, 2, generator=g))),
+        "optimal_token_baseline": (ops.optimal_token_baseline.default,
+                                   (torch.randn(T, generator=g), s["old"], torch.rand(T, generator=g), None, s["mask"],
+                                    s["cu"], torch.tensor([0, 1, 0], dtype=torch.int32), 0, False, False, 1e-8)),
+        "optimal_token_baseline tir": (ops.optimal_token_baseline.default,
+                                       (torch.randn(T, generator=g), s["old"], torch.rand(T, generator=g),
+                                        torch.rand(T, generator=g), s["mask"], torch.tensor([0, 6, 12],
+                                                                                            dtype=torch.int32),
+                                        None, 2, True, True, 1e-8)),
     }
 
 

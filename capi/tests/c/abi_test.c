@@ -125,6 +125,20 @@ static int host_checks(const RecapGrpoConfig* cfg) {
     CHECK(out[0] == 0.5f && out[1] == -0.5f && out[2] == -1.0f && out[3] == 3.0f);
     CHECK(recap_group_advantages(-1, NULL, rewards, 4, 1, 2, NULL, 0, NULL, NULL, remax, 1e-6, 0, NULL, out) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "baselines") != NULL);
+    /* the optimal token baseline of one group of two: with old_logp 0 and sum_pi_squared 2 every
+     * w is 1, so W = [1, 2] in both; G = [1, 1] and [3, 3]; B = (1 + 3) / 2 and (2 + 6) / 4 = 2 */
+    float tr[4] = {0.0f, 1.0f, 0.0f, 3.0f}, zero[4] = {0.0f, 0.0f, 0.0f, 0.0f}, two[4] = {2.0f, 2.0f, 2.0f, 2.0f};
+    float otb[4], ret[4];
+    CHECK(recap_optimal_token_baseline(-1, NULL, 4, tr, zero, two, NULL, mask, 1, cu, 2, 2, NULL, 0, 0, 0.0, otb,
+                                       ret) == RECAP_OK);
+    CHECK(otb[0] == -1.0f && otb[1] == -1.0f && otb[2] == 1.0f && otb[3] == 1.0f);
+    CHECK(ret[0] == 1.0f && ret[1] == 1.0f && ret[2] == 3.0f && ret[3] == 3.0f);
+    CHECK(recap_optimal_token_baseline(-1, NULL, 4, tr, zero, two, NULL, mask, 1, cu, 2, 3, NULL, 0, 0, 0.0, otb,
+                                       ret) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "groups") != NULL);
+    CHECK(recap_optimal_token_baseline(-1, NULL, 4, tr, zero, NULL, NULL, mask, 1, cu, 2, 2, NULL, 0, 0, 0.0, otb,
+                                       ret) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "sum_pi_squared") != NULL);
     return 0;
 }
 

@@ -20,7 +20,7 @@ from . import _native, ops
 from ._native import RecapError
 
 __all__ = ["grpo_config", "grpo_loss", "kl_penalty", "rollout_rejection", "weighted_reduce", "count_normalizers",
-           "logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "RecapError"]
+           "logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "optimal_token_baseline", "RecapError"]
 
 _OBJECTIVES = {"policy": 0, "nll": 1, 0: 0, 1: 1}
 
@@ -396,3 +396,61 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
         out = ops.group_advantages(r2, None, lengths, int(group_size), 0, ",".join(modes), float(eps),
                                    str(singletons), weights, base)
     return out.view(r.shape) if weights is None else out.view(-1)
+
+
+def _group_ids(ids, b: int, device) -> Tensor:
+    """``[B]`` int32 group ids on ``device`` from a tensor of integers or any sequence of hashable
+    ids (verl's ``index``: a numpy array of uid strings)."""
+    if isinstance(ids, Tensor) and not ids.is_floating_point() and not ids.is_complex():
+        flat = ids.reshape(-1)
+        if flat.numel() != b:
+            raise RecapError(f"invalid argument `group_ids`: expected [B = {b}] ids, got {tuple(ids.shape)}")
+        if flat.dtype != torch.int32:  # dense ids: any int64 values fit
+            flat = torch.unique(flat, return_inverse=True)[1]
+        return flat.to(device=device, dtype=torch.int32)
+    values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    if len(values) != b:
+        raise RecapError(f"invalid argument `group_ids`: expected [B = {b}] ids, got {len(values)}")
+    dense: Dict[object, int] = {}
+    return torch.tensor([dense.setdefault(v, len(dense)) for v in values], dtype=torch.int32, device=device)
+
+
+def optimal_token_baseline(token_rewards: Tensor, mask: Tensor, old_logp: Tensor, sum_pi_squared: Tensor,
+                           cu_seqlens=None, *, group_size: Optional[int] = None, group_ids=None,
+                           rollout_is_weights: Optional[Tensor] = None, multi_turn: bool = False,
+                           handle_zero_tail: Optional[bool] = None, eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
+    """verl's optimal token baseline (``optimal_token_baseline``; with ``multi_turn`` its
+    ``tir_optimal_token_baseline``): ``(advantages, returns)``, float32, shaped like the tokens. Per
+    token ``w = (1 - 2 exp(old_logp) + sum_pi_squared) rho^2`` (rho: ``rollout_is_weights``, else 1),
+    ``W`` its masked cumulative sum, ``G`` the masked reward to go (the returns); per group and
+    response position ``B = sum m G W / (sum m W + eps)`` and ``A = (G - B) m``. With ``multi_turn``
+    a token's position is its index among the sequence's unmasked tokens (tool outputs between turns
+    are skipped). A group of one gets baseline 0. ``handle_zero_tail`` (default: verl's, off, and on
+    with ``multi_turn``): when one member is strictly the longest, its positions past the second
+    longest length get baseline 0. Groups: ``group_size`` consecutive sequences, or ``group_ids``
+    ``[B]`` (integers, or any hashable ids such as verl's uid strings). ``sum_pi_squared`` is the
+    sampling policy's ``sum_v p_v^2`` per token (verl's ``actor.calculate_sum_pi_squared``). No
+    kernel yet: on a GPU the inputs are copied to the host, computed there by the f64 reference, and
+    copied back (this synchronizes). Not differentiable."""
+    if sum_pi_squared is None:
+        raise RecapError("invalid argument `sum_pi_squared`: required (the policy's sum of squared "
+                         "probabilities per token; verl: actor.calculate_sum_pi_squared=True)")
+    shape = token_rewards.shape
+    cu, b = _batch(shape, cu_seqlens)
+    r = _float("token_rewards", token_rewards).reshape(-1)
+    old, spp = _float("old_logp", old_logp).reshape(-1), _float("sum_pi_squared", sum_pi_squared).reshape(-1)
+    rho = _float("rollout_is_weights", rollout_is_weights)
+    rho = None if rho is None else rho.reshape(-1)
+    m = _mask(mask).reshape(-1)
+    _same_device(r, old_logp=old, sum_pi_squared=spp, rollout_is_weights=rho, mask=m)
+    if group_ids is not None:
+        ids, size = _group_ids(group_ids, b, r.device), 0
+    elif group_size is None:
+        raise RecapError("invalid argument `group_size`: give group_size or group_ids")
+    else:
+        ids, size = None, int(group_size)
+    zero_tail = bool(multi_turn) if handle_zero_tail is None else bool(handle_zero_tail)
+    adv, ret = ops.optimal_token_baseline(r.detach(), old.detach(), spp.detach(),
+                                          None if rho is None else rho.detach(), m, cu, ids, size, bool(multi_turn),
+                                          zero_tail, float(eps))
+    return adv.view(shape), ret.view(shape)

@@ -371,6 +371,29 @@ def _(rewards, group_ids, lengths, group_size, num_groups, modes, eps, singleton
     return _empty(rewards, _adv_shape(rewards, reward_weights), torch.float32)
 
 
+@torch.library.custom_op("recap::optimal_token_baseline", mutates_args=())
+def optimal_token_baseline(token_rewards: Tensor, old_logp: Tensor, sum_pi_squared: Tensor,
+                           rollout_is_weights: Optional[Tensor], mask: Tensor, cu_seqlens: Tensor,
+                           group_ids: Optional[Tensor], group_size: int, multi_turn: bool, handle_zero_tail: bool,
+                           eps: float) -> Tuple[Tensor, Tensor]:
+    """verl's optimal token baseline of packed ``[T]`` inputs: ``(advantages, returns)``. Not
+    differentiable. No kernel yet: CUDA tensors are computed on the host (a synchronization)."""
+    adv = _empty(token_rewards, token_rewards.shape, torch.float32)
+    ret = _empty(token_rewards, token_rewards.shape, torch.float32)
+    token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, group_ids = _contig(
+        token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, group_ids)
+    _native.optimal_token_baseline(token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, cu_seqlens,
+                                   group_ids, group_size, multi_turn, handle_zero_tail, eps, adv, ret)
+    return adv, ret
+
+
+@optimal_token_baseline.register_fake
+def _(token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, cu_seqlens, group_ids, group_size,
+      multi_turn, handle_zero_tail, eps):
+    return (_empty(token_rewards, token_rewards.shape, torch.float32),
+            _empty(token_rewards, token_rewards.shape, torch.float32))
+
+
 # --- tensor parallelism: vocabulary shards ------------------------------------------------------
 @torch.library.custom_op("recap::tp_partials", mutates_args=())
 def tp_partials(logits: Tensor, labels: Tensor, vocab_start: int, temperature: float, ignore_index: int) -> Tensor:

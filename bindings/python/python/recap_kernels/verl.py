@@ -1,6 +1,6 @@
 """Drop-ins for verl (``verl.trainer.ppo.core_algos``): the policy losses with verl's signature and
-metric names, ``agg_loss`` and ``kl_penalty``, and ``register()`` to add them to verl's policy-loss
-registry.
+metric names, ``agg_loss``, ``kl_penalty``, the rollout rejection mask, the optimal token baseline
+estimators, and ``register()`` to add the losses to verl's policy-loss registry.
 
     from recap_kernels import verl as rk_verl
     rk_verl.register()                       # actor.policy_loss.loss_mode: recap_vanilla (or recap_gspo, ...)
@@ -50,7 +50,8 @@ __all__ = ["compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy
            "compute_policy_loss_sapo", "compute_policy_loss_cispo", "compute_policy_loss_gpg",
            "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_dro",
            "compute_policy_loss_geo_mean", "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov", "agg_loss",
-           "kl_penalty", "compute_rollout_rejection_mask", "register", "POLICY_LOSSES"]
+           "kl_penalty", "compute_rollout_rejection_mask", "compute_optimal_token_baseline_advantage",
+           "compute_multi_turn_optimal_token_baseline_advantage", "register", "POLICY_LOSSES"]
 
 _MISSING = object()
 
@@ -358,6 +359,33 @@ def compute_rollout_rejection_mask(log_ratio: Tensor, response_mask: Tensor, rol
     metrics["rollout_rs_masked_fraction"] = _masked_mean(rejected.to(torch.float32), response_mask)
     metrics["rollout_rs_seq_masked_fraction"] = (rejected & valid).any(-1).to(torch.float32).mean()
     return new_mask, metrics
+
+
+def compute_optimal_token_baseline_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                             old_log_probs: Tensor, sum_pi_squared: Tensor,
+                                             rollout_is_weights: Optional[Tensor] = None,
+                                             handle_zero_tail: bool = False,
+                                             epsilon: float = 1e-8) -> Tuple[Tensor, Tensor]:
+    """verl's ``compute_optimal_token_baseline_advantage`` (``adv_estimator=optimal_token_baseline``),
+    same arguments: ``(advantages, returns)`` ``[B, L]`` float32; ``index`` groups the rows (verl's
+    uids). Differences: non-finite values at unmasked tokens are an error naming the argument, and
+    masked tokens are never read (in verl a NaN there spreads through the product with the mask)."""
+    return F.optimal_token_baseline(token_level_rewards, response_mask, old_log_probs, sum_pi_squared,
+                                    group_ids=index, rollout_is_weights=rollout_is_weights, multi_turn=False,
+                                    handle_zero_tail=handle_zero_tail, eps=epsilon)
+
+
+def compute_multi_turn_optimal_token_baseline_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                                        old_log_probs: Tensor, sum_pi_squared: Tensor,
+                                                        rollout_is_weights: Optional[Tensor] = None,
+                                                        handle_zero_tail: bool = True,
+                                                        epsilon: float = 1e-8) -> Tuple[Tensor, Tensor]:
+    """verl's ``compute_multi_turn_optimal_token_baseline_advantage``
+    (``adv_estimator=tir_optimal_token_baseline``): as the single-turn one, with positions counted
+    over each row's unmasked tokens, and the zero tail on by default."""
+    return F.optimal_token_baseline(token_level_rewards, response_mask, old_log_probs, sum_pi_squared,
+                                    group_ids=index, rollout_is_weights=rollout_is_weights, multi_turn=True,
+                                    handle_zero_tail=handle_zero_tail, eps=epsilon)
 
 
 def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
