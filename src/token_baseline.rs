@@ -46,11 +46,12 @@ pub struct TokenBaselineConfig {
 }
 
 impl Default for TokenBaselineConfig {
-    /// verl's `optimal_token_baseline`: positions, no zero tail, eps 1e-8.
+    /// verl's `optimal_token_baseline` defaults (verl 0.8 and 0.9): positions, the zero tail,
+    /// eps 1e-8.
     fn default() -> Self {
         TokenBaselineConfig {
             multi_turn: false,
-            handle_zero_tail: false,
+            handle_zero_tail: true,
             eps: 1e-8,
         }
     }

@@ -64,18 +64,18 @@ fn positions_zero_tail_and_is_weights_by_hand() {
         )
         .unwrap()
     };
-    let (adv, ret) = run(None, TokenBaselineConfig::default());
-    assert_all_close("returns", &ret, &[1.0, 1.0, 2.0, 2.0, 2.0], 1e-7, 0.0);
-    assert_all_close("advantages", &adv, &[-0.5, -0.5, 0.5, 0.5, 0.0], 1e-6, 1e-6);
-    let tail = TokenBaselineConfig {
-        handle_zero_tail: true,
+    let plain = TokenBaselineConfig {
+        handle_zero_tail: false,
         ..Default::default()
     };
-    let (adv, _) = run(None, tail);
+    let (adv, ret) = run(None, plain);
+    assert_all_close("returns", &ret, &[1.0, 1.0, 2.0, 2.0, 2.0], 1e-7, 0.0);
+    assert_all_close("advantages", &adv, &[-0.5, -0.5, 0.5, 0.5, 0.0], 1e-6, 1e-6);
+    let (adv, _) = run(None, TokenBaselineConfig::default());
     assert_all_close("zero tail", &adv, &[-0.5, -0.5, 0.5, 0.5, 2.0], 1e-6, 1e-6);
     // rho = 2 on token 0: W = [2, 2.5]; B_0 = (2 + 1) / 2.5 = 1.2, B_1 = (2.5 + 2) / 3.5 = 9/7
     let rho = [2.0f32, 1.0, 1.0, 1.0, 1.0];
-    let (adv, _) = run(Some(&rho), TokenBaselineConfig::default());
+    let (adv, _) = run(Some(&rho), plain);
     let want = [-0.2, 1.0 - 9.0 / 7.0, 0.8, 2.0 - 9.0 / 7.0, 0.0];
     assert_all_close("is weights", &adv, &want, 1e-6, 1e-6);
 }
@@ -140,8 +140,15 @@ fn groups_of_one_and_empty_members() {
         assert_all_close("alone", &adv, &[1.0, 1.0, 0.0, 0.0], 0.0, 0.0);
         assert_all_close("returns", &ret, &[1.0, 1.0, 0.0, 0.0], 0.0, 0.0);
     }
-    let (adv, _) = run(Groups::Consecutive(2), TokenBaselineConfig::default());
+    let plain = TokenBaselineConfig {
+        handle_zero_tail: false,
+        ..Default::default()
+    };
+    let (adv, _) = run(Groups::Consecutive(2), plain);
     assert_all_close("empty member counts", &adv, &[0.0; 4], 1e-6, 0.0);
+    // with the zero tail (verl's default) the longer member's tail starts at the empty one's length 0
+    let (adv, _) = run(Groups::Consecutive(2), TokenBaselineConfig::default());
+    assert_all_close("zero tail from 0", &adv, &[1.0, 1.0, 0.0, 0.0], 0.0, 0.0);
     let (adv, _) = run(Groups::Consecutive(2), TokenBaselineConfig::multi_turn());
     assert_all_close(
         "empty member skipped",

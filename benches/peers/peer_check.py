@@ -197,13 +197,14 @@ def check_token_baseline(core, tally, gen, batches):
                          dtype=object)
         for name, (fn, multi_turn) in fns.items():
             m = mask * (torch.rand(b, length, generator=gen) > 0.25).float() if multi_turn else mask
-            for zero_tail in (False, True):
+            for zero_tail in (False, True, None):  # None: each function's default
                 for w in (None, rho):
                     args = (rewards, m, index, old, spp)
-                    theirs = getattr(core, fn)(*args, rollout_is_weights=w, handle_zero_tail=zero_tail)
-                    ours = getattr(rk.verl, fn)(*args, rollout_is_weights=w, handle_zero_tail=zero_tail)
-                    label = f"advantages {name} ({fn}){' zero tail' if zero_tail else ''}" \
-                            f"{' IS weights' if w is not None else ''}"
+                    kw = dict(rollout_is_weights=w) if zero_tail is None else \
+                        dict(rollout_is_weights=w, handle_zero_tail=zero_tail)
+                    theirs, ours = getattr(core, fn)(*args, **kw), getattr(rk.verl, fn)(*args, **kw)
+                    tail = {False: " no zero tail", True: " zero tail", None: " defaults"}[zero_tail]
+                    label = f"advantages {name} ({fn}){tail}{' IS weights' if w is not None else ''}"
                     tally.add(label, close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
                               and close(ours[1], theirs[1], rtol=1e-5, atol=1e-5))
 

@@ -418,16 +418,16 @@ def _group_ids(ids, b: int, device) -> Tensor:
 def optimal_token_baseline(token_rewards: Tensor, mask: Tensor, old_logp: Tensor, sum_pi_squared: Tensor,
                            cu_seqlens=None, *, group_size: Optional[int] = None, group_ids=None,
                            rollout_is_weights: Optional[Tensor] = None, multi_turn: bool = False,
-                           handle_zero_tail: Optional[bool] = None, eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
+                           handle_zero_tail: bool = True, eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
     """verl's optimal token baseline (``optimal_token_baseline``; with ``multi_turn`` its
     ``tir_optimal_token_baseline``): ``(advantages, returns)``, float32, shaped like the tokens. Per
     token ``w = (1 - 2 exp(old_logp) + sum_pi_squared) rho^2`` (rho: ``rollout_is_weights``, else 1),
     ``W`` its masked cumulative sum, ``G`` the masked reward to go (the returns); per group and
     response position ``B = sum m G W / (sum m W + eps)`` and ``A = (G - B) m``. With ``multi_turn``
     a token's position is its index among the sequence's unmasked tokens (tool outputs between turns
-    are skipped). A group of one gets baseline 0. ``handle_zero_tail`` (default: verl's, off, and on
-    with ``multi_turn``): when one member is strictly the longest, its positions past the second
-    longest length get baseline 0. Groups: ``group_size`` consecutive sequences, or ``group_ids``
+    are skipped). A group of one gets baseline 0. ``handle_zero_tail`` (on by default, as in verl 0.8
+    and 0.9): when one member is strictly the longest, its positions past the second longest length
+    get baseline 0. Groups: ``group_size`` consecutive sequences, or ``group_ids``
     ``[B]`` (integers, or any hashable ids such as verl's uid strings). ``sum_pi_squared`` is the
     sampling policy's ``sum_v p_v^2`` per token (verl's ``actor.calculate_sum_pi_squared``). No
     kernel yet: on a GPU the inputs are copied to the host, computed there by the f64 reference, and
@@ -449,8 +449,7 @@ def optimal_token_baseline(token_rewards: Tensor, mask: Tensor, old_logp: Tensor
         raise RecapError("invalid argument `group_size`: give group_size or group_ids")
     else:
         ids, size = None, int(group_size)
-    zero_tail = bool(multi_turn) if handle_zero_tail is None else bool(handle_zero_tail)
     adv, ret = ops.optimal_token_baseline(r.detach(), old.detach(), spp.detach(),
                                           None if rho is None else rho.detach(), m, cu, ids, size, bool(multi_turn),
-                                          zero_tail, float(eps))
+                                          bool(handle_zero_tail), float(eps))
     return adv.view(shape), ret.view(shape)

@@ -364,11 +364,12 @@ def compute_rollout_rejection_mask(log_ratio: Tensor, response_mask: Tensor, rol
 def compute_optimal_token_baseline_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
                                              old_log_probs: Tensor, sum_pi_squared: Tensor,
                                              rollout_is_weights: Optional[Tensor] = None,
-                                             handle_zero_tail: bool = False,
-                                             epsilon: float = 1e-8) -> Tuple[Tensor, Tensor]:
+                                             handle_zero_tail: bool = True, epsilon: float = 1e-8,
+                                             **kwargs) -> Tuple[Tensor, Tensor]:
     """verl's ``compute_optimal_token_baseline_advantage`` (``adv_estimator=optimal_token_baseline``),
-    same arguments: ``(advantages, returns)`` ``[B, L]`` float32; ``index`` groups the rows (verl's
-    uids). Differences: non-finite values at unmasked tokens are an error naming the argument, and
+    same arguments and defaults (verl 0.8 and 0.9; other keyword arguments, such as the ``config``
+    verl's trainer passes, are ignored as verl ignores them): ``(advantages, returns)`` ``[B, L]``
+    float32; ``index`` groups the rows (verl's uids). Differences: non-finite values at unmasked tokens are an error naming the argument, and
     masked tokens are never read (in verl a NaN there spreads through the product with the mask)."""
     return F.optimal_token_baseline(token_level_rewards, response_mask, old_log_probs, sum_pi_squared,
                                     group_ids=index, rollout_is_weights=rollout_is_weights, multi_turn=False,
@@ -378,11 +379,11 @@ def compute_optimal_token_baseline_advantage(token_level_rewards: Tensor, respon
 def compute_multi_turn_optimal_token_baseline_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
                                                         old_log_probs: Tensor, sum_pi_squared: Tensor,
                                                         rollout_is_weights: Optional[Tensor] = None,
-                                                        handle_zero_tail: bool = True,
-                                                        epsilon: float = 1e-8) -> Tuple[Tensor, Tensor]:
+                                                        handle_zero_tail: bool = True, epsilon: float = 1e-8,
+                                                        **kwargs) -> Tuple[Tensor, Tensor]:
     """verl's ``compute_multi_turn_optimal_token_baseline_advantage``
     (``adv_estimator=tir_optimal_token_baseline``): as the single-turn one, with positions counted
-    over each row's unmasked tokens, and the zero tail on by default."""
+    over each row's unmasked tokens."""
     return F.optimal_token_baseline(token_level_rewards, response_mask, old_log_probs, sum_pi_squared,
                                     group_ids=index, rollout_is_weights=rollout_is_weights, multi_turn=True,
                                     handle_zero_tail=handle_zero_tail, eps=epsilon)
