@@ -156,10 +156,19 @@ static const size_t reject_layout[] = {
     F(RecapRejectParams, cu_seqlens), F(RecapRejectParams, flags), F(RecapRejectParams, num_tokens),
     F(RecapRejectParams, num_seqs), F(RecapRejectParams, num_criteria), F(RecapRejectParams, level),
     F(RecapRejectParams, statistic), F(RecapRejectParams, lower), F(RecapRejectParams, upper)};
+static const size_t otb_layout[] = {
+    sizeof(RecapOtbParams), F(RecapOtbParams, token_rewards), F(RecapOtbParams, old_logp),
+    F(RecapOtbParams, sum_pi_squared), F(RecapOtbParams, rollout_is_weights), F(RecapOtbParams, mask),
+    F(RecapOtbParams, cu_seqlens), F(RecapOtbParams, group_offsets), F(RecapOtbParams, group_members),
+    F(RecapOtbParams, cum_w), F(RecapOtbParams, to_go), F(RecapOtbParams, aligned), F(RecapOtbParams, live),
+    F(RecapOtbParams, bad), F(RecapOtbParams, advantages), F(RecapOtbParams, returns),
+    F(RecapOtbParams, num_tokens), F(RecapOtbParams, num_seqs), F(RecapOtbParams, num_groups),
+    F(RecapOtbParams, multi_turn), F(RecapOtbParams, zero_tail), F(RecapOtbParams, eps)};
 #undef F
 
 /* Size then field offsets (declaration order) of struct `which`: 0 grpo, 1 seq, 2 reduce, 3 kl,
- * 4 finalize, 5 logits, 6 advantages, 7 train, 8 tensor-parallel combine, 9 rollout rejection. Returns the number of entries, writes at most `cap` of them. */
+ * 4 finalize, 5 logits, 6 advantages, 7 train, 8 tensor-parallel combine, 9 rollout rejection,
+ * 10 optimal token baseline. Returns the number of entries, writes at most `cap` of them. */
 
 size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     const size_t* src;
@@ -175,6 +184,7 @@ size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     case 7: src = train_layout; n = sizeof(train_layout) / sizeof(size_t); break;
     case 8: src = tp_layout; n = sizeof(tp_layout) / sizeof(size_t); break;
     case 9: src = reject_layout; n = sizeof(reject_layout) / sizeof(size_t); break;
+    case 10: src = otb_layout; n = sizeof(otb_layout) / sizeof(size_t); break;
     default: return 0;
     }
     for (size_t i = 0; i < n && i < cap; ++i) out[i] = src[i];

@@ -348,6 +348,37 @@ typedef struct RecapAdvParams {
 } RecapAdvParams;
 
 /*
+ * Parameters of verl's optimal token baseline (token_baseline.cu). The sequences of group g are
+ * group_members[group_offsets[g] .. group_offsets[g + 1]) in ascending order (built on the host).
+ */
+#define RECAP_OTB_BAD_SLOTS 4 /* first bad token of old_logp, sum_pi_squared, rollout_is_weights, token_rewards */
+typedef struct RecapOtbParams {
+    uint64_t token_rewards;      /* const float[T]                                              */
+    uint64_t old_logp;           /* const float[T]                                              */
+    uint64_t sum_pi_squared;     /* const float[T]                                              */
+    uint64_t rollout_is_weights; /* const float[T], or 0: 1                                     */
+    uint64_t mask;               /* const float[T] / uint8_t[T] (the kernel's suffix)           */
+    uint64_t cu_seqlens;         /* const int32_t[B + 1]                                        */
+    uint64_t group_offsets;      /* const int32_t[num_groups + 1]                               */
+    uint64_t group_members;      /* const int32_t[B]                                            */
+    uint64_t cum_w;              /* double[T] W: the masked cumulative sum of w (written)       */
+    uint64_t to_go;              /* double[T] G: the masked reward to go (written)              */
+    uint64_t aligned;            /* int32_t[T]: multi-turn, the token at aligned position p of
+                                    sequence s is aligned[cu[s] + p] (written)                  */
+    uint64_t live;               /* int32_t[B]: unmasked tokens of each sequence (written)      */
+    uint64_t bad;                /* int32_t[RECAP_OTB_BAD_SLOTS]: the smallest token index with a
+                                    non-finite value at an unmasked token (atomicMin; INT32_MAX) */
+    uint64_t advantages;         /* float[T] (written)                                          */
+    uint64_t returns;            /* float[T] (written)                                          */
+    int64_t num_tokens;
+    int32_t num_seqs;
+    int32_t num_groups;
+    int32_t multi_turn;          /* 1: positions count unmasked tokens only                      */
+    int32_t zero_tail;           /* 1: verl's handle_zero_tail                                   */
+    double eps;
+} RecapOtbParams;
+
+/*
  * Parameters of the `recap train` driver kernels (train.cu): policy logits of feature rows, their
  * row statistics, sampling, gathered log-probabilities and the AdamW update.
  */

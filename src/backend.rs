@@ -279,6 +279,55 @@ impl Backend {
         Ok(())
     }
 
+    /// verl's optimal token baseline on host data (see [`crate::token_baseline`]): advantages and
+    /// returns, `[T]` each.
+    pub fn optimal_token_baseline(
+        &self,
+        x: &crate::HostTokenBaselineInputs<'_>,
+        config: &crate::TokenBaselineConfig,
+        advantages: &mut [f32],
+        returns: &mut [f32],
+    ) -> Result<()> {
+        let gpu = match self {
+            Backend::Cpu => {
+                return crate::token_baseline::optimal_token_baseline(
+                    x, config, advantages, returns,
+                )
+            }
+            Backend::Cuda(g) => g,
+        };
+        let t = x.token_rewards.len();
+        crate::token_baseline::validate(x, config, advantages.len(), returns.len())?;
+        let s = gpu.stream();
+        let up = |v: &[f32]| cuda::upload(s, v);
+        let (r, o, q) = (up(x.token_rewards)?, up(x.old_logp)?, up(x.sum_pi_squared)?);
+        let h = x.rollout_is_weights.map(up).transpose()?;
+        let m = DeviceMask::upload(s, &x.mask)?;
+        let (mut a, mut g) = (
+            s.alloc_zeros::<f32>(t.max(1))?,
+            s.alloc_zeros::<f32>(t.max(1))?,
+        );
+        let dx = crate::TokenBaselineInputs {
+            token_rewards: r.slice(..t),
+            old_logp: o.slice(..t),
+            sum_pi_squared: q.slice(..t),
+            rollout_is_weights: h.as_ref().map(|h| h.slice(..t)),
+            mask: m.view(t),
+            cu_seqlens: x.cu_seqlens,
+            groups: x.groups,
+        };
+        cuda::optimal_token_baseline(
+            gpu,
+            s,
+            &dx,
+            config,
+            &mut a.slice_mut(..t),
+            &mut g.slice_mut(..t),
+        )?;
+        download(s, &a, advantages)?;
+        download(s, &g, returns)
+    }
+
     /// Kernel 4 on host data: logp, entropy and LSE (`[T]` each) of each row of `logits / tau`.
     pub fn logprob_forward<E: LogitElem>(
         &self,

@@ -63,7 +63,9 @@ pub use output::{
 };
 pub use recap::{Orientation, RecapConfig, RecapScheduler};
 pub use rejection::{RejectionCriterion, RsLevel, RsStatistic};
-pub use token_baseline::{optimal_token_baseline, TokenBaselineConfig, TokenBaselineInputs};
+pub use token_baseline::{
+    optimal_token_baseline, HostTokenBaselineInputs, TokenBaselineConfig, TokenBaselineInputs,
+};
 
 /// The README's Rust examples, compiled and run as doctests (`cargo test --doc`).
 #[cfg(doctest)]

@@ -1104,126 +1104,42 @@ pub fn group_advantages(
     )
 }
 
-/// The per-token inputs of [`optimal_token_baseline`], as a binding passes them (`[T]` each, in the
-/// memory of the call's place; `cu_seqlens` on the host).
-#[derive(Clone, Copy, Debug)]
-pub struct RawTokenBaseline<'a> {
-    /// Token rewards.
-    pub token_rewards: In<f32>,
-    /// Log-probabilities of the policy that sampled.
-    pub old_logp: In<f32>,
-    /// The policy's sum of squared probabilities over the vocabulary.
-    pub sum_pi_squared: In<f32>,
-    /// Rollout IS weights, or none.
-    pub rollout_is_weights: Option<In<f32>>,
-    /// The mask.
-    pub mask: Mask<In<f32>, In<u8>>,
-    /// `[B + 1]` sequence offsets (host).
-    pub cu_seqlens: &'a [i32],
-    /// Rollout groups (ids in the call's memory; on a device `num_groups` is not read).
-    pub groups: RawGroups,
-}
-
 /// verl's optimal token baseline (see [`crate::token_baseline`]): advantages and returns (`[T]`
-/// each). There is no kernel yet: on a device the inputs are copied to the host (the stream is
-/// synchronized), the host reference computes, and the results are copied back on the stream.
+/// each) of the caller's arrays; `cu_seqlens` and the groups on the host. On a device the kernel
+/// synchronizes the stream once (to check the inputs were finite).
 pub fn optimal_token_baseline(
     place: Place,
-    x: &RawTokenBaseline<'_>,
+    x: &crate::TokenBaselineInputs<'_, In<f32>, In<u8>>,
     config: &crate::TokenBaselineConfig,
     advantages: Out<f32>,
     returns: Out<f32>,
 ) -> Result<()> {
-    fn compute(
-        x: &RawTokenBaseline<'_>,
-        arrays: [&[f32]; 4],
-        mask: crate::layout::HostMask<'_>,
-        ids: Option<&[i32]>,
-        config: &crate::TokenBaselineConfig,
-        advantages: &mut [f32],
-        returns: &mut [f32],
-    ) -> Result<()> {
-        let groups = match (x.groups, ids) {
-            (RawGroups::Consecutive(g), _) => Groups::Consecutive(g),
-            (RawGroups::Ids { .. }, ids) => Groups::Ids(ids.unwrap_or(&[])),
-        };
-        let inputs = crate::TokenBaselineInputs {
-            token_rewards: arrays[0],
-            old_logp: arrays[1],
-            sum_pi_squared: arrays[2],
-            rollout_is_weights: x.rollout_is_weights.map(|_| arrays[3]),
-            mask,
+    fn views<'a: 'm, 'm, M: Memory>(
+        m: &'m M,
+        x: &crate::TokenBaselineInputs<'a, In<f32>, In<u8>>,
+    ) -> Result<crate::TokenBaselineInputs<'m, M::Ro<'m, f32>, M::Ro<'m, u8>>> {
+        Ok(crate::TokenBaselineInputs {
+            token_rewards: m.ro("token_rewards", x.token_rewards)?,
+            old_logp: m.ro("old_logp", x.old_logp)?,
+            sum_pi_squared: m.ro("sum_pi_squared", x.sum_pi_squared)?,
+            rollout_is_weights: opt(m, "rollout_is_weights", x.rollout_is_weights)?,
+            mask: mask(m, "mask", &x.mask)?,
             cu_seqlens: x.cu_seqlens,
-            groups,
-        };
-        crate::token_baseline::optimal_token_baseline(&inputs, config, advantages, returns)
+            groups: x.groups,
+        })
     }
-    let ids = match x.groups {
-        RawGroups::Ids { ids, .. } => Some(ids),
-        RawGroups::Consecutive(_) => None,
-    };
-    let none = In::<f32> {
-        addr: 0,
-        len: 0,
-        _t: PhantomData,
-    };
-    let floats = [
-        ("token_rewards", x.token_rewards),
-        ("old_logp", x.old_logp),
-        ("sum_pi_squared", x.sum_pi_squared),
-        ("rollout_is_weights", x.rollout_is_weights.unwrap_or(none)),
-    ];
     run(
         place,
         |m| {
-            let mut a: [&[f32]; 4] = [&[]; 4];
-            for (slot, (arg, arr)) in a.iter_mut().zip(floats) {
-                *slot = m.ro(arg, arr)?;
-            }
-            let ids = ids.map(|i| m.ro("group_ids", i)).transpose()?;
-            let mask = mask(m, "mask", &x.mask)?;
             let (adv, ret) = (m.rw("advantages", advantages)?, m.rw("returns", returns)?);
-            compute(x, a, mask, ids, config, adv, ret)
+            crate::token_baseline::optimal_token_baseline(&views(m, x)?, config, adv, ret)
         },
         |m| {
-            let mut host: Vec<Vec<f32>> = Vec::with_capacity(4);
-            for (arg, arr) in floats {
-                host.push(to_host(m, arg, arr)?);
-            }
-            let ids = ids.map(|i| to_host(m, "group_ids", i)).transpose()?;
-            let mask_host = match x.mask {
-                Mask::F32(a) => Mask::F32(to_host(m, "mask", a)?),
-                Mask::U8(a) => Mask::U8(to_host(m, "mask", a)?),
-            };
-            let (mut adv_d, mut ret_d) =
-                (m.rw("advantages", advantages)?, m.rw("returns", returns)?);
-            m.stream.synchronize()?;
-            let (mut adv, mut ret) = (vec![0f32; advantages.len], vec![0f32; returns.len]);
-            let mask = match &mask_host {
-                Mask::F32(v) => Mask::F32(&v[..]),
-                Mask::U8(v) => Mask::U8(&v[..]),
-            };
-            let a = [&host[0][..], &host[1][..], &host[2][..], &host[3][..]];
-            compute(x, a, mask, ids.as_deref(), config, &mut adv, &mut ret)?;
-            if !adv.is_empty() {
-                m.stream.memcpy_htod(&adv, &mut adv_d)?;
-            }
-            if !ret.is_empty() {
-                m.stream.memcpy_htod(&ret, &mut ret_d)?;
-            }
-            Ok(())
+            let v = views(m, x)?;
+            let (mut adv, mut ret) = (m.rw("advantages", advantages)?, m.rw("returns", returns)?);
+            cuda::optimal_token_baseline(&m.gpu, &m.stream, &v, config, &mut adv, &mut ret)
         },
     )
-}
-
-/// Enqueues the copy of a caller's device array to the host (read it after synchronizing).
-fn to_host<T: Element>(m: &DeviceMemory, arg: &'static str, a: In<T>) -> Result<Vec<T>> {
-    let view = m.ro(arg, a)?;
-    let mut host = vec![T::default(); a.len];
-    if a.len > 0 {
-        m.stream.memcpy_dtoh(&view, &mut host)?;
-    }
-    Ok(host)
 }
 
 /// The element types of the arrays [`read`] and [`write()`] copy.

@@ -26,13 +26,14 @@
 //! non-finite value at an unmasked token is an error naming the argument, and masked tokens are not
 //! read (verl multiplies by the mask, so a NaN there spreads).
 //!
-//! Only the host reference exists so far: [`crate::raw::optimal_token_baseline`] (the C and Python
-//! entry points) runs it on host data, copying device arrays to the host and back; there is no kernel.
+//! The kernel (`kernels/token_baseline.cu`, [`crate::cuda::optimal_token_baseline`]) computes the
+//! same in double precision: one block per sequence for the scans, one per group for the baselines,
+//! the members summed in the same (ascending) order.
 
 use crate::advantages::{group_members, Groups};
 use crate::cpu::mask_weight;
 use crate::error::{Error, Result};
-use crate::layout::{check_len, validate_cu_seqlens, HostMask};
+use crate::layout::{check_len, validate_cu_seqlens, Array, Mask};
 
 /// Options of the optimal token baseline.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -68,42 +69,47 @@ impl TokenBaselineConfig {
     }
 }
 
-/// Inputs of [`optimal_token_baseline`]: packed `[T]` per-token arrays of B sequences.
+/// Inputs of the optimal token baseline: packed `[T]` per-token arrays of B sequences. `F` is the
+/// f32 array type, `U` the u8 array type: host slices ([`HostTokenBaselineInputs`]) or CUDA views.
 #[derive(Clone, Copy, Debug)]
-pub struct TokenBaselineInputs<'a> {
+pub struct TokenBaselineInputs<'a, F, U> {
     /// `[T]` token rewards (verl's `token_level_rewards`; masked ones are ignored).
-    pub token_rewards: &'a [f32],
+    pub token_rewards: F,
     /// `[T]` log-probabilities of the policy that sampled (verl's `old_log_probs`).
-    pub old_logp: &'a [f32],
+    pub old_logp: F,
     /// `[T]` the policy's sum over the vocabulary of squared probabilities.
-    pub sum_pi_squared: &'a [f32],
+    pub sum_pi_squared: F,
     /// `[T]` rollout IS weights (w is scaled by their square), or none.
-    pub rollout_is_weights: Option<&'a [f32]>,
+    pub rollout_is_weights: Option<F>,
     /// `[T]` mask.
-    pub mask: HostMask<'a>,
-    /// `[B + 1]` sequence offsets.
+    pub mask: Mask<F, U>,
+    /// `[B + 1]` sequence offsets (host).
     pub cu_seqlens: &'a [i32],
-    /// Rollout groups of the B sequences.
+    /// Rollout groups of the B sequences (host).
     pub groups: Groups<'a>,
 }
 
-/// The optimal token baseline's advantages and returns (`[T]` each) of `x` (see the module).
-pub fn optimal_token_baseline(
-    x: &TokenBaselineInputs<'_>,
+/// Host inputs of [`optimal_token_baseline`].
+pub type HostTokenBaselineInputs<'a> = TokenBaselineInputs<'a, &'a [f32], &'a [u8]>;
+
+/// Checks every length, `eps`, `cu_seqlens` and the groups (before any launch): B and the
+/// members of each group, in ascending order.
+pub(crate) fn validate<F: Array, U: Array>(
+    x: &TokenBaselineInputs<'_, F, U>,
     config: &TokenBaselineConfig,
-    advantages: &mut [f32],
-    returns: &mut [f32],
-) -> Result<()> {
-    let t = x.token_rewards.len();
+    advantages: usize,
+    returns: usize,
+) -> Result<(usize, Vec<Vec<usize>>)> {
+    let t = x.token_rewards.array_len();
     let shape = "[T] (the length of token_rewards)";
-    check_len("old_logp", x.old_logp.len(), t, shape)?;
-    check_len("sum_pi_squared", x.sum_pi_squared.len(), t, shape)?;
-    if let Some(w) = x.rollout_is_weights {
-        check_len("rollout_is_weights", w.len(), t, shape)?;
+    check_len("old_logp", x.old_logp.array_len(), t, shape)?;
+    check_len("sum_pi_squared", x.sum_pi_squared.array_len(), t, shape)?;
+    if let Some(w) = &x.rollout_is_weights {
+        check_len("rollout_is_weights", w.array_len(), t, shape)?;
     }
     check_len("mask", x.mask.array_len(), t, shape)?;
-    check_len("advantages", advantages.len(), t, shape)?;
-    check_len("returns", returns.len(), t, shape)?;
+    check_len("advantages", advantages, t, shape)?;
+    check_len("returns", returns, t, shape)?;
     if !(config.eps.is_finite() && config.eps >= 0.0) {
         return Err(Error::invalid_argument(
             "eps",
@@ -111,7 +117,18 @@ pub fn optimal_token_baseline(
         ));
     }
     let b = validate_cu_seqlens(x.cu_seqlens, t)?;
-    let groups = group_members(x.groups, b)?;
+    Ok((b, group_members(x.groups, b)?))
+}
+
+/// The optimal token baseline's advantages and returns (`[T]` each) of `x` (see the module).
+pub fn optimal_token_baseline(
+    x: &HostTokenBaselineInputs<'_>,
+    config: &TokenBaselineConfig,
+    advantages: &mut [f32],
+    returns: &mut [f32],
+) -> Result<()> {
+    let t = x.token_rewards.len();
+    let (b, groups) = validate(x, config, advantages.len(), returns.len())?;
 
     let finite = |name: &'static str, v: f32, tok: usize| -> Result<f64> {
         if v.is_finite() {

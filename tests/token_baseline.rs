@@ -342,48 +342,81 @@ fn verl_dense(
     out
 }
 
-/// Random batches (lengths 0, 1, 31, 32, 33, 4097 and others; fully masked sequences; holes in
-/// the masks; random group ids; with and without IS weights): both variants, with and without the
-/// zero tail, against [`verl_dense`].
+/// A random packed batch: lengths 0, 1, 31, 32, 33, 4097 and others (the special one first for
+/// the first cases), one fully masked sequence, holes in the masks, rewards on some tokens,
+/// `sum_pi_squared` of a real distribution (in `[pi^2, pi^2 + (1 - pi)^2]`), IS weights, group ids.
+struct RandomBatch {
+    cu: Vec<i32>,
+    mask: Vec<u8>,
+    rewards: Vec<f32>,
+    old: Vec<f32>,
+    spp: Vec<f32>,
+    rho: Vec<f32>,
+    ids: Vec<i32>,
+}
+
+fn random_batch(rng: &mut ChaCha8Rng, case: usize) -> RandomBatch {
+    let special = [0usize, 1, 31, 32, 33, 4097];
+    let b = rng.random_range(1..=9);
+    let mut cu = vec![0i32];
+    for s in 0..b {
+        let n = if s == 0 && case < special.len() {
+            special[case]
+        } else if rng.random_bool(0.3) {
+            special[rng.random_range(0..5)]
+        } else {
+            rng.random_range(1..60)
+        };
+        cu.push(cu[s] + n as i32);
+    }
+    let t = *cu.last().unwrap() as usize;
+    let fully_masked = rng.random_range(0..b);
+    let mut mask = vec![0u8; t];
+    for s in 0..b {
+        for v in &mut mask[cu[s] as usize..cu[s + 1] as usize] {
+            *v = (s != fully_masked && rng.random_bool(0.85)) as u8;
+        }
+    }
+    let rewards: Vec<f32> = (0..t)
+        .map(|_| {
+            if rng.random_bool(0.1) {
+                rng.random_range(-1.0..2.0)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let old: Vec<f32> = (0..t).map(|_| -rng.random_range(0.0f32..4.0)).collect();
+    let spp: Vec<f32> = old
+        .iter()
+        .map(|&o| {
+            let pi = o.exp();
+            pi * pi + rng.random_range(0.0f32..1.0) * (1.0 - pi) * (1.0 - pi)
+        })
+        .collect();
+    let rho: Vec<f32> = (0..t).map(|_| rng.random_range(0.2f32..2.0)).collect();
+    let ids: Vec<i32> = (0..b).map(|_| rng.random_range(0..3) * 7 - 5).collect();
+    RandomBatch {
+        cu,
+        mask,
+        rewards,
+        old,
+        spp,
+        rho,
+        ids,
+    }
+}
+
+/// Random batches ([`random_batch`]): both variants, with and without the zero tail and IS
+/// weights, against [`verl_dense`].
 #[test]
 fn random_batches_match_verls_dense_formulas() {
     let mut rng = ChaCha8Rng::seed_from_u64(17);
-    let special = [0usize, 1, 31, 32, 33, 4097];
     for case in 0..24 {
-        let b = rng.random_range(1..=9);
-        let mut cu = vec![0i32];
-        for s in 0..b {
-            let n = if s == 0 && case < special.len() {
-                special[case]
-            } else if rng.random_bool(0.3) {
-                special[rng.random_range(0..5)]
-            } else {
-                rng.random_range(1..60)
-            };
-            cu.push(cu[s] + n as i32);
-        }
-        let t = *cu.last().unwrap() as usize;
-        let fully_masked = rng.random_range(0..b);
-        let mut mask = vec![0u8; t];
-        for s in 0..b {
-            for v in &mut mask[cu[s] as usize..cu[s + 1] as usize] {
-                *v = (s != fully_masked && rng.random_bool(0.85)) as u8;
-            }
-        }
-        let rewards: Vec<f32> = (0..t)
-            .map(|_| {
-                if rng.random_bool(0.1) {
-                    rng.random_range(-1.0..2.0)
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let old: Vec<f32> = (0..t).map(|_| -rng.random_range(0.0f32..4.0)).collect();
-        let spp: Vec<f32> = (0..t).map(|_| rng.random_range(0.05f32..1.0)).collect();
-        let rho: Vec<f32> = (0..t).map(|_| rng.random_range(0.2f32..2.0)).collect();
-        let ids: Vec<i32> = (0..b).map(|_| rng.random_range(0..3) * 7 - 5).collect();
-        let rho = (case % 2 == 1).then_some(rho.as_slice());
+        let x = random_batch(&mut rng, case);
+        let (cu, mask, rewards, old, spp, ids) =
+            (&x.cu, &x.mask, &x.rewards, &x.old, &x.spp, &x.ids);
+        let rho = (case % 2 == 1).then_some(x.rho.as_slice());
         for multi_turn in [false, true] {
             for zero_tail in [false, true] {
                 let config = TokenBaselineConfig {
@@ -392,23 +425,100 @@ fn random_batches_match_verls_dense_formulas() {
                     eps: 1e-8,
                 };
                 let (adv, ret) = otb(
-                    &rewards,
-                    &old,
-                    &spp,
+                    rewards,
+                    old,
+                    spp,
                     rho,
-                    Mask::U8(&mask),
-                    &cu,
-                    Groups::Ids(&ids),
+                    Mask::U8(mask),
+                    cu,
+                    Groups::Ids(ids),
                     config,
                 )
                 .unwrap();
-                let want = verl_dense(
-                    &rewards, &old, &spp, rho, &mask, &cu, &ids, multi_turn, zero_tail,
-                );
+                let want = verl_dense(rewards, old, spp, rho, mask, cu, ids, multi_turn, zero_tail);
                 let want: Vec<f32> = want.iter().map(|v| *v as f32).collect();
                 let what = format!("case {case} multi_turn {multi_turn} zero_tail {zero_tail}");
                 assert_all_close(&what, &adv, &want, 1e-5, 1e-5);
                 assert!(ret.iter().all(|v| v.is_finite()), "{what}: returns");
+            }
+        }
+    }
+}
+
+on_every_backend! {
+    /// The backend (on a GPU: the kernel) against the host reference on [`random_batch`]es: u8
+    /// masks and f32 masks with weights other than 1, both variants, the zero tail, IS weights, id
+    /// and consecutive groups; a second run gives the same bits; a NaN at a masked token is never
+    /// read, one at an unmasked token is an error naming its argument.
+    fn backend_matches_the_reference(be) {
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        for case in 0..16 {
+            let x = random_batch(&mut rng, case);
+            let t = x.rewards.len();
+            let weights: Vec<f32> = x
+                .mask
+                .iter()
+                .map(|&m| m as f32 * [0.5, 1.0, 2.0][rng.random_range(0..3)])
+                .collect();
+            let rho = (case % 2 == 1).then_some(x.rho.as_slice());
+            let b = x.cu.len() - 1;
+            let groups = if case % 3 == 0 && b % 3 == 0 {
+                Groups::Consecutive(3)
+            } else {
+                Groups::Ids(&x.ids)
+            };
+            for (mask, multi_turn, zero_tail) in [
+                (Mask::U8(&x.mask[..]), false, true),
+                (Mask::U8(&x.mask[..]), true, true),
+                (Mask::F32(&weights[..]), false, false),
+                (Mask::F32(&weights[..]), true, false),
+            ] {
+                let config = TokenBaselineConfig {
+                    multi_turn,
+                    handle_zero_tail: zero_tail,
+                    eps: 1e-8,
+                };
+                let inputs = TokenBaselineInputs {
+                    token_rewards: &x.rewards[..],
+                    old_logp: &x.old[..],
+                    sum_pi_squared: &x.spp[..],
+                    rollout_is_weights: rho,
+                    mask,
+                    cu_seqlens: &x.cu,
+                    groups,
+                };
+                let run = |inputs: &recap_kernels::HostTokenBaselineInputs<'_>| {
+                    let (mut adv, mut ret) = (vec![f32::NAN; t], vec![f32::NAN; t]);
+                    be.optimal_token_baseline(inputs, &config, &mut adv, &mut ret)
+                        .map(|_| (adv, ret))
+                };
+                let (adv, ret) = run(&inputs).unwrap();
+                let (mut want_a, mut want_r) = (vec![0f32; t], vec![0f32; t]);
+                optimal_token_baseline(&inputs, &config, &mut want_a, &mut want_r).unwrap();
+                let f32_mask = matches!(mask, Mask::F32(_));
+                let what = format!("case {case} t {t} multi_turn {multi_turn} f32 mask {f32_mask}");
+                assert_all_close(&format!("{what}: advantages"), &adv, &want_a, 1e-5, 1e-5);
+                assert_all_close(&format!("{what}: returns"), &ret, &want_r, 1e-5, 1e-5);
+                let (again, _) = run(&inputs).unwrap();
+                let same = |a: &[f32], b: &[f32]| {
+                    a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())
+                };
+                assert!(same(&adv, &again), "{what}: same bits");
+                if let Some(tok) = x.mask.iter().position(|&m| m == 0) {
+                    let mut poisoned = x.old.clone();
+                    poisoned[tok] = f32::NAN;
+                    let (masked, _) =
+                        run(&TokenBaselineInputs { old_logp: &poisoned[..], ..inputs }).unwrap();
+                    assert!(same(&masked, &adv), "{what}: masked NaN");
+                }
+                if let Some(tok) = x.mask.iter().position(|&m| m != 0) {
+                    let mut poisoned = x.spp.clone();
+                    poisoned[tok] = f32::INFINITY;
+                    let bad = TokenBaselineInputs { sum_pi_squared: &poisoned[..], ..inputs };
+                    let e = run(&bad).unwrap_err().to_string();
+                    let named = e.contains("sum_pi_squared") && e.contains(&format!("token {tok}"));
+                    assert!(named, "{what}: {e}");
+                }
             }
         }
     }

@@ -347,14 +347,14 @@ int32_t recap_group_advantages(int32_t device,
 // `w = (1 - 2 exp(old_logp) + sum_pi_squared) rho^2` (`rollout_is_weights` rho, nullable: 1), `W`
 // its masked cumulative sum, `G` the masked reward to go; per group and position
 // `B = sum m G W / (sum m W + eps)`, `A = (G - B) m`, returns `G`. Groups of `group_size`
-// consecutive sequences, or (`group_ids` non-null) `[B]` ids; `handle_zero_tail` nonzero: the
-// strictly longest member's positions past the second longest length get baseline 0 (verl: 1e-8
-// for `eps`). No kernel yet: on a device the arrays are copied to the host (the stream is
-// synchronized) and the results copied back.
+// consecutive sequences, or (`group_ids` non-null, host) `[B]` ids of any values;
+// `handle_zero_tail` nonzero (verl's default): the strictly longest member's positions past the
+// second longest length get baseline 0 (verl: 1e-8 for `eps`). On a device the stream is
+// synchronized once (to check that the inputs were finite at unmasked tokens).
 //
 // # Safety
-// Arrays of `num_tokens` elements (`group_ids`: `num_seqs`) on the device (`device >= 0`) or the
-// host (`device < 0`); `cu_seqlens` on the host.
+// Arrays of `num_tokens` elements on the device (`device >= 0`) or the host (`device < 0`);
+// `cu_seqlens` (`num_seqs + 1`) and `group_ids` (`num_seqs`) on the host.
 int32_t recap_optimal_token_baseline(int32_t device,
                                      void *stream,
                                      int64_t num_tokens,

@@ -1037,14 +1037,14 @@ pub unsafe extern "C" fn recap_group_advantages(
 /// `w = (1 - 2 exp(old_logp) + sum_pi_squared) rho^2` (`rollout_is_weights` rho, nullable: 1), `W`
 /// its masked cumulative sum, `G` the masked reward to go; per group and position
 /// `B = sum m G W / (sum m W + eps)`, `A = (G - B) m`, returns `G`. Groups of `group_size`
-/// consecutive sequences, or (`group_ids` non-null) `[B]` ids; `handle_zero_tail` nonzero: the
-/// strictly longest member's positions past the second longest length get baseline 0 (verl: 1e-8
-/// for `eps`). No kernel yet: on a device the arrays are copied to the host (the stream is
-/// synchronized) and the results copied back.
+/// consecutive sequences, or (`group_ids` non-null, host) `[B]` ids of any values;
+/// `handle_zero_tail` nonzero (verl's default): the strictly longest member's positions past the
+/// second longest length get baseline 0 (verl: 1e-8 for `eps`). On a device the stream is
+/// synchronized once (to check that the inputs were finite at unmasked tokens).
 ///
 /// # Safety
-/// Arrays of `num_tokens` elements (`group_ids`: `num_seqs`) on the device (`device >= 0`) or the
-/// host (`device < 0`); `cu_seqlens` on the host.
+/// Arrays of `num_tokens` elements on the device (`device >= 0`) or the host (`device < 0`);
+/// `cu_seqlens` (`num_seqs + 1`) and `group_ids` (`num_seqs`) on the host.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn recap_optimal_token_baseline(
@@ -1071,14 +1071,11 @@ pub unsafe extern "C" fn recap_optimal_token_baseline(
         let t = len("num_tokens", num_tokens)?;
         let b = len("num_seqs", num_seqs)?;
         let groups = if group_ids.is_null() {
-            raw::RawGroups::Consecutive(len("group_size", group_size)?)
+            recap::advantages::Groups::Consecutive(len("group_size", group_size)?)
         } else {
-            raw::RawGroups::Ids {
-                ids: arr(group_ids, b),
-                num_groups: 0,
-            }
+            recap::advantages::Groups::Ids(host("group_ids", group_ids, b)?)
         };
-        let x = raw::RawTokenBaseline {
+        let x = recap::TokenBaselineInputs {
             token_rewards: arr(token_rewards, t),
             old_logp: arr(old_logp, t),
             sum_pi_squared: arr(sum_pi_squared, t),

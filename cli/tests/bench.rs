@@ -18,7 +18,14 @@ fn quick_cpu_bench_reports_every_op() {
     .unwrap();
     assert_eq!(report.backend, "cpu");
     assert!(report.copy_gb_s > 0.0 && report.quick);
-    for op in ["copy", "fused_loss", "logits", "advantages", "train_step"] {
+    for op in [
+        "copy",
+        "fused_loss",
+        "logits",
+        "advantages",
+        "token_baseline",
+        "train_step",
+    ] {
         assert!(
             report.records.iter().any(|r| r.op == op),
             "{op} missing from {:?}",

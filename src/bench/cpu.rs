@@ -238,6 +238,45 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         );
     }
 
+    // verl's optimal token baseline
+    for &(t, seq_len) in if cfg.quick {
+        &[(65_536usize, 1024usize)][..]
+    } else {
+        &[(65_536usize, 1024usize), (524_288, 1024)][..]
+    } {
+        let case = format!("T={t} L={seq_len} G=16");
+        if !cfg.wants(&case) {
+            continue;
+        }
+        let (r, old, spp, mask, cu) = inputs::token_baseline(t, seq_len);
+        let (mut adv, mut ret) = (vec![0f32; t], vec![0f32; t]);
+        let x = crate::HostTokenBaselineInputs {
+            token_rewards: &r,
+            old_logp: &old,
+            sum_pi_squared: &spp,
+            rollout_is_weights: None,
+            mask: Mask::U8(&mask),
+            cu_seqlens: &cu,
+            groups: Groups::Consecutive(16),
+        };
+        let config = crate::TokenBaselineConfig::default();
+        let (tm, runs) = time_us(cfg, || {
+            crate::optimal_token_baseline(&x, &config, &mut adv, &mut ret)
+        })?;
+        push(
+            record(
+                "token_baseline",
+                case,
+                tm,
+                runs,
+                (t * 21) as f64,
+                0.0,
+                copy_gb_s,
+            ),
+            progress,
+        );
+    }
+
     // one training step of the small preset, by phase
     if cfg.wants("train_step") {
         let tc = crate::train::TrainConfig {

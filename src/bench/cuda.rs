@@ -269,6 +269,57 @@ pub(super) fn run(
         );
     }
 
+    // verl's optimal token baseline
+    for &(t, seq_len) in if cfg.quick {
+        &[(65_536usize, 1024usize)][..]
+    } else {
+        &[(65_536usize, 1024usize), (524_288, 1024)][..]
+    } {
+        let case = format!("T={t} L={seq_len} G=16");
+        if !cfg.wants(&case) {
+            continue;
+        }
+        let (r, old, spp, mask, cu) = inputs::token_baseline(t, seq_len);
+        let b = cu.len() - 1;
+        let (r, old, spp) = (s.clone_htod(&r)?, s.clone_htod(&old)?, s.clone_htod(&spp)?);
+        let mask = s.clone_htod(&mask)?;
+        let (mut adv, mut ret) = (s.alloc_zeros::<f32>(t)?, s.alloc_zeros::<f32>(t)?);
+        let x = crate::TokenBaselineInputs {
+            token_rewards: r.as_view(),
+            old_logp: old.as_view(),
+            sum_pi_squared: spp.as_view(),
+            rollout_is_weights: None,
+            mask: Mask::U8(mask.as_view()),
+            cu_seqlens: &cu,
+            groups: crate::Groups::Consecutive(16),
+        };
+        let config = crate::TokenBaselineConfig::default();
+        let (tm, runs) = timer.time(None, || {
+            cuda::optimal_token_baseline(
+                gpu,
+                &s,
+                &x,
+                &config,
+                &mut adv.as_view_mut(),
+                &mut ret.as_view_mut(),
+            )
+        })?;
+        // scratch: W and G (double), the aligned tokens and live counts, the group table, cu
+        let extra = t * 16 + (t + b) * 4 + (2 * b + b / 16 + 2) * 4 + 16;
+        push(
+            record(
+                "token_baseline",
+                case,
+                tm,
+                runs,
+                (t * 21) as f64,
+                extra as f64,
+                copy_gb_s,
+            ),
+            progress,
+        );
+    }
+
     // a training step of the h100 preset (small preset with --quick), by phase
     if cfg.wants("train_step") {
         let preset = if cfg.quick {

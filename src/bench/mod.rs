@@ -49,7 +49,7 @@ impl BenchConfig {
 /// One measured case.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct BenchRecord {
-    /// `fused_loss`, `logits`, `fused_linear`, `advantages`, `train_step`, `copy`.
+    /// `fused_loss`, `logits`, `fused_linear`, `advantages`, `token_baseline`, `train_step`, `copy`.
     pub op: String,
     /// The case, e.g. `T=262144 K=3`.
     pub case: String,
@@ -290,6 +290,28 @@ pub(crate) mod inputs {
     /// A logit value in [-5, 5).
     pub fn logit(i: usize) -> f32 {
         ((i.wrapping_mul(2_654_435_761)) % 1000) as f32 * 0.01 - 5.0
+    }
+
+    /// verl's optimal token baseline inputs of T tokens in sequences of `seq_len`: `[T]` token
+    /// rewards (sparse), old log-probs, `sum_pi_squared` of a real distribution, mask (7/8 of each
+    /// sequence), `[B + 1]` cu_seqlens.
+    #[allow(clippy::type_complexity)]
+    pub fn token_baseline(
+        t: usize,
+        seq_len: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<u8>, Vec<i32>) {
+        let (old, _, _, mask, cu) = grpo(t, 1, seq_len);
+        let rewards = (0..t)
+            .map(|i| if (i * 7919) % 97 == 0 { 1.0 } else { 0.0 })
+            .collect();
+        let spp = old
+            .iter()
+            .map(|o| {
+                let pi = o.exp();
+                pi * pi + 0.5 * (1.0 - pi) * (1.0 - pi)
+            })
+            .collect();
+        (rewards, old, spp, mask, cu)
     }
 
     /// Rewards `[B, K]` (0/1 and fractions).

@@ -14,6 +14,7 @@ mod logits;
 pub mod params;
 mod reduce;
 mod tensor_parallel;
+mod token_baseline;
 
 pub use advantages::{group_advantages, DeviceGroups};
 pub use fused_linear::{fused_linear_grpo_loss, FusedLinearConfig, LinearHead};
@@ -25,6 +26,7 @@ pub use logits::{
 };
 pub use reduce::{weighted_reduce, DeviceReduceInputs};
 pub use tensor_parallel::{tp_backward_inplace, tp_combine, tp_partials};
+pub use token_baseline::optimal_token_baseline;
 
 use crate::config::{Normalizers, MAX_OBJECTIVES};
 use crate::error::{Error, Result};
@@ -62,6 +64,7 @@ pub(crate) enum Module {
     Kl,
     Logits,
     Reduce,
+    TokenBaseline,
     /// The training driver's kernels (`recap train`, feature `tools`).
     #[cfg(feature = "tools")]
     Train,
@@ -75,6 +78,7 @@ impl Module {
             Module::Kl => images::KL,
             Module::Logits => images::LOGITS,
             Module::Reduce => images::REDUCE,
+            Module::TokenBaseline => images::TOKEN_BASELINE,
             #[cfg(feature = "tools")]
             Module::Train => images::TRAIN,
         }

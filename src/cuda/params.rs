@@ -289,14 +289,43 @@ pub struct TrainParams {
     pub pad0: f32,
 }
 
+/// Mirror of `RecapOtbParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OtbParams {
+    pub token_rewards: u64,
+    pub old_logp: u64,
+    pub sum_pi_squared: u64,
+    pub rollout_is_weights: u64,
+    pub mask: u64,
+    pub cu_seqlens: u64,
+    pub group_offsets: u64,
+    pub group_members: u64,
+    pub cum_w: u64,
+    pub to_go: u64,
+    pub aligned: u64,
+    pub live: u64,
+    pub bad: u64,
+    pub advantages: u64,
+    pub returns: u64,
+    pub num_tokens: i64,
+    pub num_seqs: i32,
+    pub num_groups: i32,
+    pub multi_turn: i32,
+    pub zero_tail: i32,
+    pub eps: f64,
+}
+
 // SAFETY: as above.
 unsafe impl DeviceRepr for AdvParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for OtbParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for TrainParams {}
 
 /// Size and field offsets, in declaration order, of each mirror, indexed as the C shim's
 /// `recap_host_params_layout` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits, 6 advantages,
-/// 7 train, 8 tensor-parallel combine, 9 rollout rejection).
+/// 7 train, 8 tensor-parallel combine, 9 rollout rejection, 10 optimal token baseline).
 pub fn layouts() -> Vec<Vec<usize>> {
     vec![
         layout!(GrpoParams; logp, old_logp, ref_logp, advantages, mask, cu_seqlens, membership, seq_tokens,
@@ -326,5 +355,8 @@ pub fn layouts() -> Vec<Vec<usize>> {
         layout!(TpParams; partials, logp, entropy, lse, labels, missing, num_rows, num_shards, ignore_index),
         layout!(RejectParams; log_ratio, mask, cu_seqlens, flags, num_tokens, num_seqs, num_criteria, level,
             statistic, lower, upper),
+        layout!(OtbParams; token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, cu_seqlens,
+            group_offsets, group_members, cum_w, to_go, aligned, live, bad, advantages, returns, num_tokens,
+            num_seqs, num_groups, multi_turn, zero_tail, eps),
     ]
 }

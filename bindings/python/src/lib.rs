@@ -12,7 +12,7 @@
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyAny;
-use recap_kernels::advantages::{AdvantageConfig, AdvantageMode};
+use recap_kernels::advantages::{AdvantageConfig, AdvantageMode, Groups};
 use recap_kernels::cuda::FusedLinearConfig;
 use recap_kernels::raw::{self, In, Out, Place, RawGroups};
 use recap_kernels::{
@@ -1182,8 +1182,8 @@ fn group_advantages(
 }
 
 /// verl's optimal token baseline into `advantages` and `returns` ([T] float32 each) of packed
-/// per-token inputs; groups of `group_size` consecutive sequences, or `group_ids` [B] int32 (any
-/// ids). No kernel yet: CUDA tensors are copied to the host and back (a synchronization).
+/// per-token inputs; groups of `group_size` consecutive sequences, or `group_ids` [B] (a CPU
+/// tensor of any int ids, read on the host like `cu_seqlens`).
 #[pyfunction]
 #[pyo3(signature = (token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, cu_seqlens, group_ids, group_size, multi_turn, handle_zero_tail, eps, advantages, returns))]
 #[allow(clippy::too_many_arguments)]
@@ -1206,14 +1206,12 @@ fn optimal_token_baseline(
     let first = Tensor::of("token_rewards", token_rewards)?;
     let call = Call::new(py, &first)?;
     let cu = host_i32("cu_seqlens", cu_seqlens)?;
-    let groups = match group_ids {
-        Some(g) => RawGroups::Ids {
-            ids: call.i32("group_ids", g)?,
-            num_groups: 0,
-        },
-        None => RawGroups::Consecutive(group_size),
+    let ids = group_ids.map(|g| host_i32("group_ids", g)).transpose()?;
+    let groups = match &ids {
+        Some(ids) => Groups::Ids(ids),
+        None => Groups::Consecutive(group_size),
     };
-    let x = raw::RawTokenBaseline {
+    let x = recap_kernels::TokenBaselineInputs {
         token_rewards: call.f32("token_rewards", token_rewards)?,
         old_logp: call.f32("old_logp", old_logp)?,
         sum_pi_squared: call.f32("sum_pi_squared", sum_pi_squared)?,

@@ -398,21 +398,23 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     return out.view(r.shape) if weights is None else out.view(-1)
 
 
-def _group_ids(ids, b: int, device) -> Tensor:
-    """``[B]`` int32 group ids on ``device`` from a tensor of integers or any sequence of hashable
-    ids (verl's ``index``: a numpy array of uid strings)."""
+def _group_ids(ids, b: int) -> Tensor:
+    """``[B]`` int32 group ids as a CPU tensor (the op reads them on the host, like ``cu_seqlens``)
+    from a tensor of integers or any sequence of hashable ids (verl's ``index``: a numpy array of
+    uid strings)."""
     if isinstance(ids, Tensor) and not ids.is_floating_point() and not ids.is_complex():
         flat = ids.reshape(-1)
         if flat.numel() != b:
             raise RecapError(f"invalid argument `group_ids`: expected [B = {b}] ids, got {tuple(ids.shape)}")
+        flat = flat.cpu()
         if flat.dtype != torch.int32:  # dense ids: any int64 values fit
             flat = torch.unique(flat, return_inverse=True)[1]
-        return flat.to(device=device, dtype=torch.int32)
+        return flat.to(torch.int32)
     values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     if len(values) != b:
         raise RecapError(f"invalid argument `group_ids`: expected [B = {b}] ids, got {len(values)}")
     dense: Dict[object, int] = {}
-    return torch.tensor([dense.setdefault(v, len(dense)) for v in values], dtype=torch.int32, device=device)
+    return torch.tensor([dense.setdefault(v, len(dense)) for v in values], dtype=torch.int32)
 
 
 def optimal_token_baseline(token_rewards: Tensor, mask: Tensor, old_logp: Tensor, sum_pi_squared: Tensor,
@@ -427,11 +429,11 @@ def optimal_token_baseline(token_rewards: Tensor, mask: Tensor, old_logp: Tensor
     a token's position is its index among the sequence's unmasked tokens (tool outputs between turns
     are skipped). A group of one gets baseline 0. ``handle_zero_tail`` (on by default, as in verl 0.8
     and 0.9): when one member is strictly the longest, its positions past the second longest length
-    get baseline 0. Groups: ``group_size`` consecutive sequences, or ``group_ids``
-    ``[B]`` (integers, or any hashable ids such as verl's uid strings). ``sum_pi_squared`` is the
-    sampling policy's ``sum_v p_v^2`` per token (verl's ``actor.calculate_sum_pi_squared``). No
-    kernel yet: on a GPU the inputs are copied to the host, computed there by the f64 reference, and
-    copied back (this synchronizes). Not differentiable."""
+    get baseline 0. Groups: ``group_size`` consecutive sequences, or ``group_ids`` ``[B]``
+    (integers, or any hashable ids such as verl's uid strings; read on the host, so a CUDA tensor
+    is copied back). ``sum_pi_squared`` is the sampling policy's ``sum_v p_v^2`` per token (verl's
+    ``actor.calculate_sum_pi_squared``). On a GPU the kernel synchronizes once, to check that the
+    inputs are finite at unmasked tokens. Not differentiable."""
     if sum_pi_squared is None:
         raise RecapError("invalid argument `sum_pi_squared`: required (the policy's sum of squared "
                          "probabilities per token; verl: actor.calculate_sum_pi_squared=True)")
@@ -444,7 +446,7 @@ def optimal_token_baseline(token_rewards: Tensor, mask: Tensor, old_logp: Tensor
     m = _mask(mask).reshape(-1)
     _same_device(r, old_logp=old, sum_pi_squared=spp, rollout_is_weights=rho, mask=m)
     if group_ids is not None:
-        ids, size = _group_ids(group_ids, b, r.device), 0
+        ids, size = _group_ids(group_ids, b), 0
     elif group_size is None:
         raise RecapError("invalid argument `group_size`: give group_size or group_ids")
     else:

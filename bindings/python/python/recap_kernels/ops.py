@@ -376,8 +376,8 @@ def optimal_token_baseline(token_rewards: Tensor, old_logp: Tensor, sum_pi_squar
                            rollout_is_weights: Optional[Tensor], mask: Tensor, cu_seqlens: Tensor,
                            group_ids: Optional[Tensor], group_size: int, multi_turn: bool, handle_zero_tail: bool,
                            eps: float) -> Tuple[Tensor, Tensor]:
-    """verl's optimal token baseline of packed ``[T]`` inputs: ``(advantages, returns)``. Not
-    differentiable. No kernel yet: CUDA tensors are computed on the host (a synchronization)."""
+    """verl's optimal token baseline of packed ``[T]`` inputs: ``(advantages, returns)``;
+    ``cu_seqlens`` and ``group_ids`` ``[B]`` are CPU int32 tensors. Not differentiable."""
     adv = _empty(token_rewards, token_rewards.shape, torch.float32)
     ret = _empty(token_rewards, token_rewards.shape, torch.float32)
     token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, group_ids = _contig(
