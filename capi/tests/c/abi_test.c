@@ -133,6 +133,11 @@ static int host_checks(const RecapGrpoConfig* cfg) {
                                        ret) == RECAP_OK);
     CHECK(otb[0] == -1.0f && otb[1] == -1.0f && otb[2] == 1.0f && otb[3] == 1.0f);
     CHECK(ret[0] == 1.0f && ret[1] == 1.0f && ret[2] == 3.0f && ret[3] == 3.0f);
+    /* host group ids: two groups of one get no baseline (A = G) */
+    int32_t apart[2] = {40, -7};
+    CHECK(recap_optimal_token_baseline(-1, NULL, 4, tr, zero, two, NULL, mask, 1, cu, 2, 0, apart, 0, 1, 1e-8, otb,
+                                       ret) == RECAP_OK);
+    CHECK(otb[0] == 1.0f && otb[1] == 1.0f && otb[2] == 3.0f && otb[3] == 3.0f);
     CHECK(recap_optimal_token_baseline(-1, NULL, 4, tr, zero, two, NULL, mask, 1, cu, 2, 3, NULL, 0, 0, 0.0, otb,
                                        ret) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "groups") != NULL);
