@@ -523,3 +523,166 @@ on_every_backend! {
         }
     }
 }
+
+/// Builds `tests/emulator/token_baseline_main.cpp`: the kernel source itself, compiled for the host
+/// under the SIMT emulator `tests/emulator/simt.h` (C++20, the machine's `c++`).
+fn emulated_kernel() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exe = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("token_baseline_emulated");
+    let status = std::process::Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            "-Werror",
+            "-pthread",
+        ])
+        .arg("-I")
+        .arg(root.join("kernels"))
+        .arg("-I")
+        .arg(root.join("tests/emulator"))
+        .arg(root.join("tests/emulator/token_baseline_main.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .expect("a C++20 compiler (`c++`, or CXX) to build the kernel emulation");
+    assert!(status.success(), "building the kernel emulation failed");
+    exe
+}
+
+/// Runs the emulated kernels on a batch: `(advantages, returns, first bad token per argument)`.
+fn run_emulated(
+    exe: &std::path::Path,
+    x: &recap_kernels::HostTokenBaselineInputs<'_>,
+    config: &TokenBaselineConfig,
+) -> (Vec<f32>, Vec<f32>, Vec<i32>) {
+    use std::io::Write;
+    let (t, b) = (x.token_rewards.len(), x.cu_seqlens.len() - 1);
+    let ids: Vec<i32> = match x.groups {
+        Groups::Ids(ids) => ids.to_vec(),
+        Groups::Consecutive(g) => (0..b).map(|i| (i / g) as i32).collect(),
+    };
+    // the group table as the host builds it: groups by ascending id, members ascending
+    let mut order = ids.clone();
+    order.sort_unstable();
+    order.dedup();
+    let (mut off, mut mem) = (vec![0i32], Vec::new());
+    for &id in &order {
+        mem.extend((0..b).filter(|&i| ids[i] == id).map(|i| i as i32));
+        off.push(mem.len() as i32);
+    }
+    let mut input: Vec<u8> = Vec::new();
+    let mask_u8 = matches!(x.mask, Mask::U8(_));
+    let rho = x.rollout_is_weights;
+    let header = [
+        t as i64,
+        b as i64,
+        order.len() as i64,
+        mask_u8 as i64,
+        config.multi_turn as i64,
+        config.handle_zero_tail as i64,
+        rho.is_some() as i64,
+    ];
+    header.iter().for_each(|v| input.extend(v.to_le_bytes()));
+    input.extend(config.eps.to_le_bytes());
+    let floats = [
+        Some(x.token_rewards),
+        Some(x.old_logp),
+        Some(x.sum_pi_squared),
+        rho,
+    ];
+    for a in floats.iter().flatten() {
+        a.iter().for_each(|v| input.extend(v.to_le_bytes()));
+    }
+    match x.mask {
+        Mask::U8(m) => input.extend(m),
+        Mask::F32(m) => m.iter().for_each(|v| input.extend(v.to_le_bytes())),
+    }
+    for a in [x.cu_seqlens, &off[..], &mem[..]] {
+        a.iter().for_each(|v| input.extend(v.to_le_bytes()));
+    }
+    let mut child = std::process::Command::new(exe)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the emulated kernel failed");
+    let words: Vec<[u8; 4]> = out
+        .stdout
+        .chunks(4)
+        .map(|c| c.try_into().unwrap())
+        .collect();
+    assert_eq!(words.len(), 2 * t + 4, "emulator output length");
+    let f = |w: &[[u8; 4]]| w.iter().map(|w| f32::from_le_bytes(*w)).collect::<Vec<_>>();
+    let bad = words[2 * t..]
+        .iter()
+        .map(|w| i32::from_le_bytes(*w))
+        .collect();
+    (f(&words[..t]), f(&words[t..2 * t]), bad)
+}
+
+/// The kernel source (`kernels/token_baseline.cu`) run on the host under a SIMT emulator, one
+/// std::thread per CUDA thread, against the reference: a check of its scans, carries, aligned
+/// positions and group sums on machines without a GPU (the GPU run is
+/// `backend_matches_the_reference::gpu`). Random batches of the standard lengths, u8 and weighted
+/// f32 masks, both variants, the zero tail, IS weights; the first non-finite token per argument.
+#[test]
+fn kernel_source_emulated_on_the_host_matches_the_reference() {
+    let exe = emulated_kernel();
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    for case in 0..6 {
+        let x = random_batch(&mut rng, case);
+        let t = x.rewards.len();
+        let weights: Vec<f32> = x.mask.iter().map(|&m| m as f32 * 1.5).collect();
+        let rho = (case % 2 == 0).then_some(x.rho.as_slice());
+        for (mask, multi_turn, zero_tail) in [
+            (Mask::U8(&x.mask[..]), false, true),
+            (Mask::U8(&x.mask[..]), true, true),
+            (Mask::F32(&weights[..]), true, false),
+        ] {
+            let config = TokenBaselineConfig {
+                multi_turn,
+                handle_zero_tail: zero_tail,
+                eps: 1e-8,
+            };
+            let inputs = TokenBaselineInputs {
+                token_rewards: &x.rewards[..],
+                old_logp: &x.old[..],
+                sum_pi_squared: &x.spp[..],
+                rollout_is_weights: rho,
+                mask,
+                cu_seqlens: &x.cu,
+                groups: Groups::Ids(&x.ids),
+            };
+            let (adv, ret, bad) = run_emulated(&exe, &inputs, &config);
+            let (mut want_a, mut want_r) = (vec![0f32; t], vec![0f32; t]);
+            optimal_token_baseline(&inputs, &config, &mut want_a, &mut want_r).unwrap();
+            let what = format!("case {case} t {t} multi_turn {multi_turn}");
+            assert_all_close(&format!("{what}: advantages"), &adv, &want_a, 1e-6, 1e-6);
+            assert_all_close(&format!("{what}: returns"), &ret, &want_r, 1e-6, 1e-6);
+            assert!(bad.iter().all(|&b| b == i32::MAX), "{what}: {bad:?}");
+        }
+    }
+    // non-finite values: the first unmasked token per argument; masked ones are not read
+    let mask = [1u8, 1, 0, 1, 1, 1, 0, 1, 1, 1];
+    let (zero, half) = ([0f32; 10], [-0.7f32; 10]);
+    let mut spp = [0.6f32; 10];
+    (spp[2], spp[8], spp[4]) = (f32::NAN, f32::INFINITY, f32::NAN);
+    let mut rewards = zero;
+    rewards[6] = f32::NAN;
+    rewards[9] = f32::NEG_INFINITY;
+    let inputs = TokenBaselineInputs {
+        token_rewards: &rewards[..],
+        old_logp: &half[..],
+        sum_pi_squared: &spp[..],
+        rollout_is_weights: None,
+        mask: Mask::U8(&mask[..]),
+        cu_seqlens: &[0, 5, 10],
+        groups: Groups::Consecutive(2),
+    };
+    let (_, _, bad) = run_emulated(&exe, &inputs, &TokenBaselineConfig::default());
+    assert_eq!(bad, [i32::MAX, 4, i32::MAX, 9]);
+}
