@@ -2,6 +2,7 @@
 //! options.
 
 mod common;
+mod emulator;
 
 use common::assert_close;
 use recap_kernels::{
@@ -682,13 +683,15 @@ fn remax_by_hand() {
     assert!(err(Some(&bad), &mut out).contains("baselines[3]"));
 }
 
-/// The device kernels (`kernels/advantages.cu`) against the CPU reference on random batches: every
-/// mode, explicit shuffled group ids and consecutive groups, the GRPO-LEAD options, group sizes 1,
-/// 31, 32, 33 and B up to 4097, an empty batch; then invalid ids and non-finite rewards.
-#[test]
-#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
-fn gpu_matches_the_cpu_reference() {
-    let gpu = common::require_gpu("gpu_matches_the_cpu_reference");
+/// A group-advantages implementation under test: `(rewards, groups, lengths, baselines, config,
+/// out)`, as `Backend::group_advantages`.
+type AdvantagesFn<'f> =
+    &'f dyn Fn(&[f32], Groups<'_>, Option<&[i32]>, Option<&[f32]>, &AdvantageConfig, &mut [f32]);
+
+/// `run` against the CPU reference on random batches: every mode, explicit shuffled group ids and
+/// consecutive groups, the GRPO-LEAD options, group sizes 1, 31, 32, 33 and B up to `max_b`
+/// (4097 on a GPU), an empty batch.
+fn matches_the_reference(run: AdvantagesFn<'_>, max_b: usize) {
     let mut rng = common::Rng::new(11);
     // every mode; GRPO-LEAD's difficulty weights do not combine with the whitened ones
     let all = AdvantageMode::ALL;
@@ -702,7 +705,10 @@ fn gpu_matches_the_cpu_reference() {
         (99, 33),
         (4097, 17),
         (256, 8),
-    ] {
+    ]
+    .into_iter()
+    .filter(|&(b, _)| b <= max_b)
+    {
         for lead in [false, true] {
             let k = 1 + rng.below(5);
             let mut rewards: Vec<f32> = (0..b * k)
@@ -765,15 +771,14 @@ fn gpu_matches_the_cpu_reference() {
                             &mut want,
                         )
                         .unwrap();
-                    gpu.group_advantages(
+                    run(
                         &rewards,
                         groups,
                         Some(&lengths),
                         Some(&baselines[..n]),
                         c,
                         &mut got,
-                    )
-                    .unwrap();
+                    );
                     common::assert_all_close(
                         &format!(
                             "advantages B={b} G={g} K={k} lead={lead} {groups:?} weights {:?}",
@@ -790,6 +795,18 @@ fn gpu_matches_the_cpu_reference() {
         }
     }
     assert!(cases >= 20);
+}
+
+/// The device kernels (`kernels/advantages.cu`) against the CPU reference on random batches (see
+/// [`matches_the_reference`]); then invalid ids and non-finite rewards.
+#[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+fn gpu_matches_the_cpu_reference() {
+    let gpu = common::require_gpu("gpu_matches_the_cpu_reference");
+    matches_the_reference(
+        &|r, g, l, base, c, out| gpu.group_advantages(r, g, l, base, c, out).unwrap(),
+        4097,
+    );
     // errors: a non-finite reward, and (device ids) a group id outside [0, num_groups)
     let cfg = AdvantageConfig {
         modes: vec![AdvantageMode::Grpo],
@@ -861,6 +878,67 @@ fn gpu_matches_the_cpu_reference() {
         .unwrap_err();
         assert!(err.to_string().contains("1 of B = 4"), "{err}");
     }
+}
+
+/// The kernel source (`kernels/advantages.cu`) on the host under the SIMT emulator, launched by the
+/// plan `cuda::group_advantages` uses (`cuda::AdvShape`: its parameters, scratch and launches;
+/// dense group ids as the host gives them), against the CPU reference on the random batches of
+/// [`matches_the_reference`] up to B = 256: every mode, ReMax's baselines included, checked without
+/// a GPU.
+#[test]
+fn kernel_source_emulated_on_the_host_matches_the_reference() {
+    let emu = emulator::Emulated::build("advantages");
+    let run = |rewards: &[f32],
+               groups: Groups<'_>,
+               lengths: Option<&[i32]>,
+               baselines: Option<&[f32]>,
+               cfg: &AdvantageConfig,
+               out: &mut [f32]| {
+        let b = lengths.map_or(0, |l| l.len());
+        let k = rewards.len() / b.max(1);
+        // dense ids in order of the sorted distinct ids, as the host gives the device
+        let (ids, num_groups, group_size) = match groups {
+            Groups::Consecutive(g) => (None, b / g, g),
+            Groups::Ids(ids) => {
+                let mut order = ids.to_vec();
+                order.sort_unstable();
+                order.dedup();
+                let dense: Vec<i32> = ids
+                    .iter()
+                    .map(|id| order.binary_search(id).unwrap() as i32)
+                    .collect();
+                (Some(dense), order.len(), 0)
+            }
+        };
+        if b == 0 || num_groups == 0 {
+            return;
+        }
+        let shape = recap_kernels::cuda::AdvShape {
+            b,
+            k,
+            num_groups,
+            group_size,
+        };
+        let mut scratch = vec![0f64; shape.scratch_len(cfg)];
+        let mut counts = vec![0i32; num_groups + 3];
+        let addrs = recap_kernels::cuda::AdvAddrs {
+            rewards: rewards.as_ptr() as u64,
+            group_ids: ids.as_ref().map_or(0, |i| i.as_ptr() as u64),
+            lengths: lengths.map_or(0, |l| l.as_ptr() as u64),
+            scratch: scratch.as_mut_ptr() as u64,
+            out: out.as_mut_ptr() as u64,
+            counts: counts.as_mut_ptr() as u64,
+            baselines: baselines.map_or(0, |x| x.as_ptr() as u64),
+        };
+        let p = shape.params(&addrs, cfg);
+        for (kernel, grid) in shape.launches(cfg) {
+            emu.launch(kernel, grid, 256, &p);
+        }
+        let members: i32 = counts[..num_groups].iter().sum();
+        assert_eq!(members as usize, b, "every rollout in one group");
+        assert_eq!(&counts[num_groups..], &[0, 0, 0], "no bad input");
+    };
+    matches_the_reference(&run, 256);
 }
 
 /// The advantage and difficulty formulas the kernels inline (`kernels/train_math.cuh`, compiled

@@ -3,8 +3,11 @@
 //! reference on random batches.
 
 mod common;
+mod emulator;
 
-use recap_kernels::{device_math, Backend, Mask, RejectionCriterion, RsLevel, RsStatistic};
+use recap_kernels::{
+    device_math, Backend, HostMask, Mask, RejectionCriterion, RsLevel, RsStatistic,
+};
 
 fn crit(level: RsLevel, statistic: RsStatistic, lower: f64, upper: f64) -> RejectionCriterion {
     RejectionCriterion {
@@ -213,12 +216,47 @@ fn device_formulas_by_hand() {
     }
 }
 
-/// Random batches on the GPU against the CPU reference: lengths 0, 1, 31, 32, 33 and 4097, a fully
-/// masked sequence, NaN log-ratios, f32 and u8 masks, every level and statistic.
+/// Random batches on the GPU against the CPU reference (see [`matches_the_reference`]).
 #[test]
 #[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn gpu_matches_the_cpu_reference() {
     let gpu = common::require_gpu("gpu_matches_the_cpu_reference");
+    matches_the_reference(|lr, m, cu, criteria, out| {
+        gpu.rollout_rejection(lr, m, cu, criteria, out).unwrap()
+    });
+}
+
+/// The kernel source (`kernels/kl.cu`) on the host under the SIMT emulator, launched with the
+/// parameters and grid `cuda::rollout_rejection` uses, against the CPU reference on the same random batches:
+/// the kernel's warp-per-sequence sums, maxima and flags checked without a GPU.
+#[test]
+fn kernel_source_emulated_on_the_host_matches_the_reference() {
+    let emu = emulator::Emulated::build("kl");
+    matches_the_reference(|lr, m, cu, criteria, out| {
+        let (mask, suffix) = match m {
+            Mask::U8(m) => (m.as_ptr() as u64, "u8"),
+            Mask::F32(m) => (m.as_ptr() as u64, "f32"),
+        };
+        let addrs = [
+            lr.as_ptr() as u64,
+            mask,
+            cu.as_ptr() as u64,
+            out.as_mut_ptr() as u64,
+        ];
+        let b = cu.len() - 1;
+        let p = recap_kernels::cuda::rejection_params(addrs, lr.len(), b, criteria);
+        if !lr.is_empty() {
+            let name = format!("recap_rejection_{suffix}");
+            emu.launch(&name, recap_kernels::cuda::rejection_grid(b), 256, &p);
+        }
+    });
+}
+
+/// `run` against the CPU reference: lengths 0, 1, 31, 32, 33 and 4097, a fully masked sequence,
+/// NaN log-ratios, f32 and u8 masks, every level and statistic, the older API's veto.
+fn matches_the_reference(
+    run: impl Fn(&[f32], HostMask<'_>, &[i32], &[RejectionCriterion], &mut [i32]),
+) {
     let mut rng = common::Rng::new(5);
     let levels = [
         RsLevel::Token,
@@ -271,8 +309,7 @@ fn gpu_matches_the_cpu_reference() {
             Backend::Cpu
                 .rollout_rejection(&lr, m, &cu, &criteria, &mut want)
                 .unwrap();
-            gpu.rollout_rejection(&lr, m, &cu, &criteria, &mut got)
-                .unwrap();
+            run(&lr, m, &cu, &criteria, &mut got);
             assert_eq!(got, want, "lens {lens:?} criteria {criteria:?}");
             rejected += want.iter().filter(|f| **f != 0).count();
         }

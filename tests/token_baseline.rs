@@ -2,6 +2,7 @@
 //! padded-batch evaluation of verl's formulas on random batches.
 
 mod common;
+mod emulator;
 
 use common::assert_all_close;
 use rand::{Rng, SeedableRng};
@@ -524,104 +525,46 @@ on_every_backend! {
     }
 }
 
-/// Builds `tests/emulator/token_baseline_main.cpp`: the kernel source itself, compiled for the host
-/// under the SIMT emulator `tests/emulator/simt.h` (C++20, the machine's `c++`).
-fn emulated_kernel() -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let exe = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("token_baseline_emulated");
-    let status = std::process::Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-Wall",
-            "-Wno-unknown-pragmas",
-            "-Werror",
-            "-pthread",
-        ])
-        .arg("-I")
-        .arg(root.join("kernels"))
-        .arg("-I")
-        .arg(root.join("tests/emulator"))
-        .arg(root.join("tests/emulator/token_baseline_main.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .status()
-        .expect("a C++20 compiler (`c++`, or CXX) to build the kernel emulation");
-    assert!(status.success(), "building the kernel emulation failed");
-    exe
-}
-
-/// Runs the emulated kernels on a batch: `(advantages, returns, first bad token per argument)`.
+/// Runs `kernels/token_baseline.cu` on the host (the SIMT emulator) with the group table,
+/// parameters and launches `cuda::optimal_token_baseline` uses: `(advantages, returns, first bad
+/// token per argument)`.
 fn run_emulated(
-    exe: &std::path::Path,
+    emu: &emulator::Emulated,
     x: &recap_kernels::HostTokenBaselineInputs<'_>,
     config: &TokenBaselineConfig,
 ) -> (Vec<f32>, Vec<f32>, Vec<i32>) {
-    use std::io::Write;
     let (t, b) = (x.token_rewards.len(), x.cu_seqlens.len() - 1);
-    let ids: Vec<i32> = match x.groups {
-        Groups::Ids(ids) => ids.to_vec(),
-        Groups::Consecutive(g) => (0..b).map(|i| (i / g) as i32).collect(),
+    let (off, mem) = recap_kernels::cuda::group_table(x.groups, b).unwrap();
+    let (mut sums, mut ints) = (vec![0f64; 2 * t], vec![0i32; t + b]);
+    let mut bad = vec![i32::MAX; 4];
+    let (mut adv, mut ret) = (vec![f32::NAN; t], vec![f32::NAN; t]);
+    let (mask, suffix) = match x.mask {
+        Mask::U8(m) => (m.as_ptr() as u64, "u8"),
+        Mask::F32(m) => (m.as_ptr() as u64, "f32"),
     };
-    // the group table as the host builds it: groups by ascending id, members ascending
-    let mut order = ids.clone();
-    order.sort_unstable();
-    order.dedup();
-    let (mut off, mut mem) = (vec![0i32], Vec::new());
-    for &id in &order {
-        mem.extend((0..b).filter(|&i| ids[i] == id).map(|i| i as i32));
-        off.push(mem.len() as i32);
+    let arrays = recap_kernels::cuda::params::OtbParams {
+        token_rewards: x.token_rewards.as_ptr() as u64,
+        old_logp: x.old_logp.as_ptr() as u64,
+        sum_pi_squared: x.sum_pi_squared.as_ptr() as u64,
+        rollout_is_weights: x.rollout_is_weights.map_or(0, |r| r.as_ptr() as u64),
+        mask,
+        cu_seqlens: x.cu_seqlens.as_ptr() as u64,
+        group_offsets: off.as_ptr() as u64,
+        group_members: mem.as_ptr() as u64,
+        bad: bad.as_mut_ptr() as u64,
+        advantages: adv.as_mut_ptr() as u64,
+        returns: ret.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    let groups = off.len() - 1;
+    let (sums_a, ints_a) = (sums.as_mut_ptr() as u64, ints.as_mut_ptr() as u64);
+    let p = recap_kernels::cuda::otb_params(arrays, sums_a, ints_a, (t, b, groups), config);
+    if t > 0 {
+        for (kernel, grid) in recap_kernels::cuda::otb_launches(suffix, b, groups) {
+            emu.launch(&kernel, grid, 256, &p);
+        }
     }
-    let mut input: Vec<u8> = Vec::new();
-    let mask_u8 = matches!(x.mask, Mask::U8(_));
-    let rho = x.rollout_is_weights;
-    let header = [
-        t as i64,
-        b as i64,
-        order.len() as i64,
-        mask_u8 as i64,
-        config.multi_turn as i64,
-        config.handle_zero_tail as i64,
-        rho.is_some() as i64,
-    ];
-    header.iter().for_each(|v| input.extend(v.to_le_bytes()));
-    input.extend(config.eps.to_le_bytes());
-    let floats = [
-        Some(x.token_rewards),
-        Some(x.old_logp),
-        Some(x.sum_pi_squared),
-        rho,
-    ];
-    for a in floats.iter().flatten() {
-        a.iter().for_each(|v| input.extend(v.to_le_bytes()));
-    }
-    match x.mask {
-        Mask::U8(m) => input.extend(m),
-        Mask::F32(m) => m.iter().for_each(|v| input.extend(v.to_le_bytes())),
-    }
-    for a in [x.cu_seqlens, &off[..], &mem[..]] {
-        a.iter().for_each(|v| input.extend(v.to_le_bytes()));
-    }
-    let mut child = std::process::Command::new(exe)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(&input).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "the emulated kernel failed");
-    let words: Vec<[u8; 4]> = out
-        .stdout
-        .chunks(4)
-        .map(|c| c.try_into().unwrap())
-        .collect();
-    assert_eq!(words.len(), 2 * t + 4, "emulator output length");
-    let f = |w: &[[u8; 4]]| w.iter().map(|w| f32::from_le_bytes(*w)).collect::<Vec<_>>();
-    let bad = words[2 * t..]
-        .iter()
-        .map(|w| i32::from_le_bytes(*w))
-        .collect();
-    (f(&words[..t]), f(&words[t..2 * t]), bad)
+    (adv, ret, bad)
 }
 
 /// The kernel source (`kernels/token_baseline.cu`) run on the host under a SIMT emulator, one
@@ -631,7 +574,7 @@ fn run_emulated(
 /// f32 masks, both variants, the zero tail, IS weights; the first non-finite token per argument.
 #[test]
 fn kernel_source_emulated_on_the_host_matches_the_reference() {
-    let exe = emulated_kernel();
+    let emu = emulator::Emulated::build("token_baseline");
     let mut rng = ChaCha8Rng::seed_from_u64(31);
     for case in 0..6 {
         let x = random_batch(&mut rng, case);
@@ -657,7 +600,7 @@ fn kernel_source_emulated_on_the_host_matches_the_reference() {
                 cu_seqlens: &x.cu,
                 groups: Groups::Ids(&x.ids),
             };
-            let (adv, ret, bad) = run_emulated(&exe, &inputs, &config);
+            let (adv, ret, bad) = run_emulated(&emu, &inputs, &config);
             let (mut want_a, mut want_r) = (vec![0f32; t], vec![0f32; t]);
             optimal_token_baseline(&inputs, &config, &mut want_a, &mut want_r).unwrap();
             let what = format!("case {case} t {t} multi_turn {multi_turn}");
@@ -683,6 +626,6 @@ fn kernel_source_emulated_on_the_host_matches_the_reference() {
         cu_seqlens: &[0, 5, 10],
         groups: Groups::Consecutive(2),
     };
-    let (_, _, bad) = run_emulated(&exe, &inputs, &TokenBaselineConfig::default());
+    let (_, _, bad) = run_emulated(&emu, &inputs, &TokenBaselineConfig::default());
     assert_eq!(bad, [i32::MAX, 4, i32::MAX, 9]);
 }

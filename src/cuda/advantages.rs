@@ -74,8 +74,13 @@ pub fn group_advantages(
     }
     // work[B, K], batch statistics [2 K_out], then pre[B, K_out]; zeroed, so rollouts with an
     // invalid group id (reported below) read zeros rather than stale memory
-    let k_out = config.num_outputs();
-    let mut scratch = stream.alloc_zeros::<f64>(b * k + 2 * k_out + b * k_out)?;
+    let shape = AdvShape {
+        b,
+        k,
+        num_groups,
+        group_size,
+    };
+    let mut scratch = stream.alloc_zeros::<f64>(shape.scratch_len(config))?;
     let mut counts = stream.alloc_zeros::<i32>(num_groups + 3)?;
     {
         let (s_a, _gs) = addr_slice_mut(&mut scratch, stream);
@@ -103,65 +108,18 @@ pub fn group_advantages(
             }
             None => (0, None),
         };
-        let lead = config.lead.as_ref();
-        let diff = lead.and_then(|l| l.difficulty);
-        let length_alpha = lead.and_then(|l| l.length_alpha);
-        let p = AdvParams {
+        let addrs = AdvAddrs {
             rewards: r_a,
             group_ids: i_a,
             lengths: l_a,
-            work: s_a,
-            batch_std: s_a + (b * k * 8) as u64,
-            pre: s_a + ((b * k + 2 * k_out) * 8) as u64,
+            scratch: s_a,
             out: o_a,
             counts: c_a,
-            num_rollouts: b as i32,
-            num_objectives: k as i32,
-            num_groups: num_groups as i32,
-            group_size: group_size as i32,
-            modes: config
-                .modes
-                .iter()
-                .enumerate()
-                .fold(0u64, |acc, (j, m)| acc | (u64::from(m.code()) << (4 * j))),
-            correctness: lead.map_or(-1, |l| l.correctness as i32),
-            has_length: length_alpha.is_some() as i32,
-            has_difficulty: diff.is_some() as i32,
-            eps: config.eps,
-            length_alpha: length_alpha.unwrap_or(0.0),
-            diff_a: diff.map_or(0.0, |d| d.a),
-            diff_b: diff.map_or(0.0, |d| d.b),
-            diff_rho0: diff.map_or(0.0, |d| d.rho0),
-            diff_k: diff.map_or(0.0, |d| d.k),
-            num_outputs: config.num_outputs() as i32,
-            has_reward_weights: config.reward_weights.is_some() as i32,
-            verl_singletons: (config.singletons == Singletons::Verl) as i32,
-            reward_weights: {
-                let mut w = [0f64; 16];
-                if let Some(rw) = &config.reward_weights {
-                    w[..rw.len()].copy_from_slice(rw);
-                }
-                w
-            },
             baselines: b_a,
         };
-        gpu.launch(
-            stream,
-            Module::Advantages,
-            "recap_adv_prepare",
-            num_groups,
-            &p,
-        )?;
-        gpu.launch(stream, Module::Advantages, "recap_adv_batch_std", k_out, &p)?;
-        gpu.launch(
-            stream,
-            Module::Advantages,
-            "recap_adv_apply",
-            num_groups,
-            &p,
-        )?;
-        if config.modes.iter().any(|m| m.whitened()) {
-            gpu.launch(stream, Module::Advantages, "recap_adv_whiten", k_out, &p)?;
+        let p = shape.params(&addrs, config);
+        for (kernel, grid) in shape.launches(config) {
+            gpu.launch(stream, Module::Advantages, kernel, grid, &p)?;
         }
     }
     let host = stream.clone_dtoh(&counts)?;
@@ -195,4 +153,107 @@ pub fn group_advantages(
         ));
     }
     Ok(())
+}
+
+/// Device addresses of one group-advantages call (0 for an absent optional array).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AdvAddrs {
+    /// `const float[B, K]` rewards.
+    pub rewards: u64,
+    /// `const int32_t[B]` dense group ids, or 0 (consecutive groups).
+    pub group_ids: u64,
+    /// `const int32_t[B]` lengths, or 0.
+    pub lengths: u64,
+    /// `double[AdvShape::scratch_len]`, zeroed.
+    pub scratch: u64,
+    /// `float[B, K_out]` advantages.
+    pub out: u64,
+    /// `int32_t[num_groups + 3]`, zeroed.
+    pub counts: u64,
+    /// `const float[B, K_out]` ReMax baselines, or 0.
+    pub baselines: u64,
+}
+
+/// The shape of one group-advantages call and its launch plan: the one definition of the
+/// parameter struct, the scratch layout and the launches, used by [`group_advantages`] (and by
+/// the tests that run the kernel source on the host).
+#[derive(Clone, Copy, Debug)]
+pub struct AdvShape {
+    /// Rollouts B.
+    pub b: usize,
+    /// Reward columns K.
+    pub k: usize,
+    /// Groups.
+    pub num_groups: usize,
+    /// G of consecutive groups (0 with ids).
+    pub group_size: usize,
+}
+
+impl AdvShape {
+    /// Doubles of scratch: `work[B, K]`, the batch statistics `[2 K_out]`, `pre[B, K_out]`.
+    pub fn scratch_len(&self, config: &AdvantageConfig) -> usize {
+        let k_out = config.num_outputs();
+        self.b * self.k + 2 * k_out + self.b * k_out
+    }
+
+    /// The kernels' parameter struct.
+    pub fn params(&self, a: &AdvAddrs, config: &AdvantageConfig) -> AdvParams {
+        let (b, k, k_out) = (self.b, self.k, config.num_outputs());
+        let lead = config.lead.as_ref();
+        let diff = lead.and_then(|l| l.difficulty);
+        let length_alpha = lead.and_then(|l| l.length_alpha);
+        AdvParams {
+            rewards: a.rewards,
+            group_ids: a.group_ids,
+            lengths: a.lengths,
+            work: a.scratch,
+            batch_std: a.scratch + (b * k * 8) as u64,
+            pre: a.scratch + ((b * k + 2 * k_out) * 8) as u64,
+            out: a.out,
+            counts: a.counts,
+            num_rollouts: b as i32,
+            num_objectives: k as i32,
+            num_groups: self.num_groups as i32,
+            group_size: self.group_size as i32,
+            modes: config
+                .modes
+                .iter()
+                .enumerate()
+                .fold(0u64, |acc, (j, m)| acc | (u64::from(m.code()) << (4 * j))),
+            correctness: lead.map_or(-1, |l| l.correctness as i32),
+            has_length: length_alpha.is_some() as i32,
+            has_difficulty: diff.is_some() as i32,
+            eps: config.eps,
+            length_alpha: length_alpha.unwrap_or(0.0),
+            diff_a: diff.map_or(0.0, |d| d.a),
+            diff_b: diff.map_or(0.0, |d| d.b),
+            diff_rho0: diff.map_or(0.0, |d| d.rho0),
+            diff_k: diff.map_or(0.0, |d| d.k),
+            num_outputs: k_out as i32,
+            has_reward_weights: config.reward_weights.is_some() as i32,
+            verl_singletons: (config.singletons == Singletons::Verl) as i32,
+            reward_weights: {
+                let mut w = [0f64; 16];
+                if let Some(rw) = &config.reward_weights {
+                    w[..rw.len()].copy_from_slice(rw);
+                }
+                w
+            },
+            baselines: a.baselines,
+        }
+    }
+
+    /// The launches in order: `(kernel, grid)`, blocks of 256 threads.
+    pub fn launches(&self, config: &AdvantageConfig) -> Vec<(&'static str, usize)> {
+        let k_out = config.num_outputs();
+        let mut v = vec![
+            ("recap_adv_prepare", self.num_groups),
+            ("recap_adv_batch_std", k_out),
+            ("recap_adv_apply", self.num_groups),
+        ];
+        if config.modes.iter().any(|m| m.whitened()) {
+            v.push(("recap_adv_whiten", k_out));
+        }
+        v
+    }
 }

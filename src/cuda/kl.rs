@@ -94,11 +94,30 @@ pub fn rollout_rejection(
     let (l_a, _g0) = addr(log_ratio, stream);
     let (c_a, _g1) = super::addr_slice(&cu, stream);
     let (f_a, _g2) = addr_mut(flags, stream);
+    let p = rejection_params([l_a, m_a, c_a, f_a], t, b, criteria);
+    gpu.launch(
+        stream,
+        Module::Kl,
+        &format!("recap_rejection_{suffix}"),
+        rejection_grid(b),
+        &p,
+    )
+}
+
+/// The rejection kernel's parameters: the addresses `[log_ratio, mask, cu_seqlens, flags]`, T, B
+/// and the criteria (the one definition, also used by the tests that run the kernel source on the
+/// host).
+pub fn rejection_params(
+    addrs: [u64; 4],
+    t: usize,
+    b: usize,
+    criteria: &[RejectionCriterion],
+) -> RejectParams {
     let mut p = RejectParams {
-        log_ratio: l_a,
-        mask: m_a,
-        cu_seqlens: c_a,
-        flags: f_a,
+        log_ratio: addrs[0],
+        mask: addrs[1],
+        cu_seqlens: addrs[2],
+        flags: addrs[3],
         num_tokens: t as i64,
         num_seqs: b as i32,
         num_criteria: criteria.len() as i32,
@@ -110,12 +129,10 @@ pub fn rollout_rejection(
         p.lower[i] = c.lower;
         p.upper[i] = c.upper;
     }
-    let warps = (BLOCK / 32) as usize;
-    gpu.launch(
-        stream,
-        Module::Kl,
-        &format!("recap_rejection_{suffix}"),
-        b.div_ceil(warps),
-        &p,
-    )
+    p
+}
+
+/// Blocks of the rejection kernel for B sequences (one warp each).
+pub fn rejection_grid(b: usize) -> usize {
+    b.div_ceil((BLOCK / 32) as usize)
 }

@@ -16,17 +16,17 @@ mod reduce;
 mod tensor_parallel;
 mod token_baseline;
 
-pub use advantages::{group_advantages, DeviceGroups};
+pub use advantages::{group_advantages, AdvAddrs, AdvShape, DeviceGroups};
 pub use fused_linear::{fused_linear_grpo_loss, FusedLinearConfig, LinearHead};
 pub use grpo::{grpo_loss, DeviceGrpoInputs};
-pub use kl::{kl, rollout_rejection};
+pub use kl::{kl, rejection_grid, rejection_params, rollout_rejection};
 pub use logits::{
     grpo_loss_from_logits, logprob_backward, logprob_backward_inplace, logprob_forward,
     DeviceLogitsLossInputs, LogprobGrads,
 };
 pub use reduce::{weighted_reduce, DeviceReduceInputs};
 pub use tensor_parallel::{tp_backward_inplace, tp_combine, tp_partials};
-pub use token_baseline::optimal_token_baseline;
+pub use token_baseline::{group_table, optimal_token_baseline, otb_launches, otb_params};
 
 use crate::config::{Normalizers, MAX_OBJECTIVES};
 use crate::error::{Error, Result};

@@ -3,6 +3,7 @@
 
 use super::grpo::MaskView;
 use super::{addr, addr_mut, addr_slice, addr_slice_mut, params::OtbParams, upload, Gpu, Module};
+use crate::advantages::Groups;
 use crate::error::{Error, Result};
 use crate::layout::Mask;
 use crate::token_baseline::{validate, TokenBaselineConfig, TokenBaselineInputs};
@@ -32,19 +33,14 @@ pub fn optimal_token_baseline(
     advantages: &mut CudaViewMut<'_, f32>,
     returns: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let (b, groups) = validate(x, config, advantages.len(), returns.len())?;
+    let (b, _) = validate(x, config, advantages.len(), returns.len())?;
     gpu.check_stream(stream)?;
     let t = x.token_rewards.len();
     if t == 0 {
         return Ok(());
     }
-    let mut offsets = Vec::with_capacity(groups.len() + 1);
-    let mut members = Vec::with_capacity(b);
-    offsets.push(0i32);
-    for g in &groups {
-        members.extend(g.iter().map(|&s| s as i32));
-        offsets.push(members.len() as i32);
-    }
+    let (offsets, members) = group_table(x.groups, b)?;
+    let num_groups = offsets.len() - 1;
     let cu = upload(stream, x.cu_seqlens)?;
     let off = upload(stream, &offsets)?;
     let mem = upload(stream, &members)?;
@@ -75,7 +71,7 @@ pub fn optimal_token_baseline(
         let (bad_a, _g9) = addr_slice_mut(&mut bad, stream);
         let (adv_a, _g10) = addr_mut(advantages, stream);
         let (ret_a, _g11) = addr_mut(returns, stream);
-        let p = OtbParams {
+        let arrays = OtbParams {
             token_rewards: r_a,
             old_logp: o_a,
             sum_pi_squared: q_a,
@@ -84,24 +80,15 @@ pub fn optimal_token_baseline(
             cu_seqlens: cu_a,
             group_offsets: off_a,
             group_members: mem_a,
-            cum_w: s_a,
-            to_go: s_a + (t * 8) as u64,
-            aligned: i_a,
-            live: i_a + (t * 4) as u64,
             bad: bad_a,
             advantages: adv_a,
             returns: ret_a,
-            num_tokens: t as i64,
-            num_seqs: b as i32,
-            num_groups: groups.len() as i32,
-            multi_turn: config.multi_turn as i32,
-            zero_tail: config.handle_zero_tail as i32,
-            eps: config.eps,
+            ..Default::default()
         };
-        let scan = format!("recap_otb_scan_{suffix}");
-        gpu.launch(stream, Module::TokenBaseline, &scan, b, &p)?;
-        let apply = format!("recap_otb_apply_{suffix}");
-        gpu.launch(stream, Module::TokenBaseline, &apply, groups.len(), &p)?;
+        let p = otb_params(arrays, s_a, i_a, (t, b, num_groups), config);
+        for (kernel, grid) in otb_launches(suffix, b, num_groups) {
+            gpu.launch(stream, Module::TokenBaseline, &kernel, grid, &p)?;
+        }
     }
     let host = stream.clone_dtoh(&bad)?;
     stream.synchronize()?;
@@ -114,4 +101,54 @@ pub fn optimal_token_baseline(
         }
     }
     Ok(())
+}
+
+/// The group table the kernels read for B sequences: `(offsets [groups + 1], members [B])`, group
+/// by group in the reference's order (members ascending).
+pub fn group_table(groups: Groups<'_>, b: usize) -> Result<(Vec<i32>, Vec<i32>)> {
+    let groups = crate::advantages::group_members(groups, b)?;
+    let mut offsets = Vec::with_capacity(groups.len() + 1);
+    let mut members = Vec::with_capacity(b);
+    offsets.push(0i32);
+    for g in &groups {
+        members.extend(g.iter().map(|&s| s as i32));
+        offsets.push(members.len() as i32);
+    }
+    Ok((offsets, members))
+}
+
+/// The kernels' parameter struct (the one definition, also used by the tests that run the kernel
+/// source on the host): `arrays` holds the caller's addresses (inputs, `cu_seqlens`, the
+/// [`group_table`], `bad` (`int32_t[4]`, each `i32::MAX` before the call) and the outputs); `sums`
+/// is `double[2 T]` scratch (W, then G), `ints` `int32_t[T + B]` (the aligned tokens, then the
+/// live counts).
+pub fn otb_params(
+    arrays: OtbParams,
+    sums: u64,
+    ints: u64,
+    (t, b, num_groups): (usize, usize, usize),
+    config: &TokenBaselineConfig,
+) -> OtbParams {
+    OtbParams {
+        cum_w: sums,
+        to_go: sums + (t * 8) as u64,
+        aligned: ints,
+        live: ints + (t * 4) as u64,
+        num_tokens: t as i64,
+        num_seqs: b as i32,
+        num_groups: num_groups as i32,
+        multi_turn: config.multi_turn as i32,
+        zero_tail: config.handle_zero_tail as i32,
+        eps: config.eps,
+        ..arrays
+    }
+}
+
+/// The launches in order, `(kernel, grid)` with blocks of 256 threads, for the mask's suffix
+/// (`f32` or `u8`).
+pub fn otb_launches(suffix: &str, b: usize, num_groups: usize) -> [(String, usize); 2] {
+    [
+        (format!("recap_otb_scan_{suffix}"), b),
+        (format!("recap_otb_apply_{suffix}"), num_groups),
+    ]
 }

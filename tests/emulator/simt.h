@@ -2,16 +2,19 @@
  * simt.h — runs CUDA kernel source on the host, for tests on machines without a GPU: the kernel
  * file is compiled as C++20 with these definitions, and each launch runs its blocks one after
  * another, each block as blockDim.x std::threads. __syncthreads is a barrier of the block's
- * threads, __shared__ variables are statics (one block runs at a time), the warp shuffles exchange
- * through a block-wide buffer between two barriers (so every thread of the block must reach each
- * shuffle, as in the kernels emulated here), atomics take a lock. Emulates semantics, not timing,
- * and covers only what the emulated kernels use.
+ * threads, a warp shuffle an exchange between two barriers of the warp's threads (every lane of the
+ * warp must reach it, as in the kernels emulated here), a thread that returns drops out of both
+ * barriers (as an exited thread on a GPU), __shared__ variables are statics (one block runs at a
+ * time), atomics take a lock. SIMT_EXPORT(kernel, Params) gives the C entry point
+ * `simt_<kernel>(const Params*, grid, block)` that tests load (tests/emulator/mod.rs).
+ * Emulates semantics, not timing, and covers only what the emulated kernels use.
  */
 #pragma once
 #include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -27,6 +30,7 @@ struct SimtDim3 {
 inline thread_local SimtDim3 threadIdx;
 inline SimtDim3 blockIdx, blockDim, gridDim;
 inline std::barrier<>* simt_barrier = nullptr;
+inline std::vector<std::barrier<>*> simt_warp_barriers;
 inline std::mutex simt_atomic_lock;
 
 #define __syncthreads() simt_barrier->arrive_and_wait()
@@ -49,10 +53,11 @@ V* simt_exchange() {
 template <class V>
 V simt_shuffle(V v, int lane_from) {
     const int t = (int)threadIdx.x;
+    std::barrier<>* warp = simt_warp_barriers[t >> 5];
     simt_exchange<V>()[t] = v;
-    __syncthreads();
+    warp->arrive_and_wait();
     const V r = simt_exchange<V>()[(t & ~31) + lane_from];
-    __syncthreads();
+    warp->arrive_and_wait();
     return r;
 }
 
@@ -66,6 +71,11 @@ template <class V>
 V __shfl_down_sync(unsigned, V v, int off) {
     const int lane = (int)threadIdx.x & 31;
     return simt_shuffle(v, lane + off < 32 ? lane + off : lane);
+}
+
+template <class V>
+V __shfl_sync(unsigned, V v, int src) {
+    return simt_shuffle(v, src & 31);
 }
 
 inline int atomicMin(int* a, int v) {
@@ -82,7 +92,7 @@ inline int atomicAdd(int* a, int v) {
     return old;
 }
 
-/* Runs kernel k over `grid` blocks of `block` threads. */
+/* Runs kernel k over `grid` blocks of `block` threads (a multiple of 32). */
 template <class P>
 void simt_launch(void (*k)(const P), int grid, int block, const P& p) {
     gridDim.x = (unsigned)grid;
@@ -90,6 +100,12 @@ void simt_launch(void (*k)(const P), int grid, int block, const P& p) {
     for (int b = 0; b < grid; ++b) {
         blockIdx.x = (unsigned)b;
         std::barrier<> bar(block);
+        std::vector<std::unique_ptr<std::barrier<>>> warps;
+        simt_warp_barriers.clear();
+        for (int w = 0; w < block / 32; ++w) {
+            warps.push_back(std::make_unique<std::barrier<>>(32));
+            simt_warp_barriers.push_back(warps.back().get());
+        }
         simt_barrier = &bar;
         std::vector<std::thread> threads;
         threads.reserve(block);
@@ -97,8 +113,13 @@ void simt_launch(void (*k)(const P), int grid, int block, const P& p) {
             threads.emplace_back([&, t] {
                 threadIdx.x = (unsigned)t;
                 k(p);
+                simt_warp_barriers[t >> 5]->arrive_and_drop();
+                simt_barrier->arrive_and_drop();
             });
         }
         for (auto& th : threads) th.join();
     }
 }
+
+#define SIMT_EXPORT(kernel, Params) \
+    extern "C" void simt_##kernel(const Params* p, int grid, int block) { simt_launch<Params>(kernel, grid, block, *p); }

@@ -1,0 +1,63 @@
+//! Kernel source run on the host: `tests/emulator/<file>.cpp` (a kernel file under the SIMT
+//! emulator `tests/emulator/simt.h`) built with the machine's C++20 compiler into a shared library
+//! in the test's temporary directory, and its `simt_<kernel>` entry points called with the crate's
+//! own parameter mirrors (`recap_kernels::cuda::params`) holding host addresses.
+
+use std::path::Path;
+
+/// A built emulation of one kernel file.
+pub struct Emulated {
+    lib: libloading::Library,
+}
+
+impl Emulated {
+    /// Builds `tests/emulator/<name>.cpp` (`CXX`, else `c++`); a missing compiler or a build error
+    /// fails the test that asked for it.
+    pub fn build(name: &str) -> Emulated {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let so = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("simt_{name}.so"));
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let status = std::process::Command::new(&cxx)
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-Wall",
+                "-Wno-unknown-pragmas",
+                "-Werror",
+            ])
+            .args(["-pthread", "-fPIC", "-shared"])
+            .arg("-I")
+            .arg(root.join("kernels"))
+            .arg("-I")
+            .arg(root.join("tests/emulator"))
+            .arg(root.join(format!("tests/emulator/{name}.cpp")))
+            .arg("-o")
+            .arg(&so)
+            .status()
+            .unwrap_or_else(|e| panic!("the kernel emulation needs a C++20 compiler ({cxx}): {e}"));
+        assert!(
+            status.success(),
+            "building tests/emulator/{name}.cpp failed"
+        );
+        // SAFETY: a library this test just built from the repository's sources; loading runs no
+        // code of ours beyond the C++ runtime's static initialization.
+        let lib = unsafe { libloading::Library::new(&so) }.expect("loading the kernel emulation");
+        Emulated { lib }
+    }
+
+    /// Runs `kernel` over `grid` blocks of `block` threads with parameters `p`, whose addresses
+    /// must point at host arrays of the sizes the kernel reads and writes.
+    pub fn launch<P>(&self, kernel: &str, grid: usize, block: usize, p: &P) {
+        let name = format!("simt_{kernel}\0");
+        // SAFETY: `simt_<kernel>` is defined by SIMT_EXPORT with exactly this signature, and `P`
+        // is the crate's #[repr(C)] mirror of the kernel's parameter struct (layouts checked by
+        // tests/device_math.rs); the caller guarantees the addresses in `p`.
+        unsafe {
+            let f: libloading::Symbol<unsafe extern "C" fn(*const P, i32, i32)> = self
+                .lib
+                .get(name.as_bytes())
+                .unwrap_or_else(|e| panic!("{kernel} is not exported by the emulation: {e}"));
+            f(p, grid as i32, block as i32);
+        }
+    }
+}
