@@ -356,6 +356,26 @@ struct RandomBatch {
     ids: Vec<i32>,
 }
 
+impl RandomBatch {
+    /// The batch as the op's inputs, with this mask, IS weights and groups.
+    fn inputs<'a>(
+        &'a self,
+        mask: HostMask<'a>,
+        rollout_is_weights: Option<&'a [f32]>,
+        groups: Groups<'a>,
+    ) -> recap_kernels::HostTokenBaselineInputs<'a> {
+        TokenBaselineInputs {
+            token_rewards: &self.rewards,
+            old_logp: &self.old,
+            sum_pi_squared: &self.spp,
+            rollout_is_weights,
+            mask,
+            cu_seqlens: &self.cu,
+            groups,
+        }
+    }
+}
+
 fn random_batch(rng: &mut ChaCha8Rng, case: usize) -> RandomBatch {
     let special = [0usize, 1, 31, 32, 33, 4097];
     let b = rng.random_range(1..=9);
@@ -479,15 +499,7 @@ on_every_backend! {
                     handle_zero_tail: zero_tail,
                     eps: 1e-8,
                 };
-                let inputs = TokenBaselineInputs {
-                    token_rewards: &x.rewards[..],
-                    old_logp: &x.old[..],
-                    sum_pi_squared: &x.spp[..],
-                    rollout_is_weights: rho,
-                    mask,
-                    cu_seqlens: &x.cu,
-                    groups,
-                };
+                let inputs = x.inputs(mask, rho, groups);
                 let run = |inputs: &recap_kernels::HostTokenBaselineInputs<'_>| {
                     let (mut adv, mut ret) = (vec![f32::NAN; t], vec![f32::NAN; t]);
                     be.optimal_token_baseline(inputs, &config, &mut adv, &mut ret)
@@ -591,15 +603,7 @@ fn kernel_source_emulated_on_the_host_matches_the_reference() {
                 handle_zero_tail: zero_tail,
                 eps: 1e-8,
             };
-            let inputs = TokenBaselineInputs {
-                token_rewards: &x.rewards[..],
-                old_logp: &x.old[..],
-                sum_pi_squared: &x.spp[..],
-                rollout_is_weights: rho,
-                mask,
-                cu_seqlens: &x.cu,
-                groups: Groups::Ids(&x.ids),
-            };
+            let inputs = x.inputs(mask, rho, Groups::Ids(&x.ids));
             let (adv, ret, bad) = run_emulated(&emu, &inputs, &config);
             let (mut want_a, mut want_r) = (vec![0f32; t], vec![0f32; t]);
             optimal_token_baseline(&inputs, &config, &mut want_a, &mut want_r).unwrap();

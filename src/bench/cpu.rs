@@ -239,16 +239,9 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
     }
 
     // verl's optimal token baseline
-    for &(t, seq_len) in if cfg.quick {
-        &[(65_536usize, 1024usize)][..]
-    } else {
-        &[(65_536usize, 1024usize), (524_288, 1024)][..]
-    } {
-        let case = format!("T={t} L={seq_len} G=16");
-        if !cfg.wants(&case) {
-            continue;
-        }
-        let (r, old, spp, mask, cu) = inputs::token_baseline(t, seq_len);
+    for c in super::TokenBaselineCase::wanted(cfg) {
+        let t = c.t;
+        let (r, old, spp, mask, cu) = inputs::token_baseline(t, c.seq_len);
         let (mut adv, mut ret) = (vec![0f32; t], vec![0f32; t]);
         let x = crate::HostTokenBaselineInputs {
             token_rewards: &r,
@@ -257,7 +250,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
             rollout_is_weights: None,
             mask: Mask::U8(&mask),
             cu_seqlens: &cu,
-            groups: Groups::Consecutive(16),
+            groups: Groups::Consecutive(c.group),
         };
         let config = crate::TokenBaselineConfig::default();
         let (tm, runs) = time_us(cfg, || {
@@ -266,10 +259,10 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         push(
             record(
                 "token_baseline",
-                case,
+                c.case.clone(),
                 tm,
                 runs,
-                (t * 21) as f64,
+                c.bytes(),
                 0.0,
                 copy_gb_s,
             ),

@@ -270,16 +270,9 @@ pub(super) fn run(
     }
 
     // verl's optimal token baseline
-    for &(t, seq_len) in if cfg.quick {
-        &[(65_536usize, 1024usize)][..]
-    } else {
-        &[(65_536usize, 1024usize), (524_288, 1024)][..]
-    } {
-        let case = format!("T={t} L={seq_len} G=16");
-        if !cfg.wants(&case) {
-            continue;
-        }
-        let (r, old, spp, mask, cu) = inputs::token_baseline(t, seq_len);
+    for c in super::TokenBaselineCase::wanted(cfg) {
+        let t = c.t;
+        let (r, old, spp, mask, cu) = inputs::token_baseline(t, c.seq_len);
         let b = cu.len() - 1;
         let (r, old, spp) = (s.clone_htod(&r)?, s.clone_htod(&old)?, s.clone_htod(&spp)?);
         let mask = s.clone_htod(&mask)?;
@@ -291,7 +284,7 @@ pub(super) fn run(
             rollout_is_weights: None,
             mask: Mask::U8(mask.as_view()),
             cu_seqlens: &cu,
-            groups: crate::Groups::Consecutive(16),
+            groups: crate::Groups::Consecutive(c.group),
         };
         let config = crate::TokenBaselineConfig::default();
         let (tm, runs) = timer.time(None, || {
@@ -305,14 +298,14 @@ pub(super) fn run(
             )
         })?;
         // scratch: W and G (double), the aligned tokens and live counts, the group table, cu
-        let extra = t * 16 + (t + b) * 4 + (2 * b + b / 16 + 2) * 4 + 16;
+        let extra = t * 16 + (t + b) * 4 + (2 * b + b / c.group + 2) * 4 + 16;
         push(
             record(
                 "token_baseline",
-                case,
+                c.case.clone(),
                 tm,
                 runs,
-                (t * 21) as f64,
+                c.bytes(),
                 extra as f64,
                 copy_gb_s,
             ),

@@ -259,6 +259,42 @@ pub fn write_json(r: &BenchReport, path: &std::path::Path) -> Result<()> {
     writeln!(f, "{json}").map_err(|e| Error::invalid_argument("json", e.to_string()))
 }
 
+/// One optimal-token-baseline case of both backends: T tokens in sequences of `seq_len`, groups of
+/// `group` consecutive sequences.
+pub(crate) struct TokenBaselineCase {
+    pub case: String,
+    pub t: usize,
+    pub seq_len: usize,
+    pub group: usize,
+}
+
+impl TokenBaselineCase {
+    /// The cases `cfg` asks for (one with `--quick`).
+    pub fn wanted(cfg: &BenchConfig) -> Vec<TokenBaselineCase> {
+        let sizes: &[usize] = if cfg.quick {
+            &[65_536]
+        } else {
+            &[65_536, 524_288]
+        };
+        let (seq_len, group) = (1024, 16);
+        sizes
+            .iter()
+            .map(|&t| TokenBaselineCase {
+                case: format!("T={t} L={seq_len} G={group}"),
+                t,
+                seq_len,
+                group,
+            })
+            .filter(|c| cfg.wants(&c.case))
+            .collect()
+    }
+
+    /// Bytes the op moves at least: three f32 inputs and a u8 mask read, two f32 outputs written.
+    pub fn bytes(&self) -> f64 {
+        (self.t * 21) as f64
+    }
+}
+
 /// Deterministic pseudo-random inputs shared by both backends' cases.
 pub(crate) mod inputs {
     /// `[T]` log-probs, `[T]` old log-probs, `[B, K]` advantages, `[T]` mask, `[B + 1]` cu_seqlens.

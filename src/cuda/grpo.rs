@@ -5,7 +5,7 @@ use super::{
 };
 use crate::config::{GrpoConfig, IsLevel, IsMode, PolicyLoss, RolloutCorrection};
 use crate::error::Result;
-use crate::layout::{check_len, policy_bits, validate_grpo, Advantages, GrpoInputs};
+use crate::layout::{check_len, policy_bits, validate_grpo, Advantages, GrpoInputs, Mask};
 use crate::output::{finish_grpo, grpo_slots, slots, GrpoOutput, GrpoSums};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
@@ -179,6 +179,14 @@ pub(crate) enum MaskView<'v, 'a> {
 }
 
 impl<'v, 'a> MaskView<'v, 'a> {
+    /// The view of a mask and the dtype suffix of the kernels that read it (`f32` or `u8`).
+    pub(crate) fn of(m: &'v Mask<CudaView<'a, f32>, CudaView<'a, u8>>) -> (Self, &'static str) {
+        match m {
+            Mask::F32(m) => (MaskView::F32(m), "f32"),
+            Mask::U8(m) => (MaskView::U8(m), "u8"),
+        }
+    }
+
     pub(crate) fn addr(&self, stream: &'v CudaStream) -> (u64, cudarc::driver::SyncOnDrop<'v>) {
         match self {
             MaskView::F32(m) => addr(m, stream),

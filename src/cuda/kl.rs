@@ -85,10 +85,7 @@ pub fn rollout_rejection(
     if t == 0 {
         return Ok(());
     }
-    let (mask_view, suffix) = match &mask {
-        Mask::F32(m) => (MaskView::F32(m), "f32"),
-        Mask::U8(m) => (MaskView::U8(m), "u8"),
-    };
+    let (mask_view, suffix) = MaskView::of(&mask);
     let cu = super::upload(stream, cu_seqlens)?;
     let (m_a, _gm) = mask_view.addr(stream);
     let (l_a, _g0) = addr(log_ratio, stream);

@@ -5,7 +5,6 @@ use super::grpo::MaskView;
 use super::{addr, addr_mut, addr_slice, addr_slice_mut, params::OtbParams, upload, Gpu, Module};
 use crate::advantages::Groups;
 use crate::error::{Error, Result};
-use crate::layout::Mask;
 use crate::token_baseline::{validate, TokenBaselineConfig, TokenBaselineInputs};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
@@ -33,13 +32,13 @@ pub fn optimal_token_baseline(
     advantages: &mut CudaViewMut<'_, f32>,
     returns: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let (b, _) = validate(x, config, advantages.len(), returns.len())?;
+    let (b, groups) = validate(x, config, advantages.len(), returns.len())?;
     gpu.check_stream(stream)?;
     let t = x.token_rewards.len();
     if t == 0 {
         return Ok(());
     }
-    let (offsets, members) = group_table(x.groups, b)?;
+    let (offsets, members) = table(&groups);
     let num_groups = offsets.len() - 1;
     let cu = upload(stream, x.cu_seqlens)?;
     let off = upload(stream, &offsets)?;
@@ -48,10 +47,7 @@ pub fn optimal_token_baseline(
     let mut ints = stream.alloc_zeros::<i32>(t + b)?; // the aligned tokens, then the live counts
     let mut bad = upload(stream, &[i32::MAX; CHECKED.len()])?;
     {
-        let (mask_view, suffix) = match &x.mask {
-            Mask::F32(m) => (MaskView::F32(m), "f32"),
-            Mask::U8(m) => (MaskView::U8(m), "u8"),
-        };
+        let (mask_view, suffix) = MaskView::of(&x.mask);
         let (m_a, _gm) = mask_view.addr(stream);
         let (r_a, _g0) = addr(&x.token_rewards, stream);
         let (o_a, _g1) = addr(&x.old_logp, stream);
@@ -106,15 +102,20 @@ pub fn optimal_token_baseline(
 /// The group table the kernels read for B sequences: `(offsets [groups + 1], members [B])`, group
 /// by group in the reference's order (members ascending).
 pub fn group_table(groups: Groups<'_>, b: usize) -> Result<(Vec<i32>, Vec<i32>)> {
-    let groups = crate::advantages::group_members(groups, b)?;
+    Ok(table(&crate::advantages::group_members(groups, b)?))
+}
+
+/// [`group_table`] of the groups' members.
+fn table(groups: &[Vec<usize>]) -> (Vec<i32>, Vec<i32>) {
+    let b = groups.iter().map(Vec::len).sum();
     let mut offsets = Vec::with_capacity(groups.len() + 1);
     let mut members = Vec::with_capacity(b);
     offsets.push(0i32);
-    for g in &groups {
+    for g in groups {
         members.extend(g.iter().map(|&s| s as i32));
         offsets.push(members.len() as i32);
     }
-    Ok((offsets, members))
+    (offsets, members)
 }
 
 /// The kernels' parameter struct (the one definition, also used by the tests that run the kernel
