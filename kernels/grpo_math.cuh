@@ -282,6 +282,16 @@ RECAP_HD RecapIsWeight recap_rollout_is(float log_w, int mode, float lower, floa
     return out;
 }
 
+/* verl's rollout_is_batch_normalize: the mean of the applied IS weights over the batch's units
+ * (rollout_is.cu), from the reduced sums RECAP_ISW_SUM and RECAP_ISW_UNITS: at token level
+ * sum / (units + 1e-8) (verl's masked_mean), at the sequence levels sum / max(units, 1e-8). */
+RECAP_HD double recap_is_batch_mean(double sum, double units, int level) {
+    return level == RECAP_IS_TOKEN ? sum / (units + 1e-8) : sum / (units > 1e-8 ? units : 1e-8);
+}
+
+/* The divisor of the weights: the batch mean where it is > 1e-8 (verl's guard), else 1. */
+RECAP_HD double recap_is_batch_factor(double mean) { return mean > 1e-8 ? mean : 1.0; }
+
 /* TRL's use_bias_correction_kl: kl_t -> kl_t r_t, d/dlogp = kl' r + kl r (the second term is 0 where
  * the log-ratio clamp saturates). */
 RECAP_HD RecapKlToken recap_kl_is_corrected(RecapKlToken kt, RecapRatio q) {

@@ -27,6 +27,12 @@ void recap_host_rollout_is(float log_w, int mode, float lower, float upper, Reca
     *out = recap_rollout_is(log_w, mode, lower, upper);
 }
 
+double recap_host_is_batch_mean(double sum, double units, int level) {
+    return recap_is_batch_mean(sum, units, level);
+}
+
+double recap_host_is_batch_factor(double mean) { return recap_is_batch_factor(mean); }
+
 void recap_host_kl_is_corrected(const RecapKlToken* kt, const RecapRatio* q, RecapKlToken* out) {
     *out = recap_kl_is_corrected(*kt, *q);
 }
@@ -164,11 +170,16 @@ static const size_t otb_layout[] = {
     F(RecapOtbParams, bad), F(RecapOtbParams, advantages), F(RecapOtbParams, returns),
     F(RecapOtbParams, num_tokens), F(RecapOtbParams, num_seqs), F(RecapOtbParams, num_groups),
     F(RecapOtbParams, multi_turn), F(RecapOtbParams, zero_tail), F(RecapOtbParams, eps)};
+static const size_t is_layout[] = {
+    sizeof(RecapIsParams), F(RecapIsParams, log_ratio), F(RecapIsParams, mask), F(RecapIsParams, cu_seqlens),
+    F(RecapIsParams, weights), F(RecapIsParams, partials), F(RecapIsParams, stats), F(RecapIsParams, num_tokens),
+    F(RecapIsParams, num_seqs), F(RecapIsParams, level), F(RecapIsParams, mode), F(RecapIsParams, pad0),
+    F(RecapIsParams, lower), F(RecapIsParams, upper)};
 #undef F
 
 /* Size then field offsets (declaration order) of struct `which`: 0 grpo, 1 seq, 2 reduce, 3 kl,
  * 4 finalize, 5 logits, 6 advantages, 7 train, 8 tensor-parallel combine, 9 rollout rejection,
- * 10 optimal token baseline. Returns the number of entries, writes at most `cap` of them. */
+ * 10 optimal token baseline, 11 rollout IS weights. Returns the number of entries, writes at most `cap` of them. */
 
 size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     const size_t* src;
@@ -185,6 +196,7 @@ size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     case 8: src = tp_layout; n = sizeof(tp_layout) / sizeof(size_t); break;
     case 9: src = reject_layout; n = sizeof(reject_layout) / sizeof(size_t); break;
     case 10: src = otb_layout; n = sizeof(otb_layout) / sizeof(size_t); break;
+    case 11: src = is_layout; n = sizeof(is_layout) / sizeof(size_t); break;
     default: return 0;
     }
     for (size_t i = 0; i < n && i < cap; ++i) out[i] = src[i];

@@ -413,4 +413,36 @@ typedef struct RecapTrainParams {
     float pad0;
 } RecapTrainParams;
 
+/*
+ * Rollout importance-sampling weights as their own op (rollout_is.cu; verl's
+ * compute_rollout_correction_weights). Statistic slots, each reduced over the weights' units (token
+ * level: the unmasked tokens, with their mask weight; sequence levels: the sequences with a mask sum
+ * > 0, one each), written per sequence into column b of the slot-major partials and reduced by
+ * recap_partials_finalize:
+ */
+#define RECAP_ISW_SUM 0       /* sum of the units' applied weights (token: m w; sequence: w n / (n + 1e-8)) */
+#define RECAP_ISW_UNITS 1     /* their weight: sum of m (token level) or the count of sequences    */
+#define RECAP_ISW_RATIO_MIN 2 /* min raw ratio exp(clamp(lw, +-20)) (a min; +inf if none)          */
+#define RECAP_ISW_RATIO_MAX 3 /* max raw ratio (a max; -inf if none)                               */
+#define RECAP_ISW_CORRECTED 4 /* units whose weight was truncated or masked (their weight)         */
+#define RECAP_ISW_NAN 5       /* units whose log-weight is NaN                                     */
+#define RECAP_ISW_SLOTS 6
+
+/* Parameters of the rollout IS weight kernels (rollout_is.cu). */
+typedef struct RecapIsParams {
+    uint64_t log_ratio;  /* const float[T]: old_logp - rollout_logp                              */
+    uint64_t mask;       /* const float[T] / uint8_t[T] (the kernel's suffix)                    */
+    uint64_t cu_seqlens; /* const int32_t[B + 1]                                                 */
+    uint64_t weights;    /* float[T] (written): the applied weight, 0 at masked tokens           */
+    uint64_t partials;   /* double[RECAP_ISW_SLOTS, B] (slot-major, written per sequence)        */
+    uint64_t stats;      /* const double[RECAP_ISW_SLOTS]: the reduced slots (recap_rollout_is_scale) */
+    int64_t num_tokens;
+    int32_t num_seqs;
+    int32_t level;       /* RECAP_IS_TOKEN / _SEQUENCE / _GEOMETRIC                              */
+    int32_t mode;        /* RECAP_IS_METRICS / _TRUNCATE / _MASK                                 */
+    int32_t pad0;
+    float lower;         /* mask: lower bound of the band                                        */
+    float upper;         /* truncate: cap; mask: upper bound                                     */
+} RecapIsParams;
+
 #endif /* RECAP_PARAMS_H */

@@ -2,7 +2,7 @@
 //! compiled, else the CPU reference. The methods here take host data on either backend (the CUDA
 //! path uploads, computes and downloads); for device-resident data call [`crate::cuda`] directly.
 
-use crate::config::{GrpoConfig, KlEstimator};
+use crate::config::{GrpoConfig, KlEstimator, RolloutCorrection};
 use crate::cpu;
 use crate::cuda::{self, Gpu};
 use crate::error::{Error, Result};
@@ -13,6 +13,7 @@ use crate::layout::{
 use crate::logits::{LogitElem, Logits, LogprobConfig};
 use crate::output::{GrpoOutput, ReduceOutput};
 use crate::rejection::RejectionCriterion;
+use crate::rollout_is::RolloutIsStats;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use std::sync::Arc;
 
@@ -183,6 +184,45 @@ impl Backend {
             &mut fd.slice_mut(..t),
         )?;
         download(s, &fd, flags)
+    }
+
+    /// Rollout IS weights on host data (see [`crate::rollout_is`]): `weights` `[T]` of the
+    /// log-ratios `old_logp - rollout_logp`, divided by the batch mean when `normalize`.
+    pub fn rollout_is_weights(
+        &self,
+        log_ratio: &[f32],
+        mask: HostMask<'_>,
+        cu_seqlens: &[i32],
+        correction: &RolloutCorrection,
+        normalize: bool,
+        weights: &mut [f32],
+    ) -> Result<RolloutIsStats> {
+        let gpu = match self {
+            Backend::Cpu => {
+                return cpu::rollout_is_weights(
+                    log_ratio, mask, cu_seqlens, correction, normalize, weights,
+                )
+            }
+            Backend::Cuda(g) => g,
+        };
+        let t = log_ratio.len();
+        check_len("weights", weights.len(), t, "[T] (the length of log_ratio)")?;
+        let s = gpu.stream();
+        let l = cuda::upload(s, log_ratio)?;
+        let m = DeviceMask::upload(s, &mask)?;
+        let mut wd = s.alloc_zeros::<f32>(t.max(1))?;
+        let stats = cuda::rollout_is_weights(
+            gpu,
+            s,
+            &l.slice(..t),
+            m.view(m.len),
+            cu_seqlens,
+            correction,
+            normalize,
+            &mut wd.slice_mut(..t),
+        )?;
+        download(s, &wd, weights)?;
+        Ok(stats)
     }
 
     /// The weighted reduction on host data: `d total / d l_tk` into `grad` (`[T, K]`).

@@ -408,6 +408,25 @@ impl RolloutCorrection {
         self.lower.unwrap_or(1.0 / self.upper)
     }
 
+    /// Checks the bounds (`upper` finite and > 0, `0 <= lower <= upper`); errors name the argument
+    /// `upper_arg` or `lower_arg`.
+    pub(crate) fn validate(&self, upper_arg: &'static str, lower_arg: &'static str) -> Result<()> {
+        if !(self.upper.is_finite() && self.upper > 0.0) {
+            return Err(Error::invalid_argument(
+                upper_arg,
+                format!("expected a finite bound > 0, got {}", self.upper),
+            ));
+        }
+        let lo = self.lower_bound();
+        if !(lo.is_finite() && lo >= 0.0 && lo <= self.upper) {
+            return Err(Error::invalid_argument(
+                lower_arg,
+                format!("expected 0 <= lower <= upper = {}, got {lo}", self.upper),
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn level_code(&self) -> i32 {
         match self.level {
             IsLevel::Token => 0,
@@ -715,19 +734,10 @@ impl GrpoConfig {
             ));
         }
         if let Some(rc) = &self.rollout_correction {
-            if !(rc.upper.is_finite() && rc.upper > 0.0) {
-                return Err(Error::invalid_argument(
-                    "config.rollout_correction.upper",
-                    format!("expected a finite bound > 0, got {}", rc.upper),
-                ));
-            }
-            let lo = rc.lower_bound();
-            if !(lo.is_finite() && lo >= 0.0 && lo <= rc.upper) {
-                return Err(Error::invalid_argument(
-                    "config.rollout_correction.lower",
-                    format!("expected 0 <= lower <= upper = {}, got {lo}", rc.upper),
-                ));
-            }
+            rc.validate(
+                "config.rollout_correction.upper",
+                "config.rollout_correction.lower",
+            )?;
         }
         if !(self.log_ratio_clamp.is_finite() && self.log_ratio_clamp > 0.0) {
             return Err(Error::invalid_argument(

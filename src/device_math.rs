@@ -65,6 +65,8 @@ extern "C" {
         inv_const: f32,
     ) -> f32;
     fn recap_host_rs_stat(lr: f64, statistic: c_int) -> f64;
+    fn recap_host_is_batch_mean(sum: f64, units: f64, level: c_int) -> f64;
+    fn recap_host_is_batch_factor(mean: f64) -> f64;
     fn recap_host_rs_keep(v: f64, statistic: c_int, lower: f64, upper: f64) -> c_int;
     fn recap_host_params_layout(which: c_int, out: *mut usize, cap: usize) -> usize;
     fn recap_host_constants(out: *mut c_int);
@@ -360,6 +362,26 @@ pub fn whiten(x: f64, m: f64, var: f64, n_tokens: f64) -> f64 {
     unsafe { recap_host_whiten(x, m, var, n_tokens) }
 }
 
+/// `recap_is_batch_mean` of grpo_math.cuh: the batch mean of the applied rollout IS weights from
+/// their sum and their units' weight, at `level` (token: `sum / (units + 1e-8)`, the sequence levels:
+/// `sum / max(units, 1e-8)`).
+pub fn is_batch_mean(sum: f64, units: f64, level: crate::IsLevel) -> f64 {
+    let code = crate::RolloutCorrection {
+        level,
+        ..Default::default()
+    }
+    .level_code();
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_is_batch_mean(sum, units, code) }
+}
+
+/// `recap_is_batch_factor` of grpo_math.cuh: the divisor of the weights, `mean` where it is > 1e-8,
+/// else 1.
+pub fn is_batch_factor(mean: f64) -> f64 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_is_batch_factor(mean) }
+}
+
 /// `recap_batch_normalize` of train_math.cuh: `(x - m) / (sd + eps)` (GDPO's batch step).
 pub fn batch_normalize(x: f64, m: f64, sd: f64, eps: f64) -> f64 {
     // SAFETY: pure C function over scalars.
@@ -427,8 +449,8 @@ pub fn adamw(
 }
 
 /// Size and field offsets of C struct `which` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits,
-/// 6 advantages, 7 train, 8 tensor-parallel combine, 9 rollout rejection) as the C compiler lays
-/// out recap_params.h.
+/// 6 advantages, 7 train, 8 tensor-parallel combine, 9 rollout rejection, 10 optimal token
+/// baseline, 11 rollout IS weights) as the C compiler lays out recap_params.h.
 pub fn params_layout(which: i32) -> Vec<usize> {
     let mut buf = [0usize; 64];
     // SAFETY: the C function writes at most `cap` entries into the buffer given.

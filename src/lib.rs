@@ -35,6 +35,7 @@ pub mod output;
 pub mod raw;
 pub mod recap;
 pub mod rejection;
+pub mod rollout_is;
 pub mod tensor_parallel;
 pub mod token_baseline;
 #[cfg(feature = "tools")]
@@ -63,6 +64,7 @@ pub use output::{
 };
 pub use recap::{Orientation, RecapConfig, RecapScheduler};
 pub use rejection::{RejectionCriterion, RsLevel, RsStatistic};
+pub use rollout_is::RolloutIsStats;
 pub use token_baseline::{
     optimal_token_baseline, HostTokenBaselineInputs, TokenBaselineConfig, TokenBaselineInputs,
 };

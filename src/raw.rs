@@ -578,6 +578,54 @@ pub fn rollout_rejection(
     )
 }
 
+/// Rollout IS weights `[T]` (see [`crate::rollout_is`]) of the log-ratios
+/// `old_logp - rollout_logp`, divided by the batch mean when `normalize`.
+pub fn rollout_is_weights(
+    place: Place,
+    log_ratio: In<f32>,
+    mask_in: Mask<In<f32>, In<u8>>,
+    cu_seqlens: &[i32],
+    correction: &crate::RolloutCorrection,
+    normalize: bool,
+    weights: Out<f32>,
+) -> Result<crate::RolloutIsStats> {
+    run(
+        place,
+        |m| {
+            crate::cpu::rollout_is_weights(
+                m.ro("log_ratio", log_ratio)?,
+                mask(m, "mask", &mask_in)?,
+                cu_seqlens,
+                correction,
+                normalize,
+                m.rw("weights", weights)?,
+            )
+        },
+        |m| {
+            if log_ratio.len == 0 {
+                // nothing on the device to read: the checks alone
+                let n = mask_in.array_len();
+                crate::rollout_is::validate(0, n, cu_seqlens, correction, weights.len)?;
+                return crate::RolloutIsStats::from_slots(
+                    &crate::rollout_is::empty_slots(),
+                    correction.level,
+                    normalize,
+                );
+            }
+            cuda::rollout_is_weights(
+                &m.gpu,
+                &m.stream,
+                &m.ro("log_ratio", log_ratio)?,
+                mask(m, "mask", &mask_in)?,
+                cu_seqlens,
+                correction,
+                normalize,
+                &mut m.rw("weights", weights)?,
+            )
+        },
+    )
+}
+
 fn reduce_inputs<'a: 'm, 'm, M: Memory>(
     m: &'m M,
     x: &ReduceInputs<'a, In<f32>, In<u8>>,

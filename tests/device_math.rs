@@ -12,7 +12,7 @@ use recap_kernels::{
 #[test]
 fn parameter_structs_have_the_c_layout() {
     let rust = params::layouts();
-    assert_eq!(rust.len(), 11);
+    assert_eq!(rust.len(), 12);
     for (which, r) in rust.iter().enumerate() {
         let c = device_math::params_layout(which as i32);
         assert!(

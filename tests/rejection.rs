@@ -266,18 +266,7 @@ fn matches_the_reference(
     ];
     let stats = [RsStatistic::K1, RsStatistic::K2, RsStatistic::K3];
     let mut rejected = 0usize;
-    for lens in [
-        vec![],
-        vec![0, 1],
-        vec![31, 32, 33],
-        vec![4097, 5, 0, 64],
-        vec![300; 40],
-    ] {
-        let mut cu = vec![0i32];
-        for l in &lens {
-            cu.push(cu.last().unwrap() + *l);
-        }
-        let t = *cu.last().unwrap() as usize;
+    for (cu, t) in common::edge_layouts() {
         let lr: Vec<f32> = (0..t)
             .map(|_| {
                 if rng.below(500) == 0 {
@@ -288,7 +277,7 @@ fn matches_the_reference(
             })
             .collect();
         let mut mask: Vec<f32> = (0..t).map(|_| (rng.below(5) != 0) as u8 as f32).collect();
-        if lens.len() > 2 {
+        if cu.len() > 3 {
             let (a, b) = (cu[1] as usize, cu[2] as usize);
             mask[a..b].iter_mut().for_each(|m| *m = 0.0); // a fully masked sequence
         }
@@ -310,7 +299,7 @@ fn matches_the_reference(
                 .rollout_rejection(&lr, m, &cu, &criteria, &mut want)
                 .unwrap();
             run(&lr, m, &cu, &criteria, &mut got);
-            assert_eq!(got, want, "lens {lens:?} criteria {criteria:?}");
+            assert_eq!(got, want, "cu_seqlens {cu:?} criteria {criteria:?}");
             rejected += want.iter().filter(|f| **f != 0).count();
         }
     }

@@ -1,6 +1,7 @@
 """Our verl drop-ins against verl's own functions, called (not copied) from the installed package:
 every policy loss (Clip-Cov's random draw under the same seed) x aggregation mode, agg_loss,
-kl_penalty, the group advantage estimators, the optimal token baseline, the rollout rejection mask and the older API's veto
+kl_penalty, the group advantage estimators, the optimal token baseline, the rollout rejection mask, the rollout IS
+weights (with batch normalization) and the older API's veto
 (verl 0.7), on random batches;
 values, gradients and metrics. Run by scripts/peer-check.sh, which installs verl
 (and TRL, whose off-policy mask is checked too) into a cached directory.
@@ -230,6 +231,31 @@ def check_rollout_rejection(tally, gen, batches):
             tally.add(f"rollout rejection {rs}", ok, why)
 
 
+def check_rollout_is(tally, gen, batches):
+    """verl's compute_rollout_correction_weights (rollout_corr_helper) against ours: the weights
+    (token and sequence level, truncated and IcePop, with and without rollout_is_batch_normalize) and
+    every metric verl reports."""
+    from verl.trainer.ppo import rollout_corr_helper as rch
+
+    cases = [(level, th, norm) for level in ("token", "sequence") for th in (2.0, "1.5", "0.5_2.0")
+             for norm in (False, True)]
+    for _ in range(batches):
+        old, _, _, _, mask = batch(gen)
+        noise = torch.randn(old.shape, generator=gen)
+        for level, th, norm in cases:
+            lr = noise * (0.4 if level == "token" else 0.15)  # both levels beyond the bounds at times
+            theirs, their_metrics = rch.compute_rollout_correction_weights(lr, mask, level, th, norm)
+            ours, our_metrics = rk.verl.compute_rollout_correction_weights(lr, mask, level, th, norm)
+            ok, why = close(ours, theirs), "weights"
+            missing = set(their_metrics) - set(our_metrics)
+            if missing:
+                ok, why = False, f"metrics not computed: {sorted(missing)}"
+            for k, v in our_metrics.items():
+                if k not in their_metrics or not close(v, their_metrics[k], rtol=1e-4, atol=1e-6):
+                    ok, why = False, f"{k} {float(v):.6g} vs {their_metrics.get(k)}"
+            tally.add(f"rollout IS weights {level} {th}{' normalized' if norm else ''}", ok, why)
+
+
 def older_verl_rollout_corr_helper():
     """verl 0.7's rollout_corr_helper (the older API, with rollout_token_veto_threshold), loaded from
     the copy that scripts/peer-check.sh installs beside the current verl ($RECAP_OLD_VERL); its
@@ -311,6 +337,7 @@ def main():
     check_remax(core, tally, gen, args.batches)
     check_token_baseline(core, tally, gen, args.batches)
     check_rollout_rejection(tally, gen, args.batches)
+    check_rollout_is(tally, gen, args.batches)
     check_token_veto(tally, gen, args.batches)
     check_trl(tally, gen, args.batches)
     failed = 0

@@ -415,6 +415,33 @@ int32_t recap_rollout_rejection(int32_t device,
                                 double rollout_token_veto_threshold,
                                 int32_t *flags);
 
+// Rollout importance-sampling weights (verl's `compute_rollout_correction_weights`): f32 `weights`
+// `[T]` (on the device or, for `device < 0`, the host) of the log-ratios `old_logp - rollout_logp`,
+// 0 at masked tokens; `rollout_is` `"token"`, `"sequence"` or `"geometric"` and
+// `rollout_is_threshold` as verl's (`"2.0"`: truncate at 2; `"0.5_2.0"`: IcePop, weights outside
+// the band set to 0). `batch_normalize` != 0 divides the weights by their batch mean (verl's
+// `rollout_is_batch_normalize`). `stats` (nullable) gets 7 doubles on the host: the weight sum,
+// the units (mask sum or sequence count), the smallest and largest raw ratio, the weight of the
+// corrected units, the batch mean and the factor the weights were divided by (1 without
+// normalization). `cu_seqlens` `[num_seqs + 1]` on the host.
+//
+// # Safety
+// Arrays of `num_tokens` elements in the memory of the call's place; the two strings non-null and
+// NUL-terminated; `stats` null or 7 writable doubles.
+int32_t recap_rollout_is_weights(int32_t device,
+                                 void *stream,
+                                 int64_t num_tokens,
+                                 const float *log_ratio,
+                                 const void *mask,
+                                 int32_t mask_is_u8,
+                                 const int32_t *cu_seqlens,
+                                 int64_t num_seqs,
+                                 const char *rollout_is,
+                                 const char *rollout_is_threshold,
+                                 int32_t batch_normalize,
+                                 float *weights,
+                                 double *stats);
+
 // The per-objective weighted reduction of losses `[T, K]` with the mask and layout of the fused
 // loss: `d total / d l` into `grad` `[T, K]` (on the device or, for `device < 0`, the host);
 // `total` and `objective_loss` `[K]` (nullable) on the host; `normalizers` and `seq_tokens` as in

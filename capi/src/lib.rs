@@ -425,6 +425,20 @@ fn adv_arr(
     }
 }
 
+/// The caller's string argument `name`: an error if it is null or not UTF-8.
+///
+/// # Safety
+/// `p` null or a NUL-terminated string that outlives the call.
+unsafe fn text<'a>(name: &'static str, p: *const c_char) -> Result<&'a str> {
+    if p.is_null() {
+        return Err(Error::invalid_argument(name, "null pointer"));
+    }
+    // SAFETY: non-null NUL-terminated string (the caller's contract).
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|_| Error::invalid_argument(name, "not UTF-8"))
+}
+
 /// Writes `values` to the caller's host array `out` when it is not null.
 fn write_host(out: *mut f64, values: &[f64]) {
     if !out.is_null() {
@@ -1165,19 +1179,14 @@ pub unsafe extern "C" fn recap_rollout_rejection(
         let t = len("num_tokens", num_tokens)?;
         let b = len("num_seqs", num_seqs)?;
         let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
-        let text = |name: &'static str, p: *const c_char| -> Result<&str> {
-            if p.is_null() {
-                return Err(Error::invalid_argument(name, "null pointer"));
-            }
-            // SAFETY: non-null NUL-terminated string (the caller's contract).
-            unsafe { CStr::from_ptr(p) }
-                .to_str()
-                .map_err(|_| Error::invalid_argument(name, "not UTF-8"))
-        };
         let veto = rollout_token_veto_threshold;
+        // SAFETY: NUL-terminated strings (the caller's contract).
+        let options = unsafe { text("rollout_rs", rollout_rs)? };
+        // SAFETY: as above.
+        let thresholds = unsafe { text("rollout_rs_threshold", rollout_rs_threshold)? };
         let criteria = RejectionCriterion::parse_verl_with_veto(
-            text("rollout_rs", rollout_rs)?,
-            text("rollout_rs_threshold", rollout_rs_threshold)?,
+            options,
+            thresholds,
             (veto != 0.0).then_some(veto),
         )?;
         raw::rollout_rejection(
@@ -1188,6 +1197,70 @@ pub unsafe extern "C" fn recap_rollout_rejection(
             &criteria,
             out_arr(flags, t),
         )
+    })
+}
+
+/// Rollout importance-sampling weights (verl's `compute_rollout_correction_weights`): f32 `weights`
+/// `[T]` (on the device or, for `device < 0`, the host) of the log-ratios `old_logp - rollout_logp`,
+/// 0 at masked tokens; `rollout_is` `"token"`, `"sequence"` or `"geometric"` and
+/// `rollout_is_threshold` as verl's (`"2.0"`: truncate at 2; `"0.5_2.0"`: IcePop, weights outside
+/// the band set to 0). `batch_normalize` != 0 divides the weights by their batch mean (verl's
+/// `rollout_is_batch_normalize`). `stats` (nullable) gets 7 doubles on the host: the weight sum,
+/// the units (mask sum or sequence count), the smallest and largest raw ratio, the weight of the
+/// corrected units, the batch mean and the factor the weights were divided by (1 without
+/// normalization). `cu_seqlens` `[num_seqs + 1]` on the host.
+///
+/// # Safety
+/// Arrays of `num_tokens` elements in the memory of the call's place; the two strings non-null and
+/// NUL-terminated; `stats` null or 7 writable doubles.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_rollout_is_weights(
+    device: i32,
+    stream: *mut c_void,
+    num_tokens: i64,
+    log_ratio: *const f32,
+    mask: *const c_void,
+    mask_is_u8: i32,
+    cu_seqlens: *const i32,
+    num_seqs: i64,
+    rollout_is: *const c_char,
+    rollout_is_threshold: *const c_char,
+    batch_normalize: i32,
+    weights: *mut f32,
+    stats: *mut f64,
+) -> i32 {
+    guard(|| {
+        let t = len("num_tokens", num_tokens)?;
+        let b = len("num_seqs", num_seqs)?;
+        let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
+        // SAFETY: NUL-terminated strings (the caller's contract).
+        let level = unsafe { text("rollout_is", rollout_is)? };
+        // SAFETY: as above.
+        let threshold = unsafe { text("rollout_is_threshold", rollout_is_threshold)? };
+        let correction = recap::rollout_is::parse_verl(level, threshold)?;
+        let st = raw::rollout_is_weights(
+            place(device, stream),
+            arr(log_ratio, t),
+            mask_arr(mask, mask_is_u8, t),
+            cu,
+            &correction,
+            batch_normalize != 0,
+            out_arr(weights, t),
+        )?;
+        write_host(
+            stats,
+            &[
+                st.weight_sum,
+                st.units,
+                st.ratio_min,
+                st.ratio_max,
+                st.corrected,
+                st.mean,
+                st.factor,
+            ],
+        );
+        Ok(())
     })
 }
 
@@ -1385,9 +1458,7 @@ pub unsafe extern "C" fn recap_scheduler_new(
             ""
         } else {
             // SAFETY: non-null NUL-terminated string (the caller's contract).
-            unsafe { CStr::from_ptr(options_json) }
-                .to_str()
-                .map_err(|_| Error::invalid_argument("options_json", "not UTF-8"))?
+            unsafe { text("options_json", options_json)? }
         };
         let cfg = RecapConfig::from_json(if json.is_empty() { "{}" } else { json })?;
         h = Box::into_raw(Box::new(RecapSchedulerHandle(RecapScheduler::new(
@@ -1499,13 +1570,8 @@ pub unsafe extern "C" fn recap_scheduler_from_json(
 ) -> *mut RecapSchedulerHandle {
     let mut h = std::ptr::null_mut();
     guard(|| {
-        if json.is_null() {
-            return Err(Error::invalid_argument("json", "null pointer"));
-        }
-        // SAFETY: non-null NUL-terminated string (the caller's contract).
-        let s = unsafe { CStr::from_ptr(json) }
-            .to_str()
-            .map_err(|_| Error::invalid_argument("json", "not UTF-8"))?;
+        // SAFETY: a NUL-terminated string (the caller's contract).
+        let s = unsafe { text("json", json)? };
         h = Box::into_raw(Box::new(RecapSchedulerHandle(RecapScheduler::from_json(
             s,
         )?)));

@@ -9,6 +9,7 @@ mod math;
 mod norms;
 mod reduce;
 mod rejection;
+mod rollout_is;
 mod tensor_parallel;
 
 pub use fused_linear::fused_linear_grpo_loss;
@@ -24,4 +25,5 @@ pub(crate) use norms::mask_weight;
 pub(crate) use norms::seq_tokens;
 pub use reduce::weighted_reduce;
 pub use rejection::rollout_rejection;
+pub use rollout_is::rollout_is_weights;
 pub use tensor_parallel::{tp_backward, tp_combine, tp_partials};

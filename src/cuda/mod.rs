@@ -13,6 +13,7 @@ mod logits;
 #[doc(hidden)]
 pub mod params;
 mod reduce;
+mod rollout_is;
 mod tensor_parallel;
 mod token_baseline;
 
@@ -25,6 +26,7 @@ pub use logits::{
     DeviceLogitsLossInputs, LogprobGrads,
 };
 pub use reduce::{weighted_reduce, DeviceReduceInputs};
+pub use rollout_is::{is_finalize_params, is_params, is_plan, rollout_is_weights, IsPlan};
 pub use tensor_parallel::{tp_backward_inplace, tp_combine, tp_partials};
 pub use token_baseline::{group_table, optimal_token_baseline, otb_launches, otb_params};
 
@@ -64,6 +66,7 @@ pub(crate) enum Module {
     Kl,
     Logits,
     Reduce,
+    RolloutIs,
     TokenBaseline,
     /// The training driver's kernels (`recap train`, feature `tools`).
     #[cfg(feature = "tools")]
@@ -78,6 +81,7 @@ impl Module {
             Module::Kl => images::KL,
             Module::Logits => images::LOGITS,
             Module::Reduce => images::REDUCE,
+            Module::RolloutIs => images::ROLLOUT_IS,
             Module::TokenBaseline => images::TOKEN_BASELINE,
             #[cfg(feature = "tools")]
             Module::Train => images::TRAIN,

@@ -316,6 +316,27 @@ pub struct OtbParams {
     pub eps: f64,
 }
 
+/// Mirror of `RecapIsParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IsParams {
+    pub log_ratio: u64,
+    pub mask: u64,
+    pub cu_seqlens: u64,
+    pub weights: u64,
+    pub partials: u64,
+    pub stats: u64,
+    pub num_tokens: i64,
+    pub num_seqs: i32,
+    pub level: i32,
+    pub mode: i32,
+    pub pad0: i32,
+    pub lower: f32,
+    pub upper: f32,
+}
+
+// SAFETY: as above.
+unsafe impl DeviceRepr for IsParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AdvParams {}
 // SAFETY: as above.
@@ -325,7 +346,8 @@ unsafe impl DeviceRepr for TrainParams {}
 
 /// Size and field offsets, in declaration order, of each mirror, indexed as the C shim's
 /// `recap_host_params_layout` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits, 6 advantages,
-/// 7 train, 8 tensor-parallel combine, 9 rollout rejection, 10 optimal token baseline).
+/// 7 train, 8 tensor-parallel combine, 9 rollout rejection, 10 optimal token baseline, 11 rollout IS
+/// weights).
 pub fn layouts() -> Vec<Vec<usize>> {
     vec![
         layout!(GrpoParams; logp, old_logp, ref_logp, advantages, mask, cu_seqlens, membership, seq_tokens,
@@ -358,5 +380,7 @@ pub fn layouts() -> Vec<Vec<usize>> {
         layout!(OtbParams; token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, cu_seqlens,
             group_offsets, group_members, cum_w, to_go, aligned, live, bad, advantages, returns, num_tokens,
             num_seqs, num_groups, multi_turn, zero_tail, eps),
+        layout!(IsParams; log_ratio, mask, cu_seqlens, weights, partials, stats, num_tokens, num_seqs, level,
+            mode, pad0, lower, upper),
     ]
 }

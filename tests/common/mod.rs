@@ -140,6 +140,29 @@ pub struct Batch {
     pub with_rollout: bool,
 }
 
+/// The packed layouts (`cu_seqlens`, T) of the edge-case batches the per-sequence ops are tested
+/// on: empty, lengths 0 and 1, 31 / 32 / 33 around a warp, 4097 beside short and empty sequences,
+/// and 40 sequences of 300 (several blocks).
+pub fn edge_layouts() -> Vec<(Vec<i32>, usize)> {
+    let lens: [Vec<i32>; 5] = [
+        vec![],
+        vec![0, 1],
+        vec![31, 32, 33],
+        vec![4097, 5, 0, 64],
+        vec![300; 40],
+    ];
+    lens.iter()
+        .map(|l| {
+            let mut cu = vec![0i32];
+            for n in l {
+                cu.push(cu.last().unwrap() + n);
+            }
+            let t = *cu.last().unwrap() as usize;
+            (cu, t)
+        })
+        .collect()
+}
+
 /// Ratios at which a branch of the loss switches for the configs the tests use; random tokens are
 /// kept away from them so that f32 (GPU) and f64 (CPU) take the same branch.
 const KINKS: [f64; 6] = [0.8, 1.2, 1.28, 0.72, 3.0, 2.5];

@@ -15,6 +15,7 @@ use pyo3::types::PyAny;
 use recap_kernels::advantages::{AdvantageConfig, AdvantageMode, Groups};
 use recap_kernels::cuda::FusedLinearConfig;
 use recap_kernels::raw::{self, In, Out, Place, RawGroups};
+use recap_kernels::rollout_is;
 use recap_kernels::{
     Advantages, GrpoConfig, GrpoInputs, KlEstimator, Logits, LogitsLossInputs, LogprobConfig, Mask,
     Normalizers, Orientation, RecapConfig, RecapScheduler, ReduceInputs, RejectionCriterion,
@@ -578,6 +579,52 @@ fn rollout_rejection(
     let f = call.out_i32("flags", flags)?;
     py.detach(|| raw::rollout_rejection(call.place, lr, m, &cu, &criteria, f))
         .map_err(err)
+}
+
+/// Rollout IS weights into `weights` ([T] float32, 0 at masked tokens) of `log_ratio` =
+/// old_logp - rollout_logp ([T]), with verl's `rollout_is` level and `rollout_is_threshold`; divided
+/// by the batch mean when `batch_normalize`. `stats` ([7] float64): weight sum, units, smallest and
+/// largest raw ratio, corrected units, batch mean, the factor the weights were divided by.
+#[pyfunction]
+#[pyo3(signature = (log_ratio, mask, cu_seqlens, rollout_is, rollout_is_threshold, batch_normalize,
+                    weights, stats))]
+#[allow(clippy::too_many_arguments)]
+fn rollout_is_weights(
+    py: Python<'_>,
+    log_ratio: &Bound<'_, PyAny>,
+    mask: &Bound<'_, PyAny>,
+    cu_seqlens: &Bound<'_, PyAny>,
+    rollout_is: &str,
+    rollout_is_threshold: &str,
+    batch_normalize: bool,
+    weights: &Bound<'_, PyAny>,
+    stats: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("log_ratio", log_ratio)?;
+    let call = Call::new(py, &first)?;
+    let correction = rollout_is::parse_verl(rollout_is, rollout_is_threshold).map_err(err)?;
+    let cu = host_i32("cu_seqlens", cu_seqlens)?;
+    let (lr, m) = (call.f32("log_ratio", log_ratio)?, call.mask("mask", mask)?);
+    let (w, s) = (
+        call.out_f32("weights", weights)?,
+        call.out_f64("stats", stats)?,
+    );
+    let st = py
+        .detach(|| raw::rollout_is_weights(call.place, lr, m, &cu, &correction, batch_normalize, w))
+        .map_err(err)?;
+    call.write("stats", s, &st.to_array())
+}
+
+/// `(mean, factor)` of rollout IS weights for the batch whose parts' weight sums and units add up
+/// to `weight_sum` and `units`: the batch mean and what the weights are divided by (the
+/// data-parallel form of `rollout_is_batch_normalize`).
+#[pyfunction]
+fn rollout_is_batch_factor(weight_sum: f64, units: f64, rollout_is: &str) -> PyResult<(f64, f64)> {
+    let level = rollout_is::parse_verl(rollout_is, "1").map_err(err)?.level;
+    Ok((
+        rollout_is::batch_mean(weight_sum, units, level),
+        rollout_is::batch_factor(weight_sum, units, level),
+    ))
 }
 
 /// The per-objective weighted reduction of `losses` [T, K]: `grad` [T, K], `total` (0-dim
@@ -1298,6 +1345,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CUDA_ARCHS", recap_kernels::cuda::CUDA_ARCHS)?;
     m.add("NVCC_VERSION", recap_kernels::cuda::NVCC_VERSION)?;
     m.add("RecapError", m.py().get_type::<RecapError>())?;
+    m.add("ROLLOUT_IS_STATS", recap_kernels::RolloutIsStats::LEN)?;
     m.add_class::<PyRecapScheduler>()?;
     m.add_function(wrap_pyfunction!(grpo_config, m)?)?;
     m.add_function(wrap_pyfunction!(grpo_stat_layout, m)?)?;
@@ -1305,6 +1353,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(grpo_loss, m)?)?;
     m.add_function(wrap_pyfunction!(kl, m)?)?;
     m.add_function(wrap_pyfunction!(rollout_rejection, m)?)?;
+    m.add_function(wrap_pyfunction!(rollout_is_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(rollout_is_batch_factor, m)?)?;
     m.add_function(wrap_pyfunction!(weighted_reduce, m)?)?;
     m.add_function(wrap_pyfunction!(count_normalizers, m)?)?;
     m.add_function(wrap_pyfunction!(logprob_forward, m)?)?;

@@ -312,3 +312,39 @@ def rollout_rejection(log_ratio, mask, options, thresholds):
         rejected.append(~keep & (m > 0))
     any_rejected = torch.stack(rejected).any(0)
     return mask * (~any_rejected), rejected
+
+
+def rollout_is_weights(log_ratio, mask, level, upper, lower=None, normalize=False):
+    """verl's compute_rollout_correction_weights written out (f64): the ratio of the token's
+    log-ratio (token), of the sequence's masked sum (sequence) or mean (geometric), clamped to
+    +-20 in log space; truncated at ``upper`` or, with ``lower`` (IcePop), zeroed outside the band;
+    0 at masked tokens. With ``normalize``, divided by the batch mean (tokens: masked mean;
+    sequences: mean over the sequences with a valid token) where it exceeds 1e-8.
+    Returns (weights, factor)."""
+    lr = log_ratio.double()
+    m = mask.double()
+    if level == "token":
+        lw = lr
+    else:
+        lw = (lr * m).sum(-1, keepdim=True)
+        if level == "geometric":
+            lw = lw / m.sum(-1, keepdim=True).clamp(min=1)
+        lw = lw.expand_as(lr)
+    raw = torch.exp(lw.clamp(-20, 20))
+    if lower is None:
+        w = raw.clamp(max=upper)
+    else:
+        w = torch.where((raw >= lower) & (raw <= upper), raw, torch.zeros_like(raw))
+    w = w * (m > 0)
+    factor = 1.0
+    if normalize:
+        if level == "token":
+            mean = (w * m).sum() / (m.sum() + 1e-8)
+        else:
+            seq = (w * m).sum(-1) / (m.sum(-1) + 1e-8)
+            valid = (m.sum(-1) > 0).double()
+            mean = (seq * valid).sum() / valid.sum().clamp(min=1e-8)
+        if mean > 1e-8:
+            factor = float(mean)
+            w = w / mean
+    return w, factor

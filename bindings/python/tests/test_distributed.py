@@ -1,6 +1,7 @@
 """Data parallelism over torch.distributed (gloo, CPU): two ranks, each with its own sequences,
 normalized by the whole batch's counts (one all_reduce): each rank's gradient is its slice of the
-whole batch's gradient and the ranks' losses sum to the whole batch's loss."""
+whole batch's gradient and the ranks' losses sum to the whole batch's loss; rollout IS weights
+normalized over the ranks are the whole batch's."""
 import os
 import socket
 import tempfile
@@ -51,6 +52,8 @@ def worker(rank, port, out_dir):
             loss_m, _ = rk.grpo_loss(y, old, adv, mask, ref_logp=ref, kl_coef=0.1, agg_mode=agg, normalizers=mean)
             loss_m.backward()
             results[agg + "/mean"] = (loss_m.detach(), y.grad, mean)
+        for level in ["token", "sequence"]:
+            results["rollout_is/" + level] = rk.distributed.rollout_is_weights(old - logp, mask, rollout_is=level)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -80,3 +83,13 @@ def test_two_ranks_reproduce_the_whole_batch():
             # mean_reduced: each rank's gradient is WORLD times its slice, so that the average over
             # the ranks (what DDP / FSDP compute for shared parameters) is the whole batch's gradient
             torch.testing.assert_close(r[agg + "/mean"][1], WORLD * x.grad[rank_slice(rank)], rtol=1e-6, atol=1e-8)
+    # rollout IS weights normalized over the whole batch (verl's distributed_masked_mean): each rank's
+    # weights are its slice of the whole batch's (to the rounding of the factor) and the stats the whole batch's
+    for level in ["token", "sequence"]:
+        want, stats = rk.rollout_is_weights(old - logp, mask, rollout_is=level, rollout_is_batch_normalize=True)
+        assert float(stats["factor"]) != 1.0
+        for rank, r in enumerate(ranks):
+            w, st = r["rollout_is/" + level]
+            torch.testing.assert_close(w, want[rank_slice(rank)], rtol=3e-7, atol=0.0)
+            torch.testing.assert_close(st["factor"], stats["factor"], rtol=1e-12, atol=0.0)
+            torch.testing.assert_close(st["units"], stats["units"])

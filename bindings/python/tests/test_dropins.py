@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import recap_kernels as rk
-from reference import (agg_loss, cispo, clip_cov, dppo, dro, geo_mean, gpg, kl_cov, kl_penalty, rollout_rejection,
-                       sapo, trl_loss, trl_multi_objective, trl_off_policy_mask, verl_gspo, verl_vanilla)
+from reference import (agg_loss, cispo, clip_cov, dppo, dro, geo_mean, gpg, kl_cov, kl_penalty, rollout_is_weights,
+                       rollout_rejection, sapo, trl_loss, trl_multi_objective, trl_off_policy_mask, verl_gspo, verl_vanilla)
 
 
 def batch(device, gen, b=6, l=21):
@@ -277,6 +277,80 @@ def test_verl_rollout_rejection_errors(gen):
             rk.verl.compute_rollout_rejection_mask(old - logp, mask, rs, th)
     with pytest.raises(rk.RecapError, match="mask"):
         rk.rollout_rejection(old - logp, mask[:, :5], rollout_rs="token_k2", rollout_rs_threshold=1.0)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "geometric"])
+@pytest.mark.parametrize("threshold,upper,lower", [(2.0, 2.0, None), ("1.5", 1.5, None), ("0.5_2.0", 2.0, 0.5)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_verl_rollout_is_weights(device, gen, level, threshold, upper, lower, normalize):
+    """verl's compute_rollout_correction_weights against its formulas written out (f64): the weights
+    (truncated or IcePop, at token or sequence level, batch-normalized or not), verl's metrics, and
+    the weights as the loss's policy_weight; sequences of lengths 0, 1, 31, 32, 33 and a fully
+    masked one."""
+    lengths = [0, 1, 31, 32, 33, 5]
+    lr = torch.zeros(len(lengths), 33)
+    mask = torch.zeros(len(lengths), 33)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = (torch.rand(n, generator=gen) > 0.2).float()
+        lr[i] = torch.randn(33, generator=gen) * (0.5 if level == "token" else 0.05)
+    mask[5] = 0  # fully masked
+    lr, mask = lr.to(device), mask.to(device)
+    w, metrics = rk.verl.compute_rollout_correction_weights(lr, mask, level, threshold, normalize)
+    want, factor = rollout_is_weights(lr.cpu(), mask.cpu(), level, upper, lower, normalize)
+    close(w.cpu(), want)
+    assert w.dtype == torch.float32 and w.shape == mask.shape
+    assert float(w[mask == 0].abs().sum()) == 0.0
+    base, _ = rollout_is_weights(lr.cpu(), mask.cpu(), level, upper, lower)
+    m = mask.cpu().double()
+    close(metrics["rollout_is_mean"], (base * m).sum() / m.sum())
+    if level == "token":
+        close(metrics["rollout_is_max"], base[m > 0].max())
+        raw = torch.exp(lr.cpu().double())
+        close(metrics["rollout_is_ratio_fraction_high"], ((raw > upper).double() * m).sum() / m.sum())
+        close(metrics["rollout_is_ratio_fraction_low"], ((raw < (lower or 1 / upper)).double() * m).sum() / m.sum())
+    seq = (base * m).sum(-1) / (m.sum(-1) + 1e-8)
+    close(metrics["rollout_is_seq_mean"], seq.mean())
+    close(metrics["rollout_is_seq_max"], seq.max())
+    assert ("rollout_is_oob_ratio" in metrics) == (lower is not None)
+    assert ("rollout_is_batch_norm_factor" in metrics) == normalize
+    if normalize:
+        close(metrics["rollout_is_batch_norm_factor"], torch.tensor(factor))
+        assert factor != 1.0
+    # the op's own normalization gives the same bits as the drop-in's (one float32 division)
+    own, stats = rk.rollout_is_weights(lr, mask, rollout_is=level, rollout_is_threshold=threshold,
+                                       rollout_is_batch_normalize=normalize)
+    assert torch.equal(own, w)
+    close(stats["factor"], torch.tensor(factor))
+    # as the loss's policy weight: the vanilla loss with each token's term scaled by its weight
+    old, logp, ref, adv, _ = batch(device, gen, b=6, l=33)
+    loss, _ = rk.grpo_loss(logp, old, adv, mask, policy_weight=w)
+    r = torch.exp(logp.cpu().double() - old.cpu().double())
+    a = adv.cpu().double()[:, None]
+    pg = torch.maximum(-a * r, -a * r.clamp(0.8, 1.2))
+    pg = torch.where(a < 0, torch.minimum(pg, -3.0 * a), pg) * want  # dual clip c = 3
+    close(loss.cpu(), (pg * m).sum() / m.sum())
+
+
+def test_rollout_is_weights_errors(gen):
+    old, logp, ref, adv, mask = batch(torch.device("cpu"), gen)
+    lr = old - logp
+    for level, th, arg in [("tokens", 2.0, "rollout_is"), ("token", "2_x", "rollout_is_threshold"),
+                           ("token", -1.0, "rollout_is_threshold"), ("sequence", "2.0_0.5", "rollout_is_threshold"),
+                           ("token", True, "rollout_is_threshold")]:
+        with pytest.raises(rk.RecapError, match=arg):
+            rk.verl.compute_rollout_correction_weights(lr, mask, level, th)
+    with pytest.raises(rk.RecapError, match="mask"):
+        rk.rollout_is_weights(lr, mask[:, :5])
+    with pytest.raises(rk.RecapError, match="response_mask"):
+        rk.verl.compute_rollout_correction_weights(lr, torch.zeros_like(mask))
+    bad = lr.clone()
+    bad[0, mask[0].argmax()] = float("nan")
+    with pytest.raises(rk.RecapError, match="log_ratio"):
+        rk.rollout_is_weights(bad, mask)
+    bad = lr.clone()
+    bad[3, 0] = float("nan")  # a masked token is never read
+    w, _ = rk.rollout_is_weights(bad, mask, rollout_is="sequence")
+    assert bool(torch.isfinite(w).all())
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])

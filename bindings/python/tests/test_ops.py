@@ -38,6 +38,8 @@ def cases():
         "kl": (ops.kl.default, (s["logp"], s["ref"], s["mask"], "k3+")),
         "rollout_rejection": (ops.rollout_rejection.default, ((s["old"] - s["logp"]).detach(), s["mask"], s["cu"],
                                                               "token_k1,seq_mean_k3", "0.8_1.25,0.01")),
+        "rollout_is_weights": (ops.rollout_is_weights.default, ((s["old"] - s["logp"]).detach(), s["mask"], s["cu"],
+                                                                "sequence", "0.5_2.0", True)),
         "weighted_reduce": (ops.weighted_reduce.default, (torch.randn(T, 2, generator=g, requires_grad=True),
                                                           s["mask"], s["cu"], s["lam"], None, None, None, s["cfg"])),
         "count_normalizers": (ops.count_normalizers.default, (s["mask"], s["cu"], None, 2)),
@@ -137,3 +139,5 @@ def test_stat_lengths_follow_the_layout():
         assert ops.grpo_stats_len(k) == off + n
         *_, (name, off, n, _) = _native.logits_stat_layout(k)
         assert ops.logits_stats_len(k) == off + n
+    # the rollout IS stats: one name per value the op writes
+    assert len(rk.functional.ROLLOUT_IS_STATS) == ops.ROLLOUT_IS_STATS == 7

@@ -96,6 +96,22 @@ static int host_checks(const RecapGrpoConfig* cfg) {
     CHECK(rs[0] == 1 && rs[1] == 1 && rs[2] == 0 && rs[3] == 0);
     CHECK(recap_rollout_rejection(-1, NULL, 4, lr, mask, 1, cu, 2, "", "", -1.0, rs) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "rollout_token_veto_threshold") != NULL);
+    /* rollout IS weights, token level truncated at 2: exp(lr), e^1 capped; normalized by their mean
+     * (1.10517 + 0.81873 + 2 + 1.49182) / 4 = 1.35393 */
+    float isw[4];
+    double ist[7];
+    CHECK(recap_rollout_is_weights(-1, NULL, 4, lr, mask, 1, cu, 2, "token", "2", 0, isw, ist) == RECAP_OK);
+    CHECK(isw[0] > 1.10517f && isw[0] < 1.10518f && isw[2] == 2.0f && ist[1] == 4.0 && ist[4] == 1.0);
+    CHECK(ist[3] > 2.71828 && ist[3] < 2.71829 && ist[6] == 1.0);
+    CHECK(recap_rollout_is_weights(-1, NULL, 4, lr, mask, 1, cu, 2, "token", "2", 1, isw, ist) == RECAP_OK);
+    CHECK(ist[6] > 1.35392 && ist[6] < 1.35394 && isw[2] > 1.47717f && isw[2] < 1.47719f);
+    /* sequence level, IcePop band [0.5, 2]: exp(-0.1) kept, exp(1.4) set to 0 */
+    CHECK(recap_rollout_is_weights(-1, NULL, 4, lr, mask, 1, cu, 2, "sequence", "0.5_2", 0, isw, NULL) == RECAP_OK);
+    CHECK(isw[0] > 0.90483f && isw[0] < 0.90484f && isw[1] == isw[0] && isw[2] == 0.0f && isw[3] == 0.0f);
+    CHECK(recap_rollout_is_weights(-1, NULL, 4, lr, mask, 1, cu, 2, "tokens", "2", 0, isw, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "rollout_is") != NULL);
+    CHECK(recap_rollout_is_weights(-1, NULL, 4, lr, mask, 1, cu, 2, "token", "2_0.5", 0, isw, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "rollout_is_threshold") != NULL);
     /* Dr. GRPO advantages: reward minus the group mean */
     float rewards[4] = {1.0f, 0.0f, 2.0f, 4.0f}, out[4];
     int32_t modes[1] = {1};

@@ -19,7 +19,7 @@ from torch import Tensor
 from . import _native, ops
 from ._native import RecapError
 
-__all__ = ["grpo_config", "grpo_loss", "kl_penalty", "rollout_rejection", "weighted_reduce", "count_normalizers",
+__all__ = ["grpo_config", "grpo_loss", "kl_penalty", "rollout_rejection", "rollout_is_weights", "rollout_is_normalize", "weighted_reduce", "count_normalizers",
            "logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "optimal_token_baseline", "RecapError"]
 
 _OBJECTIVES = {"policy": 0, "nll": 1, 0: 0, 1: 1}
@@ -225,6 +225,57 @@ def rollout_rejection(log_ratio: Tensor, mask: Tensor, cu_seqlens=None, *, rollo
     flags = ops.rollout_rejection(lr.detach(), m, cu, str(rollout_rs or ""), str(rollout_rs_threshold or ""),
                                   veto).view(shape)
     return torch.where(flags == 0, mask, torch.zeros((), dtype=mask.dtype, device=mask.device)), flags
+
+
+ROLLOUT_IS_STATS = ("weight_sum", "units", "ratio_min", "ratio_max", "corrected", "mean", "factor")
+
+
+def _is_threshold(threshold) -> str:
+    """verl's ``rollout_is_threshold`` (a number, or ``"lower_upper"``) as the op's string."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, str)):
+        raise RecapError(f"invalid argument `rollout_is_threshold`: expected a number or a \"lower_upper\" "
+                         f"string, got {threshold!r}")
+    return repr(float(threshold)) if not isinstance(threshold, str) else threshold
+
+
+def rollout_is_weights(log_ratio: Tensor, mask: Tensor, cu_seqlens=None, *, rollout_is: str = "token",
+                       rollout_is_threshold=2.0, rollout_is_batch_normalize: bool = False
+                       ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's rollout importance-sampling weights of ``log_ratio = old_logp - rollout_logp``:
+    ``(weights, stats)``. ``weights`` (float32, shaped like the mask, 0 at masked tokens) are
+    ``exp(clamp(log-weight, -20, 20))`` of the token's log-ratio (``rollout_is="token"``), of the
+    sequence's masked sum (``"sequence"``) or of its mean (``"geometric"``, ours), truncated at
+    ``rollout_is_threshold`` (a number) or, for ``"lower_upper"`` (IcePop), set to 0 outside the band.
+    With ``rollout_is_batch_normalize`` they are divided by their batch mean (tokens: the masked mean;
+    sequences: the mean over the sequences with a valid token) where it exceeds 1e-8. ``stats``:
+    0-dim float64 tensors ``weight_sum``, ``units`` (the mask sum, or the count of sequences with a
+    valid token), ``ratio_min`` and ``ratio_max`` (of the raw ratios), ``corrected`` (the units
+    truncated or zeroed), ``mean`` (the batch mean before normalization) and ``factor`` (what the
+    weights were divided by; 1 without normalization). Pass the weights to ``grpo_loss`` as
+    ``policy_weight``. Over data-parallel ranks, ``distributed.rollout_is_weights``. Not
+    differentiable (verl detaches them)."""
+    shape = mask.shape
+    cu, _ = _batch(shape, cu_seqlens)
+    lr = _float("log_ratio", log_ratio).reshape(-1)
+    m = _mask(mask).reshape(-1)
+    _same_device(lr, mask=m)
+    weights, stats = ops.rollout_is_weights(lr.detach(), m, cu, str(rollout_is), _is_threshold(rollout_is_threshold),
+                                            bool(rollout_is_batch_normalize))
+    return weights.view(shape), dict(zip(ROLLOUT_IS_STATS, stats.unbind()))
+
+
+def rollout_is_normalize(weights: Tensor, stats: Dict[str, Tensor], rollout_is: str = "token"
+                         ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Unnormalized rollout IS ``weights`` divided by the batch factor of ``stats["weight_sum"]`` and
+    ``stats["units"]`` (e.g. summed over ranks or micro-batches), with ``mean`` and ``factor`` in the
+    returned stats: the same float32 division as the op's own normalization. Reads the two sums back
+    to the host (verl's ``weights_mean > 1e-8`` does too)."""
+    mean, factor = _native.rollout_is_batch_factor(float(stats["weight_sum"]), float(stats["units"]), str(rollout_is))
+    like = stats["weight_sum"]
+    stats = dict(stats, mean=like.new_tensor(mean), factor=like.new_tensor(factor))
+    if factor != 1.0:
+        weights = weights / torch.tensor(factor, dtype=torch.float32, device=weights.device)
+    return weights, stats
 
 
 def weighted_reduce(losses: Tensor, mask: Tensor, cu_seqlens=None, *, lambda_=None, membership=None,

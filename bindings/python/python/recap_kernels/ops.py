@@ -142,6 +142,30 @@ def _(log_ratio, mask, cu_seqlens, rollout_rs, rollout_rs_threshold, veto_thresh
     return _empty(log_ratio, log_ratio.shape, torch.int32)
 
 
+# --- rollout IS weights -------------------------------------------------------------------------
+ROLLOUT_IS_STATS = _native.ROLLOUT_IS_STATS  # weight sum, units, ratio min, ratio max, corrected, mean, factor
+
+
+@torch.library.custom_op("recap::rollout_is_weights", mutates_args=())
+def rollout_is_weights(log_ratio: Tensor, mask: Tensor, cu_seqlens: Tensor, rollout_is: str,
+                       rollout_is_threshold: str, batch_normalize: bool) -> Tuple[Tensor, Tensor]:
+    """verl's rollout IS weights: ``[T]`` float32 (0 at masked tokens) and the ``[7]`` float64 stats
+    (weight sum, units, smallest and largest raw ratio, corrected units, batch mean, the factor the
+    weights were divided by). Not differentiable (verl detaches them)."""
+    weights = _empty(log_ratio, log_ratio.shape, torch.float32)
+    stats = _empty(log_ratio, (ROLLOUT_IS_STATS,), torch.float64)
+    log_ratio, mask = _contig(log_ratio, mask)
+    _native.rollout_is_weights(log_ratio, mask, cu_seqlens, rollout_is, rollout_is_threshold, batch_normalize,
+                               weights, stats)
+    return weights, stats
+
+
+@rollout_is_weights.register_fake
+def _(log_ratio, mask, cu_seqlens, rollout_is, rollout_is_threshold, batch_normalize):
+    return (_empty(log_ratio, log_ratio.shape, torch.float32),
+            _empty(log_ratio, (ROLLOUT_IS_STATS,), torch.float64))
+
+
 # --- weighted reduction -------------------------------------------------------------------------
 def _reduce_outputs(losses: Tensor, lambda_: Tensor):
     return (_empty(losses, (), torch.float32), _empty(losses, losses.shape, torch.float32),

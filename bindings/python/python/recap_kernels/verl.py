@@ -1,6 +1,6 @@
 """Drop-ins for verl (``verl.trainer.ppo.core_algos``): the policy losses with verl's signature and
 metric names, ``agg_loss``, ``kl_penalty``, the rollout rejection mask, the optimal token baseline
-estimators, and ``register()`` to add the losses to verl's policy-loss registry.
+estimators, the rollout IS weights, and ``register()`` to add the losses to verl's policy-loss registry.
 
     from recap_kernels import verl as rk_verl
     rk_verl.register()                       # actor.policy_loss.loss_mode: recap_vanilla (or recap_gspo, ...)
@@ -50,7 +50,7 @@ __all__ = ["compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy
            "compute_policy_loss_sapo", "compute_policy_loss_cispo", "compute_policy_loss_gpg",
            "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_dro",
            "compute_policy_loss_geo_mean", "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov", "agg_loss",
-           "kl_penalty", "compute_rollout_rejection_mask", "compute_optimal_token_baseline_advantage",
+           "kl_penalty", "compute_rollout_rejection_mask", "compute_rollout_correction_weights", "compute_optimal_token_baseline_advantage",
            "compute_multi_turn_optimal_token_baseline_advantage", "register", "POLICY_LOSSES"]
 
 _MISSING = object()
@@ -359,6 +359,83 @@ def compute_rollout_rejection_mask(log_ratio: Tensor, response_mask: Tensor, rol
     metrics["rollout_rs_masked_fraction"] = _masked_mean(rejected.to(torch.float32), response_mask)
     metrics["rollout_rs_seq_masked_fraction"] = (rejected & valid).any(-1).to(torch.float32).mean()
     return new_mask, metrics
+
+
+def compute_rollout_correction_weights(log_ratio: Tensor, response_mask: Tensor, rollout_is: str = "token",
+                                       rollout_is_threshold=2.0, rollout_is_batch_normalize: bool = False
+                                       ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """verl's ``compute_rollout_correction_weights`` (``rollout_corr_helper``), same arguments and
+    defaults: ``(rollout_is_weights, metrics)``, the weights from the op (``functional.rollout_is_weights``,
+    also ``rollout_is="geometric"``) and verl's metrics (``rollout_is_mean``, ``_max``, ``_min``,
+    ``_ratio_fraction_high``, ``_ratio_fraction_low``, ``_std``, ``_eff_sample_size``, ``_seq_mean``,
+    ``_seq_std``, ``_seq_max``, ``_seq_min``, ``_seq_max_deviation``, ``_seq_fraction_high``,
+    ``_seq_fraction_low``, ``_oob_ratio`` for IcePop, ``_batch_norm_factor`` with normalization) as
+    0-dim tensors, computed in PyTorch from the weights before normalization. Under ``torch.distributed`` the
+    batch mean is taken over the world (``distributed.rollout_is_weights``), as verl's
+    ``distributed_masked_mean``. Differences: a NaN log-ratio at a valid token is an error naming
+    ``log_ratio``; a fractional mask weight does not scale the weight (it weighs the token in the
+    means); a lower bound of 0 is accepted."""
+    from . import distributed
+
+    if not bool((response_mask != 0).any()):
+        raise RecapError("invalid argument `response_mask`: no valid token (verl's metrics need one)")
+    level, threshold = str(rollout_is), F._is_threshold(rollout_is_threshold)
+    weights, stats = F.rollout_is_weights(log_ratio, response_mask, rollout_is=level, rollout_is_threshold=threshold)
+    metrics = _rollout_is_metrics(log_ratio.detach().float(), response_mask, weights, level, threshold)
+    if rollout_is_batch_normalize:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            stats = distributed.rollout_is_sums(stats)
+        weights, stats = F.rollout_is_normalize(weights, stats, level)
+        metrics["rollout_is_batch_norm_factor"] = stats["factor"]
+    return weights, metrics
+
+
+def _rollout_is_metrics(log_ratio: Tensor, mask: Tensor, w: Tensor, level: str, threshold: str) -> Dict[str, Tensor]:
+    """verl's ``compute_is_metrics`` of the applied weights ``w`` (before normalization)."""
+    lower_s, _, upper_s = threshold.rpartition("_")
+    upper = float(upper_s)
+    lower = float(lower_s) if lower_s else 1.0 / upper
+    m = mask.to(torch.float32)
+    if level == "token":
+        log_w = log_ratio
+    else:
+        log_w = (log_ratio * m).sum(-1, keepdim=True)
+        if level == "geometric":
+            log_w = log_w / m.sum(-1, keepdim=True).clamp(min=1.0)
+    raw = torch.exp(log_w.clamp(-20.0, 20.0)).expand_as(log_ratio) * m
+    metrics: Dict[str, Tensor] = {"rollout_is_mean": _masked_mean(w, m)}
+    if level == "token":
+        metrics["rollout_is_ratio_fraction_high"] = _masked_mean((raw > upper).float(), m)
+        metrics["rollout_is_ratio_fraction_low"] = _masked_mean((raw < lower).float(), m)
+        valid = m != 0
+        metrics["rollout_is_max"] = w.masked_fill(~valid, float("-inf")).max()
+        metrics["rollout_is_min"] = w.masked_fill(~valid, float("inf")).min()
+    else:
+        metrics["rollout_is_max"] = torch.exp(log_w.max().clamp(max=20.0))
+        metrics["rollout_is_min"] = torch.exp(log_w.min())
+        metrics["rollout_is_ratio_fraction_high"] = (log_w > math.log(upper)).float().mean()
+        metrics["rollout_is_ratio_fraction_low"] = (log_w < math.log(lower) if lower > 0 else
+                                                    torch.zeros_like(log_w, dtype=torch.bool)).float().mean()
+    clamped = w.clamp(min=0.0, max=upper)
+    mean_c = _masked_mean(clamped, m)
+    if m.sum() > 1:
+        metrics["rollout_is_std"] = (_masked_mean(clamped.square(), m) - mean_c.square()).clamp(min=0.0).sqrt()
+    else:
+        metrics["rollout_is_std"] = torch.zeros((), device=w.device)
+    metrics["rollout_is_eff_sample_size"] = 1.0 / _masked_mean((clamped / (mean_c + 1e-8)).square(), m)
+    if w.dim() > 1:
+        seq = (w * m).sum(-1) / (m.sum(-1) + 1e-8)
+        metrics["rollout_is_seq_mean"] = seq.mean()
+        metrics["rollout_is_seq_std"] = seq.std() if seq.numel() > 1 else torch.zeros((), device=w.device)
+        metrics["rollout_is_seq_max"] = seq.max()
+        metrics["rollout_is_seq_min"] = seq.min()
+        metrics["rollout_is_seq_max_deviation"] = (seq - 1.0).abs().max()
+        raw_seq = (raw * m).sum(-1) / (m.sum(-1) + 1e-8)
+        metrics["rollout_is_seq_fraction_high"] = (raw_seq > upper).float().mean()
+        metrics["rollout_is_seq_fraction_low"] = (raw_seq < lower).float().mean()
+    if lower_s:
+        metrics["rollout_is_oob_ratio"] = _masked_mean(((raw < lower) | (raw > upper)).float(), m)
+    return metrics
 
 
 def compute_optimal_token_baseline_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
