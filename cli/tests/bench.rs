@@ -24,6 +24,7 @@ fn quick_cpu_bench_reports_every_op() {
         "logits",
         "advantages",
         "token_baseline",
+        "rollout_is",
         "train_step",
     ] {
         assert!(

@@ -270,6 +270,28 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         );
     }
 
+    // verl's rollout IS weights, batch-normalized
+    for c in super::RolloutIsCase::wanted(cfg) {
+        let (lr, mask, cu) = c.inputs();
+        let mut w = vec![0f32; c.t];
+        let (tm, runs) = time_us(cfg, || {
+            crate::cpu::rollout_is_weights(&lr, Mask::U8(&mask), &cu, &c.correction, true, &mut w)
+                .map(|_| ())
+        })?;
+        push(
+            record(
+                "rollout_is",
+                c.case.clone(),
+                tm,
+                runs,
+                c.bytes(),
+                0.0,
+                copy_gb_s,
+            ),
+            progress,
+        );
+    }
+
     // one training step of the small preset, by phase
     if cfg.wants("train_step") {
         let tc = crate::train::TrainConfig {

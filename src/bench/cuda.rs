@@ -313,6 +313,42 @@ pub(super) fn run(
         );
     }
 
+    // verl's rollout IS weights, batch-normalized
+    for c in super::RolloutIsCase::wanted(cfg) {
+        let (lr, mask, cu) = c.inputs();
+        let b = cu.len() - 1;
+        let (lr, mask) = (s.clone_htod(&lr)?, s.clone_htod(&mask)?);
+        let mut w = s.alloc_zeros::<f32>(c.t)?;
+        let (tm, runs) = timer.time(None, || {
+            cuda::rollout_is_weights(
+                gpu,
+                &s,
+                &lr.as_view(),
+                Mask::U8(mask.as_view()),
+                &cu,
+                &c.correction,
+                true,
+                &mut w.as_view_mut(),
+            )
+            .map(|_| ())
+        })?;
+        // scratch: the per-sequence statistics, the reduced ones, cu_seqlens
+        let slots = crate::rollout_is::STAT_SLOTS;
+        let extra = (slots * b + slots) * 8 + (b + 1) * 4;
+        push(
+            record(
+                "rollout_is",
+                c.case.clone(),
+                tm,
+                runs,
+                c.bytes(),
+                extra as f64,
+                copy_gb_s,
+            ),
+            progress,
+        );
+    }
+
     // a training step of the h100 preset (small preset with --quick), by phase
     if cfg.wants("train_step") {
         let preset = if cfg.quick {

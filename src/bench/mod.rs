@@ -49,7 +49,8 @@ impl BenchConfig {
 /// One measured case.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct BenchRecord {
-    /// `fused_loss`, `logits`, `fused_linear`, `advantages`, `token_baseline`, `train_step`, `copy`.
+    /// `fused_loss`, `logits`, `fused_linear`, `advantages`, `token_baseline`, `rollout_is`,
+    /// `train_step`, `copy`.
     pub op: String,
     /// The case, e.g. `T=262144 K=3`.
     pub case: String,
@@ -292,6 +293,57 @@ impl TokenBaselineCase {
     /// Bytes the op moves at least: three f32 inputs and a u8 mask read, two f32 outputs written.
     pub fn bytes(&self) -> f64 {
         (self.t * 21) as f64
+    }
+}
+
+/// A rollout-IS case (verl's `compute_rollout_correction_weights` with
+/// `rollout_is_batch_normalize`), the same on both backends.
+#[derive(Clone, Debug)]
+pub(crate) struct RolloutIsCase {
+    pub case: String,
+    pub t: usize,
+    pub seq_len: usize,
+    pub correction: crate::RolloutCorrection,
+}
+
+impl RolloutIsCase {
+    /// The cases `cfg` asks for: token and sequence level, truncated at 2, normalized (one size
+    /// with `--quick`).
+    pub fn wanted(cfg: &BenchConfig) -> Vec<RolloutIsCase> {
+        let sizes: &[usize] = if cfg.quick {
+            &[65_536]
+        } else {
+            &[262_144, 2_097_152]
+        };
+        let seq_len = 1024;
+        let levels = [crate::IsLevel::Token, crate::IsLevel::Sequence];
+        sizes
+            .iter()
+            .flat_map(|&t| {
+                levels.iter().map(move |&level| RolloutIsCase {
+                    case: format!("T={t} L={seq_len} {level:?} normalized"),
+                    t,
+                    seq_len,
+                    correction: crate::RolloutCorrection {
+                        level,
+                        ..Default::default()
+                    },
+                })
+            })
+            .filter(|c| cfg.wants(&c.case))
+            .collect()
+    }
+
+    /// Bytes the op moves at least: the f32 log-ratios and the u8 mask read, the weights written.
+    pub fn bytes(&self) -> f64 {
+        (self.t * 9) as f64
+    }
+
+    /// `[T]` log-ratios `old - rollout` (within ±0.1), `[T]` mask, `[B + 1]` cu_seqlens.
+    pub fn inputs(&self) -> (Vec<f32>, Vec<u8>, Vec<i32>) {
+        let (logp, old, _, mask, cu) = inputs::grpo(self.t, 1, self.seq_len);
+        let lr = old.iter().zip(&logp).map(|(o, l)| o - l).collect();
+        (lr, mask, cu)
     }
 }
 
