@@ -362,6 +362,17 @@ pub enum IsLevel {
     Geometric,
 }
 
+impl IsLevel {
+    /// The kernels' `RECAP_IS_TOKEN` / `_SEQUENCE` / `_GEOMETRIC`.
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            IsLevel::Token => 0,
+            IsLevel::Sequence => 1,
+            IsLevel::Geometric => 2,
+        }
+    }
+}
+
 /// What the rollout importance-sampling weight does (verl `rollout_is_mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -428,11 +439,7 @@ impl RolloutCorrection {
     }
 
     pub(crate) fn level_code(&self) -> i32 {
-        match self.level {
-            IsLevel::Token => 0,
-            IsLevel::Sequence => 1,
-            IsLevel::Geometric => 2,
-        }
+        self.level.code()
     }
 
     pub(crate) fn mode_code(&self) -> i32 {

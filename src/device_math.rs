@@ -366,13 +366,8 @@ pub fn whiten(x: f64, m: f64, var: f64, n_tokens: f64) -> f64 {
 /// their sum and their units' weight, at `level` (token: `sum / (units + 1e-8)`, the sequence levels:
 /// `sum / max(units, 1e-8)`).
 pub fn is_batch_mean(sum: f64, units: f64, level: crate::IsLevel) -> f64 {
-    let code = crate::RolloutCorrection {
-        level,
-        ..Default::default()
-    }
-    .level_code();
     // SAFETY: pure C function over scalars.
-    unsafe { recap_host_is_batch_mean(sum, units, code) }
+    unsafe { recap_host_is_batch_mean(sum, units, level.code()) }
 }
 
 /// `recap_is_batch_factor` of grpo_math.cuh: the divisor of the weights, `mean` where it is > 1e-8,

@@ -119,17 +119,7 @@ pub fn batch_mean(weight_sum: f64, units: f64, level: IsLevel) -> f64 {
 /// ratios, is ours) and `rollout_is_threshold` (a number: truncated IS with that cap; `"lower_upper"`:
 /// IcePop, weights outside `[lower, upper]` set to 0) as a [`RolloutCorrection`].
 pub fn parse_verl(rollout_is: &str, threshold: &str) -> Result<RolloutCorrection> {
-    let level = match rollout_is.trim() {
-        "token" => IsLevel::Token,
-        "sequence" => IsLevel::Sequence,
-        "geometric" => IsLevel::Geometric,
-        other => {
-            return Err(Error::invalid_argument(
-                "rollout_is",
-                format!("unknown level {other:?}; expected token, sequence or geometric"),
-            ))
-        }
-    };
+    let level = parse_level(rollout_is)?;
     let number = |v: &str| -> Result<f32> {
         match v.trim().parse::<f32>() {
             Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
@@ -155,6 +145,19 @@ pub fn parse_verl(rollout_is: &str, threshold: &str) -> Result<RolloutCorrection
     };
     rc.validate("rollout_is_threshold", "rollout_is_threshold")?;
     Ok(rc)
+}
+
+/// verl's `rollout_is` (`"token"`, `"sequence"`; `"geometric"` is ours) as an [`IsLevel`].
+pub fn parse_level(rollout_is: &str) -> Result<IsLevel> {
+    match rollout_is.trim() {
+        "token" => Ok(IsLevel::Token),
+        "sequence" => Ok(IsLevel::Sequence),
+        "geometric" => Ok(IsLevel::Geometric),
+        other => Err(Error::invalid_argument(
+            "rollout_is",
+            format!("unknown level {other:?}; expected token, sequence or geometric"),
+        )),
+    }
 }
 
 /// Checks the shapes (`mask` and `weights` of length T, `cu_seqlens` ending at T) and the bounds;

@@ -1248,18 +1248,7 @@ pub unsafe extern "C" fn recap_rollout_is_weights(
             batch_normalize != 0,
             out_arr(weights, t),
         )?;
-        write_host(
-            stats,
-            &[
-                st.weight_sum,
-                st.units,
-                st.ratio_min,
-                st.ratio_max,
-                st.corrected,
-                st.mean,
-                st.factor,
-            ],
-        );
+        write_host(stats, &st.to_array());
         Ok(())
     })
 }

@@ -2,9 +2,9 @@
 
 use super::math::{
     agg_weight, geo_mean_ratio, gspo_ratio, kl_is_corrected, kl_token, policy_token, ratio,
-    rollout_is,
+    rollout_is, seq_is_log_weight,
 };
-use super::norms::{mask_weight, norms, seq_tokens};
+use super::norms::{mask_weight, masked_sum, norms, seq_tokens};
 use crate::config::{GrpoConfig, IsLevel, ObjectiveKind, PolicyLoss};
 use crate::error::Result;
 use crate::layout::{check_len, validate_grpo, Advantages, HostGrpoInputs};
@@ -91,15 +91,11 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
             (0.0, 0.0)
         };
         // GSPO: the sequence's mean log-ratio over its unmasked tokens (this call's tokens)
+        let toks = cu[b] as usize..cu[b + 1] as usize;
         let seq_lr = if gspo {
-            let (mut d, mut n) = (0.0f64, 0.0f64);
-            for t in cu[b] as usize..cu[b + 1] as usize {
-                let m = mask_weight(&inp.mask, t);
-                if m != 0.0 {
-                    d += m * (inp.logp[t] as f64 - inp.old_logp[t] as f64);
-                    n += m;
-                }
-            }
+            let (d, n) = masked_sum(&inp.mask, toks.clone(), |t| {
+                inp.logp[t] as f64 - inp.old_logp[t] as f64
+            });
             if n != 0.0 {
                 d / n
             } else {
@@ -111,19 +107,9 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
         // sequence-level rollout IS: sum (or mean) of m (old - rollout) over unmasked tokens
         let seq_is = match (inp.rollout_logp, is_level) {
             (Some(roll), IsLevel::Sequence | IsLevel::Geometric) => {
-                let (mut d, mut n) = (0.0f64, 0.0f64);
-                for t in cu[b] as usize..cu[b + 1] as usize {
-                    let m = mask_weight(&inp.mask, t);
-                    if m != 0.0 {
-                        d += m * (inp.old_logp[t] as f64 - roll[t] as f64);
-                        n += m;
-                    }
-                }
-                match (is_level, n != 0.0) {
-                    (IsLevel::Geometric, true) => d / n,
-                    (IsLevel::Geometric, false) => 0.0,
-                    _ => d,
-                }
+                let (d, n) =
+                    masked_sum(&inp.mask, toks, |t| inp.old_logp[t] as f64 - roll[t] as f64);
+                seq_is_log_weight(is_level, d, n)
             }
             _ => 0.0,
         };

@@ -1,6 +1,8 @@
 //! Per-token formulas in f64: the reference for `kernels/grpo_math.cuh` (same rules, higher precision).
 
-use crate::config::{AggMode, GrpoConfig, IsMode, KlEstimator, PolicyLoss, RolloutCorrection};
+use crate::config::{
+    AggMode, GrpoConfig, IsLevel, IsMode, KlEstimator, PolicyLoss, RolloutCorrection,
+};
 
 /// Clamped log-ratio and ratio.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -184,6 +186,16 @@ pub fn gspo_ratio(lr: f64) -> Ratio {
         log_ratio,
         ratio: log_ratio.exp(),
         saturated: lr > 10.0,
+    }
+}
+
+/// A sequence's rollout IS log-weight from the masked sum `d` of its log-ratios and its mask sum
+/// `n`: `d` (sequence level) or the mean `d / n` (geometric level; 0 for `n = 0`).
+pub fn seq_is_log_weight(level: IsLevel, d: f64, n: f64) -> f64 {
+    match level {
+        IsLevel::Geometric if n != 0.0 => d / n,
+        IsLevel::Geometric => 0.0,
+        _ => d,
     }
 }
 

@@ -19,6 +19,24 @@ pub(crate) fn mask_weight(mask: &HostMask<'_>, t: usize) -> f64 {
     }
 }
 
+/// `(sum m x_t, sum m)` over the unmasked tokens of `toks` (masked tokens are not read, so a NaN
+/// there does not count).
+pub(crate) fn masked_sum(
+    mask: &HostMask<'_>,
+    toks: std::ops::Range<usize>,
+    x: impl Fn(usize) -> f64,
+) -> (f64, f64) {
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for t in toks {
+        let m = mask_weight(mask, t);
+        if m != 0.0 {
+            d += m * x(t);
+            n += m;
+        }
+    }
+    (d, n)
+}
+
 /// `n_b`: the mask sum of each sequence.
 pub(crate) fn seq_tokens(mask: &HostMask<'_>, cu: &[i32]) -> Vec<f64> {
     cu.windows(2)

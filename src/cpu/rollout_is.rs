@@ -1,7 +1,7 @@
 //! Reference of the rollout IS weights (`kernels/rollout_is.cu`), in f64.
 
-use super::math::rollout_is;
-use super::norms::mask_weight;
+use super::math::{rollout_is, seq_is_log_weight};
+use super::norms::{mask_weight, masked_sum};
 use crate::config::{IsLevel, RolloutCorrection};
 use crate::error::Result;
 use crate::kernel_layout as k;
@@ -52,18 +52,9 @@ pub fn rollout_is_weights(
             }
             continue;
         }
-        let live = toks.clone().filter(|&t| mask_weight(&mask, t) != 0.0);
-        let n: f64 = live.clone().map(|t| mask_weight(&mask, t)).sum();
-        let d: f64 = live
-            .map(|t| mask_weight(&mask, t) * log_ratio[t] as f64)
-            .sum();
-        let lw = match correction.level {
-            IsLevel::Geometric if n != 0.0 => d / n,
-            IsLevel::Geometric => 0.0,
-            _ => d,
-        };
+        let (d, n) = masked_sum(&mask, toks.clone(), |t| log_ratio[t] as f64);
         // the device takes the sequence's log-weight in f32, as the fused loss does
-        let lw = lw as f32 as f64;
+        let lw = seq_is_log_weight(correction.level, d, n) as f32 as f64;
         let w = if n > 0.0 {
             unit(lw, 1.0, n / (n + 1e-8))
         } else {

@@ -620,7 +620,7 @@ fn rollout_is_weights(
 /// data-parallel form of `rollout_is_batch_normalize`).
 #[pyfunction]
 fn rollout_is_batch_factor(weight_sum: f64, units: f64, rollout_is: &str) -> PyResult<(f64, f64)> {
-    let level = rollout_is::parse_verl(rollout_is, "1").map_err(err)?.level;
+    let level = rollout_is::parse_level(rollout_is).map_err(err)?;
     Ok((
         rollout_is::batch_mean(weight_sum, units, level),
         rollout_is::batch_factor(weight_sum, units, level),

@@ -43,6 +43,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import distributed
 from . import functional as F
 from ._native import RecapError
 
@@ -375,8 +376,6 @@ def compute_rollout_correction_weights(log_ratio: Tensor, response_mask: Tensor,
     ``distributed_masked_mean``. Differences: a NaN log-ratio at a valid token is an error naming
     ``log_ratio``; a fractional mask weight does not scale the weight (it weighs the token in the
     means); a lower bound of 0 is accepted."""
-    from . import distributed
-
     if not bool((response_mask != 0).any()):
         raise RecapError("invalid argument `response_mask`: no valid token (verl's metrics need one)")
     level, threshold = str(rollout_is), F._is_threshold(rollout_is_threshold)
