@@ -310,6 +310,7 @@ fn parts_normalized_by_the_whole_batch() {
 fn kernel_source_emulated_on_the_host_matches_the_reference() {
     use recap_kernels::cuda::{is_finalize_params, is_params, is_plan};
     let emu = emulator::Emulated::build("rollout_is");
+    let reduce = emulator::Emulated::build("reduce");
     matches_the_reference(|lr, m, cu, c, normalize, out| {
         let (mask, suffix) = match m {
             Mask::U8(m) => (m.as_ptr() as u64, "u8"),
@@ -340,7 +341,7 @@ fn kernel_source_emulated_on_the_host_matches_the_reference() {
             &p,
         );
         let f = is_finalize_params(addrs[4], addrs[5], b);
-        emu.launch("recap_partials_finalize", STAT_SLOTS, 256, &f);
+        reduce.launch("recap_partials_finalize", STAT_SLOTS, 256, &f);
         if let Some(grid) = plan.scale_grid {
             emu.launch("recap_rollout_is_scale", grid, 256, &p);
         }

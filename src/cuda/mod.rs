@@ -6,6 +6,7 @@
 //! every entry point returns [`Error::NoKernels`].
 
 mod advantages;
+mod counters;
 pub(crate) mod fused_linear;
 mod grpo;
 mod kl;
@@ -18,6 +19,7 @@ mod tensor_parallel;
 mod token_baseline;
 
 pub use advantages::{group_advantages, AdvAddrs, AdvShape, DeviceGroups};
+pub use counters::{count_calls, emulated_counters, DeviceCalls};
 pub use fused_linear::{fused_linear_grpo_loss, FusedLinearConfig, LinearHead};
 pub use grpo::{grpo_loss, DeviceGrpoInputs};
 pub use kl::{kl, rejection_grid, rejection_params, rollout_rejection};

@@ -21,6 +21,8 @@ impl Emulated {
             .args([
                 "-std=c++20",
                 "-O1",
+                "-ffp-contract=off",
+                "-fno-strict-aliasing",
                 "-Wall",
                 "-Wno-unknown-pragmas",
                 "-Werror",
@@ -46,18 +48,24 @@ impl Emulated {
     }
 
     /// Runs `kernel` over `grid` blocks of `block` threads with parameters `p`, whose addresses
-    /// must point at host arrays of the sizes the kernel reads and writes.
+    /// must point at host arrays of the sizes the kernel reads and writes; a launch the emulator
+    /// refuses (a deadlock, a divergent warp operation) fails the test with the reason.
     pub fn launch<P>(&self, kernel: &str, grid: usize, block: usize, p: &P) {
         let name = format!("simt_{kernel}\0");
         // SAFETY: `simt_<kernel>` is defined by SIMT_EXPORT with exactly this signature, and `P`
         // is the crate's #[repr(C)] mirror of the kernel's parameter struct (layouts checked by
         // tests/device_math.rs); the caller guarantees the addresses in `p`.
         unsafe {
-            let f: libloading::Symbol<unsafe extern "C" fn(*const P, i32, i32)> = self
+            let f: libloading::Symbol<unsafe extern "C" fn(*const P, i32, i32) -> i32> = self
                 .lib
                 .get(name.as_bytes())
                 .unwrap_or_else(|e| panic!("{kernel} is not exported by the emulation: {e}"));
-            f(p, grid as i32, block as i32);
+            if f(p, grid as i32, block as i32) != 0 {
+                let why: libloading::Symbol<unsafe extern "C" fn() -> *const std::ffi::c_char> =
+                    self.lib.get(b"simt_last_error\0").expect("simt_last_error");
+                let why = std::ffi::CStr::from_ptr(why()).to_string_lossy();
+                panic!("the emulated launch of {kernel} failed: {why}");
+            }
         }
     }
 }

@@ -1,12 +1,13 @@
-/* kernels/rollout_is.cu and the final reduction of reduce.cu under the SIMT emulator
- * (tests/rollout_is.rs). */
+/* kernels/rollout_is.cu under the SIMT emulator (tests/rollout_is.rs, the emulated driver). */
 #include "simt.h"
-/* reduce.cu compares threadIdx.x (unsigned, as in CUDA) with int counts; nvcc does not warn */
-#pragma GCC diagnostic ignored "-Wsign-compare"
-#include "reduce.cu"
+/* the kernel file in a namespace of its own: its helpers never meet another file's (one
+ * module per file, as on the GPU) */
+namespace {
 #include "rollout_is.cu"
+}  // namespace
 
-SIMT_EXPORT(recap_rollout_is_u8, RecapIsParams)
-SIMT_EXPORT(recap_rollout_is_f32, RecapIsParams)
-SIMT_EXPORT(recap_rollout_is_scale, RecapIsParams)
-SIMT_EXPORT(recap_partials_finalize, RecapFinalizeParams)
+#define KERNELS(K)                          \
+    K(recap_rollout_is_u8, RecapIsParams)   \
+    K(recap_rollout_is_f32, RecapIsParams)  \
+    K(recap_rollout_is_scale, RecapIsParams)
+SIMT_MODULE(rollout_is, KERNELS)

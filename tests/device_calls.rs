@@ -1,0 +1,280 @@
+//! What each public call costs in CUDA driver calls, read from the emulated device's per-thread
+//! counters (`cuda::count_calls`; `scripts/emulated-gpu.sh` runs these): kernel launches (GEMMs
+//! included), host synchronizations, device allocations and copies, against the numbers the README
+//! documents ("Driver calls per call"). A change that adds or removes a launch or a sync changes
+//! these numbers and has to say so there. On a real driver there are no counters: the tests say so
+//! and pass.
+
+mod common;
+
+use common::{config_for, Batch};
+use half::bf16;
+use recap_kernels::cuda::{self, count_calls, DeviceCalls, FusedLinearConfig, LinearHead};
+use recap_kernels::{
+    Advantages, AggMode, GrpoConfig, KlEstimator, Logits, LogitsLossInputs, LogprobConfig, Mask,
+    ObjectiveKind,
+};
+
+/// The calls `f` made, or `None` (with a note) on a real driver.
+fn calls<R>(test: &str, f: impl FnOnce() -> R) -> Option<(R, DeviceCalls)> {
+    let (r, c) = count_calls(f);
+    if c.is_none() {
+        eprintln!("{test}: the driver is not the emulated one: no call counters, nothing checked");
+    }
+    c.map(|c| (r, c))
+}
+
+/// `(launches, syncs, allocations, host-to-device copies, device-to-host copies)`.
+fn summary(c: &DeviceCalls) -> (u64, u64, u64, u64, u64) {
+    let (h, d) = c.copies();
+    (c.launches(), c.syncs(), c.allocs(), h, d)
+}
+
+/// The fused loss on device inputs: recap_seq_stats, recap_norms_finalize, the token pass and
+/// recap_partials_finalize (4 launches); one f64 scratch and one i32 layout allocation, the layout
+/// (`cu_seqlens`, membership) uploaded, one memset, and one read-back of the statistics into
+/// pageable memory followed by a stream synchronization (2 host synchronizations).
+#[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+fn fused_loss_device_path() {
+    let gpu = common::require_cuda("fused_loss_device_path");
+    let s = gpu.stream().clone();
+    for (seed, k, mode) in [
+        (3u64, 1usize, AggMode::TokenMean),
+        (6, 3, AggMode::SeqMeanTokenMean),
+    ] {
+        let b = Batch::random(seed, &[300, 33, 0, 4097], k);
+        let cfg = config_for(seed, mode);
+        let h = b.inputs(None);
+        let up = |x: &[f32]| s.clone_htod(x).unwrap();
+        let (lp, old, rf, adv) = (up(h.logp), up(h.old_logp), h.ref_logp.map(up), {
+            match h.advantages {
+                Advantages::PerSequence(a) | Advantages::PerToken(a) => up(a),
+            }
+        });
+        let mask8: Vec<u8> = b.mask_u8.clone();
+        let m = s.clone_htod(&mask8).unwrap();
+        let mut grad = s.alloc_zeros::<f32>(b.t()).unwrap();
+        let dev = cuda::DeviceGrpoInputs {
+            logp: lp.as_view(),
+            old_logp: old.as_view(),
+            ref_logp: rf.as_ref().map(|r| r.as_view()),
+            rollout_logp: None,
+            policy_weight: None,
+            advantages: match h.advantages {
+                Advantages::PerSequence(_) => Advantages::PerSequence(adv.as_view()),
+                Advantages::PerToken(_) => Advantages::PerToken(adv.as_view()),
+            },
+            mask: Mask::U8(m.as_view()),
+            cu_seqlens: h.cu_seqlens,
+            lambda: h.lambda,
+            objectives: h.objectives,
+            membership: h.membership,
+            normalizers: None,
+        };
+        let Some((out, c)) = calls("fused_loss_device_path", || {
+            cuda::grpo_loss(&gpu, &s, &dev, &cfg, &mut grad.as_view_mut())
+        }) else {
+            return;
+        };
+        out.unwrap();
+        eprintln!("fused loss K={k}: {c:?}");
+        assert_eq!(summary(&c), (4, 2, 2, 1, 1), "fused loss K={k}: {c:?}");
+        assert_eq!(c.get("memsets"), 1, "fused loss K={k}: {c:?}");
+    }
+}
+
+/// The host-array convenience call adds the uploads of its inputs (an allocation, a memset and a
+/// copy each) and the download of the gradient (one more synchronizing read-back).
+#[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+fn fused_loss_host_arrays() {
+    let be = common::require_gpu("fused_loss_host_arrays");
+    let b = Batch::random(5, &[64, 1, 31], 2);
+    let cfg = config_for(5, AggMode::TokenMean);
+    let mut g = vec![0f32; b.t()];
+    let Some((out, c)) = calls("fused_loss_host_arrays", || {
+        be.grpo_loss(&b.inputs(None), &cfg, &mut g)
+    }) else {
+        return;
+    };
+    out.unwrap();
+    eprintln!("fused loss (host arrays): {c:?}");
+    assert_eq!((c.launches(), c.syncs(), c.allocs()), (4, 4, 8), "{c:?}");
+}
+
+#[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+fn other_ops_host_arrays() {
+    let be = common::require_gpu("other_ops_host_arrays");
+    let b = Batch::random(6, &[64, 1, 31], 2);
+    let t = b.t();
+    let (mut kl, mut g) = (vec![0f32; t], vec![0f32; t]);
+    if let Some((r, c)) = calls("kl", || {
+        be.kl(&b.logp, &b.ref_logp, None, KlEstimator::K3, &mut kl, &mut g)
+    }) {
+        r.unwrap();
+        eprintln!("kl: {c:?}");
+        assert_eq!((c.launches(), c.syncs()), (1, 4), "kl: {c:?}");
+    }
+    let (v, rows) = (100usize, 7usize);
+    let z: Vec<f32> = (0..rows * v)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0)
+        .collect();
+    let labels: Vec<i32> = (0..rows as i32).map(|r| r * 13 % v as i32).collect();
+    let (mut lp, mut h, mut lse) = (vec![0f32; rows], vec![0f32; rows], vec![0f32; rows]);
+    if let Some((r, c)) = calls("logprob_forward", || {
+        be.logprob_forward(
+            &Logits::dense(&z[..], rows, v),
+            &labels,
+            &LogprobConfig::default(),
+            &mut lp,
+            &mut h,
+            &mut lse,
+        )
+    }) {
+        r.unwrap();
+        eprintln!("logprob_forward: {c:?}");
+        assert_eq!((c.launches(), c.syncs()), (1, 2), "logprob_forward: {c:?}");
+    }
+}
+
+/// `(labels, old, adv, mask, cu)` of a small loss-from-logits batch.
+type LogitsBatch = (Vec<i32>, Vec<f32>, Vec<f32>, Vec<u8>, Vec<i32>);
+
+/// A small loss-from-logits batch of `t` rows of `v` logits, in two sequences.
+fn logits_batch(t: usize, v: usize) -> LogitsBatch {
+    let labels = (0..t)
+        .map(|r| {
+            if r % 7 == 3 {
+                -100
+            } else {
+                (r * 31 % v) as i32
+            }
+        })
+        .collect();
+    let old = (0..t)
+        .map(|r| -(v as f32).ln() + 0.01 * (r % 5) as f32)
+        .collect();
+    let cu = vec![0, (t / 2) as i32, t as i32];
+    let adv = vec![0.5, -1.0];
+    let mask = (0..t).map(|r| (r % 5 != 0) as u8).collect();
+    (labels, old, adv, mask, cu)
+}
+
+/// The GRPO loss from logits on the device (no ref_logp, one objective): 10 launches and 5 host
+/// synchronizations (the forward with its valid-mask and label checks, the fused loss's 4
+/// launches and its read-back, the backward into the logits, and the read-backs between them).
+#[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+fn loss_from_logits_device_path() {
+    let gpu = common::require_cuda("loss_from_logits_device_path");
+    let s = gpu.stream().clone();
+    let (t, v) = (40usize, 96usize);
+    let (labels, old, adv, mask, cu) = logits_batch(t, v);
+    let z: Vec<f32> = (0..t * v)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let mut zd = s.clone_htod(&z).unwrap();
+    let (yd, od, ad, md) = (
+        s.clone_htod(&labels).unwrap(),
+        s.clone_htod(&old).unwrap(),
+        s.clone_htod(&adv).unwrap(),
+        s.clone_htod(&mask).unwrap(),
+    );
+    let inputs = LogitsLossInputs {
+        labels: yd.as_view(),
+        old_logp: od.as_view(),
+        ref_logp: None,
+        rollout_logp: None,
+        advantages: Advantages::PerSequence(ad.as_view()),
+        mask: Mask::U8(md.as_view()),
+        cu_seqlens: &cu,
+        lambda: &[1.0],
+        objectives: &[ObjectiveKind::Policy],
+        membership: None,
+        normalizers: None,
+    };
+    let cfg = GrpoConfig::default();
+    let Some((out, c)) = calls("loss_from_logits_device_path", || {
+        cuda::grpo_loss_from_logits(
+            &gpu,
+            &s,
+            &mut Logits::dense(zd.as_view_mut(), t, v),
+            &inputs,
+            &cfg,
+            &LogprobConfig::default(),
+        )
+    }) else {
+        return;
+    };
+    out.unwrap();
+    eprintln!("loss from logits: {c:?}");
+    assert_eq!((c.launches(), c.syncs()), (10, 5), "{c:?}");
+}
+
+/// The fused-linear loss on the device, in 2 chunks of 20 of the 40 tokens: 29 launches (23 kernels
+/// and 6 GEMMs: per chunk the logits GEMM and the two gradient GEMMs) and 13 host synchronizations
+/// (the path synchronizes per chunk).
+#[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+fn fused_linear_device_path() {
+    let gpu = common::require_cuda("fused_linear_device_path");
+    let s = gpu.stream().clone();
+    let (t, v, h) = (40usize, 96usize, 16usize);
+    let (labels, old, adv, mask, cu) = logits_batch(t, v);
+    let q = |i: usize| bf16::from_f32(((i * 29) % 65) as f32 / 64.0 - 0.5);
+    let x: Vec<bf16> = (0..t * h).map(q).collect();
+    let w: Vec<bf16> = (0..v * h).map(|i| q(i + 7)).collect();
+    let (xd, wd) = (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap());
+    let (yd, od, ad, md) = (
+        s.clone_htod(&labels).unwrap(),
+        s.clone_htod(&old).unwrap(),
+        s.clone_htod(&adv).unwrap(),
+        s.clone_htod(&mask).unwrap(),
+    );
+    let inputs = LogitsLossInputs {
+        labels: yd.as_view(),
+        old_logp: od.as_view(),
+        ref_logp: None,
+        rollout_logp: None,
+        advantages: Advantages::PerSequence(ad.as_view()),
+        mask: Mask::U8(md.as_view()),
+        cu_seqlens: &cu,
+        lambda: &[1.0],
+        objectives: &[ObjectiveKind::Policy],
+        membership: None,
+        normalizers: None,
+    };
+    let head = LinearHead {
+        hidden: xd.as_view(),
+        weight: wd.as_view(),
+        hidden_size: h,
+        vocab: v,
+    };
+    let mut dh = s.alloc_zeros::<bf16>(t * h).unwrap();
+    let mut dw = s.alloc_zeros::<f32>(v * h).unwrap();
+    let opt = FusedLinearConfig {
+        chunk_tokens: Some(20),
+        ..FusedLinearConfig::default()
+    };
+    let cfg = GrpoConfig::default();
+    let Some((out, c)) = calls("fused_linear_device_path", || {
+        cuda::fused_linear_grpo_loss(
+            &gpu,
+            &s,
+            &head,
+            &inputs,
+            &cfg,
+            &LogprobConfig::default(),
+            &opt,
+            &mut dh.as_view_mut(),
+            &mut dw.as_view_mut(),
+        )
+    }) else {
+        return;
+    };
+    out.unwrap();
+    eprintln!("fused linear: {c:?}");
+    assert_eq!((c.launches(), c.syncs()), (29, 13), "{c:?}");
+}
