@@ -311,6 +311,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         crate_version: env!("CARGO_PKG_VERSION").into(),
         nvcc: crate::cuda::NVCC_VERSION.into(),
         records,
+        emulated: false,
     })
 }
 

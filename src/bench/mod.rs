@@ -72,6 +72,14 @@ pub struct BenchRecord {
     /// log-probabilities (logits forward); `None` elsewhere.
     #[serde(default)]
     pub value: Option<f64>,
+    /// Kernel launches (cuBLAS GEMMs included) per call, counted by the emulated CUDA device
+    /// (`scripts/emulated-gpu.sh --bench`); `None` on a GPU or the CPU, which do not count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launches: Option<f64>,
+    /// Host synchronizations per call (stream, context and event syncs, blocking and pageable
+    /// read-back copies), counted by the emulated device; `None` elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syncs: Option<f64>,
 }
 
 impl BenchRecord {
@@ -82,8 +90,12 @@ impl BenchRecord {
         } else {
             String::new()
         };
+        let calls = match (self.launches, self.syncs) {
+            (Some(l), Some(s)) => format!(", {l} launches and {s} syncs per call"),
+            _ => String::new(),
+        };
         format!(
-            "{} {}: median {:.1} us, min {:.1} us{rate}",
+            "{} {}: median {:.1} us, min {:.1} us{rate}{calls}",
             self.op, self.case, self.median_us, self.min_us
         )
     }
@@ -106,6 +118,29 @@ pub struct BenchReport {
     pub nvcc: String,
     /// One record per op and case.
     pub records: Vec<BenchRecord>,
+    /// The device was the emulated one (`scripts/emulated-gpu.sh`): the times are the host
+    /// emulator's and mean nothing; `launches` and `syncs` are counted.
+    #[serde(default)]
+    pub emulated: bool,
+}
+
+thread_local! {
+    /// Driver calls per call of each timing on the emulated device, by its `(median, min)` bits:
+    /// the timer leaves them here, the record built from that timing picks them up.
+    static CALLS: std::cell::RefCell<std::collections::HashMap<(u64, u64), (f64, f64)>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Notes the launches and syncs per call of the timing `tm` (emulated device only).
+pub(crate) fn note_calls(tm: (f64, f64), per_call: (f64, f64)) {
+    CALLS.with(|c| {
+        c.borrow_mut()
+            .insert((tm.0.to_bits(), tm.1.to_bits()), per_call)
+    });
+}
+
+fn calls_of(tm: (f64, f64)) -> Option<(f64, f64)> {
+    CALLS.with(|c| c.borrow().get(&(tm.0.to_bits(), tm.1.to_bits())).copied())
 }
 
 /// Median and min of a sample, in the unit given.
@@ -144,6 +179,8 @@ pub(crate) fn record(
         },
         extra_bytes,
         value: None,
+        launches: calls_of((median_us, min_us)).map(|c| c.0),
+        syncs: calls_of((median_us, min_us)).map(|c| c.1),
     }
 }
 
@@ -169,10 +206,14 @@ pub(crate) fn logits_records(
             copy_gb_s,
         )
     };
+    let both = (fwd.0 + bwd.0, fwd.1 + bwd.1);
+    if let (Some(f), Some(b)) = (calls_of(fwd), calls_of(bwd)) {
+        note_calls(both, (f.0 + b.0, f.1 + b.1));
+    }
     [
         rec("forward", fwd, bytes, extra),
         rec("backward", bwd, 2.0 * bytes, 0.0),
-        rec("both", (fwd.0 + bwd.0, fwd.1 + bwd.1), 3.0 * bytes, extra),
+        rec("both", both, 3.0 * bytes, extra),
     ]
 }
 
@@ -250,14 +291,21 @@ pub fn table(r: &BenchReport) -> String {
     s
 }
 
-/// Writes the report as JSON to `path`.
+/// Writes the report as JSON to `path`, atomically (a temporary file beside it, then a rename).
 pub fn write_json(r: &BenchReport, path: &std::path::Path) -> Result<()> {
     let json = serde_json::to_string_pretty(r)
         .map_err(|e| Error::invalid_argument("json", e.to_string()))?;
-    let mut f = std::fs::File::create(path).map_err(|e| {
+    let cannot = |e: std::io::Error| {
         Error::invalid_argument("json", format!("cannot write {}: {e}", path.display()))
-    })?;
-    writeln!(f, "{json}").map_err(|e| Error::invalid_argument("json", e.to_string()))
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).map_err(cannot)?;
+    writeln!(f, "{json}").map_err(cannot)?;
+    f.sync_all().map_err(cannot)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(cannot)
 }
 
 /// One optimal-token-baseline case of both backends: T tokens in sequences of `seq_len`, groups of

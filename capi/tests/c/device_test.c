@@ -1,0 +1,128 @@
+/* The C ABI's device path from C: arrays in device memory of device 0's primary context (allocated
+ * and copied with the CUDA driver API, loaded with dlopen as a C caller without the toolkit would),
+ * the ops called with device = 0 and compared with the same ops on the host (device = -1, the CPU
+ * reference). Runs on a GPU, and on the emulated device (scripts/emulated-gpu.sh). Prints "ok". */
+#include <dlfcn.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include "recap_kernels.h"
+
+#define CHECK(c) do { if (!(c)) { printf("FAILED line %d: %s (last error: %s)\n", __LINE__, #c, recap_last_error()); return 1; } } while (0)
+
+typedef unsigned long long dptr;
+static int (*cu_init)(unsigned);
+static int (*cu_device_get)(int*, int);
+static int (*cu_retain)(void**, int);
+static int (*cu_set_current)(void*);
+static int (*cu_alloc)(dptr*, size_t);
+static int (*cu_free)(dptr);
+static int (*cu_htod)(dptr, const void*, size_t);
+static int (*cu_dtoh)(void*, dptr, size_t);
+
+static int load_driver(void) {
+    void* lib = dlopen("libcuda.so", RTLD_NOW);
+    if (!lib) lib = dlopen("libcuda.so.1", RTLD_NOW);
+    if (!lib) return 0;
+#define SYM(v, name) *(void**)&v = dlsym(lib, name); if (!v) return 0
+    SYM(cu_init, "cuInit");
+    SYM(cu_device_get, "cuDeviceGet");
+    SYM(cu_retain, "cuDevicePrimaryCtxRetain");
+    SYM(cu_set_current, "cuCtxSetCurrent");
+    SYM(cu_alloc, "cuMemAlloc_v2");
+    SYM(cu_free, "cuMemFree_v2");
+    SYM(cu_htod, "cuMemcpyHtoD_v2");
+    SYM(cu_dtoh, "cuMemcpyDtoH_v2");
+    int dev;
+    void* ctx;
+    return cu_init(0) == 0 && cu_device_get(&dev, 0) == 0 && cu_retain(&ctx, dev) == 0 && cu_set_current(ctx) == 0;
+}
+
+static dptr up(const void* x, size_t bytes) {
+    dptr d = 0;
+    if (cu_alloc(&d, bytes) != 0 || cu_htod(d, x, bytes) != 0) return 0;
+    return d;
+}
+
+static int close_to(double a, double b, double tol) { return fabs(a - b) <= tol * (1.0 + fabs(b)); }
+
+#define T 300
+#define B 3
+#define V 50
+
+int main(void) {
+    if (!load_driver()) {
+        printf("FAILED: no CUDA driver (libcuda.so) to load\n");
+        return 1;
+    }
+    /* a batch of three sequences (200, 0 and 100 tokens), every 7th token masked */
+    static float logp[T], old[T], ref[T], grad_h[T], grad_d[T], kl_h[T], kl_d[T], kg_h[T], kg_d[T];
+    static uint8_t mask[T];
+    float adv[B] = {0.7f, -0.3f, -1.1f};
+    int32_t cu[B + 1] = {0, 200, 200, 300};
+    for (int t = 0; t < T; ++t) {
+        logp[t] = -1.0f - 0.01f * (float)(t % 37);
+        old[t] = logp[t] + 0.05f * (float)((t * 13) % 9 - 4) / 4.0f;
+        ref[t] = logp[t] - 0.02f * (float)((t * 7) % 5);
+        mask[t] = (t % 7) != 3;
+    }
+    float lambda[1] = {1.0f};
+    int32_t kinds[1] = {0};
+    RecapGrpoConfig cfg;
+    CHECK(recap_grpo_config_default(&cfg) == RECAP_OK);
+    cfg.kl_coef = 0.1f;
+    RecapGrpoResult rh, rd;
+    double sh[64], sd[64];
+    CHECK(recap_grpo_stats_len(1) <= 64);
+
+    /* the fused loss */
+    CHECK(recap_grpo_loss(-1, NULL, T, logp, old, ref, NULL, NULL, adv, 0, mask, 1, cu, B, lambda, kinds, NULL, 1,
+                          NULL, NULL, &cfg, grad_h, &rh, sh) == RECAP_OK);
+    dptr d_logp = up(logp, sizeof logp), d_old = up(old, sizeof old), d_ref = up(ref, sizeof ref);
+    dptr d_adv = up(adv, sizeof adv), d_mask = up(mask, sizeof mask), d_grad = up(grad_d, sizeof grad_d);
+    CHECK(d_logp && d_old && d_ref && d_adv && d_mask && d_grad);
+    CHECK(recap_grpo_loss(0, NULL, T, (const float*)d_logp, (const float*)d_old, (const float*)d_ref, NULL, NULL,
+                          (const float*)d_adv, 0, (const void*)d_mask, 1, cu, B, lambda, kinds, NULL, 1, NULL, NULL,
+                          &cfg, (float*)d_grad, &rd, sd) == RECAP_OK);
+    CHECK(cu_dtoh(grad_d, d_grad, sizeof grad_d) == 0);
+    CHECK(close_to(rd.loss, rh.loss, 1e-5) && rd.num_tokens == rh.num_tokens);
+    CHECK(close_to(rd.kl_loss, rh.kl_loss, 1e-5));
+    for (int t = 0; t < T; ++t) CHECK(close_to(grad_d[t], grad_h[t], 1e-5));
+    for (int64_t i = 0; i < recap_grpo_stats_len(1); ++i) CHECK(close_to(sd[i], sh[i], 1e-5));
+
+    /* KL per token */
+    CHECK(recap_kl(-1, NULL, T, logp, ref, mask, 1, 3, kl_h, kg_h) == RECAP_OK);
+    dptr d_kl = up(kl_d, sizeof kl_d), d_kg = up(kg_d, sizeof kg_d);
+    CHECK(recap_kl(0, NULL, T, (const float*)d_logp, (const float*)d_ref, (const void*)d_mask, 1, 3, (float*)d_kl,
+                   (float*)d_kg) == RECAP_OK);
+    CHECK(cu_dtoh(kl_d, d_kl, sizeof kl_d) == 0 && cu_dtoh(kg_d, d_kg, sizeof kg_d) == 0);
+    for (int t = 0; t < T; ++t) CHECK(close_to(kl_d[t], kl_h[t], 1e-6) && close_to(kg_d[t], kg_h[t], 1e-6));
+
+    /* log-probabilities and entropy from logits */
+    static float z[T * V];
+    static int32_t labels[T];
+    static float lp_h[T], ent_h[T], lse_h[T], lp_d[T], ent_d[T], lse_d[T];
+    for (int i = 0; i < T * V; ++i) z[i] = (float)((i * 37) % 101) / 25.0f - 2.0f;
+    for (int t = 0; t < T; ++t) labels[t] = (t % 11 == 5) ? -100 : (t * 17) % V;
+    CHECK(recap_logprob_forward(-1, NULL, z, 0, T, V, V, labels, 0.7f, -100, lp_h, ent_h, lse_h) == RECAP_OK);
+    dptr d_z = up(z, sizeof z), d_y = up(labels, sizeof labels);
+    dptr d_lp = up(lp_d, sizeof lp_d), d_ent = up(ent_d, sizeof ent_d), d_lse = up(lse_d, sizeof lse_d);
+    CHECK(recap_logprob_forward(0, NULL, (const void*)d_z, 0, T, V, V, (const int32_t*)d_y, 0.7f, -100, (float*)d_lp,
+                                (float*)d_ent, (float*)d_lse) == RECAP_OK);
+    CHECK(cu_dtoh(lp_d, d_lp, sizeof lp_d) == 0 && cu_dtoh(ent_d, d_ent, sizeof ent_d) == 0 &&
+          cu_dtoh(lse_d, d_lse, sizeof lse_d) == 0);
+    for (int t = 0; t < T; ++t)
+        CHECK(close_to(lp_d[t], lp_h[t], 1e-5) && close_to(ent_d[t], ent_h[t], 1e-5) && close_to(lse_d[t], lse_h[t], 1e-5));
+
+    /* a device error names its argument: a host array where the device path needs device memory is
+     * not checked by the ABI (it cannot tell), but a bad size is, before any launch */
+    CHECK(recap_kl(0, NULL, -1, (const float*)d_logp, (const float*)d_ref, NULL, 1, 3, (float*)d_kl, (float*)d_kg) ==
+          RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "num_tokens") != NULL);
+
+    dptr all[] = {d_logp, d_old, d_ref, d_adv, d_mask, d_grad, d_kl, d_kg, d_z, d_y, d_lp, d_ent, d_lse};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; ++i) CHECK(cu_free(all[i]) == 0);
+    printf("ok\n");
+    return 0;
+}
