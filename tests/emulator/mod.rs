@@ -50,9 +50,24 @@ impl Emulated {
     /// Runs `kernel` over `grid` blocks of `block` threads with parameters `p`, whose addresses
     /// must point at host arrays of the sizes the kernel reads and writes; a launch the emulator
     /// refuses (a deadlock, a divergent warp operation) fails the test with the reason.
+    #[allow(dead_code)] // not every test that builds an emulation uses both
     pub fn launch<P>(&self, kernel: &str, grid: usize, block: usize, p: &P) {
+        if let Err(why) = self.try_launch(kernel, grid, block, p) {
+            panic!("the emulated launch of {kernel} failed: {why}");
+        }
+    }
+
+    /// As [`Emulated::launch`], the emulator's reason as an error.
+    #[allow(dead_code)] // not every test that builds an emulation uses both
+    pub fn try_launch<P>(
+        &self,
+        kernel: &str,
+        grid: usize,
+        block: usize,
+        p: &P,
+    ) -> Result<(), String> {
         let name = format!("simt_{kernel}\0");
-        // SAFETY: `simt_<kernel>` is defined by SIMT_EXPORT with exactly this signature, and `P`
+        // SAFETY: `simt_<kernel>` is defined by SIMT_MODULE with exactly this signature, and `P`
         // is the crate's #[repr(C)] mirror of the kernel's parameter struct (layouts checked by
         // tests/device_math.rs); the caller guarantees the addresses in `p`.
         unsafe {
@@ -63,9 +78,11 @@ impl Emulated {
             if f(p, grid as i32, block as i32) != 0 {
                 let why: libloading::Symbol<unsafe extern "C" fn() -> *const std::ffi::c_char> =
                     self.lib.get(b"simt_last_error\0").expect("simt_last_error");
-                let why = std::ffi::CStr::from_ptr(why()).to_string_lossy();
-                panic!("the emulated launch of {kernel} failed: {why}");
+                return Err(std::ffi::CStr::from_ptr(why())
+                    .to_string_lossy()
+                    .into_owned());
             }
         }
+        Ok(())
     }
 }
