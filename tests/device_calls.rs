@@ -8,12 +8,14 @@
 mod common;
 
 use common::{config_for, Batch};
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use recap_kernels::cuda::{self, count_calls, DeviceCalls, FusedLinearConfig, LinearHead};
 use recap_kernels::{
     Advantages, AggMode, GrpoConfig, KlEstimator, Logits, LogitsLossInputs, LogprobConfig, Mask,
     ObjectiveKind,
 };
+use std::sync::Arc;
 
 /// The calls `f` made, or `None` (with a note) on a real driver.
 fn calls<R>(test: &str, f: impl FnOnce() -> R) -> Option<(R, DeviceCalls)> {
@@ -139,27 +141,55 @@ fn other_ops_host_arrays() {
     }
 }
 
-/// `(labels, old, adv, mask, cu)` of a small loss-from-logits batch.
-type LogitsBatch = (Vec<i32>, Vec<f32>, Vec<f32>, Vec<u8>, Vec<i32>);
+/// A small loss-from-logits batch of `t` rows, in two sequences, on the device.
+struct DeviceBatch {
+    labels: CudaSlice<i32>,
+    old: CudaSlice<f32>,
+    adv: CudaSlice<f32>,
+    mask: CudaSlice<u8>,
+    cu: Vec<i32>,
+}
 
-/// A small loss-from-logits batch of `t` rows of `v` logits, in two sequences.
-fn logits_batch(t: usize, v: usize) -> LogitsBatch {
-    let labels = (0..t)
-        .map(|r| {
-            if r % 7 == 3 {
-                -100
-            } else {
-                (r * 31 % v) as i32
-            }
-        })
-        .collect();
-    let old = (0..t)
-        .map(|r| -(v as f32).ln() + 0.01 * (r % 5) as f32)
-        .collect();
-    let cu = vec![0, (t / 2) as i32, t as i32];
-    let adv = vec![0.5, -1.0];
-    let mask = (0..t).map(|r| (r % 5 != 0) as u8).collect();
-    (labels, old, adv, mask, cu)
+impl DeviceBatch {
+    fn new(s: &Arc<CudaStream>, t: usize, v: usize) -> DeviceBatch {
+        let labels: Vec<i32> = (0..t)
+            .map(|r| {
+                if r % 7 == 3 {
+                    -100
+                } else {
+                    (r * 31 % v) as i32
+                }
+            })
+            .collect();
+        let old: Vec<f32> = (0..t)
+            .map(|r| -(v as f32).ln() + 0.01 * (r % 5) as f32)
+            .collect();
+        let mask: Vec<u8> = (0..t).map(|r| (r % 5 != 0) as u8).collect();
+        DeviceBatch {
+            labels: s.clone_htod(&labels).unwrap(),
+            old: s.clone_htod(&old).unwrap(),
+            adv: s.clone_htod(&[0.5f32, -1.0]).unwrap(),
+            mask: s.clone_htod(&mask).unwrap(),
+            cu: vec![0, (t / 2) as i32, t as i32],
+        }
+    }
+
+    /// One policy objective, no reference.
+    fn inputs(&self) -> cuda::DeviceLogitsLossInputs<'_> {
+        LogitsLossInputs {
+            labels: self.labels.as_view(),
+            old_logp: self.old.as_view(),
+            ref_logp: None,
+            rollout_logp: None,
+            advantages: Advantages::PerSequence(self.adv.as_view()),
+            mask: Mask::U8(self.mask.as_view()),
+            cu_seqlens: &self.cu,
+            lambda: &[1.0],
+            objectives: &[ObjectiveKind::Policy],
+            membership: None,
+            normalizers: None,
+        }
+    }
 }
 
 /// The GRPO loss from logits on the device (no ref_logp, one objective): 10 launches and 5 host
@@ -171,30 +201,12 @@ fn loss_from_logits_device_path() {
     let gpu = common::require_cuda("loss_from_logits_device_path");
     let s = gpu.stream().clone();
     let (t, v) = (40usize, 96usize);
-    let (labels, old, adv, mask, cu) = logits_batch(t, v);
+    let batch = DeviceBatch::new(&s, t, v);
+    let inputs = batch.inputs();
     let z: Vec<f32> = (0..t * v)
         .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
         .collect();
     let mut zd = s.clone_htod(&z).unwrap();
-    let (yd, od, ad, md) = (
-        s.clone_htod(&labels).unwrap(),
-        s.clone_htod(&old).unwrap(),
-        s.clone_htod(&adv).unwrap(),
-        s.clone_htod(&mask).unwrap(),
-    );
-    let inputs = LogitsLossInputs {
-        labels: yd.as_view(),
-        old_logp: od.as_view(),
-        ref_logp: None,
-        rollout_logp: None,
-        advantages: Advantages::PerSequence(ad.as_view()),
-        mask: Mask::U8(md.as_view()),
-        cu_seqlens: &cu,
-        lambda: &[1.0],
-        objectives: &[ObjectiveKind::Policy],
-        membership: None,
-        normalizers: None,
-    };
     let cfg = GrpoConfig::default();
     let Some((out, c)) = calls("loss_from_logits_device_path", || {
         cuda::grpo_loss_from_logits(
@@ -222,30 +234,12 @@ fn fused_linear_device_path() {
     let gpu = common::require_cuda("fused_linear_device_path");
     let s = gpu.stream().clone();
     let (t, v, h) = (40usize, 96usize, 16usize);
-    let (labels, old, adv, mask, cu) = logits_batch(t, v);
+    let batch = DeviceBatch::new(&s, t, v);
+    let inputs = batch.inputs();
     let q = |i: usize| bf16::from_f32(((i * 29) % 65) as f32 / 64.0 - 0.5);
     let x: Vec<bf16> = (0..t * h).map(q).collect();
     let w: Vec<bf16> = (0..v * h).map(|i| q(i + 7)).collect();
     let (xd, wd) = (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap());
-    let (yd, od, ad, md) = (
-        s.clone_htod(&labels).unwrap(),
-        s.clone_htod(&old).unwrap(),
-        s.clone_htod(&adv).unwrap(),
-        s.clone_htod(&mask).unwrap(),
-    );
-    let inputs = LogitsLossInputs {
-        labels: yd.as_view(),
-        old_logp: od.as_view(),
-        ref_logp: None,
-        rollout_logp: None,
-        advantages: Advantages::PerSequence(ad.as_view()),
-        mask: Mask::U8(md.as_view()),
-        cu_seqlens: &cu,
-        lambda: &[1.0],
-        objectives: &[ObjectiveKind::Policy],
-        membership: None,
-        normalizers: None,
-    };
     let head = LinearHead {
         hidden: xd.as_view(),
         weight: wd.as_view(),
