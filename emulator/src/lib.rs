@@ -43,7 +43,7 @@ use cudarc::driver::sys::{
 use std::collections::BTreeSet;
 use std::ffi::{c_char, c_int, c_uchar, c_uint, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Instant;
 
 const NAME: &str = "recap-kernels emulated CUDA device (SIMT on the host)";
@@ -52,7 +52,7 @@ const TOTAL_MEM: usize = 64 << 30;
 static INIT: AtomicBool = AtomicBool::new(false);
 /// The primary context (one device): its address is the handle.
 static PRIMARY: u8 = 0;
-static LAST_ERROR: Mutex<String> = Mutex::new(String::new());
+static LAST_ERROR: Mutex<Option<std::ffi::CString>> = Mutex::new(None);
 
 thread_local! {
     static CURRENT: std::cell::Cell<CUcontext> = const { std::cell::Cell::new(std::ptr::null_mut()) };
@@ -66,7 +66,7 @@ fn primary() -> CUcontext {
 pub(crate) fn fail(code: CUresult, what: String) -> CUresult {
     eprintln!("emulated CUDA device: {what}");
     if let Ok(mut e) = LAST_ERROR.lock() {
-        *e = what;
+        *e = std::ffi::CString::new(what.replace('\0', " ")).ok();
     }
     code
 }
@@ -613,6 +613,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: usize) -> CUresult {
     let r = cuMemcpyDtoHAsync_v2(dst, src, n, std::ptr::null_mut());
+    // blocking either way: the async call counted the copy into pageable memory already
     if pinned(dst as usize, n) {
         bump(Counter::SyncCopies);
     }
@@ -812,13 +813,11 @@ pub unsafe extern "C" fn cuGetErrorName(e: CUresult, s: *mut *const c_char) -> C
     cuGetErrorString(e, s)
 }
 
-/// The last failure this library reported, as text (valid until the next failure).
+/// The last failure this library reported, as text ("" before any; valid until the next failure).
 #[no_mangle]
 pub unsafe extern "C" fn recap_emu_last_error() -> *const c_char {
-    static TEXT: OnceLock<Mutex<std::ffi::CString>> = OnceLock::new();
-    let last = LAST_ERROR.lock().map(|e| e.clone()).unwrap_or_default();
-    let cell = TEXT.get_or_init(|| Mutex::new(std::ffi::CString::default()));
-    let mut t = cell.lock().unwrap_or_else(|e| e.into_inner());
-    *t = std::ffi::CString::new(last.replace('\0', " ")).unwrap_or_default();
-    t.as_ptr()
+    match LAST_ERROR.lock().ok().as_deref() {
+        Some(Some(e)) => e.as_ptr(),
+        _ => c"".as_ptr(),
+    }
 }

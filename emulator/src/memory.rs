@@ -129,21 +129,15 @@ pub(crate) fn free(p: CUdeviceptr) -> Result<(), CUresult> {
 /// Errors unless `[p, p + n)` lies inside one live allocation.
 pub(crate) fn check_range(p: CUdeviceptr, n: usize, what: &str) -> Result<(), CUresult> {
     let m = allocs();
-    let inside = m.range(..=p).next_back().is_some_and(|(&u, a)| {
+    let below = m.range(..=p).next_back();
+    // (an empty range at an allocation's end is inside it too, as p + 0 <= end)
+    if below.is_some_and(|(&u, a)| {
         p.checked_add(n as u64)
             .is_some_and(|e| e <= u + a.size as u64)
-    });
-    if inside
-        || n == 0
-            && m.range(..=p)
-                .next_back()
-                .is_some_and(|(&u, a)| p <= u + a.size as u64)
-    {
+    }) {
         return Ok(());
     }
-    let near = m
-        .range(..=p)
-        .next_back()
+    let near = below
         .map(|(u, a)| format!(" (the allocation below it: {u:#x}, {} bytes)", a.size))
         .unwrap_or_else(|| format!(" ({} live allocations, none below it)", m.len()));
     Err(fail(

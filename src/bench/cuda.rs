@@ -1,7 +1,7 @@
 //! `recap bench` on the GPU: CUDA events around each API call, L2 flushed before each timed run,
 //! against a 1 GiB device-to-device copy timed in the same run.
 
-use super::{inputs, logits_records, record, stats, BenchConfig, BenchRecord, BenchReport};
+use super::{inputs, logits_records, record, stats, BenchConfig, BenchRecord, BenchReport, Timing};
 use crate::advantages::{AdvantageConfig, AdvantageMode};
 use crate::config::{GrpoConfig, ObjectiveKind};
 use crate::cuda::{self, DeviceGroups, FusedLinearConfig, Gpu, LinearHead, LogprobGrads};
@@ -22,12 +22,13 @@ struct Timer {
 }
 
 impl Timer {
-    /// Median and min microseconds of `f` (events on the stream), with `runs` override.
+    /// Median and min microseconds of `f` (events on the stream), with `runs` override, and on the
+    /// emulated device the launches and syncs per timed call.
     fn time(
         &mut self,
         runs: Option<(usize, usize)>,
         mut f: impl FnMut() -> Result<()>,
-    ) -> Result<((f64, f64), usize)> {
+    ) -> Result<(Timing, usize)> {
         let (warm, runs) = runs.unwrap_or((self.warm, self.runs));
         for _ in 0..warm {
             f()?;
@@ -55,10 +56,10 @@ impl Timer {
             end.synchronize()?;
             v.push(start.elapsed_ms(&end)? as f64 * 1e3);
         }
-        let tm = stats(v);
+        let mut tm = Timing::from(stats(v));
         if counted && runs > 0 {
             let n = runs as f64;
-            super::note_calls(tm, (launches as f64 / n, syncs as f64 / n));
+            tm.calls = Some((launches as f64 / n, syncs as f64 / n));
         }
         Ok((tm, runs))
     }
@@ -112,7 +113,7 @@ pub(super) fn run(
         let mut dst = s.alloc_zeros::<f32>(n)?;
         let (tm, r) = timer.time(None, || Ok(s.memcpy_dtod(&src, &mut dst)?))?;
         let bytes = 2.0 * (n * 4) as f64;
-        let gbs = bytes / (tm.0 * 1e-6) / 1e9;
+        let gbs = bytes / (tm.median_us * 1e-6) / 1e9;
         push(
             record(
                 "copy",

@@ -124,23 +124,38 @@ pub struct BenchReport {
     pub emulated: bool,
 }
 
-thread_local! {
-    /// Driver calls per call of each timing on the emulated device, by its `(median, min)` bits:
-    /// the timer leaves them here, the record built from that timing picks them up.
-    static CALLS: std::cell::RefCell<std::collections::HashMap<(u64, u64), (f64, f64)>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+/// One timing: median and fastest call (microseconds) and, on the emulated device, the launches and
+/// host synchronizations per call (`None` elsewhere).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Timing {
+    pub median_us: f64,
+    pub min_us: f64,
+    pub calls: Option<(f64, f64)>,
 }
 
-/// Notes the launches and syncs per call of the timing `tm` (emulated device only).
-pub(crate) fn note_calls(tm: (f64, f64), per_call: (f64, f64)) {
-    CALLS.with(|c| {
-        c.borrow_mut()
-            .insert((tm.0.to_bits(), tm.1.to_bits()), per_call)
-    });
+impl From<(f64, f64)> for Timing {
+    /// `(median, min)` of a timing without counts.
+    fn from((median_us, min_us): (f64, f64)) -> Timing {
+        Timing {
+            median_us,
+            min_us,
+            calls: None,
+        }
+    }
 }
 
-fn calls_of(tm: (f64, f64)) -> Option<(f64, f64)> {
-    CALLS.with(|c| c.borrow().get(&(tm.0.to_bits(), tm.1.to_bits())).copied())
+impl Timing {
+    /// Two calls one after the other: times and counts added (counts only when both have them).
+    fn then(self, next: Timing) -> Timing {
+        Timing {
+            median_us: self.median_us + next.median_us,
+            min_us: self.min_us + next.min_us,
+            calls: self
+                .calls
+                .zip(next.calls)
+                .map(|(a, b)| (a.0 + b.0, a.1 + b.1)),
+        }
+    }
 }
 
 /// Median and min of a sample, in the unit given.
@@ -153,12 +168,17 @@ pub(crate) fn stats(mut v: Vec<f64>) -> (f64, f64) {
 pub(crate) fn record(
     op: &str,
     case: String,
-    (median_us, min_us): (f64, f64),
+    tm: impl Into<Timing>,
     runs: usize,
     bytes: f64,
     extra_bytes: f64,
     copy_gb_s: f64,
 ) -> BenchRecord {
+    let Timing {
+        median_us,
+        min_us,
+        calls,
+    } = tm.into();
     let gb_s = if median_us > 0.0 && bytes > 0.0 {
         bytes / (median_us * 1e-6) / 1e9
     } else {
@@ -179,8 +199,8 @@ pub(crate) fn record(
         },
         extra_bytes,
         value: None,
-        launches: calls_of((median_us, min_us)).map(|c| c.0),
-        syncs: calls_of((median_us, min_us)).map(|c| c.1),
+        launches: calls.map(|c| c.0),
+        syncs: calls.map(|c| c.1),
     }
 }
 
@@ -188,14 +208,15 @@ pub(crate) fn record(
 /// writes them), and both; `bytes` is the size of the logits, `extra` the forward's extra memory.
 pub(crate) fn logits_records(
     case: &str,
-    fwd: (f64, f64),
-    bwd: (f64, f64),
+    fwd: impl Into<Timing>,
+    bwd: impl Into<Timing>,
     runs: usize,
     bytes: f64,
     extra: f64,
     copy_gb_s: f64,
 ) -> [BenchRecord; 3] {
-    let rec = |part: &str, tm, bytes, extra| {
+    let (fwd, bwd) = (fwd.into(), bwd.into());
+    let rec = |part: &str, tm: Timing, bytes, extra| {
         record(
             "logits",
             format!("{case} {part}"),
@@ -206,10 +227,7 @@ pub(crate) fn logits_records(
             copy_gb_s,
         )
     };
-    let both = (fwd.0 + bwd.0, fwd.1 + bwd.1);
-    if let (Some(f), Some(b)) = (calls_of(fwd), calls_of(bwd)) {
-        note_calls(both, (f.0 + b.0, f.1 + b.1));
-    }
+    let both = fwd.then(bwd);
     [
         rec("forward", fwd, bytes, extra),
         rec("backward", bwd, 2.0 * bytes, 0.0),

@@ -91,12 +91,15 @@ constexpr size_t SIMT_STACK = 256 * 1024;
 /* ---- fibers ---------------------------------------------------------------------------------- */
 enum SimtState { SIMT_RUNNABLE, SIMT_WAIT_BLOCK, SIMT_WAIT_WARP, SIMT_EXITED };
 
-struct SimtFiber {
+/* A suspended execution: a ucontext, or the stack pointer simt_switch saved. */
 #ifdef SIMT_USE_UCONTEXT
-    ucontext_t ctx;
+using SimtContext = ucontext_t;
 #else
-    void* sp;
+using SimtContext = void*;
 #endif
+
+struct SimtFiber {
+    SimtContext ctx;
     char* stack;
     int state;
     uint64_t wait_gen;
@@ -120,11 +123,7 @@ struct SimtBlock {
     void (*entry)(const void*) = nullptr;
     void* kfn = nullptr;
     std::vector<SimtFiber> fibers;
-#ifdef SIMT_USE_UCONTEXT
-    ucontext_t sched;
-#else
-    void* sched_sp = nullptr;
-#endif
+    SimtContext sched{}; /* the scheduler's, while a fiber runs */
 };
 inline SimtBlock simt_blk;
 inline std::mutex simt_launch_lock;
@@ -159,19 +158,21 @@ simt_switch:
 )");
 #endif
 
-/* Back to the scheduler (the fiber's state says why). */
-inline void simt_yield() {
-    SimtFiber& f = simt_blk.fibers[simt_blk.cur];
-    /* a compiler barrier: memory other fibers write while this one is switched out (__shared__
-     * statics, exchange slots) is read again after the switch, never cached across it */
+/* Saves the running execution into *from and resumes *to. A compiler barrier on each side: memory
+ * other fibers write while this one is switched out (__shared__ statics, exchange slots) is read
+ * again after the switch, never cached across it. */
+inline void simt_swap(SimtContext* from, SimtContext* to) {
     asm volatile("" ::: "memory");
 #ifdef SIMT_USE_UCONTEXT
-    swapcontext(&f.ctx, &simt_blk.sched);
+    swapcontext(from, to);
 #else
-    simt_switch(&f.sp, simt_blk.sched_sp);
+    simt_switch(from, *to);
 #endif
     asm volatile("" ::: "memory");
 }
+
+/* Back to the scheduler (the fiber's state says why). */
+inline void simt_yield() { simt_swap(&simt_blk.fibers[simt_blk.cur].ctx, &simt_blk.sched); }
 
 /* Fails the launch: the message is kept, the block is abandoned (its fibers are never resumed). */
 [[noreturn]] inline void simt_fail(const std::string& why) {
@@ -412,7 +413,7 @@ inline bool simt_run_block(int n) {
         for (int i = 0; i < 6; ++i) sp[i] = nullptr;
         sp[6] = (void*)&simt_fiber_main;
         sp[7] = nullptr;
-        f.sp = sp;
+        f.ctx = sp;
 #endif
     }
     while (s.live > 0) {
@@ -424,13 +425,7 @@ inline bool simt_run_block(int n) {
             f.state = SIMT_RUNNABLE;
             s.cur = t;
             threadIdx.x = (unsigned)t;
-            asm volatile("" ::: "memory");
-#ifdef SIMT_USE_UCONTEXT
-            swapcontext(&s.sched, &f.ctx);
-#else
-            simt_switch(&s.sched_sp, f.sp);
-#endif
-            asm volatile("" ::: "memory");
+            simt_swap(&s.sched, &f.ctx);
             if (s.failed) return false;
         }
         if (!ran) {
