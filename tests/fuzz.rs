@@ -278,10 +278,16 @@ proptest! {
         let mut grad = vec![0f32; c.grad_len];
         let r = catch_unwind(AssertUnwindSafe(|| cpu::grpo_loss(&inputs, &c.cfg, &mut grad)));
         prop_assert!(r.is_ok(), "grpo_loss panicked (K = {})", c.k);
-        // TRL's unclamped k3 (exp(ref - logp) - (ref - logp) - 1) overflows by design once a token's
-        // log-ratio to the reference passes ~88 (f32): finite inputs may then give an infinite KL
+        // TRL's unclamped k3 (exp(ref - logp) - (ref - logp) - 1) overflows by design once an
+        // unmasked token's log-ratio to the reference passes ~88 (f32): finite inputs may then
+        // give an infinite KL
         let overflows = c.cfg.kl_estimator == recap_kernels::KlEstimator::K3Unclamped
-            && c.refp.as_ref().is_some_and(|r| r.iter().zip(&c.logp).any(|(a, b)| (a - b).abs() > 80.0));
+            && c.refp.as_ref().is_some_and(|r| {
+                r.iter()
+                    .zip(&c.logp)
+                    .zip(&c.mask)
+                    .any(|((a, b), m)| *m != 0 && (a - b).abs() > 80.0)
+            });
         if let Ok(Ok(out)) = r {
             if out.metrics.nonfinite == 0 && !overflows {
                 prop_assert!(out.loss.is_finite(), "finite inputs, loss {}", out.loss);
