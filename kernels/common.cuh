@@ -44,13 +44,25 @@ struct RecapTileSeqs {
 };
 
 /* Must be called by every thread of the block (it synchronizes). tile_seq[i] is the sequence of
- * tile i's first token (written by recap_seq_stats_*). Requires t0 < T, B >= 1. */
+ * tile i's first token (written by recap_seq_stats_*); `empty`: this tile has no tokens (then
+ * tile_seq is not read and the tile spans no sequence: b_hi = b_lo - 1). The bounds are clamped
+ * into [0, B - 1], so a layout that failed the device-side checks reads nothing out of bounds. */
 __device__ __forceinline__ RecapTileSeqs recap_tile_setup(const int32_t* __restrict__ cu,
                                                           const int32_t* __restrict__ tile_seq, int num_seqs,
-                                                          int32_t* s_cu) {
+                                                          int32_t* s_cu, bool empty = false) {
     RecapTileSeqs ts;
-    ts.b_lo = tile_seq[blockIdx.x];
-    ts.b_hi = (blockIdx.x + 1 < gridDim.x) ? tile_seq[blockIdx.x + 1] : num_seqs - 1;
+    const int last = num_seqs - 1;
+    if (empty || last < 0) {
+        ts.b_lo = 0;
+        ts.b_hi = -1;
+    } else {
+        int lo = tile_seq[blockIdx.x];
+        int hi = (blockIdx.x + 1 < gridDim.x) ? tile_seq[blockIdx.x + 1] : last;
+        lo = lo < 0 ? 0 : (lo > last ? last : lo);
+        hi = hi < lo ? lo : (hi > last ? last : hi);
+        ts.b_lo = lo;
+        ts.b_hi = hi;
+    }
     ts.staged = (ts.b_hi - ts.b_lo + 2) <= RECAP_TILE_SEQ_CAP;
     if (ts.staged) {
         const int n = ts.b_hi - ts.b_lo + 2;
@@ -159,6 +171,107 @@ __device__ __forceinline__ double recap_block_allreduce(double v, int op, double
 /* Items per thread a token kernel uses for tile t0 (the host chooses; at least 1). */
 __device__ __forceinline__ int64_t recap_tile_start(int items) {
     return (int64_t)blockIdx.x * (int64_t)blockDim.x * (int64_t)items;
+}
+
+/* ---- last-block finalization ------------------------------------------------------------------
+ * A grid reduces its per-block partials in the same launch: every block writes its row of the
+ * slot-major partials, then takes a ticket (an integer counter, no float atomics); the block that
+ * takes the last ticket reduces all rows in a fixed order (the same bits whichever block is last)
+ * and resets the counter to 0 for the next launch (or the next replay of a CUDA graph). */
+
+/* Call from every thread after this block's partials are written. True, in every thread, only in
+ * the block that arrives last; its reads of the other blocks' partials must use recap_ld_cg. */
+__device__ __forceinline__ bool recap_last_block(unsigned int* ticket) {
+    __shared__ int s_last;
+    __threadfence(); /* this thread's partials are visible device-wide before the ticket */
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    __syncthreads();
+    return s_last != 0;
+}
+
+/* The last block's reset of the counter (after its last read of the partials). */
+__device__ __forceinline__ void recap_ticket_reset(unsigned int* ticket) {
+    if (threadIdx.x == 0) *ticket = 0u;
+}
+
+/* A load that bypasses L1 (another block wrote it in this launch). */
+__device__ __forceinline__ double recap_ld_cg(const double* p) { return __ldcg(p); }
+
+/* A compact fixed-order combine for reductions whose op is chosen at run time (one code path for
+ * all three): values enter multiplied by recap_op_sign (max(x) = -min(-x), exact), then add or fmin. */
+__device__ __forceinline__ double recap_op_sign(int op) { return op == RECAP_OP_MAX ? -1.0 : 1.0; }
+__device__ __forceinline__ double recap_sum_or_min(double a, double b, bool sum) { return sum ? a + b : fmin(a, b); }
+/* The warp's 32 values combined in a fixed order through shared memory (`scratch`: 32 + 8
+ * doubles of this warp), no shuffles: code after a block-divergent branch (the last block's
+ * finalization) would otherwise carry the compiler's non-converged shuffle fallback. Lanes 0..7
+ * combine 4 lanes each, then lane 0 the 8; the result is valid in lane 0. Call with the whole warp. */
+__device__ __forceinline__ double recap_warp_sum_or_min(double v, bool sum, double* scratch) {
+    const int lane = threadIdx.x & 31;
+    scratch[lane] = v;
+    __syncwarp();
+    if (lane < 8) {
+        const double* x = scratch + 4 * lane;
+        scratch[32 + lane] = recap_sum_or_min(recap_sum_or_min(x[0], x[1], sum), recap_sum_or_min(x[2], x[3], sum), sum);
+    }
+    __syncwarp();
+    double acc = scratch[32];
+    if (lane == 0)
+        for (int i = 1; i < 8; ++i) acc = recap_sum_or_min(acc, scratch[32 + i], sum);
+    __syncwarp();
+    return acc;
+}
+
+/* Fixed-order reduction of the slot-major rows partials[j * cols .. + cols) for j < rows, in the
+ * last block: warp w takes rows w, w + RECAP_WARPS, ...; lane l combines columns l, l + 32, ... in
+ * order, then the warp tree; lane 0 writes dst[j]. op_of(j) gives the row's RECAP_OP_*. Ends with
+ * a __syncthreads (dst is then visible to the block). */
+template <typename OpOf>
+__device__ __forceinline__ void recap_reduce_rows(const double* partials, int64_t cols, int rows, double* dst,
+                                                  OpOf op_of) {
+    __shared__ double s_warp[RECAP_WARPS][40];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll 1
+    for (int j = warp; j < rows; j += RECAP_WARPS) {
+        const int op = op_of(j);
+        const bool sum = op == RECAP_OP_SUM;
+        const double sg = recap_op_sign(op);
+        const double* row = partials + (int64_t)j * cols;
+        double acc = sum ? 0.0 : (double)INFINITY;
+#pragma unroll 4
+        for (int64_t c = lane; c < cols; c += 32) acc = recap_sum_or_min(acc, sg * recap_ld_cg(row + c), sum);
+        acc = recap_warp_sum_or_min(acc, sum, s_warp[warp]);
+        if (lane == 0) dst[j] = sg * acc;
+    }
+    __syncthreads();
+}
+
+/* Block reduction of a token pass's per-thread statistics, staged through shared memory: the
+ * block's threads store position q's value at stage[(q - base) * RECAP_BLOCK + thread] for the
+ * positions of one pass [base, base + n), then warp w reduces positions w, w + RECAP_WARPS, ...:
+ * lane l combines threads l, l + 32, ..., l + 224 in order (in double), then the warp tree; lane 0
+ * writes the block's value of position q's slot at partials[slot * gridDim.x + blockIdx.x].
+ * slot_of(q) < 0: an unused position. */
+template <typename SlotOf, typename OpOf>
+__device__ __forceinline__ void recap_stage_reduce(const float* stage, int base, int n, double* partials,
+                                                   SlotOf slot_of, OpOf op_of) {
+    __shared__ double s_warp[RECAP_WARPS][40];
+    __syncthreads(); /* the pass's values are stored */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll 1
+    for (int i = warp; i < n; i += RECAP_WARPS) {
+        const int slot = slot_of(base + i);
+        if (slot < 0) continue; /* warp-uniform */
+        const int op = op_of(base + i);
+        const bool sum = op == RECAP_OP_SUM;
+        const double sg = recap_op_sign(op);
+        const float* col = stage + i * RECAP_BLOCK + lane;
+        double acc = sg * (double)col[0];
+#pragma unroll
+        for (int w = 1; w < RECAP_WARPS; ++w) acc = recap_sum_or_min(acc, sg * (double)col[32 * w], sum);
+        acc = recap_warp_sum_or_min(acc, sum, s_warp[warp]);
+        if (lane == 0) partials[(int64_t)slot * gridDim.x + blockIdx.x] = sg * acc;
+    }
 }
 
 #endif /* RECAP_COMMON_CUH */

@@ -18,35 +18,87 @@
  *           EXT only; else agg_mode); the KL term uses slot K (every sequence) and agg_mode
  *   L     = (1/K) sum_k lambda_k sum_t w_tk l_tk + beta sum_t w_tK kl_t
  *   grad_t = dL/dlogp_t = (1/K) sum_k lambda_k w_tk dl_tk/dlogp + beta w_tK dkl_t/dlogp
- * The normalizers come from recap_seq_stats_* and recap_norms_finalize (reduce.cu), run first.
+ * The normalizers come from recap_seq_stats_* (reduce.cu), the call's first launch; this is the second
+ * and last.
  *
- * Threads. A block takes a tile of blockDim.x * items consecutive tokens (common.cuh), one thread
- * per token; the math for all K objectives stays in registers (K <= MAXK, a template parameter, so
- * the per-objective accumulators are register arrays indexed by unrolled constants). The tile's
- * per-sequence data (membership, 1/n_b, advantage rows) is staged in shared memory when it spans at
- * most RECAP_TILE_SEQ_DATA sequences. Each block reduces its 3K + 8 statistics (layout in
- * recap_params.h) in a fixed order into column blockIdx.x of the slot-major `partials`;
- * recap_partials_finalize reduces each row. Masked tokens are never read beyond their
+ * Threads. A block takes a tile of blockDim.x * items consecutive tokens (common.cuh); thread i
+ * takes tokens tile_start + i, + blockDim.x, ... (coalesced), loading each token's inputs one token
+ * ahead of its math (a loop that is not unrolled: the code stays small), and follows its tokens'
+ * sequence with a cursor that only moves forward (one search per thread, not per token). The math
+ * for all K objectives stays in registers (K <= MAXK, a template parameter, so the per-objective
+ * accumulators are register arrays indexed by unrolled constants). The tile's per-sequence data
+ * (membership, 1/n_b, advantage rows) is staged in shared memory when it spans at most
+ * RECAP_TILE_SEQ_DATA sequences. Each block's 3K + 12 statistics (layout in recap_params.h) are
+ * stored to shared memory and reduced there in a fixed order (recap_stage_reduce) into column
+ * blockIdx.x of the slot-major `partials`; the block that finishes last (a ticket) reduces the
+ * columns in block order into the output and computes the loss on the device. No float atomics:
+ * the same inputs and launch shape give the same bits. Masked tokens are never read beyond their
  * mask, so NaN or Inf there changes nothing; grad is written (0) for every token.
  */
 #include "common.cuh"
 
-/* Tokens per thread whose loads are issued together. */
-#define RECAP_UNROLL 4
 /* Sequences per tile whose per-sequence data is staged in shared memory. */
 #define RECAP_TILE_SEQ_DATA 256
 
-/* EXT = false: the plain clipped surrogate (vanilla, no delta, no rollout IS, no KL IS correction),
- * the variant code compiled out so the common case keeps its registers; EXT = true: every variant. */
+/* The statistics' staging positions (MAXK-based, so each thread's store is at a compile-time
+ * position): q = k, MAXK + k, 2 MAXK + k for agg, clip and dual of objective k, then 3 MAXK + the
+ * extra slot. Their slot in the partials (3K + 12 layout of recap_params.h), -1 when unused. */
+template <int MAXK>
+__device__ __forceinline__ int grpo_slot_of(int q, int K) {
+    if (q < 3 * MAXK) {
+        const int k = q % MAXK, which = q / MAXK;
+        return k < K ? which * K + k : -1;
+    }
+    return 3 * K + (q - 3 * MAXK);
+}
+template <int MAXK>
+__device__ __forceinline__ int grpo_op_of(int q) {
+    const int x = q - 3 * MAXK;
+    return (x == RECAP_SLOT_RATIO_MIN || x == RECAP_SLOT_IS_MIN)   ? RECAP_OP_MIN
+           : (x == RECAP_SLOT_RATIO_MAX || x == RECAP_SLOT_IS_MAX) ? RECAP_OP_MAX
+                                                                   : RECAP_OP_SUM;
+}
+__device__ __forceinline__ int grpo_row_op(int j, int K) {
+    const int x = j - 3 * K;
+    return (x == RECAP_SLOT_RATIO_MIN || x == RECAP_SLOT_IS_MIN)   ? RECAP_OP_MIN
+           : (x == RECAP_SLOT_RATIO_MAX || x == RECAP_SLOT_IS_MAX) ? RECAP_OP_MAX
+                                                                   : RECAP_OP_SUM;
+}
+
+/* One token's inputs, loaded a token ahead of their use (predicated, in bounds, whether or not the
+ * token turns out masked), so each thread keeps a token's loads in flight while it computes. */
+struct GrpoTok {
+    float m, lp, old, ref, rol;
+};
+template <typename MT>
+__device__ __forceinline__ GrpoTok grpo_load(const RecapGrpoParams& p, const MT* mask, int64_t t, bool token_is) {
+    GrpoTok x;
+    x.m = recap_load_mask(mask, t);
+    x.lp = ((const float*)p.logp)[t];
+    x.old = ((const float*)p.old_logp)[t];
+    x.ref = p.ref_logp ? ((const float*)p.ref_logp)[t] : 0.0f;
+    x.rol = token_is ? ((const float*)p.rollout_logp)[t] : 0.0f;
+    return x;
+}
+
+/* EXT = false: the plain clipped surrogate (vanilla, no delta, no rollout IS, no KL IS correction,
+ * no policy weight), the variant code compiled out so the common case keeps its registers;
+ * EXT = true: every variant. */
 template <int MAXK, typename MT, bool EXT>
 __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
+    /* statistics staged per pass of at most 24 positions (K <= 4: one pass) */
+    constexpr int SMAX = 3 * MAXK + RECAP_GRPO_EXTRA_SLOTS;
+    constexpr int PASSES = (SMAX + 23) / 24;
+    constexpr int SG = (SMAX + PASSES - 1) / PASSES;
     __shared__ int32_t s_cu[RECAP_TILE_SEQ_CAP];
-    __shared__ double s_red[RECAP_WARPS * (3 * MAXK + RECAP_GRPO_EXTRA_SLOTS)];
     __shared__ float s_base[MAXK + 1]; /* per-objective aggregation base weight (recap_agg_base) */
+    __shared__ float s_lambda[MAXK];
     /* per-sequence data of the tile's sequences: membership bits, 1/n_b, advantage rows */
     __shared__ uint32_t s_bits[RECAP_TILE_SEQ_DATA];
     __shared__ float s_seq_factor[RECAP_TILE_SEQ_DATA];
     __shared__ float s_adv[RECAP_TILE_SEQ_DATA * MAXK];
+    __shared__ float s_stage[SG * RECAP_BLOCK];
+    __shared__ double s_out[3 * MAXK + RECAP_GRPO_EXTRA_SLOTS];
 
     const int K = p.num_objectives;
     const int S = 3 * K + RECAP_GRPO_EXTRA_SLOTS;
@@ -58,22 +110,21 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
         s_base[threadIdx.x] = recap_agg_base(threadIdx.x < K ? pol_mode : p.agg_mode,
                                              recap_inv_norm(norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + threadIdx.x]),
                                              recap_inv_norm(norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + threadIdx.x]), inv_c);
+    if (threadIdx.x < K) s_lambda[threadIdx.x] = p.lambda_dev ? ((const float*)p.lambda_dev)[threadIdx.x] : p.lambda[threadIdx.x];
     const int32_t* __restrict__ cu = (const int32_t*)p.cu_seqlens;
     const int64_t t0 = recap_tile_start(p.items_per_thread);
     const int64_t tile = (int64_t)blockDim.x * p.items_per_thread;
     const int64_t t1 = (t0 + tile < p.num_tokens) ? t0 + tile : p.num_tokens;
-    const RecapTileSeqs ts = recap_tile_setup(cu, (const int32_t*)p.tile_seq, p.num_seqs, s_cu);
+    const RecapTileSeqs ts = recap_tile_setup(cu, (const int32_t*)p.tile_seq, p.num_seqs, s_cu, t0 >= p.num_tokens);
 
     const MT* __restrict__ mask = (const MT*)p.mask;
-    const float* __restrict__ logp = (const float*)p.logp;
-    const float* __restrict__ old_logp = (const float*)p.old_logp;
-    const float* __restrict__ ref_logp = (const float*)p.ref_logp;
     const float* __restrict__ adv = (const float*)p.advantages;
     const uint32_t* __restrict__ mem = (const uint32_t*)p.membership;
     const double* __restrict__ seq_tokens = (const double*)p.seq_tokens;
     const double* __restrict__ seq_lr = (const double*)p.seq_log_ratio;
     const double* __restrict__ seq_is = (const double*)p.seq_is_log;
-    const float* __restrict__ rollout = EXT ? (const float*)p.rollout_logp : (const float*)0;
+    const bool rollout = EXT && p.rollout_logp;
+    const bool token_is = rollout && p.is_level == RECAP_IS_TOKEN;
     float* __restrict__ grad = (float*)p.grad;
     const float inv_k = 1.0f / (float)K;
     const uint32_t kbits = (K >= 32) ? 0xffffffffu : ((1u << K) - 1u);
@@ -102,153 +153,169 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
         if (!p.adv_per_token)
             for (int i = threadIdx.x; i < nseq * K; i += blockDim.x)
                 s_adv[(i / K) * MAXK + (i % K)] = adv[(int64_t)ts.b_lo * K + i];
-        __syncthreads();
     }
+    __syncthreads(); /* s_base, s_lambda and the staged data */
+    float lam[MAXK];
+#pragma unroll
+    for (int k = 0; k < MAXK; ++k) lam[k] = k < K ? s_lambda[k] : 0.0f;
 
     float agg[MAXK], clip[MAXK], dual[MAXK];
 #pragma unroll
     for (int k = 0; k < MAXK; ++k) agg[k] = clip[k] = dual[k] = 0.0f;
     float r_sum = 0.0f, negd_sum = 0.0f, p_tok = 0.0f, kl_agg = 0.0f, kl_sum = 0.0f;
-    float r_min = 1.0f / 0.0f, r_max = -1.0f / 0.0f;
-    float is_sum = 0.0f, is_corr = 0.0f, is_min = 1.0f / 0.0f, is_max = -1.0f / 0.0f;
+    float r_min = INFINITY, r_max = -INFINITY;
+    float is_sum = 0.0f, is_corr = 0.0f, is_min = INFINITY, is_max = -INFINITY;
     unsigned nonfinite = 0;
 
-    /* RECAP_UNROLL tokens per step: their mask, logp, old_logp (and ref_logp) loads are all issued
-     * before the first use (predicated, in bounds, whether or not the token turns out masked or
-     * non-policy), so each thread keeps several independent loads in flight. */
-    for (int i0 = 0; i0 < p.items_per_thread; i0 += RECAP_UNROLL) {
-        float mv[RECAP_UNROLL], lpv[RECAP_UNROLL], oldv[RECAP_UNROLL], refv[RECAP_UNROLL], rolv[RECAP_UNROLL];
-#pragma unroll
-        for (int u = 0; u < RECAP_UNROLL; ++u) {
-            const int64_t t = t0 + (int64_t)(i0 + u) * blockDim.x + threadIdx.x;
-            const bool in = (i0 + u < p.items_per_thread) && t < t1;
-            mv[u] = in ? recap_load_mask(mask, t) : 0.0f;
-            lpv[u] = in ? logp[t] : 0.0f;
-            oldv[u] = in ? old_logp[t] : 0.0f;
-            refv[u] = (in && ref_logp) ? ref_logp[t] : 0.0f;
-            rolv[u] = (in && rollout && p.is_level == RECAP_IS_TOKEN) ? rollout[t] : 0.0f;
+    /* this thread's tokens t0 + threadIdx.x + i * blockDim.x, i < n; b: a cursor on the sequence of
+     * the current token (tokens only increase, so it only moves forward) */
+    const int64_t first = t0 + threadIdx.x;
+    /* a tile is under 2^31 tokens (the host bounds items_per_thread): 32-bit arithmetic */
+    const int n = first < t1 ? (int)(((unsigned)(t1 - first) + blockDim.x - 1) / blockDim.x) : 0;
+    /* the tile's boundaries cu[b_lo ..], staged or in global memory: one generic pointer */
+    const int32_t* cut = ts.staged ? s_cu : cu + ts.b_lo;
+    int b = ts.b_lo;
+    if (n > 0) {
+        int lo = 0, hi = ts.b_hi - ts.b_lo; /* the last boundary <= first */
+        while (lo < hi) {
+            const int mid = lo + (hi - lo + 1) / 2;
+            if ((int64_t)cut[mid] <= first) lo = mid; else hi = mid - 1;
         }
-#pragma unroll
-        for (int u = 0; u < RECAP_UNROLL; ++u) {
-            const int64_t t = t0 + (int64_t)(i0 + u) * blockDim.x + threadIdx.x;
-            if (i0 + u >= p.items_per_thread || t >= t1) break;
-            const float m = mv[u];
-            if (m == 0.0f) { grad[t] = 0.0f; continue; }
-            nonfinite += !recap_isfinite(m);
-            const int b = recap_tile_find(ts, cu, s_cu, t);
-            const int sb = b - ts.b_lo;
-            const uint32_t bits = staged ? s_bits[sb] : ((mem ? mem[b] : 0xffffffffu) & kbits);
-            const uint32_t pol = bits & p.policy_bits;
-            const float lp = lpv[u];
-            nonfinite += !recap_isfinite(lp);
-            /* m times the per-sequence factor of the objectives' aggregation weight */
-            const float mf = m * (staged ? s_seq_factor[sb]
-                                         : recap_agg_seq_factor(pol_mode, smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f));
+        b += lo;
+    }
+    GrpoTok next = n > 0 ? grpo_load(p, mask, first, token_is) : GrpoTok{0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) {
+        const int64_t t = first + (int64_t)i * blockDim.x;
+        const GrpoTok x = next;
+        if (i + 1 < n) next = grpo_load(p, mask, t + blockDim.x, token_is);
+        const float m = x.m;
+        if (m == 0.0f) { grad[t] = 0.0f; continue; }
+        nonfinite += !recap_isfinite(m);
+        while (b < ts.b_hi && (int64_t)cut[b + 1 - ts.b_lo] <= t) ++b;
+        const int sb = b - ts.b_lo;
+        const uint32_t bits = staged ? s_bits[sb] : ((mem ? mem[b] : 0xffffffffu) & kbits);
+        const uint32_t pol = bits & p.policy_bits;
+        const float lp = x.lp;
+        nonfinite += !recap_isfinite(lp);
+        /* m times the per-sequence factor of the objectives' aggregation weight */
+        const float mf = m * (staged ? s_seq_factor[sb]
+                                     : recap_agg_seq_factor(pol_mode, smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f));
 
-            RecapRatio q;
-            q.log_ratio = 0.0f; q.ratio = 1.0f; q.saturated = 0;
-            float isw = 1.0f; /* rollout IS weight of the policy terms */
-            if (pol) {
-                const float old = oldv[u];
-                nonfinite += !recap_isfinite(old);
-                q = recap_ratio(lp, old, p.log_ratio_clamp);
-                negd_sum -= m * q.log_ratio; /* ppo_kl: the token log-ratio in every variant */
-                if (EXT && p.loss_type == RECAP_LOSS_GSPO) q = recap_gspo_ratio((float)seq_lr[b]);
-                r_sum += m * q.ratio;
-                p_tok += m;
-                if (rollout) {
-                    /* rollout IS weight of this policy token (multiplies the policy terms below) */
-                    float lw;
-                    if (p.is_level == RECAP_IS_TOKEN) {
-                        nonfinite += !recap_isfinite(rolv[u]);
-                        lw = old - rolv[u];
-                    } else {
-                        lw = (float)seq_is[b];
-                        nonfinite += !recap_isfinite(lw); /* a NaN/Inf rollout log-prob in the sequence */
-                    }
-                    const RecapIsWeight iw = recap_rollout_is(lw, p.is_mode, p.is_lower, p.is_upper);
-                    is_sum += m * iw.ratio;
-                    is_min = fminf(is_min, iw.ratio);
-                    is_max = fmaxf(is_max, iw.ratio);
-                    is_corr += iw.corrected ? m : 0.0f;
-                    isw = iw.weight;
+        RecapRatio q;
+        q.log_ratio = 0.0f; q.ratio = 1.0f; q.saturated = 0;
+        float isw = 1.0f; /* rollout IS weight of the policy terms */
+        if (pol) {
+            nonfinite += !recap_isfinite(x.old);
+            q = recap_ratio(lp, x.old, p.log_ratio_clamp);
+            negd_sum -= m * q.log_ratio; /* ppo_kl: the token log-ratio in every variant */
+            if (EXT && p.loss_type == RECAP_LOSS_GSPO) q = recap_gspo_ratio((float)seq_lr[b]);
+            r_sum += m * q.ratio;
+            p_tok += m;
+            if (rollout) {
+                /* rollout IS weight of this policy token (multiplies the policy terms below) */
+                float lw;
+                if (token_is) {
+                    nonfinite += !recap_isfinite(x.rol);
+                    lw = x.old - x.rol;
+                } else {
+                    lw = (float)seq_is[b];
+                    nonfinite += !recap_isfinite(lw); /* a NaN/Inf rollout log-prob in the sequence */
                 }
-                if (EXT && p.policy_weight) isw *= ((const float*)p.policy_weight)[t];
-                r_min = fminf(r_min, q.ratio);
-                r_max = fmaxf(r_max, q.ratio);
+                const RecapIsWeight iw = recap_rollout_is(lw, p.is_mode, p.is_lower, p.is_upper);
+                is_sum += m * iw.ratio;
+                is_min = fminf(is_min, iw.ratio);
+                is_max = fmaxf(is_max, iw.ratio);
+                is_corr += iw.corrected ? m : 0.0f;
+                isw = iw.weight;
             }
-            const bool adv_smem = staged && !p.adv_per_token;
-            const float* arow = adv + (p.adv_per_token ? t : (int64_t)b) * K;
-            float g = 0.0f;
-#pragma unroll
-            for (int k = 0; k < MAXK; ++k) {
-                if (k < K && ((bits >> k) & 1u)) {
-                    const float w = mf * s_base[k];
-                    if ((pol >> k) & 1u) {
-                        const float a = adv_smem ? s_adv[sb * MAXK + k] : arow[k];
-                        nonfinite += !recap_isfinite(a);
-                        const RecapPolicyToken pt = recap_policy_token(
-                            (EXT && p.loss_type == RECAP_LOSS_GEO_MEAN)
-                                ? recap_geo_mean_ratio(q.log_ratio, (float)seq_lr[a > 0.0f ? b : p.num_seqs + b])
-                                : q,
-                            a, lp, oldv[u], opts);
-                        agg[k] += w * isw * pt.loss;
-                        clip[k] += pt.clipped ? m : 0.0f;
-                        dual[k] += pt.dual ? m : 0.0f;
-                        g += p.lambda[k] * w * isw * pt.grad;
-                    } else {
-                        agg[k] -= w * lp;
-                        g -= p.lambda[k] * w;
-                    }
-                }
-            }
-            g *= inv_k;
-            if (ref_logp) {
-                const float ref = refv[u];
-                nonfinite += !recap_isfinite(ref);
-                RecapKlToken kt = recap_kl_token(lp, ref, p.kl_estimator);
-                if (EXT && p.kl_is_correction && pol) kt = recap_kl_is_corrected(kt, q);
-                /* the KL term's own per-sequence factor when its aggregation differs */
-                const float mk = kl_own_mode
-                                     ? m * recap_agg_seq_factor(p.agg_mode, p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN
-                                                                                ? recap_inv_norm(seq_tokens[b])
-                                                                                : 0.0f)
-                                     : mf;
-                const float w = mk * s_base[K];
-                kl_agg += w * kt.value;
-                kl_sum += m * kt.value;
-                g += p.beta * w * kt.grad;
-            }
-            grad[t] = g;
+            if (EXT && p.policy_weight) isw *= ((const float*)p.policy_weight)[t];
+            r_min = fminf(r_min, q.ratio);
+            r_max = fmaxf(r_max, q.ratio);
         }
+        /* the advantage row: staged in shared memory or in global memory (one generic load per k) */
+        const float* arow = (staged && !p.adv_per_token) ? s_adv + sb * MAXK
+                                                         : adv + (p.adv_per_token ? t : (int64_t)b) * K;
+        float g = 0.0f;
+#pragma unroll
+        for (int k = 0; k < MAXK; ++k) {
+            if (k < K && ((bits >> k) & 1u)) {
+                const float w = mf * s_base[k];
+                if ((pol >> k) & 1u) {
+                    const float a = arow[k];
+                    nonfinite += !recap_isfinite(a);
+                    const RecapPolicyToken pt = recap_policy_token(
+                        (EXT && p.loss_type == RECAP_LOSS_GEO_MEAN)
+                            ? recap_geo_mean_ratio(q.log_ratio, (float)seq_lr[a > 0.0f ? b : p.num_seqs + b])
+                            : q,
+                        a, lp, x.old, opts);
+                    agg[k] += w * isw * pt.loss;
+                    clip[k] += pt.clipped ? m : 0.0f;
+                    dual[k] += pt.dual ? m : 0.0f;
+                    g += lam[k] * w * isw * pt.grad;
+                } else {
+                    agg[k] -= w * lp;
+                    g -= lam[k] * w;
+                }
+            }
+        }
+        g *= inv_k;
+        if (p.ref_logp) {
+            nonfinite += !recap_isfinite(x.ref);
+            RecapKlToken kt = recap_kl_token(lp, x.ref, p.kl_estimator);
+            if (EXT && p.kl_is_correction && pol) kt = recap_kl_is_corrected(kt, q);
+            /* the KL term's own per-sequence factor when its aggregation differs */
+            const float mk = kl_own_mode
+                                 ? m * recap_agg_seq_factor(p.agg_mode, p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN
+                                                                            ? recap_inv_norm(seq_tokens[b])
+                                                                            : 0.0f)
+                                 : mf;
+            const float w = mk * s_base[K];
+            kl_agg += w * kt.value;
+            kl_sum += m * kt.value;
+            g += p.beta * w * kt.grad;
+        }
+        grad[t] = g;
     }
 
+    /* The block's statistics: stored at their staging positions (compile-time, per pass), then
+     * reduced in a fixed order into column blockIdx.x of the slot-major partials. */
+    double* part = (double*)p.partials;
+    const float extra[RECAP_GRPO_EXTRA_SLOTS] = {r_sum, negd_sum, p_tok, r_min, r_max, (float)nonfinite,
+                                                 kl_agg, kl_sum, is_sum, is_min, is_max, is_corr};
 #pragma unroll
-    for (int k = 0; k < MAXK; ++k) {
-        if (k < K) {
-            recap_block_reduce_slot(agg[k], k, S, RECAP_OP_SUM, s_red);
-            recap_block_reduce_slot(clip[k], K + k, S, RECAP_OP_SUM, s_red);
-            recap_block_reduce_slot(dual[k], 2 * K + k, S, RECAP_OP_SUM, s_red);
+    for (int pass = 0; pass < PASSES; ++pass) {
+        const int base = pass * SG;
+        if (pass > 0) __syncthreads(); /* the previous pass's reads are done */
+#pragma unroll
+        for (int q = 0; q < SMAX; ++q) {
+            if (q < base || q >= base + SG) continue;
+            const float v = q < MAXK ? agg[q % MAXK]
+                            : q < 2 * MAXK ? clip[q % MAXK]
+                            : q < 3 * MAXK ? dual[q % MAXK]
+                                           : extra[q - 3 * MAXK];
+            s_stage[(q - base) * RECAP_BLOCK + threadIdx.x] = v;
         }
+        recap_stage_reduce(s_stage, base, (SMAX - base < SG) ? SMAX - base : SG, part,
+                           [K](int q) { return grpo_slot_of<MAXK>(q, K); }, [](int q) { return grpo_op_of<MAXK>(q); });
     }
-    const int e = 3 * K;
-    recap_block_reduce_slot(r_sum, e + RECAP_SLOT_RATIO_SUM, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(negd_sum, e + RECAP_SLOT_NEG_LOG_RATIO_SUM, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(p_tok, e + RECAP_SLOT_POLICY_TOKENS, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(r_min, e + RECAP_SLOT_RATIO_MIN, S, RECAP_OP_MIN, s_red);
-    recap_block_reduce_slot(r_max, e + RECAP_SLOT_RATIO_MAX, S, RECAP_OP_MAX, s_red);
-    recap_block_reduce_slot((float)nonfinite, e + RECAP_SLOT_NONFINITE, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(kl_agg, e + RECAP_SLOT_KL_AGG, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(kl_sum, e + RECAP_SLOT_KL_SUM, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(is_sum, e + RECAP_SLOT_IS_SUM, S, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot(is_min, e + RECAP_SLOT_IS_MIN, S, RECAP_OP_MIN, s_red);
-    recap_block_reduce_slot(is_max, e + RECAP_SLOT_IS_MAX, S, RECAP_OP_MAX, s_red);
-    recap_block_reduce_slot(is_corr, e + RECAP_SLOT_IS_CORRECTED, S, RECAP_OP_SUM, s_red);
-    /* slot-major: statistic j of this block at partials[j * gridDim.x + blockIdx.x] */
-    const uint64_t one = 1;
-    const uint64_t min_bits = (one << (e + RECAP_SLOT_RATIO_MIN)) | (one << (e + RECAP_SLOT_IS_MIN));
-    const uint64_t max_bits = (one << (e + RECAP_SLOT_RATIO_MAX)) | (one << (e + RECAP_SLOT_IS_MAX));
-    recap_block_reduce_finish((double*)p.partials + blockIdx.x, gridDim.x, S, min_bits, max_bits, s_red);
+
+    /* The last block: every block's partials reduced in block order into the output's slots, then
+     * the loss (in double, the same formula as the host's finish_grpo) */
+    if (!recap_last_block((unsigned int*)p.ticket)) return;
+    recap_reduce_rows(part, gridDim.x, S, s_out, [K](int j) { return grpo_row_op(j, K); });
+    double* out = (double*)p.out;
+    for (int j = threadIdx.x; j < S; j += blockDim.x) out[RECAP_OUT_SLOTS + j] = s_out[j];
+    if (threadIdx.x == 0) {
+        double weighted = 0.0;
+#pragma unroll 1
+        for (int k = 0; k < K; ++k) weighted = __dadd_rn(weighted, __dmul_rn((double)s_lambda[k], s_out[k]));
+        /* rounded as the host rounds it (no fused multiply-add) */
+        double loss = weighted / (double)K;
+        if (p.ref_logp) loss = __dadd_rn(loss, __dmul_rn((double)p.beta, s_out[3 * K + RECAP_SLOT_KL_AGG]));
+        out[RECAP_OUT_LOSS] = out[RECAP_OUT_FLAGS] != 0.0 ? (0.0 / 0.0) : loss;
+    }
+    recap_ticket_reset((unsigned int*)p.ticket);
 }
 
 /* Registers capped for 4 blocks per SM with MAXK <= 8 and 2 with MAXK = 16: more loads in flight
@@ -265,5 +332,5 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
 RECAP_GRPO_INST(1, 4)
 RECAP_GRPO_INST(2, 4)
 RECAP_GRPO_INST(4, 4)
-RECAP_GRPO_INST(8, 4)
+RECAP_GRPO_INST(8, 3)
 RECAP_GRPO_INST(16, 2)

@@ -100,7 +100,8 @@ static const size_t grpo_layout[] = {
     F(RecapGrpoParams, tau_pos), F(RecapGrpoParams, tau_neg), F(RecapGrpoParams, dro_beta),
     F(RecapGrpoParams, seq_log_ratio), F(RecapGrpoParams, rollout_logp), F(RecapGrpoParams, seq_is_log),
     F(RecapGrpoParams, is_level), F(RecapGrpoParams, is_mode), F(RecapGrpoParams, is_lower), F(RecapGrpoParams, is_upper),
-    F(RecapGrpoParams, policy_weight), F(RecapGrpoParams, policy_agg_mode), F(RecapGrpoParams, pad1)};
+    F(RecapGrpoParams, policy_weight), F(RecapGrpoParams, policy_agg_mode), F(RecapGrpoParams, pad1),
+    F(RecapGrpoParams, out), F(RecapGrpoParams, ticket), F(RecapGrpoParams, lambda_dev)};
 static const size_t seq_layout[] = {
     sizeof(RecapSeqParams), F(RecapSeqParams, mask), F(RecapSeqParams, cu_seqlens), F(RecapSeqParams, membership),
     F(RecapSeqParams, seq_tokens), F(RecapSeqParams, norms), F(RecapSeqParams, tile_seq),
@@ -109,7 +110,8 @@ static const size_t seq_layout[] = {
     F(RecapSeqParams, override_tokens), F(RecapSeqParams, override_seqs), F(RecapSeqParams, logp),
     F(RecapSeqParams, old_logp), F(RecapSeqParams, seq_log_ratio), F(RecapSeqParams, rollout_logp),
     F(RecapSeqParams, seq_is_log), F(RecapSeqParams, is_geometric), F(RecapSeqParams, warps_per_seq),
-    F(RecapSeqParams, geo_mean), F(RecapSeqParams, clip_low), F(RecapSeqParams, clip_high), F(RecapSeqParams, pad0)};
+    F(RecapSeqParams, geo_mean), F(RecapSeqParams, clip_low), F(RecapSeqParams, clip_high), F(RecapSeqParams, validate),
+    F(RecapSeqParams, partials), F(RecapSeqParams, ticket), F(RecapSeqParams, flags), F(RecapSeqParams, lambda_dev)};
 static const size_t reduce_layout[] = {
     sizeof(RecapReduceParams), F(RecapReduceParams, losses), F(RecapReduceParams, mask),
     F(RecapReduceParams, cu_seqlens), F(RecapReduceParams, membership), F(RecapReduceParams, seq_tokens),

@@ -68,6 +68,28 @@
 #define RECAP_NORM_SEQS 3
 
 /*
+ * Layout of the fused loss's device-resident output (double[RECAP_OUT_SLOTS + recap_grpo_slots(K)]),
+ * written by the call's two launches (recap_seq_stats_*'s last block: flags and norms;
+ * recap_grpo_loss_*'s last block: the slots and the loss). Reading it back is a separate call.
+ *   [RECAP_OUT_LOSS]       L = (1/K) sum_k lambda_k agg_k + beta agg(kl); NaN when flags != 0
+ *   [RECAP_OUT_FLAGS]      RECAP_ERR_* bits of the checks made on the device (0: valid)
+ *   [RECAP_OUT_NORMS ..]   the normalizers (layout above), 4 * RECAP_NORM_SLOTS values
+ *   [RECAP_OUT_SLOTS ..]   the reduction slots (layout below)
+ */
+#define RECAP_OUT_LOSS 0
+#define RECAP_OUT_FLAGS 1
+#define RECAP_OUT_NORMS 2
+#define RECAP_OUT_SLOTS 70 /* 2 + 4 * RECAP_NORM_SLOTS */
+typedef char recap_out_slots_check[(RECAP_OUT_SLOTS == 2 + 4 * RECAP_NORM_SLOTS) ? 1 : -1];
+/* Checks of inputs passed on the device (cu_seqlens, membership, lambda), as RECAP_OUT_FLAGS bits. */
+#define RECAP_ERR_CU_SEQLENS 1 /* cu_seqlens[0] != 0, a decrease, or cu_seqlens[B] != T             */
+#define RECAP_ERR_MEMBERSHIP 2 /* a membership word with bits at or above K                         */
+#define RECAP_ERR_LAMBDA 4     /* a lambda that is not finite and >= 0                               */
+/* Rows of recap_seq_stats_*'s block partials: token weight and sequence count of each normalizer
+ * slot j <= K at rows 2j, 2j + 1, then the two error counts. */
+#define RECAP_SEQ_PARTIAL_ROWS(K) (2 * ((K) + 1) + 2)
+
+/*
  * Layout of the reduction slots of the fused GRPO loss (double[recap_grpo_slots(K)]), each the sum
  * over unmasked tokens, in a fixed order, of:
  *   [k]            w_tk * l_tk          the objective's aggregate agg(l_k)          (k < K)
@@ -139,6 +161,10 @@ typedef struct RecapGrpoParams {
     uint64_t policy_weight; /* const float[T], or 0: multiplies the policy terms (e.g. TRL's entropy mask) */
     int32_t policy_agg_mode; /* RECAP_AGG_* of the objectives' terms (ext kernels; else agg_mode) */
     int32_t pad1;
+    uint64_t out;           /* double[RECAP_OUT_SLOTS + slots]: the slots and the loss (written; the
+                               flags and norms there by recap_seq_stats_*, norms == out + RECAP_OUT_NORMS) */
+    uint64_t ticket;        /* unsigned int: the last-block counter (0 between launches)            */
+    uint64_t lambda_dev;    /* const float[K] on the device, or 0: take `lambda` above             */
 } RecapGrpoParams;
 
 /* Parameters of the per-sequence statistics and normalizer kernels (shared by kernels 1 and 3). */
@@ -170,7 +196,11 @@ typedef struct RecapSeqParams {
     int32_t geo_mean;       /* 1: seq_log_ratio holds GMPO's two sign-clipped means                */
     float clip_low;         /* GMPO: el                                                            */
     float clip_high;        /* GMPO: eh                                                            */
-    int32_t pad0;
+    int32_t validate;       /* 1: check cu_seqlens, membership (and lambda_dev) on the device      */
+    uint64_t partials;      /* double[RECAP_SEQ_PARTIAL_ROWS(K), gridDim.x] (slot-major), scratch  */
+    uint64_t ticket;        /* unsigned int: the last-block counter (0 between launches)          */
+    uint64_t flags;         /* double: RECAP_ERR_* bits (written by the last block), or 0          */
+    uint64_t lambda_dev;    /* const float[K] to check (validate), or 0                            */
 } RecapSeqParams;
 
 /* Parameters of the standalone weighted reduction (kernel 3) over per-token losses [T, K]. */

@@ -8,7 +8,7 @@
  *               sequence's mean log-ratio sum m (logp - old) / n_b, for GMPO the means of
  *               min(d, eh) and max(d, -el))
  *   N_k, S_k  = sum of n_b, count of n_b > 0, over member sequences, or the caller's global
- *               normalizers                                (recap_norms_finalize)
+ *               normalizers                                (recap_seq_stats_*'s last block)
  *   w_tk      = m_t * weight(mode; 1/N_k, 1/S_k, 1/n_b, 1/C)  for member tokens, else 0
  *   agg_k     = sum_t w_tk l_tk,  total = (1/K) sum_k lambda_k agg_k
  *   grad[t,k] = d total / d l_tk = lambda_k w_tk / K       (recap_reduce_k*_*)
@@ -17,7 +17,10 @@
  * one block per sequence, lanes stride over its tokens (warp-tree sums, then the warps' sums added
  * in warp order through shared memory); it also records, for each token tile of the pass that follows, the sequence of the tile's first
  * token (tile_seq), so no block of that pass searches cu_seqlens in global memory.
- * recap_norms_finalize: one block per objective slot; recap_partials_finalize: one block per
+ * Each block then sums its sequences' token weights and counts per normalizer slot, and the block
+ * that finishes last (a ticket, common.cuh) reduces those partials in block order into the
+ * normalizers, in the same launch. With `validate` (cu_seqlens and membership passed on the
+ * device) it also checks them there into RECAP_ERR_* flags. recap_partials_finalize: one block per
  * statistic, over that statistic's slot-major row of block partials; each thread walks a fixed
  * strided subset, then a fixed warp-tree and warp order. recap_reduce_k*_*: a tile of
  * blockDim.x * items tokens per block (common.cuh), one thread per token and objective loop in
@@ -30,15 +33,25 @@
 template <typename MT>
 __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
     __shared__ double s_part[RECAP_WARPS][4];
+    __shared__ double s_nb[RECAP_WARPS];  /* n_b of the block's sequences, by their first warp */
+    __shared__ int s_bad[RECAP_WARPS][2]; /* their RECAP_ERR_CU_SEQLENS / _MEMBERSHIP findings */
+    __shared__ double s_fin[RECAP_SEQ_PARTIAL_ROWS(RECAP_MAX_OBJECTIVES)];
     const int wps = p.warps_per_seq; /* divides RECAP_WARPS: a sequence's warps share a block */
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
     const int sub = warp % wps;      /* this warp's share of the sequence */
+    const int seqs_per_block = RECAP_WARPS / wps;
     const int64_t b = ((int64_t)blockIdx.x * RECAP_WARPS + warp) / wps;
     const bool live = b < p.num_seqs; /* no early return: the block synchronizes below */
     const int32_t* cu = (const int32_t*)p.cu_seqlens;
+    const uint32_t* mem = (const uint32_t*)p.membership;
     const MT* mask = (const MT*)p.mask;
-    const int64_t s = live ? cu[b] : 0, e = live ? cu[b + 1] : 0;
+    const int64_t T = p.num_tokens;
+    /* the boundaries clamped into [0, T] and ordered, so a layout that fails the device checks
+     * (reported through the flags) still reads nothing out of bounds */
+    const int64_t cs = live ? (int64_t)cu[b] : 0, ce = live ? (int64_t)cu[b + 1] : 0;
+    const int64_t s = cs < 0 ? 0 : (cs > T ? T : cs);
+    const int64_t e = ce < s ? s : (ce > T ? T : ce);
     const int64_t stride = 32 * (int64_t)wps;
     /* four independent loads per lane and step, summed in a fixed order */
     double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
@@ -91,15 +104,27 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
         s_part[warp][0] = parts[0]; s_part[warp][1] = parts[1]; s_part[warp][2] = parts[2]; s_part[warp][3] = parts[3];
     }
     __syncthreads();
-    if (live && sub == 0 && lane == 0) {
+    const int K = p.num_objectives;
+    const uint32_t kbits = (K >= 32) ? 0xffffffffu : ((1u << K) - 1u);
+    if (sub == 0 && lane == 0) {
         double acc = s_part[warp][0], d1 = s_part[warp][1], d2 = s_part[warp][2], d3 = s_part[warp][3];
         for (int w = 1; w < wps; ++w) {
             acc += s_part[warp + w][0]; d1 += s_part[warp + w][1]; d2 += s_part[warp + w][2]; d3 += s_part[warp + w][3];
         }
-        ((double*)p.seq_tokens)[b] = acc;
-        if (p.logp) ((double*)p.seq_log_ratio)[b] = acc != 0.0 ? d1 / acc : 0.0;
-        if (p.logp && p.geo_mean) ((double*)p.seq_log_ratio)[p.num_seqs + b] = acc != 0.0 ? d3 / acc : 0.0;
-        if (p.rollout_logp) ((double*)p.seq_is_log)[b] = p.is_geometric ? (acc != 0.0 ? d2 / acc : 0.0) : d2;
+        int bad_cu = 0, bad_mem = 0;
+        if (live) {
+            ((double*)p.seq_tokens)[b] = acc;
+            if (p.logp) ((double*)p.seq_log_ratio)[b] = acc != 0.0 ? d1 / acc : 0.0;
+            if (p.logp && p.geo_mean) ((double*)p.seq_log_ratio)[p.num_seqs + b] = acc != 0.0 ? d3 / acc : 0.0;
+            if (p.rollout_logp) ((double*)p.seq_is_log)[b] = p.is_geometric ? (acc != 0.0 ? d2 / acc : 0.0) : d2;
+            if (p.validate) {
+                bad_cu = (b == 0 && cs != 0) || ce < cs || cs < 0 || ce > T || (b == p.num_seqs - 1 && ce != T);
+                bad_mem = mem && (mem[b] & ~kbits) != 0u;
+            }
+        }
+        s_nb[warp / wps] = live ? acc : 0.0;
+        s_bad[warp / wps][0] = bad_cu;
+        s_bad[warp / wps][1] = bad_mem;
     }
     /* tile_seq[i] = b for every token tile whose first token i * tile_tokens lies in [s, e) */
     if (live && e > s && p.tile_seq) {
@@ -107,39 +132,58 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
         const int64_t last = (e + p.tile_tokens - 1) / p.tile_tokens; /* exclusive */
         for (int64_t i = first + sub * 32 + lane; i < last && i < p.num_tiles; i += stride) ((int32_t*)p.tile_seq)[i] = (int32_t)b;
     }
+    __syncthreads();
+    /* this block's partials: token weight and sequence count of each normalizer slot j <= K (slot K:
+     * every sequence), summed over the block's sequences in order; then the error counts */
+    double* part = (double*)p.partials;
+    const int64_t G = gridDim.x;
+    if (threadIdx.x <= K) {
+        const int j = threadIdx.x;
+        double tok = 0.0, seq = 0.0;
+        for (int g = 0; g < seqs_per_block; ++g) {
+            const int64_t bb = (int64_t)blockIdx.x * seqs_per_block + g;
+            if (bb >= p.num_seqs) break;
+            const uint32_t bits = mem ? mem[bb] : 0xffffffffu;
+            if (j == K || ((bits >> j) & 1u)) {
+                tok += s_nb[g];
+                seq += s_nb[g] > 0.0 ? 1.0 : 0.0;
+            }
+        }
+        part[(int64_t)(2 * j) * G + blockIdx.x] = tok;
+        part[(int64_t)(2 * j + 1) * G + blockIdx.x] = seq;
+    } else if (threadIdx.x == K + 1) {
+        double bc = 0.0, bm = 0.0;
+        for (int g = 0; g < seqs_per_block; ++g) { bc += s_bad[g][0]; bm += s_bad[g][1]; }
+        part[(int64_t)(2 * K + 2) * G + blockIdx.x] = bc;
+        part[(int64_t)(2 * K + 3) * G + blockIdx.x] = bm;
+    }
+    if (!recap_last_block((unsigned int*)p.ticket)) return;
+    /* the last block: every block's partials reduced in block order, then the normalizers */
+    recap_reduce_rows(part, G, RECAP_SEQ_PARTIAL_ROWS(K), s_fin, [](int) { return RECAP_OP_SUM; });
+    double* norms = (double*)p.norms;
+    if (threadIdx.x <= K) {
+        const int j = threadIdx.x;
+        norms[RECAP_NORM_LOCAL_TOKENS * RECAP_NORM_SLOTS + j] = s_fin[2 * j];
+        norms[RECAP_NORM_LOCAL_SEQS * RECAP_NORM_SLOTS + j] = s_fin[2 * j + 1];
+        norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_tokens[j] : s_fin[2 * j];
+        norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_seqs[j] : s_fin[2 * j + 1];
+    }
+    if (threadIdx.x == 0 && p.flags) {
+        int f = 0;
+        if (s_fin[2 * K + 2] > 0.0) f |= RECAP_ERR_CU_SEQLENS;
+        if (s_fin[2 * K + 3] > 0.0) f |= RECAP_ERR_MEMBERSHIP;
+        if (p.validate && p.lambda_dev) {
+            const float* lam = (const float*)p.lambda_dev;
+            for (int k = 0; k < K; ++k)
+                if (!(recap_isfinite(lam[k]) && lam[k] >= 0.0f)) f |= RECAP_ERR_LAMBDA;
+        }
+        *(double*)p.flags = (double)f;
+    }
+    recap_ticket_reset((unsigned int*)p.ticket);
 }
 
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_seq_stats_f32(const RecapSeqParams p) { seq_stats<float>(p); }
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_seq_stats_u8(const RecapSeqParams p) { seq_stats<uint8_t>(p); }
-
-/* Grid of K + 1 blocks, block j for slot j (slot K: every sequence): writes norms (recap_params.h). */
-extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_norms_finalize(const RecapSeqParams p) {
-    __shared__ double s_red[RECAP_WARPS * 2];
-    const uint32_t* __restrict__ mem = (const uint32_t*)p.membership;
-    const double* __restrict__ n = (const double*)p.seq_tokens;
-    double* norms = (double*)p.norms;
-    const int j = blockIdx.x;
-    double tok = 0.0, seq = 0.0;
-    for (int b = threadIdx.x; b < p.num_seqs; b += blockDim.x) {
-        uint32_t bits = mem ? mem[b] : 0xffffffffu;
-        if (j == p.num_objectives || ((bits >> j) & 1u)) {
-            double nb = n[b];
-            tok += nb;
-            seq += (nb > 0.0) ? 1.0 : 0.0;
-        }
-    }
-    recap_block_reduce_slot<double>(tok, 0, 2, RECAP_OP_SUM, s_red);
-    recap_block_reduce_slot<double>(seq, 1, 2, RECAP_OP_SUM, s_red);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double t = s_red[0], q = s_red[1];
-        for (int w = 1; w < RECAP_WARPS; ++w) { t += s_red[w * 2]; q += s_red[w * 2 + 1]; }
-        norms[RECAP_NORM_LOCAL_TOKENS * RECAP_NORM_SLOTS + j] = t;
-        norms[RECAP_NORM_LOCAL_SEQS * RECAP_NORM_SLOTS + j] = q;
-        norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_tokens[j] : t;
-        norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_seqs[j] : q;
-    }
-}
 
 /* Grid of num_slots blocks, block j: out[j] = fixed-order reduction of the slot-major row
  * partials[j * num_blocks .. (j + 1) * num_blocks) (a sum, or min / max for those slots). */
@@ -167,7 +211,7 @@ __device__ __forceinline__ void reduce_token_pass(const RecapReduceParams& p) {
     const int64_t t0 = recap_tile_start(p.items_per_thread);
     const int64_t tile = (int64_t)blockDim.x * p.items_per_thread;
     const int64_t t1 = (t0 + tile < p.num_tokens) ? t0 + tile : p.num_tokens;
-    const RecapTileSeqs ts = recap_tile_setup(cu, (const int32_t*)p.tile_seq, p.num_seqs, s_cu);
+    const RecapTileSeqs ts = recap_tile_setup(cu, (const int32_t*)p.tile_seq, p.num_seqs, s_cu, t0 >= p.num_tokens);
 
     const MT* mask = (const MT*)p.mask;
     const float* losses = (const float*)p.losses;

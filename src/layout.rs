@@ -222,10 +222,70 @@ pub(crate) fn validate_grpo<F: Array, U: Array>(
     inputs: &GrpoInputs<'_, F, U>,
     cfg: &GrpoConfig,
 ) -> Result<Shape> {
+    validate_grpo_on(inputs, cfg, None)
+}
+
+/// What a call's device-resident layout fixes: `B` (from the length of its `cu_seqlens`) and
+/// whether `lambda` is on the device too (then `K` is the length of `objectives`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DeviceSide {
+    pub b: usize,
+    pub lambda: bool,
+    pub membership: bool,
+}
+
+/// [`validate_grpo`], or with `device`: the same checks of everything on the host, where
+/// `cu_seqlens`, `membership` (and `lambda`) are on the device (checked there) and so must be
+/// empty / absent in `inputs`.
+pub(crate) fn validate_grpo_on<F: Array, U: Array>(
+    inputs: &GrpoInputs<'_, F, U>,
+    cfg: &GrpoConfig,
+    device: Option<DeviceSide>,
+) -> Result<Shape> {
     cfg.validate()?;
     let t = inputs.logp.array_len();
-    let b = validate_cu_seqlens(inputs.cu_seqlens, t)?;
-    let k = inputs.lambda.len();
+    let (b, k) = match device {
+        None => (
+            validate_cu_seqlens(inputs.cu_seqlens, t)?,
+            inputs.lambda.len(),
+        ),
+        Some(d) => {
+            let twice = |arg: &'static str| {
+                Error::invalid_argument(
+                    arg,
+                    "given both on the host (in the inputs) and on the device (in the layout); \
+                     leave the host one empty",
+                )
+            };
+            if !inputs.cu_seqlens.is_empty() {
+                return Err(twice("cu_seqlens"));
+            }
+            if inputs.membership.is_some() && d.membership {
+                return Err(twice("membership"));
+            }
+            if inputs.membership.is_some() {
+                return Err(Error::invalid_argument(
+                    "membership",
+                    "with cu_seqlens on the device, membership must be on the device too",
+                ));
+            }
+            if d.lambda && !inputs.lambda.is_empty() {
+                return Err(twice("lambda"));
+            }
+            if t > i32::MAX as usize {
+                return Err(Error::invalid_argument(
+                    "logp",
+                    format!("T = {t} tokens exceeds the i32 range of cu_seqlens"),
+                ));
+            }
+            let k = if d.lambda {
+                inputs.objectives.len()
+            } else {
+                inputs.lambda.len()
+            };
+            (d.b, k)
+        }
+    };
     validate_k(k, "lambda")?;
     check_len(
         "objectives",

@@ -260,6 +260,10 @@ pub fn shared_gpu(ordinal: usize) -> Result<Arc<Gpu>> {
         return Ok(g.clone());
     }
     let g = Gpu::new(ordinal)?;
+    // SAFETY: the bindings' buffers are the caller's (PyTorch's, a C caller's), whose stream
+    // order the caller keeps, and the crate's own scratch is kept per stream; cudarc's per-buffer
+    // events would only add two event creations per borrowed array and call.
+    unsafe { g.context().disable_event_tracking() };
     map.insert(ordinal, g.clone());
     Ok(g)
 }

@@ -41,11 +41,13 @@ pub(crate) enum Counter {
     ModuleLoads,
     /// cuBLAS GEMMs (each one launch on a GPU).
     Gemms,
+    /// cuGraphLaunch calls (each replays a captured graph's launches, not counted as launches).
+    GraphLaunches,
 }
 
-const COUNT: usize = Counter::Gemms as usize + 1;
+const COUNT: usize = Counter::GraphLaunches as usize + 1;
 /// The counters' names, comma-separated, in order (NUL-terminated for C).
-const NAMES: &str = "launches,htod,dtoh,dtod,memsets,allocs,frees,host_allocs,stream_syncs,ctx_syncs,event_syncs,sync_copies,event_records,stream_waits,module_loads,gemms\0";
+const NAMES: &str = "launches,htod,dtoh,dtod,memsets,allocs,frees,host_allocs,stream_syncs,ctx_syncs,event_syncs,sync_copies,event_records,stream_waits,module_loads,gemms,graph_launches\0";
 
 thread_local! {
     static COUNTS: Cell<[u64; COUNT]> = const { Cell::new([0; COUNT]) };

@@ -15,8 +15,7 @@ include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 pub(crate) struct SimtKernel {
     name: *const c_char,
     launch: unsafe extern "C" fn(params: *const c_void, grid: c_uint, block: c_uint) -> i32,
-    /// Part of the C layout; a launch cannot check it (cuLaunchKernel passes no sizes).
-    #[allow(dead_code)]
+    /// The parameter struct's size (a captured launch copies that many bytes).
     params_size: usize,
 }
 
@@ -65,6 +64,18 @@ fn registry() -> &'static HashMap<String, (&'static str, &'static SimtKernel)> {
 fn functions() -> &'static Mutex<HashMap<String, usize>> {
     static F: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
     F.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The size of the parameter struct of function `f` (its kernel table's entry).
+pub(crate) fn params_size(f: *const Function) -> Result<usize, CUresult> {
+    if !is_function(f) {
+        return Err(crate::fail(
+            CUresult::CUDA_ERROR_INVALID_HANDLE,
+            format!("cuLaunchKernel of {f:p}, not a function handle"),
+        ));
+    }
+    // SAFETY: a live handle (checked above), never freed while the module is loaded.
+    Ok(unsafe { (*f).kernel.params_size })
 }
 
 pub(crate) fn is_function(f: *const Function) -> bool {

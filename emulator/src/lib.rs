@@ -32,6 +32,7 @@
 
 mod blas;
 mod counters;
+mod graphs;
 mod kernels;
 mod memory;
 
@@ -323,6 +324,7 @@ pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut CUdevice) -> CUresult {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxSynchronize() -> CUresult {
+    tri!(graphs::refuse_while_capturing("cuCtxSynchronize"));
     tri!(initialized());
     bump(Counter::CtxSyncs);
     CUresult::CUDA_SUCCESS
@@ -365,6 +367,7 @@ pub unsafe extern "C" fn cuStreamDestroy_v2(s: CUstream) -> CUresult {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamSynchronize(s: CUstream) -> CUresult {
+    tri!(graphs::refuse_while_capturing("cuStreamSynchronize"));
     tri!(stream_ok(s));
     bump(Counter::StreamSyncs);
     CUresult::CUDA_SUCCESS
@@ -407,6 +410,7 @@ pub unsafe extern "C" fn cuEventRecord(e: CUevent, s: CUstream) -> CUresult {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuEventSynchronize(e: CUevent) -> CUresult {
+    tri!(graphs::refuse_while_capturing("cuEventSynchronize"));
     tri!(event_mut(e));
     bump(Counter::EventSyncs);
     CUresult::CUDA_SUCCESS
@@ -464,6 +468,9 @@ pub unsafe extern "C" fn cuEventDestroy_v2(e: CUevent) -> CUresult {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAlloc_v2(p: *mut CUdeviceptr, bytes: usize) -> CUresult {
+    tri!(graphs::refuse_while_capturing(
+        "cuMemAlloc (a device allocation)"
+    ));
     tri!(initialized());
     if p.is_null() {
         return CUresult::CUDA_ERROR_INVALID_VALUE;
@@ -485,6 +492,7 @@ pub unsafe extern "C" fn cuMemAllocAsync(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFree_v2(p: CUdeviceptr) -> CUresult {
+    tri!(graphs::refuse_while_capturing("cuMemFree"));
     tri!(memory::free(p));
     bump(Counter::Frees);
     CUresult::CUDA_SUCCESS
@@ -513,6 +521,7 @@ pub unsafe extern "C" fn cuMemHostAlloc(
     bytes: usize,
     _flags: c_uint,
 ) -> CUresult {
+    tri!(graphs::refuse_while_capturing("cuMemHostAlloc"));
     tri!(initialized());
     if pp.is_null() {
         return CUresult::CUDA_ERROR_INVALID_VALUE;
@@ -573,6 +582,7 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     n: usize,
     s: CUstream,
 ) -> CUresult {
+    tri!(graphs::refuse_while_capturing("a host-to-device copy"));
     tri!(stream_ok(s));
     tri!(memory::check_range(dst, n, "cuMemcpyHtoD destination"));
     copy(dst as *mut u8, src as *const u8, n);
@@ -598,6 +608,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     n: usize,
     s: CUstream,
 ) -> CUresult {
+    tri!(graphs::refuse_while_capturing("a device-to-host copy"));
     tri!(stream_ok(s));
     tri!(memory::check_range(src, n, "cuMemcpyDtoH source"));
     copy(dst as *mut u8, src as *const u8, n);
@@ -630,8 +641,11 @@ pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
     tri!(stream_ok(s));
     tri!(memory::check_range(dst, n, "cuMemcpyDtoD destination"));
     tri!(memory::check_range(src, n, "cuMemcpyDtoD source"));
-    copy(dst as *mut u8, src as *const u8, n);
     bump(Counter::Dtod);
+    if graphs::record(s, || graphs::Node::Copy { dst, src, n }) {
+        return CUresult::CUDA_SUCCESS;
+    }
+    copy(dst as *mut u8, src as *const u8, n);
     CUresult::CUDA_SUCCESS
 }
 
@@ -651,6 +665,15 @@ pub unsafe extern "C" fn cuMemsetD8Async(
 ) -> CUresult {
     tri!(stream_ok(s));
     tri!(memory::check_range(dst, n, "cuMemsetD8 destination"));
+    if graphs::record(s, || graphs::Node::Memset {
+        dst,
+        value: v as u32,
+        width: 1,
+        n,
+    }) {
+        bump(Counter::Memsets);
+        return CUresult::CUDA_SUCCESS;
+    }
     if n > 0 {
         std::ptr::write_bytes(dst as *mut u8, v, n);
     }
@@ -682,6 +705,15 @@ pub unsafe extern "C" fn cuMemsetD32Async(
         n.saturating_mul(4),
         "cuMemsetD32 destination"
     ));
+    if graphs::record(s, || graphs::Node::Memset {
+        dst,
+        value: v,
+        width: 4,
+        n,
+    }) {
+        bump(Counter::Memsets);
+        return CUresult::CUDA_SUCCESS;
+    }
     for i in 0..n {
         *(dst as *mut u32).add(i) = v;
     }
@@ -766,6 +798,17 @@ pub unsafe extern "C" fn cuLaunchKernel(
 ) -> CUresult {
     tri!(initialized());
     tri!(stream_ok(s));
+    if graphs::capturing(s) {
+        let node = tri!(graphs::launch_node(
+            f as *const kernels::Function,
+            [gx, gy, gz],
+            [bx, by, bz],
+            params
+        ));
+        graphs::record(s, || node);
+        bump(Counter::Launches);
+        return CUresult::CUDA_SUCCESS;
+    }
     let r = kernels::launch(
         f as *const kernels::Function,
         [gx, gy, gz],

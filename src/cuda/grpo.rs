@@ -1,22 +1,100 @@
 //! Kernel 1 on the GPU: the fused GRPO loss (`kernels/grpo_loss.cu`).
 
 use super::{
-    addr, addr_mut, begin_token_pass, finalize, maxk, params::GrpoParams, Gpu, Module, SeqExtras,
+    addr, addr_mut, begin_token_pass, maxk, out_len, params::GrpoParams, read_out, split_out, Gpu,
+    LayoutSrc, Module, SeqExtras, Workspace,
 };
 use crate::config::{GrpoConfig, IsLevel, IsMode, PolicyLoss, RolloutCorrection};
 use crate::error::Result;
-use crate::layout::{check_len, policy_bits, validate_grpo, Advantages, GrpoInputs, Mask};
-use crate::output::{finish_grpo, grpo_slots, slots, GrpoOutput, GrpoSums};
+use crate::kernel_layout::OUT_LOSS;
+use crate::layout::{
+    check_len, policy_bits, validate_grpo_on, Advantages, DeviceSide, GrpoInputs, Mask,
+};
+use crate::output::{finish_grpo, grpo_slots, GrpoOutput, GrpoSums};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
 
 /// Device inputs of the fused GRPO loss: per-token arrays as CUDA views, the small per-batch arrays
-/// (`cu_seqlens`, `lambda`, `objectives`, `membership`) on the host.
+/// (`cu_seqlens`, `lambda`, `objectives`, `membership`) on the host (or, for
+/// [`grpo_loss_async`], optionally on the device in a [`DeviceLayout`]).
 pub type DeviceGrpoInputs<'a> = GrpoInputs<'a, CudaView<'a, f32>, CudaView<'a, u8>>;
 
+/// The per-batch arrays of a fused-loss call passed on the device instead of the host, so the call
+/// copies nothing from the host (as CUDA-graph capture requires, and as a trainer whose layout is
+/// a device tensor wants). They are checked on the device: `cu_seqlens` non-decreasing from 0 to
+/// T, `membership` without bits at or above K, `lambda` finite and >= 0; a failed check makes the
+/// device loss NaN and [`PendingGrpo::read`] report the argument. With a layout, the host fields
+/// `inputs.cu_seqlens` must be empty and `inputs.membership` `None`; with `lambda` here,
+/// `inputs.lambda` must be empty (K is then the length of `inputs.objectives`).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceLayout<'v, 'a> {
+    /// `[B + 1]` sequence boundaries.
+    pub cu_seqlens: &'v CudaView<'a, i32>,
+    /// `[B]` membership bits, or `None`: every sequence in every objective.
+    pub membership: Option<&'v CudaView<'a, u32>>,
+    /// `[K]` objective weights, or `None`: `inputs.lambda` (passed by value with the launch).
+    pub lambda: Option<&'v CudaView<'a, f32>>,
+}
+
+/// Length of a fused-loss output buffer for `k` objectives (`f64`s: the loss, the device-side
+/// check flags, the normalizers and the statistics; layout `RECAP_OUT_*` in
+/// `kernels/recap_params.h`).
+pub fn grpo_output_len(k: usize) -> usize {
+    out_len(grpo_slots(k))
+}
+
+/// Index of the loss in a fused-loss output buffer (`RECAP_OUT_LOSS`): a device scalar a trainer
+/// can use without reading anything back.
+pub const GRPO_OUTPUT_LOSS: usize = OUT_LOSS;
+
+/// A fused-loss call enqueued by [`grpo_loss_async`]: what reading its output takes.
+#[derive(Clone, Debug)]
+pub struct PendingGrpo {
+    k: usize,
+    has_ref: bool,
+    has_rollout: bool,
+    config: GrpoConfig,
+}
+
+impl PendingGrpo {
+    /// Objectives of the call.
+    pub fn num_objectives(&self) -> usize {
+        self.k
+    }
+
+    /// Reads the call's output `out` back (one copy; this synchronizes `stream`) and decodes it
+    /// into the loss, aggregates and metrics, as [`grpo_loss`] returns them; reports a failed
+    /// device-side check of a [`DeviceLayout`] and, unless `config.allow_nonfinite`, non-finite
+    /// inputs ([`crate::Error::NonFinite`]).
+    pub fn read(&self, stream: &Arc<CudaStream>, out: &CudaView<'_, f64>) -> Result<GrpoOutput> {
+        check_len(
+            "out",
+            out.len(),
+            grpo_output_len(self.k),
+            "grpo_output_len(K)",
+        )?;
+        self.decode(&read_out(stream, out)?)
+    }
+
+    fn decode(&self, raw: &[f64]) -> Result<GrpoOutput> {
+        let (norms, slots) = split_out(raw);
+        // the loss as the device computed it (the same formula and rounding as finish_grpo's)
+        let mut o = finish_grpo(
+            &GrpoSums { slots, norms },
+            &vec![1.0; self.k],
+            &self.config,
+            self.has_ref,
+            self.has_rollout,
+        )?;
+        o.loss = raw[OUT_LOSS];
+        Ok(o)
+    }
+}
+
 /// The fused GRPO loss on the GPU, on `stream`: writes `dL/dlogp` into `grad` (`[T]`) and returns
-/// the loss, per-objective aggregates and metrics (this synchronizes `stream` to read them).
-/// Every argument is validated on the host before any launch.
+/// the loss, per-objective aggregates and metrics. A convenience over [`grpo_loss_async`]: it
+/// reads the output back, which synchronizes `stream`. Every argument is validated on the host
+/// before any launch.
 pub fn grpo_loss(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
@@ -24,12 +102,110 @@ pub fn grpo_loss(
     config: &GrpoConfig,
     grad: &mut CudaViewMut<'_, f32>,
 ) -> Result<GrpoOutput> {
-    let shape = validate_grpo(inputs, config)?;
+    let (pending, ws) = enqueue(gpu, stream, inputs, None, config, grad, None)?;
+    pending.decode(&ws.read_raw(stream)?)
+}
+
+/// The fused GRPO loss on the GPU, asynchronously: enqueues two launches on `stream`
+/// (`recap_seq_stats_*`, then `recap_grpo_loss_*`, whose last block reduces the statistics and
+/// computes the loss) that write `dL/dlogp` into `grad` (`[T]`) and the loss, statistics and
+/// check flags into `out` (`[grpo_output_len(K)]`, `f64`; `out[GRPO_OUTPUT_LOSS]` is the loss), and
+/// returns without synchronizing. Nothing is allocated once the stream's workspace has grown to
+/// the call's size (the first call of a size allocates it). With `layout`, nothing is copied from
+/// the host either, so the call can be captured in a CUDA graph (after one eager call of the same
+/// or a larger size); without one, `cu_seqlens` and `membership` are uploaded (one copy).
+/// [`PendingGrpo::read`] reads the output back (and reports checks that failed on the device).
+pub fn grpo_loss_async(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    inputs: &DeviceGrpoInputs<'_>,
+    layout: Option<&DeviceLayout<'_, '_>>,
+    config: &GrpoConfig,
+    grad: &mut CudaViewMut<'_, f32>,
+    out: &mut CudaViewMut<'_, f64>,
+) -> Result<PendingGrpo> {
+    let k = if layout.is_some_and(|l| l.lambda.is_some()) {
+        inputs.objectives.len()
+    } else {
+        inputs.lambda.len()
+    };
+    check_len("out", out.len(), grpo_output_len(k), "grpo_output_len(K)")?;
+    let (o, _g) = addr_mut(out, stream);
+    let (pending, _ws) = enqueue(gpu, stream, inputs, layout, config, grad, Some(o))?;
+    Ok(pending)
+}
+
+/// Validates and enqueues one call; the output goes to `out` or, when `None`, to the returned
+/// workspace.
+fn enqueue<'g>(
+    gpu: &'g Gpu,
+    stream: &Arc<CudaStream>,
+    inputs: &DeviceGrpoInputs<'_>,
+    layout: Option<&DeviceLayout<'_, '_>>,
+    config: &GrpoConfig,
+    grad: &mut CudaViewMut<'_, f32>,
+    out: Option<u64>,
+) -> Result<(PendingGrpo, Workspace<'g>)> {
+    let device = layout.map(|l| DeviceSide {
+        b: l.cu_seqlens.len().saturating_sub(1),
+        lambda: l.lambda.is_some(),
+        membership: l.membership.is_some(),
+    });
+    if let Some(l) = layout {
+        if l.cu_seqlens.is_empty() {
+            return Err(crate::error::Error::invalid_argument(
+                "cu_seqlens",
+                "expected [B + 1] boundaries starting at 0, got an empty array",
+            ));
+        }
+    }
+    let shape = validate_grpo_on(inputs, config, device)?;
     check_len("grad", grad.len(), shape.t, "[T]")?;
-    gpu.check_stream(stream)?;
     let (t, b, k) = (shape.t, shape.b, shape.k);
+    if let Some(l) = layout {
+        if let Some(m) = l.membership {
+            check_len("membership", m.len(), b, "[B]")?;
+        }
+        if let Some(lam) = l.lambda {
+            check_len("lambda", lam.len(), k, "[K] (the length of objectives)")?;
+        }
+    }
+    gpu.check_stream(stream)?;
 
     let slots = grpo_slots(k);
+    let (lay_cu, _gc) = match layout {
+        Some(l) => {
+            let (a, g) = addr(l.cu_seqlens, stream);
+            (a, Some(g))
+        }
+        None => (0, None),
+    };
+    let (lay_mem, _gm) = match layout.and_then(|l| l.membership) {
+        Some(m) => {
+            let (a, g) = addr(m, stream);
+            (a, Some(g))
+        }
+        None => (0, None),
+    };
+    let (lay_lam, _gl) = match layout.and_then(|l| l.lambda) {
+        Some(m) => {
+            let (a, g) = addr(m, stream);
+            (a, Some(g))
+        }
+        None => (0, None),
+    };
+    let src = match layout {
+        Some(_) => LayoutSrc::Device {
+            b,
+            cu_seqlens: lay_cu,
+            membership: lay_mem,
+            lambda: lay_lam,
+        },
+        None => LayoutSrc::Host {
+            cu_seqlens: inputs.cu_seqlens,
+            membership: inputs.membership,
+        },
+    };
     // GSPO and sequence-level rollout IS: recap_seq_stats also takes each sequence's mean
     // log-ratio / IS log-weight (the guards keep the views borrowed until the launches are enqueued)
     let (lp_addr, _gl) = addr(&inputs.logp, stream);
@@ -71,18 +247,15 @@ pub fn grpo_loss(
         stream,
         &inputs.mask,
         t,
-        inputs.cu_seqlens,
-        inputs.membership,
+        &src,
         slots,
         k,
         inputs.normalizers,
         &extras,
+        out,
     )?;
-    let (ws, items, suffix) = (&pass.ws, pass.items, pass.suffix);
+    let (items, suffix, w) = (pass.items, pass.suffix, pass.addrs);
     {
-        let (w, _gw) = ws.addrs(stream);
-        let (logp_a, _g0) = addr(&inputs.logp, stream);
-        let (old_a, _g1) = addr(&inputs.old_logp, stream);
         let (ref_a, _g2) = match &inputs.ref_logp {
             Some(r) => {
                 let (a, g) = addr(r, stream);
@@ -97,10 +270,12 @@ pub fn grpo_loss(
         let (adv_a, _g3) = addr(adv_view, stream);
         let (grad_a, _g4) = addr_mut(grad, stream);
         let mut lambda = [0f32; 16];
-        lambda[..k].copy_from_slice(inputs.lambda);
+        if lay_lam == 0 {
+            lambda[..k].copy_from_slice(inputs.lambda);
+        }
         let p = GrpoParams {
-            logp: logp_a,
-            old_logp: old_a,
+            logp: lp_addr,
+            old_logp: old_addr,
             ref_logp: ref_a,
             advantages: adv_a,
             mask: pass.mask_addr,
@@ -143,6 +318,9 @@ pub fn grpo_loss(
             beta: config.kl_coef,
             sum_norm_const: config.norm_constant.unwrap_or(0.0),
             lambda,
+            out: w.out,
+            ticket: w.tickets + 4,
+            lambda_dev: lay_lam,
         };
         let ext = if config.extended(has_rollout, pw_addr != 0) {
             "ext_"
@@ -150,26 +328,17 @@ pub fn grpo_loss(
             ""
         };
         let name = format!("recap_grpo_loss_{ext}k{}_{suffix}", maxk(k));
-        gpu.launch(stream, Module::GrpoLoss, &name, ws.blocks, &p)?;
-        let e = 3 * k;
-        let bit = |j: usize| 1u64 << j;
-        finalize(
-            gpu,
-            stream,
-            ws,
-            &w,
-            bit(e + slots::RATIO_MIN) | bit(e + slots::IS_MIN),
-            bit(e + slots::RATIO_MAX) | bit(e + slots::IS_MAX),
-        )?;
+        gpu.launch(stream, Module::GrpoLoss, &name, pass.ws.blocks, &p)?;
     }
-    let (norms, slots) = ws.read_back(stream)?;
-    finish_grpo(
-        &GrpoSums { slots, norms },
-        inputs.lambda,
-        config,
-        inputs.ref_logp.is_some(),
-        has_rollout,
-    )
+    Ok((
+        PendingGrpo {
+            k,
+            has_ref: inputs.ref_logp.is_some(),
+            has_rollout,
+            config: config.clone(),
+        },
+        pass.ws,
+    ))
 }
 
 /// A mask view of either dtype.

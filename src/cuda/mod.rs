@@ -21,7 +21,10 @@ mod token_baseline;
 pub use advantages::{group_advantages, AdvAddrs, AdvShape, DeviceGroups};
 pub use counters::{count_calls, emulated_counters, DeviceCalls};
 pub use fused_linear::{fused_linear_grpo_loss, FusedLinearConfig, LinearHead};
-pub use grpo::{grpo_loss, DeviceGrpoInputs};
+pub use grpo::{
+    grpo_loss, grpo_loss_async, grpo_output_len, DeviceGrpoInputs, DeviceLayout, PendingGrpo,
+    GRPO_OUTPUT_LOSS,
+};
 pub use kl::{kl, rejection_grid, rejection_params, rollout_rejection};
 pub use logits::{
     grpo_loss_from_logits, logprob_backward, logprob_backward_inplace, logprob_forward,
@@ -34,6 +37,9 @@ pub use token_baseline::{group_table, optimal_token_baseline, otb_launches, otb_
 
 use crate::config::{Normalizers, MAX_OBJECTIVES};
 use crate::error::{Error, Result};
+use crate::kernel_layout::{
+    ERR_CU_SEQLENS, ERR_LAMBDA, ERR_MEMBERSHIP, OUT_FLAGS, OUT_NORMS, OUT_SLOTS,
+};
 use crate::layout::Mask;
 use crate::output::NORM_SLOTS;
 use cudarc::driver::{
@@ -108,6 +114,17 @@ pub struct Gpu {
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: Mutex<Option<cudarc::cublas::CudaBlas>>,
+    /// Each stream's kept scratch (by `CUstream` handle), see [`StreamScratch`].
+    scratch: Mutex<HashMap<usize, StreamScratch>>,
+}
+
+impl std::fmt::Debug for StreamScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamScratch")
+            .field("f64s", &self.f64s.as_ref().map(|b| b.len()))
+            .field("i32s", &self.i32s.as_ref().map(|b| b.len()))
+            .finish()
+    }
 }
 
 impl Gpu {
@@ -142,6 +159,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
+            scratch: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -237,11 +255,35 @@ impl Gpu {
         Ok(())
     }
 
-    /// Tokens per thread for a token kernel over `t` tokens: enough blocks to fill the device
-    /// (about 4 per multiprocessor), at most 16 tokens per thread.
+    /// Tokens per thread for a token kernel over `t` tokens: about 4 blocks per multiprocessor
+    /// (one wave), each looping over its tile, so the last block's reduction of the blocks'
+    /// partials stays short.
     pub fn items_per_thread(&self, t: usize) -> usize {
         let blocks = 4 * self.sms as usize;
-        t.div_ceil(blocks * BLOCK as usize).clamp(1, 16)
+        t.div_ceil(blocks * BLOCK as usize).max(1)
+    }
+
+    /// Takes `stream`'s kept scratch out of the cache (a concurrent call on the same stream finds
+    /// none and makes its own).
+    fn take_scratch(&self, key: usize) -> Result<StreamScratch> {
+        let mut map = self
+            .scratch
+            .lock()
+            .map_err(|_| Error::NoDevice("workspace cache poisoned".into()))?;
+        Ok(map.remove(&key).unwrap_or_default())
+    }
+
+    /// Puts a call's scratch back (keeping the larger one if another call put one back first).
+    fn return_scratch(&self, key: usize, s: StreamScratch) {
+        if let Ok(mut map) = self.scratch.lock() {
+            let size = |x: &StreamScratch| x.f64s.as_ref().map_or(0, |b| b.len());
+            match map.get(&key) {
+                Some(old) if size(old) >= size(&s) => {}
+                _ => {
+                    map.insert(key, s);
+                }
+            }
+        }
     }
 
     /// Launches `name` from module `m` with `grid` blocks of [`BLOCK`] threads and the by-value
@@ -325,105 +367,316 @@ pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(
     Ok(d)
 }
 
-/// One call's device scratch: a single f64 buffer
-/// `[norms | out | seq_tokens | seq_log_ratio (2B) | seq_is_log | partials]` and a
-/// single i32 buffer `[cu_seqlens | membership]`, so a call makes one allocation of each, one upload
-/// and one read-back (`norms` and `out` are adjacent).
-pub(crate) struct Workspace {
-    scratch: CudaSlice<f64>,
-    layout: CudaSlice<i32>,
+/// The device scratch of one stream, kept between calls so a call allocates nothing once it has
+/// run at its size (a call that needs more grows it, 25 % ahead). Its buffers are created without
+/// cudarc's event tracking: they are only ever used on their own stream, in stream order.
+#[derive(Default)]
+pub(crate) struct StreamScratch {
+    f64s: Option<CudaSlice<f64>>,
+    i32s: Option<CudaSlice<i32>>,
+    /// `[2]` last-block tickets of the two launches (zero between launches; the kernels reset them).
+    tickets: Option<CudaSlice<u32>>,
+}
+
+impl StreamScratch {
+    fn ensure(
+        &mut self,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        f64s: usize,
+        i32s: usize,
+    ) -> Result<()> {
+        let short = |len: Option<usize>, need: usize| len.map_or(true, |l| l < need);
+        let grow = |n: usize| n + n / 4;
+        let tracked = ctx.is_event_tracking();
+        // SAFETY: buffers created while tracking is off are used only on `stream` (this scratch is
+        // keyed by it) in stream order, and freed on it (cudarc frees on the allocating stream).
+        if tracked {
+            unsafe { ctx.disable_event_tracking() };
+        }
+        let r = (|| -> Result<()> {
+            if short(self.f64s.as_ref().map(|b| b.len()), f64s) {
+                self.f64s = None; // freed (stream-ordered) before the larger one is allocated
+                                  // SAFETY: uninitialized f64s; every element a kernel reads is written earlier in
+                                  // the same call, in stream order (see Workspace).
+                self.f64s = Some(unsafe { stream.alloc::<f64>(grow(f64s).max(1)) }?);
+            }
+            if short(self.i32s.as_ref().map(|b| b.len()), i32s) {
+                self.i32s = None;
+                // SAFETY: as above: the layout is uploaded and tile_seq written before any read.
+                self.i32s = Some(unsafe { stream.alloc::<i32>(grow(i32s).max(1)) }?);
+            }
+            if self.tickets.is_none() {
+                self.tickets = Some(stream.alloc_zeros::<u32>(2)?);
+            }
+            Ok(())
+        })();
+        if tracked {
+            // SAFETY: restores the context's setting for the caller's own buffers.
+            unsafe { ctx.enable_event_tracking() };
+        }
+        r
+    }
+}
+
+/// Where a token pass's per-batch arrays are: on the host (validated there, uploaded by the call)
+/// or already on the device (device addresses; checked there into the output's flags).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum LayoutSrc<'a> {
+    Host {
+        cu_seqlens: &'a [i32],
+        membership: Option<&'a [u32]>,
+    },
+    Device {
+        b: usize,
+        cu_seqlens: u64,
+        membership: u64,
+        lambda: u64,
+    },
+}
+
+impl LayoutSrc<'_> {
+    fn b(&self) -> usize {
+        match self {
+            LayoutSrc::Host { cu_seqlens, .. } => cu_seqlens.len() - 1,
+            LayoutSrc::Device { b, .. } => *b,
+        }
+    }
+}
+
+/// Length of the output of a token pass with `slots` statistics: `RECAP_OUT_SLOTS + slots` (loss,
+/// flags, normalizers, slots; `kernels/recap_params.h`).
+pub(crate) fn out_len(slots: usize) -> usize {
+    OUT_SLOTS + slots
+}
+
+/// One call's view of its stream's scratch: the f64 part
+/// `[out (OUT_SLOTS + slots) | seq_tokens (B) | seq_log_ratio (2B) | seq_is_log (B) | partials of
+/// recap_seq_stats (rows x blocks) | partials of the token pass (slots x blocks)]`, the i32 part
+/// `[cu_seqlens (B + 1) | membership (B) | tile_seq (blocks)]` (the first two only when uploaded
+/// from the host) and the two tickets. The buffers go back to the stream's cache when it drops.
+pub(crate) struct Workspace<'g> {
+    gpu: &'g Gpu,
+    key: usize,
+    bufs: StreamScratch,
     b: usize,
     slots: usize,
     pub blocks: usize,
+    seq_blocks: usize,
+    seq_rows: usize,
+    host_layout: bool,
     has_membership: bool,
+    /// The output's device address when the caller gave one (else the scratch's own).
+    out: Option<u64>,
 }
 
-const NORMS_LEN: usize = 4 * NORM_SLOTS;
+impl Drop for Workspace<'_> {
+    fn drop(&mut self) {
+        self.gpu
+            .return_scratch(self.key, std::mem::take(&mut self.bufs));
+    }
+}
 
-impl Workspace {
-    /// Scratch for `blocks` token-pass blocks of `slots` statistics each, with the layout uploaded.
-    pub(crate) fn new(
+impl<'g> Workspace<'g> {
+    /// Scratch for `blocks` token-pass blocks of `slots` statistics and `seq_blocks` blocks of
+    /// `recap_seq_stats` over `k` objectives, with a host layout uploaded (one copy).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        gpu: &'g Gpu,
         stream: &Arc<CudaStream>,
-        cu_seqlens: &[i32],
-        membership: Option<&[u32]>,
+        layout: &LayoutSrc<'_>,
+        k: usize,
         slots: usize,
         blocks: usize,
+        seq_blocks: usize,
+        out: Option<u64>,
     ) -> Result<Self> {
-        let b = cu_seqlens.len() - 1;
-        let mut host: Vec<i32> = cu_seqlens.to_vec();
-        if let Some(m) = membership {
-            host.extend(m.iter().map(|x| *x as i32)); // same bits; the kernels read them as u32
-        }
-        // SAFETY: uninitialized i32s; the first host.len() are copied in right below, the remaining
-        // `blocks` (tile_seq) are all written by recap_seq_stats_* before the token pass reads them.
-        let mut layout = unsafe { stream.alloc::<i32>(host.len() + blocks) }?;
-        stream.memcpy_htod(&host, &mut layout.slice_mut(..host.len()))?;
-        let len = NORMS_LEN + slots + 4 * b.max(1) + blocks * slots;
-        // SAFETY: uninitialized device memory of `len` f64. Every element a kernel reads is written
-        // first by an earlier launch on the same stream: norms by recap_norms_finalize, seq_tokens[b]
-        // (and seq_log_ratio[b], seq_is_log[b] when the pass reads them) for every b by
-        // recap_seq_stats_*, each block's
-        // row of partials by its token-pass block, and out by recap_partials_finalize; nothing else
-        // is read by a kernel (norms and out are zeroed below for the host's read-back).
-        let mut scratch = unsafe { stream.alloc::<f64>(len) }?;
-        // norms and out are read back whole in one copy (read_back) though a pass may leave some
-        // slots unwritten (the variant slots of the plain path, say): zeroed, so the copy reads
-        // defined memory (compute-sanitizer initcheck) and unused slots read back as 0
-        stream.memset_zeros(&mut scratch.slice_mut(..NORMS_LEN + slots))?;
-        Ok(Workspace {
-            scratch,
-            layout,
+        let b = layout.b();
+        let seq_rows = 2 * (k + 1) + 2;
+        let (host_layout, has_membership) = match layout {
+            LayoutSrc::Host { membership, .. } => (true, membership.is_some()),
+            LayoutSrc::Device { membership, .. } => (false, *membership != 0),
+        };
+        let key = stream.cu_stream() as usize;
+        let bufs = gpu.take_scratch(key)?;
+        // built first, so an error below hands the buffers back to the cache (Drop) instead of
+        // freeing them (a free is not allowed while the stream captures a graph)
+        let mut ws = Workspace {
+            gpu,
+            key,
+            bufs,
             b,
             slots,
             blocks,
-            has_membership: membership.is_some(),
-        })
+            seq_blocks,
+            seq_rows,
+            host_layout,
+            has_membership,
+            out,
+        };
+        let f64s = out_len(slots) + 4 * b.max(1) + seq_rows * seq_blocks + slots * blocks;
+        let i32s = if host_layout { 2 * b + 1 } else { 0 } + blocks;
+        ws.bufs.ensure(&gpu.ctx, stream, f64s, i32s)?;
+        if let LayoutSrc::Host {
+            cu_seqlens,
+            membership,
+        } = layout
+        {
+            let mut host: Vec<i32> = cu_seqlens.to_vec();
+            if let Some(m) = membership {
+                host.extend(m.iter().map(|x| *x as i32)); // same bits; the kernels read them as u32
+            }
+            if let Some(d) = ws.bufs.i32s.as_mut() {
+                stream.memcpy_htod(&host, &mut d.slice_mut(..host.len()))?;
+            }
+        }
+        Ok(ws)
     }
 
-    /// Device addresses of the parts, with the guards that must outlive the launches using them.
-    pub(crate) fn addrs<'a>(
-        &'a self,
-        stream: &'a CudaStream,
-    ) -> (WorkspaceAddrs, [SyncOnDrop<'a>; 2]) {
-        let (base, g0) = addr_slice(&self.scratch, stream);
-        let (lay, g1) = addr_slice(&self.layout, stream);
-        let f = |off: usize| base + (off * 8) as u64;
-        let membership_len = if self.has_membership { self.b } else { 0 };
-        let a = WorkspaceAddrs {
-            cu_seqlens: lay,
-            membership: if self.has_membership {
-                lay + ((self.b + 1) * 4) as u64
-            } else {
-                0
-            },
-            tile_seq: lay + ((self.b + 1 + membership_len) * 4) as u64,
-            norms: f(0),
-            out: f(NORMS_LEN),
-            seq_tokens: f(NORMS_LEN + self.slots),
-            seq_log_ratio: f(NORMS_LEN + self.slots + self.b.max(1)),
-            seq_is_log: f(NORMS_LEN + self.slots + 3 * self.b.max(1)),
-            partials: f(NORMS_LEN + self.slots + 4 * self.b.max(1)),
+    fn f64s(&self) -> Result<&CudaSlice<f64>> {
+        self.bufs
+            .f64s
+            .as_ref()
+            .ok_or_else(|| Error::NoDevice("internal: workspace without scratch".into()))
+    }
+
+    fn i32s(&self) -> Result<&CudaSlice<i32>> {
+        self.bufs
+            .i32s
+            .as_ref()
+            .ok_or_else(|| Error::NoDevice("internal: workspace without layout".into()))
+    }
+
+    /// Device addresses of the parts (the buffers are untracked: no guards to hold).
+    pub(crate) fn addrs(
+        &self,
+        stream: &CudaStream,
+        layout: &LayoutSrc<'_>,
+    ) -> Result<WorkspaceAddrs> {
+        let base = addr_slice(self.f64s()?, stream).0;
+        let lay = addr_slice(self.i32s()?, stream).0;
+        let tickets = match &self.bufs.tickets {
+            Some(t) => addr_slice(t, stream).0,
+            None => {
+                return Err(Error::NoDevice(
+                    "internal: workspace without tickets".into(),
+                ))
+            }
         };
-        (a, [g0, g1])
+        let f = |off: usize| base + (off * 8) as u64;
+        let b1 = self.b.max(1);
+        let out = self.out.unwrap_or(base);
+        let seq = out_len(self.slots);
+        let (cu_seqlens, membership, lambda, tile_seq) = match layout {
+            LayoutSrc::Host { .. } => (
+                lay,
+                if self.has_membership {
+                    lay + ((self.b + 1) * 4) as u64
+                } else {
+                    0
+                },
+                0,
+                lay + ((2 * self.b + 1) * 4) as u64,
+            ),
+            LayoutSrc::Device {
+                cu_seqlens,
+                membership,
+                lambda,
+                ..
+            } => (*cu_seqlens, *membership, *lambda, lay),
+        };
+        Ok(WorkspaceAddrs {
+            cu_seqlens,
+            membership,
+            lambda,
+            tile_seq,
+            out,
+            norms: out + (OUT_NORMS * 8) as u64,
+            flags: out + (OUT_FLAGS * 8) as u64,
+            seq_tokens: f(seq),
+            seq_log_ratio: f(seq + b1),
+            seq_is_log: f(seq + 3 * b1),
+            seq_partials: f(seq + 4 * b1),
+            partials: f(seq + 4 * b1 + self.seq_rows * self.seq_blocks),
+            tickets,
+            validate: !self.host_layout,
+        })
     }
 
     /// Overwrites the per-sequence token weights (`[B]`) on the stream.
     pub(crate) fn set_seq_tokens(&mut self, stream: &Arc<CudaStream>, st: &[f64]) -> Result<()> {
-        let off = NORMS_LEN + self.slots;
-        if !st.is_empty() {
-            stream.memcpy_htod(st, &mut self.scratch.slice_mut(off..off + st.len()))?;
+        let off = out_len(self.slots);
+        if let (false, Some(s)) = (st.is_empty(), self.bufs.f64s.as_mut()) {
+            stream.memcpy_htod(st, &mut s.slice_mut(off..off + st.len()))?;
         }
         Ok(())
     }
 
-    /// Reads `norms` and the reduced statistics back (one copy; synchronizes the stream).
+    /// Reads the scratch's own output back (one copy; synchronizes the stream): the normalizers and
+    /// the slots, after checking the flags of the device-side checks.
     pub(crate) fn read_back(&self, stream: &Arc<CudaStream>) -> Result<(Vec<f64>, Vec<f64>)> {
-        let mut host = vec![0f64; NORMS_LEN + self.slots];
-        stream.memcpy_dtoh(&self.scratch.slice(..host.len()), &mut host)?;
-        stream.synchronize()?;
-        let out = host.split_off(NORMS_LEN);
-        Ok((host, out))
+        Ok(split_out(&self.read_raw(stream)?))
     }
+
+    /// The scratch's own output, whole (one copy; synchronizes the stream; checks the flags).
+    pub(crate) fn read_raw(&self, stream: &Arc<CudaStream>) -> Result<Vec<f64>> {
+        read_out(stream, &self.f64s()?.slice(..out_len(self.slots)))
+    }
+
+    /// The per-sequence token weights (`[B]`) read back (synchronizes the stream).
+    fn read_seq_tokens(&self, stream: &Arc<CudaStream>) -> Result<Vec<f64>> {
+        let off = out_len(self.slots);
+        let mut st = vec![0f64; self.b];
+        if self.b > 0 {
+            stream.memcpy_dtoh(&self.f64s()?.slice(off..off + self.b), &mut st)?;
+            stream.synchronize()?;
+        }
+        Ok(st)
+    }
+}
+
+/// Copies a token pass's output back (synchronizes the stream) and reports the device-side checks.
+pub(crate) fn read_out(stream: &Arc<CudaStream>, out: &CudaView<'_, f64>) -> Result<Vec<f64>> {
+    let mut host = vec![0f64; out.len()];
+    stream.memcpy_dtoh(out, &mut host)?;
+    stream.synchronize()?;
+    check_flags(host.get(OUT_FLAGS).copied().unwrap_or(0.0))?;
+    Ok(host)
+}
+
+/// The error named by the `RECAP_ERR_*` bits of an output's flags.
+pub(crate) fn check_flags(flags: f64) -> Result<()> {
+    let f = flags as u32;
+    if flags == 0.0 {
+        return Ok(());
+    }
+    let (arg, what) = if f & ERR_CU_SEQLENS as u32 != 0 {
+        (
+            "cu_seqlens",
+            "the device copy is not [B + 1] non-decreasing boundaries from 0 to T",
+        )
+    } else if f & ERR_MEMBERSHIP as u32 != 0 {
+        ("membership", "the device copy has bits at or above K")
+    } else if f & ERR_LAMBDA as u32 != 0 {
+        (
+            "lambda",
+            "the device copy has a weight that is not finite and >= 0",
+        )
+    } else {
+        ("flags", "unknown device-side check failed")
+    };
+    Err(Error::invalid_argument(
+        arg,
+        format!("{what} (checked on the device; the call's results are not valid)"),
+    ))
+}
+
+/// `(norms, slots)` of a read-back output.
+pub(crate) fn split_out(raw: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    (
+        raw[OUT_NORMS..OUT_SLOTS].to_vec(),
+        raw[OUT_SLOTS..].to_vec(),
+    )
 }
 
 /// Device addresses inside a [`Workspace`].
@@ -431,13 +684,21 @@ impl Workspace {
 pub(crate) struct WorkspaceAddrs {
     pub cu_seqlens: u64,
     pub membership: u64,
+    /// `[K]` lambda on the device, or 0.
+    pub lambda: u64,
     pub tile_seq: u64,
     pub seq_tokens: u64,
     pub seq_log_ratio: u64,
     pub seq_is_log: u64,
-    pub norms: u64,
-    pub partials: u64,
+    pub seq_partials: u64,
     pub out: u64,
+    pub norms: u64,
+    pub flags: u64,
+    pub partials: u64,
+    /// `[2]` u32: recap_seq_stats's ticket, then the token pass's.
+    pub tickets: u64,
+    /// The layout came from the device: check it there.
+    pub validate: bool,
 }
 
 /// Warps per sequence of `recap_seq_stats_*`: a power of two up to `warps_per_block` (so one
@@ -451,14 +712,22 @@ pub(crate) fn warps_per_seq(t: usize, b: usize, warps_per_block: usize) -> usize
     w
 }
 
-/// Runs `recap_seq_stats_*` and `recap_norms_finalize`: the per-sequence token weights, the
-/// normalizers and the tile-to-sequence map of the token pass (tiles of `tile_tokens` tokens, one
-/// per block of the workspace), shared by kernels 1 and 3.
+/// Blocks of `recap_seq_stats_*` over `b` sequences of `t` tokens (at least one, whose last block
+/// writes the normalizers).
+fn seq_stats_blocks(t: usize, b: usize) -> (usize, usize) {
+    let warps_per_block = (BLOCK / 32) as usize;
+    let wps = warps_per_seq(t, b, warps_per_block);
+    (wps, (b * wps).div_ceil(warps_per_block).max(1))
+}
+
+/// Launches `recap_seq_stats_*`: the per-sequence token weights, the normalizers (its last
+/// block), the device-side layout checks and the tile-to-sequence map of the token pass (tiles of
+/// `tile_tokens` tokens, one per block of the workspace), shared by kernels 1 and 3.
 #[allow(clippy::too_many_arguments)]
 fn seq_stats(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
-    ws: &Workspace,
+    ws: &Workspace<'_>,
     a: &WorkspaceAddrs,
     mask_addr: u64,
     mask_suffix: &str,
@@ -469,6 +738,7 @@ fn seq_stats(
     extras: &SeqExtras,
 ) -> Result<()> {
     let b = ws.b;
+    let (wps, grid) = seq_stats_blocks(t, b);
     let mut p = params::SeqParams {
         mask: mask_addr,
         cu_seqlens: a.cu_seqlens,
@@ -494,6 +764,12 @@ fn seq_stats(
         geo_mean: extras.geo_mean.is_some() as i32,
         clip_low: extras.geo_mean.map_or(0.0, |c| c.0),
         clip_high: extras.geo_mean.map_or(0.0, |c| c.1),
+        warps_per_seq: wps as i32,
+        validate: a.validate as i32,
+        partials: a.seq_partials,
+        ticket: a.tickets,
+        flags: a.flags,
+        lambda_dev: a.lambda,
         ..Default::default()
     };
     if let Some(g) = global {
@@ -501,28 +777,25 @@ fn seq_stats(
         p.override_tokens[..=k].copy_from_slice(&g.tokens);
         p.override_seqs[..=k].copy_from_slice(&g.seqs);
     }
-    let warps_per_block = (BLOCK / 32) as usize;
-    // more warps per sequence for long sequences (a few long ones would leave most SMs idle);
-    // 256 tokens (8 per lane) or more per warp
-    p.warps_per_seq = warps_per_seq(t, b, warps_per_block) as i32;
+    debug_assert_eq!(grid, ws.seq_blocks);
     gpu.launch(
         stream,
         Module::Reduce,
         &format!("recap_seq_stats_{mask_suffix}"),
-        (b * p.warps_per_seq as usize).div_ceil(warps_per_block),
+        grid,
         &p,
-    )?;
-    gpu.launch(stream, Module::Reduce, "recap_norms_finalize", k + 1, &p)
+    )
 }
 
 /// What a token pass (kernels 1 and 3) has set up before its own launch: the workspace with the
-/// per-sequence statistics computed, the tokens per thread, and the mask's address and kernel-name
-/// suffix (the guard keeps the mask borrowed for the launches).
-pub(crate) struct TokenPass<'m> {
-    pub ws: Workspace,
+/// per-sequence statistics computed, the tokens per thread, the mask's address and kernel-name
+/// suffix, and the workspace's addresses (the guard keeps the mask borrowed for the launches).
+pub(crate) struct TokenPass<'g, 'm> {
+    pub ws: Workspace<'g>,
     pub items: usize,
     pub suffix: &'static str,
     pub mask_addr: u64,
+    pub addrs: WorkspaceAddrs,
     _mask_guard: SyncOnDrop<'m>,
 }
 
@@ -541,20 +814,22 @@ pub(crate) struct SeqExtras {
     pub is_geometric: bool,
 }
 
-/// Tiling, workspace and `seq_stats` for a token pass over `t` tokens with `slots` statistics.
+/// Tiling, workspace and `recap_seq_stats` (the call's first launch) for a token pass over `t`
+/// tokens with `slots` statistics, writing its output at `out` (a device address) or into the
+/// workspace.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn begin_token_pass<'m>(
-    gpu: &Gpu,
+pub(crate) fn begin_token_pass<'g, 'm>(
+    gpu: &'g Gpu,
     stream: &'m Arc<CudaStream>,
     mask: &'m Mask<CudaView<'_, f32>, CudaView<'_, u8>>,
     t: usize,
-    cu_seqlens: &[i32],
-    membership: Option<&[u32]>,
+    layout: &LayoutSrc<'_>,
     slots: usize,
     k: usize,
     normalizers: Option<&Normalizers>,
     extras: &SeqExtras,
-) -> Result<TokenPass<'m>> {
+    out: Option<u64>,
+) -> Result<TokenPass<'g, 'm>> {
     let (mask_addr, guard, suffix) = match mask {
         Mask::F32(m) => {
             let (a, g) = addr(m, stream);
@@ -567,23 +842,23 @@ pub(crate) fn begin_token_pass<'m>(
     };
     let items = gpu.items_per_thread(t);
     let tile = BLOCK as usize * items;
-    let mut ws = Workspace::new(stream, cu_seqlens, membership, slots, t.div_ceil(tile))?;
-    {
-        let (w, _gw) = ws.addrs(stream);
-        seq_stats(
-            gpu,
-            stream,
-            &ws,
-            &w,
-            mask_addr,
-            suffix,
-            t,
-            tile,
-            k,
-            normalizers,
-            extras,
-        )?;
-    }
+    let blocks = t.div_ceil(tile).max(1);
+    let (_, seq_blocks) = seq_stats_blocks(t, layout.b());
+    let mut ws = Workspace::new(gpu, stream, layout, k, slots, blocks, seq_blocks, out)?;
+    let addrs = ws.addrs(stream, layout)?;
+    seq_stats(
+        gpu,
+        stream,
+        &ws,
+        &addrs,
+        mask_addr,
+        suffix,
+        t,
+        tile,
+        k,
+        normalizers,
+        extras,
+    )?;
     if let Some(st) = normalizers.and_then(|n| n.seq_tokens.as_ref()) {
         // the whole batch's per-sequence token weights replace this part's (after the local
         // counts were taken), for the seq-mean-token-mean weights of sequences split across parts
@@ -594,6 +869,7 @@ pub(crate) fn begin_token_pass<'m>(
         items,
         suffix,
         mask_addr,
+        addrs,
         _mask_guard: guard,
     })
 }
@@ -609,26 +885,24 @@ pub(crate) fn device_normalizers(
     membership: Option<&[u32]>,
     k: usize,
 ) -> Result<Normalizers> {
+    let layout = LayoutSrc::Host {
+        cu_seqlens,
+        membership,
+    };
     let pass = begin_token_pass(
         gpu,
         stream,
         mask,
         t,
-        cu_seqlens,
-        membership,
+        &layout,
         1,
         k,
         None,
         &SeqExtras::default(),
+        None,
     )?;
     let (norms, _) = pass.ws.read_back(stream)?;
-    let b = cu_seqlens.len() - 1;
-    let off = NORMS_LEN + 1;
-    let mut st = vec![0f64; b];
-    if b > 0 {
-        stream.memcpy_dtoh(&pass.ws.scratch.slice(off..off + b), &mut st)?;
-        stream.synchronize()?;
-    }
+    let st = pass.ws.read_seq_tokens(stream)?;
     Ok(Normalizers {
         tokens: norms[..=k].to_vec(),
         seqs: norms[NORM_SLOTS..NORM_SLOTS + k + 1].to_vec(),
@@ -636,19 +910,20 @@ pub(crate) fn device_normalizers(
     })
 }
 
-/// Runs `recap_partials_finalize`: the fixed-order reduction of the token-pass blocks' rows (slots
-/// whose bit is set in `min_bits` / `max_bits` reduce with min / max, the others sum).
+/// Runs `recap_partials_finalize`: the fixed-order reduction of the token-pass blocks' rows into
+/// the output's slots (slots whose bit is set in `min_bits` / `max_bits` reduce with min / max,
+/// the others sum). The fused loss finalizes in its own last block instead.
 pub(crate) fn finalize(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
-    ws: &Workspace,
+    ws: &Workspace<'_>,
     a: &WorkspaceAddrs,
     min_bits: u64,
     max_bits: u64,
 ) -> Result<()> {
     let p = params::FinalizeParams {
         partials: a.partials,
-        out: a.out,
+        out: a.out + (OUT_SLOTS * 8) as u64,
         num_blocks: ws.blocks as i32,
         num_slots: ws.slots as i32,
         min_bits,

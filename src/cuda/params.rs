@@ -57,6 +57,9 @@ pub struct GrpoParams {
     pub policy_weight: u64,
     pub policy_agg_mode: i32,
     pub pad1: i32,
+    pub out: u64,
+    pub ticket: u64,
+    pub lambda_dev: u64,
 }
 
 /// Mirror of `RecapSeqParams`.
@@ -87,7 +90,11 @@ pub struct SeqParams {
     pub geo_mean: i32,
     pub clip_low: f32,
     pub clip_high: f32,
-    pub pad0: i32,
+    pub validate: i32,
+    pub partials: u64,
+    pub ticket: u64,
+    pub flags: u64,
+    pub lambda_dev: u64,
 }
 
 /// Mirror of `RecapReduceParams`.
@@ -355,11 +362,11 @@ pub fn layouts() -> Vec<Vec<usize>> {
             agg_mode, kl_estimator, dual_clip, policy_bits, clip_low, clip_high, clip_c, log_ratio_clamp,
             beta, sum_norm_const, lambda, loss_type, kl_is_correction, delta, tau_pos, tau_neg, dro_beta,
             seq_log_ratio, rollout_logp, seq_is_log, is_level, is_mode, is_lower, is_upper, policy_weight,
-            policy_agg_mode, pad1),
+            policy_agg_mode, pad1, out, ticket, lambda_dev),
         layout!(SeqParams; mask, cu_seqlens, membership, seq_tokens, norms, tile_seq, num_tokens, tile_tokens,
             num_seqs, num_objectives, has_override, num_tiles, override_tokens, override_seqs, logp, old_logp,
             seq_log_ratio, rollout_logp, seq_is_log, is_geometric, warps_per_seq, geo_mean, clip_low, clip_high,
-            pad0),
+            validate, partials, ticket, flags, lambda_dev),
         layout!(ReduceParams; losses, mask, cu_seqlens, membership, seq_tokens, norms, grad, partials,
             tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, agg_mode, sum_norm_const, pad0, lambda),
         layout!(KlParams; logp, ref_logp, mask, kl, grad, num_tokens, kl_estimator, pad0),

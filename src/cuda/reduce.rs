@@ -25,21 +25,24 @@ pub fn weighted_reduce(
     let (t, b, k) = (shape.t, shape.b, shape.k);
     check_len("grad", grad.len(), t * k, "[T, K]")?;
     gpu.check_stream(stream)?;
+    let layout = super::LayoutSrc::Host {
+        cu_seqlens: inputs.cu_seqlens,
+        membership: inputs.membership,
+    };
     let pass = begin_token_pass(
         gpu,
         stream,
         &inputs.mask,
         t,
-        inputs.cu_seqlens,
-        inputs.membership,
+        &layout,
         k,
         k,
         inputs.normalizers,
         &super::SeqExtras::default(),
+        None,
     )?;
-    let (ws, items, suffix) = (&pass.ws, pass.items, pass.suffix);
+    let (ws, items, suffix, w) = (&pass.ws, pass.items, pass.suffix, pass.addrs);
     {
-        let (w, _gw) = ws.addrs(stream);
         let (l_a, _g0) = addr(&inputs.losses, stream);
         let (g_a, _g1) = addr_mut(grad, stream);
         let mut lambda = [0f32; 16];

@@ -14,7 +14,6 @@ namespace {
 #define KERNELS(K)                                    \
     K(recap_seq_stats_f32, RecapSeqParams)            \
     K(recap_seq_stats_u8, RecapSeqParams)             \
-    K(recap_norms_finalize, RecapSeqParams)           \
     K(recap_partials_finalize, RecapFinalizeParams)   \
     REDUCE_K(K, 1) REDUCE_K(K, 2) REDUCE_K(K, 4) REDUCE_K(K, 8) REDUCE_K(K, 16)
 SIMT_MODULE(reduce, KERNELS)

@@ -3,7 +3,8 @@
  *
  * A kernel file is compiled as C++20 with these definitions (and the bf16/f16 shims cuda_bf16.h,
  * cuda_fp16.h beside this file), with -fno-strict-aliasing (the kernels read vector loads through
- * pointers of the element type, as CUDA allows) and -ffp-contract=off. A launch runs its blocks one after another; a block's threads are
+ * pointers of the element type, as CUDA allows) and -ffp-contract=off. A launch runs its blocks one
+ * after another, from the last to the first (a kernel may not rely on block order); a block's threads are
  * fibers (user-level threads with their own stacks, switched by a few instructions: assembly on
  * x86-64, ucontext elsewhere), all on the launching OS thread. A fiber runs until it reaches a
  * synchronization point, then the next one runs:
@@ -291,9 +292,12 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0u; }
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == 0xffffffffu; }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { (void)simt_warp_arrive(mask); }
-/* one OS thread, sequentially consistent: fences order nothing further */
+/* one OS thread, sequentially consistent: fences order nothing further, and a cache-hinted load
+ * is a load */
 inline void __threadfence() {}
 inline void __threadfence_block() {}
+template <class T>
+T __ldcg(const T* p) { return *p; }
 
 /* ---- atomics (no fiber switch can happen inside one) ----------------------------------------- */
 template <class V>
@@ -336,6 +340,7 @@ inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __powf(float a, float b) { return std::pow(a, b); }
 inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
@@ -465,7 +470,10 @@ int simt_launch(const char* name, void (*k)(const P), unsigned grid, unsigned bl
     simt_blk.error.clear();
     gridDim = SimtDim3{grid, 1, 1};
     blockDim = SimtDim3{block, 1, 1};
-    for (unsigned b = 0; b < grid; ++b) {
+    /* from the last block to the first: a kernel that assumes block 0 runs first, or that the
+     * highest block finishes last (instead of taking a ticket), gets a different result here */
+    for (unsigned i = 0; i < grid; ++i) {
+        const unsigned b = grid - 1 - i;
         blockIdx = SimtDim3{b, 0, 0};
         if (!simt_run_block((int)block)) {
             simt_error_text = simt_blk.error;
