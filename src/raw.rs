@@ -456,6 +456,92 @@ pub fn grpo_loss(
     )
 }
 
+/// The per-batch arrays of an asynchronous fused-loss call passed in the call's device memory
+/// instead of on the host (see [`cuda::DeviceLayout`]: checked on the device, reported by the read;
+/// with them, `inputs.cu_seqlens` is empty, `inputs.membership` `None` and, with `lambda` here,
+/// `inputs.lambda` empty).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceBatchArrays {
+    /// `[B + 1]` sequence boundaries.
+    pub cu_seqlens: In<i32>,
+    /// `[B]` membership bits, or `None`.
+    pub membership: Option<In<u32>>,
+    /// `[K]` objective weights, or `None` (then `inputs.lambda`).
+    pub lambda: Option<In<f32>>,
+}
+
+/// The fused GRPO loss without a host synchronization: enqueues its two launches on the place's
+/// stream, writing `dL/dlogp` into `grad` (`[T]`) and the loss, statistics and check flags into
+/// `out` (`[cuda::grpo_output_len(K)]` f64, device memory), and returns what
+/// [`read_grpo_output`] needs; see [`cuda::grpo_loss_async`]. Device places only.
+pub fn grpo_loss_async(
+    place: Place,
+    inputs: &GrpoInputs<'_, In<f32>, In<u8>>,
+    device: Option<&DeviceBatchArrays>,
+    config: &GrpoConfig,
+    grad: Out<f32>,
+    out: Out<f64>,
+) -> Result<cuda::PendingGrpo> {
+    let Place::Cuda { .. } = place else {
+        return Err(Error::invalid_argument(
+            "device",
+            "the asynchronous loss runs on a CUDA device (the host call returns its result)",
+        ));
+    };
+    run(
+        place,
+        |_| unreachable_host(),
+        |m| {
+            let x = grpo_inputs(m, inputs)?;
+            let mut g = m.rw("grad", grad)?;
+            let mut o = m.rw("out", out)?;
+            let (cu, mem, lam) = match device {
+                Some(d) => (
+                    Some(m.ro("cu_seqlens", d.cu_seqlens)?),
+                    d.membership.map(|a| m.ro("membership", a)).transpose()?,
+                    d.lambda.map(|a| m.ro("lambda", a)).transpose()?,
+                ),
+                None => (None, None, None),
+            };
+            let layout = cu.as_ref().map(|cu| cuda::DeviceLayout {
+                cu_seqlens: cu,
+                membership: mem.as_ref(),
+                lambda: lam.as_ref(),
+            });
+            cuda::grpo_loss_async(
+                &m.gpu,
+                &m.stream,
+                &x,
+                layout.as_ref(),
+                config,
+                &mut g,
+                &mut o,
+            )
+        },
+    )
+}
+
+fn unreachable_host<R>() -> Result<R> {
+    Err(Error::invalid_argument(
+        "device",
+        "the asynchronous loss runs on a CUDA device",
+    ))
+}
+
+/// Reads an asynchronous fused-loss call's output `out` back (this synchronizes the place's
+/// stream) and decodes it; reports a failed device-side check naming its argument.
+pub fn read_grpo_output(
+    place: Place,
+    pending: &cuda::PendingGrpo,
+    out: In<f64>,
+) -> Result<GrpoOutput> {
+    run(
+        place,
+        |_| unreachable_host(),
+        |m| pending.read(&m.stream, &m.ro("out", out)?),
+    )
+}
+
 /// Zero advantages standing in for a call without tokens (whose `[B, K]` advantages, on a device,
 /// are never read): the reference then computes the defined empty result on the host.
 fn empty_advantages(adv: &Advantages<In<f32>>, cu_seqlens: &[i32], k: usize) -> Vec<f32> {

@@ -193,6 +193,67 @@ int32_t recap_grpo_loss(int32_t device,
                         struct RecapGrpoResult *result,
                         double *stats);
 
+// Length (f64s) of the output buffer of `recap_grpo_loss_async` for `num_objectives` objectives
+// (the loss at index 0, then the device-side check flags, the normalizers and the statistics), or
+// -1 for a count outside 1..=16.
+int64_t recap_grpo_output_len(int32_t num_objectives);
+
+// The fused GRPO loss without a host synchronization (CUDA devices only, `device >= 0`): enqueues
+// two launches on `stream` that write `grad` [T] and `out` [`recap_grpo_output_len(K)`] (f64,
+// device memory; `out[0]` is the loss), and returns. Nothing is allocated once the stream's
+// workspace has grown to the call's size. The arguments are those of `recap_grpo_loss`, but with
+// `layout_on_device != 0`, `cu_seqlens` [B + 1], `lambda` [K] and `membership` [B] (nullable) are
+// device pointers, checked on the device (a failed check makes the device loss NaN and
+// `recap_grpo_output_read` fail naming the argument); nothing is then copied from the host, so
+// the call can be captured in a CUDA graph (after one eager call of the same size). Read the
+// result with `recap_grpo_output_read`.
+//
+// # Safety
+// As `recap_grpo_loss`; `out` must be device memory of the call's device.
+int32_t recap_grpo_loss_async(int32_t device,
+                              void *stream,
+                              int64_t num_tokens,
+                              const float *logp,
+                              const float *old_logp,
+                              const float *ref_logp,
+                              const float *rollout_logp,
+                              const float *policy_weight,
+                              const float *advantages,
+                              int32_t adv_per_token,
+                              const void *mask,
+                              int32_t mask_is_u8,
+                              const int32_t *cu_seqlens,
+                              int64_t num_seqs,
+                              const float *lambda,
+                              const int32_t *objectives,
+                              const uint32_t *membership,
+                              int32_t num_objectives,
+                              const double *normalizers,
+                              const double *seq_tokens,
+                              int32_t layout_on_device,
+                              const struct RecapGrpoConfig *cfg,
+                              float *grad,
+                              double *out);
+
+// Reads the output `out` of a `recap_grpo_loss_async` call back (this synchronizes `stream`) into
+// `result` and `stats` (nullable), as `recap_grpo_loss` writes them. `num_objectives`, `cfg`,
+// `has_ref_logp` and `has_rollout_logp` describe the call (whether it was given `ref_logp` and
+// `rollout_logp`). Fails, naming the argument, when a check made on the device failed, and on
+// non-finite inputs unless the config allows them.
+//
+// # Safety
+// `out` must hold `recap_grpo_output_len(num_objectives)` f64 of `device`'s memory; `result`
+// must be writable; `stats` null or `recap_grpo_stats_len(K)` writable f64.
+int32_t recap_grpo_output_read(int32_t device,
+                               void *stream,
+                               int32_t num_objectives,
+                               const struct RecapGrpoConfig *cfg,
+                               int32_t has_ref_logp,
+                               int32_t has_rollout_logp,
+                               const double *out,
+                               struct RecapGrpoResult *result,
+                               double *stats);
+
 // This batch's normalizers from its mask ([T] u8 or f32, on the device or, for `device < 0`, the
 // host): `normalizers` [2, K + 1] (host, written: token weights then sequence counts, the KL slot
 // last in each) and `seq_tokens` [B] (host, nullable, written). Sum the parts' `normalizers` and

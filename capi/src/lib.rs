@@ -579,6 +579,155 @@ pub unsafe extern "C" fn recap_grpo_loss(
     })
 }
 
+/// Length (f64s) of the output buffer of `recap_grpo_loss_async` for `num_objectives` objectives
+/// (the loss at index 0, then the device-side check flags, the normalizers and the statistics), or
+/// -1 for a count outside 1..=16.
+#[no_mangle]
+pub extern "C" fn recap_grpo_output_len(num_objectives: i32) -> i64 {
+    match usize::try_from(num_objectives) {
+        Ok(k) if (1..=recap::MAX_OBJECTIVES).contains(&k) => recap::cuda::grpo_output_len(k) as i64,
+        _ => -1,
+    }
+}
+
+/// The fused GRPO loss without a host synchronization (CUDA devices only, `device >= 0`): enqueues
+/// two launches on `stream` that write `grad` [T] and `out` [`recap_grpo_output_len(K)`] (f64,
+/// device memory; `out[0]` is the loss), and returns. Nothing is allocated once the stream's
+/// workspace has grown to the call's size. The arguments are those of `recap_grpo_loss`, but with
+/// `layout_on_device != 0`, `cu_seqlens` [B + 1], `lambda` [K] and `membership` [B] (nullable) are
+/// device pointers, checked on the device (a failed check makes the device loss NaN and
+/// `recap_grpo_output_read` fail naming the argument); nothing is then copied from the host, so
+/// the call can be captured in a CUDA graph (after one eager call of the same size). Read the
+/// result with `recap_grpo_output_read`.
+///
+/// # Safety
+/// As `recap_grpo_loss`; `out` must be device memory of the call's device.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_grpo_loss_async(
+    device: i32,
+    stream: *mut c_void,
+    num_tokens: i64,
+    logp: *const f32,
+    old_logp: *const f32,
+    ref_logp: *const f32,
+    rollout_logp: *const f32,
+    policy_weight: *const f32,
+    advantages: *const f32,
+    adv_per_token: i32,
+    mask: *const c_void,
+    mask_is_u8: i32,
+    cu_seqlens: *const i32,
+    num_seqs: i64,
+    lambda: *const f32,
+    objectives: *const i32,
+    membership: *const u32,
+    num_objectives: i32,
+    normalizers: *const f64,
+    seq_tokens: *const f64,
+    layout_on_device: i32,
+    cfg: *const RecapGrpoConfig,
+    grad: *mut f32,
+    out: *mut f64,
+) -> i32 {
+    guard(|| {
+        let t = len("num_tokens", num_tokens)?;
+        let b = len("num_seqs", num_seqs)?;
+        let k = len("num_objectives", num_objectives as i64)?;
+        let cfg = config(cfg)?;
+        let kinds = host_objectives(objectives, k)?;
+        let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
+        let on_device = layout_on_device != 0;
+        let (cu, lam, mem) = if on_device {
+            if cu_seqlens.is_null() || lambda.is_null() {
+                return Err(Error::invalid_argument(
+                    if cu_seqlens.is_null() {
+                        "cu_seqlens"
+                    } else {
+                        "lambda"
+                    },
+                    "null pointer (with layout_on_device, a device pointer)",
+                ));
+            }
+            (&[][..], &[][..], None)
+        } else {
+            host_layout(cu_seqlens, b, lambda, k, membership)?
+        };
+        let inputs = GrpoInputs {
+            logp: arr(logp, t),
+            old_logp: arr(old_logp, t),
+            ref_logp: opt_arr(ref_logp, t),
+            rollout_logp: opt_arr(rollout_logp, t),
+            policy_weight: opt_arr(policy_weight, t),
+            advantages: adv_arr(advantages, adv_per_token, t, b, k),
+            mask: mask_arr(mask, mask_is_u8, t),
+            cu_seqlens: cu,
+            lambda: lam,
+            objectives: &kinds,
+            membership: mem,
+            normalizers: norms.as_ref(),
+        };
+        let dev = on_device.then(|| raw::DeviceBatchArrays {
+            cu_seqlens: arr(cu_seqlens, b + 1),
+            membership: opt_arr(membership, b),
+            lambda: Some(arr(lambda, k)),
+        });
+        let n_out = recap::cuda::grpo_output_len(k);
+        raw::grpo_loss_async(
+            place(device, stream),
+            &inputs,
+            dev.as_ref(),
+            &cfg,
+            out_arr(grad, t),
+            out_arr(out, n_out),
+        )?;
+        Ok(())
+    })
+}
+
+/// Reads the output `out` of a `recap_grpo_loss_async` call back (this synchronizes `stream`) into
+/// `result` and `stats` (nullable), as `recap_grpo_loss` writes them. `num_objectives`, `cfg`,
+/// `has_ref_logp` and `has_rollout_logp` describe the call (whether it was given `ref_logp` and
+/// `rollout_logp`). Fails, naming the argument, when a check made on the device failed, and on
+/// non-finite inputs unless the config allows them.
+///
+/// # Safety
+/// `out` must hold `recap_grpo_output_len(num_objectives)` f64 of `device`'s memory; `result`
+/// must be writable; `stats` null or `recap_grpo_stats_len(K)` writable f64.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_grpo_output_read(
+    device: i32,
+    stream: *mut c_void,
+    num_objectives: i32,
+    cfg: *const RecapGrpoConfig,
+    has_ref_logp: i32,
+    has_rollout_logp: i32,
+    out: *const f64,
+    result: *mut RecapGrpoResult,
+    stats: *mut f64,
+) -> i32 {
+    guard(|| {
+        let k = len("num_objectives", num_objectives as i64)?;
+        let cfg = config(cfg)?;
+        if result.is_null() {
+            return Err(Error::invalid_argument("result", "null pointer"));
+        }
+        if !(1..=recap::MAX_OBJECTIVES).contains(&k) {
+            return Err(Error::invalid_argument(
+                "num_objectives",
+                format!("expected 1 <= K <= {}", recap::MAX_OBJECTIVES),
+            ));
+        }
+        let pending =
+            recap::cuda::PendingGrpo::new(k, has_ref_logp != 0, has_rollout_logp != 0, &cfg);
+        let n_out = recap::cuda::grpo_output_len(k);
+        let o = raw::read_grpo_output(place(device, stream), &pending, arr(out, n_out))?;
+        write_result(&o, o.loss, result, stats);
+        Ok(())
+    })
+}
+
 /// The options behind a C config pointer.
 fn config(cfg: *const RecapGrpoConfig) -> Result<GrpoConfig> {
     // SAFETY: checked for null; the caller guarantees a valid struct.

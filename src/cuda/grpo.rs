@@ -57,6 +57,17 @@ pub struct PendingGrpo {
 }
 
 impl PendingGrpo {
+    /// The description of a call made elsewhere (a binding that keeps only these facts): `k`
+    /// objectives, whether it had `ref_logp` and `rollout_logp`, and its config.
+    pub fn new(k: usize, has_ref: bool, has_rollout: bool, config: &GrpoConfig) -> Self {
+        PendingGrpo {
+            k,
+            has_ref,
+            has_rollout,
+            config: config.clone(),
+        }
+    }
+
     /// Objectives of the call.
     pub fn num_objectives(&self) -> usize {
         self.k

@@ -91,6 +91,45 @@ int main(void) {
     for (int t = 0; t < T; ++t) CHECK(close_to(grad_d[t], grad_h[t], 1e-5));
     for (int64_t i = 0; i < recap_grpo_stats_len(1); ++i) CHECK(close_to(sd[i], sh[i], 1e-5));
 
+    /* the asynchronous fused loss: the layout on the host, then on the device; the output read
+     * back separately gives the synchronous call's bits */
+    {
+        const int64_t n_out = recap_grpo_output_len(1);
+        CHECK(n_out > 0 && n_out <= 128 && recap_grpo_output_len(0) == -1);
+        static double out_h[128];
+        float grad_a[T];
+        dptr d_out = up(out_h, (size_t)n_out * sizeof(double));
+        dptr d_cu = up(cu, sizeof cu), d_lambda = up(lambda, sizeof lambda), d_grad2 = up(grad_d, sizeof grad_d);
+        CHECK(d_out && d_cu && d_lambda && d_grad2);
+        for (int on_device = 0; on_device < 2; ++on_device) {
+            RecapGrpoResult ra;
+            double sa[64];
+            CHECK(recap_grpo_loss_async(0, NULL, T, (const float*)d_logp, (const float*)d_old, (const float*)d_ref, NULL,
+                                        NULL, (const float*)d_adv, 0, (const void*)d_mask, 1,
+                                        on_device ? (const int32_t*)d_cu : cu, B,
+                                        on_device ? (const float*)d_lambda : lambda, kinds, NULL, 1, NULL, NULL,
+                                        on_device, &cfg, (float*)d_grad2, (double*)d_out) == RECAP_OK);
+            CHECK(recap_grpo_output_read(0, NULL, 1, &cfg, 1, 0, (const double*)d_out, &ra, sa) == RECAP_OK);
+            CHECK(ra.loss == rd.loss && ra.kl_loss == rd.kl_loss && ra.num_tokens == rd.num_tokens);
+            for (int64_t i = 0; i < recap_grpo_stats_len(1); ++i) CHECK(sa[i] == sd[i]);
+            CHECK(cu_dtoh(grad_a, d_grad2, sizeof grad_a) == 0);
+            for (int t = 0; t < T; ++t) CHECK(grad_a[t] == grad_d[t]);
+            CHECK(cu_dtoh(out_h, d_out, (size_t)n_out * sizeof(double)) == 0);
+            CHECK(out_h[0] == rd.loss); /* the device-resident loss */
+        }
+        /* a device layout that fails its device-side check: the read names the argument */
+        int32_t bad_cu[B + 1];
+        for (int i = 0; i <= B; ++i) bad_cu[i] = cu[B - i];
+        CHECK(cu_htod(d_cu, bad_cu, sizeof bad_cu) == 0);
+        RecapGrpoResult rb;
+        CHECK(recap_grpo_loss_async(0, NULL, T, (const float*)d_logp, (const float*)d_old, (const float*)d_ref, NULL,
+                                    NULL, (const float*)d_adv, 0, (const void*)d_mask, 1, (const int32_t*)d_cu, B,
+                                    (const float*)d_lambda, kinds, NULL, 1, NULL, NULL, 1, &cfg, (float*)d_grad2,
+                                    (double*)d_out) == RECAP_OK);
+        CHECK(recap_grpo_output_read(0, NULL, 1, &cfg, 1, 0, (const double*)d_out, &rb, NULL) != RECAP_OK);
+        CHECK(strstr(recap_last_error(), "cu_seqlens") != NULL);
+    }
+
     /* KL per token */
     CHECK(recap_kl(-1, NULL, T, logp, ref, mask, 1, 3, kl_h, kg_h) == RECAP_OK);
     dptr d_kl = up(kl_d, sizeof kl_d), d_kg = up(kg_d, sizeof kg_d);
