@@ -161,12 +161,15 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
     /* the last block: every block's partials reduced in block order, then the normalizers */
     recap_reduce_rows(part, G, RECAP_SEQ_PARTIAL_ROWS(K), s_fin, [](int) { return RECAP_OP_SUM; });
     double* norms = (double*)p.norms;
-    if (threadIdx.x <= K) {
+    if (threadIdx.x < RECAP_NORM_SLOTS) {
+        /* every slot written (0 past K), so the output read back is defined memory throughout */
         const int j = threadIdx.x;
-        norms[RECAP_NORM_LOCAL_TOKENS * RECAP_NORM_SLOTS + j] = s_fin[2 * j];
-        norms[RECAP_NORM_LOCAL_SEQS * RECAP_NORM_SLOTS + j] = s_fin[2 * j + 1];
-        norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_tokens[j] : s_fin[2 * j];
-        norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + j] = p.has_override ? p.override_seqs[j] : s_fin[2 * j + 1];
+        const bool used = j <= K;
+        const double tok = used ? s_fin[2 * j] : 0.0, seq = used ? s_fin[2 * j + 1] : 0.0;
+        norms[RECAP_NORM_LOCAL_TOKENS * RECAP_NORM_SLOTS + j] = tok;
+        norms[RECAP_NORM_LOCAL_SEQS * RECAP_NORM_SLOTS + j] = seq;
+        norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + j] = (used && p.has_override) ? p.override_tokens[j] : tok;
+        norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + j] = (used && p.has_override) ? p.override_seqs[j] : seq;
     }
     if (threadIdx.x == 0 && p.flags) {
         int f = 0;

@@ -472,8 +472,8 @@ pub struct DeviceBatchArrays {
 
 /// The fused GRPO loss without a host synchronization: enqueues its two launches on the place's
 /// stream, writing `dL/dlogp` into `grad` (`[T]`) and the loss, statistics and check flags into
-/// `out` (`[cuda::grpo_output_len(K)]` f64, device memory), and returns what
-/// [`read_grpo_output`] needs; see [`cuda::grpo_loss_async`]. Device places only.
+/// `out` (`[cuda::grpo_output_len(K)]` f64), and returns what [`read_grpo_output`] needs; see
+/// [`cuda::grpo_loss_async`]. On the host the CPU reference computes at once, into the same layout.
 pub fn grpo_loss_async(
     place: Place,
     inputs: &GrpoInputs<'_, In<f32>, In<u8>>,
@@ -482,15 +482,41 @@ pub fn grpo_loss_async(
     grad: Out<f32>,
     out: Out<f64>,
 ) -> Result<cuda::PendingGrpo> {
-    let Place::Cuda { .. } = place else {
-        return Err(Error::invalid_argument(
-            "device",
-            "the asynchronous loss runs on a CUDA device (the host call returns its result)",
-        ));
+    let k = match device.and_then(|d| d.lambda) {
+        Some(_) => inputs.objectives.len(),
+        None => inputs.lambda.len(),
     };
+    let pending = cuda::PendingGrpo::new(
+        k,
+        inputs.ref_logp.is_some(),
+        inputs.rollout_logp.is_some(),
+        config,
+    );
     run(
         place,
-        |_| unreachable_host(),
+        |m| {
+            // on the host the "device" arrays are host arrays too
+            let (cu, mem, lam);
+            let mut x = grpo_inputs(m, inputs)?;
+            if let Some(d) = device {
+                cu = m.ro("cu_seqlens", d.cu_seqlens)?;
+                mem = d.membership.map(|a| m.ro("membership", a)).transpose()?;
+                lam = d.lambda.map(|a| m.ro("lambda", a)).transpose()?;
+                if !x.cu_seqlens.is_empty() || x.membership.is_some() {
+                    return Err(Error::invalid_argument(
+                        "cu_seqlens",
+                        "given both in the inputs and as device arrays; leave the inputs' empty",
+                    ));
+                }
+                x.cu_seqlens = cu;
+                x.membership = mem;
+                if let Some(l) = lam {
+                    x.lambda = l;
+                }
+            }
+            crate::cpu::grpo_loss_out(&x, config, m.rw("grad", grad)?, m.rw("out", out)?)?;
+            Ok(pending.clone())
+        },
         |m| {
             let x = grpo_inputs(m, inputs)?;
             let mut g = m.rw("grad", grad)?;
@@ -521,13 +547,6 @@ pub fn grpo_loss_async(
     )
 }
 
-fn unreachable_host<R>() -> Result<R> {
-    Err(Error::invalid_argument(
-        "device",
-        "the asynchronous loss runs on a CUDA device",
-    ))
-}
-
 /// Reads an asynchronous fused-loss call's output `out` back (this synchronizes the place's
 /// stream) and decodes it; reports a failed device-side check naming its argument.
 pub fn read_grpo_output(
@@ -537,7 +556,7 @@ pub fn read_grpo_output(
 ) -> Result<GrpoOutput> {
     run(
         place,
-        |_| unreachable_host(),
+        |m| pending.decode_host(m.ro("out", out)?),
         |m| pending.read(&m.stream, &m.ro("out", out)?),
     )
 }

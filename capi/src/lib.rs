@@ -590,9 +590,10 @@ pub extern "C" fn recap_grpo_output_len(num_objectives: i32) -> i64 {
     }
 }
 
-/// The fused GRPO loss without a host synchronization (CUDA devices only, `device >= 0`): enqueues
-/// two launches on `stream` that write `grad` [T] and `out` [`recap_grpo_output_len(K)`] (f64,
-/// device memory; `out[0]` is the loss), and returns. Nothing is allocated once the stream's
+/// The fused GRPO loss without a host synchronization: on a device (`device >= 0`) it enqueues two
+/// launches on `stream` that write `grad` [T] and `out` [`recap_grpo_output_len(K)`] (f64, device
+/// memory; `out[0]` is the loss), and returns; on the host (`device < 0`) the CPU reference fills
+/// the same layout at once. Nothing is allocated once the stream's
 /// workspace has grown to the call's size. The arguments are those of `recap_grpo_loss`, but with
 /// `layout_on_device != 0`, `cu_seqlens` [B + 1], `lambda` [K] and `membership` [B] (nullable) are
 /// device pointers, checked on the device (a failed check makes the device loss NaN and

@@ -172,13 +172,57 @@ pub(super) fn run(
             let value = call()?.loss;
             let (tm, r) = timer.time(None, || call().map(|_| ()))?;
             let bytes = (t * (4 * 3 + 1) + adv.len() * 4) as f64;
-            // per-call scratch: normalizers, per-sequence stats, block partials (a few KiB)
+            // the stream's kept workspace: output, per-sequence stats, both launches' block
+            // partials, the layout (a few KiB; allocated by the first call, reused after)
             let blocks = t.div_ceil(256 * gpu.items_per_thread(t));
             let slots = crate::output::grpo_slots(k);
+            let b = cu.len() - 1;
+            let seq_blocks = b.div_ceil(8).max(1) * 8; // at most 8 warps per sequence
             let extra = (8
-                * (4 * crate::output::NORM_SLOTS + slots + 3 * cu.len() + blocks * slots)
-                + 4 * (cu.len() + blocks)) as f64;
-            let mut rec = record("fused_loss", case, tm, r, bytes, extra, copy_gb_s);
+                * (cuda::grpo_output_len(k)
+                    + 4 * b
+                    + (2 * k + 4) * seq_blocks
+                    + blocks * slots)
+                + 4 * (2 * b + 1 + blocks)) as f64;
+            let mut rec = record("fused_loss", case.clone(), tm, r, bytes, extra, copy_gb_s);
+            rec.value = Some(value);
+            push(rec, progress);
+
+            // the same call asynchronously, the layout on the device: the two launches alone
+            // (no upload, no read-back inside the timed region), as a captured graph runs it
+            let (dcu, dlam) = (s.clone_htod(&cu)?, s.clone_htod(&lambda)?);
+            let (cu_v, lam_v) = (dcu.as_view(), dlam.as_view());
+            let layout = cuda::DeviceLayout {
+                cu_seqlens: &cu_v,
+                membership: None,
+                lambda: Some(&lam_v),
+            };
+            let ainp = cuda::DeviceGrpoInputs {
+                cu_seqlens: &[],
+                lambda: &[],
+                ..inp
+            };
+            let mut out = s.alloc_zeros::<f64>(cuda::grpo_output_len(k))?;
+            let mut acall = || {
+                cuda::grpo_loss_async(
+                    gpu,
+                    &s,
+                    &ainp,
+                    Some(&layout),
+                    &conf,
+                    &mut dg.as_view_mut(),
+                    &mut out.as_view_mut(),
+                )
+            };
+            let pending = acall()?;
+            let (tm, r) = timer.time(None, || acall().map(|_| ()))?;
+            let got = pending.read(&s, &out.as_view())?.loss;
+            if got.to_bits() != value.to_bits() {
+                return Err(crate::Error::NoDevice(format!(
+                    "bench: the asynchronous fused loss gave {got}, the synchronous one {value}"
+                )));
+            }
+            let mut rec = record("fused_loss_async", case, tm, r, bytes, extra, copy_gb_s);
             rec.value = Some(value);
             push(rec, progress);
         }

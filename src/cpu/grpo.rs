@@ -32,6 +32,44 @@ pub fn grpo_loss(
     )
 }
 
+/// The fused loss on the host, into the layout of the asynchronous call's device output
+/// (`[RECAP_OUT_SLOTS + slots]`: the loss, the check flags (0), the normalizers, the slots), so a
+/// binding's asynchronous entry point behaves the same on a host place. Non-finite inputs are
+/// reported when the output is read, as on the device.
+pub(crate) fn grpo_loss_out(
+    inputs: &HostGrpoInputs<'_>,
+    config: &GrpoConfig,
+    grad: &mut [f32],
+    out: &mut [f64],
+) -> Result<()> {
+    use crate::kernel_layout::{OUT_FLAGS, OUT_LOSS, OUT_NORMS, OUT_SLOTS};
+    let shape = validate_grpo(inputs, config)?;
+    check_len("grad", grad.len(), shape.t, "[T]")?;
+    check_len(
+        "out",
+        out.len(),
+        OUT_SLOTS + grpo_slots(shape.k),
+        "grpo_output_len(K)",
+    )?;
+    let sums = grpo_sums(inputs, config, grad);
+    let lenient = GrpoConfig {
+        allow_nonfinite: true,
+        ..config.clone()
+    };
+    let o = finish_grpo(
+        &sums,
+        inputs.lambda,
+        &lenient,
+        inputs.ref_logp.is_some(),
+        inputs.rollout_logp.is_some(),
+    )?;
+    out[OUT_LOSS] = o.loss;
+    out[OUT_FLAGS] = 0.0;
+    out[OUT_NORMS..OUT_SLOTS].copy_from_slice(&sums.norms);
+    out[OUT_SLOTS..].copy_from_slice(&sums.slots);
+    Ok(())
+}
+
 #[allow(clippy::needless_range_loop)] // token loops index several arrays
 fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> GrpoSums {
     let k = inp.lambda.len();

@@ -14,6 +14,7 @@ mod tensor_parallel;
 
 pub use fused_linear::fused_linear_grpo_loss;
 pub use grpo::grpo_loss;
+pub(crate) use grpo::grpo_loss_out;
 pub use kl::kl;
 pub use logits::{grpo_loss_from_logits, logprob_backward, logprob_forward};
 pub use math::{

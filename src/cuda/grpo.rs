@@ -84,7 +84,19 @@ impl PendingGrpo {
             grpo_output_len(self.k),
             "grpo_output_len(K)",
         )?;
-        self.decode(&read_out(stream, out)?)
+        self.decode(&read_out(stream, out, 0)?)
+    }
+
+    /// Decodes an output already on the host (after checking its flags).
+    pub(crate) fn decode_host(&self, raw: &[f64]) -> Result<GrpoOutput> {
+        check_len(
+            "out",
+            raw.len(),
+            grpo_output_len(self.k),
+            "grpo_output_len(K)",
+        )?;
+        super::check_flags(raw[crate::kernel_layout::OUT_FLAGS])?;
+        self.decode(raw)
     }
 
     fn decode(&self, raw: &[f64]) -> Result<GrpoOutput> {

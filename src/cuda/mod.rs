@@ -615,12 +615,20 @@ impl<'g> Workspace<'g> {
     /// Reads the scratch's own output back (one copy; synchronizes the stream): the normalizers and
     /// the slots, after checking the flags of the device-side checks.
     pub(crate) fn read_back(&self, stream: &Arc<CudaStream>) -> Result<(Vec<f64>, Vec<f64>)> {
-        Ok(split_out(&self.read_raw(stream)?))
+        // from the flags on: the passes other than the fused loss's write no loss
+        let tail = read_out(
+            stream,
+            &self.f64s()?.slice(OUT_FLAGS..out_len(self.slots)),
+            OUT_FLAGS,
+        )?;
+        let mut raw = vec![0.0; OUT_FLAGS];
+        raw.extend_from_slice(&tail);
+        Ok(split_out(&raw))
     }
 
     /// The scratch's own output, whole (one copy; synchronizes the stream; checks the flags).
     pub(crate) fn read_raw(&self, stream: &Arc<CudaStream>) -> Result<Vec<f64>> {
-        read_out(stream, &self.f64s()?.slice(..out_len(self.slots)))
+        read_out(stream, &self.f64s()?.slice(..out_len(self.slots)), 0)
     }
 
     /// The per-sequence token weights (`[B]`) read back (synchronizes the stream).
@@ -635,12 +643,17 @@ impl<'g> Workspace<'g> {
     }
 }
 
-/// Copies a token pass's output back (synchronizes the stream) and reports the device-side checks.
-pub(crate) fn read_out(stream: &Arc<CudaStream>, out: &CudaView<'_, f64>) -> Result<Vec<f64>> {
+/// Copies a token pass's output (from index `from` of its layout on) back, synchronizing the
+/// stream, and reports the device-side checks.
+pub(crate) fn read_out(
+    stream: &Arc<CudaStream>,
+    out: &CudaView<'_, f64>,
+    from: usize,
+) -> Result<Vec<f64>> {
     let mut host = vec![0f64; out.len()];
     stream.memcpy_dtoh(out, &mut host)?;
     stream.synchronize()?;
-    check_flags(host.get(OUT_FLAGS).copied().unwrap_or(0.0))?;
+    check_flags(host.get(OUT_FLAGS - from).copied().unwrap_or(0.0))?;
     Ok(host)
 }
 

@@ -259,6 +259,13 @@ impl Call {
         Ok(t.arr())
     }
 
+    /// A `[B]` bit-mask array on the call's device: int32 (or uint32) words, read as u32 bits.
+    fn bits(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<In<u32>> {
+        let t = self.tensor(name, obj)?;
+        t.want(&[DType::I32])?;
+        Ok(t.arr())
+    }
+
     fn out_f32(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Out<f32>> {
         let t = self.tensor(name, obj)?;
         t.want(&[DType::F32])?;
@@ -379,6 +386,45 @@ fn host_f32(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
     raw::read::<f32>(Place::Host, name, t.arr()).map_err(err)
 }
 
+/// The whole batch's normalizers (`[2, K + 1]`: token weights, then sequence counts) and
+/// per-sequence token weights, when given.
+fn read_normalizers(
+    call: &Call,
+    normalizers: Option<&Bound<'_, PyAny>>,
+    seq_tokens: Option<&Bound<'_, PyAny>>,
+    k: usize,
+) -> PyResult<Option<Normalizers>> {
+    Ok(match normalizers {
+        None => {
+            if seq_tokens.is_some() {
+                return Err(arg_err("seq_tokens", "given without normalizers"));
+            }
+            None
+        }
+        Some(n) => {
+            let v = call.host_f64("normalizers", n)?;
+            if v.len() != 2 * (k + 1) {
+                return Err(arg_err(
+                    "normalizers",
+                    format!(
+                        "expected [2, K + 1] = [2, {}] (token weights, then sequence counts; the \
+                             KL slot last), got {} elements",
+                        k + 1,
+                        v.len()
+                    ),
+                ));
+            }
+            Some(Normalizers {
+                tokens: v[..=k].to_vec(),
+                seqs: v[k + 1..].to_vec(),
+                seq_tokens: seq_tokens
+                    .map(|s| call.host_f64("seq_tokens", s))
+                    .transpose()?,
+            })
+        }
+    })
+}
+
 /// The batch layout every loss takes: `cu_seqlens`, `lambda_`, `membership`, objectives and the
 /// global normalizers, read on the host.
 struct Layout {
@@ -405,35 +451,7 @@ impl Layout {
         let kinds = raw::objective_kinds(objectives).map_err(err)?;
         let membership = membership.map(|m| host_u32("membership", m)).transpose()?;
         let k = lambda.len();
-        let normalizers = match normalizers {
-            None => {
-                if seq_tokens.is_some() {
-                    return Err(arg_err("seq_tokens", "given without normalizers"));
-                }
-                None
-            }
-            Some(n) => {
-                let v = call.host_f64("normalizers", n)?;
-                if v.len() != 2 * (k + 1) {
-                    return Err(arg_err(
-                        "normalizers",
-                        format!(
-                            "expected [2, K + 1] = [2, {}] (token weights, then sequence counts; the \
-                             KL slot last), got {} elements",
-                            k + 1,
-                            v.len()
-                        ),
-                    ));
-                }
-                Some(Normalizers {
-                    tokens: v[..=k].to_vec(),
-                    seqs: v[k + 1..].to_vec(),
-                    seq_tokens: seq_tokens
-                        .map(|s| call.host_f64("seq_tokens", s))
-                        .transpose()?,
-                })
-            }
-        };
+        let normalizers = read_normalizers(call, normalizers, seq_tokens, k)?;
         Ok(Layout {
             cu,
             lambda,
@@ -476,6 +494,12 @@ fn grpo_stat_layout(k: usize) -> Vec<(&'static str, usize, usize, bool)> {
         .into_iter()
         .map(|f| (f.name, f.offset, f.len, f.per_objective))
         .collect()
+}
+
+/// Length (float64 values) of the asynchronous fused loss's output for `k` objectives.
+#[pyfunction]
+fn grpo_output_len(k: usize) -> usize {
+    recap_kernels::cuda::grpo_output_len(k)
 }
 
 /// The same for the loss from logits (the fused loss's fields, then the entropy statistics).
@@ -529,6 +553,100 @@ fn grpo_loss(
         .map_err(err)?;
     call.write("loss", l, &[out.loss as f32])?;
     call.write("stats", s, &out.stats())
+}
+
+/// The fused GRPO loss without a host synchronization: `grad` [T] gets dL/dlogp, `out`
+/// [grpo_output_len(K)] (float64) the device-resident output (the loss at index 0, the check flags,
+/// the normalizers, the statistics). `cu_seqlens`, `lambda_` and `membership` are CPU tensors
+/// (uploaded) or all three on the call's CUDA device (int32, float32, int32 bits; checked on the
+/// device, reported by `grpo_output_read`). On CPU tensors the reference fills the same layout.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logp, old_logp, policy_weight, batch, grad, out))]
+fn grpo_loss_async(
+    py: Python<'_>,
+    logp: &Bound<'_, PyAny>,
+    old_logp: &Bound<'_, PyAny>,
+    policy_weight: Option<&Bound<'_, PyAny>>,
+    batch: Batch<'_>,
+    grad: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("logp", logp)?;
+    let call = Call::new(py, &first)?;
+    let on_device = call.device != Device::Cpu
+        && Tensor::of("cu_seqlens", &batch.cu_seqlens)?.device != Device::Cpu;
+    let (b, dev) = if on_device {
+        let cu = call.i32("cu_seqlens", &batch.cu_seqlens)?;
+        let lam = call.f32("lambda_", &batch.lambda_)?;
+        let mem = batch
+            .membership
+            .as_ref()
+            .map(|m| call.bits("membership", m))
+            .transpose()?;
+        (
+            batch,
+            Some(raw::DeviceBatchArrays {
+                cu_seqlens: cu,
+                membership: mem,
+                lambda: Some(lam),
+            }),
+        )
+    } else {
+        (batch, None)
+    };
+    let l = match dev {
+        None => b.load(&call)?,
+        Some(_) => b.load_device_layout(&call)?,
+    };
+    let inputs = GrpoInputs {
+        logp: call.f32("logp", logp)?,
+        old_logp: call.f32("old_logp", old_logp)?,
+        ref_logp: l.ref_logp,
+        rollout_logp: l.rollout_logp,
+        policy_weight: call.opt_f32("policy_weight", policy_weight)?,
+        advantages: l.advantages,
+        mask: l.mask,
+        cu_seqlens: &l.lay.cu,
+        lambda: &l.lay.lambda,
+        objectives: &l.lay.kinds,
+        membership: l.lay.membership.as_deref(),
+        normalizers: l.lay.normalizers.as_ref(),
+    };
+    let (g, o) = (call.out_f32("grad", grad)?, call.out_f64("out", out)?);
+    py.detach(|| raw::grpo_loss_async(call.place, &inputs, dev.as_ref(), &l.cfg, g, o))
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Reads an asynchronous fused-loss output back (synchronizing its stream on a device):
+/// `(loss, stats)` with stats as `grpo_stat_layout(k)`; `has_ref` / `has_rollout`: whether the call
+/// had `ref_logp` / `rollout_logp`. Raises the error of a failed device-side check.
+#[pyfunction]
+#[pyo3(signature = (out, k, config, has_ref, has_rollout))]
+fn grpo_output_read(
+    py: Python<'_>,
+    out: &Bound<'_, PyAny>,
+    k: usize,
+    config: &str,
+    has_ref: bool,
+    has_rollout: bool,
+) -> PyResult<(f64, Vec<f64>)> {
+    let t = Tensor::of("out", out)?;
+    let call = Call::new(py, &t)?;
+    t.want(&[DType::F64])?;
+    let cfg = self::config(config)?;
+    if !(1..=recap_kernels::MAX_OBJECTIVES).contains(&k) {
+        return Err(arg_err(
+            "k",
+            format!("expected 1 <= K <= {}", recap_kernels::MAX_OBJECTIVES),
+        ));
+    }
+    let pending = recap_kernels::cuda::PendingGrpo::new(k, has_ref, has_rollout, &cfg);
+    let o = py
+        .detach(|| raw::read_grpo_output(call.place, &pending, t.arr()))
+        .map_err(err)?;
+    Ok((o.loss, o.stats()))
 }
 
 /// Per-token KL value and d kl / d logp into `kl` and `grad` ([T] each).
@@ -1041,6 +1159,34 @@ impl Batch<'_> {
     }
 }
 
+impl Batch<'_> {
+    /// As [`Batch::load`], with `cu_seqlens`, `lambda_` and `membership` on the device (not read
+    /// here): the layout's host arrays stay empty, the objectives and normalizers are read.
+    fn load_device_layout(&self, call: &Call) -> PyResult<Loaded> {
+        let kinds = raw::objective_kinds(&self.objectives).map_err(err)?;
+        let k = kinds.len();
+        Ok(Loaded {
+            cfg: config(&self.config)?,
+            lay: Layout {
+                cu: Vec::new(),
+                lambda: Vec::new(),
+                kinds,
+                membership: None,
+                normalizers: read_normalizers(
+                    call,
+                    self.normalizers.as_ref(),
+                    self.seq_tokens.as_ref(),
+                    k,
+                )?,
+            },
+            advantages: advantages(call, &self.advantages, self.adv_per_token)?,
+            mask: call.mask("mask", &self.mask)?,
+            ref_logp: call.opt_f32("ref_logp", self.ref_logp.as_ref())?,
+            rollout_logp: call.opt_f32("rollout_logp", self.rollout_logp.as_ref())?,
+        })
+    }
+}
+
 impl Loaded {
     /// The inputs of the losses from logits or from the last layer, with these `labels` and
     /// `old_logp`.
@@ -1351,6 +1497,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(grpo_stat_layout, m)?)?;
     m.add_function(wrap_pyfunction!(logits_stat_layout, m)?)?;
     m.add_function(wrap_pyfunction!(grpo_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_loss_async, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_output_read, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_output_len, m)?)?;
     m.add_function(wrap_pyfunction!(kl, m)?)?;
     m.add_function(wrap_pyfunction!(rollout_rejection, m)?)?;
     m.add_function(wrap_pyfunction!(rollout_is_weights, m)?)?;

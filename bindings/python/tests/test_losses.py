@@ -252,3 +252,53 @@ def test_nonfinite_inputs_are_an_error_unless_allowed(device):
     mask[0, 1] = 0
     loss, _ = rk.grpo_loss(y, x, torch.ones(2, device=device), mask)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("agg", AGG)
+def test_async_loss_matches_the_synchronous_one(device, gen, agg):
+    """grpo_loss_async: the same loss bits, gradient and metrics as grpo_loss, the metrics read only
+    when asked for; with the layout (cu_seqlens, lambda_, membership) as tensors on the device."""
+    old, logp, ref, adv, mask = batch(device, gen)
+    b, l = logp.shape
+    adv2 = torch.stack([adv, -adv], dim=1)
+    opts = dict(ref_logp=ref.reshape(-1), kl_coef=0.05, agg_mode=agg, dual_clip=3.0, lambda_=[0.7, 1.3],
+                membership=[3, 1, 2, 3, 3, 1], objective_names=["a", "b"])
+    cu = torch.arange(0, b * l + 1, l, dtype=torch.int32)
+    x = logp.reshape(-1).clone().requires_grad_()
+    want, wm = rk.grpo_loss(x, old.reshape(-1), adv2, mask.reshape(-1), cu, **opts)
+    want.backward()
+    for on_device in (False, True):
+        layout = dict(opts)
+        c = cu
+        if on_device:
+            c = cu.to(device)
+            layout["lambda_"] = torch.tensor(opts["lambda_"], device=device)
+            layout["membership"] = torch.tensor(opts["membership"], dtype=torch.int32, device=device)
+        y = logp.reshape(-1).clone().requires_grad_()
+        loss, pending = rk.grpo_loss_async(y, old.reshape(-1), adv2, mask.reshape(-1), c, **layout)
+        assert isinstance(pending, rk.GrpoPending) and loss.device == logp.device
+        assert loss.item() == want.item()
+        loss.backward()
+        assert torch.equal(y.grad, x.grad)
+        m = pending.metrics()
+        assert m.keys() == wm.keys()
+        for key in wm:
+            assert torch.equal(m[key].double().cpu(), wm[key].double().cpu()), key
+
+
+def test_async_loss_reports_a_bad_layout_when_read(device, gen):
+    """The read of an asynchronous call reports what the checks found; on the host the layout is
+    checked at the call, as the synchronous loss checks it."""
+    old, logp, ref, adv, mask = batch(device, gen)
+    b, l = logp.shape
+    cu = torch.arange(0, b * l + 1, l, dtype=torch.int32)
+    cu[2] = cu[3] + 1  # decreasing
+    with pytest.raises(rk.RecapError, match="cu_seqlens"):
+        loss, pending = rk.grpo_loss_async(logp.reshape(-1), old.reshape(-1), adv, mask.reshape(-1), cu.to(device))
+        pending.metrics()
+
+
+def test_async_output_length():
+    """The output holds the loss, the flags, the normalizers and 3 statistics per objective more."""
+    assert rk.ops.grpo_output_len(2) - rk.ops.grpo_output_len(1) == 3
+    assert rk.ops.grpo_output_len(1) > rk.ops.grpo_stats_len(1)

@@ -117,6 +117,17 @@ int main(void) {
             CHECK(cu_dtoh(out_h, d_out, (size_t)n_out * sizeof(double)) == 0);
             CHECK(out_h[0] == rd.loss); /* the device-resident loss */
         }
+        /* on the host the same entry points fill the same layout (the CPU reference) */
+        {
+            static double out_host[128];
+            float grad_hh[T];
+            RecapGrpoResult rhh;
+            CHECK(recap_grpo_loss_async(-1, NULL, T, logp, old, ref, NULL, NULL, adv, 0, mask, 1, cu, B, lambda, kinds,
+                                        NULL, 1, NULL, NULL, 0, &cfg, grad_hh, out_host) == RECAP_OK);
+            CHECK(recap_grpo_output_read(-1, NULL, 1, &cfg, 1, 0, out_host, &rhh, NULL) == RECAP_OK);
+            CHECK(rhh.loss == rh.loss && out_host[0] == rh.loss && rhh.num_tokens == rh.num_tokens);
+            for (int t = 0; t < T; ++t) CHECK(grad_hh[t] == grad_h[t]);
+        }
         /* a device layout that fails its device-side check: the read names the argument */
         int32_t bad_cu[B + 1];
         for (int i = 0; i <= B; ++i) bad_cu[i] = cu[B - i];

@@ -19,7 +19,7 @@ from torch import Tensor
 from . import _native, ops
 from ._native import RecapError
 
-__all__ = ["grpo_config", "grpo_loss", "kl_penalty", "rollout_rejection", "rollout_is_weights", "rollout_is_normalize", "weighted_reduce", "count_normalizers",
+__all__ = ["grpo_config", "grpo_loss", "grpo_loss_async", "GrpoPending", "kl_penalty", "rollout_rejection", "rollout_is_weights", "rollout_is_normalize", "weighted_reduce", "count_normalizers",
            "logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "optimal_token_baseline", "RecapError"]
 
 _OBJECTIVES = {"policy": 0, "nll": 1, 0: 0, 1: 1}
@@ -190,6 +190,77 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     loss, _, stats = ops.grpo_loss(logp.reshape(-1), old, adv, m, cu, lam, kinds, memb, ref, roll, pw, normalizers,
                                    seq_tokens, per_token, _config(options))
     return loss, _metrics(stats, lam.shape[0], objective_names)
+
+
+class GrpoPending:
+    """An asynchronous fused-loss call (``grpo_loss_async``): its device-resident output ``out``
+    (float64; ``out[0]`` the loss) and what decoding it takes. ``metrics()`` reads it back, which
+    synchronizes the stream: call it when the metrics are logged, not every micro-batch."""
+
+    def __init__(self, out: Tensor, k: int, config: str, has_ref: bool, has_rollout: bool,
+                 names: Optional[Sequence[str]]):
+        self.out, self._k, self._config = out, k, config
+        self._has_ref, self._has_rollout, self._names = has_ref, has_rollout, names
+
+    def metrics(self) -> Dict[str, Tensor]:
+        """The metrics ``grpo_loss`` returns (CPU tensors here), after the device-side checks of a
+        layout passed on the device (a failed one raises ``RecapError`` naming the argument)."""
+        _, stats = _native.grpo_output_read(self.out, self._k, self._config, self._has_ref, self._has_rollout)
+        return _metrics(torch.tensor(stats, dtype=torch.float64), self._k, self._names)
+
+
+def _device_or_host(name: str, x, dtype, device) -> Tensor:
+    """A small per-batch array: on ``device`` (no synchronization) when it is a tensor there, else
+    read on the host."""
+    if isinstance(x, Tensor) and x.device == device and device.type != "cpu":
+        return x.to(dtype).contiguous()
+    return _host(name, x, dtype)
+
+
+def grpo_loss_async(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, cu_seqlens=None, *,
+                    ref_logp: Optional[Tensor] = None, rollout_logp: Optional[Tensor] = None,
+                    policy_weight: Optional[Tensor] = None, lambda_=None, objectives=None, membership=None,
+                    normalizers=None, seq_tokens: Optional[Tensor] = None,
+                    objective_names: Optional[Sequence[str]] = None, advantages_per_token: Optional[bool] = None,
+                    **options) -> Tuple[Tensor, GrpoPending]:
+    """``grpo_loss`` without a host synchronization: returns ``(loss, pending)`` at once, ``loss`` a
+    0-dim tensor on the device (differentiable with respect to ``logp``), ``pending.metrics()`` the
+    metrics, read back when asked for. ``cu_seqlens``, ``lambda_`` and ``membership`` may be tensors
+    on the device of ``logp`` (all three, then: int32 / int64, float32, int32 bits), checked there;
+    a failed check makes the loss NaN and ``pending.metrics()`` raise. With them on the device the
+    call copies nothing from the host, so it can be captured in a CUDA graph (after one eager call
+    of the same size). On CPU tensors the reference computes at once.
+    """
+    logp = _float("logp", logp)
+    dev = logp.device
+    on_device = isinstance(cu_seqlens, Tensor) and cu_seqlens.device == dev and dev.type != "cpu"
+    if on_device:
+        cu = cu_seqlens.to(torch.int32).contiguous()
+        b = cu.shape[0] - 1
+    else:
+        cu, b = _batch(logp.shape, cu_seqlens)
+    adv, per_token, k = _advantages(_float("advantages", advantages), logp.shape, b, advantages_per_token)
+    if on_device:
+        lam = (torch.ones(k, dtype=torch.float32, device=dev) if lambda_ is None
+               else _device_or_host("lambda_", lambda_, torch.float32, dev).to(dev))
+        if lam.shape != (k,):
+            raise RecapError(f"invalid argument `lambda_`: expected K = {k} objective weights, got shape "
+                             f"{tuple(lam.shape)}")
+        memb = None if membership is None else torch.as_tensor(membership, device=dev).to(torch.int32)
+    else:
+        lam = _weights(lambda_, k)
+        memb = None if membership is None else _host("membership", membership, torch.int64)
+    kinds = _kinds(objectives, lam.shape[0])
+    normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
+    flat = [None if x is None else x.reshape(-1) for x in
+            (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
+             _float("rollout_logp", rollout_logp), _float("policy_weight", policy_weight))]
+    old, m, ref, roll, pw = flat
+    _same_device(logp, old_logp=old, advantages=adv, mask=m, ref_logp=ref, rollout_logp=roll, policy_weight=pw)
+    config = _config(options)
+    loss, _, out = ops.grpo_loss_async(logp.reshape(-1), old, adv, m, cu, lam, kinds, memb, ref, roll, pw,
+                                       normalizers, seq_tokens, per_token, config)
+    return loss, GrpoPending(out, len(kinds), config, ref is not None, roll is not None, objective_names)
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_penalty: str = "low_var_kl", mask: Optional[Tensor] = None) -> Tensor:

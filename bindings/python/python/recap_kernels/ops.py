@@ -10,8 +10,9 @@ Conventions: per-token arrays are float32 (masks float32, uint8 or bool); ``cu_s
 ``[B + 1]``, ``lambda_`` ``[K]`` and ``membership`` ``[B]`` are CPU tensors (read on the host before
 any launch, so no device synchronization); ``objectives`` is a list of codes (0 policy, 1 nll);
 ``config`` is the JSON form of the crate's ``GrpoConfig`` (see ``functional.grpo_config``). The
-CUDA path of the Rust crate still reads the loss and statistics back synchronously (the result is
-then written into the output tensors on the device); removing that is tracked separately.
+CUDA path of ``grpo_loss`` reads the loss and statistics back (a synchronization; the result is then
+written into the output tensors on the device); ``grpo_loss_async`` does not: it returns the
+device-resident output, and ``cu_seqlens``, ``lambda_`` and ``membership`` may be CUDA tensors.
 """
 from typing import List, Optional, Tuple
 
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["grpo_stats_len", "logits_stats_len"]
+__all__ = ["grpo_stats_len", "logits_stats_len", "grpo_output_len"]
 
 
 def _affine(layout):
@@ -99,6 +100,47 @@ def _grpo_backward(ctx, g_loss, g_grad, g_stats):
 
 
 grpo_loss.register_autograd(_grpo_backward, setup_context=_save_grad(1))
+
+
+# --- the fused GRPO loss, asynchronous ----------------------------------------------------------
+def grpo_output_len(k):
+    """Length (float64 values) of the asynchronous fused loss's output for ``k`` objectives."""
+    return _OUT_LEN[0] + _OUT_LEN[1] * k
+
+
+_OUT_LEN = (_native.grpo_output_len(1) - (_native.grpo_output_len(2) - _native.grpo_output_len(1)),
+            _native.grpo_output_len(2) - _native.grpo_output_len(1))
+
+
+def _grpo_async_outputs(logp: Tensor, objectives: List[int]):
+    return (_empty(logp, (), torch.float32), _empty(logp, logp.shape, torch.float32),
+            _empty(logp, (grpo_output_len(len(objectives)),), torch.float64))
+
+
+@torch.library.custom_op("recap::grpo_loss_async", mutates_args=())
+def grpo_loss_async(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, cu_seqlens: Tensor,
+                    lambda_: Tensor, objectives: List[int], membership: Optional[Tensor], ref_logp: Optional[Tensor],
+                    rollout_logp: Optional[Tensor], policy_weight: Optional[Tensor], normalizers: Optional[Tensor],
+                    seq_tokens: Optional[Tensor], adv_per_token: bool, config: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fused GRPO loss without a host synchronization: ``(loss, dloss/dlogp, out)``, ``out`` the
+    device-resident output (``grpo_output_len(K)`` float64: the loss, the device-side check flags,
+    the normalizers, the statistics), read back by ``_native.grpo_output_read``. ``cu_seqlens``,
+    ``lambda_`` and ``membership`` are CPU tensors, or all three on the device (checked there)."""
+    _, grad, out = _grpo_async_outputs(logp, objectives)
+    logp, old_logp, policy_weight = _contig(logp, old_logp, policy_weight)
+    batch = _batch(advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp, rollout_logp, normalizers,
+                   seq_tokens, adv_per_token, config)
+    _native.grpo_loss_async(logp, old_logp, policy_weight, batch, grad, out)
+    return out[0].to(torch.float32), grad, out
+
+
+@grpo_loss_async.register_fake
+def _(logp, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp, rollout_logp,
+      policy_weight, normalizers, seq_tokens, adv_per_token, config):
+    return _grpo_async_outputs(logp, objectives)
+
+
+grpo_loss_async.register_autograd(_grpo_backward, setup_context=_save_grad(1))
 
 
 # --- KL -----------------------------------------------------------------------------------------
