@@ -179,10 +179,7 @@ pub(super) fn run(
             let b = cu.len() - 1;
             let seq_blocks = b.div_ceil(8).max(1) * 8; // at most 8 warps per sequence
             let extra = (8
-                * (cuda::grpo_output_len(k)
-                    + 4 * b
-                    + (2 * k + 4) * seq_blocks
-                    + blocks * slots)
+                * (cuda::grpo_output_len(k) + 4 * b + (2 * k + 4) * seq_blocks + blocks * slots)
                 + 4 * (2 * b + 1 + blocks)) as f64;
             let mut rec = record("fused_loss", case.clone(), tm, r, bytes, extra, copy_gb_s);
             rec.value = Some(value);
