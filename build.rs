@@ -110,7 +110,7 @@ fn main() -> Result<(), String> {
 }
 
 /// The slot and normalizer layout constants of `kernels/recap_params.h` (`#define RECAP_SLOT_*`,
-/// `RECAP_NORM_*`, `RECAP_ADV_*`, `RECAP_RS_*`, `RECAP_ISW_*`, `RECAP_OUT_*` and `RECAP_ERR_*` with an integer value, `RECAP_GRPO_EXTRA_SLOTS`, `RECAP_MAX_OBJECTIVES`) as Rust
+/// `RECAP_NORM_*`, `RECAP_ADV_*`, `RECAP_RS_*`, `RECAP_ISW_*`, `RECAP_OUT_*`, `RECAP_ERR_*` and `RECAP_LOGITS_*` with an integer value, `RECAP_GRPO_EXTRA_SLOTS`, `RECAP_MAX_OBJECTIVES`) as Rust
 /// `usize` constants, so the header is their one definition.
 fn layout_consts() -> Result<String, String> {
     let header = fs::read_to_string("kernels/recap_params.h")
@@ -143,6 +143,7 @@ fn layout_consts() -> Result<String, String> {
             || name.starts_with("RECAP_ISW_")
             || name.starts_with("RECAP_OUT_")
             || name.starts_with("RECAP_ERR_")
+            || name.starts_with("RECAP_LOGITS_")
             || name == "RECAP_GRPO_EXTRA_SLOTS"
             || name == "RECAP_MAX_OBJECTIVES"
         {

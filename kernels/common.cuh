@@ -198,79 +198,156 @@ __device__ __forceinline__ void recap_ticket_reset(unsigned int* ticket) {
 /* A load that bypasses L1 (another block wrote it in this launch). */
 __device__ __forceinline__ double recap_ld_cg(const double* p) { return __ldcg(p); }
 
-/* A compact fixed-order combine for reductions whose op is chosen at run time (one code path for
- * all three): values enter multiplied by recap_op_sign (max(x) = -min(-x), exact), then add or fmin. */
+/* The RECAP_OP_* of slot j of the fused loss's statistics (3K per-objective sums, then the extra
+ * slots: the ratio's and rollout IS weight's min and max, sums otherwise). */
+__device__ __forceinline__ int recap_grpo_slot_op(int j, int K) {
+    const int x = j - 3 * K;
+    return (x == RECAP_SLOT_RATIO_MIN || x == RECAP_SLOT_IS_MIN)   ? RECAP_OP_MIN
+           : (x == RECAP_SLOT_RATIO_MAX || x == RECAP_SLOT_IS_MAX) ? RECAP_OP_MAX
+                                                                   : RECAP_OP_SUM;
+}
+
+/* The fused loss from its statistic slots, (1/K) sum_k lambda_k slots[k] + beta slots[3K + KL_AGG]
+ * with the KL term, rounded as the host's finish_grpo rounds it (no fused multiply-add). */
+__device__ __forceinline__ double recap_grpo_loss_of(const double* slots, const float* lambda, int K, bool has_ref,
+                                                     float beta) {
+    double weighted = 0.0;
+#pragma unroll 1
+    for (int k = 0; k < K; ++k) weighted = __dadd_rn(weighted, __dmul_rn((double)lambda[k], slots[k]));
+    double loss = recap_div_small(weighted, K);
+    if (has_ref) loss = __dadd_rn(loss, __dmul_rn((double)beta, slots[3 * K + RECAP_SLOT_KL_AGG]));
+    return loss;
+}
+
+/* Reductions whose op is chosen at run time: a max enters negated (max(x) = -min(-x), exact) so two
+ * code paths remain, a sum and a min; each loop below is written twice, one per path, behind a
+ * branch (a select between the two would execute both for every value). */
 __device__ __forceinline__ double recap_op_sign(int op) { return op == RECAP_OP_MAX ? -1.0 : 1.0; }
-__device__ __forceinline__ double recap_sum_or_min(double a, double b, bool sum) { return sum ? a + b : fmin(a, b); }
-/* The warp's 32 values combined in a fixed order through shared memory (`scratch`: 32 + 8
- * doubles of this warp), no shuffles: code after a block-divergent branch (the last block's
- * finalization) would otherwise carry the compiler's non-converged shuffle fallback. Lanes 0..7
- * combine 4 lanes each, then lane 0 the 8; the result is valid in lane 0. Call with the whole warp. */
-__device__ __forceinline__ double recap_warp_sum_or_min(double v, bool sum, double* scratch) {
-    const int lane = threadIdx.x & 31;
-    scratch[lane] = v;
-    __syncwarp();
+
+/* The block reductions below synchronize with __syncthreads only (no warp-synchronous code: after
+ * the block-divergent branch into the last block the compiler would emit a non-converged fallback
+ * for every __syncwarp or shuffle), so every thread of the block calls them, with block-uniform
+ * arguments. */
+
+/* Each warp's 32 values s[32 w .. 32 w + 32) combined in lane order, four lanes at a time, then the
+ * eight results in order; the result is valid in lane 0 of each warp. `sum` is warp-uniform; `s`
+ * holds RECAP_BLOCK + RECAP_BLOCK / 4 doubles; call after every thread wrote its s[threadIdx.x]. */
+__device__ __forceinline__ double recap_lanes_combine(double* s, bool sum) {
+    const int lane = threadIdx.x & 31, quad = RECAP_BLOCK + (threadIdx.x >> 5) * 8;
+    __syncthreads();
     if (lane < 8) {
-        const double* x = scratch + 4 * lane;
-        scratch[32 + lane] = recap_sum_or_min(recap_sum_or_min(x[0], x[1], sum), recap_sum_or_min(x[2], x[3], sum), sum);
+        const double* x = s + (threadIdx.x - lane) + 4 * lane;
+        s[quad + lane] = sum ? (x[0] + x[1]) + (x[2] + x[3]) : fmin(fmin(x[0], x[1]), fmin(x[2], x[3]));
     }
-    __syncwarp();
-    double acc = scratch[32];
-    if (lane == 0)
-        for (int i = 1; i < 8; ++i) acc = recap_sum_or_min(acc, scratch[32 + i], sum);
-    __syncwarp();
+    __syncthreads();
+    double acc = s[quad];
+    if (lane == 0) {
+        if (sum)
+            for (int i = 1; i < 8; ++i) acc += s[quad + i];
+        else
+            for (int i = 1; i < 8; ++i) acc = fmin(acc, s[quad + i]);
+    }
     return acc;
 }
 
 /* Fixed-order reduction of the slot-major rows partials[j * cols .. + cols) for j < rows, in the
- * last block: warp w takes rows w, w + RECAP_WARPS, ...; lane l combines columns l, l + 32, ... in
- * order, then the warp tree; lane 0 writes dst[j]. op_of(j) gives the row's RECAP_OP_*. Ends with
- * a __syncthreads (dst is then visible to the block). */
+ * last block: in rounds of RECAP_WARPS rows, warp w takes row r + w; lane l combines columns l,
+ * l + 32, ... into four accumulators in turn (four loads in flight), then the accumulators and the
+ * lanes in a fixed order; lane 0 writes dst[j]. op_of(j) gives the row's RECAP_OP_*. Ends with a
+ * __syncthreads (dst is then visible to the block). */
 template <typename OpOf>
 __device__ __forceinline__ void recap_reduce_rows(const double* partials, int64_t cols, int rows, double* dst,
                                                   OpOf op_of) {
-    __shared__ double s_warp[RECAP_WARPS][40];
+    __shared__ double s_red[RECAP_BLOCK + RECAP_BLOCK / 4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll 1
-    for (int j = warp; j < rows; j += RECAP_WARPS) {
-        const int op = op_of(j);
+    for (int r = 0; r < rows; r += RECAP_WARPS) {
+        const int j = r + warp;
+        const bool live = j < rows;
+        const int op = live ? op_of(j) : RECAP_OP_SUM;
         const bool sum = op == RECAP_OP_SUM;
         const double sg = recap_op_sign(op);
         const double* row = partials + (int64_t)j * cols;
-        double acc = sum ? 0.0 : (double)INFINITY;
-#pragma unroll 4
-        for (int64_t c = lane; c < cols; c += 32) acc = recap_sum_or_min(acc, sg * recap_ld_cg(row + c), sum);
-        acc = recap_warp_sum_or_min(acc, sum, s_warp[warp]);
-        if (lane == 0) dst[j] = sg * acc;
+        double a0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+        int64_t c = lane;
+        if (!live) {
+            a0 = 0.0;
+        } else if (sum) {
+            a0 = 0.0;
+#pragma unroll 1
+            for (; c + 96 < cols; c += 128) {
+                a0 += recap_ld_cg(row + c);
+                a1 += recap_ld_cg(row + c + 32);
+                a2 += recap_ld_cg(row + c + 64);
+                a3 += recap_ld_cg(row + c + 96);
+            }
+#pragma unroll 1
+            for (; c < cols; c += 32) a0 += recap_ld_cg(row + c);
+            a0 = (a0 + a1) + (a2 + a3);
+        } else {
+            a0 = (double)INFINITY;
+#pragma unroll 1
+            for (; c < cols; c += 32) a0 = fmin(a0, sg * recap_ld_cg(row + c));
+        }
+        s_red[threadIdx.x] = a0;
+        const double acc = recap_lanes_combine(s_red, sum);
+        if (live && lane == 0) dst[j] = sg * acc;
+        __syncthreads(); /* s_red is reused by the next round; dst is visible */
     }
-    __syncthreads();
 }
 
+/* Row stride (floats) of the staging buffer of recap_stage_reduce: one more than a block, so the
+ * reduction's reads (a position per lane) fall in distinct banks. */
+#define RECAP_STAGE_LD (RECAP_BLOCK + 1)
+
 /* Block reduction of a token pass's per-thread statistics, staged through shared memory: the
- * block's threads store position q's value at stage[(q - base) * RECAP_BLOCK + thread] for the
- * positions of one pass [base, base + n), then warp w reduces positions w, w + RECAP_WARPS, ...:
- * lane l combines threads l, l + 32, ..., l + 224 in order (in double), then the warp tree; lane 0
- * writes the block's value of position q's slot at partials[slot * gridDim.x + blockIdx.x].
+ * block's threads store position q's value at stage[(q - base) * RECAP_STAGE_LD + thread] for the
+ * positions of one pass [base, base + n), n <= 32; then lane l of warp w combines position l's
+ * values of threads 32 w .. 32 w + 31 in order (sums in double, four accumulators in turn; a min or
+ * max in float, which is exact), and thread l < n combines the warps' results in warp order and
+ * writes the block's value of position l's slot at partials[slot * gridDim.x + blockIdx.x].
  * slot_of(q) < 0: an unused position. */
 template <typename SlotOf, typename OpOf>
 __device__ __forceinline__ void recap_stage_reduce(const float* stage, int base, int n, double* partials,
                                                    SlotOf slot_of, OpOf op_of) {
-    __shared__ double s_warp[RECAP_WARPS][40];
+    __shared__ double s_mid[RECAP_WARPS][32];
     __syncthreads(); /* the pass's values are stored */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane < n) {
+        const int op = op_of(base + lane);
+        const float* x = stage + lane * RECAP_STAGE_LD + warp * 32;
+        double v;
+        if (op == RECAP_OP_SUM) {
+            double a0 = x[0], a1 = x[1], a2 = x[2], a3 = x[3];
 #pragma unroll 1
-    for (int i = warp; i < n; i += RECAP_WARPS) {
-        const int slot = slot_of(base + i);
-        if (slot < 0) continue; /* warp-uniform */
-        const int op = op_of(base + i);
-        const bool sum = op == RECAP_OP_SUM;
-        const double sg = recap_op_sign(op);
-        const float* col = stage + i * RECAP_BLOCK + lane;
-        double acc = sg * (double)col[0];
-#pragma unroll
-        for (int w = 1; w < RECAP_WARPS; ++w) acc = recap_sum_or_min(acc, sg * (double)col[32 * w], sum);
-        acc = recap_warp_sum_or_min(acc, sum, s_warp[warp]);
-        if (lane == 0) partials[(int64_t)slot * gridDim.x + blockIdx.x] = sg * acc;
+            for (int i = 4; i < 32; i += 4) {
+                a0 += x[i];
+                a1 += x[i + 1];
+                a2 += x[i + 2];
+                a3 += x[i + 3];
+            }
+            v = (a0 + a1) + (a2 + a3);
+        } else {
+            const float sg = op == RECAP_OP_MAX ? -1.0f : 1.0f;
+            float a = sg * x[0];
+#pragma unroll 4
+            for (int i = 1; i < 32; ++i) a = fminf(a, sg * x[i]);
+            v = (double)a; /* negated for a max: undone below */
+        }
+        s_mid[warp][lane] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < n) {
+        const int q = base + threadIdx.x, slot = slot_of(q);
+        if (slot >= 0) {
+            const int op = op_of(q);
+            double acc = s_mid[0][threadIdx.x];
+            if (op == RECAP_OP_SUM)
+                for (int w = 1; w < RECAP_WARPS; ++w) acc += s_mid[w][threadIdx.x];
+            else
+                for (int w = 1; w < RECAP_WARPS; ++w) acc = fmin(acc, s_mid[w][threadIdx.x]);
+            partials[(int64_t)slot * gridDim.x + blockIdx.x] = recap_op_sign(op) * acc;
+        }
     }
 }
 

@@ -21,9 +21,11 @@
  * The normalizers come from recap_seq_stats_* (reduce.cu), the call's first launch; this is the second
  * and last.
  *
- * Threads. A block takes a tile of blockDim.x * items consecutive tokens (common.cuh); thread i
- * takes tokens tile_start + i, + blockDim.x, ... (coalesced), loading each token's inputs one token
- * ahead of its math (a loop that is not unrolled: the code stays small), and follows its tokens'
+ * Threads. A block of RECAP_BLOCK threads takes a tile of RECAP_BLOCK * items consecutive tokens
+ * (common.cuh); thread i takes tokens tile_start + i, + RECAP_BLOCK, ... (coalesced), loading each
+ * token's inputs one token ahead of its math (a loop that is not unrolled: the code stays small),
+ * and divides nothing (the normalizers' reciprocals come from recap_seq_stats, 1/C and 1/K from
+ * the host and a table of constants), and follows its tokens'
  * sequence with a cursor that only moves forward (one search per thread, not per token). The math
  * for all K objectives stays in registers (K <= MAXK, a template parameter, so the per-objective
  * accumulators are register arrays indexed by unrolled constants). The tile's per-sequence data
@@ -54,12 +56,6 @@ __device__ __forceinline__ int grpo_slot_of(int q, int K) {
 template <int MAXK>
 __device__ __forceinline__ int grpo_op_of(int q) {
     const int x = q - 3 * MAXK;
-    return (x == RECAP_SLOT_RATIO_MIN || x == RECAP_SLOT_IS_MIN)   ? RECAP_OP_MIN
-           : (x == RECAP_SLOT_RATIO_MAX || x == RECAP_SLOT_IS_MAX) ? RECAP_OP_MAX
-                                                                   : RECAP_OP_SUM;
-}
-__device__ __forceinline__ int grpo_row_op(int j, int K) {
-    const int x = j - 3 * K;
     return (x == RECAP_SLOT_RATIO_MIN || x == RECAP_SLOT_IS_MIN)   ? RECAP_OP_MIN
            : (x == RECAP_SLOT_RATIO_MAX || x == RECAP_SLOT_IS_MAX) ? RECAP_OP_MAX
                                                                    : RECAP_OP_SUM;
@@ -97,36 +93,36 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     __shared__ uint32_t s_bits[RECAP_TILE_SEQ_DATA];
     __shared__ float s_seq_factor[RECAP_TILE_SEQ_DATA];
     __shared__ float s_adv[RECAP_TILE_SEQ_DATA * MAXK];
-    __shared__ float s_stage[SG * RECAP_BLOCK];
+    __shared__ float s_stage[SG * RECAP_STAGE_LD];
     __shared__ double s_out[3 * MAXK + RECAP_GRPO_EXTRA_SLOTS];
 
     const int K = p.num_objectives;
     const int S = 3 * K + RECAP_GRPO_EXTRA_SLOTS;
-    const double* __restrict__ norms = (const double*)p.norms;
-    const float inv_c = (p.sum_norm_const > 0.0f) ? 1.0f / p.sum_norm_const : 0.0f;
+    /* every reciprocal precomputed (recap_seq_stats, the host): the pass divides nothing */
+    const float* __restrict__ inv_norms = (const float*)p.inv_norms;
+    const float inv_c = p.inv_norm_const;
     /* the objectives' aggregation (slots k < K) and the KL term's (slot K, agg_mode) */
     const int pol_mode = EXT ? p.policy_agg_mode : p.agg_mode;
     if (threadIdx.x <= K)
         s_base[threadIdx.x] = recap_agg_base(threadIdx.x < K ? pol_mode : p.agg_mode,
-                                             recap_inv_norm(norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + threadIdx.x]),
-                                             recap_inv_norm(norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + threadIdx.x]), inv_c);
+                                             inv_norms[threadIdx.x], inv_norms[RECAP_NORM_SLOTS + threadIdx.x], inv_c);
     if (threadIdx.x < K) s_lambda[threadIdx.x] = p.lambda_dev ? ((const float*)p.lambda_dev)[threadIdx.x] : p.lambda[threadIdx.x];
     const int32_t* __restrict__ cu = (const int32_t*)p.cu_seqlens;
     const int64_t t0 = recap_tile_start(p.items_per_thread);
-    const int64_t tile = (int64_t)blockDim.x * p.items_per_thread;
+    const int64_t tile = (int64_t)RECAP_BLOCK * p.items_per_thread;
     const int64_t t1 = (t0 + tile < p.num_tokens) ? t0 + tile : p.num_tokens;
     const RecapTileSeqs ts = recap_tile_setup(cu, (const int32_t*)p.tile_seq, p.num_seqs, s_cu, t0 >= p.num_tokens);
 
     const MT* __restrict__ mask = (const MT*)p.mask;
     const float* __restrict__ adv = (const float*)p.advantages;
     const uint32_t* __restrict__ mem = (const uint32_t*)p.membership;
-    const double* __restrict__ seq_tokens = (const double*)p.seq_tokens;
+    const float* __restrict__ seq_inv = (const float*)p.seq_inv;
     const double* __restrict__ seq_lr = (const double*)p.seq_log_ratio;
     const double* __restrict__ seq_is = (const double*)p.seq_is_log;
     const bool rollout = EXT && p.rollout_logp;
     const bool token_is = rollout && p.is_level == RECAP_IS_TOKEN;
     float* __restrict__ grad = (float*)p.grad;
-    const float inv_k = 1.0f / (float)K;
+    const float inv_k = (float)recap_inv_small(K); /* = 1.0f / K (tests/device_math.rs) */
     const uint32_t kbits = (K >= 32) ? 0xffffffffu : ((1u << K) - 1u);
     const bool smtm = pol_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN;
     const bool kl_own_mode = EXT && pol_mode != p.agg_mode; /* per-term aggregation */
@@ -145,14 +141,20 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     const int nseq = ts.b_hi - ts.b_lo + 1;
     const bool staged = nseq <= RECAP_TILE_SEQ_DATA;
     if (staged) {
-        for (int i = threadIdx.x; i < nseq; i += blockDim.x) {
+#pragma unroll 1
+        for (int i = threadIdx.x; i < nseq; i += RECAP_BLOCK) {
             const int b = ts.b_lo + i;
             s_bits[i] = (mem ? mem[b] : 0xffffffffu) & kbits;
-            s_seq_factor[i] = recap_agg_seq_factor(pol_mode, smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f);
+            s_seq_factor[i] = recap_agg_seq_factor(pol_mode, smtm ? seq_inv[b] : 0.0f);
         }
         if (!p.adv_per_token)
-            for (int i = threadIdx.x; i < nseq * K; i += blockDim.x)
-                s_adv[(i / K) * MAXK + (i % K)] = adv[(int64_t)ts.b_lo * K + i];
+#pragma unroll 1
+            for (int i = threadIdx.x; i < nseq; i += RECAP_BLOCK) {
+                const float* row = adv + ((int64_t)ts.b_lo + i) * K;
+#pragma unroll
+                for (int k = 0; k < MAXK; ++k)
+                    if (k < K) s_adv[i * MAXK + k] = row[k];
+            }
     }
     __syncthreads(); /* s_base, s_lambda and the staged data */
     float lam[MAXK];
@@ -167,11 +169,11 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     float is_sum = 0.0f, is_corr = 0.0f, is_min = INFINITY, is_max = -INFINITY;
     unsigned nonfinite = 0;
 
-    /* this thread's tokens t0 + threadIdx.x + i * blockDim.x, i < n; b: a cursor on the sequence of
+    /* this thread's tokens t0 + threadIdx.x + i * RECAP_BLOCK, i < n; b: a cursor on the sequence of
      * the current token (tokens only increase, so it only moves forward) */
     const int64_t first = t0 + threadIdx.x;
     /* a tile is under 2^31 tokens (the host bounds items_per_thread): 32-bit arithmetic */
-    const int n = first < t1 ? (int)(((unsigned)(t1 - first) + blockDim.x - 1) / blockDim.x) : 0;
+    const int n = first < t1 ? (int)(((unsigned)(t1 - first) + RECAP_BLOCK - 1) / RECAP_BLOCK) : 0;
     /* the tile's boundaries cu[b_lo ..], staged or in global memory: one generic pointer */
     const int32_t* cut = ts.staged ? s_cu : cu + ts.b_lo;
     int b = ts.b_lo;
@@ -186,9 +188,9 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     GrpoTok next = n > 0 ? grpo_load(p, mask, first, token_is) : GrpoTok{0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll 1
     for (int i = 0; i < n; ++i) {
-        const int64_t t = first + (int64_t)i * blockDim.x;
+        const int64_t t = first + (int64_t)i * RECAP_BLOCK;
         const GrpoTok x = next;
-        if (i + 1 < n) next = grpo_load(p, mask, t + blockDim.x, token_is);
+        if (i + 1 < n) next = grpo_load(p, mask, t + RECAP_BLOCK, token_is);
         const float m = x.m;
         if (m == 0.0f) { grad[t] = 0.0f; continue; }
         nonfinite += !recap_isfinite(m);
@@ -200,7 +202,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
         nonfinite += !recap_isfinite(lp);
         /* m times the per-sequence factor of the objectives' aggregation weight */
         const float mf = m * (staged ? s_seq_factor[sb]
-                                     : recap_agg_seq_factor(pol_mode, smtm ? recap_inv_norm(seq_tokens[b]) : 0.0f));
+                                     : recap_agg_seq_factor(pol_mode, smtm ? seq_inv[b] : 0.0f));
 
         RecapRatio q;
         q.log_ratio = 0.0f; q.ratio = 1.0f; q.saturated = 0;
@@ -267,7 +269,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
             /* the KL term's own per-sequence factor when its aggregation differs */
             const float mk = kl_own_mode
                                  ? m * recap_agg_seq_factor(p.agg_mode, p.agg_mode == RECAP_AGG_SEQ_MEAN_TOKEN_MEAN
-                                                                            ? recap_inv_norm(seq_tokens[b])
+                                                                            ? seq_inv[b]
                                                                             : 0.0f)
                                  : mf;
             const float w = mk * s_base[K];
@@ -294,7 +296,7 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                             : q < 2 * MAXK ? clip[q % MAXK]
                             : q < 3 * MAXK ? dual[q % MAXK]
                                            : extra[q - 3 * MAXK];
-            s_stage[(q - base) * RECAP_BLOCK + threadIdx.x] = v;
+            s_stage[(q - base) * RECAP_STAGE_LD + threadIdx.x] = v;
         }
         recap_stage_reduce(s_stage, base, (SMAX - base < SG) ? SMAX - base : SG, part,
                            [K](int q) { return grpo_slot_of<MAXK>(q, K); }, [](int q) { return grpo_op_of<MAXK>(q); });
@@ -303,17 +305,12 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
     /* The last block: every block's partials reduced in block order into the output's slots, then
      * the loss (in double, the same formula as the host's finish_grpo) */
     if (!recap_last_block((unsigned int*)p.ticket)) return;
-    recap_reduce_rows(part, gridDim.x, S, s_out, [K](int j) { return grpo_row_op(j, K); });
+    recap_reduce_rows(part, gridDim.x, S, s_out, [K](int j) { return recap_grpo_slot_op(j, K); });
     double* out = (double*)p.out;
-    for (int j = threadIdx.x; j < S; j += blockDim.x) out[RECAP_OUT_SLOTS + j] = s_out[j];
+    if (threadIdx.x < S) out[RECAP_OUT_SLOTS + threadIdx.x] = s_out[threadIdx.x]; /* S < RECAP_BLOCK */
     if (threadIdx.x == 0) {
-        double weighted = 0.0;
-#pragma unroll 1
-        for (int k = 0; k < K; ++k) weighted = __dadd_rn(weighted, __dmul_rn((double)s_lambda[k], s_out[k]));
-        /* rounded as the host rounds it (no fused multiply-add) */
-        double loss = weighted / (double)K;
-        if (p.ref_logp) loss = __dadd_rn(loss, __dmul_rn((double)p.beta, s_out[3 * K + RECAP_SLOT_KL_AGG]));
-        out[RECAP_OUT_LOSS] = out[RECAP_OUT_FLAGS] != 0.0 ? (0.0 / 0.0) : loss;
+        const double loss = recap_grpo_loss_of(s_out, s_lambda, K, p.ref_logp != 0, p.beta);
+        out[RECAP_OUT_LOSS] = out[RECAP_OUT_FLAGS] != 0.0 ? (double)NAN : loss;
     }
     recap_ticket_reset((unsigned int*)p.ticket);
 }

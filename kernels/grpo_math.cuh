@@ -407,7 +407,37 @@ RECAP_HD float recap_logit_grad(float x, int is_label, float lse, float entropy,
     return inv_tau * d;
 }
 
-/* 1/x for a normalizer, 0 where there is nothing to normalize. */
-RECAP_HD float recap_inv_norm(double x) { return (x > 0.0) ? (float)(1.0 / x) : 0.0f; }
+/* 1/x for a normalizer, 0 where there is nothing to normalize: the float reciprocal of x rounded to
+ * float (counts and mask sums below 2^24 are exact there), so device code needs no double
+ * division. */
+RECAP_HD float recap_inv_norm(double x) { return (x > 0.0) ? 1.0f / (float)x : 0.0f; }
+
+/* 1/k rounded to nearest, for 1 <= k <= 16: in device code from a table of constants the
+ * compiler folded (a division would bring its slow path into the kernel; 0 outside the range),
+ * on the host divided. */
+#ifdef __CUDACC__
+static __constant__ const double recap_inv_small_table[17] = {
+    0.0,        1.0,        1.0 / 2.0,  1.0 / 3.0,  1.0 / 4.0,  1.0 / 5.0,  1.0 / 6.0,  1.0 / 7.0, 1.0 / 8.0,
+    1.0 / 9.0,  1.0 / 10.0, 1.0 / 11.0, 1.0 / 12.0, 1.0 / 13.0, 1.0 / 14.0, 1.0 / 15.0, 1.0 / 16.0};
+#endif
+RECAP_HD double recap_inv_small(int k) {
+#ifdef __CUDA_ARCH__
+    return recap_inv_small_table[(unsigned)k <= 16u ? k : 0]; /* 0 outside the range */
+#else
+    return 1.0 / (double)k;
+#endif
+}
+
+/* a / k for 1 <= k <= 16, rounded to nearest as the division a / (double)k is, without a division
+ * (whose slow path is a large part of a kernel's code): with y = RN(1/k), q = RN(a y) is within an
+ * ulp of a / k, the residual r = a - k q is exact under a fused multiply-add, and RN(q + r y) is
+ * RN(a / k) (Markstein's theorem). Zero, infinite and NaN a return a y (exact there); a quotient
+ * in the subnormal range may differ from the division's in its last bit. */
+RECAP_HD double recap_div_small(double a, int k) {
+    const double y = recap_inv_small(k), q = a * y;
+    if (!(q != 0.0 && q - q == 0.0)) return q;
+    const double r = fma(-q, (double)k, a);
+    return fma(r, y, q);
+}
 
 #endif /* RECAP_GRPO_MATH_CUH */

@@ -81,6 +81,10 @@ void recap_host_softmax_split(const float* x, long n, long split, float* lse, fl
     *entropy = logf(st.s) - st.a / st.s;
 }
 
+double recap_host_div_small(double a, int k) { return recap_div_small(a, k); }
+
+float recap_host_inv_norm(double x) { return recap_inv_norm(x); }
+
 float recap_host_logit_grad(float x, int is_label, float lse, float entropy, float g_logp, float g_ent, float inv_tau) {
     return recap_logit_grad(x, is_label, lse, entropy, g_logp, g_ent, inv_tau);
 }
@@ -95,13 +99,14 @@ static const size_t grpo_layout[] = {
     F(RecapGrpoParams, adv_per_token), F(RecapGrpoParams, agg_mode), F(RecapGrpoParams, kl_estimator),
     F(RecapGrpoParams, dual_clip), F(RecapGrpoParams, policy_bits), F(RecapGrpoParams, clip_low),
     F(RecapGrpoParams, clip_high), F(RecapGrpoParams, clip_c), F(RecapGrpoParams, log_ratio_clamp),
-    F(RecapGrpoParams, beta), F(RecapGrpoParams, sum_norm_const), F(RecapGrpoParams, lambda),
+    F(RecapGrpoParams, beta), F(RecapGrpoParams, inv_norm_const), F(RecapGrpoParams, lambda),
     F(RecapGrpoParams, loss_type), F(RecapGrpoParams, kl_is_correction), F(RecapGrpoParams, delta),
     F(RecapGrpoParams, tau_pos), F(RecapGrpoParams, tau_neg), F(RecapGrpoParams, dro_beta),
     F(RecapGrpoParams, seq_log_ratio), F(RecapGrpoParams, rollout_logp), F(RecapGrpoParams, seq_is_log),
     F(RecapGrpoParams, is_level), F(RecapGrpoParams, is_mode), F(RecapGrpoParams, is_lower), F(RecapGrpoParams, is_upper),
     F(RecapGrpoParams, policy_weight), F(RecapGrpoParams, policy_agg_mode), F(RecapGrpoParams, pad1),
-    F(RecapGrpoParams, out), F(RecapGrpoParams, ticket), F(RecapGrpoParams, lambda_dev)};
+    F(RecapGrpoParams, out), F(RecapGrpoParams, ticket), F(RecapGrpoParams, lambda_dev),
+    F(RecapGrpoParams, inv_norms), F(RecapGrpoParams, seq_inv)};
 static const size_t seq_layout[] = {
     sizeof(RecapSeqParams), F(RecapSeqParams, mask), F(RecapSeqParams, cu_seqlens), F(RecapSeqParams, membership),
     F(RecapSeqParams, seq_tokens), F(RecapSeqParams, norms), F(RecapSeqParams, tile_seq),
@@ -111,7 +116,16 @@ static const size_t seq_layout[] = {
     F(RecapSeqParams, old_logp), F(RecapSeqParams, seq_log_ratio), F(RecapSeqParams, rollout_logp),
     F(RecapSeqParams, seq_is_log), F(RecapSeqParams, is_geometric), F(RecapSeqParams, warps_per_seq),
     F(RecapSeqParams, geo_mean), F(RecapSeqParams, clip_low), F(RecapSeqParams, clip_high), F(RecapSeqParams, validate),
-    F(RecapSeqParams, partials), F(RecapSeqParams, ticket), F(RecapSeqParams, flags), F(RecapSeqParams, lambda_dev)};
+    F(RecapSeqParams, partials), F(RecapSeqParams, ticket), F(RecapSeqParams, flags), F(RecapSeqParams, lambda_dev),
+    F(RecapSeqParams, inv_norms), F(RecapSeqParams, seq_inv), F(RecapSeqParams, override_dev),
+    F(RecapSeqParams, override_slot), F(RecapSeqParams, pad0)};
+static const size_t finish_layout[] = {
+    sizeof(RecapLogitsFinishParams), F(RecapLogitsFinishParams, out), F(RecapLogitsFinishParams, parts),
+    F(RecapLogitsFinishParams, norms), F(RecapLogitsFinishParams, entropy_agg), F(RecapLogitsFinishParams, entropy_mean),
+    F(RecapLogitsFinishParams, bad_labels), F(RecapLogitsFinishParams, lambda_dev),
+    F(RecapLogitsFinishParams, num_objectives), F(RecapLogitsFinishParams, num_parts),
+    F(RecapLogitsFinishParams, has_ref), F(RecapLogitsFinishParams, beta), F(RecapLogitsFinishParams, entropy_coef),
+    F(RecapLogitsFinishParams, pad0), F(RecapLogitsFinishParams, lambda)};
 static const size_t reduce_layout[] = {
     sizeof(RecapReduceParams), F(RecapReduceParams, losses), F(RecapReduceParams, mask),
     F(RecapReduceParams, cu_seqlens), F(RecapReduceParams, membership), F(RecapReduceParams, seq_tokens),
@@ -181,7 +195,7 @@ static const size_t is_layout[] = {
 
 /* Size then field offsets (declaration order) of struct `which`: 0 grpo, 1 seq, 2 reduce, 3 kl,
  * 4 finalize, 5 logits, 6 advantages, 7 train, 8 tensor-parallel combine, 9 rollout rejection,
- * 10 optimal token baseline, 11 rollout IS weights. Returns the number of entries, writes at most `cap` of them. */
+ * 10 optimal token baseline, 11 rollout IS weights, 12 the logits losses' finish. Returns the number of entries, writes at most `cap` of them. */
 
 size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     const size_t* src;
@@ -199,6 +213,7 @@ size_t recap_host_params_layout(int which, size_t* out, size_t cap) {
     case 9: src = reject_layout; n = sizeof(reject_layout) / sizeof(size_t); break;
     case 10: src = otb_layout; n = sizeof(otb_layout) / sizeof(size_t); break;
     case 11: src = is_layout; n = sizeof(is_layout) / sizeof(size_t); break;
+    case 12: src = finish_layout; n = sizeof(finish_layout) / sizeof(size_t); break;
     default: return 0;
     }
     for (size_t i = 0; i < n && i < cap; ++i) out[i] = src[i];

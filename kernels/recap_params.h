@@ -85,6 +85,17 @@ typedef char recap_out_slots_check[(RECAP_OUT_SLOTS == 2 + 4 * RECAP_NORM_SLOTS)
 #define RECAP_ERR_CU_SEQLENS 1 /* cu_seqlens[0] != 0, a decrease, or cu_seqlens[B] != T             */
 #define RECAP_ERR_MEMBERSHIP 2 /* a membership word with bits at or above K                         */
 #define RECAP_ERR_LAMBDA 4     /* a lambda that is not finite and >= 0                               */
+#define RECAP_ERR_LABELS 8     /* the loss from logits: a label outside [0, V) and not ignore_index   */
+/*
+ * The losses from logits and from the last layer append to the fused loss's output (at
+ * recap_grpo_slots(K) + RECAP_OUT_SLOTS + index) the values below; RECAP_OUT_LOSS then holds the
+ * total, the fused loss minus entropy_coef times the entropy term (recap_logits_finish).
+ */
+#define RECAP_LOGITS_GRPO_LOSS 0    /* the fused loss with its KL term                              */
+#define RECAP_LOGITS_ENTROPY_LOSS 1 /* agg(entropy) in the loss's aggregation                       */
+#define RECAP_LOGITS_ENTROPY_MEAN 2 /* the masked mean entropy (verl's actor/entropy)               */
+#define RECAP_LOGITS_BAD_LABELS 3   /* labels outside [0, V) that are not ignore_index              */
+#define RECAP_LOGITS_EXTRA 4
 /* Rows of recap_seq_stats_*'s block partials: token weight and sequence count of each normalizer
  * slot j <= K at rows 2j, 2j + 1, then the two error counts. */
 #define RECAP_SEQ_PARTIAL_ROWS(K) (2 * ((K) + 1) + 2)
@@ -143,7 +154,7 @@ typedef struct RecapGrpoParams {
     float clip_c;          /* dual-clip constant c > 1                        */
     float log_ratio_clamp; /* 20                                              */
     float beta;            /* KL coefficient                                  */
-    float sum_norm_const;  /* C of token-sum-norm                             */
+    float inv_norm_const;  /* 1/C of token-sum-norm (0: no constant)          */
     float lambda[RECAP_MAX_OBJECTIVES]; /* objective weights                  */
     int32_t loss_type;     /* RECAP_LOSS_*                                    */
     int32_t kl_is_correction; /* 1: the KL term is multiplied by r (TRL use_bias_correction_kl) */
@@ -165,6 +176,8 @@ typedef struct RecapGrpoParams {
                                flags and norms there by recap_seq_stats_*, norms == out + RECAP_OUT_NORMS) */
     uint64_t ticket;        /* unsigned int: the last-block counter (0 between launches)            */
     uint64_t lambda_dev;    /* const float[K] on the device, or 0: take `lambda` above             */
+    uint64_t inv_norms;     /* const float[2 * RECAP_NORM_SLOTS], from recap_seq_stats (its inv_norms) */
+    uint64_t seq_inv;       /* const float[B]: recap_inv_norm(seq_tokens[b])                        */
 } RecapGrpoParams;
 
 /* Parameters of the per-sequence statistics and normalizer kernels (shared by kernels 1 and 3). */
@@ -201,6 +214,16 @@ typedef struct RecapSeqParams {
     uint64_t ticket;        /* unsigned int: the last-block counter (0 between launches)          */
     uint64_t flags;         /* double: RECAP_ERR_* bits (written by the last block), or 0          */
     uint64_t lambda_dev;    /* const float[K] to check (validate), or 0                            */
+    uint64_t inv_norms;     /* float[2 * RECAP_NORM_SLOTS] (written by the last block): recap_inv_norm
+                               of the token normalizers, then of the sequence normalizers (slot j at
+                               j, RECAP_NORM_SLOTS + j), so the token pass divides nothing          */
+    uint64_t seq_inv;       /* float[B] (written): recap_inv_norm(seq_tokens[b])                     */
+    uint64_t override_dev;  /* const double[4 * RECAP_NORM_SLOTS] of an earlier pass on the device, or
+                               0: its token and sequence normalizers (rows RECAP_NORM_TOKENS and
+                               RECAP_NORM_SEQS) replace the local ones, as has_override does       */
+    int32_t override_slot;  /* with override_dev: -1, slot j takes its slot j; else every slot takes
+                               slot override_slot (the entropy term: the KL slot of the loss's)   */
+    int32_t pad0;
 } RecapSeqParams;
 
 /* Parameters of the standalone weighted reduction (kernel 3) over per-token losses [T, K]. */
@@ -265,6 +288,26 @@ typedef struct RecapRejectParams {
 } RecapRejectParams;
 
 /* Parameters of the final fixed-order reduction of block partials. */
+/* Parameters of recap_logits_finish (one block): completes the output of a loss from logits. */
+typedef struct RecapLogitsFinishParams {
+    uint64_t out;          /* double[RECAP_OUT_SLOTS + recap_grpo_slots(K) + RECAP_LOGITS_EXTRA]     */
+    uint64_t parts;        /* const double[num_parts, RECAP_OUT_SLOTS + recap_grpo_slots(K)]: the
+                              chunks' outputs, merged into out in chunk order; 0: out already holds
+                              the fused loss's output                                             */
+    uint64_t norms;        /* const double[4 * RECAP_NORM_SLOTS]: the batch's normalizers (with parts) */
+    uint64_t entropy_agg;  /* const double[RECAP_OUT_SLOTS + 1]: the entropy term's reduction, or 0 */
+    uint64_t entropy_mean; /* likewise, token-mean (the mean entropy), or 0: entropy_agg's value   */
+    uint64_t bad_labels;   /* const uint32_t: labels the forward found outside [0, V), or 0        */
+    uint64_t lambda_dev;   /* const float[K] on the device, or 0: take `lambda`                     */
+    int32_t num_objectives;
+    int32_t num_parts;
+    int32_t has_ref;       /* the KL term is in the loss                                             */
+    float beta;            /* its coefficient                                                        */
+    float entropy_coef;    /* the entropy bonus's coefficient                                        */
+    float pad0;
+    float lambda[RECAP_MAX_OBJECTIVES];
+} RecapLogitsFinishParams;
+
 typedef struct RecapFinalizeParams {
     uint64_t partials;   /* const double[num_slots, num_blocks] (slot-major) */
     uint64_t out;        /* double[num_slots]                             */

@@ -114,6 +114,7 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
         int bad_cu = 0, bad_mem = 0;
         if (live) {
             ((double*)p.seq_tokens)[b] = acc;
+            if (p.seq_inv) ((float*)p.seq_inv)[b] = recap_inv_norm(acc);
             if (p.logp) ((double*)p.seq_log_ratio)[b] = acc != 0.0 ? d1 / acc : 0.0;
             if (p.logp && p.geo_mean) ((double*)p.seq_log_ratio)[p.num_seqs + b] = acc != 0.0 ? d3 / acc : 0.0;
             if (p.rollout_logp) ((double*)p.seq_is_log)[b] = p.is_geometric ? (acc != 0.0 ? d2 / acc : 0.0) : d2;
@@ -166,10 +167,25 @@ __device__ __forceinline__ void seq_stats(const RecapSeqParams& p) {
         const int j = threadIdx.x;
         const bool used = j <= K;
         const double tok = used ? s_fin[2 * j] : 0.0, seq = used ? s_fin[2 * j + 1] : 0.0;
+        /* the normalizers in use: the local ones, the caller's, or an earlier pass's on the device */
+        double ntok = tok, nseq = seq;
+        if (used && p.override_dev) {
+            const double* od = (const double*)p.override_dev;
+            const int src = p.override_slot < 0 ? j : p.override_slot;
+            ntok = od[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + src];
+            nseq = od[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + src];
+        } else if (used && p.has_override) {
+            ntok = p.override_tokens[j];
+            nseq = p.override_seqs[j];
+        }
         norms[RECAP_NORM_LOCAL_TOKENS * RECAP_NORM_SLOTS + j] = tok;
         norms[RECAP_NORM_LOCAL_SEQS * RECAP_NORM_SLOTS + j] = seq;
-        norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + j] = (used && p.has_override) ? p.override_tokens[j] : tok;
-        norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + j] = (used && p.has_override) ? p.override_seqs[j] : seq;
+        norms[RECAP_NORM_TOKENS * RECAP_NORM_SLOTS + j] = ntok;
+        norms[RECAP_NORM_SEQS * RECAP_NORM_SLOTS + j] = nseq;
+        if (p.inv_norms) {
+            ((float*)p.inv_norms)[j] = recap_inv_norm(ntok);
+            ((float*)p.inv_norms)[RECAP_NORM_SLOTS + j] = recap_inv_norm(nseq);
+        }
     }
     if (threadIdx.x == 0 && p.flags) {
         int f = 0;
@@ -196,6 +212,63 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_partials_finaliz
     const int op = recap_slot_op(j, p.min_bits, p.max_bits);
     const double v = recap_block_reduce_array((const double*)p.partials + (int64_t)j * p.num_blocks, p.num_blocks, op, s_red);
     if (threadIdx.x == 0) ((double*)p.out)[j] = v;
+}
+
+/* One block: completes the output of a loss from logits or from the last layer. With parts, the
+ * chunks' statistic slots are combined in chunk order (sums, or min / max), their flags or-ed, the
+ * batch's normalizers copied, and the fused loss recomputed from the merged slots; then the
+ * entropy term's aggregate and mean, the labels found out of range (RECAP_ERR_LABELS), and the
+ * total loss = fused loss - entropy_coef * agg(entropy), NaN when a check failed. */
+extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_logits_finish(const RecapLogitsFinishParams p) {
+    __shared__ double s_slots[3 * RECAP_MAX_OBJECTIVES + RECAP_GRPO_EXTRA_SLOTS];
+    __shared__ float s_lambda[RECAP_MAX_OBJECTIVES];
+    __shared__ int s_flags;
+    const int K = p.num_objectives;
+    const int S = 3 * K + RECAP_GRPO_EXTRA_SLOTS;
+    const int64_t len = RECAP_OUT_SLOTS + S;
+    double* out = (double*)p.out;
+    const double* parts = (const double*)p.parts;
+    if (threadIdx.x < K) s_lambda[threadIdx.x] = p.lambda_dev ? ((const float*)p.lambda_dev)[threadIdx.x] : p.lambda[threadIdx.x];
+    if (threadIdx.x == 0) s_flags = 0;
+    __syncthreads();
+    if (threadIdx.x < S) {
+        const int j = threadIdx.x;
+        double acc = parts ? parts[RECAP_OUT_SLOTS + j] : out[RECAP_OUT_SLOTS + j];
+        if (parts) {
+            const int op = recap_grpo_slot_op(j, K);
+            for (int i = 1; i < p.num_parts; ++i) {
+                const double x = parts[i * len + RECAP_OUT_SLOTS + j];
+                acc = op == RECAP_OP_SUM ? acc + x : (op == RECAP_OP_MIN ? fmin(acc, x) : fmax(acc, x));
+            }
+            out[RECAP_OUT_SLOTS + j] = acc;
+        }
+        s_slots[j] = acc;
+    }
+    if (parts && threadIdx.x < 4 * RECAP_NORM_SLOTS)
+        out[RECAP_OUT_NORMS + threadIdx.x] = ((const double*)p.norms)[threadIdx.x];
+    if (threadIdx.x == 0) {
+        int f = parts ? 0 : (int)out[RECAP_OUT_FLAGS];
+        for (int i = 0; parts && i < p.num_parts; ++i) f |= (int)parts[i * len + RECAP_OUT_FLAGS];
+        if (p.entropy_agg) f |= (int)((const double*)p.entropy_agg)[RECAP_OUT_FLAGS];
+        if (p.entropy_mean) f |= (int)((const double*)p.entropy_mean)[RECAP_OUT_FLAGS];
+        s_flags = f;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned bad = p.bad_labels ? *(const unsigned*)p.bad_labels : 0u;
+        const int flags = s_flags | (bad ? RECAP_ERR_LABELS : 0);
+        const double grpo = parts ? recap_grpo_loss_of(s_slots, s_lambda, K, p.has_ref != 0, p.beta) : out[RECAP_OUT_LOSS];
+        const double ent = p.entropy_agg ? ((const double*)p.entropy_agg)[RECAP_OUT_SLOTS] : 0.0;
+        const double ent_mean = p.entropy_mean ? ((const double*)p.entropy_mean)[RECAP_OUT_SLOTS] : ent;
+        double* extra = out + len;
+        extra[RECAP_LOGITS_GRPO_LOSS] = grpo;
+        extra[RECAP_LOGITS_ENTROPY_LOSS] = ent;
+        extra[RECAP_LOGITS_ENTROPY_MEAN] = ent_mean;
+        extra[RECAP_LOGITS_BAD_LABELS] = (double)bad;
+        out[RECAP_OUT_FLAGS] = (double)flags;
+        /* rounded as the host rounds grpo.loss - entropy_coef * entropy_loss */
+        out[RECAP_OUT_LOSS] = flags ? (double)NAN : __dsub_rn(grpo, __dmul_rn((double)p.entropy_coef, ent));
+    }
 }
 
 template <int MAXK, typename MT>

@@ -119,6 +119,8 @@ extern "C" {
         c1: f32,
         c2: f32,
     );
+    fn recap_host_div_small(a: f64, k: c_int) -> f64;
+    fn recap_host_inv_norm(x: f64) -> f32;
     fn recap_host_logit_grad(
         x: f32,
         is_label: c_int,
@@ -149,6 +151,19 @@ pub fn softmax_row(x: &[f32], split: Option<usize>) -> (f32, f32) {
         }
     }
     (lse, h)
+}
+
+/// `recap_div_small` of grpo_math.cuh: `a / k` for `1 <= k <= 16` without a division (the fused
+/// loss's last block divides the weighted sum by K this way).
+pub fn div_small(a: f64, k: i32) -> f64 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_div_small(a, k) }
+}
+
+/// `recap_inv_norm` of grpo_math.cuh: a normalizer's f32 reciprocal, 0 for a normalizer <= 0.
+pub fn inv_norm(x: f64) -> f32 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_inv_norm(x) }
 }
 
 /// `recap_logit_grad` of grpo_math.cuh.

@@ -12,6 +12,17 @@ pub(crate) use crate::kernel_layout::{
 /// Normalizer slots: `MAX_OBJECTIVES` objectives plus the KL slot (`RECAP_NORM_SLOTS`).
 pub(crate) const NORM_SLOTS: usize = crate::config::MAX_OBJECTIVES + 1;
 
+/// `recap_inv_norm` of `kernels/grpo_math.cuh`: the f32 reciprocal of a normalizer rounded to f32,
+/// 0 where there is nothing to normalize (the device's precomputed reciprocals, written from the
+/// host where the host supplies the normalizer).
+pub(crate) fn inv_norm(x: f64) -> f32 {
+    if x > 0.0 {
+        1.0 / x as f32
+    } else {
+        0.0
+    }
+}
+
 pub(crate) fn grpo_slots(k: usize) -> usize {
     3 * k + GRPO_EXTRA_SLOTS
 }

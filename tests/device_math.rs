@@ -12,7 +12,7 @@ use recap_kernels::{
 #[test]
 fn parameter_structs_have_the_c_layout() {
     let rust = params::layouts();
-    assert_eq!(rust.len(), 12);
+    assert_eq!(rust.len(), 13);
     for (which, r) in rust.iter().enumerate() {
         let c = device_math::params_layout(which as i32);
         assert!(
@@ -252,6 +252,58 @@ fn device_kl_math_matches_reference() {
             .loss
             .is_nan()
     );
+}
+
+#[test]
+fn division_by_k_without_a_divide_is_the_division() {
+    // the fused loss's last block computes (sum_k lambda_k agg_k) / K by Markstein's correction of a
+    // product with the rounded reciprocal: the same bits as the division, for every K
+    let mut rng = Rng::new(7);
+    let mut cases: Vec<f64> = vec![
+        1.0,
+        -1.0,
+        3.0,
+        1e300,
+        -7.25e-300,
+        f64::MAX,
+        f64::MIN_POSITIVE * 16.0,
+        0.1,
+        2.0f64.powi(52) + 1.0,
+    ];
+    for _ in 0..200_000 {
+        let m = rng.uniform() * 2.0 - 1.0;
+        let e = (rng.uniform() * 80.0 - 40.0).round() as i32;
+        cases.push(m * 2f64.powi(e));
+    }
+    for k in 1..=16 {
+        for &a in &cases {
+            let (got, want) = (device_math::div_small(a, k), a / k as f64);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{a:e} / {k}: {got:e} vs {want:e}"
+            );
+        }
+        // zero keeps its sign, infinities and NaN pass through
+        assert_eq!(
+            device_math::div_small(-0.0, k).to_bits(),
+            (-0.0f64).to_bits()
+        );
+        assert_eq!(device_math::div_small(f64::INFINITY, k), f64::INFINITY);
+        assert!(device_math::div_small(f64::NAN, k).is_nan());
+        // the token pass's 1/K from the same table: the f32 reciprocal
+        assert_eq!((1.0 / k as f64) as f32, 1.0f32 / k as f32, "1/{k}");
+    }
+}
+
+#[test]
+fn normalizer_reciprocals_are_f32_reciprocals() {
+    for x in [1.0, 3.0, 37.0, 0.375, 1e-3, 16_777_217.0, 1e30] {
+        assert_eq!(device_math::inv_norm(x), 1.0 / x as f32, "1/{x}");
+    }
+    for x in [0.0, -1.0, -0.0] {
+        assert_eq!(device_math::inv_norm(x), 0.0, "nothing to normalize: {x}");
+    }
 }
 
 #[test]

@@ -56,7 +56,7 @@ pub unsafe extern "C" fn cublasSetMathMode(h: cublasHandle_t, _mode: c_int) -> c
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Ty {
+pub(crate) enum Ty {
     F32,
     F16,
     Bf16,
@@ -155,8 +155,8 @@ pub unsafe extern "C" fn cublasGemmEx(
     }
     let (m, n, k) = (m as usize, n as usize, k as usize);
     // stored shapes: A is m x k (or k x m transposed), B k x n (or n x k)
-    let (ar, ac) = if ta { (k, m) } else { (m, k) };
-    let (br, bc) = if tb { (n, k) } else { (k, n) };
+    let ar = if ta { k } else { m };
+    let br = if tb { n } else { k };
     if (lda as i64) < ar.max(1) as i64
         || (ldb as i64) < br.max(1) as i64
         || (ldc as i64) < m.max(1) as i64
@@ -167,52 +167,150 @@ pub unsafe extern "C" fn cublasGemmEx(
         );
         return CUBLAS_STATUS_INVALID_VALUE;
     }
-    let (lda, ldb, ldc) = (lda as usize, ldb as usize, ldc as usize);
+    let g = Gemm {
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        alpha: *(alpha as *const f32),
+        a: a as u64,
+        at,
+        lda: lda as usize,
+        b: b as u64,
+        bt,
+        ldb: ldb as usize,
+        beta: *(beta as *const f32),
+        c: c as u64,
+        ct,
+        ldc: ldc as usize,
+    };
     if crate::kernels::trace() {
         eprintln!("emulated CUDA device: cublasGemmEx {} {} m {m} n {n} k {k} A {a:p} lda {lda} B {b:p} ldb {ldb} C {c:p} ldc {ldc}", if ta { "T" } else { "N" }, if tb { "T" } else { "N" });
     }
     bump(Counter::Gemms);
-    if m == 0 || n == 0 {
+    if !g.in_bounds() {
+        return CUBLAS_STATUS_EXECUTION_FAILED;
+    }
+    // on a capturing stream the GEMM becomes a node of the graph (alpha and beta by value, as
+    // cuBLAS reads host scalars when it enqueues)
+    let stream = (*(h as *const Handle)).stream;
+    if crate::graphs::record(stream, || crate::graphs::Node::Gemm(g)) {
         return CUBLAS_STATUS_SUCCESS;
     }
-    for (p, ty, len, what) in [
-        (a as u64, at, extent(ar, ac, lda), "cublasGemmEx A"),
-        (b as u64, bt, extent(br, bc, ldb), "cublasGemmEx B"),
-        (c as u64, ct, extent(m, n, ldc), "cublasGemmEx C"),
-    ] {
-        if len > 0 && memory::check_range(p, len * ty.size(), what).is_err() {
-            return CUBLAS_STATUS_EXECUTION_FAILED;
-        }
+    if g.run() {
+        CUBLAS_STATUS_SUCCESS
+    } else {
+        CUBLAS_STATUS_EXECUTION_FAILED
     }
-    let alpha = *(alpha as *const f32);
-    let beta = *(beta as *const f32);
-    // op(A) row by row (m x k) and op(B) column by column (n x k), contiguous in the inner index
-    let mut aop = vec![0f32; m * k];
-    for i in 0..m {
-        for l in 0..k {
-            aop[i * k + l] = at.read(a as *const u8, if ta { l + i * lda } else { i + l * lda });
+}
+
+/// One GEMM's arguments, checked: `C = alpha op(A) op(B) + beta C`, column-major.
+#[derive(Clone, Copy)]
+pub(crate) struct Gemm {
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: u64,
+    at: Ty,
+    lda: usize,
+    b: u64,
+    bt: Ty,
+    ldb: usize,
+    beta: f32,
+    c: u64,
+    ct: Ty,
+    ldc: usize,
+}
+
+impl Gemm {
+    /// Whether every operand lies inside one device allocation (reported when not).
+    fn in_bounds(&self) -> bool {
+        let (ar, ac) = if self.ta {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        };
+        let (br, bc) = if self.tb {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        };
+        if self.m == 0 || self.n == 0 {
+            return true;
         }
+        [
+            (self.a, self.at, extent(ar, ac, self.lda), "cublasGemmEx A"),
+            (self.b, self.bt, extent(br, bc, self.ldb), "cublasGemmEx B"),
+            (
+                self.c,
+                self.ct,
+                extent(self.m, self.n, self.ldc),
+                "cublasGemmEx C",
+            ),
+        ]
+        .into_iter()
+        .all(|(p, ty, len, what)| len == 0 || memory::check_range(p, len * ty.size(), what).is_ok())
     }
-    let mut bop = vec![0f32; n * k];
-    for j in 0..n {
-        for l in 0..k {
-            bop[j * k + l] = bt.read(b as *const u8, if tb { j + l * ldb } else { l + j * ldb });
+
+    /// Runs it on the host; false when an operand leaves its allocation.
+    pub(crate) unsafe fn run(&self) -> bool {
+        if !self.in_bounds() {
+            return false;
         }
-    }
-    for j in 0..n {
-        let bj = &bop[j * k..(j + 1) * k];
+        let Gemm {
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            alpha,
+            a,
+            at,
+            lda,
+            b,
+            bt,
+            ldb,
+            beta,
+            c,
+            ct,
+            ldc,
+        } = *self;
+        if m == 0 || n == 0 {
+            return true;
+        }
+        let (a, b, c) = (a as *const u8, b as *const u8, c as *mut u8);
+        // op(A) row by row (m x k) and op(B) column by column (n x k), contiguous in the inner index
+        let mut aop = vec![0f32; m * k];
         for i in 0..m {
-            let ai = &aop[i * k..(i + 1) * k];
-            let dot: f32 = ai.iter().zip(bj).map(|(x, y)| x * y).sum();
-            let idx = i + j * ldc;
-            // beta = 0: C is not read (it may hold anything), as in cuBLAS
-            let v = if beta == 0.0 {
-                alpha * dot
-            } else {
-                alpha * dot + beta * ct.read(c as *const u8, idx)
-            };
-            ct.write(c as *mut u8, idx, v);
+            for l in 0..k {
+                aop[i * k + l] = at.read(a, if ta { l + i * lda } else { i + l * lda });
+            }
         }
+        let mut bop = vec![0f32; n * k];
+        for j in 0..n {
+            for l in 0..k {
+                bop[j * k + l] = bt.read(b, if tb { j + l * ldb } else { l + j * ldb });
+            }
+        }
+        for j in 0..n {
+            let bj = &bop[j * k..(j + 1) * k];
+            for i in 0..m {
+                let ai = &aop[i * k..(i + 1) * k];
+                let dot: f32 = ai.iter().zip(bj).map(|(x, y)| x * y).sum();
+                let idx = i + j * ldc;
+                // beta = 0: C is not read (it may hold anything), as in cuBLAS
+                let v = if beta == 0.0 {
+                    alpha * dot
+                } else {
+                    alpha * dot + beta * ct.read(c, idx)
+                };
+                ct.write(c, idx, v);
+            }
+        }
+        true
     }
-    CUBLAS_STATUS_SUCCESS
 }

@@ -1,5 +1,5 @@
-//! Stream capture and CUDA graphs: while a stream captures, its kernel launches, memsets and
-//! device-to-device copies are recorded (a launch's parameter struct copied by value, as the
+//! Stream capture and CUDA graphs: while a stream captures, its kernel launches, memsets,
+//! device-to-device copies and cuBLAS GEMMs (on a handle bound to it) are recorded (a launch's parameter struct copied by value, as the
 //! driver copies it) instead of run; an instantiated graph replays them in order on the stream it
 //! is launched on. While a stream captures, the calls a graph cannot hold are refused on the thread
 //! that began the capture, and the capture invalidated, as the driver does (its thread-local capture
@@ -34,6 +34,8 @@ pub(crate) enum Node {
         src: u64,
         n: usize,
     },
+    /// A cuBLAS GEMM on the capturing stream.
+    Gemm(crate::blas::Gemm),
 }
 
 struct Capture {
@@ -165,6 +167,13 @@ unsafe fn run(node: &Node) -> CUresult {
             }
             std::ptr::copy(*src as *const u8, *dst as *mut u8, *n);
             CUresult::CUDA_SUCCESS
+        }
+        Node::Gemm(g) => {
+            if g.run() {
+                CUresult::CUDA_SUCCESS
+            } else {
+                CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
+            }
         }
     }
 }

@@ -99,7 +99,7 @@ impl PendingGrpo {
         self.decode(raw)
     }
 
-    fn decode(&self, raw: &[f64]) -> Result<GrpoOutput> {
+    pub(crate) fn decode(&self, raw: &[f64]) -> Result<GrpoOutput> {
         let (norms, slots) = split_out(raw);
         // the loss as the device computed it (the same formula and rounding as finish_grpo's)
         let mut o = finish_grpo(
@@ -125,7 +125,10 @@ pub fn grpo_loss(
     config: &GrpoConfig,
     grad: &mut CudaViewMut<'_, f32>,
 ) -> Result<GrpoOutput> {
-    let (pending, ws) = enqueue(gpu, stream, inputs, None, config, grad, None)?;
+    let shape = crate::layout::validate_grpo_on(inputs, config, None)?;
+    check_len("grad", grad.len(), shape.t, "[T]")?;
+    let (g, _gg) = addr_mut(grad, stream);
+    let (pending, ws) = enqueue(gpu, stream, inputs, None, config, g, None, None)?;
     pending.decode(&ws.read_raw(stream)?)
 }
 
@@ -153,22 +156,20 @@ pub fn grpo_loss_async(
         inputs.lambda.len()
     };
     check_len("out", out.len(), grpo_output_len(k), "grpo_output_len(K)")?;
+    let t = inputs.logp.len();
+    check_len("grad", grad.len(), t, "[T]")?;
     let (o, _g) = addr_mut(out, stream);
-    let (pending, _ws) = enqueue(gpu, stream, inputs, layout, config, grad, Some(o))?;
+    let (g, _gg) = addr_mut(grad, stream);
+    let (pending, _ws) = enqueue(gpu, stream, inputs, layout, config, g, Some(o), None)?;
     Ok(pending)
 }
 
-/// Validates and enqueues one call; the output goes to `out` or, when `None`, to the returned
-/// workspace.
-fn enqueue<'g>(
-    gpu: &'g Gpu,
-    stream: &Arc<CudaStream>,
-    inputs: &DeviceGrpoInputs<'_>,
+/// Validates a fused-loss call's inputs with its layout on the host or on the device.
+pub(crate) fn validate_call<F: crate::layout::Array, U: crate::layout::Array>(
+    inputs: &GrpoInputs<'_, F, U>,
     layout: Option<&DeviceLayout<'_, '_>>,
     config: &GrpoConfig,
-    grad: &mut CudaViewMut<'_, f32>,
-    out: Option<u64>,
-) -> Result<(PendingGrpo, Workspace<'g>)> {
+) -> Result<crate::layout::Shape> {
     let device = layout.map(|l| DeviceSide {
         b: l.cu_seqlens.len().saturating_sub(1),
         lambda: l.lambda.is_some(),
@@ -183,16 +184,38 @@ fn enqueue<'g>(
         }
     }
     let shape = validate_grpo_on(inputs, config, device)?;
-    check_len("grad", grad.len(), shape.t, "[T]")?;
-    let (t, b, k) = (shape.t, shape.b, shape.k);
     if let Some(l) = layout {
         if let Some(m) = l.membership {
-            check_len("membership", m.len(), b, "[B]")?;
+            check_len("membership", m.len(), shape.b, "[B]")?;
         }
         if let Some(lam) = l.lambda {
-            check_len("lambda", lam.len(), k, "[K] (the length of objectives)")?;
+            check_len(
+                "lambda",
+                lam.len(),
+                shape.k,
+                "[K] (the length of objectives)",
+            )?;
         }
     }
+    Ok(shape)
+}
+
+/// Validates and enqueues one call writing `dL/dlogp` at `grad` (a device address of `[T]` f32s
+/// the caller checked); the output goes to `out` or, when `None`, to the returned workspace. With
+/// `dev_norms` the pass weighs its tokens by normalizers already on the device.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn enqueue<'g>(
+    gpu: &'g Gpu,
+    stream: &Arc<CudaStream>,
+    inputs: &DeviceGrpoInputs<'_>,
+    layout: Option<&DeviceLayout<'_, '_>>,
+    config: &GrpoConfig,
+    grad: u64,
+    out: Option<u64>,
+    dev_norms: Option<&super::DeviceNorms>,
+) -> Result<(PendingGrpo, Workspace<'g>)> {
+    let shape = validate_call(inputs, layout, config)?;
+    let (t, b, k) = (shape.t, shape.b, shape.k);
     gpu.check_stream(stream)?;
 
     let slots = grpo_slots(k);
@@ -274,6 +297,7 @@ fn enqueue<'g>(
         slots,
         k,
         inputs.normalizers,
+        dev_norms,
         &extras,
         out,
     )?;
@@ -291,7 +315,7 @@ fn enqueue<'g>(
             Advantages::PerToken(a) => (a, 1),
         };
         let (adv_a, _g3) = addr(adv_view, stream);
-        let (grad_a, _g4) = addr_mut(grad, stream);
+        let grad_a = grad;
         let mut lambda = [0f32; 16];
         if lay_lam == 0 {
             lambda[..k].copy_from_slice(inputs.lambda);
@@ -339,11 +363,16 @@ fn enqueue<'g>(
             pad1: 0,
             log_ratio_clamp: config.log_ratio_clamp,
             beta: config.kl_coef,
-            sum_norm_const: config.norm_constant.unwrap_or(0.0),
+            inv_norm_const: config
+                .norm_constant
+                .filter(|c| *c > 0.0)
+                .map_or(0.0, |c| 1.0 / c),
             lambda,
             out: w.out,
             ticket: w.tickets + 4,
             lambda_dev: lay_lam,
+            inv_norms: w.inv_norms,
+            seq_inv: w.seq_inv,
         };
         let ext = if config.extended(has_rollout, pw_addr != 0) {
             "ext_"

@@ -90,22 +90,29 @@ pub(crate) fn forward_raw<E: LogitElem>(
     lse: u64,
     mask: Option<(u64, bool)>,
     valid: u64,
-    counter: Option<&mut CudaSlice<u32>>,
+    counter: Option<u64>,
     shard: Shard,
 ) -> Result<()> {
     if logits.rows == 0 {
         return Ok(());
     }
-    // with the caller's counter, the caller checks it (once, after several launches)
+    // with the caller's counter (a device address), the caller checks it (once, after several
+    // launches, or on the device)
     let mut own = None;
-    let bad = match counter {
-        Some(c) => c,
-        None => own.insert(stream.alloc_zeros::<u32>(1)?),
-    };
+    if counter.is_none() {
+        own = Some(stream.alloc_zeros::<u32>(1)?);
+    }
     {
         let (z_a, _g0) = addr(&logits.data, stream);
         let (y_a, _g1) = addr(labels, stream);
-        let (bad_a, _g2) = super::addr_slice_mut(bad, stream);
+        let (own_a, _g2) = match own.as_mut() {
+            Some(c) => {
+                let (a, g) = super::addr_slice_mut(c, stream);
+                (a, Some(g))
+            }
+            None => (0, None),
+        };
+        let bad_a = counter.unwrap_or(own_a);
         let p = LogitsParams {
             logits: z_a,
             labels: y_a,
@@ -331,324 +338,13 @@ pub(crate) fn backward_raw<E: LogitElem>(
 pub type DeviceLogitsLossInputs<'a> =
     crate::logits::LogitsLossInputs<'a, CudaView<'a, f32>, CudaView<'a, u8>, CudaView<'a, i32>>;
 
-/// Per-token f32 work of the loss from logits, T each (6 floats per token: the only extra memory
-/// besides the logits or a chunk of them).
-pub(crate) struct TokenWork {
-    pub logp: CudaSlice<f32>,
-    pub entropy: CudaSlice<f32>,
-    pub lse: CudaSlice<f32>,
-    /// mask weight, 0 at ignored labels
-    pub valid: CudaSlice<f32>,
-    /// dL/dlogp
-    pub g_logp: CudaSlice<f32>,
-    /// aggregation weights of the entropy term
-    pub w_ent: CudaSlice<f32>,
-    /// labels outside [0, V) seen by kernel 4 (checked by `check_labels`)
-    pub bad_labels: CudaSlice<u32>,
-    /// TRL's top-entropy-quantile mask of the policy terms, once every entropy is known
-    pub policy_weight: Option<CudaSlice<f32>>,
-    pub t: usize,
-}
-
-impl TokenWork {
-    pub(crate) fn new(stream: &Arc<CudaStream>, t: usize) -> Result<Self> {
-        let n = t.max(1);
-        Ok(TokenWork {
-            logp: stream.alloc_zeros::<f32>(n)?,
-            entropy: stream.alloc_zeros::<f32>(n)?,
-            lse: stream.alloc_zeros::<f32>(n)?,
-            valid: stream.alloc_zeros::<f32>(n)?,
-            g_logp: stream.alloc_zeros::<f32>(n)?,
-            w_ent: stream.alloc_zeros::<f32>(n)?,
-            bad_labels: stream.alloc_zeros::<u32>(1)?,
-            policy_weight: None,
-            t,
-        })
-    }
-
-    /// With `q < 1`, the top-entropy-quantile mask of every token from the entropies and valid
-    /// mask kernel 4 wrote (read back and computed on the host: one sort, deterministic).
-    pub(crate) fn set_entropy_mask(&mut self, stream: &Arc<CudaStream>, q: f32) -> Result<()> {
-        if q >= 1.0 {
-            return Ok(());
-        }
-        let t = self.t;
-        let mut ent = vec![0f32; t];
-        let mut valid = vec![0f32; t];
-        if t > 0 {
-            stream.memcpy_dtoh(&self.entropy.slice(..t), &mut ent)?;
-            stream.memcpy_dtoh(&self.valid.slice(..t), &mut valid)?;
-            stream.synchronize()?;
-        }
-        let mask = crate::logits::top_entropy_mask(&ent, &valid, q);
-        self.policy_weight = Some(super::upload(stream, &mask)?);
-        Ok(())
-    }
-
-    /// Errors if kernel 4 met a label outside `[0, V)` (synchronizes).
-    pub(crate) fn check_labels(
-        &self,
-        stream: &Arc<CudaStream>,
-        vocab: usize,
-        config: &LogprobConfig,
-    ) -> Result<()> {
-        check_bad_labels(stream, &self.bad_labels, vocab, config)
-    }
-}
-
-/// Kernel 4 for rows `rows` of the batch, whose logits (those rows only) are `logits`: log-probs,
-/// entropy, LSE and the valid mask into `work` at those rows.
-pub(crate) fn forward_rows<E: LogitElem>(
-    gpu: &Gpu,
-    stream: &Arc<CudaStream>,
-    logits: &Logits<CudaView<'_, E>>,
-    inputs: &DeviceLogitsLossInputs<'_>,
-    rows: std::ops::Range<usize>,
-    config: &LogprobConfig,
-    work: &mut TokenWork,
-) -> Result<()> {
-    use crate::layout::Mask;
-    let labels = inputs.labels.slice(rows.clone());
-    let r0 = rows.start as u64;
-    let (mask_a, _gm, is_u8) = match &inputs.mask {
-        Mask::F32(m) => {
-            let (a, g) = addr(m, stream);
-            (a + 4 * r0, g, false)
-        }
-        Mask::U8(m) => {
-            let (a, g) = addr(m, stream);
-            (a + r0, g, true)
-        }
-    };
-    let (lp, _g0) = super::addr_slice_mut(&mut work.logp, stream);
-    let (h, _g1) = super::addr_slice_mut(&mut work.entropy, stream);
-    let (l, _g2) = super::addr_slice_mut(&mut work.lse, stream);
-    let (v, _g3) = super::addr_slice_mut(&mut work.valid, stream);
-    forward_raw(
-        gpu,
-        stream,
-        logits,
-        &labels,
-        config,
-        lp + 4 * r0,
-        h + 4 * r0,
-        l + 4 * r0,
-        Some((mask_a, is_u8)),
-        v + 4 * r0,
-        Some(&mut work.bad_labels),
-        Shard::default(),
-    )
-}
-
-/// The loss on the log-probabilities in `work` (all T rows): the fused GRPO loss with its KL term
-/// (dL/dlogp into `work.g_logp`) and the entropy term (its aggregation weights into `work.w_ent`).
-/// `valid` replaces `work.valid` as the mask (the fused-linear path passes one chunk's rows) and
-/// `normalizers` replaces `inputs.normalizers`. Without `entropy_stats` the entropy term is reduced
-/// only when it has a gradient (`entropy_coef != 0`) and `entropy_mean` is left 0: the caller
-/// computes both once for the whole batch.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn loss_on_logprobs(
-    gpu: &Gpu,
-    stream: &Arc<CudaStream>,
-    inputs: &DeviceLogitsLossInputs<'_>,
-    config: &crate::config::GrpoConfig,
-    work: &mut TokenWork,
-    valid: Option<&CudaSlice<f32>>,
-    normalizers: Option<&crate::config::Normalizers>,
-    entropy_stats: bool,
-) -> Result<crate::logits::LogitsLossOutput> {
-    use crate::config::AggMode;
-    use crate::layout::{Advantages, GrpoInputs, Mask, ReduceInputs};
-    let t = work.t;
-    let TokenWork {
-        logp,
-        entropy,
-        valid: work_valid,
-        g_logp,
-        w_ent,
-        policy_weight,
-        ..
-    } = work;
-    let valid = valid.map_or_else(|| work_valid.slice(..t), |v| v.slice(..t));
-    let (logp, ent) = (logp.slice(..t), entropy.slice(..t));
-    let advantages = match &inputs.advantages {
-        Advantages::PerSequence(a) => Advantages::PerSequence(a.slice(..)),
-        Advantages::PerToken(a) => Advantages::PerToken(a.slice(..)),
-    };
-    let grpo = super::grpo_loss(
-        gpu,
-        stream,
-        &GrpoInputs {
-            logp,
-            old_logp: inputs.old_logp.slice(..),
-            ref_logp: inputs.ref_logp.as_ref().map(|r| r.slice(..)),
-            rollout_logp: inputs.rollout_logp.as_ref().map(|r| r.slice(..)),
-            policy_weight: policy_weight.as_ref().map(|w| w.slice(..t)),
-            advantages,
-            mask: Mask::F32(valid.slice(..)),
-            cu_seqlens: inputs.cu_seqlens,
-            lambda: inputs.lambda,
-            objectives: inputs.objectives,
-            membership: inputs.membership,
-            normalizers,
-        },
-        config,
-        &mut g_logp.slice_mut(..t),
-    )?;
-    let ent_norms = normalizers.map(crate::logits::entropy_normalizers);
-    let reduce = |cfg: &crate::config::GrpoConfig,
-                  norms: Option<&crate::config::Normalizers>,
-                  out: &mut CudaViewMut<'_, f32>| {
-        super::weighted_reduce(
-            gpu,
-            stream,
-            &ReduceInputs {
-                losses: ent.slice(..),
-                mask: Mask::F32(valid.slice(..)),
-                cu_seqlens: inputs.cu_seqlens,
-                lambda: &[1.0],
-                membership: None,
-                normalizers: norms,
-            },
-            cfg,
-            out,
-        )
-    };
-    let entropy_loss = if entropy_stats || config.entropy_coef != 0.0 {
-        reduce(config, ent_norms.as_ref(), &mut w_ent.slice_mut(..t))?.objective_loss[0]
-    } else {
-        0.0
-    };
-    let entropy_mean = if !entropy_stats {
-        0.0
-    } else if config.agg_mode == AggMode::TokenMean && ent_norms.is_none() {
-        entropy_loss
-    } else {
-        let mean_cfg = crate::config::GrpoConfig {
-            agg_mode: AggMode::TokenMean,
-            ..config.clone()
-        };
-        let mut scratch = stream.alloc_zeros::<f32>(t.max(1))?;
-        reduce(&mean_cfg, None, &mut scratch.slice_mut(..t))?.objective_loss[0]
-    };
-    Ok(crate::logits::LogitsLossOutput {
-        loss: grpo.loss - config.entropy_coef as f64 * entropy_loss,
-        grpo,
-        entropy_loss,
-        entropy_mean,
-    })
-}
-
-/// Kernel 5 in place over the logits of rows `rows` (`logits` holds those rows only), from the
-/// gradients in `work`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_rows<E: LogitElem>(
-    gpu: &Gpu,
-    stream: &Arc<CudaStream>,
-    logits: &mut Logits<CudaViewMut<'_, E>>,
-    labels: &CudaView<'_, i32>,
-    rows: std::ops::Range<usize>,
-    config: &LogprobConfig,
-    entropy_coef: f32,
-    work: &TokenWork,
-) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let (y, l, h, g, w) = (
-        labels.slice(rows.clone()),
-        work.lse.slice(rows.clone()),
-        work.entropy.slice(rows.clone()),
-        work.g_logp.slice(rows.clone()),
-        work.w_ent.slice(rows.clone()),
-    );
-    let grads = LogprobGrads {
-        labels: &y,
-        lse: &l,
-        entropy: &h,
-        g_logp: &g,
-        g_entropy: (entropy_coef != 0.0).then_some(&w),
-    };
-    let (n, vocab, ld) = (logits.rows, logits.vocab, logits.ld);
-    let (z_a, _g) = addr_mut(&mut logits.data, stream);
-    backward_raw::<E>(
-        gpu,
-        stream,
-        z_a,
-        ld,
-        z_a,
-        ld,
-        n,
-        vocab,
-        &grads,
-        config,
-        -entropy_coef,
-        Shard::default(),
-    )
-}
-
-/// The GRPO loss straight from logits on `stream`, with the gradient written **over the logits** in
-/// their dtype (no `[T, V]` temporary): kernel 4 (log-probabilities, entropy, LSE; tokens with
-/// ignored labels leave the mask), the fused GRPO loss with its KL term, the entropy bonus
-/// (`config.entropy_coef`, aggregated like the loss), then kernel 5 in place. Extra device memory:
-/// 6 floats per token.
-pub fn grpo_loss_from_logits<E: LogitElem>(
-    gpu: &Gpu,
-    stream: &Arc<CudaStream>,
-    logits: &mut Logits<CudaViewMut<'_, E>>,
-    inputs: &DeviceLogitsLossInputs<'_>,
-    config: &crate::config::GrpoConfig,
-    logits_config: &LogprobConfig,
-) -> Result<crate::logits::LogitsLossOutput> {
-    config.validate()?;
-    logits_config.validate()?;
-    logits.check("logits", logits.data.len())?;
-    let t = logits.rows;
-    check_rows("labels", inputs.labels.len(), t)?;
-    check_rows("mask", inputs.mask.array_len(), t)?;
-    gpu.check_stream(stream)?;
-    let mut work = TokenWork::new(stream, t)?;
-    {
-        let zv = Logits {
-            data: logits.data.as_view(),
-            rows: t,
-            vocab: logits.vocab,
-            ld: logits.ld,
-        };
-        forward_rows(gpu, stream, &zv, inputs, 0..t, logits_config, &mut work)?;
-    }
-    work.check_labels(stream, logits.vocab, logits_config)?;
-    work.set_entropy_mask(stream, config.top_entropy_quantile)?;
-    let out = loss_on_logprobs(
-        gpu,
-        stream,
-        inputs,
-        config,
-        &mut work,
-        None,
-        inputs.normalizers,
-        true,
-    )?;
-    backward_rows(
-        gpu,
-        stream,
-        logits,
-        &inputs.labels,
-        0..t,
-        logits_config,
-        config.entropy_coef,
-        &work,
-    )?;
-    Ok(out)
-}
-
 /// `valid[t] = mask[t]`, or 0 where `labels[t]` is `ignore_index` (before any logits exist).
 pub(crate) fn valid_mask(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
     inputs: &DeviceLogitsLossInputs<'_>,
     config: &LogprobConfig,
-    valid: &mut CudaSlice<f32>,
+    valid: u64,
 ) -> Result<()> {
     use crate::layout::Mask;
     let t = inputs.labels.len();
@@ -663,12 +359,11 @@ pub(crate) fn valid_mask(
         }
     };
     let (y_a, _gy) = addr(&inputs.labels, stream);
-    let (v_a, _gv) = super::addr_slice_mut(valid, stream);
     let p = LogitsParams {
         labels: y_a,
         mask: mask_a,
         mask_u8: is_u8 as i32,
-        valid: v_a,
+        valid,
         num_rows: t as i64,
         ignore_index: config.ignore_index,
         ..Default::default()

@@ -11,6 +11,7 @@ pub(crate) mod fused_linear;
 mod grpo;
 mod kl;
 mod logits;
+mod logits_loss;
 #[doc(hidden)]
 pub mod params;
 mod reduce;
@@ -20,15 +21,20 @@ mod token_baseline;
 
 pub use advantages::{group_advantages, AdvAddrs, AdvShape, DeviceGroups};
 pub use counters::{count_calls, emulated_counters, DeviceCalls};
-pub use fused_linear::{fused_linear_grpo_loss, FusedLinearConfig, LinearHead};
+pub use fused_linear::{FusedLinearConfig, LinearHead};
 pub use grpo::{
     grpo_loss, grpo_loss_async, grpo_output_len, DeviceGrpoInputs, DeviceLayout, PendingGrpo,
     GRPO_OUTPUT_LOSS,
 };
 pub use kl::{kl, rejection_grid, rejection_params, rollout_rejection};
 pub use logits::{
-    grpo_loss_from_logits, logprob_backward, logprob_backward_inplace, logprob_forward,
-    DeviceLogitsLossInputs, LogprobGrads,
+    logprob_backward, logprob_backward_inplace, logprob_forward, DeviceLogitsLossInputs,
+    LogprobGrads,
+};
+pub use logits_loss::{
+    fused_linear_grpo_loss, fused_linear_grpo_loss_async, fused_linear_workspace_len,
+    grpo_loss_from_logits, grpo_loss_from_logits_async, logits_output_len, logits_workspace_len,
+    PendingLogitsLoss,
 };
 pub use reduce::{weighted_reduce, DeviceReduceInputs};
 pub use rollout_is::{is_finalize_params, is_params, is_plan, rollout_is_weights, IsPlan};
@@ -444,14 +450,21 @@ impl LayoutSrc<'_> {
     }
 }
 
+/// f64 slots of the workspace's f32 reciprocals for `b` sequences: `2 NORM_SLOTS` normalizers, then
+/// `b` per-sequence token weights.
+fn inv_f64s(b: usize) -> usize {
+    NORM_SLOTS + b.div_ceil(2)
+}
+
 /// Length of the output of a token pass with `slots` statistics: `RECAP_OUT_SLOTS + slots` (loss,
 /// flags, normalizers, slots; `kernels/recap_params.h`).
-pub(crate) fn out_len(slots: usize) -> usize {
+pub(crate) const fn out_len(slots: usize) -> usize {
     OUT_SLOTS + slots
 }
 
 /// One call's view of its stream's scratch: the f64 part
-/// `[out (OUT_SLOTS + slots) | seq_tokens (B) | seq_log_ratio (2B) | seq_is_log (B) | partials of
+/// `[out (OUT_SLOTS + slots) | seq_tokens (B) | seq_log_ratio (2B) | seq_is_log (B) | the f32
+/// reciprocals (inv_norms: 2 NORM_SLOTS, seq_inv: B; INV_F64S(B) f64s) | partials of
 /// recap_seq_stats (rows x blocks) | partials of the token pass (slots x blocks)]`, the i32 part
 /// `[cu_seqlens (B + 1) | membership (B) | tile_seq (blocks)]` (the first two only when uploaded
 /// from the host) and the two tickets. The buffers go back to the stream's cache when it drops.
@@ -514,7 +527,8 @@ impl<'g> Workspace<'g> {
             has_membership,
             out,
         };
-        let f64s = out_len(slots) + 4 * b.max(1) + seq_rows * seq_blocks + slots * blocks;
+        let f64s =
+            out_len(slots) + 4 * b.max(1) + inv_f64s(b) + seq_rows * seq_blocks + slots * blocks;
         let i32s = if host_layout { 2 * b + 1 } else { 0 } + blocks;
         ws.bufs.ensure(&gpu.ctx, stream, f64s, i32s)?;
         if let LayoutSrc::Host {
@@ -596,18 +610,31 @@ impl<'g> Workspace<'g> {
             seq_tokens: f(seq),
             seq_log_ratio: f(seq + b1),
             seq_is_log: f(seq + 3 * b1),
-            seq_partials: f(seq + 4 * b1),
-            partials: f(seq + 4 * b1 + self.seq_rows * self.seq_blocks),
+            inv_norms: f(seq + 4 * b1),
+            seq_inv: f(seq + 4 * b1) + (2 * NORM_SLOTS * 4) as u64,
+            seq_partials: f(seq + 4 * b1 + inv_f64s(self.b)),
+            partials: f(seq + 4 * b1 + inv_f64s(self.b) + self.seq_rows * self.seq_blocks),
             tickets,
             validate: !self.host_layout,
         })
     }
 
-    /// Overwrites the per-sequence token weights (`[B]`) on the stream.
+    /// Overwrites the per-sequence token weights (`[B]`) and their reciprocals on the stream.
     pub(crate) fn set_seq_tokens(&mut self, stream: &Arc<CudaStream>, st: &[f64]) -> Result<()> {
         let off = out_len(self.slots);
+        let b1 = self.b.max(1);
         if let (false, Some(s)) = (st.is_empty(), self.bufs.f64s.as_mut()) {
             stream.memcpy_htod(st, &mut s.slice_mut(off..off + st.len()))?;
+            // the f32 reciprocals, packed two per f64 slot after inv_norms (recap_inv_norm's rule)
+            let inv: Vec<f32> = st.iter().map(|&x| crate::output::inv_norm(x)).collect();
+            let mut packed = vec![0f64; inv.len().div_ceil(2)];
+            for (i, pair) in inv.chunks(2).enumerate() {
+                let lo = pair[0].to_bits() as u64;
+                let hi = pair.get(1).map_or(0, |x| x.to_bits() as u64);
+                packed[i] = f64::from_bits(lo | (hi << 32));
+            }
+            let at = off + 4 * b1 + NORM_SLOTS;
+            stream.memcpy_htod(&packed, &mut s.slice_mut(at..at + packed.len()))?;
         }
         Ok(())
     }
@@ -703,6 +730,10 @@ pub(crate) struct WorkspaceAddrs {
     pub seq_tokens: u64,
     pub seq_log_ratio: u64,
     pub seq_is_log: u64,
+    /// `[2 NORM_SLOTS]` f32: the reciprocals of the normalizers in use.
+    pub inv_norms: u64,
+    /// `[B]` f32: the reciprocals of the per-sequence token weights.
+    pub seq_inv: u64,
     pub seq_partials: u64,
     pub out: u64,
     pub norms: u64,
@@ -748,6 +779,7 @@ fn seq_stats(
     tile_tokens: usize,
     k: usize,
     global: Option<&Normalizers>,
+    dev_norms: Option<&DeviceNorms>,
     extras: &SeqExtras,
 ) -> Result<()> {
     let b = ws.b;
@@ -783,6 +815,10 @@ fn seq_stats(
         ticket: a.tickets,
         flags: a.flags,
         lambda_dev: a.lambda,
+        inv_norms: a.inv_norms,
+        seq_inv: a.seq_inv,
+        override_dev: dev_norms.map_or(0, |d| d.norms),
+        override_slot: dev_norms.map_or(-1, |d| d.slot),
         ..Default::default()
     };
     if let Some(g) = global {
@@ -827,9 +863,22 @@ pub(crate) struct SeqExtras {
     pub is_geometric: bool,
 }
 
+/// The whole batch's normalizers already on the device, from an earlier pass of the same call (the
+/// fused-linear path's count over every chunk): its normalizer block (`[4 NORM_SLOTS]` f64, rows
+/// `NORM_TOKENS` / `NORM_SEQS` used), the slot each of this pass's slots takes (`-1`: its own
+/// index), and the per-sequence token weights (`[B]` f64) with their reciprocals (`[B]` f32).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DeviceNorms {
+    pub norms: u64,
+    pub slot: i32,
+    pub seq_tokens: u64,
+    pub seq_inv: u64,
+}
+
 /// Tiling, workspace and `recap_seq_stats` (the call's first launch) for a token pass over `t`
 /// tokens with `slots` statistics, writing its output at `out` (a device address) or into the
-/// workspace.
+/// workspace. With `dev_norms`, the pass weighs its tokens by those normalizers (`normalizers`
+/// must then be `None`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn begin_token_pass<'g, 'm>(
     gpu: &'g Gpu,
@@ -840,6 +889,7 @@ pub(crate) fn begin_token_pass<'g, 'm>(
     slots: usize,
     k: usize,
     normalizers: Option<&Normalizers>,
+    dev_norms: Option<&DeviceNorms>,
     extras: &SeqExtras,
     out: Option<u64>,
 ) -> Result<TokenPass<'g, 'm>> {
@@ -858,7 +908,7 @@ pub(crate) fn begin_token_pass<'g, 'm>(
     let blocks = t.div_ceil(tile).max(1);
     let (_, seq_blocks) = seq_stats_blocks(t, layout.b());
     let mut ws = Workspace::new(gpu, stream, layout, k, slots, blocks, seq_blocks, out)?;
-    let addrs = ws.addrs(stream, layout)?;
+    let mut addrs = ws.addrs(stream, layout)?;
     seq_stats(
         gpu,
         stream,
@@ -870,8 +920,14 @@ pub(crate) fn begin_token_pass<'g, 'm>(
         tile,
         k,
         normalizers,
+        dev_norms,
         extras,
     )?;
+    if let Some(d) = dev_norms {
+        // the token pass weighs by the batch's per-sequence token weights, not this pass's
+        addrs.seq_tokens = d.seq_tokens;
+        addrs.seq_inv = d.seq_inv;
+    }
     if let Some(st) = normalizers.and_then(|n| n.seq_tokens.as_ref()) {
         // the whole batch's per-sequence token weights replace this part's (after the local
         // counts were taken), for the seq-mean-token-mean weights of sequences split across parts
@@ -910,6 +966,7 @@ pub(crate) fn device_normalizers(
         &layout,
         1,
         k,
+        None,
         None,
         &SeqExtras::default(),
         None,

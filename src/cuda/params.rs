@@ -39,7 +39,7 @@ pub struct GrpoParams {
     pub clip_c: f32,
     pub log_ratio_clamp: f32,
     pub beta: f32,
-    pub sum_norm_const: f32,
+    pub inv_norm_const: f32,
     pub lambda: [f32; 16],
     pub loss_type: i32,
     pub kl_is_correction: i32,
@@ -60,6 +60,8 @@ pub struct GrpoParams {
     pub out: u64,
     pub ticket: u64,
     pub lambda_dev: u64,
+    pub inv_norms: u64,
+    pub seq_inv: u64,
 }
 
 /// Mirror of `RecapSeqParams`.
@@ -95,6 +97,11 @@ pub struct SeqParams {
     pub ticket: u64,
     pub flags: u64,
     pub lambda_dev: u64,
+    pub inv_norms: u64,
+    pub seq_inv: u64,
+    pub override_dev: u64,
+    pub override_slot: i32,
+    pub pad0: i32,
 }
 
 /// Mirror of `RecapReduceParams`.
@@ -149,6 +156,26 @@ pub struct RejectParams {
     pub statistic: [i32; 16],
     pub lower: [f64; 16],
     pub upper: [f64; 16],
+}
+
+/// Mirror of `RecapLogitsFinishParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogitsFinishParams {
+    pub out: u64,
+    pub parts: u64,
+    pub norms: u64,
+    pub entropy_agg: u64,
+    pub entropy_mean: u64,
+    pub bad_labels: u64,
+    pub lambda_dev: u64,
+    pub num_objectives: i32,
+    pub num_parts: i32,
+    pub has_ref: i32,
+    pub beta: f32,
+    pub entropy_coef: f32,
+    pub pad0: f32,
+    pub lambda: [f32; 16],
 }
 
 /// Mirror of `RecapFinalizeParams`.
@@ -350,23 +377,26 @@ unsafe impl DeviceRepr for AdvParams {}
 unsafe impl DeviceRepr for OtbParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for TrainParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for LogitsFinishParams {}
 
 /// Size and field offsets, in declaration order, of each mirror, indexed as the C shim's
 /// `recap_host_params_layout` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits, 6 advantages,
 /// 7 train, 8 tensor-parallel combine, 9 rollout rejection, 10 optimal token baseline, 11 rollout IS
-/// weights).
+/// weights, 12 the logits losses' finish).
 pub fn layouts() -> Vec<Vec<usize>> {
     vec![
         layout!(GrpoParams; logp, old_logp, ref_logp, advantages, mask, cu_seqlens, membership, seq_tokens,
             norms, grad, partials, tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, adv_per_token,
             agg_mode, kl_estimator, dual_clip, policy_bits, clip_low, clip_high, clip_c, log_ratio_clamp,
-            beta, sum_norm_const, lambda, loss_type, kl_is_correction, delta, tau_pos, tau_neg, dro_beta,
+            beta, inv_norm_const, lambda, loss_type, kl_is_correction, delta, tau_pos, tau_neg, dro_beta,
             seq_log_ratio, rollout_logp, seq_is_log, is_level, is_mode, is_lower, is_upper, policy_weight,
-            policy_agg_mode, pad1, out, ticket, lambda_dev),
+            policy_agg_mode, pad1, out, ticket, lambda_dev, inv_norms, seq_inv),
         layout!(SeqParams; mask, cu_seqlens, membership, seq_tokens, norms, tile_seq, num_tokens, tile_tokens,
             num_seqs, num_objectives, has_override, num_tiles, override_tokens, override_seqs, logp, old_logp,
             seq_log_ratio, rollout_logp, seq_is_log, is_geometric, warps_per_seq, geo_mean, clip_low, clip_high,
-            validate, partials, ticket, flags, lambda_dev),
+            validate, partials, ticket, flags, lambda_dev, inv_norms, seq_inv, override_dev,
+            override_slot, pad0),
         layout!(ReduceParams; losses, mask, cu_seqlens, membership, seq_tokens, norms, grad, partials,
             tile_seq, num_tokens, num_seqs, num_objectives, items_per_thread, agg_mode, sum_norm_const, pad0, lambda),
         layout!(KlParams; logp, ref_logp, mask, kl, grad, num_tokens, kl_estimator, pad0),
@@ -389,5 +419,7 @@ pub fn layouts() -> Vec<Vec<usize>> {
             num_seqs, num_groups, multi_turn, zero_tail, eps),
         layout!(IsParams; log_ratio, mask, cu_seqlens, weights, partials, stats, num_tokens, num_seqs, level,
             mode, pad0, lower, upper),
+        layout!(LogitsFinishParams; out, parts, norms, entropy_agg, entropy_mean, bad_labels, lambda_dev,
+            num_objectives, num_parts, has_ref, beta, entropy_coef, pad0, lambda),
     ]
 }

@@ -45,6 +45,7 @@ pub fn tp_partials<E: LogitElem>(
     let (p_a, _g) = addr_mut(partials, stream);
     // sharded: no label is bad here (one outside the shard is another's), so nothing is read back
     let mut counter = stream.alloc_zeros::<u32>(1)?;
+    let (c_a, _gc) = super::addr_slice_mut(&mut counter, stream);
     forward_raw(
         gpu,
         stream,
@@ -56,7 +57,7 @@ pub fn tp_partials<E: LogitElem>(
         p_a,
         None,
         0,
-        Some(&mut counter),
+        Some(c_a),
         Shard {
             offset: off,
             sharded: true,

@@ -15,5 +15,6 @@ namespace {
     K(recap_seq_stats_f32, RecapSeqParams)            \
     K(recap_seq_stats_u8, RecapSeqParams)             \
     K(recap_partials_finalize, RecapFinalizeParams)   \
+    K(recap_logits_finish, RecapLogitsFinishParams)   \
     REDUCE_K(K, 1) REDUCE_K(K, 2) REDUCE_K(K, 4) REDUCE_K(K, 8) REDUCE_K(K, 16)
 SIMT_MODULE(reduce, KERNELS)
