@@ -496,12 +496,8 @@ pub fn grpo_loss_async(
         place,
         |m| {
             // on the host the "device" arrays are host arrays too
-            let (cu, mem, lam);
             let mut x = grpo_inputs(m, inputs)?;
-            if let Some(d) = device {
-                cu = m.ro("cu_seqlens", d.cu_seqlens)?;
-                mem = d.membership.map(|a| m.ro("membership", a)).transpose()?;
-                lam = d.lambda.map(|a| m.ro("lambda", a)).transpose()?;
+            if let (Some(cu), mem, lam) = host_layout_arrays(m, device)? {
                 if !x.cu_seqlens.is_empty() || x.membership.is_some() {
                     return Err(Error::invalid_argument(
                         "cu_seqlens",
@@ -521,19 +517,8 @@ pub fn grpo_loss_async(
             let x = grpo_inputs(m, inputs)?;
             let mut g = m.rw("grad", grad)?;
             let mut o = m.rw("out", out)?;
-            let (cu, mem, lam) = match device {
-                Some(d) => (
-                    Some(m.ro("cu_seqlens", d.cu_seqlens)?),
-                    d.membership.map(|a| m.ro("membership", a)).transpose()?,
-                    d.lambda.map(|a| m.ro("lambda", a)).transpose()?,
-                ),
-                None => (None, None, None),
-            };
-            let layout = cu.as_ref().map(|cu| cuda::DeviceLayout {
-                cu_seqlens: cu,
-                membership: mem.as_ref(),
-                lambda: lam.as_ref(),
-            });
+            let (cu, mem, lam) = device_layout_arrays(m, device)?;
+            let layout = device_layout(&cu, &mem, &lam);
             cuda::grpo_loss_async(
                 &m.gpu,
                 &m.stream,
@@ -1133,17 +1118,7 @@ pub fn fused_linear_grpo_loss(
     d_hidden: Out<half::bf16>,
     d_weight: Out<f32>,
 ) -> Result<LogitsLossOutput> {
-    let h = head.hidden_size;
-    if h == 0 || head.weight.len == 0 || head.hidden.len % h != 0 || head.weight.len % h != 0 {
-        return Err(Error::invalid_argument(
-            "weight",
-            format!(
-                "expected hidden [T, H] and weight [V, H] with H = {h} >= 1 and V >= 1, got {} \
-                 and {} elements",
-                head.hidden.len, head.weight.len
-            ),
-        ));
-    }
+    let h = check_head(head)?;
     run(
         place,
         |m| {
@@ -1187,6 +1162,263 @@ pub fn fused_linear_grpo_loss(
             )
         },
     )
+}
+
+/// The device layout of an asynchronous call from raw arrays (views of the place's memory), with
+/// the guards' views kept by the caller.
+fn device_layout<'v, 'a>(
+    cu: &'v Option<cudarc::driver::CudaView<'a, i32>>,
+    mem: &'v Option<cudarc::driver::CudaView<'a, u32>>,
+    lam: &'v Option<cudarc::driver::CudaView<'a, f32>>,
+) -> Option<cuda::DeviceLayout<'v, 'a>> {
+    cu.as_ref().map(|cu| cuda::DeviceLayout {
+        cu_seqlens: cu,
+        membership: mem.as_ref(),
+        lambda: lam.as_ref(),
+    })
+}
+
+/// The inputs of a host call with its "device" arrays (host arrays here) in place.
+fn with_host_layout<'a>(
+    mut x: LogitsLossInputs<'a, &'a [f32], &'a [u8], &'a [i32]>,
+    cu: Option<&'a [i32]>,
+    mem: Option<&'a [u32]>,
+    lam: Option<&'a [f32]>,
+) -> Result<LogitsLossInputs<'a, &'a [f32], &'a [u8], &'a [i32]>> {
+    if let Some(cu) = cu {
+        if !x.cu_seqlens.is_empty() || x.membership.is_some() {
+            return Err(Error::invalid_argument(
+                "cu_seqlens",
+                "given both in the inputs and as device arrays; leave the inputs' empty",
+            ));
+        }
+        x.cu_seqlens = cu;
+        x.membership = mem;
+        if let Some(l) = lam {
+            x.lambda = l;
+        }
+    }
+    Ok(x)
+}
+
+/// The objectives of a call whose `lambda` may be a device array.
+fn objectives_of(
+    inputs: &LogitsLossInputs<'_, In<f32>, In<u8>, In<i32>>,
+    device: Option<&DeviceBatchArrays>,
+) -> usize {
+    match device.and_then(|d| d.lambda) {
+        Some(_) => inputs.objectives.len(),
+        None => inputs.lambda.len(),
+    }
+}
+
+/// The GRPO loss straight from logits without a host synchronization (see
+/// [`cuda::grpo_loss_from_logits_async`]): the gradient over the logits, intermediates in
+/// `workspace` (`cuda::logits_workspace_len(T)` bytes), the results in `out`
+/// (`cuda::logits_output_len(K)` f64), read by [`read_logits_output`]. `device`: the layout in
+/// the place's memory. On the host the reference computes at once, into the same layout.
+#[allow(clippy::too_many_arguments)]
+pub fn grpo_loss_from_logits_async<E: LogitElem>(
+    place: Place,
+    logits: &Logits<Out<E>>,
+    inputs: &LogitsLossInputs<'_, In<f32>, In<u8>, In<i32>>,
+    device: Option<&DeviceBatchArrays>,
+    config: &GrpoConfig,
+    logits_config: &LogprobConfig,
+    workspace: Out<u8>,
+    out: Out<f64>,
+) -> Result<cuda::PendingLogitsLoss> {
+    let pending = cuda::PendingLogitsLoss::new(
+        objectives_of(inputs, device),
+        inputs.ref_logp.is_some(),
+        inputs.rollout_logp.is_some(),
+        config,
+        logits_config,
+        logits.vocab,
+    );
+    run(
+        place,
+        |m| {
+            let mut z = logits_rw(m, logits)?;
+            let copy: Vec<E> = z.data.to_vec();
+            let (cu, mem, lam) = host_layout_arrays(m, device)?;
+            let x = with_host_layout(logits_inputs(m, inputs)?, cu, mem, lam)?;
+            let zin = Logits {
+                data: &copy[..],
+                rows: z.rows,
+                vocab: z.vocab,
+                ld: z.ld,
+            };
+            let o = m.rw("out", out)?;
+            crate::cpu::grpo_loss_from_logits_out(&zin, &x, config, logits_config, &mut z, o)?;
+            Ok(pending.clone())
+        },
+        |m| {
+            let x = logits_inputs(m, inputs)?;
+            let mut z = logits_rw(m, logits)?;
+            let (cu, mem, lam) = device_layout_arrays(m, device)?;
+            let layout = device_layout(&cu, &mem, &lam);
+            cuda::grpo_loss_from_logits_async(
+                &m.gpu,
+                &m.stream,
+                &mut z,
+                &x,
+                layout.as_ref(),
+                config,
+                logits_config,
+                &mut m.rw("workspace", workspace)?,
+                &mut m.rw("out", out)?,
+            )
+        },
+    )
+}
+
+/// The chunked fused-linear GRPO loss without a host synchronization (see
+/// [`cuda::fused_linear_grpo_loss_async`]): `d_hidden` and `d_weight` as
+/// [`fused_linear_grpo_loss`] writes them, intermediates in `workspace`
+/// (`cuda::fused_linear_workspace_len` bytes), the results in `out`
+/// (`cuda::logits_output_len(K)` f64), read by [`read_logits_output`]. On the host the reference
+/// computes at once, into the same layout.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_linear_grpo_loss_async(
+    place: Place,
+    head: &RawHead,
+    inputs: &LogitsLossInputs<'_, In<f32>, In<u8>, In<i32>>,
+    device: Option<&DeviceBatchArrays>,
+    config: &GrpoConfig,
+    logits_config: &LogprobConfig,
+    options: &FusedLinearConfig,
+    workspace: Out<u8>,
+    d_hidden: Out<half::bf16>,
+    d_weight: Out<f32>,
+    out: Out<f64>,
+) -> Result<cuda::PendingLogitsLoss> {
+    let h = check_head(head)?;
+    let pending = cuda::PendingLogitsLoss::new(
+        objectives_of(inputs, device),
+        inputs.ref_logp.is_some(),
+        inputs.rollout_logp.is_some(),
+        config,
+        logits_config,
+        head.weight.len / h,
+    );
+    run(
+        place,
+        |m| {
+            let (cu, mem, lam) = host_layout_arrays(m, device)?;
+            let x = with_host_layout(logits_inputs(m, inputs)?, cu, mem, lam)?;
+            let dh = m.rw("d_hidden", d_hidden)?;
+            let mut dh32 = vec![0f32; dh.len()];
+            crate::cpu::fused_linear_grpo_loss_out(
+                m.ro("hidden", head.hidden)?,
+                m.ro("weight", head.weight)?,
+                h,
+                &x,
+                config,
+                logits_config,
+                options.fp32_logits,
+                &mut dh32,
+                m.rw("d_weight", d_weight)?,
+                m.rw("out", out)?,
+            )?;
+            for (o, v) in dh.iter_mut().zip(&dh32) {
+                *o = half::bf16::from_f32(*v);
+            }
+            Ok(pending.clone())
+        },
+        |m| {
+            let x = logits_inputs(m, inputs)?;
+            let lh = cuda::LinearHead {
+                hidden: m.ro("hidden", head.hidden)?,
+                weight: m.ro("weight", head.weight)?,
+                hidden_size: h,
+                vocab: head.weight.len / h,
+            };
+            let (cu, mem, lam) = device_layout_arrays(m, device)?;
+            let layout = device_layout(&cu, &mem, &lam);
+            cuda::fused_linear_grpo_loss_async(
+                &m.gpu,
+                &m.stream,
+                &lh,
+                &x,
+                layout.as_ref(),
+                config,
+                logits_config,
+                options,
+                &mut m.rw("workspace", workspace)?,
+                &mut m.rw("d_hidden", d_hidden)?,
+                &mut m.rw("d_weight", d_weight)?,
+                &mut m.rw("out", out)?,
+            )
+        },
+    )
+}
+
+/// Reads an asynchronous loss-from-logits or fused-linear call's output `out` back (this
+/// synchronizes the place's stream) and decodes it; reports labels out of range and failed
+/// device-side checks naming their argument.
+pub fn read_logits_output(
+    place: Place,
+    pending: &cuda::PendingLogitsLoss,
+    out: In<f64>,
+) -> Result<LogitsLossOutput> {
+    run(
+        place,
+        |m| pending.decode(m.ro("out", out)?),
+        |m| pending.read(&m.stream, &m.ro("out", out)?),
+    )
+}
+
+/// `H` of a head, checked.
+fn check_head(head: &RawHead) -> Result<usize> {
+    let h = head.hidden_size;
+    if h == 0 || head.weight.len == 0 || head.hidden.len % h != 0 || head.weight.len % h != 0 {
+        return Err(Error::invalid_argument(
+            "weight",
+            format!(
+                "expected hidden [T, H] and weight [V, H] with H = {h} >= 1 and V >= 1, got {} \
+                 and {} elements",
+                head.hidden.len, head.weight.len
+            ),
+        ));
+    }
+    Ok(h)
+}
+
+/// A call's layout arrays read as host arrays (a host place).
+#[allow(clippy::type_complexity)]
+fn host_layout_arrays<'m>(
+    m: &'m HostMemory,
+    device: Option<&DeviceBatchArrays>,
+) -> Result<(Option<&'m [i32]>, Option<&'m [u32]>, Option<&'m [f32]>)> {
+    Ok(match device {
+        Some(d) => (
+            Some(m.ro("cu_seqlens", d.cu_seqlens)?),
+            d.membership.map(|a| m.ro("membership", a)).transpose()?,
+            d.lambda.map(|a| m.ro("lambda", a)).transpose()?,
+        ),
+        None => (None, None, None),
+    })
+}
+
+/// A call's layout arrays as views of the device's memory.
+#[allow(clippy::type_complexity)]
+fn device_layout_arrays<'m>(
+    m: &'m DeviceMemory,
+    device: Option<&DeviceBatchArrays>,
+) -> Result<(
+    Option<cudarc::driver::CudaView<'m, i32>>,
+    Option<cudarc::driver::CudaView<'m, u32>>,
+    Option<cudarc::driver::CudaView<'m, f32>>,
+)> {
+    Ok(match device {
+        Some(d) => (
+            Some(m.ro("cu_seqlens", d.cu_seqlens)?),
+            d.membership.map(|a| m.ro("membership", a)).transpose()?,
+            d.lambda.map(|a| m.ro("lambda", a)).transpose()?,
+        ),
+        None => (None, None, None),
+    })
 }
 
 /// Rollout groups of a raw call.

@@ -534,7 +534,8 @@ int32_t recap_weighted_reduce(int32_t device,
 // writes `d_hidden` `[T, H]` (bf16) and `d_weight` `[V, H]` (f32, overwritten); arrays on the
 // device, or on the host for `device < 0` (the reference, which ignores the chunking).
 // `chunk_tokens` <= 0: sized from `memory_budget` bytes (<= 0: 512 MiB); `fp32_logits` keeps the
-// logits in f32. `result.loss` includes the entropy bonus; `stats` as in `recap_grpo_loss`.
+// logits in f32. `result.loss` includes the entropy bonus; `stats` as in `recap_grpo_loss`. Reads
+// the result back (synchronizes `stream`): `recap_fused_linear_grpo_loss_async` does not.
 //
 // # Safety
 // As `recap_grpo_loss`.
@@ -567,6 +568,84 @@ int32_t recap_fused_linear_grpo_loss(int32_t device,
                                      float *d_weight,
                                      struct RecapGrpoResult *result,
                                      double *stats);
+
+// Length (f64s) of the output buffer of `recap_fused_linear_grpo_loss_async` for `num_objectives`
+// objectives (the total loss at index 0, then the fused loss's output and the entropy terms), or
+// -1 for a count outside 1..=16.
+int64_t recap_logits_output_len(int32_t num_objectives);
+
+// Bytes of device workspace `recap_fused_linear_grpo_loss_async` needs for these sizes and
+// chunking options (as that call takes them), or -1 for a negative size.
+int64_t recap_fused_linear_workspace_len(int64_t num_tokens,
+                                         int64_t num_seqs,
+                                         int32_t num_objectives,
+                                         int64_t vocab,
+                                         int64_t chunk_tokens,
+                                         int64_t memory_budget,
+                                         int32_t fp32_logits);
+
+// The chunked fused-linear GRPO loss without a host synchronization: on a device it enqueues every
+// kernel and GEMM of the call on `stream` (writing `d_hidden` and `d_weight` as
+// `recap_fused_linear_grpo_loss` does, intermediates in `workspace`, `workspace_bytes` >=
+// `recap_fused_linear_workspace_len`, and the results in `out`, `recap_logits_output_len(K)`
+// f64 of device memory; `out[0]` is the total loss) and returns; on the host (`device < 0`) the
+// reference fills the same layout at once. With `layout_on_device != 0`, `cu_seqlens`, `lambda`
+// and `membership` are device pointers checked on the device, nothing is copied from the host and
+// the call can be captured in a CUDA graph (after one eager call of its size). Read the result
+// with `recap_logits_output_read`.
+//
+// # Safety
+// As `recap_fused_linear_grpo_loss`; `workspace` and `out` device memory of the call's device.
+int32_t recap_fused_linear_grpo_loss_async(int32_t device,
+                                           void *stream,
+                                           int64_t num_tokens,
+                                           int64_t hidden_size,
+                                           int64_t vocab,
+                                           const void *hidden,
+                                           const void *weight,
+                                           const int32_t *labels,
+                                           const float *old_logp,
+                                           const float *ref_logp,
+                                           const float *advantages,
+                                           int32_t adv_per_token,
+                                           const uint8_t *mask,
+                                           const int32_t *cu_seqlens,
+                                           int64_t num_seqs,
+                                           const float *lambda,
+                                           const int32_t *objectives,
+                                           const uint32_t *membership,
+                                           int32_t num_objectives,
+                                           const double *normalizers,
+                                           int32_t layout_on_device,
+                                           const struct RecapGrpoConfig *cfg,
+                                           float temperature,
+                                           int64_t chunk_tokens,
+                                           int64_t memory_budget,
+                                           int32_t fp32_logits,
+                                           void *workspace,
+                                           int64_t workspace_bytes,
+                                           void *d_hidden,
+                                           float *d_weight,
+                                           double *out);
+
+// Reads the output `out` of a `recap_fused_linear_grpo_loss_async` call back (this synchronizes
+// `stream`) into `result` and `stats` (nullable), as `recap_fused_linear_grpo_loss` writes them.
+// `num_objectives`, `cfg`, `has_ref_logp` and `vocab` describe the call. Fails, naming the
+// argument, on labels outside [0, V), a check made on the device that failed, and non-finite
+// inputs unless the config allows them.
+//
+// # Safety
+// `out` must hold `recap_logits_output_len(num_objectives)` f64 of `device`'s memory; `result`
+// must be writable; `stats` null or `recap_grpo_stats_len(K)` writable f64.
+int32_t recap_logits_output_read(int32_t device,
+                                 void *stream,
+                                 int32_t num_objectives,
+                                 const struct RecapGrpoConfig *cfg,
+                                 int32_t has_ref_logp,
+                                 int64_t vocab,
+                                 const double *out,
+                                 struct RecapGrpoResult *result,
+                                 double *stats);
 
 // A scheduler for `k` objectives (`orientations` [K]: 0 loss, 1 reward) with the options in
 // `options_json` (the fields of `RecapConfig`, e.g. `{"window": 10, "priority": "alpha_mix",

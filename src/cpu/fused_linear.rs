@@ -22,6 +22,62 @@ pub fn fused_linear_grpo_loss(
     d_hidden: &mut [f32],
     d_weight: &mut [f32],
 ) -> Result<LogitsLossOutput> {
+    fused_linear(
+        hidden,
+        weight,
+        hidden_size,
+        inputs,
+        config,
+        logits_config,
+        fp32_logits,
+        d_hidden,
+        d_weight,
+        None,
+    )
+}
+
+/// The same into the layout of the asynchronous call's output (`cuda::logits_output_len(K)`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fused_linear_grpo_loss_out(
+    hidden: &[bf16],
+    weight: &[bf16],
+    hidden_size: usize,
+    inputs: &HostLogitsLossInputs<'_>,
+    config: &GrpoConfig,
+    logits_config: &LogprobConfig,
+    fp32_logits: bool,
+    d_hidden: &mut [f32],
+    d_weight: &mut [f32],
+    out: &mut [f64],
+) -> Result<()> {
+    fused_linear(
+        hidden,
+        weight,
+        hidden_size,
+        inputs,
+        config,
+        logits_config,
+        fp32_logits,
+        d_hidden,
+        d_weight,
+        Some(out),
+    )
+    .map(|_| ())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fused_linear(
+    hidden: &[bf16],
+    weight: &[bf16],
+    hidden_size: usize,
+    inputs: &HostLogitsLossInputs<'_>,
+    config: &GrpoConfig,
+    logits_config: &LogprobConfig,
+    fp32_logits: bool,
+    d_hidden: &mut [f32],
+    d_weight: &mut [f32],
+    raw: Option<&mut [f64]>,
+) -> Result<LogitsLossOutput> {
     let h = hidden_size;
     if h == 0 || hidden.len() % h != 0 || weight.len() % h != 0 || weight.is_empty() {
         return Err(Error::invalid_argument(
@@ -44,6 +100,7 @@ pub fn fused_linear_grpo_loss(
             logits_config,
             d_hidden,
             d_weight,
+            raw,
         )
     } else {
         run::<bf16>(
@@ -57,6 +114,7 @@ pub fn fused_linear_grpo_loss(
             logits_config,
             d_hidden,
             d_weight,
+            raw,
         )
     }
 }
@@ -73,6 +131,7 @@ fn run<E: LogitElem>(
     logits_config: &LogprobConfig,
     d_hidden: &mut [f32],
     d_weight: &mut [f32],
+    raw: Option<&mut [f64]>,
 ) -> Result<LogitsLossOutput> {
     let xf: Vec<f64> = x.iter().map(|a| a.to_f64()).collect();
     let wf: Vec<f64> = w.iter().map(|a| a.to_f64()).collect();
@@ -84,12 +143,13 @@ fn run<E: LogitElem>(
         }
     }
     let mut dz = vec![E::default(); t * v];
-    let out = super::grpo_loss_from_logits(
+    let out = super::logits::from_logits(
         &Logits::dense(&logits[..], t, v),
         inputs,
         config,
         logits_config,
         &mut Logits::dense(&mut dz[..], t, v),
+        raw,
     )?;
     let dl: Vec<f64> = dz
         .iter()

@@ -181,6 +181,37 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
     logits_config: &LogprobConfig,
     dlogits: &mut Logits<&mut [E]>,
 ) -> Result<crate::logits::LogitsLossOutput> {
+    from_logits(logits, inputs, config, logits_config, dlogits, None)
+}
+
+/// The same into the layout of the asynchronous call's output (`cuda::logits_output_len(K)`
+/// f64s: the fused loss's output, then the entropy terms; non-finite inputs reported when it is
+/// read), so a binding's asynchronous entry point behaves the same on the host.
+pub(crate) fn grpo_loss_from_logits_out<E: LogitElem>(
+    logits: &Logits<&[E]>,
+    inputs: &crate::logits::HostLogitsLossInputs<'_>,
+    config: &crate::config::GrpoConfig,
+    logits_config: &LogprobConfig,
+    dlogits: &mut Logits<&mut [E]>,
+    out: &mut [f64],
+) -> Result<()> {
+    from_logits(logits, inputs, config, logits_config, dlogits, Some(out)).map(|_| ())
+}
+
+/// The loss from logits, decoded, and with `raw` also written into the asynchronous output's
+/// layout (non-finite inputs then left for the read to report).
+pub(super) fn from_logits<E: LogitElem>(
+    logits: &Logits<&[E]>,
+    inputs: &crate::logits::HostLogitsLossInputs<'_>,
+    config: &crate::config::GrpoConfig,
+    logits_config: &LogprobConfig,
+    dlogits: &mut Logits<&mut [E]>,
+    mut raw: Option<&mut [f64]>,
+) -> Result<crate::logits::LogitsLossOutput> {
+    use crate::kernel_layout::{
+        LOGITS_BAD_LABELS, LOGITS_ENTROPY_LOSS, LOGITS_ENTROPY_MEAN, LOGITS_EXTRA,
+        LOGITS_GRPO_LOSS, OUT_LOSS,
+    };
     use crate::layout::{GrpoInputs, Mask, ReduceInputs};
     config.validate()?;
     logits_config.validate()?;
@@ -209,24 +240,51 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
     let mut g_logp = vec![0f32; t];
     let policy_weight = (config.top_entropy_quantile < 1.0)
         .then(|| crate::logits::top_entropy_mask(&ent, &valid, config.top_entropy_quantile));
-    let grpo = super::grpo_loss(
-        &GrpoInputs {
-            logp: &logp,
-            old_logp: inputs.old_logp,
-            ref_logp: inputs.ref_logp,
-            rollout_logp: inputs.rollout_logp,
-            policy_weight: policy_weight.as_deref(),
-            advantages: inputs.advantages,
-            mask: Mask::F32(&valid),
-            cu_seqlens: inputs.cu_seqlens,
-            lambda: inputs.lambda,
-            objectives: inputs.objectives,
-            membership: inputs.membership,
-            normalizers: inputs.normalizers,
-        },
-        config,
-        &mut g_logp,
-    )?;
+    let x: crate::layout::HostGrpoInputs<'_> = GrpoInputs {
+        logp: &logp,
+        old_logp: inputs.old_logp,
+        ref_logp: inputs.ref_logp,
+        rollout_logp: inputs.rollout_logp,
+        policy_weight: policy_weight.as_deref(),
+        advantages: inputs.advantages,
+        mask: Mask::F32(&valid),
+        cu_seqlens: inputs.cu_seqlens,
+        lambda: inputs.lambda,
+        objectives: inputs.objectives,
+        membership: inputs.membership,
+        normalizers: inputs.normalizers,
+    };
+    let grpo = match raw.as_deref_mut() {
+        Some(out) => {
+            use crate::kernel_layout::{OUT_NORMS, OUT_SLOTS};
+            let main = OUT_SLOTS + crate::output::grpo_slots(inputs.lambda.len());
+            check_len(
+                "out",
+                out.len(),
+                main + LOGITS_EXTRA,
+                "logits_output_len(K)",
+            )?;
+            super::grpo_loss_out(&x, config, &mut g_logp, &mut out[..main])?;
+            let sums = crate::output::GrpoSums {
+                norms: out[OUT_NORMS..OUT_SLOTS].to_vec(),
+                slots: out[OUT_SLOTS..main].to_vec(),
+            };
+            let lenient = crate::config::GrpoConfig {
+                allow_nonfinite: true,
+                ..config.clone()
+            };
+            let mut o = crate::output::finish_grpo(
+                &sums,
+                inputs.lambda,
+                &lenient,
+                inputs.ref_logp.is_some(),
+                inputs.rollout_logp.is_some(),
+            )?;
+            o.loss = out[OUT_LOSS];
+            o
+        }
+        None => super::grpo_loss(&x, config, &mut g_logp)?,
+    };
     let ent_norms = inputs.normalizers.map(crate::logits::entropy_normalizers);
     let mut w = vec![0f32; t];
     let ent_out = super::weighted_reduce(
@@ -262,8 +320,18 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
         Some(&g_ent),
         dlogits,
     )?;
+    let loss = grpo.loss - config.entropy_coef as f64 * entropy_loss;
+    if let Some(out) = raw {
+        let main = out.len() - LOGITS_EXTRA;
+        let extra = &mut out[main..];
+        extra[LOGITS_GRPO_LOSS] = grpo.loss;
+        extra[LOGITS_ENTROPY_LOSS] = entropy_loss;
+        extra[LOGITS_ENTROPY_MEAN] = entropy_mean;
+        extra[LOGITS_BAD_LABELS] = 0.0; // the host refused them above
+        out[OUT_LOSS] = loss;
+    }
     Ok(crate::logits::LogitsLossOutput {
-        loss: grpo.loss - config.entropy_coef as f64 * entropy_loss,
+        loss,
         grpo,
         entropy_loss,
         entropy_mean,

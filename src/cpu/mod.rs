@@ -13,9 +13,11 @@ mod rollout_is;
 mod tensor_parallel;
 
 pub use fused_linear::fused_linear_grpo_loss;
+pub(crate) use fused_linear::fused_linear_grpo_loss_out;
 pub use grpo::grpo_loss;
 pub(crate) use grpo::grpo_loss_out;
 pub use kl::kl;
+pub(crate) use logits::grpo_loss_from_logits_out;
 pub use logits::{grpo_loss_from_logits, logprob_backward, logprob_forward};
 pub use math::{
     agg_weight, geo_mean_ratio, gspo_ratio, kl_is_corrected, kl_token, policy_token, ratio,

@@ -278,6 +278,12 @@ impl Call {
         Ok(t.out())
     }
 
+    fn out_u8(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Out<u8>> {
+        let t = self.tensor(name, obj)?;
+        t.want(&[DType::U8])?;
+        Ok(t.out())
+    }
+
     fn out_f64(&self, name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Out<f64>> {
         let t = self.tensor(name, obj)?;
         t.want(&[DType::F64])?;
@@ -574,31 +580,7 @@ fn grpo_loss_async(
 ) -> PyResult<()> {
     let first = Tensor::of("logp", logp)?;
     let call = Call::new(py, &first)?;
-    let on_device = call.device != Device::Cpu
-        && Tensor::of("cu_seqlens", &batch.cu_seqlens)?.device != Device::Cpu;
-    let (b, dev) = if on_device {
-        let cu = call.i32("cu_seqlens", &batch.cu_seqlens)?;
-        let lam = call.f32("lambda_", &batch.lambda_)?;
-        let mem = batch
-            .membership
-            .as_ref()
-            .map(|m| call.bits("membership", m))
-            .transpose()?;
-        (
-            batch,
-            Some(raw::DeviceBatchArrays {
-                cu_seqlens: cu,
-                membership: mem,
-                lambda: Some(lam),
-            }),
-        )
-    } else {
-        (batch, None)
-    };
-    let l = match dev {
-        None => b.load(&call)?,
-        Some(_) => b.load_device_layout(&call)?,
-    };
+    let (l, dev) = batch.load_async(&call)?;
     let inputs = GrpoInputs {
         logp: call.f32("logp", logp)?,
         old_logp: call.f32("old_logp", old_logp)?,
@@ -1160,6 +1142,27 @@ impl Batch<'_> {
 }
 
 impl Batch<'_> {
+    /// The batch of an asynchronous call: with `cu_seqlens` a tensor on the call's CUDA device,
+    /// `cu_seqlens`, `lambda_` and `membership` are device arrays (checked there), else as
+    /// [`Batch::load`].
+    fn load_async(&self, call: &Call) -> PyResult<(Loaded, Option<raw::DeviceBatchArrays>)> {
+        let on_device = call.device != Device::Cpu
+            && Tensor::of("cu_seqlens", &self.cu_seqlens)?.device != Device::Cpu;
+        if !on_device {
+            return Ok((self.load(call)?, None));
+        }
+        let dev = raw::DeviceBatchArrays {
+            cu_seqlens: call.i32("cu_seqlens", &self.cu_seqlens)?,
+            membership: self
+                .membership
+                .as_ref()
+                .map(|m| call.bits("membership", m))
+                .transpose()?,
+            lambda: Some(call.f32("lambda_", &self.lambda_)?),
+        };
+        Ok((self.load_device_layout(call)?, Some(dev)))
+    }
+
     /// As [`Batch::load`], with `cu_seqlens`, `lambda_` and `membership` on the device (not read
     /// here): the layout's host arrays stay empty, the objectives and normalizers are read.
     fn load_device_layout(&self, call: &Call) -> PyResult<Loaded> {
@@ -1273,6 +1276,224 @@ fn fused_linear_grpo_loss(
 ) -> PyResult<()> {
     let first = Tensor::of("hidden", hidden)?;
     let call = Call::new(py, &first)?;
+    let (head, dho) = linear_head(&call, hidden, weight, d_hidden)?;
+    let b = batch.load(&call)?;
+    let inputs = b.logits_inputs(call.i32("labels", labels)?, call.f32("old_logp", old_logp)?);
+    let lc = LogprobConfig {
+        temperature,
+        ..LogprobConfig::default()
+    };
+    let opts = FusedLinearConfig {
+        chunk_tokens,
+        memory_budget,
+        fp32_logits,
+    };
+    let (dw, l, s) = (
+        call.out_f32("d_weight", d_weight)?,
+        call.out_f32("loss", loss)?,
+        call.out_f64("stats", stats)?,
+    );
+    let out = py
+        .detach(|| {
+            raw::fused_linear_grpo_loss(call.place, &head, &inputs, &b.cfg, &lc, &opts, dho, dw)
+        })
+        .map_err(err)?;
+    call.write("loss", l, &[out.loss as f32])?;
+    call.write("stats", s, &out.stats())
+}
+
+/// Length (float64 values) of the asynchronous losses' from logits output for `k` objectives.
+#[pyfunction]
+fn logits_output_len(k: usize) -> usize {
+    recap_kernels::cuda::logits_output_len(k)
+}
+
+/// Bytes of workspace the asynchronous loss from logits needs for `t` rows.
+#[pyfunction]
+fn logits_workspace_len(t: usize) -> usize {
+    recap_kernels::cuda::logits_workspace_len(t)
+}
+
+/// Bytes of workspace the asynchronous fused-linear loss needs.
+#[pyfunction]
+#[pyo3(signature = (t, b, k, v, chunk_tokens, memory_budget, fp32_logits))]
+fn fused_linear_workspace_len(
+    t: usize,
+    b: usize,
+    k: usize,
+    v: usize,
+    chunk_tokens: Option<usize>,
+    memory_budget: usize,
+    fp32_logits: bool,
+) -> usize {
+    let opts = FusedLinearConfig {
+        chunk_tokens,
+        memory_budget,
+        fp32_logits,
+    };
+    recap_kernels::cuda::fused_linear_workspace_len(t, b, k, v, &opts)
+}
+
+/// The GRPO loss from logits without a host synchronization: the gradient over `logits` in place,
+/// intermediates in `workspace` (uint8, logits_workspace_len(T) bytes), the device-resident output
+/// in `out` (float64, logits_output_len(K); the total loss at index 0). `cu_seqlens`, `lambda_` and
+/// `membership` are CPU tensors or all three on the call's CUDA device (checked there, reported by
+/// `logits_output_read`). On CPU tensors the reference fills the same layout.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, labels, old_logp, batch, temperature, ignore_index, workspace, out))]
+fn grpo_loss_from_logits_async_(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    labels: &Bound<'_, PyAny>,
+    old_logp: &Bound<'_, PyAny>,
+    batch: Batch<'_>,
+    temperature: f32,
+    ignore_index: i32,
+    workspace: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("logits", logits)?;
+    let call = Call::new(py, &first)?;
+    let (t, rows, vocab, ld) = logits_layout(&call, "logits", logits)?;
+    let (b, dev) = batch.load_async(&call)?;
+    let inputs = b.logits_inputs(call.i32("labels", labels)?, call.f32("old_logp", old_logp)?);
+    let lc = LogprobConfig {
+        temperature,
+        ignore_index,
+    };
+    let (ws, o) = (
+        call.out_u8("workspace", workspace)?,
+        call.out_f64("out", out)?,
+    );
+    macro_rules! go {
+        ($e:ty) => {{
+            let z = logits_out::<$e>(&t, rows, vocab, ld);
+            py.detach(|| {
+                raw::grpo_loss_from_logits_async::<$e>(
+                    call.place,
+                    &z,
+                    &inputs,
+                    dev.as_ref(),
+                    &b.cfg,
+                    &lc,
+                    ws,
+                    o,
+                )
+            })
+        }};
+    }
+    by_dtype!(t, go).map_err(err)?;
+    Ok(())
+}
+
+/// The chunked fused-linear GRPO loss without a host synchronization: `d_hidden`, `d_weight` as
+/// `fused_linear_grpo_loss` writes them, intermediates in `workspace` (uint8,
+/// fused_linear_workspace_len bytes), the output in `out` (float64, logits_output_len(K)).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (hidden, weight, labels, old_logp, batch, temperature, chunk_tokens,
+                    memory_budget, fp32_logits, workspace, d_hidden, d_weight, out))]
+fn fused_linear_grpo_loss_async(
+    py: Python<'_>,
+    hidden: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    labels: &Bound<'_, PyAny>,
+    old_logp: &Bound<'_, PyAny>,
+    batch: Batch<'_>,
+    temperature: f32,
+    chunk_tokens: Option<usize>,
+    memory_budget: usize,
+    fp32_logits: bool,
+    workspace: &Bound<'_, PyAny>,
+    d_hidden: &Bound<'_, PyAny>,
+    d_weight: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("hidden", hidden)?;
+    let call = Call::new(py, &first)?;
+    let (head, dh) = linear_head(&call, hidden, weight, d_hidden)?;
+    let (b, dev) = batch.load_async(&call)?;
+    let inputs = b.logits_inputs(call.i32("labels", labels)?, call.f32("old_logp", old_logp)?);
+    let lc = LogprobConfig {
+        temperature,
+        ..LogprobConfig::default()
+    };
+    let opts = FusedLinearConfig {
+        chunk_tokens,
+        memory_budget,
+        fp32_logits,
+    };
+    let (ws, dw, o) = (
+        call.out_u8("workspace", workspace)?,
+        call.out_f32("d_weight", d_weight)?,
+        call.out_f64("out", out)?,
+    );
+    py.detach(|| {
+        raw::fused_linear_grpo_loss_async(
+            call.place,
+            &head,
+            &inputs,
+            dev.as_ref(),
+            &b.cfg,
+            &lc,
+            &opts,
+            ws,
+            dh,
+            dw,
+            o,
+        )
+    })
+    .map_err(err)?;
+    Ok(())
+}
+
+/// Reads an asynchronous loss-from-logits or fused-linear output back (synchronizing its stream on
+/// a device): `(loss, stats)` with stats as `logits_stat_layout(k)`. Raises the error of labels out
+/// of range or of a failed device-side check.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (out, k, config, has_ref, has_rollout, ignore_index, vocab))]
+fn logits_output_read(
+    py: Python<'_>,
+    out: &Bound<'_, PyAny>,
+    k: usize,
+    config: &str,
+    has_ref: bool,
+    has_rollout: bool,
+    ignore_index: i32,
+    vocab: usize,
+) -> PyResult<(f64, Vec<f64>)> {
+    let t = Tensor::of("out", out)?;
+    let call = Call::new(py, &t)?;
+    t.want(&[DType::F64])?;
+    let cfg = self::config(config)?;
+    if !(1..=recap_kernels::MAX_OBJECTIVES).contains(&k) {
+        return Err(arg_err(
+            "k",
+            format!("expected 1 <= K <= {}", recap_kernels::MAX_OBJECTIVES),
+        ));
+    }
+    let lc = LogprobConfig {
+        ignore_index,
+        ..LogprobConfig::default()
+    };
+    let pending =
+        recap_kernels::cuda::PendingLogitsLoss::new(k, has_ref, has_rollout, &cfg, &lc, vocab);
+    let o = py
+        .detach(|| raw::read_logits_output(call.place, &pending, t.arr()))
+        .map_err(err)?;
+    Ok((o.loss, o.stats()))
+}
+
+/// The head of a fused-linear call: `hidden` [T, H] and `weight` [V, H] (bf16), and `d_hidden`
+/// [T, H] (bf16) to write.
+fn linear_head(
+    call: &Call,
+    hidden: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    d_hidden: &Bound<'_, PyAny>,
+) -> PyResult<(raw::RawHead, Out<half::bf16>)> {
     let (x, w) = (
         call.tensor("hidden", hidden)?,
         call.tensor("weight", weight)?,
@@ -1291,35 +1512,14 @@ fn fused_linear_grpo_loss(
     }
     let dh = call.tensor("d_hidden", d_hidden)?;
     dh.want(&[DType::BF16])?;
-    let b = batch.load(&call)?;
-    let inputs = b.logits_inputs(call.i32("labels", labels)?, call.f32("old_logp", old_logp)?);
-    let head = raw::RawHead {
-        hidden: x.arr(),
-        weight: w.arr(),
-        hidden_size: x.shape[1],
-    };
-    let lc = LogprobConfig {
-        temperature,
-        ..LogprobConfig::default()
-    };
-    let opts = FusedLinearConfig {
-        chunk_tokens,
-        memory_budget,
-        fp32_logits,
-    };
-    let (dw, l, s) = (
-        call.out_f32("d_weight", d_weight)?,
-        call.out_f32("loss", loss)?,
-        call.out_f64("stats", stats)?,
-    );
-    let dho = dh.out();
-    let out = py
-        .detach(|| {
-            raw::fused_linear_grpo_loss(call.place, &head, &inputs, &b.cfg, &lc, &opts, dho, dw)
-        })
-        .map_err(err)?;
-    call.write("loss", l, &[out.loss as f32])?;
-    call.write("stats", s, &out.stats())
+    Ok((
+        raw::RawHead {
+            hidden: x.arr(),
+            weight: w.arr(),
+            hidden_size: x.shape[1],
+        },
+        dh.out(),
+    ))
 }
 
 /// Group advantages of `rewards` [B, K] into `out` [B, K]: groups of `group_size` consecutive
@@ -1500,6 +1700,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(grpo_loss_async, m)?)?;
     m.add_function(wrap_pyfunction!(grpo_output_read, m)?)?;
     m.add_function(wrap_pyfunction!(grpo_output_len, m)?)?;
+    m.add_function(wrap_pyfunction!(logits_output_len, m)?)?;
+    m.add_function(wrap_pyfunction!(logits_workspace_len, m)?)?;
+    m.add_function(wrap_pyfunction!(fused_linear_workspace_len, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_loss_from_logits_async_, m)?)?;
+    m.add_function(wrap_pyfunction!(fused_linear_grpo_loss_async, m)?)?;
+    m.add_function(wrap_pyfunction!(logits_output_read, m)?)?;
     m.add_function(wrap_pyfunction!(kl, m)?)?;
     m.add_function(wrap_pyfunction!(rollout_rejection, m)?)?;
     m.add_function(wrap_pyfunction!(rollout_is_weights, m)?)?;

@@ -222,3 +222,80 @@ def test_recap_weights():
     for i in range(4):
         w3.observe([i, 1.0])
     assert w3.weights() != [1.0, 1.0]
+
+
+@pytest.mark.parametrize("layout_on_device", [False, True])
+def test_async_losses_from_logits_match_the_synchronous_ones(device, gen, layout_on_device):
+    """grpo_loss_from_logits_async and fused_linear_grpo_loss_async: the synchronous calls' loss,
+    gradients and metrics, the metrics read back only when asked for; the layout (cu_seqlens,
+    lambda_, membership) as CPU tensors or, on a GPU, as tensors on the device."""
+    if layout_on_device and device.type == "cpu":
+        pytest.skip("the layout on the device needs a GPU")
+    t, h, v = 64, 16, 97
+    logits = torch.randn(t, v, generator=gen).to(device)
+    labels = torch.randint(0, v, (t,), generator=gen).to(device)
+    labels[5] = -100
+    old = (-torch.rand(t, generator=gen) * 2 - 3).to(device)
+    ref = old - 0.05
+    adv = torch.randn(3, 2, generator=gen).to(device)
+    mask = torch.ones(t, device=device)
+    mask[50:] = 0
+    cu = torch.tensor([0, 20, 45, t], dtype=torch.int32)
+    opts = dict(ref_logp=ref, kl_coef=0.05, entropy_coef=0.01, lambda_=[0.7, 1.3], membership=[3, 1, 2],
+                objective_names=["a", "b"])
+    z0 = logits.clone().requires_grad_()
+    want, wm = rk.grpo_loss_from_logits(z0, labels, old, adv, mask, cu, **opts)
+    want.backward()
+    layout = dict(opts)
+    c = cu
+    if layout_on_device:
+        c = cu.to(device)
+        layout["lambda_"] = torch.tensor(opts["lambda_"], device=device)
+        layout["membership"] = torch.tensor(opts["membership"], dtype=torch.int32, device=device)
+    z = logits.clone().requires_grad_()
+    loss, pending = rk.grpo_loss_from_logits_async(z, labels, old, adv, mask, c, **layout)
+    assert isinstance(pending, rk.GrpoPending) and loss.device == logits.device
+    assert loss.item() == want.item()
+    loss.backward()
+    assert torch.equal(z.grad, z0.grad)
+    m = pending.metrics()
+    assert m.keys() == wm.keys()
+    for key in wm:
+        assert torch.equal(m[key].double().cpu(), wm[key].double().cpu()), key
+
+    hidden = (torch.randn(t, h, generator=gen) * 0.3).to(torch.bfloat16).to(device)
+    weight = (torch.randn(v, h, generator=gen) * 0.3).to(torch.bfloat16).to(device)
+    lin = dict(opts, chunk_tokens=24)
+    lin.pop("entropy_coef")
+    x0, w0 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want, wm = rk.fused_linear_grpo_loss(x0, w0, labels, old, adv, mask.to(torch.uint8), cu, **lin)
+    want.backward()
+    lin_layout = dict(layout, chunk_tokens=24)
+    lin_layout.pop("entropy_coef")
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, pending = rk.fused_linear_grpo_loss_async(x, w, labels, old, adv, mask.to(torch.uint8), c, **lin_layout)
+    assert loss.item() == want.item()
+    loss.backward()
+    assert torch.equal(x.grad, x0.grad) and torch.equal(w.grad, w0.grad)
+    m = pending.metrics()
+    for key in wm:
+        assert torch.equal(m[key].double().cpu(), wm[key].double().cpu()), key
+
+
+def test_async_loss_from_logits_reports_bad_labels(device, gen):
+    """A label outside [0, V): the host reference refuses it at the call, a device when the output
+    is read; either way the error names the labels."""
+    t, v = 12, 9
+    logits = torch.randn(t, v, generator=gen).to(device)
+    labels = torch.randint(0, v, (t,), generator=gen).to(device)
+    labels[3] = v + 2
+    old = torch.full((t,), -2.0, device=device)
+    with pytest.raises(rk.RecapError, match="labels"):
+        loss, pending = rk.grpo_loss_from_logits_async(logits, labels, old, torch.zeros(2, device=device),
+                                                       torch.ones(t, device=device), [0, 5, t])
+        pending.metrics()
+    if device.type == "cuda":
+        # the top-entropy-quantile mask sorts on the host: refused asynchronously on a device
+        with pytest.raises(rk.RecapError, match="top_entropy_quantile"):
+            rk.grpo_loss_from_logits_async(logits, labels.clamp(0, v - 1), old, torch.zeros(2, device=device),
+                                           torch.ones(t, device=device), [0, 5, t], top_entropy_quantile=0.5)

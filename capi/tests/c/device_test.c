@@ -165,6 +165,67 @@ int main(void) {
     for (int t = 0; t < T; ++t)
         CHECK(close_to(lp_d[t], lp_h[t], 1e-5) && close_to(ent_d[t], ent_h[t], 1e-5) && close_to(lse_d[t], lse_h[t], 1e-5));
 
+    /* the fused-linear loss, synchronous and asynchronous (layout on the host, then on the device):
+     * the same bits; on the host the asynchronous entry point fills the same layout */
+    {
+#define H 8
+        static uint16_t hid[T * H], wt[V * H], dh_a[T * H], dh_s[T * H];
+        static float dw_a[V * H], dw_s[V * H];
+        for (int i = 0; i < T * H; ++i) {
+            float f = (float)((i * 29) % 65) / 64.0f - 0.5f;
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            hid[i] = (uint16_t)(u >> 16); /* bf16: the upper half of an f32 */
+        }
+        for (int i = 0; i < V * H; ++i) {
+            float f = (float)((i * 13) % 31) / 32.0f - 0.4f;
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            wt[i] = (uint16_t)(u >> 16);
+        }
+        const int64_t chunk = 128, n_out = recap_logits_output_len(1);
+        const int64_t ws_bytes = recap_fused_linear_workspace_len(T, B, 1, V, chunk, 0, 0);
+        CHECK(n_out > 0 && n_out <= 128 && ws_bytes > 0 && recap_logits_output_len(17) == -1);
+        dptr d_h = up(hid, sizeof hid), d_w = up(wt, sizeof wt), d_dh = up(dh_s, sizeof dh_s), d_dw = up(dw_s, sizeof dw_s);
+        dptr d_ws = 0, d_out2 = 0, d_cu2 = up(cu, sizeof cu), d_lam2 = up(lambda, sizeof lambda);
+        CHECK(cu_alloc(&d_ws, (size_t)ws_bytes) == 0 && cu_alloc(&d_out2, (size_t)n_out * sizeof(double)) == 0);
+        CHECK(d_h && d_w && d_dh && d_dw && d_cu2 && d_lam2);
+        RecapGrpoResult rs, ra;
+        double ss[64], sa[64];
+        CHECK(recap_fused_linear_grpo_loss(0, NULL, T, H, V, (const void*)d_h, (const void*)d_w, (const int32_t*)d_y,
+                                           (const float*)d_old, (const float*)d_ref, (const float*)d_adv, 0,
+                                           (const uint8_t*)d_mask, cu, B, lambda, kinds, NULL, 1, NULL, &cfg, 1.0f,
+                                           chunk, 0, 0, (void*)d_dh, (float*)d_dw, &rs, ss) == RECAP_OK);
+        CHECK(cu_dtoh(dh_s, d_dh, sizeof dh_s) == 0 && cu_dtoh(dw_s, d_dw, sizeof dw_s) == 0);
+        for (int on_device = 0; on_device < 2; ++on_device) {
+            CHECK(recap_fused_linear_grpo_loss_async(
+                      0, NULL, T, H, V, (const void*)d_h, (const void*)d_w, (const int32_t*)d_y, (const float*)d_old,
+                      (const float*)d_ref, (const float*)d_adv, 0, (const uint8_t*)d_mask,
+                      on_device ? (const int32_t*)d_cu2 : cu, B, on_device ? (const float*)d_lam2 : lambda, kinds,
+                      NULL, 1, NULL, on_device, &cfg, 1.0f, chunk, 0, 0, (void*)d_ws, ws_bytes, (void*)d_dh,
+                      (float*)d_dw, (double*)d_out2) == RECAP_OK);
+            CHECK(recap_logits_output_read(0, NULL, 1, &cfg, 1, V, (const double*)d_out2, &ra, sa) == RECAP_OK);
+            CHECK(ra.loss == rs.loss && ra.num_tokens == rs.num_tokens && ra.kl_loss == rs.kl_loss);
+            for (int64_t i = 0; i < recap_grpo_stats_len(1); ++i) CHECK(sa[i] == ss[i]);
+            CHECK(cu_dtoh(dh_a, d_dh, sizeof dh_a) == 0 && cu_dtoh(dw_a, d_dw, sizeof dw_a) == 0);
+            CHECK(memcmp(dh_a, dh_s, sizeof dh_a) == 0 && memcmp(dw_a, dw_s, sizeof dw_a) == 0);
+        }
+        /* the host: the reference, synchronous and into the asynchronous layout */
+        static double out_host[128];
+        RecapGrpoResult rh2, rh3;
+        CHECK(recap_fused_linear_grpo_loss(-1, NULL, T, H, V, hid, wt, labels, old, ref, adv, 0, mask, cu, B, lambda,
+                                           kinds, NULL, 1, NULL, &cfg, 1.0f, chunk, 0, 0, dh_a, dw_a, &rh2, NULL) ==
+              RECAP_OK);
+        CHECK(recap_fused_linear_grpo_loss_async(-1, NULL, T, H, V, hid, wt, labels, old, ref, adv, 0, mask, cu, B,
+                                                 lambda, kinds, NULL, 1, NULL, 0, &cfg, 1.0f, chunk, 0, 0, NULL, 0,
+                                                 dh_a, dw_a, out_host) == RECAP_OK);
+        CHECK(recap_logits_output_read(-1, NULL, 1, &cfg, 1, V, out_host, &rh3, NULL) == RECAP_OK);
+        CHECK(rh3.loss == rh2.loss && out_host[0] == rh2.loss && close_to(rh3.loss, rs.loss, 1e-3));
+        dptr more[] = {d_h, d_w, d_dh, d_dw, d_ws, d_out2, d_cu2, d_lam2};
+        for (size_t i = 0; i < sizeof more / sizeof more[0]; ++i) CHECK(cu_free(more[i]) == 0);
+#undef H
+    }
+
     /* a device error names its argument: a host array where the device path needs device memory is
      * not checked by the ABI (it cannot tell), but a bad size is, before any launch */
     CHECK(recap_kl(0, NULL, -1, (const float*)d_logp, (const float*)d_ref, NULL, 1, 3, (float*)d_kl, (float*)d_kg) ==

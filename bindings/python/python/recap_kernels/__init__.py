@@ -17,9 +17,9 @@ import torch
 
 from . import _native, ops
 from ._native import CUDA_ARCHS, KERNELS_COMPILED, RecapError
-from .functional import (GrpoPending, count_normalizers, fused_linear_grpo_loss, group_advantages, grpo_config,
-                         grpo_loss, grpo_loss_async,
-                         grpo_loss_from_logits, kl_penalty, logprobs_from_logits, optimal_token_baseline,
+from .functional import (GrpoPending, count_normalizers, fused_linear_grpo_loss, fused_linear_grpo_loss_async,
+                         group_advantages, grpo_config, grpo_loss, grpo_loss_async, grpo_loss_from_logits,
+                         grpo_loss_from_logits_async, kl_penalty, logprobs_from_logits, optimal_token_baseline,
                          rollout_is_normalize, rollout_is_weights, rollout_rejection, weighted_reduce)
 from .weights import RecapWeights
 from . import distributed, tensor_parallel, trl, verl  # noqa: E402  (the drop-ins; they import verl / TRL only when asked)
@@ -27,7 +27,7 @@ from . import distributed, tensor_parallel, trl, verl  # noqa: E402  (the drop-i
 __version__ = _native.__version__
 
 __all__ = ["__version__", "KERNELS_COMPILED", "CUDA_ARCHS", "RecapError", "RecapWeights", "grpo_config", "grpo_loss",
-           "grpo_loss_async", "GrpoPending",
+           "grpo_loss_async", "GrpoPending", "grpo_loss_from_logits_async", "fused_linear_grpo_loss_async",
            "kl_penalty", "rollout_rejection", "rollout_is_weights", "rollout_is_normalize", "weighted_reduce", "count_normalizers", "logprobs_from_logits", "grpo_loss_from_logits",
            "fused_linear_grpo_loss", "group_advantages", "optimal_token_baseline", "ops", "distributed", "tensor_parallel", "trl", "verl"]
 

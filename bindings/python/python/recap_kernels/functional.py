@@ -19,7 +19,8 @@ from torch import Tensor
 from . import _native, ops
 from ._native import RecapError
 
-__all__ = ["grpo_config", "grpo_loss", "grpo_loss_async", "GrpoPending", "kl_penalty", "rollout_rejection", "rollout_is_weights", "rollout_is_normalize", "weighted_reduce", "count_normalizers",
+__all__ = ["grpo_config", "grpo_loss", "grpo_loss_async", "GrpoPending", "grpo_loss_from_logits_async",
+           "fused_linear_grpo_loss_async", "kl_penalty", "rollout_rejection", "rollout_is_weights", "rollout_is_normalize", "weighted_reduce", "count_normalizers",
            "logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "optimal_token_baseline", "RecapError"]
 
 _OBJECTIVES = {"policy": 0, "nll": 1, 0: 0, 1: 1}
@@ -193,20 +194,27 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
 
 
 class GrpoPending:
-    """An asynchronous fused-loss call (``grpo_loss_async``): its device-resident output ``out``
-    (float64; ``out[0]`` the loss) and what decoding it takes. ``metrics()`` reads it back, which
-    synchronizes the stream: call it when the metrics are logged, not every micro-batch."""
+    """An asynchronous loss call (``grpo_loss_async``, ``grpo_loss_from_logits_async``,
+    ``fused_linear_grpo_loss_async``): its device-resident output ``out`` (float64; ``out[0]`` the
+    loss) and what decoding it takes. ``metrics()`` reads it back, which synchronizes the stream:
+    call it when the metrics are logged, not every micro-batch."""
 
     def __init__(self, out: Tensor, k: int, config: str, has_ref: bool, has_rollout: bool,
-                 names: Optional[Sequence[str]]):
+                 names: Optional[Sequence[str]], logits: Optional[Tuple[int, int]] = None):
         self.out, self._k, self._config = out, k, config
         self._has_ref, self._has_rollout, self._names = has_ref, has_rollout, names
+        self._logits = logits  # (ignore_index, V) of a loss from logits
 
     def metrics(self) -> Dict[str, Tensor]:
-        """The metrics ``grpo_loss`` returns (CPU tensors here), after the device-side checks of a
-        layout passed on the device (a failed one raises ``RecapError`` naming the argument)."""
-        _, stats = _native.grpo_output_read(self.out, self._k, self._config, self._has_ref, self._has_rollout)
-        return _metrics(torch.tensor(stats, dtype=torch.float64), self._k, self._names)
+        """The metrics the synchronous call returns (CPU tensors here), after the checks made on the
+        device (a layout passed on the device, labels out of range): a failed one raises
+        ``RecapError`` naming the argument."""
+        if self._logits is None:
+            _, stats = _native.grpo_output_read(self.out, self._k, self._config, self._has_ref, self._has_rollout)
+        else:
+            _, stats = _native.logits_output_read(self.out, self._k, self._config, self._has_ref, self._has_rollout,
+                                                  *self._logits)
+        return _metrics(torch.tensor(stats, dtype=torch.float64), self._k, self._names, logits=self._logits is not None)
 
 
 def _device_or_host(name: str, x, dtype, device) -> Tensor:
@@ -215,6 +223,30 @@ def _device_or_host(name: str, x, dtype, device) -> Tensor:
     if isinstance(x, Tensor) and x.device == device and device.type != "cpu":
         return x.to(dtype).contiguous()
     return _host(name, x, dtype)
+
+
+def _async_batch(dev, lead, cu_seqlens, advantages, advantages_per_token, lambda_, objectives, membership):
+    """The batch layout of an asynchronous call: ``cu_seqlens``, ``lambda_`` and ``membership`` on
+    ``dev`` (no synchronization) when ``cu_seqlens`` is a tensor there, else read on the host.
+    Returns ``(cu, adv, per_token, lam, kinds, memb)``."""
+    on_device = isinstance(cu_seqlens, Tensor) and cu_seqlens.device == dev and dev.type != "cpu"
+    if on_device:
+        cu = cu_seqlens.to(torch.int32).contiguous()
+        b = cu.shape[0] - 1
+    else:
+        cu, b = _batch(lead, cu_seqlens)
+    adv, per_token, k = _advantages(_float("advantages", advantages), lead, b, advantages_per_token)
+    if on_device:
+        lam = (torch.ones(k, dtype=torch.float32, device=dev) if lambda_ is None
+               else _device_or_host("lambda_", lambda_, torch.float32, dev).to(dev))
+        if lam.shape != (k,):
+            raise RecapError(f"invalid argument `lambda_`: expected K = {k} objective weights, got shape "
+                             f"{tuple(lam.shape)}")
+        memb = None if membership is None else torch.as_tensor(membership, device=dev).to(torch.int32)
+    else:
+        lam = _weights(lambda_, k)
+        memb = None if membership is None else _host("membership", membership, torch.int64)
+    return cu, adv, per_token, lam, _kinds(objectives, lam.shape[0]), memb
 
 
 def grpo_loss_async(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, cu_seqlens=None, *,
@@ -232,25 +264,8 @@ def grpo_loss_async(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     of the same size). On CPU tensors the reference computes at once.
     """
     logp = _float("logp", logp)
-    dev = logp.device
-    on_device = isinstance(cu_seqlens, Tensor) and cu_seqlens.device == dev and dev.type != "cpu"
-    if on_device:
-        cu = cu_seqlens.to(torch.int32).contiguous()
-        b = cu.shape[0] - 1
-    else:
-        cu, b = _batch(logp.shape, cu_seqlens)
-    adv, per_token, k = _advantages(_float("advantages", advantages), logp.shape, b, advantages_per_token)
-    if on_device:
-        lam = (torch.ones(k, dtype=torch.float32, device=dev) if lambda_ is None
-               else _device_or_host("lambda_", lambda_, torch.float32, dev).to(dev))
-        if lam.shape != (k,):
-            raise RecapError(f"invalid argument `lambda_`: expected K = {k} objective weights, got shape "
-                             f"{tuple(lam.shape)}")
-        memb = None if membership is None else torch.as_tensor(membership, device=dev).to(torch.int32)
-    else:
-        lam = _weights(lambda_, k)
-        memb = None if membership is None else _host("membership", membership, torch.int64)
-    kinds = _kinds(objectives, lam.shape[0])
+    cu, adv, per_token, lam, kinds, memb = _async_batch(logp.device, logp.shape, cu_seqlens, advantages,
+                                                        advantages_per_token, lambda_, objectives, membership)
     normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
     flat = [None if x is None else x.reshape(-1) for x in
             (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
@@ -460,6 +475,60 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_l
         x, weight, labels.reshape(-1).to(torch.int32), old, adv, m, cu, lam, kinds, memb, ref, normalizers, per_token,
         _config(options), float(temperature), int(chunk_tokens or 0), int(memory_budget), bool(fp32_logits))
     return loss, _metrics(stats, lam.shape[0], objective_names, logits=True)
+
+
+def grpo_loss_from_logits_async(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,
+                                mask: Tensor, cu_seqlens=None, *, ref_logp=None, rollout_logp=None, lambda_=None,
+                                objectives=None, membership=None, normalizers=None, seq_tokens=None,
+                                temperature: float = 1.0, ignore_index: int = -100, objective_names=None,
+                                advantages_per_token=None, **options) -> Tuple[Tensor, GrpoPending]:
+    """``grpo_loss_from_logits`` without a host synchronization: ``(loss, pending)`` at once, the loss
+    a 0-dim device tensor (differentiable), ``pending.metrics()`` the metrics read back when asked
+    for (labels out of range are reported there). ``cu_seqlens``, ``lambda_`` and ``membership``
+    may be tensors on the device, as in ``grpo_loss_async`` (then capturable in a CUDA graph).
+    ``top_entropy_quantile`` < 1 is refused (it sorts on the host)."""
+    v = logits.shape[-1]
+    lead = logits.shape[:-1]
+    z = logits.reshape(-1, v)
+    y = labels.reshape(-1).to(torch.int32)
+    cu, adv, per_token, lam, kinds, memb = _async_batch(z.device, lead, cu_seqlens, advantages, advantages_per_token,
+                                                        lambda_, objectives, membership)
+    normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
+    old, m, ref, roll = [None if x is None else x.reshape(-1) for x in
+                         (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
+                          _float("rollout_logp", rollout_logp))]
+    _same_device(z, labels=y, old_logp=old, advantages=adv, mask=m, ref_logp=ref, rollout_logp=roll)
+    config = _config(options)
+    loss, _, out = ops.grpo_loss_from_logits_async(z, y, old, adv, m, cu, lam, kinds, memb, ref, roll, normalizers,
+                                                   seq_tokens, per_token, config, float(temperature),
+                                                   int(ignore_index))
+    return loss, GrpoPending(out, len(kinds), config, ref is not None, roll is not None, objective_names,
+                             logits=(int(ignore_index), v))
+
+
+def fused_linear_grpo_loss_async(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor,
+                                 advantages: Tensor, mask: Tensor, cu_seqlens=None, *, ref_logp=None, lambda_=None,
+                                 objectives=None, membership=None, normalizers=None, temperature: float = 1.0,
+                                 chunk_tokens: Optional[int] = None, memory_budget: int = 512 << 20,
+                                 fp32_logits: bool = False, objective_names=None, advantages_per_token=None,
+                                 **options) -> Tuple[Tensor, GrpoPending]:
+    """``fused_linear_grpo_loss`` without a host synchronization: ``(loss, pending)`` as
+    ``grpo_loss_from_logits_async`` returns them; differentiable with respect to ``hidden`` and
+    ``weight``."""
+    lead = hidden.shape[:-1]
+    x = hidden.reshape(-1, hidden.shape[-1])
+    cu, adv, per_token, lam, kinds, memb = _async_batch(x.device, lead, cu_seqlens, advantages, advantages_per_token,
+                                                        lambda_, objectives, membership)
+    normalizers, _ = _normalizers(normalizers, None)
+    old, m, ref = [None if t is None else t.reshape(-1) for t in
+                   (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp))]
+    _same_device(x, weight=weight, labels=labels, old_logp=old, advantages=adv, mask=m, ref_logp=ref)
+    config = _config(options)
+    loss, _, _, out = ops.fused_linear_grpo_loss_async(
+        x, weight, labels.reshape(-1).to(torch.int32), old, adv, m, cu, lam, kinds, memb, ref, normalizers, per_token,
+        config, float(temperature), int(chunk_tokens or 0), int(memory_budget), bool(fp32_logits))
+    return loss, GrpoPending(out, len(kinds), config, ref is not None, False, objective_names,
+                             logits=(-100, weight.shape[0]))
 
 
 def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group_ids: Optional[Tensor] = None,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["grpo_stats_len", "logits_stats_len", "grpo_output_len"]
+__all__ = ["grpo_stats_len", "logits_stats_len", "grpo_output_len", "logits_output_len"]
 
 
 def _affine(layout):
@@ -110,6 +110,11 @@ def grpo_output_len(k):
 
 _OUT_LEN = (_native.grpo_output_len(1) - (_native.grpo_output_len(2) - _native.grpo_output_len(1)),
             _native.grpo_output_len(2) - _native.grpo_output_len(1))
+
+
+def logits_output_len(k):
+    """Length (float64 values) of the asynchronous losses' from logits output for ``k`` objectives."""
+    return _native.logits_output_len(k)
 
 
 def _grpo_async_outputs(logp: Tensor, objectives: List[int]):
@@ -367,6 +372,45 @@ def _from_logits_backward(ctx, g_loss, g_stats, g_dlogits):
 grpo_loss_from_logits.register_autograd(_from_logits_backward, setup_context=_save_grad(2))
 
 
+def _from_logits_async_outputs(logits: Tensor, objectives: List[int]):
+    return (_empty(logits, (), torch.float32), torch.empty_like(logits, memory_format=torch.contiguous_format),
+            _empty(logits, (_native.logits_output_len(len(objectives)),), torch.float64))
+
+
+@torch.library.custom_op("recap::grpo_loss_from_logits_async", mutates_args=())
+def grpo_loss_from_logits_async(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                                cu_seqlens: Tensor, lambda_: Tensor, objectives: List[int],
+                                membership: Optional[Tensor], ref_logp: Optional[Tensor],
+                                rollout_logp: Optional[Tensor], normalizers: Optional[Tensor],
+                                seq_tokens: Optional[Tensor], adv_per_token: bool, config: str, temperature: float,
+                                ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The loss from logits without a host synchronization: ``(loss, dloss/dlogits, out)``, ``out``
+    the device-resident output (``logits_output_len(K)`` float64, read by
+    ``_native.logits_output_read``); the workspace comes from PyTorch's allocator."""
+    dlogits = logits.clone(memory_format=torch.contiguous_format)
+    out = _empty(logits, (_native.logits_output_len(len(objectives)),), torch.float64)
+    ws = _empty(logits, (_native.logits_workspace_len(logits.shape[0]),), torch.uint8)
+    labels, old_logp = _contig(labels, old_logp)
+    batch = _batch(advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp, rollout_logp, normalizers,
+                   seq_tokens, adv_per_token, config)
+    _native.grpo_loss_from_logits_async_(dlogits, labels, old_logp, batch, temperature, ignore_index, ws, out)
+    return out[0].to(torch.float32), dlogits, out
+
+
+@grpo_loss_from_logits_async.register_fake
+def _(logits, labels, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp,
+      rollout_logp, normalizers, seq_tokens, adv_per_token, config, temperature, ignore_index):
+    return _from_logits_async_outputs(logits, objectives)
+
+
+def _from_logits_async_backward(ctx, g_loss, g_dlogits, g_out):
+    (dlogits,) = ctx.saved_tensors
+    return (dlogits * g_loss.to(dlogits.dtype),) + (None,) * 16
+
+
+grpo_loss_from_logits_async.register_autograd(_from_logits_async_backward, setup_context=_save_grad(1))
+
+
 # --- the fused-linear loss ----------------------------------------------------------------------
 def _linear_outputs(hidden: Tensor, weight: Tensor, lambda_: Tensor):
     return (_empty(hidden, (), torch.float32), _empty(hidden, (logits_stats_len(lambda_.shape[0]),), torch.float64),
@@ -408,6 +452,54 @@ def _linear_backward(ctx, g_loss, g_stats, g_dh, g_dw):
 
 
 fused_linear_grpo_loss.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _linear_async_outputs(hidden: Tensor, weight: Tensor, objectives: List[int]):
+    return (_empty(hidden, (), torch.float32), _empty(hidden, hidden.shape, hidden.dtype),
+            _empty(hidden, weight.shape, torch.float32),
+            _empty(hidden, (_native.logits_output_len(len(objectives)),), torch.float64))
+
+
+@torch.library.custom_op("recap::fused_linear_grpo_loss_async", mutates_args=())
+def fused_linear_grpo_loss_async(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor,
+                                 advantages: Tensor, mask: Tensor, cu_seqlens: Tensor, lambda_: Tensor,
+                                 objectives: List[int], membership: Optional[Tensor], ref_logp: Optional[Tensor],
+                                 normalizers: Optional[Tensor], adv_per_token: bool, config: str,
+                                 temperature: float, chunk_tokens: int, memory_budget: int,
+                                 fp32_logits: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused-linear loss without a host synchronization: ``(loss, dloss/dhidden, dloss/dweight,
+    out)``, ``out`` as ``grpo_loss_from_logits_async``'s; the workspace (one chunk of logits) comes
+    from PyTorch's allocator."""
+    _, d_hidden, d_weight, out = _linear_async_outputs(hidden, weight, objectives)
+    hidden, weight, labels, old_logp = _contig(hidden, weight, labels, old_logp)
+    chunk = chunk_tokens if chunk_tokens > 0 else None
+    b = (cu_seqlens.shape[0] - 1) if cu_seqlens.dim() == 1 else 0
+    ws = _empty(hidden, (_native.fused_linear_workspace_len(hidden.shape[0], b, len(objectives), weight.shape[0],
+                                                            chunk, memory_budget, fp32_logits),), torch.uint8)
+    batch = _batch(advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp, None, normalizers, None,
+                   adv_per_token, config)
+    _native.fused_linear_grpo_loss_async(hidden, weight, labels, old_logp, batch, temperature, chunk, memory_budget,
+                                         fp32_logits, ws, d_hidden, d_weight, out)
+    return out[0].to(torch.float32), d_hidden, d_weight, out
+
+
+@fused_linear_grpo_loss_async.register_fake
+def _(hidden, weight, labels, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp,
+      normalizers, adv_per_token, config, temperature, chunk_tokens, memory_budget, fp32_logits):
+    return _linear_async_outputs(hidden, weight, objectives)
+
+
+def _linear_async_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.weight_dtype = inputs[1].dtype
+
+
+def _linear_async_backward(ctx, g_loss, g_dh, g_dw, g_out):
+    d_hidden, d_weight = ctx.saved_tensors
+    return (d_hidden * g_loss.to(d_hidden.dtype), (d_weight * g_loss).to(ctx.weight_dtype)) + (None,) * 16
+
+
+fused_linear_grpo_loss_async.register_autograd(_linear_async_backward, setup_context=_linear_async_setup)
 
 
 # --- group advantages ---------------------------------------------------------------------------
