@@ -231,7 +231,11 @@ __device__ __forceinline__ void grpo_token_pass(const RecapGrpoParams& p) {
                 is_corr += iw.corrected ? m : 0.0f;
                 isw = iw.weight;
             }
-            if (EXT && p.policy_weight) isw *= ((const float*)p.policy_weight)[t];
+            if (EXT && p.policy_weight) {
+                const float pw = ((const float*)p.policy_weight)[t];
+                nonfinite += !recap_isfinite(pw);
+                isw *= pw;
+            }
             r_min = fminf(r_min, q.ratio);
             r_max = fmaxf(r_max, q.ratio);
         }

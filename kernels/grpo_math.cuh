@@ -400,6 +400,9 @@ RECAP_HD RecapSoftmaxState recap_softmax_merge(RecapSoftmaxState u, RecapSoftmax
  * log p_j = x_j - lse; a zero probability contributes only through 1[j = y]. */
 RECAP_HD float recap_logit_grad(float x, int is_label, float lse, float entropy, float g_logp, float g_ent,
                                 float inv_tau) {
+    /* no upstream gradient (a masked or ignored token): exactly 0, whatever the logits hold (a NaN
+     * there must not reach the model's gradient) */
+    if (g_logp == 0.0f && g_ent == 0.0f) return 0.0f;
     const float lp = x - lse;
     const float p = expf(lp);
     float d = g_logp * ((is_label ? 1.0f : 0.0f) - p);

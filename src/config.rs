@@ -651,7 +651,7 @@ impl GrpoConfig {
     /// is an error naming it.
     pub fn from_json(json: &str) -> Result<GrpoConfig> {
         let c: GrpoConfig = serde_json::from_str(json)
-            .map_err(|e| Error::invalid_argument("config", format!("{e} (in {json})")))?;
+            .map_err(|e| crate::error::json_options_error::<GrpoConfig>(json, e))?;
         c.validate()?;
         Ok(c)
     }

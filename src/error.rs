@@ -25,6 +25,9 @@ pub enum Error {
     NonFinite {
         /// Number of non-finite input values read at unmasked tokens.
         count: u64,
+        /// The first input found holding one, when the call could tell (the synchronous calls
+        /// look when they fail; an asynchronous call's read cannot).
+        arg: Option<&'static str>,
     },
 }
 
@@ -50,11 +53,19 @@ impl fmt::Display for Error {
             ),
             Error::NoDevice(why) => write!(f, "no usable CUDA device: {why}"),
             Error::Driver(e) => write!(f, "CUDA driver error: {e:?}"),
-            Error::NonFinite { count } => write!(
-                f,
-                "{count} non-finite input value(s) (NaN or Inf) at unmasked tokens; \
-                 fix the inputs or set allow_nonfinite to get the (non-finite) result"
-            ),
+            Error::NonFinite { count, arg } => {
+                write!(
+                    f,
+                    "{count} non-finite input value(s) (NaN or Inf) at unmasked tokens"
+                )?;
+                if let Some(a) = arg {
+                    write!(f, ", first in `{a}`")?;
+                }
+                write!(
+                    f,
+                    "; fix the inputs or set allow_nonfinite to get the (non-finite) result"
+                )
+            }
         }
     }
 }
@@ -69,3 +80,24 @@ impl From<cudarc::driver::DriverError> for Error {
 
 /// The crate's result type.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A JSON object of options that does not parse as `T`: the error for `config`, naming the first
+/// field that fails on its own (serde's message names only the type it expected).
+pub(crate) fn json_options_error<T: serde::de::DeserializeOwned>(
+    json: &str,
+    e: serde_json::Error,
+) -> Error {
+    let field = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json)
+        .ok()
+        .and_then(|m| {
+            m.into_iter().find_map(|(k, v)| {
+                let one = serde_json::Value::Object([(k.clone(), v)].into_iter().collect());
+                serde_json::from_value::<T>(one).is_err().then_some(k)
+            })
+        });
+    let message = match field {
+        Some(f) => format!("field `{f}`: {e} (in {json})"),
+        None => format!("{e} (in {json})"),
+    };
+    Error::invalid_argument("config", message)
+}

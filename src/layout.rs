@@ -164,7 +164,7 @@ pub fn validate_cu_seqlens(cu: &[i32], t: usize) -> Result<usize> {
     if last as i64 != t as i64 {
         return Err(Error::invalid_argument(
             "cu_seqlens",
-            format!("must end at T = {t} (the length of logp), ends at {last}"),
+            format!("must end at T = {t} (the number of tokens), ends at {last}"),
         ));
     }
     Ok(cu.len() - 1)

@@ -325,7 +325,10 @@ pub(crate) fn finish_grpo(
         rollout_is_corrected_fraction: ratio(s[e + slots::IS_CORRECTED], policy_tokens),
     };
     if nonfinite > 0 && !cfg.allow_nonfinite {
-        return Err(Error::NonFinite { count: nonfinite });
+        return Err(Error::NonFinite {
+            count: nonfinite,
+            arg: None,
+        });
     }
     Ok(GrpoOutput {
         loss,

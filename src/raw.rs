@@ -454,6 +454,63 @@ pub fn grpo_loss(
             cuda::grpo_loss(&m.gpu, &m.stream, &x, config, &mut g)
         },
     )
+    .map_err(|e| {
+        let arrays = [
+            ("logp", Some(inputs.logp)),
+            ("old_logp", Some(inputs.old_logp)),
+            ("ref_logp", inputs.ref_logp),
+            ("rollout_logp", inputs.rollout_logp),
+            ("policy_weight", inputs.policy_weight),
+        ];
+        name_nonfinite(e, place, &inputs.mask, &arrays, &inputs.advantages, None)
+    })
+}
+
+/// A non-finite error naming the first input that holds a non-finite value at an unmasked token
+/// (`arrays`, per token, in order), else in `advantages`, else `fallback`. Device arrays are read
+/// back: only once the call has failed.
+fn name_nonfinite(
+    e: Error,
+    place: Place,
+    mask: &Mask<In<f32>, In<u8>>,
+    arrays: &[(&'static str, Option<In<f32>>)],
+    advantages: &Advantages<In<f32>>,
+    fallback: Option<&'static str>,
+) -> Error {
+    let Error::NonFinite { count, arg: None } = e else {
+        return e;
+    };
+    let found = (|| -> Result<Option<&'static str>> {
+        let m: Vec<f32> = match *mask {
+            Mask::F32(a) => read::<f32>(place, "mask", a)?,
+            Mask::U8(a) => read::<u8>(place, "mask", a)?
+                .iter()
+                .map(|x| f32::from(*x != 0))
+                .collect(),
+        };
+        if m.iter().any(|x| !x.is_finite()) {
+            return Ok(Some("mask"));
+        }
+        for (name, a) in arrays {
+            let Some(a) = a else { continue };
+            let v = read::<f32>(place, name, *a)?;
+            if v.iter().zip(&m).any(|(x, w)| *w != 0.0 && !x.is_finite()) {
+                return Ok(Some(name));
+            }
+        }
+        let (Advantages::PerSequence(a) | Advantages::PerToken(a)) = *advantages;
+        if read::<f32>(place, "advantages", a)?
+            .iter()
+            .any(|x| !x.is_finite())
+        {
+            return Ok(Some("advantages"));
+        }
+        Ok(fallback)
+    })();
+    Error::NonFinite {
+        count,
+        arg: found.ok().flatten(),
+    }
 }
 
 /// The per-batch arrays of an asynchronous fused-loss call passed in the call's device memory
@@ -1009,6 +1066,30 @@ pub fn grpo_loss_from_logits<E: LogitElem>(
             cuda::grpo_loss_from_logits(&m.gpu, &m.stream, &mut z, &x, config, logits_config)
         },
     )
+    .map_err(|e| logits_nonfinite(e, place, inputs, "logits"))
+}
+
+/// [`name_nonfinite`] for the losses from logits: the per-token inputs, else the logits (or the
+/// hidden states) themselves.
+fn logits_nonfinite(
+    e: Error,
+    place: Place,
+    inputs: &LogitsLossInputs<'_, In<f32>, In<u8>, In<i32>>,
+    fallback: &'static str,
+) -> Error {
+    let arrays = [
+        ("old_logp", Some(inputs.old_logp)),
+        ("ref_logp", inputs.ref_logp),
+        ("rollout_logp", inputs.rollout_logp),
+    ];
+    name_nonfinite(
+        e,
+        place,
+        &inputs.mask,
+        &arrays,
+        &inputs.advantages,
+        Some(fallback),
+    )
 }
 
 /// A vocabulary shard's partial statistics of each row (`partials` `[3, T]`: the shard's LSE, its
@@ -1162,6 +1243,7 @@ pub fn fused_linear_grpo_loss(
             )
         },
     )
+    .map_err(|e| logits_nonfinite(e, place, inputs, "hidden"))
 }
 
 /// The device layout of an asynchronous call from raw arrays (views of the place's memory), with

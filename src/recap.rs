@@ -135,6 +135,12 @@ pub enum Convergence {
     Worsening,
 }
 
+/// The largest window W a scheduler takes (it keeps 2W values per objective).
+pub const MAX_WINDOW: usize = 1 << 20;
+
+/// The most objectives a scheduler takes.
+pub const MAX_SCHEDULER_OBJECTIVES: usize = 4096;
+
 /// Scheduler settings: the paper's equations with this crate's guards by default. Deserializes
 /// from any subset of its fields (the rest default; unknown ones are an error), the form in which
 /// the bindings pass them.
@@ -195,20 +201,24 @@ impl RecapConfig {
         }
     }
 
-    /// A validated configuration from its JSON form (any subset of the fields).
+    /// A validated configuration from its JSON form (any subset of the fields); an error names the
+    /// field that does not parse.
     pub fn from_json(json: &str) -> Result<RecapConfig> {
         let c: RecapConfig = serde_json::from_str(json)
-            .map_err(|e| Error::invalid_argument("config", format!("{e} (in {json})")))?;
+            .map_err(|e| crate::error::json_options_error::<RecapConfig>(json, e))?;
         c.validate()?;
         Ok(c)
     }
 
     /// Checks every field; the error names it.
     pub fn validate(&self) -> Result<()> {
-        if self.window == 0 {
+        if !(1..=MAX_WINDOW).contains(&self.window) {
             return Err(Error::invalid_argument(
                 "config.window",
-                "expected a window W >= 1",
+                format!(
+                    "expected a window 1 <= W <= {MAX_WINDOW}, got {}",
+                    self.window
+                ),
             ));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
@@ -272,10 +282,13 @@ pub struct RecapScheduler {
 impl RecapScheduler {
     /// A scheduler for objectives with these orientations.
     pub fn new(orientations: &[Orientation], config: RecapConfig) -> Result<Self> {
-        if orientations.is_empty() {
+        if !(1..=MAX_SCHEDULER_OBJECTIVES).contains(&orientations.len()) {
             return Err(Error::invalid_argument(
                 "orientations",
-                "expected at least one objective",
+                format!(
+                    "expected 1 to {MAX_SCHEDULER_OBJECTIVES} objectives, got {}",
+                    orientations.len()
+                ),
             ));
         }
         config.validate()?;

@@ -1069,7 +1069,7 @@ on_every_backend! {
         };
         let mut grad = vec![0f32; 3];
         match be.grpo_loss(&inputs, &GrpoConfig::default(), &mut grad) {
-            Err(Error::NonFinite { count }) => assert_eq!(count, 1),
+            Err(Error::NonFinite { count, .. }) => assert_eq!(count, 1),
             other => panic!("{}: expected NonFinite, got {other:?}", be.name()),
         }
         let cfg = GrpoConfig::default().with_allow_nonfinite(true);

@@ -196,6 +196,31 @@ fn pick<T: Copy>(arg: &'static str, table: &[T], i: i32) -> Result<T> {
 
 impl RecapGrpoConfig {
     fn to_config(self) -> Result<GrpoConfig> {
+        // NaN compares false with everything: refused by name here, before "<= 0 means off" reads
+        // it as off
+        for (name, v) in [
+            ("cfg.clip_low", self.clip_low),
+            ("cfg.clip_high", self.clip_high),
+            ("cfg.dual_clip", self.dual_clip),
+            ("cfg.log_ratio_clamp", self.log_ratio_clamp),
+            ("cfg.norm_constant", self.norm_constant),
+            ("cfg.kl_coef", self.kl_coef),
+            ("cfg.entropy_coef", self.entropy_coef),
+            ("cfg.tau_pos", self.tau_pos),
+            ("cfg.tau_neg", self.tau_neg),
+            ("cfg.delta", self.delta),
+            ("cfg.top_entropy_quantile", self.top_entropy_quantile),
+            ("cfg.rollout_upper", self.rollout_upper),
+            ("cfg.rollout_lower", self.rollout_lower),
+            ("cfg.dro_beta", self.dro_beta),
+        ] {
+            if v.is_nan() {
+                return Err(Error::invalid_argument(
+                    name,
+                    "NaN (a number is expected; 0 or less turns an optional feature off)",
+                ));
+            }
+        }
         let c = GrpoConfig::default()
             .with_clip_low(self.clip_low)
             .with_clip_high(self.clip_high)
@@ -308,6 +333,17 @@ fn host<'a, T>(arg: &'static str, p: *const T, n: usize) -> Result<&'a [T]> {
     }
     // SAFETY: non-null; the C caller guarantees `n` readable elements (documented in the header).
     Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// K of a call, checked: 1 to 16 objectives.
+fn objectives_count(n: i32) -> Result<usize> {
+    match usize::try_from(n) {
+        Ok(k) if (1..=recap::MAX_OBJECTIVES).contains(&k) => Ok(k),
+        _ => Err(Error::invalid_argument(
+            "num_objectives",
+            format!("expected 1 <= K <= {}, got {n}", recap::MAX_OBJECTIVES),
+        )),
+    }
 }
 
 fn len(arg: &'static str, n: i64) -> Result<usize> {
@@ -440,6 +476,46 @@ unsafe fn text<'a>(name: &'static str, p: *const c_char) -> Result<&'a str> {
 }
 
 /// Writes `values` to the caller's host array `out` when it is not null.
+/// Errors unless the host outputs `(name, address, bytes)` (null ones skipped) are pairwise disjoint:
+/// an output overlapping another would be overwritten by it.
+fn host_outputs_disjoint(outs: &[(&'static str, usize, usize)]) -> Result<()> {
+    for (i, &(a, pa, na)) in outs.iter().enumerate() {
+        for &(b, pb, nb) in &outs[i + 1..] {
+            if pa != 0 && pb != 0 && na > 0 && nb > 0 && pa < pb + nb && pb < pa + na {
+                return Err(Error::invalid_argument(
+                    b,
+                    format!("overlaps `{a}`: an output may not share memory with another"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The result and statistics outputs of a loss call for K objectives: `result` not null, the two
+/// disjoint.
+fn result_outputs(result: *mut RecapGrpoResult, stats: *mut f64, k: usize) -> Result<()> {
+    if result.is_null() {
+        return Err(Error::invalid_argument("result", "null pointer"));
+    }
+    host_outputs_disjoint(&[
+        (
+            "result",
+            result as usize,
+            std::mem::size_of::<RecapGrpoResult>(),
+        ),
+        (
+            "stats",
+            stats as usize,
+            8 * recap::output::grpo_stat_layout(k)
+                .iter()
+                .map(|f| f.offset + f.len)
+                .max()
+                .unwrap_or(0),
+        ),
+    ])
+}
+
 fn write_host(out: *mut f64, values: &[f64]) {
     if !out.is_null() {
         // SAFETY: the caller guarantees `values.len()` writable doubles (documented per function).
@@ -475,7 +551,7 @@ pub unsafe extern "C" fn recap_grpo_stat_field(
 ) -> i32 {
     static NAMES: OnceLock<Vec<CString>> = OnceLock::new();
     guard(|| {
-        let k = self::len("num_objectives", num_objectives as i64)?;
+        let k = self::objectives_count(num_objectives)?;
         let fields = recap::output::grpo_stat_layout(k);
         let names = NAMES.get_or_init(|| {
             fields
@@ -551,14 +627,12 @@ pub unsafe extern "C" fn recap_grpo_loss(
     guard(|| {
         let t = len("num_tokens", num_tokens)?;
         let b = len("num_seqs", num_seqs)?;
-        let k = len("num_objectives", num_objectives as i64)?;
+        let k = objectives_count(num_objectives)?;
         let cfg = config(cfg)?;
         let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
         let kinds = host_objectives(objectives, k)?;
         let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
-        if result.is_null() {
-            return Err(Error::invalid_argument("result", "null pointer"));
-        }
+        result_outputs(result, stats, k)?;
         let inputs = GrpoInputs {
             logp: arr(logp, t),
             old_logp: arr(old_logp, t),
@@ -634,7 +708,7 @@ pub unsafe extern "C" fn recap_grpo_loss_async(
     guard(|| {
         let t = len("num_tokens", num_tokens)?;
         let b = len("num_seqs", num_seqs)?;
-        let k = len("num_objectives", num_objectives as i64)?;
+        let k = objectives_count(num_objectives)?;
         let cfg = config(cfg)?;
         let kinds = host_objectives(objectives, k)?;
         let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
@@ -709,11 +783,9 @@ pub unsafe extern "C" fn recap_grpo_output_read(
     stats: *mut f64,
 ) -> i32 {
     guard(|| {
-        let k = len("num_objectives", num_objectives as i64)?;
+        let k = objectives_count(num_objectives)?;
         let cfg = config(cfg)?;
-        if result.is_null() {
-            return Err(Error::invalid_argument("result", "null pointer"));
-        }
+        result_outputs(result, stats, k)?;
         if !(1..=recap::MAX_OBJECTIVES).contains(&k) {
             return Err(Error::invalid_argument(
                 "num_objectives",
@@ -787,7 +859,7 @@ pub unsafe extern "C" fn recap_count_normalizers(
     guard(|| {
         let t = len("num_tokens", num_tokens)?;
         let b = len("num_seqs", num_seqs)?;
-        let k = len("num_objectives", num_objectives as i64)?;
+        let k = objectives_count(num_objectives)?;
         let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
         let membership = if membership.is_null() {
             None
@@ -797,6 +869,10 @@ pub unsafe extern "C" fn recap_count_normalizers(
         if normalizers.is_null() {
             return Err(Error::invalid_argument("normalizers", "null pointer"));
         }
+        host_outputs_disjoint(&[
+            ("normalizers", normalizers as usize, 16 * (k + 1)),
+            ("seq_tokens", seq_tokens as usize, 8 * b),
+        ])?;
         let n = raw::count_normalizers(
             place(device, stream),
             &mask_arr(mask, mask_is_u8, t),
@@ -1155,7 +1231,7 @@ pub unsafe extern "C" fn recap_group_advantages(
 ) -> i32 {
     guard(|| {
         let b = len("num_rollouts", num_rollouts)?;
-        let k = len("num_objectives", num_objectives as i64)?;
+        let k = objectives_count(num_objectives)?;
         let weights = (!reward_weights.is_null())
             .then(|| host("reward_weights", reward_weights, k).map(<[f64]>::to_vec))
             .transpose()?;
@@ -1176,7 +1252,15 @@ pub unsafe extern "C" fn recap_group_advantages(
             )?,
         };
         let groups = if group_ids.is_null() {
-            raw::RawGroups::Consecutive(len("group_size", group_size)?)
+            raw::RawGroups::Consecutive(match len("group_size", group_size)? {
+                0 => {
+                    return Err(Error::invalid_argument(
+                        "group_size",
+                        "expected a group size >= 1 (or group_ids)",
+                    ))
+                }
+                g => g,
+            })
         } else {
             raw::RawGroups::Ids {
                 ids: arr(group_ids, b),
@@ -1434,13 +1518,17 @@ pub unsafe extern "C" fn recap_weighted_reduce(
     guard(|| {
         let t = len("num_tokens", num_tokens)?;
         let b = len("num_seqs", num_seqs)?;
-        let k = len("num_objectives", num_objectives as i64)?;
+        let k = objectives_count(num_objectives)?;
         let cfg = config(cfg)?;
         let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
         let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
         if total.is_null() {
             return Err(Error::invalid_argument("total", "null pointer"));
         }
+        host_outputs_disjoint(&[
+            ("total", total as usize, 8),
+            ("objective_loss", objective_loss as usize, 8 * k),
+        ])?;
         let out = raw::weighted_reduce(
             place(device, stream),
             &ReduceInputs {
@@ -1504,9 +1592,7 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
     stats: *mut f64,
 ) -> i32 {
     guard(|| {
-        if result.is_null() {
-            return Err(Error::invalid_argument("result", "null pointer"));
-        }
+        result_outputs(result, stats, objectives_count(num_objectives)?)?;
         let a = LinearArgs::new(
             [num_tokens, hidden_size, vocab, num_seqs],
             (
@@ -1603,7 +1689,7 @@ impl LinearArgs<'_> {
             len("vocab", dims[2])?,
         );
         let b = len("num_seqs", dims[3])?;
-        let k = len("num_objectives", num_objectives as i64)?;
+        let k = objectives_count(num_objectives)?;
         let cfg = config(cfg)?;
         let lc = LogprobConfig {
             temperature,
@@ -1832,12 +1918,10 @@ pub unsafe extern "C" fn recap_logits_output_read(
     stats: *mut f64,
 ) -> i32 {
     guard(|| {
-        let k = len("num_objectives", num_objectives as i64)?;
+        let k = objectives_count(num_objectives)?;
         let v = len("vocab", vocab)?;
         let cfg = config(cfg)?;
-        if result.is_null() {
-            return Err(Error::invalid_argument("result", "null pointer"));
-        }
+        result_outputs(result, stats, k)?;
         if !(1..=recap::MAX_OBJECTIVES).contains(&k) {
             return Err(Error::invalid_argument(
                 "num_objectives",

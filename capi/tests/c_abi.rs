@@ -110,6 +110,24 @@ fn c_abi_from_c() {
 
 /// The device path from C (`tests/c/device_test.c`): the fused loss, KL and log-probabilities on
 /// device memory against the host path.
+/// Hostile inputs through the C ABI (`tests/c/hostile_test.c`, host path): each case in a forked
+/// child with a timeout; a malformed call returns an error naming its argument (no crash, no hang,
+/// no abort), poison at masked tokens changes no bit.
+#[test]
+fn c_abi_hostile_inputs() {
+    let Some(out) = compile_c("hostile_test.c", &["-lm"]) else {
+        return;
+    };
+    let run = Command::new(&out).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success() && stdout.contains("ok"),
+        "{stdout}{stderr}"
+    );
+    let _ = std::fs::remove_file(out);
+}
+
 #[test]
 #[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn c_abi_device_path_from_c() {

@@ -187,6 +187,7 @@ fn grpo_sums(inp: &HostGrpoInputs<'_>, cfg: &GrpoConfig, grad: &mut [f32]) -> Gr
                     isw = weight;
                 }
                 if let Some(pw) = inp.policy_weight {
+                    s[e + slots::NONFINITE] += nonfinite(pw[t]);
                     isw *= pw[t] as f64;
                 }
                 s[e + slots::POLICY_TOKENS] += m;

@@ -159,6 +159,11 @@ pub(crate) fn grad_rows<E: LogitElem>(
         };
         let ge = g_entropy.map_or(0.0, |e| e[r] as f64);
         let out = &mut dlogits.data[r * dlogits.ld..r * dlogits.ld + dlogits.vocab];
+        if g == 0.0 && ge == 0.0 {
+            // no upstream gradient (a masked or ignored token): exactly 0, whatever the logits hold
+            out.iter_mut().for_each(|o| *o = E::from_f32(0.0));
+            continue;
+        }
         for (j, (o, z)) in out.iter_mut().zip(row).enumerate() {
             let lp = z.to_f32() as f64 * inv_tau - l;
             let p = lp.exp();
@@ -304,6 +309,7 @@ pub(super) fn from_logits<E: LogitElem>(
         valid
             .iter()
             .zip(&ent)
+            .filter(|(v, _)| **v != 0.0) // a masked row's entropy is never read
             .map(|(v, h)| *v as f64 * *h as f64)
             .sum::<f64>()
             / vsum

@@ -3,7 +3,7 @@
 
 use crate::config::{Normalizers, MAX_OBJECTIVES};
 use crate::error::Result;
-use crate::layout::{check_len, validate_cu_seqlens, HostMask, Mask};
+use crate::layout::{validate_cu_seqlens, HostMask, Mask};
 use crate::output::{NORM_LOCAL_SEQS, NORM_LOCAL_TOKENS, NORM_SEQS, NORM_SLOTS, NORM_TOKENS};
 
 pub(crate) fn mask_weight(mask: &HostMask<'_>, t: usize) -> f64 {
@@ -89,9 +89,7 @@ pub fn count_normalizers(
             format!("expected 1 <= K <= {MAX_OBJECTIVES}, got {k}"),
         ));
     }
-    if let Some(m) = membership {
-        check_len("membership", m.len(), b, "[B]")?;
-    }
+    crate::layout::validate_membership(membership, b, k)?;
     let n = norms(&seq_tokens(&mask, cu_seqlens), membership, k, None);
     Ok(Normalizers {
         tokens: n[NORM_LOCAL_TOKENS * NORM_SLOTS..][..=k].to_vec(),

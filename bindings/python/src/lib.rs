@@ -9,7 +9,7 @@
 //! on the tensors' device. Options arrive as the JSON form of [`GrpoConfig`]: one definition, in
 //! Rust. The GIL is released while an op runs.
 
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyAny;
 use recap_kernels::advantages::{AdvantageConfig, AdvantageMode, Groups};
@@ -24,9 +24,10 @@ use recap_kernels::{
 pyo3::create_exception!(
     _native,
     RecapError,
-    PyRuntimeError,
-    "A failed recap-kernels call: a bad argument (the message names it and the expected shape), \
-     non-finite inputs, or a CUDA error."
+    PyValueError,
+    "A failed recap-kernels call (a ValueError): a bad argument (the message names it and what was \
+     expected), non-finite inputs, or a CUDA error. Arguments of the wrong type raise its subclass \
+     RecapTypeError, also a TypeError."
 );
 
 fn err(e: recap_kernels::Error) -> PyErr {
@@ -1643,8 +1644,7 @@ impl PyRecapScheduler {
             .map(|x| x.parse::<Orientation>())
             .collect::<recap_kernels::Result<Vec<_>>>()
             .map_err(err)?;
-        let cfg: RecapConfig =
-            serde_json::from_str(config_json).map_err(|e| arg_err("config", e))?;
+        let cfg = RecapConfig::from_json(config_json).map_err(err)?;
         Ok(PyRecapScheduler(RecapScheduler::new(&o, cfg).map_err(err)?))
     }
 

@@ -15,8 +15,13 @@ import warnings
 
 import torch
 
-from . import _native, ops
-from ._native import CUDA_ARCHS, KERNELS_COMPILED, RecapError
+from . import _native
+from ._args import RecapTypeError, guard_module
+
+guard_module(_native)  # a panic inside the extension surfaces as RecapError naming the call
+
+from . import ops  # noqa: E402  (after the guard: the ops call the guarded functions)
+from ._native import CUDA_ARCHS, KERNELS_COMPILED, RecapError  # noqa: E402
 from .functional import (GrpoPending, count_normalizers, fused_linear_grpo_loss, fused_linear_grpo_loss_async,
                          group_advantages, grpo_config, grpo_loss, grpo_loss_async, grpo_loss_from_logits,
                          grpo_loss_from_logits_async, kl_penalty, logprobs_from_logits, optimal_token_baseline,
@@ -26,7 +31,7 @@ from . import distributed, tensor_parallel, trl, verl  # noqa: E402  (the drop-i
 
 __version__ = _native.__version__
 
-__all__ = ["__version__", "KERNELS_COMPILED", "CUDA_ARCHS", "RecapError", "RecapWeights", "grpo_config", "grpo_loss",
+__all__ = ["__version__", "KERNELS_COMPILED", "CUDA_ARCHS", "RecapError", "RecapTypeError", "RecapWeights", "grpo_config", "grpo_loss",
            "grpo_loss_async", "GrpoPending", "grpo_loss_from_logits_async", "fused_linear_grpo_loss_async",
            "kl_penalty", "rollout_rejection", "rollout_is_weights", "rollout_is_normalize", "weighted_reduce", "count_normalizers", "logprobs_from_logits", "grpo_loss_from_logits",
            "fused_linear_grpo_loss", "group_advantages", "optimal_token_baseline", "ops", "distributed", "tensor_parallel", "trl", "verl"]

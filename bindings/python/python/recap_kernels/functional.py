@@ -16,6 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _args as A
 from . import _native, ops
 from ._native import RecapError
 
@@ -38,7 +39,7 @@ def grpo_config(**options) -> dict:
 
 
 def _config(options: dict) -> str:
-    return _config_json(tuple(sorted(options.items())))
+    return _config_json(tuple(sorted(A.options(options).items())))
 
 
 @torch.compiler.assume_constant_result
@@ -63,34 +64,49 @@ def _metrics(stats: Tensor, k: int, names: Optional[Sequence[str]], logits: bool
 
 
 def _float(name: str, x: Optional[Tensor]) -> Optional[Tensor]:
-    if x is None:
-        return None
-    if not isinstance(x, Tensor):
-        raise RecapError(f"invalid argument `{name}`: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise RecapError(f"invalid argument `{name}`: expected a floating-point tensor, got {x.dtype}")
-    return x if x.dtype == torch.float32 else x.float()
+    return None if x is None else A.floats(name, x)
 
 
-def _mask(x: Tensor) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise RecapError(f"invalid argument `mask`: expected a torch.Tensor, got {type(x).__name__}")
+def _mask(x: Tensor, name: str = "mask") -> Tensor:
+    x = A.tensor(name, x)
+    if x.dim() == 0:
+        A.fail(name, "expected one weight per token, [T] or [B, L], got a 0-dim tensor")
     if x.dtype == torch.bool:
         return x.contiguous().view(torch.uint8)
     if x.dtype in (torch.uint8, torch.float32):
         return x
+    if x.is_complex():
+        A.fail(name, f"expected float weights or uint8 / bool flags, got {x.dtype}", True)
     return x.float()  # other dtypes act as weights, as in verl
 
 
 def _host(name: str, x, dtype) -> Tensor:
-    """A small host array (list, tuple or CPU tensor) as a CPU tensor of ``dtype``."""
+    """A small host array (list, tuple or CPU tensor) as a CPU tensor of ``dtype``: integers are
+    range-checked in the caller's dtype first (``dtype`` int32: its range; int64: membership bits,
+    0 to 2^32 - 1), floats refused where integers are meant."""
+    if dtype == torch.int32:
+        return A.host_ints(name, x)
+    if dtype == torch.int64:
+        return A.host_ints(name, x, 0, 2 ** 32 - 1, torch.int64)
     if isinstance(x, Tensor):
+        A.tensor(name, x)
         if x.device.type != "cpu":
-            raise RecapError(f"invalid argument `{name}`: expected a CPU tensor or a list (it is read on the host "
-                             f"before any launch; reading it from {x.device} would synchronize), got a tensor on "
-                             f"{x.device}")
-        return x.to(dtype).contiguous()
-    return torch.tensor(list(x), dtype=dtype)
+            A.fail(name, f"expected a CPU tensor or a list (it is read on the host before any launch; reading it "
+                         f"from {x.device} would synchronize), got a tensor on {x.device}")
+        if x.is_complex() or x.dtype == torch.bool:
+            A.fail(name, f"expected real numbers, got a {x.dtype} tensor", True)
+        return x.reshape(-1).to(dtype).contiguous()
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+        A.fail(name, f"expected a list or a CPU tensor, got {type(x).__name__}", True)
+    return torch.tensor([A.number(f"{name}[{i}]", v) for i, v in enumerate(x)], dtype=dtype)
+
+
+def _tokens(name: str, x, what: str = "per-token values [T] or padded [B, L]") -> Tensor:
+    """A per-token float tensor with at least one dimension."""
+    x = A.floats(name, x)
+    if x.dim() == 0:
+        A.fail(name, f"expected {what}, got a 0-dim tensor")
+    return x
 
 
 def _padded_cu(b: int, length: int) -> Tensor:
@@ -106,7 +122,9 @@ def _batch(shape, cu_seqlens) -> Tuple[Tensor, int]:
             raise RecapError(f"invalid argument `cu_seqlens`: required for packed inputs (got per-token shape "
                              f"{tuple(shape)}; pass cu_seqlens [B + 1] or padded [B, L] tensors)")
         return _padded_cu(shape[0], shape[1]), shape[0]
-    cu = _host("cu_seqlens", cu_seqlens, torch.int32)
+    cu = A.host_ints("cu_seqlens", cu_seqlens, 0, A.INT32_MAX)
+    if cu.shape[0] < 1:
+        A.fail("cu_seqlens", "expected [B + 1] >= 1 boundaries starting at 0, got an empty array")
     return cu, cu.shape[0] - 1
 
 
@@ -134,24 +152,38 @@ def _weights(lambda_, k: int) -> Tensor:
     if lam.shape != (k,):
         raise RecapError(f"invalid argument `lambda_`: expected K = {k} objective weights (one per advantage "
                          f"column), got shape {tuple(lam.shape)}")
+    # (in a traced graph the op checks them, naming `lambda`: no data-dependent branch here)
+    if not torch.compiler.is_compiling() and (not bool(torch.isfinite(lam).all()) or bool((lam < 0).any())):
+        A.fail("lambda_", f"expected finite objective weights >= 0, got {lam.tolist()}")
     return lam
 
 
-def _same_device(first: Tensor, **tensors) -> None:
-    """Every per-token tensor on the device of the first one (the op runs there)."""
+_same_device = A.same_device
+
+
+def _same_shape(first: Tensor, **tensors) -> None:
+    """Every per-token tensor holding as many elements as the first (the tokens)."""
     for name, x in tensors.items():
-        if x is not None and x.device != first.device:
-            raise RecapError(f"invalid argument `{name}`: expected a tensor on {first.device} like the others, got "
-                             f"one on {x.device}")
+        if x is not None:
+            if not isinstance(x, Tensor):
+                A.fail(name, f"expected a torch.Tensor, got {type(x).__name__}", True)
+            if x.numel() != first.numel():
+                A.fail(name, f"expected one value per token, {tuple(first.shape)}, got shape {tuple(x.shape)}")
 
 
 def _kinds(objectives, k: int):
     if objectives is None:
         return [0] * k
-    try:
-        return [_OBJECTIVES[o] for o in objectives]
-    except KeyError as e:
-        raise RecapError(f"invalid argument `objectives`: expected 'policy' or 'nll' per objective, got {e.args[0]!r}")
+    if isinstance(objectives, (str, bytes)) or not hasattr(objectives, "__iter__"):
+        A.fail("objectives", f"expected a list of 'policy' / 'nll', one per objective, got {objectives!r}", True)
+    kinds = []
+    for o in objectives:
+        if isinstance(o, bool) or not isinstance(o, (str, int)) or o not in _OBJECTIVES:
+            A.fail("objectives", f"expected 'policy' or 'nll' per objective, got {o!r}")
+        kinds.append(_OBJECTIVES[o])
+    if len(kinds) != k:
+        A.fail("objectives", f"expected K = {k} kinds (one per objective), got {len(kinds)}")
+    return kinds
 
 
 def _normalizers(normalizers, seq_tokens):
@@ -176,15 +208,15 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     ``GrpoConfig`` fields (``clip_low``, ``clip_high``, ``dual_clip``, ``agg_mode``, ``kl_coef``,
     ``kl_estimator``, ``policy_loss``, ...). Returns ``(loss, metrics)``.
     """
-    logp = _float("logp", logp)
+    logp = _tokens("logp", logp)
     cu, b = _batch(logp.shape, cu_seqlens)
-    adv, per_token, k = _advantages(_float("advantages", advantages), logp.shape, b, advantages_per_token)
+    adv, per_token, k = _advantages(_tokens("advantages", advantages), logp.shape, b, advantages_per_token)
     lam = _weights(lambda_, k)
     kinds = _kinds(objectives, lam.shape[0])
     memb = None if membership is None else _host("membership", membership, torch.int64)
     normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
     flat = [None if x is None else x.reshape(-1) for x in
-            (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
+            (_tokens("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
              _float("rollout_logp", rollout_logp), _float("policy_weight", policy_weight))]
     old, m, ref, roll, pw = flat
     _same_device(logp, old_logp=old, advantages=adv, mask=m, ref_logp=ref, rollout_logp=roll, policy_weight=pw)
@@ -235,7 +267,7 @@ def _async_batch(dev, lead, cu_seqlens, advantages, advantages_per_token, lambda
         b = cu.shape[0] - 1
     else:
         cu, b = _batch(lead, cu_seqlens)
-    adv, per_token, k = _advantages(_float("advantages", advantages), lead, b, advantages_per_token)
+    adv, per_token, k = _advantages(_tokens("advantages", advantages), lead, b, advantages_per_token)
     if on_device:
         lam = (torch.ones(k, dtype=torch.float32, device=dev) if lambda_ is None
                else _device_or_host("lambda_", lambda_, torch.float32, dev).to(dev))
@@ -263,12 +295,12 @@ def grpo_loss_async(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     call copies nothing from the host, so it can be captured in a CUDA graph (after one eager call
     of the same size). On CPU tensors the reference computes at once.
     """
-    logp = _float("logp", logp)
+    logp = _tokens("logp", logp)
     cu, adv, per_token, lam, kinds, memb = _async_batch(logp.device, logp.shape, cu_seqlens, advantages,
                                                         advantages_per_token, lambda_, objectives, membership)
     normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
     flat = [None if x is None else x.reshape(-1) for x in
-            (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
+            (_tokens("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
              _float("rollout_logp", rollout_logp), _float("policy_weight", policy_weight))]
     old, m, ref, roll, pw = flat
     _same_device(logp, old_logp=old, advantages=adv, mask=m, ref_logp=ref, rollout_logp=roll, policy_weight=pw)
@@ -281,10 +313,14 @@ def grpo_loss_async(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_penalty: str = "low_var_kl", mask: Optional[Tensor] = None) -> Tensor:
     """verl's ``kl_penalty``: the per-token KL estimator (k1/kl, abs, k2/mse, k3/low_var_kl, k1+, k3+),
     shaped like ``logp``, differentiable with respect to ``logp`` (masked tokens: 0)."""
+    logp, ref_logp = _tokens("logp", logp), _tokens("ref_logp", ref_logp)
     shape = logp.shape
+    _same_shape(logp, ref_logp=ref_logp, mask=mask)
     m = None if mask is None else _mask(mask).reshape(-1)
     _same_device(logp, ref_logp=ref_logp, mask=m)
-    out, _ = ops.kl(_float("logp", logp).reshape(-1), _float("ref_logp", ref_logp).reshape(-1), m, kl_penalty)
+    if not isinstance(kl_penalty, str):
+        A.fail("kl_penalty", f"expected an estimator name (k1, abs, k2, k3, low_var_kl, ...), got {kl_penalty!r}", True)
+    out, _ = ops.kl(logp.reshape(-1), ref_logp.reshape(-1), m, kl_penalty)
     return out.view(shape)
 
 
@@ -302,15 +338,19 @@ def rollout_rejection(log_ratio: Tensor, mask: Tensor, cu_seqlens=None, *, rollo
     term and the metrics. ``rollout_token_veto_threshold`` (the older verl API's veto; ``rollout_rs``
     may then be ``None``) rejects every sequence holding an unmasked token of ratio
     ``exp(log_ratio)`` below it; its flag is the last bit. Not differentiable (a selection)."""
-    veto = None if rollout_token_veto_threshold is None else float(rollout_token_veto_threshold)
+    veto = None if rollout_token_veto_threshold is None else A.number("rollout_token_veto_threshold",
+                                                                     rollout_token_veto_threshold)
+    lr = _tokens("log_ratio", log_ratio)
+    mask = _mask(mask)
+    _same_shape(lr, mask=mask)
     shape = mask.shape
     cu, _ = _batch(shape, cu_seqlens)
-    lr = _float("log_ratio", log_ratio).reshape(-1)
-    m = _mask(mask).reshape(-1)
+    lr = lr.reshape(-1)
+    m = mask.reshape(-1)
     _same_device(lr, mask=m)
     flags = ops.rollout_rejection(lr.detach(), m, cu, str(rollout_rs or ""), str(rollout_rs_threshold or ""),
                                   veto).view(shape)
-    return torch.where(flags == 0, mask, torch.zeros((), dtype=mask.dtype, device=mask.device)), flags
+    return torch.where(flags == 0, mask.view(shape), torch.zeros((), dtype=mask.dtype, device=mask.device)), flags
 
 
 ROLLOUT_IS_STATS = ("weight_sum", "units", "ratio_min", "ratio_max", "corrected", "mean", "factor")
@@ -340,10 +380,13 @@ def rollout_is_weights(log_ratio: Tensor, mask: Tensor, cu_seqlens=None, *, roll
     weights were divided by; 1 without normalization). Pass the weights to ``grpo_loss`` as
     ``policy_weight``. Over data-parallel ranks, ``distributed.rollout_is_weights``. Not
     differentiable (verl detaches them)."""
+    lr = _tokens("log_ratio", log_ratio)
+    mask = _mask(mask)
+    _same_shape(lr, mask=mask)
     shape = mask.shape
     cu, _ = _batch(shape, cu_seqlens)
-    lr = _float("log_ratio", log_ratio).reshape(-1)
-    m = _mask(mask).reshape(-1)
+    lr = lr.reshape(-1)
+    m = mask.reshape(-1)
     _same_device(lr, mask=m)
     weights, stats = ops.rollout_is_weights(lr.detach(), m, cu, str(rollout_is), _is_threshold(rollout_is_threshold),
                                             bool(rollout_is_batch_normalize))
@@ -369,14 +412,18 @@ def weighted_reduce(losses: Tensor, mask: Tensor, cu_seqlens=None, *, lambda_=No
     """verl's ``agg_loss`` for K objectives at once: ``losses`` shaped like ``mask`` (one objective)
     or with a last dimension K. Returns ``(total, per_objective [K])`` with
     ``total = (1/K) sum_k lambda_k agg_k``, differentiable with respect to ``losses``."""
+    losses, mask = _tokens("losses", losses), _mask(mask)
     one = losses.shape == mask.shape
+    if not one and (losses.dim() != mask.dim() + 1 or losses.shape[:-1] != mask.shape):
+        A.fail("losses", f"expected the mask's shape {tuple(mask.shape)} (one objective) or with a last dimension "
+                         f"K, got shape {tuple(losses.shape)}")
     k = 1 if one else losses.shape[-1]
     cu, b = _batch(mask.shape, cu_seqlens)
     lam = _weights(lambda_, k)
     memb = None if membership is None else _host("membership", membership, torch.int64)
     normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
     _same_device(losses, mask=mask)
-    total, _, stats = ops.weighted_reduce(_float("losses", losses).reshape(-1), _mask(mask).reshape(-1), cu, lam,
+    total, _, stats = ops.weighted_reduce(_tokens("losses", losses).reshape(-1), _mask(mask).reshape(-1), cu, lam,
                                           memb, normalizers, seq_tokens, _config(options))
     return total, stats[:k]
 
@@ -386,12 +433,58 @@ def count_normalizers(mask: Tensor, cu_seqlens=None, membership=None, num_object
     weights then sequence counts per objective (the KL slot last), and each sequence's token weight.
     Add them over micro-batches / ranks and pass the sum as ``normalizers=`` to every part (a part
     that cuts a sequence also passes the whole batch's ``seq_tokens`` of its sequences)."""
+    mask = _mask(mask)
     cu, _ = _batch(mask.shape, cu_seqlens)
     memb = None if membership is None else _host("membership", membership, torch.int64)
-    return ops.count_normalizers(_mask(mask).reshape(-1), cu, memb, int(num_objectives))
+    k = A.integer("num_objectives", num_objectives, 1, 16)
+    if memb is not None and not torch.compiler.is_compiling() and bool((memb >= 2 ** k).any()):
+        A.fail("membership", f"expected bits below K = {k} (membership bit k: a member of objective k), got "
+                             f"{int(memb.max()):#x}")
+    return ops.count_normalizers(_mask(mask).reshape(-1), cu, memb, k)
 
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _logits(logits) -> Tensor:
+    """Logits ``[..., V]`` (V >= 1) in a dtype the kernels read."""
+    logits = A.tensor("logits", logits)
+    if logits.dtype not in _LOGIT_DTYPES:
+        A.fail("logits", f"expected a float32, float16 or bfloat16 tensor, got {logits.dtype}", True)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        A.fail("logits", f"expected [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    return logits
+
+
+def _labels(labels, rows: int) -> Tensor:
+    """``[T]`` int32 labels for ``rows`` rows: an integer tensor (wider dtypes narrowed with
+    saturation: a label out of range stays out of range and is reported)."""
+    y = A.device_ints("labels", labels).reshape(-1)
+    if y.shape[0] != rows:
+        A.fail("labels", f"expected {rows} labels (one per row), got shape {tuple(labels.shape)}")
+    return y
+
+
+def _options(temperature, ignore_index) -> Tuple[float, int]:
+    return A.number("temperature", temperature), A.integer("ignore_index", ignore_index, A.INT32_MIN, A.INT32_MAX)
+
+
+def _chunking(chunk_tokens, memory_budget) -> Tuple[int, int]:
+    chunk = 0 if chunk_tokens is None else A.integer("chunk_tokens", chunk_tokens, 1, 2 ** 31 - 1)
+    return chunk, A.integer("memory_budget", memory_budget, 1, 2 ** 62)
+
+
+def _head(hidden, weight) -> Tuple[Tensor, Tensor]:
+    hidden, weight = A.tensor("hidden", hidden), A.tensor("weight", weight)
+    if hidden.dim() < 1:
+        A.fail("hidden", "expected [..., H], got a 0-dim tensor")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] == 0:
+        A.fail("weight", f"expected hidden [..., H] and weight [V >= 1, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    for name, x in (("hidden", hidden), ("weight", weight)):
+        if x.dtype != torch.bfloat16:
+            A.fail(name, f"expected bfloat16 (the LM head's GEMMs take bf16), got {x.dtype}", True)
+    return hidden, weight
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0, *, entropy: bool = True,
@@ -403,19 +496,15 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     temporary), so the logits must not be used by anything else that needs them for backward
     (autograd's version check then fails loudly). Returns ``(logp, entropy)`` shaped like
     ``labels`` (``logp`` alone with ``entropy=False``)."""
-    if not isinstance(logits, Tensor) or logits.dtype not in _LOGIT_DTYPES:
-        raise RecapError(f"invalid argument `logits`: expected a float32, float16 or bfloat16 tensor, got "
-                         f"{getattr(logits, 'dtype', type(logits).__name__)}")
+    logits = _logits(logits)
     shape = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1])
     if z.shape[0] > 1 and z.stride(-1) != 1:
         z = z.contiguous()
-    y = labels.reshape(-1).to(torch.int32)
+    y = _labels(labels, z.shape[0])
     _same_device(z, labels=y)
-    if y.shape[0] != z.shape[0]:
-        raise RecapError(f"invalid argument `labels`: expected {z.shape[0]} labels (one per row of logits "
-                         f"{tuple(logits.shape)}), got shape {tuple(labels.shape)}")
-    logp, ent, _ = ops.logprob_forward(z, y, float(temperature), int(ignore_index), bool(inplace_backward))
+    tau, ignore = _options(temperature, ignore_index)
+    logp, ent, _ = ops.logprob_forward(z, y, tau, ignore, bool(inplace_backward))
     logp, ent = logp.view(shape), ent.view(shape)
     return (logp, ent) if entropy else logp
 
@@ -430,23 +519,23 @@ def grpo_loss_from_logits(logits: Tensor, labels: Tensor, old_logp: Tensor, adva
     the gradient computed in the same call. Metrics add ``actor/entropy`` and ``actor/entropy_loss``.
     Allocates the ``[T, V]`` gradient (in the logits' dtype); for the in-place backward use
     ``logprobs_from_logits`` followed by ``grpo_loss``."""
-    v = logits.shape[-1]
+    v = _logits(logits).shape[-1]
     lead = logits.shape[:-1]
     z = logits.reshape(-1, v)
-    y = labels.reshape(-1).to(torch.int32)
+    y = _labels(labels, z.shape[0])
+    tau, ignore = _options(temperature, ignore_index)
     cu, b = _batch(lead, cu_seqlens)
-    adv, per_token, k = _advantages(_float("advantages", advantages), lead, b, advantages_per_token)
+    adv, per_token, k = _advantages(_tokens("advantages", advantages), lead, b, advantages_per_token)
     lam = _weights(lambda_, k)
     kinds = _kinds(objectives, lam.shape[0])
     memb = None if membership is None else _host("membership", membership, torch.int64)
     normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
     old, m, ref, roll = [None if x is None else x.reshape(-1) for x in
-                         (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
+                         (_tokens("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
                           _float("rollout_logp", rollout_logp))]
     _same_device(z, labels=y, old_logp=old, advantages=adv, mask=m, ref_logp=ref, rollout_logp=roll)
     loss, stats, _ = ops.grpo_loss_from_logits(z, y, old, adv, m, cu, lam, kinds, memb, ref, roll, normalizers,
-                                               seq_tokens, per_token, _config(options), float(temperature),
-                                               int(ignore_index))
+                                               seq_tokens, per_token, _config(options), tau, ignore)
     return loss, _metrics(stats, lam.shape[0], objective_names, logits=True)
 
 
@@ -460,20 +549,24 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_l
     by chunk, never holding the ``[T, V]`` logits; differentiable with respect to ``hidden`` and
     ``weight``. ``chunk_tokens`` (default: sized from ``memory_budget`` bytes) and ``fp32_logits``
     tune the chunks. Returns ``(loss, metrics)`` as ``grpo_loss_from_logits``."""
+    hidden, weight = _head(hidden, weight)
     lead = hidden.shape[:-1]
     x = hidden.reshape(-1, hidden.shape[-1])
+    y = _labels(labels, x.shape[0])
+    chunk, budget = _chunking(chunk_tokens, memory_budget)
+    tau = A.number("temperature", temperature)
     cu, b = _batch(lead, cu_seqlens)
-    adv, per_token, k = _advantages(_float("advantages", advantages), lead, b, advantages_per_token)
+    adv, per_token, k = _advantages(_tokens("advantages", advantages), lead, b, advantages_per_token)
     lam = _weights(lambda_, k)
     kinds = _kinds(objectives, lam.shape[0])
     memb = None if membership is None else _host("membership", membership, torch.int64)
     normalizers, _ = _normalizers(normalizers, None)
     old, m, ref = [None if t is None else t.reshape(-1) for t in
-                   (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp))]
-    _same_device(x, weight=weight, labels=labels, old_logp=old, advantages=adv, mask=m, ref_logp=ref)
+                   (_tokens("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp))]
+    _same_device(x, weight=weight, labels=y, old_logp=old, advantages=adv, mask=m, ref_logp=ref)
     loss, stats, _, _ = ops.fused_linear_grpo_loss(
-        x, weight, labels.reshape(-1).to(torch.int32), old, adv, m, cu, lam, kinds, memb, ref, normalizers, per_token,
-        _config(options), float(temperature), int(chunk_tokens or 0), int(memory_budget), bool(fp32_logits))
+        x, weight, y, old, adv, m, cu, lam, kinds, memb, ref, normalizers, per_token,
+        _config(options), tau, chunk, budget, bool(fp32_logits))
     return loss, _metrics(stats, lam.shape[0], objective_names, logits=True)
 
 
@@ -487,23 +580,23 @@ def grpo_loss_from_logits_async(logits: Tensor, labels: Tensor, old_logp: Tensor
     for (labels out of range are reported there). ``cu_seqlens``, ``lambda_`` and ``membership``
     may be tensors on the device, as in ``grpo_loss_async`` (then capturable in a CUDA graph).
     ``top_entropy_quantile`` < 1 is refused (it sorts on the host)."""
-    v = logits.shape[-1]
+    v = _logits(logits).shape[-1]
     lead = logits.shape[:-1]
     z = logits.reshape(-1, v)
-    y = labels.reshape(-1).to(torch.int32)
+    y = _labels(labels, z.shape[0])
+    tau, ignore = _options(temperature, ignore_index)
     cu, adv, per_token, lam, kinds, memb = _async_batch(z.device, lead, cu_seqlens, advantages, advantages_per_token,
                                                         lambda_, objectives, membership)
     normalizers, seq_tokens = _normalizers(normalizers, seq_tokens)
     old, m, ref, roll = [None if x is None else x.reshape(-1) for x in
-                         (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
+                         (_tokens("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp),
                           _float("rollout_logp", rollout_logp))]
     _same_device(z, labels=y, old_logp=old, advantages=adv, mask=m, ref_logp=ref, rollout_logp=roll)
     config = _config(options)
     loss, _, out = ops.grpo_loss_from_logits_async(z, y, old, adv, m, cu, lam, kinds, memb, ref, roll, normalizers,
-                                                   seq_tokens, per_token, config, float(temperature),
-                                                   int(ignore_index))
+                                                   seq_tokens, per_token, config, tau, ignore)
     return loss, GrpoPending(out, len(kinds), config, ref is not None, roll is not None, objective_names,
-                             logits=(int(ignore_index), v))
+                             logits=(ignore, v))
 
 
 def fused_linear_grpo_loss_async(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor,
@@ -515,18 +608,22 @@ def fused_linear_grpo_loss_async(hidden: Tensor, weight: Tensor, labels: Tensor,
     """``fused_linear_grpo_loss`` without a host synchronization: ``(loss, pending)`` as
     ``grpo_loss_from_logits_async`` returns them; differentiable with respect to ``hidden`` and
     ``weight``."""
+    hidden, weight = _head(hidden, weight)
     lead = hidden.shape[:-1]
     x = hidden.reshape(-1, hidden.shape[-1])
+    y = _labels(labels, x.shape[0])
+    chunk, budget = _chunking(chunk_tokens, memory_budget)
+    tau = A.number("temperature", temperature)
     cu, adv, per_token, lam, kinds, memb = _async_batch(x.device, lead, cu_seqlens, advantages, advantages_per_token,
                                                         lambda_, objectives, membership)
     normalizers, _ = _normalizers(normalizers, None)
     old, m, ref = [None if t is None else t.reshape(-1) for t in
-                   (_float("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp))]
-    _same_device(x, weight=weight, labels=labels, old_logp=old, advantages=adv, mask=m, ref_logp=ref)
+                   (_tokens("old_logp", old_logp), _mask(mask), _float("ref_logp", ref_logp))]
+    _same_device(x, weight=weight, labels=y, old_logp=old, advantages=adv, mask=m, ref_logp=ref)
     config = _config(options)
     loss, _, _, out = ops.fused_linear_grpo_loss_async(
-        x, weight, labels.reshape(-1).to(torch.int32), old, adv, m, cu, lam, kinds, memb, ref, normalizers, per_token,
-        config, float(temperature), int(chunk_tokens or 0), int(memory_budget), bool(fp32_logits))
+        x, weight, y, old, adv, m, cu, lam, kinds, memb, ref, normalizers, per_token,
+        config, tau, chunk, budget, bool(fp32_logits))
     return loss, GrpoPending(out, len(kinds), config, ref is not None, False, objective_names,
                              logits=(-100, weight.shape[0]))
 
@@ -552,40 +649,70 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     of ``sum_k w_k r_k``), ``normalize_then_sum`` with ``mode="gdpo"`` (each column's GRPO value,
     weighted and summed, then normalized over the batch; TRL's eps is 1e-4). Not
     differentiable."""
-    r = _float("rewards", rewards)
+    r = _tokens("rewards", rewards)
+    if r.dim() not in (1, 2):
+        A.fail("rewards", f"expected [B] or [B, K], got shape {tuple(r.shape)}")
     one = r.dim() == 1
     r2 = r.reshape(r.shape[0], -1) if not one else r.reshape(-1, 1)
     k = r2.shape[1]
-    weights = None if reward_weights is None else [float(w) for w in reward_weights]
-    modes = ([mode] * (k if weights is None else 1)) if isinstance(mode, str) else list(mode)
+    weights = None if reward_weights is None else _host("reward_weights", reward_weights, torch.float32).tolist()
+    if weights is not None and len(weights) != k:
+        A.fail("reward_weights", f"expected K = {k} weights (one per reward column of {tuple(r.shape)}), got "
+                                 f"{len(weights)}")
+    if isinstance(mode, str):
+        modes = [mode] * (k if weights is None else 1)
+    else:
+        if not hasattr(mode, "__iter__") or not all(isinstance(x, str) for x in mode):
+            A.fail("mode", f"expected a mode name or a list of them, got {mode!r}", True)
+        modes = list(mode)
+        want = k if weights is None else 1
+        if len(modes) != want:
+            A.fail("mode", f"expected {want} mode(s) (one per reward column of {tuple(r.shape)}"
+                           f"{', one with reward_weights' if weights is not None else ''}), got {len(modes)}")
+    eps = A.number("eps", eps)
     if lengths is not None and response_mask is not None:
         raise RecapError("invalid argument `lengths`: give lengths or response_mask, not both")
     if response_mask is not None:
+        response_mask = A.tensor("response_mask", response_mask)
         if response_mask.dim() != 2 or response_mask.shape[0] != r2.shape[0]:
             raise RecapError(f"invalid argument `response_mask`: expected [B = {r2.shape[0]}, L], "
                              f"got {list(response_mask.shape)}")
         lengths = response_mask.sum(-1)
+        if lengths.is_floating_point():
+            lengths = lengths.round().to(torch.int64)
     if lengths is not None:
+        lengths = A.device_ints("lengths", lengths).reshape(-1)
+        if lengths.shape[0] != r2.shape[0]:
+            A.fail("lengths", f"expected [B = {r2.shape[0]}] response lengths, got {lengths.shape[0]}")
         _same_device(r2, lengths=lengths)
-        lengths = lengths.to(torch.int32)
     base = None
     if baselines is not None:
-        base = _float("baselines", baselines).reshape(-1)
+        base = _float("baselines", baselines)
+        if base.numel() != r2.numel():
+            A.fail("baselines", f"expected the rewards' shape {tuple(r.shape)}, got {tuple(base.shape)}")
+        base = base.reshape(-1)
         _same_device(r2, baselines=base)
     if group_ids is not None:
-        ids = group_ids.to(torch.int32)
+        ids = A.device_ints("group_ids", group_ids).reshape(-1)
+        if ids.shape[0] != r2.shape[0]:
+            A.fail("group_ids", f"expected [B = {r2.shape[0]}] group ids, got {ids.shape[0]}")
+        _same_device(r2, group_ids=ids)
         if num_groups is None:
             if ids.device.type != "cpu":
                 raise RecapError("invalid argument `num_groups`: required with group ids on a GPU (counting them "
                                  "would synchronize)")
             num_groups = 0  # any ids on the CPU
-        out = ops.group_advantages(r2, ids, lengths, 0, int(num_groups), ",".join(modes), float(eps),
-                                   str(singletons), weights, base)
+        out = ops.group_advantages(r2, ids, lengths, 0, A.integer("num_groups", num_groups, 0, 2 ** 31 - 1),
+                                   ",".join(modes), eps, str(singletons), weights, base)
     else:
         if group_size is None:
             raise RecapError("invalid argument `group_size`: give group_size or group_ids")
-        out = ops.group_advantages(r2, None, lengths, int(group_size), 0, ",".join(modes), float(eps),
-                                   str(singletons), weights, base)
+        size = A.integer("group_size", group_size, 1, 2 ** 31 - 1)
+        if r2.shape[0] % size != 0:
+            A.fail("group_size", f"B = {r2.shape[0]} rollouts (rewards {tuple(r.shape)}) do not split into groups "
+                                 f"of {size} consecutive rollouts")
+        out = ops.group_advantages(r2, None, lengths, size, 0, ",".join(modes), eps, str(singletons), weights,
+                                   base)
     return out.view(r.shape) if weights is None else out.view(-1)
 
 
@@ -593,7 +720,10 @@ def _group_ids(ids, b: int) -> Tensor:
     """``[B]`` int32 group ids as a CPU tensor (the op reads them on the host, like ``cu_seqlens``)
     from a tensor of integers or any sequence of hashable ids (verl's ``index``: a numpy array of
     uid strings)."""
-    if isinstance(ids, Tensor) and not ids.is_floating_point() and not ids.is_complex():
+    if isinstance(ids, Tensor):
+        A.tensor("group_ids", ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            A.fail("group_ids", f"expected integer ids (or hashable values), got a {ids.dtype} tensor", True)
         flat = ids.reshape(-1)
         if flat.numel() != b:
             raise RecapError(f"invalid argument `group_ids`: expected [B = {b}] ids, got {tuple(ids.shape)}")
@@ -628,10 +758,13 @@ def optimal_token_baseline(token_rewards: Tensor, mask: Tensor, old_logp: Tensor
     if sum_pi_squared is None:
         raise RecapError("invalid argument `sum_pi_squared`: required (the policy's sum of squared "
                          "probabilities per token; verl: actor.calculate_sum_pi_squared=True)")
+    token_rewards = _tokens("token_rewards", token_rewards)
     shape = token_rewards.shape
+    _same_shape(token_rewards, mask=mask, old_logp=old_logp, sum_pi_squared=sum_pi_squared,
+                rollout_is_weights=rollout_is_weights)
     cu, b = _batch(shape, cu_seqlens)
-    r = _float("token_rewards", token_rewards).reshape(-1)
-    old, spp = _float("old_logp", old_logp).reshape(-1), _float("sum_pi_squared", sum_pi_squared).reshape(-1)
+    r = token_rewards.reshape(-1)
+    old, spp = _tokens("old_logp", old_logp).reshape(-1), _float("sum_pi_squared", sum_pi_squared).reshape(-1)
     rho = _float("rollout_is_weights", rollout_is_weights)
     rho = None if rho is None else rho.reshape(-1)
     m = _mask(mask).reshape(-1)
@@ -641,8 +774,8 @@ def optimal_token_baseline(token_rewards: Tensor, mask: Tensor, old_logp: Tensor
     elif group_size is None:
         raise RecapError("invalid argument `group_size`: give group_size or group_ids")
     else:
-        ids, size = None, int(group_size)
+        ids, size = None, A.integer("group_size", group_size, 1, 2 ** 31 - 1)
     adv, ret = ops.optimal_token_baseline(r.detach(), old.detach(), spp.detach(),
                                           None if rho is None else rho.detach(), m, cu, ids, size, bool(multi_turn),
-                                          bool(handle_zero_tail), float(eps))
+                                          bool(handle_zero_tail), A.number("eps", eps))
     return adv.view(shape), ret.view(shape)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import _args as A
 from . import functional as F
 from . import ops
 from ._native import RecapError
@@ -47,7 +48,7 @@ def combine(gathered: Tensor, labels: Tensor, ignore_index: int = -100):
     starts = gathered[:, -1].contiguous().view(torch.int32)
     order = torch.argsort(starts, stable=True)
     parts = gathered.index_select(0, order)[:, :-1].reshape(p, 3, -1)
-    return ops.tp_combine(parts, labels, int(ignore_index))
+    return ops.tp_combine(parts, labels, A.integer("ignore_index", ignore_index, A.INT32_MIN, A.INT32_MAX))
 
 
 def _exchange(partials: Tensor, vocab_start: int, labels: Tensor, ignore_index: int, group):
@@ -59,7 +60,7 @@ def _exchange(partials: Tensor, vocab_start: int, labels: Tensor, ignore_index: 
 
 
 def _labels(labels: Tensor, rows: int) -> Tensor:
-    y = labels.reshape(-1).to(torch.int32).contiguous()
+    y = A.device_ints("labels", labels).reshape(-1).contiguous()
     if y.shape[0] != rows:
         raise RecapError(f"invalid argument `labels`: expected {rows} labels (one per row of the logits shard), "
                          f"got shape {tuple(labels.shape)}")
@@ -93,12 +94,17 @@ def logprobs_from_logits(logits_shard: Tensor, labels: Tensor, vocab_start: int,
     ``vocab_start`` on); one collective on ``group`` (default: the world). Differentiable with respect
     to ``logits_shard``: the backward gives this rank's slice of the whole gradient (written over the
     shard with ``inplace_backward``). Returns ``(logp, entropy)`` shaped like ``labels``."""
+    logits_shard = A.tensor("logits_shard", logits_shard)
+    if logits_shard.dim() == 0 or logits_shard.shape[-1] == 0:
+        A.fail("logits_shard", f"expected [..., V_r] with V_r >= 1, got shape {tuple(logits_shard.shape)}")
     shape = logits_shard.shape[:-1]
     z = logits_shard.reshape(-1, logits_shard.shape[-1])
     if z.shape[0] > 1 and z.stride(-1) != 1:
         z = z.contiguous()
     y = _labels(labels, z.shape[0])
-    logp, ent = _Logprobs.apply(z, y, int(vocab_start), group, float(temperature), int(ignore_index),
+    logp, ent = _Logprobs.apply(z, y, A.integer("vocab_start", vocab_start, 0, A.INT32_MAX), group,
+                                A.number("temperature", temperature),
+                                A.integer("ignore_index", ignore_index, A.INT32_MIN, A.INT32_MAX),
                                 bool(inplace_backward))
     return logp.view(shape), ent.view(shape)
 
@@ -177,14 +183,20 @@ def fused_linear_grpo_loss(hidden: Tensor, weight_shard: Tensor, vocab_start: in
     backward), one collective for the partials, the fused loss on the log-probabilities. The
     backward all-reduces ``d hidden`` over ``group`` (``reduce_hidden_grad=False`` leaves it to the
     caller, e.g. a sequence-parallel reduce-scatter); the weight gradient is this rank's shard's."""
+    hidden, weight_shard = A.tensor("hidden", hidden), A.tensor("weight_shard", weight_shard)
+    if hidden.dim() == 0:
+        A.fail("hidden", "expected [..., H], got a 0-dim tensor")
     lead = hidden.shape[:-1]
     x = hidden.reshape(-1, hidden.shape[-1])
     if weight_shard.dim() != 2 or weight_shard.shape[1] != x.shape[1]:
         raise RecapError(f"invalid argument `weight_shard`: expected [V_r, H = {x.shape[1]}], got shape "
                          f"{tuple(weight_shard.shape)}")
     y = _labels(labels, x.shape[0])
-    logp, entropy = _LinearLogprobs.apply(x, weight_shard, y, int(vocab_start), group, float(temperature),
-                                          int(ignore_index), max(1, int(chunk_tokens)), bool(reduce_hidden_grad))
+    logp, entropy = _LinearLogprobs.apply(x, weight_shard, y, A.integer("vocab_start", vocab_start, 0, A.INT32_MAX),
+                                          group, A.number("temperature", temperature),
+                                          A.integer("ignore_index", ignore_index, A.INT32_MIN, A.INT32_MAX),
+                                          A.integer("chunk_tokens", chunk_tokens, 1, A.INT32_MAX),
+                                          bool(reduce_hidden_grad))
     logp, entropy = logp.view(lead), entropy.view(lead)
     valid = F._mask(mask).float() * (labels != ignore_index).reshape(mask.shape).float()
     loss, metrics = F.grpo_loss(logp, old_logp, advantages, valid, cu_seqlens, **options)

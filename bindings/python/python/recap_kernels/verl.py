@@ -192,8 +192,9 @@ def _policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor, advanta
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """verl's ``masked_mean``: the masked sum over the mask's sum plus 1e-8."""
-    return (x * mask).sum() / (mask.sum() + 1e-8)
+    """verl's ``masked_mean``: the masked sum over the mask's sum plus 1e-8 (a non-finite value at a
+    masked token is left out, not multiplied by 0 into NaN)."""
+    return torch.where(mask != 0, x * mask, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / (mask.sum() + 1e-8)
 
 
 def _cov_ratio(config, name: str) -> float:

@@ -4,6 +4,7 @@ from typing import Sequence
 
 import torch
 
+from . import _args as A
 from . import _native
 
 
@@ -16,7 +17,13 @@ class RecapWeights:
     ``state_dict()`` / ``load_state_dict()`` checkpoint it exactly."""
 
     def __init__(self, orientations: Sequence[str], **options):
-        self._s = _native.RecapScheduler(list(orientations), json.dumps(options))
+        if isinstance(orientations, (str, bytes)) or not hasattr(orientations, "__iter__"):
+            A.fail("orientations", f"expected a list of 'reward' / 'loss', got {orientations!r}", True)
+        orientations = list(orientations)
+        for o in orientations:
+            if not isinstance(o, str):
+                A.fail("orientations", f"expected 'reward' or 'loss' per objective, got {o!r}", True)
+        self._s = A.guarded("RecapScheduler", _native.RecapScheduler)(orientations, json.dumps(A.options(options)))
 
     @property
     def num_objectives(self) -> int:
@@ -30,8 +37,11 @@ class RecapWeights:
         """Records one step's monitored values (K floats, or a tensor of K values; a tensor on a
         GPU is read back, which synchronizes)."""
         if isinstance(values, torch.Tensor):
-            values = values.detach().double().cpu().tolist()
-        self._s.observe([float(v) for v in values])
+            values = A.tensor("values", values).detach().double().cpu().reshape(-1).tolist()
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            A.fail("values", f"expected K = {self.num_objectives} numbers, got {values!r}", True)
+        A.guarded("RecapScheduler.observe", self._s.observe)([A.number(f"values[{i}]", v)
+                                                           for i, v in enumerate(values)])
 
     def weights(self):
         """The current weights, K floats."""
@@ -45,4 +55,5 @@ class RecapWeights:
         return {"recap_scheduler": json.loads(self._s.to_json())}
 
     def load_state_dict(self, state: dict) -> None:
-        self._s = _native.RecapScheduler.from_json(json.dumps(state["recap_scheduler"]))
+        self._s = A.guarded("RecapScheduler.from_json", _native.RecapScheduler.from_json)(
+            json.dumps(state["recap_scheduler"]))
