@@ -1606,25 +1606,15 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss(
             false,
             (cfg, temperature, chunk_tokens, memory_budget, fp32_logits),
         )?;
-        let (t, h, v, b, k) = (a.t, a.h, a.v, a.b, a.k);
-        let inputs = LogitsLossInputs {
-            labels: arr(labels, t),
-            old_logp: arr(old_logp, t),
-            ref_logp: opt_arr(ref_logp, t),
-            rollout_logp: None,
-            advantages: adv_arr(advantages, adv_per_token, t, b, k),
-            mask: Mask::U8(arr(mask, t)),
-            cu_seqlens: a.cu,
-            lambda: a.lambda,
-            objectives: &a.kinds,
-            membership: a.membership,
-            normalizers: a.norms.as_ref(),
-        };
-        let head = raw::RawHead {
-            hidden: arr(hidden as *const half::bf16, t * h),
-            weight: arr(weight as *const half::bf16, v * h),
-            hidden_size: h,
-        };
+        let (t, h, v) = (a.t, a.h, a.v);
+        let inputs = a.inputs(
+            labels,
+            old_logp,
+            ref_logp,
+            (advantages, adv_per_token),
+            mask,
+        );
+        let head = a.head(hidden, weight);
         let out = raw::fused_linear_grpo_loss(
             place(device, stream),
             &head,
@@ -1668,7 +1658,42 @@ type CLayout = (
     *const f64,
 );
 
-impl LinearArgs<'_> {
+impl<'a> LinearArgs<'a> {
+    /// The call's inputs from its per-token pointers (`T` elements each; advantages `[B, K]` or,
+    /// with their flag, `[T, K]`).
+    fn inputs(
+        &self,
+        labels: *const i32,
+        old_logp: *const f32,
+        ref_logp: *const f32,
+        (advantages, adv_per_token): (*const f32, i32),
+        mask: *const u8,
+    ) -> LogitsLossInputs<'_, In<f32>, In<u8>, In<i32>> {
+        let t = self.t;
+        LogitsLossInputs {
+            labels: arr(labels, t),
+            old_logp: arr(old_logp, t),
+            ref_logp: opt_arr(ref_logp, t),
+            rollout_logp: None,
+            advantages: adv_arr(advantages, adv_per_token, t, self.b, self.k),
+            mask: Mask::U8(arr(mask, t)),
+            cu_seqlens: self.cu,
+            lambda: self.lambda,
+            objectives: &self.kinds,
+            membership: self.membership,
+            normalizers: self.norms.as_ref(),
+        }
+    }
+
+    /// The head `hidden [T, H]`, `weight [V, H]` (bf16).
+    fn head(&self, hidden: *const c_void, weight: *const c_void) -> raw::RawHead {
+        raw::RawHead {
+            hidden: arr(hidden as *const half::bf16, self.t * self.h),
+            weight: arr(weight as *const half::bf16, self.v * self.h),
+            hidden_size: self.h,
+        }
+    }
+
     /// `dims`: T, H, V, B; `layout_on_device`: `cu_seqlens`, `lambda` and `membership` are device
     /// pointers (not read here); `opts`: the config, temperature and chunking.
     unsafe fn new(
@@ -1854,24 +1879,14 @@ pub unsafe extern "C" fn recap_fused_linear_grpo_loss_async(
             (cfg, temperature, chunk_tokens, memory_budget, fp32_logits),
         )?;
         let (t, h, v, b, k) = (a.t, a.h, a.v, a.b, a.k);
-        let inputs = LogitsLossInputs {
-            labels: arr(labels, t),
-            old_logp: arr(old_logp, t),
-            ref_logp: opt_arr(ref_logp, t),
-            rollout_logp: None,
-            advantages: adv_arr(advantages, adv_per_token, t, b, k),
-            mask: Mask::U8(arr(mask, t)),
-            cu_seqlens: a.cu,
-            lambda: a.lambda,
-            objectives: &a.kinds,
-            membership: a.membership,
-            normalizers: a.norms.as_ref(),
-        };
-        let head = raw::RawHead {
-            hidden: arr(hidden as *const half::bf16, t * h),
-            weight: arr(weight as *const half::bf16, v * h),
-            hidden_size: h,
-        };
+        let inputs = a.inputs(
+            labels,
+            old_logp,
+            ref_logp,
+            (advantages, adv_per_token),
+            mask,
+        );
+        let head = a.head(hidden, weight);
         let dev = on_device.then(|| raw::DeviceBatchArrays {
             cu_seqlens: arr(cu_seqlens, b + 1),
             membership: opt_arr(membership, b),

@@ -35,13 +35,14 @@ pub fn grpo_loss(
 /// The fused loss on the host, into the layout of the asynchronous call's device output
 /// (`[RECAP_OUT_SLOTS + slots]`: the loss, the check flags (0), the normalizers, the slots), so a
 /// binding's asynchronous entry point behaves the same on a host place. Non-finite inputs are
-/// reported when the output is read, as on the device.
+/// reported when the output is read, as on the device. Returns the output decoded (non-finite
+/// inputs allowed).
 pub(crate) fn grpo_loss_out(
     inputs: &HostGrpoInputs<'_>,
     config: &GrpoConfig,
     grad: &mut [f32],
     out: &mut [f64],
-) -> Result<()> {
+) -> Result<GrpoOutput> {
     use crate::kernel_layout::{OUT_FLAGS, OUT_LOSS, OUT_NORMS, OUT_SLOTS};
     let shape = validate_grpo(inputs, config)?;
     check_len("grad", grad.len(), shape.t, "[T]")?;
@@ -67,7 +68,7 @@ pub(crate) fn grpo_loss_out(
     out[OUT_FLAGS] = 0.0;
     out[OUT_NORMS..OUT_SLOTS].copy_from_slice(&sums.norms);
     out[OUT_SLOTS..].copy_from_slice(&sums.slots);
-    Ok(())
+    Ok(o)
 }
 
 #[allow(clippy::needless_range_loop)] // token loops index several arrays

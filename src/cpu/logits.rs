@@ -261,32 +261,15 @@ pub(super) fn from_logits<E: LogitElem>(
     };
     let grpo = match raw.as_deref_mut() {
         Some(out) => {
-            use crate::kernel_layout::{OUT_NORMS, OUT_SLOTS};
-            let main = OUT_SLOTS + crate::output::grpo_slots(inputs.lambda.len());
+            let main =
+                crate::kernel_layout::OUT_SLOTS + crate::output::grpo_slots(inputs.lambda.len());
             check_len(
                 "out",
                 out.len(),
                 main + LOGITS_EXTRA,
                 "logits_output_len(K)",
             )?;
-            super::grpo_loss_out(&x, config, &mut g_logp, &mut out[..main])?;
-            let sums = crate::output::GrpoSums {
-                norms: out[OUT_NORMS..OUT_SLOTS].to_vec(),
-                slots: out[OUT_SLOTS..main].to_vec(),
-            };
-            let lenient = crate::config::GrpoConfig {
-                allow_nonfinite: true,
-                ..config.clone()
-            };
-            let mut o = crate::output::finish_grpo(
-                &sums,
-                inputs.lambda,
-                &lenient,
-                inputs.ref_logp.is_some(),
-                inputs.rollout_logp.is_some(),
-            )?;
-            o.loss = out[OUT_LOSS];
-            o
+            super::grpo_loss_out(&x, config, &mut g_logp, &mut out[..main])?
         }
         None => super::grpo_loss(&x, config, &mut g_logp)?,
     };

@@ -15,7 +15,12 @@ impl Emulated {
     /// fails the test that asked for it.
     pub fn build(name: &str) -> Emulated {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let so = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("simt_{name}.so"));
+        // each build into its own file: two tests of one binary may build the same emulation at
+        // once, and a shared path would let one load the other's half-written library
+        static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let so = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("simt_{name}_{}_{n}.so", std::process::id()));
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let status = std::process::Command::new(&cxx)
             .args([
@@ -44,6 +49,7 @@ impl Emulated {
         // SAFETY: a library this test just built from the repository's sources; loading runs no
         // code of ours beyond the C++ runtime's static initialization.
         let lib = unsafe { libloading::Library::new(&so) }.expect("loading the kernel emulation");
+        let _ = std::fs::remove_file(&so); // loaded: the mapping stays valid
         Emulated { lib }
     }
 
