@@ -57,9 +57,38 @@ struct ExperimentArgs {
     /// Where the weights act (comma-separated).
     #[arg(long = "apply", value_parser = one_of(Apply::ALL), value_delimiter = ',', default_values_t = [Apply::Loss, Apply::Reward])]
     applies: Vec<Apply>,
-    /// Directory for every run's metrics.jsonl, the table (table.md) and the results (results.json).
+    /// A sweep of a RECAP scheduler option, KEY=V1,V2,... (repeatable: the grid of every given
+    /// option), each setting a configuration of its own beside rl-only and uniform, e.g.
+    /// --recap-sweep temperature=0.25,1,5 --recap-sweep priority=sum,softmax_mixture.
+    #[arg(long = "recap-sweep", value_name = "KEY=V1,V2,...")]
+    recap_sweep: Vec<String>,
+    /// Directory for every run's metrics.jsonl, the tables (table.md), the results with the paired
+    /// intervals (results.json) and the picture (frontier.svg).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// The grid of `--recap-sweep KEY=V1,V2,...` arguments (numbers and booleans as such, anything
+/// else as a string).
+fn sweep_grid(args: &[String]) -> Result<Vec<(String, Vec<serde_json::Value>)>, String> {
+    args.iter()
+        .map(|kv| {
+            let (k, vs) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--recap-sweep {kv}: expected KEY=V1,V2,..."))?;
+            let values = vs
+                .split(',')
+                .filter(|v| !v.is_empty())
+                .map(|v| {
+                    serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()))
+                })
+                .collect::<Vec<_>>();
+            if values.is_empty() {
+                return Err(format!("--recap-sweep {kv}: no values"));
+            }
+            Ok((k.to_string(), values))
+        })
+        .collect()
 }
 
 #[derive(Args)]
@@ -182,7 +211,8 @@ struct TrainArgs {
     /// Seed of the task, the initial weights and the sampling (a seed reproduces a run).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Directory for metrics.jsonl.
+    /// Directory for metrics.jsonl (a line per step) and curves.svg (rewards, weights, NLLs and
+    /// pass@k over the steps).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Write checkpoints into this directory (checkpoint.safetensors, atomically): after the last
@@ -303,10 +333,24 @@ fn experiment(args: ExperimentArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let variants = match sweep_grid(&args.recap_sweep)
+        .and_then(|g| experiment::sweep(&base.recap, &g).map_err(|e| e.to_string()))
+    {
+        Ok(v) if args.recap_sweep.is_empty() => {
+            let _ = v;
+            Vec::new()
+        }
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("recap experiment: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cfg = ExperimentConfig {
         seeds: (0..args.seeds).collect(),
         weightings: args.weightings,
         applies: args.applies,
+        variants,
         ..ExperimentConfig::new(base)
     };
     let runs = match experiment::run(&cfg, &mut |e| {
@@ -323,17 +367,28 @@ fn experiment(args: ExperimentArgs) -> ExitCode {
     let table = experiment::table(&runs);
     print!("{table}");
     if let Some(dir) = &args.out {
-        let json = serde_json::to_string_pretty(&runs).unwrap_or_default();
+        let json = experiment::results_json(&runs);
+        let svg = match recap_kernels::train::plots::frontier_svg(&experiment::summarize(&runs)) {
+            Ok(svg) => svg,
+            Err(e) => {
+                eprintln!("recap experiment: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         for (name, text) in [
             ("table.md", table.as_str()),
             ("results.json", json.as_str()),
+            ("frontier.svg", svg.as_str()),
         ] {
             if let Err(e) = recap_kernels::train::write_atomic(&dir.join(name), text.as_bytes()) {
                 eprintln!("recap experiment: {e}");
                 return ExitCode::FAILURE;
             }
         }
-        eprintln!("recap experiment: wrote {}", dir.join("table.md").display());
+        eprintln!(
+            "recap experiment: wrote table.md, results.json and frontier.svg in {}",
+            dir.display()
+        );
     }
     ExitCode::SUCCESS
 }

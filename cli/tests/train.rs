@@ -489,7 +489,8 @@ fn the_experiment_cli_and_scheduler_options() {
     );
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
-    assert_eq!(results.as_array().unwrap().len(), 8);
+    assert_eq!(results["runs"].as_array().unwrap().len(), 8);
+    assert_eq!(results["configs"].as_array().unwrap().len(), 4);
     assert!(dir.join("recap-reward-seed1/metrics.jsonl").exists());
     // the authors' scheduler with an annealed alpha, then a misspelt option
     let ok = std::process::Command::new(&exe)
@@ -523,6 +524,158 @@ fn the_experiment_cli_and_scheduler_options() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("windw"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `recap experiment --recap-sweep`: every setting of the grid a configuration beside rl-only and
+/// uniform, compared with uniform on the same seeds (the paired intervals in the table and in
+/// results.json), frontier.svg beside them; `recap train --out` writes curves.svg. The SVGs parse
+/// as XML and hold one point per configuration, the axes' labels and every curve.
+#[test]
+fn the_sweep_its_paired_intervals_and_the_pictures() {
+    let exe = [env!("CARGO_BIN_EXE_recap"), ".gpu/bin/recap"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("recap-sweep-test-{}", std::process::id()));
+    let out = std::process::Command::new(&exe)
+        .args([
+            "experiment",
+            "--device",
+            "cpu",
+            "--seeds",
+            "3",
+            "--steps",
+            "12",
+            "--prompts",
+            "2",
+            "--apply",
+            "loss",
+            "--recap-sweep",
+            "temperature=0.25,5",
+            "--recap-sweep",
+            "priority=sum,softmax_mixture",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "| rl-only | loss |",
+        "| uniform | loss |",
+        "| recap temperature=0.25 priority=sum | loss |",
+        "| recap temperature=5 priority=softmax_mixture | loss |",
+    ] {
+        assert!(stdout.contains(row), "{row}: {stdout}");
+    }
+    assert!(stdout.contains("Paired against uniform replay"), "{stdout}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    let configs = results["configs"].as_array().unwrap();
+    assert_eq!(configs.len(), 6, "rl-only, uniform and 4 settings");
+    for c in configs {
+        let paired = &c["paired_vs_uniform"];
+        if c["config"] == "uniform" {
+            assert!(paired.is_null());
+            continue;
+        }
+        for metric in [
+            "accuracy",
+            "format",
+            "overlap",
+            "pass@1",
+            "pass@G",
+            "general_nll",
+            "heldout_nll change",
+            "support lost",
+        ] {
+            let i = &paired[metric];
+            let (m, lo, hi) = (
+                i["mean"].as_f64().unwrap(),
+                i["ci_low"].as_f64().unwrap(),
+                i["ci_high"].as_f64().unwrap(),
+            );
+            assert!(
+                lo <= m && m <= hi && i["n"] == 3,
+                "{}: {metric}: {i}",
+                c["config"]
+            );
+        }
+    }
+    let svg = std::fs::read_to_string(dir.join("frontier.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("frontier.svg is well-formed XML");
+    let circles = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("circle"))
+        .count();
+    assert!(
+        circles >= 2 * 6,
+        "a point per configuration in each panel: {circles}"
+    );
+    let texts: String = doc
+        .descendants()
+        .filter_map(|n| n.text())
+        .collect::<Vec<_>>()
+        .join("|");
+    for label in [
+        "accuracy",
+        "replay NLL change",
+        "held-out NLL change",
+        "Pareto front",
+        "uniform",
+    ] {
+        assert!(texts.contains(label), "{label}: {texts}");
+    }
+    // recap train --out: curves.svg
+    let run = dir.join("train");
+    let ok = std::process::Command::new(&exe)
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--steps",
+            "6",
+            "--prompts",
+            "2",
+            "--out",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let svg = std::fs::read_to_string(run.join("curves.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("curves.svg is well-formed XML");
+    let lines = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("polyline"))
+        .count();
+    assert!(lines >= 3 + 4 + 2 + 3, "every curve drawn: {lines}");
+    let texts: String = doc
+        .descendants()
+        .filter_map(|n| n.text())
+        .collect::<Vec<_>>()
+        .join("|");
+    for label in [
+        "step",
+        "lambda",
+        "NLL (nats/token)",
+        "pass@G",
+        "accuracy",
+        "held-out NLL",
+    ] {
+        assert!(texts.contains(label), "{label}: {texts}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

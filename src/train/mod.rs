@@ -32,6 +32,7 @@ mod cpu;
 mod cuda;
 pub mod experiment;
 pub mod metrics;
+pub mod plots;
 mod summary;
 mod task;
 
@@ -167,10 +168,30 @@ pub fn train_with(
             "these sizes are meant for a GPU: on the CPU reference a step takes minutes".into(),
         ));
     }
-    match backend {
+    let records = match backend {
         Backend::Cpu => run(&task, &mut cpu::CpuEngine::new(&task), on_event),
         Backend::Cuda(gpu) => run(&task, &mut cuda::CudaEngine::new(&task, gpu)?, on_event),
+    }?;
+    if let Some(dir) = &cfg.out {
+        // the picture of the whole run: metrics.jsonl holds the steps before a resume too
+        let all = read_metrics(&metrics_path(dir)).unwrap_or_else(|_| records.clone());
+        write_atomic(&dir.join("curves.svg"), plots::curves_svg(&all)?.as_bytes())?;
+        on_event(Event::Info(format!(
+            "wrote {}",
+            dir.join("curves.svg").display()
+        )));
     }
+    Ok(records)
+}
+
+/// The records of a `metrics.jsonl` (a line that does not parse, e.g. one a killed run cut short,
+/// ends them).
+fn read_metrics(path: &Path) -> std::io::Result<Vec<StepMetrics>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .map_while(|l| serde_json::from_str::<StepMetrics>(l).ok())
+        .collect())
 }
 
 fn optimizer(lr: f32) -> AdamW {
