@@ -346,15 +346,17 @@ RECAP_HD int recap_rs_keep(double v, int statistic, double lower, double upper) 
 
 /*
  * Online softmax statistics of one row of x = z / tau, shifted by the running maximum m:
- *   s = sum_j exp(x_j - m),  a = sum_j exp(x_j - m) (x_j - m)
- * so that LSE = m + log s and the entropy H = -sum p log p = log s - a / s (no cancellation
- * against m). Terms with exp(x_j - m) = 0 (x_j = -inf) add nothing. Merging two states is exact:
- * moving a state to a larger maximum M scales s by e = exp(m - M) and a to e (a + (m - M) s).
+ *   s = sum_j exp(x_j - m),  a = sum_j exp(x_j - m) (x_j - m),  q = sum_j exp(2 (x_j - m))
+ * so that LSE = m + log s, the entropy H = -sum p log p = log s - a / s (no cancellation against
+ * m), and sum_j p_j^2 = q / s^2 (= exp(LSE(2x) - 2 LSE(x)): verl's sum_pi_squared). Terms with
+ * exp(x_j - m) = 0 (x_j = -inf) add nothing. Merging two states is exact: moving a state to a
+ * larger maximum M scales s by e = exp(m - M), a to e (a + (m - M) s) and q by e^2.
  */
 typedef struct RecapSoftmaxState {
     float m;
     float s;
     float a;
+    float q;
 } RecapSoftmaxState;
 
 RECAP_HD RecapSoftmaxState recap_softmax_init(void) {
@@ -362,6 +364,7 @@ RECAP_HD RecapSoftmaxState recap_softmax_init(void) {
     st.m = RECAP_NEG_INF;
     st.s = 0.0f;
     st.a = 0.0f;
+    st.q = 0.0f;
     return st;
 }
 
@@ -371,6 +374,7 @@ RECAP_HD RecapSoftmaxState recap_softmax_rebase(RecapSoftmaxState st, float m_ne
     const float e = expf(d);
     st.a = e * (st.a + d * st.s);
     st.s = e * st.s;
+    st.q = (e * e) * st.q;
     st.m = m_new;
     return st;
 }
@@ -382,6 +386,7 @@ RECAP_HD RecapSoftmaxState recap_softmax_add(RecapSoftmaxState st, float x) {
     if (e > 0.0f) {
         st.s += e;
         st.a += e * d;
+        st.q += e * e;
     }
     return st;
 }
@@ -393,11 +398,24 @@ RECAP_HD RecapSoftmaxState recap_softmax_merge(RecapSoftmaxState u, RecapSoftmax
     v = recap_softmax_rebase(v, m);
     u.s += v.s;
     u.a += v.a;
+    u.q += v.q;
     return u;
+}
+
+/* sum_j p_j^2 of a row's final state. */
+RECAP_HD float recap_softmax_sum_sq(RecapSoftmaxState st) { return st.q / (st.s * st.s); }
+
+/* Gradient of g_spp sum_k p_k^2 with respect to logit j: (1/tau) 2 g_spp p_j (p_j - sum_k p_k^2);
+ * 0 without upstream gradient, whatever the logits hold. */
+RECAP_HD float recap_logit_grad_sum_sq(float x, float lse, float sum_sq, float g_spp, float inv_tau) {
+    if (g_spp == 0.0f) return 0.0f;
+    const float p = expf(x - lse);
+    return inv_tau * (2.0f * g_spp * p * (p - sum_sq));
 }
 
 /* Gradient of one logit: dz_j = (1/tau) (g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H)), with
  * log p_j = x_j - lse; a zero probability contributes only through 1[j = y]. */
+
 RECAP_HD float recap_logit_grad(float x, int is_label, float lse, float entropy, float g_logp, float g_ent,
                                 float inv_tau) {
     /* no upstream gradient (a masked or ignored token): exactly 0, whatever the logits hold (a NaN

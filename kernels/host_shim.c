@@ -64,6 +64,22 @@ void recap_host_softmax_row(const float* x, long n, float* lse, float* entropy) 
     *entropy = logf(st.s) - st.a / st.s;
 }
 
+/* sum_j p_j^2 of a row by the device's online state: folded in order, or (split > 0) two halves
+ * merged as the warp tree merges them. */
+float recap_host_softmax_sum_sq(const float* x, long n, long split) {
+    RecapSoftmaxState h[2];
+    long lo[2] = {0, split > 0 ? split : n}, hi[2] = {split > 0 ? split : n, n};
+    for (int k = 0; k < 2; ++k) {
+        h[k] = recap_softmax_init();
+        for (long i = lo[k]; i < hi[k]; ++i) {
+            if (x[i] > h[k].m) h[k] = recap_softmax_rebase(h[k], x[i]);
+            if (h[k].m == RECAP_NEG_INF) continue;
+            h[k] = recap_softmax_add(h[k], x[i]);
+        }
+    }
+    return recap_softmax_sum_sq(recap_softmax_merge(h[0], h[1]));
+}
+
 /* Merges the states of two halves of a row, as the device's warp tree does. */
 void recap_host_softmax_split(const float* x, long n, long split, float* lse, float* entropy) {
     RecapSoftmaxState h[2];
@@ -87,6 +103,10 @@ float recap_host_inv_norm(double x) { return recap_inv_norm(x); }
 
 float recap_host_logit_grad(float x, int is_label, float lse, float entropy, float g_logp, float g_ent, float inv_tau) {
     return recap_logit_grad(x, is_label, lse, entropy, g_logp, g_ent, inv_tau);
+}
+
+float recap_host_logit_grad_sum_sq(float x, float lse, float sum_sq, float g_spp, float inv_tau) {
+    return recap_logit_grad_sum_sq(x, lse, sum_sq, g_spp, inv_tau);
 }
 
 #define F(S, f) offsetof(S, f)
@@ -149,7 +169,8 @@ static const size_t logits_layout[] = {
     F(RecapLogitsParams, vocab), F(RecapLogitsParams, ld), F(RecapLogitsParams, out_ld),
     F(RecapLogitsParams, ignore_index), F(RecapLogitsParams, mask_u8), F(RecapLogitsParams, inv_temperature),
     F(RecapLogitsParams, g_entropy_scale), F(RecapLogitsParams, label_logit), F(RecapLogitsParams, label_offset),
-    F(RecapLogitsParams, sharded), F(RecapLogitsParams, pad0)};
+    F(RecapLogitsParams, sharded), F(RecapLogitsParams, pad0),
+    F(RecapLogitsParams, sum_pi_squared), F(RecapLogitsParams, g_sum_pi_squared)};
 static const size_t tp_layout[] = {
     sizeof(RecapTpParams), F(RecapTpParams, partials), F(RecapTpParams, logp), F(RecapTpParams, entropy),
     F(RecapTpParams, lse), F(RecapTpParams, labels), F(RecapTpParams, missing), F(RecapTpParams, num_rows),

@@ -5,10 +5,12 @@
  * Math (grpo_math.cuh). Row t of logits z (V entries, row stride ld >= V, dtype bf16/f16/f32), label
  * y_t, temperature tau, x = z / tau:
  *   forward:  LSE_t = log sum_j exp(x_j);  logp_t = x_y - LSE_t;  H_t = LSE_t - sum_j p_j x_j
- *             (computed as log s - a / s from the online state, see RecapSoftmaxState); a label
+ *             (computed as log s - a / s from the online state, see RecapSoftmaxState), and on
+ *             request sum_j p_j^2 = q / s^2 (verl's sum_pi_squared) from the same read; a label
  *             equal to ignore_index gives logp = 0 (and valid = 0), one outside [0, V) counts in
  *             bad_labels and gives logp = 0.
- *   backward: dz_j = (1/tau) (g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H)),  p_j = exp(x_j - LSE)
+ *   backward: dz_j = (1/tau) (g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H)
+ *                             + 2 g_spp p_j (p_j - sum_k p_k^2)),  p_j = exp(x_j - LSE)
  *             written in the logits' dtype, into a separate buffer or over the logits themselves.
  * Vocabulary shards (tensor parallelism, `sharded`): the logits are columns [label_offset,
  * label_offset + V) of the whole vocabulary; the forward gives each row's partial statistics
@@ -48,6 +50,7 @@ __device__ __forceinline__ RecapSoftmaxState recap_shfl_state(RecapSoftmaxState 
     o.m = __shfl_down_sync(0xffffffffu, st.m, off);
     o.s = __shfl_down_sync(0xffffffffu, st.s, off);
     o.a = __shfl_down_sync(0xffffffffu, st.a, off);
+    o.q = __shfl_down_sync(0xffffffffu, st.q, off);
     return o;
 }
 
@@ -112,12 +115,21 @@ __device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
         if (p.label_logit) ((float*)p.label_logit)[row] = x_y;
         ((float*)p.lse)[row] = lse;
         if (p.entropy) ((float*)p.entropy)[row] = log_s - acc.a / acc.s;
+        if (p.sum_pi_squared) ((float*)p.sum_pi_squared)[row] = recap_softmax_sum_sq(acc);
         if (p.valid) {
             float m = 1.0f;
             if (p.mask) m = p.mask_u8 ? (((const uint8_t*)p.mask)[row] ? 1.0f : 0.0f) : ((const float*)p.mask)[row];
             ((float*)p.valid)[row] = use ? m : 0.0f;
         }
     }
+}
+
+/* One logit's gradient: the log-prob and entropy terms, plus the sum_pi_squared term only when it
+ * has an upstream gradient (so the other gradients keep their bits, signed zeros included). */
+__device__ __forceinline__ float recap_grad_x(float x, int is_label, float lse, float h, float g, float ge, float sq,
+                                              float gs, float inv_tau) {
+    const float d = recap_logit_grad(x, is_label, lse, h, g, ge, inv_tau);
+    return gs != 0.0f ? d + recap_logit_grad_sum_sq(x, lse, sq, gs, inv_tau) : d;
 }
 
 template <typename T, bool VEC>
@@ -137,6 +149,9 @@ __device__ __forceinline__ void logprob_backward(const RecapLogitsParams& p) {
     const float ge = p.g_entropy ? p.g_entropy_scale * ((const float*)p.g_entropy)[row] : 0.0f;
     const float lse = ((const float*)p.lse)[row];
     const float h = (ge != 0.0f) ? ((const float*)p.entropy)[row] : 0.0f;
+    /* the gradient of sum_pi_squared (callers that differentiate it, e.g. through verl's OTB) */
+    const float gs = p.g_sum_pi_squared ? ((const float*)p.g_sum_pi_squared)[row] : 0.0f;
+    const float sq = (gs != 0.0f) ? ((const float*)p.sum_pi_squared)[row] : 0.0f;
     int64_t j0 = 0;
     if (VEC) {
         constexpr int W = 16 / sizeof(T);
@@ -149,14 +164,15 @@ __device__ __forceinline__ void logprob_backward(const RecapLogitsParams& p) {
 #pragma unroll
             for (int k = 0; k < W; ++k) {
                 const int64_t j = i * W + k;
-                o[k] = recap_from_float<T>(recap_logit_grad(recap_scaled(e[k], inv_tau), j == y, lse, h, g, ge, inv_tau));
+                o[k] = recap_from_float<T>(recap_grad_x(recap_scaled(e[k], inv_tau), j == y, lse, h, g, ge, sq, gs, inv_tau));
             }
             ((uint4*)dz)[i] = out;
         }
         j0 = nvec * W;
     }
-    for (int64_t j = j0 + threadIdx.x; j < V; j += blockDim.x)
-        dz[j] = recap_from_float<T>(recap_logit_grad(recap_scaled(z[j], inv_tau), j == y, lse, h, g, ge, inv_tau));
+    for (int64_t j = j0 + threadIdx.x; j < V; j += blockDim.x) {
+        dz[j] = recap_from_float<T>(recap_grad_x(recap_scaled(z[j], inv_tau), j == y, lse, h, g, ge, sq, gs, inv_tau));
+    }
 }
 
 #define RECAP_LOGITS_INST(T, SUF)                                                                                   \

@@ -349,6 +349,9 @@ typedef struct RecapLogitsParams {
     int32_t sharded;      /* 1: a label outside the shard is another shard's (not bad): no      */
                           /* logp (forward); g_logp kept, no one-hot (backward)                 */
     int32_t pad0;
+    uint64_t sum_pi_squared;   /* float[T]: sum_j p_j^2 of the row, out (forward, or 0); in (backward
+                                  with g_sum_pi_squared)                                          */
+    uint64_t g_sum_pi_squared; /* const float[T] upstream gradient of sum_pi_squared (backward), or 0 */
 } RecapLogitsParams;
 
 /*

@@ -416,6 +416,7 @@ impl Backend {
                 &mut a.slice_mut(..t),
                 Some(&mut b.slice_mut(..t)),
                 &mut c.slice_mut(..t),
+                None,
             )?;
         }
         let host = s.clone_dtoh(&out)?;
@@ -438,7 +439,9 @@ impl Backend {
     ) -> Result<()> {
         let gpu = match self {
             Backend::Cpu => {
-                return cpu::logprob_backward(logits, labels, config, g_logp, g_entropy, dlogits)
+                return cpu::logprob_backward(
+                    logits, labels, config, g_logp, g_entropy, None, dlogits,
+                )
             }
             Backend::Cuda(g) => g,
         };
@@ -478,6 +481,7 @@ impl Backend {
                 &mut a.slice_mut(..t),
                 Some(&mut b.slice_mut(..t)),
                 &mut c.slice_mut(..t),
+                None,
             )?;
         }
         {
@@ -491,6 +495,7 @@ impl Backend {
                 entropy: &h,
                 g_logp: &gv,
                 g_entropy: gev.as_ref(),
+                sum_pi_squared: None,
             };
             let len = dlogits.data.len();
             let mut out = Logits {

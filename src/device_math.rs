@@ -130,6 +130,13 @@ extern "C" {
         g_ent: f32,
         inv_tau: f32,
     ) -> f32;
+    fn recap_host_softmax_sum_sq(
+        x: *const f32,
+        n: std::os::raw::c_long,
+        split: std::os::raw::c_long,
+    ) -> f32;
+    fn recap_host_logit_grad_sum_sq(x: f32, lse: f32, sum_sq: f32, g_spp: f32, inv_tau: f32)
+        -> f32;
 }
 
 /// `(LSE, entropy)` of a row (already divided by tau) by the device's online softmax state, folded
@@ -151,6 +158,21 @@ pub fn softmax_row(x: &[f32], split: Option<usize>) -> (f32, f32) {
         }
     }
     (lse, h)
+}
+
+/// `sum_j p_j^2` of a row (already divided by tau) by the device's online softmax state
+/// (`recap_softmax_sum_sq`), folded in order, or, with `split`, as two halves merged.
+pub fn softmax_sum_sq(x: &[f32], split: Option<usize>) -> f32 {
+    let n = x.len() as std::os::raw::c_long;
+    let split = split.map_or(0, |s| s.min(x.len())) as std::os::raw::c_long;
+    // SAFETY: the C function reads exactly n floats from x.
+    unsafe { recap_host_softmax_sum_sq(x.as_ptr(), n, split) }
+}
+
+/// `recap_logit_grad_sum_sq` of grpo_math.cuh: the sum_pi_squared term of one logit's gradient.
+pub fn logit_grad_sum_sq(x: f32, lse: f32, sum_sq: f32, g_spp: f32, inv_tau: f32) -> f32 {
+    // SAFETY: pure C function over scalars.
+    unsafe { recap_host_logit_grad_sum_sq(x, lse, sum_sq, g_spp, inv_tau) }
 }
 
 /// `recap_div_small` of grpo_math.cuh: `a / k` for `1 <= k <= 16` without a division (the fused

@@ -874,8 +874,9 @@ fn logits_rw<'m, M: Memory, E: LogitElem>(
     })
 }
 
-/// Log-probabilities, entropy (optional) and LSE (`[T]` each) of `logits` at the configured
-/// temperature.
+/// Log-probabilities, entropy (optional), LSE and `sum_j p_j^2` (optional; verl's
+/// `sum_pi_squared`) (`[T]` each) of `logits` at the configured temperature.
+#[allow(clippy::too_many_arguments)]
 pub fn logprob_forward<E: LogitElem>(
     place: Place,
     logits: &Logits<In<E>>,
@@ -884,10 +885,17 @@ pub fn logprob_forward<E: LogitElem>(
     logp: Out<f32>,
     entropy: Option<Out<f32>>,
     lse: Out<f32>,
+    sum_pi_squared: Option<Out<f32>>,
 ) -> Result<()> {
     if logits.rows == 0 {
         config.validate()?;
-        for (arg, n) in [("labels", labels.len), ("logp", logp.len), ("lse", lse.len)] {
+        let q = sum_pi_squared.map_or(0, |q| q.len);
+        for (arg, n) in [
+            ("labels", labels.len),
+            ("logp", logp.len),
+            ("lse", lse.len),
+            ("sum_pi_squared", q),
+        ] {
             crate::layout::check_len(arg, n, 0, "[T] (the rows of logits)")?;
         }
         return Ok(());
@@ -896,17 +904,25 @@ pub fn logprob_forward<E: LogitElem>(
         place,
         |m| {
             let h = entropy.map(|e| m.rw("entropy", e)).transpose()?;
+            let z = logits_ro(m, logits)?;
             crate::cpu::logprob_forward(
-                &logits_ro(m, logits)?,
+                &z,
                 m.ro("labels", labels)?,
                 config,
                 m.rw("logp", logp)?,
                 h,
                 m.rw("lse", lse)?,
-            )
+            )?;
+            match sum_pi_squared {
+                Some(q) => crate::cpu::sum_pi_squared(&z, config, m.rw("sum_pi_squared", q)?),
+                None => Ok(()),
+            }
         },
         |m| {
             let mut h = entropy.map(|e| m.rw("entropy", e)).transpose()?;
+            let mut q = sum_pi_squared
+                .map(|q| m.rw("sum_pi_squared", q))
+                .transpose()?;
             cuda::logprob_forward(
                 &m.gpu,
                 &m.stream,
@@ -916,6 +932,7 @@ pub fn logprob_forward<E: LogitElem>(
                 &mut m.rw("logp", logp)?,
                 h.as_mut(),
                 &mut m.rw("lse", lse)?,
+                q.as_mut(),
             )
         },
     )
@@ -934,6 +951,8 @@ pub struct LogprobGrads {
     pub g_logp: In<f32>,
     /// Gradient with respect to the entropy, if any.
     pub g_entropy: Option<In<f32>>,
+    /// `(sum_pi_squared from the forward, its gradient)`, if it has one.
+    pub sum_pi_squared: Option<(In<f32>, In<f32>)>,
 }
 
 /// The gradient of `g_logp . logp + g_entropy . entropy` with respect to the logits, written over
@@ -965,15 +984,33 @@ pub fn logprob_backward_inplace<E: LogitElem>(
             let g_entropy = grads.g_entropy.map(|g| m.ro("g_entropy", g)).transpose()?;
             let (lse, entropy) = (m.ro("lse", grads.lse)?, m.ro("entropy", grads.entropy)?);
             match vocab_start {
-                Some(start) => crate::cpu::tp_backward(
-                    &zin, labels, start, lse, entropy, g_logp, g_entropy, config, &mut z,
-                ),
-                // the reference recomputes the row statistics from the logits (lse and entropy
-                // are checked for their length only)
+                Some(start) => {
+                    if grads.sum_pi_squared.is_some() {
+                        return Err(Error::invalid_argument(
+                            "g_sum_pi_squared",
+                            "not taken with a vocabulary shard (vocab_start)",
+                        ));
+                    }
+                    crate::cpu::tp_backward(
+                        &zin, labels, start, lse, entropy, g_logp, g_entropy, config, &mut z,
+                    )
+                }
+                // the reference recomputes the row statistics from the logits (lse, entropy and
+                // sum_pi_squared are checked for their length only)
                 None => {
                     crate::layout::check_len("lse", lse.len(), z.rows, "[T]")?;
                     crate::layout::check_len("entropy", entropy.len(), z.rows, "[T]")?;
-                    crate::cpu::logprob_backward(&zin, labels, config, g_logp, g_entropy, &mut z)
+                    let g_spp = match grads.sum_pi_squared {
+                        Some((q, g)) => {
+                            let q = m.ro("sum_pi_squared", q)?;
+                            crate::layout::check_len("sum_pi_squared", q.len(), z.rows, "[T]")?;
+                            Some(m.ro("g_sum_pi_squared", g)?)
+                        }
+                        None => None,
+                    };
+                    crate::cpu::logprob_backward(
+                        &zin, labels, config, g_logp, g_entropy, g_spp, &mut z,
+                    )
                 }
             }
         },
@@ -985,16 +1022,27 @@ pub fn logprob_backward_inplace<E: LogitElem>(
                 m.ro("g_logp", grads.g_logp)?,
             );
             let g_entropy = grads.g_entropy.map(|g| m.ro("g_entropy", g)).transpose()?;
+            let spp = match grads.sum_pi_squared {
+                Some((q, g)) => Some((m.ro("sum_pi_squared", q)?, m.ro("g_sum_pi_squared", g)?)),
+                None => None,
+            };
             let g = cuda::LogprobGrads {
                 labels: &labels,
                 lse: &lse,
                 entropy: &entropy,
                 g_logp: &g_logp,
                 g_entropy: g_entropy.as_ref(),
+                sum_pi_squared: spp.as_ref().map(|(q, g)| (q, g)),
             };
             let mut z = logits_rw(m, logits)?;
             match vocab_start {
                 Some(start) => {
+                    if spp.is_some() {
+                        return Err(Error::invalid_argument(
+                            "g_sum_pi_squared",
+                            "not taken with a vocabulary shard (vocab_start)",
+                        ));
+                    }
                     cuda::tp_backward_inplace(&m.gpu, &m.stream, &mut z, &g, start, config)
                 }
                 None => cuda::logprob_backward_inplace(&m.gpu, &m.stream, &mut z, &g, config),

@@ -168,6 +168,7 @@ fn reference_gradient_matches_finite_differences() {
             &cfg,
             &g,
             Some(&ge),
+            None,
             &mut Logits::dense(&mut dz[..], t, v),
         )
         .unwrap();
@@ -333,6 +334,7 @@ fn gpu_vs_cpu<E: LogitElem>(be: &Backend) {
             &cfg,
             &g,
             Some(&ge),
+            None,
             &mut Logits {
                 data: &mut dc[..],
                 rows: t,
@@ -400,6 +402,7 @@ fn device_forward<E: LogitElem>(
         &mut lp.as_view_mut(),
         Some(&mut h.as_view_mut()),
         &mut l.as_view_mut(),
+        None,
     )
     .unwrap();
     (lp, h, l)
@@ -440,6 +443,7 @@ fn inplace_backward_equals_out_of_place_bitwise() {
         entropy: &hv,
         g_logp: &gv,
         g_entropy: Some(&gev),
+        sum_pi_squared: None,
     };
     let mut out = s.alloc_zeros::<bf16>(t * v).unwrap();
     cuda::logprob_backward(

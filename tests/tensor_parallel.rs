@@ -137,6 +137,7 @@ fn shards_reproduce_the_whole_vocabulary() {
             &cfg,
             &c.g_logp,
             Some(&c.g_ent),
+            None,
             &mut Logits::dense(&mut whole_grad[..], t, v),
         )
         .unwrap();
@@ -326,6 +327,7 @@ fn gpu_tensor_parallel_matches_the_reference() {
                 entropy: &hv,
                 g_logp: &glv,
                 g_entropy: Some(&gev),
+                sum_pi_squared: None,
             };
             cuda::tp_backward_inplace(
                 &gpu,

@@ -274,12 +274,13 @@ int32_t recap_count_normalizers(int32_t device,
                                 double *normalizers,
                                 double *seq_tokens);
 
-// Log-probabilities, entropy (nullable) and LSE of `rows` rows of `vocab` logits (row stride `ld`
+// Log-probabilities, entropy (nullable), LSE and Σπ² (nullable: the sum of the squared
+// probabilities, verl's `sum_pi_squared`) of `rows` rows of `vocab` logits (row stride `ld`
 // elements; `dtype` 0 f32, 1 f16, 2 bf16) at `temperature`, labels `ignore_index` giving 0.
 //
 // # Safety
 // Arrays on the device (`device >= 0`) or the host (`device < 0`): `logits` [rows, ld], `labels`,
-// `logp`, `entropy`, `lse` [rows]; `stream` nullable.
+// `logp`, `entropy`, `lse`, `sum_pi_squared` [rows]; `stream` nullable.
 int32_t recap_logprob_forward(int32_t device,
                               void *stream,
                               const void *logits,
@@ -292,11 +293,13 @@ int32_t recap_logprob_forward(int32_t device,
                               int32_t ignore_index,
                               float *logp,
                               float *entropy,
-                              float *lse);
+                              float *lse,
+                              float *sum_pi_squared);
 
-// The gradient of `g_logp . logp + g_entropy . entropy` with respect to the logits, written over
-// the logits in place (`lse` and `entropy` from `recap_logprob_forward` at the same temperature;
-// `g_entropy` nullable).
+// The gradient of `g_logp . logp + g_entropy . entropy + g_sum_pi_squared . sum_pi_squared` with
+// respect to the logits, written over the logits in place (`lse`, `entropy` and `sum_pi_squared`
+// from `recap_logprob_forward` at the same temperature; `g_entropy` nullable; `sum_pi_squared`
+// and `g_sum_pi_squared` both null or both given).
 //
 // # Safety
 // As `recap_logprob_forward`; `logits` writable.
@@ -312,6 +315,8 @@ int32_t recap_logprob_backward_inplace(int32_t device,
                                        const float *entropy,
                                        const float *g_logp,
                                        const float *g_entropy,
+                                       const float *sum_pi_squared,
+                                       const float *g_sum_pi_squared,
                                        float temperature,
                                        int32_t ignore_index);
 

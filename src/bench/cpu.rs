@@ -143,6 +143,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
                 &lc,
                 &g,
                 Some(&g),
+                None,
                 &mut Logits::dense(&mut dz[..], t, v),
             )
         })?;

@@ -482,6 +482,7 @@ fn logits_case<E: LogitElem>(
             &mut lp.as_view_mut(),
             Some(&mut h.as_view_mut()),
             &mut l.as_view_mut(),
+            None,
         )
     })?;
     let (bwd, _) = timer.time(None, || {
@@ -492,6 +493,7 @@ fn logits_case<E: LogitElem>(
             entropy: &hv,
             g_logp: &gv,
             g_entropy: Some(&gv),
+            sum_pi_squared: None,
         };
         cuda::logprob_backward_inplace(
             gpu,
@@ -585,6 +587,7 @@ fn tp_case(
             entropy: &hv,
             g_logp: &gv,
             g_entropy: Some(&gv),
+            sum_pi_squared: None,
         };
         cuda::tp_backward_inplace(
             gpu,

@@ -88,15 +88,44 @@ pub fn logprob_forward<E: LogitElem>(
     Ok(())
 }
 
-/// Kernel 5 on the CPU: `dz_j = (1/tau)(g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H))` per row
-/// into `dlogits` (same shape; its own row stride), rounded to the logits' dtype. Ignored labels
-/// take no logp gradient.
+/// `sum_j p_j^2` of each row of `softmax(logits / tau)` in f64 (verl's `sum_pi_squared`, what its
+/// optimal token baseline needs), into `out` (`[T]`); equal to `exp(LSE(2x) - 2 LSE(x))`.
+pub fn sum_pi_squared<E: LogitElem>(
+    logits: &Logits<&[E]>,
+    config: &LogprobConfig,
+    out: &mut [f32],
+) -> Result<()> {
+    config.validate()?;
+    logits.validate("logits")?;
+    check_len(
+        "sum_pi_squared",
+        out.len(),
+        logits.rows,
+        "[T] (the rows of logits)",
+    )?;
+    let inv_tau = 1.0 / config.temperature as f64;
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = &logits.data[r * logits.ld..r * logits.ld + logits.vocab];
+        let (l, _) = row_stats(row, inv_tau);
+        *o = row
+            .iter()
+            .map(|z| (2.0 * (z.to_f32() as f64 * inv_tau - l)).exp())
+            .sum::<f64>() as f32;
+    }
+    Ok(())
+}
+
+/// Kernel 5 on the CPU: `dz_j = (1/tau)(g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H)
+/// + 2 g_spp p_j (p_j - sum_k p_k^2))` per row into `dlogits` (same shape; its own row stride),
+/// rounded once to the logits' dtype. Ignored labels take no logp gradient; `g_sum_pi_squared` is
+/// the upstream gradient of [`sum_pi_squared`], if any.
 pub fn logprob_backward<E: LogitElem>(
     logits: &Logits<&[E]>,
     labels: &[i32],
     config: &LogprobConfig,
     g_logp: &[f32],
     g_entropy: Option<&[f32]>,
+    g_sum_pi_squared: Option<&[f32]>,
     dlogits: &mut Logits<&mut [E]>,
 ) -> Result<()> {
     config.validate()?;
@@ -117,6 +146,9 @@ pub fn logprob_backward<E: LogitElem>(
     if let Some(g) = g_entropy {
         check_len("g_entropy", g.len(), t, "[T]")?;
     }
+    if let Some(g) = g_sum_pi_squared {
+        check_len("g_sum_pi_squared", g.len(), t, "[T]")?;
+    }
     check_labels(labels, logits.vocab, config.ignore_index)?;
     let inv_tau = 1.0 / config.temperature as f64;
     grad_rows(
@@ -124,25 +156,24 @@ pub fn logprob_backward<E: LogitElem>(
         labels,
         0,
         config,
-        g_logp,
-        g_entropy,
+        (g_logp, g_entropy, g_sum_pi_squared),
         dlogits,
         |_, row| row_stats(row, inv_tau),
     );
     Ok(())
 }
 
-/// `dz_j = (1/tau)(g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H))` for every row, with row
-/// `r`'s `(LSE, H)` from `stats(r, row)`; the label's column is `y - vocab_start` (no one-hot where
-/// it falls outside the logits: another vocabulary shard's); ignored labels take no logp gradient.
-#[allow(clippy::too_many_arguments)]
+/// `dz_j = (1/tau)(g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H) + 2 g_spp p_j (p_j - S))` for
+/// every row (`S = sum_k p_k^2` over the row: whole rows only), with row `r`'s `(LSE, H)` from
+/// `stats(r, row)`; the label's column is `y - vocab_start` (no one-hot where it falls outside the
+/// logits: another vocabulary shard's); ignored labels take no logp gradient.
+#[allow(clippy::type_complexity)]
 pub(crate) fn grad_rows<E: LogitElem>(
     logits: &Logits<&[E]>,
     labels: &[i32],
     vocab_start: usize,
     config: &LogprobConfig,
-    g_logp: &[f32],
-    g_entropy: Option<&[f32]>,
+    (g_logp, g_entropy, g_spp): (&[f32], Option<&[f32]>, Option<&[f32]>),
     dlogits: &mut Logits<&mut [E]>,
     stats: impl Fn(usize, &[E]) -> (f64, f64),
 ) {
@@ -158,18 +189,29 @@ pub(crate) fn grad_rows<E: LogitElem>(
             g_logp[r] as f64
         };
         let ge = g_entropy.map_or(0.0, |e| e[r] as f64);
+        let gs = g_spp.map_or(0.0, |e| e[r] as f64);
         let out = &mut dlogits.data[r * dlogits.ld..r * dlogits.ld + dlogits.vocab];
-        if g == 0.0 && ge == 0.0 {
+        if g == 0.0 && ge == 0.0 && gs == 0.0 {
             // no upstream gradient (a masked or ignored token): exactly 0, whatever the logits hold
             out.iter_mut().for_each(|o| *o = E::from_f32(0.0));
             continue;
         }
+        let sq = if gs == 0.0 {
+            0.0
+        } else {
+            row.iter()
+                .map(|z| (2.0 * (z.to_f32() as f64 * inv_tau - l)).exp())
+                .sum::<f64>()
+        };
         for (j, (o, z)) in out.iter_mut().zip(row).enumerate() {
             let lp = z.to_f32() as f64 * inv_tau - l;
             let p = lp.exp();
             let mut d = g * (if j as i64 == local { 1.0 } else { 0.0 } - p);
             if p > 0.0 {
                 d -= ge * p * (lp + h);
+            }
+            if gs != 0.0 {
+                d += 2.0 * gs * p * (p - sq);
             }
             *o = E::from_f32((inv_tau * d) as f32);
         }
@@ -307,6 +349,7 @@ pub(super) fn from_logits<E: LogitElem>(
         logits_config,
         &g_logp,
         Some(&g_ent),
+        None,
         dlogits,
     )?;
     let loss = grpo.loss - config.entropy_coef as f64 * entropy_loss;

@@ -18,7 +18,7 @@ pub use grpo::grpo_loss;
 pub(crate) use grpo::grpo_loss_out;
 pub use kl::kl;
 pub(crate) use logits::grpo_loss_from_logits_out;
-pub use logits::{grpo_loss_from_logits, logprob_backward, logprob_forward};
+pub use logits::{grpo_loss_from_logits, logprob_backward, logprob_forward, sum_pi_squared};
 pub use math::{
     agg_weight, geo_mean_ratio, gspo_ratio, kl_is_corrected, kl_token, policy_token, ratio,
     KlToken, PolicyToken, Ratio,

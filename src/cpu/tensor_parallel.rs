@@ -152,8 +152,7 @@ pub fn tp_backward<E: LogitElem>(
         labels,
         vocab_start,
         config,
-        g_logp,
-        g_entropy,
+        (g_logp, g_entropy, None),
         dlogits,
         |r, _| (lse[r] as f64, entropy[r] as f64),
     );

@@ -17,8 +17,9 @@ fn check_rows(arg: &'static str, got: usize, t: usize) -> Result<()> {
 }
 
 /// Kernel 4 on `stream`: per row, `logp = z_y/tau - LSE(z/tau)` (0 for ignored labels), optionally
-/// the entropy of `softmax(z/tau)` (`None` skips writing it), and the LSE (which the backward
-/// needs), each `[T]` f32. A label outside
+/// the entropy of `softmax(z/tau)` (`None` skips writing it), the LSE (which the backward needs)
+/// and optionally `sum_j p_j^2` (verl's `sum_pi_squared`, from the same read of the row), each
+/// `[T]` f32. A label outside
 /// `[0, V)` that is not `ignore_index` is an error (detected on the device; this synchronizes).
 #[allow(clippy::too_many_arguments)]
 pub fn logprob_forward<E: LogitElem>(
@@ -30,6 +31,7 @@ pub fn logprob_forward<E: LogitElem>(
     logp: &mut CudaViewMut<'_, f32>,
     entropy: Option<&mut CudaViewMut<'_, f32>>,
     lse: &mut CudaViewMut<'_, f32>,
+    sum_pi_squared: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     config.validate()?;
     logits.validate("logits")?;
@@ -40,30 +42,40 @@ pub fn logprob_forward<E: LogitElem>(
         check_rows("entropy", h.len(), t)?;
     }
     check_rows("lse", lse.len(), t)?;
+    if let Some(q) = &sum_pi_squared {
+        check_rows("sum_pi_squared", q.len(), t)?;
+    }
     gpu.check_stream(stream)?;
     let (lp_a, _g0) = addr_mut(logp, stream);
-    let (h_a, _g1) = match entropy {
-        Some(h) => {
-            let (a, g) = addr_mut(h, stream);
-            (a, Some(g))
-        }
-        None => (0, None),
-    };
+    let (h_a, _g1) = opt_addr_mut(entropy, stream);
     let (lse_a, _g2) = addr_mut(lse, stream);
+    let (q_a, _g3) = opt_addr_mut(sum_pi_squared, stream);
     forward_raw(
         gpu,
         stream,
         logits,
         labels,
         config,
-        lp_a,
-        h_a,
-        lse_a,
+        [lp_a, h_a, lse_a, q_a],
         None,
         0,
         None,
         Shard::default(),
     )
+}
+
+/// The address of an optional output (0 for none) and its guard.
+fn opt_addr_mut<'a>(
+    v: Option<&'a mut CudaViewMut<'_, f32>>,
+    stream: &'a CudaStream,
+) -> (u64, Option<cudarc::driver::SyncOnDrop<'a>>) {
+    match v {
+        Some(v) => {
+            let (a, g) = addr_mut(v, stream);
+            (a, Some(g))
+        }
+        None => (0, None),
+    }
 }
 
 /// A vocabulary shard of the logits (tensor parallelism): the rows are columns `[offset, offset +
@@ -85,9 +97,7 @@ pub(crate) fn forward_raw<E: LogitElem>(
     logits: &Logits<CudaView<'_, E>>,
     labels: &CudaView<'_, i32>,
     config: &LogprobConfig,
-    logp: u64,
-    entropy: u64,
-    lse: u64,
+    [logp, entropy, lse, sum_pi_squared]: [u64; 4],
     mask: Option<(u64, bool)>,
     valid: u64,
     counter: Option<u64>,
@@ -132,6 +142,7 @@ pub(crate) fn forward_raw<E: LogitElem>(
             label_logit: shard.label_logit,
             label_offset: shard.offset,
             sharded: shard.sharded as i32,
+            sum_pi_squared,
             ..Default::default()
         };
         let v = if vec_ok::<E>(z_a, logits.ld) {
@@ -186,6 +197,8 @@ pub struct LogprobGrads<'a, 'b> {
     pub g_logp: &'a CudaView<'b, f32>,
     /// `[T]` upstream gradient of the entropy, if any.
     pub g_entropy: Option<&'a CudaView<'b, f32>>,
+    /// `([T] sum_pi_squared from the forward, [T] its upstream gradient)`, if it has one.
+    pub sum_pi_squared: Option<(&'a CudaView<'b, f32>, &'a CudaView<'b, f32>)>,
 }
 
 impl LogprobGrads<'_, '_> {
@@ -196,6 +209,10 @@ impl LogprobGrads<'_, '_> {
         if let Some(g) = self.g_entropy {
             check_rows("g_entropy", g.len(), t)?;
             check_rows("entropy", self.entropy.len(), t)?;
+        }
+        if let Some((q, g)) = self.sum_pi_squared {
+            check_rows("sum_pi_squared", q.len(), t)?;
+            check_rows("g_sum_pi_squared", g.len(), t)?;
         }
         Ok(())
     }
@@ -301,6 +318,14 @@ pub(crate) fn backward_raw<E: LogitElem>(
         }
         None => (0, None),
     };
+    let (q_a, gq_a, _g5) = match grads.sum_pi_squared {
+        Some((q, g)) => {
+            let (qa, qg) = addr(q, stream);
+            let (ga, gg) = addr(g, stream);
+            (qa, ga, Some((qg, gg)))
+        }
+        None => (0, 0, None),
+    };
     let p = LogitsParams {
         logits: z_a,
         labels: y_a,
@@ -318,6 +343,8 @@ pub(crate) fn backward_raw<E: LogitElem>(
         g_entropy_scale,
         label_offset: shard.offset,
         sharded: shard.sharded as i32,
+        sum_pi_squared: q_a,
+        g_sum_pi_squared: gq_a,
         ..Default::default()
     };
     let v = if vec_ok::<E>(z_a, ld) && vec_ok::<E>(out_a, out_ld) {

@@ -573,9 +573,7 @@ fn forward_rows<E: LogitElem>(
         logits,
         &labels,
         config,
-        ws.at(LOGP, r0),
-        ws.at(ENTROPY, r0),
-        ws.at(LSE, r0),
+        [ws.at(LOGP, r0), ws.at(ENTROPY, r0), ws.at(LSE, r0), 0],
         Some((mask_a, is_u8)),
         ws.at(VALID, r0),
         Some(ws.off(ws.lay.counter)),
@@ -613,6 +611,7 @@ fn backward_rows<E: LogitElem>(
         entropy: &h,
         g_logp: &g,
         g_entropy: (entropy_coef != 0.0).then_some(&w),
+        sum_pi_squared: None,
     };
     backward_raw::<E>(
         gpu,

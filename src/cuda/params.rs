@@ -217,6 +217,8 @@ pub struct LogitsParams {
     pub label_offset: i64,
     pub sharded: i32,
     pub pad0: i32,
+    pub sum_pi_squared: u64,
+    pub g_sum_pi_squared: u64,
 }
 
 /// Mirror of `RecapTpParams`.
@@ -403,7 +405,7 @@ pub fn layouts() -> Vec<Vec<usize>> {
         layout!(FinalizeParams; partials, out, num_blocks, num_slots, min_bits, max_bits),
         layout!(LogitsParams; logits, labels, logp, entropy, lse, bad_labels, mask, valid, g_logp, g_entropy,
             dlogits, num_rows, vocab, ld, out_ld, ignore_index, mask_u8, inv_temperature, g_entropy_scale,
-            label_logit, label_offset, sharded, pad0),
+            label_logit, label_offset, sharded, pad0, sum_pi_squared, g_sum_pi_squared),
         layout!(AdvParams; rewards, group_ids, lengths, work, batch_std, pre, out, counts, num_rollouts,
             num_objectives, num_groups, group_size, modes, correctness, has_length, has_difficulty,
             verl_singletons, eps, length_alpha, diff_a, diff_b, diff_rho0, diff_k, num_outputs,

@@ -898,10 +898,10 @@ macro_rules! by_dtype {
     };
 }
 
-/// Log-probabilities, entropy and LSE ([T] float32 each) of `logits` [T, V].
+/// Log-probabilities, entropy, LSE and (optionally) Σπ² ([T] float32 each) of `logits` [T, V].
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (logits, labels, temperature, ignore_index, logp, entropy, lse))]
+#[pyo3(signature = (logits, labels, temperature, ignore_index, logp, entropy, lse, sum_pi_squared=None))]
 fn logprob_forward(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
@@ -911,6 +911,7 @@ fn logprob_forward(
     logp: &Bound<'_, PyAny>,
     entropy: &Bound<'_, PyAny>,
     lse: &Bound<'_, PyAny>,
+    sum_pi_squared: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let first = Tensor::of("logits", logits)?;
     let call = Call::new(py, &first)?;
@@ -921,6 +922,9 @@ fn logprob_forward(
         call.out_f32("entropy", entropy)?,
         call.out_f32("lse", lse)?,
     );
+    let spp = sum_pi_squared
+        .map(|o| call.out_f32("sum_pi_squared", o))
+        .transpose()?;
     let lc = LogprobConfig {
         temperature,
         ignore_index,
@@ -928,17 +932,18 @@ fn logprob_forward(
     macro_rules! go {
         ($e:ty) => {{
             let z = logits_in::<$e>(&t, rows, vocab, ld);
-            py.detach(|| raw::logprob_forward::<$e>(call.place, &z, y, &lc, lp, Some(h), l))
+            py.detach(|| raw::logprob_forward::<$e>(call.place, &z, y, &lc, lp, Some(h), l, spp))
         }};
     }
     by_dtype!(t, go).map_err(err)
 }
 
-/// The gradient of `g_logp . logp + g_entropy . entropy` with respect to `logits`, written over
-/// `logits` in place.
+/// The gradient of `g_logp . logp + g_entropy . entropy (+ g_sum_pi_squared . sum_pi_squared)`
+/// with respect to `logits`, written over `logits` in place.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index))]
+#[pyo3(signature = (logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index,
+                    sum_pi_squared=None, g_sum_pi_squared=None))]
 fn logprob_backward_(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
@@ -949,12 +954,28 @@ fn logprob_backward_(
     g_entropy: Option<&Bound<'_, PyAny>>,
     temperature: f32,
     ignore_index: i32,
+    sum_pi_squared: Option<&Bound<'_, PyAny>>,
+    g_sum_pi_squared: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
+    let spp = match (sum_pi_squared, g_sum_pi_squared) {
+        (None, None) => None,
+        (Some(s), Some(g)) => Some((s, g)),
+        (s, _) => {
+            return Err(arg_err(
+                if s.is_none() {
+                    "sum_pi_squared"
+                } else {
+                    "g_sum_pi_squared"
+                },
+                "expected sum_pi_squared and g_sum_pi_squared both given or both None",
+            ))
+        }
+    };
     backward(
         py,
         logits,
         [labels, lse, entropy, g_logp],
-        g_entropy,
+        (g_entropy, spp),
         None,
         (temperature, ignore_index),
     )
@@ -1051,19 +1072,24 @@ fn tp_backward_(
         py,
         logits,
         [labels, lse, entropy, g_logp],
-        g_entropy,
+        (g_entropy, None),
         Some(vocab_start),
         (temperature, ignore_index),
     )
 }
 
 /// The logits backward of both entry points: in place over `logits`, from `[labels, lse, entropy,
-/// g_logp]` and `g_entropy`; with `vocab_start`, the shard's slice of the whole gradient.
+/// g_logp]`, `g_entropy` and `(sum_pi_squared, g_sum_pi_squared)`; with `vocab_start`, the shard's
+/// slice of the whole gradient.
+#[allow(clippy::type_complexity)]
 fn backward(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
     [labels, lse, entropy, g_logp]: [&Bound<'_, PyAny>; 4],
-    g_entropy: Option<&Bound<'_, PyAny>>,
+    (g_entropy, spp): (
+        Option<&Bound<'_, PyAny>>,
+        Option<(&Bound<'_, PyAny>, &Bound<'_, PyAny>)>,
+    ),
     vocab_start: Option<usize>,
     (temperature, ignore_index): (f32, i32),
 ) -> PyResult<()> {
@@ -1076,6 +1102,13 @@ fn backward(
         entropy: call.f32("entropy", entropy)?,
         g_logp: call.f32("g_logp", g_logp)?,
         g_entropy: call.opt_f32("g_entropy", g_entropy)?,
+        sum_pi_squared: match spp {
+            Some((s, g)) => Some((
+                call.f32("sum_pi_squared", s)?,
+                call.f32("g_sum_pi_squared", g)?,
+            )),
+            None => None,
+        },
     };
     let lc = LogprobConfig {
         temperature,

@@ -36,6 +36,52 @@ def test_logprobs_match_log_softmax(device, gen, dtype, temperature, t):
         torch.testing.assert_close(z.grad.float(), x.grad.float(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1e-3, 0.05, 1.0, 50.0])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_sum_pi_squared_matches_log_softmax(device, gen, dtype, temperature, inplace):
+    """``return_sum_pi_squared``: sum_j p_j^2 against exp(2 log_softmax) summed in float64 (tiny and
+    large temperatures, ignored labels: every row has one), its gradient with the log-prob and
+    entropy terms through the same backward, and the other outputs' values unchanged by asking."""
+    t, v = 33, 1031
+    logits = (torch.randn(t, v, generator=gen) * 3).to(dtype).to(device)
+    labels = torch.randint(0, v, (t,), generator=gen).to(device)
+    labels[::4] = -100
+    g_lp, g_h, g_s = (torch.randn(t, generator=gen).to(device) for _ in range(3))
+    z = logits.clone().requires_grad_()
+    lp, h, spp = rk.logprobs_from_logits(z * 1, labels, temperature=temperature, inplace_backward=inplace,
+                                         return_sum_pi_squared=True)
+    ((lp * g_lp).sum() + (h * g_h).sum() + (spp * g_s).sum()).backward()
+    x = logits.double().clone().requires_grad_()
+    ls = torch.log_softmax(x / temperature, -1)
+    want_spp = (2 * ls).exp().sum(-1)
+    torch.testing.assert_close(want_spp, (torch.logsumexp(2 * x / temperature, -1)
+                                          - 2 * torch.logsumexp(x / temperature, -1)).exp())
+    want_lp = ls.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * (labels != -100)
+    want_h = -(ls.exp() * ls).sum(-1)
+    ((want_lp * g_lp.double()).sum() + (want_h * g_h.double()).sum() + (want_spp * g_s.double()).sum()).backward()
+    torch.testing.assert_close(spp.double(), want_spp, rtol=1e-5, atol=1e-7)
+    assert spp.shape == lp.shape and bool((spp > 0).all()) and bool((spp <= 1 + 1e-6).all())
+    plain_lp, plain_h = rk.logprobs_from_logits(logits, labels, temperature=temperature)
+    assert torch.equal(plain_lp, lp.detach()) and torch.equal(plain_h, h.detach())
+    # the gradient: exact in f32 up to the row statistics, in half precision one rounding of it,
+    # relative to the row's largest; below the dtype's resolution (probabilities under f32's range
+    # at tiny temperatures, f16's subnormals) absolute
+    f32 = dtype == torch.float32
+    scale = x.grad.abs().amax(-1, keepdim=True) + (1e-6 if f32 else 1e-4)
+    tol = 1e-4 if f32 else 1e-2
+    err = ((z.grad.double() - x.grad) / scale).abs().amax()
+    assert err < tol, f"gradient error {err:.3g} of the row's largest"
+    # spp alone takes part in the backward only where it has a gradient
+    z2 = logits.clone().requires_grad_()
+    lp2, spp2 = rk.logprobs_from_logits(z2 * 1, labels, temperature=temperature, entropy=False,
+                                        return_sum_pi_squared=True)
+    (lp2 * g_lp).sum().backward()
+    z3 = logits.clone().requires_grad_()
+    (rk.logprobs_from_logits(z3 * 1, labels, temperature=temperature, entropy=False) * g_lp).sum().backward()
+    assert torch.equal(z2.grad, z3.grad)
+
+
 def test_inplace_backward_writes_over_the_logits(device):
     t, v = 8, 100
     w = torch.randn(t, v, device=device, requires_grad=True)

@@ -128,28 +128,28 @@ static int run_case(int i, const char** arg, int dry) {
         float z[4 * 5], lp[4], lse[4];
         int32_t y[4] = {0, 1, 2, 3};
         memset(z, 0, sizeof z);
-        return recap_logprob_forward(-1, NULL, z, 7, 4, 5, 5, y, 1.0f, -100, lp, NULL, lse);
+        return recap_logprob_forward(-1, NULL, z, 7, 4, 5, 5, y, 1.0f, -100, lp, NULL, lse, NULL);
     }
     case 31: {
         ARG("vocab");
         float z[4 * 5], lp[4], lse[4];
         int32_t y[4] = {0, 1, 2, 3};
         memset(z, 0, sizeof z);
-        return recap_logprob_forward(-1, NULL, z, 0, 4, 0, 5, y, 1.0f, -100, lp, NULL, lse);
+        return recap_logprob_forward(-1, NULL, z, 0, 4, 0, 5, y, 1.0f, -100, lp, NULL, lse, NULL);
     }
     case 32: {
         ARG("labels");
         float z[4 * 5], lp[4], lse[4];
         int32_t y[4] = {0, 1, 7, 3};
         memset(z, 0, sizeof z);
-        return recap_logprob_forward(-1, NULL, z, 0, 4, 5, 5, y, 1.0f, -100, lp, NULL, lse);
+        return recap_logprob_forward(-1, NULL, z, 0, 4, 5, 5, y, 1.0f, -100, lp, NULL, lse, NULL);
     }
     case 33: {
         ARG("temperature");
         float z[4 * 5], lp[4], lse[4];
         int32_t y[4] = {0, 1, 2, 3};
         memset(z, 0, sizeof z);
-        return recap_logprob_forward(-1, NULL, z, 0, 4, 5, 5, y, NAN, -100, lp, NULL, lse);
+        return recap_logprob_forward(-1, NULL, z, 0, 4, 5, 5, y, NAN, -100, lp, NULL, lse, NULL);
     }
     case 34: {
         ARG("group_size");
@@ -174,6 +174,14 @@ static int run_case(int i, const char** arg, int dry) {
         float rw[6] = {1, 2, 3, 4, 5, 6}, out[6];
         int32_t modes[1] = {99};
         return recap_group_advantages(-1, NULL, rw, 6, 1, 3, NULL, 0, NULL, NULL, modes, 1e-6, 0, NULL, out);
+    }
+    case 38: {
+        ARG("g_sum_pi_squared");
+        float z[4 * 5], lp[4], lse[4], ent[4], spp[4], g[4] = {1, 1, 1, 1};
+        int32_t y[4] = {0, 1, 2, 3};
+        memset(z, 0, sizeof z);
+        if (recap_logprob_forward(-1, NULL, z, 0, 4, 5, 5, y, 1.0f, -100, lp, ent, lse, spp) != RECAP_OK) return -4;
+        return recap_logprob_backward_inplace(-1, NULL, z, 0, 4, 5, 5, y, lse, ent, g, NULL, spp, NULL, 1.0f, -100);
     }
     default: return -1;
     }

@@ -488,14 +488,18 @@ def _head(hidden, weight) -> Tuple[Tensor, Tensor]:
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0, *, entropy: bool = True,
-                         inplace_backward: bool = True, ignore_index: int = -100):
+                         inplace_backward: bool = True, ignore_index: int = -100,
+                         return_sum_pi_squared: bool = False):
     """Per-token log-probabilities of ``labels`` under ``logits / temperature`` (verl's
     ``logprobs_from_logits``) and the entropy of each row, in one read of the logits ``[..., V]``
     (bf16, f16 or f32; the arithmetic is fp32). Differentiable with respect to ``logits``; with
     ``inplace_backward`` the gradient is written over the logits' storage (no ``[T, V]``
     temporary), so the logits must not be used by anything else that needs them for backward
     (autograd's version check then fails loudly). Returns ``(logp, entropy)`` shaped like
-    ``labels`` (``logp`` alone with ``entropy=False``)."""
+    ``labels`` (``logp`` alone with ``entropy=False``); with ``return_sum_pi_squared`` the tuple
+    ends with ``sum_pi_squared``, each row's ``sum_j p_j^2`` of ``softmax(logits / temperature)``
+    (verl's ``sum_pi_squared`` for the optimal token baseline; from the same read, every row
+    whatever its label, differentiable too)."""
     logits = _logits(logits)
     shape = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1])
@@ -504,9 +508,10 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     y = _labels(labels, z.shape[0])
     _same_device(z, labels=y)
     tau, ignore = _options(temperature, ignore_index)
-    logp, ent, _ = ops.logprob_forward(z, y, tau, ignore, bool(inplace_backward))
-    logp, ent = logp.view(shape), ent.view(shape)
-    return (logp, ent) if entropy else logp
+    spp_wanted = bool(return_sum_pi_squared)
+    logp, ent, _, spp = ops.logprob_forward(z, y, tau, ignore, bool(inplace_backward), spp_wanted)
+    out = [logp.view(shape)] + ([ent.view(shape)] if entropy else []) + ([spp.view(shape)] if spp_wanted else [])
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def grpo_loss_from_logits(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,

@@ -271,68 +271,83 @@ def _rows(logits: Tensor):
 
 @torch.library.custom_op("recap::logprob_forward", mutates_args=())
 def logprob_forward(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
-                    inplace_backward: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(logp, entropy, lse)`` [T] float32 of ``logits`` [T, V] (rows may be strided) at
-    ``temperature``; the backward writes the gradient over the logits when ``inplace_backward``."""
+                    inplace_backward: bool, sum_pi_squared: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse, sum_pi_squared)`` float32 of ``logits`` [T, V] (rows may be strided)
+    at ``temperature``: ``[T]`` each, the last ``sum_j p_j^2`` (verl's ``sum_pi_squared``) when
+    asked for and ``[0]`` otherwise; the backward writes the gradient over the logits when
+    ``inplace_backward``."""
     t = _rows(logits)
     logp, ent, lse = (_empty(logits, (t,), torch.float32) for _ in range(3))
+    spp = _empty(logits, (t if sum_pi_squared else 0,), torch.float32)
     (labels,) = _contig(labels)
-    _native.logprob_forward(logits, labels, temperature, ignore_index, logp, ent, lse)
-    return logp, ent, lse
+    _native.logprob_forward(logits, labels, temperature, ignore_index, logp, ent, lse,
+                            spp if sum_pi_squared else None)
+    return logp, ent, lse, spp
 
 
 @logprob_forward.register_fake
-def _(logits, labels, temperature, ignore_index, inplace_backward):
+def _(logits, labels, temperature, ignore_index, inplace_backward, sum_pi_squared=False):
     t = _rows(logits)
-    return tuple(_empty(logits, (t,), torch.float32) for _ in range(3))
+    return tuple(_empty(logits, (t,), torch.float32) for _ in range(3)) + (
+        _empty(logits, (t if sum_pi_squared else 0,), torch.float32),)
 
 
 @torch.library.custom_op("recap::logprob_backward_", mutates_args=("logits",))
 def logprob_backward_(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, g_logp: Tensor,
-                      g_entropy: Optional[Tensor], temperature: float, ignore_index: int) -> None:
-    """The gradient of ``g_logp . logp + g_entropy . entropy`` with respect to ``logits``, written
-    over ``logits`` (same dtype and layout)."""
-    labels, lse, entropy, g_logp, g_entropy = _contig(labels, lse, entropy, g_logp, g_entropy)
-    _native.logprob_backward_(logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index)
+                      g_entropy: Optional[Tensor], temperature: float, ignore_index: int,
+                      sum_pi_squared: Optional[Tensor] = None, g_sum_pi_squared: Optional[Tensor] = None) -> None:
+    """The gradient of ``g_logp . logp + g_entropy . entropy (+ g_sum_pi_squared . sum_pi_squared)``
+    with respect to ``logits``, written over ``logits`` (same dtype and layout)."""
+    labels, lse, entropy, g_logp, g_entropy, sum_pi_squared, g_sum_pi_squared = _contig(
+        labels, lse, entropy, g_logp, g_entropy, sum_pi_squared, g_sum_pi_squared)
+    _native.logprob_backward_(logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index,
+                              sum_pi_squared, g_sum_pi_squared)
 
 
 @logprob_backward_.register_fake
-def _(logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index):
+def _(logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index, sum_pi_squared=None,
+      g_sum_pi_squared=None):
     return None
 
 
 @torch.library.custom_op("recap::logprob_backward", mutates_args=())
 def logprob_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, g_logp: Tensor,
-                     g_entropy: Optional[Tensor], temperature: float, ignore_index: int) -> Tensor:
+                     g_entropy: Optional[Tensor], temperature: float, ignore_index: int,
+                     sum_pi_squared: Optional[Tensor] = None, g_sum_pi_squared: Optional[Tensor] = None) -> Tensor:
     """Out of place: the same gradient as a new tensor (a contiguous copy of the logits' shape)."""
     out = logits.clone(memory_format=torch.contiguous_format)
-    logprob_backward_(out, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index)
+    logprob_backward_(out, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index, sum_pi_squared,
+                      g_sum_pi_squared)
     return out
 
 
 @logprob_backward.register_fake
-def _(logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index):
+def _(logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index, sum_pi_squared=None,
+      g_sum_pi_squared=None):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _logprob_setup(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, inplace = inputs
-    _, ent, lse = output
-    ctx.save_for_backward(logits, labels, lse, ent)
-    ctx.options = (float(temperature), int(ignore_index), bool(inplace))
+    logits, labels, temperature, ignore_index, inplace, *rest = inputs
+    _, ent, lse, spp = output
+    ctx.save_for_backward(logits, labels, lse, ent, spp)
+    ctx.options = (float(temperature), int(ignore_index), bool(inplace), bool(rest and rest[0]))
 
 
-def _logprob_autograd(ctx, g_logp, g_ent, g_lse):
-    logits, labels, lse, ent = ctx.saved_tensors
-    temperature, ignore_index, inplace = ctx.options
+def _logprob_autograd(ctx, g_logp, g_ent, g_lse, g_spp):
+    logits, labels, lse, ent, spp = ctx.saved_tensors
+    temperature, ignore_index, inplace, with_spp = ctx.options
     g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
     g_ent = None if g_ent is None else g_ent.float()
+    # Σπ² takes part only when it was computed and something differentiates it
+    spp, g_spp = (spp, g_spp.float()) if with_spp and g_spp is not None else (None, None)
+    args = (labels, lse, ent, g_logp, g_ent, temperature, ignore_index, spp, g_spp)
     if inplace:
         # the gradient overwrites the saved logits: a later use of them by autograd fails its
         # version check instead of reading the gradient
-        logprob_backward_(logits, labels, lse, ent, g_logp, g_ent, temperature, ignore_index)
-        return logits, None, None, None, None
-    return logprob_backward(logits, labels, lse, ent, g_logp, g_ent, temperature, ignore_index), None, None, None, None
+        logprob_backward_(logits, *args)
+        return logits, None, None, None, None, None
+    return logprob_backward(logits, *args), None, None, None, None, None
 
 
 logprob_forward.register_autograd(_logprob_autograd, setup_context=_logprob_setup)
