@@ -62,6 +62,10 @@ struct ExperimentArgs {
     /// --recap-sweep temperature=0.25,1,5 --recap-sweep priority=sum,softmax_mixture.
     #[arg(long = "recap-sweep", value_name = "KEY=V1,V2,...")]
     recap_sweep: Vec<String>,
+    /// Runs at once (default: the CPU's cores on the CPU backend, 1 on a GPU); the results do not
+    /// depend on it.
+    #[arg(long)]
+    jobs: Option<usize>,
     /// Directory for every run's metrics.jsonl, the tables (table.md), the results with the paired
     /// intervals (results.json) and the picture (frontier.svg).
     #[arg(long)]
@@ -351,6 +355,17 @@ fn experiment(args: ExperimentArgs) -> ExitCode {
         weightings: args.weightings,
         applies: args.applies,
         variants,
+        // runs in parallel on the CPU backend (auto without a CUDA driver is the CPU); one at a time
+        // on a GPU
+        jobs: args.jobs.unwrap_or(
+            if base.device == Device::Cpu
+                || (base.device == Device::Auto && !recap_kernels::cuda::driver_present())
+            {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                1
+            },
+        ),
         ..ExperimentConfig::new(base)
     };
     let runs = match experiment::run(&cfg, &mut |e| {

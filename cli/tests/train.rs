@@ -16,6 +16,15 @@ fn small(seed: u64, weighting: Weighting) -> TrainConfig {
 }
 
 /// metrics.jsonl without the timing fields (the only ones that may differ between two runs).
+/// The binary cargo built, or its bundled copy when the tests run on another machine.
+fn recap_exe() -> std::path::PathBuf {
+    [env!("CARGO_BIN_EXE_recap"), ".gpu/bin/recap"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+        .expect("the recap binary (cargo builds it with the tests)")
+}
+
 fn jsonl(dir: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -216,12 +225,7 @@ fn cuda_without_a_gpu_is_a_clear_error() {
 /// clear error and a failing exit status.
 #[test]
 fn the_cli_trains_and_reports() {
-    // the binary cargo built, or its bundled copy when the tests run on another machine
-    let exe = [env!("CARGO_BIN_EXE_recap"), ".gpu/bin/recap"]
-        .into_iter()
-        .map(std::path::PathBuf::from)
-        .find(|p| p.exists())
-        .expect("the recap binary (cargo builds it with the tests)");
+    let exe = recap_exe();
     let dir = std::env::temp_dir().join(format!("recap-cli-test-{}", std::process::id()));
     let out = std::process::Command::new(&exe)
         .args([
@@ -439,11 +443,7 @@ fn a_resumed_run_continues_exactly() {
 /// a clear error.
 #[test]
 fn the_experiment_cli_and_scheduler_options() {
-    let exe = [env!("CARGO_BIN_EXE_recap"), ".gpu/bin/recap"]
-        .into_iter()
-        .map(std::path::PathBuf::from)
-        .find(|p| p.exists())
-        .unwrap();
+    let exe = recap_exe();
     let dir = std::env::temp_dir().join(format!("recap-experiment-test-{}", std::process::id()));
     let out = std::process::Command::new(&exe)
         .args([
@@ -533,11 +533,7 @@ fn the_experiment_cli_and_scheduler_options() {
 /// as XML and hold one point per configuration, the axes' labels and every curve.
 #[test]
 fn the_sweep_its_paired_intervals_and_the_pictures() {
-    let exe = [env!("CARGO_BIN_EXE_recap"), ".gpu/bin/recap"]
-        .into_iter()
-        .map(std::path::PathBuf::from)
-        .find(|p| p.exists())
-        .unwrap();
+    let exe = recap_exe();
     let dir = std::env::temp_dir().join(format!("recap-sweep-test-{}", std::process::id()));
     let out = std::process::Command::new(&exe)
         .args([
@@ -630,6 +626,7 @@ fn the_sweep_its_paired_intervals_and_the_pictures() {
         "held-out NLL change",
         "Pareto front",
         "uniform",
+        "weights on the ",
     ] {
         assert!(texts.contains(label), "{label}: {texts}");
     }
@@ -677,6 +674,60 @@ fn the_sweep_its_paired_intervals_and_the_pictures() {
         assert!(texts.contains(label), "{label}: {texts}");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The runs of an experiment are independent and deterministic: one worker or several give the
+/// same results, in the same order.
+#[test]
+fn an_experiment_gives_the_same_results_with_any_number_of_jobs() {
+    let exe = recap_exe();
+    let values = |jobs: &str| {
+        let dir = std::env::temp_dir().join(format!("recap-jobs-{jobs}-{}", std::process::id()));
+        let out = std::process::Command::new(&exe)
+            .args([
+                "experiment",
+                "--device",
+                "cpu",
+                "--seeds",
+                "3",
+                "--steps",
+                "6",
+                "--prompts",
+                "2",
+                "--apply",
+                "loss",
+                "--jobs",
+                jobs,
+                "--out",
+            ])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap())
+                .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        r["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|run| {
+                (
+                    run["config"].clone(),
+                    run["seed"].clone(),
+                    run["values"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let one = values("1");
+    assert_eq!(one.len(), 9);
+    assert_eq!(values("4"), one);
 }
 
 /// Malformed training settings: an error naming the setting, never a panic.

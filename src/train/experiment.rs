@@ -31,6 +31,8 @@ pub struct ExperimentConfig {
     /// The RECAP scheduler settings compared (a sweep), each a configuration of its own; empty:
     /// one, `base.recap`, named "recap".
     pub variants: Vec<Variant>,
+    /// Runs at once (threads; each run is deterministic, so the results do not depend on it).
+    pub jobs: usize,
 }
 
 /// One RECAP scheduler setting of a sweep: its name in the table (e.g. `recap temperature=0.25`)
@@ -53,6 +55,7 @@ impl ExperimentConfig {
             applies: vec![Apply::Loss, Apply::Reward],
             window: 10,
             variants: Vec::new(),
+            jobs: 1,
         }
     }
 
@@ -220,51 +223,102 @@ pub fn run(cfg: &ExperimentConfig, on_event: &mut dyn FnMut(Event<'_>)) -> Resul
         ));
     }
     let configs = cfg.configurations();
-    let total = cfg.seeds.len() * configs.len() * cfg.applies.len();
-    let mut out = Vec::with_capacity(total);
+    let mut jobs = Vec::new();
     for &apply in &cfg.applies {
         for (config, weighting, recap) in &configs {
             for &seed in &cfg.seeds {
-                let run_cfg = TrainConfig {
-                    seed,
-                    weighting: *weighting,
-                    apply,
-                    recap: recap.clone(),
-                    out: cfg.base.out.as_ref().map(|d| {
-                        d.join(format!(
-                            "{}-{}-seed{seed}",
-                            config.replace([' ', '='], "_"),
-                            apply_name(apply)
-                        ))
-                    }),
-                    checkpoint: None,
-                    resume: None,
-                    ..cfg.base.clone()
-                };
-                let started = Instant::now();
-                let records = super::train(&run_cfg)?;
-                let r = result(
-                    config,
-                    *weighting,
-                    apply,
-                    seed,
-                    &records,
-                    cfg.window,
-                    started.elapsed().as_secs_f64(),
-                );
-                on_event(Event::Info(format!(
-                    "run {}/{total}: {config} on the {}, seed {seed}: accuracy {:.3}, general_nll {:+.4}, {:.1} s",
-                    out.len() + 1,
-                    apply_name(apply),
-                    r.values[1].2,
-                    r.values[4].2 - r.values[4].1,
-                    r.wall_s
-                )));
-                out.push(r);
+                jobs.push((config.clone(), *weighting, recap.clone(), apply, seed));
             }
         }
     }
-    Ok(out)
+    let total = jobs.len();
+    let one = |(config, weighting, recap, apply, seed): &(
+        String,
+        Weighting,
+        crate::RecapConfig,
+        Apply,
+        u64,
+    )|
+     -> Result<RunResult> {
+        let run_cfg = TrainConfig {
+            seed: *seed,
+            weighting: *weighting,
+            apply: *apply,
+            recap: recap.clone(),
+            out: cfg.base.out.as_ref().map(|d| {
+                d.join(format!(
+                    "{}-{}-seed{seed}",
+                    config.replace([' ', '='], "_"),
+                    apply_name(*apply)
+                ))
+            }),
+            checkpoint: None,
+            resume: None,
+            ..cfg.base.clone()
+        };
+        let started = Instant::now();
+        let records = super::train(&run_cfg)?;
+        Ok(result(
+            config,
+            *weighting,
+            *apply,
+            *seed,
+            &records,
+            cfg.window,
+            started.elapsed().as_secs_f64(),
+        ))
+    };
+    // the runs are independent (each its own seed, task and policy): `jobs` workers take them in
+    // turn; the results keep the runs' order, so the tables do not depend on the workers
+    let workers = cfg.jobs.clamp(1, total.max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<RunResult>)>();
+    let mut out: Vec<Option<RunResult>> = vec![None; total];
+    let mut first_err = None;
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let (tx, next, jobs, one) = (tx.clone(), &next, &jobs, &one);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= jobs.len() {
+                    break;
+                }
+                let r = one(&jobs[i]);
+                let failed = r.is_err();
+                if tx.send((i, r)).is_err() || failed {
+                    // stop handing out runs after an error
+                    next.store(jobs.len(), std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut done = 0;
+        for (i, r) in rx {
+            match r {
+                Ok(r) => {
+                    done += 1;
+                    on_event(Event::Info(format!(
+                        "run {done}/{total}: {} on the {}, seed {}: accuracy {:.3}, general_nll {:+.4}, {:.1} s",
+                        r.config,
+                        apply_name(r.apply),
+                        r.seed,
+                        r.values[1].2,
+                        r.values[4].2 - r.values[4].1,
+                        r.wall_s
+                    )));
+                    out[i] = Some(r);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+    });
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
 /// The CLI name of a weighting.

@@ -14,7 +14,7 @@ fn err(e: impl std::fmt::Display) -> Error {
     Error::invalid_argument("out", format!("drawing the picture: {e}"))
 }
 
-const PALETTE: [RGBColor; 8] = [
+const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -23,6 +23,8 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 fn color(i: usize) -> RGBColor {
@@ -61,13 +63,34 @@ fn pareto(pts: &[(f64, f64)]) -> Vec<(f64, f64)> {
     front
 }
 
+/// The color of each configuration (one per weighting and scheduler options, whatever the apply)
+/// and whether its weights act on the rewards (a triangle) or on the losses (a disc).
+fn styles(configs: &[ConfigSummary]) -> Vec<(RGBColor, bool)> {
+    let mut names: Vec<&str> = Vec::new();
+    configs
+        .iter()
+        .map(|c| {
+            let i = names
+                .iter()
+                .position(|n| *n == c.config)
+                .unwrap_or_else(|| {
+                    names.push(&c.config);
+                    names.len() - 1
+                });
+            (color(i), c.apply == super::config::Apply::Reward)
+        })
+        .collect()
+}
+
 /// `frontier.svg`: accuracy (the last window's mean over the seeds, with its 95 % t-interval)
 /// against the change of the replay's NLL (left) and of the held-out general NLL (right), one
-/// point per configuration and apply, the Pareto front (more accuracy, less forgetting) dashed.
+/// point per configuration (a color) and apply (a disc: weights on the losses; a triangle: on the
+/// rewards), the Pareto front (more accuracy, less forgetting) dashed.
 pub fn frontier_svg(configs: &[ConfigSummary]) -> Result<String> {
+    let style = styles(configs);
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (1100, 520)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (1160, 520)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let (title, body) = root.split_vertically(40);
         title
@@ -76,7 +99,7 @@ pub fn frontier_svg(configs: &[ConfigSummary]) -> Result<String> {
                 ("sans-serif", 20),
             )
             .map_err(err)?;
-        let (panel_area, legend_area) = body.split_horizontally(860);
+        let (panel_area, legend_area) = body.split_horizontally(850);
         let panels = panel_area.split_evenly((1, 2));
         let metric = |c: &ConfigSummary, m: &str| {
             c.metrics.get(m).copied().unwrap_or(Interval {
@@ -119,7 +142,7 @@ pub fn frontier_svg(configs: &[ConfigSummary]) -> Result<String> {
                 .draw()
                 .map_err(err)?;
             for (i, (x, y)) in pts.iter().enumerate() {
-                let c = color(i);
+                let c = style[i].0;
                 if x.ci_low.is_finite() {
                     chart
                         .draw_series(LineSeries::new(
@@ -136,13 +159,13 @@ pub fn frontier_svg(configs: &[ConfigSummary]) -> Result<String> {
                         ))
                         .map_err(err)?;
                 }
-                chart
-                    .draw_series(std::iter::once(Circle::new(
-                        (x.mean, y.mean),
-                        5,
-                        c.filled(),
-                    )))
-                    .map_err(err)?;
+                // a disc: weights on the losses; a triangle: on the rewards
+                let p = (x.mean, y.mean);
+                match style[i].1 {
+                    false => chart.draw_series([Circle::new(p, 5, c.filled())]),
+                    true => chart.draw_series([TriangleMarker::new(p, 7, c.filled())]),
+                }
+                .map_err(err)?;
             }
             let front = pareto(
                 &pts.iter()
@@ -167,37 +190,45 @@ pub fn frontier_svg(configs: &[ConfigSummary]) -> Result<String> {
                 )
                 .map_err(err)?;
         }
-        // the legend: one line per configuration (ringed: on the Pareto front of a panel)
-        for (i, c) in configs.iter().enumerate() {
-            let y = 20 + 22 * i as i32;
+        // the legend: one line per configuration (its color), then one per marker shape shown
+        // (where the weights act), then the Pareto front's ring
+        let text = |s: &str, y: i32| Text::new(s.to_string(), (26, y - 8), ("sans-serif", 13));
+        let mut y = 20;
+        let mut seen: Vec<&str> = Vec::new();
+        for (c, (color, _)) in configs.iter().zip(&style) {
+            if seen.contains(&c.config.as_str()) {
+                continue;
+            }
+            seen.push(&c.config);
             legend_area
-                .draw(&Circle::new((14, y), 5, color(i).filled()))
+                .draw(&Rectangle::new([(9, y - 5), (19, y + 5)], color.filled()))
                 .map_err(err)?;
-            legend_area
-                .draw(&Text::new(
-                    format!("{} ({})", c.config, apply_label(c)),
-                    (26, y - 8),
-                    ("sans-serif", 13),
-                ))
-                .map_err(err)?;
+            legend_area.draw(&text(&c.config, y)).map_err(err)?;
+            y += 22;
         }
-        let y = 20 + 22 * configs.len() as i32 + 8;
-        legend_area
-            .draw(&Circle::new((14, y), 9, BLACK.stroke_width(1)))
+        y += 8;
+        for (triangle, label) in [
+            (false, "weights on the losses"),
+            (true, "weights on the rewards"),
+        ] {
+            if !style.iter().any(|s| s.1 == triangle) {
+                continue;
+            }
+            match triangle {
+                false => legend_area.draw(&Circle::new((14, y), 5, BLACK.filled())),
+                true => legend_area.draw(&TriangleMarker::new((14, y), 7, BLACK.filled())),
+            }
             .map_err(err)?;
+            legend_area.draw(&text(label, y)).map_err(err)?;
+            y += 22;
+        }
         legend_area
-            .draw(&Text::new("Pareto front", (26, y - 8), ("sans-serif", 13)))
+            .draw(&Circle::new((14, y + 4), 9, BLACK.stroke_width(1)))
             .map_err(err)?;
+        legend_area.draw(&text("Pareto front", y + 4)).map_err(err)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
-}
-
-fn apply_label(c: &ConfigSummary) -> &'static str {
-    match c.apply {
-        super::config::Apply::Loss => "weights on the losses",
-        super::config::Apply::Reward => "weights on the rewards",
-    }
 }
 
 /// One panel of `curves.svg`: `series` (name, value per step) over the steps.
