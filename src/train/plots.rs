@@ -225,7 +225,9 @@ pub fn frontier_svg(configs: &[ConfigSummary]) -> Result<String> {
         legend_area
             .draw(&Circle::new((14, y + 4), 9, BLACK.stroke_width(1)))
             .map_err(err)?;
-        legend_area.draw(&text("Pareto front", y + 4)).map_err(err)?;
+        legend_area
+            .draw(&text("Pareto front", y + 4))
+            .map_err(err)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
