@@ -118,7 +118,8 @@ RECAP_HD RecapRatio recap_gspo_ratio(float lr) {
  * One token of the policy loss with advantage `adv` (dr/dlogp = r inside the log-ratio clamp, 0 where
  * it saturates):
  *   vanilla  l1 = -A min(r, delta) (delta > 0; else -A r), l2 = -A clip(r, 1 - el, 1 + eh),
- *            l = max(l1, l2); clipped <=> l2 > l1 (grad 0), else grad -A r (0 where r > delta);
+ *            l = max(l1, l2); grad -A r where the larger term's ratio is live (l1: r <= delta;
+ *            l2: r inside the clip range), else 0; clipped <=> l2 > l1 and r outside the range;
  *            dual-clip (A < 0): l = min(l, -c A), active <=> l > -c A (grad 0)
  *   CISPO    l = -sg(clip(r, 1 - el, 1 + eh)) A logp, grad = -clip(r) A  (MiniMax-M1; verl "cispo")
  *   SAPO     tau = tau_pos if A > 0 else tau_neg, s = sigmoid(tau (r - 1)),
@@ -204,9 +205,13 @@ RECAP_HD RecapPolicyToken recap_policy_token(RecapRatio q, float adv, float logp
     const int capped = vanilla && o.delta > 0.0f && r > o.delta;
     float l1 = -adv * (capped ? o.delta : r);
     float l2 = -adv * rc;
-    out.clipped = l2 > l1;
-    out.loss = out.clipped ? l2 : l1;
-    out.grad = (out.clipped || q.saturated || capped) ? 0.0f : -adv * r;
+    /* the larger term is the loss; its gradient is -A r where its ratio is live (l1 below delta,
+     * l2 inside the clip range: with delta < 1 + eh, TRL's l2 passes gradient for A < 0) */
+    const int take2 = l2 > l1;
+    out.clipped = take2 && rc != r;
+    out.loss = take2 ? l2 : l1;
+    const int live = take2 ? (rc == r) : !capped;
+    out.grad = (live && !q.saturated) ? -adv * r : 0.0f;
     if (vanilla && o.dual_clip && adv < 0.0f) {
         float l3 = -o.clip_c * adv;
         if (out.loss > l3) {

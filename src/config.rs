@@ -508,7 +508,9 @@ pub struct GrpoConfig {
     /// The policy-loss variant (default the clipped surrogate).
     pub policy_loss: PolicyLoss,
     /// Two-sided clipping (INTELLECT-2, TRL `delta`): `r -> min(r, delta)` in the unclipped term of
-    /// [`PolicyLoss::Vanilla`], bounding the loss of negative-advantage tokens; `None`: off.
+    /// [`PolicyLoss::Vanilla`], bounding the loss of negative-advantage tokens; `None`: off. As TRL:
+    /// the loss is `max(-A min(r, delta), -A clip(r, 1 - el, 1 + eh))`, so with `delta < 1 + eh`
+    /// a negative-advantage token with `delta < r < 1 + eh` keeps the gradient of the clipped term.
     pub delta: Option<f32>,
     /// Multiply the KL term by the ratio `r` at policy tokens (TRL `use_bias_correction_kl`,
     /// DeepSeek-V3.2), gradient through both factors.

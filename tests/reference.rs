@@ -25,22 +25,34 @@ struct Branches {
     cu: Vec<i32>,
 }
 
-fn branches() -> Branches {
-    let old = vec![-1.0f32, -2.0, -0.5, -1.0, -3.0];
-    let ratios = [1.1f64, 1.5, 0.5, 1.0, 4.0];
-    let mut logp: Vec<f32> = old
+/// A batch whose tokens have the given old log-probs and ratios (every token unmasked).
+fn with_ratios(old: Vec<f32>, ratios: &[f64], adv: Vec<f32>, cu: Vec<i32>) -> Branches {
+    let logp = old
         .iter()
         .zip(ratios)
         .map(|(o, r)| (*o as f64 + r.ln()) as f32)
         .collect();
-    logp[3] = f32::NAN;
+    let mask = vec![1.0; old.len()];
     Branches {
         logp,
         old,
-        adv: vec![1.0, -0.5],
-        mask: vec![1.0, 1.0, 1.0, 0.0, 1.0],
-        cu: vec![0, 2, 5],
+        adv,
+        mask,
+        cu,
     }
+}
+
+fn branches() -> Branches {
+    let old = vec![-1.0f32, -2.0, -0.5, -1.0, -3.0];
+    let mut b = with_ratios(
+        old,
+        &[1.1, 1.5, 0.5, 1.0, 4.0],
+        vec![1.0, -0.5],
+        vec![0, 2, 5],
+    );
+    b.logp[3] = f32::NAN;
+    b.mask[3] = 0.0;
+    b
 }
 
 fn branch_inputs<'a>(b: &'a Branches, lambda: &'a [f32]) -> HostGrpoInputs<'a> {
@@ -290,6 +302,35 @@ on_every_backend! {
                 0.0,
             );
         }
+    }
+}
+
+on_every_backend! {
+    /// TRL's `delta` below `1 + epsilon_high`: `max(-A min(r, delta), -A clip(r))` keeps the clipped
+    /// term's gradient for a negative advantage with `delta < r < 1 + eh` (TRL 1.16's torch.min).
+    fn delta_below_the_clip_range_by_hand(be) {
+        let b = with_ratios(vec![-1.0; 4], &[1.15, 1.05, 1.15, 1.3], vec![-0.5, 1.0, -0.5], vec![0, 2, 3, 4]);
+        let r: Vec<f64> = (0..4).map(|t| actual_ratio(&b, t)).collect();
+        let inputs = branch_inputs(&b, &[1.0]);
+        // t0 (A = -0.5, r = 1.15): l1 = 0.55 < l2 = 0.5 r, the clipped term with its gradient;
+        // t1 (A = -0.5, r = 1.05): l1 = l2 = 0.5 r; t2 (A = 1, r = 1.15 > delta): l1 = -1.1, no
+        // gradient; t3 (A = -0.5, r = 1.3): l2 = 0.6 clipped, no gradient
+        let per_token = [
+            (0.5 * r[0], 0.5 * r[0]),
+            (0.5 * r[1], 0.5 * r[1]),
+            (-1.1, 0.0),
+            (0.6, 0.0),
+        ];
+        let cfg = GrpoConfig::default()
+            .with_delta(Some(1.1))
+            .with_dual_clip(None);
+        let mut grad = vec![f32::NAN; 4];
+        let out = be.grpo_loss(&inputs, &cfg, &mut grad).unwrap();
+        let want_loss = per_token.iter().map(|x| x.0).sum::<f64>() / 4.0;
+        assert_close("delta loss", out.loss, want_loss, TOL, 1e-5);
+        let want_grad: Vec<f32> = per_token.iter().map(|x| (x.1 / 4.0) as f32).collect();
+        assert_all_close("delta grad", &grad, &want_grad, TOL, 1e-5);
+        assert_close("delta pg_clipfrac", out.metrics.pg_clipfrac[0], 0.25, TOL, 0.0);
     }
 }
 

@@ -141,14 +141,14 @@ pub fn policy_token(q: Ratio, adv: f32, logp: f32, old_logp: f32, cfg: &GrpoConf
     let capped = vanilla && cfg.delta.is_some_and(|d| r > d as f64);
     let l1 = -a * cfg.delta.filter(|_| capped).map_or(r, |d| d as f64);
     let l2 = -a * rc;
-    let clipped = l2 > l1;
+    // the larger term is the loss; its gradient is -A r where its ratio is live: l1 below delta,
+    // l2 inside the clip range (with delta below 1 + eh, TRL's l2 passes gradient for A < 0)
+    let take2 = l2 > l1;
+    let clipped = take2 && rc != r;
+    let live = if take2 { rc == r } else { !capped };
     let mut out = PolicyToken {
-        loss: if clipped { l2 } else { l1 },
-        grad: if clipped || q.saturated || capped {
-            0.0
-        } else {
-            -a * r
-        },
+        loss: if take2 { l2 } else { l1 },
+        grad: if live && !q.saturated { -a * r } else { 0.0 },
         clipped,
         dual: false,
     };

@@ -124,14 +124,16 @@ def trl_off_policy_mask(adv, logp, sampling, mask, threshold):
 
 def trl_loss(logp, old, adv, mask, ref=None, *, loss_type="dapo", beta=0.0, eps=0.2, eps_high=None, delta=None,
              level="token", weight=None, num_items=None, num_processes=1, max_len=None, gas=1, bias_kl=False,
-             tau_pos=1.0, tau_neg=1.05):
-    """TRL's GRPOTrainer._compute_loss formulas for [B, T] tensors."""
+             tau_pos=1.0, tau_neg=1.05, spg=None):
+    """TRL's GRPOTrainer._compute_loss formulas (TRL 1.16) for [B, T] tensors; ``spg`` TRL's
+    steps_per_generation (None: equal to ``gas``)."""
     eps_high = eps if eps_high is None else eps_high
     adv = adv[:, None] if adv.dim() == 1 else adv
     lr = logp - old
     if level == "sequence":
         lr = ((lr * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
     c1 = torch.exp(lr)
+    ratio = c1  # the KL correction's (before delta)
     if loss_type == "cispo":
         per = -torch.clamp(c1, max=eps_high).detach() * adv * logp
     elif loss_type == "vespo":
@@ -155,7 +157,7 @@ def trl_loss(logp, old, adv, mask, ref=None, *, loss_type="dapo", beta=0.0, eps=
     if beta != 0.0:
         kl = torch.exp(ref - logp) - (ref - logp) - 1
         if bias_kl:
-            kl = kl * c1
+            kl = kl * ratio
         per = per + beta * kl
     per = per.expand(mask.shape) if per.shape != mask.shape else per
     if loss_type in ("grpo", "sapo"):
@@ -167,7 +169,7 @@ def trl_loss(logp, old, adv, mask, ref=None, *, loss_type="dapo", beta=0.0, eps=
     if loss_type == "luspo":
         return (per * mask).sum(-1).mean() / gas
     n = mask.sum() if num_items is None else torch.as_tensor(float(num_items))
-    return (per * mask).sum() / (n.clamp(min=1.0) / num_processes)
+    return (per * mask).sum() / (n.clamp(min=1.0) / num_processes * gas / (gas if spg is None else spg))
 
 
 def masked_whiten(x, m):

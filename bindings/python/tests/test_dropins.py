@@ -436,6 +436,14 @@ TRL_CASES = [
     dict(loss_type="luspo", level="sequence", beta=0.04),
     dict(loss_type="vespo", num_items=230, num_processes=2),
     dict(loss_type="vespo", beta=0.04),
+    # TRL 1.16: the normalizer of a generation batch larger than the step batch
+    dict(loss_type="dapo", num_items=230, spg=2),
+    dict(loss_type="cispo", eps_high=5.0, num_items=230, gas=2, spg=4),
+    # delta below 1 + epsilon_high, and the KL correction by the ratio before delta
+    dict(loss_type="dapo", delta=1.05, eps_high=0.28, beta=0.04, bias_kl=True),
+    # GSPO's KL corrected by the sequence ratio (its gradient reaches every token)
+    dict(loss_type="grpo", level="sequence", beta=0.04, bias_kl=True),
+    dict(loss_type="dapo", level="sequence", beta=0.04, bias_kl=True, num_items=230),
 ]
 
 
@@ -449,7 +457,8 @@ def test_trl_loss_types(device, gen, case):
               importance_sampling_level=case.get("level", "token"), use_bias_correction_kl=case.get("bias_kl", False),
               sapo_temperature_pos=case.get("tau_pos", 1.0), sapo_temperature_neg=case.get("tau_neg", 1.05),
               num_items_in_batch=case.get("num_items"), num_processes=case.get("num_processes", 1),
-              max_completion_length=case.get("max_len"), gradient_accumulation_steps=case.get("gas", 1))
+              max_completion_length=case.get("max_len"), gradient_accumulation_steps=case.get("gas", 1),
+              steps_per_generation=case.get("spg"))
     x = logp.clone().requires_grad_()
     entropy_mask = None if case.get("level") == "sequence" else w.bool()
     loss, metrics = rk.trl.grpo_loss(x, old, adv, mask, ref, entropy_mask=entropy_mask, **kw)
@@ -460,11 +469,17 @@ def test_trl_loss_types(device, gen, case):
                     weight=None if entropy_mask is None else w, num_items=kw["num_items_in_batch"],
                     num_processes=kw["num_processes"], max_len=kw["max_completion_length"],
                     gas=kw["gradient_accumulation_steps"], bias_kl=kw["use_bias_correction_kl"],
-                    tau_pos=kw["sapo_temperature_pos"], tau_neg=kw["sapo_temperature_neg"])
+                    tau_pos=kw["sapo_temperature_pos"], tau_neg=kw["sapo_temperature_neg"], spg=case.get("spg"))
     want.backward()
     close(loss, want)
     close(x.grad, y.grad, atol=1e-7)
-    assert metrics["clip_ratio/region_mean"].dim() == 0 and metrics["policy_loss"].device == device
+    assert metrics["policy_loss"].dim() == 0 and metrics["policy_loss"].device == device
+    # TRL's metric names for the loss type
+    family = {"cispo": {"cispo_clip_ratio"}, "vespo": {"vespo/phi_seq_mean"}, "sapo": set()}.get(
+        case["loss_type"], {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                            "clip_ratio/low_min", "clip_ratio/high_max"})
+    trl_names = {k for k in metrics if not k.startswith(("actor/", "mismatch/"))} - {"policy_loss"}
+    assert trl_names == family | ({"kl"} if kw["beta"] else set()), trl_names
 
 
 def test_trl_unclamped_k3_and_off_policy_mask(device, gen):
@@ -516,10 +531,15 @@ def test_trl_top_entropy_quantile(gen):
 
 class _Accelerator:
     num_processes = 1
+    sync_gradients = True
 
     @staticmethod
     def gather(x):
         return x.reshape(-1)
+
+    @staticmethod
+    def reduce(x, reduction="sum"):
+        return x
 
 
 class _StandInTrainer:
@@ -571,7 +591,8 @@ def test_trl_mixin_with_a_stand_in_trainer(gen):
     close(logits.grad, y.grad, rtol=1e-4, atol=1e-6)
     assert all(isinstance(v[0], torch.Tensor) for v in trainer._metrics["train"].values())
     trainer.log({})
-    assert set(trainer.logged) == {"kl", "entropy", "clip_ratio/region_mean"}
+    assert set(trainer.logged) == {"kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                                   "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max"}
     assert all(isinstance(v, float) for v in trainer.logged.values())
 
 

@@ -159,6 +159,73 @@ def vespo_weights(advantages: Tensor, per_token_logps: Tensor, old_per_token_log
         return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _masked_mean(x: Tensor, mask: Tensor, reduce) -> Tensor:
+    """TRL's ``global_masked_mean``: over the sequences where ``x`` is ``[B, 1]`` (sequence level),
+    else over the masked tokens; the sum and the count reduced over the processes by ``reduce``."""
+    if x.shape[1] == 1:
+        totals = torch.stack([x.sum().float(), torch.tensor(float(x.shape[0]), device=x.device)])
+    else:
+        totals = torch.stack([(x * mask).sum().float(), mask.sum().float()])
+    totals = reduce(totals)
+    return totals[0] / totals[1].clamp(min=1.0)
+
+
+def _seq_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """TRL's ``masked_seq_mean``: one value per sequence (NaN for an empty one at token level)."""
+    return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+
+def _nan_extreme(x: Tensor, largest: bool) -> Tensor:
+    """TRL's ``nanmin`` / ``nanmax`` without reading back: NaN where every value is NaN."""
+    nan = torch.isnan(x)
+    fill = torch.full_like(x, -math.inf if largest else math.inf)
+    kept = torch.where(nan, fill, x)
+    value = kept.max() if largest else kept.min()
+    return torch.where(nan.all(), torch.full_like(value, math.nan), value)
+
+
+def _aggregate(x: Tensor, mask: Tensor, loss_type: str, max_completion_length: Optional[int],
+               per_process: Optional[Tensor]) -> Tensor:
+    """A per-token term aggregated as TRL aggregates the loss of ``loss_type`` (before the
+    gradient-accumulation scale)."""
+    if loss_type in ("grpo", "sapo"):
+        return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "luspo":
+        return (x * mask).sum(-1).mean()
+    if loss_type == "bnpo":
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (x * mask).sum() / (x.shape[0] * max_completion_length)
+    return (x * mask).sum() / (mask.sum().clamp(min=1.0) if per_process is None else per_process)
+
+
+def _trl_metrics(loss_type: str, coef_1: Tensor, advantages: Tensor, mask: Tensor, epsilon: float, eps_high: float,
+                 delta: Optional[float], per_token_kl: Optional[Tensor], phi: Optional[Tensor], reduce,
+                 gather) -> Dict[str, Tensor]:
+    """The metrics TRL's ``_compute_loss`` logs for ``loss_type``, under its names (device tensors):
+    ``kl`` with ``beta``; ``clip_ratio/low_mean``, ``high_mean``, ``region_mean``, ``low_min``,
+    ``high_max`` for the clipped surrogate (of sequences at sequence level, of tokens at token
+    level); ``cispo_clip_ratio``; ``vespo/phi_seq_mean``."""
+    out = {}
+    if per_token_kl is not None:
+        out["kl"] = _masked_mean(per_token_kl, mask, reduce)
+    a = advantages if advantages.dim() == 2 else advantages[:, None]
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        c = coef_1 if delta is None else coef_1.clamp(max=delta)
+        low = ((c < 1 - epsilon) & (a < 0)).float()
+        high = ((c > 1 + eps_high) & (a > 0)).float()
+        out["clip_ratio/low_mean"] = _masked_mean(low, mask, reduce)
+        out["clip_ratio/high_mean"] = _masked_mean(high, mask, reduce)
+        out["clip_ratio/region_mean"] = _masked_mean(torch.maximum(low, high), mask, reduce)
+        out["clip_ratio/low_min"] = _nan_extreme(gather(_seq_mean(low, mask)), largest=False)
+        out["clip_ratio/high_max"] = _nan_extreme(gather(_seq_mean(high, mask)), largest=True)
+    elif loss_type == "cispo":
+        out["cispo_clip_ratio"] = _masked_mean(((coef_1 > eps_high) & (a > 0)).float(), mask, reduce)
+    elif loss_type == "vespo":
+        out["vespo/phi_seq_mean"] = _masked_mean(phi, mask, reduce)
+    return out
+
+
 def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], advantages: Tensor,
               completion_mask: Tensor, ref_per_token_logps: Optional[Tensor] = None, *, loss_type: str = "dapo",
               beta: float = 0.0, epsilon: float = 0.2, epsilon_high: Optional[float] = None,
@@ -168,13 +235,26 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], ad
               entropies: Optional[Tensor] = None, top_entropy_quantile: float = 1.0,
               importance_sampling_ratio: Optional[Tensor] = None, off_policy_mask_threshold: Optional[float] = None,
               sampling_per_token_logps: Optional[Tensor] = None, num_items_in_batch=None, num_processes: int = 1,
-              max_completion_length: Optional[int] = None,
-              gradient_accumulation_steps: int = 1, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
-              vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0) -> Tuple[Tensor, Dict[str, Tensor]]:
+              max_completion_length: Optional[int] = None, gradient_accumulation_steps: int = 1,
+              steps_per_generation: Optional[int] = None, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+              vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, reduce=None,
+              gather=None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """TRL's GRPO loss for ``[B, T]`` per-token tensors (``advantages`` ``[B]``, ``[B, 1]`` or
     ``[B, T]``; ``old_per_token_logps`` None: ``per_token_logps.detach()``, as TRL). Returns the
-    loss (scaled for gradient accumulation as TRL scales it) and metrics under TRL's names
-    (``clip_ratio/region_mean``, ``kl``, ``policy_loss``) plus verl's (``actor/...``)."""
+    loss (scaled for gradient accumulation as TRL scales it) and metrics: TRL's (``policy_loss``,
+    ``kl`` with ``beta``, the clip ratios of the loss type, ``cispo_clip_ratio``,
+    ``vespo/phi_seq_mean``) and verl's (``actor/...``).
+
+    For dapo, cispo and vespo ``num_items_in_batch`` counts the tokens of the whole generation
+    batch (TRL's); the normalizer is ``num_items_in_batch / num_processes *
+    gradient_accumulation_steps / steps_per_generation`` (TRL >= 1.16; ``steps_per_generation``
+    None: equal to ``gradient_accumulation_steps``, as earlier TRL versions assume). At sequence
+    level (GSPO) with ``beta`` and ``use_bias_correction_kl`` the KL term is multiplied by the
+    sequence's ratio, whose gradient reaches every token of the sequence (TRL >= 1.16; earlier
+    versions had no such correction). ``reduce`` / ``gather`` (default: this process alone) combine
+    the metrics over the processes as TRL's accelerator does."""
+    reduce = reduce or (lambda t: t)
+    gather = gather or (lambda t: t)
     if old_per_token_logps is None:
         old_per_token_logps = per_token_logps.detach()
     b = per_token_logps.shape[0]
@@ -206,6 +286,24 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], ad
     elif importance_sampling_ratio is not None:
         is_ratio = importance_sampling_ratio.float().expand(per_token_logps.shape)
         weight = is_ratio if weight is None else weight * is_ratio
+    # the log importance weight: the token's log-ratio, or the sequence's mean (GSPO)
+    mf = mask.to(per_token_logps.dtype)
+    log_ratio = per_token_logps - old_per_token_logps
+    if importance_sampling_level == "sequence":
+        log_w = ((log_ratio * mf).sum(-1) / mf.sum(-1).clamp(min=1.0))[:, None]
+    else:
+        log_w = log_ratio
+    # GSPO's KL correction by the sequence ratio is a term of its own (its gradient reaches every
+    # token of the sequence; the fused loss corrects each token's KL by its own ratio)
+    sequence_kl = beta != 0.0 and use_bias_correction_kl and importance_sampling_level == "sequence"
+    if sequence_kl:
+        options["kl_coef"] = 0.0
+        options["kl_is_correction"] = False
+    per_process = None
+    if loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is not None:
+        spg = gradient_accumulation_steps if steps_per_generation is None else steps_per_generation
+        per_process = (torch.as_tensor(num_items_in_batch, device=per_token_logps.device, dtype=torch.float32)
+                       .clamp(min=1.0) / num_processes * (gradient_accumulation_steps / spg))
     normalizers, scale = None, 1.0 / gradient_accumulation_steps
     if loss_type in ("grpo", "sapo"):
         # the mean over all B sequences (an empty one counts, with loss 0), for the policy and KL terms
@@ -227,20 +325,27 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Optional[Tensor], ad
         scale = 1.0
     loss, m = F.grpo_loss(per_token_logps, old_per_token_logps, advantages, mask, ref_logp=ref_per_token_logps,
                           policy_weight=weight, normalizers=normalizers, **options)
-    if loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is not None:
-        # token-mean over this batch times (its tokens / the global count per process): TRL's sum over
-        # num_items_in_batch / num_processes, without reading either back to the host
-        local = mask.sum().to(loss.dtype)
-        per_process = torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype) / num_processes
-        loss = loss * (local / per_process.clamp(min=1.0))
+    if per_process is not None:
+        # token-mean over this batch times (its tokens / the normalizer): TRL's sum over the
+        # normalizer, without reading either back to the host
+        loss = loss * (mask.sum().to(loss.dtype) / per_process.to(loss.dtype))
+    per_token_kl = None
+    if ref_per_token_logps is not None and beta != 0.0:
+        d = ref_per_token_logps - per_token_logps
+        per_token_kl = torch.exp(d) - d - 1
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * torch.exp(log_w)
+        if sequence_kl:
+            loss = loss + beta * _aggregate(per_token_kl, mf, loss_type, max_completion_length, per_process)
     policy_loss = loss.detach()
     loss = loss * scale if scale != 1.0 else loss
     metrics = dict(m)
-    metrics.update({"clip_ratio/region_mean": m["actor/pg_clipfrac"][0], "kl": m["actor/kl_mean"],
-                    "policy_loss": policy_loss})
-    if phi is not None:
-        mf = mask.to(phi.dtype)
-        metrics["vespo/phi_seq_mean"] = (phi * mf).sum() / mf.sum().clamp(min=1.0)
+    with torch.no_grad():
+        coef_1 = torch.exp(log_w.detach())
+        eps_high = epsilon if epsilon_high is None else epsilon_high
+        metrics.update(_trl_metrics(loss_type, coef_1, advantages, mf.detach(), epsilon, eps_high, delta,
+                                    None if per_token_kl is None else per_token_kl.detach(), phi, reduce, gather))
+    metrics["policy_loss"] = policy_loss
     return loss, metrics
 
 
@@ -249,10 +354,11 @@ class RecapGRPOMixin:
     per-token log-probabilities and entropies with the trainer's own
     ``_get_per_token_logps_and_entropies`` and the loss with :func:`grpo_loss`, reading the
     trainer's settings (``loss_type``, ``beta``, ``epsilon_low`` / ``epsilon_high``,
-    ``importance_sampling_level``, ``top_entropy_quantile``, ``args.delta``, ...), and logs
-    ``clip_ratio/region_mean``, ``kl`` and ``entropy`` into ``self._metrics`` as TRL does (as
-    tensors, read back by ``log`` once per logging step). Multimodal inputs are passed through as
-    TRL passes them."""
+    ``importance_sampling_level``, ``top_entropy_quantile``, ``args.delta``,
+    ``steps_per_generation``, ...), adds TRL's entropy bonus (``entropy_coef``, static or adaptive,
+    TRL's controller) and an MoE model's router loss (``router_aux_loss_coef``), and logs what TRL
+    logs under its names into ``self._metrics`` (as device tensors, read back by ``log`` once per
+    logging step). Multimodal inputs are passed through as TRL passes them."""
 
     _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                      "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -264,11 +370,24 @@ class RecapGRPOMixin:
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         extra = {k: inputs.get(k) for k in self._MODEL_INPUTS if inputs.get(k) is not None}
-        per_token_logps, entropies, *_ = self._get_per_token_logps_and_entropies(
+        aux_enabled = getattr(self, "aux_loss_enabled", False)
+        if aux_enabled:
+            extra["compute_aux_loss"] = True
+        per_token_logps, entropies, *rest = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True, **extra)
         args = self.args
         mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        quantile = getattr(self, "top_entropy_quantile", 1.0)
+        entropy_mask = None
+        if quantile < 1.0:
+            # TRL's own threshold (over every process's tokens) where the trainer has it
+            if hasattr(self, "get_high_entropy_mask"):
+                entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - quantile)
+            else:
+                entropy_mask = high_entropy_mask(entropies, mask, quantile)
         use_is = getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False)
+        acc = self.accelerator
         loss, metrics = grpo_loss(
             per_token_logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
             inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
@@ -277,25 +396,67 @@ class RecapGRPOMixin:
             importance_sampling_level=getattr(self, "importance_sampling_level", "token"),
             use_bias_correction_kl=getattr(args, "use_bias_correction_kl", False),
             sapo_temperature_pos=getattr(args, "sapo_temperature_pos", 1.0),
-            sapo_temperature_neg=getattr(args, "sapo_temperature_neg", 1.05), entropies=entropies,
-            top_entropy_quantile=getattr(self, "top_entropy_quantile", 1.0),
+            sapo_temperature_neg=getattr(args, "sapo_temperature_neg", 1.05), entropy_mask=entropy_mask,
             importance_sampling_ratio=inputs.get("importance_sampling_ratio") if use_is else None,
             off_policy_mask_threshold=getattr(self, "off_policy_mask_threshold", None),
             sampling_per_token_logps=inputs.get("sampling_per_token_logps"),
             num_items_in_batch=inputs.get("num_items_in_batch"),
-            num_processes=self.accelerator.num_processes,
+            num_processes=acc.num_processes,
             max_completion_length=getattr(self, "max_completion_length", None),
-            gradient_accumulation_steps=self.current_gradient_accumulation_steps if mode == "train" else 1,
+            gradient_accumulation_steps=accumulation,
+            steps_per_generation=getattr(args, "steps_per_generation", None) if mode == "train" else 1,
             vespo_k_pos=getattr(args, "vespo_k_pos", 2.0), vespo_lambda_pos=getattr(args, "vespo_lambda_pos", 3.0),
-            vespo_k_neg=getattr(args, "vespo_k_neg", 3.0), vespo_lambda_neg=getattr(args, "vespo_lambda_neg", 2.0))
-        # metrics stay tensors here; log() reads them back once per logging step
+            vespo_k_neg=getattr(args, "vespo_k_neg", 3.0), vespo_lambda_neg=getattr(args, "vespo_lambda_neg", 2.0),
+            reduce=lambda t: acc.reduce(t, reduction="sum"), gather=acc.gather)
         log = self._metrics[mode]
-        if self.beta != 0.0:
-            log["kl"].append(self.accelerator.gather(metrics["kl"].detach()).nanmean())
-        ent = (entropies * mask).sum() / mask.sum().clamp(min=1.0)
-        log["entropy"].append(self.accelerator.gather(ent.detach()).nanmean())
-        log["clip_ratio/region_mean"].append(
-            self.accelerator.gather(metrics["clip_ratio/region_mean"].detach()).nanmean())
+        if getattr(self, "_entropy_bonus_enabled", False):
+            loss = self._recap_entropy_bonus(loss, metrics["policy_loss"], entropies, mask, entropy_mask, mode,
+                                             accumulation)
+        if aux_enabled:
+            # the router loss, scaled for gradient accumulation as the policy term (TRL)
+            aux = rest[0]
+            loss = loss + self.router_aux_loss_coef * aux / accumulation
+            log["aux_loss"].append(acc.gather_for_metrics(aux.detach()).mean())
+        # TRL's order and names; tensors here, log() reads them back once per logging step
+        if "kl" in metrics:
+            log["kl"].append(metrics["kl"])
+        log["entropy"].append(_masked_mean(entropies.detach(), mask, lambda t: acc.reduce(t, reduction="sum")))
+        for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+                    "clip_ratio/high_max", "cispo_clip_ratio", "vespo/phi_seq_mean"):
+            if key in metrics:
+                log[key].append(metrics[key])
+        return loss
+
+    def _recap_entropy_bonus(self, loss, policy_loss, entropies, mask, entropy_mask, mode, accumulation):
+        """TRL's entropy bonus: ``loss - coef * H``, ``H`` the mean entropy over the tokens the
+        policy term acts on (scaled only for gradient accumulation), ``coef`` TRL's static
+        ``entropy_coef`` or its adaptive controller (which this updates at optimizer-step
+        boundaries exactly as TRL does: one read-back per optimizer step, adaptive mode only)."""
+        args, acc, log = self.args, self.accelerator, self._metrics[mode]
+        effective = mask if entropy_mask is None else mask * entropy_mask
+        entropy_loss = (entropies * effective).sum() / effective.sum().clamp(min=1.0) / accumulation
+        adaptive = getattr(self, "use_adaptive_entropy", False)
+        if adaptive:
+            coef = self.entropy_coef if self._last_world_entropy <= args.entropy_target else 0.0
+        else:
+            coef = self.entropy_coef
+        loss = loss - coef * entropy_loss
+        log["policy_loss"].append(acc.gather(policy_loss).nanmean())
+        if adaptive and mode == "train":
+            stats = torch.stack([(entropies * effective).sum(), effective.sum()]).detach()
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if acc.sync_gradients:
+                totals = acc.reduce(self._entropy_window_stats, reduction="sum")
+                world = (totals[0] / totals[1].clamp(min=1.0)).item()
+                if world <= args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+                self._last_world_entropy = world
+                self._entropy_window_stats = None
+        if mode == "train" and acc.sync_gradients:
+            log["entropy_coef"].append(self.entropy_coef)
         return loss
 
     def log(self, logs, start_time=None):
@@ -316,14 +477,19 @@ except ImportError:  # the callback still works when driven by hand
 
 class RecapRewardWeights(_CallbackBase):
     """RECAP's weights on a ``GRPOTrainer``'s reward functions, as the RECAP authors apply them:
-    after every optimizer step, each reward function's batch-mean reward (what the trainer logged
-    as ``rewards/<name>/mean`` since the last step) goes to the scheduler (orientation "reward"),
-    and the new weights become ``trainer.reward_weights``, which TRL multiplies into the rewards
-    before their group normalization (``multi_objective_aggregation="sum_then_normalize"``).
+    after every optimizer step, each reward function's mean reward over the completions scored
+    since the last step goes to the scheduler (orientation "reward"), and the new weights become
+    ``trainer.reward_weights``, which TRL multiplies into the rewards before their group
+    normalization (``multi_objective_aggregation="sum_then_normalize"``).
 
         trainer = GRPOTrainer(..., reward_funcs=[format_reward, accuracy_reward])
         trainer.add_callback(rk_trl.RecapRewardWeights(trainer))          # scheduler options as kwargs
 
+    The rewards are taken where the trainer computes them (its ``_calculate_rewards``, every
+    process's completions gathered), so the scheduler sees every step whatever ``logging_steps``
+    (TRL's ``log`` clears its metric lists) and gradient accumulation; a step that generated
+    nothing (``steps_per_generation`` > gradient accumulation) observes nothing. A trainer without
+    ``_calculate_rewards`` (older TRL) falls back to the logged ``rewards/<name>/mean``.
     ``options`` are the scheduler's (``recap_kernels.RecapWeights``); ``state_dict`` /
     ``load_state_dict`` checkpoint it."""
 
@@ -334,8 +500,31 @@ class RecapRewardWeights(_CallbackBase):
         self.names = list(trainer.reward_func_names)
         self.weights = RecapWeights(["reward"] * len(self.names), **options)
         self._seen = {}
+        self._scored = None
+        calculate = getattr(trainer, "_calculate_rewards", None)
+        if calculate is not None:
+            self._scored = []
+
+            def recorded(*args, **kwargs):
+                rewards = calculate(*args, **kwargs)
+                # [completions, reward functions]: the sums and counts of the finite values, on the device
+                r = rewards.detach().float()
+                finite = torch.isfinite(r)
+                self._scored.append(torch.stack([torch.where(finite, r, torch.zeros_like(r)).sum(0),
+                                                 finite.sum(0).float()]))
+                return rewards
+
+            trainer._calculate_rewards = recorded
 
     def _step_means(self):
+        if self._scored is not None:
+            if not self._scored:
+                return None
+            totals = torch.stack(self._scored).sum(0).double().cpu()
+            self._scored.clear()
+            if bool((totals[1] == 0).any()):
+                return None
+            return (totals[0] / totals[1]).tolist()
         log = self.trainer._metrics["train"]
         means = []
         for name in self.names:
