@@ -201,6 +201,39 @@ impl RecapConfig {
         }
     }
 
+    /// A named preset: "paper" (its equations, [`RecapConfig::default`]) or "authors" (the authors'
+    /// code, [`RecapConfig::authors_code`] with alpha 1.0, the default of their code); the CLI's
+    /// `--recap-preset`, the sweep's `preset=` and Python's `RecapWeights(preset=)`.
+    pub fn preset(name: &str) -> Result<RecapConfig> {
+        match name {
+            "paper" => Ok(RecapConfig::default()),
+            "authors" => Ok(RecapConfig::authors_code(Alpha::Constant(1.0))),
+            _ => Err(Error::invalid_argument(
+                "preset",
+                format!("expected paper or authors, got {name:?}"),
+            )),
+        }
+    }
+
+    /// The preset `name` with the fields of `json` (a JSON object, any subset of the fields) over
+    /// it, validated; an error names the field that does not parse.
+    pub fn preset_with_json(name: &str, json: &str) -> Result<RecapConfig> {
+        let mut base = serde_json::to_value(RecapConfig::preset(name)?)
+            .map_err(|e| Error::invalid_argument("preset", e.to_string()))?;
+        let over: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| crate::error::json_options_error::<RecapConfig>(json, e))?;
+        match (base.as_object_mut(), over) {
+            (Some(b), serde_json::Value::Object(o)) => b.extend(o),
+            _ => {
+                return Err(Error::invalid_argument(
+                    "config",
+                    format!("expected a JSON object of scheduler options, got {json}"),
+                ))
+            }
+        }
+        RecapConfig::from_json(&base.to_string())
+    }
+
     /// A validated configuration from its JSON form (any subset of the fields); an error names the
     /// field that does not parse.
     pub fn from_json(json: &str) -> Result<RecapConfig> {

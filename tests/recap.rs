@@ -288,6 +288,43 @@ fn options_round_trip_through_json_and_checkpoints() {
 }
 
 #[test]
+fn presets_and_options_over_them() {
+    use recap_kernels::recap::Alpha;
+    assert_eq!(
+        RecapConfig::preset("paper").unwrap(),
+        RecapConfig::default()
+    );
+    let authors = RecapConfig::preset("authors").unwrap();
+    assert_eq!(authors, RecapConfig::authors_code(Alpha::Constant(1.0)));
+    assert_ne!(authors, RecapConfig::default());
+    // the options given replace the preset's, the rest stays the preset's
+    let cfg =
+        RecapConfig::preset_with_json("authors", r#"{"temperature": 0.25, "alpha": 0.5}"#).unwrap();
+    assert_eq!(
+        cfg,
+        RecapConfig {
+            temperature: 0.25,
+            ..RecapConfig::authors_code(Alpha::Constant(0.5))
+        }
+    );
+    assert_eq!(
+        RecapConfig::preset_with_json("paper", "{}").unwrap(),
+        RecapConfig::default()
+    );
+    for (name, json, names) in [
+        ("nope", "{}", "preset"),
+        ("authors", r#"{"windw": 3}"#, "windw"),
+        ("authors", "[1]", "config"),
+        ("paper", r#"{"window": 0}"#, "window"),
+    ] {
+        let e = RecapConfig::preset_with_json(name, json)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(names), "{name} {json}: {e}");
+    }
+}
+
+#[test]
 fn only_the_last_two_windows_count() {
     let mut rng = Rng::new(2);
     let values: Vec<[f64; 2]> = (0..57)

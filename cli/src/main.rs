@@ -165,12 +165,8 @@ struct RunArgs {
 impl RunArgs {
     fn config(&self) -> Result<TrainConfig, String> {
         let p = TrainConfig::preset(self.preset);
-        let base = match self.recap_preset.as_str() {
-            "authors" => {
-                recap_kernels::RecapConfig::authors_code(recap_kernels::recap::Alpha::Constant(1.0))
-            }
-            _ => recap_kernels::RecapConfig::default(),
-        };
+        let base =
+            recap_kernels::RecapConfig::preset(&self.recap_preset).map_err(|e| e.to_string())?;
         let mut json = serde_json::to_value(&base).map_err(|e| e.to_string())?;
         for kv in &self.recap {
             let (k, v) = kv

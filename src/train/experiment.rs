@@ -107,18 +107,13 @@ pub fn sweep(
             for v in values {
                 let mut j = json.clone();
                 if key == "preset" {
-                    let preset = match v.as_str() {
-                        Some("paper") => crate::RecapConfig::default(),
-                        Some("authors") => {
-                            crate::RecapConfig::authors_code(crate::recap::Alpha::Constant(1.0))
-                        }
-                        _ => {
-                            return Err(Error::invalid_argument(
+                    let preset = crate::RecapConfig::preset(v.as_str().unwrap_or_default())
+                        .map_err(|_| {
+                            Error::invalid_argument(
                                 "recap_sweep",
                                 format!("preset: expected paper or authors, got {v}"),
-                            ))
-                        }
-                    };
+                            )
+                        })?;
                     j = serde_json::to_value(preset).map_err(|e| {
                         Error::invalid_argument("recap_sweep", format!("preset: {e}"))
                     })?;

@@ -1668,16 +1668,17 @@ struct PyRecapScheduler(RecapScheduler);
 #[pymethods]
 impl PyRecapScheduler {
     /// `orientations`: "reward" (higher is better) or "loss" per objective; `config_json`: the
-    /// scheduler options as JSON (absent fields take the paper's defaults).
+    /// scheduler options as JSON over the preset's ("paper": its equations, "authors": its
+    /// authors' code; `RecapConfig::preset`).
     #[new]
-    #[pyo3(signature = (orientations, config_json="{}"))]
-    fn new(orientations: Vec<String>, config_json: &str) -> PyResult<Self> {
+    #[pyo3(signature = (orientations, config_json="{}", preset="paper"))]
+    fn new(orientations: Vec<String>, config_json: &str, preset: &str) -> PyResult<Self> {
         let o = orientations
             .iter()
             .map(|x| x.parse::<Orientation>())
             .collect::<recap_kernels::Result<Vec<_>>>()
             .map_err(err)?;
-        let cfg = RecapConfig::from_json(config_json).map_err(err)?;
+        let cfg = RecapConfig::preset_with_json(preset, config_json).map_err(err)?;
         Ok(PyRecapScheduler(RecapScheduler::new(&o, cfg).map_err(err)?))
     }
 

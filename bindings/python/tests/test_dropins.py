@@ -622,3 +622,22 @@ def test_recap_reward_weights_callback_with_a_stand_in_trainer():
     assert again.weights.weights() == cb.weights.weights()
     cb.on_step_end()  # nothing logged since: no observation
     assert cb.weights.steps == 10
+
+
+def test_recap_weights_presets():
+    """preset="authors" is the crate's RecapConfig::preset("authors") (its authors' code, alpha 1),
+    with the options given over it; "paper" the defaults."""
+    authors = rk.RecapWeights(["reward", "loss"], preset="authors", window=3).state_dict()["recap_scheduler"]["config"]
+    assert authors == {"window": 3, "temperature": 5.0, "priority": "softmax_mixture", "alpha": 1.0,
+                       "max_steps": None, "sigma": "population", "denominator": "mean", "warmup": False,
+                       "convergence": "worsening"}
+    paper = rk.RecapWeights(["reward", "loss"]).state_dict()["recap_scheduler"]["config"]
+    assert paper["priority"] == "sum" and paper["warmup"] is True and paper["window"] == 10
+    # without a warm-up the authors' weights move once a previous window exists; the paper's stay 1
+    # until 2W values exist
+    a = rk.RecapWeights(["reward", "reward"], preset="authors", window=2)
+    p = rk.RecapWeights(["reward", "reward"], window=2)
+    for step in range(3):
+        a.observe([0.1 * step + 0.05, 1.0])
+        p.observe([0.1 * step + 0.05, 1.0])
+    assert p.weights() == [1.0, 1.0] and a.weights() != [1.0, 1.0]

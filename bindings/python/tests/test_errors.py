@@ -49,6 +49,7 @@ def calls(device):
                                                                           y.int(), 1.0, -100, False), "logits"),
         "unknown orientation": (lambda: rk.RecapWeights(["reward", "rewards"]), "orientations"),
         "scheduler option": (lambda: rk.RecapWeights(["reward"], windw=3), "windw"),
+        "scheduler preset": (lambda: rk.RecapWeights(["reward"], preset="nope"), "preset"),
         "non-finite observation": (lambda: rk.RecapWeights(["reward"]).observe([float("nan")]), "values"),
         "advantage mode": (lambda: rk.group_advantages(a, 2, mode="ppo"), "ppo"),
         "groups": (lambda: rk.group_advantages(a, 3), "groups"),

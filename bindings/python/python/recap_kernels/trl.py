@@ -412,6 +412,9 @@ class RecapGRPOMixin:
         if getattr(self, "_entropy_bonus_enabled", False):
             loss = self._recap_entropy_bonus(loss, metrics["policy_loss"], entropies, mask, entropy_mask, mode,
                                              accumulation)
+        recap = getattr(self, "_recap", None)
+        if recap is not None and recap.replay is not None and mode == "train":
+            loss = loss + recap.replay_term(self, model, accumulation)
         if aux_enabled:
             # the router loss, scaled for gradient accumulation as the policy term (TRL)
             aux = rest[0]
@@ -475,30 +478,104 @@ except ImportError:  # the callback still works when driven by hand
         pass
 
 
+class _Replay:
+    """The replay sequences, tokenized once by the trainer's tokenizer (``add_special_tokens``
+    False, at most ``max_length`` tokens, sequences of fewer than 2 tokens dropped), drawn in a
+    seeded random order, ``batch_size`` per micro-batch, cycling."""
+
+    def __init__(self, data, tokenizer, batch_size: int, max_length: int, seed: int):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise RecapError(f"invalid argument `replay_batch_size`: expected an integer >= 1, got {batch_size!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise RecapError(f"invalid argument `replay_max_length`: expected an integer >= 2, got {max_length!r}")
+        if hasattr(data, "column_names"):  # a datasets.Dataset: its "text" column
+            if "text" not in data.column_names:
+                raise RecapError(f"invalid argument `replay`: a dataset needs a 'text' column, it has "
+                                 f"{data.column_names}")
+            data = data["text"]
+        if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+            raise RecapError(f"invalid argument `replay`: expected texts (a list of str or a dataset with a "
+                             f"'text' column) or token id lists, got {type(data).__name__}")
+        seqs = []
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                ids = tokenizer(item, add_special_tokens=False)["input_ids"]
+            elif isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
+                ids = list(item)
+            else:
+                raise RecapError(f"invalid argument `replay[{i}]`: expected a str or a list of token ids, got "
+                                 f"{type(item).__name__}")
+            if len(ids) >= 2:
+                seqs.append(ids[:max_length])
+        if not seqs:
+            raise RecapError("invalid argument `replay`: no sequence of 2 or more tokens")
+        self.seqs, self.batch_size = seqs, batch_size
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.pos = 0
+
+    def next(self, device):
+        """The next micro-batch: ``input_ids`` and ``attention_mask`` ``[batch_size, L]``, right-padded."""
+        rows = []
+        for _ in range(self.batch_size):
+            rows.append(self.seqs[self.order[self.pos % len(self.order)]])
+            self.pos += 1
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = 1
+        return ids.to(device), mask.to(device)
+
+
 class RecapRewardWeights(_CallbackBase):
-    """RECAP's weights on a ``GRPOTrainer``'s reward functions, as the RECAP authors apply them:
-    after every optimizer step, each reward function's mean reward over the completions scored
-    since the last step goes to the scheduler (orientation "reward"), and the new weights become
-    ``trainer.reward_weights``, which TRL multiplies into the rewards before their group
-    normalization (``multi_objective_aggregation="sum_then_normalize"``).
+    """RECAP on a ``GRPOTrainer`` whose class has :class:`RecapGRPOMixin` first (or any
+    ``GRPOTrainer`` without replay), as the RECAP authors apply it: weights on the reward
+    functions, which TRL multiplies into the rewards before their group normalization
+    (``trainer.reward_weights``, ``multi_objective_aggregation="sum_then_normalize"``), and, with
+    ``replay``, a replay objective: the NLL of general-domain text (temperature 1, token mean) added
+    to the loss with its own weight each micro-batch.
 
-        trainer = GRPOTrainer(..., reward_funcs=[format_reward, accuracy_reward])
-        trainer.add_callback(rk_trl.RecapRewardWeights(trainer))          # scheduler options as kwargs
+        class Trainer(rk_trl.RecapGRPOMixin, GRPOTrainer):
+            pass
+        trainer = Trainer(..., reward_funcs=[format_reward, accuracy_reward])
+        trainer.add_callback(rk_trl.RecapRewardWeights(trainer, replay=general_texts, preset="authors"))
 
-    The rewards are taken where the trainer computes them (its ``_calculate_rewards``, every
-    process's completions gathered), so the scheduler sees every step whatever ``logging_steps``
-    (TRL's ``log`` clears its metric lists) and gradient accumulation; a step that generated
-    nothing (``steps_per_generation`` > gradient accumulation) observes nothing. A trainer without
-    ``_calculate_rewards`` (older TRL) falls back to the logged ``rewards/<name>/mean``.
-    ``options`` are the scheduler's (``recap_kernels.RecapWeights``); ``state_dict`` /
-    ``load_state_dict`` checkpoint it."""
+    After every optimizer step each reward function's mean reward over the completions scored
+    since the last step (taken where the trainer scores them, its ``_calculate_rewards``, every
+    process's completions gathered, so the scheduler sees every step whatever ``logging_steps`` and
+    gradient accumulation) and the step's mean replay NLL go to the scheduler (orientations
+    "reward" and "loss"); a step that generated nothing (``steps_per_generation`` > gradient
+    accumulation) observes nothing. It logs ``recap/lambda/<name>`` (the weights, the replay's under
+    ``replay``), ``recap/monitored/<name>`` (the observed values) and ``recap/replay_nll``.
 
-    def __init__(self, trainer, **options):
+    ``replay``: texts (a list of str, or a ``datasets.Dataset`` with a "text" column), tokenized by
+    the trainer's processing class, or lists of token ids; ``replay_batch_size`` sequences (8) of at
+    most ``replay_max_length`` tokens (256) per micro-batch, in a random order seeded by the
+    trainer's seed. ``preset`` ("paper" or "authors") and ``options``: the
+    scheduler's (``recap_kernels.RecapWeights``). ``state_dict`` / ``load_state_dict`` checkpoint the scheduler.
+    A trainer without ``_calculate_rewards`` (older TRL) falls back to the logged
+    ``rewards/<name>/mean``."""
+
+    def __init__(self, trainer, replay=None, *, replay_batch_size: int = 8, replay_max_length: int = 256,
+                 preset: str = "paper", **options):
         from .weights import RecapWeights
 
         self.trainer = trainer
-        self.names = list(trainer.reward_func_names)
-        self.weights = RecapWeights(["reward"] * len(self.names), **options)
+        self.rewards = list(trainer.reward_func_names)
+        self.replay = None
+        if replay is not None:
+            if not isinstance(trainer, RecapGRPOMixin):
+                raise RecapError("invalid argument `replay`: the trainer's class must have RecapGRPOMixin first "
+                                 "in its bases (it adds the replay term to the loss)")
+            seed = getattr(getattr(trainer, "args", None), "seed", 0)
+            self.replay = _Replay(replay, trainer.processing_class, replay_batch_size, replay_max_length, seed)
+        self.names = self.rewards + (["replay"] if self.replay is not None else [])
+        self.weights = RecapWeights(["reward"] * len(self.rewards) + (["loss"] if self.replay is not None else []),
+                                    preset=preset, **options)
+        self.replay_lambda = 1.0
+        self._replay_nll = []
         self._seen = {}
         self._scored = None
         calculate = getattr(trainer, "_calculate_rewards", None)
@@ -515,8 +592,34 @@ class RecapRewardWeights(_CallbackBase):
                 return rewards
 
             trainer._calculate_rewards = recorded
+        trainer._recap = self
+
+    def replay_term(self, trainer, model, accumulation: int) -> Tensor:
+        """The replay objective of one micro-batch: ``lambda_replay * NLL / accumulation``, the NLL
+        the token mean of ``-log p`` of the next replay batch at temperature 1 (the log-probs from
+        the logits in one read, ``logprobs_from_logits``)."""
+        ids, attention = self.replay.next(trainer.accelerator.device)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        labels = ids[:, 1:].masked_fill(attention[:, 1:] == 0, -100)
+        logp = F.logprobs_from_logits(logits.float(), labels, entropy=False)
+        m = attention[:, 1:].to(logp.dtype)
+        nll = -(logp * m).sum() / m.sum().clamp(min=1.0)
+        self._replay_nll.append(nll.detach())
+        trainer._metrics["train"]["recap/replay_nll"].append(nll.detach())
+        return nll * (self.replay_lambda / accumulation)
 
     def _step_means(self):
+        means = self._reward_means()
+        if means is None or self.replay is None:
+            self._replay_nll.clear()
+            return means
+        if not self._replay_nll:
+            return None
+        nll = float(torch.stack(self._replay_nll).double().mean())
+        self._replay_nll.clear()
+        return means + [nll]
+
+    def _reward_means(self):
         if self._scored is not None:
             if not self._scored:
                 return None
@@ -527,7 +630,7 @@ class RecapRewardWeights(_CallbackBase):
             return (totals[0] / totals[1]).tolist()
         log = self.trainer._metrics["train"]
         means = []
-        for name in self.names:
+        for name in self.rewards:
             values = log.get(f"rewards/{name}/mean", [])
             start = self._seen.get(name, 0)
             if start > len(values):  # the trainer's log() cleared its lists
@@ -543,7 +646,15 @@ class RecapRewardWeights(_CallbackBase):
         means = self._step_means()
         if means is not None:
             self.weights.observe(means)
-            self.trainer.reward_weights = self.weights.tensor()
+            w = self.weights.weights()
+            n = len(self.rewards)
+            self.trainer.reward_weights = torch.tensor(w[:n], dtype=torch.float32)
+            if self.replay is not None:
+                self.replay_lambda = w[n]
+            log = self.trainer._metrics["train"]
+            for name, lam, value in zip(self.names, w, means):
+                log[f"recap/lambda/{name}"].append(lam)
+                log[f"recap/monitored/{name}"].append(value)
         return control
 
     def state_dict(self):

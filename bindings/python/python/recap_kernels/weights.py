@@ -13,17 +13,23 @@ class RecapWeights:
     step (an RL objective's mean reward, orientation "reward"; a replay objective's NLL, "loss"),
     ``weights()`` gives the K weights (all 1 until 2W steps exist; they average 1), ``tensor()`` the
     same as a CPU float32 tensor for ``lambda_=`` (no recompilation under ``torch.compile``).
-    ``options``: the scheduler's fields (``window`` W = 10, ``temperature`` T = 5, ``alpha``).
+    ``preset``: "paper" (its equations, the default) or "authors" (its authors' code: the mixture
+    of softmaxes with alpha 1, the population std over the mean, no warm-up, c > 1 when getting
+    worse); ``options``: the scheduler's fields (``window`` W = 10, ``temperature`` T = 5,
+    ``alpha``, ...), over the preset's.
     ``state_dict()`` / ``load_state_dict()`` checkpoint it exactly."""
 
-    def __init__(self, orientations: Sequence[str], **options):
+    def __init__(self, orientations: Sequence[str], preset: str = "paper", **options):
+        if not isinstance(preset, str):
+            A.fail("preset", f"expected 'paper' or 'authors', got {preset!r}", True)
         if isinstance(orientations, (str, bytes)) or not hasattr(orientations, "__iter__"):
             A.fail("orientations", f"expected a list of 'reward' / 'loss', got {orientations!r}", True)
         orientations = list(orientations)
         for o in orientations:
             if not isinstance(o, str):
                 A.fail("orientations", f"expected 'reward' or 'loss' per objective, got {o!r}", True)
-        self._s = A.guarded("RecapScheduler", _native.RecapScheduler)(orientations, json.dumps(A.options(options)))
+        self._s = A.guarded("RecapScheduler", _native.RecapScheduler)(orientations, json.dumps(A.options(options)),
+                                                                    preset)
 
     @property
     def num_objectives(self) -> int:

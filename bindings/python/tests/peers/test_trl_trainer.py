@@ -248,3 +248,66 @@ def test_reward_weights_observe_every_step(models_dir, tmp_path, logging_steps, 
     assert len(logged) == steps // logging_steps
     weights = trainer.reward_weights.tolist()
     assert weights == callback.weights.weights() and weights != [1.0, 1.0], weights
+
+
+GENERAL = [" ".join(f"w{(3 * i + 5 * j) % 61}" for j in range(4 + i % 9)) for i in range(40)]
+
+
+def test_replay_term_is_the_nll_of_the_replay_batch(models_dir, tmp_path):
+    trainer = make_trainer(models_dir, tmp_path, loss_type="dapo")
+    callback = rk_trl.RecapRewardWeights(trainer, replay=GENERAL, replay_batch_size=5)
+    ids, attention = callback.replay.next(torch.device("cpu"))
+    callback.replay.pos = 0
+    callback.replay_lambda = 0.7
+    model = trainer.model
+    ours = callback.replay_term(trainer, model, 2)
+    grads = torch.autograd.grad(ours, [p for p in model.parameters()], allow_unused=True)
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    m = attention[:, 1:].float()
+    nll = -(torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * m).sum() / m.sum()
+    want = nll * 0.7 / 2
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+    wgrads = torch.autograd.grad(want, [p for p in model.parameters()], allow_unused=True)
+    for g, w in zip(grads, wgrads):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert (attention == 0).any(), "the batch has padding (right), masked out of the NLL"
+    assert float(trainer._metrics["train"]["recap/replay_nll"][-1]) == pytest.approx(float(nll), rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["paper", "authors"])
+def test_recap_with_replay_trains_end_to_end(models_dir, tmp_path, preset):
+    """RECAP whole in TRL: 20 optimizer steps with replay and the callback; the scheduler observes
+    every step (the rewards and the replay NLL), its weights move and reach TRL's reward weights and
+    the replay term, and the log carries the weights, the monitored values and the replay NLL."""
+    steps = 20
+    trainer = make_trainer(models_dir, tmp_path, loss_type="dapo", num_iterations=1, max_steps=steps,
+                           learning_rate=5e-3, per_device_train_batch_size=8, logging_steps=1)
+    callback = rk_trl.RecapRewardWeights(trainer, replay=GENERAL, replay_batch_size=4, preset=preset, window=3)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.weights.steps == steps
+    w = callback.weights.weights()
+    assert len(w) == 3 and w != [1.0, 1.0, 1.0], w
+    assert trainer.reward_weights.tolist() == pytest.approx(w[:2]) and callback.replay_lambda == w[2]
+    logs = [h for h in trainer.state.log_history if "recap/replay_nll" in h]
+    assert len(logs) == steps
+    for key in ("recap/lambda/reward_length", "recap/lambda/reward_word", "recap/lambda/replay",
+                "recap/monitored/reward_length", "recap/monitored/replay"):
+        assert all(key in h for h in logs), key
+    assert logs[-1]["recap/lambda/replay"] == pytest.approx(w[2])
+    nll = [h["recap/replay_nll"] for h in logs]
+    assert all(0 < v < 10 for v in nll) and len(set(nll)) > 1
+
+
+def test_replay_needs_the_mixin_and_usable_sequences(models_dir, tmp_path):
+    trainer = make_trainer(models_dir, tmp_path, cls=TrlTrainer)
+    with pytest.raises(rk_trl.RecapError, match="RecapGRPOMixin"):
+        rk_trl.RecapRewardWeights(trainer, replay=GENERAL)
+    trainer = make_trainer(models_dir, tmp_path)
+    with pytest.raises(rk_trl.RecapError, match="`replay`"):
+        rk_trl.RecapRewardWeights(trainer, replay=["w1", ""])
+    with pytest.raises(rk_trl.RecapError, match="replay_batch_size"):
+        rk_trl.RecapRewardWeights(trainer, replay=GENERAL, replay_batch_size=0)
+    with pytest.raises(rk_trl.RecapError, match="preset"):
+        rk_trl.RecapRewardWeights(trainer, preset="nope")
