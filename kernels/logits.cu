@@ -22,10 +22,12 @@
  * label is elsewhere), so each shard gets its slice of the whole gradient without a collective.
  * fp32 arithmetic throughout; 64-bit row offsets, so T * V beyond 2^31 elements is fine.
  *
- * Threads. One block per row. Each thread walks the row in 16-byte vectors (8 bf16/f16 or 4 f32)
- * when every row start is 16-byte aligned, else element by element; the forward keeps an online
- * (max, sum, sum of shifted x) state per thread, merged in a fixed warp-tree and warp order, so the
- * result is deterministic. The backward reads each element once and writes it once, in place or not:
+ * Threads. One block per row. Each thread walks the row in groups of 16 bytes (8 bf16/f16 or 4
+ * f32), loaded as one vector when every row start is 16-byte aligned, else element by element, with
+ * the same arithmetic either way; the forward keeps an online (max, sum, sum of shifted x) state per
+ * thread, merged in a fixed warp-tree and warp order, so the result is deterministic and a row's
+ * bits do not depend on the batch that holds it, its position, or its layout
+ * (tests/batch_invariance.rs). The backward reads each element once and writes it once, in place or not:
  * the same thread reads z_j before writing dz_j, so in-place equals out-of-place bit for bit.
  */
 #include <cuda_bf16.h>
@@ -75,22 +77,26 @@ __device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
     const float inv_tau = p.inv_temperature;
     const int64_t V = p.vocab;
     RecapSoftmaxState st = recap_softmax_init();
-    int64_t j0 = 0;
-    if (VEC) {
-        constexpr int W = 16 / sizeof(T);
-        const int64_t nvec = V / W;
-        const uint4* __restrict__ zv = (const uint4*)z;
-        for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-            uint4 raw = zv[i];
+    /* Thread i takes the groups of W = 16 / sizeof(T) values i, i + blockDim, ... and the tail
+     * V % W values one each, in both variants: VEC loads a group in one 16-byte load (rows 16-byte
+     * aligned), the other element by element, and the arithmetic is the same, so a row's results
+     * do not depend on its layout (leading dimension, alignment) or its batch. */
+    constexpr int W = 16 / sizeof(T);
+    const int64_t nvec = V / W;
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+        float v[W];
+        if (VEC) {
+            const uint4 raw = ((const uint4*)z)[i];
             const T* e = (const T*)&raw;
-            float v[W];
 #pragma unroll
             for (int k = 0; k < W; ++k) v[k] = recap_scaled(e[k], inv_tau);
-            st = recap_softmax_add_vec<W>(st, v);
+        } else {
+#pragma unroll
+            for (int k = 0; k < W; ++k) v[k] = recap_scaled(z[i * W + k], inv_tau);
         }
-        j0 = nvec * W;
+        st = recap_softmax_add_vec<W>(st, v);
     }
-    for (int64_t j = j0 + threadIdx.x; j < V; j += blockDim.x) {
+    for (int64_t j = nvec * W + threadIdx.x; j < V; j += blockDim.x) {
         float v = recap_scaled(z[j], inv_tau);
         st = recap_softmax_add_vec<1>(st, &v);
     }
