@@ -345,3 +345,65 @@ def test_async_loss_from_logits_reports_bad_labels(device, gen):
         with pytest.raises(rk.RecapError, match="top_entropy_quantile"):
             rk.grpo_loss_from_logits_async(logits, labels.clamp(0, v - 1), old, torch.zeros(2, device=device),
                                            torch.ones(t, device=device), [0, 5, t], top_entropy_quantile=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk,with_bias", [(1, False), (7, True), (4096, True)])
+def test_fused_linear_logprobs_against_autograd(device, gen, dtype, chunk, with_bias):
+    """``fused_linear_logprobs``: log-probs, entropies and Σπ² of ``hidden @ W^T + b`` chunk by chunk
+    against autograd through ``log_softmax`` in float64 (values, and the gradients of hidden, W and b
+    through all three outputs, ignored labels included), the same bits for any chunk size, and the
+    same values as the logits path on the materialized logits."""
+    t, h, v, tau = 19, 24, 301, 0.8
+    hidden = (torch.randn(t, h, generator=gen)).to(dtype).to(device)
+    weight = (torch.randn(v, h, generator=gen) * 0.3).to(dtype).to(device)
+    bias = (torch.randn(v, generator=gen) * 0.1).to(dtype).to(device) if with_bias else None
+    labels = torch.randint(0, v, (t,), generator=gen).to(device)
+    labels[::5] = -100
+    g_lp, g_h, g_s = (torch.randn(t, generator=gen).to(device) for _ in range(3))
+    xs = [p.clone().requires_grad_() for p in (hidden, weight) + ((bias,) if with_bias else ())]
+    lp, ent, spp = rk.fused_linear_logprobs(xs[0], xs[1], labels, tau, bias=xs[2] if with_bias else None,
+                                            chunk_tokens=chunk, return_sum_pi_squared=True)
+    ((lp * g_lp).sum() + (ent * g_h).sum() + (spp * g_s).sum()).backward()
+    ds = [p.clone().double().requires_grad_() for p in (hidden, weight) + ((bias,) if with_bias else ())]
+    z = ds[0] @ ds[1].T + (ds[2] if with_bias else 0)
+    ls = torch.log_softmax(z / tau, -1)
+    want_lp = ls.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * (labels != -100)
+    want_h = -(ls.exp() * ls).sum(-1)
+    want_s = (2 * ls).exp().sum(-1)
+    ((want_lp * g_lp.double()).sum() + (want_h * g_h.double()).sum() + (want_s * g_s.double()).sum()).backward()
+    f32 = dtype == torch.float32
+    # bf16: the logits themselves are rounded to bf16 (as the LM head's output would be)
+    rtol, atol = (1e-4, 1e-5) if f32 else (3e-2, 3e-2)
+    for name, got, want in (("logp", lp, want_lp), ("entropy", ent, want_h), ("sum_pi_squared", spp, want_s)):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    for name, p, d in zip(("hidden", "weight", "bias"), xs, ds):
+        err = ((p.grad.double() - d.grad).norm() / d.grad.norm()).item()
+        assert err < (1e-4 if f32 else 3e-2), f"d{name}: relative error {err:.3g}"
+    # another chunking: the same values up to the GEMM's rounding (torch's GEMMs are not batch
+    # invariant: the bits of a row's logits can depend on how many rows the GEMM takes); one chunk
+    # of all rows: the logits path on the same logits, bit for bit
+    lp1, ent1, spp1 = rk.fused_linear_logprobs(hidden, weight, labels, tau, bias=bias, chunk_tokens=5,
+                                               return_sum_pi_squared=True)
+    for a, b in ((lp1, lp), (ent1, ent), (spp1, spp)):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5 if f32 else 2e-2, atol=1e-5 if f32 else 2e-2)
+    if chunk >= t:
+        logits = hidden @ weight.T + (bias if with_bias else 0)
+        lp2, ent2, spp2 = rk.logprobs_from_logits(logits, labels, tau, return_sum_pi_squared=True)
+        assert torch.equal(lp2, lp.detach()) and torch.equal(ent2, ent.detach()) and torch.equal(spp2, spp.detach())
+
+
+def test_fused_linear_logprobs_errors(gen):
+    h = torch.randn(4, 8, generator=gen)
+    w = torch.randn(5, 8, generator=gen)
+    y = torch.randint(0, 5, (4,), generator=gen)
+    cases = {
+        "weight": lambda: rk.fused_linear_logprobs(h, w[:, :7], y),
+        "weight dtype": lambda: rk.fused_linear_logprobs(h, w.double(), y),
+        "bias": lambda: rk.fused_linear_logprobs(h, w, y, bias=torch.zeros(4)),
+        "labels": lambda: rk.fused_linear_logprobs(h, w, y[:3]),
+        "chunk_tokens": lambda: rk.fused_linear_logprobs(h, w, y, chunk_tokens=0),
+    }
+    for name, call in cases.items():
+        with pytest.raises(rk.RecapError, match=name.split()[0]):
+            call()

@@ -514,6 +514,96 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     return out[0] if len(out) == 1 else tuple(out)
 
 
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Per-token log-probabilities, entropies and Σπ² of ``hidden @ weight^T (+ bias)``, chunk by
+    chunk of rows: each chunk's ``[c, V]`` logits through the logits kernels, recomputed in the
+    backward, which writes the logits gradient over them and multiplies it into the hidden, weight
+    and bias gradients (fp32 accumulation)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, chunk, want_spp):
+        t = hidden.shape[0]
+        out = torch.empty(4, t, dtype=torch.float32, device=hidden.device)  # logp, entropy, lse, Σπ²
+        for a in range(0, t, chunk):
+            b = min(t, a + chunk)
+            z = hidden[a:b] @ weight.T
+            if bias is not None:
+                z = z + bias
+            lp, ent, lse, spp = ops.logprob_forward(z, labels[a:b], temperature, ignore_index, True, want_spp)
+            out[0, a:b], out[1, a:b], out[2, a:b] = lp, ent, lse
+            if want_spp:
+                out[3, a:b] = spp
+        ctx.save_for_backward(hidden, weight, bias, labels, out)
+        ctx.options = (temperature, ignore_index, chunk, want_spp)
+        ctx.set_materialize_grads(False)
+        return out[0].clone(), out[1].clone(), out[3].clone() if want_spp else out.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, g_spp):
+        hidden, weight, bias, labels, out = ctx.saved_tensors
+        temperature, ignore_index, chunk, want_spp = ctx.options
+        t = hidden.shape[0]
+        g_logp = torch.zeros_like(out[0]) if g_logp is None else g_logp.float().contiguous()
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        g_spp = g_spp.float().contiguous() if want_spp and g_spp is not None else None
+        d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        d_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        for a in range(0, t, chunk):
+            b = min(t, a + chunk)
+            z = hidden[a:b] @ weight.T
+            if bias is not None:
+                z = z + bias
+            z = z.contiguous()
+            ops.logprob_backward_(z, labels[a:b], out[2, a:b], out[1, a:b], g_logp[a:b],
+                                  None if g_ent is None else g_ent[a:b], temperature, ignore_index,
+                                  out[3, a:b] if g_spp is not None else None,
+                                  None if g_spp is None else g_spp[a:b])
+            d_hidden[a:b] = (z.float() @ weight.float()).to(hidden.dtype)
+            d_weight += z.float().T @ hidden[a:b].float()
+            if d_bias is not None:
+                d_bias += z.float().sum(0)
+        return (d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype),
+                None, None, None, None, None)
+
+
+def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, *,
+                          bias: Optional[Tensor] = None, ignore_index: int = -100, chunk_tokens: int = 4096,
+                          entropy: bool = True, return_sum_pi_squared: bool = False):
+    """Per-token log-probabilities of ``labels`` (and the entropy, and on request verl's
+    ``sum_pi_squared``) of the last layer ``hidden [..., H] @ weight [V, H]^T (+ bias [V])`` at
+    ``temperature``, never holding more than ``chunk_tokens`` rows of logits (recomputed in the
+    backward); differentiable with respect to ``hidden``, ``weight`` and ``bias``. ``hidden`` and
+    ``weight`` share a dtype (float32, float16 or bfloat16: the logits' dtype). Returns what
+    ``logprobs_from_logits`` returns, shaped like ``labels``: ``(logp, entropy)``, ``logp`` alone
+    with ``entropy=False``, and ``sum_pi_squared`` last with ``return_sum_pi_squared`` (what verl's
+    optimal token baseline needs, from the fused path)."""
+    hidden, weight = A.tensor("hidden", hidden), A.tensor("weight", weight)
+    if hidden.dim() < 1:
+        A.fail("hidden", "expected [..., H], got a 0-dim tensor")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] == 0:
+        A.fail("weight", f"expected hidden [..., H] and weight [V >= 1, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if hidden.dtype not in _LOGIT_DTYPES or weight.dtype != hidden.dtype:
+        A.fail("weight", f"expected hidden and weight of one dtype among float32, float16, bfloat16, got "
+                         f"{hidden.dtype} and {weight.dtype}", True)
+    if bias is not None:
+        bias = A.tensor("bias", bias)
+        if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
+            A.fail("bias", f"expected [V = {weight.shape[0]}] of {weight.dtype}, got {tuple(bias.shape)} of "
+                           f"{bias.dtype}")
+    lead = hidden.shape[:-1]
+    x = hidden.reshape(-1, hidden.shape[-1])
+    y = _labels(labels, x.shape[0])
+    tau, ignore = _options(temperature, ignore_index)
+    chunk = A.integer("chunk_tokens", chunk_tokens, 1, 2 ** 31 - 1)
+    _same_device(x, weight=weight, labels=y, **({} if bias is None else {"bias": bias}))
+    want_spp = bool(return_sum_pi_squared)
+    logp, ent, spp = _FusedLinearLogprobs.apply(x, weight, bias, y.contiguous(), tau, ignore, chunk, want_spp)
+    out = [logp.view(lead)] + ([ent.view(lead)] if entropy else []) + ([spp.view(lead)] if want_spp else [])
+    return out[0] if len(out) == 1 else tuple(out)
+
+
 def grpo_loss_from_logits(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                           cu_seqlens=None, *, ref_logp=None, rollout_logp=None, lambda_=None, objectives=None,
                           membership=None, normalizers=None, seq_tokens=None, temperature: float = 1.0,
