@@ -474,13 +474,20 @@ def _chunking(chunk_tokens, memory_budget) -> Tuple[int, int]:
     return chunk, A.integer("memory_budget", memory_budget, 1, 2 ** 62)
 
 
-def _head(hidden, weight) -> Tuple[Tensor, Tensor]:
+def _head(hidden, weight, any_dtype: bool = False) -> Tuple[Tensor, Tensor]:
+    """The last layer's ``hidden [..., H]`` and ``weight [V, H]``: bfloat16 (the fused-linear loss's
+    GEMMs), or with ``any_dtype`` one dtype the logits kernels read."""
     hidden, weight = A.tensor("hidden", hidden), A.tensor("weight", weight)
     if hidden.dim() < 1:
         A.fail("hidden", "expected [..., H], got a 0-dim tensor")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] == 0:
         A.fail("weight", f"expected hidden [..., H] and weight [V >= 1, H], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
+    if any_dtype:
+        if hidden.dtype not in _LOGIT_DTYPES or weight.dtype != hidden.dtype:
+            A.fail("weight", f"expected hidden and weight of one dtype among float32, float16, bfloat16, got "
+                             f"{hidden.dtype} and {weight.dtype}", True)
+        return hidden, weight
     for name, x in (("hidden", hidden), ("weight", weight)):
         if x.dtype != torch.bfloat16:
             A.fail(name, f"expected bfloat16 (the LM head's GEMMs take bf16), got {x.dtype}", True)
@@ -578,15 +585,7 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temper
     ``logprobs_from_logits`` returns, shaped like ``labels``: ``(logp, entropy)``, ``logp`` alone
     with ``entropy=False``, and ``sum_pi_squared`` last with ``return_sum_pi_squared`` (what verl's
     optimal token baseline needs, from the fused path)."""
-    hidden, weight = A.tensor("hidden", hidden), A.tensor("weight", weight)
-    if hidden.dim() < 1:
-        A.fail("hidden", "expected [..., H], got a 0-dim tensor")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] == 0:
-        A.fail("weight", f"expected hidden [..., H] and weight [V >= 1, H], got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if hidden.dtype not in _LOGIT_DTYPES or weight.dtype != hidden.dtype:
-        A.fail("weight", f"expected hidden and weight of one dtype among float32, float16, bfloat16, got "
-                         f"{hidden.dtype} and {weight.dtype}", True)
+    hidden, weight = _head(hidden, weight, any_dtype=True)
     if bias is not None:
         bias = A.tensor("bias", bias)
         if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
