@@ -485,7 +485,7 @@ def _head(hidden, weight, any_dtype: bool = False) -> Tuple[Tensor, Tensor]:
                          f"{tuple(weight.shape)}")
     if any_dtype:
         if hidden.dtype not in _LOGIT_DTYPES or weight.dtype != hidden.dtype:
-            A.fail("weight", f"expected hidden and weight of one dtype among float32, float16, bfloat16, got "
+            A.fail("weight", f"expected `hidden` and `weight` of one dtype among float32, float16, bfloat16, got "
                              f"{hidden.dtype} and {weight.dtype}", True)
         return hidden, weight
     for name, x in (("hidden", hidden), ("weight", weight)):
