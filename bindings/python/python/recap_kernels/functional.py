@@ -524,8 +524,8 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
 class _FusedLinearLogprobs(torch.autograd.Function):
     """Per-token log-probabilities, entropies and Σπ² of ``hidden @ weight^T (+ bias)``, chunk by
     chunk of rows: each chunk's ``[c, V]`` logits through the logits kernels, recomputed in the
-    backward, which writes the logits gradient over them and multiplies it into the hidden, weight
-    and bias gradients (fp32 accumulation)."""
+    backward, where the logits gradient is taken in float32 (from the same logits) and multiplied
+    into the hidden, weight and bias gradients in float32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, chunk, want_spp):
@@ -561,26 +561,28 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             z = hidden[a:b] @ weight.T
             if bias is not None:
                 z = z + bias
-            z = z.contiguous()
+            z = z.float().contiguous()  # the forward's logits, exactly; their gradient in float32
             ops.logprob_backward_(z, labels[a:b], out[2, a:b], out[1, a:b], g_logp[a:b],
                                   None if g_ent is None else g_ent[a:b], temperature, ignore_index,
                                   out[3, a:b] if g_spp is not None else None,
                                   None if g_spp is None else g_spp[a:b])
-            d_hidden[a:b] = (z.float() @ weight.float()).to(hidden.dtype)
-            d_weight += z.float().T @ hidden[a:b].float()
+            d_hidden[a:b] = (z @ weight.float()).to(hidden.dtype)
+            d_weight += z.T @ hidden[a:b].float()
             if d_bias is not None:
-                d_bias += z.float().sum(0)
+                d_bias += z.sum(0)
         return (d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype),
                 None, None, None, None, None)
 
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, *,
-                          bias: Optional[Tensor] = None, ignore_index: int = -100, chunk_tokens: int = 4096,
-                          entropy: bool = True, return_sum_pi_squared: bool = False):
+                          bias: Optional[Tensor] = None, ignore_index: int = -100,
+                          chunk_tokens: Optional[int] = None, entropy: bool = True,
+                          return_sum_pi_squared: bool = False):
     """Per-token log-probabilities of ``labels`` (and the entropy, and on request verl's
     ``sum_pi_squared``) of the last layer ``hidden [..., H] @ weight [V, H]^T (+ bias [V])`` at
-    ``temperature``, never holding more than ``chunk_tokens`` rows of logits (recomputed in the
-    backward); differentiable with respect to ``hidden``, ``weight`` and ``bias``. ``hidden`` and
+    ``temperature``, never holding more than ``chunk_tokens`` rows of logits (default: 2^26 logits
+    per chunk, ``2^26 // V`` rows; recomputed in the backward, where the chunk's gradient is float32);
+    differentiable with respect to ``hidden``, ``weight`` and ``bias``. ``hidden`` and
     ``weight`` share a dtype (float32, float16 or bfloat16: the logits' dtype). Returns what
     ``logprobs_from_logits`` returns, shaped like ``labels``: ``(logp, entropy)``, ``logp`` alone
     with ``entropy=False``, and ``sum_pi_squared`` last with ``return_sum_pi_squared`` (what verl's
@@ -595,7 +597,8 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temper
     x = hidden.reshape(-1, hidden.shape[-1])
     y = _labels(labels, x.shape[0])
     tau, ignore = _options(temperature, ignore_index)
-    chunk = A.integer("chunk_tokens", chunk_tokens, 1, 2 ** 31 - 1)
+    chunk = max(1, (1 << 26) // weight.shape[0]) if chunk_tokens is None else A.integer(
+        "chunk_tokens", chunk_tokens, 1, 2 ** 31 - 1)
     _same_device(x, weight=weight, labels=y, **({} if bias is None else {"bias": bias}))
     want_spp = bool(return_sum_pi_squared)
     logp, ent, spp = _FusedLinearLogprobs.apply(x, weight, bias, y.contiguous(), tau, ignore, chunk, want_spp)

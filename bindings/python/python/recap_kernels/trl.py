@@ -41,7 +41,7 @@ from . import functional as F
 from ._native import RecapError
 
 __all__ = ["compute_advantages", "vespo_weights", "grpo_loss", "high_entropy_mask", "off_policy_mask", "RecapGRPOMixin",
-           "RecapRewardWeights"]
+           "RecapRewardWeights", "RecapChunkedLogProb", "use_recap_lm_head"]
 
 # the largest float32 below 1: CISPO's lower clip bound 1 - clip_low is then 2^-24, below any ratio
 # that matters (TRL's CISPO clips only above)
@@ -469,6 +469,57 @@ class RecapGRPOMixin:
             for key, val in values.items():
                 values[key] = [float(v) if isinstance(v, Tensor) else v for v in val]
         return super().log(logs, start_time)
+
+
+class RecapChunkedLogProb:
+    """TRL's fused LM head on our kernels: the interface of ``trl.kernels.ChunkedLogProbFunction``
+    (what TRL >= 1.16's ``add_fused_lm_head`` calls for the policy, the reference model and the old
+    log-probs), computed by :func:`recap_kernels.fused_linear_logprobs` (chunks of rows of
+    ``[c, V]`` logits through the log-prob kernels, recomputed in the backward). ``logit_scale``
+    folds into the temperature; ``log_sum_sq_probs`` is ``log`` of our Σπ² (no gradient). What it
+    does not compute (``final_logit_softcapping``, ``mean_logits``, ``is_top1``, a non-positive
+    scale) goes to TRL's own function. Install it with :func:`use_recap_lm_head`."""
+
+    original = None  # TRL's ChunkedLogProbFunction, set by use_recap_lm_head
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("log_probs",)):
+        outputs = tuple(outputs)
+        if (final_logit_softcapping is not None or not logit_scale > 0
+                or any(o in ("mean_logits", "is_top1") for o in outputs)):
+            return cls.original.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                      final_logit_softcapping, logit_scale, outputs)
+        dev = hidden.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        res = F.fused_linear_logprobs(hidden.to(dtype), weight.to(dtype), targets, float(temperature) / logit_scale,
+                                      bias=None if bias is None else bias.to(dtype),
+                                      entropy=True, return_sum_pi_squared="log_sum_sq_probs" in outputs)
+        logp, entropy = res[0], res[1]
+        log_sum_sq = torch.log(res[2]).detach() if "log_sum_sq_probs" in outputs else None
+        return logp, entropy if "entropy" in outputs else None, log_sum_sq, None, None
+
+
+def use_recap_lm_head(enabled: bool = True) -> None:
+    """Routes TRL's fused LM head (TRL >= 1.16: every ``model(..., fused_lm_head=True)`` call of a
+    ``GRPOTrainer``: the policy's log-probs and entropies, the old and the reference log-probs)
+    through our kernels (:class:`RecapChunkedLogProb`), or back to TRL's with ``enabled=False``.
+    Process-wide (it replaces the function TRL's patched forward calls), so the old and new
+    log-probs come from the same kernels. An error where the installed TRL has no fused LM head."""
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError as e:
+        raise RecapError(f"invalid call `use_recap_lm_head`: TRL is not importable ({e})") from None
+    current = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+    if current is None:
+        raise RecapError("invalid call `use_recap_lm_head`: the installed TRL has no fused LM head "
+                         "(trl.trainer.utils._ChunkedLogProbFunction, TRL >= 1.16)")
+    if current is not RecapChunkedLogProb:
+        RecapChunkedLogProb.original = current
+    if enabled:
+        trl_utils._ChunkedLogProbFunction = RecapChunkedLogProb
+    elif RecapChunkedLogProb.original is not None:
+        trl_utils._ChunkedLogProbFunction = RecapChunkedLogProb.original
 
 
 try:  # a transformers TrainerCallback when transformers is installed (it is with TRL)

@@ -7,6 +7,7 @@ sampling level, ``delta``, entropy bonus (static and adaptive), ``steps_per_gene
 accumulation and an MoE model's router loss.
 
 Without TRL installed the module is skipped; with RECAP_REQUIRE_PEERS=1 (CI) it fails instead."""
+import contextlib
 import os
 
 import pytest
@@ -311,3 +312,70 @@ def test_replay_needs_the_mixin_and_usable_sequences(models_dir, tmp_path):
         rk_trl.RecapRewardWeights(trainer, replay=GENERAL, replay_batch_size=0)
     with pytest.raises(rk_trl.RecapError, match="preset"):
         rk_trl.RecapRewardWeights(trainer, preset="nope")
+
+
+@pytest.mark.parametrize("n", [0, 1, 37])
+def test_recap_lm_head_matches_trls_kernel(n):
+    """RecapChunkedLogProb against TRL's ChunkedLogProbFunction: log-probs, entropies and
+    log(sum p^2), the gradients of hidden, weight and bias, with a logit scale and a temperature;
+    what it does not compute (softcapping) is TRL's own, bit for bit."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    rk_trl.RecapChunkedLogProb.original = ChunkedLogProbFunction
+    g = torch.Generator().manual_seed(n)
+    h, v = 16, 53
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.4
+    bias = torch.randn(v, generator=g) * 0.1
+    targets = torch.randint(0, v, (n,), generator=g)
+    gl, ge = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs")
+    results = []
+    for fn in (ChunkedLogProbFunction, rk_trl.RecapChunkedLogProb):
+        xs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        lp, ent, lsq, mean, top1 = fn.apply(*xs, targets, 0.7, 32768, None, 1.25, outputs)
+        assert mean is None and top1 is None and not lsq.requires_grad
+        ((lp * gl).sum() + (ent * ge).sum()).backward()
+        results.append((lp.detach(), ent.detach(), lsq, *[x.grad for x in xs]))
+    for name, a, b in zip(("logp", "entropy", "log_sum_sq_probs", "d hidden", "d weight", "d bias"), *results):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    # softcapping: TRL's function itself
+    ours = rk_trl.RecapChunkedLogProb.apply(hidden, weight, bias, targets, 0.7, 32768, 30.0, 1.0, outputs)
+    theirs = ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 0.7, 32768, 30.0, 1.0, outputs)
+    for a, b in zip(ours, theirs):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def grad_error(got, want):
+    num = sum(float((got[n] - want[n]).square().sum()) for n in want)
+    return (num / sum(float(want[n].square().sum()) for n in want)) ** 0.5
+
+
+def test_training_through_the_recap_lm_head(models_dir, tmp_path):
+    """TRL's loss and ours with the policy's log-probs and entropies from our kernels through TRL's
+    own fused LM head (use_recap_lm_head): in float32 the same loss, gradients and metrics as TRL's
+    kernel; under TRL's default bf16 autocast as close to the float32 result as TRL's kernel is."""
+    bf16 = make_trainer(models_dir, tmp_path / "bf16", loss_type="dapo", beta=0.04, entropy_coef=0.01)
+    assert bf16.accelerator.mixed_precision == "bf16"  # TRL's default here
+    fp32 = make_trainer(models_dir, tmp_path / "fp32", loss_type="dapo", beta=0.04, entropy_coef=0.01)
+    fp32.accelerator.autocast = contextlib.nullcontext  # the process's accelerator state is shared
+    inputs = trainer_inputs(fp32)
+    want = run_loss(fp32, GRPOTrainer._compute_loss, inputs)
+    trl_bf16 = run_loss(bf16, GRPOTrainer._compute_loss, inputs)
+    rk_trl.use_recap_lm_head(True)
+    try:
+        import trl.trainer.utils as trl_utils
+
+        assert trl_utils._ChunkedLogProbFunction is rk_trl.RecapChunkedLogProb
+        for compute in (GRPOTrainer._compute_loss, rk_trl.RecapGRPOMixin._compute_loss):
+            got = run_loss(fp32, compute, inputs)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
+            assert grad_error(got[1], want[1]) < 1e-5
+            for k in want[2]:
+                torch.testing.assert_close(torch.tensor(got[2][k]), torch.tensor(want[2][k]), rtol=1e-5, atol=1e-6)
+        ours_bf16 = run_loss(bf16, GRPOTrainer._compute_loss, inputs)
+    finally:
+        rk_trl.use_recap_lm_head(False)
+    assert trl_utils._ChunkedLogProbFunction is not rk_trl.RecapChunkedLogProb
+    theirs_err, ours_err = grad_error(trl_bf16[1], want[1]), grad_error(ours_bf16[1], want[1])
+    assert 0 < theirs_err < 0.05 and ours_err < 2 * theirs_err, (ours_err, theirs_err)
