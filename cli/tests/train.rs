@@ -527,6 +527,28 @@ fn the_experiment_cli_and_scheduler_options() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `recap experiment` on the CPU, 3 seeds, 2 prompts, weights on the losses, with `extra`
+/// arguments, writing into `dir`.
+fn small_experiment(dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(recap_exe())
+        .args([
+            "experiment",
+            "--device",
+            "cpu",
+            "--seeds",
+            "3",
+            "--prompts",
+            "2",
+            "--apply",
+            "loss",
+        ])
+        .args(extra)
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
 /// `recap experiment --recap-sweep`: every setting of the grid a configuration beside rl-only and
 /// uniform, compared with uniform on the same seeds (the paired intervals in the table and in
 /// results.json), frontier.svg beside them; `recap train --out` writes curves.svg. The SVGs parse
@@ -535,28 +557,17 @@ fn the_experiment_cli_and_scheduler_options() {
 fn the_sweep_its_paired_intervals_and_the_pictures() {
     let exe = recap_exe();
     let dir = std::env::temp_dir().join(format!("recap-sweep-test-{}", std::process::id()));
-    let out = std::process::Command::new(&exe)
-        .args([
-            "experiment",
-            "--device",
-            "cpu",
-            "--seeds",
-            "3",
+    let out = small_experiment(
+        &dir,
+        &[
             "--steps",
             "12",
-            "--prompts",
-            "2",
-            "--apply",
-            "loss",
             "--recap-sweep",
             "temperature=0.25,5",
             "--recap-sweep",
             "priority=sum,softmax_mixture",
-            "--out",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -680,29 +691,9 @@ fn the_sweep_its_paired_intervals_and_the_pictures() {
 /// same results, in the same order.
 #[test]
 fn an_experiment_gives_the_same_results_with_any_number_of_jobs() {
-    let exe = recap_exe();
     let values = |jobs: &str| {
         let dir = std::env::temp_dir().join(format!("recap-jobs-{jobs}-{}", std::process::id()));
-        let out = std::process::Command::new(&exe)
-            .args([
-                "experiment",
-                "--device",
-                "cpu",
-                "--seeds",
-                "3",
-                "--steps",
-                "6",
-                "--prompts",
-                "2",
-                "--apply",
-                "loss",
-                "--jobs",
-                jobs,
-                "--out",
-            ])
-            .arg(&dir)
-            .output()
-            .unwrap();
+        let out = small_experiment(&dir, &["--steps", "6", "--jobs", jobs]);
         assert!(
             out.status.success(),
             "{}",
