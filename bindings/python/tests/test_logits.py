@@ -407,3 +407,37 @@ def test_fused_linear_logprobs_errors(gen):
     for name, call in cases.items():
         with pytest.raises(rk.RecapError, match=name.split()[0]):
             call()
+
+
+def test_fused_linear_logprobs_computes_only_the_rows_that_carry_loss(device, gen):
+    """``mask``: the masked rows cost nothing and give 0 with no gradient; the others are the same
+    values and gradients as without the mask (one chunk: the same GEMM shape per row, to rounding)."""
+    b, l, h, v = 3, 9, 16, 97
+    hidden = torch.randn(b, l, h, generator=gen).to(device)
+    weight = (torch.randn(v, h, generator=gen) * 0.3).to(device)
+    labels = torch.randint(0, v, (b, l), generator=gen).to(device)
+    mask = (torch.rand(b, l, generator=gen) > 0.6).to(device)
+    mask[1] = False  # a fully masked sequence
+    g_lp, g_h, g_s = (torch.randn(b, l, generator=gen).to(device) for _ in range(3))
+    grads = []
+    outs = []
+    for m in (mask, None):
+        xs = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+        lp, ent, spp = rk.fused_linear_logprobs(*xs, labels, 0.9, mask=m, return_sum_pi_squared=True)
+        keep = mask.float()
+        ((lp * g_lp * keep).sum() + (ent * g_h * keep).sum() + (spp * g_s * keep).sum()).backward()
+        outs.append((lp.detach(), ent.detach(), spp.detach()))
+        grads.append([x.grad for x in xs])
+    for got, want in zip(outs[0], outs[1]):
+        assert bool((got[~mask] == 0).all())
+        torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-6)
+    assert bool((grads[0][0][~mask] == 0).all()), "no gradient into the masked rows"
+    for got, want in zip(grads[0], grads[1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # every row masked: zeros, and a zero gradient that still reaches hidden and weight
+    xs = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    lp, ent = rk.fused_linear_logprobs(*xs, labels, mask=torch.zeros(b, l, dtype=torch.bool, device=device))
+    (lp.sum() + ent.sum()).backward()
+    assert lp.shape == (b, l) and bool((lp == 0).all()) and bool((xs[0].grad == 0).all())
+    with pytest.raises(rk.RecapError, match="mask"):
+        rk.fused_linear_logprobs(hidden, weight, labels, mask=mask[:, :4])

@@ -577,7 +577,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, *,
                           bias: Optional[Tensor] = None, ignore_index: int = -100,
                           chunk_tokens: Optional[int] = None, entropy: bool = True,
-                          return_sum_pi_squared: bool = False):
+                          return_sum_pi_squared: bool = False, mask: Optional[Tensor] = None):
     """Per-token log-probabilities of ``labels`` (and the entropy, and on request verl's
     ``sum_pi_squared``) of the last layer ``hidden [..., H] @ weight [V, H]^T (+ bias [V])`` at
     ``temperature``, never holding more than ``chunk_tokens`` rows of logits (default: 2^26 logits
@@ -586,7 +586,10 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temper
     ``weight`` share a dtype (float32, float16 or bfloat16: the logits' dtype). Returns what
     ``logprobs_from_logits`` returns, shaped like ``labels``: ``(logp, entropy)``, ``logp`` alone
     with ``entropy=False``, and ``sum_pi_squared`` last with ``return_sum_pi_squared`` (what verl's
-    optimal token baseline needs, from the fused path)."""
+    optimal token baseline needs, from the fused path). ``mask`` (shaped like ``labels``): only the
+    rows whose weight is not 0 are computed (their logits, GEMMs and kernels; prompt and padding
+    rows cost nothing), the others give 0 in every output and no gradient; this gathers the rows
+    (one read-back of their count, which synchronizes on a GPU)."""
     hidden, weight = _head(hidden, weight, any_dtype=True)
     if bias is not None:
         bias = A.tensor("bias", bias)
@@ -601,7 +604,21 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temper
         "chunk_tokens", chunk_tokens, 1, 2 ** 31 - 1)
     _same_device(x, weight=weight, labels=y, **({} if bias is None else {"bias": bias}))
     want_spp = bool(return_sum_pi_squared)
-    logp, ent, spp = _FusedLinearLogprobs.apply(x, weight, bias, y.contiguous(), tau, ignore, chunk, want_spp)
+    rows, full = None, x.shape[0]
+    if mask is not None:
+        m = _mask(mask).reshape(-1)
+        if m.shape[0] != x.shape[0]:
+            A.fail("mask", f"expected {x.shape[0]} weights (one per row, shaped like labels), got shape "
+                           f"{tuple(mask.shape)}")
+        _same_device(x, mask=m)
+        rows = torch.nonzero(m != 0).squeeze(1)
+        x, y = x.index_select(0, rows), y.index_select(0, rows)
+    outs = _FusedLinearLogprobs.apply(x, weight, bias, y.contiguous(), tau, ignore, chunk, want_spp)
+    if rows is not None:
+        # every output back to all rows, 0 where not computed (index_copy keeps the gradient path)
+        outs = tuple(o.new_zeros(full).index_copy(0, rows, o) if i < 2 or want_spp else o
+                     for i, o in enumerate(outs))
+    logp, ent, spp = outs
     out = [logp.view(lead)] + ([ent.view(lead)] if entropy else []) + ([spp.view(lead)] if want_spp else [])
     return out[0] if len(out) == 1 else tuple(out)
 
