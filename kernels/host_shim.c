@@ -173,8 +173,9 @@ static const size_t logits_layout[] = {
     F(RecapLogitsParams, sum_pi_squared), F(RecapLogitsParams, g_sum_pi_squared)};
 static const size_t tp_layout[] = {
     sizeof(RecapTpParams), F(RecapTpParams, partials), F(RecapTpParams, logp), F(RecapTpParams, entropy),
-    F(RecapTpParams, lse), F(RecapTpParams, labels), F(RecapTpParams, missing), F(RecapTpParams, num_rows),
-    F(RecapTpParams, num_shards), F(RecapTpParams, ignore_index)};
+    F(RecapTpParams, lse), F(RecapTpParams, labels), F(RecapTpParams, missing), F(RecapTpParams, sum_pi_squared),
+    F(RecapTpParams, num_rows), F(RecapTpParams, num_shards), F(RecapTpParams, ignore_index),
+    F(RecapTpParams, planes), F(RecapTpParams, pad0)};
 static const size_t adv_layout[] = {
     sizeof(RecapAdvParams), F(RecapAdvParams, rewards), F(RecapAdvParams, group_ids), F(RecapAdvParams, lengths),
     F(RecapAdvParams, work), F(RecapAdvParams, batch_std), F(RecapAdvParams, pre), F(RecapAdvParams, out),

@@ -199,15 +199,18 @@ RECAP_LOGITS_INST(__half, f16)
 RECAP_LOGITS_INST(__nv_bfloat16, bf16)
 
 /* The combine of the P shards' partials (ascending vocab_start) into each row's logp, entropy and
- * LSE, in shard order (so the same partials give the same bits whatever order the collective
- * delivered them in, once sorted). One thread per row, grid-stride. */
+ * LSE, and with 4 planes sum_j p_j^2 = sum_r w_r^2 q_r (q_r the shard's own, w_r = exp(lse_r - LSE)),
+ * in shard order (so the same partials give the same bits whatever order the collective delivered
+ * them in, once sorted). One thread per row, grid-stride. */
 extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_tp_combine(const RecapTpParams p) {
     const float* __restrict__ part = (const float*)p.partials;
     const int64_t T = p.num_rows;
     const int P = p.num_shards;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    /* shard r's planes: lse at (3 r) T, entropy at (3 r + 1) T, label logit at (3 r + 2) T */
-#define RECAP_TP_AT(r, c, t) part[((int64_t)(r) * 3 + (c)) * T + (t)]
+    const int64_t planes = p.planes;
+    /* shard r's planes: lse at (planes r) T, entropy at (planes r + 1) T, label logit at
+     * (planes r + 2) T, sum_j p_j^2 at (planes r + 3) T */
+#define RECAP_TP_AT(r, c, t) part[((int64_t)(r) * planes + (c)) * T + (t)]
     for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < T; t += stride) {
         float m = RECAP_NEG_INF, x_y = RECAP_NEG_INF;
         for (int r = 0; r < P; ++r) {
@@ -218,13 +221,17 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_tp_combine(const
         float s = 0.0f;
         for (int r = 0; r < P; ++r) s += expf(RECAP_TP_AT(r, 0, t) - m);
         const float lse = m + logf(s);
-        float h = 0.0f;
+        float h = 0.0f, sq = 0.0f;
         for (int r = 0; r < P; ++r) {
             const float lw = RECAP_TP_AT(r, 0, t) - lse;
             const float w = expf(lw);
-            if (w > 0.0f) h += w * (RECAP_TP_AT(r, 1, t) - lw);
+            if (w > 0.0f) {
+                h += w * (RECAP_TP_AT(r, 1, t) - lw);
+                if (p.sum_pi_squared) sq += w * w * RECAP_TP_AT(r, 3, t);
+            }
         }
 #undef RECAP_TP_AT
+        if (p.sum_pi_squared) ((float*)p.sum_pi_squared)[t] = sq;
         const int y = ((const int32_t*)p.labels)[t];
         const bool ignored = y == p.ignore_index;
         if (!ignored && !(x_y > RECAP_NEG_INF)) atomicAdd((unsigned*)p.missing, 1u);

@@ -359,15 +359,19 @@ typedef struct RecapLogitsParams {
  * ascending order of their vocab_start, into the whole vocabulary's log-probability, entropy and LSE.
  */
 typedef struct RecapTpParams {
-    uint64_t partials;   /* const float[P, 3, T]: planes lse, entropy, label logit (or -inf) */
+    uint64_t partials;   /* const float[P, planes, T]: lse, entropy, label logit (or -inf), and
+                            with 4 planes the shard's sum_j p_j^2                              */
     uint64_t logp;       /* float[T] out                                                      */
     uint64_t entropy;    /* float[T] out                                                      */
     uint64_t lse;        /* float[T] out                                                      */
     uint64_t labels;     /* const int32_t[T]: ignore_index gives logp 0                        */
     uint64_t missing;    /* uint32_t counter of rows with a label in no shard (and not ignored) */
+    uint64_t sum_pi_squared; /* float[T] out (sum_j p_j^2 of the whole vocabulary), or 0; needs 4 planes */
     int64_t num_rows;    /* T                                                                 */
     int32_t num_shards;  /* P                                                                 */
     int32_t ignore_index;
+    int32_t planes;      /* 3, or 4 with the shards' sum_j p_j^2                               */
+    int32_t pad0;
 } RecapTpParams;
 
 /* Advantage modes (4 bits per objective in RecapAdvParams.modes). n: group size, mu: group mean. */

@@ -955,10 +955,10 @@ pub struct LogprobGrads {
     pub sum_pi_squared: Option<(In<f32>, In<f32>)>,
 }
 
-/// The gradient of `g_logp . logp + g_entropy . entropy` with respect to the logits, written over
-/// the logits (same dtype and layout). With `vocab_start` the logits are that vocabulary shard's
-/// and `grads.lse` / `grads.entropy` the whole vocabulary's (tensor parallelism,
-/// [`tp_combine`]): the shard's slice of the whole gradient.
+/// The gradient of `g_logp . logp + g_entropy . entropy (+ g_spp . sum_pi_squared)` with respect to
+/// the logits, written over the logits (same dtype and layout). With `vocab_start` the logits are
+/// that vocabulary shard's and `grads.lse` / `grads.entropy` / `grads.sum_pi_squared` the whole
+/// vocabulary's (tensor parallelism, [`tp_combine`]): the shard's slice of the whole gradient.
 pub fn logprob_backward_inplace<E: LogitElem>(
     place: Place,
     logits: &Logits<Out<E>>,
@@ -985,14 +985,15 @@ pub fn logprob_backward_inplace<E: LogitElem>(
             let (lse, entropy) = (m.ro("lse", grads.lse)?, m.ro("entropy", grads.entropy)?);
             match vocab_start {
                 Some(start) => {
-                    if grads.sum_pi_squared.is_some() {
-                        return Err(Error::invalid_argument(
-                            "g_sum_pi_squared",
-                            "not taken with a vocabulary shard (vocab_start)",
-                        ));
-                    }
+                    // a shard: the combined sum_pi_squared (tp_combine's) with its gradient
+                    let spp = match grads.sum_pi_squared {
+                        Some((q, g)) => {
+                            Some((m.ro("sum_pi_squared", q)?, m.ro("g_sum_pi_squared", g)?))
+                        }
+                        None => None,
+                    };
                     crate::cpu::tp_backward(
-                        &zin, labels, start, lse, entropy, g_logp, g_entropy, config, &mut z,
+                        &zin, labels, start, lse, entropy, g_logp, g_entropy, spp, config, &mut z,
                     )
                 }
                 // the reference recomputes the row statistics from the logits (lse, entropy and
@@ -1037,12 +1038,6 @@ pub fn logprob_backward_inplace<E: LogitElem>(
             let mut z = logits_rw(m, logits)?;
             match vocab_start {
                 Some(start) => {
-                    if spp.is_some() {
-                        return Err(Error::invalid_argument(
-                            "g_sum_pi_squared",
-                            "not taken with a vocabulary shard (vocab_start)",
-                        ));
-                    }
                     cuda::tp_backward_inplace(&m.gpu, &m.stream, &mut z, &g, start, config)
                 }
                 None => cuda::logprob_backward_inplace(&m.gpu, &m.stream, &mut z, &g, config),
@@ -1141,7 +1136,8 @@ fn logits_nonfinite(
 }
 
 /// A vocabulary shard's partial statistics of each row (`partials` `[3, T]`: the shard's LSE, its
-/// entropy, the label's logit or -inf), for the columns `[vocab_start, vocab_start + V)`.
+/// entropy, the label's logit or -inf; `[4, T]` adds the shard's own `sum_j p_j^2`), for the
+/// columns `[vocab_start, vocab_start + V)`.
 pub fn tp_partials<E: LogitElem>(
     place: Place,
     logits: &Logits<In<E>>,
@@ -1152,7 +1148,7 @@ pub fn tp_partials<E: LogitElem>(
 ) -> Result<()> {
     if logits.rows == 0 {
         config.validate()?;
-        crate::layout::check_len("partials", partials.len, 0, "[3, T]")?;
+        crate::tensor_parallel::planes(partials.len, 0, "partials", "[planes, T]")?;
         return crate::layout::check_len("labels", labels.len, 0, "[T] (the rows of logits)");
     }
     run(
@@ -1180,8 +1176,9 @@ pub fn tp_partials<E: LogitElem>(
     )
 }
 
-/// The combine of `shards` shards' partials (`[P, 3, T]`, ascending vocab_start) into logp,
-/// entropy and LSE (`[T]` each) over the whole vocabulary.
+/// The combine of `shards` shards' partials (`[P, 3, T]` or `[P, 4, T]`, ascending vocab_start)
+/// into logp, entropy and LSE (`[T]` each) over the whole vocabulary, and with 4 planes
+/// `sum_pi_squared` where given.
 #[allow(clippy::too_many_arguments)]
 pub fn tp_combine(
     place: Place,
@@ -1192,10 +1189,14 @@ pub fn tp_combine(
     logp: Out<f32>,
     entropy: Out<f32>,
     lse: Out<f32>,
+    sum_pi_squared: Option<Out<f32>>,
 ) -> Result<()> {
     run(
         place,
         |m| {
+            let spp = sum_pi_squared
+                .map(|q| m.rw("sum_pi_squared", q))
+                .transpose()?;
             crate::cpu::tp_combine(
                 m.ro("partials", partials)?,
                 shards,
@@ -1204,9 +1205,13 @@ pub fn tp_combine(
                 m.rw("logp", logp)?,
                 m.rw("entropy", entropy)?,
                 m.rw("lse", lse)?,
+                spp,
             )
         },
         |m| {
+            let mut spp = sum_pi_squared
+                .map(|q| m.rw("sum_pi_squared", q))
+                .transpose()?;
             cuda::tp_combine(
                 &m.gpu,
                 &m.stream,
@@ -1217,6 +1222,7 @@ pub fn tp_combine(
                 &mut m.rw("logp", logp)?,
                 &mut m.rw("entropy", entropy)?,
                 &mut m.rw("lse", lse)?,
+                spp.as_mut(),
             )
         },
     )

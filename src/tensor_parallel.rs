@@ -4,14 +4,16 @@
 //! 1. **partials**: each rank computes, for its shard of the vocabulary (columns
 //!    `[vocab_start, vocab_start + V_r)` of the logits, and of the LM head), each row's partial
 //!    statistics `[3, T]`: the shard's LSE, its entropy, and the label's logit (or -inf where the
-//!    label is another shard's) — [`crate::cpu::tp_partials`], [`crate::cuda::tp_partials`];
+//!    label is another shard's), or `[4, T]` with the shard's own `sum_j p_j^2` (for verl's
+//!    `sum_pi_squared`) — [`crate::cpu::tp_partials`], [`crate::cuda::tp_partials`];
 //! 2. **combine**: after one all-gather of the packed partials (and each shard's `vocab_start`),
 //!    every rank combines the P partials in ascending order of `vocab_start` ([`shard_order`]) into
 //!    the whole vocabulary's log-probability, entropy and LSE — [`crate::cpu::tp_combine`],
 //!    [`crate::cuda::tp_combine`]. The order is fixed by the shards, not by the collective, so every
 //!    rank gets the same bits whatever order the partials arrived in:
 //!    `LSE = M + log sum_r exp(lse_r - M)`, `w_r = exp(lse_r - LSE)`,
-//!    `H = sum_r w_r (H_r - log w_r)`, `logp = x_y - LSE`;
+//!    `H = sum_r w_r (H_r - log w_r)`, `logp = x_y - LSE`, and with 4 planes
+//!    `sum_pi_squared = sum_r w_r^2 q_r`;
 //! 3. **backward**: each rank writes its shard's slice of the whole-vocabulary gradient over its
 //!    logits, from the combined LSE and entropy, with no collective (the convention of Megatron's
 //!    vocab-parallel cross entropy) — [`crate::cpu::tp_backward`],
@@ -22,6 +24,26 @@
 //! tensor-parallel group, as any column-parallel output layer does; the weight gradient
 //! `dlogits_r^T hidden` is the rank's own. The Python package does both
 //! (`recap_kernels.tensor_parallel`).
+
+use crate::error::{Error, Result};
+
+/// The planes of partials `[.., planes, rows]` from their length `len`: 3 (LSE, entropy, label
+/// logit) or 4 (and the shard's own `sum_j p_j^2`); anything else is an error naming `arg`.
+pub(crate) fn planes(len: usize, rows: usize, arg: &'static str, what: &str) -> Result<usize> {
+    match len {
+        _ if rows == 0 && len == 0 => Ok(3),
+        l if l == 3 * rows => Ok(3),
+        l if l == 4 * rows => Ok(4),
+        l => Err(Error::invalid_argument(
+            arg,
+            format!(
+                "expected {what} with 3 or 4 planes ({} or {} values), got {l}",
+                3 * rows,
+                4 * rows
+            ),
+        )),
+    }
+}
 
 /// The order in which to combine shards whose first vocabulary indices are `starts`: ascending
 /// `vocab_start` (ties, which a valid sharding has not, by position).

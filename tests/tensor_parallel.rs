@@ -1,8 +1,8 @@
 //! Vocabulary-parallel log-probabilities: the three steps (partials of each shard, their combine,
 //! the backward on a shard) on simulated shards against the whole-vocabulary reference, for V not
-//! divisible by the shards, labels in every shard and ignored, a temperature; the combine gives the
-//! same bits for every order of arrival once sorted by vocab_start; the GPU kernels against the CPU
-//! reference.
+//! divisible by the shards, labels in every shard and ignored, a temperature, with Σπ² (verl's
+//! `sum_pi_squared`, 4 planes) and its gradient; the combine gives the same bits for every order
+//! of arrival once sorted by vocab_start; the GPU kernels against the CPU reference.
 
 mod common;
 
@@ -17,6 +17,7 @@ struct Case {
     labels: Vec<i32>,
     g_logp: Vec<f32>,
     g_ent: Vec<f32>,
+    g_spp: Vec<f32>,
 }
 
 fn case(seed: u64, t: usize, v: usize) -> Case {
@@ -33,6 +34,7 @@ fn case(seed: u64, t: usize, v: usize) -> Case {
         .collect();
     let g_logp = (0..t).map(|_| rng.normal() as f32).collect();
     let g_ent = (0..t).map(|_| rng.normal() as f32).collect();
+    let g_spp = (0..t).map(|_| rng.normal() as f32).collect();
     Case {
         t,
         v,
@@ -40,6 +42,7 @@ fn case(seed: u64, t: usize, v: usize) -> Case {
         labels,
         g_logp,
         g_ent,
+        g_spp,
     }
 }
 
@@ -52,20 +55,18 @@ fn shard(c: &Case, p: usize, r: usize) -> (usize, Vec<f32>) {
     (range.start, data)
 }
 
-/// The three steps on the host for `p` shards combined in the order `arrival` (then sorted):
-/// (logp, entropy, lse, the shards' gradients joined back into [T, V]).
-fn sharded(
-    c: &Case,
-    p: usize,
-    arrival: &[usize],
-    cfg: &LogprobConfig,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+/// The three steps on the host for `p` shards combined in the order `arrival` (then sorted), with
+/// 4 planes: (logp, entropy, lse, Σπ², the shards' gradients joined back into [T, V], Σπ² with its
+/// upstream gradient).
+type Sharded = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+fn sharded(c: &Case, p: usize, arrival: &[usize], cfg: &LogprobConfig) -> Sharded {
     let shards: Vec<(usize, Vec<f32>)> = (0..p).map(|r| shard(c, p, r)).collect();
     let mut gathered = Vec::new();
     for &r in arrival {
         let (start, data) = &shards[r];
         let vr = data.len() / c.t.max(1);
-        let mut part = vec![0f32; 3 * c.t];
+        let mut part = vec![0f32; 4 * c.t];
         cpu::tp_partials(
             &Logits::dense(&data[..], c.t, vr),
             &c.labels,
@@ -82,7 +83,18 @@ fn sharded(
         .flat_map(|i| gathered[i].1.clone())
         .collect();
     let (mut logp, mut ent, mut lse) = (vec![0f32; c.t], vec![0f32; c.t], vec![0f32; c.t]);
-    cpu::tp_combine(&sorted, p, &c.labels, cfg, &mut logp, &mut ent, &mut lse).unwrap();
+    let mut spp = vec![0f32; c.t];
+    cpu::tp_combine(
+        &sorted,
+        p,
+        &c.labels,
+        cfg,
+        &mut logp,
+        &mut ent,
+        &mut lse,
+        Some(&mut spp),
+    )
+    .unwrap();
     let mut grad = vec![0f32; c.t * c.v];
     for (start, data) in &shards {
         let vr = data.len() / c.t.max(1);
@@ -95,6 +107,7 @@ fn sharded(
             &ent,
             &c.g_logp,
             Some(&c.g_ent),
+            Some((&spp, &c.g_spp)),
             cfg,
             &mut Logits::dense(&mut d[..], c.t, vr),
         )
@@ -104,7 +117,7 @@ fn sharded(
                 .copy_from_slice(&d[row * vr..(row + 1) * vr]);
         }
     }
-    (logp, ent, lse, grad)
+    (logp, ent, lse, spp, grad)
 }
 
 #[test]
@@ -130,6 +143,8 @@ fn shards_reproduce_the_whole_vocabulary() {
             &mut l,
         )
         .unwrap();
+        let mut q = vec![0f32; t];
+        cpu::sum_pi_squared(&Logits::dense(&c.z[..], t, v), &cfg, &mut q).unwrap();
         let mut whole_grad = vec![0f32; t * v];
         cpu::logprob_backward(
             &Logits::dense(&c.z[..], t, v),
@@ -137,12 +152,12 @@ fn shards_reproduce_the_whole_vocabulary() {
             &cfg,
             &c.g_logp,
             Some(&c.g_ent),
-            None,
+            Some(&c.g_spp),
             &mut Logits::dense(&mut whole_grad[..], t, v),
         )
         .unwrap();
         for p in [1usize, 2, 3, 4, 7] {
-            let (logp, ent, lse, grad) = sharded(&c, p, &(0..p).collect::<Vec<_>>(), &cfg);
+            let (logp, ent, lse, spp, grad) = sharded(&c, p, &(0..p).collect::<Vec<_>>(), &cfg);
             for row in 0..t {
                 let what = format!("T={t} V={v} P={p} row {row}");
                 assert_close(
@@ -165,6 +180,13 @@ fn shards_reproduce_the_whole_vocabulary() {
                     l[row] as f64,
                     1e-5,
                     1e-6,
+                );
+                assert_close(
+                    &format!("{what} sum_pi_squared"),
+                    spp[row] as f64,
+                    q[row] as f64,
+                    1e-7,
+                    1e-5,
                 );
             }
             common::assert_all_close(
@@ -192,6 +214,11 @@ fn the_combine_is_the_same_for_every_order_of_arrival() {
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got.0), bits(&first.0), "logp, arrival {perm:?}");
         assert_eq!(bits(&got.1), bits(&first.1), "entropy, arrival {perm:?}");
+        assert_eq!(
+            bits(&got.3),
+            bits(&first.3),
+            "sum_pi_squared, arrival {perm:?}"
+        );
     }
 }
 
@@ -222,12 +249,18 @@ fn a_label_in_no_shard_is_an_error() {
     )
     .unwrap();
     let (mut a, mut b, mut d) = (vec![0f32; 4], vec![0f32; 4], vec![0f32; 4]);
-    let e = cpu::tp_combine(&part, 1, &[1, 2, 300, 3], &cfg, &mut a, &mut b, &mut d).unwrap_err();
+    let y = [1, 2, 300, 3];
+    let e = cpu::tp_combine(&part, 1, &y, &cfg, &mut a, &mut b, &mut d, None).unwrap_err();
     assert!(e.to_string().contains("no shard"), "{e}");
-    assert!(
-        cpu::tp_combine(&part, 2, &[1, 2, 300, 3], &cfg, &mut a, &mut b, &mut d).is_err(),
-        "wrong P"
-    );
+    let e = cpu::tp_combine(&part[..11], 1, &y, &cfg, &mut a, &mut b, &mut d, None).unwrap_err();
+    assert!(e.to_string().contains("partials"), "{e}");
+    // Σπ² needs the 4-plane partials
+    let mut q = vec![0f32; 4];
+    let e = cpu::tp_combine(&part, 1, &y, &cfg, &mut a, &mut b, &mut d, Some(&mut q)).unwrap_err();
+    assert!(e.to_string().contains("sum_pi_squared"), "{e}");
+    let mut five = vec![0f32; 20];
+    let e = cpu::tp_partials(&Logits::dense(&data[..], 4, 5), &y, start, &cfg, &mut five);
+    assert!(e.unwrap_err().to_string().contains("partials"));
 }
 
 /// The kernels (partials, combine, backward on a shard) on simulated shards against the CPU
@@ -248,10 +281,10 @@ fn gpu_tensor_parallel_matches_the_reference() {
         (13, 4097, 64, 2),
     ] {
         let c = case(seed, t, v);
-        let (want_lp, want_h, want_lse, want_grad) =
+        let (want_lp, want_h, want_lse, want_spp, want_grad) =
             sharded(&c, p, &(0..p).collect::<Vec<_>>(), &cfg);
         let labels = s.clone_htod(&c.labels).unwrap();
-        let mut parts = s.alloc_zeros::<f32>(p * 3 * t).unwrap();
+        let mut parts = s.alloc_zeros::<f32>(p * 4 * t).unwrap();
         let mut shards = Vec::new();
         for r in 0..p {
             let (start, data) = shard(&c, p, r);
@@ -264,12 +297,13 @@ fn gpu_tensor_parallel_matches_the_reference() {
                 &labels.slice(..),
                 start,
                 &cfg,
-                &mut parts.slice_mut(r * 3 * t..(r + 1) * 3 * t),
+                &mut parts.slice_mut(r * 4 * t..(r + 1) * 4 * t),
             )
             .unwrap();
             shards.push((start, vr, z));
         }
-        let (mut lp, mut h, mut lse) = (
+        let (mut lp, mut h, mut lse, mut spp) = (
+            s.alloc_zeros::<f32>(t).unwrap(),
             s.alloc_zeros::<f32>(t).unwrap(),
             s.alloc_zeros::<f32>(t).unwrap(),
             s.alloc_zeros::<f32>(t).unwrap(),
@@ -284,6 +318,7 @@ fn gpu_tensor_parallel_matches_the_reference() {
             &mut lp.slice_mut(..),
             &mut h.slice_mut(..),
             &mut lse.slice_mut(..),
+            Some(&mut spp.slice_mut(..)),
         )
         .unwrap();
         let what = format!("GPU T={t} V={v} P={p}");
@@ -308,18 +343,35 @@ fn gpu_tensor_parallel_matches_the_reference() {
             1e-5,
             1e-6,
         );
-        let (gl, ge) = (
+        common::assert_all_close(
+            &format!("{what} sum_pi_squared"),
+            &s.clone_dtoh(&spp).unwrap(),
+            &want_spp,
+            1e-7,
+            1e-5,
+        );
+        // the backward from the reference's combined statistics (the same inputs as the
+        // reference's backward: its sum_pi_squared term moves with S, 2 g p dS / tau)
+        let (gl, ge, gs) = (
             s.clone_htod(&c.g_logp).unwrap(),
             s.clone_htod(&c.g_ent).unwrap(),
+            s.clone_htod(&c.g_spp).unwrap(),
+        );
+        let (lse, h, spp) = (
+            s.clone_htod(&want_lse).unwrap(),
+            s.clone_htod(&want_h).unwrap(),
+            s.clone_htod(&want_spp).unwrap(),
         );
         let mut grad = vec![0f32; t * v];
         for (start, vr, z) in shards.iter_mut() {
-            let (yv, lv, hv, glv, gev) = (
+            let (yv, lv, hv, glv, gev, qv, gsv) = (
                 labels.slice(..),
                 lse.slice(..),
                 h.slice(..),
                 gl.slice(..),
                 ge.slice(..),
+                spp.slice(..),
+                gs.slice(..),
             );
             let grads = cuda::LogprobGrads {
                 labels: &yv,
@@ -327,7 +379,7 @@ fn gpu_tensor_parallel_matches_the_reference() {
                 entropy: &hv,
                 g_logp: &glv,
                 g_entropy: Some(&gev),
-                sum_pi_squared: None,
+                sum_pi_squared: Some((&qv, &gsv)),
             };
             cuda::tp_backward_inplace(
                 &gpu,

@@ -321,13 +321,14 @@ int32_t recap_logprob_backward_inplace(int32_t device,
                                        int32_t ignore_index);
 
 // Vocabulary parallelism, step 1: one shard's partial statistics of each row into `partials`
-// [3, T] (the shard's LSE, entropy, label logit or -inf) for logits [rows, ld] holding the columns
+// [planes, T] (the shard's LSE, entropy, label logit or -inf, and with `planes` = 4 the shard's
+// own sum_j p_j^2, for verl's sum_pi_squared) for logits [rows, ld] holding the columns
 // [vocab_start, vocab_start + vocab) of the whole vocabulary; `labels` are global. All-gather the
 // partials (and each shard's vocab_start) over the tensor-parallel group, then
 // `recap_tp_combine`.
 //
 // # Safety
-// As `recap_logprob_forward`; `partials` 3 * rows writable floats.
+// As `recap_logprob_forward`; `partials` planes * rows writable floats.
 int32_t recap_tp_partials(int32_t device,
                           void *stream,
                           const void *logits,
@@ -339,28 +340,33 @@ int32_t recap_tp_partials(int32_t device,
                           int64_t vocab_start,
                           float temperature,
                           int32_t ignore_index,
+                          int32_t planes,
                           float *partials);
 
-// Vocabulary parallelism, step 2: the combine of `shards` shards' partials [P, 3, T] (ordered by
-// ascending vocab_start) into `logp`, `entropy` and `lse` [T] over the whole vocabulary (labels
-// equal to ignore_index give logp 0; a label in no shard is an error).
+// Vocabulary parallelism, step 2: the combine of `shards` shards' partials [P, planes, T]
+// (ordered by ascending vocab_start) into `logp`, `entropy` and `lse` [T] over the whole
+// vocabulary (labels equal to ignore_index give logp 0; a label in no shard is an error), and,
+// with `planes` = 4 and `sum_pi_squared` non-null, its sum_j p_j^2 [T].
 //
 // # Safety
-// Arrays on the device (host for device < 0) of the stated sizes.
+// Arrays on the device (host for device < 0) of the stated sizes; `sum_pi_squared` null or [T].
 int32_t recap_tp_combine(int32_t device,
                          void *stream,
                          const float *partials,
                          int32_t shards,
+                         int32_t planes,
                          int64_t rows,
                          const int32_t *labels,
                          int32_t ignore_index,
                          float *logp,
                          float *entropy,
-                         float *lse);
+                         float *lse,
+                         float *sum_pi_squared);
 
 // Vocabulary parallelism, step 3: the shard's slice of the gradient of
-// `g_logp . logp + g_entropy . entropy` over the whole vocabulary, written over the shard's
-// logits, from the combined `lse` and `entropy` of `recap_tp_combine` (no collective).
+// `g_logp . logp + g_entropy . entropy (+ g_sum_pi_squared . sum_pi_squared)` over the whole
+// vocabulary, written over the shard's logits, from the combined `lse`, `entropy` (and
+// `sum_pi_squared`: both null or both given) of `recap_tp_combine` (no collective).
 //
 // # Safety
 // As `recap_logprob_backward_inplace`.
@@ -377,6 +383,8 @@ int32_t recap_tp_backward_inplace(int32_t device,
                                   const float *entropy,
                                   const float *g_logp,
                                   const float *g_entropy,
+                                  const float *sum_pi_squared,
+                                  const float *g_sum_pi_squared,
                                   float temperature,
                                   int32_t ignore_index);
 

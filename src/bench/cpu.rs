@@ -176,7 +176,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
             crate::cpu::tp_partials(&Logits::dense(&z[..], t, vr), &labels, 0, &lc, &mut part)?;
             both[..3 * t].copy_from_slice(&part);
             both[3 * t..].copy_from_slice(&part);
-            crate::cpu::tp_combine(&both, 2, &labels, &lc, &mut lp, &mut h, &mut l)?;
+            crate::cpu::tp_combine(&both, 2, &labels, &lc, &mut lp, &mut h, &mut l, None)?;
             crate::cpu::tp_backward(
                 &Logits::dense(&z[..], t, vr),
                 &labels,
@@ -185,6 +185,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
                 &h,
                 &g,
                 Some(&g),
+                None,
                 &lc,
                 &mut Logits::dense(&mut dz[..], t, vr),
             )

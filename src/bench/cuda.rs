@@ -579,6 +579,7 @@ fn tp_case(
             &mut lp.as_view_mut(),
             &mut h.as_view_mut(),
             &mut l.as_view_mut(),
+            None,
         )?;
         let (yv, lv, hv, gv) = (y.as_view(), l.as_view(), h.as_view(), gd.as_view());
         let grads = LogprobGrads {

@@ -158,7 +158,10 @@ pub fn logprob_backward<E: LogitElem>(
         config,
         (g_logp, g_entropy, g_sum_pi_squared),
         dlogits,
-        |_, row| row_stats(row, inv_tau),
+        |_, row| {
+            let (l, h) = row_stats(row, inv_tau);
+            (l, h, None)
+        },
     );
     Ok(())
 }
@@ -175,12 +178,14 @@ pub(crate) fn grad_rows<E: LogitElem>(
     config: &LogprobConfig,
     (g_logp, g_entropy, g_spp): (&[f32], Option<&[f32]>, Option<&[f32]>),
     dlogits: &mut Logits<&mut [E]>,
-    stats: impl Fn(usize, &[E]) -> (f64, f64),
+    stats: impl Fn(usize, &[E]) -> (f64, f64, Option<f64>),
 ) {
     let inv_tau = 1.0 / config.temperature as f64;
     for r in 0..logits.rows {
         let row = &logits.data[r * logits.ld..r * logits.ld + logits.vocab];
-        let (l, h) = stats(r, row);
+        // the row's LSE and entropy, and its sum_j p_j^2 where given (a shard's is the whole
+        // vocabulary's; otherwise computed from the row below)
+        let (l, h, given_sq) = stats(r, row);
         let y = labels[r];
         let local = y as i64 - vocab_start as i64;
         let g = if y == config.ignore_index {
@@ -198,6 +203,8 @@ pub(crate) fn grad_rows<E: LogitElem>(
         }
         let sq = if gs == 0.0 {
             0.0
+        } else if let Some(q) = given_sq {
+            q
         } else {
             row.iter()
                 .map(|z| (2.0 * (z.to_f32() as f64 * inv_tau - l)).exp())

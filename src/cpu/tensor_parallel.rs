@@ -6,13 +6,12 @@ use super::logits::{grad_rows, row_stats};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
 use crate::logits::{LogitElem, Logits, LogprobConfig};
-
-/// Planes of a shard's partials: `[3, T]`.
-pub(crate) const PLANES: usize = 3;
+use crate::tensor_parallel::planes;
 
 /// One shard's partial statistics of each row into `partials` (`[3, T]`: the shard's LSE, its
-/// entropy, and the label's logit `x_y`, or -inf where the label is another shard's or ignored).
-/// The shard holds the vocabulary columns `[vocab_start, vocab_start + V)`; labels are global.
+/// entropy, and the label's logit `x_y`, or -inf where the label is another shard's or ignored;
+/// `[4, T]` adds the shard's own `sum_j p_j^2`). The shard holds the vocabulary columns
+/// `[vocab_start, vocab_start + V)`; labels are global.
 pub fn tp_partials<E: LogitElem>(
     logits: &Logits<&[E]>,
     labels: &[i32],
@@ -24,7 +23,7 @@ pub fn tp_partials<E: LogitElem>(
     logits.validate("logits")?;
     let t = logits.rows;
     check_len("labels", labels.len(), t, "[T] (the rows of logits)")?;
-    check_len("partials", partials.len(), PLANES * t, "[3, T]")?;
+    let planes = planes(partials.len(), t, "partials", "[planes, T]")?;
     let inv_tau = 1.0 / config.temperature as f64;
     for r in 0..t {
         let row = &logits.data[r * logits.ld..r * logits.ld + logits.vocab];
@@ -42,14 +41,24 @@ pub fn tp_partials<E: LogitElem>(
         } else {
             f32::NEG_INFINITY
         };
+        if planes == 4 {
+            partials[3 * t + r] = if lse == f64::NEG_INFINITY {
+                0.0
+            } else {
+                row.iter()
+                    .map(|z| (2.0 * (z.to_f32() as f64 * inv_tau - lse)).exp())
+                    .sum::<f64>() as f32
+            };
+        }
     }
     Ok(())
 }
 
-/// The combine of `shards` shards' partials (`[P, 3, T]`, in ascending order of their
-/// `vocab_start`) into each row's log-probability (0 for ignored labels), entropy and LSE over the
-/// whole vocabulary: `LSE = M + log sum_r exp(lse_r - M)`, `w_r = exp(lse_r - LSE)`,
-/// `H = sum_r w_r (H_r - log w_r)`, `logp = x_y - LSE`. A label in no shard is an error.
+/// The combine of `shards` shards' partials (`[P, 3, T]` or `[P, 4, T]`, in ascending order of
+/// their `vocab_start`) into each row's log-probability (0 for ignored labels), entropy and LSE over
+/// the whole vocabulary: `LSE = M + log sum_r exp(lse_r - M)`, `w_r = exp(lse_r - LSE)`,
+/// `H = sum_r w_r (H_r - log w_r)`, `logp = x_y - LSE`; with 4 planes and `sum_pi_squared`,
+/// `sum_j p_j^2 = sum_r w_r^2 q_r`. A label in no shard is an error.
 #[allow(clippy::too_many_arguments)]
 pub fn tp_combine(
     partials: &[f32],
@@ -59,6 +68,7 @@ pub fn tp_combine(
     logp: &mut [f32],
     entropy: &mut [f32],
     lse: &mut [f32],
+    mut sum_pi_squared: Option<&mut [f32]>,
 ) -> Result<()> {
     let t = labels.len();
     if shards == 0 {
@@ -67,11 +77,20 @@ pub fn tp_combine(
             "expected at least one shard",
         ));
     }
-    check_len("partials", partials.len(), shards * PLANES * t, "[P, 3, T]")?;
+    let planes = planes(partials.len(), shards * t, "partials", "[P, planes, T]")?;
     check_len("logp", logp.len(), t, "[T]")?;
     check_len("entropy", entropy.len(), t, "[T]")?;
     check_len("lse", lse.len(), t, "[T]")?;
-    let at = |r: usize, c: usize, row: usize| partials[(r * PLANES + c) * t + row] as f64;
+    if let Some(q) = sum_pi_squared.as_deref() {
+        check_len("sum_pi_squared", q.len(), t, "[T]")?;
+        if planes != 4 {
+            return Err(Error::invalid_argument(
+                "sum_pi_squared",
+                "needs the shards' partials with 4 planes ([P, 4, T])",
+            ));
+        }
+    }
+    let at = |r: usize, c: usize, row: usize| partials[(r * planes + c) * t + row] as f64;
     let mut missing = 0usize;
     for row in 0..t {
         let m = (0..shards)
@@ -93,6 +112,18 @@ pub fn tp_combine(
                 }
             })
             .sum();
+        if let Some(q) = sum_pi_squared.as_deref_mut() {
+            q[row] = (0..shards)
+                .map(|r| {
+                    let w = (at(r, 0, row) - l).exp();
+                    if w > 0.0 {
+                        w * w * at(r, 3, row)
+                    } else {
+                        0.0
+                    }
+                })
+                .sum::<f64>() as f32;
+        }
         let ignored = labels[row] == config.ignore_index;
         if !ignored && x_y.is_none() {
             missing += 1;
@@ -117,8 +148,9 @@ pub fn tp_combine(
 }
 
 /// The backward on one shard: the shard's slice of the gradient of
-/// `g_logp . logp + g_entropy . entropy` over the whole vocabulary, from the combined `lse` and
-/// `entropy`: `dz_j = (1/tau)(g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H))`,
+/// `g_logp . logp + g_entropy . entropy (+ g_spp . sum_pi_squared)` over the whole vocabulary, from
+/// the combined `lse`, `entropy` (and `sum_pi_squared`: `(S, g_spp)`):
+/// `dz_j = (1/tau)(g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H) + 2 g_spp p_j (p_j - S))`,
 /// `p_j = exp(x_j - LSE)`, with no one-hot where the label is another shard's, into `dlogits`.
 #[allow(clippy::too_many_arguments)]
 pub fn tp_backward<E: LogitElem>(
@@ -129,6 +161,7 @@ pub fn tp_backward<E: LogitElem>(
     entropy: &[f32],
     g_logp: &[f32],
     g_entropy: Option<&[f32]>,
+    sum_pi_squared: Option<(&[f32], &[f32])>,
     config: &LogprobConfig,
     dlogits: &mut Logits<&mut [E]>,
 ) -> Result<()> {
@@ -136,6 +169,10 @@ pub fn tp_backward<E: LogitElem>(
     logits.validate("logits")?;
     let t = logits.rows;
     dlogits.check("dlogits", dlogits.data.len())?;
+    if let Some((q, g)) = sum_pi_squared {
+        check_len("sum_pi_squared", q.len(), t, "[T]")?;
+        check_len("g_sum_pi_squared", g.len(), t, "[T]")?;
+    }
     for (arg, n) in [
         ("labels", labels.len()),
         ("lse", lse.len()),
@@ -152,9 +189,15 @@ pub fn tp_backward<E: LogitElem>(
         labels,
         vocab_start,
         config,
-        (g_logp, g_entropy, None),
+        (g_logp, g_entropy, sum_pi_squared.map(|x| x.1)),
         dlogits,
-        |r, _| (lse[r] as f64, entropy[r] as f64),
+        |r, _| {
+            (
+                lse[r] as f64,
+                entropy[r] as f64,
+                sum_pi_squared.map(|x| x.0[r] as f64),
+            )
+        },
     );
     Ok(())
 }

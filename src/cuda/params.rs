@@ -231,9 +231,12 @@ pub struct TpParams {
     pub lse: u64,
     pub labels: u64,
     pub missing: u64,
+    pub sum_pi_squared: u64,
     pub num_rows: i64,
     pub num_shards: i32,
     pub ignore_index: i32,
+    pub planes: i32,
+    pub pad0: i32,
 }
 
 // SAFETY: each struct is #[repr(C)], Copy, holds only plain integers and floats, and has the layout
@@ -413,7 +416,8 @@ pub fn layouts() -> Vec<Vec<usize>> {
         layout!(TrainParams; logits, row_max, row_sum, row_lse, tokens, feat, logp, w, m, v, grad, w_bf16, seed,
             num_rows, vocab, num_tokens, n, counter_base, group, resp_len, lr, beta1, beta2, eps, weight_decay,
             bias1, bias2, pad0),
-        layout!(TpParams; partials, logp, entropy, lse, labels, missing, num_rows, num_shards, ignore_index),
+        layout!(TpParams; partials, logp, entropy, lse, labels, missing, sum_pi_squared, num_rows, num_shards,
+            ignore_index, planes, pad0),
         layout!(RejectParams; log_ratio, mask, cu_seqlens, flags, num_tokens, num_seqs, num_criteria, level,
             statistic, lower, upper),
         layout!(OtbParams; token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, cu_seqlens,

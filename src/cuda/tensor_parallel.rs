@@ -8,6 +8,7 @@ use super::{addr, addr_mut, params::TpParams, Gpu, Module};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
 use crate::logits::{LogitElem, Logits, LogprobConfig};
+use crate::tensor_parallel::planes;
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
 
@@ -24,7 +25,8 @@ fn offset(vocab_start: usize) -> Result<i64> {
 }
 
 /// One shard's partials of each row into `partials` (`[3, T]`: LSE, entropy, label logit or
-/// -inf), for the vocabulary columns `[vocab_start, vocab_start + V)`; labels are global.
+/// -inf; `[4, T]` adds the shard's own `sum_j p_j^2`), for the vocabulary columns
+/// `[vocab_start, vocab_start + V)`; labels are global.
 #[allow(clippy::too_many_arguments)]
 pub fn tp_partials<E: LogitElem>(
     gpu: &Gpu,
@@ -39,7 +41,7 @@ pub fn tp_partials<E: LogitElem>(
     logits.validate("logits")?;
     let t = logits.rows;
     check_len("labels", labels.len(), t, "[T] (the rows of logits)")?;
-    check_len("partials", partials.len(), 3 * t, "[3, T]")?;
+    let planes = planes(partials.len(), t, "partials", "[planes, T]")?;
     gpu.check_stream(stream)?;
     let off = offset(vocab_start)?;
     let (p_a, _g) = addr_mut(partials, stream);
@@ -52,7 +54,12 @@ pub fn tp_partials<E: LogitElem>(
         logits,
         labels,
         config,
-        [0, p_a + 4 * t as u64, p_a, 0],
+        [
+            0,
+            p_a + 4 * t as u64,
+            p_a,
+            if planes == 4 { p_a + 12 * t as u64 } else { 0 },
+        ],
         None,
         0,
         Some(c_a),
@@ -64,9 +71,10 @@ pub fn tp_partials<E: LogitElem>(
     )
 }
 
-/// The combine of `shards` shards' partials (`[P, 3, T]`, ascending `vocab_start`) into each row's
-/// logp, entropy and LSE over the whole vocabulary. A label in no shard is an error (the count is
-/// read back: this synchronizes).
+/// The combine of `shards` shards' partials (`[P, 3, T]` or `[P, 4, T]`, ascending `vocab_start`)
+/// into each row's logp, entropy and LSE over the whole vocabulary, and with 4 planes its
+/// `sum_pi_squared` where asked. A label in no shard is an error (the count is read back: this
+/// synchronizes).
 #[allow(clippy::too_many_arguments)]
 pub fn tp_combine(
     gpu: &Gpu,
@@ -78,6 +86,7 @@ pub fn tp_combine(
     logp: &mut CudaViewMut<'_, f32>,
     entropy: &mut CudaViewMut<'_, f32>,
     lse: &mut CudaViewMut<'_, f32>,
+    sum_pi_squared: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     let t = labels.len();
     if shards == 0 || shards > i32::MAX as usize {
@@ -86,10 +95,19 @@ pub fn tp_combine(
             format!("expected 1 or more shards, got {shards}"),
         ));
     }
-    check_len("partials", partials.len(), shards * 3 * t, "[P, 3, T]")?;
+    let planes = planes(partials.len(), shards * t, "partials", "[P, planes, T]")?;
     check_len("logp", logp.len(), t, "[T]")?;
     check_len("entropy", entropy.len(), t, "[T]")?;
     check_len("lse", lse.len(), t, "[T]")?;
+    if let Some(q) = sum_pi_squared.as_deref() {
+        check_len("sum_pi_squared", q.len(), t, "[T]")?;
+        if planes != 4 {
+            return Err(Error::invalid_argument(
+                "sum_pi_squared",
+                "needs the shards' partials with 4 planes ([P, 4, T])",
+            ));
+        }
+    }
     gpu.check_stream(stream)?;
     if t == 0 {
         return Ok(());
@@ -102,6 +120,13 @@ pub fn tp_combine(
         let (h_a, _g3) = addr_mut(entropy, stream);
         let (l_a, _g4) = addr_mut(lse, stream);
         let (m_a, _g5) = super::addr_slice_mut(&mut missing, stream);
+        let (q_a, _g6) = match sum_pi_squared {
+            Some(q) => {
+                let (a, g) = addr_mut(q, stream);
+                (a, Some(g))
+            }
+            None => (0, None),
+        };
         let p = TpParams {
             partials: part_a,
             logp: lp_a,
@@ -109,9 +134,12 @@ pub fn tp_combine(
             lse: l_a,
             labels: y_a,
             missing: m_a,
+            sum_pi_squared: q_a,
             num_rows: t as i64,
             num_shards: shards as i32,
             ignore_index: config.ignore_index,
+            planes: planes as i32,
+            pad0: 0,
         };
         let grid = t
             .div_ceil(super::BLOCK as usize)
@@ -132,7 +160,8 @@ pub fn tp_combine(
 }
 
 /// The backward on one shard, in place: the shard's slice of the whole-vocabulary gradient from the
-/// combined `grads.lse` and `grads.entropy` (no one-hot where the label is another shard's).
+/// combined `grads.lse` and `grads.entropy` (and `grads.sum_pi_squared`: the combined
+/// `sum_pi_squared` with its gradient), with no one-hot where the label is another shard's.
 pub fn tp_backward_inplace<E: LogitElem>(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,

@@ -957,32 +957,39 @@ fn logprob_backward_(
     sum_pi_squared: Option<&Bound<'_, PyAny>>,
     g_sum_pi_squared: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let spp = match (sum_pi_squared, g_sum_pi_squared) {
-        (None, None) => None,
-        (Some(s), Some(g)) => Some((s, g)),
-        (s, _) => {
-            return Err(arg_err(
-                if s.is_none() {
-                    "sum_pi_squared"
-                } else {
-                    "g_sum_pi_squared"
-                },
-                "expected sum_pi_squared and g_sum_pi_squared both given or both None",
-            ))
-        }
-    };
     backward(
         py,
         logits,
         [labels, lse, entropy, g_logp],
-        (g_entropy, spp),
+        (g_entropy, spp_pair(sum_pi_squared, g_sum_pi_squared)?),
         None,
         (temperature, ignore_index),
     )
 }
 
+/// `(sum_pi_squared, g_sum_pi_squared)` of a backward: both given or both None.
+#[allow(clippy::type_complexity)]
+fn spp_pair<'a, 'py>(
+    sum_pi_squared: Option<&'a Bound<'py, PyAny>>,
+    g_sum_pi_squared: Option<&'a Bound<'py, PyAny>>,
+) -> PyResult<Option<(&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>)>> {
+    match (sum_pi_squared, g_sum_pi_squared) {
+        (None, None) => Ok(None),
+        (Some(s), Some(g)) => Ok(Some((s, g))),
+        (s, _) => Err(arg_err(
+            if s.is_none() {
+                "sum_pi_squared"
+            } else {
+                "g_sum_pi_squared"
+            },
+            "expected sum_pi_squared and g_sum_pi_squared both given or both None",
+        )),
+    }
+}
+
 /// Tensor parallelism, step 1: a vocabulary shard's partials `[3, T]` (LSE, entropy, label logit
-/// or -inf) of `logits` [T, V_r] holding the columns from `vocab_start` on.
+/// or -inf; `[4, T]` adds the shard's own sum_j p_j^2) of `logits` [T, V_r] holding the columns
+/// from `vocab_start` on.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (logits, labels, vocab_start, temperature, ignore_index, partials))]
@@ -1013,11 +1020,12 @@ fn tp_partials(
     by_dtype!(t, go).map_err(err)
 }
 
-/// Tensor parallelism, step 2: the combine of the shards' partials `[P, 3, T]` (ascending
-/// vocab_start) into `logp`, `entropy` and `lse` [T].
+/// Tensor parallelism, step 2: the combine of the shards' partials `[P, 3, T]` or `[P, 4, T]`
+/// (ascending vocab_start) into `logp`, `entropy` and `lse` [T], and with 4 planes
+/// `sum_pi_squared` [T] where given.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (partials, labels, ignore_index, logp, entropy, lse))]
+#[pyo3(signature = (partials, labels, ignore_index, logp, entropy, lse, sum_pi_squared=None))]
 fn tp_combine(
     py: Python<'_>,
     partials: &Bound<'_, PyAny>,
@@ -1026,13 +1034,14 @@ fn tp_combine(
     logp: &Bound<'_, PyAny>,
     entropy: &Bound<'_, PyAny>,
     lse: &Bound<'_, PyAny>,
+    sum_pi_squared: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let first = Tensor::of("partials", partials)?;
     let call = Call::new(py, &first)?;
-    if first.shape.len() != 3 || first.shape[1] != 3 {
+    if first.shape.len() != 3 || !(3..=4).contains(&first.shape[1]) {
         return Err(arg_err(
             "partials",
-            format!("expected [P, 3, T], got shape {}", first.shape_str()),
+            format!("expected [P, 3 or 4, T], got shape {}", first.shape_str()),
         ));
     }
     let shards = first.shape[0];
@@ -1047,15 +1056,20 @@ fn tp_combine(
         ignore_index,
         ..LogprobConfig::default()
     };
-    py.detach(|| raw::tp_combine(call.place, part, shards, y, &lc, lp, h, l))
+    let q = sum_pi_squared
+        .map(|q| call.out_f32("sum_pi_squared", q))
+        .transpose()?;
+    py.detach(|| raw::tp_combine(call.place, part, shards, y, &lc, lp, h, l, q))
         .map_err(err)
 }
 
 /// Tensor parallelism, step 3: the shard's slice of the whole-vocabulary gradient, written over
-/// the shard's `logits`, from the combined `lse` and `entropy`.
+/// the shard's `logits`, from the combined `lse` and `entropy` (and the combined `sum_pi_squared`
+/// with its gradient, both or neither).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (logits, labels, vocab_start, lse, entropy, g_logp, g_entropy, temperature, ignore_index))]
+#[pyo3(signature = (logits, labels, vocab_start, lse, entropy, g_logp, g_entropy, temperature, ignore_index,
+                    sum_pi_squared=None, g_sum_pi_squared=None))]
 fn tp_backward_(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
@@ -1067,12 +1081,14 @@ fn tp_backward_(
     g_entropy: Option<&Bound<'_, PyAny>>,
     temperature: f32,
     ignore_index: i32,
+    sum_pi_squared: Option<&Bound<'_, PyAny>>,
+    g_sum_pi_squared: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     backward(
         py,
         logits,
         [labels, lse, entropy, g_logp],
-        (g_entropy, None),
+        (g_entropy, spp_pair(sum_pi_squared, g_sum_pi_squared)?),
         Some(vocab_start),
         (temperature, ignore_index),
     )

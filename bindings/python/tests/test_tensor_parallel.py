@@ -36,10 +36,11 @@ def data():
     labels[4] = -100
     g1, g2 = torch.randn(T, generator=g), torch.randn(T, generator=g)
     old = -torch.rand(T, generator=g) * 3 - 1
+    g3 = torch.randn(T, generator=torch.Generator().manual_seed(22))
     adv = torch.randn(3, generator=g)
     hidden = torch.randn(T, H, generator=g) * 0.5
     weight = torch.randn(V, H, generator=g) * 0.5
-    return logits, labels, g1, g2, old, adv, hidden, weight
+    return logits, labels, g1, g2, old, adv, hidden, weight, g3
 
 
 CU = [0, 10, 20, T]
@@ -49,13 +50,18 @@ def worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        logits, labels, g1, g2, old, adv, hidden, weight = data()
+        logits, labels, g1, g2, old, adv, hidden, weight, g3 = data()
         a, b = shard_range(V, world, rank)
         res = {}
         z = logits[:, a:b].clone().requires_grad_()
-        logp, ent = tp.logprobs_from_logits(z * 1.0, labels, a, temperature=TEMPERATURE)
-        ((logp * g1).sum() + (ent * g2).sum()).backward()
-        res["logp"], res["entropy"], res["grad"] = logp.detach(), ent.detach(), z.grad
+        logp, ent, spp = tp.logprobs_from_logits(z * 1.0, labels, a, temperature=TEMPERATURE,
+                                                 return_sum_pi_squared=True)
+        ((logp * g1).sum() + (ent * g2).sum() + (spp * g3).sum()).backward()
+        res["logp"], res["entropy"], res["spp"], res["grad"] = logp.detach(), ent.detach(), spp.detach(), z.grad
+        z0 = logits[:, a:b].clone().requires_grad_()
+        lp0, ent0 = tp.logprobs_from_logits(z0 * 1.0, labels, a, temperature=TEMPERATURE)
+        ((lp0 * g1).sum() + (ent0 * g2).sum()).backward()
+        res["logp0"], res["grad0"] = lp0.detach(), z0.grad
         z2 = logits[:, a:b].clone().requires_grad_()
         loss, m = tp.grpo_loss_from_logits(z2 * 1.0, labels, a, old, adv, torch.ones(T), CU, temperature=TEMPERATURE,
                                            entropy_coef=0.01, kl_coef=0.0)
@@ -84,11 +90,14 @@ def test_sharded_vocabulary_matches_the_whole(world):
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(worker, args=(world, free_port(), d), nprocs=world, join=True)
         ranks = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world)]
-    logits, labels, g1, g2, old, adv, hidden, weight = data()
+    logits, labels, g1, g2, old, adv, hidden, weight, g3 = data()
     # the whole vocabulary, unsharded
     z = logits.clone().requires_grad_()
-    logp, ent = rk.logprobs_from_logits(z * 1.0, labels, temperature=TEMPERATURE)
-    ((logp * g1).sum() + (ent * g2).sum()).backward()
+    logp, ent, spp = rk.logprobs_from_logits(z * 1.0, labels, temperature=TEMPERATURE, return_sum_pi_squared=True)
+    ((logp * g1).sum() + (ent * g2).sum() + (spp * g3).sum()).backward()
+    z0 = logits.clone().requires_grad_()
+    lp0, ent0 = rk.logprobs_from_logits(z0 * 1.0, labels, temperature=TEMPERATURE)
+    ((lp0 * g1).sum() + (ent0 * g2).sum()).backward()
     z2 = logits.clone().requires_grad_()
     loss, m = rk.grpo_loss_from_logits(z2 * 1.0, labels, old, adv, torch.ones(T), CU, temperature=TEMPERATURE,
                                        entropy_coef=0.01)
@@ -103,7 +112,12 @@ def test_sharded_vocabulary_matches_the_whole(world):
         assert torch.equal(res["logp"], ranks[0]["logp"]) and torch.equal(res["entropy"], ranks[0]["entropy"])
         torch.testing.assert_close(res["logp"], logp.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(res["entropy"], ent.detach(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(res["spp"], ranks[0]["spp"])
+        torch.testing.assert_close(res["spp"], spp.detach(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(res["grad"], z.grad[:, a:b], rtol=1e-4, atol=1e-6)
+        # without Σπ²: the same log-probs, and the gradient without its term
+        assert torch.equal(res["logp0"], res["logp"])
+        torch.testing.assert_close(res["grad0"], z0.grad[:, a:b], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(res["loss_grad"], z2.grad[:, a:b], rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(res["entropy_metric"].float(), m["actor/entropy"].float(), rtol=1e-5, atol=1e-6)
@@ -112,17 +126,20 @@ def test_sharded_vocabulary_matches_the_whole(world):
         torch.testing.assert_close(res["fl_weight"], w.grad[a:b], rtol=1e-4, atol=1e-6)
 
 
-def test_the_combine_is_the_same_for_every_order_of_arrival():
+@pytest.mark.parametrize("planes", [3, 4])
+def test_the_combine_is_the_same_for_every_order_of_arrival(planes):
     logits, labels, *_ = data()
     y = labels.to(torch.int32)
     packed = []
     for r in range(4):
         a, b = shard_range(V, 4, r)
-        part = torch.ops.recap.tp_partials(logits[:, a:b].contiguous(), y, a, TEMPERATURE, -100)
+        part = torch.ops.recap.tp_partials(logits[:, a:b].contiguous(), y, a, TEMPERATURE, -100, planes == 4)
+        assert part.shape == (planes, T)
         packed.append(tp.pack(part, a))
-    first = tp.combine(torch.stack(packed), y)
+    first = tp.combine(torch.stack(packed), y, planes=planes)
+    assert len(first) == planes
     for perm in itertools.permutations(range(4)):
-        got = tp.combine(torch.stack([packed[i] for i in perm]), y)
+        got = tp.combine(torch.stack([packed[i] for i in perm]), y, planes=planes)
         for g, f in zip(got, first):
             assert torch.equal(g, f), perm
 
@@ -145,6 +162,15 @@ def test_opcheck_tensor_parallel_ops():
     rest = torch.ops.recap.tp_partials(logits[:, 20:].contiguous(), y, 20, 1.0, -100)
     opcheck(torch.ops.recap.tp_partials.default, (logits[:, :20].contiguous(), y, 0, 1.0, -100))
     opcheck(torch.ops.recap.tp_combine.default, (torch.stack([part, rest]), y, -100))
-    _, ent, lse = torch.ops.recap.tp_combine(torch.stack([part, rest]), y, -100)
+    _, ent, lse, none = torch.ops.recap.tp_combine(torch.stack([part, rest]), y, -100)
+    assert none.numel() == 0
     opcheck(torch.ops.recap.tp_backward_.default, (logits[:, :20].contiguous(), y, 0, lse, ent, torch.randn(T),
                                                    torch.randn(T), 1.0, -100))
+    # with Σπ²: 4 planes, the combined value and its gradient
+    part4 = torch.ops.recap.tp_partials(logits[:, :20].contiguous(), y, 0, 1.0, -100, True)
+    rest4 = torch.ops.recap.tp_partials(logits[:, 20:].contiguous(), y, 20, 1.0, -100, True)
+    opcheck(torch.ops.recap.tp_partials.default, (logits[:, :20].contiguous(), y, 0, 1.0, -100, True))
+    opcheck(torch.ops.recap.tp_combine.default, (torch.stack([part4, rest4]), y, -100))
+    _, ent, lse, spp = torch.ops.recap.tp_combine(torch.stack([part4, rest4]), y, -100)
+    opcheck(torch.ops.recap.tp_backward_.default, (logits[:, :20].contiguous(), y, 0, lse, ent, torch.randn(T),
+                                                   torch.randn(T), 1.0, -100, spp, torch.randn(T)))

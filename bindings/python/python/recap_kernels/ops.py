@@ -569,45 +569,54 @@ def _(token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, cu_seql
 
 # --- tensor parallelism: vocabulary shards ------------------------------------------------------
 @torch.library.custom_op("recap::tp_partials", mutates_args=())
-def tp_partials(logits: Tensor, labels: Tensor, vocab_start: int, temperature: float, ignore_index: int) -> Tensor:
-    """A vocabulary shard's partials ``[3, T]`` (its LSE, its entropy, the label's logit or -inf) of
-    ``logits`` ``[T, V_r]`` holding the columns ``[vocab_start, vocab_start + V_r)``."""
-    out = _empty(logits, (3, _rows(logits)), torch.float32)
+def tp_partials(logits: Tensor, labels: Tensor, vocab_start: int, temperature: float, ignore_index: int,
+                sum_pi_squared: bool = False) -> Tensor:
+    """A vocabulary shard's partials ``[3, T]`` (its LSE, its entropy, the label's logit or -inf),
+    ``[4, T]`` with ``sum_pi_squared`` (and the shard's own ``sum_j p_j^2``), of ``logits``
+    ``[T, V_r]`` holding the columns ``[vocab_start, vocab_start + V_r)``."""
+    out = _empty(logits, (4 if sum_pi_squared else 3, _rows(logits)), torch.float32)
     (labels,) = _contig(labels)
     _native.tp_partials(logits, labels, vocab_start, temperature, ignore_index, out)
     return out
 
 
 @tp_partials.register_fake
-def _(logits, labels, vocab_start, temperature, ignore_index):
-    return _empty(logits, (3, _rows(logits)), torch.float32)
+def _(logits, labels, vocab_start, temperature, ignore_index, sum_pi_squared=False):
+    return _empty(logits, (4 if sum_pi_squared else 3, _rows(logits)), torch.float32)
 
 
 @torch.library.custom_op("recap::tp_combine", mutates_args=())
-def tp_combine(partials: Tensor, labels: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """The shards' partials ``[P, 3, T]`` (ascending vocab_start) combined into the whole
-    vocabulary's ``(logp, entropy, lse)``."""
+def tp_combine(partials: Tensor, labels: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The shards' partials ``[P, 3, T]`` or ``[P, 4, T]`` (ascending vocab_start) combined into the
+    whole vocabulary's ``(logp, entropy, lse, sum_pi_squared)`` (the last ``[0]`` with 3 planes)."""
     t = partials.shape[2]
     logp, ent, lse = (_empty(partials, (t,), torch.float32) for _ in range(3))
+    spp = _empty(partials, (t if partials.shape[1] == 4 else 0,), torch.float32)
     partials, labels = _contig(partials, labels)
-    _native.tp_combine(partials, labels, ignore_index, logp, ent, lse)
-    return logp, ent, lse
+    _native.tp_combine(partials, labels, ignore_index, logp, ent, lse, spp if partials.shape[1] == 4 else None)
+    return logp, ent, lse, spp
 
 
 @tp_combine.register_fake
 def _(partials, labels, ignore_index):
     t = partials.shape[2]
-    return tuple(_empty(partials, (t,), torch.float32) for _ in range(3))
+    return tuple(_empty(partials, (t,), torch.float32) for _ in range(3)) + (
+        _empty(partials, (t if partials.shape[1] == 4 else 0,), torch.float32),)
 
 
 @torch.library.custom_op("recap::tp_backward_", mutates_args=("logits",))
 def tp_backward_(logits: Tensor, labels: Tensor, vocab_start: int, lse: Tensor, entropy: Tensor, g_logp: Tensor,
-                 g_entropy: Optional[Tensor], temperature: float, ignore_index: int) -> None:
-    """The shard's slice of the whole-vocabulary gradient, over the shard's ``logits``."""
-    labels, lse, entropy, g_logp, g_entropy = _contig(labels, lse, entropy, g_logp, g_entropy)
-    _native.tp_backward_(logits, labels, vocab_start, lse, entropy, g_logp, g_entropy, temperature, ignore_index)
+                 g_entropy: Optional[Tensor], temperature: float, ignore_index: int,
+                 sum_pi_squared: Optional[Tensor] = None, g_sum_pi_squared: Optional[Tensor] = None) -> None:
+    """The shard's slice of the whole-vocabulary gradient, over the shard's ``logits`` (with the
+    combined ``sum_pi_squared`` and its gradient, both or neither)."""
+    labels, lse, entropy, g_logp, g_entropy, sum_pi_squared, g_sum_pi_squared = _contig(
+        labels, lse, entropy, g_logp, g_entropy, sum_pi_squared, g_sum_pi_squared)
+    _native.tp_backward_(logits, labels, vocab_start, lse, entropy, g_logp, g_entropy, temperature, ignore_index,
+                         sum_pi_squared, g_sum_pi_squared)
 
 
 @tp_backward_.register_fake
-def _(logits, labels, vocab_start, lse, entropy, g_logp, g_entropy, temperature, ignore_index):
+def _(logits, labels, vocab_start, lse, entropy, g_logp, g_entropy, temperature, ignore_index, sum_pi_squared=None,
+      g_sum_pi_squared=None):
     return None

@@ -8,8 +8,9 @@ TP hold them), with no gather of the ``[T, V]`` logits.
                                              response_mask, group=tp_group, kl_coef=0.0)
 
 Each rank computes its shard's partial statistics per row (the shard's LSE, entropy and the label's
-logit), the ranks exchange them with one ``all_gather`` of a ``[3 T + 1]`` float tensor (the
-partials and the shard's ``vocab_start``), and every rank combines them in ascending order of
+logit, and with ``return_sum_pi_squared`` its own ``sum_j p_j^2``), the ranks exchange them with
+one ``all_gather`` of a ``[3 T + 1]`` (or ``[4 T + 1]``) float tensor (the partials and the shard's
+``vocab_start``), and every rank combines them in ascending order of
 ``vocab_start``: every rank gets the same bits of ``logp`` and ``entropy``, whatever the order the
 collective delivered the partials in. The backward writes each rank's slice of the
 whole-vocabulary gradient over its shard of the logits, with no collective (the convention of
@@ -35,20 +36,23 @@ __all__ = ["logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_l
 
 
 def pack(partials: Tensor, vocab_start: int) -> Tensor:
-    """A shard's partials ``[3, T]`` and its ``vocab_start`` as one float32 tensor ``[3 T + 1]`` (the
-    start's int32 bits in the last element), what the ranks all-gather."""
+    """A shard's partials ``[planes, T]`` (3, or 4 with Σπ²) and its ``vocab_start`` as one float32
+    tensor ``[planes T + 1]`` (the start's int32 bits in the last element), what the ranks
+    all-gather."""
     start = torch.tensor([vocab_start], dtype=torch.int32, device=partials.device).view(torch.float32)
     return torch.cat([partials.reshape(-1), start])
 
 
-def combine(gathered: Tensor, labels: Tensor, ignore_index: int = -100):
-    """The gathered packed partials ``[P, 3 T + 1]`` (any order) combined, in ascending order of
-    their shards' ``vocab_start``, into ``(logp, entropy, lse)`` over the whole vocabulary."""
+def combine(gathered: Tensor, labels: Tensor, ignore_index: int = -100, planes: int = 3):
+    """The gathered packed partials ``[P, planes T + 1]`` (any order) combined, in ascending order of
+    their shards' ``vocab_start``, into ``(logp, entropy, lse)`` over the whole vocabulary, and
+    ``sum_pi_squared`` fourth with ``planes=4``."""
     p = gathered.shape[0]
     starts = gathered[:, -1].contiguous().view(torch.int32)
     order = torch.argsort(starts, stable=True)
-    parts = gathered.index_select(0, order)[:, :-1].reshape(p, 3, -1)
-    return ops.tp_combine(parts, labels, A.integer("ignore_index", ignore_index, A.INT32_MIN, A.INT32_MAX))
+    parts = gathered.index_select(0, order)[:, :-1].reshape(p, planes, -1)
+    out = ops.tp_combine(parts, labels, A.integer("ignore_index", ignore_index, A.INT32_MIN, A.INT32_MAX))
+    return out if planes == 4 else out[:3]
 
 
 def _exchange(partials: Tensor, vocab_start: int, labels: Tensor, ignore_index: int, group):
@@ -56,7 +60,7 @@ def _exchange(partials: Tensor, vocab_start: int, labels: Tensor, ignore_index: 
     world = dist.get_world_size(group)
     parts = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(parts, packed, group=group)
-    return combine(torch.stack(parts), labels, ignore_index)
+    return combine(torch.stack(parts), labels, ignore_index, planes=partials.shape[0])
 
 
 def _labels(labels: Tensor, rows: int) -> Tensor:
@@ -69,31 +73,39 @@ def _labels(labels: Tensor, rows: int) -> Tensor:
 
 class _Logprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, vocab_start, group, temperature, ignore_index, inplace):
-        part = ops.tp_partials(logits, labels, vocab_start, temperature, ignore_index)
-        logp, ent, lse = _exchange(part, vocab_start, labels, ignore_index, group)
-        ctx.save_for_backward(logits, labels, lse, ent)
-        ctx.options = (vocab_start, temperature, ignore_index, inplace)
-        return logp, ent
+    def forward(ctx, logits, labels, vocab_start, group, temperature, ignore_index, inplace, want_spp):
+        part = ops.tp_partials(logits, labels, vocab_start, temperature, ignore_index, want_spp)
+        out = _exchange(part, vocab_start, labels, ignore_index, group)
+        logp, ent, lse = out[:3]
+        spp = out[3] if want_spp else lse.new_empty(0)
+        ctx.save_for_backward(logits, labels, lse, ent, spp)
+        ctx.options = (vocab_start, temperature, ignore_index, inplace, want_spp)
+        ctx.set_materialize_grads(False)
+        return logp, ent, spp
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        logits, labels, lse, ent = ctx.saved_tensors
-        vocab_start, temperature, ignore_index, inplace = ctx.options
+    def backward(ctx, g_logp, g_ent, g_spp):
+        logits, labels, lse, ent, spp = ctx.saved_tensors
+        vocab_start, temperature, ignore_index, inplace, want_spp = ctx.options
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
+        # Σπ² takes part only when it was computed and something differentiates it
+        spp, g_spp = (spp, g_spp.float().contiguous()) if want_spp and g_spp is not None else (None, None)
         z = logits if inplace else logits.clone(memory_format=torch.contiguous_format)
-        ops.tp_backward_(z, labels, vocab_start, lse, ent, g_logp, g_ent, temperature, ignore_index)
-        return z, None, None, None, None, None, None
+        ops.tp_backward_(z, labels, vocab_start, lse, ent, g_logp, g_ent, temperature, ignore_index, spp, g_spp)
+        return z, None, None, None, None, None, None, None
 
 
 def logprobs_from_logits(logits_shard: Tensor, labels: Tensor, vocab_start: int, group=None,
-                         temperature: float = 1.0, ignore_index: int = -100, inplace_backward: bool = True):
+                         temperature: float = 1.0, ignore_index: int = -100, inplace_backward: bool = True,
+                         return_sum_pi_squared: bool = False):
     """Per-token log-probabilities of ``labels`` (whole-vocabulary ids) and the entropy of each row
     over the whole vocabulary, from this rank's shard ``[..., V_r]`` of the logits (the columns from
     ``vocab_start`` on); one collective on ``group`` (default: the world). Differentiable with respect
     to ``logits_shard``: the backward gives this rank's slice of the whole gradient (written over the
-    shard with ``inplace_backward``). Returns ``(logp, entropy)`` shaped like ``labels``."""
+    shard with ``inplace_backward``). Returns ``(logp, entropy)`` shaped like ``labels``, and with
+    ``return_sum_pi_squared`` verl's ``sum_pi_squared`` (``sum_j p_j^2`` over the whole vocabulary,
+    from each shard's own in the same read and the same collective, differentiable) third."""
     logits_shard = A.tensor("logits_shard", logits_shard)
     if logits_shard.dim() == 0 or logits_shard.shape[-1] == 0:
         A.fail("logits_shard", f"expected [..., V_r] with V_r >= 1, got shape {tuple(logits_shard.shape)}")
@@ -102,10 +114,13 @@ def logprobs_from_logits(logits_shard: Tensor, labels: Tensor, vocab_start: int,
     if z.shape[0] > 1 and z.stride(-1) != 1:
         z = z.contiguous()
     y = _labels(labels, z.shape[0])
-    logp, ent = _Logprobs.apply(z, y, A.integer("vocab_start", vocab_start, 0, A.INT32_MAX), group,
-                                A.number("temperature", temperature),
-                                A.integer("ignore_index", ignore_index, A.INT32_MIN, A.INT32_MAX),
-                                bool(inplace_backward))
+    want_spp = bool(return_sum_pi_squared)
+    logp, ent, spp = _Logprobs.apply(z, y, A.integer("vocab_start", vocab_start, 0, A.INT32_MAX), group,
+                                     A.number("temperature", temperature),
+                                     A.integer("ignore_index", ignore_index, A.INT32_MIN, A.INT32_MAX),
+                                     bool(inplace_backward), want_spp)
+    if want_spp:
+        return logp.view(shape), ent.view(shape), spp.view(shape)
     return logp.view(shape), ent.view(shape)
 
 
