@@ -45,6 +45,32 @@ pub(crate) fn planes(len: usize, rows: usize, arg: &'static str, what: &str) -> 
     }
 }
 
+/// The checks of a combine's arrays: the partials' planes (from their length over `shards` shards
+/// of `t` rows), the `[T]` outputs (logp, entropy, lse), and `sum_pi_squared` (its length, and the
+/// 4 planes it needs). Returns the planes.
+pub(crate) fn combine_planes(
+    partials: usize,
+    shards: usize,
+    t: usize,
+    [logp, entropy, lse]: [usize; 3],
+    sum_pi_squared: Option<usize>,
+) -> Result<usize> {
+    let planes = planes(partials, shards * t, "partials", "[P, planes, T]")?;
+    for (arg, n) in [("logp", logp), ("entropy", entropy), ("lse", lse)] {
+        crate::layout::check_len(arg, n, t, "[T]")?;
+    }
+    if let Some(q) = sum_pi_squared {
+        crate::layout::check_len("sum_pi_squared", q, t, "[T]")?;
+        if planes != 4 {
+            return Err(Error::invalid_argument(
+                "sum_pi_squared",
+                "needs the shards' partials with 4 planes ([P, 4, T])",
+            ));
+        }
+    }
+    Ok(planes)
+}
+
 /// The order in which to combine shards whose first vocabulary indices are `starts`: ascending
 /// `vocab_start` (ties, which a valid sharding has not, by position).
 pub fn shard_order(starts: &[i64]) -> Vec<usize> {

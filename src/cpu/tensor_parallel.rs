@@ -6,7 +6,7 @@ use super::logits::{grad_rows, row_stats};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
 use crate::logits::{LogitElem, Logits, LogprobConfig};
-use crate::tensor_parallel::planes;
+use crate::tensor_parallel::{combine_planes, planes};
 
 /// One shard's partial statistics of each row into `partials` (`[3, T]`: the shard's LSE, its
 /// entropy, and the label's logit `x_y`, or -inf where the label is another shard's or ignored;
@@ -77,19 +77,13 @@ pub fn tp_combine(
             "expected at least one shard",
         ));
     }
-    let planes = planes(partials.len(), shards * t, "partials", "[P, planes, T]")?;
-    check_len("logp", logp.len(), t, "[T]")?;
-    check_len("entropy", entropy.len(), t, "[T]")?;
-    check_len("lse", lse.len(), t, "[T]")?;
-    if let Some(q) = sum_pi_squared.as_deref() {
-        check_len("sum_pi_squared", q.len(), t, "[T]")?;
-        if planes != 4 {
-            return Err(Error::invalid_argument(
-                "sum_pi_squared",
-                "needs the shards' partials with 4 planes ([P, 4, T])",
-            ));
-        }
-    }
+    let planes = combine_planes(
+        partials.len(),
+        shards,
+        t,
+        [logp.len(), entropy.len(), lse.len()],
+        sum_pi_squared.as_deref().map(|q| q.len()),
+    )?;
     let at = |r: usize, c: usize, row: usize| partials[(r * planes + c) * t + row] as f64;
     let mut missing = 0usize;
     for row in 0..t {

@@ -8,7 +8,7 @@ use super::{addr, addr_mut, params::TpParams, Gpu, Module};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
 use crate::logits::{LogitElem, Logits, LogprobConfig};
-use crate::tensor_parallel::planes;
+use crate::tensor_parallel::{combine_planes, planes};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;
 
@@ -95,19 +95,13 @@ pub fn tp_combine(
             format!("expected 1 or more shards, got {shards}"),
         ));
     }
-    let planes = planes(partials.len(), shards * t, "partials", "[P, planes, T]")?;
-    check_len("logp", logp.len(), t, "[T]")?;
-    check_len("entropy", entropy.len(), t, "[T]")?;
-    check_len("lse", lse.len(), t, "[T]")?;
-    if let Some(q) = sum_pi_squared.as_deref() {
-        check_len("sum_pi_squared", q.len(), t, "[T]")?;
-        if planes != 4 {
-            return Err(Error::invalid_argument(
-                "sum_pi_squared",
-                "needs the shards' partials with 4 planes ([P, 4, T])",
-            ));
-        }
-    }
+    let planes = combine_planes(
+        partials.len(),
+        shards,
+        t,
+        [logp.len(), entropy.len(), lse.len()],
+        sum_pi_squared.as_deref().map(|q| q.len()),
+    )?;
     gpu.check_stream(stream)?;
     if t == 0 {
         return Ok(());
