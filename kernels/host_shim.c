@@ -51,15 +51,21 @@ float recap_host_agg_weight(int mode, float inv_tokens, float inv_seqs, float in
     return recap_agg_weight(mode, inv_tokens, inv_seqs, inv_seq_tokens, inv_const);
 }
 
-/* The device's row statistics for one row x[0..n) (already divided by tau), folded element by
- * element in order (the device folds per thread and merges; the arithmetic per step is the same). */
-void recap_host_softmax_row(const float* x, long n, float* lse, float* entropy) {
+/* The device's online state folded over x[lo..hi), element by element in order. */
+static RecapSoftmaxState fold_range(const float* x, long lo, long hi) {
     RecapSoftmaxState st = recap_softmax_init();
-    for (long i = 0; i < n; ++i) {
+    for (long i = lo; i < hi; ++i) {
         if (x[i] > st.m) st = recap_softmax_rebase(st, x[i]);
         if (st.m == RECAP_NEG_INF) continue;
         st = recap_softmax_add(st, x[i]);
     }
+    return st;
+}
+
+/* The device's row statistics for one row x[0..n) (already divided by tau), folded element by
+ * element in order (the device folds per thread and merges; the arithmetic per step is the same). */
+void recap_host_softmax_row(const float* x, long n, float* lse, float* entropy) {
+    RecapSoftmaxState st = fold_range(x, 0, n);
     *lse = st.m + logf(st.s);
     *entropy = logf(st.s) - st.a / st.s;
 }
@@ -67,32 +73,13 @@ void recap_host_softmax_row(const float* x, long n, float* lse, float* entropy) 
 /* sum_j p_j^2 of a row by the device's online state: folded in order, or (split > 0) two halves
  * merged as the warp tree merges them. */
 float recap_host_softmax_sum_sq(const float* x, long n, long split) {
-    RecapSoftmaxState h[2];
-    long lo[2] = {0, split > 0 ? split : n}, hi[2] = {split > 0 ? split : n, n};
-    for (int k = 0; k < 2; ++k) {
-        h[k] = recap_softmax_init();
-        for (long i = lo[k]; i < hi[k]; ++i) {
-            if (x[i] > h[k].m) h[k] = recap_softmax_rebase(h[k], x[i]);
-            if (h[k].m == RECAP_NEG_INF) continue;
-            h[k] = recap_softmax_add(h[k], x[i]);
-        }
-    }
-    return recap_softmax_sum_sq(recap_softmax_merge(h[0], h[1]));
+    const long mid = split > 0 ? split : n;
+    return recap_softmax_sum_sq(recap_softmax_merge(fold_range(x, 0, mid), fold_range(x, mid, n)));
 }
 
 /* Merges the states of two halves of a row, as the device's warp tree does. */
 void recap_host_softmax_split(const float* x, long n, long split, float* lse, float* entropy) {
-    RecapSoftmaxState h[2];
-    long lo[2] = {0, split}, hi[2] = {split, n};
-    for (int k = 0; k < 2; ++k) {
-        h[k] = recap_softmax_init();
-        for (long i = lo[k]; i < hi[k]; ++i) {
-            if (x[i] > h[k].m) h[k] = recap_softmax_rebase(h[k], x[i]);
-            if (h[k].m == RECAP_NEG_INF) continue;
-            h[k] = recap_softmax_add(h[k], x[i]);
-        }
-    }
-    RecapSoftmaxState st = recap_softmax_merge(h[0], h[1]);
+    RecapSoftmaxState st = recap_softmax_merge(fold_range(x, 0, split), fold_range(x, split, n));
     *lse = st.m + logf(st.s);
     *entropy = logf(st.s) - st.a / st.s;
 }

@@ -31,7 +31,6 @@ use crate::error::{Error, Result};
 /// logit) or 4 (and the shard's own `sum_j p_j^2`); anything else is an error naming `arg`.
 pub(crate) fn planes(len: usize, rows: usize, arg: &'static str, what: &str) -> Result<usize> {
     match len {
-        _ if rows == 0 && len == 0 => Ok(3),
         l if l == 3 * rows => Ok(3),
         l if l == 4 * rows => Ok(4),
         l => Err(Error::invalid_argument(

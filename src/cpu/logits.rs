@@ -33,6 +33,13 @@ pub(crate) fn row_stats<E: LogitElem>(row: &[E], inv_tau: f64) -> (f64, f64) {
     (lse, h)
 }
 
+/// `sum_j p_j^2` of a row whose LSE (at `inv_tau`) is `lse`: `sum_j exp(2 (x_j - lse))`.
+pub(crate) fn row_sum_sq<E: LogitElem>(row: &[E], inv_tau: f64, lse: f64) -> f64 {
+    row.iter()
+        .map(|z| (2.0 * (z.to_f32() as f64 * inv_tau - lse)).exp())
+        .sum()
+}
+
 pub(crate) fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<()> {
     if let Some((t, y)) = labels
         .iter()
@@ -107,10 +114,7 @@ pub fn sum_pi_squared<E: LogitElem>(
     for (r, o) in out.iter_mut().enumerate() {
         let row = &logits.data[r * logits.ld..r * logits.ld + logits.vocab];
         let (l, _) = row_stats(row, inv_tau);
-        *o = row
-            .iter()
-            .map(|z| (2.0 * (z.to_f32() as f64 * inv_tau - l)).exp())
-            .sum::<f64>() as f32;
+        *o = row_sum_sq(row, inv_tau, l) as f32;
     }
     Ok(())
 }
@@ -167,9 +171,10 @@ pub fn logprob_backward<E: LogitElem>(
 }
 
 /// `dz_j = (1/tau)(g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H) + 2 g_spp p_j (p_j - S))` for
-/// every row (`S = sum_k p_k^2` over the row: whole rows only), with row `r`'s `(LSE, H)` from
-/// `stats(r, row)`; the label's column is `y - vocab_start` (no one-hot where it falls outside the
-/// logits: another vocabulary shard's); ignored labels take no logp gradient.
+/// every row, with row `r`'s `(LSE, H)` and, where given, `S = sum_k p_k^2` (a shard's: the whole
+/// vocabulary's; else computed over the row) from `stats(r, row)`; the label's column is
+/// `y - vocab_start` (no one-hot where it falls outside the logits: another vocabulary shard's);
+/// ignored labels take no logp gradient.
 #[allow(clippy::type_complexity)]
 pub(crate) fn grad_rows<E: LogitElem>(
     logits: &Logits<&[E]>,
@@ -203,12 +208,8 @@ pub(crate) fn grad_rows<E: LogitElem>(
         }
         let sq = if gs == 0.0 {
             0.0
-        } else if let Some(q) = given_sq {
-            q
         } else {
-            row.iter()
-                .map(|z| (2.0 * (z.to_f32() as f64 * inv_tau - l)).exp())
-                .sum::<f64>()
+            given_sq.unwrap_or_else(|| row_sum_sq(row, inv_tau, l))
         };
         for (j, (o, z)) in out.iter_mut().zip(row).enumerate() {
             let lp = z.to_f32() as f64 * inv_tau - l;

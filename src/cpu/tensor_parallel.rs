@@ -2,7 +2,7 @@
 //! `recap_tp_combine`), in f64: a shard's partial statistics, their combine over the shards, and
 //! the backward on one shard from the combined statistics.
 
-use super::logits::{grad_rows, row_stats};
+use super::logits::{grad_rows, row_stats, row_sum_sq};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
 use crate::logits::{LogitElem, Logits, LogprobConfig};
@@ -45,9 +45,7 @@ pub fn tp_partials<E: LogitElem>(
             partials[3 * t + r] = if lse == f64::NEG_INFINITY {
                 0.0
             } else {
-                row.iter()
-                    .map(|z| (2.0 * (z.to_f32() as f64 * inv_tau - lse)).exp())
-                    .sum::<f64>() as f32
+                row_sum_sq(row, inv_tau, lse) as f32
             };
         }
     }
