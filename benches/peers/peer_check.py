@@ -1,8 +1,8 @@
 """Our verl drop-ins against verl's own functions, called (not copied) from the installed package:
 every policy loss (Clip-Cov's random draw under the same seed) x aggregation mode, agg_loss,
 kl_penalty, the group advantage estimators, the optimal token baseline, the rollout rejection mask, the rollout IS
-weights (with batch normalization) and the older API's veto
-(verl 0.7), on random batches;
+weights (with batch normalization), the older API's veto
+(verl 0.7) and the fused-kernel path's FusedLinearForPPO, on random batches;
 values, gradients and metrics. Run by scripts/peer-check.sh, which installs verl
 (and TRL, whose off-policy mask is checked too) into a cached directory.
 
@@ -306,6 +306,31 @@ def check_token_veto(tally, gen, batches):
             tally.add(name + " after seq_mean_k3", close(chained, theirs * rs_mask))
 
 
+def check_fused_linear(tally, gen, batches):
+    """rk.verl.FusedLinearForPPO against verl's (use_fused_kernels=True, impl_backend torch): log-probs,
+    entropies and both gradients, float32, 2-D and 3-D, several chunks."""
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+    name = "verl FusedLinearForPPO (log_probs, entropy, d_hidden, d_weight)"
+    for i in range(batches):
+        shape = (int(torch.randint(1, 70, (1,), generator=gen)),) if i % 2 else (3, 1 + i)
+        h, v = 16, int(torch.randint(2, 90, (1,), generator=gen))
+        hidden = torch.randn(*shape, h, generator=gen)
+        weight = torch.randn(v, h, generator=gen) * 0.4
+        ids = torch.randint(0, v, shape, generator=gen)
+        tau = float(torch.rand((), generator=gen)) + 0.5
+        seeds = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        outs = []
+        for module in (rk.verl.FusedLinearForPPO(chunk_size=7), FusedLinearForPPO(chunk_size=7)):
+            x, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            logp, ent = module(x, w, ids, temperature=tau)
+            ((logp * seeds[0]).sum() + (ent * seeds[1]).sum()).backward()
+            outs.append((logp.detach(), ent.detach(), x.grad, w.grad))
+        bad = [k for k, a, b in zip(("log_probs", "entropy", "d_hidden", "d_weight"), *outs)
+               if not close(a, b, rtol=1e-5, atol=2e-5)]
+        tally.add(name, not bad, f"{bad} differ")
+
+
 def check_trl(tally, gen, batches):
     try:
         from trl.trainer.grpo_trainer import GRPOTrainer
@@ -339,6 +364,7 @@ def main():
     check_rollout_rejection(tally, gen, args.batches)
     check_rollout_is(tally, gen, args.batches)
     check_token_veto(tally, gen, args.batches)
+    check_fused_linear(tally, gen, args.batches)
     check_trl(tally, gen, args.batches)
     failed = 0
     print(f"peer check: verl {verl.__version__}, recap_kernels {rk.__version__}, {args.batches} batches per check")

@@ -1,6 +1,8 @@
 """Drop-ins for verl (``verl.trainer.ppo.core_algos``): the policy losses with verl's signature and
 metric names, ``agg_loss``, ``kl_penalty``, the rollout rejection mask, the optimal token baseline
-estimators, the rollout IS weights, and ``register()`` to add the losses to verl's policy-loss registry.
+estimators, the rollout IS weights, ``register()`` to add the losses to verl's policy-loss registry,
+and ``FusedLinearForPPO`` (``use_recap_fused_linear()`` puts it in place of verl's for
+``actor_rollout_ref.model.use_fused_kernels=True``).
 
     from recap_kernels import verl as rk_verl
     rk_verl.register()                       # actor.policy_loss.loss_mode: recap_vanilla (or recap_gspo, ...)
@@ -52,7 +54,8 @@ __all__ = ["compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy
            "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_dro",
            "compute_policy_loss_geo_mean", "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov", "agg_loss",
            "kl_penalty", "compute_rollout_rejection_mask", "compute_rollout_correction_weights", "compute_optimal_token_baseline_advantage",
-           "compute_multi_turn_optimal_token_baseline_advantage", "register", "POLICY_LOSSES"]
+           "compute_multi_turn_optimal_token_baseline_advantage", "register", "POLICY_LOSSES",
+           "FusedLinearForPPO", "use_recap_fused_linear"]
 
 _MISSING = object()
 
@@ -486,3 +489,63 @@ def register(prefix: str = "recap_") -> list:
             core_algos.register_policy_loss(name)(fn)
         names.append(name)
     return names
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """verl's ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` (what verl's models call
+    with ``use_fused_kernels=True`` and ``fused_kernel_options.impl_backend`` ``torch`` or ``liger``):
+    the same constructor, call and return, computed by ``fused_linear_logprobs``. ``forward(
+    hidden_states [T, H] or [B, L, H], vocab_weights [V, H], input_ids shaped like hidden_states[:-1],
+    temperature)`` returns ``(log_probs, entropy)`` shaped like ``input_ids``: the log-probabilities of
+    ``input_ids`` under ``softmax(hidden_states @ vocab_weights.T / temperature)`` in float32 and the
+    entropy in ``hidden_states``' dtype, as verl's; differentiable with respect to ``hidden_states``
+    and ``vocab_weights``. ``chunk_size`` rows of logits at a time (verl's default 512), in the
+    inputs' dtype with float32 softmax statistics; ``impl_backend`` is accepted and checked as verl
+    checks it (both run our kernels).
+
+    Differences from verl's: the temperature divides the logits in float32 inside the kernel (verl's
+    divides the bf16 logits and rounds); the backward's logit gradient stays float32 up to the two
+    GEMMs (verl's rounds it to the inputs' dtype first); a label equal to -100 gives log-prob 0
+    and no gradient (verl's raises an index error)."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        if impl_backend not in ("torch", "liger"):
+            raise ValueError(f"Unsupported FusedLinearForPPO backend: {impl_backend}. Choose 'torch' or 'liger'.")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.impl_backend = impl_backend
+
+    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
+                temperature: float = 1.0) -> Tuple[Tensor, Tensor]:
+        if not isinstance(hidden_states, Tensor) or hidden_states.ndim not in (2, 3):
+            raise ValueError(f"hidden_states: expected [T, H] or [B, L, H], got "
+                             f"{tuple(getattr(hidden_states, 'shape', ()))}")
+        if not isinstance(input_ids, Tensor) or input_ids.shape != hidden_states.shape[:-1]:
+            raise ValueError(f"input_ids: expected shape {tuple(hidden_states.shape[:-1])} (hidden_states' "
+                             f"leading dims), got {tuple(getattr(input_ids, 'shape', ()))}")
+        log_probs, entropy = F.fused_linear_logprobs(hidden_states, vocab_weights, input_ids, temperature,
+                                                     chunk_tokens=self.chunk_size)
+        return log_probs.float(), entropy.to(hidden_states.dtype)
+
+
+_VERL_FUSED_LINEAR = []
+
+
+def use_recap_fused_linear(enable: bool = True) -> None:
+    """Puts ``FusedLinearForPPO`` in place of verl's (``verl.utils.experimental.torch_functional``),
+    which verl's model forwards construct on every call when ``actor_rollout_ref.model.
+    use_fused_kernels=True`` with ``fused_kernel_options.impl_backend`` ``torch`` (the default) or
+    ``liger``; ``enable=False`` restores verl's. In verl's worker processes it takes one config line,
+    ``actor_rollout_ref.model.external_lib=recap_kernels.verl_fused_linear`` (verl imports that module
+    in each worker, and importing it calls this). verl's ``triton`` backend is not replaced. Raises
+    ImportError when verl is not installed."""
+    from verl.utils.experimental import torch_functional as tf
+
+    if enable:
+        if not _VERL_FUSED_LINEAR:
+            _VERL_FUSED_LINEAR.append(tf.FusedLinearForPPO)
+        tf.FusedLinearForPPO = FusedLinearForPPO
+    elif _VERL_FUSED_LINEAR:
+        tf.FusedLinearForPPO = _VERL_FUSED_LINEAR[0]
