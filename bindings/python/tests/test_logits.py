@@ -403,6 +403,7 @@ def test_fused_linear_logprobs_errors(gen):
         "bias": lambda: rk.fused_linear_logprobs(h, w, y, bias=torch.zeros(4)),
         "labels": lambda: rk.fused_linear_logprobs(h, w, y[:3]),
         "chunk_tokens": lambda: rk.fused_linear_logprobs(h, w, y, chunk_tokens=0),
+        "batch_invariant": lambda: rk.fused_linear_logprobs(h, w, y, batch_invariant=1),
     }
     for name, call in cases.items():
         with pytest.raises(rk.RecapError, match=name.split()[0]):
@@ -441,3 +442,44 @@ def test_fused_linear_logprobs_computes_only_the_rows_that_carry_loss(device, ge
     assert lp.shape == (b, l) and bool((lp == 0).all()) and bool((xs[0].grad == 0).all())
     with pytest.raises(rk.RecapError, match="mask"):
         rk.fused_linear_logprobs(hidden, weight, labels, mask=mask[:, :4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_logprobs_batch_invariant(device, gen, dtype):
+    """``batch_invariant=True``: a row's log-prob, entropy, Σπ² and hidden gradient are the same bits
+    alone, in every prefix of the batch (sizes 1 .. 70 over chunks of 32: full and partial chunks),
+    at another position, behind padding rows and under a mask. (Without it, on this machine's CPU
+    float32 GEMMs, prefixes and single rows do differ in the last bits.)"""
+    t, h, v, chunk = 70, 96, 301, 32
+    hidden = torch.randn(t, h, generator=gen).to(dtype).to(device)
+    weight = (torch.randn(v, h, generator=gen) * 0.2).to(dtype).to(device)
+    labels = torch.randint(0, v, (t,), generator=gen).to(device)
+    g = [torch.randn(t, generator=gen).to(device) for _ in range(3)]
+
+    def rows(idx, x=hidden, y=labels, **kw):
+        x = x[idx].clone().requires_grad_()
+        outs = rk.fused_linear_logprobs(x, weight, y[idx], 0.8, chunk_tokens=chunk, return_sum_pi_squared=True,
+                                        batch_invariant=True, **kw)
+        sum(o * gi[idx] for o, gi in zip(outs, g)).sum().backward()
+        return [o.detach() for o in outs] + [x.grad]
+
+    full = rows(torch.arange(t))
+    for n in list(range(1, 40)) + [63, 64, 65, 69]:
+        part = rows(torch.arange(n))
+        for a, b in zip(part, full):
+            assert torch.equal(a, b[:n]), n
+    for i in (0, 17, 31, 32, 69):
+        for a, b in zip(rows(torch.tensor([i])), full):
+            assert torch.equal(a, b[i:i + 1]), i
+    perm = torch.randperm(t, generator=gen)
+    for a, b in zip(rows(perm), full):
+        assert torch.equal(a, b[perm])
+    # behind padding rows (zeros, label -100) and with a mask that drops some rows
+    pad = torch.cat([torch.zeros(5, h, dtype=dtype, device=device), hidden])
+    ypad = torch.cat([torch.full((5,), -100, device=device, dtype=labels.dtype), labels])
+    g = [torch.cat([torch.zeros(5, device=device), gi]) for gi in g]
+    mask = torch.rand(t + 5, generator=gen).to(device) > 0.3
+    got = rows(torch.arange(t + 5), x=pad, y=ypad, mask=mask)
+    keep = mask[5:]
+    for a, b in zip(got, full):
+        assert torch.equal(a[5:][keep], b[keep])

@@ -114,6 +114,13 @@ def integer(name: str, v, lo: int, hi: int) -> int:
     return int(v)
 
 
+def boolean(name: str, v) -> bool:
+    """A flag: a Python or NumPy bool."""
+    if not isinstance(v, bool) and type(v).__name__ != "bool_":
+        fail(name, f"expected True or False, got {v!r} ({type(v).__name__})", True)
+    return bool(v)
+
+
 def number(name: str, v) -> float:
     """A real number: a Python number or a 0-dim CPU tensor (a GPU scalar would have to be read
     back, which synchronizes)."""

@@ -521,19 +521,33 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     return out[0] if len(out) == 1 else tuple(out)
 
 
+def _rows_times(x: Tensor, w: Tensor, rows: int) -> Tensor:
+    """``x @ w`` computed as a product of ``rows`` rows when ``rows`` is given (``x`` padded with zero
+    rows; the result cut back): one GEMM shape whatever ``x``'s row count, so the library picks one
+    algorithm and each row's result does not depend on the batch (the batch-invariant mode)."""
+    n = x.shape[0]
+    if not rows or n == rows:
+        return x @ w
+    padded = x.new_zeros(rows, x.shape[1])
+    padded[:n] = x
+    return (padded @ w)[:n]
+
+
 class _FusedLinearLogprobs(torch.autograd.Function):
     """Per-token log-probabilities, entropies and Σπ² of ``hidden @ weight^T (+ bias)``, chunk by
     chunk of rows: each chunk's ``[c, V]`` logits through the logits kernels, recomputed in the
     backward, where the logits gradient is taken in float32 (from the same logits) and multiplied
-    into the hidden, weight and bias gradients in float32."""
+    into the hidden, weight and bias gradients in float32. With ``fixed`` every per-row GEMM (the
+    logits, the hidden gradient) has ``chunk`` rows (see ``_rows_times``)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, chunk, want_spp):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, chunk, want_spp, fixed):
         t = hidden.shape[0]
+        rows = chunk if fixed else 0
         out = torch.empty(4, t, dtype=torch.float32, device=hidden.device)  # logp, entropy, lse, Σπ²
         for a in range(0, t, chunk):
             b = min(t, a + chunk)
-            z = hidden[a:b] @ weight.T
+            z = _rows_times(hidden[a:b], weight.T, rows)
             if bias is not None:
                 z = z + bias
             lp, ent, lse, spp = ops.logprob_forward(z, labels[a:b], temperature, ignore_index, True, want_spp)
@@ -541,14 +555,14 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if want_spp:
                 out[3, a:b] = spp
         ctx.save_for_backward(hidden, weight, bias, labels, out)
-        ctx.options = (temperature, ignore_index, chunk, want_spp)
+        ctx.options = (temperature, ignore_index, chunk, want_spp, rows)
         ctx.set_materialize_grads(False)
         return out[0].clone(), out[1].clone(), out[3].clone() if want_spp else out.new_empty(0)
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_spp):
         hidden, weight, bias, labels, out = ctx.saved_tensors
-        temperature, ignore_index, chunk, want_spp = ctx.options
+        temperature, ignore_index, chunk, want_spp, rows = ctx.options
         t = hidden.shape[0]
         g_logp = torch.zeros_like(out[0]) if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
@@ -556,9 +570,10 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         d_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        w32 = weight.float()
         for a in range(0, t, chunk):
             b = min(t, a + chunk)
-            z = hidden[a:b] @ weight.T
+            z = _rows_times(hidden[a:b], weight.T, rows)
             if bias is not None:
                 z = z + bias
             z = z.float().contiguous()  # the forward's logits, exactly; their gradient in float32
@@ -566,18 +581,19 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                                   None if g_ent is None else g_ent[a:b], temperature, ignore_index,
                                   out[3, a:b] if g_spp is not None else None,
                                   None if g_spp is None else g_spp[a:b])
-            d_hidden[a:b] = (z @ weight.float()).to(hidden.dtype)
+            d_hidden[a:b] = _rows_times(z, w32, rows).to(hidden.dtype)
             d_weight += z.T @ hidden[a:b].float()
             if d_bias is not None:
                 d_bias += z.sum(0)
         return (d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, *,
                           bias: Optional[Tensor] = None, ignore_index: int = -100,
                           chunk_tokens: Optional[int] = None, entropy: bool = True,
-                          return_sum_pi_squared: bool = False, mask: Optional[Tensor] = None):
+                          return_sum_pi_squared: bool = False, mask: Optional[Tensor] = None,
+                          batch_invariant: bool = False):
     """Per-token log-probabilities of ``labels`` (and the entropy, and on request verl's
     ``sum_pi_squared``) of the last layer ``hidden [..., H] @ weight [V, H]^T (+ bias [V])`` at
     ``temperature``, never holding more than ``chunk_tokens`` rows of logits (default: 2^26 logits
@@ -589,7 +605,17 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temper
     optimal token baseline needs, from the fused path). ``mask`` (shaped like ``labels``): only the
     rows whose weight is not 0 are computed (their logits, GEMMs and kernels; prompt and padding
     rows cost nothing), the others give 0 in every output and no gradient; this gathers the rows
-    (one read-back of their count, which synchronizes on a GPU)."""
+    (one read-back of their count, which synchronizes on a GPU).
+
+    ``batch_invariant``: a row's log-prob, entropy, Σπ² and hidden gradient are the same bits
+    whatever batch it is in (its position, the batch's size, the micro-batch split, the padding,
+    the mask): every GEMM that produces a row's values (the logits, the hidden gradient) runs on
+    exactly ``chunk_tokens`` rows, the last chunk padded with zero rows, so the GEMM library sees one
+    shape and picks one algorithm (the logits kernels are row-local). It costs the padded rows: up to
+    ``chunk_tokens - 1`` rows per call (a call of few rows computes ``chunk_tokens``; pass a smaller
+    ``chunk_tokens`` for small calls). The weight and bias gradients sum over the batch's rows and
+    are not invariant. Off by default: its cost on a GPU is unmeasured. ``chunk_tokens`` must then be
+    the same in every call whose rows are compared."""
     hidden, weight = _head(hidden, weight, any_dtype=True)
     if bias is not None:
         bias = A.tensor("bias", bias)
@@ -613,7 +639,8 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temper
         _same_device(x, mask=m)
         rows = torch.nonzero(m != 0).squeeze(1)
         x, y = x.index_select(0, rows), y.index_select(0, rows)
-    outs = _FusedLinearLogprobs.apply(x, weight, bias, y.contiguous(), tau, ignore, chunk, want_spp)
+    outs = _FusedLinearLogprobs.apply(x, weight, bias, y.contiguous(), tau, ignore, chunk, want_spp,
+                                      A.boolean("batch_invariant", batch_invariant))
     if rows is not None:
         # every output back to all rows, 0 where not computed (index_copy keeps the gradient path)
         outs = tuple(o.new_zeros(full).index_copy(0, rows, o) if i < 2 or want_spp else o

@@ -37,6 +37,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _args as A
 from . import functional as F
 from ._native import RecapError
 
@@ -481,6 +482,7 @@ class RecapChunkedLogProb:
     scale) goes to TRL's own function. Install it with :func:`use_recap_lm_head`."""
 
     original = None  # TRL's ChunkedLogProbFunction, set by use_recap_lm_head
+    batch_invariant = False  # fused_linear_logprobs' batch-invariant mode, set by use_recap_lm_head
 
     @classmethod
     def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
@@ -494,18 +496,23 @@ class RecapChunkedLogProb:
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
         res = F.fused_linear_logprobs(hidden.to(dtype), weight.to(dtype), targets, float(temperature) / logit_scale,
                                       bias=None if bias is None else bias.to(dtype),
-                                      entropy=True, return_sum_pi_squared="log_sum_sq_probs" in outputs)
+                                      entropy=True, return_sum_pi_squared="log_sum_sq_probs" in outputs,
+                                      batch_invariant=cls.batch_invariant)
         logp, entropy = res[0], res[1]
         log_sum_sq = torch.log(res[2]).detach() if "log_sum_sq_probs" in outputs else None
         return logp, entropy if "entropy" in outputs else None, log_sum_sq, None, None
 
 
-def use_recap_lm_head(enabled: bool = True) -> None:
+def use_recap_lm_head(enabled: bool = True, *, batch_invariant: bool = False) -> None:
     """Routes TRL's fused LM head (TRL >= 1.16: every ``model(..., fused_lm_head=True)`` call of a
     ``GRPOTrainer``: the policy's log-probs and entropies, the old and the reference log-probs)
     through our kernels (:class:`RecapChunkedLogProb`), or back to TRL's with ``enabled=False``.
     Process-wide (it replaces the function TRL's patched forward calls), so the old and new
-    log-probs come from the same kernels. An error where the installed TRL has no fused LM head."""
+    log-probs come from the same kernels. ``batch_invariant``: each token's log-prob and entropy
+    the same bits whatever batch computes it (``fused_linear_logprobs(batch_invariant=True)``), so
+    on-policy ``old_per_token_logps`` equal the policy's log-probs exactly. An error where the
+    installed TRL has no fused LM head."""
+    batch_invariant = A.boolean("batch_invariant", batch_invariant)
     try:
         import trl.trainer.utils as trl_utils
     except ImportError as e:
@@ -517,6 +524,7 @@ def use_recap_lm_head(enabled: bool = True) -> None:
     if current is not RecapChunkedLogProb:
         RecapChunkedLogProb.original = current
     if enabled:
+        RecapChunkedLogProb.batch_invariant = batch_invariant
         trl_utils._ChunkedLogProbFunction = RecapChunkedLogProb
     elif RecapChunkedLogProb.original is not None:
         trl_utils._ChunkedLogProbFunction = RecapChunkedLogProb.original

@@ -45,6 +45,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _args as A
 from . import distributed
 from . import functional as F
 from ._native import RecapError
@@ -501,15 +502,22 @@ class FusedLinearForPPO(torch.nn.Module):
     entropy in ``hidden_states``' dtype, as verl's; differentiable with respect to ``hidden_states``
     and ``vocab_weights``. ``chunk_size`` rows of logits at a time (verl's default 512), in the
     inputs' dtype with float32 softmax statistics; ``impl_backend`` is accepted and checked as verl
-    checks it (both run our kernels).
+    checks it (both run our kernels). ``batch_invariant`` (ours; default: the class attribute, which
+    ``use_recap_fused_linear(batch_invariant=True)`` sets): each row's log-prob and entropy the same
+    bits whatever micro-batch computes it, so on-policy ``old_log_prob`` equals ``log_prob``
+    exactly (``fused_linear_logprobs(batch_invariant=True)``).
 
     Differences from verl's: the temperature divides the logits in float32 inside the kernel (verl's
     divides the bf16 logits and rounds); the backward's logit gradient stays float32 up to the two
     GEMMs (verl's rounds it to the inputs' dtype first); a label equal to -100 gives log-prob 0
     and no gradient (verl's raises an index error)."""
 
-    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+    batch_invariant = False
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch", *, batch_invariant: Optional[bool] = None):
         super().__init__()
+        if batch_invariant is not None:
+            self.batch_invariant = A.boolean("batch_invariant", batch_invariant)
         if impl_backend not in ("torch", "liger"):
             raise ValueError(f"Unsupported FusedLinearForPPO backend: {impl_backend}. Choose 'torch' or 'liger'.")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -526,21 +534,24 @@ class FusedLinearForPPO(torch.nn.Module):
             raise ValueError(f"input_ids: expected shape {tuple(hidden_states.shape[:-1])} (hidden_states' "
                              f"leading dims), got {tuple(getattr(input_ids, 'shape', ()))}")
         log_probs, entropy = F.fused_linear_logprobs(hidden_states, vocab_weights, input_ids, temperature,
-                                                     chunk_tokens=self.chunk_size)
+                                                     chunk_tokens=self.chunk_size,
+                                                     batch_invariant=self.batch_invariant)
         return log_probs.float(), entropy.to(hidden_states.dtype)
 
 
 _VERL_FUSED_LINEAR = []
 
 
-def use_recap_fused_linear(enable: bool = True) -> None:
+def use_recap_fused_linear(enable: bool = True, *, batch_invariant: bool = False) -> None:
     """Puts ``FusedLinearForPPO`` in place of verl's (``verl.utils.experimental.torch_functional``),
     which verl's model forwards construct on every call when ``actor_rollout_ref.model.
     use_fused_kernels=True`` with ``fused_kernel_options.impl_backend`` ``torch`` (the default) or
     ``liger``; ``enable=False`` restores verl's. In verl's worker processes it takes one config line,
     ``actor_rollout_ref.model.external_lib=recap_kernels.verl_fused_linear`` (verl imports that module
     in each worker, and importing it calls this). verl's ``triton`` backend is not replaced. Raises
-    ImportError when verl is not installed."""
+    ImportError when verl is not installed. ``batch_invariant``: the module's default
+    (``FusedLinearForPPO.batch_invariant``)."""
+    FusedLinearForPPO.batch_invariant = A.boolean("batch_invariant", batch_invariant)
     from verl.utils.experimental import torch_functional as tf
 
     if enable:

@@ -346,6 +346,32 @@ def test_recap_lm_head_matches_trls_kernel(n):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_recap_lm_head_batch_invariant():
+    """``use_recap_lm_head(batch_invariant=True)``: a token's log-prob and entropy are the same bits
+    in a batch of 1 and of 70 (TRL's chunk_size does not reach our kernels; our chunk is fixed)."""
+    import trl.trainer.utils as trl_utils
+
+    before = trl_utils._ChunkedLogProbFunction
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(70, 96, generator=g), torch.randn(301, 96, generator=g) * 0.2
+    targets = torch.randint(0, 301, (70,), generator=g)
+    try:
+        rk_trl.use_recap_lm_head(batch_invariant=True)
+        assert trl_utils._ChunkedLogProbFunction is rk_trl.RecapChunkedLogProb
+        fn = rk_trl.RecapChunkedLogProb
+        full = fn.apply(hidden, weight, None, targets, 0.9, 4096, None, 1.0, ("log_probs", "entropy"))
+        for i in (0, 33, 69):
+            one = fn.apply(hidden[i:i + 1], weight, None, targets[i:i + 1], 0.9, 4096, None, 1.0,
+                           ("log_probs", "entropy"))
+            assert torch.equal(one[0], full[0][i:i + 1]) and torch.equal(one[1], full[1][i:i + 1])
+        with pytest.raises(rk_trl.RecapError, match="batch_invariant"):
+            rk_trl.use_recap_lm_head(batch_invariant="yes")
+    finally:
+        rk_trl.use_recap_lm_head(False)
+        rk_trl.RecapChunkedLogProb.batch_invariant = False
+    assert trl_utils._ChunkedLogProbFunction is before
+
+
 def grad_error(got, want):
     num = sum(float((got[n] - want[n]).square().sum()) for n in want)
     return (num / sum(float(want[n].square().sum()) for n in want)) ** 0.5

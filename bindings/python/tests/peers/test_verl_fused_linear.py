@@ -88,6 +88,28 @@ def test_module_checks_as_verls():
         rk_verl.FusedLinearForPPO()(torch.randn(4, 8), torch.randn(5, 8), torch.zeros(3, dtype=torch.long))
 
 
+def test_batch_invariant_rows_alone_and_in_a_micro_batch():
+    """``use_recap_fused_linear(batch_invariant=True)`` makes it the default of every module verl
+    builds: a sequence's log-probs and entropies are the same bits alone and in a micro-batch of 4
+    (the on-policy old_log_prob == log_prob of verl #6280)."""
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(4, 45, 96, generator=g), torch.randn(301, 96, generator=g) * 0.2
+    ids = torch.randint(0, 301, (4, 45), generator=g)
+    rk_verl.use_recap_fused_linear(batch_invariant=True)
+    try:
+        module = verl_tf.FusedLinearForPPO(chunk_size=32)
+        assert module.batch_invariant
+        full = run(module, hidden, weight, ids, 0.8)
+        for i in range(4):
+            one = run(module, hidden[i:i + 1], weight, ids[i:i + 1], 0.8)
+            for a, b in zip(one[:2], full[:2]):
+                assert torch.equal(a, b[i:i + 1]), i
+    finally:
+        rk_verl.use_recap_fused_linear(False)
+        rk_verl.FusedLinearForPPO.batch_invariant = False
+    assert not rk_verl.FusedLinearForPPO().batch_invariant
+
+
 def tiny_qwen2():
     torch.manual_seed(0)
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
