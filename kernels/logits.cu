@@ -12,6 +12,9 @@
  *   backward: dz_j = (1/tau) (g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H)
  *                             + 2 g_spp p_j (p_j - sum_k p_k^2)),  p_j = exp(x_j - LSE)
  *             written in the logits' dtype, into a separate buffer or over the logits themselves.
+ * Rows without loss are not read: in the loss paths (a mask and `valid` given) the forward skips a
+ * row whose mask weight is 0 (outputs 0); the backward writes a row with no upstream gradient
+ * (g_logp = g_ent = g_spp = 0) as zeros without reading it.
  * Vocabulary shards (tensor parallelism, `sharded`): the logits are columns [label_offset,
  * label_offset + V) of the whole vocabulary; the forward gives each row's partial statistics
  * (LSE and entropy of the shard, the label's logit x_y or -inf when it is another shard's), which
@@ -76,6 +79,25 @@ __device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
     const T* __restrict__ z = (const T*)p.logits + row * p.ld;
     const float inv_tau = p.inv_temperature;
     const int64_t V = p.vocab;
+    /* The loss paths (`valid` out, a mask in) do not read a row whose mask weight is 0: logp,
+     * entropy, LSE and sum_pi_squared 0, valid 0 (its label is still checked). Block-uniform. */
+    if (p.valid && p.mask) {
+        const float m0 = p.mask_u8 ? (((const uint8_t*)p.mask)[row] ? 1.0f : 0.0f) : ((const float*)p.mask)[row];
+        if (m0 == 0.0f) {
+            if (threadIdx.x == 0) {
+                const int y = ((const int32_t*)p.labels)[row];
+                const int64_t yl = (int64_t)y - p.label_offset;
+                if (y != p.ignore_index && !(yl >= 0 && yl < V) && !p.sharded) atomicAdd((unsigned*)p.bad_labels, 1u);
+                if (p.logp) ((float*)p.logp)[row] = 0.0f;
+                if (p.label_logit) ((float*)p.label_logit)[row] = RECAP_NEG_INF;
+                ((float*)p.lse)[row] = 0.0f;
+                if (p.entropy) ((float*)p.entropy)[row] = 0.0f;
+                if (p.sum_pi_squared) ((float*)p.sum_pi_squared)[row] = 0.0f;
+                ((float*)p.valid)[row] = 0.0f;
+            }
+            return;
+        }
+    }
     RecapSoftmaxState st = recap_softmax_init();
     /* Thread i takes the groups of W = 16 / sizeof(T) values i, i + blockDim, ... and the tail
      * V % W values one each, in both variants: VEC loads a group in one 16-byte load (rows 16-byte
@@ -158,6 +180,19 @@ __device__ __forceinline__ void logprob_backward(const RecapLogitsParams& p) {
     /* the gradient of sum_pi_squared (callers that differentiate it, e.g. through verl's OTB) */
     const float gs = p.g_sum_pi_squared ? ((const float*)p.g_sum_pi_squared)[row] : 0.0f;
     const float sq = (gs != 0.0f) ? ((const float*)p.sum_pi_squared)[row] : 0.0f;
+    if (g == 0.0f && ge == 0.0f && gs == 0.0f) {
+        /* no upstream gradient (a masked or ignored row): the row's gradient is exactly 0 (what
+         * recap_grad_x gives), written without reading the logits. Block-uniform. */
+        int64_t z0 = 0;
+        if (VEC) {
+            const int64_t nvec = V / (16 / (int64_t)sizeof(T));
+            const uint4 zero = {0u, 0u, 0u, 0u};
+            for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) ((uint4*)dz)[i] = zero;
+            z0 = nvec * (16 / (int64_t)sizeof(T));
+        }
+        for (int64_t j = z0 + threadIdx.x; j < V; j += blockDim.x) dz[j] = recap_from_float<T>(0.0f);
+        return;
+    }
     int64_t j0 = 0;
     if (VEC) {
         constexpr int W = 16 / sizeof(T);
@@ -250,6 +285,34 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_f32_to_bf16(cons
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.num_rows; i += stride)
         out[i] = __float2bfloat16_rn(in[i]);
+}
+
+/* The fused-linear path's rows that carry loss (its synchronous call): gather, dst row i = src row
+ * idx[i], or with `sharded` = 1 scatter, dst row idx[i] = src row i. Params: logits = src, dlogits =
+ * dst, labels = idx (int32, n entries), num_rows = n, vocab = units per row, ld = the unit's bytes
+ * (1, 2 or 4). One thread per unit, grid-stride; a plain copy (bit for bit). */
+template <typename U>
+__device__ __forceinline__ void recap_move_rows(const RecapLogitsParams& p) {
+    const U* __restrict__ src = (const U*)p.logits;
+    U* __restrict__ dst = (U*)p.dlogits;
+    const int32_t* __restrict__ idx = (const int32_t*)p.labels;
+    const int64_t len = p.vocab, total = p.num_rows * len;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const int64_t r = i / len, c = i - r * len, other = idx[r];
+        if (p.sharded)
+            dst[other * len + c] = src[r * len + c];
+        else
+            dst[r * len + c] = src[other * len + c];
+    }
+}
+extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_move_rows(const RecapLogitsParams p) {
+    if (p.ld == 4)
+        recap_move_rows<uint32_t>(p);
+    else if (p.ld == 2)
+        recap_move_rows<uint16_t>(p);
+    else
+        recap_move_rows<uint8_t>(p);
 }
 
 /* valid[t] = mask weight of token t, or 0 where labels[t] == ignore_index (the fused-linear path

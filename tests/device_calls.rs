@@ -1,6 +1,6 @@
 //! What each public call costs in CUDA driver calls, read from the emulated device's per-thread
 //! counters (`cuda::count_calls`; `scripts/emulated-gpu.sh` runs these): kernel launches (GEMMs
-//! included), host synchronizations, device allocations and copies, against the numbers the README
+//! included), host synchronizations, device allocations and copies, against the numbers docs/reliability.md
 //! documents ("Driver calls per call"). A change that adds or removes a launch or a sync changes
 //! these numbers and has to say so there. On a real driver there are no counters: the tests say so
 //! and pass.
@@ -244,10 +244,14 @@ fn loss_from_logits_device_path() {
     assert_eq!((c.launches(), c.syncs()), (8, 2), "{c:?}");
 }
 
-/// The fused-linear loss on the device, in 2 chunks of 20 of the 40 tokens: 23 launches (17 kernels
-/// and 6 GEMMs: the valid mask and the batch's count; per chunk the logits GEMM, kernel 4, the
-/// fused loss's 2, kernel 5 and the two gradient GEMMs; the entropy term and mean, 3 each; the
-/// finish) and 2 host synchronizations, the one read-back (none in the asynchronous call).
+/// The fused-linear loss on the device, 13 of its 40 rows without loss (8 masked, 6 ignored labels,
+/// one both): the synchronous call reads the labels and the mask back (2 host synchronizations),
+/// gathers the 27 kept rows' hidden states, labels, old log-probs and mask (4 launches), runs the
+/// call on them in 2 chunks (20 and 7 rows; 23 launches, 17 kernels and 6 GEMMs: the valid mask
+/// and the batch's count; per chunk the logits GEMM, kernel 4, the fused loss's 2, kernel 5 and
+/// the two gradient GEMMs; the entropy term and mean, 3 each; the finish), scatters the kept rows' hidden gradient back (1 launch) and reads the
+/// result (2 host synchronizations): 28 launches, 4 synchronizations (the asynchronous call: 23
+/// and none, tests/async_logits.rs).
 #[test]
 #[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
 fn fused_linear_device_path() {
@@ -290,5 +294,7 @@ fn fused_linear_device_path() {
     };
     out.unwrap();
     eprintln!("fused linear: {c:?}");
-    assert_eq!((c.launches(), c.syncs()), (23, 2), "{c:?}");
+    assert_eq!((c.launches(), c.syncs()), (28, 4), "{c:?}");
+    assert_eq!(c.get("gemms"), 6, "{c:?}");
+    assert_eq!(c.get("gemm_macs"), 3 * 27 * (v * h) as u64, "{c:?}");
 }

@@ -195,6 +195,38 @@ fn gpu_case(
     Ok((out, dh, s.clone_dtoh(&dw).unwrap()))
 }
 
+/// The f64 reference of case `c`: its output, `d_hidden` and `d_weight`.
+fn reference(
+    c: &Case,
+    cfg: &GrpoConfig,
+    lcfg: &LogprobConfig,
+    fp32: bool,
+) -> (recap_kernels::LogitsLossOutput, Vec<f32>, Vec<f32>) {
+    let (t, h, v) = (c.t(), c.h, c.v);
+    let (mut dh, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
+    let out = cpu::fused_linear_grpo_loss(
+        &c.hidden,
+        &c.weight,
+        h,
+        &c.inputs(),
+        cfg,
+        lcfg,
+        fp32,
+        &mut dh,
+        &mut dw,
+    )
+    .unwrap();
+    (out, dh, dw)
+}
+
+/// One chunk of all `t` tokens.
+fn one_chunk(t: usize) -> FusedLinearConfig {
+    FusedLinearConfig {
+        chunk_tokens: Some(t),
+        ..FusedLinearConfig::default()
+    }
+}
+
 fn assert_grad_close(what: &str, got: &[f32], want: &[f32], rel: f64) {
     let scale = want.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
@@ -210,7 +242,7 @@ fn assert_grad_close(what: &str, got: &[f32], want: &[f32], rel: f64) {
 fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
     let g = common::require_cuda("fused_linear_matches_reference_and_chunk_sizes_on_gpu");
     let c = Case::new(9, &[30, 0, 25, 15, 1], 64, 1003);
-    let (t, h, v) = (c.t(), c.h, c.v);
+    let t = c.t();
     let lcfg = LogprobConfig {
         temperature: 0.8,
         ..LogprobConfig::default()
@@ -218,19 +250,7 @@ fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
     for mode in [AggMode::TokenMean, AggMode::SeqMeanTokenMean] {
         let cfg = config(mode);
         for fp32 in [false, true] {
-            let (mut dh, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
-            let want = cpu::fused_linear_grpo_loss(
-                &c.hidden,
-                &c.weight,
-                h,
-                &c.inputs(),
-                &cfg,
-                &lcfg,
-                fp32,
-                &mut dh,
-                &mut dw,
-            )
-            .unwrap();
+            let (want, dh, dw) = reference(&c, &cfg, &lcfg, fp32);
             let whole = FusedLinearConfig {
                 chunk_tokens: Some(t),
                 fp32_logits: fp32,
@@ -294,27 +314,11 @@ fn fused_linear_matches_reference_and_chunk_sizes_on_gpu() {
 fn gspo_needs_one_chunk() {
     let g = common::require_cuda("gspo_needs_one_chunk");
     let c = Case::new(5, &[9, 4, 12], 16, 300);
-    let (t, h, v) = (c.t(), c.h, c.v);
+    let t = c.t();
     let cfg = GrpoConfig::gspo().with_clip_low(0.2).with_clip_high(0.28);
     let lcfg = LogprobConfig::default();
-    let (mut dh, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
-    let want = cpu::fused_linear_grpo_loss(
-        &c.hidden,
-        &c.weight,
-        h,
-        &c.inputs(),
-        &cfg,
-        &lcfg,
-        false,
-        &mut dh,
-        &mut dw,
-    )
-    .unwrap();
-    let one = FusedLinearConfig {
-        chunk_tokens: Some(t),
-        ..FusedLinearConfig::default()
-    };
-    let (out, dh_gpu, dw_gpu) = gpu_case(&g, &c, &cfg, &lcfg, &one).unwrap();
+    let (want, dh, dw) = reference(&c, &cfg, &lcfg, false);
+    let (out, dh_gpu, dw_gpu) = gpu_case(&g, &c, &cfg, &lcfg, &one_chunk(t)).unwrap();
     assert!(
         close(out.loss, want.loss, 1e-4, 1e-3),
         "loss {} vs {}",
@@ -329,4 +333,70 @@ fn gspo_needs_one_chunk() {
     };
     let err = gpu_case(&g, &c, &cfg, &lcfg, &chunked).unwrap_err();
     assert!(err.to_string().contains("options.chunk_tokens"), "{err}");
+}
+
+/// Only the rows that carry loss: with 0 % (no gather), 50 % and 90 % of the rows masked (and a
+/// fully masked sequence, ignored labels, empty and one-token sequences), the synchronous call matches the
+/// reference, gives exactly 0 in the masked rows of `d_hidden`, and asks cuBLAS for the kept rows'
+/// work only: 3 GEMMs of `n V H` multiply-adds for n kept rows (the emulated device's counter).
+#[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+fn only_rows_that_carry_loss_are_computed_on_gpu() {
+    let g = common::require_cuda("only_rows_that_carry_loss_are_computed_on_gpu");
+    let mut rng = Rng::new(41);
+    let lens = [40usize, 0, 33, 31, 1, 32];
+    let lcfg = LogprobConfig::default();
+    for (masked, mode) in [
+        (0.0, AggMode::TokenMean),
+        (0.5, AggMode::SeqMeanTokenMean),
+        (0.9, AggMode::TokenMean),
+    ] {
+        let mut c = Case::new(17, &lens, 32, 257);
+        let t = c.t();
+        if masked == 0.0 {
+            // every row carries loss: nothing to gather
+            c.labels
+                .iter_mut()
+                .filter(|y| **y == -100)
+                .for_each(|y| *y = 0);
+        }
+        // the third sequence (rows 40 .. 73) fully masked when any row is
+        c.mask = (0..t)
+            .map(|r| (rng.uniform() >= masked && !(masked > 0.0 && (40..73).contains(&r))) as u8)
+            .collect();
+        let (h, v) = (c.h, c.v);
+        let kept = (0..t)
+            .filter(|&r| c.mask[r] != 0 && c.labels[r] != -100)
+            .count();
+        let cfg = config(mode);
+        let (want, dh, dw) = reference(&c, &cfg, &lcfg, false);
+        let ((got, dhg, dwg), calls) =
+            cuda::count_calls(|| gpu_case(&g, &c, &cfg, &lcfg, &one_chunk(t)).unwrap());
+        let what = format!("{masked} masked, {kept} of {t} rows kept, {mode}");
+        assert!(
+            close(got.loss, want.loss, 1e-4, 1e-3),
+            "{what}: loss {} vs reference {}",
+            got.loss,
+            want.loss
+        );
+        assert_eq!(got.grpo.metrics.num_tokens, want.grpo.metrics.num_tokens);
+        assert_grad_close(&format!("{what} d_hidden"), &dhg, &dh, 2e-2);
+        assert_grad_close(&format!("{what} d_weight"), &dwg, &dw, 2e-2);
+        for r in 0..t {
+            if c.mask[r] == 0 || c.labels[r] == -100 {
+                assert!(
+                    dhg[r * h..(r + 1) * h].iter().all(|x| *x == 0.0),
+                    "{what}: row {r}"
+                );
+            }
+        }
+        match calls {
+            Some(calls) => assert_eq!(
+                calls.get("gemm_macs"),
+                3 * (kept * v * h) as u64,
+                "{what}: {calls:?}"
+            ),
+            None => eprintln!("not the emulated driver: GEMM work not counted"),
+        }
+    }
 }

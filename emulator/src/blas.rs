@@ -3,7 +3,7 @@
 //! leading dimensions, fp32 accumulation and bf16 / f16 / f32 operands; every operand's extent
 //! must lie inside one device allocation.
 
-use crate::counters::{bump, Counter};
+use crate::counters::{bump, bump_by, Counter};
 use crate::{memory, stream_ok};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasHandle_t, cublasOperation_t, cublasStatus_t, cudaDataType_t,
@@ -189,6 +189,7 @@ pub unsafe extern "C" fn cublasGemmEx(
         eprintln!("emulated CUDA device: cublasGemmEx {} {} m {m} n {n} k {k} A {a:p} lda {lda} B {b:p} ldb {ldb} C {c:p} ldc {ldc}", if ta { "T" } else { "N" }, if tb { "T" } else { "N" });
     }
     bump(Counter::Gemms);
+    bump_by(Counter::GemmMacs, (g.m * g.n * g.k) as u64);
     if !g.in_bounds() {
         return CUBLAS_STATUS_EXECUTION_FAILED;
     }

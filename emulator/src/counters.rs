@@ -43,20 +43,26 @@ pub(crate) enum Counter {
     Gemms,
     /// cuGraphLaunch calls (each replays a captured graph's launches, not counted as launches).
     GraphLaunches,
+    /// The cuBLAS GEMMs' multiply-adds, `m n k` each (the work a call asked of cuBLAS).
+    GemmMacs,
 }
 
-const COUNT: usize = Counter::GraphLaunches as usize + 1;
+const COUNT: usize = Counter::GemmMacs as usize + 1;
 /// The counters' names, comma-separated, in order (NUL-terminated for C).
-const NAMES: &str = "launches,htod,dtoh,dtod,memsets,allocs,frees,host_allocs,stream_syncs,ctx_syncs,event_syncs,sync_copies,event_records,stream_waits,module_loads,gemms,graph_launches\0";
+const NAMES: &str = "launches,htod,dtoh,dtod,memsets,allocs,frees,host_allocs,stream_syncs,ctx_syncs,event_syncs,sync_copies,event_records,stream_waits,module_loads,gemms,graph_launches,gemm_macs\0";
 
 thread_local! {
     static COUNTS: Cell<[u64; COUNT]> = const { Cell::new([0; COUNT]) };
 }
 
 pub(crate) fn bump(c: Counter) {
+    bump_by(c, 1);
+}
+
+pub(crate) fn bump_by(c: Counter, n: u64) {
     COUNTS.with(|x| {
         let mut v = x.get();
-        v[c as usize] += 1;
+        v[c as usize] += n;
         x.set(v);
     });
 }

@@ -27,7 +27,7 @@
 //!   thread several tokens from a few thousand on, as on a GPU at scale).
 //!
 //! What it cannot tell: timing, occupancy, register spills, races the fixed fiber order hides,
-//! fast-math rounding, the real driver's behaviour (see simt.h and the README's Reliability part).
+//! fast-math rounding, the real driver's behaviour (see simt.h and docs/reliability.md).
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
 mod blas;

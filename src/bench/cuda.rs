@@ -628,24 +628,44 @@ fn fused_linear_cases(
     let w = s.clone_htod(&(0..v * h).map(|i| q(i + 17)).collect::<Vec<_>>())?;
     let labels: Vec<i32> = (0..t).map(|r| ((r * 7919) % v) as i32).collect();
     let cu: Vec<i32> = (0..=8).map(|i| (i * t / 8) as i32).collect();
-    let (y, o, a, m) = (
+    let (y, o, a) = (
         s.clone_htod(&labels)?,
         s.clone_htod(&vec![-12.0f32; t])?,
         s.clone_htod(&(0..8).map(|i| i as f32 / 4.0 - 1.0).collect::<Vec<f32>>())?,
-        s.clone_htod(&vec![1u8; t])?,
     );
+    // the mask: every row, or the first 50 % / 90 % of each sequence masked (a prompt or the tool
+    // turns of a multi-turn batch): the synchronous call computes the kept rows only
+    let mask = |masked: f64| -> Result<_> {
+        let m: Vec<u8> = (0..t)
+            .map(|r| {
+                let (b0, b1) = (
+                    cu[r * 8 / t.max(1)] as usize,
+                    cu[r * 8 / t.max(1) + 1] as usize,
+                );
+                ((r - b0) as f64 >= masked * (b1 - b0) as f64) as u8
+            })
+            .collect();
+        let kept = m.iter().filter(|x| **x != 0).count();
+        Ok((s.clone_htod(&m)?, kept))
+    };
+    let masks = [mask(0.0)?, mask(0.5)?, mask(0.9)?];
     let mut dh = s.alloc_zeros::<bf16>(t * h)?;
     let mut dw = s.alloc_zeros::<f32>(v * h)?;
     let (conf, lc) = (GrpoConfig::default(), LogprobConfig::default());
     let mut out = Vec::new();
-    for (name, opt) in [
-        ("fused, default chunks", FusedLinearConfig::default()),
+    for (name, opt, (m, kept)) in [
+        (
+            "fused, default chunks",
+            FusedLinearConfig::default(),
+            &masks[0],
+        ),
         (
             "fused, fp32 logits",
             FusedLinearConfig {
                 fp32_logits: true,
                 ..FusedLinearConfig::default()
             },
+            &masks[0],
         ),
         (
             "unfused (one chunk of T)",
@@ -653,8 +673,20 @@ fn fused_linear_cases(
                 chunk_tokens: Some(t),
                 ..FusedLinearConfig::default()
             },
+            &masks[0],
+        ),
+        (
+            "fused, 50 % of rows masked",
+            FusedLinearConfig::default(),
+            &masks[1],
+        ),
+        (
+            "fused, 90 % of rows masked",
+            FusedLinearConfig::default(),
+            &masks[2],
         ),
     ] {
+        let kept = *kept;
         let inputs = LogitsLossInputs {
             labels: y.as_view(),
             old_logp: o.as_view(),
@@ -691,11 +723,16 @@ fn fused_linear_cases(
         // the loss, for the peers' value check (grpo_peers.py)
         let value = call()?.loss;
         let (tm, r) = timer.time(Some(runs), || call().map(|_| ()))?;
-        let c = opt.chunk(t, v);
-        let extra = (c * v * if opt.fp32_logits { 4 + 2 } else { 2 } + 7 * t * 4) as f64;
+        // the memory beyond inputs and outputs: a chunk of logits (and its bf16 copy), 7 floats
+        // per computed row, and when rows are masked the kept rows' gathered copies (hidden and
+        // its gradient, bf16; labels, old log-probs, mask)
+        let c = opt.chunk(kept, v);
+        let gathered = if kept < t { kept * (4 * h + 9) } else { 0 };
+        let extra =
+            (c * v * if opt.fp32_logits { 4 + 2 } else { 2 } + 7 * kept * 4 + gathered) as f64;
         let mut rec = record(
             "fused_linear",
-            format!("{case} {name} (chunk {c})"),
+            format!("{case} {name} (chunk {c}, {kept} rows computed)"),
             tm,
             r,
             0.0,

@@ -8,8 +8,8 @@ use std::ffi::{c_char, CStr};
 
 /// One reading of the calling thread's counters, by name (`launches`, `htod`, `dtoh`, `dtod`,
 /// `memsets`, `allocs`, `frees`, `host_allocs`, `stream_syncs`, `ctx_syncs`, `event_syncs`,
-/// `sync_copies`, `event_records`, `stream_waits`, `module_loads`, `gemms`: the emulated driver
-/// names them).
+/// `sync_copies`, `event_records`, `stream_waits`, `module_loads`, `gemms`, `graph_launches`,
+/// `gemm_macs` (the GEMMs' `m n k` summed): the emulated driver names them).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeviceCalls(BTreeMap<String, u64>);
 

@@ -122,3 +122,196 @@ pub(crate) fn gemm(
     }
     .map_err(blas_err)
 }
+
+/// The rows of a fused-linear batch that carry loss (mask weight not 0, label not ignored), read
+/// on the host by the synchronous call, with their inputs gathered on the device: the call then
+/// runs its GEMMs and kernels over these rows only. Dropping rows of weight 0 changes no
+/// normalizer (each sequence's mask sum stays; a sequence left empty stays, with 0 rows), so the
+/// loss and the gradients of the kept rows are those of the whole batch.
+pub(crate) struct LossRows {
+    /// The kept rows' positions in the batch, ascending (`[n]`, on the device).
+    idx: cudarc::driver::CudaSlice<i32>,
+    n: usize,
+    cu_seqlens: Vec<i32>,
+    hidden: cudarc::driver::CudaSlice<bf16>,
+    labels: cudarc::driver::CudaSlice<i32>,
+    old_logp: cudarc::driver::CudaSlice<f32>,
+    ref_logp: Option<cudarc::driver::CudaSlice<f32>>,
+    rollout_logp: Option<cudarc::driver::CudaSlice<f32>>,
+    advantages: Option<cudarc::driver::CudaSlice<f32>>,
+    mask: crate::layout::Mask<cudarc::driver::CudaSlice<f32>, cudarc::driver::CudaSlice<u8>>,
+}
+
+/// Moves `n` rows of `units` units of `unit` bytes: gathers `dst[i] = src[idx[i]]`, or scatters
+/// `dst[idx[i]] = src[i]` (`recap_move_rows`).
+#[allow(clippy::too_many_arguments)]
+fn move_rows(
+    gpu: &super::Gpu,
+    stream: &cudarc::driver::CudaStream,
+    (src, dst, idx): (u64, u64, u64),
+    n: usize,
+    units: usize,
+    unit: usize,
+    scatter: bool,
+) -> Result<()> {
+    let p = super::params::LogitsParams {
+        logits: src,
+        dlogits: dst,
+        labels: idx,
+        num_rows: n as i64,
+        vocab: units as i64,
+        ld: unit as i64,
+        sharded: scatter as i32,
+        ..Default::default()
+    };
+    let grid = (n * units).div_ceil(super::BLOCK as usize).min(65_535);
+    gpu.launch(stream, super::Module::Logits, "recap_move_rows", grid, &p)
+}
+
+impl LossRows {
+    /// `None` when every row carries loss (nothing to gather); reads the labels and the mask back
+    /// (synchronizes `stream`). The inputs' lengths are checked by the caller.
+    pub(crate) fn find(
+        gpu: &super::Gpu,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        head: &LinearHead<'_>,
+        inputs: &super::DeviceLogitsLossInputs<'_>,
+        ignore_index: i32,
+    ) -> Result<Option<LossRows>> {
+        use crate::layout::{Advantages, Mask};
+        let t = inputs.labels.len();
+        let labels = stream.clone_dtoh(&inputs.labels)?;
+        let weight: Vec<bool> = match &inputs.mask {
+            Mask::F32(m) => stream.clone_dtoh(m)?.iter().map(|&w| w != 0.0).collect(),
+            Mask::U8(m) => stream.clone_dtoh(m)?.iter().map(|&w| w != 0).collect(),
+        };
+        let keep: Vec<i32> = (0..t)
+            .filter(|&r| weight[r] && labels[r] != ignore_index)
+            .map(|r| r as i32)
+            .collect();
+        let n = keep.len();
+        if n == t {
+            return Ok(None);
+        }
+        let mut cu_seqlens = Vec::with_capacity(inputs.cu_seqlens.len());
+        let mut r = 0usize;
+        for &end in inputs.cu_seqlens {
+            while r < n && (keep[r] as i64) < end as i64 {
+                r += 1;
+            }
+            cu_seqlens.push(r as i32);
+        }
+        let idx = stream.clone_htod(&keep)?;
+        let h = head.hidden_size;
+        let k = inputs.lambda.len();
+        // the kept rows of a [T, units] array into a new [n, units] one
+        fn gather<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+            gpu: &super::Gpu,
+            stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+            src: &cudarc::driver::CudaView<'_, T>,
+            (idx_a, n, units): (u64, usize, usize),
+        ) -> Result<cudarc::driver::CudaSlice<T>> {
+            let mut dst = stream.alloc_zeros::<T>((n * units).max(1))?;
+            {
+                let (s, _gs) = super::addr(src, stream);
+                let (d, _gd) = super::addr_slice_mut(&mut dst, stream);
+                let unit = std::mem::size_of::<T>();
+                move_rows(gpu, stream, (s, d, idx_a), n, units, unit, false)?;
+            }
+            Ok(dst)
+        }
+        let idx_view = idx.slice(..);
+        let (idx_a, gi) = super::addr(&idx_view, stream);
+        let rows = (idx_a, n, 1);
+        let g = |x: &cudarc::driver::CudaView<'_, f32>| gather(gpu, stream, x, rows);
+        let hidden = gather(gpu, stream, &head.hidden, (idx_a, n, h))?;
+        let labels = gather(gpu, stream, &inputs.labels, rows)?;
+        let old_logp = g(&inputs.old_logp)?;
+        let ref_logp = inputs.ref_logp.as_ref().map(g).transpose()?;
+        let rollout_logp = inputs.rollout_logp.as_ref().map(g).transpose()?;
+        let advantages = match &inputs.advantages {
+            Advantages::PerToken(a) => Some(gather(gpu, stream, a, (idx_a, n, k))?),
+            Advantages::PerSequence(_) => None,
+        };
+        let mask = match &inputs.mask {
+            Mask::F32(m) => Mask::F32(g(m)?),
+            Mask::U8(m) => Mask::U8(gather(gpu, stream, m, rows)?),
+        };
+        drop(gi);
+        Ok(Some(LossRows {
+            idx,
+            n,
+            cu_seqlens,
+            hidden,
+            labels,
+            old_logp,
+            ref_logp,
+            rollout_logp,
+            advantages,
+            mask,
+        }))
+    }
+
+    /// The kept rows' head (the LM head's weight unchanged).
+    pub(crate) fn head<'s>(&'s self, head: &LinearHead<'s>) -> LinearHead<'s> {
+        LinearHead {
+            hidden: self.hidden.slice(..self.n * head.hidden_size),
+            weight: head.weight.slice(..),
+            hidden_size: head.hidden_size,
+            vocab: head.vocab,
+        }
+    }
+
+    /// The kept rows' inputs (the per-sequence ones unchanged, `cu_seqlens` over the kept rows).
+    pub(crate) fn inputs<'s>(
+        &'s self,
+        inputs: &super::DeviceLogitsLossInputs<'s>,
+    ) -> super::DeviceLogitsLossInputs<'s> {
+        use crate::layout::{Advantages, Mask};
+        let n = self.n;
+        let k = inputs.lambda.len();
+        super::DeviceLogitsLossInputs {
+            labels: self.labels.slice(..n),
+            old_logp: self.old_logp.slice(..n),
+            ref_logp: self.ref_logp.as_ref().map(|x| x.slice(..n)),
+            rollout_logp: self.rollout_logp.as_ref().map(|x| x.slice(..n)),
+            advantages: match (&self.advantages, &inputs.advantages) {
+                (Some(a), _) => Advantages::PerToken(a.slice(..n * k)),
+                (None, Advantages::PerSequence(a)) => Advantages::PerSequence(a.slice(..)),
+                (None, Advantages::PerToken(a)) => Advantages::PerToken(a.slice(..)),
+            },
+            mask: match &self.mask {
+                Mask::F32(m) => Mask::F32(m.slice(..n)),
+                Mask::U8(m) => Mask::U8(m.slice(..n)),
+            },
+            cu_seqlens: &self.cu_seqlens,
+            ..*inputs
+        }
+    }
+
+    /// A `[n, H]` buffer for the kept rows' hidden gradient.
+    pub(crate) fn d_hidden_buffer(
+        &self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        h: usize,
+    ) -> Result<cudarc::driver::CudaSlice<bf16>> {
+        Ok(stream.alloc_zeros::<bf16>((self.n * h).max(1))?)
+    }
+
+    /// `d_hidden [T, H]`: the kept rows' gradient at their positions, 0 elsewhere.
+    pub(crate) fn scatter_d_hidden(
+        &self,
+        gpu: &super::Gpu,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        kept: &cudarc::driver::CudaSlice<bf16>,
+        d_hidden: &mut cudarc::driver::CudaViewMut<'_, bf16>,
+        h: usize,
+    ) -> Result<()> {
+        stream.memset_zeros(d_hidden)?;
+        let (kept, idx) = (kept.slice(..), self.idx.slice(..));
+        let (s, _gs) = super::addr(&kept, stream);
+        let (d, _gd) = super::addr_mut(d_hidden, stream);
+        let (i, _gi) = super::addr(&idx, stream);
+        move_rows(gpu, stream, (s, d, i), self.n, h, 2, true)
+    }
+}

@@ -16,7 +16,7 @@
 //! entropy statistics over the batch and `recap_logits_finish`, which merges the chunks' statistics
 //! in chunk order and computes the loss from them.
 
-use super::fused_linear::{gemm, FusedLinearConfig, LinearHead};
+use super::fused_linear::{gemm, FusedLinearConfig, LinearHead, LossRows};
 use super::grpo::{enqueue, grpo_output_len, validate_call, DeviceLayout, PendingGrpo};
 use super::logits::{backward_raw, forward_raw, valid_mask, LogprobGrads, Shard};
 use super::reduce::ReducePass;
@@ -853,6 +853,12 @@ pub fn fused_linear_grpo_loss_async(
 /// (`[T, H]` bf16) and `d_weight` (`[V, H]` fp32, overwritten) and returns the loss and metrics. A
 /// convenience over [`fused_linear_grpo_loss_async`]: it allocates the workspace and reads the
 /// result back, which synchronizes `stream`; it also takes `config.top_entropy_quantile < 1`.
+///
+/// Only the rows that carry loss are computed: it first reads the labels and the mask back, and
+/// when some rows have mask weight 0 (or an ignored label), gathers the others and runs the GEMMs
+/// and kernels over them alone (their `d_hidden` rows scattered back, 0 at the rows left out; the
+/// labels of those rows are not checked). The loss, the metrics and the kept rows' gradients are
+/// those of the whole batch (to the rounding of the sums' grouping).
 #[allow(clippy::too_many_arguments)]
 pub fn fused_linear_grpo_loss(
     gpu: &Gpu,
@@ -875,31 +881,47 @@ pub fn fused_linear_grpo_loss(
         logits_config,
         options,
     };
-    let (t, _) = call.shape()?;
-    let (b, k) = (
-        inputs.cu_seqlens.len().saturating_sub(1),
-        inputs.lambda.len(),
-    );
-    let len = fused_linear_workspace_len(t, b, k, head.vocab, options);
-    let mut ws = stream.alloc_zeros::<u8>(len.max(16))?;
-    let mut out = stream.alloc_zeros::<f64>(logits_output_len(k.max(1)))?;
-    let n = logits_output_len(k);
-    let pending = if options.fp32_logits {
-        call.run::<f32>(
-            &mut ws.as_view_mut(),
-            d_hidden,
-            d_weight,
-            &mut out.slice_mut(..n),
-        )
-    } else {
-        call.run::<half::bf16>(
-            &mut ws.as_view_mut(),
-            d_hidden,
-            d_weight,
-            &mut out.slice_mut(..n),
-        )
-    }?;
-    pending.read(stream, &out.slice(..n))
+    let (t, h) = call.shape()?;
+    validate(
+        inputs,
+        None,
+        config,
+        logits_config,
+        t,
+        "[T] (the rows of hidden)",
+    )?;
+    check_len("d_hidden", d_hidden.len(), t * h, "[T, H]")?;
+    gpu.check_stream(stream)?;
+    let Some(rows) = LossRows::find(gpu, stream, head, inputs, logits_config.ignore_index)? else {
+        let run = call.enqueue_sync(d_hidden, d_weight)?;
+        return run.read(stream);
+    };
+    let (kept_head, kept_inputs) = (rows.head(head), rows.inputs(inputs));
+    let kept = Linear {
+        head: &kept_head,
+        inputs: &kept_inputs,
+        ..call
+    };
+    let mut dh = rows.d_hidden_buffer(stream, h)?;
+    let n = kept_inputs.labels.len();
+    let run = kept.enqueue_sync(&mut dh.slice_mut(..n * h), d_weight)?;
+    rows.scatter_d_hidden(gpu, stream, &dh, d_hidden, h)?;
+    run.read(stream)
+}
+
+/// A synchronous call's enqueued work: what its read-back needs, and the buffers that must live
+/// until it.
+struct SyncRun {
+    pending: PendingLogitsLoss,
+    out: CudaSlice<f64>,
+    _workspace: CudaSlice<u8>,
+    n: usize,
+}
+
+impl SyncRun {
+    fn read(self, stream: &Arc<CudaStream>) -> Result<LogitsLossOutput> {
+        self.pending.read(stream, &self.out.slice(..self.n))
+    }
 }
 
 /// One fused-linear call's arguments.
@@ -915,6 +937,46 @@ struct Linear<'c, 'a> {
 }
 
 impl Linear<'_, '_> {
+    /// Allocates the workspace and the output and enqueues the call (the synchronous path).
+    fn enqueue_sync(
+        &self,
+        d_hidden: &mut CudaViewMut<'_, half::bf16>,
+        d_weight: &mut CudaViewMut<'_, f32>,
+    ) -> Result<SyncRun> {
+        let (t, _) = self.shape()?;
+        let (b, k) = (
+            self.inputs.cu_seqlens.len().saturating_sub(1),
+            self.inputs.lambda.len(),
+        );
+        let len = fused_linear_workspace_len(t, b, k, self.head.vocab, self.options);
+        let mut ws = self.stream.alloc_zeros::<u8>(len.max(16))?;
+        let mut out = self
+            .stream
+            .alloc_zeros::<f64>(logits_output_len(k.max(1)))?;
+        let n = logits_output_len(k);
+        let pending = if self.options.fp32_logits {
+            self.run::<f32>(
+                &mut ws.as_view_mut(),
+                d_hidden,
+                d_weight,
+                &mut out.slice_mut(..n),
+            )
+        } else {
+            self.run::<half::bf16>(
+                &mut ws.as_view_mut(),
+                d_hidden,
+                d_weight,
+                &mut out.slice_mut(..n),
+            )
+        }?;
+        Ok(SyncRun {
+            pending,
+            out,
+            _workspace: ws,
+            n,
+        })
+    }
+
     /// `(T, H)` from the head, checked.
     fn shape(&self) -> Result<(usize, usize)> {
         let (h, v) = (self.head.hidden_size, self.head.vocab);

@@ -16,5 +16,6 @@ namespace {
     LOGITS_T(K, f32) LOGITS_T(K, f16) LOGITS_T(K, bf16)              \
     K(recap_tp_combine, RecapTpParams)                               \
     K(recap_f32_to_bf16, RecapLogitsParams)                          \
-    K(recap_valid_mask, RecapLogitsParams)
+    K(recap_valid_mask, RecapLogitsParams)                           \
+    K(recap_move_rows, RecapLogitsParams)
 SIMT_MODULE(logits, KERNELS)

@@ -168,7 +168,8 @@ int main(void) {
               close_to(spp_d[t], spp_h[t], 1e-5));
 
     /* the fused-linear loss, synchronous and asynchronous (layout on the host, then on the device):
-     * the same bits; on the host the asynchronous entry point fills the same layout */
+     * the same values (the same bits where every row carries loss, tests/async_logits.rs); on the
+     * host the asynchronous entry point fills the same layout */
     {
 #define H 8
         static uint16_t hid[T * H], wt[V * H], dh_a[T * H], dh_s[T * H];
@@ -207,10 +208,20 @@ int main(void) {
                       NULL, 1, NULL, on_device, &cfg, 1.0f, chunk, 0, 0, (void*)d_ws, ws_bytes, (void*)d_dh,
                       (float*)d_dw, (double*)d_out2) == RECAP_OK);
             CHECK(recap_logits_output_read(0, NULL, 1, &cfg, 1, V, (const double*)d_out2, &ra, sa) == RECAP_OK);
-            CHECK(ra.loss == rs.loss && ra.num_tokens == rs.num_tokens && ra.kl_loss == rs.kl_loss);
-            for (int64_t i = 0; i < recap_grpo_stats_len(1); ++i) CHECK(sa[i] == ss[i]);
+            /* the mask drops rows, which the synchronous call leaves out of its GEMMs and the
+             * asynchronous one computes (with zero gradient): the same values to rounding */
+            CHECK(close_to(ra.loss, rs.loss, 1e-5) && ra.num_tokens == rs.num_tokens &&
+                  close_to(ra.kl_loss, rs.kl_loss, 1e-5));
+            for (int64_t i = 0; i < recap_grpo_stats_len(1); ++i) CHECK(close_to(sa[i], ss[i], 1e-5));
             CHECK(cu_dtoh(dh_a, d_dh, sizeof dh_a) == 0 && cu_dtoh(dw_a, d_dw, sizeof dw_a) == 0);
-            CHECK(memcmp(dh_a, dh_s, sizeof dh_a) == 0 && memcmp(dw_a, dw_s, sizeof dw_a) == 0);
+            for (int i = 0; i < T * H; ++i) {
+                uint32_t ua = (uint32_t)dh_a[i] << 16, us = (uint32_t)dh_s[i] << 16;
+                float fa, fs;
+                memcpy(&fa, &ua, 4);
+                memcpy(&fs, &us, 4);
+                CHECK(close_to(fa, fs, 1e-2) && (mask[i / H] || fs == 0.0f));
+            }
+            for (int i = 0; i < V * H; ++i) CHECK(close_to(dw_a[i], dw_s[i], 1e-3));
         }
         /* the host: the reference, synchronous and into the asynchronous layout */
         static double out_host[128];

@@ -689,7 +689,10 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_l
     """The GRPO loss of a policy whose last layer is ``hidden [..., H] @ weight[V, H]^T`` (bf16), chunk
     by chunk, never holding the ``[T, V]`` logits; differentiable with respect to ``hidden`` and
     ``weight``. ``chunk_tokens`` (default: sized from ``memory_budget`` bytes) and ``fp32_logits``
-    tune the chunks. Returns ``(loss, metrics)`` as ``grpo_loss_from_logits``."""
+    tune the chunks. Returns ``(loss, metrics)`` as ``grpo_loss_from_logits``. Only the rows whose
+    mask weight is not 0 (and label not ``ignore_index``) are computed on a GPU: the call reads the
+    mask back (a synchronization), gathers those rows and runs the GEMMs over them alone; the other
+    rows' ``hidden`` gradient is 0 and their labels are not checked."""
     hidden, weight = _head(hidden, weight)
     lead = hidden.shape[:-1]
     x = hidden.reshape(-1, hidden.shape[-1])
