@@ -6,7 +6,7 @@
 # workspace's tests with the GPU-only ones included (RECAP_GPU_TESTS=1, --include-ignored; the C
 # ABI's device path from C among them). Emulated results are not GPU results: this checks kernel
 # logic, indexing, launch geometry, parameter layouts, buffer sizes and the host-side call
-# sequence, never timing (README, "Reliability").
+# sequence, never timing (docs/reliability.md).
 #
 #   bash scripts/emulated-gpu.sh                # the suite; prints cargo's summary lines and a total
 #   bash scripts/emulated-gpu.sh --bench FILE   # recap bench --device cuda --quick --json FILE on the

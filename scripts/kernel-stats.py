@@ -11,7 +11,7 @@ Needs $NVCC (scripts/install-nvcc.sh) and cuobjdump + nvdisasm, installed here f
 cached venv (pinned 13.2, $XDG_CACHE_HOME/recap-kernels/cuobjdump-13.2) unless $CUOBJDUMP names one.
 
 The checks (the fused loss's plain kernels are the common case; the issue that set them is in the
-README's "Kernel statistics"):
+docs/reliability.md, "Kernel statistics"):
   * no spill (stores or loads) in recap_grpo_loss_k{1,2,4,8}_{f32,u8} on any architecture;
   * the static SASS count of recap_grpo_loss_k4_u8 on sm_90 at most SASS_LIMIT.
 """

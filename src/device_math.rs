@@ -1,6 +1,8 @@
 //! The device's per-token formulas (`kernels/grpo_math.cuh`) and parameter-struct layouts
-//! (`kernels/recap_params.h`), compiled for the host by `build.rs` with the C compiler. For tests:
-//! they check the exact device arithmetic and the `#[repr(C)]` mirrors on machines without a GPU.
+//! (`kernels/recap_params.h`), compiled for the host by `build.rs` with the C compiler: the one
+//! definition of each formula, for the host too. The tests use them to check the exact device
+//! arithmetic and the `#[repr(C)]` mirrors on machines without a GPU; the CPU paths that must
+//! round as the device does use them at run time (the rollout IS batch mean, `rollout_is`).
 
 use std::os::raw::c_int;
 

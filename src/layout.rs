@@ -64,6 +64,20 @@ pub enum Advantages<F> {
 /// Host mask (`&[f32]` or `&[u8]`).
 pub type HostMask<'a> = Mask<&'a [f32], &'a [u8]>;
 
+/// Token `t`'s weight in a host mask: the f32 weight, or 1 / 0 for a u8 flag.
+pub(crate) fn mask_weight(mask: &HostMask<'_>, t: usize) -> f64 {
+    match mask {
+        Mask::F32(m) => m[t] as f64,
+        Mask::U8(m) => {
+            if m[t] != 0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
 /// Inputs of the fused GRPO loss. `F` is the f32 array type, `U` the u8 array type: host slices for
 /// the CPU backend ([`HostGrpoInputs`]), CUDA views for the GPU ([`crate::cuda::DeviceGrpoInputs`]).
 #[derive(Clone, Copy, Debug)]

@@ -10,7 +10,7 @@
 //!   normalizers for micro-batches: [`cpu::weighted_reduce`], [`cuda::weighted_reduce`].
 //!
 //! Data layout: packed variable-length tokens (see [`layout`]). Formulas: `kernels/grpo_math.cuh`
-//! and the README.
+//! and `docs/formulas.md`; the reference manual is `docs/` (the README links each part).
 
 #![warn(missing_docs)]
 
@@ -73,3 +73,32 @@ pub use token_baseline::{
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The Rust examples of the reference in `docs/`, compiled and run as doctests.
+#[cfg(doctest)]
+pub mod docs_doctests {
+    #[doc = include_str!("../docs/rust.md")]
+    pub struct Rust;
+    #[doc = include_str!("../docs/formulas.md")]
+    pub struct Formulas;
+    #[doc = include_str!("../docs/advantages.md")]
+    pub struct Advantages;
+    #[doc = include_str!("../docs/tensor-parallel.md")]
+    pub struct TensorParallel;
+    #[doc = include_str!("../docs/recap.md")]
+    pub struct Recap;
+    #[doc = include_str!("../docs/train.md")]
+    pub struct Train;
+    #[doc = include_str!("../docs/c.md")]
+    pub struct C;
+    #[doc = include_str!("../docs/layout.md")]
+    pub struct Layout;
+    #[doc = include_str!("../docs/reliability.md")]
+    pub struct Reliability;
+    #[doc = include_str!("../docs/performance.md")]
+    pub struct Performance;
+    #[doc = include_str!("../docs/pytorch.md")]
+    pub struct PyTorch;
+    #[doc = include_str!("../docs/peers.md")]
+    pub struct Peers;
+}

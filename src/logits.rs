@@ -161,18 +161,9 @@ pub struct LogitsLossInputs<'a, F, U, I> {
 /// Host inputs of the loss from logits.
 pub type HostLogitsLossInputs<'a> = LogitsLossInputs<'a, &'a [f32], &'a [u8], &'a [i32]>;
 
-/// Result of the loss from logits (the gradient goes into the logits' gradient buffer).
-#[derive(Clone, Debug, PartialEq)]
-pub struct LogitsLossOutput {
-    /// `grpo.loss - entropy_coef * entropy_loss`.
-    pub loss: f64,
-    /// The fused GRPO loss on the computed log-probabilities (loss, per-objective terms, metrics).
-    pub grpo: crate::output::GrpoOutput,
-    /// `agg(entropy)` over the valid tokens in the configured aggregation mode.
-    pub entropy_loss: f64,
-    /// Masked mean entropy over the valid tokens (verl's `actor/entropy`).
-    pub entropy_mean: f64,
-}
+/// The loss from logits' result, defined with the other results in [`crate::output`] (kept here
+/// under its earlier path).
+pub use crate::output::LogitsLossOutput;
 
 /// Normalizers of the entropy term (one objective over every sequence): the KL slot of the loss's.
 pub(crate) fn entropy_normalizers(n: &crate::config::Normalizers) -> crate::config::Normalizers {

@@ -3,7 +3,6 @@
 
 use crate::config::GrpoConfig;
 use crate::error::{Error, Result};
-use crate::logits::LogitsLossOutput;
 
 pub(crate) use crate::kernel_layout::{
     slots, GRPO_EXTRA_SLOTS, NORM_LOCAL_SEQS, NORM_LOCAL_TOKENS, NORM_SEQS, NORM_TOKENS,
@@ -231,6 +230,19 @@ impl GrpoOutput {
         }
         out
     }
+}
+
+/// Result of the loss from logits (the gradient goes into the logits' gradient buffer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogitsLossOutput {
+    /// `grpo.loss - entropy_coef * entropy_loss`.
+    pub loss: f64,
+    /// The fused GRPO loss on the computed log-probabilities (loss, per-objective terms, metrics).
+    pub grpo: GrpoOutput,
+    /// `agg(entropy)` over the valid tokens in the configured aggregation mode.
+    pub entropy_loss: f64,
+    /// Masked mean entropy over the valid tokens (verl's `actor/entropy`).
+    pub entropy_mean: f64,
 }
 
 /// Result of the fused GRPO loss (the gradient goes to the caller's buffer).

@@ -31,8 +31,8 @@
 //! the members summed in the same (ascending) order.
 
 use crate::advantages::{group_members, Groups};
-use crate::cpu::mask_weight;
 use crate::error::{Error, Result};
+use crate::layout::mask_weight;
 use crate::layout::{check_len, validate_cu_seqlens, Array, Mask};
 
 /// Options of the optimal token baseline.

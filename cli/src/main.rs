@@ -49,7 +49,7 @@ struct ExperimentArgs {
     #[command(flatten)]
     run: RunArgs,
     /// Seeds 0..N (20: the paired intervals on the small preset come out narrower than the effects
-    /// they separate, README "recap experiment"; 200 runs of the default sweep in minutes on a CPU).
+    /// they separate, docs/train.md; 200 runs of the default sweep in minutes on a CPU).
     #[arg(long, default_value_t = 20)]
     seeds: u64,
     /// Weightings to compare (comma-separated).
@@ -155,7 +155,7 @@ struct RunArgs {
     /// The RECAP scheduler's options: `paper` (its equations, the default) or `authors` (its
     /// authors' code: mixture of softmaxes, population std over the mean, no warm-up, c > 1 when
     /// worse), then any `--recap KEY=VALUE` (window, temperature, priority, alpha, max_steps, sigma,
-    /// denominator, warmup, convergence; README "RECAP weights").
+    /// denominator, warmup, convergence; docs/recap.md).
     #[arg(long, default_value = "paper", value_parser = ["paper", "authors"])]
     recap_preset: String,
     /// A scheduler option, KEY=VALUE (repeatable), e.g. --recap sigma=population --recap alpha=annealed.

@@ -24,7 +24,6 @@ pub use math::{
     KlToken, PolicyToken, Ratio,
 };
 pub use norms::count_normalizers;
-pub(crate) use norms::mask_weight;
 pub(crate) use norms::seq_tokens;
 pub use reduce::weighted_reduce;
 pub use rejection::rollout_rejection;

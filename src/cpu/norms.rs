@@ -3,21 +3,9 @@
 
 use crate::config::{Normalizers, MAX_OBJECTIVES};
 use crate::error::Result;
-use crate::layout::{validate_cu_seqlens, HostMask, Mask};
+pub(crate) use crate::layout::mask_weight;
+use crate::layout::{validate_cu_seqlens, HostMask};
 use crate::output::{NORM_LOCAL_SEQS, NORM_LOCAL_TOKENS, NORM_SEQS, NORM_SLOTS, NORM_TOKENS};
-
-pub(crate) fn mask_weight(mask: &HostMask<'_>, t: usize) -> f64 {
-    match mask {
-        Mask::F32(m) => m[t] as f64,
-        Mask::U8(m) => {
-            if m[t] != 0 {
-                1.0
-            } else {
-                0.0
-            }
-        }
-    }
-}
 
 /// `(sum m x_t, sum m)` over the unmasked tokens of `toks` (masked tokens are not read, so a NaN
 /// there does not count).
