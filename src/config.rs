@@ -64,9 +64,20 @@ impl AggMode {
         }
     }
 
-    /// The code the kernels use (`RECAP_AGG_*` in `kernels/recap_params.h`).
-    pub(crate) fn code(self) -> i32 {
-        self as i32
+    /// The code the kernels use (`RECAP_AGG_*` in `kernels/recap_params.h`, their one definition).
+    pub fn code(self) -> i32 {
+        use crate::kernel_layout::codes::*;
+        match self {
+            AggMode::TokenMean => AGG_TOKEN_MEAN,
+            AggMode::SeqMeanTokenMean => AGG_SEQ_MEAN_TOKEN_MEAN,
+            AggMode::SeqMeanTokenSum => AGG_SEQ_MEAN_TOKEN_SUM,
+            AggMode::TokenSumNorm => AGG_TOKEN_SUM_NORM,
+        }
+    }
+
+    /// The mode of a kernel code ([`AggMode::code`]), if any.
+    pub fn from_code(code: i32) -> Option<AggMode> {
+        AggMode::ALL.into_iter().find(|m| m.code() == code)
     }
 }
 
@@ -145,9 +156,23 @@ impl KlEstimator {
         }
     }
 
-    /// The code the kernels use (`RECAP_KL_*`).
-    pub(crate) fn code(self) -> i32 {
-        self as i32
+    /// The code the kernels use (`RECAP_KL_*` in `kernels/recap_params.h`, their one definition).
+    pub fn code(self) -> i32 {
+        use crate::kernel_layout::codes::*;
+        match self {
+            KlEstimator::K1 => KL_K1,
+            KlEstimator::Abs => KL_ABS,
+            KlEstimator::K2 => KL_K2,
+            KlEstimator::K3 => KL_K3,
+            KlEstimator::K1Plus => KL_K1_PLUS,
+            KlEstimator::K3Plus => KL_K3_PLUS,
+            KlEstimator::K3Unclamped => KL_K3_UNCLAMPED,
+        }
+    }
+
+    /// The estimator of a kernel code ([`KlEstimator::code`]), if any.
+    pub fn from_code(code: i32) -> Option<KlEstimator> {
+        KlEstimator::ALL.into_iter().find(|m| m.code() == code)
     }
 }
 
@@ -317,18 +342,19 @@ impl PolicyLoss {
         }
     }
 
-    /// `RECAP_LOSS_*` of kernels/recap_params.h.
-    pub(crate) fn code(self) -> i32 {
+    /// `RECAP_LOSS_*` of kernels/recap_params.h (their one definition).
+    pub fn code(self) -> i32 {
+        use crate::kernel_layout::codes::*;
         match self {
-            PolicyLoss::Vanilla => 0,
-            PolicyLoss::Cispo => 1,
-            PolicyLoss::Sapo { .. } => 2,
-            PolicyLoss::Gspo => 3,
-            PolicyLoss::Gpg => 4,
-            PolicyLoss::DppoTv => 5,
-            PolicyLoss::DppoKl => 6,
-            PolicyLoss::Dro { .. } => 7,
-            PolicyLoss::GeoMean => 8,
+            PolicyLoss::Vanilla => LOSS_VANILLA,
+            PolicyLoss::Cispo => LOSS_CISPO,
+            PolicyLoss::Sapo { .. } => LOSS_SAPO,
+            PolicyLoss::Gspo => LOSS_GSPO,
+            PolicyLoss::Gpg => LOSS_GPG,
+            PolicyLoss::DppoTv => LOSS_DPPO_TV,
+            PolicyLoss::DppoKl => LOSS_DPPO_KL,
+            PolicyLoss::Dro { .. } => LOSS_DRO,
+            PolicyLoss::GeoMean => LOSS_GEO_MEAN,
         }
     }
 
@@ -364,11 +390,12 @@ pub enum IsLevel {
 
 impl IsLevel {
     /// The kernels' `RECAP_IS_TOKEN` / `_SEQUENCE` / `_GEOMETRIC`.
-    pub(crate) fn code(self) -> i32 {
+    pub fn code(self) -> i32 {
+        use crate::kernel_layout::codes::*;
         match self {
-            IsLevel::Token => 0,
-            IsLevel::Sequence => 1,
-            IsLevel::Geometric => 2,
+            IsLevel::Token => IS_TOKEN,
+            IsLevel::Sequence => IS_SEQUENCE,
+            IsLevel::Geometric => IS_GEOMETRIC,
         }
     }
 }
@@ -443,10 +470,11 @@ impl RolloutCorrection {
     }
 
     pub(crate) fn mode_code(&self) -> i32 {
+        use crate::kernel_layout::codes::*;
         match self.mode {
-            IsMode::MetricsOnly => 0,
-            IsMode::Truncate => 1,
-            IsMode::Mask => 2,
+            IsMode::MetricsOnly => IS_METRICS,
+            IsMode::Truncate => IS_TRUNCATE,
+            IsMode::Mask => IS_MASK,
         }
     }
 }
@@ -871,5 +899,44 @@ impl Normalizers {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The codes come from kernels/recap_params.h: each variant has its own, and `from_code` finds
+    /// it again (a duplicated or missing define would break either).
+    #[test]
+    fn each_variant_has_its_own_kernel_code() {
+        for m in AggMode::ALL {
+            assert_eq!(AggMode::from_code(m.code()), Some(m));
+        }
+        for e in KlEstimator::ALL {
+            assert_eq!(KlEstimator::from_code(e.code()), Some(e));
+        }
+        assert_eq!(AggMode::from_code(99), None);
+        let losses = [
+            PolicyLoss::Vanilla,
+            PolicyLoss::Cispo,
+            PolicyLoss::sapo(),
+            PolicyLoss::Gspo,
+            PolicyLoss::Gpg,
+            PolicyLoss::DppoTv,
+            PolicyLoss::DppoKl,
+            PolicyLoss::Dro { beta: 0.1 },
+            PolicyLoss::GeoMean,
+        ];
+        let mut codes: Vec<i32> = losses.iter().map(|l| l.code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), losses.len());
+        let levels = [IsLevel::Token, IsLevel::Sequence, IsLevel::Geometric];
+        let mut codes: Vec<i32> = levels.iter().map(|l| l.code()).collect();
+        codes.push(crate::kernel_layout::codes::IS_OFF);
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), 4);
     }
 }

@@ -20,6 +20,33 @@
 #include <stdint.h>
 #include <stddef.h>
 
+// The codes of RecapGrpoConfig's enum fields (from kernels/recap_params.h).
+#define RECAP_AGG_TOKEN_MEAN 0          /* sum(M*l) / N_tokens                                     */
+#define RECAP_AGG_SEQ_MEAN_TOKEN_MEAN 1 /* mean over sequences with >= 1 token of their token mean  */
+#define RECAP_AGG_SEQ_MEAN_TOKEN_SUM 2  /* sum(M*l) / N_sequences                                  */
+#define RECAP_AGG_TOKEN_SUM_NORM 3      /* sum(M*l) / C  (Dr. GRPO)                                */
+#define RECAP_KL_K1 0
+#define RECAP_KL_ABS 1
+#define RECAP_KL_K2 2
+#define RECAP_KL_K3 3
+#define RECAP_KL_K1_PLUS 4
+#define RECAP_KL_K3_PLUS 5
+#define RECAP_KL_K3_UNCLAMPED 6 /* exp(x) - x - 1, x = ref - logp, no clamp (TRL) */
+#define RECAP_LOSS_VANILLA 0 /* PPO/GRPO clipped surrogate (+ dual-clip, + two-sided delta)      */
+#define RECAP_LOSS_CISPO 1   /* -sg(clip(r, 1 - el, 1 + eh)) A logp                              */
+#define RECAP_LOSS_SAPO 2    /* -A (4 / tau) sigmoid(tau (r - 1))                                  */
+#define RECAP_LOSS_GSPO 3    /* clipped surrogate on the sequence ratio (GSPO-token form)          */
+#define RECAP_LOSS_GPG 4     /* -A logp (verl "gpg")                                               */
+#define RECAP_LOSS_DPPO_TV 5 /* -A sg(min(r, c)) logp inside the probability-difference trust region */
+#define RECAP_LOSS_DPPO_KL 6 /* likewise inside the binary-KL trust region (verl "dppo_kl")        */
+#define RECAP_LOSS_DRO 7     /* -(A logp - beta/2 (logp - old)^2) (verl "dro")                      */
+#define RECAP_LOSS_GEO_MEAN 8 /* -A exp(mean of the sign-clipped log-ratio) (GMPO, verl "geo_mean")  */
+#define RECAP_IS_OFF -1      /* no rollout_logp                                                    */
+#define RECAP_IS_TOKEN 0     /* w_t = exp(old_t - rollout_t)                                       */
+#define RECAP_IS_SEQUENCE 1  /* w_t = exp(sum over the sequence of m (old - rollout))              */
+#define RECAP_IS_GEOMETRIC 2 /* w_t = exp(mean over the sequence of old - rollout)                 */
+
+
 // Success.
 #define RECAP_OK 0
 
@@ -48,20 +75,20 @@ typedef struct RecapGrpoConfig {
     float dual_clip;
     // Clamp of `logp - old_logp` before `exp` (default 20).
     float log_ratio_clamp;
-    // 0 token-mean (default), 1 seq-mean-token-mean, 2 seq-mean-token-sum, 3 token-sum-norm.
+    // `RECAP_AGG_*` (default `RECAP_AGG_TOKEN_MEAN`; the codes at the top of this header).
     int32_t agg_mode;
     // C of token-sum-norm (> 0 when that mode is used).
     float norm_constant;
     // KL-to-reference coefficient (default 0: no KL term).
     float kl_coef;
-    // 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl, default), 4 k1+, 5 k3+, 6 k3 without clamps (TRL).
+    // `RECAP_KL_*` (default `RECAP_KL_K3`, verl's low_var_kl; `RECAP_KL_K3_UNCLAMPED`: TRL's).
     int32_t kl_estimator;
     // Entropy bonus coefficient (default 0; the loss from logits only).
     float entropy_coef;
     // Nonzero: return non-finite results instead of `RECAP_ERR_NONFINITE` (default 0).
     int32_t allow_nonfinite;
-    // 0 vanilla (default), 1 CISPO, 2 SAPO, 3 GSPO, 4 GPG, 5 DPPO-TV, 6 DPPO-KL, 7 DRO
-    // (`dro_beta`), 8 GMPO (verl's geo_mean).
+    // `RECAP_LOSS_*` (default `RECAP_LOSS_VANILLA`; `RECAP_LOSS_SAPO` takes `tau_pos` and
+    // `tau_neg`, `RECAP_LOSS_DRO` `dro_beta`; `RECAP_LOSS_GEO_MEAN` is GMPO, verl's geo_mean).
     int32_t policy_loss;
     // SAPO temperature for positive advantages (default 1.0).
     float tau_pos;
@@ -74,15 +101,17 @@ typedef struct RecapGrpoConfig {
     // Only the tokens of the top entropy quantile get the policy gradient (default 1.0: all; the
     // loss from logits only).
     float top_entropy_quantile;
-    // Rollout importance sampling: -1 off (default), 0 token, 1 sequence, 2 geometric.
+    // Rollout importance sampling: `RECAP_IS_OFF` (default), `RECAP_IS_TOKEN`, `RECAP_IS_SEQUENCE`,
+    // `RECAP_IS_GEOMETRIC`.
     int32_t rollout_level;
-    // 0 truncate (default), 1 mask, 2 metrics only.
+    // The C ABI's own codes (not the kernels' `RECAP_IS_METRICS` ...): 0 truncate (default), 1
+    // mask, 2 metrics only.
     int32_t rollout_mode;
     // Upper rollout IS threshold (default 2.0).
     float rollout_upper;
     // Lower rollout IS threshold; <= 0: 1 / upper (default).
     float rollout_lower;
-    // DRO's coefficient of the squared log-ratio (> 0 with `policy_loss` 7; default 0.1).
+    // DRO's coefficient of the squared log-ratio (> 0 with `RECAP_LOSS_DRO`; default 0.1).
     float dro_beta;
     // Aggregation of the objectives' terms when it differs from `agg_mode` (which the KL and
     // entropy terms keep), codes as `agg_mode`; -1: `agg_mode` (default).

@@ -105,20 +105,20 @@ pub struct RecapGrpoConfig {
     pub dual_clip: f32,
     /// Clamp of `logp - old_logp` before `exp` (default 20).
     pub log_ratio_clamp: f32,
-    /// 0 token-mean (default), 1 seq-mean-token-mean, 2 seq-mean-token-sum, 3 token-sum-norm.
+    /// `RECAP_AGG_*` (default `RECAP_AGG_TOKEN_MEAN`; the codes at the top of this header).
     pub agg_mode: i32,
     /// C of token-sum-norm (> 0 when that mode is used).
     pub norm_constant: f32,
     /// KL-to-reference coefficient (default 0: no KL term).
     pub kl_coef: f32,
-    /// 0 k1, 1 abs, 2 k2, 3 k3 (low_var_kl, default), 4 k1+, 5 k3+, 6 k3 without clamps (TRL).
+    /// `RECAP_KL_*` (default `RECAP_KL_K3`, verl's low_var_kl; `RECAP_KL_K3_UNCLAMPED`: TRL's).
     pub kl_estimator: i32,
     /// Entropy bonus coefficient (default 0; the loss from logits only).
     pub entropy_coef: f32,
     /// Nonzero: return non-finite results instead of `RECAP_ERR_NONFINITE` (default 0).
     pub allow_nonfinite: i32,
-    /// 0 vanilla (default), 1 CISPO, 2 SAPO, 3 GSPO, 4 GPG, 5 DPPO-TV, 6 DPPO-KL, 7 DRO
-    /// (`dro_beta`), 8 GMPO (verl's geo_mean).
+    /// `RECAP_LOSS_*` (default `RECAP_LOSS_VANILLA`; `RECAP_LOSS_SAPO` takes `tau_pos` and
+    /// `tau_neg`, `RECAP_LOSS_DRO` `dro_beta`; `RECAP_LOSS_GEO_MEAN` is GMPO, verl's geo_mean).
     pub policy_loss: i32,
     /// SAPO temperature for positive advantages (default 1.0).
     pub tau_pos: f32,
@@ -131,15 +131,17 @@ pub struct RecapGrpoConfig {
     /// Only the tokens of the top entropy quantile get the policy gradient (default 1.0: all; the
     /// loss from logits only).
     pub top_entropy_quantile: f32,
-    /// Rollout importance sampling: -1 off (default), 0 token, 1 sequence, 2 geometric.
+    /// Rollout importance sampling: `RECAP_IS_OFF` (default), `RECAP_IS_TOKEN`, `RECAP_IS_SEQUENCE`,
+    /// `RECAP_IS_GEOMETRIC`.
     pub rollout_level: i32,
-    /// 0 truncate (default), 1 mask, 2 metrics only.
+    /// The C ABI's own codes (not the kernels' `RECAP_IS_METRICS` ...): 0 truncate (default), 1
+    /// mask, 2 metrics only.
     pub rollout_mode: i32,
     /// Upper rollout IS threshold (default 2.0).
     pub rollout_upper: f32,
     /// Lower rollout IS threshold; <= 0: 1 / upper (default).
     pub rollout_lower: f32,
-    /// DRO's coefficient of the squared log-ratio (> 0 with `policy_loss` 7; default 0.1).
+    /// DRO's coefficient of the squared log-ratio (> 0 with `RECAP_LOSS_DRO`; default 0.1).
     pub dro_beta: f32,
     /// Aggregation of the objectives' terms when it differs from `agg_mode` (which the KL and
     /// entropy terms keep), codes as `agg_mode`; -1: `agg_mode` (default).
@@ -162,13 +164,13 @@ pub unsafe extern "C" fn recap_grpo_config_default(cfg: *mut RecapGrpoConfig) ->
             clip_high: d.clip_high,
             dual_clip: d.dual_clip.unwrap_or(0.0),
             log_ratio_clamp: d.log_ratio_clamp,
-            agg_mode: 0,
+            agg_mode: d.agg_mode.code(),
             norm_constant: 0.0,
             kl_coef: d.kl_coef,
-            kl_estimator: 3,
+            kl_estimator: d.kl_estimator.code(),
             entropy_coef: d.entropy_coef,
             allow_nonfinite: 0,
-            policy_loss: 0,
+            policy_loss: d.policy_loss.code(),
             tau_pos: 1.0,
             tau_neg: 1.05,
             delta: 0.0,
@@ -183,6 +185,21 @@ pub unsafe extern "C" fn recap_grpo_config_default(cfg: *mut RecapGrpoConfig) ->
         };
         Ok(())
     })
+}
+
+/// The entry of `table` whose kernel code (`code`) is `c`.
+fn by_code<T: Copy>(arg: &'static str, table: &[T], c: i32, code: impl Fn(T) -> i32) -> Result<T> {
+    table
+        .iter()
+        .copied()
+        .find(|t| code(*t) == c)
+        .ok_or_else(|| {
+            let codes: Vec<String> = table.iter().map(|t| code(*t).to_string()).collect();
+            Error::invalid_argument(
+                arg,
+                format!("expected one of {}, got {c}", codes.join(", ")),
+            )
+        })
 }
 
 fn pick<T: Copy>(arg: &'static str, table: &[T], i: i32) -> Result<T> {
@@ -226,52 +243,60 @@ impl RecapGrpoConfig {
             .with_clip_high(self.clip_high)
             .with_dual_clip((self.dual_clip > 0.0).then_some(self.dual_clip))
             .with_log_ratio_clamp(self.log_ratio_clamp)
-            .with_agg_mode(pick("cfg.agg_mode", &AggMode::ALL, self.agg_mode)?)
+            .with_agg_mode(by_code(
+                "cfg.agg_mode",
+                &AggMode::ALL,
+                self.agg_mode,
+                |m| m.code(),
+            )?)
             .with_policy_agg_mode(match self.policy_agg_mode {
                 -1 => None,
-                m => Some(pick("cfg.policy_agg_mode", &AggMode::ALL, m)?),
+                m => Some(by_code("cfg.policy_agg_mode", &AggMode::ALL, m, |m| {
+                    m.code()
+                })?),
             })
             .with_norm_constant((self.norm_constant > 0.0).then_some(self.norm_constant))
             .with_kl_coef(self.kl_coef)
-            .with_kl_estimator(pick(
+            .with_kl_estimator(by_code(
                 "cfg.kl_estimator",
                 &KlEstimator::ALL,
                 self.kl_estimator,
+                |e| e.code(),
             )?)
             .with_entropy_coef(self.entropy_coef)
             .with_allow_nonfinite(self.allow_nonfinite != 0)
-            .with_policy_loss(match self.policy_loss {
-                0 => PolicyLoss::Vanilla,
-                1 => PolicyLoss::Cispo,
-                2 => PolicyLoss::Sapo {
-                    tau_pos: self.tau_pos,
-                    tau_neg: self.tau_neg,
-                },
-                3 => PolicyLoss::Gspo,
-                4 => PolicyLoss::Gpg,
-                5 => PolicyLoss::DppoTv,
-                6 => PolicyLoss::DppoKl,
-                7 => PolicyLoss::Dro {
-                    beta: self.dro_beta,
-                },
-                8 => PolicyLoss::GeoMean,
-                x => {
-                    return Err(Error::invalid_argument(
-                        "cfg.policy_loss",
-                        format!("expected 0 to 8, got {x}"),
-                    ))
-                }
-            })
+            .with_policy_loss(by_code(
+                "cfg.policy_loss",
+                &[
+                    PolicyLoss::Vanilla,
+                    PolicyLoss::Cispo,
+                    PolicyLoss::Sapo {
+                        tau_pos: self.tau_pos,
+                        tau_neg: self.tau_neg,
+                    },
+                    PolicyLoss::Gspo,
+                    PolicyLoss::Gpg,
+                    PolicyLoss::DppoTv,
+                    PolicyLoss::DppoKl,
+                    PolicyLoss::Dro {
+                        beta: self.dro_beta,
+                    },
+                    PolicyLoss::GeoMean,
+                ],
+                self.policy_loss,
+                |l| l.code(),
+            )?)
             .with_delta((self.delta > 0.0).then_some(self.delta))
             .with_kl_is_correction(self.kl_is_correction != 0)
             .with_top_entropy_quantile(self.top_entropy_quantile)
             .with_rollout_correction(match self.rollout_level {
                 -1 => None,
                 l => Some(RolloutCorrection {
-                    level: pick(
+                    level: by_code(
                         "cfg.rollout_level",
                         &[IsLevel::Token, IsLevel::Sequence, IsLevel::Geometric],
                         l,
+                        |l| l.code(),
                     )?,
                     mode: pick(
                         "cfg.rollout_mode",

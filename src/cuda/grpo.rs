@@ -354,7 +354,11 @@ pub(crate) fn enqueue<'g>(
             seq_log_ratio: w.seq_log_ratio,
             rollout_logp: roll_addr,
             seq_is_log: w.seq_is_log,
-            is_level: if has_rollout { rc.level_code() } else { -1 },
+            is_level: if has_rollout {
+                rc.level_code()
+            } else {
+                crate::kernel_layout::codes::IS_OFF
+            },
             is_mode: rc.mode_code(),
             is_lower: rc.lower_bound(),
             is_upper: rc.upper,

@@ -69,8 +69,8 @@ pub const CUDA_ARCHS: &str = images::CUDA_ARCHS;
 /// The nvcc that compiled them.
 pub const NVCC_VERSION: &str = images::NVCC_VERSION;
 
-/// Threads per block of every kernel (`RECAP_BLOCK` in `kernels/common.cuh`).
-pub(crate) const BLOCK: u32 = 256;
+/// Threads per block of every kernel (`RECAP_BLOCK` in `kernels/common.cuh`, generated from it).
+pub(crate) const BLOCK: u32 = crate::kernel_layout::BLOCK;
 
 /// The kernel families, one embedded module image each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
