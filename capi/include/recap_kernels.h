@@ -303,6 +303,99 @@ int32_t recap_count_normalizers(int32_t device,
                                 double *normalizers,
                                 double *seq_tokens);
 
+// Per-token KL to the reference: value and `d kl / d logp` (`[T]` each, on the device or, for
+// `device < 0`, the host), masked tokens 0 (`mask` nullable: every token). `estimator`: 0 k1, 1
+// abs, 2 k2, 3 k3, 4 k1+, 5 k3+, 6 k3-unclamped.
+//
+// # Safety
+// Arrays of `num_tokens` elements in the memory of the call's place.
+int32_t recap_kl(int32_t device,
+                 void *stream,
+                 int64_t num_tokens,
+                 const float *logp,
+                 const float *ref_logp,
+                 const void *mask,
+                 int32_t mask_is_u8,
+                 int32_t estimator,
+                 float *kl,
+                 float *grad);
+
+// Rollout rejection sampling (verl's `rollout_rs`): int32 flags `[T]` (on the device or, for
+// `device < 0`, the host) of the log-ratios `old_logp - rollout_logp`, bit i set where option i of
+// `rollout_rs` (comma-separated verl names, e.g. `"token_k1,seq_mean_k3"`) rejects the token, 0 at
+// masked tokens; `rollout_rs_threshold` as verl's (e.g. `"0.5_2.0,0.01"`). With
+// `rollout_token_veto_threshold > 0` (the older verl API's veto; 0: none) the last bit rejects every
+// sequence holding a token of ratio below it, and `rollout_rs` may be empty. The new mask is the mask
+// where the flags are 0. `cu_seqlens` `[num_seqs + 1]` on the host.
+//
+// # Safety
+// Arrays of `num_tokens` elements in the memory of the call's place; the two strings non-null and
+// NUL-terminated.
+int32_t recap_rollout_rejection(int32_t device,
+                                void *stream,
+                                int64_t num_tokens,
+                                const float *log_ratio,
+                                const void *mask,
+                                int32_t mask_is_u8,
+                                const int32_t *cu_seqlens,
+                                int64_t num_seqs,
+                                const char *rollout_rs,
+                                const char *rollout_rs_threshold,
+                                double rollout_token_veto_threshold,
+                                int32_t *flags);
+
+// Rollout importance-sampling weights (verl's `compute_rollout_correction_weights`): f32 `weights`
+// `[T]` (on the device or, for `device < 0`, the host) of the log-ratios `old_logp - rollout_logp`,
+// 0 at masked tokens; `rollout_is` `"token"`, `"sequence"` or `"geometric"` and
+// `rollout_is_threshold` as verl's (`"2.0"`: truncate at 2; `"0.5_2.0"`: IcePop, weights outside
+// the band set to 0). `batch_normalize` != 0 divides the weights by their batch mean (verl's
+// `rollout_is_batch_normalize`). `stats` (nullable) gets 7 doubles on the host: the weight sum,
+// the units (mask sum or sequence count), the smallest and largest raw ratio, the weight of the
+// corrected units, the batch mean and the factor the weights were divided by (1 without
+// normalization). `cu_seqlens` `[num_seqs + 1]` on the host.
+//
+// # Safety
+// Arrays of `num_tokens` elements in the memory of the call's place; the two strings non-null and
+// NUL-terminated; `stats` null or 7 writable doubles.
+int32_t recap_rollout_is_weights(int32_t device,
+                                 void *stream,
+                                 int64_t num_tokens,
+                                 const float *log_ratio,
+                                 const void *mask,
+                                 int32_t mask_is_u8,
+                                 const int32_t *cu_seqlens,
+                                 int64_t num_seqs,
+                                 const char *rollout_is,
+                                 const char *rollout_is_threshold,
+                                 int32_t batch_normalize,
+                                 float *weights,
+                                 double *stats);
+
+// The per-objective weighted reduction of losses `[T, K]` with the mask and layout of the fused
+// loss: `d total / d l` into `grad` `[T, K]` (on the device or, for `device < 0`, the host);
+// `total` and `objective_loss` `[K]` (nullable) on the host; `normalizers` and `seq_tokens` as in
+// `recap_grpo_loss`. Aggregation and `norm_constant` from `cfg`.
+//
+// # Safety
+// As `recap_grpo_loss`.
+int32_t recap_weighted_reduce(int32_t device,
+                              void *stream,
+                              int64_t num_tokens,
+                              const float *losses,
+                              const void *mask,
+                              int32_t mask_is_u8,
+                              const int32_t *cu_seqlens,
+                              int64_t num_seqs,
+                              const float *lambda,
+                              const uint32_t *membership,
+                              int32_t num_objectives,
+                              const double *normalizers,
+                              const double *seq_tokens,
+                              const struct RecapGrpoConfig *cfg,
+                              float *grad,
+                              double *total,
+                              double *objective_loss);
+
 // Log-probabilities, entropy (nullable), LSE and Σπ² (nullable: the sum of the squared
 // probabilities, verl's `sum_pi_squared`) of `rows` rows of `vocab` logits (row stride `ld`
 // elements; `dtype` 0 f32, 1 f16, 2 bf16) at `temperature`, labels `ignore_index` giving 0.
@@ -477,99 +570,6 @@ int32_t recap_optimal_token_baseline(int32_t device,
                                      double eps,
                                      float *advantages,
                                      float *returns);
-
-// Per-token KL to the reference: value and `d kl / d logp` (`[T]` each, on the device or, for
-// `device < 0`, the host), masked tokens 0 (`mask` nullable: every token). `estimator`: 0 k1, 1
-// abs, 2 k2, 3 k3, 4 k1+, 5 k3+, 6 k3-unclamped.
-//
-// # Safety
-// Arrays of `num_tokens` elements in the memory of the call's place.
-int32_t recap_kl(int32_t device,
-                 void *stream,
-                 int64_t num_tokens,
-                 const float *logp,
-                 const float *ref_logp,
-                 const void *mask,
-                 int32_t mask_is_u8,
-                 int32_t estimator,
-                 float *kl,
-                 float *grad);
-
-// Rollout rejection sampling (verl's `rollout_rs`): int32 flags `[T]` (on the device or, for
-// `device < 0`, the host) of the log-ratios `old_logp - rollout_logp`, bit i set where option i of
-// `rollout_rs` (comma-separated verl names, e.g. `"token_k1,seq_mean_k3"`) rejects the token, 0 at
-// masked tokens; `rollout_rs_threshold` as verl's (e.g. `"0.5_2.0,0.01"`). With
-// `rollout_token_veto_threshold > 0` (the older verl API's veto; 0: none) the last bit rejects every
-// sequence holding a token of ratio below it, and `rollout_rs` may be empty. The new mask is the mask
-// where the flags are 0. `cu_seqlens` `[num_seqs + 1]` on the host.
-//
-// # Safety
-// Arrays of `num_tokens` elements in the memory of the call's place; the two strings non-null and
-// NUL-terminated.
-int32_t recap_rollout_rejection(int32_t device,
-                                void *stream,
-                                int64_t num_tokens,
-                                const float *log_ratio,
-                                const void *mask,
-                                int32_t mask_is_u8,
-                                const int32_t *cu_seqlens,
-                                int64_t num_seqs,
-                                const char *rollout_rs,
-                                const char *rollout_rs_threshold,
-                                double rollout_token_veto_threshold,
-                                int32_t *flags);
-
-// Rollout importance-sampling weights (verl's `compute_rollout_correction_weights`): f32 `weights`
-// `[T]` (on the device or, for `device < 0`, the host) of the log-ratios `old_logp - rollout_logp`,
-// 0 at masked tokens; `rollout_is` `"token"`, `"sequence"` or `"geometric"` and
-// `rollout_is_threshold` as verl's (`"2.0"`: truncate at 2; `"0.5_2.0"`: IcePop, weights outside
-// the band set to 0). `batch_normalize` != 0 divides the weights by their batch mean (verl's
-// `rollout_is_batch_normalize`). `stats` (nullable) gets 7 doubles on the host: the weight sum,
-// the units (mask sum or sequence count), the smallest and largest raw ratio, the weight of the
-// corrected units, the batch mean and the factor the weights were divided by (1 without
-// normalization). `cu_seqlens` `[num_seqs + 1]` on the host.
-//
-// # Safety
-// Arrays of `num_tokens` elements in the memory of the call's place; the two strings non-null and
-// NUL-terminated; `stats` null or 7 writable doubles.
-int32_t recap_rollout_is_weights(int32_t device,
-                                 void *stream,
-                                 int64_t num_tokens,
-                                 const float *log_ratio,
-                                 const void *mask,
-                                 int32_t mask_is_u8,
-                                 const int32_t *cu_seqlens,
-                                 int64_t num_seqs,
-                                 const char *rollout_is,
-                                 const char *rollout_is_threshold,
-                                 int32_t batch_normalize,
-                                 float *weights,
-                                 double *stats);
-
-// The per-objective weighted reduction of losses `[T, K]` with the mask and layout of the fused
-// loss: `d total / d l` into `grad` `[T, K]` (on the device or, for `device < 0`, the host);
-// `total` and `objective_loss` `[K]` (nullable) on the host; `normalizers` and `seq_tokens` as in
-// `recap_grpo_loss`. Aggregation and `norm_constant` from `cfg`.
-//
-// # Safety
-// As `recap_grpo_loss`.
-int32_t recap_weighted_reduce(int32_t device,
-                              void *stream,
-                              int64_t num_tokens,
-                              const float *losses,
-                              const void *mask,
-                              int32_t mask_is_u8,
-                              const int32_t *cu_seqlens,
-                              int64_t num_seqs,
-                              const float *lambda,
-                              const uint32_t *membership,
-                              int32_t num_objectives,
-                              const double *normalizers,
-                              const double *seq_tokens,
-                              const struct RecapGrpoConfig *cfg,
-                              float *grad,
-                              double *total,
-                              double *objective_loss);
 
 // The chunked fused-linear GRPO loss: `hidden` `[T, H]` and `weight` `[V, H]` (bf16), per-token
 // `labels`, `old_logp`, `ref_logp` (nullable), `mask` (u8), advantages as in `recap_grpo_loss`;

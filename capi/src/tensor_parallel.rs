@@ -1,0 +1,159 @@
+//! The tensor-parallel log-probs: a shard's partials, their combine and the shard's backward.
+
+#[allow(unused_imports)]
+use crate::prelude::*;
+
+/// Vocabulary parallelism, step 1: one shard's partial statistics of each row into `partials`
+/// [planes, T] (the shard's LSE, entropy, label logit or -inf, and with `planes` = 4 the shard's
+/// own sum_j p_j^2, for verl's sum_pi_squared) for logits [rows, ld] holding the columns
+/// [vocab_start, vocab_start + vocab) of the whole vocabulary; `labels` are global. All-gather the
+/// partials (and each shard's vocab_start) over the tensor-parallel group, then
+/// `recap_tp_combine`.
+///
+/// # Safety
+/// As `recap_logprob_forward`; `partials` planes * rows writable floats.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_tp_partials(
+    device: i32,
+    stream: *mut c_void,
+    logits: *const c_void,
+    dtype: i32,
+    rows: i64,
+    vocab: i64,
+    ld: i64,
+    labels: *const i32,
+    vocab_start: i64,
+    temperature: f32,
+    ignore_index: i32,
+    planes: i32,
+    partials: *mut f32,
+) -> i32 {
+    guard(|| {
+        let LogitsShape { t, v, ld, span, lc } =
+            logits_shape(rows, vocab, ld, temperature, ignore_index)?;
+        let start = len("vocab_start", vocab_start)?;
+        let planes = tp_planes(planes)?;
+        macro_rules! go {
+            ($e:ty) => {
+                raw::tp_partials::<$e>(
+                    place(device, stream),
+                    &Logits {
+                        data: arr(logits as *const $e, span),
+                        rows: t,
+                        vocab: v,
+                        ld,
+                    },
+                    arr(labels, t),
+                    start,
+                    &lc,
+                    out_arr(partials, planes * t),
+                )
+            };
+        }
+        by_dtype!(dtype, go)
+    })
+}
+
+/// Vocabulary parallelism, step 2: the combine of `shards` shards' partials [P, planes, T]
+/// (ordered by ascending vocab_start) into `logp`, `entropy` and `lse` [T] over the whole
+/// vocabulary (labels equal to ignore_index give logp 0; a label in no shard is an error), and,
+/// with `planes` = 4 and `sum_pi_squared` non-null, its sum_j p_j^2 [T].
+///
+/// # Safety
+/// Arrays on the device (host for device < 0) of the stated sizes; `sum_pi_squared` null or [T].
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_tp_combine(
+    device: i32,
+    stream: *mut c_void,
+    partials: *const f32,
+    shards: i32,
+    planes: i32,
+    rows: i64,
+    labels: *const i32,
+    ignore_index: i32,
+    logp: *mut f32,
+    entropy: *mut f32,
+    lse: *mut f32,
+    sum_pi_squared: *mut f32,
+) -> i32 {
+    guard(|| {
+        let t = len("rows", rows)?;
+        let p = len("shards", shards as i64)?;
+        let planes = tp_planes(planes)?;
+        let lc = LogprobConfig {
+            ignore_index,
+            ..LogprobConfig::default()
+        };
+        raw::tp_combine(
+            place(device, stream),
+            arr(partials, p * planes * t),
+            p,
+            arr(labels, t),
+            &lc,
+            out_arr(logp, t),
+            out_arr(entropy, t),
+            out_arr(lse, t),
+            (!sum_pi_squared.is_null()).then(|| out_arr(sum_pi_squared, t)),
+        )
+    })
+}
+
+/// The number of planes of tensor-parallel partials: 3, or 4 with sum_j p_j^2.
+pub(crate) fn tp_planes(planes: i32) -> Result<usize> {
+    match planes {
+        3 | 4 => Ok(planes as usize),
+        _ => Err(Error::invalid_argument(
+            "planes",
+            format!("expected 3 or 4 (with sum_pi_squared), got {planes}"),
+        )),
+    }
+}
+
+/// Vocabulary parallelism, step 3: the shard's slice of the gradient of
+/// `g_logp . logp + g_entropy . entropy (+ g_sum_pi_squared . sum_pi_squared)` over the whole
+/// vocabulary, written over the shard's logits, from the combined `lse`, `entropy` (and
+/// `sum_pi_squared`: both null or both given) of `recap_tp_combine` (no collective).
+///
+/// # Safety
+/// As `recap_logprob_backward_inplace`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_tp_backward_inplace(
+    device: i32,
+    stream: *mut c_void,
+    logits: *mut c_void,
+    dtype: i32,
+    rows: i64,
+    vocab: i64,
+    ld: i64,
+    labels: *const i32,
+    vocab_start: i64,
+    lse: *const f32,
+    entropy: *const f32,
+    g_logp: *const f32,
+    g_entropy: *const f32,
+    sum_pi_squared: *const f32,
+    g_sum_pi_squared: *const f32,
+    temperature: f32,
+    ignore_index: i32,
+) -> i32 {
+    guard(|| {
+        backward(
+            (device, stream),
+            (logits, dtype, rows, vocab, ld),
+            Some(vocab_start),
+            [
+                labels as _,
+                lse as _,
+                entropy as _,
+                g_logp as _,
+                g_entropy as _,
+                sum_pi_squared as _,
+                g_sum_pi_squared as _,
+            ],
+            (temperature, ignore_index),
+        )
+    })
+}
