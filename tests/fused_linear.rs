@@ -22,6 +22,8 @@ struct Case {
     adv: Vec<f32>,
     mask: Vec<u8>,
     cu: Vec<i32>,
+    /// The whole batch's normalizers when this case is a part of it.
+    norms: Option<recap_kernels::Normalizers>,
 }
 
 impl Case {
@@ -60,6 +62,7 @@ impl Case {
             adv,
             mask,
             cu,
+            norms: None,
         }
     }
 
@@ -75,7 +78,7 @@ impl Case {
             lambda: &[1.0],
             objectives: &[ObjectiveKind::Policy],
             membership: None,
-            normalizers: None,
+            normalizers: self.norms.as_ref(),
         }
     }
 
@@ -165,7 +168,7 @@ fn gpu_case(
         lambda: &[1.0],
         objectives: &[ObjectiveKind::Policy],
         membership: None,
-        normalizers: None,
+        normalizers: c.norms.as_ref(),
     };
     let head = LinearHead {
         hidden: x.as_view(),
@@ -399,4 +402,131 @@ fn only_rows_that_carry_loss_are_computed_on_gpu() {
             None => eprintln!("not the emulated driver: GEMM work not counted"),
         }
     }
+}
+
+/// The batch-invariant mode: with the whole batch's normalizers, a sequence's `d_hidden` rows are
+/// the same bits alone or inside the batch (at another position, in a full or a padded chunk), the
+/// loss matches the reference, and the GEMMs that produce rows run on whole chunks: `2 c V H`
+/// multiply-adds per chunk plus `t V H` for the weight gradient (the emulated device counts them),
+/// where the default mode asks for `3 t V H`; the asynchronous call refuses the mode by name.
+#[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+fn batch_invariant_rows_on_gpu() {
+    let g = common::require_cuda("batch_invariant_rows_on_gpu");
+    let mut whole = Case::new(23, &[40, 30], 32, 257);
+    whole
+        .labels
+        .iter_mut()
+        .filter(|y| **y == -100)
+        .for_each(|y| *y = 1);
+    whole.mask = vec![1; whole.t()];
+    let (t, h, v) = (whole.t(), whole.h, whole.v);
+    let cfg = config(AggMode::TokenMean);
+    let lcfg = LogprobConfig::default();
+    whole.norms =
+        Some(recap_kernels::count_normalizers(Mask::U8(&whole.mask), &whole.cu, None, 1).unwrap());
+    let opt = FusedLinearConfig {
+        chunk_tokens: Some(32),
+        batch_invariant: true,
+        ..FusedLinearConfig::default()
+    };
+    let ((out, dh_whole, _), calls) =
+        cuda::count_calls(|| gpu_case(&g, &whole, &cfg, &lcfg, &opt).unwrap());
+    let (want, _, _) = reference(&whole, &cfg, &lcfg, false);
+    assert!(
+        close(out.loss, want.loss, 1e-4, 1e-3),
+        "loss {} vs reference {}",
+        out.loss,
+        want.loss
+    );
+    if let Some(calls) = calls {
+        let parts = t.div_ceil(32);
+        assert_eq!(
+            calls.get("gemm_macs"),
+            ((2 * parts * 32 + t) * v * h) as u64,
+            "{calls:?}"
+        );
+    }
+    // each sequence alone: rows 0..40 (chunks of 32 and 8) and rows 40..70 (one chunk of 30,
+    // which sit at offsets 8..32 of the whole batch's second chunk and 0..6 of its third)
+    for (rows, seq) in [(0..40usize, 0..1usize), (40..70, 1..2)] {
+        let part = Case {
+            hidden: whole.hidden[rows.start * h..rows.end * h].to_vec(),
+            weight: whole.weight.clone(),
+            h,
+            v,
+            labels: whole.labels[rows.clone()].to_vec(),
+            old: whole.old[rows.clone()].to_vec(),
+            adv: whole.adv[seq].to_vec(),
+            mask: whole.mask[rows.clone()].to_vec(),
+            cu: vec![0, rows.len() as i32],
+            norms: whole.norms.clone(),
+        };
+        let (_, dh, _) = gpu_case(&g, &part, &cfg, &lcfg, &opt).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&dh),
+            bits(&dh_whole[rows.start * h..rows.end * h]),
+            "rows {rows:?}"
+        );
+    }
+    let default = FusedLinearConfig {
+        batch_invariant: false,
+        ..opt
+    };
+    let (_, calls) = cuda::count_calls(|| gpu_case(&g, &whole, &cfg, &lcfg, &default).unwrap());
+    if let Some(calls) = calls {
+        assert_eq!(calls.get("gemm_macs"), (3 * t * v * h) as u64, "{calls:?}");
+    }
+    // the asynchronous call has no scratch for the pad: refused, naming the option
+    let s = g.stream().clone();
+    let up = |x: &[f32]| s.clone_htod(x).unwrap();
+    let (x, w) = (
+        s.clone_htod(&whole.hidden).unwrap(),
+        s.clone_htod(&whole.weight).unwrap(),
+    );
+    let (y, m) = (
+        s.clone_htod(&whole.labels).unwrap(),
+        s.clone_htod(&whole.mask).unwrap(),
+    );
+    let (o, a) = (up(&whole.old), up(&whole.adv));
+    let inputs = LogitsLossInputs {
+        labels: y.as_view(),
+        old_logp: o.as_view(),
+        ref_logp: None,
+        rollout_logp: None,
+        advantages: Advantages::PerSequence(a.as_view()),
+        mask: Mask::U8(m.as_view()),
+        cu_seqlens: &whole.cu,
+        lambda: &[1.0],
+        objectives: &[ObjectiveKind::Policy],
+        membership: None,
+        normalizers: None,
+    };
+    let head = LinearHead {
+        hidden: x.as_view(),
+        weight: w.as_view(),
+        hidden_size: h,
+        vocab: v,
+    };
+    let mut ws = s.alloc_zeros::<u8>(16).unwrap();
+    let mut dh = s.alloc_zeros::<bf16>(t * h).unwrap();
+    let mut dw = s.alloc_zeros::<f32>(v * h).unwrap();
+    let mut out = s.alloc_zeros::<f64>(cuda::logits_output_len(1)).unwrap();
+    let e = cuda::fused_linear_grpo_loss_async(
+        &g,
+        &s,
+        &head,
+        &inputs,
+        None,
+        &cfg,
+        &lcfg,
+        &opt,
+        &mut ws.as_view_mut(),
+        &mut dh.as_view_mut(),
+        &mut dw.as_view_mut(),
+        &mut out.as_view_mut(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("batch_invariant"), "{e}");
 }

@@ -210,6 +210,8 @@ impl<'a> LinearArgs<'a> {
                 512 << 20
             },
             fp32_logits: fp32_logits != 0,
+            // the C ABI keeps its signature: the batch-invariant mode is Rust's and Python's
+            ..Default::default()
         };
         Ok(LinearArgs {
             t,
@@ -270,6 +272,7 @@ pub extern "C" fn recap_fused_linear_workspace_len(
             512 << 20
         },
         fp32_logits: fp32_logits != 0,
+        ..Default::default()
     };
     i64::try_from(recap::cuda::fused_linear_workspace_len(t, b, k, v, &opts)).unwrap_or(-1)
 }

@@ -676,6 +676,14 @@ fn fused_linear_cases(
             &masks[0],
         ),
         (
+            "fused, batch-invariant",
+            FusedLinearConfig {
+                batch_invariant: true,
+                ..FusedLinearConfig::default()
+            },
+            &masks[0],
+        ),
+        (
             "fused, 50 % of rows masked",
             FusedLinearConfig::default(),
             &masks[1],
@@ -727,7 +735,9 @@ fn fused_linear_cases(
         // per computed row, and when rows are masked the kept rows' gathered copies (hidden and
         // its gradient, bf16; labels, old log-probs, mask)
         let c = opt.chunk(kept, v);
-        let gathered = if kept < t { kept * (4 * h + 9) } else { 0 };
+        // (and in the batch-invariant mode its pad, one chunk of hidden rows)
+        let gathered = if kept < t { kept * (4 * h + 9) } else { 0 }
+            + if opt.batch_invariant { 2 * c * h } else { 0 };
         let extra =
             (c * v * if opt.fp32_logits { 4 + 2 } else { 2 } + 7 * kept * 4 + gathered) as f64;
         let mut rec = record(

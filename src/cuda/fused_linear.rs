@@ -42,6 +42,13 @@ pub struct FusedLinearConfig {
     /// Keep the logits in fp32 (bf16 GEMM inputs, fp32 output), as users who find bf16 LM heads
     /// hurt RL ask; the gradient is rounded to bf16 for the two backward GEMMs.
     pub fp32_logits: bool,
+    /// Batch-invariant mode (the synchronous call): every GEMM that produces a row's values (the
+    /// logits, the hidden gradient) runs on exactly [`FusedLinearConfig::chunk`] rows, a partial
+    /// chunk padded with zero rows, so cuBLAS sees one shape whatever the batch and each row's
+    /// results (its log-prob, entropy, loss terms and `d_hidden` row, given the same normalizers)
+    /// do not depend on the rows around it. Costs the padded rows (up to one chunk per call) and a
+    /// scratch of one chunk of hidden rows. Off by default (its cost on a GPU is unmeasured).
+    pub batch_invariant: bool,
 }
 
 impl Default for FusedLinearConfig {
@@ -50,12 +57,14 @@ impl Default for FusedLinearConfig {
             chunk_tokens: None,
             memory_budget: 512 << 20,
             fp32_logits: false,
+            batch_invariant: false,
         }
     }
 }
 
 impl FusedLinearConfig {
-    /// The chunk size used for `t` tokens and vocabulary `v`.
+    /// The chunk size used for `t` tokens and vocabulary `v` (in the batch-invariant mode, not
+    /// capped at `t`: the GEMMs' row count does not depend on the batch).
     pub fn chunk(&self, t: usize, v: usize) -> usize {
         // bf16 logits, or fp32 logits plus their bf16 copy for the backward GEMMs
         let elem = if self.fp32_logits { 4 + 2 } else { 2 };
@@ -67,7 +76,11 @@ impl FusedLinearConfig {
                 c
             }
         });
-        c.clamp(1, t.max(1))
+        if self.batch_invariant {
+            c.max(1)
+        } else {
+            c.clamp(1, t.max(1))
+        }
     }
 }
 

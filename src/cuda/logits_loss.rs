@@ -832,6 +832,13 @@ pub fn fused_linear_grpo_loss_async(
     out: &mut CudaViewMut<'_, f64>,
 ) -> Result<PendingLogitsLoss> {
     no_quantile(config)?;
+    if options.batch_invariant {
+        return Err(Error::invalid_argument(
+            "options.batch_invariant",
+            "the batch-invariant mode is the synchronous call's (fused_linear_grpo_loss): it \
+             allocates a scratch of one chunk of hidden rows",
+        ));
+    }
     let call = Linear {
         gpu,
         stream,
@@ -841,6 +848,7 @@ pub fn fused_linear_grpo_loss_async(
         config,
         logits_config,
         options,
+        pad: None,
     };
     if options.fp32_logits {
         call.run::<f32>(workspace, d_hidden, d_weight, out)
@@ -871,7 +879,7 @@ pub fn fused_linear_grpo_loss(
     d_hidden: &mut CudaViewMut<'_, half::bf16>,
     d_weight: &mut CudaViewMut<'_, f32>,
 ) -> Result<LogitsLossOutput> {
-    let call = Linear {
+    let mut call = Linear {
         gpu,
         stream,
         head,
@@ -880,6 +888,7 @@ pub fn fused_linear_grpo_loss(
         config,
         logits_config,
         options,
+        pad: None,
     };
     let (t, h) = call.shape()?;
     validate(
@@ -892,6 +901,20 @@ pub fn fused_linear_grpo_loss(
     )?;
     check_len("d_hidden", d_hidden.len(), t * h, "[T, H]")?;
     gpu.check_stream(stream)?;
+    // the batch-invariant mode's scratch: one chunk of hidden rows, kept until the read-back
+    let mut pad = if options.batch_invariant {
+        Some(stream.alloc_zeros::<half::bf16>(options.chunk(t, head.vocab) * h)?)
+    } else {
+        None
+    };
+    let (pad_a, _gp) = match pad.as_mut() {
+        Some(p) => {
+            let (a, g) = super::addr_slice_mut(p, stream);
+            (Some(a), Some(g))
+        }
+        None => (None, None),
+    };
+    call.pad = pad_a;
     let Some(rows) = LossRows::find(gpu, stream, head, inputs, logits_config.ignore_index)? else {
         let run = call.enqueue_sync(d_hidden, d_weight)?;
         return run.read(stream);
@@ -934,6 +957,9 @@ struct Linear<'c, 'a> {
     config: &'c GrpoConfig,
     logits_config: &'c LogprobConfig,
     options: &'c FusedLinearConfig,
+    /// The batch-invariant mode's scratch of one chunk of hidden rows (`c H` bf16): a partial
+    /// chunk's rows padded with zeros for the logits GEMM, then its hidden gradient.
+    pad: Option<u64>,
 }
 
 impl Linear<'_, '_> {
@@ -1119,16 +1145,26 @@ impl Linear<'_, '_> {
         for i in 0..ch.parts {
             let t0 = i * c;
             let n = c.min(t - t0.min(t));
+            // the row count of the GEMMs that produce a row's values: the chunk's, or in the
+            // batch-invariant mode always c (a partial chunk's rows copied into the zeroed pad)
+            let (gn, x_rows) = match self.pad {
+                Some(pad) if n > 0 && n < c => {
+                    memset0(stream, pad, 2 * c * h)?;
+                    copy(stream, pad, x_a + (t0 * h * 2) as u64, 2 * n * h)?;
+                    (c, pad)
+                }
+                _ => (n, x_a + (t0 * h * 2) as u64),
+            };
             if n > 0 {
-                // logits^T[V, n] = W[V, H] x X_chunk^T[H, n]
+                // logits^T[V, gn] = W[V, H] x X_chunk^T[H, gn]
                 gpu.with_blas(stream, |blas| {
                     gemm(
                         blas,
                         T,
                         N,
-                        (v, n, h),
+                        (v, gn, h),
                         (w_a, bf, h),
-                        (x_a + (t0 * h * 2) as u64, bf, h),
+                        (x_rows, bf, h),
                         (chunk, ct, v),
                         0.0,
                     )
@@ -1229,16 +1265,22 @@ impl Linear<'_, '_> {
             } else {
                 chunk
             };
+            // a padded chunk's hidden gradient goes to the pad first (its first n rows are kept)
+            let dh_rows = if gn > n {
+                self.pad.unwrap_or(0)
+            } else {
+                dh_a + (t0 * h * 2) as u64
+            };
             gpu.with_blas(stream, |blas| {
-                // dH rows [t0, t0 + n): (dH^T)[H, n] = W^T[H, V] x dL^T[V, n]
+                // dH rows [t0, t0 + n): (dH^T)[H, gn] = W^T[H, V] x dL^T[V, gn]
                 gemm(
                     blas,
                     N,
                     N,
-                    (h, n, v),
+                    (h, gn, v),
                     (w_a, bf, h),
                     (dl, bf, v),
-                    (dh_a + (t0 * h * 2) as u64, bf, h),
+                    (dh_rows, bf, h),
                     0.0,
                 )?;
                 // dW^T[H, V] (+)= X_chunk^T[H, n] x dL[n, V]
@@ -1253,6 +1295,9 @@ impl Linear<'_, '_> {
                     if i == 0 { 0.0 } else { 1.0 },
                 )
             })?;
+            if gn > n {
+                copy(stream, dh_a + (t0 * h * 2) as u64, dh_rows, 2 * n * h)?;
+            }
         }
         // the entropy term and mean over the whole batch, once
         let has_mean = entropy_terms(

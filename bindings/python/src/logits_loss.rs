@@ -181,7 +181,8 @@ pub(crate) fn grpo_loss_from_logits_(
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (hidden, weight, labels, old_logp, batch, temperature, chunk_tokens,
-                    memory_budget, fp32_logits, d_hidden, d_weight, loss, stats))]
+                    memory_budget, fp32_logits, d_hidden, d_weight, loss, stats,
+                    batch_invariant=false))]
 
 pub(crate) fn fused_linear_grpo_loss(
     py: Python<'_>,
@@ -198,6 +199,7 @@ pub(crate) fn fused_linear_grpo_loss(
     d_weight: &Bound<'_, PyAny>,
     loss: &Bound<'_, PyAny>,
     stats: &Bound<'_, PyAny>,
+    batch_invariant: bool,
 ) -> PyResult<()> {
     let first = Tensor::of("hidden", hidden)?;
     let call = Call::new(py, &first)?;
@@ -212,6 +214,7 @@ pub(crate) fn fused_linear_grpo_loss(
         chunk_tokens,
         memory_budget,
         fp32_logits,
+        batch_invariant,
     };
     let (dw, l, s) = (
         call.out_f32("d_weight", d_weight)?,
@@ -255,6 +258,7 @@ pub(crate) fn fused_linear_workspace_len(
         chunk_tokens,
         memory_budget,
         fp32_logits,
+        ..FusedLinearConfig::default()
     };
     recap_kernels::cuda::fused_linear_workspace_len(t, b, k, v, &opts)
 }
@@ -349,6 +353,7 @@ pub(crate) fn fused_linear_grpo_loss_async(
         chunk_tokens,
         memory_budget,
         fp32_logits,
+        ..FusedLinearConfig::default()
     };
     let (ws, dw, o) = (
         call.out_u8("workspace", workspace)?,

@@ -174,6 +174,16 @@ def test_fused_linear_matches_unfused_autograd(device, gen):
     torch.testing.assert_close(x0.grad.float(), x.grad.float(), rtol=5e-2, atol=5e-3)
     torch.testing.assert_close(w0.grad.float(), w.grad.float(), rtol=5e-2, atol=5e-3)
     assert m["actor/num_tokens"].item() == t
+    # the batch-invariant mode: the same loss and gradients (the GEMMs on whole padded chunks)
+    x1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss1, _ = rk.fused_linear_grpo_loss(x1, w1, labels, old, adv, mask, cu, chunk_tokens=32, fp32_logits=True,
+                                         batch_invariant=True)
+    loss1.backward()
+    assert abs(loss1.item() - loss.item()) <= 1e-5 * abs(loss.item()) + 1e-6
+    torch.testing.assert_close(x1.grad.float(), x0.grad.float(), rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(w1.grad.float(), w0.grad.float(), rtol=2e-2, atol=1e-3)
+    with pytest.raises(rk.RecapTypeError, match="batch_invariant"):
+        rk.fused_linear_grpo_loss(hidden, weight, labels, old, adv, mask, cu, batch_invariant="yes")
 
 
 def test_group_advantages(device):

@@ -38,7 +38,7 @@ def count_normalizers(mask, cu_seqlens, membership, k, normalizers, seq_tokens) 
     last) and per-sequence token weights ([B] float64), on the mask's device."""
     ...
 
-def fused_linear_grpo_loss(hidden, weight, labels, old_logp, batch, temperature, chunk_tokens, memory_budget, fp32_logits, d_hidden, d_weight, loss, stats) -> Any:
+def fused_linear_grpo_loss(hidden, weight, labels, old_logp, batch, temperature, chunk_tokens, memory_budget, fp32_logits, d_hidden, d_weight, loss, stats, batch_invariant=False) -> Any:
     """The chunked fused-linear GRPO loss from `hidden` [T, H] and `weight` [V, H] (bf16):
     `d_hidden` [T, H] (bf16), `d_weight` [V, H] (float32), `loss`, `stats` [logits_stat_layout]."""
     ...

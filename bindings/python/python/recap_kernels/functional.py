@@ -685,14 +685,17 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_l
                            membership=None, normalizers=None, temperature: float = 1.0,
                            chunk_tokens: Optional[int] = None, memory_budget: int = 512 << 20,
                            fp32_logits: bool = False, objective_names=None, advantages_per_token=None,
-                           **options) -> Tuple[Tensor, Dict[str, Tensor]]:
+                           batch_invariant: bool = False, **options) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The GRPO loss of a policy whose last layer is ``hidden [..., H] @ weight[V, H]^T`` (bf16), chunk
     by chunk, never holding the ``[T, V]`` logits; differentiable with respect to ``hidden`` and
     ``weight``. ``chunk_tokens`` (default: sized from ``memory_budget`` bytes) and ``fp32_logits``
     tune the chunks. Returns ``(loss, metrics)`` as ``grpo_loss_from_logits``. Only the rows whose
     mask weight is not 0 (and label not ``ignore_index``) are computed on a GPU: the call reads the
     mask back (a synchronization), gathers those rows and runs the GEMMs over them alone; the other
-    rows' ``hidden`` gradient is 0 and their labels are not checked."""
+    rows' ``hidden`` gradient is 0 and their labels are not checked. ``batch_invariant``: every
+    GEMM that produces a row's values runs on exactly one chunk of rows (a partial chunk padded), so
+    with the same ``normalizers`` a row's loss terms and ``hidden`` gradient do not depend on the
+    rows around it (the crate's ``FusedLinearConfig::batch_invariant``; off by default)."""
     hidden, weight = _head(hidden, weight)
     lead = hidden.shape[:-1]
     x = hidden.reshape(-1, hidden.shape[-1])
@@ -710,7 +713,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_l
     _same_device(x, weight=weight, labels=y, old_logp=old, advantages=adv, mask=m, ref_logp=ref)
     loss, stats, _, _ = ops.fused_linear_grpo_loss(
         x, weight, y, old, adv, m, cu, lam, kinds, memb, ref, normalizers, per_token,
-        _config(options), tau, chunk, budget, bool(fp32_logits))
+        _config(options), tau, chunk, budget, bool(fp32_logits), A.boolean("batch_invariant", batch_invariant))
     return loss, _metrics(stats, lam.shape[0], objective_names, logits=True)
 
 

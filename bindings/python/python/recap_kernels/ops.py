@@ -437,7 +437,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_l
                            mask: Tensor, cu_seqlens: Tensor, lambda_: Tensor, objectives: List[int],
                            membership: Optional[Tensor], ref_logp: Optional[Tensor], normalizers: Optional[Tensor],
                            adv_per_token: bool, config: str, temperature: float, chunk_tokens: int,
-                           memory_budget: int, fp32_logits: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                           memory_budget: int, fp32_logits: bool,
+                           batch_invariant: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The GRPO loss of ``hidden [T, H] @ weight[V, H]^T`` chunk by chunk, never holding [T, V]
     logits: ``(loss, stats, dloss/dhidden, dloss/dweight)`` (the last in float32)."""
     loss, stats, d_hidden, d_weight = _linear_outputs(hidden, weight, lambda_)
@@ -446,13 +447,14 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_l
                    adv_per_token, config)
     _native.fused_linear_grpo_loss(hidden, weight, labels, old_logp, batch, temperature,
                                    chunk_tokens if chunk_tokens > 0 else None, memory_budget, fp32_logits, d_hidden,
-                                   d_weight, loss, stats)
+                                   d_weight, loss, stats, batch_invariant)
     return loss, stats, d_hidden, d_weight
 
 
 @fused_linear_grpo_loss.register_fake
 def _(hidden, weight, labels, old_logp, advantages, mask, cu_seqlens, lambda_, objectives, membership, ref_logp,
-      normalizers, adv_per_token, config, temperature, chunk_tokens, memory_budget, fp32_logits):
+      normalizers, adv_per_token, config, temperature, chunk_tokens, memory_budget, fp32_logits,
+      batch_invariant=False):
     return _linear_outputs(hidden, weight, lambda_)
 
 
@@ -463,7 +465,7 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_backward(ctx, g_loss, g_stats, g_dh, g_dw):
     d_hidden, d_weight = ctx.saved_tensors
-    return (d_hidden * g_loss.to(d_hidden.dtype), (d_weight * g_loss).to(ctx.weight_dtype)) + (None,) * 16
+    return (d_hidden * g_loss.to(d_hidden.dtype), (d_weight * g_loss).to(ctx.weight_dtype)) + (None,) * 17
 
 
 fused_linear_grpo_loss.register_autograd(_linear_backward, setup_context=_linear_setup)
