@@ -22,6 +22,7 @@ python_line=$(scripts/install-torch.sh)   # a Python with maturin
 export "${python_line?}"   # PYTHON=<path>
 
 mkdir -p "$out"
+out=$(cd "$out" && pwd)   # the printed path is absolute: callers install it from anywhere
 # built beside the destination, then renamed into it: no partial wheel is ever in $out
 tmp=$(mktemp -d "$out/.build-wheel.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT

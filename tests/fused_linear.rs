@@ -138,6 +138,55 @@ fn reference_hidden_gradient_matches_finite_differences() {
     }
 }
 
+/// Case `c` on the device.
+struct DeviceCase {
+    x: cudarc::driver::CudaSlice<bf16>,
+    w: cudarc::driver::CudaSlice<bf16>,
+    y: cudarc::driver::CudaSlice<i32>,
+    o: cudarc::driver::CudaSlice<f32>,
+    a: cudarc::driver::CudaSlice<f32>,
+    m: cudarc::driver::CudaSlice<u8>,
+}
+
+impl DeviceCase {
+    fn new(s: &std::sync::Arc<cudarc::driver::CudaStream>, c: &Case) -> DeviceCase {
+        DeviceCase {
+            x: s.clone_htod(&c.hidden).unwrap(),
+            w: s.clone_htod(&c.weight).unwrap(),
+            y: s.clone_htod(&c.labels).unwrap(),
+            o: s.clone_htod(&c.old).unwrap(),
+            a: s.clone_htod(&c.adv).unwrap(),
+            m: s.clone_htod(&c.mask).unwrap(),
+        }
+    }
+
+    /// The case's inputs (the old log-probs stand in for the reference's too).
+    fn inputs<'a>(&'a self, c: &'a Case) -> cuda::DeviceLogitsLossInputs<'a> {
+        LogitsLossInputs {
+            labels: self.y.as_view(),
+            old_logp: self.o.as_view(),
+            ref_logp: Some(self.o.as_view()),
+            rollout_logp: None,
+            advantages: Advantages::PerSequence(self.a.as_view()),
+            mask: Mask::U8(self.m.as_view()),
+            cu_seqlens: &c.cu,
+            lambda: &[1.0],
+            objectives: &[ObjectiveKind::Policy],
+            membership: None,
+            normalizers: c.norms.as_ref(),
+        }
+    }
+
+    fn head(&self, c: &Case) -> LinearHead<'_> {
+        LinearHead {
+            hidden: self.x.as_view(),
+            weight: self.w.as_view(),
+            hidden_size: c.h,
+            vocab: c.v,
+        }
+    }
+}
+
 fn gpu_case(
     g: &std::sync::Arc<cuda::Gpu>,
     c: &Case,
@@ -147,42 +196,14 @@ fn gpu_case(
 ) -> recap_kernels::Result<(recap_kernels::LogitsLossOutput, Vec<f32>, Vec<f32>)> {
     let s = g.stream().clone();
     let (t, h, v) = (c.t(), c.h, c.v);
-    let (x, w) = (
-        s.clone_htod(&c.hidden).unwrap(),
-        s.clone_htod(&c.weight).unwrap(),
-    );
-    let (y, o, a, m) = (
-        s.clone_htod(&c.labels).unwrap(),
-        s.clone_htod(&c.old).unwrap(),
-        s.clone_htod(&c.adv).unwrap(),
-        s.clone_htod(&c.mask).unwrap(),
-    );
-    let inputs = LogitsLossInputs {
-        labels: y.as_view(),
-        old_logp: o.as_view(),
-        ref_logp: Some(o.as_view()),
-        rollout_logp: None,
-        advantages: Advantages::PerSequence(a.as_view()),
-        mask: Mask::U8(m.as_view()),
-        cu_seqlens: &c.cu,
-        lambda: &[1.0],
-        objectives: &[ObjectiveKind::Policy],
-        membership: None,
-        normalizers: c.norms.as_ref(),
-    };
-    let head = LinearHead {
-        hidden: x.as_view(),
-        weight: w.as_view(),
-        hidden_size: h,
-        vocab: v,
-    };
+    let d = DeviceCase::new(&s, c);
     let mut dh = s.alloc_zeros::<bf16>(t * h).unwrap();
     let mut dw = s.alloc_zeros::<f32>(v * h).unwrap();
     let out = cuda::fused_linear_grpo_loss(
         g,
         &s,
-        &head,
-        &inputs,
+        &d.head(c),
+        &d.inputs(c),
         cfg,
         lcfg,
         opt,
@@ -480,35 +501,7 @@ fn batch_invariant_rows_on_gpu() {
     }
     // the asynchronous call has no scratch for the pad: refused, naming the option
     let s = g.stream().clone();
-    let up = |x: &[f32]| s.clone_htod(x).unwrap();
-    let (x, w) = (
-        s.clone_htod(&whole.hidden).unwrap(),
-        s.clone_htod(&whole.weight).unwrap(),
-    );
-    let (y, m) = (
-        s.clone_htod(&whole.labels).unwrap(),
-        s.clone_htod(&whole.mask).unwrap(),
-    );
-    let (o, a) = (up(&whole.old), up(&whole.adv));
-    let inputs = LogitsLossInputs {
-        labels: y.as_view(),
-        old_logp: o.as_view(),
-        ref_logp: None,
-        rollout_logp: None,
-        advantages: Advantages::PerSequence(a.as_view()),
-        mask: Mask::U8(m.as_view()),
-        cu_seqlens: &whole.cu,
-        lambda: &[1.0],
-        objectives: &[ObjectiveKind::Policy],
-        membership: None,
-        normalizers: None,
-    };
-    let head = LinearHead {
-        hidden: x.as_view(),
-        weight: w.as_view(),
-        hidden_size: h,
-        vocab: v,
-    };
+    let d = DeviceCase::new(&s, &whole);
     let mut ws = s.alloc_zeros::<u8>(16).unwrap();
     let mut dh = s.alloc_zeros::<bf16>(t * h).unwrap();
     let mut dw = s.alloc_zeros::<f32>(v * h).unwrap();
@@ -516,8 +509,8 @@ fn batch_invariant_rows_on_gpu() {
     let e = cuda::fused_linear_grpo_loss_async(
         &g,
         &s,
-        &head,
-        &inputs,
+        &d.head(&whole),
+        &d.inputs(&whole),
         None,
         &cfg,
         &lcfg,
