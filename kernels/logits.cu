@@ -72,6 +72,19 @@ __device__ __forceinline__ RecapSoftmaxState recap_softmax_add_vec(RecapSoftmaxS
     return st;
 }
 
+/* Row `row`'s mask weight: the f32 weight, 1 or 0 for a u8 mask, 1 without a mask. */
+__device__ __forceinline__ float recap_mask_weight(const RecapLogitsParams& p, int64_t row) {
+    if (!p.mask) return 1.0f;
+    return p.mask_u8 ? (((const uint8_t*)p.mask)[row] ? 1.0f : 0.0f) : ((const float*)p.mask)[row];
+}
+
+/* A label counted in bad_labels: not ignore_index, outside the logits' columns, and not another
+ * shard's (unsharded logits hold every column). */
+__device__ __forceinline__ bool recap_label_bad(const RecapLogitsParams& p, int y, int64_t V) {
+    const int64_t yl = (int64_t)y - p.label_offset;
+    return y != p.ignore_index && !(yl >= 0 && yl < V) && !p.sharded;
+}
+
 template <typename T, bool VEC>
 __device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
     __shared__ RecapSoftmaxState s_warp[RECAP_WARPS];
@@ -82,12 +95,9 @@ __device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
     /* The loss paths (`valid` out, a mask in) do not read a row whose mask weight is 0: logp,
      * entropy, LSE and sum_pi_squared 0, valid 0 (its label is still checked). Block-uniform. */
     if (p.valid && p.mask) {
-        const float m0 = p.mask_u8 ? (((const uint8_t*)p.mask)[row] ? 1.0f : 0.0f) : ((const float*)p.mask)[row];
-        if (m0 == 0.0f) {
+        if (recap_mask_weight(p, row) == 0.0f) {
             if (threadIdx.x == 0) {
-                const int y = ((const int32_t*)p.labels)[row];
-                const int64_t yl = (int64_t)y - p.label_offset;
-                if (y != p.ignore_index && !(yl >= 0 && yl < V) && !p.sharded) atomicAdd((unsigned*)p.bad_labels, 1u);
+                if (recap_label_bad(p, ((const int32_t*)p.labels)[row], V)) atomicAdd((unsigned*)p.bad_labels, 1u);
                 if (p.logp) ((float*)p.logp)[row] = 0.0f;
                 if (p.label_logit) ((float*)p.label_logit)[row] = RECAP_NEG_INF;
                 ((float*)p.lse)[row] = 0.0f;
@@ -135,8 +145,7 @@ __device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
         const bool ignored = y == p.ignore_index;
         const int64_t yl = (int64_t)y - p.label_offset;
         const bool here = yl >= 0 && yl < V;
-        const bool bad = !ignored && !here && !p.sharded;
-        if (bad) atomicAdd((unsigned*)p.bad_labels, 1u); /* an integer count: order does not matter */
+        if (recap_label_bad(p, y, V)) atomicAdd((unsigned*)p.bad_labels, 1u); /* an integer count: order does not matter */
         const bool use = !ignored && here;
         const float x_y = use ? recap_scaled(z[yl], inv_tau) : RECAP_NEG_INF;
         if (p.logp) ((float*)p.logp)[row] = use ? x_y - lse : 0.0f;
@@ -144,11 +153,7 @@ __device__ __forceinline__ void logprob_forward(const RecapLogitsParams& p) {
         ((float*)p.lse)[row] = lse;
         if (p.entropy) ((float*)p.entropy)[row] = log_s - acc.a / acc.s;
         if (p.sum_pi_squared) ((float*)p.sum_pi_squared)[row] = recap_softmax_sum_sq(acc);
-        if (p.valid) {
-            float m = 1.0f;
-            if (p.mask) m = p.mask_u8 ? (((const uint8_t*)p.mask)[row] ? 1.0f : 0.0f) : ((const float*)p.mask)[row];
-            ((float*)p.valid)[row] = use ? m : 0.0f;
-        }
+        if (p.valid) ((float*)p.valid)[row] = use ? recap_mask_weight(p, row) : 0.0f;
     }
 }
 
@@ -183,12 +188,12 @@ __device__ __forceinline__ void logprob_backward(const RecapLogitsParams& p) {
     if (g == 0.0f && ge == 0.0f && gs == 0.0f) {
         /* no upstream gradient (a masked or ignored row): the row's gradient is exactly 0 (what
          * recap_grad_x gives), written without reading the logits. Block-uniform. */
+        constexpr int W = 16 / sizeof(T);
         int64_t z0 = 0;
         if (VEC) {
-            const int64_t nvec = V / (16 / (int64_t)sizeof(T));
             const uint4 zero = {0u, 0u, 0u, 0u};
-            for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) ((uint4*)dz)[i] = zero;
-            z0 = nvec * (16 / (int64_t)sizeof(T));
+            for (int64_t i = threadIdx.x; i < V / W; i += blockDim.x) ((uint4*)dz)[i] = zero;
+            z0 = V / W * W;
         }
         for (int64_t j = z0 + threadIdx.x; j < V; j += blockDim.x) dz[j] = recap_from_float<T>(0.0f);
         return;
@@ -323,7 +328,6 @@ extern "C" __global__ void __launch_bounds__(RECAP_BLOCK) recap_valid_mask(const
     float* __restrict__ valid = (float*)p.valid;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < p.num_rows; t += stride) {
-        const float m = p.mask_u8 ? (((const uint8_t*)p.mask)[t] ? 1.0f : 0.0f) : ((const float*)p.mask)[t];
-        valid[t] = (y[t] == p.ignore_index) ? 0.0f : m;
+        valid[t] = (y[t] == p.ignore_index) ? 0.0f : recap_mask_weight(p, t);
     }
 }

@@ -578,8 +578,8 @@ int32_t recap_optimal_token_baseline(int32_t device,
 // `chunk_tokens` <= 0: sized from `memory_budget` bytes (<= 0: 512 MiB); `fp32_logits` keeps the
 // logits in f32. `result.loss` includes the entropy bonus; `stats` as in `recap_grpo_loss`. Reads
 // the result back (synchronizes `stream`): `recap_fused_linear_grpo_loss_async` does not. On the
-// device only the rows with `mask` nonzero and a label other than `ignore_index` are computed (the
-// labels and mask are read back first; the others' `d_hidden` rows are 0 and their labels are not
+// device only the rows with `mask` nonzero and a label other than `ignore_index` are computed (their
+// valid mask is read back first; the others' `d_hidden` rows are 0 and their labels are not
 // checked).
 //
 // # Safety

@@ -182,24 +182,26 @@ fn move_rows(
 }
 
 impl LossRows {
-    /// `None` when every row carries loss (nothing to gather); reads the labels and the mask back
+    /// `None` when every row carries loss (nothing to gather); computes the valid mask on the
+    /// device (`recap_valid_mask`: the mask weight, 0 at ignored labels) and reads it back
     /// (synchronizes `stream`). The inputs' lengths are checked by the caller.
     pub(crate) fn find(
         gpu: &super::Gpu,
         stream: &std::sync::Arc<cudarc::driver::CudaStream>,
         head: &LinearHead<'_>,
         inputs: &super::DeviceLogitsLossInputs<'_>,
-        ignore_index: i32,
+        config: &crate::logits::LogprobConfig,
     ) -> Result<Option<LossRows>> {
         use crate::layout::{Advantages, Mask};
         let t = inputs.labels.len();
-        let labels = stream.clone_dtoh(&inputs.labels)?;
-        let weight: Vec<bool> = match &inputs.mask {
-            Mask::F32(m) => stream.clone_dtoh(m)?.iter().map(|&w| w != 0.0).collect(),
-            Mask::U8(m) => stream.clone_dtoh(m)?.iter().map(|&w| w != 0).collect(),
-        };
+        let mut valid = stream.alloc_zeros::<f32>(t.max(1))?;
+        {
+            let (va, _gv) = super::addr_slice_mut(&mut valid, stream);
+            super::logits::valid_mask(gpu, stream, inputs, config, va)?;
+        }
+        let valid = stream.clone_dtoh(&valid.slice(..t))?;
         let keep: Vec<i32> = (0..t)
-            .filter(|&r| weight[r] && labels[r] != ignore_index)
+            .filter(|&r| valid[r] != 0.0)
             .map(|r| r as i32)
             .collect();
         let n = keep.len();

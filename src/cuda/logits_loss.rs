@@ -862,7 +862,7 @@ pub fn fused_linear_grpo_loss_async(
 /// convenience over [`fused_linear_grpo_loss_async`]: it allocates the workspace and reads the
 /// result back, which synchronizes `stream`; it also takes `config.top_entropy_quantile < 1`.
 ///
-/// Only the rows that carry loss are computed: it first reads the labels and the mask back, and
+/// Only the rows that carry loss are computed: it first reads the valid mask back, and
 /// when some rows have mask weight 0 (or an ignored label), gathers the others and runs the GEMMs
 /// and kernels over them alone (their `d_hidden` rows scattered back, 0 at the rows left out; the
 /// labels of those rows are not checked). The loss, the metrics and the kept rows' gradients are
@@ -915,7 +915,7 @@ pub fn fused_linear_grpo_loss(
         None => (None, None),
     };
     call.pad = pad_a;
-    let Some(rows) = LossRows::find(gpu, stream, head, inputs, logits_config.ignore_index)? else {
+    let Some(rows) = LossRows::find(gpu, stream, head, inputs, logits_config)? else {
         let run = call.enqueue_sync(d_hidden, d_weight)?;
         return run.read(stream);
     };
@@ -1145,15 +1145,18 @@ impl Linear<'_, '_> {
         for i in 0..ch.parts {
             let t0 = i * c;
             let n = c.min(t - t0.min(t));
-            // the row count of the GEMMs that produce a row's values: the chunk's, or in the
-            // batch-invariant mode always c (a partial chunk's rows copied into the zeroed pad)
-            let (gn, x_rows) = match self.pad {
+            // the row count of the GEMMs that produce a row's values, their input rows and their
+            // hidden-gradient rows: the chunk's own, or in the batch-invariant mode for a partial
+            // chunk always c, through the zeroed pad (its first n rows copied in, and the first n
+            // rows of its gradient copied out below)
+            let (x_chunk, dh_chunk) = (x_a + (t0 * h * 2) as u64, dh_a + (t0 * h * 2) as u64);
+            let (gn, x_rows, dh_rows) = match self.pad {
                 Some(pad) if n > 0 && n < c => {
                     memset0(stream, pad, 2 * c * h)?;
-                    copy(stream, pad, x_a + (t0 * h * 2) as u64, 2 * n * h)?;
-                    (c, pad)
+                    copy(stream, pad, x_chunk, 2 * n * h)?;
+                    (c, pad, pad)
                 }
-                _ => (n, x_a + (t0 * h * 2) as u64),
+                _ => (n, x_chunk, dh_chunk),
             };
             if n > 0 {
                 // logits^T[V, gn] = W[V, H] x X_chunk^T[H, gn]
@@ -1265,12 +1268,6 @@ impl Linear<'_, '_> {
             } else {
                 chunk
             };
-            // a padded chunk's hidden gradient goes to the pad first (its first n rows are kept)
-            let dh_rows = if gn > n {
-                self.pad.unwrap_or(0)
-            } else {
-                dh_a + (t0 * h * 2) as u64
-            };
             gpu.with_blas(stream, |blas| {
                 // dH rows [t0, t0 + n): (dH^T)[H, gn] = W^T[H, V] x dL^T[V, gn]
                 gemm(
@@ -1289,14 +1286,14 @@ impl Linear<'_, '_> {
                     N,
                     T,
                     (h, v, n),
-                    (x_a + (t0 * h * 2) as u64, bf, h),
+                    (x_chunk, bf, h),
                     (dl, bf, v),
                     (dw_a, cudaDataType::CUDA_R_32F, h),
                     if i == 0 { 0.0 } else { 1.0 },
                 )
             })?;
-            if gn > n {
-                copy(stream, dh_a + (t0 * h * 2) as u64, dh_rows, 2 * n * h)?;
+            if dh_rows != dh_chunk {
+                copy(stream, dh_chunk, dh_rows, 2 * n * h)?;
             }
         }
         // the entropy term and mean over the whole batch, once

@@ -513,6 +513,7 @@ class FusedLinearForPPO(torch.nn.Module):
     and no gradient (verl's raises an index error)."""
 
     batch_invariant = False
+    original = None  # verl's FusedLinearForPPO, set by use_recap_fused_linear
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch", *, batch_invariant: Optional[bool] = None):
         super().__init__()
@@ -539,9 +540,6 @@ class FusedLinearForPPO(torch.nn.Module):
         return log_probs.float(), entropy.to(hidden_states.dtype)
 
 
-_VERL_FUSED_LINEAR = []
-
-
 def use_recap_fused_linear(enable: bool = True, *, batch_invariant: bool = False) -> None:
     """Puts ``FusedLinearForPPO`` in place of verl's (``verl.utils.experimental.torch_functional``),
     which verl's model forwards construct on every call when ``actor_rollout_ref.model.
@@ -554,9 +552,9 @@ def use_recap_fused_linear(enable: bool = True, *, batch_invariant: bool = False
     FusedLinearForPPO.batch_invariant = A.boolean("batch_invariant", batch_invariant)
     from verl.utils.experimental import torch_functional as tf
 
+    if tf.FusedLinearForPPO is not FusedLinearForPPO:
+        FusedLinearForPPO.original = tf.FusedLinearForPPO
     if enable:
-        if not _VERL_FUSED_LINEAR:
-            _VERL_FUSED_LINEAR.append(tf.FusedLinearForPPO)
         tf.FusedLinearForPPO = FusedLinearForPPO
-    elif _VERL_FUSED_LINEAR:
-        tf.FusedLinearForPPO = _VERL_FUSED_LINEAR[0]
+    elif FusedLinearForPPO.original is not None:
+        tf.FusedLinearForPPO = FusedLinearForPPO.original
