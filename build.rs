@@ -1,7 +1,8 @@
 //! Build script: compiles every `kernels/*.cu` with nvcc into one fatbin per file (cubins for each
 //! architecture in `RECAP_CUDA_ARCHS`, default `80,90`, plus PTX for the last one), embedded through
 //! a generated `kernels.rs` (one `&[u8]` constant per file), and compiles the per-token device math
-//! for the host with `cc` (`kernels/host_shim.c`) so tests check it without a GPU.
+//! for the host with `cc` (`kernels/host_shim.c`) so tests check it without a GPU. The Rust mirrors
+//! of the C structs and the constants of `kernels/recap_params.h` are generated from the header.
 //!
 //! nvcc is looked up in `NVCC`, then `CUDA_PATH`/`CUDA_HOME` (`bin/nvcc`), `/usr/local/cuda/bin/nvcc`,
 //! `PATH`, then the pinned compiler `scripts/install-nvcc.sh` installs. Without nvcc the crate builds its CPU backend only and prints a warning; with
@@ -16,6 +17,8 @@ use std::process::Command;
 const DEFAULT_ARCHS: &str = "80,90";
 
 include!("tests/common/gpu_cfg.rs");
+#[path = "build/mirrors.rs"]
+mod mirrors;
 
 fn main() -> Result<(), String> {
     gpu_tests_cfg();
@@ -35,14 +38,16 @@ fn main() -> Result<(), String> {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
+    let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?);
+    let structs = mirrors::generate(&out_dir)?;
     cc::Build::new()
         .file("kernels/host_shim.c")
+        .file(structs)
         .include("kernels")
         .flag_if_supported("-std=c99")
         .warnings(true)
         .compile("recap_host_math");
 
-    let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?);
     let mut kernels: Vec<PathBuf> = fs::read_dir("kernels")
         .map_err(|e| format!("cannot read kernels/: {e}"))?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -2,9 +2,12 @@
  * recap_params.h — the one definition of every kernel-parameter struct and the constants they use.
  *
  * Included by every kernel (nvcc, C++), by the host shim that `build.rs` compiles with `cc` (C), and
- * mirrored by `#[repr(C)]` structs in `src/cuda/params.rs`; the test `tests/device_math.rs` checks
- * the size and every field offset of the Rust mirror against this file, as compiled by the C
- * compiler, so the two cannot drift apart silently.
+ * read by `build.rs` (`build/mirrors.rs`), which generates the `#[repr(C)]` Rust mirror of each
+ * struct (`src/cuda/params.rs`) and asserts at compile time, in Rust and in C, that both have the
+ * size and field offsets it computed (so the two cannot drift apart), and the Rust constants of the
+ * `#define`s below. Plain fields only: one `type name;` or `type name[LEN];` per declaration, of
+ * uint64_t, int64_t, double, uint32_t, int32_t or float; a struct the generator cannot read fails the
+ * build.
  *
  * Device addresses travel as uint64_t (CUdeviceptr); a zero address means "absent".
  */

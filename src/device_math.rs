@@ -1,49 +1,17 @@
-//! The device's per-token formulas (`kernels/grpo_math.cuh`) and parameter-struct layouts
-//! (`kernels/recap_params.h`), compiled for the host by `build.rs` with the C compiler: the one
-//! definition of each formula, for the host too. The tests use them to check the exact device
-//! arithmetic and the `#[repr(C)]` mirrors on machines without a GPU; the CPU paths that must
+//! The device's per-token formulas (`kernels/grpo_math.cuh`), compiled for the host by `build.rs`
+//! with the C compiler: the one definition of each formula, for the host too. The tests use them to
+//! check the exact device arithmetic on machines without a GPU; the CPU paths that must
 //! round as the device does use them at run time (the rollout IS batch mean, `rollout_is`).
 
 use std::os::raw::c_int;
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct CRatio {
-    log_ratio: f32,
-    ratio: f32,
-    saturated: c_int,
+/// The per-token result structs of `kernels/grpo_math.cuh`, generated from it by `build.rs`
+/// (`Ratio` mirrors `RecapRatio`, and so on).
+#[allow(missing_docs, dead_code)]
+mod c {
+    include!(concat!(env!("OUT_DIR"), "/device_structs.rs"));
 }
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct CPolicy {
-    loss: f32,
-    grad: f32,
-    clipped: c_int,
-    dual: c_int,
-}
-
-/// Mirror of `RecapPolicyOpts` (grpo_math.cuh).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct COpts {
-    loss_type: c_int,
-    dual_clip: c_int,
-    clip_low: f32,
-    clip_high: f32,
-    clip_c: f32,
-    delta: f32,
-    tau_pos: f32,
-    tau_neg: f32,
-    dro_beta: f32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct CKl {
-    value: f32,
-    grad: f32,
-}
+use c::{KlToken as CKl, PolicyOpts as COpts, PolicyToken as CPolicy, Ratio as CRatio};
 
 extern "C" {
     fn recap_host_ratio(logp: f32, old_logp: f32, clamp: f32, out: *mut CRatio);
@@ -70,8 +38,6 @@ extern "C" {
     fn recap_host_is_batch_mean(sum: f64, units: f64, level: c_int) -> f64;
     fn recap_host_is_batch_factor(mean: f64) -> f64;
     fn recap_host_rs_keep(v: f64, statistic: c_int, lower: f64, upper: f64) -> c_int;
-    fn recap_host_params_layout(which: c_int, out: *mut usize, cap: usize) -> usize;
-    fn recap_host_constants(out: *mut c_int);
     fn recap_host_softmax_row(
         x: *const f32,
         n: std::os::raw::c_long,
@@ -480,22 +446,4 @@ pub fn adamw(
         )
     };
     Ok(())
-}
-
-/// Size and field offsets of C struct `which` (0 grpo, 1 seq, 2 reduce, 3 kl, 4 finalize, 5 logits,
-/// 6 advantages, 7 train, 8 tensor-parallel combine, 9 rollout rejection, 10 optimal token
-/// baseline, 11 rollout IS weights) as the C compiler lays out recap_params.h.
-pub fn params_layout(which: i32) -> Vec<usize> {
-    let mut buf = [0usize; 64];
-    // SAFETY: the C function writes at most `cap` entries into the buffer given.
-    let n = unsafe { recap_host_params_layout(which, buf.as_mut_ptr(), buf.len()) };
-    buf[..n.min(buf.len())].to_vec()
-}
-
-/// `[RECAP_MAX_OBJECTIVES, RECAP_NORM_SLOTS, RECAP_GRPO_EXTRA_SLOTS]` from recap_params.h.
-pub fn constants() -> [i32; 3] {
-    let mut c = [0 as c_int; 3];
-    // SAFETY: the C function writes exactly three ints.
-    unsafe { recap_host_constants(c.as_mut_ptr()) };
-    c
 }

@@ -74,8 +74,8 @@ impl Emulated {
     ) -> Result<(), String> {
         let name = format!("simt_{kernel}\0");
         // SAFETY: `simt_<kernel>` is defined by SIMT_MODULE with exactly this signature, and `P`
-        // is the crate's #[repr(C)] mirror of the kernel's parameter struct (layouts checked by
-        // tests/device_math.rs); the caller guarantees the addresses in `p`.
+        // is the crate's #[repr(C)] mirror of the kernel's parameter struct (generated from
+        // recap_params.h, layouts asserted at compile time); the caller guarantees the addresses in `p`.
         unsafe {
             let f: libloading::Symbol<unsafe extern "C" fn(*const P, i32, i32) -> i32> = self
                 .lib
