@@ -118,6 +118,72 @@ typedef struct RecapGrpoConfig {
     int32_t policy_agg_mode;
 } RecapGrpoConfig;
 
+// Options of the fused-linear loss (`recap_fused_linear_options_default` fills the defaults).
+typedef struct RecapFusedLinearOptions {
+    // Temperature tau > 0: the log-probabilities of `logits / tau` (default 1).
+    float temperature;
+    // The label that excludes a token (default -100).
+    int32_t ignore_index;
+    // Tokens per chunk; <= 0: sized from `memory_budget` (default 0).
+    int64_t chunk_tokens;
+    // Bytes for one chunk of logits when `chunk_tokens` <= 0; <= 0: 512 MiB (default 0).
+    int64_t memory_budget;
+    // Nonzero: keep the logits in f32 (default 0: bf16).
+    int32_t fp32_logits;
+    // Nonzero (`recap_fused_linear_grpo_loss` only): every GEMM runs on whole chunks, so a row's
+    // results do not depend on the rows around it (default 0).
+    int32_t batch_invariant;
+} RecapFusedLinearOptions;
+
+// The batch of a fused loss call (`recap_grpo_loss`, `recap_fused_linear_grpo_loss` and their
+// asynchronous forms): zero-initialize it, then set what the call takes. Per-token arrays are in
+// the call's place (device memory for `device >= 0`, host memory for `device < 0`); the layout
+// arrays (`cu_seqlens`, `lambda`, `objectives`, `membership`, `normalizers`, `seq_tokens`) are on
+// the host, except that with `layout_on_device` an asynchronous call takes `cu_seqlens`, `lambda`
+// and `membership` as device pointers (checked on the device).
+typedef struct RecapGrpoBatch {
+    // T: tokens in the batch (packed sequences).
+    int64_t num_tokens;
+    // B: sequences.
+    int64_t num_seqs;
+    // K: objectives, 1 to 16.
+    int32_t num_objectives;
+    // Nonzero: `advantages` is `[T, K]`; zero: `[B, K]`.
+    int32_t adv_per_token;
+    // Nonzero: `mask` is `uint8_t [T]` flags; zero: `float [T]` weights.
+    int32_t mask_is_u8;
+    // Nonzero (asynchronous calls only): `cu_seqlens`, `lambda` and `membership` are device
+    // pointers, checked on the device; nothing is copied from the host (CUDA-graph capture).
+    int32_t layout_on_device;
+    // `[T]` log-probabilities of the sampling policy.
+    const float *old_logp;
+    // `[T]` reference log-probabilities, or null (no KL term).
+    const float *ref_logp;
+    // `[T]` the inference engine's log-probabilities, or null (no rollout IS correction).
+    const float *rollout_logp;
+    // `[T]` weights of the policy terms (e.g. TRL's entropy mask), or null (`recap_grpo_loss`
+    // only; the fused-linear loss takes null).
+    const float *policy_weight;
+    // `[B, K]`, or `[T, K]` with `adv_per_token`.
+    const float *advantages;
+    // `[T]` mask: `uint8_t` with `mask_is_u8`, else `float`.
+    const void *mask;
+    // `[B + 1]` sequence boundaries, `cu_seqlens[B] == T`.
+    const int32_t *cu_seqlens;
+    // `[K]` objective weights (finite, >= 0).
+    const float *lambda;
+    // `[K]` objective kinds: 0 policy, 1 nll (always on the host).
+    const int32_t *objectives;
+    // `[B]` membership bits (bit k: the sequence belongs to objective k), or null: every
+    // sequence in every objective.
+    const uint32_t *membership;
+    // `[2, K + 1]` the whole batch's token weights then sequence counts (from
+    // `recap_count_normalizers` summed over the parts), or null: this batch's own.
+    const double *normalizers;
+    // `[B]` the whole batch's token weight of each sequence, or null (with `normalizers` only).
+    const double *seq_tokens;
+} RecapGrpoBatch;
+
 // Scalar results of the fused loss (per-objective values go to the caller's arrays).
 typedef struct RecapGrpoResult {
     // The total loss (policy terms weighted by lambda, plus `kl_coef` times the KL loss).
@@ -152,6 +218,20 @@ typedef struct RecapGrpoResult {
     double rollout_is_corrected_fraction;
 } RecapGrpoResult;
 
+// The last layer of the fused-linear loss and the labels it scores.
+typedef struct RecapLinearHead {
+    // H: the hidden size.
+    int64_t hidden_size;
+    // V: the vocabulary.
+    int64_t vocab;
+    // `[T, H]` bf16 hidden states (the batch's place).
+    const void *hidden;
+    // `[V, H]` bf16 LM-head weight (the batch's place).
+    const void *weight;
+    // `[T]` token ids (the batch's place); `ignore_index` excludes a token.
+    const int32_t *labels;
+} RecapLinearHead;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -185,38 +265,26 @@ int32_t recap_grpo_stat_field(int32_t num_objectives,
                               int64_t *offset,
                               int64_t *len);
 
-// The fused GRPO loss. Arrays on the device (`device >= 0`; on the host for `device < 0`, where
-// the CPU reference computes): `logp`, `old_logp`, `ref_logp`, `rollout_logp` and
-// `policy_weight` (nullable) [T], `mask` ([T] u8 or f32), `advantages` ([B, K], or [T, K] with
-// `adv_per_token`), `grad` [T] (written). Host arrays: `cu_seqlens` [B + 1], `lambda` [K],
-// `objectives` [K] (0 policy, 1 nll), `membership` [B] (nullable), `normalizers` [2, K + 1]
-// (the whole batch's token weights then sequence counts, from `recap_count_normalizers` summed
-// over the parts; nullable), `seq_tokens` [B] (nullable), `stats` [`recap_grpo_stats_len(K)`]
-// (nullable, written; fields from `recap_grpo_stat_field`).
+// Fills `opts` with the defaults.
 //
 // # Safety
-// Every non-null pointer must hold the number of elements stated above; device pointers must
-// belong to `device`'s primary context and `stream` (nullable: the context's default stream).
+// `opts` must be null or point to a writable `RecapFusedLinearOptions`.
+int32_t recap_fused_linear_options_default(struct RecapFusedLinearOptions *opts);
+
+// The fused GRPO loss of the log-probabilities `logp` `[T]` (in the call's place: device memory
+// for `device >= 0`; host memory for `device < 0`, where the CPU reference computes) against
+// `batch` (its fields say what each array holds; `layout_on_device` must be 0 here), writing
+// `grad` `[T]` (dL/dlogp, same place), `result` and `stats` (host, nullable,
+// `recap_grpo_stats_len(K)` f64; fields from `recap_grpo_stat_field`).
+//
+// # Safety
+// `batch`, `cfg` and `result` valid; every non-null pointer holds the elements stated; device
+// pointers belong to `device`'s primary context and `stream` (nullable: the context's default
+// stream).
 int32_t recap_grpo_loss(int32_t device,
                         void *stream,
-                        int64_t num_tokens,
                         const float *logp,
-                        const float *old_logp,
-                        const float *ref_logp,
-                        const float *rollout_logp,
-                        const float *policy_weight,
-                        const float *advantages,
-                        int32_t adv_per_token,
-                        const void *mask,
-                        int32_t mask_is_u8,
-                        const int32_t *cu_seqlens,
-                        int64_t num_seqs,
-                        const float *lambda,
-                        const int32_t *objectives,
-                        const uint32_t *membership,
-                        int32_t num_objectives,
-                        const double *normalizers,
-                        const double *seq_tokens,
+                        const struct RecapGrpoBatch *batch,
                         const struct RecapGrpoConfig *cfg,
                         float *grad,
                         struct RecapGrpoResult *result,
@@ -230,56 +298,36 @@ int64_t recap_grpo_output_len(int32_t num_objectives);
 // The fused GRPO loss without a host synchronization: on a device (`device >= 0`) it enqueues two
 // launches on `stream` that write `grad` [T] and `out` [`recap_grpo_output_len(K)`] (f64, device
 // memory; `out[0]` is the loss), and returns; on the host (`device < 0`) the CPU reference fills
-// the same layout at once. Nothing is allocated once the stream's
-// workspace has grown to the call's size. The arguments are those of `recap_grpo_loss`, but with
-// `layout_on_device != 0`, `cu_seqlens` [B + 1], `lambda` [K] and `membership` [B] (nullable) are
-// device pointers, checked on the device (a failed check makes the device loss NaN and
-// `recap_grpo_output_read` fail naming the argument); nothing is then copied from the host, so
-// the call can be captured in a CUDA graph (after one eager call of the same size). Read the
-// result with `recap_grpo_output_read`.
+// the same layout at once. Nothing is allocated once the stream's workspace has grown to the
+// call's size. The arguments are those of `recap_grpo_loss`; with `batch->layout_on_device`,
+// `cu_seqlens`, `lambda` and `membership` are device pointers, checked on the device (a failed
+// check makes the device loss NaN and `recap_grpo_output_read` fail naming the argument); nothing
+// is then copied from the host, so the call can be captured in a CUDA graph (after one eager call
+// of the same size). Read the result with `recap_grpo_output_read`.
 //
 // # Safety
 // As `recap_grpo_loss`; `out` must be device memory of the call's device.
 int32_t recap_grpo_loss_async(int32_t device,
                               void *stream,
-                              int64_t num_tokens,
                               const float *logp,
-                              const float *old_logp,
-                              const float *ref_logp,
-                              const float *rollout_logp,
-                              const float *policy_weight,
-                              const float *advantages,
-                              int32_t adv_per_token,
-                              const void *mask,
-                              int32_t mask_is_u8,
-                              const int32_t *cu_seqlens,
-                              int64_t num_seqs,
-                              const float *lambda,
-                              const int32_t *objectives,
-                              const uint32_t *membership,
-                              int32_t num_objectives,
-                              const double *normalizers,
-                              const double *seq_tokens,
-                              int32_t layout_on_device,
+                              const struct RecapGrpoBatch *batch,
                               const struct RecapGrpoConfig *cfg,
                               float *grad,
                               double *out);
 
 // Reads the output `out` of a `recap_grpo_loss_async` call back (this synchronizes `stream`) into
-// `result` and `stats` (nullable), as `recap_grpo_loss` writes them. `num_objectives`, `cfg`,
-// `has_ref_logp` and `has_rollout_logp` describe the call (whether it was given `ref_logp` and
-// `rollout_logp`). Fails, naming the argument, when a check made on the device failed, and on
-// non-finite inputs unless the config allows them.
+// `result` and `stats` (nullable), as `recap_grpo_loss` writes them; `batch` and `cfg` are the
+// call's (only their sizes, options and which arrays were given are read). Fails, naming the
+// argument, when a check made on the device failed, and on non-finite inputs unless the config
+// allows them.
 //
 // # Safety
-// `out` must hold `recap_grpo_output_len(num_objectives)` f64 of `device`'s memory; `result`
-// must be writable; `stats` null or `recap_grpo_stats_len(K)` writable f64.
+// `batch` and `cfg` as for the call; `out` must hold `recap_grpo_output_len(K)` f64 of `device`'s
+// memory; `result` must be writable; `stats` null or `recap_grpo_stats_len(K)` writable f64.
 int32_t recap_grpo_output_read(int32_t device,
                                void *stream,
-                               int32_t num_objectives,
+                               const struct RecapGrpoBatch *batch,
                                const struct RecapGrpoConfig *cfg,
-                               int32_t has_ref_logp,
-                               int32_t has_rollout_logp,
                                const double *out,
                                struct RecapGrpoResult *result,
                                double *stats);
@@ -571,44 +619,26 @@ int32_t recap_optimal_token_baseline(int32_t device,
                                      float *advantages,
                                      float *returns);
 
-// The chunked fused-linear GRPO loss: `hidden` `[T, H]` and `weight` `[V, H]` (bf16), per-token
-// `labels`, `old_logp`, `ref_logp` (nullable), `mask` (u8), advantages as in `recap_grpo_loss`;
-// writes `d_hidden` `[T, H]` (bf16) and `d_weight` `[V, H]` (f32, overwritten); arrays on the
-// device, or on the host for `device < 0` (the reference, which ignores the chunking).
-// `chunk_tokens` <= 0: sized from `memory_budget` bytes (<= 0: 512 MiB); `fp32_logits` keeps the
-// logits in f32. `result.loss` includes the entropy bonus; `stats` as in `recap_grpo_loss`. Reads
-// the result back (synchronizes `stream`): `recap_fused_linear_grpo_loss_async` does not. On the
-// device only the rows with `mask` nonzero and a label other than `ignore_index` are computed (their
-// valid mask is read back first; the others' `d_hidden` rows are 0 and their labels are not
-// checked).
+// The chunked fused-linear GRPO loss: the log-probabilities of `head->labels` under
+// `head->hidden` `[T, H]` times `head->weight` `[V, H]` (bf16), scored against `batch` as
+// `recap_grpo_loss` scores its `logp` (`layout_on_device` 0; `policy_weight` null); writes
+// `d_hidden` `[T, H]` (bf16) and `d_weight` `[V, H]` (f32, overwritten), arrays on the device, or on
+// the host for `device < 0` (the reference, which ignores the chunking). `opts` (nullable: the
+// defaults of `recap_fused_linear_options_default`) sets the temperature, the chunking, f32 logits
+// and the batch-invariant mode. `result.loss` includes the entropy bonus; `stats` as in
+// `recap_grpo_loss`. Reads the result back (synchronizes `stream`):
+// `recap_fused_linear_grpo_loss_async` does not. On the device only the rows with a mask weight
+// other than 0 and a label other than `ignore_index` are computed (their valid mask is read back
+// first; the others' `d_hidden` rows are 0 and their labels are not checked).
 //
 // # Safety
-// As `recap_grpo_loss`.
+// As `recap_grpo_loss`; `head` valid, `opts` null or valid.
 int32_t recap_fused_linear_grpo_loss(int32_t device,
                                      void *stream,
-                                     int64_t num_tokens,
-                                     int64_t hidden_size,
-                                     int64_t vocab,
-                                     const void *hidden,
-                                     const void *weight,
-                                     const int32_t *labels,
-                                     const float *old_logp,
-                                     const float *ref_logp,
-                                     const float *advantages,
-                                     int32_t adv_per_token,
-                                     const uint8_t *mask,
-                                     const int32_t *cu_seqlens,
-                                     int64_t num_seqs,
-                                     const float *lambda,
-                                     const int32_t *objectives,
-                                     const uint32_t *membership,
-                                     int32_t num_objectives,
-                                     const double *normalizers,
+                                     const struct RecapLinearHead *head,
+                                     const struct RecapGrpoBatch *batch,
                                      const struct RecapGrpoConfig *cfg,
-                                     float temperature,
-                                     int64_t chunk_tokens,
-                                     int64_t memory_budget,
-                                     int32_t fp32_logits,
+                                     const struct RecapFusedLinearOptions *opts,
                                      void *d_hidden,
                                      float *d_weight,
                                      struct RecapGrpoResult *result,
@@ -619,54 +649,36 @@ int32_t recap_fused_linear_grpo_loss(int32_t device,
 // -1 for a count outside 1..=16.
 int64_t recap_logits_output_len(int32_t num_objectives);
 
-// Bytes of device workspace `recap_fused_linear_grpo_loss_async` needs for these sizes and
-// chunking options (as that call takes them), or -1 for a negative size.
+// Bytes of device workspace `recap_fused_linear_grpo_loss_async` needs for these sizes and `opts`
+// (nullable: the defaults), or -1 for a negative size or invalid options.
+//
+// # Safety
+// `opts` null or a valid struct.
 int64_t recap_fused_linear_workspace_len(int64_t num_tokens,
                                          int64_t num_seqs,
                                          int32_t num_objectives,
                                          int64_t vocab,
-                                         int64_t chunk_tokens,
-                                         int64_t memory_budget,
-                                         int32_t fp32_logits);
+                                         const struct RecapFusedLinearOptions *opts);
 
 // The chunked fused-linear GRPO loss without a host synchronization: on a device it enqueues every
 // kernel and GEMM of the call on `stream` (writing `d_hidden` and `d_weight` as
 // `recap_fused_linear_grpo_loss` does, intermediates in `workspace`, `workspace_bytes` >=
 // `recap_fused_linear_workspace_len`, and the results in `out`, `recap_logits_output_len(K)`
 // f64 of device memory; `out[0]` is the total loss) and returns; on the host (`device < 0`) the
-// reference fills the same layout at once. With `layout_on_device != 0`, `cu_seqlens`, `lambda`
-// and `membership` are device pointers checked on the device, nothing is copied from the host and
-// the call can be captured in a CUDA graph (after one eager call of its size). Read the result
-// with `recap_logits_output_read`.
+// reference fills the same layout at once. It computes every row, and refuses
+// `opts->batch_invariant`. With `batch->layout_on_device`, `cu_seqlens`, `lambda` and `membership`
+// are device pointers checked on the device, nothing is copied from the host and the call can be
+// captured in a CUDA graph (after one eager call of its size). Read the result with
+// `recap_logits_output_read`.
 //
 // # Safety
 // As `recap_fused_linear_grpo_loss`; `workspace` and `out` device memory of the call's device.
 int32_t recap_fused_linear_grpo_loss_async(int32_t device,
                                            void *stream,
-                                           int64_t num_tokens,
-                                           int64_t hidden_size,
-                                           int64_t vocab,
-                                           const void *hidden,
-                                           const void *weight,
-                                           const int32_t *labels,
-                                           const float *old_logp,
-                                           const float *ref_logp,
-                                           const float *advantages,
-                                           int32_t adv_per_token,
-                                           const uint8_t *mask,
-                                           const int32_t *cu_seqlens,
-                                           int64_t num_seqs,
-                                           const float *lambda,
-                                           const int32_t *objectives,
-                                           const uint32_t *membership,
-                                           int32_t num_objectives,
-                                           const double *normalizers,
-                                           int32_t layout_on_device,
+                                           const struct RecapLinearHead *head,
+                                           const struct RecapGrpoBatch *batch,
                                            const struct RecapGrpoConfig *cfg,
-                                           float temperature,
-                                           int64_t chunk_tokens,
-                                           int64_t memory_budget,
-                                           int32_t fp32_logits,
+                                           const struct RecapFusedLinearOptions *opts,
                                            void *workspace,
                                            int64_t workspace_bytes,
                                            void *d_hidden,
@@ -674,20 +686,21 @@ int32_t recap_fused_linear_grpo_loss_async(int32_t device,
                                            double *out);
 
 // Reads the output `out` of a `recap_fused_linear_grpo_loss_async` call back (this synchronizes
-// `stream`) into `result` and `stats` (nullable), as `recap_fused_linear_grpo_loss` writes them.
-// `num_objectives`, `cfg`, `has_ref_logp` and `vocab` describe the call. Fails, naming the
-// argument, on labels outside [0, V), a check made on the device that failed, and non-finite
-// inputs unless the config allows them.
+// `stream`) into `result` and `stats` (nullable), as `recap_fused_linear_grpo_loss` writes them;
+// `head`, `batch`, `cfg` and `opts` are the call's (only their sizes, options and which arrays
+// were given are read). Fails, naming the argument, on labels outside [0, V), a check made on the
+// device that failed, and non-finite inputs unless the config allows them.
 //
 // # Safety
-// `out` must hold `recap_logits_output_len(num_objectives)` f64 of `device`'s memory; `result`
-// must be writable; `stats` null or `recap_grpo_stats_len(K)` writable f64.
+// `head`, `batch`, `cfg` and `opts` as for the call; `out` must hold `recap_logits_output_len(K)`
+// f64 of `device`'s memory; `result` must be writable; `stats` null or `recap_grpo_stats_len(K)`
+// writable f64.
 int32_t recap_logits_output_read(int32_t device,
                                  void *stream,
-                                 int32_t num_objectives,
+                                 const struct RecapLinearHead *head,
+                                 const struct RecapGrpoBatch *batch,
                                  const struct RecapGrpoConfig *cfg,
-                                 int32_t has_ref_logp,
-                                 int64_t vocab,
+                                 const struct RecapFusedLinearOptions *opts,
                                  const double *out,
                                  struct RecapGrpoResult *result,
                                  double *stats);

@@ -4,70 +4,38 @@
 #[allow(unused_imports)]
 use crate::prelude::*;
 
-/// The fused GRPO loss. Arrays on the device (`device >= 0`; on the host for `device < 0`, where
-/// the CPU reference computes): `logp`, `old_logp`, `ref_logp`, `rollout_logp` and
-/// `policy_weight` (nullable) [T], `mask` ([T] u8 or f32), `advantages` ([B, K], or [T, K] with
-/// `adv_per_token`), `grad` [T] (written). Host arrays: `cu_seqlens` [B + 1], `lambda` [K],
-/// `objectives` [K] (0 policy, 1 nll), `membership` [B] (nullable), `normalizers` [2, K + 1]
-/// (the whole batch's token weights then sequence counts, from `recap_count_normalizers` summed
-/// over the parts; nullable), `seq_tokens` [B] (nullable), `stats` [`recap_grpo_stats_len(K)`]
-/// (nullable, written; fields from `recap_grpo_stat_field`).
+/// The fused GRPO loss of the log-probabilities `logp` `[T]` (in the call's place: device memory
+/// for `device >= 0`; host memory for `device < 0`, where the CPU reference computes) against
+/// `batch` (its fields say what each array holds; `layout_on_device` must be 0 here), writing
+/// `grad` `[T]` (dL/dlogp, same place), `result` and `stats` (host, nullable,
+/// `recap_grpo_stats_len(K)` f64; fields from `recap_grpo_stat_field`).
 ///
 /// # Safety
-/// Every non-null pointer must hold the number of elements stated above; device pointers must
-/// belong to `device`'s primary context and `stream` (nullable: the context's default stream).
+/// `batch`, `cfg` and `result` valid; every non-null pointer holds the elements stated; device
+/// pointers belong to `device`'s primary context and `stream` (nullable: the context's default
+/// stream).
 #[no_mangle]
-#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn recap_grpo_loss(
     device: i32,
     stream: *mut c_void,
-    num_tokens: i64,
     logp: *const f32,
-    old_logp: *const f32,
-    ref_logp: *const f32,
-    rollout_logp: *const f32,
-    policy_weight: *const f32,
-    advantages: *const f32,
-    adv_per_token: i32,
-    mask: *const c_void,
-    mask_is_u8: i32,
-    cu_seqlens: *const i32,
-    num_seqs: i64,
-    lambda: *const f32,
-    objectives: *const i32,
-    membership: *const u32,
-    num_objectives: i32,
-    normalizers: *const f64,
-    seq_tokens: *const f64,
+    batch: *const RecapGrpoBatch,
     cfg: *const RecapGrpoConfig,
     grad: *mut f32,
     result: *mut RecapGrpoResult,
     stats: *mut f64,
 ) -> i32 {
     guard(|| {
-        let t = len("num_tokens", num_tokens)?;
-        let b = len("num_seqs", num_seqs)?;
-        let k = objectives_count(num_objectives)?;
+        // SAFETY: the caller's contract.
+        let batch = unsafe { Batch::new(batch, false) }?;
         let cfg = config(cfg)?;
-        let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
-        let kinds = host_objectives(objectives, k)?;
-        let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
-        result_outputs(result, stats, k)?;
-        let inputs = GrpoInputs {
-            logp: arr(logp, t),
-            old_logp: arr(old_logp, t),
-            ref_logp: opt_arr(ref_logp, t),
-            rollout_logp: opt_arr(rollout_logp, t),
-            policy_weight: opt_arr(policy_weight, t),
-            advantages: adv_arr(advantages, adv_per_token, t, b, k),
-            mask: mask_arr(mask, mask_is_u8, t),
-            cu_seqlens: cu,
-            lambda,
-            objectives: &kinds,
-            membership,
-            normalizers: norms.as_ref(),
-        };
-        let out = raw::grpo_loss(place(device, stream), &inputs, &cfg, out_arr(grad, t))?;
+        result_outputs(result, stats, batch.k)?;
+        let out = raw::grpo_loss(
+            place(device, stream),
+            &batch.grpo_inputs(logp),
+            &cfg,
+            out_arr(grad, batch.t),
+        )?;
         write_result(&out, out.loss, result, stats);
         Ok(())
     })
@@ -87,133 +55,66 @@ pub extern "C" fn recap_grpo_output_len(num_objectives: i32) -> i64 {
 /// The fused GRPO loss without a host synchronization: on a device (`device >= 0`) it enqueues two
 /// launches on `stream` that write `grad` [T] and `out` [`recap_grpo_output_len(K)`] (f64, device
 /// memory; `out[0]` is the loss), and returns; on the host (`device < 0`) the CPU reference fills
-/// the same layout at once. Nothing is allocated once the stream's
-/// workspace has grown to the call's size. The arguments are those of `recap_grpo_loss`, but with
-/// `layout_on_device != 0`, `cu_seqlens` [B + 1], `lambda` [K] and `membership` [B] (nullable) are
-/// device pointers, checked on the device (a failed check makes the device loss NaN and
-/// `recap_grpo_output_read` fail naming the argument); nothing is then copied from the host, so
-/// the call can be captured in a CUDA graph (after one eager call of the same size). Read the
-/// result with `recap_grpo_output_read`.
+/// the same layout at once. Nothing is allocated once the stream's workspace has grown to the
+/// call's size. The arguments are those of `recap_grpo_loss`; with `batch->layout_on_device`,
+/// `cu_seqlens`, `lambda` and `membership` are device pointers, checked on the device (a failed
+/// check makes the device loss NaN and `recap_grpo_output_read` fail naming the argument); nothing
+/// is then copied from the host, so the call can be captured in a CUDA graph (after one eager call
+/// of the same size). Read the result with `recap_grpo_output_read`.
 ///
 /// # Safety
 /// As `recap_grpo_loss`; `out` must be device memory of the call's device.
 #[no_mangle]
-#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn recap_grpo_loss_async(
     device: i32,
     stream: *mut c_void,
-    num_tokens: i64,
     logp: *const f32,
-    old_logp: *const f32,
-    ref_logp: *const f32,
-    rollout_logp: *const f32,
-    policy_weight: *const f32,
-    advantages: *const f32,
-    adv_per_token: i32,
-    mask: *const c_void,
-    mask_is_u8: i32,
-    cu_seqlens: *const i32,
-    num_seqs: i64,
-    lambda: *const f32,
-    objectives: *const i32,
-    membership: *const u32,
-    num_objectives: i32,
-    normalizers: *const f64,
-    seq_tokens: *const f64,
-    layout_on_device: i32,
+    batch: *const RecapGrpoBatch,
     cfg: *const RecapGrpoConfig,
     grad: *mut f32,
     out: *mut f64,
 ) -> i32 {
     guard(|| {
-        let t = len("num_tokens", num_tokens)?;
-        let b = len("num_seqs", num_seqs)?;
-        let k = objectives_count(num_objectives)?;
+        // SAFETY: the caller's contract.
+        let batch = unsafe { Batch::new(batch, true) }?;
         let cfg = config(cfg)?;
-        let kinds = host_objectives(objectives, k)?;
-        let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
-        let on_device = layout_on_device != 0;
-        let (cu, lam, mem) = if on_device {
-            if cu_seqlens.is_null() || lambda.is_null() {
-                return Err(Error::invalid_argument(
-                    if cu_seqlens.is_null() {
-                        "cu_seqlens"
-                    } else {
-                        "lambda"
-                    },
-                    "null pointer (with layout_on_device, a device pointer)",
-                ));
-            }
-            (&[][..], &[][..], None)
-        } else {
-            host_layout(cu_seqlens, b, lambda, k, membership)?
-        };
-        let inputs = GrpoInputs {
-            logp: arr(logp, t),
-            old_logp: arr(old_logp, t),
-            ref_logp: opt_arr(ref_logp, t),
-            rollout_logp: opt_arr(rollout_logp, t),
-            policy_weight: opt_arr(policy_weight, t),
-            advantages: adv_arr(advantages, adv_per_token, t, b, k),
-            mask: mask_arr(mask, mask_is_u8, t),
-            cu_seqlens: cu,
-            lambda: lam,
-            objectives: &kinds,
-            membership: mem,
-            normalizers: norms.as_ref(),
-        };
-        let dev = on_device.then(|| raw::DeviceBatchArrays {
-            cu_seqlens: arr(cu_seqlens, b + 1),
-            membership: opt_arr(membership, b),
-            lambda: Some(arr(lambda, k)),
-        });
-        let n_out = recap::cuda::grpo_output_len(k);
         raw::grpo_loss_async(
             place(device, stream),
-            &inputs,
-            dev.as_ref(),
+            &batch.grpo_inputs(logp),
+            batch.device_layout().as_ref(),
             &cfg,
-            out_arr(grad, t),
-            out_arr(out, n_out),
+            out_arr(grad, batch.t),
+            out_arr(out, recap::cuda::grpo_output_len(batch.k)),
         )?;
         Ok(())
     })
 }
 
 /// Reads the output `out` of a `recap_grpo_loss_async` call back (this synchronizes `stream`) into
-/// `result` and `stats` (nullable), as `recap_grpo_loss` writes them. `num_objectives`, `cfg`,
-/// `has_ref_logp` and `has_rollout_logp` describe the call (whether it was given `ref_logp` and
-/// `rollout_logp`). Fails, naming the argument, when a check made on the device failed, and on
-/// non-finite inputs unless the config allows them.
+/// `result` and `stats` (nullable), as `recap_grpo_loss` writes them; `batch` and `cfg` are the
+/// call's (only their sizes, options and which arrays were given are read). Fails, naming the
+/// argument, when a check made on the device failed, and on non-finite inputs unless the config
+/// allows them.
 ///
 /// # Safety
-/// `out` must hold `recap_grpo_output_len(num_objectives)` f64 of `device`'s memory; `result`
-/// must be writable; `stats` null or `recap_grpo_stats_len(K)` writable f64.
+/// `batch` and `cfg` as for the call; `out` must hold `recap_grpo_output_len(K)` f64 of `device`'s
+/// memory; `result` must be writable; `stats` null or `recap_grpo_stats_len(K)` writable f64.
 #[no_mangle]
-#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn recap_grpo_output_read(
     device: i32,
     stream: *mut c_void,
-    num_objectives: i32,
+    batch: *const RecapGrpoBatch,
     cfg: *const RecapGrpoConfig,
-    has_ref_logp: i32,
-    has_rollout_logp: i32,
     out: *const f64,
     result: *mut RecapGrpoResult,
     stats: *mut f64,
 ) -> i32 {
     guard(|| {
-        let k = objectives_count(num_objectives)?;
+        // SAFETY: the caller's contract.
+        let (k, has_ref, has_rollout) = unsafe { batch_outline(batch) }?;
         let cfg = config(cfg)?;
         result_outputs(result, stats, k)?;
-        if !(1..=recap::MAX_OBJECTIVES).contains(&k) {
-            return Err(Error::invalid_argument(
-                "num_objectives",
-                format!("expected 1 <= K <= {}", recap::MAX_OBJECTIVES),
-            ));
-        }
-        let pending =
-            recap::cuda::PendingGrpo::new(k, has_ref_logp != 0, has_rollout_logp != 0, &cfg);
+        let pending = recap::cuda::PendingGrpo::new(k, has_ref, has_rollout, &cfg);
         let n_out = recap::cuda::grpo_output_len(k);
         let o = raw::read_grpo_output(place(device, stream), &pending, arr(out, n_out))?;
         write_result(&o, o.loss, result, stats);

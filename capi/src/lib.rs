@@ -30,6 +30,8 @@ mod common;
 pub use common::*;
 mod config;
 pub use config::*;
+mod batch;
+pub use batch::*;
 mod grpo;
 pub use grpo::*;
 mod logits;

@@ -17,6 +17,7 @@ pub(crate) use std::ffi::{c_char, c_void, CStr, CString};
 pub(crate) use std::panic::{catch_unwind, AssertUnwindSafe};
 pub(crate) use std::sync::OnceLock;
 
+pub(crate) use crate::batch::*;
 pub(crate) use crate::common::*;
 pub(crate) use crate::config::*;
 pub(crate) use crate::logits::{backward, by_dtype, logits_shape, LogitsShape};

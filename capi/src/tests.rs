@@ -23,32 +23,37 @@ fn c_abi_errors_name_the_argument() {
     };
     let d = [0f32; 8];
     let mut res = RecapGrpoResult::default();
+    let lambda = [1.0f32];
     let call =
         |cfg: &RecapGrpoConfig, cu: *const i32, kinds: *const i32, res: &mut RecapGrpoResult| {
+            let batch = RecapGrpoBatch {
+                num_tokens: 4,
+                num_seqs: 2,
+                num_objectives: 1,
+                adv_per_token: 0,
+                mask_is_u8: 0,
+                layout_on_device: 0,
+                old_logp: d.as_ptr(),
+                ref_logp: std::ptr::null(),
+                rollout_logp: std::ptr::null(),
+                policy_weight: std::ptr::null(),
+                advantages: d.as_ptr(),
+                mask: d.as_ptr() as _,
+                cu_seqlens: cu,
+                lambda: lambda.as_ptr(),
+                objectives: kinds,
+                membership: std::ptr::null(),
+                normalizers: std::ptr::null(),
+                seq_tokens: std::ptr::null(),
+            };
             // SAFETY: host arrays hold what the sizes say (or are null, which is checked); the dummy
             // device pointers are never reached because validation fails first.
             unsafe {
                 recap_grpo_loss(
                     0,
                     std::ptr::null_mut(),
-                    4,
                     d.as_ptr(),
-                    d.as_ptr(),
-                    std::ptr::null(),
-                    std::ptr::null(),
-                    std::ptr::null(),
-                    d.as_ptr(),
-                    0,
-                    d.as_ptr() as _,
-                    0,
-                    cu,
-                    2,
-                    [1.0f32].as_ptr(),
-                    kinds,
-                    std::ptr::null(),
-                    1,
-                    std::ptr::null(),
-                    std::ptr::null(),
+                    &batch,
                     cfg,
                     d.as_ptr() as *mut f32,
                     res,

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 #include "recap_kernels.h"
+#include "batch_util.h"
 
 #define CHECK(c) do { if (!(c)) { printf("FAILED line %d: %s (last error: %s)\n", __LINE__, #c, recap_last_error()); return 1; } } while (0)
 
@@ -20,34 +21,29 @@ static int host_checks(const RecapGrpoConfig* cfg) {
     float grad[4];
     double stats[32];
     RecapGrpoResult res;
-    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
-                          NULL, NULL, cfg, grad, &res, stats) == RECAP_OK);
+    RecapGrpoBatch b = test_batch(4, 2, logp, adv, mask, 1, cu, lambda, kinds);
+    CHECK(recap_grpo_loss(-1, NULL, logp, &b, cfg, grad, &res, stats) == RECAP_OK);
     CHECK(res.loss > 0.2499 && res.loss < 0.2501 && res.num_tokens == 4.0 && res.ratio_mean == 1.0);
     CHECK(grad[0] == -0.125f && grad[1] == -0.125f && grad[2] == 0.25f && grad[3] == 0.25f);
     /* GMPO (8) at ratio 1: the sequence ratio is exp(mean min(0, eh)) = 1, the same loss and gradient */
     RecapGrpoConfig gmpo = *cfg;
     gmpo.policy_loss = 8;
-    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
-                          NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_OK);
+    CHECK(recap_grpo_loss(-1, NULL, logp, &b, &gmpo, grad, &res, NULL) == RECAP_OK);
     CHECK(res.loss > 0.2499 && res.loss < 0.2501 && grad[0] == -0.125f && grad[3] == 0.25f);
     /* DRO (7) needs a positive beta; 9 is no policy loss */
     gmpo.policy_loss = 7;
     gmpo.dro_beta = 0.0f;
-    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
-                          NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(recap_grpo_loss(-1, NULL, logp, &b, &gmpo, grad, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "beta") != NULL);
     gmpo.policy_loss = 9;
-    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
-                          NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(recap_grpo_loss(-1, NULL, logp, &b, &gmpo, grad, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "policy_loss") != NULL);
     /* per-term aggregation: seq-mean-token-mean (1) for the policy term; 7 is no mode */
     gmpo = *cfg;
     gmpo.policy_agg_mode = 1;
-    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
-                          NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_OK);
+    CHECK(recap_grpo_loss(-1, NULL, logp, &b, &gmpo, grad, &res, NULL) == RECAP_OK);
     gmpo.policy_agg_mode = 7;
-    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
-                          NULL, NULL, &gmpo, grad, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(recap_grpo_loss(-1, NULL, logp, &b, &gmpo, grad, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "policy_agg_mode") != NULL);
     /* the fields of stats: names, offsets and lengths */
     int found = 0;
@@ -66,12 +62,12 @@ static int host_checks(const RecapGrpoConfig* cfg) {
     CHECK(recap_count_normalizers(-1, NULL, 4, mask, 1, cu, 2, NULL, 1, norms, NULL) == RECAP_OK);
     CHECK(norms[0] == 4.0 && norms[1] == 4.0 && norms[2] == 2.0 && norms[3] == 2.0);
     for (int i = 0; i < 4; ++i) norms[i] *= 2.0;
-    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
-                          norms, NULL, cfg, grad, &res, NULL) == RECAP_OK);
+    b.normalizers = norms;
+    CHECK(recap_grpo_loss(-1, NULL, logp, &b, cfg, grad, &res, NULL) == RECAP_OK);
     CHECK(res.loss > 0.12499 && res.loss < 0.12501 && grad[0] == -0.0625f);
+    b.normalizers = NULL;
     /* an output overlapping an input is refused */
-    CHECK(recap_grpo_loss(-1, NULL, 4, logp, logp, NULL, NULL, NULL, adv, 0, mask, 1, cu, 2, lambda, kinds, NULL, 1,
-                          NULL, NULL, cfg, logp, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(recap_grpo_loss(-1, NULL, logp, &b, cfg, logp, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "grad") != NULL);
     /* log-probabilities of a uniform row: -log V, entropy log V, sum of squared probabilities 1/V */
     float logits[8] = {0};
@@ -219,23 +215,32 @@ int main(int argc, char** argv) {
     RecapGrpoResult res;
     RecapGrpoConfig badcfg = cfg;
     badcfg.clip_low = 2.0f;
-    CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, NULL, dummy, 0, dummy, 0, cu, 2, lambda, kinds, NULL, 1,
-                          NULL, NULL, &badcfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    RecapGrpoBatch b = test_batch(4, 2, dummy, dummy, dummy, 0, cu, lambda, kinds);
+    CHECK(recap_grpo_loss(0, NULL, dummy, &b, &badcfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "config.clip_low") != NULL);
-    CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, NULL, dummy, 0, dummy, 0, NULL, 2, lambda, kinds, NULL, 1,
-                          NULL, NULL, &cfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(recap_grpo_loss(0, NULL, dummy, NULL, &cfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "batch") != NULL);
+    RecapGrpoBatch badb = b;
+    badb.cu_seqlens = NULL;
+    CHECK(recap_grpo_loss(0, NULL, dummy, &badb, &cfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "cu_seqlens") != NULL);
     int32_t bad_kind[1] = {7};
-    CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, NULL, dummy, 0, dummy, 0, cu, 2, lambda, bad_kind, NULL, 1,
-                          NULL, NULL, &cfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    badb = b;
+    badb.objectives = bad_kind;
+    CHECK(recap_grpo_loss(0, NULL, dummy, &badb, &cfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "objectives") != NULL);
+    /* the synchronous call takes its layout from the host */
+    badb = b;
+    badb.layout_on_device = 1;
+    CHECK(recap_grpo_loss(0, NULL, dummy, &badb, &cfg, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "batch.layout_on_device") != NULL);
     /* an empty batch is defined without a device */
     int32_t cu0[2] = {0, 0};
     double obj[32];
     obj[0] = -1.0;
     CHECK(recap_grpo_stats_len(1) > 5 && recap_grpo_stats_len(1) < 32 && recap_grpo_stats_len(-1) < 0);
-    CHECK(recap_grpo_loss(0, NULL, 0, NULL, NULL, NULL, NULL, NULL, dummy, 0, NULL, 0, cu0, 1, lambda, kinds, NULL, 1,
-                          NULL, NULL, &cfg, NULL, &res, obj) == RECAP_OK);
+    RecapGrpoBatch empty = test_batch(0, 1, NULL, dummy, NULL, 0, cu0, lambda, kinds);
+    CHECK(recap_grpo_loss(0, NULL, NULL, &empty, &cfg, NULL, &res, obj) == RECAP_OK);
     CHECK(res.loss == 0.0 && res.num_tokens == 0.0 && obj[0] == 0.0);
     int32_t labels[2] = {0, 1};
     CHECK(recap_logprob_forward(0, NULL, dummy, 0, 2, 4, 4, labels, 0.0f, -100, dummy, NULL, dummy, NULL) ==
@@ -256,17 +261,31 @@ int main(int argc, char** argv) {
                                 NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "total") != NULL);
     uint8_t m8[4] = {1, 1, 1, 1};
-    CHECK(recap_fused_linear_grpo_loss(0, NULL, 4, 2, 4, dummy, dummy, labels, dummy, NULL, dummy, 0, m8, cu, 2, lambda,
-                                       kinds, NULL, 1, NULL, &cfg, 0.0f, 0, 0, 0, dummy, dummy, &res, NULL) ==
-          RECAP_ERR_ARGUMENT);
+    RecapGrpoBatch lb = test_batch(4, 2, dummy, dummy, m8, 1, cu, lambda, kinds);
+    RecapLinearHead head = {2, 4, dummy, dummy, labels};
+    RecapFusedLinearOptions lo;
+    CHECK(recap_fused_linear_options_default(&lo) == RECAP_OK && lo.temperature == 1.0f && lo.ignore_index == -100 &&
+          lo.batch_invariant == 0);
+    lo.temperature = 0.0f;
+    CHECK(recap_fused_linear_grpo_loss(0, NULL, &head, &lb, &cfg, &lo, dummy, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "temperature") != NULL);
+    CHECK(recap_fused_linear_workspace_len(4, 2, 1, 4, &lo) == -1);
+    lo.temperature = 1.0f;
+    lb.policy_weight = dummy;
+    CHECK(recap_fused_linear_grpo_loss(0, NULL, &head, &lb, &cfg, &lo, dummy, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "batch.policy_weight") != NULL);
+    lb.policy_weight = NULL;
+    head.vocab = 0;
+    CHECK(recap_fused_linear_grpo_loss(0, NULL, &head, &lb, &cfg, &lo, dummy, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "head.vocab") != NULL);
+    CHECK(recap_fused_linear_grpo_loss(0, NULL, NULL, &lb, &cfg, &lo, dummy, dummy, &res, NULL) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "head") != NULL);
     double total = -1.0;
     CHECK(recap_weighted_reduce(0, NULL, 0, NULL, NULL, 0, cu0, 1, lambda, NULL, 1, NULL, NULL, &cfg, NULL, &total,
                                 NULL) == RECAP_OK && total == 0.0);
     if (!has_driver) {
         /* valid arguments, no GPU: a device error that says why */
-        CHECK(recap_grpo_loss(0, NULL, 4, dummy, dummy, NULL, NULL, NULL, dummy, 0, dummy, 0, cu, 2, lambda, kinds, NULL,
-                              1, NULL, NULL, &cfg, dummy, &res, NULL) == RECAP_ERR_DEVICE);
+        CHECK(recap_grpo_loss(0, NULL, dummy, &b, &cfg, dummy, &res, NULL) == RECAP_ERR_DEVICE);
         CHECK(strlen(recap_last_error()) > 0);
     }
     if (host_checks(&cfg) != 0) return 1;

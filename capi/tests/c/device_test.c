@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 #include "recap_kernels.h"
+#include "batch_util.h"
 
 #define CHECK(c) do { if (!(c)) { printf("FAILED line %d: %s (last error: %s)\n", __LINE__, #c, recap_last_error()); return 1; } } while (0)
 
@@ -76,15 +77,17 @@ int main(void) {
     double sh[64], sd[64];
     CHECK(recap_grpo_stats_len(1) <= 64);
 
-    /* the fused loss */
-    CHECK(recap_grpo_loss(-1, NULL, T, logp, old, ref, NULL, NULL, adv, 0, mask, 1, cu, B, lambda, kinds, NULL, 1,
-                          NULL, NULL, &cfg, grad_h, &rh, sh) == RECAP_OK);
+    /* the fused loss: the same batch on the host (hb) and on the device (db) */
+    RecapGrpoBatch hb = test_batch(T, B, old, adv, mask, 1, cu, lambda, kinds);
+    hb.ref_logp = ref;
+    CHECK(recap_grpo_loss(-1, NULL, logp, &hb, &cfg, grad_h, &rh, sh) == RECAP_OK);
     dptr d_logp = up(logp, sizeof logp), d_old = up(old, sizeof old), d_ref = up(ref, sizeof ref);
     dptr d_adv = up(adv, sizeof adv), d_mask = up(mask, sizeof mask), d_grad = up(grad_d, sizeof grad_d);
     CHECK(d_logp && d_old && d_ref && d_adv && d_mask && d_grad);
-    CHECK(recap_grpo_loss(0, NULL, T, (const float*)d_logp, (const float*)d_old, (const float*)d_ref, NULL, NULL,
-                          (const float*)d_adv, 0, (const void*)d_mask, 1, cu, B, lambda, kinds, NULL, 1, NULL, NULL,
-                          &cfg, (float*)d_grad, &rd, sd) == RECAP_OK);
+    RecapGrpoBatch db = test_batch(T, B, (const float*)d_old, (const float*)d_adv, (const void*)d_mask, 1, cu, lambda,
+                                   kinds);
+    db.ref_logp = (const float*)d_ref;
+    CHECK(recap_grpo_loss(0, NULL, (const float*)d_logp, &db, &cfg, (float*)d_grad, &rd, sd) == RECAP_OK);
     CHECK(cu_dtoh(grad_d, d_grad, sizeof grad_d) == 0);
     CHECK(close_to(rd.loss, rh.loss, 1e-5) && rd.num_tokens == rh.num_tokens);
     CHECK(close_to(rd.kl_loss, rh.kl_loss, 1e-5));
@@ -104,12 +107,13 @@ int main(void) {
         for (int on_device = 0; on_device < 2; ++on_device) {
             RecapGrpoResult ra;
             double sa[64];
-            CHECK(recap_grpo_loss_async(0, NULL, T, (const float*)d_logp, (const float*)d_old, (const float*)d_ref, NULL,
-                                        NULL, (const float*)d_adv, 0, (const void*)d_mask, 1,
-                                        on_device ? (const int32_t*)d_cu : cu, B,
-                                        on_device ? (const float*)d_lambda : lambda, kinds, NULL, 1, NULL, NULL,
-                                        on_device, &cfg, (float*)d_grad2, (double*)d_out) == RECAP_OK);
-            CHECK(recap_grpo_output_read(0, NULL, 1, &cfg, 1, 0, (const double*)d_out, &ra, sa) == RECAP_OK);
+            RecapGrpoBatch ab = db;
+            ab.layout_on_device = on_device;
+            ab.cu_seqlens = on_device ? (const int32_t*)d_cu : cu;
+            ab.lambda = on_device ? (const float*)d_lambda : lambda;
+            CHECK(recap_grpo_loss_async(0, NULL, (const float*)d_logp, &ab, &cfg, (float*)d_grad2, (double*)d_out) ==
+                  RECAP_OK);
+            CHECK(recap_grpo_output_read(0, NULL, &ab, &cfg, (const double*)d_out, &ra, sa) == RECAP_OK);
             CHECK(ra.loss == rd.loss && ra.kl_loss == rd.kl_loss && ra.num_tokens == rd.num_tokens);
             for (int64_t i = 0; i < recap_grpo_stats_len(1); ++i) CHECK(sa[i] == sd[i]);
             CHECK(cu_dtoh(grad_a, d_grad2, sizeof grad_a) == 0);
@@ -122,9 +126,8 @@ int main(void) {
             static double out_host[128];
             float grad_hh[T];
             RecapGrpoResult rhh;
-            CHECK(recap_grpo_loss_async(-1, NULL, T, logp, old, ref, NULL, NULL, adv, 0, mask, 1, cu, B, lambda, kinds,
-                                        NULL, 1, NULL, NULL, 0, &cfg, grad_hh, out_host) == RECAP_OK);
-            CHECK(recap_grpo_output_read(-1, NULL, 1, &cfg, 1, 0, out_host, &rhh, NULL) == RECAP_OK);
+            CHECK(recap_grpo_loss_async(-1, NULL, logp, &hb, &cfg, grad_hh, out_host) == RECAP_OK);
+            CHECK(recap_grpo_output_read(-1, NULL, &hb, &cfg, out_host, &rhh, NULL) == RECAP_OK);
             CHECK(rhh.loss == rh.loss && out_host[0] == rh.loss && rhh.num_tokens == rh.num_tokens);
             for (int t = 0; t < T; ++t) CHECK(grad_hh[t] == grad_h[t]);
         }
@@ -133,11 +136,13 @@ int main(void) {
         for (int i = 0; i <= B; ++i) bad_cu[i] = cu[B - i];
         CHECK(cu_htod(d_cu, bad_cu, sizeof bad_cu) == 0);
         RecapGrpoResult rb;
-        CHECK(recap_grpo_loss_async(0, NULL, T, (const float*)d_logp, (const float*)d_old, (const float*)d_ref, NULL,
-                                    NULL, (const float*)d_adv, 0, (const void*)d_mask, 1, (const int32_t*)d_cu, B,
-                                    (const float*)d_lambda, kinds, NULL, 1, NULL, NULL, 1, &cfg, (float*)d_grad2,
-                                    (double*)d_out) == RECAP_OK);
-        CHECK(recap_grpo_output_read(0, NULL, 1, &cfg, 1, 0, (const double*)d_out, &rb, NULL) != RECAP_OK);
+        RecapGrpoBatch bb = db;
+        bb.layout_on_device = 1;
+        bb.cu_seqlens = (const int32_t*)d_cu;
+        bb.lambda = (const float*)d_lambda;
+        CHECK(recap_grpo_loss_async(0, NULL, (const float*)d_logp, &bb, &cfg, (float*)d_grad2, (double*)d_out) ==
+              RECAP_OK);
+        CHECK(recap_grpo_output_read(0, NULL, &bb, &cfg, (const double*)d_out, &rb, NULL) != RECAP_OK);
         CHECK(strstr(recap_last_error(), "cu_seqlens") != NULL);
     }
 
@@ -186,8 +191,11 @@ int main(void) {
             memcpy(&u, &f, 4);
             wt[i] = (uint16_t)(u >> 16);
         }
-        const int64_t chunk = 128, n_out = recap_logits_output_len(1);
-        const int64_t ws_bytes = recap_fused_linear_workspace_len(T, B, 1, V, chunk, 0, 0);
+        const int64_t n_out = recap_logits_output_len(1);
+        RecapFusedLinearOptions lo;
+        CHECK(recap_fused_linear_options_default(&lo) == RECAP_OK);
+        lo.chunk_tokens = 128;
+        const int64_t ws_bytes = recap_fused_linear_workspace_len(T, B, 1, V, &lo);
         CHECK(n_out > 0 && n_out <= 128 && ws_bytes > 0 && recap_logits_output_len(17) == -1);
         dptr d_h = up(hid, sizeof hid), d_w = up(wt, sizeof wt), d_dh = up(dh_s, sizeof dh_s), d_dw = up(dw_s, sizeof dw_s);
         dptr d_ws = 0, d_out2 = 0, d_cu2 = up(cu, sizeof cu), d_lam2 = up(lambda, sizeof lambda);
@@ -195,19 +203,19 @@ int main(void) {
         CHECK(d_h && d_w && d_dh && d_dw && d_cu2 && d_lam2);
         RecapGrpoResult rs, ra;
         double ss[64], sa[64];
-        CHECK(recap_fused_linear_grpo_loss(0, NULL, T, H, V, (const void*)d_h, (const void*)d_w, (const int32_t*)d_y,
-                                           (const float*)d_old, (const float*)d_ref, (const float*)d_adv, 0,
-                                           (const uint8_t*)d_mask, cu, B, lambda, kinds, NULL, 1, NULL, &cfg, 1.0f,
-                                           chunk, 0, 0, (void*)d_dh, (float*)d_dw, &rs, ss) == RECAP_OK);
+        RecapLinearHead dhead = {H, V, (const void*)d_h, (const void*)d_w, (const int32_t*)d_y};
+        RecapLinearHead hhead = {H, V, hid, wt, labels};
+        CHECK(recap_fused_linear_grpo_loss(0, NULL, &dhead, &db, &cfg, &lo, (void*)d_dh, (float*)d_dw, &rs, ss) ==
+              RECAP_OK);
         CHECK(cu_dtoh(dh_s, d_dh, sizeof dh_s) == 0 && cu_dtoh(dw_s, d_dw, sizeof dw_s) == 0);
         for (int on_device = 0; on_device < 2; ++on_device) {
-            CHECK(recap_fused_linear_grpo_loss_async(
-                      0, NULL, T, H, V, (const void*)d_h, (const void*)d_w, (const int32_t*)d_y, (const float*)d_old,
-                      (const float*)d_ref, (const float*)d_adv, 0, (const uint8_t*)d_mask,
-                      on_device ? (const int32_t*)d_cu2 : cu, B, on_device ? (const float*)d_lam2 : lambda, kinds,
-                      NULL, 1, NULL, on_device, &cfg, 1.0f, chunk, 0, 0, (void*)d_ws, ws_bytes, (void*)d_dh,
-                      (float*)d_dw, (double*)d_out2) == RECAP_OK);
-            CHECK(recap_logits_output_read(0, NULL, 1, &cfg, 1, V, (const double*)d_out2, &ra, sa) == RECAP_OK);
+            RecapGrpoBatch ab = db;
+            ab.layout_on_device = on_device;
+            ab.cu_seqlens = on_device ? (const int32_t*)d_cu2 : cu;
+            ab.lambda = on_device ? (const float*)d_lam2 : lambda;
+            CHECK(recap_fused_linear_grpo_loss_async(0, NULL, &dhead, &ab, &cfg, &lo, (void*)d_ws, ws_bytes, (void*)d_dh,
+                                                     (float*)d_dw, (double*)d_out2) == RECAP_OK);
+            CHECK(recap_logits_output_read(0, NULL, &dhead, &ab, &cfg, &lo, (const double*)d_out2, &ra, sa) == RECAP_OK);
             /* the mask drops rows, which the synchronous call leaves out of its GEMMs and the
              * asynchronous one computes (with zero gradient): the same values to rounding */
             CHECK(close_to(ra.loss, rs.loss, 1e-5) && ra.num_tokens == rs.num_tokens &&
@@ -226,14 +234,50 @@ int main(void) {
         /* the host: the reference, synchronous and into the asynchronous layout */
         static double out_host[128];
         RecapGrpoResult rh2, rh3;
-        CHECK(recap_fused_linear_grpo_loss(-1, NULL, T, H, V, hid, wt, labels, old, ref, adv, 0, mask, cu, B, lambda,
-                                           kinds, NULL, 1, NULL, &cfg, 1.0f, chunk, 0, 0, dh_a, dw_a, &rh2, NULL) ==
+        CHECK(recap_fused_linear_grpo_loss(-1, NULL, &hhead, &hb, &cfg, &lo, dh_a, dw_a, &rh2, NULL) == RECAP_OK);
+        CHECK(recap_fused_linear_grpo_loss_async(-1, NULL, &hhead, &hb, &cfg, &lo, NULL, 0, dh_a, dw_a, out_host) ==
               RECAP_OK);
-        CHECK(recap_fused_linear_grpo_loss_async(-1, NULL, T, H, V, hid, wt, labels, old, ref, adv, 0, mask, cu, B,
-                                                 lambda, kinds, NULL, 1, NULL, 0, &cfg, 1.0f, chunk, 0, 0, NULL, 0,
-                                                 dh_a, dw_a, out_host) == RECAP_OK);
-        CHECK(recap_logits_output_read(-1, NULL, 1, &cfg, 1, V, out_host, &rh3, NULL) == RECAP_OK);
+        CHECK(recap_logits_output_read(-1, NULL, &hhead, &hb, &cfg, &lo, out_host, &rh3, NULL) == RECAP_OK);
         CHECK(rh3.loss == rh2.loss && out_host[0] == rh2.loss && close_to(rh3.loss, rs.loss, 1e-3));
+
+        /* the batch-invariant mode: the synchronous call gives the same values to rounding; the
+         * asynchronous one refuses it, naming it */
+        RecapFusedLinearOptions inv = lo;
+        inv.batch_invariant = 1;
+        RecapGrpoResult ri;
+        CHECK(recap_fused_linear_grpo_loss(0, NULL, &dhead, &db, &cfg, &inv, (void*)d_dh, (float*)d_dw, &ri, NULL) ==
+              RECAP_OK);
+        CHECK(close_to(ri.loss, rs.loss, 1e-5) && ri.num_tokens == rs.num_tokens);
+        CHECK(recap_fused_linear_grpo_loss_async(0, NULL, &dhead, &db, &cfg, &inv, (void*)d_ws, ws_bytes, (void*)d_dh,
+                                                 (float*)d_dw, (double*)d_out2) == RECAP_ERR_ARGUMENT);
+        CHECK(strstr(recap_last_error(), "batch_invariant") != NULL);
+
+        /* a rollout IS correction and f32 mask weights through the fused-linear loss: device vs host */
+        {
+            static float roll[T], wmask[T];
+            for (int t = 0; t < T; ++t) {
+                roll[t] = old[t] + 0.03f * (float)((t * 5) % 7 - 3) / 3.0f;
+                wmask[t] = mask[t] ? 0.5f + 0.25f * (float)(t % 3) : 0.0f;
+            }
+            RecapGrpoConfig rc = cfg;
+            rc.rollout_level = RECAP_IS_TOKEN;
+            RecapGrpoBatch hr = hb, dr = db;
+            hr.rollout_logp = roll;
+            hr.mask = wmask;
+            hr.mask_is_u8 = 0;
+            dptr d_roll = up(roll, sizeof roll), d_wm = up(wmask, sizeof wmask);
+            CHECK(d_roll && d_wm);
+            dr.rollout_logp = (const float*)d_roll;
+            dr.mask = (const void*)d_wm;
+            dr.mask_is_u8 = 0;
+            RecapGrpoResult r_h, r_d;
+            CHECK(recap_fused_linear_grpo_loss(-1, NULL, &hhead, &hr, &rc, &lo, dh_a, dw_a, &r_h, NULL) == RECAP_OK);
+            CHECK(recap_fused_linear_grpo_loss(0, NULL, &dhead, &dr, &rc, &lo, (void*)d_dh, (float*)d_dw, &r_d, NULL) ==
+                  RECAP_OK);
+            CHECK(close_to(r_d.loss, r_h.loss, 1e-3) && close_to(r_d.rollout_is_mean, r_h.rollout_is_mean, 1e-5) &&
+                  r_h.rollout_is_mean != 1.0 && r_d.num_tokens == r_h.num_tokens && r_h.loss != rh2.loss);
+            CHECK(cu_free(d_roll) == 0 && cu_free(d_wm) == 0);
+        }
         dptr more[] = {d_h, d_w, d_dh, d_dw, d_ws, d_out2, d_cu2, d_lam2};
         for (size_t i = 0; i < sizeof more / sizeof more[0]; ++i) CHECK(cu_free(more[i]) == 0);
 #undef H

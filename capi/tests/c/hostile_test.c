@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "recap_kernels.h"
+#include "batch_util.h"
 
 #define T 24
 #define B 3
@@ -34,8 +35,12 @@ static void batch(void) {
 
 static int loss_call(const RecapGrpoConfig* cfg, const int32_t* cu, int64_t t, int64_t b, int32_t k,
                      const uint32_t* membership, const float* policy_weight, RecapGrpoResult* r, double* stats) {
-    return recap_grpo_loss(-1, NULL, t, logp, old, ref, NULL, policy_weight, adv, 0, mask, 1, cu, b, lambda1, kinds1,
-                           membership, k, NULL, NULL, cfg, grad, r, stats);
+    RecapGrpoBatch x = test_batch(t, b, old, adv, mask, 1, cu, lambda1, kinds1);
+    x.ref_logp = ref;
+    x.policy_weight = policy_weight;
+    x.membership = membership;
+    x.num_objectives = k;
+    return recap_grpo_loss(-1, NULL, logp, &x, cfg, grad, r, stats);
 }
 
 /* Case `i`: sets `arg` to the argument its error must name and, unless `dry`, makes the call in
@@ -106,14 +111,16 @@ static int run_case(int i, const char** arg, int dry) {
     case 25: {
         ARG("lambda");
         float lam[1] = {NAN};
-        return recap_grpo_loss(-1, NULL, T, logp, old, ref, NULL, NULL, adv, 0, mask, 1, CU, B, lam, kinds1, NULL, 1,
-                               NULL, NULL, &cfg, grad, &r, stats);
+        RecapGrpoBatch x = test_batch(T, B, old, adv, mask, 1, CU, lam, kinds1);
+        x.ref_logp = ref;
+        return recap_grpo_loss(-1, NULL, logp, &x, &cfg, grad, &r, stats);
     }
     case 26: {
         ARG("objectives");
         int32_t k[1] = {5};
-        return recap_grpo_loss(-1, NULL, T, logp, old, ref, NULL, NULL, adv, 0, mask, 1, CU, B, lambda1, k, NULL, 1,
-                               NULL, NULL, &cfg, grad, &r, stats);
+        RecapGrpoBatch x = test_batch(T, B, old, adv, mask, 1, CU, lambda1, k);
+        x.ref_logp = ref;
+        return recap_grpo_loss(-1, NULL, logp, &x, &cfg, grad, &r, stats);
     }
     case 27: {
         ARG("objective_loss");
