@@ -36,6 +36,13 @@ pub enum Place {
         /// The `CUstream` handle as an integer (0: the default stream).
         stream: usize,
     },
+    /// Host memory, computed on CUDA device `device` (its primary context, default stream): the
+    /// call copies each array to the device, runs there and copies the writable arrays back before
+    /// it returns. [`crate::Backend`]'s CUDA methods are this place.
+    CudaStaged {
+        /// Device ordinal.
+        device: usize,
+    },
 }
 
 /// A caller's read-only array: `len` elements of `T` at address `addr` in the memory of the
@@ -241,12 +248,16 @@ impl Drop for Lent {
     }
 }
 
-/// Device memory of one call: the GPU, the caller's stream and the buffers borrowed so far.
+/// Device memory of one call: the GPU, the caller's stream and the buffers borrowed so far; or,
+/// staged ([`Place::CudaStaged`]), device copies of the caller's host arrays, the writable ones
+/// copied back by [`DeviceMemory::finish`].
 pub(crate) struct DeviceMemory {
     pub gpu: Arc<Gpu>,
     pub stream: Arc<CudaStream>,
     lent: typed_arena::Arena<Lent>,
     ranges: Ranges,
+    /// Staged: the writable arrays as (host address, bytes, device address) to copy back.
+    staged: Option<std::cell::RefCell<Vec<(usize, usize, u64)>>>,
 }
 
 /// The primary context of device `ordinal` (the one PyTorch uses), opened once per process.
@@ -286,14 +297,55 @@ impl DeviceMemory {
             stream,
             lent: typed_arena::Arena::new(),
             ranges: Ranges::default(),
+            staged: None,
         })
     }
 
-    /// The caller's `bytes` at `addr` (or, for an empty array, a placeholder of this call). Each
-    /// call hands out a distinct arena slot, so the `&mut` never aliases.
+    /// Device copies of host arrays on device `device`'s default stream.
+    fn staged(device: usize) -> Result<Self> {
+        Ok(DeviceMemory {
+            staged: Some(Default::default()),
+            ..Self::new(device, 0)?
+        })
+    }
+
+    /// Copies the staged writable arrays back to the host (nothing for a caller's device memory).
+    fn finish(&self) -> Result<()> {
+        let Some(outs) = &self.staged else {
+            return Ok(());
+        };
+        for &(host, bytes, dev) in outs.borrow().iter() {
+            // SAFETY: `dev` is a live buffer of this call of `bytes` bytes (in `lent`, freed only
+            // when `self` drops); the view is leaked, not freed, below.
+            let d = unsafe { self.stream.upgrade_device_ptr::<u8>(dev, bytes) };
+            // SAFETY: `Out::new`'s contract: `bytes` writable host bytes at `host` for the call.
+            let h = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, bytes) };
+            let copied = self.stream.memcpy_dtoh(&d, h);
+            d.leak();
+            copied?;
+        }
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// The caller's `bytes` at `addr` (or, for an empty array, a placeholder of this call; staged,
+    /// a device copy of the host bytes at `addr`, to copy back if `writable`). Each call hands out a
+    /// distinct arena slot, so the `&mut` never aliases.
     #[allow(clippy::mut_from_ref)]
-    fn lend(&self, addr: usize, bytes: usize) -> Result<&mut CudaSlice<u8>> {
-        let lent = if bytes == 0 {
+    fn lend(&self, addr: usize, bytes: usize, writable: bool) -> Result<&mut CudaSlice<u8>> {
+        let lent = if let (Some(outs), true) = (&self.staged, bytes > 0) {
+            // SAFETY: `In::new` / `Out::new`'s contract: `bytes` initialized host bytes at `addr`.
+            let host = unsafe { std::slice::from_raw_parts(addr as *const u8, bytes) };
+            let copy = self.stream.clone_htod(host)?;
+            if writable {
+                let (dev, _sync) = cudarc::driver::DevicePtr::device_ptr(&copy, &self.stream);
+                outs.borrow_mut().push((addr, bytes, dev));
+            }
+            Lent {
+                slice: Some(copy),
+                borrowed: false,
+            }
+        } else if bytes == 0 {
             Lent {
                 slice: Some(self.stream.alloc_zeros::<u8>(16)?),
                 borrowed: false,
@@ -324,7 +376,7 @@ impl Memory for DeviceMemory {
         a: In<T>,
     ) -> Result<CudaView<'m, T>> {
         self.ranges.add::<T>(arg, a.addr, a.len, false)?;
-        let s = self.lend(a.addr, a.len * size_of::<T>())?;
+        let s = self.lend(a.addr, a.len * size_of::<T>(), false)?;
         // SAFETY: the buffer holds `len` values of T (`In::new`'s contract; aligned, checked).
         unsafe { s.transmute::<T>(a.len) }
             .ok_or_else(|| Error::invalid_argument(arg, "internal: view larger than its buffer"))
@@ -336,7 +388,7 @@ impl Memory for DeviceMemory {
         a: Out<T>,
     ) -> Result<CudaViewMut<'m, T>> {
         self.ranges.add::<T>(arg, a.addr, a.len, true)?;
-        let s = self.lend(a.addr, a.len * size_of::<T>())?;
+        let s = self.lend(a.addr, a.len * size_of::<T>(), true)?;
         // SAFETY: the buffer holds `len` values of T (`Out::new`'s contract; aligned, checked).
         unsafe { s.transmute_mut::<T>(a.len) }
             .ok_or_else(|| Error::invalid_argument(arg, "internal: view larger than its buffer"))
@@ -430,6 +482,12 @@ fn run<R>(
     match place {
         Place::Host => host(&HostMemory::default()),
         Place::Cuda { device: d, stream } => device(&DeviceMemory::new(d, stream)?),
+        Place::CudaStaged { device: d } => {
+            let m = DeviceMemory::staged(d)?;
+            let r = device(&m)?;
+            m.finish()?;
+            Ok(r)
+        }
     }
 }
 
