@@ -52,6 +52,8 @@ fn main() -> Result<(), String> {
         .map_err(|e| format!("cannot read kernels/: {e}"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        // the training driver's kernels only for the `recap` tool's build (feature `tools`)
+        .filter(|p| stem(p) != "train" || env::var_os("CARGO_FEATURE_TOOLS").is_some())
         .collect();
     kernels.sort();
 
@@ -107,6 +109,7 @@ fn main() -> Result<(), String> {
             }
         }
     }
+    generated.push_str(&module_enum(&kernels));
     fs::write(out_dir.join("layout.rs"), layout_consts()?)
         .map_err(|e| format!("cannot write layout.rs: {e}"))?;
     fs::write(out_dir.join("kernels.rs"), generated)
@@ -193,6 +196,38 @@ fn layout_consts() -> Result<String, String> {
          /// `RECAP_IS_*`): the variants of `config` map to these.\n\
          pub mod codes {{\n{codes}}}\n"
     ))
+}
+
+/// `Module`, one variant per kernel file (`grpo_loss.cu` -> `GrpoLoss`), and its embedded image:
+/// adding a `kernels/*.cu` adds its variant.
+fn module_enum(kernels: &[PathBuf]) -> String {
+    let mut variants = String::new();
+    let mut arms = String::new();
+    for k in kernels {
+        let stem = stem(k);
+        let name: String = stem
+            .split('_')
+            .map(|w| {
+                let mut c = w.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            })
+            .collect();
+        writeln!(variants, "    /// `kernels/{stem}.cu`.\n    {name},").unwrap();
+        writeln!(
+            arms,
+            "            Module::{name} => {},",
+            stem.to_uppercase()
+        )
+        .unwrap();
+    }
+    format!(
+        "/// The kernel families, one embedded module image each (one per `kernels/*.cu`).\n\
+         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]\n\
+         pub(crate) enum Module {{\n{variants}}}\n\
+         impl Module {{\n    pub(crate) fn image(self) -> &'static [u8] {{\n        match self {{\n{arms}        }}\n    }}\n}}\n"
+    )
 }
 
 fn stem(p: &Path) -> String {
