@@ -1,6 +1,6 @@
 /*
  * train.cu — the `recap train` driver's device steps (math: train_math.cuh; the CPU backend of the
- * driver, src/train/cpu.rs, computes the same in f64 on the host).
+ * driver, cli/src/train/cpu.rs, computes the same in f64 on the host).
  *
  *   recap_train_row_stats  z = logits[r, :] (f32, from the policy GEMM): max_r = max_j z_j,
  *                          sum_r = sum_j exp(z_j - max_r) (double), lse_r = max_r + log(sum_r).

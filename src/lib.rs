@@ -16,8 +16,6 @@
 
 pub mod advantages;
 pub mod backend;
-#[cfg(feature = "tools")]
-pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
@@ -39,7 +37,7 @@ pub mod rollout_is;
 pub mod tensor_parallel;
 pub mod token_baseline;
 #[cfg(feature = "tools")]
-pub mod train;
+pub mod tools;
 
 pub use advantages::{
     group_advantages, AdvantageConfig, AdvantageMode, DifficultyWeights, Groups, LeadOptions,

@@ -28,7 +28,7 @@ import torch
 
 
 def grpo_inputs(t, k, seq_len, dev):
-    """The same inputs as recap bench (src/bench/mod.rs, inputs::grpo)."""
+    """The same inputs as recap bench (cli/src/bench/mod.rs, inputs::grpo)."""
     i = torch.arange(t, device=dev, dtype=torch.int64)
     b = (t + seq_len - 1) // seq_len
     logp = -0.5 - ((i * 7919) % 1000).float() * 1e-3
@@ -54,7 +54,7 @@ def verl_multi_objective_loss(logp, old, adv_tok, mask, clip=0.2, clip_c=3.0):
 
 
 def fl_inputs(t, h, v, dev):
-    """recap bench's fused-linear inputs (src/bench/cuda.rs, fused_linear_cases): bf16 hidden [T, H]
+    """recap bench's fused-linear inputs (cli/src/bench/cuda.rs, fused_linear_cases): bf16 hidden [T, H]
     and weight [V, H], labels, old log-probs -12, 8 sequences with advantages i/4 - 1, mask 1."""
     def q(n, off):
         i = torch.arange(n, device=dev, dtype=torch.int64) + off

@@ -4,8 +4,8 @@
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
-use recap_kernels::train::experiment::{self, ExperimentConfig};
-use recap_kernels::train::{
+use recap_cli::train::experiment::{self, ExperimentConfig};
+use recap_cli::train::{
     summary, train_with, Apply, Device, Event, Preset, StepMetrics, TrainConfig, Weighting,
 };
 use std::io::{IsTerminal, Write};
@@ -299,22 +299,21 @@ fn status(m: &StepMetrics) -> String {
 }
 
 fn bench(args: BenchArgs) -> ExitCode {
-    let cfg = recap_kernels::bench::BenchConfig {
+    let cfg = recap_cli::bench::BenchConfig {
         device: Some(args.device),
         filter: args.filter,
         quick: args.quick,
     };
-    let report = match recap_kernels::bench::run(&cfg, &mut |line| eprintln!("recap bench: {line}"))
-    {
+    let report = match recap_cli::bench::run(&cfg, &mut |line| eprintln!("recap bench: {line}")) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("recap bench: {e}");
             return ExitCode::FAILURE;
         }
     };
-    print!("{}", recap_kernels::bench::table(&report));
+    print!("{}", recap_cli::bench::table(&report));
     if let Some(path) = args.json {
-        if let Err(e) = recap_kernels::bench::write_json(&report, &path) {
+        if let Err(e) = recap_cli::bench::write_json(&report, &path) {
             eprintln!("recap bench: {e}");
             return ExitCode::FAILURE;
         }
@@ -380,7 +379,7 @@ fn experiment(args: ExperimentArgs) -> ExitCode {
     print!("{table}");
     if let Some(dir) = &args.out {
         let json = experiment::results_json(&runs);
-        let svg = match recap_kernels::train::plots::frontier_svg(&experiment::summarize(&runs)) {
+        let svg = match recap_cli::train::plots::frontier_svg(&experiment::summarize(&runs)) {
             Ok(svg) => svg,
             Err(e) => {
                 eprintln!("recap experiment: {e}");
@@ -392,7 +391,7 @@ fn experiment(args: ExperimentArgs) -> ExitCode {
             ("results.json", json.as_str()),
             ("frontier.svg", svg.as_str()),
         ] {
-            if let Err(e) = recap_kernels::train::write_atomic(&dir.join(name), text.as_bytes()) {
+            if let Err(e) = recap_cli::train::write_atomic(&dir.join(name), text.as_bytes()) {
                 eprintln!("recap experiment: {e}");
                 return ExitCode::FAILURE;
             }

@@ -1,8 +1,8 @@
 //! `recap bench --quick` on the CPU backend: every op family is timed, the report names the
 //! backend and baseline, the table and the JSON carry the same records.
 
-use recap_kernels::bench::{run, table, write_json, BenchConfig, BenchReport};
-use recap_kernels::train::Device;
+use recap_cli::bench::{run, table, write_json, BenchConfig, BenchReport};
+use recap_cli::train::Device;
 
 #[test]
 fn quick_cpu_bench_reports_every_op() {

@@ -2,7 +2,7 @@
 //! resumes from its last checkpoint and continues exactly as the uninterrupted run), a partial
 //! temporary file is ignored, and a corrupt or truncated checkpoint is a clear error.
 
-use recap_kernels::train::{train, StepMetrics, TrainConfig};
+use recap_cli::train::{train, StepMetrics, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use recap_kernels::train::{summary, train, Device, StepMetrics, TrainConfig, Weighting};
+use recap_cli::train::{summary, train, Device, StepMetrics, TrainConfig, Weighting};
 
 fn small(seed: u64, weighting: Weighting) -> TrainConfig {
     TrainConfig {
@@ -202,13 +202,13 @@ fn cuda_without_a_gpu_is_a_clear_error() {
         "{msg}"
     );
     let mut lines = Vec::new();
-    let runs = recap_kernels::train::train_with(
+    let runs = recap_cli::train::train_with(
         &TrainConfig {
             device: Device::Auto,
             ..cfg
         },
         &mut |e| {
-            if let recap_kernels::train::Event::Info(l) = e {
+            if let recap_cli::train::Event::Info(l) = e {
                 lines.push(l)
             }
         },
@@ -359,7 +359,7 @@ fn weights_on_the_rewards() {
     let runs = train(&TrainConfig {
         steps: 40,
         seed: 2,
-        apply: recap_kernels::train::Apply::Reward,
+        apply: recap_cli::train::Apply::Reward,
         ..TrainConfig::default()
     })
     .unwrap();

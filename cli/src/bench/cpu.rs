@@ -1,11 +1,11 @@
 //! `recap bench` on the CPU reference backend (host clock, against a host memcpy).
 
 use super::{inputs, logits_records, record, stats, BenchConfig, BenchRecord, BenchReport};
-use crate::advantages::{group_advantages, AdvantageConfig, AdvantageMode, Groups};
-use crate::config::{GrpoConfig, ObjectiveKind};
-use crate::error::Result;
-use crate::layout::{Advantages, HostGrpoInputs, Mask};
-use crate::logits::{Logits, LogprobConfig};
+use recap_kernels::advantages::{group_advantages, AdvantageConfig, AdvantageMode, Groups};
+use recap_kernels::config::{GrpoConfig, ObjectiveKind};
+use recap_kernels::error::Result;
+use recap_kernels::layout::{Advantages, HostGrpoInputs, Mask};
+use recap_kernels::logits::{Logits, LogprobConfig};
 use std::time::Instant;
 
 /// Median and min microseconds of `f` over the configured runs.
@@ -99,7 +99,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
             let mut grad = vec![0f32; t];
             let conf = GrpoConfig::default();
             let (tm, runs) = time_us(cfg, || {
-                crate::cpu::grpo_loss(&inp, &conf, &mut grad).map(|_| ())
+                recap_kernels::cpu::grpo_loss(&inp, &conf, &mut grad).map(|_| ())
             })?;
             let bytes = (t * (4 * 3 + 1) + adv.len() * 4) as f64;
             push(
@@ -125,7 +125,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         let lc = LogprobConfig::default();
         let (mut lp, mut h, mut l) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
         let (fwd, runs) = time_us(cfg, || {
-            crate::cpu::logprob_forward(
+            recap_kernels::cpu::logprob_forward(
                 &Logits::dense(&z[..], t, v),
                 &labels,
                 &lc,
@@ -137,7 +137,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         let g = vec![1e-3f32; t];
         let mut dz = vec![0f32; t * v];
         let (bwd, _) = time_us(cfg, || {
-            crate::cpu::logprob_backward(
+            recap_kernels::cpu::logprob_backward(
                 &Logits::dense(&z[..], t, v),
                 &labels,
                 &lc,
@@ -161,7 +161,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
     };
     let case = format!("tp=2 T={t} V={v} f32 per rank");
     if cfg.wants(&case) || cfg.wants("tensor_parallel") {
-        let vr = crate::tensor_parallel::shard_range(v, 2, 0).len();
+        let vr = recap_kernels::tensor_parallel::shard_range(v, 2, 0).len();
         let z: Vec<f32> = (0..t * vr)
             .map(|i| inputs::logit((i / vr) * v + i % vr))
             .collect();
@@ -173,11 +173,17 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         let (mut lp, mut h, mut l) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
         let mut dz = vec![0f32; t * vr];
         let (tm, runs) = time_us(cfg, || {
-            crate::cpu::tp_partials(&Logits::dense(&z[..], t, vr), &labels, 0, &lc, &mut part)?;
+            recap_kernels::cpu::tp_partials(
+                &Logits::dense(&z[..], t, vr),
+                &labels,
+                0,
+                &lc,
+                &mut part,
+            )?;
             both[..3 * t].copy_from_slice(&part);
             both[3 * t..].copy_from_slice(&part);
-            crate::cpu::tp_combine(&both, 2, &labels, &lc, &mut lp, &mut h, &mut l, None)?;
-            crate::cpu::tp_backward(
+            recap_kernels::cpu::tp_combine(&both, 2, &labels, &lc, &mut lp, &mut h, &mut l, None)?;
+            recap_kernels::cpu::tp_backward(
                 &Logits::dense(&z[..], t, vr),
                 &labels,
                 0,
@@ -221,7 +227,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
             eps: 1e-6,
             lead: None,
             reward_weights: None,
-            singletons: crate::Singletons::Zero,
+            singletons: recap_kernels::Singletons::Zero,
         };
         let (tm, runs) = time_us(cfg, || {
             group_advantages(&r, Groups::Consecutive(16), None, None, &ac, &mut out)
@@ -245,7 +251,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         let t = c.t;
         let (r, old, spp, mask, cu) = inputs::token_baseline(t, c.seq_len);
         let (mut adv, mut ret) = (vec![0f32; t], vec![0f32; t]);
-        let x = crate::HostTokenBaselineInputs {
+        let x = recap_kernels::HostTokenBaselineInputs {
             token_rewards: &r,
             old_logp: &old,
             sum_pi_squared: &spp,
@@ -254,9 +260,9 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
             cu_seqlens: &cu,
             groups: Groups::Consecutive(c.group),
         };
-        let config = crate::TokenBaselineConfig::default();
+        let config = recap_kernels::TokenBaselineConfig::default();
         let (tm, runs) = time_us(cfg, || {
-            crate::optimal_token_baseline(&x, &config, &mut adv, &mut ret)
+            recap_kernels::optimal_token_baseline(&x, &config, &mut adv, &mut ret)
         })?;
         push(
             record(
@@ -277,8 +283,15 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         let (lr, mask, cu) = c.inputs();
         let mut w = vec![0f32; c.t];
         let (tm, runs) = time_us(cfg, || {
-            crate::cpu::rollout_is_weights(&lr, Mask::U8(&mask), &cu, &c.correction, true, &mut w)
-                .map(|_| ())
+            recap_kernels::cpu::rollout_is_weights(
+                &lr,
+                Mask::U8(&mask),
+                &cu,
+                &c.correction,
+                true,
+                &mut w,
+            )
+            .map(|_| ())
         })?;
         push(
             record(
@@ -311,7 +324,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         copy_gb_s,
         quick: cfg.quick,
         crate_version: env!("CARGO_PKG_VERSION").into(),
-        nvcc: crate::cuda::NVCC_VERSION.into(),
+        nvcc: recap_kernels::cuda::NVCC_VERSION.into(),
         records,
         emulated: false,
     })

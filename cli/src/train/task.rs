@@ -3,8 +3,8 @@
 //! Host data, shared by both engines.
 
 use super::config::TrainConfig;
-use crate::device_math::draw;
-use crate::error::{Error, Result};
+use recap_kernels::device_math::draw;
+use recap_kernels::error::{Error, Result};
 
 /// Objective names, in order.
 pub const OBJECTIVES: [&str; 4] = ["format", "accuracy", "overlap", "replay"];

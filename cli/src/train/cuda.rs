@@ -12,25 +12,26 @@
 
 use super::task::{Part, Task};
 use super::Engine;
-use crate::config::GrpoConfig;
-use crate::cuda::fused_linear::gemm;
-use crate::cuda::params::TrainParams;
-use crate::cuda::{
-    addr_slice, addr_slice_mut, fused_linear_grpo_loss, group_advantages, upload, DeviceGroups,
-    DeviceLogitsLossInputs, FusedLinearConfig, Gpu, LinearHead, Module,
-};
-use crate::device_math::AdamW;
-use crate::error::{Error, Result};
-use crate::layout::{Advantages, Mask};
-use crate::logits::{HostLogitsLossInputs, LogitsLossOutput, LogprobConfig};
 use cudarc::cublas::sys::{cublasOperation_t, cudaDataType};
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
+use recap_kernels::config::GrpoConfig;
+use recap_kernels::cuda::{
+    fused_linear_grpo_loss, group_advantages, DeviceGroups, DeviceLogitsLossInputs,
+    FusedLinearConfig, Gpu, LinearHead,
+};
+use recap_kernels::device_math::AdamW;
+use recap_kernels::error::{Error, Result};
+use recap_kernels::layout::{Advantages, Mask};
+use recap_kernels::logits::{HostLogitsLossInputs, LogitsLossOutput, LogprobConfig};
+use recap_kernels::tools::{
+    addr_slice, addr_slice_mut, gemm, launch_train, upload, TrainParams, BLOCK,
+};
 use std::sync::Arc;
 
 /// Grid of a grid-stride kernel over `n` items.
 fn grid(gpu: &Gpu, n: usize) -> usize {
-    n.div_ceil(crate::cuda::BLOCK as usize)
+    n.div_ceil(BLOCK as usize)
         .clamp(1, 8 * gpu.multiprocessors() as usize)
 }
 
@@ -71,18 +72,17 @@ fn row_logits(
         let (x_a, _gx) = addr_slice(phi, s);
         let (z_a, _gz) = addr_slice_mut(&mut out.z, s);
         // z^T[V, rows] (column-major) = W[V, H] x phi^T[H, rows]
-        gpu.with_blas(s, |blas| {
-            gemm(
-                blas,
-                T,
-                N,
-                (v, rows, h),
-                (w_a, f32t, h),
-                (x_a, f32t, h),
-                (z_a, f32t, v),
-                0.0,
-            )
-        })?;
+        gemm(
+            gpu,
+            s,
+            T,
+            N,
+            (v, rows, h),
+            (w_a, f32t, h),
+            (x_a, f32t, h),
+            (z_a, f32t, v),
+            0.0,
+        )?;
     }
     let (z_a, _g0) = addr_slice(&out.z, s);
     let (mx_a, _g1) = addr_slice_mut(&mut out.max, s);
@@ -98,7 +98,7 @@ fn row_logits(
         ..Default::default()
     };
     let g = rows.min(16 * gpu.multiprocessors() as usize);
-    gpu.launch(s, Module::Train, "recap_train_row_stats", g, &p)
+    launch_train(gpu, s, "recap_train_row_stats", g, &p)
 }
 
 pub(crate) struct CudaEngine<'t> {
@@ -177,13 +177,7 @@ impl<'t> CudaEngine<'t> {
             vocab: v as i64,
             ..Default::default()
         };
-        self.gpu.launch(
-            s,
-            Module::Train,
-            "recap_train_gather",
-            grid(&self.gpu, t),
-            &p,
-        )
+        launch_train(&self.gpu, s, "recap_train_gather", grid(&self.gpu, t), &p)
     }
 }
 
@@ -223,8 +217,7 @@ impl Engine for CudaEngine<'_> {
                 ..Default::default()
             };
             // one block per prompt row (the first P L rows)
-            self.gpu
-                .launch(s, Module::Train, "recap_train_sample", cfg.prompts * l, &p)?;
+            launch_train(&self.gpu, s, "recap_train_sample", cfg.prompts * l, &p)?;
         }
         self.gather(0)?;
         self.gather(1)?;
@@ -240,7 +233,7 @@ impl Engine for CudaEngine<'_> {
     fn advantages(
         &mut self,
         rewards: &[f32],
-        config: &crate::advantages::AdvantageConfig,
+        config: &recap_kernels::advantages::AdvantageConfig,
         out: &mut [f32],
     ) -> Result<()> {
         let s = &self.stream;
@@ -356,13 +349,7 @@ impl Engine for CudaEngine<'_> {
             bias2: c2,
             ..Default::default()
         };
-        self.gpu.launch(
-            s,
-            Module::Train,
-            "recap_train_adamw",
-            grid(&self.gpu, n),
-            &p,
-        )
+        launch_train(&self.gpu, s, "recap_train_adamw", grid(&self.gpu, n), &p)
     }
 
     fn weights(&mut self) -> Result<Vec<f32>> {

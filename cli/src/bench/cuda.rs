@@ -2,15 +2,15 @@
 //! against a 1 GiB device-to-device copy timed in the same run.
 
 use super::{inputs, logits_records, record, stats, BenchConfig, BenchRecord, BenchReport, Timing};
-use crate::advantages::{AdvantageConfig, AdvantageMode};
-use crate::config::{GrpoConfig, ObjectiveKind};
-use crate::cuda::{self, DeviceGroups, FusedLinearConfig, Gpu, LinearHead, LogprobGrads};
-use crate::error::Result;
-use crate::layout::{Advantages, GrpoInputs, Mask};
-use crate::logits::{LogitElem, Logits, LogitsLossInputs, LogprobConfig};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
+use recap_kernels::advantages::{AdvantageConfig, AdvantageMode};
+use recap_kernels::config::{GrpoConfig, ObjectiveKind};
+use recap_kernels::cuda::{self, DeviceGroups, FusedLinearConfig, Gpu, LinearHead, LogprobGrads};
+use recap_kernels::error::Result;
+use recap_kernels::layout::{Advantages, GrpoInputs, Mask};
+use recap_kernels::logits::{LogitElem, Logits, LogitsLossInputs, LogprobConfig};
 use std::sync::Arc;
 
 struct Timer {
@@ -175,7 +175,7 @@ pub(super) fn run(
             // the stream's kept workspace: output, per-sequence stats, both launches' block
             // partials, the layout (a few KiB; allocated by the first call, reused after)
             let blocks = t.div_ceil(256 * gpu.items_per_thread(t));
-            let slots = crate::output::grpo_slots(k);
+            let slots = recap_kernels::tools::grpo_slots(k);
             let b = cu.len() - 1;
             let seq_blocks = b.div_ceil(8).max(1) * 8; // at most 8 warps per sequence
             let extra = (8
@@ -215,7 +215,7 @@ pub(super) fn run(
             let (tm, r) = timer.time(None, || acall().map(|_| ()))?;
             let got = pending.read(&s, &out.as_view())?.loss;
             if got.to_bits() != value.to_bits() {
-                return Err(crate::Error::NoDevice(format!(
+                return Err(recap_kernels::Error::NoDevice(format!(
                     "bench: the asynchronous fused loss gave {got}, the synchronous one {value}"
                 )));
             }
@@ -315,7 +315,7 @@ pub(super) fn run(
             eps: 1e-6,
             lead: None,
             reward_weights: None,
-            singletons: crate::Singletons::Zero,
+            singletons: recap_kernels::Singletons::Zero,
         };
         let (tm, runs) = timer.time(None, || {
             cuda::group_advantages(
@@ -351,16 +351,16 @@ pub(super) fn run(
         let (r, old, spp) = (s.clone_htod(&r)?, s.clone_htod(&old)?, s.clone_htod(&spp)?);
         let mask = s.clone_htod(&mask)?;
         let (mut adv, mut ret) = (s.alloc_zeros::<f32>(t)?, s.alloc_zeros::<f32>(t)?);
-        let x = crate::TokenBaselineInputs {
+        let x = recap_kernels::TokenBaselineInputs {
             token_rewards: r.as_view(),
             old_logp: old.as_view(),
             sum_pi_squared: spp.as_view(),
             rollout_is_weights: None,
             mask: Mask::U8(mask.as_view()),
             cu_seqlens: &cu,
-            groups: crate::Groups::Consecutive(c.group),
+            groups: recap_kernels::Groups::Consecutive(c.group),
         };
-        let config = crate::TokenBaselineConfig::default();
+        let config = recap_kernels::TokenBaselineConfig::default();
         let (tm, runs) = timer.time(None, || {
             cuda::optimal_token_baseline(
                 gpu,
@@ -407,7 +407,7 @@ pub(super) fn run(
             .map(|_| ())
         })?;
         // scratch: the per-sequence statistics, the reduced ones, cu_seqlens
-        let slots = crate::rollout_is::STAT_SLOTS;
+        let slots = recap_kernels::rollout_is::STAT_SLOTS;
         let extra = (slots * b + slots) * 8 + (b + 1) * 4;
         push(
             record(
@@ -525,7 +525,7 @@ fn tp_case(
     copy_gb_s: f64,
 ) -> Result<BenchRecord> {
     let s = timer.stream.clone();
-    let range = crate::tensor_parallel::shard_range(v, tp, 0);
+    let range = recap_kernels::tensor_parallel::shard_range(v, tp, 0);
     let vr = range.len();
     let host: Vec<bf16> = (0..t * vr)
         .map(|i| bf16::from_f32(inputs::logit((i / vr) * v + i % vr)))

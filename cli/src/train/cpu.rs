@@ -3,12 +3,12 @@
 
 use super::task::{Part, Task};
 use super::Engine;
-use crate::advantages::Groups;
-use crate::config::GrpoConfig;
-use crate::device_math::{adamw, draw, AdamW};
-use crate::error::Result;
-use crate::logits::{HostLogitsLossInputs, LogitsLossOutput, LogprobConfig};
 use half::bf16;
+use recap_kernels::advantages::Groups;
+use recap_kernels::config::GrpoConfig;
+use recap_kernels::device_math::{adamw, draw, AdamW};
+use recap_kernels::error::Result;
+use recap_kernels::logits::{HostLogitsLossInputs, LogitsLossOutput, LogprobConfig};
 
 /// One feature row's logits `z`, `e = exp(z - max)`, their sum and the log-sum-exp.
 struct SoftmaxRow {
@@ -121,10 +121,10 @@ impl Engine for CpuEngine<'_> {
     fn advantages(
         &mut self,
         rewards: &[f32],
-        config: &crate::advantages::AdvantageConfig,
+        config: &recap_kernels::advantages::AdvantageConfig,
         out: &mut [f32],
     ) -> Result<()> {
-        crate::advantages::group_advantages(
+        recap_kernels::advantages::group_advantages(
             rewards,
             Groups::Consecutive(self.task.cfg.group),
             None,
@@ -144,7 +144,7 @@ impl Engine for CpuEngine<'_> {
         let range = self.task.range(part);
         let weight: Vec<bf16> = self.w.iter().map(|x| bf16::from_f32(*x)).collect();
         let mut dh = vec![0f32; range.len() * h];
-        crate::cpu::fused_linear_grpo_loss(
+        recap_kernels::cpu::fused_linear_grpo_loss(
             &self.hidden[range.start * h..range.end * h],
             &weight,
             h,

@@ -7,8 +7,8 @@
 use super::experiment::{ConfigSummary, Interval};
 use super::metrics::StepMetrics;
 use super::task::OBJECTIVES;
-use crate::error::{Error, Result};
 use plotters::prelude::*;
+use recap_kernels::error::{Error, Result};
 
 fn err(e: impl std::fmt::Display) -> Error {
     Error::invalid_argument("out", format!("drawing the picture: {e}"))

@@ -7,7 +7,7 @@
 //! checkpoint loadable. Other tools read the tensors with any safetensors reader.
 
 use super::config::TrainConfig;
-use crate::error::{Error, Result};
+use recap_kernels::error::{Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;

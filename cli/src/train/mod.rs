@@ -41,14 +41,14 @@ pub use metrics::StepMetrics;
 pub use summary::summary;
 pub use task::OBJECTIVES;
 
-use crate::advantages::{AdvantageConfig, AdvantageMode};
-use crate::backend::Backend;
-use crate::config::{GrpoConfig, ObjectiveKind};
-use crate::device_math::AdamW;
-use crate::error::{Error, Result};
-use crate::layout::{Advantages, Mask};
-use crate::logits::{HostLogitsLossInputs, LogitsLossOutput};
-use crate::recap::{Orientation, RecapScheduler};
+use recap_kernels::advantages::{AdvantageConfig, AdvantageMode};
+use recap_kernels::backend::Backend;
+use recap_kernels::config::{GrpoConfig, ObjectiveKind};
+use recap_kernels::device_math::AdamW;
+use recap_kernels::error::{Error, Result};
+use recap_kernels::layout::{Advantages, Mask};
+use recap_kernels::logits::{HostLogitsLossInputs, LogitsLossOutput};
+use recap_kernels::recap::{Orientation, RecapScheduler};
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -114,7 +114,7 @@ pub(crate) fn advantage_config(rewards_k: usize, weights: Option<Vec<f64>>) -> A
         eps: 1e-6,
         lead: None,
         reward_weights: weights,
-        singletons: crate::Singletons::Zero,
+        singletons: recap_kernels::Singletons::Zero,
     }
 }
 

@@ -11,7 +11,7 @@ use super::config::{Apply, TrainConfig, Weighting};
 use super::metrics::StepMetrics;
 use super::summary::{mean, Field};
 use super::Event;
-use crate::error::{Error, Result};
+use recap_kernels::error::{Error, Result};
 use std::time::Instant;
 
 /// What to run.
@@ -42,7 +42,7 @@ pub struct Variant {
     /// The configuration's name.
     pub name: String,
     /// The scheduler options.
-    pub recap: crate::RecapConfig,
+    pub recap: recap_kernels::RecapConfig,
 }
 
 impl ExperimentConfig {
@@ -60,7 +60,7 @@ impl ExperimentConfig {
     }
 
     /// The configurations of one apply: `(name, weighting, scheduler options)`.
-    fn configurations(&self) -> Vec<(String, Weighting, crate::RecapConfig)> {
+    fn configurations(&self) -> Vec<(String, Weighting, recap_kernels::RecapConfig)> {
         let mut out = Vec::new();
         for &w in &self.weightings {
             if w == Weighting::Recap && !self.variants.is_empty() {
@@ -78,10 +78,10 @@ impl ExperimentConfig {
 /// The variants of a sweep: the grid of every `(KEY, [values])` (each value a JSON value) over
 /// `base`, each named `recap KEY=VALUE ...`; an option that does not parse is an error naming it.
 /// The key `preset` takes `paper` (the paper's equations) or `authors` (its authors' code:
-/// [`crate::RecapConfig::authors_code`] with alpha 1) and sets every option first, the other keys
+/// [`recap_kernels::RecapConfig::authors_code`] with alpha 1) and sets every option first, the other keys
 /// on top of it.
 pub fn sweep(
-    base: &crate::RecapConfig,
+    base: &recap_kernels::RecapConfig,
     grid: &[(String, Vec<serde_json::Value>)],
 ) -> Result<Vec<Variant>> {
     let mut grid = grid.to_vec();
@@ -107,7 +107,7 @@ pub fn sweep(
             for v in values {
                 let mut j = json.clone();
                 if key == "preset" {
-                    let preset = crate::RecapConfig::preset(v.as_str().unwrap_or_default())
+                    let preset = recap_kernels::RecapConfig::preset(v.as_str().unwrap_or_default())
                         .map_err(|_| {
                             Error::invalid_argument(
                                 "recap_sweep",
@@ -133,7 +133,7 @@ pub fn sweep(
         .map(|(name, json)| {
             Ok(Variant {
                 name,
-                recap: crate::RecapConfig::from_json(&json.to_string())?,
+                recap: recap_kernels::RecapConfig::from_json(&json.to_string())?,
             })
         })
         .collect()
@@ -230,7 +230,7 @@ pub fn run(cfg: &ExperimentConfig, on_event: &mut dyn FnMut(Event<'_>)) -> Resul
     let one = |(config, weighting, recap, apply, seed): &(
         String,
         Weighting,
-        crate::RecapConfig,
+        recap_kernels::RecapConfig,
         Apply,
         u64,
     )|
@@ -615,7 +615,7 @@ mod tests {
                 vec!["sum".into(), "softmax_mixture".into()],
             ),
         ];
-        let v = sweep(&crate::RecapConfig::default(), &grid).unwrap();
+        let v = sweep(&recap_kernels::RecapConfig::default(), &grid).unwrap();
         let names: Vec<&str> = v.iter().map(|x| x.name.as_str()).collect();
         assert_eq!(
             names,
@@ -632,18 +632,23 @@ mod tests {
             ("temperature".to_string(), vec![1.into()]),
             ("preset".to_string(), vec!["paper".into(), "authors".into()]),
         ];
-        let v = sweep(&crate::RecapConfig::default(), &grid).unwrap();
+        let v = sweep(&recap_kernels::RecapConfig::default(), &grid).unwrap();
         assert_eq!(v[1].name, "recap preset=authors temperature=1");
         assert_eq!(
             v[1].recap,
-            crate::RecapConfig {
+            recap_kernels::RecapConfig {
                 temperature: 1.0,
-                ..crate::RecapConfig::authors_code(crate::recap::Alpha::Constant(1.0))
+                ..recap_kernels::RecapConfig::authors_code(recap_kernels::recap::Alpha::Constant(
+                    1.0
+                ))
             }
         );
-        assert_eq!(v[0].recap.priority, crate::RecapConfig::default().priority);
+        assert_eq!(
+            v[0].recap.priority,
+            recap_kernels::RecapConfig::default().priority
+        );
         let bad = vec![("windw".to_string(), vec![3.into()])];
-        assert!(sweep(&crate::RecapConfig::default(), &bad)
+        assert!(sweep(&recap_kernels::RecapConfig::default(), &bad)
             .unwrap_err()
             .to_string()
             .contains("windw"));

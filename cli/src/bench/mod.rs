@@ -16,8 +16,8 @@
 mod cpu;
 mod cuda;
 
-use crate::error::{Error, Result};
 use crate::train::Device;
+use recap_kernels::error::{Error, Result};
 use std::io::Write;
 
 /// Settings of a run.
@@ -240,8 +240,8 @@ pub fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<BenchRep
     let device = cfg.device.unwrap_or(Device::Auto);
     let gpu = match device {
         Device::Cpu => None,
-        Device::Cuda => Some(crate::cuda::Gpu::new(0)?),
-        Device::Auto => match crate::cuda::Gpu::new(0) {
+        Device::Cuda => Some(recap_kernels::cuda::Gpu::new(0)?),
+        Device::Auto => match recap_kernels::cuda::Gpu::new(0) {
             Ok(g) => Some(g),
             Err(e) => {
                 progress(&format!(
@@ -369,7 +369,7 @@ pub(crate) struct RolloutIsCase {
     pub case: String,
     pub t: usize,
     pub seq_len: usize,
-    pub correction: crate::RolloutCorrection,
+    pub correction: recap_kernels::RolloutCorrection,
 }
 
 impl RolloutIsCase {
@@ -382,7 +382,10 @@ impl RolloutIsCase {
             &[262_144, 2_097_152]
         };
         let seq_len = 1024;
-        let levels = [crate::IsLevel::Token, crate::IsLevel::Sequence];
+        let levels = [
+            recap_kernels::IsLevel::Token,
+            recap_kernels::IsLevel::Sequence,
+        ];
         sizes
             .iter()
             .flat_map(|&t| {
@@ -390,7 +393,7 @@ impl RolloutIsCase {
                     case: format!("T={t} L={seq_len} {level:?} normalized"),
                     t,
                     seq_len,
-                    correction: crate::RolloutCorrection {
+                    correction: recap_kernels::RolloutCorrection {
                         level,
                         ..Default::default()
                     },

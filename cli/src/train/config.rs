@@ -1,7 +1,7 @@
 //! The settings of a `recap train` run: presets, where it runs, how objectives are weighted and
 //! where the weights act.
 
-use crate::recap::RecapConfig;
+use recap_kernels::recap::RecapConfig;
 use std::path::PathBuf;
 
 /// An option enum named on the command line and in results: its variants with their names, `ALL`,
@@ -32,11 +32,11 @@ macro_rules! named_options {
             }
         }
         impl std::str::FromStr for $t {
-            type Err = crate::error::Error;
-            fn from_str(s: &str) -> crate::error::Result<Self> {
+            type Err = recap_kernels::error::Error;
+            fn from_str(s: &str) -> recap_kernels::error::Result<Self> {
                 $t::ALL.iter().copied().find(|v| v.as_str() == s).ok_or_else(|| {
                     let names: Vec<&str> = $t::ALL.iter().map(|v| v.as_str()).collect();
-                    crate::error::Error::invalid_argument(
+                    recap_kernels::error::Error::invalid_argument(
                         $arg,
                         format!("unknown value {s:?}; expected one of {}", names.join(", ")),
                     )
