@@ -1,6 +1,6 @@
 /*
  * advantages.cu — group advantages of rewards [B, K] (the math: train_math.cuh, recap_advantage,
- * recap_whiten and recap_difficulty_weight; the CPU reference: src/advantages.rs).
+ * recap_whiten and recap_difficulty_weight; the CPU reference: src/ops/advantages/mod.rs).
  *
  * Three launches, a fourth for REINFORCE++:
  *   recap_adv_prepare    grid = groups: GRPO-LEAD's length-dependent accuracy reward (mean and

@@ -1,6 +1,6 @@
 /*
  * token_baseline.cu — verl's optimal token baseline (the CPU reference and the math:
- * src/token_baseline.rs). Per token t of a sequence, m its mask weight:
+ * src/ops/token_baseline/mod.rs). Per token t of a sequence, m its mask weight:
  *
  *   w_t = (1 - 2 exp(old_logp_t) + sum_pi_squared_t) rho_t^2     (rho: rollout IS weight, or 1)
  *   W_t = sum_{j <= t} m_j w_j        G_t = sum_{j >= t} m_j r_j  (returns)

@@ -14,7 +14,6 @@
 
 #![warn(missing_docs)]
 
-pub mod advantages;
 pub mod backend;
 pub mod config;
 pub mod cpu;
@@ -28,14 +27,11 @@ pub(crate) mod kernel_layout {
     include!(concat!(env!("OUT_DIR"), "/layout.rs"));
 }
 pub mod layout;
-pub mod logits;
+mod ops;
+pub use ops::{advantages, logits, rejection, rollout_is, tensor_parallel, token_baseline};
 pub mod output;
 pub mod raw;
 pub mod recap;
-pub mod rejection;
-pub mod rollout_is;
-pub mod tensor_parallel;
-pub mod token_baseline;
 #[cfg(feature = "tools")]
 pub mod tools;
 

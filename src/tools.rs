@@ -62,7 +62,7 @@ pub fn gemm(
     beta: f32,
 ) -> Result<()> {
     gpu.with_blas(stream, |blas| {
-        crate::cuda::fused_linear::gemm(blas, ta, tb, mnk, a, b, c, beta)
+        crate::ops::fused_linear::cuda::gemm(blas, ta, tb, mnk, a, b, c, beta)
     })
 }
 

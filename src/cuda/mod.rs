@@ -1,45 +1,40 @@
-//! The CUDA backend: one module per kernel family, a load-once module cache per device, and safe
-//! wrappers that validate every argument on the host before any launch.
+//! The CUDA backend: a load-once module cache per device and the launch machinery; each op's safe
+//! wrappers (which validate every argument on the host before any launch) live with the op
+//! (`ops/<op>/cuda.rs`) and are re-exported here.
 //!
 //! Inputs are `CudaView`s, outputs `&mut CudaViewMut`, and every op takes the stream it runs on.
 //! `unsafe` appears only around the launches. On a build without kernels (no nvcc at build time)
 //! every entry point returns [`Error::NoKernels`].
 
-mod advantages;
 mod counters;
-pub(crate) mod fused_linear;
-mod grpo;
-mod kl;
-mod logits;
-mod logits_loss;
 #[doc(hidden)]
 pub mod params;
-mod reduce;
-mod rollout_is;
-mod tensor_parallel;
-mod token_baseline;
 
-pub use advantages::{group_advantages, AdvAddrs, AdvShape, DeviceGroups};
-pub use counters::{count_calls, emulated_counters, DeviceCalls};
-pub use fused_linear::{FusedLinearConfig, LinearHead};
-pub use grpo::{
+pub use crate::ops::advantages::cuda::{group_advantages, AdvAddrs, AdvShape, DeviceGroups};
+pub use crate::ops::fused_linear::cuda::{FusedLinearConfig, LinearHead};
+pub use crate::ops::grpo::cuda::{
     grpo_loss, grpo_loss_async, grpo_output_len, DeviceGrpoInputs, DeviceLayout, PendingGrpo,
     GRPO_OUTPUT_LOSS,
 };
-pub use kl::{kl, rejection_grid, rejection_params, rollout_rejection};
-pub use logits::{
+pub use crate::ops::kl::cuda::{kl, rejection_grid, rejection_params, rollout_rejection};
+pub use crate::ops::logits::cuda::{
     logprob_backward, logprob_backward_inplace, logprob_forward, DeviceLogitsLossInputs,
     LogprobGrads,
 };
-pub use logits_loss::{
+pub use crate::ops::logits_loss::cuda::{
     fused_linear_grpo_loss, fused_linear_grpo_loss_async, fused_linear_workspace_len,
     grpo_loss_from_logits, grpo_loss_from_logits_async, logits_output_len, logits_workspace_len,
     PendingLogitsLoss,
 };
-pub use reduce::{weighted_reduce, DeviceReduceInputs};
-pub use rollout_is::{is_finalize_params, is_params, is_plan, rollout_is_weights, IsPlan};
-pub use tensor_parallel::{tp_backward_inplace, tp_combine, tp_partials};
-pub use token_baseline::{group_table, optimal_token_baseline, otb_launches, otb_params};
+pub use crate::ops::reduce::cuda::{weighted_reduce, DeviceReduceInputs};
+pub use crate::ops::rollout_is::cuda::{
+    is_finalize_params, is_params, is_plan, rollout_is_weights, IsPlan,
+};
+pub use crate::ops::tensor_parallel::cuda::{tp_backward_inplace, tp_combine, tp_partials};
+pub use crate::ops::token_baseline::cuda::{
+    group_table, optimal_token_baseline, otb_launches, otb_params,
+};
+pub use counters::{count_calls, emulated_counters, DeviceCalls};
 
 use crate::config::{Normalizers, MAX_OBJECTIVES};
 use crate::error::{Error, Result};
@@ -414,7 +409,7 @@ pub(crate) enum LayoutSrc<'a> {
 }
 
 impl LayoutSrc<'_> {
-    fn b(&self) -> usize {
+    pub(crate) fn b(&self) -> usize {
         match self {
             LayoutSrc::Host { cu_seqlens, .. } => cu_seqlens.len() - 1,
             LayoutSrc::Device { b, .. } => *b,
