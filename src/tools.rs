@@ -5,7 +5,7 @@
 //! path runs, and the fused loss's slot count (for sizing a benchmark's output buffer). Not a
 //! stable API: it moves with the tool.
 
-use crate::cuda::{Gpu, Module};
+use crate::cuda::device::{Gpu, Module};
 use crate::error::Result;
 use cudarc::cublas::sys::{cublasOperation_t, cudaDataType};
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, SyncOnDrop, ValidAsZeroBits};
@@ -14,7 +14,7 @@ use std::sync::Arc;
 pub use crate::cuda::params::TrainParams;
 
 /// Threads per block of every kernel (`RECAP_BLOCK`).
-pub const BLOCK: u32 = crate::cuda::BLOCK;
+pub const BLOCK: u32 = crate::cuda::device::BLOCK;
 
 /// Launches the training driver's kernel `name` (`kernels/train.cu`) with `grid` blocks of
 /// [`BLOCK`] threads and `params`; a grid of 0 launches nothing.
@@ -30,12 +30,12 @@ pub fn launch_train(
 
 /// Device address of an owned buffer, for a parameter struct; the guard must outlive the launch.
 pub fn addr_slice<'a, T>(v: &'a CudaSlice<T>, s: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
-    crate::cuda::addr_slice(v, s)
+    crate::cuda::device::addr_slice(v, s)
 }
 
 /// Device address of an owned buffer, for writing.
 pub fn addr_slice_mut<'a, T>(v: &'a mut CudaSlice<T>, s: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
-    crate::cuda::addr_slice_mut(v, s)
+    crate::cuda::device::addr_slice_mut(v, s)
 }
 
 /// A host slice copied to a new device buffer of at least one element.
@@ -43,7 +43,7 @@ pub fn upload<T: DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
     x: &[T],
 ) -> Result<CudaSlice<T>> {
-    crate::cuda::upload(stream, x)
+    crate::cuda::device::upload(stream, x)
 }
 
 /// `C[m, n] (col-major, ldc) = op(A) op(B) + beta C` with fp32 accumulation on `stream`, with

@@ -2,7 +2,7 @@
 //! [`crate::advantages::group_advantages`].
 
 use crate::advantages::{validate, AdvantageConfig, Singletons};
-use crate::cuda::{addr, addr_mut, addr_slice_mut, params::AdvParams, Gpu, Module};
+use crate::cuda::device::{addr, addr_mut, addr_slice_mut, params::AdvParams, Gpu, Module};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use std::sync::Arc;

@@ -159,7 +159,7 @@ pub(crate) struct LossRows {
 /// `dst[idx[i]] = src[i]` (`recap_move_rows`).
 #[allow(clippy::too_many_arguments)]
 fn move_rows(
-    gpu: &crate::cuda::Gpu,
+    gpu: &crate::cuda::device::Gpu,
     stream: &cudarc::driver::CudaStream,
     (src, dst, idx): (u64, u64, u64),
     n: usize,
@@ -167,7 +167,7 @@ fn move_rows(
     unit: usize,
     scatter: bool,
 ) -> Result<()> {
-    let p = crate::cuda::params::LogitsParams {
+    let p = crate::cuda::device::params::LogitsParams {
         logits: src,
         dlogits: dst,
         labels: idx,
@@ -178,11 +178,11 @@ fn move_rows(
         ..Default::default()
     };
     let grid = (n * units)
-        .div_ceil(crate::cuda::BLOCK as usize)
+        .div_ceil(crate::cuda::device::BLOCK as usize)
         .min(65_535);
     gpu.launch(
         stream,
-        crate::cuda::Module::Logits,
+        crate::cuda::device::Module::Logits,
         "recap_move_rows",
         grid,
         &p,
@@ -194,17 +194,17 @@ impl LossRows {
     /// device (`recap_valid_mask`: the mask weight, 0 at ignored labels) and reads it back
     /// (synchronizes `stream`). The inputs' lengths are checked by the caller.
     pub(crate) fn find(
-        gpu: &crate::cuda::Gpu,
+        gpu: &crate::cuda::device::Gpu,
         stream: &std::sync::Arc<cudarc::driver::CudaStream>,
         head: &LinearHead<'_>,
-        inputs: &crate::cuda::DeviceLogitsLossInputs<'_>,
+        inputs: &crate::ops::logits::cuda::DeviceLogitsLossInputs<'_>,
         config: &crate::logits::LogprobConfig,
     ) -> Result<Option<LossRows>> {
         use crate::layout::{Advantages, Mask};
         let t = inputs.labels.len();
         let mut valid = stream.alloc_zeros::<f32>(t.max(1))?;
         {
-            let (va, _gv) = crate::cuda::addr_slice_mut(&mut valid, stream);
+            let (va, _gv) = crate::cuda::device::addr_slice_mut(&mut valid, stream);
             crate::ops::logits::cuda::valid_mask(gpu, stream, inputs, config, va)?;
         }
         let valid = stream.clone_dtoh(&valid.slice(..t))?;
@@ -229,22 +229,22 @@ impl LossRows {
         let k = inputs.lambda.len();
         // the kept rows of a [T, units] array into a new [n, units] one
         fn gather<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-            gpu: &crate::cuda::Gpu,
+            gpu: &crate::cuda::device::Gpu,
             stream: &std::sync::Arc<cudarc::driver::CudaStream>,
             src: &cudarc::driver::CudaView<'_, T>,
             (idx_a, n, units): (u64, usize, usize),
         ) -> Result<cudarc::driver::CudaSlice<T>> {
             let mut dst = stream.alloc_zeros::<T>((n * units).max(1))?;
             {
-                let (s, _gs) = crate::cuda::addr(src, stream);
-                let (d, _gd) = crate::cuda::addr_slice_mut(&mut dst, stream);
+                let (s, _gs) = crate::cuda::device::addr(src, stream);
+                let (d, _gd) = crate::cuda::device::addr_slice_mut(&mut dst, stream);
                 let unit = std::mem::size_of::<T>();
                 move_rows(gpu, stream, (s, d, idx_a), n, units, unit, false)?;
             }
             Ok(dst)
         }
         let idx_view = idx.slice(..);
-        let (idx_a, gi) = crate::cuda::addr(&idx_view, stream);
+        let (idx_a, gi) = crate::cuda::device::addr(&idx_view, stream);
         let rows = (idx_a, n, 1);
         let g = |x: &cudarc::driver::CudaView<'_, f32>| gather(gpu, stream, x, rows);
         let hidden = gather(gpu, stream, &head.hidden, (idx_a, n, h))?;
@@ -288,12 +288,12 @@ impl LossRows {
     /// The kept rows' inputs (the per-sequence ones unchanged, `cu_seqlens` over the kept rows).
     pub(crate) fn inputs<'s>(
         &'s self,
-        inputs: &crate::cuda::DeviceLogitsLossInputs<'s>,
-    ) -> crate::cuda::DeviceLogitsLossInputs<'s> {
+        inputs: &crate::ops::logits::cuda::DeviceLogitsLossInputs<'s>,
+    ) -> crate::ops::logits::cuda::DeviceLogitsLossInputs<'s> {
         use crate::layout::{Advantages, Mask};
         let n = self.n;
         let k = inputs.lambda.len();
-        crate::cuda::DeviceLogitsLossInputs {
+        crate::ops::logits::cuda::DeviceLogitsLossInputs {
             labels: self.labels.slice(..n),
             old_logp: self.old_logp.slice(..n),
             ref_logp: self.ref_logp.as_ref().map(|x| x.slice(..n)),
@@ -324,7 +324,7 @@ impl LossRows {
     /// `d_hidden [T, H]`: the kept rows' gradient at their positions, 0 elsewhere.
     pub(crate) fn scatter_d_hidden(
         &self,
-        gpu: &crate::cuda::Gpu,
+        gpu: &crate::cuda::device::Gpu,
         stream: &std::sync::Arc<cudarc::driver::CudaStream>,
         kept: &cudarc::driver::CudaSlice<bf16>,
         d_hidden: &mut cudarc::driver::CudaViewMut<'_, bf16>,
@@ -332,9 +332,9 @@ impl LossRows {
     ) -> Result<()> {
         stream.memset_zeros(d_hidden)?;
         let (kept, idx) = (kept.slice(..), self.idx.slice(..));
-        let (s, _gs) = crate::cuda::addr(&kept, stream);
-        let (d, _gd) = crate::cuda::addr_mut(d_hidden, stream);
-        let (i, _gi) = crate::cuda::addr(&idx, stream);
+        let (s, _gs) = crate::cuda::device::addr(&kept, stream);
+        let (d, _gd) = crate::cuda::device::addr_mut(d_hidden, stream);
+        let (i, _gi) = crate::cuda::device::addr(&idx, stream);
         move_rows(gpu, stream, (s, d, i), self.n, h, 2, true)
     }
 }

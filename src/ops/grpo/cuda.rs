@@ -1,7 +1,7 @@
 //! Kernel 1 on the GPU: the fused GRPO loss (`kernels/grpo_loss.cu`).
 
 use crate::config::{GrpoConfig, IsLevel, IsMode, PolicyLoss, RolloutCorrection};
-use crate::cuda::{
+use crate::cuda::device::{
     addr, addr_mut, begin_token_pass, maxk, out_len, params::GrpoParams, read_out, split_out, Gpu,
     LayoutSrc, Module, SeqExtras, Workspace,
 };
@@ -95,7 +95,7 @@ impl PendingGrpo {
             grpo_output_len(self.k),
             "grpo_output_len(K)",
         )?;
-        crate::cuda::check_flags(raw[crate::kernel_layout::OUT_FLAGS])?;
+        crate::cuda::device::check_flags(raw[crate::kernel_layout::OUT_FLAGS])?;
         self.decode(raw)
     }
 
@@ -212,7 +212,7 @@ pub(crate) fn enqueue<'g>(
     config: &GrpoConfig,
     grad: u64,
     out: Option<u64>,
-    dev_norms: Option<&crate::cuda::DeviceNorms>,
+    dev_norms: Option<&crate::cuda::device::DeviceNorms>,
 ) -> Result<(PendingGrpo, Workspace<'g>)> {
     let shape = validate_call(inputs, layout, config)?;
     let (t, b, k) = (shape.t, shape.b, shape.k);

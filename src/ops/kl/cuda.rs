@@ -1,7 +1,9 @@
 //! Kernel 2 on the GPU: the standalone per-token KL and the rollout rejection flags (`kernels/kl.cu`).
 
 use crate::config::KlEstimator;
-use crate::cuda::{addr, addr_mut, params::KlParams, params::RejectParams, Gpu, Module, BLOCK};
+use crate::cuda::device::{
+    addr, addr_mut, params::KlParams, params::RejectParams, Gpu, Module, BLOCK,
+};
 use crate::error::Result;
 use crate::layout::{check_len, Mask};
 use crate::ops::grpo::cuda::MaskView;
@@ -86,10 +88,10 @@ pub fn rollout_rejection(
         return Ok(());
     }
     let (mask_view, suffix) = MaskView::of(&mask);
-    let cu = crate::cuda::upload(stream, cu_seqlens)?;
+    let cu = crate::cuda::device::upload(stream, cu_seqlens)?;
     let (m_a, _gm) = mask_view.addr(stream);
     let (l_a, _g0) = addr(log_ratio, stream);
-    let (c_a, _g1) = crate::cuda::addr_slice(&cu, stream);
+    let (c_a, _g1) = crate::cuda::device::addr_slice(&cu, stream);
     let (f_a, _g2) = addr_mut(flags, stream);
     let p = rejection_params([l_a, m_a, c_a, f_a], t, b, criteria);
     gpu.launch(

@@ -319,13 +319,13 @@ pub(crate) fn from_logits<E: LogitElem>(
                 main + LOGITS_EXTRA,
                 "logits_output_len(K)",
             )?;
-            crate::cpu::grpo_loss_out(&x, config, &mut g_logp, &mut out[..main])?
+            crate::ops::grpo::cpu::grpo_loss_out(&x, config, &mut g_logp, &mut out[..main])?
         }
-        None => crate::cpu::grpo_loss(&x, config, &mut g_logp)?,
+        None => crate::ops::grpo::cpu::grpo_loss(&x, config, &mut g_logp)?,
     };
     let ent_norms = inputs.normalizers.map(crate::logits::entropy_normalizers);
     let mut w = vec![0f32; t];
-    let ent_out = crate::cpu::weighted_reduce(
+    let ent_out = crate::ops::reduce::cpu::weighted_reduce(
         &ReduceInputs {
             losses: &ent,
             mask: Mask::F32(&valid),

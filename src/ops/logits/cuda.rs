@@ -1,7 +1,7 @@
 //! Kernels 4 and 5 on the GPU: log-probabilities and entropy from logits, and the gradient back into
 //! the logits, out of place or in place (`kernels/logits.cu`).
 
-use crate::cuda::{addr, addr_mut, params::LogitsParams, Gpu, Module};
+use crate::cuda::device::{addr, addr_mut, params::LogitsParams, Gpu, Module};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
 use crate::logits::{LogitElem, Logits, LogprobConfig};
@@ -117,7 +117,7 @@ pub(crate) fn forward_raw<E: LogitElem>(
         let (y_a, _g1) = addr(labels, stream);
         let (own_a, _g2) = match own.as_mut() {
             Some(c) => {
-                let (a, g) = crate::cuda::addr_slice_mut(c, stream);
+                let (a, g) = crate::cuda::device::addr_slice_mut(c, stream);
                 (a, Some(g))
             }
             None => (0, None),
@@ -395,6 +395,6 @@ pub(crate) fn valid_mask(
         ignore_index: config.ignore_index,
         ..Default::default()
     };
-    let blocks = t.div_ceil(crate::cuda::BLOCK as usize).min(4096);
+    let blocks = t.div_ceil(crate::cuda::device::BLOCK as usize).min(4096);
     gpu.launch(stream, Module::Logits, "recap_valid_mask", blocks, &p)
 }

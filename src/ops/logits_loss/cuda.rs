@@ -17,9 +17,9 @@
 //! in chunk order and computes the loss from them.
 
 use crate::config::{AggMode, GrpoConfig, IsLevel, Normalizers, PolicyLoss};
-use crate::cuda::{
-    addr, addr_mut, begin_token_pass, out_len, params::LogitsFinishParams, DeviceLogitsLossInputs,
-    DeviceNorms, Gpu, LayoutSrc, Module, SeqExtras, BLOCK,
+use crate::cuda::device::{
+    addr, addr_mut, begin_token_pass, out_len, params::LogitsFinishParams, DeviceNorms, Gpu,
+    LayoutSrc, Module, SeqExtras, BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::kernel_layout::{
@@ -30,6 +30,7 @@ use crate::layout::{check_len, Advantages, GrpoInputs, Mask, Shape};
 use crate::logits::{LogitElem, Logits, LogitsLossOutput, LogprobConfig};
 use crate::ops::fused_linear::cuda::{gemm, FusedLinearConfig, LinearHead, LossRows};
 use crate::ops::grpo::cuda::{enqueue, grpo_output_len, validate_call, DeviceLayout, PendingGrpo};
+use crate::ops::logits::cuda::DeviceLogitsLossInputs;
 use crate::ops::logits::cuda::{backward_raw, forward_raw, valid_mask, LogprobGrads, Shard};
 use crate::ops::reduce::cuda::ReducePass;
 use cudarc::cublas::sys::{cublasOperation_t, cudaDataType};
@@ -227,7 +228,7 @@ impl PendingLogitsLoss {
                 ),
             ));
         }
-        crate::cuda::check_flags(raw[OUT_FLAGS])?;
+        crate::cuda::device::check_flags(raw[OUT_FLAGS])?;
         let mut grpo = self.grpo.decode(main)?;
         grpo.loss = extra[LOGITS_GRPO_LOSS];
         Ok(LogitsLossOutput {
@@ -251,7 +252,7 @@ fn entropy_mask(
     let (ent, val) = (stream.clone_dtoh(entropy)?, stream.clone_dtoh(valid)?);
     stream.synchronize()?;
     let mask = crate::logits::top_entropy_mask(&ent, &val, q);
-    crate::cuda::upload(stream, &mask)
+    crate::cuda::device::upload(stream, &mask)
 }
 
 fn no_quantile(config: &GrpoConfig) -> Result<()> {
@@ -909,7 +910,7 @@ pub fn fused_linear_grpo_loss(
     };
     let (pad_a, _gp) = match pad.as_mut() {
         Some(p) => {
-            let (a, g) = crate::cuda::addr_slice_mut(p, stream);
+            let (a, g) = crate::cuda::device::addr_slice_mut(p, stream);
             (Some(a), Some(g))
         }
         None => (None, None),
@@ -1251,7 +1252,7 @@ impl Linear<'_, '_> {
             // the gradient chunk as bf16 for the GEMMs
             let dl = if E::SUFFIX == "f32" {
                 let copy_a = ws.off(lay.copy);
-                let p = crate::cuda::params::LogitsParams {
+                let p = crate::cuda::device::params::LogitsParams {
                     logits: chunk,
                     dlogits: copy_a,
                     num_rows: (n * v) as i64,

@@ -1,7 +1,7 @@
 //! Kernel 3 on the GPU: the per-objective weighted loss reduction (`kernels/reduce.cu`).
 
 use crate::config::{GrpoConfig, Normalizers};
-use crate::cuda::{
+use crate::cuda::device::{
     addr, addr_mut, begin_token_pass, finalize, maxk, params::ReduceParams, DeviceNorms, Gpu,
     LayoutSrc, Module, SeqExtras, Workspace,
 };

@@ -1,8 +1,8 @@
 //! The rollout IS weights on the GPU (`kernels/rollout_is.cu`; see [`crate::rollout_is`]).
 
 use crate::config::RolloutCorrection;
-use crate::cuda::params::{FinalizeParams, IsParams};
-use crate::cuda::{addr, addr_mut, addr_slice, addr_slice_mut, upload, Gpu, Module, BLOCK};
+use crate::cuda::device::params::{FinalizeParams, IsParams};
+use crate::cuda::device::{addr, addr_mut, addr_slice, addr_slice_mut, upload, Gpu, Module, BLOCK};
 use crate::error::Result;
 use crate::kernel_layout as k;
 use crate::layout::Mask;

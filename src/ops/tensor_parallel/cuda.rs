@@ -3,7 +3,7 @@
 //! CPU references are [`crate::cpu::tp_partials`], [`crate::cpu::tp_combine`] and
 //! [`crate::cpu::tp_backward`].
 
-use crate::cuda::{addr, addr_mut, params::TpParams, Gpu, Module};
+use crate::cuda::device::{addr, addr_mut, params::TpParams, Gpu, Module};
 use crate::error::{Error, Result};
 use crate::layout::check_len;
 use crate::logits::{LogitElem, Logits, LogprobConfig};
@@ -47,7 +47,7 @@ pub fn tp_partials<E: LogitElem>(
     let (p_a, _g) = addr_mut(partials, stream);
     // sharded: no label is bad here (one outside the shard is another's), so nothing is read back
     let mut counter = stream.alloc_zeros::<u32>(1)?;
-    let (c_a, _gc) = crate::cuda::addr_slice_mut(&mut counter, stream);
+    let (c_a, _gc) = crate::cuda::device::addr_slice_mut(&mut counter, stream);
     forward_raw(
         gpu,
         stream,
@@ -113,7 +113,7 @@ pub fn tp_combine(
         let (lp_a, _g2) = addr_mut(logp, stream);
         let (h_a, _g3) = addr_mut(entropy, stream);
         let (l_a, _g4) = addr_mut(lse, stream);
-        let (m_a, _g5) = crate::cuda::addr_slice_mut(&mut missing, stream);
+        let (m_a, _g5) = crate::cuda::device::addr_slice_mut(&mut missing, stream);
         let (q_a, _g6) = match sum_pi_squared {
             Some(q) => {
                 let (a, g) = addr_mut(q, stream);
@@ -136,7 +136,7 @@ pub fn tp_combine(
             pad0: 0,
         };
         let grid = t
-            .div_ceil(crate::cuda::BLOCK as usize)
+            .div_ceil(crate::cuda::device::BLOCK as usize)
             .clamp(1, 8 * gpu.multiprocessors() as usize);
         gpu.launch(stream, Module::Logits, "recap_tp_combine", grid, &p)?;
     }

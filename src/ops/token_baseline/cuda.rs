@@ -2,7 +2,7 @@
 //! [`crate::token_baseline::optimal_token_baseline`].
 
 use crate::advantages::Groups;
-use crate::cuda::{
+use crate::cuda::device::{
     addr, addr_mut, addr_slice, addr_slice_mut, params::OtbParams, upload, Gpu, Module,
 };
 use crate::error::{Error, Result};
