@@ -218,6 +218,50 @@ typedef struct RecapGrpoResult {
     double rollout_is_corrected_fraction;
 } RecapGrpoResult;
 
+// Logits in the caller's memory with the labels they score and the log-probs' options: the
+// argument of every call on logits (`recap_logprob_forward`, `recap_logprob_backward_inplace`,
+// `recap_tp_partials`, `recap_tp_backward_inplace`).
+typedef struct RecapLogits {
+    // `[rows, ld]` logits of `dtype`, row-major with a row stride of `ld` elements (the backward
+    // calls write the gradient over them; the other calls only read them).
+    void *data;
+    // 0 f32, 1 f16, 2 bf16.
+    int32_t dtype;
+    // The label that excludes a row: its logp 0, no gradient (verl's and TRL's -100).
+    int32_t ignore_index;
+    // Rows T.
+    int64_t rows;
+    // Columns V (under tensor parallelism, the shard's own).
+    int64_t vocab;
+    // Row stride in elements, >= `vocab`.
+    int64_t ld;
+    // Tensor parallelism: the shard's first column in the whole vocabulary (the unsharded calls
+    // take 0).
+    int64_t vocab_start;
+    // `[rows]` token ids (of the whole vocabulary).
+    const int32_t *labels;
+    // Temperature tau > 0: the log-probabilities of `logits / tau`.
+    float temperature;
+} RecapLogits;
+
+// A logits backward's inputs besides the logits: the forward's statistics at the same temperature
+// (under tensor parallelism the whole vocabulary's, from `recap_tp_combine`) and the upstream
+// gradients, `[rows]` each.
+typedef struct RecapLogprobGrads {
+    // The forward's LSE.
+    const float *lse;
+    // The forward's entropy.
+    const float *entropy;
+    // dL/dlogp.
+    const float *g_logp;
+    // dL/dentropy, or null.
+    const float *g_entropy;
+    // The forward's Σπ², or null (with `g_sum_pi_squared`: both null or both given).
+    const float *sum_pi_squared;
+    // dL/dΣπ², or null.
+    const float *g_sum_pi_squared;
+} RecapLogprobGrads;
+
 // The last layer of the fused-linear loss and the labels it scores.
 typedef struct RecapLinearHead {
     // H: the hidden size.
@@ -445,54 +489,34 @@ int32_t recap_weighted_reduce(int32_t device,
                               double *objective_loss);
 
 // Log-probabilities, entropy (nullable), LSE and Σπ² (nullable: the sum of the squared
-// probabilities, verl's `sum_pi_squared`) of `rows` rows of `vocab` logits (row stride `ld`
-// elements; `dtype` 0 f32, 1 f16, 2 bf16) at `temperature`, labels `ignore_index` giving 0.
+// probabilities, verl's `sum_pi_squared`) of each row of `logits` (unsharded: `vocab_start` 0).
 //
 // # Safety
-// Arrays on the device (`device >= 0`) or the host (`device < 0`): `logits` [rows, ld], `labels`,
-// `logp`, `entropy`, `lse`, `sum_pi_squared` [rows]; `stream` nullable.
+// `logits` valid; arrays on the device (`device >= 0`) or the host (`device < 0`): `logits.data`
+// [rows, ld], `logits.labels`, `logp`, `entropy`, `lse`, `sum_pi_squared` [rows]; `stream`
+// nullable.
 int32_t recap_logprob_forward(int32_t device,
                               void *stream,
-                              const void *logits,
-                              int32_t dtype,
-                              int64_t rows,
-                              int64_t vocab,
-                              int64_t ld,
-                              const int32_t *labels,
-                              float temperature,
-                              int32_t ignore_index,
+                              const struct RecapLogits *logits,
                               float *logp,
                               float *entropy,
                               float *lse,
                               float *sum_pi_squared);
 
 // The gradient of `g_logp . logp + g_entropy . entropy + g_sum_pi_squared . sum_pi_squared` with
-// respect to the logits, written over the logits in place (`lse`, `entropy` and `sum_pi_squared`
-// from `recap_logprob_forward` at the same temperature; `g_entropy` nullable; `sum_pi_squared`
-// and `g_sum_pi_squared` both null or both given).
+// respect to the logits, written over `logits.data` in place, from `grads` (the statistics of
+// `recap_logprob_forward` at the same temperature).
 //
 // # Safety
-// As `recap_logprob_forward`; `logits` writable.
+// As `recap_logprob_forward`; `logits.data` writable; `grads` valid, its arrays [rows].
 int32_t recap_logprob_backward_inplace(int32_t device,
                                        void *stream,
-                                       void *logits,
-                                       int32_t dtype,
-                                       int64_t rows,
-                                       int64_t vocab,
-                                       int64_t ld,
-                                       const int32_t *labels,
-                                       const float *lse,
-                                       const float *entropy,
-                                       const float *g_logp,
-                                       const float *g_entropy,
-                                       const float *sum_pi_squared,
-                                       const float *g_sum_pi_squared,
-                                       float temperature,
-                                       int32_t ignore_index);
+                                       const struct RecapLogits *logits,
+                                       const struct RecapLogprobGrads *grads);
 
 // Vocabulary parallelism, step 1: one shard's partial statistics of each row into `partials`
 // [planes, T] (the shard's LSE, entropy, label logit or -inf, and with `planes` = 4 the shard's
-// own sum_j p_j^2, for verl's sum_pi_squared) for logits [rows, ld] holding the columns
+// own sum_j p_j^2, for verl's sum_pi_squared) for `logits` holding the columns
 // [vocab_start, vocab_start + vocab) of the whole vocabulary; `labels` are global. All-gather the
 // partials (and each shard's vocab_start) over the tensor-parallel group, then
 // `recap_tp_combine`.
@@ -501,15 +525,7 @@ int32_t recap_logprob_backward_inplace(int32_t device,
 // As `recap_logprob_forward`; `partials` planes * rows writable floats.
 int32_t recap_tp_partials(int32_t device,
                           void *stream,
-                          const void *logits,
-                          int32_t dtype,
-                          int64_t rows,
-                          int64_t vocab,
-                          int64_t ld,
-                          const int32_t *labels,
-                          int64_t vocab_start,
-                          float temperature,
-                          int32_t ignore_index,
+                          const struct RecapLogits *logits,
                           int32_t planes,
                           float *partials);
 
@@ -535,28 +551,16 @@ int32_t recap_tp_combine(int32_t device,
 
 // Vocabulary parallelism, step 3: the shard's slice of the gradient of
 // `g_logp . logp + g_entropy . entropy (+ g_sum_pi_squared . sum_pi_squared)` over the whole
-// vocabulary, written over the shard's logits, from the combined `lse`, `entropy` (and
-// `sum_pi_squared`: both null or both given) of `recap_tp_combine` (no collective).
+// vocabulary, written over the shard's logits (`logits.vocab_start` its first column), from the
+// combined `lse`, `entropy` (and `sum_pi_squared`) of `recap_tp_combine` in `grads` (no
+// collective).
 //
 // # Safety
 // As `recap_logprob_backward_inplace`.
 int32_t recap_tp_backward_inplace(int32_t device,
                                   void *stream,
-                                  void *logits,
-                                  int32_t dtype,
-                                  int64_t rows,
-                                  int64_t vocab,
-                                  int64_t ld,
-                                  const int32_t *labels,
-                                  int64_t vocab_start,
-                                  const float *lse,
-                                  const float *entropy,
-                                  const float *g_logp,
-                                  const float *g_entropy,
-                                  const float *sum_pi_squared,
-                                  const float *g_sum_pi_squared,
-                                  float temperature,
-                                  int32_t ignore_index);
+                                  const struct RecapLogits *logits,
+                                  const struct RecapLogprobGrads *grads);
 
 // Group advantages of rewards [B, K] into `out` [B, K]: groups of `group_size` consecutive
 // rollouts, or (`group_ids` non-null) dense ids in [0, num_groups) (any ids on the host);

@@ -20,7 +20,7 @@ pub(crate) use std::sync::OnceLock;
 pub(crate) use crate::batch::*;
 pub(crate) use crate::common::*;
 pub(crate) use crate::config::*;
-pub(crate) use crate::logits::{backward, by_dtype, logits_shape, LogitsShape};
+pub(crate) use crate::logits::{backward, by_dtype, LogitsArg, RecapLogits, RecapLogprobGrads};
 pub(crate) use crate::{
     RECAP_ERR_ARGUMENT, RECAP_ERR_DEVICE, RECAP_ERR_INTERNAL, RECAP_ERR_NONFINITE, RECAP_OK,
 };

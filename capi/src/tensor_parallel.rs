@@ -5,7 +5,7 @@ use crate::prelude::*;
 
 /// Vocabulary parallelism, step 1: one shard's partial statistics of each row into `partials`
 /// [planes, T] (the shard's LSE, entropy, label logit or -inf, and with `planes` = 4 the shard's
-/// own sum_j p_j^2, for verl's sum_pi_squared) for logits [rows, ld] holding the columns
+/// own sum_j p_j^2, for verl's sum_pi_squared) for `logits` holding the columns
 /// [vocab_start, vocab_start + vocab) of the whole vocabulary; `labels` are global. All-gather the
 /// partials (and each shard's vocab_start) over the tensor-parallel group, then
 /// `recap_tp_combine`.
@@ -13,45 +13,30 @@ use crate::prelude::*;
 /// # Safety
 /// As `recap_logprob_forward`; `partials` planes * rows writable floats.
 #[no_mangle]
-#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn recap_tp_partials(
     device: i32,
     stream: *mut c_void,
-    logits: *const c_void,
-    dtype: i32,
-    rows: i64,
-    vocab: i64,
-    ld: i64,
-    labels: *const i32,
-    vocab_start: i64,
-    temperature: f32,
-    ignore_index: i32,
+    logits: *const RecapLogits,
     planes: i32,
     partials: *mut f32,
 ) -> i32 {
     guard(|| {
-        let LogitsShape { t, v, ld, span, lc } =
-            logits_shape(rows, vocab, ld, temperature, ignore_index)?;
-        let start = len("vocab_start", vocab_start)?;
+        // SAFETY: the caller's contract.
+        let z = unsafe { LogitsArg::new(logits, true) }?;
         let planes = tp_planes(planes)?;
         macro_rules! go {
             ($e:ty) => {
                 raw::tp_partials::<$e>(
                     place(device, stream),
-                    &Logits {
-                        data: arr(logits as *const $e, span),
-                        rows: t,
-                        vocab: v,
-                        ld,
-                    },
-                    arr(labels, t),
-                    start,
-                    &lc,
-                    out_arr(partials, planes * t),
+                    &z.view::<$e>(),
+                    z.labels(),
+                    z.start.unwrap_or(0),
+                    &z.lc,
+                    out_arr(partials, planes * z.t),
                 )
             };
         }
-        by_dtype!(dtype, go)
+        by_dtype!(z.c.dtype, go)
     })
 }
 
@@ -113,47 +98,19 @@ pub(crate) fn tp_planes(planes: i32) -> Result<usize> {
 
 /// Vocabulary parallelism, step 3: the shard's slice of the gradient of
 /// `g_logp . logp + g_entropy . entropy (+ g_sum_pi_squared . sum_pi_squared)` over the whole
-/// vocabulary, written over the shard's logits, from the combined `lse`, `entropy` (and
-/// `sum_pi_squared`: both null or both given) of `recap_tp_combine` (no collective).
+/// vocabulary, written over the shard's logits (`logits.vocab_start` its first column), from the
+/// combined `lse`, `entropy` (and `sum_pi_squared`) of `recap_tp_combine` in `grads` (no
+/// collective).
 ///
 /// # Safety
 /// As `recap_logprob_backward_inplace`.
 #[no_mangle]
-#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn recap_tp_backward_inplace(
     device: i32,
     stream: *mut c_void,
-    logits: *mut c_void,
-    dtype: i32,
-    rows: i64,
-    vocab: i64,
-    ld: i64,
-    labels: *const i32,
-    vocab_start: i64,
-    lse: *const f32,
-    entropy: *const f32,
-    g_logp: *const f32,
-    g_entropy: *const f32,
-    sum_pi_squared: *const f32,
-    g_sum_pi_squared: *const f32,
-    temperature: f32,
-    ignore_index: i32,
+    logits: *const RecapLogits,
+    grads: *const RecapLogprobGrads,
 ) -> i32 {
-    guard(|| {
-        backward(
-            (device, stream),
-            (logits, dtype, rows, vocab, ld),
-            Some(vocab_start),
-            [
-                labels as _,
-                lse as _,
-                entropy as _,
-                g_logp as _,
-                g_entropy as _,
-                sum_pi_squared as _,
-                g_sum_pi_squared as _,
-            ],
-            (temperature, ignore_index),
-        )
-    })
+    // SAFETY: the caller's contract.
+    guard(|| unsafe { backward(place(device, stream), logits, grads, true) })
 }

@@ -112,6 +112,18 @@ fn c_abi_tensor_parallel_with_sum_pi_squared() {
             .to_string_lossy()
             .into_owned()
     };
+    // logits `data` [t, width] holding the columns from `start` (f32)
+    let logits = |data: *mut std::ffi::c_void, width: usize, start: usize| RecapLogits {
+        data,
+        dtype: 0,
+        ignore_index: -100,
+        rows: t as i64,
+        vocab: width as i64,
+        ld: width as i64,
+        vocab_start: start as i64,
+        labels: y.as_ptr(),
+        temperature: 1.0,
+    };
     // unsharded
     let (mut lp, mut h, mut l, mut q) = ([0f32; 3], [0f32; 3], [0f32; 3], [0f32; 3]);
     // SAFETY: host arrays of the stated sizes.
@@ -119,14 +131,7 @@ fn c_abi_tensor_parallel_with_sum_pi_squared() {
         recap_logprob_forward(
             -1,
             std::ptr::null_mut(),
-            z.as_ptr() as _,
-            0,
-            t as i64,
-            v as i64,
-            v as i64,
-            y.as_ptr(),
-            1.0,
-            -100,
+            &logits(z.as_ptr() as _, v, 0),
             lp.as_mut_ptr(),
             h.as_mut_ptr(),
             l.as_mut_ptr(),
@@ -134,26 +139,35 @@ fn c_abi_tensor_parallel_with_sum_pi_squared() {
         )
     };
     assert_eq!(rc, RECAP_OK, "{}", last());
+    // SAFETY: as above.
+    let rc = unsafe {
+        recap_logprob_forward(
+            -1,
+            std::ptr::null_mut(),
+            &logits(z.as_ptr() as _, v, 2),
+            lp.as_mut_ptr(),
+            h.as_mut_ptr(),
+            l.as_mut_ptr(),
+            q.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, RECAP_ERR_ARGUMENT);
+    assert!(last().contains("logits.vocab_start"), "{}", last());
     let mut whole = z.clone();
     // SAFETY: as above; the gradient overwrites `whole`.
     let rc = unsafe {
         recap_logprob_backward_inplace(
             -1,
             std::ptr::null_mut(),
-            whole.as_mut_ptr() as _,
-            0,
-            t as i64,
-            v as i64,
-            v as i64,
-            y.as_ptr(),
-            l.as_ptr(),
-            h.as_ptr(),
-            gl.as_ptr(),
-            ge.as_ptr(),
-            q.as_ptr(),
-            gs.as_ptr(),
-            1.0,
-            -100,
+            &logits(whole.as_mut_ptr() as _, v, 0),
+            &RecapLogprobGrads {
+                lse: l.as_ptr(),
+                entropy: h.as_ptr(),
+                g_logp: gl.as_ptr(),
+                g_entropy: ge.as_ptr(),
+                sum_pi_squared: q.as_ptr(),
+                g_sum_pi_squared: gs.as_ptr(),
+            },
         )
     };
     assert_eq!(rc, RECAP_OK, "{}", last());
@@ -171,15 +185,7 @@ fn c_abi_tensor_parallel_with_sum_pi_squared() {
             recap_tp_partials(
                 -1,
                 std::ptr::null_mut(),
-                s.as_ptr() as _,
-                0,
-                t as i64,
-                (b - a) as i64,
-                (b - a) as i64,
-                y.as_ptr(),
-                a as i64,
-                1.0,
-                -100,
+                &logits(s.as_ptr() as _, b - a, a),
                 4,
                 parts[k * 4 * t..].as_mut_ptr(),
             )
@@ -237,21 +243,15 @@ fn c_abi_tensor_parallel_with_sum_pi_squared() {
             recap_tp_backward_inplace(
                 -1,
                 std::ptr::null_mut(),
-                s.as_mut_ptr() as _,
-                0,
-                t as i64,
-                (b - a) as i64,
-                (b - a) as i64,
-                y.as_ptr(),
-                a as i64,
-                l2.as_ptr(),
-                h2.as_ptr(),
-                gl.as_ptr(),
-                ge.as_ptr(),
-                q2.as_ptr(),
-                gs.as_ptr(),
-                1.0,
-                -100,
+                &logits(s.as_mut_ptr() as _, b - a, a),
+                &RecapLogprobGrads {
+                    lse: l2.as_ptr(),
+                    entropy: h2.as_ptr(),
+                    g_logp: gl.as_ptr(),
+                    g_entropy: ge.as_ptr(),
+                    sum_pi_squared: q2.as_ptr(),
+                    g_sum_pi_squared: gs.as_ptr(),
+                },
             )
         };
         assert_eq!(rc, RECAP_OK, "{}", last());

@@ -73,7 +73,7 @@ static int host_checks(const RecapGrpoConfig* cfg) {
     float logits[8] = {0};
     int32_t labels[2] = {1, 3};
     float lp[2], ent[2], lse[2], spp[2];
-    CHECK(recap_logprob_forward(-1, NULL, logits, 0, 2, 4, 4, labels, 1.0f, -100, lp, ent, lse, spp) == RECAP_OK);
+    CHECK(recap_logprob_forward(-1, NULL, TEST_LOGITS(logits, 0, 2, 4, 4, labels, 1.0f), lp, ent, lse, spp) == RECAP_OK);
     CHECK(lp[0] > -1.3863f && lp[0] < -1.3862f && ent[1] > 1.3862f && ent[1] < 1.3863f);
     CHECK(spp[0] > 0.24999f && spp[0] < 0.25001f && spp[1] > 0.24999f && spp[1] < 0.25001f);
     /* KL k1 is the log-ratio */
@@ -243,10 +243,10 @@ int main(int argc, char** argv) {
     CHECK(recap_grpo_loss(0, NULL, NULL, &empty, &cfg, NULL, &res, obj) == RECAP_OK);
     CHECK(res.loss == 0.0 && res.num_tokens == 0.0 && obj[0] == 0.0);
     int32_t labels[2] = {0, 1};
-    CHECK(recap_logprob_forward(0, NULL, dummy, 0, 2, 4, 4, labels, 0.0f, -100, dummy, NULL, dummy, NULL) ==
+    CHECK(recap_logprob_forward(0, NULL, TEST_LOGITS(dummy, 0, 2, 4, 4, labels, 0.0f), dummy, NULL, dummy, NULL) ==
           RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "temperature") != NULL);
-    CHECK(recap_logprob_forward(0, NULL, dummy, 9, 2, 4, 4, labels, 1.0f, -100, dummy, NULL, dummy, NULL) != RECAP_OK);
+    CHECK(recap_logprob_forward(0, NULL, TEST_LOGITS(dummy, 9, 2, 4, 4, labels, 1.0f), dummy, NULL, dummy, NULL) != RECAP_OK);
     int32_t modes[1] = {99};
     CHECK(recap_group_advantages(0, NULL, dummy, 4, 1, 2, NULL, 0, NULL, NULL, modes, 1e-6, 0, NULL, dummy) ==
           RECAP_ERR_ARGUMENT);

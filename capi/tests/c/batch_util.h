@@ -22,4 +22,9 @@ static RecapGrpoBatch test_batch(int64_t t, int64_t b, const float* old_logp, co
     return x;
 }
 
+/* Unsharded logits `data` [rows, ld] of `dtype` scoring `labels` at `temperature`, ignore_index -100,
+ * as the address of a compound literal (valid in the enclosing block). */
+#define TEST_LOGITS(data, dtype, rows, vocab, ld, labels, temperature) \
+    (&(RecapLogits){(void*)(data), (dtype), -100, (rows), (vocab), (ld), 0, (labels), (temperature)})
+
 #endif

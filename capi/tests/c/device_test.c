@@ -160,11 +160,11 @@ int main(void) {
     static float lp_h[T], ent_h[T], lse_h[T], spp_h[T], lp_d[T], ent_d[T], lse_d[T], spp_d[T];
     for (int i = 0; i < T * V; ++i) z[i] = (float)((i * 37) % 101) / 25.0f - 2.0f;
     for (int t = 0; t < T; ++t) labels[t] = (t % 11 == 5) ? -100 : (t * 17) % V;
-    CHECK(recap_logprob_forward(-1, NULL, z, 0, T, V, V, labels, 0.7f, -100, lp_h, ent_h, lse_h, spp_h) == RECAP_OK);
+    CHECK(recap_logprob_forward(-1, NULL, TEST_LOGITS(z, 0, T, V, V, labels, 0.7f), lp_h, ent_h, lse_h, spp_h) == RECAP_OK);
     dptr d_z = up(z, sizeof z), d_y = up(labels, sizeof labels);
     dptr d_lp = up(lp_d, sizeof lp_d), d_ent = up(ent_d, sizeof ent_d), d_lse = up(lse_d, sizeof lse_d);
     dptr d_spp = up(spp_d, sizeof spp_d);
-    CHECK(recap_logprob_forward(0, NULL, (const void*)d_z, 0, T, V, V, (const int32_t*)d_y, 0.7f, -100, (float*)d_lp,
+    CHECK(recap_logprob_forward(0, NULL, TEST_LOGITS((const void*)d_z, 0, T, V, V, (const int32_t*)d_y, 0.7f), (float*)d_lp,
                                 (float*)d_ent, (float*)d_lse, (float*)d_spp) == RECAP_OK);
     CHECK(cu_dtoh(lp_d, d_lp, sizeof lp_d) == 0 && cu_dtoh(ent_d, d_ent, sizeof ent_d) == 0 &&
           cu_dtoh(lse_d, d_lse, sizeof lse_d) == 0 && cu_dtoh(spp_d, d_spp, sizeof spp_d) == 0);

@@ -131,32 +131,32 @@ static int run_case(int i, const char** arg, int dry) {
     case 28: ARG("num_tokens"); return recap_kl(-1, NULL, -3, logp, ref, mask, 1, 3, grad, pw);
     case 29: ARG("estimator"); return recap_kl(-1, NULL, T, logp, ref, mask, 1, 99, grad, pw);
     case 30: {
-        ARG("dtype");
+        ARG("logits.dtype");
         float z[4 * 5], lp[4], lse[4];
         int32_t y[4] = {0, 1, 2, 3};
         memset(z, 0, sizeof z);
-        return recap_logprob_forward(-1, NULL, z, 7, 4, 5, 5, y, 1.0f, -100, lp, NULL, lse, NULL);
+        return recap_logprob_forward(-1, NULL, TEST_LOGITS(z, 7, 4, 5, 5, y, 1.0f), lp, NULL, lse, NULL);
     }
     case 31: {
         ARG("vocab");
         float z[4 * 5], lp[4], lse[4];
         int32_t y[4] = {0, 1, 2, 3};
         memset(z, 0, sizeof z);
-        return recap_logprob_forward(-1, NULL, z, 0, 4, 0, 5, y, 1.0f, -100, lp, NULL, lse, NULL);
+        return recap_logprob_forward(-1, NULL, TEST_LOGITS(z, 0, 4, 0, 5, y, 1.0f), lp, NULL, lse, NULL);
     }
     case 32: {
         ARG("labels");
         float z[4 * 5], lp[4], lse[4];
         int32_t y[4] = {0, 1, 7, 3};
         memset(z, 0, sizeof z);
-        return recap_logprob_forward(-1, NULL, z, 0, 4, 5, 5, y, 1.0f, -100, lp, NULL, lse, NULL);
+        return recap_logprob_forward(-1, NULL, TEST_LOGITS(z, 0, 4, 5, 5, y, 1.0f), lp, NULL, lse, NULL);
     }
     case 33: {
         ARG("temperature");
         float z[4 * 5], lp[4], lse[4];
         int32_t y[4] = {0, 1, 2, 3};
         memset(z, 0, sizeof z);
-        return recap_logprob_forward(-1, NULL, z, 0, 4, 5, 5, y, NAN, -100, lp, NULL, lse, NULL);
+        return recap_logprob_forward(-1, NULL, TEST_LOGITS(z, 0, 4, 5, 5, y, NAN), lp, NULL, lse, NULL);
     }
     case 34: {
         ARG("group_size");
@@ -183,12 +183,13 @@ static int run_case(int i, const char** arg, int dry) {
         return recap_group_advantages(-1, NULL, rw, 6, 1, 3, NULL, 0, NULL, NULL, modes, 1e-6, 0, NULL, out);
     }
     case 38: {
-        ARG("g_sum_pi_squared");
+        ARG("grads.g_sum_pi_squared");
         float z[4 * 5], lp[4], lse[4], ent[4], spp[4], g[4] = {1, 1, 1, 1};
         int32_t y[4] = {0, 1, 2, 3};
         memset(z, 0, sizeof z);
-        if (recap_logprob_forward(-1, NULL, z, 0, 4, 5, 5, y, 1.0f, -100, lp, ent, lse, spp) != RECAP_OK) return -4;
-        return recap_logprob_backward_inplace(-1, NULL, z, 0, 4, 5, 5, y, lse, ent, g, NULL, spp, NULL, 1.0f, -100);
+        if (recap_logprob_forward(-1, NULL, TEST_LOGITS(z, 0, 4, 5, 5, y, 1.0f), lp, ent, lse, spp) != RECAP_OK) return -4;
+        return recap_logprob_backward_inplace(-1, NULL, TEST_LOGITS(z, 0, 4, 5, 5, y, 1.0f),
+                                              &(RecapLogprobGrads){lse, ent, g, NULL, spp, NULL});
     }
     default: return -1;
     }
