@@ -442,3 +442,104 @@ fn fused_loss_beyond_2_pow_24_tokens() {
         }
     }
 }
+
+/// `raw::Place::CudaStaged` (what `Backend::Cuda` is): host arrays copied to the device, computed
+/// there, the writable ones copied back. An in-place array is read and written (the log-prob
+/// backward over host logits equals the host reference's), a pure output is fully written, and an
+/// output overlapping an input is refused by name before any copy, as at the other places.
+#[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+fn staged_place_copies_in_and_out() {
+    use recap_kernels::raw::{self, In, LogprobGrads, Out, Place};
+    use recap_kernels::{Logits, LogprobConfig};
+    let _ = common::require_gpu("staged_place_copies_in_and_out");
+    let (t, v) = (33usize, 70usize);
+    let mut rng = Rng::new(41);
+    let z: Vec<f32> = (0..t * v).map(|_| rng.normal() as f32 * 2.0).collect();
+    let y: Vec<i32> = (0..t as i32)
+        .map(|r| if r % 9 == 4 { -100 } else { r * 7 % v as i32 })
+        .collect();
+    let g: Vec<f32> = (0..t).map(|r| 0.5 - (r % 3) as f32 * 0.25).collect();
+    let lc = LogprobConfig::default();
+    // SAFETY: every array below is alive, unaliased and of the stated length for each call.
+    let arr = |x: &[f32]| unsafe { In::new(x.as_ptr() as usize, x.len()) };
+    let run = |place: Place| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (mut lp, mut h, mut lse) = (vec![7f32; t], vec![7f32; t], vec![7f32; t]);
+        // SAFETY: as above.
+        let out = |x: &mut [f32]| unsafe { Out::new(x.as_mut_ptr() as usize, x.len()) };
+        // SAFETY: as above.
+        let labels = unsafe { In::new(y.as_ptr() as usize, t) };
+        raw::logprob_forward::<f32>(
+            place,
+            &Logits {
+                data: arr(&z),
+                rows: t,
+                vocab: v,
+                ld: v,
+            },
+            labels,
+            &lc,
+            out(&mut lp),
+            Some(out(&mut h)),
+            out(&mut lse),
+            None,
+        )
+        .unwrap();
+        let mut dz = z.clone();
+        let grads = LogprobGrads {
+            labels,
+            lse: arr(&lse),
+            entropy: arr(&h),
+            g_logp: arr(&g),
+            g_entropy: None,
+            sum_pi_squared: None,
+        };
+        raw::logprob_backward_inplace::<f32>(
+            place,
+            &Logits {
+                data: out(&mut dz),
+                rows: t,
+                vocab: v,
+                ld: v,
+            },
+            &grads,
+            &lc,
+            None,
+        )
+        .unwrap();
+        (lp, lse, dz)
+    };
+    let (lp_h, lse_h, dz_h) = run(Place::Host);
+    let (lp_s, lse_s, dz_s) = run(Place::CudaStaged { device: 0 });
+    assert_all_close("logp", &lp_s, &lp_h, 1e-5, 1e-5);
+    assert_all_close("lse", &lse_s, &lse_h, 1e-5, 1e-5);
+    assert_all_close("dlogits", &dz_s, &dz_h, 1e-5, 1e-5);
+    assert!(
+        dz_s.iter().zip(&z).any(|(a, b)| a != b),
+        "the gradient was not copied back"
+    );
+    // an output overlapping an input
+    let mut both = vec![0f32; 3 * t];
+    // SAFETY: both halves of `both` are alive; the overlap is the point (refused before any copy).
+    let (a, b) = unsafe {
+        (
+            In::<f32>::new(both.as_ptr() as usize, t),
+            Out::<f32>::new(both.as_mut_ptr() as usize + 4, t),
+        )
+    };
+    let e = raw::kl(
+        Place::CudaStaged { device: 0 },
+        a,
+        arr(&g),
+        None,
+        KlEstimator::K1,
+        b,
+        // SAFETY: a distinct, alive array.
+        unsafe { Out::new(both.as_mut_ptr() as usize + 8 * t, t) },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("kl_out") || e.to_string().contains("logp"),
+        "{e}"
+    );
+}
