@@ -378,20 +378,16 @@ int32_t recap_grpo_output_read(int32_t device,
 
 // This batch's normalizers from its mask ([T] u8 or f32, on the device or, for `device < 0`, the
 // host): `normalizers` [2, K + 1] (host, written: token weights then sequence counts, the KL slot
-// last in each) and `seq_tokens` [B] (host, nullable, written). Sum the parts' `normalizers` and
-// pass the total to `recap_grpo_loss` of every part. Synchronizes the stream.
+// last in each) and `seq_tokens` [B] (host, nullable, written). Of `batch` it reads the sizes,
+// `mask`, `cu_seqlens` and `membership` (the same struct the loss takes). Sum the parts'
+// `normalizers` and pass the total to `recap_grpo_loss` of every part (`batch.normalizers`).
+// Synchronizes the stream.
 //
 // # Safety
 // As `recap_grpo_loss`.
 int32_t recap_count_normalizers(int32_t device,
                                 void *stream,
-                                int64_t num_tokens,
-                                const void *mask,
-                                int32_t mask_is_u8,
-                                const int32_t *cu_seqlens,
-                                int64_t num_seqs,
-                                const uint32_t *membership,
-                                int32_t num_objectives,
+                                const struct RecapGrpoBatch *batch,
                                 double *normalizers,
                                 double *seq_tokens);
 
@@ -463,26 +459,18 @@ int32_t recap_rollout_is_weights(int32_t device,
                                  float *weights,
                                  double *stats);
 
-// The per-objective weighted reduction of losses `[T, K]` with the mask and layout of the fused
-// loss: `d total / d l` into `grad` `[T, K]` (on the device or, for `device < 0`, the host);
-// `total` and `objective_loss` `[K]` (nullable) on the host; `normalizers` and `seq_tokens` as in
-// `recap_grpo_loss`. Aggregation and `norm_constant` from `cfg`.
+// The per-objective weighted reduction of losses `[T, K]` with the mask and layout of `batch`
+// (its sizes, `mask`, `cu_seqlens`, `lambda`, `membership`, `normalizers` and `seq_tokens`; the
+// per-token policy arrays and `objectives` are not read): `d total / d l` into `grad` `[T, K]`
+// (on the device or, for `device < 0`, the host); `total` and `objective_loss` `[K]` (nullable)
+// on the host. Aggregation and `norm_constant` from `cfg`.
 //
 // # Safety
 // As `recap_grpo_loss`.
 int32_t recap_weighted_reduce(int32_t device,
                               void *stream,
-                              int64_t num_tokens,
                               const float *losses,
-                              const void *mask,
-                              int32_t mask_is_u8,
-                              const int32_t *cu_seqlens,
-                              int64_t num_seqs,
-                              const float *lambda,
-                              const uint32_t *membership,
-                              int32_t num_objectives,
-                              const double *normalizers,
-                              const double *seq_tokens,
+                              const struct RecapGrpoBatch *batch,
                               const struct RecapGrpoConfig *cfg,
                               float *grad,
                               double *total,

@@ -234,6 +234,31 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// The batch's sizes (T, B, K) and the struct itself, for the calls that read only part of it (the
+/// normalizers, the weighted reduction); its layout must be on the host.
+///
+/// # Safety
+/// `batch` null or a valid struct.
+pub(crate) unsafe fn batch_sizes<'a>(
+    batch: *const RecapGrpoBatch,
+) -> Result<(&'a RecapGrpoBatch, usize, usize, usize)> {
+    // SAFETY: checked for null; the caller guarantees a valid struct.
+    let c = unsafe { batch.as_ref() }
+        .ok_or_else(|| Error::invalid_argument("batch", "null pointer"))?;
+    if c.layout_on_device != 0 {
+        return Err(Error::invalid_argument(
+            "batch.layout_on_device",
+            "this call takes its layout from the host (expected 0)",
+        ));
+    }
+    Ok((
+        c,
+        len("batch.num_tokens", c.num_tokens)?,
+        len("batch.num_seqs", c.num_seqs)?,
+        objectives_count(c.num_objectives)?,
+    ))
+}
+
 /// What reading an asynchronous call's output needs of its batch, read without its arrays: K and
 /// whether it had a KL term and a rollout correction.
 ///

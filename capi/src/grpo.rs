@@ -124,35 +124,29 @@ pub unsafe extern "C" fn recap_grpo_output_read(
 
 /// This batch's normalizers from its mask ([T] u8 or f32, on the device or, for `device < 0`, the
 /// host): `normalizers` [2, K + 1] (host, written: token weights then sequence counts, the KL slot
-/// last in each) and `seq_tokens` [B] (host, nullable, written). Sum the parts' `normalizers` and
-/// pass the total to `recap_grpo_loss` of every part. Synchronizes the stream.
+/// last in each) and `seq_tokens` [B] (host, nullable, written). Of `batch` it reads the sizes,
+/// `mask`, `cu_seqlens` and `membership` (the same struct the loss takes). Sum the parts'
+/// `normalizers` and pass the total to `recap_grpo_loss` of every part (`batch.normalizers`).
+/// Synchronizes the stream.
 ///
 /// # Safety
 /// As `recap_grpo_loss`.
 #[no_mangle]
-#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn recap_count_normalizers(
     device: i32,
     stream: *mut c_void,
-    num_tokens: i64,
-    mask: *const c_void,
-    mask_is_u8: i32,
-    cu_seqlens: *const i32,
-    num_seqs: i64,
-    membership: *const u32,
-    num_objectives: i32,
+    batch: *const RecapGrpoBatch,
     normalizers: *mut f64,
     seq_tokens: *mut f64,
 ) -> i32 {
     guard(|| {
-        let t = len("num_tokens", num_tokens)?;
-        let b = len("num_seqs", num_seqs)?;
-        let k = objectives_count(num_objectives)?;
-        let cu = host("cu_seqlens", cu_seqlens, b + 1)?;
-        let membership = if membership.is_null() {
+        // SAFETY: the caller's contract.
+        let (c, t, b, k) = unsafe { batch_sizes(batch) }?;
+        let cu = host("cu_seqlens", c.cu_seqlens, b + 1)?;
+        let membership = if c.membership.is_null() {
             None
         } else {
-            Some(host("membership", membership, b)?)
+            Some(host("membership", c.membership, b)?)
         };
         if normalizers.is_null() {
             return Err(Error::invalid_argument("normalizers", "null pointer"));
@@ -163,7 +157,7 @@ pub unsafe extern "C" fn recap_count_normalizers(
         ])?;
         let n = raw::count_normalizers(
             place(device, stream),
-            &mask_arr(mask, mask_is_u8, t),
+            &mask_arr(c.mask, c.mask_is_u8, t),
             cu,
             membership,
             k,
@@ -316,10 +310,11 @@ pub unsafe extern "C" fn recap_rollout_is_weights(
     })
 }
 
-/// The per-objective weighted reduction of losses `[T, K]` with the mask and layout of the fused
-/// loss: `d total / d l` into `grad` `[T, K]` (on the device or, for `device < 0`, the host);
-/// `total` and `objective_loss` `[K]` (nullable) on the host; `normalizers` and `seq_tokens` as in
-/// `recap_grpo_loss`. Aggregation and `norm_constant` from `cfg`.
+/// The per-objective weighted reduction of losses `[T, K]` with the mask and layout of `batch`
+/// (its sizes, `mask`, `cu_seqlens`, `lambda`, `membership`, `normalizers` and `seq_tokens`; the
+/// per-token policy arrays and `objectives` are not read): `d total / d l` into `grad` `[T, K]`
+/// (on the device or, for `device < 0`, the host); `total` and `objective_loss` `[K]` (nullable)
+/// on the host. Aggregation and `norm_constant` from `cfg`.
 ///
 /// # Safety
 /// As `recap_grpo_loss`.
@@ -328,29 +323,19 @@ pub unsafe extern "C" fn recap_rollout_is_weights(
 pub unsafe extern "C" fn recap_weighted_reduce(
     device: i32,
     stream: *mut c_void,
-    num_tokens: i64,
     losses: *const f32,
-    mask: *const c_void,
-    mask_is_u8: i32,
-    cu_seqlens: *const i32,
-    num_seqs: i64,
-    lambda: *const f32,
-    membership: *const u32,
-    num_objectives: i32,
-    normalizers: *const f64,
-    seq_tokens: *const f64,
+    batch: *const RecapGrpoBatch,
     cfg: *const RecapGrpoConfig,
     grad: *mut f32,
     total: *mut f64,
     objective_loss: *mut f64,
 ) -> i32 {
     guard(|| {
-        let t = len("num_tokens", num_tokens)?;
-        let b = len("num_seqs", num_seqs)?;
-        let k = objectives_count(num_objectives)?;
+        // SAFETY: the caller's contract.
+        let (c, t, b, k) = unsafe { batch_sizes(batch) }?;
         let cfg = config(cfg)?;
-        let (cu, lambda, membership) = host_layout(cu_seqlens, b, lambda, k, membership)?;
-        let norms = host_normalizers(normalizers, seq_tokens, k, b)?;
+        let (cu, lambda, membership) = host_layout(c.cu_seqlens, b, c.lambda, k, c.membership)?;
+        let norms = host_normalizers(c.normalizers, c.seq_tokens, k, b)?;
         if total.is_null() {
             return Err(Error::invalid_argument("total", "null pointer"));
         }
@@ -362,7 +347,7 @@ pub unsafe extern "C" fn recap_weighted_reduce(
             place(device, stream),
             &ReduceInputs {
                 losses: arr(losses, t * k),
-                mask: mask_arr(mask, mask_is_u8, t),
+                mask: mask_arr(c.mask, c.mask_is_u8, t),
                 cu_seqlens: cu,
                 lambda,
                 membership,

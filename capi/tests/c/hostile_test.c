@@ -76,13 +76,17 @@ static int run_case(int i, const char** arg, int dry) {
     case 11: {
         ARG("seq_tokens");
         double n[16];
-        return recap_count_normalizers(-1, NULL, T, mask, 1, CU, B, NULL, 1, n, n + 2);
+        RecapGrpoBatch x = test_batch(T, B, old, adv, mask, 1, CU, lambda1, kinds1);
+        return recap_count_normalizers(-1, NULL, &x, n, n + 2);
     }
     case 12: {
         ARG("membership");
         double n[16], st[B];
         uint32_t mem[B] = {1, 4, 1};
-        return recap_count_normalizers(-1, NULL, T, mask, 1, CU, B, mem, 2, n, st);
+        RecapGrpoBatch x = test_batch(T, B, old, adv, mask, 1, CU, lambda1, kinds1);
+        x.membership = mem;
+        x.num_objectives = 2;
+        return recap_count_normalizers(-1, NULL, &x, n, st);
     }
     case 13: {
         ARG("membership");
@@ -125,8 +129,8 @@ static int run_case(int i, const char** arg, int dry) {
     case 27: {
         ARG("objective_loss");
         double tot[2];
-        return recap_weighted_reduce(-1, NULL, T, logp, mask, 1, CU, B, lambda1, NULL, 1, NULL, NULL, &cfg, grad, tot,
-                                     tot);
+        RecapGrpoBatch x = test_batch(T, B, old, adv, mask, 1, CU, lambda1, kinds1);
+        return recap_weighted_reduce(-1, NULL, logp, &x, &cfg, grad, tot, tot);
     }
     case 28: ARG("num_tokens"); return recap_kl(-1, NULL, -3, logp, ref, mask, 1, 3, grad, pw);
     case 29: ARG("estimator"); return recap_kl(-1, NULL, T, logp, ref, mask, 1, 99, grad, pw);
