@@ -158,12 +158,12 @@ fn collect_defines(text: &str, consts: &mut HashMap<String, i64>) {
     }
 }
 
+/// The tokens of an expression, with one of lookahead.
+type Tokens = std::iter::Peekable<std::vec::IntoIter<String>>;
+
 /// An integer expression of literals, known names, `+`, `-`, `*` and parentheses.
 fn eval(expr: &str, consts: &HashMap<String, i64>) -> Option<i64> {
-    fn term(
-        t: &mut std::iter::Peekable<std::vec::IntoIter<String>>,
-        c: &HashMap<String, i64>,
-    ) -> Option<i64> {
+    fn term(t: &mut Tokens, c: &HashMap<String, i64>) -> Option<i64> {
         let mut v = atom(t, c)?;
         while t.peek().is_some_and(|x| x == "*") {
             t.next();
@@ -171,10 +171,7 @@ fn eval(expr: &str, consts: &HashMap<String, i64>) -> Option<i64> {
         }
         Some(v)
     }
-    fn sum(
-        t: &mut std::iter::Peekable<std::vec::IntoIter<String>>,
-        c: &HashMap<String, i64>,
-    ) -> Option<i64> {
+    fn sum(t: &mut Tokens, c: &HashMap<String, i64>) -> Option<i64> {
         let mut v = term(t, c)?;
         while let Some(op) = t.peek().filter(|x| *x == "+" || *x == "-").cloned() {
             t.next();
@@ -183,10 +180,7 @@ fn eval(expr: &str, consts: &HashMap<String, i64>) -> Option<i64> {
         }
         Some(v)
     }
-    fn atom(
-        t: &mut std::iter::Peekable<std::vec::IntoIter<String>>,
-        c: &HashMap<String, i64>,
-    ) -> Option<i64> {
+    fn atom(t: &mut Tokens, c: &HashMap<String, i64>) -> Option<i64> {
         let tok = t.next()?;
         match tok.as_str() {
             "(" => {

@@ -282,8 +282,6 @@ impl Backend {
         logits.validate("logits")?;
         dlogits.check("dlogits", dlogits.data.len())?;
         let t = logits.rows;
-        let (mut logp, mut entropy, mut lse) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
-        self.logprob_forward(logits, labels, config, &mut logp, &mut entropy, &mut lse)?;
         if (dlogits.rows, dlogits.vocab) != (t, logits.vocab) {
             return Err(crate::error::Error::invalid_argument(
                 "dlogits",
@@ -293,6 +291,8 @@ impl Backend {
                 ),
             ));
         }
+        let (mut logp, mut entropy, mut lse) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
+        self.logprob_forward(logits, labels, config, &mut logp, &mut entropy, &mut lse)?;
         let v = logits.vocab;
         for r in 0..t {
             dlogits.data[r * dlogits.ld..r * dlogits.ld + v]

@@ -104,17 +104,42 @@ pub unsafe extern "C" fn recap_fused_linear_options_default(
         // SAFETY: checked non-null; the caller guarantees it points to a writable struct.
         let out = unsafe { opts.as_mut() }
             .ok_or_else(|| Error::invalid_argument("opts", "null pointer"))?;
+        *out = RecapFusedLinearOptions::default();
+        Ok(())
+    })
+}
+
+impl Default for RecapFusedLinearOptions {
+    /// The log-probs' defaults; chunking, f32 logits and batch invariance off (0: the library's).
+    fn default() -> Self {
         let lc = LogprobConfig::default();
-        *out = RecapFusedLinearOptions {
+        RecapFusedLinearOptions {
             temperature: lc.temperature,
             ignore_index: lc.ignore_index,
             chunk_tokens: 0,
             memory_budget: 0,
             fp32_logits: 0,
             batch_invariant: 0,
-        };
-        Ok(())
-    })
+        }
+    }
+}
+
+/// The struct behind `batch` and its sizes T, B and K, checked.
+///
+/// # Safety
+/// `batch` null or a valid struct.
+unsafe fn sized<'a>(
+    batch: *const RecapGrpoBatch,
+) -> Result<(&'a RecapGrpoBatch, usize, usize, usize)> {
+    // SAFETY: checked for null; the caller guarantees a valid struct.
+    let c = unsafe { batch.as_ref() }
+        .ok_or_else(|| Error::invalid_argument("batch", "null pointer"))?;
+    Ok((
+        c,
+        len("batch.num_tokens", c.num_tokens)?,
+        len("batch.num_seqs", c.num_seqs)?,
+        objectives_count(c.num_objectives)?,
+    ))
 }
 
 /// A `RecapGrpoBatch` after its checks: the sizes, the objective kinds and normalizers read from the
@@ -137,12 +162,8 @@ impl<'a> Batch<'a> {
     /// # Safety
     /// `batch` null or a valid struct whose host arrays hold the elements its sizes state.
     pub(crate) unsafe fn new(batch: *const RecapGrpoBatch, asynchronous: bool) -> Result<Self> {
-        // SAFETY: checked for null; the caller guarantees a valid struct.
-        let c = unsafe { batch.as_ref() }
-            .ok_or_else(|| Error::invalid_argument("batch", "null pointer"))?;
-        let t = len("batch.num_tokens", c.num_tokens)?;
-        let b = len("batch.num_seqs", c.num_seqs)?;
-        let k = objectives_count(c.num_objectives)?;
+        // SAFETY: the caller's contract.
+        let (c, t, b, k) = unsafe { sized(batch) }?;
         let kinds = host_objectives(c.objectives, k)?;
         let norms = host_normalizers(c.normalizers, c.seq_tokens, k, b)?;
         let (cu, lambda, membership) = if c.layout_on_device == 0 {
@@ -242,21 +263,15 @@ impl<'a> Batch<'a> {
 pub(crate) unsafe fn batch_sizes<'a>(
     batch: *const RecapGrpoBatch,
 ) -> Result<(&'a RecapGrpoBatch, usize, usize, usize)> {
-    // SAFETY: checked for null; the caller guarantees a valid struct.
-    let c = unsafe { batch.as_ref() }
-        .ok_or_else(|| Error::invalid_argument("batch", "null pointer"))?;
-    if c.layout_on_device != 0 {
+    // SAFETY: the caller's contract.
+    let sizes = unsafe { sized(batch) }?;
+    if sizes.0.layout_on_device != 0 {
         return Err(Error::invalid_argument(
             "batch.layout_on_device",
             "this call takes its layout from the host (expected 0)",
         ));
     }
-    Ok((
-        c,
-        len("batch.num_tokens", c.num_tokens)?,
-        len("batch.num_seqs", c.num_seqs)?,
-        objectives_count(c.num_objectives)?,
-    ))
+    Ok(sizes)
 }
 
 /// What reading an asynchronous call's output needs of its batch, read without its arrays: K and
@@ -265,14 +280,9 @@ pub(crate) unsafe fn batch_sizes<'a>(
 /// # Safety
 /// `batch` null or a valid struct.
 pub(crate) unsafe fn batch_outline(batch: *const RecapGrpoBatch) -> Result<(usize, bool, bool)> {
-    // SAFETY: checked for null; the caller guarantees a valid struct.
-    let c = unsafe { batch.as_ref() }
-        .ok_or_else(|| Error::invalid_argument("batch", "null pointer"))?;
-    Ok((
-        objectives_count(c.num_objectives)?,
-        !c.ref_logp.is_null(),
-        !c.rollout_logp.is_null(),
-    ))
+    // SAFETY: the caller's contract.
+    let (c, _, _, k) = unsafe { sized(batch) }?;
+    Ok((k, !c.ref_logp.is_null(), !c.rollout_logp.is_null()))
 }
 
 /// A checked `RecapLinearHead` with its options, for a batch of `t` tokens.
@@ -292,15 +302,9 @@ pub(crate) struct Head {
 pub(crate) unsafe fn linear_options(
     opts: *const RecapFusedLinearOptions,
 ) -> Result<(LogprobConfig, recap::cuda::FusedLinearConfig)> {
-    let mut d = std::mem::MaybeUninit::<RecapFusedLinearOptions>::uninit();
-    // SAFETY: checked for null; the caller guarantees a valid struct. The default fills `d`.
-    let o = match unsafe { opts.as_ref() } {
-        Some(o) => *o,
-        None => unsafe {
-            recap_fused_linear_options_default(d.as_mut_ptr());
-            d.assume_init()
-        },
-    };
+    // SAFETY: checked for null; the caller guarantees a valid struct.
+    let o = unsafe { opts.as_ref() }.copied().unwrap_or_default();
+    let defaults = recap::cuda::FusedLinearConfig::default();
     let lc = LogprobConfig {
         temperature: o.temperature,
         ignore_index: o.ignore_index,
@@ -311,7 +315,7 @@ pub(crate) unsafe fn linear_options(
         memory_budget: usize::try_from(o.memory_budget)
             .ok()
             .filter(|&m| m > 0)
-            .unwrap_or(512 << 20),
+            .unwrap_or(defaults.memory_budget),
         fp32_logits: o.fp32_logits != 0,
         batch_invariant: o.batch_invariant != 0,
     };
