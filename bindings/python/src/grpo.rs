@@ -46,20 +46,11 @@ pub(crate) fn grpo_loss(
     let first = Tensor::of("logp", logp)?;
     let call = Call::new(py, &first)?;
     let b = batch.load(&call)?;
-    let inputs = GrpoInputs {
-        logp: call.f32("logp", logp)?,
-        old_logp: call.f32("old_logp", old_logp)?,
-        ref_logp: b.ref_logp,
-        rollout_logp: b.rollout_logp,
-        policy_weight: call.opt_f32("policy_weight", policy_weight)?,
-        advantages: b.advantages,
-        mask: b.mask,
-        cu_seqlens: &b.lay.cu,
-        lambda: &b.lay.lambda,
-        objectives: &b.lay.kinds,
-        membership: b.lay.membership.as_deref(),
-        normalizers: b.lay.normalizers.as_ref(),
-    };
+    let inputs = b.grpo_inputs(
+        call.f32("logp", logp)?,
+        call.f32("old_logp", old_logp)?,
+        call.opt_f32("policy_weight", policy_weight)?,
+    );
     let (g, l, s) = (
         call.out_f32("grad", grad)?,
         call.out_f32("loss", loss)?,
@@ -92,20 +83,11 @@ pub(crate) fn grpo_loss_async(
     let first = Tensor::of("logp", logp)?;
     let call = Call::new(py, &first)?;
     let (l, dev) = batch.load_async(&call)?;
-    let inputs = GrpoInputs {
-        logp: call.f32("logp", logp)?,
-        old_logp: call.f32("old_logp", old_logp)?,
-        ref_logp: l.ref_logp,
-        rollout_logp: l.rollout_logp,
-        policy_weight: call.opt_f32("policy_weight", policy_weight)?,
-        advantages: l.advantages,
-        mask: l.mask,
-        cu_seqlens: &l.lay.cu,
-        lambda: &l.lay.lambda,
-        objectives: &l.lay.kinds,
-        membership: l.lay.membership.as_deref(),
-        normalizers: l.lay.normalizers.as_ref(),
-    };
+    let inputs = l.grpo_inputs(
+        call.f32("logp", logp)?,
+        call.f32("old_logp", old_logp)?,
+        call.opt_f32("policy_weight", policy_weight)?,
+    );
     let (g, o) = (call.out_f32("grad", grad)?, call.out_f64("out", out)?);
     py.detach(|| raw::grpo_loss_async(call.place, &inputs, dev.as_ref(), &l.cfg, g, o))
         .map_err(err)?;

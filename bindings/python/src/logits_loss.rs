@@ -136,6 +136,29 @@ impl Loaded {
             normalizers: self.lay.normalizers.as_ref(),
         }
     }
+
+    /// The fused loss's inputs, with these `logp`, `old_logp` and `policy_weight`.
+    pub(crate) fn grpo_inputs(
+        &self,
+        logp: In<f32>,
+        old_logp: In<f32>,
+        policy_weight: Option<In<f32>>,
+    ) -> GrpoInputs<'_, In<f32>, In<u8>> {
+        GrpoInputs {
+            logp,
+            old_logp,
+            ref_logp: self.ref_logp,
+            rollout_logp: self.rollout_logp,
+            policy_weight,
+            advantages: self.advantages,
+            mask: self.mask,
+            cu_seqlens: &self.lay.cu,
+            lambda: &self.lay.lambda,
+            objectives: &self.lay.kinds,
+            membership: self.lay.membership.as_deref(),
+            normalizers: self.lay.normalizers.as_ref(),
+        }
+    }
 }
 
 /// The GRPO loss from logits (log-probs, the fused loss with its KL term, the entropy bonus); the
