@@ -528,4 +528,29 @@ typedef struct RecapIsParams {
     float upper;         /* truncate: cap; mask: upper bound                                     */
 } RecapIsParams;
 
+/*
+ * Parameters of generalized advantage estimation (gae.cu; the math and the CPU reference:
+ * src/ops/gae.rs). One warp per sequence of the packed [T] arrays.
+ */
+#define RECAP_GAE_BAD_SLOTS 2 /* first bad token of token_rewards, values */
+typedef struct RecapGaeParams {
+    uint64_t token_rewards; /* const float[T]                                                   */
+    uint64_t values;        /* const float[T]                                                   */
+    uint64_t mask;          /* const float[T] / uint8_t[T] (the kernel's suffix)                */
+    uint64_t cu_seqlens;    /* const int32_t[B + 1]                                             */
+    uint64_t advantages;    /* float[T] (written; whitened in place by recap_gae_whiten)        */
+    uint64_t returns;       /* float[T] (written)                                               */
+    uint64_t row_stats;     /* double[3 B]: per sequence sum m, sum m x, sum m (x - mean_b)^2 of
+                               its unwhitened advantages x (written)                            */
+    uint64_t scale;         /* double[2]: the batch's mean and 1 / sqrt(var + 1e-8), or 0 and 0
+                               when the mask sums to at most 1 (written)                        */
+    uint64_t bad;           /* int32_t[RECAP_GAE_BAD_SLOTS]: the smallest token index with a
+                               non-finite value at an unmasked token (atomicMin; INT32_MAX)     */
+    int64_t num_tokens;
+    int32_t num_seqs;
+    int32_t whiten;         /* 1: whiten the advantages over the batch (verl's masked_whiten)    */
+    double gamma;
+    double lam;
+} RecapGaeParams;
+
 #endif /* RECAP_PARAMS_H */

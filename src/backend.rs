@@ -58,8 +58,10 @@ impl Backend {
         }
     }
 
-    /// Where this backend's `raw` calls run.
-    fn place(&self) -> Place {
+    /// Where this backend's calls run, for the pointer-level entry points ([`crate::raw`], and an
+    /// op's own `*_at`, e.g. [`crate::ops::gae::gae_at`]) on host arrays: [`Place::Host`], or
+    /// [`Place::CudaStaged`] on this backend's device.
+    pub fn place(&self) -> Place {
         match self {
             Backend::Cpu => Place::Host,
             Backend::Cuda(g) => Place::CudaStaged {

@@ -27,9 +27,10 @@ pub(crate) mod kernel_layout {
     include!(concat!(env!("OUT_DIR"), "/layout.rs"));
 }
 pub mod layout;
-mod ops;
+pub mod ops;
 pub use ops::{advantages, logits, rejection, rollout_is, tensor_parallel, token_baseline};
 pub mod output;
+pub mod place;
 pub mod raw;
 pub mod recap;
 #[cfg(feature = "tools")]

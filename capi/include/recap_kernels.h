@@ -262,6 +262,18 @@ typedef struct RecapLogprobGrads {
     const float *g_sum_pi_squared;
 } RecapLogprobGrads;
 
+// GAE's options (verl's `algorithm.gamma` and `algorithm.lam`; `whiten` nonzero: the advantages
+// whitened over the batch, as verl always does). A null pointer means verl's defaults (1, 1,
+// whitened).
+typedef struct RecapGaeOptions {
+    // Discount factor.
+    double gamma;
+    // GAE's lambda.
+    double lam;
+    // Nonzero: whiten the advantages over the batch.
+    int32_t whiten;
+} RecapGaeOptions;
+
 // The last layer of the fused-linear loss and the labels it scores.
 typedef struct RecapLinearHead {
     // H: the hidden size.
@@ -610,6 +622,30 @@ int32_t recap_optimal_token_baseline(int32_t device,
                                      double eps,
                                      float *advantages,
                                      float *returns);
+
+// Generalized advantage estimation (verl's `compute_gae_advantage_return`): advantages and returns
+// (`[T]` each) of `num_seqs` packed sequences (`cu_seqlens` [B + 1], host; a padded `[B, L]` batch
+// is `0, L, 2L, ..`). Backward over each sequence: `delta = r + gamma nv - v`,
+// `A = m (delta + gamma lam A) + (1 - m) A`, `nv = m v + (1 - m) nv`; returns `A + v`; then the
+// advantages whitened over the batch's masked tokens (a batch whose mask sums to at most 1 gets
+// 0). A non-finite reward or value at an unmasked token is an error naming it; on a device the
+// stream is synchronized once to check that.
+//
+// # Safety
+// Arrays of `num_tokens` elements on the device (`device >= 0`) or the host (`device < 0`);
+// `cu_seqlens` (`num_seqs + 1`) and `options` (nullable) on the host.
+int32_t recap_gae(int32_t device,
+                  void *stream,
+                  int64_t num_tokens,
+                  const float *token_rewards,
+                  const float *values,
+                  const void *mask,
+                  int32_t mask_is_u8,
+                  const int32_t *cu_seqlens,
+                  int64_t num_seqs,
+                  const struct RecapGaeOptions *options,
+                  float *advantages,
+                  float *returns);
 
 // The chunked fused-linear GRPO loss: the log-probabilities of `head->labels` under
 // `head->hidden` `[T, H]` times `head->weight` `[V, H]` (bf16), scored against `batch` as

@@ -1,4 +1,4 @@
-//! Group advantages and the optimal token baseline.
+//! Group advantages, the optimal token baseline and GAE.
 
 #[allow(unused_imports)]
 use crate::prelude::*;
@@ -143,6 +143,75 @@ pub unsafe extern "C" fn recap_optimal_token_baseline(
             eps,
         };
         raw::optimal_token_baseline(
+            place(device, stream),
+            &x,
+            &config,
+            out_arr(advantages, t),
+            out_arr(returns, t),
+        )
+    })
+}
+
+/// GAE's options (verl's `algorithm.gamma` and `algorithm.lam`; `whiten` nonzero: the advantages
+/// whitened over the batch, as verl always does). A null pointer means verl's defaults (1, 1,
+/// whitened).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RecapGaeOptions {
+    /// Discount factor.
+    pub gamma: f64,
+    /// GAE's lambda.
+    pub lam: f64,
+    /// Nonzero: whiten the advantages over the batch.
+    pub whiten: i32,
+}
+
+/// Generalized advantage estimation (verl's `compute_gae_advantage_return`): advantages and returns
+/// (`[T]` each) of `num_seqs` packed sequences (`cu_seqlens` [B + 1], host; a padded `[B, L]` batch
+/// is `0, L, 2L, ..`). Backward over each sequence: `delta = r + gamma nv - v`,
+/// `A = m (delta + gamma lam A) + (1 - m) A`, `nv = m v + (1 - m) nv`; returns `A + v`; then the
+/// advantages whitened over the batch's masked tokens (a batch whose mask sums to at most 1 gets
+/// 0). A non-finite reward or value at an unmasked token is an error naming it; on a device the
+/// stream is synchronized once to check that.
+///
+/// # Safety
+/// Arrays of `num_tokens` elements on the device (`device >= 0`) or the host (`device < 0`);
+/// `cu_seqlens` (`num_seqs + 1`) and `options` (nullable) on the host.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn recap_gae(
+    device: i32,
+    stream: *mut c_void,
+    num_tokens: i64,
+    token_rewards: *const f32,
+    values: *const f32,
+    mask: *const c_void,
+    mask_is_u8: i32,
+    cu_seqlens: *const i32,
+    num_seqs: i64,
+    options: *const RecapGaeOptions,
+    advantages: *mut f32,
+    returns: *mut f32,
+) -> i32 {
+    guard(|| {
+        let t = len("num_tokens", num_tokens)?;
+        let b = len("num_seqs", num_seqs)?;
+        let x = recap::ops::gae::GaeInputs {
+            token_rewards: arr(token_rewards, t),
+            values: arr(values, t),
+            mask: mask_arr(mask, mask_is_u8, t),
+            cu_seqlens: host("cu_seqlens", cu_seqlens, b + 1)?,
+        };
+        // SAFETY: the caller's options, when not null, are a valid struct on the host.
+        let config = match unsafe { options.as_ref() } {
+            None => recap::ops::gae::GaeConfig::default(),
+            Some(o) => recap::ops::gae::GaeConfig {
+                gamma: o.gamma,
+                lam: o.lam,
+                whiten: o.whiten != 0,
+            },
+        };
+        recap::ops::gae::gae_at(
             place(device, stream),
             &x,
             &config,

@@ -1,4 +1,4 @@
-//! Group advantages and the optimal token baseline.
+//! Group advantages, the optimal token baseline and GAE.
 
 #[allow(unused_imports)]
 use crate::prelude::*;
@@ -105,4 +105,47 @@ pub(crate) fn optimal_token_baseline(
     );
     py.detach(|| raw::optimal_token_baseline(call.place, &x, &config, a, r))
         .map_err(err)
+}
+
+/// GAE (verl's `compute_gae_advantage_return`) of the packed `[T]` tokens into `advantages` and
+/// `returns` (`[T]` float32); `cu_seqlens` [B + 1] int32 (read on the host).
+#[pyfunction]
+#[pyo3(signature = (token_rewards, values, mask, cu_seqlens, gamma, lam, whiten, advantages, returns))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gae(
+    py: Python<'_>,
+    token_rewards: &Bound<'_, PyAny>,
+    values: &Bound<'_, PyAny>,
+    mask: &Bound<'_, PyAny>,
+    cu_seqlens: &Bound<'_, PyAny>,
+    gamma: f64,
+    lam: f64,
+    whiten: bool,
+    advantages: &Bound<'_, PyAny>,
+    returns: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let first = Tensor::of("token_rewards", token_rewards)?;
+    let call = Call::new(py, &first)?;
+    let cu = host_i32("cu_seqlens", cu_seqlens)?;
+    let x = recap_kernels::ops::gae::GaeInputs {
+        token_rewards: call.f32("token_rewards", token_rewards)?,
+        values: call.f32("values", values)?,
+        mask: call.mask("mask", mask)?,
+        cu_seqlens: &cu,
+    };
+    let config = recap_kernels::ops::gae::GaeConfig { gamma, lam, whiten };
+    let (a, r) = (
+        call.out_f32("advantages", advantages)?,
+        call.out_f32("returns", returns)?,
+    );
+    py.detach(|| recap_kernels::ops::gae::gae_at(call.place, &x, &config, a, r))
+        .map_err(err)
+}
+
+/// Registers this family's functions.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(group_advantages, m)?)?;
+    m.add_function(wrap_pyfunction!(optimal_token_baseline, m)?)?;
+    m.add_function(wrap_pyfunction!(gae, m)?)?;
+    Ok(())
 }

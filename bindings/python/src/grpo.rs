@@ -316,3 +316,20 @@ pub(crate) fn count_normalizers(
     let st = n.seq_tokens.unwrap_or_default();
     call.write("seq_tokens", st_out, &st)
 }
+
+/// Registers this family's functions.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(grpo_config, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_stat_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_loss_async, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_output_read, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_output_len, m)?)?;
+    m.add_function(wrap_pyfunction!(kl, m)?)?;
+    m.add_function(wrap_pyfunction!(rollout_rejection, m)?)?;
+    m.add_function(wrap_pyfunction!(rollout_is_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(rollout_is_batch_factor, m)?)?;
+    m.add_function(wrap_pyfunction!(weighted_reduce, m)?)?;
+    m.add_function(wrap_pyfunction!(count_normalizers, m)?)?;
+    Ok(())
+}

@@ -31,42 +31,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RecapError", m.py().get_type::<convert::RecapError>())?;
     m.add("ROLLOUT_IS_STATS", recap_kernels::RolloutIsStats::LEN)?;
     m.add_class::<recap::PyRecapScheduler>()?;
-    m.add_function(wrap_pyfunction!(grpo::grpo_config, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::grpo_stat_layout, m)?)?;
-    m.add_function(wrap_pyfunction!(logits_loss::logits_stat_layout, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::grpo_loss, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::grpo_loss_async, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::grpo_output_read, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::grpo_output_len, m)?)?;
-    m.add_function(wrap_pyfunction!(logits_loss::logits_output_len, m)?)?;
-    m.add_function(wrap_pyfunction!(logits_loss::logits_workspace_len, m)?)?;
-    m.add_function(wrap_pyfunction!(
-        logits_loss::fused_linear_workspace_len,
-        m
-    )?)?;
-    m.add_function(wrap_pyfunction!(
-        logits_loss::grpo_loss_from_logits_async_,
-        m
-    )?)?;
-    m.add_function(wrap_pyfunction!(
-        logits_loss::fused_linear_grpo_loss_async,
-        m
-    )?)?;
-    m.add_function(wrap_pyfunction!(logits_loss::logits_output_read, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::kl, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::rollout_rejection, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::rollout_is_weights, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::rollout_is_batch_factor, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::weighted_reduce, m)?)?;
-    m.add_function(wrap_pyfunction!(grpo::count_normalizers, m)?)?;
-    m.add_function(wrap_pyfunction!(logits::logprob_forward, m)?)?;
-    m.add_function(wrap_pyfunction!(logits::logprob_backward_, m)?)?;
-    m.add_function(wrap_pyfunction!(logits_loss::grpo_loss_from_logits_, m)?)?;
-    m.add_function(wrap_pyfunction!(logits_loss::fused_linear_grpo_loss, m)?)?;
-    m.add_function(wrap_pyfunction!(advantages::group_advantages, m)?)?;
-    m.add_function(wrap_pyfunction!(advantages::optimal_token_baseline, m)?)?;
-    m.add_function(wrap_pyfunction!(tensor_parallel::tp_partials, m)?)?;
-    m.add_function(wrap_pyfunction!(tensor_parallel::tp_combine, m)?)?;
-    m.add_function(wrap_pyfunction!(tensor_parallel::tp_backward_, m)?)?;
+    grpo::register(m)?;
+    logits::register(m)?;
+    logits_loss::register(m)?;
+    advantages::register(m)?;
+    tensor_parallel::register(m)?;
     Ok(())
 }

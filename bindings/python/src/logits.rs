@@ -218,3 +218,10 @@ pub(crate) fn backward(
     }
     by_dtype!(t, go).map_err(err)
 }
+
+/// Registers this family's functions.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(logprob_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(logprob_backward_, m)?)?;
+    Ok(())
+}

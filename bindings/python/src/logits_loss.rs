@@ -475,3 +475,17 @@ pub(crate) fn linear_head(
         dh.out(),
     ))
 }
+
+/// Registers this family's functions.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(logits_stat_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(logits_output_len, m)?)?;
+    m.add_function(wrap_pyfunction!(logits_workspace_len, m)?)?;
+    m.add_function(wrap_pyfunction!(fused_linear_workspace_len, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_loss_from_logits_async_, m)?)?;
+    m.add_function(wrap_pyfunction!(fused_linear_grpo_loss_async, m)?)?;
+    m.add_function(wrap_pyfunction!(logits_output_read, m)?)?;
+    m.add_function(wrap_pyfunction!(grpo_loss_from_logits_, m)?)?;
+    m.add_function(wrap_pyfunction!(fused_linear_grpo_loss, m)?)?;
+    Ok(())
+}

@@ -110,3 +110,11 @@ pub(crate) fn tp_backward_(
         (temperature, ignore_index),
     )
 }
+
+/// Registers this family's functions.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(tp_partials, m)?)?;
+    m.add_function(wrap_pyfunction!(tp_combine, m)?)?;
+    m.add_function(wrap_pyfunction!(tp_backward_, m)?)?;
+    Ok(())
+}

@@ -1,6 +1,7 @@
 /* The C ABI from C: defaults, the scheduler, and errors that name the argument
  * (all before any device work). argv[1] = "1" when a CUDA driver is present (then the device
  * error path with dummy pointers is not exercised). Prints "ok" at the end; exit status 0. */
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include "recap_kernels.h"
@@ -157,6 +158,24 @@ static int host_checks(const RecapGrpoConfig* cfg) {
     CHECK(recap_optimal_token_baseline(-1, NULL, 4, tr, zero, NULL, NULL, mask, 1, cu, 2, 2, NULL, 0, 0, 0.0, otb,
                                        ret) == RECAP_ERR_ARGUMENT);
     CHECK(strstr(recap_last_error(), "sum_pi_squared") != NULL);
+    /* GAE with gamma 0: A = r - v = 1, 2, 3 (two sequences); whitened: mean 2, unbiased var 1 */
+    float gr[3] = {1.0f, 2.0f, 3.0f}, gv[3] = {0.0f, 0.0f, 0.0f}, ga[3], gret[3];
+    uint8_t gm[3] = {1, 1, 1};
+    int32_t gcu[3] = {0, 1, 3};
+    RecapGaeOptions gopt = {/* gamma */ 0.0, /* lam */ 1.0, /* whiten */ 0};
+    CHECK(recap_gae(-1, NULL, 3, gr, gv, gm, 1, gcu, 2, &gopt, ga, gret) == RECAP_OK);
+    CHECK(ga[0] == 1.0f && ga[1] == 2.0f && ga[2] == 3.0f && gret[2] == 3.0f);
+    gopt.whiten = 1;
+    CHECK(recap_gae(-1, NULL, 3, gr, gv, gm, 1, gcu, 2, &gopt, ga, gret) == RECAP_OK);
+    CHECK(fabsf(ga[0] + 1.0f) < 1e-6f && fabsf(ga[1]) < 1e-6f && fabsf(ga[2] - 1.0f) < 1e-6f);
+    /* verl's defaults (NULL): gamma = lam = 1, so every token of a sequence gets its reward to go */
+    CHECK(recap_gae(-1, NULL, 3, gr, gv, gm, 1, gcu, 2, NULL, ga, gret) == RECAP_OK);
+    CHECK(gret[0] == 1.0f && gret[1] == 5.0f && gret[2] == 3.0f);
+    gr[1] = NAN;
+    CHECK(recap_gae(-1, NULL, 3, gr, gv, gm, 1, gcu, 2, NULL, ga, gret) == RECAP_ERR_ARGUMENT);
+    CHECK(strstr(recap_last_error(), "token_rewards") != NULL && strstr(recap_last_error(), "token 1") != NULL);
+    gr[1] = 2.0f;
+    CHECK(recap_gae(-1, NULL, 3, gr, gv, gm, 1, gcu, 2, NULL, ga, gret) == RECAP_OK);
     return 0;
 }
 

@@ -307,6 +307,17 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<B
         );
     }
 
+    // the ops benchmarked through their pointer-level entry points (bench/mod.rs OP_BENCHES)
+    super::run_op_benches(
+        cfg,
+        false,
+        recap_kernels::raw::Place::Host,
+        None,
+        &mut |f| time_us(cfg, f).map(|(tm, runs)| (tm.into(), runs)),
+        &mut |r| push(r, progress),
+        copy_gb_s,
+    )?;
+
     // one training step of the small preset, by phase
     if cfg.wants("train_step") {
         let tc = crate::train::TrainConfig {

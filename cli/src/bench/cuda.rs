@@ -423,6 +423,21 @@ pub(super) fn run(
         );
     }
 
+    // the ops benchmarked through their pointer-level entry points (bench/mod.rs OP_BENCHES)
+    let place = recap_kernels::raw::Place::Cuda {
+        device: gpu.context().ordinal(),
+        stream: s.cu_stream() as usize,
+    };
+    super::run_op_benches(
+        cfg,
+        emulated,
+        place,
+        Some(s.clone()),
+        &mut |f| timer.time(None, f),
+        &mut |r| push(r, progress),
+        copy_gb_s,
+    )?;
+
     // a training step of the h100 preset (small preset with --quick), by phase
     if cfg.wants("train_step") {
         let preset = if cfg.quick {

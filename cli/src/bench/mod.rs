@@ -15,6 +15,7 @@
 
 mod cpu;
 mod cuda;
+mod gae;
 
 use crate::train::Device;
 use recap_kernels::error::{Error, Result};
@@ -49,7 +50,7 @@ impl BenchConfig {
 /// One measured case.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct BenchRecord {
-    /// `fused_loss`, `logits`, `fused_linear`, `advantages`, `token_baseline`, `rollout_is`,
+    /// `fused_loss`, `logits`, `fused_linear`, `advantages`, `token_baseline`, `rollout_is`, `gae`,
     /// `train_step`, `copy`.
     pub op: String,
     /// The case, e.g. `T=262144 K=3`.
@@ -475,4 +476,127 @@ pub(crate) mod inputs {
     pub fn rewards(b: usize, k: usize) -> Vec<f32> {
         (0..b * k).map(|i| ((i * 7919) % 5) as f32 / 4.0).collect()
     }
+}
+
+/// One op's benchmark: its cases, run on either backend through the op's pointer-level entry point
+/// (`ops::<op>::*_at`) with the arrays of [`OpBench::array`]. An op benchmarked this way is its own
+/// file here plus one line in [`OP_BENCHES`].
+pub(crate) type OpBenchFn = fn(&mut OpBench<'_>) -> Result<()>;
+
+/// The ops benchmarked through [`OpBench`], in the report's order (after the ops above).
+const OP_BENCHES: &[OpBenchFn] = &[gae::bench];
+
+/// A backend's timer: warm-up and timed runs of a call, `(timing, runs)`.
+pub(crate) type TimeFn<'a> =
+    dyn FnMut(&mut dyn FnMut() -> Result<()>) -> Result<(Timing, usize)> + 'a;
+
+/// What an [`OpBenchFn`] gets from the backend that runs it.
+pub(crate) struct OpBench<'a> {
+    pub cfg: &'a BenchConfig,
+    /// The small shapes only (the emulated device).
+    pub small: bool,
+    /// Where the arrays live and the op runs: the host, or the timed stream of the device.
+    pub place: recap_kernels::raw::Place,
+    stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
+    time: &'a mut TimeFn<'a>,
+    push: &'a mut dyn FnMut(BenchRecord),
+    copy_gb_s: f64,
+}
+
+/// An array of a benchmark case, in the memory of the case's place.
+pub(crate) enum BenchArray<T: cudarc::driver::DeviceRepr> {
+    Host(Vec<T>),
+    Device(
+        cudarc::driver::CudaSlice<T>,
+        std::sync::Arc<cudarc::driver::CudaStream>,
+    ),
+}
+
+impl<T: cudarc::driver::DeviceRepr> BenchArray<T> {
+    fn addr(&self) -> (usize, usize) {
+        match self {
+            BenchArray::Host(v) => (v.as_ptr() as usize, v.len()),
+            BenchArray::Device(d, s) => {
+                let (p, _sync) = cudarc::driver::DevicePtr::device_ptr(d, s);
+                (p as usize, d.len())
+            }
+        }
+    }
+
+    /// The array as an op's input.
+    pub fn input(&self) -> recap_kernels::raw::In<T> {
+        let (a, n) = self.addr();
+        // SAFETY: the array's own memory at the place it was made for, alive while `self` is; the
+        // benchmark passes each array once per call.
+        unsafe { recap_kernels::raw::In::new(a, n) }
+    }
+
+    /// The array as an op's output.
+    pub fn output(&mut self) -> recap_kernels::raw::Out<T> {
+        let (a, n) = self.addr();
+        // SAFETY: as `input`; `&mut self` keeps other uses out while the op writes it.
+        unsafe { recap_kernels::raw::Out::new(a, n) }
+    }
+}
+
+impl OpBench<'_> {
+    /// `values` as an array at this benchmark's place.
+    pub fn array<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Clone>(
+        &self,
+        values: &[T],
+    ) -> Result<BenchArray<T>> {
+        Ok(match &self.stream {
+            None => BenchArray::Host(values.to_vec()),
+            Some(s) => BenchArray::Device(s.clone_htod(values)?, s.clone()),
+        })
+    }
+
+    /// Times `f` (warm-up and timed runs as configured) and records it as `op` / `case`, with the
+    /// bytes it moves at least and the extra memory it allocates.
+    pub fn measure(
+        &mut self,
+        op: &str,
+        case: String,
+        bytes: f64,
+        extra_bytes: f64,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
+        if !self.cfg.wants(&case) && !self.cfg.wants(op) {
+            return Ok(());
+        }
+        let (tm, runs) = (self.time)(&mut f)?;
+        (self.push)(record(
+            op,
+            case,
+            tm,
+            runs,
+            bytes,
+            extra_bytes,
+            self.copy_gb_s,
+        ));
+        Ok(())
+    }
+}
+
+/// Runs every [`OP_BENCHES`] entry at `place`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_op_benches(
+    cfg: &BenchConfig,
+    small: bool,
+    place: recap_kernels::raw::Place,
+    stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
+    time: &mut TimeFn<'_>,
+    push: &mut dyn FnMut(BenchRecord),
+    copy_gb_s: f64,
+) -> Result<()> {
+    let mut b = OpBench {
+        cfg,
+        small,
+        place,
+        stream,
+        time,
+        push,
+        copy_gb_s,
+    };
+    OP_BENCHES.iter().try_for_each(|f| f(&mut b))
 }

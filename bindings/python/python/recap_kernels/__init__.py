@@ -22,19 +22,15 @@ guard_module(_native)  # a panic inside the extension surfaces as RecapError nam
 
 from . import ops  # noqa: E402  (after the guard: the ops call the guarded functions)
 from ._native import CUDA_ARCHS, KERNELS_COMPILED, RecapError  # noqa: E402
-from .functional import (GrpoPending, count_normalizers, fused_linear_grpo_loss, fused_linear_grpo_loss_async,
-                         fused_linear_logprobs, group_advantages, grpo_config, grpo_loss, grpo_loss_async, grpo_loss_from_logits,
-                         grpo_loss_from_logits_async, kl_penalty, logprobs_from_logits, optimal_token_baseline,
-                         rollout_is_normalize, rollout_is_weights, rollout_rejection, weighted_reduce)
+from .functional import *  # noqa: E402,F401,F403  (the ops; their names are functional.__all__)
+from . import functional  # noqa: E402
 from .weights import RecapWeights
 from . import distributed, tensor_parallel, trl, verl  # noqa: E402  (the drop-ins; they import verl / TRL only when asked)
 
 __version__ = _native.__version__
 
-__all__ = ["__version__", "KERNELS_COMPILED", "CUDA_ARCHS", "RecapError", "RecapTypeError", "RecapWeights", "grpo_config", "grpo_loss",
-           "grpo_loss_async", "GrpoPending", "grpo_loss_from_logits_async", "fused_linear_grpo_loss_async",
-           "kl_penalty", "rollout_rejection", "rollout_is_weights", "rollout_is_normalize", "weighted_reduce", "count_normalizers", "logprobs_from_logits", "grpo_loss_from_logits",
-           "fused_linear_grpo_loss", "fused_linear_logprobs", "group_advantages", "optimal_token_baseline", "ops", "distributed", "tensor_parallel", "trl", "verl"]
+__all__ = ["__version__", "KERNELS_COMPILED", "CUDA_ARCHS", "RecapTypeError", "RecapWeights", "ops", "distributed",
+           "tensor_parallel", "trl", "verl"] + functional.__all__
 
 if not KERNELS_COMPILED and torch.cuda.is_available():
     warnings.warn("recap_kernels was built without CUDA kernels (no nvcc at build time): CUDA tensors will raise "

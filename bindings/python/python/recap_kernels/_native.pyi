@@ -53,6 +53,11 @@ def fused_linear_workspace_len(t, b, k, v, chunk_tokens, memory_budget, fp32_log
     """Bytes of workspace the asynchronous fused-linear loss needs."""
     ...
 
+def gae(token_rewards, values, mask, cu_seqlens, gamma, lam, whiten, advantages, returns) -> Any:
+    """GAE (verl's `compute_gae_advantage_return`) of the packed `[T]` tokens into `advantages` and
+    `returns` (`[T]` float32); `cu_seqlens` [B + 1] int32 (read on the host)."""
+    ...
+
 def group_advantages(rewards, group_ids, lengths, baselines, group_size, num_groups, modes, eps, singletons, reward_weights, out) -> Any:
     """Group advantages of `rewards` [B, K] into `out` [B, K]: groups of `group_size` consecutive
     rollouts, or `group_ids` [B] (any ids on the CPU; dense ids in [0, num_groups) on a GPU); one

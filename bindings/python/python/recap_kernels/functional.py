@@ -22,7 +22,7 @@ from ._native import RecapError
 
 __all__ = ["grpo_config", "grpo_loss", "grpo_loss_async", "GrpoPending", "grpo_loss_from_logits_async",
            "fused_linear_grpo_loss_async", "kl_penalty", "rollout_rejection", "rollout_is_weights", "rollout_is_normalize", "weighted_reduce", "count_normalizers",
-           "logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "optimal_token_baseline", "RecapError"]
+           "logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "optimal_token_baseline", "gae_advantage_return", "RecapError"]
 
 _OBJECTIVES = {"policy": 0, "nll": 1, 0: 0, 1: 1}
 
@@ -925,4 +925,26 @@ def optimal_token_baseline(token_rewards: Tensor, mask: Tensor, old_logp: Tensor
     adv, ret = ops.optimal_token_baseline(r.detach(), old.detach(), spp.detach(),
                                           None if rho is None else rho.detach(), m, cu, ids, size, bool(multi_turn),
                                           bool(handle_zero_tail), A.number("eps", eps))
+    return adv.view(shape), ret.view(shape)
+
+
+def gae_advantage_return(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float = 1.0,
+                         lam: float = 1.0, cu_seqlens=None, *, whiten: bool = True) -> Tuple[Tensor, Tensor]:
+    """Generalized advantage estimation, verl's ``compute_gae_advantage_return`` (its arguments, in
+    its order): ``(advantages, returns)``, float32, shaped like the tokens. Backward over each
+    sequence, ``delta = r + gamma nv - v``, ``A = m (delta + gamma lam A) + (1 - m) A``,
+    ``nv = m v + (1 - m) nv`` (a masked token carries the state through), returns ``A + v``; then
+    the advantages whitened over the batch's masked tokens (verl's ``masked_whiten``; ``whiten=False``
+    skips it; a batch whose mask sums to at most 1 gets 0 where verl raises). A non-finite reward or
+    value at an unmasked token raises ``RecapError`` naming it; on a GPU the kernel synchronizes
+    once to check that. Not differentiable."""
+    token_level_rewards = _tokens("token_level_rewards", token_level_rewards)
+    shape = token_level_rewards.shape
+    _same_shape(token_level_rewards, values=values, response_mask=response_mask)
+    cu, _ = _batch(shape, cu_seqlens)
+    r = token_level_rewards.reshape(-1)
+    v = _tokens("values", values).reshape(-1)
+    m = _mask(response_mask, "response_mask").reshape(-1)
+    _same_device(r, values=v, response_mask=m)
+    adv, ret = ops.gae(r.detach(), v.detach(), m, cu, A.number("gamma", gamma), A.number("lam", lam), bool(whiten))
     return adv.view(shape), ret.view(shape)

@@ -569,6 +569,24 @@ def _(token_rewards, old_logp, sum_pi_squared, rollout_is_weights, mask, cu_seql
             _empty(token_rewards, token_rewards.shape, torch.float32))
 
 
+
+@torch.library.custom_op("recap::gae", mutates_args=())
+def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, cu_seqlens: Tensor, gamma: float, lam: float,
+        whiten: bool) -> Tuple[Tensor, Tensor]:
+    """Generalized advantage estimation of packed ``[T]`` inputs: ``(advantages, returns)``;
+    ``cu_seqlens`` is a CPU int32 tensor. Not differentiable."""
+    adv = _empty(token_rewards, token_rewards.shape, torch.float32)
+    ret = _empty(token_rewards, token_rewards.shape, torch.float32)
+    token_rewards, values, mask = _contig(token_rewards, values, mask)
+    _native.gae(token_rewards, values, mask, cu_seqlens, gamma, lam, whiten, adv, ret)
+    return adv, ret
+
+
+@gae.register_fake
+def _(token_rewards, values, mask, cu_seqlens, gamma, lam, whiten):
+    return (_empty(token_rewards, token_rewards.shape, torch.float32),
+            _empty(token_rewards, token_rewards.shape, torch.float32))
+
 # --- tensor parallelism: vocabulary shards ------------------------------------------------------
 @torch.library.custom_op("recap::tp_partials", mutates_args=())
 def tp_partials(logits: Tensor, labels: Tensor, vocab_start: int, temperature: float, ignore_index: int,
