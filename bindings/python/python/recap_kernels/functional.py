@@ -22,7 +22,7 @@ from ._native import RecapError
 
 __all__ = ["grpo_config", "grpo_loss", "grpo_loss_async", "GrpoPending", "grpo_loss_from_logits_async",
            "fused_linear_grpo_loss_async", "kl_penalty", "rollout_rejection", "rollout_is_weights", "rollout_is_normalize", "weighted_reduce", "count_normalizers",
-           "logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_loss", "group_advantages", "optimal_token_baseline", "gae_advantage_return", "RecapError"]
+           "logprobs_from_logits", "grpo_loss_from_logits", "fused_linear_grpo_loss", "fused_linear_logprobs", "group_advantages", "optimal_token_baseline", "gae_advantage_return", "RecapError"]
 
 _OBJECTIVES = {"policy": 0, "nll": 1, 0: 0, 1: 1}
 
