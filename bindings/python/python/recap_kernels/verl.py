@@ -55,7 +55,7 @@ __all__ = ["compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy
            "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_dro",
            "compute_policy_loss_geo_mean", "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov", "agg_loss",
            "kl_penalty", "compute_rollout_rejection_mask", "compute_rollout_correction_weights", "compute_optimal_token_baseline_advantage",
-           "compute_multi_turn_optimal_token_baseline_advantage", "register", "POLICY_LOSSES",
+           "compute_multi_turn_optimal_token_baseline_advantage", "compute_gae_advantage_return", "use_recap_gae", "register", "POLICY_LOSSES",
            "FusedLinearForPPO", "use_recap_fused_linear"]
 
 _MISSING = object()
@@ -469,6 +469,35 @@ def compute_multi_turn_optimal_token_baseline_advantage(token_level_rewards: Ten
                                     group_ids=index, rollout_is_weights=rollout_is_weights, multi_turn=True,
                                     handle_zero_tail=handle_zero_tail, eps=epsilon)
 
+
+
+def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma, lam,
+                                 **kwargs) -> Tuple[Tensor, Tensor]:
+    """verl's ``compute_gae_advantage_return`` (``adv_estimator=gae``), same arguments (``gamma`` and
+    ``lam`` floats or 0-dim tensors; other keyword arguments are ignored): ``(advantages, returns)``
+    ``[B, L]`` float32, the advantages whitened as verl's. Differences: non-finite rewards or values
+    at unmasked tokens are an error naming the argument, masked tokens' rewards are never read, and
+    a batch whose mask sums to at most 1 gets advantages 0 where verl raises."""
+    return F.gae_advantage_return(token_level_rewards, values, response_mask, float(gamma), float(lam))
+
+
+_VERL_GAE: list = []  # verl's own compute_gae_advantage_return, once use_recap_gae has run
+
+
+def use_recap_gae(enable: bool = True) -> None:
+    """Puts ``compute_gae_advantage_return`` in place of verl's: the name verl's trainer calls
+    (``verl.trainer.ppo.core_algos.compute_gae_advantage_return``) and the ``gae`` entry of its
+    advantage-estimator registry; ``enable=False`` puts verl's back. Raises ImportError when verl is
+    not installed."""
+    from verl.trainer.ppo import core_algos
+
+    if not _VERL_GAE:
+        _VERL_GAE.append(core_algos.compute_gae_advantage_return)
+    fn = compute_gae_advantage_return if enable else _VERL_GAE[0]
+    core_algos.compute_gae_advantage_return = fn
+    registry = getattr(core_algos, "ADV_ESTIMATOR_REGISTRY", {})
+    if "gae" in registry:
+        registry["gae"] = fn
 
 def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     """verl's ``kl_penalty``: kl/k1, abs, mse/k2, low_var_kl/k3, and the straight-through k1+ / k3+."""

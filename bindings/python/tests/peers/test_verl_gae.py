@@ -1,7 +1,9 @@
-"""``rk.gae_advantage_return`` against verl's own ``compute_gae_advantage_return`` (the pinned verl
-of scripts/install-peers.sh), called the way verl's ``compute_advantage`` calls it for
-``adv_estimator=gae``: identical padded float32 batches (multi-turn holes, a fully masked row, a
-one-token row), verl's default gamma = lam = 1 and PPO's usual 0.99 / 0.95.
+"""``rk.gae_advantage_return`` and the drop-in ``rk.verl.use_recap_gae()`` against verl's own
+``compute_gae_advantage_return`` (the pinned verl of scripts/install-peers.sh), called the way
+verl's ``compute_advantage`` calls it for ``adv_estimator=gae``: identical padded float32 batches
+(multi-turn holes, a fully masked row, a one-token row), verl's default gamma = lam = 1 and PPO's
+usual 0.99 / 0.95. (verl's ``compute_advantage`` itself lives in ``ray_trainer``, which needs
+``torchdata`` and Ray; the drop-in replaces the two names it and the v1 trainer look up.)
 
 Without verl installed the module is skipped; with RECAP_REQUIRE_PEERS=1 (CI) it fails instead."""
 import os
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 try:
+    from verl.trainer.ppo import core_algos
     from verl.trainer.ppo.core_algos import AdvantageEstimator, compute_gae_advantage_return, get_adv_estimator_fn
 except ImportError:
     if os.environ.get("RECAP_REQUIRE_PEERS") == "1":
@@ -37,3 +40,24 @@ def test_matches_verls_gae(gamma, lam, seed):
     got_a, got_r = rk.gae_advantage_return(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(got_a, want_a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_r, want_r, atol=1e-5, rtol=1e-5)
+
+
+def test_drop_in_replaces_verls_names():
+    """use_recap_gae puts ours where verl's trainer looks it up, gives the same numbers, and puts
+    verl's back."""
+    gen = torch.Generator().manual_seed(3)
+    r, v = torch.randn(4, 9, generator=gen), torch.randn(4, 9, generator=gen)
+    m = (torch.rand(4, 9, generator=gen) > 0.3).float()
+    want = compute_gae_advantage_return(r, v, m, torch.tensor(0.99), torch.tensor(0.95))
+    try:
+        rk.verl.use_recap_gae()
+        assert core_algos.compute_gae_advantage_return is rk.verl.compute_gae_advantage_return
+        assert get_adv_estimator_fn(AdvantageEstimator.GAE) is rk.verl.compute_gae_advantage_return
+        got = core_algos.compute_gae_advantage_return(token_level_rewards=r, values=v, response_mask=m, gamma=0.99,
+                                                      lam=0.95)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    finally:
+        rk.verl.use_recap_gae(False)
+    assert core_algos.compute_gae_advantage_return is compute_gae_advantage_return
+    assert get_adv_estimator_fn(AdvantageEstimator.GAE) is compute_gae_advantage_return
