@@ -2,11 +2,11 @@
 //! pointer-level entry point ([`crate::raw`], and each op's own `*_at` function in `ops/<op>`).
 //!
 //! An [`In`] or [`Out`] is a caller's array as an address and a length in the memory of a
-//! [`Place`]; [`run`] turns them into host slices or CUDA views of exactly that length (so every
-//! length is then checked by the op itself, before any launch), wraps device buffers without owning
-//! them (never freed here), refuses an output that overlaps another array of the same call and a
-//! misaligned address, and, at [`Place::CudaStaged`], copies host arrays to the device and the
-//! writable ones back.
+//! [`Place`]; the crate-internal `run` turns them into host slices or CUDA views of exactly that
+//! length (so every length is then checked by the op itself, before any launch), wraps device
+//! buffers without owning them (never freed here), refuses an output that overlaps another array
+//! of the same call and a misaligned address, and, at [`Place::CudaStaged`], copies host arrays to
+//! the device and the writable ones back.
 
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
