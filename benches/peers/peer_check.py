@@ -210,6 +210,25 @@ def check_token_baseline(core, tally, gen, batches):
                               and close(ours[1], theirs[1], rtol=1e-5, atol=1e-5))
 
 
+
+def check_gae(core, tally, gen, batches):
+    """GAE (adv_estimator=gae): verl's compute_gae_advantage_return against rk.verl's drop-in of the
+    same name and arguments, on padded batches with tool-output holes and a fully masked row, at
+    verl's defaults and PPO's usual gamma and lam."""
+    for _ in range(batches):
+        b, length = 11, 41
+        lens = torch.randint(1, length + 1, (b,), generator=gen)
+        mask = (torch.arange(length)[None, :] < lens[:, None]).float()
+        mask = mask * (torch.rand(b, length, generator=gen) > 0.2).float()
+        mask[3] = 0.0
+        rewards = torch.randn(b, length, generator=gen) * (torch.rand(b, length, generator=gen) < 0.1)
+        values = torch.randn(b, length, generator=gen)
+        for gamma, lam in ((1.0, 1.0), (0.99, 0.95)):
+            theirs = core.compute_gae_advantage_return(rewards, values, mask, torch.tensor(gamma), torch.tensor(lam))
+            ours = rk.verl.compute_gae_advantage_return(rewards, values, mask, gamma, lam)
+            tally.add(f"advantages gae (compute_gae_advantage_return) gamma {gamma} lam {lam}",
+                      close(ours[0], theirs[0], rtol=1e-5, atol=1e-5) and close(ours[1], theirs[1], rtol=1e-5, atol=1e-5))
+
 def check_rollout_rejection(tally, gen, batches):
     """verl's compute_rollout_rejection_mask (rollout_corr_helper) against ours: the new mask and the
     fraction metrics verl reports, for single and chained options."""
@@ -361,6 +380,7 @@ def main():
     check_more_advantages(core, tally, gen, args.batches)
     check_remax(core, tally, gen, args.batches)
     check_token_baseline(core, tally, gen, args.batches)
+    check_gae(core, tally, gen, args.batches)
     check_rollout_rejection(tally, gen, args.batches)
     check_rollout_is(tally, gen, args.batches)
     check_token_veto(tally, gen, args.batches)
