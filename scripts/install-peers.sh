@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the peers the drop-ins are tested against, pinned here and nowhere else: verl and TRL
-# with what importing verl.trainer.ppo.core_algos and running trl.GRPOTrainer on the CPU needs,
+# with what importing verl.trainer.ppo.core_algos, verl's trainer module (ray_trainer) and its FSDP
+# engine, and running trl.GRPOTrainer on the CPU needs,
 # without their other training dependencies (--no-deps), into a cached directory beside the
 # PyTorch venv of scripts/install-torch.sh; and the older verl API (0.7) in its `older/`. Prints the
 # line `PEERS=<dir>` on stdout: put it first on PYTHONPATH.
@@ -24,6 +25,10 @@ pins=(
   pyyaml==6.0.4 ray==2.60.0 referencing==0.37.0 regex==2026.11.19 requests==2.34.2
   rpds-py==2026.9.1 safetensors==0.8.0 sentencepiece==0.2.3 tensordict==0.15.3 tokenizers==0.23.3
   tqdm==4.70.1 transformers==5.24.0 truststore==0.10.5 urllib3==2.8.0 xxhash==4.1.0
+  # what importing verl's trainer (ray_trainer) and FSDP engine adds
+  annotated-doc==0.0.7 annotated-types==0.8.0 anyio==4.16.0 cachetools==8.0.3 click==8.5.1
+  fastapi==0.165.0 opentelemetry-api==1.45.3 peft==0.21.2 pillow==13.0.0 pydantic==2.14.4
+  pydantic-core==2.50.5 starlette==1.10.0 torchdata==0.11.0 typing-inspection==0.4.5 uvicorn==0.55.0
 )
 # the older verl API's rollout_token_veto_threshold (gone from verl 0.8 on), beside it
 old_verl=verl==0.7.0

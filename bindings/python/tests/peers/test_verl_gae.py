@@ -2,8 +2,8 @@
 ``compute_gae_advantage_return`` (the pinned verl of scripts/install-peers.sh), called the way
 verl's ``compute_advantage`` calls it for ``adv_estimator=gae``: identical padded float32 batches
 (multi-turn holes, a fully masked row, a one-token row), verl's default gamma = lam = 1 and PPO's
-usual 0.99 / 0.95. (verl's ``compute_advantage`` itself lives in ``ray_trainer``, which needs
-``torchdata`` and Ray; the drop-in replaces the two names it and the v1 trainer look up.)
+usual 0.99 / 0.95; and verl's own ``compute_advantage`` (what its trainers call) with the drop-in
+in place.
 
 Without verl installed the module is skipped; with RECAP_REQUIRE_PEERS=1 (CI) it fails instead."""
 import os
@@ -12,7 +12,9 @@ import pytest
 import torch
 
 try:
+    from verl import DataProto
     from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo.ray_trainer import compute_advantage
     from verl.trainer.ppo.core_algos import AdvantageEstimator, compute_gae_advantage_return, get_adv_estimator_fn
 except ImportError:
     if os.environ.get("RECAP_REQUIRE_PEERS") == "1":
@@ -61,3 +63,22 @@ def test_drop_in_replaces_verls_names():
         rk.verl.use_recap_gae(False)
     assert core_algos.compute_gae_advantage_return is compute_gae_advantage_return
     assert get_adv_estimator_fn(AdvantageEstimator.GAE) is compute_gae_advantage_return
+
+
+def test_verls_compute_advantage_with_the_drop_in():
+    """verl's compute_advantage(adv_estimator=gae) on a DataProto, with verl's estimator and with
+    ours in its place: the same advantages and returns."""
+    gen = torch.Generator().manual_seed(4)
+    b, length = 6, 17
+    mask = (torch.rand(b, length, generator=gen) > 0.2).long()
+    data = DataProto.from_dict({"token_level_rewards": torch.randn(b, length, generator=gen),
+                                "values": torch.randn(b, length, generator=gen), "response_mask": mask})
+    want = compute_advantage(data, adv_estimator=AdvantageEstimator.GAE, gamma=0.99, lam=0.95, config={})
+    want = (want.batch["advantages"].clone(), want.batch["returns"].clone())
+    try:
+        rk.verl.use_recap_gae()
+        got = compute_advantage(data, adv_estimator=AdvantageEstimator.GAE, gamma=0.99, lam=0.95, config={})
+    finally:
+        rk.verl.use_recap_gae(False)
+    torch.testing.assert_close(got.batch["advantages"], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.batch["returns"], want[1], atol=1e-5, rtol=1e-5)
