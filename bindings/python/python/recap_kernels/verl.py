@@ -39,7 +39,9 @@ Differences from verl: an empty micro-batch gives loss 0 (verl divides by zero);
 ``pg_clipfrac`` as the fraction of tokens whose ratio lies outside the clip band;
 ``seq-mean-token-mean`` divides by each sequence's token count exactly (verl adds 1e-8).
 """
+import copy
 import math
+import threading
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -543,6 +545,7 @@ class FusedLinearForPPO(torch.nn.Module):
 
     batch_invariant = False
     original = None  # verl's FusedLinearForPPO, set by use_recap_fused_linear
+    engine_patched = False  # verl's FSDP engine takes Σπ² from the forward-only calls (use_recap_fused_linear)
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch", *, batch_invariant: Optional[bool] = None):
         super().__init__()
@@ -563,9 +566,17 @@ class FusedLinearForPPO(torch.nn.Module):
         if not isinstance(input_ids, Tensor) or input_ids.shape != hidden_states.shape[:-1]:
             raise ValueError(f"input_ids: expected shape {tuple(hidden_states.shape[:-1])} (hidden_states' "
                              f"leading dims), got {tuple(getattr(input_ids, 'shape', ()))}")
-        log_probs, entropy = F.fused_linear_logprobs(hidden_states, vocab_weights, input_ids, temperature,
-                                                     chunk_tokens=self.chunk_size,
-                                                     batch_invariant=self.batch_invariant)
+        if self.engine_patched and not torch.is_grad_enabled():
+            # a forward-only pass (verl's old log-probs): Σπ² from the same read of each row, kept
+            # for the engine's prepare_model_outputs (use_recap_fused_linear's patch)
+            log_probs, entropy, spp = F.fused_linear_logprobs(hidden_states, vocab_weights, input_ids, temperature,
+                                                              chunk_tokens=self.chunk_size, return_sum_pi_squared=True,
+                                                              batch_invariant=self.batch_invariant)
+            _LAST_SUM_PI_SQUARED.value = spp
+        else:
+            log_probs, entropy = F.fused_linear_logprobs(hidden_states, vocab_weights, input_ids, temperature,
+                                                         chunk_tokens=self.chunk_size,
+                                                         batch_invariant=self.batch_invariant)
         return log_probs.float(), entropy.to(hidden_states.dtype)
 
 
@@ -577,7 +588,9 @@ def use_recap_fused_linear(enable: bool = True, *, batch_invariant: bool = False
     ``actor_rollout_ref.model.external_lib=recap_kernels.verl_fused_linear`` (verl imports that module
     in each worker, and importing it calls this). verl's ``triton`` backend is not replaced. Raises
     ImportError when verl is not installed. ``batch_invariant``: the module's default
-    (``FusedLinearForPPO.batch_invariant``)."""
+    (``FusedLinearForPPO.batch_invariant``). It also lets verl's FSDP engine give Σπ² with fused
+    kernels (``actor.calculate_sum_pi_squared=True``, which verl's optimal token baseline needs and
+    verl 0.9 refuses with ``use_fused_kernels``), from the same read of each row."""
     FusedLinearForPPO.batch_invariant = A.boolean("batch_invariant", batch_invariant)
     from verl.utils.experimental import torch_functional as tf
 
@@ -587,3 +600,56 @@ def use_recap_fused_linear(enable: bool = True, *, batch_invariant: bool = False
         tf.FusedLinearForPPO = FusedLinearForPPO
     elif FusedLinearForPPO.original is not None:
         tf.FusedLinearForPPO = FusedLinearForPPO.original
+    _patch_fsdp_engine(enable)
+
+
+_LAST_SUM_PI_SQUARED = threading.local()  # this thread's last forward-only FusedLinearForPPO Σπ²
+
+
+def _patch_fsdp_engine(enable: bool) -> None:
+    """Lets verl's FSDP engine (``FSDPEngineWithLMHead.prepare_model_outputs``) give Σπ² with
+    ``use_fused_kernels=True`` (verl 0.9 raises NotImplementedError: its fused kernels do not
+    surface it): the forward-only pass's ``FusedLinearForPPO`` computes it in the same read of each
+    row, and the engine lays it out as it lays out the log-probs (the same unpadding, gathering
+    and nesting, by running verl's own code on it). So ``actor.calculate_sum_pi_squared=True``
+    (the optimal token baseline) works with fused kernels. Nothing happens where the engine
+    cannot be imported (its dependencies are not installed)."""
+    try:
+        from verl.workers.engine.fsdp import transformer_impl as ti
+    except ImportError:
+        return
+    cls = ti.FSDPEngineWithLMHead
+    original = getattr(cls.prepare_model_outputs, "recap_original", None)
+    if not enable:
+        FusedLinearForPPO.engine_patched = False
+        if original is not None:
+            cls.prepare_model_outputs = original
+        return
+    FusedLinearForPPO.engine_patched = True
+    if original is not None:
+        return
+    original = cls.prepare_model_outputs
+    tu = ti.tu
+
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+        wanted = (tu.get_non_tensor_data(data=micro_batch, key="calculate_sum_pi_squared", default=False)
+                  and tu.get_non_tensor_data(data=micro_batch, key="use_fused_kernels", default=False))
+        if not wanted:
+            return original(self, output, output_args, micro_batch, logits_processor_func)
+        spp, _LAST_SUM_PI_SQUARED.value = getattr(_LAST_SUM_PI_SQUARED, "value", None), None
+        if spp is None or getattr(output, "log_probs", None) is None or spp.shape != output.log_probs.shape:
+            raise RecapError("calculate_sum_pi_squared with use_fused_kernels needs recap_kernels' FusedLinearForPPO "
+                             "in a forward-only pass (actor_rollout_ref.model.external_lib="
+                             "recap_kernels.verl_fused_linear, fused_kernel_options.impl_backend torch or liger)")
+        rest = micro_batch.copy()
+        tu.assign_non_tensor(rest, calculate_sum_pi_squared=False)
+        model_output = original(self, output, output_args, rest, logits_processor_func)
+        # verl's own layout of a per-token output: Σπ² in the place of the log-probs
+        as_logp = copy.copy(output)
+        as_logp.log_probs = spp
+        tu.assign_non_tensor(rest, calculate_entropy=False, distillation_use_topk=False, distillation_only=False)
+        model_output["sum_pi_squared"] = original(self, as_logp, output_args, rest, logits_processor_func)["log_probs"]
+        return model_output
+
+    prepare_model_outputs.recap_original = original
+    cls.prepare_model_outputs = prepare_model_outputs

@@ -21,6 +21,11 @@ try:
     from verl.models.transformers.monkey_patch import patch_forward_with_backends
     from verl.utils.experimental import torch_functional as verl_tf
     from verl.utils.import_utils import import_external_libs
+    import verl.utils.torch_functional as verl_F
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.dataset.dataset_utils import DatasetPadMode
+    from verl.workers.engine.fsdp import transformer_impl as fsdp_engine
 except ImportError:
     if os.environ.get("RECAP_REQUIRE_PEERS") == "1":
         raise
@@ -29,6 +34,7 @@ except ImportError:
 from recap_kernels import verl as rk_verl
 
 VERLS = verl_tf.FusedLinearForPPO
+VERLS_PREPARE = fsdp_engine.FSDPEngineWithLMHead.prepare_model_outputs
 
 
 @pytest.fixture(autouse=True)
@@ -176,3 +182,60 @@ def test_installing_the_package_registers_the_losses_in_every_verl_process():
     env["VERL_USE_EXTERNAL_PLUGINS"] = "none"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and eval(out.stdout.strip().splitlines()[-1]) == [], out.stderr[-2000:]
+
+
+def engine_micro_batch(lens, remove_padding, **flags):
+    """A micro-batch as verl's FSDP engine holds it: nested input ids, its non-tensor flags."""
+    g = torch.Generator().manual_seed(9)
+    seqs = [torch.randint(0, 61, (n,), generator=g) for n in lens]
+    td = TensorDict({"input_ids": torch.nested.nested_tensor(seqs, layout=torch.jagged)}, batch_size=[len(lens)])
+    tu.assign_non_tensor(td, use_remove_padding=remove_padding, pad_mode=DatasetPadMode.NO_PADDING,
+                         use_fused_kernels=True, calculate_entropy=True, **flags)
+    return td, seqs
+
+
+@pytest.mark.parametrize("remove_padding", [True, False])
+def test_verls_fsdp_engine_gives_sum_pi_squared_with_fused_kernels(remove_padding, qwen2_forward):
+    """verl's FSDPEngineWithLMHead.prepare_model_outputs with use_fused_kernels and
+    calculate_sum_pi_squared (verl 0.9 raises NotImplementedError): with our module in place its
+    Σπ² is verl's own formula (calculate_sum_pi_squared_from_logits) on the model's logits, laid out
+    as the log-probs (nested per sequence; the packed path's padding stripped), and the log-probs and
+    entropies are what the engine gives without it."""
+    model = tiny_qwen2()
+    patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+    engine = object.__new__(fsdp_engine.FSDPEngineWithLMHead)
+    engine.use_ulysses_sp = False
+    lens, temperature, pad = [5, 9, 3], 0.7, 2
+    micro, seqs = engine_micro_batch(lens, remove_padding, calculate_sum_pi_squared=True)
+    if remove_padding:  # one packed row, the engine's tail padding after it
+        ids = torch.cat(seqs + [torch.zeros(pad, dtype=torch.long)])[None]
+        pos = torch.cat([torch.arange(n) for n in lens] + [torch.arange(pad)])[None]
+        args = {"input_ids_rmpad_rolled": torch.roll(ids, -1, 1)[0], "temperature_rmpad": torch.full(ids.shape[1:], temperature),
+                "pad_size": pad, "temperature_is_one": False}
+    else:  # padded rows
+        ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        args = {"temperature": torch.full((len(lens),), temperature)}
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, position_ids=pos).last_hidden_state
+        logits = hidden @ model.lm_head.weight.T / temperature
+        want = verl_F.calculate_sum_pi_squared_from_logits(logits)
+        want = [want[0, sum(lens[:i]):sum(lens[:i + 1])] for i in range(len(lens))] if remove_padding else \
+            [want[i, :n] for i, n in enumerate(lens)]
+        output = model(input_ids=ids, position_ids=pos, return_dict=True, temperature=temperature)
+        with pytest.raises(NotImplementedError):  # verl's own module in place: verl refuses
+            engine.prepare_model_outputs(output, args, micro, None)
+        rk_verl.use_recap_fused_linear()
+        try:
+            output = model(input_ids=ids, position_ids=pos, return_dict=True, temperature=temperature)
+            got = engine.prepare_model_outputs(output, args, micro, None)
+            plain, _ = engine_micro_batch(lens, remove_padding, calculate_sum_pi_squared=False)
+            without = engine.prepare_model_outputs(output, args, plain, None)
+        finally:
+            rk_verl.use_recap_fused_linear(False)
+    assert fsdp_engine.FSDPEngineWithLMHead.prepare_model_outputs is VERLS_PREPARE
+    assert set(got) == {"log_probs", "entropy", "sum_pi_squared"}
+    for i, n in enumerate(lens):
+        torch.testing.assert_close(got["sum_pi_squared"][i], want[i], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got["log_probs"][i], without["log_probs"][i])
+        assert torch.equal(got["entropy"][i], without["entropy"][i])
