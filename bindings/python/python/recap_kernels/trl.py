@@ -359,7 +359,19 @@ class RecapGRPOMixin:
     ``steps_per_generation``, ...), adds TRL's entropy bonus (``entropy_coef``, static or adaptive,
     TRL's controller) and an MoE model's router loss (``router_aux_loss_coef``), and logs what TRL
     logs under its names into ``self._metrics`` (as device tensors, read back by ``log`` once per
-    logging step). Multimodal inputs are passed through as TRL passes them."""
+    logging step). Multimodal inputs are passed through as TRL passes them.
+
+    ``fused_logprobs=True`` (a keyword of the trainer's constructor): the log-probs and entropies
+    (the policy's, the old and the reference ones) come from our fused-linear kernels through TRL's
+    fused LM head, from the last hidden state and the LM head, never as ``[B, L, V]`` logits
+    (:func:`use_recap_lm_head`; process-wide, so every trainer of the process uses them)."""
+
+    def __init__(self, *args, fused_logprobs: bool = False, **kwargs):
+        fused_logprobs = A.boolean("fused_logprobs", fused_logprobs)
+        super().__init__(*args, **kwargs)
+        self.fused_logprobs = fused_logprobs
+        if fused_logprobs:
+            use_recap_lm_head(True)
 
     _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                      "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")

@@ -8,6 +8,7 @@ accumulation and an MoE model's router loss.
 
 Without TRL installed the module is skipped; with RECAP_REQUIRE_PEERS=1 (CI) it fails instead."""
 import contextlib
+import functools
 import os
 
 import pytest
@@ -26,6 +27,7 @@ except ImportError:
         raise
     pytest.skip("TRL is not installed (scripts/install-peers.sh installs the pinned one)", allow_module_level=True)
 
+import recap_kernels as rk
 from recap_kernels import trl as rk_trl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -405,3 +407,28 @@ def test_training_through_the_recap_lm_head(models_dir, tmp_path):
     assert trl_utils._ChunkedLogProbFunction is not rk_trl.RecapChunkedLogProb
     theirs_err, ours_err = grad_error(trl_bf16[1], want[1]), grad_error(ours_bf16[1], want[1])
     assert 0 < theirs_err < 0.05 and ours_err < 2 * theirs_err, (ours_err, theirs_err)
+
+
+def test_mixin_fused_logprobs_option(models_dir, tmp_path):
+    """``RecapGRPOMixin``'s ``fused_logprobs=True`` puts our kernels behind TRL's fused LM head: the
+    mixin's loss, gradients and metrics in float32 are TRL's with TRL's own kernel."""
+    with pytest.raises(rk.RecapError, match="fused_logprobs"):
+        make_trainer(models_dir, tmp_path / "bad", cls=functools.partial(RecapTrainer, fused_logprobs="yes"))
+    import trl.trainer.utils as trl_utils
+
+    trainer = make_trainer(models_dir, tmp_path, cls=functools.partial(RecapTrainer, fused_logprobs=True),
+                           loss_type="dapo", beta=0.04)
+    trainer.accelerator.autocast = contextlib.nullcontext  # float32
+    try:
+        assert trainer.fused_logprobs and trl_utils._ChunkedLogProbFunction is rk_trl.RecapChunkedLogProb
+        inputs = trainer_inputs(trainer)
+        got = run_loss(trainer, type(trainer)._compute_loss, inputs)
+        rk_trl.use_recap_lm_head(False)
+        want = run_loss(trainer, GRPOTrainer._compute_loss, inputs)
+    finally:
+        rk_trl.use_recap_lm_head(False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
+    assert grad_error(got[1], want[1]) < 1e-5
+    assert got[2].keys() == want[2].keys()
+    for k in want[2]:
+        torch.testing.assert_close(torch.tensor(got[2][k]), torch.tensor(want[2][k]), rtol=1e-5, atol=1e-6)
