@@ -25,6 +25,7 @@ fn quick_cpu_bench_reports_every_op() {
         "advantages",
         "token_baseline",
         "rollout_is",
+        "gae",
         "train_step",
     ] {
         assert!(

@@ -500,6 +500,21 @@ fn logits_case<E: LogitElem>(
             None,
         )
     })?;
+    // the same forward with verl's sum_pi_squared as a fourth output (one more accumulator)
+    let mut spp = s.alloc_zeros::<f32>(t)?;
+    let (fwd_spp, _) = timer.time(None, || {
+        cuda::logprob_forward(
+            gpu,
+            &s,
+            &Logits::dense(z.as_view(), t, v),
+            &y.as_view(),
+            &lc,
+            &mut lp.as_view_mut(),
+            Some(&mut h.as_view_mut()),
+            &mut l.as_view_mut(),
+            Some(&mut spp.as_view_mut()),
+        )
+    })?;
     let (bwd, _) = timer.time(None, || {
         let (yv, lv, hv, gv) = (y.as_view(), l.as_view(), h.as_view(), gd.as_view());
         let grads = LogprobGrads {
@@ -524,7 +539,16 @@ fn logits_case<E: LogitElem>(
         logits_records(case, fwd, bwd, runs, bytes, extra, copy_gb_s);
     // the sum of the log-probs, for the peers' value check (grpo_peers.py)
     forward.value = Some(s.clone_dtoh(&lp)?.iter().map(|&x| x as f64).sum());
-    Ok(vec![forward, backward, both])
+    let with_spp = record(
+        "logits",
+        format!("{case} forward + sum_pi_squared"),
+        fwd_spp,
+        runs,
+        bytes,
+        extra + (t * 4) as f64,
+        copy_gb_s,
+    );
+    Ok(vec![forward, with_spp, backward, both])
 }
 
 /// One rank of `tp`: its shard (the first, the widest), the partials, the combine of `tp` partials
