@@ -487,22 +487,9 @@ fn logits_case<E: LogitElem>(
         s.alloc_zeros::<f32>(t)?,
     );
     let lc = LogprobConfig::default();
-    let (fwd, runs) = timer.time(None, || {
-        cuda::logprob_forward(
-            gpu,
-            &s,
-            &Logits::dense(z.as_view(), t, v),
-            &y.as_view(),
-            &lc,
-            &mut lp.as_view_mut(),
-            Some(&mut h.as_view_mut()),
-            &mut l.as_view_mut(),
-            None,
-        )
-    })?;
-    // the same forward with verl's sum_pi_squared as a fourth output (one more accumulator)
+    // the forward, and the same with verl's sum_pi_squared as a fourth output (one more accumulator)
     let mut spp = s.alloc_zeros::<f32>(t)?;
-    let (fwd_spp, _) = timer.time(None, || {
+    let mut forward_call = |spp: Option<&mut CudaSlice<f32>>| {
         cuda::logprob_forward(
             gpu,
             &s,
@@ -512,9 +499,11 @@ fn logits_case<E: LogitElem>(
             &mut lp.as_view_mut(),
             Some(&mut h.as_view_mut()),
             &mut l.as_view_mut(),
-            Some(&mut spp.as_view_mut()),
+            spp.map(|x| x.as_view_mut()).as_mut(),
         )
-    })?;
+    };
+    let (fwd, runs) = timer.time(None, || forward_call(None))?;
+    let (fwd_spp, _) = timer.time(None, || forward_call(Some(&mut spp)))?;
     let (bwd, _) = timer.time(None, || {
         let (yv, lv, hv, gv) = (y.as_view(), l.as_view(), h.as_view(), gd.as_view());
         let grads = LogprobGrads {
