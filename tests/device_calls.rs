@@ -303,3 +303,58 @@ fn fused_linear_device_path() {
     assert_eq!(c.get("gemms"), 6, "{c:?}");
     assert_eq!(c.get("gemm_macs"), 3 * 27 * (v * h) as u64, "{c:?}");
 }
+
+/// GAE on device arrays (`ops::gae::gae_cuda`), whitened: 3 launches (the scan, the batch
+/// statistics, the whitening) and one read-back of the non-finite check (a pageable copy and a
+/// stream synchronization: 2 host synchronizations); `cu_seqlens` and the check's slots uploaded,
+/// the sequences' statistics allocated (3 allocations). Without whitening: the scan alone.
+#[test]
+#[cfg_attr(not(recap_gpu_tests), ignore = "needs a CUDA GPU")]
+fn gae_device_path() {
+    use recap_kernels::ops::gae::{gae_cuda, GaeConfig, GaeInputs};
+    let gpu = common::require_cuda("gae_device_path");
+    let s = gpu.stream().clone();
+    let cu = vec![0i32, 40, 41, 140];
+    let t = 140;
+    let r: Vec<f32> = (0..t).map(|i| ((i * 7) % 5) as f32 - 2.0).collect();
+    let m: Vec<u8> = (0..t).map(|i| (i % 9 != 4) as u8).collect();
+    let (r, v, m) = (
+        s.clone_htod(&r).unwrap(),
+        s.clone_htod(&r).unwrap(),
+        s.clone_htod(&m).unwrap(),
+    );
+    let (mut adv, mut ret) = (
+        s.alloc_zeros::<f32>(t).unwrap(),
+        s.alloc_zeros::<f32>(t).unwrap(),
+    );
+    let x = GaeInputs {
+        token_rewards: r.as_view(),
+        values: v.as_view(),
+        mask: Mask::U8(m.as_view()),
+        cu_seqlens: &cu,
+    };
+    for (whiten, launches) in [(true, 3), (false, 1)] {
+        let config = GaeConfig {
+            whiten,
+            ..GaeConfig::default()
+        };
+        if let Some((res, c)) = calls("gae", || {
+            gae_cuda(
+                &gpu,
+                &s,
+                &x,
+                &config,
+                &mut adv.as_view_mut(),
+                &mut ret.as_view_mut(),
+            )
+        }) {
+            res.unwrap();
+            eprintln!("gae (whiten {whiten}): {c:?}");
+            assert_eq!(
+                summary(&c),
+                (launches, 2, 3, 2, 1),
+                "gae (whiten {whiten}): {c:?}"
+            );
+        }
+    }
+}
