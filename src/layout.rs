@@ -184,6 +184,15 @@ pub fn validate_cu_seqlens(cu: &[i32], t: usize) -> Result<usize> {
     Ok(cu.len() - 1)
 }
 
+/// The error for a non-finite value of `arg` at unmasked token `tok` (the per-token estimators'
+/// input check, on the host and read back from a kernel's first-bad-token slots).
+pub(crate) fn nonfinite_at(arg: &'static str, tok: usize) -> Error {
+    Error::invalid_argument(
+        arg,
+        format!("expected finite values at unmasked tokens, got a non-finite one at token {tok}"),
+    )
+}
+
 pub(crate) fn check_len(arg: &'static str, got: usize, expected: usize, shape: &str) -> Result<()> {
     if got != expected {
         return Err(Error::invalid_argument(

@@ -307,6 +307,28 @@ pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(
     Ok(d)
 }
 
+/// A kernel's first-bad-token slots for the arguments `names`, each `i32::MAX` (none) before the
+/// launches; the kernels `atomicMin` the smallest unmasked token with a non-finite value into the
+/// argument's slot.
+pub(crate) fn bad_token_slots(stream: &Arc<CudaStream>, names: &[&str]) -> Result<CudaSlice<i32>> {
+    upload(stream, &vec![i32::MAX; names.len()])
+}
+
+/// Reads the slots of [`bad_token_slots`] back (synchronizing the stream) and names the first
+/// argument that had a non-finite value at an unmasked token, with the token.
+pub(crate) fn check_bad_tokens(
+    stream: &Arc<CudaStream>,
+    slots: &CudaSlice<i32>,
+    names: &[&'static str],
+) -> Result<()> {
+    let host = stream.clone_dtoh(slots)?;
+    stream.synchronize()?;
+    match names.iter().zip(&host).find(|(_, &tok)| tok != i32::MAX) {
+        Some((name, &tok)) => Err(crate::layout::nonfinite_at(name, tok as usize)),
+        None => Ok(()),
+    }
+}
+
 /// The device scratch of one stream, kept between calls so a call allocates nothing once it has
 /// run at its size (a call that needs more grows it, 25 % ahead). Its buffers are created without
 /// cudarc's event tracking: they are only ever used on their own stream, in stream order.

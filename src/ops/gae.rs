@@ -45,10 +45,11 @@
 //! ```
 
 use crate::cuda::device::{
-    addr, addr_mut, addr_slice, addr_slice_mut, params::GaeParams, upload, Gpu, Module,
+    addr, addr_mut, addr_slice, addr_slice_mut, bad_token_slots, check_bad_tokens,
+    params::GaeParams, upload, Gpu, Module,
 };
 use crate::error::{Error, Result};
-use crate::layout::{check_len, mask_weight, validate_cu_seqlens, Array, Mask};
+use crate::layout::{check_len, mask_weight, nonfinite_at, validate_cu_seqlens, Array, Mask};
 use crate::ops::grpo::cuda::MaskView;
 use crate::place::{mask, run, In, Memory, Out, Place};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
@@ -122,13 +123,6 @@ fn validate<F: Array, U: Array>(
     validate_cu_seqlens(x.cu_seqlens, t)
 }
 
-fn not_finite(name: &'static str, tok: usize) -> Error {
-    Error::invalid_argument(
-        name,
-        format!("expected finite values at unmasked tokens, got a non-finite one at token {tok}"),
-    )
-}
-
 /// GAE's advantages and returns (`[T]` each) of `x` on the host (see the module): the CPU
 /// reference, f64.
 pub fn gae(
@@ -147,7 +141,7 @@ pub fn gae(
                 let (r, v) = (x.token_rewards[tok], x.values[tok]);
                 for (name, value) in CHECKED.into_iter().zip([r, v]) {
                     if !value.is_finite() {
-                        return Err(not_finite(name, tok));
+                        return Err(nonfinite_at(name, tok));
                     }
                 }
                 let (r, v) = (r as f64, v as f64);
@@ -216,7 +210,7 @@ pub fn gae_cuda(
     }
     let cu = upload(stream, x.cu_seqlens)?;
     let mut stats = stream.alloc_zeros::<f64>(3 * b + 2)?; // the rows' statistics, then the scale
-    let mut bad = upload(stream, &[i32::MAX; CHECKED.len()])?;
+    let mut bad = bad_token_slots(stream, &CHECKED)?;
     {
         let (mask_view, suffix) = MaskView::of(&x.mask);
         let (m_a, _gm) = mask_view.addr(stream);
@@ -247,12 +241,7 @@ pub fn gae_cuda(
             gpu.launch(stream, Module::Gae, &kernel, grid, &p)?;
         }
     }
-    let host = stream.clone_dtoh(&bad)?;
-    stream.synchronize()?;
-    match CHECKED.iter().zip(&host).find(|(_, &tok)| tok != i32::MAX) {
-        Some((name, &tok)) => Err(not_finite(name, tok as usize)),
-        None => Ok(()),
-    }
+    check_bad_tokens(stream, &bad, &CHECKED)
 }
 
 /// GAE of a binding's arrays at `place` (the host reference, or the kernels on a device).

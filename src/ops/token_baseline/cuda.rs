@@ -3,9 +3,10 @@
 
 use crate::advantages::Groups;
 use crate::cuda::device::{
-    addr, addr_mut, addr_slice, addr_slice_mut, params::OtbParams, upload, Gpu, Module,
+    addr, addr_mut, addr_slice, addr_slice_mut, bad_token_slots, check_bad_tokens,
+    params::OtbParams, upload, Gpu, Module,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::grpo::cuda::MaskView;
 use crate::token_baseline::{validate, TokenBaselineConfig, TokenBaselineInputs};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
@@ -47,7 +48,7 @@ pub fn optimal_token_baseline(
     let mem = upload(stream, &members)?;
     let mut sums = stream.alloc_zeros::<f64>(2 * t)?; // W, then G
     let mut ints = stream.alloc_zeros::<i32>(t + b)?; // the aligned tokens, then the live counts
-    let mut bad = upload(stream, &[i32::MAX; CHECKED.len()])?;
+    let mut bad = bad_token_slots(stream, &CHECKED)?;
     {
         let (mask_view, suffix) = MaskView::of(&x.mask);
         let (m_a, _gm) = mask_view.addr(stream);
@@ -88,17 +89,7 @@ pub fn optimal_token_baseline(
             gpu.launch(stream, Module::TokenBaseline, &kernel, grid, &p)?;
         }
     }
-    let host = stream.clone_dtoh(&bad)?;
-    stream.synchronize()?;
-    for (name, &tok) in CHECKED.iter().zip(&host) {
-        if tok != i32::MAX {
-            return Err(Error::invalid_argument(
-                name,
-                format!("expected finite values at unmasked tokens, got a non-finite one at token {tok}"),
-            ));
-        }
-    }
-    Ok(())
+    check_bad_tokens(stream, &bad, &CHECKED)
 }
 
 /// The group table the kernels read for B sequences: `(offsets [groups + 1], members [B])`, group
