@@ -19,9 +19,10 @@
  *   a = 1 - m, c = m v, d = m gamma, e = m gamma lam + 1 - m, f = m (r - v)
  * The warp takes chunks of 32 tokens from the end; lane l holds token chunk_end - 32 + l. A
  * shuffle-down suffix scan composes each lane's map with the later lanes' (5 steps, double, fixed
- * order), applied to the carried state gives every lane its state; lane 0's is the next carry. The
- * sequence's statistics: per-lane sums in double, a fixed shuffle tree, a second pass over the
- * written advantages for the centred squares (this warp wrote them; __syncwarp orders it).
+ * order), applied to the carried state gives every lane its state; lane 0's is the next carry.
+ * With whitening, the sequence's statistics: per-lane sums in double, a fixed shuffle tree, a
+ * second pass over the written advantages for the centred squares (this warp wrote them;
+ * __syncwarp orders it).
  * recap_gae_stats: one block merges the sequences' statistics in a fixed order (Chan's update, per
  * thread over sequences i, i + 256, ..., then a fixed tree) into the mean and 1 / sqrt(var + 1e-8).
  * recap_gae_whiten: elementwise, grid-stride. No float atomics; the same bits on every run.
@@ -112,6 +113,7 @@ __device__ __forceinline__ void gae_scan(const RecapGaeParams& p) {
         nv = __shfl_sync(0xffffffffu, nv_t, 0);
         lg = __shfl_sync(0xffffffffu, lg_t, 0);
     }
+    if (!p.whiten) return; /* warp-uniform: the statistics feed only the whitening */
     w_sum = gae_warp_sum(w_sum);
     x_sum = gae_warp_sum(x_sum);
     const double mean = w_sum > 0.0 ? x_sum / w_sum : 0.0;

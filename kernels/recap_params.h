@@ -541,7 +541,7 @@ typedef struct RecapGaeParams {
     uint64_t advantages;    /* float[T] (written; whitened in place by recap_gae_whiten)        */
     uint64_t returns;       /* float[T] (written)                                               */
     uint64_t row_stats;     /* double[3 B]: per sequence sum m, sum m x, sum m (x - mean_b)^2 of
-                               its unwhitened advantages x (written)                            */
+                               its unwhitened advantages x (written with whiten only)           */
     uint64_t scale;         /* double[2]: the batch's mean and 1 / sqrt(var + 1e-8), or 0 and 0
                                when the mask sums to at most 1 (written)                        */
     uint64_t bad;           /* int32_t[RECAP_GAE_BAD_SLOTS]: the smallest token index with a
