@@ -4,7 +4,7 @@ use crate::config::KlEstimator;
 use crate::cpu::math::kl_token;
 use crate::cpu::norms::mask_weight;
 use crate::error::Result;
-use crate::layout::{check_len, HostMask};
+use crate::layout::HostMask;
 
 /// Per-token KL value and gradient `d kl_t / d logp_t` into `kl_out` and `grad` (`[T]` each);
 /// masked tokens (weight 0) get 0 in both. `mask = None` computes every token.
@@ -17,12 +17,13 @@ pub fn kl(
     grad: &mut [f32],
 ) -> Result<()> {
     let t = logp.len();
-    check_len("ref_logp", ref_logp.len(), t, "[T] (the length of logp)")?;
-    if let Some(m) = &mask {
-        check_len("mask", m.array_len(), t, "[T]")?;
-    }
-    check_len("kl_out", kl_out.len(), t, "[T]")?;
-    check_len("grad", grad.len(), t, "[T]")?;
+    super::validate(
+        t,
+        ref_logp.len(),
+        mask.as_ref().map(|m| m.array_len()),
+        kl_out.len(),
+        grad.len(),
+    )?;
     for i in 0..t {
         if mask.as_ref().is_some_and(|m| mask_weight(m, i) == 0.0) {
             kl_out[i] = 0.0;

@@ -5,7 +5,7 @@ use crate::cuda::device::{
     addr, addr_mut, params::KlParams, params::RejectParams, Gpu, Module, BLOCK,
 };
 use crate::error::Result;
-use crate::layout::{check_len, Mask};
+use crate::layout::Mask;
 use crate::ops::grpo::cuda::MaskView;
 use crate::rejection::{validate, RejectionCriterion};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
@@ -25,12 +25,13 @@ pub fn kl(
     grad: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let t = logp.len();
-    check_len("ref_logp", ref_logp.len(), t, "[T] (the length of logp)")?;
-    if let Some(m) = &mask {
-        check_len("mask", m.array_len(), t, "[T]")?;
-    }
-    check_len("kl_out", kl_out.len(), t, "[T]")?;
-    check_len("grad", grad.len(), t, "[T]")?;
+    super::validate(
+        t,
+        ref_logp.len(),
+        mask.as_ref().map(|m| m.array_len()),
+        kl_out.len(),
+        grad.len(),
+    )?;
     gpu.check_stream(stream)?;
     let (mask_view, suffix) = match &mask {
         Some(Mask::F32(m)) => (Some(MaskView::F32(m)), "f32"),
