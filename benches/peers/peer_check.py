@@ -229,6 +229,36 @@ def check_gae(core, tally, gen, batches):
             tally.add(f"advantages gae (compute_gae_advantage_return) gamma {gamma} lam {lam}",
                       close(ours[0], theirs[0], rtol=1e-5, atol=1e-5) and close(ours[1], theirs[1], rtol=1e-5, atol=1e-5))
 
+def check_recap(core, tally, gen, batches):
+    """RECAP's reward weights (adv_estimator=recap): after each step's observation the advantages
+    equal verl's compute_grpo_outcome_advantage on the score sum_k lambda_k r_k, lambda from an
+    independent scheduler fed the same per-key means."""
+    from recap_kernels import verl_recap
+
+    verl_recap.reset_recap_state()
+    config = {"recap": {"reward_keys": ["format", "accuracy"], "window": 2}}
+    replica = rk.RecapWeights(["reward", "reward"], window=2)
+    for step in range(batches):
+        sizes = [5, 5, 5, 1]
+        index = np.repeat(np.array([f"u{i}" for i in range(len(sizes))], dtype=object), sizes)
+        b, length = len(index), 9
+        cols = {"format": (torch.rand(b, generator=gen) < 0.3 + 0.03 * step).double().numpy(),
+                "accuracy": torch.rand(b, generator=gen).double().numpy()}
+        lens = torch.randint(1, length + 1, (b,), generator=gen)
+        mask = (torch.arange(length)[None, :] < lens[:, None]).float()
+        ours, _ = verl_recap.compute_recap_outcome_advantage(torch.zeros(b, length), mask, index, config=config,
+                                                             non_tensor_batch=cols)
+        replica.observe([float(cols[k].mean()) for k in ("format", "accuracy")])
+        lam = replica.weights()
+        token_rewards = torch.zeros(b, length)
+        token_rewards[torch.arange(b), lens - 1] = torch.as_tensor(cols["format"] * lam[0] + cols["accuracy"] * lam[1],
+                                                                   dtype=torch.float32)
+        theirs, _ = core.compute_grpo_outcome_advantage(token_rewards, mask, index, epsilon=1e-6)
+        tally.add("advantages recap (reward weights, then verl's grpo on sum_k lambda_k r_k)",
+                  close(ours, theirs, atol=1e-5))
+    verl_recap.reset_recap_state()
+
+
 def check_rollout_rejection(tally, gen, batches):
     """verl's compute_rollout_rejection_mask (rollout_corr_helper) against ours: the new mask and the
     fraction metrics verl reports, for single and chained options."""
@@ -381,6 +411,7 @@ def main():
     check_remax(core, tally, gen, args.batches)
     check_token_baseline(core, tally, gen, args.batches)
     check_gae(core, tally, gen, args.batches)
+    check_recap(core, tally, gen, args.batches)
     check_rollout_rejection(tally, gen, args.batches)
     check_rollout_is(tally, gen, args.batches)
     check_token_veto(tally, gen, args.batches)

@@ -182,7 +182,7 @@ def masked_whiten(x, m):
 
 def verl_outcome_advantages(scores, mask, index, mode, eps=1e-6):
     """verl's outcome advantage estimators, token level ([B, L]) from the scores [B] and the
-    response mask: grpo_passk (norm by std, or dr_ without), opo, gpg, reinforce_plus_plus (gamma 1)
+    response mask: grpo (norm by std, or dr_grpo without), grpo_passk (or dr_grpo_passk), opo, gpg, reinforce_plus_plus (gamma 1)
     and reinforce_plus_plus_baseline; groups of one as verl (mean 0, std 1)."""
     scores = scores.double()
     m = mask.double()
@@ -196,7 +196,10 @@ def verl_outcome_advantages(scores, mask, index, mode, eps=1e-6):
         x = scores[rows]
         one = len(rows) == 1
         mu = torch.tensor(0.0, dtype=x.dtype) if one else x.mean()
-        if mode in ("grpo_passk", "dr_grpo_passk"):
+        if mode in ("grpo", "dr_grpo"):
+            sd = torch.tensor(1.0, dtype=x.dtype) if one else x.std()
+            out[rows] = (x - mu) / (sd + eps) if mode == "grpo" else x - mu
+        elif mode in ("grpo_passk", "dr_grpo_passk"):
             top = torch.topk(x, 2).values
             best = rows[int(torch.argmax(x))]
             gap = top[0] - top[1]

@@ -10,7 +10,8 @@ import torch
 
 import recap_kernels as rk
 from reference import (agg_loss, cispo, clip_cov, dppo, dro, geo_mean, gpg, kl_cov, kl_penalty, rollout_is_weights,
-                       rollout_rejection, sapo, trl_loss, trl_multi_objective, trl_off_policy_mask, verl_gspo, verl_vanilla)
+                       rollout_rejection, sapo, trl_loss, trl_multi_objective, trl_off_policy_mask, verl_gspo,
+                       verl_outcome_advantages, verl_vanilla)
 
 
 def batch(device, gen, b=6, l=21):
@@ -622,6 +623,79 @@ def test_recap_reward_weights_callback_with_a_stand_in_trainer():
     assert again.weights.weights() == cb.weights.weights()
     cb.on_step_end()  # nothing logged since: no observation
     assert cb.weights.steps == 10
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_verl_recap_estimator(gen, norm):
+    """The verl estimator ``recap`` called directly (no verl needed): each step the reward keys'
+    finite means go to the scheduler and the advantages are verl's GRPO on sum_k lambda_k r_k
+    (NaN components skipped); the KL penalty verl put in the rewards stays; metrics are the step's."""
+    from recap_kernels import verl_recap
+
+    verl_recap.reset_recap_state()
+    config = {"norm_adv_by_std_in_grpo": norm, "recap": {"reward_keys": ["fmt", "acc"], "window": 2}}
+    replica = rk.RecapWeights(["reward", "reward"], window=2)
+    b, length = 10, 7
+    index = ["a"] * 4 + ["b"] * 3 + ["c"] * 2 + ["d"]  # a group of one
+    for step in range(8):
+        fmt = (torch.rand(b, generator=gen) < 0.2 + 0.1 * step).double()
+        fmt[2] = float("nan")
+        acc = torch.rand(b, generator=gen).double()
+        mask = (torch.rand(b, length, generator=gen) > 0.3).float()
+        scores = torch.zeros(b, length)
+        penalty = 0.01 * torch.rand(b, length, generator=gen) * mask
+        adv, ret = verl_recap.compute_recap_outcome_advantage(
+            scores - penalty, mask, index, norm_adv_by_std_in_grpo=norm, config=config,
+            non_tensor_batch={"fmt": fmt.numpy(), "acc": acc.tolist(), "uid": index},
+            batch={"token_level_scores": scores})
+        replica.observe([float(fmt.nanmean()), float(acc.mean())])
+        lam = replica.weights()
+        score = torch.nan_to_num(fmt) * lam[0] + acc * lam[1] - penalty.double().sum(-1)
+        want = verl_outcome_advantages(score.float(), mask, [ord(i) for i in index], "grpo" if norm else "dr_grpo")
+        torch.testing.assert_close(adv.double(), want, atol=2e-6, rtol=1e-5)
+        assert adv is ret
+        assert verl_recap.recap_state().take_metrics() == {
+            "recap/lambda/fmt": lam[0], "recap/lambda/acc": lam[1],
+            "recap/monitored/fmt": pytest.approx(float(fmt.nanmean())), "recap/monitored/acc": pytest.approx(float(acc.mean()))}
+    assert lam != [1.0, 1.0]
+    # a step where a reward key has no finite value observes nothing and reports NaN for it
+    fmt = torch.full((b,), float("nan"), dtype=torch.float64)
+    adv, _ = verl_recap.compute_recap_outcome_advantage(
+        torch.zeros(b, length), mask, index, norm_adv_by_std_in_grpo=norm, config=config,
+        non_tensor_batch={"fmt": fmt.numpy(), "acc": acc.tolist()})
+    assert verl_recap.recap_state().weights.steps == 8
+    metrics = verl_recap.recap_state().take_metrics()
+    assert math.isnan(metrics["recap/monitored/fmt"]) and metrics["recap/lambda/acc"] == lam[1]
+    want = verl_outcome_advantages((acc * lam[1]).float(), mask, [ord(i) for i in index], "grpo" if norm else "dr_grpo")
+    torch.testing.assert_close(adv.double(), want, atol=2e-6, rtol=1e-5)
+    verl_recap.reset_recap_state()
+
+
+def test_verl_recap_estimator_errors():
+    from recap_kernels import verl_recap
+
+    verl_recap.reset_recap_state()
+    r, m = torch.zeros(2, 3), torch.ones(2, 3)
+    cfg = {"recap": {"reward_keys": ["fmt"]}}
+    with pytest.raises(rk.RecapError, match=r"`algorithm\.recap\.reward_keys`: adv_estimator=recap needs"):
+        verl_recap.compute_recap_outcome_advantage(r, m, ["a", "a"], config={}, non_tensor_batch={})
+    with pytest.raises(rk.RecapError, match="a key appears twice"):
+        verl_recap.compute_recap_outcome_advantage(r, m, ["a", "a"], config={"recap": {"reward_keys": ["x", "x"]}},
+                                                   non_tensor_batch={"x": [1.0, 2.0]})
+    with pytest.raises(rk.RecapError, match="non_tensor_batch"):
+        verl_recap.compute_recap_outcome_advantage(r, m, ["a", "a"], config=cfg)
+    with pytest.raises(rk.RecapError, match=r"reward key 'fmt' is not in the batch's reward extra info \(it has \['acc'\]\)"):
+        verl_recap.compute_recap_outcome_advantage(r, m, ["a", "a"], config=cfg, non_tensor_batch={"acc": [1, 2]})
+    with pytest.raises(rk.RecapError, match=r"`fmt`: expected B = 2 values"):
+        verl_recap.compute_recap_outcome_advantage(r, m, ["a", "a"], config=cfg, non_tensor_batch={"fmt": [1.0]})
+    with pytest.raises(rk.RecapError, match=r"`fmt`: expected a number per response"):
+        verl_recap.compute_recap_outcome_advantage(r, m, ["a", "a"], config=cfg, non_tensor_batch={"fmt": ["x", 1]})
+    with pytest.raises(rk.RecapError, match=r"`response_mask`: expected \[B, L\] = \[2, 3\]"):
+        verl_recap.compute_recap_outcome_advantage(r, m[:, :2], ["a", "a"], config=cfg, non_tensor_batch={"fmt": [1, 2]})
+    with pytest.raises(rk.RecapError, match="`token_level_rewards`: expected \\[B, L\\]"):
+        verl_recap.compute_recap_outcome_advantage(r[0], m[0], ["a", "a"], config=cfg, non_tensor_batch={"fmt": [1, 2]})
+    assert verl_recap.recap_state() is None or verl_recap.recap_state().weights.steps == 0
+    verl_recap.reset_recap_state()
 
 
 def test_recap_weights_presets():

@@ -1,0 +1,340 @@
+"""RECAP's reward-level weights in verl: the advantage estimator ``recap``.
+
+    algorithm.adv_estimator=recap
+    +algorithm.recap.reward_keys=[format_reward,accuracy_reward]   # keys of compute_score's dict
+    +algorithm.recap.preset=authors                                 # optional: "paper" (default) or "authors"
+
+Each step, each reward key's mean over the batch's responses (the finite values; ``compute_score``
+returns a dict with ``score`` and these keys, which verl keeps as the responses' reward extra info)
+goes to RECAP's scheduler (``recap_kernels.RecapWeights``, orientation "reward"); each response's
+score becomes ``sum_k lambda_k r_k`` (NaN components skipped, as TRL's ``nansum``) and the
+advantages are GRPO's on it (``norm_adv_by_std_in_grpo``, verl's epsilon 1e-6 and its groups of
+one: mean 0, std 1), exactly what verl's ``grpo`` estimator computes on that score. What verl
+added to the scores before the estimator (the KL penalty of ``use_kl_in_reward``) is kept: the
+score replaced is ``token_level_scores``' sum. Until the scheduler has 2W steps every lambda is 1:
+GRPO on the sum of the keys. The other fields of ``algorithm.recap`` are the scheduler's options
+(``window``, ``temperature``, ``alpha``, ...; docs/recap.md).
+
+Metrics, logged with verl's own each step: ``recap/lambda/<key>`` and ``recap/monitored/<key>``
+(the observed mean; NaN for a key without a finite value in the step, which observes nothing).
+
+verl hands a registered estimator only ``token_level_rewards``, ``response_mask``, ``index`` and
+``config`` (its ``gdpo`` alone gets the reward extra info), so installing this package (verl's
+plugin entry point, ``recap_kernels.verl_plugin``) also wraps, where verl defines them:
+``verl.trainer.ppo.ray_trainer.compute_advantage`` (for ``adv_estimator=recap`` only: it calls the
+estimator with the batch's reward extra info; any other estimator goes to verl's unchanged),
+``ray_trainer.compute_data_metrics`` (adds the step's RECAP metrics) and, in the v1 trainer
+(``trainer.use_v1``, verl 0.9's default), ``PPOTrainer._compute_advantage`` (fetches the responses'
+``extra_fields`` from the TransferQueue beside its own fields; adds the metrics). Each wrap is
+applied when verl imports the module (a post-import hook), so nothing of verl's trainer is imported
+before verl does.
+
+The scheduler lives in the process that computes the advantages (verl's driver) and is not part of
+verl's checkpoint: a resumed run starts it again (2W steps of weights 1)."""
+import functools
+import importlib.abc
+import inspect
+import sys
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _args as A
+from . import functional as F
+from ._native import RecapError
+from .verl import _get
+from .weights import RecapWeights
+
+__all__ = ["NAME", "compute_recap_outcome_advantage", "recap_state", "reset_recap_state", "install"]
+
+NAME = "recap"
+
+
+class _State:
+    """The scheduler of one configuration (reward keys, preset, options) and the last step's metrics."""
+
+    def __init__(self, keys: Tuple[str, ...], preset: str, options: Dict[str, Any]):
+        self.key = (keys, preset, tuple(sorted(options.items())))
+        self.names = list(keys)
+        self.weights = RecapWeights(["reward"] * len(keys), preset=preset, **options)
+        self.metrics: Dict[str, float] = {}
+
+    def take_metrics(self) -> Dict[str, float]:
+        metrics, self.metrics = self.metrics, {}
+        return metrics
+
+
+_LOCK = threading.Lock()
+_STATE: List[_State] = []
+_PENDING = threading.local()  # reward columns fetched by the v1 trainer's _compute_advantage
+
+
+def recap_state() -> Optional[_State]:
+    """This process's RECAP scheduler for verl (``.weights``: a ``RecapWeights``; ``.names``: the
+    reward keys), or None before the first ``recap`` step."""
+    return _STATE[0] if _STATE else None
+
+
+def reset_recap_state() -> None:
+    """Forgets the scheduler: the next ``recap`` step starts a new one."""
+    with _LOCK:
+        _STATE.clear()
+
+
+def _settings(config) -> Tuple[Tuple[str, ...], str, Dict[str, Any]]:
+    recap = _get(config, "recap")
+    keys = _get(recap, "reward_keys")
+    if keys is None or isinstance(keys, (str, bytes)) or not hasattr(keys, "__iter__") or len(list(keys)) == 0:
+        raise RecapError("invalid argument `algorithm.recap.reward_keys`: adv_estimator=recap needs the list of "
+                         "reward keys (the keys of compute_score's dict, e.g. "
+                         "+algorithm.recap.reward_keys=[format_reward,accuracy_reward]), got "
+                         f"{keys!r}")
+    keys = tuple(str(k) for k in keys)
+    if len(set(keys)) != len(keys):
+        raise RecapError(f"invalid argument `algorithm.recap.reward_keys`: a key appears twice in {list(keys)}")
+    preset = str(_get(recap, "preset", "paper"))
+    items = recap.items() if hasattr(recap, "items") else vars(recap).items()
+    options = {str(k): v for k, v in items if k not in ("reward_keys", "preset")}
+    return keys, preset, options
+
+
+def _state(config) -> _State:
+    keys, preset, options = _settings(config)
+    with _LOCK:
+        if not _STATE or _STATE[0].key != (keys, preset, tuple(sorted(options.items()))):
+            _STATE[:] = [_State(keys, preset, options)]
+        return _STATE[0]
+
+
+def _column(non_tensor_batch, key: str, b: int) -> Tensor:
+    if key not in non_tensor_batch:
+        raise RecapError(f"invalid argument `algorithm.recap.reward_keys`: reward key {key!r} is not in the batch's "
+                         f"reward extra info (it has {sorted(str(k) for k in non_tensor_batch.keys())}); "
+                         "compute_score must return a dict with 'score' and this key")
+    values = non_tensor_batch[key]
+    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    if len(values) != b:
+        raise RecapError(f"invalid argument `{key}`: expected B = {b} values (one per response), got {len(values)}")
+    try:
+        return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise RecapError(f"invalid argument `{key}`: expected a number per response (compute_score's "
+                         f"dict), got {[v for v in values if not isinstance(v, (int, float))][:1]!r}") from None
+
+
+def compute_recap_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, epsilon: float = 1e-6,
+                                    norm_adv_by_std_in_grpo: bool = True, config=None,
+                                    non_tensor_batch: Optional[dict] = None, batch=None,
+                                    **kwargs) -> Tuple[Tensor, Tensor]:
+    """The ``recap`` estimator (module docstring): ``(advantages, returns)`` ``[B, L]`` float32,
+    equal. ``non_tensor_batch``: the per-response reward columns (verl's reward extra info);
+    ``batch``: read for ``token_level_scores`` (the KL penalty kept is the rewards minus them).
+    Observes the step's means: one call per training step."""
+    if non_tensor_batch is None:
+        raise RecapError("invalid argument `non_tensor_batch`: adv_estimator=recap reads each response's reward "
+                         "columns; verl's compute_advantage passes them once recap_kernels is installed (its verl "
+                         "plugin wraps it), a direct call must pass non_tensor_batch")
+    rewards = A.floats("token_level_rewards", token_level_rewards)
+    response_mask = A.tensor("response_mask", response_mask)
+    if rewards.dim() != 2:
+        raise RecapError(f"invalid argument `token_level_rewards`: expected [B, L], got {list(rewards.shape)}")
+    b = rewards.shape[0]
+    if response_mask.shape != rewards.shape:
+        raise RecapError(f"invalid argument `response_mask`: expected [B, L] = {list(rewards.shape)}, got "
+                         f"{list(response_mask.shape)}")
+    state = _state(config)
+    columns = torch.stack([_column(non_tensor_batch, k, b) for k in state.names], 1)  # [B, K] float64
+    finite = torch.isfinite(columns)
+    counts = finite.sum(0)
+    means = torch.where(counts > 0, torch.where(finite, columns, torch.zeros_like(columns)).sum(0) / counts.clamp(min=1),
+                        torch.full_like(counts, float("nan"), dtype=torch.float64)).tolist()
+    if bool((counts > 0).all()):  # a key without a finite value this step: nothing observed
+        state.weights.observe(means)
+    lam = torch.tensor(state.weights.weights(), dtype=torch.float64)
+    score = torch.where(finite, columns * lam, torch.zeros_like(columns)).sum(1)
+    scores = batch.get("token_level_scores", None) if batch is not None and hasattr(batch, "get") else None
+    if scores is not None:  # keep what verl added to the scores (use_kl_in_reward's penalty)
+        score = score + (rewards.double() - scores.double()).sum(-1).cpu()
+    if b == 0:
+        adv = torch.zeros_like(rewards)
+    else:  # on the host, where verl's driver holds the batch (B values)
+        per_seq = F.group_advantages(score.to(torch.float32), group_ids=F._group_ids(index, b),
+                                     mode="grpo" if norm_adv_by_std_in_grpo else "dr_grpo", eps=float(epsilon),
+                                     singletons="verl")
+        adv = per_seq.to(rewards.device).unsqueeze(-1) * response_mask.to(torch.float32)
+    metrics = {}
+    for name, w, m in zip(state.names, lam.tolist(), means):
+        metrics[f"recap/lambda/{name}"] = w
+        metrics[f"recap/monitored/{name}"] = m
+    state.metrics = metrics
+    return adv, adv
+
+
+def _is_recap(adv_estimator) -> bool:
+    return str(getattr(adv_estimator, "value", adv_estimator)) == NAME
+
+
+def _wrapping(make):
+    """``make(original)`` as a wrap of verl's ``original`` (its name, docstring and ``__wrapped__``),
+    applied once."""
+
+    def wrap(original):
+        if getattr(original, "__recap_wrapped__", False):
+            return original
+        wrapper = functools.wraps(original)(make(original))
+        wrapper.__recap_wrapped__ = True
+        return wrapper
+
+    return wrap
+
+
+def _log_metrics(metrics: dict) -> dict:
+    """Adds the last ``recap`` step's metrics (once) to verl's step metrics."""
+    state = recap_state()
+    if state is not None:
+        metrics.update(state.take_metrics())
+    return metrics
+
+
+@_wrapping
+def _wrap_compute_advantage(original):
+    signature = inspect.signature(original)
+
+    def compute_advantage(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        if not _is_recap(a["adv_estimator"]):
+            return original(*args, **kwargs)
+        data = a["data"]
+        if "response_mask" not in data.batch.keys():
+            data.batch["response_mask"] = sys.modules[original.__module__].compute_response_mask(data)
+        columns = dict(data.non_tensor_batch)
+        columns.update(getattr(_PENDING, "columns", None) or {})
+        adv, ret = compute_recap_outcome_advantage(
+            token_level_rewards=data.batch["token_level_rewards"], response_mask=data.batch["response_mask"],
+            index=data.non_tensor_batch["uid"], norm_adv_by_std_in_grpo=a.get("norm_adv_by_std_in_grpo", True),
+            config=a.get("config"), non_tensor_batch=columns, batch=data.batch)
+        data.batch["advantages"] = adv
+        data.batch["returns"] = ret
+        return data
+
+    return compute_advantage
+
+
+@_wrapping
+def _wrap_compute_data_metrics(original):
+    def compute_data_metrics(*args, **kwargs):
+        return _log_metrics(original(*args, **kwargs))
+
+    return compute_data_metrics
+
+
+def _reward_columns(extra_fields) -> Dict[str, list]:
+    """The reward extra info of each response (v1 trainer: ``extra_fields["reward_extra_info"]``) as
+    columns; a response without a key gets None there."""
+    infos = []
+    for value in extra_fields:
+        fields = getattr(value, "data", value)
+        info = fields.get("reward_extra_info", {}) if isinstance(fields, dict) else {}
+        infos.append(info if isinstance(info, dict) else {})
+    keys = sorted({k for info in infos for k in info})
+    return {k: [info.get(k) for info in infos] for k in keys}
+
+
+@_wrapping
+def _wrap_v1_compute_advantage(original):
+    def _compute_advantage(self, batch, metrics):
+        if not _is_recap(self.config.algorithm.adv_estimator):
+            return original(self, batch, metrics)
+        tq = sys.modules[original.__module__].tq
+        got = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        _PENDING.columns = _reward_columns(got["extra_fields"])
+        try:
+            out = original(self, batch, metrics)
+        finally:
+            _PENDING.columns = None
+        _log_metrics(metrics)
+        return out
+
+    return _compute_advantage
+
+
+def _patch_ray_trainer(module) -> None:
+    module.compute_advantage = _wrap_compute_advantage(module.compute_advantage)
+    module.compute_data_metrics = _wrap_compute_data_metrics(module.compute_data_metrics)
+    utils = sys.modules.get("verl.trainer.ppo.v1.utils")  # imported verl's before the wrap
+    if utils is not None and hasattr(utils, "compute_advantage"):
+        utils.compute_advantage = _wrap_compute_advantage(utils.compute_advantage)
+
+
+def _patch_v1_utils(module) -> None:
+    if hasattr(module, "compute_advantage"):
+        module.compute_advantage = _wrap_compute_advantage(module.compute_advantage)
+
+
+def _patch_v1_trainer(module) -> None:
+    cls = getattr(module, "PPOTrainer", None)
+    if cls is not None and "_compute_advantage" in vars(cls):
+        cls._compute_advantage = _wrap_v1_compute_advantage(cls._compute_advantage)
+
+
+_PATCHES = {
+    "verl.trainer.ppo.ray_trainer": _patch_ray_trainer,
+    "verl.trainer.ppo.v1.utils": _patch_v1_utils,
+    "verl.trainer.ppo.v1.trainer_base": _patch_v1_trainer,
+}
+
+
+class _Loader(importlib.abc.Loader):
+    """The module's own loader, then the patch."""
+
+    def __init__(self, loader, patch):
+        self._loader, self._patch = loader, patch
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._patch(module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Applies ``_PATCHES`` to a module right after Python executes it."""
+
+    def find_spec(self, fullname, path, target=None):
+        patch = _PATCHES.get(fullname)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _Loader(spec.loader, patch)
+                return spec
+        return None
+
+
+def install() -> None:
+    """Registers the ``recap`` estimator in verl's registry and wraps verl's trainer functions
+    (module docstring), now for modules already imported, on import for the others. Called by the
+    package's verl plugin; idempotent. Raises ImportError when verl is not installed."""
+    from verl.trainer.ppo import core_algos
+
+    registry = getattr(core_algos, "ADV_ESTIMATOR_REGISTRY", {})
+    if NAME not in registry:
+        core_algos.register_adv_est(NAME)(compute_recap_outcome_advantage)
+    for name, patch in _PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+
