@@ -29,13 +29,18 @@ estimator with the batch's reward extra info; any other estimator goes to verl's
 applied when verl imports the module (a post-import hook), so nothing of verl's trainer is imported
 before verl does.
 
-The scheduler lives in the process that computes the advantages (verl's driver) and is not part of
-verl's checkpoint: a resumed run starts it again (2W steps of weights 1)."""
+The scheduler lives in the process that computes the advantages (verl's driver); the trainers'
+``_save_checkpoint`` / ``_load_checkpoint`` are wrapped too, so it is saved in each checkpoint
+folder (``recap_scheduler.json``, written atomically before verl's own files) and restored on
+resume (a checkpoint without it, or for other reward keys, warns and starts it again)."""
 import functools
 import importlib.abc
 import inspect
+import json
+import os
 import sys
 import threading
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -47,7 +52,8 @@ from ._native import RecapError
 from .verl import _get
 from .weights import RecapWeights
 
-__all__ = ["NAME", "compute_recap_outcome_advantage", "recap_state", "reset_recap_state", "install"]
+__all__ = ["NAME", "CHECKPOINT_FILE", "compute_recap_outcome_advantage", "recap_state", "reset_recap_state",
+           "install"]
 
 NAME = "recap"
 
@@ -64,6 +70,9 @@ class _State:
     def take_metrics(self) -> Dict[str, float]:
         metrics, self.metrics = self.metrics, {}
         return metrics
+
+    def checkpoint(self) -> dict:
+        return {"reward_keys": self.names, "preset": self.key[1], "scheduler": self.weights.state_dict()}
 
 
 _LOCK = threading.Lock()
@@ -262,9 +271,83 @@ def _wrap_v1_compute_advantage(original):
     return _compute_advantage
 
 
+CHECKPOINT_FILE = "recap_scheduler.json"
+
+
+def _checkpoint_file(trainer, resuming: bool) -> str:
+    """``recap_scheduler.json`` in the step's checkpoint folder, where verl puts its own
+    (``trainer.default_local_dir``/global_step_N, or ``trainer.resume_from_path`` when resuming
+    from it; relative to the working directory as verl's)."""
+    cfg = trainer.config.trainer
+    if resuming and _get(cfg, "resume_mode") == "resume_path":
+        folder = str(cfg.resume_from_path)
+    else:
+        folder = os.path.join(str(cfg.default_local_dir), f"global_step_{trainer.global_steps}")
+    return os.path.join(os.path.abspath(folder), CHECKPOINT_FILE)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@_wrapping
+def _wrap_save_checkpoint(original):
+    def _save_checkpoint(self, *args, **kwargs):
+        # first, so verl's tracker file (written last) never names a step without it
+        state = recap_state()
+        if state is not None and _is_recap(self.config.algorithm.adv_estimator):
+            _write_atomically(_checkpoint_file(self, False), json.dumps(state.checkpoint()))
+        return original(self, *args, **kwargs)
+
+    return _save_checkpoint
+
+
+@_wrapping
+def _wrap_load_checkpoint(original):
+    def _load_checkpoint(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if not _is_recap(self.config.algorithm.adv_estimator) or not getattr(self, "global_steps", 0):
+            return out
+        path = _checkpoint_file(self, True)
+        if not os.path.exists(path):
+            warnings.warn(f"recap: no {CHECKPOINT_FILE} in the checkpoint resumed ({os.path.dirname(path)}); RECAP's "
+                          "scheduler starts again (weights 1 for 2W steps)")
+            return out
+        with open(path) as f:
+            saved = json.load(f)
+        state = _state(self.config.algorithm)
+        if saved.get("reward_keys") != state.names or saved.get("preset") != state.key[1]:
+            warnings.warn(f"recap: the checkpoint's scheduler is for reward keys {saved.get('reward_keys')} and preset "
+                          f"{saved.get('preset')!r}, this run has {state.names} and {state.key[1]!r}; it starts again")
+            return out
+        state.weights.load_state_dict(saved["scheduler"])
+        return out
+
+    return _load_checkpoint
+
+
+def _patch_trainer_class(cls) -> None:
+    if cls is None:
+        return
+    for name, wrap in (("_save_checkpoint", _wrap_save_checkpoint), ("_load_checkpoint", _wrap_load_checkpoint)):
+        if name in vars(cls):
+            setattr(cls, name, wrap(vars(cls)[name]))
+
+
 def _patch_ray_trainer(module) -> None:
     module.compute_advantage = _wrap_compute_advantage(module.compute_advantage)
     module.compute_data_metrics = _wrap_compute_data_metrics(module.compute_data_metrics)
+    _patch_trainer_class(getattr(module, "RayPPOTrainer", None))
     utils = sys.modules.get("verl.trainer.ppo.v1.utils")  # imported verl's before the wrap
     if utils is not None and hasattr(utils, "compute_advantage"):
         utils.compute_advantage = _wrap_compute_advantage(utils.compute_advantage)
@@ -279,6 +362,7 @@ def _patch_v1_trainer(module) -> None:
     cls = getattr(module, "PPOTrainer", None)
     if cls is not None and "_compute_advantage" in vars(cls):
         cls._compute_advantage = _wrap_v1_compute_advantage(cls._compute_advantage)
+    _patch_trainer_class(cls)
 
 
 _PATCHES = {

@@ -10,6 +10,7 @@ Without verl installed the module is skipped; with RECAP_REQUIRE_PEERS=1 (CI) it
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -318,3 +319,100 @@ def test_v1_trainer_compute_advantage(monkeypatch):
         for k, w in zip(KEYS, lam):
             assert metrics[f"recap/lambda/{k}"] == pytest.approx(w, abs=1e-12)
     assert verl_recap.recap_state().weights.steps == 8
+
+
+class Loader:
+    """The dataloader verl's checkpoint methods save and restore."""
+
+    def __init__(self):
+        self.state = {"seen": 0}
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+    def __len__(self):
+        return 1000
+
+
+class CheckpointTrainer:
+    """What verl's _save_checkpoint / _load_checkpoint read of their trainer, the worker groups
+    (Ray actors) replaced by recorders."""
+
+    def __init__(self, config):
+        self.config, self.global_steps, self.use_critic, self.trainer_mode = config, 0, False, "sync"
+        self.calls = []
+        self.actor_rollout_wg = types.SimpleNamespace(save_checkpoint=self.recorder("save"),
+                                                      load_checkpoint=self.recorder("load"))
+        self.train_dataloader = Loader()
+        self.checkpoint_callback = types.SimpleNamespace(on_save=lambda **k: None)
+
+    def recorder(self, what):
+        def call(*args, **kwargs):
+            self.calls.append((what, kwargs.get("local_path", args[0] if args else None)))
+        return call
+
+
+@pytest.mark.parametrize("trainer_cls", ["v1", "legacy"])
+@pytest.mark.parametrize("resume_mode", ["auto", "resume_path"])
+def test_scheduler_in_verls_checkpoints(tmp_path, trainer_cls, resume_mode):
+    """verl's own _save_checkpoint writes the scheduler beside its files (before its tracker file) and
+    its _load_checkpoint restores it: the resumed run's next step equals the uninterrupted run's."""
+    cls = trainer_base.PPOTrainer if trainer_cls == "v1" else ray_trainer.RayPPOTrainer
+    ckpt = tmp_path / "ckpt"
+    cfg = verl_config("+algorithm.recap.window=2", f"trainer.default_local_dir={ckpt}")
+    replica = rk.RecapWeights(["reward", "reward"], window=2)
+    gen = torch.Generator().manual_seed(6)
+    steps = [make_step(gen, step) for step in range(9)]
+    trainer = CheckpointTrainer(cfg)
+    for step, (uids, mask, lens, cols) in enumerate(steps[:6]):
+        ray_trainer.compute_advantage(legacy_batch(uids, mask, lens, cols), adv_estimator="recap", config=cfg.algorithm)
+        replica.observe(means(cols))
+    trainer.global_steps = 6
+    cls._save_checkpoint(trainer)
+    folder = ckpt / "global_step_6"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "6"
+    assert (folder / "data.pt").exists() and (folder / verl_recap.CHECKPOINT_FILE).exists()
+    assert not [p for p in folder.iterdir() if ".tmp." in p.name]
+    saved = verl_recap.recap_state().weights.weights()
+    assert saved == replica.weights() and saved != [1.0, 1.0]
+
+    verl_recap.reset_recap_state()  # a new driver process
+    overrides = ["+algorithm.recap.window=2", f"trainer.default_local_dir={ckpt}", f"trainer.resume_mode={resume_mode}"]
+    if resume_mode == "resume_path":
+        overrides.append(f"trainer.resume_from_path={folder}")
+    resumed = CheckpointTrainer(verl_config(*overrides))
+    cls._load_checkpoint(resumed)
+    assert resumed.global_steps == 6 and ("load", str(folder / "actor")) in resumed.calls
+    assert verl_recap.recap_state().weights.weights() == saved
+    assert verl_recap.recap_state().weights.steps == 6
+    for uids, mask, lens, cols in steps[6:]:
+        out = ray_trainer.compute_advantage(legacy_batch(uids, mask, lens, cols), adv_estimator="recap",
+                                            config=resumed.config.algorithm)
+        replica.observe(means(cols))
+        want = verl_grpo(uids, mask, lens, weighted(cols, replica.weights()))
+        torch.testing.assert_close(out.batch["advantages"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_without_the_scheduler_warns(tmp_path):
+    """A checkpoint saved without RECAP (or for other reward keys) resumes with a fresh scheduler and says so."""
+    ckpt = tmp_path / "ckpt"
+    cfg = verl_config(f"trainer.default_local_dir={ckpt}")
+    trainer = CheckpointTrainer(cfg)
+    trainer.global_steps = 3
+    trainer_base.PPOTrainer._save_checkpoint(trainer)  # no recap step yet: nothing to save
+    assert not (ckpt / "global_step_3" / verl_recap.CHECKPOINT_FILE).exists()
+    with pytest.warns(UserWarning, match="no recap_scheduler.json in the checkpoint resumed"):
+        trainer_base.PPOTrainer._load_checkpoint(CheckpointTrainer(cfg))
+    uids, mask, lens, cols = make_step(torch.Generator().manual_seed(7), 0)
+    ray_trainer.compute_advantage(legacy_batch(uids, mask, lens, cols), adv_estimator="recap", config=cfg.algorithm)
+    trainer_base.PPOTrainer._save_checkpoint(trainer)
+    verl_recap.reset_recap_state()
+    other = verl_config(f"trainer.default_local_dir={ckpt}")
+    with open_dict(other):
+        other.algorithm.recap.reward_keys = ["accuracy_reward"]
+    with pytest.warns(UserWarning, match=r"for reward keys \['format_reward', 'accuracy_reward'\]"):
+        trainer_base.PPOTrainer._load_checkpoint(CheckpointTrainer(other))
+    assert verl_recap.recap_state().weights.steps == 0
