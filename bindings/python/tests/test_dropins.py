@@ -694,6 +694,23 @@ def test_verl_recap_estimator_errors():
         verl_recap.compute_recap_outcome_advantage(r, m[:, :2], ["a", "a"], config=cfg, non_tensor_batch={"fmt": [1, 2]})
     with pytest.raises(rk.RecapError, match="`token_level_rewards`: expected \\[B, L\\]"):
         verl_recap.compute_recap_outcome_advantage(r[0], m[0], ["a", "a"], config=cfg, non_tensor_batch={"fmt": [1, 2]})
+    with pytest.raises(rk.RecapError, match=r"`fmt`: expected finite rewards \(NaN or None where the reward does "
+                                            r"not apply\), got inf for response 1"):
+        verl_recap.compute_recap_outcome_advantage(r, m, ["a", "a"], config=cfg,
+                                                   non_tensor_batch={"fmt": [1.0, float("inf")]})
+    with pytest.raises(rk.RecapError, match=r"`index`: expected B = 2 group ids"):
+        verl_recap.compute_recap_outcome_advantage(r, m, ["a"], config=cfg, non_tensor_batch={"fmt": [1, 2]})
+    with pytest.raises(rk.RecapError, match=r"`epsilon`: expected a positive finite number"):
+        verl_recap.compute_recap_outcome_advantage(r, m, ["a", "a"], epsilon=0.0, config=cfg,
+                                                   non_tensor_batch={"fmt": [1, 2]})
+    with pytest.raises(rk.RecapError, match=r"`token_level_scores`: expected \[B, L\] = \[2, 3\]"):
+        verl_recap.compute_recap_outcome_advantage(r, m, ["a", "a"], config=cfg, non_tensor_batch={"fmt": [1, 2]},
+                                                   batch={"token_level_scores": torch.zeros(2, 4)})
+    poisoned = r.clone()
+    poisoned[1, 2] = float("nan")
+    with pytest.raises(rk.RecapError, match=r"`token_level_rewards`: not finite, less token_level_scores .* response 1"):
+        verl_recap.compute_recap_outcome_advantage(poisoned, m, ["a", "a"], config=cfg, non_tensor_batch={"fmt": [1, 2]},
+                                                   batch={"token_level_scores": r})
     assert verl_recap.recap_state() is None or verl_recap.recap_state().weights.steps == 0
     verl_recap.reset_recap_state()
 

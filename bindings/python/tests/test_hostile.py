@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import recap_kernels as rk
+from recap_kernels import verl_recap
 from reference import verl_vanilla
 
 TIMEOUT_S = 30
@@ -167,6 +168,12 @@ def specs():
                                         group_ids=[0, 1, 0]),
                                    dict(token_rewards="floats", mask="mask", old_logp="floats",
                                         sum_pi_squared="floats", cu_seqlens="cu")),
+        "verl_recap.compute_recap_outcome_advantage": (
+            lambda **kw: verl_recap.compute_recap_outcome_advantage(**kw)[0].tolist(),
+            dict(token_level_rewards=torch.zeros(B, 8), response_mask=(torch.rand(B, 8, generator=g) > 0.3).float(),
+                 index=["a", "a", "b"], config={"recap": {"reward_keys": ["r", "s"], "window": 2}},
+                 non_tensor_batch={"r": [1.0, 0.0, None], "s": [0.5, 0.25, 1.0]}, epsilon=1e-6),
+            dict(token_level_rewards="values", response_mask="mask", epsilon="positive")),
         "RecapWeights": (lambda **kw: rk.RecapWeights(**kw).weights(),
                          dict(orientations=["reward", "loss"], window=4, temperature=2.0),
                          dict(window="count", temperature="positive")),

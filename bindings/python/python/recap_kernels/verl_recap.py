@@ -37,6 +37,7 @@ import functools
 import importlib.abc
 import inspect
 import json
+import math
 import os
 import sys
 import threading
@@ -127,10 +128,16 @@ def _column(non_tensor_batch, key: str, b: int) -> Tensor:
     if len(values) != b:
         raise RecapError(f"invalid argument `{key}`: expected B = {b} values (one per response), got {len(values)}")
     try:
-        return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
+        column = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
     except (TypeError, ValueError):
         raise RecapError(f"invalid argument `{key}`: expected a number per response (compute_score's "
                          f"dict), got {[v for v in values if not isinstance(v, (int, float))][:1]!r}") from None
+    infinite = torch.isinf(column).nonzero()
+    if infinite.numel():
+        i = int(infinite[0])
+        raise RecapError(f"invalid argument `{key}`: expected finite rewards (NaN or None where the reward does "
+                         f"not apply), got {values[i]} for response {i}")
+    return column
 
 
 def compute_recap_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, epsilon: float = 1e-6,
@@ -147,14 +154,36 @@ def compute_recap_outcome_advantage(token_level_rewards: Tensor, response_mask: 
                          "plugin wraps it), a direct call must pass non_tensor_batch")
     rewards = A.floats("token_level_rewards", token_level_rewards)
     response_mask = A.tensor("response_mask", response_mask)
+    epsilon = A.number("epsilon", epsilon)
+    norm_adv_by_std_in_grpo = A.boolean("norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo)
     if rewards.dim() != 2:
         raise RecapError(f"invalid argument `token_level_rewards`: expected [B, L], got {list(rewards.shape)}")
     b = rewards.shape[0]
     if response_mask.shape != rewards.shape:
         raise RecapError(f"invalid argument `response_mask`: expected [B, L] = {list(rewards.shape)}, got "
                          f"{list(response_mask.shape)}")
+    if response_mask.is_complex():
+        A.fail("response_mask", f"expected a bool, integer or float mask, got {response_mask.dtype}", True)
+    if not 0.0 < epsilon < math.inf:
+        A.fail("epsilon", f"expected a positive finite number, got {epsilon}")
+    if index is None or isinstance(index, (str, bytes)) or not hasattr(index, "__len__") or len(index) != b:
+        A.fail("index", f"expected B = {b} group ids (verl's uids, one per response), got "
+                        f"{len(index) if hasattr(index, '__len__') else type(index).__name__}")
+    groups = F._group_ids(index, b)
+    penalty = torch.zeros(b, dtype=torch.float64)
+    scores = batch.get("token_level_scores", None) if batch is not None and hasattr(batch, "get") else None
+    if scores is not None:  # keep what verl added to the scores (use_kl_in_reward's penalty)
+        scores = A.floats("token_level_scores", scores)
+        if scores.shape != rewards.shape:
+            A.fail("token_level_scores", f"expected [B, L] = {list(rewards.shape)}, got {list(scores.shape)}")
+        penalty = (rewards.double() - scores.double().to(rewards.device)).sum(-1).cpu()
+        bad = (~torch.isfinite(penalty)).nonzero()
+        if bad.numel():
+            raise RecapError(f"invalid argument `token_level_rewards`: not finite, less token_level_scores (the KL "
+                             f"penalty verl subtracted), for response {int(bad[0])}")
     state = _state(config)
     columns = torch.stack([_column(non_tensor_batch, k, b) for k in state.names], 1)  # [B, K] float64
+    # every argument checked: now the step is observed (once)
     finite = torch.isfinite(columns)
     counts = finite.sum(0)
     means = torch.where(counts > 0, torch.where(finite, columns, torch.zeros_like(columns)).sum(0) / counts.clamp(min=1),
@@ -162,15 +191,12 @@ def compute_recap_outcome_advantage(token_level_rewards: Tensor, response_mask: 
     if bool((counts > 0).all()):  # a key without a finite value this step: nothing observed
         state.weights.observe(means)
     lam = torch.tensor(state.weights.weights(), dtype=torch.float64)
-    score = torch.where(finite, columns * lam, torch.zeros_like(columns)).sum(1)
-    scores = batch.get("token_level_scores", None) if batch is not None and hasattr(batch, "get") else None
-    if scores is not None:  # keep what verl added to the scores (use_kl_in_reward's penalty)
-        score = score + (rewards.double() - scores.double()).sum(-1).cpu()
+    score = torch.where(finite, columns * lam, torch.zeros_like(columns)).sum(1) + penalty
     if b == 0:
         adv = torch.zeros_like(rewards)
     else:  # on the host, where verl's driver holds the batch (B values)
-        per_seq = F.group_advantages(score.to(torch.float32), group_ids=F._group_ids(index, b),
-                                     mode="grpo" if norm_adv_by_std_in_grpo else "dr_grpo", eps=float(epsilon),
+        per_seq = F.group_advantages(score.to(torch.float32), group_ids=groups,
+                                     mode="grpo" if norm_adv_by_std_in_grpo else "dr_grpo", eps=epsilon,
                                      singletons="verl")
         adv = per_seq.to(rewards.device).unsqueeze(-1) * response_mask.to(torch.float32)
     metrics = {}
