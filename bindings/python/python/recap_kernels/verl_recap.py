@@ -25,7 +25,10 @@ plugin entry point, ``recap_kernels.verl_plugin``) also wraps, where verl define
 estimator with the batch's reward extra info; any other estimator goes to verl's unchanged),
 ``ray_trainer.compute_data_metrics`` (adds the step's RECAP metrics) and, in the v1 trainer
 (``trainer.use_v1``, verl 0.9's default), ``PPOTrainer._compute_advantage`` (fetches the responses'
-``extra_fields`` from the TransferQueue beside its own fields; adds the metrics). Each wrap is
+``extra_fields`` from the TransferQueue beside its own fields; adds the metrics) and
+``compute_advantage_for_multi_trajectories`` (a recap step takes verl's GRPO path there: each
+session's final output normalized within its group, the advantage spread over the session's
+outputs, as verl's ``grpo`` in that trainer). Each wrap is
 applied when verl imports the module (a post-import hook), so nothing of verl's trainer is imported
 before verl does.
 
@@ -78,7 +81,9 @@ class _State:
 
 _LOCK = threading.Lock()
 _STATE: List[_State] = []
-_PENDING = threading.local()  # reward columns fetched by the v1 trainer's _compute_advantage
+# a v1 trainer's recap step in progress: the reward columns it fetched (``columns``), and whether
+# verl's multi-trajectory GRPO path is running for it (``as_grpo``)
+_PENDING = threading.local()
 
 
 def recap_state() -> Optional[_State]:
@@ -241,13 +246,12 @@ def _wrap_compute_advantage(original):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        if not _is_recap(a["adv_estimator"]):
+        if not (_is_recap(a["adv_estimator"]) or getattr(_PENDING, "as_grpo", False)):
             return original(*args, **kwargs)
         data = a["data"]
         if "response_mask" not in data.batch.keys():
             data.batch["response_mask"] = sys.modules[original.__module__].compute_response_mask(data)
-        columns = dict(data.non_tensor_batch)
-        columns.update(getattr(_PENDING, "columns", None) or {})
+        columns = data.non_tensor_batch
         adv, ret = compute_recap_outcome_advantage(
             token_level_rewards=data.batch["token_level_rewards"], response_mask=data.batch["response_mask"],
             index=data.non_tensor_batch["uid"], norm_adv_by_std_in_grpo=a.get("norm_adv_by_std_in_grpo", True),
@@ -277,6 +281,34 @@ def _reward_columns(extra_fields) -> Dict[str, list]:
         infos.append(info if isinstance(info, dict) else {})
     keys = sorted({k for info in infos for k in info})
     return {k: [info.get(k) for info in infos] for k in keys}
+
+
+@_wrapping
+def _wrap_multi_trajectories(original):
+    """verl's v1 ``compute_advantage_for_multi_trajectories`` runs its GRPO path (each session's
+    final output normalized within its group, the advantage spread over the session's outputs)
+    for a recap step too: the reward columns join the batch's non-tensor data (so its row
+    selection keeps them aligned) and the GRPO call it makes computes recap's advantages."""
+    def compute_advantage_for_multi_trajectories(*args, **kwargs):
+        columns = getattr(_PENDING, "columns", None)
+        if columns is None:
+            return original(*args, **kwargs)
+        import numpy as np  # verl's dependency (not the package's)
+
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        data = bound.arguments["data"]
+        b = len(data.non_tensor_batch["uid"])
+        for key, values in columns.items():
+            if key not in data.non_tensor_batch and len(values) == b:
+                data.non_tensor_batch[key] = np.array(values, dtype=object)
+        bound.arguments["adv_estimator"] = sys.modules[original.__module__].core_algos.AdvantageEstimator.GRPO
+        _PENDING.as_grpo = True
+        try:
+            return original(*bound.args, **bound.kwargs)
+        finally:
+            _PENDING.as_grpo = False
+
+    return compute_advantage_for_multi_trajectories
 
 
 @_wrapping
@@ -382,9 +414,15 @@ def _patch_ray_trainer(module) -> None:
 def _patch_v1_utils(module) -> None:
     if hasattr(module, "compute_advantage"):
         module.compute_advantage = _wrap_compute_advantage(module.compute_advantage)
+    if hasattr(module, "compute_advantage_for_multi_trajectories"):
+        module.compute_advantage_for_multi_trajectories = _wrap_multi_trajectories(
+            module.compute_advantage_for_multi_trajectories)
 
 
 def _patch_v1_trainer(module) -> None:
+    if hasattr(module, "compute_advantage_for_multi_trajectories"):  # imported by name from v1.utils
+        module.compute_advantage_for_multi_trajectories = _wrap_multi_trajectories(
+            module.compute_advantage_for_multi_trajectories)
     cls = getattr(module, "PPOTrainer", None)
     if cls is not None and "_compute_advantage" in vars(cls):
         cls._compute_advantage = _wrap_v1_compute_advantage(cls._compute_advantage)

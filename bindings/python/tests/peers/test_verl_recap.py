@@ -36,12 +36,14 @@ from recap_kernels._native import RecapError
 KEYS = ["format_reward", "accuracy_reward"]
 
 
-def verl_config(*overrides):
-    """verl's whole PPO config as its CLI composes it, with the README's lines."""
+def verl_config(*overrides, estimator="recap"):
+    """verl's whole PPO config as its CLI composes it, with the README's lines (or another estimator)."""
     config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    lines = [f"algorithm.adv_estimator={estimator}"]
+    if estimator == "recap":
+        lines.append(f"+algorithm.recap.reward_keys=[{','.join(KEYS)}]")
     with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return compose("ppo_trainer", overrides=["algorithm.adv_estimator=recap",
-                                                 f"+algorithm.recap.reward_keys=[{','.join(KEYS)}]", *overrides])
+        return compose("ppo_trainer", overrides=[*lines, *overrides])
 
 
 @pytest.fixture(autouse=True)
@@ -125,12 +127,14 @@ def test_a_fresh_process_gets_it_from_the_plugin():
             "from verl.trainer.ppo.v1 import trainer_base, utils\n"
             "print(['recap' in core_algos.ADV_ESTIMATOR_REGISTRY] + [getattr(f, '__recap_wrapped__', False) for f in "
             "(ray_trainer.compute_advantage, ray_trainer.compute_data_metrics, utils.compute_advantage, "
-            "trainer_base.PPOTrainer._compute_advantage)])")
+            "utils.compute_advantage_for_multi_trajectories, trainer_base.compute_advantage_for_multi_trajectories, "
+            "trainer_base.PPOTrainer._compute_advantage, trainer_base.PPOTrainer._save_checkpoint, "
+            "ray_trainer.RayPPOTrainer._load_checkpoint)])")
     for policy, want in (("auto", True), ("none", False)):
         env = dict(os.environ, VERL_USE_EXTERNAL_PLUGINS=policy)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
-        assert eval(out.stdout.strip().splitlines()[-1]) == [want] * 5
+        assert eval(out.stdout.strip().splitlines()[-1]) == [want] * 9
 
 
 @pytest.mark.parametrize("preset,norm", [("paper", True), ("paper", False), ("authors", True)])
@@ -285,39 +289,59 @@ class V1Trainer:
         self.config = config
 
 
+def v1_rows(gen, uids, cols, score, length=12):
+    """One step's trajectories as verl's v1 agent loop puts them in the TransferQueue: a session per
+    response (keys ``{uid}_{session}_{index}``); every third session also has an earlier output
+    (index 0, a turn of its own) that carries the final output's score and reward extra info, as
+    the agent loop copies them."""
+    keys, rows = [], []
+    for i, u in enumerate(uids):
+        outputs = 2 if i % 3 == 0 else 1
+        for j in range(outputs):
+            n = int(torch.randint(1, length + 1, (1,), generator=gen))
+            r = torch.zeros(n)
+            r[-1] = float(score[i])
+            keys.append(f"{u}_{i}_{j}")
+            rows.append({"uid": str(u), "response_mask": torch.ones(n, dtype=torch.int64), "rm_scores": r,
+                         "extra_fields": {"reward_extra_info": {k: float(cols[k][i]) for k in KEYS}}})
+    return keys, rows
+
+
 def test_v1_trainer_compute_advantage(monkeypatch):
     """verl's v1 trainer (trainer.use_v1, the default): its own _compute_advantage over the stand-in
-    TransferQueue, the reward columns fetched from each response's extra_fields; advantages equal
-    verl's GRPO on the weighted score (written back as nested fields) and the metrics land in the
-    step's metrics."""
-    tq = FakeTQ()
-    monkeypatch.setattr(trainer_base, "tq", tq)
+    TransferQueue, the reward columns fetched from each response's extra_fields, multi-output
+    sessions included. Identical trajectories through verl's own ``grpo`` there (the score
+    sum_k lambda_k r_k in rm_scores) give the same advantages, written back for every output;
+    the metrics land in the step's metrics."""
     cfg = verl_config("+algorithm.recap.window=2", "actor_rollout_ref.rollout.n=4")
+    grpo = verl_config("actor_rollout_ref.rollout.n=4", estimator="grpo")
     assert cfg.trainer.use_v1
-    trainer = V1Trainer(cfg)
     replica = rk.RecapWeights(["reward", "reward"], window=2)
     gen = torch.Generator().manual_seed(5)
     for step in range(8):
-        uids, mask, lens, cols = make_step(gen, step)
-        lens = lens.clamp(min=1)  # every v1 response has a token
-        mask = (torch.arange(mask.shape[1])[None, :] < lens[:, None]).float()
-        keys = [f"{u}_{i}_0" for i, u in enumerate(uids)]
-        score = weighted(cols, [1.0, 1.0])
-        tq.put_rows(keys, [{
-            "uid": str(uids[i]), "response_mask": mask[i, : lens[i]].to(torch.int64),
-            "rm_scores": token_rewards(score, lens, mask.shape[1])[i, : lens[i]],
-            "extra_fields": {"reward_extra_info": {k: float(cols[k][i]) for k in KEYS}},
-        } for i in range(len(keys))])
+        uids, _, _, cols = make_step(gen, step)
+        state = gen.get_state()
+        ours, theirs = FakeTQ(), FakeTQ()
+        keys, rows = v1_rows(gen, uids, cols, weighted(cols, [1.0, 1.0]))
+        ours.put_rows(keys, rows)
+        monkeypatch.setattr(trainer_base, "tq", ours)
         metrics = {}
-        verl_recap_out = trainer_base.PPOTrainer._compute_advantage(trainer, Meta(keys, "train"), metrics)
+        out = trainer_base.PPOTrainer._compute_advantage(V1Trainer(cfg), Meta(keys, "train"), metrics)
+        assert len(out) == len(keys)
         replica.observe(means(cols))
         lam = replica.weights()
-        want = verl_grpo(uids, mask, lens, weighted(cols, lam))
-        got = torch.nested.as_nested_tensor([tq.rows[k]["advantages"] for k in keys], layout=torch.jagged)
-        torch.testing.assert_close(got.to_padded_tensor(0.0, (len(keys), mask.shape[1])), want, atol=1e-5, rtol=1e-5)
-        assert len(verl_recap_out) == len(keys)
-        for k, w in zip(KEYS, lam):
+        gen.set_state(state)
+        keys2, rows2 = v1_rows(gen, uids, cols, weighted(cols, lam))
+        assert keys2 == keys
+        theirs.put_rows(keys, rows2)
+        monkeypatch.setattr(trainer_base, "tq", theirs)
+        trainer_base.PPOTrainer._compute_advantage(V1Trainer(grpo), Meta(keys, "train"), {})
+        for k in keys:
+            torch.testing.assert_close(ours.rows[k]["advantages"], theirs.rows[k]["advantages"], atol=1e-5, rtol=1e-5)
+        for k, w, m in zip(KEYS, lam, means(cols)):
             assert metrics[f"recap/lambda/{k}"] == pytest.approx(w, abs=1e-12)
+            assert metrics[f"recap/monitored/{k}"] == pytest.approx(m, abs=1e-12)
+    assert lam != [1.0, 1.0]
     assert verl_recap.recap_state().weights.steps == 8
 
 
