@@ -45,7 +45,7 @@ import os
 import sys
 import threading
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -65,10 +65,11 @@ NAME = "recap"
 class _State:
     """The scheduler of one configuration (reward keys, preset, options) and the last step's metrics."""
 
-    def __init__(self, keys: Tuple[str, ...], preset: str, options: Dict[str, Any]):
-        self.key = (keys, preset, tuple(sorted(options.items())))
+    def __init__(self, key: Tuple[Tuple[str, ...], str, tuple]):
+        keys, self.preset, options = key
+        self.key = key
         self.names = list(keys)
-        self.weights = RecapWeights(["reward"] * len(keys), preset=preset, **options)
+        self.weights = RecapWeights(["reward"] * len(keys), preset=self.preset, **dict(options))
         self.metrics: Dict[str, float] = {}
 
     def take_metrics(self) -> Dict[str, float]:
@@ -76,7 +77,7 @@ class _State:
         return metrics
 
     def checkpoint(self) -> dict:
-        return {"reward_keys": self.names, "preset": self.key[1], "scheduler": self.weights.state_dict()}
+        return {"reward_keys": self.names, "preset": self.preset, "scheduler": self.weights.state_dict()}
 
 
 _LOCK = threading.Lock()
@@ -98,7 +99,8 @@ def reset_recap_state() -> None:
         _STATE.clear()
 
 
-def _settings(config) -> Tuple[Tuple[str, ...], str, Dict[str, Any]]:
+def _settings(config) -> Tuple[Tuple[str, ...], str, tuple]:
+    """``algorithm.recap``: the reward keys, the preset and the scheduler's options (sorted pairs)."""
     recap = _get(config, "recap")
     keys = _get(recap, "reward_keys")
     if keys is None or isinstance(keys, (str, bytes)) or not hasattr(keys, "__iter__") or len(list(keys)) == 0:
@@ -111,15 +113,15 @@ def _settings(config) -> Tuple[Tuple[str, ...], str, Dict[str, Any]]:
         raise RecapError(f"invalid argument `algorithm.recap.reward_keys`: a key appears twice in {list(keys)}")
     preset = str(_get(recap, "preset", "paper"))
     items = recap.items() if hasattr(recap, "items") else vars(recap).items()
-    options = {str(k): v for k, v in items if k not in ("reward_keys", "preset")}
+    options = tuple(sorted((str(k), v) for k, v in items if k not in ("reward_keys", "preset")))
     return keys, preset, options
 
 
 def _state(config) -> _State:
-    keys, preset, options = _settings(config)
+    key = _settings(config)
     with _LOCK:
-        if not _STATE or _STATE[0].key != (keys, preset, tuple(sorted(options.items()))):
-            _STATE[:] = [_State(keys, preset, options)]
+        if not _STATE or _STATE[0].key != key:
+            _STATE[:] = [_State(key)]
         return _STATE[0]
 
 
@@ -289,13 +291,15 @@ def _wrap_multi_trajectories(original):
     final output normalized within its group, the advantage spread over the session's outputs)
     for a recap step too: the reward columns join the batch's non-tensor data (so its row
     selection keeps them aligned) and the GRPO call it makes computes recap's advantages."""
+    signature = inspect.signature(original)
+
     def compute_advantage_for_multi_trajectories(*args, **kwargs):
         columns = getattr(_PENDING, "columns", None)
         if columns is None:
             return original(*args, **kwargs)
         import numpy as np  # verl's dependency (not the package's)
 
-        bound = inspect.signature(original).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         data = bound.arguments["data"]
         b = len(data.non_tensor_batch["uid"])
         for key, values in columns.items():
@@ -384,9 +388,9 @@ def _wrap_load_checkpoint(original):
         with open(path) as f:
             saved = json.load(f)
         state = _state(self.config.algorithm)
-        if saved.get("reward_keys") != state.names or saved.get("preset") != state.key[1]:
+        if saved.get("reward_keys") != state.names or saved.get("preset") != state.preset:
             warnings.warn(f"recap: the checkpoint's scheduler is for reward keys {saved.get('reward_keys')} and preset "
-                          f"{saved.get('preset')!r}, this run has {state.names} and {state.key[1]!r}; it starts again")
+                          f"{saved.get('preset')!r}, this run has {state.names} and {state.preset!r}; it starts again")
             return out
         state.weights.load_state_dict(saved["scheduler"])
         return out
