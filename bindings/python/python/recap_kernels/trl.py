@@ -40,6 +40,7 @@ from torch import Tensor
 from . import _args as A
 from . import functional as F
 from ._native import RecapError
+from ._replay import Replay
 
 __all__ = ["compute_advantages", "vespo_weights", "grpo_loss", "high_entropy_mask", "off_policy_mask", "RecapGRPOMixin",
            "RecapRewardWeights", "RecapChunkedLogProb", "use_recap_lm_head"]
@@ -549,57 +550,6 @@ except ImportError:  # the callback still works when driven by hand
         pass
 
 
-class _Replay:
-    """The replay sequences, tokenized once by the trainer's tokenizer (``add_special_tokens``
-    False, at most ``max_length`` tokens, sequences of fewer than 2 tokens dropped), drawn in a
-    seeded random order, ``batch_size`` per micro-batch, cycling."""
-
-    def __init__(self, data, tokenizer, batch_size: int, max_length: int, seed: int):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise RecapError(f"invalid argument `replay_batch_size`: expected an integer >= 1, got {batch_size!r}")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise RecapError(f"invalid argument `replay_max_length`: expected an integer >= 2, got {max_length!r}")
-        if hasattr(data, "column_names"):  # a datasets.Dataset: its "text" column
-            if "text" not in data.column_names:
-                raise RecapError(f"invalid argument `replay`: a dataset needs a 'text' column, it has "
-                                 f"{data.column_names}")
-            data = data["text"]
-        if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
-            raise RecapError(f"invalid argument `replay`: expected texts (a list of str or a dataset with a "
-                             f"'text' column) or token id lists, got {type(data).__name__}")
-        seqs = []
-        for i, item in enumerate(data):
-            if isinstance(item, str):
-                ids = tokenizer(item, add_special_tokens=False)["input_ids"]
-            elif isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
-                ids = list(item)
-            else:
-                raise RecapError(f"invalid argument `replay[{i}]`: expected a str or a list of token ids, got "
-                                 f"{type(item).__name__}")
-            if len(ids) >= 2:
-                seqs.append(ids[:max_length])
-        if not seqs:
-            raise RecapError("invalid argument `replay`: no sequence of 2 or more tokens")
-        self.seqs, self.batch_size = seqs, batch_size
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
-        self.pos = 0
-
-    def next(self, device):
-        """The next micro-batch: ``input_ids`` and ``attention_mask`` ``[batch_size, L]``, right-padded."""
-        rows = []
-        for _ in range(self.batch_size):
-            rows.append(self.seqs[self.order[self.pos % len(self.order)]])
-            self.pos += 1
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
-        return ids.to(device), mask.to(device)
-
-
 class RecapRewardWeights(_CallbackBase):
     """RECAP on a ``GRPOTrainer`` whose class has :class:`RecapGRPOMixin` first (or any
     ``GRPOTrainer`` without replay), as the RECAP authors apply it: weights on the reward
@@ -641,7 +591,7 @@ class RecapRewardWeights(_CallbackBase):
                 raise RecapError("invalid argument `replay`: the trainer's class must have RecapGRPOMixin first "
                                  "in its bases (it adds the replay term to the loss)")
             seed = getattr(getattr(trainer, "args", None), "seed", 0)
-            self.replay = _Replay(replay, trainer.processing_class, replay_batch_size, replay_max_length, seed)
+            self.replay = Replay(replay, trainer.processing_class, replay_batch_size, replay_max_length, seed)
         self.names = self.rewards + (["replay"] if self.replay is not None else [])
         self.weights = RecapWeights(["reward"] * len(self.rewards) + (["loss"] if self.replay is not None else []),
                                     preset=preset, **options)

@@ -260,7 +260,7 @@ def test_replay_term_is_the_nll_of_the_replay_batch(models_dir, tmp_path):
     trainer = make_trainer(models_dir, tmp_path, loss_type="dapo")
     callback = rk_trl.RecapRewardWeights(trainer, replay=GENERAL, replay_batch_size=5)
     ids, attention = callback.replay.next(torch.device("cpu"))
-    callback.replay.pos = 0
+    callback.replay.position = 0
     callback.replay_lambda = 0.7
     model = trainer.model
     ours = callback.replay_term(trainer, model, 2)
