@@ -35,7 +35,13 @@ before verl does.
 The scheduler lives in the process that computes the advantages (verl's driver); the trainers'
 ``_save_checkpoint`` / ``_load_checkpoint`` are wrapped too, so it is saved in each checkpoint
 folder (``recap_scheduler.json``, written atomically before verl's own files) and restored on
-resume (a checkpoint without it, or for other reward keys, warns and starts it again)."""
+resume (a checkpoint without it, or for other reward keys, warns and starts it again).
+
+With ``+algorithm.recap.replay_data=<file>`` (v1 trainer only) the scheduler also weighs RECAP's
+replay objective (``replay``, orientation "loss"): ``PPOTrainer._update_actor`` is wrapped to send
+each step's replay sequences and ``lambda_replay`` to the actor workers (``verl_replay`` trains
+them), and the step is observed after the update, the reward means with the update's replay NLL
+(``actor/recap/replay_nll``); the checkpoint keeps the replay's position too."""
 import functools
 import importlib.abc
 import inspect
@@ -53,6 +59,8 @@ from torch import Tensor
 from . import _args as A
 from . import functional as F
 from ._native import RecapError
+from . import verl_replay
+from ._replay import Replay
 from .verl import _get
 from .weights import RecapWeights
 
@@ -63,21 +71,47 @@ NAME = "recap"
 
 
 class _State:
-    """The scheduler of one configuration (reward keys, preset, options) and the last step's metrics."""
+    """The scheduler of one configuration (reward keys, preset, options, replay) and the last
+    step's metrics; with replay, the reward means waiting for the actor update's replay NLL."""
 
-    def __init__(self, key: Tuple[Tuple[str, ...], str, tuple]):
-        keys, self.preset, options = key
+    def __init__(self, key: Tuple[Tuple[str, ...], str, tuple, Optional[tuple]]):
+        keys, self.preset, options, replay = key
         self.key = key
-        self.names = list(keys)
-        self.weights = RecapWeights(["reward"] * len(keys), preset=self.preset, **dict(options))
+        self.names = list(keys) + (["replay"] if replay is not None else [])
+        self.weights = RecapWeights(["reward"] * len(keys) + (["loss"] if replay is not None else []),
+                                    preset=self.preset, **dict(options))
+        self.replay_settings = dict(replay) if replay is not None else None
+        self.replay: Optional[Replay] = None  # built with the trainer's tokenizer at the first update
+        self.replay_position = 0
+        self.pending: Optional[List[float]] = None
         self.metrics: Dict[str, float] = {}
 
     def take_metrics(self) -> Dict[str, float]:
         metrics, self.metrics = self.metrics, {}
         return metrics
 
+    def replay_source(self, tokenizer) -> Replay:
+        if self.replay is None:
+            r = self.replay_settings
+            self.replay = Replay(verl_replay.load_texts(r["replay_data"]), tokenizer, r["replay_batch_size"],
+                                 r["replay_max_length"], r["replay_seed"])
+            self.replay.position = self.replay_position
+        return self.replay
+
+    def observe_update(self, nll) -> Dict[str, float]:
+        """After the actor update: the step's reward means and replay NLL go to the scheduler
+        (nothing when one is not finite)."""
+        means, self.pending = self.pending, None
+        nll = float("nan") if nll is None else float(nll)
+        if means is not None and all(math.isfinite(v) for v in means + [nll]):
+            self.weights.observe(means + [nll])
+        return {"recap/monitored/replay": nll}
+
     def checkpoint(self) -> dict:
-        return {"reward_keys": self.names, "preset": self.preset, "scheduler": self.weights.state_dict()}
+        out = {"reward_keys": self.names, "preset": self.preset, "scheduler": self.weights.state_dict()}
+        if self.replay_settings is not None:
+            out["replay_position"] = self.replay.position if self.replay is not None else self.replay_position
+        return out
 
 
 _LOCK = threading.Lock()
@@ -99,8 +133,12 @@ def reset_recap_state() -> None:
         _STATE.clear()
 
 
-def _settings(config) -> Tuple[Tuple[str, ...], str, tuple]:
-    """``algorithm.recap``: the reward keys, the preset and the scheduler's options (sorted pairs)."""
+_REPLAY = {"replay_data": None, "replay_batch_size": 8, "replay_max_length": 256, "replay_seed": 0}
+
+
+def _settings(config) -> Tuple[Tuple[str, ...], str, tuple, Optional[tuple]]:
+    """``algorithm.recap``: the reward keys, the preset, the scheduler's options (sorted pairs)
+    and the replay settings (sorted pairs; None without ``replay_data``)."""
     recap = _get(config, "recap")
     keys = _get(recap, "reward_keys")
     if keys is None or isinstance(keys, (str, bytes)) or not hasattr(keys, "__iter__") or len(list(keys)) == 0:
@@ -111,10 +149,27 @@ def _settings(config) -> Tuple[Tuple[str, ...], str, tuple]:
     keys = tuple(str(k) for k in keys)
     if len(set(keys)) != len(keys):
         raise RecapError(f"invalid argument `algorithm.recap.reward_keys`: a key appears twice in {list(keys)}")
+    if "replay" in keys:
+        raise RecapError("invalid argument `algorithm.recap.reward_keys`: 'replay' names the replay objective")
     preset = str(_get(recap, "preset", "paper"))
     items = recap.items() if hasattr(recap, "items") else vars(recap).items()
-    options = tuple(sorted((str(k), v) for k, v in items if k not in ("reward_keys", "preset")))
-    return keys, preset, options
+    options = tuple(sorted((str(k), v) for k, v in items if k not in ("reward_keys", "preset") and k not in _REPLAY))
+    replay = None
+    if _get(recap, "replay_data") is not None:
+        replay = {k: _get(recap, k, d) for k, d in _REPLAY.items()}
+        replay["replay_data"] = str(replay["replay_data"])
+        for k in ("replay_batch_size", "replay_max_length", "replay_seed"):
+            v = replay[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "replay_seed" else 1):
+                raise RecapError(f"invalid argument `algorithm.recap.{k}`: expected an integer >= "
+                                 f"{0 if k == 'replay_seed' else 1}, got {v!r}")
+        replay = tuple(sorted(replay.items()))
+    else:
+        stray = [k for k in _REPLAY if _get(recap, k) is not None]
+        if stray:
+            raise RecapError(f"invalid argument `algorithm.recap.{stray[0]}`: replay needs "
+                             "algorithm.recap.replay_data (a .jsonl or .parquet file with a 'text' column)")
+    return keys, preset, options, replay
 
 
 def _state(config) -> _State:
@@ -189,15 +244,22 @@ def compute_recap_outcome_advantage(token_level_rewards: Tensor, response_mask: 
             raise RecapError(f"invalid argument `token_level_rewards`: not finite, less token_level_scores (the KL "
                              f"penalty verl subtracted), for response {int(bad[0])}")
     state = _state(config)
-    columns = torch.stack([_column(non_tensor_batch, k, b) for k in state.names], 1)  # [B, K] float64
+    rewards_of = state.names[:len(state.names) - (state.replay_settings is not None)]
+    if state.replay_settings is not None and getattr(_PENDING, "columns", None) is None:
+        raise RecapError("invalid argument `algorithm.recap.replay_data`: RECAP's replay trains in verl's v1 trainer "
+                         "(trainer.use_v1=True, verl's default); this step is not one of its steps")
+    columns = torch.stack([_column(non_tensor_batch, k, b) for k in rewards_of], 1)  # [B, K] float64
     # every argument checked: now the step is observed (once)
     finite = torch.isfinite(columns)
     counts = finite.sum(0)
     means = torch.where(counts > 0, torch.where(finite, columns, torch.zeros_like(columns)).sum(0) / counts.clamp(min=1),
                         torch.full_like(counts, float("nan"), dtype=torch.float64)).tolist()
-    if bool((counts > 0).all()):  # a key without a finite value this step: nothing observed
+    if state.replay_settings is not None:  # observed with the replay NLL, after the actor update
+        state.pending = means
+    elif bool((counts > 0).all()):  # a key without a finite value this step: nothing observed
         state.weights.observe(means)
-    lam = torch.tensor(state.weights.weights(), dtype=torch.float64)
+    lam_all = state.weights.weights()
+    lam = torch.tensor(lam_all[:len(rewards_of)], dtype=torch.float64)
     score = torch.where(finite, columns * lam, torch.zeros_like(columns)).sum(1) + penalty
     if b == 0:
         adv = torch.zeros_like(rewards)
@@ -207,9 +269,11 @@ def compute_recap_outcome_advantage(token_level_rewards: Tensor, response_mask: 
                                      singletons="verl")
         adv = per_seq.to(rewards.device).unsqueeze(-1) * response_mask.to(torch.float32)
     metrics = {}
-    for name, w, m in zip(state.names, lam.tolist(), means):
+    for name, w, m in zip(state.names, lam_all, means):
         metrics[f"recap/lambda/{name}"] = w
         metrics[f"recap/monitored/{name}"] = m
+    if state.replay_settings is not None:
+        metrics["recap/lambda/replay"] = lam_all[-1]
     state.metrics = metrics
     return adv, adv
 
@@ -333,6 +397,40 @@ def _wrap_v1_compute_advantage(original):
     return _compute_advantage
 
 
+@_wrapping
+def _wrap_v1_update_actor(original):
+    """With replay: the step's replay sequences (``replay_batch_size`` per PPO mini-batch) and the
+    replay weight go to the actor workers in the batch's ``extra_info`` (``verl_replay``); after
+    the update the reward means and the update's replay NLL go to the scheduler."""
+
+    def _update_actor(self, batch, metrics):
+        state = recap_state()
+        if (not _is_recap(self.config.algorithm.adv_estimator) or state is None
+                or state.replay_settings is None or state.pending is None):
+            return original(self, batch, metrics)
+        actor = self.config.actor_rollout_ref.actor
+        if bool(_get(actor, "shuffle", False)):
+            raise RecapError("invalid argument `actor_rollout_ref.actor.shuffle`: RECAP's replay rows join each PPO "
+                             "mini-batch in order; set it to false (verl's default)")
+        mini_batch = int(actor.ppo_mini_batch_size) * int(self.config.actor_rollout_ref.rollout.n)
+        mini_batches = len(batch) // mini_batch if mini_batch > 0 else 0
+        if mini_batches < 1 or len(batch) % mini_batch:
+            raise RecapError(f"invalid argument `actor_rollout_ref.actor.ppo_mini_batch_size`: expected the step's "
+                             f"{len(batch)} rows to split into mini-batches of {mini_batch} (times rollout.n)")
+        r = int(state.replay_settings["replay_batch_size"])
+        source = state.replay_source(self.tokenizer)
+        batch.extra_info[verl_replay.EXTRA] = {"rows": source.take(r * mini_batches), "per_mini_batch": r,
+                                               "lambda": float(state.weights.weights()[-1])}
+        try:
+            out = original(self, batch, metrics)
+        finally:
+            batch.extra_info.pop(verl_replay.EXTRA, None)
+        metrics.update(state.observe_update(metrics.get(f"actor/{verl_replay.METRIC}")))
+        return out
+
+    return _update_actor
+
+
 CHECKPOINT_FILE = "recap_scheduler.json"
 
 
@@ -393,6 +491,9 @@ def _wrap_load_checkpoint(original):
                           f"{saved.get('preset')!r}, this run has {state.names} and {state.preset!r}; it starts again")
             return out
         state.weights.load_state_dict(saved["scheduler"])
+        state.replay_position = int(saved.get("replay_position", 0))
+        if state.replay is not None:
+            state.replay.position = state.replay_position
         return out
 
     return _load_checkpoint
@@ -430,13 +531,26 @@ def _patch_v1_trainer(module) -> None:
     cls = getattr(module, "PPOTrainer", None)
     if cls is not None and "_compute_advantage" in vars(cls):
         cls._compute_advantage = _wrap_v1_compute_advantage(cls._compute_advantage)
+    if cls is not None and "_update_actor" in vars(cls):
+        cls._update_actor = _wrap_v1_update_actor(cls._update_actor)
     _patch_trainer_class(cls)
+
+
+def _patch_engine_workers(module) -> None:
+    """The actor workers: verl's ``ppo_loss`` (as the worker module names it when it builds the
+    actor's loss) and ``TrainingWorker.train_mini_batch`` learn the replay rows (``verl_replay``)."""
+    if hasattr(module, "ppo_loss"):
+        module.ppo_loss = _wrapping(verl_replay.wrap_ppo_loss)(module.ppo_loss)
+    cls = getattr(module, "TrainingWorker", None)
+    if cls is not None and "train_mini_batch" in vars(cls):
+        cls.train_mini_batch = _wrapping(verl_replay.wrap_train_mini_batch)(cls.train_mini_batch)
 
 
 _PATCHES = {
     "verl.trainer.ppo.ray_trainer": _patch_ray_trainer,
     "verl.trainer.ppo.v1.utils": _patch_v1_utils,
     "verl.trainer.ppo.v1.trainer_base": _patch_v1_trainer,
+    "verl.workers.engine_workers": _patch_engine_workers,
 }
 
 
