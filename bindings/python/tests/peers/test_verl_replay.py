@@ -94,10 +94,10 @@ def log_probs(model, input_ids):
 
 
 class Engine:
-    """What verl's TrainingWorker asks of its engine, on one CPU process: verl's own
+    """What verl's TrainingWorker asks of its engine, on the CPU: verl's own
     ``BaseEngine.train_batch`` and ``FSDPEngine.forward_backward_batch``; the forward is the tiny
-    model's, and the optimizer step records the mini-batch's gradient (then zeroes it) or, with
-    ``lr``, takes an SGD step."""
+    model's, and the optimizer step averages the gradient over the data-parallel ranks (as FSDP's
+    reduce-scatter does), records it (then zeroes it) or, with ``lr``, takes an SGD step."""
 
     ulysses_sequence_parallel_size = 1
     engine_config = types.SimpleNamespace(use_no_sync_for_gradient_accumulation=True)
@@ -110,10 +110,10 @@ class Engine:
         self.grads, self.batches = [], []
 
     def get_data_parallel_size(self):
-        return 1
+        return torch.distributed.get_world_size()
 
     def get_data_parallel_rank(self):
-        return 0
+        return torch.distributed.get_rank()
 
     def get_data_parallel_group(self):
         return torch.distributed.group.WORLD
@@ -132,6 +132,8 @@ class Engine:
         self.module.zero_grad(set_to_none=False)
 
     def optimizer_step(self):
+        for p in self.module.parameters():
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
         grads = [p.grad.detach().clone() for p in self.module.parameters()]
         self.grads.append(grads)
         with torch.no_grad():
@@ -517,3 +519,42 @@ def test_replay_resumes_from_verls_checkpoint(tmp_path, monkeypatch):
     run_step(resumed, tq, gen, model, 5)
     assert resumed.actor_rollout_wg.sent[-1] == want_rows
     assert verl_recap.recap_state().weights.weights() == pytest.approx(want_weights, abs=1e-12)
+
+
+def _two_ranks(rank, store, rows, seqs, lam, out):
+    """One data-parallel rank of ``test_two_ranks_train_as_one``: its half of the batch (verl's
+    dispatch: rank 0 the first half) through verl's worker; rank 0 saves the averaged gradients."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    transformer_impl.get_device_id = lambda: "cpu"
+    seqlen_balancing.get_device_name = lambda: "cpu"
+    model = Model()
+    w = worker(model, verl_config())
+    half = len(rows) // 2
+    extra = dict(EXTRA, **{verl_replay.EXTRA: {"rows": seqs, "per_mini_batch": 4, "lambda": lam}})
+    w.train_mini_batch(as_fetched(rows[rank * half:(rank + 1) * half], extra))
+    if rank == 0:
+        torch.save(w.engine.grads, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_train_as_one(tmp_path):
+    """Data parallel 2 (two gloo processes, each verl's worker on its half; gradients averaged as
+    FSDP does) gives each mini-batch the gradient one rank gets from the same rows: verl's global
+    token count and our replay weights (1/N over both ranks, times dp_size) make the split exact."""
+    gen = torch.Generator().manual_seed(9)
+    model = Model()
+    _, rows = rollout_rows(gen, model, 16)
+    seqs = general(gen, 8)  # 4 per mini-batch: 2 per rank
+    lam = 0.6
+    out = tmp_path / "grads.pt"
+    torch.multiprocessing.spawn(_two_ranks, args=(str(tmp_path / "store"), rows, seqs, lam, str(out)), nprocs=2)
+    split = torch.load(out)
+    # one rank: mini-batch m is rank 0's m-th 4 rows and rank 1's, with the same replay sequences
+    one = worker(model, verl_config())
+    order = rows[0:4] + rows[8:12] + rows[4:8] + rows[12:16]
+    one.train_mini_batch(as_fetched(order, dict(EXTRA, **{verl_replay.EXTRA: {
+        "rows": seqs, "per_mini_batch": 4, "lambda": lam}})))
+    assert len(split) == len(one.engine.grads) == 2
+    for a, b in zip(split, one.engine.grads):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
