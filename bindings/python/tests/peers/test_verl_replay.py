@@ -232,13 +232,16 @@ def general(gen, count):
             for _ in range(count)]
 
 
-@pytest.mark.parametrize("kl,dynamic", [(False, False), (True, False), (False, True)])
-def test_each_mini_batch_is_verls_gradient_plus_lambda_replay(kl, dynamic):
+@pytest.mark.parametrize("kl,dynamic,loss_mode", [(False, False, "vanilla"), (True, False, "vanilla"),
+                                                  (False, True, "vanilla"), (True, False, "recap_vanilla")])
+def test_each_mini_batch_is_verls_gradient_plus_lambda_replay(kl, dynamic, loss_mode):
     """Two PPO mini-batches of 8 rollouts (one fully masked) and 2 replay sequences each, micro-
-    batches of 2 (or verl's dynamic batch size): per mini-batch, the gradient equals verl's on the
-    rollouts alone plus lambda times the replay NLL's gradient; verl's own metrics (pg_loss, the KL
-    loss) are unchanged; the replay NLL is logged."""
+    batches of 2 (or verl's dynamic batch size), verl's policy loss or ours registered in verl
+    (``recap_vanilla``): per mini-batch, the gradient equals verl's on the rollouts alone plus lambda
+    times the replay NLL's gradient; verl's own metrics (pg_loss, the KL loss) are unchanged; the
+    replay NLL is logged."""
     overrides = ["actor_rollout_ref.actor.use_kl_loss=True", "actor_rollout_ref.actor.kl_loss_coef=0.1"] if kl else []
+    overrides.append(f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}")
     config = verl_config(*overrides)
     gen = torch.Generator().manual_seed(3)
     model = Model()
