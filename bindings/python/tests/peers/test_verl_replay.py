@@ -22,8 +22,7 @@ import pytest
 import torch
 
 try:
-    import verl  # noqa: F401
-    from hydra import compose, initialize_config_dir
+    import test_verl_recap  # its verl config (and the same import-or-skip)
     from tensordict import NonTensorStack, TensorDict
     from verl.trainer.ppo.v1 import trainer_base
     from verl.utils import seqlen_balancing
@@ -40,17 +39,15 @@ except ImportError:
 from recap_kernels import verl_recap, verl_replay
 from recap_kernels._native import RecapError
 
-KEYS = ["format_reward", "accuracy_reward"]
+KEYS = test_verl_recap.KEYS
 VOCAB = 23
 
 
 def verl_config(*overrides):
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    lines = ["algorithm.adv_estimator=recap", f"+algorithm.recap.reward_keys=[{','.join(KEYS)}]",
-             "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"]
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return compose("ppo_trainer", overrides=[*lines, *overrides])
+    """verl's config as its CLI composes it with the README's recap lines (test_verl_recap's), PPO
+    mini-batches of 2 prompts x 4 responses, micro-batches of 2."""
+    return test_verl_recap.verl_config("actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+                                       "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", *overrides)
 
 
 @pytest.fixture(scope="module")
