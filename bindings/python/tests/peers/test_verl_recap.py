@@ -169,12 +169,15 @@ def test_legacy_compute_advantage_steps(preset, norm):
     assert verl_recap.recap_state().weights.steps == 20
 
 
-def test_verl_validates_the_config():
-    """verl's own validate_config accepts the README's lines, and the estimator needs no critic."""
+@pytest.mark.parametrize("replay", [False, True])
+def test_verl_validates_the_config(replay):
+    """verl's own validate_config accepts the README's lines (with the replay line too), and the
+    estimator needs no critic."""
     from verl.trainer.main_ppo import validate_config
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
 
-    cfg = verl_config("data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+    extra = ["+algorithm.recap.replay_data=general.jsonl", "+algorithm.recap.replay_batch_size=8"] if replay else []
+    cfg = verl_config(*extra, "data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
                       "actor_rollout_ref.rollout.n=4", "trainer.n_gpus_per_node=1",
                       "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
                       "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
