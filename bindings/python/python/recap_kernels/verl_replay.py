@@ -140,10 +140,10 @@ def splice(data, replay: dict, dp_size: int, dp_rank: int, micro_batch_size: Opt
     for key in ("input_ids", "prompts", "responses"):
         if key not in data.keys() or not data[key].is_nested:
             raise RecapError(f"invalid argument `{key}`: RECAP's replay needs verl's nested (no-padding) rows")
-    if data["position_ids"].dim() != 2:
+    if "position_ids" in data.keys() and data["position_ids"].dim() != 2:
         raise RecapError("invalid argument `position_ids`: RECAP's replay supports text-only models (1-D position "
                          "ids per row)")
-    first = {k: v[0] for k, v in data.items() if isinstance(v, torch.Tensor) and v.is_nested}
+    first = {name: v[0] for name, v in data.items() if isinstance(v, torch.Tensor) and v.is_nested}
     lam = float(replay["lambda"])
     out, replay_rows = {}, [(seq, 1.0 / tokens) for group, tokens in share for seq in group]
     order = []  # (source, index): rollout rows of each mini-batch, then its replay rows
