@@ -77,7 +77,8 @@ class _State:
     def __init__(self, key: Tuple[Tuple[str, ...], str, tuple, Optional[tuple]]):
         keys, self.preset, options, replay = key
         self.key = key
-        self.names = list(keys) + (["replay"] if replay is not None else [])
+        self.rewards = list(keys)
+        self.names = self.rewards + (["replay"] if replay is not None else [])
         self.weights = RecapWeights(["reward"] * len(keys) + (["loss"] if replay is not None else []),
                                     preset=self.preset, **dict(options))
         self.replay_settings = dict(replay) if replay is not None else None
@@ -123,7 +124,7 @@ _PENDING = threading.local()
 
 def recap_state() -> Optional[_State]:
     """This process's RECAP scheduler for verl (``.weights``: a ``RecapWeights``; ``.names``: the
-    reward keys), or None before the first ``recap`` step."""
+    reward keys, then ``replay`` with replay), or None before the first ``recap`` step."""
     return _STATE[0] if _STATE else None
 
 
@@ -244,11 +245,10 @@ def compute_recap_outcome_advantage(token_level_rewards: Tensor, response_mask: 
             raise RecapError(f"invalid argument `token_level_rewards`: not finite, less token_level_scores (the KL "
                              f"penalty verl subtracted), for response {int(bad[0])}")
     state = _state(config)
-    rewards_of = state.names[:len(state.names) - (state.replay_settings is not None)]
     if state.replay_settings is not None and getattr(_PENDING, "columns", None) is None:
         raise RecapError("invalid argument `algorithm.recap.replay_data`: RECAP's replay trains in verl's v1 trainer "
                          "(trainer.use_v1=True, verl's default); this step is not one of its steps")
-    columns = torch.stack([_column(non_tensor_batch, k, b) for k in rewards_of], 1)  # [B, K] float64
+    columns = torch.stack([_column(non_tensor_batch, k, b) for k in state.rewards], 1)  # [B, K] float64
     # every argument checked: now the step is observed (once)
     finite = torch.isfinite(columns)
     counts = finite.sum(0)
@@ -259,7 +259,7 @@ def compute_recap_outcome_advantage(token_level_rewards: Tensor, response_mask: 
     elif bool((counts > 0).all()):  # a key without a finite value this step: nothing observed
         state.weights.observe(means)
     lam_all = state.weights.weights()
-    lam = torch.tensor(lam_all[:len(rewards_of)], dtype=torch.float64)
+    lam = torch.tensor(lam_all[:len(state.rewards)], dtype=torch.float64)
     score = torch.where(finite, columns * lam, torch.zeros_like(columns)).sum(1) + penalty
     if b == 0:
         adv = torch.zeros_like(rewards)

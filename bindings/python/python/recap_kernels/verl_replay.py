@@ -155,9 +155,12 @@ def splice(data, replay: dict, dp_size: int, dp_rank: int, micro_batch_size: Opt
     keys = list(data.keys())
     if FIELD not in keys:
         keys.append(FIELD)
+    scalars = {}  # verl's non-tensor settings (temperature, global_batch_size, ...): kept as they are
     for key in keys:
         value = data.get(key) if key != FIELD else None
-        if key == FIELD or (isinstance(value, torch.Tensor) and value.is_nested):
+        if isinstance(value, NonTensorData):
+            scalars[key] = value
+        elif key == FIELD or (isinstance(value, torch.Tensor) and value.is_nested):
             if key == FIELD:
                 rollout = [torch.zeros(r.shape[0], dtype=torch.float32) for r in data["responses"].unbind()]
                 kind, like = "response", None
@@ -178,10 +181,8 @@ def splice(data, replay: dict, dp_size: int, dp_rank: int, micro_batch_size: Opt
             extra = [{} if isinstance(items[0], dict) else None for _ in replay_rows]
             out[key] = NonTensorStack(*[items[i] if src == 0 else extra[i] for src, i in order])
     spliced = TensorDict(out, batch_size=[len(order)])
-    for key in data.keys():
-        value = data.get(key)
-        if isinstance(value, NonTensorData):
-            spliced[key] = value
+    for key, value in scalars.items():
+        spliced[key] = value
     tu.assign_non_tensor(spliced, mini_batch_size=int(mini_batch_size) + int(replay["per_mini_batch"]))
     tu.assign_non_tensor(spliced, **{LAMBDA: lam})
     return spliced
