@@ -278,8 +278,10 @@ class FakeTQ:
 
 
 class Meta:
-    def __init__(self, keys, partition_id):
-        self.keys, self.partition_id = keys, partition_id
+    """KVBatchMeta's part the v1 trainer uses: keys, partition, extra_info."""
+
+    def __init__(self, keys, partition_id="train"):
+        self.keys, self.partition_id, self.extra_info = keys, partition_id, {}
 
     def __len__(self):
         return len(self.keys)

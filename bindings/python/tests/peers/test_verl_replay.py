@@ -324,31 +324,7 @@ def test_splice_shares_rows_and_weights_over_ranks():
                            {"rows": seqs[:6], "per_mini_batch": 3, "lambda": 1.0}, dp_size=2, dp_rank=0)
 
 
-class FakeTQ:
-    """The TransferQueue in memory: per-key rows; fields returned as TransferQueue returns them."""
-
-    def __init__(self):
-        self.rows = {}
-
-    def kv_batch_get(self, keys, partition_id, select_fields=None):
-        fields = select_fields or list(self.rows[keys[0]])
-        return as_fetched([{f: self.rows[k][f] for f in fields if f in self.rows[k]} for k in keys], {})
-
-    def kv_batch_put(self, keys, partition_id, fields):
-        for i, key in enumerate(keys):
-            for name in fields.keys():
-                self.rows[key][name] = fields[name][i]
-        return Meta(keys, partition_id)
-
-
-class Meta:
-    """KVBatchMeta's part the trainer uses: keys, partition, extra_info."""
-
-    def __init__(self, keys, partition_id="train"):
-        self.keys, self.partition_id, self.extra_info = keys, partition_id, {}
-
-    def __len__(self):
-        return len(self.keys)
+FakeTQ, Meta = test_verl_recap.FakeTQ, test_verl_recap.Meta  # the TransferQueue in memory, KVBatchMeta
 
 
 class WorkerGroup:
